@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test lint lab clean
+
+venv: $(STAMP)
+
+# Everything is pinned in requirements.lock and installed with --no-deps: chatterbox-tts's own
+# metadata asks for torch==2.6.0 (CUDA, ~6 GB) and gradio, which we do not want (README).
+# PyPI's torchaudio wheels carry a C extension linked against CUDA torch; chatterbox only uses
+# torchaudio's pure-Python parts (kaldi fbank, Resample), so the extension is removed and
+# torchaudio falls back to them (tests/test_environment.py checks both calls work).
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip==26.3"
+	$(BIN)/pip install -q --no-deps -r requirements.lock
+	rm -f $$($(BIN)/python -c "import importlib.util,pathlib;print(pathlib.Path(importlib.util.find_spec('torchaudio').origin).parent/'lib')")/*.so
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/tts-workbench diagnose --model tiny
+
+test: venv lint
+	$(BIN)/python -m pytest -q tests --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
+
+lint: venv
+	$(BIN)/ruff check tts_workbench tests
+	$(BIN)/mypy tts_workbench
+
+lab: venv
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf $(VENV) runs

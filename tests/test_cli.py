@@ -1,0 +1,63 @@
+"""The command line: reports, JSON, and one-line errors with a non-zero exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tts_workbench.cli import main
+
+
+def test_diagnose_json_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    rc = main(
+        [
+            "diagnose",
+            "--model",
+            "tiny",
+            "--tokens",
+            "20",
+            "--json",
+            "--out",
+            str(tmp_path),
+            "--reference",
+            str(reference_wav),
+            "--text",
+            "Short test.",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["speech_tokens"] == 20 and report["stopped_by"] == "token cap"
+    assert set(report["components"]) == {"ve", "t3", "s3gen"}
+    assert report["audio_s"] > 0 and report["rtf"] > 0
+    assert Path(report["wav"]).exists() and Path(report["plot"]).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["diagnose", "--model", "nonsense"], "unknown model source"),
+        (["diagnose", "--tokens", "-3"], "positive integer"),
+        (["diagnose", "--reference", "/no/such.wav"], "does not exist"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_give_one_error_line(args: list[str], message: str, tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "tts_workbench.cli", *args, "--out", str(tmp_path)]
+        if args[0] == "diagnose"
+        else [sys.executable, "-m", "tts_workbench.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 2
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], p.stderr
+    assert "Traceback" not in p.stderr

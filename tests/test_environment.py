@@ -1,0 +1,49 @@
+"""The pinned environment: one set of versions in three files, and the torchaudio workaround."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject_pins() -> dict[str, str]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return dict(d.split("==") for d in deps)
+
+
+def test_environment_yml_lists_the_same_pins_as_pyproject() -> None:
+    text = (ROOT / "environment.yml").read_text()
+    yml = dict(re.findall(r"^\s+- ([A-Za-z0-9_.\-]+)==(\S+)$", text, flags=re.M))
+    assert yml == _pyproject_pins()
+    assert "python=3.11" in text
+
+
+def test_lock_file_contains_every_top_level_pin() -> None:
+    lock = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        name, _, version = line.partition("==")
+        lock[name.lower().replace("_", "-")] = version
+    for name, version in _pyproject_pins().items():
+        assert lock.get(name.lower().replace("_", "-")) == version, name
+
+
+def test_installed_versions_match_the_pins() -> None:
+    from importlib.metadata import version
+
+    for name, pin in _pyproject_pins().items():
+        assert version(name).split("+")[0] == pin, name
+
+
+def test_torchaudio_pure_python_parts_work_without_its_cuda_extension() -> None:
+    import torchaudio
+    import torchaudio.compliance.kaldi as kaldi
+
+    assert not torchaudio._extension._IS_TORCHAUDIO_EXT_AVAILABLE
+    x = torch.randn(1, 16000)
+    assert kaldi.fbank(x, num_mel_bins=80).shape == (98, 80)
+    assert torchaudio.transforms.Resample(24000, 16000)(x).shape == (1, 10667)

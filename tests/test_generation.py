@@ -1,0 +1,87 @@
+"""Capped generation through the upstream path, and reference-audio checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from chatterbox.tts import ChatterboxTTS
+
+from tts_workbench.generation import generate, timed, token_cap
+from tts_workbench.sources import SourceError, check_reference
+
+
+def test_same_seed_same_tokens_and_audio(tiny_tts: ChatterboxTTS) -> None:
+    a = generate(tiny_tts, "Hello there.", max_new_tokens=30, seed=7)
+    b = generate(tiny_tts, "Hello there.", max_new_tokens=30, seed=7)
+    c = generate(tiny_tts, "Hello there.", max_new_tokens=30, seed=8)
+    assert a.speech_tokens == b.speech_tokens and np.array_equal(a.wav, b.wav)
+    assert a.speech_tokens != c.speech_tokens
+
+
+def test_cap_not_stop_token_ends_random_weights(tiny_tts: ChatterboxTTS) -> None:
+    r = generate(tiny_tts, max_new_tokens=40)
+    assert len(r.speech_tokens) == 40 and r.stopped_by == "token cap"
+    valid = 40 - r.invalid_tokens
+    # S3Gen makes 2 mel frames per token, HiFT 480 samples per frame (24 kHz)
+    assert len(r.wav) == valid * 2 * 480
+    assert set(r.seconds) == {"t3", "s3gen.flow", "s3gen.vocoder", "watermark"}
+    assert r.rtf > 0
+
+
+def test_150_tokens_through_t3_and_s3gen_in_under_5_s(tiny_tts: ChatterboxTTS) -> None:
+    r = generate(tiny_tts, max_new_tokens=150)
+    assert len(r.speech_tokens) == 150
+    compute = r.seconds["t3"] + r.seconds["s3gen.flow"] + r.seconds["s3gen.vocoder"]
+    assert compute < 5.0, r.seconds
+
+
+def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:
+    with token_cap(tiny_tts, 5), timed({"t3": (tiny_tts.t3, "inference")}):
+        assert "inference" in vars(tiny_tts.t3)
+    assert "inference" not in vars(tiny_tts.t3)
+
+
+def test_empty_text(tiny_tts: ChatterboxTTS) -> None:
+    with pytest.raises(SourceError, match="text is empty"):
+        generate(tiny_tts, "   ")
+
+
+def test_bad_cap(tiny_tts: ChatterboxTTS) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        generate(tiny_tts, max_new_tokens=0)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "does not exist"),
+        (b"this is not audio", "not a readable audio file"),
+        ("empty", "is empty"),
+        ("zeros", "all zeros"),
+    ],
+)
+def test_bad_reference_audio(tmp_path: Path, content: object, message: str) -> None:
+    path = tmp_path / "ref.wav"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "empty":
+        sf.write(path, np.zeros(0, dtype=np.float32), 24000)
+    elif content == "zeros":
+        sf.write(path, np.zeros(24000, dtype=np.float32), 24000)
+    with pytest.raises(SourceError, match=message):
+        check_reference(path)
+
+
+def test_stereo_and_other_rates_are_converted_and_reported(
+    tiny_tts: ChatterboxTTS, reference_wav: Path, tmp_path: Path
+) -> None:
+    mono, sr = sf.read(reference_wav)
+    path = tmp_path / "stereo44k.wav"
+    idx = np.linspace(0, len(mono) - 1, int(len(mono) * 44100 / sr)).astype(int)
+    sf.write(path, np.stack([mono[idx], 0.5 * mono[idx]], axis=1), 44100)
+    info = check_reference(path)
+    assert any("2 channels" in n for n in info.notes)
+    assert any("44100 Hz" in n for n in info.notes)

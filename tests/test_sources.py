@@ -1,0 +1,150 @@
+"""Model sources: tiny/random builds of upstream classes, checkpoint folders, clear errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from chatterbox.models.s3gen import S3Gen
+from chatterbox.models.t3 import T3
+from chatterbox.models.voice_encoder import VoiceEncoder
+from chatterbox.tts import ChatterboxTTS
+from safetensors.torch import load_file, save_file
+
+from tts_workbench.sources import (
+    SourceError,
+    build_tokenizer_json,
+    load_folder,
+    load_model,
+    save_checkpoint,
+)
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.state_dict())
+
+
+def test_tiny_is_the_upstream_classes_and_builds_in_seconds() -> None:
+    t0 = time.perf_counter()
+    tts = load_model("tiny", seed=3)
+    assert time.perf_counter() - t0 < 20
+    assert isinstance(tts, ChatterboxTTS)
+    assert isinstance(tts.t3, T3) and isinstance(tts.s3gen, S3Gen) and isinstance(tts.ve, VoiceEncoder)
+    assert tts.t3.cfg.num_hidden_layers == 2 and tts.t3.cfg.hidden_size == 256
+    assert sum(p.numel() for p in tts.s3gen.parameters()) < 30e6  # full S3Gen: 264 M
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    a, b, c = load_model("tiny", seed=1), load_model("tiny", seed=1), load_model("tiny", seed=2)
+    w = "tfmr.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(_params(a.t3)[w], _params(b.t3)[w])
+    assert not torch.equal(_params(a.t3)[w], _params(c.t3)[w])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_checkpoint_round_trip_is_exact_and_keeps_dtype(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, dtype: torch.dtype
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt", dtype=dtype)
+    meta = json.loads((folder / "tts_workbench.json").read_text())
+    assert meta["dtypes"]["t3_cfg"] == str(dtype).removeprefix("torch.")
+    loaded = load_model(str(folder))
+    for name in ("t3", "s3gen", "ve"):
+        before, after = _params(getattr(tiny_tts, name)), _params(getattr(loaded, name))
+        for k, v in before.items():
+            if k in after and v.is_floating_point():
+                assert after[k].dtype == dtype, k
+                assert torch.equal(after[k], v.to(dtype)), k
+    assert loaded.conds is not None  # conds.pt travels with the checkpoint
+
+
+def test_upstream_style_load_silently_upcasts_float16(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "half", dtype=torch.float16)
+    upstream_like = load_folder(folder, keep_dtype=False)
+    assert {p.dtype for p in upstream_like.t3.parameters()} == {torch.float32}
+
+
+def test_pt_layout_of_the_streaming_fork(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    for name in ("ve", "t3_cfg", "s3gen"):
+        torch.save(load_file(str(folder / f"{name}.safetensors")), folder / f"{name}.pt")
+        (folder / f"{name}.safetensors").unlink()
+    loaded = load_model(str(folder))
+    w = "speech_head.weight"
+    assert torch.equal(_params(loaded.t3)[w], _params(tiny_tts.t3)[w])
+
+
+def test_unknown_source() -> None:
+    with pytest.raises(SourceError, match="unknown model source 'tinyy'"):
+        load_model("tinyy")
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+def test_folder_missing_one_file_names_it(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    (folder / "s3gen.safetensors").unlink()
+    with pytest.raises(SourceError, match="missing s3gen.safetensors"):
+        load_model(str(folder))
+
+
+def test_truncated_safetensors(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    data = (folder / "t3_cfg.safetensors").read_bytes()
+    (folder / "t3_cfg.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError, match="cannot read t3_cfg.safetensors.*truncated"):
+        load_model(str(folder))
+
+
+def test_weights_of_another_architecture(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    state = load_file(str(folder / "t3_cfg.safetensors"))
+    state["speech_head.weight"] = torch.zeros(8194, 1024)
+    save_file(state, str(folder / "t3_cfg.safetensors"))
+    with pytest.raises(SourceError, match="do not fit the tiny architecture"):
+        load_model(str(folder))
+
+
+def test_tokenizer_ids_beyond_text_vocabulary(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["vocab"]["zz"] = 900
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(SourceError, match="token id 900.*704 entries"):
+        load_model(str(folder))
+
+
+def test_tokenizer_follows_upstream_special_ids(tmp_path: Path) -> None:
+    from chatterbox.models.tokenizers import EnTokenizer
+
+    tok = EnTokenizer(str(build_tokenizer_json(tmp_path / "tokenizer.json")))
+    vocab = tok.tokenizer.get_vocab()
+    assert vocab["[START]"] == 255 and vocab["[STOP]"] == 0
+    ids = tok.encode("Hello, world.")
+    assert len(ids) == 13 and max(ids) < 704
+    assert tok.decode(ids) == "Hello, world."
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_without_cuda() -> None:
+    with pytest.raises(SourceError, match="CUDA is not available.*use device='cpu'"):
+        load_model("tiny", device="cuda")
+
+
+def test_pretrained_offline_fails_at_once_and_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    t0 = time.perf_counter()
+    with pytest.raises(SourceError, match="load_model\\('/path/to/folder'\\)"):
+        load_model("pretrained")
+    assert time.perf_counter() - t0 < 10

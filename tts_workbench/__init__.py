@@ -1,0 +1,1 @@
+"""tts-workbench: diagnose and fix slow Chatterbox streaming."""

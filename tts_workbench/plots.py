@@ -1,0 +1,34 @@
+"""Matplotlib figures for reports and notebooks.
+
+Without a display matplotlib picks the Agg backend by itself; Jupyter sets its inline one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def generation_figure(wav: np.ndarray, sr: int, seconds: dict[str, float], title: str) -> Figure:
+    """Waveform on the left, wall time per phase on the right."""
+    fig, (ax_wav, ax_t) = plt.subplots(1, 2, figsize=(11, 3), gridspec_kw={"width_ratios": [3, 1]})
+    t = np.arange(len(wav)) / sr
+    ax_wav.plot(t, wav, lw=0.4)
+    ax_wav.set(xlabel="seconds", ylabel="amplitude", title=title)
+    labels = list(seconds)
+    ax_t.barh(labels, [seconds[k] for k in labels], color="tab:orange")
+    ax_t.set(xlabel="wall seconds", title="time per phase")
+    ax_t.invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as PNG and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
