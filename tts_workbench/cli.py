@@ -34,6 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from .diagnose import format_report, run_diagnosis
+    from .dtypes import parse_dtype
 
     report = run_diagnosis(
         model=args.model,
@@ -43,6 +44,8 @@ def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[
         seed=args.seed,
         device=args.device,
         outdir=args.out,
+        dtype=parse_dtype(args.dtype),
+        autocast=parse_dtype(args.autocast) if args.autocast else None,
     )
     return report, format_report
 
@@ -55,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text", default=UPSTREAM_SENTENCE)
     d.add_argument("--reference", help="WAV of the voice to clone (default: a generated voice-like signal)")
     d.add_argument("--out", default="runs/diagnose", help="folder for the WAV and plot")
+    d.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="cast the components to this dtype for the precision diagnosis",
+    )
+    d.add_argument(
+        "--autocast", choices=["float16", "bfloat16"], help="run the precision diagnosis under autocast"
+    )
     d.set_defaults(run=_diagnose)
     return parser
 

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import soundfile as sf
 import torch
+from chatterbox.tts import ChatterboxTTS
 
 from . import plots
+from .attention import (
+    configured_backend,
+    probe_backends,
+    probe_output_attentions,
+    record_kernels,
+    why_not_flash,
+)
+from .dtypes import advice_for, autocast_or_refuse, census, components, conditionals_census, trace_dtypes
 from .generation import UPSTREAM_SENTENCE, generate, prepare_voice
 from .sources import load_model, make_reference_wav, model_summary
 
@@ -23,10 +34,12 @@ def run_diagnosis(
     seed: int = 0,
     device: str = "cpu",
     outdir: str | Path = "runs/diagnose",
+    dtype: torch.dtype = torch.float32,
+    autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Build or load ``model``, condition it on a voice, generate once, and report.
-
-    Writes ``speech.wav`` and ``generation.png`` under ``outdir``.
+    """Build or load ``model``, condition it on a voice, generate once in float32 (recording
+    attention kernels), probe the attention backend, then run the ``dtype``/``autocast``
+    precision diagnosis. Writes ``speech.wav`` and ``generation.png`` under ``outdir``.
     """
     outdir = Path(outdir)
     t0 = time.perf_counter()
@@ -37,7 +50,8 @@ def run_diagnosis(
     t0 = time.perf_counter()
     ref = prepare_voice(tts, reference)
     conditioning_s = time.perf_counter() - t0
-    result = generate(tts, text, max_new_tokens=tokens, seed=seed)
+    with record_kernels(tts) as kernels:
+        result = generate(tts, text, max_new_tokens=tokens, seed=seed)
     wav_path = outdir / "speech.wav"
     sf.write(str(wav_path), result.wav, result.sample_rate)
     fig = plots.generation_figure(
@@ -63,6 +77,10 @@ def run_diagnosis(
         "rtf": round(result.rtf, 3),
         "wav": str(wav_path),
         "plot": str(plot_path),
+        "kernels": kernels.by_phase(),
+        "time_share_ms": kernels.share,
+        "attention": diagnose_attention(tts),
+        "precision": diagnose_precision(tts, reference, dtype, autocast, min(tokens, 20), seed, text),
     }
 
 
@@ -95,4 +113,117 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"RTF          : {report['rtf']:.2f} (compute seconds per audio second; < 1 is real time)")
     lines.append(f"build        : {report['build_s']:.2f} s, conditioning {report['conditioning_s']:.2f} s")
     lines.append(f"wrote        : {report['wav']}, {report['plot']}")
+    lines += ["", "attention kernels per phase (float32 run above):"]
+    for phase, kernels in report["kernels"].items():
+        share = report["time_share_ms"].get(phase, {})
+        total = sum(share.values()) or 1.0
+        lines.append(
+            f"  {phase:<16} {', '.join(f'{k} x{n}' for k, n in kernels.items()):<40} "
+            f"attention {100 * share.get('attention', 0) / total:4.1f}% of op time, "
+            f"linear/matmul {100 * share.get('linear/matmul', 0) / total:4.1f}%"
+        )
+    att = report["attention"]
+    lines.append(f"  backend      : {att['configured']}; {att['output_attentions']['verdict']}")
+    for reason in att["why_not_flash"]:
+        lines.append(f"  no Flash     : {reason}")
+    forced = ", ".join(f"{p['backend']} {'ok' if p['ok'] else 'refused'}" for p in att["forced_backends"])
+    lines.append(f"  forced alone : {forced}")
+    prec = report["precision"]
+    lines += [
+        "",
+        f"precision {prec['dtype']}"
+        + (f" under autocast {prec['autocast']}" if prec["autocast"] else "")
+        + " (components cast, conditionals left float32, as in the seed):",
+    ]
+    for name, st in prec["stages"].items():
+        if st["error"] is None and not st["mismatches"]:
+            lines.append(f"  {name:<13}: ok, no dtype mismatch in {st['calls']} module calls")
+            continue
+        first = st["first_mismatch"]
+        lines.append(f"  {name:<13}: {st['error'] or 'ran'}")
+        if first and "mismatch" in first:  # a flagged call (a Failure is printed below)
+            lines.append(
+                f"  {'':13}  first mismatch: {first['module'] or '(outside a module)'} "
+                f"inputs {first['inputs']} weights {first['weight']}"
+            )
+        if st["failure"]:
+            f = st["failure"]
+            lines.append(f"  {'':13}  failed in     : {f['module'] or '(outside a module)'} at {f['where']}")
+        if st["advice"]:
+            lines.append(f"  {'':13}  fix           : {st['advice']}")
     return "\n".join(lines)
+
+
+def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> dict[str, Any]:
+    """Run ``fn`` under the dtype tracer (and the kernel recorder); never raise."""
+    out: dict[str, Any] = {"error": None}
+    t0 = time.perf_counter()
+    try:  # outside the tracer, so the tracer sees the exception and names the failing module
+        with ExitStack() as stack:
+            trace = stack.enter_context(trace_dtypes(tts))
+            rec = stack.enter_context(record_kernels(tts)) if kernels else None
+            fn()
+    except Exception as e:  # reported with its module path and advice, not swallowed silently
+        out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    out.update(trace.summary())
+    first = trace.first_mismatch
+    out["first_mismatch"] = vars(first) if first else None
+    out["advice"] = advice_for(trace.failure or first)
+    if rec is not None:
+        out["kernels"] = rec.by_phase()
+        out["time_share_ms"] = rec.share
+    return out
+
+
+def diagnose_precision(
+    tts: ChatterboxTTS,
+    reference: str,
+    dtype: torch.dtype = torch.float32,
+    autocast: torch.dtype | None = None,
+    tokens: int = 20,
+    seed: int = 0,
+    text: str = UPSTREAM_SENTENCE,
+) -> dict[str, Any]:
+    """The seed's half-precision failure, reproduced on purpose and traced.
+
+    ``tts`` must already be conditioned in float32. Its components are then cast to ``dtype``
+    the way users do (``.to(torch.float16)``) while the conditionals stay float32, and three
+    stages run under the tracer: conditioning on ``reference`` again, one capped generation,
+    and S3Gen alone on valid tokens (so its own failure shows even when T3 fails first).
+    """
+    conds = tts.conds
+    assert conds is not None, "condition the model before diagnose_precision"
+    for module in components(tts).values():
+        module.to(dtype)
+    device = str(tts.device)
+    stages: dict[str, Any] = {}
+    with autocast_or_refuse(device, autocast):
+        stages["conditioning"] = _stage(tts, lambda: prepare_voice(tts, reference))
+        tts.conds = conds  # keep the float32 conditionals of the seed scenario
+        stages["generate"] = _stage(
+            tts, lambda: generate(tts, text, max_new_tokens=tokens, seed=seed), kernels=True
+        )
+        tts.conds = conds
+        valid = torch.randint(0, 6561, (1, tokens), generator=torch.Generator().manual_seed(seed))
+        stages["s3gen"] = _stage(
+            tts, lambda: tts.s3gen.inference(speech_tokens=valid.to(device), ref_dict=dict(conds.gen))
+        )
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "autocast": str(autocast).removeprefix("torch.") if autocast else None,
+        "census": [vars(r) for r in census(tts)],
+        "conditionals": [vars(r) for r in conditionals_census(tts)],
+        "stages": stages,
+    }
+
+
+def diagnose_attention(tts: ChatterboxTTS) -> dict[str, Any]:
+    """Configured vs effective backend, the output_attentions probe, why not Flash, forced
+    backends, for T3's decode shapes on the current device and dtype."""
+    return {
+        "configured": configured_backend(tts),
+        "output_attentions": vars(probe_output_attentions(tts)),
+        "why_not_flash": why_not_flash(tts),
+        "forced_backends": [vars(p) for p in probe_backends(tts)],
+    }

@@ -1,0 +1,277 @@
+"""Attention backends: which implementation T3 is configured with, which kernel actually ran,
+why Flash was refused, and how much of the time attention takes at all.
+
+Kernels are identified by the aten op that executed, read from a torch.profiler trace: under
+each ``aten::scaled_dot_product_attention`` the child op names the kernel (Flash, mem-efficient,
+cuDNN, the CPU flash kernel, or none of them: the math fallback); a 4-D ``aten::softmax``
+outside any SDPA op is eager attention. Each call is labelled with the phase it ran in.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import transformers
+from chatterbox.tts import ChatterboxTTS
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+from .profiling import ancestors, phase_regions, region_of
+
+FUSED_KERNELS = {
+    "_scaled_dot_product_flash_attention": "flash (CUDA)",
+    "_scaled_dot_product_efficient_attention": "mem-efficient (CUDA)",
+    "_scaled_dot_product_cudnn_attention": "cuDNN (CUDA)",
+    "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+}
+MATH = "math (SDPA fallback)"
+EAGER = "eager (matmul + softmax)"
+
+
+@dataclass
+class KernelCall:
+    phase: str
+    kernel: str
+    dtype: str
+    q_shape: list[int]
+
+
+@dataclass
+class KernelRecord:
+    """Attention kernels seen during a recorded block, per phase."""
+
+    calls: list[KernelCall] = field(default_factory=list)
+    share: dict[str, dict[str, float]] = field(default_factory=dict)  # see time_share()
+
+    def by_phase(self) -> dict[str, dict[str, int]]:
+        """``{phase: {kernel: count}}``; decode steps are pooled under ``t3.decode``."""
+        out: dict[str, Counter[str]] = {}
+        for c in self.calls:
+            out.setdefault(c.phase, Counter())[c.kernel] += 1
+        return {p: dict(k) for p, k in out.items()}
+
+    def kernels(self, phase_prefix: str = "t3") -> set[str]:
+        return {c.kernel for c in self.calls if c.phase.startswith(phase_prefix)}
+
+
+def _kernel_calls(events: list) -> list[KernelCall]:
+    calls = []
+    for e in events:
+        name = e.name.removeprefix("aten::")
+        shape = list(e.input_shapes[0]) if e.input_shapes and e.input_shapes[0] else []
+        if name == "scaled_dot_product_attention":
+            if any(c.name == e.name for c in e.cpu_children):
+                continue  # an autocast wrapper around the real call
+            fused = [
+                FUSED_KERNELS[c.name.removeprefix("aten::")]
+                for c in e.cpu_children
+                if c.name.removeprefix("aten::") in FUSED_KERNELS
+            ]
+            kernel = fused[0] if fused else MATH
+        elif (
+            name == "softmax"
+            and len(shape) == 4
+            and not any(a.name == "aten::scaled_dot_product_attention" for a in ancestors(e))
+        ):
+            kernel = EAGER
+        else:
+            continue
+        dtype = e.input_type[0] if getattr(e, "input_type", None) else ""
+        calls.append(KernelCall(region_of(e), kernel, str(dtype), shape))
+    return calls
+
+
+@contextmanager
+def record_kernels(tts: ChatterboxTTS) -> Iterator[KernelRecord]:
+    """Record the attention kernel of every attention call inside the block, by phase
+    (``t3.conditioning``, ``t3.prefill``, ``t3.decode``, ``s3gen.flow``, ``conditioning``, ...).
+
+    The record is filled when the block exits.
+    """
+    record = KernelRecord()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    try:
+        with profile(activities=activities, record_shapes=True) as prof, phase_regions(tts):
+            yield record
+    finally:  # also when the block raised: the kernels that ran before the error count
+        events = list(prof.events())
+        record.calls.extend(_kernel_calls(events))
+        record.share.update(time_share(events))
+
+
+# ---------------------------------------------------------------- configuration and probes
+
+
+@dataclass
+class OutputAttentionsProbe:
+    """What the installed transformers does when T3 asks for attentions with its backend."""
+
+    configured: str
+    transformers: str
+    kernels_with: list[str]  # kernels seen with output_attentions=True
+    kernels_without: list[str]
+    attentions_returned: bool  # False: the attention weights came back empty/None
+    log: list[str]  # what transformers logged about it
+    verdict: str
+
+
+def configured_backend(tts: ChatterboxTTS) -> str:
+    """The backbone's ``attn_implementation`` as configured."""
+    return str(tts.t3.tfmr.config._attn_implementation)
+
+
+def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8) -> OutputAttentionsProbe:
+    """Run the T3 backbone once with and once without ``output_attentions`` and report which
+    kernel ran each time. Determined by running, not from version tables."""
+    tfmr = tts.t3.tfmr
+    p = next(tfmr.parameters())
+    x = torch.randn(1, seq, tfmr.config.hidden_size, dtype=p.dtype, device=p.device)
+    logs: list[str] = []
+
+    class _Catch(logging.Handler):
+        def emit(self, rec: logging.LogRecord) -> None:
+            logs.append(rec.getMessage())
+
+    handler = _Catch()
+    hf_log = logging.getLogger("transformers")
+    hf_log.addHandler(handler)
+    seen: dict[bool, KernelRecord] = {}
+    out_attn = None
+    try:
+        for flag in (True, False):
+            with torch.inference_mode(), record_kernels(tts) as rec:
+                out = tfmr(inputs_embeds=x, output_attentions=flag, use_cache=False)
+            seen[flag] = rec
+            if flag:
+                out_attn = out.attentions
+    finally:
+        hf_log.removeHandler(handler)
+    returned = bool(out_attn) and all(a is not None and a.numel() > 0 for a in out_attn or ())
+    with_k, without_k = sorted(seen[True].kernels()), sorted(seen[False].kernels())
+    configured = configured_backend(tts)
+    if configured == "eager":
+        verdict = "the backbone is configured for eager attention: no fused kernel can run"
+    elif EAGER in with_k:
+        verdict = (
+            f"output_attentions=True makes transformers {transformers.__version__} fall back "
+            "from sdpa to eager attention (slow path)"
+        )
+    elif not returned:
+        verdict = (
+            f"transformers {transformers.__version__} keeps sdpa with output_attentions=True "
+            "and returns no attention weights: the flag costs nothing but is useless"
+        )
+    else:
+        verdict = "sdpa ran and attention weights were returned"
+    return OutputAttentionsProbe(
+        configured, transformers.__version__, with_k, without_k, returned, sorted(set(logs)), verdict
+    )
+
+
+def _sdpa_inputs(tts: ChatterboxTTS, keys: int, dtype: torch.dtype | None, device: str | None):
+    cfg = tts.t3.tfmr.config
+    p = next(tts.t3.parameters())
+    dtype = dtype or p.dtype
+    dev = torch.device(device) if device else p.device
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q = torch.randn(2, cfg.num_attention_heads, 1, head_dim, dtype=dtype, device=dev)  # CFG batch 2
+    k = torch.randn(2, cfg.num_key_value_heads, keys, head_dim, dtype=dtype, device=dev)
+    return q, k, k.clone()
+
+
+def why_not_flash(
+    tts: ChatterboxTTS,
+    keys: int = 200,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    output_attentions: bool = True,
+) -> list[str]:
+    """Reasons a fused Flash kernel is refused for a T3 decode step (empty: Flash can run).
+
+    On CUDA the reasons come from ``torch.backends.cuda.can_use_flash_attention(debug=True)``;
+    elsewhere from the same rules written out.
+    """
+    q, k, v = _sdpa_inputs(tts, keys, dtype, device)
+    reasons = []
+    if output_attentions and configured_backend(tts) != "sdpa":
+        reasons.append("output_attentions=True with a non-sdpa backend: eager attention is used")
+    if configured_backend(tts) == "eager":
+        reasons.append("attn_implementation is 'eager': SDPA is never called")
+    if q.device.type == "cuda":
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        params = SDPAParams(q, k, v, None, 0.0, False, False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = can_use_flash_attention(params, debug=True)
+        if not ok:
+            reasons += [str(w.message).splitlines()[0] for w in caught] or ["refused (no reason given)"]
+        return reasons
+    reasons.append(
+        f"device is {q.device.type}: the CUDA Flash kernel needs an NVIDIA GPU "
+        "(CPU runs its own fused kernel, _scaled_dot_product_flash_attention_for_cpu)"
+    )
+    if q.dtype == torch.float32:
+        reasons.append("dtype is float32: CUDA Flash needs float16 or bfloat16")
+    if q.shape[-1] > 256 or q.shape[-1] % 8:
+        reasons.append(f"head dim {q.shape[-1]} is not a multiple of 8 up to 256")
+    return reasons
+
+
+@dataclass
+class BackendProbe:
+    backend: str
+    ok: bool
+    reason: str
+
+
+def probe_backends(
+    tts: ChatterboxTTS, keys: int = 200, dtype: torch.dtype | None = None, device: str | None = None
+) -> list[BackendProbe]:
+    """Force each SDPA backend alone with ``torch.nn.attention.sdpa_kernel`` on T3's decode
+    shapes and report pass/fail. (The seed's ``torch.backends.cuda.sdp_kernel`` is deprecated
+    and silently falls back; ``sdpa_kernel`` with one backend raises instead.)"""
+    q, k, v = _sdpa_inputs(tts, keys, dtype, device)
+    out = []
+    for backend in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.MATH,
+    ):
+        try:
+            with sdpa_kernel([backend]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                F.scaled_dot_product_attention(q, k, v)
+            out.append(BackendProbe(backend.name, True, "ran"))
+        except RuntimeError as e:
+            out.append(BackendProbe(backend.name, False, str(e).splitlines()[0]))
+    return out
+
+
+def _category(op: str) -> str:
+    op = op.removeprefix("aten::")
+    if "scaled_dot_product" in op or "softmax" in op:
+        return "attention"
+    if op in ("addmm", "mm", "bmm", "linear", "matmul", "baddbmm"):
+        return "linear/matmul"
+    return "other"
+
+
+def time_share(events: list) -> dict[str, dict[str, float]]:
+    """Self CPU milliseconds per phase and operator category (attention, linear/matmul, other),
+    from the events of a profile taken under ``phase_regions``."""
+    out: dict[str, dict[str, float]] = {}
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        row = out.setdefault(region_of(e), {"attention": 0.0, "linear/matmul": 0.0, "other": 0.0})
+        row[_category(e.name)] += e.self_cpu_time_total / 1000
+    return {p: {k: round(v, 2) for k, v in row.items()} for p, row in out.items()}

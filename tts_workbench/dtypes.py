@@ -1,0 +1,327 @@
+"""Dtype flows: which module holds which dtype, what each call receives, where precision breaks.
+
+``census`` lists parameter/buffer dtypes per component and the dtypes of the conditionals.
+``trace_dtypes`` hooks every submodule for the duration of a ``with`` block and records, per
+call, the module path, the floating dtypes of its inputs, its own weights and its outputs, and
+flags mismatches. If the block raises (the "Input type (FloatTensor) and weight type
+(HalfTensor) should be the same" family), the trace names the module that was running and the
+tensors it got, and the exception propagates unchanged.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from chatterbox.tts import ChatterboxTTS
+from torch import nn
+
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float16"`` → ``torch.float16``; a clear ValueError for anything else."""
+    try:
+        return DTYPE_NAMES[name.removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_NAMES)}") from None
+
+
+def _short(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else "-"
+
+
+def components(tts: ChatterboxTTS) -> dict[str, nn.Module]:
+    """The three neural components of a ChatterboxTTS, by the names used in reports."""
+    return {"ve": tts.ve, "t3": tts.t3, "s3gen": tts.s3gen}
+
+
+# ---------------------------------------------------------------- census
+
+
+@dataclass
+class CensusRow:
+    """Parameter and buffer dtypes of one module (its whole subtree)."""
+
+    path: str
+    param_dtypes: dict[str, int]  # dtype name -> number of elements
+    buffer_dtypes: dict[str, int]
+    bytes: int
+
+
+def _count(tensors: Iterator[torch.Tensor]) -> tuple[dict[str, int], int]:
+    counts: dict[str, int] = {}
+    nbytes = 0
+    for t in tensors:
+        counts[_short(t.dtype)] = counts.get(_short(t.dtype), 0) + t.numel()
+        nbytes += t.numel() * t.element_size()
+    return counts, nbytes
+
+
+def census(tts: ChatterboxTTS, depth: int = 1) -> list[CensusRow]:
+    """One row per component and per submodule down to ``depth`` levels below it."""
+    rows = []
+    for name, comp in components(tts).items():
+        for path, module in comp.named_modules(prefix=name):
+            if path.count(".") > depth or path.endswith("patched_model"):
+                continue
+            params, pbytes = _count(module.parameters())
+            buffers, bbytes = _count(module.buffers())
+            if params or buffers:
+                rows.append(CensusRow(path, params, buffers, pbytes + bbytes))
+    return rows
+
+
+@dataclass
+class CondRow:
+    """One conditioning tensor: where it lives and in which dtype."""
+
+    name: str
+    dtype: str
+    device: str
+    shape: list[int]
+
+
+def conditionals_census(tts: ChatterboxTTS) -> list[CondRow]:
+    """Dtype and device of every tensor in ``tts.conds`` (T3 and S3Gen conditionals)."""
+    if tts.conds is None:
+        return []
+    items = [(f"conds.t3.{k}", v) for k, v in vars(tts.conds.t3).items()]
+    items += [(f"conds.gen.{k}", v) for k, v in tts.conds.gen.items()]
+    return [CondRow(n, _short(v.dtype), str(v.device), list(v.shape)) for n, v in items if torch.is_tensor(v)]
+
+
+# ---------------------------------------------------------------- tracer
+
+
+@dataclass
+class CallRecord:
+    """One module call as seen by the tracer."""
+
+    module: str  # dotted path inside the traced root
+    kind: str  # module class name
+    inputs: list[str]  # floating dtypes of tensor inputs, in order
+    weight: str | None  # the module's own floating parameter dtype (None: no own parameters)
+    outputs: list[str]
+    autocast: str | None  # autocast dtype active during the call
+    mismatch: str | None = None  # "input/weight", "upcast" or "autocast"
+
+
+@dataclass
+class Failure:
+    """The module that was running when the traced block raised."""
+
+    module: str
+    kind: str
+    inputs: list[str]
+    weight: str | None
+    error: str
+    where: str  # innermost source line outside torch (the call that raised)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.module or '(no module running)'} ({self.kind}) raised at {self.where} with inputs "
+            f"{self.inputs} and weights {self.weight}: {self.error}"
+        )
+
+
+@dataclass
+class DtypeTrace:
+    """Everything a ``trace_dtypes`` block saw."""
+
+    records: list[CallRecord] = field(default_factory=list)
+    failure: Failure | None = None
+
+    @property
+    def mismatches(self) -> list[CallRecord]:
+        return [r for r in self.records if r.mismatch]
+
+    @property
+    def first_mismatch(self) -> CallRecord | Failure | None:
+        """The first flagged call, or the failure when the block raised before any was flagged."""
+        found = self.mismatches
+        return found[0] if found else self.failure
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly digest: calls, mismatches by kind and module, failure."""
+        by_module: dict[str, CallRecord] = {}
+        for r in self.mismatches:
+            by_module.setdefault(r.module, r)
+        return {
+            "calls": len(self.records),
+            "mismatches": [vars(r) for r in by_module.values()],
+            "failure": vars(self.failure) if self.failure else None,
+        }
+
+
+def _floating(x: Any) -> list[torch.dtype]:
+    if torch.is_tensor(x):
+        return [x.dtype] if x.is_floating_point() else []
+    if isinstance(x, list | tuple):
+        return [d for item in x for d in _floating(item)]
+    if isinstance(x, dict):
+        return [d for item in x.values() for d in _floating(item)]
+    return []
+
+
+def _own_weight_dtype(module: nn.Module) -> torch.dtype | None:
+    dtypes = {p.dtype for p in module.parameters(recurse=False) if p.is_floating_point()}
+    return next(iter(dtypes)) if len(dtypes) == 1 else (min(dtypes, key=str) if dtypes else None)
+
+
+def _autocast_dtype() -> torch.dtype | None:
+    for dev in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    return None
+
+
+def _classify(
+    inputs: list[torch.dtype],
+    weight: torch.dtype | None,
+    outputs: list[torch.dtype],
+    autocast: torch.dtype | None,
+) -> str | None:
+    if weight is None:
+        return None
+    if any(d != weight for d in inputs):
+        return "autocast" if autocast is not None else "input/weight"
+    if autocast is not None and any(d != weight for d in outputs):
+        return "autocast"
+    if any(d.itemsize > weight.itemsize for d in outputs):
+        return "upcast"
+    return None
+
+
+def _where(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    outside = [f for f in frames if "/torch/" not in f.filename and "/tts_workbench/" not in f.filename]
+    f = (outside or frames)[-1]
+    return f"{'/'.join(f.filename.split('/')[-3:])}:{f.lineno} {f.name}"
+
+
+def _roots(target: nn.Module | ChatterboxTTS) -> dict[str, nn.Module]:
+    return components(target) if isinstance(target, ChatterboxTTS) else {"": target}
+
+
+@contextmanager
+def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
+    """Record dtype flow through every submodule of ``target`` while inside the block.
+
+    Module paths are dotted paths inside ``target`` (prefixed by ``ve``/``t3``/``s3gen`` when
+    ``target`` is a ChatterboxTTS). All hooks are removed on exit, also on error.
+    """
+    trace = DtypeTrace()
+    stack: list[tuple[str, nn.Module, list[torch.dtype]]] = []
+    handles = []
+
+    def pre(path: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            stack.append((path, module, _floating(args) + _floating(kwargs)))
+
+        return hook
+
+    def post(path: str):
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            _, _, inputs = stack.pop()
+            weight = _own_weight_dtype(module)
+            outputs = _floating(output)
+            ac = _autocast_dtype()
+            trace.records.append(
+                CallRecord(
+                    module=path,
+                    kind=type(module).__name__,
+                    inputs=[_short(d) for d in inputs],
+                    weight=_short(weight) if weight else None,
+                    outputs=[_short(d) for d in outputs],
+                    autocast=_short(ac) if ac else None,
+                    mismatch=_classify(inputs, weight, outputs, ac),
+                )
+            )
+
+        return hook
+
+    for prefix, root in _roots(target).items():
+        for name, module in root.named_modules():
+            path = ".".join(p for p in (prefix, name) if p) or "(root)"
+            handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True))
+            handles.append(module.register_forward_hook(post(path), with_kwargs=True))
+    try:
+        yield trace
+    except Exception as e:
+        # The innermost module still on the stack is the one whose forward raised; errors
+        # raised outside any module call (e.g. a feature extractor) keep only `where`.
+        path, module, inputs = stack[-1] if stack else ("", None, [])
+        weight = None
+        if module is not None:
+            weight = _own_weight_dtype(module) or next(
+                (p.dtype for p in module.parameters() if p.is_floating_point()), None
+            )
+        trace.failure = Failure(
+            path,
+            type(module).__name__ if module is not None else "-",
+            [_short(d) for d in inputs],
+            _short(weight) if weight else None,
+            f"{type(e).__name__}: {e}".splitlines()[0],
+            _where(e),
+        )
+        e.add_note(f"dtype trace: {trace.failure}")
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------- scenarios on the real model
+
+# Where upstream's half-precision paths break, and what to do about it. Keys are substrings of
+# the failing module path or source location found by the tracer; checked in order.
+ADVICE = [
+    ("cond_enc", "cast the conditionals (speaker_emb, emotion_adv) to T3's dtype after prepare_conditionals"),
+    ("m_source", "keep HiFT's sine source module in float32 (its generator output stays float32)"),
+    ("_istft", "run HiFT's iSTFT in float32: torch.complex has no half-precision CPU kernel"),
+    ("kaldi", "keep the CAMPPlus speaker encoder and its kaldi fbank in float32 (no Half fbank kernel)"),
+    ("xvector", "keep the CAMPPlus speaker encoder and its kaldi fbank in float32"),
+    ("s3tokenizer", "keep the S3 speech tokenizer (log-mel front-end) in float32"),
+    ("ve.", "keep the VoiceEncoder in float32 or feed it the dtype of its LSTM weights"),
+    ("voice_encoder", "keep the VoiceEncoder in float32 or feed it the dtype of its LSTM weights"),
+    ("mel", "compute mel spectrograms in float32 and cast the result"),
+]
+
+
+def advice_for(failure: Failure | CallRecord | None) -> str | None:
+    """One sentence saying how to fix ``failure`` (None when there is nothing to fix)."""
+    if failure is None:
+        return None
+    where = failure.module + " " + getattr(failure, "where", "")
+    for key, text in ADVICE:
+        if key in where:
+            return text
+    return "cast the input to the module's weight dtype at this boundary, or keep the module in float32"
+
+
+@contextmanager
+def autocast_or_refuse(device: str, dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.autocast`` that raises ValueError when the device does not support ``dtype``
+    (torch only warns and silently disables autocast)."""
+    if dtype is None:
+        yield
+        return
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctx = torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+        ctx.__enter__()
+    try:
+        if any("isabling autocast" in str(w.message) for w in caught) or not ctx._enabled:
+            raise ValueError(
+                f"autocast to {_short(dtype)} is not supported on {device}: use another --autocast"
+            )
+        yield
+    finally:
+        ctx.__exit__(None, None, None)
