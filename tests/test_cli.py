@@ -37,6 +37,10 @@ def test_diagnose_json_report(
     assert set(report["components"]) == {"ve", "t3", "s3gen"}
     assert report["audio_s"] > 0 and report["rtf"] > 0
     assert Path(report["wav"]).exists() and Path(report["plot"]).exists()
+    # the float16 precision diagnosis names the first mismatching module of the upstream path
+    generate_stage = report["precision"]["stages"]["generate"]
+    assert generate_stage["first_mismatch"]["module"] == "t3.cond_enc.spkr_enc"
+    assert report["kernels"]["t3.decode"]
 
 
 @pytest.mark.parametrize(
@@ -46,6 +50,7 @@ def test_diagnose_json_report(
         (["diagnose", "--tokens", "-3"], "positive integer"),
         (["diagnose", "--reference", "/no/such.wav"], "does not exist"),
         (["frobnicate"], "invalid choice"),
+        (["diagnose", "--dtype", "int8"], "invalid choice"),
     ],
 )
 def test_bad_arguments_give_one_error_line(args: list[str], message: str, tmp_path: Path) -> None:

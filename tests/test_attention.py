@@ -1,0 +1,64 @@
+"""Attention backend: configured vs effective, kernels by phase, why not Flash, forced backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from chatterbox.tts import ChatterboxTTS
+
+from tts_workbench.attention import (
+    EAGER,
+    probe_backends,
+    probe_output_attentions,
+    record_kernels,
+    why_not_flash,
+)
+from tts_workbench.generation import generate
+from tts_workbench.sources import load_model
+
+
+def test_sdpa_backbone_with_and_without_output_attentions(tiny_tts: ChatterboxTTS) -> None:
+    probe = probe_output_attentions(tiny_tts)
+    assert probe.configured == "sdpa"
+    assert probe.kernels_with and EAGER not in probe.kernels_with
+    # What this transformers does is measured: either sdpa kept (no weights) or eager fallback.
+    if probe.attentions_returned:
+        assert EAGER in probe.kernels_with and "fall back" in probe.verdict
+    else:
+        assert probe.kernels_with == probe.kernels_without and "keeps sdpa" in probe.verdict
+
+
+def test_eager_backbone_is_detected(reference_wav: Path) -> None:
+    tts = load_model("tiny")
+    tts.t3.tfmr.config._attn_implementation = "eager"
+    probe = probe_output_attentions(tts)
+    assert probe.kernels_with == [EAGER] and probe.attentions_returned
+    assert "eager" in probe.verdict
+
+
+def test_kernels_per_phase_on_the_real_generate_path(tiny_tts: ChatterboxTTS) -> None:
+    with record_kernels(tiny_tts) as rec:
+        generate(tiny_tts, "Kernels.", max_new_tokens=6)
+    phases = rec.by_phase()
+    layers = tiny_tts.t3.cfg.num_hidden_layers
+    assert sum(phases["t3.prefill"].values()) == layers
+    assert sum(phases["t3.decode"].values()) == 6 * layers
+    assert "flash (CPU)" in phases["t3.decode"]  # float32 CPU: the CPU fused kernel runs
+    share = rec.share["t3.decode"]
+    assert share["linear/matmul"] > 0 and share["attention"] > 0
+
+
+def test_why_not_flash_on_cpu(tiny_tts: ChatterboxTTS) -> None:
+    if torch.cuda.is_available():
+        return
+    reasons = why_not_flash(tiny_tts)
+    assert any("device is cpu" in r for r in reasons) and any("float32" in r for r in reasons)
+    assert not any("float32" in r for r in why_not_flash(tiny_tts, dtype=torch.bfloat16))
+
+
+def test_forced_backends_report_pass_and_fail(tiny_tts: ChatterboxTTS) -> None:
+    results = {p.backend: p for p in probe_backends(tiny_tts)}
+    assert results["MATH"].ok
+    if not torch.cuda.is_available():
+        assert not results["EFFICIENT_ATTENTION"].ok and results["EFFICIENT_ATTENTION"].reason

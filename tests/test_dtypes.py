@@ -1,0 +1,149 @@
+"""The dtype census and tracer, on planted cases and on the real generate path."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from chatterbox.tts import ChatterboxTTS
+from torch import nn
+
+from tts_workbench.diagnose import diagnose_precision
+from tts_workbench.dtypes import autocast_or_refuse, census, conditionals_census, parse_dtype, trace_dtypes
+from tts_workbench.generation import generate, prepare_voice
+from tts_workbench.sources import load_model
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(OrderedDict(proj=nn.Linear(4, 4), act=nn.ReLU(), head=nn.Linear(4, 2)))
+
+
+def _hooks(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    return _hooks(module) == 0
+
+
+def test_float16_linear_fed_float32_is_named_and_the_error_propagates() -> None:
+    net = _net().half()
+    with pytest.raises(RuntimeError, match="same dtype") as info, trace_dtypes(net) as trace:
+        net(torch.randn(1, 4))
+    assert trace.failure is not None and trace.failure.module == "proj"
+    assert trace.failure.inputs == ["float32"] and trace.failure.weight == "float16"
+    assert trace.first_mismatch is trace.failure
+    assert any("dtype trace: proj" in n for n in info.value.__notes__)
+    assert _no_hooks(net)
+
+
+def test_conv_with_the_halftensor_error() -> None:
+    conv = nn.Sequential(OrderedDict(conv=nn.Conv1d(2, 2, 3))).half()
+    with pytest.raises(RuntimeError, match="Input type"), trace_dtypes(conv) as trace:
+        conv(torch.randn(1, 2, 8))
+    assert trace.failure is not None and trace.failure.module == "conv" and trace.failure.kind == "Conv1d"
+
+
+def test_clean_float32_has_no_mismatch_and_hooks_are_removed() -> None:
+    net = _net()
+    with trace_dtypes(net) as trace:
+        net(torch.randn(1, 4))
+    assert trace.first_mismatch is None and trace.failure is None
+    assert [r.module for r in trace.records] == ["proj", "act", "head", "(root)"]
+    assert _no_hooks(net)
+
+
+def test_autocast_region_is_flagged() -> None:
+    net = _net()
+    with trace_dtypes(net) as trace, torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(1, 4))
+    first = trace.first_mismatch
+    assert first is not None and first.module == "proj" and first.mismatch == "autocast"
+
+
+def test_silent_upcast_is_flagged() -> None:
+    class Upcasts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4).half())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x @ self.w).float()  # runs, but hands float32 on
+
+    net = nn.Sequential(OrderedDict(up=Upcasts()))
+    with trace_dtypes(net) as trace:
+        net(torch.randn(1, 4).half())
+    assert [(r.module, r.mismatch) for r in trace.mismatches] == [("up", "upcast")]
+
+
+def test_module_without_floating_parameters() -> None:
+    emb = nn.Sequential(OrderedDict(relu=nn.ReLU()))
+    with trace_dtypes(emb) as trace:
+        emb(torch.randn(3))
+    assert trace.records and trace.first_mismatch is None
+
+
+def test_module_raising_something_else_is_reported_and_reraised() -> None:
+    class Boom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise KeyError("boom")
+
+    net = nn.Sequential(OrderedDict(boom=Boom()))
+    with pytest.raises(KeyError), trace_dtypes(net) as trace:
+        net(torch.randn(2))
+    assert trace.failure is not None and trace.failure.module == "boom"
+    assert _no_hooks(net)
+
+
+def test_tracing_never_changes_the_tokens(tiny_tts: ChatterboxTTS) -> None:
+    plain = generate(tiny_tts, "Trace me.", max_new_tokens=15, seed=4)
+    parts = (tiny_tts.t3, tiny_tts.s3gen, tiny_tts.ve)
+    before = [_hooks(m) for m in parts]  # upstream's weight_norm keeps pre-hooks of its own
+    with trace_dtypes(tiny_tts) as trace:
+        traced = generate(tiny_tts, "Trace me.", max_new_tokens=15, seed=4)
+    assert traced.speech_tokens == plain.speech_tokens
+    assert trace.records and trace.first_mismatch is None
+    assert [_hooks(m) for m in parts] == before
+
+
+def test_census_and_conditionals(tiny_tts: ChatterboxTTS) -> None:
+    rows = {r.path: r for r in census(tiny_tts)}
+    assert {"ve", "t3", "s3gen", "t3.tfmr", "s3gen.mel2wav"} <= set(rows)
+    assert rows["t3"].param_dtypes == {"float32": sum(p.numel() for p in tiny_tts.t3.parameters())}
+    conds = {c.name: c for c in conditionals_census(tiny_tts)}
+    assert conds["conds.t3.speaker_emb"].dtype == "float32"
+    assert conds["conds.t3.cond_prompt_speech_tokens"].dtype == "int64"
+    assert "conds.gen.prompt_feat" in conds
+
+
+def test_unknown_dtype_and_unsupported_autocast() -> None:
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        parse_dtype("float8")
+    with pytest.raises(ValueError, match="not supported on cpu"), autocast_or_refuse("cpu", torch.float64):
+        pass
+
+
+@pytest.fixture(scope="module")
+def half_report(reference_wav: Path) -> dict:
+    tts = load_model("tiny")
+    prepare_voice(tts, str(reference_wav))
+    return diagnose_precision(tts, str(reference_wav), torch.float16, tokens=8)
+
+
+def test_upstream_float16_path_fails_where_measured(half_report: dict) -> None:
+    st = half_report["stages"]
+    assert st["generate"]["failure"]["module"] == "t3.cond_enc.spkr_enc"
+    assert "conditionals" in st["generate"]["advice"]
+    assert "kaldi" in st["conditioning"]["failure"]["where"]
+    assert st["s3gen"]["failure"]["module"] == "s3gen.mel2wav.m_source.l_linear"
+    assert "sine source" in st["s3gen"]["advice"]
+
+
+def test_float32_precision_report_is_clean(reference_wav: Path) -> None:
+    tts = load_model("tiny")
+    prepare_voice(tts, str(reference_wav))
+    report = diagnose_precision(tts, str(reference_wav), torch.float32, tokens=8)
+    for stage in report["stages"].values():
+        assert stage["error"] is None and stage["mismatches"] == [] and stage["first_mismatch"] is None
