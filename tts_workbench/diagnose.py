@@ -113,44 +113,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"RTF          : {report['rtf']:.2f} (compute seconds per audio second; < 1 is real time)")
     lines.append(f"build        : {report['build_s']:.2f} s, conditioning {report['conditioning_s']:.2f} s")
     lines.append(f"wrote        : {report['wav']}, {report['plot']}")
-    lines += ["", "attention kernels per phase (float32 run above):"]
-    for phase, kernels in report["kernels"].items():
-        share = report["time_share_ms"].get(phase, {})
-        total = sum(share.values()) or 1.0
-        lines.append(
-            f"  {phase:<16} {', '.join(f'{k} x{n}' for k, n in kernels.items()):<40} "
-            f"attention {100 * share.get('attention', 0) / total:4.1f}% of op time, "
-            f"linear/matmul {100 * share.get('linear/matmul', 0) / total:4.1f}%"
-        )
-    att = report["attention"]
-    lines.append(f"  backend      : {att['configured']}; {att['output_attentions']['verdict']}")
-    for reason in att["why_not_flash"]:
-        lines.append(f"  no Flash     : {reason}")
-    forced = ", ".join(f"{p['backend']} {'ok' if p['ok'] else 'refused'}" for p in att["forced_backends"])
-    lines.append(f"  forced alone : {forced}")
-    prec = report["precision"]
-    lines += [
-        "",
-        f"precision {prec['dtype']}"
-        + (f" under autocast {prec['autocast']}" if prec["autocast"] else "")
-        + " (components cast, conditionals left float32, as in the seed):",
-    ]
-    for name, st in prec["stages"].items():
-        if st["error"] is None and not st["mismatches"]:
-            lines.append(f"  {name:<13}: ok, no dtype mismatch in {st['calls']} module calls")
-            continue
-        first = st["first_mismatch"]
-        lines.append(f"  {name:<13}: {st['error'] or 'ran'}")
-        if first and "mismatch" in first:  # a flagged call (a Failure is printed below)
-            lines.append(
-                f"  {'':13}  first mismatch: {first['module'] or '(outside a module)'} "
-                f"inputs {first['inputs']} weights {first['weight']}"
-            )
-        if st["failure"]:
-            f = st["failure"]
-            lines.append(f"  {'':13}  failed in     : {f['module'] or '(outside a module)'} at {f['where']}")
-        if st["advice"]:
-            lines.append(f"  {'':13}  fix           : {st['advice']}")
+    lines += ["", format_attention(report["kernels"], report["time_share_ms"], report["attention"])]
+    lines += ["", format_precision(report["precision"])]
     return "\n".join(lines)
 
 
@@ -227,3 +191,50 @@ def diagnose_attention(tts: ChatterboxTTS) -> dict[str, Any]:
         "why_not_flash": why_not_flash(tts),
         "forced_backends": [vars(p) for p in probe_backends(tts)],
     }
+
+
+def format_attention(
+    kernels_by_phase: dict[str, dict[str, int]], share_ms: dict[str, dict[str, float]], att: dict[str, Any]
+) -> str:
+    """Kernels per phase with attention's share of op time, then the backend probes."""
+    lines = ["attention kernels per phase (float32 run above):"]
+    for phase, kernels in kernels_by_phase.items():
+        share = share_ms.get(phase, {})
+        total = sum(share.values()) or 1.0
+        lines.append(
+            f"  {phase:<16} {', '.join(f'{k} x{n}' for k, n in kernels.items()):<40} "
+            f"attention {100 * share.get('attention', 0) / total:4.1f}% of op time, "
+            f"linear/matmul {100 * share.get('linear/matmul', 0) / total:4.1f}%"
+        )
+    lines.append(f"  backend      : {att['configured']}; {att['output_attentions']['verdict']}")
+    for reason in att["why_not_flash"]:
+        lines.append(f"  no Flash     : {reason}")
+    forced = ", ".join(f"{p['backend']} {'ok' if p['ok'] else 'refused'}" for p in att["forced_backends"])
+    lines.append(f"  forced alone : {forced}")
+    return "\n".join(lines)
+
+
+def format_precision(prec: dict[str, Any]) -> str:
+    """One block per traced stage: error, first mismatch, failing module, fix."""
+    lines = [
+        f"precision {prec['dtype']}"
+        + (f" under autocast {prec['autocast']}" if prec["autocast"] else "")
+        + " (components cast, conditionals left float32, as in the seed):",
+    ]
+    for name, st in prec["stages"].items():
+        if st["error"] is None and not st["mismatches"]:
+            lines.append(f"  {name:<13}: ok, no dtype mismatch in {st['calls']} module calls")
+            continue
+        first = st["first_mismatch"]
+        lines.append(f"  {name:<13}: {st['error'] or 'ran'}")
+        if first and "mismatch" in first:  # a flagged call (a Failure is printed below)
+            lines.append(
+                f"  {'':13}  first mismatch: {first['module'] or '(outside a module)'} "
+                f"inputs {first['inputs']} weights {first['weight']}"
+            )
+        if st["failure"]:
+            f = st["failure"]
+            lines.append(f"  {'':13}  failed in     : {f['module'] or '(outside a module)'} at {f['where']}")
+        if st["advice"]:
+            lines.append(f"  {'':13}  fix           : {st['advice']}")
+    return "\n".join(lines)

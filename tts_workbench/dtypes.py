@@ -325,3 +325,13 @@ def autocast_or_refuse(device: str, dtype: torch.dtype | None) -> Iterator[None]
         yield
     finally:
         ctx.__exit__(None, None, None)
+
+
+def format_census(rows: list[CensusRow]) -> str:
+    """Aligned text table of a census: path, parameter dtypes (elements), buffer dtypes, MiB."""
+    lines = [f"{'module':<32} {'parameters':<28} {'buffers':<24} {'MiB':>8}"]
+    for r in rows:
+        params = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in r.param_dtypes.items()) or "-"
+        buffers = ", ".join(f"{k} {v}" for k, v in r.buffer_dtypes.items()) or "-"
+        lines.append(f"{r.path:<32} {params:<28} {buffers:<24} {r.bytes / 2**20:8.2f}")
+    return "\n".join(lines)

@@ -32,3 +32,21 @@ def save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def time_share_figure(
+    share_ms: dict[str, dict[str, float]], title: str = "operator self time by phase"
+) -> Figure:
+    """Stacked bars: attention vs linear/matmul vs other operator time, per phase."""
+    fig, ax = plt.subplots(figsize=(8, 3))
+    phases = list(share_ms)
+    left = np.zeros(len(phases))
+    for cat, color in (("attention", "tab:red"), ("linear/matmul", "tab:blue"), ("other", "tab:gray")):
+        vals = np.array([share_ms[p].get(cat, 0.0) for p in phases])
+        ax.barh(phases, vals, left=left, label=cat, color=color)
+        left += vals
+    ax.set(xlabel="milliseconds (profiled self time)", title=title)
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
