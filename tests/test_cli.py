@@ -29,6 +29,8 @@ def test_diagnose_json_report(
             str(reference_wav),
             "--text",
             "Short test.",
+            "--dtype",
+            "float16",
         ]
     )
     assert rc == 0

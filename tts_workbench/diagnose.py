@@ -42,6 +42,7 @@ def run_diagnosis(
     precision diagnosis. Writes ``speech.wav`` and ``generation.png`` under ``outdir``.
     """
     outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tts = load_model(model, device=device, seed=seed)
     build_s = time.perf_counter() - t0
