@@ -25,7 +25,7 @@ demo: venv
 	$(BIN)/tts-workbench diagnose --model tiny
 
 test: venv lint
-	$(BIN)/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 -p no:cacheprovider
+	$(BIN)/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
 
 lint: venv
 	$(BIN)/ruff check tts_workbench tests
