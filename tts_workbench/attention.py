@@ -83,8 +83,8 @@ def _kernel_calls(events: list) -> list[KernelCall]:
             kernel = EAGER
         else:
             continue
-        dtype = e.input_type[0] if getattr(e, "input_type", None) else ""
-        calls.append(KernelCall(region_of(e), kernel, str(dtype), shape))
+        dtype = e.input_dtypes[0].removeprefix("c10::") if e.input_dtypes else ""
+        calls.append(KernelCall(region_of(e), kernel, dtype, shape))
     return calls
 
 
@@ -200,10 +200,12 @@ def why_not_flash(
     """
     q, k, v = _sdpa_inputs(tts, keys, dtype, device)
     reasons = []
-    if output_attentions and configured_backend(tts) != "sdpa":
-        reasons.append("output_attentions=True with a non-sdpa backend: eager attention is used")
-    if configured_backend(tts) == "eager":
-        reasons.append("attn_implementation is 'eager': SDPA is never called")
+    backend = configured_backend(tts)
+    if backend != "sdpa":
+        reasons.append(
+            f"attn_implementation is {backend!r}: SDPA is never called"
+            + (" (output_attentions=True needs the eager weights)" if output_attentions else "")
+        )
     if q.device.type == "cuda":
         from torch.backends.cuda import SDPAParams, can_use_flash_attention
 

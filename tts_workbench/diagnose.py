@@ -21,9 +21,9 @@ from .attention import (
     record_kernels,
     why_not_flash,
 )
-from .dtypes import advice_for, autocast_or_refuse, census, components, conditionals_census, trace_dtypes
+from .dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
 from .generation import UPSTREAM_SENTENCE, generate, prepare_voice
-from .sources import load_model, make_reference_wav, model_summary
+from .sources import components, dtype_name, load_model, make_reference_wav, model_summary
 
 
 def run_diagnosis(
@@ -175,8 +175,8 @@ def diagnose_precision(
             tts, lambda: tts.s3gen.inference(speech_tokens=valid.to(device), ref_dict=dict(conds.gen))
         )
     return {
-        "dtype": str(dtype).removeprefix("torch."),
-        "autocast": str(autocast).removeprefix("torch.") if autocast else None,
+        "dtype": dtype_name(dtype),
+        "autocast": dtype_name(autocast) if autocast else None,
         "census": [vars(r) for r in census(tts)],
         "conditionals": [vars(r) for r in conditionals_census(tts)],
         "stages": stages,

@@ -20,6 +20,8 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
+from .sources import components, dtype_name
+
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -32,12 +34,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def _short(dtype: torch.dtype | None) -> str:
-    return str(dtype).removeprefix("torch.") if dtype is not None else "-"
-
-
-def components(tts: ChatterboxTTS) -> dict[str, nn.Module]:
-    """The three neural components of a ChatterboxTTS, by the names used in reports."""
-    return {"ve": tts.ve, "t3": tts.t3, "s3gen": tts.s3gen}
+    return dtype_name(dtype) if dtype is not None else "-"
 
 
 # ---------------------------------------------------------------- census

@@ -60,12 +60,7 @@ def phase_regions(tts: ChatterboxTTS) -> Iterator[None]:
 
 def region_of(event: FunctionEvent) -> str:
     """The innermost phase range enclosing ``event`` (``other`` when none)."""
-    e: FunctionEvent | None = event
-    while e is not None:
-        if e.name in PHASES:
-            return e.name
-        e = e.cpu_parent
-    return "other"
+    return next((e.name for e in (event, *ancestors(event)) if e.name in PHASES), "other")
 
 
 def ancestors(event: FunctionEvent) -> Iterator[FunctionEvent]:

@@ -45,7 +45,16 @@ TEXT_VOCAB = 704  # T3Config.english_only().text_tokens_dict_size
 METADATA_FILE = "tts_workbench.json"
 SAFETENSORS_LAYOUT = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json")
 PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` → ``"float16"`` (the spelling used in reports and metadata)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def components(tts: ChatterboxTTS) -> dict[str, torch.nn.Module]:
+    """The three neural components of a ChatterboxTTS, by the names used in reports."""
+    return {"ve": tts.ve, "t3": tts.t3, "s3gen": tts.s3gen}
 
 
 class SourceError(ValueError):
@@ -237,7 +246,7 @@ def save_checkpoint(tts: ChatterboxTTS, folder: str | Path, dtype: torch.dtype =
     meta = {
         "architecture": "tiny" if tts.t3.hp.llama_config_name == TINY_LLAMA else "full",
         "tiny_config": asdict(TINY),
-        "dtypes": {name: str(dtype).removeprefix("torch.") for name in parts},
+        "dtypes": {name: dtype_name(dtype) for name in parts},
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
     return folder
@@ -368,12 +377,12 @@ def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> Chatte
 def model_summary(tts: ChatterboxTTS) -> dict[str, dict[str, object]]:
     """Parameters and dtypes per component (ve, t3, s3gen)."""
     out: dict[str, dict[str, object]] = {}
-    for name, module in (("ve", tts.ve), ("t3", tts.t3), ("s3gen", tts.s3gen)):
+    for name, module in components(tts).items():
         params = list(module.parameters())
         out[name] = {
             "parameters": sum(p.numel() for p in params),
             "bytes": sum(p.numel() * p.element_size() for p in params),
-            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
+            "dtypes": sorted({dtype_name(p.dtype) for p in params}),
         }
     return out
 
