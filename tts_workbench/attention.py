@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -50,11 +50,12 @@ class KernelRecord:
     calls: list[KernelCall] = field(default_factory=list)
     share: dict[str, dict[str, float]] = field(default_factory=dict)  # see time_share()
 
-    def by_phase(self) -> dict[str, dict[str, int]]:
-        """``{phase: {kernel: count}}``; decode steps are pooled under ``t3.decode``."""
+    def by_phase(self, with_dtype: bool = False) -> dict[str, dict[str, int]]:
+        """``{phase: {kernel: count}}`` (kernel as ``"flash (CPU) [bfloat16]"`` with dtype);
+        decode steps are pooled under ``t3.decode``."""
         out: dict[str, Counter[str]] = {}
         for c in self.calls:
-            out.setdefault(c.phase, Counter())[c.kernel] += 1
+            out.setdefault(c.phase, Counter())[f"{c.kernel} [{c.dtype}]" if with_dtype else c.kernel] += 1
         return {p: dict(k) for p, k in out.items()}
 
     def kernels(self, phase_prefix: str = "t3") -> set[str]:
@@ -89,7 +90,7 @@ def _kernel_calls(events: list) -> list[KernelCall]:
 
 
 @contextmanager
-def record_kernels(tts: ChatterboxTTS) -> Iterator[KernelRecord]:
+def record_kernels(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Iterator[KernelRecord]:
     """Record the attention kernel of every attention call inside the block, by phase
     (``t3.conditioning``, ``t3.prefill``, ``t3.decode``, ``s3gen.flow``, ``conditioning``, ...).
 
@@ -98,7 +99,7 @@ def record_kernels(tts: ChatterboxTTS) -> Iterator[KernelRecord]:
     record = KernelRecord()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     try:
-        with profile(activities=activities, record_shapes=True) as prof, phase_regions(tts):
+        with profile(activities=activities, record_shapes=True) as prof, phase_regions(tts, extra_tfmrs):
             yield record
     finally:  # also when the block raised: the kernels that ran before the error count
         events = list(prof.events())

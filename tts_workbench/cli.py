@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .generation import UPSTREAM_SENTENCE
@@ -50,6 +51,45 @@ def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[
     return report, format_report
 
 
+def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from .bench import format_bench, run_bench
+
+    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    report = run_bench(
+        model=args.model,
+        configs=configs,
+        tokens=args.tokens,
+        repeats=args.repeats,
+        seed=args.seed,
+        text=args.text,
+        reference=args.reference,
+        device=args.device,
+        dtype=args.dtype,
+        outdir=args.out,
+    )
+    return report, format_bench
+
+
+def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from .generation import prepare_voice
+    from .latency import format_report
+    from .sources import load_model, make_reference_wav
+    from .streaming import StreamConfig, run_to_files
+
+    config = StreamConfig(
+        strategy=args.strategy,
+        first_window_s=args.first_window_s,
+        window_s=args.window_s,
+        crossfade_ms=args.crossfade_ms,
+        prompt_s=args.prompt_s,
+    )
+    tts = load_model(args.model, args.device, args.seed)
+    reference = args.reference or str(make_reference_wav(Path(args.out) / "reference.wav"))
+    prepare_voice(tts, reference)
+    report = run_to_files(tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed)
+    return report, format_report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tts-workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -68,6 +108,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--autocast", choices=["float16", "bfloat16"], help="run the precision diagnosis under autocast"
     )
     d.set_defaults(run=_diagnose)
+
+    st = sub.add_parser("stream", help="stream one utterance chunk by chunk: table, WAV, timeline plot")
+    _common(st)
+    st.add_argument("--strategy", default="buffered", choices=["naive", "buffered"])
+    st.add_argument("--first-window-s", type=float, default=1.0, help="buffered: first window (s of audio)")
+    st.add_argument("--window-s", type=float, default=3.5, help="buffered: later windows (s of audio)")
+    st.add_argument("--crossfade-ms", type=float, default=40.0, help="buffered: overlap-add crossfade")
+    st.add_argument("--prompt-s", type=float, help="keep only the last N s of the reference prompt")
+    st.add_argument("--text", default=UPSTREAM_SENTENCE)
+    st.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    st.add_argument("--out", default="runs/stream", help="folder for the WAV and the timeline plot")
+    st.set_defaults(run=_stream, tokens=250)
+
+    b = sub.add_parser("bench", help="upstream vs optimized side by side, interleaved, with ratios")
+    _common(b)
+    b.add_argument(
+        "--configs",
+        default="upstream,optimized",
+        help="comma list of upstream, optimized, upstream-stream, optimized-stream (bench.CONFIGS)",
+    )
+    b.add_argument("--repeats", type=_positive, default=2)
+    b.add_argument(
+        "--dtype", default="auto", help="dtype policy of the optimized path (precision.POLICIES)"
+    )
+    b.add_argument("--text", default=UPSTREAM_SENTENCE)
+    b.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.csv")
+    b.set_defaults(run=_bench)
     return parser
 
 

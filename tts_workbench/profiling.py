@@ -6,7 +6,7 @@ methods that make up a phase, so every profiler event can be attributed to its p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -19,7 +19,7 @@ from .generation import shadow
 PHASES = ("conditioning", "t3.conditioning", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder")
 
 
-def _phase_methods(tts: ChatterboxTTS) -> list[tuple[object, str, str | None]]:
+def _phase_methods(tts: ChatterboxTTS, extra_tfmrs: Sequence[object]) -> list[tuple[object, str, str | None]]:
     # Methods, not module hooks: upstream calls `flow.inference`, `mel2wav.inference`,
     # `tokenizer.forward` directly, which module hooks never see.
     s3 = tts.s3gen
@@ -28,14 +28,16 @@ def _phase_methods(tts: ChatterboxTTS) -> list[tuple[object, str, str | None]]:
         (s3.tokenizer, "forward", "conditioning"),
         (s3.speaker_encoder, "inference", "conditioning"),
         (tts.t3.cond_enc, "forward", "t3.conditioning"),
-        (tts.t3.tfmr, "forward", None),  # prefill or decode, by the number of new positions
+        # prefill or decode, by the number of new positions (extra_tfmrs: decode copies in another dtype)
+        (tts.t3.tfmr, "forward", None),
+        *((m, "forward", None) for m in extra_tfmrs if m is not tts.t3.tfmr),
         (s3.flow, "inference", "s3gen.flow"),
         (s3.mel2wav, "inference", "s3gen.vocoder"),
     ]
 
 
 @contextmanager
-def phase_regions(tts: ChatterboxTTS) -> Iterator[None]:
+def phase_regions(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Iterator[None]:
     """Wrap every call of the phase methods in a profiler range named by its phase."""
 
     def labelled(label: str | None):
@@ -53,7 +55,7 @@ def phase_regions(tts: ChatterboxTTS) -> Iterator[None]:
         return wrap
 
     with ExitStack() as stack:
-        for obj, method, label in _phase_methods(tts):
+        for obj, method, label in _phase_methods(tts, extra_tfmrs):
             stack.enter_context(shadow(obj, method, labelled(label)))
         yield
 

@@ -1,0 +1,254 @@
+"""PerformanceOptimizedTTS on the tiny model: equivalence with upstream, dtype policies, reports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from chatterbox.tts import ChatterboxTTS, Conditionals
+from safetensors.torch import load_file, save_file
+
+from tts_workbench.attention import record_kernels
+from tts_workbench.decode import DecodePlan, T3Parts, t3_decode
+from tts_workbench.generation import generate, shadow
+from tts_workbench.optimized import PerformanceOptimizedTTS
+from tts_workbench.sources import SourceError, load_model, make_reference_wav, save_checkpoint
+from tts_workbench.vocode import s3gen_inference
+
+TEXT = "Hello there, this is a test."
+
+
+@pytest.fixture(scope="module")
+def short_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3 s voice: S3Gen prepends the whole prompt to every call, so short keeps these tests fast."""
+    return make_reference_wav(tmp_path_factory.mktemp("ref3") / "ref.wav", seconds=3.0)
+
+
+@pytest.fixture(scope="module")
+def folders(short_ref: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny model with a prepared voice (so conds.pt is written), saved in three dtypes."""
+    tts = load_model("tiny")
+    tts.prepare_conditionals(str(short_ref))
+    root = tmp_path_factory.mktemp("ckpt")
+    return {d: save_checkpoint(tts, root / d, getattr(torch, d)) for d in ("float32", "float16", "bfloat16")}
+
+
+def _text(tts: ChatterboxTTS) -> torch.Tensor:
+    t = tts.tokenizer.text_to_tokens(TEXT)
+    t = torch.cat([t, t])
+    return F.pad(F.pad(t, (1, 0), value=tts.t3.hp.start_text_token), (0, 1), value=tts.t3.hp.stop_text_token)
+
+
+SAMPLINGS = [{}, {"top_p": 1.0, "temperature": 0.9, "repetition_penalty": 1.5, "min_p": 0.1}]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_decode_loop_samples_the_same_tokens_as_upstream(tiny_tts: ChatterboxTTS, sampling: dict) -> None:
+    cond, text = tiny_tts.conds.t3, _text(tiny_tts)
+    torch.manual_seed(7)
+    upstream = tiny_tts.t3.inference(t3_cond=cond, text_tokens=text, max_new_tokens=40, **sampling)
+    torch.manual_seed(7)
+    ours = t3_decode(tiny_tts.t3, cond, text, max_new_tokens=40, **sampling)
+    assert ours.tokens.shape == (1, 40)
+    assert torch.equal(upstream, ours.tokens)
+
+
+@pytest.fixture
+def likely_stop(tiny_tts: ChatterboxTTS) -> Iterator[None]:
+    """Random weights never stop: push the stop logit up so a stop comes within a few steps."""
+    stop = tiny_tts.t3.hp.stop_speech_token
+
+    def wrap(forward):  # type: ignore[no-untyped-def]
+        def biased(x: torch.Tensor) -> torch.Tensor:
+            out = forward(x)
+            out[..., stop] += 4.0
+            return out
+
+        return biased
+
+    with shadow(tiny_tts.t3.speech_head, "forward", wrap):
+        yield
+
+
+@pytest.mark.parametrize("every", [1, 8, 64])
+def test_stop_token_ends_the_stream_like_upstream(
+    tiny_tts: ChatterboxTTS, likely_stop: None, every: int
+) -> None:
+    cond, text = tiny_tts.conds.t3, _text(tiny_tts)
+    torch.manual_seed(1)
+    upstream = tiny_tts.t3.inference(t3_cond=cond, text_tokens=text, max_new_tokens=60)
+    torch.manual_seed(1)
+    ours = t3_decode(tiny_tts.t3, cond, text, max_new_tokens=60, stop_check_every=every)
+    assert upstream[0, -1] == tiny_tts.t3.hp.stop_speech_token and upstream.size(1) < 60
+    assert ours.stopped and torch.equal(upstream, ours.tokens)
+
+
+def test_bfloat16_decode_copy_leaves_the_model_alone(tiny_tts: ChatterboxTTS) -> None:
+    before = {k: v.clone() for k, v in tiny_tts.t3.tfmr.state_dict().items()}
+    plan = DecodePlan(T3Parts.of(tiny_tts.t3), T3Parts.of(tiny_tts.t3).to(torch.bfloat16))
+    r = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, _text(tiny_tts), max_new_tokens=10, plan=plan)
+    assert r.tokens.shape == (1, 10) and plan.describe() == "prefill float32, decode bfloat16"
+    after = tiny_tts.t3.tfmr.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == torch.float32 for k in before)
+
+
+@pytest.mark.parametrize("ckpt", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["plain", "autocast"])
+def test_no_dtype_error_for_any_checkpoint(
+    folders: dict[str, Path], short_ref: Path, ckpt: str, mode: str
+) -> None:
+    policy = "keep" if mode == "plain" else "autocast-bfloat16"
+    tts = PerformanceOptimizedTTS.from_local(folders[ckpt], dtype=policy, record_attention=False)
+    torch.manual_seed(0)
+    wav = tts.generate(TEXT, max_new_tokens=20)  # conds.pt from the folder
+    assert wav.dtype == torch.float32 and wav.shape[1] > 0 and torch.isfinite(wav).all()
+    wav = tts.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=20)  # fresh voice
+    assert torch.isfinite(wav).all()
+    info = tts.performance_info()
+    want = ckpt if mode == "plain" else "float32"
+    assert info["component_dtypes"]["t3"] == want and info["component_dtypes"]["s3gen.flow"] == want
+    assert info["component_dtypes"]["s3gen.mel2wav"] == "float32"  # island
+    assert info["using_amp"] is (mode == "autocast")
+
+
+def test_half_cast_model_runs(short_ref: Path) -> None:
+    tts = load_model("tiny")
+    for module in (tts.t3, tts.s3gen, tts.ve):
+        module.half()  # what users try first, and what upstream cannot run
+    opt = PerformanceOptimizedTTS.from_model(
+        tts, record_attention=False
+    )  # auto: a float16 model keeps float16
+    wav = opt.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=20)
+    assert torch.isfinite(wav).all()
+    assert opt.policy == "keep" and opt.performance_info()["model_dtype"] == "float16"
+    assert next(tts.ve.parameters()).dtype == torch.float32  # island restored
+
+
+def test_performance_info_reports_what_ran(folders: dict[str, Path]) -> None:
+    tts = PerformanceOptimizedTTS.from_local(folders["float32"], dtype="decode-bfloat16")
+    torch.manual_seed(0)
+    tts.generate(TEXT, max_new_tokens=12)
+    info = tts.performance_info()
+    for key in (
+        "flash_attention_available",
+        "model_dtype",
+        "using_amp",
+        "target_dtype",
+        "component_dtypes",
+        "float32_islands",
+        "attention",
+        "memory",
+    ):
+        assert key in info
+    assert info["flash_attention_available"] is False  # CPU: no CUDA Flash kernel
+    assert info["target_dtype"] == "bfloat16" and info["model_dtype"] == "float32"
+    decode = info["attention"]["last_generation"]["t3.decode"]
+    prefill = info["attention"]["last_generation"]["t3.prefill"]
+    # 11 decode steps after the prefill, each runs one SDPA per layer, and in the dtype of the copy.
+    layers = tts.tts.t3.cfg.num_hidden_layers
+    assert decode == {"flash (CPU) [BFloat16]": 11 * layers}
+    assert prefill == {"flash (CPU) [float]": layers}
+    # The same generation under an independent recorder sees the same kernels.
+    with record_kernels(tts.tts, extra_tfmrs=[tts.plan.decode.tfmr]) as rec:
+        tts.record_attention = False
+        torch.manual_seed(0)
+        tts.generate(TEXT, max_new_tokens=12)
+    assert rec.by_phase(with_dtype=True)["t3.decode"] == decode
+    assert info["memory"]["parameter_bytes"]["t3.decode_copy"] * 2 == pytest.approx(
+        info["memory"]["parameter_bytes"]["t3"], rel=0.35
+    )
+    assert info["memory"]["peak_rss_bytes"] > 0
+
+
+def test_float16_export_halves_parameter_bytes(folders: dict[str, Path]) -> None:
+    full = PerformanceOptimizedTTS.from_local(folders["float32"], dtype="keep").performance_info()
+    half = PerformanceOptimizedTTS.from_local(folders["float16"]).performance_info()
+    b32, b16 = full["memory"]["parameter_bytes"], half["memory"]["parameter_bytes"]
+    assert half["policy"] == "keep" and half["model_dtype"] == "float16"
+    assert b16["t3"] * 2 == b32["t3"]
+    assert b16["s3gen"] < b32["s3gen"]  # the flow halves; tokenizer, CAMPPlus and HiFT stay float32
+    assert b16["ve"] == b32["ve"]  # an island
+
+
+def test_auto_policy_measures_and_picks_the_fastest(folders: dict[str, Path]) -> None:
+    tts = PerformanceOptimizedTTS.from_local(folders["float32"])
+    measured = tts.policy_measured
+    assert set(measured) == {"float32", "decode-bfloat16"}
+    assert all(m["step_s"] > 0 and m["prefill_s"] > 0 for m in measured.values())
+
+    def cost(c: str) -> float:
+        return measured[c]["prefill_s"] + 200 * measured[c]["step_s"]
+
+    assert tts.policy == min(measured, key=cost)
+    assert "measured" in tts.policy_reason
+
+
+def test_optimize_false_is_upstream(folders: dict[str, Path]) -> None:
+    up = load_model(str(folders["float16"]))
+    up.t3.float(), up.s3gen.float(), up.ve.float()  # what upstream from_local's load_state_dict does
+    torch.manual_seed(3)
+    want = generate(up, TEXT, max_new_tokens=20, seed=3).wav
+    plain = PerformanceOptimizedTTS.from_local(folders["float16"], optimize=False)
+    assert plain.performance_info()["model_dtype"] == "float32"  # upstream upcasts
+    torch.manual_seed(3)
+    got = plain.generate(TEXT, max_new_tokens=20)
+    assert torch.equal(got[0], torch.from_numpy(want))
+
+
+def test_unknown_policy(folders: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="unknown dtype policy 'half'.*float16"):
+        PerformanceOptimizedTTS.from_local(folders["float32"], dtype="half")
+
+
+def test_cuda_without_cuda(folders: dict[str, Path]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SourceError, match="CUDA is not available"):
+        PerformanceOptimizedTTS.from_local(folders["float32"], device="cuda")
+
+
+def test_mixed_dtypes_inside_one_file_are_refused(folders: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(folders["float32"], tmp_path / "mixed"))
+    state = load_file(folder / "t3_cfg.safetensors")
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = state[first].half()
+    save_file(state, str(folder / "t3_cfg.safetensors"))
+    with pytest.raises(SourceError, match="mixed parameter dtypes.*float16"):
+        PerformanceOptimizedTTS.from_local(folder, dtype="keep")
+    assert PerformanceOptimizedTTS.from_local(folder, dtype="float32").policy == "float32"  # casts
+
+
+def test_mixed_dtypes_across_files_each_keep_theirs(folders: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(folders["float32"], tmp_path / "across"))
+    shutil.copy(folders["float16"] / "t3_cfg.safetensors", folder / "t3_cfg.safetensors")
+    tts = PerformanceOptimizedTTS.from_local(folder, dtype="keep")
+    assert torch.isfinite(tts.generate(TEXT, max_new_tokens=10)).all()
+    dtypes = tts.performance_info()["component_dtypes"]
+    assert dtypes["t3"] == "float16" and dtypes["s3gen.flow"] == "float32"
+
+
+def test_conds_from_another_model_are_refused(folders: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(folders["float32"], tmp_path / "conds"))
+    conds = Conditionals.load(folder / "conds.pt")
+    conds.t3.speaker_emb = torch.zeros(1, 512)  # a speaker embedding of another width
+    conds.save(folder / "conds.pt")
+    with pytest.raises(SourceError, match="t3.speaker_emb is width 512, the model expects 256"):
+        PerformanceOptimizedTTS.from_local(folder)
+
+
+def test_s3gen_with_exact_ids_matches_upstream_in_float32(tiny_tts: ChatterboxTTS) -> None:
+    tokens = torch.arange(40) * 150 % 6561
+    gen = dict(tiny_tts.conds.gen)
+    torch.manual_seed(5)
+    want, _ = tiny_tts.s3gen.inference(speech_tokens=tokens, ref_dict=dict(gen))
+    torch.manual_seed(5)
+    assert torch.equal(s3gen_inference(tiny_tts.s3gen, tokens, gen), want)

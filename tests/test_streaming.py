@@ -1,0 +1,195 @@
+"""Streaming on the tiny model: the recorder adds up, buffered vocodes every token once, bad input."""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from chatterbox.tts import ChatterboxTTS
+
+from tts_workbench.cli import main
+from tts_workbench.decode import t3_decode, text_tokens
+from tts_workbench.generation import shadow
+from tts_workbench.latency import StreamReport, seam_metric, underruns
+from tts_workbench.optimized import PerformanceOptimizedTTS
+from tts_workbench.sources import load_model, make_reference_wav
+from tts_workbench.streaming import SAMPLES_PER_TOKEN, StreamConfig, StreamState, one_shot, quality, stream
+
+TEXT = "Streaming should never drop the tail of a sentence."
+
+
+@pytest.fixture(scope="module")
+def tts(tmp_path_factory: pytest.TempPathFactory) -> ChatterboxTTS:
+    model = load_model("tiny")
+    model.prepare_conditionals(str(make_reference_wav(tmp_path_factory.mktemp("r") / "r.wav", seconds=3.0)))
+    return model
+
+
+def _run(
+    tts: ChatterboxTTS, config: StreamConfig, tokens: int = 80, text: str = TEXT
+) -> tuple[np.ndarray, StreamState]:
+    state = StreamState(StreamReport(config.strategy))
+    chunks = [c for c, _ in stream(tts, text, config, max_new_tokens=tokens, state=state)]
+    return np.concatenate(chunks), state
+
+
+def test_buffered_vocodes_every_token_exactly_once(tts: ChatterboxTTS) -> None:
+    wav, state = _run(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2))
+    s = state.report.summary()
+    assert len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN == len(one_shot(tts, state, StreamConfig()))
+    assert s["new_frames"] == 2 * len(state.tokens) == 2 * s["tokens"]
+    assert s["s3gen_calls"] == len(state.report.chunks) >= 3
+    assert s["audio_s"] == pytest.approx(len(wav) / 24000)
+    assert s["tokens"] + s["invalid_tokens"] == state.t3.steps == 80  # no stop token: capped
+
+
+def test_buffered_quality_holds_and_naive_is_reported(tts: ChatterboxTTS) -> None:
+    results = {}
+    for config in (StreamConfig("buffered", first_window_s=0.6, window_s=1.2), StreamConfig("naive")):
+        wav, state = _run(tts, config)
+        results[config.strategy] = quality(wav, one_shot(tts, state, config), state)
+    buffered, naive = results["buffered"], results["naive"]
+    assert buffered["seam_max_over_median"] <= buffered["ordinary_max_over_median"]  # no click
+    assert buffered["snr_db"] >= 18.0
+    assert buffered["snr_db"] > naive["snr_db"]  # naive re-draws noise and the prompt every call
+    assert buffered["length_diff_samples"] == 0
+
+
+def test_every_strategy_speaks_the_same_tokens_as_one_shot_t3(tts: ChatterboxTTS) -> None:
+    torch.manual_seed(0)
+    want = t3_decode(tts.t3, tts.conds.t3, text_tokens(tts, TEXT), max_new_tokens=60).tokens[0]
+    want = [t for t in want.tolist() if t < 6561]
+    for config in (StreamConfig("naive"), StreamConfig("buffered")):
+        _, state = _run(tts, config, tokens=60)
+        assert state.tokens == want
+
+
+def test_naive_re_vocodes_context(tts: ChatterboxTTS) -> None:
+    wav, state = _run(tts, StreamConfig("naive"), tokens=100)
+    s = state.report.summary()
+    assert s["s3gen_calls"] >= 3 and s["context_frames"] > s["new_frames"] / 2
+    assert s["prompt_frames"] == s["s3gen_calls"] * state.report.chunks[0].prompt_frames
+
+
+def test_underruns_on_a_planted_schedule() -> None:
+    # Player starts at 1.0 with 1.5 s; chunk 2 arrives at 2.0 (in time), the audio runs out at
+    # 3.5, chunk 3 arrives at 5.0: one gap of 1.5 s.
+    gaps = underruns([1.0, 2.0, 5.0], [1.5, 1.0, 1.0])
+    assert [(g.at_s, g.gap_s) for g in gaps] == [(3.5, 1.5)]
+    assert underruns([0.5, 1.0, 1.5], [1.0, 1.0, 1.0]) == []
+    assert underruns([], []) == []
+
+
+def test_seam_metric_sees_a_click() -> None:
+    t = np.arange(24000) / 24000
+    smooth = np.sin(2 * np.pi * 220 * t).astype(np.float32)
+    clicked = smooth.copy()
+    clicked[12000:] += 0.5  # a step: one jump far above any sample-to-sample change of the sine
+    assert (
+        seam_metric(smooth, [12000])["seam_max_over_median"]
+        <= seam_metric(smooth, [12000])["ordinary_max_over_median"]
+    )
+    m = seam_metric(clicked, [12000])
+    assert m["seam_max_over_median"] > 5 * m["ordinary_max_over_median"]
+
+
+def test_a_single_short_word_is_flushed(tts: ChatterboxTTS) -> None:
+    wav, state = _run(tts, StreamConfig("buffered"), tokens=12, text="Hi.")  # fewer than a window
+    assert len(state.report.chunks) == 1 and len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN
+
+
+def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
+    wav, state = _run(tts, StreamConfig("buffered", first_window_s=30, window_s=60), tokens=40)
+    assert state.report.s3gen_calls == 1 and len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"window_s": 0}, "window_s must be positive"),
+        ({"first_window_s": -1}, "first_window_s must be positive"),
+        ({"chunk_tokens": 0}, "chunk_tokens must be positive"),
+        ({"crossfade_ms": -5}, "crossfade_ms must be zero or positive"),
+        ({"crossfade_ms": 1500, "first_window_s": 1.0}, "not shorter than a window"),
+        ({"crossfade_ms": 300}, "must fit in the left context"),
+        ({"strategy": "magic"}, "unknown strategy"),
+        ({"prompt_s": 0}, "prompt_s must be positive"),
+    ],
+)
+def test_bad_sizes_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        StreamConfig(**kwargs)
+
+
+def test_consumer_stopping_early_stops_everything(tts: ChatterboxTTS) -> None:
+    threads = threading.active_count()
+    state = StreamState(StreamReport("buffered"))
+    gen = stream(tts, TEXT, StreamConfig("buffered", first_window_s=0.4), max_new_tokens=200, state=state)
+    next(gen)
+    steps = state.t3.steps
+    gen.close()  # what a `break` out of a for loop does
+    del gen
+    gc.collect()
+    assert state.t3.steps == steps < 200  # T3 stopped with the consumer: nothing ran ahead
+    assert threading.active_count() == threads
+    assert not torch.is_inference_mode_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+def test_nan_in_a_chunk_is_reported_and_zeroed(tts: ChatterboxTTS) -> None:
+    def poison(fn):  # type: ignore[no-untyped-def]
+        def inner(*args, **kwargs):  # type: ignore[no-untyped-def]
+            wav, source = fn(*args, **kwargs)
+            wav = wav.clone()
+            wav[..., 100:110] = float("nan")
+            return wav, source
+
+        return inner
+
+    with shadow(tts.s3gen.mel2wav, "inference", poison):
+        wav, state = _run(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2))
+    assert np.isfinite(wav).all()
+    assert state.report.chunks[0].nan_samples == 10
+    assert state.report.summary()["nan_samples"] >= 10
+
+
+def test_wrapper_streams_with_its_plan(tmp_path: Path) -> None:
+    opt = PerformanceOptimizedTTS.from_model(
+        load_model("tiny"), dtype="decode-bfloat16", record_attention=False
+    )
+    opt.prepare_conditionals(str(make_reference_wav(tmp_path / "r.wav", seconds=3.0)))
+    state = StreamState(StreamReport("buffered"))
+    chunks = list(opt.generate_stream(TEXT, max_new_tokens=40, state=state))
+    assert len(chunks) >= 1 and all(m.audio_s > 0 for _, m in chunks)
+    assert sum(len(c) for c, _ in chunks) == len(state.tokens) * SAMPLES_PER_TOKEN
+
+
+def test_stream_cli_writes_wav_and_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(
+        [
+            "stream",
+            "--model",
+            "tiny",
+            "--tokens",
+            "40",
+            "--strategy",
+            "naive",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ]
+    )
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["summary"]["s3gen_calls"] == len(report["chunks"]) >= 1
+    assert Path(report["files"]["wav"]).stat().st_size > 1000 and Path(report["files"]["timeline"]).exists()
+    assert "capped at 40 tokens" in report["note"]
+
+
+def test_stream_cli_bad_size(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stream", "--model", "tiny", "--window-s", "0"]) == 2
+    assert "window_s must be positive" in capsys.readouterr().err

@@ -1,0 +1,421 @@
+"""Side-by-side benchmark: configurations run interleaved in one process, on the same text,
+voice, seed and token cap, reported as absolute numbers and as ratios to the first one.
+
+Random weights make the timing realistic (same shapes, same kernels) and the audio meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from chatterbox.tts import ChatterboxTTS
+from torch.utils.benchmark import Timer
+from tqdm.auto import tqdm
+
+from .decode import T3Parts
+from .generation import UPSTREAM_SENTENCE, generate, prepare_voice, shadow
+from .latency import StreamReport
+from .optimized import PerformanceOptimizedTTS
+from .precision import check_policy
+from .sources import dtype_name, load_model, make_reference_wav
+from .streaming import StreamConfig, StreamState, stream
+
+CONFIGS = ("upstream", "optimized", "upstream-stream", "optimized-stream")
+NOTE = "random weights: timing is realistic (same shapes and kernels), the audio is meaningless"
+
+
+@dataclass
+class Row:
+    config: str
+    repeat: int
+    ttfa_s: float  # time to first audio (the whole generation when not streaming)
+    wall_s: float
+    audio_s: float
+    t3_tokens: int
+    t3_prefill_s: float
+    t3_step_s: float  # T3 seconds per token after the prefill, sampling included
+    s3gen_calls: int
+    s3gen_s: float
+    peak_rss_bytes: int
+    peak_cuda_bytes: int
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_s / self.audio_s if self.audio_s else float("inf")
+
+    @property
+    def t3_tokens_per_s(self) -> float:
+        return 1.0 / self.t3_step_s if self.t3_step_s else 0.0
+
+
+def read_bandwidth(device: str = "cpu", mbytes: int = 512) -> float:
+    """Memory read bandwidth in bytes/s, measured with a reduction over a buffer larger than cache."""
+    x = torch.ones(mbytes * 2**20 // 4, device=device)
+    t = Timer("x.sum()", globals={"x": x}).blocked_autorange(min_run_time=1.0)
+    return x.numel() * 4 / t.median
+
+
+def step_floor(t3_bytes: int, bandwidth: float) -> float:
+    """The physical floor of one decode step: every T3 weight read once at the measured bandwidth."""
+    return t3_bytes / bandwidth
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
+    """Peak resident memory of this process (sampled every 20 ms) and peak CUDA memory inside."""
+    peak = {"rss": psutil.Process().memory_info().rss, "cuda": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        proc = psutil.Process()
+        while not done.wait(0.02):
+            peak["rss"] = max(peak["rss"], proc.memory_info().rss)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+        if device.type == "cuda":
+            peak["cuda"] = torch.cuda.max_memory_allocated(device)
+
+
+@contextmanager
+def prefill_timer(modules: list[torch.nn.Module]) -> Iterator[dict[str, float]]:
+    """Seconds spent in transformer calls over more than one new position (the prefill)."""
+    spent = {"prefill_s": 0.0}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            x = kwargs.get("inputs_embeds")
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if x is not None and x.shape[1] > 1:
+                spent["prefill_s"] += time.perf_counter() - t0
+            return out
+
+        return inner
+
+    with ExitStack() as stack:
+        for m in {id(m): m for m in modules}.values():
+            stack.enter_context(shadow(m, "forward", wrap))
+        yield spent
+
+
+def run_upstream(tts: ChatterboxTTS, text: str, tokens: int, seed: int) -> dict[str, Any]:
+    with prefill_timer([tts.t3.tfmr]) as pre:
+        r = generate(tts, text, max_new_tokens=tokens, seed=seed)
+    n = len(r.speech_tokens)
+    t3 = r.seconds.get("t3", 0.0)
+    return dict(
+        ttfa_s=r.wall_s,
+        wall_s=r.wall_s,
+        audio_s=r.audio_s,
+        t3_tokens=n,
+        t3_prefill_s=pre["prefill_s"],
+        t3_step_s=(t3 - pre["prefill_s"]) / max(n - 1, 1),
+        s3gen_calls=1,
+        s3gen_s=r.seconds.get("s3gen.flow", 0.0) + r.seconds.get("s3gen.vocoder", 0.0),
+    )
+
+
+def run_optimized(opt: PerformanceOptimizedTTS, text: str, tokens: int, seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    wav = opt.generate(text, max_new_tokens=tokens)
+    wall = time.perf_counter() - t0
+    s = opt.last.seconds
+    return dict(
+        ttfa_s=wall,
+        wall_s=wall,
+        audio_s=wav.shape[1] / opt.tts.sr,
+        t3_tokens=opt.last.tokens,
+        t3_prefill_s=s["t3.prefill"],
+        t3_step_s=s["t3.step"],
+        s3gen_calls=1,
+        s3gen_s=s["s3gen"],
+    )
+
+
+def environment(model: str, device: str) -> dict[str, Any]:
+    """Machine and versions, recorded with every result."""
+    env = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": psutil.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "chatterbox-tts": version("chatterbox-tts"),
+        "device": device,
+        "model": model,
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def run_bench(
+    model: str = "tiny",
+    configs: tuple[str, ...] = ("upstream", "optimized"),
+    tokens: int = 20,
+    repeats: int = 2,
+    seed: int = 0,
+    text: str = UPSTREAM_SENTENCE,
+    reference: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    outdir: str | Path = "runs/bench",
+) -> dict[str, Any]:
+    """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors."""
+    check_policy(dtype)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        raise ValueError(f"unknown configs {unknown}: choose from {', '.join(CONFIGS)}")
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    reference = reference or str(make_reference_wav(outdir / "reference.wav"))
+    # Two copies of the same weights (same seed or folder): upstream as upstream loads it
+    # (float32), and the optimized wrapper with its own dtype policy.
+    upstream = load_model(model, device, seed)
+    for m in (upstream.t3, upstream.s3gen, upstream.ve):
+        m.float()
+    prepare_voice(upstream, reference)
+    opt = PerformanceOptimizedTTS.from_model(
+        load_model(model, device, seed), dtype=dtype, record_attention=False
+    )
+    opt.prepare_conditionals(reference)
+    dev = torch.device(device)
+    runners: dict[str, Callable[[int], dict[str, Any]]] = {
+        "upstream": lambda s: run_upstream(upstream, text, tokens, s),
+        "optimized": lambda s: run_optimized(opt, text, tokens, s),
+    }
+    runners.update(_stream_runners(upstream, opt, text, tokens))
+    # One recorded (not timed) optimized run: which attention kernel ran, in which dtype.
+    opt.record_attention = True
+    run_optimized(opt, text, min(tokens, 8), seed)
+    opt.record_attention = False
+    kernels = opt.last.kernels
+    bandwidth = read_bandwidth(device)
+    rows: list[Row] = []
+    for r in tqdm(range(repeats), desc="repeats"):
+        for c in configs:
+            with peak_memory(dev) as peak:
+                out = runners[c](seed)
+            rows.append(
+                Row(config=c, repeat=r, peak_rss_bytes=peak["rss"], peak_cuda_bytes=peak["cuda"], **out)
+            )
+    floors: dict[str, dict[str, Any]] = {
+        "upstream": {"dtype": "float32", "t3_bytes": T3Parts.of(upstream.t3).nbytes()},
+        "optimized": {"dtype": dtype_name(opt.plan.decode.dtype), "t3_bytes": opt.plan.decode.nbytes()},
+    }
+    for f in floors.values():
+        f["floor_s"] = step_floor(f["t3_bytes"], bandwidth)
+    report: dict[str, Any] = {
+        "environment": environment(model, device),
+        "note": NOTE,
+        "settings": dict(configs=list(configs), tokens=tokens, repeats=repeats, seed=seed, text=text),
+        "optimized_policy": {
+            "policy": opt.policy,
+            "reason": opt.policy_reason,
+            "decode": opt.plan.describe(),
+        },
+        "attention_kernels_optimized": kernels,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "floors": floors,
+        "rows": [{**asdict(r), "rtf": r.rtf, "t3_tokens_per_s": r.t3_tokens_per_s} for r in rows],
+        "summary": summarize(rows, floors),
+    }
+    (outdir / "bench.json").write_text(json.dumps(report, indent=2))
+    _write_csv(report["rows"], outdir / "bench.csv")
+    return report
+
+
+def run_stream(
+    tts: ChatterboxTTS,
+    config: StreamConfig,
+    text: str,
+    tokens: int,
+    seed: int,
+    plan: Any = None,
+    amp: Any = None,
+) -> dict[str, Any]:
+    state = StreamState(StreamReport(config.strategy))
+    for _ in stream(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan, amp=amp, state=state):
+        pass
+    s = state.report.summary()
+    return dict(
+        ttfa_s=s["ttfa_s"],
+        wall_s=s["wall_s"],
+        audio_s=s["audio_s"],
+        t3_tokens=len(state.tokens),
+        t3_prefill_s=float("nan"),
+        t3_step_s=s["t3_s"] / max(tokens, 1),
+        s3gen_calls=s["s3gen_calls"],
+        s3gen_s=s["flow_s"] + s["vocoder_s"],
+    )
+
+
+def _stream_runners(
+    upstream: ChatterboxTTS, opt: PerformanceOptimizedTTS, text: str, tokens: int
+) -> dict[str, Callable[[int], dict[str, Any]]]:
+    """Upstream streaming = the fork's naive loop on the upstream model; optimized = buffered."""
+    return {
+        "upstream-stream": lambda s: run_stream(upstream, StreamConfig("naive"), text, tokens, s),
+        "optimized-stream": lambda s: run_stream(
+            opt.tts, StreamConfig("buffered"), text, tokens, s, plan=opt.plan, amp=opt.amp
+        ),
+    }
+
+
+def summarize(rows: list[Row], floors: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Min and median per configuration, and the ratio of medians to the first configuration."""
+    out = []
+    names = list(dict.fromkeys(r.config for r in rows))
+    for name in names:
+        mine = [r for r in rows if r.config == name]
+        s: dict[str, Any] = {"config": name, "repeats": len(mine)}
+        for key in ("ttfa_s", "wall_s", "rtf", "t3_step_s", "t3_prefill_s", "s3gen_s"):
+            values = [getattr(r, key) for r in mine]
+            s[f"{key}_min"], s[f"{key}_median"] = min(values), statistics.median(values)
+        s["s3gen_calls"] = mine[0].s3gen_calls
+        s["audio_s"] = mine[0].audio_s
+        s["peak_rss_gb"] = max(r.peak_rss_bytes for r in mine) / 2**30
+        s["peak_cuda_gb"] = max(r.peak_cuda_bytes for r in mine) / 2**30
+        floor = floors.get(name.removesuffix("-stream"), {}).get("floor_s")
+        s["t3_step_vs_floor"] = s["t3_step_s_median"] / floor if floor else None
+        out.append(s)
+    first = out[0]
+    for s in out:
+        for key in ("ttfa_s", "wall_s", "t3_step_s", "s3gen_s"):
+            base = first[f"{key}_median"]
+            s[f"{key}_ratio"] = s[f"{key}_median"] / base if base else None
+    return out
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def format_bench(report: dict[str, Any]) -> str:
+    """The terminal table: medians, ratios to the first configuration, the step floor."""
+    env = report["environment"]
+    lines = [
+        f"model {env['model']} on {env['device']} ({env['processor']}, {env['cpu_count']} CPUs), "
+        f"torch {env['torch']}, transformers {env['transformers']}, chatterbox-tts {env['chatterbox-tts']}",
+        f"{report['settings']['tokens']} tokens, {report['settings']['repeats']} repeats, "
+        f"medians; ratio = median / first config's median. Note: {report['note']}.",
+        f"optimized policy: {report['optimized_policy']['policy']} "
+        f"({report['optimized_policy']['decode']}); {report['optimized_policy']['reason']}",
+        f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s; T3 decode-step floor: "
+        + ", ".join(f"{k} {v['floor_s'] * 1e3:.1f} ms ({v['dtype']})" for k, v in report["floors"].items()),
+        "",
+        f"{'config':<18}{'TTFA s':>9}{'wall s':>9}{'RTF':>8}{'T3 ms/tok':>11}{'×floor':>8}"
+        f"{'prefill s':>10}{'S3Gen s':>9}{'calls':>6}{'peak GB':>9}{'wall ×':>8}{'step ×':>8}",
+    ]
+    for s in report["summary"]:
+        vs_floor = f"{s['t3_step_vs_floor']:.2f}" if s["t3_step_vs_floor"] else "-"
+        lines.append(
+            f"{s['config']:<18}{s['ttfa_s_median']:>9.2f}{s['wall_s_median']:>9.2f}{s['rtf_median']:>8.2f}"
+            f"{s['t3_step_s_median'] * 1e3:>11.1f}{vs_floor:>8}{s['t3_prefill_s_median']:>10.2f}"
+            f"{s['s3gen_s_median']:>9.2f}{s['s3gen_calls']:>6}"
+            f"{max(s['peak_rss_gb'], s['peak_cuda_gb']):>9.2f}"
+            f"{s['wall_s_ratio']:>8.2f}{s['t3_step_s_ratio']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def compare_streaming(
+    tts: ChatterboxTTS,
+    configs: dict[str, StreamConfig],
+    text: str = UPSTREAM_SENTENCE,
+    tokens: int = 250,
+    seed: int = 0,
+    plan: Any = None,
+) -> list[dict[str, Any]]:
+    """Stream the same tokens (same seed, same T3 plan) with each config, then the one-shot S3Gen
+    call over those tokens; per row the S3Gen work, the latency and the quality vs one-shot."""
+    import numpy as np
+
+    from .latency import snr_db
+    from .streaming import one_shot, quality
+
+    rows: list[dict[str, Any]] = []
+    full: np.ndarray | None = None  # one-shot with the whole prompt, the yardstick for every row
+    for name, config in tqdm(configs.items(), desc="strategies"):
+        state = StreamState(StreamReport(config.strategy))
+        chunks = stream(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan, state=state)
+        wav = np.concatenate([c for c, _ in chunks])
+        if full is None:  # every config speaks the same tokens (same seed and plan)
+            t0 = time.perf_counter()
+            full = one_shot(tts, state, StreamConfig())
+            one_shot_row = {
+                "name": "one-shot S3Gen",
+                "s3gen_calls": 1,
+                "s3gen_s": time.perf_counter() - t0,
+                "audio_s": len(full) / 24000,
+                "tokens": len(state.tokens),
+                "prompt_frames": 2 * int(tts.conds.gen["prompt_token"].size(1)),
+                "context_frames": 0,
+                "new_frames": 2 * len(state.tokens),
+            }
+        s = state.report.summary()
+        same_prompt = one_shot(tts, state, config)
+        rows.append(
+            {
+                "name": name,
+                **s,
+                "s3gen_s": s["flow_s"] + s["vocoder_s"],
+                **quality(wav, same_prompt, state),
+                "snr_vs_full_prompt_one_shot_db": snr_db(wav, full, state.crossfades),
+            }
+        )
+    rows.append(one_shot_row)
+    base = rows[-1]["s3gen_s"]
+    for r in rows:
+        r["s3gen_vs_one_shot"] = r["s3gen_s"] / base
+    return rows
+
+
+def format_streaming(rows: list[dict[str, Any]]) -> str:
+    """The streaming comparison as a table (times in seconds; seam = seam jump / largest other jump)."""
+    lines = [
+        f"{'strategy':<22}{'calls':>6}{'prompt/ctx/new frames':>23}{'S3Gen s':>9}{'x1-shot':>8}"
+        f"{'TTFA s':>8}{'wall s':>8}{'RTF':>7}{'underruns':>12}{'seam':>6}{'SNR dB':>8}{'vs full':>9}"
+    ]
+    for r in rows:
+        frames = f"{r['prompt_frames']}/{r['context_frames']}/{r['new_frames']}"
+        line = f"{r['name']:<22}{r['s3gen_calls']:>6}{frames:>23}{r['s3gen_s']:>9.2f}"
+        line += f"{r['s3gen_vs_one_shot']:>8.2f}"
+        if "ttfa_s" in r:
+            gaps = f"{r['underruns']} ({r['underrun_s']:.1f} s)"
+            seam = r["seam_max_over_median"] / r["ordinary_max_over_median"]
+            line += f"{r['ttfa_s']:>8.2f}{r['wall_s']:>8.2f}{r['rtf']:>7.2f}{gaps:>12}"
+            line += f"{seam:>6.2f}{r['snr_db']:>8.1f}{r['snr_vs_full_prompt_one_shot_db']:>9.1f}"
+        lines.append(line)
+    return "\n".join(lines)

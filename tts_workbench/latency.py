@@ -1,0 +1,211 @@
+"""Per-chunk streaming latency: what each chunk cost, when it arrived, and whether a real-time
+player would have run dry waiting for it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+@dataclass
+class ChunkMetrics:
+    """One emitted chunk. Times are seconds; ``emitted_s`` counts from the start of the stream."""
+
+    index: int
+    emitted_s: float
+    tokens: int  # new speech tokens vocoded for this chunk
+    invalid_tokens: int  # ids >= 6561 dropped before S3Gen (random weights emit ~25%)
+    t3_s: float
+    flow_s: float
+    vocoder_s: float
+    audio_s: float
+    prompt_frames: int  # S3Gen mel frames spent on the reference prompt
+    context_frames: int  # frames re-processed from earlier chunks (redundant work)
+    new_frames: int
+    s3gen_calls: int
+    nan_samples: int = 0
+    cumulative_rtf: float = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return self.t3_s + self.flow_s + self.vocoder_s
+
+    @property
+    def rtf(self) -> float:
+        return self.compute_s / self.audio_s if self.audio_s else float("inf")
+
+
+@dataclass
+class Underrun:
+    at_s: float  # stream time when the player ran out of audio
+    gap_s: float  # silence until the next chunk arrived
+
+
+def underruns(emitted_s: list[float], audio_s: list[float]) -> list[Underrun]:
+    """A player that starts at the first chunk and plays in real time: every gap it meets."""
+    gaps: list[Underrun] = []
+    if not emitted_s:
+        return gaps
+    end = emitted_s[0] + audio_s[0]  # when the buffered audio runs out
+    for arrival, length in zip(emitted_s[1:], audio_s[1:], strict=True):
+        if arrival > end:
+            gaps.append(Underrun(at_s=end, gap_s=arrival - end))
+            end = arrival
+        end += length
+    return gaps
+
+
+@dataclass
+class StreamReport:
+    """All chunks of one stream and the totals a listener feels."""
+
+    strategy: str
+    chunks: list[ChunkMetrics] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ttfa_s(self) -> float:
+        return self.chunks[0].emitted_s if self.chunks else float("inf")
+
+    @property
+    def audio_s(self) -> float:
+        return sum(c.audio_s for c in self.chunks)
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_s / self.audio_s if self.audio_s else float("inf")
+
+    @property
+    def s3gen_calls(self) -> int:
+        return sum(c.s3gen_calls for c in self.chunks)
+
+    @property
+    def underruns(self) -> list[Underrun]:
+        return underruns([c.emitted_s for c in self.chunks], [c.audio_s for c in self.chunks])
+
+    def summary(self) -> dict[str, Any]:
+        gaps = self.underruns
+        kinds = ("prompt_frames", "context_frames", "new_frames")
+        frames = {k: sum(getattr(c, k) for c in self.chunks) for k in kinds}
+        return {
+            "strategy": self.strategy,
+            "chunks": len(self.chunks),
+            "ttfa_s": self.ttfa_s,
+            "wall_s": self.wall_s,
+            "audio_s": self.audio_s,
+            "rtf": self.rtf,
+            "s3gen_calls": self.s3gen_calls,
+            "vocoder_calls": self.s3gen_calls,
+            "t3_s": sum(c.t3_s for c in self.chunks),
+            "flow_s": sum(c.flow_s for c in self.chunks),
+            "vocoder_s": sum(c.vocoder_s for c in self.chunks),
+            **frames,
+            "tokens": sum(c.tokens for c in self.chunks),
+            "invalid_tokens": sum(c.invalid_tokens for c in self.chunks),
+            "nan_samples": sum(c.nan_samples for c in self.chunks),
+            "underruns": len(gaps),
+            "underrun_s": sum(g.gap_s for g in gaps),
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{**asdict(c), "rtf": c.rtf} for c in self.chunks]
+
+
+def format_chunks(report: StreamReport) -> str:
+    """The per-chunk table and the stream summary, for a terminal or a notebook."""
+    head = (
+        f"{'chunk':>5}{'at s':>8}{'tokens':>7}{'T3 s':>7}{'flow s':>8}{'voc s':>7}{'audio s':>8}"
+        f"{'RTF':>7}{'cum RTF':>8}{'prompt/ctx/new frames':>23}"
+    )
+    lines = [head]
+    for c in report.chunks:
+        frames = f"{c.prompt_frames}/{c.context_frames}/{c.new_frames}"
+        lines.append(
+            f"{c.index:>5}{c.emitted_s:>8.2f}{c.tokens:>7}{c.t3_s:>7.2f}{c.flow_s:>8.2f}{c.vocoder_s:>7.2f}"
+            f"{c.audio_s:>8.2f}{c.rtf:>7.2f}{c.cumulative_rtf:>8.2f}{frames:>23}"
+        )
+    s = report.summary()
+    lines.append(
+        f"{s['strategy']}: first audio after {s['ttfa_s']:.2f} s, RTF {s['rtf']:.2f}, "
+        f"{s['s3gen_calls']} S3Gen/vocoder calls, "
+        f"{s['underruns']} underruns ({s['underrun_s']:.2f} s silent), "
+        f"{s['invalid_tokens']} invalid tokens dropped"
+        + (f", {s['nan_samples']} NaN samples zeroed" if s["nan_samples"] else "")
+    )
+    return "\n".join(lines)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The ``tts-workbench stream`` output: chunk table, summary, quality against one-shot."""
+    stream = StreamReport(report["summary"]["strategy"])
+    keep = set(ChunkMetrics.__dataclass_fields__)
+    stream.chunks = [ChunkMetrics(**{k: v for k, v in row.items() if k in keep}) for row in report["chunks"]]
+    stream.wall_s = report["summary"]["wall_s"]
+    q = report["quality_vs_one_shot"]
+    return "\n".join(
+        [
+            format_chunks(stream),
+            f"seams: largest jump {q['seam_max_over_median']:.2f}x the median jump "
+            f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x); SNR vs one-shot {q['snr_db']:.1f} dB "
+            f"outside crossfades; length difference {q['length_diff_samples']} samples",
+            report["note"],
+            f"wrote {report['files']['wav']} and {report['files']['timeline']}",
+        ]
+    )
+
+
+def timeline_figure(report: StreamReport, title: str = "") -> Figure:
+    """Per chunk, the compute (T3, flow, vocoder) as stacked bars ending when the chunk was
+    emitted, against the playback of a real-time player; underruns in red."""
+    fig = Figure(figsize=(9, 1.2 + 0.35 * max(len(report.chunks), 1)))
+    ax = fig.subplots()
+    colors = {"T3": "tab:blue", "flow": "tab:orange", "vocoder": "tab:green"}
+    play = report.chunks[0].emitted_s if report.chunks else 0.0
+    for c in report.chunks:
+        start = c.emitted_s - c.compute_s
+        for name, dur in (("T3", c.t3_s), ("flow", c.flow_s), ("vocoder", c.vocoder_s)):
+            ax.barh(c.index, dur, left=start, color=colors[name], label=name if c.index == 0 else None)
+            start += dur
+        play = max(play, c.emitted_s)
+        label = "playback" if c.index == 0 else None
+        ax.barh(c.index, c.audio_s, left=play, height=0.3, color="0.6", label=label)
+        play += c.audio_s
+    for g in report.underruns:
+        ax.axvspan(g.at_s, g.at_s + g.gap_s, color="red", alpha=0.2, label="underrun")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
+    ax.set_xlabel("stream time (s)")
+    ax.set_ylabel("chunk")
+    ax.invert_yaxis()
+    ax.set_title(title or f"{report.strategy}: TTFA {report.ttfa_s:.2f} s, RTF {report.rtf:.2f}")
+    fig.tight_layout()
+    return fig
+
+
+def seam_metric(wav: np.ndarray, seams: list[int], half_width: int = 48) -> dict[str, float]:
+    """The largest sample-to-sample jump near each seam, relative to the median jump, against the
+    largest jump anywhere else (a click is a seam jump far above anything ordinary)."""
+    jumps = np.abs(np.diff(wav.astype(np.float64)))
+    median = float(np.median(jumps)) or 1e-12
+    near = np.zeros(len(jumps), dtype=bool)
+    for s in seams:
+        near[max(s - half_width, 0) : s + half_width] = True
+    seam = float(jumps[near].max() / median) if near.any() else 0.0
+    ordinary = float(jumps[~near].max() / median) if (~near).any() else 0.0
+    return {"seam_max_over_median": seam, "ordinary_max_over_median": ordinary}
+
+
+def snr_db(wav: np.ndarray, reference: np.ndarray, exclude: list[tuple[int, int]] = ()) -> float:  # type: ignore[assignment]
+    """Signal-to-noise ratio of ``wav`` against ``reference`` (same length up to the shorter),
+    leaving out the ``exclude`` sample ranges (the crossfade regions)."""
+    n = min(len(wav), len(reference))
+    keep = np.ones(n, dtype=bool)
+    for lo, hi in exclude:
+        keep[max(lo, 0) : min(hi, n)] = False
+    ref, err = reference[:n][keep].astype(np.float64), (wav[:n] - reference[:n])[keep].astype(np.float64)
+    noise = float(np.sum(err**2))
+    return float("inf") if noise == 0 else 10 * float(np.log10(np.sum(ref**2) / noise))

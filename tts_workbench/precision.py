@@ -1,0 +1,165 @@
+"""Dtype policies, float32 islands and conditionals casting: the fixes for the dtype causes.
+
+The dtype tracer (``dtypes.trace_dtypes``) finds where half precision breaks Chatterbox:
+kaldi fbank in CAMPPlus, the S3 tokenizer's log-mel, the VoiceEncoder LSTM under autocast,
+HiFT's source module and iSTFT, and T3's conditioning encoder fed a float32 speaker embedding.
+The first five are signal processing on reference audio or waveforms, cheap and precision-hungry,
+so they become **islands**: their weights stay float32, their inputs are cast to float32 and
+autocast is off inside them. The last is fixed by casting the conditionals
+(``ensure_conditionals_dtype``). All of it is done on the instance; the installed package is not
+edited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from chatterbox.tts import ChatterboxTTS, Conditionals
+from torch import nn
+
+from .generation import shadow
+from .sources import SourceError, dtype_name
+
+POLICIES = {
+    "auto": "decided per device and checkpoint (see choose_policy)",
+    "keep": "every component keeps the dtype it was loaded with",
+    "float32": "T3 and S3Gen cast to float32",
+    "float16": "T3 and S3Gen cast to float16 (islands stay float32)",
+    "bfloat16": "T3 and S3Gen cast to bfloat16 (islands stay float32)",
+    "autocast-float16": "float32 weights, T3 and S3Gen run under torch.autocast(float16)",
+    "autocast-bfloat16": "float32 weights, T3 and S3Gen run under torch.autocast(bfloat16)",
+    "decode-bfloat16": "float32 weights for everything but T3's decode steps, which use a bfloat16 copy",
+}
+
+
+@dataclass(frozen=True)
+class Island:
+    """A part that runs in float32 whatever the policy: ``path.method`` on the instance."""
+
+    path: str  # attribute path from the ChatterboxTTS, e.g. "s3gen.mel2wav"
+    method: str
+    why: str
+
+
+ISLANDS = (
+    Island("ve", "forward", "VoiceEncoder LSTM: no bfloat16 LSTM kernel under autocast"),
+    Island("s3gen.tokenizer", "forward", "S3 tokenizer log-mel (STFT) on reference audio"),
+    Island("s3gen.speaker_encoder", "inference", "CAMPPlus: kaldi fbank needs float32 input"),
+    Island("s3gen", "mel_extractor", "reference mel spectrogram (STFT)"),
+    Island("s3gen.mel2wav", "inference", "HiFT: source module (l_linear on float32 sines) and iSTFT"),
+)
+
+
+def check_policy(name: str) -> str:
+    if name not in POLICIES:
+        raise ValueError(f"unknown dtype policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    return name
+
+
+def _resolve(tts: ChatterboxTTS, path: str) -> Any:
+    obj: Any = tts
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _to_float32(x: Any) -> Any:
+    if torch.is_tensor(x) and x.is_floating_point():
+        return x.float()
+    if isinstance(x, list | tuple):
+        return type(x)(_to_float32(v) for v in x)
+    return x
+
+
+def _float32_island(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        with ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            return fn(*_to_float32(args), **{k: _to_float32(v) for k, v in kwargs.items()})
+
+    return inner
+
+
+def install_islands(tts: ChatterboxTTS, stack: ExitStack) -> list[Island]:
+    """Make every island float32 and shadow its method with the float32 boundary.
+
+    The shadows live as long as ``stack``; the float32 weights stay.
+    """
+    for island in ISLANDS:
+        owner = _resolve(tts, island.path)
+        if isinstance(owner, nn.Module) and island.path != "s3gen":
+            owner.float()
+        stack.enter_context(shadow(owner, island.method, _float32_island))
+    return list(ISLANDS)
+
+
+def island_modules(tts: ChatterboxTTS) -> list[nn.Module]:
+    return [m for i in ISLANDS if isinstance(m := _resolve(tts, i.path), nn.Module) and i.path != "s3gen"]
+
+
+def compute_dtype(module: nn.Module, skip: list[nn.Module] = ()) -> torch.dtype:  # type: ignore[assignment]
+    """The floating dtype of ``module``'s parameters outside the islands in ``skip``.
+
+    Raises if they are mixed: half the weights in one dtype and half in another is not a
+    policy, it is a broken checkpoint (re-save it with ``save_checkpoint(dtype=...)`` or load it
+    with an explicit dtype policy, which casts).
+    """
+    skipped = {id(p) for m in skip for p in m.parameters()}
+    counts: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if id(p) not in skipped and p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if len(counts) > 1:
+        mix = ", ".join(f"{dtype_name(d)}: {n:,}" for d, n in counts.items())
+        raise SourceError(
+            f"{type(module).__name__} has mixed parameter dtypes ({mix}); re-save the checkpoint "
+            "with one dtype or choose an explicit dtype policy (e.g. dtype='float32') to cast it"
+        )
+    return next(iter(counts), torch.float32)
+
+
+def check_conditionals(conds: Conditionals, tts: ChatterboxTTS) -> None:
+    """Refuse conditionals made for another model size, naming the tensor that does not fit."""
+    expect = {
+        "t3.speaker_emb": (conds.t3.speaker_emb, tts.t3.cond_enc.spkr_enc.in_features),
+        "gen.embedding": (conds.gen.get("embedding"), tts.s3gen.flow.spk_embed_affine_layer.in_features),
+        "gen.prompt_feat": (conds.gen.get("prompt_feat"), tts.s3gen.flow.output_size),
+    }
+    for name, (tensor, width) in expect.items():
+        if tensor is None or tensor.shape[-1] != width:
+            got = "missing" if tensor is None else f"width {tensor.shape[-1]}"
+            raise SourceError(
+                f"conditionals do not fit this model: {name} is {got}, the model expects {width}. "
+                "They were made for another model size; call prepare_conditionals(reference_wav) "
+                "with this model instead"
+            )
+
+
+def ensure_conditionals_dtype(
+    conds: Conditionals, t3_dtype: torch.dtype, s3_dtype: torch.dtype, device: torch.device | str
+) -> Conditionals:
+    """Float conditionals to each consumer's dtype, token prompts to ``long``, all on ``device``.
+
+    T3's speaker embedding and emotion scalar go to T3's compute dtype (a float32 embedding into a
+    float16 ``spkr_enc`` is the "FloatTensor and HalfTensor" error); S3Gen's prompt mel and
+    x-vector to S3Gen's. The cached prompt embedding is dropped so T3 recomputes it in its dtype.
+    """
+    t3 = conds.t3
+    for name in ("speaker_emb", "emotion_adv", "clap_emb"):
+        value = getattr(t3, name, None)
+        if torch.is_tensor(value):
+            setattr(t3, name, value.to(device=device, dtype=t3_dtype))
+    if t3.cond_prompt_speech_tokens is not None:
+        t3.cond_prompt_speech_tokens = t3.cond_prompt_speech_tokens.to(device=device, dtype=torch.long)
+    t3.cond_prompt_speech_emb = None
+    for key, value in conds.gen.items():
+        if torch.is_tensor(value):
+            dtype = s3_dtype if value.is_floating_point() else torch.long
+            conds.gen[key] = value.to(device=device, dtype=dtype)
+    return conds

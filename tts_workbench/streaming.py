@@ -1,0 +1,449 @@
+"""Streaming strategies on the upstream T3 and S3Gen: each yields ``(audio_chunk, ChunkMetrics)``,
+and the chunks concatenated are the utterance.
+
+- ``naive``: chatterbox-streaming's loop (chunk 25 tokens, context 50): every chunk re-runs S3Gen
+  over the previous ``context_tokens`` plus the new ones, keeps the new part by proportion and
+  fades it in. Many calls, each paying for the reference prompt again; seams where the fade is.
+- ``buffered``: tokens are gathered into windows (a short first one for a fast first audio, then
+  ~3.5 s). Each window is run through S3Gen once with a little left context and the flow's
+  lookahead, on one noise track shared by the whole utterance, and joined to the previous one by
+  an overlap-add crossfade. The tail is always flushed, so every token is vocoded exactly once.
+
+Why not reuse the prompt's computation across calls: S3Gen's conformer encoder and the CFM
+estimator attend over prompt and new tokens together, so the prompt's activations change with
+every window; the only reuse that is exact is none. What does cut the per-call cost is a shorter
+reference prompt (``prompt_s``), reported against the one-shot output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
+from chatterbox.tts import ChatterboxTTS
+
+from .decode import DecodePlan, DecodeStats, decode_blocks, text_tokens
+from .latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
+from .plots import save
+from .vocode import flow_mels, vocoder
+
+TOKENS_PER_S = 25
+FRAMES_PER_TOKEN = 2  # S3Gen mel frames per speech token
+SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 tokens per second
+STRATEGIES = ("naive", "buffered")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How to cut the token stream into S3Gen calls. Sizes are in tokens or seconds of audio."""
+
+    strategy: str = "buffered"
+    # naive: chatterbox-streaming 0.1.2 defaults
+    chunk_tokens: int = 25
+    context_tokens: int = 50
+    fade_ms: float = 20.0
+    # buffered
+    first_window_s: float = 1.0
+    window_s: float = 3.5
+    crossfade_ms: float = 40.0
+    left_context_tokens: int = 4
+    lookahead_tokens: int = 3  # the flow encoder's pre-lookahead
+    carry_source: bool = False  # pass HiFT's excitation source of the overlap to the next call
+    prompt_s: float | None = None  # keep only the last prompt_s seconds of the reference prompt
+    t3_block: int = 5  # tokens per stop-token check (and per hand-over from T3)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}: choose {' or '.join(STRATEGIES)}")
+        positive = {
+            "chunk_tokens": self.chunk_tokens,
+            "first_window_s": self.first_window_s,
+            "window_s": self.window_s,
+            "t3_block": self.t3_block,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        nonnegative = {
+            "context_tokens": self.context_tokens,
+            "fade_ms": self.fade_ms,
+            "crossfade_ms": self.crossfade_ms,
+            "left_context_tokens": self.left_context_tokens,
+            "lookahead_tokens": self.lookahead_tokens,
+        }
+        for name, value in nonnegative.items():
+            if value < 0:
+                raise ValueError(f"{name} must be zero or positive, got {value}")
+        if self.prompt_s is not None and not self.prompt_s > 0:
+            raise ValueError(f"prompt_s must be positive (or None for the whole prompt), got {self.prompt_s}")
+        half = self.crossfade_samples / 2
+        if self.crossfade_samples >= min(self.first_window_tokens, self.window_tokens) * SAMPLES_PER_TOKEN:
+            raise ValueError(
+                f"crossfade of {self.crossfade_ms} ms is not shorter than a window "
+                f"({min(self.first_window_s, self.window_s)} s): shorten it or widen the windows"
+            )
+        if half > min(self.left_context_tokens, self.lookahead_tokens) * SAMPLES_PER_TOKEN:
+            raise ValueError(
+                f"half the crossfade ({half / 24:.0f} ms) must fit in the left context and the lookahead "
+                f"({min(self.left_context_tokens, self.lookahead_tokens)} tokens of 40 ms)"
+            )
+
+    @property
+    def first_window_tokens(self) -> int:
+        return max(1, round(self.first_window_s * TOKENS_PER_S))
+
+    @property
+    def window_tokens(self) -> int:
+        return max(1, round(self.window_s * TOKENS_PER_S))
+
+    @property
+    def crossfade_samples(self) -> int:
+        return 2 * round(self.crossfade_ms * 24 / 2)  # even, so it splits around a seam
+
+
+def shorten_prompt(gen: dict[str, Any], prompt_s: float | None) -> dict[str, Any]:
+    """The reference dict with only the last ``prompt_s`` seconds of prompt tokens and mel frames."""
+    if prompt_s is None:
+        return gen
+    tokens = gen["prompt_token"]
+    keep = min(tokens.size(1), max(1, round(prompt_s * TOKENS_PER_S)))
+    out = dict(gen)
+    out["prompt_token"] = tokens[:, -keep:]
+    out["prompt_token_len"] = torch.tensor([keep])
+    out["prompt_feat"] = gen["prompt_feat"][:, -keep * FRAMES_PER_TOKEN :]
+    return out
+
+
+def noise_track(tts: ChatterboxTTS, tokens: int, seed: int) -> torch.Tensor:
+    """Flow-matching start noise for ``tokens`` tokens, one track for the whole utterance."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 80, tokens * FRAMES_PER_TOKEN, generator=g)
+
+
+class RngLane:
+    """A private random stream for T3's sampling. S3Gen draws random numbers too (HiFT's source,
+    the prompt part of the flow noise); interleaving its calls with T3's steps would otherwise
+    change which tokens T3 samples, so every strategy would speak different tokens. Inside
+    ``with lane:`` the global generators run from this lane's state, and the outer state is
+    restored on exit. Seeded like ``torch.manual_seed(seed)``, T3 samples the same tokens as a
+    one-shot generation with that seed."""
+
+    def __init__(self, seed: int) -> None:
+        outer = self._get()
+        torch.manual_seed(seed)
+        self.state = self._get()
+        self._set(outer)
+        self.outer: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+
+    @staticmethod
+    def _get() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+    @staticmethod
+    def _set(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1]:
+            torch.cuda.set_rng_state_all(state[1])
+
+    def __enter__(self) -> RngLane:
+        self.outer = self._get()
+        self._set(self.state)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.state = self._get()
+        assert self.outer is not None
+        self._set(self.outer)
+
+
+@dataclass
+class StreamState:
+    """What a stream has produced so far, read by the caller after (or during) iteration."""
+
+    report: StreamReport
+    tokens: list[int] = field(default_factory=list)  # valid speech tokens, in order
+    seams: list[int] = field(default_factory=list)  # sample positions where chunks were joined
+    crossfades: list[tuple[int, int]] = field(default_factory=list)  # sample ranges blended
+    noise: torch.Tensor | None = None
+    t3: DecodeStats = field(default_factory=DecodeStats)
+
+
+def stream(
+    tts: ChatterboxTTS,
+    text: str,
+    config: StreamConfig = StreamConfig(),  # noqa: B008 (frozen dataclass)
+    *,
+    max_new_tokens: int = 1000,
+    seed: int = 0,
+    plan: DecodePlan | None = None,
+    amp: torch.dtype | None = None,
+    state: StreamState | None = None,
+    cfg_weight: float = 0.5,
+    **sampling: Any,
+) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
+    """Generate ``text`` with the voice in ``tts.conds`` and yield audio chunks as they are ready.
+
+    Pass a ``StreamState`` to read the report, the tokens and the seam positions afterwards.
+    Stopping the iteration early stops T3 too (nothing runs in the background).
+    """
+    if tts.conds is None:
+        raise ValueError("no voice: call prepare_conditionals(wav) first")
+    if not text.strip():
+        raise ValueError("text is empty: give at least one word to speak")
+    state = state if state is not None else StreamState(StreamReport(config.strategy))
+    state.noise = noise_track(tts, max_new_tokens, seed + 1)
+    gen = shorten_prompt(tts.conds.gen, config.prompt_s)
+    prompt_frames = int(gen["prompt_token"].size(1)) * FRAMES_PER_TOKEN
+    stats = state.t3
+    blocks = decode_blocks(
+        tts.t3,
+        tts.conds.t3,
+        text_tokens(tts, text, cfg_weight),
+        max_new_tokens=max_new_tokens,
+        plan=plan,
+        stop_check_every=config.t3_block,
+        stats=stats,
+        cfg_weight=cfg_weight,
+        **sampling,
+    )
+    t3_rng = RngLane(seed)
+    cutter = _naive if config.strategy == "naive" else _buffered
+    t_start = time.perf_counter()
+    t3_seen = [0.0]
+    invalid = [0]
+
+    def tokens_in() -> Iterator[bool]:
+        """Pull T3 blocks into state.tokens; yields True when more came, ends when T3 is done."""
+        stop = tts.t3.hp.stop_speech_token
+        while True:
+            with t3_rng:
+                block = next(blocks, None)
+            if block is None:
+                return
+            ids = block[0].tolist()
+            state.tokens.extend(t for t in ids if t < SPEECH_VOCAB_SIZE)
+            invalid[0] += sum(t >= SPEECH_VOCAB_SIZE and t != stop for t in ids)
+            yield True
+
+    def metrics(**kw: Any) -> ChunkMetrics:
+        t3 = stats.prefill_s + stats.decode_s
+        m = ChunkMetrics(
+            index=len(state.report.chunks),
+            emitted_s=time.perf_counter() - t_start,
+            t3_s=t3 - t3_seen[0],
+            invalid_tokens=invalid[0],
+            prompt_frames=prompt_frames,
+            **kw,
+        )
+        t3_seen[0], invalid[0] = t3, 0
+        return m
+
+    try:
+        for chunk, m in cutter(tts, gen, config, state, tokens_in(), metrics, amp):
+            nan = np.isnan(chunk)
+            if nan.any():  # report, and zero them so a player does not blow up
+                m.nan_samples = int(nan.sum())
+                chunk = np.where(nan, 0.0, chunk).astype(np.float32)
+            state.report.chunks.append(m)
+            state.report.wall_s = m.emitted_s
+            m.cumulative_rtf = m.emitted_s / state.report.audio_s if state.report.audio_s else float("inf")
+            yield chunk, m
+    finally:
+        blocks.close()
+
+
+def _s3gen(
+    tts: ChatterboxTTS,
+    gen: dict[str, Any],
+    tokens: list[int],
+    noise: torch.Tensor | None,
+    amp: torch.dtype | None,
+    cache: torch.Tensor | None = None,
+) -> tuple[np.ndarray, torch.Tensor, float, float]:
+    """One S3Gen call: waveform, excitation source, flow seconds, vocoder seconds."""
+    with ExitStack() as stack:
+        if amp is not None:
+            stack.enter_context(torch.autocast(tts.s3gen.device.type, amp))
+        t0 = time.perf_counter()
+        mels = flow_mels(tts.s3gen, torch.tensor(tokens), gen, noise=noise)
+        t1 = time.perf_counter()
+        wav, source = vocoder(tts.s3gen, mels, cache)
+        t2 = time.perf_counter()
+    return wav[0].cpu().numpy(), source, t1 - t0, t2 - t1
+
+
+def _fade_in(tts: ChatterboxTTS, wav: np.ndarray) -> None:
+    """Upstream's fade-in over the first 40 ms (hides spill-over from the reference prompt)."""
+    with torch.inference_mode():
+        trim = tts.s3gen.trim_fade.cpu().numpy()
+    wav[: len(trim)] *= trim[: len(wav)]
+
+
+def _naive(
+    tts: ChatterboxTTS,
+    gen: dict[str, Any],
+    config: StreamConfig,
+    state: StreamState,
+    tokens_in: Iterator[bool],
+    metrics: Any,
+    amp: torch.dtype | None,
+) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
+    done = 0  # tokens already emitted as audio
+    emitted = 0  # samples already emitted
+    fade = int(config.fade_ms * 24)
+    more = True
+    while more:
+        more = next(tokens_in, False)
+        ready = len(state.tokens) - done
+        if ready == 0 or (more and ready < config.chunk_tokens):
+            continue
+        new = state.tokens[done:]
+        context = state.tokens[max(0, done - config.context_tokens) : done]
+        wav, _, flow_s, voc_s = _s3gen(tts, gen, context + new, None, amp)
+        _fade_in(tts, wav)  # upstream S3Gen.inference fades every call in
+        chunk = wav[int(len(context) * len(wav) / (len(context) + len(new))) :].copy()
+        if done and fade:  # the fork's fade-in at every seam but the first
+            chunk[:fade] *= np.linspace(0.0, 1.0, min(fade, len(chunk)), dtype=np.float32)
+        if done:
+            state.seams.append(emitted)
+        done, emitted = len(state.tokens), emitted + len(chunk)
+        yield (
+            chunk,
+            metrics(
+                tokens=len(new),
+                flow_s=flow_s,
+                vocoder_s=voc_s,
+                audio_s=len(chunk) / 24000,
+                context_frames=len(context) * FRAMES_PER_TOKEN,
+                new_frames=len(new) * FRAMES_PER_TOKEN,
+                s3gen_calls=1,
+            ),
+        )
+
+
+def _buffered(
+    tts: ChatterboxTTS,
+    gen: dict[str, Any],
+    config: StreamConfig,
+    state: StreamState,
+    tokens_in: Iterator[bool],
+    metrics: Any,
+    amp: torch.dtype | None,
+) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
+    c = config.crossfade_samples
+    ramp = (1 - np.cos(np.linspace(0, np.pi, c, dtype=np.float32))) / 2 if c else np.zeros(0, np.float32)
+    begin = 0  # first token of the current window
+    tail: np.ndarray | None = None  # the last c samples of the previous window, waiting to be blended
+    prev: tuple[int, int, torch.Tensor] | None = None  # (start, end) tokens and source of the last call
+    more = True
+    assert state.noise is not None
+    while more:
+        size = config.first_window_tokens if begin == 0 else config.window_tokens
+        while more and len(state.tokens) < begin + size + config.lookahead_tokens:
+            more = next(tokens_in, False)
+        n = len(state.tokens)
+        if n == begin:
+            break  # T3 ended on a window boundary: the tail was already flushed
+        final = not more and n <= begin + size + config.lookahead_tokens
+        end = n if final else begin + size  # the window's own tokens: [begin, end)
+        s = max(0, begin - config.left_context_tokens)
+        e = n if final else end + config.lookahead_tokens
+        cache = None
+        if config.carry_source and prev is not None and prev[1] > s:
+            p_start, p_end, p_src = prev
+            cache = p_src[:, :, (s - p_start) * SAMPLES_PER_TOKEN : (p_end - p_start) * SAMPLES_PER_TOKEN]
+        noise = state.noise[:, :, s * FRAMES_PER_TOKEN : e * FRAMES_PER_TOKEN]
+        wav, source, flow_s, voc_s = _s3gen(tts, gen, state.tokens[s:e], noise, amp, cache)
+        prev = (s, e, source)
+        if begin == 0:
+            _fade_in(tts, wav)  # as upstream one-shot
+        lo = begin * SAMPLES_PER_TOKEN - (c // 2 if begin else 0)
+        hi = end * SAMPLES_PER_TOKEN + (0 if final else c // 2)
+        seg = wav[lo - s * SAMPLES_PER_TOKEN : hi - s * SAMPLES_PER_TOKEN].copy()
+        if tail is not None and c:
+            seg[:c] = tail * ramp[::-1] + seg[:c] * ramp  # overlap-add: the ramps sum to one
+            state.seams.append(begin * SAMPLES_PER_TOKEN)
+            state.crossfades.append((lo, lo + c))
+        chunk, tail = (seg, None) if final or not c else (seg[:-c], seg[-c:])
+        yield (
+            chunk,
+            metrics(
+                tokens=end - begin,
+                flow_s=flow_s,
+                vocoder_s=voc_s,
+                audio_s=len(chunk) / 24000,
+                context_frames=(begin - s + e - end) * FRAMES_PER_TOKEN,
+                new_frames=(end - begin) * FRAMES_PER_TOKEN,
+                s3gen_calls=1,
+            ),
+        )
+        begin = end
+        if final:
+            break
+
+
+def one_shot(
+    tts: ChatterboxTTS, state: StreamState, config: StreamConfig, amp: torch.dtype | None = None
+) -> np.ndarray:
+    """The same tokens through one S3Gen call, on the same noise track and prompt: the reference
+    a streamed utterance is compared with."""
+    gen = shorten_prompt(tts.conds.gen, config.prompt_s) if tts.conds else {}
+    n = len(state.tokens)
+    noise = state.noise[:, :, : n * FRAMES_PER_TOKEN] if state.noise is not None else None
+    wav, _, _, _ = _s3gen(tts, gen, state.tokens, noise, amp)
+    _fade_in(tts, wav)
+    return wav
+
+
+def quality(wav: np.ndarray, reference: np.ndarray, state: StreamState) -> dict[str, float]:
+    """Seam clicks (largest jump at a seam vs elsewhere) and SNR against ``reference`` outside
+    the crossfades, plus the length difference in samples."""
+    return {
+        **seam_metric(wav, state.seams),
+        "snr_db": snr_db(wav, reference, state.crossfades),
+        "length_diff_samples": len(wav) - len(reference),
+    }
+
+
+def run_to_files(
+    tts: ChatterboxTTS,
+    text: str,
+    config: StreamConfig,
+    outdir: str | Path,
+    max_new_tokens: int = 250,
+    seed: int = 0,
+    plan: DecodePlan | None = None,
+    amp: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Stream ``text``, compare with the one-shot output of the same tokens, and write the WAV
+    and the timeline plot under ``outdir``; returns the summary, the chunk rows and the quality."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    state = StreamState(StreamReport(config.strategy))
+    chunks = [
+        c
+        for c, _ in stream(
+            tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, amp=amp, state=state
+        )
+    ]
+    wav = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    reference = one_shot(tts, state, config, amp)
+    wav_path = outdir / f"{config.strategy}.wav"
+    sf.write(wav_path, wav, 24000)
+    fig_path = save(timeline_figure(state.report), outdir / f"{config.strategy}_timeline.png")
+    return {
+        "config": asdict(config),
+        "summary": state.report.summary(),
+        "chunks": state.report.rows(),
+        "quality_vs_one_shot": quality(wav, reference, state),
+        "note": f"random weights never emit a stop token: generation capped at {max_new_tokens} tokens",
+        "files": {"wav": str(wav_path), "timeline": str(fig_path)},
+    }
