@@ -24,7 +24,7 @@ p.add_argument("--out", default="runs/bench_streaming.json")
 args = p.parse_args()
 with contextlib.redirect_stdout(sys.stderr):
     tts = load_model(args.model)
-    prepare_voice(tts, str(make_reference_wav(Path(args.out).parent / "reference_10s.wav", seconds=10)))
+    prepare_voice(tts, str(make_reference_wav(Path("runs") / "reference_10s.wav", seconds=10)))
     configs = {
         "naive (25/50)": StreamConfig("naive"),
         "buffered 1+3.5 s": StreamConfig("buffered"),

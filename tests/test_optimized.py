@@ -23,8 +23,8 @@ TEXT = "Hello there, this is a test."
 
 @pytest.fixture(scope="module")
 def short_ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3 s voice: S3Gen prepends the whole prompt to every call, so short keeps these tests fast."""
-    return make_reference_wav(tmp_path_factory.mktemp("ref3") / "ref.wav", seconds=3.0)
+    """A 2 s voice: S3Gen prepends the whole prompt to every call, so short keeps these tests fast."""
+    return make_reference_wav(tmp_path_factory.mktemp("ref2") / "ref.wav", seconds=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +103,9 @@ def test_no_dtype_error_for_any_checkpoint(
     policy = "keep" if mode == "plain" else "autocast-bfloat16"
     tts = PerformanceOptimizedTTS.from_local(folders[ckpt], dtype=policy, record_attention=False)
     torch.manual_seed(0)
-    wav = tts.generate(TEXT, max_new_tokens=20)  # conds.pt from the folder
+    wav = tts.generate(TEXT, max_new_tokens=10)  # conds.pt from the folder
     assert wav.dtype == torch.float32 and wav.shape[1] > 0 and torch.isfinite(wav).all()
-    wav = tts.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=20)  # fresh voice
+    wav = tts.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=10)  # fresh voice
     assert torch.isfinite(wav).all()
     info = tts.performance_info()
     want = ckpt if mode == "plain" else "float32"
@@ -121,7 +121,7 @@ def test_half_cast_model_runs(short_ref: Path) -> None:
     opt = PerformanceOptimizedTTS.from_model(
         tts, record_attention=False
     )  # auto: a float16 model keeps float16
-    wav = opt.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=20)
+    wav = opt.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=10)
     assert torch.isfinite(wav).all()
     assert opt.policy == "keep" and opt.performance_info()["model_dtype"] == "float16"
     assert next(tts.ve.parameters()).dtype == torch.float32  # island restored

@@ -33,6 +33,11 @@ FUSED_KERNELS = {
 }
 MATH = "math (SDPA fallback)"
 EAGER = "eager (matmul + softmax)"
+# The aten op that shows each kernel in a trace.
+KERNEL_OPS = {label: f"aten::{op}" for op, label in FUSED_KERNELS.items()} | {
+    MATH: "aten::_scaled_dot_product_attention_math",
+    EAGER: "aten::softmax",
+}
 
 
 @dataclass

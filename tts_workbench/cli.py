@@ -90,6 +90,19 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
     return report, format_report
 
 
+def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from .generation import prepare_voice
+    from .profiling import format_profile, profile_generation
+    from .sources import load_model, make_reference_wav
+
+    tts = load_model(args.model, args.device, args.seed)
+    prepare_voice(tts, args.reference or str(make_reference_wav(Path(args.logdir) / "reference.wav")))
+    report = profile_generation(
+        tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory
+    )
+    return report, format_profile
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tts-workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -121,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default="runs/stream", help="folder for the WAV and the timeline plot")
     st.set_defaults(run=_stream, tokens=250)
 
+    pr = sub.add_parser(
+        "profile", help="a labelled torch.profiler trace of one generation (TensorBoard, Perfetto)"
+    )
+    _common(pr)
+    pr.add_argument("--logdir", default="runs/profile", help="TensorBoard log folder; the run is a subfolder")
+    pr.add_argument("--run", dest="run_name", default="generation", help="run name (subfolder of --logdir)")
+    pr.add_argument("--memory", action="store_true", help="also record memory allocations")
+    pr.add_argument("--text", default=UPSTREAM_SENTENCE)
+    pr.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    pr.set_defaults(run=_profile, tokens=40)
+
     b = sub.add_parser("bench", help="upstream vs optimized side by side, interleaved, with ratios")
     _common(b)
     b.add_argument(
@@ -129,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of upstream, optimized, upstream-stream, optimized-stream (bench.CONFIGS)",
     )
     b.add_argument("--repeats", type=_positive, default=2)
-    b.add_argument(
-        "--dtype", default="auto", help="dtype policy of the optimized path (precision.POLICIES)"
-    )
+    b.add_argument("--dtype", default="auto", help="dtype policy of the optimized path (precision.POLICIES)")
     b.add_argument("--text", default=UPSTREAM_SENTENCE)
     b.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.csv")

@@ -1,4 +1,5 @@
-"""torch.profiler helpers: phase-labelled regions on the real modules, and per-region tables.
+"""torch.profiler helpers: phase-labelled regions on the real modules, traces written for
+TensorBoard and Perfetto, per-region operator tables read back from disk, and a TensorBoard server.
 
 ``phase_regions`` opens a ``record_function`` range named by phase around each call of the
 methods that make up a phase, so every profiler event can be attributed to its phase.
@@ -6,13 +7,27 @@ methods that make up a phase, so every profiler event can be attributed to its p
 
 from __future__ import annotations
 
+import bisect
+import gzip
+import itertools
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler import record_function
 from torch.autograd.profiler_util import FunctionEvent
+from torch.profiler import ProfilerActivity, tensorboard_trace_handler
 
 from .generation import shadow
 
@@ -70,3 +85,242 @@ def ancestors(event: FunctionEvent) -> Iterator[FunctionEvent]:
     while e is not None:
         yield e
         e = e.cpu_parent
+
+
+# ---------------------------------------------------------------- traces on disk
+
+
+@contextmanager
+def profile_run(
+    tts: ChatterboxTTS,
+    logdir: str | Path = "runs/profile",
+    run: str = "generation",
+    memory: bool = False,
+    schedule: Callable[[int], Any] | None = None,
+    extra_tfmrs: Sequence[object] = (),
+) -> Iterator[torch.profiler.profile]:
+    """Profile the block with phase regions; the trace goes to ``logdir/run/`` in the format
+    TensorBoard's PyTorch Profiler plugin reads (it is also a Chrome/Perfetto trace).
+
+    With a ``schedule`` (see ``long_run_schedule``) call ``prof.step()`` per iteration, e.g. per
+    streamed chunk with ``profiled_chunks``.
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    run_dir = Path(logdir) / run
+    with (
+        torch.profiler.profile(
+            activities=activities,
+            record_shapes=True,
+            profile_memory=memory,
+            schedule=schedule,
+            on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name="workbench"),
+        ) as prof,
+        phase_regions(tts, extra_tfmrs),
+    ):
+        yield prof
+
+
+def long_run_schedule(wait: int = 1, warmup: int = 1, active: int = 3) -> Callable[[int], Any]:
+    """Skip ``wait`` steps, warm up ``warmup``, record ``active``: a trace of a long stream stays small."""
+    return torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=1)
+
+
+def profiled_chunks(chunks: Iterator[Any], prof: torch.profiler.profile | None = None) -> Iterator[Any]:
+    """Label the work behind each streamed chunk ``stream.chunk[i]`` (and step the profiler)."""
+    for i in itertools.count():
+        with record_function(f"stream.chunk[{i}]"):
+            item = next(chunks, None)
+        if item is None:
+            return
+        yield item
+        if prof is not None:
+            prof.step()
+
+
+def trace_files(run_dir: str | Path) -> list[Path]:
+    """The trace files a run wrote, newest last."""
+    return sorted(Path(run_dir).glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
+
+
+@dataclass
+class OpRow:
+    op: str
+    total_ms: float
+    calls: int
+
+
+def read_trace(path: str | Path, top: int | None = 8) -> dict[str, list[OpRow]]:
+    """The top operators (by total time) inside each phase region of a written trace file.
+
+    Read back from the JSON on disk, without a browser: what TensorBoard and Perfetto will show.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    regions: dict[Any, list[dict[str, Any]]] = {}
+    for e in events:
+        if e.get("cat") == "user_annotation" and e["name"] in PHASES:
+            regions.setdefault(e["tid"], []).append(e)
+    starts = {tid: sorted(r, key=lambda e: e["ts"]) for tid, r in regions.items()}
+    keys = {tid: [e["ts"] for e in r] for tid, r in starts.items()}
+    totals: dict[str, dict[str, list[float]]] = {}
+    for e in events:
+        if e.get("cat") != "cpu_op" or e["tid"] not in starts:
+            continue
+        i = bisect.bisect_right(keys[e["tid"]], e["ts"]) - 1
+        region = starts[e["tid"]][i] if i >= 0 else None
+        if region is None or e["ts"] + e.get("dur", 0) > region["ts"] + region["dur"]:
+            continue
+        row = totals.setdefault(region["name"], {}).setdefault(e["name"], [0.0, 0])
+        row[0] += e.get("dur", 0) / 1e3
+        row[1] += 1
+    return {
+        phase: [OpRow(op, ms, int(n)) for op, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]]
+        for phase, ops in totals.items()
+    }
+
+
+def format_trace_table(table: dict[str, list[OpRow]]) -> str:
+    lines = []
+    for phase in [p for p in PHASES if p in table]:
+        lines.append(f"{phase}:")
+        lines += [f"  {r.op:<58}{r.total_ms:>10.1f} ms{r.calls:>8} calls" for r in table[phase]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- TensorBoard
+
+
+@dataclass
+class TensorBoard:
+    """A TensorBoard server this process started; ``stop()`` ends it by its process id."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    logdir: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def profiler(self, route: str, **params: str) -> Any:
+        """GET a route of the PyTorch Profiler plugin's JSON API."""
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(
+            f"{self.url}/data/plugin/pytorch_profiler/{route}?{query}", timeout=30
+        ) as r:
+            return json.load(r)
+
+    def wait_for_run(self, run: str, timeout: float = 120.0) -> None:
+        """Poll until the plugin lists ``run`` and has finished loading (it rescans every ~10 s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = self.profiler("runs")
+            if run in runs["runs"] and not runs["loading"]:
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"TensorBoard did not list run {run!r} within {timeout:.0f} s (runs: {runs})")
+
+    def iframe(self, height: int = 800) -> Any:
+        """Show the PyTorch Profiler tab inside a notebook."""
+        from IPython.display import IFrame
+
+        return IFrame(f"{self.url}/#pytorch_profiler", width="100%", height=height)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_tensorboard(logdir: str | Path, port: int | None = None, timeout: float = 60.0) -> TensorBoard:
+    """Start ``tensorboard --logdir`` on 127.0.0.1 and a free port; returns once it answers."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(logdir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--reload_interval",
+        "5",
+    ]
+    tb = TensorBoard(
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), url, Path(logdir)
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tb.process.poll() is not None:
+            err = tb.process.stderr.read().decode()[-2000:] if tb.process.stderr else ""
+            raise RuntimeError(f"tensorboard exited with code {tb.process.returncode}: {err}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return tb
+        except OSError:
+            time.sleep(0.5)
+    tb.stop()
+    raise TimeoutError(f"tensorboard did not answer on {url} within {timeout:.0f} s")
+
+
+def profile_generation(
+    tts: ChatterboxTTS,
+    logdir: str | Path,
+    run: str,
+    tokens: int,
+    text: str,
+    seed: int = 0,
+    memory: bool = False,
+) -> dict[str, Any]:
+    """One upstream generation under ``profile_run``; then the trace is read back from disk and
+    checked against the attention recorder (a second, short generation: profilers do not nest)."""
+    from .attention import KERNEL_OPS, record_kernels
+    from .generation import generate
+
+    with profile_run(tts, logdir, run, memory=memory):
+        result = generate(tts, text, max_new_tokens=tokens, seed=seed)
+    path = trace_files(Path(logdir) / run)[-1]
+    table = read_trace(path, top=None)
+    with record_kernels(tts) as rec:
+        generate(tts, text, max_new_tokens=min(tokens, 4), seed=seed)
+    recorded = sorted(rec.kernels("t3.decode"))
+    in_trace = {op.op for op in table.get("t3.decode", [])}
+    return {
+        "run": run,
+        "logdir": str(logdir),
+        "trace": str(path),
+        "tokens": len(result.speech_tokens),
+        "note": f"random weights never emit a stop token: generation capped at {tokens} tokens",
+        "top_ops": {phase: [vars(r) for r in rows[:8]] for phase, rows in table.items()},
+        "recorded_decode_kernels": recorded,
+        "recorded_kernels_in_trace": {k: KERNEL_OPS[k] in in_trace for k in recorded},
+        "open_with": [
+            f"tensorboard --logdir {logdir}  (PYTORCH_PROFILER tab)",
+            f"https://ui.perfetto.dev: {path}",
+        ],
+    }
+
+
+def format_profile(report: dict[str, Any]) -> str:
+    table = {p: [OpRow(**r) for r in rows] for p, rows in report["top_ops"].items()}
+    seen = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in report["recorded_kernels_in_trace"].items())
+    return "\n".join(
+        [
+            format_trace_table(table),
+            f"attention kernel(s) the recorder saw in t3.decode, found in the trace: {seen}",
+            report["note"],
+            f"trace: {report['trace']}",
+            *report["open_with"],
+        ]
+    )

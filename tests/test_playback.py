@@ -1,0 +1,46 @@
+"""Playback widgets: state, and the audio they hold is a valid WAV of the right rate and length."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile as sf
+
+from tts_workbench.latency import ChunkMetrics
+from tts_workbench.playback import StreamPlayer, ab_compare, seam_figure, wav_bytes
+
+
+def _metrics(i: int, at: float, audio: float) -> ChunkMetrics:
+    return ChunkMetrics(i, at, 25, 0, 0.1, 0.2, 0.1, audio, 500, 0, 50, 1)
+
+
+def test_wav_bytes_round_trip() -> None:
+    wav = np.sin(np.linspace(0, 100, 12000)).astype(np.float32) * 0.5
+    data, sr = sf.read(io.BytesIO(wav_bytes(wav, 24000)))
+    assert sr == 24000 and len(data) == 12000
+    assert np.abs(data - wav).max() < 1e-4  # 16-bit PCM
+
+
+def test_stream_player_marks_underruns() -> None:
+    player = StreamPlayer(24000)
+    player.add(np.zeros(24000, np.float32), _metrics(0, 1.0, 1.0))  # plays until 2.0
+    player.add(np.zeros(12000, np.float32), _metrics(1, 3.0, 0.5))  # arrives 1 s late
+    assert len(player.rows.children) == 2
+    label = player.rows.children[1].children[0].value
+    assert "underrun 1.00 s" in label and "underrun" not in player.rows.children[0].children[0].value
+    audio = player.rows.children[1].children[1]
+    assert audio.format == "wav" and not audio.autoplay and not audio.loop
+    assert sf.info(io.BytesIO(audio.value)).frames == 12000
+    wav = player.finish()
+    assert len(wav) == 36000 and sf.info(io.BytesIO(player.full.children[1].value)).frames == 36000
+    assert "1 underruns" in player.status.value
+    assert "<td>1</td>" in player.static().data  # the static rendering has both rows
+
+
+def test_ab_compare_and_seam_figure() -> None:
+    a, b = np.zeros(48000, np.float32), np.ones(48000, np.float32) * 0.1
+    w = ab_compare({"naive": a, "buffered": b}, {"naive": [24000], "buffered": [12000, 36000]})
+    assert [p.children[0].value for p in w.children[0].children] == ["<b>naive</b>", "<b>buffered</b>"]
+    fig = seam_figure({"naive": a, "buffered": b}, {"naive": [24000], "buffered": [12000, 36000]})
+    assert len(fig.axes) == 4

@@ -1,0 +1,135 @@
+"""Listening in Jupyter: a streaming player that shows each chunk as it arrives, and an A/B
+widget with the waveforms zoomed on the seams. ipywidgets when a front-end is there; a static
+HTML table and ``IPython.display.Audio`` otherwise (e.g. a notebook rendered on GitHub)."""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+
+import ipywidgets as widgets
+import numpy as np
+import soundfile as sf
+from IPython.display import HTML, Audio, display
+from matplotlib.figure import Figure
+
+from .latency import ChunkMetrics, underruns
+
+
+def wav_bytes(wav: np.ndarray, sample_rate: int) -> bytes:
+    """A float waveform as the bytes of a 16-bit PCM WAV file (what ``ipywidgets.Audio`` plays)."""
+    buf = io.BytesIO()
+    sf.write(
+        buf,
+        np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0),
+        sample_rate,
+        format="WAV",
+        subtype="PCM_16",
+    )
+    return buf.getvalue()
+
+
+def audio_widget(wav: np.ndarray, sample_rate: int) -> widgets.Audio:
+    return widgets.Audio(value=wav_bytes(wav, sample_rate), format="wav", autoplay=False, loop=False)
+
+
+class StreamPlayer:
+    """Feed it ``(chunk, metrics)`` as a stream yields them: one row per chunk (index, arrival,
+    latency, audio, underrun marker) with that chunk's audio, and the whole utterance at the end."""
+
+    def __init__(self, sample_rate: int = 24000, title: str = "stream") -> None:
+        self.sample_rate = sample_rate
+        self.chunks: list[np.ndarray] = []
+        self.metrics: list[ChunkMetrics] = []
+        self.status = widgets.HTML(f"<b>{html.escape(title)}</b>: waiting for the first chunk")
+        self.rows = widgets.VBox([])
+        self.full = widgets.VBox([])
+        self.widget = widgets.VBox([self.status, self.rows, self.full])
+
+    def add(self, chunk: np.ndarray, metrics: ChunkMetrics) -> None:
+        self.chunks.append(chunk)
+        self.metrics.append(metrics)
+        gaps = underruns([m.emitted_s for m in self.metrics], [m.audio_s for m in self.metrics])
+        late = next((g for g in gaps if abs(g.at_s + g.gap_s - metrics.emitted_s) < 1e-9), None)
+        marker = f" ⚠ underrun {late.gap_s:.2f} s" if late else ""
+        label = widgets.HTML(
+            f"chunk {metrics.index}: at {metrics.emitted_s:.2f} s, {metrics.audio_s:.2f} s of audio, "
+            f"compute {metrics.compute_s:.2f} s (RTF {metrics.rtf:.2f}){marker}"
+        )
+        self.rows.children = (
+            *self.rows.children,
+            widgets.HBox([label, audio_widget(chunk, self.sample_rate)]),
+        )
+        self.status.value = f"<b>{len(self.chunks)} chunks</b>, {len(gaps)} underruns so far"
+
+    def finish(self) -> np.ndarray:
+        """Show the whole utterance and return it."""
+        wav = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+        self.full.children = (widgets.HTML("whole utterance:"), audio_widget(wav, self.sample_rate))
+        return wav
+
+    def static(self) -> HTML:
+        """The same information without widgets."""
+        rows = "".join(
+            f"<tr><td>{m.index}</td><td>{m.emitted_s:.2f}</td><td>{m.audio_s:.2f}</td><td>{m.rtf:.2f}</td></tr>"
+            for m in self.metrics
+        )
+        return HTML(f"<table><tr><th>chunk</th><th>at s</th><th>audio s</th><th>RTF</th></tr>{rows}</table>")
+
+    def _ipython_display_(self) -> None:
+        if _has_frontend():
+            display(self.widget)
+        else:
+            display(self.static())
+            if self.chunks:
+                display(Audio(np.concatenate(self.chunks), rate=self.sample_rate))
+
+
+def seam_figure(
+    waves: dict[str, np.ndarray], seams: dict[str, Sequence[int]], sample_rate: int = 24000, ms: float = 20.0
+) -> Figure:
+    """Each waveform zoomed on its seams (±``ms``), one row per waveform, one column per seam."""
+    n = max((len(s) for s in seams.values()), default=0) or 1
+    fig = Figure(figsize=(2.6 * n + 1, 1.8 * len(waves)))
+    axes = fig.subplots(len(waves), n, squeeze=False)
+    half = int(ms * sample_rate / 1000)
+    for row, (name, wav) in enumerate(waves.items()):
+        for col in range(n):
+            ax = axes[row][col]
+            if col >= len(seams.get(name, ())):
+                ax.axis("off")
+                continue
+            s = seams[name][col]
+            lo, hi = max(s - half, 0), min(s + half, len(wav))
+            ax.plot((np.arange(lo, hi) - s) * 1000 / sample_rate, wav[lo:hi], lw=0.8)
+            ax.axvline(0, color="red", lw=0.6)
+            ax.set_title(f"{name}: seam {col + 1}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.supxlabel("ms from the seam", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ab_compare(
+    waves: dict[str, np.ndarray], seams: dict[str, Sequence[int]], sample_rate: int = 24000
+) -> widgets.VBox:
+    """Two (or more) versions side by side, each playable, above their waveforms at the seams."""
+    players = [
+        widgets.VBox([widgets.HTML(f"<b>{html.escape(k)}</b>"), audio_widget(v, sample_rate)])
+        for k, v in waves.items()
+    ]
+    plot = widgets.Output()
+    with plot:
+        display(seam_figure(waves, seams, sample_rate))
+    return widgets.VBox([widgets.HBox(players), plot])
+
+
+def _has_frontend() -> bool:
+    """True inside a Jupyter kernel (widgets can render); False in a plain Python process."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
