@@ -18,7 +18,15 @@ from tts_workbench.generation import shadow
 from tts_workbench.latency import StreamReport, seam_metric, underruns
 from tts_workbench.optimized import PerformanceOptimizedTTS
 from tts_workbench.sources import load_model, make_reference_wav
-from tts_workbench.streaming import SAMPLES_PER_TOKEN, StreamConfig, StreamState, one_shot, quality, stream
+from tts_workbench.streaming import (
+    SAMPLES_PER_TOKEN,
+    StreamConfig,
+    StreamState,
+    one_shot,
+    quality,
+    stream,
+    stream_all,
+)
 
 TEXT = "Streaming should never drop the tail of a sentence."
 
@@ -33,9 +41,7 @@ def tts(tmp_path_factory: pytest.TempPathFactory) -> ChatterboxTTS:
 def _run(
     tts: ChatterboxTTS, config: StreamConfig, tokens: int = 80, text: str = TEXT
 ) -> tuple[np.ndarray, StreamState]:
-    state = StreamState(StreamReport(config.strategy))
-    chunks = [c for c, _ in stream(tts, text, config, max_new_tokens=tokens, state=state)]
-    return np.concatenate(chunks), state
+    return stream_all(tts, text, config, max_new_tokens=tokens)
 
 
 def test_buffered_vocodes_every_token_exactly_once(tts: ChatterboxTTS) -> None:
@@ -193,3 +199,11 @@ def test_stream_cli_writes_wav_and_timeline(tmp_path: Path, capsys: pytest.Captu
 def test_stream_cli_bad_size(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["stream", "--model", "tiny", "--window-s", "0"]) == 2
     assert "window_s must be positive" in capsys.readouterr().err
+
+
+def test_bench_stream_row_times_t3_from_its_decode_stats(tts: ChatterboxTTS) -> None:
+    from tts_workbench.bench import run_stream
+
+    row = run_stream(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2), TEXT, 30, 0)
+    assert row["t3_prefill_s"] > 0 and 0 < row["t3_step_s"] < row["wall_s"]
+    assert row["s3gen_calls"] >= 1 and row["ttfa_s"] <= row["wall_s"]

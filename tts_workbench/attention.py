@@ -21,9 +21,9 @@ import torch.nn.functional as F
 import transformers
 from chatterbox.tts import ChatterboxTTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import profile
 
-from .profiling import ancestors, phase_regions, region_of
+from .profiling import activities, ancestors, phase_regions, region_of
 
 FUSED_KERNELS = {
     "_scaled_dot_product_flash_attention": "flash (CUDA)",
@@ -102,9 +102,8 @@ def record_kernels(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> It
     The record is filled when the block exits.
     """
     record = KernelRecord()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     try:
-        with profile(activities=activities, record_shapes=True) as prof, phase_regions(tts, extra_tfmrs):
+        with profile(activities=activities(), record_shapes=True) as prof, phase_regions(tts, extra_tfmrs):
             yield record
     finally:  # also when the block raised: the kernels that ran before the error count
         events = list(prof.events())

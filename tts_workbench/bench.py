@@ -12,7 +12,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from .decode import T3Parts
 from .generation import UPSTREAM_SENTENCE, generate, prepare_voice, shadow
-from .latency import StreamReport
 from .optimized import PerformanceOptimizedTTS
 from .precision import check_policy
+from .profiling import t3_phase
 from .sources import dtype_name, load_model, make_reference_wav
-from .streaming import StreamConfig, StreamState, stream
+from .streaming import StreamConfig, stream_all
 
 CONFIGS = ("upstream", "optimized", "upstream-stream", "optimized-stream")
 NOTE = "random weights: timing is realistic (same shapes and kernels), the audio is meaningless"
@@ -97,29 +97,26 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
 
 
 @contextmanager
-def prefill_timer(modules: list[torch.nn.Module]) -> Iterator[dict[str, float]]:
+def prefill_timer(tfmr: torch.nn.Module) -> Iterator[dict[str, float]]:
     """Seconds spent in transformer calls over more than one new position (the prefill)."""
     spent = {"prefill_s": 0.0}
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         def inner(*args: Any, **kwargs: Any) -> Any:
-            x = kwargs.get("inputs_embeds")
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            if x is not None and x.shape[1] > 1:
+            if t3_phase(args, kwargs) == "t3.prefill":
                 spent["prefill_s"] += time.perf_counter() - t0
             return out
 
         return inner
 
-    with ExitStack() as stack:
-        for m in {id(m): m for m in modules}.values():
-            stack.enter_context(shadow(m, "forward", wrap))
+    with shadow(tfmr, "forward", wrap):
         yield spent
 
 
 def run_upstream(tts: ChatterboxTTS, text: str, tokens: int, seed: int) -> dict[str, Any]:
-    with prefill_timer([tts.t3.tfmr]) as pre:
+    with prefill_timer(tts.t3.tfmr) as pre:
         r = generate(tts, text, max_new_tokens=tokens, seed=seed)
     n = len(r.speech_tokens)
     t3 = r.seconds.get("t3", 0.0)
@@ -260,17 +257,15 @@ def run_stream(
     plan: Any = None,
     amp: Any = None,
 ) -> dict[str, Any]:
-    state = StreamState(StreamReport(config.strategy))
-    for _ in stream(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan, amp=amp, state=state):
-        pass
+    _, state = stream_all(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan, amp=amp)
     s = state.report.summary()
     return dict(
         ttfa_s=s["ttfa_s"],
         wall_s=s["wall_s"],
         audio_s=s["audio_s"],
         t3_tokens=len(state.tokens),
-        t3_prefill_s=float("nan"),
-        t3_step_s=s["t3_s"] / max(tokens, 1),
+        t3_prefill_s=state.t3.prefill_s,
+        t3_step_s=state.t3.step_s,
         s3gen_calls=s["s3gen_calls"],
         s3gen_s=s["flow_s"] + s["vocoder_s"],
     )
@@ -368,9 +363,7 @@ def compare_streaming(
     rows: list[dict[str, Any]] = []
     full: np.ndarray | None = None  # one-shot with the whole prompt, the yardstick for every row
     for name, config in tqdm(configs.items(), desc="strategies"):
-        state = StreamState(StreamReport(config.strategy))
-        chunks = stream(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan, state=state)
-        wav = np.concatenate([c for c, _ in chunks])
+        wav, state = stream_all(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan)
         if full is None:  # every config speaks the same tokens (same seed and plan)
             t0 = time.perf_counter()
             full = one_shot(tts, state, StreamConfig())

@@ -70,10 +70,18 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     return report, format_bench
 
 
-def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
+    """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in ``folder``)."""
     from .generation import prepare_voice
-    from .latency import format_report
     from .sources import load_model, make_reference_wav
+
+    tts = load_model(args.model, args.device, args.seed)
+    prepare_voice(tts, args.reference or str(make_reference_wav(Path(folder) / "reference.wav")))
+    return tts
+
+
+def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from .latency import format_report
     from .streaming import StreamConfig, run_to_files
 
     config = StreamConfig(
@@ -83,20 +91,15 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
         crossfade_ms=args.crossfade_ms,
         prompt_s=args.prompt_s,
     )
-    tts = load_model(args.model, args.device, args.seed)
-    reference = args.reference or str(make_reference_wav(Path(args.out) / "reference.wav"))
-    prepare_voice(tts, reference)
+    tts = _voiced_model(args, args.out)
     report = run_to_files(tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed)
     return report, format_report
 
 
 def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from .generation import prepare_voice
     from .profiling import format_profile, profile_generation
-    from .sources import load_model, make_reference_wav
 
-    tts = load_model(args.model, args.device, args.seed)
-    prepare_voice(tts, args.reference or str(make_reference_wav(Path(args.logdir) / "reference.wav")))
+    tts = _voiced_model(args, args.logdir)
     report = profile_generation(
         tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory
     )

@@ -39,6 +39,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .sources import dtype_name
+
 
 @dataclass
 class T3Parts:
@@ -63,8 +65,7 @@ class T3Parts:
         return dtype
 
     def nbytes(self) -> int:
-        mods = [self.tfmr, self.speech_emb, self.speech_pos_emb, self.speech_head]
-        return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
+        return sum(p.numel() * p.element_size() for m in vars(self).values() for p in m.parameters())
 
 
 @dataclass
@@ -81,14 +82,11 @@ class DecodePlan:
         return cls(parts, parts)
 
     def describe(self) -> str:
-        def name(d: torch.dtype) -> str:
-            return str(d).removeprefix("torch.")
-
         if self.autocast is not None:
-            return f"autocast {name(self.autocast)} over {name(self.prefill.dtype)} weights"
+            return f"autocast {dtype_name(self.autocast)} over {dtype_name(self.prefill.dtype)} weights"
         if self.prefill is self.decode:
-            return f"native {name(self.decode.dtype)}"
-        return f"prefill {name(self.prefill.dtype)}, decode {name(self.decode.dtype)}"
+            return f"native {dtype_name(self.decode.dtype)}"
+        return f"prefill {dtype_name(self.prefill.dtype)}, decode {dtype_name(self.decode.dtype)}"
 
 
 @dataclass
@@ -140,6 +138,11 @@ class DecodeStats:
     decode_s: float = 0.0
     steps: int = 0
     stopped: bool = False
+
+    @property
+    def step_s(self) -> float:
+        """Mean seconds per decode step (the first token comes from the prefill)."""
+        return self.decode_s / max(self.steps - 1, 1)
 
 
 def decode_blocks(

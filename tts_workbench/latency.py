@@ -3,6 +3,7 @@ player would have run dry waiting for it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -199,7 +200,7 @@ def seam_metric(wav: np.ndarray, seams: list[int], half_width: int = 48) -> dict
     return {"seam_max_over_median": seam, "ordinary_max_over_median": ordinary}
 
 
-def snr_db(wav: np.ndarray, reference: np.ndarray, exclude: list[tuple[int, int]] = ()) -> float:  # type: ignore[assignment]
+def snr_db(wav: np.ndarray, reference: np.ndarray, exclude: Sequence[tuple[int, int]] = ()) -> float:
     """Signal-to-noise ratio of ``wav`` against ``reference`` (same length up to the shorter),
     leaving out the ``exclude`` sample ranges (the crossfade regions)."""
     n = min(len(wav), len(reference))

@@ -246,17 +246,16 @@ class PerformanceOptimizedTTS:
     ) -> DecodeResult:
         """T3 only: the speech tokens for ``text`` (the voice must be prepared)."""
         assert self.tts.conds is not None
-        with self._amp():
-            return t3_decode(
-                self.tts.t3,
-                self.tts.conds.t3,
-                text_tokens(self.tts, text, cfg_weight),
-                max_new_tokens=max_new_tokens,
-                plan=self.plan,
-                cfg_weight=cfg_weight,
-                stop_check_every=self.stop_check_every,
-                **sampling,
-            )
+        return t3_decode(  # the plan carries the autocast dtype, entered around each step
+            self.tts.t3,
+            self.tts.conds.t3,
+            text_tokens(self.tts, text, cfg_weight),
+            max_new_tokens=max_new_tokens,
+            plan=self.plan,
+            cfg_weight=cfg_weight,
+            stop_check_every=self.stop_check_every,
+            **sampling,
+        )
 
     def vocode(self, tokens: torch.Tensor) -> torch.Tensor:
         """S3Gen (flow + vocoder) over valid speech tokens; returns a float32 waveform (1, N)."""
@@ -352,8 +351,6 @@ class PerformanceOptimizedTTS:
 
     def _validate_flash_attention(self) -> bool:
         """True when a fused CUDA Flash kernel can run T3's decode attention in the target dtype."""
-        if not self.optimize:
-            return not why_not_flash(self.tts, dtype=next(self.tts.t3.parameters()).dtype)
         return not why_not_flash(self.tts, dtype=self.target_dtype)
 
     def performance_info(self) -> dict[str, Any]:

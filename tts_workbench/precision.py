@@ -12,9 +12,10 @@ edited.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from .generation import shadow
 from .sources import SourceError, dtype_name
+from .vocode import cast_gen
 
 POLICIES = {
     "auto": "decided per device and checkpoint (see choose_policy)",
@@ -60,13 +62,6 @@ def check_policy(name: str) -> str:
     return name
 
 
-def _resolve(tts: ChatterboxTTS, path: str) -> Any:
-    obj: Any = tts
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _to_float32(x: Any) -> Any:
     if torch.is_tensor(x) and x.is_floating_point():
         return x.float()
@@ -91,19 +86,19 @@ def install_islands(tts: ChatterboxTTS, stack: ExitStack) -> list[Island]:
 
     The shadows live as long as ``stack``; the float32 weights stay.
     """
+    for module in island_modules(tts):
+        module.float()
     for island in ISLANDS:
-        owner = _resolve(tts, island.path)
-        if isinstance(owner, nn.Module) and island.path != "s3gen":
-            owner.float()
-        stack.enter_context(shadow(owner, island.method, _float32_island))
+        stack.enter_context(shadow(attrgetter(island.path)(tts), island.method, _float32_island))
     return list(ISLANDS)
 
 
 def island_modules(tts: ChatterboxTTS) -> list[nn.Module]:
-    return [m for i in ISLANDS if isinstance(m := _resolve(tts, i.path), nn.Module) and i.path != "s3gen"]
+    """The modules whose weights are islands (the mel extractor is a function on S3Gen itself)."""
+    return [attrgetter(i.path)(tts) for i in ISLANDS if i.path != "s3gen"]
 
 
-def compute_dtype(module: nn.Module, skip: list[nn.Module] = ()) -> torch.dtype:  # type: ignore[assignment]
+def compute_dtype(module: nn.Module, skip: Sequence[nn.Module] = ()) -> torch.dtype:
     """The floating dtype of ``module``'s parameters outside the islands in ``skip``.
 
     Raises if they are mixed: half the weights in one dtype and half in another is not a
@@ -158,8 +153,5 @@ def ensure_conditionals_dtype(
     if t3.cond_prompt_speech_tokens is not None:
         t3.cond_prompt_speech_tokens = t3.cond_prompt_speech_tokens.to(device=device, dtype=torch.long)
     t3.cond_prompt_speech_emb = None
-    for key, value in conds.gen.items():
-        if torch.is_tensor(value):
-            dtype = s3_dtype if value.is_floating_point() else torch.long
-            conds.gen[key] = value.to(device=device, dtype=dtype)
+    conds.gen = cast_gen(conds.gen, s3_dtype, device)
     return conds

@@ -58,11 +58,7 @@ def phase_regions(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Ite
     def labelled(label: str | None):
         def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
             def inner(*args: Any, **kwargs: Any) -> Any:
-                name = label
-                if name is None:
-                    x = kwargs.get("inputs_embeds", args[0] if args else None)
-                    name = "t3.prefill" if x is not None and x.shape[1] > 1 else "t3.decode"
-                with record_function(name):
+                with record_function(label or t3_phase(args, kwargs)):
                     return fn(*args, **kwargs)
 
             return inner
@@ -73,6 +69,12 @@ def phase_regions(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Ite
         for obj, method, label in _phase_methods(tts, extra_tfmrs):
             stack.enter_context(shadow(obj, method, labelled(label)))
         yield
+
+
+def t3_phase(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``t3.prefill`` for a transformer call over more than one new position, else ``t3.decode``."""
+    x = kwargs.get("inputs_embeds", args[0] if args else None)
+    return "t3.prefill" if x is not None and x.shape[1] > 1 else "t3.decode"
 
 
 def region_of(event: FunctionEvent) -> str:
@@ -90,6 +92,11 @@ def ancestors(event: FunctionEvent) -> Iterator[FunctionEvent]:
 # ---------------------------------------------------------------- traces on disk
 
 
+def activities() -> list[ProfilerActivity]:
+    """What torch.profiler records here: the CPU, and CUDA when there is a GPU."""
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+
 @contextmanager
 def profile_run(
     tts: ChatterboxTTS,
@@ -105,11 +112,10 @@ def profile_run(
     With a ``schedule`` (see ``long_run_schedule``) call ``prof.step()`` per iteration, e.g. per
     streamed chunk with ``profiled_chunks``.
     """
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     run_dir = Path(logdir) / run
     with (
         torch.profiler.profile(
-            activities=activities,
+            activities=activities(),
             record_shapes=True,
             profile_memory=memory,
             schedule=schedule,

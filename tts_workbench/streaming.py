@@ -122,7 +122,7 @@ def shorten_prompt(gen: dict[str, Any], prompt_s: float | None) -> dict[str, Any
     return out
 
 
-def noise_track(tts: ChatterboxTTS, tokens: int, seed: int) -> torch.Tensor:
+def noise_track(tokens: int, seed: int) -> torch.Tensor:
     """Flow-matching start noise for ``tokens`` tokens, one track for the whole utterance."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, 80, tokens * FRAMES_PER_TOKEN, generator=g)
@@ -199,7 +199,7 @@ def stream(
     if not text.strip():
         raise ValueError("text is empty: give at least one word to speak")
     state = state if state is not None else StreamState(StreamReport(config.strategy))
-    state.noise = noise_track(tts, max_new_tokens, seed + 1)
+    state.noise = noise_track(max_new_tokens, seed + 1)
     gen = shorten_prompt(tts.conds.gen, config.prompt_s)
     prompt_frames = int(gen["prompt_token"].size(1)) * FRAMES_PER_TOKEN
     stats = state.t3
@@ -258,6 +258,15 @@ def stream(
             yield chunk, m
     finally:
         blocks.close()
+
+
+def stream_all(
+    tts: ChatterboxTTS, text: str, config: StreamConfig, **kwargs: Any
+) -> tuple[np.ndarray, StreamState]:
+    """Run ``stream`` to the end (keyword arguments as there): the whole waveform and the state."""
+    state = StreamState(StreamReport(config.strategy))
+    chunks = [c for c, _ in stream(tts, text, config, state=state, **kwargs)]
+    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), state
 
 
 def _s3gen(
@@ -427,14 +436,7 @@ def run_to_files(
     and the timeline plot under ``outdir``; returns the summary, the chunk rows and the quality."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    state = StreamState(StreamReport(config.strategy))
-    chunks = [
-        c
-        for c, _ in stream(
-            tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, amp=amp, state=state
-        )
-    ]
-    wav = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    wav, state = stream_all(tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, amp=amp)
     reference = one_shot(tts, state, config, amp)
     wav_path = outdir / f"{config.strategy}.wav"
     sf.write(wav_path, wav, 24000)

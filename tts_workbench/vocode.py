@@ -17,6 +17,16 @@ import torch
 from chatterbox.models.s3gen import S3Gen
 
 
+def cast_gen(gen: dict[str, Any], dtype: torch.dtype, device: torch.device | str) -> dict[str, Any]:
+    """S3Gen's reference dict with float tensors in ``dtype``, token ids and lengths ``long``."""
+    return {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else torch.long)
+        if torch.is_tensor(v)
+        else v
+        for k, v in gen.items()
+    }
+
+
 def flow_mels(
     s3gen: S3Gen,
     tokens: torch.Tensor,
@@ -33,13 +43,7 @@ def flow_mels(
     so windows of one utterance can share one noise track.
     """
     dtype, device = s3gen.dtype, s3gen.device
-
-    def cast(v: Any) -> Any:
-        if not torch.is_tensor(v):
-            return v
-        return v.to(device=device, dtype=dtype if v.is_floating_point() else torch.long)
-
-    ref = {k: cast(v) for k, v in gen.items()}
+    ref = cast_gen(gen, dtype, device)
     tokens = torch.atleast_2d(tokens).to(device=device, dtype=torch.long)
     with torch.inference_mode():
         mels, _ = s3gen.flow.inference(
