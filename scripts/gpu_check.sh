@@ -1,53 +1,100 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issue 7). On an offline machine with an NVIDIA GPU and the image's
-# CUDA PyTorch: install the carried wheels (scripts/prepare_gpu_wheels.sh), then benchmark
-# upstream vs optimized on the full-size random model in float32, float16 and bfloat16, recording
-# the attention kernel that ran, peak CUDA memory, TTFA and RTF, into one results file.
+# CUDA PyTorch: install the carried wheels (scripts/prepare_gpu_wheels.sh), then
+#   1. bench upstream (float32, as it loads) vs optimized, one-shot and streaming (naive vs
+#      buffered), on the full-size random model, once per dtype policy of the optimized path,
+#      recording the attention kernel that ran, peak CUDA memory, TTFA and RTF;
+#   2. the diagnosis on CUDA: which SDPA kernel upstream's float32 decode ran (with
+#      output_attentions=True), why Flash was refused, and where a float16 cast breaks.
+# Each step runs on its own with a time limit: one that fails or runs out is recorded with the
+# end of its stderr and the next one still runs. Everything lands in one results file.
 #
-#   scripts/gpu_check.sh            # on the GPU machine (about 5-8 minutes)
+#   scripts/gpu_check.sh            # on the GPU machine (about 6 minutes on an H200)
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
-#   GPU_CHECK_POLICIES="bfloat16" ... # only some of the three policies
-set -euo pipefail
+#   GPU_CHECK_POLICIES="bfloat16"   # only some of the policies (default: bfloat16 float16 float32)
+#   GPU_CHECK_DIR=DIR               # where each step's raw JSON and stderr go (default runs/gpu_check)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0; [[ "${1:-}" == "--dry-run" ]] && DRY=1
 OUT=${GPU_CHECK_OUT:-results/gpu_check.json}
+DIR=${GPU_CHECK_DIR:-runs/gpu_check}
+CONFIGS=${GPU_CHECK_CONFIGS:-upstream,optimized,upstream-stream,optimized-stream}
 if [[ $DRY == 1 ]]; then
-    PY=${PYTHON:-.venv/bin/python}; MODEL=tiny; DEVICE=cpu; TOKENS=8; REPEATS=1
+    PY=${PYTHON:-.venv/bin/python}; MODEL=tiny; DEVICE=cpu; TOKENS=8; REPEATS=1; WARMUP=0; LIMIT=300
 else
-    python3 -m venv --system-site-packages /tmp/gpu-venv
-    PY=/tmp/gpu-venv/bin/python
-    $PY -m pip install --quiet --no-index --no-deps gpu-wheels/*.whl
-    $PY -m pip install --quiet --no-index --no-deps --no-build-isolation -e .
-    MODEL=random; DEVICE=cuda; TOKENS=${GPU_CHECK_TOKENS:-150}; REPEATS=2
+    # The image's python3 is itself a venv holding CUDA torch: install the carried wheels into a
+    # folder that PYTHONPATH puts ahead of it (transformers 5.2.0 then shadows the image's newer one).
+    PY=python3
+    $PY -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/site gpu-wheels/*.whl || exit 1
+    # The package runs from the checkout (the image's Python is 3.12; pyproject pins 3.11 for CI).
+    export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1
+    MODEL=random; DEVICE=cuda; TOKENS=${GPU_CHECK_TOKENS:-150}; REPEATS=2; WARMUP=1; LIMIT=150
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >&2
 fi
+mkdir -p "$DIR"
 TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
 REF=()
 if [[ $DRY == 1 ]]; then  # a 2 s voice keeps the dry run short (S3Gen re-encodes the prompt every call)
     $PY -c "import sys; from tts_workbench.sources import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
     REF=(--reference "$TMP/ref.wav")
 fi
-POLICIES=${GPU_CHECK_POLICIES:-float32 float16 bfloat16}
+
+step() {  # step NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.err, never fatal
+    local name=$1; shift
+    echo "== $name" >&2
+    local t0=$SECONDS
+    timeout "$LIMIT" "$@" "${REF[@]}" --json > "$DIR/$name.json" 2> "$DIR/$name.err"
+    local rc=$?
+    echo "   rc $rc in $((SECONDS - t0)) s" >&2
+    [[ $rc == 0 ]] || tail -5 "$DIR/$name.err" >&2
+}
+
+POLICIES=${GPU_CHECK_POLICIES:-bfloat16 float16 float32}
 for policy in $POLICIES; do
-    echo "== $policy" >&2
-    $PY -m tts_workbench.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS --repeats $REPEATS \
-        --configs upstream,optimized --dtype $policy "${REF[@]}" --json --out "$TMP/$policy" > "$TMP/$policy.json"
-    $PY -c "import json,sys; from tts_workbench.bench import format_bench; print(format_bench(json.load(open(sys.argv[1]))))" "$TMP/$policy.json" >&2
+    step "bench-$policy" $PY -m tts_workbench.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS \
+        --repeats $REPEATS --warmup $WARMUP --configs "$CONFIGS" --dtype "$policy" --out "$TMP/$policy"
 done
+step diagnose $PY -m tts_workbench.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
+    --dtype float16 --out "$TMP/diagnose"
+
 mkdir -p "$(dirname "$OUT")"
-$PY - "$TMP" "$OUT" "$DRY" $POLICIES <<'PY'
+$PY - "$DIR" "$OUT" "$DRY" $POLICIES <<'PY'
 import json, sys
 from pathlib import Path
-tmp, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
-runs = {p: json.loads((tmp / f"{p}.json").read_text()) for p in sys.argv[4:]}
-first = next(iter(runs.values()))
+from tts_workbench.bench import format_bench
+d, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+
+def load(name):
+    try:
+        return json.loads((d / f"{name}.json").read_text()), None
+    except (OSError, ValueError):
+        err = (d / f"{name}.err").read_text() if (d / f"{name}.err").exists() else ""
+        return None, err[-3000:] or "no output"
+
+runs, errors = {}, {}
+for p in sys.argv[4:]:
+    r, errors[f"bench-{p}"] = load(f"bench-{p}")
+    if r:
+        runs[p] = {"policy": r["optimized_policy"], "attention_kernels_optimized": r["attention_kernels_optimized"],
+                   "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
+                   "settings": r["settings"], "summary": r["summary"], "table": format_bench(r).splitlines()}
+diagnose, errors["diagnose"] = load("diagnose")
+first = next(iter(runs.values()), None)
 result = {
     "what": "scripts/gpu_check.sh: upstream vs optimized, full-size random weights" if not dry
     else "DRY RUN on CPU with the tiny model: not a GPU result",
-    "environment": first["environment"],
-    "runs": {p: {"policy": r["optimized_policy"], "attention_kernels_optimized": r["attention_kernels_optimized"],
-                 "summary": r["summary"]} for p, r in runs.items()},
+    "environment": json.loads((d / f"bench-{next(iter(runs))}.json").read_text())["environment"] if first else None,
+    "runs": runs,
+    "diagnose": diagnose,
+    "errors": {k: v for k, v in errors.items() if v},
 }
 out.write_text(json.dumps(result, indent=2))
-print(f"wrote {out}")
+for p, r in runs.items():
+    print(f"\n## optimized policy {p}\n" + "\n".join(r["table"]))
+if diagnose:
+    print("\n## diagnosis (upstream float32 decode, then a float16 cast):")
+    print(json.dumps({"kernels": diagnose["kernels"], "attention": diagnose["attention"]}, indent=1)[:3000])
+print(f"\nerrors: {sorted(result['errors']) or 'none'}\nwrote {out}")
+sys.exit(1 if result["errors"] else 0)
 PY
-rm -rf "$TMP"

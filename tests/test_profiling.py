@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from chatterbox.tts import ChatterboxTTS
 
+from tts_workbench import bench
+from tts_workbench.bench import run_upstream as bench_run_upstream
 from tts_workbench.cli import main
 from tts_workbench.latency import StreamReport
 from tts_workbench.profiling import (
@@ -80,11 +82,17 @@ def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert Path(report["trace"]).parent == tmp_path / "generation"
 
 
-def test_bench_cli_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_cli_tiny(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    monkeypatch.setattr(bench, "run_upstream", lambda *a: calls.append(a) or bench_run_upstream(*a))
     args = ["bench", "--model", "tiny", "--configs", "upstream,optimized", "--tokens", "20", "--repeats", "2"]
-    assert main([*args, "--dtype", "decode-bfloat16", "--json", "--out", str(tmp_path)]) == 0
+    assert main([*args, "--dtype", "decode-bfloat16", "--warmup", "1", "--json", "--out", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [s["config"] for s in report["summary"]] == ["upstream", "optimized"]
+    # One untimed warm-up run, then two timed ones: only the timed ones are rows.
+    assert len(calls) == 3 and report["settings"]["warmup"] == 1
     assert len(report["rows"]) == 4 and report["summary"][0]["wall_s_ratio"] == 1.0
     assert report["environment"]["torch"] and report["environment"]["chatterbox-tts"] == "0.1.7"
     assert report["floors"]["optimized"]["t3_bytes"] * 2 == pytest.approx(
@@ -100,18 +108,42 @@ def test_bench_cli_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
-    # One policy keeps the test short; the GPU run does float32, float16 and bfloat16.
+    # One policy keeps the test short; the GPU run does bfloat16, float16 and float32.
     env = {
         **os.environ,
         "GPU_CHECK_OUT": str(tmp_path / "gpu.json"),
+        "GPU_CHECK_DIR": str(tmp_path / "steps"),
         "PYTHON": sys.executable,
         "GPU_CHECK_POLICIES": "bfloat16",
+        "GPU_CHECK_CONFIGS": "upstream,optimized-stream",
     }
     p = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert "DRY RUN" in result["what"] and set(result["runs"]) == {"bfloat16"}
-    assert result["runs"]["bfloat16"]["policy"]["policy"] == "bfloat16"
-    assert result["runs"]["bfloat16"]["attention_kernels_optimized"]["t3.decode"]
+    assert "DRY RUN" in result["what"] and set(result["runs"]) == {"bfloat16"} and result["errors"] == {}
+    run = result["runs"]["bfloat16"]
+    assert run["policy"]["policy"] == "bfloat16"
+    assert run["settings"]["configs"] == ["upstream", "optimized-stream"]
+    assert run["attention_kernels_optimized"]["t3.decode"]
+    assert result["diagnose"]["kernels"] and result["diagnose"]["precision"]
+    assert "## optimized policy bfloat16" in p.stdout
+
+
+def test_gpu_check_records_a_failed_step(tmp_path: Path) -> None:
+    # A step that fails is recorded with its stderr, the others still run, the exit code says so.
+    env = {
+        **os.environ,
+        "GPU_CHECK_OUT": str(tmp_path / "gpu.json"),
+        "GPU_CHECK_DIR": str(tmp_path / "steps"),
+        "PYTHON": sys.executable,
+        "GPU_CHECK_POLICIES": "no-such-policy",
+    }
+    p = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert p.returncode == 1
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["runs"] == {} and "no-such-policy" in result["errors"]["bench-no-such-policy"]
+    assert result["diagnose"]["kernels"]

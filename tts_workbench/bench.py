@@ -183,8 +183,11 @@ def run_bench(
     device: str = "cpu",
     dtype: str = "auto",
     outdir: str | Path = "runs/bench",
+    warmup: int = 0,
 ) -> dict[str, Any]:
-    """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors."""
+    """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors.
+    ``warmup`` untimed runs of each configuration come first (on CUDA the first call of a path
+    pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth)."""
     check_policy(dtype)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
@@ -214,6 +217,9 @@ def run_bench(
     opt.record_attention = False
     kernels = opt.last.kernels
     bandwidth = read_bandwidth(device)
+    for _ in tqdm(range(warmup), desc="warm-up", disable=not warmup):
+        for c in configs:
+            runners[c](seed)
     rows: list[Row] = []
     for r in tqdm(range(repeats), desc="repeats"):
         for c in configs:
@@ -231,7 +237,9 @@ def run_bench(
     report: dict[str, Any] = {
         "environment": environment(model, device),
         "note": NOTE,
-        "settings": dict(configs=list(configs), tokens=tokens, repeats=repeats, seed=seed, text=text),
+        "settings": dict(
+            configs=list(configs), tokens=tokens, repeats=repeats, warmup=warmup, seed=seed, text=text
+        ),
         "optimized_policy": {
             "policy": opt.policy,
             "reason": opt.policy_reason,
@@ -323,7 +331,8 @@ def format_bench(report: dict[str, Any]) -> str:
     lines = [
         f"model {env['model']} on {env['device']} ({env['processor']}, {env['cpu_count']} CPUs), "
         f"torch {env['torch']}, transformers {env['transformers']}, chatterbox-tts {env['chatterbox-tts']}",
-        f"{report['settings']['tokens']} tokens, {report['settings']['repeats']} repeats, "
+        f"{report['settings']['tokens']} tokens, {report['settings']['repeats']} repeats "
+        f"(after {report['settings'].get('warmup', 0)} untimed), "
         f"medians; ratio = median / first config's median. Note: {report['note']}.",
         f"optimized policy: {report['optimized_policy']['policy']} "
         f"({report['optimized_policy']['decode']}); {report['optimized_policy']['reason']}",

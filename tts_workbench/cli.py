@@ -66,6 +66,7 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         device=args.device,
         dtype=args.dtype,
         outdir=args.out,
+        warmup=args.warmup,
     )
     return report, format_bench
 
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of upstream, optimized, upstream-stream, optimized-stream (bench.CONFIGS)",
     )
     b.add_argument("--repeats", type=_positive, default=2)
+    b.add_argument("--warmup", type=int, default=0, help="untimed runs of each config first (use 1 on CUDA)")
     b.add_argument("--dtype", default="auto", help="dtype policy of the optimized path (precision.POLICIES)")
     b.add_argument("--text", default=UPSTREAM_SENTENCE)
     b.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
