@@ -89,7 +89,9 @@ def _kernel_calls(events: list) -> list[KernelCall]:
             kernel = EAGER
         else:
             continue
-        dtype = e.input_dtypes[0].removeprefix("c10::") if e.input_dtypes else ""
+        # FunctionEvent.input_dtypes is newer than torch 2.11 (the GPU image's): "" = not recorded.
+        dtypes = getattr(e, "input_dtypes", None)
+        dtype = dtypes[0].removeprefix("c10::") if dtypes else ""
         calls.append(KernelCall(region_of(e), kernel, dtype, shape))
     return calls
 
