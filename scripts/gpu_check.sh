@@ -13,13 +13,15 @@
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
 #   GPU_CHECK_POLICIES="bfloat16"   # only some of the policies (default: bfloat16 float16 float32)
 #   GPU_CHECK_DIR=DIR               # where each step's raw JSON and stderr go (default runs/gpu_check)
+#   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0; [[ "${1:-}" == "--dry-run" ]] && DRY=1
+COMBINE=0; [[ "${1:-}" == "--combine" ]] && COMBINE=1 && DRY=2
 OUT=${GPU_CHECK_OUT:-results/gpu_check.json}
 DIR=${GPU_CHECK_DIR:-runs/gpu_check}
 CONFIGS=${GPU_CHECK_CONFIGS:-upstream,optimized,upstream-stream,optimized-stream}
-if [[ $DRY == 1 ]]; then
+if [[ $DRY != 0 ]]; then
     PY=${PYTHON:-.venv/bin/python}; MODEL=tiny; DEVICE=cpu; TOKENS=8; REPEATS=1; WARMUP=0; LIMIT=300
 else
     # The image's python3 is itself a venv holding CUDA torch: install the carried wheels into a
@@ -51,16 +53,17 @@ step() {  # step NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.er
 }
 
 POLICIES=${GPU_CHECK_POLICIES:-bfloat16 float16 float32}
-for policy in $POLICIES; do
+[[ $COMBINE == 1 ]] && POLICIES_RUN="" || POLICIES_RUN=$POLICIES
+for policy in $POLICIES_RUN; do
     step "bench-$policy" $PY -m tts_workbench.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS \
         --repeats $REPEATS --warmup $WARMUP --configs "$CONFIGS" --dtype "$policy" --out "$TMP/$policy"
 done
-step diagnose $PY -m tts_workbench.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
+[[ $COMBINE == 1 ]] || step diagnose $PY -m tts_workbench.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 
 mkdir -p "$(dirname "$OUT")"
-$PY - "$DIR" "$OUT" "$DRY" $POLICIES <<'PY'
-import json, sys
+GPU_CHECK_NOTE=${GPU_CHECK_NOTE:-} $PY - "$DIR" "$OUT" "$DRY" $POLICIES <<'PY'
+import json, os, sys
 from pathlib import Path
 from tts_workbench.bench import format_bench
 d, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
@@ -85,6 +88,7 @@ result = {
     "what": "scripts/gpu_check.sh: upstream vs optimized, full-size random weights" if not dry
     else "DRY RUN on CPU with the tiny model: not a GPU result",
     "environment": json.loads((d / f"bench-{next(iter(runs))}.json").read_text())["environment"] if first else None,
+    "note": os.environ["GPU_CHECK_NOTE"],
     "runs": runs,
     "diagnose": diagnose,
     "errors": {k: v for k, v in errors.items() if v},
