@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint lab clean
+.PHONY: venv demo test lint lab clean browser-test
 
 venv: $(STAMP)
 
@@ -27,8 +27,17 @@ demo: venv
 test: venv lint
 	$(BIN)/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
 
+# JupyterLab and TensorBoard in headless Chromium (browser_tests/): Debian's chromium and
+# chromium-driver are installed when missing (as root, or through sudo).
+browser-test: venv
+	$(BIN)/pip install -q --no-deps -r requirements-browser.lock
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+	SE_OFFLINE=true $(BIN)/python -m pytest -q browser_tests -p no:cacheprovider
+
 lint: venv
-	$(BIN)/ruff check tts_workbench tests
+	$(BIN)/ruff check tts_workbench tests browser_tests
 	$(BIN)/mypy tts_workbench
 
 lab: venv

@@ -14,6 +14,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -263,13 +264,14 @@ def start_tensorboard(logdir: str | Path, port: int | None = None, timeout: floa
         "--reload_interval",
         "5",
     ]
-    tb = TensorBoard(
-        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), url, Path(logdir)
-    )
+    # Its log goes to a file, not a pipe: a pipe nobody reads fills up and stalls the server.
+    log = tempfile.TemporaryFile()
+    tb = TensorBoard(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log), url, Path(logdir))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if tb.process.poll() is not None:
-            err = tb.process.stderr.read().decode()[-2000:] if tb.process.stderr else ""
+            log.seek(0)
+            err = log.read().decode(errors="replace")[-2000:]
             raise RuntimeError(f"tensorboard exited with code {tb.process.returncode}: {err}")
         try:
             urllib.request.urlopen(url, timeout=2).close()
