@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from chatterbox.tts import ChatterboxTTS
@@ -107,21 +108,27 @@ def test_bench_cli_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert "unknown configs ['warp-speed']" in capsys.readouterr().err
 
 
-def test_gpu_check_dry_run(tmp_path: Path) -> None:
-    # One policy keeps the test short; the GPU run does bfloat16, float16 and float32.
+def gpu_check_dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``scripts/gpu_check.sh --dry-run`` with results under tmp_path; (process, results file)."""
     env = {
         **os.environ,
         "GPU_CHECK_OUT": str(tmp_path / "gpu.json"),
         "GPU_CHECK_DIR": str(tmp_path / "steps"),
         "PYTHON": sys.executable,
-        "GPU_CHECK_POLICIES": "bfloat16",
-        "GPU_CHECK_CONFIGS": "upstream,optimized-stream",
+        **env,
     }
     p = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True
     )
+    return p, json.loads((tmp_path / "gpu.json").read_text())
+
+
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    # One policy and two configs keep the test short; the GPU run does three policies, four configs.
+    p, result = gpu_check_dry_run(
+        tmp_path, GPU_CHECK_POLICIES="bfloat16", GPU_CHECK_CONFIGS="upstream,optimized-stream"
+    )
     assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
-    result = json.loads((tmp_path / "gpu.json").read_text())
     assert "DRY RUN" in result["what"] and set(result["runs"]) == {"bfloat16"} and result["errors"] == {}
     run = result["runs"]["bfloat16"]
     assert run["policy"]["policy"] == "bfloat16"
@@ -133,17 +140,7 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
 
 def test_gpu_check_records_a_failed_step(tmp_path: Path) -> None:
     # A step that fails is recorded with its stderr, the others still run, the exit code says so.
-    env = {
-        **os.environ,
-        "GPU_CHECK_OUT": str(tmp_path / "gpu.json"),
-        "GPU_CHECK_DIR": str(tmp_path / "steps"),
-        "PYTHON": sys.executable,
-        "GPU_CHECK_POLICIES": "no-such-policy",
-    }
-    p = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+    p, result = gpu_check_dry_run(tmp_path, GPU_CHECK_POLICIES="no-such-policy")
     assert p.returncode == 1
-    result = json.loads((tmp_path / "gpu.json").read_text())
     assert result["runs"] == {} and "no-such-policy" in result["errors"]["bench-no-such-policy"]
     assert result["diagnose"]["kernels"]
