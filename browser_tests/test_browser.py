@@ -118,7 +118,8 @@ PANEL = "const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
 
 def run_all_cells(driver: WebDriver, lab: Lab, name: str) -> list[dict[str, Any]]:
     """Open a notebook in JupyterLab, wait for its kernel, run all cells; the cells as saved JSON."""
-    driver.get(f"{lab.url}/lab/tree/notebooks/{name}.ipynb?token={lab.token}")
+    # reset: start from an empty workspace, not the tabs a previous session left open.
+    driver.get(f"{lab.url}/lab/tree/notebooks/{name}.ipynb?token={lab.token}&reset")
     WebDriverWait(driver, 120).until(
         lambda d: d.execute_script(
             PANEL + "const k = w && w.sessionContext && w.sessionContext.session"

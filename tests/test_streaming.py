@@ -207,3 +207,5 @@ def test_bench_stream_row_times_t3_from_its_decode_stats(tts: ChatterboxTTS) -> 
     row = run_stream(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2), TEXT, 30, 0)
     assert row["t3_prefill_s"] > 0 and 0 < row["t3_step_s"] < row["wall_s"]
     assert row["s3gen_calls"] >= 1 and row["ttfa_s"] <= row["wall_s"]
+    # Tokens sampled, as the one-shot rows count them (random weights never stop before the cap).
+    assert row["t3_tokens"] == 30

@@ -271,7 +271,7 @@ def run_stream(
         ttfa_s=s["ttfa_s"],
         wall_s=s["wall_s"],
         audio_s=s["audio_s"],
-        t3_tokens=len(state.tokens),
+        t3_tokens=state.t3.steps,  # sampled, like the one-shot rows (state.tokens keeps valid ones)
         t3_prefill_s=state.t3.prefill_s,
         t3_step_s=state.t3.step_s,
         s3gen_calls=s["s3gen_calls"],
