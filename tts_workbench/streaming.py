@@ -33,7 +33,7 @@ from chatterbox.tts import ChatterboxTTS
 from .decode import DecodePlan, DecodeStats, decode_blocks, text_tokens
 from .latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from .plots import save
-from .vocode import flow_mels, vocoder
+from .vocode import fade_in, flow_mels, vocoder
 
 TOKENS_PER_S = 25
 FRAMES_PER_TOKEN = 2  # S3Gen mel frames per speech token
@@ -289,13 +289,6 @@ def _s3gen(
     return wav[0].cpu().numpy(), source, t1 - t0, t2 - t1
 
 
-def _fade_in(tts: ChatterboxTTS, wav: np.ndarray) -> None:
-    """Upstream's fade-in over the first 40 ms (hides spill-over from the reference prompt)."""
-    with torch.inference_mode():
-        trim = tts.s3gen.trim_fade.cpu().numpy()
-    wav[: len(trim)] *= trim[: len(wav)]
-
-
 def _naive(
     tts: ChatterboxTTS,
     gen: dict[str, Any],
@@ -317,7 +310,7 @@ def _naive(
         new = state.tokens[done:]
         context = state.tokens[max(0, done - config.context_tokens) : done]
         wav, _, flow_s, voc_s = _s3gen(tts, gen, context + new, None, amp)
-        _fade_in(tts, wav)  # upstream S3Gen.inference fades every call in
+        fade_in(tts.s3gen, torch.from_numpy(wav))  # upstream S3Gen.inference fades every call in
         chunk = wav[int(len(context) * len(wav) / (len(context) + len(new))) :].copy()
         if done and fade:  # the fork's fade-in at every seam but the first
             chunk[:fade] *= np.linspace(0.0, 1.0, min(fade, len(chunk)), dtype=np.float32)
@@ -373,7 +366,7 @@ def _buffered(
         wav, source, flow_s, voc_s = _s3gen(tts, gen, state.tokens[s:e], noise, amp, cache)
         prev = (s, e, source)
         if begin == 0:
-            _fade_in(tts, wav)  # as upstream one-shot
+            fade_in(tts.s3gen, torch.from_numpy(wav))  # as upstream one-shot
         lo = begin * SAMPLES_PER_TOKEN - (c // 2 if begin else 0)
         hi = end * SAMPLES_PER_TOKEN + (0 if final else c // 2)
         seg = wav[lo - s * SAMPLES_PER_TOKEN : hi - s * SAMPLES_PER_TOKEN].copy()
@@ -408,7 +401,7 @@ def one_shot(
     n = len(state.tokens)
     noise = state.noise[:, :, : n * FRAMES_PER_TOKEN] if state.noise is not None else None
     wav, _, _, _ = _s3gen(tts, gen, state.tokens, noise, amp)
-    _fade_in(tts, wav)
+    fade_in(tts.s3gen, torch.from_numpy(wav))
     return wav
 
 

@@ -69,10 +69,17 @@ def vocoder(
     return wav.float(), source
 
 
+def fade_in(s3gen: S3Gen, wav: torch.Tensor) -> None:
+    """Upstream's fade-in over the first 40 ms of ``wav`` (..., samples), in place: it hides the
+    spill-over from the reference prompt at the start of every ``S3Gen.inference`` output."""
+    with torch.no_grad():
+        n = min(len(s3gen.trim_fade), wav.shape[-1])
+        wav[..., :n] *= s3gen.trim_fade[:n].to(wav)
+
+
 def s3gen_inference(s3gen: S3Gen, tokens: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
     """Upstream ``S3Gen.inference`` (flow, vocoder, fade-in over the reference spill-over)."""
     with torch.inference_mode():
         wav, _ = vocoder(s3gen, flow_mels(s3gen, tokens, gen))
-        fade = s3gen.trim_fade.to(wav)
-        wav[:, : len(fade)] *= fade
+        fade_in(s3gen, wav)
     return wav
