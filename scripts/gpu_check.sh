@@ -9,7 +9,9 @@
 # Each step runs on its own with a time limit: one that fails or runs out is recorded with the
 # end of its stderr and the next one still runs. Everything lands in one results file.
 #
-#   scripts/gpu_check.sh            # on the GPU machine (about 6 minutes on an H200)
+#   scripts/gpu_check.sh            # on the GPU machine; on an H200 one policy's bench took 212 s
+#                                   # (half of it building the two full-size models), so all three
+#                                   # plus the diagnosis need ~12 min: split them over two calls
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
 #   GPU_CHECK_POLICIES="bfloat16"   # only some of the policies (default: bfloat16 float16 float32)
 #   GPU_CHECK_DIR=DIR               # where each step's raw JSON and stderr go (default runs/gpu_check)
