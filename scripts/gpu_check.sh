@@ -13,7 +13,8 @@
 #                                   # (half of it building the two full-size models), so all three
 #                                   # plus the diagnosis need ~12 min: split them over two calls
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
-#   GPU_CHECK_POLICIES="bfloat16"   # only some of the policies (default: bfloat16 float16 float32)
+#   GPU_CHECK_POLICIES="bfloat16"   # only some of the policies (default: bfloat16 float16 float32; "" for none)
+#   GPU_CHECK_DIAGNOSE=0            # skip the diagnosis step
 #   GPU_CHECK_DIR=DIR               # where each step's raw JSON and stderr go (default runs/gpu_check)
 #   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
 set -uo pipefail
@@ -54,13 +55,13 @@ step() {  # step NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.er
     [[ $rc == 0 ]] || tail -5 "$DIR/$name.err" >&2
 }
 
-POLICIES=${GPU_CHECK_POLICIES:-bfloat16 float16 float32}
+POLICIES=${GPU_CHECK_POLICIES-bfloat16 float16 float32}
 [[ $COMBINE == 1 ]] && POLICIES_RUN="" || POLICIES_RUN=$POLICIES
 for policy in $POLICIES_RUN; do
     step "bench-$policy" $PY -m tts_workbench.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS \
         --repeats $REPEATS --warmup $WARMUP --configs "$CONFIGS" --dtype "$policy" --out "$TMP/$policy"
 done
-[[ $COMBINE == 1 ]] || step diagnose $PY -m tts_workbench.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
+[[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-1} == 0 ]] || step diagnose $PY -m tts_workbench.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 
 mkdir -p "$(dirname "$OUT")"
@@ -70,7 +71,9 @@ from pathlib import Path
 from tts_workbench.bench import format_bench
 d, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
 
-def load(name):
+def load(name):  # (result, None), (None, error text), or (None, None) for a step not run
+    if not (d / f"{name}.json").exists() and not (d / f"{name}.err").exists():
+        return None, None
     try:
         return json.loads((d / f"{name}.json").read_text()), None
     except (OSError, ValueError):
