@@ -34,10 +34,11 @@ browser-test: venv
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+	$(BIN)/ruff check browser_tests && $(BIN)/mypy browser_tests
 	SE_OFFLINE=true $(BIN)/python -m pytest -q browser_tests -p no:cacheprovider
 
 lint: venv
-	$(BIN)/ruff check tts_workbench tests browser_tests
+	$(BIN)/ruff check tts_workbench tests
 	$(BIN)/mypy tts_workbench
 
 lab: venv
