@@ -15,11 +15,7 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +29,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tts_workbench.profiling import free_port, start_tensorboard
+from tts_workbench.profiling import Server, free_port, start_server, start_tensorboard
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "browser"
@@ -43,24 +39,12 @@ SPINNER = "[role=progressbar]"
 
 
 @dataclass
-class Lab:
-    process: subprocess.Popen[bytes]
-    url: str
+class Lab(Server):
     token: str
     root: Path
 
-    def stop(self) -> None:
-        """SIGTERM by pid (the server shuts its kernels down), SIGKILL to the group if it hangs."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
-
-def start_lab(root: Path, timeout: float = 120.0) -> Lab:
+def start_lab(root: Path) -> Lab:
     port, token = free_port(), secrets.token_hex(16)
     cmd = [
         sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
@@ -68,21 +52,10 @@ def start_lab(root: Path, timeout: float = 120.0) -> Lab:
         f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
         *(["--allow-root"] if os.geteuid() == 0 else []),  # CI runs as root
     ]  # fmt: skip
-    log = (RUNS / "jupyterlab.log").open("wb")
-    # Its own process group, so a hung server and its kernels can be killed together.
-    lab = Lab(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
-              f"http://127.0.0.1:{port}", token, root)  # fmt: skip
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if lab.process.poll() is not None:
-            raise RuntimeError(f"jupyter lab exited: see {RUNS / 'jupyterlab.log'}")
-        try:
-            urllib.request.urlopen(f"{lab.url}/api/status?token={token}", timeout=2).close()
-            return lab
-        except OSError:
-            time.sleep(0.5)
-    lab.stop()
-    raise TimeoutError(f"jupyter lab did not answer within {timeout:.0f} s")
+    url = f"http://127.0.0.1:{port}"
+    log = (RUNS / "jupyterlab.log").open("w+b")
+    server = start_server(cmd, url, log, ready=f"/api/status?token={token}", timeout=120)
+    return Lab(server.process, server.url, token, root)
 
 
 @pytest.fixture(scope="module")

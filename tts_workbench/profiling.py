@@ -11,6 +11,8 @@ import bisect
 import gzip
 import itertools
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from chatterbox.tts import ChatterboxTTS
@@ -199,21 +201,50 @@ def format_trace_table(table: dict[str, list[OpRow]]) -> str:
 
 
 @dataclass
-class TensorBoard:
-    """A TensorBoard server this process started; ``stop()`` ends it by its process id."""
+class Server:
+    """A local server this process started (``start_server``); ``stop()`` ends it by its pid."""
 
     process: subprocess.Popen[bytes]
     url: str
-    logdir: Path
 
     def stop(self) -> None:
+        """SIGTERM by pid; if it has not exited within 30 s, SIGKILL to its process group."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def start_server(
+    cmd: Sequence[str], url: str, log: IO[bytes], ready: str = "", timeout: float = 60.0
+) -> Server:
+    """Start ``cmd`` in its own process group, its output to ``log`` (a file, not a pipe: a pipe
+    nobody reads fills up and stalls the server); return once ``url + ready`` answers."""
+    server = Server(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), url)
+    name = " ".join(cmd[:3])  # e.g. "python -m tensorboard.main"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            log.seek(0)
+            err = log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited with code {server.process.returncode}: {err}")
+        try:
+            urllib.request.urlopen(url + ready, timeout=2).close()
+            return server
+        except OSError:
+            time.sleep(0.5)
+    server.stop()
+    raise TimeoutError(f"{name} did not answer on {url} within {timeout:.0f} s")
+
+
+@dataclass
+class TensorBoard(Server):
+    """A TensorBoard server this process started, with the PyTorch Profiler plugin's API."""
+
+    logdir: Path
 
     def profiler(self, route: str, **params: str) -> Any:
         """GET a route of the PyTorch Profiler plugin's JSON API."""
@@ -264,22 +295,8 @@ def start_tensorboard(logdir: str | Path, port: int | None = None, timeout: floa
         "--reload_interval",
         "5",
     ]
-    # Its log goes to a file, not a pipe: a pipe nobody reads fills up and stalls the server.
-    log = tempfile.TemporaryFile()
-    tb = TensorBoard(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log), url, Path(logdir))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if tb.process.poll() is not None:
-            log.seek(0)
-            err = log.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"tensorboard exited with code {tb.process.returncode}: {err}")
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return tb
-        except OSError:
-            time.sleep(0.5)
-    tb.stop()
-    raise TimeoutError(f"tensorboard did not answer on {url} within {timeout:.0f} s")
+    server = start_server(cmd, url, tempfile.TemporaryFile(), timeout=timeout)
+    return TensorBoard(server.process, server.url, Path(logdir))
 
 
 def profile_generation(
