@@ -84,6 +84,7 @@ def test_stop_token_ends_the_stream_like_upstream(
     ours = t3_decode(tiny_tts.t3, cond, text, max_new_tokens=60, stop_check_every=every)
     assert upstream[0, -1] == tiny_tts.t3.hp.stop_speech_token and upstream.size(1) < 60
     assert ours.stopped and torch.equal(upstream, ours.tokens)
+    assert ours.steps == ours.tokens.size(1)  # the stats count exactly the tokens returned
 
 
 def test_bfloat16_decode_copy_leaves_the_model_alone(tiny_tts: ChatterboxTTS) -> None:

@@ -89,25 +89,6 @@ class DecodePlan:
         return f"prefill {dtype_name(self.prefill.dtype)}, decode {dtype_name(self.decode.dtype)}"
 
 
-@dataclass
-class DecodeResult:
-    """Tokens of the conditional stream (stop token included when one was sampled)."""
-
-    tokens: torch.Tensor  # (1, n) long
-    stopped: bool
-    prefill_s: float
-    decode_s: float
-
-    @property
-    def steps(self) -> int:
-        return self.tokens.size(1)
-
-    @property
-    def step_s(self) -> float:
-        """Mean seconds per decode step (the first token comes from the prefill)."""
-        return self.decode_s / max(self.steps - 1, 1)
-
-
 def _cast_cache(past: Any, dtype: torch.dtype) -> None:
     """Cast every key/value tensor of a transformers cache in place (prefill → decode dtype)."""
     for layer in past.layers:
@@ -143,6 +124,13 @@ class DecodeStats:
     def step_s(self) -> float:
         """Mean seconds per decode step (the first token comes from the prefill)."""
         return self.decode_s / max(self.steps - 1, 1)
+
+
+@dataclass(kw_only=True)
+class DecodeResult(DecodeStats):
+    """The stats plus the tokens of the conditional stream (stop token included when sampled)."""
+
+    tokens: torch.Tensor  # (1, steps) long
 
 
 def decode_blocks(
@@ -244,9 +232,4 @@ def t3_decode(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, **kwargs: Any)
     """All tokens of ``decode_blocks`` at once (keyword arguments as there)."""
     stats = DecodeStats()
     blocks = list(decode_blocks(t3, t3_cond, text_tokens, stats=stats, **kwargs))
-    return DecodeResult(
-        tokens=torch.cat(blocks, dim=1),
-        stopped=stats.stopped,
-        prefill_s=stats.prefill_s,
-        decode_s=stats.decode_s,
-    )
+    return DecodeResult(tokens=torch.cat(blocks, dim=1), **vars(stats))
