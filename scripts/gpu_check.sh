@@ -80,19 +80,19 @@ def load(name):  # (result, None), (None, error text), or (None, None) for a ste
         err = (d / f"{name}.err").read_text() if (d / f"{name}.err").exists() else ""
         return None, err[-3000:] or "no output"
 
-runs, errors = {}, {}
+runs, errors, environment = {}, {}, None
 for p in sys.argv[4:]:
     r, errors[f"bench-{p}"] = load(f"bench-{p}")
     if r:
+        environment = environment or r["environment"]
         runs[p] = {"policy": r["optimized_policy"], "attention_kernels_optimized": r["attention_kernels_optimized"],
                    "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
                    "settings": r["settings"], "summary": r["summary"], "table": format_bench(r).splitlines()}
 diagnose, errors["diagnose"] = load("diagnose")
-first = next(iter(runs.values()), None)
 result = {
     "what": "scripts/gpu_check.sh: upstream vs optimized, full-size random weights" if not dry
     else "DRY RUN on CPU with the tiny model: not a GPU result",
-    "environment": json.loads((d / f"bench-{next(iter(runs))}.json").read_text())["environment"] if first else None,
+    "environment": environment,
     "note": os.environ["GPU_CHECK_NOTE"],
     "runs": runs,
     "diagnose": diagnose,
