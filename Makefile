@@ -40,6 +40,7 @@ browser-test: venv
 lint: venv
 	$(BIN)/ruff check tts_workbench tests
 	$(BIN)/mypy tts_workbench
+	$(BIN)/lint-imports
 
 lab: venv
 	$(BIN)/jupyter lab notebooks

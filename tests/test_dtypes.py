@@ -10,8 +10,9 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
+from tts_workbench.constants import parse_dtype
 from tts_workbench.diagnose import diagnose_precision
-from tts_workbench.dtypes import autocast_or_refuse, census, conditionals_census, parse_dtype, trace_dtypes
+from tts_workbench.dtypes import autocast_or_refuse, census, conditionals_census, trace_dtypes
 from tts_workbench.generation import generate, prepare_voice
 from tts_workbench.sources import load_model
 
@@ -34,7 +35,9 @@ def test_float16_linear_fed_float32_is_named_and_the_error_propagates() -> None:
         net(torch.randn(1, 4))
     assert trace.failure is not None and trace.failure.module == "proj"
     assert trace.failure.inputs == ["float32"] and trace.failure.weight == "float16"
-    assert trace.first_mismatch is trace.failure
+    # Recorded when the call started, before it raised.
+    first = trace.first_mismatch
+    assert first is not None and first.module == "proj" and getattr(first, "mismatch", "") == "input/weight"
     assert any("dtype trace: proj" in n for n in info.value.__notes__)
     assert _no_hooks(net)
 
@@ -51,7 +54,7 @@ def test_clean_float32_has_no_mismatch_and_hooks_are_removed() -> None:
     with trace_dtypes(net) as trace:
         net(torch.randn(1, 4))
     assert trace.first_mismatch is None and trace.failure is None
-    assert [r.module for r in trace.records] == ["proj", "act", "head", "(root)"]
+    assert [r.module for r in trace.records] == ["(root)", "proj", "act", "head"]  # in call order
     assert _no_hooks(net)
 
 
@@ -129,7 +132,13 @@ def test_unknown_dtype_and_unsupported_autocast() -> None:
 def half_report(reference_wav: Path) -> dict:
     tts = load_model("tiny")
     prepare_voice(tts, str(reference_wav))
-    return diagnose_precision(tts, str(reference_wav), torch.float16, tokens=8)
+    before = {k: v.clone() for k, v in tts.t3.state_dict().items()}
+    report = diagnose_precision(tts, str(reference_wav), torch.float16, tokens=8)
+    # The diagnosis casts a copy: the caller's model is as it was.
+    after = tts.t3.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
+    assert tts.conds is not None and tts.conds.t3.speaker_emb.dtype == torch.float32
+    return report
 
 
 def test_upstream_float16_path_fails_where_measured(half_report: dict) -> None:
@@ -147,3 +156,34 @@ def test_float32_precision_report_is_clean(reference_wav: Path) -> None:
     report = diagnose_precision(tts, str(reference_wav), torch.float32, tokens=8)
     for stage in report["stages"].values():
         assert stage["error"] is None and stage["mismatches"] == [] and stage["first_mismatch"] is None
+
+
+class _Half(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_failure_is_kept_when_the_user_catches_it_inside_the_block() -> None:
+    model = _Half()
+    with trace_dtypes(model) as t:
+        try:
+            model(torch.ones(2, 4))  # float32 into float16 weights: raises inside inner
+        except RuntimeError:
+            pass
+    assert t.failure is not None and t.failure.module == "inner" and t.failure.weight == "float16"
+    assert t.failure.inputs == ["float32"] and "RuntimeError" in t.failure.error
+    first = t.first_mismatch
+    assert first is not None and first.module == "inner" and first.inputs == ["float32"]
+
+
+def test_mismatch_in_a_module_that_never_raises_is_recorded_at_call_start() -> None:
+    model = nn.Sequential(nn.Linear(4, 4).to(torch.bfloat16))
+    with trace_dtypes(model) as t, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.ones(2, 4))  # autocast makes it run: no error, but the inputs were float32
+    assert t.failure is None
+    assert [(r.module, r.mismatch) for r in t.mismatches] == [("0", "autocast")]
+    assert t.mismatches[0].outputs == ["bfloat16"]  # completed at return

@@ -9,8 +9,9 @@ import pytest
 import soundfile as sf
 from chatterbox.tts import ChatterboxTTS
 
+from tts_workbench.errors import EmptyTextError, NoVoiceError, SourceError
 from tts_workbench.generation import generate, timed, token_cap
-from tts_workbench.sources import SourceError, check_reference
+from tts_workbench.sources import check_reference
 
 
 def test_same_seed_same_tokens_and_audio(tiny_tts: ChatterboxTTS) -> None:
@@ -27,15 +28,19 @@ def test_cap_not_stop_token_ends_random_weights(tiny_tts: ChatterboxTTS) -> None
     valid = 40 - r.invalid_tokens
     # S3Gen makes 2 mel frames per token, HiFT 480 samples per frame (24 kHz)
     assert len(r.wav) == valid * 2 * 480
-    assert set(r.seconds) == {"t3", "s3gen.flow", "s3gen.vocoder", "watermark"}
+    assert set(r.seconds) == {"t3", "t3.prefill", "s3gen.flow", "s3gen.vocoder", "watermark"}
+    assert 0 < r.seconds["t3.prefill"] < r.seconds["t3"]
     assert r.rtf > 0
 
 
-def test_150_tokens_through_t3_and_s3gen_in_under_5_s(tiny_tts: ChatterboxTTS) -> None:
+def test_phase_times_add_up_to_the_wall_time(tiny_tts: ChatterboxTTS) -> None:
     r = generate(tiny_tts, max_new_tokens=150)
     assert len(r.speech_tokens) == 150
-    compute = r.seconds["t3"] + r.seconds["s3gen.flow"] + r.seconds["s3gen.vocoder"]
-    assert compute < 5.0, r.seconds
+    phases = sum(v for k, v in r.seconds.items() if k != "t3.prefill")  # the prefill is inside t3
+    # The phases are disjoint parts of the wall time; what is left is upstream's glue (text
+    # normalisation, tokenising, dropping invalid ids), never negative.
+    assert phases <= r.wall_s
+    assert phases > 0.5 * r.wall_s, (r.seconds, r.wall_s)
 
 
 def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:
@@ -45,8 +50,15 @@ def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:
 
 
 def test_empty_text(tiny_tts: ChatterboxTTS) -> None:
-    with pytest.raises(SourceError, match="text is empty"):
+    with pytest.raises(EmptyTextError, match="text is empty"):
         generate(tiny_tts, "   ")
+
+
+def test_no_voice() -> None:
+    from tts_workbench.sources import load_model
+
+    with pytest.raises(NoVoiceError, match="prepare_voice"):
+        generate(load_model("tiny"), "Hello.")
 
 
 def test_bad_cap(tiny_tts: ChatterboxTTS) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,9 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from tts_workbench.attention import record_kernels
 from tts_workbench.decode import DecodePlan, T3Parts, t3_decode
-from tts_workbench.generation import generate, shadow
+from tts_workbench.errors import SourceError
+from tts_workbench.generation import generate
 from tts_workbench.optimized import PerformanceOptimizedTTS
-from tts_workbench.sources import SourceError, load_model, make_reference_wav, save_checkpoint
+from tts_workbench.patching import shadow
+from tts_workbench.sources import load_model, make_reference_wav, save_checkpoint
 from tts_workbench.vocode import s3gen_inference
 
 TEXT = "Hello there, this is a test."
@@ -102,7 +105,7 @@ def test_no_dtype_error_for_any_checkpoint(
     folders: dict[str, Path], short_ref: Path, ckpt: str, mode: str
 ) -> None:
     policy = "keep" if mode == "plain" else "autocast-bfloat16"
-    tts = PerformanceOptimizedTTS.from_local(folders[ckpt], dtype=policy, record_attention=False)
+    tts = PerformanceOptimizedTTS.from_local(folders[ckpt], dtype=policy)
     torch.manual_seed(0)
     wav = tts.generate(TEXT, max_new_tokens=10)  # conds.pt from the folder
     assert wav.dtype == torch.float32 and wav.shape[1] > 0 and torch.isfinite(wav).all()
@@ -119,9 +122,7 @@ def test_half_cast_model_runs(short_ref: Path) -> None:
     tts = load_model("tiny")
     for module in (tts.t3, tts.s3gen, tts.ve):
         module.half()  # what users try first, and what upstream cannot run
-    opt = PerformanceOptimizedTTS.from_model(
-        tts, record_attention=False
-    )  # auto: a float16 model keeps float16
+    opt = PerformanceOptimizedTTS.from_model(tts)  # auto: a float16 model keeps float16
     wav = opt.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=10)
     assert torch.isfinite(wav).all()
     assert opt.policy == "keep" and opt.performance_info()["model_dtype"] == "float16"
@@ -129,7 +130,9 @@ def test_half_cast_model_runs(short_ref: Path) -> None:
 
 
 def test_performance_info_reports_what_ran(folders: dict[str, Path]) -> None:
-    tts = PerformanceOptimizedTTS.from_local(folders["float32"], dtype="decode-bfloat16")
+    tts = PerformanceOptimizedTTS.from_local(
+        folders["float32"], dtype="decode-bfloat16", record_attention=True
+    )
     torch.manual_seed(0)
     tts.generate(TEXT, max_new_tokens=12)
     info = tts.performance_info()
@@ -140,14 +143,15 @@ def test_performance_info_reports_what_ran(folders: dict[str, Path]) -> None:
         "target_dtype",
         "component_dtypes",
         "float32_islands",
-        "attention",
+        "attention_configured",
+        "last_generation",
         "memory",
     ):
         assert key in info
     assert info["flash_attention_available"] is False  # CPU: no CUDA Flash kernel
     assert info["target_dtype"] == "bfloat16" and info["model_dtype"] == "float32"
-    decode = info["attention"]["last_generation"]["t3.decode"]
-    prefill = info["attention"]["last_generation"]["t3.prefill"]
+    decode = info["last_generation"]["kernels"]["t3.decode"]
+    prefill = info["last_generation"]["kernels"]["t3.prefill"]
     # 11 decode steps after the prefill, each runs one SDPA per layer, and in the dtype of the copy.
     layers = tts.tts.t3.cfg.num_hidden_layers
     assert decode == {"flash (CPU) [BFloat16]": 11 * layers}
@@ -176,15 +180,17 @@ def test_float16_export_halves_parameter_bytes(folders: dict[str, Path]) -> None
 
 def test_auto_policy_measures_and_picks_the_fastest(folders: dict[str, Path]) -> None:
     tts = PerformanceOptimizedTTS.from_local(folders["float32"])
-    measured = tts.policy_measured
+    measured = tts.policy_choice.measured
     assert set(measured) == {"float32", "decode-bfloat16"}
-    assert all(m["step_s"] > 0 and m["prefill_s"] > 0 for m in measured.values())
+    # Each phase is a torch.utils.benchmark Measurement over 3 synchronised runs: it has a spread.
+    assert all(len(m[p].times) == 3 and m[p].median > 0 for m in measured.values() for p in m)
 
     def cost(c: str) -> float:
-        return measured[c]["prefill_s"] + 200 * measured[c]["step_s"]
+        return measured[c]["prefill_s"].median + 200 * measured[c]["step_s"].median
 
     assert tts.policy == min(measured, key=cost)
-    assert "measured" in tts.policy_reason
+    assert "measured" in tts.policy_choice.reason
+    assert tts.performance_info()["policy_measured"] == tts.policy_choice.summary()
 
 
 def test_optimize_false_is_upstream(folders: dict[str, Path]) -> None:
@@ -253,3 +259,43 @@ def test_s3gen_with_exact_ids_matches_upstream_in_float32(tiny_tts: ChatterboxTT
     want, _ = tiny_tts.s3gen.inference(speech_tokens=tokens, ref_dict=dict(gen))
     torch.manual_seed(5)
     assert torch.equal(s3gen_inference(tiny_tts.s3gen, tokens, gen), want)
+
+
+def _state(tts: ChatterboxTTS) -> dict[str, torch.Tensor]:
+    return {
+        f"{n}.{k}": v.clone()
+        for n, m in (("ve", tts.ve), ("t3", tts.t3), ("s3gen", tts.s3gen))
+        for k, v in m.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "decode-bfloat16", "autocast-bfloat16"])
+def test_close_gives_the_model_back_exactly(reference_wav: Path, policy: str) -> None:
+    tts = load_model("tiny", seed=0)
+    tts.prepare_conditionals(str(reference_wav))
+    want = generate(tts, TEXT, max_new_tokens=12, seed=5).wav  # (upstream adds t3.patched_model)
+    before, conds = _state(tts), tts.conds
+    speaker = conds.t3.speaker_emb.clone()
+    with PerformanceOptimizedTTS(tts, policy=policy) as opt:
+        opt.generate(TEXT, max_new_tokens=8)
+        assert "forward" in vars(tts.ve)  # an island's shadow is installed while open
+        if policy == "bfloat16":
+            assert next(tts.t3.parameters()).dtype == torch.bfloat16
+    after = _state(tts)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert not {"forward", "inference", "mel_extractor"} & (vars(tts.ve).keys() | vars(tts.s3gen).keys())
+    assert not {"inference", "forward"} & (vars(tts.s3gen.mel2wav).keys() | vars(tts.s3gen.tokenizer).keys())
+    assert tts.conds is conds and torch.equal(conds.t3.speaker_emb, speaker)
+    assert conds.t3.speaker_emb.dtype == torch.float32
+    got = generate(tts, TEXT, max_new_tokens=12, seed=5).wav  # upstream on it: as before wrapping
+    assert np.array_equal(got, want)
+
+
+def test_the_wrapper_does_not_record_kernels_unless_asked(tiny_tts: ChatterboxTTS) -> None:
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32") as opt:
+        opt.generate(TEXT, max_new_tokens=4)
+        assert opt.last.kernels == {}  # no profiler in the fast path
+        opt.record_attention = True
+        opt.generate(TEXT, max_new_tokens=4)
+        assert "t3.decode" in opt.last.kernels

@@ -14,12 +14,13 @@ import pytest
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench import bench
-from tts_workbench.bench import run_upstream as bench_run_upstream
+from tts_workbench.bench import run_pipeline as bench_run_pipeline
 from tts_workbench.cli import main
 from tts_workbench.latency import StreamReport
+from tts_workbench.optimized import UpstreamTTS
+from tts_workbench.profile_report import profile_generation
 from tts_workbench.profiling import (
     long_run_schedule,
-    profile_generation,
     profile_run,
     profiled_chunks,
     start_tensorboard,
@@ -87,7 +88,13 @@ def test_bench_cli_tiny(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    monkeypatch.setattr(bench, "run_upstream", lambda *a: calls.append(a) or bench_run_upstream(*a))
+
+    def counted(pipeline: Any, *a: Any) -> dict[str, Any]:
+        if isinstance(pipeline, UpstreamTTS):
+            calls.append(a)
+        return bench_run_pipeline(pipeline, *a)
+
+    monkeypatch.setattr(bench, "run_pipeline", counted)
     args = ["bench", "--model", "tiny", "--configs", "upstream,optimized", "--tokens", "20", "--repeats", "2"]
     assert main([*args, "--dtype", "decode-bfloat16", "--warmup", "1", "--json", "--out", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)

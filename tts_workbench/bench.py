@@ -18,19 +18,23 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.utils.benchmark import Timer
 from tqdm.auto import tqdm
 
+from .clock import now
+from .constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
 from .decode import T3Parts
-from .generation import UPSTREAM_SENTENCE, generate, prepare_voice, shadow
-from .optimized import PerformanceOptimizedTTS
+from .errors import ConfigError
+from .generation import prepare_voice
+from .latency import snr_db
+from .optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
 from .precision import check_policy
-from .profiling import t3_phase
-from .sources import dtype_name, load_model, make_reference_wav
-from .streaming import StreamConfig, stream_all
+from .sources import load_model, make_reference_wav
+from .streaming import StreamConfig, one_shot, quality, stream_all
 
 CONFIGS = ("upstream", "optimized", "upstream-stream", "optimized-stream")
 NOTE = "random weights: timing is realistic (same shapes and kernels), the audio is meaningless"
@@ -96,53 +100,17 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
             peak["cuda"] = torch.cuda.max_memory_allocated(device)
 
 
-@contextmanager
-def prefill_timer(tfmr: torch.nn.Module) -> Iterator[dict[str, float]]:
-    """Seconds spent in transformer calls over more than one new position (the prefill)."""
-    spent = {"prefill_s": 0.0}
-
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if t3_phase(args, kwargs) == "t3.prefill":
-                spent["prefill_s"] += time.perf_counter() - t0
-            return out
-
-        return inner
-
-    with shadow(tfmr, "forward", wrap):
-        yield spent
-
-
-def run_upstream(tts: ChatterboxTTS, text: str, tokens: int, seed: int) -> dict[str, Any]:
-    with prefill_timer(tts.t3.tfmr) as pre:
-        r = generate(tts, text, max_new_tokens=tokens, seed=seed)
-    n = len(r.speech_tokens)
-    t3 = r.seconds.get("t3", 0.0)
-    return dict(
-        ttfa_s=r.wall_s,
-        wall_s=r.wall_s,
-        audio_s=r.audio_s,
-        t3_tokens=n,
-        t3_prefill_s=pre["prefill_s"],
-        t3_step_s=(t3 - pre["prefill_s"]) / max(n - 1, 1),
-        s3gen_calls=1,
-        s3gen_s=r.seconds.get("s3gen.flow", 0.0) + r.seconds.get("s3gen.vocoder", 0.0),
-    )
-
-
-def run_optimized(opt: PerformanceOptimizedTTS, text: str, tokens: int, seed: int) -> dict[str, Any]:
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    wav = opt.generate(text, max_new_tokens=tokens)
-    wall = time.perf_counter() - t0
-    s = opt.last.seconds
+def run_pipeline(pipeline: Pipeline, text: str, tokens: int, seed: int) -> dict[str, Any]:
+    """One capped one-shot generation; the row's fields from the pipeline's ``last`` run."""
+    t0 = now(pipeline.device)
+    wav = pipeline.generate(text, max_new_tokens=tokens, seed=seed)
+    wall = now(pipeline.device) - t0
+    s = pipeline.last.seconds
     return dict(
         ttfa_s=wall,
         wall_s=wall,
-        audio_s=wav.shape[1] / opt.tts.sr,
-        t3_tokens=opt.last.tokens,
+        audio_s=wav.shape[1] / SAMPLE_RATE,
+        t3_tokens=pipeline.last.tokens,
         t3_prefill_s=s["t3.prefill"],
         t3_step_s=s["t3.step"],
         s3gen_calls=1,
@@ -191,45 +159,45 @@ def run_bench(
     check_policy(dtype)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
-        raise ValueError(f"unknown configs {unknown}: choose from {', '.join(CONFIGS)}")
+        raise ConfigError(f"unknown configs {unknown}: choose from {', '.join(CONFIGS)}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     reference = reference or str(make_reference_wav(outdir / "reference.wav"))
     # Two copies of the same weights (same seed or folder): upstream as upstream loads it
     # (float32), and the optimized wrapper with its own dtype policy.
-    upstream = load_model(model, device, seed)
-    for m in (upstream.t3, upstream.s3gen, upstream.ve):
+    upstream_model = load_model(model, device, seed)
+    for m in (upstream_model.t3, upstream_model.s3gen, upstream_model.ve):
         m.float()
-    prepare_voice(upstream, reference)
-    opt = PerformanceOptimizedTTS.from_model(
-        load_model(model, device, seed), dtype=dtype, record_attention=False
-    )
+    prepare_voice(upstream_model, reference)
+    upstream = UpstreamTTS(upstream_model)
+    opt = PerformanceOptimizedTTS(load_model(model, device, seed), policy=dtype)
     opt.prepare_conditionals(reference)
     dev = torch.device(device)
     runners: dict[str, Callable[[int], dict[str, Any]]] = {
-        "upstream": lambda s: run_upstream(upstream, text, tokens, s),
-        "optimized": lambda s: run_optimized(opt, text, tokens, s),
+        "upstream": lambda s: run_pipeline(upstream, text, tokens, s),
+        "optimized": lambda s: run_pipeline(opt, text, tokens, s),
     }
-    runners.update(_stream_runners(upstream, opt, text, tokens))
+    runners.update(_stream_runners(upstream_model, opt, text, tokens))
     # One recorded (not timed) optimized run: which attention kernel ran, in which dtype.
     opt.record_attention = True
-    run_optimized(opt, text, min(tokens, 8), seed)
+    run_pipeline(opt, text, min(tokens, 8), seed)
     opt.record_attention = False
     kernels = opt.last.kernels
     bandwidth = read_bandwidth(device)
-    for _ in tqdm(range(warmup), desc="warm-up", disable=not warmup):
-        for c in configs:
-            runners[c](seed)
+    runs = [("warm-up", r, c) for r in range(warmup) for c in configs]
+    runs += [("repeat", r, c) for r in range(repeats) for c in configs]
     rows: list[Row] = []
-    for r in tqdm(range(repeats), desc="repeats"):
-        for c in configs:
+    with tqdm(runs, desc="bench", unit="run") as bar:
+        for kind, r, c in bar:
+            bar.set_postfix_str(f"{c}, {kind} {r + 1}")
             with peak_memory(dev) as peak:
                 out = runners[c](seed)
-            rows.append(
-                Row(config=c, repeat=r, peak_rss_bytes=peak["rss"], peak_cuda_bytes=peak["cuda"], **out)
-            )
+            if kind == "repeat":
+                rows.append(
+                    Row(config=c, repeat=r, peak_rss_bytes=peak["rss"], peak_cuda_bytes=peak["cuda"], **out)
+                )
     floors: dict[str, dict[str, Any]] = {
-        "upstream": {"dtype": "float32", "t3_bytes": T3Parts.of(upstream.t3).nbytes()},
+        "upstream": {"dtype": "float32", "t3_bytes": T3Parts.of(upstream_model.t3).nbytes()},
         "optimized": {"dtype": dtype_name(opt.plan.decode.dtype), "t3_bytes": opt.plan.decode.nbytes()},
     }
     for f in floors.values():
@@ -242,7 +210,7 @@ def run_bench(
         ),
         "optimized_policy": {
             "policy": opt.policy,
-            "reason": opt.policy_reason,
+            "reason": opt.policy_choice.reason,
             "decode": opt.plan.describe(),
         },
         "attention_kernels_optimized": kernels,
@@ -253,6 +221,7 @@ def run_bench(
     }
     (outdir / "bench.json").write_text(json.dumps(report, indent=2))
     _write_csv(report["rows"], outdir / "bench.csv")
+    opt.close()
     return report
 
 
@@ -364,27 +333,22 @@ def compare_streaming(
 ) -> list[dict[str, Any]]:
     """Stream the same tokens (same seed, same T3 plan) with each config, then the one-shot S3Gen
     call over those tokens; per row the S3Gen work, the latency and the quality vs one-shot."""
-    import numpy as np
-
-    from .latency import snr_db
-    from .streaming import one_shot, quality
-
     rows: list[dict[str, Any]] = []
     full: np.ndarray | None = None  # one-shot with the whole prompt, the yardstick for every row
     for name, config in tqdm(configs.items(), desc="strategies"):
         wav, state = stream_all(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan)
         if full is None:  # every config speaks the same tokens (same seed and plan)
-            t0 = time.perf_counter()
+            t0 = now(tts.device)
             full = one_shot(tts, state, StreamConfig())
             one_shot_row = {
                 "name": "one-shot S3Gen",
                 "s3gen_calls": 1,
-                "s3gen_s": time.perf_counter() - t0,
-                "audio_s": len(full) / 24000,
+                "s3gen_s": now(tts.device) - t0,
+                "audio_s": len(full) / SAMPLE_RATE,
                 "tokens": len(state.tokens),
-                "prompt_frames": 2 * int(tts.conds.gen["prompt_token"].size(1)),
+                "prompt_frames": FRAMES_PER_TOKEN * int(tts.conds.gen["prompt_token"].size(1)),
                 "context_frames": 0,
-                "new_frames": 2 * len(state.tokens),
+                "new_frames": FRAMES_PER_TOKEN * len(state.tokens),
             }
         s = state.report.summary()
         same_prompt = one_shot(tts, state, config)

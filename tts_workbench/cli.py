@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .generation import UPSTREAM_SENTENCE
+from .quiet import quiet_libraries
+
+TEXT_HELP = "text to speak (default: upstream's example sentence, constants.UPSTREAM_SENTENCE)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,8 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from .constants import parse_dtype
     from .diagnose import format_report, run_diagnosis
-    from .dtypes import parse_dtype
 
     report = run_diagnosis(
         model=args.model,
@@ -93,12 +95,14 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
         prompt_s=args.prompt_s,
     )
     tts = _voiced_model(args, args.out)
-    report = run_to_files(tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed)
+    report = run_to_files(
+        tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, progress=True
+    )
     return report, format_report
 
 
 def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from .profiling import format_profile, profile_generation
+    from .profile_report import format_profile, profile_generation
 
     tts = _voiced_model(args, args.logdir)
     report = profile_generation(
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("diagnose", help="one generation on a model, with a report")
     _common(d)
-    d.add_argument("--text", default=UPSTREAM_SENTENCE)
+    d.add_argument("--text", help=TEXT_HELP)
     d.add_argument("--reference", help="WAV of the voice to clone (default: a generated voice-like signal)")
     d.add_argument("--out", default="runs/diagnose", help="folder for the WAV and plot")
     d.add_argument(
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--window-s", type=float, default=3.5, help="buffered: later windows (s of audio)")
     st.add_argument("--crossfade-ms", type=float, default=40.0, help="buffered: overlap-add crossfade")
     st.add_argument("--prompt-s", type=float, help="keep only the last N s of the reference prompt")
-    st.add_argument("--text", default=UPSTREAM_SENTENCE)
+    st.add_argument("--text", help=TEXT_HELP)
     st.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     st.add_argument("--out", default="runs/stream", help="folder for the WAV and the timeline plot")
     st.set_defaults(run=_stream, tokens=250)
@@ -145,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--logdir", default="runs/profile", help="TensorBoard log folder; the run is a subfolder")
     pr.add_argument("--run", dest="run_name", default="generation", help="run name (subfolder of --logdir)")
     pr.add_argument("--memory", action="store_true", help="also record memory allocations")
-    pr.add_argument("--text", default=UPSTREAM_SENTENCE)
+    pr.add_argument("--text", help=TEXT_HELP)
     pr.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     pr.set_defaults(run=_profile, tokens=40)
 
@@ -159,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive, default=2)
     b.add_argument("--warmup", type=int, default=0, help="untimed runs of each config first (use 1 on CUDA)")
     b.add_argument("--dtype", default="auto", help="dtype policy of the optimized path (precision.POLICIES)")
-    b.add_argument("--text", default=UPSTREAM_SENTENCE)
+    b.add_argument("--text", help=TEXT_HELP)
     b.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.csv")
     b.set_defaults(run=_bench)
@@ -168,13 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .sources import SourceError  # heavy import (torch, chatterbox) after argument parsing
+    quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
+    from .constants import UPSTREAM_SENTENCE
+    from .errors import WorkbenchError
 
+    args.text = args.text or UPSTREAM_SENTENCE
     try:
         # Upstream code prints progress to stdout (e.g. "loaded PerthNet"); keep stdout for the report.
         with contextlib.redirect_stdout(sys.stderr):
             report, fmt = args.run(args)
-    except (SourceError, ValueError) as e:
+    except (WorkbenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else fmt(report))

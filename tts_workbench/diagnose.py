@@ -11,7 +11,7 @@ from typing import Any
 
 import soundfile as sf
 import torch
-from chatterbox.tts import ChatterboxTTS
+from chatterbox.tts import ChatterboxTTS, Conditionals
 
 from . import plots
 from .attention import (
@@ -21,9 +21,13 @@ from .attention import (
     record_kernels,
     why_not_flash,
 )
+from .constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from .dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
-from .generation import UPSTREAM_SENTENCE, generate, prepare_voice
-from .sources import components, dtype_name, load_model, make_reference_wav, model_summary
+from .errors import NoVoiceError
+from .generation import generate, prepare_voice
+from .patching import preserved, working_copy
+from .precision import copy_conditionals
+from .sources import components, load_model, make_reference_wav, model_summary
 
 
 def run_diagnosis(
@@ -106,7 +110,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     if report["invalid_speech_tokens"]:
         lines.append(
-            f"{'':15}{report['invalid_speech_tokens']} ids >= 6561 dropped before S3Gen, as upstream does"
+            f"{'':15}{report['invalid_speech_tokens']} ids >= {SPEECH_VOCAB_SIZE} dropped before S3Gen, "
+            "as upstream does"
         )
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in report["phase_s"].items())
     lines.append(f"audio        : {report['audio_s']:.2f} s")
@@ -150,15 +155,30 @@ def diagnose_precision(
     seed: int = 0,
     text: str = UPSTREAM_SENTENCE,
 ) -> dict[str, Any]:
-    """The seed's half-precision failure, reproduced on purpose and traced.
+    """The seed's half-precision failure, reproduced on purpose and traced; the caller's model
+    is given back as it was (weights, dtypes, conditionals).
 
     ``tts`` must already be conditioned in float32. Its components are then cast to ``dtype``
     the way users do (``.to(torch.float16)``) while the conditionals stay float32, and three
     stages run under the tracer: conditioning on ``reference`` again, one capped generation,
     and S3Gen alone on valid tokens (so its own failure shows even when T3 fails first).
     """
-    conds = tts.conds
-    assert conds is not None, "condition the model before diagnose_precision"
+    if tts.conds is None:
+        raise NoVoiceError("condition the model in float32 before diagnose_precision")
+    with preserved(*components(tts).values()), working_copy(tts, "conds", copy_conditionals) as conds:
+        return _precision_stages(tts, conds, reference, dtype, autocast, tokens, seed, text)
+
+
+def _precision_stages(
+    tts: ChatterboxTTS,
+    conds: Conditionals,
+    reference: str,
+    dtype: torch.dtype,
+    autocast: torch.dtype | None,
+    tokens: int,
+    seed: int,
+    text: str,
+) -> dict[str, Any]:
     for module in components(tts).values():
         module.to(dtype)
     device = str(tts.device)
@@ -170,7 +190,9 @@ def diagnose_precision(
             tts, lambda: generate(tts, text, max_new_tokens=tokens, seed=seed), kernels=True
         )
         tts.conds = conds
-        valid = torch.randint(0, 6561, (1, tokens), generator=torch.Generator().manual_seed(seed))
+        valid = torch.randint(
+            0, SPEECH_VOCAB_SIZE, (1, tokens), generator=torch.Generator().manual_seed(seed)
+        )
         stages["s3gen"] = _stage(
             tts, lambda: tts.s3gen.inference(speech_tokens=valid.to(device), ref_dict=dict(conds.gen))
         )

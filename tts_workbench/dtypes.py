@@ -3,13 +3,16 @@
 ``census`` lists parameter/buffer dtypes per component and the dtypes of the conditionals.
 ``trace_dtypes`` hooks every submodule for the duration of a ``with`` block and records, per
 call, the module path, the floating dtypes of its inputs, its own weights and its outputs, and
-flags mismatches. If the block raises (the "Input type (FloatTensor) and weight type
-(HalfTensor) should be the same" family), the trace names the module that was running and the
-tensors it got, and the exception propagates unchanged.
+flags mismatches. Evidence is recorded as it happens, so it survives a user's own
+``try/except`` inside the block: an input/weight mismatch when the call *starts*, and the
+failure (the "Input type (FloatTensor) and weight type (HalfTensor) should be the same" family:
+the module that raised, the tensors it got) when the module *raises*, whoever catches it. An
+exception that leaves the block propagates unchanged, with a note naming the module.
 """
 
 from __future__ import annotations
 
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,17 +23,9 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
-from .sources import components, dtype_name
-
-DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``"float16"`` → ``torch.float16``; a clear ValueError for anything else."""
-    try:
-        return DTYPE_NAMES[name.removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_NAMES)}") from None
+from .constants import dtype_name
+from .errors import ConfigError
+from .sources import components
 
 
 def _short(dtype: torch.dtype | None) -> str:
@@ -177,16 +172,21 @@ def _autocast_dtype() -> torch.dtype | None:
     return None
 
 
-def _classify(
-    inputs: list[torch.dtype],
-    weight: torch.dtype | None,
-    outputs: list[torch.dtype],
-    autocast: torch.dtype | None,
+def _classify_inputs(
+    inputs: list[torch.dtype], weight: torch.dtype | None, autocast: torch.dtype | None
 ) -> str | None:
+    """A mismatch visible when the call starts: inputs in another dtype than the weights."""
+    if weight is not None and any(d != weight for d in inputs):
+        return "autocast" if autocast is not None else "input/weight"
+    return None
+
+
+def _classify_outputs(
+    outputs: list[torch.dtype], weight: torch.dtype | None, autocast: torch.dtype | None
+) -> str | None:
+    """A mismatch visible when the call returns: outputs in another (or a wider) dtype."""
     if weight is None:
         return None
-    if any(d != weight for d in inputs):
-        return "autocast" if autocast is not None else "input/weight"
     if autocast is not None and any(d != weight for d in outputs):
         return "autocast"
     if any(d.itemsize > weight.itemsize for d in outputs):
@@ -213,46 +213,10 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     ``target`` is a ChatterboxTTS). All hooks are removed on exit, also on error.
     """
     trace = DtypeTrace()
-    stack: list[tuple[str, nn.Module, list[torch.dtype]]] = []
+    stack: list[tuple[str, nn.Module, list[torch.dtype], CallRecord]] = []
     handles = []
 
-    def pre(path: str):
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            stack.append((path, module, _floating(args) + _floating(kwargs)))
-
-        return hook
-
-    def post(path: str):
-        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            _, _, inputs = stack.pop()
-            weight = _own_weight_dtype(module)
-            outputs = _floating(output)
-            ac = _autocast_dtype()
-            trace.records.append(
-                CallRecord(
-                    module=path,
-                    kind=type(module).__name__,
-                    inputs=[_short(d) for d in inputs],
-                    weight=_short(weight) if weight else None,
-                    outputs=[_short(d) for d in outputs],
-                    autocast=_short(ac) if ac else None,
-                    mismatch=_classify(inputs, weight, outputs, ac),
-                )
-            )
-
-        return hook
-
-    for prefix, root in _roots(target).items():
-        for name, module in root.named_modules():
-            path = ".".join(p for p in (prefix, name) if p) or "(root)"
-            handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True))
-            handles.append(module.register_forward_hook(post(path), with_kwargs=True))
-    try:
-        yield trace
-    except Exception as e:
-        # The innermost module still on the stack is the one whose forward raised; errors
-        # raised outside any module call (e.g. a feature extractor) keep only `where`.
-        path, module, inputs = stack[-1] if stack else ("", None, [])
+    def fail(path: str, module: nn.Module | None, inputs: list[torch.dtype], e: BaseException) -> None:
         weight = None
         if module is not None:
             weight = _own_weight_dtype(module) or next(
@@ -266,6 +230,54 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             f"{type(e).__name__}: {e}".splitlines()[0],
             _where(e),
         )
+
+    def pre(path: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs = _floating(args) + _floating(kwargs)
+            weight = _own_weight_dtype(module)
+            ac = _autocast_dtype()
+            record = CallRecord(
+                module=path,
+                kind=type(module).__name__,
+                inputs=[_short(d) for d in inputs],
+                weight=_short(weight) if weight else None,
+                outputs=[],
+                autocast=_short(ac) if ac else None,
+                mismatch=_classify_inputs(inputs, weight, ac),
+            )
+            trace.records.append(record)  # at call start: kept even if the call never returns
+            stack.append((path, module, inputs, record))
+
+        return hook
+
+    def post(path: str):
+        # always_call: torch runs this hook also when forward raised (output is then None and
+        # the exception is the one being handled), so the innermost raising module is caught
+        # here even when the user's code catches the exception inside the block.
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            _, _, inputs, record = stack.pop()
+            raised = sys.exc_info()[1]
+            if output is None and raised is not None:
+                if trace.failure is None:
+                    fail(path, module, inputs, raised)
+                return
+            outputs = _floating(output)
+            record.outputs = [_short(d) for d in outputs]
+            weight = _own_weight_dtype(module)
+            record.mismatch = record.mismatch or _classify_outputs(outputs, weight, _autocast_dtype())
+
+        return hook
+
+    for prefix, root in _roots(target).items():
+        for name, module in root.named_modules():
+            path = ".".join(p for p in (prefix, name) if p) or "(root)"
+            handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True))
+            handles.append(module.register_forward_hook(post(path), with_kwargs=True, always_call=True))
+    try:
+        yield trace
+    except Exception as e:
+        if trace.failure is None:  # raised outside any module call (e.g. a feature extractor)
+            fail("", None, [], e)
         e.add_note(f"dtype trace: {trace.failure}")
         raise
     finally:
@@ -316,7 +328,7 @@ def autocast_or_refuse(device: str, dtype: torch.dtype | None) -> Iterator[None]
         ctx.__enter__()
     try:
         if any("isabling autocast" in str(w.message) for w in caught) or not ctx._enabled:
-            raise ValueError(
+            raise ConfigError(
                 f"autocast to {_short(dtype)} is not supported on {device}: use another --autocast"
             )
         yield

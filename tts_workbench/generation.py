@@ -8,82 +8,61 @@ upstream code path runs unchanged with a smaller cap.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 from chatterbox.tts import ChatterboxTTS
 
-from .sources import ReferenceInfo, SourceError, check_reference
-
-UPSTREAM_SENTENCE = (
-    "Ezreal and Jinx teamed up with Ahri, Yasuo, and Teemo to take down the enemy's Nexus "
-    "in an epic late-game pentakill."
-)
+from .clock import Stopwatch, now
+from .constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
+from .errors import ConfigError, EmptyTextError, NoVoiceError
+from .patching import around, shadow
+from .profiling import t3_phase
+from .sources import ReferenceInfo, check_reference
 
 
 @dataclass
 class PhaseTimes:
-    """Wall seconds and call counts per labelled method."""
+    """Synchronised seconds and call counts per labelled method (see ``timed``)."""
 
-    seconds: dict[str, float] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
+    watches: dict[str, Stopwatch] = field(default_factory=dict)
 
-    def add(self, label: str, dt: float) -> None:
-        self.seconds[label] = self.seconds.get(label, 0.0) + dt
-        self.calls[label] = self.calls.get(label, 0) + 1
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {label: w.seconds for label, w in self.watches.items() if w.calls}
 
-
-@contextmanager
-def shadow(
-    obj: object, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
-) -> Iterator[None]:
-    """Replace method ``name`` of ``obj`` by ``wrap(original)`` while inside, then restore it.
-
-    The wrapper is an instance attribute; whatever the instance had before (another wrapper,
-    or nothing) is put back on exit, so shadows nest.
-    """
-    before = obj.__dict__.get(name, _MISSING)
-    setattr(obj, name, wrap(getattr(obj, name)))
-    try:
-        yield
-    finally:
-        if before is _MISSING:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, before)
-
-
-_MISSING = object()
+    @property
+    def calls(self) -> dict[str, int]:
+        return {label: w.calls for label, w in self.watches.items() if w.calls}
 
 
 @contextmanager
-def timed(methods: dict[str, tuple[object, str]]) -> Iterator[PhaseTimes]:
-    """Time calls to ``getattr(obj, name)`` for each ``label: (obj, name)`` while inside."""
-    times = PhaseTimes()
-
-    def timer(label: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def inner(*args: Any, **kwargs: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    times.add(label, time.perf_counter() - t0)
-
-            return inner
-
-        return wrap
-
+def timed(
+    methods: dict[str, tuple[object, str]], device: torch.device | str | None = None
+) -> Iterator[PhaseTimes]:
+    """Time calls to ``getattr(obj, name)`` for each ``label: (obj, name)`` while inside, on a
+    clock that waits for ``device`` (so a phase is not charged for its neighbour's queued work)."""
+    times = PhaseTimes({label: Stopwatch(device) for label in methods})
     with ExitStack() as stack:
         for label, (obj, name) in methods.items():
-            stack.enter_context(shadow(obj, name, timer(label)))
+            stack.enter_context(around(obj, name, times.watches[label].run_call))
         yield times
+
+
+@contextmanager
+def prefill_timed(tts: ChatterboxTTS, times: PhaseTimes) -> Iterator[None]:
+    """Add ``t3.prefill`` to ``times``: T3 transformer calls over more than one new position."""
+    watch = times.watches.setdefault("t3.prefill", Stopwatch(tts.device))
+
+    def enter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return watch.running() if t3_phase(args, kwargs) == "t3.prefill" else nullcontext()
+
+    with around(tts.t3.tfmr, "forward", enter):
+        yield
 
 
 @contextmanager
@@ -93,7 +72,7 @@ def token_cap(tts: ChatterboxTTS, max_new_tokens: int) -> Iterator[dict[str, Any
     Yields a dict that receives the raw tokens of the last ``t3.inference`` call.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     seen: dict[str, Any] = {}
 
     def wrap(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -116,7 +95,7 @@ class GenerationResult:
     sample_rate: int
     speech_tokens: list[int]
     stopped_by: str  # "stop token" or "token cap"
-    invalid_tokens: int  # ids >= 6561 that S3Gen cannot vocode (dropped, as upstream does)
+    invalid_tokens: int  # ids >= SPEECH_VOCAB_SIZE that S3Gen cannot vocode (dropped, as upstream does)
     seconds: dict[str, float]
     wall_s: float
 
@@ -141,25 +120,31 @@ def generate(
     tts: ChatterboxTTS,
     text: str = UPSTREAM_SENTENCE,
     max_new_tokens: int = 150,
-    seed: int = 0,
+    seed: int | None = 0,
     **sampling: Any,
 ) -> GenerationResult:
-    """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings."""
+    """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings
+    (``t3`` includes its ``t3.prefill``)."""
     if not text or not text.strip():
-        raise SourceError("text is empty: give at least one word to speak")
+        raise EmptyTextError()
     if tts.conds is None and not sampling.get("audio_prompt_path"):
-        raise SourceError("no voice: call prepare_voice(tts, wav) first or pass audio_prompt_path")
-    torch.manual_seed(seed)
+        raise NoVoiceError()
+    if seed is not None:  # None: go on from the caller's random state, as upstream generate does
+        torch.manual_seed(seed)
     methods = {
         "t3": (tts.t3, "inference"),
         "s3gen.flow": (tts.s3gen, "flow_inference"),
         "s3gen.vocoder": (tts.s3gen, "hift_inference"),
         "watermark": (tts.watermarker, "apply_watermark"),
     }
-    t0 = time.perf_counter()
-    with token_cap(tts, max_new_tokens) as seen, timed(methods) as times:
+    t0 = now(tts.device)
+    with (
+        token_cap(tts, max_new_tokens) as seen,
+        timed(methods, tts.device) as times,
+        prefill_timed(tts, times),
+    ):
         wav = tts.generate(text, **sampling)
-    wall = time.perf_counter() - t0
+    wall = now(tts.device) - t0
     raw = seen["tokens"][0].tolist()
     stopped = "stop token" if raw and raw[-1] == tts.t3.hp.stop_speech_token else "token cap"
     return GenerationResult(

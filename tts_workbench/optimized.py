@@ -3,21 +3,25 @@
 Fixes, each visible in a few lines below:
 
 1. **dtype policy** (``precision.POLICIES``), chosen per device and checkpoint by *measuring*
-   the candidates (``choose_policy``) unless one is given; a float16/bfloat16 checkpoint keeps
-   its dtype;
+   the candidates (``choose_policy``, before the wrapper is built) unless one is given; a
+   float16/bfloat16 checkpoint keeps its dtype;
 2. **float32 islands** for the precision-hungry signal processing (``precision.ISLANDS``);
 3. **conditionals** cast to each consumer's dtype after ``prepare_conditionals`` and after
    loading ``conds.pt`` (``_ensure_conditionals_dtype``);
 4. **own T3 decode loop** (``decode.t3_decode``): no attention weights or hidden states per step,
    the speech head on the last position only, the stop check every few steps.
 
-``optimize=False`` applies none of them: ``generate`` is upstream ``ChatterboxTTS.generate``.
+Both pipelines here, ``UpstreamTTS`` (upstream ``generate`` with a token cap: the baseline) and
+``PerformanceOptimizedTTS``, have one interface (``Pipeline``): ``generate``,
+``generate_stream``, ``prepare_conditionals``, ``last`` (what the last run did),
+``configuration()``, ``performance_info()`` and ``close()``. The optimized wrapper changes the
+model it is given (dtypes, islands, conditionals); ``close()`` (or leaving a ``with`` block)
+puts every tensor, method and conditional back as it was.
 """
 
 from __future__ import annotations
 
 import resource
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -26,14 +30,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE, drop_invalid_tokens
+from chatterbox.models.s3tokenizer import drop_invalid_tokens
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import ChatterboxTTS
+from torch.utils.benchmark import Measurement
 
 from .attention import KernelRecord, configured_backend, record_kernels, why_not_flash
+from .clock import measure, now
+from .constants import HALF_DTYPES, SPEECH_VOCAB_SIZE, dtype_name
 from .decode import DecodePlan, DecodeResult, T3Parts, t3_decode, text_tokens
-from .generation import token_cap
+from .errors import NoVoiceError
+from .generation import generate as capped_generate
 from .latency import ChunkMetrics
+from .patching import preserved, working_copy
 from .precision import (
     ISLANDS,
     POLICIES,
@@ -41,28 +50,47 @@ from .precision import (
     check_conditionals,
     check_policy,
     compute_dtype,
+    copy_conditionals,
     ensure_conditionals_dtype,
     install_islands,
     island_modules,
 )
-from .sources import check_device, components, dtype_name, load_folder, load_pretrained
+from .sources import check_device, components, load_folder, load_pretrained
 from .streaming import StreamConfig, StreamState, stream
 from .vocode import s3gen_inference
-
-_HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def decode_plan(tts: ChatterboxTTS, policy: str) -> DecodePlan:
     """The T3 weights and autocast dtype a policy decodes with (copies for per-phase policies)."""
     parts = T3Parts.of(tts.t3)
     if policy.startswith("autocast-"):
-        return DecodePlan(parts, parts, autocast=_HALF[policy.removeprefix("autocast-")])
+        return DecodePlan(parts, parts, autocast=HALF_DTYPES[policy.removeprefix("autocast-")])
     if policy == "decode-bfloat16":
         return DecodePlan(parts, parts.to(torch.bfloat16))
-    if policy in _HALF and parts.dtype != _HALF[policy]:
-        half = parts.to(_HALF[policy])
+    if policy in HALF_DTYPES and parts.dtype != HALF_DTYPES[policy]:
+        half = parts.to(HALF_DTYPES[policy])
         return DecodePlan(half, half)
     return DecodePlan(parts, parts)
+
+
+# ---------------------------------------------------------------- dtype policy
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A dtype policy and why it was chosen (with the measurements when it was measured)."""
+
+    name: str
+    reason: str
+    measured: dict[str, dict[str, Measurement]] = field(default_factory=dict)  # candidate -> phase
+
+    @classmethod
+    def requested(cls, name: str) -> Policy:
+        return cls(check_policy(name), f"requested: {POLICIES[name]}")
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Medians in seconds per candidate and phase (JSON-friendly)."""
+        return {c: {k: m.median for k, m in phases.items()} for c, phases in self.measured.items()}
 
 
 def _probe_cond(tts: ChatterboxTTS) -> T3Cond:
@@ -78,8 +106,11 @@ def _probe_cond(tts: ChatterboxTTS) -> T3Cond:
     )
 
 
-def measure_policy(tts: ChatterboxTTS, policy: str, steps: int = 8, text_len: int = 60) -> dict[str, float]:
-    """Prefill seconds and seconds per decode step of T3 under ``policy`` (tts is not changed)."""
+def measure_policy(
+    tts: ChatterboxTTS, policy: str, steps: int = 8, text_len: int = 60, repeats: int = 3
+) -> dict[str, Measurement]:
+    """Prefill seconds and seconds per decode step of T3 under ``policy`` (tts is not changed),
+    each a ``Measurement`` over ``repeats`` synchronised runs after one warm-up."""
     plan = decode_plan(tts, policy)
     text = torch.full((2, text_len), 1, dtype=torch.long)
     text[:, 0], text[:, -1] = tts.t3.hp.start_text_token, tts.t3.hp.stop_text_token
@@ -87,20 +118,31 @@ def measure_policy(tts: ChatterboxTTS, policy: str, steps: int = 8, text_len: in
     cond = T3Cond(**{**vars(_probe_cond(tts)), "cond_prompt_speech_emb": None})
     cond.to(dtype=next(tts.t3.cond_enc.parameters()).dtype)
     t3_decode(tts.t3, cond, text, max_new_tokens=2, plan=plan)  # warm-up (allocator, kernels)
-    r = t3_decode(tts.t3, cond, text, max_new_tokens=steps + 1, plan=plan, stop_check_every=steps + 1)
-    return {"prefill_s": r.prefill_s, "step_s": r.step_s}
+    runs: list[DecodeResult] = []
+
+    def once() -> None:
+        runs.append(
+            t3_decode(tts.t3, cond, text, max_new_tokens=steps + 1, plan=plan, stop_check_every=steps + 1)
+        )
+
+    device = tts.t3.speech_head.weight.device
+    total = measure(once, f"T3 {policy}", device, repeats)
+    prefill = Measurement(1, [r.prefill_s for r in runs], total.task_spec)
+    step = Measurement(1, [r.step_s for r in runs], total.task_spec)
+    return {"prefill_s": prefill, "step_s": step}
 
 
-def choose_policy(tts: ChatterboxTTS, device: torch.device, tokens: int = 200) -> tuple[str, str, dict]:
-    """Pick a policy for this checkpoint on this device; returns (policy, reason, measurements).
+def choose_policy(tts: ChatterboxTTS, device: torch.device | str | None = None, tokens: int = 200) -> Policy:
+    """Pick a policy for this checkpoint on this device by measuring.
 
     A half-precision checkpoint keeps its dtype. Otherwise the candidates are timed on T3 (the
-    phase that dominates) and the one with the least prefill + ``tokens`` decode steps wins:
-    on CUDA native half vs autocast; on CPU float32 vs a bfloat16 decode copy.
+    phase that dominates) and the one with the least median prefill + ``tokens`` decode steps
+    wins: on CUDA native half vs autocast; on CPU float32 vs a bfloat16 decode copy.
     """
+    device = torch.device(device or tts.device)
     t3_dtype = compute_dtype(tts.t3)
     if t3_dtype != torch.float32:
-        return "keep", f"checkpoint is {dtype_name(t3_dtype)}: kept (no upcast)", {}
+        return Policy("keep", f"checkpoint is {dtype_name(t3_dtype)}: kept (no upcast)")
     if device.type == "cuda":
         half = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         candidates = [half, f"autocast-{half}"]
@@ -109,85 +151,236 @@ def choose_policy(tts: ChatterboxTTS, device: torch.device, tokens: int = 200) -
     measured = {c: measure_policy(tts, c) for c in candidates}
 
     def cost(c: str) -> float:
-        return measured[c]["prefill_s"] + tokens * measured[c]["step_s"]
+        return measured[c]["prefill_s"].median + tokens * measured[c]["step_s"].median
 
     best = min(candidates, key=cost)
-    reason = f"measured on T3 (prefill + {tokens} steps): " + ", ".join(
+    reason = f"measured on T3 (median prefill + {tokens} steps): " + ", ".join(
         f"{c} {cost(c):.2f} s" for c in candidates
     )
-    return best, reason, measured
+    return Policy(best, reason, measured)
+
+
+# ---------------------------------------------------------------- the two pipelines
 
 
 @dataclass
 class LastGeneration:
-    """What the last ``generate`` did, for ``performance_info``."""
+    """What the last ``generate`` did."""
 
     tokens: int = 0
     stopped_by: str = ""
     invalid_tokens: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
-    kernels: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # t3.prefill, t3.decode, t3.step, s3gen, total
+    kernels: dict[str, dict[str, int]] = field(default_factory=dict)  # only when recorded
 
 
-class PerformanceOptimizedTTS:
-    """An upstream ChatterboxTTS with the fixes applied (see the module docstring)."""
+class Pipeline:
+    """What both pipelines offer; ``tts`` is the upstream model underneath."""
+
+    tts: ChatterboxTTS
+    device: torch.device
+    optimize: bool
+    last: LastGeneration
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give the model back as it was (nothing to do for a pipeline that changes nothing)."""
+
+    def configuration(self) -> dict[str, Any]:
+        """How this pipeline runs: policy, dtypes, decode loop, islands, parameter bytes."""
+        tts = self.tts
+        return {
+            "optimize": self.optimize,
+            "device": str(self.device),
+            "model_dtype": dtype_name(next(tts.t3.parameters()).dtype),
+            "component_dtypes": {
+                "ve": dtype_name(next(tts.ve.parameters()).dtype),
+                "t3": dtype_name(next(tts.t3.parameters()).dtype),
+                "s3gen.flow": dtype_name(tts.s3gen.dtype),
+                "s3gen.mel2wav": dtype_name(next(tts.s3gen.mel2wav.parameters()).dtype),
+            },
+            "parameter_bytes": {
+                name: sum(p.numel() * p.element_size() for p in m.parameters())
+                for name, m in components(tts).items()
+            },
+        }
+
+    def last_run(self) -> dict[str, Any]:
+        """What the last generation did, and the peak memory so far."""
+        memory = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.device.type == "cuda":
+            memory["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return {"last_generation": vars(self.last), "memory": memory}
+
+    def performance_info(self) -> dict[str, Any]:
+        """``configuration()`` and ``last_run()`` in one dict (parameter bytes under ``memory``)."""
+        config, last = self.configuration(), self.last_run()
+        last["memory"]["parameter_bytes"] = config.pop("parameter_bytes")
+        return {**config, **last}
+
+    def _voice(self, audio_prompt_path: str | None, exaggeration: float) -> None:
+        if audio_prompt_path:
+            self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
+        elif self.tts.conds is None:
+            raise NoVoiceError()
+
+    def prepare_conditionals(self, wav_fpath: str, exaggeration: float = 0.5) -> None:
+        self.tts.prepare_conditionals(wav_fpath, exaggeration=exaggeration)
+
+    def generate(
+        self,
+        text: str,
+        audio_prompt_path: str | None = None,
+        *,
+        max_new_tokens: int = 1000,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """A watermarked waveform (1, samples) for ``text``; ``last`` says what it cost."""
+        raise NotImplementedError
+
+    def generate_stream(
+        self,
+        text: str,
+        audio_prompt_path: str | None = None,
+        config: StreamConfig | None = None,
+        **kwargs: Any,
+    ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
+        """Yield ``(audio_chunk, metrics)`` as audio is ready."""
+        raise NotImplementedError
+
+
+class UpstreamTTS(Pipeline):
+    """The baseline: upstream ``ChatterboxTTS.generate`` unchanged, with a token cap."""
+
+    def __init__(self, tts: ChatterboxTTS) -> None:
+        self.tts = tts
+        self.device = check_device(str(tts.device))
+        self.optimize = False
+        self.last = LastGeneration()
+
+    def generate(
+        self,
+        text: str,
+        audio_prompt_path: str | None = None,
+        *,
+        max_new_tokens: int = 1000,
+        seed: int | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Upstream ``generate`` (watermarked waveform, shape (1, samples)), phases timed."""
+        self._voice(audio_prompt_path, sampling.get("exaggeration", 0.5))
+        r = capped_generate(self.tts, text, max_new_tokens=max_new_tokens, seed=seed, **sampling)
+        t3, prefill = r.seconds.get("t3", 0.0), r.seconds.get("t3.prefill", 0.0)
+        self.last = LastGeneration(
+            tokens=len(r.speech_tokens),
+            stopped_by=r.stopped_by,
+            invalid_tokens=r.invalid_tokens,
+            seconds={
+                "t3.prefill": prefill,
+                "t3.decode": t3 - prefill,
+                "t3.step": (t3 - prefill) / max(len(r.speech_tokens) - 1, 1),
+                "s3gen": r.seconds.get("s3gen.flow", 0.0) + r.seconds.get("s3gen.vocoder", 0.0),
+                "total": r.wall_s,
+            },
+        )
+        return torch.from_numpy(r.wav).unsqueeze(0)
+
+    def generate_stream(
+        self,
+        text: str,
+        audio_prompt_path: str | None = None,
+        config: StreamConfig | None = None,
+        **kwargs: Any,
+    ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
+        """The upstream streaming fork's naive loop on the upstream model (``streaming.stream``)."""
+        self._voice(audio_prompt_path, kwargs.pop("exaggeration", 0.5))
+        return stream(self.tts, text, config or StreamConfig("naive"), **kwargs)
+
+    def configuration(self) -> dict[str, Any]:
+        return {
+            **super().configuration(),
+            "policy": "upstream",
+            "policy_reason": "optimize=False: upstream code path",
+            "decode": "upstream T3.inference",
+            "using_amp": False,
+        }
+
+
+class PerformanceOptimizedTTS(Pipeline):
+    """An upstream ChatterboxTTS with the fixes applied (see the module docstring).
+
+    Build it with ``from_model`` / ``from_local`` / ``from_pretrained`` (they measure the
+    ``"auto"`` policy before construction) or directly with a ``Policy``. Use it in a ``with``
+    block, or call ``close()``, to give the model back exactly as it was.
+    """
 
     def __init__(
         self,
         tts: ChatterboxTTS,
-        optimize: bool = True,
-        dtype: str = "auto",
-        record_attention: bool = True,
+        policy: Policy | str = "auto",
+        record_attention: bool = False,
         stop_check_every: int = 8,
     ) -> None:
         self.tts = tts
-        self.optimize = optimize
-        self.record_attention = record_attention
+        self.optimize = True
+        self.record_attention = record_attention  # off by default: the profiler costs time
         self.stop_check_every = stop_check_every
         self.device = check_device(str(tts.device))
         self.last = LastGeneration()
-        self._stack = ExitStack()  # keeps the island shadows installed for the wrapper's lifetime
-        self.policy, self.policy_reason = check_policy(dtype), ""
-        self.policy_measured: dict[str, dict[str, float]] = {}
-        self.islands: list[Island] = []
+        if tts.conds is not None:
+            check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
+        # Everything changed below is undone by close(): tensors, shadows, conditionals.
+        self._stack = ExitStack()
+        self._stack.enter_context(preserved(*components(tts).values()))
+        self._stack.enter_context(working_copy(tts, "conds", copy_conditionals))
+        self.islands: list[Island] = install_islands(tts, self._stack)
+        if isinstance(policy, str):
+            policy = choose_policy(tts, self.device) if policy == "auto" else Policy.requested(policy)
+        self.policy_choice = policy
         self.amp: torch.dtype | None = None
-        if not optimize:
-            self.policy, self.policy_reason = "upstream", "optimize=False: upstream code path"
-            self.plan = DecodePlan.plain(tts.t3)
-        else:
-            if tts.conds is not None:
-                check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
-            self.islands = install_islands(tts, self._stack)
-            if dtype == "auto":
-                self.policy, self.policy_reason, self.policy_measured = choose_policy(tts, self.device)
-            else:
-                self.policy_reason = f"requested: {POLICIES[dtype]}"
-            self._apply_policy()
-            if tts.conds is not None:
-                self._ensure_conditionals_dtype()
-        self._flash_attention_available = self._validate_flash_attention()
+        self._apply_policy()
+        if tts.conds is not None:
+            self._ensure_conditionals_dtype()
+        self._flash_attention_available = not why_not_flash(tts, dtype=self.target_dtype)
 
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_model(cls, tts: ChatterboxTTS, optimize: bool = True, **kwargs: Any) -> PerformanceOptimizedTTS:
-        """Wrap an already-built model (``sources.load_model('tiny' | 'random')``)."""
-        return cls(tts, optimize=optimize, **kwargs)
+    def from_model(
+        cls, tts: ChatterboxTTS, optimize: bool = True, dtype: str = "auto", **kwargs: Any
+    ) -> Pipeline:
+        """Wrap an already-built model (``sources.load_model('tiny' | 'random')``);
+        ``optimize=False`` gives the upstream pipeline (``UpstreamTTS``)."""
+        if not optimize:
+            return UpstreamTTS(tts)
+        return cls(tts, policy=dtype, **kwargs)
 
     @classmethod
     def from_local(
         cls, folder: str | Path, device: str = "cpu", optimize: bool = True, **kwargs: Any
-    ) -> PerformanceOptimizedTTS:
+    ) -> Pipeline:
         """Load a checkpoint folder. Optimized: each file keeps its saved dtype (a float16 export
         stays float16). ``optimize=False``: upcast to float32 the way upstream ``from_local`` does."""
-        return cls(load_folder(folder, device, keep_dtype=optimize), optimize=optimize, **kwargs)
+        return cls.from_model(load_folder(folder, device, keep_dtype=optimize), optimize, **kwargs)
 
     @classmethod
-    def from_pretrained(
-        cls, device: str = "cpu", optimize: bool = True, **kwargs: Any
-    ) -> PerformanceOptimizedTTS:
+    def from_pretrained(cls, device: str = "cpu", optimize: bool = True, **kwargs: Any) -> Pipeline:
         """Upstream ``from_pretrained`` (hub weights; offline here, so it fails with the fix)."""
-        return cls(load_pretrained(device), optimize=optimize, **kwargs)
+        return cls.from_model(load_pretrained(device), optimize, **kwargs)
+
+    def close(self) -> None:
+        """Put the wrapped model back as it was: methods, every tensor's dtype and values, and
+        the conditionals. The wrapper must not be used afterwards."""
+        self._stack.close()
+
+    @property
+    def policy(self) -> str:
+        return self.policy_choice.name
 
     def _apply_policy(self) -> None:
         t3, flow = self.tts.t3, self.tts.s3gen.flow
@@ -195,12 +388,12 @@ class PerformanceOptimizedTTS:
         if p in ("float32", "decode-bfloat16") or p.startswith("autocast-"):
             t3.float()
             flow.float()
-        elif p in _HALF:
-            t3.to(_HALF[p])
-            flow.to(_HALF[p])
+        elif p in HALF_DTYPES:
+            t3.to(HALF_DTYPES[p])
+            flow.to(HALF_DTYPES[p])
         compute_dtype(t3)  # "keep" on a checkpoint with mixed dtypes inside one component: refuse
         compute_dtype(self.tts.s3gen, island_modules(self.tts))
-        self.amp = _HALF[p.removeprefix("autocast-")] if p.startswith("autocast-") else None
+        self.amp = HALF_DTYPES[p.removeprefix("autocast-")] if p.startswith("autocast-") else None
         self.plan = decode_plan(self.tts, p)
 
     def _amp(self) -> Any:
@@ -215,7 +408,8 @@ class PerformanceOptimizedTTS:
 
     def _ensure_conditionals_dtype(self) -> None:
         conds = self.tts.conds
-        assert conds is not None
+        if conds is None:
+            raise NoVoiceError()
         check_conditionals(conds, self.tts)
         t3_dtype = torch.float32 if self.amp else compute_dtype(self.tts.t3)
         ensure_conditionals_dtype(conds, t3_dtype, self.tts.s3gen.dtype, self.device)
@@ -223,19 +417,16 @@ class PerformanceOptimizedTTS:
     def prepare_conditionals(self, wav_fpath: str, exaggeration: float = 0.5) -> None:
         with self._amp():
             self.tts.prepare_conditionals(wav_fpath, exaggeration=exaggeration)
-        if self.optimize:
+        self._ensure_conditionals_dtype()
+
+    def _voice(self, audio_prompt_path: str | None, exaggeration: float) -> None:
+        super()._voice(audio_prompt_path, exaggeration)
+        conds = self.tts.conds
+        if conds is not None and exaggeration != float(conds.t3.emotion_adv.flatten()[0]):  # as upstream
+            conds.t3.emotion_adv = exaggeration * torch.ones(1, 1, 1)
             self._ensure_conditionals_dtype()
 
     # ------------------------------------------------------------ generation
-
-    def _voice(self, audio_prompt_path: str | None, exaggeration: float) -> None:
-        if audio_prompt_path:
-            self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
-        elif self.tts.conds is None:
-            raise ValueError("no voice: pass audio_prompt_path or call prepare_conditionals(wav) first")
-        if exaggeration != float(self.tts.conds.t3.emotion_adv.flatten()[0]):  # as upstream generate
-            self.tts.conds.t3.emotion_adv = exaggeration * torch.ones(1, 1, 1)
-            self._ensure_conditionals_dtype()
 
     def speech_tokens(
         self,
@@ -245,7 +436,8 @@ class PerformanceOptimizedTTS:
         **sampling: Any,
     ) -> DecodeResult:
         """T3 only: the speech tokens for ``text`` (the voice must be prepared)."""
-        assert self.tts.conds is not None
+        if self.tts.conds is None:
+            raise NoVoiceError()
         return t3_decode(  # the plan carries the autocast dtype, entered around each step
             self.tts.t3,
             self.tts.conds.t3,
@@ -259,7 +451,8 @@ class PerformanceOptimizedTTS:
 
     def vocode(self, tokens: torch.Tensor) -> torch.Tensor:
         """S3Gen (flow + vocoder) over valid speech tokens; returns a float32 waveform (1, N)."""
-        assert self.tts.conds is not None
+        if self.tts.conds is None:
+            raise NoVoiceError()
         with self._amp():
             return s3gen_inference(self.tts.s3gen, tokens, self.tts.conds.gen)
 
@@ -274,35 +467,29 @@ class PerformanceOptimizedTTS:
         min_p: float = 0.05,
         top_p: float = 1.0,
         max_new_tokens: int = 1000,
+        seed: int | None = None,
     ) -> torch.Tensor:
         """Like upstream ``ChatterboxTTS.generate``: a watermarked waveform, shape (1, samples)."""
         sampling = dict(
             temperature=temperature, repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p
         )
-        if not self.optimize:
-            with token_cap(self.tts, max_new_tokens):
-                return self.tts.generate(
-                    text,
-                    audio_prompt_path=audio_prompt_path,
-                    exaggeration=exaggeration,
-                    cfg_weight=cfg_weight,
-                    **sampling,
-                )
         self._voice(audio_prompt_path, exaggeration)
-        # Kernels are recorded over T3 only, where the attention backend matters: profiling the
-        # thousands of small S3Gen ops as well costs seconds per call (diagnose covers S3Gen).
+        if seed is not None:
+            torch.manual_seed(seed)
+        # Kernels are recorded (on request) over T3 only, where the attention backend matters:
+        # profiling the thousands of small S3Gen ops as well costs seconds per call.
         record = KernelRecord()
-        t0 = time.perf_counter()
+        t0 = now(self.device)
         with (
             record_kernels(self.tts, [self.plan.decode.tfmr])
             if self.record_attention
             else (nullcontext(record)) as record
         ):
             decoded = self.speech_tokens(text, max_new_tokens, cfg_weight, **sampling)
-        t1 = time.perf_counter()
+        t1 = now(self.device)
         tokens = drop_invalid_tokens(decoded.tokens[0])
         wav = self.vocode(tokens[tokens < SPEECH_VOCAB_SIZE]).squeeze(0).cpu().numpy()
-        t2 = time.perf_counter()
+        t2 = now(self.device)
         marked = self.tts.watermarker.apply_watermark(wav, sample_rate=self.tts.sr)
         self.last = LastGeneration(
             tokens=decoded.steps,
@@ -313,7 +500,7 @@ class PerformanceOptimizedTTS:
                 "t3.decode": decoded.decode_s,
                 "t3.step": decoded.step_s,
                 "s3gen": t2 - t1,
-                "total": time.perf_counter() - t0,
+                "total": now(self.device) - t0,
             },
             kernels=record.by_phase(with_dtype=True),
         )
@@ -330,15 +517,13 @@ class PerformanceOptimizedTTS:
         state: StreamState | None = None,
         **sampling: Any,
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
-        """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``; the buffered
-        strategy by default, or the upstream fork's naive loop when ``optimize=False``)."""
-        if audio_prompt_path or self.tts.conds is None:
-            self._voice(audio_prompt_path, exaggeration)
-        config = config or StreamConfig("buffered" if self.optimize else "naive")
+        """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``, buffered by
+        default) with this wrapper's decode plan and autocast dtype."""
+        self._voice(audio_prompt_path, exaggeration)
         return stream(
             self.tts,
             text,
-            config,
+            config or StreamConfig("buffered"),
             max_new_tokens=max_new_tokens,
             seed=seed,
             plan=self.plan,
@@ -349,49 +534,31 @@ class PerformanceOptimizedTTS:
 
     # ------------------------------------------------------------ reporting
 
-    def _validate_flash_attention(self) -> bool:
-        """True when a fused CUDA Flash kernel can run T3's decode attention in the target dtype."""
-        return not why_not_flash(self.tts, dtype=self.target_dtype)
-
-    def performance_info(self) -> dict[str, Any]:
-        """What runs in which dtype, which attention kernel ran last time, and the memory used."""
-        tts = self.tts
-        memory: dict[str, Any] = {
-            "parameter_bytes": {
-                name: sum(p.numel() * p.element_size() for p in m.parameters())
-                for name, m in components(tts).items()
-            }
-        }
+    def configuration(self) -> dict[str, Any]:
+        config = super().configuration()
         if self.plan.decode is not self.plan.prefill:
-            memory["parameter_bytes"]["t3.decode_copy"] = self.plan.decode.nbytes()
-        if self.device.type == "cuda":
-            memory["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        memory["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            config["parameter_bytes"]["t3.decode_copy"] = self.plan.decode.nbytes()
         return {
-            "optimize": self.optimize,
-            "device": str(self.device),
+            **config,
             "policy": self.policy,
-            "policy_reason": self.policy_reason,
-            "policy_measured": self.policy_measured,
-            "model_dtype": dtype_name(next(tts.t3.parameters()).dtype),
+            "policy_reason": self.policy_choice.reason,
+            "policy_measured": self.policy_choice.summary(),
             "target_dtype": dtype_name(self.target_dtype),
-            "decode": self.plan.describe() if self.optimize else "upstream T3.inference",
+            "decode": self.plan.describe(),
             "using_amp": self.amp is not None,
             "flash_attention_available": self._flash_attention_available,
-            "component_dtypes": {
-                "ve": dtype_name(next(tts.ve.parameters()).dtype),
-                "t3": dtype_name(next(tts.t3.parameters()).dtype),
-                "s3gen.flow": dtype_name(tts.s3gen.dtype),
-                "s3gen.mel2wav": dtype_name(next(tts.s3gen.mel2wav.parameters()).dtype),
-            },
             "float32_islands": [{"module": f"{i.path}.{i.method}", "why": i.why} for i in self.islands],
-            "attention": {
-                "configured": configured_backend(tts),
-                "last_generation": self.last.kernels,
-            },
-            "memory": memory,
-            "last_generation": vars(self.last),
+            "attention_configured": configured_backend(self.tts),
         }
 
 
-__all__ = ["ISLANDS", "PerformanceOptimizedTTS", "choose_policy", "decode_plan", "measure_policy"]
+__all__ = [
+    "ISLANDS",
+    "PerformanceOptimizedTTS",
+    "Pipeline",
+    "Policy",
+    "UpstreamTTS",
+    "choose_policy",
+    "decode_plan",
+    "measure_policy",
+]

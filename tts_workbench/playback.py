@@ -14,6 +14,7 @@ import soundfile as sf
 from IPython.display import HTML, Audio, display
 from matplotlib.figure import Figure
 
+from .constants import SAMPLE_RATE
 from .latency import ChunkMetrics, underruns
 
 
@@ -38,7 +39,7 @@ class StreamPlayer:
     """Feed it ``(chunk, metrics)`` as a stream yields them: one row per chunk (index, arrival,
     latency, audio, underrun marker) with that chunk's audio, and the whole utterance at the end."""
 
-    def __init__(self, sample_rate: int = 24000, title: str = "stream") -> None:
+    def __init__(self, sample_rate: int = SAMPLE_RATE, title: str = "stream") -> None:
         self.sample_rate = sample_rate
         self.chunks: list[np.ndarray] = []
         self.metrics: list[ChunkMetrics] = []
@@ -87,7 +88,10 @@ class StreamPlayer:
 
 
 def seam_figure(
-    waves: dict[str, np.ndarray], seams: dict[str, Sequence[int]], sample_rate: int = 24000, ms: float = 20.0
+    waves: dict[str, np.ndarray],
+    seams: dict[str, Sequence[int]],
+    sample_rate: int = SAMPLE_RATE,
+    ms: float = 20.0,
 ) -> Figure:
     """Each waveform zoomed on its seams (±``ms``), one row per waveform, one column per seam."""
     n = max((len(s) for s in seams.values()), default=0) or 1
@@ -112,7 +116,7 @@ def seam_figure(
 
 
 def ab_compare(
-    waves: dict[str, np.ndarray], seams: dict[str, Sequence[int]], sample_rate: int = 24000
+    waves: dict[str, np.ndarray], seams: dict[str, Sequence[int]], sample_rate: int = SAMPLE_RATE
 ) -> widgets.VBox:
     """Two (or more) versions side by side, each playable, above their waveforms at the seams."""
     players = [

@@ -22,8 +22,9 @@ import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from torch import nn
 
-from .generation import shadow
-from .sources import SourceError, dtype_name
+from .constants import dtype_name
+from .errors import ConfigError, SourceError
+from .patching import shadow
 from .vocode import cast_gen
 
 POLICIES = {
@@ -57,8 +58,9 @@ ISLANDS = (
 
 
 def check_policy(name: str) -> str:
+    """``name`` if it is a known policy, else a ConfigError listing them."""
     if name not in POLICIES:
-        raise ValueError(f"unknown dtype policy {name!r}; choose one of: {', '.join(POLICIES)}")
+        raise ConfigError(f"unknown dtype policy {name!r}; choose one of: {', '.join(POLICIES)}")
     return name
 
 
@@ -134,6 +136,19 @@ def check_conditionals(conds: Conditionals, tts: ChatterboxTTS) -> None:
                 "They were made for another model size; call prepare_conditionals(reference_wav) "
                 "with this model instead"
             )
+
+
+def copy_conditionals(conds: Conditionals | None) -> Conditionals | None:
+    """A copy with every tensor detached and cloned (``copy.deepcopy`` refuses the non-leaf
+    tensors that ``prepare_conditionals`` leaves when it ran with autograd on)."""
+    if conds is None:
+        return None
+
+    def fresh(v: Any) -> Any:
+        return v.detach().clone() if torch.is_tensor(v) else v
+
+    t3 = type(conds.t3)(**{k: fresh(v) for k, v in vars(conds.t3).items()})
+    return Conditionals(t3, {k: fresh(v) for k, v in conds.gen.items()})
 
 
 def ensure_conditionals_dtype(

@@ -32,7 +32,7 @@ from torch.autograd.profiler import record_function
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, tensorboard_trace_handler
 
-from .generation import shadow
+from .patching import around
 
 PHASES = ("conditioning", "t3.conditioning", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder")
 
@@ -58,19 +58,12 @@ def _phase_methods(tts: ChatterboxTTS, extra_tfmrs: Sequence[object]) -> list[tu
 def phase_regions(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Iterator[None]:
     """Wrap every call of the phase methods in a profiler range named by its phase."""
 
-    def labelled(label: str | None):
-        def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-            def inner(*args: Any, **kwargs: Any) -> Any:
-                with record_function(label or t3_phase(args, kwargs)):
-                    return fn(*args, **kwargs)
-
-            return inner
-
-        return wrap
+    def region(label: str | None) -> Callable[[tuple[Any, ...], dict[str, Any]], record_function]:
+        return lambda args, kwargs: record_function(label or t3_phase(args, kwargs))
 
     with ExitStack() as stack:
         for obj, method, label in _phase_methods(tts, extra_tfmrs):
-            stack.enter_context(shadow(obj, method, labelled(label)))
+            stack.enter_context(around(obj, method, region(label)))
         yield
 
 
@@ -297,55 +290,3 @@ def start_tensorboard(logdir: str | Path, port: int | None = None, timeout: floa
     ]
     server = start_server(cmd, url, tempfile.TemporaryFile(), timeout=timeout)
     return TensorBoard(server.process, server.url, Path(logdir))
-
-
-def profile_generation(
-    tts: ChatterboxTTS,
-    logdir: str | Path,
-    run: str,
-    tokens: int,
-    text: str,
-    seed: int = 0,
-    memory: bool = False,
-) -> dict[str, Any]:
-    """One upstream generation under ``profile_run``; then the trace is read back from disk and
-    checked against the attention recorder (a second, short generation: profilers do not nest)."""
-    from .attention import KERNEL_OPS, record_kernels
-    from .generation import generate
-
-    with profile_run(tts, logdir, run, memory=memory):
-        result = generate(tts, text, max_new_tokens=tokens, seed=seed)
-    path = trace_files(Path(logdir) / run)[-1]
-    table = read_trace(path, top=None)
-    with record_kernels(tts) as rec:
-        generate(tts, text, max_new_tokens=min(tokens, 4), seed=seed)
-    recorded = sorted(rec.kernels("t3.decode"))
-    in_trace = {op.op for op in table.get("t3.decode", [])}
-    return {
-        "run": run,
-        "logdir": str(logdir),
-        "trace": str(path),
-        "tokens": len(result.speech_tokens),
-        "note": f"random weights never emit a stop token: generation capped at {tokens} tokens",
-        "top_ops": {phase: [vars(r) for r in rows[:8]] for phase, rows in table.items()},
-        "recorded_decode_kernels": recorded,
-        "recorded_kernels_in_trace": {k: KERNEL_OPS[k] in in_trace for k in recorded},
-        "open_with": [
-            f"tensorboard --logdir {logdir}  (PYTORCH_PROFILER tab)",
-            f"https://ui.perfetto.dev: {path}",
-        ],
-    }
-
-
-def format_profile(report: dict[str, Any]) -> str:
-    table = {p: [OpRow(**r) for r in rows] for p, rows in report["top_ops"].items()}
-    seen = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in report["recorded_kernels_in_trace"].items())
-    return "\n".join(
-        [
-            format_trace_table(table),
-            f"attention kernel(s) the recorder saw in t3.decode, found in the trace: {seen}",
-            report["note"],
-            f"trace: {report['trace']}",
-            *report["open_with"],
-        ]
-    )

@@ -5,6 +5,9 @@ Every source returns an upstream ``chatterbox.tts.ChatterboxTTS`` built from the
 loaders (``from_local``/``from_pretrained``) there are two random-weight builds:
 
 - ``"tiny"``: the same classes with small widths and depths, for tests (builds in seconds);
+- ``"deep-narrow"``: T3 at its full depth (30 layers) but 64 wide, with the tiny S3Gen: its decode
+  step costs almost only per-layer dispatch overhead on a CPU, as the full model's step does on a
+  GPU, so it stands in for a host-bound GPU step on machines without one;
 - ``"random"``: the full-size architecture, for realistic compute and memory.
 
 Random weights never emit T3's stop token: generation must be capped (see ``generation.py``).
@@ -41,24 +44,19 @@ from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .constants import SAMPLE_RATE, dtype_name
+from .errors import SourceError
+from .patching import scoped_item
+
 TEXT_VOCAB = 704  # T3Config.english_only().text_tokens_dict_size
 METADATA_FILE = "tts_workbench.json"
 SAFETENSORS_LAYOUT = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json")
 PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float16`` → ``"float16"`` (the spelling used in reports and metadata)."""
-    return str(dtype).removeprefix("torch.")
-
-
 def components(tts: ChatterboxTTS) -> dict[str, torch.nn.Module]:
     """The three neural components of a ChatterboxTTS, by the names used in reports."""
     return {"ve": tts.ve, "t3": tts.t3, "s3gen": tts.s3gen}
-
-
-class SourceError(ValueError):
-    """A model source cannot be used; the message names the cause and the fix."""
 
 
 @dataclass(frozen=True)
@@ -77,13 +75,15 @@ class TinyConfig:
 
 
 TINY = TinyConfig()
+# Full T3 depth at a width where each layer's matmuls cost next to nothing: per-token time is
+# then the per-layer dispatch overhead, the cost the H200 run found in the full model's step.
+DEEP_NARROW = TinyConfig(t3_layers=30, t3_hidden=64, t3_heads=4, t3_intermediate=128)
 TINY_LLAMA = "Llama_tiny"
+SIZES = ("tiny", "deep-narrow", "random")
 
 
-def _register_tiny_llama(cfg: TinyConfig = TINY) -> None:
-    # T3Config reads the backbone size from upstream's LLAMA_CONFIGS by name, so the tiny
-    # backbone is registered there rather than passed in.
-    LLAMA_CONFIGS[TINY_LLAMA] = {
+def _llama_config(cfg: TinyConfig) -> dict[str, Any]:
+    return {
         **LLAMA_CONFIGS["Llama_520M"],
         "hidden_size": cfg.t3_hidden,
         "intermediate_size": cfg.t3_intermediate,
@@ -115,10 +115,12 @@ def check_device(device: str) -> torch.device:
 
 
 def _tiny_t3(cfg: TinyConfig) -> T3:
-    _register_tiny_llama(cfg)
     hp = T3Config.english_only()
     hp.llama_config_name = TINY_LLAMA
-    t3 = T3(hp)
+    # T3 reads the backbone size from upstream's LLAMA_CONFIGS by name (only while it is built),
+    # so the small backbone is registered there for the construction and removed again.
+    with scoped_item(LLAMA_CONFIGS, TINY_LLAMA, _llama_config(cfg)):
+        t3 = T3(hp)
     # The conditioning Perceiver hard-codes width 1024; rebuild it at the backbone width.
     t3.cond_enc.perceiver = Perceiver(
         pre_attention_query_size=cfg.t3_hidden, embedding_dim=cfg.t3_hidden, num_attn_heads=4
@@ -160,7 +162,7 @@ def _tiny_s3gen(cfg: TinyConfig) -> S3Gen:
         decoder=CausalConditionalCFM(spk_emb_dim=80, cfm_params=CFM_PARAMS, estimator=estimator),
     )
     s3.mel2wav = HiFTGenerator(
-        sampling_rate=24000,
+        sampling_rate=SAMPLE_RATE,
         base_channels=cfg.hift_channels,
         upsample_rates=[8, 5, 3],
         upsample_kernel_sizes=[16, 11, 7],
@@ -208,15 +210,17 @@ def _default_tokenizer() -> Path:
 
 
 def build_model(size: str, device: str = "cpu", seed: int = 0) -> ChatterboxTTS:
-    """Random-weight ChatterboxTTS: ``size`` is ``"tiny"`` or ``"random"`` (full size)."""
+    """Random-weight ChatterboxTTS: ``size`` is ``"tiny"``, ``"deep-narrow"`` or ``"random"``."""
     dev = check_device(device)
     torch.manual_seed(seed)
     if size == "tiny":
         t3, s3gen = _tiny_t3(TINY), _tiny_s3gen(TINY)
+    elif size == "deep-narrow":
+        t3, s3gen = _tiny_t3(DEEP_NARROW), _tiny_s3gen(TINY)
     elif size == "random":
         t3, s3gen = T3(), S3Gen()
     else:
-        raise SourceError(f"unknown size {size!r}: use 'tiny' or 'random'")
+        raise SourceError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
     return _assemble(t3, s3gen, VoiceEncoder(), _default_tokenizer(), dev)
 
 
@@ -245,11 +249,22 @@ def save_checkpoint(tts: ChatterboxTTS, folder: str | Path, dtype: torch.dtype =
         tts.conds.save(folder / "conds.pt")
     meta = {
         "architecture": "tiny" if tts.t3.hp.llama_config_name == TINY_LLAMA else "full",
-        "tiny_config": asdict(TINY),
+        "tiny_config": asdict(_config_of(tts.t3)),
         "dtypes": {name: dtype_name(dtype) for name in parts},
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
     return folder
+
+
+def _config_of(t3: T3) -> TinyConfig:
+    """The TinyConfig a small T3 was built with (its S3Gen sizes are always ``TINY``'s)."""
+    c = t3.cfg
+    return TinyConfig(
+        t3_layers=c.num_hidden_layers,
+        t3_hidden=c.hidden_size,
+        t3_heads=c.num_attention_heads,
+        t3_intermediate=c.intermediate_size,
+    )
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -361,15 +376,17 @@ def load_pretrained(device: str = "cpu", allow_download: bool = False) -> Chatte
 
 
 def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> ChatterboxTTS:
-    """One entry point: ``"tiny"``, ``"random"``, ``"pretrained"`` or a checkpoint folder."""
-    if source in ("tiny", "random"):
+    """One entry point: ``"tiny"``, ``"deep-narrow"``, ``"random"``, ``"pretrained"`` or a
+    checkpoint folder."""
+    if source in SIZES:
         return build_model(str(source), device, seed)
     if source == "pretrained":
         return load_pretrained(device)
     path = Path(source)
     if isinstance(source, str) and os.sep not in source and not path.exists():
         raise SourceError(
-            f"unknown model source {source!r}: use 'tiny', 'random', 'pretrained' or a checkpoint folder"
+            f"unknown model source {source!r}: use one of {', '.join(SIZES)}, 'pretrained' "
+            "or a checkpoint folder"
         )
     return load_folder(path, device)
 
@@ -390,7 +407,7 @@ def model_summary(tts: ChatterboxTTS) -> dict[str, dict[str, object]]:
 # ---------------------------------------------------------------- reference voice
 
 
-def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = 24000, seed: int = 0) -> Path:
+def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE_RATE, seed: int = 0) -> Path:
     """Write a deterministic voice-like signal: harmonics of a gliding pitch under formant
     peaks, syllable envelopes and pauses. Enough to drive the real conditioning path."""
     rng = np.random.default_rng(seed)
@@ -451,8 +468,8 @@ def check_reference(path: str | Path) -> ReferenceInfo:
     notes = []
     if data.shape[1] > 1:
         notes.append(f"mixed {data.shape[1]} channels to mono")
-    if sr != 24000:
-        notes.append(f"resampled {sr} Hz to 24000 Hz (S3Gen) and 16000 Hz (tokenizer, voice encoder)")
+    if sr != SAMPLE_RATE:
+        notes.append(f"resampled {sr} Hz to {SAMPLE_RATE} Hz (S3Gen) and 16000 Hz (tokenizer, voice encoder)")
     seconds = data.shape[0] / sr
     if seconds < 1.0:
         notes.append(f"only {seconds:.2f} s long: conditioning quality will suffer")

@@ -17,7 +17,6 @@ reference prompt (``prompt_s``), reported against the one-shot output.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -27,17 +26,24 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
-from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 from chatterbox.tts import ChatterboxTTS
+from tqdm.auto import tqdm
 
+from .clock import now
+from .constants import (
+    FRAMES_PER_TOKEN,
+    SAMPLE_RATE,
+    SAMPLES_PER_MS,
+    SAMPLES_PER_TOKEN,
+    SPEECH_VOCAB_SIZE,
+    TOKENS_PER_S,
+)
 from .decode import DecodePlan, DecodeStats, decode_blocks, text_tokens
+from .errors import ConfigError, EmptyTextError, NoVoiceError
 from .latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from .plots import save
 from .vocode import fade_in, flow_mels, vocoder
 
-TOKENS_PER_S = 25
-FRAMES_PER_TOKEN = 2  # S3Gen mel frames per speech token
-SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 tokens per second
 STRATEGIES = ("naive", "buffered")
 
 
@@ -62,7 +68,7 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}: choose {' or '.join(STRATEGIES)}")
+            raise ConfigError(f"unknown strategy {self.strategy!r}: choose {' or '.join(STRATEGIES)}")
         positive = {
             "chunk_tokens": self.chunk_tokens,
             "first_window_s": self.first_window_s,
@@ -71,7 +77,7 @@ class StreamConfig:
         }
         for name, value in positive.items():
             if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+                raise ConfigError(f"{name} must be positive, got {value}")
         nonnegative = {
             "context_tokens": self.context_tokens,
             "fade_ms": self.fade_ms,
@@ -81,19 +87,21 @@ class StreamConfig:
         }
         for name, value in nonnegative.items():
             if value < 0:
-                raise ValueError(f"{name} must be zero or positive, got {value}")
+                raise ConfigError(f"{name} must be zero or positive, got {value}")
         if self.prompt_s is not None and not self.prompt_s > 0:
-            raise ValueError(f"prompt_s must be positive (or None for the whole prompt), got {self.prompt_s}")
+            raise ConfigError(
+                f"prompt_s must be positive (or None for the whole prompt), got {self.prompt_s}"
+            )
         half = self.crossfade_samples / 2
         if self.crossfade_samples >= min(self.first_window_tokens, self.window_tokens) * SAMPLES_PER_TOKEN:
-            raise ValueError(
+            raise ConfigError(
                 f"crossfade of {self.crossfade_ms} ms is not shorter than a window "
                 f"({min(self.first_window_s, self.window_s)} s): shorten it or widen the windows"
             )
         if half > min(self.left_context_tokens, self.lookahead_tokens) * SAMPLES_PER_TOKEN:
-            raise ValueError(
-                f"half the crossfade ({half / 24:.0f} ms) must fit in the left context and the lookahead "
-                f"({min(self.left_context_tokens, self.lookahead_tokens)} tokens of 40 ms)"
+            raise ConfigError(
+                f"half the crossfade ({half / SAMPLES_PER_MS:.0f} ms) must fit in the left context and "
+                f"the lookahead ({min(self.left_context_tokens, self.lookahead_tokens)} tokens of 40 ms)"
             )
 
     @property
@@ -106,7 +114,7 @@ class StreamConfig:
 
     @property
     def crossfade_samples(self) -> int:
-        return 2 * round(self.crossfade_ms * 24 / 2)  # even, so it splits around a seam
+        return 2 * round(self.crossfade_ms * SAMPLES_PER_MS / 2)  # even, so it splits around a seam
 
 
 def shorten_prompt(gen: dict[str, Any], prompt_s: float | None) -> dict[str, Any]:
@@ -160,8 +168,8 @@ class RngLane:
 
     def __exit__(self, *exc: object) -> None:
         self.state = self._get()
-        assert self.outer is not None
-        self._set(self.outer)
+        if self.outer is not None:
+            self._set(self.outer)
 
 
 @dataclass
@@ -172,7 +180,7 @@ class StreamState:
     tokens: list[int] = field(default_factory=list)  # valid speech tokens, in order
     seams: list[int] = field(default_factory=list)  # sample positions where chunks were joined
     crossfades: list[tuple[int, int]] = field(default_factory=list)  # sample ranges blended
-    noise: torch.Tensor | None = None
+    noise: torch.Tensor = field(default_factory=lambda: noise_track(0, 0))  # set by stream()
     t3: DecodeStats = field(default_factory=DecodeStats)
 
 
@@ -187,17 +195,19 @@ def stream(
     amp: torch.dtype | None = None,
     state: StreamState | None = None,
     cfg_weight: float = 0.5,
+    progress: bool = False,
     **sampling: Any,
 ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
     """Generate ``text`` with the voice in ``tts.conds`` and yield audio chunks as they are ready.
 
     Pass a ``StreamState`` to read the report, the tokens and the seam positions afterwards.
-    Stopping the iteration early stops T3 too (nothing runs in the background).
+    Stopping the iteration early stops T3 too (nothing runs in the background). ``progress``
+    shows tokens sampled and S3Gen calls done on stderr.
     """
     if tts.conds is None:
-        raise ValueError("no voice: call prepare_conditionals(wav) first")
+        raise NoVoiceError()
     if not text.strip():
-        raise ValueError("text is empty: give at least one word to speak")
+        raise EmptyTextError()
     state = state if state is not None else StreamState(StreamReport(config.strategy))
     state.noise = noise_track(max_new_tokens, seed + 1)
     gen = shorten_prompt(tts.conds.gen, config.prompt_s)
@@ -216,9 +226,11 @@ def stream(
     )
     t3_rng = RngLane(seed)
     cutter = _naive if config.strategy == "naive" else _buffered
-    t_start = time.perf_counter()
+    device = tts.device
+    t_start = now(device)
     t3_seen = [0.0]
     invalid = [0]
+    bar = tqdm(total=max_new_tokens, unit="tok", desc=f"{config.strategy} stream", disable=not progress)
 
     def tokens_in() -> Iterator[bool]:
         """Pull T3 blocks into state.tokens; yields True when more came, ends when T3 is done."""
@@ -229,6 +241,7 @@ def stream(
             if block is None:
                 return
             ids = block[0].tolist()
+            bar.update(len(ids))
             state.tokens.extend(t for t in ids if t < SPEECH_VOCAB_SIZE)
             invalid[0] += sum(t >= SPEECH_VOCAB_SIZE and t != stop for t in ids)
             yield True
@@ -237,7 +250,7 @@ def stream(
         t3 = stats.prefill_s + stats.decode_s
         m = ChunkMetrics(
             index=len(state.report.chunks),
-            emitted_s=time.perf_counter() - t_start,
+            emitted_s=now(device) - t_start,
             t3_s=t3 - t3_seen[0],
             invalid_tokens=invalid[0],
             prompt_frames=prompt_frames,
@@ -253,11 +266,13 @@ def stream(
                 m.nan_samples = int(nan.sum())
                 chunk = np.where(nan, 0.0, chunk).astype(np.float32)
             state.report.chunks.append(m)
+            bar.set_postfix(s3gen_calls=state.report.s3gen_calls, refresh=False)
             state.report.wall_s = m.emitted_s
             m.cumulative_rtf = m.emitted_s / state.report.audio_s if state.report.audio_s else float("inf")
             yield chunk, m
     finally:
         blocks.close()
+        bar.close()
 
 
 def stream_all(
@@ -281,11 +296,12 @@ def _s3gen(
     with ExitStack() as stack:
         if amp is not None:
             stack.enter_context(torch.autocast(tts.s3gen.device.type, amp))
-        t0 = time.perf_counter()
+        device = tts.s3gen.device
+        t0 = now(device)
         mels = flow_mels(tts.s3gen, torch.tensor(tokens), gen, noise=noise)
-        t1 = time.perf_counter()
+        t1 = now(device)
         wav, source = vocoder(tts.s3gen, mels, cache)
-        t2 = time.perf_counter()
+        t2 = now(device)
     return wav[0].cpu().numpy(), source, t1 - t0, t2 - t1
 
 
@@ -300,7 +316,7 @@ def _naive(
 ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
     done = 0  # tokens already emitted as audio
     emitted = 0  # samples already emitted
-    fade = int(config.fade_ms * 24)
+    fade = int(config.fade_ms * SAMPLES_PER_MS)
     more = True
     while more:
         more = next(tokens_in, False)
@@ -323,7 +339,7 @@ def _naive(
                 tokens=len(new),
                 flow_s=flow_s,
                 vocoder_s=voc_s,
-                audio_s=len(chunk) / 24000,
+                audio_s=len(chunk) / SAMPLE_RATE,
                 context_frames=len(context) * FRAMES_PER_TOKEN,
                 new_frames=len(new) * FRAMES_PER_TOKEN,
                 s3gen_calls=1,
@@ -346,7 +362,6 @@ def _buffered(
     tail: np.ndarray | None = None  # the last c samples of the previous window, waiting to be blended
     prev: tuple[int, int, torch.Tensor] | None = None  # (start, end) tokens and source of the last call
     more = True
-    assert state.noise is not None
     while more:
         size = config.first_window_tokens if begin == 0 else config.window_tokens
         while more and len(state.tokens) < begin + size + config.lookahead_tokens:
@@ -381,7 +396,7 @@ def _buffered(
                 tokens=end - begin,
                 flow_s=flow_s,
                 vocoder_s=voc_s,
-                audio_s=len(chunk) / 24000,
+                audio_s=len(chunk) / SAMPLE_RATE,
                 context_frames=(begin - s + e - end) * FRAMES_PER_TOKEN,
                 new_frames=(end - begin) * FRAMES_PER_TOKEN,
                 s3gen_calls=1,
@@ -399,7 +414,7 @@ def one_shot(
     a streamed utterance is compared with."""
     gen = shorten_prompt(tts.conds.gen, config.prompt_s) if tts.conds else {}
     n = len(state.tokens)
-    noise = state.noise[:, :, : n * FRAMES_PER_TOKEN] if state.noise is not None else None
+    noise = state.noise[:, :, : n * FRAMES_PER_TOKEN] if state.noise.numel() else None
     wav, _, _, _ = _s3gen(tts, gen, state.tokens, noise, amp)
     fade_in(tts.s3gen, torch.from_numpy(wav))
     return wav
@@ -424,15 +439,18 @@ def run_to_files(
     seed: int = 0,
     plan: DecodePlan | None = None,
     amp: torch.dtype | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Stream ``text``, compare with the one-shot output of the same tokens, and write the WAV
     and the timeline plot under ``outdir``; returns the summary, the chunk rows and the quality."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    wav, state = stream_all(tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, amp=amp)
+    wav, state = stream_all(
+        tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, amp=amp, progress=progress
+    )
     reference = one_shot(tts, state, config, amp)
     wav_path = outdir / f"{config.strategy}.wav"
-    sf.write(wav_path, wav, 24000)
+    sf.write(wav_path, wav, SAMPLE_RATE)
     fig_path = save(timeline_figure(state.report), outdir / f"{config.strategy}_timeline.png")
     return {
         "config": asdict(config),

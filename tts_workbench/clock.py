@@ -1,0 +1,70 @@
+"""One clock for every timer in the package: it waits for the device before reading the time.
+
+CUDA kernels run asynchronously: a host clock read while work is still queued charges that work
+to whatever runs next. ``now(device)`` synchronises the device first (nothing extra on the CPU),
+so phase times add up to the wall time on every device. Repeated measurements are
+``torch.utils.benchmark.Measurement`` objects: median, IQR and ``Compare`` tables for free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.utils.benchmark import Measurement, TaskSpec
+
+Device = torch.device | str | None
+
+
+def synchronize(device: Device) -> None:
+    """Wait for all queued work on ``device`` (a no-op on the CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def now(device: Device = None) -> float:
+    """``time.perf_counter()`` after the device has finished its queued work."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+@dataclass
+class Stopwatch:
+    """Accumulates synchronised seconds over the blocks run under ``running()``."""
+
+    device: Device = None
+    seconds: float = 0.0
+    calls: int = 0
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        t0 = now(self.device)
+        try:
+            yield
+        finally:
+            self.seconds += now(self.device) - t0
+            self.calls += 1
+
+    def run_call(self, args: tuple[object, ...], kwargs: dict[str, object]) -> AbstractContextManager[None]:
+        """``running()`` for ``patching.around``: time every call of a shadowed method."""
+        return self.running()
+
+
+def measure(
+    fn: Callable[[], object], label: str, device: Device = None, repeats: int = 3, description: str = ""
+) -> Measurement:
+    """Run ``fn`` ``repeats`` times, each timed between two synchronised clock reads.
+
+    Returns a ``torch.utils.benchmark.Measurement`` (``.median``, ``.iqr``, ``.times``) that
+    ``torch.utils.benchmark.Compare`` can put in a table beside others.
+    """
+    times = []
+    for _ in range(repeats):
+        t0 = now(device)
+        fn()
+        times.append(now(device) - t0)
+    spec = TaskSpec(stmt=label, setup="", label=label, description=description or label)
+    return Measurement(number_per_run=1, raw_times=times, task_spec=spec)

@@ -1,0 +1,40 @@
+"""The workbench's exception types: one per condition, each message naming the cause and the fix.
+
+All derive from ``WorkbenchError`` (a ``ValueError``, so code that caught ``ValueError`` before
+still does); the CLI turns any of them into one ``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class WorkbenchError(ValueError):
+    """Bad input or a model the workbench cannot use; the message says what to do."""
+
+
+class SourceError(WorkbenchError):
+    """A model source, checkpoint folder, device or reference file cannot be used."""
+
+
+class NoVoiceError(WorkbenchError):
+    """Generation was asked for before a voice (conditionals) was prepared."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "no voice: pass audio_prompt_path or call prepare_voice(tts, wav) / "
+            "prepare_conditionals(wav) first" + (f" ({detail})" if detail else "")
+        )
+
+
+class EmptyTextError(WorkbenchError):
+    """The text to speak is empty or only whitespace."""
+
+    def __init__(self) -> None:
+        super().__init__("text is empty: give at least one word to speak")
+
+
+class ConfigError(WorkbenchError):
+    """An option is out of range or unknown (dtype policy, strategy, window size, token cap ...)."""
+
+
+class CacheError(WorkbenchError):
+    """A static KV cache cannot hold the request (too long, wrong device or dtype)."""

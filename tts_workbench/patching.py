@@ -1,0 +1,123 @@
+"""Changing a model for a while, and putting it back exactly.
+
+Everything the workbench does to a user's model goes through here:
+
+- ``shadow``: replace a method (or any attribute) on one instance while inside, then restore
+  whatever the instance had before. The wrapper keeps the wrapped function's name, docstring
+  and signature (``functools.wraps``), so tracebacks and ``help()`` still read as upstream.
+- ``around``: the common case of ``shadow``: run every call of a method inside a context
+  manager built for that call (a timer, a profiler range, ...).
+- ``preserved`` (``ModuleSnapshot``): remember every parameter and buffer tensor of modules
+  (references, not copies) and put them back; casting with ``module.to(dtype)`` swaps
+  ``param.data``, so the originals come back bit for bit at no memory cost beyond what the cast
+  itself allocated. (A deep copy of a whole ChatterboxTTS is not possible: HiFT's weight-norm
+  keeps non-leaf tensors, which ``copy.deepcopy`` refuses.)
+- ``working_copy``: an attribute replaced by a copy of itself, the original put back.
+- ``scoped_item``: set a key of a dict (e.g. upstream's ``LLAMA_CONFIGS``) and remove it again.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+from torch import nn
+
+_MISSING = object()
+
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+@contextmanager
+def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
+    """Set ``obj.name = wrap(obj.name)`` on the instance while inside; restore on exit.
+
+    Whatever the instance's own ``__dict__`` held before (another shadow, or nothing, so that the
+    class attribute shows through again) is put back, so shadows nest.
+    """
+    before = obj.__dict__.get(name, _MISSING)
+    original = getattr(obj, name)
+    wrapped = wrap(original)
+    if callable(original) and callable(wrapped) and wrapped is not original:
+        functools.update_wrapper(wrapped, original)
+    setattr(obj, name, wrapped)
+    try:
+        yield
+    finally:
+        if before is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, before)
+
+
+def around(
+    obj: object, name: str, enter: Callable[[tuple[Any, ...], dict[str, Any]], AbstractContextManager[Any]]
+) -> AbstractContextManager[None]:
+    """Shadow method ``name`` so that each call runs inside ``enter(args, kwargs)``."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with enter(args, kwargs):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return shadow(obj, name, wrap)
+
+
+@contextmanager
+def scoped_item(mapping: MutableMapping[str, Any], key: str, value: Any) -> Iterator[None]:
+    """``mapping[key] = value`` while inside; the previous value (or absence) is restored."""
+    before = mapping.get(key, _MISSING)
+    mapping[key] = value
+    try:
+        yield
+    finally:
+        if before is _MISSING:
+            del mapping[key]
+        else:
+            mapping[key] = before
+
+
+class ModuleSnapshot:
+    """The tensors behind every parameter and buffer of ``module``, to restore them later."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.params = {n: p.data for n, p in module.named_parameters(remove_duplicate=False)}
+        self.buffers = {n: b for n, b in module.named_buffers(remove_duplicate=False)}
+
+    def restore(self) -> None:
+        """Put every remembered tensor back (dtype, device and values as they were). Submodules
+        added since (upstream T3 adds ``patched_model`` on first use) share the same parameters."""
+        for name, data in self.params.items():
+            self.module.get_parameter(name).data = data
+        for name, buffer in self.buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            setattr(self.module.get_submodule(owner) if owner else self.module, leaf, buffer)
+
+
+@contextmanager
+def preserved(*modules: nn.Module) -> Iterator[None]:
+    """Every parameter and buffer of ``modules`` as it was on entry, again on exit."""
+    snapshots = [ModuleSnapshot(m) for m in modules]
+    try:
+        yield
+    finally:
+        for snap in snapshots:
+            snap.restore()
+
+
+@contextmanager
+def working_copy(obj: object, name: str, copier: Callable[[Any], Any] = copy.deepcopy) -> Iterator[Any]:
+    """``obj.name`` replaced by ``copier(obj.name)`` while inside; the original object (not
+    changed by whatever was done to the copy) is put back on exit."""
+    original = getattr(obj, name)
+    setattr(obj, name, copier(original))
+    try:
+        yield getattr(obj, name)
+    finally:
+        setattr(obj, name, original)
