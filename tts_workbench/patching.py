@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 _MISSING = object()
@@ -83,12 +84,22 @@ def scoped_item(mapping: MutableMapping[str, Any], key: str, value: Any) -> Iter
 
 
 class ModuleSnapshot:
-    """The tensors behind every parameter and buffer of ``module``, to restore them later."""
+    """The tensors behind every parameter and buffer of ``module``, and every plain tensor
+    attribute of its submodules, to restore them later. The last matter: upstream caches some
+    tensors as plain attributes and converts them to the dtype of whatever ran last (S3Gen's
+    conformer keeps its positional encoding ``pe`` so; after one bfloat16 call it would stay
+    rounded to bfloat16 in float32 runs)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.params = {n: p.data for n, p in module.named_parameters(remove_duplicate=False)}
         self.buffers = {n: b for n, b in module.named_buffers(remove_duplicate=False)}
+        self.attributes = {
+            (m, name): value
+            for m in module.modules()
+            for name, value in vars(m).items()
+            if isinstance(value, torch.Tensor)
+        }
 
     def restore(self) -> None:
         """Put every remembered tensor back (dtype, device and values as they were). Submodules
@@ -98,6 +109,8 @@ class ModuleSnapshot:
         for name, buffer in self.buffers.items():
             owner, _, leaf = name.rpartition(".")
             setattr(self.module.get_submodule(owner) if owner else self.module, leaf, buffer)
+        for (m, name), value in self.attributes.items():
+            setattr(m, name, value)
 
 
 @contextmanager

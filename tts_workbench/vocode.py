@@ -16,15 +16,20 @@ from typing import Any
 import torch
 from chatterbox.models.s3gen import S3Gen
 
+# Integer entries of the reference dict. After one upstream ``S3Gen.forward`` in float32 they
+# are float32 in the caller's dict (exact up to 2**24, so they round back exactly).
+TOKEN_KEYS = ("prompt_token", "prompt_token_len")
+
 
 def cast_gen(gen: dict[str, Any], dtype: torch.dtype, device: torch.device | str) -> dict[str, Any]:
     """S3Gen's reference dict with float tensors in ``dtype``, token ids and lengths ``long``."""
-    return {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else torch.long)
-        if torch.is_tensor(v)
-        else v
-        for k, v in gen.items()
-    }
+    out = {}
+    for k, v in gen.items():
+        if torch.is_tensor(v):
+            integer = k in TOKEN_KEYS or not v.is_floating_point()
+            v = v.round().to(device=device, dtype=torch.long) if integer else v.to(device=device, dtype=dtype)
+        out[k] = v
+    return out
 
 
 def flow_mels(
