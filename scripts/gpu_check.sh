@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issue 7). On an offline machine with an NVIDIA GPU and the image's
-# CUDA PyTorch: install the carried wheels (scripts/prepare_gpu_wheels.sh), then
-#   1. bench upstream (float32, as it loads) vs optimized, one-shot and streaming (naive vs
-#      buffered), on the full-size random model, once per dtype policy of the optimized path,
-#      recording the attention kernel that ran, peak CUDA memory, TTFA and RTF;
-#   2. the diagnosis on CUDA: which SDPA kernel upstream's float32 decode ran (with
-#      output_attentions=True), why Flash was refused, and where a float16 cast breaks.
+# The one prepared GPU check (issues 7 and 13). On an offline machine with an NVIDIA GPU and the
+# image's CUDA PyTorch: install the carried wheels (scripts/prepare_gpu_wheels.sh), then
+#   1. bench upstream (float32, as it loads) vs the optimized wrapper with the eager, static-cache
+#      and compiled (CUDA graphs) decode step, one-shot and streaming (naive vs buffered, eager vs
+#      compiled), on the full-size random model, for each dtype policy asked (default bfloat16
+#      only, so the set fits one 10-minute call), recording the attention kernel that ran, T3 ms
+#      per token, compile time, peak CUDA memory, TTFA and RTF;
+#   2. (GPU_CHECK_DIAGNOSE=1) the diagnosis on CUDA: which SDPA kernel upstream's float32 decode
+#      ran, why Flash was refused, and where a float16 cast breaks.
 # Each step runs on its own with a time limit: one that fails or runs out is recorded with the
 # end of its stderr and the next one still runs. Everything lands in one results file.
 #
-#   scripts/gpu_check.sh            # on the GPU machine; on an H200 one policy's bench took 212 s
-#                                   # (half of it building the two full-size models), so all three
-#                                   # plus the diagnosis need ~12 min: split them over two calls
+#   scripts/gpu_check.sh            # on the GPU machine; on an H200 one policy's bench of 4 configs
+#                                   # took 212 s (half of it building the two full-size models); the
+#                                   # default set adds the static/compiled configs: one call
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
-#   GPU_CHECK_POLICIES="bfloat16"   # only some of the policies (default: bfloat16 float16 float32; "" for none)
-#   GPU_CHECK_DIAGNOSE=0            # skip the diagnosis step
+#   GPU_CHECK_POLICIES="bfloat16 float16"  # the policies (default: bfloat16; "" for none)
+#   GPU_CHECK_DIAGNOSE=1            # also run the diagnosis step (default: skipped)
 #   GPU_CHECK_DIR=DIR               # where each step's raw JSON and stderr go (default runs/gpu_check)
 #   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
 set -uo pipefail
@@ -23,7 +25,7 @@ DRY=0; [[ "${1:-}" == "--dry-run" ]] && DRY=1
 COMBINE=0; [[ "${1:-}" == "--combine" ]] && COMBINE=1 && DRY=2
 OUT=${GPU_CHECK_OUT:-results/gpu_check.json}
 DIR=${GPU_CHECK_DIR:-runs/gpu_check}
-CONFIGS=${GPU_CHECK_CONFIGS:-upstream,optimized,upstream-stream,optimized-stream}
+CONFIGS=${GPU_CHECK_CONFIGS:-upstream,optimized,static,compiled,optimized-stream,compiled-stream}
 if [[ $DRY != 0 ]]; then
     PY=${PYTHON:-.venv/bin/python}; MODEL=tiny; DEVICE=cpu; TOKENS=8; REPEATS=1; WARMUP=0; LIMIT=300
 else
@@ -55,13 +57,13 @@ step() {  # step NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.er
     [[ $rc == 0 ]] || tail -5 "$DIR/$name.err" >&2
 }
 
-POLICIES=${GPU_CHECK_POLICIES-bfloat16 float16 float32}
+POLICIES=${GPU_CHECK_POLICIES-bfloat16}
 [[ $COMBINE == 1 ]] && POLICIES_RUN="" || POLICIES_RUN=$POLICIES
 for policy in $POLICIES_RUN; do
     step "bench-$policy" $PY -m tts_workbench.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS \
         --repeats $REPEATS --warmup $WARMUP --configs "$CONFIGS" --dtype "$policy" --out "$TMP/$policy"
 done
-[[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-1} == 0 ]] || step diagnose $PY -m tts_workbench.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
+[[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 
 mkdir -p "$(dirname "$OUT")"
@@ -86,6 +88,7 @@ for p in sys.argv[4:]:
     if r:
         environment = environment or r["environment"]
         runs[p] = {"policy": r["optimized_policy"], "attention_kernels_optimized": r["attention_kernels_optimized"],
+                   "compile_s": r.get("compile_s"), "compile_fallback": r.get("compile_fallback"),
                    "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
                    "settings": r["settings"], "summary": r["summary"], "table": format_bench(r).splitlines()}
 diagnose, errors["diagnose"] = load("diagnose")

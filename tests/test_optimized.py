@@ -302,3 +302,25 @@ def test_the_wrapper_does_not_record_kernels_unless_asked(tiny_tts: ChatterboxTT
         opt.record_attention = True
         opt.generate(TEXT, max_new_tokens=4)
         assert "t3.decode" in opt.last.kernels
+
+
+def test_wrapper_decode_steps_share_weights_and_reuse_the_compiled_step(tiny_tts: ChatterboxTTS) -> None:
+    from tts_workbench.errors import ConfigError
+
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="compiled") as opt:
+        assert opt.configuration()["decode_step"] == "compiled"
+        first = opt.speech_tokens(TEXT, max_new_tokens=12, decode="eager")
+        torch.manual_seed(0)
+        eager = opt.speech_tokens(TEXT, max_new_tokens=12, decode="eager").tokens
+        torch.manual_seed(0)
+        opt.generate(TEXT, max_new_tokens=12, seed=0)
+        assert opt.last.decode_step == "compiled" and opt.last.seconds["t3.compile"] > 0
+        torch.manual_seed(0)
+        again = opt.speech_tokens("A different, longer sentence to speak.", max_new_tokens=12)
+        assert again.compile_s == 0.0 and again.step_mode == "compiled"  # built once, reused
+        torch.manual_seed(0)
+        assert torch.equal(opt.speech_tokens(TEXT, max_new_tokens=12).tokens, eager)
+        assert opt.configuration()["parameter_bytes"]["t3.static_kv_cache"] > 0
+        assert first.step_mode == "eager"
+    with pytest.raises(ConfigError, match="unknown decode step"):
+        PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="fast")

@@ -131,23 +131,26 @@ def gpu_check_dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedP
 
 
 def test_gpu_check_dry_run(tmp_path: Path) -> None:
-    # One policy and two configs keep the test short; the GPU run does three policies, four configs.
-    p, result = gpu_check_dry_run(
-        tmp_path, GPU_CHECK_POLICIES="bfloat16", GPU_CHECK_CONFIGS="upstream,optimized-stream"
-    )
+    # Two configs keep the test short; the GPU run does six.
+    p, result = gpu_check_dry_run(tmp_path, GPU_CHECK_CONFIGS="upstream,compiled", GPU_CHECK_DIAGNOSE="1")
     assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
     assert "DRY RUN" in result["what"] and set(result["runs"]) == {"bfloat16"} and result["errors"] == {}
     run = result["runs"]["bfloat16"]
     assert run["policy"]["policy"] == "bfloat16"
-    assert run["settings"]["configs"] == ["upstream", "optimized-stream"]
+    assert run["settings"]["configs"] == ["upstream", "compiled"]
     assert run["attention_kernels_optimized"]["t3.decode"]
+    assert run["compile_s"]["compiled"] > 0 and run["compile_fallback"] is None
     assert result["diagnose"]["kernels"] and result["diagnose"]["precision"]
     assert "## optimized policy bfloat16" in p.stdout
 
 
 def test_gpu_check_records_a_failed_step(tmp_path: Path) -> None:
     # A step that fails is recorded with its stderr, the others still run, the exit code says so.
-    p, result = gpu_check_dry_run(tmp_path, GPU_CHECK_POLICIES="no-such-policy")
+    p, result = gpu_check_dry_run(
+        tmp_path, GPU_CHECK_POLICIES="no-such-policy bfloat16", GPU_CHECK_CONFIGS="upstream"
+    )
     assert p.returncode == 1
-    assert result["runs"] == {} and "no-such-policy" in result["errors"]["bench-no-such-policy"]
-    assert result["diagnose"]["kernels"]
+    assert (
+        set(result["runs"]) == {"bfloat16"} and "no-such-policy" in result["errors"]["bench-no-such-policy"]
+    )
+    assert result["diagnose"] is None  # not asked for

@@ -36,7 +36,19 @@ from .precision import check_policy
 from .sources import load_model, make_reference_wav
 from .streaming import StreamConfig, one_shot, quality, stream_all
 
-CONFIGS = ("upstream", "optimized", "upstream-stream", "optimized-stream")
+# upstream: upstream generate (float32). optimized / static / compiled: the wrapper with its dtype
+# policy and the eager / static-cache / compiled decode step. -stream: the same streamed (upstream:
+# the fork's naive loop; the wrapper: buffered).
+CONFIGS = (
+    "upstream",
+    "optimized",
+    "static",
+    "compiled",
+    "upstream-stream",
+    "optimized-stream",
+    "compiled-stream",
+)
+DECODE_OF = {"optimized": "eager", "static": "static", "compiled": "compiled"}
 NOTE = "random weights: timing is realistic (same shapes and kernels), the audio is meaningless"
 
 
@@ -54,6 +66,7 @@ class Row:
     s3gen_s: float
     peak_rss_bytes: int
     peak_cuda_bytes: int
+    t3_compile_s: float = 0.0  # building the static step (compiling it): not in the step time
 
     @property
     def rtf(self) -> float:
@@ -100,10 +113,11 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
             peak["cuda"] = torch.cuda.max_memory_allocated(device)
 
 
-def run_pipeline(pipeline: Pipeline, text: str, tokens: int, seed: int) -> dict[str, Any]:
-    """One capped one-shot generation; the row's fields from the pipeline's ``last`` run."""
+def run_pipeline(pipeline: Pipeline, text: str, tokens: int, seed: int, **options: Any) -> dict[str, Any]:
+    """One capped one-shot generation (``options``: e.g. the wrapper's ``decode``); the row's
+    fields from the pipeline's ``last`` run."""
     t0 = now(pipeline.device)
-    wav = pipeline.generate(text, max_new_tokens=tokens, seed=seed)
+    wav = pipeline.generate(text, max_new_tokens=tokens, seed=seed, **options)
     wall = now(pipeline.device) - t0
     s = pipeline.last.seconds
     return dict(
@@ -115,6 +129,7 @@ def run_pipeline(pipeline: Pipeline, text: str, tokens: int, seed: int) -> dict[
         t3_step_s=s["t3.step"],
         s3gen_calls=1,
         s3gen_s=s["s3gen"],
+        t3_compile_s=s.get("t3.compile", 0.0),
     )
 
 
@@ -170,12 +185,20 @@ def run_bench(
         m.float()
     prepare_voice(upstream_model, reference)
     upstream = UpstreamTTS(upstream_model)
-    opt = PerformanceOptimizedTTS(load_model(model, device, seed), policy=dtype)
+    # The static cache holds the prefill (the example sentence: ~160 positions) and the tokens;
+    # every step attends over all of it, so it is sized to the run, not to upstream's 1000 tokens.
+    opt = PerformanceOptimizedTTS(
+        load_model(model, device, seed), policy=dtype, decode="eager", max_cache_len=tokens + 512
+    )
     opt.prepare_conditionals(reference)
     dev = torch.device(device)
+
+    def wrapper(step: str) -> Callable[[int], dict[str, Any]]:
+        return lambda s: run_pipeline(opt, text, tokens, s, decode=step)
+
     runners: dict[str, Callable[[int], dict[str, Any]]] = {
         "upstream": lambda s: run_pipeline(upstream, text, tokens, s),
-        "optimized": lambda s: run_pipeline(opt, text, tokens, s),
+        **{c: wrapper(step) for c, step in DECODE_OF.items()},
     }
     runners.update(_stream_runners(upstream_model, opt, text, tokens))
     # One recorded (not timed) optimized run: which attention kernel ran, in which dtype.
@@ -187,11 +210,13 @@ def run_bench(
     runs = [("warm-up", r, c) for r in range(warmup) for c in configs]
     runs += [("repeat", r, c) for r in range(repeats) for c in configs]
     rows: list[Row] = []
+    compile_s: dict[str, float] = {}  # per config, whichever run built the step (warm-up or not)
     with tqdm(runs, desc="bench", unit="run") as bar:
         for kind, r, c in bar:
             bar.set_postfix_str(f"{c}, {kind} {r + 1}")
             with peak_memory(dev) as peak:
                 out = runners[c](seed)
+            compile_s[c] = max(compile_s.get(c, 0.0), out.get("t3_compile_s", 0.0))
             if kind == "repeat":
                 rows.append(
                     Row(config=c, repeat=r, peak_rss_bytes=peak["rss"], peak_cuda_bytes=peak["cuda"], **out)
@@ -214,6 +239,8 @@ def run_bench(
             "decode": opt.plan.describe(),
         },
         "attention_kernels_optimized": kernels,
+        "compile_s": compile_s,
+        "compile_fallback": opt.configuration()["compile_fallback"],
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "floors": floors,
         "rows": [{**asdict(r), "rtf": r.rtf, "t3_tokens_per_s": r.t3_tokens_per_s} for r in rows],
@@ -245,17 +272,23 @@ def run_stream(
         t3_step_s=state.t3.step_s,
         s3gen_calls=s["s3gen_calls"],
         s3gen_s=s["flow_s"] + s["vocoder_s"],
+        t3_compile_s=state.t3.compile_s,
     )
 
 
 def _stream_runners(
     upstream: ChatterboxTTS, opt: PerformanceOptimizedTTS, text: str, tokens: int
 ) -> dict[str, Callable[[int], dict[str, Any]]]:
-    """Upstream streaming = the fork's naive loop on the upstream model; optimized = buffered."""
+    """Upstream streaming = the fork's naive loop on the upstream model; the wrapper's = buffered,
+    with the eager or the compiled decode step."""
+    buffered = StreamConfig("buffered")
     return {
         "upstream-stream": lambda s: run_stream(upstream, StreamConfig("naive"), text, tokens, s),
         "optimized-stream": lambda s: run_stream(
-            opt.tts, StreamConfig("buffered"), text, tokens, s, plan=opt.plan, amp=opt.amp
+            opt.tts, buffered, text, tokens, s, plan=opt.plans["eager"], amp=opt.amp
+        ),
+        "compiled-stream": lambda s: run_stream(
+            opt.tts, buffered, text, tokens, s, plan=opt.plans["compiled"], amp=opt.amp
         ),
     }
 
@@ -274,7 +307,7 @@ def summarize(rows: list[Row], floors: dict[str, dict[str, Any]]) -> list[dict[s
         s["audio_s"] = mine[0].audio_s
         s["peak_rss_gb"] = max(r.peak_rss_bytes for r in mine) / 2**30
         s["peak_cuda_gb"] = max(r.peak_cuda_bytes for r in mine) / 2**30
-        floor = floors.get(name.removesuffix("-stream"), {}).get("floor_s")
+        floor = floors["upstream" if name.startswith("upstream") else "optimized"]["floor_s"]
         s["t3_step_vs_floor"] = s["t3_step_s_median"] / floor if floor else None
         out.append(s)
     first = out[0]
@@ -308,18 +341,27 @@ def format_bench(report: dict[str, Any]) -> str:
         f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s; T3 decode-step floor: "
         + ", ".join(f"{k} {v['floor_s'] * 1e3:.1f} ms ({v['dtype']})" for k, v in report["floors"].items()),
         "",
-        f"{'config':<18}{'TTFA s':>9}{'wall s':>9}{'RTF':>8}{'T3 ms/tok':>11}{'×floor':>8}"
-        f"{'prefill s':>10}{'S3Gen s':>9}{'calls':>6}{'peak GB':>9}{'wall ×':>8}{'step ×':>8}",
+        f"{'config':<18}{'TTFA s':>9}{'wall s':>9}{'RTF':>8}{'T3 ms/tok':>11}{'tok/s':>8}{'GB/s':>8}"
+        f"{'×floor':>8}{'prefill s':>10}{'S3Gen s':>9}{'calls':>6}{'peak GB':>9}{'wall ×':>8}{'step ×':>8}"
+        f"{'compile s':>11}",
     ]
+    compile_s = report.get("compile_s", {})
     for s in report["summary"]:
         vs_floor = f"{s['t3_step_vs_floor']:.2f}" if s["t3_step_vs_floor"] else "-"
+        step = s["t3_step_s_median"]
+        floor = report["floors"]["upstream" if s["config"].startswith("upstream") else "optimized"]
         lines.append(
             f"{s['config']:<18}{s['ttfa_s_median']:>9.2f}{s['wall_s_median']:>9.2f}{s['rtf_median']:>8.2f}"
-            f"{s['t3_step_s_median'] * 1e3:>11.1f}{vs_floor:>8}{s['t3_prefill_s_median']:>10.2f}"
-            f"{s['s3gen_s_median']:>9.2f}{s['s3gen_calls']:>6}"
+            f"{step * 1e3:>11.1f}{1 / step if step else 0:>8.1f}"
+            f"{floor['t3_bytes'] / step / 1e9 if step else 0:>8.1f}"
+            f"{vs_floor:>8}{s['t3_prefill_s_median']:>10.2f}{s['s3gen_s_median']:>9.2f}{s['s3gen_calls']:>6}"
             f"{max(s['peak_rss_gb'], s['peak_cuda_gb']):>9.2f}"
             f"{s['wall_s_ratio']:>8.2f}{s['t3_step_s_ratio']:>8.2f}"
+            f"{compile_s.get(s['config'], 0.0):>11.2f}"
         )
+    if report.get("compile_fallback"):
+        lines.append(f"compile failed, the static step ran instead: {report['compile_fallback']}")
+    lines.append("GB/s: T3 weight bytes read per decode step / step time (the floor's bytes)")
     return "\n".join(lines)
 
 

@@ -84,6 +84,7 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from .decode import DecodePlan
     from .latency import format_report
     from .streaming import StreamConfig, run_to_files
 
@@ -95,8 +96,9 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
         prompt_s=args.prompt_s,
     )
     tts = _voiced_model(args, args.out)
+    plan = DecodePlan.plain(tts.t3, step=args.decode)
     report = run_to_files(
-        tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, progress=True
+        tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, plan=plan, progress=True
     )
     return report, format_report
 
@@ -140,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--text", help=TEXT_HELP)
     st.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     st.add_argument("--out", default="runs/stream", help="folder for the WAV and the timeline plot")
+    st.add_argument(
+        "--decode",
+        default="eager",
+        choices=["eager", "static", "compiled"],
+        help="T3 decode step (decode.py)",
+    )
     st.set_defaults(run=_stream, tokens=250)
 
     pr = sub.add_parser(
@@ -158,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--configs",
         default="upstream,optimized",
-        help="comma list of upstream, optimized, upstream-stream, optimized-stream (bench.CONFIGS)",
+        help="comma list of upstream, optimized, static, compiled, upstream-stream, optimized-stream, "
+        "compiled-stream (bench.CONFIGS)",
     )
     b.add_argument("--repeats", type=_positive, default=2)
     b.add_argument("--warmup", type=int, default=0, help="untimed runs of each config first (use 1 on CUDA)")

@@ -16,16 +16,32 @@ seed it samples the same tokens, and drops the rest:
 positions, compute-bound) and the decode steps (one position each, bound by reading every weight
 once) may use different dtypes, because on some CPUs bfloat16 halves the bytes read per step but
 has slow matmuls for long inputs.
+
+``DecodePlan.step`` says how each decode step runs (the prefill is always the eager upstream one):
+
+- ``"eager"`` (default, the reference): transformers' ``DynamicCache``, grown every step;
+- ``"static"``: the prefill's keys/values are copied into a transformers ``StaticCache``
+  allocated once at ``max_cache_len`` positions, and ``StaticStep.decode_one_token`` (fixed
+  shapes, no host syncs) runs each step;
+- ``"compiled"``: the same step under ``torch.compile(fullgraph=True, dynamic=False)`` (with
+  CUDA graphs, ``mode="reduce-overhead"``, on CUDA), compiled once per plan and batch and reused by
+  later generations. The compile is timed on its own (``DecodeStats.compile_s``); a compile that
+  fails falls back to the static step with one warning (``StaticStep.fallback_reason``).
+
+Sampling stays eager and on the device in every mode, with the same logits processors, so equal
+logits give equal tokens for a seed. All timers use ``clock.now(device)`` and are read only at
+phase boundaries (after the prefill, at each block's stop check), never inside a step.
 """
 
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Generator
+import types
+import warnings
+from collections.abc import Callable, Generator
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +49,24 @@ from chatterbox.models.t3 import T3
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import ChatterboxTTS, punc_norm
 from torch import nn
+from transformers.cache_utils import StaticCache, StaticLayer
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TopPLogitsWarper,
 )
 
-from .sources import dtype_name
+from .clock import now
+from .constants import dtype_name
+from .errors import CacheError, ConfigError
+
+StepMode = Literal["eager", "static", "compiled"]
+STEP_MODES: tuple[str, ...] = get_args(StepMode)
+
+# Static KV cache positions per plan and batch: upstream ``ChatterboxTTS.generate`` samples at most
+# 1000 speech tokens, and the prefill (34 conditioning positions, the text with its start/stop
+# tokens, two speech BOS) stays under 536 positions for texts up to ~500 text tokens.
+DEFAULT_MAX_CACHE_LEN = 1536
 
 
 @dataclass
@@ -70,23 +97,206 @@ class T3Parts:
 
 @dataclass
 class DecodePlan:
-    """Which weights (and autocast dtype, if any) run the prefill and the decode steps."""
+    """Which weights (and autocast dtype, if any) run the prefill and the decode steps, and how
+    each decode step runs (``step``: "eager" | "static" | "compiled", see the module docstring).
+
+    ``max_cache_len`` is the number of positions (prefill + new tokens) of the static KV cache
+    that "static" and "compiled" allocate once per batch size (2 with classifier-free guidance,
+    1 without) and keep on the plan (``StaticStep``, reused by later generations without
+    reallocating or recompiling). Changing ``max_cache_len`` reallocates at the next generation;
+    ``drop_static()`` frees the cache (e.g. after moving the model to another device).
+    """
 
     prefill: T3Parts
     decode: T3Parts
     autocast: torch.dtype | None = None
+    step: StepMode = "eager"
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN
+    _static: dict[int, StaticStep] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.step not in STEP_MODES:
+            raise ConfigError(f"unknown decode step {self.step!r}: use one of {', '.join(STEP_MODES)}")
+        if self.max_cache_len < 2:
+            raise ConfigError(f"max_cache_len must be at least 2, got {self.max_cache_len}")
 
     @classmethod
-    def plain(cls, t3: T3) -> DecodePlan:
+    def plain(cls, t3: T3, **kwargs: Any) -> DecodePlan:
         parts = T3Parts.of(t3)
-        return cls(parts, parts)
+        return cls(parts, parts, **kwargs)
 
     def describe(self) -> str:
         if self.autocast is not None:
-            return f"autocast {dtype_name(self.autocast)} over {dtype_name(self.prefill.dtype)} weights"
-        if self.prefill is self.decode:
-            return f"native {dtype_name(self.decode.dtype)}"
-        return f"prefill {dtype_name(self.prefill.dtype)}, decode {dtype_name(self.decode.dtype)}"
+            what = f"autocast {dtype_name(self.autocast)} over {dtype_name(self.prefill.dtype)} weights"
+        elif self.prefill is self.decode:
+            what = f"native {dtype_name(self.decode.dtype)}"
+        else:
+            what = f"prefill {dtype_name(self.prefill.dtype)}, decode {dtype_name(self.decode.dtype)}"
+        return what if self.step == "eager" else f"{what}, {self.step} step"
+
+    def static_step(self, batch: int) -> StaticStep | None:
+        """The static step (cache and compiled function) kept for ``batch``, if one was built."""
+        return self._static.get(batch)
+
+    def drop_static(self) -> None:
+        """Forget the static caches and compiled steps (the next generation builds new ones)."""
+        self._static.clear()
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with a code object of its own. Dynamo keeps its compiled entries, and its
+    recompile limit (8), per code object: a copy per ``StaticStep`` keeps each step's compiled
+    graph apart from other plans' (other dtypes, batches, cache lengths)."""
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+
+
+class _CastingStaticLayer(StaticLayer):
+    """transformers' ``StaticLayer`` storing keys and values in its own dtype, as ``DynamicCache``
+    does by concatenation: under autocast the keys leave the float32 rotary embedding in float32
+    while the values leave ``v_proj`` in the autocast dtype, and ``index_copy_`` refuses a mix."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = cast(torch.Tensor, self.keys).dtype
+        return super().update(key_states.to(dtype), value_states.to(dtype), cache_kwargs)
+
+
+class StaticStep:
+    """One decode step of fixed shapes over a ``StaticCache`` allocated once, optionally compiled.
+
+    ``decode_one_token(token (B, 1) long, position (1, 1) long, cache_position (1,) long)`` returns
+    the speech logits (B, vocab) float32 for ``token`` at learned speech position ``position`` and
+    KV cache slot ``cache_position``: speech embedding + learned position embedding (looked up
+    from the tensor, no host tensor per step), the transformer over the static cache, the speech
+    head on the last position. It reads no value back to the host.
+
+    With ``compile=True`` it runs under ``torch.compile(fullgraph=True, dynamic=False)``
+    (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA). The compile happens here, by
+    ``warmup`` calls at cache slot 0 (overwritten by the next ``load``), and is timed in
+    ``compile_s``. If it raises, the step runs eagerly instead, ``fallback_reason`` says why and
+    one warning is issued.
+
+    Dynamo checks its guards (~340 tensors: every weight and cache tensor) before each call,
+    about 1 ms of host time per step on the 30-layer T3. With ``skip_guards`` (default) they are
+    checked only on the first call after ``begin()`` (decode_blocks calls it once per
+    generation): the later steps of a generation pass the same tensors laid out the same way
+    (views of the same aranges, the token expanded to the batch) under the same modes, and this
+    step's code object holds only its own compiled entry, so the check cannot come out
+    differently. Modules changed in place mid-generation would go unnoticed until the next one.
+    """
+
+    def __init__(
+        self,
+        parts: T3Parts,
+        *,
+        batch: int,
+        max_cache_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        compile: bool = False,
+        enter: Callable[[], Any] = torch.inference_mode,
+        warmup: int | None = None,
+    ) -> None:
+        self.parts, self.batch, self.max_cache_len = parts, batch, max_cache_len
+        self.dtype, self.device = dtype, torch.device(device)
+        self.embed_dtype = parts.dtype
+        config: Any = parts.tfmr.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        self.cache.layers = [
+            _CastingStaticLayer(max_cache_len) if type(layer) is StaticLayer else layer
+            for layer in self.cache.layers
+        ]
+        with enter():
+            self.cache.early_initialization(batch, config.num_key_value_heads, head_dim, dtype, self.device)
+        self.cudagraphs = False
+        self.fallback_reason: str | None = None
+        self.compile_s = 0.0
+        self._fn: Callable[..., torch.Tensor] = self.decode_one_token
+        self.compiled = False
+        self.skip_guards = True
+        self._guarded = False  # guards checked since the last begin()
+        if compile:
+            self._compile(enter, warmup)
+
+    def decode_one_token(
+        self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor
+    ) -> torch.Tensor:
+        p = self.parts
+        embeds = (p.speech_emb(token) + p.speech_pos_emb.emb(position)).to(self.embed_dtype)
+        out = p.tfmr(
+            inputs_embeds=embeds, past_key_values=self.cache, cache_position=cache_position, use_cache=True
+        )
+        logits: torch.Tensor = p.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
+        return logits
+
+    def _compile(self, enter: Callable[[], Any], warmup: int | None) -> None:
+        t0 = now(self.device)
+        cudagraphs = self.device.type == "cuda"
+        own = types.MethodType(_own_code(StaticStep.decode_one_token), self)
+        # Warm-up inputs laid out as decode_blocks passes them (dynamo guards on strides): the
+        # sampled token expanded to the batch, views of aranges for the positions.
+        token = torch.zeros((1, 1), dtype=torch.long, device=self.device).expand(self.batch, 1)
+        position = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        slot = torch.zeros((1,), dtype=torch.long, device=self.device)
+        try:
+            fn = torch.compile(
+                own, fullgraph=True, dynamic=False, mode="reduce-overhead" if cudagraphs else None
+            )
+            self._fn, self.cudagraphs, self.compiled = fn, cudagraphs, True
+            # CUDA graph trees run the first call eagerly, record on the second, replay after.
+            for _ in range(warmup if warmup is not None else (3 if cudagraphs else 1)):
+                with enter():
+                    self(token, position, slot)
+        except Exception as e:  # any compile failure falls back to the eager step
+            # The first paragraph: dynamo puts the backend's own error there, then advice.
+            first = " ".join(str(e).strip().split("\n\n")[0].split())
+            self.fallback_reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            self._fn, self.cudagraphs, self.compiled = self.decode_one_token, False, False
+            warnings.warn(
+                f"torch.compile of the T3 decode step failed ({self.fallback_reason}); "
+                "running the static-cache step eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.compile_s = now(self.device) - t0
+
+    @property
+    def mode(self) -> str:
+        """What actually runs: "compiled", or "static" (asked for, or after a compile failure)."""
+        return "compiled" if self.compiled else "static"
+
+    def begin(self) -> None:
+        """A new generation starts: the next call checks dynamo's guards again."""
+        self._guarded = False
+
+    def __call__(
+        self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor
+    ) -> torch.Tensor:
+        stance = ExitStack()
+        if self.compiled and self.skip_guards and self._guarded:
+            stance.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
+        with stance:
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+                # The output lives in the graph's memory pool and is overwritten by the next replay.
+                logits = self._fn(token, position, cache_position).clone()
+            else:
+                logits = self._fn(token, position, cache_position)
+        self._guarded = True
+        return logits
+
+    def load(self, past: Any) -> None:
+        """Copy a prefill's cache (keys/values of its first positions) into slots 0..n-1, cast to
+        this cache's dtype. Slots past n keep stale values; the causal mask hides them."""
+        layers: list[Any] = self.cache.layers
+        for mine, theirs in zip(layers, past.layers, strict=True):
+            n = theirs.keys.size(2)
+            mine.keys[:, :, :n].copy_(theirs.keys)
+            mine.values[:, :, :n].copy_(theirs.values)
 
 
 def _cast_cache(past: Any, dtype: torch.dtype) -> None:
@@ -113,12 +323,20 @@ def text_tokens(tts: ChatterboxTTS, text: str, cfg_weight: float = 0.5) -> torch
 
 @dataclass
 class DecodeStats:
-    """Filled in by ``decode_blocks`` as it runs (time spent suspended at a yield excluded)."""
+    """Filled in by ``decode_blocks`` as it runs (time spent suspended at a yield excluded).
+
+    ``compile_s`` is the time spent building the static step in this generation (allocating its
+    cache and, for "compiled", compiling and warming it up); it is in neither ``prefill_s`` nor
+    ``decode_s``, and is 0 when the plan's step was reused. ``step_mode`` is what ran the decode
+    steps: "eager", "static" or "compiled" ("static" after a compile failure).
+    """
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
     steps: int = 0
     stopped: bool = False
+    compile_s: float = 0.0
+    step_mode: str = "eager"
 
     @property
     def step_s(self) -> float:
@@ -131,6 +349,61 @@ class DecodeResult(DecodeStats):
     """The stats plus the tokens of the conditional stream (stop token included when sampled)."""
 
     tokens: torch.Tensor  # (1, steps) long
+
+
+def _check_static(
+    plan: DecodePlan, device: torch.device, batch: int, prefill_len: int, max_new_tokens: int
+) -> None:
+    """Refuse, before anything runs, a request the plan's static cache cannot serve."""
+    dec_device = next(plan.decode.tfmr.parameters()).device
+    if dec_device != device:
+        raise CacheError(
+            f"the plan's decode weights are on {dec_device} but the model is on {device}: "
+            "build the DecodePlan after moving the model"
+        )
+    held = plan.static_step(batch)
+    if held is not None and held.device != device:
+        raise CacheError(
+            f"the plan's static KV cache is on {held.device} but the model is on {device}: "
+            "call plan.drop_static() (or build a new DecodePlan) after moving the model"
+        )
+    need = prefill_len + max_new_tokens
+    if need > plan.max_cache_len:
+        room = plan.max_cache_len - prefill_len
+        shorter = f"lower max_new_tokens to {room} or " if room >= 1 else ""
+        raise CacheError(
+            f"the request needs {prefill_len} prefill positions + {max_new_tokens} new tokens = {need} "
+            f"KV cache positions but the plan's static cache holds max_cache_len={plan.max_cache_len}: "
+            f"{shorter}set plan.max_cache_len >= {need} (or use step='eager')"
+        )
+
+
+def _static_step(
+    plan: DecodePlan, batch: int, dtype: torch.dtype, device: torch.device, enter: Any
+) -> StaticStep:
+    """The plan's static step for ``batch``, built (and compiled) if there is none that fits."""
+    held = plan.static_step(batch)
+    compile = plan.step == "compiled"
+    if held is not None and held.max_cache_len == plan.max_cache_len and held.parts is plan.decode:
+        # A step whose compile failed is kept: it does not retry (and warn) every generation.
+        if compile == (held.compiled or held.fallback_reason is not None):
+            if held.dtype != dtype:
+                raise CacheError(
+                    f"the plan's static KV cache holds {dtype_name(held.dtype)} but this prefill gives "
+                    f"{dtype_name(dtype)}: call plan.drop_static() after changing the plan's dtypes"
+                )
+            return held
+    step = StaticStep(
+        plan.decode,
+        batch=batch,
+        max_cache_len=plan.max_cache_len,
+        dtype=dtype,
+        device=device,
+        compile=compile,
+        enter=enter,
+    )
+    plan._static[batch] = step
+    return step
 
 
 def decode_blocks(
@@ -147,19 +420,25 @@ def decode_blocks(
     cfg_weight: float = 0.5,
     stop_check_every: int = 8,
     stats: DecodeStats | None = None,
+    logits_out: list[torch.Tensor] | None = None,
 ) -> Generator[torch.Tensor, None, None]:
     """Sample speech tokens like ``T3.inference`` and yield them in blocks of ``stop_check_every``
     (1, k) as soon as each block has been checked for the stop token (the last block ends with
-    the stop token when one was sampled). Same arguments, same tokens for a seed."""
+    the stop token when one was sampled). Same arguments, same tokens for a seed.
+
+    ``logits_out``, when given, receives the (B, vocab) float32 logits each token was sampled
+    from (B = 2 with classifier-free guidance), one tensor per sampled token.
+    """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if stop_check_every < 1:
-        raise ValueError(f"stop_check_every must be at least 1, got {stop_check_every}")
+        raise ConfigError(f"stop_check_every must be at least 1, got {stop_check_every}")
     plan = plan or DecodePlan.plain(t3)
     stats = stats if stats is not None else DecodeStats()
     hp = t3.hp
     device = t3.speech_head.weight.device
     text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
+    static = plan.step != "eager"
 
     def ctx() -> ExitStack:
         # Entered around each compute step, never across a yield: autocast and inference mode
@@ -170,7 +449,9 @@ def decode_blocks(
             stack.enter_context(torch.autocast(device.type, plan.autocast))
         return stack
 
-    t0 = time.perf_counter()
+    t0 = now(device)
+    stats.compile_s, stats.step_mode = 0.0, "eager"
+    step: StaticStep | None = None
     with ctx():
         # Exactly the upstream prefill: conditioning, text, one BOS from prepare_input_embeds ...
         bos = torch.full((1, 1), hp.start_speech_token, dtype=torch.long, device=device)
@@ -183,18 +464,40 @@ def decode_blocks(
         # ... and a second BOS appended by T3.inference.
         bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
         embeds = torch.cat([embeds, bos_embed.expand(embeds.size(0), -1, -1)], dim=1)
+        batch, prefill_len = embeds.size(0), embeds.size(1)
+        if static:
+            _check_static(plan, device, batch, prefill_len, max_new_tokens)
         logits, past = _logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
-        if plan.decode.dtype != plan.prefill.dtype:
+        if static:
+            # The cache holds what the eager loop's DynamicCache would: the decode dtype when the
+            # decode weights differ, else the prefill's (DynamicCache keeps values in its keys' dtype).
+            same = plan.decode.dtype == plan.prefill.dtype
+            kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
+            held = plan.static_step(batch)
+            t_build = now(device)
+            step = _static_step(plan, batch, kv_dtype, device, ctx)
+            if step is not held:
+                stats.compile_s = now(device) - t_build
+            stats.step_mode = step.mode
+            step.load(past)
+            step.begin()
+            past = None
+            # Per-step inputs are views of these (no host tensor, no copy per step).
+            positions = torch.arange(max_new_tokens + 1, device=device).view(-1, 1)
+            slots = torch.arange(prefill_len, prefill_len + max_new_tokens, device=device)
+        elif plan.decode.dtype != plan.prefill.dtype:
             _cast_cache(past, plan.decode.dtype)
         repetition = RepetitionPenaltyLogitsProcessor(penalty=float(repetition_penalty))
         min_p_warper, top_p_warper = MinPLogitsWarper(min_p=min_p), TopPLogitsWarper(top_p=top_p)
         ids = torch.full((1, max_new_tokens + 1), hp.start_speech_token, dtype=torch.long, device=device)
-    stats.prefill_s = time.perf_counter() - t0
+    t_mark = now(device)
+    stats.prefill_s = t_mark - t0 - stats.compile_s
     dec = plan.decode
     start = 0  # first step of the current block
     for i in range(max_new_tokens):
-        t0 = time.perf_counter()
         with ctx():
+            if logits_out is not None:
+                logits_out.append(logits)
             cond, uncond = logits[0:1], logits[1:2]
             guided = cond + cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
             seen = cast(torch.LongTensor, ids[:, : i + 1])
@@ -209,23 +512,23 @@ def decode_blocks(
             block = None
             if (i + 1) % stop_check_every == 0 or last:
                 block = ids[:, start + 1 : i + 2].clone()
-                hits = (block[0] == hp.stop_speech_token).nonzero()
+                hits = (block[0] == hp.stop_speech_token).nonzero()  # a host sync on CUDA
                 if hits.numel():
                     block, stats.stopped = block[:, : int(hits[0, 0]) + 1], True
                     stats.steps = start + block.size(1)
                 start = i + 1
-        stats.decode_s += time.perf_counter() - t0
         if block is not None:
+            stats.decode_s += now(device) - t_mark
             yield block
-            if stats.stopped:
+            if stats.stopped or last:
                 return
-        if last:
-            return
-        t0 = time.perf_counter()
+            t_mark = now(device)
         with ctx():
-            step = dec.speech_emb(token) + dec.speech_pos_emb.get_fixed_embedding(i + 1)
-            logits, past = _logits(dec, step.expand(logits.size(0), -1, -1).to(dec.dtype), past)
-        stats.decode_s += time.perf_counter() - t0
+            if step is not None:
+                logits = step(token.expand(batch, 1), positions[i + 1 : i + 2], slots[i : i + 1])
+            else:
+                embed = dec.speech_emb(token) + dec.speech_pos_emb.get_fixed_embedding(i + 1)
+                logits, past = _logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
 
 
 def t3_decode(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, **kwargs: Any) -> DecodeResult:

@@ -9,7 +9,11 @@ Fixes, each visible in a few lines below:
 3. **conditionals** cast to each consumer's dtype after ``prepare_conditionals`` and after
    loading ``conds.pt`` (``_ensure_conditionals_dtype``);
 4. **own T3 decode loop** (``decode.t3_decode``): no attention weights or hidden states per step,
-   the speech head on the last position only, the stop check every few steps.
+   the speech head on the last position only, the stop check every few steps;
+5. **decode step** (``decode=``): "eager" (transformers' growing cache), "static" (a KV cache
+   allocated once, a fixed-shape step) or "compiled" (that step under ``torch.compile``, CUDA
+   graphs on a GPU); "auto" picks per device (``DEFAULT_DECODE``, from the measurements in the
+   README).
 
 Both pipelines here, ``UpstreamTTS`` (upstream ``generate`` with a token cap: the baseline) and
 ``PerformanceOptimizedTTS``, have one interface (``Pipeline``): ``generate``,
@@ -21,12 +25,13 @@ puts every tensor, method and conditional back as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 from collections.abc import Iterator
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,8 +43,17 @@ from torch.utils.benchmark import Measurement
 from .attention import KernelRecord, configured_backend, record_kernels, why_not_flash
 from .clock import measure, now
 from .constants import HALF_DTYPES, SPEECH_VOCAB_SIZE, dtype_name
-from .decode import DecodePlan, DecodeResult, T3Parts, t3_decode, text_tokens
-from .errors import NoVoiceError
+from .decode import (
+    DEFAULT_MAX_CACHE_LEN,
+    STEP_MODES,
+    DecodePlan,
+    DecodeResult,
+    StepMode,
+    T3Parts,
+    t3_decode,
+    text_tokens,
+)
+from .errors import ConfigError, NoVoiceError
 from .generation import generate as capped_generate
 from .latency import ChunkMetrics
 from .patching import preserved, working_copy
@@ -58,6 +72,19 @@ from .precision import (
 from .sources import check_device, components, load_folder, load_pretrained
 from .streaming import StreamConfig, StreamState, stream
 from .vocode import s3gen_inference
+
+# The decode step "auto" picks per device type: measured side by side with `tts-workbench bench`
+# (README, "Decode step"). On CUDA the eager step is host-bound (H200: 43 ms per token).
+DEFAULT_DECODE = {"cuda": "compiled", "cpu": "eager"}
+
+
+def check_decode(step: str, device: torch.device) -> str:
+    """The decode step to run: ``step`` itself, or the device's default for ``"auto"``."""
+    if step == "auto":
+        return DEFAULT_DECODE.get(device.type, "eager")
+    if step not in STEP_MODES:
+        raise ConfigError(f"unknown decode step {step!r}: use auto or one of {', '.join(STEP_MODES)}")
+    return step
 
 
 def decode_plan(tts: ChatterboxTTS, policy: str) -> DecodePlan:
@@ -170,8 +197,9 @@ class LastGeneration:
     tokens: int = 0
     stopped_by: str = ""
     invalid_tokens: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # t3.prefill, t3.decode, t3.step, s3gen, total
+    seconds: dict[str, float] = field(default_factory=dict)  # t3.prefill/.decode/.step/.compile, s3gen, total
     kernels: dict[str, dict[str, int]] = field(default_factory=dict)  # only when recorded
+    decode_step: str = ""  # eager, static or compiled: what ran the decode steps
 
 
 class Pipeline:
@@ -325,12 +353,16 @@ class PerformanceOptimizedTTS(Pipeline):
         policy: Policy | str = "auto",
         record_attention: bool = False,
         stop_check_every: int = 8,
+        decode: str = "auto",
+        max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
     ) -> None:
         self.tts = tts
         self.optimize = True
         self.record_attention = record_attention  # off by default: the profiler costs time
         self.stop_check_every = stop_check_every
         self.device = check_device(str(tts.device))
+        self.decode = check_decode(decode, self.device)
+        self.max_cache_len = max_cache_len  # static KV cache positions: prefill + max_new_tokens
         self.last = LastGeneration()
         if tts.conds is not None:
             check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
@@ -394,7 +426,18 @@ class PerformanceOptimizedTTS(Pipeline):
         compute_dtype(t3)  # "keep" on a checkpoint with mixed dtypes inside one component: refuse
         compute_dtype(self.tts.s3gen, island_modules(self.tts))
         self.amp = HALF_DTYPES[p.removeprefix("autocast-")] if p.startswith("autocast-") else None
-        self.plan = decode_plan(self.tts, p)
+        base = decode_plan(self.tts, p)
+        # One plan per decode step, sharing the weights; each keeps its own static cache and
+        # compiled step, so a later generation (or another step asked of generate) reuses them.
+        self.plans = {
+            step: dataclasses.replace(base, step=cast(StepMode, step), max_cache_len=self.max_cache_len)
+            for step in STEP_MODES
+        }
+
+    @property
+    def plan(self) -> DecodePlan:
+        """The decode plan ``generate`` and ``generate_stream`` use by default."""
+        return self.plans[self.decode]
 
     def _amp(self) -> Any:
         return torch.autocast(self.device.type, self.amp) if self.amp else nullcontext()
@@ -433,9 +476,11 @@ class PerformanceOptimizedTTS(Pipeline):
         text: str,
         max_new_tokens: int = 1000,
         cfg_weight: float = 0.5,
+        decode: str | None = None,
         **sampling: Any,
     ) -> DecodeResult:
-        """T3 only: the speech tokens for ``text`` (the voice must be prepared)."""
+        """T3 only: the speech tokens for ``text`` (the voice must be prepared); ``decode``
+        overrides the wrapper's decode step for this call."""
         if self.tts.conds is None:
             raise NoVoiceError()
         return t3_decode(  # the plan carries the autocast dtype, entered around each step
@@ -443,7 +488,7 @@ class PerformanceOptimizedTTS(Pipeline):
             self.tts.conds.t3,
             text_tokens(self.tts, text, cfg_weight),
             max_new_tokens=max_new_tokens,
-            plan=self.plan,
+            plan=self.plans[check_decode(decode or self.decode, self.device)],
             cfg_weight=cfg_weight,
             stop_check_every=self.stop_check_every,
             **sampling,
@@ -468,8 +513,10 @@ class PerformanceOptimizedTTS(Pipeline):
         top_p: float = 1.0,
         max_new_tokens: int = 1000,
         seed: int | None = None,
+        decode: str | None = None,
     ) -> torch.Tensor:
-        """Like upstream ``ChatterboxTTS.generate``: a watermarked waveform, shape (1, samples)."""
+        """Like upstream ``ChatterboxTTS.generate``: a watermarked waveform, shape (1, samples).
+        ``decode`` overrides the wrapper's decode step for this call (the bench compares them)."""
         sampling = dict(
             temperature=temperature, repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p
         )
@@ -485,7 +532,7 @@ class PerformanceOptimizedTTS(Pipeline):
             if self.record_attention
             else (nullcontext(record)) as record
         ):
-            decoded = self.speech_tokens(text, max_new_tokens, cfg_weight, **sampling)
+            decoded = self.speech_tokens(text, max_new_tokens, cfg_weight, decode, **sampling)
         t1 = now(self.device)
         tokens = drop_invalid_tokens(decoded.tokens[0])
         wav = self.vocode(tokens[tokens < SPEECH_VOCAB_SIZE]).squeeze(0).cpu().numpy()
@@ -499,10 +546,12 @@ class PerformanceOptimizedTTS(Pipeline):
                 "t3.prefill": decoded.prefill_s,
                 "t3.decode": decoded.decode_s,
                 "t3.step": decoded.step_s,
+                "t3.compile": decoded.compile_s,
                 "s3gen": t2 - t1,
                 "total": now(self.device) - t0,
             },
             kernels=record.by_phase(with_dtype=True),
+            decode_step=decoded.step_mode,
         )
         return torch.from_numpy(marked).unsqueeze(0)
 
@@ -515,6 +564,7 @@ class PerformanceOptimizedTTS(Pipeline):
         max_new_tokens: int = 1000,
         seed: int = 0,
         state: StreamState | None = None,
+        decode: str | None = None,
         **sampling: Any,
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``, buffered by
@@ -526,7 +576,7 @@ class PerformanceOptimizedTTS(Pipeline):
             config or StreamConfig("buffered"),
             max_new_tokens=max_new_tokens,
             seed=seed,
-            plan=self.plan,
+            plan=self.plans[check_decode(decode or self.decode, self.device)],
             amp=self.amp,
             state=state,
             **sampling,
@@ -538,7 +588,14 @@ class PerformanceOptimizedTTS(Pipeline):
         config = super().configuration()
         if self.plan.decode is not self.plan.prefill:
             config["parameter_bytes"]["t3.decode_copy"] = self.plan.decode.nbytes()
+        steps = [s for p in self.plans.values() for b in (1, 2) if (s := p.static_step(b)) is not None]
+        tensors = [t for s in steps for layer in s.cache.layers for t in (layer.keys, layer.values)]
+        config["parameter_bytes"]["t3.static_kv_cache"] = sum(
+            t.numel() * t.element_size() for t in tensors if t is not None
+        )
         return {
+            "decode_step": self.decode,
+            "compile_fallback": next((s.fallback_reason for s in steps if s.fallback_reason), None),
             **config,
             "policy": self.policy,
             "policy_reason": self.policy_choice.reason,

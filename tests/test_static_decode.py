@@ -1,0 +1,319 @@
+"""The static-cache and compiled T3 decode steps (``DecodePlan.step``) on the tiny model.
+
+float32: both sample exactly upstream's tokens. bfloat16: the static cache (attention over the
+whole masked cache) and inductor's fused kernels round differently from the eager loop, so a
+sample can flip where two tokens are nearly tied (on the machine this was written on: static
+identical over 150 tokens, compiled first differs at token 60). There the check is that the
+logits agree within ``BF16_RTOL`` at every step up to and including the first differing token;
+all those steps had identical inputs, so a wrong step (position, cache slot, mask) fails it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from chatterbox.tts import ChatterboxTTS
+from torch._dynamo.utils import counters
+
+from tts_workbench.decode import (
+    DecodePlan,
+    DecodeResult,
+    StaticStep,
+    T3Parts,
+    decode_blocks,
+    t3_decode,
+    text_tokens,
+)
+from tts_workbench.errors import CacheError, ConfigError
+from tts_workbench.generation import shadow
+
+TEXT = "Hello there, this is a test."
+OTHER = "Another sentence, a good deal longer than the first one, so its prompt is longer too."
+N = 150
+CACHE = 256  # prefill (~45 positions with TEXT, ~70 with OTHER) + 150 tokens fits
+SEED = 7
+# max |logit difference| / max |logit| at a step: 1 bfloat16 ulp of the largest logit is 2**-8
+# to 2**-7 of it; observed at most 0.008. A wrong step differs by far more (see
+# test_the_tolerance_catches_a_wrong_position).
+BF16_RTOL = 0.03
+F32_RTOL = 1e-5
+
+
+def _run(
+    tts: ChatterboxTTS, plan: DecodePlan, text: str = TEXT, n: int = N, **kw: Any
+) -> tuple[DecodeResult, list]:
+    logits: list[torch.Tensor] = []
+    torch.manual_seed(SEED)
+    tokens = text_tokens(tts, text, kw.get("cfg_weight", 0.5))
+    r = t3_decode(tts.t3, tts.conds.t3, tokens, max_new_tokens=n, plan=plan, logits_out=logits, **kw)
+    return r, logits
+
+
+def _first_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Index of the first differing token of two (1, n) streams (the shorter length if none)."""
+    n = min(a.size(1), b.size(1))
+    diff = (a[0, :n] != b[0, :n]).nonzero()
+    return int(diff[0, 0]) if diff.numel() else n
+
+
+def _assert_same_or_close(ref: tuple[DecodeResult, list], got: tuple[DecodeResult, list], rtol: float) -> int:
+    """Same tokens, or logits within rtol up to and including the first token that differs."""
+    (r0, l0), (r1, l1) = ref, got
+    first = _first_difference(r0.tokens, r1.tokens)
+    for i in range(min(first + 1, len(l0), len(l1))):
+        err = (l1[i] - l0[i]).abs().max().item()
+        scale = l0[i].abs().max().item()
+        assert err <= rtol * scale, f"step {i}: max |logit diff| {err:.3g} > {rtol} * {scale:.3g}"
+    return first
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny model's ops gain nothing from a second thread, and on shared cores an OpenMP team
+    waiting for a descheduled thread makes each op slow (this file took 6 min instead of 40 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def upstream_tokens(tiny_tts: ChatterboxTTS) -> torch.Tensor:
+    torch.manual_seed(SEED)
+    return tiny_tts.t3.inference(
+        t3_cond=tiny_tts.conds.t3, text_tokens=text_tokens(tiny_tts, TEXT), max_new_tokens=N
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled_plan(tiny_tts: ChatterboxTTS) -> DecodePlan:
+    """One compiled float32 plan shared by the tests below: it compiles once."""
+    return DecodePlan.plain(tiny_tts.t3, step="compiled", max_cache_len=CACHE)
+
+
+@pytest.fixture(scope="module")
+def f32_eager(tiny_tts: ChatterboxTTS) -> tuple[DecodeResult, list]:
+    return _run(tiny_tts, DecodePlan.plain(tiny_tts.t3))
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_float32_samples_exactly_upstreams_tokens(
+    tiny_tts: ChatterboxTTS,
+    upstream_tokens: torch.Tensor,
+    f32_eager: tuple[DecodeResult, list],
+    compiled_plan: DecodePlan,
+    mode: str,
+) -> None:
+    plan = (
+        compiled_plan if mode == "compiled" else DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE)
+    )
+    r, logits = _run(tiny_tts, plan)
+    assert upstream_tokens.shape == (1, N)
+    assert r.step_mode == mode and r.tokens.shape == (1, N)
+    assert torch.equal(upstream_tokens, r.tokens)
+    # The random tiny model hardly depends on positions (a step one cache slot off still samples
+    # the same first ~90 tokens), so the logits are checked too: observed within 1e-6 of the eager
+    # loop's; that slot error moves them by 1e-3.
+    assert torch.equal(f32_eager[0].tokens, r.tokens)
+    assert _assert_same_or_close(f32_eager, (r, logits), F32_RTOL) == N
+    step = plan.static_step(2)  # batch 2: classifier-free guidance
+    assert isinstance(step, StaticStep) and step.fallback_reason is None
+    assert step.cache.max_cache_len == CACHE and step.cache.max_batch_size == 2
+    if mode == "compiled":
+        assert step.compiled and step.compile_s > 0
+    else:
+        assert not step.compiled and r.compile_s < 1.0  # only the allocation
+
+
+def test_without_guidance_the_cache_has_batch_one(tiny_tts: ChatterboxTTS) -> None:
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE)
+    eager = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=40, cfg_weight=0.0)
+    static = _run(tiny_tts, plan, n=40, cfg_weight=0.0)
+    assert torch.equal(eager[0].tokens, static[0].tokens)
+    step = plan.static_step(1)
+    assert step is not None and step.cache.max_batch_size == 1 and plan.static_step(2) is None
+
+
+def _bf16_plan(tts: ChatterboxTTS, kind: str, mode: str) -> DecodePlan:
+    parts = T3Parts.of(tts.t3)
+    half = parts.to(torch.bfloat16)
+    prefill = parts if kind == "decode-bfloat16" else half
+    return DecodePlan(prefill, half, step=mode, max_cache_len=CACHE)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def bf16_eager(tiny_tts: ChatterboxTTS) -> dict[str, tuple[DecodeResult, list]]:
+    return {k: _run(tiny_tts, _bf16_plan(tiny_tts, k, "eager")) for k in ("decode-bfloat16", "bfloat16")}
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+@pytest.mark.parametrize("kind", ["decode-bfloat16", "bfloat16"])
+def test_bfloat16_agrees_with_the_eager_loop(
+    tiny_tts: ChatterboxTTS, bf16_eager: dict, kind: str, mode: str
+) -> None:
+    plan = _bf16_plan(tiny_tts, kind, mode)
+    got = _run(tiny_tts, plan)
+    assert got[0].step_mode == mode and got[0].tokens.shape == (1, N)
+    step = plan.static_step(2)
+    assert step is not None and step.dtype == torch.bfloat16
+    first = _assert_same_or_close(bf16_eager[kind], got, BF16_RTOL)
+    print(f"{kind} {mode}: tokens identical up to {first} of {N}")
+
+
+def test_the_tolerance_catches_a_wrong_position(tiny_tts: ChatterboxTTS, bf16_eager: dict) -> None:
+    """The bfloat16 check has teeth: a static step one learned position off fails it."""
+    plan = _bf16_plan(tiny_tts, "bfloat16", "static")
+    emb = plan.decode.speech_pos_emb.emb
+
+    def wrap(forward: Any) -> Any:
+        return lambda idx: forward(idx + 1)
+
+    with shadow(emb, "forward", wrap):
+        got = _run(tiny_tts, plan, n=20)
+    with pytest.raises(AssertionError, match="max |logit diff|"):
+        _assert_same_or_close(bf16_eager["bfloat16"], got, BF16_RTOL)
+
+
+def test_a_second_text_reuses_the_compiled_step(tiny_tts: ChatterboxTTS, compiled_plan: DecodePlan) -> None:
+    _run(tiny_tts, compiled_plan, n=20)  # built here unless an earlier test did
+    step = compiled_plan.static_step(2)
+    assert step is not None and step.compiled
+    keys = step.cache.layers[0].keys
+    assert keys is not None
+    graphs, ptr = counters["stats"]["unique_graphs"], keys.data_ptr()
+    eager = DecodePlan.plain(tiny_tts.t3)
+    assert text_tokens(tiny_tts, OTHER).size(1) != text_tokens(tiny_tts, TEXT).size(1)
+    # A longer prompt, then the shorter one again over the longer one's stale cache slots.
+    for text, n in ((OTHER, 60), (TEXT, 40)):
+        r, _ = _run(tiny_tts, compiled_plan, text, n)
+        assert r.compile_s == 0.0 and r.step_mode == "compiled"
+        assert torch.equal(r.tokens, _run(tiny_tts, eager, text, n)[0].tokens)
+    assert counters["stats"]["unique_graphs"] == graphs  # no new compile
+    assert compiled_plan.static_step(2) is step and step.cache.layers[0].keys is keys
+    assert keys.data_ptr() == ptr  # no reallocation
+
+
+def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: ChatterboxTTS) -> None:
+    cpu = torch.device("cpu")
+    step = StaticStep(
+        T3Parts.of(tiny_tts.t3), batch=2, max_cache_len=CACHE, dtype=torch.float32, device=cpu, compile=True
+    )
+    assert step.compiled and step.skip_guards
+    with torch.inference_mode():
+        token = torch.zeros((1, 1), dtype=torch.long).expand(2, 1)  # as decode_blocks passes it
+        position, slot = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        step.begin()
+        step(token, position, slot)  # guards checked
+        step(token, position, slot)  # guards skipped
+        graphs = counters["stats"]["unique_graphs"]
+        other = torch.zeros((2, 1), dtype=torch.long)  # another layout: the compiled entry does not fit
+        # Mid-generation (guards skipped) dynamo refuses it rather than run the wrong code ...
+        with pytest.raises(RuntimeError, match="skip_guard_eval_unsafe"):
+            step(other, position, slot)
+        # ... and after begin() the guards are checked: it compiles a second entry.
+        step.begin()
+        step(other, position, slot)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+@pytest.fixture
+def calls_of_tfmr(tiny_tts: ChatterboxTTS) -> Iterator[list[int]]:
+    calls: list[int] = []
+    handle = tiny_tts.t3.tfmr.register_forward_pre_hook(lambda *_: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_a_request_beyond_the_cache_is_refused_before_anything_runs(
+    tiny_tts: ChatterboxTTS, calls_of_tfmr: list[int], mode: str
+) -> None:
+    plan = DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=96)
+    prefill = text_tokens(tiny_tts, TEXT).size(1)  # + conditioning positions + 2 BOS
+    blocks = decode_blocks(
+        tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=100, plan=plan
+    )
+    with pytest.raises(CacheError, match=r"max_cache_len=96: lower max_new_tokens to \d+ or set") as e:
+        next(blocks)
+    assert not calls_of_tfmr and plan.static_step(2) is None  # no prefill, nothing allocated
+    room = int(str(e.value).split("lower max_new_tokens to ")[1].split()[0])
+    assert 0 < room < 96 - prefill
+    # The fix in the message works: that many tokens fit.
+    r, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=96), n=room)
+    assert r.tokens.size(1) == room
+
+
+def test_a_cache_on_another_device_is_refused(tiny_tts: ChatterboxTTS, calls_of_tfmr: list[int]) -> None:
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE)
+    _run(tiny_tts, plan, n=4)
+    step = plan.static_step(2)
+    assert step is not None
+    step.device = torch.device("meta")  # as if the model had been moved after the first generation
+    calls_of_tfmr.clear()
+    with pytest.raises(CacheError, match="drop_static"):
+        _run(tiny_tts, plan, n=4)
+    assert not calls_of_tfmr
+    plan.drop_static()
+    assert _run(tiny_tts, plan, n=4)[0].tokens.size(1) == 4
+
+
+def test_a_compile_failure_falls_back_to_the_static_step(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_compiler(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    real = torch.compile
+
+    def compile_with_a_broken_backend(fn: Any, **kw: Any) -> Any:
+        kw.pop("mode", None)
+        return real(fn, **kw, backend=no_compiler)
+
+    monkeypatch.setattr(torch, "compile", compile_with_a_broken_backend)
+    plan = DecodePlan.plain(tiny_tts.t3, step="compiled", max_cache_len=CACHE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r, _ = _run(tiny_tts, plan, n=30)
+        again, _ = _run(tiny_tts, plan, n=30)  # the failed step is kept: no second try, no warning
+    ours = [w for w in caught if "decode step failed" in str(w.message)]
+    assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+    assert "no compiler here" in str(ours[0].message)
+    step = plan.static_step(2)
+    assert step is not None and not step.compiled
+    assert step.fallback_reason is not None and "RuntimeError: no compiler here" in step.fallback_reason
+    assert r.step_mode == again.step_mode == "static"
+    eager, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=30)
+    assert torch.equal(r.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+
+
+def test_stop_token_ends_a_static_stream_like_the_eager_loop(tiny_tts: ChatterboxTTS) -> None:
+    stop = tiny_tts.t3.hp.stop_speech_token
+
+    def wrap(forward: Any) -> Any:
+        def biased(x: torch.Tensor) -> torch.Tensor:
+            out = forward(x)
+            out[..., stop] += 4.0
+            return out
+
+        return biased
+
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE)
+    with shadow(tiny_tts.t3.speech_head, "forward", wrap):
+        eager, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=60)
+        static, _ = _run(tiny_tts, plan, n=60)
+    assert eager.stopped and eager.tokens[0, -1] == stop and eager.tokens.size(1) < 60
+    assert static.stopped and torch.equal(eager.tokens, static.tokens) and static.steps == eager.steps
+
+
+def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
+    with pytest.raises(ConfigError, match="unknown decode step 'jit'"):
+        DecodePlan.plain(tiny_tts.t3, step="jit")
+    with pytest.raises(ConfigError, match="max_cache_len"):
+        DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=1)
+    with pytest.raises(ValueError, match="max_new_tokens"):  # ConfigError is a ValueError
+        t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=0)
+    assert DecodePlan.plain(tiny_tts.t3, step="compiled").describe() == "native float32, compiled step"
