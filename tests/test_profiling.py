@@ -89,10 +89,10 @@ def test_bench_cli_tiny(
 ) -> None:
     calls = []
 
-    def counted(pipeline: Any, *a: Any) -> dict[str, Any]:
+    def counted(pipeline: Any, *a: Any, **kw: Any) -> dict[str, Any]:
         if isinstance(pipeline, UpstreamTTS):
             calls.append(a)
-        return bench_run_pipeline(pipeline, *a)
+        return bench_run_pipeline(pipeline, *a, **kw)
 
     monkeypatch.setattr(bench, "run_pipeline", counted)
     args = ["bench", "--model", "tiny", "--configs", "upstream,optimized", "--tokens", "20", "--repeats", "2"]
