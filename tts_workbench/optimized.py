@@ -197,7 +197,8 @@ class LastGeneration:
     tokens: int = 0
     stopped_by: str = ""
     invalid_tokens: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # t3.prefill/.decode/.step/.compile, s3gen, total
+    # t3.prefill, t3.decode, t3.step (per token), t3.compile, s3gen, watermark, total
+    seconds: dict[str, float] = field(default_factory=dict)
     kernels: dict[str, dict[str, int]] = field(default_factory=dict)  # only when recorded
     decode_step: str = ""  # eager, static or compiled: what ran the decode steps
 
@@ -313,6 +314,7 @@ class UpstreamTTS(Pipeline):
                 "t3.decode": t3 - prefill,
                 "t3.step": (t3 - prefill) / max(len(r.speech_tokens) - 1, 1),
                 "s3gen": r.seconds.get("s3gen.flow", 0.0) + r.seconds.get("s3gen.vocoder", 0.0),
+                "watermark": r.seconds.get("watermark", 0.0),
                 "total": r.wall_s,
             },
         )
@@ -434,6 +436,23 @@ class PerformanceOptimizedTTS(Pipeline):
             for step in STEP_MODES
         }
 
+    def set_max_cache_len(self, positions: int) -> None:
+        """Size the static KV caches (prefill + new tokens); built anew at the next generation."""
+        self.max_cache_len = positions
+        for plan in self.plans.values():
+            plan.max_cache_len = positions
+            plan.drop_static()
+
+    def prefill_length(self, text: str, cfg_weight: float = 0.5) -> int:
+        """Positions T3's prefill fills for ``text`` with the prepared voice (conditioning, text,
+        two start-of-speech tokens): add ``max_new_tokens`` for the static cache's length."""
+        if self.tts.conds is None:
+            raise NoVoiceError()
+        with torch.inference_mode():
+            # On a copy: prepare_conditioning caches the prompt embedding on the T3Cond it gets.
+            cond = self.tts.t3.prepare_conditioning(T3Cond(**vars(self.tts.conds.t3)))
+        return int(cond.size(1) + text_tokens(self.tts, text, cfg_weight).size(1) + 2)
+
     @property
     def plan(self) -> DecodePlan:
         """The decode plan ``generate`` and ``generate_stream`` use by default."""
@@ -538,6 +557,7 @@ class PerformanceOptimizedTTS(Pipeline):
         wav = self.vocode(tokens[tokens < SPEECH_VOCAB_SIZE]).squeeze(0).cpu().numpy()
         t2 = now(self.device)
         marked = self.tts.watermarker.apply_watermark(wav, sample_rate=self.tts.sr)
+        t3 = now(self.device)
         self.last = LastGeneration(
             tokens=decoded.steps,
             stopped_by="stop token" if decoded.stopped else "token cap",
@@ -548,7 +568,8 @@ class PerformanceOptimizedTTS(Pipeline):
                 "t3.step": decoded.step_s,
                 "t3.compile": decoded.compile_s,
                 "s3gen": t2 - t1,
-                "total": now(self.device) - t0,
+                "watermark": t3 - t2,
+                "total": t3 - t0,
             },
             kernels=record.by_phase(with_dtype=True),
             decode_step=decoded.step_mode,

@@ -12,6 +12,7 @@ torch nor chatterbox itself).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 # (category, start of the message) of each silenced library warning.
@@ -26,7 +27,7 @@ def quiet_libraries() -> None:
     """Silence the known library warnings and Kineto's log lines (``KINETO_LOG_LEVEL``, read at
     each profiler start; a value the user set is kept)."""
     for category, message in LIBRARY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
+        warnings.filterwarnings("ignore", message=re.escape(message), category=category)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # 6: above USDT/STAGE, Kineto prints nothing
 
 
