@@ -51,8 +51,7 @@ def test_kernels_per_phase_on_the_real_generate_path(tiny_tts: ChatterboxTTS) ->
 
 
 def test_why_not_flash_on_cpu(tiny_tts: ChatterboxTTS) -> None:
-    if torch.cuda.is_available():
-        return
+    # tiny_tts is on the CPU whatever the machine has, so this holds everywhere.
     reasons = why_not_flash(tiny_tts)
     assert any("device is cpu" in r for r in reasons) and any("float32" in r for r in reasons)
     assert not any("float32" in r for r in why_not_flash(tiny_tts, dtype=torch.bfloat16))
