@@ -35,7 +35,7 @@ else
     $PY -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/site gpu-wheels/*.whl || exit 1
     # The package runs from the checkout (the image's Python is 3.12; pyproject pins 3.11 for CI).
     export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1
-    MODEL=random; DEVICE=cuda; TOKENS=${GPU_CHECK_TOKENS:-150}; REPEATS=2; WARMUP=1; LIMIT=${GPU_CHECK_STEP_LIMIT:-150}
+    MODEL=random; DEVICE=cuda; TOKENS=${GPU_CHECK_TOKENS:-150}; REPEATS=2; WARMUP=1; LIMIT=${GPU_CHECK_STEP_LIMIT:-540}
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >&2
 fi
 mkdir -p "$DIR"

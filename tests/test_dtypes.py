@@ -187,3 +187,16 @@ def test_mismatch_in_a_module_that_never_raises_is_recorded_at_call_start() -> N
     assert t.failure is None
     assert [(r.module, r.mismatch) for r in t.mismatches] == [("0", "autocast")]
     assert t.mismatches[0].outputs == ["bfloat16"]  # completed at return
+
+
+def test_the_exception_that_escapes_is_the_one_named() -> None:
+    first, second = _Half(), nn.Sequential(nn.Linear(4, 4).to(torch.bfloat16))
+    model = nn.ModuleDict({"first": first, "second": second})
+    with pytest.raises(RuntimeError) as info, trace_dtypes(model) as t:
+        try:
+            first(torch.ones(2, 4))
+        except RuntimeError:
+            pass  # caught: recorded, but not the one that leaves the block
+        second(torch.ones(2, 4))
+    assert t.failure is not None and t.failure.module == "second.0" and t.failure.weight == "bfloat16"
+    assert "second.0" in str(info.value.__notes__)

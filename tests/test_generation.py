@@ -37,10 +37,9 @@ def test_phase_times_add_up_to_the_wall_time(tiny_tts: ChatterboxTTS) -> None:
     r = generate(tiny_tts, max_new_tokens=150)
     assert len(r.speech_tokens) == 150
     phases = sum(v for k, v in r.seconds.items() if k != "t3.prefill")  # the prefill is inside t3
-    # The phases are disjoint parts of the wall time; what is left is upstream's glue (text
-    # normalisation, tokenising, dropping invalid ids), never negative.
-    assert phases <= r.wall_s
-    assert phases > 0.5 * r.wall_s, (r.seconds, r.wall_s)
+    # The phases are disjoint parts of the wall time, each read on the same synchronised clock;
+    # what is left is upstream's glue (text normalisation, tokenising, dropping invalid ids).
+    assert 0 < phases <= r.wall_s
 
 
 def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:

@@ -321,6 +321,7 @@ def test_wrapper_decode_steps_share_weights_and_reuse_the_compiled_step(tiny_tts
         torch.manual_seed(0)
         assert torch.equal(opt.speech_tokens(TEXT, max_new_tokens=12).tokens, eager)
         assert opt.configuration()["parameter_bytes"]["t3.static_kv_cache"] > 0
+        assert opt.plans["compiled"].decode is opt.plans["eager"].decode  # one set of weights
         assert first.step_mode == "eager"
     with pytest.raises(ConfigError, match="unknown decode step"):
         PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="fast")

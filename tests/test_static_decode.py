@@ -10,6 +10,7 @@ all those steps had identical inputs, so a wrong step (position, cache slot, mas
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -126,7 +127,7 @@ def test_float32_samples_exactly_upstreams_tokens(
     if mode == "compiled":
         assert step.compiled and step.compile_s > 0
     else:
-        assert not step.compiled and r.compile_s < 1.0  # only the allocation
+        assert not step.compiled and step.fallback_reason is None
 
 
 def test_without_guidance_the_cache_has_batch_one(tiny_tts: ChatterboxTTS) -> None:
@@ -174,7 +175,7 @@ def test_the_tolerance_catches_a_wrong_position(tiny_tts: ChatterboxTTS, bf16_ea
 
     with shadow(emb, "forward", wrap):
         got = _run(tiny_tts, plan, n=20)
-    with pytest.raises(AssertionError, match="max |logit diff|"):
+    with pytest.raises(AssertionError, match=re.escape("max |logit diff|")):
         _assert_same_or_close(bf16_eager["bfloat16"], got, BF16_RTOL)
 
 

@@ -183,14 +183,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
     from .constants import UPSTREAM_SENTENCE
-    from .errors import WorkbenchError
 
     args.text = args.text or UPSTREAM_SENTENCE
     try:
         # Upstream code prints progress to stdout (e.g. "loaded PerthNet"); keep stdout for the report.
         with contextlib.redirect_stdout(sys.stderr):
             report, fmt = args.run(args)
-    except (WorkbenchError, ValueError) as e:
+    except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else fmt(report))

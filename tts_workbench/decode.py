@@ -219,6 +219,7 @@ class StaticStep:
         self.compiled = False
         self.skip_guards = True
         self._guarded = False  # guards checked since the last begin()
+        self.busy = False  # a generation (maybe a paused stream) holds the cache
         if compile:
             self._compile(enter, warmup)
 
@@ -270,8 +271,10 @@ class StaticStep:
         return "compiled" if self.compiled else "static"
 
     def begin(self) -> None:
-        """A new generation starts: the next call checks dynamo's guards again."""
+        """A new generation starts: the next call checks dynamo's guards again. The cache is
+        this generation's until ``busy`` is cleared (when its ``decode_blocks`` ends)."""
         self._guarded = False
+        self.busy = True
 
     def __call__(
         self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor
@@ -479,6 +482,11 @@ def decode_blocks(
             if step is not held:
                 stats.compile_s = now(device) - t_build
             stats.step_mode = step.mode
+            if step.busy:
+                raise CacheError(
+                    "another generation (e.g. a paused generate_stream) still uses this plan's static "
+                    "KV cache; finish or close it first, or decode this one with step='eager'"
+                )
             step.load(past)
             step.begin()
             past = None
@@ -494,41 +502,45 @@ def decode_blocks(
     stats.prefill_s = t_mark - t0 - stats.compile_s
     dec = plan.decode
     start = 0  # first step of the current block
-    for i in range(max_new_tokens):
-        with ctx():
-            if logits_out is not None:
-                logits_out.append(logits)
-            cond, uncond = logits[0:1], logits[1:2]
-            guided = cond + cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
-            seen = cast(torch.LongTensor, ids[:, : i + 1])
-            scores = repetition(seen, guided)
-            if temperature != 1.0:
-                scores = scores / temperature
-            scores = top_p_warper(seen, min_p_warper(seen, scores))
-            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
-            ids[:, i + 1] = token[:, 0]
-            stats.steps = i + 1
-            last = i + 1 == max_new_tokens
-            block = None
-            if (i + 1) % stop_check_every == 0 or last:
-                block = ids[:, start + 1 : i + 2].clone()
-                hits = (block[0] == hp.stop_speech_token).nonzero()  # a host sync on CUDA
-                if hits.numel():
-                    block, stats.stopped = block[:, : int(hits[0, 0]) + 1], True
-                    stats.steps = start + block.size(1)
-                start = i + 1
-        if block is not None:
-            stats.decode_s += now(device) - t_mark
-            yield block
-            if stats.stopped or last:
-                return
-            t_mark = now(device)
-        with ctx():
-            if step is not None:
-                logits = step(token.expand(batch, 1), positions[i + 1 : i + 2], slots[i : i + 1])
-            else:
-                embed = dec.speech_emb(token) + dec.speech_pos_emb.get_fixed_embedding(i + 1)
-                logits, past = _logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
+    try:
+        for i in range(max_new_tokens):
+            with ctx():
+                if logits_out is not None:
+                    logits_out.append(logits)
+                cond, uncond = logits[0:1], logits[1:2]
+                guided = cond + cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
+                seen = cast(torch.LongTensor, ids[:, : i + 1])
+                scores = repetition(seen, guided)
+                if temperature != 1.0:
+                    scores = scores / temperature
+                scores = top_p_warper(seen, min_p_warper(seen, scores))
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+                ids[:, i + 1] = token[:, 0]
+                stats.steps = i + 1
+                last = i + 1 == max_new_tokens
+                block = None
+                if (i + 1) % stop_check_every == 0 or last:
+                    block = ids[:, start + 1 : i + 2].clone()
+                    hits = (block[0] == hp.stop_speech_token).nonzero()  # a host sync on CUDA
+                    if hits.numel():
+                        block, stats.stopped = block[:, : int(hits[0, 0]) + 1], True
+                        stats.steps = start + block.size(1)
+                    start = i + 1
+            if block is not None:
+                stats.decode_s += now(device) - t_mark
+                yield block
+                if stats.stopped or last:
+                    return
+                t_mark = now(device)
+            with ctx():
+                if step is not None:
+                    logits = step(token.expand(batch, 1), positions[i + 1 : i + 2], slots[i : i + 1])
+                else:
+                    embed = dec.speech_emb(token) + dec.speech_pos_emb.get_fixed_embedding(i + 1)
+                    logits, past = _logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
+    finally:
+        if step is not None:
+            step.busy = False
 
 
 def t3_decode(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, **kwargs: Any) -> DecodeResult:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from .attention import (
     record_kernels,
     why_not_flash,
 )
+from .clock import now
 from .constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from .dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
 from .errors import NoVoiceError
@@ -47,14 +47,14 @@ def run_diagnosis(
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0 = now(device)
     tts = load_model(model, device=device, seed=seed)
-    build_s = time.perf_counter() - t0
+    build_s = now(device) - t0
     if reference is None:
         reference = str(make_reference_wav(outdir / "reference.wav", seed=seed))
-    t0 = time.perf_counter()
+    t0 = now(device)
     ref = prepare_voice(tts, reference)
-    conditioning_s = time.perf_counter() - t0
+    conditioning_s = now(device) - t0
     with record_kernels(tts) as kernels:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
     wav_path = outdir / "speech.wav"
@@ -127,7 +127,7 @@ def format_report(report: dict[str, Any]) -> str:
 def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> dict[str, Any]:
     """Run ``fn`` under the dtype tracer (and the kernel recorder); never raise."""
     out: dict[str, Any] = {"error": None}
-    t0 = time.perf_counter()
+    t0 = now(tts.device)
     try:  # outside the tracer, so the tracer sees the exception and names the failing module
         with ExitStack() as stack:
             trace = stack.enter_context(trace_dtypes(tts))
@@ -135,7 +135,7 @@ def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> 
             fn()
     except Exception as e:  # reported with its module path and advice, not swallowed silently
         out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-    out["seconds"] = round(time.perf_counter() - t0, 3)
+    out["seconds"] = round(now(tts.device) - t0, 3)
     out.update(trace.summary())
     first = trace.first_mismatch
     out["first_mismatch"] = vars(first) if first else None

@@ -215,8 +215,10 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     trace = DtypeTrace()
     stack: list[tuple[str, nn.Module, list[torch.dtype], CallRecord]] = []
     handles = []
+    recorded: list[BaseException] = []  # the exception behind trace.failure
 
     def fail(path: str, module: nn.Module | None, inputs: list[torch.dtype], e: BaseException) -> None:
+        recorded[:] = [e]
         weight = None
         if module is not None:
             weight = _own_weight_dtype(module) or next(
@@ -258,7 +260,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             _, _, inputs, record = stack.pop()
             raised = sys.exc_info()[1]
             if output is None and raised is not None:
-                if trace.failure is None:
+                if raised not in recorded:  # the innermost module this exception passed through
                     fail(path, module, inputs, raised)
                 return
             outputs = _floating(output)
@@ -276,7 +278,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     try:
         yield trace
     except Exception as e:
-        if trace.failure is None:  # raised outside any module call (e.g. a feature extractor)
+        if e not in recorded:  # raised outside any module call (e.g. a feature extractor)
             fail("", None, [], e)
         e.add_note(f"dtype trace: {trace.failure}")
         raise

@@ -3,8 +3,9 @@
 Fixes, each visible in a few lines below:
 
 1. **dtype policy** (``precision.POLICIES``), chosen per device and checkpoint by *measuring*
-   the candidates (``choose_policy``, before the wrapper is built) unless one is given; a
-   float16/bfloat16 checkpoint keeps its dtype;
+   the candidates (``choose_policy`` returns a ``Policy``; for ``"auto"`` the wrapper calls it on
+   the model as given, before changing anything) unless one is given; a float16/bfloat16
+   checkpoint keeps its dtype;
 2. **float32 islands** for the precision-hungry signal processing (``precision.ISLANDS``);
 3. **conditionals** cast to each consumer's dtype after ``prepare_conditionals`` and after
    loading ``conds.pt`` (``_ensure_conditionals_dtype``);
@@ -53,7 +54,7 @@ from .decode import (
     t3_decode,
     text_tokens,
 )
-from .errors import ConfigError, NoVoiceError
+from .errors import ConfigError, EmptyTextError, NoVoiceError
 from .generation import generate as capped_generate
 from .latency import ChunkMetrics
 from .patching import preserved, working_copy
@@ -157,6 +158,13 @@ def measure_policy(
     prefill = Measurement(1, [r.prefill_s for r in runs], total.task_spec)
     step = Measurement(1, [r.step_s for r in runs], total.task_spec)
     return {"prefill_s": prefill, "step_s": step}
+
+
+def resolve_policy(tts: ChatterboxTTS, policy: Policy | str, device: torch.device) -> Policy:
+    """``policy`` itself, a requested policy by name, or for ``"auto"`` the measured choice."""
+    if isinstance(policy, Policy):
+        return policy
+    return choose_policy(tts, device) if policy == "auto" else Policy.requested(policy)
 
 
 def choose_policy(tts: ChatterboxTTS, device: torch.device | str | None = None, tokens: int = 200) -> Policy:
@@ -344,9 +352,9 @@ class UpstreamTTS(Pipeline):
 class PerformanceOptimizedTTS(Pipeline):
     """An upstream ChatterboxTTS with the fixes applied (see the module docstring).
 
-    Build it with ``from_model`` / ``from_local`` / ``from_pretrained`` (they measure the
-    ``"auto"`` policy before construction) or directly with a ``Policy``. Use it in a ``with``
-    block, or call ``close()``, to give the model back exactly as it was.
+    Build it with ``from_model`` / ``from_local`` / ``from_pretrained`` or directly, with a
+    policy name or a ``Policy`` from ``choose_policy``. Use it in a ``with`` block, or call
+    ``close()``, to give the model back exactly as it was.
     """
 
     def __init__(
@@ -368,18 +376,22 @@ class PerformanceOptimizedTTS(Pipeline):
         self.last = LastGeneration()
         if tts.conds is not None:
             check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
-        # Everything changed below is undone by close(): tensors, shadows, conditionals.
-        self._stack = ExitStack()
-        self._stack.enter_context(preserved(*components(tts).values()))
-        self._stack.enter_context(working_copy(tts, "conds", copy_conditionals))
-        self.islands: list[Island] = install_islands(tts, self._stack)
-        if isinstance(policy, str):
-            policy = choose_policy(tts, self.device) if policy == "auto" else Policy.requested(policy)
-        self.policy_choice = policy
+        # Checked (and for "auto" measured, on the model as given) before anything is changed.
+        self.policy_choice = resolve_policy(tts, policy, self.device)
         self.amp: torch.dtype | None = None
-        self._apply_policy()
-        if tts.conds is not None:
-            self._ensure_conditionals_dtype()
+        # Everything changed below is undone by close(): tensors, shadows, conditionals. If a
+        # step fails (a "keep" policy on mixed dtypes, say), the model is given back at once.
+        self._stack = ExitStack()
+        try:
+            self._stack.enter_context(preserved(*components(tts).values()))
+            self._stack.enter_context(working_copy(tts, "conds", copy_conditionals))
+            self.islands: list[Island] = install_islands(tts, self._stack)
+            self._apply_policy()
+            if tts.conds is not None:
+                self._ensure_conditionals_dtype()
+        except BaseException:
+            self._stack.close()
+            raise
         self._flash_attention_available = not why_not_flash(tts, dtype=self.target_dtype)
 
     # ------------------------------------------------------------ construction
@@ -409,8 +421,12 @@ class PerformanceOptimizedTTS(Pipeline):
 
     def close(self) -> None:
         """Put the wrapped model back as it was: methods, every tensor's dtype and values, and
-        the conditionals. The wrapper must not be used afterwards."""
+        the conditionals; free the static KV caches and compiled steps. The wrapper must not be
+        used afterwards."""
         self._stack.close()
+        for plan in self.plans.values():
+            plan.drop_static()
+        self.plans.clear()
 
     @property
     def policy(self) -> str:
@@ -500,6 +516,8 @@ class PerformanceOptimizedTTS(Pipeline):
     ) -> DecodeResult:
         """T3 only: the speech tokens for ``text`` (the voice must be prepared); ``decode``
         overrides the wrapper's decode step for this call."""
+        if not text.strip():
+            raise EmptyTextError()
         if self.tts.conds is None:
             raise NoVoiceError()
         return t3_decode(  # the plan carries the autocast dtype, entered around each step
@@ -543,7 +561,10 @@ class PerformanceOptimizedTTS(Pipeline):
         if seed is not None:
             torch.manual_seed(seed)
         # Kernels are recorded (on request) over T3 only, where the attention backend matters:
-        # profiling the thousands of small S3Gen ops as well costs seconds per call.
+        # profiling the thousands of small S3Gen ops as well costs seconds per call. Recording
+        # runs the eager step: a compiled graph hides its kernels from the recorder's ops.
+        if self.record_attention:
+            decode = "eager"
         record = KernelRecord()
         t0 = now(self.device)
         with (
