@@ -184,6 +184,8 @@ def test_stream_cli_writes_wav_and_timeline(tmp_path: Path, capsys: pytest.Captu
             "40",
             "--strategy",
             "naive",
+            "--decode",
+            "static",
             "--out",
             str(tmp_path),
             "--json",
@@ -194,6 +196,7 @@ def test_stream_cli_writes_wav_and_timeline(tmp_path: Path, capsys: pytest.Captu
     assert report["summary"]["s3gen_calls"] == len(report["chunks"]) >= 1
     assert Path(report["files"]["wav"]).stat().st_size > 1000 and Path(report["files"]["timeline"]).exists()
     assert "capped at 40 tokens" in report["note"]
+    assert report["t3_step_mode"] == "static" and report["t3_compile_s"] > 0  # the cache was allocated
 
 
 def test_stream_cli_bad_size(capsys: pytest.CaptureFixture[str]) -> None:

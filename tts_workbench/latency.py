@@ -152,6 +152,14 @@ def format_report(report: dict[str, Any]) -> str:
             f"seams: largest jump {q['seam_max_over_median']:.2f}x the median jump "
             f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x); SNR vs one-shot {q['snr_db']:.1f} dB "
             f"outside crossfades; length difference {q['length_diff_samples']} samples",
+            *(
+                [
+                    f"T3 decode step ({report['t3_step_mode']}) built in {report['t3_compile_s']:.2f} s, "
+                    "before the first token: inside the first chunk's time"
+                ]
+                if report.get("t3_compile_s")
+                else []
+            ),
             report["note"],
             f"wrote {report['files']['wav']} and {report['files']['timeline']}",
         ]

@@ -457,6 +457,8 @@ def run_to_files(
         "summary": state.report.summary(),
         "chunks": state.report.rows(),
         "quality_vs_one_shot": quality(wav, reference, state),
+        "t3_step_mode": state.t3.step_mode,
+        "t3_compile_s": state.t3.compile_s,  # building (compiling) the static step: in chunk 0's time
         "note": f"random weights never emit a stop token: generation capped at {max_new_tokens} tokens",
         "files": {"wav": str(wav_path), "timeline": str(fig_path)},
     }
