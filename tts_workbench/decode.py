@@ -409,6 +409,20 @@ def _static_step(
     return step
 
 
+def prefill_embeds(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, cfg_weight: float) -> torch.Tensor:
+    """Exactly upstream's prefill input (B, positions, dim): conditioning, text, one start-of-
+    speech token from ``prepare_input_embeds`` and a second one appended by ``T3.inference``."""
+    bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=text_tokens.device)
+    embeds, _ = t3.prepare_input_embeds(
+        t3_cond=t3_cond,
+        text_tokens=text_tokens,
+        speech_tokens=bos.expand(text_tokens.size(0), 1),
+        cfg_weight=cfg_weight,
+    )
+    bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
+    return torch.cat([embeds, bos_embed.expand(embeds.size(0), -1, -1)], dim=1)
+
+
 def decode_blocks(
     t3: T3,
     t3_cond: T3Cond,
@@ -456,17 +470,7 @@ def decode_blocks(
     stats.compile_s, stats.step_mode = 0.0, "eager"
     step: StaticStep | None = None
     with ctx():
-        # Exactly the upstream prefill: conditioning, text, one BOS from prepare_input_embeds ...
-        bos = torch.full((1, 1), hp.start_speech_token, dtype=torch.long, device=device)
-        embeds, _ = t3.prepare_input_embeds(
-            t3_cond=t3_cond,
-            text_tokens=text_tokens,
-            speech_tokens=bos.expand(text_tokens.size(0), 1),
-            cfg_weight=cfg_weight,
-        )
-        # ... and a second BOS appended by T3.inference.
-        bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
-        embeds = torch.cat([embeds, bos_embed.expand(embeds.size(0), -1, -1)], dim=1)
+        embeds = prefill_embeds(t3, t3_cond, text_tokens, cfg_weight)
         batch, prefill_len = embeds.size(0), embeds.size(1)
         if static:
             _check_static(plan, device, batch, prefill_len, max_new_tokens)

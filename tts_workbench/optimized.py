@@ -51,6 +51,7 @@ from .decode import (
     DecodeResult,
     StepMode,
     T3Parts,
+    prefill_embeds,
     t3_decode,
     text_tokens,
 )
@@ -464,10 +465,12 @@ class PerformanceOptimizedTTS(Pipeline):
         two start-of-speech tokens): add ``max_new_tokens`` for the static cache's length."""
         if self.tts.conds is None:
             raise NoVoiceError()
+        # On a copy: T3 caches the prompt embedding on the T3Cond it is given.
+        cond = T3Cond(**vars(self.tts.conds.t3))
         with torch.inference_mode():
-            # On a copy: prepare_conditioning caches the prompt embedding on the T3Cond it gets.
-            cond = self.tts.t3.prepare_conditioning(T3Cond(**vars(self.tts.conds.t3)))
-        return int(cond.size(1) + text_tokens(self.tts, text, cfg_weight).size(1) + 2)
+            return prefill_embeds(
+                self.tts.t3, cond, text_tokens(self.tts, text, cfg_weight), cfg_weight
+            ).size(1)
 
     @property
     def plan(self) -> DecodePlan:
