@@ -25,8 +25,7 @@ from .constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from .dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
 from .errors import NoVoiceError
 from .generation import generate, prepare_voice
-from .patching import preserved, working_copy
-from .precision import copy_conditionals
+from .precision import restored
 from .sources import components, load_model, make_reference_wav, model_summary
 
 
@@ -165,7 +164,7 @@ def diagnose_precision(
     """
     if tts.conds is None:
         raise NoVoiceError("condition the model in float32 before diagnose_precision")
-    with preserved(*components(tts).values()), working_copy(tts, "conds", copy_conditionals) as conds:
+    with restored(tts) as conds:
         return _precision_stages(tts, conds, reference, dtype, autocast, tokens, seed, text)
 
 

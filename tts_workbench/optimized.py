@@ -58,7 +58,6 @@ from .decode import (
 from .errors import ConfigError, EmptyTextError, NoVoiceError
 from .generation import generate as capped_generate
 from .latency import ChunkMetrics
-from .patching import preserved, working_copy
 from .precision import (
     ISLANDS,
     POLICIES,
@@ -66,10 +65,10 @@ from .precision import (
     check_conditionals,
     check_policy,
     compute_dtype,
-    copy_conditionals,
     ensure_conditionals_dtype,
     install_islands,
     island_modules,
+    restored,
 )
 from .sources import check_device, components, load_folder, load_pretrained
 from .streaming import StreamConfig, StreamState, stream
@@ -384,8 +383,7 @@ class PerformanceOptimizedTTS(Pipeline):
         # step fails (a "keep" policy on mixed dtypes, say), the model is given back at once.
         self._stack = ExitStack()
         try:
-            self._stack.enter_context(preserved(*components(tts).values()))
-            self._stack.enter_context(working_copy(tts, "conds", copy_conditionals))
+            self._stack.enter_context(restored(tts))
             self.islands: list[Island] = install_islands(tts, self._stack)
             self._apply_policy()
             if tts.conds is not None:

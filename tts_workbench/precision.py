@@ -12,8 +12,8 @@ edited.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -24,7 +24,8 @@ from torch import nn
 
 from .constants import dtype_name
 from .errors import ConfigError, SourceError
-from .patching import shadow
+from .patching import preserved, shadow, working_copy
+from .sources import components
 from .vocode import cast_gen
 
 POLICIES = {
@@ -149,6 +150,15 @@ def copy_conditionals(conds: Conditionals | None) -> Conditionals | None:
 
     t3 = type(conds.t3)(**{k: fresh(v) for k, v in vars(conds.t3).items()})
     return Conditionals(t3, {k: fresh(v) for k, v in conds.gen.items()})
+
+
+@contextmanager
+def restored(tts: ChatterboxTTS) -> Iterator[Conditionals | None]:
+    """Everything the workbench may change on ``tts``, given back on exit as it was on entry:
+    every tensor of its components (``patching.preserved``) and its conditionals (the block
+    works on a copy, yielded)."""
+    with preserved(*components(tts).values()), working_copy(tts, "conds", copy_conditionals) as conds:
+        yield conds
 
 
 def ensure_conditionals_dtype(
