@@ -9,7 +9,7 @@ so phase times add up to the wall time on every device. Repeated measurements ar
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
@@ -53,18 +53,9 @@ class Stopwatch:
         return self.running()
 
 
-def measure(
-    fn: Callable[[], object], label: str, device: Device = None, repeats: int = 3, description: str = ""
-) -> Measurement:
-    """Run ``fn`` ``repeats`` times, each timed between two synchronised clock reads.
-
-    Returns a ``torch.utils.benchmark.Measurement`` (``.median``, ``.iqr``, ``.times``) that
-    ``torch.utils.benchmark.Compare`` can put in a table beside others.
-    """
-    times = []
-    for _ in range(repeats):
-        t0 = now(device)
-        fn()
-        times.append(now(device) - t0)
+def measurement(seconds: Sequence[float], label: str, description: str = "") -> Measurement:
+    """Repeated timings (each read on this clock) as a ``torch.utils.benchmark.Measurement``
+    (``.median``, ``.iqr``, ``.times``) that ``torch.utils.benchmark.Compare`` can put in a
+    table beside others."""
     spec = TaskSpec(stmt=label, setup="", label=label, description=description or label)
-    return Measurement(number_per_run=1, raw_times=times, task_spec=spec)
+    return Measurement(number_per_run=1, raw_times=list(seconds), task_spec=spec)
