@@ -49,6 +49,13 @@ CONFIGS = (
     "compiled-stream",
 )
 DECODE_OF = {"optimized": "eager", "static": "static", "compiled": "compiled"}
+
+
+def floor_of(config: str) -> str:
+    """Whose weights a configuration's decode steps read: "upstream" or "optimized"."""
+    return "upstream" if config.startswith("upstream") else "optimized"
+
+
 NOTE = "random weights: timing is realistic (same shapes and kernels), the audio is meaningless"
 
 
@@ -312,7 +319,7 @@ def summarize(rows: list[Row], floors: dict[str, dict[str, Any]]) -> list[dict[s
         s["phases_over_wall_median"] = statistics.median(r.phases_s / r.wall_s for r in mine)
         s["peak_rss_gb"] = max(r.peak_rss_bytes for r in mine) / 2**30
         s["peak_cuda_gb"] = max(r.peak_cuda_bytes for r in mine) / 2**30
-        floor = floors["upstream" if name.startswith("upstream") else "optimized"]["floor_s"]
+        floor = floors[floor_of(name)]["floor_s"]
         s["t3_step_vs_floor"] = s["t3_step_s_median"] / floor if floor else None
         out.append(s)
     first = out[0]
@@ -354,7 +361,7 @@ def format_bench(report: dict[str, Any]) -> str:
     for s in report["summary"]:
         vs_floor = f"{s['t3_step_vs_floor']:.2f}" if s["t3_step_vs_floor"] else "-"
         step = s["t3_step_s_median"]
-        floor = report["floors"]["upstream" if s["config"].startswith("upstream") else "optimized"]
+        floor = report["floors"][floor_of(s["config"])]
         lines.append(
             f"{s['config']:<18}{s['ttfa_s_median']:>9.2f}{s['wall_s_median']:>9.2f}{s['rtf_median']:>8.2f}"
             f"{step * 1e3:>11.1f}{1 / step if step else 0:>8.1f}"

@@ -472,6 +472,10 @@ class PerformanceOptimizedTTS(Pipeline):
         """The decode plan ``generate`` and ``generate_stream`` use by default."""
         return self.plans[self.decode]
 
+    def plan_for(self, decode: str | None) -> DecodePlan:
+        """The plan of decode step ``decode`` (``None``: the wrapper's own)."""
+        return self.plans[check_decode(decode or self.decode, self.device)]
+
     def _amp(self) -> Any:
         return torch.autocast(self.device.type, self.amp) if self.amp else nullcontext()
 
@@ -523,7 +527,7 @@ class PerformanceOptimizedTTS(Pipeline):
             self.tts.conds.t3,
             text_tokens(self.tts, text, cfg_weight),
             max_new_tokens=max_new_tokens,
-            plan=self.plans[check_decode(decode or self.decode, self.device)],
+            plan=self.plan_for(decode),
             cfg_weight=cfg_weight,
             stop_check_every=self.stop_check_every,
             **sampling,
@@ -616,7 +620,7 @@ class PerformanceOptimizedTTS(Pipeline):
             config or StreamConfig("buffered"),
             max_new_tokens=max_new_tokens,
             seed=seed,
-            plan=self.plans[check_decode(decode or self.decode, self.device)],
+            plan=self.plan_for(decode),
             amp=self.amp,
             state=state,
             **sampling,
