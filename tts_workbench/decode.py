@@ -59,6 +59,7 @@ from transformers.generation.logits_process import (
 from .clock import now
 from .constants import dtype_name
 from .errors import CacheError, ConfigError
+from .patching import own_code
 
 StepMode = Literal["eager", "static", "compiled"]
 STEP_MODES: tuple[str, ...] = get_args(StepMode)
@@ -141,15 +142,6 @@ class DecodePlan:
     def drop_static(self) -> None:
         """Forget the static caches and compiled steps (the next generation builds new ones)."""
         self._static.clear()
-
-
-def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A copy of ``fn`` with a code object of its own. Dynamo keeps its compiled entries, and its
-    recompile limit (8), per code object: a copy per ``StaticStep`` keeps each step's compiled
-    graph apart from other plans' (other dtypes, batches, cache lengths)."""
-    return types.FunctionType(
-        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
-    )
 
 
 class _CastingStaticLayer(StaticLayer):
@@ -237,7 +229,7 @@ class StaticStep:
     def _compile(self, enter: Callable[[], Any], warmup: int | None) -> None:
         t0 = now(self.device)
         cudagraphs = self.device.type == "cuda"
-        own = types.MethodType(_own_code(StaticStep.decode_one_token), self)
+        own = types.MethodType(own_code(StaticStep.decode_one_token), self)
         # Warm-up inputs laid out as decode_blocks passes them (dynamo guards on strides): the
         # sampled token expanded to the batch, views of aranges for the positions.
         token = torch.zeros((1, 1), dtype=torch.long, device=self.device).expand(self.batch, 1)

@@ -14,7 +14,9 @@ Fixes, each visible in a few lines below:
 5. **decode step** (``decode=``): "eager" (transformers' growing cache), "static" (a KV cache
    allocated once, a fixed-shape step) or "compiled" (that step under ``torch.compile``, CUDA
    graphs on a GPU); "auto" picks per device (``DEFAULT_DECODE``, from the measurements in the
-   README).
+   README);
+6. **S3Gen's estimator in a stream** (``flow=``): "eager", or "compiled" for the buffered
+   windows' fixed shapes (``vocode.FlowPlan``); "auto" picks per device (``DEFAULT_FLOW``).
 
 Both pipelines here, ``UpstreamTTS`` (upstream ``generate`` with a token cap: the baseline) and
 ``PerformanceOptimizedTTS``, have one interface (``Pipeline``): ``generate``,
@@ -72,11 +74,15 @@ from .precision import (
 )
 from .sources import check_device, components, load_folder, load_pretrained
 from .streaming import StreamConfig, StreamState, stream
-from .vocode import s3gen_inference
+from .vocode import FLOW_MODES, FlowPlan, s3gen_inference
 
 # The decode step "auto" picks per device type: measured side by side with `tts-workbench bench`
 # (README, "Decode step"). On CUDA the eager step is host-bound (H200: 43 ms per token).
 DEFAULT_DECODE = {"cuda": "compiled", "cpu": "eager"}
+
+
+# Likewise for the streaming windows' CFM estimator (the compile pays back over a few windows).
+DEFAULT_FLOW = {"cuda": "compiled", "cpu": "eager"}
 
 
 def check_decode(step: str, device: torch.device) -> str:
@@ -86,6 +92,15 @@ def check_decode(step: str, device: torch.device) -> str:
     if step not in STEP_MODES:
         raise ConfigError(f"unknown decode step {step!r}: use auto or one of {', '.join(STEP_MODES)}")
     return step
+
+
+def check_flow(mode: str, device: torch.device) -> str:
+    """How a stream runs the flow's estimator: ``mode`` itself, or the device's default for "auto"."""
+    if mode == "auto":
+        return DEFAULT_FLOW.get(device.type, "eager")
+    if mode not in FLOW_MODES:
+        raise ConfigError(f"unknown flow mode {mode!r}: use auto or one of {', '.join(FLOW_MODES)}")
+    return mode
 
 
 def decode_plan(tts: ChatterboxTTS, policy: str) -> DecodePlan:
@@ -362,6 +377,7 @@ class PerformanceOptimizedTTS(Pipeline):
         stop_check_every: int = 8,
         decode: str = "auto",
         max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+        flow: str = "auto",
     ) -> None:
         self.tts = tts
         self.optimize = True
@@ -369,6 +385,8 @@ class PerformanceOptimizedTTS(Pipeline):
         self.stop_check_every = stop_check_every
         self.device = check_device(str(tts.device))
         self.decode = check_decode(decode, self.device)
+        self.flow = check_flow(flow, self.device)
+        self.flows = {mode: FlowPlan(mode) for mode in FLOW_MODES}  # each keeps its compiled shapes
         self.max_cache_len = max_cache_len  # static KV cache positions: prefill + max_new_tokens
         self.last = LastGeneration()
         if tts.conds is not None:
@@ -423,6 +441,8 @@ class PerformanceOptimizedTTS(Pipeline):
         for plan in self.plans.values():
             plan.drop_static()
         self.plans.clear()
+        for flow in self.flows.values():
+            flow.drop()
 
     @property
     def policy(self) -> str:
@@ -475,6 +495,10 @@ class PerformanceOptimizedTTS(Pipeline):
     def plan_for(self, decode: str | None) -> DecodePlan:
         """The plan of decode step ``decode`` (``None``: the wrapper's own)."""
         return self.plans[check_decode(decode or self.decode, self.device)]
+
+    def flow_for(self, mode: str | None) -> FlowPlan:
+        """The flow plan ``mode`` (``None``: the wrapper's own)."""
+        return self.flows[check_flow(mode or self.flow, self.device)]
 
     def _amp(self) -> Any:
         return torch.autocast(self.device.type, self.amp) if self.amp else nullcontext()
@@ -609,10 +633,12 @@ class PerformanceOptimizedTTS(Pipeline):
         seed: int = 0,
         state: StreamState | None = None,
         decode: str | None = None,
+        flow: str | None = None,
         **sampling: Any,
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``, buffered by
-        default) with this wrapper's decode plan and autocast dtype."""
+        default) with this wrapper's decode plan, flow plan and autocast dtype (``decode`` and
+        ``flow`` override the wrapper's own for this call)."""
         self._voice(audio_prompt_path, exaggeration)
         return stream(
             self.tts,
@@ -622,6 +648,7 @@ class PerformanceOptimizedTTS(Pipeline):
             seed=seed,
             plan=self.plan_for(decode),
             amp=self.amp,
+            flow=self.flow_for(flow),
             state=state,
             **sampling,
         )
@@ -640,6 +667,8 @@ class PerformanceOptimizedTTS(Pipeline):
         return {
             "decode_step": self.decode,
             "compile_fallback": next((s.fallback_reason for s in steps if s.fallback_reason), None),
+            "flow": self.flow,
+            "flow_compile_fallback": self.flows["compiled"].fallback_reason,
             **config,
             "policy": self.policy,
             "policy_reason": self.policy_choice.reason,

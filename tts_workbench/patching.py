@@ -14,12 +14,14 @@ Everything the workbench does to a user's model goes through here:
   keeps non-leaf tensors, which ``copy.deepcopy`` refuses.)
 - ``working_copy``: an attribute replaced by a copy of itself, the original put back.
 - ``scoped_item``: set a key of a dict (e.g. upstream's ``LLAMA_CONFIGS``) and remove it again.
+- ``own_code``: a copy of a function with its own code object, for ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import types
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -134,3 +136,12 @@ def working_copy(obj: object, name: str, copier: Callable[[Any], Any] = copy.dee
         yield getattr(obj, name)
     finally:
         setattr(obj, name, original)
+
+
+def own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of function ``fn`` with a code object of its own. Dynamo keeps its compiled entries,
+    and its recompile limit (8), per code object: compiling a copy keeps one user's graphs (a
+    decode step, a model's estimator) apart from every other user of the same upstream code."""
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )

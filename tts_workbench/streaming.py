@@ -8,6 +8,8 @@ and the chunks concatenated are the utterance.
   ~3.5 s). Each window is run through S3Gen once with a little left context and the flow's
   lookahead, on one noise track shared by the whole utterance, and joined to the previous one by
   an overlap-add crossfade. The tail is always flushed, so every token is vocoded exactly once.
+  With a compiled ``FlowPlan`` every window's estimator frames are padded to its regular size
+  (the last window too), so the compiled estimator sees two shapes: first and regular window.
 
 Why not reuse the prompt's computation across calls: S3Gen's conformer encoder and the CFM
 estimator attend over prompt and new tokens together, so the prompt's activations change with
@@ -17,6 +19,7 @@ reference prompt (``prompt_s``), reported against the one-shot output.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -42,7 +45,7 @@ from .decode import DecodePlan, DecodeStats, decode_blocks, text_tokens
 from .errors import ConfigError, EmptyTextError, NoVoiceError
 from .latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from .plots import save
-from .vocode import fade_in, flow_mels, vocoder
+from .vocode import FlowPlan, fade_in, flow_mels, vocoder
 
 STRATEGIES = ("naive", "buffered")
 
@@ -182,6 +185,7 @@ class StreamState:
     crossfades: list[tuple[int, int]] = field(default_factory=list)  # sample ranges blended
     noise: torch.Tensor = field(default_factory=lambda: noise_track(0, 0))  # set by stream()
     t3: DecodeStats = field(default_factory=DecodeStats)
+    s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
 
 
 def stream(
@@ -193,6 +197,7 @@ def stream(
     seed: int = 0,
     plan: DecodePlan | None = None,
     amp: torch.dtype | None = None,
+    flow: FlowPlan | None = None,
     state: StreamState | None = None,
     cfg_weight: float = 0.5,
     progress: bool = False,
@@ -200,6 +205,7 @@ def stream(
 ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
     """Generate ``text`` with the voice in ``tts.conds`` and yield audio chunks as they are ready.
 
+    ``plan`` runs T3's decode steps, ``flow`` the buffered windows' CFM estimator (default eager).
     Pass a ``StreamState`` to read the report, the tokens and the seam positions afterwards.
     Stopping the iteration early stops T3 too (nothing runs in the background). ``progress``
     shows tokens sampled and S3Gen calls done on stderr.
@@ -225,7 +231,11 @@ def stream(
         **sampling,
     )
     t3_rng = RngLane(seed)
-    cutter = _naive if config.strategy == "naive" else _buffered
+    flow = flow or FlowPlan()
+    if config.strategy == "naive":
+        cutter = _naive
+    else:
+        cutter = functools.partial(_buffered, flow=flow)
     device = tts.device
     t_start = now(device)
     t3_seen = [0.0]
@@ -291,18 +301,23 @@ def _s3gen(
     noise: torch.Tensor | None,
     amp: torch.dtype | None,
     cache: torch.Tensor | None = None,
+    flow: FlowPlan | None = None,
+    pad_to: int | None = None,
 ) -> tuple[np.ndarray, torch.Tensor, float, float]:
-    """One S3Gen call: waveform, excitation source, flow seconds, vocoder seconds."""
+    """One S3Gen call: waveform, excitation source, flow seconds (without compiling the
+    estimator for a new shape, counted in ``flow.compile_s``), vocoder seconds."""
     with ExitStack() as stack:
         if amp is not None:
             stack.enter_context(torch.autocast(tts.s3gen.device.type, amp))
         device = tts.s3gen.device
+        compiled_before = flow.compile_s if flow else 0.0
         t0 = now(device)
-        mels = flow_mels(tts.s3gen, torch.tensor(tokens), gen, noise=noise)
+        mels = flow_mels(tts.s3gen, torch.tensor(tokens), gen, noise=noise, plan=flow, pad_to=pad_to)
         t1 = now(device)
         wav, source = vocoder(tts.s3gen, mels, cache)
         t2 = now(device)
-    return wav[0].cpu().numpy(), source, t1 - t0, t2 - t1
+    compiling = (flow.compile_s if flow else 0.0) - compiled_before
+    return wav[0].cpu().numpy(), source, t1 - t0 - compiling, t2 - t1
 
 
 def _naive(
@@ -355,6 +370,7 @@ def _buffered(
     tokens_in: Iterator[bool],
     metrics: Any,
     amp: torch.dtype | None,
+    flow: FlowPlan,
 ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
     c = config.crossfade_samples
     ramp = (1 - np.cos(np.linspace(0, np.pi, c, dtype=np.float32))) / 2 if c else np.zeros(0, np.float32)
@@ -378,7 +394,13 @@ def _buffered(
             p_start, p_end, p_src = prev
             cache = p_src[:, :, (s - p_start) * SAMPLES_PER_TOKEN : (p_end - p_start) * SAMPLES_PER_TOKEN]
         noise = state.noise[:, :, s * FRAMES_PER_TOKEN : e * FRAMES_PER_TOKEN]
-        wav, source, flow_s, voc_s = _s3gen(tts, gen, state.tokens[s:e], noise, amp, cache)
+        # A compiled estimator gets the window's regular size (with its left context and lookahead).
+        regular = (begin - max(0, begin - config.left_context_tokens)) + size + config.lookahead_tokens
+        compiling = flow.compile_s
+        wav, source, flow_s, voc_s = _s3gen(
+            tts, gen, state.tokens[s:e], noise, amp, cache, flow, regular if flow.compiled else None
+        )
+        state.s3gen_compile_s += flow.compile_s - compiling
         prev = (s, e, source)
         if begin == 0:
             fade_in(tts.s3gen, torch.from_numpy(wav))  # as upstream one-shot

@@ -7,14 +7,28 @@ and its length (a 10 s prompt has ~250 tokens; bfloat16 turns 267 into 268, and 
 with a size mismatch). These functions call the same flow and vocoder modules with the ids kept
 as ``long`` and only the float tensors in the model dtype, and without mutating the caller's
 dict.
+
+``FlowPlan`` is how the flow's CFM estimator (10 steps of a U-Net at batch 2, the bulk of S3Gen's
+time) runs in a stream: eager, or compiled for the stream's few fixed window shapes.
 """
 
 from __future__ import annotations
 
+import types
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from chatterbox.models.s3gen import S3Gen
+from chatterbox.models.s3gen import decoder as s3gen_decoder
+
+from .clock import now
+from .constants import FRAMES_PER_TOKEN
+from .errors import ConfigError
+from .patching import own_code, shadow
 
 # Integer entries of the reference dict. After one upstream ``S3Gen.forward`` in float32 they
 # are float32 in the caller's dict (exact up to 2**24, so they round back exactly).
@@ -32,6 +46,143 @@ def cast_gen(gen: dict[str, Any], dtype: torch.dtype, device: torch.device | str
     return out
 
 
+FLOW_MODES = ("eager", "compiled")
+
+
+class FlowPlan:
+    """How the flow runs its CFM estimator: ``"eager"`` as upstream, or ``"compiled"``: under
+    ``torch.compile(dynamic=False)`` (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA).
+
+    A compiled graph has one shape, and every streaming window would bring a new one (the last
+    window's length, the prompt plus the window). So ``flow_mels(..., pad_to=n)`` pads the
+    estimator's frames on the right to the prompt plus ``n`` tokens with masked frames: the
+    estimator is causal (causal convolutions, attention masked by key), so the real frames come
+    out as unpadded, up to the rounding of differently shaped kernels (test), and a buffered
+    stream compiles two shapes per voice (its first and its regular window). A new shape is
+    compiled and warmed up on its first call, timed in ``compile_s`` and kept out of the call's
+    own time; a compile failure runs the estimator eagerly, with one warning and
+    ``fallback_reason`` saying why.
+    """
+
+    def __init__(self, mode: str = "eager") -> None:
+        if mode not in FLOW_MODES:
+            raise ConfigError(f"unknown flow mode {mode!r}: use {' or '.join(FLOW_MODES)}")
+        self.mode = mode
+        self.compile_s = 0.0  # compiling and warming up new shapes, all calls together
+        self.shapes: set[tuple[Any, ...]] = set()  # (frames, dtype) compiled so far
+        self.fallback_reason: str | None = None
+        self._compiled: dict[int, Callable[..., torch.Tensor]] = {}  # per estimator (id)
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode == "compiled" and self.fallback_reason is None
+
+    def drop(self) -> None:
+        """Forget the compiled estimators (the model's own modules are not touched)."""
+        self._compiled.clear()
+        self.shapes.clear()
+
+    def running(self, s3gen: S3Gen, frames: int | None) -> AbstractContextManager[Any]:
+        """While inside, ``s3gen``'s estimator runs this plan's way, on frames padded to
+        ``frames`` (``None``: as they come)."""
+        if not self.compiled and frames is None:
+            return nullcontext()
+        estimator = s3gen.flow.decoder.estimator
+        stack = ExitStack()
+        stack.enter_context(shadow(estimator, "forward", lambda fwd: self._padded(estimator, fwd, frames)))
+        if self.compiled:
+            stack.enter_context(shadow(s3gen_decoder, "add_optional_chunk_mask", _full_context_mask))
+        return stack
+
+    def _padded(
+        self, estimator: torch.nn.Module, forward: Callable[..., torch.Tensor], frames: int | None
+    ) -> Any:
+        def run(
+            x: torch.Tensor,
+            mask: torch.Tensor,
+            mu: torch.Tensor,
+            t: torch.Tensor,
+            spks: torch.Tensor | None = None,
+            cond: torch.Tensor | None = None,
+            r: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            n = x.size(2)
+            pad = max(0, (frames or n) - n)
+            if pad:  # zeros in the mask: the padded frames are masked out
+                x, mask, mu = (F.pad(v, (0, pad)) for v in (x, mask, mu))
+                cond = None if cond is None else F.pad(cond, (0, pad))
+            fn = self._estimator(estimator, forward, (x, mask, mu, t, spks, cond, r))
+            if self.compiled and x.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+                # The output lives in the graph's memory pool, overwritten by the next replay.
+                return fn(x, mask, mu, t, spks, cond, r)[..., :n].clone()
+            return fn(x, mask, mu, t, spks, cond, r)[..., :n]
+
+        return run
+
+    def _estimator(
+        self, estimator: torch.nn.Module, forward: Callable[..., torch.Tensor], args: tuple[Any, ...]
+    ) -> Callable[..., torch.Tensor]:
+        """The callable for these inputs: the compiled estimator, compiled and warmed up first
+        for a shape not seen yet; the eager one when not compiling (or after a failure)."""
+        if not self.compiled:
+            return forward
+        x = args[0]
+        cudagraphs = x.device.type == "cuda"
+        key = (id(estimator), tuple(x.shape), x.dtype, torch.is_autocast_enabled(x.device.type))
+        if key in self.shapes:
+            return self._compiled[id(estimator)]
+        t0 = now(x.device)
+        try:
+            fn = self._compiled.get(id(estimator))
+            if fn is None:  # a code object of its own: its recompile limit is not shared
+                own = types.MethodType(own_code(type(estimator).forward), estimator)
+                fn = torch.compile(own, dynamic=False, mode="reduce-overhead" if cudagraphs else None)
+                self._compiled[id(estimator)] = fn
+            for _ in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
+                if cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                fn(*args)
+            self.shapes.add(key)
+        except Exception as e:  # any compile failure falls back to the eager estimator
+            first = " ".join(str(e).strip().split("\n\n")[0].split())
+            self.fallback_reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            warnings.warn(
+                f"torch.compile of S3Gen's CFM estimator failed ({self.fallback_reason}); running it eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            fn = forward
+        self.compile_s += now(x.device) - t0
+        return fn
+
+
+def _full_context_mask(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Upstream ``add_optional_chunk_mask`` without, for the estimator's full-context attention,
+    its check for a row with no valid key: ``.item()`` reads a value back to the host, a graph
+    break and a device sync in each of the estimator's 14 attention blocks at each of 10 steps.
+    A key mask of a non-empty window (all the estimator is given) has no such row."""
+
+    def mask(
+        xs: torch.Tensor,
+        masks: torch.Tensor,
+        use_dynamic_chunk: bool,
+        use_dynamic_left_chunk: bool,
+        decoding_chunk_size: int,
+        static_chunk_size: int,
+        num_decoding_left_chunks: int,
+        enable_full_context: bool = True,
+    ) -> torch.Tensor:
+        if not use_dynamic_chunk and static_chunk_size <= 0:
+            return masks
+        return original(
+            xs, masks, use_dynamic_chunk, use_dynamic_left_chunk, decoding_chunk_size,
+            static_chunk_size, num_decoding_left_chunks, enable_full_context,
+        )  # fmt: skip
+
+    return mask
+
+
 def flow_mels(
     s3gen: S3Gen,
     tokens: torch.Tensor,
@@ -39,18 +190,23 @@ def flow_mels(
     finalize: bool = True,
     n_timesteps: int = 10,
     noise: torch.Tensor | None = None,
+    plan: FlowPlan | None = None,
+    pad_to: int | None = None,
 ) -> torch.Tensor:
     """Mel frames (1, 80, 2·tokens) for speech ``tokens`` after the reference prompt in ``gen``.
 
     ``finalize=False`` drops the last ``pre_lookahead_len`` tokens' frames, as upstream streaming
     does, because their right context has not arrived yet. ``noise`` (1, 80, 2·tokens) replaces
     the flow-matching start noise of the generated frames (upstream draws it afresh every call),
-    so windows of one utterance can share one noise track.
+    so windows of one utterance can share one noise track. ``plan`` runs the CFM estimator its
+    way, its frames padded to the prompt plus ``pad_to`` tokens (``FlowPlan``).
     """
     dtype, device = s3gen.dtype, s3gen.device
     ref = cast_gen(gen, dtype, device)
     tokens = torch.atleast_2d(tokens).to(device=device, dtype=torch.long)
-    with torch.inference_mode():
+    frames = None if pad_to is None else ref["prompt_feat"].size(1) + pad_to * FRAMES_PER_TOKEN
+    running = plan.running(s3gen, frames) if plan is not None else nullcontext()
+    with torch.inference_mode(), running:
         mels, _ = s3gen.flow.inference(
             token=tokens,
             token_len=torch.tensor([tokens.size(1)], device=device),

@@ -1,0 +1,90 @@
+"""S3Gen's CFM estimator in fixed shapes: padding is exact, a compiled stream compiles two shapes."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from chatterbox.tts import ChatterboxTTS
+from torch._dynamo.utils import counters
+
+from tts_workbench.errors import ConfigError
+from tts_workbench.sources import load_model, make_reference_wav
+from tts_workbench.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, stream_all
+from tts_workbench.vocode import FlowPlan, flow_mels
+
+TEXT = "Fixed shapes for the flow."
+# Windows of 10 and 25 tokens; 55 tokens end in a partial third window (10 + 25 + 20).
+CONFIG = StreamConfig("buffered", first_window_s=0.4, window_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def tts(tmp_path_factory: pytest.TempPathFactory) -> ChatterboxTTS:
+    model = load_model("tiny")
+    model.prepare_conditionals(str(make_reference_wav(tmp_path_factory.mktemp("r") / "r.wav", seconds=2.0)))
+    return model
+
+
+def _mels(tts: ChatterboxTTS, tokens: torch.Tensor, **kw: object) -> torch.Tensor:
+    noise = torch.randn(1, 80, 2 * tokens.size(1), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1)  # the prompt part of the start noise
+    return flow_mels(tts.s3gen, tokens, tts.conds.gen, noise=noise, **kw)  # type: ignore[arg-type]
+
+
+def test_padded_frames_leave_the_real_frames_as_they_were(tts: ChatterboxTTS) -> None:
+    tokens = torch.randint(0, 6561, (1, 17), generator=torch.Generator().manual_seed(0))
+    plain = _mels(tts, tokens)
+    padded = _mels(tts, tokens, plan=FlowPlan("eager"), pad_to=40)
+    assert padded.shape == plain.shape == (1, 80, 34)
+    assert ((padded - plain).norm() / plain.norm()).item() < 1e-5
+    # The check can fail: frames padded with unmasked zeros change the output.
+    changed = _mels(tts, torch.nn.functional.pad(tokens, (0, 23)))[..., :34]
+    assert ((changed - plain).norm() / plain.norm()).item() > 1e-3
+
+
+def test_compiled_stream_compiles_two_shapes_and_vocodes_every_token(tts: ChatterboxTTS) -> None:
+    torch.manual_seed(7)  # S3Gen's own random draws (the prompt's start noise, HiFT's source)
+    eager, state = stream_all(tts, TEXT, CONFIG, max_new_tokens=55)
+    flow = FlowPlan("compiled")
+    graphs = counters["stats"]["unique_graphs"]
+    torch.manual_seed(7)
+    wav, compiled_state = stream_all(tts, TEXT, CONFIG, max_new_tokens=55, flow=flow)
+    assert flow.compiled and flow.fallback_reason is None
+    assert len(flow.shapes) == 2  # first window, regular window (the partial last one padded)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+    assert compiled_state.tokens == state.tokens
+    assert compiled_state.s3gen_compile_s == pytest.approx(flow.compile_s) and flow.compile_s > 0
+    summary = compiled_state.report.summary()
+    assert summary["s3gen_calls"] == 3
+    # Disjoint intervals inside the wall time: the compile is counted once, apart from the calls.
+    t3 = compiled_state.t3.prefill_s + compiled_state.t3.decode_s + compiled_state.t3.compile_s
+    assert t3 + summary["flow_s"] + summary["vocoder_s"] + flow.compile_s <= summary["wall_s"]
+    assert len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN == len(one_shot(tts, state, StreamConfig()))
+    assert np.linalg.norm(wav - eager) / np.linalg.norm(eager) < 1e-3
+    # A second stream of another length reuses both shapes.
+    stream_all(tts, TEXT, CONFIG, max_new_tokens=50, flow=flow)
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+
+
+def test_a_failed_compile_runs_eagerly_and_says_why(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("no backend here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    flow = FlowPlan("compiled")
+    tokens = torch.randint(0, 6561, (1, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mels = _mels(tts, tokens, plan=flow, pad_to=20)
+    assert flow.fallback_reason == "RuntimeError: no backend here" and not flow.compiled
+    assert any("CFM estimator failed" in str(w.message) for w in caught)
+    assert torch.allclose(mels, _mels(tts, tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_flow_mode_is_refused() -> None:
+    with pytest.raises(ConfigError, match="eager or compiled"):
+        FlowPlan("graphs")
