@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issues 7 and 13). On an offline machine with an NVIDIA GPU and the
+# The one prepared GPU check (issues 7 and 13; scripts/gpu_identity.py checks the compiled paths'
+# tokens and frames against the eager ones on the same machine). On an offline machine with an NVIDIA GPU and the
 # image's CUDA PyTorch: install the carried wheels (scripts/prepare_gpu_wheels.sh), then
 #   1. bench upstream (float32, as it loads) vs the optimized wrapper with the eager, static-cache
 #      and compiled (CUDA graphs) decode step, one-shot and streaming (naive vs buffered, eager vs
@@ -11,9 +12,8 @@
 # Each step runs on its own with a time limit: one that fails or runs out is recorded with the
 # end of its stderr and the next one still runs. Everything lands in one results file.
 #
-#   scripts/gpu_check.sh            # on the GPU machine; on an H200 one policy's bench of 4 configs
-#                                   # took 212 s (half of it building the two full-size models); the
-#                                   # default set adds the static/compiled configs: one call
+#   scripts/gpu_check.sh            # on the GPU machine; on an H200 the default set (6 configs,
+#                                   # bfloat16, both compiles included) took 305 s: one call
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
 #   GPU_CHECK_POLICIES="bfloat16 float16"  # the policies (default: bfloat16; "" for none)
 #   GPU_CHECK_DIAGNOSE=1            # also run the diagnosis step (default: skipped)
