@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issues 7 and 13; scripts/gpu_identity.py checks the compiled paths'
-# tokens and frames against the eager ones on the same machine). On an offline machine with an NVIDIA GPU and the
-# image's CUDA PyTorch: install the carried wheels (scripts/prepare_gpu_wheels.sh), then
+# tokens and frames against the eager ones on the same machine). On an offline machine with an
+# NVIDIA GPU and the image's CUDA PyTorch: install the carried wheels (scripts/prepare_gpu_wheels.sh), then
 #   1. bench upstream (float32, as it loads) vs the optimized wrapper with the eager, static-cache
 #      and compiled (CUDA graphs) decode step, one-shot and streaming (naive vs buffered, eager vs
 #      compiled), on the full-size random model, for each dtype policy asked (default bfloat16
