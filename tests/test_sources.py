@@ -114,7 +114,7 @@ def test_weights_of_another_architecture(tiny_tts: ChatterboxTTS, tmp_path: Path
     state = load_file(str(folder / "t3_cfg.safetensors"))
     state["speech_head.weight"] = torch.zeros(8194, 1024)
     save_file(state, str(folder / "t3_cfg.safetensors"))
-    with pytest.raises(SourceError, match="do not fit the tiny architecture"):
+    with pytest.raises(SourceError, match="do not fit the standard tiny architecture"):
         load_model(str(folder))
 
 

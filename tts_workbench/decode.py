@@ -28,9 +28,13 @@ has slow matmuls for long inputs.
   later generations. The compile is timed on its own (``DecodeStats.compile_s``); a compile that
   fails falls back to the static step with one warning (``StaticStep.fallback_reason``).
 
-Sampling stays eager and on the device in every mode, with the same logits processors, so equal
-logits give equal tokens for a seed. All timers use ``clock.now(device)`` and are read only at
-phase boundaries (after the prefill, at each block's stop check), never inside a step.
+Turbo's T3 (GPT-2, ``T3.inference_turbo``) runs through the same loop: no guidance (batch 1), one
+start-of-speech token, no learned speech positions (GPT-2 adds its own), and upstream Turbo's
+processors in its order (temperature, top-k, top-p, then the repetition penalty over the tokens
+sampled so far). Sampling stays eager and on the device in every mode, with the same logits
+processors, so equal logits give equal tokens for a seed. All timers use ``clock.now(device)``
+and are read only at phase boundaries (after the prefill, at each block's stop check), never
+inside a step.
 """
 
 from __future__ import annotations
@@ -47,12 +51,16 @@ import torch
 import torch.nn.functional as F
 from chatterbox.models.t3 import T3
 from chatterbox.models.t3.modules.cond_enc import T3Cond
-from chatterbox.tts import ChatterboxTTS, punc_norm
+from chatterbox.mtl_tts import punc_norm as mtl_punc_norm
+from chatterbox.tts import punc_norm
+from chatterbox.tts_turbo import punc_norm as turbo_punc_norm
 from torch import nn
 from transformers.cache_utils import StaticCache, StaticLayer
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -81,11 +89,16 @@ class T3Parts:
 
     @classmethod
     def of(cls, t3: T3) -> T3Parts:
-        return cls(t3.tfmr, t3.speech_emb, t3.speech_pos_emb, t3.speech_head)
+        # Turbo's GPT-2 has no learned speech positions (it adds its own position embedding).
+        return cls(t3.tfmr, t3.speech_emb, getattr(t3, "speech_pos_emb", None), t3.speech_head)
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in vars(self).values() if m is not None]
 
     def to(self, dtype: torch.dtype) -> T3Parts:
         """A copy of these weights in ``dtype`` (the originals are untouched)."""
-        return T3Parts(*(copy.deepcopy(m).to(dtype) for m in vars(self).values()))
+        copies: list[Any] = [None if m is None else copy.deepcopy(m).to(dtype) for m in vars(self).values()]
+        return T3Parts(*copies)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,7 +106,17 @@ class T3Parts:
         return dtype
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for m in vars(self).values() for p in m.parameters())
+        return sum(p.numel() * p.element_size() for m in self.modules() for p in m.parameters())
+
+    def embed(self, token: torch.Tensor, position: torch.Tensor | int) -> torch.Tensor:
+        """A sampled token's input embedding at learned speech ``position`` (an index tensor
+        or an int; GPT-2 positions itself)."""
+        x = self.speech_emb(token)
+        if self.speech_pos_emb is None:
+            return x
+        if isinstance(position, int):
+            return x + self.speech_pos_emb.get_fixed_embedding(position)
+        return x + self.speech_pos_emb.emb(position)
 
 
 @dataclass
@@ -203,7 +226,9 @@ class StaticStep:
             for layer in self.cache.layers
         ]
         with enter():
-            self.cache.early_initialization(batch, config.num_key_value_heads, head_dim, dtype, self.device)
+            # GPT-2 has no grouped keys: as many key/value heads as query heads.
+            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            self.cache.early_initialization(batch, heads, head_dim, dtype, self.device)
         self.cudagraphs = False
         self.fallback_reason: str | None = None
         self.compile_s = 0.0
@@ -219,7 +244,7 @@ class StaticStep:
         self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor
     ) -> torch.Tensor:
         p = self.parts
-        embeds = (p.speech_emb(token) + p.speech_pos_emb.emb(position)).to(self.embed_dtype)
+        embeds = p.embed(token, position).to(self.embed_dtype)
         out = p.tfmr(
             inputs_embeds=embeds, past_key_values=self.cache, cache_position=cache_position, use_cache=True
         )
@@ -306,10 +331,18 @@ def _logits(parts: T3Parts, embeds: torch.Tensor, past: Any) -> tuple[torch.Tens
     return parts.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :], out.past_key_values
 
 
-def text_tokens(tts: ChatterboxTTS, text: str, cfg_weight: float = 0.5) -> torch.Tensor:
-    """T3's text input, exactly as upstream ``ChatterboxTTS.generate`` builds it: normalised
-    punctuation, a second copy for classifier-free guidance, start and stop text tokens."""
-    tokens = tts.tokenizer.text_to_tokens(punc_norm(text)).to(tts.device)
+def text_tokens(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> torch.Tensor:
+    """T3's text input, exactly as each family's upstream ``generate`` builds it: its punctuation
+    normalisation and tokenizer (multilingual: with ``language_id``); for the guided families a
+    second copy for classifier-free guidance and start and stop text tokens (Turbo: neither)."""
+    if is_turbo(tts.t3):
+        encoded = tts.tokenizer(turbo_punc_norm(text), return_tensors="pt", padding=True, truncation=True)
+        return cast(torch.Tensor, encoded.input_ids).to(tts.device)
+    if language_id is not None:
+        tokens = tts.tokenizer.text_to_tokens(mtl_punc_norm(text), language_id=language_id)
+    else:
+        tokens = tts.tokenizer.text_to_tokens(punc_norm(text))
+    tokens = tokens.to(tts.device)
     if cfg_weight > 0.0:
         tokens = torch.cat([tokens, tokens], dim=0)
     hp = tts.t3.hp
@@ -403,7 +436,8 @@ def _static_step(
 
 def prefill_embeds(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, cfg_weight: float) -> torch.Tensor:
     """Exactly upstream's prefill input (B, positions, dim): conditioning, text, one start-of-
-    speech token from ``prepare_input_embeds`` and a second one appended by ``T3.inference``."""
+    speech token from ``prepare_input_embeds`` and a second one appended by ``T3.inference``
+    (``inference_turbo`` appends none)."""
     bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=text_tokens.device)
     embeds, _ = t3.prepare_input_embeds(
         t3_cond=t3_cond,
@@ -411,8 +445,52 @@ def prefill_embeds(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, cfg_weigh
         speech_tokens=bos.expand(text_tokens.size(0), 1),
         cfg_weight=cfg_weight,
     )
-    bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
+    if is_turbo(t3):
+        return embeds
+    bos_embed = T3Parts.of(t3).embed(bos, 0)
     return torch.cat([embeds, bos_embed.expand(embeds.size(0), -1, -1)], dim=1)
+
+
+def is_turbo(t3: T3) -> bool:
+    """Turbo's T3: GPT-2, sampled by ``inference_turbo``."""
+    return bool(getattr(t3, "is_gpt", False))
+
+
+Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _scorer(
+    turbo: bool, temperature: float, top_p: float, min_p: float, top_k: int, repetition_penalty: float
+) -> Scores:
+    """``scores(seen_ids, logits)``: upstream's logits processors, in its order, for one family."""
+    repetition = RepetitionPenaltyLogitsProcessor(penalty=float(repetition_penalty))
+    top_p_warper = TopPLogitsWarper(top_p=top_p)
+    if turbo:  # inference_turbo: a LogitsProcessorList, each processor only when it changes anything
+        steps: list[Scores] = []
+        if temperature > 0 and temperature != 1.0:
+            steps.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            steps.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            steps.append(top_p_warper)
+        if repetition_penalty != 1.0:
+            steps.append(repetition)
+
+        def turbo_scores(seen: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            for step in steps:
+                logits = step(seen, logits)
+            return logits
+
+        return turbo_scores
+    min_p_warper = MinPLogitsWarper(min_p=min_p)
+
+    def scores(seen: Any, logits: Any) -> torch.Tensor:  # T3.inference's order
+        logits = repetition(seen, logits)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return top_p_warper(seen, min_p_warper(seen, logits))
+
+    return scores
 
 
 def decode_blocks(
@@ -427,13 +505,15 @@ def decode_blocks(
     min_p: float = 0.05,
     repetition_penalty: float = 1.2,
     cfg_weight: float = 0.5,
+    top_k: int = 1000,
     stop_check_every: int = 8,
     stats: DecodeStats | None = None,
     logits_out: list[torch.Tensor] | None = None,
 ) -> Generator[torch.Tensor, None, None]:
     """Sample speech tokens like ``T3.inference`` and yield them in blocks of ``stop_check_every``
     (1, k) as soon as each block has been checked for the stop token (the last block ends with
-    the stop token when one was sampled). Same arguments, same tokens for a seed.
+    the stop token when one was sampled). Same arguments, same tokens for a seed; for Turbo's T3
+    the arguments and tokens of ``T3.inference_turbo`` (``cfg_weight`` and ``min_p`` unused).
 
     ``logits_out``, when given, receives the (B, vocab) float32 logits each token was sampled
     from (B = 2 with classifier-free guidance), one tensor per sampled token.
@@ -448,6 +528,9 @@ def decode_blocks(
     device = t3.speech_head.weight.device
     text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
     static = plan.step != "eager"
+    turbo = is_turbo(t3)
+    if turbo:
+        cfg_weight = 0.0
 
     def ctx() -> ExitStack:
         # Entered around each compute step, never across a yield: autocast and inference mode
@@ -491,8 +574,7 @@ def decode_blocks(
             slots = torch.arange(prefill_len, prefill_len + max_new_tokens, device=device)
         elif plan.decode.dtype != plan.prefill.dtype:
             _cast_cache(past, plan.decode.dtype)
-        repetition = RepetitionPenaltyLogitsProcessor(penalty=float(repetition_penalty))
-        min_p_warper, top_p_warper = MinPLogitsWarper(min_p=min_p), TopPLogitsWarper(top_p=top_p)
+        scores_of = _scorer(turbo, temperature, top_p, min_p, top_k, repetition_penalty)
         ids = torch.full((1, max_new_tokens + 1), hp.start_speech_token, dtype=torch.long, device=device)
     t_mark = now(device)
     stats.prefill_s = t_mark - t0 - stats.compile_s
@@ -505,11 +587,9 @@ def decode_blocks(
                     logits_out.append(logits)
                 cond, uncond = logits[0:1], logits[1:2]
                 guided = cond + cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
-                seen = cast(torch.LongTensor, ids[:, : i + 1])
-                scores = repetition(seen, guided)
-                if temperature != 1.0:
-                    scores = scores / temperature
-                scores = top_p_warper(seen, min_p_warper(seen, scores))
+                # Turbo penalises the tokens sampled so far (the start token only before the first).
+                seen = ids[:, 1 : i + 1] if turbo and i else ids[:, : i + 1]
+                scores = scores_of(seen, guided)
                 token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
                 ids[:, i + 1] = token[:, 0]
                 stats.steps = i + 1
@@ -532,7 +612,7 @@ def decode_blocks(
                 if step is not None:
                     logits = step(token.expand(batch, 1), positions[i + 1 : i + 2], slots[i : i + 1])
                 else:
-                    embed = dec.speech_emb(token) + dec.speech_pos_emb.get_fixed_embedding(i + 1)
+                    embed = dec.embed(token, i + 1)
                     logits, past = _logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
     finally:
         if step is not None:

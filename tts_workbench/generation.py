@@ -19,7 +19,8 @@ from chatterbox.tts import ChatterboxTTS
 
 from .clock import Stopwatch, now
 from .constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
-from .errors import ConfigError, EmptyTextError, NoVoiceError
+from .errors import ConfigError, EmptyTextError, NoVoiceError, SourceError
+from .families import TTSModel, check_language, family_of
 from .patching import around, shadow
 from .profiling import t3_phase
 from .sources import ReferenceInfo, check_reference
@@ -66,24 +67,40 @@ def prefill_timed(tts: ChatterboxTTS, times: PhaseTimes) -> Iterator[None]:
 
 
 @contextmanager
-def token_cap(tts: ChatterboxTTS, max_new_tokens: int) -> Iterator[dict[str, Any]]:
-    """Cap T3 generation at ``max_new_tokens`` inside upstream ``generate``.
+def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
+    """Cap T3 generation at ``max_new_tokens`` inside upstream ``generate`` (any family).
 
-    Yields a dict that receives the raw tokens of the last ``t3.inference`` call.
+    Yields a dict that receives the raw tokens of the last T3 inference call.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     seen: dict[str, Any] = {}
+    family = family_of(tts)
 
     def wrap(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def capped(**kwargs: Any) -> torch.Tensor:
-            kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or max_new_tokens, max_new_tokens)
-            seen["tokens"] = original(**kwargs)
-            return seen["tokens"]
+            if family.t3_inference == "inference_turbo":  # one token from the prefill, then max_gen_len
+                kwargs["max_gen_len"] = min(kwargs.get("max_gen_len", 1000), max_new_tokens - 1)
+            else:
+                kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or max_new_tokens, max_new_tokens)
+            seen["tokens"] = tokens = original(**kwargs)
+            if family.name == "multilingual":
+                # Random weights sample ids beyond the 6561 speech tokens, which trained weights do
+                # not. Standard generate drops them; multilingual generate keeps them (its
+                # drop_invalid_tokens only cuts at start/stop) and S3Gen's embedding would fail,
+                # so they are dropped here, as standard does (counted in invalid_tokens).
+                hp = tts.t3.hp
+                keep = (
+                    (tokens < SPEECH_VOCAB_SIZE)
+                    | (tokens == hp.start_speech_token)
+                    | (tokens == hp.stop_speech_token)
+                )
+                tokens = tokens[:, keep[0]]
+            return tokens
 
         return capped
 
-    with shadow(tts.t3, "inference", wrap):
+    with shadow(tts.t3, family.t3_inference, wrap):
         yield seen
 
 
@@ -109,30 +126,50 @@ class GenerationResult:
         return self.wall_s / self.audio_s if self.audio_s else float("inf")
 
 
-def prepare_voice(tts: ChatterboxTTS, reference: str, exaggeration: float = 0.5) -> ReferenceInfo:
-    """Validate ``reference`` and run upstream ``prepare_conditionals`` on it."""
+def _float32_loudness(original: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """Turbo's ``norm_loudness`` multiplies the float32 reference by a NumPy float64 gain, which
+    NumPy 2 promotes to float64, and the S3 tokenizer's float32 mel filters then refuse it
+    ("expected scalar type Double but found Float"): keep the reference float32."""
+
+    def norm_loudness(wav: np.ndarray, sr: int, target_lufs: float = -27) -> np.ndarray:
+        return np.asarray(original(wav, sr, target_lufs), dtype=np.float32)
+
+    return norm_loudness
+
+
+def prepare_voice(tts: TTSModel, reference: str, exaggeration: float = 0.5) -> ReferenceInfo:
+    """Validate ``reference`` and run upstream ``prepare_conditionals`` on it (for Turbo with its
+    loudness normalisation kept in float32, see ``_float32_loudness``)."""
+    family = family_of(tts)
     info = check_reference(reference)
-    tts.prepare_conditionals(reference, exaggeration=exaggeration)
+    if family.name == "turbo" and info.seconds <= 5.0:  # upstream asserts it
+        raise SourceError(f"Turbo needs a reference longer than 5 s; {reference} has {info.seconds} s")
+    with shadow(tts, "norm_loudness", _float32_loudness) if family.name == "turbo" else nullcontext():
+        tts.prepare_conditionals(reference, exaggeration=exaggeration)
     return info
 
 
 def generate(
-    tts: ChatterboxTTS,
+    tts: TTSModel,
     text: str = UPSTREAM_SENTENCE,
     max_new_tokens: int = 150,
     seed: int | None = 0,
     **sampling: Any,
 ) -> GenerationResult:
     """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings
-    (``t3`` includes its ``t3.prefill``)."""
+    (``t3`` includes its ``t3.prefill``). The multilingual model speaks ``language_id`` (default
+    "en", checked by ``families.check_language``)."""
     if not text or not text.strip():
         raise EmptyTextError()
     if tts.conds is None and not sampling.get("audio_prompt_path"):
         raise NoVoiceError()
+    family = family_of(tts)
+    if family.name == "multilingual":
+        sampling["language_id"] = check_language(sampling.get("language_id", "en"))
     if seed is not None:  # None: go on from the caller's random state, as upstream generate does
         torch.manual_seed(seed)
     methods = {
-        "t3": (tts.t3, "inference"),
+        "t3": (tts.t3, family.t3_inference),
         "s3gen.flow": (tts.s3gen, "flow_inference"),
         "s3gen.vocoder": (tts.s3gen, "hift_inference"),
         "watermark": (tts.watermarker, "apply_watermark"),
@@ -146,7 +183,12 @@ def generate(
         wav = tts.generate(text, **sampling)
     wall = now(tts.device) - t0
     raw = seen["tokens"][0].tolist()
-    stopped = "stop token" if raw and raw[-1] == tts.t3.hp.stop_speech_token else "token cap"
+    # Turbo's inference drops the stop token it sampled: a short stream is how it shows.
+    stopped = (
+        "stop token"
+        if (raw and raw[-1] == tts.t3.hp.stop_speech_token) or len(raw) < max_new_tokens
+        else "token cap"
+    )
     return GenerationResult(
         wav=wav.squeeze(0).numpy(),
         sample_rate=tts.sr,

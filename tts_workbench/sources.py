@@ -1,14 +1,20 @@
-"""Where a ChatterboxTTS comes from.
+"""Where a Chatterbox model comes from.
 
-Every source returns an upstream ``chatterbox.tts.ChatterboxTTS`` built from the upstream classes
-(T3, S3Gen, VoiceEncoder, EnTokenizer). No weights can be downloaded here, so besides the real
-loaders (``from_local``/``from_pretrained``) there are two random-weight builds:
+Every source returns an upstream model object of one of the three families (``families.py``:
+``ChatterboxTTS``, ``ChatterboxTurboTTS``, ``ChatterboxMultilingualTTS``) built from the upstream
+classes (T3, S3Gen, VoiceEncoder and the family's text front end). No weights can be downloaded
+here, so besides the real loaders (``from_local``/``from_pretrained``) there are random-weight
+builds (``MODELS``):
 
 - ``"tiny"``: the same classes with small widths and depths, for tests (builds in seconds);
 - ``"deep-narrow"``: T3 at its full depth (30 layers) but 64 wide, with the tiny S3Gen: its decode
   step costs almost only per-layer dispatch overhead on a CPU, as the full model's step does on a
   GPU, so it stands in for a host-bound GPU step on machines without one;
-- ``"random"``: the full-size architecture, for realistic compute and memory.
+- ``"random"``: the full-size architecture, for realistic compute and memory;
+- ``"turbo-tiny"``, ``"turbo-random"``, ``"multilingual-tiny"``, ``"multilingual-random"``: the same
+  for the other two families. Their text front ends, which upstream downloads (a GPT-2
+  tokenizer, the grapheme vocabulary), are built here deterministically and read by the real
+  classes (``AutoTokenizer``, ``MTLTokenizer``).
 
 Random weights never emit T3's stop token: generation must be capped (see ``generation.py``).
 """
@@ -16,7 +22,10 @@ Random weights never emit T3's stop token: generation must be capped (see ``gene
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,34 +43,33 @@ from chatterbox.models.s3gen.hifigan import HiFTGenerator
 from chatterbox.models.s3gen.transformer.upsample_encoder import UpsampleConformerEncoder
 from chatterbox.models.s3gen.xvector import CAMPPlus
 from chatterbox.models.t3 import T3
-from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
+from chatterbox.models.t3.llama_configs import GPT2_MEDIUM_CONFIG, LLAMA_CONFIGS
 from chatterbox.models.t3.modules.perceiver import Perceiver
 from chatterbox.models.t3.modules.t3_config import T3Config
-from chatterbox.models.tokenizers import EnTokenizer
+from chatterbox.models.tokenizers import EnTokenizer, MTLTokenizer
 from chatterbox.models.voice_encoder import VoiceEncoder
-from chatterbox.tts import ChatterboxTTS, Conditionals
+from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
 from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .constants import SAMPLE_RATE, dtype_name
 from .errors import SourceError
+from .families import FAMILIES, Family, TTSModel, family_of
 from .patching import scoped_item
 
-TEXT_VOCAB = 704  # T3Config.english_only().text_tokens_dict_size
 METADATA_FILE = "tts_workbench.json"
-SAFETENSORS_LAYOUT = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json")
 PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork
 
 
-def components(tts: ChatterboxTTS) -> dict[str, torch.nn.Module]:
-    """The three neural components of a ChatterboxTTS, by the names used in reports."""
+def components(tts: TTSModel) -> dict[str, torch.nn.Module]:
+    """The three neural components of a Chatterbox model, by the names used in reports."""
     return {"ve": tts.ve, "t3": tts.t3, "s3gen": tts.s3gen}
 
 
 @dataclass(frozen=True)
 class TinyConfig:
-    """Reduced sizes for the ``tiny`` build. Same classes as upstream, smaller numbers."""
+    """Reduced sizes for the ``tiny`` builds. Same classes as upstream, smaller numbers."""
 
     t3_layers: int = 2
     t3_hidden: int = 256
@@ -78,13 +86,39 @@ TINY = TinyConfig()
 # Full T3 depth at a width where each layer's matmuls cost next to nothing: per-token time is
 # then the per-layer dispatch overhead, the cost the H200 run found in the full model's step.
 DEEP_NARROW = TinyConfig(t3_layers=30, t3_hidden=64, t3_heads=4, t3_intermediate=128)
-TINY_LLAMA = "Llama_tiny"
-SIZES = ("tiny", "deep-narrow", "random")
+# The multilingual T3's alignment analyzer reads heads (9, 2), (12, 15) and (13, 11) every step:
+# its tiny T3 needs 14 layers of 16 heads.
+MULTILINGUAL_TINY = TinyConfig(t3_layers=14, t3_hidden=256, t3_heads=16, t3_intermediate=512)
+TINY_BACKBONES = {"Llama_520M": "Llama_tiny", "GPT2_medium": "GPT2_tiny"}
+# Every random-weight build: name -> (family, T3 sizes; None = full size).
+MODELS: dict[str, tuple[str, TinyConfig | None]] = {
+    "tiny": ("standard", TINY),
+    "deep-narrow": ("standard", DEEP_NARROW),
+    "random": ("standard", None),
+    "turbo-tiny": ("turbo", TINY),
+    "turbo-random": ("turbo", None),
+    "multilingual-tiny": ("multilingual", MULTILINGUAL_TINY),
+    "multilingual-random": ("multilingual", None),
+}
+SIZES = tuple(MODELS)
+PRETRAINED = {
+    "pretrained": "standard",
+    "turbo-pretrained": "turbo",
+    "multilingual-pretrained": "multilingual",
+}
 
 
-def _llama_config(cfg: TinyConfig) -> dict[str, Any]:
+def _backbone_config(name: str, cfg: TinyConfig) -> dict[str, Any]:
+    """Upstream's backbone config ``name`` at the sizes of ``cfg``."""
+    if name == "GPT2_medium":
+        # GPT-2's own token embedding (wte) is never used by T3: a small vocabulary keeps it small.
+        return {
+            **GPT2_MEDIUM_CONFIG,
+            **{"n_embd": cfg.t3_hidden, "hidden_size": cfg.t3_hidden, "n_head": cfg.t3_heads},
+            **{"n_layer": cfg.t3_layers, "n_inner": cfg.t3_intermediate, "vocab_size": 256},
+        }
     return {
-        **LLAMA_CONFIGS["Llama_520M"],
+        **LLAMA_CONFIGS[name],
         "hidden_size": cfg.t3_hidden,
         "intermediate_size": cfg.t3_intermediate,
         "num_hidden_layers": cfg.t3_layers,
@@ -114,27 +148,47 @@ def check_device(device: str) -> torch.device:
 # ---------------------------------------------------------------- random-weight builds
 
 
-def _tiny_t3(cfg: TinyConfig) -> T3:
-    hp = T3Config.english_only()
-    hp.llama_config_name = TINY_LLAMA
+def _hp(family: str) -> T3Config:
+    """The T3 settings each family's upstream ``from_local`` builds T3 with."""
+    if family == "multilingual":
+        return T3Config.multilingual()
+    if family == "turbo":  # as ChatterboxTurboTTS.from_local sets them, inline, before T3(hp)
+        hp = T3Config(text_tokens_dict_size=50276)
+        hp.llama_config_name = "GPT2_medium"
+        hp.speech_tokens_dict_size = 6563
+        hp.input_pos_emb = None
+        hp.speech_cond_prompt_len = 375
+        hp.use_perceiver_resampler = False
+        hp.emotion_adv = False
+        return hp
+    return T3Config.english_only()
+
+
+def _t3(family: str, cfg: TinyConfig | None) -> T3:
+    """The family's T3, full size or at ``cfg``'s sizes (GPT-2's unused wte still attached)."""
+    hp = _hp(family)
+    if cfg is None:
+        return T3(hp)
+    full = hp.llama_config_name
+    hp.llama_config_name = TINY_BACKBONES[full]
     # T3 reads the backbone size from upstream's LLAMA_CONFIGS by name (only while it is built),
     # so the small backbone is registered there for the construction and removed again.
-    with scoped_item(LLAMA_CONFIGS, TINY_LLAMA, _llama_config(cfg)):
+    with scoped_item(LLAMA_CONFIGS, hp.llama_config_name, _backbone_config(full, cfg)):
         t3 = T3(hp)
-    # The conditioning Perceiver hard-codes width 1024; rebuild it at the backbone width.
-    t3.cond_enc.perceiver = Perceiver(
-        pre_attention_query_size=cfg.t3_hidden, embedding_dim=cfg.t3_hidden, num_attn_heads=4
-    )
+    if hp.use_perceiver_resampler:  # the Perceiver hard-codes width 1024: rebuild it at ours
+        t3.cond_enc.perceiver = Perceiver(
+            pre_attention_query_size=cfg.t3_hidden, embedding_dim=cfg.t3_hidden, num_attn_heads=4
+        )
     return t3
 
 
-def _tiny_s3gen(cfg: TinyConfig) -> S3Gen:
+def _tiny_s3gen(cfg: TinyConfig, meanflow: bool = False) -> S3Gen:
     # Build the full skeleton without paying for its random init, then replace every large
     # submodule by the same class at a smaller size (initialised normally, from the seed).
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
-        s3 = S3Gen()
+        s3 = S3Gen(meanflow=meanflow)
     s3.tokenizer.encoder = AudioEncoderV2(128, cfg.tokenizer_width, 2, 1, 2, False)
     s3.tokenizer.quantizer = FSQVectorQuantization(cfg.tokenizer_width, 3**8)
     s3.speaker_encoder = CAMPPlus(growth_rate=16, init_channels=32, memory_efficient=False)
@@ -156,6 +210,7 @@ def _tiny_s3gen(cfg: TinyConfig) -> S3Gen:
         n_blocks=1,
         num_mid_blocks=1,
         num_heads=2,
+        meanflow=meanflow,
     )
     s3.flow = CausalMaskedDiffWithXvec(
         encoder=encoder,
@@ -173,68 +228,148 @@ def _tiny_s3gen(cfg: TinyConfig) -> S3Gen:
     return s3
 
 
+def _s3gen(family: str, cfg: TinyConfig | None) -> S3Gen:
+    """The family's S3Gen (Turbo's with meanflow), full size or tiny (the tiny sizes of ``TINY``)."""
+    meanflow = family == "turbo"
+    return S3Gen(meanflow=meanflow) if cfg is None else _tiny_s3gen(TINY, meanflow)
+
+
 def build_tokenizer_json(path: Path) -> Path:
     """Write a character-level ``tokenizer.json`` that upstream ``EnTokenizer`` can read.
 
     Ids follow upstream conventions: ``[STOP]`` = 0 and ``[START]`` = 255 (T3Config's stop and
     start text tokens), every id below T3's text vocabulary of 704.
     """
+    chars = [chr(c) for c in range(33, 127)] + list("àâçéèêëîïôûùüÿñæœ’“”—–…")
+    return _save_char_tokenizer(path, chars, [])
+
+
+def build_grapheme_vocab(path: Path) -> Path:
+    """Write a grapheme vocabulary that upstream ``MTLTokenizer`` reads in place of
+    ``grapheme_mtl_merged_expanded_v1.json``: the same special tokens and ids as the English one
+    (``[STOP]`` 0, ``[START]`` 255), one token per language (``[fr]``, ...), and the characters
+    of the 23 languages' scripts after NFKD decomposition (Latin, combining accents, Greek,
+    Cyrillic, Hebrew, Arabic, Devanagari, kana, Hangul jamo), all below T3's 2454 text ids."""
+    blocks = [(0x21, 0x7F), (0xC0, 0x250), (0x300, 0x370), (0x370, 0x400), (0x400, 0x500)]
+    blocks += [(0x590, 0x600), (0x600, 0x700), (0x900, 0x980), (0x1100, 0x1200), (0x3040, 0x3100)]
+    chars = [chr(c) for lo, hi in blocks for c in range(lo, hi) if chr(c).isprintable()]
+    return _save_char_tokenizer(path, chars, [f"[{code}]" for code in SUPPORTED_LANGUAGES])
+
+
+def _save_char_tokenizer(path: Path, chars: list[str], languages: list[str]) -> Path:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Split
 
     specials = ["[STOP]", "[UNK]", "[SPACE]", "[PAD]", "[SEP]", "[CLS]", "[MASK]"]
-    chars = [chr(c) for c in range(33, 127)] + list("àâçéèêëîïôûùüÿñæœ’“”—–…")
-    tokens = specials + chars
-    # Fill up to [START]=255 so the id space has no holes (tokenizers warns about holes).
-    tokens += [f"[unused{i}]" for i in range(len(tokens), 255)] + ["[START]"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
+    first = chars[: 255 - len(specials)]  # ids below [START]=255, then the rest after it
+    tokens = specials + first + [f"[unused{i}]" for i in range(len(specials) + len(first), 255)]
+    tokens += ["[START]", *languages, *chars[len(first) :]]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}  # no holes in the id space
     tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = Split("", behavior="isolated")  # one token per character
-    tok.add_special_tokens(specials + ["[START]"])
+    tok.add_special_tokens(specials + ["[START]", *languages])
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
 
 
-def _assemble(t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer_json: Path, dev: torch.device):
-    tokenizer = EnTokenizer(str(tokenizer_json))
-    _check_tokenizer(tokenizer, t3.hp.text_tokens_dict_size, tokenizer_json)
-    return ChatterboxTTS(t3.to(dev).eval(), s3gen.to(dev).eval(), ve.to(dev).eval(), tokenizer, str(dev))
+def build_gpt2_tokenizer(folder: Path) -> Path:
+    """Write a GPT-2 style tokenizer (byte-level BPE: 256 byte tokens, no merges, and GPT-2's
+    ``<|endoftext|>``) as ``tokenizer.json`` + ``tokenizer_config.json``, which transformers'
+    ``AutoTokenizer.from_pretrained`` reads as upstream Turbo reads its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos)
+    fast.save_pretrained(folder)
+    return folder
 
 
-def _default_tokenizer() -> Path:
-    path = Path(os.environ.get("TTS_WORKBENCH_CACHE", Path.home() / ".cache" / "tts_workbench"))
-    path = path / "tokenizer.json"
+def _read_tokenizer(family: str, path: Path) -> Any:
+    """The family's upstream text front end, read from ``path`` (a file, or Turbo's folder)."""
+    if family == "turbo":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token is None:  # as upstream from_local
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    if family == "multilingual":
+        from huggingface_hub import constants
+
+        # MTLTokenizer fetches a Chinese mapping from the hub and warns when it (or the Chinese
+        # segmenter) is missing: offline, fail at once and quietly; families.check_language
+        # refuses Chinese without its segmenter instead.
+        log = logging.getLogger("chatterbox.models.tokenizers.tokenizer")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with _offline(constants):
+                return MTLTokenizer(str(path))
+        finally:
+            log.setLevel(level)
+    return EnTokenizer(str(path))
+
+
+def _vocab(tokenizer: Any) -> dict[str, int]:
+    inner = getattr(tokenizer, "tokenizer", tokenizer)  # EnTokenizer / MTLTokenizer wrap one
+    vocab: dict[str, int] = inner.get_vocab()
+    return vocab
+
+
+def _assemble(
+    family: str, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: Any, dev: torch.device
+) -> TTSModel:
+    _check_tokenizer(tokenizer, t3.hp.text_tokens_dict_size)
+    if family == "turbo" and hasattr(t3.tfmr, "wte"):
+        del t3.tfmr.wte  # as upstream from_local: T3 embeds text itself
+    cls = FAMILIES[family].model_class
+    model: TTSModel = cls(t3.to(dev).eval(), s3gen.to(dev).eval(), ve.to(dev).eval(), tokenizer, str(dev))
+    return model
+
+
+def _default_tokenizer(family: str) -> Path:
+    cache = Path(os.environ.get("TTS_WORKBENCH_CACHE", Path.home() / ".cache" / "tts_workbench"))
+    if family == "turbo":
+        folder = cache / "gpt2_tokenizer"
+        return folder if (folder / "tokenizer_config.json").exists() else build_gpt2_tokenizer(folder)
+    if family == "multilingual":
+        path = cache / FAMILIES["multilingual"].files[3]
+        return path if path.exists() else build_grapheme_vocab(path)
+    path = cache / "tokenizer.json"
     return path if path.exists() else build_tokenizer_json(path)
 
 
-def build_model(size: str, device: str = "cpu", seed: int = 0) -> ChatterboxTTS:
-    """Random-weight ChatterboxTTS: ``size`` is ``"tiny"``, ``"deep-narrow"`` or ``"random"``."""
+def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
+    """A random-weight model of one of ``MODELS`` (family and sizes by name)."""
+    if size not in MODELS:
+        raise SourceError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
     dev = check_device(device)
     torch.manual_seed(seed)
-    if size == "tiny":
-        t3, s3gen = _tiny_t3(TINY), _tiny_s3gen(TINY)
-    elif size == "deep-narrow":
-        t3, s3gen = _tiny_t3(DEEP_NARROW), _tiny_s3gen(TINY)
-    elif size == "random":
-        t3, s3gen = T3(), S3Gen()
-    else:
-        raise SourceError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
-    return _assemble(t3, s3gen, VoiceEncoder(), _default_tokenizer(), dev)
+    family, cfg = MODELS[size]
+    t3, s3gen = _t3(family, cfg), _s3gen(family, cfg)
+    tokenizer = _read_tokenizer(family, _default_tokenizer(family))
+    return _assemble(family, t3, s3gen, VoiceEncoder(), tokenizer, dev)
 
 
 # ---------------------------------------------------------------- checkpoint folders
 
 
-def save_checkpoint(tts: ChatterboxTTS, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``tts`` in the upstream ``from_local`` layout, floating tensors cast to ``dtype``.
-
-    A ``tts_workbench.json`` beside the weights names the architecture and each file's dtype.
-    """
+def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``tts`` in its family's upstream ``from_local`` layout, floating tensors cast to
+    ``dtype``. A ``tts_workbench.json`` beside the weights names the family, the architecture and
+    each file's dtype."""
+    family = family_of(tts)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    parts = {"ve": tts.ve, "t3_cfg": tts.t3, "s3gen": tts.s3gen}
+    parts = dict(zip(family.files[:3], (tts.ve, tts.t3, tts.s3gen), strict=True))
     for name, module in parts.items():
         state = {
             k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
@@ -243,14 +378,26 @@ def save_checkpoint(tts: ChatterboxTTS, folder: str | Path, dtype: torch.dtype =
             # same weights; upstream checkpoints do not contain it.
             if not k.startswith("patched_model.")
         }
-        save_file(state, str(folder / f"{name}.safetensors"))
-    tts.tokenizer.tokenizer.save(str(folder / "tokenizer.json"))
+        if module is tts.t3 and family.name == "turbo":
+            # Upstream Turbo loads GPT-2's wte (strictly) and then deletes it: write one, unused.
+            cfg = tts.t3.cfg
+            state["tfmr.wte.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        if name.endswith(".pt"):
+            torch.save(state, folder / name)
+        else:
+            save_file(state, str(folder / name))
+    if family.name == "turbo":
+        tts.tokenizer.save_pretrained(folder)
+    else:
+        tts.tokenizer.tokenizer.save(str(folder / family.files[3]))
     if tts.conds is not None:
         tts.conds.save(folder / "conds.pt")
+    tiny = tts.t3.hp.llama_config_name in TINY_BACKBONES.values()
     meta = {
-        "architecture": "tiny" if tts.t3.hp.llama_config_name == TINY_LLAMA else "full",
+        "family": family.name,
+        "architecture": "tiny" if tiny else "full",
         "tiny_config": asdict(_config_of(tts.t3)),
-        "dtypes": {name: dtype_name(dtype) for name in parts},
+        "dtypes": {Path(name).stem: dtype_name(dtype) for name in parts},
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
     return folder
@@ -263,7 +410,9 @@ def _config_of(t3: T3) -> TinyConfig:
         t3_layers=c.num_hidden_layers,
         t3_hidden=c.hidden_size,
         t3_heads=c.num_attention_heads,
-        t3_intermediate=c.intermediate_size,
+        t3_intermediate=getattr(c, "intermediate_size", None)
+        or getattr(c, "n_inner", None)
+        or 4 * c.hidden_size,
     )
 
 
@@ -279,57 +428,61 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _check_tokenizer(tok: EnTokenizer, vocab: int, path: Path) -> None:
-    top = max(tok.tokenizer.get_vocab().values())
+def _check_tokenizer(tok: Any, vocab: int) -> None:
+    top = max(_vocab(tok).values())
     if top >= vocab:
         raise SourceError(
-            f"{path} has token id {top}, but T3's text vocabulary has {vocab} entries (ids 0..{vocab - 1}); "
-            "use the tokenizer.json that was saved with these weights"
+            f"the tokenizer has token id {top}, but T3's text vocabulary has {vocab} entries "
+            f"(ids 0..{vocab - 1}); use the tokenizer files that were saved with these weights"
         )
 
 
-def _folder_layout(folder: Path) -> tuple[str, ...]:
+def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...]]:
+    """The family whose T3 weights the folder holds, and the files of its layout."""
     if not folder.is_dir():
         raise SourceError(
             f"model folder {folder} does not exist: give a folder written by save_checkpoint() "
-            "or by the upstream from_local layout"
+            "or by an upstream from_local layout"
         )
-    for layout in (SAFETENSORS_LAYOUT, PT_LAYOUT):
-        if (folder / layout[0]).exists() or (folder / layout[1]).exists():
-            missing = [f for f in layout if not (folder / f).exists()]
+    layouts = [(f, f.files) for f in FAMILIES.values()] + [(FAMILIES["standard"], PT_LAYOUT)]
+    for family, files in layouts:
+        if (folder / files[1]).exists():
+            missing = [f for f in files if not (folder / f).exists()]
             if missing:
-                raise SourceError(f"model folder {folder} is missing {', '.join(missing)}")
-            return layout
-    raise SourceError(
-        f"model folder {folder} has neither {', '.join(SAFETENSORS_LAYOUT)} nor {', '.join(PT_LAYOUT)}"
-    )
+                raise SourceError(f"{family.name} model folder {folder} is missing {', '.join(missing)}")
+            return family, files
+    expected = "; ".join(f"{f.name}: {', '.join(f.files)}" for f in FAMILIES.values())
+    raise SourceError(f"model folder {folder} holds no T3 weights of any family ({expected})")
 
 
-def load_folder(folder: str | Path, device: str = "cpu", keep_dtype: bool = True) -> ChatterboxTTS:
-    """Load a checkpoint folder (safetensors or the fork's ``.pt`` layout).
+def load_folder(
+    folder: str | Path, device: str = "cpu", keep_dtype: bool = True, family: str | None = None
+) -> TTSModel:
+    """Load a checkpoint folder of any family (safetensors, or the fork's ``.pt`` layout).
 
+    The family is read from the files (``family`` refuses a folder of another one).
     ``keep_dtype=True`` keeps each tensor's saved dtype (a float16 file stays float16).
-    ``keep_dtype=False`` loads the way upstream ``ChatterboxTTS.from_local`` does:
-    ``load_state_dict`` copies into freshly built float32 parameters, so a float16 checkpoint
-    silently comes back as float32.
+    ``keep_dtype=False`` loads the way upstream ``from_local`` does: ``load_state_dict`` copies
+    into freshly built float32 parameters, so a float16 checkpoint silently comes back as float32.
     """
     from transformers.initialization import no_init_weights
 
     folder = Path(folder)
     dev = check_device(device)
-    layout = _folder_layout(folder)
+    found, layout = _folder_family(folder)
+    if family is not None and family != found.name:
+        raise SourceError(
+            f"model folder {folder} holds a {found.name} model ({layout[1]}), not a {family} one: "
+            f"load it as {found.name}"
+        )
     meta_path = folder / METADATA_FILE
     meta: dict[str, Any] = (
         json.loads(meta_path.read_text()) if meta_path.exists() else {"architecture": "full"}
     )
     states = {name: _read_state(folder / name) for name in layout[:3]}
+    cfg = TinyConfig(**meta.get("tiny_config", {})) if meta["architecture"] == "tiny" else None
     with no_init_weights():  # every weight is overwritten below
-        if meta["architecture"] == "tiny":
-            cfg = TinyConfig(**meta.get("tiny_config", {}))
-            t3, s3gen = _tiny_t3(cfg), _tiny_s3gen(cfg)
-        else:
-            t3, s3gen = T3(), S3Gen()
-        ve = VoiceEncoder()
+        t3, s3gen, ve = _t3(found.name, cfg), _s3gen(found.name, cfg), VoiceEncoder()
     t3_state: Any = states[layout[1]]
     if "model" in t3_state:  # upstream from_local accepts this wrapped form too
         t3_state = t3_state["model"][0]
@@ -342,56 +495,66 @@ def load_folder(folder: str | Path, device: str = "cpu", keep_dtype: bool = True
             module.load_state_dict(state, strict=strict, assign=keep_dtype)
         except RuntimeError as e:
             raise SourceError(
-                f"weights in {folder} do not fit the {meta['architecture']} architecture: "
+                f"weights in {folder} do not fit the {found.name} {meta['architecture']} architecture: "
                 f"{str(e).splitlines()[0]}"
             ) from e
-    tts = _assemble(t3, s3gen, ve, folder / "tokenizer.json", dev)
+    tokenizer = _read_tokenizer(found.name, folder if found.name == "turbo" else folder / layout[3])
+    tts = _assemble(found.name, t3, s3gen, ve, tokenizer, dev)
     if (folder / "conds.pt").exists():
-        tts.conds = Conditionals.load(folder / "conds.pt", map_location="cpu").to(str(dev))
+        conds: Any = found.conditionals
+        tts.conds = conds.load(folder / "conds.pt", map_location="cpu").to(str(dev))
     return tts
 
 
-def load_pretrained(device: str = "cpu", allow_download: bool = False) -> ChatterboxTTS:
-    """Upstream ``ChatterboxTTS.from_pretrained``.
-
-    Without ``allow_download`` the hub is used offline (cached files only), so an offline
-    machine fails at once instead of waiting on the network.
-    """
-    from huggingface_hub import constants
-
-    check_device(device)
+@contextmanager
+def _offline(constants: Any, offline: bool = True) -> Iterator[None]:
+    """The hub used offline (cached files only) while inside: an offline machine fails at once
+    instead of waiting on the network."""
     saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = saved or not allow_download
+    constants.HF_HUB_OFFLINE = saved or offline
     try:
-        return ChatterboxTTS.from_pretrained(device)
-    except Exception as e:  # hub errors have many types; all mean "weights not available"
-        raise SourceError(
-            f"pretrained Chatterbox weights are not available ({type(e).__name__}). Offline, "
-            "download ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json and "
-            "conds.pt from ResembleAI/chatterbox on a connected machine, copy them into a folder "
-            "and use load_model('/path/to/folder')"
-        ) from e
+        yield
     finally:
         constants.HF_HUB_OFFLINE = saved
 
 
-def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> ChatterboxTTS:
-    """One entry point: ``"tiny"``, ``"deep-narrow"``, ``"random"``, ``"pretrained"`` or a
-    checkpoint folder."""
-    if source in SIZES:
+def load_pretrained(device: str = "cpu", allow_download: bool = False, family: str = "standard") -> TTSModel:
+    """Upstream ``from_pretrained`` of ``family``; without ``allow_download`` offline (cached
+    files only)."""
+    from huggingface_hub import constants
+
+    check_device(device)
+    fam = FAMILIES[family]
+    try:
+        with _offline(constants, not allow_download):
+            cls: Any = fam.model_class
+            model: TTSModel = cls.from_pretrained(device)
+            return model
+    except Exception as e:  # hub errors have many types; all mean "weights not available"
+        raise SourceError(
+            f"pretrained Chatterbox {family} weights are not available ({type(e).__name__}). Offline, "
+            f"download {', '.join(fam.files)} and conds.pt from {fam.repo} on a connected machine, "
+            "copy them into a folder and use load_model('/path/to/folder')"
+        ) from e
+
+
+def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> TTSModel:
+    """One entry point: a random-weight build (``MODELS``), ``"pretrained"`` (or
+    ``"turbo-pretrained"``, ``"multilingual-pretrained"``) or a checkpoint folder."""
+    if source in MODELS:
         return build_model(str(source), device, seed)
-    if source == "pretrained":
-        return load_pretrained(device)
+    if source in PRETRAINED:
+        return load_pretrained(device, family=PRETRAINED[str(source)])
     path = Path(source)
     if isinstance(source, str) and os.sep not in source and not path.exists():
         raise SourceError(
-            f"unknown model source {source!r}: use one of {', '.join(SIZES)}, 'pretrained' "
-            "or a checkpoint folder"
+            f"unknown model source {source!r}: use one of {', '.join(SIZES)}, "
+            f"{', '.join(PRETRAINED)} or a checkpoint folder"
         )
     return load_folder(path, device)
 
 
-def model_summary(tts: ChatterboxTTS) -> dict[str, dict[str, object]]:
+def model_summary(tts: TTSModel) -> dict[str, dict[str, object]]:
     """Parameters and dtypes per component (ve, t3, s3gen)."""
     out: dict[str, dict[str, object]] = {}
     for name, module in components(tts).items():

@@ -1,0 +1,129 @@
+"""Turbo and Multilingual on the real upstream classes: sources, checkpoints, languages, the decode
+loop's tokens against upstream ``inference_turbo``, and capped upstream generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from chatterbox.mtl_tts import ChatterboxMultilingualTTS
+from chatterbox.tts_turbo import ChatterboxTurboTTS
+
+from tts_workbench.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.errors import ConfigError, SourceError
+from tts_workbench.families import FAMILIES, check_language, family_of
+from tts_workbench.generation import generate, prepare_voice
+from tts_workbench.sources import load_folder, load_model, make_reference_wav, save_checkpoint
+
+N = 150
+
+
+@pytest.fixture(scope="module")
+def reference6(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_reference_wav(tmp_path_factory.mktemp("ref") / "r.wav", seconds=6.0))  # Turbo: > 5 s
+
+
+@pytest.fixture(scope="module")
+def turbo(reference6: str) -> ChatterboxTurboTTS:
+    tts = load_model("turbo-tiny")
+    prepare_voice(tts, reference6)
+    return tts
+
+
+@pytest.fixture(scope="module")
+def multilingual(reference6: str) -> ChatterboxMultilingualTTS:
+    tts = load_model("multilingual-tiny")
+    prepare_voice(tts, reference6)
+    return tts
+
+
+def test_each_source_builds_its_upstream_class(
+    turbo: ChatterboxTurboTTS, multilingual: ChatterboxMultilingualTTS
+) -> None:
+    assert type(turbo) is ChatterboxTurboTTS and family_of(turbo).name == "turbo"
+    assert turbo.t3.is_gpt and turbo.s3gen.meanflow and not hasattr(turbo.t3.tfmr, "wte")
+    assert type(multilingual) is ChatterboxMultilingualTTS and multilingual.t3.hp.is_multilingual
+    # The built text front ends follow upstream's special ids.
+    assert turbo.tokenizer.eos_token == "<|endoftext|>" == turbo.tokenizer.pad_token
+    vocab = multilingual.tokenizer.tokenizer.get_vocab()
+    assert vocab["[START]"] == 255 and vocab["[STOP]"] == 0 and "[fr]" in vocab
+    assert max(vocab.values()) < 2454
+    ids = multilingual.tokenizer.text_to_tokens("Ça va ?", language_id="fr")[0].tolist()
+    assert ids[0] == vocab["[fr]"] and vocab["[UNK]"] not in ids  # every grapheme known
+
+
+@pytest.mark.parametrize("name", ["turbo", "multilingual"])
+def test_checkpoint_round_trip_in_the_upstream_layout(
+    name: str, turbo: ChatterboxTurboTTS, multilingual: ChatterboxMultilingualTTS, tmp_path: Path
+) -> None:
+    tts = turbo if name == "turbo" else multilingual
+    folder = save_checkpoint(tts, tmp_path / name)
+    assert all((folder / f).exists() for f in FAMILIES[name].files)
+    assert json.loads((folder / "tts_workbench.json").read_text())["family"] == name
+    back = load_folder(folder)
+    assert type(back) is type(tts)
+    theirs = back.t3.state_dict()
+    assert all(
+        torch.equal(v, theirs[k]) for k, v in tts.t3.state_dict().items() if not k.startswith("patched")
+    )
+    assert back.conds is not None and torch.equal(back.conds.t3.speaker_emb, tts.conds.t3.speaker_emb)
+
+
+def test_a_folder_of_one_family_is_refused_as_another(turbo: ChatterboxTurboTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(turbo, tmp_path / "turbo")
+    with pytest.raises(
+        SourceError, match="holds a turbo model .*t3_turbo_v1.safetensors.*not a standard one"
+    ):
+        load_folder(folder, family="standard")
+    (folder / "tokenizer_config.json").unlink()
+    with pytest.raises(SourceError, match="turbo model folder .* is missing tokenizer_config.json"):
+        load_folder(folder)
+
+
+def test_languages_are_checked_with_the_fix() -> None:
+    assert check_language("FR") == "fr"
+    with pytest.raises(ConfigError, match="unsupported language 'xx'.*fr \\(French\\)"):
+        check_language("xx")
+    with pytest.raises(ConfigError, match="Japanese \\(ja\\) text needs the optional package 'pykakasi'"):
+        check_language("ja")
+
+
+def test_turbo_refuses_a_short_reference(turbo: ChatterboxTurboTTS, tmp_path: Path) -> None:
+    short = make_reference_wav(tmp_path / "short.wav", seconds=3.0)
+    with pytest.raises(SourceError, match="longer than 5 s"):
+        prepare_voice(turbo, str(short))
+
+
+@pytest.fixture(scope="module")
+def turbo_upstream(turbo: ChatterboxTurboTTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream ``inference_turbo``'s tokens for a seed (and the text they were sampled for)."""
+    text = text_tokens(turbo, "Hello there, this is a turbo test.")
+    torch.manual_seed(7)
+    return text, turbo.t3.inference_turbo(t3_cond=turbo.conds.t3, text_tokens=text, max_gen_len=N - 1)
+
+
+@pytest.mark.parametrize("step", ["eager", "static", "compiled"])
+def test_turbo_decode_samples_exactly_inference_turbo_tokens(
+    turbo: ChatterboxTurboTTS, turbo_upstream: tuple[torch.Tensor, torch.Tensor], step: str
+) -> None:
+    text, upstream = turbo_upstream
+    assert text.size(0) == 1  # no guidance batch
+    torch.manual_seed(7)
+    plan = DecodePlan.plain(turbo.t3, step=step, max_cache_len=512)
+    ours = t3_decode(turbo.t3, turbo.conds.t3, text, max_new_tokens=N, plan=plan)
+    assert ours.step_mode == step and upstream.shape == ours.tokens.shape == (1, N)
+    assert torch.equal(upstream, ours.tokens)
+
+
+def test_capped_upstream_generation_of_both_families(
+    turbo: ChatterboxTurboTTS, multilingual: ChatterboxMultilingualTTS
+) -> None:
+    t = generate(turbo, "Turbo speaks.", max_new_tokens=12)
+    assert len(t.speech_tokens) == 12 and t.stopped_by == "token cap" and "t3.prefill" in t.seconds
+    m = generate(multilingual, "Bonjour à tous.", max_new_tokens=12, language_id="fr")
+    assert m.stopped_by == "token cap" and len(m.speech_tokens) + m.invalid_tokens >= 1
+    assert m.wav.size > 0 and t.wav.size > 0
+    with pytest.raises(ConfigError, match="unsupported language"):
+        generate(multilingual, "Hola.", max_new_tokens=4, language_id="xx")

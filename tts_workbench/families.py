@@ -1,0 +1,121 @@
+"""The three text-to-speech model families of chatterbox-tts 0.1.7, and what differs between them
+where the workbench looks.
+
+- ``standard``: ``ChatterboxTTS`` (``tts.py``): Llama-520M T3 with classifier-free guidance (a
+  batch of two), S3Gen with 10 CFM steps, the English character tokenizer.
+- ``turbo``: ``ChatterboxTurboTTS`` (``tts_turbo.py``): a GPT-2 medium T3 without guidance
+  (``T3.inference_turbo``, top-k sampling), ``S3Gen(meanflow=True)`` with 2 CFM steps, a GPT-2
+  tokenizer.
+- ``multilingual``: ``ChatterboxMultilingualTTS`` (``mtl_tts.py``): the Llama T3 with a 2454-entry
+  grapheme vocabulary for 23 languages (``MTLTokenizer``), guided like the standard model, plus an
+  alignment analyzer inside ``T3.inference`` that reads three heads' attention every step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from chatterbox import mtl_tts, tts, tts_turbo
+from chatterbox.mtl_tts import SUPPORTED_LANGUAGES, ChatterboxMultilingualTTS
+from chatterbox.tts import ChatterboxTTS
+from chatterbox.tts_turbo import ChatterboxTurboTTS
+
+from .errors import ConfigError
+
+# Any of the three upstream model classes (they share t3, s3gen, ve, tokenizer, conds, generate).
+TTSModel = ChatterboxTTS | ChatterboxTurboTTS | ChatterboxMultilingualTTS
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one family's upstream class loads and runs."""
+
+    name: str
+    model_class: type
+    conditionals: type  # the family's own (identical) Conditionals class, for conds.pt
+    repo: str  # the hub repository upstream from_pretrained downloads
+    files: tuple[str, ...]  # upstream from_local's layout: ve, t3, s3gen weights, text front end
+    t3_inference: str  # the T3 method upstream generate calls
+    backbone: str
+    guidance: bool  # classifier-free guidance: T3 runs a batch of two
+    cfm_steps: int  # S3Gen flow-matching steps per call
+
+
+FAMILIES = {
+    "standard": Family(
+        "standard",
+        ChatterboxTTS,
+        tts.Conditionals,
+        tts.REPO_ID,
+        ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json"),
+        "inference",
+        "Llama",
+        True,
+        10,
+    ),
+    "turbo": Family(
+        "turbo",
+        ChatterboxTurboTTS,
+        tts_turbo.Conditionals,
+        tts_turbo.REPO_ID,
+        (
+            "ve.safetensors",
+            "t3_turbo_v1.safetensors",
+            "s3gen_meanflow.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ),
+        "inference_turbo",
+        "GPT-2",
+        False,
+        2,
+    ),
+    "multilingual": Family(
+        "multilingual",
+        ChatterboxMultilingualTTS,
+        mtl_tts.Conditionals,
+        mtl_tts.REPO_ID,
+        ("ve.pt", "t3_mtl23ls_v2.safetensors", "s3gen.pt", "grapheme_mtl_merged_expanded_v1.json"),
+        "inference",
+        "Llama",
+        True,
+        10,
+    ),
+}
+
+# Languages whose upstream text front end needs a package of its own. Upstream logs a warning and
+# skips the step when it is missing (Japanese kanji stay unread, Hebrew without vowels, ...), which
+# changes the tokens silently; the workbench refuses instead.
+LANGUAGE_PACKAGES = {
+    "ja": "pykakasi",
+    "he": "dicta_onnx",
+    "zh": "spacy_pkuseg",
+    "ru": "russian_text_stresser",
+}
+
+
+def family_of(tts: Any) -> Family:
+    """The family of an upstream model object (refused with the three classes named otherwise)."""
+    for family in FAMILIES.values():
+        if type(tts) is family.model_class:
+            return family
+    names = ", ".join(f.model_class.__name__ for f in FAMILIES.values())
+    raise ConfigError(f"{type(tts).__name__} is not a Chatterbox model: expected one of {names}")
+
+
+def check_language(language_id: str) -> str:
+    """``language_id`` lower-cased if the multilingual model speaks it and its text front end can
+    run here; otherwise a ConfigError that lists the languages or names the missing package."""
+    code = language_id.lower()
+    if code not in SUPPORTED_LANGUAGES:
+        listing = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_LANGUAGES.items())
+        raise ConfigError(f"unsupported language {language_id!r}: the multilingual model speaks {listing}")
+    package = LANGUAGE_PACKAGES.get(code)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"{SUPPORTED_LANGUAGES[code]} ({code}) text needs the optional package {package!r}, which is not "
+            f"installed (upstream would skip that step and change the tokens): pip install {package}"
+        )
+    return code
