@@ -43,9 +43,10 @@ from .constants import (
 )
 from .decode import DecodePlan, DecodeStats, decode_blocks, text_tokens
 from .errors import ConfigError, EmptyTextError, NoVoiceError
+from .families import check_language, family_of
 from .latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from .plots import save
-from .vocode import FlowPlan, fade_in, flow_mels, vocoder
+from .vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
 
 STRATEGIES = ("naive", "buffered")
 
@@ -201,6 +202,7 @@ def stream(
     state: StreamState | None = None,
     cfg_weight: float = 0.5,
     progress: bool = False,
+    language_id: str | None = None,
     **sampling: Any,
 ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
     """Generate ``text`` with the voice in ``tts.conds`` and yield audio chunks as they are ready.
@@ -208,7 +210,8 @@ def stream(
     ``plan`` runs T3's decode steps, ``flow`` the buffered windows' CFM estimator (default eager).
     Pass a ``StreamState`` to read the report, the tokens and the seam positions afterwards.
     Stopping the iteration early stops T3 too (nothing runs in the background). ``progress``
-    shows tokens sampled and S3Gen calls done on stderr.
+    shows tokens sampled and S3Gen calls done on stderr. The multilingual model speaks
+    ``language_id`` (default "en"); the others ignore it.
     """
     if tts.conds is None:
         raise NoVoiceError()
@@ -222,7 +225,7 @@ def stream(
     blocks = decode_blocks(
         tts.t3,
         tts.conds.t3,
-        text_tokens(tts, text, cfg_weight),
+        text_tokens(tts, text, cfg_weight, _language(tts, language_id)),
         max_new_tokens=max_new_tokens,
         plan=plan,
         stop_check_every=config.t3_block,
@@ -249,6 +252,7 @@ def stream(
             with t3_rng:
                 block = next(blocks, None)
             if block is None:
+                state.tokens.extend(tail_tokens(tts.s3gen))  # Turbo's closing silence, as upstream
                 return
             ids = block[0].tolist()
             bar.update(len(ids))
@@ -283,6 +287,11 @@ def stream(
     finally:
         blocks.close()
         bar.close()
+
+
+def _language(tts: Any, language_id: str | None) -> str | None:
+    """The checked language for the multilingual model, None for the others."""
+    return check_language(language_id or "en") if family_of(tts).name == "multilingual" else None
 
 
 def stream_all(

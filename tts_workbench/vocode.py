@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.s3gen import decoder as s3gen_decoder
+from chatterbox.models.s3gen.const import S3GEN_SIL
 
 from .clock import now
 from .constants import FRAMES_PER_TOKEN
@@ -188,7 +189,7 @@ def flow_mels(
     tokens: torch.Tensor,
     gen: dict[str, Any],
     finalize: bool = True,
-    n_timesteps: int = 10,
+    n_timesteps: int | None = None,
     noise: torch.Tensor | None = None,
     plan: FlowPlan | None = None,
     pad_to: int | None = None,
@@ -199,7 +200,8 @@ def flow_mels(
     does, because their right context has not arrived yet. ``noise`` (1, 80, 2·tokens) replaces
     the flow-matching start noise of the generated frames (upstream draws it afresh every call),
     so windows of one utterance can share one noise track. ``plan`` runs the CFM estimator its
-    way, its frames padded to the prompt plus ``pad_to`` tokens (``FlowPlan``).
+    way, its frames padded to the prompt plus ``pad_to`` tokens (``FlowPlan``). ``n_timesteps``
+    defaults as upstream ``flow_inference``: 2 for Turbo's meanflow S3Gen, else 10.
     """
     dtype, device = s3gen.dtype, s3gen.device
     ref = cast_gen(gen, dtype, device)
@@ -211,7 +213,7 @@ def flow_mels(
             token=tokens,
             token_len=torch.tensor([tokens.size(1)], device=device),
             finalize=finalize,
-            n_timesteps=n_timesteps,
+            n_timesteps=n_timesteps or (2 if s3gen.meanflow else 10),
             noised_mels=None if noise is None else noise.to(device=device, dtype=dtype),
             meanflow=s3gen.meanflow,
             **ref,
@@ -236,6 +238,12 @@ def fade_in(s3gen: S3Gen, wav: torch.Tensor) -> None:
     with torch.no_grad():
         n = min(len(s3gen.trim_fade), wav.shape[-1])
         wav[..., :n] *= s3gen.trim_fade[:n].to(wav)
+
+
+def tail_tokens(s3gen: S3Gen) -> list[int]:
+    """The tokens upstream appends to T3's before vocoding: Turbo's generate ends every utterance
+    with three silence tokens (its S3Gen is the meanflow one); the other families append none."""
+    return [S3GEN_SIL] * 3 if s3gen.meanflow else []
 
 
 def s3gen_inference(s3gen: S3Gen, tokens: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
