@@ -1,0 +1,30 @@
+"""The one table renderer: formats per column, numbers right and text left, every row one line."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tts_workbench.tables import render
+
+
+def test_numbers_right_in_their_format_text_left() -> None:
+    frame = pd.DataFrame(
+        {
+            "phase": ["t3.decode", "s3gen.flow"],
+            "calls": [3, 120],
+            "self_ms": [1.234, 22.5],
+            "shape": [[1, 2], [3]],
+        }
+    )
+    lines = render(frame, {"self_ms": ".1f"}).splitlines()
+    assert lines == [
+        "phase      calls self_ms shape",
+        "t3.decode      3     1.2 [1, 2]",
+        "s3gen.flow   120    22.5 [3]",
+    ]
+
+
+def test_floats_default_and_empty_frame() -> None:
+    assert render(pd.DataFrame({"x_s": [0.5]})).splitlines() == [" x_s", "0.50"]
+    assert render(pd.DataFrame({"x_s": [0.5]}), floats=".3f").endswith("0.500")
+    assert render(pd.DataFrame({"x_s": []})) == "(no rows)"
