@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tts_workbench.cli import main
+from tts_workbench.diagnose import format_report
 
 
 def test_diagnose_json_report(
@@ -43,6 +44,10 @@ def test_diagnose_json_report(
     generate_stage = report["precision"]["stages"]["generate"]
     assert generate_stage["first_mismatch"]["module"] == "t3.cond_enc.spkr_enc"
     assert report["kernels"]["t3.decode"]
+    # the text report is rendered from the same JSON
+    text = format_report(report)
+    assert "t3.decode       flash (CPU) x" in text
+    assert "generate     first mismatch t3.cond_enc.spkr_enc inputs ['float32'] weights float16" in text
 
 
 @pytest.mark.parametrize(

@@ -112,9 +112,14 @@ def test_tracing_never_changes_the_tokens(tiny_tts: ChatterboxTTS) -> None:
 
 
 def test_census_and_conditionals(tiny_tts: ChatterboxTTS) -> None:
-    rows = {r.path: r for r in census(tiny_tts)}
+    found = census(tiny_tts)
+    rows = {r.path: r for r in found.rows}
     assert {"ve", "t3", "s3gen", "t3.tfmr", "s3gen.mel2wav"} <= set(rows)
     assert rows["t3"].param_dtypes == {"float32": sum(p.numel() for p in tiny_tts.t3.parameters())}
+    frame = found.to_frame().set_index("module")
+    assert frame.at["t3", "params_float32"] == rows["t3"].param_dtypes["float32"]
+    assert frame.at["t3", "size_mib"] * 2**20 == rows["t3"].bytes
+    assert list(frame.columns)[-1] == "size_mib" and (frame.filter(like="buffers_") >= 0).all().all()
     conds = {c.name: c for c in conditionals_census(tiny_tts)}
     assert conds["conds.t3.speaker_emb"].dtype == "float32"
     assert conds["conds.t3.cond_prompt_speech_tokens"].dtype == "int64"

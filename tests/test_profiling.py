@@ -1,5 +1,6 @@
-"""Profiler traces on disk, read back; a real TensorBoard serving them; the bench CLI; the GPU
-script's CPU dry run."""
+"""The op frame and the tables derived from it, checked against the profiler's own events;
+profiler traces on disk; a real TensorBoard serving them; the bench CLI; the GPU script's CPU
+dry run."""
 
 from __future__ import annotations
 
@@ -10,21 +11,37 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+import torch
 from chatterbox.tts import ChatterboxTTS
+from torch.autograd.profiler_util import FunctionEvent
 
 from tts_workbench import bench
+from tts_workbench.attention import KernelRecord
 from tts_workbench.bench import run_pipeline as bench_run_pipeline
 from tts_workbench.cli import main
+from tts_workbench.generation import generate
 from tts_workbench.latency import StreamReport
 from tts_workbench.optimized import UpstreamTTS
-from tts_workbench.profile_report import profile_generation
+from tts_workbench.profile_report import format_profile, profile_generation
 from tts_workbench.profiling import (
+    EAGER,
+    KERNEL_OPS,
+    OP_COLUMNS,
     long_run_schedule,
+    op_frame,
+    phase_regions,
     profile_run,
     profiled_chunks,
+    read_ops,
+    region_of,
     start_tensorboard,
+    time_share,
+    top_ops,
     trace_files,
+    trace_names,
+    write_ops,
 )
 from tts_workbench.streaming import StreamConfig, StreamState, stream
 
@@ -37,13 +54,100 @@ def profiled(tiny_tts: ChatterboxTTS, tmp_path_factory: pytest.TempPathFactory) 
     return profile_generation(tiny_tts, logdir, "generation", tokens=12, text="Profile me, please.")
 
 
-def test_trace_is_written_and_read_back_by_phase(profiled: dict) -> None:
+@pytest.fixture(scope="module")
+def events(tiny_tts: ChatterboxTTS) -> list[FunctionEvent]:
+    with torch.profiler.profile(record_shapes=True) as prof, phase_regions(tiny_tts):
+        generate(tiny_tts, "Frame me.", max_new_tokens=5)
+    return list(prof.events())
+
+
+@pytest.fixture(scope="module")
+def ops(events: list[FunctionEvent]) -> pd.DataFrame:
+    return op_frame(events)
+
+
+def _aten(events: list[FunctionEvent], phase: str) -> list[FunctionEvent]:
+    return [e for e in events if e.name.startswith("aten::") and region_of(e) == phase]
+
+
+def test_op_frame_is_one_row_per_aten_event(events: list[FunctionEvent], ops: pd.DataFrame) -> None:
+    assert list(ops.columns) == list(OP_COLUMNS)
+    assert len(ops) == sum(e.name.startswith("aten::") for e in events)
+    assert (ops["self_ms"] <= ops["total_ms"] + 1e-9).all()
+    for phase in ("t3.prefill", "t3.decode", "s3gen.flow"):
+        rows = ops[ops["phase"] == phase]
+        # self_ms is the events' self time, total_ms their inclusive time: swapping them fails here
+        assert rows["self_ms"].sum() == pytest.approx(
+            sum(e.self_cpu_time_total for e in _aten(events, phase)) / 1e3
+        )
+        assert rows["total_ms"].sum() == pytest.approx(
+            sum(e.cpu_time_total for e in _aten(events, phase)) / 1e3
+        )
+
+
+def test_kernel_counts_match_the_kernel_ops(
+    events: list[FunctionEvent], ops: pd.DataFrame, tiny_tts: ChatterboxTTS
+) -> None:
+    by_phase = KernelRecord(ops).by_phase()
+    layers = tiny_tts.t3.cfg.num_hidden_layers
+    assert by_phase["t3.decode"] == {"flash (CPU)": 5 * layers} and by_phase["t3.prefill"] == {
+        "flash (CPU)": layers
+    }
+    # Counted another way: each fused call shows as its kernel op, a child of the SDPA op.
+    for phase, kernels in by_phase.items():
+        for kernel, n in kernels.items():
+            if kernel != EAGER:
+                assert n == sum(e.name == KERNEL_OPS[kernel] for e in _aten(events, phase)), (phase, kernel)
+    assert by_phase["s3gen.flow"][EAGER] == sum(
+        e.name == "aten::softmax" and len(e.input_shapes[0]) == 4 for e in _aten(events, "s3gen.flow")
+    )
+
+
+def test_time_share_adds_up_to_each_phase_op_time(ops: pd.DataFrame) -> None:
+    share = time_share(ops)
+    assert list(share.columns) == ["phase", "category", "self_ms"]
+    assert set(share["phase"]) == set(ops["phase"])
+    assert (share.groupby("phase", observed=True).size() == 3).all()  # every category, zero or not
+    per_phase = share.groupby("phase", observed=True)["self_ms"].sum()
+    pd.testing.assert_series_equal(per_phase, ops.groupby("phase", observed=True)["self_ms"].sum())
+    attention = share[(share["phase"] == "t3.decode") & (share["category"] == "attention")]["self_ms"].item()
+    decode = ops[ops["phase"] == "t3.decode"]
+    assert attention == pytest.approx(
+        decode[decode["op"].str.contains("scaled_dot_product")]["self_ms"].sum()
+    )
+    # the JSON form is the same numbers, rounded
+    assert KernelRecord(ops).summary()["time_share_ms"]["t3.decode"]["attention"] == round(attention, 2)
+
+
+@pytest.mark.parametrize("by", ["self_ms", "total_ms"])
+def test_top_ops_are_ordered_by_the_stated_column(ops: pd.DataFrame, by: str) -> None:
+    top = top_ops(ops, by=by, top=5)
+    for phase, rows in top.groupby("phase", observed=True):
+        assert len(rows) <= 5 and rows[by].is_monotonic_decreasing
+        sums = ops[ops["phase"] == phase].groupby("op")[by].sum()
+        assert rows[by].iloc[0] == pytest.approx(sums.max()) and rows["op"].iloc[0] == sums.idxmax()
+        first = ops[(ops["phase"] == phase) & (ops["op"] == rows["op"].iloc[0])]
+        assert rows["calls"].iloc[0] == len(first)
+
+
+def test_op_frame_round_trips_through_csv(ops: pd.DataFrame, tmp_path: Path) -> None:
+    pd.testing.assert_frame_equal(read_ops(write_ops(ops, tmp_path)), ops)
+
+
+def test_trace_is_written_with_its_op_frame(profiled: dict) -> None:
     assert Path(profiled["trace"]).stat().st_size > 10_000
     assert {"t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder"} <= set(profiled["top_ops"])
     assert all(rows for rows in profiled["top_ops"].values())
-    # the kernel the attention recorder saw is the one in the trace's decode region
+    # the kernel the op frame saw is in the trace file TensorBoard and Perfetto open
     assert profiled["recorded_decode_kernels"] == ["flash (CPU)"]
     assert all(profiled["recorded_kernels_in_trace"].values())
+    # the saved frame gives back the report's top operators without parsing the trace
+    top = top_ops(read_ops(profiled["ops"]))
+    assert (
+        top[top["phase"] == "t3.decode"].drop(columns="phase").to_dict("records")
+        == profiled["top_ops"]["t3.decode"]
+    )
+    assert "t3.decode" in format_profile(profiled)
 
 
 def test_tensorboard_serves_the_run(profiled: dict) -> None:
@@ -74,7 +178,7 @@ def test_stream_chunks_are_labelled_with_a_schedule(tiny_tts: ChatterboxTTS, tmp
         chunks = stream(tiny_tts, "One, two, three, four.", config, max_new_tokens=50, state=state)
         n = sum(1 for _ in profiled_chunks(chunks, prof))
     assert n == len(state.report.chunks) >= 3
-    names = {e["name"] for e in json.loads(trace_files(tmp_path / "stream")[-1].read_text())["traceEvents"]}
+    names = trace_names(trace_files(tmp_path / "stream")[-1])
     assert {"stream.chunk[0]", "stream.chunk[1]"} <= names and "stream.chunk[2]" not in names  # active=2
 
 

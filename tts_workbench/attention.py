@@ -1,10 +1,10 @@
 """Attention backends: which implementation T3 is configured with, which kernel actually ran,
 why Flash was refused, and how much of the time attention takes at all.
 
-Kernels are identified by the aten op that executed, read from a torch.profiler trace: under
-each ``aten::scaled_dot_product_attention`` the child op names the kernel (Flash, mem-efficient,
-cuDNN, the CPU flash kernel, or none of them: the math fallback); a 4-D ``aten::softmax``
-outside any SDPA op is eager attention. Each call is labelled with the phase it ran in.
+Kernels are identified by the aten op that executed, read from a torch.profiler profile
+(``profiling.op_frame`` names the kernel of each attention call: Flash, mem-efficient, cuDNN,
+the CPU flash kernel, the math fallback or eager softmax). Each call is labelled with the phase
+it ran in.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import transformers
@@ -23,77 +25,44 @@ from chatterbox.tts import ChatterboxTTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
-from .profiling import activities, ancestors, phase_regions, region_of
-
-FUSED_KERNELS = {
-    "_scaled_dot_product_flash_attention": "flash (CUDA)",
-    "_scaled_dot_product_efficient_attention": "mem-efficient (CUDA)",
-    "_scaled_dot_product_cudnn_attention": "cuDNN (CUDA)",
-    "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
-}
-MATH = "math (SDPA fallback)"
-EAGER = "eager (matmul + softmax)"
-# The aten op that shows each kernel in a trace.
-KERNEL_OPS = {label: f"aten::{op}" for op, label in FUSED_KERNELS.items()} | {
-    MATH: "aten::_scaled_dot_product_attention_math",
-    EAGER: "aten::softmax",
-}
-
-
-@dataclass
-class KernelCall:
-    phase: str
-    kernel: str
-    dtype: str
-    q_shape: list[int]
+from .profiling import EAGER, activities, op_frame, phase_regions, time_share
 
 
 @dataclass
 class KernelRecord:
-    """Attention kernels seen during a recorded block, per phase."""
+    """Attention kernels seen during a recorded block, per phase, read from the block's op frame
+    (``profiling.op_frame``)."""
 
-    calls: list[KernelCall] = field(default_factory=list)
-    share: dict[str, dict[str, float]] = field(default_factory=dict)  # see time_share()
+    ops: pd.DataFrame = field(default_factory=lambda: op_frame([]))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per attention call (the op frame's rows with a kernel)."""
+        return self.ops[self.ops["kernel"] != ""].reset_index(drop=True)
 
     def by_phase(self, with_dtype: bool = False) -> dict[str, dict[str, int]]:
         """``{phase: {kernel: count}}`` (kernel as ``"flash (CPU) [bfloat16]"`` with dtype);
         decode steps are pooled under ``t3.decode``."""
-        out: dict[str, Counter[str]] = {}
-        for c in self.calls:
-            out.setdefault(c.phase, Counter())[f"{c.kernel} [{c.dtype}]" if with_dtype else c.kernel] += 1
-        return {p: dict(k) for p, k in out.items()}
+        calls = self.to_frame()
+        labels = calls["kernel"] + " [" + calls["dtype"] + "]" if with_dtype else calls["kernel"]
+        return {str(p): dict(Counter(k)) for p, k in labels.groupby(calls["phase"], observed=True)}
 
     def kernels(self, phase_prefix: str = "t3") -> set[str]:
-        return {c.kernel for c in self.calls if c.phase.startswith(phase_prefix)}
+        calls = self.to_frame()
+        return set(calls["kernel"][calls["phase"].astype(str).str.startswith(phase_prefix)])
 
+    @property
+    def share(self) -> pd.DataFrame:
+        """Self CPU ms per phase and operator category (``profiling.time_share``)."""
+        return time_share(self.ops)
 
-def _kernel_calls(events: list) -> list[KernelCall]:
-    calls = []
-    for e in events:
-        name = e.name.removeprefix("aten::")
-        shape = list(e.input_shapes[0]) if e.input_shapes and e.input_shapes[0] else []
-        if name == "scaled_dot_product_attention":
-            if any(c.name == e.name for c in e.cpu_children):
-                continue  # an autocast wrapper around the real call
-            fused = [
-                FUSED_KERNELS[c.name.removeprefix("aten::")]
-                for c in e.cpu_children
-                if c.name.removeprefix("aten::") in FUSED_KERNELS
-            ]
-            kernel = fused[0] if fused else MATH
-        elif (
-            name == "softmax"
-            and len(shape) == 4
-            and not any(a.name == "aten::scaled_dot_product_attention" for a in ancestors(e))
-        ):
-            kernel = EAGER
-        else:
-            continue
-        # FunctionEvent.input_dtypes is newer than torch 2.11 (the GPU image's): "" = not recorded.
-        dtypes = getattr(e, "input_dtypes", None)
-        dtype = dtypes[0].removeprefix("c10::") if dtypes else ""
-        calls.append(KernelCall(region_of(e), kernel, dtype, shape))
-    return calls
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly: ``kernels`` (counts per phase) and ``time_share_ms`` (``{phase:
+        {category: self ms}}``)."""
+        share = self.share.pivot(index="phase", columns="category", values="self_ms").round(2)
+        return {
+            "kernels": self.by_phase(),
+            "time_share_ms": {str(p): r for p, r in share.to_dict("index").items()},
+        }
 
 
 @contextmanager
@@ -108,9 +77,7 @@ def record_kernels(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> It
         with profile(activities=activities(), record_shapes=True) as prof, phase_regions(tts, extra_tfmrs):
             yield record
     finally:  # also when the block raised: the kernels that ran before the error count
-        events = list(prof.events())
-        record.calls.extend(_kernel_calls(events))
-        record.share.update(time_share(events))
+        record.ops = op_frame(prof.events())
 
 
 # ---------------------------------------------------------------- configuration and probes
@@ -263,24 +230,3 @@ def probe_backends(
         except RuntimeError as e:
             out.append(BackendProbe(backend.name, False, str(e).splitlines()[0]))
     return out
-
-
-def _category(op: str) -> str:
-    op = op.removeprefix("aten::")
-    if "scaled_dot_product" in op or "softmax" in op:
-        return "attention"
-    if op in ("addmm", "mm", "bmm", "linear", "matmul", "baddbmm"):
-        return "linear/matmul"
-    return "other"
-
-
-def time_share(events: list) -> dict[str, dict[str, float]]:
-    """Self CPU milliseconds per phase and operator category (attention, linear/matmul, other),
-    from the events of a profile taken under ``phase_regions``."""
-    out: dict[str, dict[str, float]] = {}
-    for e in events:
-        if not e.name.startswith("aten::"):
-            continue
-        row = out.setdefault(region_of(e), {"attention": 0.0, "linear/matmul": 0.0, "other": 0.0})
-        row[_category(e.name)] += e.self_cpu_time_total / 1000
-    return {p: {k: round(v, 2) for k, v in row.items()} for p, row in out.items()}

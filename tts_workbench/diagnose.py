@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import soundfile as sf
 import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
@@ -27,6 +28,7 @@ from .errors import NoVoiceError
 from .generation import generate, prepare_voice
 from .precision import restored
 from .sources import components, load_model, make_reference_wav, model_summary
+from .tables import render
 
 
 def run_diagnosis(
@@ -81,8 +83,7 @@ def run_diagnosis(
         "rtf": round(result.rtf, 3),
         "wav": str(wav_path),
         "plot": str(plot_path),
-        "kernels": kernels.by_phase(),
-        "time_share_ms": kernels.share,
+        **kernels.summary(),  # kernels, time_share_ms
         "attention": diagnose_attention(tts),
         "precision": diagnose_precision(tts, reference, dtype, autocast, min(tokens, 20), seed, text),
     }
@@ -90,12 +91,19 @@ def run_diagnosis(
 
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable text for a ``run_diagnosis`` report."""
-    lines = [f"model source : {report['model']} on {report['device']} (torch {report['torch']})"]
-    for name, comp in report["components"].items():
-        lines.append(
-            f"  {name:<6} {comp['parameters'] / 1e6:8.2f} M params  {comp['bytes'] / 2**20:8.1f} MiB  "
-            f"{', '.join(comp['dtypes'])}"
-        )
+    components = pd.DataFrame(
+        {
+            "component": name,
+            "params_m": comp["parameters"] / 1e6,
+            "size_mib": comp["bytes"] / 2**20,
+            "dtypes": ", ".join(comp["dtypes"]),
+        }
+        for name, comp in report["components"].items()
+    )
+    lines = [
+        f"model source : {report['model']} on {report['device']} (torch {report['torch']})",
+        render(components, {"size_mib": ".1f"}),
+    ]
     ref = report["reference"]
     notes = "; ".join(ref["notes"]) or "used as is"
     lines.append(f"reference    : {ref['path']} ({ref['seconds']} s, {ref['sample_rate']} Hz): {notes}")
@@ -118,7 +126,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"RTF          : {report['rtf']:.2f} (compute seconds per audio second; < 1 is real time)")
     lines.append(f"build        : {report['build_s']:.2f} s, conditioning {report['conditioning_s']:.2f} s")
     lines.append(f"wrote        : {report['wav']}, {report['plot']}")
-    lines += ["", format_attention(report["kernels"], report["time_share_ms"], report["attention"])]
+    lines += ["", format_attention(report, report["attention"])]
     lines += ["", format_precision(report["precision"])]
     return "\n".join(lines)
 
@@ -140,8 +148,7 @@ def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> 
     out["first_mismatch"] = vars(first) if first else None
     out["advice"] = advice_for(trace.failure or first)
     if rec is not None:
-        out["kernels"] = rec.by_phase()
-        out["time_share_ms"] = rec.share
+        out.update(rec.summary())
     return out
 
 
@@ -198,7 +205,7 @@ def _precision_stages(
     return {
         "dtype": dtype_name(dtype),
         "autocast": dtype_name(autocast) if autocast else None,
-        "census": [vars(r) for r in census(tts)],
+        "census": [vars(r) for r in census(tts).rows],
         "conditionals": [vars(r) for r in conditionals_census(tts)],
         "stages": stages,
     }
@@ -215,48 +222,69 @@ def diagnose_attention(tts: ChatterboxTTS) -> dict[str, Any]:
     }
 
 
-def format_attention(
-    kernels_by_phase: dict[str, dict[str, int]], share_ms: dict[str, dict[str, float]], att: dict[str, Any]
-) -> str:
-    """Kernels per phase with attention's share of op time, then the backend probes."""
-    lines = ["attention kernels per phase (float32 run above):"]
-    for phase, kernels in kernels_by_phase.items():
-        share = share_ms.get(phase, {})
-        total = sum(share.values()) or 1.0
-        lines.append(
-            f"  {phase:<16} {', '.join(f'{k} x{n}' for k, n in kernels.items()):<40} "
-            f"attention {100 * share.get('attention', 0) / total:4.1f}% of op time, "
-            f"linear/matmul {100 * share.get('linear/matmul', 0) / total:4.1f}%"
-        )
-    lines.append(f"  backend      : {att['configured']}; {att['output_attentions']['verdict']}")
-    for reason in att["why_not_flash"]:
-        lines.append(f"  no Flash     : {reason}")
+def format_attention(record: dict[str, Any], att: dict[str, Any]) -> str:
+    """Kernels per phase with attention's share of op time, then the backend probes.
+
+    ``record`` holds ``kernels`` and ``time_share_ms`` as ``KernelRecord.summary()`` gives them.
+    """
+    share = pd.DataFrame.from_dict(record["time_share_ms"], orient="index")
+    pct = share.div(share.sum(axis=1), axis=0).mul(100).reindex(columns=["attention", "linear/matmul"])
+    table = pd.DataFrame(
+        {
+            "phase": phase,
+            "kernels": ", ".join(f"{k} x{n}" for k, n in counts.items()),
+            "attention_pct": pct.at[phase, "attention"] if phase in pct.index else 0.0,
+            "linear/matmul_pct": pct.at[phase, "linear/matmul"] if phase in pct.index else 0.0,
+        }
+        for phase, counts in record["kernels"].items()
+    )
     forced = ", ".join(f"{p['backend']} {'ok' if p['ok'] else 'refused'}" for p in att["forced_backends"])
-    lines.append(f"  forced alone : {forced}")
-    return "\n".join(lines)
+    probes = pd.DataFrame(
+        [
+            ("backend", f"{att['configured']}; {att['output_attentions']['verdict']}"),
+            *(("no Flash", reason) for reason in att["why_not_flash"]),
+            ("forced alone", forced),
+        ],
+        columns=["probe", "result"],
+    )
+    return "\n".join(
+        [
+            "attention kernels per phase (float32 run above); _pct: share of the phase's operator self time",
+            render(table, floats=".1f"),
+            render(probes),
+        ]
+    )
 
 
-def format_precision(prec: dict[str, Any]) -> str:
-    """One block per traced stage: error, first mismatch, failing module, fix."""
-    lines = [
-        f"precision {prec['dtype']}"
-        + (f" under autocast {prec['autocast']}" if prec["autocast"] else "")
-        + " (components cast, conditionals left float32, as in the seed):",
-    ]
+def precision_frame(prec: dict[str, Any]) -> pd.DataFrame:
+    """One row per finding of each traced stage (``stage, finding, detail``): error, first
+    mismatch, failing module, fix; ``ok`` for a clean stage."""
+    rows = []
     for name, st in prec["stages"].items():
         if st["error"] is None and not st["mismatches"]:
-            lines.append(f"  {name:<13}: ok, no dtype mismatch in {st['calls']} module calls")
+            rows.append((name, "ok", f"no dtype mismatch in {st['calls']} module calls"))
             continue
+        if st["error"]:
+            rows.append((name, "error", st["error"]))
         first = st["first_mismatch"]
-        lines.append(f"  {name:<13}: {st['error'] or 'ran'}")
-        if first and "mismatch" in first:  # a flagged call (a Failure is printed below)
-            lines.append(
-                f"  {'':13}  first mismatch: {first['module'] or '(outside a module)'} "
-                f"inputs {first['inputs']} weights {first['weight']}"
+        if first and "mismatch" in first:  # a flagged call (a Failure has its own row below)
+            module = first["module"] or "(outside a module)"
+            rows.append(
+                (name, "first mismatch", f"{module} inputs {first['inputs']} weights {first['weight']}")
             )
         if st["failure"]:
             f = st["failure"]
-            lines.append(f"  {'':13}  failed in     : {f['module'] or '(outside a module)'} at {f['where']}")
+            rows.append((name, "failed in", f"{f['module'] or '(outside a module)'} at {f['where']}"))
         if st["advice"]:
-            lines.append(f"  {'':13}  fix           : {st['advice']}")
-    return "\n".join(lines)
+            rows.append((name, "fix", st["advice"]))
+    return pd.DataFrame(rows, columns=["stage", "finding", "detail"])
+
+
+def format_precision(prec: dict[str, Any]) -> str:
+    """The precision scenario, then its findings per stage (``precision_frame``)."""
+    title = (
+        f"precision {prec['dtype']}"
+        + (f" under autocast {prec['autocast']}" if prec["autocast"] else "")
+        + " (components cast, conditionals left float32, as in the seed):"
+    )
+    return "\n".join([title, render(precision_frame(prec))])

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
@@ -26,6 +27,7 @@ from torch import nn
 from .constants import dtype_name
 from .errors import ConfigError
 from .sources import components
+from .tables import render
 
 
 def _short(dtype: torch.dtype | None) -> str:
@@ -54,7 +56,26 @@ def _count(tensors: Iterator[torch.Tensor]) -> tuple[dict[str, int], int]:
     return counts, nbytes
 
 
-def census(tts: ChatterboxTTS, depth: int = 1) -> list[CensusRow]:
+@dataclass
+class Census:
+    """Parameter and buffer dtypes per module of a model (``census``)."""
+
+    rows: list[CensusRow]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per module: elements per parameter dtype (``params_<dtype>``) and buffer dtype
+        (``buffers_<dtype>``), then parameters and buffers together in MiB (``size_mib``)."""
+        frame = pd.DataFrame(
+            {"module": r.path, "size_mib": r.bytes / 2**20}
+            | {f"params_{k}": v for k, v in r.param_dtypes.items()}
+            | {f"buffers_{k}": v for k, v in r.buffer_dtypes.items()}
+            for r in self.rows
+        )
+        counts = sorted(frame.columns[2:], key=lambda c: (c.startswith("buffers_"), c))
+        return frame[["module", *counts, "size_mib"]].fillna(0).astype(dict.fromkeys(counts, int))
+
+
+def census(tts: ChatterboxTTS, depth: int = 1) -> Census:
     """One row per component and per submodule down to ``depth`` levels below it."""
     rows = []
     for name, comp in components(tts).items():
@@ -65,7 +86,7 @@ def census(tts: ChatterboxTTS, depth: int = 1) -> list[CensusRow]:
             buffers, bbytes = _count(module.buffers())
             if params or buffers:
                 rows.append(CensusRow(path, params, buffers, pbytes + bbytes))
-    return rows
+    return Census(rows)
 
 
 @dataclass
@@ -338,11 +359,6 @@ def autocast_or_refuse(device: str, dtype: torch.dtype | None) -> Iterator[None]
         ctx.__exit__(None, None, None)
 
 
-def format_census(rows: list[CensusRow]) -> str:
-    """Aligned text table of a census: path, parameter dtypes (elements), buffer dtypes, MiB."""
-    lines = [f"{'module':<32} {'parameters':<28} {'buffers':<24} {'MiB':>8}"]
-    for r in rows:
-        params = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in r.param_dtypes.items()) or "-"
-        buffers = ", ".join(f"{k} {v}" for k, v in r.buffer_dtypes.items()) or "-"
-        lines.append(f"{r.path:<32} {params:<28} {buffers:<24} {r.bytes / 2**20:8.2f}")
-    return "\n".join(lines)
+def format_census(census: Census) -> str:
+    """A census as a table: module, elements per parameter and buffer dtype, MiB."""
+    return render(census.to_frame())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 
 
@@ -34,18 +35,14 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def time_share_figure(
-    share_ms: dict[str, dict[str, float]], title: str = "operator self time by phase"
-) -> Figure:
-    """Stacked bars: attention vs linear/matmul vs other operator time, per phase."""
+def time_share_figure(share: pd.DataFrame, title: str = "operator self time by phase") -> Figure:
+    """Stacked bars of ``profiling.time_share``: attention vs linear/matmul vs other self time, per phase."""
+    ms = share.pivot(index="phase", columns="category", values="self_ms")
     fig, ax = plt.subplots(figsize=(8, 3))
-    phases = list(share_ms)
-    left = np.zeros(len(phases))
-    for cat, color in (("attention", "tab:red"), ("linear/matmul", "tab:blue"), ("other", "tab:gray")):
-        vals = np.array([share_ms[p].get(cat, 0.0) for p in phases])
-        ax.barh(phases, vals, left=left, label=cat, color=color)
-        left += vals
-    ax.set(xlabel="milliseconds (profiled self time)", title=title)
+    ms.plot.barh(
+        stacked=True, ax=ax, color={"attention": "tab:red", "linear/matmul": "tab:blue", "other": "tab:gray"}
+    )
+    ax.set(xlabel="self_ms (profiled self CPU time)", ylabel="", title=title)
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     fig.tight_layout()

@@ -1,16 +1,19 @@
-"""The ``profile`` command: one upstream generation under the profiler, its trace read back
-from disk, and the attention kernel the recorder saw looked up in that trace."""
+"""The ``profile`` command: one upstream generation under the profiler, its op frame (saved
+beside the trace), the top operators per phase read from it, and the attention kernels it saw
+looked up in the trace file that TensorBoard and Perfetto open."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
-from .attention import KERNEL_OPS, record_kernels
+from .attention import KernelRecord
 from .generation import generate
-from .profiling import OpRow, format_trace_table, profile_run, read_trace, trace_files
+from .profiling import KERNEL_OPS, op_frame, profile_run, top_ops, trace_files, trace_names, write_ops
+from .tables import render
 
 
 def profile_generation(
@@ -22,23 +25,26 @@ def profile_generation(
     seed: int = 0,
     memory: bool = False,
 ) -> dict[str, Any]:
-    """One upstream generation under ``profile_run``; then the trace is read back from disk and
-    checked against the attention recorder (a second, short generation: profilers do not nest)."""
-    with profile_run(tts, logdir, run, memory=memory):
+    """One upstream generation under ``profile_run``; its op frame is built once from the
+    profile in memory and written to ``ops.csv`` beside the trace (``profiling.read_ops``)."""
+    with profile_run(tts, logdir, run, memory=memory) as prof:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
     path = trace_files(Path(logdir) / run)[-1]
-    table = read_trace(path, top=None)
-    with record_kernels(tts) as rec:
-        generate(tts, text, max_new_tokens=min(tokens, 4), seed=seed)
-    recorded = sorted(rec.kernels("t3.decode"))
-    in_trace = {op.op for op in table.get("t3.decode", [])}
+    ops = op_frame(prof.events())
+    top = top_ops(ops, by="total_ms")
+    recorded = sorted(KernelRecord(ops).kernels("t3.decode"))
+    in_trace = trace_names(path)
     return {
         "run": run,
         "logdir": str(logdir),
         "trace": str(path),
+        "ops": str(write_ops(ops, path.parent)),
         "tokens": len(result.speech_tokens),
         "note": f"random weights never emit a stop token: generation capped at {tokens} tokens",
-        "top_ops": {phase: [vars(r) for r in rows[:8]] for phase, rows in table.items()},
+        "top_ops": {
+            str(phase): rows.drop(columns="phase").to_dict("records")
+            for phase, rows in top.groupby("phase", observed=True)
+        },
         "recorded_decode_kernels": recorded,
         "recorded_kernels_in_trace": {k: KERNEL_OPS[k] in in_trace for k in recorded},
         "open_with": [
@@ -49,14 +55,17 @@ def profile_generation(
 
 
 def format_profile(report: dict[str, Any]) -> str:
-    table = {p: [OpRow(**r) for r in rows] for p, rows in report["top_ops"].items()}
+    """The top operators per phase, the kernel check, and where the trace is."""
+    top = pd.DataFrame([{"phase": p, **row} for p, rows in report["top_ops"].items() for row in rows])
     seen = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in report["recorded_kernels_in_trace"].items())
     return "\n".join(
         [
-            format_trace_table(table),
-            f"attention kernel(s) the recorder saw in t3.decode, found in the trace: {seen}",
+            "top operators per phase by total_ms (inclusive CPU time; self_ms: the op alone):",
+            render(top, {"self_ms": ".1f", "total_ms": ".1f"}),
+            f"attention kernel(s) in t3.decode, found in the trace file: {seen}",
             report["note"],
             f"trace: {report['trace']}",
+            f"op frame: {report['ops']} (profiling.read_ops)",
             *report["open_with"],
         ]
     )

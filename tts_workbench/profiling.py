@@ -1,13 +1,17 @@
 """torch.profiler helpers: phase-labelled regions on the real modules, traces written for
-TensorBoard and Perfetto, per-region operator tables read back from disk, and a TensorBoard server.
+TensorBoard and Perfetto, the op frame every profile table is derived from, and a TensorBoard
+server.
 
 ``phase_regions`` opens a ``record_function`` range named by phase around each call of the
 methods that make up a phase, so every profiler event can be attributed to its phase.
+``op_frame`` turns a profile's events into one DataFrame, one row per aten op (phase, op,
+attention kernel, dtype, shapes, self and total ms); the attention kernels
+(``attention.KernelRecord``), the time share per phase and category (``time_share``) and the
+top operators (``top_ops``) are all read from it.
 """
 
 from __future__ import annotations
 
-import bisect
 import gzip
 import itertools
 import json
@@ -20,12 +24,13 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import pandas as pd
 import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler import record_function
@@ -144,50 +149,125 @@ def trace_files(run_dir: str | Path) -> list[Path]:
     return sorted(Path(run_dir).glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
 
 
-@dataclass
-class OpRow:
-    op: str
-    total_ms: float
-    calls: int
-
-
-def read_trace(path: str | Path, top: int | None = 8) -> dict[str, list[OpRow]]:
-    """The top operators (by total time) inside each phase region of a written trace file.
-
-    Read back from the JSON on disk, without a browser: what TensorBoard and Perfetto will show.
-    """
+def trace_names(path: str | Path) -> set[str]:
+    """Names of the complete events (operators, regions) in a written trace file: what
+    TensorBoard and Perfetto will list."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt") as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    regions: dict[Any, list[dict[str, Any]]] = {}
-    for e in events:
-        if e.get("cat") == "user_annotation" and e["name"] in PHASES:
-            regions.setdefault(e["tid"], []).append(e)
-    starts = {tid: sorted(r, key=lambda e: e["ts"]) for tid, r in regions.items()}
-    keys = {tid: [e["ts"] for e in r] for tid, r in starts.items()}
-    totals: dict[str, dict[str, list[float]]] = {}
-    for e in events:
-        if e.get("cat") != "cpu_op" or e["tid"] not in starts:
-            continue
-        i = bisect.bisect_right(keys[e["tid"]], e["ts"]) - 1
-        region = starts[e["tid"]][i] if i >= 0 else None
-        if region is None or e["ts"] + e.get("dur", 0) > region["ts"] + region["dur"]:
-            continue
-        row = totals.setdefault(region["name"], {}).setdefault(e["name"], [0.0, 0])
-        row[0] += e.get("dur", 0) / 1e3
-        row[1] += 1
-    return {
-        phase: [OpRow(op, ms, int(n)) for op, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]]
-        for phase, ops in totals.items()
-    }
+        return {e["name"] for e in json.load(f)["traceEvents"] if e.get("ph") == "X"}
 
 
-def format_trace_table(table: dict[str, list[OpRow]]) -> str:
-    lines = []
-    for phase in [p for p in PHASES if p in table]:
-        lines.append(f"{phase}:")
-        lines += [f"  {r.op:<58}{r.total_ms:>10.1f} ms{r.calls:>8} calls" for r in table[phase]]
-    return "\n".join(lines)
+# ---------------------------------------------------------------- the op frame
+
+# Attention kernels by the aten op that shows each in a profile: under each
+# ``aten::scaled_dot_product_attention`` a child op names the fused kernel (none of them: the
+# math fallback); a 4-D ``aten::softmax`` outside any SDPA op is eager attention.
+SDPA = "aten::scaled_dot_product_attention"
+FUSED_KERNELS = {
+    "aten::_scaled_dot_product_flash_attention": "flash (CUDA)",
+    "aten::_scaled_dot_product_efficient_attention": "mem-efficient (CUDA)",
+    "aten::_scaled_dot_product_cudnn_attention": "cuDNN (CUDA)",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+}
+MATH = "math (SDPA fallback)"
+EAGER = "eager (matmul + softmax)"
+KERNEL_OPS = {label: op for op, label in FUSED_KERNELS.items()} | {
+    MATH: "aten::_scaled_dot_product_attention_math",
+    EAGER: "aten::softmax",
+}
+LINEAR_OPS = {f"aten::{op}" for op in ("addmm", "mm", "bmm", "linear", "matmul", "baddbmm")}
+
+# Column types of the op frame: phases in pipeline order, so every table derived from it is too.
+OP_COLUMNS: dict[str, Any] = {
+    "phase": pd.CategoricalDtype([*PHASES, "other"], ordered=True),
+    "op": str,
+    "category": pd.CategoricalDtype(["attention", "linear/matmul", "other"], ordered=True),
+    "kernel": str,
+    "dtype": str,
+    "input_shapes": str,
+    "self_ms": float,
+    "total_ms": float,
+}
+
+
+def _kernel(e: FunctionEvent) -> str:
+    """The attention kernel an op event stands for ("" for any other op)."""
+    if e.name == SDPA:
+        if any(c.name == SDPA for c in e.cpu_children):
+            return ""  # an autocast wrapper around the real call
+        return next((FUSED_KERNELS[c.name] for c in e.cpu_children if c.name in FUSED_KERNELS), MATH)
+    shapes: Sequence[Any] = e.input_shapes or []  # one shape per input (torch annotates ints)
+    if e.name == "aten::softmax" and shapes and len(shapes[0]) == 4:
+        return "" if any(a.name == SDPA for a in ancestors(e)) else EAGER
+    return ""
+
+
+def _category(op: str) -> str:
+    if "scaled_dot_product" in op or "softmax" in op:
+        return "attention"
+    return "linear/matmul" if op in LINEAR_OPS else "other"
+
+
+def op_frame(events: Iterable[FunctionEvent]) -> pd.DataFrame:
+    """One row per aten op event of a profile taken under ``phase_regions`` (``prof.events()``).
+
+    Columns: ``phase`` (innermost phase region, ``other`` outside them), ``op``, ``category``
+    (attention, linear/matmul, other), ``kernel`` (the attention kernel of an attention call, else
+    ""), ``dtype`` (of the first input; "" where torch does not record it), ``input_shapes``
+    (JSON), ``self_ms`` (self CPU time: the op without the ops it called) and ``total_ms``
+    (inclusive CPU time: the op and everything it called). Sum ``self_ms`` to add up op time;
+    ``total_ms`` of nested ops overlaps.
+    """
+    rows = []
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        # FunctionEvent.input_dtypes is newer than torch 2.11 (the GPU image's).
+        dtypes = getattr(e, "input_dtypes", None)
+        rows.append(
+            (
+                region_of(e),
+                e.name,
+                _category(e.name),
+                _kernel(e),
+                dtypes[0].removeprefix("c10::") if dtypes else "",
+                json.dumps(e.input_shapes or []),
+                e.self_cpu_time_total / 1e3,
+                e.cpu_time_total / 1e3,
+            )
+        )
+    return pd.DataFrame(rows, columns=list(OP_COLUMNS)).astype(OP_COLUMNS)
+
+
+def write_ops(ops: pd.DataFrame, run_dir: str | Path) -> Path:
+    """Save an op frame as ``run_dir/ops.csv``, beside the run's trace."""
+    path = Path(run_dir) / "ops.csv"
+    ops.to_csv(path, index=False)
+    return path
+
+
+def read_ops(path: str | Path) -> pd.DataFrame:
+    """An op frame saved by ``write_ops``, with its column types (no trace JSON parsed again)."""
+    return pd.read_csv(path, dtype=OP_COLUMNS, keep_default_na=False)
+
+
+def time_share(ops: pd.DataFrame) -> pd.DataFrame:
+    """Self CPU milliseconds per phase and category (``phase, category, self_ms``): the
+    categories of a phase add up to that phase's op time."""
+    share = ops.groupby(["phase", "category"], observed=False)["self_ms"].sum().reset_index()
+    return share[share["phase"].isin(ops["phase"])].reset_index(drop=True)
+
+
+def top_ops(ops: pd.DataFrame, by: str = "total_ms", top: int = 8) -> pd.DataFrame:
+    """The ``top`` operators of each phase by ``by`` (``self_ms`` or ``total_ms``), with their
+    calls and both times summed over the calls (``phase, op, calls, self_ms, total_ms``)."""
+    table = (
+        ops.groupby(["phase", "op"], observed=True)
+        .agg(calls=("self_ms", "size"), self_ms=("self_ms", "sum"), total_ms=("total_ms", "sum"))
+        .reset_index()
+        .sort_values(["phase", by], ascending=[True, False])
+    )
+    return table.groupby("phase", observed=True).head(top).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- TensorBoard
