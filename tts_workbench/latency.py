@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
+
+from .tables import render
 
 
 @dataclass
@@ -114,29 +117,25 @@ class StreamReport:
     def rows(self) -> list[dict[str, Any]]:
         return [{**asdict(c), "rtf": c.rtf} for c in self.chunks]
 
+    def to_frame(self) -> pd.DataFrame:
+        """One row per chunk: every ``ChunkMetrics`` field and its RTF (seconds in ``*_s``)."""
+        return pd.DataFrame(self.rows(), columns=[*ChunkMetrics.__dataclass_fields__, "rtf"])
+
 
 def format_chunks(report: StreamReport) -> str:
     """The per-chunk table and the stream summary, for a terminal or a notebook."""
-    head = (
-        f"{'chunk':>5}{'at s':>8}{'tokens':>7}{'T3 s':>7}{'flow s':>8}{'voc s':>7}{'audio s':>8}"
-        f"{'RTF':>7}{'cum RTF':>8}{'prompt/ctx/new frames':>23}"
-    )
-    lines = [head]
-    for c in report.chunks:
-        frames = f"{c.prompt_frames}/{c.context_frames}/{c.new_frames}"
-        lines.append(
-            f"{c.index:>5}{c.emitted_s:>8.2f}{c.tokens:>7}{c.t3_s:>7.2f}{c.flow_s:>8.2f}{c.vocoder_s:>7.2f}"
-            f"{c.audio_s:>8.2f}{c.rtf:>7.2f}{c.cumulative_rtf:>8.2f}{frames:>23}"
-        )
     s = report.summary()
-    lines.append(
-        f"{s['strategy']}: first audio after {s['ttfa_s']:.2f} s, RTF {s['rtf']:.2f}, "
-        f"{s['s3gen_calls']} S3Gen/vocoder calls, "
-        f"{s['underruns']} underruns ({s['underrun_s']:.2f} s silent), "
-        f"{s['invalid_tokens']} invalid tokens dropped"
-        + (f", {s['nan_samples']} NaN samples zeroed" if s["nan_samples"] else "")
+    return "\n".join(
+        [
+            # the summary line below totals the columns left out
+            render(report.to_frame().drop(columns=["invalid_tokens", "s3gen_calls", "nan_samples"])),
+            f"{s['strategy']}: first audio after {s['ttfa_s']:.2f} s, RTF {s['rtf']:.2f}, "
+            f"{s['s3gen_calls']} S3Gen/vocoder calls, "
+            f"{s['underruns']} underruns ({s['underrun_s']:.2f} s silent), "
+            f"{s['invalid_tokens']} invalid tokens dropped"
+            + (f", {s['nan_samples']} NaN samples zeroed" if s["nan_samples"] else ""),
+        ]
     )
-    return "\n".join(lines)
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from IPython.display import HTML, Audio, display
 from matplotlib.figure import Figure
 
 from .constants import SAMPLE_RATE
-from .latency import ChunkMetrics, underruns
+from .latency import ChunkMetrics, StreamReport, underruns
 
 
 def wav_bytes(wav: np.ndarray, sample_rate: int) -> bytes:
@@ -72,11 +72,8 @@ class StreamPlayer:
 
     def static(self) -> HTML:
         """The same information without widgets."""
-        rows = "".join(
-            f"<tr><td>{m.index}</td><td>{m.emitted_s:.2f}</td><td>{m.audio_s:.2f}</td><td>{m.rtf:.2f}</td></tr>"
-            for m in self.metrics
-        )
-        return HTML(f"<table><tr><th>chunk</th><th>at s</th><th>audio s</th><th>RTF</th></tr>{rows}</table>")
+        chunks = StreamReport("stream", self.metrics).to_frame()[["index", "emitted_s", "audio_s", "rtf"]]
+        return HTML(chunks.to_html(index=False, float_format="{:.2f}".format))
 
     def _ipython_display_(self) -> None:
         if _has_frontend():
