@@ -16,6 +16,8 @@ from tts_workbench.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.errors import ConfigError, SourceError
 from tts_workbench.families import FAMILIES, check_language, family_of
 from tts_workbench.generation import generate, prepare_voice
+from tts_workbench.optimized import PerformanceOptimizedTTS
+from tts_workbench.precision import check_conditionals
 from tts_workbench.sources import load_folder, load_model, make_reference_wav, save_checkpoint
 from tts_workbench.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, quality, stream_all
 from tts_workbench.vocode import tail_tokens
@@ -148,3 +150,29 @@ def test_turbo_buffered_stream_vocodes_every_token_once(turbo: ChatterboxTurboTT
     # Observed: 14.5 dB buffered vs one-shot (2 meanflow steps; the standard model gives ~22 dB).
     assert buffered["snr_db"] >= 12.0 and buffered["snr_db"] > results["naive"][1]["snr_db"]
     assert buffered["seam_max_over_median"] <= 2 * buffered["ordinary_max_over_median"]
+
+
+def test_the_wrapper_runs_each_family_and_gives_the_model_back(
+    turbo: ChatterboxTurboTTS, multilingual: ChatterboxMultilingualTTS, reference6: str
+) -> None:
+    for tts, kw in ((turbo, {}), (multilingual, {"language_id": "de"})):
+        before = {k: v.clone() for k, v in tts.t3.state_dict().items()}
+        with PerformanceOptimizedTTS(tts, policy="bfloat16") as opt:
+            opt.prepare_conditionals(reference6)
+            wav = opt.generate("Guten Tag.", max_new_tokens=10, seed=0, **kw)
+            tail = len(tail_tokens(tts.s3gen))
+            assert wav.shape[1] == (10 - opt.last.invalid_tokens + tail) * SAMPLES_PER_TOKEN
+            assert opt.configuration()["family"] == family_of(tts).name
+            chunks = [c for c, _ in opt.generate_stream("Guten Tag.", max_new_tokens=12, **kw)]
+            assert sum(len(c) for c in chunks) % SAMPLES_PER_TOKEN == 0
+        after = tts.t3.state_dict()
+        assert all(torch.equal(v, after[k]) and v.dtype == after[k].dtype for k, v in before.items())
+
+
+def test_conditionals_of_another_family_are_refused(
+    turbo: ChatterboxTurboTTS, multilingual: ChatterboxMultilingualTTS
+) -> None:
+    with pytest.raises(
+        SourceError, match="made by the multilingual family's prepare_conditionals.*turbo model"
+    ):
+        check_conditionals(multilingual.conds, turbo)

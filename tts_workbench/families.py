@@ -41,6 +41,7 @@ class Family:
     backbone: str
     guidance: bool  # classifier-free guidance: T3 runs a batch of two
     cfm_steps: int  # S3Gen flow-matching steps per call
+    sampling: dict[str, float]  # upstream generate's default sampling arguments
 
 
 FAMILIES = {
@@ -54,6 +55,7 @@ FAMILIES = {
         "Llama",
         True,
         10,
+        {"temperature": 0.8, "repetition_penalty": 1.2, "min_p": 0.05, "top_p": 1.0, "cfg_weight": 0.5},
     ),
     "turbo": Family(
         "turbo",
@@ -71,6 +73,7 @@ FAMILIES = {
         "GPT-2",
         False,
         2,
+        {"temperature": 0.8, "repetition_penalty": 1.2, "top_p": 0.95, "top_k": 1000},
     ),
     "multilingual": Family(
         "multilingual",
@@ -82,6 +85,7 @@ FAMILIES = {
         "Llama",
         True,
         10,
+        {"temperature": 0.8, "repetition_penalty": 2.0, "min_p": 0.05, "top_p": 1.0, "cfg_weight": 0.5},
     ),
 }
 

@@ -38,7 +38,6 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from chatterbox.models.s3tokenizer import drop_invalid_tokens
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import ChatterboxTTS
 from torch.utils.benchmark import Measurement
@@ -58,7 +57,9 @@ from .decode import (
     text_tokens,
 )
 from .errors import ConfigError, EmptyTextError, NoVoiceError
+from .families import check_language, family_of
 from .generation import generate as capped_generate
+from .generation import prepare_voice
 from .latency import ChunkMetrics
 from .precision import (
     ISLANDS,
@@ -74,7 +75,7 @@ from .precision import (
 )
 from .sources import check_device, components, load_folder, load_pretrained
 from .streaming import StreamConfig, StreamState, stream
-from .vocode import FLOW_MODES, FlowPlan, s3gen_inference
+from .vocode import FLOW_MODES, FlowPlan, s3gen_inference, tail_tokens
 
 # The decode step "auto" picks per device type: measured side by side with `tts-workbench bench`
 # (README, "Decode step"). On CUDA the eager step is host-bound (H200: 43 ms per token).
@@ -155,7 +156,7 @@ def measure_policy(
     """Prefill seconds and seconds per decode step of T3 under ``policy`` (tts is not changed),
     each a ``Measurement`` over ``repeats`` synchronised runs after one warm-up."""
     plan = decode_plan(tts, policy)
-    text = torch.full((2, text_len), 1, dtype=torch.long)
+    text = torch.full((2 if family_of(tts).guidance else 1, text_len), 1, dtype=torch.long)
     text[:, 0], text[:, -1] = tts.t3.hp.start_text_token, tts.t3.hp.stop_text_token
     # A copy, so the prompt embedding T3 caches on the conditionals is not left behind.
     cond = T3Cond(**{**vars(_probe_cond(tts)), "cond_prompt_speech_emb": None})
@@ -244,6 +245,7 @@ class Pipeline:
         """How this pipeline runs: policy, dtypes, decode loop, islands, parameter bytes."""
         tts = self.tts
         return {
+            "family": family_of(tts).name,
             "optimize": self.optimize,
             "device": str(self.device),
             "model_dtype": dtype_name(next(tts.t3.parameters()).dtype),
@@ -279,7 +281,7 @@ class Pipeline:
             raise NoVoiceError()
 
     def prepare_conditionals(self, wav_fpath: str, exaggeration: float = 0.5) -> None:
-        self.tts.prepare_conditionals(wav_fpath, exaggeration=exaggeration)
+        prepare_voice(self.tts, wav_fpath, exaggeration)
 
     def generate(
         self,
@@ -520,7 +522,7 @@ class PerformanceOptimizedTTS(Pipeline):
 
     def prepare_conditionals(self, wav_fpath: str, exaggeration: float = 0.5) -> None:
         with self._amp():
-            self.tts.prepare_conditionals(wav_fpath, exaggeration=exaggeration)
+            prepare_voice(self.tts, wav_fpath, exaggeration)
         self._ensure_conditionals_dtype()
 
     def _voice(self, audio_prompt_path: str | None, exaggeration: float) -> None:
@@ -538,18 +540,22 @@ class PerformanceOptimizedTTS(Pipeline):
         max_new_tokens: int = 1000,
         cfg_weight: float = 0.5,
         decode: str | None = None,
+        language_id: str | None = None,
         **sampling: Any,
     ) -> DecodeResult:
         """T3 only: the speech tokens for ``text`` (the voice must be prepared); ``decode``
-        overrides the wrapper's decode step for this call."""
+        overrides the wrapper's decode step for this call; the multilingual model speaks
+        ``language_id`` (default "en")."""
         if not text.strip():
             raise EmptyTextError()
         if self.tts.conds is None:
             raise NoVoiceError()
+        family = family_of(self.tts)
+        language = check_language(language_id or "en") if family.name == "multilingual" else None
         return t3_decode(  # the plan carries the autocast dtype, entered around each step
             self.tts.t3,
             self.tts.conds.t3,
-            text_tokens(self.tts, text, cfg_weight),
+            text_tokens(self.tts, text, cfg_weight, language),
             max_new_tokens=max_new_tokens,
             plan=self.plan_for(decode),
             cfg_weight=cfg_weight,
@@ -569,20 +575,19 @@ class PerformanceOptimizedTTS(Pipeline):
         text: str,
         audio_prompt_path: str | None = None,
         exaggeration: float = 0.5,
-        cfg_weight: float = 0.5,
-        temperature: float = 0.8,
-        repetition_penalty: float = 1.2,
-        min_p: float = 0.05,
-        top_p: float = 1.0,
         max_new_tokens: int = 1000,
         seed: int | None = None,
         decode: str | None = None,
+        language_id: str | None = None,
+        **sampling: Any,
     ) -> torch.Tensor:
-        """Like upstream ``ChatterboxTTS.generate``: a watermarked waveform, shape (1, samples).
-        ``decode`` overrides the wrapper's decode step for this call (the bench compares them)."""
-        sampling = dict(
-            temperature=temperature, repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p
-        )
+        """Like the family's upstream ``generate``: a watermarked waveform, shape (1, samples).
+        ``sampling`` (temperature, top_p, ...; ``cfg_weight``) defaults as that ``generate`` does
+        (``families.Family.sampling``). ``decode`` overrides the wrapper's decode step for this
+        call (the bench compares them)."""
+        family = family_of(self.tts)
+        sampling = {**family.sampling, **sampling}
+        cfg_weight = float(sampling.pop("cfg_weight", 0.0))
         self._voice(audio_prompt_path, exaggeration)
         if seed is not None:
             torch.manual_seed(seed)
@@ -598,10 +603,14 @@ class PerformanceOptimizedTTS(Pipeline):
             if self.record_attention
             else (nullcontext(record)) as record
         ):
-            decoded = self.speech_tokens(text, max_new_tokens, cfg_weight, decode, **sampling)
+            decoded = self.speech_tokens(text, max_new_tokens, cfg_weight, decode, language_id, **sampling)
         t1 = now(self.device)
-        tokens = drop_invalid_tokens(decoded.tokens[0])
-        wav = self.vocode(tokens[tokens < SPEECH_VOCAB_SIZE]).squeeze(0).cpu().numpy()
+        tokens = decoded.tokens[0]
+        # As upstream: only speech tokens are vocoded (Turbo then adds its closing silence).
+        speech = torch.cat(
+            [tokens[tokens < SPEECH_VOCAB_SIZE], tokens.new_tensor(tail_tokens(self.tts.s3gen))]
+        )
+        wav = self.vocode(speech).squeeze(0).cpu().numpy()
         t2 = now(self.device)
         marked = self.tts.watermarker.apply_watermark(wav, sample_rate=self.tts.sr)
         t3 = now(self.device)

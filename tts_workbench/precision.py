@@ -24,6 +24,7 @@ from torch import nn
 
 from .constants import dtype_name
 from .errors import ConfigError, SourceError
+from .families import FAMILIES, family_of
 from .patching import preserved, shadow, working_copy
 from .sources import components
 from .vocode import cast_gen
@@ -123,7 +124,14 @@ def compute_dtype(module: nn.Module, skip: Sequence[nn.Module] = ()) -> torch.dt
 
 
 def check_conditionals(conds: Conditionals, tts: ChatterboxTTS) -> None:
-    """Refuse conditionals made for another model size, naming the tensor that does not fit."""
+    """Refuse conditionals made for another family or model size, naming what does not fit."""
+    family, kind = family_of(tts), type(conds)
+    if kind is not family.conditionals:
+        made_for = next((f.name for f in FAMILIES.values() if kind is f.conditionals), "an unknown")
+        raise SourceError(
+            f"these conditionals were made by the {made_for} family's prepare_conditionals, and this is a "
+            f"{family.name} model; call prepare_conditionals(reference_wav) with this model instead"
+        )
     expect = {
         "t3.speaker_emb": (conds.t3.speaker_emb, tts.t3.cond_enc.spkr_enc.in_features),
         "gen.embedding": (conds.gen.get("embedding"), tts.s3gen.flow.spk_embed_affine_layer.in_features),
@@ -149,7 +157,7 @@ def copy_conditionals(conds: Conditionals | None) -> Conditionals | None:
         return v.detach().clone() if torch.is_tensor(v) else v
 
     t3 = type(conds.t3)(**{k: fresh(v) for k, v in vars(conds.t3).items()})
-    return Conditionals(t3, {k: fresh(v) for k, v in conds.gen.items()})
+    return type(conds)(t3, {k: fresh(v) for k, v in conds.gen.items()})  # the family's own class
 
 
 @contextmanager
