@@ -176,3 +176,74 @@ def test_conditionals_of_another_family_are_refused(
         SourceError, match="made by the multilingual family's prepare_conditionals.*turbo model"
     ):
         check_conditionals(multilingual.conds, turbo)
+
+
+def _multilingual_text(tts: ChatterboxMultilingualTTS) -> torch.Tensor:
+    return text_tokens(tts, "Bonjour à tous, ceci est un essai.", 0.5, "fr")
+
+
+def test_multilingual_decode_samples_upstreams_tokens_and_gives_the_model_back(
+    multilingual: ChatterboxMultilingualTTS,
+) -> None:
+    t3, text = multilingual.t3, _multilingual_text(multilingual)
+    config, attn = t3.tfmr.config, t3.tfmr.layers[9].self_attn
+    hooks = len(attn._forward_hooks)
+    torch.manual_seed(7)
+    ours = t3_decode(t3, multilingual.conds.t3, text, max_new_tokens=N, plan=DecodePlan.plain(t3))
+    # Upstream's analyzer switched attention to eager and added hooks for the run; all undone.
+    assert (config._attn_implementation, config.output_attentions, len(attn._forward_hooks)) == (
+        "sdpa",
+        False,
+        hooks,
+    )
+    torch.manual_seed(7)
+    upstream = t3.inference(t3_cond=multilingual.conds.t3, text_tokens=text, max_new_tokens=N, top_p=0.95)
+    assert torch.equal(upstream, ours.tokens)
+    # Upstream leaves them changed (three more hooks every generation): put the model back.
+    assert len(attn._forward_hooks) > hooks
+    for a in (t3.tfmr.layers[i].self_attn for i in (9, 12, 13)):
+        a._forward_hooks.clear()
+    config._attn_implementation, config.output_attentions = "sdpa", False
+
+
+class _Biased(torch.nn.Module):
+    """A speech head that always prefers one token: a repetition the analyzer must stop."""
+
+    def __init__(self, head: torch.nn.Module, token: int) -> None:
+        super().__init__()
+        self.head = head
+        self.bias = torch.zeros(head.out_features)
+        self.bias[token] = 100.0
+
+    @property
+    def weight(self) -> torch.Tensor:  # read by the loops for the head's device
+        return self.head.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) + self.bias
+
+
+def test_the_alignment_analyzer_forces_the_stop_as_upstream(multilingual: ChatterboxMultilingualTTS) -> None:
+    t3, text = multilingual.t3, _multilingual_text(multilingual)
+    head = t3.speech_head
+    t3.speech_head = _Biased(head, 1234)
+    try:
+        runs = {}
+        for step in ("eager", "static"):
+            torch.manual_seed(7)
+            plan = DecodePlan.plain(t3, step=step, max_cache_len=512)
+            runs[step] = t3_decode(
+                t3, multilingual.conds.t3, text, max_new_tokens=20, plan=plan, stop_check_every=1
+            )
+        torch.manual_seed(7)
+        upstream = t3.inference(t3_cond=multilingual.conds.t3, text_tokens=text, max_new_tokens=20)
+    finally:
+        t3.speech_head = head
+        for a in (t3.tfmr.layers[i].self_attn for i in (9, 12, 13)):
+            a._forward_hooks.clear()
+        t3.tfmr.config._attn_implementation, t3.tfmr.config.output_attentions = "sdpa", False
+    stop = t3.hp.stop_speech_token
+    assert upstream[0].tolist() == [1234, 1234, stop]  # two repeats: upstream forces the stop token
+    assert torch.equal(runs["eager"].tokens, upstream) and runs["eager"].stopped
+    # The static step has no attention weights for the analyzer: it does not stop (README).
+    assert not runs["static"].stopped and runs["static"].tokens.size(1) == 20

@@ -42,14 +42,18 @@ from __future__ import annotations
 import copy
 import types
 import warnings
-from collections.abc import Callable, Generator
-from contextlib import ExitStack
+from collections.abc import Callable, Generator, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from chatterbox.models.t3 import T3
+from chatterbox.models.t3.inference.alignment_stream_analyzer import (
+    LLAMA_ALIGNED_HEADS,
+    AlignmentStreamAnalyzer,
+)
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.mtl_tts import punc_norm as mtl_punc_norm
 from chatterbox.tts import punc_norm
@@ -493,6 +497,44 @@ def _scorer(
     return scores
 
 
+@contextmanager
+def alignment_analyzer(t3: T3, plan: DecodePlan, len_cond: int, text_len: int) -> Iterator[Any]:
+    """Upstream multilingual ``T3.inference``'s ``AlignmentStreamAnalyzer`` for the eager step
+    (``None`` otherwise): it reads three heads' attention at every step and suppresses the stop
+    token until the text is read, or forces it on a repetition, so without it the tokens are not
+    upstream's. Its attention spies need attention weights, so it switches the backbone to eager
+    attention with ``output_attentions`` on, and it never removes its forward hooks: upstream
+    leaves three more hooks (each copying attention to the host every step) after every
+    multilingual generation. Here both changes are undone when the generation ends. The static
+    and compiled steps have no attention weights to spy on: they decode without it."""
+    if not t3.hp.is_multilingual or plan.step != "eager":
+        yield None
+        return
+    tfmrs: list[Any] = list({id(m): m for m in (plan.prefill.tfmr, plan.decode.tfmr)}.values())
+    configs = [(m.config, m.config._attn_implementation, m.config.output_attentions) for m in tfmrs]
+    attns = [m.layers[layer].self_attn for m in tfmrs for layer, _ in LLAMA_ALIGNED_HEADS]
+    hooks_before = [set(a._forward_hooks) for a in attns]
+    try:
+        analyzer = AlignmentStreamAnalyzer(
+            tfmrs[0],
+            None,
+            text_tokens_slice=(len_cond, len_cond + text_len),
+            alignment_layer_idx=9,
+            eos_idx=t3.hp.stop_speech_token,
+        )
+        for m in tfmrs[1:]:  # a decode copy in another dtype runs the steps: spy on it too
+            m.config._attn_implementation, m.config.output_attentions = "eager", True
+            for k, (layer, head) in enumerate(LLAMA_ALIGNED_HEADS):
+                analyzer._add_attention_spy(m, k, layer, head)
+        yield analyzer
+    finally:
+        for config, implementation, output_attentions in configs:
+            config._attn_implementation, config.output_attentions = implementation, output_attentions
+        for attn, before in zip(attns, hooks_before, strict=True):
+            for key in set(attn._forward_hooks) - before:
+                del attn._forward_hooks[key]
+
+
 def decode_blocks(
     t3: T3,
     t3_cond: T3Cond,
@@ -541,52 +583,59 @@ def decode_blocks(
             stack.enter_context(torch.autocast(device.type, plan.autocast))
         return stack
 
-    t0 = now(device)
-    stats.compile_s, stats.step_mode = 0.0, "eager"
     step: StaticStep | None = None
-    with ctx():
-        embeds = prefill_embeds(t3, t3_cond, text_tokens, cfg_weight)
-        batch, prefill_len = embeds.size(0), embeds.size(1)
-        if static:
-            _check_static(plan, device, batch, prefill_len, max_new_tokens)
-        logits, past = _logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
-        if static:
-            # The cache holds what the eager loop's DynamicCache would: the decode dtype when the
-            # decode weights differ, else the prefill's (DynamicCache keeps values in its keys' dtype).
-            same = plan.decode.dtype == plan.prefill.dtype
-            kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
-            held = plan.static_step(batch)
-            t_build = now(device)
-            step = _static_step(plan, batch, kv_dtype, device, ctx)
-            if step is not held:
-                stats.compile_s = now(device) - t_build
-            stats.step_mode = step.mode
-            if step.busy:
-                raise CacheError(
-                    "another generation (e.g. a paused generate_stream) still uses this plan's static "
-                    "KV cache; finish or close it first, or decode this one with step='eager'"
-                )
-            step.load(past)
-            step.begin()
-            past = None
-            # Per-step inputs are views of these (no host tensor, no copy per step).
-            positions = torch.arange(max_new_tokens + 1, device=device).view(-1, 1)
-            slots = torch.arange(prefill_len, prefill_len + max_new_tokens, device=device)
-        elif plan.decode.dtype != plan.prefill.dtype:
-            _cast_cache(past, plan.decode.dtype)
-        scores_of = _scorer(turbo, temperature, top_p, min_p, top_k, repetition_penalty)
-        ids = torch.full((1, max_new_tokens + 1), hp.start_speech_token, dtype=torch.long, device=device)
-    t_mark = now(device)
-    stats.prefill_s = t_mark - t0 - stats.compile_s
-    dec = plan.decode
-    start = 0  # first step of the current block
+    scope = ExitStack()  # what the multilingual alignment analyzer changes, undone at the end
     try:
+        t0 = now(device)
+        stats.compile_s, stats.step_mode = 0.0, "eager"
+        with ctx():
+            embeds = prefill_embeds(t3, t3_cond, text_tokens, cfg_weight)
+            batch, prefill_len = embeds.size(0), embeds.size(1)
+            # Conditioning, text, two start tokens: the analyzer reads the text's columns.
+            analyzer = scope.enter_context(
+                alignment_analyzer(t3, plan, prefill_len - text_tokens.size(1) - 2, text_tokens.size(1))
+            )
+            if static:
+                _check_static(plan, device, batch, prefill_len, max_new_tokens)
+            logits, past = _logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
+            if static:
+                # The cache holds what the eager loop's DynamicCache would: the decode dtype when the
+                # decode weights differ, else the prefill's (DynamicCache keeps values in its keys' dtype).
+                same = plan.decode.dtype == plan.prefill.dtype
+                kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
+                held = plan.static_step(batch)
+                t_build = now(device)
+                step = _static_step(plan, batch, kv_dtype, device, ctx)
+                if step is not held:
+                    stats.compile_s = now(device) - t_build
+                stats.step_mode = step.mode
+                if step.busy:
+                    raise CacheError(
+                        "another generation (e.g. a paused generate_stream) still uses this plan's static "
+                        "KV cache; finish or close it first, or decode this one with step='eager'"
+                    )
+                step.load(past)
+                step.begin()
+                past = None
+                # Per-step inputs are views of these (no host tensor, no copy per step).
+                positions = torch.arange(max_new_tokens + 1, device=device).view(-1, 1)
+                slots = torch.arange(prefill_len, prefill_len + max_new_tokens, device=device)
+            elif plan.decode.dtype != plan.prefill.dtype:
+                _cast_cache(past, plan.decode.dtype)
+            scores_of = _scorer(turbo, temperature, top_p, min_p, top_k, repetition_penalty)
+            ids = torch.full((1, max_new_tokens + 1), hp.start_speech_token, dtype=torch.long, device=device)
+        t_mark = now(device)
+        stats.prefill_s = t_mark - t0 - stats.compile_s
+        dec = plan.decode
+        start = 0  # first step of the current block
         for i in range(max_new_tokens):
             with ctx():
                 if logits_out is not None:
                     logits_out.append(logits)
                 cond, uncond = logits[0:1], logits[1:2]
                 guided = cond + cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
+                if analyzer is not None:  # upstream multilingual: may suppress or force the stop token
+                    guided = analyzer.step(guided, next_token=int(ids[0, i]))
                 # Turbo penalises the tokens sampled so far (the start token only before the first).
                 seen = ids[:, 1 : i + 1] if turbo and i else ids[:, : i + 1]
                 scores = scores_of(seen, guided)
@@ -615,6 +664,7 @@ def decode_blocks(
                     embed = dec.embed(token, i + 1)
                     logits, past = _logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
     finally:
+        scope.close()
         if step is not None:
             step.busy = False
 
