@@ -155,8 +155,10 @@ def _sdpa_inputs(tts: ChatterboxTTS, keys: int, dtype: torch.dtype | None, devic
     dtype = dtype or p.dtype
     dev = torch.device(device) if device else p.device
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    q = torch.randn(2, cfg.num_attention_heads, 1, head_dim, dtype=dtype, device=dev)  # CFG batch 2
-    k = torch.randn(2, cfg.num_key_value_heads, keys, head_dim, dtype=dtype, device=dev)
+    batch = 1 if getattr(tts.t3, "is_gpt", False) else 2  # Turbo has no guidance batch
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads  # GPT-2: no GQA
+    q = torch.randn(batch, cfg.num_attention_heads, 1, head_dim, dtype=dtype, device=dev)
+    k = torch.randn(batch, kv_heads, keys, head_dim, dtype=dtype, device=dev)
     return q, k, k.clone()
 
 

@@ -223,7 +223,7 @@ def _where(e: BaseException) -> str:
 
 
 def _roots(target: nn.Module | ChatterboxTTS) -> dict[str, nn.Module]:
-    return components(target) if isinstance(target, ChatterboxTTS) else {"": target}
+    return {"": target} if isinstance(target, nn.Module) else components(target)  # a model of any family
 
 
 @contextmanager
