@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import pandas as pd
 import psutil
 import torch
 from chatterbox.tts import ChatterboxTTS
@@ -29,12 +30,13 @@ from .clock import now
 from .constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
 from .decode import T3Parts
 from .errors import ConfigError
-from .generation import prepare_voice
+from .generation import generate, prepare_voice
 from .latency import snr_db
 from .optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
 from .precision import check_policy
-from .sources import load_model, make_reference_wav
+from .sources import load_model, make_reference_wav, model_summary
 from .streaming import StreamConfig, one_shot, quality, stream_all
+from .tables import render
 from .vocode import FlowPlan
 
 # upstream: upstream generate (float32). optimized / static / compiled: the wrapper with its dtype
@@ -356,8 +358,82 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         w.writerows(rows)
 
 
+def compare_families(
+    models: dict[str, str],
+    tokens: int = 50,
+    text: str = UPSTREAM_SENTENCE,
+    reference: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    outdir: str | Path = "runs/families",
+) -> pd.DataFrame:
+    """The families side by side, one row each (``models``: family -> model source): parameters,
+    where a capped upstream one-shot generation spends its time, and a buffered stream of the
+    same text. Times are per token, per call and per second of audio, so families compare."""
+    reference = reference or str(make_reference_wav(Path(outdir) / "reference.wav"))
+    rows = []
+    for family, source in tqdm(models.items(), desc="families", unit="family"):
+        tts = load_model(source, device, seed)
+        prepare_voice(tts, reference)
+        params = {name: float(cast(int, c["parameters"])) / 1e6 for name, c in model_summary(tts).items()}
+        r = generate(tts, text, max_new_tokens=tokens, seed=seed)
+        t3, prefill = r.seconds["t3"], r.seconds.get("t3.prefill", 0.0)
+        s3gen = r.seconds.get("s3gen.flow", 0.0) + r.seconds.get("s3gen.vocoder", 0.0)
+        _, state = stream_all(tts, text, StreamConfig("buffered"), max_new_tokens=tokens, seed=seed)
+        stream = state.report.summary()
+        rows.append(
+            {
+                "family": family,
+                "model": source,
+                "t3_params_m": params["t3"],
+                "s3gen_params_m": params["s3gen"],
+                "t3_ms_per_tok": 1e3 * (t3 - prefill) / max(len(r.speech_tokens) - 1, 1),
+                "t3_s_per_audio_s": t3 / r.audio_s,
+                "s3gen_s_per_audio_s": s3gen / r.audio_s,
+                "one_shot_rtf": r.rtf,
+                "stream_s3gen_calls": stream["s3gen_calls"],
+                "stream_ms_per_call": 1e3 * (stream["flow_s"] + stream["vocoder_s"]) / stream["s3gen_calls"],
+                "stream_ttfa_s": stream["ttfa_s"],
+                "stream_rtf": stream["rtf"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def bench_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per configuration: medians, throughput beside the floor, ratios to the first."""
+    compile_s = report.get("compile_s", {})
+    rows = []
+    for s in report["summary"]:
+        step = s["t3_step_s_median"]
+        floor = report["floors"][floor_of(s["config"])]
+        rows.append(
+            {
+                "config": s["config"],
+                "ttfa_s": s["ttfa_s_median"],
+                "wall_s": s["wall_s_median"],
+                "rtf": s["rtf_median"],
+                "t3_ms_per_tok": step * 1e3,
+                "tok_per_s": 1 / step if step else 0.0,
+                "gb_per_s": floor["t3_bytes"] / step / 1e9 if step else 0.0,
+                "x_floor": s["t3_step_vs_floor"] or float("nan"),
+                "prefill_s": s["t3_prefill_s_median"],
+                "s3gen_s": s["s3gen_s_median"],
+                "s3gen_calls": s["s3gen_calls"],
+                "s3gen_ms_per_call": 1e3
+                * s.get("s3gen_per_call_s_median", s["s3gen_s_median"] / s["s3gen_calls"]),
+                "peak_gb": max(s["peak_rss_gb"], s["peak_cuda_gb"]),
+                "wall_ratio": s["wall_s_ratio"],
+                "step_ratio": s["t3_step_s_ratio"],
+                "compile_s": compile_s.get(s["config"], 0.0),
+                "phases_over_wall": s.get("phases_over_wall_median", 0.0),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def format_bench(report: dict[str, Any]) -> str:
-    """The terminal table: medians, ratios to the first configuration, the step floor."""
+    """The terminal table: what ran where, then ``bench_frame`` rendered."""
     env = report["environment"]
     lines = [
         f"model {env['model']} on {env['device']} ({env['processor']}, {env['cpu_count']} CPUs), "
@@ -370,33 +446,19 @@ def format_bench(report: dict[str, Any]) -> str:
         f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s; T3 decode-step floor: "
         + ", ".join(f"{k} {v['floor_s'] * 1e3:.1f} ms ({v['dtype']})" for k, v in report["floors"].items()),
         "",
-        f"{'config':<18}{'TTFA s':>9}{'wall s':>9}{'RTF':>8}{'T3 ms/tok':>11}{'tok/s':>8}{'GB/s':>8}"
-        f"{'×floor':>8}{'prefill s':>10}{'S3Gen s':>9}{'calls':>6}{'ms/call':>9}{'peak GB':>9}"
-        f"{'wall ×':>8}{'step ×':>8}{'compile s':>11}{'Σ/wall':>8}",
+        render(
+            bench_frame(report),
+            {"t3_ms_per_tok": ".1f", "tok_per_s": ".1f", "gb_per_s": ".1f", "s3gen_ms_per_call": ".0f"},
+        ),
     ]
-    compile_s = report.get("compile_s", {})
-    for s in report["summary"]:
-        vs_floor = f"{s['t3_step_vs_floor']:.2f}" if s["t3_step_vs_floor"] else "-"
-        step = s["t3_step_s_median"]
-        floor = report["floors"][floor_of(s["config"])]
-        per_call = s.get("s3gen_per_call_s_median", s["s3gen_s_median"] / s["s3gen_calls"])
-        lines.append(
-            f"{s['config']:<18}{s['ttfa_s_median']:>9.2f}{s['wall_s_median']:>9.2f}{s['rtf_median']:>8.2f}"
-            f"{step * 1e3:>11.1f}{1 / step if step else 0:>8.1f}"
-            f"{floor['t3_bytes'] / step / 1e9 if step else 0:>8.1f}"
-            f"{vs_floor:>8}{s['t3_prefill_s_median']:>10.2f}{s['s3gen_s_median']:>9.2f}{s['s3gen_calls']:>6}"
-            f"{per_call * 1e3:>9.0f}{max(s['peak_rss_gb'], s['peak_cuda_gb']):>9.2f}"
-            f"{s['wall_s_ratio']:>8.2f}{s['t3_step_s_ratio']:>8.2f}"
-            f"{compile_s.get(s['config'], 0.0):>11.2f}{s.get('phases_over_wall_median', 0.0):>8.2f}"
-        )
     if report.get("compile_fallback"):
         lines.append(f"compile failed, the static step ran instead: {report['compile_fallback']}")
     if report.get("flow_compile_fallback"):
         lines.append(f"estimator compile failed, it ran eagerly: {report['flow_compile_fallback']}")
     lines.append(
-        "GB/s: T3 weight bytes read per decode step / step time (the floor's bytes); "
-        "Σ/wall: the timed phases (T3, S3Gen, watermark) over the wall time; "
-        "ms/call: S3Gen per call; compile s: T3's step and S3Gen's estimator, kept out of TTFA and wall"
+        "gb_per_s: T3 weight bytes read per decode step / step time (the floor's bytes); "
+        "phases_over_wall: the timed phases (T3, S3Gen, watermark) over the wall time; "
+        "compile_s: T3's step and S3Gen's estimator, kept out of TTFA and wall"
     )
     return "\n".join(lines)
 
@@ -446,20 +508,31 @@ def compare_streaming(
     return rows
 
 
-def format_streaming(rows: list[dict[str, Any]]) -> str:
-    """The streaming comparison as a table (times in seconds; seam = seam jump / largest other jump)."""
-    lines = [
-        f"{'strategy':<22}{'calls':>6}{'prompt/ctx/new frames':>23}{'S3Gen s':>9}{'x1-shot':>8}"
-        f"{'TTFA s':>8}{'wall s':>8}{'RTF':>7}{'underruns':>12}{'seam':>6}{'SNR dB':>8}{'vs full':>9}"
-    ]
+def streaming_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The streaming comparison, one row per strategy (seam = seam jump / largest other jump)."""
+    out = []
     for r in rows:
-        frames = f"{r['prompt_frames']}/{r['context_frames']}/{r['new_frames']}"
-        line = f"{r['name']:<22}{r['s3gen_calls']:>6}{frames:>23}{r['s3gen_s']:>9.2f}"
-        line += f"{r['s3gen_vs_one_shot']:>8.2f}"
+        row: dict[str, Any] = {
+            "strategy": r["name"],
+            "s3gen_calls": r["s3gen_calls"],
+            "prompt/ctx/new_frames": f"{r['prompt_frames']}/{r['context_frames']}/{r['new_frames']}",
+            "s3gen_s": r["s3gen_s"],
+            "x_one_shot": r["s3gen_vs_one_shot"],
+        }
         if "ttfa_s" in r:
-            gaps = f"{r['underruns']} ({r['underrun_s']:.1f} s)"
-            seam = r["seam_max_over_median"] / r["ordinary_max_over_median"]
-            line += f"{r['ttfa_s']:>8.2f}{r['wall_s']:>8.2f}{r['rtf']:>7.2f}{gaps:>12}"
-            line += f"{seam:>6.2f}{r['snr_db']:>8.1f}{r['snr_vs_full_prompt_one_shot_db']:>9.1f}"
-        lines.append(line)
-    return "\n".join(lines)
+            row |= {
+                "ttfa_s": r["ttfa_s"],
+                "wall_s": r["wall_s"],
+                "rtf": r["rtf"],
+                "underruns": f"{r['underruns']} ({r['underrun_s']:.1f} s)",
+                "seam_ratio": r["seam_max_over_median"] / r["ordinary_max_over_median"],
+                "snr_db": r["snr_db"],
+                "snr_vs_full_db": r["snr_vs_full_prompt_one_shot_db"],
+            }
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def format_streaming(rows: list[dict[str, Any]]) -> str:
+    """``streaming_frame`` rendered (times in seconds)."""
+    return render(streaming_frame(rows), {"snr_db": ".1f", "snr_vs_full_db": ".1f"})

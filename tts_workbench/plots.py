@@ -47,3 +47,21 @@ def time_share_figure(share: pd.DataFrame, title: str = "operator self time by p
     ax.legend(loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def family_time_figure(families: pd.DataFrame) -> Figure:
+    """Compute seconds per second of audio, T3 vs S3Gen, one bar per family
+    (``bench.compare_families``): below the line at 1 is faster than real time."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(families["family"], families["t3_s_per_audio_s"], label="T3")
+    ax.bar(
+        families["family"],
+        families["s3gen_s_per_audio_s"],
+        bottom=families["t3_s_per_audio_s"],
+        label="S3Gen",
+    )
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_ylabel("s per s of audio (one-shot)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
