@@ -30,7 +30,7 @@ from .clock import now
 from .constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
 from .decode import T3Parts
 from .errors import ConfigError
-from .generation import generate, prepare_voice
+from .generation import prepare_voice
 from .latency import snr_db
 from .optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
 from .precision import check_policy
@@ -376,25 +376,24 @@ def compare_families(
         tts = load_model(source, device, seed)
         prepare_voice(tts, reference)
         params = {name: float(cast(int, c["parameters"])) / 1e6 for name, c in model_summary(tts).items()}
-        r = generate(tts, text, max_new_tokens=tokens, seed=seed)
-        t3, prefill = r.seconds["t3"], r.seconds.get("t3.prefill", 0.0)
-        s3gen = r.seconds.get("s3gen.flow", 0.0) + r.seconds.get("s3gen.vocoder", 0.0)
-        _, state = stream_all(tts, text, StreamConfig("buffered"), max_new_tokens=tokens, seed=seed)
-        stream = state.report.summary()
+        upstream = UpstreamTTS(tts)
+        one = run_pipeline(upstream, text, tokens, seed)
+        t3 = upstream.last.seconds["t3.prefill"] + upstream.last.seconds["t3.decode"]
+        streamed = run_stream(tts, StreamConfig("buffered"), text, tokens, seed)
         rows.append(
             {
                 "family": family,
                 "model": source,
                 "t3_params_m": params["t3"],
                 "s3gen_params_m": params["s3gen"],
-                "t3_ms_per_tok": 1e3 * (t3 - prefill) / max(len(r.speech_tokens) - 1, 1),
-                "t3_s_per_audio_s": t3 / r.audio_s,
-                "s3gen_s_per_audio_s": s3gen / r.audio_s,
-                "one_shot_rtf": r.rtf,
-                "stream_s3gen_calls": stream["s3gen_calls"],
-                "stream_ms_per_call": 1e3 * (stream["flow_s"] + stream["vocoder_s"]) / stream["s3gen_calls"],
-                "stream_ttfa_s": stream["ttfa_s"],
-                "stream_rtf": stream["rtf"],
+                "t3_ms_per_tok": 1e3 * one["t3_step_s"],
+                "t3_s_per_audio_s": t3 / one["audio_s"],
+                "s3gen_s_per_audio_s": one["s3gen_s"] / one["audio_s"],
+                "one_shot_rtf": one["wall_s"] / one["audio_s"],
+                "stream_s3gen_calls": streamed["s3gen_calls"],
+                "stream_ms_per_call": 1e3 * streamed["s3gen_s"] / streamed["s3gen_calls"],
+                "stream_ttfa_s": streamed["ttfa_s"],
+                "stream_rtf": streamed["wall_s"] / streamed["audio_s"],
             }
         )
     return pd.DataFrame(rows)

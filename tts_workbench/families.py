@@ -109,6 +109,12 @@ def family_of(tts: Any) -> Family:
     raise ConfigError(f"{type(tts).__name__} is not a Chatterbox model: expected one of {names}")
 
 
+def language_for(tts: Any, language_id: str | None) -> str | None:
+    """The language ``tts`` is asked to speak: for the multilingual model ``language_id`` checked
+    (default "en"), for the others None (they have no language argument)."""
+    return check_language(language_id or "en") if family_of(tts).name == "multilingual" else None
+
+
 def check_language(language_id: str) -> str:
     """``language_id`` lower-cased if the multilingual model speaks it and its text front end can
     run here; otherwise a ConfigError that lists the languages or names the missing package."""

@@ -20,7 +20,7 @@ from chatterbox.tts import ChatterboxTTS
 from .clock import Stopwatch, now
 from .constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
 from .errors import ConfigError, EmptyTextError, NoVoiceError, SourceError
-from .families import TTSModel, check_language, family_of
+from .families import TTSModel, family_of, language_for
 from .patching import around, shadow
 from .profiling import t3_phase
 from .sources import ReferenceInfo, check_reference
@@ -158,14 +158,14 @@ def generate(
 ) -> GenerationResult:
     """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings
     (``t3`` includes its ``t3.prefill``). The multilingual model speaks ``language_id`` (default
-    "en", checked by ``families.check_language``)."""
+    "en", checked by ``families.language_for``)."""
     if not text or not text.strip():
         raise EmptyTextError()
     if tts.conds is None and not sampling.get("audio_prompt_path"):
         raise NoVoiceError()
     family = family_of(tts)
-    if family.name == "multilingual":
-        sampling["language_id"] = check_language(sampling.get("language_id", "en"))
+    if (language := language_for(tts, sampling.get("language_id"))) is not None:
+        sampling["language_id"] = language
     if seed is not None:  # None: go on from the caller's random state, as upstream generate does
         torch.manual_seed(seed)
     methods = {

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +57,7 @@ from .decode import (
     text_tokens,
 )
 from .errors import ConfigError, EmptyTextError, NoVoiceError
-from .families import check_language, family_of
+from .families import family_of, language_for
 from .generation import generate as capped_generate
 from .generation import prepare_voice
 from .latency import ChunkMetrics
@@ -86,22 +86,23 @@ DEFAULT_DECODE = {"cuda": "compiled", "cpu": "eager"}
 DEFAULT_FLOW = {"cuda": "compiled", "cpu": "eager"}
 
 
+def _mode(what: str, mode: str, modes: Sequence[str], defaults: dict[str, str], device: torch.device) -> str:
+    """``mode`` itself if it is one of ``modes``, or the device's default for ``"auto"``."""
+    if mode == "auto":
+        return defaults.get(device.type, "eager")
+    if mode not in modes:
+        raise ConfigError(f"unknown {what} {mode!r}: use auto or one of {', '.join(modes)}")
+    return mode
+
+
 def check_decode(step: str, device: torch.device) -> str:
     """The decode step to run: ``step`` itself, or the device's default for ``"auto"``."""
-    if step == "auto":
-        return DEFAULT_DECODE.get(device.type, "eager")
-    if step not in STEP_MODES:
-        raise ConfigError(f"unknown decode step {step!r}: use auto or one of {', '.join(STEP_MODES)}")
-    return step
+    return _mode("decode step", step, STEP_MODES, DEFAULT_DECODE, device)
 
 
 def check_flow(mode: str, device: torch.device) -> str:
     """How a stream runs the flow's estimator: ``mode`` itself, or the device's default for "auto"."""
-    if mode == "auto":
-        return DEFAULT_FLOW.get(device.type, "eager")
-    if mode not in FLOW_MODES:
-        raise ConfigError(f"unknown flow mode {mode!r}: use auto or one of {', '.join(FLOW_MODES)}")
-    return mode
+    return _mode("flow mode", mode, FLOW_MODES, DEFAULT_FLOW, device)
 
 
 def decode_plan(tts: ChatterboxTTS, policy: str) -> DecodePlan:
@@ -550,8 +551,7 @@ class PerformanceOptimizedTTS(Pipeline):
             raise EmptyTextError()
         if self.tts.conds is None:
             raise NoVoiceError()
-        family = family_of(self.tts)
-        language = check_language(language_id or "en") if family.name == "multilingual" else None
+        language = language_for(self.tts, language_id)
         return t3_decode(  # the plan carries the autocast dtype, entered around each step
             self.tts.t3,
             self.tts.conds.t3,

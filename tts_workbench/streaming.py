@@ -43,7 +43,7 @@ from .constants import (
 )
 from .decode import DecodePlan, DecodeStats, decode_blocks, text_tokens
 from .errors import ConfigError, EmptyTextError, NoVoiceError
-from .families import check_language, family_of
+from .families import language_for
 from .latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from .plots import save
 from .vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
@@ -225,7 +225,7 @@ def stream(
     blocks = decode_blocks(
         tts.t3,
         tts.conds.t3,
-        text_tokens(tts, text, cfg_weight, _language(tts, language_id)),
+        text_tokens(tts, text, cfg_weight, language_for(tts, language_id)),
         max_new_tokens=max_new_tokens,
         plan=plan,
         stop_check_every=config.t3_block,
@@ -289,11 +289,6 @@ def stream(
         bar.close()
 
 
-def _language(tts: Any, language_id: str | None) -> str | None:
-    """The checked language for the multilingual model, None for the others."""
-    return check_language(language_id or "en") if family_of(tts).name == "multilingual" else None
-
-
 def stream_all(
     tts: ChatterboxTTS, text: str, config: StreamConfig, **kwargs: Any
 ) -> tuple[np.ndarray, StreamState]:
@@ -312,9 +307,9 @@ def _s3gen(
     cache: torch.Tensor | None = None,
     flow: FlowPlan | None = None,
     pad_to: int | None = None,
-) -> tuple[np.ndarray, torch.Tensor, float, float]:
-    """One S3Gen call: waveform, excitation source, flow seconds (without compiling the
-    estimator for a new shape, counted in ``flow.compile_s``), vocoder seconds."""
+) -> tuple[np.ndarray, torch.Tensor, float, float, float]:
+    """One S3Gen call: waveform, excitation source, flow seconds, vocoder seconds, and the
+    seconds spent compiling the estimator for a new shape (kept out of the flow seconds)."""
     with ExitStack() as stack:
         if amp is not None:
             stack.enter_context(torch.autocast(tts.s3gen.device.type, amp))
@@ -326,7 +321,7 @@ def _s3gen(
         wav, source = vocoder(tts.s3gen, mels, cache)
         t2 = now(device)
     compiling = (flow.compile_s if flow else 0.0) - compiled_before
-    return wav[0].cpu().numpy(), source, t1 - t0 - compiling, t2 - t1
+    return wav[0].cpu().numpy(), source, t1 - t0 - compiling, t2 - t1, compiling
 
 
 def _naive(
@@ -349,7 +344,7 @@ def _naive(
             continue
         new = state.tokens[done:]
         context = state.tokens[max(0, done - config.context_tokens) : done]
-        wav, _, flow_s, voc_s = _s3gen(tts, gen, context + new, None, amp)
+        wav, _, flow_s, voc_s, _ = _s3gen(tts, gen, context + new, None, amp)
         fade_in(tts.s3gen, torch.from_numpy(wav))  # upstream S3Gen.inference fades every call in
         chunk = wav[int(len(context) * len(wav) / (len(context) + len(new))) :].copy()
         if done and fade:  # the fork's fade-in at every seam but the first
@@ -405,11 +400,10 @@ def _buffered(
         noise = state.noise[:, :, s * FRAMES_PER_TOKEN : e * FRAMES_PER_TOKEN]
         # A compiled estimator gets the window's regular size (with its left context and lookahead).
         regular = (begin - max(0, begin - config.left_context_tokens)) + size + config.lookahead_tokens
-        compiling = flow.compile_s
-        wav, source, flow_s, voc_s = _s3gen(
+        wav, source, flow_s, voc_s, compiling = _s3gen(
             tts, gen, state.tokens[s:e], noise, amp, cache, flow, regular if flow.compiled else None
         )
-        state.s3gen_compile_s += flow.compile_s - compiling
+        state.s3gen_compile_s += compiling
         prev = (s, e, source)
         if begin == 0:
             fade_in(tts.s3gen, torch.from_numpy(wav))  # as upstream one-shot
@@ -446,7 +440,7 @@ def one_shot(
     gen = shorten_prompt(tts.conds.gen, config.prompt_s) if tts.conds else {}
     n = len(state.tokens)
     noise = state.noise[:, :, : n * FRAMES_PER_TOKEN] if state.noise.numel() else None
-    wav, _, _, _ = _s3gen(tts, gen, state.tokens, noise, amp)
+    wav, *_ = _s3gen(tts, gen, state.tokens, noise, amp)
     fade_in(tts.s3gen, torch.from_numpy(wav))
     return wav
 
