@@ -29,7 +29,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tts_workbench.profiling import Server, free_port, start_server, start_tensorboard
+from tts_workbench.instruments.profiling import Server, free_port, start_server, start_tensorboard
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "browser"

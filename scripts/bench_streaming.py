@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from tts_workbench.bench import compare_streaming, environment, format_streaming
-from tts_workbench.generation import prepare_voice
-from tts_workbench.optimized import decode_plan
-from tts_workbench.sources import load_model, make_reference_wav
-from tts_workbench.streaming import StreamConfig
+from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.runtime.optimized import decode_plan
+from tts_workbench.runtime.streaming import StreamConfig
+from tts_workbench.studies.bench import compare_streaming, environment, format_streaming
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--model", default="tiny")

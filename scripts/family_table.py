@@ -14,7 +14,7 @@ import sys
 
 import pandas as pd
 
-from tts_workbench.tables import render
+from tts_workbench.core.tables import render
 
 FAMILY = {"random": "standard", "turbo-random": "turbo", "multilingual-random": "multilingual"}
 

@@ -43,7 +43,7 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 REF=()
 if [[ $DRY == 1 ]]; then  # a 2 s voice keeps the dry run short (S3Gen re-encodes the prompt every call)
-    $PY -c "import sys; from tts_workbench.sources import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
+    $PY -c "import sys; from tts_workbench.models.sources import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
     REF=(--reference "$TMP/ref.wav")
 fi
 
@@ -60,17 +60,17 @@ step() {  # step NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.er
 POLICIES=${GPU_CHECK_POLICIES-bfloat16}
 [[ $COMBINE == 1 ]] && POLICIES_RUN="" || POLICIES_RUN=$POLICIES
 for policy in $POLICIES_RUN; do
-    step "bench-$policy" $PY -m tts_workbench.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS \
+    step "bench-$policy" $PY -m tts_workbench.interface.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS \
         --repeats $REPEATS --warmup $WARMUP --configs "$CONFIGS" --dtype "$policy" --out "$TMP/$policy"
 done
-[[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
+[[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.interface.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 
 mkdir -p "$(dirname "$OUT")"
 GPU_CHECK_NOTE=${GPU_CHECK_NOTE:-} $PY - "$DIR" "$OUT" "$DRY" $POLICIES <<'PY'
 import json, os, sys
 from pathlib import Path
-from tts_workbench.bench import format_bench
+from tts_workbench.studies.bench import format_bench
 d, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
 
 def load(name):  # (result, None), (None, error text), or (None, None) for a step not run

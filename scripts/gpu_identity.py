@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from tts_workbench.bench import environment
-from tts_workbench.decode import DecodePlan, DecodeResult, T3Parts, t3_decode, text_tokens
-from tts_workbench.generation import prepare_voice
-from tts_workbench.quiet import quiet_libraries
-from tts_workbench.sources import load_model, make_reference_wav
-from tts_workbench.vocode import FlowPlan, flow_mels
+from tts_workbench.core.quiet import quiet_libraries
+from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.vocode import FlowPlan, flow_mels
+from tts_workbench.runtime.decode import DecodePlan, DecodeResult, T3Parts, t3_decode, text_tokens
+from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.studies.bench import environment
 
 TEXT = "Hello there, this is a test of the compiled decode step on a real device."
 SEED = 7

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from chatterbox.tts import ChatterboxTTS
 
-from tts_workbench.generation import prepare_voice
-from tts_workbench.sources import load_model, make_reference_wav
+from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.runtime.generation import prepare_voice
 
 
 @pytest.fixture(scope="session")

@@ -7,15 +7,15 @@ from pathlib import Path
 import torch
 from chatterbox.tts import ChatterboxTTS
 
-from tts_workbench.attention import (
+from tts_workbench.instruments.attention import (
     EAGER,
     probe_backends,
     probe_output_attentions,
     record_kernels,
     why_not_flash,
 )
-from tts_workbench.generation import generate
-from tts_workbench.sources import load_model
+from tts_workbench.models.sources import load_model
+from tts_workbench.runtime.generation import generate
 
 
 def test_sdpa_backbone_with_and_without_output_attentions(tiny_tts: ChatterboxTTS) -> None:

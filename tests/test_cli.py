@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tts_workbench.cli import main
-from tts_workbench.diagnose import format_report
+from tts_workbench.interface.cli import main
+from tts_workbench.studies.diagnose import format_report
 
 
 def test_diagnose_json_report(
@@ -62,9 +62,9 @@ def test_diagnose_json_report(
 )
 def test_bad_arguments_give_one_error_line(args: list[str], message: str, tmp_path: Path) -> None:
     p = subprocess.run(
-        [sys.executable, "-m", "tts_workbench.cli", *args, "--out", str(tmp_path)]
+        [sys.executable, "-m", "tts_workbench.interface.cli", *args, "--out", str(tmp_path)]
         if args[0] == "diagnose"
-        else [sys.executable, "-m", "tts_workbench.cli", *args],
+        else [sys.executable, "-m", "tts_workbench.interface.cli", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,11 +10,11 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
-from tts_workbench.constants import parse_dtype
-from tts_workbench.diagnose import diagnose_precision
-from tts_workbench.dtypes import autocast_or_refuse, census, conditionals_census, trace_dtypes
-from tts_workbench.generation import generate, prepare_voice
-from tts_workbench.sources import load_model
+from tts_workbench.core.constants import parse_dtype
+from tts_workbench.instruments.dtypes import autocast_or_refuse, census, conditionals_census, trace_dtypes
+from tts_workbench.models.sources import load_model
+from tts_workbench.runtime.generation import generate, prepare_voice
+from tts_workbench.studies.diagnose import diagnose_precision
 
 
 def _net() -> nn.Sequential:

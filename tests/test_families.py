@@ -12,15 +12,15 @@ from chatterbox.models.s3gen.const import S3GEN_SIL
 from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
 
-from tts_workbench.decode import DecodePlan, t3_decode, text_tokens
-from tts_workbench.errors import ConfigError, SourceError
-from tts_workbench.families import FAMILIES, check_language, family_of
-from tts_workbench.generation import generate, prepare_voice
-from tts_workbench.optimized import PerformanceOptimizedTTS
-from tts_workbench.precision import check_conditionals
-from tts_workbench.sources import load_folder, load_model, make_reference_wav, save_checkpoint
-from tts_workbench.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, quality, stream_all
-from tts_workbench.vocode import tail_tokens
+from tts_workbench.core.errors import ConfigError, SourceError
+from tts_workbench.core.families import FAMILIES, check_language, family_of
+from tts_workbench.models.sources import load_folder, load_model, make_reference_wav, save_checkpoint
+from tts_workbench.models.vocode import tail_tokens
+from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.runtime.generation import generate, prepare_voice
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
+from tts_workbench.runtime.precision import check_conditionals
+from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, quality, stream_all
 
 N = 150
 

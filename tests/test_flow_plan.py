@@ -10,10 +10,10 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
-from tts_workbench.errors import ConfigError
-from tts_workbench.sources import load_model, make_reference_wav
-from tts_workbench.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, stream_all
-from tts_workbench.vocode import FlowPlan, flow_mels
+from tts_workbench.core.errors import ConfigError
+from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.vocode import FlowPlan, flow_mels
+from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, stream_all
 
 TEXT = "Fixed shapes for the flow."
 # Windows of 10 and 25 tokens; 55 tokens end in a partial third window (10 + 25 + 20).

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 from chatterbox.tts import ChatterboxTTS
 
-from tts_workbench.errors import EmptyTextError, NoVoiceError, SourceError
-from tts_workbench.generation import generate, timed, token_cap
-from tts_workbench.sources import check_reference
+from tts_workbench.core.errors import EmptyTextError, NoVoiceError, SourceError
+from tts_workbench.models.sources import check_reference
+from tts_workbench.runtime.generation import generate, timed, token_cap
 
 
 def test_same_seed_same_tokens_and_audio(tiny_tts: ChatterboxTTS) -> None:
@@ -54,7 +54,7 @@ def test_empty_text(tiny_tts: ChatterboxTTS) -> None:
 
 
 def test_no_voice() -> None:
-    from tts_workbench.sources import load_model
+    from tts_workbench.models.sources import load_model
 
     with pytest.raises(NoVoiceError, match="prepare_voice"):
         generate(load_model("tiny"), "Hello.")

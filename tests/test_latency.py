@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tts_workbench.latency import ChunkMetrics, StreamReport, format_chunks
+from tts_workbench.instruments.latency import ChunkMetrics, StreamReport, format_chunks
 
 
 def _report() -> StreamReport:

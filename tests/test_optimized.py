@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from safetensors.torch import load_file, save_file
 
-from tts_workbench.attention import record_kernels
-from tts_workbench.decode import DecodePlan, T3Parts, t3_decode
-from tts_workbench.errors import SourceError
-from tts_workbench.generation import generate
-from tts_workbench.optimized import PerformanceOptimizedTTS
-from tts_workbench.patching import shadow
-from tts_workbench.sources import load_model, make_reference_wav, save_checkpoint
-from tts_workbench.vocode import s3gen_inference
+from tts_workbench.core.errors import SourceError
+from tts_workbench.core.patching import shadow
+from tts_workbench.instruments.attention import record_kernels
+from tts_workbench.models.sources import load_model, make_reference_wav, save_checkpoint
+from tts_workbench.models.vocode import s3gen_inference
+from tts_workbench.runtime.decode import DecodePlan, T3Parts, t3_decode
+from tts_workbench.runtime.generation import generate
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 
 TEXT = "Hello there, this is a test."
 
@@ -305,7 +305,7 @@ def test_the_wrapper_does_not_record_kernels_unless_asked(tiny_tts: ChatterboxTT
 
 
 def test_wrapper_decode_steps_share_weights_and_reuse_the_compiled_step(tiny_tts: ChatterboxTTS) -> None:
-    from tts_workbench.errors import ConfigError
+    from tts_workbench.core.errors import ConfigError
 
     with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="compiled") as opt:
         assert opt.configuration()["decode_step"] == "compiled"

@@ -7,8 +7,8 @@ import io
 import numpy as np
 import soundfile as sf
 
-from tts_workbench.latency import ChunkMetrics
-from tts_workbench.playback import StreamPlayer, ab_compare, seam_figure, wav_bytes
+from tts_workbench.instruments.latency import ChunkMetrics
+from tts_workbench.interface.playback import StreamPlayer, ab_compare, seam_figure, wav_bytes
 
 
 def _metrics(i: int, at: float, audio: float) -> ChunkMetrics:

@@ -17,15 +17,9 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler_util import FunctionEvent
 
-from tts_workbench import bench
-from tts_workbench.attention import KernelRecord
-from tts_workbench.bench import run_pipeline as bench_run_pipeline
-from tts_workbench.cli import main
-from tts_workbench.generation import generate
-from tts_workbench.latency import StreamReport
-from tts_workbench.optimized import UpstreamTTS
-from tts_workbench.profile_report import format_profile, profile_generation
-from tts_workbench.profiling import (
+from tts_workbench.instruments.attention import KernelRecord
+from tts_workbench.instruments.latency import StreamReport
+from tts_workbench.instruments.profiling import (
     EAGER,
     KERNEL_OPS,
     OP_COLUMNS,
@@ -43,7 +37,13 @@ from tts_workbench.profiling import (
     trace_names,
     write_ops,
 )
-from tts_workbench.streaming import StreamConfig, StreamState, stream
+from tts_workbench.interface.cli import main
+from tts_workbench.runtime.generation import generate
+from tts_workbench.runtime.optimized import UpstreamTTS
+from tts_workbench.runtime.streaming import StreamConfig, StreamState, stream
+from tts_workbench.studies import bench
+from tts_workbench.studies.bench import run_pipeline as bench_run_pipeline
+from tts_workbench.studies.profile_report import format_profile, profile_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.tts import ChatterboxTTS
 from safetensors.torch import load_file, save_file
 
-from tts_workbench.errors import SourceError
-from tts_workbench.sources import (
+from tts_workbench.core.errors import SourceError
+from tts_workbench.models.sources import (
     build_tokenizer_json,
     load_folder,
     load_model,

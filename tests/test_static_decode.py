@@ -20,7 +20,8 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
-from tts_workbench.decode import (
+from tts_workbench.core.errors import CacheError, ConfigError
+from tts_workbench.runtime.decode import (
     DecodePlan,
     DecodeResult,
     StaticStep,
@@ -29,8 +30,7 @@ from tts_workbench.decode import (
     t3_decode,
     text_tokens,
 )
-from tts_workbench.errors import CacheError, ConfigError
-from tts_workbench.generation import shadow
+from tts_workbench.runtime.generation import shadow
 
 TEXT = "Hello there, this is a test."
 OTHER = "Another sentence, a good deal longer than the first one, so its prompt is longer too."

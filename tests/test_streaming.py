@@ -12,13 +12,13 @@ import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
 
-from tts_workbench.cli import main
-from tts_workbench.decode import t3_decode, text_tokens
-from tts_workbench.generation import shadow
-from tts_workbench.latency import StreamReport, seam_metric, underruns
-from tts_workbench.optimized import PerformanceOptimizedTTS
-from tts_workbench.sources import load_model, make_reference_wav
-from tts_workbench.streaming import (
+from tts_workbench.instruments.latency import StreamReport, seam_metric, underruns
+from tts_workbench.interface.cli import main
+from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.runtime.decode import t3_decode, text_tokens
+from tts_workbench.runtime.generation import shadow
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
+from tts_workbench.runtime.streaming import (
     SAMPLES_PER_TOKEN,
     StreamConfig,
     StreamState,
@@ -205,7 +205,7 @@ def test_stream_cli_bad_size(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bench_stream_row_times_t3_from_its_decode_stats(tts: ChatterboxTTS) -> None:
-    from tts_workbench.bench import run_stream
+    from tts_workbench.studies.bench import run_stream
 
     row = run_stream(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2), TEXT, 30, 0)
     assert row["t3_prefill_s"] > 0 and 0 < row["t3_step_s"] < row["wall_s"]

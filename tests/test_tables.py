@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tts_workbench.tables import render
+from tts_workbench.core.tables import render
 
 
 def test_numbers_right_in_their_format_text_left() -> None:

@@ -26,18 +26,18 @@ from chatterbox.tts import ChatterboxTTS
 from torch.utils.benchmark import Timer
 from tqdm.auto import tqdm
 
-from .clock import now
-from .constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
-from .decode import T3Parts
-from .errors import ConfigError
-from .generation import prepare_voice
-from .latency import snr_db
-from .optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
-from .precision import check_policy
-from .sources import load_model, make_reference_wav, model_summary
-from .streaming import StreamConfig, one_shot, quality, stream_all
-from .tables import render
-from .vocode import FlowPlan
+from ..core.clock import now
+from ..core.constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
+from ..core.errors import ConfigError
+from ..core.tables import render
+from ..instruments.latency import snr_db
+from ..models.sources import load_model, make_reference_wav, model_summary
+from ..models.vocode import FlowPlan
+from ..runtime.decode import T3Parts
+from ..runtime.generation import prepare_voice
+from ..runtime.optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
+from ..runtime.precision import check_policy
+from ..runtime.streaming import StreamConfig, one_shot, quality, stream_all
 
 # upstream: upstream generate (float32). optimized / static / compiled: the wrapper with its dtype
 # policy and the eager / static-cache / compiled decode step. -stream: the same streamed (upstream:

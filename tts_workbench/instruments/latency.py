@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .tables import render
+from ..core.tables import render
 
 
 @dataclass

@@ -10,10 +10,18 @@ from typing import Any
 import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
-from .attention import KernelRecord
-from .generation import generate
-from .profiling import KERNEL_OPS, op_frame, profile_run, top_ops, trace_files, trace_names, write_ops
-from .tables import render
+from ..core.tables import render
+from ..instruments.attention import KernelRecord
+from ..instruments.profiling import (
+    KERNEL_OPS,
+    op_frame,
+    profile_run,
+    top_ops,
+    trace_files,
+    trace_names,
+    write_ops,
+)
+from ..runtime.generation import generate
 
 
 def profile_generation(

@@ -42,9 +42,14 @@ from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import ChatterboxTTS
 from torch.utils.benchmark import Measurement
 
-from .attention import KernelRecord, configured_backend, record_kernels, why_not_flash
-from .clock import measurement, now
-from .constants import HALF_DTYPES, SPEECH_VOCAB_SIZE, dtype_name
+from ..core.clock import measurement, now
+from ..core.constants import HALF_DTYPES, SPEECH_VOCAB_SIZE, dtype_name
+from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
+from ..core.families import family_of, language_for
+from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
+from ..instruments.latency import ChunkMetrics
+from ..models.sources import check_device, components, load_folder, load_pretrained
+from ..models.vocode import FLOW_MODES, FlowPlan, s3gen_inference, tail_tokens
 from .decode import (
     DEFAULT_MAX_CACHE_LEN,
     STEP_MODES,
@@ -56,11 +61,8 @@ from .decode import (
     t3_decode,
     text_tokens,
 )
-from .errors import ConfigError, EmptyTextError, NoVoiceError
-from .families import family_of, language_for
 from .generation import generate as capped_generate
 from .generation import prepare_voice
-from .latency import ChunkMetrics
 from .precision import (
     ISLANDS,
     POLICIES,
@@ -73,9 +75,7 @@ from .precision import (
     island_modules,
     restored,
 )
-from .sources import check_device, components, load_folder, load_pretrained
 from .streaming import StreamConfig, StreamState, stream
-from .vocode import FLOW_MODES, FlowPlan, s3gen_inference, tail_tokens
 
 # The decode step "auto" picks per device type: measured side by side with `tts-workbench bench`
 # (README, "Decode step"). On CUDA the eager step is host-bound (H200: 43 ms per token).

@@ -32,8 +32,8 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from tqdm.auto import tqdm
 
-from .clock import now
-from .constants import (
+from ..core.clock import now
+from ..core.constants import (
     FRAMES_PER_TOKEN,
     SAMPLE_RATE,
     SAMPLES_PER_MS,
@@ -41,12 +41,12 @@ from .constants import (
     SPEECH_VOCAB_SIZE,
     TOKENS_PER_S,
 )
+from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
+from ..core.families import language_for
+from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
+from ..instruments.plots import save
+from ..models.vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
 from .decode import DecodePlan, DecodeStats, decode_blocks, text_tokens
-from .errors import ConfigError, EmptyTextError, NoVoiceError
-from .families import language_for
-from .latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
-from .plots import save
-from .vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
 
 STRATEGIES = ("naive", "buffered")
 

@@ -26,10 +26,10 @@ from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.s3gen import decoder as s3gen_decoder
 from chatterbox.models.s3gen.const import S3GEN_SIL
 
-from .clock import now
-from .constants import FRAMES_PER_TOKEN
-from .errors import ConfigError
-from .patching import own_code, shadow
+from ..core.clock import now
+from ..core.constants import FRAMES_PER_TOKEN
+from ..core.errors import ConfigError
+from ..core.patching import own_code, shadow
 
 # Integer entries of the reference dict. After one upstream ``S3Gen.forward`` in float32 they
 # are float32 in the caller's dict (exact up to 2**24, so they round back exactly).

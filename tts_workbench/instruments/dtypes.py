@@ -24,10 +24,10 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
-from .constants import dtype_name
-from .errors import ConfigError
-from .sources import components
-from .tables import render
+from ..core.constants import dtype_name
+from ..core.errors import ConfigError
+from ..core.tables import render
+from ..models.sources import components
 
 
 def _short(dtype: torch.dtype | None) -> str:

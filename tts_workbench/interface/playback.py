@@ -14,8 +14,8 @@ import soundfile as sf
 from IPython.display import HTML, Audio, display
 from matplotlib.figure import Figure
 
-from .constants import SAMPLE_RATE
-from .latency import ChunkMetrics, StreamReport, underruns
+from ..core.constants import SAMPLE_RATE
+from ..instruments.latency import ChunkMetrics, StreamReport, underruns
 
 
 def wav_bytes(wav: np.ndarray, sample_rate: int) -> bytes:

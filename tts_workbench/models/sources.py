@@ -53,10 +53,10 @@ from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .constants import SAMPLE_RATE, dtype_name
-from .errors import SourceError
-from .families import FAMILIES, Family, TTSModel, family_of
-from .patching import scoped_item
+from ..core.constants import SAMPLE_RATE, dtype_name
+from ..core.errors import SourceError
+from ..core.families import FAMILIES, Family, TTSModel, family_of
+from ..core.patching import scoped_item
 
 METADATA_FILE = "tts_workbench.json"
 PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .quiet import quiet_libraries
+from ..core.quiet import quiet_libraries
 
 TEXT_HELP = "text to speak (default: upstream's example sentence, constants.UPSTREAM_SENTENCE)"
 
@@ -36,8 +36,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from .constants import parse_dtype
-    from .diagnose import format_report, run_diagnosis
+    from ..core.constants import parse_dtype
+    from ..studies.diagnose import format_report, run_diagnosis
 
     report = run_diagnosis(
         model=args.model,
@@ -54,7 +54,7 @@ def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[
 
 
 def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from .bench import format_bench, run_bench
+    from ..studies.bench import format_bench, run_bench
 
     configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
     report = run_bench(
@@ -75,8 +75,8 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
 
 def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
     """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in ``folder``)."""
-    from .generation import prepare_voice
-    from .sources import load_model, make_reference_wav
+    from ..models.sources import load_model, make_reference_wav
+    from ..runtime.generation import prepare_voice
 
     tts = load_model(args.model, args.device, args.seed)
     prepare_voice(tts, args.reference or str(make_reference_wav(Path(folder) / "reference.wav")))
@@ -84,9 +84,9 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from .decode import DecodePlan
-    from .latency import format_report
-    from .streaming import StreamConfig, run_to_files
+    from ..instruments.latency import format_report
+    from ..runtime.decode import DecodePlan
+    from ..runtime.streaming import StreamConfig, run_to_files
 
     config = StreamConfig(
         strategy=args.strategy,
@@ -104,7 +104,7 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
 
 
 def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from .profile_report import format_profile, profile_generation
+    from ..studies.profile_report import format_profile, profile_generation
 
     tts = _voiced_model(args, args.logdir)
     report = profile_generation(
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
-    from .constants import UPSTREAM_SENTENCE
+    from ..core.constants import UPSTREAM_SENTENCE
 
     args.text = args.text or UPSTREAM_SENTENCE
     try:

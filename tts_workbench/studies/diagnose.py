@@ -13,22 +13,22 @@ import soundfile as sf
 import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 
-from . import plots
-from .attention import (
+from ..core.clock import now
+from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
+from ..core.errors import NoVoiceError
+from ..core.tables import render
+from ..instruments import plots
+from ..instruments.attention import (
     configured_backend,
     probe_backends,
     probe_output_attentions,
     record_kernels,
     why_not_flash,
 )
-from .clock import now
-from .constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
-from .dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
-from .errors import NoVoiceError
-from .generation import generate, prepare_voice
-from .precision import restored
-from .sources import components, load_model, make_reference_wav, model_summary
-from .tables import render
+from ..instruments.dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
+from ..models.sources import components, load_model, make_reference_wav, model_summary
+from ..runtime.generation import generate, prepare_voice
+from ..runtime.precision import restored
 
 
 def run_diagnosis(

@@ -22,12 +22,12 @@ import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from torch import nn
 
-from .constants import dtype_name
-from .errors import ConfigError, SourceError
-from .families import FAMILIES, family_of
-from .patching import preserved, shadow, working_copy
-from .sources import components
-from .vocode import cast_gen
+from ..core.constants import dtype_name
+from ..core.errors import ConfigError, SourceError
+from ..core.families import FAMILIES, family_of
+from ..core.patching import preserved, shadow, working_copy
+from ..models.sources import components
+from ..models.vocode import cast_gen
 
 POLICIES = {
     "auto": "decided per device and checkpoint (see choose_policy)",

@@ -68,10 +68,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .clock import now
-from .constants import dtype_name
-from .errors import CacheError, ConfigError
-from .patching import own_code
+from ..core.clock import now
+from ..core.constants import dtype_name
+from ..core.errors import CacheError, ConfigError
+from ..core.patching import own_code
 
 StepMode = Literal["eager", "static", "compiled"]
 STEP_MODES: tuple[str, ...] = get_args(StepMode)

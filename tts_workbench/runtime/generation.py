@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from chatterbox.tts import ChatterboxTTS
 
-from .clock import Stopwatch, now
-from .constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
-from .errors import ConfigError, EmptyTextError, NoVoiceError, SourceError
-from .families import TTSModel, family_of, language_for
-from .patching import around, shadow
-from .profiling import t3_phase
-from .sources import ReferenceInfo, check_reference
+from ..core.clock import Stopwatch, now
+from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
+from ..core.errors import ConfigError, EmptyTextError, NoVoiceError, SourceError
+from ..core.families import TTSModel, family_of, language_for
+from ..core.patching import around, shadow
+from ..instruments.profiling import t3_phase
+from ..models.sources import ReferenceInfo, check_reference
 
 
 @dataclass
