@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint lab clean browser-test
+.PHONY: venv demo test lint lab docs clean browser-test
 
 venv: $(STAMP)
 
@@ -24,7 +24,10 @@ $(STAMP): requirements.lock pyproject.toml
 demo: venv
 	$(BIN)/tts-workbench diagnose --model tiny
 
+# The docs build runs first, its log shown only on failure (not `mkdocs -q`: in mkdocs 1.6 --quiet
+# also hides the warnings that --strict counts, so a broken link would pass).
 test: venv lint
+	out=$$(NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site 2>&1) || { printf '%s\n' "$$out"; exit 1; }
 	$(BIN)/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
 
 # JupyterLab and TensorBoard in headless Chromium (browser_tests/): Debian's chromium and
@@ -44,6 +47,10 @@ lint: venv
 
 lab: venv
 	$(BIN)/jupyter lab notebooks
+
+# The documentation site (mkdocs.yml, docs/, the notebooks with their stored outputs) into site/.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 clean:
 	rm -rf $(VENV) runs
