@@ -26,9 +26,14 @@ demo: venv
 
 # The docs build runs first, its log shown only on failure (not `mkdocs -q`: in mkdocs 1.6 --quiet
 # also hides the warnings that --strict counts, so a broken link would pass).
+# The tests run in two pytest-xdist workers, one per core, each file (each notebook) whole on one
+# worker, and one OpenMP thread each: most tests here are small-model steps bound by Python
+# dispatch, so two workers use both cores where one process used about one, and two threads per
+# worker would only fight over the cores (docs/measurements.md, "make test").
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 test: venv lint
 	out=$$(NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site 2>&1) || { printf '%s\n' "$$out"; exit 1; }
-	$(BIN)/python -m pytest -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+	$(PYTEST) -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
 
 # JupyterLab and TensorBoard in headless Chromium (browser_tests/): Debian's chromium and
 # chromium-driver are installed when missing (as root, or through sudo).

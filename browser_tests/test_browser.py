@@ -89,8 +89,9 @@ def browser() -> Iterator[WebDriver]:
 PANEL = "const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
 
 
-def run_all_cells(driver: WebDriver, lab: Lab, name: str) -> None:
-    """Open a notebook in JupyterLab, wait for its kernel, run all cells, check none failed."""
+def run_all_cells(driver: WebDriver, lab: Lab, name: str) -> int:
+    """Open a notebook in JupyterLab, wait for its kernel, run all cells, check none failed and
+    every figure rendered as an image; returns the number of figures."""
     # reset: start from an empty workspace, not the tabs a previous session left open.
     driver.get(f"{lab.url}/lab/tree/notebooks/{name}.ipynb?token={lab.token}&reset")
     WebDriverWait(driver, 120).until(
@@ -112,6 +113,17 @@ def run_all_cells(driver: WebDriver, lab: Lab, name: str) -> None:
     assert not errors, f"{name}: " + "\n".join(f"{e['ename']}: {e['evalue']}" for e in errors)
     assert ok is True, f"{name}: run-all-cells ended with {ok!r}"
     assert all(c["execution_count"] for c in cells if c["cell_type"] == "code"), f"{name}: cells not run"
+    # Every figure shows as a picture: a matplotlib Figure without the inline backend's formatter
+    # comes out as the text "<Figure size 900x295 with 1 Axes>" instead.
+    shown = ("display_data", "execute_result")
+    outputs = [o for c in cells for o in c.get("outputs", []) if o["output_type"] in shown]
+    data = [o["data"] for o in outputs]
+    as_text = [d for d in data if "image/png" not in d and "<Figure" in str(d.get("text/plain"))]
+    assert not as_text, f"{name}: {len(as_text)} figure(s) shown as text: {as_text[0]['text/plain']}"
+    pngs = sum("image/png" in d for d in data)
+    images = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output .jp-RenderedImage img")
+    assert len(images) >= pngs, f"{name}: {pngs} figures in the outputs but {len(images)} rendered images"
+    return pngs
 
 
 def wav_header(driver: WebDriver, element: Any) -> dict[str, Any]:
@@ -129,7 +141,8 @@ def wav_header(driver: WebDriver, element: Any) -> dict[str, Any]:
 
 
 def test_buffered_vocoder_notebook_plays_in_jupyterlab(lab: Lab, browser: WebDriver) -> None:
-    run_all_cells(browser, lab, "05_buffered_vocoder")
+    figures = run_all_cells(browser, lab, "05_buffered_vocoder")
+    assert figures >= 2, f"expected the timeline and seam figures as images, found {figures}"
     # The StreamPlayer rows: an ipywidgets Audio per chunk plus the whole utterance, per strategy.
     players = browser.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output .widget-vbox audio")
     assert len(players) >= 4, f"expected the player widgets' <audio> elements, found {len(players)}"

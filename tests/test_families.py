@@ -76,6 +76,19 @@ def test_checkpoint_round_trip_in_the_upstream_layout(
     assert back.conds is not None and torch.equal(back.conds.t3.speaker_emb, tts.conds.t3.speaker_emb)
 
 
+def test_a_turbo_folder_names_a_tokenizer_class_every_transformers_reads(
+    turbo: ChatterboxTurboTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(turbo, tmp_path / "turbo")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    # transformers 5 writes its generic TokenizersBackend, unknown to upstream's transformers 4.46
+    assert config["tokenizer_class"] == "GPT2Tokenizer" and "backend" not in config
+    vocab = json.loads((folder / "vocab.json").read_text())
+    assert len(vocab) == turbo.tokenizer.vocab_size and (folder / "merges.txt").exists()
+    text = "Hello there, how are you?"
+    assert load_folder(folder).tokenizer(text).input_ids == turbo.tokenizer(text).input_ids
+
+
 def test_a_folder_of_one_family_is_refused_as_another(turbo: ChatterboxTurboTTS, tmp_path: Path) -> None:
     folder = save_checkpoint(turbo, tmp_path / "turbo")
     with pytest.raises(

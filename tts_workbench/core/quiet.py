@@ -7,13 +7,22 @@ the workbench's own report: resemble-perth's ``pkg_resources`` deprecation, diff
 profiler start. Each is silenced by name; everything else, the workbench's own warnings
 included, still shows. Call this before importing the rest of the package (it imports neither
 torch nor chatterbox itself).
+
+While a command runs, ``upstream_silenced`` also drops what upstream writes to the terminal on
+its own: its ``print`` lines ("loaded PerthNet", "S3 Token -> Mel Inference..."), transformers'
+logged warnings (the ``sdpa``/``output_attentions`` one) and upstream's tqdm bars ("Sampling"),
+so the command shows the workbench's report and its own progress only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import os
 import re
 import warnings
+from collections.abc import Iterator
 
 # (category, start of the message) of each silenced library warning.
 LIBRARY_WARNINGS = (
@@ -29,8 +38,44 @@ def quiet_libraries() -> None:
     for category, message in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message), category=category)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # 6: above USDT/STAGE, Kineto prints nothing
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+
+
+# Upstream modules that draw their own tqdm bars.
+UPSTREAM_TQDM = ("chatterbox.models.t3.t3", "chatterbox.models.s3gen.flow_matching")
+
+
+@contextlib.contextmanager
+def upstream_silenced() -> Iterator[None]:
+    """Inside: upstream's stdout prints are dropped, its tqdm bars disabled and transformers logs
+    errors only. The workbench reports on stdout after the block and shows its own progress on
+    stderr, so nothing of its own is lost."""
+    import importlib
+
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from .patching import shadow
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    with contextlib.ExitStack() as stack:
+        stack.callback(hf_logging.set_verbosity, level)
+        for name in UPSTREAM_TQDM:
+            module = importlib.import_module(name)
+            stack.enter_context(shadow(module, "tqdm", lambda _: functools.partial(tqdm, disable=True)))
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        yield
 
 
 def notebook_setup() -> None:
-    """First call of every notebook: library noise off, so a cell shows the workbench's output."""
+    """First call of every notebook: library noise off, so a cell shows the workbench's output,
+    and figures shown as pictures. The workbench builds bare ``matplotlib.figure.Figure`` objects
+    (no pyplot state); IPython shows those as text until the inline backend registers its image
+    formatter for the class, which ``%matplotlib inline`` does."""
     quiet_libraries()
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is not None:
+        shell.run_line_magic("matplotlib", "inline")

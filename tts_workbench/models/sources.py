@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -276,19 +277,36 @@ def _save_char_tokenizer(path: Path, chars: list[str], languages: list[str]) -> 
 
 def build_gpt2_tokenizer(folder: Path) -> Path:
     """Write a GPT-2 style tokenizer (byte-level BPE: 256 byte tokens, no merges, and GPT-2's
-    ``<|endoftext|>``) as ``tokenizer.json`` + ``tokenizer_config.json``, which transformers'
-    ``AutoTokenizer.from_pretrained`` reads as upstream Turbo reads its own."""
+    ``<|endoftext|>``), which transformers' ``AutoTokenizer.from_pretrained`` reads as upstream
+    Turbo reads its own (files: ``save_gpt2_tokenizer``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": len(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    return save_gpt2_tokenizer(tok, folder)
+
+
+def save_gpt2_tokenizer(tok: Any, folder: Path) -> Path:
+    """Write a byte-level BPE ``tokenizers.Tokenizer`` as upstream's published Turbo folder has
+    it: ``tokenizer_config.json`` naming ``GPT2Tokenizer`` (a class every transformers version
+    knows; transformers 5's generic ``TokenizersBackend`` is unknown to the 4.46 that
+    chatterbox-tts pins), ``tokenizer.json``, and ``vocab.json`` + ``merges.txt`` for the slow
+    tokenizer of older versions."""
+    from transformers import GPT2Tokenizer
+
     eos = "<|endoftext|>"
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos)
-    fast.save_pretrained(folder)
+    GPT2Tokenizer(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos).save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("backend", None)  # transformers 5's own key: older versions pass it on as a kwarg
+    config_path.write_text(json.dumps(config | {"tokenizer_class": "GPT2Tokenizer"}, indent=2))
+    model = json.loads(tok.to_str())["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
     return folder
 
 
@@ -387,7 +405,7 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torc
         else:
             save_file(state, str(folder / name))
     if family.name == "turbo":
-        tts.tokenizer.save_pretrained(folder)
+        save_gpt2_tokenizer(tts.tokenizer.backend_tokenizer, folder)
     else:
         tts.tokenizer.tokenizer.save(str(folder / family.files[3]))
     if tts.conds is not None:
@@ -592,7 +610,11 @@ def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE
     wav = 0.5 * wav / max(1e-9, float(np.abs(wav).max()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), wav.astype(np.float32), sr)
+    # Written beside and renamed: a process reading the same path (notebooks run side by side)
+    # sees the old file or the new one, never half of one.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    sf.write(str(partial), wav.astype(np.float32), sr, format="WAV")
+    os.replace(partial, path)
     return path
 
 
