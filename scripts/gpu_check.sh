@@ -17,6 +17,9 @@
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
 #   GPU_CHECK_POLICIES="bfloat16 float16"  # the policies (default: bfloat16; "" for none)
 #   GPU_CHECK_DIAGNOSE=1            # also run the diagnosis step (default: skipped)
+#   GPU_CHECK_LOAD=1                # also run the load study (issue 19): the stream engine with the
+#                                   # compiled step, T3 in bfloat16, levels GPU_CHECK_LOAD_LEVELS
+#                                   # (default 1,8,32,64; dry run 1,2); alone, GPU_CHECK_POLICIES=""
 #   GPU_CHECK_DIR=DIR               # where each step's raw JSON and stderr go (default runs/gpu_check)
 #   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
 set -uo pipefail
@@ -63,6 +66,11 @@ for policy in $POLICIES_RUN; do
     step "bench-$policy" $PY -m tts_workbench.interface.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS \
         --repeats $REPEATS --warmup $WARMUP --configs "$CONFIGS" --dtype "$policy" --out "$TMP/$policy"
 done
+if [[ $COMBINE != 1 && ${GPU_CHECK_LOAD:-0} == 1 ]]; then
+    [[ $DRY == 1 ]] && LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,2} || LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,8,32,64}
+    step load $PY -m tts_workbench.interface.cli load --model $MODEL --device $DEVICE --tokens $TOKENS \
+        --streams "$LEVELS" --decode compiled --dtype bfloat16 --out "$TMP/load"
+fi
 [[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.interface.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 
@@ -92,6 +100,10 @@ for p in sys.argv[4:]:
                    "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
                    "settings": r["settings"], "summary": r["summary"], "table": format_bench(r).splitlines()}
 diagnose, errors["diagnose"] = load("diagnose")
+load_study, errors["load"] = load("load")
+if load_study:  # the per-stream token ids stay in the step's own JSON
+    for level in load_study["levels"]:
+        level.pop("per_stream")
 result = {
     "what": "scripts/gpu_check.sh: upstream vs optimized, full-size random weights" if not dry
     else "DRY RUN on CPU with the tiny model: not a GPU result",
@@ -99,6 +111,7 @@ result = {
     "note": os.environ["GPU_CHECK_NOTE"],
     "runs": runs,
     "diagnose": diagnose,
+    "load": load_study,
     "errors": {k: v for k, v in errors.items() if v},
 }
 out.write_text(json.dumps(result, indent=2))
@@ -107,6 +120,9 @@ for p, r in runs.items():
 if diagnose:
     print("\n## diagnosis (upstream float32 decode, then a float16 cast):")
     print(json.dumps({"kernels": diagnose["kernels"], "attention": diagnose["attention"]}, indent=1)[:3000])
+if load_study:
+    from tts_workbench.studies.load import format_load
+    print("\n## load study\n" + format_load(load_study))
 print(f"\nerrors: {sorted(result['errors']) or 'none'}\nwrote {out}")
 sys.exit(1 if result["errors"] else 0)
 PY

@@ -14,7 +14,7 @@ from tts_workbench.studies.diagnose import format_report
 
 
 def test_diagnose_json_report(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], reference_wav: Path
 ) -> None:
     rc = main(
         [
@@ -35,7 +35,13 @@ def test_diagnose_json_report(
         ]
     )
     assert rc == 0
-    report = json.loads(capsys.readouterr().out)
+    out, err = capfd.readouterr()  # file-descriptor level: upstream's bars and prints too
+    report = json.loads(out)
+    # upstream's print lines, transformers' warnings and upstream's tqdm bars are not shown
+    # (the report itself, on stdout, names output_attentions: its own probe)
+    for noise in ("PerthNet", "S3 Token", "Sampling"):
+        assert noise not in out + err, noise
+    assert "output_attentions" not in err and "sdpa" not in err, err[-2000:]
     assert report["speech_tokens"] == 20 and report["stopped_by"] == "token cap"
     assert set(report["components"]) == {"ve", "t3", "s3gen"}
     assert report["audio_s"] > 0 and report["rtf"] > 0
@@ -75,3 +81,11 @@ def test_bad_arguments_give_one_error_line(args: list[str], message: str, tmp_pa
     assert "Traceback" not in p.stderr
     # Library noise is filtered at the entry point (the model is built before the reference check).
     assert "pkg_resources" not in p.stderr and "LoRACompatibleLinear" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("command", ["diagnose", "stream", "profile", "bench"])
+def test_empty_text_is_refused_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # (before, `diagnose --text ""` spoke the default sentence instead, with exit code 0)
+    assert main([command, "--text", " "]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--text: empty text" in errors[0]

@@ -75,6 +75,38 @@ def test_every_strategy_speaks_the_same_tokens_as_one_shot_t3(tts: ChatterboxTTS
         assert state.tokens == want
 
 
+def test_two_streams_in_two_threads_each_speak_their_solo_tokens_and_audio(tts: ChatterboxTTS) -> None:
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+    texts = {3: TEXT, 11: "A second voice reads another sentence at the same moment."}
+    solo = {seed: _run_seeded(tts, config, text, seed) for seed, text in texts.items()}
+    torch.manual_seed(123)  # the global state is neither read nor changed by a seeded stream
+    before = torch.get_rng_state()
+    together: dict[int, tuple[np.ndarray, list[int]]] = {}
+    start = threading.Barrier(len(texts))
+
+    def run(seed: int) -> None:
+        start.wait()
+        together[seed] = _run_seeded(tts, config, texts[seed], seed)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert torch.equal(torch.get_rng_state(), before)
+    for seed in texts:
+        assert together[seed][1] == solo[seed][1]  # the same tokens
+        assert np.array_equal(together[seed][0], solo[seed][0])  # and the same samples
+    assert solo[3][1] != solo[11][1]
+
+
+def _run_seeded(
+    tts: ChatterboxTTS, config: StreamConfig, text: str, seed: int
+) -> tuple[np.ndarray, list[int]]:
+    wav, state = stream_all(tts, text, config, max_new_tokens=40, seed=seed)
+    return wav, state.tokens
+
+
 def test_naive_re_vocodes_context(tts: ChatterboxTTS) -> None:
     wav, state = _run(tts, StreamConfig("naive"), tokens=100)
     s = state.report.summary()

@@ -32,6 +32,7 @@ class ChunkMetrics:
     s3gen_calls: int
     nan_samples: int = 0
     cumulative_rtf: float = 0.0
+    queued_s: float = 0.0  # a stream engine's queue: from the request to its prefill (in emitted_s)
 
     @property
     def compute_s(self) -> float:

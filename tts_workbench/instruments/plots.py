@@ -65,3 +65,28 @@ def family_time_figure(families: pd.DataFrame) -> Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def load_figure(levels: pd.DataFrame) -> Figure:
+    """The load study (``load.load_frame``): time to first audio p50/p95/p99 (left) and seconds
+    of audio delivered per wall second (right) against concurrent streams, each level's
+    limiting stage written beside its point. On the right, the dashed diagonal is every stream
+    in real time: a point below it means the streams together fall behind."""
+    fig, (ax_t, ax_a) = plt.subplots(1, 2, figsize=(10, 3.4))
+    x = levels["streams"]
+    for q, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
+        ax_t.plot(x, levels[f"ttfa_{q}_s"], style, label=q)
+    ax_t.set(xlabel="concurrent streams", ylabel="time to first audio (s)", xscale="log", title="first audio")
+    ax_t.legend()
+    ax_a.plot(x, levels["audio_per_wall_s"], "o-", color="tab:green", label="delivered")
+    ax_a.plot(x, x, "k--", lw=0.8, label="all in real time")
+    for xi, yi, stage in zip(x, levels["audio_per_wall_s"], levels["limiting_stage"], strict=True):
+        ax_a.annotate(stage, (xi, yi), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    ax_a.set(xlabel="concurrent streams", ylabel="audio s per wall s", xscale="log",
+             title="aggregate real-time factor (limiting stage marked)")  # fmt: skip
+    ax_a.legend()
+    for ax in (ax_t, ax_a):
+        ax.minorticks_off()
+        ax.set_xticks(list(x), [str(v) for v in x])
+    fig.tight_layout()
+    return fig

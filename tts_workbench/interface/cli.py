@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..core.quiet import quiet_libraries
+from ..core.quiet import quiet_libraries, upstream_silenced
 
 TEXT_HELP = "text to speak (default: upstream's example sentence, constants.UPSTREAM_SENTENCE)"
 
@@ -113,6 +112,30 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
     return report, format_profile
 
 
+def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from ..runtime.streaming import StreamConfig
+    from ..studies.load import format_load, parse_arrival, parse_levels, read_texts, run_load
+
+    # Bad flags fail before the model loads.
+    levels, texts = parse_levels(args.streams), read_texts(args.texts)
+    parse_arrival(args.arrival)
+    tts = _voiced_model(args, args.out)
+    report = run_load(
+        tts,
+        levels,
+        texts=texts,
+        arrival=args.arrival,
+        tokens=args.tokens,
+        seed=args.seed,
+        step=args.decode,
+        policy=args.dtype,
+        config=StreamConfig("buffered", first_window_s=args.first_window_s, window_s=args.window_s),
+        outdir=args.out,
+        progress=True,
+    )
+    return report, format_load
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tts-workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -176,6 +199,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.csv")
     b.set_defaults(run=_bench)
+
+    ld = sub.add_parser(
+        "load", help="how many real-time streams one device holds: the stream engine under load"
+    )
+    _common(ld)
+    ld.add_argument("--streams", default="1,2,4,8", help="comma list of concurrency levels, e.g. 1,2,4,8")
+    ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
+    ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
+    ld.add_argument(
+        "--decode",
+        default="static",
+        choices=["static", "compiled"],
+        help="the engine's batched T3 step (runtime/engine.py; it has no eager step)",
+    )
+    ld.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "decode-bfloat16"],
+        help="dtype of T3's weights in the engine (a copy; S3Gen runs as loaded)",
+    )
+    ld.add_argument("--first-window-s", type=float, default=1.0, help="first window (s of audio)")
+    ld.add_argument("--window-s", type=float, default=3.5, help="later windows (s of audio)")
+    ld.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    ld.add_argument("--out", default="runs/load", help="folder for load.json and load.png")
+    ld.set_defaults(run=_load)
     return parser
 
 
@@ -184,10 +232,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
     from ..core.constants import UPSTREAM_SENTENCE
 
-    args.text = args.text or UPSTREAM_SENTENCE
+    text = getattr(args, "text", None)
+    if text is not None and not text.strip():
+        print(
+            "error: argument --text: empty text: give the words to speak, or leave --text out for "
+            "upstream's example sentence",
+            file=sys.stderr,
+        )
+        return 2
+    args.text = UPSTREAM_SENTENCE if text is None else text
     try:
-        # Upstream code prints progress to stdout (e.g. "loaded PerthNet"); keep stdout for the report.
-        with contextlib.redirect_stdout(sys.stderr):
+        with upstream_silenced():  # upstream's prints, warnings and bars; the report comes after
             report, fmt = args.run(args)
     except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream
         print(f"error: {e}", file=sys.stderr)

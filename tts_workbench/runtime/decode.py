@@ -399,14 +399,23 @@ def _check_static(
             f"the plan's static KV cache is on {held.device} but the model is on {device}: "
             "call plan.drop_static() (or build a new DecodePlan) after moving the model"
         )
+    check_room(
+        prefill_len, max_new_tokens, plan.max_cache_len, "the plan's static cache",
+        "set plan.max_cache_len >= {need} (or use step='eager')",
+    )  # fmt: skip
+
+
+def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder: str, fix: str) -> None:
+    """A CacheError saying what fits when ``prefill_len + max_new_tokens`` positions exceed
+    ``max_cache_len`` (``fix`` may name ``{need}``)."""
     need = prefill_len + max_new_tokens
-    if need > plan.max_cache_len:
-        room = plan.max_cache_len - prefill_len
+    if need > max_cache_len:
+        room = max_cache_len - prefill_len
         shorter = f"lower max_new_tokens to {room} or " if room >= 1 else ""
         raise CacheError(
             f"the request needs {prefill_len} prefill positions + {max_new_tokens} new tokens = {need} "
-            f"KV cache positions but the plan's static cache holds max_cache_len={plan.max_cache_len}: "
-            f"{shorter}set plan.max_cache_len >= {need} (or use step='eager')"
+            f"KV cache positions but {holder} holds max_cache_len={max_cache_len}: "
+            f"{shorter}{fix.format(need=need)}"
         )
 
 
@@ -551,6 +560,7 @@ def decode_blocks(
     stop_check_every: int = 8,
     stats: DecodeStats | None = None,
     logits_out: list[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Generator[torch.Tensor, None, None]:
     """Sample speech tokens like ``T3.inference`` and yield them in blocks of ``stop_check_every``
     (1, k) as soon as each block has been checked for the stop token (the last block ends with
@@ -558,7 +568,9 @@ def decode_blocks(
     the arguments and tokens of ``T3.inference_turbo`` (``cfg_weight`` and ``min_p`` unused).
 
     ``logits_out``, when given, receives the (B, vocab) float32 logits each token was sampled
-    from (B = 2 with classifier-free guidance), one tensor per sampled token.
+    from (B = 2 with classifier-free guidance), one tensor per sampled token. ``generator``
+    (on T3's device) is what the samples are drawn from; ``None``: the global generator, as
+    upstream.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -639,7 +651,7 @@ def decode_blocks(
                 # Turbo penalises the tokens sampled so far (the start token only before the first).
                 seen = ids[:, 1 : i + 1] if turbo and i else ids[:, : i + 1]
                 scores = scores_of(seen, guided)
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)
                 ids[:, i + 1] = token[:, 0]
                 stats.steps = i + 1
                 last = i + 1 == max_new_tokens

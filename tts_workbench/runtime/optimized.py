@@ -46,6 +46,7 @@ from ..core.clock import measurement, now
 from ..core.constants import HALF_DTYPES, SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
 from ..core.families import family_of, language_for
+from ..core.rng import StreamRandom
 from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
 from ..instruments.latency import ChunkMetrics
 from ..models.sources import check_device, components, load_folder, load_pretrained
@@ -542,11 +543,12 @@ class PerformanceOptimizedTTS(Pipeline):
         cfg_weight: float = 0.5,
         decode: str | None = None,
         language_id: str | None = None,
+        generator: torch.Generator | None = None,
         **sampling: Any,
     ) -> DecodeResult:
         """T3 only: the speech tokens for ``text`` (the voice must be prepared); ``decode``
         overrides the wrapper's decode step for this call; the multilingual model speaks
-        ``language_id`` (default "en")."""
+        ``language_id`` (default "en"); samples come from ``generator`` (default: the global one)."""
         if not text.strip():
             raise EmptyTextError()
         if self.tts.conds is None:
@@ -560,14 +562,16 @@ class PerformanceOptimizedTTS(Pipeline):
             plan=self.plan_for(decode),
             cfg_weight=cfg_weight,
             stop_check_every=self.stop_check_every,
+            generator=generator,
             **sampling,
         )
 
-    def vocode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """S3Gen (flow + vocoder) over valid speech tokens; returns a float32 waveform (1, N)."""
+    def vocode(self, tokens: torch.Tensor, rng: StreamRandom | None = None) -> torch.Tensor:
+        """S3Gen (flow + vocoder) over valid speech tokens; returns a float32 waveform (1, N).
+        Its noise comes from ``rng`` (default: the global generator, as upstream)."""
         if self.tts.conds is None:
             raise NoVoiceError()
-        with self._amp():
+        with self._amp(), rng.drawing() if rng is not None else nullcontext():
             return s3gen_inference(self.tts.s3gen, tokens, self.tts.conds.gen)
 
     def generate(
@@ -584,13 +588,16 @@ class PerformanceOptimizedTTS(Pipeline):
         """Like the family's upstream ``generate``: a watermarked waveform, shape (1, samples).
         ``sampling`` (temperature, top_p, ...; ``cfg_weight``) defaults as that ``generate`` does
         (``families.Family.sampling``). ``decode`` overrides the wrapper's decode step for this
-        call (the bench compares them)."""
+        call (the bench compares them). With a ``seed`` the call draws from its own generators
+        (``rng.StreamRandom``: the tokens and audio of upstream ``generate`` after
+        ``torch.manual_seed(seed)``, safe beside other threads); without one it goes on from the
+        global random state, as upstream does."""
         family = family_of(self.tts)
         sampling = {**family.sampling, **sampling}
         cfg_weight = float(sampling.pop("cfg_weight", 0.0))
         self._voice(audio_prompt_path, exaggeration)
-        if seed is not None:
-            torch.manual_seed(seed)
+        rng = StreamRandom(seed) if seed is not None else None
+        generator = rng.generator(self.tts.t3.speech_head.weight.device) if rng is not None else None
         # Kernels are recorded (on request) over T3 only, where the attention backend matters:
         # profiling the thousands of small S3Gen ops as well costs seconds per call. Recording
         # runs the eager step: a compiled graph hides its kernels from the recorder's ops.
@@ -603,14 +610,16 @@ class PerformanceOptimizedTTS(Pipeline):
             if self.record_attention
             else (nullcontext(record)) as record
         ):
-            decoded = self.speech_tokens(text, max_new_tokens, cfg_weight, decode, language_id, **sampling)
+            decoded = self.speech_tokens(
+                text, max_new_tokens, cfg_weight, decode, language_id, generator, **sampling
+            )
         t1 = now(self.device)
         tokens = decoded.tokens[0]
         # As upstream: only speech tokens are vocoded (Turbo then adds its closing silence).
         speech = torch.cat(
             [tokens[tokens < SPEECH_VOCAB_SIZE], tokens.new_tensor(tail_tokens(self.tts.s3gen))]
         )
-        wav = self.vocode(speech).squeeze(0).cpu().numpy()
+        wav = self.vocode(speech, rng).squeeze(0).cpu().numpy()
         t2 = now(self.device)
         marked = self.tts.watermarker.apply_watermark(wav, sample_rate=self.tts.sr)
         t3 = now(self.device)

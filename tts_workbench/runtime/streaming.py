@@ -43,6 +43,7 @@ from ..core.constants import (
 )
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
 from ..core.families import language_for
+from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
 from ..models.vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
@@ -140,40 +141,11 @@ def noise_track(tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(1, 80, tokens * FRAMES_PER_TOKEN, generator=g)
 
 
-class RngLane:
-    """A private random stream for T3's sampling. S3Gen draws random numbers too (HiFT's source,
-    the prompt part of the flow noise); interleaving its calls with T3's steps would otherwise
-    change which tokens T3 samples, so every strategy would speak different tokens. Inside
-    ``with lane:`` the global generators run from this lane's state, and the outer state is
-    restored on exit. Seeded like ``torch.manual_seed(seed)``, T3 samples the same tokens as a
-    one-shot generation with that seed."""
-
-    def __init__(self, seed: int) -> None:
-        outer = self._get()
-        torch.manual_seed(seed)
-        self.state = self._get()
-        self._set(outer)
-        self.outer: tuple[torch.Tensor, list[torch.Tensor]] | None = None
-
-    @staticmethod
-    def _get() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-
-    @staticmethod
-    def _set(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
-        torch.set_rng_state(state[0])
-        if state[1]:
-            torch.cuda.set_rng_state_all(state[1])
-
-    def __enter__(self) -> RngLane:
-        self.outer = self._get()
-        self._set(self.state)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.state = self._get()
-        if self.outer is not None:
-            self._set(self.outer)
+def with_prompt_noise(state: StreamState, noise: torch.Tensor) -> torch.Tensor:
+    """The flow's whole start noise for a call: the utterance's prompt noise, then ``noise``
+    for the generated frames. Upstream draws the prompt part from the global generator at
+    every call; a fixed part of the stream's own keeps the stream's output its own."""
+    return torch.cat([state.prompt_noise, noise], dim=2)
 
 
 @dataclass
@@ -185,6 +157,8 @@ class StreamState:
     seams: list[int] = field(default_factory=list)  # sample positions where chunks were joined
     crossfades: list[tuple[int, int]] = field(default_factory=list)  # sample ranges blended
     noise: torch.Tensor = field(default_factory=lambda: noise_track(0, 0))  # set by stream()
+    prompt_noise: torch.Tensor = field(default_factory=lambda: noise_track(0, 0))  # set by stream()
+    rng: StreamRandom = field(default_factory=lambda: StreamRandom(0))  # S3Gen's draws; set by stream()
     t3: DecodeStats = field(default_factory=DecodeStats)
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
 
@@ -218,9 +192,16 @@ def stream(
     if not text.strip():
         raise EmptyTextError()
     state = state if state is not None else StreamState(StreamReport(config.strategy))
-    state.noise = noise_track(max_new_tokens, seed + 1)
     gen = shorten_prompt(tts.conds.gen, config.prompt_s)
-    prompt_frames = int(gen["prompt_token"].size(1)) * FRAMES_PER_TOKEN
+    prompt_tokens = int(gen["prompt_token"].size(1))
+    prompt_frames = prompt_tokens * FRAMES_PER_TOKEN
+    # Every random draw of the stream comes from its own generators (``core.rng``): T3's samples,
+    # HiFT's source, the flow's start noise. Another stream in another thread changes none of them.
+    # T3 and S3Gen draw from separate ones, so the tokens do not depend on when S3Gen ran: they are
+    # the tokens of a one-shot generation with this seed.
+    t3_rng, state.rng = StreamRandom(seed), StreamRandom(seed + 3)
+    state.noise = noise_track(max_new_tokens, seed + 1)
+    state.prompt_noise = noise_track(prompt_tokens, seed + 2)
     stats = state.t3
     blocks = decode_blocks(
         tts.t3,
@@ -231,9 +212,9 @@ def stream(
         stop_check_every=config.t3_block,
         stats=stats,
         cfg_weight=cfg_weight,
+        generator=t3_rng.generator(tts.t3.speech_head.weight.device),
         **sampling,
     )
-    t3_rng = RngLane(seed)
     flow = flow or FlowPlan()
     if config.strategy == "naive":
         cutter = _naive
@@ -249,8 +230,7 @@ def stream(
         """Pull T3 blocks into state.tokens; yields True when more came, ends when T3 is done."""
         stop = tts.t3.hp.stop_speech_token
         while True:
-            with t3_rng:
-                block = next(blocks, None)
+            block = next(blocks, None)
             if block is None:
                 state.tokens.extend(tail_tokens(tts.s3gen))  # Turbo's closing silence, as upstream
                 return
@@ -302,23 +282,27 @@ def _s3gen(
     tts: ChatterboxTTS,
     gen: dict[str, Any],
     tokens: list[int],
-    noise: torch.Tensor | None,
+    noise: torch.Tensor,
     amp: torch.dtype | None,
+    rng: StreamRandom,
     cache: torch.Tensor | None = None,
     flow: FlowPlan | None = None,
     pad_to: int | None = None,
 ) -> tuple[np.ndarray, torch.Tensor, float, float, float]:
-    """One S3Gen call: waveform, excitation source, flow seconds, vocoder seconds, and the
-    seconds spent compiling the estimator for a new shape (kept out of the flow seconds)."""
+    """One S3Gen call on the flow's whole start ``noise`` (prompt and tokens), HiFT drawing
+    from ``rng``: waveform, excitation source, flow seconds, vocoder seconds, and the seconds
+    spent compiling the estimator for a new shape (kept out of the flow seconds)."""
     with ExitStack() as stack:
         if amp is not None:
             stack.enter_context(torch.autocast(tts.s3gen.device.type, amp))
         device = tts.s3gen.device
         compiled_before = flow.compile_s if flow else 0.0
         t0 = now(device)
-        mels = flow_mels(tts.s3gen, torch.tensor(tokens), gen, noise=noise, plan=flow, pad_to=pad_to)
+        with overwritten():  # upstream draws start noise that ``noise`` then replaces
+            mels = flow_mels(tts.s3gen, torch.tensor(tokens), gen, noise=noise, plan=flow, pad_to=pad_to)
         t1 = now(device)
-        wav, source = vocoder(tts.s3gen, mels, cache)
+        with rng.drawing():  # HiFT's sine phases and noise
+            wav, source = vocoder(tts.s3gen, mels, cache)
         t2 = now(device)
     compiling = (flow.compile_s if flow else 0.0) - compiled_before
     return wav[0].cpu().numpy(), source, t1 - t0 - compiling, t2 - t1, compiling
@@ -344,7 +328,11 @@ def _naive(
             continue
         new = state.tokens[done:]
         context = state.tokens[max(0, done - config.context_tokens) : done]
-        wav, _, flow_s, voc_s, _ = _s3gen(tts, gen, context + new, None, amp)
+        # chatterbox-streaming draws new start noise for every call: here from the stream's generator.
+        frames = (len(context) + len(new)) * FRAMES_PER_TOKEN
+        fresh = torch.randn(1, 80, frames, generator=state.rng.generator())
+        noise = with_prompt_noise(state, fresh)
+        wav, _, flow_s, voc_s, _ = _s3gen(tts, gen, context + new, noise, amp, state.rng)
         fade_in(tts.s3gen, torch.from_numpy(wav))  # upstream S3Gen.inference fades every call in
         chunk = wav[int(len(context) * len(wav) / (len(context) + len(new))) :].copy()
         if done and fade:  # the fork's fade-in at every seam but the first
@@ -366,6 +354,97 @@ def _naive(
         )
 
 
+@dataclass(frozen=True)
+class Window:
+    """One buffered S3Gen call: its own tokens ``[begin, end)``, run over ``[start, stop)`` (with
+    left context and lookahead); ``regular`` is the token count a compiled estimator pads to."""
+
+    begin: int
+    end: int
+    start: int
+    stop: int
+    final: bool
+    regular: int
+
+    @property
+    def first(self) -> bool:
+        return self.begin == 0
+
+
+class BufferedCutter:
+    """The buffered strategy's bookkeeping, apart from running anything: which window is ready
+    (``next_window``), the noise and excitation source it gets, and how its waveform is trimmed
+    and crossfaded onto the previous window (``assemble``). ``stream`` drives it from one
+    token iterator; the stream engine drives one per stream and batches their S3Gen calls."""
+
+    def __init__(self, config: StreamConfig, state: StreamState) -> None:
+        self.config, self.state = config, state
+        c = config.crossfade_samples
+        ramp = (1 - np.cos(np.linspace(0, np.pi, c, dtype=np.float32))) / 2
+        self.ramp = ramp if c else np.zeros(0, np.float32)
+        self.begin = 0  # first token of the next window
+        self.tail: np.ndarray | None = None  # the previous window's last c samples, to be blended
+        self.prev: tuple[int, int, torch.Tensor] | None = None  # the last call's (start, stop) and source
+        self.done = False
+
+    def next_window(self, more: bool) -> Window | None:
+        """The next window, once enough tokens are there (``more``: T3 may still add some);
+        ``None`` while it waits for tokens, and after the last window (``done``)."""
+        config, n, begin = self.config, len(self.state.tokens), self.begin
+        size = config.first_window_tokens if begin == 0 else config.window_tokens
+        if self.done or (more and n < begin + size + config.lookahead_tokens):
+            return None
+        if n == begin:  # T3 ended on a window boundary: the tail was already flushed
+            self.done = True
+            return None
+        final = not more and n <= begin + size + config.lookahead_tokens
+        end = n if final else begin + size
+        start = max(0, begin - config.left_context_tokens)
+        regular = (begin - start) + size + config.lookahead_tokens
+        return Window(begin, end, start, n if final else end + config.lookahead_tokens, final, regular)
+
+    def noise(self, w: Window) -> torch.Tensor:
+        """The flow's start noise for the window (prompt part included)."""
+        frames = slice(w.start * FRAMES_PER_TOKEN, w.stop * FRAMES_PER_TOKEN)
+        return with_prompt_noise(self.state, self.state.noise[:, :, frames])
+
+    def cache(self, w: Window) -> torch.Tensor | None:
+        """The previous call's excitation source over this window's left context (``carry_source``)."""
+        if not self.config.carry_source or self.prev is None or self.prev[1] <= w.start:
+            return None
+        p_start, p_end, p_src = self.prev
+        return p_src[:, :, (w.start - p_start) * SAMPLES_PER_TOKEN : (p_end - p_start) * SAMPLES_PER_TOKEN]
+
+    def assemble(self, w: Window, wav: np.ndarray, source: torch.Tensor, s3gen: Any) -> np.ndarray:
+        """The audio the window adds: its own samples, the first window faded in as upstream,
+        the seam overlap-added with the previous window's tail (the ramps sum to one)."""
+        c, state = self.config.crossfade_samples, self.state
+        self.prev = (w.start, w.stop, source)
+        if w.first:
+            fade_in(s3gen, torch.from_numpy(wav))  # as upstream one-shot
+        lo = w.begin * SAMPLES_PER_TOKEN - (c // 2 if w.begin else 0)
+        hi = w.end * SAMPLES_PER_TOKEN + (0 if w.final else c // 2)
+        seg = wav[lo - w.start * SAMPLES_PER_TOKEN : hi - w.start * SAMPLES_PER_TOKEN].copy()
+        if self.tail is not None and c:
+            seg[:c] = self.tail * self.ramp[::-1] + seg[:c] * self.ramp
+            state.seams.append(w.begin * SAMPLES_PER_TOKEN)
+            state.crossfades.append((lo, lo + c))
+        chunk, self.tail = (seg, None) if w.final or not c else (seg[:-c], seg[-c:])
+        self.begin, self.done = w.end, w.final
+        return chunk
+
+
+def window_metrics(w: Window, chunk: np.ndarray) -> dict[str, Any]:
+    """The ``ChunkMetrics`` fields that a buffered window fixes (timings come from the caller)."""
+    return {
+        "tokens": w.end - w.begin,
+        "audio_s": len(chunk) / SAMPLE_RATE,
+        "context_frames": (w.begin - w.start + w.stop - w.end) * FRAMES_PER_TOKEN,
+        "new_frames": (w.end - w.begin) * FRAMES_PER_TOKEN,
+        "s3gen_calls": 1,
+    }
+
+
 def _buffered(
     tts: ChatterboxTTS,
     gen: dict[str, Any],
@@ -376,60 +455,22 @@ def _buffered(
     amp: torch.dtype | None,
     flow: FlowPlan,
 ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
-    c = config.crossfade_samples
-    ramp = (1 - np.cos(np.linspace(0, np.pi, c, dtype=np.float32))) / 2 if c else np.zeros(0, np.float32)
-    begin = 0  # first token of the current window
-    tail: np.ndarray | None = None  # the last c samples of the previous window, waiting to be blended
-    prev: tuple[int, int, torch.Tensor] | None = None  # (start, end) tokens and source of the last call
+    cut = BufferedCutter(config, state)
     more = True
-    while more:
-        size = config.first_window_tokens if begin == 0 else config.window_tokens
-        while more and len(state.tokens) < begin + size + config.lookahead_tokens:
+    while True:
+        w = cut.next_window(more)
+        if w is None:
+            if cut.done or not more:
+                return
             more = next(tokens_in, False)
-        n = len(state.tokens)
-        if n == begin:
-            break  # T3 ended on a window boundary: the tail was already flushed
-        final = not more and n <= begin + size + config.lookahead_tokens
-        end = n if final else begin + size  # the window's own tokens: [begin, end)
-        s = max(0, begin - config.left_context_tokens)
-        e = n if final else end + config.lookahead_tokens
-        cache = None
-        if config.carry_source and prev is not None and prev[1] > s:
-            p_start, p_end, p_src = prev
-            cache = p_src[:, :, (s - p_start) * SAMPLES_PER_TOKEN : (p_end - p_start) * SAMPLES_PER_TOKEN]
-        noise = state.noise[:, :, s * FRAMES_PER_TOKEN : e * FRAMES_PER_TOKEN]
-        # A compiled estimator gets the window's regular size (with its left context and lookahead).
-        regular = (begin - max(0, begin - config.left_context_tokens)) + size + config.lookahead_tokens
+            continue
         wav, source, flow_s, voc_s, compiling = _s3gen(
-            tts, gen, state.tokens[s:e], noise, amp, cache, flow, regular if flow.compiled else None
-        )
+            tts, gen, state.tokens[w.start : w.stop], cut.noise(w), amp, state.rng, cut.cache(w), flow,
+            w.regular if flow.compiled else None,
+        )  # fmt: skip
         state.s3gen_compile_s += compiling
-        prev = (s, e, source)
-        if begin == 0:
-            fade_in(tts.s3gen, torch.from_numpy(wav))  # as upstream one-shot
-        lo = begin * SAMPLES_PER_TOKEN - (c // 2 if begin else 0)
-        hi = end * SAMPLES_PER_TOKEN + (0 if final else c // 2)
-        seg = wav[lo - s * SAMPLES_PER_TOKEN : hi - s * SAMPLES_PER_TOKEN].copy()
-        if tail is not None and c:
-            seg[:c] = tail * ramp[::-1] + seg[:c] * ramp  # overlap-add: the ramps sum to one
-            state.seams.append(begin * SAMPLES_PER_TOKEN)
-            state.crossfades.append((lo, lo + c))
-        chunk, tail = (seg, None) if final or not c else (seg[:-c], seg[-c:])
-        yield (
-            chunk,
-            metrics(
-                tokens=end - begin,
-                flow_s=flow_s,
-                vocoder_s=voc_s,
-                audio_s=len(chunk) / SAMPLE_RATE,
-                context_frames=(begin - s + e - end) * FRAMES_PER_TOKEN,
-                new_frames=(end - begin) * FRAMES_PER_TOKEN,
-                s3gen_calls=1,
-            ),
-        )
-        begin = end
-        if final:
-            break
+        chunk = cut.assemble(w, wav, source, tts.s3gen)
+        yield chunk, metrics(flow_s=flow_s, vocoder_s=voc_s, **window_metrics(w, chunk))
 
 
 def one_shot(
@@ -438,9 +479,8 @@ def one_shot(
     """The same tokens through one S3Gen call, on the same noise track and prompt: the reference
     a streamed utterance is compared with."""
     gen = shorten_prompt(tts.conds.gen, config.prompt_s) if tts.conds else {}
-    n = len(state.tokens)
-    noise = state.noise[:, :, : n * FRAMES_PER_TOKEN] if state.noise.numel() else None
-    wav, *_ = _s3gen(tts, gen, state.tokens, noise, amp)
+    noise = with_prompt_noise(state, state.noise[:, :, : len(state.tokens) * FRAMES_PER_TOKEN])
+    wav, *_ = _s3gen(tts, gen, state.tokens, noise, amp, StreamRandom(state.rng.seed))
     fade_in(tts.s3gen, torch.from_numpy(wav))
     return wav
 
@@ -482,6 +522,7 @@ def run_to_files(
         "summary": state.report.summary(),
         "chunks": state.report.rows(),
         "quality_vs_one_shot": quality(wav, reference, state),
+        "speech_tokens": list(state.tokens),  # the ids vocoded, in order (Turbo's closing silence included)
         "t3_step_mode": state.t3.step_mode,
         "t3_compile_s": state.t3.compile_s,  # building (compiling) the static step: in chunk 0's time
         "note": f"random weights never emit a stop token: generation capped at {max_new_tokens} tokens",

@@ -1,0 +1,238 @@
+"""The stream engine: each stream speaks what it speaks alone, at any concurrency, with streams
+joining mid-way; failures stay with their stream; rows come back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from chatterbox.tts import ChatterboxTTS
+
+from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError
+from tts_workbench.core.families import family_of
+from tts_workbench.core.rng import StreamRandom
+from tts_workbench.interface.cli import main
+from tts_workbench.models.sources import load_model
+from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.runtime.engine import StreamEngine, buckets
+from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.runtime.optimized import decode_plan
+from tts_workbench.runtime.streaming import StreamConfig, stream_all
+
+CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+TEXTS = [
+    "The first stream says a short sentence.",
+    "A second one, somewhat longer, joins the first.",
+    "Third.",
+    "Number four reads numbers: one, two, three.",
+]
+TOKENS = 36
+
+
+def solo(tts: ChatterboxTTS, text: str, seed: int) -> tuple[np.ndarray, list[int]]:
+    """The stream alone, with the same (static-cache) step and the family's sampling defaults."""
+    plan = DecodePlan.plain(tts.t3, step="static")
+    wav, state = stream_all(
+        tts, text, CONFIG, max_new_tokens=TOKENS, seed=seed, plan=plan, **family_of(tts).sampling
+    )
+    return wav, state.tokens
+
+
+def check_against_solo(tts: ChatterboxTTS, streams: int, join_after: int) -> None:
+    """``streams`` streams, the first ``join_after`` submitted at once and the rest while those
+    are decoding: each gives its solo tokens exactly, and audio within float32 rounding."""
+    texts = [TEXTS[k % len(TEXTS)] for k in range(streams)]
+    with StreamEngine(tts, max_streams=streams, config=CONFIG) as engine:
+        with engine.together():  # a burst: they join at one step
+            handles = [
+                engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(texts[:join_after])
+            ]
+        for _ in range(500):  # the others join while the first ones are decoding (bounded wait)
+            if len(handles[0].tokens) >= 8:
+                break
+            time.sleep(0.01)
+        handles += [
+            engine.submit(t, seed=k, max_new_tokens=TOKENS)
+            for k, t in enumerate(texts[join_after:], start=join_after)
+        ]
+        chunks = {}
+        for k, h in enumerate(handles):
+            chunks[k] = [c for c, _ in h]
+        assert engine.free_rows() == streams * engine.rows_per_stream and engine.active() == 0
+    for k, h in enumerate(handles):
+        wav, tokens = solo(tts, texts[k], k)
+        assert h.tokens == tokens, k
+        assert np.allclose(np.concatenate(chunks[k]), wav, atol=1e-5), k
+    assert max(engine.stats.buckets_used) == streams  # all of them in one batched step
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_tts: ChatterboxTTS) -> ChatterboxTTS:
+    return tiny_tts
+
+
+@pytest.mark.parametrize(("streams", "join_after"), [(1, 1), (3, 2), (8, 4)])
+def test_every_stream_speaks_its_solo_tokens(tts: ChatterboxTTS, streams: int, join_after: int) -> None:
+    check_against_solo(tts, streams, join_after)
+
+
+def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None:
+    # Four listeners of one text and seed: their windows are ready at the same steps (with random
+    # weights a quarter of the ids are not speech, so streams of other seeds rarely line up).
+    with StreamEngine(tts, max_streams=4, config=CONFIG) as engine:
+        with engine.together():
+            handles = [engine.submit(TEXTS[0], seed=7, max_new_tokens=TOKENS) for _ in range(4)]
+        waves = [np.concatenate([c for c, _ in h]) for h in handles]
+    assert engine.stats.flow_windows == 4 * engine.stats.flow_calls > 0
+    wav, tokens = solo(tts, TEXTS[0], 7)
+    assert all(h.tokens == tokens for h in handles)
+    assert all(np.allclose(w, wav, atol=1e-5) for w in waves)
+
+
+def test_turbo_streams_speak_their_solo_tokens(reference_wav: object) -> None:
+    turbo = load_model("turbo-tiny")
+    prepare_voice(turbo, str(reference_wav))
+    check_against_solo(turbo, 3, 2)
+
+
+def test_a_bad_request_fails_alone_and_rows_come_back(tts: ChatterboxTTS) -> None:
+    with StreamEngine(tts, max_streams=2, config=CONFIG, max_cache_len=256) as engine:
+        good = engine.submit(TEXTS[0], seed=1, max_new_tokens=TOKENS)
+        empty = engine.submit("   ", seed=2)
+        too_long = engine.submit(TEXTS[1], seed=3, max_new_tokens=400)
+        late = engine.submit(TEXTS[2], seed=4, max_new_tokens=TOKENS)  # queued behind the others
+        with pytest.raises(EmptyTextError):
+            list(empty)
+        with pytest.raises(CacheError, match="engine holds max_cache_len=256: lower max_new_tokens to"):
+            list(too_long)
+        assert len(np.concatenate([c for c, _ in good])) > 0
+        metrics = [m for _, m in late]
+        assert metrics and metrics[0].queued_s >= 0.0
+        assert engine.stats.failed == 2 and engine.stats.admitted == 2
+        assert engine.free_rows() == 4 and engine.active() == 0 and engine.queued() == 0
+
+
+def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        quitter = engine.submit(TEXTS[1], seed=0, max_new_tokens=200)
+        stayer = engine.submit(TEXTS[0], seed=1, max_new_tokens=TOKENS)
+        for _chunk in quitter:
+            break  # leaving the loop closes the stream
+        assert quitter.closed
+        assert [c for c, _ in stayer]
+        for _ in range(100):  # the T3 stage frees the rows before its next step
+            if engine.free_rows() == 4:
+                break
+            time.sleep(0.05)
+        assert engine.free_rows() == 4 and engine.active() == 0
+        assert len(quitter.tokens) < 200
+
+
+def test_async_readers(tts: ChatterboxTTS) -> None:
+    async def read(engine: StreamEngine, k: int) -> list[int]:
+        handle = engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS)
+        return [m.index async for _, m in handle]
+
+    async def main(engine: StreamEngine) -> list[list[int]]:
+        return await asyncio.wait_for(asyncio.gather(*(read(engine, k) for k in range(2))), timeout=120)
+
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        indices = asyncio.run(main(engine))
+    assert all(ix == list(range(len(ix))) and ix for ix in indices)
+
+
+def test_many_streams_in_a_row_leave_nothing_behind(tts: ChatterboxTTS) -> None:
+    with StreamEngine(tts, max_streams=8, config=CONFIG) as engine:
+        handles = [
+            engine.submit("" if k % 5 == 4 else TEXTS[k % 4], seed=k, max_new_tokens=6) for k in range(40)
+        ]
+        ok = failed = 0
+        for h in handles:
+            try:
+                ok += bool([c for c, _ in h])
+            except EmptyTextError:
+                failed += 1
+        assert (ok, failed) == (32, 8)
+        assert engine.free_rows() == 16 and engine.active() == 0 and engine.queued() == 0
+        assert len(engine._voices) == 1  # one voice prepared once
+
+
+def test_bad_engine_settings_are_refused(tts: ChatterboxTTS) -> None:
+    with pytest.raises(ConfigError, match="max_streams"):
+        StreamEngine(tts, max_streams=0)
+    with pytest.raises(ConfigError, match="static or compiled"):
+        StreamEngine(tts, step="eager")
+    with pytest.raises(ConfigError, match="buffered strategy only"):
+        StreamEngine(tts, config=StreamConfig("naive"))
+    assert buckets(8) == [1, 2, 4, 8] and buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
+
+
+def test_load_cli_reports_each_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    args = ["load", "--streams", "1,2", "--tokens", "20", "--first-window-s", "0.4", "--window-s", "0.8"]
+    rc = main([*args, "--reference", str(reference_wav), "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [level["streams"] for level in report["levels"]] == [1, 2]
+    for level in report["levels"]:
+        s = level["summary"]
+        assert s["failed"] == 0 and s["ttfa_p50_s"] <= s["ttfa_p95_s"] <= s["ttfa_p99_s"]
+        assert s["limiting_stage"] in ("t3", "s3gen") and s["kv_mb_per_stream"] > 0
+        assert len(level["per_stream"]) == level["streams"]
+        assert all(row["speech_tokens"] and row["ttfa_s"] > 0 for row in level["per_stream"])
+    assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
+    assert "note" in report and "capped at 20 tokens" in report["note"]
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--streams", "0"], "--streams"),
+        (["--streams", "-2"], "--streams"),
+        (["--streams", "1,two"], "--streams"),
+        (["--arrival", "poisson:fast"], "--arrival"),
+        (["--arrival", "sometimes"], "--arrival"),
+        (["--texts", "/no/such/file"], "--texts"),
+        (["--texts", "EMPTY"], "--texts"),
+        (["--tokens", "5000"], "--tokens"),
+    ],
+)
+def test_load_cli_bad_flags_give_one_error_line(
+    args: list[str], flag: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    assert main(["load", *args, "--out", str(tmp_path)]) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0], errors
+
+
+def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -> None:
+    # T3 in bfloat16 (a copy): a batched kernel may round differently from a batch of one, so a
+    # near tie can flip a sample. Up to the first differing token (all of them when none differs)
+    # the logits agree within 3% of the largest logit, the bound of the single-stream bf16 tests.
+    plan = decode_plan(tts, "bfloat16")
+    sampling = family_of(tts).sampling
+    with StreamEngine(tts, max_streams=3, config=CONFIG, plan=plan, keep_logits=True) as engine:
+        with engine.together():
+            handles = [engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(TEXTS[:3])]
+        for h in handles:
+            assert [c for c, _ in h]
+    solo_plan = DecodePlan(plan.prefill, plan.decode, step="static")
+    for k, h in enumerate(handles):
+        logits: list[torch.Tensor] = []
+        ids = t3_decode(
+            tts.t3, tts.conds.t3, text_tokens(tts, TEXTS[k], 0.5), max_new_tokens=TOKENS, plan=solo_plan,
+            generator=StreamRandom(k).generator(), logits_out=logits, **sampling,
+        ).tokens[0].tolist()  # fmt: skip
+        first = next((i for i, (a, b) in enumerate(zip(h.sampled, ids, strict=True)) if a != b), len(ids))
+        assert first > 0
+        for i in range(first):
+            assert (h.logits[i] - logits[i]).abs().max() <= 0.03 * logits[i].abs().max(), (k, i)

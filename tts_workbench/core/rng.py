@@ -1,0 +1,75 @@
+"""Private random streams: each stream draws from its own ``torch.Generator``.
+
+Two streams that share the process-global generator interleave their draws, so neither samples
+what it samples alone (and swapping the global state in and out around each step is not safe
+once streams run in threads). So every stream holds a ``StreamRandom``: its generators, one per
+device, seeded from the stream's seed. T3's sampling passes the generator explicitly
+(``torch.multinomial(..., generator=...)``); upstream code that draws without one (HiFT's sine
+source and noise) runs inside ``StreamRandom.drawing()``, a ``TorchFunctionMode`` that hands the
+stream's generator to every random factory called without one. Torch function modes are
+thread-local, so a stream's mode never sees another thread's calls.
+
+A fresh ``torch.Generator(device).manual_seed(s)`` starts where ``torch.manual_seed(s)`` leaves
+that device's default generator, so a stream seeded ``s`` samples the tokens a one-shot upstream
+generation after ``torch.manual_seed(s)`` samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# Random factories that take a ``generator`` keyword, and how each finds its device.
+_LIKE = {torch.rand_like, torch.randn_like, torch.randint_like}
+_FACTORIES = {torch.rand, torch.randn, torch.randint, torch.randperm}
+_OF_INPUT = {torch.multinomial, torch.bernoulli, torch.poisson}
+_METHODS = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+            torch.Tensor.exponential_}  # fmt: skip
+
+
+class StreamRandom:
+    """A stream's random state: one generator per device, each seeded with ``seed``."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """This stream's generator on ``device`` (created and seeded on first use)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def drawing(self) -> _Drawing:
+        """Inside, random factories called without a generator draw from this stream's."""
+        return _Drawing(self.generator)
+
+
+def overwritten() -> _Drawing:
+    """For upstream draws whose values are overwritten (the flow's start noise when the caller
+    gives all of it): they go to a throwaway generator, so they neither advance the global
+    generator nor a stream's own."""
+    return StreamRandom(0).drawing()
+
+
+class _Drawing(TorchFunctionMode):
+    def __init__(self, generator: Callable[[torch.device | str], torch.Generator]) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if kwargs.get("generator") is None:
+            if func in _LIKE or func in _OF_INPUT or func in _METHODS:
+                kwargs["generator"] = self.generator(args[0].device)
+            elif func in _FACTORIES:
+                kwargs["generator"] = self.generator(kwargs.get("device") or "cpu")
+        return func(*args, **kwargs)

@@ -1,0 +1,783 @@
+"""Many streams on one model: T3 continuously batched, S3Gen windows batched apart.
+
+A ``StreamEngine`` takes streams at any time (``submit``) and runs two stages, each on its own
+thread, as vLLM-Omni's TTS serving splits them (the token stage is latency-bound, the waveform
+stage throughput-bound):
+
+- **T3**: every active stream has its own rows of one KV cache allocated once at its largest
+  shape (two rows with classifier-free guidance, one for Turbo) and its own position. A new
+  stream is prefilled on its own (eager, as upstream) and joins at the next step; each step is
+  one batched forward over all active streams (continuous batching: streams join and leave
+  between steps, vLLM's scheme). A stream that ends, fails or is closed by its reader frees its
+  rows at once: the last stream's rows move into the hole, so the active streams always fill
+  rows ``[0, n)``. The step runs over a bucket of rows (1, 2, 4, ... streams); ``"compiled"``
+  compiles (CUDA graphs on CUDA) once per bucket and reuses it.
+- **S3Gen**: each stream cuts its tokens into buffered windows (``streaming.BufferedCutter``);
+  ready windows of the same voice and the same size go through the flow together, one CFM
+  estimator call for several streams. First windows go first (they set time to first audio).
+  The vocoder runs per stream, on that stream's own random generator.
+
+Each stream samples from its own generator (``core.rng``), so it speaks the tokens it speaks
+alone: in float32 exactly, up to where a batched kernel's rounding flips a near tie.
+
+Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle``, as a plain or an async iterator.
+At most ``max_streams`` streams are active; more wait in a queue, none is refused for load. A
+request that cannot run (empty text, no voice, longer than the cache) fails alone with the same
+error as ``streaming.stream``; the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import threading
+import time
+import types
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import torch
+from transformers.cache_utils import StaticCache, StaticLayer
+
+from ..core.clock import now
+from ..core.constants import FRAMES_PER_TOKEN, SPEECH_VOCAB_SIZE
+from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
+from ..core.families import family_of, language_for
+from ..core.patching import own_code
+from ..core.rng import StreamRandom, overwritten
+from ..instruments.latency import ChunkMetrics, StreamReport
+from ..models.vocode import FlowPlan, cast_gen, tail_tokens, vocoder
+from .decode import (
+    DecodePlan,
+    T3Parts,
+    _logits,
+    _scorer,
+    check_room,
+    is_turbo,
+    prefill_embeds,
+    text_tokens,
+)
+from .streaming import (
+    BufferedCutter,
+    StreamConfig,
+    StreamState,
+    Window,
+    noise_track,
+    shorten_prompt,
+    window_metrics,
+)
+
+ENGINE_STEPS = ("static", "compiled")
+
+
+def buckets(max_streams: int) -> list[int]:
+    """Batch sizes (in streams) a step runs at: powers of two below ``max_streams``, and it."""
+    sizes = [1 << k for k in range(max_streams.bit_length()) if 1 << k < max_streams]
+    return [*sizes, max_streams]
+
+
+@dataclass
+class Request:
+    """What a client asks for. ``conds``: the voice (upstream ``Conditionals``; default the
+    model's own); ``sampling``: temperature, top_p, ... as the family's upstream generate."""
+
+    text: str
+    seed: int = 0
+    max_new_tokens: int = 150
+    conds: Any = None
+    language_id: str | None = None
+    sampling: dict[str, float] = field(default_factory=dict)
+
+
+_END = object()
+
+
+class StreamHandle:
+    """One stream of the engine: iterate it (plainly or with ``async for``) for its
+    ``(chunk, ChunkMetrics)``; ``close()`` (or leaving the loop early) frees its rows."""
+
+    def __init__(self, engine: StreamEngine, request: Request, index: int) -> None:
+        self.engine, self.request, self.index = engine, request, index
+        self.state = StreamState(StreamReport("buffered"))
+        self.submitted = time.perf_counter()
+        self.admitted: float | None = None
+        self.error: BaseException | None = None
+        self.closed = False
+        self.sampled: list[int] = []  # every id T3 sampled, stop and non-speech ids included
+        self.logits: list[torch.Tensor] = []  # (rows, vocab) float32 per sampled id, if the engine keeps them
+        self._queue: queue.Queue[Any] = queue.Queue()
+
+    @property
+    def tokens(self) -> list[int]:
+        """The speech tokens sampled so far (ids S3Gen can vocode, in order)."""
+        return self.state.tokens
+
+    @property
+    def report(self) -> StreamReport:
+        return self.state.report
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
+        try:
+            while (item := self._unwrap(self._queue.get())) is not None:
+                yield item
+        finally:
+            self.close()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[np.ndarray, ChunkMetrics]]:
+        try:  # the blocking get runs in a worker thread, not in the event loop
+            while (item := self._unwrap(await asyncio.to_thread(self._queue.get))) is not None:
+                yield item
+        finally:
+            self.close()
+
+    @staticmethod
+    def _unwrap(item: Any) -> tuple[np.ndarray, ChunkMetrics] | None:
+        """A chunk, ``None`` at the end, or the stream's error raised."""
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        chunk: tuple[np.ndarray, ChunkMetrics] = item
+        return chunk
+
+    def close(self) -> None:
+        """Stop this stream: the engine frees its rows before its next step."""
+        self.closed = True
+        self._queue.put(_END)  # wakes a reader still waiting (an async reader's worker thread)
+        self.engine._wake()
+
+    def _put(self, item: Any) -> None:
+        self._queue.put(item)
+
+
+class _RowLayer(StaticLayer):
+    """A static cache layer whose rows sit at different positions: row ``r`` writes its new key
+    and value at slot ``cache_position[r]`` (transformers' ``StaticLayer`` writes every row at
+    the same slots). ``keys``/``values`` are views of the engine's one allocation."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__(keys.size(2))
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert cache_kwargs is not None  # the engine's step always passes its slots
+        slots = cache_kwargs["cache_position"]
+        rows = torch.arange(key_states.size(0), device=slots.device)
+        keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
+        keys[rows, :, slots] = key_states[:, :, 0].to(keys.dtype)
+        values[rows, :, slots] = value_states[:, :, 0].to(values.dtype)
+        return keys, values
+
+
+@dataclass
+class _Live:
+    """Engine-side state of an admitted stream."""
+
+    handle: StreamHandle
+    rows: int  # first cache row
+    ids: torch.Tensor  # (1, max_new_tokens + 1): the start token, then the samples
+    step: int  # tokens sampled so far
+    prefill_len: int
+    scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    cfg_weight: float
+    generator: torch.Generator
+    gen: dict[str, Any]  # S3Gen's reference dict (shortened prompt, cast)
+    cutter: BufferedCutter
+    logits: torch.Tensor  # the logits of the next sample
+    t3_done: bool = False
+    t3_s: float = 0.0  # seconds of T3 work this stream took part in, since its last chunk
+    invalid: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Totals over the engine's life (seconds are wall time of each stage's thread)."""
+
+    t3_steps: int = 0
+    t3_rows: int = 0  # streams stepped, summed over steps
+    t3_tokens: int = 0  # tokens sampled (prefill's first included)
+    t3_s: float = 0.0  # batched steps and sampling
+    prefill_s: float = 0.0
+    compile_s: float = 0.0
+    flow_calls: int = 0
+    flow_windows: int = 0
+    flow_s: float = 0.0
+    vocoder_s: float = 0.0
+    admitted: int = 0
+    failed: int = 0
+    buckets_used: set[int] = field(default_factory=set)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in vars(self).items() if k != "buckets_used"}
+        return out | {"buckets_used": sorted(self.buckets_used)}
+
+
+class StreamEngine:
+    """Streams of one model, T3 continuously batched and S3Gen windows batched (module docstring).
+
+    ``step``: "static" (the batched step as is) or "compiled" (``torch.compile``, CUDA graphs on
+    CUDA, once per bucket; a growing eager cache cannot hold rows at different positions, so
+    there is no "eager" engine step). ``max_cache_len``: positions per stream (prefill and new
+    tokens). ``plan`` gives the weights and dtypes (default: the model's own, float32).
+    """
+
+    def __init__(
+        self,
+        tts: Any,
+        *,
+        max_streams: int = 8,
+        step: str = "static",
+        config: StreamConfig | None = None,
+        plan: DecodePlan | None = None,
+        flow: FlowPlan | None = None,
+        max_cache_len: int = 512,
+        amp: torch.dtype | None = None,
+        keep_logits: bool = False,
+    ) -> None:
+        if max_streams < 1:
+            raise ConfigError(f"max_streams must be at least 1, got {max_streams}")
+        if step not in ENGINE_STEPS:
+            raise ConfigError(f"unknown engine step {step!r}: use {' or '.join(ENGINE_STEPS)}")
+        self.config = config or StreamConfig("buffered")
+        if self.config.strategy != "buffered":
+            raise ConfigError("the stream engine runs the buffered strategy only")
+        self.tts, self.max_streams, self.step_mode, self.amp = tts, max_streams, step, amp
+        self.keep_logits = keep_logits  # each handle's ``logits``: what every token was sampled from
+        self.plan = plan or DecodePlan.plain(tts.t3)
+        self.flow = flow or FlowPlan()
+        self.max_cache_len = max_cache_len
+        self.device = tts.t3.speech_head.weight.device
+        self.family = family_of(tts)
+        self.turbo = is_turbo(tts.t3)
+        self.rows_per_stream = 2 if self.family.guidance else 1
+        self.stats = EngineStats()
+        parts: T3Parts = self.plan.decode
+        config_: Any = parts.tfmr.config
+        self.kv_heads = getattr(config_, "num_key_value_heads", None) or config_.num_attention_heads
+        self.head_dim = (
+            getattr(config_, "head_dim", None) or config_.hidden_size // config_.num_attention_heads
+        )
+        rows = max_streams * self.rows_per_stream
+        shape = (rows, self.kv_heads, max_cache_len, self.head_dim)
+        with torch.inference_mode():
+            self._kv = [
+                (torch.zeros(shape, dtype=parts.dtype, device=self.device),
+                 torch.zeros(shape, dtype=parts.dtype, device=self.device))
+                for _ in range(config_.num_hidden_layers)
+            ]  # fmt: skip
+        self._caches: dict[int, StaticCache] = {}
+        self._steps: dict[int, Callable[..., torch.Tensor]] = {}
+        self._sdpa = getattr(config_, "_attn_implementation", "sdpa") == "sdpa"
+        self._voices: dict[int, tuple[Any, dict[str, Any]]] = {}  # id(conds): (conds, S3Gen's dict)
+        self._waiting: list[StreamHandle] = []
+        self._live: list[_Live] = []  # admitted, in row order; T3 thread only
+        self._vocoding: list[_Live] = []  # admitted, not yet fully vocoded; S3Gen thread reads
+        self._lock = threading.Condition()
+        self._counter = itertools.count()
+        self._stopped = False
+        self._held = 0  # open ``together()`` blocks: no stream joins meanwhile
+        self._threads = [
+            threading.Thread(target=self._guard(self._t3_loop), name="engine-t3", daemon=True),
+            threading.Thread(target=self._guard(self._s3gen_loop), name="engine-s3gen", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def kv_bytes_per_stream(self) -> int:
+        """Bytes of KV cache one stream's rows hold (all layers, keys and values)."""
+        k, _ = self._kv[0]
+        per_row = k[0].numel() * k.element_size()
+        return 2 * len(self._kv) * self.rows_per_stream * per_row
+
+    def active(self) -> int:
+        """Streams admitted and not yet finished (T3 or S3Gen still working for them)."""
+        with self._lock:
+            return len(self._vocoding)
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def free_rows(self) -> int:
+        """Cache rows no stream holds."""
+        with self._lock:
+            return (self.max_streams - len(self._live)) * self.rows_per_stream
+
+    def submit(self, text: str, *, seed: int = 0, max_new_tokens: int = 150, conds: Any = None,
+               language_id: str | None = None, **sampling: float) -> StreamHandle:  # fmt: skip
+        """Queue a stream; read its chunks from the returned handle. Bad requests fail in the
+        handle (its iteration raises), not here, so a server treats every request alike."""
+        request = Request(text, seed, max_new_tokens, conds, language_id, sampling)
+        handle = StreamHandle(self, request, next(self._counter))
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the engine is closed")
+            self._waiting.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Streams submitted inside the block join together, at one step, when it ends: a burst
+        (their first windows are then ready at the same step and share a flow call)."""
+        with self._lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
+                self._lock.notify_all()
+
+    def warmup(self) -> float:
+        """Build (compile) the step of every bucket now, so no stream waits for it; seconds."""
+        t0 = now(self.device)
+        for bucket in buckets(self.max_streams):
+            self._step_fn(bucket)
+        return now(self.device) - t0
+
+    def close(self) -> None:
+        """Stop both stages; streams still running end with an error."""
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        for h in [*self._waiting, *(live.handle for live in self._vocoding)]:
+            h._put(RuntimeError("the engine was closed before this stream ended"))
+
+    def __enter__(self) -> StreamEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ T3 stage
+
+    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+        """A stage that dies takes every stream with it, with its error (nothing hangs)."""
+
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as e:
+                with self._lock:
+                    self._stopped = True
+                    handles = [*self._waiting, *(live.handle for live in self._vocoding)]
+                    self._lock.notify_all()
+                for h in handles:
+                    h._put(e)
+
+        return run
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _ctx(self) -> ExitStack:
+        stack = ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.plan.autocast:
+            stack.enter_context(torch.autocast(self.device.type, self.plan.autocast))
+        return stack
+
+    def _t3_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._live and (not self._waiting or self._held):
+                    self._lock.wait()
+                if self._stopped:
+                    return
+                room = 0 if self._held else self.max_streams - len(self._live)
+                joining, self._waiting = self._waiting[:room], self._waiting[room:]
+            for handle in joining:
+                self._admit(handle)
+            for live in [s for s in self._live if s.handle.closed]:
+                self._leave(live)
+            if self._live:
+                self._step()
+
+    def _admit(self, handle: StreamHandle) -> None:
+        """Prefill a new stream on its own and give it the first free rows, or fail it alone."""
+        r = handle.request
+        handle.admitted = time.perf_counter()
+        if handle.closed:
+            return
+        try:
+            live = self._prefill(handle, r)
+        except Exception as e:  # a bad request fails alone, with the error stream() gives
+            self.stats.failed += 1
+            handle.error = e
+            handle._put(e)
+            return
+        self.stats.admitted += 1
+        with self._lock:
+            self._live.append(live)
+            self._vocoding.append(live)
+            self._lock.notify_all()
+
+    def _prefill(self, handle: StreamHandle, r: Request) -> _Live:
+        conds = r.conds if r.conds is not None else self.tts.conds
+        if conds is None:
+            raise NoVoiceError()
+        if not r.text.strip():
+            raise EmptyTextError()
+        if r.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
+        sampling = {**self.family.sampling, **r.sampling}
+        cfg_weight = 0.0 if self.turbo else float(sampling.pop("cfg_weight", 0.5))
+        sampling.pop("cfg_weight", None)
+        scores = _scorer(
+            self.turbo,
+            float(sampling.get("temperature", 0.8)),
+            float(sampling.get("top_p", 0.95)),
+            float(sampling.get("min_p", 0.05)),
+            int(sampling.get("top_k", 1000)),
+            float(sampling.get("repetition_penalty", 1.2)),
+        )
+        language = language_for(self.tts, r.language_id)
+        t0 = now(self.device)
+        with self._ctx():
+            tokens = text_tokens(self.tts, r.text, cfg_weight, language).to(self.device)
+            embeds = prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
+            prefill_len = embeds.size(1)
+            check_room(
+                prefill_len, r.max_new_tokens, self.max_cache_len, "each stream of the engine",
+                "start the engine with max_cache_len >= {need}",
+            )  # fmt: skip
+            logits, past = _logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
+            row = len(self._live) * self.rows_per_stream
+            for (keys, values), layer in zip(self._kv, past.layers, strict=True):
+                keys[row : row + embeds.size(0), :, :prefill_len].copy_(layer.keys)
+                values[row : row + embeds.size(0), :, :prefill_len].copy_(layer.values)
+            ids = torch.full((1, r.max_new_tokens + 1), self.tts.t3.hp.start_speech_token,
+                             dtype=torch.long, device=self.device)  # fmt: skip
+        self.stats.prefill_s += now(self.device) - t0
+        state = handle.state
+        gen = self._voice(conds)
+        prompt_tokens = int(gen["prompt_token"].size(1))
+        state.rng = StreamRandom(r.seed + 3)  # as streaming.stream: S3Gen apart from T3
+        state.noise = noise_track(r.max_new_tokens, r.seed + 1)
+        state.prompt_noise = noise_track(prompt_tokens, r.seed + 2)
+        return _Live(
+            handle=handle,
+            rows=row,
+            ids=ids,
+            step=0,
+            prefill_len=prefill_len,
+            scores=scores,
+            cfg_weight=cfg_weight,
+            generator=StreamRandom(r.seed).generator(self.device),
+            gen=gen,
+            cutter=BufferedCutter(self.config, state),
+            logits=logits,
+        )
+
+    def _voice(self, conds: Any) -> dict[str, Any]:
+        """S3Gen's reference dict of a voice, prepared once per voice (windows of one voice can
+        share a flow call)."""
+        if id(conds) not in self._voices:
+            s3gen = self.tts.s3gen
+            gen = cast_gen(shorten_prompt(conds.gen, self.config.prompt_s), s3gen.dtype, s3gen.device)
+            self._voices[id(conds)] = (conds, gen)
+        return self._voices[id(conds)][1]
+
+    def _leave(self, live: _Live) -> None:
+        """Free a stream's rows: the last stream's rows move into them (rows stay ``[0, n)``)."""
+        with self._lock:
+            index = self._live.index(live)
+            last = self._live[-1]
+            if last is not live:
+                with torch.inference_mode():
+                    src, dst, n = last.rows, live.rows, self.rows_per_stream
+                    for keys, values in self._kv:
+                        keys[dst : dst + n].copy_(keys[src : src + n])
+                        values[dst : dst + n].copy_(values[src : src + n])
+                last.rows = live.rows
+                self._live[index] = last
+            self._live.pop()
+            if live.handle.closed and live in self._vocoding:
+                self._vocoding.remove(live)
+            self._lock.notify_all()
+
+    def _cache(self, bucket: int) -> StaticCache:
+        if bucket not in self._caches:
+            rows = bucket * self.rows_per_stream
+            config: Any = self.plan.decode.tfmr.config
+            cache = StaticCache(config=config, max_cache_len=self.max_cache_len)
+            cache.layers = [_RowLayer(k[:rows], v[:rows]) for k, v in self._kv]
+            self._caches[bucket] = cache
+        return self._caches[bucket]
+
+    def _forward(
+        self, bucket: int, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor
+    ) -> torch.Tensor:
+        """One decode step of ``bucket`` streams' rows: token, learned speech position and cache
+        slot per row (B, 1), (B, 1), (B,); the logits (B, vocab) float32. Row r attends to its
+        own slots ``[0, slot[r]]`` only."""
+        parts = self.plan.decode
+        embeds = parts.embed(token, position).to(parts.dtype)
+        keep = torch.arange(self.max_cache_len, device=slot.device)[None, :] <= slot[:, None]
+        if self._sdpa:
+            mask = keep[:, None, None, :]
+        else:  # eager attention adds its mask
+            mask = torch.zeros(keep.shape, dtype=embeds.dtype, device=slot.device)
+            mask = mask.masked_fill(~keep, torch.finfo(embeds.dtype).min)[:, None, None, :]
+        out = parts.tfmr(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=slot[:, None],
+            past_key_values=self._cache(bucket),
+            cache_position=slot,
+            use_cache=True,
+        )
+        logits: torch.Tensor = parts.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
+        return logits
+
+    def _step_fn(self, bucket: int) -> Callable[..., torch.Tensor]:
+        """The step for ``bucket`` streams, compiled on first use when the engine compiles."""
+        if bucket not in self._steps:
+            self._cache(bucket)  # built before compiling: the compiled step only looks it up
+            t0 = now(self.device)
+            self._steps[bucket] = (
+                self._compiled(bucket)
+                if self.step_mode == "compiled"
+                else (lambda *a: self._forward(bucket, *a))
+            )
+            self.stats.compile_s += now(self.device) - t0
+        return self._steps[bucket]
+
+    def _compiled(self, bucket: int) -> Callable[..., torch.Tensor]:
+        cudagraphs = self.device.type == "cuda"
+        own = types.MethodType(own_code(StreamEngine._forward), self)  # one code object per bucket
+        compiled = torch.compile(
+            own, fullgraph=True, dynamic=False, mode="reduce-overhead" if cudagraphs else None
+        )
+
+        def run(*a: torch.Tensor) -> torch.Tensor:
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(bucket, *a).clone()  # the output lives in the graph's pool
+            out: torch.Tensor = compiled(bucket, *a)
+            return out
+
+        zeros = torch.zeros((bucket * self.rows_per_stream, 1), dtype=torch.long, device=self.device)
+        with self._ctx():
+            for _ in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
+                # Writes slot 0 of rows no stream holds yet (warm-up runs before any stream).
+                run(zeros, zeros, zeros[:, 0])
+        return run
+
+    def _step(self) -> None:
+        """One batched step: every active stream samples its next token from its logits (its own
+        generator, its own processors), then one forward over the bucket's rows."""
+        t0 = now(self.device)
+        n = self.rows_per_stream
+        lives = list(self._live)
+        with self._ctx():
+            sampled = []
+            for live in lives:
+                logits = live.logits
+                if self.keep_logits:
+                    live.handle.logits.append(logits.clone())
+                cond, uncond = logits[0:1], logits[1:2]
+                guided = cond + live.cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
+                i = live.step
+                seen = live.ids[:, 1 : i + 1] if self.turbo and i else live.ids[:, : i + 1]
+                scores = live.scores(seen, guided)
+                token = torch.multinomial(
+                    torch.softmax(scores, dim=-1), num_samples=1, generator=live.generator
+                )
+                live.ids[:, i + 1] = token[:, 0]
+                sampled.append(token)
+            values = torch.cat(sampled).view(-1).tolist()  # one host sync per step, for all streams
+        stop = self.tts.t3.hp.stop_speech_token
+        ending = []
+        with self._lock:  # the S3Gen stage sees every stream's token of this step, or none
+            for live, value in zip(lives, values, strict=True):
+                live.step += 1
+                live.handle.sampled.append(value)
+                if value < SPEECH_VOCAB_SIZE:
+                    live.handle.state.tokens.append(value)
+                elif value != stop:
+                    live.invalid += 1
+                if value == stop or live.step == live.ids.size(1) - 1:
+                    ending.append(live)
+        self.stats.t3_tokens += len(lives)
+        still = [live for live in lives if live not in ending]
+        if still:
+            bucket = next(b for b in buckets(self.max_streams) if b >= len(self._live))
+            rows = bucket * n
+            token = torch.full((rows, 1), 0, dtype=torch.long, device=self.device)
+            position = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
+            slot = torch.zeros((rows,), dtype=torch.long, device=self.device)
+            for live in lives:  # rows of streams that just ended are stepped once more, unread
+                r = slice(live.rows, live.rows + n)
+                token[r] = live.ids[0, live.step]
+                position[r] = live.step
+                slot[r] = live.prefill_len + live.step - 1
+            with self._ctx():
+                logits = self._step_fn(bucket)(token, position, slot)
+            for live in still:
+                live.logits = logits[live.rows : live.rows + n]
+            self.stats.t3_steps += 1
+            self.stats.t3_rows += len(still)
+            self.stats.buckets_used.add(bucket)
+        spent = now(self.device) - t0
+        self.stats.t3_s += spent
+        for live in lives:
+            live.t3_s += spent
+        for live in ending:
+            with self._lock:
+                live.handle.state.tokens.extend(tail_tokens(self.tts.s3gen))  # Turbo's closing silence
+                live.t3_done = True
+            self._leave(live)
+        self._wake()
+
+    # ------------------------------------------------------------------ S3Gen stage
+
+    def _s3gen_loop(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    if self._stopped:
+                        return
+                    for live in [s for s in self._vocoding if s.handle.closed]:
+                        self._vocoding.remove(live)
+                    ready = [(live, w) for live in self._vocoding if (w := self._window(live)) is not None]
+                    finished = [live for live in self._vocoding if live.cutter.done]
+                    for live in finished:
+                        self._vocoding.remove(live)
+                    if ready or finished:
+                        break
+                    self._lock.wait(timeout=1.0)
+            for live in finished:
+                live.handle._put(_END)
+            # First windows first (they set time to first audio), then by arrival.
+            ready.sort(key=lambda lw: (not lw[1].first, lw[0].handle.index))
+            key = self._batch_key(*ready[0])
+            group = [lw for lw in ready if self._batch_key(*lw) == key]
+            try:
+                self._vocode(group)
+            except Exception as e:  # the group's streams fail, with the error; the others go on
+                for live, _ in group:
+                    live.handle.error = e
+                    live.handle._put(e)
+                    live.handle.closed = True
+                self._wake()
+
+    def _window(self, live: _Live) -> Window | None:
+        more = not live.t3_done  # read before the tokens: a stream marked done has all of them
+        return live.cutter.next_window(more)
+
+    @staticmethod
+    def _batch_key(live: _Live, w: Window) -> tuple[Any, ...]:
+        # One flow call needs one prompt (voice) and one window length.
+        return (id(live.gen), w.stop - w.start)
+
+    def _vocode(self, group: list[tuple[_Live, Window]]) -> None:
+        """One flow call for the group's windows, then the vocoder per stream; chunks out."""
+        s3gen = self.tts.s3gen
+        device = s3gen.device
+        first, w0 = group[0]
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if self.amp is not None:
+                stack.enter_context(torch.autocast(device.type, self.amp))
+            tokens = torch.tensor(
+                [live.handle.state.tokens[w.start : w.stop] for live, w in group], device=device
+            )
+            noise = torch.cat([live.cutter.noise(w) for live, w in group]).to(
+                device=device, dtype=s3gen.dtype
+            )
+            frames = None
+            if self.flow.compiled:
+                frames = first.gen["prompt_feat"].size(1) + w0.regular * FRAMES_PER_TOKEN
+            compiled_before = self.flow.compile_s
+            t0 = now(device)
+            with self.flow.running(s3gen, frames), overwritten():  # the noise is ours, all of it
+                mels, _ = s3gen.flow.inference(
+                    token=tokens,
+                    token_len=torch.full((len(group),), tokens.size(1), device=device),
+                    finalize=True,
+                    n_timesteps=self.family.cfm_steps,
+                    noised_mels=noise,
+                    meanflow=s3gen.meanflow,
+                    **first.gen,
+                )
+            flow_s = now(device) - t0 - (self.flow.compile_s - compiled_before)
+            self.stats.flow_calls += 1
+            self.stats.flow_windows += len(group)
+            self.stats.flow_s += flow_s
+            for k, (live, w) in enumerate(group):
+                t1 = now(device)
+                with live.handle.state.rng.drawing():
+                    wav, source = vocoder(s3gen, mels[k : k + 1], live.cutter.cache(w))
+                voc_s = now(device) - t1
+                self.stats.vocoder_s += voc_s
+                chunk = live.cutter.assemble(w, wav[0].cpu().numpy(), source, s3gen)
+                self._emit(live, w, chunk, flow_s / len(group), voc_s)
+
+    def _emit(self, live: _Live, w: Window, chunk: np.ndarray, flow_s: float, voc_s: float) -> None:
+        h = live.handle
+        report = h.report
+        nan = np.isnan(chunk)
+        emitted = time.perf_counter() - h.submitted
+        m = ChunkMetrics(
+            index=len(report.chunks),
+            emitted_s=emitted,
+            t3_s=live.t3_s,
+            flow_s=flow_s,
+            vocoder_s=voc_s,
+            invalid_tokens=live.invalid,
+            prompt_frames=int(live.gen["prompt_token"].size(1)) * FRAMES_PER_TOKEN,
+            queued_s=(h.admitted or h.submitted) - h.submitted,
+            nan_samples=int(nan.sum()),
+            **window_metrics(w, chunk),
+        )
+        live.t3_s, live.invalid = 0.0, 0
+        if m.nan_samples:
+            chunk = np.where(nan, 0.0, chunk).astype(np.float32)
+        report.chunks.append(m)
+        report.wall_s = emitted
+        m.cumulative_rtf = emitted / report.audio_s if report.audio_s else float("inf")
+        h._put((chunk, m))
+
+
+def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:
+    """``(k, chunk, metrics)`` of several streams in the order their chunks arrive (``k``: the
+    stream's position in ``handles``), e.g. to play two streams side by side from one loop. A
+    stream's error is raised when it comes."""
+    merged: queue.Queue[Any] = queue.Queue()
+
+    def pump(k: int, handle: StreamHandle) -> None:
+        try:
+            for chunk, m in handle:
+                merged.put((k, chunk, m))
+        except Exception as e:
+            merged.put(e)
+        merged.put(_END)
+
+    for k, handle in enumerate(handles):
+        threading.Thread(target=pump, args=(k, handle), daemon=True).start()
+    ended = 0
+    while ended < len(handles):
+        item = merged.get()
+        if item is _END:
+            ended += 1
+        elif isinstance(item, Exception):
+            raise item
+        else:
+            yield item

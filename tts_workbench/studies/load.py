@@ -1,0 +1,374 @@
+"""The load study: how many real-time streams one device holds.
+
+For each level (a number of streams), that many streams go through one ``StreamEngine``, each
+read by a simulated real-time player: it starts playing at the first chunk and plays in real
+time, so every chunk that arrives after the audio before it ran out is an underrun. Arrivals are
+a burst (all at once) or Poisson (``poisson:RATE`` streams per second). Per stream: queue wait,
+time to first audio, RTF, underruns and the sampled speech tokens; per level: first-audio
+percentiles, aggregate seconds of audio per wall second, T3 tokens/s, S3Gen windows per flow
+call, how busy each stage's thread was (the busiest one limits the level), and memory.
+
+Each level gets an engine of its own, sized to it (``max_streams`` = the level), warmed up
+before the clock starts (a compiled step is compiled per bucket then, not inside the level).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
+from ..core.errors import ConfigError
+from ..core.families import family_of
+from ..core.tables import render
+from ..instruments.plots import load_figure, save
+from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_embeds, text_tokens
+from ..runtime.engine import StreamEngine, StreamHandle
+from ..runtime.optimized import decode_plan
+from ..runtime.streaming import StreamConfig, stream_all
+
+DEFAULT_TEXTS = (
+    UPSTREAM_SENTENCE,
+    "The quick brown fox jumps over the lazy dog, and then it runs away into the forest.",
+    "Streaming speech should start quickly and never stop to catch its breath.",
+    "How many voices can one machine carry before a listener hears a gap?",
+)
+
+
+def parse_levels(value: str) -> list[int]:
+    """``"1,2,4,8"`` → ``[1, 2, 4, 8]``; each level a positive integer."""
+    try:
+        levels = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"argument --streams: {value!r} is not a list of integers such as 1,2,4,8"
+        ) from None
+    if not levels or any(n < 1 for n in levels):
+        raise ConfigError(f"argument --streams: every level must be a positive integer, got {value!r}")
+    return levels
+
+
+def parse_arrival(value: str) -> tuple[str, float]:
+    """``"burst"`` or ``"poisson:RATE"`` (streams per second) → (kind, rate)."""
+    if value == "burst":
+        return "burst", math.inf
+    kind, _, rate = value.partition(":")
+    try:
+        per_s = float(rate)
+    except ValueError:
+        per_s = -1.0
+    if kind != "poisson" or not per_s > 0 or not math.isfinite(per_s):
+        raise ConfigError(
+            f"argument --arrival: use burst or poisson:RATE with RATE > 0 streams/s, got {value!r}"
+        )
+    return "poisson", per_s
+
+
+def read_texts(path: str | None) -> list[str]:
+    """The texts to speak: one per non-empty line of ``path``, or the built-in ones."""
+    if path is None:
+        return list(DEFAULT_TEXTS)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"argument --texts: {path} does not exist or is not a file")
+    texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError(f"argument --texts: {path} holds no text (one text per line)")
+    return texts
+
+
+def cache_positions(tts: Any, texts: list[str], tokens: int) -> int:
+    """KV positions one stream needs for the longest text's prefill plus ``tokens``, rounded up
+    to 64; a ConfigError naming ``--tokens`` past the engine's largest cache."""
+    with torch.inference_mode():
+        longest = max(
+            prefill_embeds(tts.t3, tts.conds.t3, text_tokens(tts, t, 0.5), 0.5).size(1) for t in texts
+        )
+    need = longest + tokens
+    if need > DEFAULT_MAX_CACHE_LEN:
+        raise ConfigError(
+            f"argument --tokens: {tokens} tokens after the longest text's {longest} prefill positions need "
+            f"{need} KV cache positions, beyond the engine's {DEFAULT_MAX_CACHE_LEN}: use --tokens "
+            f"{DEFAULT_MAX_CACHE_LEN - longest} or fewer"
+        )
+    return min(DEFAULT_MAX_CACHE_LEN, 64 * math.ceil(need / 64))
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Memory:
+    """Peak memory over a level: CUDA's peak allocation, or resident memory sampled per chunk."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.start = torch.cuda.memory_allocated(device)
+        else:
+            self.start = _rss_bytes()
+        self.peak = self.start
+        self.device = device
+
+    def sample(self) -> None:
+        if not self.cuda:
+            self.peak = max(self.peak, _rss_bytes())
+
+    def result(self) -> dict[str, int]:
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        return {"start_bytes": self.start, "peak_bytes": self.peak}
+
+
+def _play(handle: StreamHandle, memory: _Memory, out: dict[str, Any], done: Any) -> None:
+    """Read one stream to the end as a real-time player would (its report holds the arrivals)."""
+    try:
+        for _chunk, _m in handle:
+            memory.sample()
+    except Exception as e:  # a failed stream is reported, the level goes on
+        out["error"] = f"{type(e).__name__}: {e}"
+    done()
+
+
+def run_level(
+    tts: Any,
+    n: int,
+    texts: list[str],
+    *,
+    arrival: tuple[str, float] = ("burst", math.inf),
+    tokens: int = 150,
+    seed: int = 0,
+    step: str = "static",
+    config: StreamConfig | None = None,
+    plan: DecodePlan | None = None,
+    max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """``n`` streams through a fresh engine sized to ``n``; the level's row and its streams."""
+    engine = StreamEngine(
+        tts, max_streams=n, step=step, config=config, plan=plan, max_cache_len=max_cache_len
+    )
+    try:
+        compile_s = engine.warmup()
+        gaps = (
+            np.random.default_rng(seed).exponential(1 / arrival[1], n)
+            if arrival[0] == "poisson"
+            else np.zeros(n)
+        )
+        memory = _Memory(engine.device)
+        bar = tqdm(total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr)
+        lock = threading.Lock()
+
+        def done() -> None:
+            with lock:
+                bar.update(1)
+
+        before = asdict(engine.stats)
+        outs: list[dict[str, Any]] = [{} for _ in range(n)]
+        handles, players = [], []
+        t0 = time.perf_counter()
+        burst = arrival[0] == "burst"
+        with engine.together() if burst else contextlib.nullcontext():  # a burst joins at one step
+            for k in range(n):
+                time.sleep(max(0.0, t0 + float(gaps[: k + 1].sum()) - time.perf_counter()))
+                h = engine.submit(texts[k % len(texts)], seed=seed + k, max_new_tokens=tokens)
+                player = threading.Thread(target=_play, args=(h, memory, outs[k], done), daemon=True)
+                player.start()
+                handles.append(h)
+                players.append(player)
+        for player in players:
+            player.join()
+        wall = time.perf_counter() - t0
+        bar.close()
+        after = asdict(engine.stats)
+    finally:
+        engine.close()
+    delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float)}
+    streams = [_stream_row(h, out) for h, out in zip(handles, outs, strict=True)]
+    mem = memory.result()
+    return {
+        "streams": n,
+        "wall_s": wall,
+        "compile_s": compile_s,
+        "engine": {**delta, "buckets_used": sorted(engine.stats.buckets_used)},
+        "kv_bytes_per_stream": engine.kv_bytes_per_stream,
+        "memory": mem,
+        "per_stream": streams,
+        "summary": _level_summary(n, wall, streams, delta, mem, engine.kv_bytes_per_stream),
+    }
+
+
+def _stream_row(h: StreamHandle, out: dict[str, Any]) -> dict[str, Any]:
+    s = h.report.summary()
+    first = h.report.chunks[0] if h.report.chunks else None
+    return {
+        "text": h.request.text,
+        "seed": h.request.seed,
+        "queued_s": first.queued_s if first else None,
+        "ttfa_s": s["ttfa_s"] if first else None,
+        "rtf": s["rtf"] if first else None,
+        "audio_s": s["audio_s"],
+        "underruns": s["underruns"],
+        "underrun_s": s["underrun_s"],
+        "max_underrun_s": max((g.gap_s for g in h.report.underruns), default=0.0),
+        "speech_tokens": list(h.tokens),
+        "error": out.get("error"),
+    }
+
+
+def _level_summary(
+    n: int, wall: float, streams: list[dict[str, Any]], e: dict[str, Any], mem: dict[str, int], kv: int
+) -> dict[str, Any]:
+    ok = [s for s in streams if s["error"] is None and s["ttfa_s"] is not None]
+    ttfa = np.array([s["ttfa_s"] for s in ok]) if ok else np.array([math.nan])
+    audio = sum(s["audio_s"] for s in ok)
+    busy = {"t3": (e["t3_s"] + e["prefill_s"]) / wall, "s3gen": (e["flow_s"] + e["vocoder_s"]) / wall}
+    return {
+        "streams": n,
+        "failed": n - len(ok),
+        "ttfa_p50_s": float(np.percentile(ttfa, 50)),
+        "ttfa_p95_s": float(np.percentile(ttfa, 95)),
+        "ttfa_p99_s": float(np.percentile(ttfa, 99)),
+        "worst_underrun_s": max((s["max_underrun_s"] for s in ok), default=0.0),
+        "streams_with_underruns": sum(s["underruns"] > 0 for s in ok),
+        "audio_per_wall_s": audio / wall,
+        "realtime_streams": audio / wall,  # one real-time stream = 1 s of audio per wall second
+        "t3_tokens_per_s": e["t3_tokens"] / wall,
+        # what the T3 stage does per second it works: its capacity, whatever S3Gen leaves it to do
+        "t3_tokens_per_busy_s": e["t3_tokens"] / (e["t3_s"] + e["prefill_s"]) if e["t3_s"] else 0.0,
+        "t3_tokens_per_s_needed": n * TOKENS_PER_S,
+        "windows_per_flow_call": e["flow_windows"] / e["flow_calls"] if e["flow_calls"] else 0.0,
+        "t3_busy_pct": 100 * busy["t3"],
+        "s3gen_busy_pct": 100 * busy["s3gen"],
+        "limiting_stage": max(busy, key=lambda k: busy[k]),
+        "peak_mb": mem["peak_bytes"] / 2**20,
+        "growth_mb_per_stream": (mem["peak_bytes"] - mem["start_bytes"]) / n / 2**20,
+        "kv_mb_per_stream": kv / 2**20,
+    }
+
+
+def run_load(
+    tts: Any,
+    levels: list[int],
+    *,
+    texts: list[str] | None = None,
+    arrival: str = "burst",
+    tokens: int = 150,
+    seed: int = 0,
+    step: str = "static",
+    policy: str = "float32",
+    config: StreamConfig | None = None,
+    outdir: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The load study at each level (``run_level``); writes ``load.json`` and ``load.png`` to
+    ``outdir`` when given. ``tts`` has its voice prepared. ``policy`` is the dtype T3 runs in
+    (``optimized.decode_plan``: float32, bfloat16, decode-bfloat16, ...; weights copied, the
+    model untouched); S3Gen runs as loaded."""
+    texts = texts or list(DEFAULT_TEXTS)
+    plan = decode_plan(tts, policy)
+    kind = parse_arrival(arrival)
+    max_cache_len = cache_positions(tts, texts, tokens)
+    config = config or StreamConfig("buffered")
+    runs = [
+        run_level(
+            tts,
+            n,
+            texts,
+            arrival=kind,
+            tokens=tokens,
+            seed=seed,
+            step=step,
+            config=config,
+            plan=plan,
+            max_cache_len=max_cache_len,
+            progress=progress,
+        )
+        for n in levels
+    ]
+    report: dict[str, Any] = {
+        "device": str(tts.t3.speech_head.weight.device),
+        "step": step,
+        "t3_dtype": policy,
+        "arrival": arrival,
+        "tokens": tokens,
+        "max_cache_len": max_cache_len,
+        "config": asdict(config),
+        "levels": runs,
+        "note": f"random weights never emit a stop token: every stream is capped at {tokens} tokens",
+    }
+    if outdir is not None:
+        out = Path(outdir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "load.json").write_text(json.dumps(report, indent=2))
+        report["files"] = {
+            "json": str(out / "load.json"),
+            "figure": str(save(load_figure(load_frame(report)), out / "load.png")),
+        }
+    return report
+
+
+def load_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per level (units in the column names)."""
+    return pd.DataFrame([level["summary"] for level in report["levels"]])
+
+
+def format_load(report: dict[str, Any]) -> str:
+    """The ``tts-workbench load`` report."""
+    frame = load_frame(report)[
+        ["streams", "failed", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
+         "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s", "windows_per_flow_call",
+         "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mb", "growth_mb_per_stream",
+         "kv_mb_per_stream"]
+    ]  # fmt: skip
+    lines = [
+        f"load study on {report['device']}, T3 {report['t3_dtype']} {report['step']} step, "
+        f"arrival {report['arrival']}, "
+        f"{report['tokens']} tokens per stream",
+        render(frame),
+        "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
+        "real-time stream); *_busy_pct: share of the wall time each stage's thread was working",
+        report["note"],
+    ]
+    if "files" in report:
+        lines.append(f"wrote {report['files']['json']} and {report['files']['figure']}")
+    return "\n".join(lines)
+
+
+def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
+    """Per level: did every stream speak exactly the tokens it speaks alone (same text, seed and
+    step, ``streaming.stream`` with the static step)? One row per level."""
+    config = StreamConfig(**report["config"])
+    plan = DecodePlan.plain(tts.t3, step="static")
+    rows = []
+    for level in report["levels"]:
+        same = []
+        for s in level["per_stream"]:
+            _, state = stream_all(
+                tts, s["text"], config, max_new_tokens=report["tokens"], seed=s["seed"], plan=plan,
+                **family_of(tts).sampling,
+            )  # fmt: skip
+            same.append(state.tokens == s["speech_tokens"])
+        failed = level["summary"]["failed"]
+        rows.append({"streams": level["streams"], "solo_tokens": all(same), "failed": failed})
+    return pd.DataFrame(rows)
