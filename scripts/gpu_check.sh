@@ -78,6 +78,8 @@ mkdir -p "$(dirname "$OUT")"
 GPU_CHECK_NOTE=${GPU_CHECK_NOTE:-} $PY - "$DIR" "$OUT" "$DRY" $POLICIES <<'PY'
 import json, os, sys
 from pathlib import Path
+from tts_workbench.core.quiet import quiet_libraries
+quiet_libraries()
 from tts_workbench.studies.bench import format_bench
 d, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
 

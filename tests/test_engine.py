@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
+from torch._dynamo.utils import counters
 
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError
 from tts_workbench.core.families import family_of
@@ -236,3 +237,19 @@ def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -
         assert first > 0
         for i in range(first):
             assert (h.logits[i] - logits[i]).abs().max() <= 0.03 * logits[i].abs().max(), (k, i)
+
+
+def test_the_compiled_engine_compiles_once_per_bucket_and_speaks_the_solo_tokens(tts: ChatterboxTTS) -> None:
+    with StreamEngine(tts, max_streams=2, step="compiled", config=CONFIG) as engine:
+        graphs = counters["stats"]["unique_graphs"]
+        assert engine.warmup() > 0
+        assert counters["stats"]["unique_graphs"] - graphs == 2  # buckets 1 and 2
+        graphs = counters["stats"]["unique_graphs"]
+        with engine.together():
+            handles = [engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(TEXTS[:2])]
+        waves = [np.concatenate([c for c, _ in h]) for h in handles]
+        assert counters["stats"]["unique_graphs"] == graphs  # the real steps reused them
+    for k, h in enumerate(handles):
+        wav, tokens = solo(tts, TEXTS[k], k)
+        assert h.tokens == tokens
+        assert np.allclose(waves[k], wav, atol=1e-5)

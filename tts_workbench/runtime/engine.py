@@ -573,11 +573,15 @@ class StreamEngine:
             out: torch.Tensor = compiled(bucket, *a)
             return out
 
-        zeros = torch.zeros((bucket * self.rows_per_stream, 1), dtype=torch.long, device=self.device)
-        with self._ctx():
-            for _ in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
-                # Writes slot 0 of rows no stream holds yet (warm-up runs before any stream).
-                run(zeros, zeros, zeros[:, 0])
+        rows = bucket * self.rows_per_stream
+        for _ in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
+            # Three tensors made as _step makes them, outside inference mode (dynamo guards on
+            # aliasing, strides and inference tensors: any difference would be recompiled for at
+            # the first real step). Writes slot 0 of rows no stream holds yet: warm-up runs first.
+            token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
+            slot = torch.zeros((rows,), dtype=torch.long, device=self.device)
+            with self._ctx():
+                run(token, position, slot)
         return run
 
     def _step(self) -> None:
