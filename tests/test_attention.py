@@ -9,6 +9,9 @@ from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.instruments.attention import (
     EAGER,
+    INDUCTOR_DECOMPOSED,
+    compiled_attention,
+    compiled_with_code,
     probe_backends,
     probe_output_attentions,
     record_kernels,
@@ -64,3 +67,27 @@ def test_forced_backends_report_pass_and_fail(tiny_tts: ChatterboxTTS) -> None:
     assert results["MATH"].ok
     if not torch.cuda.is_available():
         assert not results["EFFICIENT_ATTENTION"].ok and results["EFFICIENT_ATTENTION"].reason
+
+
+def test_the_compiled_attention_kernel_is_read_from_inductors_code() -> None:
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+
+    def not_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v  # normalised over queries
+
+    q = k = v = torch.randn(1, 2, 8, 16)
+    # Inductor's pattern matcher turns hand-written attention into the SDPA op (found by running).
+    cases = ((sdpa, ["flash (CPU)"]), (by_hand, ["flash (CPU)"]), (not_attention, [INDUCTOR_DECOMPOSED]))
+    for fn, want in cases:
+        torch._dynamo.reset()
+        out, code = compiled_with_code(torch.compile(fn, fullgraph=True), q, k, v)
+        assert torch.allclose(out, fn(q, k, v), atol=1e-5) and code
+        assert compiled_attention(code) == want
+    # the order of first call, each once
+    cudnn, flash = (f"aten._scaled_dot_product_{k}_attention.default(x)" for k in ("cudnn", "flash"))
+    text = f"{cudnn}\n{flash}"
+    assert compiled_attention([text, text]) == ["cuDNN (CUDA)", "flash (CUDA)"]

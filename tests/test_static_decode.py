@@ -183,6 +183,9 @@ def test_a_second_text_reuses_the_compiled_step(tiny_tts: ChatterboxTTS, compile
     _run(tiny_tts, compiled_plan, n=20)  # built here unless an earlier test did
     step = compiled_plan.static_step(2)
     assert step is not None and step.compiled
+    # The attention kernel of the compiled graph, read from Inductor's code: on this CPU the
+    # graph calls the CPU flash kernel as an extern op (what the eager step's profile shows too).
+    assert step.attention_kernels == ["flash (CPU)"]
     keys = step.cache.layers[0].keys
     assert keys is not None
     graphs, ptr = counters["stats"]["unique_graphs"], keys.data_ptr()

@@ -5,6 +5,11 @@ Kernels are identified by the aten op that executed, read from a torch.profiler 
 (``profiling.op_frame`` names the kernel of each attention call: Flash, mem-efficient, cuDNN,
 the CPU flash kernel, the math fallback or eager softmax). Each call is labelled with the phase
 it ran in.
+
+A compiled graph hides its ops from the profiler's per-op recording (and on CUDA a graph replay
+records no op at all), so for compiled code the kernel is read from what Inductor generated
+(``compiled_with_code``, ``compiled_attention``): the attention op its code calls, or none when
+Inductor decomposed attention into matmuls and a softmax it generated itself.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from chatterbox.tts import ChatterboxTTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
-from .profiling import EAGER, activities, op_frame, phase_regions, time_share
+from .profiling import EAGER, FUSED_KERNELS, activities, op_frame, phase_regions, time_share
 
 
 @dataclass
@@ -94,6 +99,28 @@ class OutputAttentionsProbe:
     attentions_returned: bool  # False: the attention weights came back empty/None
     log: list[str]  # what transformers logged about it
     verdict: str
+
+
+# Inductor's own kernels when its code calls no attention op: it decomposed SDPA.
+INDUCTOR_DECOMPOSED = "decomposed by Inductor (its own matmul + softmax kernels)"
+
+
+def compiled_attention(code: Sequence[str]) -> list[str]:
+    """The attention kernels (the profiler's labels) that Inductor's generated ``code`` calls,
+    each once, in the order first called; ``[INDUCTOR_DECOMPOSED]`` when it calls none."""
+    text = "\n".join(code)
+    calls = {f"aten.{op.removeprefix('aten::')}.default(": label for op, label in FUSED_KERNELS.items()}
+    found = sorted((text.find(call), label) for call, label in calls.items() if call in text)
+    return [label for _, label in found] or [INDUCTOR_DECOMPOSED]
+
+
+def compiled_with_code(fn: Any, *args: Any) -> tuple[Any, list[str]]:
+    """Call a ``torch.compile``d ``fn`` for the first time: its result and the source code
+    Inductor generated for it (``torch._inductor.utils.run_and_get_code``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    result, code = run_and_get_code(fn, *args)
+    return result, list(code)
 
 
 def configured_backend(tts: ChatterboxTTS) -> str:

@@ -72,6 +72,7 @@ from ..core.clock import now
 from ..core.constants import dtype_name
 from ..core.errors import CacheError, ConfigError
 from ..core.patching import own_code
+from ..instruments.attention import compiled_attention, compiled_with_code
 
 StepMode = Literal["eager", "static", "compiled"]
 STEP_MODES: tuple[str, ...] = get_args(StepMode)
@@ -238,6 +239,9 @@ class StaticStep:
         self.compile_s = 0.0
         self._fn: Callable[..., torch.Tensor] = self.decode_one_token
         self.compiled = False
+        # The attention kernels the compiled graph calls, read from Inductor's generated code
+        # (the profiler cannot see inside a compiled graph); empty when not compiled.
+        self.attention_kernels: list[str] = []
         self.skip_guards = True
         self._guarded = False  # guards checked since the last begin()
         self.busy = False  # a generation (maybe a paused stream) holds the cache
@@ -270,14 +274,19 @@ class StaticStep:
             )
             self._fn, self.cudagraphs, self.compiled = fn, cudagraphs, True
             # CUDA graph trees run the first call eagerly, record on the second, replay after.
-            for _ in range(warmup if warmup is not None else (3 if cudagraphs else 1)):
+            for k in range(warmup if warmup is not None else (3 if cudagraphs else 1)):
                 with enter():
-                    self(token, position, slot)
+                    if k == 0:  # the call that compiles: keep what Inductor generated
+                        _, code = compiled_with_code(self, token, position, slot)
+                        self.attention_kernels = compiled_attention(code)
+                    else:
+                        self(token, position, slot)
         except Exception as e:  # any compile failure falls back to the eager step
             # The first paragraph: dynamo puts the backend's own error there, then advice.
             first = " ".join(str(e).strip().split("\n\n")[0].split())
             self.fallback_reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
             self._fn, self.cudagraphs, self.compiled = self.decode_one_token, False, False
+            self.attention_kernels = []
             warnings.warn(
                 f"torch.compile of the T3 decode step failed ({self.fallback_reason}); "
                 "running the static-cache step eagerly",

@@ -50,6 +50,7 @@ from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
 from ..core.families import family_of, language_for
 from ..core.patching import own_code
 from ..core.rng import StreamRandom, overwritten
+from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
 from ..models.vocode import FlowPlan, cast_gen, tail_tokens, vocoder
 from .decode import (
@@ -277,6 +278,7 @@ class StreamEngine:
         self._caches: dict[int, StaticCache] = {}
         self._steps: dict[int, Callable[..., torch.Tensor]] = {}
         self._sdpa = getattr(config_, "_attn_implementation", "sdpa") == "sdpa"
+        self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
         self._voices: dict[int, tuple[Any, dict[str, Any]]] = {}  # id(conds): (conds, S3Gen's dict)
         self._waiting: list[StreamHandle] = []
         self._live: list[_Live] = []  # admitted, in row order; T3 thread only
@@ -574,14 +576,18 @@ class StreamEngine:
             return out
 
         rows = bucket * self.rows_per_stream
-        for _ in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
+        for k in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
             # Three tensors made as _step makes them, outside inference mode (dynamo guards on
             # aliasing, strides and inference tensors: any difference would be recompiled for at
             # the first real step). Writes slot 0 of rows no stream holds yet: warm-up runs first.
             token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
             slot = torch.zeros((rows,), dtype=torch.long, device=self.device)
             with self._ctx():
-                run(token, position, slot)
+                if k == 0:  # the call that compiles: which attention op Inductor's code calls
+                    _, code = compiled_with_code(run, token, position, slot)
+                    self.attention_kernels = compiled_attention(code)
+                else:
+                    run(token, position, slot)
         return run
 
     def _step(self) -> None:

@@ -686,6 +686,8 @@ class PerformanceOptimizedTTS(Pipeline):
         return {
             "decode_step": self.decode,
             "compile_fallback": next((s.fallback_reason for s in steps if s.fallback_reason), None),
+            # read from Inductor's generated code: the profiler cannot see inside compiled graphs
+            "compiled_attention": next((s.attention_kernels for s in steps if s.attention_kernels), None),
             "flow": self.flow,
             "flow_compile_fallback": self.flows["compiled"].fallback_reason,
             **config,

@@ -107,7 +107,7 @@ def cache_positions(tts: Any, texts: list[str], tokens: int) -> int:
     return min(DEFAULT_MAX_CACHE_LEN, 64 * math.ceil(need / 64))
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     """This process's resident memory now (Linux), else its peak."""
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
@@ -126,13 +126,13 @@ class _Memory:
             torch.cuda.reset_peak_memory_stats(device)
             self.start = torch.cuda.memory_allocated(device)
         else:
-            self.start = _rss_bytes()
+            self.start = rss_bytes()
         self.peak = self.start
         self.device = device
 
     def sample(self) -> None:
         if not self.cuda:
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, rss_bytes())
 
     def result(self) -> dict[str, int]:
         if self.cuda:
@@ -211,6 +211,7 @@ def run_level(
         "wall_s": wall,
         "compile_s": compile_s,
         "engine": {**delta, "buckets_used": sorted(engine.stats.buckets_used)},
+        "compiled_attention": engine.attention_kernels or None,  # read from Inductor's code
         "kv_bytes_per_stream": engine.kv_bytes_per_stream,
         "memory": mem,
         "per_stream": streams,
