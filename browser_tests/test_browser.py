@@ -121,8 +121,17 @@ def run_all_cells(driver: WebDriver, lab: Lab, name: str) -> int:
     as_text = [d for d in data if "image/png" not in d and "<Figure" in str(d.get("text/plain"))]
     assert not as_text, f"{name}: {len(as_text)} figure(s) shown as text: {as_text[0]['text/plain']}"
     pngs = sum("image/png" in d for d in data)
-    images = driver.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output .jp-RenderedImage img")
-    assert len(images) >= pngs, f"{name}: {pngs} figures in the outputs but {len(images)} rendered images"
+    # JupyterLab 4 keeps only the cells in view in the page: bring each into view and count the
+    # images its outputs rendered.
+    images = driver.execute_async_script(
+        PANEL + "const done = arguments[arguments.length - 1]; (async () => { let n = 0;"
+        " for (let i = 0; i < w.content.widgets.length; i++) { await w.content.scrollToItem(i, 'center');"
+        " await new Promise(r => setTimeout(r, 100));"
+        " n += w.content.widgets[i].node.querySelectorAll('.jp-RenderedImage img').length; }"
+        " return n; })().then(done, e => done(String(e)));"
+    )
+    # (widget outputs, such as the A/B seam figure, render images the cells' outputs do not list)
+    assert images >= pngs, f"{name}: {pngs} figures in the outputs but {images} rendered images"
     return pngs
 
 

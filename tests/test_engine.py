@@ -106,15 +106,18 @@ def test_a_bad_request_fails_alone_and_rows_come_back(tts: ChatterboxTTS) -> Non
         good = engine.submit(TEXTS[0], seed=1, max_new_tokens=TOKENS)
         empty = engine.submit("   ", seed=2)
         too_long = engine.submit(TEXTS[1], seed=3, max_new_tokens=400)
+        cold = engine.submit(TEXTS[0], seed=5, temperature=0.0)
         late = engine.submit(TEXTS[2], seed=4, max_new_tokens=TOKENS)  # queued behind the others
         with pytest.raises(EmptyTextError):
             list(empty)
         with pytest.raises(CacheError, match="engine holds max_cache_len=256: lower max_new_tokens to"):
             list(too_long)
+        with pytest.raises(ConfigError, match="temperature must be above 0"):
+            list(cold)
         assert len(np.concatenate([c for c, _ in good])) > 0
         metrics = [m for _, m in late]
         assert metrics and metrics[0].queued_s >= 0.0
-        assert engine.stats.failed == 2 and engine.stats.admitted == 2
+        assert engine.stats.failed == 3 and engine.stats.admitted == 2
         assert engine.free_rows() == 4 and engine.active() == 0 and engine.queued() == 0
 
 

@@ -426,6 +426,9 @@ class StreamEngine:
             return
         self.stats.admitted += 1
         with self._lock:
+            if self._stopped:  # a stage died meanwhile: this stream would never be served
+                handle._put(RuntimeError("the engine stopped before this stream could start"))
+                return
             self._live.append(live)
             self._vocoding.append(live)
             self._lock.notify_all()
@@ -449,6 +452,9 @@ class StreamEngine:
             int(sampling.get("top_k", 1000)),
             float(sampling.get("repetition_penalty", 1.2)),
         )
+        temperature = float(sampling.get("temperature", 0.8))
+        if not temperature > 0:  # T3.inference divides the logits by it
+            raise ConfigError(f"temperature must be above 0, got {temperature}")
         language = language_for(self.tts, r.language_id)
         t0 = now(self.device)
         with self._ctx():
@@ -471,7 +477,7 @@ class StreamEngine:
         gen = self._voice(conds)
         prompt_tokens = int(gen["prompt_token"].size(1))
         state.rng = StreamRandom(r.seed + 3)  # as streaming.stream: S3Gen apart from T3
-        state.noise = noise_track(r.max_new_tokens, r.seed + 1)
+        state.noise = noise_track(r.max_new_tokens + len(tail_tokens(self.tts.s3gen)), r.seed + 1)
         state.prompt_noise = noise_track(prompt_tokens, r.seed + 2)
         return _Live(
             handle=handle,
@@ -520,6 +526,9 @@ class StreamEngine:
             config: Any = self.plan.decode.tfmr.config
             cache = StaticCache(config=config, max_cache_len=self.max_cache_len)
             cache.layers = [_RowLayer(k[:rows], v[:rows]) for k, v in self._kv]
+            for layer in cache.layers:  # as transformers' StaticLayer does: CUDA graphs may keep them
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
             self._caches[bucket] = cache
         return self._caches[bucket]
 
@@ -579,9 +588,11 @@ class StreamEngine:
         for k in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
             # Three tensors made as _step makes them, outside inference mode (dynamo guards on
             # aliasing, strides and inference tensors: any difference would be recompiled for at
-            # the first real step). Writes slot 0 of rows no stream holds yet: warm-up runs first.
+            # the first real step). They write the last slot of the bucket's rows: a live stream
+            # writes a slot in the same forward that first reads it, so the stale values there
+            # are never read (a bucket may first be compiled while streams are running).
             token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
-            slot = torch.zeros((rows,), dtype=torch.long, device=self.device)
+            slot = torch.full((rows,), self.max_cache_len - 1, dtype=torch.long, device=self.device)
             with self._ctx():
                 if k == 0:  # the call that compiles: which attention op Inductor's code calls
                     _, code = compiled_with_code(run, token, position, slot)
@@ -596,27 +607,28 @@ class StreamEngine:
         t0 = now(self.device)
         n = self.rows_per_stream
         lives = list(self._live)
+        failed: list[tuple[_Live, Exception]] = []
         with self._ctx():
             sampled = []
             for live in lives:
-                logits = live.logits
-                if self.keep_logits:
-                    live.handle.logits.append(logits.clone())
-                cond, uncond = logits[0:1], logits[1:2]
-                guided = cond + live.cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
-                i = live.step
-                seen = live.ids[:, 1 : i + 1] if self.turbo and i else live.ids[:, : i + 1]
-                scores = live.scores(seen, guided)
-                token = torch.multinomial(
-                    torch.softmax(scores, dim=-1), num_samples=1, generator=live.generator
-                )
-                live.ids[:, i + 1] = token[:, 0]
-                sampled.append(token)
+                try:
+                    sampled.append(self._sample(live))
+                except Exception as e:  # this stream's sampling failed: it alone ends, with the error
+                    failed.append((live, e))
+                    sampled.append(torch.zeros((1, 1), dtype=torch.long, device=self.device))
             values = torch.cat(sampled).view(-1).tolist()  # one host sync per step, for all streams
         stop = self.tts.t3.hp.stop_speech_token
         ending = []
         with self._lock:  # the S3Gen stage sees every stream's token of this step, or none
+            for live, error in failed:
+                self.stats.failed += 1
+                live.handle.error, live.handle.closed = error, True
+                live.handle._put(error)
+            broken = {id(live) for live, _ in failed}
             for live, value in zip(lives, values, strict=True):
+                if id(live) in broken:
+                    ending.append(live)
+                    continue
                 live.step += 1
                 live.handle.sampled.append(value)
                 if value < SPEECH_VOCAB_SIZE:
@@ -633,7 +645,7 @@ class StreamEngine:
             token = torch.full((rows, 1), 0, dtype=torch.long, device=self.device)
             position = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
             slot = torch.zeros((rows,), dtype=torch.long, device=self.device)
-            for live in lives:  # rows of streams that just ended are stepped once more, unread
+            for live in still:  # rows of streams that just ended keep position and slot 0, unread
                 r = slice(live.rows, live.rows + n)
                 token[r] = live.ids[0, live.step]
                 position[r] = live.step
@@ -647,14 +659,30 @@ class StreamEngine:
             self.stats.buckets_used.add(bucket)
         spent = now(self.device) - t0
         self.stats.t3_s += spent
-        for live in lives:
-            live.t3_s += spent
+        with self._lock:
+            for live in lives:
+                live.t3_s += spent
         for live in ending:
             with self._lock:
                 live.handle.state.tokens.extend(tail_tokens(self.tts.s3gen))  # Turbo's closing silence
                 live.t3_done = True
             self._leave(live)
         self._wake()
+
+    def _sample(self, live: _Live) -> torch.Tensor:
+        """The stream's next token (1, 1) from its logits: guidance, its processors in upstream's
+        order, its own generator."""
+        logits = live.logits
+        if self.keep_logits:
+            live.handle.logits.append(logits.clone())
+        cond, uncond = logits[0:1], logits[1:2]
+        guided = cond + live.cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
+        i = live.step
+        seen = live.ids[:, 1 : i + 1] if self.turbo and i else live.ids[:, : i + 1]
+        scores = live.scores(seen, guided)
+        token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=live.generator)
+        live.ids[:, i + 1] = token[:, 0]
+        return token
 
     # ------------------------------------------------------------------ S3Gen stage
 
@@ -682,6 +710,7 @@ class StreamEngine:
             try:
                 self._vocode(group)
             except Exception as e:  # the group's streams fail, with the error; the others go on
+                self.stats.failed += len(group)
                 for live, _ in group:
                     live.handle.error = e
                     live.handle._put(e)
@@ -745,19 +774,20 @@ class StreamEngine:
         report = h.report
         nan = np.isnan(chunk)
         emitted = time.perf_counter() - h.submitted
+        with self._lock:  # the T3 stage adds to both
+            t3_s, invalid, live.t3_s, live.invalid = live.t3_s, live.invalid, 0.0, 0
         m = ChunkMetrics(
             index=len(report.chunks),
             emitted_s=emitted,
-            t3_s=live.t3_s,
+            t3_s=t3_s,
             flow_s=flow_s,
             vocoder_s=voc_s,
-            invalid_tokens=live.invalid,
+            invalid_tokens=invalid,
             prompt_frames=int(live.gen["prompt_token"].size(1)) * FRAMES_PER_TOKEN,
             queued_s=(h.admitted or h.submitted) - h.submitted,
             nan_samples=int(nan.sum()),
             **window_metrics(w, chunk),
         )
-        live.t3_s, live.invalid = 0.0, 0
         if m.nan_samples:
             chunk = np.where(nan, 0.0, chunk).astype(np.float32)
         report.chunks.append(m)

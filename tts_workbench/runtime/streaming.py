@@ -200,7 +200,7 @@ def stream(
     # T3 and S3Gen draw from separate ones, so the tokens do not depend on when S3Gen ran: they are
     # the tokens of a one-shot generation with this seed.
     t3_rng, state.rng = StreamRandom(seed), StreamRandom(seed + 3)
-    state.noise = noise_track(max_new_tokens, seed + 1)
+    state.noise = noise_track(max_new_tokens + len(tail_tokens(tts.s3gen)), seed + 1)  # Turbo's silence too
     state.prompt_noise = noise_track(prompt_tokens, seed + 2)
     stats = state.t3
     blocks = decode_blocks(
