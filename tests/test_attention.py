@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
 
@@ -19,6 +20,7 @@ from tts_workbench.instruments.attention import (
 )
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import generate
+from tts_workbench.studies.diagnose import decode_step_kernels
 
 
 def test_sdpa_backbone_with_and_without_output_attentions(tiny_tts: ChatterboxTTS) -> None:
@@ -91,3 +93,13 @@ def test_the_compiled_attention_kernel_is_read_from_inductors_code() -> None:
     cudnn, flash = (f"aten._scaled_dot_product_{k}_attention.default(x)" for k in ("cudnn", "flash"))
     text = f"{cudnn}\n{flash}"
     assert compiled_attention([text, text]) == ["cuDNN (CUDA)", "flash (CUDA)"]
+
+
+@pytest.mark.parametrize(
+    ("step", "found_by"), [("static", "torch.profiler op records"), ("compiled", "Inductor's generated code")]
+)
+def test_diagnose_names_the_kernel_of_the_decode_step_asked_for(
+    tiny_tts: ChatterboxTTS, step: str, found_by: str
+) -> None:
+    found = decode_step_kernels(tiny_tts, "A short one.", step, tokens=6)
+    assert found == {"step": step, "kernels": ["flash (CPU)"], "found_by": found_by}

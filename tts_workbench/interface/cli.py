@@ -48,6 +48,7 @@ def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[
         outdir=args.out,
         dtype=parse_dtype(args.dtype),
         autocast=parse_dtype(args.autocast) if args.autocast else None,
+        decode=args.decode,
     )
     return report, format_report
 
@@ -152,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--autocast", choices=["float16", "bfloat16"], help="run the precision diagnosis under autocast"
+    )
+    d.add_argument(
+        "--decode",
+        default="eager",
+        choices=["eager", "static", "compiled"],
+        help="name the attention kernel of this T3 decode step (the path you run)",
     )
     d.set_defaults(run=_diagnose)
 

@@ -16,6 +16,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from ..core.clock import now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.errors import NoVoiceError
+from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments import plots
 from ..instruments.attention import (
@@ -27,7 +28,9 @@ from ..instruments.attention import (
 )
 from ..instruments.dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
 from ..models.sources import components, load_model, make_reference_wav, model_summary
+from ..runtime.decode import DecodePlan, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
+from ..runtime.optimized import check_decode
 from ..runtime.precision import restored
 
 
@@ -41,9 +44,11 @@ def run_diagnosis(
     outdir: str | Path = "runs/diagnose",
     dtype: torch.dtype = torch.float32,
     autocast: torch.dtype | None = None,
+    decode: str = "eager",
 ) -> dict[str, Any]:
     """Build or load ``model``, condition it on a voice, generate once in float32 (recording
-    attention kernels), probe the attention backend, then run the ``dtype``/``autocast``
+    attention kernels), name the kernel of T3's ``decode`` step (eager, static or compiled: the
+    path the user runs), probe the attention backend, then run the ``dtype``/``autocast``
     precision diagnosis. Writes ``speech.wav`` and ``generation.png`` under ``outdir``.
     """
     outdir = Path(outdir)
@@ -84,6 +89,7 @@ def run_diagnosis(
         "wav": str(wav_path),
         "plot": str(plot_path),
         **kernels.summary(),  # kernels, time_share_ms
+        "decode_step": decode_step_kernels(tts, text, decode, seed, min(tokens, 20)),
         "attention": diagnose_attention(tts),
         "precision": diagnose_precision(tts, reference, dtype, autocast, min(tokens, 20), seed, text),
     }
@@ -126,9 +132,45 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"RTF          : {report['rtf']:.2f} (compute seconds per audio second; < 1 is real time)")
     lines.append(f"build        : {report['build_s']:.2f} s, conditioning {report['conditioning_s']:.2f} s")
     lines.append(f"wrote        : {report['wav']}, {report['plot']}")
+    step = report["decode_step"]
+    lines.append(f"decode step  : {step['step']}: {', '.join(step['kernels'])} (found by {step['found_by']})")
     lines += ["", format_attention(report, report["attention"])]
     lines += ["", format_precision(report["precision"])]
     return "\n".join(lines)
+
+
+def decode_step_kernels(
+    tts: ChatterboxTTS, text: str, step: str, seed: int = 0, tokens: int = 20
+) -> dict[str, Any]:
+    """The attention kernels T3's decode steps run with ``step`` ("eager", "static" or
+    "compiled") and how they were found: the profiler's op records for the eager and static
+    steps; Inductor's generated code for the compiled one (the profiler cannot see inside a
+    compiled graph, and its phase hooks would make the step recompile)."""
+    step = check_decode(step, torch.device(tts.device))
+    plan = DecodePlan.plain(tts.t3, step=step)
+    assert tts.conds is not None  # run_diagnosis prepared the voice
+    text_ids = text_tokens(tts, text)
+
+    def run() -> None:
+        rng = StreamRandom(seed).generator(tts.device)
+        t3_decode(tts.t3, tts.conds.t3, text_ids, max_new_tokens=tokens, plan=plan, generator=rng)
+
+    if step == "compiled":
+        run()
+        compiled = plan.static_step(text_ids.size(0))
+        assert compiled is not None
+        return {
+            "step": compiled.mode,  # "static" after a compile failure
+            "kernels": compiled.attention_kernels or ["(compile failed: the static step ran)"],
+            "found_by": "Inductor's generated code",
+        }
+    with record_kernels(tts) as record:
+        run()
+    return {
+        "step": step,
+        "kernels": sorted(record.kernels("t3.decode")),
+        "found_by": "torch.profiler op records",
+    }
 
 
 def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> dict[str, Any]:
