@@ -253,5 +253,6 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     assert run["settings"]["configs"] == ["upstream", "compiled"]
     assert run["attention_kernels_optimized"]["t3.decode"]
     assert run["compile_s"]["compiled"] > 0 and run["compile_fallback"] is None
+    assert run["compiled_attention"] == ["flash (CPU)"]  # read from Inductor's code
     assert result["diagnose"]["kernels"] and result["diagnose"]["precision"]
     assert "## optimized policy bfloat16" in p.stdout

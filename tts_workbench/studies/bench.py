@@ -255,6 +255,8 @@ def run_bench(
         "attention_kernels_optimized": kernels,
         "compile_s": compile_s,
         "compile_fallback": opt.configuration()["compile_fallback"],
+        # the compiled step's attention op, read from Inductor's code (None: nothing compiled)
+        "compiled_attention": opt.configuration()["compiled_attention"],
         "flow_compile_fallback": opt.configuration()["flow_compile_fallback"],
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "floors": floors,
@@ -450,6 +452,9 @@ def format_bench(report: dict[str, Any]) -> str:
             {"t3_ms_per_tok": ".1f", "tok_per_s": ".1f", "gb_per_s": ".1f", "s3gen_ms_per_call": ".0f"},
         ),
     ]
+    if report.get("compiled_attention"):
+        found = ", ".join(report["compiled_attention"])
+        lines.append(f"compiled T3 step's attention: {found} (read from Inductor's generated code)")
     if report.get("compile_fallback"):
         lines.append(f"compile failed, the static step ran instead: {report['compile_fallback']}")
     if report.get("flow_compile_fallback"):
