@@ -339,7 +339,8 @@ def _cast_cache(past: Any, dtype: torch.dtype) -> None:
         layer.values = layer.values.to(dtype)
 
 
-def _logits(parts: T3Parts, embeds: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
+def head_logits(parts: T3Parts, embeds: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
+    """The speech logits (B, vocab) float32 at the last of ``embeds``' positions, and the cache."""
     out = parts.tfmr(inputs_embeds=embeds, past_key_values=past, use_cache=True)
     return parts.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :], out.past_key_values
 
@@ -481,7 +482,7 @@ def is_turbo(t3: T3) -> bool:
 Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _scorer(
+def scorer(
     turbo: bool, temperature: float, top_p: float, min_p: float, top_k: int, repetition_penalty: float
 ) -> Scores:
     """``scores(seen_ids, logits)``: upstream's logits processors, in its order, for one family."""
@@ -513,6 +514,30 @@ def _scorer(
         return top_p_warper(seen, min_p_warper(seen, logits))
 
     return scores
+
+
+def sample_token(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    i: int,
+    cfg_weight: float,
+    turbo: bool,
+    scores: Scores,
+    generator: torch.Generator | None,
+    analyzer: Any = None,
+) -> torch.Tensor:
+    """T3.inference's sampling of token ``i + 1`` (1, 1) from ``logits`` (B, vocab) after
+    ``ids[:, :i + 1]``: classifier-free guidance over a batch of two, the multilingual analyzer
+    (if any), the family's processors, a draw from ``generator``. Written into ``ids`` too."""
+    cond, uncond = logits[0:1], logits[1:2]
+    guided = cond + cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
+    if analyzer is not None:  # upstream multilingual: may suppress or force the stop token
+        guided = analyzer.step(guided, next_token=int(ids[0, i]))
+    # Turbo penalises the tokens sampled so far (the start token only before the first).
+    seen = ids[:, 1 : i + 1] if turbo and i else ids[:, : i + 1]
+    token = torch.multinomial(torch.softmax(scores(seen, guided), dim=-1), num_samples=1, generator=generator)
+    ids[:, i + 1] = token[:, 0]
+    return token
 
 
 @contextmanager
@@ -618,7 +643,7 @@ def decode_blocks(
             )
             if static:
                 _check_static(plan, device, batch, prefill_len, max_new_tokens)
-            logits, past = _logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
+            logits, past = head_logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
             if static:
                 # The cache holds what the eager loop's DynamicCache would: the decode dtype when the
                 # decode weights differ, else the prefill's (DynamicCache keeps values in its keys' dtype).
@@ -643,7 +668,7 @@ def decode_blocks(
                 slots = torch.arange(prefill_len, prefill_len + max_new_tokens, device=device)
             elif plan.decode.dtype != plan.prefill.dtype:
                 _cast_cache(past, plan.decode.dtype)
-            scores_of = _scorer(turbo, temperature, top_p, min_p, top_k, repetition_penalty)
+            scores_of = scorer(turbo, temperature, top_p, min_p, top_k, repetition_penalty)
             ids = torch.full((1, max_new_tokens + 1), hp.start_speech_token, dtype=torch.long, device=device)
         t_mark = now(device)
         stats.prefill_s = t_mark - t0 - stats.compile_s
@@ -653,15 +678,7 @@ def decode_blocks(
             with ctx():
                 if logits_out is not None:
                     logits_out.append(logits)
-                cond, uncond = logits[0:1], logits[1:2]
-                guided = cond + cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
-                if analyzer is not None:  # upstream multilingual: may suppress or force the stop token
-                    guided = analyzer.step(guided, next_token=int(ids[0, i]))
-                # Turbo penalises the tokens sampled so far (the start token only before the first).
-                seen = ids[:, 1 : i + 1] if turbo and i else ids[:, : i + 1]
-                scores = scores_of(seen, guided)
-                token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator)
-                ids[:, i + 1] = token[:, 0]
+                token = sample_token(logits, ids, i, cfg_weight, turbo, scores_of, generator, analyzer)
                 stats.steps = i + 1
                 last = i + 1 == max_new_tokens
                 block = None
@@ -683,7 +700,7 @@ def decode_blocks(
                     logits = step(token.expand(batch, 1), positions[i + 1 : i + 2], slots[i : i + 1])
                 else:
                     embed = dec.embed(token, i + 1)
-                    logits, past = _logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
+                    logits, past = head_logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
     finally:
         scope.close()
         if step is not None:

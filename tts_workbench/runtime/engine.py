@@ -56,11 +56,12 @@ from ..models.vocode import FlowPlan, cast_gen, tail_tokens, vocoder
 from .decode import (
     DecodePlan,
     T3Parts,
-    _logits,
-    _scorer,
     check_room,
+    head_logits,
     is_turbo,
     prefill_embeds,
+    sample_token,
+    scorer,
     text_tokens,
 )
 from .streaming import (
@@ -444,7 +445,7 @@ class StreamEngine:
         sampling = {**self.family.sampling, **r.sampling}
         cfg_weight = 0.0 if self.turbo else float(sampling.pop("cfg_weight", 0.5))
         sampling.pop("cfg_weight", None)
-        scores = _scorer(
+        scores = scorer(
             self.turbo,
             float(sampling.get("temperature", 0.8)),
             float(sampling.get("top_p", 0.95)),
@@ -465,7 +466,7 @@ class StreamEngine:
                 prefill_len, r.max_new_tokens, self.max_cache_len, "each stream of the engine",
                 "start the engine with max_cache_len >= {need}",
             )  # fmt: skip
-            logits, past = _logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
+            logits, past = head_logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
             row = len(self._live) * self.rows_per_stream
             for (keys, values), layer in zip(self._kv, past.layers, strict=True):
                 keys[row : row + embeds.size(0), :, :prefill_len].copy_(layer.keys)
@@ -672,17 +673,11 @@ class StreamEngine:
     def _sample(self, live: _Live) -> torch.Tensor:
         """The stream's next token (1, 1) from its logits: guidance, its processors in upstream's
         order, its own generator."""
-        logits = live.logits
         if self.keep_logits:
-            live.handle.logits.append(logits.clone())
-        cond, uncond = logits[0:1], logits[1:2]
-        guided = cond + live.cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
-        i = live.step
-        seen = live.ids[:, 1 : i + 1] if self.turbo and i else live.ids[:, : i + 1]
-        scores = live.scores(seen, guided)
-        token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=live.generator)
-        live.ids[:, i + 1] = token[:, 0]
-        return token
+            live.handle.logits.append(live.logits.clone())
+        return sample_token(
+            live.logits, live.ids, live.step, live.cfg_weight, self.turbo, live.scores, live.generator
+        )
 
     # ------------------------------------------------------------------ S3Gen stage
 
