@@ -71,6 +71,19 @@ class StreamReport:
     chunks: list[ChunkMetrics] = field(default_factory=list)
     wall_s: float = 0.0
 
+    def add(self, chunk: np.ndarray, m: ChunkMetrics) -> np.ndarray:
+        """Record a chunk as it leaves for the player: NaN samples counted and zeroed (a player
+        would blow up on them), the stream's wall time and the cumulative RTF brought up to it.
+        Returns the chunk to play."""
+        nan = np.isnan(chunk)
+        if nan.any():
+            m.nan_samples = int(nan.sum())
+            chunk = np.where(nan, 0.0, chunk).astype(np.float32)
+        self.chunks.append(m)
+        self.wall_s = m.emitted_s
+        m.cumulative_rtf = m.emitted_s / self.audio_s if self.audio_s else float("inf")
+        return chunk
+
     @property
     def ttfa_s(self) -> float:
         return self.chunks[0].emitted_s if self.chunks else float("inf")

@@ -766,29 +766,20 @@ class StreamEngine:
 
     def _emit(self, live: _Live, w: Window, chunk: np.ndarray, flow_s: float, voc_s: float) -> None:
         h = live.handle
-        report = h.report
-        nan = np.isnan(chunk)
-        emitted = time.perf_counter() - h.submitted
         with self._lock:  # the T3 stage adds to both
             t3_s, invalid, live.t3_s, live.invalid = live.t3_s, live.invalid, 0.0, 0
         m = ChunkMetrics(
-            index=len(report.chunks),
-            emitted_s=emitted,
+            index=len(h.report.chunks),
+            emitted_s=time.perf_counter() - h.submitted,
             t3_s=t3_s,
             flow_s=flow_s,
             vocoder_s=voc_s,
             invalid_tokens=invalid,
             prompt_frames=int(live.gen["prompt_token"].size(1)) * FRAMES_PER_TOKEN,
             queued_s=(h.admitted or h.submitted) - h.submitted,
-            nan_samples=int(nan.sum()),
             **window_metrics(w, chunk),
         )
-        if m.nan_samples:
-            chunk = np.where(nan, 0.0, chunk).astype(np.float32)
-        report.chunks.append(m)
-        report.wall_s = emitted
-        m.cumulative_rtf = emitted / report.audio_s if report.audio_s else float("inf")
-        h._put((chunk, m))
+        h._put((h.report.add(chunk, m), m))
 
 
 def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:

@@ -255,14 +255,8 @@ def stream(
 
     try:
         for chunk, m in cutter(tts, gen, config, state, tokens_in(), metrics, amp):
-            nan = np.isnan(chunk)
-            if nan.any():  # report, and zero them so a player does not blow up
-                m.nan_samples = int(nan.sum())
-                chunk = np.where(nan, 0.0, chunk).astype(np.float32)
-            state.report.chunks.append(m)
+            chunk = state.report.add(chunk, m)
             bar.set_postfix(s3gen_calls=state.report.s3gen_calls, refresh=False)
-            state.report.wall_s = m.emitted_s
-            m.cumulative_rtf = m.emitted_s / state.report.audio_s if state.report.audio_s else float("inf")
             yield chunk, m
     finally:
         blocks.close()
