@@ -443,8 +443,8 @@ class StreamEngine:
         if r.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
         sampling = {**self.family.sampling, **r.sampling}
-        cfg_weight = 0.0 if self.turbo else float(sampling.pop("cfg_weight", 0.5))
-        sampling.pop("cfg_weight", None)
+        guidance = float(sampling.pop("cfg_weight", 0.5))
+        cfg_weight = 0.0 if self.turbo else guidance  # Turbo has no guidance, as decode_blocks
         scores = scorer(
             self.turbo,
             float(sampling.get("temperature", 0.8)),

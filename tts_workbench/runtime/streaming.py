@@ -454,7 +454,7 @@ def _buffered(
     while True:
         w = cut.next_window(more)
         if w is None:
-            if cut.done or not more:
+            if cut.done:  # without more tokens to come, next_window only says None when done
                 return
             more = next(tokens_in, False)
             continue
