@@ -166,6 +166,20 @@ def test_many_streams_in_a_row_leave_nothing_behind(tts: ChatterboxTTS) -> None:
         assert len(engine._voices) == 1  # one voice prepared once
 
 
+def test_an_idle_engine_serves_the_next_stream(tts: ChatterboxTTS) -> None:
+    """A server's engine goes idle between requests: a stream that finishes alone (its end seen
+    with no window ready) must leave both stages running for the next one."""
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        for k in range(3):
+            assert [c for c, _ in engine.submit(TEXTS[k], seed=k, max_new_tokens=6)]
+            for _ in range(200):  # bounded: until the S3Gen stage has seen the stream end
+                if engine.active() == 0:
+                    break
+                time.sleep(0.01)
+            time.sleep(0.1)
+            assert all(t.is_alive() for t in engine._threads), k
+
+
 def test_bad_engine_settings_are_refused(tts: ChatterboxTTS) -> None:
     with pytest.raises(ConfigError, match="max_streams"):
         StreamEngine(tts, max_streams=0)

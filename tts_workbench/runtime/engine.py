@@ -698,6 +698,8 @@ class StreamEngine:
                     self._lock.wait(timeout=1.0)
             for live in finished:
                 live.handle._put(_END)
+            if not ready:
+                continue
             # First windows first (they set time to first audio), then by arrival.
             ready.sort(key=lambda lw: (not lw[1].first, lw[0].handle.index))
             key = self._batch_key(*ready[0])
