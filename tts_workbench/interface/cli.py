@@ -120,6 +120,14 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     # Bad flags fail before the model loads.
     levels, texts = parse_levels(args.streams), read_texts(args.texts)
     parse_arrival(args.arrival)
+    if args.url:
+        from ..studies.http_load import run_http_load
+
+        report = run_http_load(
+            args.url, levels, texts=texts, voice=args.voice, arrival=args.arrival, tokens=args.tokens,
+            seed=args.seed, timeout_s=args.timeout, outdir=args.out, progress=True,
+        )  # fmt: skip
+        return report, format_load
     tts = _voiced_model(args, args.out)
     report = run_load(
         tts,
@@ -135,6 +143,25 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         progress=True,
     )
     return report, format_load
+
+
+def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from ..serving.deployment import Placement, check_port_free, check_reachable, serve_until_stopped
+    from ..serving.service import ServeOptions, find_voices
+
+    # Bad flags fail before Ray starts: nothing is left running.
+    find_voices(args.voices)
+    check_port_free(args.host, args.port)
+    if args.address:
+        check_reachable(args.address)
+    options = ServeOptions(
+        model=args.model, device=args.device, seed=args.seed, voices_dir=args.voices, run_dir=args.out,
+        max_streams=args.max_streams, step=args.decode, threads=args.threads,
+        max_input_chars=args.max_input_chars, default_tokens=args.tokens,
+    )  # fmt: skip
+    where = Placement(args.host, args.port, args.replicas, args.address)
+    report = serve_until_stopped(options, where, ready=lambda line: print(line, file=sys.stderr, flush=True))
+    return report, lambda r: f"stopped {r['stopped']} after serving {r['url']} for {r['served_s']:.0f} s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +257,34 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--window-s", type=float, default=3.5, help="later windows (s of audio)")
     ld.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     ld.add_argument("--out", default="runs/load", help="folder for load.json and load.png")
+    ld.add_argument(
+        "--url",
+        help="measure an OpenAI-compatible speech endpoint (http://HOST:PORT) instead of an engine in "
+        "this process; --model, --decode, --dtype, --reference and the window flags are then the server's",
+    )
+    ld.add_argument("--voice", default="default", help="with --url: the voice each request names")
+    ld.add_argument("--timeout", type=float, default=300.0, help="with --url: seconds allowed per request")
     ld.set_defaults(run=_load)
+
+    sv = sub.add_parser(
+        "serve", help="the stream engine over HTTP (OpenAI's /v1/audio/speech) on Ray Serve, until Ctrl-C"
+    )
+    sv.add_argument("--model", default="tiny", help="tiny | random | pretrained | PATH to a checkpoint")
+    sv.add_argument("--device", default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)")
+    sv.add_argument("--seed", type=int, default=0, help="seed of the random-weight builds")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=_positive, default=1, help="engines (Ray Serve replicas), one per GPU")
+    sv.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT); default: local Ray")
+    sv.add_argument("--voices", help="folder of WAV voices, served by file stem (plus 'default')")
+    sv.add_argument("--max-streams", type=_positive, default=8, help="streams at once per replica; more wait")
+    sv.add_argument("--decode", default="static", choices=["static", "compiled"], help="the engine's T3 step")
+    sv.add_argument("--threads", type=_positive, default=1, help="torch threads (and Ray CPUs) per replica")
+    sv.add_argument("--max-input-chars", type=_positive, default=1000, help="longest input allowed")
+    sv.add_argument("--tokens", type=_positive, default=150, help="max_tokens when a request sends none")
+    sv.add_argument("--out", default="runs/serve", help="run folder (the generated default voice)")
+    sv.add_argument("--json", action="store_true", help="print the closing report as JSON")
+    sv.set_defaults(run=_serve)
     return parser
 
 

@@ -77,6 +77,14 @@ def parse_arrival(value: str) -> tuple[str, float]:
     return "poisson", per_s
 
 
+def arrival_offsets(arrival: tuple[str, float], n: int, seed: int) -> np.ndarray:
+    """Seconds from the level's start at which each of ``n`` streams is sent: all at 0 for a
+    burst, exponential gaps at the rate for Poisson arrivals (seeded, so every run is alike)."""
+    if arrival[0] != "poisson":
+        return np.zeros(n)
+    return np.cumsum(np.random.default_rng(seed).exponential(1 / arrival[1], n))
+
+
 def read_texts(path: str | None) -> list[str]:
     """The texts to speak: one per non-empty line of ``path``, or the built-in ones."""
     if path is None:
@@ -170,11 +178,7 @@ def run_level(
     )
     try:
         compile_s = engine.warmup()
-        gaps = (
-            np.random.default_rng(seed).exponential(1 / arrival[1], n)
-            if arrival[0] == "poisson"
-            else np.zeros(n)
-        )
+        offsets = arrival_offsets(arrival, n, seed)
         memory = _Memory(engine.device)
         bar = tqdm(total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr)
         lock = threading.Lock()
@@ -190,7 +194,7 @@ def run_level(
         burst = arrival[0] == "burst"
         with engine.together() if burst else contextlib.nullcontext():  # a burst joins at one step
             for k in range(n):
-                time.sleep(max(0.0, t0 + float(gaps[: k + 1].sum()) - time.perf_counter()))
+                time.sleep(max(0.0, t0 + float(offsets[k]) - time.perf_counter()))
                 h = engine.submit(texts[k % len(texts)], seed=seed + k, max_new_tokens=tokens)
                 player = threading.Thread(target=_play, args=(h, memory, outs[k], done), daemon=True)
                 player.start()
@@ -237,13 +241,11 @@ def _stream_row(h: StreamHandle, out: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _level_summary(
-    n: int, wall: float, streams: list[dict[str, Any]], e: dict[str, Any], mem: dict[str, int], kv: int
-) -> dict[str, Any]:
+def listener_summary(n: int, wall: float, streams: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the level's listeners got, from each stream's ``ttfa_s``, ``audio_s``, ``underruns``,
+    ``max_underrun_s`` and ``error``: first-audio percentiles, gaps, audio per wall second."""
     ok = [s for s in streams if s["error"] is None and s["ttfa_s"] is not None]
     ttfa = np.array([s["ttfa_s"] for s in ok]) if ok else np.array([math.nan])
-    audio = sum(s["audio_s"] for s in ok)
-    busy = {"t3": (e["t3_s"] + e["prefill_s"]) / wall, "s3gen": (e["flow_s"] + e["vocoder_s"]) / wall}
     return {
         "streams": n,
         "failed": n - len(ok),
@@ -252,7 +254,16 @@ def _level_summary(
         "ttfa_p99_s": float(np.percentile(ttfa, 99)),
         "worst_underrun_s": max((s["max_underrun_s"] for s in ok), default=0.0),
         "streams_with_underruns": sum(s["underruns"] > 0 for s in ok),
-        "audio_per_wall_s": audio / wall,
+        "audio_per_wall_s": sum(s["audio_s"] for s in ok) / wall,
+    }
+
+
+def _level_summary(
+    n: int, wall: float, streams: list[dict[str, Any]], e: dict[str, Any], mem: dict[str, int], kv: int
+) -> dict[str, Any]:
+    busy = {"t3": (e["t3_s"] + e["prefill_s"]) / wall, "s3gen": (e["flow_s"] + e["vocoder_s"]) / wall}
+    return {
+        **listener_summary(n, wall, streams),
         "t3_tokens_per_s": e["t3_tokens"] / wall,
         # what the T3 stage does per second it works: its capacity, whatever S3Gen leaves it to do
         "t3_tokens_per_busy_s": e["t3_tokens"] / (e["t3_s"] + e["prefill_s"]) if e["t3_s"] else 0.0,
@@ -318,14 +329,19 @@ def run_load(
         "note": f"random weights never emit a stop token: every stream is capped at {tokens} tokens",
     }
     if outdir is not None:
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "load.json").write_text(json.dumps(report, indent=2))
-        report["files"] = {
-            "json": str(out / "load.json"),
-            "figure": str(save(load_figure(load_frame(report)), out / "load.png")),
-        }
+        write_load(report, outdir)
     return report
+
+
+def write_load(report: dict[str, Any], outdir: str | Path) -> None:
+    """``load.json`` and ``load.png`` into ``outdir``; their paths in ``report["files"]``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.json").write_text(json.dumps(report, indent=2))
+    report["files"] = {
+        "json": str(out / "load.json"),
+        "figure": str(save(load_figure(load_frame(report)), out / "load.png")),
+    }
 
 
 def load_frame(report: dict[str, Any]) -> pd.DataFrame:
@@ -335,21 +351,20 @@ def load_frame(report: dict[str, Any]) -> pd.DataFrame:
 
 def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
-    frame = load_frame(report)[
-        ["streams", "failed", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
-         "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s", "windows_per_flow_call",
-         "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mb", "growth_mb_per_stream",
-         "kv_mb_per_stream"]
-    ]  # fmt: skip
+    columns = ["streams", "failed", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
+               "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s", "windows_per_flow_call",
+               "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mb", "growth_mb_per_stream",
+               "kv_mb_per_stream"]  # fmt: skip
+    frame = load_frame(report)
     lines = [
-        f"load study on {report['device']}, T3 {report['t3_dtype']} {report['step']} step, "
-        f"arrival {report['arrival']}, "
-        f"{report['tokens']} tokens per stream",
-        render(frame),
+        report.get("title") or f"load study on {report['device']}, T3 {report['t3_dtype']} {report['step']} "
+        f"step, arrival {report['arrival']}, {report['tokens']} tokens per stream",
+        render(frame[[c for c in columns if c in frame]]),
         "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
-        "real-time stream); *_busy_pct: share of the wall time each stage's thread was working",
+        "real-time stream)" + ("; *_busy_pct: share of the wall time each stage's thread was working"
+                               if "t3_busy_pct" in frame else ""),
         report["note"],
-    ]
+    ]  # fmt: skip
     if "files" in report:
         lines.append(f"wrote {report['files']['json']} and {report['files']['figure']}")
     return "\n".join(lines)

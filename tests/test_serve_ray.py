@@ -1,0 +1,163 @@
+"""The real server: `tts-workbench serve` with two replicas on a local Ray (2 CPUs, one thread
+per replica), started and stopped by this module on 127.0.0.1. Every request loop is bounded in
+count and time; the server is stopped with SIGTERM, as a person's Ctrl-C would, and must exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from chatterbox.tts import ChatterboxTTS
+
+from tts_workbench.interface.cli import main
+from tts_workbench.runtime.engine import StreamEngine
+from tts_workbench.serving.protocol import pcm16
+
+TEXT = "One stream over HTTP, one in this process."
+START_S = 240  # replicas build their model, prepare the voice and warm up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _health(url: str) -> dict[str, object] | None:
+    try:
+        r = httpx.get(f"{url}/health", timeout=5)
+    except httpx.HTTPError:
+        return None
+    return r.json() if r.status_code == 200 else None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(url, model id) of a two-replica server; at the end it must stop cleanly on SIGTERM."""
+    port, run = _free_port(), tmp_path_factory.mktemp("serve")
+    cmd = [sys.executable, "-m", "tts_workbench.interface.cli", "serve", "--port", str(port),
+           "--replicas", "2", "--threads", "1", "--max-streams", "4", "--out", str(run)]  # fmt: skip
+    out, err = open(run / "stdout", "w+"), open(run / "stderr", "w+")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_S
+        while _health(url) is None:
+            assert proc.poll() is None, (run / "stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not answer in time"
+            time.sleep(1.0)
+        model = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
+        yield url, model
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        out.seek(0)
+        stdout = out.read()
+        out.close()
+        err.close()
+    assert rc == 0 and "stopped cleanly" in stdout, (rc, stdout, (run / "stderr").read_text()[-3000:])
+    assert socket.socket().connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
+
+
+def _speech(url: str, model: str, **fields: object) -> httpx.Response:
+    body = {"model": model, "input": TEXT, "seed": 7, "max_tokens": 40, **fields}
+    return httpx.post(f"{url}/v1/audio/speech", json=body, timeout=120)
+
+
+def test_http_audio_equals_the_in_process_stream(server: tuple[str, str], tiny_tts: ChatterboxTTS) -> None:
+    url, model = server
+    # The replicas build the same random weights (seed 0) and voice as this process's tiny model.
+    with StreamEngine(tiny_tts, max_streams=1, max_cache_len=1024) as engine:
+        local = np.concatenate([c for c, _ in engine.submit(TEXT, seed=7, max_new_tokens=40)])
+    expected = np.frombuffer(pcm16(local), "<i2").astype(int)
+    pcm = _speech(url, model)
+    assert pcm.status_code == 200 and pcm.headers["content-type"] == "audio/pcm"
+    got = np.frombuffer(pcm.content, "<i2").astype(int)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1
+    wav = _speech(url, model, response_format="wav")
+    assert wav.content[:4] == b"RIFF" and np.abs(np.frombuffer(wav.content[44:], "<i2") - expected).max() <= 1
+
+
+def test_four_concurrent_clients_and_both_replicas(server: tuple[str, str]) -> None:
+    url, model = server
+    results: dict[int, httpx.Response] = {}
+
+    def client(k: int) -> None:
+        results[k] = _speech(url, model, seed=k, max_tokens=30)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(r.status_code == 200 and len(r.content) > 0 for r in results.values())
+    assert len({r.content for r in results.values()}) == 4  # each seed its own audio
+    replicas = {r.headers["x-replica"] for r in results.values()}
+    for _ in range(20):  # bounded: Ray Serve spreads requests; both replicas answer
+        if len(replicas) == 2:
+            break
+        replicas.add(httpx.get(f"{url}/health", timeout=5).headers["x-replica"])
+    assert len(replicas) == 2
+
+
+def test_a_bad_request_gets_its_4xx_and_the_server_goes_on(server: tuple[str, str]) -> None:
+    url, model = server
+    r = _speech(url, model, voice="nobody")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "voice"
+    r = httpx.post(f"{url}/v1/audio/speech", content=b"{oops", timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert _speech(url, model, max_tokens=10).status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_stream(server: tuple[str, str]) -> None:
+    url, model = server
+    body = {"model": model, "input": TEXT * 3, "seed": 1, "max_tokens": 400}
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=60) as r:
+        replica = r.headers["x-replica"]
+        next(r.iter_raw())  # the first audio, then the client goes away
+    seen: dict[str, object] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # bounded: ask until that replica answers idle
+        answer = httpx.get(f"{url}/metrics", timeout=5)
+        if answer.headers["x-replica"] == replica:
+            seen = {"metrics": answer.text}
+            if "tts_active_streams 0.0" in answer.text and 'outcome="disconnected"' in answer.text:
+                break
+        time.sleep(0.2)
+    assert "tts_active_streams 0.0" in str(seen.get("metrics")), seen
+    assert 'tts_streams_total{outcome="disconnected"} 1.0' in str(seen["metrics"])
+
+
+def test_load_url_measures_the_server(
+    server: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = server
+    args = ["load", "--url", url, "--streams", "1,2", "--tokens", "30", "--out", str(tmp_path), "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        report["endpoint"] == url and report["model"] == "chatterbox-tiny" and report["server"] == "uvicorn"
+    )
+    for level in report["levels"]:
+        s = level["summary"]
+        assert s["failed"] == 0 and 0 < s["ttfa_p50_s"] <= s["ttfa_p99_s"] and s["audio_per_wall_s"] > 0
+        assert all(row["status"] == 200 and row["audio_s"] > 0 for row in level["per_stream"])
+    assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
+    # the study's own request refused (an unknown voice): one error line, exit 2
+    assert main([*args[:-1], "--voice", "nobody"]) == 2

@@ -1,0 +1,170 @@
+"""Serving without Ray: OpenAI's request checks, the audio bytes, and the FastAPI app over one
+speech service (FastAPI's test client, in this process); the command line's refusals, which
+come before any Ray starts. The real server on Ray Serve is tests/test_serve_ray.py."""
+
+from __future__ import annotations
+
+import io
+import socket
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tts_workbench.interface.cli import main
+from tts_workbench.models.sources import make_reference_wav
+from tts_workbench.serving.api import speech_app
+from tts_workbench.serving.protocol import Limits, RequestError, parse_speech, pcm16, wav_header
+from tts_workbench.serving.service import ServeOptions, SpeechService
+
+LIMITS = Limits("chatterbox-tiny", ("default", "alice"), max_input_chars=50, max_tokens=300)
+GOOD = {"model": "chatterbox-tiny", "input": "Hello there."}
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "status"),
+    [
+        ({"model": "tts-1"}, "model", 404),
+        ({"model": None}, "model", 400),
+        ({"input": ""}, "input", 400),
+        ({"input": "   "}, "input", 400),
+        ({"input": None}, "input", 400),
+        ({"input": "x" * 51}, "input", 400),
+        ({"voice": "bob"}, "voice", 404),
+        ({"response_format": "mp3"}, "response_format", 400),
+        ({"speed": 1.25}, "speed", 400),
+        ({"speed": "fast"}, "speed", 400),
+        ({"stream_format": "sse"}, "stream_format", 400),
+        ({"instructions": "cheerful"}, "instructions", 400),
+        ({"seed": -1}, "seed", 400),
+        ({"max_tokens": 0}, "max_tokens", 400),
+        ({"max_tokens": 301}, "max_tokens", 400),
+        ({"max_tokens": True}, "max_tokens", 400),
+        ({"temperature": 0.5}, "temperature", 400),
+    ],
+)
+def test_each_bad_field_is_named_with_its_fix(change: dict[str, object], param: str, status: int) -> None:
+    with pytest.raises(RequestError) as e:
+        parse_speech({**GOOD, **change}, LIMITS)
+    assert e.value.param == param and e.value.status == status
+    body = e.value.body()["error"]
+    assert body["param"] == param and body["type"] == "invalid_request_error" and param in body["message"]
+
+
+def test_a_good_request_gets_the_defaults() -> None:
+    req = parse_speech({**GOOD, "voice": "alice", "speed": 1.0}, LIMITS, default_tokens=40)
+    assert (req.input, req.voice, req.response_format, req.seed, req.max_tokens) == (
+        "Hello there.", "alice", "pcm", 0, 40,
+    )  # fmt: skip
+    with pytest.raises(RequestError, match="JSON object"):
+        parse_speech(["not", "an", "object"], LIMITS)
+
+
+def test_pcm_and_the_streamed_wav_header() -> None:
+    samples = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -3.0], dtype=np.float32)
+    pcm = pcm16(samples)
+    assert np.frombuffer(pcm, "<i2").tolist() == [0, 16384, -16384, 32767, -32767, 32767, -32767]
+    header = wav_header()
+    assert len(header) == 44
+    with wave.open(io.BytesIO(header + pcm)) as w:  # a player reads to the end of what came
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+        assert w.readframes(100) == pcm
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechService]:
+    voices = tmp_path_factory.mktemp("voices")
+    make_reference_wav(voices / "alice.wav", seed=1)
+    (voices / "notes.txt").write_text("not a voice")
+    options = ServeOptions(voices_dir=str(voices), run_dir=str(tmp_path_factory.mktemp("run")), max_streams=2)
+    service = SpeechService(options)
+    yield service
+    service.close()
+
+
+def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService) -> None:
+    with TestClient(speech_app(service)) as client:
+        assert client.get("/v1/models").json()["data"][0]["id"] == "chatterbox-tiny"
+        bad = [
+            (b"{not json", None, 400),
+            ({"model": "chatterbox-tiny"}, "input", 400),
+            ({**GOOD, "input": "x" * 1001}, "input", 400),
+            ({**GOOD, "voice": "bob"}, "voice", 404),
+            ({**GOOD, "model": "tts-1"}, "model", 404),
+            ({**GOOD, "response_format": "opus"}, "response_format", 400),
+            ({**GOOD, "speed": 2.0}, "speed", 400),
+            ({**GOOD, "max_tokens": 1000}, "input", 400),  # the engine's cache cannot hold it
+        ]
+        for body, param, status in bad:
+            if isinstance(body, bytes):
+                r = client.post("/v1/audio/speech", content=body)
+            else:
+                r = client.post("/v1/audio/speech", json=body)
+            assert r.status_code == status, (body, r.text)
+            assert r.json()["error"]["param"] == param, r.json()
+            assert r.headers["x-replica"] == "0"
+        for voice in ("default", "alice"):  # and it still serves, each voice its own
+            r = client.post("/v1/audio/speech", json={**GOOD, "voice": voice, "max_tokens": 20})
+            assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
+            assert len(r.content) > 0 and len(r.content) % 2 == 0
+        r = client.post("/v1/audio/speech", json={**GOOD, "response_format": "wav", "max_tokens": 20})
+        assert r.content[:4] == b"RIFF" and r.headers["content-type"] == "audio/wav"
+        health = client.get("/health").json()
+        assert health["active_streams"] == 0 and health["queued_streams"] == 0
+        metrics = client.get("/metrics").text
+    assert 'tts_streams_total{outcome="completed"} 3.0' in metrics
+    assert 'tts_streams_total{outcome="refused"} 1.0' in metrics
+    assert "tts_time_to_first_audio_seconds_count 3.0" in metrics
+    assert "tts_active_streams 0.0" in metrics and "tts_s3gen_windows_per_flow_call" in metrics
+    assert service.voices["alice"] is not service.voices["default"]
+
+
+def _holding_a_port() -> tuple[socket.socket, int]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s, s.getsockname()[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_refuses_bad_flags_before_starting_ray(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    held, port = _holding_a_port()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.wav").write_bytes(b"RIFF not really")
+    cases = [
+        (["--port", str(port)], "--port"),
+        (["--port", str(_free_port()), "--voices", str(tmp_path / "missing")], "--voices"),
+        (["--port", str(_free_port()), "--voices", str(tmp_path / "empty")], "--voices"),
+        (["--port", str(_free_port()), "--voices", str(tmp_path / "bad")], "--voices"),
+        (["--port", str(_free_port()), "--address", f"127.0.0.1:{_free_port()}"], "--address"),
+    ]
+    try:
+        for args, flag in cases:
+            assert main(["serve", *args, "--out", str(tmp_path / "run")]) == 2, args
+            errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and flag in errors[0], (args, errors)
+    finally:
+        held.close()
+    import ray
+
+    assert not ray.is_initialized()  # nothing was started
+
+
+def test_load_url_without_a_server_gives_one_error_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    for url in (f"http://127.0.0.1:{_free_port()}", "127.0.0.1:8000"):
+        assert main(["load", "--url", url, "--streams", "1", "--out", str(tmp_path)]) == 2
+        errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--url" in errors[0], errors

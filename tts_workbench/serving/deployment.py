@@ -1,0 +1,145 @@
+"""The speech service as a Ray Serve deployment: FastAPI ingress, one engine per replica.
+
+Without an address a small local Ray is started (no dashboard, as many CPUs as the replicas ask
+for, at least 2) and shut down at the end; with one, the app joins that cluster and only the app
+is removed at the end. Each replica holds a ``SpeechService`` (its own model copy and engine);
+Ray Serve's proxy spreads requests over them and streams their bytes. With a CUDA device each
+replica asks for one GPU, so ``--replicas`` places one engine per GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+from urllib.parse import urlparse
+
+from ..core.errors import ConfigError
+from .service import ServeOptions, SpeechService
+
+APP_NAME = "tts-workbench"
+
+
+class SpeechDeployment:
+    """One replica: its ``SpeechService`` and the FastAPI app over it (built by Ray Serve after
+    ``__init__``, through ``__serve_build_asgi_app__``)."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        from ray import serve
+
+        self.service = SpeechService(options, replica=serve.get_replica_context().replica_id.unique_id)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from .api import speech_app
+
+        return speech_app(self.service)
+
+    def __del__(self) -> None:
+        if hasattr(self, "service"):
+            self.service.close()
+
+
+@dataclass
+class Placement:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    address: str | None = None  # a Ray cluster to join; None: start a local Ray
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A ConfigError if ``host:port`` cannot be listened on (another server holds it)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"argument --port: cannot listen on {host}:{port} ({e.strerror}): "
+                              "stop what holds it or pick another --port") from None  # fmt: skip
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """A ConfigError if the Ray address (``HOST:PORT`` or ``ray://HOST:PORT``) does not answer."""
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    if parsed.hostname is None or parsed.port is None:
+        raise ConfigError(f"argument --address: {address!r} is not HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(
+            f"argument --address: no Ray cluster answers at {address} ({e}): start one with "
+            "`ray start --head` or leave --address out for a local Ray"
+        ) from None
+
+
+def deployment(options: ServeOptions, replicas: int) -> Any:
+    """The Ray Serve application: ``replicas`` engines behind one FastAPI ingress."""
+    from ray import serve
+
+    cpus = options.threads or 1
+    gpus = 1 if options.device.startswith("cuda") else 0
+    app = serve.deployment(
+        name="speech",
+        num_replicas=replicas,
+        # The engine queues what it cannot run yet (none is refused for load), so the proxy may
+        # hand a replica many more requests than it has engine slots.
+        max_ongoing_requests=max(16, 4 * options.max_streams),
+        ray_actor_options={
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cpus)}},
+        },
+    )(serve.ingress()(SpeechDeployment))
+    return app.bind(options)
+
+
+@contextlib.contextmanager
+def served(options: ServeOptions, where: Placement) -> Iterator[str]:
+    """Inside: the app answers at the returned URL. Leaving it, or SIGTERM (raised here as
+    KeyboardInterrupt, as Ctrl-C is), stops the app and the local Ray."""
+    import ray
+    from ray import serve
+
+    check_port_free(where.host, where.port)
+    previous = signal.getsignal(signal.SIGTERM)
+    if where.address:
+        check_reachable(where.address)
+        ray.init(address=where.address, log_to_driver=False)
+    else:
+        cpus = max(2, where.replicas * (options.threads or 1))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
+    try:
+        serve.start(http_options={"host": where.host, "port": where.port})
+        serve.run(deployment(options, where.replicas), name=APP_NAME, route_prefix="/")
+        yield f"http://{where.host}:{where.port}"
+    finally:
+        if where.address:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_until_stopped(options: ServeOptions, where: Placement, ready: Any = print) -> dict[str, Any]:
+    """Serve until Ctrl-C or SIGTERM; ``ready(message)`` once the app answers. What was served."""
+    t0 = time.perf_counter()
+    url = f"http://{where.host}:{where.port}"
+    with contextlib.suppress(KeyboardInterrupt), served(options, where):
+        ray_at = f"the Ray cluster at {where.address}" if where.address else "a local Ray"
+        ready(f"serving {options.model} at {url} ({where.replicas} replica(s) on {ray_at}); Ctrl-C stops")
+        while True:
+            time.sleep(1.0)
+    return {"url": url, "model": options.model, "replicas": where.replicas, "address": where.address,
+            "served_s": time.perf_counter() - t0, "stopped": "cleanly"}  # fmt: skip

@@ -1,0 +1,115 @@
+"""OpenAI's ``POST /v1/audio/speech``, as this server speaks it: the request's fields, the
+errors (OpenAI's ``{"error": {...}}`` body, naming the field and the fix) and the bytes.
+
+The audio is OpenAI's ``pcm`` (24 kHz, signed 16-bit little-endian, mono, no header) or
+``wav`` (the same samples after a 44-byte header whose sizes say "unknown length", as a stream
+cannot know its length when it starts). Nothing here touches torch or the network.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..core.constants import SAMPLE_RATE
+
+FORMATS = {"pcm": "audio/pcm", "wav": "audio/wav"}
+# The fields a request may carry: OpenAI's, and two of this server's own (seed, max_tokens).
+FIELDS = ("model", "input", "voice", "response_format", "speed", "stream_format", "instructions",
+          "seed", "max_tokens")  # fmt: skip
+
+
+class RequestError(ValueError):
+    """A request the server will not run: HTTP ``status``, the field (``param``) and the fix."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.status = param, status
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error body."""
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": None}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of this server."""
+
+    model: str  # the id a request names in ``model``
+    voices: tuple[str, ...]
+    max_input_chars: int = 1000
+    max_tokens: int = 1000  # the largest max_tokens; the engine's cache may hold fewer
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    input: str
+    voice: str
+    response_format: str
+    seed: int
+    max_tokens: int
+
+
+def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> SpeechRequest:
+    """Check a decoded JSON body field by field; the first problem raises a ``RequestError``."""
+    if not isinstance(body, dict):
+        raise RequestError('the body must be a JSON object such as {"model": ..., "input": "Hello"}')
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise RequestError(f"unknown field {unknown[0]!r}: the fields are {', '.join(FIELDS)}", unknown[0])
+    model = body.get("model")
+    if model != limits.model:
+        raise RequestError(
+            f"model {model!r} is not served here: use {limits.model!r} (GET /v1/models)", "model",
+            404 if isinstance(model, str) else 400,
+        )  # fmt: skip
+    text = body.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError("input is missing or empty: give the text to speak as a non-empty string", "input")
+    if len(text) > limits.max_input_chars:
+        raise RequestError(
+            f"input has {len(text)} characters, more than this server's {limits.max_input_chars}: "
+            "split the text and send the parts as separate requests", "input",
+        )  # fmt: skip
+    voice = body.get("voice", "default")
+    if voice not in limits.voices:
+        raise RequestError(
+            f"unknown voice {voice!r}: use one of {', '.join(limits.voices)} (the server's --voices "
+            "folder, by file stem)", "voice", 404 if isinstance(voice, str) else 400,
+        )  # fmt: skip
+    fmt = body.get("response_format", "pcm")
+    if fmt not in FORMATS:
+        raise RequestError(f"response_format {fmt!r} is not supported: use pcm or wav", "response_format")
+    speed = body.get("speed", 1.0)
+    if not isinstance(speed, int | float) or isinstance(speed, bool) or speed != 1.0:
+        raise RequestError(f"speed {speed!r} is not supported: leave it out or send 1.0", "speed")
+    if body.get("stream_format", "audio") != "audio":
+        raise RequestError("stream_format: only 'audio' (raw audio bytes) is served", "stream_format")
+    if body.get("instructions"):
+        raise RequestError("instructions are not supported by Chatterbox: leave them out", "instructions")
+    seed = body.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise RequestError(f"seed must be a non-negative integer, got {seed!r}", "seed")
+    tokens = body.get("max_tokens", default_tokens)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= limits.max_tokens:
+        raise RequestError(f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {tokens!r}",
+                           "max_tokens")  # fmt: skip
+    return SpeechRequest(text, voice, fmt, seed, tokens)
+
+
+def pcm16(chunk: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as signed 16-bit little-endian bytes (clipped, rounded)."""
+    return (np.clip(chunk, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+def wav_header(sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A 16-bit mono WAV header for a stream of unknown length (sizes 0xFFFFFFFF, as OpenAI's
+    streamed WAV; players read to the end of the data)."""
+    unknown = 0xFFFFFFFF
+    fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, sample_rate * 2, 2, 16)
+    return b"RIFF" + struct.pack("<I", unknown) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"data" + \
+        struct.pack("<I", unknown)  # fmt: skip

@@ -1,0 +1,187 @@
+"""One speech service: a model, its voices, a ``StreamEngine`` and the metrics a server exports.
+
+A Ray Serve replica holds one (``deployment``); tests hold one directly. Voices are the WAV files
+of a folder, by file stem, plus ``default`` (the generated reference voice written into the run
+folder); each voice's conditionals are prepared once, at start. Requests name voices, never
+paths, so no request reads or writes a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from ..core.errors import CacheError, SourceError, WorkbenchError
+from ..models.sources import check_reference, load_model, make_reference_wav
+from ..runtime.engine import StreamEngine, StreamHandle
+from ..runtime.generation import prepare_voice
+from .protocol import Limits, RequestError, SpeechRequest, pcm16, wav_header
+
+TTFA_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything a replica needs to build its service (it crosses to Ray workers as is)."""
+
+    model: str = "tiny"
+    device: str = "cpu"
+    seed: int = 0
+    voices_dir: str | None = None
+    run_dir: str = "runs/serve"
+    max_streams: int = 8
+    step: str = "static"
+    threads: int | None = None  # torch's intra-op threads in this process (None: torch's default)
+    max_input_chars: int = 1000
+    max_cache_len: int = 1024
+    default_tokens: int = 150
+
+
+def find_voices(folder: str | None) -> dict[str, Path]:
+    """The folder's readable WAV files by stem; a SourceError if it is missing or holds none."""
+    if folder is None:
+        return {}
+    path = Path(folder)
+    if not path.is_dir():
+        raise SourceError(f"argument --voices: {folder} is not a folder: give a folder of WAV files")
+    voices: dict[str, Path] = {}
+    problems = []
+    for wav in sorted(path.glob("*.wav")):
+        try:
+            check_reference(wav)
+            voices[wav.stem] = wav
+        except SourceError as e:
+            problems.append(str(e))
+    if not voices:
+        why = f" ({'; '.join(problems)})" if problems else ""
+        raise SourceError(f"argument --voices: {folder} holds no readable .wav file{why}")
+    return voices
+
+
+class SpeechService:
+    """A model, its voices and one engine, answering speech requests with audio bytes."""
+
+    def __init__(self, options: ServeOptions, replica: str = "0") -> None:
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self.options, self.replica = options, replica
+        self.created = int(time.time())  # OpenAI's model list says when the model was made
+        self.model_id = (
+            f"chatterbox-{options.model}" if os.sep not in options.model else Path(options.model).name
+        )
+        tts = load_model(options.model, options.device, options.seed)
+        paths = {"default": make_reference_wav(Path(options.run_dir) / "reference.wav")}
+        paths.update(find_voices(options.voices_dir))
+        self.voices: dict[str, Any] = {}
+        for name, path in paths.items():  # each voice's conditionals once; the last one stays
+            prepare_voice(tts, str(path))
+            self.voices[name] = tts.conds
+        tts.conds = self.voices["default"]
+        self.tts = tts
+        self.limits = Limits(
+            self.model_id, tuple(self.voices), options.max_input_chars, options.max_cache_len
+        )
+        self.engine = StreamEngine(
+            tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len
+        )
+        self.engine.warmup()
+        self._metrics()
+
+    def _metrics(self) -> None:
+        disable_created_metrics()  # no *_created series: they say nothing a scraper needs here
+        r = self.registry = CollectorRegistry()
+        stats = self.engine.stats
+        Info("tts_replica", "which replica answered, and its model", registry=r).info(
+            {"replica": self.replica, "model": self.model_id}
+        )
+        Gauge("tts_active_streams", "streams admitted, not yet finished", registry=r).set_function(
+            self.engine.active
+        )
+        Gauge("tts_queued_streams", "streams waiting for a free engine slot", registry=r).set_function(
+            self.engine.queued
+        )
+        fill = Gauge("tts_s3gen_windows_per_flow_call", "S3Gen batch fill: windows per flow call, so far",
+                     registry=r)  # fmt: skip
+        fill.set_function(lambda: stats.flow_windows / stats.flow_calls if stats.flow_calls else 0.0)
+        Gauge("tts_t3_tokens", "T3 tokens sampled by the batched step, so far", registry=r).set_function(
+            lambda: stats.t3_tokens
+        )
+        self.ttfa = Histogram("tts_time_to_first_audio_seconds", "request arrival to its first audio chunk",
+                              buckets=TTFA_BUCKETS_S, registry=r)  # fmt: skip
+        self.rtf = Histogram("tts_stream_rtf", "a finished stream's wall time over its audio time",
+                             buckets=RTF_BUCKETS, registry=r)  # fmt: skip
+        self.outcomes = Counter("tts_streams", "streams by how they ended", ["outcome"], registry=r)
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text exposition of this replica's metrics."""
+        return generate_latest(self.registry)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": self.model_id,
+            "replica": self.replica,
+            "active_streams": self.engine.active(),
+            "queued_streams": self.engine.queued(),
+            "max_streams": self.engine.max_streams,
+        }
+
+    async def speech(self, req: SpeechRequest) -> AsyncIterator[bytes]:
+        """Start a stream and wait for its first chunk, so that a request the engine refuses
+        (too long for the cache, ...) becomes a ``RequestError`` before any byte is sent; then
+        the bytes as the engine produces them. Closing the iterator (a client gone) frees the
+        stream's rows in the engine."""
+        t0 = time.perf_counter()
+        handle = self.engine.submit(
+            req.input, seed=req.seed, max_new_tokens=req.max_tokens, conds=self.voices[req.voice]
+        )
+        chunks = aiter(handle)
+        try:
+            first = await anext(chunks, None)
+        except WorkbenchError as e:
+            self.outcomes.labels("refused").inc()
+            param = "input" if isinstance(e, CacheError) else None
+            raise RequestError(f"the engine refused this request: {e}", param) from e
+        if first is not None:
+            self.ttfa.observe(time.perf_counter() - t0)
+        return self._bytes(handle, chunks, first, req.response_format, t0)
+
+    async def _bytes(self, handle: StreamHandle, chunks: AsyncIterator[Any], first: Any, fmt: str,
+                     t0: float) -> AsyncIterator[bytes]:  # fmt: skip
+        outcome = "failed"
+        try:
+            if fmt == "wav":
+                yield wav_header()
+            if first is not None:
+                yield pcm16(first[0])
+                async for chunk, _m in chunks:
+                    yield pcm16(chunk)
+            outcome = "completed"
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: closed below
+            outcome = "disconnected"
+            raise
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            self.outcomes.labels(outcome).inc()
+            if outcome == "completed" and handle.report.audio_s:
+                self.rtf.observe((time.perf_counter() - t0) / handle.report.audio_s)
+
+    def close(self) -> None:
+        self.engine.close()
