@@ -1,9 +1,10 @@
 """tts-workbench: diagnose and fix slow Chatterbox streaming.
 
 The package is one subpackage per layer, bottom up: ``core``, ``models``, ``instruments``,
-``runtime``, ``studies``, ``interface`` (each one's docstring says what it holds and what it may
-import; ``lint-imports`` checks the order). The names users reach for most are re-exported here
-and imported on first use, so ``import tts_workbench`` stays cheap::
+``runtime``, then ``studies`` and ``serving`` side by side, and ``interface`` (each one's
+docstring says what it holds and what it may import; ``lint-imports`` checks the order). The
+names users reach for most are re-exported here and imported on first use, so
+``import tts_workbench`` stays cheap::
 
     from tts_workbench import PerformanceOptimizedTTS, load_model, trace_dtypes
 """

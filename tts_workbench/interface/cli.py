@@ -157,7 +157,7 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     options = ServeOptions(
         model=args.model, device=args.device, seed=args.seed, voices_dir=args.voices, run_dir=args.out,
         max_streams=args.max_streams, step=args.decode, threads=args.threads,
-        max_input_chars=args.max_input_chars, default_tokens=args.tokens,
+        max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
     )  # fmt: skip
     where = Placement(args.host, args.port, args.replicas, args.address)
     report = serve_until_stopped(options, where, ready=lambda line: print(line, file=sys.stderr, flush=True))
@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=_positive, default=1, help="torch threads (and Ray CPUs) per replica")
     sv.add_argument("--max-input-chars", type=_positive, default=1000, help="longest input allowed")
     sv.add_argument("--tokens", type=_positive, default=150, help="max_tokens when a request sends none")
+    sv.add_argument(
+        "--max-cache-len",
+        type=_positive,
+        default=1024,
+        help="KV positions per stream (prefill + max_tokens); every step attends over all of them",
+    )
     sv.add_argument("--out", default="runs/serve", help="run folder (the generated default voice)")
     sv.add_argument("--json", action="store_true", help="print the closing report as JSON")
     sv.set_defaults(run=_serve)

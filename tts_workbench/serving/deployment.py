@@ -23,6 +23,7 @@ from ..core.errors import ConfigError
 from .service import ServeOptions, SpeechService
 
 APP_NAME = "tts-workbench"
+ROUND_ROBIN = "ray.serve.experimental.round_robin_router.RoundRobinRouter"
 
 
 class SpeechDeployment:
@@ -90,6 +91,10 @@ def deployment(options: ServeOptions, replicas: int) -> Any:
         # The engine queues what it cannot run yet (none is refused for load), so the proxy may
         # hand a replica many more requests than it has engine slots.
         max_ongoing_requests=max(16, 4 * options.max_streams),
+        # Streams are long and alike and come in bursts: the default power-of-two choice reads
+        # queue lengths that a burst outruns (4 streams went 3 and 1 to two replicas), so
+        # requests take turns instead.
+        request_router_config={"request_router_class": ROUND_ROBIN},
         ray_actor_options={
             "num_cpus": cpus,
             "num_gpus": gpus,

@@ -1,0 +1,111 @@
+"""In-process engine vs HTTP (one replica) vs HTTP (two replicas), same streams, one run: the
+"Serving and scaling out" table (issue 20's targets). Runs the real commands: `load` in this
+machine's process, then `serve` (stopped by SIGTERM) measured with `load --url`. One thread per
+engine (OMP_NUM_THREADS=1, --threads 1): two replicas use the two cores of this machine, while
+the load client and Ray's proxy share them too.
+
+    .venv/bin/python scripts/serving_study.py [--tokens 100] > results/serving_cpu_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+import torch
+
+CLI = [sys.executable, "-m", "tts_workbench.interface.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _load(args: list[str], out: Path) -> dict[str, Any]:
+    subprocess.run([*CLI, "load", *args, "--out", str(out), "--json"], env=ENV, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return json.loads((out / "load.json").read_text())
+
+
+def _served(replicas: int, load_args: list[str], out: Path, cache: int) -> dict[str, Any]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [*CLI, "serve", "--port", str(port), "--replicas", str(replicas), "--threads", "1",
+           "--max-cache-len", str(cache), "--out", str(out / "run")]  # fmt: skip
+    server = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):  # bounded wait for the replicas to build and warm up
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        return _load([*load_args, "--url", url], out)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+
+def _row(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    singles = [lv["summary"] for lv in report["levels"] if lv["streams"] == 1]
+    many = [lv["summary"] for lv in report["levels"] if lv["streams"] > 1][-1]
+    return {
+        "setup": name,
+        "one_stream_ttfa_s": sorted(s["ttfa_p50_s"] for s in singles),
+        "one_stream_ttfa_median_s": sorted(s["ttfa_p50_s"] for s in singles)[len(singles) // 2],
+        "streams": many["streams"],
+        "ttfa_p50_s": many["ttfa_p50_s"],
+        "ttfa_p95_s": many["ttfa_p95_s"],
+        "worst_underrun_s": many["worst_underrun_s"],
+        "audio_per_wall_s": many["audio_per_wall_s"],
+        "replicas_seen": len(report.get("replicas_seen", [])) or None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="100")
+    ap.add_argument("--streams", default="1,1,1,4")
+    args = ap.parse_args()
+    load_args = ["--streams", args.streams, "--tokens", args.tokens]
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        inproc = _load(load_args, t / "inproc")
+        cache = inproc["max_cache_len"]  # the servers' caches as long: a step attends over all of it
+        reports = {
+            "in-process engine": inproc,
+            "HTTP, 1 replica": _served(1, load_args, t / "http1", cache),
+            "HTTP, 2 replicas": _served(2, load_args, t / "http2", cache),
+        }
+    rows = [_row(name, r) for name, r in reports.items()]
+    base, one, two = rows
+    print(json.dumps({
+        "what": "tiny model, CPU, one torch thread per engine; the same texts and seeds in each setup; "
+                f"levels {args.streams} (three single streams give the one-stream TTFA spread), "
+                f"{args.tokens} tokens per stream; measured by the load study (in process) and by its HTTP "
+                "client (from the bytes' arrival)",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "ray": ray.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+        "http_ttfa_overhead_ms": 1000 * (one["one_stream_ttfa_median_s"] - base["one_stream_ttfa_median_s"]),
+        "two_replicas_over_one_audio_per_wall": two["audio_per_wall_s"] / one["audio_per_wall_s"],
+        "two_replicas_over_one_ttfa_p95": two["ttfa_p95_s"] / one["ttfa_p95_s"],
+        "reports": reports,
+    }, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
