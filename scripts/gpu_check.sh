@@ -99,7 +99,7 @@ for p in sys.argv[4:]:
         environment = environment or r["environment"]
         runs[p] = {"policy": r["optimized_policy"], "attention_kernels_optimized": r["attention_kernels_optimized"],
                    "compile_s": r.get("compile_s"), "compile_fallback": r.get("compile_fallback"),
-                   "compiled_attention": r.get("compiled_attention"),
+                   "compiled_attention": r.get("compiled_attention"), "memory": r.get("memory"),
                    "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
                    "settings": r["settings"], "summary": r["summary"], "table": format_bench(r).splitlines()}
 diagnose, errors["diagnose"] = load("diagnose")

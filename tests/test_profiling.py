@@ -19,6 +19,7 @@ from torch.autograd.profiler_util import FunctionEvent
 
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
+from tts_workbench.instruments.memory import memory_window, module_bytes
 from tts_workbench.instruments.profiling import (
     EAGER,
     KERNEL_OPS,
@@ -254,5 +255,25 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     assert run["attention_kernels_optimized"]["t3.decode"]
     assert run["compile_s"]["compiled"] > 0 and run["compile_fallback"] is None
     assert run["compiled_attention"] == ["flash (CPU)"]  # read from Inductor's code
+    # memory per configuration: weights counted apart; the compiled step keeps a KV cache
+    memory = run["memory"]["configs"]
+    assert memory["upstream"]["kv_cache_gb"] == 0 and memory["compiled"]["kv_cache_gb"] > 0
+    assert memory["compiled"]["weights_gb"] < memory["upstream"]["weights_gb"]  # T3 in bfloat16
+    for m in memory.values():
+        assert m["total_gb"] == pytest.approx(m["weights_gb"] + m["kv_cache_gb"] + m["run_growth_gb"])
+    assert any("memory per configuration" in line for line in run["table"])
     assert result["diagnose"]["kernels"] and result["diagnose"]["precision"]
     assert "## optimized policy bfloat16" in p.stdout
+
+
+def test_memory_window_sees_a_block_peak_and_not_what_came_before() -> None:
+    held = torch.ones(25_000_000)  # 100 MB resident before the block: not the block's
+    with memory_window("cpu") as w:
+        transient = torch.ones(12_500_000)  # 50 MB, freed inside the block
+        del transient
+    assert 45e6 < w.growth_bytes < 80e6, w
+    assert "VmHWM" in w.how or "sampled" in w.how
+    weight = torch.nn.Linear(1000, 1000)
+    tied = torch.nn.ModuleList([weight, weight])  # one storage, counted once
+    assert module_bytes([tied]) == module_bytes([weight]) == (1000 * 1000 + 1000) * 4
+    del held

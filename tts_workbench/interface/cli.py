@@ -160,7 +160,7 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
     )  # fmt: skip
     where = Placement(args.host, args.port, args.replicas, args.address)
-    report = serve_until_stopped(options, where, ready=lambda line: print(line, file=sys.stderr, flush=True))
+    report = serve_until_stopped(options, where, say=lambda line: print(line, file=sys.stderr, flush=True))
     return report, lambda r: f"stopped {r['stopped']} after serving {r['url']} for {r['served_s']:.0f} s"
 
 

@@ -73,6 +73,7 @@ from ..core.constants import dtype_name
 from ..core.errors import CacheError, ConfigError
 from ..core.patching import own_code
 from ..instruments.attention import compiled_attention, compiled_with_code
+from ..instruments.memory import tensor_bytes
 
 StepMode = Literal["eager", "static", "compiled"]
 STEP_MODES: tuple[str, ...] = get_args(StepMode)
@@ -166,6 +167,11 @@ class DecodePlan:
     def static_step(self, batch: int) -> StaticStep | None:
         """The static step (cache and compiled function) kept for ``batch``, if one was built."""
         return self._static.get(batch)
+
+    def static_bytes(self) -> int:
+        """Bytes of the static KV caches this plan holds (every batch size built so far)."""
+        layers = [layer for s in self._static.values() for layer in s.cache.layers]
+        return tensor_bytes(t for layer in layers for t in (layer.keys, layer.values))
 
     def drop_static(self) -> None:
         """Forget the static caches and compiled steps (the next generation builds new ones)."""

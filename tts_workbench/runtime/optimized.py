@@ -679,10 +679,7 @@ class PerformanceOptimizedTTS(Pipeline):
         if self.plan.decode is not self.plan.prefill:
             config["parameter_bytes"]["t3.decode_copy"] = self.plan.decode.nbytes()
         steps = [s for p in self.plans.values() for b in (1, 2) if (s := p.static_step(b)) is not None]
-        tensors = [t for s in steps for layer in s.cache.layers for t in (layer.keys, layer.values)]
-        config["parameter_bytes"]["t3.static_kv_cache"] = sum(
-            t.numel() * t.element_size() for t in tensors if t is not None
-        )
+        config["parameter_bytes"]["t3.static_kv_cache"] = sum(p.static_bytes() for p in self.plans.values())
         return {
             "decode_step": self.decode,
             "compile_fallback": next((s.fallback_reason for s in steps if s.fallback_reason), None),

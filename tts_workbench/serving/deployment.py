@@ -137,13 +137,16 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def serve_until_stopped(options: ServeOptions, where: Placement, ready: Any = print) -> dict[str, Any]:
-    """Serve until Ctrl-C or SIGTERM; ``ready(message)`` once the app answers. What was served."""
+def serve_until_stopped(options: ServeOptions, where: Placement, say: Any = print) -> dict[str, Any]:
+    """Serve until Ctrl-C or SIGTERM, telling ``say(message)`` when it starts and once the app
+    answers. What was served."""
     t0 = time.perf_counter()
     url = f"http://{where.host}:{where.port}"
+    ray_at = f"the Ray cluster at {where.address}" if where.address else "a local Ray"
+    say(f"starting {where.replicas} replica(s) on {ray_at}: each builds {options.model}, prepares its "
+        "voices and warms up its engine (half a minute or more)")  # fmt: skip
     with contextlib.suppress(KeyboardInterrupt), served(options, where):
-        ray_at = f"the Ray cluster at {where.address}" if where.address else "a local Ray"
-        ready(f"serving {options.model} at {url} ({where.replicas} replica(s) on {ray_at}); Ctrl-C stops")
+        say(f"serving {options.model} at {url} ({where.replicas} replica(s) on {ray_at}); Ctrl-C stops")
         while True:
             time.sleep(1.0)
     return {"url": url, "model": options.model, "replicas": where.replicas, "address": where.address,

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import platform
 import statistics
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -31,6 +29,7 @@ from ..core.constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, d
 from ..core.errors import ConfigError
 from ..core.tables import render
 from ..instruments.latency import snr_db
+from ..instruments.memory import graph_pool_bytes, memory_window, module_bytes
 from ..models.sources import load_model, make_reference_wav, model_summary
 from ..models.vocode import FlowPlan
 from ..runtime.decode import T3Parts
@@ -74,8 +73,8 @@ class Row:
     t3_step_s: float  # T3 seconds per token after the prefill, sampling included
     s3gen_calls: int
     s3gen_s: float
-    peak_rss_bytes: int
-    peak_cuda_bytes: int
+    memory_growth_bytes: int  # peak above what the process held when the run began (resident or CUDA)
+    reserved_growth_bytes: int  # CUDA: the same for the allocator's reserved bytes; 0 on CPU
     t3_compile_s: float = 0.0  # building the static step (compiling it): not in the step time
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new window shapes
     phases_s: float = 0.0  # the timed phases added up (T3 prefill, decode, S3Gen, watermark)
@@ -99,30 +98,6 @@ def read_bandwidth(device: str = "cpu", mbytes: int = 512) -> float:
 def step_floor(t3_bytes: int, bandwidth: float) -> float:
     """The physical floor of one decode step: every T3 weight read once at the measured bandwidth."""
     return t3_bytes / bandwidth
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
-    """Peak resident memory of this process (sampled every 20 ms) and peak CUDA memory inside."""
-    peak = {"rss": psutil.Process().memory_info().rss, "cuda": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        proc = psutil.Process()
-        while not done.wait(0.02):
-            peak["rss"] = max(peak["rss"], proc.memory_info().rss)
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield peak
-    finally:
-        done.set()
-        thread.join()
-        if device.type == "cuda":
-            peak["cuda"] = torch.cuda.max_memory_allocated(device)
 
 
 def run_pipeline(pipeline: Pipeline, text: str, tokens: int, seed: int, **options: Any) -> dict[str, Any]:
@@ -227,14 +202,14 @@ def run_bench(
     with tqdm(runs, desc="bench", unit="run") as bar:
         for kind, r, c in bar:
             bar.set_postfix_str(f"{c}, {kind} {r + 1}")
-            with peak_memory(dev) as peak:
+            with memory_window(dev) as memory:
                 out = runners[c](seed)
             compiling = out.get("t3_compile_s", 0.0) + out.get("s3gen_compile_s", 0.0)
             compile_s[c] = max(compile_s.get(c, 0.0), compiling)
             if kind == "repeat":
-                rows.append(
-                    Row(config=c, repeat=r, peak_rss_bytes=peak["rss"], peak_cuda_bytes=peak["cuda"], **out)
-                )
+                grown = {"memory_growth_bytes": memory.growth_bytes,
+                         "reserved_growth_bytes": memory.reserved_growth_bytes}  # fmt: skip
+                rows.append(Row(config=c, repeat=r, **grown, **out))
     floors: dict[str, dict[str, Any]] = {
         "upstream": {"dtype": "float32", "t3_bytes": T3Parts.of(upstream_model.t3).nbytes()},
         "optimized": {"dtype": dtype_name(opt.plan.decode.dtype), "t3_bytes": opt.plan.decode.nbytes()},
@@ -262,6 +237,7 @@ def run_bench(
         "floors": floors,
         "rows": [{**asdict(r), "rtf": r.rtf, "t3_tokens_per_s": r.t3_tokens_per_s} for r in rows],
         "summary": summarize(rows, floors),
+        "memory": memory_per_config(rows, upstream_model, opt, dev, memory.how),
     }
     (outdir / "bench.json").write_text(json.dumps(report, indent=2))
     _write_csv(report["rows"], outdir / "bench.csv")
@@ -338,8 +314,7 @@ def summarize(rows: list[Row], floors: dict[str, dict[str, Any]]) -> list[dict[s
         s["audio_s"] = mine[0].audio_s
         # How much of the wall time the phase timers account for (they wait for the device).
         s["phases_over_wall_median"] = statistics.median(r.phases_s / r.wall_s for r in mine)
-        s["peak_rss_gb"] = max(r.peak_rss_bytes for r in mine) / 2**30
-        s["peak_cuda_gb"] = max(r.peak_cuda_bytes for r in mine) / 2**30
+        s["memory_growth_gb"] = max(r.memory_growth_bytes for r in mine) / 2**30
         floor = floors[floor_of(name)]["floor_s"]
         s["t3_step_vs_floor"] = s["t3_step_s_median"] / floor if floor else None
         out.append(s)
@@ -349,6 +324,44 @@ def summarize(rows: list[Row], floors: dict[str, dict[str, Any]]) -> list[dict[s
             base = first[f"{key}_median"]
             s[f"{key}_ratio"] = s[f"{key}_median"] / base if base else None
     return out
+
+
+# Which decode plan (weights and static cache) each wrapper configuration runs.
+PLAN_OF = {**DECODE_OF, "optimized-stream": "eager", "compiled-stream": "compiled"}
+
+
+def memory_per_config(
+    rows: list[Row], upstream: ChatterboxTTS, opt: PerformanceOptimizedTTS, device: torch.device, how: str
+) -> dict[str, Any]:
+    """Each configuration's own memory: the weights it runs (from their tensors), the static KV
+    cache it keeps, and the most one of its timed runs rose above what the process held before
+    it (activations and whatever the run allocated; with ``warmup`` the cache and compiled code
+    were built before). ``total_gb``: what that configuration alone would hold."""
+    per: dict[str, Any] = {}
+    for c in dict.fromkeys(r.config for r in rows):
+        if c in PLAN_OF:
+            plan = opt.plans[PLAN_OF[c]]
+            parts = [*plan.prefill.modules(), *plan.decode.modules()]
+            weights = module_bytes([opt.tts.t3, opt.tts.s3gen, opt.tts.ve, *parts])
+            cache = plan.static_bytes()
+        else:
+            weights, cache = module_bytes([upstream.t3, upstream.s3gen, upstream.ve]), 0
+        mine = [r for r in rows if r.config == c]
+        growth = max(r.memory_growth_bytes for r in mine)
+        per[c] = {
+            "weights_gb": weights / 2**30,
+            "kv_cache_gb": cache / 2**30,
+            "run_growth_gb": growth / 2**30,
+            "reserved_growth_gb": max(r.reserved_growth_bytes for r in mine) / 2**30,
+            "total_gb": (weights + cache + growth) / 2**30,
+        }
+    return {"device": device.type, "how": how, "graph_pools_gb": graph_pool_bytes(device) / 2**30,
+            "configs": per}  # fmt: skip
+
+
+def memory_frame(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per configuration: weights, KV cache, the run's own growth, their total (GiB)."""
+    return pd.DataFrame([{"config": c, **m} for c, m in report["memory"]["configs"].items()])
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -423,7 +436,6 @@ def bench_frame(report: dict[str, Any]) -> pd.DataFrame:
                 "s3gen_calls": s["s3gen_calls"],
                 "s3gen_ms_per_call": 1e3
                 * s.get("s3gen_per_call_s_median", s["s3gen_s_median"] / s["s3gen_calls"]),
-                "peak_gb": max(s["peak_rss_gb"], s["peak_cuda_gb"]),
                 "wall_ratio": s["wall_s_ratio"],
                 "step_ratio": s["t3_step_s_ratio"],
                 "compile_s": compile_s.get(s["config"], 0.0),
@@ -452,6 +464,18 @@ def format_bench(report: dict[str, Any]) -> str:
             {"t3_ms_per_tok": ".1f", "tok_per_s": ".1f", "gb_per_s": ".1f", "s3gen_ms_per_call": ".0f"},
         ),
     ]
+    memory = report["memory"]
+    frame = memory_frame(report)
+    if memory["device"] != "cuda":
+        frame = frame.drop(columns="reserved_growth_gb")
+    lines += [
+        "",
+        f"memory per configuration (GiB; run growth: {memory['how']}; total = weights + KV cache + growth):",
+        render(frame, dict.fromkeys(frame.columns[1:], ".3f")),
+    ]
+    if memory["graph_pools_gb"]:
+        pools = memory["graph_pools_gb"]
+        lines.append(f"CUDA graph pools held after the bench (every compiled step): {pools:.3f} GiB")
     if report.get("compiled_attention"):
         found = ", ".join(report["compiled_attention"])
         lines.append(f"compiled T3 step's attention: {found} (read from Inductor's generated code)")

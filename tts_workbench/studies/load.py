@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import resource
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
 from ..core.families import family_of
 from ..core.tables import render
+from ..instruments.memory import memory_window
 from ..instruments.plots import load_figure, save
 from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_embeds, text_tokens
 from ..runtime.engine import StreamEngine, StreamHandle
@@ -115,44 +115,11 @@ def cache_positions(tts: Any, texts: list[str], tokens: int) -> int:
     return min(DEFAULT_MAX_CACHE_LEN, 64 * math.ceil(need / 64))
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux), else its peak."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * resource.getpagesize()
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class _Memory:
-    """Peak memory over a level: CUDA's peak allocation, or resident memory sampled per chunk."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            self.start = torch.cuda.memory_allocated(device)
-        else:
-            self.start = rss_bytes()
-        self.peak = self.start
-        self.device = device
-
-    def sample(self) -> None:
-        if not self.cuda:
-            self.peak = max(self.peak, rss_bytes())
-
-    def result(self) -> dict[str, int]:
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        return {"start_bytes": self.start, "peak_bytes": self.peak}
-
-
-def _play(handle: StreamHandle, memory: _Memory, out: dict[str, Any], done: Any) -> None:
+def _play(handle: StreamHandle, out: dict[str, Any], done: Any) -> None:
     """Read one stream to the end as a real-time player would (its report holds the arrivals)."""
     try:
-        for _chunk, _m in handle:
-            memory.sample()
+        for _chunk in handle:
+            pass
     except Exception as e:  # a failed stream is reported, the level goes on
         out["error"] = f"{type(e).__name__}: {e}"
     done()
@@ -179,7 +146,6 @@ def run_level(
     try:
         compile_s = engine.warmup()
         offsets = arrival_offsets(arrival, n, seed)
-        memory = _Memory(engine.device)
         bar = tqdm(total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr)
         lock = threading.Lock()
 
@@ -192,16 +158,17 @@ def run_level(
         handles, players = [], []
         t0 = time.perf_counter()
         burst = arrival[0] == "burst"
-        with engine.together() if burst else contextlib.nullcontext():  # a burst joins at one step
-            for k in range(n):
-                time.sleep(max(0.0, t0 + float(offsets[k]) - time.perf_counter()))
-                h = engine.submit(texts[k % len(texts)], seed=seed + k, max_new_tokens=tokens)
-                player = threading.Thread(target=_play, args=(h, memory, outs[k], done), daemon=True)
-                player.start()
-                handles.append(h)
-                players.append(player)
-        for player in players:
-            player.join()
+        with memory_window(engine.device) as memory:
+            with engine.together() if burst else contextlib.nullcontext():  # a burst joins at one step
+                for k in range(n):
+                    time.sleep(max(0.0, t0 + float(offsets[k]) - time.perf_counter()))
+                    h = engine.submit(texts[k % len(texts)], seed=seed + k, max_new_tokens=tokens)
+                    player = threading.Thread(target=_play, args=(h, outs[k], done), daemon=True)
+                    player.start()
+                    handles.append(h)
+                    players.append(player)
+            for player in players:
+                player.join()
         wall = time.perf_counter() - t0
         bar.close()
         after = asdict(engine.stats)
@@ -209,7 +176,7 @@ def run_level(
         engine.close()
     delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float)}
     streams = [_stream_row(h, out) for h, out in zip(handles, outs, strict=True)]
-    mem = memory.result()
+    mem = {"start_bytes": memory.start_bytes, "peak_bytes": memory.peak_bytes}
     return {
         "streams": n,
         "wall_s": wall,

@@ -1,0 +1,131 @@
+"""What a block of work costs in memory: its peak against what the process held when it began.
+
+On Linux the kernel keeps each process's peak resident set (``VmHWM``) and resets it on request
+(``5`` written to ``/proc/self/clear_refs``), so the CPU peak of a block is exact, not sampled;
+where that is refused, the resident set is sampled every 10 ms. On CUDA the caching allocator's
+peak statistics are reset before the block: tensors (allocated) and what the allocator holds
+from the driver (reserved) are both kept. Weights and caches are counted apart, from their
+tensors (``tensor_bytes``), since a process holding several models cannot tell them apart from
+its totals.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+
+@dataclass
+class MemoryWindow:
+    """The memory of one block. CPU: resident bytes; CUDA: allocated bytes (reserved beside)."""
+
+    device: str
+    how: str = ""
+    start_bytes: int = 0
+    peak_bytes: int = 0
+    start_reserved_bytes: int = 0  # CUDA only
+    peak_reserved_bytes: int = 0
+
+    @property
+    def growth_bytes(self) -> int:
+        """How far the block went above what was held when it began."""
+        return max(0, self.peak_bytes - self.start_bytes)
+
+    @property
+    def reserved_growth_bytes(self) -> int:
+        return max(0, self.peak_reserved_bytes - self.start_reserved_bytes)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # the kernel writes kB
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set to the current one; False where it is refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _status_bytes("VmHWM")
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def memory_window(device: torch.device | str) -> Iterator[MemoryWindow]:
+    """Inside: the block whose peak is measured; the window is complete when the block ends."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        window = MemoryWindow(
+            "cuda", "CUDA caching allocator, peaks reset before the block",
+            torch.cuda.memory_allocated(device), 0, torch.cuda.memory_reserved(device), 0,
+        )  # fmt: skip
+        yield window
+        torch.cuda.synchronize(device)
+        window.peak_bytes = torch.cuda.max_memory_allocated(device)
+        window.peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
+        return
+    if _reset_peak_rss():
+        window = MemoryWindow("cpu", "resident set, the kernel's peak (VmHWM) reset before the block")
+        window.start_bytes = rss_bytes()
+        yield window
+        window.peak_bytes = _status_bytes("VmHWM")
+        return
+    window = MemoryWindow("cpu", "resident set, sampled every 10 ms", rss_bytes(), rss_bytes())
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.01):
+            window.peak_bytes = max(window.peak_bytes, rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield window
+    finally:
+        done.set()
+        thread.join()
+        window.peak_bytes = max(window.peak_bytes, rss_bytes())
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the given tensors' own storage (each storage counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def module_bytes(modules: Iterable[torch.nn.Module]) -> int:
+    """Bytes of the modules' parameters and buffers (shared tensors counted once)."""
+    return tensor_bytes(t for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def graph_pool_bytes(device: torch.device | str) -> int:
+    """CUDA: bytes the allocator holds in private pools (CUDA graphs' memory); 0 elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(
+        int(seg["total_size"])
+        for seg in torch.cuda.memory_snapshot()
+        if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0) and seg.get("device") == index
+    )
