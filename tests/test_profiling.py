@@ -184,9 +184,14 @@ def test_stream_chunks_are_labelled_with_a_schedule(tiny_tts: ChatterboxTTS, tmp
 
 
 def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["profile", "--model", "tiny", "--tokens", "6", "--logdir", str(tmp_path), "--json"]) == 0
+    args = ["profile", "--model", "tiny", "--tokens", "6", "--logdir", str(tmp_path), "--decode", "compiled"]
+    assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert Path(report["trace"]).parent == tmp_path / "generation"
+    # the compiled step's attention op, read from Inductor's code (no trace can show it)
+    assert report["decode_step"] == {
+        "step": "compiled", "kernels": ["flash (CPU)"], "found_by": "Inductor's generated code",
+    }  # fmt: skip
 
 
 def test_bench_cli_tiny(

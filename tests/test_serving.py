@@ -34,6 +34,8 @@ GOOD = {"model": "chatterbox-tiny", "input": "Hello there."}
         ({"input": None}, "input", 400),
         ({"input": "x" * 51}, "input", 400),
         ({"voice": "bob"}, "voice", 404),
+        ({"voice": "../alice"}, "voice", 404),  # a voice is a name, never a path
+        ({"voice": ["alice"]}, "voice", 400),
         ({"response_format": "mp3"}, "response_format", 400),
         ({"speed": 1.25}, "speed", 400),
         ({"speed": "fast"}, "speed", 400),

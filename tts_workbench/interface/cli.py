@@ -108,7 +108,7 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
 
     tts = _voiced_model(args, args.logdir)
     report = profile_generation(
-        tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory
+        tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory, args.decode
     )
     return report, format_profile
 
@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--logdir", default="runs/profile", help="TensorBoard log folder; the run is a subfolder")
     pr.add_argument("--run", dest="run_name", default="generation", help="run name (subfolder of --logdir)")
     pr.add_argument("--memory", action="store_true", help="also record memory allocations")
+    pr.add_argument(
+        "--decode",
+        default="eager",
+        choices=["eager", "static", "compiled"],
+        help="also name the attention kernel of this T3 decode step (the trace is upstream's generate)",
+    )
     pr.add_argument("--text", help=TEXT_HELP)
     pr.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     pr.set_defaults(run=_profile, tokens=40)

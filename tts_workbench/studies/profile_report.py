@@ -22,6 +22,7 @@ from ..instruments.profiling import (
     write_ops,
 )
 from ..runtime.generation import generate
+from .diagnose import decode_step_kernels
 
 
 def profile_generation(
@@ -32,9 +33,13 @@ def profile_generation(
     text: str,
     seed: int = 0,
     memory: bool = False,
+    decode: str = "eager",
 ) -> dict[str, Any]:
     """One upstream generation under ``profile_run``; its op frame is built once from the
-    profile in memory and written to ``ops.csv`` beside the trace (``profiling.read_ops``)."""
+    profile in memory and written to ``ops.csv`` beside the trace (``profiling.read_ops``).
+    ``decode_step``: the attention kernel of the workbench's ``decode`` step (eager, static or
+    compiled) and how it was found (``diagnose.decode_step_kernels``: for a compiled step,
+    Inductor's generated code, which no profiler trace can show)."""
     with profile_run(tts, logdir, run, memory=memory) as prof:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
     path = trace_files(Path(logdir) / run)[-1]
@@ -55,6 +60,7 @@ def profile_generation(
         },
         "recorded_decode_kernels": recorded,
         "recorded_kernels_in_trace": {k: KERNEL_OPS[k] in in_trace for k in recorded},
+        "decode_step": decode_step_kernels(tts, text, decode, seed, min(tokens, 20)),
         "open_with": [
             f"tensorboard --logdir {logdir}  (PYTORCH_PROFILER tab)",
             f"https://ui.perfetto.dev: {path}",
@@ -65,12 +71,14 @@ def profile_generation(
 def format_profile(report: dict[str, Any]) -> str:
     """The top operators per phase, the kernel check, and where the trace is."""
     top = pd.DataFrame([{"phase": p, **row} for p, rows in report["top_ops"].items() for row in rows])
+    step = report["decode_step"]
     seen = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in report["recorded_kernels_in_trace"].items())
     return "\n".join(
         [
             "top operators per phase by total_ms (inclusive CPU time; self_ms: the op alone):",
             render(top, {"self_ms": ".1f", "total_ms": ".1f"}),
             f"attention kernel(s) in t3.decode, found in the trace file: {seen}",
+            f"T3 decode step {step['step']}: {', '.join(step['kernels'])} (found by {step['found_by']})",
             report["note"],
             f"trace: {report['trace']}",
             f"op frame: {report['ops']} (profiling.read_ops)",
