@@ -61,6 +61,9 @@ def test_compiled_stream_compiles_two_shapes_and_vocodes_every_token(tts: Chatte
     # Disjoint intervals inside the wall time: the compile is counted once, apart from the calls.
     t3 = compiled_state.t3.prefill_s + compiled_state.t3.decode_s + compiled_state.t3.compile_s
     assert t3 + summary["flow_s"] + summary["vocoder_s"] + flow.compile_s <= summary["wall_s"]
+    # Only the first shape's compile came before the first audio: TTFA less it stays positive.
+    assert 0 < compiled_state.compile_before_first_s < flow.compile_s
+    assert summary["ttfa_s"] - compiled_state.compile_before_first_s > 0
     assert len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN == len(one_shot(tts, state, StreamConfig()))
     assert np.linalg.norm(wav - eager) / np.linalg.norm(eager) < 1e-3
     # A second stream of another length reuses both shapes.

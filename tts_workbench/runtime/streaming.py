@@ -161,6 +161,7 @@ class StreamState:
     rng: StreamRandom = field(default_factory=lambda: StreamRandom(0))  # S3Gen's draws; set by stream()
     t3: DecodeStats = field(default_factory=DecodeStats)
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
+    compile_before_first_s: float = 0.0  # the part of the compiling done before the first chunk
 
 
 def stream(
@@ -255,6 +256,8 @@ def stream(
 
     try:
         for chunk, m in cutter(tts, gen, config, state, tokens_in(), metrics, amp):
+            if not state.report.chunks:  # what compiling cost before the first audio
+                state.compile_before_first_s = state.t3.compile_s + state.s3gen_compile_s
             chunk = state.report.add(chunk, m)
             bar.set_postfix(s3gen_calls=state.report.s3gen_calls, refresh=False)
             yield chunk, m
