@@ -150,6 +150,9 @@ def test_serve_refuses_bad_flags_before_starting_ray(
         (["--port", str(_free_port()), "--voices", str(tmp_path / "empty")], "--voices"),
         (["--port", str(_free_port()), "--voices", str(tmp_path / "bad")], "--voices"),
         (["--port", str(_free_port()), "--address", f"127.0.0.1:{_free_port()}"], "--address"),
+        (["--port", str(_free_port()), "--model", "huge"], "unknown model source 'huge'"),
+        (["--port", str(_free_port()), "--model", str(tmp_path / "no" / "folder")], "does not exist"),
+        (["--port", str(_free_port()), "--device", "cuda"], "CUDA is not available"),
     ]
     try:
         for args, flag in cases:

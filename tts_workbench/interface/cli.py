@@ -146,6 +146,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
 
 
 def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from ..models.sources import check_device, check_source
     from ..serving.deployment import Placement, check_port_free, check_reachable, serve_until_stopped
     from ..serving.service import ServeOptions, find_voices
 
@@ -154,6 +155,9 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     check_port_free(args.host, args.port)
     if args.address:
         check_reachable(args.address)
+    else:  # a cluster's workers may have the GPUs and folders this machine lacks
+        check_device(args.device)
+        check_source(args.model)
     options = ServeOptions(
         model=args.model, device=args.device, seed=args.seed, voices_dir=args.voices, run_dir=args.out,
         max_streams=args.max_streams, step=args.decode, threads=args.threads,

@@ -556,6 +556,18 @@ def load_pretrained(device: str = "cpu", allow_download: bool = False, family: s
         ) from e
 
 
+def check_source(source: str | Path) -> None:
+    """A SourceError for a name that is no model source and no existing path (before loading)."""
+    if source in MODELS or source in PRETRAINED or Path(source).exists():
+        return
+    if isinstance(source, str) and os.sep not in source:
+        raise SourceError(
+            f"unknown model source {source!r}: use one of {', '.join(SIZES)}, "
+            f"{', '.join(PRETRAINED)} or a checkpoint folder"
+        )
+    raise SourceError(f"checkpoint folder {source} does not exist")
+
+
 def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> TTSModel:
     """One entry point: a random-weight build (``MODELS``), ``"pretrained"`` (or
     ``"turbo-pretrained"``, ``"multilingual-pretrained"``) or a checkpoint folder."""
@@ -563,13 +575,9 @@ def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> TTSMod
         return build_model(str(source), device, seed)
     if source in PRETRAINED:
         return load_pretrained(device, family=PRETRAINED[str(source)])
-    path = Path(source)
-    if isinstance(source, str) and os.sep not in source and not path.exists():
-        raise SourceError(
-            f"unknown model source {source!r}: use one of {', '.join(SIZES)}, "
-            f"{', '.join(PRETRAINED)} or a checkpoint folder"
-        )
-    return load_folder(path, device)
+    if isinstance(source, str) and os.sep not in source:
+        check_source(source)
+    return load_folder(Path(source), device)
 
 
 def model_summary(tts: TTSModel) -> dict[str, dict[str, object]]:
