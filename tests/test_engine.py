@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -139,15 +140,25 @@ def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:
 
 def test_async_readers(tts: ChatterboxTTS) -> None:
     async def read(engine: StreamEngine, k: int) -> list[int]:
-        handle = engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS)
+        handle = engine.submit(TEXTS[k % len(TEXTS)], seed=k, max_new_tokens=TOKENS)
         return [m.index async for _, m in handle]
 
-    async def main(engine: StreamEngine) -> list[list[int]]:
-        return await asyncio.wait_for(asyncio.gather(*(read(engine, k) for k in range(2))), timeout=120)
+    executor_threads: set[str] = set()
 
-    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+    async def main(engine: StreamEngine) -> list[list[int]]:
+        readers = asyncio.gather(*(read(engine, k) for k in range(8)))
+        deadline = time.monotonic() + 240
+        while not readers.done() and time.monotonic() < deadline:  # watch the threads meanwhile
+            executor_threads.update(t.name for t in threading.enumerate() if t.name.startswith("asyncio_"))
+            await asyncio.sleep(0.05)
+        return await asyncio.wait_for(readers, timeout=1)
+
+    with StreamEngine(tts, max_streams=8, config=CONFIG) as engine:
         indices = asyncio.run(main(engine))
     assert all(ix == list(range(len(ix))) and ix for ix in indices)
+    # Eight readers, no thread waiting for each: asyncio's default executor (a few threads on a
+    # small machine, which would make the readers queue for them) was never started.
+    assert not executor_threads
 
 
 def test_many_streams_in_a_row_leave_nothing_behind(tts: ChatterboxTTS) -> None:

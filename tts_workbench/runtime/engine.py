@@ -113,6 +113,7 @@ class StreamHandle:
         self.sampled: list[int] = []  # every id T3 sampled, stop and non-speech ids included
         self.logits: list[torch.Tensor] = []  # (rows, vocab) float32 per sampled id, if the engine keeps them
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # an async reader's
 
     @property
     def tokens(self) -> list[int]:
@@ -131,10 +132,23 @@ class StreamHandle:
             self.close()
 
     async def __aiter__(self) -> AsyncIterator[tuple[np.ndarray, ChunkMetrics]]:
-        try:  # the blocking get runs in a worker thread, not in the event loop
-            while (item := self._unwrap(await asyncio.to_thread(self._queue.get))) is not None:
+        # No thread waits per reader (a server reads many streams; the default executor has a
+        # few threads): the engine's put sets this loop's event, and the reader waits on it.
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+        self._waker = (loop, ready)
+        try:
+            while True:
+                try:
+                    item = self._unwrap(self._queue.get_nowait())
+                except queue.Empty:
+                    await ready.wait()  # set by a put after the get above found nothing: no lost wake-up
+                    ready.clear()
+                    continue
+                if item is None:
+                    return
                 yield item
         finally:
+            self._waker = None
             self.close()
 
     @staticmethod
@@ -150,11 +164,15 @@ class StreamHandle:
     def close(self) -> None:
         """Stop this stream: the engine frees its rows before its next step."""
         self.closed = True
-        self._queue.put(_END)  # wakes a reader still waiting (an async reader's worker thread)
+        self._put(_END)  # wakes a reader still waiting
         self.engine._wake()
 
     def _put(self, item: Any) -> None:
         self._queue.put(item)
+        if (waker := self._waker) is not None:
+            loop, ready = waker
+            with contextlib.suppress(RuntimeError):  # the reader's loop has closed: nobody to wake
+                loop.call_soon_threadsafe(ready.set)
 
 
 class _RowLayer(StaticLayer):
