@@ -52,10 +52,16 @@ def _served(replicas: int, load_args: list[str], out: Path, cache: int) -> dict[
             except httpx.HTTPError:
                 pass
             time.sleep(1)
+        else:
+            raise RuntimeError(f"the {replicas}-replica server did not answer within 300 s")
         return _load([*load_args, "--url", url], out)
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()  # and Ray with it: `ray stop` cleans up what it leaves
+            server.wait()
 
 
 def _row(name: str, report: dict[str, Any]) -> dict[str, Any]:

@@ -152,10 +152,10 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
 
     # Bad flags fail before Ray starts: nothing is left running.
     find_voices(args.voices)
-    check_port_free(args.host, args.port)
     if args.address:
         check_reachable(args.address)
     else:  # a cluster's workers may have the GPUs and folders this machine lacks
+        check_port_free(args.host, args.port)
         check_device(args.device)
         check_source(args.model)
     options = ServeOptions(
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         "this process; --model, --decode, --dtype, --reference and the window flags are then the server's",
     )
     ld.add_argument("--voice", default="default", help="with --url: the voice each request names")
-    ld.add_argument("--timeout", type=float, default=300.0, help="with --url: seconds allowed per request")
+    ld.add_argument("--timeout", type=float, default=300.0, help="with --url: seconds for each whole request")
     ld.set_defaults(run=_load)
 
     sv = sub.add_parser(

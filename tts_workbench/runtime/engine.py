@@ -322,6 +322,12 @@ class StreamEngine:
         per_row = k[0].numel() * k.element_size()
         return 2 * len(self._kv) * self.rows_per_stream * per_row
 
+    @property
+    def running(self) -> bool:
+        """Both stages take streams (False once closed, or once a stage died)."""
+        with self._lock:
+            return not self._stopped
+
     def active(self) -> int:
         """Streams admitted and not yet finished (T3 or S3Gen still working for them)."""
         with self._lock:

@@ -53,8 +53,9 @@ def speech_app(service: SpeechService) -> FastAPI:
         return {"object": "list", "data": [entry]}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return service.health()
+    async def health() -> JSONResponse:
+        state = service.health()
+        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -35,6 +35,11 @@ class SpeechDeployment:
 
         self.service = SpeechService(options, replica=serve.get_replica_context().replica_id.unique_id)
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic check: a replica whose engine stopped is replaced."""
+        if not self.service.engine.running:
+            raise RuntimeError("the stream engine stopped")
+
     def __serve_build_asgi_app__(self) -> Any:
         from .api import speech_app
 
@@ -56,6 +61,7 @@ class Placement:
 def check_port_free(host: str, port: int) -> None:
     """A ConfigError if ``host:port`` cannot be listened on (another server holds it)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no holder
         try:
             s.bind((host, port))
         except OSError as e:
@@ -111,12 +117,12 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
     import ray
     from ray import serve
 
-    check_port_free(where.host, where.port)
     previous = signal.getsignal(signal.SIGTERM)
     if where.address:
         check_reachable(where.address)
         ray.init(address=where.address, log_to_driver=False)
-    else:
+    else:  # with a cluster, the proxy listens on its head, not necessarily here
+        check_port_free(where.host, where.port)
         cpus = max(2, where.replicas * (options.threads or 1))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
@@ -125,12 +131,18 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
         serve.run(deployment(options, where.replicas), name=APP_NAME, route_prefix="/")
         yield f"http://{where.host}:{where.port}"
     finally:
-        if where.address:
-            serve.delete(APP_NAME)
-        else:
-            serve.shutdown()
-        ray.shutdown()
-        signal.signal(signal.SIGTERM, previous)
+        # A second Ctrl-C or SIGTERM while stopping must not skip the rest of the stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if where.address:
+                serve.delete(APP_NAME)  # the cluster and its Serve stay
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, sigint)
 
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:

@@ -82,7 +82,7 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
             "folder, by file stem)", "voice", 404 if isinstance(voice, str) else 400,
         )  # fmt: skip
     fmt = body.get("response_format", "pcm")
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise RequestError(f"response_format {fmt!r} is not supported: use pcm or wav", "response_format")
     speed = body.get("speed", 1.0)
     if not isinstance(speed, int | float) or isinstance(speed, bool) or speed != 1.0:
@@ -92,8 +92,8 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     if body.get("instructions"):
         raise RequestError("instructions are not supported by Chatterbox: leave them out", "instructions")
     seed = body.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise RequestError(f"seed must be a non-negative integer, got {seed!r}", "seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise RequestError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}", "seed")
     tokens = body.get("max_tokens", default_tokens)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= limits.max_tokens:
         raise RequestError(f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {tokens!r}",

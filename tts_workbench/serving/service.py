@@ -120,10 +120,7 @@ class SpeechService:
         fill = Gauge("tts_s3gen_windows_per_flow_call", "S3Gen batch fill: windows per flow call, so far",
                      registry=r)  # fmt: skip
         fill.set_function(lambda: stats.flow_windows / stats.flow_calls if stats.flow_calls else 0.0)
-        Gauge("tts_t3_tokens", "T3 tokens sampled by the batched step, so far", registry=r).set_function(
-            lambda: stats.t3_tokens
-        )
-        self.ttfa = Histogram("tts_time_to_first_audio_seconds", "request arrival to its first audio chunk",
+        self.ttfa = Histogram("tts_time_to_first_audio_seconds", "a checked request to its first audio chunk",
                               buckets=TTFA_BUCKETS_S, registry=r)  # fmt: skip
         self.rtf = Histogram("tts_stream_rtf", "a finished stream's wall time over its audio time",
                              buckets=RTF_BUCKETS, registry=r)  # fmt: skip
@@ -134,8 +131,10 @@ class SpeechService:
         return generate_latest(self.registry)
 
     def health(self) -> dict[str, Any]:
+        """``status`` "ok", or "engine stopped" when the engine no longer runs (the replica
+        then answers /health with 503 and Ray Serve's health check replaces it)."""
         return {
-            "status": "ok",
+            "status": "ok" if self.engine.running else "engine stopped",
             "model": self.model_id,
             "replica": self.replica,
             "active_streams": self.engine.active(),
@@ -149,16 +148,20 @@ class SpeechService:
         the bytes as the engine produces them. Closing the iterator (a client gone) frees the
         stream's rows in the engine."""
         t0 = time.perf_counter()
-        handle = self.engine.submit(
-            req.input, seed=req.seed, max_new_tokens=req.max_tokens, conds=self.voices[req.voice]
-        )
-        chunks = aiter(handle)
         try:
+            handle = self.engine.submit(
+                req.input, seed=req.seed, max_new_tokens=req.max_tokens, conds=self.voices[req.voice]
+            )
+            chunks = aiter(handle)
             first = await anext(chunks, None)
         except WorkbenchError as e:
             self.outcomes.labels("refused").inc()
             param = "input" if isinstance(e, CacheError) else None
             raise RequestError(f"the engine refused this request: {e}", param) from e
+        except Exception as e:  # the engine's own failure: this request fails, in OpenAI's format
+            self.outcomes.labels("failed").inc()
+            raise RequestError(f"the engine could not start this stream: {type(e).__name__}: {e}",
+                               status=503 if not self.engine.running else 500) from e  # fmt: skip
         if first is not None:
             self.ttfa.observe(time.perf_counter() - t0)
         return self._bytes(handle, chunks, first, req.response_format, t0)

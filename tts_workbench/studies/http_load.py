@@ -50,18 +50,29 @@ async def served_model(client: httpx.AsyncClient, url: str) -> str:
     if response.status_code >= 400:
         raise EndpointError(f"argument --url: GET {url}/v1/models answered {response.status_code}: "
                             f"{_error_message(response)}")  # fmt: skip
-    return str(response.json()["data"][0]["id"])
+    try:
+        return str(response.json()["data"][0]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise EndpointError(
+            f"argument --url: GET {url}/v1/models is not OpenAI's model list ({response.text[:120]!r}): "
+            "is this an OpenAI-compatible speech server?"
+        ) from None
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], at: float) -> dict[str, Any]:
-    """One request sent at ``at`` (perf_counter), read to the end."""
+async def _stream(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], at: float, timeout_s: float
+) -> dict[str, Any]:
+    """One request sent at ``at`` (perf_counter), read to the end within ``timeout_s``."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     sent = time.perf_counter()
     arrivals: list[float] = []
     seconds: list[float] = []
     row: dict[str, Any] = {"text": body["input"], "seed": body["seed"], "status": None, "error": None}
     try:
-        async with client.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
+        async with (
+            asyncio.timeout(timeout_s),
+            client.stream("POST", f"{url}/v1/audio/speech", json=body) as response,
+        ):
             row["status"], row["replica"] = response.status_code, response.headers.get("x-replica")
             row["server"] = response.headers.get("server")
             if response.status_code >= 400:
@@ -73,6 +84,8 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], at:
                     seconds.append(len(data) / 2 / SAMPLE_RATE)  # pcm: 16-bit mono samples
     except httpx.HTTPError as e:  # a dropped connection: this stream failed, the level goes on
         row["error"] = f"{type(e).__name__}: {e}"
+    except TimeoutError:
+        row["error"] = f"not finished within {timeout_s} s (--timeout)"
     gaps = underruns(arrivals, seconds)
     audio = sum(seconds)
     row.update(
@@ -89,7 +102,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], at:
 
 async def _level(
     client: httpx.AsyncClient, url: str, model: str, n: int, texts: list[str], *, voice: str,
-    arrival: tuple[str, float], tokens: int, seed: int, bar: Any,
+    arrival: tuple[str, float], tokens: int, seed: int, timeout_s: float, bar: Any,
 ) -> dict[str, Any]:  # fmt: skip
     offsets = arrival_offsets(arrival, n, seed)
     t0 = time.perf_counter()
@@ -97,14 +110,17 @@ async def _level(
     async def one(k: int) -> dict[str, Any]:
         body = {"model": model, "input": texts[k % len(texts)], "voice": voice, "response_format": "pcm",
                 "seed": seed + k, "max_tokens": tokens}  # fmt: skip
-        row = await _stream(client, url, body, t0 + float(offsets[k]))
+        row = await _stream(client, url, body, t0 + float(offsets[k]), timeout_s)
         bar.update(1)
         return row
 
     streams = await asyncio.gather(*(one(k) for k in range(n)))
     wall = time.perf_counter() - t0
-    refused = [s for s in streams if s["status"] is not None and 400 <= s["status"] < 500]
-    if refused:  # the study's own requests are wrong for this server: every level would fail
+    # A 4xx says the study's own requests are wrong for this server (every level would fail);
+    # 408 and 429 say it is busy: those streams failed, the study goes on.
+    refused = [s for s in streams if s["status"] is not None and 400 <= s["status"] < 500
+               and s["status"] not in (408, 429)]  # fmt: skip
+    if refused:
         raise EndpointError(f"argument --url: the server refused the study's request: {refused[0]['error']}")
     if all(s["error"] for s in streams):
         raise EndpointError(
@@ -129,7 +145,7 @@ async def _run(url: str, levels: list[int], texts: list[str], *, voice: str, arr
                 total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr
             ) as bar:
                 runs.append(await _level(client, url, model, n, texts, voice=voice, arrival=arrival,
-                                         tokens=tokens, seed=seed, bar=bar))  # fmt: skip
+                                         tokens=tokens, seed=seed, timeout_s=timeout_s, bar=bar))  # fmt: skip
     return {"model": model, "levels": runs}
 
 
