@@ -20,6 +20,8 @@
 #   GPU_CHECK_LOAD=1                # also run the load study (issue 19): the stream engine with the
 #                                   # compiled step, T3 in bfloat16, levels GPU_CHECK_LOAD_LEVELS
 #                                   # (default 1,8,32,64; dry run 1,2); alone, GPU_CHECK_POLICIES=""
+#   GPU_CHECK_SERVE=1               # also serve one replica (compiled, T3 bfloat16) and send the load
+#                                   # study's levels to it with `load --url` (issue 20's GPU row)
 #   GPU_CHECK_DIR=DIR               # where each step's raw JSON and stderr go (default runs/gpu_check)
 #   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
 set -uo pipefail
@@ -71,6 +73,34 @@ if [[ $COMBINE != 1 && ${GPU_CHECK_LOAD:-0} == 1 ]]; then
     step load $PY -m tts_workbench.interface.cli load --model $MODEL --device $DEVICE --tokens $TOKENS \
         --streams "$LEVELS" --decode compiled --dtype bfloat16 --out "$TMP/load"
 fi
+if [[ $COMBINE != 1 && ${GPU_CHECK_SERVE:-0} == 1 ]]; then  # the same streams over HTTP (issue 20)
+    [[ $DRY == 1 ]] && LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,2} || LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,8,32,64}
+    PORT=${GPU_CHECK_PORT:-8123}
+    echo "== serve (one replica on a local Ray)" >&2
+    $PY -m tts_workbench.interface.cli serve --model $MODEL --device $DEVICE --port $PORT --decode compiled \
+        --dtype bfloat16 --max-streams 64 --max-cache-len ${GPU_CHECK_SERVE_CACHE:-320} --tokens $TOKENS \
+        --out "$TMP/serve" > "$DIR/serve.out" 2> "$DIR/serve.err" &
+    SERVER=$!
+    $PY - "$PORT" "$LIMIT" "$SERVER" <<'WAIT' || tail -5 "$DIR/serve.err" >&2
+import os, sys, time, urllib.request
+port, limit, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(limit):  # bounded: until the replica has built, compiled and answers
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+            sys.exit(0)
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("the server exited")
+    time.sleep(1)
+sys.exit("the server did not answer in time")
+WAIT
+    step serve-load $PY -m tts_workbench.interface.cli load --url "http://127.0.0.1:$PORT" --tokens $TOKENS \
+        --streams "$LEVELS" --out "$TMP/serve-load"
+    kill -TERM $SERVER; timeout 120 tail --pid=$SERVER -f /dev/null || kill -KILL $SERVER
+fi
 [[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.interface.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 
@@ -104,8 +134,9 @@ for p in sys.argv[4:]:
                    "settings": r["settings"], "summary": r["summary"], "table": format_bench(r).splitlines()}
 diagnose, errors["diagnose"] = load("diagnose")
 load_study, errors["load"] = load("load")
-if load_study:  # the per-stream token ids stay in the step's own JSON
-    for level in load_study["levels"]:
+served, errors["serve-load"] = load("serve-load")
+for study in (load_study, served):  # the per-stream rows stay in the step's own JSON
+    for level in (study or {}).get("levels", []):
         level.pop("per_stream")
 result = {
     "what": "scripts/gpu_check.sh: upstream vs optimized, full-size random weights" if not dry
@@ -115,6 +146,7 @@ result = {
     "runs": runs,
     "diagnose": diagnose,
     "load": load_study,
+    "serve_load": served,
     "errors": {k: v for k, v in errors.items() if v},
 }
 out.write_text(json.dumps(result, indent=2))
@@ -126,6 +158,9 @@ if diagnose:
 if load_study:
     from tts_workbench.studies.load import format_load
     print("\n## load study\n" + format_load(load_study))
+if served:
+    from tts_workbench.studies.load import format_load
+    print("\n## the same streams over HTTP (serve, one replica)\n" + format_load(served))
 print(f"\nerrors: {sorted(result['errors']) or 'none'}\nwrote {out}")
 sys.exit(1 if result["errors"] else 0)
 PY

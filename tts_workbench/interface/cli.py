@@ -160,7 +160,7 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         check_source(args.model)
     options = ServeOptions(
         model=args.model, device=args.device, seed=args.seed, voices_dir=args.voices, run_dir=args.out,
-        max_streams=args.max_streams, step=args.decode, threads=args.threads,
+        max_streams=args.max_streams, step=args.decode, dtype=args.dtype, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
     )  # fmt: skip
     where = Placement(args.host, args.port, args.replicas, args.address)
@@ -289,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--voices", help="folder of WAV voices, served by file stem (plus 'default')")
     sv.add_argument("--max-streams", type=_positive, default=8, help="streams at once per replica; more wait")
     sv.add_argument("--decode", default="static", choices=["static", "compiled"], help="the engine's T3 step")
+    sv.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "decode-bfloat16"],
+        help="dtype of T3's weights in each engine (a copy; S3Gen runs as loaded)",
+    )
     sv.add_argument("--threads", type=_positive, default=1, help="torch threads (and Ray CPUs) per replica")
     sv.add_argument("--max-input-chars", type=_positive, default=1000, help="longest input allowed")
     sv.add_argument("--tokens", type=_positive, default=150, help="max_tokens when a request sends none")

@@ -31,6 +31,7 @@ from ..core.errors import CacheError, SourceError, WorkbenchError
 from ..models.sources import check_reference, load_model, make_reference_wav
 from ..runtime.engine import StreamEngine, StreamHandle
 from ..runtime.generation import prepare_voice
+from ..runtime.optimized import decode_plan
 from .protocol import Limits, RequestError, SpeechRequest, pcm16, wav_header
 
 TTFA_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -48,6 +49,7 @@ class ServeOptions:
     run_dir: str = "runs/serve"
     max_streams: int = 8
     step: str = "static"
+    dtype: str = "float32"  # T3's weights in the engine (optimized.decode_plan: a copy); S3Gen as loaded
     threads: int | None = None  # torch's intra-op threads in this process (None: torch's default)
     max_input_chars: int = 1000
     max_cache_len: int = 1024
@@ -99,8 +101,9 @@ class SpeechService:
             self.model_id, tuple(self.voices), options.max_input_chars, options.max_cache_len
         )
         self.engine = StreamEngine(
-            tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len
-        )
+            tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len,
+            plan=decode_plan(tts, options.dtype),
+        )  # fmt: skip
         self.engine.warmup()
         self._metrics()
 
