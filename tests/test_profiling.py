@@ -218,6 +218,8 @@ def test_bench_cli_tiny(
     )
     assert "meaningless" in report["note"]
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.csv").exists()
+    assert (tmp_path / "memory.png").stat().st_size > 10_000  # the memory figure, drawn
+    assert set(report["memory"]["configs"]) == {"upstream", "optimized"}
 
 
 def test_bench_cli_bad_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,3 +92,23 @@ def load_figure(levels: pd.DataFrame) -> Figure:
         ax.set_xticks(list(x), [str(v) for v in x])
     fig.tight_layout()
     return fig
+
+
+def memory_figure(memory: pd.DataFrame, device: str = "cpu") -> Figure:
+    """The bench's memory per configuration (``bench.memory_frame``): weights, static KV cache
+    and the run's own growth stacked per configuration, in GiB."""
+    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * len(memory)))
+    left = np.zeros(len(memory))
+    parts = (("weights_gb", "weights", "tab:blue"), ("kv_cache_gb", "static KV cache", "tab:orange"),
+             ("run_growth_gb", "run growth", "tab:green"))  # fmt: skip
+    for column, label, color in parts:
+        ax.barh(memory["config"], memory[column], left=left, color=color, label=label)
+        left += memory[column].to_numpy()
+    for y, total in enumerate(memory["total_gb"]):
+        ax.annotate(f"{total:.2f}", (total, y), textcoords="offset points", xytext=(4, -3), fontsize=8)
+    where = "CUDA allocated" if device == "cuda" else "resident"
+    ax.set(xlabel=f"GiB ({where})", title="memory per configuration: what each alone would hold")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig

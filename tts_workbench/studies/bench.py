@@ -30,6 +30,7 @@ from ..core.errors import ConfigError
 from ..core.tables import render
 from ..instruments.latency import snr_db
 from ..instruments.memory import graph_pool_bytes, memory_window, module_bytes
+from ..instruments.plots import memory_figure, save
 from ..models.sources import load_model, make_reference_wav, model_summary
 from ..models.vocode import FlowPlan
 from ..runtime.decode import T3Parts
@@ -241,6 +242,7 @@ def run_bench(
     }
     (outdir / "bench.json").write_text(json.dumps(report, indent=2))
     _write_csv(report["rows"], outdir / "bench.csv")
+    save(memory_figure(memory_frame(report), dev.type), outdir / "memory.png")
     opt.close()
     return report
 
