@@ -34,6 +34,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    """The stream engine's T3 step and weights dtype (``load`` and ``serve``)."""
+    p.add_argument(
+        "--decode",
+        default="static",
+        choices=["static", "compiled"],
+        help="the engine's batched T3 step (runtime/engine.py; it has no eager step)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "decode-bfloat16"],
+        help="dtype of T3's weights in each engine (a copy; S3Gen runs as loaded)",
+    )
+
+
 def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.constants import parse_dtype
     from ..studies.diagnose import format_report, run_diagnosis
@@ -146,24 +162,16 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
 
 
 def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from ..models.sources import check_device, check_source
-    from ..serving.deployment import Placement, check_port_free, check_reachable, serve_until_stopped
-    from ..serving.service import ServeOptions, find_voices
+    from ..serving.deployment import Placement, serve_until_stopped
+    from ..serving.service import ServeOptions
 
-    # Bad flags fail before Ray starts: nothing is left running.
-    find_voices(args.voices)
-    if args.address:
-        check_reachable(args.address)
-    else:  # a cluster's workers may have the GPUs and folders this machine lacks
-        check_port_free(args.host, args.port)
-        check_device(args.device)
-        check_source(args.model)
     options = ServeOptions(
         model=args.model, device=args.device, seed=args.seed, voices_dir=args.voices, run_dir=args.out,
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
     )  # fmt: skip
     where = Placement(args.host, args.port, args.replicas, args.address)
+    # Bad flags fail before Ray starts (deployment.check_placement): nothing is left running.
     report = serve_until_stopped(options, where, say=lambda line: print(line, file=sys.stderr, flush=True))
     return report, lambda r: f"stopped {r['stopped']} after serving {r['url']} for {r['served_s']:.0f} s"
 
@@ -251,18 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--streams", default="1,2,4,8", help="comma list of concurrency levels, e.g. 1,2,4,8")
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
-    ld.add_argument(
-        "--decode",
-        default="static",
-        choices=["static", "compiled"],
-        help="the engine's batched T3 step (runtime/engine.py; it has no eager step)",
-    )
-    ld.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16", "decode-bfloat16"],
-        help="dtype of T3's weights in the engine (a copy; S3Gen runs as loaded)",
-    )
+    _engine_flags(ld)
     ld.add_argument("--first-window-s", type=float, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=float, default=3.5, help="later windows (s of audio)")
     ld.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
@@ -288,13 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT); default: local Ray")
     sv.add_argument("--voices", help="folder of WAV voices, served by file stem (plus 'default')")
     sv.add_argument("--max-streams", type=_positive, default=8, help="streams at once per replica; more wait")
-    sv.add_argument("--decode", default="static", choices=["static", "compiled"], help="the engine's T3 step")
-    sv.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16", "decode-bfloat16"],
-        help="dtype of T3's weights in each engine (a copy; S3Gen runs as loaded)",
-    )
+    _engine_flags(sv)
     sv.add_argument("--threads", type=_positive, default=1, help="torch threads (and Ray CPUs) per replica")
     sv.add_argument("--max-input-chars", type=_positive, default=1000, help="longest input allowed")
     sv.add_argument("--tokens", type=_positive, default=150, help="max_tokens when a request sends none")

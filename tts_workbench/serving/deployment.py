@@ -20,7 +20,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..core.errors import ConfigError
-from .service import ServeOptions, SpeechService
+from ..models.sources import check_device, check_source
+from .service import ServeOptions, SpeechService, find_voices
 
 APP_NAME = "tts-workbench"
 ROUND_ROBIN = "ray.serve.experimental.round_robin_router.RoundRobinRouter"
@@ -110,19 +111,31 @@ def deployment(options: ServeOptions, replicas: int) -> Any:
     return app.bind(options)
 
 
+def check_placement(options: ServeOptions, where: Placement) -> None:
+    """Everything a serve can be refused for before Ray starts (so nothing is left running): the
+    voices folder, then with a cluster its address; locally the port, the device and the model
+    source (a cluster's workers may have the GPUs and folders this machine lacks, and its proxy
+    listens on its head)."""
+    find_voices(options.voices_dir)
+    if where.address:
+        check_reachable(where.address)
+    else:
+        check_port_free(where.host, where.port)
+        check_device(options.device)
+        check_source(options.model)
+
+
 @contextlib.contextmanager
 def served(options: ServeOptions, where: Placement) -> Iterator[str]:
-    """Inside: the app answers at the returned URL. Leaving it, or SIGTERM (raised here as
-    KeyboardInterrupt, as Ctrl-C is), stops the app and the local Ray."""
+    """Inside: the app answers at the returned URL (call ``check_placement`` first). Leaving it,
+    or SIGTERM (raised here as KeyboardInterrupt, as Ctrl-C is), stops the app and the local Ray."""
     import ray
     from ray import serve
 
     previous = signal.getsignal(signal.SIGTERM)
     if where.address:
-        check_reachable(where.address)
         ray.init(address=where.address, log_to_driver=False)
-    else:  # with a cluster, the proxy listens on its head, not necessarily here
-        check_port_free(where.host, where.port)
+    else:
         cpus = max(2, where.replicas * (options.threads or 1))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
@@ -152,6 +165,7 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
 def serve_until_stopped(options: ServeOptions, where: Placement, say: Any = print) -> dict[str, Any]:
     """Serve until Ctrl-C or SIGTERM, telling ``say(message)`` when it starts and once the app
     answers. What was served."""
+    check_placement(options, where)
     t0 = time.perf_counter()
     url = f"http://{where.host}:{where.port}"
     ray_at = f"the Ray cluster at {where.address}" if where.address else "a local Ray"
