@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
+from torch._dynamo.utils import counters
 
 from tts_workbench.instruments.attention import (
     EAGER,
@@ -93,6 +94,21 @@ def test_the_compiled_attention_kernel_is_read_from_inductors_code() -> None:
     cudnn, flash = (f"aten._scaled_dot_product_{k}_attention.default(x)" for k in ("cudnn", "flash"))
     text = f"{cudnn}\n{flash}"
     assert compiled_attention([text, text]) == ["cuDNN (CUDA)", "flash (CUDA)"]
+
+
+def test_reading_a_graphs_code_keeps_the_graphs_compiled_before() -> None:
+    """torch's run_and_get_code resets dynamo: each warm-up through it made every graph compiled
+    earlier (the engine's other buckets) compile again at its first real call."""
+    first = torch.compile(lambda x: torch.relu(x) * 2, fullgraph=True)
+    second = torch.compile(lambda x: torch.sigmoid(x) + 1, fullgraph=True)
+    x = torch.randn(8)
+    _, code = compiled_with_code(first, x)
+    assert code
+    _, code = compiled_with_code(second, x)
+    assert code
+    graphs = counters["stats"]["unique_graphs"]
+    first(x)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize(

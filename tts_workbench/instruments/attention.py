@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import pandas as pd
 import torch
@@ -116,11 +117,16 @@ def compiled_attention(code: Sequence[str]) -> list[str]:
 
 def compiled_with_code(fn: Any, *args: Any) -> tuple[Any, list[str]]:
     """Call a ``torch.compile``d ``fn`` for the first time: its result and the source code
-    Inductor generated for it (``torch._inductor.utils.run_and_get_code``)."""
-    from torch._inductor.utils import run_and_get_code
+    Inductor generated for it. As ``torch._inductor.utils.run_and_get_code``, without its
+    ``torch._dynamo.reset()``: that drops every graph compiled so far in the process, so each
+    warm-up through it made the previous shapes (the engine's other buckets, the estimator)
+    compile again at their first real call."""
+    from torch._inductor.graph import GraphLowering
 
-    result, code = run_and_get_code(fn, *args)
-    return result, list(code)
+    code: list[str] = []
+    with mock.patch.object(GraphLowering, "save_output_code", code.append):
+        result = fn(*args)
+    return result, code
 
 
 def configured_backend(tts: ChatterboxTTS) -> str:
