@@ -7,7 +7,9 @@
 #      compiled), on the full-size random model, for each dtype policy asked (default bfloat16
 #      only, so the set fits one 10-minute call), recording the attention kernel that ran, T3 ms
 #      per token, compile time, peak CUDA memory, TTFA and RTF;
-#   2. (GPU_CHECK_DIAGNOSE=1) the diagnosis on CUDA: which SDPA kernel upstream's float32 decode
+#   2. sampling the next tokens of 1, 8, 32 and 64 streams: upstream's way one stream at a time
+#      vs decode.Sampler batched (scripts/sampling_study.py, ~30 s);
+#   3. (GPU_CHECK_DIAGNOSE=1) the diagnosis on CUDA: which SDPA kernel upstream's float32 decode
 #      ran, why Flash was refused, and where a float16 cast breaks.
 # Each step runs on its own with a time limit: one that fails or runs out is recorded with the
 # end of its stderr and the next one still runs. Everything lands in one results file.
@@ -101,6 +103,12 @@ WAIT
         --streams "$LEVELS" --out "$TMP/serve-load"
     kill -TERM $SERVER; timeout 120 tail --pid=$SERVER -f /dev/null || kill -KILL $SERVER
 fi
+if [[ $COMBINE != 1 ]]; then  # sampling B streams: one at a time vs decode.Sampler batched, same tokens
+    echo "== sampling" >&2
+    [[ $DRY == 1 ]] && SAMPLED=2 || SAMPLED=1,8,32,64
+    timeout "$LIMIT" $PY scripts/sampling_study.py --device $DEVICE --streams $SAMPLED \
+        > "$DIR/sampling.json" 2> "$DIR/sampling.err" || tail -5 "$DIR/sampling.err" >&2
+fi
 [[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.interface.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 
@@ -135,6 +143,7 @@ for p in sys.argv[4:]:
 diagnose, errors["diagnose"] = load("diagnose")
 load_study, errors["load"] = load("load")
 served, errors["serve-load"] = load("serve-load")
+sampling, errors["sampling"] = load("sampling")
 for study in (load_study, served):  # the per-stream rows stay in the step's own JSON
     for level in (study or {}).get("levels", []):
         level.pop("per_stream")
@@ -147,6 +156,7 @@ result = {
     "diagnose": diagnose,
     "load": load_study,
     "serve_load": served,
+    "sampling": sampling,
     "errors": {k: v for k, v in errors.items() if v},
 }
 out.write_text(json.dumps(result, indent=2))
@@ -161,6 +171,8 @@ if load_study:
 if served:
     from tts_workbench.studies.load import format_load
     print("\n## the same streams over HTTP (serve, one replica)\n" + format_load(served))
+if sampling:
+    print("\n## sampling, batched / one stream at a time:", sampling["batched_over_one_by_one"])
 print(f"\nerrors: {sorted(result['errors']) or 'none'}\nwrote {out}")
 sys.exit(1 if result["errors"] else 0)
 PY

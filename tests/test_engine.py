@@ -83,6 +83,29 @@ def test_every_stream_speaks_its_solo_tokens(tts: ChatterboxTTS, streams: int, j
     check_against_solo(tts, streams, join_after)
 
 
+def test_streams_past_the_first_span_sample_their_solo_tokens(tts: ChatterboxTTS) -> None:
+    """The step attends to 256 cache slots while every stream's positions fit, then to 512:
+    across the change each stream samples what the single-stream static step samples, from
+    logits within float32 rounding of its (the random tiny model hardly depends on one key more
+    or less: a span one slot short still samples the same tokens, but moves the logits)."""
+    n, sampling = 230, family_of(tts).sampling  # ~45 prefill positions: the last ~20 steps span 512
+    with StreamEngine(tts, max_streams=2, config=CONFIG, max_cache_len=512, keep_logits=True) as engine:
+        with engine.together():
+            handles = [engine.submit(t, seed=k, max_new_tokens=n) for k, t in enumerate(TEXTS[:2])]
+        for h in handles:
+            assert sum(1 for _ in h) > 0
+    assert engine.stats.spans_used == {256, 512}
+    plan = DecodePlan.plain(tts.t3, step="static", max_cache_len=512)
+    for k, h in enumerate(handles):
+        ids = text_tokens(tts, TEXTS[k])
+        logits: list[torch.Tensor] = []
+        alone = t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=n, plan=plan, logits_out=logits,
+                          generator=StreamRandom(k).generator(), **sampling)  # fmt: skip
+        assert h.sampled == alone.tokens[0].tolist(), k
+        for i, (mine, theirs) in enumerate(zip(h.logits, logits, strict=True)):
+            assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max(), (k, i)
+
+
 def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None:
     # Four listeners of one text and seed: their windows are ready at the same steps (with random
     # weights a quarter of the ids are not speech, so streams of other seeds rarely line up).
@@ -268,15 +291,19 @@ def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -
 
 
 def test_the_compiled_engine_compiles_once_per_bucket_and_speaks_the_solo_tokens(tts: ChatterboxTTS) -> None:
-    with StreamEngine(tts, max_streams=2, step="compiled", config=CONFIG) as engine:
+    # One span (256 slots: the whole cache), so one graph per bucket.
+    with StreamEngine(tts, max_streams=2, step="compiled", config=CONFIG, max_cache_len=256) as engine:
         graphs = counters["stats"]["unique_graphs"]
         assert engine.warmup() > 0
         assert counters["stats"]["unique_graphs"] - graphs == 2  # buckets 1 and 2
         graphs = counters["stats"]["unique_graphs"]
+        alone = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)  # bucket 1, warmed up first
+        assert sum(1 for _ in alone) > 0
         with engine.together():
             handles = [engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(TEXTS[:2])]
         waves = [np.concatenate([c for c, _ in h]) for h in handles]
         assert counters["stats"]["unique_graphs"] == graphs  # the real steps reused them
+        assert engine.stats.buckets_used == {1, 2}
     for k, h in enumerate(handles):
         wav, tokens = solo(tts, TEXTS[k], k)
         assert h.tokens == tokens

@@ -271,6 +271,10 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     assert any("memory per configuration" in line for line in run["table"])
     assert result["diagnose"]["kernels"] and result["diagnose"]["precision"]
     assert "## optimized policy bfloat16" in p.stdout
+    # sampling one stream at a time vs batched: both timed on the same logits (tokens checked equal)
+    ways = {"upstream, one stream at a time", "Sampler, batched"}
+    assert {r["how"] for r in result["sampling"]["rows"]} == ways
+    assert set(result["sampling"]["batched_over_one_by_one"]) == {"2"}
 
 
 def test_memory_window_sees_a_block_peak_and_not_what_came_before() -> None:

@@ -27,6 +27,9 @@ from tts_workbench.runtime.decode import (
     StaticStep,
     T3Parts,
     decode_blocks,
+    draw,
+    penalize,
+    spans,
     t3_decode,
     text_tokens,
 )
@@ -201,6 +204,58 @@ def test_a_second_text_reuses_the_compiled_step(tiny_tts: ChatterboxTTS, compile
     assert keys.data_ptr() == ptr  # no reallocation
 
 
+def test_the_mask_penalty_is_transformers_repetition_penalty() -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    scores = torch.randn(1, 300) * 5
+    ids = torch.tensor([[7, 3, 7, 299, 0, 3]])  # repeats included
+    seen = torch.zeros(1, 300, dtype=torch.bool)
+    seen[0, ids[0]] = True
+    want = RepetitionPenaltyLogitsProcessor(penalty=1.2)(ids, scores.clone())
+    assert torch.equal(penalize(seen, scores, 1.2), want)
+
+
+def test_the_draw_is_multinomials_draw_without_its_host_read() -> None:
+    probs = torch.softmax(torch.randn(3, 8194) * 4, dim=-1)
+    for seed in range(20):
+        mine = [torch.Generator().manual_seed(seed + r) for r in range(3)]
+        theirs = [torch.Generator().manual_seed(seed + r) for r in range(3)]
+        tokens = draw(probs, mine)
+        for r in range(3):
+            want = torch.multinomial(probs[r : r + 1], num_samples=1, generator=theirs[r])
+            assert torch.equal(tokens[r : r + 1], want), (seed, r)
+            assert torch.equal(mine[r].get_state(), theirs[r].get_state())  # as many numbers drawn
+
+
+def test_spans_double_from_256_up_to_the_cache() -> None:
+    assert spans(1536) == [256, 512, 1536] and spans(1024) == [256, 512, 1024]
+    assert spans(512) == [256, 512] and spans(384) == [384] and spans(100) == [100]
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_a_generation_past_the_first_span_goes_on_like_the_eager_loop(
+    tiny_tts: ChatterboxTTS, f32_eager: tuple[DecodeResult, list], mode: str
+) -> None:
+    """Slot 256 is written and read at the step after the first span: the tokens and logits
+    go on as the eager loop's, and the second span's graph is compiled then, its time counted
+    as compiling, and reused by the next generation."""
+    n = 240  # ~45 prefill positions + 240 tokens: the last ~30 steps attend to span 512
+    plan = DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=512)
+    eager = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=n)
+    got = _run(tiny_tts, plan, n=n)
+    assert torch.equal(eager[0].tokens, got[0].tokens)
+    assert _assert_same_or_close(eager, got, F32_RTOL) == n
+    step = plan.static_step(2)
+    assert step is not None and step.span == 512
+    if mode == "compiled":
+        assert sorted(step._compiled) == [256, 512]
+        built = got[0].compile_s
+        graphs = counters["stats"]["unique_graphs"]
+        again = _run(tiny_tts, plan, n=n)[0]
+        assert again.compile_s == 0.0 < built and torch.equal(again.tokens, got[0].tokens)
+        assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: ChatterboxTTS) -> None:
     cpu = torch.device("cpu")
     step = StaticStep(
@@ -211,16 +266,16 @@ def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: Chatt
         token = torch.zeros((1, 1), dtype=torch.long).expand(2, 1)  # as decode_blocks passes it
         position, slot = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
         step.begin()
-        step(token, position, slot)  # guards checked
-        step(token, position, slot)  # guards skipped
+        step(token, position, slot, 1)  # guards checked
+        step(token, position, slot, 1)  # guards skipped
         graphs = counters["stats"]["unique_graphs"]
         other = torch.zeros((2, 1), dtype=torch.long)  # another layout: the compiled entry does not fit
         # Mid-generation (guards skipped) dynamo refuses it rather than run the wrong code ...
         with pytest.raises(RuntimeError, match="skip_guard_eval_unsafe"):
-            step(other, position, slot)
+            step(other, position, slot, 1)
         # ... and after begin() the guards are checked: it compiles a second entry.
         step.begin()
-        step(other, position, slot)
+        step(other, position, slot, 1)
     assert counters["stats"]["unique_graphs"] == graphs + 1
 
 

@@ -22,19 +22,24 @@ has slow matmuls for long inputs.
 - ``"eager"`` (default, the reference): transformers' ``DynamicCache``, grown every step;
 - ``"static"``: the prefill's keys/values are copied into a transformers ``StaticCache``
   allocated once at ``max_cache_len`` positions, and ``StaticStep.decode_one_token`` (fixed
-  shapes, no host syncs) runs each step;
+  shapes, no host syncs) runs each step. Each step attends to a prefix of the cache (its
+  ``span``: 256, 512, ... slots, the smallest that holds the positions in use), not to all
+  ``max_cache_len`` slots: reading 1536 slots per layer when 250 are in use was most of a CPU
+  step on ``deep-narrow``;
 - ``"compiled"``: the same step under ``torch.compile(fullgraph=True, dynamic=False)`` (with
   CUDA graphs, ``mode="reduce-overhead"``, on CUDA), compiled once per plan and batch and reused by
-  later generations. The compile is timed on its own (``DecodeStats.compile_s``); a compile that
+  later generations, one graph per span (a span's graph is compiled when a generation first
+  reaches it). Compiling is timed on its own (``DecodeStats.compile_s``); a compile that
   fails falls back to the static step with one warning (``StaticStep.fallback_reason``).
 
 Turbo's T3 (GPT-2, ``T3.inference_turbo``) runs through the same loop: no guidance (batch 1), one
 start-of-speech token, no learned speech positions (GPT-2 adds its own), and upstream Turbo's
 processors in its order (temperature, top-k, top-p, then the repetition penalty over the tokens
-sampled so far). Sampling stays eager and on the device in every mode, with the same logits
-processors, so equal logits give equal tokens for a seed. All timers use ``clock.now(device)``
-and are read only at phase boundaries (after the prefill, at each block's stop check), never
-inside a step.
+sampled so far). Sampling (``Sampler``) stays eager and on the device in every mode, with the
+same logits processors and the same draw as ``multinomial`` but without its host read, so equal
+logits give equal tokens for a seed and the only host syncs are the stop checks. All timers
+use ``clock.now(device)`` and are read only at phase boundaries (after the prefill, at each
+block's stop check), never inside a step.
 """
 
 from __future__ import annotations
@@ -42,9 +47,10 @@ from __future__ import annotations
 import copy
 import types
 import warnings
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, cast, get_args
 
 import torch
@@ -62,7 +68,6 @@ from torch import nn
 from transformers.cache_utils import StaticCache, StaticLayer
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
-    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -82,6 +87,24 @@ STEP_MODES: tuple[str, ...] = get_args(StepMode)
 # 1000 speech tokens, and the prefill (34 conditioning positions, the text with its start/stop
 # tokens, two speech BOS) stays under 536 positions for texts up to ~500 text tokens.
 DEFAULT_MAX_CACHE_LEN = 1536
+# The smallest prefix of the static cache a step attends to; spans double from here.
+MIN_SPAN = 256
+
+
+def spans(max_cache_len: int) -> list[int]:
+    """The spans a static step of ``max_cache_len`` slots attends to: 256, 512, ... while at most
+    half of ``max_cache_len``, then ``max_cache_len`` itself. Each span is one more compiled
+    graph, so one that would save less than half the reads is not worth it."""
+    out, span = [], MIN_SPAN
+    while 2 * span <= max_cache_len:
+        out.append(span)
+        span *= 2
+    return [*out, max_cache_len]
+
+
+def span_for(length: int, max_cache_len: int) -> int:
+    """The smallest span holding ``length`` positions (slots ``[0, length)``)."""
+    return next(s for s in spans(max_cache_len) if s >= length)
 
 
 @dataclass
@@ -178,16 +201,26 @@ class DecodePlan:
         self._static.clear()
 
 
-class _CastingStaticLayer(StaticLayer):
-    """transformers' ``StaticLayer`` storing keys and values in its own dtype, as ``DynamicCache``
-    does by concatenation: under autocast the keys leave the float32 rotary embedding in float32
-    while the values leave ``v_proj`` in the autocast dtype, and ``index_copy_`` refuses a mix."""
+class _SpanStaticLayer(StaticLayer):
+    """transformers' ``StaticLayer`` whose steps attend to its first ``span`` slots only (the
+    keys, values and mask of a step end there), storing keys and values in its own dtype, as
+    ``DynamicCache`` does by concatenation: under autocast the keys leave the float32 rotary
+    embedding in float32 while the values leave ``v_proj`` in the autocast dtype, and
+    ``index_copy_`` refuses a mix."""
+
+    def __init__(self, max_cache_len: int) -> None:
+        super().__init__(max_cache_len)
+        self.span = max_cache_len
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = cast(torch.Tensor, self.keys).dtype
-        return super().update(key_states.to(dtype), value_states.to(dtype), cache_kwargs)
+        keys, values = super().update(key_states.to(dtype), value_states.to(dtype), cache_kwargs)
+        return keys[:, :, : self.span], values[:, :, : self.span]
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.span, 0
 
 
 class StaticStep:
@@ -197,20 +230,23 @@ class StaticStep:
     the speech logits (B, vocab) float32 for ``token`` at learned speech position ``position`` and
     KV cache slot ``cache_position``: speech embedding + learned position embedding (looked up
     from the tensor, no host tensor per step), the transformer over the static cache, the speech
-    head on the last position. It reads no value back to the host.
+    head on the last position. It reads no value back to the host. The caller says how many
+    slots are in use (``length``, known on the host): the step attends to the smallest span of
+    ``spans(max_cache_len)`` that holds them.
 
     With ``compile=True`` it runs under ``torch.compile(fullgraph=True, dynamic=False)``
-    (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA). The compile happens here, by
-    ``warmup`` calls at cache slot 0 (overwritten by the next ``load``), and is timed in
-    ``compile_s``. If it raises, the step runs eagerly instead, ``fallback_reason`` says why and
-    one warning is issued.
+    (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA), one graph per span. The first span's
+    graph is compiled here, by ``warmup`` calls at cache slot 0 (overwritten by the next
+    ``load``); a longer span's graph on the first step that needs it. Both are timed in
+    ``compile_s``. If compiling raises, the step runs eagerly instead, ``fallback_reason`` says
+    why and one warning is issued.
 
     Dynamo checks its guards (~340 tensors: every weight and cache tensor) before each call,
     about 1 ms of host time per step on the 30-layer T3. With ``skip_guards`` (default) they are
     checked only on the first call after ``begin()`` (decode_blocks calls it once per
-    generation): the later steps of a generation pass the same tensors laid out the same way
-    (views of the same aranges, the token expanded to the batch) under the same modes, and this
-    step's code object holds only its own compiled entry, so the check cannot come out
+    generation) or after a change of span: the later steps pass the same tensors laid out the
+    same way (views of the same aranges, the token expanded to the batch) under the same modes,
+    and each span's code object holds only its own compiled entry, so the check cannot come out
     differently. Modules changed in place mid-generation would go unnoticed until the next one.
     """
 
@@ -233,26 +269,28 @@ class StaticStep:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
         self.cache.layers = [
-            _CastingStaticLayer(max_cache_len) if type(layer) is StaticLayer else layer
+            _SpanStaticLayer(max_cache_len) if type(layer) is StaticLayer else layer
             for layer in self.cache.layers
         ]
         with enter():
             # GPT-2 has no grouped keys: as many key/value heads as query heads.
             heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             self.cache.early_initialization(batch, heads, head_dim, dtype, self.device)
+        self.span = max_cache_len  # what the layers attend to now (set by the first call)
         self.cudagraphs = False
         self.fallback_reason: str | None = None
         self.compile_s = 0.0
-        self._fn: Callable[..., torch.Tensor] = self.decode_one_token
         self.compiled = False
+        self._compiled: dict[int, Callable[..., torch.Tensor]] = {}  # per span
         # The attention kernels the compiled graph calls, read from Inductor's generated code
         # (the profiler cannot see inside a compiled graph); empty when not compiled.
         self.attention_kernels: list[str] = []
         self.skip_guards = True
-        self._guarded = False  # guards checked since the last begin()
+        self._guarded = False  # guards checked since the last begin() or change of span
         self.busy = False  # a generation (maybe a paused stream) holds the cache
         if compile:
-            self._compile(enter, warmup)
+            self.compiled, self.cudagraphs = True, self.device.type == "cuda"
+            self._warm_up(enter, warmup)
 
     def decode_one_token(
         self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor
@@ -265,41 +303,61 @@ class StaticStep:
         logits: torch.Tensor = p.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
         return logits
 
-    def _compile(self, enter: Callable[[], Any], warmup: int | None) -> None:
-        t0 = now(self.device)
-        cudagraphs = self.device.type == "cuda"
-        own = types.MethodType(own_code(StaticStep.decode_one_token), self)
+    def _warm_up(self, enter: Callable[[], Any], warmup: int | None) -> None:
+        """Compile the first span's graph and read which attention op it calls."""
         # Warm-up inputs laid out as decode_blocks passes them (dynamo guards on strides): the
         # sampled token expanded to the batch, views of aranges for the positions.
         token = torch.zeros((1, 1), dtype=torch.long, device=self.device).expand(self.batch, 1)
         position = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         slot = torch.zeros((1,), dtype=torch.long, device=self.device)
+        t0 = now(self.device)
+        self._set_span(span_for(1, self.max_cache_len))
+        fn = self._function()
         try:
-            fn = torch.compile(
-                own, fullgraph=True, dynamic=False, mode="reduce-overhead" if cudagraphs else None
-            )
-            self._fn, self.cudagraphs, self.compiled = fn, cudagraphs, True
             # CUDA graph trees run the first call eagerly, record on the second, replay after.
-            for k in range(warmup if warmup is not None else (3 if cudagraphs else 1)):
+            for k in range(warmup if warmup is not None else (3 if self.cudagraphs else 1)):
                 with enter():
                     if k == 0:  # the call that compiles: keep what Inductor generated
-                        _, code = compiled_with_code(self, token, position, slot)
+                        _, code = compiled_with_code(lambda *a: self._run(fn, *a), token, position, slot)
                         self.attention_kernels = compiled_attention(code)
                     else:
-                        self(token, position, slot)
-        except Exception as e:  # any compile failure falls back to the eager step
-            # The first paragraph: dynamo puts the backend's own error there, then advice.
-            first = " ".join(str(e).strip().split("\n\n")[0].split())
-            self.fallback_reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
-            self._fn, self.cudagraphs, self.compiled = self.decode_one_token, False, False
-            self.attention_kernels = []
-            warnings.warn(
-                f"torch.compile of the T3 decode step failed ({self.fallback_reason}); "
-                "running the static-cache step eagerly",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self.compile_s = now(self.device) - t0
+                        self._run(fn, token, position, slot)
+        except Exception as e:
+            self._give_up(e)
+        self.compile_s += now(self.device) - t0
+
+    def _function(self) -> Callable[..., torch.Tensor]:
+        """What runs a step at the current span: its compiled graph (made on first use, a code
+        object of its own so spans do not share a recompile limit) or the eager step."""
+        if not self.compiled:
+            return self.decode_one_token
+        if self.span not in self._compiled:
+            own = types.MethodType(own_code(StaticStep.decode_one_token), self)
+            mode = "reduce-overhead" if self.cudagraphs else None
+            self._compiled[self.span] = torch.compile(own, fullgraph=True, dynamic=False, mode=mode)
+        return self._compiled[self.span]
+
+    def _give_up(self, e: Exception) -> None:
+        """A compile failed: run the static step eagerly from now on, with one warning."""
+        # The first paragraph: dynamo puts the backend's own error there, then advice.
+        first = " ".join(str(e).strip().split("\n\n")[0].split())
+        self.fallback_reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        self.compiled, self.cudagraphs = False, False
+        self._compiled.clear()
+        self.attention_kernels = []
+        warnings.warn(
+            f"torch.compile of the T3 decode step failed ({self.fallback_reason}); "
+            "running the static-cache step eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _set_span(self, span: int) -> None:
+        if span != self.span:
+            for layer in self.cache.layers:
+                if isinstance(layer, _SpanStaticLayer):
+                    layer.span = span
+            self.span, self._guarded = span, False
 
     @property
     def mode(self) -> str:
@@ -313,7 +371,23 @@ class StaticStep:
         self.busy = True
 
     def __call__(
-        self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor
+        self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """The step's logits; ``length``: slots in use once this step has written its own."""
+        self._set_span(span_for(length, self.max_cache_len))
+        if self.compiled and self.span not in self._compiled:  # compiled on this first call
+            t0 = now(self.device)
+            try:
+                return self._run(self._function(), token, position, cache_position)
+            except Exception as e:
+                self._give_up(e)
+                return self._run(self.decode_one_token, token, position, cache_position)
+            finally:
+                self.compile_s += now(self.device) - t0
+        return self._run(self._function(), token, position, cache_position)
+
+    def _run(
+        self, fn: Callable[..., torch.Tensor], token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor
     ) -> torch.Tensor:
         stance = ExitStack()
         if self.compiled and self.skip_guards and self._guarded:
@@ -322,9 +396,9 @@ class StaticStep:
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
                 # The output lives in the graph's memory pool and is overwritten by the next replay.
-                logits = self._fn(token, position, cache_position).clone()
+                logits = fn(token, position, slot).clone()
             else:
-                logits = self._fn(token, position, cache_position)
+                logits = fn(token, position, slot)
         self._guarded = True
         return logits
 
@@ -485,65 +559,107 @@ def is_turbo(t3: T3) -> bool:
     return bool(getattr(t3, "is_gpt", False))
 
 
-Scores = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+def penalize(seen: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' ``RepetitionPenaltyLogitsProcessor`` over a mask (B, vocab) of the tokens
+    seen instead of their ids: the same arithmetic on the same elements (its own 3-D path does
+    it this way too; a test compares the two), without a gather over a history that grows."""
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
-def scorer(
-    turbo: bool, temperature: float, top_p: float, min_p: float, top_k: int, repetition_penalty: float
-) -> Scores:
-    """``scores(seen_ids, logits)``: upstream's logits processors, in its order, for one family."""
-    repetition = RepetitionPenaltyLogitsProcessor(penalty=float(repetition_penalty))
-    top_p_warper = TopPLogitsWarper(top_p=top_p)
-    if turbo:  # inference_turbo: a LogitsProcessorList, each processor only when it changes anything
-        steps: list[Scores] = []
-        if temperature > 0 and temperature != 1.0:
-            steps.append(TemperatureLogitsWarper(temperature))
-        if top_k > 0:
-            steps.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            steps.append(top_p_warper)
-        if repetition_penalty != 1.0:
-            steps.append(repetition)
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """``torch.multinomial(probs[r:r+1], 1, generator=generators[r])`` for every row r, without
+    multinomial's host sync (it reads back a check of the probabilities every call). For one
+    sample, ATen's multinomial is ``argmax(probs / q)`` with ``q ~ Exp(1)`` drawn by
+    ``exponential_`` on the generator, so this draws the same numbers and the same tokens."""
+    q = torch.empty_like(probs)
+    for row, generator in enumerate(generators):
+        q[row : row + 1].exponential_(generator=generator)
+    return torch.argmax(probs / q, dim=-1, keepdim=True)
 
-        def turbo_scores(seen: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            for step in steps:
-                logits = step(seen, logits)
+
+@dataclass(frozen=True)
+class Sampler:
+    """How upstream samples the next speech token (``T3.inference``; Turbo's T3:
+    ``inference_turbo``), for a batch of streams sharing these settings: classifier-free
+    guidance over each stream's two rows, the logits processors in upstream's order (transformers'
+    own, the repetition penalty over a mask of the tokens seen), then one draw per stream from
+    its own generator (``draw``). Nothing is read back to the host: the caller reads the tokens
+    when it needs them, for every stream at once."""
+
+    turbo: bool
+    cfg_weight: float = 0.5
+    temperature: float = 0.8
+    top_p: float = 0.95
+    min_p: float = 0.05
+    top_k: int = 1000
+    repetition_penalty: float = 1.2
+
+    @cached_property
+    def _warpers(self) -> tuple[Any, ...]:
+        """The processors other than the repetition penalty, in upstream's order."""
+        top_p = TopPLogitsWarper(top_p=self.top_p)
+        if not self.turbo:
+            return (MinPLogitsWarper(min_p=self.min_p), top_p)
+        # inference_turbo: each processor only when it changes anything
+        steps: list[Any] = []
+        if self.temperature > 0 and self.temperature != 1.0:
+            steps.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k > 0:
+            steps.append(TopKLogitsWarper(self.top_k))
+        if self.top_p < 1.0:
+            steps.append(top_p)
+        return tuple(steps)
+
+    def scores(self, seen: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The processed scores (B, vocab) of guided ``logits`` after the tokens in ``seen``."""
+        if self.turbo:
+            for warp in self._warpers:
+                logits = warp(None, logits)
+            if self.repetition_penalty != 1.0:
+                logits = penalize(seen, logits, self.repetition_penalty)
             return logits
+        logits = penalize(seen, logits, self.repetition_penalty)  # T3.inference's order
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        for warp in self._warpers:
+            logits = warp(None, logits)
+        return logits
 
-        return turbo_scores
-    min_p_warper = MinPLogitsWarper(min_p=min_p)
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seen: torch.Tensor,
+        generators: Sequence[torch.Generator | None],
+        analyzer: Any = None,
+        last_token: int = 0,
+    ) -> torch.Tensor:
+        """The next token (B, 1) of each of B streams from their ``logits`` (B·rows, vocab; two
+        rows per stream with guidance, cond then uncond), ``seen`` (B, vocab) and generators.
+        ``analyzer``: upstream multilingual's alignment analyzer (one stream, its ``last_token``),
+        which may suppress or force the stop token before the processors."""
+        rows = logits.size(0) // len(generators)
+        if rows == 2:
+            cond, uncond = logits[0::2], logits[1::2]
+            guided = cond + self.cfg_weight * (cond - uncond)
+        else:
+            guided = logits
+        if analyzer is not None:
+            guided = analyzer.step(guided, next_token=last_token)
+        return draw(torch.softmax(self.scores(seen, guided), dim=-1), generators)
 
-    def scores(seen: Any, logits: Any) -> torch.Tensor:  # T3.inference's order
-        logits = repetition(seen, logits)
-        if temperature != 1.0:
-            logits = logits / temperature
-        return top_p_warper(seen, min_p_warper(seen, logits))
+    def saw(self, seen: torch.Tensor, token: torch.Tensor, first: bool) -> None:
+        """Mark ``token`` (1, 1) in one stream's ``seen`` (1, vocab) after it was sampled. Turbo
+        penalises the tokens sampled so far, its start token only before the first of them;
+        ``T3.inference`` penalises the start token and every token sampled."""
+        if self.turbo and first:
+            seen.zero_()
+        seen.scatter_(1, token, True)
 
-    return scores
-
-
-def sample_token(
-    logits: torch.Tensor,
-    ids: torch.Tensor,
-    i: int,
-    cfg_weight: float,
-    turbo: bool,
-    scores: Scores,
-    generator: torch.Generator | None,
-    analyzer: Any = None,
-) -> torch.Tensor:
-    """T3.inference's sampling of token ``i + 1`` (1, 1) from ``logits`` (B, vocab) after
-    ``ids[:, :i + 1]``: classifier-free guidance over a batch of two, the multilingual analyzer
-    (if any), the family's processors, a draw from ``generator``. Written into ``ids`` too."""
-    cond, uncond = logits[0:1], logits[1:2]
-    guided = cond + cfg_weight * (cond - uncond) if logits.size(0) == 2 else cond
-    if analyzer is not None:  # upstream multilingual: may suppress or force the stop token
-        guided = analyzer.step(guided, next_token=int(ids[0, i]))
-    # Turbo penalises the tokens sampled so far (the start token only before the first).
-    seen = ids[:, 1 : i + 1] if turbo and i else ids[:, : i + 1]
-    token = torch.multinomial(torch.softmax(scores(seen, guided), dim=-1), num_samples=1, generator=generator)
-    ids[:, i + 1] = token[:, 0]
-    return token
+    def start(self, start_token: int, vocab: int, device: torch.device) -> torch.Tensor:
+        """A stream's ``seen`` before its first sample: the start-of-speech token."""
+        seen = torch.zeros((1, vocab), dtype=torch.bool, device=device)
+        seen[0, start_token] = True
+        return seen
 
 
 @contextmanager
@@ -668,13 +784,15 @@ def decode_blocks(
                     )
                 step.load(past)
                 step.begin()
+                compiled_s = step.compile_s  # a longer span compiled mid-way is added to compile_s
                 past = None
                 # Per-step inputs are views of these (no host tensor, no copy per step).
                 positions = torch.arange(max_new_tokens + 1, device=device).view(-1, 1)
                 slots = torch.arange(prefill_len, prefill_len + max_new_tokens, device=device)
             elif plan.decode.dtype != plan.prefill.dtype:
                 _cast_cache(past, plan.decode.dtype)
-            scores_of = scorer(turbo, temperature, top_p, min_p, top_k, repetition_penalty)
+            sampler = Sampler(turbo, cfg_weight, temperature, top_p, min_p, top_k, repetition_penalty)
+            seen = sampler.start(hp.start_speech_token, logits.size(-1), device)
             ids = torch.full((1, max_new_tokens + 1), hp.start_speech_token, dtype=torch.long, device=device)
         t_mark = now(device)
         stats.prefill_s = t_mark - t0 - stats.compile_s
@@ -684,7 +802,10 @@ def decode_blocks(
             with ctx():
                 if logits_out is not None:
                     logits_out.append(logits)
-                token = sample_token(logits, ids, i, cfg_weight, turbo, scores_of, generator, analyzer)
+                last_token = int(ids[0, i]) if analyzer is not None else 0  # a host read, as upstream
+                token = sampler.sample(logits, seen, [generator], analyzer, last_token)
+                sampler.saw(seen, token, first=i == 0)
+                ids[:, i + 1] = token[:, 0]
                 stats.steps = i + 1
                 last = i + 1 == max_new_tokens
                 block = None
@@ -696,14 +817,19 @@ def decode_blocks(
                         stats.steps = start + block.size(1)
                     start = i + 1
             if block is not None:
-                stats.decode_s += now(device) - t_mark
+                grown = step.compile_s - compiled_s if step is not None else 0.0
+                if step is not None:
+                    compiled_s = step.compile_s
+                stats.compile_s += grown
+                stats.decode_s += now(device) - t_mark - grown
                 yield block
                 if stats.stopped or last:
                     return
                 t_mark = now(device)
             with ctx():
                 if step is not None:
-                    logits = step(token.expand(batch, 1), positions[i + 1 : i + 2], slots[i : i + 1])
+                    slot = slots[i : i + 1]
+                    logits = step(token.expand(batch, 1), positions[i + 1 : i + 2], slot, prefill_len + i + 1)
                 else:
                     embed = dec.embed(token, i + 1)
                     logits, past = head_logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)

@@ -10,8 +10,9 @@ stage throughput-bound):
   one batched forward over all active streams (continuous batching: streams join and leave
   between steps, vLLM's scheme). A stream that ends, fails or is closed by its reader frees its
   rows at once: the last stream's rows move into the hole, so the active streams always fill
-  rows ``[0, n)``. The step runs over a bucket of rows (1, 2, 4, ... streams); ``"compiled"``
-  compiles (CUDA graphs on CUDA) once per bucket and reuses it.
+  rows ``[0, n)``. The step runs over a bucket of rows (1, 2, 4, ... streams) and attends to a
+  span of cache slots (``decode.spans``: the smallest holding every active stream's positions);
+  ``"compiled"`` compiles (CUDA graphs on CUDA) once per bucket and span and reuses it.
 - **S3Gen**: each stream cuts its tokens into buffered windows (``streaming.BufferedCutter``);
   ready windows of the same voice and the same size go through the flow together, one CFM
   estimator call for several streams. First windows go first (they set time to first audio).
@@ -55,13 +56,14 @@ from ..instruments.latency import ChunkMetrics, StreamReport
 from ..models.vocode import FlowPlan, cast_gen, tail_tokens, vocoder
 from .decode import (
     DecodePlan,
+    Sampler,
     T3Parts,
     check_room,
     head_logits,
     is_turbo,
     prefill_embeds,
-    sample_token,
-    scorer,
+    span_for,
+    spans,
     text_tokens,
 )
 from .streaming import (
@@ -178,11 +180,12 @@ class StreamHandle:
 class _RowLayer(StaticLayer):
     """A static cache layer whose rows sit at different positions: row ``r`` writes its new key
     and value at slot ``cache_position[r]`` (transformers' ``StaticLayer`` writes every row at
-    the same slots). ``keys``/``values`` are views of the engine's one allocation."""
+    the same slots) and the step attends to its first ``span`` slots. ``keys``/``values`` are
+    views of the engine's one allocation."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, span: int) -> None:
         super().__init__(keys.size(2))
-        self.keys, self.values = keys, values
+        self.keys, self.values, self.span = keys, values, span
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -195,7 +198,7 @@ class _RowLayer(StaticLayer):
         keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
         keys[rows, :, slots] = key_states[:, :, 0].to(keys.dtype)
         values[rows, :, slots] = value_states[:, :, 0].to(values.dtype)
-        return keys, values
+        return keys[:, :, : self.span], values[:, :, : self.span]
 
 
 @dataclass
@@ -207,8 +210,8 @@ class _Live:
     ids: torch.Tensor  # (1, max_new_tokens + 1): the start token, then the samples
     step: int  # tokens sampled so far
     prefill_len: int
-    scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    cfg_weight: float
+    sampler: Sampler  # its settings: streams with equal ones are sampled together
+    seen: torch.Tensor  # (1, vocab) bool: the tokens its repetition penalty applies to
     generator: torch.Generator
     gen: dict[str, Any]  # S3Gen's reference dict (shortened prompt, cast)
     cutter: BufferedCutter
@@ -235,10 +238,11 @@ class EngineStats:
     admitted: int = 0
     failed: int = 0
     buckets_used: set[int] = field(default_factory=set)
+    spans_used: set[int] = field(default_factory=set)  # cache slots the steps attended to
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in vars(self).items() if k != "buckets_used"}
-        return out | {"buckets_used": sorted(self.buckets_used)}
+        sets = ("buckets_used", "spans_used")
+        return {k: sorted(v) if k in sets else v for k, v in vars(self).items()}
 
 
 class StreamEngine:
@@ -294,8 +298,8 @@ class StreamEngine:
                  torch.zeros(shape, dtype=parts.dtype, device=self.device))
                 for _ in range(config_.num_hidden_layers)
             ]  # fmt: skip
-        self._caches: dict[int, StaticCache] = {}
-        self._steps: dict[int, Callable[..., torch.Tensor]] = {}
+        self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
+        self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
         self._sdpa = getattr(config_, "_attn_implementation", "sdpa") == "sdpa"
         self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
         self._voices: dict[int, tuple[Any, dict[str, Any]]] = {}  # id(conds): (conds, S3Gen's dict)
@@ -369,10 +373,12 @@ class StreamEngine:
                 self._lock.notify_all()
 
     def warmup(self) -> float:
-        """Build (compile) the step of every bucket now, so no stream waits for it; seconds."""
+        """Build (compile) the step of every bucket and span now, so no stream waits for it;
+        seconds. (A tight ``max_cache_len`` means fewer spans to compile.)"""
         t0 = now(self.device)
         for bucket in buckets(self.max_streams):
-            self._step_fn(bucket)
+            for span in spans(self.max_cache_len):
+                self._step_fn(bucket, span)
         return now(self.device) - t0
 
     def close(self) -> None:
@@ -469,15 +475,16 @@ class StreamEngine:
         sampling = {**self.family.sampling, **r.sampling}
         guidance = float(sampling.pop("cfg_weight", 0.5))
         cfg_weight = 0.0 if self.turbo else guidance  # Turbo has no guidance, as decode_blocks
-        scores = scorer(
+        sampler = Sampler(
             self.turbo,
+            cfg_weight,
             float(sampling.get("temperature", 0.8)),
             float(sampling.get("top_p", 0.95)),
             float(sampling.get("min_p", 0.05)),
             int(sampling.get("top_k", 1000)),
             float(sampling.get("repetition_penalty", 1.2)),
         )
-        temperature = float(sampling.get("temperature", 0.8))
+        temperature = sampler.temperature
         if not temperature > 0:  # T3.inference divides the logits by it
             raise ConfigError(f"temperature must be above 0, got {temperature}")
         language = language_for(self.tts, r.language_id)
@@ -497,6 +504,7 @@ class StreamEngine:
                 values[row : row + embeds.size(0), :, :prefill_len].copy_(layer.values)
             ids = torch.full((1, r.max_new_tokens + 1), self.tts.t3.hp.start_speech_token,
                              dtype=torch.long, device=self.device)  # fmt: skip
+            seen = sampler.start(self.tts.t3.hp.start_speech_token, logits.size(-1), self.device)
         self.stats.prefill_s += now(self.device) - t0
         state = handle.state
         gen = self._voice(conds)
@@ -510,8 +518,8 @@ class StreamEngine:
             ids=ids,
             step=0,
             prefill_len=prefill_len,
-            scores=scores,
-            cfg_weight=cfg_weight,
+            sampler=sampler,
+            seen=seen,
             generator=StreamRandom(r.seed).generator(self.device),
             gen=gen,
             cutter=BufferedCutter(self.config, state),
@@ -545,27 +553,29 @@ class StreamEngine:
                 self._vocoding.remove(live)
             self._lock.notify_all()
 
-    def _cache(self, bucket: int) -> StaticCache:
-        if bucket not in self._caches:
+    def _cache(self, bucket: int, span: int) -> StaticCache:
+        if (bucket, span) not in self._caches:
             rows = bucket * self.rows_per_stream
             config: Any = self.plan.decode.tfmr.config
             cache = StaticCache(config=config, max_cache_len=self.max_cache_len)
-            cache.layers = [_RowLayer(k[:rows], v[:rows]) for k, v in self._kv]
+            cache.layers = [_RowLayer(k[:rows], v[:rows], span) for k, v in self._kv]
             for layer in cache.layers:  # as transformers' StaticLayer does: CUDA graphs may keep them
                 torch._dynamo.mark_static_address(layer.keys)
                 torch._dynamo.mark_static_address(layer.values)
-            self._caches[bucket] = cache
-        return self._caches[bucket]
+            self._caches[bucket, span] = cache
+        return self._caches[bucket, span]
 
     def _forward(
-        self, bucket: int, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor
+        self, cache: StaticCache, span: int, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor
     ) -> torch.Tensor:
-        """One decode step of ``bucket`` streams' rows: token, learned speech position and cache
-        slot per row (B, 1), (B, 1), (B,); the logits (B, vocab) float32. Row r attends to its
-        own slots ``[0, slot[r]]`` only."""
+        """One decode step over ``cache``'s rows (a bucket of streams): token, learned speech
+        position and cache slot per row (B, 1), (B, 1), (B,); the logits (B, vocab) float32. Row r
+        attends to its own slots ``[0, slot[r]]`` only, among the first ``span``. The cache is
+        an argument, not looked up in ``_caches``: a compiled graph guards on what it reads, and
+        that dict grows as shapes are added (each addition would recompile the others)."""
         parts = self.plan.decode
         embeds = parts.embed(token, position).to(parts.dtype)
-        keep = torch.arange(self.max_cache_len, device=slot.device)[None, :] <= slot[:, None]
+        keep = torch.arange(span, device=slot.device)[None, :] <= slot[:, None]
         if self._sdpa:
             mask = keep[:, None, None, :]
         else:  # eager attention adds its mask
@@ -575,29 +585,30 @@ class StreamEngine:
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=slot[:, None],
-            past_key_values=self._cache(bucket),
+            past_key_values=cache,
             cache_position=slot,
             use_cache=True,
         )
         logits: torch.Tensor = parts.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
         return logits
 
-    def _step_fn(self, bucket: int) -> Callable[..., torch.Tensor]:
-        """The step for ``bucket`` streams, compiled on first use when the engine compiles."""
-        if bucket not in self._steps:
-            self._cache(bucket)  # built before compiling: the compiled step only looks it up
+    def _step_fn(self, bucket: int, span: int) -> Callable[..., torch.Tensor]:
+        """The step for ``bucket`` streams attending to ``span`` slots, compiled on first use
+        when the engine compiles (timed in ``stats.compile_s``, apart from ``t3_s``)."""
+        if (bucket, span) not in self._steps:
+            cache = self._cache(bucket, span)
             t0 = now(self.device)
-            self._steps[bucket] = (
-                self._compiled(bucket)
+            self._steps[bucket, span] = (
+                self._compiled(bucket, cache, span)
                 if self.step_mode == "compiled"
-                else (lambda *a: self._forward(bucket, *a))
+                else (lambda *a: self._forward(cache, span, *a))
             )
             self.stats.compile_s += now(self.device) - t0
-        return self._steps[bucket]
+        return self._steps[bucket, span]
 
-    def _compiled(self, bucket: int) -> Callable[..., torch.Tensor]:
+    def _compiled(self, bucket: int, cache: StaticCache, span: int) -> Callable[..., torch.Tensor]:
         cudagraphs = self.device.type == "cuda"
-        own = types.MethodType(own_code(StreamEngine._forward), self)  # one code object per bucket
+        own = types.MethodType(own_code(StreamEngine._forward), self)  # one code object per shape
         compiled = torch.compile(
             own, fullgraph=True, dynamic=False, mode="reduce-overhead" if cudagraphs else None
         )
@@ -605,19 +616,19 @@ class StreamEngine:
         def run(*a: torch.Tensor) -> torch.Tensor:
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-                return compiled(bucket, *a).clone()  # the output lives in the graph's pool
-            out: torch.Tensor = compiled(bucket, *a)
+                return compiled(cache, span, *a).clone()  # the output lives in the graph's pool
+            out: torch.Tensor = compiled(cache, span, *a)
             return out
 
         rows = bucket * self.rows_per_stream
         for k in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
             # Three tensors made as _step makes them, outside inference mode (dynamo guards on
             # aliasing, strides and inference tensors: any difference would be recompiled for at
-            # the first real step). They write the last slot of the bucket's rows: a live stream
-            # writes a slot in the same forward that first reads it, so the stale values there
-            # are never read (a bucket may first be compiled while streams are running).
+            # the first real step). They write the span's last slot of the bucket's rows: a live
+            # stream writes a slot in the same forward that first reads it, so the stale values
+            # there are never read (a shape may first be compiled while streams are running).
             token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
-            slot = torch.full((rows,), self.max_cache_len - 1, dtype=torch.long, device=self.device)
+            slot = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
             with self._ctx():
                 if k == 0:  # the call that compiles: which attention op Inductor's code calls
                     _, code = compiled_with_code(run, token, position, slot)
@@ -628,20 +639,26 @@ class StreamEngine:
 
     def _step(self) -> None:
         """One batched step: every active stream samples its next token from its logits (its own
-        generator, its own processors), then one forward over the bucket's rows."""
-        t0 = now(self.device)
+        generator, its own processors; streams with equal settings in one batch), then one
+        forward over the bucket's rows."""
+        t0, compiled_before = now(self.device), self.stats.compile_s
         n = self.rows_per_stream
         lives = list(self._live)
         failed: list[tuple[_Live, Exception]] = []
+        groups: dict[Sampler, list[_Live]] = {}
+        for live in lives:
+            groups.setdefault(live.sampler, []).append(live)
         with self._ctx():
-            sampled = []
-            for live in lives:
+            sampled: dict[int, torch.Tensor] = {}
+            for group in groups.values():
                 try:
-                    sampled.append(self._sample(live))
-                except Exception as e:  # this stream's sampling failed: it alone ends, with the error
-                    failed.append((live, e))
-                    sampled.append(torch.zeros((1, 1), dtype=torch.long, device=self.device))
-            values = torch.cat(sampled).view(-1).tolist()  # one host sync per step, for all streams
+                    tokens = self._sample(group)
+                except Exception as e:  # the group's sampling failed: its streams end, with the error
+                    failed += [(live, e) for live in group]
+                    tokens = torch.zeros((len(group), 1), dtype=torch.long, device=self.device)
+                sampled.update({id(live): tokens[k] for k, live in enumerate(group)})
+            # one host sync per step, for all streams
+            values = torch.stack([sampled[id(live)] for live in lives]).view(-1).tolist()
         stop = self.tts.t3.hp.stop_speech_token
         ending = []
         with self._lock:  # the S3Gen stage sees every stream's token of this step, or none
@@ -675,14 +692,16 @@ class StreamEngine:
                 token[r] = live.ids[0, live.step]
                 position[r] = live.step
                 slot[r] = live.prefill_len + live.step - 1
+            span = span_for(max(live.prefill_len + live.step for live in still), self.max_cache_len)
             with self._ctx():
-                logits = self._step_fn(bucket)(token, position, slot)
+                logits = self._step_fn(bucket, span)(token, position, slot)
             for live in still:
                 live.logits = logits[live.rows : live.rows + n]
             self.stats.t3_steps += 1
             self.stats.t3_rows += len(still)
             self.stats.buckets_used.add(bucket)
-        spent = now(self.device) - t0
+            self.stats.spans_used.add(span)
+        spent = now(self.device) - t0 - (self.stats.compile_s - compiled_before)
         self.stats.t3_s += spent
         with self._lock:
             for live in lives:
@@ -694,14 +713,23 @@ class StreamEngine:
             self._leave(live)
         self._wake()
 
-    def _sample(self, live: _Live) -> torch.Tensor:
-        """The stream's next token (1, 1) from its logits: guidance, its processors in upstream's
-        order, its own generator."""
+    def _sample(self, group: list[_Live]) -> torch.Tensor:
+        """The next token (B, 1) of B streams with one sampler: guidance, the processors in
+        upstream's order and the draws batched, each stream on its own generator."""
         if self.keep_logits:
-            live.handle.logits.append(live.logits.clone())
-        return sample_token(
-            live.logits, live.ids, live.step, live.cfg_weight, self.turbo, live.scores, live.generator
+            for live in group:
+                live.handle.logits.append(live.logits.clone())
+        sampler = group[0].sampler
+        tokens = sampler.sample(
+            torch.cat([live.logits for live in group]),
+            torch.cat([live.seen for live in group]),
+            [live.generator for live in group],
         )
+        for k, live in enumerate(group):
+            token = tokens[k : k + 1]
+            sampler.saw(live.seen, token, first=live.step == 0)
+            live.ids[:, live.step + 1] = token[:, 0]
+        return tokens
 
     # ------------------------------------------------------------------ S3Gen stage
 

@@ -181,7 +181,7 @@ def run_level(
         "streams": n,
         "wall_s": wall,
         "compile_s": compile_s,
-        "engine": {**delta, "buckets_used": sorted(engine.stats.buckets_used)},
+        "engine": {**delta, **{k: v for k, v in engine.stats.to_dict().items() if k.endswith("_used")}},
         "compiled_attention": engine.attention_kernels or None,  # read from Inductor's code
         "kv_bytes_per_stream": engine.kv_bytes_per_stream,
         "memory": mem,

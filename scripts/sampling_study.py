@@ -1,0 +1,85 @@
+"""Sampling B streams' next tokens: upstream's way, one stream at a time (transformers'
+processors over the ids so far, then `torch.multinomial`, which reads a check back to the host
+every call), vs `decode.Sampler` (the same processors batched over the streams, the penalty over
+a mask, one `exponential_` draw per stream, no host read). Side by side in one process, same
+logits; the tokens are checked equal first. Speech vocabulary (8194), two rows per stream.
+
+    .venv/bin/python scripts/sampling_study.py [--device cpu] > results/sampling_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+import transformers
+from torch.utils import benchmark
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopPLogitsWarper,
+)
+
+from tts_workbench.runtime.decode import Sampler
+
+VOCAB, START, HISTORY = 8194, 6561, 100
+
+
+def _level(b: int, device: torch.device) -> list[dict[str, object]]:
+    """Both ways for ``b`` streams, on the same logits and history; their tokens checked equal."""
+    sampler = Sampler(turbo=False)
+    upstream = (RepetitionPenaltyLogitsProcessor(1.2), MinPLogitsWarper(0.05), TopPLogitsWarper(0.95))
+    logits = torch.randn(2 * b, VOCAB, device=device) * 4
+    ids = torch.randint(0, START, (b, HISTORY), device=device)
+    ids[:, 0] = START
+    seen = torch.zeros(b, VOCAB, dtype=torch.bool, device=device).scatter_(1, ids, True)
+
+    def one_by_one(seed: int) -> torch.Tensor:
+        out = []
+        for k in range(b):
+            cond, uncond = logits[2 * k : 2 * k + 1], logits[2 * k + 1 : 2 * k + 2]
+            x = upstream[0](ids[k : k + 1], cond + 0.5 * (cond - uncond)) / 0.8
+            x = upstream[2](None, upstream[1](None, x))
+            g = torch.Generator(device).manual_seed(seed + k)
+            out.append(torch.multinomial(torch.softmax(x, dim=-1), 1, generator=g))
+        return torch.cat(out)
+
+    def batched(seed: int) -> torch.Tensor:
+        gens = [torch.Generator(device).manual_seed(seed + k) for k in range(b)]
+        return sampler.sample(logits, seen, gens)
+
+    assert all(torch.equal(one_by_one(s), batched(s)) for s in range(5)), "tokens differ"
+    rows: list[dict[str, object]] = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name, fn in (("upstream, one stream at a time", one_by_one), ("Sampler, batched", batched)):
+        timer = benchmark.Timer("fn(0); sync()", globals={"fn": fn, "sync": sync})
+        m = timer.blocked_autorange(min_run_time=2)
+        rows.append({"streams": b, "how": name, "median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", default="1,8,32")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    levels = [int(x) for x in args.streams.split(",")]
+    rows = [row for b in levels for row in _level(b, device)]
+    ms = {(r["streams"], str(r["how"]).split(",")[0]): float(r["median_ms"]) for r in rows}  # type: ignore[arg-type]
+    out = {
+        "device": str(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "rows": rows,
+        "batched_over_one_by_one": {b: ms[b, "Sampler"] / ms[b, "upstream"] for b in levels},
+    }
+    json.dump(out, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

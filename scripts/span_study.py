@@ -1,0 +1,110 @@
+"""The T3 step attending to a span of its static cache vs to the whole cache, side by side in one
+process (runs interleaved), on `deep-narrow`, where reading the cache is a large part of a step:
+
+- one stream, compiled step, the wrapper's default cache (1536 positions), 150 tokens;
+- the stream engine, 8 streams, static step, a 1024-position cache (the `serve` default);
+- the stream engine, 4 streams, compiled step, a 512-position cache (the engine's default).
+
+The baseline is the behaviour before spans: `decode.MIN_SPAN` at the cache's length gives one
+span, the whole cache. Medians over the repeats, with the spread.
+
+    .venv/bin/python scripts/span_study.py [--repeats 5] > results/span_cpu_deep_narrow.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import chatterbox
+import torch
+import transformers
+
+from tts_workbench.core.quiet import upstream_silenced
+from tts_workbench.core.rng import StreamRandom
+from tts_workbench.models.sources import build_model, make_reference_wav
+from tts_workbench.runtime import decode
+from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.runtime.engine import StreamEngine
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+TOKENS = 150
+WHOLE = 10**9  # MIN_SPAN beyond any cache: one span, the whole cache
+
+
+def _one_stream(tts: Any) -> dict[str, Callable[[], float]]:
+    ids = text_tokens(tts, TEXT)
+    plans = {name: DecodePlan.plain(tts.t3, step="compiled") for name in ("span", "whole")}
+
+    def run(name: str) -> float:
+        r = t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=TOKENS, plan=plans[name],
+                      generator=StreamRandom(0).generator())  # fmt: skip
+        return r.step_s * 1e3
+
+    return {name: (lambda name=name: run(name)) for name in plans}
+
+
+def _engine(tts: Any, streams: int, step: str, cache: int) -> dict[str, Callable[[], float]]:
+    def run() -> float:
+        with StreamEngine(tts, max_streams=streams, step=step, max_cache_len=cache) as engine:
+            engine.warmup()  # compiling is kept out of t3_s anyway
+            with engine.together():
+                handles = [engine.submit(TEXT, seed=k, max_new_tokens=TOKENS) for k in range(streams)]
+            for h in handles:
+                for _ in h:
+                    pass
+            return engine.stats.t3_s / engine.stats.t3_steps * 1e3
+
+    return {"span": run, "whole": run}
+
+
+def _measure(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, Any]:
+    ms: dict[str, list[float]] = {name: [] for name in runs}
+    for k in range(repeats + 1):  # the first round warms up (compiles) and is not kept
+        for name, run in runs.items():
+            decode.MIN_SPAN = WHOLE if name == "whole" else 256
+            value = run()
+            if k:
+                ms[name].append(value)
+    decode.MIN_SPAN = 256
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    return {
+        "ms_per_step": ms,
+        "median_ms_per_step": med,
+        "span_over_whole": med["span"] / med["whole"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with upstream_silenced():  # its prints would land in the JSON on stdout
+        tts = build_model("deep-narrow")
+        tts.prepare_conditionals(str(make_reference_wav("/tmp/span_study_reference.wav")))
+    out = {
+        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "chatterbox-tts": getattr(chatterbox, "__version__", "0.1.7"),
+        },  # fmt: skip
+        "model": "deep-narrow (random weights)",
+        "tokens": TOKENS,
+        "repeats": args.repeats,
+        "one_stream_compiled_cache_1536": _measure(_one_stream(tts), args.repeats),
+        "engine_8_streams_static_cache_1024": _measure(_engine(tts, 8, "static", 1024), args.repeats),
+        "engine_4_streams_compiled_cache_512": _measure(_engine(tts, 4, "compiled", 512), args.repeats),
+    }
+    json.dump(out, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
