@@ -83,6 +83,23 @@ def test_every_stream_speaks_its_solo_tokens(tts: ChatterboxTTS, streams: int, j
     check_against_solo(tts, streams, join_after)
 
 
+def test_the_warm_up_runs_in_the_t3_stage(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA graph trees keep their graphs per thread: the steps are built where they run."""
+    with StreamEngine(tts, max_streams=2, config=CONFIG, max_cache_len=256) as engine:
+        threads: list[str] = []
+        build = engine._step_fn
+
+        def recorded(bucket: int, span: int) -> object:
+            threads.append(threading.current_thread().name)
+            return build(bucket, span)
+
+        monkeypatch.setattr(engine, "_step_fn", recorded)
+        assert engine.warmup() >= 0
+    assert threads == ["engine-t3", "engine-t3"]  # buckets 1 and 2, one span
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.warmup()
+
+
 def test_streams_past_the_first_span_sample_their_solo_tokens(tts: ChatterboxTTS) -> None:
     """The step attends to 256 cache slots while every stream's positions fit, then to 512:
     across the change each stream samples what the single-stream static step samples, from

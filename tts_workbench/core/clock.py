@@ -25,9 +25,14 @@ def synchronize(device: Device) -> None:
         torch.cuda.synchronize(device)
 
 
-def now(device: Device = None) -> float:
-    """``time.perf_counter()`` after the device has finished its queued work."""
-    synchronize(device)
+def now(device: Device = None, stream: bool = False) -> float:
+    """``time.perf_counter()`` after the device has finished its queued work; with ``stream``,
+    only the work queued on the calling thread's current CUDA stream (two threads timing their
+    own streams would otherwise wait for each other's work)."""
+    if stream and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    else:
+        synchronize(device)
     return time.perf_counter()
 
 

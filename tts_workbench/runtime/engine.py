@@ -310,9 +310,16 @@ class StreamEngine:
         self._counter = itertools.count()
         self._stopped = False
         self._held = 0  # open ``together()`` blocks: no stream joins meanwhile
+        self._jobs: list[Callable[[], None]] = []  # run by the T3 stage before its next step
+        # On CUDA each stage queues its work on a stream of its own, so the GPU runs T3's steps
+        # while a flow call is in flight (on one stream they would wait for each other).
+        cuda = self.device.type == "cuda"
+        self._streams = {stage: torch.cuda.Stream(self.device) for stage in ("t3", "s3gen")} if cuda else {}
+        if cuda:  # what this thread queued (the cache's zeros) is done before the stages start
+            torch.cuda.synchronize(self.device)
         self._threads = [
-            threading.Thread(target=self._guard(self._t3_loop), name="engine-t3", daemon=True),
-            threading.Thread(target=self._guard(self._s3gen_loop), name="engine-s3gen", daemon=True),
+            threading.Thread(target=self._guard(self._t3_loop, "t3"), name="engine-t3", daemon=True),
+            threading.Thread(target=self._guard(self._s3gen_loop, "s3gen"), name="engine-s3gen", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -374,12 +381,34 @@ class StreamEngine:
 
     def warmup(self) -> float:
         """Build (compile) the step of every bucket and span now, so no stream waits for it;
-        seconds. (A tight ``max_cache_len`` means fewer spans to compile.)"""
-        t0 = now(self.device)
-        for bucket in buckets(self.max_streams):
-            for span in spans(self.max_cache_len):
-                self._step_fn(bucket, span)
-        return now(self.device) - t0
+        seconds. (A tight ``max_cache_len`` means fewer spans to compile.) It runs in the T3
+        stage's thread, between its steps: CUDA graph trees keep their graphs per thread, and
+        the cache is the stage's alone."""
+        done, seconds, errors = threading.Event(), [], []
+
+        def build() -> None:
+            try:
+                t0 = self._now()
+                for bucket in buckets(self.max_streams):
+                    for span in spans(self.max_cache_len):
+                        self._step_fn(bucket, span)
+                seconds.append(self._now() - t0)
+            except Exception as e:  # raised in the caller's thread, below
+                errors.append(e)
+            finally:
+                done.set()
+
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the engine is closed")
+            self._jobs.append(build)
+            self._lock.notify_all()
+        while not done.wait(timeout=1.0):
+            if not self.running:
+                raise RuntimeError("the engine stopped before its warm-up ran")
+        if errors:
+            raise errors[0]
+        return seconds[0]
 
     def close(self) -> None:
         """Stop both stages; streams still running end with an error."""
@@ -399,12 +428,15 @@ class StreamEngine:
 
     # ------------------------------------------------------------------ T3 stage
 
-    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
-        """A stage that dies takes every stream with it, with its error (nothing hangs)."""
+    def _guard(self, loop: Callable[[], None], stage: str) -> Callable[[], None]:
+        """The stage's thread: on its own CUDA stream; a stage that dies takes every stream with
+        it, with its error (nothing hangs)."""
 
         def run() -> None:
+            stream = self._streams.get(stage)
             try:
-                loop()
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    loop()
             except BaseException as e:
                 with self._lock:
                     self._stopped = True
@@ -414,6 +446,10 @@ class StreamEngine:
                     h._put(e)
 
         return run
+
+    def _now(self) -> float:
+        """The clock of a stage: it waits for the work its own stream queued, not the other's."""
+        return now(self.device, stream=True)
 
     def _wake(self) -> None:
         with self._lock:
@@ -426,15 +462,22 @@ class StreamEngine:
             stack.enter_context(torch.autocast(self.device.type, self.plan.autocast))
         return stack
 
+    def _idle(self) -> bool:
+        """Nothing for the T3 stage: no stream, no job, none waiting that may join."""
+        return not self._live and not self._jobs and (not self._waiting or bool(self._held))
+
     def _t3_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopped and not self._live and (not self._waiting or self._held):
+                while not self._stopped and self._idle():
                     self._lock.wait()
                 if self._stopped:
                     return
+                jobs, self._jobs = self._jobs, []
                 room = 0 if self._held else self.max_streams - len(self._live)
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
+            for job in jobs:  # a warm-up, between steps
+                job()
             for handle in joining:
                 self._admit(handle)
             for live in [s for s in self._live if s.handle.closed]:
@@ -488,7 +531,7 @@ class StreamEngine:
         if not temperature > 0:  # T3.inference divides the logits by it
             raise ConfigError(f"temperature must be above 0, got {temperature}")
         language = language_for(self.tts, r.language_id)
-        t0 = now(self.device)
+        t0 = self._now()
         with self._ctx():
             tokens = text_tokens(self.tts, r.text, cfg_weight, language).to(self.device)
             embeds = prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
@@ -505,7 +548,7 @@ class StreamEngine:
             ids = torch.full((1, r.max_new_tokens + 1), self.tts.t3.hp.start_speech_token,
                              dtype=torch.long, device=self.device)  # fmt: skip
             seen = sampler.start(self.tts.t3.hp.start_speech_token, logits.size(-1), self.device)
-        self.stats.prefill_s += now(self.device) - t0
+        self.stats.prefill_s += self._now() - t0
         state = handle.state
         gen = self._voice(conds)
         prompt_tokens = int(gen["prompt_token"].size(1))
@@ -597,13 +640,13 @@ class StreamEngine:
         when the engine compiles (timed in ``stats.compile_s``, apart from ``t3_s``)."""
         if (bucket, span) not in self._steps:
             cache = self._cache(bucket, span)
-            t0 = now(self.device)
+            t0 = self._now()
             self._steps[bucket, span] = (
                 self._compiled(bucket, cache, span)
                 if self.step_mode == "compiled"
                 else (lambda *a: self._forward(cache, span, *a))
             )
-            self.stats.compile_s += now(self.device) - t0
+            self.stats.compile_s += self._now() - t0
         return self._steps[bucket, span]
 
     def _compiled(self, bucket: int, cache: StaticCache, span: int) -> Callable[..., torch.Tensor]:
@@ -641,7 +684,7 @@ class StreamEngine:
         """One batched step: every active stream samples its next token from its logits (its own
         generator, its own processors; streams with equal settings in one batch), then one
         forward over the bucket's rows."""
-        t0, compiled_before = now(self.device), self.stats.compile_s
+        t0, compiled_before = self._now(), self.stats.compile_s
         n = self.rows_per_stream
         lives = list(self._live)
         failed: list[tuple[_Live, Exception]] = []
@@ -701,7 +744,7 @@ class StreamEngine:
             self.stats.t3_rows += len(still)
             self.stats.buckets_used.add(bucket)
             self.stats.spans_used.add(span)
-        spent = now(self.device) - t0 - (self.stats.compile_s - compiled_before)
+        spent = self._now() - t0 - (self.stats.compile_s - compiled_before)
         self.stats.t3_s += spent
         with self._lock:
             for live in lives:
@@ -794,7 +837,9 @@ class StreamEngine:
             if self.flow.compiled:
                 frames = first.gen["prompt_feat"].size(1) + w0.regular * FRAMES_PER_TOKEN
             compiled_before = self.flow.compile_s
-            t0 = now(device)
+            if self._streams:  # the voice's tensors were made on T3's stream
+                torch.cuda.current_stream(device).wait_stream(self._streams["t3"])
+            t0 = self._now()
             with self.flow.running(s3gen, frames), overwritten():  # the noise is ours, all of it
                 mels, _ = s3gen.flow.inference(
                     token=tokens,
@@ -805,15 +850,15 @@ class StreamEngine:
                     meanflow=s3gen.meanflow,
                     **first.gen,
                 )
-            flow_s = now(device) - t0 - (self.flow.compile_s - compiled_before)
+            flow_s = self._now() - t0 - (self.flow.compile_s - compiled_before)
             self.stats.flow_calls += 1
             self.stats.flow_windows += len(group)
             self.stats.flow_s += flow_s
             for k, (live, w) in enumerate(group):
-                t1 = now(device)
+                t1 = self._now()
                 with live.handle.state.rng.drawing():
                     wav, source = vocoder(s3gen, mels[k : k + 1], live.cutter.cache(w))
-                voc_s = now(device) - t1
+                voc_s = self._now() - t1
                 self.stats.vocoder_s += voc_s
                 chunk = live.cutter.assemble(w, wav[0].cpu().numpy(), source, s3gen)
                 self._emit(live, w, chunk, flow_s / len(group), voc_s)
