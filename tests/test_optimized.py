@@ -315,6 +315,12 @@ def test_wrapper_decode_steps_share_weights_and_reuse_the_compiled_step(tiny_tts
         torch.manual_seed(0)
         opt.generate(TEXT, max_new_tokens=12, seed=0)
         assert opt.last.decode_step == "compiled" and opt.last.seconds["t3.compile"] > 0
+        # generate's sampling defaults are upstream ChatterboxTTS.generate's (top_p 1.0), not
+        # T3.inference's (0.95): the step samples inside its graph, so other settings compile
+        # a graph of their own, once, timed as compiling
+        torch.manual_seed(0)
+        other = opt.speech_tokens(TEXT, max_new_tokens=12)
+        assert other.compile_s > 0 and torch.equal(other.tokens, eager)
         torch.manual_seed(0)
         again = opt.speech_tokens("A different, longer sentence to speak.", max_new_tokens=12)
         assert again.compile_s == 0.0 and again.step_mode == "compiled"  # built once, reused

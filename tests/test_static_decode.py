@@ -24,10 +24,12 @@ from tts_workbench.core.errors import CacheError, ConfigError
 from tts_workbench.runtime.decode import (
     DecodePlan,
     DecodeResult,
+    Sampler,
     StaticStep,
     T3Parts,
     decode_blocks,
     draw,
+    exponential_noise,
     penalize,
     spans,
     t3_decode,
@@ -220,11 +222,27 @@ def test_the_draw_is_multinomials_draw_without_its_host_read() -> None:
     for seed in range(20):
         mine = [torch.Generator().manual_seed(seed + r) for r in range(3)]
         theirs = [torch.Generator().manual_seed(seed + r) for r in range(3)]
-        tokens = draw(probs, mine)
+        tokens = draw(probs, exponential_noise(3, 8194, torch.device("cpu"), mine))
         for r in range(3):
             want = torch.multinomial(probs[r : r + 1], num_samples=1, generator=theirs[r])
             assert torch.equal(tokens[r : r + 1], want), (seed, r)
             assert torch.equal(mine[r].get_state(), theirs[r].get_state())  # as many numbers drawn
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_the_static_step_samples_inside_itself(
+    tiny_tts: ChatterboxTTS, compiled_plan: DecodePlan, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Only the first token is sampled outside the step (from the prefill's logits): every later
+    one inside it, so a compiled step is one graph per token, as gpt-fast's."""
+    plan = (
+        compiled_plan if mode == "compiled" else DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE)
+    )
+    calls: list[int] = []
+    real = Sampler.sample
+    monkeypatch.setattr(Sampler, "sample", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    r, _ = _run(tiny_tts, plan, n=20)
+    assert r.tokens.size(1) == 20 and len(calls) == 1
 
 
 def test_spans_double_from_256_up_to_the_cache() -> None:
@@ -248,7 +266,7 @@ def test_a_generation_past_the_first_span_goes_on_like_the_eager_loop(
     step = plan.static_step(2)
     assert step is not None and step.span == 512
     if mode == "compiled":
-        assert sorted(step._compiled) == [256, 512]
+        assert sorted(span for span, _ in step._compiled) == [256, 512]
         built = got[0].compile_s
         graphs = counters["stats"]["unique_graphs"]
         again = _run(tiny_tts, plan, n=n)[0]
@@ -265,17 +283,18 @@ def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: Chatt
     with torch.inference_mode():
         token = torch.zeros((1, 1), dtype=torch.long).expand(2, 1)  # as decode_blocks passes it
         position, slot = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
-        step.begin()
-        step(token, position, slot, 1)  # guards checked
-        step(token, position, slot, 1)  # guards skipped
+        sampler, q = Sampler(turbo=False), torch.ones(1, step.seen.size(1))
+        step.begin(sampler, step.seen.clone())
+        step(token, position, slot, 1, q)  # guards checked
+        step(token, position, slot, 1, q)  # guards skipped
         graphs = counters["stats"]["unique_graphs"]
         other = torch.zeros((2, 1), dtype=torch.long)  # another layout: the compiled entry does not fit
         # Mid-generation (guards skipped) dynamo refuses it rather than run the wrong code ...
         with pytest.raises(RuntimeError, match="skip_guard_eval_unsafe"):
-            step(other, position, slot, 1)
+            step(other, position, slot, 1, q)
         # ... and after begin() the guards are checked: it compiles a second entry.
-        step.begin()
-        step(other, position, slot, 1)
+        step.begin(sampler, step.seen.clone())
+        step(other, position, slot, 1, q)
     assert counters["stats"]["unique_graphs"] == graphs + 1
 
 

@@ -35,9 +35,11 @@ has slow matmuls for long inputs.
 Turbo's T3 (GPT-2, ``T3.inference_turbo``) runs through the same loop: no guidance (batch 1), one
 start-of-speech token, no learned speech positions (GPT-2 adds its own), and upstream Turbo's
 processors in its order (temperature, top-k, top-p, then the repetition penalty over the tokens
-sampled so far). Sampling (``Sampler``) stays eager and on the device in every mode, with the
-same logits processors and the same draw as ``multinomial`` but without its host read, so equal
-logits give equal tokens for a seed and the only host syncs are the stop checks. All timers
+sampled so far). Sampling (``Sampler``) runs on the device with the same logits processors and
+the same draw as ``multinomial`` but without its host read, so equal logits give equal tokens
+for a seed and the only host syncs are the stop checks; the static and compiled steps sample
+inside the step (one compiled graph per token, as gpt-fast), only the noise of each draw is
+drawn outside, from the stream's generator. All timers
 use ``clock.now(device)`` and are read only at phase boundaries (after the prefill, at each
 block's stop check), never inside a step.
 """
@@ -50,7 +52,6 @@ import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Literal, cast, get_args
 
 import torch
@@ -226,16 +227,20 @@ class _SpanStaticLayer(StaticLayer):
 class StaticStep:
     """One decode step of fixed shapes over a ``StaticCache`` allocated once, optionally compiled.
 
-    ``decode_one_token(token (B, 1) long, position (1, 1) long, cache_position (1,) long)`` returns
-    the speech logits (B, vocab) float32 for ``token`` at learned speech position ``position`` and
-    KV cache slot ``cache_position``: speech embedding + learned position embedding (looked up
-    from the tensor, no host tensor per step), the transformer over the static cache, the speech
-    head on the last position. It reads no value back to the host. The caller says how many
-    slots are in use (``length``, known on the host): the step attends to the smallest span of
-    ``spans(max_cache_len)`` that holds them.
+    ``decode_one_token(token (B, 1) long, position (1, 1) long, cache_position (1,) long, q)``
+    returns the speech logits (B, vocab) float32 for ``token`` at learned speech position
+    ``position`` and KV cache slot ``cache_position`` (speech embedding + learned position
+    embedding looked up from the tensor, the transformer over the static cache, the speech head
+    on the last position) and the next token (1, 1) sampled from them by ``sampler`` given the
+    noise ``q`` (``exponential_noise``, drawn outside from the stream's generator), marked in
+    ``seen``: as gpt-fast's step, the sampling is inside the step, so a compiled step is one
+    graph (one CUDA graph replay) per token. It reads no value back to the host. The caller says
+    how many slots are in use (``length``, known on the host): the step attends to the smallest
+    span of ``spans(max_cache_len)`` that holds them.
 
     With ``compile=True`` it runs under ``torch.compile(fullgraph=True, dynamic=False)``
-    (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA), one graph per span. The first span's
+    (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA), one graph per span and sampler
+    (sampling settings are constants of the graph). The first span's
     graph is compiled here, by ``warmup`` calls at cache slot 0 (overwritten by the next
     ``load``); a longer span's graph on the first step that needs it. Both are timed in
     ``compile_s``. If compiling raises, the step runs eagerly instead, ``fallback_reason`` says
@@ -261,8 +266,10 @@ class StaticStep:
         compile: bool = False,
         enter: Callable[[], Any] = torch.inference_mode,
         warmup: int | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.parts, self.batch, self.max_cache_len = parts, batch, max_cache_len
+        self.sampler = sampler or Sampler(turbo=batch == 1)  # decode_blocks sets each generation's
         self.dtype, self.device = dtype, torch.device(device)
         self.embed_dtype = parts.dtype
         config: Any = parts.tfmr.config
@@ -276,12 +283,17 @@ class StaticStep:
             # GPT-2 has no grouped keys: as many key/value heads as query heads.
             heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             self.cache.early_initialization(batch, heads, head_dim, dtype, self.device)
+            # The tokens the repetition penalty applies to: the step updates it (a fixed address,
+            # as the cache's tensors, so CUDA graphs may write it); decode_blocks resets it.
+            vocab = int(cast(nn.Embedding, parts.speech_emb).num_embeddings)  # = the head's outputs
+            self.seen = torch.zeros((1, vocab), dtype=torch.bool, device=self.device)
+            torch._dynamo.mark_static_address(self.seen)
         self.span = max_cache_len  # what the layers attend to now (set by the first call)
         self.cudagraphs = False
         self.fallback_reason: str | None = None
         self.compile_s = 0.0
         self.compiled = False
-        self._compiled: dict[int, Callable[..., torch.Tensor]] = {}  # per span
+        self._compiled: dict[tuple[int, Sampler], Callable[..., Any]] = {}  # per span and sampler
         # The attention kernels the compiled graph calls, read from Inductor's generated code
         # (the profiler cannot see inside a compiled graph); empty when not compiled.
         self.attention_kernels: list[str] = []
@@ -293,15 +305,17 @@ class StaticStep:
             self._warm_up(enter, warmup)
 
     def decode_one_token(
-        self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor
-    ) -> torch.Tensor:
+        self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor, q: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.parts
         embeds = p.embed(token, position).to(self.embed_dtype)
         out = p.tfmr(
             inputs_embeds=embeds, past_key_values=self.cache, cache_position=cache_position, use_cache=True
         )
         logits: torch.Tensor = p.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
-        return logits
+        token = self.sampler.pick(logits, self.seen, q)
+        self.seen.scatter_(1, token, True)
+        return logits, token
 
     def _warm_up(self, enter: Callable[[], Any], warmup: int | None) -> None:
         """Compile the first span's graph and read which attention op it calls."""
@@ -310,6 +324,7 @@ class StaticStep:
         token = torch.zeros((1, 1), dtype=torch.long, device=self.device).expand(self.batch, 1)
         position = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         slot = torch.zeros((1,), dtype=torch.long, device=self.device)
+        q = torch.ones((1, self.seen.size(1)), device=self.device)
         t0 = now(self.device)
         self._set_span(span_for(1, self.max_cache_len))
         fn = self._function()
@@ -318,24 +333,25 @@ class StaticStep:
             for k in range(warmup if warmup is not None else (3 if self.cudagraphs else 1)):
                 with enter():
                     if k == 0:  # the call that compiles: keep what Inductor generated
-                        _, code = compiled_with_code(lambda *a: self._run(fn, *a), token, position, slot)
+                        _, code = compiled_with_code(lambda *a: self._run(fn, *a), token, position, slot, q)
                         self.attention_kernels = compiled_attention(code)
                     else:
-                        self._run(fn, token, position, slot)
+                        self._run(fn, token, position, slot, q)
         except Exception as e:
             self._give_up(e)
         self.compile_s += now(self.device) - t0
 
-    def _function(self) -> Callable[..., torch.Tensor]:
-        """What runs a step at the current span: its compiled graph (made on first use, a code
-        object of its own so spans do not share a recompile limit) or the eager step."""
+    def _function(self) -> Callable[..., Any]:
+        """What runs a step at the current span and sampler: its compiled graph (made on first
+        use, a code object of its own so graphs do not share a recompile limit) or the eager step."""
         if not self.compiled:
             return self.decode_one_token
-        if self.span not in self._compiled:
+        key = (self.span, self.sampler)
+        if key not in self._compiled:
             own = types.MethodType(own_code(StaticStep.decode_one_token), self)
             mode = "reduce-overhead" if self.cudagraphs else None
-            self._compiled[self.span] = torch.compile(own, fullgraph=True, dynamic=False, mode=mode)
-        return self._compiled[self.span]
+            self._compiled[key] = torch.compile(own, fullgraph=True, dynamic=False, mode=mode)
+        return self._compiled[key]
 
     def _give_up(self, e: Exception) -> None:
         """A compile failed: run the static step eagerly from now on, with one warning."""
@@ -364,43 +380,58 @@ class StaticStep:
         """What actually runs: "compiled", or "static" (asked for, or after a compile failure)."""
         return "compiled" if self.compiled else "static"
 
-    def begin(self) -> None:
-        """A new generation starts: the next call checks dynamo's guards again. The cache is
-        this generation's until ``busy`` is cleared (when its ``decode_blocks`` ends)."""
+    def begin(self, sampler: Sampler, seen: torch.Tensor) -> None:
+        """A new generation starts, sampled by ``sampler`` after the tokens in ``seen``: the
+        next call checks dynamo's guards again. The cache is this generation's until ``busy``
+        is cleared (when its ``decode_blocks`` ends)."""
+        self.sampler = sampler
+        self.seen.copy_(seen)
         self._guarded = False
         self.busy = True
 
     def __call__(
-        self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor, length: int
-    ) -> torch.Tensor:
-        """The step's logits; ``length``: slots in use once this step has written its own."""
+        self,
+        token: torch.Tensor,
+        position: torch.Tensor,
+        cache_position: torch.Tensor,
+        length: int,
+        q: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits and next token; ``length``: slots in use once this step has
+        written its own; ``q``: the next token's noise."""
         self._set_span(span_for(length, self.max_cache_len))
-        if self.compiled and self.span not in self._compiled:  # compiled on this first call
+        if self.compiled and (self.span, self.sampler) not in self._compiled:  # compiled on this call
             t0 = now(self.device)
             try:
-                return self._run(self._function(), token, position, cache_position)
+                return self._run(self._function(), token, position, cache_position, q)
             except Exception as e:
                 self._give_up(e)
-                return self._run(self.decode_one_token, token, position, cache_position)
+                return self._run(self.decode_one_token, token, position, cache_position, q)
             finally:
                 self.compile_s += now(self.device) - t0
-        return self._run(self._function(), token, position, cache_position)
+        return self._run(self._function(), token, position, cache_position, q)
 
     def _run(
-        self, fn: Callable[..., torch.Tensor], token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        fn: Callable[..., Any],
+        token: torch.Tensor,
+        position: torch.Tensor,
+        slot: torch.Tensor,
+        q: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         stance = ExitStack()
         if self.compiled and self.skip_guards and self._guarded:
             stance.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
         with stance:
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-                # The output lives in the graph's memory pool and is overwritten by the next replay.
-                logits = fn(token, position, slot).clone()
+                # The outputs live in the graph's memory pool, overwritten by the next replay.
+                logits, nxt = fn(token, position, slot, q)
+                logits, nxt = logits.clone(), nxt.clone()
             else:
-                logits = fn(token, position, slot)
+                logits, nxt = fn(token, position, slot, q)
         self._guarded = True
-        return logits
+        return logits, nxt
 
     def load(self, past: Any) -> None:
         """Copy a prefill's cache (keys/values of its first positions) into slots 0..n-1, cast to
@@ -510,7 +541,7 @@ def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder
 
 
 def _static_step(
-    plan: DecodePlan, batch: int, dtype: torch.dtype, device: torch.device, enter: Any
+    plan: DecodePlan, batch: int, dtype: torch.dtype, device: torch.device, enter: Any, sampler: Sampler
 ) -> StaticStep:
     """The plan's static step for ``batch``, built (and compiled) if there is none that fits."""
     held = plan.static_step(batch)
@@ -532,6 +563,7 @@ def _static_step(
         device=device,
         compile=compile,
         enter=enter,
+        sampler=sampler,
     )
     plan._static[batch] = step
     return step
@@ -566,14 +598,21 @@ def penalize(seen: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.
     return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
-def draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """``torch.multinomial(probs[r:r+1], 1, generator=generators[r])`` for every row r, without
-    multinomial's host sync (it reads back a check of the probabilities every call). For one
-    sample, ATen's multinomial is ``argmax(probs / q)`` with ``q ~ Exp(1)`` drawn by
-    ``exponential_`` on the generator, so this draws the same numbers and the same tokens."""
-    q = torch.empty_like(probs)
+def exponential_noise(
+    rows: int, vocab: int, device: torch.device, generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """``q ~ Exp(1)`` (rows, vocab) float32, row r drawn from ``generators[r]``: what
+    ``torch.multinomial(probs, 1)`` draws for one sample. ATen's multinomial then takes
+    ``argmax(probs / q)`` (``draw``), so drawing ``q`` apart gives the same tokens for a seed
+    without multinomial's host read (it checks the probabilities every call)."""
+    q = torch.empty((rows, vocab), dtype=torch.float32, device=device)
     for row, generator in enumerate(generators):
         q[row : row + 1].exponential_(generator=generator)
+    return q
+
+
+def draw(probs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The one-sample ``multinomial`` of each row of ``probs`` given its noise ``q``."""
     return torch.argmax(probs / q, dim=-1, keepdim=True)
 
 
@@ -593,9 +632,13 @@ class Sampler:
     min_p: float = 0.05
     top_k: int = 1000
     repetition_penalty: float = 1.2
+    # built once, here: a compiled step then only reads them
+    _warpers: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
-    @cached_property
-    def _warpers(self) -> tuple[Any, ...]:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_warpers", self._make_warpers())
+
+    def _make_warpers(self) -> tuple[Any, ...]:
         """The processors other than the repetition penalty, in upstream's order."""
         top_p = TopPLogitsWarper(top_p=self.top_p)
         if not self.turbo:
@@ -637,15 +680,27 @@ class Sampler:
         rows per stream with guidance, cond then uncond), ``seen`` (B, vocab) and generators.
         ``analyzer``: upstream multilingual's alignment analyzer (one stream, its ``last_token``),
         which may suppress or force the stop token before the processors."""
-        rows = logits.size(0) // len(generators)
-        if rows == 2:
+        q = exponential_noise(len(generators), logits.size(-1), logits.device, generators)
+        return self.pick(logits, seen, q, analyzer, last_token)
+
+    def pick(
+        self,
+        logits: torch.Tensor,
+        seen: torch.Tensor,
+        q: torch.Tensor,
+        analyzer: Any = None,
+        last_token: int = 0,
+    ) -> torch.Tensor:
+        """``sample`` given the streams' noise ``q`` (``exponential_noise``): pure tensor
+        arithmetic, so it can run inside the compiled decode step."""
+        if logits.size(0) == 2 * q.size(0):  # guidance: cond and uncond rows per stream
             cond, uncond = logits[0::2], logits[1::2]
             guided = cond + self.cfg_weight * (cond - uncond)
         else:
             guided = logits
         if analyzer is not None:
             guided = analyzer.step(guided, next_token=last_token)
-        return draw(torch.softmax(self.scores(seen, guided), dim=-1), generators)
+        return draw(torch.softmax(self.scores(seen, guided), dim=-1), q)
 
     def saw(self, seen: torch.Tensor, token: torch.Tensor, first: bool) -> None:
         """Mark ``token`` (1, 1) in one stream's ``seen`` (1, vocab) after it was sampled. Turbo
@@ -766,6 +821,8 @@ def decode_blocks(
             if static:
                 _check_static(plan, device, batch, prefill_len, max_new_tokens)
             logits, past = head_logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
+            sampler = Sampler(turbo, cfg_weight, temperature, top_p, min_p, top_k, repetition_penalty)
+            seen = sampler.start(hp.start_speech_token, logits.size(-1), device)
             if static:
                 # The cache holds what the eager loop's DynamicCache would: the decode dtype when the
                 # decode weights differ, else the prefill's (DynamicCache keeps values in its keys' dtype).
@@ -773,7 +830,7 @@ def decode_blocks(
                 kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
                 held = plan.static_step(batch)
                 t_build = now(device)
-                step = _static_step(plan, batch, kv_dtype, device, ctx)
+                step = _static_step(plan, batch, kv_dtype, device, ctx, sampler)
                 if step is not held:
                     stats.compile_s = now(device) - t_build
                 stats.step_mode = step.mode
@@ -783,7 +840,8 @@ def decode_blocks(
                         "KV cache; finish or close it first, or decode this one with step='eager'"
                     )
                 step.load(past)
-                step.begin()
+                step.begin(sampler, seen)
+                seen = step.seen  # the step samples and marks the tokens after the first
                 compiled_s = step.compile_s  # a longer span compiled mid-way is added to compile_s
                 past = None
                 # Per-step inputs are views of these (no host tensor, no copy per step).
@@ -791,20 +849,22 @@ def decode_blocks(
                 slots = torch.arange(prefill_len, prefill_len + max_new_tokens, device=device)
             elif plan.decode.dtype != plan.prefill.dtype:
                 _cast_cache(past, plan.decode.dtype)
-            sampler = Sampler(turbo, cfg_weight, temperature, top_p, min_p, top_k, repetition_penalty)
-            seen = sampler.start(hp.start_speech_token, logits.size(-1), device)
             ids = torch.full((1, max_new_tokens + 1), hp.start_speech_token, dtype=torch.long, device=device)
         t_mark = now(device)
         stats.prefill_s = t_mark - t0 - stats.compile_s
         dec = plan.decode
         start = 0  # first step of the current block
+        sampled: torch.Tensor | None = None  # the next token, when the static step sampled it
         for i in range(max_new_tokens):
             with ctx():
                 if logits_out is not None:
                     logits_out.append(logits)
-                last_token = int(ids[0, i]) if analyzer is not None else 0  # a host read, as upstream
-                token = sampler.sample(logits, seen, [generator], analyzer, last_token)
-                sampler.saw(seen, token, first=i == 0)
+                if sampled is None:  # the first token (from the prefill's logits), or the eager step
+                    last_token = int(ids[0, i]) if analyzer is not None else 0  # a host read, as upstream
+                    token = sampler.sample(logits, seen, [generator], analyzer, last_token)
+                    sampler.saw(seen, token, first=i == 0)
+                else:
+                    token = sampled
                 ids[:, i + 1] = token[:, 0]
                 stats.steps = i + 1
                 last = i + 1 == max_new_tokens
@@ -827,9 +887,10 @@ def decode_blocks(
                     return
                 t_mark = now(device)
             with ctx():
-                if step is not None:
-                    slot = slots[i : i + 1]
-                    logits = step(token.expand(batch, 1), positions[i + 1 : i + 2], slot, prefill_len + i + 1)
+                if step is not None:  # the step samples the token after this one, on this noise
+                    q = exponential_noise(1, logits.size(-1), device, [generator])
+                    slot, length = slots[i : i + 1], prefill_len + i + 1
+                    logits, sampled = step(token.expand(batch, 1), positions[i + 1 : i + 2], slot, length, q)
                 else:
                     embed = dec.embed(token, i + 1)
                     logits, past = head_logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
