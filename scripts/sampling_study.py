@@ -49,7 +49,7 @@ def _level(b: int, device: torch.device) -> list[dict[str, object]]:
 
     def batched(seed: int) -> torch.Tensor:
         gens = [torch.Generator(device).manual_seed(seed + k) for k in range(b)]
-        return sampler.sample(logits, seen, gens)
+        return sampler.sample(logits, seen, gens)[0]  # the tokens (the finiteness flag apart)
 
     assert all(torch.equal(one_by_one(s), batched(s)) for s in range(5)), "tokens differ"
     rows: list[dict[str, object]] = []

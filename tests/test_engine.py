@@ -83,6 +83,49 @@ def test_every_stream_speaks_its_solo_tokens(tts: ChatterboxTTS, streams: int, j
     check_against_solo(tts, streams, join_after)
 
 
+def test_streams_without_guidance_join_others_of_their_settings(tts: ChatterboxTTS) -> None:
+    """cfg_weight=0 in a family with guidance: a stream has one logits row from its prefill,
+    two after its first step, so one joining mid-way is sampled apart from one running."""
+    sampling = {**family_of(tts).sampling, "cfg_weight": 0.0}
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        first = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS, **sampling)
+        for _ in range(500):  # bounded wait: the second joins while the first decodes
+            if len(first.tokens) >= 4:
+                break
+            time.sleep(0.01)
+        second = engine.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS, **sampling)
+        for h in (first, second):
+            assert sum(1 for _ in h) > 0 and h.error is None
+    plan = DecodePlan.plain(tts.t3, step="static")
+    for k, h in enumerate((first, second)):
+        ids = text_tokens(tts, TEXTS[k], 0.0)
+        alone = t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=TOKENS, plan=plan,
+                          generator=StreamRandom(k).generator(), **sampling)  # fmt: skip
+        assert h.sampled == alone.tokens[0].tolist(), k
+
+
+def test_a_stream_whose_logits_are_not_finite_fails_alone(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tts_workbench.runtime.decode import Sampler
+
+    real = Sampler.sample
+
+    def nan_at_temperature_07(self: Sampler, *a: object, **k: object) -> object:
+        tokens, bad = real(self, *a, **k)  # type: ignore[arg-type]
+        return tokens, bad | (self.temperature == 0.7)
+
+    monkeypatch.setattr(Sampler, "sample", nan_at_temperature_07)
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        with engine.together():
+            good = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+            bad = engine.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS, temperature=0.7)
+        with pytest.raises(RuntimeError, match="not finite"):
+            list(bad)
+        assert sum(1 for _ in good) > 0 and good.error is None
+    assert good.tokens == solo(tts, TEXTS[0], 0)[1]
+
+
 def test_the_warm_up_runs_in_the_t3_stage(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA graph trees keep their graphs per thread: the steps are built where they run."""
     with StreamEngine(tts, max_streams=2, config=CONFIG, max_cache_len=256) as engine:

@@ -245,6 +245,19 @@ def test_the_static_step_samples_inside_itself(
     assert r.tokens.size(1) == 20 and len(calls) == 1
 
 
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_logits_that_are_not_finite_raise_as_multinomial_did(tiny_tts: ChatterboxTTS, mode: str) -> None:
+    """The draw reads nothing back, so the check multinomial made every call is read at the
+    stop check: an error naming the cause, not a stream of token 0."""
+    plan = DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE)
+
+    def wrap(forward: Any) -> Any:
+        return lambda x: forward(x) * float("nan")
+
+    with shadow(tiny_tts.t3.speech_head, "forward", wrap), pytest.raises(RuntimeError, match="not finite"):
+        _run(tiny_tts, plan, n=20)
+
+
 def test_spans_double_from_256_up_to_the_cache() -> None:
     assert spans(1536) == [256, 512, 1536] and spans(1024) == [256, 512, 1024]
     assert spans(512) == [256, 512] and spans(384) == [384] and spans(100) == [100]

@@ -306,16 +306,16 @@ class StaticStep:
 
     def decode_one_token(
         self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor, q: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = self.parts
         embeds = p.embed(token, position).to(self.embed_dtype)
         out = p.tfmr(
             inputs_embeds=embeds, past_key_values=self.cache, cache_position=cache_position, use_cache=True
         )
         logits: torch.Tensor = p.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
-        token = self.sampler.pick(logits, self.seen, q)
+        token, bad = self.sampler.pick(logits, self.seen, q)
         self.seen.scatter_(1, token, True)
-        return logits, token
+        return logits, token, bad
 
     def _warm_up(self, enter: Callable[[], Any], warmup: int | None) -> None:
         """Compile the first span's graph and read which attention op it calls."""
@@ -396,9 +396,9 @@ class StaticStep:
         cache_position: torch.Tensor,
         length: int,
         q: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step's logits and next token; ``length``: slots in use once this step has
-        written its own; ``q``: the next token's noise."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's logits, next token and whether its probabilities were not finite (B, 1);
+        ``length``: slots in use once this step has written its own; ``q``: the next token's noise."""
         self._set_span(span_for(length, self.max_cache_len))
         if self.compiled and (self.span, self.sampler) not in self._compiled:  # compiled on this call
             t0 = now(self.device)
@@ -418,7 +418,7 @@ class StaticStep:
         position: torch.Tensor,
         slot: torch.Tensor,
         q: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stance = ExitStack()
         if self.compiled and self.skip_guards and self._guarded:
             stance.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
@@ -426,12 +426,11 @@ class StaticStep:
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
                 # The outputs live in the graph's memory pool, overwritten by the next replay.
-                logits, nxt = fn(token, position, slot, q)
-                logits, nxt = logits.clone(), nxt.clone()
+                logits, nxt, bad = (t.clone() for t in fn(token, position, slot, q))
             else:
-                logits, nxt = fn(token, position, slot, q)
+                logits, nxt, bad = fn(token, position, slot, q)
         self._guarded = True
-        return logits, nxt
+        return logits, nxt, bad
 
     def load(self, past: Any) -> None:
         """Copy a prefill's cache (keys/values of its first positions) into slots 0..n-1, cast to
@@ -675,11 +674,13 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
         analyzer: Any = None,
         last_token: int = 0,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next token (B, 1) of each of B streams from their ``logits`` (B·rows, vocab; two
-        rows per stream with guidance, cond then uncond), ``seen`` (B, vocab) and generators.
-        ``analyzer``: upstream multilingual's alignment analyzer (one stream, its ``last_token``),
-        which may suppress or force the stop token before the processors."""
+        rows per stream with guidance, cond then uncond), ``seen`` (B, vocab) and generators,
+        and (B, 1) whether a stream's probabilities were not finite (``multinomial`` raises
+        there; the caller reads it at its next host sync). ``analyzer``: upstream
+        multilingual's alignment analyzer (one stream, its ``last_token``), which may suppress
+        or force the stop token before the processors."""
         q = exponential_noise(len(generators), logits.size(-1), logits.device, generators)
         return self.pick(logits, seen, q, analyzer, last_token)
 
@@ -690,7 +691,7 @@ class Sampler:
         q: torch.Tensor,
         analyzer: Any = None,
         last_token: int = 0,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``sample`` given the streams' noise ``q`` (``exponential_noise``): pure tensor
         arithmetic, so it can run inside the compiled decode step."""
         if logits.size(0) == 2 * q.size(0):  # guidance: cond and uncond rows per stream
@@ -700,7 +701,8 @@ class Sampler:
             guided = logits
         if analyzer is not None:
             guided = analyzer.step(guided, next_token=last_token)
-        return draw(torch.softmax(self.scores(seen, guided), dim=-1), q)
+        probs = torch.softmax(self.scores(seen, guided), dim=-1)
+        return draw(probs, q), ~torch.isfinite(probs).all(dim=-1, keepdim=True)
 
     def saw(self, seen: torch.Tensor, token: torch.Tensor, first: bool) -> None:
         """Mark ``token`` (1, 1) in one stream's ``seen`` (1, vocab) after it was sampled. Turbo
@@ -855,13 +857,15 @@ def decode_blocks(
         dec = plan.decode
         start = 0  # first step of the current block
         sampled: torch.Tensor | None = None  # the next token, when the static step sampled it
+        invalid = torch.zeros((1, 1), dtype=torch.bool, device=device)  # a non-finite draw so far
         for i in range(max_new_tokens):
             with ctx():
                 if logits_out is not None:
                     logits_out.append(logits)
                 if sampled is None:  # the first token (from the prefill's logits), or the eager step
                     last_token = int(ids[0, i]) if analyzer is not None else 0  # a host read, as upstream
-                    token = sampler.sample(logits, seen, [generator], analyzer, last_token)
+                    token, bad = sampler.sample(logits, seen, [generator], analyzer, last_token)
+                    invalid |= bad
                     sampler.saw(seen, token, first=i == 0)
                 else:
                     token = sampled
@@ -872,6 +876,11 @@ def decode_blocks(
                 if (i + 1) % stop_check_every == 0 or last:
                     block = ids[:, start + 1 : i + 2].clone()
                     hits = (block[0] == hp.stop_speech_token).nonzero()  # a host sync on CUDA
+                    if bool(invalid):  # where multinomial would have raised
+                        raise RuntimeError(
+                            f"T3's logits were not finite by token {i + 1} (probability tensor contains "
+                            "inf or nan): an overflow in a half-precision dtype? Try policy='float32'"
+                        )
                     if hits.numel():
                         block, stats.stopped = block[:, : int(hits[0, 0]) + 1], True
                         stats.steps = start + block.size(1)
@@ -890,7 +899,10 @@ def decode_blocks(
                 if step is not None:  # the step samples the token after this one, on this noise
                     q = exponential_noise(1, logits.size(-1), device, [generator])
                     slot, length = slots[i : i + 1], prefill_len + i + 1
-                    logits, sampled = step(token.expand(batch, 1), positions[i + 1 : i + 2], slot, length, q)
+                    logits, sampled, bad = step(
+                        token.expand(batch, 1), positions[i + 1 : i + 2], slot, length, q
+                    )
+                    invalid |= bad
                 else:
                     embed = dec.embed(token, i + 1)
                     logits, past = head_logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)

@@ -382,8 +382,8 @@ class StreamEngine:
     def warmup(self) -> float:
         """Build (compile) the step of every bucket and span now, so no stream waits for it;
         seconds. (A tight ``max_cache_len`` means fewer spans to compile.) It runs in the T3
-        stage's thread, between its steps: CUDA graph trees keep their graphs per thread, and
-        the cache is the stage's alone."""
+        stage's thread (CUDA graph trees keep their graphs per thread) once no stream is live
+        (each build writes a slot of every row); streams submitted meanwhile join after it."""
         done, seconds, errors = threading.Event(), [], []
 
         def build() -> None:
@@ -473,8 +473,9 @@ class StreamEngine:
                     self._lock.wait()
                 if self._stopped:
                     return
-                jobs, self._jobs = self._jobs, []
-                room = 0 if self._held else self.max_streams - len(self._live)
+                # A warm-up writes the last slot of each span in every row: only with no stream live.
+                jobs, self._jobs = ([], self._jobs) if self._live else (self._jobs, [])
+                room = 0 if self._held or self._jobs else self.max_streams - len(self._live)
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
             for job in jobs:  # a warm-up, between steps
                 job()
@@ -531,6 +532,8 @@ class StreamEngine:
         if not temperature > 0:  # T3.inference divides the logits by it
             raise ConfigError(f"temperature must be above 0, got {temperature}")
         language = language_for(self.tts, r.language_id)
+        if self._streams:  # the voice's conditionals may have been made on the default stream
+            torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
         with self._ctx():
             tokens = text_tokens(self.tts, r.text, cfg_weight, language).to(self.device)
@@ -688,9 +691,11 @@ class StreamEngine:
         n = self.rows_per_stream
         lives = list(self._live)
         failed: list[tuple[_Live, Exception]] = []
-        groups: dict[Sampler, list[_Live]] = {}
+        # One batch per sampler and number of logits rows (a stream without guidance in a family
+        # with it has one row from its prefill, two after its first step).
+        groups: dict[tuple[Sampler, int], list[_Live]] = {}
         for live in lives:
-            groups.setdefault(live.sampler, []).append(live)
+            groups.setdefault((live.sampler, live.logits.size(0)), []).append(live)
         with self._ctx():
             sampled: dict[int, torch.Tensor] = {}
             for group in groups.values():
@@ -698,10 +703,16 @@ class StreamEngine:
                     tokens = self._sample(group)
                 except Exception as e:  # the group's sampling failed: its streams end, with the error
                     failed += [(live, e) for live in group]
-                    tokens = torch.zeros((len(group), 1), dtype=torch.long, device=self.device)
+                    tokens = torch.zeros((len(group), 2), dtype=torch.long, device=self.device)
                 sampled.update({id(live): tokens[k] for k, live in enumerate(group)})
             # one host sync per step, for all streams
-            values = torch.stack([sampled[id(live)] for live in lives]).view(-1).tolist()
+            read = torch.stack([sampled[id(live)] for live in lives]).tolist()
+        values = [value for value, _ in read]
+        for live, (_, bad) in zip(lives, read, strict=True):
+            if bad and id(live) not in {id(f) for f, _ in failed}:  # where multinomial would have raised
+                failed.append((live, RuntimeError(
+                    "T3's logits were not finite (probability tensor contains inf or nan): an "
+                    "overflow in a half-precision dtype? Try the float32 step")))  # fmt: skip
         stop = self.tts.t3.hp.stop_speech_token
         ending = []
         with self._lock:  # the S3Gen stage sees every stream's token of this step, or none
@@ -757,13 +768,14 @@ class StreamEngine:
         self._wake()
 
     def _sample(self, group: list[_Live]) -> torch.Tensor:
-        """The next token (B, 1) of B streams with one sampler: guidance, the processors in
-        upstream's order and the draws batched, each stream on its own generator."""
+        """The next token and whether its probabilities were not finite, (B, 2), of B streams
+        with one sampler: guidance, the processors in upstream's order and the draws batched,
+        each stream on its own generator."""
         if self.keep_logits:
             for live in group:
                 live.handle.logits.append(live.logits.clone())
         sampler = group[0].sampler
-        tokens = sampler.sample(
+        tokens, bad = sampler.sample(
             torch.cat([live.logits for live in group]),
             torch.cat([live.seen for live in group]),
             [live.generator for live in group],
@@ -772,7 +784,7 @@ class StreamEngine:
             token = tokens[k : k + 1]
             sampler.saw(live.seen, token, first=live.step == 0)
             live.ids[:, live.step + 1] = token[:, 0]
-        return tokens
+        return torch.cat([tokens, bad.long()], dim=1)
 
     # ------------------------------------------------------------------ S3Gen stage
 
