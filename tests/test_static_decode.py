@@ -288,15 +288,16 @@ def test_a_generation_past_the_first_span_goes_on_like_the_eager_loop(
 
 
 def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: ChatterboxTTS) -> None:
-    cpu = torch.device("cpu")
+    cpu, sampler = torch.device("cpu"), Sampler(turbo=False)
     step = StaticStep(
-        T3Parts.of(tiny_tts.t3), batch=2, max_cache_len=CACHE, dtype=torch.float32, device=cpu, compile=True
-    )
+        T3Parts.of(tiny_tts.t3), batch=2, max_cache_len=CACHE, dtype=torch.float32, device=cpu, compile=True,
+        sampler=sampler,
+    )  # fmt: skip
     assert step.compiled and step.skip_guards
     with torch.inference_mode():
         token = torch.zeros((1, 1), dtype=torch.long).expand(2, 1)  # as decode_blocks passes it
         position, slot = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
-        sampler, q = Sampler(turbo=False), torch.ones(1, step.seen.size(1))
+        q = torch.ones(1, step.seen.size(1))
         step.begin(sampler, step.seen.clone())
         step(token, position, slot, 1, q)  # guards checked
         step(token, position, slot, 1, q)  # guards skipped

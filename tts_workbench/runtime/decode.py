@@ -266,10 +266,10 @@ class StaticStep:
         compile: bool = False,
         enter: Callable[[], Any] = torch.inference_mode,
         warmup: int | None = None,
-        sampler: Sampler | None = None,
+        sampler: Sampler,
     ) -> None:
         self.parts, self.batch, self.max_cache_len = parts, batch, max_cache_len
-        self.sampler = sampler or Sampler(turbo=batch == 1)  # decode_blocks sets each generation's
+        self.sampler = sampler  # the warm-up's; ``begin`` sets each generation's
         self.dtype, self.device = dtype, torch.device(device)
         self.embed_dtype = parts.dtype
         config: Any = parts.tfmr.config
@@ -314,7 +314,7 @@ class StaticStep:
         )
         logits: torch.Tensor = p.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
         token, bad = self.sampler.pick(logits, self.seen, q)
-        self.seen.scatter_(1, token, True)
+        self.sampler.saw(self.seen, token, first=False)
         return logits, token, bad
 
     def _warm_up(self, enter: Callable[[], Any], warmup: int | None) -> None:
@@ -597,6 +597,15 @@ def penalize(seen: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.
     return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
 
 
+def not_finite(where: str) -> RuntimeError:
+    """The error ``multinomial`` raised on probabilities that are not finite, with the likely
+    cause (the draw here reads nothing back: callers check at their next host sync)."""
+    return RuntimeError(
+        f"T3's logits were not finite {where} (probability tensor contains inf or nan): "
+        "an overflow in a half-precision dtype? Decode in float32"
+    )
+
+
 def exponential_noise(
     rows: int, vocab: int, device: torch.device, generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
@@ -877,18 +886,15 @@ def decode_blocks(
                     block = ids[:, start + 1 : i + 2].clone()
                     hits = (block[0] == hp.stop_speech_token).nonzero()  # a host sync on CUDA
                     if bool(invalid):  # where multinomial would have raised
-                        raise RuntimeError(
-                            f"T3's logits were not finite by token {i + 1} (probability tensor contains "
-                            "inf or nan): an overflow in a half-precision dtype? Try policy='float32'"
-                        )
+                        raise not_finite(f"by token {i + 1}")
                     if hits.numel():
                         block, stats.stopped = block[:, : int(hits[0, 0]) + 1], True
                         stats.steps = start + block.size(1)
                     start = i + 1
             if block is not None:
-                grown = step.compile_s - compiled_s if step is not None else 0.0
+                grown = 0.0  # a longer span compiled mid-way: compiling, not decoding
                 if step is not None:
-                    compiled_s = step.compile_s
+                    grown, compiled_s = step.compile_s - compiled_s, step.compile_s
                 stats.compile_s += grown
                 stats.decode_s += now(device) - t_mark - grown
                 yield block

@@ -61,6 +61,7 @@ from .decode import (
     check_room,
     head_logits,
     is_turbo,
+    not_finite,
     prefill_embeds,
     span_for,
     spans,
@@ -708,11 +709,11 @@ class StreamEngine:
             # one host sync per step, for all streams
             read = torch.stack([sampled[id(live)] for live in lives]).tolist()
         values = [value for value, _ in read]
+        broken = {id(live) for live, _ in failed}
         for live, (_, bad) in zip(lives, read, strict=True):
-            if bad and id(live) not in {id(f) for f, _ in failed}:  # where multinomial would have raised
-                failed.append((live, RuntimeError(
-                    "T3's logits were not finite (probability tensor contains inf or nan): an "
-                    "overflow in a half-precision dtype? Try the float32 step")))  # fmt: skip
+            if bad and id(live) not in broken:  # where multinomial would have raised
+                failed.append((live, not_finite("at this stream's step")))
+                broken.add(id(live))
         stop = self.tts.t3.hp.stop_speech_token
         ending = []
         with self._lock:  # the S3Gen stage sees every stream's token of this step, or none
@@ -720,7 +721,6 @@ class StreamEngine:
                 self.stats.failed += 1
                 live.handle.error, live.handle.closed = error, True
                 live.handle._put(error)
-            broken = {id(live) for live, _ in failed}
             for live, value in zip(lives, values, strict=True):
                 if id(live) in broken:
                     ending.append(live)
