@@ -10,7 +10,11 @@
 #   2. sampling the next tokens of 1, 8, 32 and 64 streams: upstream's way one stream at a time
 #      vs decode.Sampler batched (scripts/sampling_study.py, ~30 s);
 #   3. (GPU_CHECK_DIAGNOSE=1) the diagnosis on CUDA: which SDPA kernel upstream's float32 decode
-#      ran, why Flash was refused, and where a float16 cast breaks.
+#      ran, why Flash was refused, and where a float16 cast breaks;
+#   4. (GPU_CHECK_TRACE=1, the default) `tts-workbench trace`: T3's decode with the eager and the
+#      compiled step profiled after a warm-up, each one's t3.decode region (its first 20 steps)
+#      read by HolisticTraceAnalysis (device idle share, launch delays, top kernels); the trimmed
+#      region traces are copied to results/traces/ (issue 22: test data for trace_analysis).
 # Each step runs on its own with a time limit: one that fails or runs out is recorded with the
 # end of its stderr and the next one still runs. Everything lands in one results file.
 #
@@ -109,6 +113,11 @@ if [[ $COMBINE != 1 ]]; then  # sampling B streams: one at a time vs decode.Samp
     timeout "$LIMIT" $PY scripts/sampling_study.py --device $DEVICE --streams $SAMPLED \
         > "$DIR/sampling.json" 2> "$DIR/sampling.err" || tail -5 "$DIR/sampling.err" >&2
 fi
+if [[ $COMBINE != 1 && ${GPU_CHECK_TRACE:-1} == 1 ]]; then
+    [[ $DRY == 1 ]] && STEPS=eager,static || STEPS=eager,compiled  # no compile in the dry run
+    step trace $PY -m tts_workbench.interface.cli trace --model $MODEL --device $DEVICE --tokens $((TOKENS < 60 ? TOKENS : 60)) \
+        --steps $STEPS --dtype bfloat16 --keep 20 --logdir "$DIR/traces"
+fi
 [[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.interface.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 
@@ -144,6 +153,13 @@ diagnose, errors["diagnose"] = load("diagnose")
 load_study, errors["load"] = load("load")
 served, errors["serve-load"] = load("serve-load")
 sampling, errors["sampling"] = load("sampling")
+traced, errors["trace"] = load("trace")
+if traced and not dry:  # the trimmed decode-region traces, kept beside the results file
+    import shutil
+    keep = out.parent / "traces"
+    keep.mkdir(exist_ok=True)
+    for step, path in traced["traces"].items():
+        traced["traces"][step] = str(shutil.copy(path, keep / f"decode_{step}.json.gz"))
 for study in (load_study, served):  # the per-stream rows stay in the step's own JSON
     for level in (study or {}).get("levels", []):
         level.pop("per_stream")
@@ -157,6 +173,7 @@ result = {
     "load": load_study,
     "serve_load": served,
     "sampling": sampling,
+    "trace": traced,
     "errors": {k: v for k, v in errors.items() if v},
 }
 out.write_text(json.dumps(result, indent=2))
@@ -173,6 +190,9 @@ if served:
     print("\n## the same streams over HTTP (serve, one replica)\n" + format_load(served))
 if sampling:
     print("\n## sampling, batched / one stream at a time:", sampling["batched_over_one_by_one"])
+if traced:
+    from tts_workbench.studies.profile_report import format_decode_traces
+    print("\n## T3 decode region on the device (HolisticTraceAnalysis)\n" + format_decode_traces(traced))
 print(f"\nerrors: {sorted(result['errors']) or 'none'}\nwrote {out}")
 sys.exit(1 if result["errors"] else 0)
 PY

@@ -38,6 +38,7 @@ from tts_workbench.instruments.profiling import (
     trace_names,
     write_ops,
 )
+from tts_workbench.instruments.trace_analysis import CPU_ONLY_NOTE
 from tts_workbench.interface.cli import main
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import UpstreamTTS
@@ -192,6 +193,8 @@ def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert report["decode_step"] == {
         "step": "compiled", "kernels": ["flash (CPU)"], "found_by": "Inductor's generated code",
     }  # fmt: skip
+    # a CPU trace: HolisticTraceAnalysis has no device activity to read, and the report says so
+    assert report["device_trace"] == {"device": "cpu only", "note": CPU_ONLY_NOTE}
 
 
 def test_bench_cli_tiny(
@@ -275,6 +278,9 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     ways = {"upstream, one stream at a time", "Sampler, batched"}
     assert {r["how"] for r in result["sampling"]["rows"]} == ways
     assert set(result["sampling"]["batched_over_one_by_one"]) == {"2"}
+    # the decode region per step, read by HolisticTraceAnalysis: on CPU only the note
+    assert [r["run"] for r in result["trace"]["table"]] == ["eager", "static"]
+    assert {r["device"] for r in result["trace"]["table"]} == {"cpu only"}
 
 
 def test_memory_window_sees_a_block_peak_and_not_what_came_before() -> None:

@@ -112,3 +112,27 @@ def memory_figure(memory: pd.DataFrame, device: str = "cpu") -> Figure:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def device_time_figure(table: pd.DataFrame, title: str = "device time in the decode region") -> Figure:
+    """Where the device's time went, one bar per run (``trace_analysis.compare``): compute,
+    non-compute (copies, memsets), idle waiting for the host and other idle, in % of the span
+    from the first kernel to the last. A host-bound step is mostly host wait."""
+    host = table["idle_pct"] * table["idle_host_wait_pct"] / 100
+    parts = (
+        ("compute", table["compute_pct"], "tab:blue"),
+        ("non-compute", table["non_compute_pct"], "tab:purple"),
+        ("idle: host wait", host, "tab:red"),
+        ("idle: other", table["idle_pct"] - host, "tab:gray"),
+    )
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.45 * len(table)))
+    left = np.zeros(len(table))
+    for label, share, color in parts:
+        ax.barh(table["run"], share, left=left, color=color, label=label)
+        left += share.to_numpy()
+    ax.set(xlabel="% of the device's span (HolisticTraceAnalysis)", xlim=(0, 100))
+    ax.set_title(title, pad=24)
+    ax.invert_yaxis()
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

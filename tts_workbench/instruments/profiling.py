@@ -25,7 +25,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -106,9 +106,14 @@ def profile_run(
     memory: bool = False,
     schedule: Callable[[int], Any] | None = None,
     extra_tfmrs: Sequence[object] = (),
+    phases: bool = True,
 ) -> Iterator[torch.profiler.profile]:
     """Profile the block with phase regions; the trace goes to ``logdir/run/`` in the format
     TensorBoard's PyTorch Profiler plugin reads (it is also a Chrome/Perfetto trace).
+
+    ``phases=False`` leaves the model's methods alone: a compiled step guards on the functions
+    it traced, so the phase hooks would make it compile again (``decode.decode_blocks`` labels
+    its steps ``t3.decode`` itself).
 
     With a ``schedule`` (see ``long_run_schedule``) call ``prof.step()`` per iteration, e.g. per
     streamed chunk with ``profiled_chunks``.
@@ -122,7 +127,7 @@ def profile_run(
             schedule=schedule,
             on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name="workbench"),
         ) as prof,
-        phase_regions(tts, extra_tfmrs),
+        phase_regions(tts, extra_tfmrs) if phases else nullcontext(),
     ):
         yield prof
 

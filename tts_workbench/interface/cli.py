@@ -129,6 +129,20 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
     return report, format_profile
 
 
+def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    import torch
+
+    from ..runtime.optimized import check_decode
+    from ..studies.profile_report import decode_trace_report, decode_traces, format_decode_traces
+
+    steps = [check_decode(s, torch.device(args.device)) for s in args.steps.split(",") if s]
+    if not steps:
+        raise ValueError("argument --steps: no decode step given: use eager, static or compiled")
+    tts = _voiced_model(args, args.logdir)
+    reports = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
+    return decode_trace_report(reports, args.dtype, args.tokens), format_decode_traces
+
+
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..runtime.streaming import StreamConfig
     from ..studies.load import format_load, parse_arrival, parse_levels, read_texts, run_load
@@ -235,6 +249,35 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text", help=TEXT_HELP)
     pr.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     pr.set_defaults(run=_profile, tokens=40)
+
+    tr = sub.add_parser(
+        "trace",
+        help="T3's decode region per decode step, read from a device trace by HolisticTraceAnalysis",
+    )
+    _common(tr)
+    tr.add_argument(
+        "--steps", default="eager,compiled", help="comma list of decode steps: eager, static, compiled"
+    )
+    tr.add_argument(
+        "--dtype",
+        default="float32",
+        choices=[
+            "float32",
+            "bfloat16",
+            "float16",
+            "decode-bfloat16",
+            "autocast-bfloat16",
+            "autocast-float16",
+        ],
+        help="dtype policy of T3's decode (precision.POLICIES)",
+    )
+    tr.add_argument(
+        "--keep", type=_positive, help="keep the first KEEP decode steps of each trace (a smaller file)"
+    )
+    tr.add_argument("--logdir", default="runs/trace", help="TensorBoard log folder; one run per decode step")
+    tr.add_argument("--text", help=TEXT_HELP)
+    tr.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    tr.set_defaults(run=_trace, tokens=60)
 
     b = sub.add_parser("bench", help="upstream vs optimized side by side, interleaved, with ratios")
     _common(b)

@@ -66,6 +66,7 @@ from chatterbox.mtl_tts import punc_norm as mtl_punc_norm
 from chatterbox.tts import punc_norm
 from chatterbox.tts_turbo import punc_norm as turbo_punc_norm
 from torch import nn
+from torch.autograd.profiler import record_function
 from transformers.cache_utils import StaticCache, StaticLayer
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
@@ -901,7 +902,9 @@ def decode_blocks(
                 if stats.stopped or last:
                     return
                 t_mark = now(device)
-            with ctx():
+            # A profiler range per decode step, whatever runs it (a compiled graph calls nothing
+            # the phase hooks see): trace_analysis.region_trace cuts the decode steps out by it.
+            with ctx(), record_function("t3.decode"):
                 if step is not None:  # the step samples the token after this one, on this noise
                     q = exponential_noise(1, logits.size(-1), device, [generator])
                     slot, length = slots[i : i + 1], prefill_len + i + 1

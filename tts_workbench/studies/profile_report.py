@@ -1,15 +1,27 @@
-"""The ``profile`` command: one upstream generation under the profiler, its op frame (saved
-beside the trace), the top operators per phase read from it, and the attention kernels it saw
-looked up in the trace file that TensorBoard and Perfetto open."""
+"""The ``profile`` and ``trace`` commands.
+
+``profile``: one upstream generation under the profiler, its op frame (saved beside the trace),
+the top operators per phase read from it, the attention kernels it saw looked up in the trace
+file that TensorBoard and Perfetto open, and HolisticTraceAnalysis's reading of its decode
+region where the trace has device activity.
+
+``trace``: T3's decode with each decode step (eager, static, compiled) profiled after a warm-up,
+its ``t3.decode`` region cut out and read by HolisticTraceAnalysis: how much of the decode the
+device sat idle waiting for the host, side by side per step.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
+from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments.attention import KernelRecord
 from ..instruments.profiling import (
@@ -21,7 +33,10 @@ from ..instruments.profiling import (
     trace_names,
     write_ops,
 )
+from ..instruments.trace_analysis import TraceReport, analyze_region, compare
+from ..runtime.decode import StepMode, t3_decode, text_tokens
 from ..runtime.generation import generate
+from ..runtime.optimized import check_decode, decode_plan
 from .diagnose import decode_step_kernels
 
 
@@ -47,6 +62,7 @@ def profile_generation(
     top = top_ops(ops, by="total_ms")
     recorded = sorted(KernelRecord(ops).kernels("t3.decode"))
     in_trace = trace_names(path)
+    device = analyze_region(path, "t3.decode", path.parent / "t3.decode.json.gz")
     return {
         "run": run,
         "logdir": str(logdir),
@@ -61,6 +77,7 @@ def profile_generation(
         "recorded_decode_kernels": recorded,
         "recorded_kernels_in_trace": {k: KERNEL_OPS[k] in in_trace for k in recorded},
         "decode_step": decode_step_kernels(tts, text, decode, seed, min(tokens, 20)),
+        "device_trace": device.summary(),
         "open_with": [
             f"tensorboard --logdir {logdir}  (PYTORCH_PROFILER tab)",
             f"https://ui.perfetto.dev: {path}",
@@ -79,9 +96,80 @@ def format_profile(report: dict[str, Any]) -> str:
             render(top, {"self_ms": ".1f", "total_ms": ".1f"}),
             f"attention kernel(s) in t3.decode, found in the trace file: {seen}",
             f"T3 decode step {step['step']}: {', '.join(step['kernels'])} (found by {step['found_by']})",
+            f"t3.decode on the device (HolisticTraceAnalysis): {_device_line(report['device_trace'])}",
             report["note"],
             f"trace: {report['trace']}",
             f"op frame: {report['ops']} (profiling.read_ops)",
             *report["open_with"],
         ]
     )
+
+
+def _device_line(summary: dict[str, Any]) -> str:
+    if "idle_pct" not in summary:
+        return str(summary["note"])
+    return (
+        f"{summary['device']}: idle {summary['idle_pct']:.1f}% of the span "
+        f"({summary['idle_host_wait_pct']:.0f}% of it waiting for the host), "
+        f"median launch delay {summary['median_launch_delay_us']:.0f} us"
+    )
+
+
+def decode_traces(
+    tts: ChatterboxTTS,
+    steps: Sequence[str],
+    logdir: str | Path,
+    tokens: int,
+    text: str,
+    seed: int = 0,
+    policy: str = "float32",
+    keep: int | None = None,
+) -> dict[str, TraceReport]:
+    """For each decode step: T3's decode (weights as ``policy``) run once to warm up (compile,
+    CUDA graphs, cache) and once under the profiler without phase hooks (they would make a
+    compiled step compile again), its ``t3.decode`` region (the first ``keep`` steps, if given)
+    cut to ``logdir/decode-STEP/t3.decode.json.gz`` and read by HolisticTraceAnalysis."""
+    assert tts.conds is not None  # the caller prepared a voice
+    ids = text_tokens(tts, text)
+    reports = {}
+    for step in steps:
+        plan = replace(decode_plan(tts, policy), step=cast(StepMode, check_decode(step, tts.t3.device)))
+        for profiled in (False, True):  # a warm-up, then the run that is traced
+            with profile_run(tts, logdir, f"decode-{step}", phases=False) if profiled else nullcontext():
+                rng = StreamRandom(seed).generator(tts.device)
+                t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng)
+        path = trace_files(Path(logdir) / f"decode-{step}")[-1]
+        reports[step] = analyze_region(path, "t3.decode", path.parent / "t3.decode.json.gz", keep)
+    return reports
+
+
+def decode_trace_report(
+    reports: dict[str, TraceReport], policy: str, tokens: int, top: int = 5
+) -> dict[str, Any]:
+    """``decode_traces``' reports as JSON: the side-by-side table and each step's top kernels."""
+    return {
+        "policy": policy,
+        "note": f"random weights never emit a stop token: each decode runs {tokens} tokens",
+        "table": compare(reports).to_dict("records"),
+        "traces": {step: r.trace for step, r in reports.items()},
+        "top_kernels": {step: r.kernels.head(top).to_dict("records") for step, r in reports.items()},
+    }
+
+
+def format_decode_traces(report: dict[str, Any]) -> str:
+    """The side-by-side table, each step's top kernels, and where the region traces are."""
+    table = pd.DataFrame(report["table"])
+    lines = [
+        f"T3 decode region per decode step (weights: {report['policy']}), read by HolisticTraceAnalysis:"
+    ]
+    if "idle_pct" not in table:
+        return "\n".join([*lines, str(table["note"].iloc[0]), report["note"]])
+    cols = ["run", "device", "compute_pct", "idle_pct", "idle_host_wait_pct", "launches",
+            "median_launch_delay_us", "gpu_shorter_than_launch_pct"]  # fmt: skip
+    lines.append(render(table[cols], {c: ".1f" for c in cols[2:]}))
+    for step, kernels in report["top_kernels"].items():
+        top = pd.DataFrame(kernels)[["kernel", "sum_us", "share_pct"]]
+        top["kernel"] = top["kernel"].str.slice(0, 80)
+        lines += [f"top kernels, {step}:", render(top, {"sum_us": ".0f", "share_pct": ".1f"})]
+    lines += [report["note"], *(f"{step}: {path}" for step, path in report["traces"].items())]
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""HolisticTraceAnalysis on device traces: a hand-made trace with known answers, a real GPU
+trace (tests/data/README.md), and this project's own CPU traces, where HTA has nothing to read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chatterbox.tts import ChatterboxTTS
+
+from tts_workbench.instruments.trace_analysis import (
+    CPU_ONLY_NOTE,
+    DEVICE_CATEGORIES,
+    analyze,
+    analyze_region,
+    compare,
+    read_trace,
+    region_trace,
+)
+from tts_workbench.interface.cli import main
+from tts_workbench.studies.profile_report import decode_trace_report, decode_traces, format_decode_traces
+
+GPU_TRACE = Path(__file__).parent / "data" / "hta_a100_simple_add.pt.trace.json.gz"
+GPU_REGION = "[param|pytorch.model.alex_net|0|0|0|measure|forward]"  # two ranges in that trace
+
+
+def _kernel(ts: int, dur: int, corr: int) -> dict[str, Any]:
+    args = {"device": 0, "stream": 7, "correlation": corr, "External id": corr}
+    return {
+        "ph": "X",
+        "cat": "kernel",
+        "name": f"k{corr}",
+        "pid": 0,
+        "tid": 7,
+        "ts": ts,
+        "dur": dur,
+        "args": args,
+    }
+
+
+def _launch(ts: int, dur: int, corr: int) -> dict[str, Any]:
+    args = {"correlation": corr, "External id": corr}
+    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1, "tid": 1,
+            "ts": ts, "dur": dur, "args": args}  # fmt: skip
+
+
+@pytest.fixture
+def known_trace(tmp_path: Path) -> Path:
+    """Three kernels on one stream, µs: [100, 110), [150, 170), [175, 180), launched by calls
+    ending at 95, 145 and 174; a ``t3.decode`` range from 139 to 175 holds the last two launches."""
+    events = [_launch(90, 5, 1), _kernel(100, 10, 1), _launch(140, 5, 2), _kernel(150, 20, 2),
+              _launch(172, 2, 3), _kernel(175, 5, 3),
+              {"ph": "X", "cat": "user_annotation", "name": "t3.decode", "pid": 1, "tid": 1,
+               "ts": 139, "dur": 36}]  # fmt: skip
+    trace = {
+        "deviceProperties": [{"id": 0, "name": "test GPU"}],
+        "distributedInfo": {"rank": 0},
+        "traceEvents": events,
+    }
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps(trace))
+    return path
+
+
+def test_known_trace_numbers(known_trace: Path) -> None:
+    r = analyze(known_trace)
+    # span 100..180 = 80 µs, kernels 35 µs, gaps 40 + 5 µs
+    assert r.temporal[["idle_us", "compute_us", "non_compute_us"]].iloc[0].tolist() == [45, 35, 0]
+    assert r.temporal["idle_pct"].iloc[0] == pytest.approx(56.25)
+    assert r.launches["launch_delay_us"].tolist() == [5, 5, 1]
+    assert r.launches[["cpu_us", "gpu_us"]].values.tolist() == [[5, 10], [5, 20], [2, 5]]
+    assert r.kernels["kernel"].tolist() == ["k2", "k1", "k3"]  # by time, largest first
+    assert r.kernels["share_pct"].tolist() == pytest.approx([100 * 20 / 35, 100 * 10 / 35, 100 * 5 / 35])
+    s = r.summary()
+    assert s["device"] == "test GPU" and s["span_us"] == 80 and s["top_kernel"] == "k2"
+    assert s["idle_host_wait_pct"] == 100.0  # each kernel was launched after the one before it ended
+
+
+def test_known_trace_region(known_trace: Path, tmp_path: Path) -> None:
+    r = analyze_region(known_trace, "t3.decode", tmp_path / "cut.json.gz")
+    # kernels 2 and 3 only (kernel 3 starts at the range's end: it counts by its launch)
+    assert r.launches["correlation"].tolist() == [2, 3]
+    assert r.temporal[["idle_us", "compute_us"]].iloc[0].tolist() == [5, 25]
+    with pytest.raises(ValueError, match="no profiler range named 'prefill'.*phase_regions"):
+        region_trace(known_trace, "prefill", tmp_path / "none.json")
+
+
+def test_real_gpu_trace_region(tmp_path: Path) -> None:
+    whole = analyze(GPU_TRACE)
+    region = analyze_region(GPU_TRACE, GPU_REGION, tmp_path / "cut.json.gz")
+    assert whole.device == region.device == "NVIDIA A100-PG509-200"
+    cut = read_trace(region.trace)
+    ranges = [e for e in cut["traceEvents"] if e.get("name") == GPU_REGION]
+    start, end = ranges[0]["ts"], ranges[-1]["ts"] + ranges[-1]["dur"]
+    launched = {e["args"]["correlation"] for e in cut["traceEvents"] if e.get("cat") == "cuda_runtime"}
+    device = [e for e in cut["traceEvents"] if e.get("cat") in DEVICE_CATEGORIES]
+    # only the window's host events, and only the device work they launched
+    assert len(ranges) == 2 and all(
+        start <= e["ts"] <= end for e in cut["traceEvents"] if e.get("cat") == "cpu_op"
+    )
+    assert device and {e["args"]["correlation"] for e in device} <= launched
+    assert set(region.launches["correlation"]) <= launched
+    assert 0 < len(region.launches) < len(whole.launches)
+    for r in (whole, region):
+        t = r.temporal.iloc[0]
+        assert t["idle_pct"] + t["compute_pct"] + t["non_compute_pct"] == pytest.approx(100, abs=0.05)
+        assert r.kernels["share_pct"].sum() == pytest.approx(100)
+    table = compare({"whole": whole, "region": region})
+    assert table["run"].tolist() == ["whole", "region"]
+    assert table["span_us"].iloc[1] < table["span_us"].iloc[0]
+
+
+@pytest.fixture(scope="module")
+def cpu_traces(
+    tiny_tts: ChatterboxTTS, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any]]:
+    logdir = tmp_path_factory.mktemp("trace")
+    return logdir, decode_traces(tiny_tts, ["eager", "static"], logdir, tokens=8, text="Hello there.")
+
+
+def test_cpu_trace_says_what_hta_cannot_show(cpu_traces: tuple[Path, dict[str, Any]]) -> None:
+    logdir, reports = cpu_traces
+    assert list(reports) == ["eager", "static"]
+    for r in reports.values():
+        assert not r.has_device_activity and r.note == CPU_ONLY_NOTE and r.summary()["device"] == "cpu only"
+    report = decode_trace_report(reports, "float32", 8)
+    assert "no device activity" in format_decode_traces(report)
+
+
+def test_region_of_own_cpu_trace(cpu_traces: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    logdir, reports = cpu_traces
+    for step in reports:  # decode_blocks labels its steps whatever runs them
+        trace = next((logdir / f"decode-{step}").glob("*.pt.trace.json*"))
+        cut = read_trace(region_trace(trace, "t3.decode", tmp_path / f"{step}.json", occurrences=3))
+        ranges = [
+            e for e in cut["traceEvents"] if e.get("cat") == "user_annotation" and e["name"] == "t3.decode"
+        ]
+        assert len(ranges) == 3, step
+        end = ranges[-1]["ts"] + ranges[-1]["dur"]
+        assert all(
+            ranges[0]["ts"] <= e["ts"] <= end for e in cut["traceEvents"] if "ts" in e and e.get("ph") == "X"
+        )
+
+
+def test_trace_cli_refuses_unknown_step(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "--steps", "eager,fast"]) == 2
+    assert "unknown decode step 'fast'" in capsys.readouterr().err

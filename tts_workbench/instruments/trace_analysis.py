@@ -1,0 +1,234 @@
+"""Device traces read by HolisticTraceAnalysis (HTA), PyTorch's own reader of GPU traces.
+
+A trace written by ``profiling.profile_run`` on a GPU holds, beside the host's operators, every
+kernel the device ran, CUDA-graph replays included, each tied to the host call that launched it
+by a correlation id. HTA turns that into the numbers that say whether a step is host-bound: the
+share of the device's time it sat idle (temporal breakdown), the idle time split into waiting
+for the host and gaps between kernels (idle breakdown), which kernels took the time (kernel
+breakdown) and how long each launch took on the host against on the device (launch
+statistics).
+
+``region_trace`` cuts a trace down to one phase region (``t3.decode``: the decode steps alone,
+without the prefill or S3Gen) and writes it as a trace of its own, small enough to keep; HTA
+then reads the region as a whole trace. ``analyze`` runs the four analyses on one trace file
+and returns them as DataFrames with units in the column names; ``compare`` puts the headline
+numbers of several side by side. A trace without device activity (a CPU-only profile) gets no
+frames and a note saying what HTA cannot show there.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# Trace event categories of work on the device (Kineto's names).
+DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
+# Host events that launch device work and carry its correlation id.
+LAUNCH_CATEGORIES = frozenset({"cuda_runtime", "cuda_driver"})
+
+CPU_ONLY_NOTE = (
+    "no device activity in this trace (a CPU-only profile): HTA's temporal, idle and kernel "
+    "breakdowns and its launch statistics are all read from device kernels and their launches, "
+    "so none of them exists here; the host's operator times are in the op frame "
+    "(profiling.op_frame) instead"
+)
+
+
+def read_trace(path: str | Path) -> dict[str, Any]:
+    """A Chrome/Kineto trace file (``.json`` or ``.json.gz``) as written by torch.profiler."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        trace: dict[str, Any] = json.load(f)
+    return trace
+
+
+def device_events(trace: Mapping[str, Any]) -> int:
+    """How many device events (kernels, copies, memsets) a trace holds."""
+    return sum(1 for e in trace["traceEvents"] if e.get("cat") in DEVICE_CATEGORIES)
+
+
+def region_trace(path: str | Path, region: str, out: str | Path, occurrences: int | None = None) -> Path:
+    """Write the part of trace ``path`` inside the profiler ranges named ``region`` to ``out``.
+
+    The window runs from the start of the first range to the end of the last (of the first
+    ``occurrences`` ranges, if given: a trace small enough to keep). Kept: the host events inside
+    the window, the device work launched from inside it (matched by correlation id, so a kernel
+    that ran after the window's host end still counts), their launch arrows, and the trace's
+    metadata. A ``ValueError`` if no range is named ``region``.
+    """
+    return _write(_cut(read_trace(path), region, occurrences, path), out)
+
+
+def _cut(trace: dict[str, Any], region: str, occurrences: int | None, path: str | Path) -> dict[str, Any]:
+    events = trace["traceEvents"]
+    ranges = sorted(
+        (
+            e
+            for e in events
+            if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"] == region
+        ),
+        key=lambda e: e["ts"],
+    )[:occurrences]
+    if not ranges:
+        raise ValueError(
+            f"no profiler range named {region!r} in {path}: profile under profiling.phase_regions"
+        )
+    start, end = ranges[0]["ts"], max(e["ts"] + e["dur"] for e in ranges)
+
+    def inside(e: Mapping[str, Any]) -> bool:
+        return bool(start <= e["ts"] and e["ts"] + e.get("dur", 0) <= end)
+
+    launched = {
+        e["args"]["correlation"]
+        for e in events
+        if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {}) and inside(e)
+    }
+    kept = []
+    for e in events:
+        if e.get("ph") == "M":
+            kept.append(e)
+        elif e.get("cat") in DEVICE_CATEGORIES or e.get("cat") == "ac2g":
+            if e.get("args", {}).get("correlation", e.get("id")) in launched:
+                kept.append(e)
+        elif "ts" in e and e.get("cat") != "gpu_user_annotation" and inside(e):
+            kept.append(e)
+    return {**trace, "traceEvents": kept}
+
+
+def _write(trace: Mapping[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if out.name.endswith(".gz") else open
+    with opener(out, "wt") as f:
+        json.dump(trace, f)
+    return out
+
+
+@dataclass
+class TraceReport:
+    """HTA's analyses of one trace (all times in microseconds, as the trace's own).
+
+    - ``temporal``: one row, ``idle_us``, ``compute_us``, ``non_compute_us`` (copies, memsets)
+      and their ``_pct`` of the device's busy-or-idle span;
+    - ``idle``: per CUDA stream, idle time by cause: ``host_wait`` (the host had not launched the
+      next kernel yet), ``kernel_wait`` (short gaps between back-to-back kernels), ``other``;
+    - ``kernels``: the kernels that took most of the time (HTA folds the rest into ``others``),
+      ``sum_us``, ``mean_us``, ``max_us``, ``share_pct``;
+    - ``launches``: one row per launch, ``cpu_us`` (the launch call on the host), ``gpu_us``
+      (the work on the device) and ``launch_delay_us`` (from the call's end to the work's start).
+    """
+
+    trace: str
+    device: str
+    note: str = ""
+    temporal: pd.DataFrame = field(default_factory=pd.DataFrame)
+    idle: pd.DataFrame = field(default_factory=pd.DataFrame)
+    kernels: pd.DataFrame = field(default_factory=pd.DataFrame)
+    launches: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def has_device_activity(self) -> bool:
+        return not self.temporal.empty
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers: the device's compute, non-compute and idle shares of the span
+        from its first to its last kernel, the share of idle time spent waiting for the host (over
+        all streams), the launches and their median delay, the share of launches whose device
+        work was shorter than the host's launch call (the host-bound signature), and the kernel
+        that took most time."""
+        if not self.has_device_activity:
+            return {"device": self.device, "note": self.note}
+        t = self.temporal.iloc[0]
+        idle = self.idle.groupby("idle_category")["idle_us"].sum()  # over the streams
+        top = self.kernels[self.kernels["kernel"] != "others"].nlargest(1, "sum_us")
+        return {
+            "device": self.device,
+            "span_us": float(t["idle_us"] + t["compute_us"] + t["non_compute_us"]),
+            "compute_pct": float(t["compute_pct"]),
+            "non_compute_pct": float(t["non_compute_pct"]),
+            "idle_pct": float(t["idle_pct"]),
+            "idle_host_wait_pct": float(100 * idle.get("host_wait", 0.0) / idle.sum()) if idle.sum() else 0.0,
+            "launches": len(self.launches),
+            "median_launch_delay_us": float(self.launches["launch_delay_us"].median()),
+            "gpu_shorter_than_launch_pct": float(
+                100 * (self.launches["gpu_us"] < self.launches["cpu_us"]).mean()
+            ),
+            "top_kernel": str(top["kernel"].iloc[0]) if len(top) else "",
+            "top_kernel_share_pct": float(top["share_pct"].iloc[0]) if len(top) else 0.0,
+        }
+
+
+@contextmanager
+def _hta_quiet() -> Iterator[None]:
+    # HTA logs every parse at INFO and warns that a trace has no ProfilerStep (the workbench
+    # profiles generations, not training steps); errors still show.
+    log = logging.getLogger("hta")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def analyze(path: str | Path) -> TraceReport:
+    """HTA's temporal, idle and kernel breakdowns and launch statistics of one trace file."""
+    trace = read_trace(path)
+    props = trace.get("deviceProperties") or [{}]
+    device = str(props[0].get("name", "unknown device"))
+    if not device_events(trace):
+        return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
+    from hta.trace_analysis import TraceAnalysis  # imports plotly and more: only when needed
+
+    path = Path(path).resolve()
+    with _hta_quiet():
+        hta = TraceAnalysis(trace_files={0: str(path)}, trace_dir=str(path.parent))
+        temporal = hta.get_temporal_breakdown(visualize=False)
+        idle, _ = hta.get_idle_time_breakdown(visualize=False)
+        _, kernels = hta.get_gpu_kernel_breakdown(visualize=False)
+        launches = hta.get_cuda_kernel_launch_stats(visualize=False)[0]
+    temporal = temporal.rename(
+        columns={
+            "idle_time(us)": "idle_us",
+            "compute_time(us)": "compute_us",
+            "non_compute_time(us)": "non_compute_us",
+            "idle_time_pctg": "idle_pct",
+            "compute_time_pctg": "compute_pct",
+            "non_compute_time_pctg": "non_compute_pct",
+        }
+    )[["idle_us", "compute_us", "non_compute_us", "idle_pct", "compute_pct", "non_compute_pct"]]
+    idle = idle.rename(columns={"idle_time": "idle_us"})[
+        ["stream", "idle_category", "idle_us", "idle_time_ratio"]
+    ]
+    kernels = kernels.rename(
+        columns={"name": "kernel", "sum (us)": "sum_us", "mean (us)": "mean_us", "max (us)": "max_us"}
+    )[["kernel", "kernel_type", "sum_us", "mean_us", "max_us"]].sort_values("sum_us", ascending=False)
+    kernels = kernels.reset_index(drop=True).assign(share_pct=lambda k: 100 * k["sum_us"] / k["sum_us"].sum())
+    launches = launches.rename(
+        columns={"cpu_duration": "cpu_us", "gpu_duration": "gpu_us", "launch_delay": "launch_delay_us"}
+    )[["correlation", "cpu_us", "gpu_us", "launch_delay_us"]]
+    return TraceReport(str(path), device, "", temporal, idle, kernels, launches)
+
+
+def analyze_region(
+    path: str | Path, region: str, out: str | Path, occurrences: int | None = None
+) -> TraceReport:
+    """``analyze`` of ``region_trace(path, region, out, occurrences)``; for a trace without
+    device activity, the CPU-only report (nothing written)."""
+    trace = read_trace(path)
+    if not device_events(trace):
+        return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
+    return analyze(_write(_cut(trace, region, occurrences, path), out))
+
+
+def compare(reports: Mapping[str, TraceReport]) -> pd.DataFrame:
+    """The ``summary`` of each report, one row per label (e.g. the decode step that ran)."""
+    return pd.DataFrame([{"run": label, **r.summary()} for label, r in reports.items()])
