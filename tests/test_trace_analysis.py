@@ -87,6 +87,26 @@ def test_known_trace_region(known_trace: Path, tmp_path: Path) -> None:
         region_trace(known_trace, "prefill", tmp_path / "none.json")
 
 
+def test_attention_kernels_named_from_device_kernel_names(known_trace: Path, tmp_path: Path) -> None:
+    names = {  # shaped like the names of PyTorch's Flash, CUTLASS FMHA and cuDNN SDPA kernels
+        1: "void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<64, 64, 256, 4>>",
+        2: "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)",
+        3: "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wmma_f16_knob_7_64x64x64_4x1x1_kernel0_0",
+    }
+    trace = read_trace(known_trace)
+    for e in trace["traceEvents"]:
+        if e.get("cat") == "kernel":
+            e["name"] = names[e["args"]["correlation"]]
+    path = tmp_path / "named.json"
+    path.write_text(json.dumps(trace))
+    r = analyze(path)
+    assert dict(zip(r.attention["label"], r.attention["sum_us"], strict=True)) == {
+        "mem-efficient (CUDA)": 20, "flash (CUDA)": 10, "cuDNN (CUDA)": 5,
+    }  # fmt: skip
+    assert r.summary()["attention_kernels"] == ["cuDNN (CUDA)", "flash (CUDA)", "mem-efficient (CUDA)"]
+    assert analyze(GPU_TRACE).attention.empty  # a convolution benchmark: no attention kernel
+
+
 def test_real_gpu_trace_region(tmp_path: Path) -> None:
     whole = analyze(GPU_TRACE)
     region = analyze_region(GPU_TRACE, GPU_REGION, tmp_path / "cut.json.gz")

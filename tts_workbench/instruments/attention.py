@@ -9,7 +9,9 @@ it ran in.
 A compiled graph hides its ops from the profiler's per-op recording (and on CUDA a graph replay
 records no op at all), so for compiled code the kernel is read from what Inductor generated
 (``compiled_with_code``, ``compiled_attention``): the attention op its code calls, or none when
-Inductor decomposed attention into matmuls and a softmax it generated itself.
+Inductor decomposed attention into matmuls and a softmax it generated itself. On CUDA the
+device kernels themselves, replayed from a graph or not, keep their names in a trace
+(``device_attention_kernel``; ``trace_analysis`` reads them).
 """
 
 from __future__ import annotations
@@ -113,6 +115,20 @@ def compiled_attention(code: Sequence[str]) -> list[str]:
     calls = {f"aten.{op.removeprefix('aten::')}.default(": label for op, label in FUSED_KERNELS.items()}
     found = sorted((text.find(call), label) for call, label in calls.items() if call in text)
     return [label for _, label in found] or [INDUCTOR_DECOMPOSED]
+
+
+def device_attention_kernel(name: str) -> str | None:
+    """The fused attention kernel (the labels of ``FUSED_KERNELS``) a device kernel's name
+    belongs to, or None: cuDNN's SDPA kernels (their names may also say "flash"), the
+    mem-efficient kernels (CUTLASS FMHA), then the Flash kernels."""
+    n = name.lower()
+    if "cudnn" in n and any(k in n for k in ("sdpa", "fmha", "flash")):
+        return FUSED_KERNELS["aten::_scaled_dot_product_cudnn_attention"]
+    if any(k in n for k in ("fmha_cutlass", "memeffattention", "efficient_attention")):
+        return FUSED_KERNELS["aten::_scaled_dot_product_efficient_attention"]
+    if "flash" in n:
+        return FUSED_KERNELS["aten::_scaled_dot_product_flash_attention"]
+    return None
 
 
 def compiled_with_code(fn: Any, *args: Any) -> tuple[Any, list[str]]:

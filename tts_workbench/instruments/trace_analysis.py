@@ -5,8 +5,9 @@ kernel the device ran, CUDA-graph replays included, each tied to the host call t
 by a correlation id. HTA turns that into the numbers that say whether a step is host-bound: the
 share of the device's time it sat idle (temporal breakdown), the idle time split into waiting
 for the host and gaps between kernels (idle breakdown), which kernels took the time (kernel
-breakdown) and how long each launch took on the host against on the device (launch
-statistics).
+breakdown), how long each launch took on the host against on the device (launch
+statistics), and which fused attention kernels ran (by the device kernels' names, CUDA-graph
+replays included: ``attention.device_attention_kernel``).
 
 ``region_trace`` cuts a trace down to one phase region (``t3.decode``: the decode steps alone,
 without the prefill or S3Gen) and writes it as a trace of its own, small enough to keep; HTA
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from .attention import device_attention_kernel
 
 # Trace event categories of work on the device (Kineto's names).
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
@@ -123,7 +126,10 @@ class TraceReport:
     - ``kernels``: the kernels that took most of the time (HTA folds the rest into ``others``),
       ``sum_us``, ``mean_us``, ``max_us``, ``share_pct``;
     - ``launches``: one row per launch, ``cpu_us`` (the launch call on the host), ``gpu_us``
-      (the work on the device) and ``launch_delay_us`` (from the call's end to the work's start).
+      (the work on the device) and ``launch_delay_us`` (from the call's end to the work's start);
+    - ``attention``: the fused attention kernels by name, ``kernel``, ``label`` (flash,
+      mem-efficient, cuDNN), ``calls``, ``sum_us`` (read from the trace itself, not HTA: HTA
+      folds small kernels into ``others``).
     """
 
     trace: str
@@ -133,6 +139,7 @@ class TraceReport:
     idle: pd.DataFrame = field(default_factory=pd.DataFrame)
     kernels: pd.DataFrame = field(default_factory=pd.DataFrame)
     launches: pd.DataFrame = field(default_factory=pd.DataFrame)
+    attention: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def has_device_activity(self) -> bool:
@@ -161,6 +168,7 @@ class TraceReport:
             "gpu_shorter_than_launch_pct": float(
                 100 * (self.launches["gpu_us"] < self.launches["cpu_us"]).mean()
             ),
+            "attention_kernels": sorted(set(self.attention["label"])),
             "top_kernel": str(top["kernel"].iloc[0]) if len(top) else "",
             "top_kernel_share_pct": float(top["share_pct"].iloc[0]) if len(top) else 0.0,
         }
@@ -215,7 +223,20 @@ def analyze(path: str | Path) -> TraceReport:
     launches = launches.rename(
         columns={"cpu_duration": "cpu_us", "gpu_duration": "gpu_us", "launch_delay": "launch_delay_us"}
     )[["correlation", "cpu_us", "gpu_us", "launch_delay_us"]]
-    return TraceReport(str(path), device, "", temporal, idle, kernels, launches)
+    return TraceReport(str(path), device, "", temporal, idle, kernels, launches, attention_kernels(trace))
+
+
+def attention_kernels(trace: Mapping[str, Any]) -> pd.DataFrame:
+    """The trace's device kernels that are fused attention kernels, with their label, number of
+    calls and total µs, most time first."""
+    rows = [
+        (e["name"], label, e.get("dur", 0))
+        for e in trace["traceEvents"]
+        if e.get("cat") == "kernel" and (label := device_attention_kernel(e["name"]))
+    ]
+    frame = pd.DataFrame(rows, columns=["kernel", "label", "dur"])
+    table = frame.groupby(["kernel", "label"]).agg(calls=("dur", "size"), sum_us=("dur", "sum")).reset_index()
+    return table.sort_values("sum_us", ascending=False).reset_index(drop=True)
 
 
 def analyze_region(

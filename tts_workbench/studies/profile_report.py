@@ -111,7 +111,8 @@ def _device_line(summary: dict[str, Any]) -> str:
     return (
         f"{summary['device']}: idle {summary['idle_pct']:.1f}% of the span "
         f"({summary['idle_host_wait_pct']:.0f}% of it waiting for the host), "
-        f"median launch delay {summary['median_launch_delay_us']:.0f} us"
+        f"median launch delay {summary['median_launch_delay_us']:.0f} us, "
+        f"attention kernels {', '.join(summary['attention_kernels']) or 'none fused'}"
     )
 
 
@@ -167,6 +168,11 @@ def format_decode_traces(report: dict[str, Any]) -> str:
     cols = ["run", "device", "compute_pct", "idle_pct", "idle_host_wait_pct", "launches",
             "median_launch_delay_us", "gpu_shorter_than_launch_pct"]  # fmt: skip
     lines.append(render(table[cols], {c: ".1f" for c in cols[2:]}))
+    for row in report["table"]:
+        seen = ", ".join(row["attention_kernels"]) or "none of the fused SDPA kernels"
+        lines.append(
+            f"attention kernels on the device, {row['run']}: {seen} (found by kernel name in the trace)"
+        )
     for step, kernels in report["top_kernels"].items():
         top = pd.DataFrame(kernels)[["kernel", "sum_us", "share_pct"]]
         top["kernel"] = top["kernel"].str.slice(0, 80)
