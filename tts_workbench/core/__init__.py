@@ -1,7 +1,7 @@
 """Core: the bottom layer, imported by every other one and importing none of them.
 
 Errors with the fix in their message, the one table renderer, constants (sample rate, token rate,
-dtype names), scoped patching that gives back what it changes, the one clock (synchronised before
-each read), library noise filters and the table of model families. Imports only the standard
-library, torch, pandas and upstream chatterbox.
+dtype names), scoped patching that gives back what it changes, torch.compile as the compiled
+paths use it, the one clock (synchronised before each read), library noise filters and the table
+of model families. Imports only the standard library, torch, pandas and upstream chatterbox.
 """

@@ -14,7 +14,6 @@ time) runs in a stream: eager, or compiled for the stream's few fixed window sha
 
 from __future__ import annotations
 
-import types
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -27,9 +26,10 @@ from chatterbox.models.s3gen import decoder as s3gen_decoder
 from chatterbox.models.s3gen.const import S3GEN_SIL
 
 from ..core.clock import now
+from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import ConfigError
-from ..core.patching import own_code, shadow
+from ..core.patching import shadow
 
 # Integer entries of the reference dict. After one upstream ``S3Gen.forward`` in float32 they
 # are float32 in the caller's dict (exact up to 2**24, so they round back exactly).
@@ -113,11 +113,9 @@ class FlowPlan:
                 x, mask, mu = (F.pad(v, (0, pad)) for v in (x, mask, mu))
                 cond = None if cond is None else F.pad(cond, (0, pad))
             fn = self._estimator(estimator, forward, (x, mask, mu, t, spks, cond, r))
-            if self.compiled and x.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()
-                # The output lives in the graph's memory pool, overwritten by the next replay.
-                return fn(x, mask, mu, t, spks, cond, r)[..., :n].clone()
-            return fn(x, mask, mu, t, spks, cond, r)[..., :n]
+            cudagraphs = self.compiled and x.device.type == "cuda"
+            out: torch.Tensor = replay(fn, x, mask, mu, t, spks, cond, r, cudagraphs=cudagraphs)
+            return out[..., :n]
 
         return run
 
@@ -136,18 +134,14 @@ class FlowPlan:
         t0 = now(x.device)
         try:
             fn = self._compiled.get(id(estimator))
-            if fn is None:  # a code object of its own: its recompile limit is not shared
-                own = types.MethodType(own_code(type(estimator).forward), estimator)
-                fn = torch.compile(own, dynamic=False, mode="reduce-overhead" if cudagraphs else None)
+            if fn is None:
+                fn = compile_method(type(estimator).forward, estimator, cudagraphs, fullgraph=False)
                 self._compiled[id(estimator)] = fn
-            for _ in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                fn(*args)
+            for _ in range(warmup_calls(cudagraphs)):
+                replay(fn, *args, cudagraphs=cudagraphs)
             self.shapes.add(key)
         except Exception as e:  # any compile failure falls back to the eager estimator
-            first = " ".join(str(e).strip().split("\n\n")[0].split())
-            self.fallback_reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+            self.fallback_reason = failure_reason(e)
             warnings.warn(
                 f"torch.compile of S3Gen's CFM estimator failed ({self.fallback_reason}); running it eagerly",
                 RuntimeWarning,

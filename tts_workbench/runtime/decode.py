@@ -47,7 +47,6 @@ block's stop check), never inside a step.
 from __future__ import annotations
 
 import copy
-import types
 import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -76,9 +75,9 @@ from transformers.generation.logits_process import (
 )
 
 from ..core.clock import now
+from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
 from ..core.constants import dtype_name
 from ..core.errors import CacheError, ConfigError
-from ..core.patching import own_code
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
 
@@ -330,8 +329,7 @@ class StaticStep:
         self._set_span(span_for(1, self.max_cache_len))
         fn = self._function()
         try:
-            # CUDA graph trees run the first call eagerly, record on the second, replay after.
-            for k in range(warmup if warmup is not None else (3 if self.cudagraphs else 1)):
+            for k in range(warmup if warmup is not None else warmup_calls(self.cudagraphs)):
                 with enter():
                     if k == 0:  # the call that compiles: keep what Inductor generated
                         _, code = compiled_with_code(lambda *a: self._run(fn, *a), token, position, slot, q)
@@ -349,16 +347,12 @@ class StaticStep:
             return self.decode_one_token
         key = (self.span, self.sampler)
         if key not in self._compiled:
-            own = types.MethodType(own_code(StaticStep.decode_one_token), self)
-            mode = "reduce-overhead" if self.cudagraphs else None
-            self._compiled[key] = torch.compile(own, fullgraph=True, dynamic=False, mode=mode)
+            self._compiled[key] = compile_method(StaticStep.decode_one_token, self, self.cudagraphs)
         return self._compiled[key]
 
     def _give_up(self, e: Exception) -> None:
         """A compile failed: run the static step eagerly from now on, with one warning."""
-        # The first paragraph: dynamo puts the backend's own error there, then advice.
-        first = " ".join(str(e).strip().split("\n\n")[0].split())
-        self.fallback_reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        self.fallback_reason = failure_reason(e)
         self.compiled, self.cudagraphs = False, False
         self._compiled.clear()
         self.attention_kernels = []
@@ -424,12 +418,7 @@ class StaticStep:
         if self.compiled and self.skip_guards and self._guarded:
             stance.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
         with stance:
-            if self.cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-                # The outputs live in the graph's memory pool, overwritten by the next replay.
-                logits, nxt, bad = (t.clone() for t in fn(token, position, slot, q))
-            else:
-                logits, nxt, bad = fn(token, position, slot, q)
+            logits, nxt, bad = replay(fn, token, position, slot, q, cudagraphs=self.cudagraphs)
         self._guarded = True
         return logits, nxt, bad
 

@@ -35,7 +35,6 @@ import itertools
 import queue
 import threading
 import time
-import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -46,10 +45,10 @@ import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from ..core.clock import now
+from ..core.compiling import compile_method, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN, SPEECH_VOCAB_SIZE
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
 from ..core.families import family_of, language_for
-from ..core.patching import own_code
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
@@ -655,20 +654,14 @@ class StreamEngine:
 
     def _compiled(self, bucket: int, cache: StaticCache, span: int) -> Callable[..., torch.Tensor]:
         cudagraphs = self.device.type == "cuda"
-        own = types.MethodType(own_code(StreamEngine._forward), self)  # one code object per shape
-        compiled = torch.compile(
-            own, fullgraph=True, dynamic=False, mode="reduce-overhead" if cudagraphs else None
-        )
+        compiled = compile_method(StreamEngine._forward, self, cudagraphs)  # one code object per shape
 
         def run(*a: torch.Tensor) -> torch.Tensor:
-            if cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-                return compiled(cache, span, *a).clone()  # the output lives in the graph's pool
-            out: torch.Tensor = compiled(cache, span, *a)
+            out: torch.Tensor = replay(compiled, cache, span, *a, cudagraphs=cudagraphs)
             return out
 
         rows = bucket * self.rows_per_stream
-        for k in range(3 if cudagraphs else 1):  # CUDA graph trees: run, record, replay
+        for k in range(warmup_calls(cudagraphs)):
             # Three tensors made as _step makes them, outside inference mode (dynamo guards on
             # aliasing, strides and inference tensors: any difference would be recompiled for at
             # the first real step). They write the span's last slot of the bucket's rows: a live

@@ -1,0 +1,55 @@
+"""torch.compile as the workbench's compiled paths use it (the T3 decode step, the stream
+engine's batched step, S3Gen's CFM estimator), in one place.
+
+- ``compile_method``: a method compiled on a code object of its own (``patching.own_code``:
+  dynamo keeps its compiled entries and its recompile limit per code object, so one user's
+  graphs never evict another's), for static shapes, with CUDA graphs
+  (``mode="reduce-overhead"``) on CUDA.
+- ``replay``: one call of such a function. With CUDA graphs it first marks a new step (the graph
+  tree may then reuse its memory pool) and clones the outputs, which live in that pool and would
+  be overwritten by the next replay.
+- ``warmup_calls``: how many calls leave such a function ready: with CUDA graph trees three (the
+  first runs eagerly, the second records, the third replays), else one (the one that compiles).
+- ``failure_reason``: a compile error in one line, for the warning of a fallback to eager.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .patching import own_code
+
+
+def compile_method(
+    fn: Callable[..., Any], owner: object, cudagraphs: bool, fullgraph: bool = True
+) -> Callable[..., Any]:
+    """``fn`` bound to ``owner`` and compiled on its own code object for static shapes."""
+    own = types.MethodType(own_code(fn), owner)
+    mode = "reduce-overhead" if cudagraphs else None
+    return torch.compile(own, fullgraph=fullgraph, dynamic=False, mode=mode)
+
+
+def replay(fn: Callable[..., Any], *args: Any, cudagraphs: bool) -> Any:
+    """``fn(*args)``; with CUDA graphs, a new step marked first and the outputs (a tensor or a
+    tuple of them) cloned out of the graph's memory pool."""
+    if not cudagraphs:
+        return fn(*args)
+    torch.compiler.cudagraph_mark_step_begin()
+    out = fn(*args)
+    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+
+def warmup_calls(cudagraphs: bool) -> int:
+    """Calls after which a compiled function runs as it will from then on."""
+    return 3 if cudagraphs else 1
+
+
+def failure_reason(e: Exception) -> str:
+    """``Type: first paragraph`` of a compile error: dynamo puts the backend's own error there,
+    then pages of advice."""
+    first = " ".join(str(e).strip().split("\n\n")[0].split())
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
