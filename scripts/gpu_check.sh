@@ -58,11 +58,27 @@ if [[ $DRY == 1 ]]; then  # a 2 s voice keeps the dry run short (S3Gen re-encode
     REF=(--reference "$TMP/ref.wav")
 fi
 
+# A step that has printed its whole report but does not exit is stopped EXIT_GRACE s later: at
+# exit, Inductor waits up to 300 s for its compile-worker process (pytorch/pytorch#162199), and
+# the Turbo run of 2026-11-28 sat past its call's limit after its report was complete.
+EXIT_GRACE=${GPU_CHECK_EXIT_GRACE:-30}
 step() {  # step NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.err, never fatal
     local name=$1; shift
     echo "== $name" >&2
-    local t0=$SECONDS
-    timeout "$LIMIT" "$@" "${REF[@]}" --json > "$DIR/$name.json" 2> "$DIR/$name.err"
+    local t0=$SECONDS done_at=""
+    timeout "$LIMIT" "$@" "${REF[@]}" --json > "$DIR/$name.json" 2> "$DIR/$name.err" &
+    local pid=$!
+    while kill -0 $pid 2>/dev/null; do
+        if [[ -z $done_at ]] && $PY -c 'import json, sys; json.load(open(sys.argv[1]))' "$DIR/$name.json" 2>/dev/null; then
+            done_at=$SECONDS
+        elif [[ -n $done_at ]] && (( SECONDS - done_at > EXIT_GRACE )); then
+            echo "   its report is complete but it has not exited ${EXIT_GRACE} s later: stopped" >&2
+            kill -TERM $pid
+            break
+        fi
+        sleep 1
+    done
+    wait $pid
     local rc=$?
     echo "   rc $rc in $((SECONDS - t0)) s" >&2
     [[ $rc == 0 ]] || tail -5 "$DIR/$name.err" >&2
