@@ -138,6 +138,10 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     steps = [check_decode(s, torch.device(args.device)) for s in args.steps.split(",") if s]
     if not steps:
         raise ValueError("argument --steps: no decode step given: use eager, static or compiled")
+    if args.tokens < 2:
+        raise ValueError(
+            "argument --tokens: at least 2 (the first token comes from the prefill, not a decode step)"
+        )
     tts = _voiced_model(args, args.logdir)
     reports = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
     return decode_trace_report(reports, args.dtype, args.tokens), format_decode_traces
