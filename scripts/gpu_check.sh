@@ -13,8 +13,9 @@
 #      ran, why Flash was refused, and where a float16 cast breaks;
 #   4. (GPU_CHECK_TRACE=1, the default) `tts-workbench trace`: T3's decode with the eager and the
 #      compiled step profiled after a warm-up, each one's t3.decode region (its first 20 steps)
-#      read by HolisticTraceAnalysis (device idle share, launch delays, top kernels); the trimmed
-#      region traces are copied to results/traces/ (issue 22: test data for trace_analysis).
+#      cut and copied to results/traces/ (issue 22); the image has no HolisticTraceAnalysis (and
+#      its plotly would not fit the carried wheels), so they are read back here:
+#      tts-workbench trace --read results/traces/decode_*.json.gz
 # Each step runs on its own with a time limit: one that fails or runs out is recorded with the
 # end of its stderr and the next one still runs. Everything lands in one results file.
 #
@@ -132,7 +133,7 @@ fi
 if [[ $COMBINE != 1 && ${GPU_CHECK_TRACE:-1} == 1 ]]; then
     [[ $DRY == 1 ]] && STEPS=eager,static || STEPS=eager,compiled  # no compile in the dry run
     step trace $PY -m tts_workbench.interface.cli trace --model $MODEL --device $DEVICE --tokens $((TOKENS < 60 ? TOKENS : 60)) \
-        --steps $STEPS --dtype bfloat16 --keep 20 --logdir "$DIR/traces"
+        --steps $STEPS --dtype bfloat16 --keep 20 --logdir "$DIR/traces" --cut-only
 fi
 [[ $COMBINE == 1 || ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.interface.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"

@@ -20,7 +20,12 @@ from tts_workbench.instruments.trace_analysis import (
     region_trace,
 )
 from tts_workbench.interface.cli import main
-from tts_workbench.studies.profile_report import decode_trace_report, decode_traces, format_decode_traces
+from tts_workbench.studies.profile_report import (
+    decode_trace_report,
+    decode_traces,
+    format_decode_traces,
+    read_traces,
+)
 
 GPU_TRACE = Path(__file__).parent / "data" / "hta_a100_simple_add.pt.trace.json.gz"
 GPU_REGION = "[param|pytorch.model.alex_net|0|0|0|measure|forward]"  # two ranges in that trace
@@ -135,23 +140,33 @@ def test_real_gpu_trace_region(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def cpu_traces(
     tiny_tts: ChatterboxTTS, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, dict[str, Path]]:
     logdir = tmp_path_factory.mktemp("trace")
     return logdir, decode_traces(tiny_tts, ["eager", "static"], logdir, tokens=8, text="Hello there.")
 
 
-def test_cpu_trace_says_what_hta_cannot_show(cpu_traces: tuple[Path, dict[str, Any]]) -> None:
-    logdir, reports = cpu_traces
-    assert list(reports) == ["eager", "static"]
+def test_cpu_trace_says_what_hta_cannot_show(cpu_traces: tuple[Path, dict[str, Path]]) -> None:
+    logdir, regions = cpu_traces
+    assert regions == {step: logdir / f"decode-{step}" / "t3.decode.json.gz" for step in ("eager", "static")}
+    reports = read_traces(regions)
     for r in reports.values():
         assert not r.has_device_activity and r.note == CPU_ONLY_NOTE and r.summary()["device"] == "cpu only"
-    report = decode_trace_report(reports, "float32", 8)
-    assert "no device activity" in format_decode_traces(report)
+    assert "no device activity" in format_decode_traces(decode_trace_report(reports, "tiny, float32"))
 
 
-def test_region_of_own_cpu_trace(cpu_traces: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
-    logdir, reports = cpu_traces
-    for step in reports:  # decode_blocks labels its steps whatever runs them
+def test_trace_cli_reads_traces_taken_elsewhere(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # a GPU machine without HTA cuts (--cut-only); this one reads, with no model
+    assert main(["trace", "--read", str(GPU_TRACE), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in report["table"]] == ["hta_a100_simple_add.pt.trace"]
+    assert report["table"][0]["device"] == "NVIDIA A100-PG509-200" and report["top_kernels"]
+    assert main(["trace", "--read", str(tmp_path / "none.json")]) == 2
+    assert "no trace file" in capsys.readouterr().err
+
+
+def test_region_of_own_cpu_trace(cpu_traces: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
+    logdir, regions = cpu_traces
+    for step in regions:  # decode_blocks labels its steps whatever runs them
         trace = next((logdir / f"decode-{step}").glob("*.pt.trace.json*"))
         cut = read_trace(region_trace(trace, "t3.decode", tmp_path / f"{step}.json", occurrences=3))
         ranges = [

@@ -133,8 +133,15 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     import torch
 
     from ..runtime.optimized import check_decode
-    from ..studies.profile_report import decode_trace_report, decode_traces, format_decode_traces
+    from ..studies.profile_report import decode_trace_report, decode_traces, format_decode_traces, read_traces
 
+    if args.read:  # traces taken before, maybe on another machine: no model
+        paths = {_trace_label(p): Path(p) for p in args.read}
+        for path in paths.values():
+            if not path.is_file():
+                raise ValueError(f"argument --read: no trace file {path}")
+        note = f"read from {len(paths)} trace file(s)"
+        return decode_trace_report(read_traces(paths), note), format_decode_traces
     steps = [check_decode(s, torch.device(args.device)) for s in args.steps.split(",") if s]
     if not steps:
         raise ValueError("argument --steps: no decode step given: use eager, static or compiled")
@@ -143,8 +150,20 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
             "argument --tokens: at least 2 (the first token comes from the prefill, not a decode step)"
         )
     tts = _voiced_model(args, args.logdir)
-    reports = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
-    return decode_trace_report(reports, args.dtype, args.tokens), format_decode_traces
+    regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
+    note = f"T3 decode in {args.dtype}; random weights never emit a stop token: {args.tokens} tokens each"
+    if args.cut_only:
+        return {
+            "note": note,
+            "table": [],
+            "traces": {s: str(p) for s, p in regions.items()},
+        }, format_decode_traces
+    return decode_trace_report(read_traces(regions), note), format_decode_traces
+
+
+def _trace_label(path: str) -> str:
+    """A trace file's name without its .json / .json.gz ending: its label in the table."""
+    return Path(path).name.removesuffix(".gz").removesuffix(".json")
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
@@ -281,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--logdir", default="runs/trace", help="TensorBoard log folder; one run per decode step")
     tr.add_argument("--text", help=TEXT_HELP)
     tr.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    tr.add_argument(
+        "--cut-only",
+        action="store_true",
+        help="profile and cut the region traces; read them with `trace --read` (e.g. on another machine)",
+    )
+    tr.add_argument(
+        "--read", nargs="+", metavar="TRACE", help="read these trace files instead of profiling (no model)"
+    )
     tr.set_defaults(run=_trace, tokens=60)
 
     b = sub.add_parser("bench", help="upstream vs optimized side by side, interleaved, with ratios")

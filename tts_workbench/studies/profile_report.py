@@ -7,12 +7,13 @@ region where the trace has device activity.
 
 ``trace``: T3's decode with each decode step (eager, static, compiled) profiled after a warm-up,
 its ``t3.decode`` region cut out and read by HolisticTraceAnalysis: how much of the decode the
-device sat idle waiting for the host, side by side per step.
+device sat idle waiting for the host, side by side per step. The cutting and the reading are
+apart (``decode_traces``, ``read_traces``): a GPU machine without HTA cuts, this one reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..instruments.profiling import (
     trace_names,
     write_ops,
 )
-from ..instruments.trace_analysis import TraceReport, analyze_region, compare
+from ..instruments.trace_analysis import TraceReport, analyze, analyze_region, compare, region_trace
 from ..runtime.decode import StepMode, t3_decode, text_tokens
 from ..runtime.generation import generate
 from ..runtime.optimized import check_decode, decode_plan
@@ -125,14 +126,15 @@ def decode_traces(
     seed: int = 0,
     policy: str = "float32",
     keep: int | None = None,
-) -> dict[str, TraceReport]:
+) -> dict[str, Path]:
     """For each decode step: T3's decode (weights as ``policy``) run once to warm up (compile,
     CUDA graphs, cache) and once under the profiler without phase hooks (they would make a
     compiled step compile again), its ``t3.decode`` region (the first ``keep`` steps, if given)
-    cut to ``logdir/decode-STEP/t3.decode.json.gz`` and read by HolisticTraceAnalysis."""
+    cut to ``logdir/decode-STEP/t3.decode.json.gz``. Returns those region traces by step, for
+    ``read_traces`` here or on another machine (HTA need not be installed where they are taken)."""
     assert tts.conds is not None  # the caller prepared a voice
     ids = text_tokens(tts, text)
-    reports = {}
+    regions = {}
     for step in steps:
         plan = replace(decode_plan(tts, policy), step=cast(StepMode, check_decode(step, tts.t3.device)))
         for profiled in (False, True):  # a warm-up, then the run that is traced
@@ -140,17 +142,19 @@ def decode_traces(
                 rng = StreamRandom(seed).generator(tts.device)
                 t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng)
         path = trace_files(Path(logdir) / f"decode-{step}")[-1]
-        reports[step] = analyze_region(path, "t3.decode", path.parent / "t3.decode.json.gz", keep)
-    return reports
+        regions[step] = region_trace(path, "t3.decode", path.parent / "t3.decode.json.gz", keep)
+    return regions
 
 
-def decode_trace_report(
-    reports: dict[str, TraceReport], policy: str, tokens: int, top: int = 5
-) -> dict[str, Any]:
-    """``decode_traces``' reports as JSON: the side-by-side table and each step's top kernels."""
+def read_traces(paths: Mapping[str, Path]) -> dict[str, TraceReport]:
+    """HolisticTraceAnalysis's reading of each trace (``trace_analysis.analyze``), by label."""
+    return {label: analyze(path) for label, path in paths.items()}
+
+
+def decode_trace_report(reports: dict[str, TraceReport], note: str, top: int = 5) -> dict[str, Any]:
+    """``read_traces``' reports as JSON: the side-by-side table and each trace's top kernels."""
     return {
-        "policy": policy,
-        "note": f"random weights never emit a stop token: each decode runs {tokens} tokens",
+        "note": note,
         "table": compare(reports).to_dict("records"),
         "traces": {step: r.trace for step, r in reports.items()},
         "top_kernels": {step: r.kernels.head(top).to_dict("records") for step, r in reports.items()},
@@ -159,10 +163,12 @@ def decode_trace_report(
 
 def format_decode_traces(report: dict[str, Any]) -> str:
     """The side-by-side table, each step's top kernels, and where the region traces are."""
+    traces = [f"{label}: {path}" for label, path in report["traces"].items()]
+    if not report["table"]:  # --cut-only
+        return "\n".join(["T3 decode region traces, not read (HolisticTraceAnalysis: trace --read):", *traces,
+                          report["note"]])  # fmt: skip
     table = pd.DataFrame(report["table"])
-    lines = [
-        f"T3 decode region per decode step (weights: {report['policy']}), read by HolisticTraceAnalysis:"
-    ]
+    lines = ["T3 decode region, read by HolisticTraceAnalysis:"]
     if "idle_pct" not in table:
         return "\n".join([*lines, str(table["note"].iloc[0]), report["note"]])
     cols = ["run", "device", "compute_pct", "idle_pct", "idle_host_wait_pct", "launches",
@@ -177,5 +183,5 @@ def format_decode_traces(report: dict[str, Any]) -> str:
         top = pd.DataFrame(kernels)[["kernel", "sum_us", "share_pct"]]
         top["kernel"] = top["kernel"].str.slice(0, 80)
         lines += [f"top kernels, {step}:", render(top, {"sum_us": ".0f", "share_pct": ".1f"})]
-    lines += [report["note"], *(f"{step}: {path}" for step, path in report["traces"].items())]
+    lines += [report["note"], *traces]
     return "\n".join(lines)
