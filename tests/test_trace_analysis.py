@@ -4,6 +4,7 @@ trace (tests/data/README.md), and this project's own CPU traces, where HTA has n
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from chatterbox.tts import ChatterboxTTS
 from tts_workbench.instruments.trace_analysis import (
     CPU_ONLY_NOTE,
     DEVICE_CATEGORIES,
+    NO_HTA_NOTE,
     analyze,
     analyze_region,
     compare,
@@ -83,6 +85,14 @@ def test_known_trace_numbers(known_trace: Path) -> None:
     assert s["idle_host_wait_pct"] == 100.0  # each kernel was launched after the one before it ended
 
 
+def test_without_hta_the_report_says_where_to_read_it(
+    known_trace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "hta.trace_analysis", None)  # as on the GPU image
+    r = analyze(known_trace)
+    assert not r.analyzed and r.note.startswith(NO_HTA_NOTE) and r.device == "test GPU"
+
+
 def test_known_trace_region(known_trace: Path, tmp_path: Path) -> None:
     r = analyze_region(known_trace, "t3.decode", tmp_path / "cut.json.gz")
     # kernels 2 and 3 only (kernel 3 starts at the range's end: it counts by its launch)
@@ -150,7 +160,7 @@ def test_cpu_trace_says_what_hta_cannot_show(cpu_traces: tuple[Path, dict[str, P
     assert regions == {step: logdir / f"decode-{step}" / "t3.decode.json.gz" for step in ("eager", "static")}
     reports = read_traces(regions)
     for r in reports.values():
-        assert not r.has_device_activity and r.note == CPU_ONLY_NOTE and r.summary()["device"] == "cpu only"
+        assert not r.analyzed and r.note == CPU_ONLY_NOTE and r.summary()["device"] == "cpu only"
     assert "no device activity" in format_decode_traces(decode_trace_report(reports, "tiny, float32"))
 
 

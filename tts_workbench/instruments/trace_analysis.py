@@ -44,6 +44,11 @@ CPU_ONLY_NOTE = (
     "(profiling.op_frame) instead"
 )
 
+NO_HTA_NOTE = (
+    "HolisticTraceAnalysis is not installed in this Python: the trace is kept unread; read it with "
+    "`tts-workbench trace --read PATH` where it is (pip install -r requirements.lock)"
+)
+
 
 def read_trace(path: str | Path) -> dict[str, Any]:
     """A Chrome/Kineto trace file (``.json`` or ``.json.gz``) as written by torch.profiler."""
@@ -142,7 +147,8 @@ class TraceReport:
     attention: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
-    def has_device_activity(self) -> bool:
+    def analyzed(self) -> bool:
+        """Whether HTA read device activity (else ``note`` says why not)."""
         return not self.temporal.empty
 
     def summary(self) -> dict[str, Any]:
@@ -151,7 +157,7 @@ class TraceReport:
         all streams), the launches and their median delay, the share of launches whose device
         work was shorter than the host's launch call (the host-bound signature), and the kernel
         that took most time."""
-        if not self.has_device_activity:
+        if not self.analyzed:
             return {"device": self.device, "note": self.note}
         t = self.temporal.iloc[0]
         idle = self.idle.groupby("idle_category")["idle_us"].sum()  # over the streams
@@ -194,8 +200,10 @@ def analyze(path: str | Path) -> TraceReport:
     device = str(props[0].get("name", "unknown device"))
     if not device_events(trace):
         return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
-    from hta.trace_analysis import TraceAnalysis  # imports plotly and more: only when needed
-
+    try:
+        from hta.trace_analysis import TraceAnalysis  # imports plotly and more: only when needed
+    except ImportError as e:  # e.g. a GPU image without it: the trace is kept to read elsewhere
+        return TraceReport(str(path), device, note=f"{NO_HTA_NOTE} ({e})")
     path = Path(path).resolve()
     with _hta_quiet():
         hta = TraceAnalysis(trace_files={0: str(path)}, trace_dir=str(path.parent))
