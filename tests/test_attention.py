@@ -90,6 +90,11 @@ def test_the_compiled_attention_kernel_is_read_from_inductors_code() -> None:
         out, code = compiled_with_code(torch.compile(fn, fullgraph=True), q, k, v)
         assert torch.allclose(out, fn(q, k, v), atol=1e-5) and code
         assert compiled_attention(code) == want
+    # a C++ wrapper calls the op as aoti_torch_cpu_<op>(
+    torch._dynamo.reset()
+    _, code = compiled_with_code(torch.compile(sdpa, fullgraph=True, options={"cpp_wrapper": True}), q, k, v)
+    assert "aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu(" in "\n".join(code)
+    assert compiled_attention(code) == ["flash (CPU)"]
     # the order of first call, each once
     cudnn, flash = (f"aten._scaled_dot_product_{k}_attention.default(x)" for k in ("cudnn", "flash"))
     text = f"{cudnn}\n{flash}"

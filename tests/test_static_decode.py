@@ -106,7 +106,7 @@ def f32_eager(tiny_tts: ChatterboxTTS) -> tuple[DecodeResult, list]:
     return _run(tiny_tts, DecodePlan.plain(tiny_tts.t3))
 
 
-@pytest.mark.parametrize("mode", ["static", "compiled"])
+@pytest.mark.parametrize("mode", ["static", "compiled", "compiled-cpp"])
 def test_float32_samples_exactly_upstreams_tokens(
     tiny_tts: ChatterboxTTS,
     upstream_tokens: torch.Tensor,
@@ -114,12 +114,16 @@ def test_float32_samples_exactly_upstreams_tokens(
     compiled_plan: DecodePlan,
     mode: str,
 ) -> None:
-    plan = (
-        compiled_plan if mode == "compiled" else DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE)
-    )
+    if mode == "compiled":
+        plan = compiled_plan
+    else:  # compiled-cpp: Inductor's C++ wrapper calls the graph's kernels
+        step_mode = "static" if mode == "static" else "compiled"
+        plan = DecodePlan.plain(
+            tiny_tts.t3, step=step_mode, max_cache_len=CACHE, cpp_wrapper=mode == "compiled-cpp"
+        )
     r, logits = _run(tiny_tts, plan)
     assert upstream_tokens.shape == (1, N)
-    assert r.step_mode == mode and r.tokens.shape == (1, N)
+    assert r.step_mode == plan.step and r.tokens.shape == (1, N)
     assert torch.equal(upstream_tokens, r.tokens)
     # The random tiny model hardly depends on positions (a step one cache slot off still samples
     # the same first ~90 tokens), so the logits are checked too: observed within 1e-6 of the eager
@@ -129,8 +133,9 @@ def test_float32_samples_exactly_upstreams_tokens(
     step = plan.static_step(2)  # batch 2: classifier-free guidance
     assert isinstance(step, StaticStep) and step.fallback_reason is None
     assert step.cache.max_cache_len == CACHE and step.cache.max_batch_size == 2
-    if mode == "compiled":
-        assert step.compiled and step.compile_s > 0
+    if plan.step == "compiled":
+        assert step.compiled and step.compile_s > 0 and step.cpp_wrapper == (mode == "compiled-cpp")
+        assert step.attention_kernels == ["flash (CPU)"]  # read from Python or C++ wrapper code
     else:
         assert not step.compiled and step.fallback_reason is None
 

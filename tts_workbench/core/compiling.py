@@ -4,7 +4,9 @@ engine's batched step, S3Gen's CFM estimator), in one place.
 - ``compile_method``: a method compiled on a code object of its own (``patching.own_code``:
   dynamo keeps its compiled entries and its recompile limit per code object, so one user's
   graphs never evict another's), for static shapes, with CUDA graphs
-  (``mode="reduce-overhead"``) on CUDA.
+  (``mode="reduce-overhead"``) on CUDA; without them, optionally with Inductor's C++ wrapper
+  (the graph's kernels called from generated C++ instead of Python: less host time per call,
+  a C++ compile of seconds to minutes per graph, cached on disk across processes).
 - ``replay``: one call of such a function. With CUDA graphs it first marks a new step (the graph
   tree may then reuse its memory pool) and clones the outputs, which live in that pool and would
   be overwritten by the next replay.
@@ -25,12 +27,17 @@ from .patching import own_code
 
 
 def compile_method(
-    fn: Callable[..., Any], owner: object, cudagraphs: bool, fullgraph: bool = True
+    fn: Callable[..., Any], owner: object, cudagraphs: bool, fullgraph: bool = True, cpp_wrapper: bool = False
 ) -> Callable[..., Any]:
-    """``fn`` bound to ``owner`` and compiled on its own code object for static shapes."""
+    """``fn`` bound to ``owner`` and compiled on its own code object for static shapes
+    (``cpp_wrapper`` applies without CUDA graphs only: a replayed graph has no wrapper to run)."""
     own = types.MethodType(own_code(fn), owner)
-    mode = "reduce-overhead" if cudagraphs else None
-    return torch.compile(own, fullgraph=fullgraph, dynamic=False, mode=mode)
+    if cudagraphs:
+        return torch.compile(own, fullgraph=fullgraph, dynamic=False, mode="reduce-overhead")
+    options: dict[str, str | int | bool | Callable[..., Any]] | None = (
+        {"cpp_wrapper": True} if cpp_wrapper else None
+    )
+    return torch.compile(own, fullgraph=fullgraph, dynamic=False, options=options)
 
 
 def replay(fn: Callable[..., Any], *args: Any, cudagraphs: bool) -> Any:

@@ -110,11 +110,20 @@ INDUCTOR_DECOMPOSED = "decomposed by Inductor (its own matmul + softmax kernels)
 
 def compiled_attention(code: Sequence[str]) -> list[str]:
     """The attention kernels (the profiler's labels) that Inductor's generated ``code`` calls,
-    each once, in the order first called; ``[INDUCTOR_DECOMPOSED]`` when it calls none."""
+    each once, in the order first called; ``[INDUCTOR_DECOMPOSED]`` when it calls none. Python
+    wrappers call ``aten.OP.default(``, C++ wrappers ``aoti_torch_DEVICE_OP(``."""
     text = "\n".join(code)
-    calls = {f"aten.{op.removeprefix('aten::')}.default(": label for op, label in FUSED_KERNELS.items()}
-    found = sorted((text.find(call), label) for call, label in calls.items() if call in text)
-    return [label for _, label in found] or [INDUCTOR_DECOMPOSED]
+    calls = {
+        call: label
+        for op, label in FUSED_KERNELS.items()
+        for name in [op.removeprefix("aten::")]
+        for call in (f"aten.{name}.default(", f"aoti_torch_cpu_{name}(", f"aoti_torch_cuda_{name}(")
+    }
+    first: dict[str, int] = {}
+    for call, label in calls.items():
+        if call in text:
+            first[label] = min(first.get(label, len(text)), text.find(call))
+    return sorted(first, key=first.__getitem__) or [INDUCTOR_DECOMPOSED]
 
 
 def device_attention_kernel(name: str) -> str | None:

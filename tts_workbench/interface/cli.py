@@ -85,6 +85,7 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         dtype=args.dtype,
         outdir=args.out,
         warmup=args.warmup,
+        cpp_wrapper=args.cpp_wrapper,
     )
     return report, format_bench
 
@@ -321,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive, default=2)
     b.add_argument("--warmup", type=int, default=0, help="untimed runs of each config first (use 1 on CUDA)")
     b.add_argument("--dtype", default="auto", help="dtype policy of the optimized path (precision.POLICIES)")
+    b.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="compile the wrapper's decode step with Inductor's C++ wrapper (CPU; slow first compile)",
+    )
     b.add_argument("--text", help=TEXT_HELP)
     b.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.csv")

@@ -159,6 +159,10 @@ class DecodePlan:
     1 without) and keep on the plan (``StaticStep``, reused by later generations without
     reallocating or recompiling). Changing ``max_cache_len`` reallocates at the next generation;
     ``drop_static()`` frees the cache (e.g. after moving the model to another device).
+
+    ``cpp_wrapper``: compile the "compiled" step with Inductor's C++ wrapper where there are no
+    CUDA graphs (on a CPU): on ``deep-narrow`` 25% less time per token, at a C++ compile of up to
+    two minutes per graph the first time (docs/decode.md). Off by default.
     """
 
     prefill: T3Parts
@@ -166,6 +170,7 @@ class DecodePlan:
     autocast: torch.dtype | None = None
     step: StepMode = "eager"
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN
+    cpp_wrapper: bool = False
     _static: dict[int, StaticStep] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -186,7 +191,11 @@ class DecodePlan:
             what = f"native {dtype_name(self.decode.dtype)}"
         else:
             what = f"prefill {dtype_name(self.prefill.dtype)}, decode {dtype_name(self.decode.dtype)}"
-        return what if self.step == "eager" else f"{what}, {self.step} step"
+        if self.step == "eager":
+            return what
+        return f"{what}, {self.step} step" + (
+            " (C++ wrapper)" if self.cpp_wrapper and self.step == "compiled" else ""
+        )
 
     def static_step(self, batch: int) -> StaticStep | None:
         """The static step (cache and compiled function) kept for ``batch``, if one was built."""
@@ -267,8 +276,10 @@ class StaticStep:
         enter: Callable[[], Any] = torch.inference_mode,
         warmup: int | None = None,
         sampler: Sampler,
+        cpp_wrapper: bool = False,
     ) -> None:
         self.parts, self.batch, self.max_cache_len = parts, batch, max_cache_len
+        self.cpp_wrapper = cpp_wrapper
         self.sampler = sampler  # the warm-up's; ``begin`` sets each generation's
         self.dtype, self.device = dtype, torch.device(device)
         self.embed_dtype = parts.dtype
@@ -347,7 +358,9 @@ class StaticStep:
             return self.decode_one_token
         key = (self.span, self.sampler)
         if key not in self._compiled:
-            self._compiled[key] = compile_method(StaticStep.decode_one_token, self, self.cudagraphs)
+            self._compiled[key] = compile_method(
+                StaticStep.decode_one_token, self, self.cudagraphs, cpp_wrapper=self.cpp_wrapper
+            )
         return self._compiled[key]
 
     def _give_up(self, e: Exception) -> None:
@@ -535,7 +548,8 @@ def _static_step(
     """The plan's static step for ``batch``, built (and compiled) if there is none that fits."""
     held = plan.static_step(batch)
     compile = plan.step == "compiled"
-    if held is not None and held.max_cache_len == plan.max_cache_len and held.parts is plan.decode:
+    same = held is not None and held.cpp_wrapper == plan.cpp_wrapper and held.parts is plan.decode
+    if held is not None and same and held.max_cache_len == plan.max_cache_len:
         # A step whose compile failed is kept: it does not retry (and warn) every generation.
         if compile == (held.compiled or held.fallback_reason is not None):
             if held.dtype != dtype:
@@ -553,6 +567,7 @@ def _static_step(
         compile=compile,
         enter=enter,
         sampler=sampler,
+        cpp_wrapper=plan.cpp_wrapper,
     )
     plan._static[batch] = step
     return step

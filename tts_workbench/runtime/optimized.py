@@ -382,8 +382,10 @@ class PerformanceOptimizedTTS(Pipeline):
         decode: str = "auto",
         max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
         flow: str = "auto",
+        cpp_wrapper: bool = False,
     ) -> None:
         self.tts = tts
+        self.cpp_wrapper = cpp_wrapper  # the compiled decode step's, on a CPU (DecodePlan)
         self.optimize = True
         self.record_attention = record_attention  # off by default: the profiler costs time
         self.stop_check_every = stop_check_every
@@ -468,7 +470,12 @@ class PerformanceOptimizedTTS(Pipeline):
         # One plan per decode step, sharing the weights; each keeps its own static cache and
         # compiled step, so a later generation (or another step asked of generate) reuses them.
         self.plans = {
-            step: dataclasses.replace(base, step=cast(StepMode, step), max_cache_len=self.max_cache_len)
+            step: dataclasses.replace(
+                base,
+                step=cast(StepMode, step),
+                max_cache_len=self.max_cache_len,
+                cpp_wrapper=self.cpp_wrapper,
+            )
             for step in STEP_MODES
         }
 

@@ -157,10 +157,12 @@ def run_bench(
     dtype: str = "auto",
     outdir: str | Path = "runs/bench",
     warmup: int = 0,
+    cpp_wrapper: bool = False,
 ) -> dict[str, Any]:
     """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors.
     ``warmup`` untimed runs of each configuration come first (on CUDA the first call of a path
-    pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth)."""
+    pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth).
+    ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``)."""
     check_policy(dtype)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
@@ -175,7 +177,9 @@ def run_bench(
         m.float()
     prepare_voice(upstream_model, reference)
     upstream = UpstreamTTS(upstream_model)
-    opt = PerformanceOptimizedTTS(load_model(model, device, seed), policy=dtype, decode="eager")
+    opt = PerformanceOptimizedTTS(
+        load_model(model, device, seed), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper
+    )
     opt.prepare_conditionals(reference)
     # Every static step attends over the whole cache: allocate it at this run's maximum length
     # (prefill + tokens, as gpt-fast does), not at upstream's 1000-token default.
@@ -221,7 +225,13 @@ def run_bench(
         "environment": environment(model, device),
         "note": NOTE,
         "settings": dict(
-            configs=list(configs), tokens=tokens, repeats=repeats, warmup=warmup, seed=seed, text=text
+            configs=list(configs),
+            tokens=tokens,
+            repeats=repeats,
+            warmup=warmup,
+            seed=seed,
+            text=text,
+            cpp_wrapper=cpp_wrapper,
         ),
         "optimized_policy": {
             "policy": opt.policy,

@@ -1,0 +1,78 @@
+"""The compiled T3 step with Inductor's Python wrapper vs its C++ wrapper, beside upstream's
+decode, side by side in one process (runs interleaved), on `deep-narrow`, where a step is mostly
+the host calling ~400 small kernels, so the wrapper that calls them matters.
+
+Three pipelines on three copies of the same weights, each a one-shot capped generation as in
+the bench (`bench.run_pipeline`): upstream's `generate` (float32), and the optimized wrapper
+(float32 policy, so the tokens can be compared) with the compiled step, once with each wrapper.
+T3 ms per decode step, medians over the repeats with every value kept; compile seconds apart.
+(Same tokens with either wrapper: tests/test_static_decode.py checks it on the tiny model.)
+
+    .venv/bin/python scripts/cpp_wrapper_study.py [--repeats 5] > results/cpp_wrapper_cpu_deep_narrow.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from typing import Any
+
+import torch
+
+from tts_workbench.core.quiet import upstream_silenced
+from tts_workbench.models.sources import build_model, make_reference_wav
+from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
+from tts_workbench.studies.bench import environment, run_pipeline
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+TOKENS = 150
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    reference = str(make_reference_wav("/tmp/cpp_wrapper_study_reference.wav"))
+    with upstream_silenced():  # its prints would land in the JSON on stdout
+        models = []
+        for _ in range(3):
+            torch.manual_seed(0)  # the same random weights in each copy
+            models.append(build_model("deep-narrow"))
+        upstream = UpstreamTTS(models[0])
+        prepare_voice(models[0], reference)
+        pipelines: dict[str, Any] = {"upstream": upstream}
+        for name, tts, cpp in (("compiled", models[1], False), ("compiled, C++ wrapper", models[2], True)):
+            opt = PerformanceOptimizedTTS(tts, policy="float32", decode="compiled", cpp_wrapper=cpp)
+            opt.prepare_conditionals(reference)
+            opt.set_max_cache_len(opt.prefill_length(TEXT) + TOKENS)  # as the bench sizes it
+            pipelines[name] = opt
+        ms: dict[str, list[float]] = {name: [] for name in pipelines}
+        compile_s: dict[str, float] = {}
+        for k in range(args.repeats + 1):  # the first round compiles and is not kept
+            for name, pipeline in pipelines.items():
+                row = run_pipeline(pipeline, TEXT, TOKENS, seed=0)
+                if k == 0:
+                    compile_s[name] = row["t3_compile_s"]
+                else:
+                    ms[name].append(row["t3_step_s"] * 1e3)
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    out = {
+        "environment": environment("deep-narrow (random weights)", "cpu"),
+        "tokens": TOKENS,
+        "repeats": args.repeats,
+        "t3_ms_per_step": ms,
+        "median_t3_ms_per_step": med,
+        "upstream_over": {name: med["upstream"] / m for name, m in med.items() if name != "upstream"},
+        "cpp_over_python_wrapper": med["compiled, C++ wrapper"] / med["compiled"],
+        "compile_s_first_round": compile_s,
+        "note": "random weights never emit a stop token: each generation runs 150 tokens",
+    }
+    json.dump(out, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
