@@ -8,7 +8,9 @@ the bench (`bench.run_pipeline`): upstream's `generate` (float32), and the optim
 T3 ms per decode step, medians over the repeats with every value kept; compile seconds apart.
 (Same tokens with either wrapper: tests/test_static_decode.py checks it on the tiny model.)
 
-    .venv/bin/python scripts/cpp_wrapper_study.py [--repeats 5] > results/cpp_wrapper_cpu_deep_narrow.json
+    .venv/bin/python scripts/cpp_wrapper_study.py [--repeats 5] > run.json
+
+(results/cpp_wrapper_cpu_deep_narrow.json holds two such runs under "runs".)
 """
 
 from __future__ import annotations

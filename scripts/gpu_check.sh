@@ -67,10 +67,12 @@ step() {  # step NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.er
     local name=$1; shift
     echo "== $name" >&2
     local t0=$SECONDS done_at=""
-    timeout "$LIMIT" "$@" "${REF[@]}" --json > "$DIR/$name.json" 2> "$DIR/$name.err" &
+    : > "$DIR/$name.json"  # no report of an earlier run taken for this one's
+    timeout -k 15 "$LIMIT" "$@" "${REF[@]}" --json > "$DIR/$name.json" 2> "$DIR/$name.err" &
     local pid=$!
     while kill -0 $pid 2>/dev/null; do
-        if [[ -z $done_at ]] && $PY -c 'import json, sys; json.load(open(sys.argv[1]))' "$DIR/$name.json" 2>/dev/null; then
+        if [[ -z $done_at && -s "$DIR/$name.json" ]] \
+            && $PY -c 'import json, sys; json.load(open(sys.argv[1]))' "$DIR/$name.json" 2>/dev/null; then
             done_at=$SECONDS
         elif [[ -n $done_at ]] && (( SECONDS - done_at > EXIT_GRACE )); then
             echo "   its report is complete but it has not exited ${EXIT_GRACE} s later: stopped" >&2
@@ -82,7 +84,7 @@ step() {  # step NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.er
     wait $pid
     local rc=$?
     echo "   rc $rc in $((SECONDS - t0)) s" >&2
-    [[ $rc == 0 ]] || tail -5 "$DIR/$name.err" >&2
+    [[ $rc == 0 || -n $done_at ]] || tail -5 "$DIR/$name.err" >&2  # a stopped step's report is whole
 }
 
 POLICIES=${GPU_CHECK_POLICIES-bfloat16}
@@ -176,7 +178,8 @@ if traced and not dry:  # the trimmed decode-region traces, kept beside the resu
     keep = out.parent / "traces"
     keep.mkdir(exist_ok=True)
     for step, path in traced["traces"].items():
-        traced["traces"][step] = str(shutil.copy(path, keep / f"decode_{step}.json.gz"))
+        if Path(path).is_file():  # not when combining steps recorded on another machine
+            traced["traces"][step] = str(shutil.copy(path, keep / f"decode_{step}.json.gz"))
 for study in (load_study, served):  # the per-stream rows stay in the step's own JSON
     for level in (study or {}).get("levels", []):
         level.pop("per_stream")
@@ -208,7 +211,7 @@ if served:
 if sampling:
     print("\n## sampling, batched / one stream at a time:", sampling["batched_over_one_by_one"])
 if traced:
-    from tts_workbench.studies.profile_report import format_decode_traces
+    from tts_workbench.studies.trace_report import format_decode_traces
     print("\n## T3 decode region on the device (HolisticTraceAnalysis)\n" + format_decode_traces(traced))
 print(f"\nerrors: {sorted(result['errors']) or 'none'}\nwrote {out}")
 sys.exit(1 if result["errors"] else 0)

@@ -280,6 +280,7 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     assert set(result["sampling"]["batched_over_one_by_one"]) == {"2"}
     # the decode region of each step, cut for reading elsewhere (trace --read)
     assert set(result["trace"]["traces"]) == {"eager", "static"} and result["trace"]["table"] == []
+    assert result["trace"]["device_events"] == {"eager": 0, "static": 0}  # a CPU trace
     assert all(Path(p).is_file() for p in result["trace"]["traces"].values())
 
 

@@ -21,6 +21,8 @@ from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
 from tts_workbench.core.errors import CacheError, ConfigError
+from tts_workbench.instruments.attention import compiled_attention
+from tts_workbench.runtime import decode
 from tts_workbench.runtime.decode import (
     DecodePlan,
     DecodeResult,
@@ -113,7 +115,15 @@ def test_float32_samples_exactly_upstreams_tokens(
     f32_eager: tuple[DecodeResult, list],
     compiled_plan: DecodePlan,
     mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    codes: list[str] = []  # what Inductor generated for a step compiled in this test
+
+    def reading(code: list[str]) -> list[str]:
+        codes.extend(code)
+        return compiled_attention(code)
+
+    monkeypatch.setattr(decode, "compiled_attention", reading)
     if mode == "compiled":
         plan = compiled_plan
     else:  # compiled-cpp: Inductor's C++ wrapper calls the graph's kernels
@@ -136,6 +146,8 @@ def test_float32_samples_exactly_upstreams_tokens(
     if plan.step == "compiled":
         assert step.compiled and step.compile_s > 0 and step.cpp_wrapper == (mode == "compiled-cpp")
         assert step.attention_kernels == ["flash (CPU)"]  # read from Python or C++ wrapper code
+        if mode == "compiled-cpp":  # the C++ wrapper calls the graph's ops through AOTI's C shim
+            assert any("aoti_torch_cpu_" in c for c in codes)
     else:
         assert not step.compiled and step.fallback_reason is None
 

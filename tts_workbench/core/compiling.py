@@ -6,7 +6,7 @@ engine's batched step, S3Gen's CFM estimator), in one place.
   graphs never evict another's), for static shapes, with CUDA graphs
   (``mode="reduce-overhead"``) on CUDA; without them, optionally with Inductor's C++ wrapper
   (the graph's kernels called from generated C++ instead of Python: less host time per call,
-  a C++ compile of seconds to minutes per graph, cached on disk across processes).
+  a C++ compile of seconds to minutes per graph).
 - ``replay``: one call of such a function. With CUDA graphs it first marks a new step (the graph
   tree may then reuse its memory pool) and clones the outputs, which live in that pool and would
   be overwritten by the next replay.

@@ -5,14 +5,15 @@ kernel the device ran, CUDA-graph replays included, each tied to the host call t
 by a correlation id. HTA turns that into the numbers that say whether a step is host-bound: the
 share of the device's time it sat idle (temporal breakdown), the idle time split into waiting
 for the host and gaps between kernels (idle breakdown), which kernels took the time (kernel
-breakdown), how long each launch took on the host against on the device (launch
-statistics), and which fused attention kernels ran (by the device kernels' names, CUDA-graph
-replays included: ``attention.device_attention_kernel``).
+breakdown). Read from the trace here as well: how long each launch took on the host against
+on the device (launch statistics, CUDA-graph replays included, which HTA's own leave out) and
+which fused attention kernels ran (by the device kernels' names:
+``attention.device_attention_kernel``).
 
 ``region_trace`` cuts a trace down to one phase region (``t3.decode``: the decode steps alone,
 without the prefill or S3Gen) and writes it as a trace of its own, small enough to keep; HTA
-then reads the region as a whole trace. ``analyze`` runs the four analyses on one trace file
-and returns them as DataFrames with units in the column names; ``compare`` puts the headline
+then reads the region as a whole trace. ``analyze`` reads one trace file into DataFrames with
+units in the column names (``TraceReport``); ``compare`` puts the headline
 numbers of several side by side. A trace without device activity (a CPU-only profile) gets no
 frames and a note saying what HTA cannot show there.
 """
@@ -77,17 +78,18 @@ def region_trace(path: str | Path, region: str, out: str | Path, occurrences: in
 
 def _cut(trace: dict[str, Any], region: str, occurrences: int | None, path: str | Path) -> dict[str, Any]:
     events = trace["traceEvents"]
-    ranges = sorted(
-        (
-            e
-            for e in events
-            if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"] == region
-        ),
-        key=lambda e: e["ts"],
-    )[:occurrences]
+    named = (
+        e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"] == region
+    )
+    ranges: list[Mapping[str, Any]] = []
+    for e in sorted(named, key=lambda e: (e["ts"], -e["dur"])):
+        if not ranges or e["ts"] + e["dur"] > ranges[-1]["ts"] + ranges[-1]["dur"]:
+            ranges.append(e)  # not nested in the one before (the phase hooks nest t3.decode ranges)
+    ranges = ranges[:occurrences]
     if not ranges:
         raise ValueError(
-            f"no profiler range named {region!r} in {path}: profile under profiling.phase_regions"
+            f"no profiler range named {region!r} in {path}: profile the work with its ranges "
+            "(profiling.phase_regions; decode_blocks names each decode step t3.decode itself)"
         )
     start, end = ranges[0]["ts"], max(e["ts"] + e["dur"] for e in ranges)
 
@@ -130,8 +132,9 @@ class TraceReport:
       next kernel yet), ``kernel_wait`` (short gaps between back-to-back kernels), ``other``;
     - ``kernels``: the kernels that took most of the time (HTA folds the rest into ``others``),
       ``sum_us``, ``mean_us``, ``max_us``, ``share_pct``;
-    - ``launches``: one row per launch, ``cpu_us`` (the launch call on the host), ``gpu_us``
-      (the work on the device) and ``launch_delay_us`` (from the call's end to the work's start);
+    - ``launches``: one row per launch, CUDA-graph replays included (``launch_stats``), its
+      ``kernels``, ``cpu_us`` (the launch call on the host), ``gpu_us`` (the work on the device)
+      and ``launch_delay_us`` (from the call's end to the work's start);
     - ``attention``: the fused attention kernels by name, ``kernel``, ``label`` (flash,
       mem-efficient, cuDNN), ``calls``, ``sum_us`` (read from the trace itself, not HTA: HTA
       folds small kernels into ``others``).
@@ -170,6 +173,7 @@ class TraceReport:
             "idle_pct": float(t["idle_pct"]),
             "idle_host_wait_pct": float(100 * idle.get("host_wait", 0.0) / idle.sum()) if idle.sum() else 0.0,
             "launches": len(self.launches),
+            "kernels_per_launch": float(self.launches["kernels"].mean()),
             "median_launch_delay_us": float(self.launches["launch_delay_us"].median()),
             "gpu_shorter_than_launch_pct": float(
                 100 * (self.launches["gpu_us"] < self.launches["cpu_us"]).mean()
@@ -194,7 +198,8 @@ def _hta_quiet() -> Iterator[None]:
 
 
 def analyze(path: str | Path) -> TraceReport:
-    """HTA's temporal, idle and kernel breakdowns and launch statistics of one trace file."""
+    """HTA's temporal, idle and kernel breakdowns of one trace file, its launch statistics and
+    its attention kernels."""
     trace = read_trace(path)
     props = trace.get("deviceProperties") or [{}]
     device = str(props[0].get("name", "unknown device"))
@@ -210,7 +215,6 @@ def analyze(path: str | Path) -> TraceReport:
         temporal = hta.get_temporal_breakdown(visualize=False)
         idle, _ = hta.get_idle_time_breakdown(visualize=False)
         _, kernels = hta.get_gpu_kernel_breakdown(visualize=False)
-        launches = hta.get_cuda_kernel_launch_stats(visualize=False)[0]
     temporal = temporal.rename(
         columns={
             "idle_time(us)": "idle_us",
@@ -228,10 +232,36 @@ def analyze(path: str | Path) -> TraceReport:
         columns={"name": "kernel", "sum (us)": "sum_us", "mean (us)": "mean_us", "max (us)": "max_us"}
     )[["kernel", "kernel_type", "sum_us", "mean_us", "max_us"]].sort_values("sum_us", ascending=False)
     kernels = kernels.reset_index(drop=True).assign(share_pct=lambda k: 100 * k["sum_us"] / k["sum_us"].sum())
-    launches = launches.rename(
-        columns={"cpu_duration": "cpu_us", "gpu_duration": "gpu_us", "launch_delay": "launch_delay_us"}
-    )[["correlation", "cpu_us", "gpu_us", "launch_delay_us"]]
-    return TraceReport(str(path), device, "", temporal, idle, kernels, launches, attention_kernels(trace))
+    return TraceReport(
+        str(path), device, "", temporal, idle, kernels, launch_stats(trace), attention_kernels(trace)
+    )
+
+
+def launch_stats(trace: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per host call that launched device work: ``launch`` (the call's name),
+    ``kernels`` (device events it started), ``cpu_us`` (the call on the host), ``gpu_us`` (its
+    device events' time), ``launch_delay_us`` (from the call's end to its first device event).
+
+    HTA's own launch statistics (0.5.0) count ``cudaLaunchKernel`` and copies only, so a CUDA
+    graph's replay (``cudaGraphLaunch``, many kernels under one correlation id) and Triton's
+    ``cuLaunchKernel`` would be left out: the compiled step would look as if it launched
+    almost nothing. Matched here by correlation id, as HTA does."""
+    device: dict[int, list[Mapping[str, Any]]] = {}
+    for e in trace["traceEvents"]:
+        if e.get("cat") in DEVICE_CATEGORIES and "correlation" in e.get("args", {}):
+            device.setdefault(e["args"]["correlation"], []).append(e)
+    rows = []
+    for e in trace["traceEvents"]:
+        if e.get("cat") not in LAUNCH_CATEGORIES or not (
+            work := device.get(e["args"].get("correlation", -1))
+        ):
+            continue
+        gpu_us, first = sum(w["dur"] for w in work), min(w["ts"] for w in work)
+        rows.append(
+            (e["args"]["correlation"], e["name"], len(work), e["dur"], gpu_us, first - e["ts"] - e["dur"])
+        )
+    columns = ["correlation", "launch", "kernels", "cpu_us", "gpu_us", "launch_delay_us"]
+    return pd.DataFrame(rows, columns=columns).sort_values("correlation").reset_index(drop=True)
 
 
 def attention_kernels(trace: Mapping[str, Any]) -> pd.DataFrame:

@@ -134,10 +134,16 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     import torch
 
     from ..runtime.optimized import check_decode
-    from ..studies.profile_report import decode_trace_report, decode_traces, format_decode_traces, read_traces
+    from ..studies.trace_report import (
+        cut_report,
+        decode_trace_report,
+        decode_traces,
+        format_decode_traces,
+        read_traces,
+    )
 
     if args.read:  # traces taken before, maybe on another machine: no model
-        paths = {_trace_label(p): Path(p) for p in args.read}
+        paths = _trace_labels([Path(p) for p in args.read])
         for path in paths.values():
             if not path.is_file():
                 raise ValueError(f"argument --read: no trace file {path}")
@@ -154,17 +160,16 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
     note = f"T3 decode in {args.dtype}; random weights never emit a stop token: {args.tokens} tokens each"
     if args.cut_only:
-        return {
-            "note": note,
-            "table": [],
-            "traces": {s: str(p) for s, p in regions.items()},
-        }, format_decode_traces
+        return cut_report(regions, note), format_decode_traces
     return decode_trace_report(read_traces(regions), note), format_decode_traces
 
 
-def _trace_label(path: str) -> str:
-    """A trace file's name without its .json / .json.gz ending: its label in the table."""
-    return Path(path).name.removesuffix(".gz").removesuffix(".json")
+def _trace_labels(paths: list[Path]) -> dict[str, Path]:
+    """Each trace file by its name without .json / .json.gz, or with its folder where names
+    repeat (decode_traces writes every step's region as t3.decode.json.gz in its own folder)."""
+    names = [p.name.removesuffix(".gz").removesuffix(".json") for p in paths]
+    labels = [f"{p.parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names, strict=True)]
+    return dict(zip(labels, paths, strict=True))
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:

@@ -114,8 +114,11 @@ class FlowPlan:
                 cond = None if cond is None else F.pad(cond, (0, pad))
             fn = self._estimator(estimator, forward, (x, mask, mu, t, spks, cond, r))
             cudagraphs = self.compiled and x.device.type == "cuda"
-            out: torch.Tensor = replay(fn, x, mask, mu, t, spks, cond, r, cudagraphs=cudagraphs)
-            return out[..., :n]
+            # sliced before replay clones it: only the window's own frames are copied
+            out: torch.Tensor = replay(
+                lambda *a: fn(*a)[..., :n], x, mask, mu, t, spks, cond, r, cudagraphs=cudagraphs
+            )
+            return out
 
         return run
 

@@ -161,8 +161,8 @@ class DecodePlan:
     ``drop_static()`` frees the cache (e.g. after moving the model to another device).
 
     ``cpp_wrapper``: compile the "compiled" step with Inductor's C++ wrapper where there are no
-    CUDA graphs (on a CPU): on ``deep-narrow`` 25% less time per token, at a C++ compile of up to
-    two minutes per graph the first time (docs/decode.md). Off by default.
+    CUDA graphs (on a CPU): on ``deep-narrow`` 11% and 33% less time per token in two runs, at a
+    first compile of ~90 s instead of 30-50 s (docs/decode.md). Off by default.
     """
 
     prefill: T3Parts
@@ -193,9 +193,9 @@ class DecodePlan:
             what = f"prefill {dtype_name(self.prefill.dtype)}, decode {dtype_name(self.decode.dtype)}"
         if self.step == "eager":
             return what
-        return f"{what}, {self.step} step" + (
-            " (C++ wrapper)" if self.cpp_wrapper and self.step == "compiled" else ""
-        )
+        on_cpu = next(self.decode.speech_head.parameters()).device.type != "cuda"
+        cpp = self.cpp_wrapper and self.step == "compiled" and on_cpu  # CUDA graphs have no wrapper
+        return f"{what}, {self.step} step" + (" (C++ wrapper)" if cpp else "")
 
     def static_step(self, batch: int) -> StaticStep | None:
         """The static step (cache and compiled function) kept for ``batch``, if one was built."""
@@ -548,7 +548,8 @@ def _static_step(
     """The plan's static step for ``batch``, built (and compiled) if there is none that fits."""
     held = plan.static_step(batch)
     compile = plan.step == "compiled"
-    same = held is not None and held.cpp_wrapper == plan.cpp_wrapper and held.parts is plan.decode
+    cpp_wrapper = plan.cpp_wrapper and compile and device.type != "cuda"  # where it has an effect
+    same = held is not None and held.cpp_wrapper == cpp_wrapper and held.parts is plan.decode
     if held is not None and same and held.max_cache_len == plan.max_cache_len:
         # A step whose compile failed is kept: it does not retry (and warn) every generation.
         if compile == (held.compiled or held.fallback_reason is not None):
@@ -567,7 +568,7 @@ def _static_step(
         compile=compile,
         enter=enter,
         sampler=sampler,
-        cpp_wrapper=plan.cpp_wrapper,
+        cpp_wrapper=cpp_wrapper,
     )
     plan._static[batch] = step
     return step

@@ -1,28 +1,16 @@
-"""The ``profile`` and ``trace`` commands.
-
-``profile``: one upstream generation under the profiler, its op frame (saved beside the trace),
-the top operators per phase read from it, the attention kernels it saw looked up in the trace
-file that TensorBoard and Perfetto open, and HolisticTraceAnalysis's reading of its decode
-region where the trace has device activity.
-
-``trace``: T3's decode with each decode step (eager, static, compiled) profiled after a warm-up,
-its ``t3.decode`` region cut out and read by HolisticTraceAnalysis: how much of the decode the
-device sat idle waiting for the host, side by side per step. The cutting and the reading are
-apart (``decode_traces``, ``read_traces``): a GPU machine without HTA cuts, this one reads.
-"""
+"""The ``profile`` command: one upstream generation under the profiler, its op frame (saved
+beside the trace), the top operators per phase read from it, the attention kernels it saw looked
+up in the trace file that TensorBoard and Perfetto open, and HolisticTraceAnalysis's reading of
+its decode region where the trace has device activity (``trace_report`` for the decode steps)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
-from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments.attention import KernelRecord
 from ..instruments.profiling import (
@@ -34,10 +22,8 @@ from ..instruments.profiling import (
     trace_names,
     write_ops,
 )
-from ..instruments.trace_analysis import TraceReport, analyze, analyze_region, compare, region_trace
-from ..runtime.decode import StepMode, t3_decode, text_tokens
+from ..instruments.trace_analysis import analyze_region
 from ..runtime.generation import generate
-from ..runtime.optimized import check_decode, decode_plan
 from .diagnose import decode_step_kernels
 
 
@@ -115,73 +101,3 @@ def _device_line(summary: dict[str, Any]) -> str:
         f"median launch delay {summary['median_launch_delay_us']:.0f} us, "
         f"attention kernels {', '.join(summary['attention_kernels']) or 'none fused'}"
     )
-
-
-def decode_traces(
-    tts: ChatterboxTTS,
-    steps: Sequence[str],
-    logdir: str | Path,
-    tokens: int,
-    text: str,
-    seed: int = 0,
-    policy: str = "float32",
-    keep: int | None = None,
-) -> dict[str, Path]:
-    """For each decode step: T3's decode (weights as ``policy``) run once to warm up (compile,
-    CUDA graphs, cache) and once under the profiler without phase hooks (they would make a
-    compiled step compile again), its ``t3.decode`` region (the first ``keep`` steps, if given)
-    cut to ``logdir/decode-STEP/t3.decode.json.gz``. Returns those region traces by step, for
-    ``read_traces`` here or on another machine (HTA need not be installed where they are taken)."""
-    assert tts.conds is not None  # the caller prepared a voice
-    ids = text_tokens(tts, text)
-    regions = {}
-    for step in steps:
-        plan = replace(decode_plan(tts, policy), step=cast(StepMode, check_decode(step, tts.t3.device)))
-        for profiled in (False, True):  # a warm-up, then the run that is traced
-            with profile_run(tts, logdir, f"decode-{step}", phases=False) if profiled else nullcontext():
-                rng = StreamRandom(seed).generator(tts.device)
-                t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng)
-        path = trace_files(Path(logdir) / f"decode-{step}")[-1]
-        regions[step] = region_trace(path, "t3.decode", path.parent / "t3.decode.json.gz", keep)
-    return regions
-
-
-def read_traces(paths: Mapping[str, Path]) -> dict[str, TraceReport]:
-    """HolisticTraceAnalysis's reading of each trace (``trace_analysis.analyze``), by label."""
-    return {label: analyze(path) for label, path in paths.items()}
-
-
-def decode_trace_report(reports: dict[str, TraceReport], note: str, top: int = 5) -> dict[str, Any]:
-    """``read_traces``' reports as JSON: the side-by-side table and each trace's top kernels."""
-    return {
-        "note": note,
-        "table": compare(reports).to_dict("records"),
-        "traces": {step: r.trace for step, r in reports.items()},
-        "top_kernels": {step: r.kernels.head(top).to_dict("records") for step, r in reports.items()},
-    }
-
-
-def format_decode_traces(report: dict[str, Any]) -> str:
-    """The side-by-side table, each step's top kernels, and where the region traces are."""
-    traces = [f"{label}: {path}" for label, path in report["traces"].items()]
-    if not report["table"]:  # --cut-only
-        return "\n".join(["T3 decode region traces, not read (HolisticTraceAnalysis: trace --read):", *traces,
-                          report["note"]])  # fmt: skip
-    table = pd.DataFrame(report["table"])
-    lines = ["T3 decode region, read by HolisticTraceAnalysis:"]
-    if "idle_pct" not in table:
-        return "\n".join([*lines, str(table["note"].iloc[0]), report["note"]])
-    cols = ["run", "device", "compute_pct", "idle_pct", "idle_host_wait_pct", "launches",
-            "median_launch_delay_us", "gpu_shorter_than_launch_pct"]  # fmt: skip
-    lines.append(render(table[cols], {c: ".1f" for c in cols[2:]}))
-    for row in report["table"]:
-        seen = ", ".join(row["attention_kernels"]) or "none of the fused SDPA kernels"
-        lines.append(
-            f"attention kernels on the device, {row['run']}: {seen} (found by kernel name in the trace)"
-        )
-    for step, kernels in report["top_kernels"].items():
-        top = pd.DataFrame(kernels)[["kernel", "sum_us", "share_pct"]]
-        top["kernel"] = top["kernel"].str.slice(0, 80)
-        lines += [f"top kernels, {step}:", render(top, {"sum_us": ".0f", "share_pct": ".1f"})]
-    lines += [report["note"], *traces]
-    return "\n".join(lines)
