@@ -64,6 +64,7 @@ def lab() -> Iterator[Lab]:
     root = RUNS / "lab"
     shutil.rmtree(root, ignore_errors=True)
     shutil.copytree(ROOT / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("runs", ".*"))
+    shutil.copytree(ROOT / "tests" / "data", root / "tests" / "data")  # notebook 06's example GPU trace
     server = start_lab(root)
     try:
         yield server
