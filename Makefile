@@ -13,12 +13,10 @@ venv: $(STAMP)
 # PyPI's torchaudio wheels carry a C extension linked against CUDA torch; chatterbox only uses
 # torchaudio's pure-Python parts (kaldi fbank, Resample), so the extension is removed and
 # torchaudio falls back to them (tests/test_environment.py checks both calls work).
-# --no-compile: Python writes each module's bytecode when it is first imported instead of pip
-# compiling all of them up front (the install took 42 s instead of 85 s here).
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip==26.3"
-	$(BIN)/pip install -q --no-deps --no-compile -r requirements.lock
+	$(BIN)/pip install -q --no-deps -r requirements.lock
 	rm -f $$($(BIN)/python -c "import importlib.util,pathlib;print(pathlib.Path(importlib.util.find_spec('torchaudio').origin).parent/'lib')")/*.so
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -12,6 +12,7 @@ top operators (``top_ops``) are all read from it.
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import itertools
 import json
@@ -302,6 +303,9 @@ def start_server(
     """Start ``cmd`` in its own process group, its output to ``log`` (a file, not a pipe: a pipe
     nobody reads fills up and stalls the server); return once ``url + ready`` answers."""
     server = Server(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), url)
+    # Stopped when this process exits too: a notebook whose cells failed before its stop() cell
+    # would otherwise leave the server running after its kernel is gone (its own session).
+    atexit.register(server.stop)
     name = " ".join(cmd[:3])  # e.g. "python -m tensorboard.main"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
