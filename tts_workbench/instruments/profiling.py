@@ -155,12 +155,18 @@ def trace_files(run_dir: str | Path) -> list[Path]:
     return sorted(Path(run_dir).glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
 
 
+def read_trace(path: str | Path) -> dict[str, Any]:
+    """A Chrome/Kineto trace file (``.json`` or ``.json.gz``) as written by torch.profiler."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        trace: dict[str, Any] = json.load(f)
+    return trace
+
+
 def trace_names(path: str | Path) -> set[str]:
     """Names of the complete events (operators, regions) in a written trace file: what
     TensorBoard and Perfetto will list."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        return {e["name"] for e in json.load(f)["traceEvents"] if e.get("ph") == "X"}
+    return {e["name"] for e in read_trace(path)["traceEvents"] if e.get("ph") == "X"}
 
 
 # ---------------------------------------------------------------- the op frame

@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from .attention import device_attention_kernel
+from .profiling import read_trace
 
 # Trace event categories of work on the device (Kineto's names).
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
@@ -49,14 +50,6 @@ NO_HTA_NOTE = (
     "HolisticTraceAnalysis is not installed in this Python: the trace is kept unread; read it with "
     "`tts-workbench trace --read PATH` where it is (pip install -r requirements.lock)"
 )
-
-
-def read_trace(path: str | Path) -> dict[str, Any]:
-    """A Chrome/Kineto trace file (``.json`` or ``.json.gz``) as written by torch.profiler."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        trace: dict[str, Any] = json.load(f)
-    return trace
 
 
 def device_events(trace: Mapping[str, Any]) -> int:

@@ -20,13 +20,12 @@ from chatterbox.tts import ChatterboxTTS
 from ..core.errors import NoVoiceError
 from ..core.rng import StreamRandom
 from ..core.tables import render
-from ..instruments.profiling import profile_run, trace_files
+from ..instruments.profiling import profile_run, read_trace, trace_files
 from ..instruments.trace_analysis import (
     TraceReport,
     analyze,
     compare,
     device_events,
-    read_trace,
     region_trace,
 )
 from ..runtime.decode import StepMode, t3_decode, text_tokens
