@@ -13,10 +13,16 @@ venv: $(STAMP)
 # PyPI's torchaudio wheels carry a C extension linked against CUDA torch; chatterbox only uses
 # torchaudio's pure-Python parts (kaldi fbank, Resample), so the extension is removed and
 # torchaudio falls back to them (tests/test_environment.py checks both calls work).
+# Bytecode is compiled after the install on every core (pip compiles one file at a time: 45 s
+# more on 2 cores). It must be compiled: this environment sets PYTHONDONTWRITEBYTECODE, so a
+# module without a .pyc is compiled again by every process that imports it. compileall's exit
+# code is ignored: a few wheel files are not Python 3.11 (torch's py312 test helpers), which
+# pip skipped the same way.
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip==26.3"
-	$(BIN)/pip install -q --no-deps -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-compile -r requirements.lock
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	rm -f $$($(BIN)/python -c "import importlib.util,pathlib;print(pathlib.Path(importlib.util.find_spec('torchaudio').origin).parent/'lib')")/*.so
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -64,6 +64,7 @@ def test_diagnose_json_report(
         (["diagnose", "--reference", "/no/such.wav"], "does not exist"),
         (["frobnicate"], "invalid choice"),
         (["diagnose", "--dtype", "int8"], "invalid choice"),
+        (["bench", "--dtype", "bf16"], "invalid choice"),  # refused before the heavy imports
     ],
 )
 def test_bad_arguments_give_one_error_line(args: list[str], message: str, tmp_path: Path) -> None:

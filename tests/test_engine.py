@@ -247,15 +247,15 @@ def test_async_readers(tts: ChatterboxTTS) -> None:
 def test_many_streams_in_a_row_leave_nothing_behind(tts: ChatterboxTTS) -> None:
     with StreamEngine(tts, max_streams=8, config=CONFIG) as engine:
         handles = [
-            engine.submit("" if k % 5 == 4 else TEXTS[k % 4], seed=k, max_new_tokens=6) for k in range(40)
-        ]
+            engine.submit("" if k % 5 == 4 else TEXTS[k % 4], seed=k, max_new_tokens=6) for k in range(20)
+        ]  # more than twice what it holds at once (scripts/engine_soak.py runs 200)
         ok = failed = 0
         for h in handles:
             try:
                 ok += bool([c for c, _ in h])
             except EmptyTextError:
                 failed += 1
-        assert (ok, failed) == (32, 8)
+        assert (ok, failed) == (16, 4)
         assert engine.free_rows() == 16 and engine.active() == 0 and engine.queued() == 0
         assert len(engine._voices) == 1  # one voice prepared once
 

@@ -184,6 +184,14 @@ def test_stream_chunks_are_labelled_with_a_schedule(tiny_tts: ChatterboxTTS, tmp
     assert {"stream.chunk[0]", "stream.chunk[1]"} <= names and "stream.chunk[2]" not in names  # active=2
 
 
+def test_a_run_folder_holds_one_profile(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    # (before, each rerun of a notebook added a trace to the folder, and TensorBoard loaded them all)
+    for _ in range(2):
+        with profile_run(tiny_tts, tmp_path, "again", phases=False):
+            torch.ones(8).sum()
+    assert len(trace_files(tmp_path / "again")) == 1
+
+
 def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["profile", "--model", "tiny", "--tokens", "6", "--logdir", str(tmp_path), "--decode", "compiled"]
     assert main([*args, "--json"]) == 0

@@ -118,8 +118,13 @@ def profile_run(
 
     With a ``schedule`` (see ``long_run_schedule``) call ``prof.step()`` per iteration, e.g. per
     streamed chunk with ``profiled_chunks``.
+
+    A run folder holds one profile: traces an earlier run of the same name left there are removed
+    first (TensorBoard would load them all and show them as one run's spans).
     """
     run_dir = Path(logdir) / run
+    for old in trace_files(run_dir):
+        old.unlink()
     with (
         torch.profiler.profile(
             activities=activities(),

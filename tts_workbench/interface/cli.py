@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..core.policies import POLICIES
 from ..core.quiet import quiet_libraries, upstream_silenced
 
 TEXT_HELP = "text to speak (default: upstream's example sentence, constants.UPSTREAM_SENTENCE)"
@@ -290,15 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--dtype",
         default="float32",
-        choices=[
-            "float32",
-            "bfloat16",
-            "float16",
-            "decode-bfloat16",
-            "autocast-bfloat16",
-            "autocast-float16",
-        ],
-        help="dtype policy of T3's decode (precision.POLICIES)",
+        choices=[p for p in POLICIES if p != "auto"],  # auto measures candidates: the wrapper's job
+        help="dtype policy of T3's decode (core.policies.POLICIES)",
     )
     tr.add_argument(
         "--keep", type=_positive, help="keep the first KEEP decode steps of each trace (a smaller file)"
@@ -326,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--repeats", type=_positive, default=2)
     b.add_argument("--warmup", type=int, default=0, help="untimed runs of each config first (use 1 on CUDA)")
-    b.add_argument("--dtype", default="auto", help="dtype policy of the optimized path (precision.POLICIES)")
+    b.add_argument(
+        "--dtype", default="auto", choices=list(POLICIES), help="dtype policy of the optimized path"
+    )
     b.add_argument(
         "--cpp-wrapper",
         action="store_true",

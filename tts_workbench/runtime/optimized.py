@@ -2,7 +2,7 @@
 
 Fixes, each visible in a few lines below:
 
-1. **dtype policy** (``precision.POLICIES``), chosen per device and checkpoint by *measuring*
+1. **dtype policy** (``core.policies.POLICIES``), chosen per device and checkpoint by *measuring*
    the candidates (``choose_policy`` returns a ``Policy``; for ``"auto"`` the wrapper calls it on
    the model as given, before changing anything) unless one is given; a float16/bfloat16
    checkpoint keeps its dtype;
@@ -46,6 +46,7 @@ from ..core.clock import measurement, now
 from ..core.constants import HALF_DTYPES, SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
 from ..core.families import family_of, language_for
+from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
 from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
 from ..instruments.latency import ChunkMetrics
@@ -66,7 +67,6 @@ from .generation import generate as capped_generate
 from .generation import prepare_voice
 from .precision import (
     ISLANDS,
-    POLICIES,
     Island,
     check_conditionals,
     check_policy,

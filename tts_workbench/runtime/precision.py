@@ -26,19 +26,9 @@ from ..core.constants import dtype_name
 from ..core.errors import ConfigError, SourceError
 from ..core.families import FAMILIES, family_of
 from ..core.patching import preserved, shadow, working_copy
+from ..core.policies import POLICIES
 from ..models.sources import components
 from ..models.vocode import cast_gen
-
-POLICIES = {
-    "auto": "decided per device and checkpoint (see choose_policy)",
-    "keep": "every component keeps the dtype it was loaded with",
-    "float32": "T3 and S3Gen cast to float32",
-    "float16": "T3 and S3Gen cast to float16 (islands stay float32)",
-    "bfloat16": "T3 and S3Gen cast to bfloat16 (islands stay float32)",
-    "autocast-float16": "float32 weights, T3 and S3Gen run under torch.autocast(float16)",
-    "autocast-bfloat16": "float32 weights, T3 and S3Gen run under torch.autocast(bfloat16)",
-    "decode-bfloat16": "float32 weights for everything but T3's decode steps, which use a bfloat16 copy",
-}
 
 
 @dataclass(frozen=True)
