@@ -30,6 +30,7 @@
 #   GPU_CHECK_SERVE=1               # also serve one replica (compiled, T3 bfloat16) and send the load
 #                                   # study's levels to it with `load --url` (issue 20's GPU row)
 #   GPU_CHECK_DIR=DIR               # where each step's raw JSON and stderr go (default runs/gpu_check)
+#   GPU_CHECK_REFERENCE=WAV         # dry run: the voice to use (default: a generated 2 s one)
 #   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,8 +56,8 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 REF=()
 if [[ $DRY == 1 ]]; then  # a 2 s voice keeps the dry run short (S3Gen re-encodes the prompt every call)
-    $PY -c "import sys; from tts_workbench.models.sources import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
-    REF=(--reference "$TMP/ref.wav")
+    REF=(--reference "${GPU_CHECK_REFERENCE:-$TMP/ref.wav}")  # a caller's own saves a process start
+    [[ -n ${GPU_CHECK_REFERENCE:-} ]] || $PY -c "import sys; from tts_workbench.models.sources import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
 fi
 
 # A step that has printed its whole report but does not exit is stopped EXIT_GRACE s later: at

@@ -40,6 +40,7 @@ from tts_workbench.instruments.profiling import (
 )
 from tts_workbench.instruments.trace_analysis import CPU_ONLY_NOTE
 from tts_workbench.interface.cli import main
+from tts_workbench.models.sources import make_reference_wav
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import UpstreamTTS
 from tts_workbench.runtime.streaming import StreamConfig, StreamState, stream
@@ -262,6 +263,7 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
         GPU_CHECK_POLICIES="no-such-policy bfloat16",
         GPU_CHECK_CONFIGS="upstream,compiled",
         GPU_CHECK_TRACE="0",  # diagnose and trace are left off: test_cli and test_trace_analysis run them
+        GPU_CHECK_REFERENCE=str(make_reference_wav(tmp_path / "ref.wav", seconds=2)),
     )
     assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
     assert "DRY RUN" in result["what"] and set(result["runs"]) == {"bfloat16"}
