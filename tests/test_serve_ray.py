@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.interface.cli import main
+from tts_workbench.models.sources import load_model, make_reference_wav
 from tts_workbench.runtime.engine import StreamEngine
+from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.serving.protocol import pcm16
 
 TEXT = "One stream over HTTP, one in this process."
@@ -79,10 +80,12 @@ def _speech(url: str, model: str, **fields: object) -> httpx.Response:
     return httpx.post(f"{url}/v1/audio/speech", json=body, timeout=120)
 
 
-def test_http_audio_equals_the_in_process_stream(server: tuple[str, str], tiny_tts: ChatterboxTTS) -> None:
+def test_http_audio_equals_the_in_process_stream(server: tuple[str, str], tmp_path: Path) -> None:
     url, model = server
-    # The replicas build the same random weights (seed 0) and voice as this process's tiny model.
-    with StreamEngine(tiny_tts, max_streams=1, max_cache_len=1024) as engine:
+    # The replicas' model and voice: the same random weights (seed 0), the generated 10 s voice.
+    tts = load_model("tiny", seed=0)
+    prepare_voice(tts, str(make_reference_wav(tmp_path / "reference.wav")))
+    with StreamEngine(tts, max_streams=1, max_cache_len=1024) as engine:
         local = np.concatenate([c for c, _ in engine.submit(TEXT, seed=7, max_new_tokens=40)])
     expected = np.frombuffer(pcm16(local), "<i2").astype(int)
     pcm = _speech(url, model)

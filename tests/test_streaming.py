@@ -20,6 +20,7 @@ from tts_workbench.runtime.generation import shadow
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.runtime.streaming import (
     SAMPLES_PER_TOKEN,
+    BufferedCutter,
     StreamConfig,
     StreamState,
     one_shot,
@@ -105,6 +106,31 @@ def _run_seeded(
 ) -> tuple[np.ndarray, list[int]]:
     wav, state = stream_all(tts, text, config, max_new_tokens=40, seed=seed)
     return wav, state.tokens
+
+
+@pytest.mark.parametrize("total", [10, 18, 19, 40, 48, 49])  # around the windows' edges
+def test_windows_do_not_depend_on_when_they_are_asked(total: int) -> None:
+    # ``stream`` asks for a window as T3's tokens come; the engine's S3Gen stage may first ask
+    # once T3 is done. Before, a stream that ended before its first window was asked for got
+    # one merged window in the engine and two alone: the same tokens, other audio.
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+
+    def windows(asked_as_they_come: bool) -> list[tuple[int, int, bool]]:
+        state, out = StreamState(StreamReport("buffered")), []
+        cutter = BufferedCutter(config, state)
+        for k in range(total):
+            state.tokens.append(k)
+            while asked_as_they_come and (w := cutter.next_window(True)) is not None:
+                out.append(w)
+                cutter.begin = w.end
+        while (w := cutter.next_window(False)) is not None:
+            out.append(w)
+            cutter.begin, cutter.done = w.end, w.final
+        return [(w.begin, w.end, w.final) for w in out]
+
+    alone, late = windows(True), windows(False)
+    assert alone == late and alone[-1][1] == total and alone[-1][2]
+    assert [end for _, end, _ in alone[:-1]] == [b for b, _, _ in alone[1:]]  # every token once
 
 
 def test_naive_re_vocodes_context(tts: ChatterboxTTS) -> None:

@@ -386,7 +386,12 @@ class BufferedCutter:
 
     def next_window(self, more: bool) -> Window | None:
         """The next window, once enough tokens are there (``more``: T3 may still add some);
-        ``None`` while it waits for tokens, and after the last window (``done``)."""
+        ``None`` while it waits for tokens, and after the last window (``done``).
+
+        A window whose tokens (and lookahead) are all there is a regular one even when T3 has
+        ended since: the cut must not depend on when it is asked. ``stream`` asks as the tokens
+        come; the engine's S3Gen stage, busy with other streams, may first ask after T3 is done,
+        and a stream's windows (so its audio) are then still the ones it gets alone."""
         config, n, begin = self.config, len(self.state.tokens), self.begin
         size = config.first_window_tokens if begin == 0 else config.window_tokens
         if self.done or (more and n < begin + size + config.lookahead_tokens):
@@ -394,7 +399,7 @@ class BufferedCutter:
         if n == begin:  # T3 ended on a window boundary: the tail was already flushed
             self.done = True
             return None
-        final = not more and n <= begin + size + config.lookahead_tokens
+        final = not more and n < begin + size + config.lookahead_tokens
         end = n if final else begin + size
         start = max(0, begin - config.left_context_tokens)
         regular = (begin - start) + size + config.lookahead_tokens
