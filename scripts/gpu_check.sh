@@ -129,8 +129,8 @@ WAIT
 fi
 if [[ $COMBINE != 1 ]]; then  # sampling B streams: one at a time vs decode.Sampler batched, same tokens
     echo "== sampling" >&2
-    [[ $DRY == 1 ]] && SAMPLED=2 || SAMPLED=1,8,32,64
-    timeout "$LIMIT" $PY scripts/sampling_study.py --device $DEVICE --streams $SAMPLED \
+    [[ $DRY == 1 ]] && SAMPLING=(--streams 2 --min-run-time 0.2) || SAMPLING=(--streams 1,8,32,64)
+    timeout "$LIMIT" $PY scripts/sampling_study.py --device $DEVICE "${SAMPLING[@]}" \
         > "$DIR/sampling.json" 2> "$DIR/sampling.err" || tail -5 "$DIR/sampling.err" >&2
 fi
 if [[ $COMBINE != 1 && ${GPU_CHECK_TRACE:-1} == 1 ]]; then

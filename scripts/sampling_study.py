@@ -28,7 +28,7 @@ from tts_workbench.runtime.decode import Sampler
 VOCAB, START, HISTORY = 8194, 6561, 100
 
 
-def _level(b: int, device: torch.device) -> list[dict[str, object]]:
+def _level(b: int, device: torch.device, min_run_time: float) -> list[dict[str, object]]:
     """Both ways for ``b`` streams, on the same logits and history; their tokens checked equal."""
     sampler = Sampler(turbo=False)
     upstream = (RepetitionPenaltyLogitsProcessor(1.2), MinPLogitsWarper(0.05), TopPLogitsWarper(0.95))
@@ -56,7 +56,7 @@ def _level(b: int, device: torch.device) -> list[dict[str, object]]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, fn in (("upstream, one stream at a time", one_by_one), ("Sampler, batched", batched)):
         timer = benchmark.Timer("fn(0); sync()", globals={"fn": fn, "sync": sync})
-        m = timer.blocked_autorange(min_run_time=2)
+        m = timer.blocked_autorange(min_run_time=min_run_time)
         rows.append({"streams": b, "how": name, "median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3})
     return rows
 
@@ -65,10 +65,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--streams", default="1,8,32")
+    ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds timed per way and level")
     args = ap.parse_args()
     device = torch.device(args.device)
     levels = [int(x) for x in args.streams.split(",")]
-    rows = [row for b in levels for row in _level(b, device)]
+    rows = [row for b in levels for row in _level(b, device, args.min_run_time)]
     ms = {(r["streams"], str(r["how"]).split(",")[0]): float(r["median_ms"]) for r in rows}  # type: ignore[arg-type]
     out = {
         "device": str(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
