@@ -193,9 +193,9 @@ def test_a_run_folder_holds_one_profile(tiny_tts: ChatterboxTTS, tmp_path: Path)
     assert len(trace_files(tmp_path / "again")) == 1
 
 
-def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path) -> None:
     args = ["profile", "--model", "tiny", "--tokens", "6", "--logdir", str(tmp_path), "--decode", "compiled"]
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--reference", str(reference_wav), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert Path(report["trace"]).parent == tmp_path / "generation"
     # the compiled step's attention op, read from Inductor's code (no trace can show it)
@@ -207,7 +207,7 @@ def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_bench_cli_tiny(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, reference_wav: Path
 ) -> None:
     calls = []
 
@@ -218,6 +218,7 @@ def test_bench_cli_tiny(
 
     monkeypatch.setattr(bench, "run_pipeline", counted)
     args = ["bench", "--model", "tiny", "--configs", "upstream,optimized", "--tokens", "20", "--repeats", "2"]
+    args += ["--reference", str(reference_wav)]
     assert main([*args, "--dtype", "decode-bfloat16", "--warmup", "1", "--json", "--out", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [s["config"] for s in report["summary"]] == ["upstream", "optimized"]

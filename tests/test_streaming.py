@@ -232,10 +232,14 @@ def test_wrapper_streams_with_its_plan(tmp_path: Path) -> None:
     assert sum(len(c) for c, _ in chunks) == len(state.tokens) * SAMPLES_PER_TOKEN
 
 
-def test_stream_cli_writes_wav_and_timeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_stream_cli_writes_wav_and_timeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
     rc = main(
         [
             "stream",
+            "--reference",
+            str(reference_wav),
             "--model",
             "tiny",
             "--tokens",
