@@ -122,10 +122,10 @@ def test_windows_do_not_depend_on_when_they_are_asked(total: int) -> None:
             state.tokens.append(k)
             while asked_as_they_come and (w := cutter.next_window(True)) is not None:
                 out.append(w)
-                cutter.begin = w.end
+                cutter.advance(w)
         while (w := cutter.next_window(False)) is not None:
             out.append(w)
-            cutter.begin, cutter.done = w.end, w.final
+            cutter.advance(w)
         return [(w.begin, w.end, w.final) for w in out]
 
     alone, late = windows(True), windows(False)

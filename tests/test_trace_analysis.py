@@ -23,6 +23,7 @@ from tts_workbench.instruments.trace_analysis import (
 )
 from tts_workbench.interface.cli import main
 from tts_workbench.studies.trace_report import (
+    cut_report,
     decode_trace_report,
     decode_traces,
     format_decode_traces,
@@ -183,6 +184,15 @@ def test_cpu_trace_says_what_hta_cannot_show(cpu_traces: tuple[Path, dict[str, P
     for r in reports.values():
         assert not r.analyzed and r.note == CPU_ONLY_NOTE and r.summary()["device"] == "cpu only"
     assert "no device activity" in format_decode_traces(decode_trace_report(reports, "tiny, float32"))
+
+
+def test_cut_only_reports_where_the_regions_are(cpu_traces: tuple[Path, dict[str, Path]]) -> None:
+    # what `trace --cut-only` prints on a GPU machine without HTA: no table, the files, their events
+    _, regions = cpu_traces
+    report = cut_report(regions, "tiny, float32")
+    assert report["table"] == [] and report["traces"] == {step: str(p) for step, p in regions.items()}
+    assert report["device_events"] == {"eager": 0, "static": 0}  # a CPU trace
+    assert all(str(p) in format_decode_traces(report) for p in regions.values())
 
 
 def test_a_read_of_mixed_traces_shows_each(cpu_traces: tuple[Path, dict[str, Path]]) -> None:

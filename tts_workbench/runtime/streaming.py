@@ -432,8 +432,12 @@ class BufferedCutter:
             state.seams.append(w.begin * SAMPLES_PER_TOKEN)
             state.crossfades.append((lo, lo + c))
         chunk, self.tail = (seg, None) if w.final or not c else (seg[:-c], seg[-c:])
-        self.begin, self.done = w.end, w.final
+        self.advance(w)
         return chunk
+
+    def advance(self, w: Window) -> None:
+        """Past window ``w``: the next one begins where it ends (after the final one: done)."""
+        self.begin, self.done = w.end, w.final
 
 
 def window_metrics(w: Window, chunk: np.ndarray) -> dict[str, Any]:
