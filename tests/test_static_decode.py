@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import pytest
@@ -370,6 +370,26 @@ def test_a_cache_on_another_device_is_refused(tiny_tts: ChatterboxTTS, calls_of_
     assert _run(tiny_tts, plan, n=4)[0].tokens.size(1) == 4
 
 
+def test_a_refused_generation_leaves_the_paused_ones_cache_alone(tiny_tts: ChatterboxTTS) -> None:
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE)
+    tokens = text_tokens(tiny_tts, TEXT)
+
+    def paused_run() -> Generator[torch.Tensor, None, None]:
+        gen = torch.Generator().manual_seed(SEED)
+        kw: dict[str, Any] = {"max_new_tokens": 16, "plan": plan, "stop_check_every": 8, "generator": gen}
+        return decode_blocks(tiny_tts.t3, tiny_tts.conds.t3, tokens, **kw)
+
+    alone = torch.cat(list(paused_run()), dim=1)
+    paused = paused_run()
+    first = next(paused)
+    # Twice: a refusal used to clear the holder's busy flag, so the second call took the cache.
+    for _ in range(2):
+        with pytest.raises(CacheError, match="still uses this plan's static KV cache"):
+            _run(tiny_tts, plan, text=OTHER, n=4)
+    assert torch.equal(torch.cat([first, *paused], dim=1), alone)  # resumed on its own cache
+    assert _run(tiny_tts, plan, n=4)[0].tokens.size(1) == 4  # free once the holder has ended
+
+
 def test_a_compile_failure_falls_back_to_the_static_step(
     tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -416,6 +436,9 @@ def test_stop_token_ends_a_static_stream_like_the_eager_loop(tiny_tts: Chatterbo
         static, _ = _run(tiny_tts, plan, n=60)
     assert eager.stopped and eager.tokens[0, -1] == stop and eager.tokens.size(1) < 60
     assert static.stopped and torch.equal(eager.tokens, static.tokens) and static.steps == eager.steps
+    # The block that held the stop token was decoded to its end: step_s divides by those steps.
+    assert static.sampled == min(-(-static.steps // 8) * 8, 60) > static.steps
+    assert static.step_s == pytest.approx(static.decode_s / (static.sampled - 1))
 
 
 def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:

@@ -488,15 +488,18 @@ class DecodeStats:
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    steps: int = 0
+    steps: int = 0  # tokens kept (up to and including a stop token)
+    sampled: int = 0  # tokens sampled: past a stop token, to the end of its block
     stopped: bool = False
     compile_s: float = 0.0
     step_mode: str = "eager"
 
     @property
     def step_s(self) -> float:
-        """Mean seconds per decode step (the first token comes from the prefill)."""
-        return self.decode_s / max(self.steps - 1, 1)
+        """Mean seconds per decode step (the first token comes from the prefill). ``decode_s``
+        covers every step run up to the block where the stop token was seen, so it is divided
+        by those steps, not by the tokens kept."""
+        return self.decode_s / max(self.sampled - 1, 1)
 
 
 @dataclass(kw_only=True)
@@ -847,15 +850,16 @@ def decode_blocks(
                 kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
                 held = plan.static_step(batch)
                 t_build = now(device)
-                step = _static_step(plan, batch, kv_dtype, device, ctx, sampler)
-                if step is not held:
+                built = _static_step(plan, batch, kv_dtype, device, ctx, sampler)
+                if built is not held:
                     stats.compile_s = now(device) - t_build
-                stats.step_mode = step.mode
-                if step.busy:
+                stats.step_mode = built.mode
+                if built.busy:  # refused before it is ours: `finally` must not free the holder's cache
                     raise CacheError(
                         "another generation (e.g. a paused generate_stream) still uses this plan's static "
                         "KV cache; finish or close it first, or decode this one with step='eager'"
                     )
+                step = built
                 step.load(past)
                 step.begin(sampler, seen)
                 seen = step.seen  # the step samples and marks the tokens after the first
@@ -885,7 +889,7 @@ def decode_blocks(
                 else:
                     token = sampled
                 ids[:, i + 1] = token[:, 0]
-                stats.steps = i + 1
+                stats.steps = stats.sampled = i + 1
                 last = i + 1 == max_new_tokens
                 block = None
                 if (i + 1) % stop_check_every == 0 or last:
