@@ -212,6 +212,17 @@ def test_multilingual_decode_samples_upstreams_tokens_and_gives_the_model_back(
     assert config._attn_implementation == "eager" and len(attn._forward_hooks) > before[2]
 
 
+def test_a_cache_sized_by_prefill_length_fits_a_multilingual_generation(
+    multilingual: ChatterboxMultilingualTTS,
+) -> None:
+    # As the bench sizes it, exactly: the language tag (English by default) must be counted.
+    text, n = "Hello there.", 6
+    with PerformanceOptimizedTTS.from_model(multilingual, decode="static") as opt:
+        opt.set_max_cache_len(opt.prefill_length(text) + n)
+        opt.generate(text, max_new_tokens=n)
+        assert opt.last.tokens == n
+
+
 class _Biased(torch.nn.Module):
     """A speech head that always prefers one token: a repetition the analyzer must stop."""
 

@@ -78,6 +78,7 @@ from ..core.clock import now
 from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
 from ..core.constants import dtype_name
 from ..core.errors import CacheError, ConfigError
+from ..core.families import language_for
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
 
@@ -460,8 +461,11 @@ def head_logits(parts: T3Parts, embeds: torch.Tensor, past: Any) -> tuple[torch.
 
 def text_tokens(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> torch.Tensor:
     """T3's text input, exactly as each family's upstream ``generate`` builds it: its punctuation
-    normalisation and tokenizer (multilingual: with ``language_id``); for the guided families a
-    second copy for classifier-free guidance and start and stop text tokens (Turbo: neither)."""
+    normalisation and tokenizer (multilingual: with ``language_id``, "en" when None, as every
+    generation here defaults it, so a cache sized from these tokens fits the generation's); for
+    the guided families a second copy for classifier-free guidance and start and stop text tokens
+    (Turbo: neither)."""
+    language_id = language_for(tts, language_id)
     if is_turbo(tts.t3):
         encoded = tts.tokenizer(turbo_punc_norm(text), return_tensors="pt", padding=True, truncation=True)
         return cast(torch.Tensor, encoded.input_ids).to(tts.device)
@@ -592,6 +596,17 @@ def prefill_embeds(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, cfg_weigh
         return embeds
     bos_embed = T3Parts.of(t3).embed(bos, 0)
     return torch.cat([embeds, bos_embed.expand(embeds.size(0), -1, -1)], dim=1)
+
+
+def prefill_length(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> int:
+    """Positions T3's prefill fills for ``text`` with ``tts``'s prepared voice (conditioning,
+    text, start-of-speech tokens): add ``max_new_tokens`` for a static cache's length."""
+    # On a copy: T3 caches the prompt embedding on the T3Cond it is given.
+    cond = T3Cond(**vars(tts.conds.t3))
+    with torch.inference_mode():
+        return prefill_embeds(tts.t3, cond, text_tokens(tts, text, cfg_weight, language_id), cfg_weight).size(
+            1
+        )
 
 
 def is_turbo(t3: T3) -> bool:

@@ -59,7 +59,7 @@ from .decode import (
     DecodeResult,
     StepMode,
     T3Parts,
-    prefill_embeds,
+    prefill_length,
     t3_decode,
     text_tokens,
 )
@@ -486,17 +486,12 @@ class PerformanceOptimizedTTS(Pipeline):
             plan.max_cache_len = positions
             plan.drop_static()
 
-    def prefill_length(self, text: str, cfg_weight: float = 0.5) -> int:
+    def prefill_length(self, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> int:
         """Positions T3's prefill fills for ``text`` with the prepared voice (conditioning, text,
-        two start-of-speech tokens): add ``max_new_tokens`` for the static cache's length."""
+        start-of-speech tokens): add ``max_new_tokens`` for the static cache's length."""
         if self.tts.conds is None:
             raise NoVoiceError()
-        # On a copy: T3 caches the prompt embedding on the T3Cond it is given.
-        cond = T3Cond(**vars(self.tts.conds.t3))
-        with torch.inference_mode():
-            return prefill_embeds(
-                self.tts.t3, cond, text_tokens(self.tts, text, cfg_weight), cfg_weight
-            ).size(1)
+        return prefill_length(self.tts, text, cfg_weight, language_id)
 
     @property
     def plan(self) -> DecodePlan:

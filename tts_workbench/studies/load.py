@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
@@ -35,7 +34,7 @@ from ..core.families import family_of
 from ..core.tables import render
 from ..instruments.memory import memory_window
 from ..instruments.plots import load_figure, save
-from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_embeds, text_tokens
+from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
 from ..runtime.engine import StreamEngine, StreamHandle
 from ..runtime.optimized import decode_plan
 from ..runtime.streaming import StreamConfig, stream_all
@@ -101,10 +100,7 @@ def read_texts(path: str | None) -> list[str]:
 def cache_positions(tts: Any, texts: list[str], tokens: int) -> int:
     """KV positions one stream needs for the longest text's prefill plus ``tokens``, rounded up
     to 64; a ConfigError naming ``--tokens`` past the engine's largest cache."""
-    with torch.inference_mode():
-        longest = max(
-            prefill_embeds(tts.t3, tts.conds.t3, text_tokens(tts, t, 0.5), 0.5).size(1) for t in texts
-        )
+    longest = max(prefill_length(tts, t) for t in texts)
     need = longest + tokens
     if need > DEFAULT_MAX_CACHE_LEN:
         raise ConfigError(
