@@ -303,3 +303,25 @@ def test_memory_window_sees_a_block_peak_and_not_what_came_before() -> None:
     tied = torch.nn.ModuleList([weight, weight])  # one storage, counted once
     assert module_bytes([tied]) == module_bytes([weight]) == (1000 * 1000 + 1000) * 4
     del held
+
+
+def test_a_run_that_built_its_cache_does_not_count_it_twice() -> None:
+    from types import SimpleNamespace
+
+    from tts_workbench.studies.bench import Row, memory_per_config
+
+    lin = torch.nn.Linear(4, 4)  # 80 bytes of weights wherever one is asked for
+    plan = SimpleNamespace(prefill=lin, decode=lin, static_bytes=lambda: 1000)
+    models = SimpleNamespace(t3=lin, s3gen=lin, ve=lin)
+    opt: Any = SimpleNamespace(plans={"compiled": plan}, tts=models)
+
+    def row(config: str, repeat: int, growth: int, built: bool) -> Row:
+        return Row(config, repeat, 1.0, 1.0, 1.0, 8, 0.1, 0.1, 1, 0.5, growth, 0, t3_compile_s=float(built))
+
+    rows = [row("compiled", 0, 1500, True), row("compiled", 1, 300, False), row("upstream", 0, 700, True)]
+    configs = memory_per_config(rows, models, opt, torch.device("cpu"), "test")["configs"]
+    # The first run allocated the 1000-byte cache inside its window: 500 bytes are its own.
+    assert configs["compiled"]["kv_cache_gb"] * 2**30 == 1000
+    assert configs["compiled"]["run_growth_gb"] * 2**30 == 500
+    assert configs["compiled"]["total_gb"] * 2**30 == 80 + 1000 + 500
+    assert configs["upstream"]["run_growth_gb"] * 2**30 == 700  # upstream keeps no static cache

@@ -348,8 +348,10 @@ def memory_per_config(
 ) -> dict[str, Any]:
     """Each configuration's own memory: the weights it runs (from their tensors), the static KV
     cache it keeps, and the most one of its timed runs rose above what the process held before
-    it (activations and whatever the run allocated; with ``warmup`` the cache and compiled code
-    were built before). ``total_gb``: what that configuration alone would hold."""
+    it (activations and whatever the run allocated). A run that built its static step (the
+    first, without ``warmup``) allocated the cache inside its window: the cache is taken off that
+    run's growth, as it is counted once, in ``kv_cache_gb``. ``total_gb``: what that
+    configuration alone would hold."""
     per: dict[str, Any] = {}
     for c in dict.fromkeys(r.config for r in rows):
         if c in PLAN_OF:
@@ -360,7 +362,7 @@ def memory_per_config(
         else:
             weights, cache = module_bytes([upstream.t3, upstream.s3gen, upstream.ve]), 0
         mine = [r for r in rows if r.config == c]
-        growth = max(r.memory_growth_bytes for r in mine)
+        growth = max(max(0, r.memory_growth_bytes - (cache if r.t3_compile_s > 0 else 0)) for r in mine)
         per[c] = {
             "weights_gb": weights / 2**30,
             "kv_cache_gb": cache / 2**30,
