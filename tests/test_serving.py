@@ -184,3 +184,36 @@ def test_load_url_without_a_server_gives_one_error_line(
         assert main(["load", "--url", url, "--streams", "1", "--out", str(tmp_path)]) == 2
         errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "--url" in errors[0], errors
+
+
+def test_load_url_reads_samples_and_goes_on_past_a_failed_level(tmp_path: Path) -> None:
+    """A stand-in endpoint (httpx's MockTransport): it compresses its audio when the client
+    accepts gzip, and answers 503 after its first stream (an overloaded server)."""
+    import gzip
+    import json
+
+    import httpx
+
+    from tts_workbench.studies.http_load import run_http_load
+
+    samples = np.zeros(24000, dtype="<i2").tobytes()  # one second of pcm
+    calls: list[int] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "stand-in"}]})
+        calls.append(1)
+        if len(calls) > 1:
+            return httpx.Response(503, json={"error": {"message": "busy", "type": "server_error"}})
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            gz = httpx.ByteStream(gzip.compress(samples))
+            return httpx.Response(200, stream=gz, headers={"content-encoding": "gzip"})
+        return httpx.Response(200, stream=httpx.ByteStream(samples))  # read as streamed
+
+    report = run_http_load(
+        "http://stand-in", [1, 2], tokens=10, transport=httpx.MockTransport(endpoint), outdir=tmp_path
+    )
+    one, two = (level["summary"] for level in report["levels"])
+    assert report["levels"][0]["per_stream"][0]["audio_s"] == 1.0  # the samples, not gzip's bytes
+    assert one["failed"] == 0 and two["failed"] == 2  # a level that failed whole is a result
+    assert json.loads((tmp_path / "load.json").read_text())["levels"][1]["summary"]["failed"] == 2
