@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,23 +129,36 @@ def test_a_bad_request_gets_its_4xx_and_the_server_goes_on(server: tuple[str, st
     assert _speech(url, model, max_tokens=10).status_code == 200
 
 
+def _tokens_sampled(metrics: str) -> float:
+    found = re.search(r"^tts_t3_tokens_sampled (\S+)$", metrics, re.M)
+    assert found, metrics
+    return float(found.group(1))
+
+
 def test_a_client_that_disconnects_frees_its_stream(server: tuple[str, str]) -> None:
     url, model = server
-    body = {"model": model, "input": TEXT * 3, "seed": 1, "max_tokens": 400}
+    before: dict[str, float] = {}
+    for _ in range(40):  # bounded: Ray Serve spreads requests; read both replicas' counts
+        if len(before) == 2:
+            break
+        answer = httpx.get(f"{url}/metrics", timeout=5)
+        before[answer.headers["x-replica"]] = _tokens_sampled(answer.text)
+    body = {"model": model, "input": TEXT * 3, "seed": 1, "max_tokens": 800}
     with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=60) as r:
         replica = r.headers["x-replica"]
         next(r.iter_raw())  # the first audio, then the client goes away
-    seen: dict[str, object] = {}
+    seen = ""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # bounded: ask until that replica answers idle
         answer = httpx.get(f"{url}/metrics", timeout=5)
         if answer.headers["x-replica"] == replica:
-            seen = {"metrics": answer.text}
-            if "tts_active_streams 0.0" in answer.text and 'outcome="disconnected"' in answer.text:
+            seen = answer.text
+            if "tts_active_streams 0.0" in seen and 'outcome="disconnected"' in seen:
                 break
         time.sleep(0.2)
-    assert "tts_active_streams 0.0" in str(seen.get("metrics")), seen
-    assert 'tts_streams_total{outcome="disconnected"} 1.0' in str(seen["metrics"])
+    assert "tts_active_streams 0.0" in seen and 'tts_streams_total{outcome="disconnected"} 1.0' in seen, seen
+    # Stopped, not finished: a stream left running would have sampled all 800 tokens.
+    assert 0 < _tokens_sampled(seen) - before[replica] < 800
 
 
 def test_load_url_measures_the_server(

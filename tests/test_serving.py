@@ -217,3 +217,36 @@ def test_load_url_reads_samples_and_goes_on_past_a_failed_level(tmp_path: Path) 
     assert report["levels"][0]["per_stream"][0]["audio_s"] == 1.0  # the samples, not gzip's bytes
     assert one["failed"] == 0 and two["failed"] == 2  # a level that failed whole is a result
     assert json.loads((tmp_path / "load.json").read_text())["levels"][1]["summary"]["failed"] == 2
+
+
+def test_a_client_that_leaves_is_counted_and_freed_even_before_its_first_chunk(tmp_path: Path) -> None:
+    import asyncio
+
+    service = SpeechService(ServeOptions(run_dir=str(tmp_path), max_streams=1))
+    engine, req = service.engine, parse_speech({**GOOD, "max_tokens": 200}, service.limits)
+
+    async def scenario() -> None:
+        speaking = await service.speech(req)
+        await anext(speaking)
+        with engine.together():  # admission held: the next request waits in the queue
+            waiting = asyncio.ensure_future(service.speech(req))
+            for _ in range(100):  # bounded
+                if engine.queued() == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.queued() == 1 and not waiting.done()
+            waiting.cancel()  # as Ray Serve cancels the handler of a client that went away
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        await speaking.aclose()  # and one that went away mid-stream
+        for _ in range(200):  # bounded
+            if engine.active() == 0 and engine.queued() == 0:
+                break
+            await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+        assert engine.active() == 0 and engine.queued() == 0 and engine.free_rows() == 2
+        assert 'tts_streams_total{outcome="disconnected"} 2.0' in service.metrics_text().decode()
+    finally:
+        service.close()

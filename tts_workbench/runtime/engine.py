@@ -441,6 +441,7 @@ class StreamEngine:
                 with self._lock:
                     self._stopped = True
                     handles = [*self._waiting, *(live.handle for live in self._vocoding)]
+                    self._waiting = []  # failed below: no longer queued
                     self._lock.notify_all()
                 for h in handles:
                     h._put(e)
@@ -807,7 +808,8 @@ class StreamEngine:
             try:
                 self._vocode(group)
             except Exception as e:  # the group's streams fail, with the error; the others go on
-                self.stats.failed += len(group)
+                with self._lock:  # the T3 stage counts its failures too
+                    self.stats.failed += len(group)
                 for live, _ in group:
                     live.handle.error = e
                     live.handle._put(e)
@@ -889,7 +891,8 @@ class StreamEngine:
 def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:
     """``(k, chunk, metrics)`` of several streams in the order their chunks arrive (``k``: the
     stream's position in ``handles``), e.g. to play two streams side by side from one loop. A
-    stream's error is raised when it comes."""
+    stream's error is raised when it comes. Leaving early (a break, an error) closes every
+    stream, which frees their rows."""
     merged: queue.Queue[Any] = queue.Queue()
 
     def pump(k: int, handle: StreamHandle) -> None:
@@ -903,11 +906,15 @@ def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, Chu
     for k, handle in enumerate(handles):
         threading.Thread(target=pump, args=(k, handle), daemon=True).start()
     ended = 0
-    while ended < len(handles):
-        item = merged.get()
-        if item is _END:
-            ended += 1
-        elif isinstance(item, Exception):
-            raise item
-        else:
-            yield item
+    try:
+        while ended < len(handles):
+            item = merged.get()
+            if item is _END:
+                ended += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for handle in handles:  # a no-op for streams that have ended
+            handle.close()

@@ -120,6 +120,8 @@ class SpeechService:
         Gauge("tts_queued_streams", "streams waiting for a free engine slot", registry=r).set_function(
             self.engine.queued
         )
+        Gauge("tts_t3_tokens_sampled", "T3 tokens sampled by this replica, all streams, so far",
+              registry=r).set_function(lambda: stats.t3_tokens)  # fmt: skip
         fill = Gauge("tts_s3gen_windows_per_flow_call", "S3Gen batch fill: windows per flow call, so far",
                      registry=r)  # fmt: skip
         fill.set_function(lambda: stats.flow_windows / stats.flow_calls if stats.flow_calls else 0.0)
@@ -157,6 +159,9 @@ class SpeechService:
             )
             chunks = aiter(handle)
             first = await anext(chunks, None)
+        except asyncio.CancelledError:  # the client left before its first chunk (rows freed)
+            self.outcomes.labels("disconnected").inc()
+            raise
         except WorkbenchError as e:
             self.outcomes.labels("refused").inc()
             param = "input" if isinstance(e, CacheError) else None
