@@ -106,6 +106,13 @@ def test_kernel_counts_match_the_kernel_ops(
     )
 
 
+def test_a_kernel_label_leaves_out_a_dtype_the_profiler_did_not_record(ops: pd.DataFrame) -> None:
+    with_dtype = KernelRecord(ops).by_phase(with_dtype=True)["t3.decode"]
+    assert list(with_dtype) == ["flash (CPU) [float]"]  # torch 2.11's profiler records none:
+    blank = KernelRecord(ops.assign(dtype="")).by_phase(with_dtype=True)["t3.decode"]
+    assert blank == KernelRecord(ops).by_phase()["t3.decode"]  # no empty "[]" (the H200 run's)
+
+
 def test_time_share_adds_up_to_each_phase_op_time(ops: pd.DataFrame) -> None:
     share = time_share(ops)
     assert list(share.columns) == ["phase", "category", "self_ms"]
@@ -238,6 +245,8 @@ def test_bench_cli_tiny(
 def test_bench_cli_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--configs", "upstream,warp-speed"]) == 2
     assert "unknown configs ['warp-speed']" in capsys.readouterr().err
+    assert main(["bench", "--configs", ","]) == 2
+    assert "error: no config given: choose from upstream," in capsys.readouterr().err
 
 
 def gpu_check_dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:

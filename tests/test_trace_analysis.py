@@ -211,6 +211,11 @@ def test_trace_cli_reads_traces_taken_elsewhere(capsys: pytest.CaptureFixture[st
     assert report["table"][0]["device"] == "NVIDIA A100-PG509-200" and report["top_kernels"]
     assert main(["trace", "--read", str(tmp_path / "none.json")]) == 2
     assert "no trace file" in capsys.readouterr().err
+    (tmp_path / "notes.json.gz").write_text("not gzip")  # one error line, not a traceback
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for bad, why in (("notes.json.gz", "is not a readable trace"), ("list.json", "no traceEvents")):
+        assert main(["trace", "--read", str(tmp_path / bad)]) == 2
+        assert f"error: {tmp_path / bad} " in (err := capsys.readouterr().err) and why in err, err
     # decode_traces names every region t3.decode.json.gz: their folders tell them apart
     for step in ("eager", "compiled"):
         (tmp_path / f"decode-{step}").mkdir()

@@ -48,10 +48,12 @@ class KernelRecord:
         return self.ops[self.ops["kernel"] != ""].reset_index(drop=True)
 
     def by_phase(self, with_dtype: bool = False) -> dict[str, dict[str, int]]:
-        """``{phase: {kernel: count}}`` (kernel as ``"flash (CPU) [bfloat16]"`` with dtype);
-        decode steps are pooled under ``t3.decode``."""
+        """``{phase: {kernel: count}}`` (kernel as ``"flash (CPU) [bfloat16]"`` with dtype, where
+        the profiler records dtypes: not torch 2.11's); decode steps pooled under ``t3.decode``."""
         calls = self.to_frame()
-        labels = calls["kernel"] + " [" + calls["dtype"] + "]" if with_dtype else calls["kernel"]
+        labels = calls["kernel"]
+        if with_dtype:
+            labels = labels + calls["dtype"].map(lambda d: f" [{d}]" if d else "")
         return {str(p): dict(Counter(k)) for p, k in labels.groupby(calls["phase"], observed=True)}
 
     def kernels(self, phase_prefix: str = "t3") -> set[str]:

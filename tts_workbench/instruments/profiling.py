@@ -161,10 +161,17 @@ def trace_files(run_dir: str | Path) -> list[Path]:
 
 
 def read_trace(path: str | Path) -> dict[str, Any]:
-    """A Chrome/Kineto trace file (``.json`` or ``.json.gz``) as written by torch.profiler."""
+    """A Chrome/Kineto trace file (``.json`` or ``.json.gz``) as written by torch.profiler; a
+    ``ValueError`` naming the file if it is not one."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        trace: dict[str, Any] = json.load(f)
+    try:
+        with opener(path, "rt") as f:
+            trace = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # gzip's BadGzipFile is an OSError
+        raise ValueError(f"{path} is not a readable trace ({type(e).__name__}: {e}): give a .json or "
+                         ".json.gz file written by torch.profiler (profile, trace)") from None  # fmt: skip
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        raise ValueError(f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list)")
     return trace
 
 

@@ -66,10 +66,13 @@ def region_trace(path: str | Path, region: str, out: str | Path, occurrences: in
     that ran after the window's host end still counts), their launch arrows, and the trace's
     metadata. A ``ValueError`` if no range is named ``region``.
     """
-    return _write(_cut(read_trace(path), region, occurrences, path), out)
+    return _write(cut_region(read_trace(path), region, occurrences, path), out)
 
 
-def _cut(trace: dict[str, Any], region: str, occurrences: int | None, path: str | Path) -> dict[str, Any]:
+def cut_region(
+    trace: dict[str, Any], region: str, occurrences: int | None = None, path: str | Path = "the trace"
+) -> dict[str, Any]:
+    """``region_trace`` on a trace already read (``path``: its name, for the error)."""
     events = trace["traceEvents"]
     named = (
         e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"] == region
@@ -273,12 +276,17 @@ def attention_kernels(trace: Mapping[str, Any]) -> pd.DataFrame:
 def analyze_region(
     path: str | Path, region: str, out: str | Path, occurrences: int | None = None
 ) -> TraceReport:
-    """``analyze`` of ``region_trace(path, region, out, occurrences)``; for a trace without
-    device activity, the CPU-only report (nothing written)."""
-    trace = read_trace(path)
-    if not device_events(trace):
-        return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
-    return analyze(_write(_cut(trace, region, occurrences, path), out))
+    """``analyze`` of ``region_trace(path, region, out, occurrences)``."""
+    return analyze_cut(cut_region(read_trace(path), region, occurrences, path), out)
+
+
+def analyze_cut(cut: dict[str, Any], out: str | Path) -> TraceReport:
+    """``analyze`` of a ``cut_region``, written to ``out`` first (HTA reads files); without
+    device activity, the CPU-only report."""
+    out = _write(cut, out)
+    if not device_events(cut):  # read here already: HTA would have nothing to read
+        return TraceReport(str(out), device="cpu only", note=CPU_ONLY_NOTE)
+    return analyze(out)
 
 
 def compare(reports: Mapping[str, TraceReport]) -> pd.DataFrame:

@@ -166,7 +166,8 @@ def run_bench(
     check_policy(dtype)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
-        raise ConfigError(f"unknown configs {unknown}: choose from {', '.join(CONFIGS)}")
+        what = f"unknown configs {unknown}" if unknown else "no config given"
+        raise ConfigError(f"{what}: choose from {', '.join(CONFIGS)}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     reference = reference or str(make_reference_wav(outdir / "reference.wav"))
