@@ -10,21 +10,23 @@ venv: $(STAMP)
 
 # Everything is pinned in requirements.lock and installed with --no-deps: chatterbox-tts's own
 # metadata asks for torch==2.6.0 (CUDA, ~6 GB) and gradio, which we do not want (README).
+# uv installs the lock (pip is used only to install uv): it unpacks the wheels and compiles
+# their bytecode in parallel, 34 s here against pip's 1 min 46 s (docs/measurements.md). The
+# bytecode must be compiled: this environment sets PYTHONDONTWRITEBYTECODE, so a module without
+# a .pyc is compiled again by every process that imports it. uv does not read pip's settings,
+# so pip's find-links folder (where this machine keeps its CPU torch wheel) is passed on.
 # PyPI's torchaudio wheels carry a C extension linked against CUDA torch; chatterbox only uses
 # torchaudio's pure-Python parts (kaldi fbank, Resample), so the extension is removed and
 # torchaudio falls back to them (tests/test_environment.py checks both calls work).
-# Bytecode is compiled after the install on every core (pip compiles one file at a time: 45 s
-# more on 2 cores). It must be compiled: this environment sets PYTHONDONTWRITEBYTECODE, so a
-# module without a .pyc is compiled again by every process that imports it. compileall's exit
-# code is ignored: a few wheel files are not Python 3.11 (torch's py312 test helpers), which
-# pip skipped the same way.
+UV_VERSION := 0.13.9
+UV_INSTALL = $(BIN)/uv pip install -q --python $(BIN)/python --no-deps \
+	$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade "pip==26.3"
-	$(BIN)/pip install -q --no-deps --no-compile -r requirements.lock
-	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+	$(UV_INSTALL) --compile-bytecode -r requirements.lock
 	rm -f $$($(BIN)/python -c "import importlib.util,pathlib;print(pathlib.Path(importlib.util.find_spec('torchaudio').origin).parent/'lib')")/*.so
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(UV_INSTALL) --no-build-isolation -e .
 	touch $(STAMP)
 
 demo: venv
@@ -44,7 +46,7 @@ test: venv lint
 # JupyterLab and TensorBoard in headless Chromium (browser_tests/): Debian's chromium and
 # chromium-driver are installed when missing (as root, or through sudo).
 browser-test: venv
-	$(BIN)/pip install -q --no-deps -r requirements-browser.lock
+	$(UV_INSTALL) -r requirements-browser.lock
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
