@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint lab docs clean browser-test
+.PHONY: venv demo test checks lint lab docs clean browser-test
 
 venv: $(STAMP)
 
@@ -32,16 +32,26 @@ $(STAMP): requirements.lock pyproject.toml
 demo: venv
 	$(BIN)/tts-workbench diagnose --model tiny
 
-# The docs build runs first, its log shown only on failure (not `mkdocs -q`: in mkdocs 1.6 --quiet
-# also hides the warnings that --strict counts, so a broken link would pass).
 # The tests run in two pytest-xdist workers, one per core, each file (each notebook) whole on one
 # worker, and one OpenMP thread each: most tests here are small-model steps bound by Python
 # dispatch, so two workers use both cores where one process used about one, and two threads per
 # worker would only fight over the cores (docs/measurements.md, "make test").
+# `checks` (lint, then the strict docs build) runs beside them, its log printed after the tests:
+# in a fresh clone mypy alone takes ~35 s of one core, which the tests leave idle part of the time.
+# Either failing fails `make test`.
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
-test: venv lint
+test: venv
+	@log=$$(mktemp); $(MAKE) --no-print-directory checks >"$$log" 2>&1 & checks=$$!; \
+	$(PYTEST) -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
+	  --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider; tests=$$?; \
+	wait $$checks; checked=$$?; cat "$$log"; rm -f "$$log"; \
+	[ $$checked = 0 ] || echo "make test: lint or the docs build failed (above)"; \
+	[ $$tests = 0 ] && [ $$checked = 0 ]
+
+# The docs build's log is shown only on failure (not `mkdocs -q`: in mkdocs 1.6 --quiet also
+# hides the warnings that --strict counts, so a broken link would pass).
+checks: lint
 	out=$$(NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site 2>&1) || { printf '%s\n' "$$out"; exit 1; }
-	$(PYTEST) -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
 
 # JupyterLab and TensorBoard in headless Chromium (browser_tests/): Debian's chromium and
 # chromium-driver are installed when missing (as root, or through sudo).
