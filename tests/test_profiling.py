@@ -287,10 +287,10 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     assert run["compiled_attention"] == ["flash (CPU)"]  # read from Inductor's code
     # memory per configuration: weights counted apart; the compiled step keeps a KV cache
     memory = run["memory"]["configs"]
-    assert memory["upstream"]["kv_cache_gb"] == 0 and memory["compiled"]["kv_cache_gb"] > 0
-    assert memory["compiled"]["weights_gb"] < memory["upstream"]["weights_gb"]  # T3 in bfloat16
+    assert memory["upstream"]["kv_cache_gib"] == 0 and memory["compiled"]["kv_cache_gib"] > 0
+    assert memory["compiled"]["weights_gib"] < memory["upstream"]["weights_gib"]  # T3 in bfloat16
     for m in memory.values():
-        assert m["total_gb"] == pytest.approx(m["weights_gb"] + m["kv_cache_gb"] + m["run_growth_gb"])
+        assert m["total_gib"] == pytest.approx(m["weights_gib"] + m["kv_cache_gib"] + m["run_growth_gib"])
     assert any("memory per configuration" in line for line in run["table"])
     assert result["diagnose"] is None  # not asked for
     assert "## optimized policy bfloat16" in p.stdout
@@ -330,7 +330,7 @@ def test_a_run_that_built_its_cache_does_not_count_it_twice() -> None:
     rows = [row("compiled", 0, 1500, True), row("compiled", 1, 300, False), row("upstream", 0, 700, True)]
     configs = memory_per_config(rows, models, opt, torch.device("cpu"), "test")["configs"]
     # The first run allocated the 1000-byte cache inside its window: 500 bytes are its own.
-    assert configs["compiled"]["kv_cache_gb"] * 2**30 == 1000
-    assert configs["compiled"]["run_growth_gb"] * 2**30 == 500
-    assert configs["compiled"]["total_gb"] * 2**30 == 80 + 1000 + 500
-    assert configs["upstream"]["run_growth_gb"] * 2**30 == 700  # upstream keeps no static cache
+    assert configs["compiled"]["kv_cache_gib"] * 2**30 == 1000
+    assert configs["compiled"]["run_growth_gib"] * 2**30 == 500
+    assert configs["compiled"]["total_gib"] * 2**30 == 80 + 1000 + 500
+    assert configs["upstream"]["run_growth_gib"] * 2**30 == 700  # upstream keeps no static cache

@@ -99,12 +99,12 @@ def memory_figure(memory: pd.DataFrame, device: str = "cpu") -> Figure:
     and the run's own growth stacked per configuration, in GiB."""
     fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * len(memory)))
     left = np.zeros(len(memory))
-    parts = (("weights_gb", "weights", "tab:blue"), ("kv_cache_gb", "static KV cache", "tab:orange"),
-             ("run_growth_gb", "run growth", "tab:green"))  # fmt: skip
+    parts = (("weights_gib", "weights", "tab:blue"), ("kv_cache_gib", "static KV cache", "tab:orange"),
+             ("run_growth_gib", "run growth", "tab:green"))  # fmt: skip
     for column, label, color in parts:
         ax.barh(memory["config"], memory[column], left=left, color=color, label=label)
         left += memory[column].to_numpy()
-    for y, total in enumerate(memory["total_gb"]):
+    for y, total in enumerate(memory["total_gib"]):
         ax.annotate(f"{total:.2f}", (total, y), textcoords="offset points", xytext=(4, -3), fontsize=8)
     where = "CUDA allocated" if device == "cuda" else "resident"
     ax.set(xlabel=f"GiB ({where})", title="memory per configuration: what each alone would hold")

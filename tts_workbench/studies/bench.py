@@ -131,7 +131,7 @@ def environment(model: str, device: str) -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": psutil.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": version("transformers"),
@@ -328,7 +328,7 @@ def summarize(rows: list[Row], floors: dict[str, dict[str, Any]]) -> list[dict[s
         s["audio_s"] = mine[0].audio_s
         # How much of the wall time the phase timers account for (they wait for the device).
         s["phases_over_wall_median"] = statistics.median(r.phases_s / r.wall_s for r in mine)
-        s["memory_growth_gb"] = max(r.memory_growth_bytes for r in mine) / 2**30
+        s["memory_growth_gib"] = max(r.memory_growth_bytes for r in mine) / 2**30
         floor = floors[floor_of(name)]["floor_s"]
         s["t3_step_vs_floor"] = s["t3_step_s_median"] / floor if floor else None
         out.append(s)
@@ -351,7 +351,7 @@ def memory_per_config(
     cache it keeps, and the most one of its timed runs rose above what the process held before
     it (activations and whatever the run allocated). A run that built its static step (the
     first, without ``warmup``) allocated the cache inside its window: the cache is taken off that
-    run's growth, as it is counted once, in ``kv_cache_gb``. ``total_gb``: what that
+    run's growth, as it is counted once, in ``kv_cache_gib``. ``total_gib``: what that
     configuration alone would hold."""
     per: dict[str, Any] = {}
     for c in dict.fromkeys(r.config for r in rows):
@@ -365,13 +365,13 @@ def memory_per_config(
         mine = [r for r in rows if r.config == c]
         growth = max(max(0, r.memory_growth_bytes - (cache if r.t3_compile_s > 0 else 0)) for r in mine)
         per[c] = {
-            "weights_gb": weights / 2**30,
-            "kv_cache_gb": cache / 2**30,
-            "run_growth_gb": growth / 2**30,
-            "reserved_growth_gb": max(r.reserved_growth_bytes for r in mine) / 2**30,
-            "total_gb": (weights + cache + growth) / 2**30,
+            "weights_gib": weights / 2**30,
+            "kv_cache_gib": cache / 2**30,
+            "run_growth_gib": growth / 2**30,
+            "reserved_growth_gib": max(r.reserved_growth_bytes for r in mine) / 2**30,
+            "total_gib": (weights + cache + growth) / 2**30,
         }
-    return {"device": device.type, "how": how, "graph_pools_gb": graph_pool_bytes(device) / 2**30,
+    return {"device": device.type, "how": how, "graph_pools_gib": graph_pool_bytes(device) / 2**30,
             "configs": per}  # fmt: skip
 
 
@@ -483,14 +483,14 @@ def format_bench(report: dict[str, Any]) -> str:
     memory = report["memory"]
     frame = memory_frame(report)
     if memory["device"] != "cuda":
-        frame = frame.drop(columns="reserved_growth_gb")
+        frame = frame.drop(columns="reserved_growth_gib")
     lines += [
         "",
         f"memory per configuration (GiB; run growth: {memory['how']}; total = weights + KV cache + growth):",
         render(frame, dict.fromkeys(frame.columns[1:], ".3f")),
     ]
-    if memory["graph_pools_gb"]:
-        pools = memory["graph_pools_gb"]
+    if memory["graph_pools_gib"]:
+        pools = memory["graph_pools_gib"]
         lines.append(f"CUDA graph pools held after the bench (every compiled step): {pools:.3f} GiB")
     if report.get("compiled_attention"):
         found = ", ".join(report["compiled_attention"])
