@@ -39,9 +39,12 @@ demo: venv
 # `checks` (lint, then the strict docs build) runs beside them, its log printed after the tests:
 # in a fresh clone mypy alone takes ~35 s of one core, which the tests leave idle part of the time.
 # Either failing fails `make test`.
+# (Through SUBMAKE: a recipe line naming $(MAKE) itself would run even under `make -n`.)
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+SUBMAKE = $(MAKE)
 test: venv
-	@log=$$(mktemp); $(MAKE) --no-print-directory checks >"$$log" 2>&1 & checks=$$!; \
+	@log=$$(mktemp); $(SUBMAKE) --no-print-directory checks >"$$log" 2>&1 & checks=$$!; \
+	trap 'kill $$checks 2>/dev/null; rm -f "$$log"; exit 130' INT TERM; \
 	$(PYTEST) -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
 	  --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider; tests=$$?; \
 	wait $$checks; checked=$$?; cat "$$log"; rm -f "$$log"; \

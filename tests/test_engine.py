@@ -228,9 +228,10 @@ def test_a_stream_waits_in_the_queue_while_the_engine_is_full(tts: ChatterboxTTS
         submitted = time.perf_counter()  # after second's own submit time
         busy_until = submitted
         for _ in range(3000):  # bounded wait (30 s) for first's last token
+            t = time.perf_counter()  # read before the check: at t first was still decoding
             if len(first.sampled) >= TOKENS:
                 break
-            busy_until = time.perf_counter()  # first is still decoding: second cannot have joined
+            busy_until = t  # second cannot have joined before it
             time.sleep(0.01)
         metrics = [m for _, m in second]
         assert [c for c, _ in first]

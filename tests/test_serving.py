@@ -216,7 +216,9 @@ def test_load_url_reads_samples_and_goes_on_past_a_failed_level(tmp_path: Path) 
     one, two = (level["summary"] for level in report["levels"])
     assert report["levels"][0]["per_stream"][0]["audio_s"] == 1.0  # the samples, not gzip's bytes
     assert one["failed"] == 0 and two["failed"] == 2  # a level that failed whole is a result
-    assert json.loads((tmp_path / "load.json").read_text())["levels"][1]["summary"]["failed"] == 2
+    assert two["ttfa_p95_s"] is None  # nobody spoke: no percentile (JSON null, not NaN)
+    strict = json.loads((tmp_path / "load.json").read_text(), parse_constant=pytest.fail)
+    assert strict["levels"][1]["summary"]["failed"] == 2
 
 
 def test_a_client_that_leaves_is_counted_and_freed_even_before_its_first_chunk(tmp_path: Path) -> None:

@@ -278,7 +278,7 @@ def run_stream(
         ttfa_s=s["ttfa_s"] - state.compile_before_first_s,
         wall_s=s["wall_s"] - compiling,
         audio_s=s["audio_s"],
-        t3_tokens=state.t3.steps,  # sampled, like the one-shot rows (state.tokens keeps valid ones)
+        t3_tokens=state.t3.steps,  # kept, invalid ids too, like the one-shot rows (state.tokens: valid ones)
         t3_prefill_s=state.t3.prefill_s,
         t3_step_s=state.t3.step_s,
         s3gen_calls=s["s3gen_calls"],
@@ -328,7 +328,6 @@ def summarize(rows: list[Row], floors: dict[str, dict[str, Any]]) -> list[dict[s
         s["audio_s"] = mine[0].audio_s
         # How much of the wall time the phase timers account for (they wait for the device).
         s["phases_over_wall_median"] = statistics.median(r.phases_s / r.wall_s for r in mine)
-        s["memory_growth_gib"] = max(r.memory_growth_bytes for r in mine) / 2**30
         floor = floors[floor_of(name)]["floor_s"]
         s["t3_step_vs_floor"] = s["t3_step_s_median"] / floor if floor else None
         out.append(s)

@@ -208,13 +208,15 @@ def listener_summary(n: int, wall: float, streams: list[dict[str, Any]]) -> dict
     """What the level's listeners got, from each stream's ``ttfa_s``, ``audio_s``, ``underruns``,
     ``max_underrun_s`` and ``error``: first-audio percentiles, gaps, audio per wall second."""
     ok = [s for s in streams if s["error"] is None and s["ttfa_s"] is not None]
-    ttfa = np.array([s["ttfa_s"] for s in ok]) if ok else np.array([math.nan])
+    ttfa = [s["ttfa_s"] for s in ok]
+    # None (JSON null, not NaN) where no stream of the level spoke
+    p50, p95, p99 = (float(np.percentile(ttfa, q)) if ok else None for q in (50, 95, 99))
     return {
         "streams": n,
         "failed": n - len(ok),
-        "ttfa_p50_s": float(np.percentile(ttfa, 50)),
-        "ttfa_p95_s": float(np.percentile(ttfa, 95)),
-        "ttfa_p99_s": float(np.percentile(ttfa, 99)),
+        "ttfa_p50_s": p50,
+        "ttfa_p95_s": p95,
+        "ttfa_p99_s": p99,
         "worst_underrun_s": max((s["max_underrun_s"] for s in ok), default=0.0),
         "streams_with_underruns": sum(s["underruns"] > 0 for s in ok),
         "audio_per_wall_s": sum(s["audio_s"] for s in ok) / wall,
