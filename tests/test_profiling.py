@@ -30,6 +30,7 @@ from tts_workbench.instruments.profiling import (
     profile_run,
     profiled_chunks,
     read_ops,
+    read_trace,
     region_of,
     start_tensorboard,
     time_share,
@@ -188,7 +189,7 @@ def test_stream_chunks_are_labelled_with_a_schedule(tiny_tts: ChatterboxTTS, tmp
         chunks = stream(tiny_tts, "One, two, three, four.", config, max_new_tokens=50, state=state)
         n = sum(1 for _ in profiled_chunks(chunks, prof))
     assert n == len(state.report.chunks) >= 3
-    names = trace_names(trace_files(tmp_path / "stream")[-1])
+    names = trace_names(read_trace(trace_files(tmp_path / "stream")[-1]))
     assert {"stream.chunk[0]", "stream.chunk[1]"} <= names and "stream.chunk[2]" not in names  # active=2
 
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,10 +175,10 @@ def read_trace(path: str | Path) -> dict[str, Any]:
     return trace
 
 
-def trace_names(path: str | Path) -> set[str]:
-    """Names of the complete events (operators, regions) in a written trace file: what
+def trace_names(trace: Mapping[str, Any]) -> set[str]:
+    """Names of the complete events (operators, regions) in a trace (``read_trace``): what
     TensorBoard and Perfetto will list."""
-    return {e["name"] for e in read_trace(path)["traceEvents"] if e.get("ph") == "X"}
+    return {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"}
 
 
 # ---------------------------------------------------------------- the op frame

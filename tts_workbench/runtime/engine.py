@@ -48,7 +48,7 @@ from ..core.clock import now
 from ..core.compiling import compile_method, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN, SPEECH_VOCAB_SIZE
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
-from ..core.families import family_of, language_for
+from ..core.families import family_of
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
@@ -532,12 +532,11 @@ class StreamEngine:
         temperature = sampler.temperature
         if not temperature > 0:  # T3.inference divides the logits by it
             raise ConfigError(f"temperature must be above 0, got {temperature}")
-        language = language_for(self.tts, r.language_id)
         if self._streams:  # the voice's conditionals may have been made on the default stream
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
         with self._ctx():
-            tokens = text_tokens(self.tts, r.text, cfg_weight, language).to(self.device)
+            tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
             embeds = prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
             prefill_len = embeds.size(1)
             check_room(

@@ -45,7 +45,7 @@ from torch.utils.benchmark import Measurement
 from ..core.clock import measurement, now
 from ..core.constants import HALF_DTYPES, SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
-from ..core.families import family_of, language_for
+from ..core.families import family_of
 from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
 from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
@@ -555,11 +555,10 @@ class PerformanceOptimizedTTS(Pipeline):
             raise EmptyTextError()
         if self.tts.conds is None:
             raise NoVoiceError()
-        language = language_for(self.tts, language_id)
         return t3_decode(  # the plan carries the autocast dtype, entered around each step
             self.tts.t3,
             self.tts.conds.t3,
-            text_tokens(self.tts, text, cfg_weight, language),
+            text_tokens(self.tts, text, cfg_weight, language_id),
             max_new_tokens=max_new_tokens,
             plan=self.plan_for(decode),
             cfg_weight=cfg_weight,

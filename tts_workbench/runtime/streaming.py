@@ -42,7 +42,6 @@ from ..core.constants import (
     TOKENS_PER_S,
 )
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
-from ..core.families import language_for
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
@@ -207,7 +206,7 @@ def stream(
     blocks = decode_blocks(
         tts.t3,
         tts.conds.t3,
-        text_tokens(tts, text, cfg_weight, language_for(tts, language_id)),
+        text_tokens(tts, text, cfg_weight, language_id),
         max_new_tokens=max_new_tokens,
         plan=plan,
         stop_check_every=config.t3_block,

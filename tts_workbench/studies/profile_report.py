@@ -20,6 +20,7 @@ from ..instruments.profiling import (
     read_trace,
     top_ops,
     trace_files,
+    trace_names,
     write_ops,
 )
 from ..instruments.trace_analysis import analyze_cut, cut_region
@@ -51,7 +52,7 @@ def profile_generation(
     # The trace is parsed once. The kernel check reads the decode steps cut out of it: the op
     # the frame counted must be inside the t3.decode ranges of the file the viewers open.
     steps = cut_region(read_trace(path), "t3.decode", path=path)
-    in_region = {e["name"] for e in steps["traceEvents"] if e.get("ph") == "X"}
+    in_region = trace_names(steps)
     device = analyze_cut(steps, path.parent / "t3.decode.json.gz")
     return {
         "run": run,
