@@ -13,9 +13,7 @@ from tts_workbench.interface.cli import main
 from tts_workbench.studies.diagnose import format_report
 
 
-def test_diagnose_json_report(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], reference_wav: Path
-) -> None:
+def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str], reference_wav: Path) -> None:
     rc = main(
         [
             "diagnose",

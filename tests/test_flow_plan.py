@@ -11,6 +11,7 @@ from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
 from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models.sources import load_model, make_reference_wav
 from tts_workbench.models.vocode import FlowPlan, flow_mels
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, stream_all
@@ -91,3 +92,21 @@ def test_a_failed_compile_runs_eagerly_and_says_why(
 def test_unknown_flow_mode_is_refused() -> None:
     with pytest.raises(ConfigError, match="eager or compiled"):
         FlowPlan("graphs")
+
+
+@pytest.mark.parametrize("plan", [None, FlowPlan("eager")])
+def test_the_estimator_runs_without_a_streams_random_mode(tts: ChatterboxTTS, plan: FlowPlan | None) -> None:
+    # A stream's random draws are routed by a TorchFunctionMode (core.rng); the estimator draws
+    # nothing, so inside it the mode is off (Dynamo would trace it into every op, and eager
+    # calls pay it per op).
+    tokens = torch.randint(0, 6561, (1, 12), generator=torch.Generator().manual_seed(0))
+    seen: list[bool] = []
+    block = next(iter(tts.s3gen.flow.decoder.estimator.children()))
+    hook = block.register_forward_pre_hook(lambda *_: seen.append(torch._C._is_torch_function_mode_enabled()))
+    try:
+        with StreamRandom(5).drawing():
+            mels = _mels(tts, tokens, plan=plan)
+            assert torch._C._is_torch_function_mode_enabled()  # on again after the estimator
+    finally:
+        hook.remove()
+    assert seen and not any(seen) and mels.shape == (1, 80, 24)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 import torch
@@ -85,9 +85,7 @@ class FlowPlan:
 
     def running(self, s3gen: S3Gen, frames: int | None) -> AbstractContextManager[Any]:
         """While inside, ``s3gen``'s estimator runs this plan's way, on frames padded to
-        ``frames`` (``None``: as they come)."""
-        if not self.compiled and frames is None:
-            return nullcontext()
+        ``frames`` (``None``: as they come), with torch function modes off (``_padded``)."""
         estimator = s3gen.flow.decoder.estimator
         stack = ExitStack()
         stack.enter_context(shadow(estimator, "forward", lambda fwd: self._padded(estimator, fwd, frames)))
@@ -112,12 +110,16 @@ class FlowPlan:
             if pad:  # zeros in the mask: the padded frames are masked out
                 x, mask, mu = (F.pad(v, (0, pad)) for v in (x, mask, mu))
                 cond = None if cond is None else F.pad(cond, (0, pad))
-            fn = self._estimator(estimator, forward, (x, mask, mu, t, spks, cond, r))
-            cudagraphs = self.compiled and x.device.type == "cuda"
-            # sliced before replay clones it: only the window's own frames are copied
-            out: torch.Tensor = replay(
-                lambda *a: fn(*a)[..., :n], x, mask, mu, t, spks, cond, r, cudagraphs=cudagraphs
-            )
+            # The estimator draws nothing, so a stream's random-draw mode (``core.rng``, a
+            # TorchFunctionMode) is switched off around it: Dynamo would trace the mode into
+            # every op (a third of the compile time) and eager calls would pay it per op.
+            with torch._C.DisableTorchFunction():
+                fn = self._estimator(estimator, forward, (x, mask, mu, t, spks, cond, r))
+                cudagraphs = self.compiled and x.device.type == "cuda"
+                # sliced before replay clones it: only the window's own frames are copied
+                out: torch.Tensor = replay(
+                    lambda *a: fn(*a)[..., :n], x, mask, mu, t, spks, cond, r, cudagraphs=cudagraphs
+                )
             return out
 
         return run
@@ -204,8 +206,7 @@ def flow_mels(
     ref = cast_gen(gen, dtype, device)
     tokens = torch.atleast_2d(tokens).to(device=device, dtype=torch.long)
     frames = None if pad_to is None else ref["prompt_feat"].size(1) + pad_to * FRAMES_PER_TOKEN
-    running = plan.running(s3gen, frames) if plan is not None else nullcontext()
-    with torch.inference_mode(), running:
+    with torch.inference_mode(), (plan or FlowPlan()).running(s3gen, frames):
         mels, _ = s3gen.flow.inference(
             token=tokens,
             token_len=torch.tensor([tokens.size(1)], device=device),
