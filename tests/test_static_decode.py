@@ -21,6 +21,7 @@ from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
 from tts_workbench.core.errors import CacheError, ConfigError
+from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.attention import compiled_attention
 from tts_workbench.runtime import decode
 from tts_workbench.runtime.decode import (
@@ -37,7 +38,6 @@ from tts_workbench.runtime.decode import (
     t3_decode,
     text_tokens,
 )
-from tts_workbench.runtime.generation import shadow
 
 TEXT = "Hello there, this is a test."
 OTHER = "Another sentence, a good deal longer than the first one, so its prompt is longer too."

@@ -7,6 +7,11 @@ Everything the workbench does to a user's model goes through here:
   and signature (``functools.wraps``), so tracebacks and ``help()`` still read as upstream.
 - ``around``: the common case of ``shadow``: run every call of a method inside a context
   manager built for that call (a timer, a profiler range, ...).
+- ``shared`` and ``routed``: shadows that several threads may hold at once (streams in threads)
+  and leave in any order. Plain shadows restore what was there when they began, so two that
+  overlap without nesting would leave one of them on the model for good. ``shared`` installs
+  one wrapper for every user, the first in and the last out deciding; ``routed`` applies each
+  user's wrapper to its own thread's (or asyncio task's) calls only.
 - ``preserved`` (``ModuleSnapshot``): remember every parameter and buffer tensor of modules
   (references, not copies) and put them back; casting with ``module.to(dtype)`` swaps
   ``param.data``, so the originals come back bit for bit at no memory cost beyond what the cast
@@ -21,9 +26,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 import types
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -54,6 +61,81 @@ def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
             delattr(obj, name)
         else:
             setattr(obj, name, before)
+
+
+# Shadows held by several users at once: (id(obj), name) -> [what the instance had, users,
+# what is called], and each context's routes (a mapping replaced, never changed in place).
+_held: dict[tuple[int, str], list[Any]] = {}
+_held_lock = threading.Lock()
+_Routes = Mapping[tuple[int, str], Callable[..., Any]]
+_routes: ContextVar[_Routes] = ContextVar("tts_workbench_routes", default=types.MappingProxyType({}))
+
+
+def _hold(obj: object, name: str, install: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """Count one more user of ``obj.name``; the first sets it to ``install(original)``. Returns
+    what the attribute was before the first user."""
+    key = (id(obj), name)
+    with _held_lock:
+        entry = _held.get(key)
+        if entry is None:
+            original = getattr(obj, name)
+            installed = install(original)
+            if installed is not original:
+                functools.update_wrapper(installed, original)
+            entry = _held[key] = [obj.__dict__.get(name, _MISSING), 0, original]
+            setattr(obj, name, installed)
+        entry[1] += 1
+        return entry[2]
+
+
+def _release(obj: object, name: str) -> None:
+    """One user fewer; the last puts back what the instance had before the first."""
+    key = (id(obj), name)
+    with _held_lock:
+        entry = _held[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[key]
+            if entry[0] is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, entry[0])
+
+
+@contextmanager
+def shared(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
+    """``obj.name = wrap(obj.name)`` while any user is inside, for every caller: the first user
+    in sets it, the last out restores it, in whatever order they leave. Every user of one
+    attribute passes the same ``wrap``."""
+    _hold(obj, name, wrap)
+    try:
+        yield
+    finally:
+        _release(obj, name)
+
+
+@contextmanager
+def routed(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
+    """While inside, this thread's (or asyncio task's) calls of ``obj.name`` run
+    ``wrap(what it called before)``; other threads' calls run what the instance had. A
+    dispatcher sits on the instance while any user is inside and is removed by the last to
+    leave, in whatever order they leave; routes nest within a thread."""
+    key = (id(obj), name)
+
+    def dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
+        def dispatch(*args: Any, **kwargs: Any) -> Any:
+            return _routes.get().get(key, original)(*args, **kwargs)
+
+        return dispatch
+
+    original = _hold(obj, name, dispatcher)
+    routes = _routes.get()
+    token = _routes.set({**routes, key: wrap(routes.get(key, original))})
+    try:
+        yield
+    finally:
+        _routes.reset(token)
+        _release(obj, name)
 
 
 def around(

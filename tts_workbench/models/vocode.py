@@ -29,7 +29,7 @@ from ..core.clock import now
 from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import ConfigError
-from ..core.patching import shadow
+from ..core.patching import routed, shared
 
 # Integer entries of the reference dict. After one upstream ``S3Gen.forward`` in float32 they
 # are float32 in the caller's dict (exact up to 2**24, so they round back exactly).
@@ -88,9 +88,10 @@ class FlowPlan:
         ``frames`` (``None``: as they come), with torch function modes off (``_padded``)."""
         estimator = s3gen.flow.decoder.estimator
         stack = ExitStack()
-        stack.enter_context(shadow(estimator, "forward", lambda fwd: self._padded(estimator, fwd, frames)))
-        if self.compiled:
-            stack.enter_context(shadow(s3gen_decoder, "add_optional_chunk_mask", _full_context_mask))
+        # Per thread: streams in threads each run their own plan and padding.
+        stack.enter_context(routed(estimator, "forward", lambda fwd: self._padded(estimator, fwd, frames)))
+        if self.compiled:  # one function for all: the same masks for every non-empty window
+            stack.enter_context(shared(s3gen_decoder, "add_optional_chunk_mask", _full_context_mask))
         return stack
 
     def _padded(

@@ -21,7 +21,7 @@ from ..core.clock import Stopwatch, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError, SourceError
 from ..core.families import TTSModel, family_of, language_for
-from ..core.patching import around, shadow
+from ..core.patching import around, routed, shared
 from ..instruments.profiling import t3_phase
 from ..models.sources import ReferenceInfo, check_reference
 
@@ -100,7 +100,7 @@ def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
 
         return capped
 
-    with shadow(tts.t3, family.t3_inference, wrap):
+    with routed(tts.t3, family.t3_inference, wrap):  # this thread's generation only
         yield seen
 
 
@@ -144,7 +144,7 @@ def prepare_voice(tts: TTSModel, reference: str, exaggeration: float = 0.5) -> R
     info = check_reference(reference)
     if family.name == "turbo" and info.seconds <= 5.0:  # upstream asserts it
         raise SourceError(f"Turbo needs a reference longer than 5 s; {reference} has {info.seconds} s")
-    with shadow(tts, "norm_loudness", _float32_loudness) if family.name == "turbo" else nullcontext():
+    with shared(tts, "norm_loudness", _float32_loudness) if family.name == "turbo" else nullcontext():
         tts.prepare_conditionals(reference, exaggeration=exaggeration)
     return info
 

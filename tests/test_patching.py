@@ -1,0 +1,64 @@
+"""Shadows that threads hold at once and leave in any order (core.patching.shared, routed)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+from tts_workbench.core.patching import routed, shared
+
+
+class Voice:
+    def speak(self) -> str:
+        return "upstream"
+
+
+def tagged(tag: str) -> Callable[[Callable[..., str]], Callable[..., str]]:
+    def wrap(fn: Callable[..., str]) -> Callable[..., str]:
+        return lambda: f"{tag}({fn()})"
+
+    return wrap
+
+
+def test_shared_stays_until_the_last_user_leaves_in_any_order() -> None:
+    v = Voice()
+    a, b = ExitStack(), ExitStack()
+    a.enter_context(shared(v, "speak", tagged("fast")))
+    b.enter_context(shared(v, "speak", tagged("fast")))
+    a.close()  # the first in leaves first: a plain shadow would restore the instance here
+    assert v.speak() == "fast(upstream)"
+    b.close()
+    assert v.speak() == "upstream" and "speak" not in vars(v)
+
+
+def test_routed_applies_to_its_own_thread_and_is_removed_by_the_last_to_leave() -> None:
+    v = Voice()
+    inside, leave = threading.Event(), threading.Event()
+    heard: dict[str, Any] = {}
+
+    def other() -> None:  # enters before the main thread and leaves before it
+        with routed(v, "speak", tagged("B")):
+            inside.set()
+            heard["B"] = v.speak()
+            leave.wait(timeout=30)
+
+    thread = threading.Thread(target=other)
+    with routed(v, "speak", tagged("A")):
+        thread.start()
+        assert inside.wait(timeout=30)
+        assert v.speak() == "A(upstream)"  # not B's: each thread its own route
+        with routed(v, "speak", tagged("inner")):  # nested in one thread: wraps the outer
+            assert v.speak() == "inner(A(upstream))"
+        leave.set()
+        thread.join(timeout=30)
+        assert heard["B"] == "B(upstream)" and v.speak() == "A(upstream)"
+    assert v.speak() == "upstream" and "speak" not in vars(v)
+    # a thread that is not inside any route calls what the instance had
+    with routed(v, "speak", tagged("A")):
+        seen: list[str] = []
+        t = threading.Thread(target=lambda: seen.append(v.speak()))
+        t.start()
+        t.join(timeout=30)
+        assert seen == ["upstream"]
