@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from safetensors.torch import load_file, save_file
 
-from tts_workbench.core.errors import SourceError
+from tts_workbench.core.errors import CacheError, ConfigError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.attention import record_kernels
 from tts_workbench.models.sources import load_model, make_reference_wav, save_checkpoint
 from tts_workbench.models.vocode import s3gen_inference
-from tts_workbench.runtime.decode import DecodePlan, T3Parts, t3_decode
+from tts_workbench.runtime.decode import DecodePlan, DecodeStats, T3Parts, decode_blocks, t3_decode
 from tts_workbench.runtime.generation import generate
-from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS, choose_policy
 
 TEXT = "Hello there, this is a test."
 
@@ -88,6 +88,68 @@ def test_stop_token_ends_the_stream_like_upstream(
     assert upstream[0, -1] == tiny_tts.t3.hp.stop_speech_token and upstream.size(1) < 60
     assert ours.stopped and torch.equal(upstream, ours.tokens)
     assert ours.steps == ours.tokens.size(1)  # the stats count exactly the tokens returned
+
+
+def test_both_pipelines_count_the_same_invalid_tokens_after_a_stop(tiny_tts: ChatterboxTTS) -> None:
+    # The stop token ends the tokens; it is not an id S3Gen failed to vocode. (A milder push
+    # than likely_stop's: a stop after ~27 tokens, enough for S3Gen's convolutions.)
+    stop = tiny_tts.t3.hp.stop_speech_token
+
+    def wrap(forward):  # type: ignore[no-untyped-def]
+        def biased(x: torch.Tensor) -> torch.Tensor:
+            out = forward(x)
+            out[..., stop] += 2.0
+            return out
+
+        return biased
+
+    with shadow(tiny_tts.t3.speech_head, "forward", wrap):
+        upstream = UpstreamTTS(tiny_tts)
+        upstream.generate(TEXT, max_new_tokens=60, seed=3)
+        with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="eager") as opt:
+            opt.generate(TEXT, max_new_tokens=60, seed=3)
+    assert upstream.last.stopped_by == opt.last.stopped_by == "stop token"
+    assert upstream.last.tokens == opt.last.tokens
+    assert upstream.last.invalid_tokens == opt.last.invalid_tokens
+
+
+def test_a_stats_object_passed_again_starts_afresh(tiny_tts: ChatterboxTTS) -> None:
+    cond, text = tiny_tts.conds.t3, _text(tiny_tts)
+    stats = DecodeStats()
+    stop = tiny_tts.t3.hp.stop_speech_token
+
+    def push(forward):  # type: ignore[no-untyped-def]
+        return lambda x: forward(x).index_fill_(-1, torch.tensor([stop]), 1e4)  # the stop, at once
+
+    with shadow(tiny_tts.t3.speech_head, "forward", push):
+        first = torch.cat(list(decode_blocks(tiny_tts.t3, cond, text, max_new_tokens=60, stats=stats)), dim=1)
+    assert stats.stopped and first.size(1) == 1
+    fresh = DecodeStats()
+    torch.manual_seed(2)
+    want = torch.cat(list(decode_blocks(tiny_tts.t3, cond, text, max_new_tokens=30, stats=fresh)), dim=1)
+    torch.manual_seed(2)
+    again = torch.cat(list(decode_blocks(tiny_tts.t3, cond, text, max_new_tokens=30, stats=stats)), dim=1)
+    assert want.size(1) == 30 and torch.equal(again, want)
+    assert (stats.steps, stats.stopped, stats.sampled) == (fresh.steps, fresh.stopped, fresh.sampled)
+
+
+def test_temperature_zero_is_refused_with_its_own_error(tiny_tts: ChatterboxTTS) -> None:
+    # (it divides the logits: before, the NaNs it made were blamed on half precision)
+    with pytest.raises(ConfigError, match="temperature must be above 0"):
+        t3_decode(tiny_tts.t3, tiny_tts.conds.t3, _text(tiny_tts), max_new_tokens=4, temperature=0.0)
+
+
+def test_choosing_the_policy_leaves_the_global_random_state_alone(tiny_tts: ChatterboxTTS) -> None:
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    choose_policy(tiny_tts)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_request_too_long_for_the_wrappers_cache_names_the_wrappers_fix(tiny_tts: ChatterboxTTS) -> None:
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static", max_cache_len=128) as opt:
+        with pytest.raises(CacheError, match=r"set_max_cache_len\(\d+\) \(or decode='eager'\)"):
+            opt.speech_tokens(TEXT, max_new_tokens=200)
 
 
 def test_bfloat16_decode_copy_leaves_the_model_alone(tiny_tts: ChatterboxTTS) -> None:

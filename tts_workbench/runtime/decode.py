@@ -50,7 +50,7 @@ import copy
 import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast, get_args
 
 import torch
@@ -172,6 +172,9 @@ class DecodePlan:
     step: StepMode = "eager"
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN
     cpp_wrapper: bool = False
+    # What a request too long for the static cache is told to do ({need}: the positions it needs),
+    # in the words of whoever holds the plan.
+    cache_fix: str = "set plan.max_cache_len >= {need} (or use step='eager')"
     _static: dict[int, StaticStep] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -529,10 +532,7 @@ def _check_static(
             f"the plan's static KV cache is on {held.device} but the model is on {device}: "
             "call plan.drop_static() (or build a new DecodePlan) after moving the model"
         )
-    check_room(
-        prefill_len, max_new_tokens, plan.max_cache_len, "the plan's static cache",
-        "set plan.max_cache_len >= {need} (or use step='eager')",
-    )  # fmt: skip
+    check_room(prefill_len, max_new_tokens, plan.max_cache_len, "the plan's static cache", plan.cache_fix)
 
 
 def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder: str, fix: str) -> None:
@@ -668,6 +668,10 @@ class Sampler:
     _warpers: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not self.turbo and not self.temperature > 0:  # inference_turbo skips it instead
+            raise ConfigError(
+                f"temperature must be above 0 (T3 divides its logits by it), got {self.temperature}"
+            )
         object.__setattr__(self, "_warpers", self._make_warpers())
 
     def _make_warpers(self) -> tuple[Any, ...]:
@@ -845,7 +849,8 @@ def decode_blocks(
     scope = ExitStack()  # what the multilingual alignment analyzer changes, undone at the end
     try:
         t0 = now(device)
-        stats.compile_s, stats.step_mode = 0.0, "eager"
+        for f in fields(DecodeStats):  # a stats object passed again starts afresh
+            setattr(stats, f.name, f.default)
         with ctx():
             embeds = prefill_embeds(t3, t3_cond, text_tokens, cfg_weight)
             batch, prefill_len = embeds.size(0), embeds.size(1)

@@ -529,9 +529,6 @@ class StreamEngine:
             int(sampling.get("top_k", 1000)),
             float(sampling.get("repetition_penalty", 1.2)),
         )
-        temperature = sampler.temperature
-        if not temperature > 0:  # T3.inference divides the logits by it
-            raise ConfigError(f"temperature must be above 0, got {temperature}")
         if self._streams:  # the voice's conditionals may have been made on the default stream
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()

@@ -194,7 +194,7 @@ def generate(
         sample_rate=tts.sr,
         speech_tokens=raw,
         stopped_by=stopped,
-        invalid_tokens=sum(t >= SPEECH_VOCAB_SIZE for t in raw),
+        invalid_tokens=sum(t >= SPEECH_VOCAB_SIZE and t != tts.t3.hp.stop_speech_token for t in raw),
         seconds={k: round(v, 4) for k, v in times.seconds.items()},
         wall_s=wall,
     )

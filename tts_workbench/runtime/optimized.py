@@ -29,6 +29,7 @@ puts every tensor, method and conditional back as it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, nullcontext
@@ -163,12 +164,14 @@ def measure_policy(
     # A copy, so the prompt embedding T3 caches on the conditionals is not left behind.
     cond = T3Cond(**{**vars(_probe_cond(tts)), "cond_prompt_speech_emb": None})
     cond.to(dtype=next(tts.t3.cond_enc.parameters()).dtype)
-    t3_decode(tts.t3, cond, text, max_new_tokens=2, plan=plan)  # warm-up (allocator, kernels)
+    # The probes draw from a throwaway generator: a later unseeded generate goes on from the
+    # caller's random state as if nothing had been measured.
+    probe = functools.partial(
+        t3_decode, tts.t3, cond, text, plan=plan, generator=torch.Generator(tts.t3.speech_head.weight.device)
+    )
+    probe(max_new_tokens=2)  # warm-up (allocator, kernels)
     # Each run times its own prefill and steps on the synchronised clock (decode.py).
-    runs = [
-        t3_decode(tts.t3, cond, text, max_new_tokens=steps + 1, plan=plan, stop_check_every=steps + 1)
-        for _ in range(repeats)
-    ]
+    runs = [probe(max_new_tokens=steps + 1, stop_check_every=steps + 1) for _ in range(repeats)]
     return {
         "prefill_s": measurement([r.prefill_s for r in runs], f"T3 {policy} prefill"),
         "step_s": measurement([r.step_s for r in runs], f"T3 {policy} decode step"),
@@ -475,6 +478,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 step=cast(StepMode, step),
                 max_cache_len=self.max_cache_len,
                 cpp_wrapper=self.cpp_wrapper,
+                cache_fix="call the wrapper's set_max_cache_len({need}) (or decode='eager')",
             )
             for step in STEP_MODES
         }
