@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -59,20 +60,25 @@ def test_decode_loop_samples_the_same_tokens_as_upstream(tiny_tts: ChatterboxTTS
     assert torch.equal(upstream, ours.tokens)
 
 
-@pytest.fixture
-def likely_stop(tiny_tts: ChatterboxTTS) -> Iterator[None]:
-    """Random weights never stop: push the stop logit up so a stop comes within a few steps."""
-    stop = tiny_tts.t3.hp.stop_speech_token
+def stop_pushed(tts: ChatterboxTTS, by: float) -> AbstractContextManager[None]:
+    """Random weights never stop: while inside, the stop logit is ``by`` higher."""
+    stop = tts.t3.hp.stop_speech_token
 
     def wrap(forward):  # type: ignore[no-untyped-def]
         def biased(x: torch.Tensor) -> torch.Tensor:
             out = forward(x)
-            out[..., stop] += 4.0
+            out[..., stop] += by
             return out
 
         return biased
 
-    with shadow(tiny_tts.t3.speech_head, "forward", wrap):
+    return shadow(tts.t3.speech_head, "forward", wrap)
+
+
+@pytest.fixture
+def likely_stop(tiny_tts: ChatterboxTTS) -> Iterator[None]:
+    """A stop within a few steps."""
+    with stop_pushed(tiny_tts, 4.0):
         yield
 
 
@@ -93,17 +99,7 @@ def test_stop_token_ends_the_stream_like_upstream(
 def test_both_pipelines_count_the_same_invalid_tokens_after_a_stop(tiny_tts: ChatterboxTTS) -> None:
     # The stop token ends the tokens; it is not an id S3Gen failed to vocode. (A milder push
     # than likely_stop's: a stop after ~27 tokens, enough for S3Gen's convolutions.)
-    stop = tiny_tts.t3.hp.stop_speech_token
-
-    def wrap(forward):  # type: ignore[no-untyped-def]
-        def biased(x: torch.Tensor) -> torch.Tensor:
-            out = forward(x)
-            out[..., stop] += 2.0
-            return out
-
-        return biased
-
-    with shadow(tiny_tts.t3.speech_head, "forward", wrap):
+    with stop_pushed(tiny_tts, 2.0):
         upstream = UpstreamTTS(tiny_tts)
         upstream.generate(TEXT, max_new_tokens=60, seed=3)
         with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="eager") as opt:
