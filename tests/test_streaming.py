@@ -12,12 +12,13 @@ import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
 
+from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
 from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.latency import StreamReport, seam_metric, underruns
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import load_model, make_reference_wav
-from tts_workbench.runtime.decode import t3_decode, text_tokens
-from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
+from tts_workbench.runtime.generation import generate
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
 from tts_workbench.runtime.streaming import (
     SAMPLES_PER_TOKEN,
     BufferedCutter,
@@ -67,13 +68,17 @@ def test_buffered_quality_holds_and_naive_is_reported(tts: ChatterboxTTS) -> Non
     assert buffered["length_diff_samples"] == 0
 
 
-def test_every_strategy_speaks_the_same_tokens_as_one_shot_t3(tts: ChatterboxTTS) -> None:
-    torch.manual_seed(0)
-    want = t3_decode(tts.t3, tts.conds.t3, text_tokens(tts, TEXT), max_new_tokens=60).tokens[0]
-    want = [t for t in want.tolist() if t < 6561]
+def test_every_way_to_stream_speaks_upstream_generates_tokens_for_its_seed(tts: ChatterboxTTS) -> None:
+    # Sampling defaults as the family's generate (top_p 1.0), not as T3.inference (0.95).
+    result = generate(tts, TEXT, max_new_tokens=60, seed=0)
+    spoken = [t for t in result.speech_tokens if t < SPEECH_VOCAB_SIZE]
     for config in (StreamConfig("naive"), StreamConfig("buffered")):
-        _, state = _run(tts, config, tokens=60)
-        assert state.tokens == want
+        _, state = _run(tts, config, tokens=60)  # seed 0
+        assert state.tokens == spoken
+    upstream = StreamState(StreamReport("naive"))
+    for _ in UpstreamTTS(tts).generate_stream(TEXT, max_new_tokens=60, seed=0, state=upstream):
+        pass
+    assert upstream.tokens == spoken
 
 
 def test_two_streams_in_two_threads_each_speak_their_solo_tokens_and_audio(tts: ChatterboxTTS) -> None:

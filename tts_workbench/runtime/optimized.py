@@ -662,9 +662,8 @@ class PerformanceOptimizedTTS(Pipeline):
         """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``, buffered by
         default) with this wrapper's decode plan, flow plan and autocast dtype (``decode`` and
         ``flow`` override the wrapper's own for this call); sampling defaults as ``generate``."""
-        sampling = {**family_of(self.tts).sampling, **sampling}
         self._voice(audio_prompt_path, exaggeration)
-        return stream(
+        return stream(  # sampling defaults as the family's generate (``stream``)
             self.tts,
             text,
             config or StreamConfig("buffered"),

@@ -42,6 +42,7 @@ from ..core.constants import (
     TOKENS_PER_S,
 )
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
+from ..core.families import family_of
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
@@ -174,7 +175,6 @@ def stream(
     amp: torch.dtype | None = None,
     flow: FlowPlan | None = None,
     state: StreamState | None = None,
-    cfg_weight: float = 0.5,
     progress: bool = False,
     language_id: str | None = None,
     **sampling: Any,
@@ -185,7 +185,9 @@ def stream(
     Pass a ``StreamState`` to read the report, the tokens and the seam positions afterwards.
     Stopping the iteration early stops T3 too (nothing runs in the background). ``progress``
     shows tokens sampled and S3Gen calls done on stderr. The multilingual model speaks
-    ``language_id`` (default "en"); the others ignore it.
+    ``language_id`` (default "en"); the others ignore it. ``sampling`` (temperature, top_p,
+    ...; ``cfg_weight``) defaults as the family's upstream ``generate`` does, so a stream speaks
+    the tokens of a one-shot generation with the same seed.
     """
     if tts.conds is None:
         raise NoVoiceError()
@@ -202,6 +204,8 @@ def stream(
     t3_rng, state.rng = StreamRandom(seed), StreamRandom(seed + 3)
     state.noise = noise_track(max_new_tokens + len(tail_tokens(tts.s3gen)), seed + 1)  # Turbo's silence too
     state.prompt_noise = noise_track(prompt_tokens, seed + 2)
+    sampling = {**family_of(tts).sampling, **sampling}
+    cfg_weight = float(sampling.pop("cfg_weight", 0.0))  # Turbo has no guidance
     stats = state.t3
     blocks = decode_blocks(
         tts.t3,

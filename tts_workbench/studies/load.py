@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
-from ..core.families import family_of
 from ..core.tables import render
 from ..instruments.memory import memory_window
 from ..instruments.plots import load_figure, save
@@ -347,9 +346,8 @@ def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
         same = []
         for s in level["per_stream"]:
             _, state = stream_all(
-                tts, s["text"], config, max_new_tokens=report["tokens"], seed=s["seed"], plan=plan,
-                **family_of(tts).sampling,
-            )  # fmt: skip
+                tts, s["text"], config, max_new_tokens=report["tokens"], seed=s["seed"], plan=plan
+            )
             same.append(state.tokens == s["speech_tokens"])
         failed = level["summary"]["failed"]
         rows.append({"streams": level["streams"], "solo_tokens": all(same), "failed": failed})
