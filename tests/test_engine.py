@@ -184,6 +184,11 @@ def test_turbo_streams_speak_their_solo_tokens(tmp_path: Path) -> None:
     turbo = load_model("turbo-tiny")
     prepare_voice(turbo, str(make_reference_wav(tmp_path / "r.wav", seconds=6.0)))  # Turbo: > 5 s
     check_against_solo(turbo, 3, 2)
+    with StreamEngine(turbo, max_streams=1, config=CONFIG) as engine:  # what Turbo samples with
+        with pytest.raises(ConfigError, match=r"'cfg_weight'.*use .*top_k.*no classifier-free guidance"):
+            engine.submit(TEXTS[0], cfg_weight=0.5)
+        with pytest.raises(ConfigError, match="'min_p'"):
+            engine.submit(TEXTS[0], min_p=0.05)
 
 
 def test_a_bad_request_fails_alone_and_rows_come_back(tts: ChatterboxTTS) -> None:
@@ -203,6 +208,22 @@ def test_a_bad_request_fails_alone_and_rows_come_back(tts: ChatterboxTTS) -> Non
         assert [m for _, m in late]
         assert engine.stats.failed == 3 and engine.stats.admitted == 2
         assert engine.free_rows() == 4 and engine.active() == 0 and engine.queued() == 0
+
+
+def test_unknown_sampling_arguments_are_refused_at_submit(tts: ChatterboxTTS) -> None:
+    """Upstream ``generate`` raises on an unknown keyword; the engine refuses it in the caller's
+    thread, queues nothing, and goes on serving."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        with pytest.raises(ConfigError, match=r"'temprature'.*use cfg_weight, min_p, .*temperature"):
+            engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS, temprature=0.1)
+        with pytest.raises(ConfigError, match=r"'exaggeration'.*prepare_voice"):
+            engine.submit(TEXTS[0], exaggeration=2.0)
+        with pytest.raises(ConfigError, match="'top_k'"):  # Turbo's only: the standard model has none
+            engine.submit(TEXTS[0], top_k=50)
+        assert engine.queued() == 0
+        served = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)
+        assert [c for c, _ in served] and served.error is None
+        assert engine.stats.admitted == 1 and engine.stats.failed == 0
 
 
 def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:
@@ -238,6 +259,28 @@ def test_a_stream_waits_in_the_queue_while_the_engine_is_full(tts: ChatterboxTTS
     # Causal, not a timing: second joined after first's last token, so it waited at least this.
     assert busy_until > submitted and metrics[0].queued_s >= busy_until - submitted
     assert {m.queued_s for m in metrics} == {metrics[0].queued_s}  # every chunk carries it
+
+
+def test_a_stream_closed_while_queued_leaves_the_queue_at_once(tts: ChatterboxTTS) -> None:
+    """Not when a slot frees: the queue (the server's queued_streams) drops it while the engine
+    is still full, its reader ends without chunks, and the running stream is not disturbed."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        running = engine.submit(TEXTS[1], seed=0, max_new_tokens=400)
+        for _ in range(3000):  # bounded wait (30 s): admitted and decoding
+            if running.sampled:
+                break
+            time.sleep(0.01)
+        waiting = engine.submit(TEXTS[0], seed=1, max_new_tokens=TOKENS)
+        assert engine.queued() == 1
+        waiting.close()
+        for _ in range(100):  # polled for at most 1 s
+            if engine.queued() == 0:
+                break
+            time.sleep(0.01)
+        assert engine.queued() == 0 and engine.free_rows() == 0  # the running stream still holds its rows
+        assert list(waiting) == [] and waiting.error is None and not waiting.sampled
+        assert [c for c, _ in running] and running.error is None
+        assert engine.stats.admitted == 1 and engine.active() == 0
 
 
 def test_async_readers_that_leave_free_their_rows(tts: ChatterboxTTS) -> None:

@@ -24,7 +24,8 @@ alone: in float32 exactly, up to where a batched kernel's rounding flips a near 
 Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle``, as a plain or an async iterator.
 At most ``max_streams`` streams are active; more wait in a queue, none is refused for load. A
 request that cannot run (empty text, no voice, longer than the cache) fails alone with the same
-error as ``streaming.stream``; the others go on.
+error as ``streaming.stream``; the others go on. A sampling argument the family does not take is
+refused by ``submit`` itself, as upstream ``generate`` refuses an unknown keyword.
 """
 
 from __future__ import annotations
@@ -164,10 +165,10 @@ class StreamHandle:
         return chunk
 
     def close(self) -> None:
-        """Stop this stream: the engine frees its rows before its next step."""
-        self.closed = True
+        """Stop this stream: a queued one leaves the queue now, an admitted one frees its rows
+        before the engine's next step."""
+        self.engine._drop(self)
         self._put(_END)  # wakes a reader still waiting
-        self.engine._wake()
 
     def _put(self, item: Any) -> None:
         self._queue.put(item)
@@ -282,6 +283,9 @@ class StreamEngine:
         self.device = tts.t3.speech_head.weight.device
         self.family = family_of(tts)
         self.turbo = is_turbo(tts.t3)
+        # What ``submit`` takes: the sampling arguments of the family's upstream generate that
+        # change its samples (Turbo: top_k, and no cfg_weight or min_p, which upstream ignores).
+        self.sampling_keys = frozenset(self.family.sampling)
         self.rows_per_stream = 2 if self.family.guidance else 1
         self.stats = EngineStats()
         parts: T3Parts = self.plan.decode
@@ -345,6 +349,7 @@ class StreamEngine:
             return len(self._vocoding)
 
     def queued(self) -> int:
+        """Streams waiting for rows (a stream closed while queued leaves the queue at once)."""
         with self._lock:
             return len(self._waiting)
 
@@ -356,7 +361,10 @@ class StreamEngine:
     def submit(self, text: str, *, seed: int = 0, max_new_tokens: int = 150, conds: Any = None,
                language_id: str | None = None, **sampling: float) -> StreamHandle:  # fmt: skip
         """Queue a stream; read its chunks from the returned handle. Bad requests fail in the
-        handle (its iteration raises), not here, so a server treats every request alike."""
+        handle (its iteration raises), not here, so a server treats every request alike; only a
+        sampling argument the family does not take is refused here (a ``ConfigError``: the
+        caller's mistake, as upstream ``generate``'s TypeError), and nothing is queued."""
+        self._check_sampling(sampling)
         request = Request(text, seed, max_new_tokens, conds, language_id, sampling)
         handle = StreamHandle(self, request, next(self._counter))
         with self._lock:
@@ -365,6 +373,29 @@ class StreamEngine:
             self._waiting.append(handle)
             self._lock.notify_all()
         return handle
+
+    def _check_sampling(self, sampling: dict[str, float]) -> None:
+        """Refuse arguments this family's sampling does not use: a misspelled one would
+        otherwise be dropped and the stream run with the default."""
+        unknown = sorted(set(sampling) - self.sampling_keys)
+        if not unknown:
+            return
+        hints = []
+        if "exaggeration" in unknown:
+            hints.append(
+                "exaggeration is set when the voice is prepared: prepare_voice(tts, wav, exaggeration=...) "
+                "or tts.prepare_conditionals(wav, exaggeration=...), then submit with conds=tts.conds"
+            )
+        if self.turbo and {"cfg_weight", "min_p"} & set(unknown):
+            hints.append(
+                "Turbo has no classifier-free guidance and no min_p (upstream ignores them): leave them out"
+            )
+        names = ", ".join(map(repr, unknown))
+        valid = ", ".join(sorted(self.sampling_keys))
+        raise ConfigError(
+            f"unknown sampling argument {names} for the {self.family.name} model: use {valid}"
+            + "".join(f"; {hint}" for hint in hints)
+        )
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
@@ -456,6 +487,16 @@ class StreamEngine:
         with self._lock:
             self._lock.notify_all()
 
+    def _drop(self, handle: StreamHandle) -> None:
+        """Mark ``handle`` closed and take it out of the queue if it waits there, so that it is
+        neither counted by ``queued`` nor given an admission turn. Safe from any thread, the
+        stages' included: the lock is reentrant and nothing here waits for a stage."""
+        with self._lock:
+            handle.closed = True
+            if handle in self._waiting:
+                self._waiting.remove(handle)
+            self._lock.notify_all()  # the T3 stage frees an admitted stream's rows before its step
+
     def _ctx(self) -> ExitStack:
         stack = ExitStack()
         stack.enter_context(torch.inference_mode())
@@ -491,12 +532,13 @@ class StreamEngine:
         """Prefill a new stream on its own and give it the first free rows, or fail it alone."""
         r = handle.request
         handle.admitted = time.perf_counter()
-        if handle.closed:
+        if handle.closed:  # closed after it left the queue (a close before takes it out of it)
             return
         try:
             live = self._prefill(handle, r)
         except Exception as e:  # a bad request fails alone, with the error stream() gives
-            self.stats.failed += 1
+            with self._lock:  # the S3Gen stage counts its failures too
+                self.stats.failed += 1
             handle.error = e
             handle._put(e)
             return
