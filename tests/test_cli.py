@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tts_workbench.interface.cli import main
+from tts_workbench.interface.cli import _trace_labels, main
 from tts_workbench.studies.diagnose import format_report
 
 
@@ -51,7 +51,8 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     # the text report is rendered from the same JSON
     text = format_report(report)
     assert "t3.decode       flash (CPU) x" in text
-    assert "generate     first mismatch t3.cond_enc.spkr_enc inputs ['float32'] weights float16" in text
+    assert "generate     first mismatch t3.cond_enc.spkr_enc (" in text  # the kind of mismatch named
+    assert "inputs ['float32'] weights float16 outputs [" in text
 
 
 @pytest.mark.parametrize(
@@ -94,3 +95,52 @@ def test_empty_text_is_refused_on_every_command(command: str, capsys: pytest.Cap
     assert main([command, "--text", " "]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--text: empty text" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["diagnose", "--device", "foo"], "unknown device 'foo'"),
+        (["trace", "--device", "foo"], "unknown device 'foo'"),
+        (["bench", "--tokens", "1"], "--tokens: at least 2"),  # no decode step to time
+    ],
+)
+def test_bad_values_checked_in_process_give_one_error_line(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*args, "--out" if args[0] != "trace" else "--logdir", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_an_output_folder_that_is_a_file_gives_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    assert main(["diagnose", "--out", str(taken / "sub")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(taken) in errors[0] and "give another folder" in errors[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--port", "99999"], "a port number from 0 to 65535, got '99999'"),
+        (["bench", "--tokens", "x"], "--tokens: must be a positive integer, got 'x'"),
+        (["bench", "--warmup", "-1"], "--warmup: must be an integer >= 0, got '-1'"),
+    ],
+)
+def test_flag_values_are_checked_before_anything_runs(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_trace_files_from_two_runs_get_labels_of_their_own() -> None:
+    a, b = Path("m1/decode-eager/t3.decode.json.gz"), Path("m2/decode-eager/t3.decode.json.gz")
+    assert _trace_labels([a, b]) == {"m1/decode-eager/t3.decode": a, "m2/decode-eager/t3.decode": b}
+    one, other = Path("x/eager.json"), Path("y/compiled.json.gz")
+    assert _trace_labels([one, other]) == {"eager": one, "compiled": other}

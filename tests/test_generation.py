@@ -28,7 +28,7 @@ def test_cap_not_stop_token_ends_random_weights(tiny_tts: ChatterboxTTS) -> None
     valid = 40 - r.invalid_tokens
     # S3Gen makes 2 mel frames per token, HiFT 480 samples per frame (24 kHz)
     assert len(r.wav) == valid * 2 * 480
-    assert set(r.seconds) == {"t3", "t3.prefill", "s3gen.flow", "s3gen.vocoder", "watermark"}
+    assert set(r.seconds) == {"t3", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder", "watermark"}
     assert 0 < r.seconds["t3.prefill"] < r.seconds["t3"]
     assert r.rtf > 0
 
@@ -36,10 +36,14 @@ def test_cap_not_stop_token_ends_random_weights(tiny_tts: ChatterboxTTS) -> None
 def test_phase_times_add_up_to_the_wall_time(tiny_tts: ChatterboxTTS) -> None:
     r = generate(tiny_tts, max_new_tokens=150)
     assert len(r.speech_tokens) == 150
-    phases = sum(v for k, v in r.seconds.items() if k != "t3.prefill")  # the prefill is inside t3
+    phases = sum(v for k, v in r.seconds.items() if k not in ("t3.prefill", "t3.decode"))  # inside t3
     # The phases are disjoint parts of the wall time, each read on the same synchronised clock;
     # what is left is upstream's glue (text normalisation, tokenising, dropping invalid ids).
     assert 0 < phases <= r.wall_s
+    # T3's decode: one forward per token (upstream runs one more after the last sample), timed
+    # from the prefill's end: what T3 does before its prefill is in neither phase.
+    assert r.decode_steps == 150
+    assert 0 < r.seconds["t3.prefill"] + r.seconds["t3.decode"] <= r.seconds["t3"]
 
 
 def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:

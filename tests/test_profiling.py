@@ -17,6 +17,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler_util import FunctionEvent
 
+from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
 from tts_workbench.instruments.memory import memory_window, module_bytes
@@ -42,6 +43,7 @@ from tts_workbench.instruments.profiling import (
 from tts_workbench.instruments.trace_analysis import CPU_ONLY_NOTE
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import make_reference_wav
+from tts_workbench.runtime.decode import T3Parts
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import UpstreamTTS
 from tts_workbench.runtime.streaming import StreamConfig, StreamState, stream
@@ -50,6 +52,7 @@ from tts_workbench.studies.bench import run_pipeline as bench_run_pipeline
 from tts_workbench.studies.profile_report import format_profile, profile_generation
 
 ROOT = Path(__file__).resolve().parents[1]
+TEXT_STOPS = "Hello there, this is a test."
 
 
 @pytest.fixture(scope="module")
@@ -335,3 +338,30 @@ def test_a_run_that_built_its_cache_does_not_count_it_twice() -> None:
     assert configs["compiled"]["run_growth_gib"] * 2**30 == 500
     assert configs["compiled"]["total_gib"] * 2**30 == 80 + 1000 + 500
     assert configs["upstream"]["run_growth_gib"] * 2**30 == 700  # upstream keeps no static cache
+
+
+def test_the_step_floor_counts_one_row_of_each_embedding_table(tiny_tts: ChatterboxTTS) -> None:
+    # A decode step looks up one row of each table; it reads every other weight once.
+    parts = T3Parts.of(tiny_tts.t3)
+    tables = [m for part in parts.modules() for m in part.modules() if isinstance(m, torch.nn.Embedding)]
+    assert tables
+    unread = sum((m.num_embeddings - 1) * m.embedding_dim * m.weight.element_size() for m in tables)
+    assert parts.step_bytes() == parts.nbytes() - unread
+
+
+def test_the_profile_note_says_how_the_generation_ended(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    stop = tiny_tts.t3.hp.stop_speech_token
+
+    def push(forward):  # type: ignore[no-untyped-def]
+        def biased(x: torch.Tensor) -> torch.Tensor:
+            out = forward(x)
+            out[..., stop] += 2.0  # a stop after some 27 tokens with this seed and text
+            return out
+
+        return biased
+
+    with shadow(tiny_tts.t3.speech_head, "forward", push):
+        report = profile_generation(tiny_tts, tmp_path, "stopped", tokens=60, text=TEXT_STOPS, seed=3)
+    assert (
+        1 < report["tokens"] < 60 and report["note"] == f"{report['tokens']} tokens, ended by the stop token"
+    )

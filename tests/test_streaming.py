@@ -108,6 +108,15 @@ def test_two_streams_in_two_threads_each_speak_their_solo_tokens_and_audio(tts: 
     assert solo[3][1] != solo[11][1]
 
 
+def test_hard_cuts_are_seams_too_and_one_chunk_has_none(tts: ChatterboxTTS) -> None:
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2, crossfade_ms=0)
+    wav, state = _run(tts, config)
+    assert len(state.seams) == len(state.report.chunks) - 1 >= 2  # every window after the first
+    assert (quality(wav, wav, state)["seam_max_over_median"] or 0) > 0
+    wav, state = _run(tts, StreamConfig("buffered"), tokens=12)  # one window
+    assert len(state.report.chunks) == 1 and quality(wav, wav, state)["seam_max_over_median"] is None
+
+
 def _run_seeded(
     tts: ChatterboxTTS, config: StreamConfig, text: str, seed: int
 ) -> tuple[np.ndarray, list[int]]:

@@ -162,8 +162,13 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(
         [
             format_chunks(stream),
-            f"seams: largest jump {q['seam_max_over_median']:.2f}x the median jump "
-            f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x); SNR vs one-shot {q['snr_db']:.1f} dB "
+            (
+                "seams: none (one chunk)"
+                if q["seam_max_over_median"] is None
+                else f"seams: largest jump {q['seam_max_over_median']:.2f}x the median jump "
+                f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x)"
+            )
+            + f"; SNR vs one-shot {q['snr_db']:.1f} dB "
             f"outside crossfades; length difference {q['length_diff_samples']} samples",
             *(
                 [
@@ -208,15 +213,16 @@ def timeline_figure(report: StreamReport, title: str = "") -> Figure:
     return fig
 
 
-def seam_metric(wav: np.ndarray, seams: list[int], half_width: int = 48) -> dict[str, float]:
+def seam_metric(wav: np.ndarray, seams: list[int], half_width: int = 48) -> dict[str, float | None]:
     """The largest sample-to-sample jump near each seam, relative to the median jump, against the
-    largest jump anywhere else (a click is a seam jump far above anything ordinary)."""
+    largest jump anywhere else (a click is a seam jump far above anything ordinary); ``None``
+    for the seams of a stream that has none (one chunk)."""
     jumps = np.abs(np.diff(wav.astype(np.float64)))
     median = float(np.median(jumps)) or 1e-12
     near = np.zeros(len(jumps), dtype=bool)
     for s in seams:
         near[max(s - half_width, 0) : s + half_width] = True
-    seam = float(jumps[near].max() / median) if near.any() else 0.0
+    seam = float(jumps[near].max() / median) if near.any() else None
     ordinary = float(jumps[~near].max() / median) if (~near).any() else 0.0
     return {"seam_max_over_median": seam, "ordinary_max_over_median": ordinary}
 

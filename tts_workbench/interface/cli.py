@@ -20,11 +20,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+def _integer(value: str, low: int, high: int | None = None, what: str = "a positive integer") -> int:
+    """``value`` as an int in [low, high], else the error argparse prints after the flag."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = low - 1
+    if n < low or (high is not None and n > high):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
     return n
+
+
+def _positive(value: str) -> int:
+    return _integer(value, 1)
+
+
+def _non_negative(value: str) -> int:
+    return _integer(value, 0, what="an integer >= 0")
+
+
+def _port(value: str) -> int:
+    return _integer(value, 0, 65535, "a port number from 0 to 65535")
+
+
+def _check_decode_tokens(tokens: int) -> None:
+    """A per-step time needs a decode step: the first token comes from the prefill."""
+    if tokens < 2:
+        raise ValueError("argument --tokens: at least 2 (the first token comes from the prefill)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -73,6 +95,7 @@ def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[
 def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..studies.bench import format_bench, run_bench
 
+    _check_decode_tokens(args.tokens)
     configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
     report = run_bench(
         model=args.model,
@@ -132,8 +155,7 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
 
 
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    import torch
-
+    from ..models.sources import check_device
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
         cut_report,
@@ -150,13 +172,10 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
                 raise ValueError(f"argument --read: no trace file {path}")
         note = f"read from {len(paths)} trace file(s)"
         return decode_trace_report(read_traces(paths), note), format_decode_traces
-    steps = [check_decode(s, torch.device(args.device)) for s in args.steps.split(",") if s]
+    steps = [check_decode(s, check_device(args.device)) for s in args.steps.split(",") if s]
     if not steps:
         raise ValueError("argument --steps: no decode step given: use eager, static or compiled")
-    if args.tokens < 2:
-        raise ValueError(
-            "argument --tokens: at least 2 (the first token comes from the prefill, not a decode step)"
-        )
+    _check_decode_tokens(args.tokens)
     tts = _voiced_model(args, args.logdir)
     regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
     note = f"T3 decode in {args.dtype}; random weights never emit a stop token: {args.tokens} tokens each"
@@ -166,11 +185,15 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
 
 
 def _trace_labels(paths: list[Path]) -> dict[str, Path]:
-    """Each trace file by its name without .json / .json.gz, or with its folder where names
-    repeat (decode_traces writes every step's region as t3.decode.json.gz in its own folder)."""
-    names = [p.name.removesuffix(".gz").removesuffix(".json") for p in paths]
-    labels = [f"{p.parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names, strict=True)]
-    return dict(zip(labels, paths, strict=True))
+    """Each trace file by its name without .json / .json.gz, with as many of its folders as it
+    takes to tell the files apart (decode_traces writes every step's region as
+    t3.decode.json.gz in its own folder; two runs may each have a decode-eager folder)."""
+    parts = [(*p.parent.parts, p.name.removesuffix(".gz").removesuffix(".json")) for p in paths]
+    for depth in range(1, max(len(q) for q in parts) + 1):
+        labels = ["/".join(q[-depth:]) for q in parts]
+        if len(set(labels)) == len(labels):
+            return dict(zip(labels, paths, strict=True))
+    raise ValueError("argument --read: a trace file is named twice")
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
@@ -319,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compiled-stream (bench.CONFIGS)",
     )
     b.add_argument("--repeats", type=_positive, default=2)
-    b.add_argument("--warmup", type=int, default=0, help="untimed runs of each config first (use 1 on CUDA)")
+    b.add_argument(
+        "--warmup", type=_non_negative, default=0, help="untimed runs of each config first (use 1 on CUDA)"
+    )
     b.add_argument(
         "--dtype", default="auto", choices=list(POLICIES), help="dtype policy of the optimized path"
     )
@@ -361,20 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)")
     sv.add_argument("--seed", type=int, default=0, help="seed of the random-weight builds")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000)
     sv.add_argument("--replicas", type=_positive, default=1, help="engines (Ray Serve replicas), one per GPU")
     sv.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT); default: local Ray")
     sv.add_argument("--voices", help="folder of WAV voices, served by file stem (plus 'default')")
     sv.add_argument("--max-streams", type=_positive, default=8, help="streams at once per replica; more wait")
     _engine_flags(sv)
     sv.add_argument("--threads", type=_positive, default=1, help="torch threads (and Ray CPUs) per replica")
-    sv.add_argument("--max-input-chars", type=_positive, default=1000, help="longest input allowed")
+    sv.add_argument(
+        "--max-input-chars", type=_positive, default=800, help="longest input allowed (it must fit the cache)"
+    )
     sv.add_argument("--tokens", type=_positive, default=150, help="max_tokens when a request sends none")
     sv.add_argument(
         "--max-cache-len",
         type=_positive,
         default=1024,
-        help="KV positions per stream (prefill + max_tokens); every step attends over all of them",
+        help="KV positions per stream (prefill + max_tokens); a step attends to the smallest span of "
+        "256, 512, ... that holds the live streams, so a large value costs KV memory (max-streams x "
+        "max-cache-len) and compiled shapes",
     )
     sv.add_argument("--out", default="runs/serve", help="run folder (the generated default voice)")
     sv.add_argument("--json", action="store_true", help="print the closing report as JSON")
@@ -401,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report, fmt = args.run(args)
     except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output folder that is a file, or one this user may not write
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}: give another folder (--out / --logdir)", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else fmt(report))
     return 0

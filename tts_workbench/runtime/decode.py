@@ -139,6 +139,18 @@ class T3Parts:
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for m in self.modules() for p in m.parameters())
 
+    def step_bytes(self) -> int:
+        """Weight bytes one decode step reads: every weight once, but one row of each embedding
+        table (a lookup reads only its token's row; the transformer's own token table, unused
+        with input embeddings, counts one row too)."""
+        total = 0
+        for part in self.modules():
+            for m in part.modules():
+                for p in m.parameters(recurse=False):
+                    rows = p.size(0) if isinstance(m, nn.Embedding) else 1
+                    total += p.numel() // rows * p.element_size()
+        return total
+
     def embed(self, token: torch.Tensor, position: torch.Tensor | int) -> torch.Tensor:
         """A sampled token's input embedding at learned speech ``position`` (an index tensor
         or an int; GPT-2 positions itself)."""

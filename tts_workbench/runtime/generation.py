@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from chatterbox.tts import ChatterboxTTS
 
 from ..core.clock import Stopwatch, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
@@ -55,14 +54,37 @@ def timed(
 
 
 @contextmanager
-def prefill_timed(tts: ChatterboxTTS, times: PhaseTimes) -> Iterator[None]:
-    """Add ``t3.prefill`` to ``times``: T3 transformer calls over more than one new position."""
-    watch = times.watches.setdefault("t3.prefill", Stopwatch(tts.device))
+def t3_timed(tts: TTSModel, times: PhaseTimes) -> Iterator[None]:
+    """Add T3's two phases to ``times``: ``t3.prefill``, its transformer and speech head over
+    more than one new position; ``t3.decode``, from the end of the prefill to the end of T3's
+    inference (every step's forward and sampling), its ``calls`` the one-position forwards.
+    What the inference does before its prefill (input embeddings, building its backend) is in
+    neither: a per-step time from ``t3.decode`` does not change with the token count."""
+    prefill = times.watches.setdefault("t3.prefill", Stopwatch(tts.device))
+    decode = times.watches.setdefault("t3.decode", Stopwatch(tts.device))
+    prefill_end: list[float] = []
 
-    def enter(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return watch.running() if t3_phase(args, kwargs) == "t3.prefill" else nullcontext()
+    @contextmanager
+    def phase(args: tuple[Any, ...], kwargs: dict[str, Any], forward: bool) -> Iterator[None]:
+        if t3_phase(args, kwargs) == "t3.prefill":
+            with prefill.running():
+                yield
+            prefill_end[:] = [now(tts.device)]
+        else:
+            decode.calls += forward  # the transformer's, not the head's
+            yield
 
-    with around(tts.t3.tfmr, "forward", enter):
+    @contextmanager
+    def inference(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[None]:
+        prefill_end.clear()
+        yield
+        if prefill_end:
+            decode.seconds += now(tts.device) - prefill_end[0]
+
+    with ExitStack() as stack:
+        stack.enter_context(around(tts.t3.tfmr, "forward", lambda a, k: phase(a, k, True)))
+        stack.enter_context(around(tts.t3.speech_head, "forward", lambda a, k: phase(a, k, False)))
+        stack.enter_context(around(tts.t3, family_of(tts).t3_inference, inference))
         yield
 
 
@@ -115,6 +137,7 @@ class GenerationResult:
     invalid_tokens: int  # ids >= SPEECH_VOCAB_SIZE that S3Gen cannot vocode (dropped, as upstream does)
     seconds: dict[str, float]
     wall_s: float
+    decode_steps: int = 0  # T3's one-position forwards, timed together in seconds["t3.decode"]
 
     @property
     def audio_s(self) -> float:
@@ -157,8 +180,8 @@ def generate(
     **sampling: Any,
 ) -> GenerationResult:
     """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings
-    (``t3`` includes its ``t3.prefill``). The multilingual model speaks ``language_id`` (default
-    "en", checked by ``families.language_for``)."""
+    (``t3`` includes its ``t3.prefill`` and ``t3.decode``, see ``t3_timed``). The multilingual
+    model speaks ``language_id`` (default "en", checked by ``families.language_for``)."""
     if not text or not text.strip():
         raise EmptyTextError()
     if tts.conds is None and not sampling.get("audio_prompt_path"):
@@ -178,7 +201,7 @@ def generate(
     with (
         token_cap(tts, max_new_tokens) as seen,
         timed(methods, tts.device) as times,
-        prefill_timed(tts, times),
+        t3_timed(tts, times),
     ):
         wav = tts.generate(text, **sampling)
     wall = now(tts.device) - t0
@@ -197,4 +220,5 @@ def generate(
         invalid_tokens=sum(t >= SPEECH_VOCAB_SIZE and t != tts.t3.hp.stop_speech_token for t in raw),
         seconds={k: round(v, 4) for k, v in times.seconds.items()},
         wall_s=wall,
+        decode_steps=times.calls.get("t3.decode", 0),
     )

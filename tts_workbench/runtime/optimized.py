@@ -331,15 +331,15 @@ class UpstreamTTS(Pipeline):
         """Upstream ``generate`` (watermarked waveform, shape (1, samples)), phases timed."""
         self._voice(audio_prompt_path, sampling.get("exaggeration", 0.5))
         r = capped_generate(self.tts, text, max_new_tokens=max_new_tokens, seed=seed, **sampling)
-        t3, prefill = r.seconds.get("t3", 0.0), r.seconds.get("t3.prefill", 0.0)
+        decode = r.seconds.get("t3.decode", 0.0)
         self.last = LastGeneration(
             tokens=len(r.speech_tokens),
             stopped_by=r.stopped_by,
             invalid_tokens=r.invalid_tokens,
             seconds={
-                "t3.prefill": prefill,
-                "t3.decode": t3 - prefill,
-                "t3.step": (t3 - prefill) / max(len(r.speech_tokens) - 1, 1),
+                "t3.prefill": r.seconds.get("t3.prefill", 0.0),
+                "t3.decode": decode,
+                "t3.step": decode / max(r.decode_steps, 1),
                 "s3gen": r.seconds.get("s3gen.flow", 0.0) + r.seconds.get("s3gen.vocoder", 0.0),
                 "watermark": r.seconds.get("watermark", 0.0),
                 "total": r.wall_s,

@@ -430,9 +430,10 @@ class BufferedCutter:
         lo = w.begin * SAMPLES_PER_TOKEN - (c // 2 if w.begin else 0)
         hi = w.end * SAMPLES_PER_TOKEN + (0 if w.final else c // 2)
         seg = wav[lo - w.start * SAMPLES_PER_TOKEN : hi - w.start * SAMPLES_PER_TOKEN].copy()
+        if w.begin:  # a seam with the previous window, crossfaded or a hard cut
+            state.seams.append(w.begin * SAMPLES_PER_TOKEN)
         if self.tail is not None and c:
             seg[:c] = self.tail * self.ramp[::-1] + seg[:c] * self.ramp
-            state.seams.append(w.begin * SAMPLES_PER_TOKEN)
             state.crossfades.append((lo, lo + c))
         chunk, self.tail = (seg, None) if w.final or not c else (seg[:-c], seg[-c:])
         self.advance(w)
@@ -494,7 +495,7 @@ def one_shot(
     return wav
 
 
-def quality(wav: np.ndarray, reference: np.ndarray, state: StreamState) -> dict[str, float]:
+def quality(wav: np.ndarray, reference: np.ndarray, state: StreamState) -> dict[str, float | None]:
     """Seam clicks (largest jump at a seam vs elsewhere) and SNR against ``reference`` outside
     the crossfades, plus the length difference in samples."""
     return {

@@ -97,7 +97,8 @@ def read_bandwidth(device: str = "cpu", mbytes: int = 512) -> float:
 
 
 def step_floor(t3_bytes: int, bandwidth: float) -> float:
-    """The physical floor of one decode step: every T3 weight read once at the measured bandwidth."""
+    """The physical floor of one decode step: the weight bytes it reads (``T3Parts.step_bytes``)
+    read once at the measured bandwidth."""
     return t3_bytes / bandwidth
 
 
@@ -217,8 +218,8 @@ def run_bench(
                          "reserved_growth_bytes": memory.reserved_growth_bytes}  # fmt: skip
                 rows.append(Row(config=c, repeat=r, **grown, **out))
     floors: dict[str, dict[str, Any]] = {
-        "upstream": {"dtype": "float32", "t3_bytes": T3Parts.of(upstream_model.t3).nbytes()},
-        "optimized": {"dtype": dtype_name(opt.plan.decode.dtype), "t3_bytes": opt.plan.decode.nbytes()},
+        "upstream": {"dtype": "float32", "t3_bytes": T3Parts.of(upstream_model.t3).step_bytes()},
+        "optimized": {"dtype": dtype_name(opt.plan.decode.dtype), "t3_bytes": opt.plan.decode.step_bytes()},
     }
     for f in floors.values():
         f["floor_s"] = step_floor(f["t3_bytes"], bandwidth)
@@ -568,7 +569,7 @@ def streaming_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 "wall_s": r["wall_s"],
                 "rtf": r["rtf"],
                 "underruns": f"{r['underruns']} ({r['underrun_s']:.1f} s)",
-                "seam_ratio": r["seam_max_over_median"] / r["ordinary_max_over_median"],
+                "seam_ratio": (r["seam_max_over_median"] or float("nan")) / r["ordinary_max_over_median"],
                 "snr_db": r["snr_db"],
                 "snr_vs_full_db": r["snr_vs_full_prompt_one_shot_db"],
             }

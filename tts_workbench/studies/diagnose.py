@@ -27,7 +27,7 @@ from ..instruments.attention import (
     why_not_flash,
 )
 from ..instruments.dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
-from ..models.sources import components, load_model, make_reference_wav, model_summary
+from ..models.sources import check_device, components, load_model, make_reference_wav, model_summary
 from ..runtime.decode import DecodePlan, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
 from ..runtime.optimized import check_decode
@@ -51,6 +51,7 @@ def run_diagnosis(
     path the user runs), probe the attention backend, then run the ``dtype``/``autocast``
     precision diagnosis. Writes ``speech.wav`` and ``generation.png`` under ``outdir``.
     """
+    check_device(device)  # before the clock reads it
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     t0 = now(device)
@@ -90,7 +91,7 @@ def run_diagnosis(
         "wav": str(wav_path),
         "plot": str(plot_path),
         **kernels.summary(),  # kernels, time_share_ms
-        "decode_step": decode_step_kernels(tts, text, decode, seed, min(tokens, 20)),
+        "decode_step": decode_step_kernels(tts, text, decode, seed, tokens),
         "attention": diagnose_attention(tts),
         "precision": diagnose_precision(tts, reference, dtype, autocast, min(tokens, 20), seed, text),
     }
@@ -150,7 +151,9 @@ def decode_step_kernels(
     """The attention kernels T3's decode steps run with ``step`` ("eager", "static" or
     "compiled") and how they were found: the profiler's op records for the eager and static
     steps; Inductor's generated code for the compiled one (the profiler cannot see inside a
-    compiled graph, and its phase hooks would make the step recompile)."""
+    compiled graph, and its phase hooks would make the step recompile). At least 2 and at
+    most 20 of the caller's ``tokens`` are decoded: one decode step is enough to see it."""
+    tokens = min(max(tokens, 2), 20)  # the first token comes from the prefill
     step = check_decode(step, torch.device(tts.device))
     plan = DecodePlan.plain(tts.t3, step=step)
     assert tts.conds is not None  # run_diagnosis prepared the voice
@@ -316,9 +319,8 @@ def precision_frame(prec: dict[str, Any]) -> pd.DataFrame:
         first = st["first_mismatch"]
         if first and "mismatch" in first:  # a flagged call (a Failure has its own row below)
             module = first["module"] or "(outside a module)"
-            rows.append(
-                (name, "first mismatch", f"{module} inputs {first['inputs']} weights {first['weight']}")
-            )
+            what = f"{module} ({first['mismatch']}): inputs {first['inputs']} weights {first['weight']}"
+            rows.append((name, "first mismatch", f"{what} outputs {first.get('outputs', [])}"))
         if st["failure"]:
             f = st["failure"]
             rows.append((name, "failed in", f"{f['module'] or '(outside a module)'} at {f['where']}"))

@@ -60,14 +60,15 @@ def profile_generation(
         "trace": str(path),
         "ops": str(write_ops(ops, path.parent)),
         "tokens": len(result.speech_tokens),
-        "note": f"random weights never emit a stop token: generation capped at {tokens} tokens",
+        "note": f"{len(result.speech_tokens)} tokens, ended by the {result.stopped_by}"
+        + (" (random weights never emit the stop token)" if result.stopped_by == "token cap" else ""),
         "top_ops": {
             str(phase): rows.drop(columns="phase").to_dict("records")
             for phase, rows in top.groupby("phase", observed=True)
         },
         "recorded_decode_kernels": recorded,
         "recorded_kernels_in_trace": {k: KERNEL_OPS[k] in in_region for k in recorded},
-        "decode_step": decode_step_kernels(tts, text, decode, seed, min(tokens, 20)),
+        "decode_step": decode_step_kernels(tts, text, decode, seed, tokens),
         "device_trace": device.summary(),
         "open_with": [
             f"tensorboard --logdir {logdir}  (PYTORCH_PROFILER tab)",
