@@ -104,7 +104,7 @@ if [[ $COMBINE != 1 && ${GPU_CHECK_SERVE:-0} == 1 ]]; then  # the same streams o
     PORT=${GPU_CHECK_PORT:-8123}
     echo "== serve (one replica on a local Ray)" >&2
     $PY -m tts_workbench.interface.cli serve --model $MODEL --device $DEVICE --port $PORT --decode compiled \
-        --dtype bfloat16 --max-streams 64 --max-cache-len ${GPU_CHECK_SERVE_CACHE:-320} --tokens $TOKENS \
+        --dtype bfloat16 --max-streams 64 --max-cache-len ${GPU_CHECK_SERVE_CACHE:-320} --max-input-chars 200 --tokens $TOKENS \
         --out "$TMP/serve" > "$DIR/serve.out" 2> "$DIR/serve.err" &
     SERVER=$!
     $PY - "$PORT" "$LIMIT" "$SERVER" <<'WAIT' || tail -5 "$DIR/serve.err" >&2

@@ -42,7 +42,7 @@ def _served(replicas: int, load_args: list[str], out: Path, cache: int) -> dict[
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     cmd = [*CLI, "serve", "--port", str(port), "--replicas", str(replicas), "--threads", "1",
-           "--max-cache-len", str(cache), "--out", str(out / "run")]  # fmt: skip
+           "--max-cache-len", str(cache), "--max-input-chars", "200", "--out", str(out / "run")]  # fmt: skip
     server = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(300):  # bounded wait for the replicas to build and warm up

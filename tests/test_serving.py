@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import make_reference_wav
+from tts_workbench.runtime.decode import prefill_length
 from tts_workbench.serving.api import speech_app
 from tts_workbench.serving.protocol import Limits, RequestError, parse_speech, pcm16, wav_header
 from tts_workbench.serving.service import ServeOptions, SpeechService
@@ -89,6 +91,41 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechService]
     service.close()
 
 
+def test_a_request_the_cache_cannot_hold_names_the_field_to_change(
+    service: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the API's terms (max_tokens, not the engine's max_new_tokens nor the operator's fix),
+    counted with the voice the request names, before anything is submitted."""
+    from tts_workbench.serving import service as module
+
+    voices: list[object] = []
+
+    def recording(tts: object, text: str, *args: object) -> int:
+        voices.append(tts.conds)  # type: ignore[attr-defined]
+        return prefill_length(tts, text, *args)
+
+    monkeypatch.setattr(module, "prefill_length", recording)
+    refused = service.registry.get_sample_value("tts_streams_total", {"outcome": "refused"}) or 0.0
+    prefill = prefill_length(service.tts, GOOD["input"])
+    room = service.options.max_cache_len - prefill
+    with TestClient(speech_app(service)) as client:
+        r = client.post("/v1/audio/speech", json={**GOOD, "voice": "alice", "max_tokens": room + 1})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "max_tokens", error
+        assert f"max_tokens <= {room}" in error["message"], error
+        assert "max_new_tokens" not in error["message"] and "start the engine" not in error["message"]
+        assert voices == [service.voices["alice"]] and service.tts.conds is service.voices["default"]
+        # An input within --max-input-chars whose positions alone fill the cache: punc_norm writes
+        # each "…" as ", ", 1.5 positions a character where "a" alone (the startup check) takes one.
+        long = "a…" * (service.options.max_input_chars // 2)
+        r = client.post("/v1/audio/speech", json={**GOOD, "input": long, "max_tokens": 1})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "input", error
+        assert "shorten the input" in error["message"] and "max_new_tokens" not in error["message"]
+        assert service.engine.active() == 0 and service.engine.queued() == 0  # nothing was submitted
+    assert service.registry.get_sample_value("tts_streams_total", {"outcome": "refused"}) == refused + 2
+
+
 def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService) -> None:
     with TestClient(speech_app(service)) as client:
         assert client.get("/v1/models").json()["data"][0]["id"] == "chatterbox-tiny"
@@ -100,7 +137,6 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
             ({**GOOD, "model": "tts-1"}, "model", 404),
             ({**GOOD, "response_format": "opus"}, "response_format", 400),
             ({**GOOD, "speed": 2.0}, "speed", 400),
-            ({**GOOD, "max_tokens": 1000}, "input", 400),  # the engine's cache cannot hold it
         ]
         for body, param, status in bad:
             if isinstance(body, bytes):
@@ -126,10 +162,21 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
         r = client.post("/v1/audio/speech", json={**GOOD, "max_tokens": 10})
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
     assert 'tts_streams_total{outcome="completed"} 3.0' in metrics
-    assert 'tts_streams_total{outcome="refused"} 1.0' in metrics
     assert "tts_time_to_first_audio_seconds_count 3.0" in metrics
     assert "tts_active_streams 0.0" in metrics and "tts_s3gen_windows_per_flow_call" in metrics
     assert service.voices["alice"] is not service.voices["default"]
+
+
+def test_a_service_refuses_options_no_request_could_run_with(tmp_path: Path) -> None:
+    """A default token count the cache cannot hold, before the model loads; an input limit whose
+    longest input leaves no cache position for a token, before the engine is built."""
+    with pytest.raises(ConfigError, match="--tokens: 1024 .* lower --tokens or raise --max-cache-len"):
+        SpeechService(ServeOptions(run_dir=str(tmp_path), default_tokens=1024, max_cache_len=1024))
+    assert not (tmp_path / "reference.wav").exists()  # refused before the default voice was made
+    with pytest.raises(
+        ConfigError, match="--max-input-chars: an input of 1000 characters .* --max-cache-len"
+    ):
+        SpeechService(ServeOptions(run_dir=str(tmp_path), max_input_chars=1000, max_cache_len=1024))
 
 
 def _holding_a_port() -> tuple[socket.socket, int]:
@@ -167,6 +214,7 @@ def test_serve_refuses_bad_flags_before_starting_ray(
         (["--port", str(_free_port()), "--model", "huge"], "unknown model source 'huge'"),
         (["--port", str(_free_port()), "--model", str(tmp_path / "no" / "folder")], "does not exist"),
         (["--port", str(_free_port()), "--device", "cuda"], "CUDA is not available"),
+        (["--port", str(_free_port()), "--tokens", "300", "--max-cache-len", "256"], "--tokens"),
     ]
     try:
         for args, flag in cases:

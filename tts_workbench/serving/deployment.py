@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from ..core.errors import ConfigError
 from ..models.sources import check_device, check_source
-from .service import ServeOptions, SpeechService, find_voices
+from .service import ServeOptions, SpeechService, check_options, find_voices
 
 APP_NAME = "tts-workbench"
 ROUND_ROBIN = "ray.serve.experimental.round_robin_router.RoundRobinRouter"
@@ -113,9 +113,11 @@ def deployment(options: ServeOptions, replicas: int) -> Any:
 
 def check_placement(options: ServeOptions, where: Placement) -> None:
     """Everything a serve can be refused for before Ray starts (so nothing is left running): the
-    voices folder, then with a cluster its address; locally the port, the device and the model
-    source (a cluster's workers may have the GPUs and folders this machine lacks, and its proxy
-    listens on its head)."""
+    options that need no model, the voices folder, then with a cluster its address; locally the
+    port, the device and the model source (a cluster's workers may have the GPUs and folders this
+    machine lacks, and its proxy listens on its head). Whether ``--max-input-chars`` fits
+    ``--max-cache-len`` needs the model's tokenizer: each replica checks it as it starts."""
+    check_options(options)
     find_voices(options.voices_dir)
     if where.address:
         check_reachable(where.address)

@@ -101,6 +101,24 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     return SpeechRequest(text, voice, fmt, seed, tokens)
 
 
+def check_cache(prefill: int, max_tokens: int, max_cache_len: int) -> None:
+    """A ``RequestError`` when the input's ``prefill`` positions and ``max_tokens`` exceed the
+    ``max_cache_len`` KV cache positions a stream has: the field to change, and by how much."""
+    if prefill + max_tokens <= max_cache_len:
+        return
+    room = max_cache_len - prefill
+    if room >= 1:
+        raise RequestError(
+            f"input needs {prefill} cache positions and max_tokens {max_tokens} more, this server holds "
+            f"{max_cache_len}: send max_tokens <= {room}", "max_tokens",
+        )  # fmt: skip
+    raise RequestError(
+        f"input needs {prefill} cache positions, this server holds {max_cache_len} and needs room for "
+        "at least one token: shorten the input (split the text and send the parts as separate requests)",
+        "input",
+    )
+
+
 def pcm16(chunk: np.ndarray) -> bytes:
     """Float samples in [-1, 1] as signed 16-bit little-endian bytes (clipped, rounded)."""
     return (np.clip(chunk, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()

@@ -9,6 +9,7 @@ paths, so no request reads or writes a file.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import time
 from collections.abc import AsyncIterator
@@ -27,12 +28,13 @@ from prometheus_client import (
     generate_latest,
 )
 
-from ..core.errors import CacheError, SourceError, WorkbenchError
+from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
 from ..models.sources import check_reference, load_model, make_reference_wav
+from ..runtime.decode import prefill_length
 from ..runtime.engine import StreamEngine, StreamHandle
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
-from .protocol import Limits, RequestError, SpeechRequest, pcm16, wav_header
+from .protocol import Limits, RequestError, SpeechRequest, check_cache, pcm16, wav_header
 
 TTFA_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
@@ -51,9 +53,35 @@ class ServeOptions:
     step: str = "static"
     dtype: str = "float32"  # T3's weights in the engine (optimized.decode_plan: a copy); S3Gen as loaded
     threads: int | None = None  # torch's intra-op threads in this process (None: torch's default)
-    max_input_chars: int = 1000
+    # 800 characters (about a cache position each), the voice's conditioning (~40 positions)
+    # and 150 tokens fit 1024 positions: a longest input sent without max_tokens runs.
+    max_input_chars: int = 800
     max_cache_len: int = 1024
     default_tokens: int = 150
+
+
+def check_options(options: ServeOptions) -> None:
+    """A ConfigError for options no request could run with, found without a model."""
+    if options.default_tokens >= options.max_cache_len:
+        raise ConfigError(
+            f"argument --tokens: {options.default_tokens} tokens leave no room in --max-cache-len "
+            f"{options.max_cache_len} for an input (a request that sends no max_tokens gets --tokens): "
+            "lower --tokens or raise --max-cache-len"
+        )
+
+
+def check_input_fits(tts: Any, options: ServeOptions) -> None:
+    """A ConfigError when an input of ``max_input_chars`` characters could never fit the KV cache
+    with ``tts``'s voice. One tokenizer call on "a" repeated (a position per character): a cheap
+    worst case, not a bound (each request is checked on its own, ``SpeechService.speech``)."""
+    prefill = prefill_length(tts, "a" * options.max_input_chars, 0.0)
+    if prefill >= options.max_cache_len:
+        raise ConfigError(
+            f"argument --max-input-chars: an input of {options.max_input_chars} characters needs about "
+            f"{prefill} KV cache positions before its first token, and --max-cache-len is "
+            f"{options.max_cache_len}: lower --max-input-chars or raise --max-cache-len to "
+            f"{prefill + options.default_tokens} or more"
+        )
 
 
 def find_voices(folder: str | None) -> dict[str, Path]:
@@ -81,6 +109,7 @@ class SpeechService:
     """A model, its voices and one engine, answering speech requests with audio bytes."""
 
     def __init__(self, options: ServeOptions, replica: str = "0") -> None:
+        check_options(options)
         if options.threads:
             torch.set_num_threads(options.threads)
         self.options, self.replica = options, replica
@@ -97,6 +126,7 @@ class SpeechService:
             self.voices[name] = tts.conds
         tts.conds = self.voices["default"]
         self.tts = tts
+        check_input_fits(tts, options)  # before the engine allocates its cache and warms up
         self.limits = Limits(
             self.model_id, tuple(self.voices), options.max_input_chars, options.max_cache_len
         )
@@ -148,12 +178,13 @@ class SpeechService:
         }
 
     async def speech(self, req: SpeechRequest) -> AsyncIterator[bytes]:
-        """Start a stream and wait for its first chunk, so that a request the engine refuses
-        (too long for the cache, ...) becomes a ``RequestError`` before any byte is sent; then
-        the bytes as the engine produces them. Closing the iterator (a client gone) frees the
-        stream's rows in the engine."""
+        """Refuse a request too long for the KV cache, then start a stream and wait for its first
+        chunk, so that a request the engine refuses becomes a ``RequestError`` before any byte is
+        sent; then the bytes as the engine produces them. Closing the iterator (a client gone)
+        frees the stream's rows in the engine."""
         t0 = time.perf_counter()
         try:
+            self._check_cache(req)
             handle = self.engine.submit(
                 req.input, seed=req.seed, max_new_tokens=req.max_tokens, conds=self.voices[req.voice]
             )
@@ -162,7 +193,10 @@ class SpeechService:
         except asyncio.CancelledError:  # the client left before its first chunk (rows freed)
             self.outcomes.labels("disconnected").inc()
             raise
-        except WorkbenchError as e:
+        except RequestError:
+            self.outcomes.labels("refused").inc()
+            raise
+        except WorkbenchError as e:  # a refusal _check_cache did not foresee
             self.outcomes.labels("refused").inc()
             param = "input" if isinstance(e, CacheError) else None
             raise RequestError(f"the engine refused this request: {e}", param) from e
@@ -173,6 +207,15 @@ class SpeechService:
         if first is not None:
             self.ttfa.observe(time.perf_counter() - t0)
         return self._bytes(handle, chunks, first, req.response_format, t0)
+
+    def _check_cache(self, req: SpeechRequest) -> None:
+        """Refuse a request the engine's KV cache cannot hold, naming the HTTP fields (the
+        engine's own refusal names its arguments and the operator's fix)."""
+        # The voice's conditionals on a shallow copy: the shared model's stay the default's.
+        # Guidance doubles the rows, not the positions, so one row (cfg_weight 0) is counted.
+        voiced = copy.copy(self.tts)
+        voiced.conds = self.voices[req.voice]
+        check_cache(prefill_length(voiced, req.input, 0.0), req.max_tokens, self.engine.max_cache_len)
 
     async def _bytes(self, handle: StreamHandle, chunks: AsyncIterator[Any], first: Any, fmt: str,
                      t0: float) -> AsyncIterator[bytes]:  # fmt: skip
