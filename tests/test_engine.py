@@ -414,6 +414,7 @@ def test_load_cli_reports_each_level(
         (["--arrival", "sometimes"], "--arrival"),
         (["--texts", "/no/such/file"], "--texts"),
         (["--texts", "EMPTY"], "--texts"),
+        (["--texts", "LATIN1"], "--texts"),
         (["--tokens", "5000"], "--tokens"),
     ],
 )
@@ -422,7 +423,9 @@ def test_load_cli_bad_flags_give_one_error_line(
 ) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    args = [str(empty) if a == "EMPTY" else a for a in args]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 au lait.".encode("latin-1"))  # not UTF-8
+    args = [{"EMPTY": str(empty), "LATIN1": str(latin1)}.get(a, a) for a in args]
     assert main(["load", *args, "--out", str(tmp_path)]) == 2
     errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and flag in errors[0], errors

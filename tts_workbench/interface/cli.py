@@ -39,6 +39,10 @@ def _non_negative(value: str) -> int:
     return _integer(value, 0, what="an integer >= 0")
 
 
+def _seed(value: str) -> int:
+    return _integer(value, 0, 2**63 - 1, "an integer from 0 to 2**63 - 1")
+
+
 def _port(value: str) -> int:
     return _integer(value, 0, 65535, "a port number from 0 to 65535")
 
@@ -52,7 +56,7 @@ def _check_decode_tokens(tokens: int) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="tiny | random | pretrained | PATH to a checkpoint folder")
     p.add_argument("--tokens", type=_positive, default=150, help="cap on generated speech tokens")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -384,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--model", default="tiny", help="tiny | random | pretrained | PATH to a checkpoint")
     sv.add_argument("--device", default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)")
-    sv.add_argument("--seed", type=int, default=0, help="seed of the random-weight builds")
+    sv.add_argument("--seed", type=_seed, default=0, help="seed of the random-weight builds")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=_port, default=8000)
     sv.add_argument("--replicas", type=_positive, default=1, help="engines (Ray Serve replicas), one per GPU")

@@ -90,7 +90,11 @@ def read_texts(path: str | None) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"argument --texts: {path} does not exist or is not a file")
-    texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"argument --texts: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise ConfigError(f"argument --texts: {path} holds no text (one text per line)")
     return texts
