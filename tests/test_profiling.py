@@ -17,7 +17,6 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler_util import FunctionEvent
 
-from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
 from tts_workbench.instruments.memory import memory_window, module_bytes
@@ -52,7 +51,6 @@ from tts_workbench.studies.bench import run_pipeline as bench_run_pipeline
 from tts_workbench.studies.profile_report import format_profile, profile_generation
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_STOPS = "Hello there, this is a test."
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +160,8 @@ def test_trace_is_written_with_its_op_frame(profiled: dict) -> None:
         == profiled["top_ops"]["t3.decode"]
     )
     assert "t3.decode" in format_profile(profiled)
+    # how the generation ended, from the generation (a stop token would say so)
+    assert profiled["note"] == "12 tokens, ended by the token cap (random weights never emit the stop token)"
 
 
 def test_tensorboard_serves_the_run(profiled: dict) -> None:
@@ -347,21 +347,3 @@ def test_the_step_floor_counts_one_row_of_each_embedding_table(tiny_tts: Chatter
     assert tables
     unread = sum((m.num_embeddings - 1) * m.embedding_dim * m.weight.element_size() for m in tables)
     assert parts.step_bytes() == parts.nbytes() - unread
-
-
-def test_the_profile_note_says_how_the_generation_ended(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
-    stop = tiny_tts.t3.hp.stop_speech_token
-
-    def push(forward):  # type: ignore[no-untyped-def]
-        def biased(x: torch.Tensor) -> torch.Tensor:
-            out = forward(x)
-            out[..., stop] += 2.0  # a stop after some 27 tokens with this seed and text
-            return out
-
-        return biased
-
-    with shadow(tiny_tts.t3.speech_head, "forward", push):
-        report = profile_generation(tiny_tts, tmp_path, "stopped", tokens=60, text=TEXT_STOPS, seed=3)
-    assert (
-        1 < report["tokens"] < 60 and report["note"] == f"{report['tokens']} tokens, ended by the stop token"
-    )
