@@ -40,13 +40,8 @@ demo: venv
 # `checks` (lint, then the strict docs build) runs beside them, its log printed after the tests:
 # in a fresh clone mypy alone takes ~35 s of one core, which the tests leave idle part of the time.
 # Either failing fails `make test`.
-# Inductor compiles scalar C++ kernels in the tests (TORCHINDUCTOR_VEC_ISA_OK=0): a fresh clone
-# compiles ~24 graphs from nothing, and the vectorised kernels' templates took most of that
-# (a cold compile of the tiny T3 step 29 s, scalar 17 s; docs/measurements.md). What the tests
-# check of the compiled paths (graphs per shape, the attention op named, tokens equal to the
-# eager loop's) passed both ways; benchmarks, notebooks and users keep Inductor's default.
 # (Through SUBMAKE: a recipe line naming $(MAKE) itself would run even under `make -n`.)
-PYTEST := OMP_NUM_THREADS=1 TORCHINDUCTOR_VEC_ISA_OK=0 $(BIN)/python -m pytest -n 2 --dist loadfile
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 SUBMAKE = $(MAKE)
 test: venv
 	@log=$$(mktemp); $(SUBMAKE) --no-print-directory checks >"$$log" 2>&1 & checks=$$!; \
