@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,37 @@ def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:
     with token_cap(tiny_tts, 5), timed({"t3": (tiny_tts.t3, "inference")}):
         assert "inference" in vars(tiny_tts.t3)
     assert "inference" not in vars(tiny_tts.t3)
+
+
+def test_timers_of_two_threads_count_their_own_calls_and_leave_nothing_behind() -> None:
+    class Model:
+        def step(self) -> int:
+            return 1
+
+    m = Model()
+    first = ExitStack()
+    a = first.enter_context(timed({"step": (m, "step")}))
+    entered = threading.Event()
+    b_times: list[int] = []
+
+    def other() -> None:  # enters after the main thread's timer and leaves after it
+        with timed({"step": (m, "step")}) as b:
+            entered.set()
+            m.step()
+            assert done.wait(timeout=30)
+            m.step()
+            b_times.append(b.calls["step"])
+
+    done = threading.Event()
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert entered.wait(timeout=30)
+    m.step()
+    first.close()  # the first in leaves first
+    done.set()
+    thread.join(timeout=30)
+    assert a.calls == {"step": 1} and b_times == [2]  # each timer its own thread's calls
+    assert "step" not in vars(m)  # neither timer left on the model
 
 
 def test_empty_text(tiny_tts: ChatterboxTTS) -> None:

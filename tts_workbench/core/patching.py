@@ -139,9 +139,17 @@ def routed(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
 
 
 def around(
-    obj: object, name: str, enter: Callable[[tuple[Any, ...], dict[str, Any]], AbstractContextManager[Any]]
+    obj: object,
+    name: str,
+    enter: Callable[[tuple[Any, ...], dict[str, Any]], AbstractContextManager[Any]],
+    *,
+    this_thread: bool = False,
 ) -> AbstractContextManager[None]:
-    """Shadow method ``name`` so that each call runs inside ``enter(args, kwargs)``."""
+    """Shadow method ``name`` so that each call runs inside ``enter(args, kwargs)``; with
+    ``this_thread``, only this thread's (or task's) calls, through ``routed`` (a timer of one
+    generation must not count another thread's calls, nor be left behind by it). Plain shadows
+    stay the default: a compiled ``fullgraph`` region can trace through them, not through the
+    dispatcher's context variable."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         def inner(*args: Any, **kwargs: Any) -> Any:
@@ -150,7 +158,7 @@ def around(
 
         return inner
 
-    return shadow(obj, name, wrap)
+    return (routed if this_thread else shadow)(obj, name, wrap)
 
 
 @contextmanager

@@ -49,7 +49,7 @@ def timed(
     times = PhaseTimes({label: Stopwatch(device) for label in methods})
     with ExitStack() as stack:
         for label, (obj, name) in methods.items():
-            stack.enter_context(around(obj, name, times.watches[label].run_call))
+            stack.enter_context(around(obj, name, times.watches[label].run_call, this_thread=True))
         yield times
 
 
@@ -82,9 +82,11 @@ def t3_timed(tts: TTSModel, times: PhaseTimes) -> Iterator[None]:
             decode.seconds += now(tts.device) - prefill_end[0]
 
     with ExitStack() as stack:
-        stack.enter_context(around(tts.t3.tfmr, "forward", lambda a, k: phase(a, k, True)))
-        stack.enter_context(around(tts.t3.speech_head, "forward", lambda a, k: phase(a, k, False)))
-        stack.enter_context(around(tts.t3, family_of(tts).t3_inference, inference))
+        stack.enter_context(around(tts.t3.tfmr, "forward", lambda a, k: phase(a, k, True), this_thread=True))
+        stack.enter_context(
+            around(tts.t3.speech_head, "forward", lambda a, k: phase(a, k, False), this_thread=True)
+        )
+        stack.enter_context(around(tts.t3, family_of(tts).t3_inference, inference, this_thread=True))
         yield
 
 
