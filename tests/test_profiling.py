@@ -347,3 +347,18 @@ def test_the_step_floor_counts_one_row_of_each_embedding_table(tiny_tts: Chatter
     assert tables
     unread = sum((m.num_embeddings - 1) * m.embedding_dim * m.weight.element_size() for m in tables)
     assert parts.step_bytes() == parts.nbytes() - unread
+
+
+def test_the_streaming_table_gives_a_ratio_for_every_measured_seam() -> None:
+    common = {
+        "s3gen_calls": 2, "prompt_frames": 10, "context_frames": 4, "new_frames": 8, "s3gen_s": 0.1,
+        "s3gen_vs_one_shot": 1.2, "ttfa_s": 0.05, "wall_s": 0.5, "rtf": 0.4, "underruns": 0,
+        "underrun_s": 0.0, "ordinary_max_over_median": 2.0, "snr_db": 30.0,
+        "snr_vs_full_prompt_one_shot_db": 20.0,
+    }  # fmt: skip
+    rows = [
+        {"name": "flat seam", "seam_max_over_median": 0.0, **common},  # measured: no jump at all
+        {"name": "one chunk", "seam_max_over_median": None, **common},
+    ]
+    ratios = bench.streaming_frame(rows)["seam_ratio"].tolist()
+    assert ratios[0] == 0.0 and pd.isna(ratios[1])

@@ -569,7 +569,9 @@ def streaming_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 "wall_s": r["wall_s"],
                 "rtf": r["rtf"],
                 "underruns": f"{r['underruns']} ({r['underrun_s']:.1f} s)",
-                "seam_ratio": (r["seam_max_over_median"] or float("nan")) / r["ordinary_max_over_median"],
+                "seam_ratio": float("nan")  # one chunk: no seam
+                if r["seam_max_over_median"] is None
+                else r["seam_max_over_median"] / r["ordinary_max_over_median"],
                 "snr_db": r["snr_db"],
                 "snr_vs_full_db": r["snr_vs_full_prompt_one_shot_db"],
             }
