@@ -41,11 +41,21 @@ demo: venv
 # in a fresh clone mypy alone takes ~35 s of one core, which the tests leave idle part of the time.
 # Either failing fails `make test`.
 # (Through SUBMAKE: a recipe line naming $(MAKE) itself would run even under `make -n`.)
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+# Inductor compiles each graph's C++ kernels in one thread (TORCHINDUCTOR_COMPILE_THREADS=1):
+# its default pool of compile processes, started in every process that compiles (both workers,
+# notebook kernels, CLI subprocesses), costs more CPU than it saves when both cores are busy
+# (a cold compile of the tiny T3 step: 52 -> 39 CPU-s; docs/measurements.md, "make test").
+# WARM fills, once and beside the checks, two caches that both workers would otherwise fill at
+# the same moment in their first test: numba's JIT of librosa's kernels (~25 s of one core,
+# kept in the venv) and Inductor's one-off probes of the C++ compiler (~10 s, kept in its cache).
+PYTEST := OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+WARM := OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -c \
+	"import librosa.core.audio, librosa.core.pitch, torch; torch.compile(lambda x: x.sin() + 1)(torch.ones(8))"
 SUBMAKE = $(MAKE)
 test: venv
 	@log=$$(mktemp); $(SUBMAKE) --no-print-directory checks >"$$log" 2>&1 & checks=$$!; \
 	trap 'kill $$checks 2>/dev/null; rm -f "$$log"; exit 130' INT TERM; \
+	$(WARM); \
 	$(PYTEST) -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
 	  --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider; tests=$$?; \
 	wait $$checks; checked=$$?; cat "$$log"; rm -f "$$log"; \

@@ -17,14 +17,18 @@ from tts_workbench.models.vocode import FlowPlan, flow_mels
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, stream_all
 
 TEXT = "Fixed shapes for the flow."
-# Windows of 10 and 25 tokens; 55 tokens end in a partial third window (10 + 25 + 20).
-CONFIG = StreamConfig("buffered", first_window_s=0.4, window_s=1.0)
+# The default buffered windows, 25 and 87 tokens: 60 tokens end in a partial second window
+# (25 + 35). With the default generated voice these are the shapes of the bench's
+# compiled-stream (notebook 07), so Inductor's cache serves the two estimator graphs to whichever
+# of the two runs second (each costs ~20 CPU-s to compile from nothing).
+CONFIG = StreamConfig("buffered")
+TOKENS = 60
 
 
 @pytest.fixture(scope="module")
 def tts(tmp_path_factory: pytest.TempPathFactory) -> ChatterboxTTS:
     model = load_model("tiny")
-    model.prepare_conditionals(str(make_reference_wav(tmp_path_factory.mktemp("r") / "r.wav", seconds=2.0)))
+    model.prepare_conditionals(str(make_reference_wav(tmp_path_factory.mktemp("r") / "r.wav")))
     return model
 
 
@@ -47,18 +51,18 @@ def test_padded_frames_leave_the_real_frames_as_they_were(tts: ChatterboxTTS) ->
 
 def test_compiled_stream_compiles_two_shapes_and_vocodes_every_token(tts: ChatterboxTTS) -> None:
     torch.manual_seed(7)  # S3Gen's own random draws (the prompt's start noise, HiFT's source)
-    eager, state = stream_all(tts, TEXT, CONFIG, max_new_tokens=55)
+    eager, state = stream_all(tts, TEXT, CONFIG, max_new_tokens=TOKENS)
     flow = FlowPlan("compiled")
     graphs = counters["stats"]["unique_graphs"]
     torch.manual_seed(7)
-    wav, compiled_state = stream_all(tts, TEXT, CONFIG, max_new_tokens=55, flow=flow)
+    wav, compiled_state = stream_all(tts, TEXT, CONFIG, max_new_tokens=TOKENS, flow=flow)
     assert flow.compiled and flow.fallback_reason is None
-    assert len(flow.shapes) == 2  # first window, regular window (the partial last one padded)
+    assert len(flow.shapes) == 2  # first window, regular window (the partial one padded to it)
     assert counters["stats"]["unique_graphs"] - graphs == 2
     assert compiled_state.tokens == state.tokens
     assert compiled_state.s3gen_compile_s == pytest.approx(flow.compile_s) and flow.compile_s > 0
     summary = compiled_state.report.summary()
-    assert summary["s3gen_calls"] == 3
+    assert summary["s3gen_calls"] == 2
     # Disjoint intervals inside the wall time: the compile is counted once, apart from the calls.
     t3 = compiled_state.t3.prefill_s + compiled_state.t3.decode_s + compiled_state.t3.compile_s
     assert t3 + summary["flow_s"] + summary["vocoder_s"] + flow.compile_s <= summary["wall_s"]
