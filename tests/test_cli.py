@@ -59,7 +59,7 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     ("args", "message"),
     [
         (["diagnose", "--tokens", "-3"], "positive integer"),
-        (["diagnose", "--reference", "/no/such.wav"], "does not exist"),
+        (["diagnose", "--reference", "/no/such.wav"], "does not exist"),  # refused before the model is built
         (["frobnicate"], "invalid choice"),
         (["diagnose", "--dtype", "int8"], "invalid choice"),
         (["bench", "--dtype", "bf16"], "invalid choice"),  # refused before the heavy imports

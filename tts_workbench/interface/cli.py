@@ -47,6 +47,20 @@ def _port(value: str) -> int:
     return _integer(value, 0, 65535, "a port number from 0 to 65535")
 
 
+def _voice_file(value: str) -> str:
+    """A ``--reference`` that names no file is refused here, before the model is built (a
+    full-size build takes a while); what the file holds is checked when the voice is prepared."""
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"reference audio {value} does not exist: give a WAV of the voice")
+    return value
+
+
+def _reference(
+    p: argparse.ArgumentParser, what: str = "WAV of the voice (default: a generated 10 s voice-like signal)"
+) -> None:
+    p.add_argument("--reference", type=_voice_file, help=what)
+
+
 def _check_decode_tokens(tokens: int) -> None:
     """A per-step time needs a decode step: the first token comes from the prefill."""
     if tokens < 2:
@@ -253,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diagnose", help="one generation on a model, with a report")
     _common(d)
     d.add_argument("--text", help=TEXT_HELP)
-    d.add_argument("--reference", help="WAV of the voice to clone (default: a generated voice-like signal)")
+    _reference(d, "WAV of the voice to clone (default: a generated voice-like signal)")
     d.add_argument("--out", default="runs/diagnose", help="folder for the WAV and plot")
     d.add_argument(
         "--dtype",
@@ -280,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--crossfade-ms", type=float, default=40.0, help="buffered: overlap-add crossfade")
     st.add_argument("--prompt-s", type=float, help="keep only the last N s of the reference prompt")
     st.add_argument("--text", help=TEXT_HELP)
-    st.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    _reference(st)
     st.add_argument("--out", default="runs/stream", help="folder for the WAV and the timeline plot")
     st.add_argument(
         "--decode",
@@ -304,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also name the attention kernel of this T3 decode step (the trace is upstream's generate)",
     )
     pr.add_argument("--text", help=TEXT_HELP)
-    pr.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    _reference(pr)
     pr.set_defaults(run=_profile, tokens=40)
 
     tr = sub.add_parser(
@@ -326,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--logdir", default="runs/trace", help="TensorBoard log folder; one run per decode step")
     tr.add_argument("--text", help=TEXT_HELP)
-    tr.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    _reference(tr)
     tr.add_argument(
         "--cut-only",
         action="store_true",
@@ -358,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the wrapper's decode step with Inductor's C++ wrapper (CPU; slow first compile)",
     )
     b.add_argument("--text", help=TEXT_HELP)
-    b.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    _reference(b)
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.csv")
     b.set_defaults(run=_bench)
 
@@ -372,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(ld)
     ld.add_argument("--first-window-s", type=float, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=float, default=3.5, help="later windows (s of audio)")
-    ld.add_argument("--reference", help="WAV of the voice (default: a generated 10 s voice-like signal)")
+    _reference(ld)
     ld.add_argument("--out", default="runs/load", help="folder for load.json and load.png")
     ld.add_argument(
         "--url",
