@@ -4,6 +4,7 @@ come before any Ray starts. The real server on Ray Serve is tests/test_serve_ray
 
 from __future__ import annotations
 
+import copy
 import io
 import socket
 import wave
@@ -96,15 +97,13 @@ def test_a_request_the_cache_cannot_hold_names_the_field_to_change(
 ) -> None:
     """In the API's terms (max_tokens, not the engine's max_new_tokens nor the operator's fix),
     counted with the voice the request names, before anything is submitted."""
-    from tts_workbench.serving import service as module
-
-    voices: list[object] = []
-
-    def recording(tts: object, text: str, *args: object) -> int:
-        voices.append(tts.conds)  # type: ignore[attr-defined]
-        return prefill_length(tts, text, *args)
-
-    monkeypatch.setattr(module, "prefill_length", recording)
+    # The count from each voice's positions at start-up and the text's tokens is prefill_length's
+    # (punc_norm's rewrites included: "…" becomes ", ").
+    for voice, conds in service.voices.items():
+        voiced = copy.copy(service.tts)
+        voiced.conds = conds
+        for text in (GOOD["input"], "a…" * 9, "Short"):
+            assert service.prefill_positions(voice, text) == prefill_length(voiced, text, 0.0), (voice, text)
     refused = service.registry.get_sample_value("tts_streams_total", {"outcome": "refused"}) or 0.0
     prefill = prefill_length(service.tts, GOOD["input"])
     room = service.options.max_cache_len - prefill
@@ -114,7 +113,6 @@ def test_a_request_the_cache_cannot_hold_names_the_field_to_change(
         assert r.status_code == 400 and error["param"] == "max_tokens", error
         assert f"max_tokens <= {room}" in error["message"], error
         assert "max_new_tokens" not in error["message"] and "start the engine" not in error["message"]
-        assert voices == [service.voices["alice"]] and service.tts.conds is service.voices["default"]
         # An input within --max-input-chars whose positions alone fill the cache: punc_norm writes
         # each "…" as ", ", 1.5 positions a character where "a" alone (the startup check) takes one.
         long = "a…" * (service.options.max_input_chars // 2)
@@ -122,8 +120,13 @@ def test_a_request_the_cache_cannot_hold_names_the_field_to_change(
         error = r.json()["error"]
         assert r.status_code == 400 and error["param"] == "input", error
         assert "shorten the input" in error["message"] and "max_new_tokens" not in error["message"]
+        # The named voice's positions count: a voice whose conditioning filled the cache refuses
+        # the input that fits the default voice.
+        monkeypatch.setitem(service.voice_positions, "alice", service.options.max_cache_len)
+        r = client.post("/v1/audio/speech", json={**GOOD, "voice": "alice", "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input"
         assert service.engine.active() == 0 and service.engine.queued() == 0  # nothing was submitted
-    assert service.registry.get_sample_value("tts_streams_total", {"outcome": "refused"}) == refused + 2
+    assert service.registry.get_sample_value("tts_streams_total", {"outcome": "refused"}) == refused + 3
 
 
 def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService) -> None:

@@ -9,7 +9,6 @@ paths, so no request reads or writes a file.
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import time
 from collections.abc import AsyncIterator
@@ -30,7 +29,7 @@ from prometheus_client import (
 
 from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
 from ..models.sources import check_reference, load_model, make_reference_wav
-from ..runtime.decode import prefill_length
+from ..runtime.decode import prefill_length, text_tokens
 from ..runtime.engine import StreamEngine, StreamHandle
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
@@ -121,9 +120,14 @@ class SpeechService:
         paths = {"default": make_reference_wav(Path(options.run_dir) / "reference.wav")}
         paths.update(find_voices(options.voices_dir))
         self.voices: dict[str, Any] = {}
-        for name, path in paths.items():  # each voice's conditionals once; the last one stays
+        # Each voice's conditionals once, and the cache positions they take before the text:
+        # a request's prefill is then counted by the tokenizer alone, not by running T3's
+        # conditioning encoder on the event loop (guidance doubles rows, not positions: one row).
+        self.voice_positions: dict[str, int] = {}
+        for name, path in paths.items():
             prepare_voice(tts, str(path))
             self.voices[name] = tts.conds
+            self.voice_positions[name] = prefill_length(tts, "a", 0.0) - text_tokens(tts, "a", 0.0).size(1)
         tts.conds = self.voices["default"]
         self.tts = tts
         check_input_fits(tts, options)  # before the engine allocates its cache and warms up
@@ -208,14 +212,15 @@ class SpeechService:
             self.ttfa.observe(time.perf_counter() - t0)
         return self._bytes(handle, chunks, first, req.response_format, t0)
 
+    def prefill_positions(self, voice: str, text: str) -> int:
+        """KV cache positions the prefill of ``text`` in ``voice`` fills (``prefill_length``'s
+        count, from the voice's positions counted at start-up and the text's tokens)."""
+        return self.voice_positions[voice] + text_tokens(self.tts, text, 0.0).size(1)
+
     def _check_cache(self, req: SpeechRequest) -> None:
         """Refuse a request the engine's KV cache cannot hold, naming the HTTP fields (the
         engine's own refusal names its arguments and the operator's fix)."""
-        # The voice's conditionals on a shallow copy: the shared model's stay the default's.
-        # Guidance doubles the rows, not the positions, so one row (cfg_weight 0) is counted.
-        voiced = copy.copy(self.tts)
-        voiced.conds = self.voices[req.voice]
-        check_cache(prefill_length(voiced, req.input, 0.0), req.max_tokens, self.engine.max_cache_len)
+        check_cache(self.prefill_positions(req.voice, req.input), req.max_tokens, self.engine.max_cache_len)
 
     async def _bytes(self, handle: StreamHandle, chunks: AsyncIterator[Any], first: Any, fmt: str,
                      t0: float) -> AsyncIterator[bytes]:  # fmt: skip
