@@ -69,11 +69,11 @@ def check_options(options: ServeOptions) -> None:
         )
 
 
-def check_input_fits(tts: Any, options: ServeOptions) -> None:
-    """A ConfigError when an input of ``max_input_chars`` characters could never fit the KV cache
-    with ``tts``'s voice. One tokenizer call on "a" repeated (a position per character): a cheap
-    worst case, not a bound (each request is checked on its own, ``SpeechService.speech``)."""
-    prefill = prefill_length(tts, "a" * options.max_input_chars, 0.0)
+def check_input_fits(prefill: int, options: ServeOptions) -> None:
+    """A ConfigError when an input of ``max_input_chars`` characters, ``prefill`` positions with
+    the default voice, could never fit the KV cache. The caller counts "a" repeated (a position
+    per character): a cheap worst case, not a bound (each request is checked on its own,
+    ``SpeechService.speech``)."""
     if prefill >= options.max_cache_len:
         raise ConfigError(
             f"argument --max-input-chars: an input of {options.max_input_chars} characters needs about "
@@ -130,7 +130,8 @@ class SpeechService:
             self.voice_positions[name] = prefill_length(tts, "a", 0.0) - text_tokens(tts, "a", 0.0).size(1)
         tts.conds = self.voices["default"]
         self.tts = tts
-        check_input_fits(tts, options)  # before the engine allocates its cache and warms up
+        # before the engine allocates its cache and warms up
+        check_input_fits(self.prefill_positions("default", "a" * options.max_input_chars), options)
         self.limits = Limits(
             self.model_id, tuple(self.voices), options.max_input_chars, options.max_cache_len
         )
