@@ -244,6 +244,15 @@ def test_bench_cli_tiny(
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.csv").exists()
     assert (tmp_path / "memory.png").stat().st_size > 10_000  # the memory figure, drawn
     assert set(report["memory"]["configs"]) == {"upstream", "optimized"}
+    # The repeats as torch.utils.benchmark Measurements (spread kept), one Compare table.
+    cells = bench.bench_measurements(report)
+    assert [(m.task_spec.sub_label, m.task_spec.description) for m in cells[:2]] == [
+        ("upstream", "T3 step"), ("upstream", "T3 prefill")
+    ]  # fmt: skip
+    assert len(cells) == 8 and all(len(m.times) == 2 for m in cells)
+    assert cells[0].median == pytest.approx(report["summary"][0]["t3_step_s_median"])
+    text = bench.format_bench(report)
+    assert "[------" in text and "bench: tiny on cpu, 20 tokens" in text
 
 
 def test_bench_cli_bad_config(capsys: pytest.CaptureFixture[str]) -> None:

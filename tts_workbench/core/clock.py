@@ -58,9 +58,17 @@ class Stopwatch:
         return self.running()
 
 
-def measurement(seconds: Sequence[float], label: str, description: str = "") -> Measurement:
+def measurement(
+    seconds: Sequence[float],
+    label: str,
+    description: str = "",
+    sub_label: str | None = None,
+    threads: int = 1,
+) -> Measurement:
     """Repeated timings (each read on this clock) as a ``torch.utils.benchmark.Measurement``
     (``.median``, ``.iqr``, ``.times``) that ``torch.utils.benchmark.Compare`` can put in a
-    table beside others."""
-    spec = TaskSpec(stmt=label, setup="", label=label, description=description or label)
+    table beside others (``label``: the table, ``sub_label``: the row, ``description``: the
+    column; ``threads``: the torch threads they ran with)."""
+    spec = TaskSpec(stmt=label, setup="", label=label, sub_label=sub_label,
+                    description=description or label, num_threads=threads)  # fmt: skip
     return Measurement(number_per_run=1, raw_times=list(seconds), task_spec=spec)

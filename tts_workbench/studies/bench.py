@@ -21,10 +21,10 @@ import pandas as pd
 import psutil
 import torch
 from chatterbox.tts import ChatterboxTTS
-from torch.utils.benchmark import Timer
+from torch.utils.benchmark import Compare, Measurement, Timer
 from tqdm.auto import tqdm
 
-from ..core.clock import now
+from ..core.clock import measurement, now
 from ..core.constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
 from ..core.errors import ConfigError
 from ..core.tables import render
@@ -461,8 +461,26 @@ def bench_frame(report: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# The timings whose repeats go into the Compare table, and their column names.
+REPEATED = {"t3_step_s": "T3 step", "t3_prefill_s": "T3 prefill", "ttfa_s": "first audio", "wall_s": "wall"}
+
+
+def bench_measurements(report: dict[str, Any]) -> list[Measurement]:
+    """Every configuration's timed repeats as ``torch.utils.benchmark`` Measurements, for one
+    ``Compare`` table: a row per configuration, a column per timing (``REPEATED``)."""
+    env, settings = report["environment"], report["settings"]
+    label = f"bench: {env['model']} on {env['device']}, {settings['tokens']} tokens"
+    rows = pd.DataFrame(report["rows"])
+    return [
+        measurement(mine[key].tolist(), label, column, config, env["torch_threads"])
+        for config, mine in rows.groupby("config", sort=False)
+        for key, column in REPEATED.items()
+    ]
+
+
 def format_bench(report: dict[str, Any]) -> str:
-    """The terminal table: what ran where, then ``bench_frame`` rendered."""
+    """The terminal report: what ran where, ``bench_frame`` rendered, the repeats' spread
+    (``bench_measurements`` in a ``Compare`` table) and the memory per configuration."""
     env = report["environment"]
     lines = [
         f"model {env['model']} on {env['device']} ({env['processor']}, {env['cpu_count']} CPUs), "
@@ -480,6 +498,9 @@ def format_bench(report: dict[str, Any]) -> str:
             {"t3_ms_per_tok": ".1f", "tok_per_s": ".1f", "gb_per_s": ".1f", "s3gen_ms_per_call": ".0f"},
         ),
     ]
+    compare = Compare(bench_measurements(report))
+    compare.highlight_warnings()  # (! XX%): the IQR is a large share of the median
+    lines += ["", str(compare).strip()]
     memory = report["memory"]
     frame = memory_frame(report)
     if memory["device"] != "cuda":
