@@ -34,7 +34,7 @@ def main() -> None:
         prepare_voice(tts, str(make_reference_wav("runs/soak/reference.wav")))
     config = StreamConfig("buffered", first_window_s=0.4, window_s=0.8)
     ok = failed = 0
-    rss_mb: dict[int, float] = {}
+    rss_mib: dict[int, float] = {}
     t0 = time.perf_counter()
     with StreamEngine(tts, max_streams=8, config=config) as engine:
         handles = [
@@ -48,7 +48,7 @@ def main() -> None:
                 failed += 1
             if k in (args.streams // 4, args.streams // 2, args.streams):
                 gc.collect()
-                rss_mb[k] = rss_bytes() / 2**20
+                rss_mib[k] = rss_bytes() / 2**20
             print(f"\r{k}/{args.streams}", end="", file=sys.stderr)
         free, rows = engine.free_rows(), engine.max_streams * engine.rows_per_stream
         active, queued = engine.active(), engine.queued()
@@ -57,7 +57,7 @@ def main() -> None:
         "what": "scripts/engine_soak.py: streams in a row through one engine (tiny model, CPU)",
         "streams": args.streams, "tokens": args.tokens, "ok": ok, "failed_on_purpose": failed,
         "free_rows_at_end": free, "rows": rows, "active_at_end": active, "queued_at_end": queued,
-        "rss_mb_after_streams": rss_mb, "wall_s": time.perf_counter() - t0,
+        "rss_mib_after_streams": rss_mib, "wall_s": time.perf_counter() - t0,
         "engine": engine.stats.to_dict(),
     }, indent=2))  # fmt: skip
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from tts_workbench.runtime.engine import StreamEngine, as_ready, buckets
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
+from tts_workbench.studies.load import arrival_offsets, listener_summary
 
 CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
 TEXTS = [
@@ -397,11 +400,39 @@ def test_load_cli_reports_each_level(
     for level in report["levels"]:
         s = level["summary"]
         assert s["failed"] == 0 and s["ttfa_p50_s"] <= s["ttfa_p95_s"] <= s["ttfa_p99_s"]
-        assert s["limiting_stage"] in ("t3", "s3gen") and s["kv_mb_per_stream"] > 0
+        assert s["limiting_stage"] in ("t3", "s3gen") and s["kv_mib_per_stream"] > 0
         assert len(level["per_stream"]) == level["streams"]
+        # the tokens per second the level needs count the ids T3 samples and S3Gen drops
+        sampled = sum(row["sampled_tokens"] for row in level["per_stream"])
+        kept = sum(len(row["speech_tokens"]) for row in level["per_stream"])
+        assert sampled == 20 * level["streams"] > kept  # random weights: some ids are not speech
+        assert s["t3_tokens_per_s_needed"] == pytest.approx(25 * level["streams"] * sampled / kept)
         assert all(row["speech_tokens"] and row["ttfa_s"] > 0 for row in level["per_stream"])
     assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
     assert "note" in report and "capped at 20 tokens" in report["note"]
+
+
+def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
+    # Poisson: the first stream at the level's start (no idle lead-in), then seeded gaps.
+    offsets = arrival_offsets(("poisson", 2.0), 4, seed=0)
+    assert offsets[0] == 0.0 and len(offsets) == 4 and (np.diff(offsets) > 0).all()
+    assert (offsets == arrival_offsets(("poisson", 2.0), 4, seed=0)).all()
+    assert (arrival_offsets(("burst", math.inf), 3, seed=0) == 0).all()
+
+    def row(
+        arrival_s: float, ttfa_s: float | None, audio_s: float, error: str | None = None
+    ) -> dict[str, Any]:
+        return {"arrival_s": arrival_s, "ttfa_s": ttfa_s, "audio_s": audio_s, "underruns": 0,
+                "max_underrun_s": 0.0, "error": error}  # fmt: skip
+
+    streams = [row(0.0, 0.5, 2.0), row(1.0, 0.7, 2.0), row(3.0, 0.9, 4.0), row(0.5, None, 0.0, "boom")]
+    s = listener_summary(4, 8.0, streams)
+    assert s["failed"] == 1 and s["ttfa_p50_s"] == 0.7 and s["ttfa_p99_s"] == pytest.approx(0.896)
+    assert s["audio_per_wall_s"] == 1.0  # 8 s of audio in 8 wall seconds
+    # every stream in real time from its arrival: the last one ends at 3 + 4 s
+    assert s["real_time_audio_per_wall_s"] == pytest.approx(8.0 / 7.0)
+    burst = listener_summary(2, 3.0, [row(0.0, 0.5, 2.0), row(0.0, 0.6, 2.0)])
+    assert burst["real_time_audio_per_wall_s"] == 2.0  # a burst of equal streams: their count
 
 
 @pytest.mark.parametrize(

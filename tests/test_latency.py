@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tts_workbench.instruments.latency import ChunkMetrics, StreamReport, format_chunks
@@ -21,6 +22,20 @@ def test_frame_has_one_row_per_chunk_with_its_rtf() -> None:
     assert len(frame) == 2 and list(frame["index"]) == [0, 1]
     assert list(frame["rtf"]) == pytest.approx([c.rtf for c in report.chunks]) == [1.0, 1.0]
     assert frame["new_frames"].sum() == report.summary()["new_frames"]
+
+
+def test_rtf_is_compute_or_wall_over_audio_chunk_by_chunk_and_for_the_stream() -> None:
+    # Compute (1.0 s) and audio (2.0 s, then 1.0 s) differ, so an inverted ratio shows.
+    report = StreamReport("buffered")
+    for index, emitted, audio in ((0, 1.0, 2.0), (1, 3.0, 1.0)):
+        m = ChunkMetrics(index, emitted, 50, 0, 0.5, 0.4, 0.1, audio, 500, 0, 100, 1)
+        report.add(np.zeros(int(audio * 24_000), dtype=np.float32), m)
+    report.wall_s = 3.5
+    assert [c.rtf for c in report.chunks] == pytest.approx([0.5, 1.0])  # compute / audio
+    # emitted so far / audio so far: 1.0 / 2.0, then 3.0 / 3.0
+    assert [c.cumulative_rtf for c in report.chunks] == pytest.approx([0.5, 1.0])
+    assert report.rtf == pytest.approx(3.5 / 3.0)  # the stream's wall / its audio
+    assert report.summary()["rtf"] == pytest.approx(3.5 / 3.0)
 
 
 def test_chunk_table_then_the_summary_line() -> None:

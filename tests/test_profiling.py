@@ -368,6 +368,8 @@ def test_the_streaming_table_gives_a_ratio_for_every_measured_seam() -> None:
     rows = [
         {"name": "flat seam", "seam_max_over_median": 0.0, **common},  # measured: no jump at all
         {"name": "one chunk", "seam_max_over_median": None, **common},
+        # a silent stream (every sample zero, e.g. NaN samples zeroed): no jump anywhere
+        {"name": "silent", **common, "seam_max_over_median": 0.0, "ordinary_max_over_median": 0.0},
     ]
     ratios = bench.streaming_frame(rows)["seam_ratio"].tolist()
-    assert ratios[0] == 0.0 and pd.isna(ratios[1])
+    assert ratios[0] == 0.0 and pd.isna(ratios[1]) and pd.isna(ratios[2])

@@ -590,14 +590,18 @@ def streaming_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                 "wall_s": r["wall_s"],
                 "rtf": r["rtf"],
                 "underruns": f"{r['underruns']} ({r['underrun_s']:.1f} s)",
-                "seam_ratio": float("nan")  # one chunk: no seam
-                if r["seam_max_over_median"] is None
-                else r["seam_max_over_median"] / r["ordinary_max_over_median"],
+                "seam_ratio": _seam_ratio(r["seam_max_over_median"], r["ordinary_max_over_median"]),
                 "snr_db": r["snr_db"],
                 "snr_vs_full_db": r["snr_vs_full_prompt_one_shot_db"],
             }
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _seam_ratio(seam: float | None, ordinary: float) -> float:
+    """Seam jump over the largest other jump; NaN where there is no seam (one chunk) or no
+    other jump (a silent stream: all its samples zero, e.g. NaN samples zeroed)."""
+    return seam / ordinary if seam is not None and ordinary else float("nan")
 
 
 def format_streaming(rows: list[dict[str, Any]]) -> str:

@@ -114,6 +114,7 @@ async def _level(
         body = {"model": model, "input": texts[k % len(texts)], "voice": voice, "response_format": "pcm",
                 "seed": seed + k, "max_tokens": tokens}  # fmt: skip
         row = await _stream(client, url, body, t0 + float(offsets[k]), timeout_s)
+        row["arrival_s"] = float(offsets[k])  # sent this long after the level began
         bar.update(1)
         return row
 

@@ -77,10 +77,12 @@ def parse_arrival(value: str) -> tuple[str, float]:
 
 def arrival_offsets(arrival: tuple[str, float], n: int, seed: int) -> np.ndarray:
     """Seconds from the level's start at which each of ``n`` streams is sent: all at 0 for a
-    burst, exponential gaps at the rate for Poisson arrivals (seeded, so every run is alike)."""
+    burst; for Poisson arrivals the first at 0 (the level's clock starts with it, not with an
+    idle wait), then exponential gaps at the rate (seeded, so every run is alike)."""
     if arrival[0] != "poisson":
         return np.zeros(n)
-    return np.cumsum(np.random.default_rng(seed).exponential(1 / arrival[1], n))
+    gaps = np.random.default_rng(seed).exponential(1 / arrival[1], n - 1)
+    return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
 def read_texts(path: str | None) -> list[str]:
@@ -174,7 +176,7 @@ def run_level(
     finally:
         engine.close()
     delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float)}
-    streams = [_stream_row(h, out) for h, out in zip(handles, outs, strict=True)]
+    streams = [_stream_row(h, out, float(at)) for h, out, at in zip(handles, outs, offsets, strict=True)]
     mem = {"start_bytes": memory.start_bytes, "peak_bytes": memory.peak_bytes}
     return {
         "streams": n,
@@ -189,12 +191,13 @@ def run_level(
     }
 
 
-def _stream_row(h: StreamHandle, out: dict[str, Any]) -> dict[str, Any]:
+def _stream_row(h: StreamHandle, out: dict[str, Any], arrival_s: float) -> dict[str, Any]:
     s = h.report.summary()
     first = h.report.chunks[0] if h.report.chunks else None
     return {
         "text": h.request.text,
         "seed": h.request.seed,
+        "arrival_s": arrival_s,  # sent this long after the level began
         "queued_s": first.queued_s if first else None,
         "ttfa_s": s["ttfa_s"] if first else None,
         "rtf": s["rtf"] if first else None,
@@ -203,13 +206,17 @@ def _stream_row(h: StreamHandle, out: dict[str, Any]) -> dict[str, Any]:
         "underrun_s": s["underrun_s"],
         "max_underrun_s": max((g.gap_s for g in h.report.underruns), default=0.0),
         "speech_tokens": list(h.tokens),
+        "sampled_tokens": len(h.sampled),  # invalid ids too (dropped before S3Gen)
         "error": out.get("error"),
     }
 
 
 def listener_summary(n: int, wall: float, streams: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the level's listeners got, from each stream's ``ttfa_s``, ``audio_s``, ``underruns``,
-    ``max_underrun_s`` and ``error``: first-audio percentiles, gaps, audio per wall second."""
+    """What the level's listeners got, from each stream's ``arrival_s``, ``ttfa_s``, ``audio_s``,
+    ``underruns``, ``max_underrun_s`` and ``error``: first-audio percentiles, gaps, audio per
+    wall second, and beside it the audio per wall second had every stream played in real time
+    from its arrival with no wait (``n`` for a burst of equal streams; less for spread arrivals,
+    whose wall time holds the gaps between them)."""
     ok = [s for s in streams if s["error"] is None and s["ttfa_s"] is not None]
     ttfa = [s["ttfa_s"] for s in ok]
     # None (JSON null, not NaN) where no stream of the level spoke
@@ -223,6 +230,9 @@ def listener_summary(n: int, wall: float, streams: list[dict[str, Any]]) -> dict
         "worst_underrun_s": max((s["max_underrun_s"] for s in ok), default=0.0),
         "streams_with_underruns": sum(s["underruns"] > 0 for s in ok),
         "audio_per_wall_s": sum(s["audio_s"] for s in ok) / wall,
+        "real_time_audio_per_wall_s": (
+            sum(s["audio_s"] for s in ok) / max(s["arrival_s"] + s["audio_s"] for s in ok) if ok else 0.0
+        ),
     }
 
 
@@ -235,15 +245,24 @@ def _level_summary(
         "t3_tokens_per_s": e["t3_tokens"] / wall,
         # what the T3 stage does per second it works: its capacity, whatever S3Gen leaves it to do
         "t3_tokens_per_busy_s": e["t3_tokens"] / (e["t3_s"] + e["prefill_s"]) if e["t3_s"] else 0.0,
-        "t3_tokens_per_s_needed": n * TOKENS_PER_S,
+        # 25 speech tokens a second of audio, per stream; T3 samples more than that where ids
+        # are dropped (random weights: ~20% of them), so the need is scaled by what it sampled
+        "t3_tokens_per_s_needed": n * TOKENS_PER_S * _sampled_per_kept(streams),
         "windows_per_flow_call": e["flow_windows"] / e["flow_calls"] if e["flow_calls"] else 0.0,
         "t3_busy_pct": 100 * busy["t3"],
         "s3gen_busy_pct": 100 * busy["s3gen"],
         "limiting_stage": max(busy, key=lambda k: busy[k]),
-        "peak_mb": mem["peak_bytes"] / 2**20,
-        "growth_mb_per_stream": (mem["peak_bytes"] - mem["start_bytes"]) / n / 2**20,
-        "kv_mb_per_stream": kv / 2**20,
+        "peak_mib": mem["peak_bytes"] / 2**20,
+        "growth_mib_per_stream": (mem["peak_bytes"] - mem["start_bytes"]) / n / 2**20,
+        "kv_mib_per_stream": kv / 2**20,
     }
+
+
+def _sampled_per_kept(streams: list[dict[str, Any]]) -> float:
+    """Speech tokens T3 sampled per token it kept for S3Gen, over the level's streams (1.0 when
+    nothing was kept)."""
+    kept = sum(len(s["speech_tokens"]) for s in streams)
+    return sum(s["sampled_tokens"] for s in streams) / kept if kept else 1.0
 
 
 def run_load(
@@ -321,8 +340,8 @@ def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
     columns = ["streams", "failed", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
                "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s", "windows_per_flow_call",
-               "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mb", "growth_mb_per_stream",
-               "kv_mb_per_stream"]  # fmt: skip
+               "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mib", "growth_mib_per_stream",
+               "kv_mib_per_stream"]  # fmt: skip
     frame = load_frame(report)
     lines = [
         report.get("title") or f"load study on {report['device']}, T3 {report['t3_dtype']} {report['step']} "
