@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError
 from tts_workbench.core.families import family_of
+from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import load_model, make_reference_wav
@@ -127,7 +128,87 @@ def test_a_stream_whose_logits_are_not_finite_fails_alone(
         with pytest.raises(RuntimeError, match="not finite"):
             list(bad)
         assert sum(1 for _ in good) > 0 and good.error is None
+        assert engine.stats.t3_tokens == len(good.sampled) and bad.sampled == []  # bad sampled nothing
     assert good.tokens == solo(tts, TEXTS[0], 0)[1]
+
+
+def overflowing(tts: ChatterboxTTS, on: threading.Event) -> contextlib.AbstractContextManager[None]:
+    """T3's first MLP returns inf while ``on`` is set: every later layer's keys and values,
+    and the logits, are then NaN (a half-precision overflow, made on purpose)."""
+    return shadow(tts.t3.tfmr.layers[0].mlp, "forward",
+                  lambda forward: lambda x: forward(x) * (math.inf if on.is_set() else 1.0))  # fmt: skip
+
+
+def test_a_stream_that_overflowed_leaves_nothing_in_its_rows_for_the_next(tts: ChatterboxTTS) -> None:
+    # One row pair: the next stream gets the rows the overflowed one filled with NaN, and its
+    # shorter prefill overwrites only part of them (a masked NaN still poisons attention).
+    on = threading.Event()
+    with overflowing(tts, on), StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        on.set()
+        long = engine.submit(TEXTS[3], seed=0, max_new_tokens=TOKENS)
+        with pytest.raises(RuntimeError, match="not finite"):
+            list(long)
+        on.clear()
+        short = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)
+        assert [c for c, _ in short] and short.error is None
+    assert short.tokens == solo(tts, TEXTS[2], 2)[1]
+
+
+def test_a_chunk_counts_its_streams_prefill_in_its_t3_time(tts: ChatterboxTTS) -> None:
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        h = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        list(h)
+        stats = engine.stats
+    # one stream: its chunks hold all of T3's time, prefill included (as streaming.stream counts)
+    assert stats.prefill_s > 0 and h.report.chunks[0].t3_s > stats.prefill_s
+    assert sum(c.t3_s for c in h.report.chunks) == pytest.approx(stats.t3_s + stats.prefill_s)
+
+
+def test_a_stage_that_dies_says_why_to_later_callers(tts: ChatterboxTTS) -> None:
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+
+        def broken(*a: object) -> torch.Tensor:
+            raise MemoryError("out of device memory, on purpose")
+
+        engine._forward = broken  # type: ignore[method-assign]
+        first = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        with pytest.raises(MemoryError, match="on purpose"):
+            list(first)
+        for _ in range(100):  # bounded: the stage has stopped by the time the stream failed
+            if not engine.running:
+                break
+            time.sleep(0.05)
+        with pytest.raises(RuntimeError, match=r"its t3 stage failed with MemoryError\('out of device") as e:
+            engine.submit(TEXTS[1], seed=1)
+        assert isinstance(e.value.__cause__, MemoryError)
+
+
+def test_a_vocoder_failure_fails_its_stream_not_the_others_in_its_flow_call(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two streams of one text and seed reach every window at the same step: their windows share
+    # each flow call, then the vocoder runs per stream; the second vocoder call fails.
+    from tts_workbench.runtime import engine as engine_module
+
+    real, calls = engine_module.vocoder, []
+
+    def second_fails(*a: Any, **k: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("vocoder broke, on purpose")
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine_module, "vocoder", second_fails)
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        with engine.together():
+            kept, lost = (engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS) for _ in "kl")
+        with pytest.raises(RuntimeError, match="on purpose"):
+            list(lost)
+        wav = np.concatenate([c for c, _ in kept])
+        assert kept.error is None and engine.stats.failed == 1
+        assert engine.stats.flow_windows == engine.stats.flow_calls + 1  # both in the first call only
+    alone, tokens = solo(tts, TEXTS[0], 0)
+    assert kept.tokens == tokens and np.allclose(wav, alone, atol=1e-5)
 
 
 def test_the_warm_up_runs_in_the_t3_stage(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,7 +323,7 @@ def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:
                 break
             time.sleep(0.05)
         assert engine.free_rows() == 4 and engine.active() == 0
-        assert len(quitter.tokens) < 200
+        assert len(quitter.sampled) < 200  # (its speech tokens are fewer anyway: ids are dropped)
 
 
 def test_a_stream_waits_in_the_queue_while_the_engine_is_full(tts: ChatterboxTTS) -> None:

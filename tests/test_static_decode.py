@@ -285,6 +285,25 @@ def test_logits_that_are_not_finite_raise_as_multinomial_did(tiny_tts: Chatterbo
         _run(tiny_tts, plan, n=20)
 
 
+def test_a_generation_that_overflowed_leaves_the_static_cache_usable(tiny_tts: ChatterboxTTS) -> None:
+    """An overflow fills the static cache with NaN past the next generation's shorter prefill:
+    masked slots, but a masked NaN still poisons attention (0 x NaN), so they are zeroed."""
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE)
+    long = "A much longer sentence than the next one, so that its prefill fills more slots."
+
+    def wrap(forward: Any) -> Any:
+        return lambda x: forward(x) * float("inf")
+
+    with (
+        shadow(tiny_tts.t3.tfmr.layers[0].mlp, "forward", wrap),
+        pytest.raises(RuntimeError, match="not finite"),
+    ):
+        _run(tiny_tts, plan, text=long, n=20)
+    after, _ = _run(tiny_tts, plan, n=20)  # the same step and cache, after the overflow
+    fresh, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE), n=20)
+    assert torch.equal(after.tokens, fresh.tokens)
+
+
 def test_spans_double_from_256_up_to_the_cache() -> None:
     assert spans(1536) == [256, 512, 1536] and spans(1024) == [256, 512, 1024]
     assert spans(512) == [256, 512] and spans(384) == [384] and spans(100) == [100]

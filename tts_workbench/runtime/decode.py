@@ -453,12 +453,16 @@ class StaticStep:
 
     def load(self, past: Any) -> None:
         """Copy a prefill's cache (keys/values of its first positions) into slots 0..n-1, cast to
-        this cache's dtype. Slots past n keep stale values; the causal mask hides them."""
+        this cache's dtype, and zero the slots past n: the causal mask hides an earlier
+        generation's values there, but not a NaN or inf one left (0 x NaN is NaN), which would
+        fail every later generation on this step."""
         layers: list[Any] = self.cache.layers
         for mine, theirs in zip(layers, past.layers, strict=True):
             n = theirs.keys.size(2)
             mine.keys[:, :, :n].copy_(theirs.keys)
             mine.values[:, :, :n].copy_(theirs.values)
+            mine.keys[:, :, n:].zero_()
+            mine.values[:, :, n:].zero_()
 
 
 def _cast_cache(past: Any, dtype: torch.dtype) -> None:

@@ -218,7 +218,7 @@ class _Live:
     cutter: BufferedCutter
     logits: torch.Tensor  # the logits of the next sample
     t3_done: bool = False
-    t3_s: float = 0.0  # seconds of T3 work this stream took part in, since its last chunk
+    t3_s: float = 0.0  # seconds of T3 work for this stream (its prefill, batched steps) since its last chunk
     invalid: int = 0
 
 
@@ -313,6 +313,7 @@ class StreamEngine:
         self._lock = threading.Condition()
         self._counter = itertools.count()
         self._stopped = False
+        self._failure: tuple[str, BaseException] | None = None  # a stage that died, and why
         self._held = 0  # open ``together()`` blocks: no stream joins meanwhile
         self._jobs: list[Callable[[], None]] = []  # run by the T3 stage before its next step
         # On CUDA each stage queues its work on a stream of its own, so the GPU runs T3's steps
@@ -369,7 +370,7 @@ class StreamEngine:
         handle = StreamHandle(self, request, next(self._counter))
         with self._lock:
             if self._stopped:
-                raise RuntimeError("the engine is closed")
+                raise self._stopped_error()
             self._waiting.append(handle)
             self._lock.notify_all()
         return handle
@@ -431,12 +432,12 @@ class StreamEngine:
 
         with self._lock:
             if self._stopped:
-                raise RuntimeError("the engine is closed")
+                raise self._stopped_error()
             self._jobs.append(build)
             self._lock.notify_all()
         while not done.wait(timeout=1.0):
             if not self.running:
-                raise RuntimeError("the engine stopped before its warm-up ran")
+                raise self._stopped_error()
         if errors:
             raise errors[0]
         return seconds[0]
@@ -471,6 +472,7 @@ class StreamEngine:
             except BaseException as e:
                 with self._lock:
                     self._stopped = True
+                    self._failure = (stage, e)
                     handles = [*self._waiting, *(live.handle for live in self._vocoding)]
                     self._waiting = []  # failed below: no longer queued
                     self._lock.notify_all()
@@ -478,6 +480,15 @@ class StreamEngine:
                     h._put(e)
 
         return run
+
+    def _stopped_error(self) -> RuntimeError:
+        """Why no stream can be taken: a stage's failure (its error as the cause), or ``close()``."""
+        if self._failure is None:
+            return RuntimeError("the engine is closed")
+        stage, cause = self._failure
+        error = RuntimeError(f"the engine stopped: its {stage} stage failed with {cause!r}")
+        error.__cause__ = cause
+        return error
 
     def _now(self) -> float:
         """The clock of a stage: it waits for the work its own stream queued, not the other's."""
@@ -583,14 +594,20 @@ class StreamEngine:
                 "start the engine with max_cache_len >= {need}",
             )  # fmt: skip
             logits, past = head_logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
-            row = len(self._live) * self.rows_per_stream
+            row, n = len(self._live) * self.rows_per_stream, self.rows_per_stream
             for (keys, values), layer in zip(self._kv, past.layers, strict=True):
+                # The rows' other slots are zeroed: an earlier stream's values there are masked,
+                # but a masked NaN or inf (a stream that overflowed) still poisons the attention
+                # (0 x NaN), and a stream without guidance leaves its second row unwritten.
+                keys[row : row + n].zero_()
+                values[row : row + n].zero_()
                 keys[row : row + embeds.size(0), :, :prefill_len].copy_(layer.keys)
                 values[row : row + embeds.size(0), :, :prefill_len].copy_(layer.values)
             ids = torch.full((1, r.max_new_tokens + 1), self.tts.t3.hp.start_speech_token,
                              dtype=torch.long, device=self.device)  # fmt: skip
             seen = sampler.start(self.tts.t3.hp.start_speech_token, logits.size(-1), self.device)
-        self.stats.prefill_s += self._now() - t0
+        prefill_s = self._now() - t0
+        self.stats.prefill_s += prefill_s
         state = handle.state
         gen = self._voice(conds)
         prompt_tokens = int(gen["prompt_token"].size(1))
@@ -609,6 +626,7 @@ class StreamEngine:
             gen=gen,
             cutter=BufferedCutter(self.config, state),
             logits=logits,
+            t3_s=prefill_s,  # in its first chunk's T3 time, as streaming.stream counts it
         )
 
     def _voice(self, conds: Any) -> dict[str, Any]:
@@ -765,7 +783,7 @@ class StreamEngine:
                     live.invalid += 1
                 if value == stop or live.step == live.ids.size(1) - 1:
                     ending.append(live)
-        self.stats.t3_tokens += len(lives)
+        self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
         still = [live for live in lives if live not in ending]
         if still:
             bucket = next(b for b in buckets(self.max_streams) if b >= len(self._live))
@@ -845,14 +863,8 @@ class StreamEngine:
             group = [lw for lw in ready if self._batch_key(*lw) == key]
             try:
                 self._vocode(group)
-            except Exception as e:  # the group's streams fail, with the error; the others go on
-                with self._lock:  # the T3 stage counts its failures too
-                    self.stats.failed += len(group)
-                for live, _ in group:
-                    live.handle.error = e
-                    live.handle._put(e)
-                    live.handle.closed = True
-                self._wake()
+            except Exception as e:  # the shared flow call failed: the group's streams, not others
+                self._fail([live for live, _ in group], e)
 
     def _window(self, live: _Live) -> Window | None:
         more = not live.t3_done  # read before the tokens: a stream marked done has all of them
@@ -900,13 +912,26 @@ class StreamEngine:
             self.stats.flow_windows += len(group)
             self.stats.flow_s += flow_s
             for k, (live, w) in enumerate(group):
-                t1 = self._now()
-                with live.handle.state.rng.drawing():
-                    wav, source = vocoder(s3gen, mels[k : k + 1], live.cutter.cache(w))
-                voc_s = self._now() - t1
-                self.stats.vocoder_s += voc_s
-                chunk = live.cutter.assemble(w, wav[0].cpu().numpy(), source, s3gen)
-                self._emit(live, w, chunk, flow_s / len(group), voc_s)
+                try:
+                    t1 = self._now()
+                    with live.handle.state.rng.drawing():
+                        wav, source = vocoder(s3gen, mels[k : k + 1], live.cutter.cache(w))
+                    voc_s = self._now() - t1
+                    self.stats.vocoder_s += voc_s
+                    chunk = live.cutter.assemble(w, wav[0].cpu().numpy(), source, s3gen)
+                    self._emit(live, w, chunk, flow_s / len(group), voc_s)
+                except Exception as e:  # the vocoder runs per stream: this one fails alone
+                    self._fail([live], e)
+
+    def _fail(self, lives: list[_Live], error: Exception) -> None:
+        """End streams with ``error`` in the S3Gen stage; the T3 stage frees their rows."""
+        with self._lock:  # the T3 stage counts its failures too
+            self.stats.failed += len(lives)
+        for live in lives:
+            live.handle.error = error
+            live.handle._put(error)
+            live.handle.closed = True
+        self._wake()
 
     def _emit(self, live: _Live, w: Window, chunk: np.ndarray, flow_s: float, voc_s: float) -> None:
         h = live.handle
