@@ -36,6 +36,7 @@ GOOD = {"model": "chatterbox-tiny", "input": "Hello there."}
         ({"input": "   "}, "input", 400),
         ({"input": None}, "input", 400),
         ({"input": "x" * 51}, "input", 400),
+        ({"input": "hi \ud800 there"}, "input", 400),  # a lone surrogate: JSON allows its escape
         ({"voice": "bob"}, "voice", 404),
         ({"voice": "../alice"}, "voice", 404),  # a voice is a name, never a path
         ({"voice": ["alice"]}, "voice", 400),
@@ -134,6 +135,9 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
         assert client.get("/v1/models").json()["data"][0]["id"] == "chatterbox-tiny"
         bad = [
             (b"{not json", None, 400),
+            (b"[" * 100_000 + b"]" * 100_000, None, 400),  # nested deeper than the stack
+            (b'{"seed": ' + b"1" * 5000 + b"}", None, 400),  # an integer past Python's 4300 digits
+            (b'{"model": "chatterbox-tiny", "input": "hi \\ud800"}', "input", 400),  # a lone surrogate
             ({"model": "chatterbox-tiny"}, "input", 400),
             ({**GOOD, "input": "x" * 1001}, "input", 400),
             ({**GOOD, "voice": "bob"}, "voice", 404),
@@ -218,14 +222,58 @@ def test_serve_refuses_bad_flags_before_starting_ray(
         (["--port", str(_free_port()), "--model", str(tmp_path / "no" / "folder")], "does not exist"),
         (["--port", str(_free_port()), "--device", "cuda"], "CUDA is not available"),
         (["--port", str(_free_port()), "--tokens", "300", "--max-cache-len", "256"], "--tokens"),
+        (["--host", "999.1.1.1"], "--host"),
+        (["--port", str(_free_port()), "--address", "127.0.0.1:99999"], "--address"),
+        (["--port", str(_free_port()), "--out", str(tmp_path / "bad" / "broken.wav")], "--out"),  # a file
     ]
     try:
         for args, flag in cases:
-            assert main(["serve", *args, "--out", str(tmp_path / "run")]) == 2, args
+            out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
+            assert main(["serve", *args, *out]) == 2, args
             errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
             assert len(errors) == 1 and flag in errors[0], (args, errors)
     finally:
         held.close()
+
+
+# Ray Serve's message when every start of a replica failed (its constructor raised).
+DEPLOY_FAILED = """Deploying application tts-workbench failed: Failed to update the deployments ['speech'].
+The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or
+initial health check failing. See controller logs for details. Error:
+ray::ServeReplica:tts-workbench:speech.initialize_and_get_metadata() (pid=4242, ip=127.0.0.1)
+  File "/work/main/tts_workbench/serving/service.py", line 131, in __init__
+    check_input_fits(prefill, options)
+  File "/work/main/tts_workbench/serving/service.py", line 92, in check_input_fits
+    raise ConfigError(
+tts_workbench.core.errors.ConfigError: argument --max-input-chars: an input of 5000 characters needs more
+"""
+
+
+def test_a_replica_that_cannot_start_gives_one_error_line_with_its_reason(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What only a replica can check (the input limit against the cache needs the tokenizer)
+    fails in Ray Serve's deploy, which raises a RuntimeError holding the replica's traceback."""
+    import ray
+    from ray import serve
+
+    stopped = []
+
+    def deploy_failed(*_a: object, **_k: object) -> None:
+        raise RuntimeError(DEPLOY_FAILED)
+
+    for module, name in ((ray, "init"), (serve, "start")):
+        monkeypatch.setattr(module, name, lambda *a, **k: None)
+    for module, name in ((ray, "shutdown"), (serve, "shutdown")):
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: stopped.append(name))
+    monkeypatch.setattr(serve, "run", deploy_failed)
+    assert main(["serve", "--port", str(_free_port()), "--out", str(tmp_path)]) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the replicas could not start: ConfigError: argument --max-input-chars: an input of "
+        "5000 characters needs more"
+    ]
+    assert stopped == ["shutdown", "shutdown"]  # Serve, then the local Ray
 
 
 def test_load_url_without_a_server_gives_one_error_line(

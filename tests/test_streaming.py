@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -199,6 +200,11 @@ def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
         ({"crossfade_ms": 300}, "must fit in the left context"),
         ({"strategy": "magic"}, "unknown strategy"),
         ({"prompt_s": 0}, "prompt_s must be positive"),
+        # inf and nan too (a window of inf seconds overflowed a token count further on)
+        ({"first_window_s": math.inf}, "first_window_s must be positive and finite"),
+        ({"window_s": math.nan}, "window_s must be positive and finite"),
+        ({"crossfade_ms": math.nan}, "crossfade_ms must be zero or positive and finite"),
+        ({"prompt_s": math.inf}, "prompt_s must be positive"),
     ],
 )
 def test_bad_sizes_are_refused(kwargs: dict, message: str) -> None:
@@ -277,9 +283,15 @@ def test_stream_cli_writes_wav_and_timeline(
     assert report["t3_step_mode"] == "static" and report["t3_compile_s"] > 0  # the cache was allocated
 
 
-def test_stream_cli_bad_size(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["stream", "--model", "tiny", "--window-s", "0"]) == 2
-    assert "window_s must be positive" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--window-s", "0"), ("--first-window-s", "inf"), ("--crossfade-ms", "nan"),
+                        ("--crossfade-ms", "-5"), ("--prompt-s", "ten")],
+)  # fmt: skip
+def test_stream_cli_bad_size(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:  # refused by the parser, before any model is built
+        main(["stream", "--model", "tiny", flag, value])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(errors) == 1 and f"argument {flag}: must be" in errors[0], errors
 
 
 def test_bench_stream_row_times_t3_from_its_decode_stats(tts: ChatterboxTTS) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,26 @@ def _integer(value: str, low: int, high: int | None = None, what: str = "a posit
     if n < low or (high is not None and n > high):
         raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
     return n
+
+
+def _number(value: str, what: str, zero: bool) -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``zero``), else the error argparse prints
+    after the flag (inf and nan are refused: a window or timeout of inf seconds is a typo)."""
+    try:
+        x = float(value)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x < 0 or (x == 0 and not zero):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
+    return x
+
+
+def _seconds(value: str) -> float:
+    return _number(value, "a positive number of seconds", zero=False)
+
+
+def _milliseconds(value: str) -> float:
+    return _number(value, "a number of milliseconds >= 0", zero=True)
 
 
 def _positive(value: str) -> int:
@@ -289,10 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stream", help="stream one utterance chunk by chunk: table, WAV, timeline plot")
     _common(st)
     st.add_argument("--strategy", default="buffered", choices=["naive", "buffered"])
-    st.add_argument("--first-window-s", type=float, default=1.0, help="buffered: first window (s of audio)")
-    st.add_argument("--window-s", type=float, default=3.5, help="buffered: later windows (s of audio)")
-    st.add_argument("--crossfade-ms", type=float, default=40.0, help="buffered: overlap-add crossfade")
-    st.add_argument("--prompt-s", type=float, help="keep only the last N s of the reference prompt")
+    st.add_argument("--first-window-s", type=_seconds, default=1.0, help="buffered: first window (audio s)")
+    st.add_argument("--window-s", type=_seconds, default=3.5, help="buffered: later windows (s of audio)")
+    st.add_argument("--crossfade-ms", type=_milliseconds, default=40.0, help="buffered: overlap-add fade")
+    st.add_argument("--prompt-s", type=_seconds, help="keep only the last N s of the reference prompt")
     st.add_argument("--text", help=TEXT_HELP)
     _reference(st)
     st.add_argument("--out", default="runs/stream", help="folder for the WAV and the timeline plot")
@@ -384,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
     _engine_flags(ld)
-    ld.add_argument("--first-window-s", type=float, default=1.0, help="first window (s of audio)")
-    ld.add_argument("--window-s", type=float, default=3.5, help="later windows (s of audio)")
+    ld.add_argument("--first-window-s", type=_seconds, default=1.0, help="first window (s of audio)")
+    ld.add_argument("--window-s", type=_seconds, default=3.5, help="later windows (s of audio)")
     _reference(ld)
     ld.add_argument("--out", default="runs/load", help="folder for load.json and load.png")
     ld.add_argument(
@@ -394,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "this process; --model, --decode, --dtype, --reference and the window flags are then the server's",
     )
     ld.add_argument("--voice", default="default", help="with --url: the voice each request names")
-    ld.add_argument("--timeout", type=float, default=300.0, help="with --url: seconds for each whole request")
+    ld.add_argument("--timeout", type=_seconds, default=300.0, help="with --url: s for each whole request")
     ld.set_defaults(run=_load)
 
     sv = sub.add_parser(

@@ -20,6 +20,7 @@ reference prompt (``prompt_s``), reported against the one-shot output.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -81,8 +82,8 @@ class StreamConfig:
             "t3_block": self.t3_block,
         }
         for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+            if not 0 < value < math.inf:  # nan and inf too
+                raise ConfigError(f"{name} must be positive and finite, got {value}")
         nonnegative = {
             "context_tokens": self.context_tokens,
             "fade_ms": self.fade_ms,
@@ -91,9 +92,9 @@ class StreamConfig:
             "lookahead_tokens": self.lookahead_tokens,
         }
         for name, value in nonnegative.items():
-            if value < 0:
-                raise ConfigError(f"{name} must be zero or positive, got {value}")
-        if self.prompt_s is not None and not self.prompt_s > 0:
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"{name} must be zero or positive and finite, got {value}")
+        if self.prompt_s is not None and not 0 < self.prompt_s < math.inf:
             raise ConfigError(
                 f"prompt_s must be positive (or None for the whole prompt), got {self.prompt_s}"
             )

@@ -34,7 +34,8 @@ def speech_app(service: SpeechService) -> FastAPI:
     async def speech(request: Request) -> StreamingResponse:
         try:
             body: Any = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # not JSON, not UTF-8, an integer of over 4300 digits, nesting deeper than the stack
+        except (ValueError, RecursionError) as e:
             raise RequestError(
                 f'the body is not valid JSON ({e}): send {{"model": ..., "input": "Hello"}}'
             ) from e

@@ -10,11 +10,13 @@ replica asks for one GPU, so ``--replicas`` places one engine per GPU.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 from urllib.parse import urlparse
@@ -60,11 +62,17 @@ class Placement:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """A ConfigError if ``host:port`` cannot be listened on (another server holds it)."""
-    with socket.socket() as s:
+    """A ConfigError if ``host`` is no address of this machine's (``--host``), or ``host:port``
+    cannot be listened on (``--port``: another server holds it). IPv4 and IPv6 alike."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"argument --host: {host!r} is not an address to listen on ({e.strerror}): "
+                          "use 127.0.0.1, 0.0.0.0, :: or this machine's name") from None  # fmt: skip
+    with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no holder
         try:
-            s.bind((host, port))
+            s.bind(address)
         except OSError as e:
             raise ConfigError(f"argument --port: cannot listen on {host}:{port} ({e.strerror}): "
                               "stop what holds it or pick another --port") from None  # fmt: skip
@@ -75,10 +83,14 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
     if address == "auto":
         return
     parsed = urlparse(address if "://" in address else f"ray://{address}")
-    if parsed.hostname is None or parsed.port is None:
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or past 65535
+        port = None
+    if parsed.hostname is None or port is None:
         raise ConfigError(f"argument --address: {address!r} is not HOST:PORT or ray://HOST:PORT")
     try:
-        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
     except OSError as e:
         raise ConfigError(
             f"argument --address: no Ray cluster answers at {address} ({e}): start one with "
@@ -125,6 +137,7 @@ def check_placement(options: ServeOptions, where: Placement) -> None:
         check_port_free(where.host, where.port)
         check_device(options.device)
         check_source(options.model)
+        Path(options.run_dir).mkdir(parents=True, exist_ok=True)  # an OSError names it (--out)
 
 
 @contextlib.contextmanager
@@ -143,7 +156,10 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
     try:
         serve.start(http_options={"host": where.host, "port": where.port})
-        serve.run(deployment(options, where.replicas), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(deployment(options, where.replicas), name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # Ray Serve gave up on the replicas: say what each one raised
+            raise ConfigError(f"the replicas could not start: {replica_error(str(e))}") from None
         yield f"http://{where.host}:{where.port}"
     finally:
         # A second Ctrl-C or SIGTERM while stopping must not skip the rest of the stop.
@@ -158,6 +174,15 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
             ray.shutdown()
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, sigint)
+
+
+def replica_error(message: str) -> str:
+    """The exception a replica raised, from Ray Serve's deploy-failure message (which holds the
+    replica's traceback): its last ``SomeError: text`` line, module path dropped; the message's
+    last line when there is none."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    raised = [m for line in lines if (m := re.match(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)\b.*)$", line))]
+    return raised[-1].group(1) if raised else (lines[-1] if lines else message)
 
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:

@@ -70,6 +70,14 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     text = body.get("input")
     if not isinstance(text, str) or not text.strip():
         raise RequestError("input is missing or empty: give the text to speak as a non-empty string", "input")
+    if not text.isascii():  # JSON may escape a lone surrogate (\\ud800), which no tokenizer takes
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(
+                f"input is not valid Unicode text ({e.reason} at character {e.start}): send the text "
+                "as UTF-8, without lone surrogate escapes", "input",
+            ) from None  # fmt: skip
     if len(text) > limits.max_input_chars:
         raise RequestError(
             f"input has {len(text)} characters, more than this server's {limits.max_input_chars}: "

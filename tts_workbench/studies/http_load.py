@@ -40,6 +40,21 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:200]
 
 
+def check_url(url: str) -> str:
+    """``url`` without its trailing slash; a ConfigError naming ``--url`` unless it is
+    ``http(s)://HOST[:PORT]`` with a port a connection can use."""
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except httpx.InvalidURL as e:
+        raise ConfigError(f"argument --url: {url!r} is not a URL ({e}): use http://HOST:PORT") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"argument --url: {url!r} is not an http:// or https:// URL: use http://HOST:PORT")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"argument --url: port {port} of {url!r} is not a port (1 to 65535)")
+    return url.rstrip("/")
+
+
 async def served_model(client: httpx.AsyncClient, url: str) -> str:
     """The first model id of ``GET /v1/models``; an EndpointError if nothing answers."""
     try:
@@ -175,9 +190,7 @@ def run_http_load(
     """Each level's streams sent to ``url`` (``http://HOST:PORT``); writes ``load.json`` and
     ``load.png`` to ``outdir`` when given. Every request is bounded by ``timeout_s``.
     ``transport``: httpx's, to reach a server in this process (``httpx.ASGITransport``)."""
-    url = url.rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"argument --url: {url!r} is not an http:// or https:// URL")
+    url = check_url(url)
     texts = texts or list(DEFAULT_TEXTS)
     kind = parse_arrival(arrival)
     got = asyncio.run(_run(url, levels, texts, voice=voice, arrival=kind, tokens=tokens, seed=seed,
