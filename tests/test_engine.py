@@ -181,6 +181,7 @@ def test_a_stage_that_dies_says_why_to_later_callers(tts: ChatterboxTTS) -> None
         with pytest.raises(RuntimeError, match=r"its t3 stage failed with MemoryError\('out of device") as e:
             engine.submit(TEXTS[1], seed=1)
         assert isinstance(e.value.__cause__, MemoryError)
+        assert engine.stop_reason == str(e.value)  # what a server's /health reports
 
 
 def test_a_vocoder_failure_fails_its_stream_not_the_others_in_its_flow_call(

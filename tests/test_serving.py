@@ -165,7 +165,8 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
         # An engine that stopped: /health says so with 503 (Ray Serve's own check replaces the
         # replica), and a request gets OpenAI's error body, not a bare 500.
         service.engine.close()
-        assert client.get("/health").status_code == 503
+        stopped = client.get("/health")
+        assert stopped.status_code == 503 and stopped.json()["reason"] == "the engine is closed"
         r = client.post("/v1/audio/speech", json={**GOOD, "max_tokens": 10})
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
     assert 'tts_streams_total{outcome="completed"} 3.0' in metrics

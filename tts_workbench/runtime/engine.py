@@ -344,6 +344,13 @@ class StreamEngine:
         with self._lock:
             return not self._stopped
 
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the engine takes no more streams: closed, or which stage died and with what
+        error; None while it runs."""
+        with self._lock:
+            return str(self._stopped_error()) if self._stopped else None
+
     def active(self) -> int:
         """Streams admitted and not yet finished (T3 or S3Gen still working for them)."""
         with self._lock:

@@ -40,8 +40,9 @@ class SpeechDeployment:
 
     def check_health(self) -> None:
         """Ray Serve's periodic check: a replica whose engine stopped is replaced."""
-        if not self.service.engine.running:
-            raise RuntimeError("the stream engine stopped")
+        reason = self.service.engine.stop_reason
+        if reason is not None:
+            raise RuntimeError(reason)
 
     def __serve_build_asgi_app__(self) -> Any:
         from .api import speech_app

@@ -171,10 +171,13 @@ class SpeechService:
         return generate_latest(self.registry)
 
     def health(self) -> dict[str, Any]:
-        """``status`` "ok", or "engine stopped" when the engine no longer runs (the replica
-        then answers /health with 503 and Ray Serve's health check replaces it)."""
+        """``status`` "ok", or "engine stopped" when the engine no longer runs, with its
+        ``reason`` (the replica then answers /health with 503 and Ray Serve's health check
+        replaces it)."""
+        reason = self.engine.stop_reason
         return {
-            "status": "ok" if self.engine.running else "engine stopped",
+            "status": "ok" if reason is None else "engine stopped",
+            **({} if reason is None else {"reason": reason}),
             "model": self.model_id,
             "replica": self.replica,
             "active_streams": self.engine.active(),
