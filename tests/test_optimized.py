@@ -20,7 +20,7 @@ from tts_workbench.models.sources import load_model, make_reference_wav, save_ch
 from tts_workbench.models.vocode import s3gen_inference
 from tts_workbench.runtime.decode import DecodePlan, DecodeStats, T3Parts, decode_blocks, t3_decode
 from tts_workbench.runtime.generation import generate
-from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS, choose_policy
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, Policy, UpstreamTTS, choose_policy
 
 TEXT = "Hello there, this is a test."
 
@@ -140,6 +140,29 @@ def test_choosing_the_policy_leaves_the_global_random_state_alone(tiny_tts: Chat
     before = torch.get_rng_state()
     choose_policy(tiny_tts)
     assert torch.equal(torch.get_rng_state(), before)
+    # nor does building the wrapper (its Flash probe made random inputs)
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32"):
+        assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_closed_wrapper_refuses_to_run_or_change_the_model(
+    tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="float32")
+    opt.close()
+    conds = tiny_tts.conds
+    for call in (
+        lambda: opt.generate(TEXT, max_new_tokens=4),
+        lambda: opt.prepare_conditionals(str(reference_wav)),
+    ):
+        with pytest.raises(ConfigError, match="was closed .* wrap the model again"):
+            call()
+    assert tiny_tts.conds is conds  # the model given back is left alone
+
+
+def test_a_hand_made_policy_is_checked_like_a_named_one(tiny_tts: ChatterboxTTS) -> None:
+    with pytest.raises(ConfigError, match="fp16"):
+        PerformanceOptimizedTTS(tiny_tts, policy=Policy("fp16", "typed by hand"))
 
 
 def test_a_request_too_long_for_the_wrappers_cache_names_the_wrappers_fix(tiny_tts: ChatterboxTTS) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-from tts_workbench.core.patching import routed, shared
+from tts_workbench.core.patching import own_code, routed, shared
 
 
 class Voice:
@@ -62,3 +62,10 @@ def test_routed_applies_to_its_own_thread_and_is_removed_by_the_last_to_leave() 
         t.start()
         t.join(timeout=30)
         assert seen == ["upstream"]
+
+
+def test_a_code_copy_keeps_keyword_only_defaults() -> None:
+    def f(x: int, *, k: int = 3) -> int:
+        return x + k
+
+    assert own_code(f)(1) == 4 and own_code(f).__code__ is not f.__code__

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from chatterbox.tts import ChatterboxTTS
 
+from tts_workbench.instruments.attention import device_attention_kernel
 from tts_workbench.instruments.trace_analysis import (
     CPU_ONLY_NOTE,
     DEVICE_CATEGORIES,
@@ -121,6 +122,10 @@ def test_attention_kernels_named_from_device_kernel_names(known_trace: Path, tmp
     }  # fmt: skip
     assert r.summary()["attention_kernels"] == ["cuDNN (CUDA)", "flash (CUDA)", "mem-efficient (CUDA)"]
     assert analyze(GPU_TRACE).attention.empty  # a convolution benchmark: no attention kernel
+    # Inductor's own kernels are named after the op whose inputs they prepare: not attention
+    for name in ("triton_poi_fused__scaled_dot_product_efficient_attention_4",
+                 "triton_poi_fused__scaled_dot_product_flash_attention__to_copy_7"):  # fmt: skip
+        assert device_attention_kernel(name) is None
 
 
 def test_a_cuda_graph_replay_is_one_launch_of_its_kernels(known_trace: Path, tmp_path: Path) -> None:

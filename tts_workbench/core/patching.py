@@ -232,6 +232,8 @@ def own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A copy of function ``fn`` with a code object of its own. Dynamo keeps its compiled entries,
     and its recompile limit (8), per code object: compiling a copy keeps one user's graphs (a
     decode step, a model's estimator) apart from every other user of the same upstream code."""
-    return types.FunctionType(
+    copy = types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
+    copy.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ else None  # not copied by FunctionType
+    return copy

@@ -133,6 +133,8 @@ def device_attention_kernel(name: str) -> str | None:
     belongs to, or None: cuDNN's SDPA kernels (their names may also say "flash"), the
     mem-efficient kernels (CUTLASS FMHA), then the Flash kernels."""
     n = name.lower()
+    if n.startswith("triton_"):  # Inductor's own kernels, named after the op whose inputs they prepare
+        return None
     if "cudnn" in n and any(k in n for k in ("sdpa", "fmha", "flash")):
         return FUSED_KERNELS["aten::_scaled_dot_product_cudnn_attention"]
     if any(k in n for k in ("fmha_cutlass", "memeffattention", "efficient_attention")):
@@ -217,8 +219,10 @@ def _sdpa_inputs(tts: ChatterboxTTS, keys: int, dtype: torch.dtype | None, devic
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     batch = 1 if getattr(tts.t3, "is_gpt", False) else 2  # Turbo has no guidance batch
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads  # GPT-2: no GQA
-    q = torch.randn(batch, cfg.num_attention_heads, 1, head_dim, dtype=dtype, device=dev)
-    k = torch.randn(batch, kv_heads, keys, head_dim, dtype=dtype, device=dev)
+    # Zeros, not random: whether a kernel can run does not depend on the values, and drawing
+    # them would move the caller's global random state (a later unseeded generate).
+    q = torch.zeros(batch, cfg.num_attention_heads, 1, head_dim, dtype=dtype, device=dev)
+    k = torch.zeros(batch, kv_heads, keys, head_dim, dtype=dtype, device=dev)
     return q, k, k.clone()
 
 

@@ -181,6 +181,7 @@ def measure_policy(
 def resolve_policy(tts: ChatterboxTTS, policy: Policy | str, device: torch.device) -> Policy:
     """``policy`` itself, a requested policy by name, or for ``"auto"`` the measured choice."""
     if isinstance(policy, Policy):
+        check_policy(policy.name)  # a hand-made Policy too: an unknown name would run as "keep"
         return policy
     return choose_policy(tts, device) if policy == "auto" else Policy.requested(policy)
 
@@ -398,6 +399,7 @@ class PerformanceOptimizedTTS(Pipeline):
         self.flows = {mode: FlowPlan(mode) for mode in FLOW_MODES}  # each keeps its compiled shapes
         self.max_cache_len = max_cache_len  # static KV cache positions: prefill + max_new_tokens
         self.last = LastGeneration()
+        self.closed = False  # close() gave the model back: nothing may change it any more
         if tts.conds is not None:
             check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
         # Checked (and for "auto" measured, on the model as given) before anything is changed.
@@ -412,10 +414,10 @@ class PerformanceOptimizedTTS(Pipeline):
             self._apply_policy()
             if tts.conds is not None:
                 self._ensure_conditionals_dtype()
+            self._flash_attention_available = not why_not_flash(tts, dtype=self.target_dtype)
         except BaseException:
             self._stack.close()
             raise
-        self._flash_attention_available = not why_not_flash(tts, dtype=self.target_dtype)
 
     # ------------------------------------------------------------ construction
 
@@ -452,6 +454,14 @@ class PerformanceOptimizedTTS(Pipeline):
         self.plans.clear()
         for flow in self.flows.values():
             flow.drop()
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConfigError(
+                "this PerformanceOptimizedTTS was closed and its model given back as it was: "
+                "wrap the model again (PerformanceOptimizedTTS.from_model(tts)) to use it"
+            )
 
     @property
     def policy(self) -> str:
@@ -529,6 +539,7 @@ class PerformanceOptimizedTTS(Pipeline):
         ensure_conditionals_dtype(conds, t3_dtype, self.tts.s3gen.dtype, self.device)
 
     def prepare_conditionals(self, wav_fpath: str, exaggeration: float = 0.5) -> None:
+        self._check_open()
         with self._amp():
             prepare_voice(self.tts, wav_fpath, exaggeration)
         self._ensure_conditionals_dtype()
@@ -555,6 +566,7 @@ class PerformanceOptimizedTTS(Pipeline):
         """T3 only: the speech tokens for ``text`` (the voice must be prepared); ``decode``
         overrides the wrapper's decode step for this call; the multilingual model speaks
         ``language_id`` (default "en"); samples come from ``generator`` (default: the global one)."""
+        self._check_open()
         if not text.strip():
             raise EmptyTextError()
         if self.tts.conds is None:
@@ -597,6 +609,7 @@ class PerformanceOptimizedTTS(Pipeline):
         (``rng.StreamRandom``: the tokens and audio of upstream ``generate`` after
         ``torch.manual_seed(seed)``, safe beside other threads); without one it goes on from the
         global random state, as upstream does."""
+        self._check_open()
         family = family_of(self.tts)
         sampling = {**family.sampling, **sampling}
         cfg_weight = float(sampling.pop("cfg_weight", 0.0))
@@ -662,6 +675,7 @@ class PerformanceOptimizedTTS(Pipeline):
         """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``, buffered by
         default) with this wrapper's decode plan, flow plan and autocast dtype (``decode`` and
         ``flow`` override the wrapper's own for this call); sampling defaults as ``generate``."""
+        self._check_open()
         self._voice(audio_prompt_path, exaggeration)
         return stream(  # sampling defaults as the family's generate (``stream``)
             self.tts,
