@@ -20,6 +20,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
+from tts_workbench.core.compiling import skipping_guards
 from tts_workbench.core.errors import CacheError, ConfigError
 from tts_workbench.core.patching import shadow
 from tts_workbench.runtime.decode import (
@@ -331,6 +332,26 @@ def test_a_generation_past_the_first_span_goes_on_like_the_eager_loop(
         again = _run(tiny_tts, plan, n=n)[0]
         assert again.compile_s == 0.0 < built and torch.equal(again.tokens, got[0].tokens)
         assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_skipping_guards_is_held_by_count_and_put_back_whatever_the_order() -> None:
+    """torch's stance is one setting for the process: two steps in two threads, leaving in the
+    other order, left it skipping guards for good (every later compiled call in the process)."""
+
+    def skipping() -> bool:
+        return bool(torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe)
+
+    assert not skipping()
+    first, second = skipping_guards(True), skipping_guards(True)
+    first.__enter__()
+    assert skipping()  # alone inside: skipped
+    second.__enter__()
+    assert not skipping()  # a second step arrived: its call is checked
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert not skipping()
+    with skipping_guards(False):
+        assert not skipping()
 
 
 def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: ChatterboxTTS) -> None:

@@ -12,13 +12,17 @@ engine's batched step, S3Gen's CFM estimator), in one place.
   be overwritten by the next replay.
 - ``warmup_calls``: how many calls leave such a function ready: with CUDA graph trees three (the
   first runs eagerly, the second records, the third replays), else one (the one that compiles).
+- ``skipping_guards``: dynamo's guard checks skipped for a call whose guards were checked
+  before, as long as no other thread is inside such a call (torch's stance is process-wide).
 - ``failure_reason``: a compile error in one line, for the warning of a fallback to eager.
 """
 
 from __future__ import annotations
 
+import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -53,6 +57,38 @@ def replay(fn: Callable[..., Any], *args: Any, cudagraphs: bool) -> Any:
 def warmup_calls(cudagraphs: bool) -> int:
     """Calls after which a compiled function runs as it will from then on."""
     return 3 if cudagraphs else 1
+
+
+_guards_lock = threading.Lock()
+_inside = 0  # calls inside skipping_guards() now, in any thread
+_skipping: Any = None  # the stance context entered while skipping, else None
+
+
+@contextmanager
+def skipping_guards(wanted: bool) -> Iterator[None]:
+    """Inside: dynamo skips its guard checks, if ``wanted`` and no other thread is inside too.
+    The stance (``skip_guard_eval_unsafe``) is one setting for the whole process, so it is held
+    by count: the first call in sets it, a second one arriving meanwhile puts the checks back
+    (its own call may be the first after a change and must be checked), the last one out
+    restores what was there before. Compiled code of other threads that runs while one step is
+    inside alone skips its guards too: turn ``wanted`` off where that can happen."""
+    global _inside, _skipping
+    with _guards_lock:
+        _inside += 1
+        if _inside == 1 and wanted:
+            _skipping = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            _skipping.__enter__()
+        elif _inside > 1 and _skipping is not None:
+            _skipping.__exit__(None, None, None)
+            _skipping = None
+    try:
+        yield
+    finally:
+        with _guards_lock:
+            _inside -= 1
+            if _inside == 0 and _skipping is not None:
+                _skipping.__exit__(None, None, None)
+                _skipping = None
 
 
 def failure_reason(e: Exception) -> str:

@@ -75,7 +75,7 @@ from transformers.generation.logits_process import (
 )
 
 from ..core.clock import now
-from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
+from ..core.compiling import compile_method, failure_reason, replay, skipping_guards, warmup_calls
 from ..core.constants import dtype_name
 from ..core.errors import CacheError, ConfigError
 from ..core.families import language_for
@@ -443,10 +443,7 @@ class StaticStep:
         slot: torch.Tensor,
         q: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        stance = ExitStack()
-        if self.compiled and self.skip_guards and self._guarded:
-            stance.enter_context(torch.compiler.set_stance("default", skip_guard_eval_unsafe=True))
-        with stance:
+        with skipping_guards(self.compiled and self.skip_guards and self._guarded):
             logits, nxt, bad = replay(fn, token, position, slot, q, cudagraphs=self.cudagraphs)
         self._guarded = True
         return logits, nxt, bad
