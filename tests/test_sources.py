@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.t3 import T3
@@ -16,10 +18,13 @@ from safetensors.torch import load_file, save_file
 from tts_workbench.core.errors import SourceError
 from tts_workbench.models.sources import (
     build_tokenizer_json,
+    check_reference,
     load_folder,
     load_model,
     save_checkpoint,
 )
+from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, stream_all
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,7 +63,7 @@ def test_checkpoint_round_trip_is_exact_and_keeps_dtype(
     folder = save_checkpoint(tiny_tts, tmp_path / "ckpt", dtype=dtype)
     meta = json.loads((folder / "tts_workbench.json").read_text())
     assert meta["dtypes"]["t3_cfg"] == str(dtype).removeprefix("torch.")
-    loaded = load_model(str(folder))
+    loaded = load_folder(str(folder))  # keep_dtype=True (load_model loads as upstream: float32)
     for name in ("t3", "s3gen", "ve"):
         before, after = _params(getattr(tiny_tts, name)), _params(getattr(loaded, name))
         for k, v in before.items():
@@ -74,6 +79,25 @@ def test_upstream_style_load_silently_upcasts_float16(tiny_tts: ChatterboxTTS, t
     assert {p.dtype for p in upstream_like.t3.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_model_upcasts_a_half_checkpoint_so_it_runs(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, reference_wav: Path, dtype: torch.dtype
+) -> None:
+    # Before, load_model kept the half dtype: streaming the saved voice (conds.pt is float32)
+    # failed on a dtype mismatch, and prepare_voice failed in S3Gen's fbank.
+    folder = save_checkpoint(tiny_tts, tmp_path / "half", dtype=dtype)
+    loaded = load_model(str(folder))
+    wav, state = stream_all(loaded, "Hi there.", StreamConfig("buffered"), max_new_tokens=10)  # saved voice
+    assert len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN > 0 and np.isfinite(wav).all()
+    for name in ("t3", "s3gen", "ve"):
+        before, after = _params(getattr(tiny_tts, name)), _params(getattr(loaded, name))
+        for k, v in before.items():
+            if k in after and v.is_floating_point():
+                assert after[k].dtype == torch.float32, k
+                assert torch.equal(after[k], v.to(dtype).float()), k  # the saved values, upcast
+    prepare_voice(loaded, str(reference_wav))  # and a new voice
+
+
 def test_pt_layout_of_the_streaming_fork(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
     folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
     for name in ("ve", "t3_cfg", "s3gen"):
@@ -82,6 +106,27 @@ def test_pt_layout_of_the_streaming_fork(tiny_tts: ChatterboxTTS, tmp_path: Path
     loaded = load_model(str(folder))
     w = "speech_head.weight"
     assert torch.equal(_params(loaded.t3)[w], _params(tiny_tts.t3)[w])
+
+
+def test_a_weights_file_is_not_a_folder(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    with pytest.raises(SourceError, match="t3_cfg.safetensors is a file; give the folder that holds it"):
+        load_model(str(folder / "t3_cfg.safetensors"))  # before: "does not exist"
+
+
+@pytest.mark.parametrize("seconds", [0.02, 0.3])
+def test_too_short_reference_is_refused_before_conditioning(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, seconds: float
+) -> None:
+    # Before, 0.02 s passed check_reference and prepare_voice failed in torch's padding.
+    path = tmp_path / "short.wav"
+    sf.write(path, 0.1 * np.random.default_rng(0).standard_normal(int(seconds * 24000)), 24000)
+    with pytest.raises(SourceError, match=f"too short \\({seconds:.2f} s.*give at least 3 s of speech"):
+        check_reference(path)
+    with pytest.raises(SourceError, match="too short"):
+        prepare_voice(tiny_tts, str(path))
+    sf.write(path, 0.1 * np.random.default_rng(0).standard_normal(12000), 24000)  # 0.5 s
+    assert any("only 0.50 s long" in note for note in check_reference(path).notes)  # accepted
 
 
 def test_unknown_source() -> None:

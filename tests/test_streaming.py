@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from chatterbox.tts import ChatterboxTTS
+from chatterbox.tts import ChatterboxTTS, Conditionals
 
 from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
+from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.latency import StreamReport, seam_metric, underruns
 from tts_workbench.interface.cli import main
@@ -27,6 +28,7 @@ from tts_workbench.runtime.streaming import (
     StreamState,
     one_shot,
     quality,
+    shorten_prompt,
     stream,
     stream_all,
 )
@@ -39,6 +41,16 @@ def tts(tmp_path_factory: pytest.TempPathFactory) -> ChatterboxTTS:
     model = load_model("tiny")
     model.prepare_conditionals(str(make_reference_wav(tmp_path_factory.mktemp("r") / "r.wav", seconds=3.0)))
     return model
+
+
+@pytest.fixture(scope="module")
+def odd_conds(tts: ChatterboxTTS, tmp_path_factory: pytest.TempPathFactory) -> Conditionals:
+    """A voice from a 2.5 s reference (not a multiple of 40 ms): upstream ``embed_ref`` leaves
+    125 prompt mel frames for 62 prompt tokens. The module's model keeps its 3 s voice."""
+    before = tts.conds
+    tts.prepare_conditionals(str(make_reference_wav(tmp_path_factory.mktemp("odd") / "r.wav", seconds=2.5)))
+    odd, tts.conds = tts.conds, before
+    return odd
 
 
 def _run(
@@ -123,6 +135,55 @@ def _run_seeded(
 ) -> tuple[np.ndarray, list[int]]:
     wav, state = stream_all(tts, text, config, max_new_tokens=40, seed=seed)
     return wav, state.tokens
+
+
+def test_an_odd_prompt_frame_is_dropped_so_every_token_is_vocoded_once(
+    tts: ChatterboxTTS, odd_conds: Conditionals, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen = odd_conds.gen
+    assert gen["prompt_feat"].size(1) == 2 * gen["prompt_token"].size(1) + 1  # upstream's odd frame
+    monkeypatch.setattr(tts, "conds", odd_conds)
+    # Before, every S3Gen call came out 480 samples short: with a 240 ms crossfade (allowed) the
+    # stream lost samples at each seam (30720 vs one-shot's 31200) and the fade sat off the seam.
+    buffered = StreamConfig("buffered", first_window_s=0.6, window_s=1.2, crossfade_ms=240)
+    for config in (buffered, StreamConfig("naive")):
+        wav, state = _run(tts, config, tokens=40)
+        reference = one_shot(tts, state, config)
+        assert len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN == len(reference), config.strategy
+    c = buffered.crossfade_samples
+    wav, state = _run(tts, buffered, tokens=40)
+    assert len(state.seams) >= 1 and state.crossfades == [(s - c // 2, s + c // 2) for s in state.seams]
+    assert quality(wav, one_shot(tts, state, buffered), state)["snr_db"] >= 18.0
+
+
+def test_shorten_prompt_keeps_frames_2i_and_2i_plus_1_with_token_i() -> None:
+    p = 62
+    frames = torch.arange(2 * p + 1)  # frame k holds k; the last one (124) belongs to no token
+    gen = {
+        "prompt_token": torch.arange(p)[None],
+        "prompt_token_len": torch.tensor([p]),
+        "prompt_feat": frames[None, :, None].expand(1, -1, 80).float(),
+        "prompt_feat_len": None,
+        "embedding": torch.zeros(1, 192),
+    }
+    for prompt_s, kept in ((None, p), (1.0, 25), (0.2, 5), (30.0, p)):
+        out = shorten_prompt(gen, prompt_s)
+        tokens, feat = out["prompt_token"][0], out["prompt_feat"][0, :, 0].long()
+        assert len(tokens) == int(out["prompt_token_len"]) == kept and tokens[-1] == p - 1, prompt_s
+        assert torch.equal(feat[0::2], 2 * tokens) and torch.equal(feat[1::2], 2 * tokens + 1), prompt_s
+    aligned = shorten_prompt(gen, None)
+    assert shorten_prompt(aligned, None) is aligned  # an aligned prompt is passed on as it is
+
+
+def test_a_stream_state_that_holds_a_stream_is_refused(tts: ChatterboxTTS) -> None:
+    # Before, the second stream vocoded the first utterance's tokens again, then its own, and the
+    # report added both streams' chunks up.
+    state = StreamState(StreamReport("buffered"))
+    chunks = list(stream(tts, "First one.", StreamConfig("buffered"), max_new_tokens=12, state=state))
+    tokens = list(state.tokens)
+    with pytest.raises(ConfigError, match="already holds a stream.*pass a fresh StreamState"):
+        next(stream(tts, "Second one.", StreamConfig("buffered"), max_new_tokens=12, state=state))
+    assert state.tokens == tokens and len(state.report.chunks) == len(chunks)  # left as it was
 
 
 @pytest.mark.parametrize("total", [10, 18, 19, 40, 48, 49])  # around the windows' edges

@@ -60,6 +60,9 @@ from ..core.families import FAMILIES, Family, TTSModel, family_of
 from ..core.patching import scoped_item
 
 METADATA_FILE = "tts_workbench.json"
+# Below this a reference is refused: at 0.02 s the mel extractor's padding fails, and a prompt of
+# a few tokens is no voice (the under-1 s note already says conditioning will suffer).
+MIN_REFERENCE_S = 0.5
 PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork
 
 
@@ -457,6 +460,8 @@ def _check_tokenizer(tok: Any, vocab: int) -> None:
 
 def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...]]:
     """The family whose T3 weights the folder holds, and the files of its layout."""
+    if folder.is_file():
+        raise SourceError(f"model folder {folder} is a file; give the folder that holds it ({folder.parent})")
     if not folder.is_dir():
         raise SourceError(
             f"model folder {folder} does not exist: give a folder written by save_checkpoint() "
@@ -570,14 +575,21 @@ def check_source(source: str | Path) -> None:
 
 def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> TTSModel:
     """One entry point: a random-weight build (``MODELS``), ``"pretrained"`` (or
-    ``"turbo-pretrained"``, ``"multilingual-pretrained"``) or a checkpoint folder."""
+    ``"turbo-pretrained"``, ``"multilingual-pretrained"``) or a checkpoint folder.
+
+    A folder loads as upstream ``from_local`` loads it: every weight in float32, whatever dtype
+    it was saved in. The upstream pipeline this returns (``prepare_conditionals``, ``generate``,
+    streaming, and ``conds.pt``, always float32) runs only in float32: a float16 or bfloat16
+    model fails there on the first dtype mismatch. To run a half-precision export in its own
+    dtype use ``PerformanceOptimizedTTS.from_local(folder)`` (its dtype policy casts what must
+    match); ``load_folder(folder)`` gives the model with each file's dtype kept."""
     if source in MODELS:
         return build_model(str(source), device, seed)
     if source in PRETRAINED:
         return load_pretrained(device, family=PRETRAINED[str(source)])
     if isinstance(source, str) and os.sep not in source:
         check_source(source)
-    return load_folder(Path(source), device)
+    return load_folder(Path(source), device, keep_dtype=False)
 
 
 def model_summary(tts: TTSModel) -> dict[str, dict[str, object]]:
@@ -664,6 +676,11 @@ def check_reference(path: str | Path) -> ReferenceInfo:
     if sr != SAMPLE_RATE:
         notes.append(f"resampled {sr} Hz to {SAMPLE_RATE} Hz (S3Gen) and 16000 Hz (tokenizer, voice encoder)")
     seconds = data.shape[0] / sr
+    if seconds < MIN_REFERENCE_S:
+        raise SourceError(
+            f"reference audio {path} is too short ({seconds:.2f} s, under {MIN_REFERENCE_S} s); "
+            "give at least 3 s of speech"
+        )
     if seconds < 1.0:
         notes.append(f"only {seconds:.2f} s long: conditioning quality will suffer")
     return ReferenceInfo(str(path), round(seconds, 3), sr, data.shape[1], notes)

@@ -124,15 +124,25 @@ class StreamConfig:
 
 
 def shorten_prompt(gen: dict[str, Any], prompt_s: float | None) -> dict[str, Any]:
-    """The reference dict with only the last ``prompt_s`` seconds of prompt tokens and mel frames."""
-    if prompt_s is None:
-        return gen
-    tokens = gen["prompt_token"]
-    keep = min(tokens.size(1), max(1, round(prompt_s * TOKENS_PER_S)))
+    """The reference dict a stream's S3Gen calls use: exactly two prompt mel frames per prompt
+    token (frames 2i and 2i+1 are token i's) and, with ``prompt_s``, only the last ``prompt_s``
+    seconds of both.
+
+    Upstream ``embed_ref`` leaves one mel frame more than twice the tokens when the reference is
+    under 10 s and not a multiple of 40 ms (it cuts the tokens to the frames, not the odd frame,
+    at the end). The flow then returns 2T-1 frames for T tokens, every call is 480 samples short
+    and the windows no longer tile: the odd frame, which belongs to no token, is dropped here."""
+    tokens, feat = gen["prompt_token"], gen["prompt_feat"]
+    whole = min(tokens.size(1), feat.size(1) // FRAMES_PER_TOKEN)  # tokens with both their frames
+    keep = whole if prompt_s is None else min(whole, max(1, round(prompt_s * TOKENS_PER_S)))
+    if keep == tokens.size(1) and feat.size(1) == keep * FRAMES_PER_TOKEN:
+        return gen  # aligned already, nothing to cut
     out = dict(gen)
-    out["prompt_token"] = tokens[:, -keep:]
+    out["prompt_token"] = tokens[:, whole - keep : whole]
     out["prompt_token_len"] = torch.tensor([keep])
-    out["prompt_feat"] = gen["prompt_feat"][:, -keep * FRAMES_PER_TOKEN :]
+    out["prompt_feat"] = feat[:, (whole - keep) * FRAMES_PER_TOKEN : whole * FRAMES_PER_TOKEN]
+    if torch.is_tensor(gen.get("prompt_feat_len")):  # upstream leaves it None; keep it true if set
+        out["prompt_feat_len"] = torch.tensor([keep * FRAMES_PER_TOKEN])
     return out
 
 
@@ -164,6 +174,11 @@ class StreamState:
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
     compile_before_first_s: float = 0.0  # the part of the compiling done before the first chunk
 
+    @property
+    def used(self) -> bool:
+        """Whether a stream has already recorded anything here (tokens, chunks, T3 samples)."""
+        return bool(self.tokens or self.report.chunks or self.seams or self.t3.sampled)
+
 
 def stream(
     tts: ChatterboxTTS,
@@ -183,7 +198,8 @@ def stream(
     """Generate ``text`` with the voice in ``tts.conds`` and yield audio chunks as they are ready.
 
     ``plan`` runs T3's decode steps, ``flow`` the buffered windows' CFM estimator (default eager).
-    Pass a ``StreamState`` to read the report, the tokens and the seam positions afterwards.
+    Pass a ``StreamState`` to read the report, the tokens and the seam positions afterwards:
+    a fresh one for every stream (one that holds a stream already is refused with ConfigError).
     Stopping the iteration early stops T3 too (nothing runs in the background). ``progress``
     shows tokens sampled and S3Gen calls done on stderr. The multilingual model speaks
     ``language_id`` (default "en"); the others ignore it. ``sampling`` (temperature, top_p,
@@ -194,6 +210,13 @@ def stream(
         raise NoVoiceError()
     if not text.strip():
         raise EmptyTextError()
+    if state is not None and state.used:
+        # Its tokens, seams and chunks would be taken for this utterance's: the windows would
+        # vocode the previous utterance again and the report would add the two up.
+        raise ConfigError(
+            f"this StreamState already holds a stream ({len(state.tokens)} tokens, "
+            f"{len(state.report.chunks)} chunks): pass a fresh StreamState for every stream"
+        )
     state = state if state is not None else StreamState(StreamReport(config.strategy))
     gen = shorten_prompt(tts.conds.gen, config.prompt_s)
     prompt_tokens = int(gen["prompt_token"].size(1))
