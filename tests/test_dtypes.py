@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
 from tts_workbench.core.constants import parse_dtype
-from tts_workbench.instruments.dtypes import autocast_or_refuse, census, conditionals_census, trace_dtypes
+from tts_workbench.instruments.dtypes import (
+    Failure,
+    advice_for,
+    autocast_or_refuse,
+    census,
+    conditionals_census,
+    trace_dtypes,
+)
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import generate, prepare_voice
-from tts_workbench.studies.diagnose import diagnose_precision
+from tts_workbench.studies.diagnose import _stage, diagnose_precision
 
 
 def _net() -> nn.Sequential:
@@ -153,6 +162,18 @@ def test_upstream_float16_path_fails_where_measured(half_report: dict) -> None:
     assert "kaldi" in st["conditioning"]["failure"]["where"]
     assert st["s3gen"]["failure"]["module"] == "s3gen.mel2wav.m_source.l_linear"
     assert "sine source" in st["s3gen"]["advice"]
+    # The source lines that made the failing calls, not torch's nn/modules/linear.py.
+    assert st["generate"]["failure"]["where"].startswith("t3/modules/cond_enc.py:")
+    assert st["s3gen"]["failure"]["where"].startswith("models/s3gen/hifigan.py:")
+    # The empty float32 att_cache default of the encoder layers is no mismatch; the weightless
+    # modules that widen float16 to float32 are: SinusoidalPosEmb (upstream casts it back at
+    # once) and HiFT's SineGen, whose float32 sines then break l_linear.
+    flagged = [(m["module"], m["mismatch"]) for m in st["s3gen"]["mismatches"]]
+    assert flagged == [
+        ("s3gen.flow.decoder.estimator.time_embeddings", "upcast"),
+        ("s3gen.mel2wav.m_source.l_sin_gen", "upcast"),
+        ("s3gen.mel2wav.m_source.l_linear", "input/weight"),
+    ]
 
 
 def test_float32_precision_report_is_clean(reference_wav: Path) -> None:
@@ -205,3 +226,186 @@ def test_the_exception_that_escapes_is_the_one_named() -> None:
         second(torch.ones(2, 4))
     assert t.failure is not None and t.failure.module == "second.0" and t.failure.weight == "bfloat16"
     assert "second.0" in str(info.value.__notes__)
+
+
+# Upstream's cache default (``torch.zeros((0, 0, 0, 0))`` in the signature): float32, whatever
+# the model's dtype.
+_EMPTY_CACHE = torch.zeros((0, 0, 0, 0))
+
+
+class _Attention(nn.Module):
+    """Like upstream's RelPositionMultiHeadedAttention: own weights, an empty float32 cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor = _EMPTY_CACHE) -> torch.Tensor:
+        return self.q(x)
+
+
+class _Layer(nn.Module):
+    """Like upstream's ConformerEncoderLayer: passes its float32 default ``att_cache`` on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.self_attn = _Attention()
+
+    def forward(self, x: torch.Tensor, att_cache: torch.Tensor = _EMPTY_CACHE) -> torch.Tensor:
+        return self.self_attn(x, att_cache)
+
+
+def test_an_empty_float32_placeholder_is_not_a_mismatch() -> None:
+    net = nn.Sequential(OrderedDict(layer=_Layer())).half()
+    with trace_dtypes(net) as trace:
+        out = net(torch.ones(1, 4).half())
+    assert out.dtype == torch.float16  # runs fine: the empty cache holds no value to mismatch
+    assert trace.mismatches == []
+    assert [r.inputs for r in trace.records if r.module == "layer.self_attn"] == [["float16"]]
+
+
+class _Sines(nn.Module):
+    """Like upstream's SineGen: no weights of its own, float16 in, float32 out."""
+
+    def forward(self, f0: torch.Tensor) -> torch.Tensor:
+        return torch.sin(f0.float())
+
+
+def test_a_parameter_free_upcast_is_flagged_where_it_happens() -> None:
+    net = nn.Sequential(OrderedDict(sines=_Sines(), merge=nn.Linear(4, 1))).half()
+    with pytest.raises(RuntimeError), trace_dtypes(net) as trace:
+        net(torch.ones(2, 4).half())
+    flagged = [(r.module, r.mismatch) for r in trace.mismatches]
+    assert flagged == [("sines", "upcast"), ("merge", "input/weight")]
+    assert trace.mismatches[0].inputs == ["float16"] and trace.mismatches[0].outputs == ["float32"]
+    assert trace.failure is not None and trace.failure.module == "merge"  # where it breaks
+    # The containers around it pass the float32 on: only the module that widened is flagged.
+    outer = nn.Sequential(OrderedDict(source=nn.Sequential(OrderedDict(sines=_Sines()))))
+    with trace_dtypes(outer) as trace:
+        outer(torch.ones(2, 4).half())
+    assert [(r.module, r.mismatch) for r in trace.mismatches] == [("source.sines", "upcast")]
+
+
+def test_parameter_free_modules_that_do_not_widen_are_not_flagged() -> None:
+    class Mix(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b  # float16 + float32 -> float32: no wider than the widest input
+
+    class Positions(nn.Module):
+        def forward(self, n: torch.Tensor) -> torch.Tensor:
+            return torch.arange(int(n), dtype=torch.float32)  # ints in: nothing to widen
+
+    net = nn.ModuleDict({"mix": Mix(), "pos": Positions(), "relu": nn.ReLU()})
+    with trace_dtypes(net) as trace:
+        net["mix"](torch.ones(2).half(), torch.ones(2))
+        net["pos"](torch.tensor(3))
+        net["relu"](torch.ones(2).half())
+    assert len(trace.records) == 3 and trace.mismatches == []
+
+
+def test_a_parameter_free_widening_under_autocast_is_named_autocast() -> None:
+    loss = nn.ModuleDict({"mse": nn.MSELoss()})
+    with trace_dtypes(loss) as trace, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss["mse"](torch.ones(4).bfloat16(), torch.zeros(4).bfloat16())  # autocast runs it in float32
+    assert [(r.module, r.mismatch, r.outputs) for r in trace.mismatches] == [("mse", "autocast", ["float32"])]
+
+
+def _raises(module: nn.Module, args: tuple[object, ...]) -> None:
+    raise ValueError("a pre-hook of the user's")
+
+
+class _Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.other = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            self.inner(x)
+        except ValueError:
+            pass  # the user's program handles its own pre-hook's error and goes on
+        return self.other(x)
+
+
+def test_a_raising_pre_hook_registered_before_the_tracer_keeps_the_stack_whole() -> None:
+    pair = _Pair()
+    pair.inner.register_forward_pre_hook(_raises)
+    with trace_dtypes(pair) as trace:
+        out = pair(torch.ones(1, 4))  # crashed with IndexError: pop from empty list
+    assert out.shape == (1, 4)
+    assert [(r.module, r.outputs) for r in trace.records] == [
+        ("(root)", ["float32"]),
+        ("inner", []),
+        ("other", ["float32"]),
+    ]
+    # The tracer's pre-hook runs first, so the module the error came from is the one named.
+    assert trace.failure is not None and trace.failure.module == "inner"
+    assert "ValueError" in trace.failure.error
+    assert _hooks(pair) == 1  # only the user's own
+
+
+def test_a_raising_pre_hook_that_runs_before_the_tracers_leaves_its_entry_alone() -> None:
+    pair = _Pair()
+    with trace_dtypes(pair) as trace:
+        pair.inner.register_forward_pre_hook(_raises, prepend=True)  # ahead of the tracer's
+        out = pair(torch.ones(1, 4))
+    assert out.shape == (1, 4)
+    assert [(r.module, r.outputs) for r in trace.records] == [("(root)", ["float32"]), ("other", ["float32"])]
+
+
+class _Source(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        return self.lin(y)  # the source line that raised
+
+
+def test_failure_where_is_the_source_line_outside_torch() -> None:
+    net = nn.Sequential(OrderedDict(src=_Source()))
+    with pytest.raises(RuntimeError), trace_dtypes(net) as trace:
+        net(torch.ones(1, 4).half())
+    lines = Path(__file__).read_text().splitlines()
+    line = next(i for i, s in enumerate(lines, 1) if "the source line that" in s)
+    assert trace.failure is not None and trace.failure.module == "src.lin"
+    assert trace.failure.where.endswith(f"tests/test_dtypes.py:{line} forward")  # was nn/modules/linear.py
+
+
+def test_failure_outside_any_module_keeps_the_innermost_frame_of_the_block(tiny_tts: ChatterboxTTS) -> None:
+    # Raised in the workbench's own code, under the workbench's with-block: no frame outside
+    # torch or the workbench, so the innermost frame is named, not contextlib's __exit__ above.
+    stage = _stage(tiny_tts, partial(parse_dtype, "float8"))
+    assert stage["failure"]["module"] == "" and "unknown dtype" in stage["error"]
+    assert stage["failure"]["where"].startswith("tts_workbench/core/constants.py:")
+
+
+def _failure(module: str, where: str = "") -> Failure:
+    return Failure(module, "Linear", ["float32"], "float16", "RuntimeError: ...", where)
+
+
+def test_hift_failures_get_hift_advice_not_the_mel_spectrogram_one() -> None:
+    conv = advice_for(_failure("s3gen.mel2wav.conv_pre", "models/s3gen/hifigan.py:470 decode"))
+    assert conv is not None and "HiFT" in conv and "mel spectrograms" not in conv
+    source = advice_for(_failure("s3gen.mel2wav.m_source.l_linear", "models/s3gen/hifigan.py:280 forward"))
+    assert source is not None and "sine source" in source  # the more precise entries still win
+    mel = advice_for(_failure("", "models/s3gen/utils/mel.py:70 mel_spectrogram"))
+    assert mel is not None and "mel spectrograms" in mel
+
+
+def test_the_voice_encoder_under_bfloat16_autocast_fails_at_numpy(tiny_tts: ChatterboxTTS) -> None:
+    wav = np.random.default_rng(0).uniform(-0.5, 0.5, 16000).astype(np.float32)
+    with (
+        pytest.raises(TypeError, match="BFloat16"),
+        trace_dtypes(tiny_tts) as trace,
+        torch.autocast("cpu", dtype=torch.bfloat16),
+    ):
+        tiny_tts.ve.embeds_from_wavs([wav], sample_rate=16000)
+    # Not the LSTM: it ran, on float32 inputs and weights; upstream's .numpy() of its bfloat16 output raised.
+    lstm = [r for r in trace.records if r.module == "ve.lstm"]
+    assert lstm and lstm[0].inputs[0] == "float32" and lstm[0].weight == "float32"
+    assert trace.failure is not None and trace.failure.module == ""
+    assert "voice_encoder.py" in trace.failure.where and "embeds_from_mels" in trace.failure.where
+    text = advice_for(trace.failure)
+    assert text is not None and ".numpy()" in text and "autocast" in text and "LSTM weights" not in text

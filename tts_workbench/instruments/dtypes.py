@@ -173,7 +173,9 @@ class DtypeTrace:
 
 def _floating(x: Any) -> list[torch.dtype]:
     if torch.is_tensor(x):
-        return [x.dtype] if x.is_floating_point() else []
+        # An empty tensor holds no value to mismatch: upstream's S3Gen encoder layers pass a
+        # float32 ``torch.zeros((0, 0, 0, 0))`` cache default on, whatever the model's dtype.
+        return [x.dtype] if x.is_floating_point() and x.numel() > 0 else []
     if isinstance(x, list | tuple):
         return [d for item in x for d in _floating(item)]
     if isinstance(x, dict):
@@ -203,10 +205,18 @@ def _classify_inputs(
 
 
 def _classify_outputs(
-    outputs: list[torch.dtype], weight: torch.dtype | None, autocast: torch.dtype | None
+    inputs: list[torch.dtype],
+    outputs: list[torch.dtype],
+    weight: torch.dtype | None,
+    autocast: torch.dtype | None,
 ) -> str | None:
     """A mismatch visible when the call returns: outputs in another (or a wider) dtype."""
     if weight is None:
+        # No weights to compare with (HiFT's SineGen, SinusoidalPosEmb): a module that hands on
+        # a wider dtype than it got is where the flow widens, not the next module that trips on it.
+        widest = max((d.itemsize for d in inputs), default=None)
+        if widest is not None and any(d.itemsize > widest for d in outputs):
+            return "autocast" if autocast is not None else "upcast"
         return None
     if autocast is not None and any(d != weight for d in outputs):
         return "autocast"
@@ -215,8 +225,13 @@ def _classify_outputs(
     return None
 
 
-def _where(e: BaseException) -> str:
-    frames = traceback.extract_tb(e.__traceback__)
+def _where(e: BaseException, in_hook: bool) -> str:
+    # Inside a hook, the traceback only runs from torch's _call_impl down to the raise: the stack
+    # above the hook holds the caller's frames, the source line that made the call. Where the
+    # block itself caught it, the traceback covers the block and the stack only its callers.
+    frames = list(traceback.extract_tb(e.__traceback__))
+    if in_hook:
+        frames = traceback.extract_stack()[:-1] + frames
     outside = [f for f in frames if "/torch/" not in f.filename and "/tts_workbench/" not in f.filename]
     f = (outside or frames)[-1]
     return f"{'/'.join(f.filename.split('/')[-3:])}:{f.lineno} {f.name}"
@@ -234,7 +249,8 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     ``target`` is a ChatterboxTTS). All hooks are removed on exit, also on error.
     """
     trace = DtypeTrace()
-    stack: list[tuple[str, nn.Module, list[torch.dtype], CallRecord]] = []
+    # per running call: path, module, floating inputs, its record, where its submodules' records start
+    stack: list[tuple[str, nn.Module, list[torch.dtype], CallRecord, int]] = []
     handles = []
     recorded: list[BaseException] = []  # the exception behind trace.failure
 
@@ -251,7 +267,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             [_short(d) for d in inputs],
             _short(weight) if weight else None,
             f"{type(e).__name__}: {e}".splitlines()[0],
-            _where(e),
+            _where(e, in_hook=module is not None),  # module: None only outside any module call
         )
 
     def pre(path: str):
@@ -269,7 +285,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
                 mismatch=_classify_inputs(inputs, weight, ac),
             )
             trace.records.append(record)  # at call start: kept even if the call never returns
-            stack.append((path, module, inputs, record))
+            stack.append((path, module, inputs, record, len(trace.records)))
 
         return hook
 
@@ -278,7 +294,9 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
         # the exception is the one being handled), so the innermost raising module is caught
         # here even when the user's code catches the exception inside the block.
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            _, _, inputs, record = stack.pop()
+            if not stack or stack[-1][1] is not module:
+                return  # our pre-hook never ran (a pre-hook ahead of it raised): nothing to pop
+            _, _, inputs, record, inner = stack.pop()
             raised = sys.exc_info()[1]
             if output is None and raised is not None:
                 if raised not in recorded:  # the innermost module this exception passed through
@@ -287,14 +305,19 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             outputs = _floating(output)
             record.outputs = [_short(d) for d in outputs]
             weight = _own_weight_dtype(module)
-            record.mismatch = record.mismatch or _classify_outputs(outputs, weight, _autocast_dtype())
+            found = _classify_outputs(inputs, outputs, weight, _autocast_dtype())
+            if found and weight is None and any(r.mismatch for r in trace.records[inner:]):
+                found = None  # a container passing on what a flagged submodule widened
+            record.mismatch = record.mismatch or found
 
         return hook
 
     for prefix, root in _roots(target).items():
         for name, module in root.named_modules():
             path = ".".join(p for p in (prefix, name) if p) or "(root)"
-            handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True))
+            # prepend: run ahead of the module's own pre-hooks, so one of them raising still
+            # finds our entry on the stack for the always_call post-hook to pop.
+            handles.append(module.register_forward_pre_hook(pre(path), prepend=True, with_kwargs=True))
             handles.append(module.register_forward_hook(post(path), with_kwargs=True, always_call=True))
     try:
         yield trace
@@ -316,11 +339,20 @@ ADVICE = [
     ("cond_enc", "cast the conditionals (speaker_emb, emotion_adv) to T3's dtype after prepare_conditionals"),
     ("m_source", "keep HiFT's sine source module in float32 (its generator output stays float32)"),
     ("_istft", "run HiFT's iSTFT in float32: torch.complex has no half-precision CPU kernel"),
+    # Before "mel", which the vocoder's path s3gen.mel2wav also contains.
+    ("s3gen.mel2wav.", "keep HiFT (s3gen.mel2wav) in float32 and cast the mel it gets to float32"),
     ("kaldi", "keep the CAMPPlus speaker encoder and its kaldi fbank in float32 (no Half fbank kernel)"),
     ("xvector", "keep the CAMPPlus speaker encoder and its kaldi fbank in float32"),
     ("s3tokenizer", "keep the S3 speech tokenizer (log-mel front-end) in float32"),
-    ("ve.", "keep the VoiceEncoder in float32 or feed it the dtype of its LSTM weights"),
-    ("voice_encoder", "keep the VoiceEncoder in float32 or feed it the dtype of its LSTM weights"),
+    # Under autocast the VE runs (LSTM included, on float32 inputs and weights) but its embedding
+    # comes out bfloat16, and upstream's .numpy() of it raises "unsupported ScalarType BFloat16".
+    (
+        "embeds_from_mels",
+        "cast the VoiceEncoder's output to float32 before upstream's .numpy() (numpy has no bfloat16), "
+        "or leave the VoiceEncoder out of autocast",
+    ),
+    ("ve.", "keep the VoiceEncoder in float32 and out of autocast: upstream feeds it float32 mels"),
+    ("voice_encoder", "keep the VoiceEncoder in float32 and out of autocast: upstream feeds it float32 mels"),
     ("mel", "compute mel spectrograms in float32 and cast the result"),
 ]
 
