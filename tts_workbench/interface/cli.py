@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(st)
     st.add_argument("--strategy", default="buffered", choices=["naive", "buffered"])
     st.add_argument("--first-window-s", type=_seconds, default=1.0, help="buffered: first window (audio s)")
-    st.add_argument("--window-s", type=_seconds, default=3.5, help="buffered: later windows (s of audio)")
+    st.add_argument("--window-s", type=_seconds, default=3.5, help="buffered: later windows (audio s)")
     st.add_argument("--crossfade-ms", type=_milliseconds, default=40.0, help="buffered: overlap-add fade")
     st.add_argument("--prompt-s", type=_seconds, help="keep only the last N s of the reference prompt")
     st.add_argument("--text", help=TEXT_HELP)

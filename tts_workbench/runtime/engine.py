@@ -775,9 +775,7 @@ class StreamEngine:
         ending = []
         with self._lock:  # the S3Gen stage sees every stream's token of this step, or none
             for live, error in failed:
-                self.stats.failed += 1
-                live.handle.error, live.handle.closed = error, True
-                live.handle._put(error)
+                self._fail([live], error)
             for live, value in zip(lives, values, strict=True):
                 if id(live) in broken:
                     ending.append(live)
@@ -931,8 +929,8 @@ class StreamEngine:
                     self._fail([live], e)
 
     def _fail(self, lives: list[_Live], error: Exception) -> None:
-        """End streams with ``error`` in the S3Gen stage; the T3 stage frees their rows."""
-        with self._lock:  # the T3 stage counts its failures too
+        """End streams with ``error`` (from either stage); the T3 stage frees their rows."""
+        with self._lock:  # both stages count failures
             self.stats.failed += len(lives)
         for live in lives:
             live.handle.error = error
