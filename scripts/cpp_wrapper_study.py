@@ -49,7 +49,7 @@ def main() -> None:
         for name, tts, cpp in (("compiled", models[1], False), ("compiled, C++ wrapper", models[2], True)):
             opt = PerformanceOptimizedTTS(tts, policy="float32", decode="compiled", cpp_wrapper=cpp)
             opt.prepare_conditionals(reference)
-            opt.set_max_cache_len(opt.prefill_length(TEXT) + TOKENS)  # as the bench sizes it
+            opt.set_max_cache_len(opt.prefill_length(TEXT) + TOKENS)  # one span: the run's length
             pipelines[name] = opt
         ms: dict[str, list[float]] = {name: [] for name in pipelines}
         compile_s: dict[str, float] = {}

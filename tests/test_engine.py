@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import threading
@@ -41,6 +42,7 @@ TEXTS = [
 TOKENS = 24  # two windows of CONFIG: the first (15 tokens) and a last one
 
 
+@functools.cache  # many tests compare with the same few solo streams: each is run once
 def solo(tts: ChatterboxTTS, text: str, seed: int) -> tuple[np.ndarray, list[int]]:
     """The stream alone, with the same (static-cache) step and the family's sampling defaults."""
     plan = DecodePlan.plain(tts.t3, step="static")

@@ -20,7 +20,14 @@ from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.runtime.precision import check_conditionals
-from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, quality, stream_all
+from tts_workbench.runtime.streaming import (
+    SAMPLES_PER_TOKEN,
+    StreamConfig,
+    one_shot,
+    quality,
+    stream_all,
+    stream_tokens,
+)
 
 N = 150
 
@@ -157,6 +164,7 @@ def test_turbo_buffered_stream_vocodes_every_token_once(turbo: ChatterboxTurboTT
         wav, state = stream_all(turbo, "Streaming Turbo, window by window.", cfg, max_new_tokens=55)
         reference = one_shot(turbo, state, cfg)
         assert state.tokens[-3:] == tail_tokens(turbo.s3gen) == [S3GEN_SIL] * 3  # as upstream Turbo
+        assert stream_tokens(turbo, "Streaming Turbo, window by window.", max_new_tokens=55) == state.tokens
         assert len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN == len(reference)
         results[strategy] = (state, quality(wav, reference, state))
     state, buffered = results["buffered"]

@@ -31,6 +31,7 @@ from tts_workbench.runtime.streaming import (
     shorten_prompt,
     stream,
     stream_all,
+    stream_tokens,
 )
 
 TEXT = "Streaming should never drop the tail of a sentence."
@@ -88,6 +89,8 @@ def test_every_way_to_stream_speaks_upstream_generates_tokens_for_its_seed(tts: 
     for config in (StreamConfig("naive"), StreamConfig("buffered")):
         _, state = _run(tts, config, tokens=60)  # seed 0
         assert state.tokens == spoken
+    assert stream_tokens(tts, TEXT, max_new_tokens=60) == spoken  # T3 alone, nothing vocoded
+    assert stream_tokens(tts, TEXT, max_new_tokens=60, seed=1) != spoken  # the seed is the stream's
     upstream = StreamState(StreamReport("naive"))
     for _ in UpstreamTTS(tts).generate_stream(TEXT, max_new_tokens=60, seed=0, state=upstream):
         pass

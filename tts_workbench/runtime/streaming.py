@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,6 +180,56 @@ class StreamState:
         return bool(self.tokens or self.report.chunks or self.seams or self.t3.sampled)
 
 
+def _t3_blocks(
+    tts: ChatterboxTTS,
+    text: str,
+    max_new_tokens: int,
+    seed: int,
+    plan: DecodePlan | None,
+    block: int,
+    stats: DecodeStats,
+    language_id: str | None,
+    sampling: dict[str, Any],
+) -> Generator[torch.Tensor, None, None]:
+    """A stream's T3 blocks: the family's sampling defaults under the caller's, drawn from the
+    stream's own T3 generator (``StreamRandom(seed)``)."""
+    sampling = {**family_of(tts).sampling, **sampling}
+    cfg_weight = float(sampling.pop("cfg_weight", 0.0))  # Turbo has no guidance
+    return decode_blocks(
+        tts.t3,
+        tts.conds.t3,
+        text_tokens(tts, text, cfg_weight, language_id),
+        max_new_tokens=max_new_tokens,
+        plan=plan,
+        stop_check_every=block,
+        stats=stats,
+        cfg_weight=cfg_weight,
+        generator=StreamRandom(seed).generator(tts.t3.speech_head.weight.device),
+        **sampling,
+    )
+
+
+def stream_tokens(
+    tts: ChatterboxTTS,
+    text: str,
+    *,
+    max_new_tokens: int = 1000,
+    seed: int = 0,
+    plan: DecodePlan | None = None,
+    language_id: str | None = None,
+    **sampling: Any,
+) -> list[int]:
+    """The speech tokens ``stream`` vocodes with these arguments (its ``StreamState.tokens``),
+    from T3 alone: nothing is vocoded, so a check of many streams' tokens costs T3's time only."""
+    if tts.conds is None:
+        raise NoVoiceError()
+    if not text.strip():
+        raise EmptyTextError()
+    blocks = _t3_blocks(tts, text, max_new_tokens, seed, plan, 8, DecodeStats(), language_id, sampling)
+    ids = [t for block in blocks for t in block[0].tolist()]
+    return [t for t in ids if t < SPEECH_VOCAB_SIZE] + tail_tokens(tts.s3gen)
+
+
 def stream(
     tts: ChatterboxTTS,
     text: str,
@@ -225,24 +275,11 @@ def stream(
     # HiFT's source, the flow's start noise. Another stream in another thread changes none of them.
     # T3 and S3Gen draw from separate ones, so the tokens do not depend on when S3Gen ran: they are
     # the tokens of a one-shot generation with this seed.
-    t3_rng, state.rng = StreamRandom(seed), StreamRandom(seed + 3)
+    state.rng = StreamRandom(seed + 3)
     state.noise = noise_track(max_new_tokens + len(tail_tokens(tts.s3gen)), seed + 1)  # Turbo's silence too
     state.prompt_noise = noise_track(prompt_tokens, seed + 2)
-    sampling = {**family_of(tts).sampling, **sampling}
-    cfg_weight = float(sampling.pop("cfg_weight", 0.0))  # Turbo has no guidance
     stats = state.t3
-    blocks = decode_blocks(
-        tts.t3,
-        tts.conds.t3,
-        text_tokens(tts, text, cfg_weight, language_id),
-        max_new_tokens=max_new_tokens,
-        plan=plan,
-        stop_check_every=config.t3_block,
-        stats=stats,
-        cfg_weight=cfg_weight,
-        generator=t3_rng.generator(tts.t3.speech_head.weight.device),
-        **sampling,
-    )
+    blocks = _t3_blocks(tts, text, max_new_tokens, seed, plan, config.t3_block, stats, language_id, sampling)
     flow = flow or FlowPlan()
     if config.strategy == "naive":
         cutter = _naive

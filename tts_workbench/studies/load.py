@@ -36,7 +36,7 @@ from ..instruments.plots import load_figure, save
 from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
 from ..runtime.engine import StreamEngine, StreamHandle
 from ..runtime.optimized import decode_plan
-from ..runtime.streaming import StreamConfig, stream_all
+from ..runtime.streaming import StreamConfig, stream_tokens
 
 DEFAULT_TEXTS = (
     UPSTREAM_SENTENCE,
@@ -359,19 +359,16 @@ def format_load(report: dict[str, Any]) -> str:
 
 def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
     """Per level: did every stream speak exactly the tokens it speaks alone (same text, seed and
-    T3 dtype, ``streaming.stream`` with the static step)? One row per level. In bfloat16 a
+    T3 dtype, the static step: ``streaming.stream_tokens``, T3 alone)? One row per level. In bfloat16 a
     batched kernel's rounding can flip a near tie, so False there is not necessarily a bug."""
-    config = StreamConfig(**report["config"])
     parts = decode_plan(tts, report["t3_dtype"])  # the report's T3 dtype, the static step
     plan = DecodePlan(parts.prefill, parts.decode, autocast=parts.autocast, step="static")
     rows = []
     for level in report["levels"]:
         same = []
         for s in level["per_stream"]:
-            _, state = stream_all(
-                tts, s["text"], config, max_new_tokens=report["tokens"], seed=s["seed"], plan=plan
-            )
-            same.append(state.tokens == s["speech_tokens"])
+            alone = stream_tokens(tts, s["text"], max_new_tokens=report["tokens"], seed=s["seed"], plan=plan)
+            same.append(alone == s["speech_tokens"])
         failed = level["summary"]["failed"]
         rows.append({"streams": level["streams"], "solo_tokens": all(same), "failed": failed})
     return pd.DataFrame(rows)
