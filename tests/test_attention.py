@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from tts_workbench.instruments.attention import (
     why_not_flash,
 )
 from tts_workbench.models.sources import load_model
+from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.generation import generate
 from tts_workbench.studies.diagnose import decode_step_kernels
 
@@ -64,6 +67,30 @@ def test_why_not_flash_on_cpu(tiny_tts: ChatterboxTTS) -> None:
     reasons = why_not_flash(tiny_tts)
     assert any("device is cpu" in r for r in reasons) and any("float32" in r for r in reasons)
     assert not any("float32" in r for r in why_not_flash(tiny_tts, dtype=torch.bfloat16))
+
+
+def test_a_masked_step_is_told_flash_takes_no_mask(tiny_tts: ChatterboxTTS) -> None:
+    """The static step does pass a mask to SDPA (its cache's unused slots), upstream's eager
+    step none: why_not_flash(masked=True) names it (on CUDA can_use_flash_attention does)."""
+    masks: dict[str, list[object]] = {"eager": [], "static": []}
+    real = torch.nn.functional.scaled_dot_product_attention
+    for step, seen in masks.items():
+
+        def spy(*a: Any, seen: list[object] = seen, **k: Any) -> torch.Tensor:
+            seen.append(k.get("attn_mask", a[3] if len(a) > 3 else None))
+            return real(*a, **k)
+
+        plan = DecodePlan.plain(tiny_tts.t3, step=step)
+        ids = text_tokens(tiny_tts, "A mask or none.")
+        t3_decode(tiny_tts.t3, tiny_tts.conds.t3, ids, max_new_tokens=1, plan=plan)  # prefill apart
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+            seen.clear()
+            t3_decode(tiny_tts.t3, tiny_tts.conds.t3, ids, max_new_tokens=3, plan=plan)
+    # Two decode steps per generation after the prefill; each layer's call is seen.
+    assert masks["static"] and all(m is not None for m in masks["static"][-2:])
+    assert any(m is None for m in masks["eager"][-2:])
+    assert any("mask" in r for r in why_not_flash(tiny_tts, masked=True))
+    assert not any("mask" in r for r in why_not_flash(tiny_tts))
 
 
 def test_forced_backends_report_pass_and_fail(tiny_tts: ChatterboxTTS) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-from tts_workbench.core.patching import own_code, routed, shared
+from tts_workbench.core.patching import own_code, routed, shadow, shared
 
 
 class Voice:
@@ -69,3 +69,22 @@ def test_a_code_copy_keeps_keyword_only_defaults() -> None:
         return x + k
 
     assert own_code(f)(1) == 4 and own_code(f).__code__ is not f.__code__
+
+
+def test_shadows_overlapping_out_of_order_leave_the_instance_as_it_was() -> None:
+    """Two shadows (plain or shared) on the same method, entered and left in any order (two
+    threads): each leaving put back what it saw on entry, so one undid the other's and the
+    last left a wrapper on the model for good."""
+    for under, over in (("shared", "shadow"), ("shadow", "shared"), ("shadow", "shadow")):
+        for first_out in ("under", "over"):
+            v = Voice()
+            stacks = {"under": ExitStack(), "over": ExitStack()}
+            for place, kind in (("under", under), ("over", over)):
+                make = shared if kind == "shared" else shadow
+                stacks[place].enter_context(make(v, "speak", tagged(place)))
+            assert v.speak() == "over(under(upstream))"
+            stacks[first_out].close()
+            still = "over" if first_out == "under" else "under"
+            assert still in v.speak()  # the one still inside is still on the model ...
+            stacks[still].close()
+            assert v.speak() == "upstream" and "speak" not in vars(v), (under, over, first_out)  # then none

@@ -366,3 +366,16 @@ def test_bench_stream_row_times_t3_from_its_decode_stats(tts: ChatterboxTTS) -> 
     assert row["s3gen_calls"] >= 1 and row["ttfa_s"] <= row["wall_s"]
     # Tokens sampled, as the one-shot rows count them (random weights never stop before the cap).
     assert row["t3_tokens"] == 30
+
+
+def test_a_whole_prompt_yardstick_of_a_short_prompt_stream_is_the_whole_prompt_streams(
+    tts: ChatterboxTTS,
+) -> None:
+    """bench.compare_streaming measures every config against one one-shot call with the whole
+    prompt, made from its first config's stream: that stream's prompt noise was for its own
+    (maybe shortened) prompt, not the whole one."""
+    windows = {"first_window_s": 0.6, "window_s": 1.2}
+    _, short = stream_all(tts, TEXT, StreamConfig(prompt_s=1.0, **windows), max_new_tokens=30, seed=5)
+    _, whole = stream_all(tts, TEXT, StreamConfig(**windows), max_new_tokens=30, seed=5)
+    assert short.tokens == whole.tokens and short.prompt_noise.shape != whole.prompt_noise.shape
+    assert np.array_equal(one_shot(tts, short, StreamConfig()), one_shot(tts, whole, StreamConfig()))

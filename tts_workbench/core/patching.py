@@ -7,11 +7,12 @@ Everything the workbench does to a user's model goes through here:
   and signature (``functools.wraps``), so tracebacks and ``help()`` still read as upstream.
 - ``around``: the common case of ``shadow``: run every call of a method inside a context
   manager built for that call (a timer, a profiler range, ...).
-- ``shared`` and ``routed``: shadows that several threads may hold at once (streams in threads)
-  and leave in any order. Plain shadows restore what was there when they began, so two that
-  overlap without nesting would leave one of them on the model for good. ``shared`` installs
-  one wrapper for every user, the first in and the last out deciding; ``routed`` applies each
-  user's wrapper to its own thread's (or asyncio task's) calls only.
+- ``shared`` and ``routed``: shadows that several threads may hold at once (streams in threads).
+  Plain shadows in two threads stack: each thread's calls run both wrappers. ``shared``
+  installs one wrapper for every user, the first in and the last out deciding; ``routed``
+  applies each user's wrapper to its own thread's (or asyncio task's) calls only. Whatever
+  the kind and the order they leave in, the instance is left as it was: a shadow that leaves
+  while another sits on top of it is put back by that one.
 - ``preserved`` (``ModuleSnapshot``): remember every parameter and buffer tensor of modules
   (references, not copies) and put them back; casting with ``module.to(dtype)`` swaps
   ``param.data``, so the originals come back bit for bit at no memory cost beyond what the cast
@@ -57,16 +58,33 @@ def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
     try:
         yield
     finally:
-        if before is _MISSING:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, before)
+        _put_back(obj, name, wrapped, before)
 
 
 # Shadows held by several users at once: (id(obj), name) -> [what the instance had, users,
-# what is called], and each context's routes (a mapping replaced, never changed in place).
+# what is called, what was installed], and each context's routes (a mapping replaced, never
+# changed in place).
 _held: dict[tuple[int, str], list[Any]] = {}
-_held_lock = threading.Lock()
+_held_lock = threading.RLock()
+# A shadow that left while another sat on top of it (two threads, out of order): id -> (the
+# shadow, what to put back in its place when the one on top puts it back).
+_left: dict[int, tuple[Any, Any]] = {}
+
+
+def _put_back(obj: object, name: str, mine: Any, before: Any) -> None:
+    """Undo ``obj.name = mine``: put ``before`` back if ``mine`` is still on the instance; if
+    another shadow has been set on top since, leave it there and let it put back ``before``
+    (not ``mine``) when it leaves. ``before`` may itself have left meanwhile: then what it
+    stood for goes back."""
+    with _held_lock:
+        while id(before) in _left and _left[id(before)][0] is before:
+            before = _left.pop(id(before))[1]
+        if obj.__dict__.get(name, _MISSING) is not mine:
+            _left[id(mine)] = (mine, before)
+        elif before is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, before)
 _Routes = Mapping[tuple[int, str], Callable[..., Any]]
 _routes: ContextVar[_Routes] = ContextVar("tts_workbench_routes", default=types.MappingProxyType({}))
 
@@ -82,7 +100,7 @@ def _hold(obj: object, name: str, install: Callable[[Callable[..., Any]], Callab
             installed = install(original)
             if installed is not original:
                 functools.update_wrapper(installed, original)
-            entry = _held[key] = [obj.__dict__.get(name, _MISSING), 0, original]
+            entry = _held[key] = [obj.__dict__.get(name, _MISSING), 0, original, installed]
             setattr(obj, name, installed)
         entry[1] += 1
         return entry[2]
@@ -96,10 +114,7 @@ def _release(obj: object, name: str) -> None:
         entry[1] -= 1
         if entry[1] == 0:
             del _held[key]
-            if entry[0] is _MISSING:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, entry[0])
+            _put_back(obj, name, entry[3], entry[0])
 
 
 @contextmanager

@@ -232,13 +232,17 @@ def why_not_flash(
     dtype: torch.dtype | None = None,
     device: str | None = None,
     output_attentions: bool = True,
+    masked: bool = False,
 ) -> list[str]:
     """Reasons a fused Flash kernel is refused for a T3 decode step (empty: Flash can run).
+    ``masked``: the step passes an attention mask, as the static and compiled steps do (their
+    cache's slots past the positions in use are masked); upstream's eager step passes none.
 
     On CUDA the reasons come from ``torch.backends.cuda.can_use_flash_attention(debug=True)``;
     elsewhere from the same rules written out.
     """
     q, k, v = _sdpa_inputs(tts, keys, dtype, device)
+    mask = torch.ones(q.size(0), 1, 1, keys, dtype=torch.bool, device=q.device) if masked else None
     reasons = []
     backend = configured_backend(tts)
     if backend != "sdpa":
@@ -249,7 +253,7 @@ def why_not_flash(
     if q.device.type == "cuda":
         from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
-        params = SDPAParams(q, k, v, None, 0.0, False, False)
+        params = SDPAParams(q, k, v, mask, 0.0, False, False)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ok = can_use_flash_attention(params, debug=True)
@@ -264,6 +268,8 @@ def why_not_flash(
         reasons.append("dtype is float32: CUDA Flash needs float16 or bfloat16")
     if q.shape[-1] > 256 or q.shape[-1] % 8:
         reasons.append(f"head dim {q.shape[-1]} is not a multiple of 8 up to 256")
+    if mask is not None:
+        reasons.append("an attention mask is passed (the static cache's unused slots): Flash takes none")
     return reasons
 
 

@@ -72,7 +72,6 @@ from .streaming import (
     StreamConfig,
     StreamState,
     Window,
-    noise_track,
     shorten_prompt,
     window_metrics,
 )
@@ -618,9 +617,7 @@ class StreamEngine:
         state = handle.state
         gen = self._voice(conds)
         prompt_tokens = int(gen["prompt_token"].size(1))
-        state.rng = StreamRandom(r.seed + 3)  # as streaming.stream: S3Gen apart from T3
-        state.noise = noise_track(r.max_new_tokens + len(tail_tokens(self.tts.s3gen)), r.seed + 1)
-        state.prompt_noise = noise_track(prompt_tokens, r.seed + 2)
+        state.draw_from(r.seed, r.max_new_tokens + len(tail_tokens(self.tts.s3gen)), prompt_tokens)
         return _Live(
             handle=handle,
             rows=row,

@@ -414,7 +414,9 @@ class PerformanceOptimizedTTS(Pipeline):
             self._apply_policy()
             if tts.conds is not None:
                 self._ensure_conditionals_dtype()
-            self._flash_attention_available = not why_not_flash(tts, dtype=self.target_dtype)
+            # The static and compiled steps mask their cache's unused slots: Flash takes no mask.
+            masked = self.decode != "eager"
+            self._flash_attention_available = not why_not_flash(tts, dtype=self.target_dtype, masked=masked)
         except BaseException:
             self._stack.close()
             raise

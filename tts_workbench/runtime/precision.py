@@ -1,7 +1,7 @@
 """Dtype policies, float32 islands and conditionals casting: the fixes for the dtype causes.
 
 The dtype tracer (``dtypes.trace_dtypes``) finds where half precision breaks Chatterbox:
-kaldi fbank in CAMPPlus, the S3 tokenizer's log-mel, the VoiceEncoder LSTM under autocast,
+kaldi fbank in CAMPPlus, the S3 tokenizer's log-mel, the VoiceEncoder (float32 mels in, ``.numpy()`` out),
 HiFT's source module and iSTFT, and T3's conditioning encoder fed a float32 speaker embedding.
 The first five are signal processing on reference audio or waveforms, cheap and precision-hungry,
 so they become **islands**: their weights stay float32, their inputs are cast to float32 and
@@ -41,7 +41,7 @@ class Island:
 
 
 ISLANDS = (
-    Island("ve", "forward", "VoiceEncoder LSTM: no bfloat16 LSTM kernel under autocast"),
+    Island("ve", "forward", "VoiceEncoder: upstream feeds it float32 mels and .numpy()s its embedding"),
     Island("s3gen.tokenizer", "forward", "S3 tokenizer log-mel (STFT) on reference audio"),
     Island("s3gen.speaker_encoder", "inference", "CAMPPlus: kaldi fbank needs float32 input"),
     Island("s3gen", "mel_extractor", "reference mel spectrogram (STFT)"),

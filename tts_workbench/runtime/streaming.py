@@ -170,9 +170,24 @@ class StreamState:
     noise: torch.Tensor = field(default_factory=lambda: noise_track(0, 0))  # set by stream()
     prompt_noise: torch.Tensor = field(default_factory=lambda: noise_track(0, 0))  # set by stream()
     rng: StreamRandom = field(default_factory=lambda: StreamRandom(0))  # S3Gen's draws; set by stream()
+    seed: int = 0  # the stream's; set by stream()
     t3: DecodeStats = field(default_factory=DecodeStats)
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
     compile_before_first_s: float = 0.0  # the part of the compiling done before the first chunk
+
+    def draw_from(self, seed: int, tokens: int, prompt_tokens: int) -> None:
+        """The stream's own S3Gen draws for ``seed`` (its T3 draws from ``StreamRandom(seed)``):
+        HiFT's source and the flow's start noise, for ``tokens`` tokens and the prompt."""
+        self.seed, self.rng = seed, StreamRandom(seed + 3)
+        self.noise = noise_track(tokens, seed + 1)
+        self.prompt_noise = noise_track(prompt_tokens, seed + 2)
+
+    def prompt_noise_for(self, prompt_tokens: int) -> torch.Tensor:
+        """The start noise of a ``prompt_tokens`` prompt: the stream's own, or for a prompt of
+        another length (a one-shot yardstick with the whole prompt) drawn the same way."""
+        if self.prompt_noise.size(2) == prompt_tokens * FRAMES_PER_TOKEN:
+            return self.prompt_noise
+        return noise_track(prompt_tokens, self.seed + 2)
 
     @property
     def used(self) -> bool:
@@ -275,9 +290,7 @@ def stream(
     # HiFT's source, the flow's start noise. Another stream in another thread changes none of them.
     # T3 and S3Gen draw from separate ones, so the tokens do not depend on when S3Gen ran: they are
     # the tokens of a one-shot generation with this seed.
-    state.rng = StreamRandom(seed + 3)
-    state.noise = noise_track(max_new_tokens + len(tail_tokens(tts.s3gen)), seed + 1)  # Turbo's silence too
-    state.prompt_noise = noise_track(prompt_tokens, seed + 2)
+    state.draw_from(seed, max_new_tokens + len(tail_tokens(tts.s3gen)), prompt_tokens)  # Turbo's silence too
     stats = state.t3
     blocks = _t3_blocks(tts, text, max_new_tokens, seed, plan, config.t3_block, stats, language_id, sampling)
     flow = flow or FlowPlan()
@@ -549,8 +562,11 @@ def one_shot(
 ) -> np.ndarray:
     """The same tokens through one S3Gen call, on the same noise track and prompt: the reference
     a streamed utterance is compared with."""
-    gen = shorten_prompt(tts.conds.gen, config.prompt_s) if tts.conds else {}
-    noise = with_prompt_noise(state, state.noise[:, :, : len(state.tokens) * FRAMES_PER_TOKEN])
+    if tts.conds is None:
+        raise NoVoiceError()
+    gen = shorten_prompt(tts.conds.gen, config.prompt_s)
+    prompt = state.prompt_noise_for(int(gen["prompt_token"].size(1)))
+    noise = torch.cat([prompt, state.noise[:, :, : len(state.tokens) * FRAMES_PER_TOKEN]], dim=2)
     wav, *_ = _s3gen(tts, gen, state.tokens, noise, amp, StreamRandom(state.rng.seed))
     fade_in(tts.s3gen, torch.from_numpy(wav))
     return wav
