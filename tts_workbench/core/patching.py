@@ -85,6 +85,8 @@ def _put_back(obj: object, name: str, mine: Any, before: Any) -> None:
             delattr(obj, name)
         else:
             setattr(obj, name, before)
+
+
 _Routes = Mapping[tuple[int, str], Callable[..., Any]]
 _routes: ContextVar[_Routes] = ContextVar("tts_workbench_routes", default=types.MappingProxyType({}))
 
