@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test checks lint lab docs clean browser-test
+.PHONY: venv demo test checks lint lab docs clean browser-test integration-test
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ $(STAMP): requirements.lock pyproject.toml
 demo: venv
 	$(BIN)/tts-workbench diagnose --model tiny
 
+# Two tiers. `make test` (the developer's loop, under 10 minutes from a fresh clone): tests/ but
+# what is marked `integration`, with lint and the docs build. `make integration-test`: the
+# notebooks under nbval and the tests that start servers or pipelines of processes (the Ray
+# Serve server, the GPU check's dry run), each a minute or two of process starts and imports.
+# `.ci/run` runs both, then `make browser-test` (docs/measurements.md, "Set-up and test times").
 # The tests run in two pytest-xdist workers, one per core, each file (each notebook) whole on one
 # worker, and one OpenMP thread each: most tests here are small-model steps bound by Python
 # dispatch, so two workers use both cores where one process used about one, and two threads per
@@ -56,11 +61,16 @@ test: venv
 	@log=$$(mktemp); $(SUBMAKE) --no-print-directory checks >"$$log" 2>&1 & checks=$$!; \
 	trap 'kill $$checks 2>/dev/null; rm -f "$$log"; exit 130' INT TERM; \
 	$(WARM); \
-	$(PYTEST) -q tests notebooks --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
-	  --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider; tests=$$?; \
+	$(PYTEST) -q tests -m "not integration" -p no:cacheprovider; tests=$$?; \
 	wait $$checks; checked=$$?; cat "$$log"; rm -f "$$log"; \
 	[ $$checked = 0 ] || echo "make test: lint or the docs build failed (above)"; \
 	[ $$tests = 0 ] && [ $$checked = 0 ]
+
+# Every notebook is an integration test (conftest.py marks them).
+integration-test: venv
+	$(WARM)
+	$(PYTEST) -q tests notebooks -m integration --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
+	  --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
 
 # The docs build's log is shown only on failure (not `mkdocs -q`: in mkdocs 1.6 --quiet also
 # hides the warnings that --strict counts, so a broken link would pass).
@@ -78,7 +88,7 @@ browser-test: venv
 	SE_OFFLINE=true $(BIN)/python -m pytest -q browser_tests -p no:cacheprovider
 
 lint: venv
-	$(BIN)/ruff check tts_workbench tests
+	$(BIN)/ruff check tts_workbench tests conftest.py
 	$(BIN)/mypy tts_workbench
 	$(BIN)/lint-imports
 

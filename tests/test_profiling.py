@@ -277,6 +277,7 @@ def gpu_check_dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedP
     return p, json.loads((tmp_path / "gpu.json").read_text())
 
 
+@pytest.mark.integration  # five processes, each importing torch and building a model
 def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     # One dry run (each step is a process that builds the model): two configs keep it short (the
     # GPU run does six), and a policy that does not exist shows a failed step recorded with its

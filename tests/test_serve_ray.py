@@ -26,6 +26,8 @@ from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.serving.protocol import pcm16
 
+pytestmark = pytest.mark.integration  # a Ray cluster and two replicas: `make integration-test`
+
 TEXT = "One stream over HTTP, one in this process."
 START_S = 240  # replicas build their model, prepare the voice and warm up
 
