@@ -580,6 +580,7 @@ def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -
             assert (h.logits[i] - logits[i]).abs().max() <= 0.03 * logits[i].abs().max(), (k, i)
 
 
+@pytest.mark.integration  # two cold bucket compiles (~50 s of one core): the serving path's
 def test_the_compiled_engine_compiles_once_per_bucket_and_speaks_the_solo_tokens(tts: ChatterboxTTS) -> None:
     # One span (256 slots: the whole cache), so one graph per bucket.
     with StreamEngine(tts, max_streams=2, step="compiled", config=CONFIG, max_cache_len=256) as engine:

@@ -49,6 +49,7 @@ def test_padded_frames_leave_the_real_frames_as_they_were(tts: ChatterboxTTS) ->
     assert ((changed - plain).norm() / plain.norm()).item() > 1e-3
 
 
+@pytest.mark.integration  # two cold estimator compiles (~100 s of one core); notebook 07 shares them
 def test_compiled_stream_compiles_two_shapes_and_vocodes_every_token(tts: ChatterboxTTS) -> None:
     torch.manual_seed(7)  # S3Gen's own random draws (the prompt's start noise, HiFT's source)
     eager, state = stream_all(tts, TEXT, CONFIG, max_new_tokens=TOKENS)
