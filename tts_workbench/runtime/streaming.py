@@ -195,6 +195,11 @@ class StreamState:
         return bool(self.tokens or self.report.chunks or self.seams or self.t3.sampled)
 
 
+def speech_ids(ids: list[int]) -> list[int]:
+    """The ids S3Gen vocodes: T3's speech tokens without its start, stop and other special ids."""
+    return [t for t in ids if t < SPEECH_VOCAB_SIZE]
+
+
 def _t3_blocks(
     tts: ChatterboxTTS,
     text: str,
@@ -202,7 +207,7 @@ def _t3_blocks(
     seed: int,
     plan: DecodePlan | None,
     block: int,
-    stats: DecodeStats,
+    stats: DecodeStats | None,
     language_id: str | None,
     sampling: dict[str, Any],
 ) -> Generator[torch.Tensor, None, None]:
@@ -240,9 +245,8 @@ def stream_tokens(
         raise NoVoiceError()
     if not text.strip():
         raise EmptyTextError()
-    blocks = _t3_blocks(tts, text, max_new_tokens, seed, plan, 8, DecodeStats(), language_id, sampling)
-    ids = [t for block in blocks for t in block[0].tolist()]
-    return [t for t in ids if t < SPEECH_VOCAB_SIZE] + tail_tokens(tts.s3gen)
+    blocks = _t3_blocks(tts, text, max_new_tokens, seed, plan, 8, None, language_id, sampling)
+    return [t for block in blocks for t in speech_ids(block[0].tolist())] + tail_tokens(tts.s3gen)
 
 
 def stream(
@@ -314,7 +318,7 @@ def stream(
                 return
             ids = block[0].tolist()
             bar.update(len(ids))
-            state.tokens.extend(t for t in ids if t < SPEECH_VOCAB_SIZE)
+            state.tokens.extend(speech_ids(ids))
             invalid[0] += sum(t >= SPEECH_VOCAB_SIZE and t != stop for t in ids)
             yield True
 
