@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
@@ -30,7 +31,7 @@ from tts_workbench.runtime.engine import StreamEngine, as_ready, buckets
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
-from tts_workbench.studies.load import arrival_offsets, listener_summary
+from tts_workbench.studies.load import arrival_offsets, format_real_time, listener_summary, real_time_capacity
 
 CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
 TEXTS = [
@@ -184,6 +185,24 @@ def test_a_stage_that_dies_says_why_to_later_callers(tts: ChatterboxTTS) -> None
             engine.submit(TEXTS[1], seed=1)
         assert isinstance(e.value.__cause__, MemoryError)
         assert engine.stop_reason == str(e.value)  # what a server's /health reports
+        assert engine.active() == 0 and engine.queued() == 0  # the failed stream is not counted
+
+
+def test_closing_a_busy_engine_ends_every_stream_and_counts_none(tts: ChatterboxTTS) -> None:
+    engine = StreamEngine(tts, max_streams=1, config=CONFIG)
+    running = engine.submit(TEXTS[1], seed=0, max_new_tokens=400)
+    waiting = engine.submit(TEXTS[0], seed=1, max_new_tokens=TOKENS)
+    for _ in range(3000):  # bounded wait (30 s): admitted and decoding
+        if running.sampled:
+            break
+        time.sleep(0.01)
+    assert engine.active() == 1 and engine.queued() == 1
+    engine.close()
+    # what /health and the Prometheus gauges report: no stream is left counted after close
+    assert engine.active() == 0 and engine.queued() == 0
+    for h in (running, waiting):
+        with pytest.raises(RuntimeError, match="closed before this stream ended"):
+            list(h)
 
 
 def test_a_vocoder_failure_fails_its_stream_not_the_others_in_its_flow_call(
@@ -494,6 +513,32 @@ def test_load_cli_reports_each_level(
         assert all(row["speech_tokens"] and row["ttfa_s"] > 0 for row in level["per_stream"])
     assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
     assert "note" in report and "capped at 20 tokens" in report["note"]
+    # which levels held in real time, by the stated first-audio limit (the default 0.5 s)
+    real_time = report["real_time"]
+    assert real_time["first_audio_limit_s"] == 0.5
+    for level in report["levels"]:
+        s = level["summary"]
+        held = not s["failed"] and not s["streams_with_underruns"] and s["ttfa_p95_s"] <= 0.5
+        assert (str(level["streams"]) not in real_time["missed"]) == held  # JSON keys are strings
+
+
+def test_the_capacity_is_the_largest_level_held_and_each_miss_says_why() -> None:
+    def level(n: int, p95: float | None, failed: int = 0, underran: int = 0) -> dict[str, Any]:
+        return {"streams": n, "failed": failed, "ttfa_p95_s": p95, "streams_with_underruns": underran,
+                "worst_underrun_s": 0.3 if underran else 0.0}  # fmt: skip
+
+    levels = pd.DataFrame([level(1, 0.2), level(2, 0.4), level(4, 0.45, underran=2), level(8, 0.9, failed=1)])
+    got = real_time_capacity(levels, first_audio_limit_s=0.5)
+    assert got["streams"] == 2 and set(got["missed"]) == {4, 8}
+    assert got["missed"][4] == "2 underran (worst gap 0.30 s)"
+    assert got["missed"][8] == "1 failed; first-audio p95 0.90 s > 0.5 s"
+    assert real_time_capacity(levels, first_audio_limit_s=0.3)["streams"] == 1  # 2's p95 is 0.4 s
+    text = format_real_time(got)
+    assert text.startswith("held in real time: 2 streams") and "4 streams missed: 2 underran" in text
+    # a level where no stream spoke has no first-audio p95 (NaN in the frame): it missed too
+    nobody = real_time_capacity(pd.DataFrame([level(1, None, failed=1)]))
+    assert nobody["streams"] is None and "none spoke" in nobody["missed"][1]
+    assert format_real_time(nobody).startswith("held in real time: no level")
 
 
 def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
@@ -532,6 +577,7 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
         (["--texts", "LATIN1"], "--texts"),
         (["--tokens", "5000"], "--tokens"),
         (["--first-window-s", "inf"], "--first-window-s"),
+        (["--first-audio-limit", "0"], "--first-audio-limit"),
         (["--url", "http://127.0.0.1:1", "--timeout", "0"], "--timeout"),
         (["--url", "http://127.0.0.1:1", "--timeout", "nan"], "--timeout"),
         (["--url", "http://127.0.0.1:abc"], "--url"),

@@ -67,16 +67,19 @@ def family_time_figure(families: pd.DataFrame) -> Figure:
     return fig
 
 
-def load_figure(levels: pd.DataFrame) -> Figure:
-    """The load study (``load.load_frame``): time to first audio p50/p95/p99 (left) and seconds
-    of audio delivered per wall second (right) against concurrent streams, each level's
-    limiting stage written beside its point. On the right, the dashed line is what every
-    stream in real time from its arrival would deliver (``real_time_audio_per_wall_s``: the
-    diagonal for a burst): a point below it means the streams together fall behind."""
+def load_figure(levels: pd.DataFrame, first_audio_limit_s: float | None = None) -> Figure:
+    """The load study (``load.load_frame``): time to first audio p50/p95/p99 (left, with the
+    real-time limit on it when given) and seconds of audio delivered per wall second (right)
+    against concurrent streams, each level's limiting stage written beside its point. On the
+    right, the dashed line is what every stream in real time from its arrival would deliver
+    (``real_time_audio_per_wall_s``: the diagonal for a burst): a point below it means the
+    streams together fall behind."""
     fig, (ax_t, ax_a) = plt.subplots(1, 2, figsize=(10, 3.4))
     x = levels["streams"]
     for q, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
         ax_t.plot(x, levels[f"ttfa_{q}_s"], style, label=q)
+    if first_audio_limit_s is not None:
+        ax_t.axhline(first_audio_limit_s, color="tab:red", lw=0.8, ls="--", label="real-time limit")
     ax_t.set(xlabel="concurrent streams", ylabel="time to first audio (s)", xscale="log", title="first audio")
     ax_t.legend()
     ax_a.plot(x, levels["audio_per_wall_s"], "o-", color="tab:green", label="delivered")

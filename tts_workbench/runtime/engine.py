@@ -455,8 +455,16 @@ class StreamEngine:
             self._lock.notify_all()
         for thread in self._threads:
             thread.join(timeout=60)
-        for h in [*self._waiting, *(live.handle for live in self._vocoding)]:
+        for h in self._take_all():
             h._put(RuntimeError("the engine was closed before this stream ended"))
+
+    def _take_all(self) -> list[StreamHandle]:
+        """Every queued and admitted stream, no longer counted (``queued()``, ``active()``): the
+        engine has stopped, the caller fails them."""
+        with self._lock:
+            handles = [*self._waiting, *(live.handle for live in self._vocoding)]
+            self._waiting, self._vocoding = [], []
+        return handles
 
     def __enter__(self) -> StreamEngine:
         return self
@@ -479,10 +487,8 @@ class StreamEngine:
                 with self._lock:
                     self._stopped = True
                     self._failure = (stage, e)
-                    handles = [*self._waiting, *(live.handle for live in self._vocoding)]
-                    self._waiting = []  # failed below: no longer queued
                     self._lock.notify_all()
-                for h in handles:
+                for h in self._take_all():
                     h._put(e)
 
         return run

@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 from ..core.constants import SAMPLE_RATE
 from ..core.errors import ConfigError
 from ..instruments.latency import underruns
-from .load import DEFAULT_TEXTS, arrival_offsets, listener_summary, parse_arrival, write_load
+from .load import (
+    DEFAULT_TEXTS,
+    FIRST_AUDIO_LIMIT_S,
+    arrival_offsets,
+    conclude,
+    listener_summary,
+    parse_arrival,
+)
 
 IDENTITY = {"Accept-Encoding": "identity"}  # httpx asks for gzip by default
 
@@ -183,13 +190,15 @@ def run_http_load(
     tokens: int = 150,
     seed: int = 0,
     timeout_s: float = 300.0,
+    first_audio_limit_s: float = FIRST_AUDIO_LIMIT_S,
     outdir: str | Path | None = None,
     progress: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> dict[str, Any]:
-    """Each level's streams sent to ``url`` (``http://HOST:PORT``); writes ``load.json`` and
-    ``load.png`` to ``outdir`` when given. Every request is bounded by ``timeout_s``.
-    ``transport``: httpx's, to reach a server in this process (``httpx.ASGITransport``)."""
+    """Each level's streams sent to ``url`` (``http://HOST:PORT``) and how many held in real
+    time (``load.conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given.
+    Every request is bounded by ``timeout_s``. ``transport``: httpx's, to reach a server in
+    this process (``httpx.ASGITransport``)."""
     url = check_url(url)
     texts = texts or list(DEFAULT_TEXTS)
     kind = parse_arrival(arrival)
@@ -213,6 +222,4 @@ def run_http_load(
         "note": f"each stream ends where the server ends it, at max_tokens={tokens} at most (a model with "
         "random weights never emits a stop token, so its streams run to max_tokens)",
     }
-    if outdir is not None:
-        write_load(report, outdir)
-    return report
+    return conclude(report, first_audio_limit_s, outdir)

@@ -44,6 +44,9 @@ DEFAULT_TEXTS = (
     "Streaming speech should start quickly and never stop to catch its breath.",
     "How many voices can one machine carry before a listener hears a gap?",
 )
+# The longest a listener waits for speech to start before a level no longer counts as real
+# time (issue 19's target on a GPU; conversational agents aim lower still).
+FIRST_AUDIO_LIMIT_S = 0.5
 
 
 def parse_levels(value: str) -> list[int]:
@@ -276,13 +279,14 @@ def run_load(
     step: str = "static",
     policy: str = "float32",
     config: StreamConfig | None = None,
+    first_audio_limit_s: float = FIRST_AUDIO_LIMIT_S,
     outdir: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The load study at each level (``run_level``); writes ``load.json`` and ``load.png`` to
-    ``outdir`` when given. ``tts`` has its voice prepared. ``policy`` is the dtype T3 runs in
-    (``optimized.decode_plan``: float32, bfloat16, decode-bfloat16, ...; weights copied, the
-    model untouched); S3Gen runs as loaded."""
+    """The load study at each level (``run_level``) and how many streams held in real time
+    (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given. ``tts`` has
+    its voice prepared. ``policy`` is the dtype T3 runs in (``optimized.decode_plan``: float32,
+    bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded."""
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
     kind = parse_arrival(arrival)
@@ -315,20 +319,57 @@ def run_load(
         "levels": runs,
         "note": f"random weights never emit a stop token: every stream is capped at {tokens} tokens",
     }
-    if outdir is not None:
-        write_load(report, outdir)
-    return report
+    return conclude(report, first_audio_limit_s, outdir)
 
 
-def write_load(report: dict[str, Any], outdir: str | Path) -> None:
-    """``load.json`` and ``load.png`` into ``outdir``; their paths in ``report["files"]``."""
+def conclude(report: dict[str, Any], first_audio_limit_s: float, outdir: str | Path | None) -> dict[str, Any]:
+    """``report`` with ``real_time`` (``real_time_capacity``) added; ``load.json`` and
+    ``load.png`` written into ``outdir`` when given, their paths in ``report["files"]``."""
+    report["real_time"] = real_time_capacity(load_frame(report), first_audio_limit_s)
+    if outdir is None:
+        return report
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "load.json").write_text(json.dumps(report, indent=2))
-    report["files"] = {
-        "json": str(out / "load.json"),
-        "figure": str(save(load_figure(load_frame(report)), out / "load.png")),
-    }
+    figure = load_figure(load_frame(report), first_audio_limit_s)
+    report["files"] = {"json": str(out / "load.json"), "figure": str(save(figure, out / "load.png"))}
+    return report
+
+
+def real_time_capacity(
+    levels: pd.DataFrame, first_audio_limit_s: float = FIRST_AUDIO_LIMIT_S
+) -> dict[str, Any]:
+    """How many streams the device held in real time, from the levels run (``load_frame``):
+    ``streams``, the largest level where every stream spoke, none underran after its first
+    audio and the first-audio p95 was within ``first_audio_limit_s`` (None when no level held),
+    and ``missed``, why each other level did not. Levels not run say nothing: between a level
+    that held and one that missed, the capacity is not known."""
+    missed: dict[int, str] = {}
+    for row in levels.itertuples(index=False):
+        why = []
+        if row.failed:
+            why.append(f"{row.failed} failed")
+        if row.streams_with_underruns:
+            why.append(f"{row.streams_with_underruns} underran (worst gap {row.worst_underrun_s:.2f} s)")
+        if pd.isna(row.ttfa_p95_s) or row.ttfa_p95_s > first_audio_limit_s:
+            p95 = "none spoke" if pd.isna(row.ttfa_p95_s) else f"{row.ttfa_p95_s:.2f} s"
+            why.append(f"first-audio p95 {p95} > {first_audio_limit_s:g} s")
+        if why:
+            missed[int(row.streams)] = "; ".join(why)
+    held = [int(n) for n in levels["streams"] if int(n) not in missed]
+    return {"first_audio_limit_s": first_audio_limit_s, "streams": max(held, default=None), "missed": missed}
+
+
+def format_real_time(real_time: dict[str, Any]) -> str:
+    """How many streams held in real time, then one line per level that missed, saying why."""
+    held = real_time["streams"]
+    head = "no level" if held is None else f"{held} stream{'s' if held > 1 else ''}"
+    limit = real_time["first_audio_limit_s"]
+    criteria = f"every stream spoke, no underrun after first audio, first-audio p95 <= {limit:g} s"
+    missed = [
+        f"  {n} stream{'s' if int(n) > 1 else ''} missed: {why}" for n, why in real_time["missed"].items()
+    ]
+    return "\n".join([f"held in real time: {head} ({criteria})", *missed])
 
 
 def load_frame(report: dict[str, Any]) -> pd.DataFrame:
@@ -350,6 +391,7 @@ def format_load(report: dict[str, Any]) -> str:
         "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
         "real-time stream)" + ("; *_busy_pct: share of the wall time each stage's thread was working"
                                if "t3_busy_pct" in frame else ""),
+        format_real_time(report["real_time"]),
         report["note"],
     ]  # fmt: skip
     if "files" in report:
