@@ -24,7 +24,7 @@ from tts_workbench.instruments.attention import (
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.generation import generate
-from tts_workbench.studies.diagnose import decode_step_kernels
+from tts_workbench.studies.diagnose import _stage, decode_step_kernels
 
 
 def test_sdpa_backbone_with_and_without_output_attentions(tiny_tts: ChatterboxTTS) -> None:
@@ -60,6 +60,22 @@ def test_kernels_per_phase_on_the_real_generate_path(tiny_tts: ChatterboxTTS) ->
     assert len(calls) == sum(sum(k.values()) for k in phases.values())
     share = rec.summary()["time_share_ms"]["t3.decode"]
     assert share["linear/matmul"] > 0 and share["attention"] > 0
+
+
+def test_a_profiler_that_cannot_start_reports_its_own_error(tiny_tts: ChatterboxTTS) -> None:
+    """Its error, not an UnboundLocalError from reading a profile that never began; a diagnosis
+    stage reports it on its line and goes on."""
+
+    class Refusing(torch.profiler.profile):
+        def __enter__(self) -> Any:
+            raise RuntimeError("the profiler cannot start here")
+
+    with mock.patch("tts_workbench.instruments.attention.profile", Refusing):
+        with pytest.raises(RuntimeError, match="cannot start here"):
+            with record_kernels(tiny_tts):
+                pass
+        stage = _stage(tiny_tts, lambda: None, kernels=True)
+    assert stage["error"] == "RuntimeError: the profiler cannot start here"
 
 
 def test_why_not_flash_on_cpu(tiny_tts: ChatterboxTTS) -> None:

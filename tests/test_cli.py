@@ -126,7 +126,7 @@ def test_an_output_folder_that_is_a_file_gives_one_error_line(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["serve", "--port", "99999"], "a port number from 0 to 65535, got '99999'"),
+        (["serve", "--port", "99999"], "a port number from 1 to 65535, got '99999'"),
         (["bench", "--tokens", "x"], "--tokens: must be a positive integer, got 'x'"),
         (["bench", "--warmup", "-1"], "--warmup: must be an integer >= 0, got '-1'"),
         (["stream", "--seed", "99999999999999999999999"], "--seed: must be an integer from 0 to 2**63 - 1"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch._dynamo.utils import counters
 
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.rng import StreamRandom
+from tts_workbench.models import vocode
 from tts_workbench.models.sources import load_model, make_reference_wav
 from tts_workbench.models.vocode import FlowPlan, flow_mels
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, stream_all
@@ -115,3 +117,19 @@ def test_the_estimator_runs_without_a_streams_random_mode(tts: ChatterboxTTS, pl
     finally:
         hook.remove()
     assert seen and not any(seen) and mels.shape == (1, 80, 24)
+
+
+def test_a_stream_counts_only_its_own_threads_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams in two threads share a wrapper's FlowPlan: what one subtracts from its flow time
+    (``compile_s_here``) is what its own thread compiled, not a compile another stream ran
+    meanwhile (``compile_s`` counts every thread)."""
+    monkeypatch.setattr(vocode, "compile_method", lambda fn, module, *a, **kw: lambda *x: fn(module, *x))
+    plan, estimator = FlowPlan("compiled"), torch.nn.Linear(4, 4)
+    other = threading.Thread(
+        target=plan._estimator, args=(estimator, estimator.forward, (torch.zeros(1, 4),))
+    )
+    other.start()
+    other.join(timeout=60)
+    assert plan.compile_s > 0 and plan.compile_s_here == 0.0  # compiled in the other thread
+    plan._estimator(estimator, estimator.forward, (torch.zeros(2, 4),))  # a new shape, here
+    assert 0 < plan.compile_s_here < plan.compile_s

@@ -19,6 +19,7 @@ from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import make_reference_wav
 from tts_workbench.runtime.decode import prefill_length
+from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.serving.api import speech_app
 from tts_workbench.serving.protocol import Limits, RequestError, parse_speech, pcm16, wav_header
 from tts_workbench.serving.service import ServeOptions, SpeechService
@@ -187,6 +188,24 @@ def test_a_service_refuses_options_no_request_could_run_with(tmp_path: Path) -> 
         SpeechService(ServeOptions(run_dir=str(tmp_path), max_input_chars=1000, max_cache_len=1024))
 
 
+def test_a_service_whose_warm_up_fails_stops_its_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compile error in the warm-up must not leave the engine's two threads and its cache
+    behind: the caller (a Ray replica) never gets a service to close."""
+    built: list[StreamEngine] = []
+
+    def failing(engine: StreamEngine) -> float:
+        built.append(engine)
+        raise RuntimeError("the compile failed, on purpose")
+
+    monkeypatch.setattr(StreamEngine, "warmup", failing)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        SpeechService(ServeOptions(run_dir=str(tmp_path)))
+    [engine] = built
+    assert not engine.running and not any(t.is_alive() for t in engine._threads)
+
+
 def _holding_a_port() -> tuple[socket.socket, int]:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -215,6 +234,7 @@ def test_serve_refuses_bad_flags_before_starting_ray(
     (tmp_path / "bad" / "broken.wav").write_bytes(b"RIFF not really")
     cases = [
         (["--port", str(port)], "--port"),
+        (["--port", "0"], "--port"),  # any free port: the URL printed would not be the server's
         (["--port", str(_free_port()), "--voices", str(tmp_path / "missing")], "--voices"),
         (["--port", str(_free_port()), "--voices", str(tmp_path / "empty")], "--voices"),
         (["--port", str(_free_port()), "--voices", str(tmp_path / "bad")], "--voices"),
@@ -230,11 +250,22 @@ def test_serve_refuses_bad_flags_before_starting_ray(
     try:
         for args, flag in cases:
             out = [] if "--out" in args else ["--out", str(tmp_path / "run")]
-            assert main(["serve", *args, *out]) == 2, args
+            try:
+                rc = main(["serve", *args, *out])
+            except SystemExit as e:  # refused by the parser itself
+                rc = e.code
+            assert rc == 2, args
             errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
             assert len(errors) == 1 and flag in errors[0], (args, errors)
     finally:
         held.close()
+
+
+def test_the_servers_url_writes_an_ipv6_host_in_brackets() -> None:
+    from tts_workbench.serving.deployment import Placement  # imports Ray
+
+    assert Placement("::1", 8000).url == "http://[::1]:8000"
+    assert Placement("127.0.0.1", 8000).url == "http://127.0.0.1:8000"
 
 
 # Ray Serve's message when every start of a replica failed (its constructor raised).

@@ -197,6 +197,19 @@ def test_pretrained_offline_fails_at_once_and_says_what_to_do(
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     before = c.HF_HUB_OFFLINE
-    with pytest.raises(SourceError, match="load_model\\('/path/to/folder'\\)"):
+    with pytest.raises(SourceError, match="load_model\\('/path/to/folder'\\)") as e:
         load_model("pretrained")
     assert c.HF_HUB_OFFLINE == before  # offline only during the call
+    # the hub's own reason is named (its type and first line), not only "not available"
+    cause = e.value.__cause__
+    assert cause is not None and f"({type(cause).__name__}: {str(cause).splitlines()[0]}" in str(e.value)
+
+
+def test_building_a_model_leaves_the_callers_random_state_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_model("tiny", seed=7)
+    assert torch.equal(torch.rand(3), expected)  # the caller's draws go on as if nothing was built
+    b = load_model("tiny", seed=7)
+    assert all(torch.equal(p, q) for p, q in zip(a.t3.parameters(), b.t3.parameters(), strict=True))

@@ -11,6 +11,7 @@ all those steps had identical inputs, so a wrong step (position, cache slot, mas
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -443,6 +444,44 @@ def test_a_refused_generation_leaves_the_paused_ones_cache_alone(tiny_tts: Chatt
             _run(tiny_tts, plan, text=OTHER, n=4)
     assert torch.equal(torch.cat([first, *paused], dim=1), alone)  # resumed on its own cache
     assert _run(tiny_tts, plan, n=4)[0].tokens.size(1) == 4  # free once the holder has ended
+
+
+def test_two_threads_starting_on_one_plan_cannot_both_take_its_cache(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is claimed where it is checked: a second generation that starts while the first
+    is still loading its prefill is refused, not let in to share the cache."""
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE)
+    _run(tiny_tts, plan, n=2)  # the step is built, so both threads below take the same one
+    loading, go = threading.Event(), threading.Event()
+    real_load = StaticStep.load
+
+    def slow_load(step: StaticStep, past: Any) -> None:
+        loading.set()
+        go.wait(timeout=10)  # bounded: held until the second generation has been let in or refused
+        real_load(step, past)
+
+    monkeypatch.setattr(StaticStep, "load", slow_load)
+    errors: dict[str, BaseException | None] = {}
+
+    def run(name: str) -> None:
+        try:
+            _run(tiny_tts, plan, n=4)
+            errors[name] = None
+        except BaseException as e:
+            errors[name] = e
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert loading.wait(timeout=30)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    second.join(timeout=3)  # refused at once; let in, it would wait in slow_load
+    go.set()
+    for t in (first, second):
+        t.join(timeout=60)
+    assert errors["first"] is None
+    assert isinstance(errors["second"], CacheError) and "still uses" in str(errors["second"])
 
 
 def test_a_compile_failure_falls_back_to_the_static_step(

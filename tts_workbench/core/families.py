@@ -129,3 +129,12 @@ def check_language(language_id: str) -> str:
             f"installed (upstream would skip that step and change the tokens): pip install {package}"
         )
     return code
+
+
+def kv_layout(config: Any) -> tuple[int, int]:
+    """Key/value heads and head width of a T3 backbone's transformers config: what one cache
+    row holds per layer and position (GPT-2, Turbo's backbone, has no grouped keys: as many
+    key/value heads as query heads)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(heads), int(head_dim)

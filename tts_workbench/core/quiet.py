@@ -70,9 +70,9 @@ def upstream_silenced() -> Iterator[None]:
 
 def notebook_setup() -> None:
     """First call of every notebook: library noise off, so a cell shows the workbench's output,
-    and figures shown as pictures. The workbench builds bare ``matplotlib.figure.Figure`` objects
-    (no pyplot state); IPython shows those as text until the inline backend registers its image
-    formatter for the class, which ``%matplotlib inline`` does."""
+    and figures shown as pictures: ``%matplotlib inline`` shows the figures pyplot made in a cell
+    (``instruments.plots``) when it ends, and registers the image formatter that shows a bare
+    ``matplotlib.figure.Figure`` (the timeline and seam figures) as a picture, not as text."""
     quiet_libraries()
     from IPython import get_ipython
 

@@ -33,6 +33,7 @@ from chatterbox.tts import ChatterboxTTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
+from ..core.families import kv_layout
 from .profiling import EAGER, FUSED_KERNELS, activities, op_frame, phase_regions, time_share
 
 
@@ -83,11 +84,15 @@ def record_kernels(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> It
     The record is filled when the block exits.
     """
     record = KernelRecord()
+    prof = profile(activities=activities(), record_shapes=True)
+    ran = False  # a profiler that could not start has no events: its own error goes up alone
     try:
-        with profile(activities=activities(), record_shapes=True) as prof, phase_regions(tts, extra_tfmrs):
+        with prof, phase_regions(tts, extra_tfmrs):
+            ran = True
             yield record
     finally:  # also when the block raised: the kernels that ran before the error count
-        record.ops = op_frame(prof.events())
+        if ran:
+            record.ops = op_frame(prof.events())
 
 
 # ---------------------------------------------------------------- configuration and probes
@@ -216,9 +221,8 @@ def _sdpa_inputs(tts: ChatterboxTTS, keys: int, dtype: torch.dtype | None, devic
     p = next(tts.t3.parameters())
     dtype = dtype or p.dtype
     dev = torch.device(device) if device else p.device
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads, head_dim = kv_layout(cfg)
     batch = 1 if getattr(tts.t3, "is_gpt", False) else 2  # Turbo has no guidance batch
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads  # GPT-2: no GQA
     # Zeros, not random: whether a kernel can run does not depend on the values, and drawing
     # them would move the caller's global random state (a later unseeded generate).
     q = torch.zeros(batch, cfg.num_attention_heads, 1, head_dim, dtype=dtype, device=dev)

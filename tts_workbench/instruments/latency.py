@@ -116,7 +116,6 @@ class StreamReport:
             "audio_s": self.audio_s,
             "rtf": self.rtf,
             "s3gen_calls": self.s3gen_calls,
-            "vocoder_calls": self.s3gen_calls,
             "t3_s": sum(c.t3_s for c in self.chunks),
             "flow_s": sum(c.flow_s for c in self.chunks),
             "vocoder_s": sum(c.vocoder_s for c in self.chunks),

@@ -106,7 +106,6 @@ def profile_run(
     run: str = "generation",
     memory: bool = False,
     schedule: Callable[[int], Any] | None = None,
-    extra_tfmrs: Sequence[object] = (),
     phases: bool = True,
 ) -> Iterator[torch.profiler.profile]:
     """Profile the block with phase regions; the trace goes to ``logdir/run/`` in the format
@@ -133,7 +132,7 @@ def profile_run(
             schedule=schedule,
             on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name="workbench"),
         ) as prof,
-        phase_regions(tts, extra_tfmrs) if phases else nullcontext(),
+        phase_regions(tts) if phases else nullcontext(),
     ):
         yield prof
 

@@ -65,7 +65,7 @@ def _seed(value: str) -> int:
 
 
 def _port(value: str) -> int:
-    return _integer(value, 0, 65535, "a port number from 0 to 65535")
+    return _integer(value, 1, 65535, "a port number from 1 to 65535")  # 0 would print no usable URL
 
 
 def _voice_file(value: str) -> str:

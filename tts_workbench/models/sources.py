@@ -373,11 +373,13 @@ def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
     if size not in MODELS:
         raise SourceError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
     dev = check_device(device)
-    torch.manual_seed(seed)
     family, cfg = MODELS[size]
-    t3, s3gen = _t3(family, cfg), _s3gen(family, cfg)
     tokenizer = _read_tokenizer(family, _default_tokenizer(family))
-    return _assemble(family, t3, s3gen, VoiceEncoder(), tokenizer, dev)
+    # Seeded weights (the watermarker upstream's constructor builds draws too); the caller's
+    # random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _assemble(family, _t3(family, cfg), _s3gen(family, cfg), VoiceEncoder(), tokenizer, dev)
 
 
 # ---------------------------------------------------------------- checkpoint folders
@@ -530,32 +532,32 @@ def load_folder(
 
 
 @contextmanager
-def _offline(constants: Any, offline: bool = True) -> Iterator[None]:
+def _offline(constants: Any) -> Iterator[None]:
     """The hub used offline (cached files only) while inside: an offline machine fails at once
     instead of waiting on the network."""
     saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = saved or offline
+    constants.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
         constants.HF_HUB_OFFLINE = saved
 
 
-def load_pretrained(device: str = "cpu", allow_download: bool = False, family: str = "standard") -> TTSModel:
-    """Upstream ``from_pretrained`` of ``family``; without ``allow_download`` offline (cached
-    files only)."""
+def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
+    """Upstream ``from_pretrained`` of ``family``, offline (files already in the hub's cache)."""
     from huggingface_hub import constants
 
     check_device(device)
     fam = FAMILIES[family]
     try:
-        with _offline(constants, not allow_download):
+        with _offline(constants):
             cls: Any = fam.model_class
             model: TTSModel = cls.from_pretrained(device)
             return model
-    except Exception as e:  # hub errors have many types; all mean "weights not available"
+    except Exception as e:  # hub errors have many types; the first line of each says which
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
         raise SourceError(
-            f"pretrained Chatterbox {family} weights are not available ({type(e).__name__}). Offline, "
+            f"pretrained Chatterbox {family} weights could not be loaded ({why}). Offline, "
             f"download {', '.join(fam.files)} and conds.pt from {fam.repo} on a connected machine, "
             "copy them into a folder and use load_model('/path/to/folder')"
         ) from e

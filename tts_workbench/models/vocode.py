@@ -14,6 +14,7 @@ time) runs in a stream: eager, or compiled for the stream's few fixed window sha
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -70,9 +71,16 @@ class FlowPlan:
             raise ConfigError(f"unknown flow mode {mode!r}: use {' or '.join(FLOW_MODES)}")
         self.mode = mode
         self.compile_s = 0.0  # compiling and warming up new shapes, all calls together
-        self.shapes: set[tuple[Any, ...]] = set()  # (frames, dtype) compiled so far
+        self._here = threading.local()  # the same, per thread (``compile_s_here``)
+        self.shapes: set[tuple[Any, ...]] = set()  # (estimator id, shape, dtype, autocast) compiled so far
         self.fallback_reason: str | None = None
         self._compiled: dict[int, Callable[..., torch.Tensor]] = {}  # per estimator (id)
+
+    @property
+    def compile_s_here(self) -> float:
+        """``compile_s`` of this thread's calls: what a stream subtracts from its own flow time
+        (streams in other threads may share this plan and compile meanwhile)."""
+        return float(getattr(self._here, "s", 0.0))
 
     @property
     def compiled(self) -> bool:
@@ -154,7 +162,9 @@ class FlowPlan:
                 stacklevel=2,
             )
             fn = forward
-        self.compile_s += now(x.device) - t0
+        spent = now(x.device) - t0
+        self.compile_s += spent
+        self._here.s = self.compile_s_here + spent
         return fn
 
 

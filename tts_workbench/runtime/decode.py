@@ -47,6 +47,7 @@ block's stop check), never inside a step.
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -78,7 +79,7 @@ from ..core.clock import now
 from ..core.compiling import compile_method, failure_reason, replay, skipping_guards, warmup_calls
 from ..core.constants import dtype_name
 from ..core.errors import CacheError, ConfigError
-from ..core.families import language_for
+from ..core.families import kv_layout, language_for
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
 
@@ -290,7 +291,6 @@ class StaticStep:
         device: torch.device,
         compile: bool = False,
         enter: Callable[[], Any] = torch.inference_mode,
-        warmup: int | None = None,
         sampler: Sampler,
         cpp_wrapper: bool = False,
     ) -> None:
@@ -300,15 +300,13 @@ class StaticStep:
         self.dtype, self.device = dtype, torch.device(device)
         self.embed_dtype = parts.dtype
         config: Any = parts.tfmr.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads, head_dim = kv_layout(config)
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
         self.cache.layers = [
             _SpanStaticLayer(max_cache_len) if type(layer) is StaticLayer else layer
             for layer in self.cache.layers
         ]
         with enter():
-            # GPT-2 has no grouped keys: as many key/value heads as query heads.
-            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             self.cache.early_initialization(batch, heads, head_dim, dtype, self.device)
             # The tokens the repetition penalty applies to: the step updates it (a fixed address,
             # as the cache's tensors, so CUDA graphs may write it); decode_blocks resets it.
@@ -326,10 +324,11 @@ class StaticStep:
         self.attention_kernels: list[str] = []
         self.skip_guards = True
         self._guarded = False  # guards checked since the last begin() or change of span
-        self.busy = False  # a generation (maybe a paused stream) holds the cache
+        self.busy = False  # a generation (maybe a paused stream) holds the cache (``claim``)
+        self._claiming = threading.Lock()
         if compile:
             self.compiled, self.cudagraphs = True, self.device.type == "cuda"
-            self._warm_up(enter, warmup)
+            self._warm_up(enter)
 
     def decode_one_token(
         self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor, q: torch.Tensor
@@ -344,7 +343,7 @@ class StaticStep:
         self.sampler.saw(self.seen, token, first=False)
         return logits, token, bad
 
-    def _warm_up(self, enter: Callable[[], Any], warmup: int | None) -> None:
+    def _warm_up(self, enter: Callable[[], Any]) -> None:
         """Compile the first span's graph and read which attention op it calls."""
         # Warm-up inputs laid out as decode_blocks passes them (dynamo guards on strides): the
         # sampled token expanded to the batch, views of aranges for the positions.
@@ -356,7 +355,7 @@ class StaticStep:
         self._set_span(span_for(1, self.max_cache_len))
         fn = self._function()
         try:
-            for k in range(warmup if warmup is not None else warmup_calls(self.cudagraphs)):
+            for k in range(warmup_calls(self.cudagraphs)):
                 with enter():
                     if k == 0:  # the call that compiles: keep what Inductor generated
                         _, code = compiled_with_code(lambda *a: self._run(fn, *a), token, position, slot, q)
@@ -404,14 +403,24 @@ class StaticStep:
         """What actually runs: "compiled", or "static" (asked for, or after a compile failure)."""
         return "compiled" if self.compiled else "static"
 
+    def claim(self) -> None:
+        """Take the cache for one generation until ``busy`` is cleared (when its
+        ``decode_blocks`` ends), or a CacheError while another holds it. Checked and taken
+        under one lock: two threads starting at once cannot both pass."""
+        with self._claiming:
+            if self.busy:
+                raise CacheError(
+                    "another generation (e.g. a paused generate_stream) still uses this plan's static "
+                    "KV cache; finish or close it first, or decode this one with step='eager'"
+                )
+            self.busy = True
+
     def begin(self, sampler: Sampler, seen: torch.Tensor) -> None:
-        """A new generation starts, sampled by ``sampler`` after the tokens in ``seen``: the
-        next call checks dynamo's guards again. The cache is this generation's until ``busy``
-        is cleared (when its ``decode_blocks`` ends)."""
+        """A new generation starts (the cache ``claim``ed), sampled by ``sampler`` after the
+        tokens in ``seen``: the next call checks dynamo's guards again."""
         self.sampler = sampler
         self.seen.copy_(seen)
         self._guarded = False
-        self.busy = True
 
     def __call__(
         self,
@@ -887,11 +896,7 @@ def decode_blocks(
                 if built is not held:
                     stats.compile_s = now(device) - t_build
                 stats.step_mode = built.mode
-                if built.busy:  # refused before it is ours: `finally` must not free the holder's cache
-                    raise CacheError(
-                        "another generation (e.g. a paused generate_stream) still uses this plan's static "
-                        "KV cache; finish or close it first, or decode this one with step='eager'"
-                    )
+                built.claim()  # refused before it is ours: `finally` must not free the holder's cache
                 step = built
                 step.load(past)
                 step.begin(sampler, seen)

@@ -49,7 +49,7 @@ from ..core.clock import now
 from ..core.compiling import compile_method, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN, SPEECH_VOCAB_SIZE
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
-from ..core.families import family_of
+from ..core.families import family_of, kv_layout
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
@@ -262,9 +262,7 @@ class StreamEngine:
         step: str = "static",
         config: StreamConfig | None = None,
         plan: DecodePlan | None = None,
-        flow: FlowPlan | None = None,
         max_cache_len: int = 512,
-        amp: torch.dtype | None = None,
         keep_logits: bool = False,
     ) -> None:
         if max_streams < 1:
@@ -274,10 +272,12 @@ class StreamEngine:
         self.config = config or StreamConfig("buffered")
         if self.config.strategy != "buffered":
             raise ConfigError("the stream engine runs the buffered strategy only")
-        self.tts, self.max_streams, self.step_mode, self.amp = tts, max_streams, step, amp
+        self.tts, self.max_streams, self.step_mode = tts, max_streams, step
         self.keep_logits = keep_logits  # each handle's ``logits``: what every token was sampled from
         self.plan = plan or DecodePlan.plain(tts.t3)
-        self.flow = flow or FlowPlan()
+        # S3Gen runs as loaded, its estimator eager: a batched flow call's shape changes with
+        # the windows in it, so a compiled estimator would compile once per group size too.
+        self.flow = FlowPlan()
         self.max_cache_len = max_cache_len
         self.device = tts.t3.speech_head.weight.device
         self.family = family_of(tts)
@@ -289,10 +289,7 @@ class StreamEngine:
         self.stats = EngineStats()
         parts: T3Parts = self.plan.decode
         config_: Any = parts.tfmr.config
-        self.kv_heads = getattr(config_, "num_key_value_heads", None) or config_.num_attention_heads
-        self.head_dim = (
-            getattr(config_, "head_dim", None) or config_.hidden_size // config_.num_attention_heads
-        )
+        self.kv_heads, self.head_dim = kv_layout(config_)
         rows = max_streams * self.rows_per_stream
         shape = (rows, self.kv_heads, max_cache_len, self.head_dim)
         with torch.inference_mode():
@@ -887,25 +884,18 @@ class StreamEngine:
         """One flow call for the group's windows, then the vocoder per stream; chunks out."""
         s3gen = self.tts.s3gen
         device = s3gen.device
-        first, w0 = group[0]
-        with ExitStack() as stack:
-            stack.enter_context(torch.inference_mode())
-            if self.amp is not None:
-                stack.enter_context(torch.autocast(device.type, self.amp))
+        first = group[0][0]
+        with torch.inference_mode():
             tokens = torch.tensor(
                 [live.handle.state.tokens[w.start : w.stop] for live, w in group], device=device
             )
             noise = torch.cat([live.cutter.noise(w) for live, w in group]).to(
                 device=device, dtype=s3gen.dtype
             )
-            frames = None
-            if self.flow.compiled:
-                frames = first.gen["prompt_feat"].size(1) + w0.regular * FRAMES_PER_TOKEN
-            compiled_before = self.flow.compile_s
             if self._streams:  # the voice's tensors were made on T3's stream
                 torch.cuda.current_stream(device).wait_stream(self._streams["t3"])
             t0 = self._now()
-            with self.flow.running(s3gen, frames), overwritten():  # the noise is ours, all of it
+            with self.flow.running(s3gen, None), overwritten():  # the noise is ours, all of it
                 mels, _ = s3gen.flow.inference(
                     token=tokens,
                     token_len=torch.full((len(group),), tokens.size(1), device=device),
@@ -915,7 +905,7 @@ class StreamEngine:
                     meanflow=s3gen.meanflow,
                     **first.gen,
                 )
-            flow_s = self._now() - t0 - (self.flow.compile_s - compiled_before)
+            flow_s = self._now() - t0
             self.stats.flow_calls += 1
             self.stats.flow_windows += len(group)
             self.stats.flow_s += flow_s

@@ -175,19 +175,23 @@ class StreamState:
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
     compile_before_first_s: float = 0.0  # the part of the compiling done before the first chunk
 
+    # Each of a stream's draws from its own seed: T3's samples from ``seed`` itself, these from
+    # ``seed + offset``, so no two draw the same numbers.
+    NOISE, PROMPT_NOISE, HIFT = 1, 2, 3
+
     def draw_from(self, seed: int, tokens: int, prompt_tokens: int) -> None:
         """The stream's own S3Gen draws for ``seed`` (its T3 draws from ``StreamRandom(seed)``):
         HiFT's source and the flow's start noise, for ``tokens`` tokens and the prompt."""
-        self.seed, self.rng = seed, StreamRandom(seed + 3)
-        self.noise = noise_track(tokens, seed + 1)
-        self.prompt_noise = noise_track(prompt_tokens, seed + 2)
+        self.seed, self.rng = seed, StreamRandom(seed + self.HIFT)
+        self.noise = noise_track(tokens, seed + self.NOISE)
+        self.prompt_noise = noise_track(prompt_tokens, seed + self.PROMPT_NOISE)
 
     def prompt_noise_for(self, prompt_tokens: int) -> torch.Tensor:
         """The start noise of a ``prompt_tokens`` prompt: the stream's own, or for a prompt of
         another length (a one-shot yardstick with the whole prompt) drawn the same way."""
         if self.prompt_noise.size(2) == prompt_tokens * FRAMES_PER_TOKEN:
             return self.prompt_noise
-        return noise_track(prompt_tokens, self.seed + 2)
+        return noise_track(prompt_tokens, self.seed + self.PROMPT_NOISE)
 
     @property
     def used(self) -> bool:
@@ -374,7 +378,7 @@ def _s3gen(
         if amp is not None:
             stack.enter_context(torch.autocast(tts.s3gen.device.type, amp))
         device = tts.s3gen.device
-        compiled_before = flow.compile_s if flow else 0.0
+        compiled_before = flow.compile_s_here if flow else 0.0
         t0 = now(device)
         with overwritten():  # upstream draws start noise that ``noise`` then replaces
             mels = flow_mels(tts.s3gen, torch.tensor(tokens), gen, noise=noise, plan=flow, pad_to=pad_to)
@@ -382,7 +386,7 @@ def _s3gen(
         with rng.drawing():  # HiFT's sine phases and noise
             wav, source = vocoder(tts.s3gen, mels, cache)
         t2 = now(device)
-    compiling = (flow.compile_s if flow else 0.0) - compiled_before
+    compiling = (flow.compile_s_here if flow else 0.0) - compiled_before
     return wav[0].cpu().numpy(), source, t1 - t0 - compiling, t2 - t1, compiling
 
 
@@ -561,9 +565,7 @@ def _buffered(
         yield chunk, metrics(flow_s=flow_s, vocoder_s=voc_s, **window_metrics(w, chunk))
 
 
-def one_shot(
-    tts: ChatterboxTTS, state: StreamState, config: StreamConfig, amp: torch.dtype | None = None
-) -> np.ndarray:
+def one_shot(tts: ChatterboxTTS, state: StreamState, config: StreamConfig) -> np.ndarray:
     """The same tokens through one S3Gen call, on the same noise track and prompt: the reference
     a streamed utterance is compared with."""
     if tts.conds is None:
@@ -571,7 +573,7 @@ def one_shot(
     gen = shorten_prompt(tts.conds.gen, config.prompt_s)
     prompt = state.prompt_noise_for(int(gen["prompt_token"].size(1)))
     noise = torch.cat([prompt, state.noise[:, :, : len(state.tokens) * FRAMES_PER_TOKEN]], dim=2)
-    wav, *_ = _s3gen(tts, gen, state.tokens, noise, amp, StreamRandom(state.rng.seed))
+    wav, *_ = _s3gen(tts, gen, state.tokens, noise, None, StreamRandom(state.rng.seed))
     fade_in(tts.s3gen, torch.from_numpy(wav))
     return wav
 
@@ -594,7 +596,6 @@ def run_to_files(
     max_new_tokens: int = 250,
     seed: int = 0,
     plan: DecodePlan | None = None,
-    amp: torch.dtype | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Stream ``text``, compare with the one-shot output of the same tokens, and write the WAV
@@ -602,9 +603,9 @@ def run_to_files(
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     wav, state = stream_all(
-        tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, amp=amp, progress=progress
+        tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, progress=progress
     )
-    reference = one_shot(tts, state, config, amp)
+    reference = one_shot(tts, state, config)
     wav_path = outdir / f"{config.strategy}.wav"
     sf.write(wav_path, wav, SAMPLE_RATE)
     fig_path = save(timeline_figure(state.report), outdir / f"{config.strategy}_timeline.png")

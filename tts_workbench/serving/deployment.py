@@ -61,6 +61,12 @@ class Placement:
     replicas: int = 1
     address: str | None = None  # a Ray cluster to join; None: start a local Ray
 
+    @property
+    def url(self) -> str:
+        """Where clients reach the server (an IPv6 host in brackets, as URLs write it)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
 
 def check_port_free(host: str, port: int) -> None:
     """A ConfigError if ``host`` is no address of this machine's (``--host``), or ``host:port``
@@ -161,7 +167,7 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
             serve.run(deployment(options, where.replicas), name=APP_NAME, route_prefix="/")
         except RuntimeError as e:  # Ray Serve gave up on the replicas: say what each one raised
             raise ConfigError(f"the replicas could not start: {replica_error(str(e))}") from None
-        yield f"http://{where.host}:{where.port}"
+        yield where.url
     finally:
         # A second Ctrl-C or SIGTERM while stopping must not skip the rest of the stop.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -195,7 +201,7 @@ def serve_until_stopped(options: ServeOptions, where: Placement, say: Any = prin
     answers. What was served."""
     check_placement(options, where)
     t0 = time.perf_counter()
-    url = f"http://{where.host}:{where.port}"
+    url = where.url
     ray_at = f"the Ray cluster at {where.address}" if where.address else "a local Ray"
     say(f"starting {where.replicas} replica(s) on {ray_at}: each builds {options.model}, prepares its "
         "voices and warms up its engine (half a minute or more)")  # fmt: skip

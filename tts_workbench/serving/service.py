@@ -139,8 +139,12 @@ class SpeechService:
             tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len,
             plan=decode_plan(tts, options.dtype),
         )  # fmt: skip
-        self.engine.warmup()
-        self._metrics()
+        try:
+            self.engine.warmup()
+            self._metrics()
+        except BaseException:  # no service for the caller to close: stop the engine's threads here
+            self.engine.close()
+            raise
 
     def _metrics(self) -> None:
         disable_created_metrics()  # no *_created series: they say nothing a scraper needs here

@@ -257,7 +257,7 @@ def run_bench(
         "memory": memory_per_config(rows, upstream_model, opt, dev, memory.how),
     }
     (outdir / "bench.json").write_text(json.dumps(report, indent=2))
-    _write_csv(report["rows"], outdir / "bench.csv")
+    pd.DataFrame(report["rows"]).to_csv(outdir / "bench.csv", index=False)
     save(memory_figure(memory_frame(report), dev.type), outdir / "memory.png")
     opt.close()
     return report
@@ -382,15 +382,6 @@ def memory_per_config(
 def memory_frame(report: dict[str, Any]) -> pd.DataFrame:
     """One row per configuration: weights, KV cache, the run's own growth, their total (GiB)."""
     return pd.DataFrame([{"config": c, **m} for c, m in report["memory"]["configs"].items()])
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    import csv
-
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
 
 
 def compare_families(

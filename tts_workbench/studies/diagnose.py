@@ -185,6 +185,7 @@ def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> 
     """Run ``fn`` under the dtype tracer (and the kernel recorder); never raise."""
     out: dict[str, Any] = {"error": None}
     t0 = now(tts.device)
+    rec = None
     try:  # outside the tracer, so the tracer sees the exception and names the failing module
         with ExitStack() as stack:
             trace = stack.enter_context(trace_dtypes(tts))
