@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 
 import torch
-import transformers
 from torch.utils import benchmark
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
@@ -24,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 from tts_workbench.runtime.decode import Sampler
+from tts_workbench.studies.bench import environment
 
 VOCAB, START, HISTORY = 8194, 6561, 100
 
@@ -72,9 +71,7 @@ def main() -> None:
     rows = [row for b in levels for row in _level(b, device, args.min_run_time)]
     ms = {(r["streams"], str(r["how"]).split(",")[0]): float(r["median_ms"]) for r in rows}  # type: ignore[arg-type]
     out = {
-        "device": str(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "environment": environment("none (random logits)", str(device)),
         "rows": rows,
         "batched_over_one_by_one": {b: ms[b, "Sampler"] / ms[b, "upstream"] for b in levels},
     }

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx
 import ray
-import torch
+
+from tts_workbench.studies.bench import environment
 
 CLI = [sys.executable, "-m", "tts_workbench.interface.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -70,7 +71,7 @@ def _row(name: str, report: dict[str, Any]) -> dict[str, Any]:
     return {
         "setup": name,
         "one_stream_ttfa_s": sorted(s["ttfa_p50_s"] for s in singles),
-        "one_stream_ttfa_median_s": sorted(s["ttfa_p50_s"] for s in singles)[len(singles) // 2],
+        "one_stream_ttfa_median_s": statistics.median(s["ttfa_p50_s"] for s in singles),
         "streams": many["streams"],
         "ttfa_p50_s": many["ttfa_p50_s"],
         "ttfa_p95_s": many["ttfa_p95_s"],
@@ -102,9 +103,7 @@ def main() -> None:
                 f"levels {args.streams} (three single streams give the one-stream TTFA spread), "
                 f"{args.tokens} tokens per stream; measured by the load study (in process) and by its HTTP "
                 "client (from the bytes' arrival)",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "ray": ray.__version__},
-        "date": time.strftime("%Y-%m-%d"),
+        "environment": {**environment("tiny", "cpu"), "ray": ray.__version__},
         "rows": rows,
         "http_ttfa_overhead_ms": 1000 * (one["one_stream_ttfa_median_s"] - base["one_stream_ttfa_median_s"]),
         "two_replicas_over_one_audio_per_wall": two["audio_per_wall_s"] / one["audio_per_wall_s"],

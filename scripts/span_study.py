@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from collections.abc import Callable
 from typing import Any
 
-import chatterbox
 import torch
-import transformers
 
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.core.rng import StreamRandom
@@ -31,6 +28,7 @@ from tts_workbench.models.sources import build_model, make_reference_wav
 from tts_workbench.runtime import decode
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine
+from tts_workbench.studies.bench import environment
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 TOKENS = 150
@@ -65,13 +63,16 @@ def _engine(tts: Any, streams: int, step: str, cache: int) -> dict[str, Callable
 
 def _measure(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, Any]:
     ms: dict[str, list[float]] = {name: [] for name in runs}
-    for k in range(repeats + 1):  # the first round warms up (compiles) and is not kept
-        for name, run in runs.items():
-            decode.MIN_SPAN = WHOLE if name == "whole" else 256
-            value = run()
-            if k:
-                ms[name].append(value)
-    decode.MIN_SPAN = 256
+    default = decode.MIN_SPAN
+    try:
+        for k in range(repeats + 1):  # the first round warms up (compiles) and is not kept
+            for name, run in runs.items():
+                decode.MIN_SPAN = WHOLE if name == "whole" else default
+                value = run()
+                if k:
+                    ms[name].append(value)
+    finally:
+        decode.MIN_SPAN = default
     med = {name: statistics.median(v) for name, v in ms.items()}
     return {
         "ms_per_step": ms,
@@ -89,12 +90,7 @@ def main() -> None:
         tts = build_model("deep-narrow")
         tts.prepare_conditionals(str(make_reference_wav("/tmp/span_study_reference.wav")))
     out = {
-        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "chatterbox-tts": getattr(chatterbox, "__version__", "0.1.7"),
-        },  # fmt: skip
+        "environment": environment("deep-narrow (random weights)", "cpu"),
         "model": "deep-narrow (random weights)",
         "tokens": TOKENS,
         "repeats": args.repeats,

@@ -128,7 +128,9 @@ def test_census_and_conditionals(tiny_tts: ChatterboxTTS) -> None:
     frame = found.to_frame().set_index("module")
     assert frame.at["t3", "params_float32"] == rows["t3"].param_dtypes["float32"]
     assert frame.at["t3", "size_mib"] * 2**20 == rows["t3"].bytes
-    assert list(frame.columns)[-1] == "size_mib" and (frame.filter(like="buffers_") >= 0).all().all()
+    assert list(frame.columns)[-1] == "size_mib"
+    buffers = {(path, f"buffers_{k}"): n for path, r in rows.items() for k, n in r.buffer_dtypes.items()}
+    assert buffers and all(frame.at[path, column] == n for (path, column), n in buffers.items())
     conds = {c.name: c for c in conditionals_census(tiny_tts)}
     assert conds["conds.t3.speaker_emb"].dtype == "float32"
     assert conds["conds.t3.cond_prompt_speech_tokens"].dtype == "int64"

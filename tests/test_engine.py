@@ -244,7 +244,7 @@ def test_the_warm_up_runs_in_the_t3_stage(tts: ChatterboxTTS, monkeypatch: pytes
             return build(bucket, span)
 
         monkeypatch.setattr(engine, "_step_fn", recorded)
-        assert engine.warmup() >= 0
+        assert engine.warmup() > 0  # seconds the builds took
     assert threads == ["engine-t3", "engine-t3"]  # buckets 1 and 2, one span
     with pytest.raises(RuntimeError, match="closed"):
         engine.warmup()

@@ -1,5 +1,6 @@
 """Stored notebook outputs come from one top-to-bottom run: every code cell executed, in order,
-none with an error. (nbval re-runs them in `make test`; this checks what is committed.)"""
+none with an error. (nbval re-runs them in `make integration-test`, where conftest.py marks them
+`integration`; this checks what is committed.)"""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from torch.autograd.profiler_util import FunctionEvent
 
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
-from tts_workbench.instruments.memory import memory_window, module_bytes
+from tts_workbench.instruments.memory import _reset_peak_rss, memory_window, module_bytes
 from tts_workbench.instruments.profiling import (
     EAGER,
     KERNEL_OPS,
@@ -321,7 +321,8 @@ def test_memory_window_sees_a_block_peak_and_not_what_came_before() -> None:
         transient = torch.ones(12_500_000)  # 50 MB, freed inside the block
         del transient
     assert 45e6 < w.growth_bytes < 80e6, w
-    assert "VmHWM" in w.how or "sampled" in w.how
+    # the kernel's peak where this machine lets it be reset, else the sampled resident set
+    assert ("VmHWM" if _reset_peak_rss() else "sampled every 10 ms") in w.how
     weight = torch.nn.Linear(1000, 1000)
     tied = torch.nn.ModuleList([weight, weight])  # one storage, counted once
     assert module_bytes([tied]) == module_bytes([weight]) == (1000 * 1000 + 1000) * 4
