@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tts_workbench.interface.cli import _trace_labels, main
+from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, main
+from tts_workbench.models.sources import PRETRAINED, SIZES
 from tts_workbench.studies.diagnose import format_report
 
 
@@ -86,7 +87,22 @@ def test_an_unknown_model_source_gives_one_error_line(capsys: pytest.CaptureFixt
     # in this process: the entry point's noise filtering is checked above, on a fresh process
     assert main(["diagnose", "--model", "nonsense"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "unknown model source 'nonsense'" in errors[0]
+    assert len(errors) == 1 and "argument --model: unknown model source 'nonsense'" in errors[0]
+
+
+def test_the_model_help_names_every_source() -> None:
+    assert all(name in MODEL_HELP for name in [*SIZES, *PRETRAINED])
+
+
+@pytest.mark.parametrize("command", ["diagnose", "stream"])
+def test_a_text_longer_than_t3s_positions_gives_one_error_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    """(before: an IndexError from T3's text position embedding, exit code 1)"""
+    args = [command, "--text", "hello world " * 1500, "--tokens", "4", "--reference", str(reference_wav)]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "beyond the 2048 T3 has positions for: split it" in errors[0], errors
 
 
 @pytest.mark.parametrize("command", ["diagnose", "stream", "profile", "bench"])
@@ -127,6 +143,8 @@ def test_an_output_folder_that_is_a_file_gives_one_error_line(
     ("args", "message"),
     [
         (["serve", "--port", "99999"], "a port number from 1 to 65535, got '99999'"),
+        (["diagnose", "--reference", "/"], "reference audio / is a folder, not a file"),
+        (["load", "--text", "Hello."], "unrecognized arguments: --text"),  # not taken as --texts
         (["bench", "--tokens", "x"], "--tokens: must be a positive integer, got 'x'"),
         (["bench", "--warmup", "-1"], "--warmup: must be an integer >= 0, got '-1'"),
         (["stream", "--seed", "99999999999999999999999"], "--seed: must be an integer from 0 to 2**63 - 1"),

@@ -31,7 +31,13 @@ from tts_workbench.runtime.engine import StreamEngine, as_ready, buckets
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
-from tts_workbench.studies.load import arrival_offsets, format_real_time, listener_summary, real_time_capacity
+from tts_workbench.studies.load import (
+    arrival_offsets,
+    format_real_time,
+    listener_summary,
+    parse_levels,
+    real_time_capacity,
+)
 
 CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
 TEXTS = [
@@ -522,6 +528,10 @@ def test_load_cli_reports_each_level(
         assert (str(level["streams"]) not in real_time["missed"]) == held  # JSON keys are strings
 
 
+def test_levels_run_in_ascending_order() -> None:
+    assert parse_levels("4,1,2") == [1, 2, 4]  # the figure's lines and the verdict read them so
+
+
 def test_the_capacity_is_the_largest_level_held_and_each_miss_says_why() -> None:
     def level(n: int, p95: float | None, failed: int = 0, underran: int = 0) -> dict[str, Any]:
         return {"streams": n, "failed": failed, "ttfa_p95_s": p95, "streams_with_underruns": underran,
@@ -570,6 +580,7 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
         (["--streams", "0"], "--streams"),
         (["--streams", "-2"], "--streams"),
         (["--streams", "1,two"], "--streams"),
+        (["--streams", "2,1,2"], "--streams"),  # a level twice: its rows would share one verdict
         (["--arrival", "poisson:fast"], "--arrival"),
         (["--arrival", "sometimes"], "--arrival"),
         (["--texts", "/no/such/file"], "--texts"),

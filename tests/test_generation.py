@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core.errors import EmptyTextError, NoVoiceError, SourceError
 from tts_workbench.models.sources import check_reference
-from tts_workbench.runtime.generation import generate, timed, token_cap
+from tts_workbench.runtime.decode import t3_decode, text_tokens
+from tts_workbench.runtime.generation import ended_by, generate, timed, token_cap
 
 
 def test_same_seed_same_tokens_and_audio(tiny_tts: ChatterboxTTS) -> None:
@@ -100,6 +102,26 @@ def test_no_voice() -> None:
 def test_bad_cap(tiny_tts: ChatterboxTTS) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         generate(tiny_tts, max_new_tokens=0)
+    # past T3's learned speech positions (before: an IndexError after ~4100 decoded tokens)
+    with pytest.raises(ValueError, match="beyond the 4096 speech positions T3 has"):
+        t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, "Hi."), max_new_tokens=4097)
+
+
+def test_a_cap_above_upstreams_own_is_reported_as_upstreams(tiny_tts: ChatterboxTTS) -> None:
+    """Upstream generate caps T3 at 1000 tokens itself: asked for more, a generation ended there
+    says so (before: "stop token", untrue for random weights). T3's own call with a cap of 3
+    stands in for generate's 1000."""
+    with token_cap(tiny_tts, 5000) as seen, torch.inference_mode():  # as upstream generate calls it
+        tiny_tts.t3.inference(
+            t3_cond=tiny_tts.conds.t3, text_tokens=text_tokens(tiny_tts, "Hi."), max_new_tokens=3
+        )
+    raw, stop = seen["tokens"][0].tolist(), tiny_tts.t3.hp.stop_speech_token
+    assert (
+        seen["cap"] == 3
+        and ended_by(raw, stop, seen["cap"], 5000) == "upstream generate's own cap of 3 tokens"
+    )
+    assert ended_by([1, 2, 3], stop, 3, 3) == "token cap"
+    assert ended_by([1, 2], stop, 3, 3) == ended_by([1, 2, stop], stop, 3, 3) == "stop token"
 
 
 @pytest.mark.parametrize(

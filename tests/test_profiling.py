@@ -243,6 +243,7 @@ def test_bench_cli_tiny(
     assert "meaningless" in report["note"]
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.csv").exists()
     assert (tmp_path / "memory.png").stat().st_size > 10_000  # the memory figure, drawn
+    assert report["files"] == {n: str(tmp_path / n) for n in ("bench.json", "bench.csv", "memory.png")}
     assert set(report["memory"]["configs"]) == {"upstream", "optimized"}
     # The repeats as torch.utils.benchmark Measurements (spread kept), one Compare table.
     cells = bench.bench_measurements(report)
@@ -257,9 +258,9 @@ def test_bench_cli_tiny(
 
 def test_bench_cli_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--configs", "upstream,warp-speed"]) == 2
-    assert "unknown configs ['warp-speed']" in capsys.readouterr().err
+    assert "error: argument --configs: unknown configs ['warp-speed']" in capsys.readouterr().err
     assert main(["bench", "--configs", ","]) == 2
-    assert "error: no config given: choose from upstream," in capsys.readouterr().err
+    assert "error: argument --configs: no config given: choose from upstream," in capsys.readouterr().err
 
 
 def gpu_check_dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:

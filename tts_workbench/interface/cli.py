@@ -17,6 +17,11 @@ TEXT_HELP = "text to speak (default: upstream's example sentence, constants.UPST
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviated flags: `load --text ""` would silently be taken as `--texts ""`.
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
@@ -72,7 +77,8 @@ def _voice_file(value: str) -> str:
     """A ``--reference`` that names no file is refused here, before the model is built (a
     full-size build takes a while); what the file holds is checked when the voice is prepared."""
     if not Path(value).is_file():
-        raise argparse.ArgumentTypeError(f"reference audio {value} does not exist: give a WAV of the voice")
+        what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"reference audio {value} {what}: give a WAV of the voice")
     return value
 
 
@@ -88,8 +94,14 @@ def _check_decode_tokens(tokens: int) -> None:
         raise ValueError("argument --tokens: at least 2 (the first token comes from the prefill)")
 
 
+MODEL_HELP = (
+    "tiny (default), deep-narrow, random, turbo-tiny, turbo-random, multilingual-tiny, multilingual-random "
+    "(random weights), pretrained, turbo-pretrained, multilingual-pretrained, or PATH to a checkpoint folder"
+)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="tiny | random | pretrained | PATH to a checkpoint folder")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--tokens", type=_positive, default=150, help="cap on generated speech tokens")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="cpu")
@@ -151,6 +163,16 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         cpp_wrapper=args.cpp_wrapper,
     )
     return report, format_bench
+
+
+def _check_model(source: str) -> None:
+    from ..core.errors import SourceError
+    from ..models.sources import check_source
+
+    try:
+        check_source(source)
+    except SourceError as e:
+        raise SourceError(f"argument --model: {e}") from None
 
 
 def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
@@ -350,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(tr)
     tr.add_argument(
-        "--steps", default="eager,compiled", help="comma list of decode steps: eager, static, compiled"
+        "--steps",
+        default="eager,compiled",
+        help="comma list of decode steps: eager, static, compiled, or auto (the device's default)",
     )
     tr.add_argument(
         "--dtype",
@@ -427,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser(
         "serve", help="the stream engine over HTTP (OpenAI's /v1/audio/speech) on Ray Serve, until Ctrl-C"
     )
-    sv.add_argument("--model", default="tiny", help="tiny | random | pretrained | PATH to a checkpoint")
+    sv.add_argument("--model", default="tiny", help=MODEL_HELP)
     sv.add_argument("--device", default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)")
     sv.add_argument("--seed", type=_seed, default=0, help="seed of the random-weight builds")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -471,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.text = UPSTREAM_SENTENCE if text is None else text
     try:
+        if not (getattr(args, "url", None) or getattr(args, "read", None)):  # they build no model
+            _check_model(args.model)  # named before anything is built
         with upstream_silenced():  # upstream's prints, warnings and bars; the report comes after
             report, fmt = args.run(args)
     except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream

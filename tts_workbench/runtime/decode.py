@@ -498,10 +498,15 @@ def text_tokens(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str |
         tokens = tts.tokenizer.text_to_tokens(mtl_punc_norm(text), language_id=language_id)
     else:
         tokens = tts.tokenizer.text_to_tokens(punc_norm(text))
+    hp = tts.t3.hp
+    if tokens.size(1) > hp.max_text_tokens:  # T3's learned text positions end there
+        raise ConfigError(
+            f"the text is {tokens.size(1)} text tokens, beyond the {hp.max_text_tokens} T3 has positions "
+            "for: split it into shorter texts"
+        )
     tokens = tokens.to(tts.device)
     if cfg_weight > 0.0:
         tokens = torch.cat([tokens, tokens], dim=0)
-    hp = tts.t3.hp
     return F.pad(F.pad(tokens, (1, 0), value=hp.start_text_token), (0, 1), value=hp.stop_text_token)
 
 
@@ -846,6 +851,11 @@ def decode_blocks(
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if max_new_tokens > t3.hp.max_speech_tokens:  # T3's learned speech positions end there
+        raise ConfigError(
+            f"{max_new_tokens} new tokens is beyond the {t3.hp.max_speech_tokens} speech positions T3 has: "
+            f"ask for {t3.hp.max_speech_tokens} or fewer"
+        )
     if stop_check_every < 1:
         raise ConfigError(f"stop_check_every must be at least 1, got {stop_check_every}")
     plan = plan or DecodePlan.plain(t3)

@@ -23,6 +23,7 @@ from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
 from ..instruments.profiling import t3_phase
 from ..models.sources import ReferenceInfo, check_reference
+from .decode import text_tokens
 
 
 @dataclass
@@ -103,10 +104,13 @@ def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
 
     def wrap(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def capped(**kwargs: Any) -> torch.Tensor:
+            # The lower of the caller's cap and generate's own (1000: upstream hard-codes it).
             if family.t3_inference == "inference_turbo":  # one token from the prefill, then max_gen_len
                 kwargs["max_gen_len"] = min(kwargs.get("max_gen_len", 1000), max_new_tokens - 1)
+                seen["cap"] = kwargs["max_gen_len"] + 1
             else:
                 kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or max_new_tokens, max_new_tokens)
+                seen["cap"] = kwargs["max_new_tokens"]
             seen["tokens"] = tokens = original(**kwargs)
             if family.name == "multilingual":
                 # Random weights sample ids beyond the 6561 speech tokens, which trained weights do
@@ -128,6 +132,16 @@ def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
         yield seen
 
 
+def ended_by(raw: list[int], stop_token: int, cap: int, asked: int) -> str:
+    """What ended an upstream generation of ``raw`` tokens capped at ``cap`` (the lower of the
+    ``asked`` cap and upstream generate's own): "stop token", "token cap", or upstream's limit
+    when it is lower than what was asked for. Turbo's inference drops the stop token it
+    sampled: a stream shorter than its cap is how that shows."""
+    if (raw and raw[-1] == stop_token) or len(raw) < cap:
+        return "stop token"
+    return "token cap" if cap >= asked else f"upstream generate's own cap of {cap} tokens"
+
+
 @dataclass
 class GenerationResult:
     """One generation: audio, tokens, and where the time went."""
@@ -135,7 +149,7 @@ class GenerationResult:
     wav: np.ndarray
     sample_rate: int
     speech_tokens: list[int]
-    stopped_by: str  # "stop token" or "token cap"
+    stopped_by: str  # "stop token", "token cap" or upstream's own cap (``ended_by``)
     invalid_tokens: int  # ids >= SPEECH_VOCAB_SIZE that S3Gen cannot vocode (dropped, as upstream does)
     seconds: dict[str, float]
     wall_s: float
@@ -191,6 +205,7 @@ def generate(
     family = family_of(tts)
     if (language := language_for(tts, sampling.get("language_id"))) is not None:
         sampling["language_id"] = language
+    text_tokens(tts, text, 0.0, language)  # a text longer than T3's positions: refused, not an IndexError
     if seed is not None:  # None: go on from the caller's random state, as upstream generate does
         torch.manual_seed(seed)
     methods = {
@@ -208,12 +223,7 @@ def generate(
         wav = tts.generate(text, **sampling)
     wall = now(tts.device) - t0
     raw = seen["tokens"][0].tolist()
-    # Turbo's inference drops the stop token it sampled: a short stream is how it shows.
-    stopped = (
-        "stop token"
-        if (raw and raw[-1] == tts.t3.hp.stop_speech_token) or len(raw) < max_new_tokens
-        else "token cap"
-    )
+    stopped = ended_by(raw, tts.t3.hp.stop_speech_token, seen["cap"], max_new_tokens)
     return GenerationResult(
         wav=wav.squeeze(0).numpy(),
         sample_rate=tts.sr,

@@ -168,7 +168,7 @@ def run_bench(
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         what = f"unknown configs {unknown}" if unknown else "no config given"
-        raise ConfigError(f"{what}: choose from {', '.join(CONFIGS)}")
+        raise ConfigError(f"argument --configs: {what}: choose from {', '.join(CONFIGS)}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     reference = reference or str(make_reference_wav(outdir / "reference.wav"))
@@ -256,6 +256,7 @@ def run_bench(
         "summary": summarize(rows, floors),
         "memory": memory_per_config(rows, upstream_model, opt, dev, memory.how),
     }
+    report["files"] = {name: str(outdir / name) for name in ("bench.json", "bench.csv", "memory.png")}
     (outdir / "bench.json").write_text(json.dumps(report, indent=2))
     pd.DataFrame(report["rows"]).to_csv(outdir / "bench.csv", index=False)
     save(memory_figure(memory_frame(report), dev.type), outdir / "memory.png")
@@ -520,6 +521,8 @@ def format_bench(report: dict[str, Any]) -> str:
         "phases_over_wall: the timed phases (T3, S3Gen, watermark) over the wall time; "
         "compile_s: T3's step and S3Gen's estimator, kept out of TTFA and wall"
     )
+    if "files" in report:
+        lines.append(f"wrote {', '.join(report['files'].values())}")
     return "\n".join(lines)
 
 

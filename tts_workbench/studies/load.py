@@ -50,7 +50,8 @@ FIRST_AUDIO_LIMIT_S = 0.5
 
 
 def parse_levels(value: str) -> list[int]:
-    """``"1,2,4,8"`` → ``[1, 2, 4, 8]``; each level a positive integer."""
+    """``"1,2,4,8"`` → ``[1, 2, 4, 8]``: positive integers, each once, run in ascending order
+    (the figure's lines and the real-time verdict read them so)."""
     try:
         levels = [int(v) for v in value.split(",")]
     except ValueError:
@@ -59,7 +60,9 @@ def parse_levels(value: str) -> list[int]:
         ) from None
     if not levels or any(n < 1 for n in levels):
         raise ConfigError(f"argument --streams: every level must be a positive integer, got {value!r}")
-    return levels
+    if len(set(levels)) < len(levels):
+        raise ConfigError(f"argument --streams: a level is given twice in {value!r}: give each once")
+    return sorted(levels)
 
 
 def parse_arrival(value: str) -> tuple[str, float]:
