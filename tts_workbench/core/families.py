@@ -43,6 +43,14 @@ class Family:
     cfm_steps: int  # S3Gen flow-matching steps per call
     sampling: dict[str, float]  # upstream generate's default sampling arguments
 
+    def sampling_with(self, overrides: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """Upstream generate's sampling defaults under ``overrides``: the guidance weight apart
+        (0 for a family without guidance, whose generate has none), then the rest
+        (temperature, top_p, ...)."""
+        sampling = {**self.sampling, **overrides}
+        cfg_weight = float(sampling.pop("cfg_weight", 0.0))
+        return (cfg_weight if self.guidance else 0.0), sampling
+
 
 FAMILIES = {
     "standard": Family(

@@ -63,6 +63,15 @@ def underruns(emitted_s: list[float], audio_s: list[float]) -> list[Underrun]:
     return gaps
 
 
+def gap_summary(gaps: list[Underrun]) -> dict[str, float | int]:
+    """What a player's gaps (``underruns``) amount to: how many, their seconds, the longest."""
+    return {
+        "underruns": len(gaps),
+        "underrun_s": sum(g.gap_s for g in gaps),
+        "max_underrun_s": max((g.gap_s for g in gaps), default=0.0),
+    }
+
+
 @dataclass
 class StreamReport:
     """All chunks of one stream and the totals a listener feels."""
@@ -105,7 +114,6 @@ class StreamReport:
         return underruns([c.emitted_s for c in self.chunks], [c.audio_s for c in self.chunks])
 
     def summary(self) -> dict[str, Any]:
-        gaps = self.underruns
         kinds = ("prompt_frames", "context_frames", "new_frames")
         frames = {k: sum(getattr(c, k) for c in self.chunks) for k in kinds}
         return {
@@ -123,8 +131,7 @@ class StreamReport:
             "tokens": sum(c.tokens for c in self.chunks),
             "invalid_tokens": sum(c.invalid_tokens for c in self.chunks),
             "nan_samples": sum(c.nan_samples for c in self.chunks),
-            "underruns": len(gaps),
-            "underrun_s": sum(g.gap_s for g in gaps),
+            **gap_summary(self.underruns),
         }
 
     def rows(self) -> list[dict[str, Any]]:

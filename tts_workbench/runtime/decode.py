@@ -77,7 +77,7 @@ from transformers.generation.logits_process import (
 
 from ..core.clock import now
 from ..core.compiling import compile_method, failure_reason, replay, skipping_guards, warmup_calls
-from ..core.constants import dtype_name
+from ..core.constants import SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import CacheError, ConfigError
 from ..core.families import kv_layout, language_for
 from ..instruments.attention import compiled_attention, compiled_with_code
@@ -161,6 +161,12 @@ class T3Parts:
         if isinstance(position, int):
             return x + self.speech_pos_emb.get_fixed_embedding(position)
         return x + self.speech_pos_emb.emb(position)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The speech logits (B, vocab), float32, at the last position of the backbone's
+        ``hidden`` states: only the next token's are computed."""
+        out: torch.Tensor = self.speech_head(hidden[:, -1:]).float()[:, -1, :]
+        return out
 
 
 @dataclass
@@ -338,7 +344,7 @@ class StaticStep:
         out = p.tfmr(
             inputs_embeds=embeds, past_key_values=self.cache, cache_position=cache_position, use_cache=True
         )
-        logits: torch.Tensor = p.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
+        logits = p.logits(out.last_hidden_state)
         token, bad = self.sampler.pick(logits, self.seen, q)
         self.sampler.saw(self.seen, token, first=False)
         return logits, token, bad
@@ -481,7 +487,18 @@ def _cast_cache(past: Any, dtype: torch.dtype) -> None:
 def head_logits(parts: T3Parts, embeds: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
     """The speech logits (B, vocab) float32 at the last of ``embeds``' positions, and the cache."""
     out = parts.tfmr(inputs_embeds=embeds, past_key_values=past, use_cache=True)
-    return parts.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :], out.past_key_values
+    return parts.logits(out.last_hidden_state), out.past_key_values
+
+
+def speech_ids(ids: list[int]) -> list[int]:
+    """The ids S3Gen vocodes: T3's speech tokens without its start, stop and other special ids."""
+    return [t for t in ids if t < SPEECH_VOCAB_SIZE]
+
+
+def invalid_ids(ids: list[int], stop_token: int) -> int:
+    """How many of T3's ``ids`` are neither speech tokens nor its stop token: ids random weights
+    sample that S3Gen cannot vocode (dropped before it, as upstream drops them)."""
+    return sum(t >= SPEECH_VOCAB_SIZE and t != stop_token for t in ids)
 
 
 def text_tokens(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> torch.Tensor:

@@ -47,7 +47,7 @@ from transformers.cache_utils import StaticCache, StaticLayer
 
 from ..core.clock import now
 from ..core.compiling import compile_method, replay, warmup_calls
-from ..core.constants import FRAMES_PER_TOKEN, SPEECH_VOCAB_SIZE
+from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
 from ..core.families import family_of, kv_layout
 from ..core.rng import StreamRandom, overwritten
@@ -60,11 +60,13 @@ from .decode import (
     T3Parts,
     check_room,
     head_logits,
+    invalid_ids,
     is_turbo,
     not_finite,
     prefill_embeds,
     span_for,
     spans,
+    speech_ids,
     text_tokens,
 )
 from .streaming import (
@@ -579,18 +581,8 @@ class StreamEngine:
             raise EmptyTextError()
         if r.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
-        sampling = {**self.family.sampling, **r.sampling}
-        guidance = float(sampling.pop("cfg_weight", 0.5))
-        cfg_weight = 0.0 if self.turbo else guidance  # Turbo has no guidance, as decode_blocks
-        sampler = Sampler(
-            self.turbo,
-            cfg_weight,
-            float(sampling.get("temperature", 0.8)),
-            float(sampling.get("top_p", 0.95)),
-            float(sampling.get("min_p", 0.05)),
-            int(sampling.get("top_k", 1000)),
-            float(sampling.get("repetition_penalty", 1.2)),
-        )
+        cfg_weight, sampling = self.family.sampling_with(r.sampling)
+        sampler = Sampler(self.turbo, cfg_weight, **sampling)
         if self._streams:  # the voice's conditionals may have been made on the default stream
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
@@ -699,8 +691,7 @@ class StreamEngine:
             cache_position=slot,
             use_cache=True,
         )
-        logits: torch.Tensor = parts.speech_head(out.last_hidden_state[:, -1:]).float()[:, -1, :]
-        return logits
+        return parts.logits(out.last_hidden_state)
 
     def _step_fn(self, bucket: int, span: int) -> Callable[..., torch.Tensor]:
         """The step for ``bucket`` streams attending to ``span`` slots, compiled on first use
@@ -782,10 +773,8 @@ class StreamEngine:
                     continue
                 live.step += 1
                 live.handle.sampled.append(value)
-                if value < SPEECH_VOCAB_SIZE:
-                    live.handle.state.tokens.append(value)
-                elif value != stop:
-                    live.invalid += 1
+                live.handle.state.tokens.extend(speech_ids([value]))
+                live.invalid += invalid_ids([value], stop)
                 if value == stop or live.step == live.ids.size(1) - 1:
                     ending.append(live)
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing

@@ -23,7 +23,7 @@ from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
 from ..instruments.profiling import t3_phase
 from ..models.sources import ReferenceInfo, check_reference
-from .decode import text_tokens
+from .decode import invalid_ids, text_tokens
 
 
 @dataclass
@@ -229,7 +229,7 @@ def generate(
         sample_rate=tts.sr,
         speech_tokens=raw,
         stopped_by=stopped,
-        invalid_tokens=sum(t >= SPEECH_VOCAB_SIZE and t != tts.t3.hp.stop_speech_token for t in raw),
+        invalid_tokens=invalid_ids(raw, tts.t3.hp.stop_speech_token),
         seconds={k: round(v, 4) for k, v in times.seconds.items()},
         wall_s=wall,
         decode_steps=times.calls.get("t3.decode", 0),

@@ -60,6 +60,7 @@ from .decode import (
     DecodeResult,
     StepMode,
     T3Parts,
+    invalid_ids,
     prefill_length,
     t3_decode,
     text_tokens,
@@ -612,9 +613,7 @@ class PerformanceOptimizedTTS(Pipeline):
         ``torch.manual_seed(seed)``, safe beside other threads); without one it goes on from the
         global random state, as upstream does."""
         self._check_open()
-        family = family_of(self.tts)
-        sampling = {**family.sampling, **sampling}
-        cfg_weight = float(sampling.pop("cfg_weight", 0.0))
+        cfg_weight, sampling = family_of(self.tts).sampling_with(sampling)
         self._voice(audio_prompt_path, exaggeration)
         rng = StreamRandom(seed) if seed is not None else None
         generator = rng.generator(self.tts.t3.speech_head.weight.device) if rng is not None else None
@@ -646,7 +645,7 @@ class PerformanceOptimizedTTS(Pipeline):
         self.last = LastGeneration(
             tokens=decoded.steps,
             stopped_by="stop token" if decoded.stopped else "token cap",
-            invalid_tokens=int((decoded.tokens >= SPEECH_VOCAB_SIZE).sum()) - int(decoded.stopped),
+            invalid_tokens=invalid_ids(tokens.tolist(), self.tts.t3.hp.stop_speech_token),
             seconds={
                 "t3.prefill": decoded.prefill_s,
                 "t3.decode": decoded.decode_s,

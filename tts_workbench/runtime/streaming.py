@@ -39,7 +39,6 @@ from ..core.constants import (
     SAMPLE_RATE,
     SAMPLES_PER_MS,
     SAMPLES_PER_TOKEN,
-    SPEECH_VOCAB_SIZE,
     TOKENS_PER_S,
 )
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
@@ -48,7 +47,7 @@ from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
 from ..models.vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
-from .decode import DecodePlan, DecodeStats, decode_blocks, text_tokens
+from .decode import DecodePlan, DecodeStats, decode_blocks, invalid_ids, speech_ids, text_tokens
 
 STRATEGIES = ("naive", "buffered")
 
@@ -199,11 +198,6 @@ class StreamState:
         return bool(self.tokens or self.report.chunks or self.seams or self.t3.sampled)
 
 
-def speech_ids(ids: list[int]) -> list[int]:
-    """The ids S3Gen vocodes: T3's speech tokens without its start, stop and other special ids."""
-    return [t for t in ids if t < SPEECH_VOCAB_SIZE]
-
-
 def _t3_blocks(
     tts: ChatterboxTTS,
     text: str,
@@ -217,8 +211,7 @@ def _t3_blocks(
 ) -> Generator[torch.Tensor, None, None]:
     """A stream's T3 blocks: the family's sampling defaults under the caller's, drawn from the
     stream's own T3 generator (``StreamRandom(seed)``)."""
-    sampling = {**family_of(tts).sampling, **sampling}
-    cfg_weight = float(sampling.pop("cfg_weight", 0.0))  # Turbo has no guidance
+    cfg_weight, sampling = family_of(tts).sampling_with(sampling)
     return decode_blocks(
         tts.t3,
         tts.conds.t3,
@@ -323,7 +316,7 @@ def stream(
             ids = block[0].tolist()
             bar.update(len(ids))
             state.tokens.extend(speech_ids(ids))
-            invalid[0] += sum(t >= SPEECH_VOCAB_SIZE and t != stop for t in ids)
+            invalid[0] += invalid_ids(ids, stop)
             yield True
 
     def metrics(**kw: Any) -> ChunkMetrics:

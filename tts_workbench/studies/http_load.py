@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..core.constants import SAMPLE_RATE
 from ..core.errors import ConfigError
-from ..instruments.latency import underruns
+from ..instruments.latency import gap_summary, underruns
 from .load import (
     DEFAULT_TEXTS,
     FIRST_AUDIO_LIMIT_S,
@@ -118,9 +118,7 @@ async def _stream(
         wall_s=arrivals[-1] if arrivals else None,
         audio_s=audio,
         rtf=arrivals[-1] / audio if audio else None,
-        underruns=len(gaps),
-        underrun_s=sum(g.gap_s for g in gaps),
-        max_underrun_s=max((g.gap_s for g in gaps), default=0.0),
+        **gap_summary(gaps),
     )
     return row
 

@@ -208,9 +208,7 @@ def _stream_row(h: StreamHandle, out: dict[str, Any], arrival_s: float) -> dict[
         "ttfa_s": s["ttfa_s"] if first else None,
         "rtf": s["rtf"] if first else None,
         "audio_s": s["audio_s"],
-        "underruns": s["underruns"],
-        "underrun_s": s["underrun_s"],
-        "max_underrun_s": max((g.gap_s for g in h.report.underruns), default=0.0),
+        **{k: s[k] for k in ("underruns", "underrun_s", "max_underrun_s")},
         "speech_tokens": list(h.tokens),
         "sampled_tokens": len(h.sampled),  # invalid ids too (dropped before S3Gen)
         "error": out.get("error"),
