@@ -13,8 +13,9 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core.errors import EmptyTextError, NoVoiceError, SourceError
-from tts_workbench.models.sources import check_reference
-from tts_workbench.runtime.decode import t3_decode, text_tokens
+from tts_workbench.core.families import FAMILIES
+from tts_workbench.models.sources import check_reference, load_model
+from tts_workbench.runtime.decode import check_new_tokens, t3_decode, text_tokens
 from tts_workbench.runtime.generation import ended_by, generate, timed, token_cap
 
 
@@ -107,10 +108,29 @@ def test_bad_cap(tiny_tts: ChatterboxTTS) -> None:
         t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, "Hi."), max_new_tokens=4097)
 
 
+def test_the_speech_position_limit_is_llamas_learned_positions_only() -> None:
+    turbo = load_model("turbo-tiny")  # GPT-2 positions itself: no learned speech positions
+    check_new_tokens(turbo.t3, 5000)
+    with pytest.raises(ValueError, match="beyond the 4096 speech positions"):
+        check_new_tokens(load_model("tiny").t3, 4097)
+
+
+def test_sampling_arguments_reach_the_processors_as_they_want_them() -> None:
+    """TopK takes an int, Temperature a float: a JSON or keyword 2 or 50.0 must not fail a stream."""
+    cfg_weight, sampling = FAMILIES["turbo"].sampling_with(
+        {"temperature": 2, "top_k": 50.0, "cfg_weight": 0.7}
+    )
+    assert cfg_weight == 0.0  # Turbo's generate has no guidance
+    assert sampling["temperature"] == 2.0 and isinstance(sampling["temperature"], float)
+    assert sampling["top_k"] == 50 and isinstance(sampling["top_k"], int)
+    assert FAMILIES["standard"].sampling_with({})[0] == 0.5
+
+
 def test_a_cap_above_upstreams_own_is_reported_as_upstreams(tiny_tts: ChatterboxTTS) -> None:
     """Upstream generate caps T3 at 1000 tokens itself: asked for more, a generation ended there
     says so (before: "stop token", untrue for random weights). T3's own call with a cap of 3
     stands in for generate's 1000."""
+    torch.manual_seed(0)  # upstream's T3 draws from the global generator
     with token_cap(tiny_tts, 5000) as seen, torch.inference_mode():  # as upstream generate calls it
         tiny_tts.t3.inference(
             t3_cond=tiny_tts.conds.t3, text_tokens=text_tokens(tiny_tts, "Hi."), max_new_tokens=3

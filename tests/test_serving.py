@@ -239,6 +239,8 @@ def test_serve_refuses_bad_flags_before_starting_ray(
         (["--port", str(_free_port()), "--voices", str(tmp_path / "empty")], "--voices"),
         (["--port", str(_free_port()), "--voices", str(tmp_path / "bad")], "--voices"),
         (["--port", str(_free_port()), "--address", f"127.0.0.1:{_free_port()}"], "--address"),
+        # joining a cluster, the model is the workers' to find: only the address is refused here
+        (["--address", f"127.0.0.1:{_free_port()}", "--model", "/only/on/the/workers"], "--address"),
         (["--port", str(_free_port()), "--model", "huge"], "unknown model source 'huge'"),
         (["--port", str(_free_port()), "--model", str(tmp_path / "no" / "folder")], "does not exist"),
         (["--port", str(_free_port()), "--device", "cuda"], "CUDA is not available"),

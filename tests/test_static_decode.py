@@ -476,7 +476,7 @@ def test_two_threads_starting_on_one_plan_cannot_both_take_its_cache(
     assert loading.wait(timeout=30)
     second = threading.Thread(target=run, args=("second",))
     second.start()
-    second.join(timeout=3)  # refused at once; let in, it would wait in slow_load
+    second.join(timeout=30)  # refused at once; let in, it would wait in slow_load
     go.set()
     for t in (first, second):
         t.join(timeout=60)

@@ -49,7 +49,9 @@ class Family:
         (temperature, top_p, ...)."""
         sampling = {**self.sampling, **overrides}
         cfg_weight = float(sampling.pop("cfg_weight", 0.0))
-        return (cfg_weight if self.guidance else 0.0), sampling
+        # transformers' warpers check types: TopK wants an int, Temperature a float (2 fails)
+        typed = {k: int(v) if k == "top_k" else float(v) for k, v in sampling.items()}
+        return (cfg_weight if self.guidance else 0.0), typed
 
 
 FAMILIES = {

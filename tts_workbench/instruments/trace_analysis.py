@@ -42,8 +42,8 @@ LAUNCH_CATEGORIES = frozenset({"cuda_runtime", "cuda_driver"})
 CPU_ONLY_NOTE = (
     "no device activity in this trace (a CPU-only profile): HTA's temporal, idle and kernel "
     "breakdowns and its launch statistics are all read from device kernels and their launches, "
-    "so none of them exists here; for the host's operator times, run `tts-workbench profile` "
-    "(its ops.csv, profiling.op_frame)"
+    "so none of them exists here; the host's operator times are in `tts-workbench profile`'s "
+    "ops.csv (profiling.op_frame)"
 )
 
 NO_HTA_NOTE = (

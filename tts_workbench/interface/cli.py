@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--first-window-s", type=_seconds, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_seconds, default=3.5, help="later windows (s of audio)")
     _reference(ld)
-    ld.add_argument(
+    ld.add_argument(  # the default is load.FIRST_AUDIO_LIMIT_S (not imported: the parser stays light)
         "--first-audio-limit", type=_seconds, default=0.5,
         help="s of first-audio p95 a level may take and still count as real time (default 0.5)",
     )  # fmt: skip
@@ -495,8 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args.text = UPSTREAM_SENTENCE if text is None else text
     try:
-        if not (getattr(args, "url", None) or getattr(args, "read", None)):  # they build no model
-            _check_model(args.model)  # named before anything is built
+        # Named before anything is built; not for --url or --read (no model here) nor serve's
+        # --address (the cluster's workers may hold the folder this machine lacks).
+        if not any(getattr(args, flag, None) for flag in ("url", "read", "address")):
+            _check_model(args.model)
         with upstream_silenced():  # upstream's prints, warnings and bars; the report comes after
             report, fmt = args.run(args)
     except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream

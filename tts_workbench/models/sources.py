@@ -377,8 +377,8 @@ def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
     tokenizer = _read_tokenizer(family, _default_tokenizer(family))
     # Seeded weights (the watermarker upstream's constructor builds draws too); the caller's
     # random state is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the weights are made on the CPU, then moved
+        torch.default_generator.manual_seed(seed)
         return _assemble(family, _t3(family, cfg), _s3gen(family, cfg), VoiceEncoder(), tokenizer, dev)
 
 

@@ -273,7 +273,7 @@ class StaticStep:
     With ``compile=True`` it runs under ``torch.compile(fullgraph=True, dynamic=False)``
     (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA), one graph per span and sampler
     (sampling settings are constants of the graph). The first span's
-    graph is compiled here, by ``warmup`` calls at cache slot 0 (overwritten by the next
+    graph is compiled here, by ``warmup_calls(cudagraphs)`` calls at cache slot 0 (overwritten by the next
     ``load``); a longer span's graph on the first step that needs it. Both are timed in
     ``compile_s``. If compiling raises, the step runs eagerly instead, ``fallback_reason`` says
     why and one warning is issued.
@@ -488,6 +488,19 @@ def head_logits(parts: T3Parts, embeds: torch.Tensor, past: Any) -> tuple[torch.
     """The speech logits (B, vocab) float32 at the last of ``embeds``' positions, and the cache."""
     out = parts.tfmr(inputs_embeds=embeds, past_key_values=past, use_cache=True)
     return parts.logits(out.last_hidden_state), out.past_key_values
+
+
+def check_new_tokens(t3: T3, max_new_tokens: int) -> None:
+    """A ConfigError for a token cap below 1 or past T3's learned speech positions (Llama's
+    4096; GPT-2, Turbo's backbone, positions itself)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    limit = t3.hp.max_speech_tokens
+    if t3.hp.input_pos_emb == "learned" and max_new_tokens > limit:
+        raise ConfigError(
+            f"{max_new_tokens} new tokens is beyond the {limit} speech positions T3 has: "
+            f"ask for {limit} or fewer"
+        )
 
 
 def speech_ids(ids: list[int]) -> list[int]:
@@ -866,13 +879,7 @@ def decode_blocks(
     (on T3's device) is what the samples are drawn from; ``None``: the global generator, as
     upstream.
     """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if max_new_tokens > t3.hp.max_speech_tokens:  # T3's learned speech positions end there
-        raise ConfigError(
-            f"{max_new_tokens} new tokens is beyond the {t3.hp.max_speech_tokens} speech positions T3 has: "
-            f"ask for {t3.hp.max_speech_tokens} or fewer"
-        )
+    check_new_tokens(t3, max_new_tokens)
     if stop_check_every < 1:
         raise ConfigError(f"stop_check_every must be at least 1, got {stop_check_every}")
     plan = plan or DecodePlan.plain(t3)

@@ -58,6 +58,7 @@ from .decode import (
     DecodePlan,
     Sampler,
     T3Parts,
+    check_new_tokens,
     check_room,
     head_logits,
     invalid_ids,
@@ -579,8 +580,7 @@ class StreamEngine:
             raise NoVoiceError()
         if not r.text.strip():
             raise EmptyTextError()
-        if r.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be at least 1, got {r.max_new_tokens}")
+        check_new_tokens(self.tts.t3, r.max_new_tokens)
         cfg_weight, sampling = self.family.sampling_with(r.sampling)
         sampler = Sampler(self.turbo, cfg_weight, **sampling)
         if self._streams:  # the voice's conditionals may have been made on the default stream

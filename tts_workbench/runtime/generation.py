@@ -95,7 +95,8 @@ def t3_timed(tts: TTSModel, times: PhaseTimes) -> Iterator[None]:
 def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
     """Cap T3 generation at ``max_new_tokens`` inside upstream ``generate`` (any family).
 
-    Yields a dict that receives the raw tokens of the last T3 inference call.
+    Yields a dict that receives the raw tokens of the last T3 inference call (``tokens``) and
+    the cap it ran under (``cap``: the lower of ``max_new_tokens`` and upstream generate's own).
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
