@@ -100,6 +100,11 @@ def test_no_voice() -> None:
         generate(load_model("tiny"), "Hello.")
 
 
+def test_a_text_longer_than_t3s_positions_is_refused_before_upstream_runs(tiny_tts: ChatterboxTTS) -> None:
+    with pytest.raises(ValueError, match="beyond the 2048 T3 has positions for: split it"):
+        generate(tiny_tts, "hello world " * 1500, max_new_tokens=4)
+
+
 def test_bad_cap(tiny_tts: ChatterboxTTS) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         generate(tiny_tts, max_new_tokens=0)
