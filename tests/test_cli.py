@@ -7,11 +7,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, main
 from tts_workbench.models.sources import PRETRAINED, SIZES
+from tts_workbench.runtime import streaming
+from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
 from tts_workbench.studies.diagnose import format_report
 
 
@@ -89,6 +92,25 @@ def test_an_unknown_model_source_gives_one_error_line(capsys: pytest.CaptureFixt
     assert main(["diagnose", "--model", "nonsense"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "argument --model: unknown model source 'nonsense'" in errors[0]
+
+
+def test_stream_sizes_its_static_cache_to_the_request(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    """3000 tokens do not fit the default cache (1536 positions): the command makes room (before,
+    it refused and told a command-line user to set plan.max_cache_len). Nothing is decoded."""
+    seen: dict[str, int] = {}
+
+    def planned(
+        tts: Any, text: str, config: Any, outdir: Any, *, max_new_tokens: int, plan: Any, **_: Any
+    ) -> dict:
+        seen.update(need=prefill_length(tts, text) + max_new_tokens, cache=plan.max_cache_len)
+        return {}
+
+    monkeypatch.setattr(streaming, "run_to_files", planned)
+    args = ["stream", "--decode", "static", "--tokens", "3000", "--reference", str(reference_wav)]
+    assert main([*args, "--out", str(tmp_path), "--json"]) == 0
+    assert seen["cache"] >= seen["need"] > DEFAULT_MAX_CACHE_LEN
 
 
 def test_the_model_help_names_every_source() -> None:
