@@ -187,7 +187,7 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..instruments.latency import format_report
-    from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
+    from ..runtime.decode import DecodePlan, prefill_length
     from ..runtime.streaming import StreamConfig, run_to_files
 
     config = StreamConfig(
@@ -198,10 +198,11 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
         prompt_s=args.prompt_s,
     )
     tts = _voiced_model(args, args.out)
-    # A static cache that holds this request: longer than the default only where it must be
-    # (a refusal would tell a command-line user to set plan.max_cache_len).
-    need = prefill_length(tts, args.text) + args.tokens
-    plan = DecodePlan.plain(tts.t3, step=args.decode, max_cache_len=max(DEFAULT_MAX_CACHE_LEN, need))
+    plan = DecodePlan.plain(tts.t3, step=args.decode)
+    if args.decode != "eager":  # (the eager step's cache grows as it goes)
+        # A static cache that holds this request: longer than the default only where it must
+        # be (a refusal would tell a command-line user to set plan.max_cache_len).
+        plan.max_cache_len = max(plan.max_cache_len, prefill_length(tts, args.text) + args.tokens)
     report = run_to_files(
         tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, plan=plan, progress=True
     )

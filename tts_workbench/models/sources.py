@@ -555,7 +555,8 @@ def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
             model: TTSModel = cls.from_pretrained(device)
             return model
     except Exception as e:  # hub errors have many types; the first line of each says which
-        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
         raise SourceError(
             f"pretrained Chatterbox {family} weights could not be loaded ({why}). Offline, "
             f"download {', '.join(fam.files)} and conds.pt from {fam.repo} on a connected machine, "

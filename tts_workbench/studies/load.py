@@ -326,13 +326,14 @@ def run_load(
 def conclude(report: dict[str, Any], first_audio_limit_s: float, outdir: str | Path | None) -> dict[str, Any]:
     """``report`` with ``real_time`` (``real_time_capacity``) added; ``load.json`` and
     ``load.png`` written into ``outdir`` when given, their paths in ``report["files"]``."""
-    report["real_time"] = real_time_capacity(load_frame(report), first_audio_limit_s)
+    levels = load_frame(report)
+    report["real_time"] = real_time_capacity(levels, first_audio_limit_s)
     if outdir is None:
         return report
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "load.json").write_text(json.dumps(report, indent=2))
-    figure = load_figure(load_frame(report), first_audio_limit_s)
+    figure = load_figure(levels, first_audio_limit_s)
     report["files"] = {"json": str(out / "load.json"), "figure": str(save(figure, out / "load.png"))}
     return report
 
