@@ -3,8 +3,8 @@
 Two streams that share the process-global generator interleave their draws, so neither samples
 what it samples alone (and swapping the global state in and out around each step is not safe
 once streams run in threads). So every stream holds a ``StreamRandom``: its generators, one per
-device, seeded from the stream's seed. T3's sampling passes the generator explicitly
-(``torch.multinomial(..., generator=...)``); upstream code that draws without one (HiFT's sine
+device, seeded from the stream's seed. T3's sampling draws its noise from the generator
+explicitly (``decode.exponential_noise``); upstream code that draws without one (HiFT's sine
 source and noise) runs inside ``StreamRandom.drawing()``, a ``TorchFunctionMode`` that hands the
 stream's generator to every random factory called without one. Torch function modes are
 thread-local, so a stream's mode never sees another thread's calls.
