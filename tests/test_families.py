@@ -4,11 +4,14 @@ loop's tokens against upstream ``inference_turbo``, and capped upstream generati
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from chatterbox.models.s3gen.const import S3GEN_SIL
+from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
 from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
 
@@ -16,7 +19,8 @@ from tts_workbench.core.errors import ConfigError, SourceError
 from tts_workbench.core.families import FAMILIES, check_language, family_of
 from tts_workbench.models.sources import load_folder, load_model, make_reference_wav, save_checkpoint
 from tts_workbench.models.vocode import tail_tokens
-from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.runtime.alignment import alignment
+from tts_workbench.runtime.decode import DecodePlan, decode_blocks, t3_decode, text_tokens
 from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.runtime.precision import check_conditionals
@@ -209,16 +213,64 @@ def test_multilingual_decode_samples_upstreams_tokens_and_gives_the_model_back(
 ) -> None:
     t3, text = multilingual.t3, _multilingual_text(multilingual)
     config, attn = t3.tfmr.config, t3.tfmr.layers[9].self_attn
-    before = (config._attn_implementation, config.output_attentions, len(attn._forward_hooks))
+    before = (config._attn_implementation, config.output_attentions, _spies(attn))
     torch.manual_seed(7)
     ours = t3_decode(t3, multilingual.conds.t3, text, max_new_tokens=N, plan=DecodePlan.plain(t3))
     # Upstream's analyzer switched attention to eager and added hooks for the run; all undone.
-    assert (config._attn_implementation, config.output_attentions, len(attn._forward_hooks)) == before
+    assert (config._attn_implementation, config.output_attentions, _spies(attn)) == before
     torch.manual_seed(7)
     upstream = t3.inference(t3_cond=multilingual.conds.t3, text_tokens=text, max_new_tokens=N, top_p=0.95)
     assert torch.equal(upstream, ours.tokens)
     # Upstream leaves them changed (three more hooks every generation).
-    assert config._attn_implementation == "eager" and len(attn._forward_hooks) > before[2]
+    assert config._attn_implementation == "eager" and _spies(attn) > before[2]
+
+
+def _spies(attn: torch.nn.Module) -> int:
+    """Forward hooks on an attention module but transformers' own: it adds one, inactive
+    unless attentions are asked of the model, the first time they are, and keeps it."""
+    hooks = attn._forward_hooks.values()
+    return sum(hook.__module__ != "transformers.utils.output_capturing" for hook in hooks)
+
+
+def test_two_multilingual_generations_at_once_each_feed_their_own_analyzer(
+    multilingual: ChatterboxMultilingualTTS,
+) -> None:
+    # Two streams read in turns from one thread: A starts, B starts, A ends, B ends. Upstream's
+    # spies are hooks every forward fires: the first to end took the other's away, and the last
+    # "restored" the eager attention it found when it started.
+    t3, text = multilingual.t3, _multilingual_text(multilingual)
+    config = t3.tfmr.config
+    attns = [t3.tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
+
+    def state() -> tuple[Any, ...]:
+        return (config._attn_implementation, config.output_attentions, *map(_spies, attns))
+
+    before = state()
+
+    def blocks(seed: int) -> Iterator[torch.Tensor]:
+        return decode_blocks(
+            t3, multilingual.conds.t3, text, max_new_tokens=12, stop_check_every=2,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    solo = [torch.cat(list(blocks(seed)), dim=1) for seed in (0, 1)]
+    a, b = blocks(0), blocks(1)
+    got: list[list[torch.Tensor]] = [[next(a)], [next(b)]]
+    got[0] += list(a)
+    assert config._attn_implementation == "eager"  # B still runs: its analyzer reads attention
+    got[1] += list(b)
+    for blocks_, alone in zip(got, solo, strict=True):
+        assert torch.equal(torch.cat(blocks_, dim=1), alone)
+    assert state() == before
+
+    # Each generation's forwards feed its own analyzer only, whichever ended first.
+    x = torch.randn(1, 5, config.hidden_size)
+    with alignment([t3.tfmr], (1, 3), 0) as first, alignment([t3.tfmr], (1, 3), 0) as second:
+        with torch.inference_mode(), first.watching():
+            t3.tfmr(inputs_embeds=x)
+        assert all(attn is not None for attn in first.analyzer.last_aligned_attns)
+        assert all(attn is None for attn in second.analyzer.last_aligned_attns)
+    assert state() == before
 
 
 def test_a_cache_sized_by_prefill_length_fits_a_multilingual_generation(

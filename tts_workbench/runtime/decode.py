@@ -49,18 +49,14 @@ from __future__ import annotations
 import copy
 import threading
 import warnings
-from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Generator, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from chatterbox.models.t3 import T3
-from chatterbox.models.t3.inference.alignment_stream_analyzer import (
-    LLAMA_ALIGNED_HEADS,
-    AlignmentStreamAnalyzer,
-)
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.mtl_tts import punc_norm as mtl_punc_norm
 from chatterbox.tts import punc_norm
@@ -82,6 +78,7 @@ from ..core.errors import CacheError, ConfigError
 from ..core.families import kv_layout, language_for
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
+from .alignment import alignment
 
 StepMode = Literal["eager", "static", "compiled"]
 STEP_MODES: tuple[str, ...] = get_args(StepMode)
@@ -813,44 +810,6 @@ class Sampler:
         return seen
 
 
-@contextmanager
-def alignment_analyzer(t3: T3, plan: DecodePlan, len_cond: int, text_len: int) -> Iterator[Any]:
-    """Upstream multilingual ``T3.inference``'s ``AlignmentStreamAnalyzer`` for the eager step
-    (``None`` otherwise): it reads three heads' attention at every step and suppresses the stop
-    token until the text is read, or forces it on a repetition, so without it the tokens are not
-    upstream's. Its attention spies need attention weights, so it switches the backbone to eager
-    attention with ``output_attentions`` on, and it never removes its forward hooks: upstream
-    leaves three more hooks (each copying attention to the host every step) after every
-    multilingual generation. Here both changes are undone when the generation ends. The static
-    and compiled steps have no attention weights to spy on: they decode without it."""
-    if not t3.hp.is_multilingual or plan.step != "eager":
-        yield None
-        return
-    tfmrs: list[Any] = list({id(m): m for m in (plan.prefill.tfmr, plan.decode.tfmr)}.values())
-    configs = [(m.config, m.config._attn_implementation, m.config.output_attentions) for m in tfmrs]
-    attns = [m.layers[layer].self_attn for m in tfmrs for layer, _ in LLAMA_ALIGNED_HEADS]
-    hooks_before = [set(a._forward_hooks) for a in attns]
-    try:
-        analyzer = AlignmentStreamAnalyzer(
-            tfmrs[0],
-            None,
-            text_tokens_slice=(len_cond, len_cond + text_len),
-            alignment_layer_idx=9,
-            eos_idx=t3.hp.stop_speech_token,
-        )
-        for m in tfmrs[1:]:  # a decode copy in another dtype runs the steps: spy on it too
-            m.config._attn_implementation, m.config.output_attentions = "eager", True
-            for k, (layer, head) in enumerate(LLAMA_ALIGNED_HEADS):
-                analyzer._add_attention_spy(m, k, layer, head)
-        yield analyzer
-    finally:
-        for config, implementation, output_attentions in configs:
-            config._attn_implementation, config.output_attentions = implementation, output_attentions
-        for attn, before in zip(attns, hooks_before, strict=True):
-            for key in set(attn._forward_hooks) - before:
-                del attn._forward_hooks[key]
-
-
 def decode_blocks(
     t3: T3,
     t3_cond: T3Cond,
@@ -910,13 +869,20 @@ def decode_blocks(
         with ctx():
             embeds = prefill_embeds(t3, t3_cond, text_tokens, cfg_weight)
             batch, prefill_len = embeds.size(0), embeds.size(1)
-            # Conditioning, text, two start tokens: the analyzer reads the text's columns.
-            analyzer = scope.enter_context(
-                alignment_analyzer(t3, plan, prefill_len - text_tokens.size(1) - 2, text_tokens.size(1))
-            )
+            # Multilingual: upstream's alignment analyzer, which reads attention weights. The static
+            # and compiled steps have none to give it: they decode without it (README).
+            watching: Callable[[], AbstractContextManager[None]] = nullcontext
+            analyzer = None
+            if hp.is_multilingual and not static:
+                tfmrs = list({id(m): m for m in (plan.prefill.tfmr, plan.decode.tfmr)}.values())
+                # Conditioning, text, two start tokens: the analyzer reads the text's columns.
+                text = (prefill_len - text_tokens.size(1) - 2, prefill_len - 2)
+                aligned = scope.enter_context(alignment(tfmrs, text, hp.stop_speech_token))
+                watching, analyzer = aligned.watching, aligned.analyzer
             if static:
                 _check_static(plan, device, batch, prefill_len, max_new_tokens)
-            logits, past = head_logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
+            with watching():
+                logits, past = head_logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
             sampler = Sampler(turbo, cfg_weight, temperature, top_p, min_p, top_k, repetition_penalty)
             seen = sampler.start(hp.start_speech_token, logits.size(-1), device)
             if static:
@@ -995,7 +961,8 @@ def decode_blocks(
                     invalid |= bad
                 else:
                     embed = dec.embed(token, i + 1)
-                    logits, past = head_logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
+                    with watching():
+                        logits, past = head_logits(dec, embed.expand(batch, -1, -1).to(dec.dtype), past)
     finally:
         scope.close()
         if step is not None:

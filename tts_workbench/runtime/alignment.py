@@ -1,0 +1,106 @@
+"""Upstream multilingual T3's alignment analyzer, one per generation, however many run at once.
+
+``AlignmentStreamAnalyzer`` reads three heads' attention at every step and suppresses the stop
+token until the text is read, or forces it on a repetition: without it the tokens are not
+upstream's. It spies on the attention with forward hooks that it never removes, and it switches
+the backbone to eager attention with ``output_attentions`` on for good (upstream leaves three
+more hooks, each copying attention to the host every step, after every generation).
+
+Hooks sit on the module and fire for every forward, whoever runs it: two generations at once
+(two threads, or two streams read in turns from one) would each read the other's attention,
+and the first to finish would take the other's hooks away. So an analyzer's spies are taken off
+the module as soon as it has made them; one router per attention module, there while any
+generation uses it, hands each forward's output to the spies of the generation running that
+forward (``Alignment.watching``, set around its own forwards only). The backbone's attention
+settings change with the first generation in and are put back by the last one out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import MappingProxyType
+from typing import Any
+
+from chatterbox.models.t3.inference.alignment_stream_analyzer import (
+    LLAMA_ALIGNED_HEADS,
+    AlignmentStreamAnalyzer,
+)
+from torch import nn
+
+Spy = Callable[[nn.Module, Any, Any], None]
+
+# The spies of the generation whose forward is running, by id of the attention module.
+_watching: ContextVar[Mapping[int, list[Spy]]] = ContextVar("alignment_spies", default=MappingProxyType({}))
+_lock = threading.Lock()
+# id(attention module) -> [generations using it, the router's hook handle]
+_routers: dict[int, list[Any]] = {}
+# id(backbone config) -> [generations using it, its attention implementation, output_attentions]
+_configs: dict[int, list[Any]] = {}
+
+
+def _route(module: nn.Module, args: Any, output: Any) -> None:
+    for spy in _watching.get().get(id(module), ()):
+        spy(module, args, output)
+
+
+class Alignment:
+    """One generation's analyzer (``analyzer``, upstream's) and the spies that feed it."""
+
+    def __init__(self, analyzer: AlignmentStreamAnalyzer, spies: dict[int, list[Spy]]) -> None:
+        self.analyzer, self.spies = analyzer, spies
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """Forwards run inside feed this generation's analyzer (and no other)."""
+        token = _watching.set(self.spies)
+        try:
+            yield
+        finally:
+            _watching.reset(token)
+
+
+@contextmanager
+def alignment(tfmrs: list[Any], text: tuple[int, int], eos: int) -> Iterator[Alignment]:
+    """Upstream's analyzer for a generation whose steps run ``tfmrs`` (the prefill's backbone,
+    and a decode copy in another dtype if there is one); ``text``: the text's columns [start,
+    end) in the prefill. Every change to the backbones is undone by the last generation to
+    leave."""
+    attns = [m.layers[layer].self_attn for m in tfmrs for layer, _ in LLAMA_ALIGNED_HEADS]
+    with _lock:  # no other analyzer is made meanwhile: the hooks added here are this one's
+        before = {id(a): set(a._forward_hooks) for a in attns}
+        settings = [(m.config._attn_implementation, m.config.output_attentions) for m in tfmrs]
+        analyzer = AlignmentStreamAnalyzer(tfmrs[0], None, text, alignment_layer_idx=9, eos_idx=eos)
+        for m in tfmrs[1:]:  # a decode copy in another dtype runs the steps: spy on it too
+            for k, (layer, head) in enumerate(LLAMA_ALIGNED_HEADS):
+                analyzer._add_attention_spy(m, k, layer, head)
+        spies: dict[int, list[Spy]] = {}
+        for a in attns:
+            for key in set(a._forward_hooks) - before[id(a)]:
+                spies.setdefault(id(a), []).append(a._forward_hooks.pop(key))
+            entry = _routers.setdefault(id(a), [0, None])
+            if entry[0] == 0:
+                entry[1] = a.register_forward_hook(_route)
+            entry[0] += 1
+        for m, (implementation, output_attentions) in zip(tfmrs, settings, strict=True):
+            entry = _configs.setdefault(id(m.config), [0, implementation, output_attentions])
+            entry[0] += 1
+            m.config._attn_implementation, m.config.output_attentions = "eager", True
+    try:
+        yield Alignment(analyzer, spies)
+    finally:
+        with _lock:
+            for a in attns:
+                entry = _routers[id(a)]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    entry[1].remove()
+                    del _routers[id(a)]
+            for m in tfmrs:
+                entry = _configs[id(m.config)]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    m.config._attn_implementation, m.config.output_attentions = entry[1], entry[2]
+                    del _configs[id(m.config)]
