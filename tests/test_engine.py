@@ -296,6 +296,24 @@ def test_turbo_streams_speak_their_solo_tokens(tmp_path: Path) -> None:
     turbo = load_model("turbo-tiny")
     prepare_voice(turbo, str(make_reference_wav(tmp_path / "r.wav", seconds=6.0)))  # Turbo: > 5 s
     check_against_solo(turbo, 3, 2)
+    # inference_turbo feeds a first token that is the stop token back and goes on (test_families)
+    stop, calls = turbo.t3.hp.stop_speech_token, [0]
+
+    def wrap(forward: Any) -> Any:
+        def pushed(x: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            out = forward(x)
+            return out.index_fill(-1, torch.tensor([stop]), 1e4) if calls[0] == 1 else out
+
+        return pushed
+
+    with (
+        shadow(turbo.t3.speech_head, "forward", wrap),
+        StreamEngine(turbo, max_streams=1, config=CONFIG) as engine,
+    ):
+        handle = engine.submit(TEXTS[0], seed=3, max_new_tokens=6)
+        assert [m for _, m in handle]
+    assert handle.sampled[0] == stop and len(handle.sampled) == 6
     with StreamEngine(turbo, max_streams=1, config=CONFIG) as engine:  # what Turbo samples with
         with pytest.raises(ConfigError, match=r"'cfg_weight'.*use .*top_k.*no classifier-free guidance"):
             engine.submit(TEXTS[0], cfg_weight=0.5)

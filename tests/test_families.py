@@ -17,6 +17,7 @@ from chatterbox.tts_turbo import ChatterboxTurboTTS
 
 from tts_workbench.core.errors import ConfigError, SourceError
 from tts_workbench.core.families import FAMILIES, check_language, family_of
+from tts_workbench.core.patching import shadow
 from tts_workbench.models.sources import load_folder, load_model, make_reference_wav, save_checkpoint
 from tts_workbench.models.vocode import tail_tokens
 from tts_workbench.runtime.alignment import alignment
@@ -145,6 +146,33 @@ def test_turbo_decode_samples_exactly_inference_turbo_tokens(
     ours = t3_decode(turbo.t3, turbo.conds.t3, text, max_new_tokens=N, plan=plan)
     assert ours.step_mode == step and upstream.shape == ours.tokens.shape == (1, N)
     assert torch.equal(upstream, ours.tokens)
+
+
+@pytest.mark.parametrize("step", ["eager", "static"])
+def test_turbo_goes_on_after_a_first_token_that_is_the_stop_token(
+    turbo: ChatterboxTurboTTS, step: str
+) -> None:
+    # inference_turbo checks for the stop token in its loop only: a first token (sampled from
+    # the prefill's logits) that is the stop token is fed back and generation goes on.
+    text, stop, calls = text_tokens(turbo, "Hello there."), turbo.t3.hp.stop_speech_token, [0]
+
+    def wrap(forward: Any) -> Any:
+        def pushed(x: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            out = forward(x)
+            return out.index_fill(-1, torch.tensor([stop]), 1e4) if calls[0] == 1 else out
+
+        return pushed
+
+    with shadow(turbo.t3.speech_head, "forward", wrap):
+        torch.manual_seed(7)
+        upstream = turbo.t3.inference_turbo(t3_cond=turbo.conds.t3, text_tokens=text, max_gen_len=7)
+        calls[0] = 0
+        torch.manual_seed(7)
+        plan = DecodePlan.plain(turbo.t3, step=step, max_cache_len=384)
+        ours = t3_decode(turbo.t3, turbo.conds.t3, text, max_new_tokens=8, plan=plan)
+    assert upstream[0, 0] == stop and upstream.size(1) == 8
+    assert torch.equal(ours.tokens, upstream) and not ours.stopped
 
 
 def test_capped_upstream_generation_of_both_families(

@@ -292,6 +292,29 @@ def test_logits_that_are_not_finite_raise_as_multinomial_did(tiny_tts: Chatterbo
         _run(tiny_tts, plan, n=20)
 
 
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_logits_not_finite_after_the_stop_token_are_never_drawn(tiny_tts: ChatterboxTTS, mode: str) -> None:
+    """Upstream stops at the stop token and never draws again: a NaN after it, sampled within
+    the same block of 8 here, is not an error."""
+    stop, calls = tiny_tts.t3.hp.stop_speech_token, [0]
+
+    def wrap(forward: Any) -> Any:
+        def pushed(x: torch.Tensor) -> torch.Tensor:
+            out = forward(x)
+            calls[0] += 1
+            if calls[0] == 3:  # the logits of the third token: the stop token
+                out = out.index_fill(-1, torch.tensor([stop]), 1e4)
+            if calls[0] == 5:  # the fifth token's, which upstream never reaches
+                out = out * float("nan")
+            return out
+
+        return pushed
+
+    with shadow(tiny_tts.t3.speech_head, "forward", wrap):
+        r, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE), n=20)
+    assert calls[0] >= 5 and r.stopped and r.tokens.size(1) == 3 and r.tokens[0, -1] == stop
+
+
 def test_a_generation_that_overflowed_leaves_the_static_cache_usable(tiny_tts: ChatterboxTTS) -> None:
     """An overflow fills the static cache with NaN past the next generation's shorter prefill:
     masked slots, but a masked NaN still poisons attention (0 x NaN), so they are zeroed."""

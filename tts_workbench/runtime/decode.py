@@ -914,7 +914,9 @@ def decode_blocks(
         dec = plan.decode
         start = 0  # first step of the current block
         sampled: torch.Tensor | None = None  # the next token, when the static step sampled it
-        invalid = torch.zeros((1, 1), dtype=torch.bool, device=device)  # a non-finite draw so far
+        # The first token drawn from probabilities that were not finite (none: max_new_tokens).
+        # Where multinomial would have raised; only if the stop token did not come first.
+        first_bad = torch.full((1, 1), max_new_tokens, dtype=torch.long, device=device)
         for i in range(max_new_tokens):
             with ctx():
                 if logits_out is not None:
@@ -922,7 +924,7 @@ def decode_blocks(
                 if sampled is None:  # the first token (from the prefill's logits), or the eager step
                     last_token = int(ids[0, i]) if analyzer is not None else 0  # a host read, as upstream
                     token, bad = sampler.sample(logits, seen, [generator], analyzer, last_token)
-                    invalid |= bad
+                    first_bad = torch.where(bad, torch.clamp(first_bad, max=i), first_bad)
                     sampler.saw(seen, token, first=i == 0)
                 else:
                     token = sampled
@@ -932,9 +934,13 @@ def decode_blocks(
                 block = None
                 if (i + 1) % stop_check_every == 0 or last:
                     block = ids[:, start + 1 : i + 2].clone()
-                    hits = (block[0] == hp.stop_speech_token).nonzero()  # a host sync on CUDA
-                    if bool(invalid):  # where multinomial would have raised
-                        raise not_finite(f"by token {i + 1}")
+                    stops = block[0] == hp.stop_speech_token
+                    if turbo and start == 0:  # inference_turbo feeds a first stop token back and goes on
+                        stops[0] = False
+                    hits = stops.nonzero()  # a host sync on CUDA
+                    bad_at = int(first_bad)
+                    if bad_at <= (start + int(hits[0, 0]) if hits.numel() else i):
+                        raise not_finite(f"at token {bad_at + 1}")
                     if hits.numel():
                         block, stats.stopped = block[:, : int(hits[0, 0]) + 1], True
                         stats.steps = start + block.size(1)
@@ -958,7 +964,7 @@ def decode_blocks(
                     logits, sampled, bad = step(
                         token.expand(batch, 1), positions[i + 1 : i + 2], slot, length, q
                     )
-                    invalid |= bad
+                    first_bad = torch.where(bad, torch.clamp(first_bad, max=i + 1), first_bad)
                 else:
                     embed = dec.embed(token, i + 1)
                     with watching():

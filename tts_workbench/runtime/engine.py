@@ -775,7 +775,9 @@ class StreamEngine:
                 live.handle.sampled.append(value)
                 live.handle.state.tokens.extend(speech_ids([value]))
                 live.invalid += invalid_ids([value], stop)
-                if value == stop or live.step == live.ids.size(1) - 1:
+                # inference_turbo feeds a first token that is the stop token back and goes on
+                stopped = value == stop and not (self.turbo and live.step == 1)
+                if stopped or live.step == live.ids.size(1) - 1:
                     ending.append(live)
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
         still = [live for live in lives if live not in ending]
