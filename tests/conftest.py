@@ -8,8 +8,9 @@ hold back the workers' start by its ~7 s.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -34,3 +35,31 @@ def tiny_tts(reference_wav: Path) -> ChatterboxTTS:
     tts = load_model("tiny", seed=0)
     prepare_voice(tts, str(reference_wav))
     return tts
+
+
+class Steer:
+    """A wrap for a speech head's ``forward`` (``patching.shadow``) that edits the logits of
+    chosen calls, counted from 1 (the prefill's): ``{call: token}`` pushes that token to the
+    top, ``{call: None}`` makes every logit NaN. ``calls``: how many calls it has seen."""
+
+    def __init__(self, edits: dict[int, int | None]) -> None:
+        self.edits, self.calls = edits, 0
+
+    def __call__(self, forward: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        import torch
+
+        def steered(x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            out: torch.Tensor = forward(x)
+            if self.calls not in self.edits:
+                return out
+            token = self.edits[self.calls]
+            return out * float("nan") if token is None else out.index_fill(-1, torch.tensor([token]), 1e4)
+
+        return steered
+
+
+@pytest.fixture
+def steer() -> type[Steer]:
+    """``Steer``, for the tests that make a head sample what they need."""
+    return Steer

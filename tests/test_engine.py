@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,9 @@ from tts_workbench.studies.load import (
     parse_levels,
     real_time_capacity,
 )
+
+if TYPE_CHECKING:
+    from conftest import Steer
 
 CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
 TEXTS = [
@@ -292,23 +295,14 @@ def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None
     assert all(np.allclose(w, wav, atol=1e-5) for w in waves)
 
 
-def test_turbo_streams_speak_their_solo_tokens(tmp_path: Path) -> None:
+def test_turbo_streams_speak_their_solo_tokens(tmp_path: Path, steer: type[Steer]) -> None:
     turbo = load_model("turbo-tiny")
     prepare_voice(turbo, str(make_reference_wav(tmp_path / "r.wav", seconds=6.0)))  # Turbo: > 5 s
     check_against_solo(turbo, 3, 2)
     # inference_turbo feeds a first token that is the stop token back and goes on (test_families)
-    stop, calls = turbo.t3.hp.stop_speech_token, [0]
-
-    def wrap(forward: Any) -> Any:
-        def pushed(x: torch.Tensor) -> torch.Tensor:
-            calls[0] += 1
-            out = forward(x)
-            return out.index_fill(-1, torch.tensor([stop]), 1e4) if calls[0] == 1 else out
-
-        return pushed
-
+    stop = turbo.t3.hp.stop_speech_token
     with (
-        shadow(turbo.t3.speech_head, "forward", wrap),
+        shadow(turbo.t3.speech_head, "forward", steer({1: stop})),
         StreamEngine(turbo, max_streams=1, config=CONFIG) as engine,
     ):
         handle = engine.submit(TEXTS[0], seed=3, max_new_tokens=6)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -33,6 +33,9 @@ from tts_workbench.runtime.streaming import (
     stream_all,
     stream_tokens,
 )
+
+if TYPE_CHECKING:
+    from conftest import Steer
 
 N = 150
 
@@ -150,24 +153,15 @@ def test_turbo_decode_samples_exactly_inference_turbo_tokens(
 
 @pytest.mark.parametrize("step", ["eager", "static"])
 def test_turbo_goes_on_after_a_first_token_that_is_the_stop_token(
-    turbo: ChatterboxTurboTTS, step: str
+    turbo: ChatterboxTurboTTS, step: str, steer: type[Steer]
 ) -> None:
     # inference_turbo checks for the stop token in its loop only: a first token (sampled from
     # the prefill's logits) that is the stop token is fed back and generation goes on.
-    text, stop, calls = text_tokens(turbo, "Hello there."), turbo.t3.hp.stop_speech_token, [0]
-
-    def wrap(forward: Any) -> Any:
-        def pushed(x: torch.Tensor) -> torch.Tensor:
-            calls[0] += 1
-            out = forward(x)
-            return out.index_fill(-1, torch.tensor([stop]), 1e4) if calls[0] == 1 else out
-
-        return pushed
-
-    with shadow(turbo.t3.speech_head, "forward", wrap):
+    text, stop = text_tokens(turbo, "Hello there."), turbo.t3.hp.stop_speech_token
+    with shadow(turbo.t3.speech_head, "forward", steer({1: stop})):
         torch.manual_seed(7)
         upstream = turbo.t3.inference_turbo(t3_cond=turbo.conds.t3, text_tokens=text, max_gen_len=7)
-        calls[0] = 0
+    with shadow(turbo.t3.speech_head, "forward", steer({1: stop})):
         torch.manual_seed(7)
         plan = DecodePlan.plain(turbo.t3, step=step, max_cache_len=384)
         ours = t3_decode(turbo.t3, turbo.conds.t3, text, max_new_tokens=8, plan=plan)

@@ -14,7 +14,7 @@ import re
 import threading
 import warnings
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -39,6 +39,9 @@ from tts_workbench.runtime.decode import (
     t3_decode,
     text_tokens,
 )
+
+if TYPE_CHECKING:
+    from conftest import Steer
 
 TEXT = "Hello there, this is a test."
 OTHER = "Another sentence, a good deal longer than the first one, so its prompt is longer too."
@@ -293,26 +296,16 @@ def test_logits_that_are_not_finite_raise_as_multinomial_did(tiny_tts: Chatterbo
 
 
 @pytest.mark.parametrize("mode", ["eager", "static"])
-def test_logits_not_finite_after_the_stop_token_are_never_drawn(tiny_tts: ChatterboxTTS, mode: str) -> None:
+def test_logits_not_finite_after_the_stop_token_are_never_drawn(
+    tiny_tts: ChatterboxTTS, mode: str, steer: type[Steer]
+) -> None:
     """Upstream stops at the stop token and never draws again: a NaN after it, sampled within
     the same block of 8 here, is not an error."""
-    stop, calls = tiny_tts.t3.hp.stop_speech_token, [0]
-
-    def wrap(forward: Any) -> Any:
-        def pushed(x: torch.Tensor) -> torch.Tensor:
-            out = forward(x)
-            calls[0] += 1
-            if calls[0] == 3:  # the logits of the third token: the stop token
-                out = out.index_fill(-1, torch.tensor([stop]), 1e4)
-            if calls[0] == 5:  # the fifth token's, which upstream never reaches
-                out = out * float("nan")
-            return out
-
-        return pushed
-
-    with shadow(tiny_tts.t3.speech_head, "forward", wrap):
+    stop = tiny_tts.t3.hp.stop_speech_token
+    head = steer({3: stop, 5: None})  # the third token is the stop token, the fifth's logits NaN
+    with shadow(tiny_tts.t3.speech_head, "forward", head):
         r, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE), n=20)
-    assert calls[0] >= 5 and r.stopped and r.tokens.size(1) == 3 and r.tokens[0, -1] == stop
+    assert head.calls >= 5 and r.stopped and r.tokens.size(1) == 3 and r.tokens[0, -1] == stop
 
 
 def test_a_generation_that_overflowed_leaves_the_static_cache_usable(tiny_tts: ChatterboxTTS) -> None:
