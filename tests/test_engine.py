@@ -144,6 +144,74 @@ def test_a_stream_whose_logits_are_not_finite_fails_alone(
     assert good.tokens == solo(tts, TEXTS[0], 0)[1]
 
 
+def test_a_compile_that_fails_falls_back_to_the_static_step(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As StaticStep does; before, the T3 stage died and every later stream was refused.
+    from tts_workbench.runtime import engine as engine_module
+
+    def no_compiler(*a: object, **k: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(engine_module, "compile_method", no_compiler)
+    with StreamEngine(tts, max_streams=1, step="compiled", config=CONFIG) as engine:
+        with pytest.warns(RuntimeWarning, match="no compiler here"):
+            engine.warmup()
+        h = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        assert [m for _, m in h] and engine.running
+        assert engine.step_mode == "static"
+        assert "RuntimeError: no compiler here" in str(engine.fallback_reason)
+    assert h.tokens == solo(tts, TEXTS[0], 0)[1]
+
+
+def test_a_step_that_fails_ends_its_streams_and_the_engine_goes_on(tts: ChatterboxTTS) -> None:
+    failing = threading.Event()
+
+    def wrap(forward: Any) -> Any:
+        def step(*a: Any, **k: Any) -> Any:
+            if failing.is_set() and k["inputs_embeds"].size(1) == 1:  # a decode step, not a prefill
+                raise RuntimeError("out of memory (made on purpose)")
+            return forward(*a, **k)
+
+        return step
+
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        with shadow(tts.t3.tfmr, "forward", wrap):
+            failing.set()
+            lost = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+            with pytest.raises(RuntimeError, match="made on purpose"):
+                list(lost)
+            failing.clear()
+        assert engine.running and lost.error is not None
+        after = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        assert [m for _, m in after] and engine.free_rows() == 2 * engine.rows_per_stream
+
+
+def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: ChatterboxTTS) -> None:
+    import copy
+    import gc
+    import weakref
+
+    voice = copy.copy(tts.conds)  # a voice of its own (a server's request, say)
+    engine = StreamEngine(tts, max_streams=1, config=CONFIG)
+    try:
+        with engine.together():  # it waits: the model's voice changes before it is admitted
+            default = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+            own = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS, conds=voice)
+            model_voice, tts.conds = tts.conds, None
+        try:
+            assert [m for _, m in default] and [m for _, m in own]
+        finally:
+            tts.conds = model_voice
+        cache = weakref.ref(engine._kv[0][0])
+    finally:
+        engine.close()
+    held = weakref.ref(voice)
+    del voice, own
+    gc.collect()
+    assert held() is None and cache() is None  # the engine (still referenced) holds neither
+
+
 def overflowing(tts: ChatterboxTTS, on: threading.Event) -> contextlib.AbstractContextManager[None]:
     """T3's first MLP returns inf while ``on`` is set: every later layer's keys and values,
     and the logits, are then NaN (a half-precision overflow, made on purpose)."""
@@ -177,12 +245,13 @@ def test_a_chunk_counts_its_streams_prefill_in_its_t3_time(tts: ChatterboxTTS) -
 
 
 def test_a_stage_that_dies_says_why_to_later_callers(tts: ChatterboxTTS) -> None:
+    # A fault outside any one stream's work (a failed step only ends its streams: above).
     with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
 
-        def broken(*a: object) -> torch.Tensor:
+        def broken(*a: object) -> None:
             raise MemoryError("out of device memory, on purpose")
 
-        engine._forward = broken  # type: ignore[method-assign]
+        engine._step = broken  # type: ignore[method-assign]
         first = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
         with pytest.raises(MemoryError, match="on purpose"):
             list(first)
@@ -483,7 +552,6 @@ def test_many_streams_in_a_row_leave_nothing_behind(tts: ChatterboxTTS) -> None:
                 failed += 1
         assert (ok, failed) == (16, 4)
         assert engine.free_rows() == 16 and engine.active() == 0 and engine.queued() == 0
-        assert len(engine._voices) == 1  # one voice prepared once
 
 
 def test_an_idle_engine_serves_the_next_stream(tts: ChatterboxTTS) -> None:

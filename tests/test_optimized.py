@@ -171,6 +171,20 @@ def test_a_request_too_long_for_the_wrappers_cache_names_the_wrappers_fix(tiny_t
             opt.speech_tokens(TEXT, max_new_tokens=200)
 
 
+@pytest.mark.parametrize("policy", ["float32", "bfloat16"])
+def test_an_exaggeration_asked_again_keeps_the_voice_as_it_is(tiny_tts: ChatterboxTTS, policy: str) -> None:
+    # Upstream compares it with the tensor's value in the tensor's dtype: 0.7 is not rebuilt
+    # (and the conditionals cast again) on every call because float32 0.7 != 0.7.
+    with PerformanceOptimizedTTS.from_model(tiny_tts, dtype=policy) as opt:
+        assert opt.tts.conds is not None
+        t3_cond = opt.tts.conds.t3
+        before = t3_cond.emotion_adv
+        opt._voice(None, 0.7)
+        once = t3_cond.emotion_adv
+        opt._voice(None, 0.7)
+        assert once is not before and t3_cond.emotion_adv is once
+
+
 def test_bfloat16_decode_copy_leaves_the_model_alone(tiny_tts: ChatterboxTTS) -> None:
     before = {k: v.clone() for k, v in tiny_tts.t3.tfmr.state_dict().items()}
     plan = DecodePlan(T3Parts.of(tiny_tts.t3), T3Parts.of(tiny_tts.t3).to(torch.bfloat16))

@@ -36,6 +36,7 @@ import itertools
 import queue
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from ..core.clock import now
-from ..core.compiling import compile_method, replay, warmup_calls
+from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
 from ..core.families import family_of, kv_layout
@@ -216,7 +217,8 @@ class _Live:
     sampler: Sampler  # its settings: streams with equal ones are sampled together
     seen: torch.Tensor  # (1, vocab) bool: the tokens its repetition penalty applies to
     generator: torch.Generator
-    gen: dict[str, Any]  # S3Gen's reference dict (shortened prompt, cast)
+    conds: Any  # the voice (upstream Conditionals)
+    gen: dict[str, Any]  # S3Gen's reference dict of the voice (shortened prompt, cast)
     cutter: BufferedCutter
     logits: torch.Tensor  # the logits of the next sample
     t3_done: bool = False
@@ -254,7 +256,10 @@ class StreamEngine:
     ``step``: "static" (the batched step as is) or "compiled" (``torch.compile``, CUDA graphs on
     CUDA, once per bucket; a growing eager cache cannot hold rows at different positions, so
     there is no "eager" engine step). ``max_cache_len``: positions per stream (prefill and new
-    tokens). ``plan`` gives the weights and dtypes (default: the model's own, float32).
+    tokens). ``plan`` gives the weights and dtypes (default: the model's own, float32); its own
+    step, cache length and C++ wrapper are not used (the engine's ``step`` and ``max_cache_len``
+    are). A compile that fails falls back to the static step with one warning
+    (``fallback_reason``), as ``StaticStep`` does.
     """
 
     def __init__(
@@ -301,11 +306,13 @@ class StreamEngine:
                  torch.zeros(shape, dtype=parts.dtype, device=self.device))
                 for _ in range(config_.num_hidden_layers)
             ]  # fmt: skip
+        # keys and values of every layer, for one stream's rows
+        self.kv_bytes_per_stream = 2 * len(self._kv) * self.rows_per_stream * self._kv[0][0][0].nbytes
         self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
         self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
         self._sdpa = getattr(config_, "_attn_implementation", "sdpa") == "sdpa"
         self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
-        self._voices: dict[int, tuple[Any, dict[str, Any]]] = {}  # id(conds): (conds, S3Gen's dict)
+        self.fallback_reason: str | None = None  # why the compiled step runs as the static one
         self._waiting: list[StreamHandle] = []
         self._live: list[_Live] = []  # admitted, in row order; T3 thread only
         self._vocoding: list[_Live] = []  # admitted, not yet fully vocoded; S3Gen thread reads
@@ -329,13 +336,6 @@ class StreamEngine:
             thread.start()
 
     # ------------------------------------------------------------------ public
-
-    @property
-    def kv_bytes_per_stream(self) -> int:
-        """Bytes of KV cache one stream's rows hold (all layers, keys and values)."""
-        k, _ = self._kv[0]
-        per_row = k[0].numel() * k.element_size()
-        return 2 * len(self._kv) * self.rows_per_stream * per_row
 
     @property
     def running(self) -> bool:
@@ -372,6 +372,8 @@ class StreamEngine:
         sampling argument the family does not take is refused here (a ``ConfigError``: the
         caller's mistake, as upstream ``generate``'s TypeError), and nothing is queued."""
         self._check_sampling(sampling)
+        # The model's voice as it is now: one prepared while this stream waits is not its own.
+        conds = conds if conds is not None else self.tts.conds
         request = Request(text, seed, max_new_tokens, conds, language_id, sampling)
         handle = StreamHandle(self, request, next(self._counter))
         with self._lock:
@@ -449,14 +451,15 @@ class StreamEngine:
         return seconds[0]
 
     def close(self) -> None:
-        """Stop both stages; streams still running end with an error."""
+        """Stop both stages (a step or compile under way ends first); streams still running end
+        with an error; the KV cache and the compiled steps are let go."""
         with self._lock:
             self._stopped = True
             self._lock.notify_all()
         for thread in self._threads:
-            thread.join(timeout=60)
-        for h in self._take_all():
-            h._put(RuntimeError("the engine was closed before this stream ended"))
+            thread.join()
+        self._end(self._take_all(), RuntimeError("the engine was closed before this stream ended"))
+        self._kv, self._caches, self._steps = [], {}, {}
 
     def _take_all(self) -> list[StreamHandle]:
         """Every queued and admitted stream, no longer counted (``queued()``, ``active()``): the
@@ -488,10 +491,16 @@ class StreamEngine:
                     self._stopped = True
                     self._failure = (stage, e)
                     self._lock.notify_all()
-                for h in self._take_all():
-                    h._put(e)
+                self._end(self._take_all(), e)
 
         return run
+
+    @staticmethod
+    def _end(handles: list[StreamHandle], error: BaseException) -> None:
+        """End streams with ``error``: their readers raise it, ``handle.error`` keeps it."""
+        for h in handles:
+            h.error = error
+            h._put(error)
 
     def _stopped_error(self) -> RuntimeError:
         """Why no stream can be taken: a stage's failure (its error as the cause), or ``close()``."""
@@ -562,20 +571,19 @@ class StreamEngine:
         except Exception as e:  # a bad request fails alone, with the error stream() gives
             with self._lock:  # the S3Gen stage counts its failures too
                 self.stats.failed += 1
-            handle.error = e
-            handle._put(e)
+            self._end([handle], e)
             return
         self.stats.admitted += 1
         with self._lock:
             if self._stopped:  # a stage died meanwhile: this stream would never be served
-                handle._put(RuntimeError("the engine stopped before this stream could start"))
+                self._end([handle], self._stopped_error())
                 return
             self._live.append(live)
             self._vocoding.append(live)
             self._lock.notify_all()
 
     def _prefill(self, handle: StreamHandle, r: Request) -> _Live:
-        conds = r.conds if r.conds is not None else self.tts.conds
+        conds = r.conds
         if conds is None:
             raise NoVoiceError()
         if not r.text.strip():
@@ -622,6 +630,7 @@ class StreamEngine:
             sampler=sampler,
             seen=seen,
             generator=StreamRandom(r.seed).generator(self.device),
+            conds=conds,
             gen=gen,
             cutter=BufferedCutter(self.config, state),
             logits=logits,
@@ -629,13 +638,15 @@ class StreamEngine:
         )
 
     def _voice(self, conds: Any) -> dict[str, Any]:
-        """S3Gen's reference dict of a voice, prepared once per voice (windows of one voice can
-        share a flow call)."""
-        if id(conds) not in self._voices:
-            s3gen = self.tts.s3gen
-            gen = cast_gen(shorten_prompt(conds.gen, self.config.prompt_s), s3gen.dtype, s3gen.device)
-            self._voices[id(conds)] = (conds, gen)
-        return self._voices[id(conds)][1]
+        """S3Gen's reference dict of a voice: the one its streams still being vocoded use (windows
+        of one voice can share a flow call), else made now. Nothing is kept past the voice's
+        last stream: a server that gets a voice per request would keep every one of them."""
+        with self._lock:
+            for live in self._vocoding:
+                if live.conds is conds:
+                    return live.gen
+        s3gen = self.tts.s3gen
+        return cast_gen(shorten_prompt(conds.gen, self.config.prompt_s), s3gen.dtype, s3gen.device)
 
     def _leave(self, live: _Live) -> None:
         """Free a stream's rows: the last stream's rows move into them (rows stay ``[0, n)``)."""
@@ -699,13 +710,27 @@ class StreamEngine:
         if (bucket, span) not in self._steps:
             cache = self._cache(bucket, span)
             t0 = self._now()
-            self._steps[bucket, span] = (
-                self._compiled(bucket, cache, span)
-                if self.step_mode == "compiled"
-                else (lambda *a: self._forward(cache, span, *a))
-            )
+            step: Callable[..., torch.Tensor] | None = None
+            if self.step_mode == "compiled":
+                try:
+                    step = self._compiled(bucket, cache, span)
+                except Exception as e:
+                    self._give_up(e)
+            self._steps[bucket, span] = step or (lambda *a: self._forward(cache, span, *a))
             self.stats.compile_s += self._now() - t0
         return self._steps[bucket, span]
+
+    def _give_up(self, e: Exception) -> None:
+        """A compile failed: every bucket runs the static step from now on, with one warning."""
+        self.fallback_reason = failure_reason(e)
+        self.step_mode, self.attention_kernels = "static", []
+        self._steps.clear()
+        warnings.warn(
+            f"torch.compile of the engine's T3 step failed ({self.fallback_reason}); "
+            "running the static step eagerly",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _compiled(self, bucket: int, cache: StaticCache, span: int) -> Callable[..., torch.Tensor]:
         cudagraphs = self.device.type == "cuda"
@@ -793,8 +818,12 @@ class StreamEngine:
                 position[r] = live.step
                 slot[r] = live.prefill_len + live.step - 1
             span = span_for(max(live.prefill_len + live.step for live in still), self.max_cache_len)
-            with self._ctx():
-                logits = self._step_fn(bucket, span)(token, position, slot)
+            try:
+                with self._ctx():
+                    logits = self._step_fn(bucket, span)(token, position, slot)
+            except Exception as e:  # (out of memory, say): these streams end with it, the engine goes on
+                self._fail(still, e)
+                still = []
             for live in still:
                 live.logits = logits[live.rows : live.rows + n]
             self.stats.t3_steps += 1
@@ -807,10 +836,10 @@ class StreamEngine:
             for live in lives:
                 live.t3_s += spent
         for live in ending:
-            with self._lock:
+            with self._lock:  # its rows are free before S3Gen can see its end
                 live.handle.state.tokens.extend(tail_tokens(self.tts.s3gen))  # Turbo's closing silence
                 live.t3_done = True
-            self._leave(live)
+                self._leave(live)
         self._wake()
 
     def _sample(self, group: list[_Live]) -> torch.Tensor:
@@ -916,9 +945,8 @@ class StreamEngine:
         """End streams with ``error`` (from either stage); the T3 stage frees their rows."""
         with self._lock:  # both stages count failures
             self.stats.failed += len(lives)
+        self._end([live.handle for live in lives], error)
         for live in lives:
-            live.handle.error = error
-            live.handle._put(error)
             live.handle.closed = True
         self._wake()
 
@@ -951,9 +979,10 @@ def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, Chu
         try:
             for chunk, m in handle:
                 merged.put((k, chunk, m))
-        except Exception as e:
+        except BaseException as e:  # whatever ended it reaches the reader, which must not wait on
             merged.put(e)
-        merged.put(_END)
+        finally:
+            merged.put(_END)
 
     for k, handle in enumerate(handles):
         threading.Thread(target=pump, args=(k, handle), daemon=True).start()
@@ -963,7 +992,7 @@ def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, Chu
             item = merged.get()
             if item is _END:
                 ended += 1
-            elif isinstance(item, Exception):
+            elif isinstance(item, BaseException):
                 raise item
             else:
                 yield item

@@ -550,7 +550,8 @@ class PerformanceOptimizedTTS(Pipeline):
     def _voice(self, audio_prompt_path: str | None, exaggeration: float) -> None:
         super()._voice(audio_prompt_path, exaggeration)
         conds = self.tts.conds
-        if conds is not None and exaggeration != float(conds.t3.emotion_adv.flatten()[0]):  # as upstream
+        # As upstream: compared in the tensor's dtype (float32 0.7 is not the float 0.7)
+        if conds is not None and bool(exaggeration != conds.t3.emotion_adv.flatten()[0]):
             conds.t3.emotion_adv = exaggeration * torch.ones(1, 1, 1)
             self._ensure_conditionals_dtype()
 

@@ -190,6 +190,7 @@ def run_level(
         "compile_s": compile_s,
         "engine": {**delta, **{k: v for k, v in engine.stats.to_dict().items() if k.endswith("_used")}},
         "compiled_attention": engine.attention_kernels or None,  # read from Inductor's code
+        "compile_fallback": engine.fallback_reason,  # why a compiled engine ran the static step
         "kv_bytes_per_stream": engine.kv_bytes_per_stream,
         "memory": mem,
         "per_stream": streams,
