@@ -11,6 +11,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
+from tts_workbench.core.compiling import replay, skipping_guards
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models import vocode
@@ -133,3 +134,21 @@ def test_a_stream_counts_only_its_own_threads_compiles(monkeypatch: pytest.Monke
     assert plan.compile_s > 0 and plan.compile_s_here == 0.0  # compiled in the other thread
     plan._estimator(estimator, estimator.forward, (torch.zeros(2, 4),))  # a new shape, here
     assert 0 < plan.compile_s_here < plan.compile_s
+
+
+def test_a_new_shape_compiles_while_a_step_elsewhere_skips_its_guards() -> None:
+    """A compiled T3 step inside ``skipping_guards`` alone (another thread's stream) sets dynamo's
+    stance for the whole process: an estimator meeting a new window shape meanwhile ran its
+    first shape's graph on it. Every compiled call goes through ``replay``, which puts the
+    checks back while it runs."""
+
+    class Toy(torch.nn.Module):
+        def forward(self, x: torch.Tensor, *rest: object) -> torch.Tensor:
+            return x.cumsum(-1) * 2
+
+    plan, toy = FlowPlan("compiled"), Toy()
+    first, new = torch.ones(1, 2, 4), torch.arange(12.0).view(1, 2, 6)
+    plan._estimator(toy, toy.forward, (first,))
+    with skipping_guards(True):  # the other thread's step, inside alone
+        out = replay(plan._estimator(toy, toy.forward, (new,)), new, cudagraphs=False)
+    assert plan.fallback_reason is None and torch.equal(out, new.cumsum(-1) * 2)

@@ -44,14 +44,17 @@ def compile_method(
     return torch.compile(own, fullgraph=fullgraph, dynamic=False, options=options)
 
 
-def replay(fn: Callable[..., Any], *args: Any, cudagraphs: bool) -> Any:
+def replay(fn: Callable[..., Any], *args: Any, cudagraphs: bool, skip_guards: bool = False) -> Any:
     """``fn(*args)``; with CUDA graphs, a new step marked first and the outputs (a tensor or a
-    tuple of them) cloned out of the graph's memory pool."""
-    if not cudagraphs:
-        return fn(*args)
-    torch.compiler.cudagraph_mark_step_begin()
-    out = fn(*args)
-    return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+    tuple of them) cloned out of the graph's memory pool. Every compiled call of the package
+    runs here, inside ``skipping_guards(skip_guards)``: one that checks its guards (a new shape,
+    say) puts the checks back for a step of another thread that skips them."""
+    with skipping_guards(skip_guards):
+        if not cudagraphs:
+            return fn(*args)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fn(*args)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
 
 def warmup_calls(cudagraphs: bool) -> int:
@@ -70,8 +73,8 @@ def skipping_guards(wanted: bool) -> Iterator[None]:
     The stance (``skip_guard_eval_unsafe``) is one setting for the whole process, so it is held
     by count: the first call in sets it, a second one arriving meanwhile puts the checks back
     (its own call may be the first after a change and must be checked), the last one out
-    restores what was there before. Compiled code of other threads that runs while one step is
-    inside alone skips its guards too: turn ``wanted`` off where that can happen."""
+    restores what was there before. So compiled code run while a step is inside alone must come
+    in too (``replay`` does), or it would skip its guards as well."""
     global _inside, _skipping
     with _guards_lock:
         _inside += 1

@@ -72,7 +72,7 @@ from transformers.generation.logits_process import (
 )
 
 from ..core.clock import now
-from ..core.compiling import compile_method, failure_reason, replay, skipping_guards, warmup_calls
+from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
 from ..core.constants import SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import CacheError, ConfigError
 from ..core.families import kv_layout, language_for
@@ -455,8 +455,8 @@ class StaticStep:
         slot: torch.Tensor,
         q: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with skipping_guards(self.compiled and self.skip_guards and self._guarded):
-            logits, nxt, bad = replay(fn, token, position, slot, q, cudagraphs=self.cudagraphs)
+        skip = self.compiled and self.skip_guards and self._guarded
+        logits, nxt, bad = replay(fn, token, position, slot, q, cudagraphs=self.cudagraphs, skip_guards=skip)
         self._guarded = True
         return logits, nxt, bad
 
