@@ -186,3 +186,30 @@ def test_trace_files_from_two_runs_get_labels_of_their_own() -> None:
     assert _trace_labels([a, b]) == {"m1/decode-eager/t3.decode": a, "m2/decode-eager/t3.decode": b}
     one, other = Path("x/eager.json"), Path("y/compiled.json.gz")
     assert _trace_labels([one, other]) == {"eager": one, "compiled": other}
+
+
+@pytest.mark.parametrize("flag", [["--voice", "alice"], ["--timeout", "5"]])
+def test_load_refuses_url_flags_without_url(
+    flag: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(before: ignored, the study ran in process with the default voice and no timeout)"""
+    assert main(["load", *flag, "--streams", "1", "--tokens", "4", "--out", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"argument {flag[0]}" in errors[0] and "--url" in errors[0], errors
+
+
+def test_an_os_error_without_a_file_gives_no_folder_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The folder hint is for an output folder that cannot be made, not for a network error."""
+    import errno
+
+    from tts_workbench.interface import cli
+
+    def unreachable(_args: object) -> None:
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(cli, "_load", unreachable)
+    assert main(["load", "--url", "http://10.0.0.1:8000"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: Network is unreachable"], errors

@@ -125,14 +125,16 @@ def test_four_concurrent_clients_and_both_replicas(server: tuple[str, str]) -> N
 def test_a_bad_request_gets_its_4xx_and_the_server_goes_on(server: tuple[str, str]) -> None:
     url, model = server
     r = _speech(url, model, voice="nobody")
-    assert r.status_code == 404 and r.json()["error"]["param"] == "voice"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
     r = httpx.post(f"{url}/v1/audio/speech", content=b"{oops", timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert _speech(url, model, max_tokens=10).status_code == 200
 
 
-def _tokens_sampled(metrics: str) -> float:
-    found = re.search(r"^tts_t3_tokens_sampled (\S+)$", metrics, re.M)
+def _tokens_sampled(metrics: str, replica: str) -> float:
+    found = re.search(
+        rf'^tts_t3_tokens_sampled_total{{replica="{re.escape(replica)}"}} (\S+)$', metrics, re.M
+    )
     assert found, metrics
     return float(found.group(1))
 
@@ -144,23 +146,25 @@ def test_a_client_that_disconnects_frees_its_stream(server: tuple[str, str]) -> 
         if len(before) == 2:
             break
         answer = httpx.get(f"{url}/metrics", timeout=5)
-        before[answer.headers["x-replica"]] = _tokens_sampled(answer.text)
+        before[answer.headers["x-replica"]] = _tokens_sampled(answer.text, answer.headers["x-replica"])
     body = {"model": model, "input": TEXT * 3, "seed": 1, "max_tokens": 800}
     with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=60) as r:
         replica = r.headers["x-replica"]
         next(r.iter_raw())  # the first audio, then the client goes away
+    idle = f'tts_active_streams{{replica="{replica}"}} 0.0'
+    left = f'tts_streams_total{{outcome="disconnected",replica="{replica}"}} 1.0'
     seen = ""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # bounded: ask until that replica answers idle
         answer = httpx.get(f"{url}/metrics", timeout=5)
         if answer.headers["x-replica"] == replica:
             seen = answer.text
-            if "tts_active_streams 0.0" in seen and 'outcome="disconnected"' in seen:
+            if idle in seen and left in seen:
                 break
         time.sleep(0.2)
-    assert "tts_active_streams 0.0" in seen and 'tts_streams_total{outcome="disconnected"} 1.0' in seen, seen
+    assert idle in seen and left in seen, seen
     # Stopped, not finished: a stream left running would have sampled all 800 tokens.
-    assert 0 < _tokens_sampled(seen) - before[replica] < 800
+    assert 0 < _tokens_sampled(seen, replica) - before[replica] < 800
 
 
 def test_load_url_measures_the_server(

@@ -24,6 +24,7 @@ from tts_workbench.serving.api import speech_app
 from tts_workbench.serving.protocol import Limits, RequestError, parse_speech, pcm16, wav_header
 from tts_workbench.serving.service import ServeOptions, SpeechService
 
+REFUSED = {"replica": "0", "outcome": "refused"}  # the fixture's service is replica "0"
 LIMITS = Limits("chatterbox-tiny", ("default", "alice"), max_input_chars=50, max_tokens=300)
 GOOD = {"model": "chatterbox-tiny", "input": "Hello there."}
 
@@ -38,9 +39,10 @@ GOOD = {"model": "chatterbox-tiny", "input": "Hello there."}
         ({"input": None}, "input", 400),
         ({"input": "x" * 51}, "input", 400),
         ({"input": "hi \ud800 there"}, "input", 400),  # a lone surrogate: JSON allows its escape
-        ({"voice": "bob"}, "voice", 404),
-        ({"voice": "../alice"}, "voice", 404),  # a voice is a name, never a path
+        ({"voice": "bob"}, "voice", 400),  # OpenAI answers an invalid voice with 400
+        ({"voice": "../alice"}, "voice", 400),  # a voice is a name, never a path
         ({"voice": ["alice"]}, "voice", 400),
+        ({"voice": None}, "voice", 400),
         ({"response_format": "mp3"}, "response_format", 400),
         ({"response_format": ["pcm"]}, "response_format", 400),
         ({"speed": 1.25}, "speed", 400),
@@ -61,6 +63,21 @@ def test_each_bad_field_is_named_with_its_fix(change: dict[str, object], param: 
     assert e.value.param == param and e.value.status == status
     body = e.value.body()["error"]
     assert body["param"] == param and body["type"] == "invalid_request_error" and param in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        ({"input": "Hello"}, "model", 'model is missing: send "model": "chatterbox-tiny"'),
+        ({**GOOD, "model": None}, "model", 'model is missing: send "model": "chatterbox-tiny"'),
+        ({**GOOD, "voice": None}, "voice", "voice is null: leave it out (the default voice) or send one of"),
+    ],
+)
+def test_a_missing_model_or_voice_says_what_to_send(body: dict[str, object], param: str, says: str) -> None:
+    """(before: "model None is not served here", "unknown voice None")"""
+    with pytest.raises(RequestError) as e:
+        parse_speech(body, LIMITS)
+    assert e.value.param == param and says in str(e.value), str(e.value)
 
 
 def test_a_good_request_gets_the_defaults() -> None:
@@ -106,7 +123,7 @@ def test_a_request_the_cache_cannot_hold_names_the_field_to_change(
         voiced.conds = conds
         for text in (GOOD["input"], "a…" * 9, "Short"):
             assert service.prefill_positions(voice, text) == prefill_length(voiced, text, 0.0), (voice, text)
-    refused = service.registry.get_sample_value("tts_streams_total", {"outcome": "refused"}) or 0.0
+    refused = service.registry.get_sample_value("tts_streams_total", REFUSED) or 0.0
     prefill = prefill_length(service.tts, GOOD["input"])
     room = service.options.max_cache_len - prefill
     with TestClient(speech_app(service)) as client:
@@ -128,7 +145,7 @@ def test_a_request_the_cache_cannot_hold_names_the_field_to_change(
         r = client.post("/v1/audio/speech", json={**GOOD, "voice": "alice", "max_tokens": 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "input"
         assert service.engine.active() == 0 and service.engine.queued() == 0  # nothing was submitted
-    assert service.registry.get_sample_value("tts_streams_total", {"outcome": "refused"}) == refused + 3
+    assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 3
 
 
 def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService) -> None:
@@ -136,12 +153,12 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
         assert client.get("/v1/models").json()["data"][0]["id"] == "chatterbox-tiny"
         bad = [
             (b"{not json", None, 400),
-            (b"[" * 100_000 + b"]" * 100_000, None, 400),  # nested deeper than the stack
+            (b"[" * 20_000 + b"]" * 20_000, None, 400),  # nested deeper than the stack
             (b'{"seed": ' + b"1" * 5000 + b"}", None, 400),  # an integer past Python's 4300 digits
             (b'{"model": "chatterbox-tiny", "input": "hi \\ud800"}', "input", 400),  # a lone surrogate
             ({"model": "chatterbox-tiny"}, "input", 400),
             ({**GOOD, "input": "x" * 1001}, "input", 400),
-            ({**GOOD, "voice": "bob"}, "voice", 404),
+            ({**GOOD, "voice": "bob"}, "voice", 400),
             ({**GOOD, "model": "tts-1"}, "model", 404),
             ({**GOOD, "response_format": "opus"}, "response_format", 400),
             ({**GOOD, "speed": 2.0}, "speed", 400),
@@ -170,10 +187,79 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
         assert stopped.status_code == 503 and stopped.json()["reason"] == "the engine is closed"
         r = client.post("/v1/audio/speech", json={**GOOD, "max_tokens": 10})
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
-    assert 'tts_streams_total{outcome="completed"} 3.0' in metrics
-    assert "tts_time_to_first_audio_seconds_count 3.0" in metrics
-    assert "tts_active_streams 0.0" in metrics and "tts_s3gen_windows_per_flow_call" in metrics
+    assert 'tts_streams_total{outcome="completed",replica="0"} 3.0' in metrics
+    assert 'tts_time_to_first_audio_seconds_count{replica="0"} 3.0' in metrics
+    assert 'tts_active_streams{replica="0"} 0.0' in metrics and "tts_s3gen_flow_calls_total" in metrics
     assert service.voices["alice"] is not service.voices["default"]
+
+
+def test_every_metric_names_its_replica(service: SpeechService) -> None:
+    """Through Ray Serve's proxy each scrape answers one replica, so a series without the replica
+    label would jump between replicas' counts; running counts are counters a scraper can rate
+    (before: only tts_replica_info named the replica, tokens sampled was a gauge and the batch
+    fill a lifetime average)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(service.metrics_text().decode())}
+    counters = ("tts_t3_tokens_sampled", "tts_s3gen_windows", "tts_s3gen_flow_calls", "tts_streams")
+    assert {name: families[name].type for name in counters} == dict.fromkeys(counters, "counter")
+    assert "tts_s3gen_windows_per_flow_call" not in families
+    samples = [sample for family in families.values() for sample in family.samples]
+    assert samples and all(sample.labels.get("replica") == service.replica for sample in samples), samples
+
+
+def test_the_cache_check_runs_off_the_event_loop(
+    service: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting a request's positions tokenizes it and, on CUDA, copies the tokens to the device,
+    which waits behind the engine's queued GPU work: not on the loop that serves every request."""
+    import asyncio
+    import threading
+
+    counted_on: list[int] = []
+
+    def filling(_voice: str, _text: str) -> int:
+        counted_on.append(threading.get_ident())
+        return service.options.max_cache_len  # no room for a token: refused, nothing submitted
+
+    monkeypatch.setattr(service, "prefill_positions", filling)
+
+    async def ask() -> int:
+        with pytest.raises(RequestError, match="shorten the input"):
+            await service.speech(parse_speech(GOOD, service.limits))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(ask())
+    assert counted_on and counted_on[0] != loop_thread
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(service: SpeechService) -> None:
+    """413 in OpenAI's error body, by its declared length or, sent chunked, by the bytes that came
+    (before: any body was read whole and parsed on the event loop)."""
+    limit = service.limits.max_body_bytes
+    assert limit >= 6 * service.options.max_input_chars  # the longest input, every character escaped
+    with TestClient(speech_app(service)) as client:
+        declared = client.post("/v1/audio/speech", content=b" " * (limit + 1))
+        chunked = client.post("/v1/audio/speech", content=iter([b" " * (limit // 2)] * 3))  # no length
+        at_the_limit = client.post("/v1/audio/speech", content=b" " * (limit - 2) + b"{}")
+    for r in (declared, chunked):
+        error = r.json()["error"]
+        assert r.status_code == 413 and error["param"] is None, r.text
+        assert f"at most {limit} bytes" in error["message"] and r.headers["x-replica"] == "0"
+    assert at_the_limit.status_code == 400 and at_the_limit.json()["error"]["param"] == "model"
+
+
+def test_an_unknown_path_or_method_gets_openais_error_body(service: SpeechService) -> None:
+    """(before: FastAPI's own {"detail": "Not Found"})"""
+    with TestClient(speech_app(service)) as client:
+        missing = client.post("/v1/audio/speeches", json=GOOD)
+        wrong = client.get("/v1/audio/speech")
+    assert (missing.status_code, wrong.status_code) == (404, 405) and wrong.headers["allow"] == "POST"
+    for r in (missing, wrong):
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] is None, r.text
+        assert "POST /v1/audio/speech" in error["message"] and "GET /metrics" in error["message"]
+        assert r.headers["x-replica"] == "0"
 
 
 def test_a_service_refuses_options_no_request_could_run_with(tmp_path: Path) -> None:
@@ -261,6 +347,70 @@ def test_serve_refuses_bad_flags_before_starting_ray(
             assert len(errors) == 1 and flag in errors[0], (args, errors)
     finally:
         held.close()
+
+
+def _serve_errors(capfd: pytest.CaptureFixture[str], args: list[str]) -> list[str]:
+    """The ``error:`` lines of ``serve ARGS``, which must end with exit code 2."""
+    assert main(["serve", *args]) == 2, args
+    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_serve_without_a_ray_cluster_names_the_address_not_a_folder(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ray.init raises ConnectionError (an OSError) when no cluster answers, e.g. ``--address
+    auto`` with none running (before: "...: give another folder (--out / --logdir)")."""
+    import ray
+
+    def no_cluster(*_a: object, **_k: object) -> None:
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    [error] = _serve_errors(capfd, ["--address", "auto", "--out", str(tmp_path)])
+    assert "--address auto" in error and "ray start --head" in error and "folder" not in error, error
+
+
+def test_serve_refuses_gpus_ray_cannot_give_each_replica(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a machine with one GPU (as torch sees it): two replicas on a local Ray would leave
+    serve.run waiting for ever for the second; a device index is not what a replica sees (Ray
+    gives it one GPU, as cuda:0). Refused before any Ray starts."""
+    import ray
+    import torch
+
+    from tts_workbench.serving.deployment import Placement, check_placement
+
+    def no_ray(*_a: object, **_k: object) -> None:
+        raise AssertionError("Ray was started for a command that should have been refused")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = ["--out", str(tmp_path)]
+    [error] = _serve_errors(capfd, ["--port", str(_free_port()), "--device", "cuda", "--replicas", "2", *out])
+    assert "--replicas 2" in error and "1 GPU" in error, error
+    for where in (["--port", str(_free_port())], ["--address", "auto"]):
+        [error] = _serve_errors(capfd, [*where, "--device", "cuda:1", *out])
+        assert "--device cuda:1" in error and "use --device cuda" in error, error
+    check_placement(ServeOptions(device="cuda", run_dir=str(tmp_path)), Placement(port=_free_port()))
+
+
+def test_serve_hands_the_replicas_absolute_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray worker may run in another working directory (on a cluster, where `ray start` ran)."""
+    from tts_workbench.serving import deployment
+
+    seen: list[ServeOptions] = []
+
+    def serving(options: ServeOptions, where: deployment.Placement, **_: object) -> dict[str, object]:
+        seen.append(options)
+        return {"url": where.url, "served_s": 0.0, "stopped": "cleanly"}
+
+    monkeypatch.setattr(deployment, "serve_until_stopped", serving)
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--out", "run", "--voices", "voices"]) == 0
+    [options] = seen
+    assert (options.run_dir, options.voices_dir) == (str(tmp_path / "run"), str(tmp_path / "voices"))
 
 
 def test_the_servers_url_writes_an_ipv6_host_in_brackets() -> None:
@@ -382,6 +532,6 @@ def test_a_client_that_leaves_is_counted_and_freed_even_before_its_first_chunk(t
     try:
         asyncio.run(asyncio.wait_for(scenario(), timeout=120))
         assert engine.active() == 0 and engine.queued() == 0 and engine.free_rows() == 2
-        assert 'tts_streams_total{outcome="disconnected"} 2.0' in service.metrics_text().decode()
+        assert 'tts_streams_total{outcome="disconnected",replica="0"} 2.0' in service.metrics_text().decode()
     finally:
         service.close()

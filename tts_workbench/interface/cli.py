@@ -271,12 +271,17 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     if args.url:
         from ..studies.http_load import run_http_load
 
+        given = {"voice": args.voice, "timeout_s": args.timeout}  # None: not given, run_http_load's default
         report = run_http_load(
-            args.url, levels, texts=texts, voice=args.voice, arrival=args.arrival, tokens=args.tokens,
-            seed=args.seed, timeout_s=args.timeout, first_audio_limit_s=args.first_audio_limit,
-            outdir=args.out, progress=True,
+            args.url, levels, texts=texts, arrival=args.arrival, tokens=args.tokens, seed=args.seed,
+            first_audio_limit_s=args.first_audio_limit, outdir=args.out, progress=True,
+            **{key: value for key, value in given.items() if value is not None},
         )  # fmt: skip
         return report, format_load
+    for flag, value in (("--voice", args.voice), ("--timeout", args.timeout)):
+        if value is not None:  # the engine in this process has neither: refused, not ignored
+            raise ValueError(f"argument {flag}: goes with --url (a server's voice, a request's timeout): "
+                             "add --url, or leave it out for the engine in this process")  # fmt: skip
     tts = _voiced_model(args, args.out)
     report = run_load(
         tts,
@@ -299,8 +304,11 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     from ..serving.deployment import Placement, serve_until_stopped
     from ..serving.service import ServeOptions
 
+    # Absolute: a Ray worker may run in another working directory (on a cluster, where `ray start` ran).
+    voices = None if args.voices is None else str(Path(args.voices).resolve())
+    out = str(Path(args.out).resolve())
     options = ServeOptions(
-        model=args.model, device=args.device, seed=args.seed, voices_dir=args.voices, run_dir=args.out,
+        model=args.model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
     )  # fmt: skip
@@ -448,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure an OpenAI-compatible speech endpoint (http://HOST:PORT) instead of an engine in "
         "this process; --model, --decode, --dtype, --reference and the window flags are then the server's",
     )
-    ld.add_argument("--voice", default="default", help="with --url: the voice each request names")
-    ld.add_argument("--timeout", type=_seconds, default=300.0, help="with --url: s for each whole request")
+    ld.add_argument("--voice", help="with --url: the voice each request names (default: default)")
+    ld.add_argument("--timeout", type=_seconds, help="with --url: s for each whole request (default 300)")
     ld.set_defaults(run=_load)
 
     sv = sub.add_parser(
@@ -509,8 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an output folder that is a file, or one this user may not write
-        where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}: give another folder (--out / --logdir)", file=sys.stderr)
+        where = f": {e.filename}: give another folder (--out / --logdir)" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2) if args.json else fmt(report))
     return 0

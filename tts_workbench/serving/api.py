@@ -1,5 +1,6 @@
 """The HTTP routes over one ``SpeechService`` (FastAPI): OpenAI's speech and model list, health
-and Prometheus metrics. Every answer names the replica that gave it (``x-replica``)."""
+and Prometheus metrics. Every answer names the replica that gave it (``x-replica``); every error
+is OpenAI's error body, Starlette's own 404 and 405 included."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from .protocol import FORMATS, RequestError, parse_speech
 from .service import SpeechService
@@ -30,10 +33,22 @@ def speech_app(service: SpeechService) -> FastAPI:
     async def refused(_request: Request, e: RequestError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, e: HTTPException) -> JSONResponse:
+        """Starlette's own 404 (no such path) and 405 (wrong method), in OpenAI's error body too."""
+        routes = ", ".join(
+            f"{method} {route.path}" for route in app.routes if isinstance(route, APIRoute)
+            for method in sorted(route.methods or ())
+        )  # fmt: skip
+        error = RequestError(f"{request.method} {request.url.path}: {e.detail}: this server answers {routes}",
+                             status=e.status_code)  # fmt: skip
+        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
+
     @app.post("/v1/audio/speech")
     async def speech(request: Request) -> StreamingResponse:
+        raw = await read_body(request, service.limits.max_body_bytes)
         try:
-            body: Any = json.loads(await request.body())
+            body: Any = json.loads(raw)
         # not JSON, not UTF-8, an integer of over 4300 digits, nesting deeper than the stack
         except (ValueError, RecursionError) as e:
             raise RequestError(
@@ -63,3 +78,22 @@ def speech_app(service: SpeechService) -> FastAPI:
         return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or a 413 ``RequestError`` once it is over ``limit`` bytes: by its
+    declared length before a byte is read, or (sent chunked) as soon as the bytes that came pass
+    it, so a huge body is neither held nor parsed."""
+    too_large = RequestError(
+        f"the request body is over {limit} bytes: send at most {limit} bytes, the speech fields only "
+        "(split a long input and send the parts as separate requests)", status=413,
+    )  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)

@@ -21,6 +21,8 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
+
 from ..core.errors import ConfigError
 from ..models.sources import check_device, check_source
 from .service import ServeOptions, SpeechService, check_options, find_voices
@@ -130,12 +132,30 @@ def deployment(options: ServeOptions, replicas: int) -> Any:
     return app.bind(options)
 
 
+def check_gpus(device: str, replicas: int, local: bool) -> None:
+    """A ConfigError for a CUDA device Ray cannot give every replica: one named by index (Ray gives
+    a replica one GPU and sets CUDA_VISIBLE_DEVICES to it, so the replica sees no other), or on a
+    ``local`` Ray more replicas than this machine has GPUs (serve.run would wait for ever for a
+    replica Ray cannot place; a cluster's GPUs are its workers', not this machine's)."""
+    if device.startswith("cuda:"):
+        raise ConfigError(
+            f"argument --device {device}: serve gives each replica one GPU from Ray, which the replica "
+            "sees as its only one: use --device cuda (and --replicas for one engine per GPU)"
+        )
+    if local and device == "cuda" and replicas > (gpus := torch.cuda.device_count()):
+        raise ConfigError(
+            f"argument --replicas {replicas}: each replica needs a GPU of its own and this machine has "
+            f"{gpus} GPU(s): lower --replicas, or join a cluster with more (--address)"
+        )
+
+
 def check_placement(options: ServeOptions, where: Placement) -> None:
     """Everything a serve can be refused for before Ray starts (so nothing is left running): the
     options that need no model, the voices folder, then with a cluster its address; locally the
     port, the device and the model source (a cluster's workers may have the GPUs and folders this
-    machine lacks, and its proxy listens on its head). Whether ``--max-input-chars`` fits
-    ``--max-cache-len`` needs the model's tokenizer: each replica checks it as it starts."""
+    machine lacks, and its proxy listens on its head); then the GPUs the replicas ask of Ray.
+    Whether ``--max-input-chars`` fits ``--max-cache-len`` needs the model's tokenizer: each
+    replica checks it as it starts."""
     check_options(options)
     find_voices(options.voices_dir)
     if where.address:
@@ -145,6 +165,7 @@ def check_placement(options: ServeOptions, where: Placement) -> None:
         check_device(options.device)
         check_source(options.model)
         Path(options.run_dir).mkdir(parents=True, exist_ok=True)  # an OSError names it (--out)
+    check_gpus(options.device, where.replicas, local=not where.address)
 
 
 @contextlib.contextmanager
@@ -156,7 +177,13 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
 
     previous = signal.getsignal(signal.SIGTERM)
     if where.address:
-        ray.init(address=where.address, log_to_driver=False)
+        try:
+            ray.init(address=where.address, log_to_driver=False)
+        except ConnectionError as e:  # an OSError, which would read as a folder that cannot be made
+            raise ConfigError(
+                f"argument --address {where.address}: no Ray cluster to join ({e}): start one with "
+                "`ray start --head` (then give its HOST:PORT), or leave --address out for a local Ray"
+            ) from None
     else:
         cpus = max(2, where.replicas * (options.threads or 1))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)

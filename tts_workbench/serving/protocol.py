@@ -44,6 +44,12 @@ class Limits:
     max_input_chars: int = 1000
     max_tokens: int = 1000  # the largest max_tokens; the engine's cache may hold fewer
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body read: the longest input with every character a JSON escape
+        (``\\uXXXX``, 6 bytes), and 64 KiB for the other fields and whitespace."""
+        return 6 * self.max_input_chars + 64 * 1024
+
 
 @dataclass(frozen=True)
 class SpeechRequest:
@@ -62,10 +68,12 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}: the fields are {', '.join(FIELDS)}", unknown[0])
     model = body.get("model")
+    if model is None:
+        raise RequestError(f'model is missing: send "model": "{limits.model}" (GET /v1/models)', "model")
     if model != limits.model:
         raise RequestError(
             f"model {model!r} is not served here: use {limits.model!r} (GET /v1/models)", "model",
-            404 if isinstance(model, str) else 400,
+            404 if isinstance(model, str) else 400,  # OpenAI's model_not_found is a 404
         )  # fmt: skip
     text = body.get("input")
     if not isinstance(text, str) or not text.strip():
@@ -84,10 +92,13 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
             "split the text and send the parts as separate requests", "input",
         )  # fmt: skip
     voice = body.get("voice", "default")
-    if voice not in limits.voices:
+    if voice is None:
+        raise RequestError(f"voice is null: leave it out (the default voice) or send one of "
+                           f"{', '.join(limits.voices)}", "voice")  # fmt: skip
+    if voice not in limits.voices:  # a 400, as OpenAI answers a voice it does not have
         raise RequestError(
             f"unknown voice {voice!r}: use one of {', '.join(limits.voices)} (the server's --voices "
-            "folder, by file stem)", "voice", 404 if isinstance(voice, str) else 400,
+            "folder, by file stem)", "voice",
         )  # fmt: skip
     fmt = body.get("response_format", "pcm")
     if not isinstance(fmt, str) or fmt not in FORMATS:

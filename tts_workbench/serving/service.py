@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,13 @@ import torch
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     Info,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
 from ..models.sources import check_reference, load_model, make_reference_wav
@@ -37,6 +38,7 @@ from .protocol import Limits, RequestError, SpeechRequest, check_cache, pcm16, w
 
 TTFA_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
+OUTCOMES = ("completed", "refused", "disconnected", "failed")
 
 
 @dataclass(frozen=True)
@@ -147,28 +149,22 @@ class SpeechService:
             raise
 
     def _metrics(self) -> None:
+        """Every series labelled with this replica: behind Ray Serve's proxy each scrape answers
+        one replica, and series without the label would jump between replicas' counts."""
         disable_created_metrics()  # no *_created series: they say nothing a scraper needs here
         r = self.registry = CollectorRegistry()
-        stats = self.engine.stats
         Info("tts_replica", "which replica answered, and its model", registry=r).info(
             {"replica": self.replica, "model": self.model_id}
         )
-        Gauge("tts_active_streams", "streams admitted, not yet finished", registry=r).set_function(
-            self.engine.active
-        )
-        Gauge("tts_queued_streams", "streams waiting for a free engine slot", registry=r).set_function(
-            self.engine.queued
-        )
-        Gauge("tts_t3_tokens_sampled", "T3 tokens sampled by this replica, all streams, so far",
-              registry=r).set_function(lambda: stats.t3_tokens)  # fmt: skip
-        fill = Gauge("tts_s3gen_windows_per_flow_call", "S3Gen batch fill: windows per flow call, so far",
-                     registry=r)  # fmt: skip
-        fill.set_function(lambda: stats.flow_windows / stats.flow_calls if stats.flow_calls else 0.0)
-        self.ttfa = Histogram("tts_time_to_first_audio_seconds", "a checked request to its first audio chunk",
-                              buckets=TTFA_BUCKETS_S, registry=r)  # fmt: skip
-        self.rtf = Histogram("tts_stream_rtf", "a finished stream's wall time over its audio time",
-                             buckets=RTF_BUCKETS, registry=r)  # fmt: skip
-        self.outcomes = Counter("tts_streams", "streams by how they ended", ["outcome"], registry=r)
+        r.register(_EngineMetrics(self.engine, self.replica))
+        ttfa = Histogram("tts_time_to_first_audio_seconds", "a checked request to its first audio chunk",
+                         ["replica"], buckets=TTFA_BUCKETS_S, registry=r)  # fmt: skip
+        rtf = Histogram("tts_stream_rtf", "a finished stream's wall time over its audio time", ["replica"],
+                        buckets=RTF_BUCKETS, registry=r)  # fmt: skip
+        self.ttfa, self.rtf = ttfa.labels(self.replica), rtf.labels(self.replica)
+        streams = Counter("tts_streams", "streams by how they ended", ["replica", "outcome"], registry=r)
+        # every outcome from zero, so that a rate over the first of them is not lost
+        self.outcomes = {outcome: streams.labels(self.replica, outcome) for outcome in OUTCOMES}
 
     def metrics_text(self) -> bytes:
         """The Prometheus text exposition of this replica's metrics."""
@@ -196,24 +192,26 @@ class SpeechService:
         frees the stream's rows in the engine."""
         t0 = time.perf_counter()
         try:
-            self._check_cache(req)
+            # Off the event loop: counting tokenizes, and on CUDA copies the tokens to the device,
+            # which waits behind the engine's queued GPU work.
+            await asyncio.to_thread(self._check_cache, req)
             handle = self.engine.submit(
                 req.input, seed=req.seed, max_new_tokens=req.max_tokens, conds=self.voices[req.voice]
             )
             chunks = aiter(handle)
             first = await anext(chunks, None)
         except asyncio.CancelledError:  # the client left before its first chunk (rows freed)
-            self.outcomes.labels("disconnected").inc()
+            self.outcomes["disconnected"].inc()
             raise
         except RequestError:
-            self.outcomes.labels("refused").inc()
+            self.outcomes["refused"].inc()
             raise
         except WorkbenchError as e:  # a refusal _check_cache did not foresee
-            self.outcomes.labels("refused").inc()
+            self.outcomes["refused"].inc()
             param = "input" if isinstance(e, CacheError) else None
             raise RequestError(f"the engine refused this request: {e}", param) from e
         except Exception as e:  # the engine's own failure: this request fails, in OpenAI's format
-            self.outcomes.labels("failed").inc()
+            self.outcomes["failed"].inc()
             raise RequestError(f"the engine could not start this stream: {type(e).__name__}: {e}",
                                status=503 if not self.engine.running else 500) from e  # fmt: skip
         if first is not None:
@@ -246,9 +244,38 @@ class SpeechService:
             raise
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
-            self.outcomes.labels(outcome).inc()
+            self.outcomes[outcome].inc()
             if outcome == "completed" and handle.report.audio_s:
                 self.rtf.observe((time.perf_counter() - t0) / handle.report.audio_s)
 
     def close(self) -> None:
         self.engine.close()
+
+
+class _EngineMetrics(Collector):
+    """What the engine counts, read at each scrape: its streams now (gauges) and its running
+    counts (counters, for a scraper to rate; S3Gen's batch fill is the rate of windows over the
+    rate of flow calls)."""
+
+    def __init__(self, engine: StreamEngine, replica: str) -> None:
+        self.engine, self.replica = engine, replica
+
+    def collect(self) -> Iterator[Metric]:
+        """Each series as the engine has it now, labelled with the replica."""
+        stats = self.engine.stats
+        yield self._one(GaugeMetricFamily, "tts_active_streams", "streams admitted, not yet finished",
+                        self.engine.active())  # fmt: skip
+        yield self._one(GaugeMetricFamily, "tts_queued_streams", "streams waiting for a free engine slot",
+                        self.engine.queued())  # fmt: skip
+        yield self._one(CounterMetricFamily, "tts_t3_tokens_sampled", "T3 tokens sampled, all streams",
+                        stats.t3_tokens)  # fmt: skip
+        yield self._one(CounterMetricFamily, "tts_s3gen_windows", "S3Gen windows vocoded", stats.flow_windows)
+        yield self._one(CounterMetricFamily, "tts_s3gen_flow_calls", "S3Gen flow calls (batches of windows)",
+                        stats.flow_calls)  # fmt: skip
+
+    def _one(self, kind: type[GaugeMetricFamily | CounterMetricFamily], name: str, doc: str,
+             value: float) -> Metric:  # fmt: skip
+        """A family of one series, this replica's."""
+        family = kind(name, doc, labels=["replica"])
+        family.add_metric([self.replica], value)
+        return family
