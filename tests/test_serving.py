@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
-from tts_workbench.models.sources import make_reference_wav
+from tts_workbench.models.sources import load_model, make_reference_wav, save_checkpoint
 from tts_workbench.runtime.decode import prefill_length
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.serving.api import speech_app
@@ -409,8 +409,11 @@ def test_serve_hands_the_replicas_absolute_folders(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(deployment, "serve_until_stopped", serving)
     monkeypatch.chdir(tmp_path)
     assert main(["serve", "--out", "run", "--voices", "voices"]) == 0
-    [options] = seen
-    assert (options.run_dir, options.voices_dir) == (str(tmp_path / "run"), str(tmp_path / "voices"))
+    save_checkpoint(load_model("tiny"), tmp_path / "ckpt")
+    assert main(["serve", "--model", "ckpt", "--out", "run"]) == 0
+    named, folder = seen
+    assert (named.run_dir, named.voices_dir) == (str(tmp_path / "run"), str(tmp_path / "voices"))
+    assert (named.model, folder.model) == ("tiny", str(tmp_path / "ckpt"))
 
 
 def test_the_servers_url_writes_an_ipv6_host_in_brackets() -> None:

@@ -301,14 +301,17 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
 
 
 def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from ..models.sources import MODELS, PRETRAINED
     from ..serving.deployment import Placement, serve_until_stopped
     from ..serving.service import ServeOptions
 
     # Absolute: a Ray worker may run in another working directory (on a cluster, where `ray start` ran).
     voices = None if args.voices is None else str(Path(args.voices).resolve())
     out = str(Path(args.out).resolve())
+    named = args.model in MODELS or args.model in PRETRAINED
+    model = args.model if named else str(Path(args.model).resolve())  # a checkpoint folder
     options = ServeOptions(
-        model=args.model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
+        model=model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
     )  # fmt: skip
