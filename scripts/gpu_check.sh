@@ -9,6 +9,8 @@
 #      per token, compile time, peak CUDA memory, TTFA and RTF;
 #   2. sampling the next tokens of 1, 8, 32 and 64 streams: upstream's way one stream at a time
 #      vs decode.Sampler batched (scripts/sampling_study.py, ~30 s);
+#   2b. (GPU_CHECK_MULTILINGUAL=1) the same bench on the Multilingual model (bfloat16; its static and
+#      compiled steps decode without the alignment analyzer, README);
 #   3. (GPU_CHECK_DIAGNOSE=1) the diagnosis on CUDA: which SDPA kernel upstream's float32 decode
 #      ran, why Flash was refused, and where a float16 cast breaks;
 #   4. (GPU_CHECK_TRACE=1, the default) `tts-workbench trace`: T3's decode with the eager and the
@@ -24,6 +26,8 @@
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
 #   GPU_CHECK_POLICIES="bfloat16 float16"  # the policies (default: bfloat16; "" for none)
 #   GPU_CHECK_DIAGNOSE=1            # also run the diagnosis step (default: skipped)
+#   GPU_CHECK_MULTILINGUAL=1        # also bench the Multilingual model (configs GPU_CHECK_MULTILINGUAL_CONFIGS,
+#                                   # default upstream,optimized,compiled,optimized-stream,compiled-stream)
 #   GPU_CHECK_LOAD=1                # also run the load study (issue 19): the stream engine with the
 #                                   # compiled step, T3 in bfloat16, levels GPU_CHECK_LOAD_LEVELS
 #                                   # (default 1,8,32,64; dry run 1,2); alone, GPU_CHECK_POLICIES=""
@@ -40,7 +44,7 @@ OUT=${GPU_CHECK_OUT:-results/gpu_check.json}
 DIR=${GPU_CHECK_DIR:-runs/gpu_check}
 CONFIGS=${GPU_CHECK_CONFIGS:-upstream,optimized,static,compiled,optimized-stream,compiled-stream}
 if [[ $DRY != 0 ]]; then
-    PY=${PYTHON:-.venv/bin/python}; MODEL=tiny; DEVICE=cpu; TOKENS=8; REPEATS=1; WARMUP=0; LIMIT=300
+    PY=${PYTHON:-.venv/bin/python}; MODEL=tiny; MULTILINGUAL=multilingual-tiny; DEVICE=cpu; TOKENS=8; REPEATS=1; WARMUP=0; LIMIT=300
 else
     # The image's python3 is itself a venv holding CUDA torch: install the carried wheels into a
     # folder that PYTHONPATH puts ahead of it (transformers 5.2.0 then shadows the image's newer one).
@@ -48,7 +52,7 @@ else
     $PY -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/site gpu-wheels/*.whl || exit 1
     # The package runs from the checkout (the image's Python is 3.12; pyproject pins 3.11 for CI).
     export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1
-    MODEL=random; DEVICE=cuda; TOKENS=${GPU_CHECK_TOKENS:-150}; REPEATS=2; WARMUP=1; LIMIT=${GPU_CHECK_STEP_LIMIT:-540}
+    MODEL=random; MULTILINGUAL=multilingual-random; DEVICE=cuda; TOKENS=${GPU_CHECK_TOKENS:-150}; REPEATS=2; WARMUP=1; LIMIT=${GPU_CHECK_STEP_LIMIT:-540}
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv >&2
 fi
 mkdir -p "$DIR"
@@ -94,6 +98,11 @@ for policy in $POLICIES_RUN; do
     step "bench-$policy" $PY -m tts_workbench.interface.cli bench --model $MODEL --device $DEVICE --tokens $TOKENS \
         --repeats $REPEATS --warmup $WARMUP --configs "$CONFIGS" --dtype "$policy" --out "$TMP/$policy"
 done
+if [[ $COMBINE != 1 && ${GPU_CHECK_MULTILINGUAL:-0} == 1 ]]; then
+    step bench-multilingual $PY -m tts_workbench.interface.cli bench --model $MULTILINGUAL --device $DEVICE \
+        --tokens $TOKENS --repeats $REPEATS --warmup $WARMUP --dtype bfloat16 --out "$TMP/multilingual" \
+        --configs "${GPU_CHECK_MULTILINGUAL_CONFIGS:-upstream,optimized,compiled,optimized-stream,compiled-stream}"
+fi
 if [[ $COMBINE != 1 && ${GPU_CHECK_LOAD:-0} == 1 ]]; then
     [[ $DRY == 1 ]] && LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,2} || LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,8,32,64}
     step load $PY -m tts_workbench.interface.cli load --model $MODEL --device $DEVICE --tokens $TOKENS \
@@ -159,16 +168,23 @@ def load(name):  # (result, None), (None, error text), or (None, None) for a ste
         err = (d / f"{name}.err").read_text() if (d / f"{name}.err").exists() else ""
         return None, err[-3000:] or "no output"
 
+def bench_run(r):  # what the results file keeps of one bench
+    return {"policy": r["optimized_policy"], "attention_kernels_optimized": r["attention_kernels_optimized"],
+            "compile_s": r.get("compile_s"), "compile_fallback": r.get("compile_fallback"),
+            "compiled_attention": r.get("compiled_attention"), "memory": r.get("memory"),
+            "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
+            "settings": r["settings"], "summary": r["summary"], "table": format_bench(r).splitlines()}
+
 runs, errors, environment = {}, {}, None
 for p in sys.argv[4:]:
     r, errors[f"bench-{p}"] = load(f"bench-{p}")
     if r:
         environment = environment or r["environment"]
-        runs[p] = {"policy": r["optimized_policy"], "attention_kernels_optimized": r["attention_kernels_optimized"],
-                   "compile_s": r.get("compile_s"), "compile_fallback": r.get("compile_fallback"),
-                   "compiled_attention": r.get("compiled_attention"), "memory": r.get("memory"),
-                   "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
-                   "settings": r["settings"], "summary": r["summary"], "table": format_bench(r).splitlines()}
+        runs[p] = bench_run(r)
+multilingual, errors["bench-multilingual"] = load("bench-multilingual")
+if multilingual:
+    environment = environment or multilingual["environment"]
+    multilingual = bench_run(multilingual)
 diagnose, errors["diagnose"] = load("diagnose")
 load_study, errors["load"] = load("load")
 served, errors["serve-load"] = load("serve-load")
@@ -190,6 +206,7 @@ result = {
     "environment": environment,
     "note": os.environ["GPU_CHECK_NOTE"],
     "runs": runs,
+    "multilingual": multilingual,
     "diagnose": diagnose,
     "load": load_study,
     "serve_load": served,
@@ -200,6 +217,8 @@ result = {
 out.write_text(json.dumps(result, indent=2))
 for p, r in runs.items():
     print(f"\n## optimized policy {p}\n" + "\n".join(r["table"]))
+if multilingual:
+    print("\n## Multilingual, optimized policy bfloat16\n" + "\n".join(multilingual["table"]))
 if diagnose:
     print("\n## diagnosis (upstream float32 decode, then a float16 cast):")
     print(json.dumps({"kernels": diagnose["kernels"], "attention": diagnose["attention"]}, indent=1)[:3000])

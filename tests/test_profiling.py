@@ -288,6 +288,8 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
         GPU_CHECK_POLICIES="no-such-policy bfloat16",
         GPU_CHECK_CONFIGS="upstream,compiled",
         GPU_CHECK_TRACE="0",  # diagnose and trace are left off: test_cli and test_trace_analysis run them
+        GPU_CHECK_MULTILINGUAL="1",
+        GPU_CHECK_MULTILINGUAL_CONFIGS="upstream",
         GPU_CHECK_REFERENCE=str(make_reference_wav(tmp_path / "ref.wav", seconds=2)),
     )
     assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
@@ -308,6 +310,10 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
         assert m["total_gib"] == pytest.approx(m["weights_gib"] + m["kv_cache_gib"] + m["run_growth_gib"])
     assert any("memory per configuration" in line for line in run["table"])
     assert result["diagnose"] is None  # not asked for
+    multi = result["multilingual"]  # the Multilingual model's bench, in bfloat16 too
+    assert multi["policy"]["policy"] == "bfloat16" and multi["settings"]["configs"] == ["upstream"]
+    assert any("bench: multilingual-tiny on cpu" in line for line in multi["table"])
+    assert "## Multilingual, optimized policy bfloat16" in p.stdout
     assert "## optimized policy bfloat16" in p.stdout
     # sampling one stream at a time vs batched: both timed on the same logits (tokens checked equal)
     ways = {"upstream, one stream at a time", "Sampler, batched"}
