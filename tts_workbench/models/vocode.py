@@ -30,6 +30,7 @@ from ..core.clock import now
 from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import ConfigError
+from ..core.families import FAMILIES
 from ..core.patching import routed, shared
 
 # Integer entries of the reference dict. After one upstream ``S3Gen.forward`` in float32 they
@@ -194,6 +195,12 @@ def _full_context_mask(original: Callable[..., torch.Tensor]) -> Callable[..., t
     return mask
 
 
+def cfm_steps(s3gen: S3Gen) -> int:
+    """CFM steps per flow call, as upstream ``flow_inference`` counts them: Turbo's (its S3Gen
+    is the meanflow one) or the other families' (``Family.cfm_steps``)."""
+    return FAMILIES["turbo" if s3gen.meanflow else "standard"].cfm_steps
+
+
 def flow_mels(
     s3gen: S3Gen,
     tokens: torch.Tensor,
@@ -211,7 +218,7 @@ def flow_mels(
     the flow-matching start noise of the generated frames (upstream draws it afresh every call),
     so windows of one utterance can share one noise track. ``plan`` runs the CFM estimator its
     way, its frames padded to the prompt plus ``pad_to`` tokens (``FlowPlan``). ``n_timesteps``
-    defaults as upstream ``flow_inference``: 2 for Turbo's meanflow S3Gen, else 10.
+    defaults as upstream ``flow_inference`` (``cfm_steps``: 2 for Turbo's meanflow S3Gen, else 10).
     """
     dtype, device = s3gen.dtype, s3gen.device
     ref = cast_gen(gen, dtype, device)
@@ -222,7 +229,7 @@ def flow_mels(
             token=tokens,
             token_len=torch.tensor([tokens.size(1)], device=device),
             finalize=finalize,
-            n_timesteps=n_timesteps or (2 if s3gen.meanflow else 10),
+            n_timesteps=n_timesteps or cfm_steps(s3gen),
             noised_mels=None if noise is None else noise.to(device=device, dtype=dtype),
             meanflow=s3gen.meanflow,
             **ref,

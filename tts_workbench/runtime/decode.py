@@ -230,8 +230,19 @@ class DecodePlan:
         """Forget the static caches and compiled steps (the next generation builds new ones)."""
         self._static.clear()
 
+    def context(self, device: torch.device) -> ExitStack:
+        """Inference mode, and autocast on ``device`` when the plan has an autocast dtype, entered
+        now: use it as ``with plan.context(device):`` around each compute step, never across a
+        yield (autocast and inference mode are thread-wide and must not leak into the consumer's
+        code)."""
+        stack = ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast:
+            stack.enter_context(torch.autocast(device.type, self.autocast))
+        return stack
 
-class _SpanStaticLayer(StaticLayer):
+
+class SpanStaticLayer(StaticLayer):
     """transformers' ``StaticLayer`` whose steps attend to its first ``span`` slots only (the
     keys, values and mask of a step end there), storing keys and values in its own dtype, as
     ``DynamicCache`` does by concatenation: under autocast the keys leave the float32 rotary
@@ -246,7 +257,12 @@ class _SpanStaticLayer(StaticLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = cast(torch.Tensor, self.keys).dtype
-        keys, values = super().update(key_states.to(dtype), value_states.to(dtype), cache_kwargs)
+        super().update(key_states.to(dtype), value_states.to(dtype), cache_kwargs)
+        return self.attended()
+
+    def attended(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a step attends to: the first ``span`` slots."""
+        keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
         return keys[:, :, : self.span], values[:, :, : self.span]
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
@@ -306,7 +322,7 @@ class StaticStep:
         heads, head_dim = kv_layout(config)
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
         self.cache.layers = [
-            _SpanStaticLayer(max_cache_len) if type(layer) is StaticLayer else layer
+            SpanStaticLayer(max_cache_len) if type(layer) is StaticLayer else layer
             for layer in self.cache.layers
         ]
         with enter():
@@ -397,7 +413,7 @@ class StaticStep:
     def _set_span(self, span: int) -> None:
         if span != self.span:
             for layer in self.cache.layers:
-                if isinstance(layer, _SpanStaticLayer):
+                if isinstance(layer, SpanStaticLayer):
                     layer.span = span
             self.span, self._guarded = span, False
 
@@ -854,11 +870,7 @@ def decode_blocks(
     def ctx() -> ExitStack:
         # Entered around each compute step, never across a yield: autocast and inference mode
         # are thread-wide and must not leak into the consumer's code.
-        stack = ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if plan.autocast:
-            stack.enter_context(torch.autocast(device.type, plan.autocast))
-        return stack
+        return plan.context(device)
 
     step: StaticStep | None = None
     scope = ExitStack()  # what the multilingual alignment analyzer changes, undone at the end

@@ -38,26 +38,26 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
 import torch
-from transformers.cache_utils import StaticCache, StaticLayer
+from transformers.cache_utils import StaticCache
 
 from ..core.clock import now
 from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
-from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
+from ..core.errors import ConfigError
 from ..core.families import family_of, kv_layout
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
-from ..models.vocode import FlowPlan, cast_gen, tail_tokens, vocoder
+from ..models.vocode import FlowPlan, cast_gen, cfm_steps, tail_tokens, vocoder
 from .decode import (
     DecodePlan,
     Sampler,
+    SpanStaticLayer,
     T3Parts,
     check_new_tokens,
     check_room,
@@ -71,6 +71,7 @@ from .decode import (
     speech_ids,
     text_tokens,
 )
+from .generation import checked_voice
 from .streaming import (
     BufferedCutter,
     StreamConfig,
@@ -181,11 +182,11 @@ class StreamHandle:
                 loop.call_soon_threadsafe(ready.set)
 
 
-class _RowLayer(StaticLayer):
+class _RowLayer(SpanStaticLayer):
     """A static cache layer whose rows sit at different positions: row ``r`` writes its new key
     and value at slot ``cache_position[r]`` (transformers' ``StaticLayer`` writes every row at
-    the same slots) and the step attends to its first ``span`` slots. ``keys``/``values`` are
-    views of the engine's one allocation."""
+    the same slots) and the step attends to its first ``span`` slots (``SpanStaticLayer``).
+    ``keys``/``values`` are views of the engine's one allocation."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, span: int) -> None:
         super().__init__(keys.size(2))
@@ -202,7 +203,7 @@ class _RowLayer(StaticLayer):
         keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
         keys[rows, :, slots] = key_states[:, :, 0].to(keys.dtype)
         values[rows, :, slots] = value_states[:, :, 0].to(values.dtype)
-        return keys[:, :, : self.span], values[:, :, : self.span]
+        return self.attended()
 
 
 @dataclass
@@ -529,13 +530,6 @@ class StreamEngine:
                 self._waiting.remove(handle)
             self._lock.notify_all()  # the T3 stage frees an admitted stream's rows before its step
 
-    def _ctx(self) -> ExitStack:
-        stack = ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.plan.autocast:
-            stack.enter_context(torch.autocast(self.device.type, self.plan.autocast))
-        return stack
-
     def _idle(self) -> bool:
         """Nothing for the T3 stage: no stream, no job, none waiting that may join."""
         return not self._live and not self._jobs and (not self._waiting or bool(self._held))
@@ -583,18 +577,14 @@ class StreamEngine:
             self._lock.notify_all()
 
     def _prefill(self, handle: StreamHandle, r: Request) -> _Live:
-        conds = r.conds
-        if conds is None:
-            raise NoVoiceError()
-        if not r.text.strip():
-            raise EmptyTextError()
+        conds = checked_voice(r.conds, r.text)
         check_new_tokens(self.tts.t3, r.max_new_tokens)
         cfg_weight, sampling = self.family.sampling_with(r.sampling)
         sampler = Sampler(self.turbo, cfg_weight, **sampling)
         if self._streams:  # the voice's conditionals may have been made on the default stream
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
-        with self._ctx():
+        with self.plan.context(self.device):
             tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
             embeds = prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
             prefill_len = embeds.size(1)
@@ -749,7 +739,7 @@ class StreamEngine:
             # there are never read (a shape may first be compiled while streams are running).
             token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
             slot = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
-            with self._ctx():
+            with self.plan.context(self.device):
                 if k == 0:  # the call that compiles: which attention op Inductor's code calls
                     _, code = compiled_with_code(run, token, position, slot)
                     self.attention_kernels = compiled_attention(code)
@@ -770,7 +760,7 @@ class StreamEngine:
         groups: dict[tuple[Sampler, int], list[_Live]] = {}
         for live in lives:
             groups.setdefault((live.sampler, live.logits.size(0)), []).append(live)
-        with self._ctx():
+        with self.plan.context(self.device):
             sampled: dict[int, torch.Tensor] = {}
             for group in groups.values():
                 try:
@@ -819,7 +809,7 @@ class StreamEngine:
                 slot[r] = live.prefill_len + live.step - 1
             span = span_for(max(live.prefill_len + live.step for live in still), self.max_cache_len)
             try:
-                with self._ctx():
+                with self.plan.context(self.device):
                     logits = self._step_fn(bucket, span)(token, position, slot)
             except Exception as e:  # (out of memory, say): these streams end with it, the engine goes on
                 self._fail(still, e)
@@ -920,7 +910,7 @@ class StreamEngine:
                     token=tokens,
                     token_len=torch.full((len(group),), tokens.size(1), device=device),
                     finalize=True,
-                    n_timesteps=self.family.cfm_steps,
+                    n_timesteps=cfm_steps(s3gen),
                     noised_mels=noise,
                     meanflow=s3gen.meanflow,
                     **first.gen,

@@ -189,6 +189,17 @@ def prepare_voice(tts: TTSModel, reference: str, exaggeration: float = 0.5) -> R
     return info
 
 
+def checked_voice(conds: Any, text: str) -> Any:
+    """``conds``, the voice to speak ``text`` with (upstream ``Conditionals``), once there is one
+    and something to speak: a NoVoiceError where ``conds`` is None, else an EmptyTextError where
+    ``text`` is empty or blank."""
+    if conds is None:
+        raise NoVoiceError()
+    if not text or not text.strip():
+        raise EmptyTextError()
+    return conds
+
+
 def generate(
     tts: TTSModel,
     text: str = UPSTREAM_SENTENCE,
@@ -199,10 +210,7 @@ def generate(
     """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings
     (``t3`` includes its ``t3.prefill`` and ``t3.decode``, see ``t3_timed``). The multilingual
     model speaks ``language_id`` (default "en", checked by ``families.language_for``)."""
-    if not text or not text.strip():
-        raise EmptyTextError()
-    if tts.conds is None and not sampling.get("audio_prompt_path"):
-        raise NoVoiceError()
+    checked_voice(sampling.get("audio_prompt_path") or tts.conds, text)  # a reference to prepare will do
     family = family_of(tts)
     if (language := language_for(tts, sampling.get("language_id"))) is not None:
         sampling["language_id"] = language

@@ -44,8 +44,8 @@ from chatterbox.tts import ChatterboxTTS
 from torch.utils.benchmark import Measurement
 
 from ..core.clock import measurement, now
-from ..core.constants import HALF_DTYPES, SPEECH_VOCAB_SIZE, dtype_name
-from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
+from ..core.constants import HALF_DTYPES, dtype_name
+from ..core.errors import ConfigError, NoVoiceError
 from ..core.families import family_of
 from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
@@ -62,11 +62,12 @@ from .decode import (
     T3Parts,
     invalid_ids,
     prefill_length,
+    speech_ids,
     t3_decode,
     text_tokens,
 )
+from .generation import checked_voice, prepare_voice
 from .generation import generate as capped_generate
-from .generation import prepare_voice
 from .precision import (
     ISLANDS,
     Island,
@@ -571,13 +572,10 @@ class PerformanceOptimizedTTS(Pipeline):
         overrides the wrapper's decode step for this call; the multilingual model speaks
         ``language_id`` (default "en"); samples come from ``generator`` (default: the global one)."""
         self._check_open()
-        if not text.strip():
-            raise EmptyTextError()
-        if self.tts.conds is None:
-            raise NoVoiceError()
+        conds = checked_voice(self.tts.conds, text)
         return t3_decode(  # the plan carries the autocast dtype, entered around each step
             self.tts.t3,
-            self.tts.conds.t3,
+            conds.t3,
             text_tokens(self.tts, text, cfg_weight, language_id),
             max_new_tokens=max_new_tokens,
             plan=self.plan_for(decode),
@@ -635,10 +633,9 @@ class PerformanceOptimizedTTS(Pipeline):
             )
         t1 = now(self.device)
         tokens = decoded.tokens[0]
+        ids = tokens.tolist()
         # As upstream: only speech tokens are vocoded (Turbo then adds its closing silence).
-        speech = torch.cat(
-            [tokens[tokens < SPEECH_VOCAB_SIZE], tokens.new_tensor(tail_tokens(self.tts.s3gen))]
-        )
+        speech = tokens.new_tensor(speech_ids(ids) + tail_tokens(self.tts.s3gen))
         wav = self.vocode(speech, rng).squeeze(0).cpu().numpy()
         t2 = now(self.device)
         marked = self.tts.watermarker.apply_watermark(wav, sample_rate=self.tts.sr)
@@ -646,7 +643,7 @@ class PerformanceOptimizedTTS(Pipeline):
         self.last = LastGeneration(
             tokens=decoded.steps,
             stopped_by="stop token" if decoded.stopped else "token cap",
-            invalid_tokens=invalid_ids(tokens.tolist(), self.tts.t3.hp.stop_speech_token),
+            invalid_tokens=invalid_ids(ids, self.tts.t3.hp.stop_speech_token),
             seconds={
                 "t3.prefill": decoded.prefill_s,
                 "t3.decode": decoded.decode_s,

@@ -41,13 +41,14 @@ from ..core.constants import (
     SAMPLES_PER_TOKEN,
     TOKENS_PER_S,
 )
-from ..core.errors import ConfigError, EmptyTextError, NoVoiceError
+from ..core.errors import ConfigError, NoVoiceError
 from ..core.families import family_of
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
 from ..models.vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
 from .decode import DecodePlan, DecodeStats, decode_blocks, invalid_ids, speech_ids, text_tokens
+from .generation import checked_voice
 
 STRATEGIES = ("naive", "buffered")
 
@@ -238,10 +239,7 @@ def stream_tokens(
 ) -> list[int]:
     """The speech tokens ``stream`` vocodes with these arguments (its ``StreamState.tokens``),
     from T3 alone: nothing is vocoded, so a check of many streams' tokens costs T3's time only."""
-    if tts.conds is None:
-        raise NoVoiceError()
-    if not text.strip():
-        raise EmptyTextError()
+    checked_voice(tts.conds, text)
     blocks = _t3_blocks(tts, text, max_new_tokens, seed, plan, 8, None, language_id, sampling)
     return [t for block in blocks for t in speech_ids(block[0].tolist())] + tail_tokens(tts.s3gen)
 
@@ -272,10 +270,7 @@ def stream(
     ...; ``cfg_weight``) defaults as the family's upstream ``generate`` does, so a stream speaks
     the tokens of a one-shot generation with the same seed.
     """
-    if tts.conds is None:
-        raise NoVoiceError()
-    if not text.strip():
-        raise EmptyTextError()
+    checked_voice(tts.conds, text)
     if state is not None and state.used:
         # Its tokens, seams and chunks would be taken for this utterance's: the windows would
         # vocode the previous utterance again and the report would add the two up.
