@@ -8,7 +8,7 @@ hold back the workers' start by its ~7 s.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,3 +63,41 @@ class Steer:
 def steer() -> type[Steer]:
     """``Steer``, for the tests that make a head sample what they need."""
     return Steer
+
+
+SDPA_FLAGS = ("flash", "mem_efficient", "math", "cudnn")  # torch.backends.cuda.*_sdp_enabled
+
+
+def _process_state() -> dict[str, Any]:
+    """Settings one process shares across threads and tests, which the workbench must put back."""
+    import torch
+
+    return {
+        "threads": torch.get_num_threads(),
+        "grad": torch.is_grad_enabled(),
+        "inference_mode": torch.is_inference_mode_enabled(),
+        "default_dtype": torch.get_default_dtype(),
+        "autocast": torch.is_autocast_enabled("cpu"),
+        "function_modes": torch._C._len_torch_function_stack(),
+        "skip_guards": torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe,
+        "sdpa": [getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in SDPA_FLAGS],
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "profiler": torch.autograd.profiler._is_profiler_enabled,
+    }
+
+
+def _engine_threads() -> set[int]:
+    import threading
+
+    return {t.ident or 0 for t in threading.enumerate() if t.name.startswith("engine-")}
+
+
+@pytest.fixture(autouse=True)
+def _leaves_the_process_as_it_found_it() -> Iterator[None]:
+    """Every test leaves torch's process-wide settings and no engine thread behind: a leak would
+    change the tests that run after it in the same worker (and a user's process)."""
+    before, engines = _process_state(), _engine_threads()
+    yield
+    after = _process_state()
+    assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    assert _engine_threads() <= engines, "an engine of this test is still running: close it"
