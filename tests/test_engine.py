@@ -181,6 +181,8 @@ def test_a_step_that_fails_ends_its_streams_and_the_engine_goes_on(tts: Chatterb
             lost = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
             with pytest.raises(RuntimeError, match="made on purpose"):
                 list(lost)
+            # its rows were free before its reader saw the error
+            assert engine.free_rows() == 2 * engine.rows_per_stream and engine.active() == 0
             failing.clear()
         assert engine.running and lost.error is not None
         after = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
@@ -210,6 +212,7 @@ def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: 
     del voice, own
     gc.collect()
     assert held() is None and cache() is None  # the engine (still referenced) holds neither
+    assert not engine._caches and not engine._steps  # nor the views and compiled steps of the cache
 
 
 def overflowing(tts: ChatterboxTTS, on: threading.Event) -> contextlib.AbstractContextManager[None]:

@@ -11,7 +11,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 from chatterbox.models.s3gen.const import S3GEN_SIL
-from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
+from chatterbox.models.t3.inference.alignment_stream_analyzer import (
+    LLAMA_ALIGNED_HEADS,
+    AlignmentStreamAnalyzer,
+)
 from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
 
@@ -293,6 +296,33 @@ def test_two_multilingual_generations_at_once_each_feed_their_own_analyzer(
         assert all(attn is not None for attn in first.analyzer.last_aligned_attns)
         assert all(attn is None for attn in second.analyzer.last_aligned_attns)
     assert state() == before
+
+
+def test_an_analyzer_that_fails_to_start_leaves_the_model_as_it_was(
+    multilingual: ChatterboxMultilingualTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its third spy fails; meanwhile a hook not upstream's (as transformers installs on another
+    # thread's first forward with attentions) arrives, and stays.
+    tfmr = multilingual.t3.tfmr
+    config, attns = tfmr.config, [tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
+    before = (config._attn_implementation, config.output_attentions, *map(_spies, attns))
+    real, calls = AlignmentStreamAnalyzer._add_attention_spy, [0]
+
+    def failing(self: AlignmentStreamAnalyzer, tfmr: Any, *a: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("spy failed (made on purpose)")
+        real(self, tfmr, *a)
+        if calls[0] == 2:
+            foreign.append(attns[0].register_forward_hook(lambda *_: None))
+
+    foreign: list[Any] = []
+    monkeypatch.setattr(AlignmentStreamAnalyzer, "_add_attention_spy", failing)
+    with pytest.raises(RuntimeError, match="made on purpose"), alignment([tfmr], (1, 3), 0):
+        pass
+    after = (config._attn_implementation, config.output_attentions, *map(_spies, attns))
+    foreign[0].remove()
+    assert after[:2] == before[:2] and after[2] == before[2] + 1 and after[3:] == before[3:]
 
 
 def test_a_cache_sized_by_prefill_length_fits_a_multilingual_generation(

@@ -21,7 +21,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
-from tts_workbench.core.compiling import skipping_guards
+from tts_workbench.core.compiling import replay, skipping_guards
 from tts_workbench.core.errors import CacheError, ConfigError
 from tts_workbench.core.patching import shadow
 from tts_workbench.runtime.decode import (
@@ -374,6 +374,11 @@ def test_skipping_guards_is_held_by_count_and_put_back_whatever_the_order() -> N
     assert not skipping()
     with skipping_guards(False):
         assert not skipping()
+    # A compiled call elsewhere puts the checks back while it runs; an eager one has none to check.
+    with skipping_guards(True):
+        assert not replay(skipping, cudagraphs=False)
+    with skipping_guards(True):
+        assert replay(skipping, cudagraphs=False, compiled=False) and skipping()
 
 
 def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: ChatterboxTTS) -> None:

@@ -44,11 +44,16 @@ def compile_method(
     return torch.compile(own, fullgraph=fullgraph, dynamic=False, options=options)
 
 
-def replay(fn: Callable[..., Any], *args: Any, cudagraphs: bool, skip_guards: bool = False) -> Any:
+def replay(
+    fn: Callable[..., Any], *args: Any, cudagraphs: bool, compiled: bool = True, skip_guards: bool = False
+) -> Any:
     """``fn(*args)``; with CUDA graphs, a new step marked first and the outputs (a tensor or a
     tuple of them) cloned out of the graph's memory pool. Every compiled call of the package
     runs here, inside ``skipping_guards(skip_guards)``: one that checks its guards (a new shape,
-    say) puts the checks back for a step of another thread that skips them."""
+    say) puts the checks back for a step of another thread that skips them. An eager ``fn``
+    (``compiled=False``) has no guards and leaves the stance alone."""
+    if not compiled:
+        return fn(*args)
     with skipping_guards(skip_guards):
         if not cudagraphs:
             return fn(*args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -308,8 +309,9 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     # Absolute: a Ray worker may run in another working directory (on a cluster, where `ray start` ran).
     voices = None if args.voices is None else str(Path(args.voices).resolve())
     out = str(Path(args.out).resolve())
-    named = args.model in MODELS or args.model in PRETRAINED
-    model = args.model if named else str(Path(args.model).resolve())  # a checkpoint folder
+    named = args.model in MODELS or args.model in PRETRAINED  # names first, as load_model reads them
+    folder = not named and (os.sep in args.model or Path(args.model).is_dir())
+    model = str(Path(args.model).resolve()) if folder else args.model
     options = ServeOptions(
         model=model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, threads=args.threads,

@@ -128,8 +128,9 @@ class FlowPlan:
                 cudagraphs = self.compiled and x.device.type == "cuda"
                 # sliced before replay clones it: only the window's own frames are copied
                 out: torch.Tensor = replay(
-                    lambda *a: fn(*a)[..., :n], x, mask, mu, t, spks, cond, r, cudagraphs=cudagraphs
-                )
+                    lambda *a: fn(*a)[..., :n], x, mask, mu, t, spks, cond, r,
+                    cudagraphs=cudagraphs, compiled=fn is not forward,
+                )  # fmt: skip
             return out
 
         return run

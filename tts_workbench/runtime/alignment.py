@@ -34,7 +34,9 @@ Spy = Callable[[nn.Module, Any, Any], None]
 
 # The spies of the generation whose forward is running, by id of the attention module.
 _watching: ContextVar[Mapping[int, list[Spy]]] = ContextVar("alignment_spies", default=MappingProxyType({}))
-_lock = threading.Lock()
+# Reentrant: the garbage collector may close a forgotten generation (its exit takes the lock)
+# in a thread that holds it.
+_lock = threading.RLock()
 # id(attention module) -> [generations using it, the router's hook handle]
 _routers: dict[int, list[Any]] = {}
 # id(backbone config) -> [generations using it, its attention implementation, output_attentions]
@@ -44,6 +46,18 @@ _configs: dict[int, list[Any]] = {}
 def _route(module: nn.Module, args: Any, output: Any) -> None:
     for spy in _watching.get().get(id(module), ()):
         spy(module, args, output)
+
+
+def _take_spies(attns: list[nn.Module], before: dict[int, set[int]]) -> dict[int, list[Spy]]:
+    """The spy hooks an analyzer added to these attention modules (those not in ``before``),
+    taken off them, by module id. Only upstream's: another thread's forward may meanwhile have
+    installed transformers' capture hook, which stays."""
+    spies: dict[int, list[Spy]] = {}
+    for a in attns:
+        for key, hook in list(a._forward_hooks.items()):
+            if key not in before[id(a)] and hook.__module__ == AlignmentStreamAnalyzer.__module__:
+                spies.setdefault(id(a), []).append(a._forward_hooks.pop(key))
+    return spies
 
 
 class Alignment:
@@ -69,17 +83,19 @@ def alignment(tfmrs: list[Any], text: tuple[int, int], eos: int) -> Iterator[Ali
     end) in the prefill. Every change to the backbones is undone by the last generation to
     leave."""
     attns = [m.layers[layer].self_attn for m in tfmrs for layer, _ in LLAMA_ALIGNED_HEADS]
-    with _lock:  # no other analyzer is made meanwhile: the hooks added here are this one's
+    with _lock:  # no other analyzer is made meanwhile
         before = {id(a): set(a._forward_hooks) for a in attns}
         settings = [(m.config._attn_implementation, m.config.output_attentions) for m in tfmrs]
-        analyzer = AlignmentStreamAnalyzer(tfmrs[0], None, text, alignment_layer_idx=9, eos_idx=eos)
-        for m in tfmrs[1:]:  # a decode copy in another dtype runs the steps: spy on it too
-            for k, (layer, head) in enumerate(LLAMA_ALIGNED_HEADS):
-                analyzer._add_attention_spy(m, k, layer, head)
-        spies: dict[int, list[Spy]] = {}
+        try:
+            analyzer = AlignmentStreamAnalyzer(tfmrs[0], None, text, alignment_layer_idx=9, eos_idx=eos)
+            for m in tfmrs[1:]:  # a decode copy in another dtype runs the steps: spy on it too
+                for k, (layer, head) in enumerate(LLAMA_ALIGNED_HEADS):
+                    analyzer._add_attention_spy(m, k, layer, head)
+        finally:  # its spies come off the modules (made or not), its settings are undone
+            spies = _take_spies(attns, before)
+            for m, (implementation, output_attentions) in zip(tfmrs, settings, strict=True):
+                m.config._attn_implementation, m.config.output_attentions = implementation, output_attentions
         for a in attns:
-            for key in set(a._forward_hooks) - before[id(a)]:
-                spies.setdefault(id(a), []).append(a._forward_hooks.pop(key))
             entry = _routers.setdefault(id(a), [0, None])
             if entry[0] == 0:
                 entry[1] = a.register_forward_hook(_route)

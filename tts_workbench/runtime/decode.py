@@ -472,7 +472,9 @@ class StaticStep:
         q: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         skip = self.compiled and self.skip_guards and self._guarded
-        logits, nxt, bad = replay(fn, token, position, slot, q, cudagraphs=self.cudagraphs, skip_guards=skip)
+        logits, nxt, bad = replay(
+            fn, token, position, slot, q, cudagraphs=self.cudagraphs, compiled=self.compiled, skip_guards=skip
+        )
         self._guarded = True
         return logits, nxt, bad
 

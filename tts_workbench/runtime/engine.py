@@ -781,10 +781,9 @@ class StreamEngine:
         ending = []
         with self._lock:  # the S3Gen stage sees every stream's token of this step, or none
             for live, error in failed:
-                self._fail([live], error)
+                self._fail([live], error, free=True)
             for live, value in zip(lives, values, strict=True):
                 if id(live) in broken:
-                    ending.append(live)
                     continue
                 live.step += 1
                 live.handle.sampled.append(value)
@@ -795,7 +794,7 @@ class StreamEngine:
                 if stopped or live.step == live.ids.size(1) - 1:
                     ending.append(live)
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
-        still = [live for live in lives if live not in ending]
+        still = [live for live in lives if live not in ending and id(live) not in broken]
         if still:
             bucket = next(b for b in buckets(self.max_streams) if b >= len(self._live))
             rows = bucket * n
@@ -812,7 +811,7 @@ class StreamEngine:
                 with self.plan.context(self.device):
                     logits = self._step_fn(bucket, span)(token, position, slot)
             except Exception as e:  # (out of memory, say): these streams end with it, the engine goes on
-                self._fail(still, e)
+                self._fail(still, e, free=True)
                 still = []
             for live in still:
                 live.logits = logits[live.rows : live.rows + n]
@@ -931,13 +930,17 @@ class StreamEngine:
                 except Exception as e:  # the vocoder runs per stream: this one fails alone
                     self._fail([live], e)
 
-    def _fail(self, lives: list[_Live], error: Exception) -> None:
-        """End streams with ``error`` (from either stage); the T3 stage frees their rows."""
+    def _fail(self, lives: list[_Live], error: Exception, free: bool = False) -> None:
+        """End streams with ``error`` (from either stage). Their rows are free before a reader
+        sees it when the T3 stage fails them (``free``); else that stage frees them before its
+        next step."""
         with self._lock:  # both stages count failures
             self.stats.failed += len(lives)
+            for live in lives:
+                live.handle.closed = True
+                if free:
+                    self._leave(live)
         self._end([live.handle for live in lives], error)
-        for live in lives:
-            live.handle.closed = True
         self._wake()
 
     def _emit(self, live: _Live, w: Window, chunk: np.ndarray, flow_s: float, voc_s: float) -> None:

@@ -47,8 +47,9 @@ class Limits:
     @property
     def max_body_bytes(self) -> int:
         """The largest request body read: the longest input with every character a JSON escape
-        (``\\uXXXX``, 6 bytes), and 64 KiB for the other fields and whitespace."""
-        return 6 * self.max_input_chars + 64 * 1024
+        (a surrogate pair ``\\uXXXX\\uXXXX``, 12 bytes, outside the Basic Multilingual Plane),
+        and 64 KiB for the other fields and whitespace."""
+        return 12 * self.max_input_chars + 64 * 1024
 
 
 @dataclass(frozen=True)
