@@ -28,7 +28,9 @@ from tts_workbench.studies.diagnose import _stage, decode_step_kernels
 
 
 def test_sdpa_backbone_with_and_without_output_attentions(tiny_tts: ChatterboxTTS) -> None:
+    rng = torch.get_rng_state()
     probe = probe_output_attentions(tiny_tts)
+    assert torch.equal(torch.get_rng_state(), rng)  # a later unseeded generate samples as without it
     assert probe.configured == "sdpa"
     assert probe.kernels_with
     # What this transformers does is measured: either sdpa kept (no weights) or eager fallback.

@@ -213,3 +213,17 @@ def test_an_os_error_without_a_file_gives_no_folder_hint(
     assert main(["load", "--url", "http://10.0.0.1:8000"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == ["error: Network is unreachable"], errors
+
+
+def test_a_diagnosis_stage_whose_tracer_cannot_start_reports_it(
+    tiny_tts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "never raise": before, the tracer's own error became an UnboundLocalError
+    from tts_workbench.studies import diagnose
+
+    def broken(_: object) -> None:
+        raise RuntimeError("no hooks here (made on purpose)")
+
+    monkeypatch.setattr(diagnose, "trace_dtypes", broken)
+    out = diagnose._stage(tiny_tts, lambda: None)
+    assert out["error"] == "RuntimeError: no hooks here (made on purpose)" and out["first_mismatch"] is None

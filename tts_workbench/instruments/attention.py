@@ -173,7 +173,9 @@ def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8) -> OutputAttention
     kernel ran each time. Determined by running, not from version tables."""
     tfmr = tts.t3.tfmr
     p = next(tfmr.parameters())
-    x = torch.randn(1, seq, tfmr.config.hidden_size, dtype=p.dtype, device=p.device)
+    # its own generator: the caller's global random state (a later unseeded generate) stays
+    draws = torch.Generator(p.device).manual_seed(0)
+    x = torch.randn(1, seq, tfmr.config.hidden_size, dtype=p.dtype, device=p.device, generator=draws)
     logs: list[str] = []
 
     class _Catch(logging.Handler):
@@ -235,7 +237,6 @@ def why_not_flash(
     keys: int = 200,
     dtype: torch.dtype | None = None,
     device: str | None = None,
-    output_attentions: bool = True,
     masked: bool = False,
 ) -> list[str]:
     """Reasons a fused Flash kernel is refused for a T3 decode step (empty: Flash can run).
@@ -250,10 +251,7 @@ def why_not_flash(
     reasons = []
     backend = configured_backend(tts)
     if backend != "sdpa":
-        reasons.append(
-            f"attn_implementation is {backend!r}: SDPA is never called"
-            + (" (output_attentions=True needs the eager weights)" if output_attentions else "")
-        )
+        reasons.append(f"attn_implementation is {backend!r}: SDPA is never called")
     if q.device.type == "cuda":
         from torch.backends.cuda import SDPAParams, can_use_flash_attention
 

@@ -26,7 +26,14 @@ from ..instruments.attention import (
     record_kernels,
     why_not_flash,
 )
-from ..instruments.dtypes import advice_for, autocast_or_refuse, census, conditionals_census, trace_dtypes
+from ..instruments.dtypes import (
+    DtypeTrace,
+    advice_for,
+    autocast_or_refuse,
+    census,
+    conditionals_census,
+    trace_dtypes,
+)
 from ..models.sources import check_device, components, load_model, make_reference_wav, model_summary
 from ..runtime.decode import DecodePlan, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
@@ -185,7 +192,7 @@ def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> 
     """Run ``fn`` under the dtype tracer (and the kernel recorder); never raise."""
     out: dict[str, Any] = {"error": None}
     t0 = now(tts.device)
-    rec = None
+    rec, trace = None, DtypeTrace()  # empty, if the tracer itself could not start
     try:  # outside the tracer, so the tracer sees the exception and names the failing module
         with ExitStack() as stack:
             trace = stack.enter_context(trace_dtypes(tts))
