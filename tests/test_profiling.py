@@ -19,7 +19,7 @@ from torch.autograd.profiler_util import FunctionEvent
 
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
-from tts_workbench.instruments.memory import _reset_peak_rss, memory_window, module_bytes
+from tts_workbench.instruments.memory import _reset_peak_rss, memory_window, module_bytes, process_peak_bytes
 from tts_workbench.instruments.profiling import (
     EAGER,
     KERNEL_OPS,
@@ -334,6 +334,17 @@ def test_memory_window_sees_a_block_peak_and_not_what_came_before() -> None:
     tied = torch.nn.ModuleList([weight, weight])  # one storage, counted once
     assert module_bytes([tied]) == module_bytes([weight]) == (1000 * 1000 + 1000) * 4
     del held
+
+
+def test_the_process_peak_so_far_outlives_a_window_that_reset_it() -> None:
+    """A window resets the kernel's VmHWM (getrusage's ru_maxrss with it): the wrapper's
+    ``last_run`` still reports the process's peak so far."""
+    big = torch.ones(50_000_000)  # 200 MB, freed before the window
+    peak = process_peak_bytes("cpu")
+    del big
+    with memory_window("cpu"):
+        pass
+    assert process_peak_bytes("cpu") >= peak >= 200e6
 
 
 def test_a_run_that_built_its_cache_does_not_count_it_twice() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import resource
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -64,9 +65,31 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# The process's peaks before a window reset them, by device ("cpu", "cuda:0"): resetting the
+# kernel's VmHWM (and getrusage's ru_maxrss with it) or CUDA's peak statistics is process-wide.
+_peaks_before: dict[str, int] = {}
+
+
+def process_peak_bytes(device: torch.device | str) -> int:
+    """This process's peak memory on ``device`` since it started, whatever windows reset since:
+    the resident set on CPU, the caching allocator's allocated bytes on CUDA."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        now_ = torch.cuda.max_memory_allocated(device)
+    else:
+        now_ = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return max(now_, _peaks_before.get(str(device), 0))
+
+
+def _remember_peak(device: torch.device) -> None:
+    _peaks_before[str(device)] = process_peak_bytes(device)
+
+
 def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak resident set to the current one; False where it is refused."""
+    """Reset the kernel's peak resident set to the current one (the peak so far remembered
+    for ``process_peak_bytes``); False where it is refused."""
     _trim_heap()
+    _remember_peak(torch.device("cpu"))
     try:
         Path("/proc/self/clear_refs").write_text("5")
         _status_bytes("VmHWM")
@@ -81,6 +104,7 @@ def memory_window(device: torch.device | str) -> Iterator[MemoryWindow]:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        _remember_peak(device)
         torch.cuda.reset_peak_memory_stats(device)
         window = MemoryWindow(
             "cuda", "CUDA caching allocator, peaks reset before the block",

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import resource
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
 from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
 from ..instruments.latency import ChunkMetrics
+from ..instruments.memory import process_peak_bytes
 from ..models.sources import check_device, components, load_folder, load_pretrained
 from ..models.vocode import FLOW_MODES, FlowPlan, s3gen_inference, tail_tokens
 from .decode import (
@@ -270,10 +270,10 @@ class Pipeline:
         }
 
     def last_run(self) -> dict[str, Any]:
-        """What the last generation did, and the peak memory so far."""
-        memory = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        """What the last generation did, and the process's peak memory so far."""
+        memory = {"peak_rss_bytes": process_peak_bytes("cpu")}
         if self.device.type == "cuda":
-            memory["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            memory["peak_cuda_bytes"] = process_peak_bytes(self.device)
         return {"last_generation": vars(self.last), "memory": memory}
 
     def performance_info(self) -> dict[str, Any]:
