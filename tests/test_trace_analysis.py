@@ -19,6 +19,7 @@ from tts_workbench.instruments.trace_analysis import (
     analyze,
     analyze_region,
     compare,
+    names_within,
     read_trace,
     region_trace,
 )
@@ -250,3 +251,19 @@ def test_trace_cli_refuses_bad_flags_before_loading(capsys: pytest.CaptureFixtur
     assert "unknown decode step 'fast'" in capsys.readouterr().err
     assert main(["trace", "--tokens", "1"]) == 2  # no decode step would run
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_names_within_a_region_leave_out_what_runs_between_its_ranges() -> None:
+    # Two decode steps with sampling's softmax between them: a cut keeps it (it spans the first
+    # step's start to the last one's end), the kernel check must not count it as attention.
+    def event(name: str, ts: int, dur: int, cat: str = "cpu_op") -> dict[str, Any]:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    flash = "aten::_scaled_dot_product_flash_attention_for_cpu"
+    trace = {"traceEvents": [
+        event("t3.decode", 0, 10, "user_annotation"), event(flash, 2, 3),
+        event("aten::softmax", 12, 2), event("t3.decode", 20, 10, "user_annotation"),
+    ]}  # fmt: skip
+    names = names_within(trace, "t3.decode")
+    assert flash in names and "aten::softmax" not in names
+

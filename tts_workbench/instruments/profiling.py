@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,12 +172,6 @@ def read_trace(path: str | Path) -> dict[str, Any]:
     if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
         raise ValueError(f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list)")
     return trace
-
-
-def trace_names(trace: Mapping[str, Any]) -> set[str]:
-    """Names of the complete events (operators, regions) in a trace (``read_trace``): what
-    TensorBoard and Perfetto will list."""
-    return {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"}
 
 
 # ---------------------------------------------------------------- the op frame

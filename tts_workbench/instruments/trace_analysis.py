@@ -69,13 +69,15 @@ def region_trace(path: str | Path, region: str, out: str | Path, occurrences: in
     return _write(cut_region(read_trace(path), region, occurrences, path), out)
 
 
-def cut_region(
-    trace: dict[str, Any], region: str, occurrences: int | None = None, path: str | Path = "the trace"
-) -> dict[str, Any]:
-    """``region_trace`` on a trace already read (``path``: its name, for the error)."""
-    events = trace["traceEvents"]
+def _ranges(
+    trace: Mapping[str, Any], region: str, occurrences: int | None, path: str | Path
+) -> list[Mapping[str, Any]]:
+    """The profiler ranges named ``region``, in time order, none nested in another (the first
+    ``occurrences``); a ValueError when there is none."""
     named = (
-        e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"] == region
+        e
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"] == region
     )
     ranges: list[Mapping[str, Any]] = []
     for e in sorted(named, key=lambda e: (e["ts"], -e["dur"])):
@@ -87,6 +89,28 @@ def cut_region(
             f"no profiler range named {region!r} in {path}: profile the work with its ranges "
             "(profiling.phase_regions; decode_blocks names each decode step t3.decode itself)"
         )
+    return ranges
+
+
+def names_within(trace: Mapping[str, Any], region: str, path: str | Path = "the trace") -> set[str]:
+    """Names of the host events inside one of ``region``'s ranges (not between two of them,
+    where a cut keeps everything: sampling's softmax runs between decode steps)."""
+    spans = [(r["ts"], r["ts"] + r["dur"]) for r in _ranges(trace, region, None, path)]
+    return {
+        e["name"]
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X"
+        and e.get("cat") not in DEVICE_CATEGORIES
+        and any(a <= e["ts"] and e["ts"] + e.get("dur", 0) <= b for a, b in spans)
+    }
+
+
+def cut_region(
+    trace: dict[str, Any], region: str, occurrences: int | None = None, path: str | Path = "the trace"
+) -> dict[str, Any]:
+    """``region_trace`` on a trace already read (``path``: its name, for the error)."""
+    events = trace["traceEvents"]
+    ranges = _ranges(trace, region, occurrences, path)
     start, end = ranges[0]["ts"], max(e["ts"] + e["dur"] for e in ranges)
 
     def inside(e: Mapping[str, Any]) -> bool:

@@ -20,10 +20,9 @@ from ..instruments.profiling import (
     read_trace,
     top_ops,
     trace_files,
-    trace_names,
     write_ops,
 )
-from ..instruments.trace_analysis import analyze_cut, cut_region
+from ..instruments.trace_analysis import analyze_cut, cut_region, names_within
 from ..runtime.generation import generate
 from .diagnose import decode_step_kernels
 
@@ -51,8 +50,9 @@ def profile_generation(
     recorded = sorted(KernelRecord(ops).kernels("t3.decode"))
     # The trace is parsed once. The kernel check reads the decode steps cut out of it: the op
     # the frame counted must be inside the t3.decode ranges of the file the viewers open.
-    steps = cut_region(read_trace(path), "t3.decode", path=path)
-    in_region = trace_names(steps)
+    trace = read_trace(path)
+    steps = cut_region(trace, "t3.decode", path=path)
+    in_region = names_within(trace, "t3.decode", path)  # inside the ranges, not between them
     device = analyze_cut(steps, path.parent / "t3.decode.json.gz")
     return {
         "run": run,
