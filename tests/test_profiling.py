@@ -17,6 +17,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler_util import FunctionEvent
 
+from tts_workbench.core.errors import ConfigError
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
 from tts_workbench.instruments.memory import _reset_peak_rss, memory_window, module_bytes, process_peak_bytes
@@ -46,6 +47,7 @@ from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import UpstreamTTS
 from tts_workbench.runtime.streaming import StreamConfig, StreamState, stream
 from tts_workbench.studies import bench
+from tts_workbench.studies.bench import run_bench
 from tts_workbench.studies.bench import run_pipeline as bench_run_pipeline
 from tts_workbench.studies.profile_report import format_profile, profile_generation
 
@@ -254,6 +256,13 @@ def test_bench_cli_tiny(
     assert cells[0].median == pytest.approx(report["summary"][0]["t3_step_s_median"])
     text = bench.format_bench(report)
     assert "[------" in text and "bench: tiny on cpu, 20 tokens" in text
+
+
+def test_bench_refuses_no_repeats_before_building_anything(tmp_path: Path) -> None:
+    # through the API (the command line's own check stops it there): an UnboundLocalError before
+    with pytest.raises(ConfigError, match="repeats must be at least 1"):
+        run_bench("tiny", repeats=0, outdir=tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_bench_cli_bad_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.instruments.attention import device_attention_kernel
+from tts_workbench.instruments.plots import device_time_figure
 from tts_workbench.instruments.trace_analysis import (
     CPU_ONLY_NOTE,
     DEVICE_CATEGORIES,
@@ -172,6 +174,9 @@ def test_real_gpu_trace_region(tmp_path: Path) -> None:
         assert r.kernels["share_pct"].sum() == pytest.approx(100)
     table = compare({"whole": whole, "region": region})
     assert table["run"].tolist() == ["whole", "region"]
+    cpu = pd.DataFrame([{"run": "cpu", "device": "cpu only", "note": CPU_ONLY_NOTE}])
+    fig = device_time_figure(pd.concat([table, cpu], ignore_index=True))
+    assert len(fig.axes[0].get_yticklabels()) == 2 and "cpu: " in fig.texts[0].get_text()
     assert table["span_us"].iloc[1] < table["span_us"].iloc[0]
 
 
@@ -190,6 +195,9 @@ def test_cpu_trace_says_what_hta_cannot_show(cpu_traces: tuple[Path, dict[str, P
     for r in reports.values():
         assert not r.analyzed and r.note == CPU_ONLY_NOTE and r.summary()["device"] == "cpu only"
     assert "no device activity" in format_decode_traces(decode_trace_report(reports, "tiny, float32"))
+    # the figure says so too (it raised a KeyError), beside a run that has device time
+    fig = device_time_figure(compare(reports))
+    assert not fig.axes[0].patches and "no device activity: eager: " in fig.texts[0].get_text()
 
 
 def test_cut_only_reports_where_the_regions_are(cpu_traces: tuple[Path, dict[str, Path]]) -> None:

@@ -121,7 +121,11 @@ def memory_figure(memory: pd.DataFrame, device: str = "cpu") -> Figure:
 def device_time_figure(table: pd.DataFrame, title: str = "device time in the decode region") -> Figure:
     """Where the device's time went, one bar per run (``trace_analysis.compare``): compute,
     non-compute (copies, memsets), idle waiting for the host and other idle, in % of the span
-    from the first kernel to the last. A host-bound step is mostly host wait."""
+    from the first kernel to the last. A host-bound step is mostly host wait. Runs without
+    device activity (a CPU-only trace: ``note`` says why) are named below the bars."""
+    cols = ["run", "compute_pct", "non_compute_pct", "idle_pct", "idle_host_wait_pct", "note"]
+    data = table.reindex(columns=cols)
+    missing, table = data[data["idle_pct"].isna()], data.dropna(subset=["idle_pct"])
     host = table["idle_pct"] * table["idle_host_wait_pct"] / 100
     parts = (
         ("compute", table["compute_pct"], "tab:blue"),
@@ -135,6 +139,10 @@ def device_time_figure(table: pd.DataFrame, title: str = "device time in the dec
         ax.barh(table["run"], share, left=left, color=color, label=label)
         left += share.to_numpy()
     ax.set(xlabel="% of the device's span (HolisticTraceAnalysis)", xlim=(0, 100))
+    if len(missing):  # said, not drawn as empty bars
+        notes = missing[["run", "note"]].fillna("")
+        said = "; ".join(f"{run}: {note}" for run, note in notes.itertuples(index=False))
+        fig.text(0.01, 0.01, f"no device activity: {said}", fontsize=7, wrap=True)
     ax.set_title(title, pad=24)
     ax.invert_yaxis()
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)

@@ -165,6 +165,8 @@ def run_bench(
     pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth).
     ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``)."""
     check_policy(dtype)
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats must be at least 1 and warmup at least 0, got {repeats} and {warmup}")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         what = f"unknown configs {unknown}" if unknown else "no config given"
