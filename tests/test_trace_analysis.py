@@ -21,6 +21,7 @@ from tts_workbench.instruments.trace_analysis import (
     analyze,
     analyze_region,
     compare,
+    cut_region,
     names_within,
     read_trace,
     region_trace,
@@ -274,4 +275,6 @@ def test_names_within_a_region_leave_out_what_runs_between_its_ranges() -> None:
     ]}  # fmt: skip
     names = names_within(trace, "t3.decode")
     assert flash in names and "aten::softmax" not in names
+    with pytest.raises(ValueError, match="occurrences must be at least 1"):  # not "no range named"
+        cut_region(trace, "t3.decode", occurrences=0)
 

@@ -10,8 +10,10 @@ on the device (launch statistics, CUDA-graph replays included, which HTA's own l
 which fused attention kernels ran (by the device kernels' names:
 ``attention.device_attention_kernel``).
 
-``region_trace`` cuts a trace down to one phase region (``t3.decode``: the decode steps alone,
-without the prefill or S3Gen) and writes it as a trace of its own, small enough to keep; HTA
+``region_trace`` cuts a trace down to one phase region (``t3.decode``: from the first decode
+step's start to the last one's end, so without the prefill, and without S3Gen when the trace
+holds one one-shot generation; a stream's S3Gen calls between decode blocks stay in) and writes
+it as a trace of its own, small enough to keep; HTA
 then reads the region as a whole trace. ``analyze`` reads one trace file into DataFrames with
 units in the column names (``TraceReport``); ``compare`` puts the headline
 numbers of several side by side. A trace without device activity (a CPU-only profile) gets no
@@ -83,6 +85,8 @@ def _ranges(
     for e in sorted(named, key=lambda e: (e["ts"], -e["dur"])):
         if not ranges or e["ts"] + e["dur"] > ranges[-1]["ts"] + ranges[-1]["dur"]:
             ranges.append(e)  # not nested in the one before (the phase hooks nest t3.decode ranges)
+    if occurrences is not None and occurrences < 1:
+        raise ValueError(f"occurrences must be at least 1 (or None: all of them), got {occurrences}")
     ranges = ranges[:occurrences]
     if not ranges:
         raise ValueError(
