@@ -14,13 +14,15 @@ engine's batched step, S3Gen's CFM estimator), in one place.
   first runs eagerly, the second records, the third replays), else one (the one that compiles).
 - ``skipping_guards``: dynamo's guard checks skipped for a call whose guards were checked
   before, as long as no other thread is inside such a call (torch's stance is process-wide).
-- ``failure_reason``: a compile error in one line, for the warning of a fallback to eager.
+- ``fell_back``: the one warning of a compile that failed, its error in one line (the reason a
+  caller keeps as its ``fallback_reason``).
 """
 
 from __future__ import annotations
 
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -99,8 +101,11 @@ def skipping_guards(wanted: bool) -> Iterator[None]:
                 _skipping = None
 
 
-def failure_reason(e: Exception) -> str:
-    """``Type: first paragraph`` of a compile error: dynamo puts the backend's own error there,
-    then pages of advice."""
+def fell_back(e: Exception, what: str, instead: str, stacklevel: int = 2) -> str:
+    """Warn once that ``torch.compile`` of ``what`` failed and ``instead`` runs from now on;
+    the reason, ``Type: first paragraph`` of the error (dynamo puts the backend's own error
+    there, then pages of advice). ``stacklevel`` as the caller's own ``warnings.warn``."""
     first = " ".join(str(e).strip().split("\n\n")[0].split())
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    warnings.warn(f"torch.compile of {what} failed ({reason}); {instead}", RuntimeWarning, stacklevel + 1)
+    return reason

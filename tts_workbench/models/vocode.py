@@ -15,7 +15,6 @@ time) runs in a stream: eager, or compiled for the stream's few fixed window sha
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any
@@ -27,7 +26,7 @@ from chatterbox.models.s3gen import decoder as s3gen_decoder
 from chatterbox.models.s3gen.const import S3GEN_SIL
 
 from ..core.clock import now
-from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
+from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import ConfigError
 from ..core.families import FAMILIES
@@ -157,12 +156,7 @@ class FlowPlan:
                 replay(fn, *args, cudagraphs=cudagraphs)
             self.shapes.add(key)
         except Exception as e:  # any compile failure falls back to the eager estimator
-            self.fallback_reason = failure_reason(e)
-            warnings.warn(
-                f"torch.compile of S3Gen's CFM estimator failed ({self.fallback_reason}); running it eagerly",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self.fallback_reason = fell_back(e, "S3Gen's CFM estimator", "running it eagerly")
             fn = forward
         spent = now(x.device) - t0
         self.compile_s += spent

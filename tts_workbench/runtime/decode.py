@@ -47,8 +47,8 @@ block's stop check), never inside a step.
 from __future__ import annotations
 
 import copy
+import functools
 import threading
-import warnings
 from collections.abc import Callable, Generator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, fields
@@ -72,7 +72,7 @@ from transformers.generation.logits_process import (
 )
 
 from ..core.clock import now
-from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
+from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import CacheError, ConfigError
 from ..core.families import kv_layout, language_for
@@ -399,16 +399,12 @@ class StaticStep:
 
     def _give_up(self, e: Exception) -> None:
         """A compile failed: run the static step eagerly from now on, with one warning."""
-        self.fallback_reason = failure_reason(e)
+        self.fallback_reason = fell_back(
+            e, "the T3 decode step", "running the static-cache step eagerly", stacklevel=3
+        )
         self.compiled, self.cudagraphs = False, False
         self._compiled.clear()
         self.attention_kernels = []
-        warnings.warn(
-            f"torch.compile of the T3 decode step failed ({self.fallback_reason}); "
-            "running the static-cache step eagerly",
-            RuntimeWarning,
-            stacklevel=3,
-        )
 
     def _set_span(self, span: int) -> None:
         if span != self.span:
@@ -869,10 +865,7 @@ def decode_blocks(
     if turbo:
         cfg_weight = 0.0
 
-    def ctx() -> ExitStack:
-        # Entered around each compute step, never across a yield: autocast and inference mode
-        # are thread-wide and must not leak into the consumer's code.
-        return plan.context(device)
+    ctx = functools.partial(plan.context, device)  # around each compute step, never across a yield
 
     step: StaticStep | None = None
     scope = ExitStack()  # what the multilingual alignment analyzer changes, undone at the end

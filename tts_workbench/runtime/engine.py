@@ -36,7 +36,6 @@ import itertools
 import queue
 import threading
 import time
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -46,7 +45,7 @@ import torch
 from transformers.cache_utils import StaticCache
 
 from ..core.clock import now
-from ..core.compiling import compile_method, failure_reason, replay, warmup_calls
+from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import ConfigError
 from ..core.families import family_of, kv_layout
@@ -712,15 +711,9 @@ class StreamEngine:
 
     def _give_up(self, e: Exception) -> None:
         """A compile failed: every bucket runs the static step from now on, with one warning."""
-        self.fallback_reason = failure_reason(e)
+        self.fallback_reason = fell_back(e, "the engine's T3 step", "running the static step eagerly")
         self.step_mode, self.attention_kernels = "static", []
         self._steps.clear()
-        warnings.warn(
-            f"torch.compile of the engine's T3 step failed ({self.fallback_reason}); "
-            "running the static step eagerly",
-            RuntimeWarning,
-            stacklevel=2,
-        )
 
     def _compiled(self, bucket: int, cache: StaticCache, span: int) -> Callable[..., torch.Tensor]:
         cudagraphs = self.device.type == "cuda"
