@@ -302,15 +302,14 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
 
 
 def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from ..models.sources import MODELS, PRETRAINED
+    from ..models.sources import is_named
     from ..serving.deployment import Placement, serve_until_stopped
     from ..serving.service import ServeOptions
 
     # Absolute: a Ray worker may run in another working directory (on a cluster, where `ray start` ran).
     voices = None if args.voices is None else str(Path(args.voices).resolve())
     out = str(Path(args.out).resolve())
-    named = args.model in MODELS or args.model in PRETRAINED  # names first, as load_model reads them
-    folder = not named and (os.sep in args.model or Path(args.model).is_dir())
+    folder = not is_named(args.model) and (os.sep in args.model or Path(args.model).is_dir())
     model = str(Path(args.model).resolve()) if folder else args.model
     options = ServeOptions(
         model=model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,

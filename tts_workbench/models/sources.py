@@ -564,9 +564,15 @@ def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
         ) from e
 
 
+def is_named(source: str | Path) -> bool:
+    """Whether ``source`` names a random-weight build or pretrained weights, not a folder
+    (``load_model`` reads names before paths: a folder called ``tiny`` is not loaded as one)."""
+    return source in MODELS or source in PRETRAINED
+
+
 def check_source(source: str | Path) -> None:
     """A SourceError for a name that is no model source and no existing path (before loading)."""
-    if source in MODELS or source in PRETRAINED or Path(source).exists():
+    if is_named(source) or Path(source).exists():
         return
     if isinstance(source, str) and os.sep not in source:
         raise SourceError(
