@@ -254,6 +254,32 @@ def test_the_mask_penalty_is_transformers_repetition_penalty() -> None:
     assert torch.equal(penalize(seen, scores, 1.2), want)
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.95])
+@pytest.mark.parametrize("min_p", [0.0, 0.05, 1.0])
+def test_the_processors_give_upstreams_probabilities(top_p: float, min_p: float) -> None:
+    """Without min-p's topk, and without top-p at 1, the drawn-from probabilities are still
+    exactly those of T3.inference's processors, underflowing and -inf logits included."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TopPLogitsWarper,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 6561, generator=gen) * torch.tensor([[1.0], [5], [30], [60], [120], [400]])
+    logits[0, :100] = float("-inf")
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1  # a tie at the top
+    ids = torch.randint(0, 6561, (6, 40), generator=gen)
+    seen = torch.zeros(6, 6561, dtype=torch.bool).scatter_(1, ids, True)
+    want = RepetitionPenaltyLogitsProcessor(penalty=1.2)(ids, logits.clone()) / 0.8
+    want = TopPLogitsWarper(top_p=top_p)(ids, MinPLogitsWarper(min_p=min_p)(ids, want))
+    sampler = Sampler(turbo=False, temperature=0.8, top_p=top_p, min_p=min_p)
+    mine = sampler.scores(seen, logits.clone())
+    assert torch.equal(torch.softmax(mine, dim=-1), torch.softmax(want, dim=-1))
+    if top_p == 1.0 and min_p == 0.0:  # top-p at 1 removed tokens of probability 0, and only those
+        assert (torch.isinf(want) & ~torch.isinf(mine)).any()
+
+
 def test_the_draw_is_multinomials_draw_without_its_host_read() -> None:
     probs = torch.softmax(torch.randn(3, 8194) * 4, dim=-1)
     for seed in range(20):
