@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from tts_workbench.instruments.latency import ChunkMetrics
+from tts_workbench.interface import playback
 from tts_workbench.interface.playback import StreamPlayer, ab_compare, seam_figure, wav_bytes
 
 
@@ -44,3 +47,19 @@ def test_ab_compare_and_seam_figure() -> None:
     assert [p.children[0].value for p in w.children[0].children] == ["<b>naive</b>", "<b>buffered</b>"]
     fig = seam_figure({"naive": a, "buffered": b}, {"naive": [24000], "buffered": [12000, 36000]})
     assert len(fig.axes) == 4
+
+
+def test_outside_a_kernel_the_player_shows_its_static_table_and_the_utterance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the docstrings say: ``static()`` holds index, arrival, audio seconds and RTF only,
+    # and displaying the player outside a Jupyter kernel shows it and the whole utterance.
+    player = StreamPlayer(24000)
+    player.add(np.full(24000, 0.1, np.float32), _metrics(0, 1.0, 1.0))
+    player.add(np.full(12000, 0.1, np.float32), _metrics(1, 3.0, 0.5))
+    table = player.static().data
+    assert [h.split("<")[0] for h in table.split("<th>")[1:]] == ["index", "emitted_s", "audio_s", "rtf"]
+    shown: list[Any] = []
+    monkeypatch.setattr(playback, "display", shown.append)
+    player._ipython_display_()  # pytest runs no Jupyter kernel
+    assert [type(x).__name__ for x in shown] == ["HTML", "Audio"] and shown[0].data == table

@@ -7,6 +7,7 @@ import json
 import math
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.patching import shadow
+from tts_workbench.core.rng import StreamRandom
 from tts_workbench.instruments.latency import StreamReport, seam_metric, underruns
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import load_model, make_reference_wav
@@ -26,8 +28,10 @@ from tts_workbench.runtime.streaming import (
     BufferedCutter,
     StreamConfig,
     StreamState,
+    Window,
     one_shot,
     quality,
+    run_to_files,
     shorten_prompt,
     stream,
     stream_all,
@@ -35,6 +39,9 @@ from tts_workbench.runtime.streaming import (
 )
 
 TEXT = "Streaming should never drop the tail of a sentence."
+
+if TYPE_CHECKING:
+    from conftest import Steer
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +85,9 @@ def test_buffered_quality_holds_and_naive_is_reported(tts: ChatterboxTTS) -> Non
     buffered, naive = results["buffered"], results["naive"]
     assert buffered["seam_max_over_median"] <= buffered["ordinary_max_over_median"]  # no click
     assert buffered["snr_db"] >= 18.0
-    assert buffered["snr_db"] > naive["snr_db"]  # naive re-draws noise and the prompt every call
+    # naive draws new start noise for its context and new tokens at every call (the prompt's is
+    # the stream's one track, as buffered's) and re-vocodes the context: its seams differ more
+    assert buffered["snr_db"] > naive["snr_db"]
     assert buffered["length_diff_samples"] == 0
 
 
@@ -260,7 +269,9 @@ def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
         ({"first_window_s": -1}, "first_window_s must be positive"),
         ({"chunk_tokens": 0}, "chunk_tokens must be positive"),
         ({"crossfade_ms": -5}, "crossfade_ms must be zero or positive"),
-        ({"crossfade_ms": 1500, "first_window_s": 1.0}, "not shorter than a window"),
+        ({"crossfade_ms": 1500, "first_window_s": 1.0}, r"than a window \(25 tokens of 40 ms = 1000 ms\)"),
+        # 0.05 s rounds to one token: the window compared is 40 ms long (it said "0.05 s")
+        ({"crossfade_ms": 40, "first_window_s": 0.05}, r"than a window \(1 token of 40 ms = 40 ms\)"),
         ({"crossfade_ms": 300}, "must fit in the left context"),
         ({"strategy": "magic"}, "unknown strategy"),
         ({"prompt_s": 0}, "prompt_s must be positive"),
@@ -309,13 +320,20 @@ def test_nan_in_a_chunk_is_reported_and_zeroed(tts: ChatterboxTTS) -> None:
 
 def test_wrapper_streams_with_its_plan(tmp_path: Path) -> None:
     opt = PerformanceOptimizedTTS.from_model(
-        load_model("tiny"), dtype="decode-bfloat16", record_attention=False
+        load_model("tiny"), dtype="decode-bfloat16", record_attention=False, decode="static"
     )
-    opt.prepare_conditionals(str(make_reference_wav(tmp_path / "r.wav", seconds=3.0)))
-    state = StreamState(StreamReport("buffered"))
-    chunks = list(opt.generate_stream(TEXT, max_new_tokens=40, state=state))
-    assert len(chunks) >= 1 and all(m.audio_s > 0 for _, m in chunks)
-    assert sum(len(c) for c, _ in chunks) == len(state.tokens) * SAMPLES_PER_TOKEN
+    with opt:
+        opt.prepare_conditionals(str(make_reference_wav(tmp_path / "r.wav", seconds=3.0)))
+        state = StreamState(StreamReport("buffered"))
+        chunks = list(opt.generate_stream(TEXT, max_new_tokens=40, state=state))
+        assert len(chunks) >= 1 and all(m.audio_s > 0 for _, m in chunks)
+        assert sum(len(c) for c, _ in chunks) == len(state.tokens) * SAMPLES_PER_TOKEN
+        # T3 ran the wrapper's decode step (without its plan the stream decodes eagerly) ...
+        assert opt.decode == "static" and state.t3.step_mode == "static"
+        # ... and a step asked for by the call overrides it
+        eager = StreamState(StreamReport("buffered"))
+        list(opt.generate_stream(TEXT, max_new_tokens=10, state=eager, decode="eager"))
+        assert eager.t3.step_mode == "eager"
 
 
 def test_stream_cli_writes_wav_and_timeline(
@@ -343,7 +361,7 @@ def test_stream_cli_writes_wav_and_timeline(
     report = json.loads(capsys.readouterr().out)
     assert report["summary"]["s3gen_calls"] == len(report["chunks"]) >= 1
     assert Path(report["files"]["wav"]).stat().st_size > 1000 and Path(report["files"]["timeline"]).exists()
-    assert "capped at 40 tokens" in report["note"]
+    assert report["note"] == "no stop token within 40 tokens (random weights never emit one)"
     assert report["t3_step_mode"] == "static" and report["t3_compile_s"] > 0  # the cache was allocated
 
 
@@ -379,3 +397,101 @@ def test_a_whole_prompt_yardstick_of_a_short_prompt_stream_is_the_whole_prompt_s
     _, whole = stream_all(tts, TEXT, StreamConfig(**windows), max_new_tokens=30, seed=5)
     assert short.tokens == whole.tokens and short.prompt_noise.shape != whole.prompt_noise.shape
     assert np.array_equal(one_shot(tts, short, StreamConfig()), one_shot(tts, whole, StreamConfig()))
+
+
+def test_naive_report_counts_t3_blocks_after_its_last_chunk(tts: ChatterboxTTS, steer: type[Steer]) -> None:
+    # Before, T3 blocks after the last chunk (only invalid ids, or only the stop token) made no
+    # chunk and their T3 time and invalid ids were in no chunk's record: 22 tokens + 0 invalid
+    # of 25 steps, and T3 seconds short of prefill + decode.
+    config = StreamConfig("naive", chunk_tokens=22, t3_block=1)
+    valid = {call: 1 for call in range(1, 23)}  # 22 speech tokens: one chunk
+    invalid = dict.fromkeys((23, 24, 25), SPEECH_VOCAB_SIZE)
+    stop = tts.t3.hp.stop_speech_token
+    # then only invalid ids up to the cap; or only the stop token
+    for edits, cap in (({**valid, **invalid}, 25), ({**valid, 23: stop}, 60)):
+        with shadow(tts.t3.speech_head, "forward", steer(edits)):
+            _, state = _run(tts, config, tokens=cap)
+        s, t3 = state.report.summary(), state.t3
+        assert s["chunks"] == 1 and s["tokens"] == len(state.tokens) == 22
+        assert s["tokens"] + s["invalid_tokens"] + t3.stopped == t3.steps == len(edits)
+        assert s["t3_s"] == pytest.approx(t3.prefill_s + t3.decode_s)
+
+
+def test_streams_with_adjacent_seeds_draw_different_noise() -> None:
+    # The load study and the engine give stream k the seed seed + k. Before, a stream's S3Gen
+    # draws came from seed + 1, + 2, + 3: stream 0's prompt noise was stream 1's noise track,
+    # stream 0's HiFT draws were stream 3's T3 draws.
+    first: dict[tuple[str, int], tuple[float, ...]] = {}
+    for seed in range(8):
+        state = StreamState(StreamReport("buffered"))
+        state.draw_from(seed, tokens=10, prompt_tokens=10)
+        t3 = StreamRandom(seed).generator()
+        assert t3.initial_seed() == seed  # T3 samples from the seed itself, as upstream
+        hift = torch.Generator().manual_seed(state.rng.seed)
+        draws = {
+            "t3": torch.randn(4, generator=t3),
+            "noise": state.noise.flatten()[:4],
+            "prompt_noise": state.prompt_noise.flatten()[:4],
+            "hift": torch.randn(4, generator=hift),
+        }
+        first.update({(name, seed): tuple(v.tolist()) for name, v in draws.items()})
+        assert torch.equal(state.prompt_noise_for(10), state.prompt_noise)  # drawn the same way
+        assert torch.equal(state.prompt_noise_for(20).flatten()[:80], state.prompt_noise.flatten()[:80])
+    assert len(set(first.values())) == len(first) == 32, "two draws of streams 0..7 start alike"
+
+
+def test_one_buffered_window_is_the_one_shot_exactly(tts: ChatterboxTTS) -> None:
+    # A window is a slice of the stream's one noise track: with a single window the stream is
+    # the one-shot call of its tokens, sample for sample (a fresh draw per window is not).
+    config = StreamConfig("buffered", first_window_s=30, window_s=60)
+    wav, state = _run(tts, config, tokens=40)
+    assert state.report.s3gen_calls == 1
+    assert np.array_equal(wav, one_shot(tts, state, config))
+
+
+def _all_windows(
+    config: StreamConfig, state: StreamState, tokens: int
+) -> tuple[BufferedCutter, list[Window]]:
+    """The windows a buffered stream cuts from ``tokens`` tokens all sampled (T3 ended)."""
+    cutter = BufferedCutter(config, state)
+    state.tokens.extend(range(tokens))
+    windows = []
+    while (w := cutter.next_window(False)) is not None:
+        windows.append(w)
+        cutter.advance(w)
+    return cutter, windows
+
+
+def test_a_windows_start_noise_is_the_streams_track_at_its_frames() -> None:
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+    state = StreamState(StreamReport("buffered"))
+    state.draw_from(5, tokens=100, prompt_tokens=12)
+    cutter, windows = _all_windows(config, state, tokens=100)
+    assert len(windows) >= 3 and windows[-1].final
+    for w in windows:
+        noise = cutter.noise(w)
+        assert torch.equal(noise[:, :, :24], state.prompt_noise)  # the prompt's: one for every call
+        assert torch.equal(noise[:, :, 24:], state.noise[:, :, 2 * w.start : 2 * w.stop])
+
+
+@pytest.mark.parametrize("first_window_s", [0.1, 1.0])  # 2 tokens (< the 4 of left context), 25
+def test_a_compiled_estimator_sees_two_window_shapes(first_window_s: float) -> None:
+    # Before, with a first window shorter than the left context the second window had less of
+    # it than the later ones and was padded to a shape of its own: three shapes to compile.
+    config = StreamConfig("buffered", first_window_s=first_window_s)
+    _, windows = _all_windows(config, StreamState(StreamReport("buffered")), tokens=1000)
+    assert len(windows) >= 5
+    assert all(w.stop - w.start <= w.regular for w in windows)  # padded, never cut
+    assert len({w.regular for w in windows}) == 2
+    assert windows[0].regular == config.first_window_tokens + config.lookahead_tokens
+
+
+def test_run_to_files_notes_a_token_cap_only_when_it_ended_the_generation(
+    tts: ChatterboxTTS, steer: type[Steer], tmp_path: Path
+) -> None:
+    stop = tts.t3.hp.stop_speech_token
+    with shadow(tts.t3.speech_head, "forward", steer({30: stop})):
+        report = run_to_files(tts, TEXT, StreamConfig("naive"), tmp_path, max_new_tokens=60)
+    assert len(report["speech_tokens"]) < 30  # it stopped (some of the 29 ids are invalid)
+    assert "no stop token" not in report["note"] and "never" not in report["note"]
+    assert report["note"] == "ended by the stop token at token 30"

@@ -1,6 +1,10 @@
 """Listening in Jupyter: a streaming player that shows each chunk as it arrives, and an A/B
-widget with the waveforms zoomed on the seams. ipywidgets when a front-end is there; a static
-HTML table and ``IPython.display.Audio`` otherwise (e.g. a notebook rendered on GitHub)."""
+widget with the waveforms zoomed on the seams, both ipywidgets (the notebooks display
+``player.widget``, or the player, in a kernel: the widget). Displaying a ``StreamPlayer``
+outside a Jupyter kernel (an IPython terminal) shows ``static()`` instead: a plain HTML table
+of the chunks and the whole utterance as ``IPython.display.Audio``. A notebook saved from a
+kernel holds the widget output (widget state and a text repr), never that table: a viewer that
+renders no widgets (GitHub) shows the repr."""
 
 from __future__ import annotations
 
@@ -71,7 +75,9 @@ class StreamPlayer:
         return wav
 
     def static(self) -> HTML:
-        """The same information without widgets."""
+        """The chunks so far as an HTML table without widgets: index, arrival (``emitted_s``),
+        seconds of audio and RTF; not the rows' underrun markers, compute seconds or audio.
+        What displaying the player outside a Jupyter kernel shows (``_ipython_display_``)."""
         chunks = StreamReport("stream", self.metrics).to_frame()[["index", "emitted_s", "audio_s", "rtf"]]
         return HTML(chunks.to_html(index=False, float_format="{:.2f}".format))
 

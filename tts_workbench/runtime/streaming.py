@@ -9,7 +9,8 @@ and the chunks concatenated are the utterance.
   lookahead, on one noise track shared by the whole utterance, and joined to the previous one by
   an overlap-add crossfade. The tail is always flushed, so every token is vocoded exactly once.
   With a compiled ``FlowPlan`` every window's estimator frames are padded to its regular size
-  (the last window too), so the compiled estimator sees two shapes: first and regular window.
+  (the last window too; the second one too when the first is shorter than the left context),
+  so the compiled estimator sees two shapes: first and regular window.
 
 Why not reuse the prompt's computation across calls: S3Gen's conformer encoder and the CFM
 estimator attend over prompt and new tokens together, so the prompt's activations change with
@@ -99,10 +100,13 @@ class StreamConfig:
                 f"prompt_s must be positive (or None for the whole prompt), got {self.prompt_s}"
             )
         half = self.crossfade_samples / 2
-        if self.crossfade_samples >= min(self.first_window_tokens, self.window_tokens) * SAMPLES_PER_TOKEN:
+        shortest = min(self.first_window_tokens, self.window_tokens)  # what is compared: whole tokens
+        if self.crossfade_samples >= shortest * SAMPLES_PER_TOKEN:
+            ms = SAMPLES_PER_TOKEN // SAMPLES_PER_MS
             raise ConfigError(
-                f"crossfade of {self.crossfade_ms} ms is not shorter than a window "
-                f"({min(self.first_window_s, self.window_s)} s): shorten it or widen the windows"
+                f"crossfade of {self.crossfade_ms:g} ms is not shorter than a window ({shortest} "
+                f"token{'s' if shortest != 1 else ''} of {ms} ms = {shortest * ms} ms): "
+                "shorten it or widen the windows"
             )
         if half > min(self.left_context_tokens, self.lookahead_tokens) * SAMPLES_PER_TOKEN:
             raise ConfigError(
@@ -152,6 +156,15 @@ def noise_track(tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(1, 80, tokens * FRAMES_PER_TOKEN, generator=g)
 
 
+def own_seed(seed: int, purpose: int) -> int:
+    """The seed of a stream's draw ``purpose`` (``StreamState.NOISE``, ...) for stream ``seed``:
+    a 64-bit hash of both (``numpy.random.SeedSequence``). Streams submitted with seeds
+    ``s, s + 1, ...`` then share no draws: ``seed + purpose`` would give stream ``s``'s draws to
+    stream ``s + 1``'s (or its T3's, which draws from the seed itself)."""
+    entropy = [seed % 2**64, purpose]  # as torch.manual_seed takes a negative seed
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+
+
 def with_prompt_noise(state: StreamState, noise: torch.Tensor) -> torch.Tensor:
     """The flow's whole start noise for a call: the utterance's prompt noise, then ``noise``
     for the generated frames. Upstream draws the prompt part from the global generator at
@@ -175,23 +188,24 @@ class StreamState:
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
     compile_before_first_s: float = 0.0  # the part of the compiling done before the first chunk
 
-    # Each of a stream's draws from its own seed: T3's samples from ``seed`` itself, these from
-    # ``seed + offset``, so no two draw the same numbers.
+    # Each of a stream's draws from its own seed: T3's samples from ``seed`` itself (as upstream
+    # after ``torch.manual_seed(seed)``), these from ``own_seed(seed, purpose)``, so no two draw
+    # the same numbers, within a stream or across streams with nearby seeds.
     NOISE, PROMPT_NOISE, HIFT = 1, 2, 3
 
     def draw_from(self, seed: int, tokens: int, prompt_tokens: int) -> None:
         """The stream's own S3Gen draws for ``seed`` (its T3 draws from ``StreamRandom(seed)``):
         HiFT's source and the flow's start noise, for ``tokens`` tokens and the prompt."""
-        self.seed, self.rng = seed, StreamRandom(seed + self.HIFT)
-        self.noise = noise_track(tokens, seed + self.NOISE)
-        self.prompt_noise = noise_track(prompt_tokens, seed + self.PROMPT_NOISE)
+        self.seed, self.rng = seed, StreamRandom(own_seed(seed, self.HIFT))
+        self.noise = noise_track(tokens, own_seed(seed, self.NOISE))
+        self.prompt_noise = noise_track(prompt_tokens, own_seed(seed, self.PROMPT_NOISE))
 
     def prompt_noise_for(self, prompt_tokens: int) -> torch.Tensor:
         """The start noise of a ``prompt_tokens`` prompt: the stream's own, or for a prompt of
         another length (a one-shot yardstick with the whole prompt) drawn the same way."""
         if self.prompt_noise.size(2) == prompt_tokens * FRAMES_PER_TOKEN:
             return self.prompt_noise
-        return noise_track(prompt_tokens, self.seed + self.PROMPT_NOISE)
+        return noise_track(prompt_tokens, own_seed(self.seed, self.PROMPT_NOISE))
 
     @property
     def used(self) -> bool:
@@ -258,7 +272,7 @@ def stream(
     progress: bool = False,
     language_id: str | None = None,
     **sampling: Any,
-) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
+) -> Generator[tuple[np.ndarray, ChunkMetrics], None, None]:
     """Generate ``text`` with the voice in ``tts.conds`` and yield audio chunks as they are ready.
 
     ``plan`` runs T3's decode steps, ``flow`` the buffered windows' CFM estimator (default eager).
@@ -268,7 +282,10 @@ def stream(
     shows tokens sampled and S3Gen calls done on stderr. The multilingual model speaks
     ``language_id`` (default "en"); the others ignore it. ``sampling`` (temperature, top_p,
     ...; ``cfg_weight``) defaults as the family's upstream ``generate`` does, so a stream speaks
-    the tokens of a one-shot generation with the same seed.
+    the tokens of a one-shot generation with the same seed. A chunk's record counts the T3
+    seconds and invalid ids since the previous chunk; T3's blocks after the last chunk (only
+    invalid ids, or the stop token) are added to the last record when T3 has ended, so the
+    report's totals are the whole generation's.
     """
     checked_voice(tts.conds, text)
     if state is not None and state.used:
@@ -334,6 +351,13 @@ def stream(
             chunk = state.report.add(chunk, m)
             bar.set_postfix(s3gen_calls=state.report.s3gen_calls, refresh=False)
             yield chunk, m
+        # T3 blocks after the last chunk (only invalid ids, or only the stop token) make no chunk
+        # of their own: their T3 seconds and invalid ids go into the last chunk's record, so the
+        # report's totals are the whole generation's.
+        if state.report.chunks:
+            last = state.report.chunks[-1]
+            last.t3_s += stats.prefill_s + stats.decode_s - t3_seen[0]
+            last.invalid_tokens += invalid[0]
     finally:
         blocks.close()
         bar.close()
@@ -475,7 +499,9 @@ class BufferedCutter:
         final = not more and n < begin + size + config.lookahead_tokens
         end = n if final else begin + size
         start = max(0, begin - config.left_context_tokens)
-        regular = (begin - start) + size + config.lookahead_tokens
+        # Every window but the first pads to the same size: the second one's left context may be
+        # shorter (a first window under left_context_tokens), its padding is then a little longer.
+        regular = (config.left_context_tokens if begin else 0) + size + config.lookahead_tokens
         return Window(begin, end, start, n if final else end + config.lookahead_tokens, final, regular)
 
     def noise(self, w: Window) -> torch.Tensor:
@@ -605,6 +631,10 @@ def run_to_files(
         "speech_tokens": list(state.tokens),  # the ids vocoded, in order (Turbo's closing silence included)
         "t3_step_mode": state.t3.step_mode,
         "t3_compile_s": state.t3.compile_s,  # building (compiling) the static step: in chunk 0's time
-        "note": f"random weights never emit a stop token: generation capped at {max_new_tokens} tokens",
+        "note": (
+            f"ended by the stop token at token {state.t3.steps}"
+            if state.t3.stopped
+            else f"no stop token within {max_new_tokens} tokens (random weights never emit one)"
+        ),
         "files": {"wav": str(wav_path), "timeline": str(fig_path)},
     }
