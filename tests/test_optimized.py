@@ -21,6 +21,7 @@ from tts_workbench.models.vocode import s3gen_inference
 from tts_workbench.runtime.decode import DecodePlan, DecodeStats, T3Parts, decode_blocks, t3_decode
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, Policy, UpstreamTTS, choose_policy
+from tts_workbench.runtime.streaming import StreamConfig
 
 TEXT = "Hello there, this is a test."
 
@@ -158,6 +159,21 @@ def test_a_closed_wrapper_refuses_to_run_or_change_the_model(
         with pytest.raises(ConfigError, match="was closed .* wrap the model again"):
             call()
     assert tiny_tts.conds is conds  # the model given back is left alone
+
+
+def test_a_stream_read_after_close_stops_there(tiny_tts: ChatterboxTTS, reference_wav: Path) -> None:
+    with PerformanceOptimizedTTS(tiny_tts, policy="decode-bfloat16", decode="static") as opt:
+        opt.prepare_conditionals(str(reference_wav))
+        config = StreamConfig("buffered", first_window_s=0.2, window_s=0.2)
+        unread = opt.generate_stream(TEXT, config=config, max_new_tokens=40)
+        begun = opt.generate_stream(TEXT, config=config, max_new_tokens=40)
+        next(begun)
+    # the bfloat16 decode copy and the static cache are gone: neither stream may go on with them
+    for chunks in (unread, begun):
+        with pytest.raises(ConfigError, match="was closed"):
+            next(chunks)
+        assert next(chunks, None) is None  # and it is over
+    assert next(tiny_tts.t3.parameters()).dtype == torch.float32
 
 
 def test_a_hand_made_policy_is_checked_like_a_named_one(tiny_tts: ChatterboxTTS) -> None:

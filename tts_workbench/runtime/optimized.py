@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, nullcontext
+from collections.abc import Generator, Iterator, Sequence
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -80,6 +80,8 @@ from .precision import (
     restored,
 )
 from .streaming import StreamConfig, StreamState, stream
+
+T = TypeVar("T")
 
 # The decode step "auto" picks per device type: measured side by side with `tts-workbench bench`
 # (README, "Decode step"). On CUDA the eager step is host-bound (H200: 43 ms per token).
@@ -673,10 +675,11 @@ class PerformanceOptimizedTTS(Pipeline):
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``, buffered by
         default) with this wrapper's decode plan, flow plan and autocast dtype (``decode`` and
-        ``flow`` override the wrapper's own for this call); sampling defaults as ``generate``."""
+        ``flow`` override the wrapper's own for this call); sampling defaults as ``generate``.
+        A stream still being read when the wrapper closes stops there (``ConfigError``)."""
         self._check_open()
         self._voice(audio_prompt_path, exaggeration)
-        return stream(  # sampling defaults as the family's generate (``stream``)
+        chunks = stream(  # sampling defaults as the family's generate (``stream``)
             self.tts,
             text,
             config or StreamConfig("buffered"),
@@ -688,6 +691,19 @@ class PerformanceOptimizedTTS(Pipeline):
             state=state,
             **sampling,
         )
+        return self._while_open(chunks)
+
+    def _while_open(self, chunks: Generator[T, None, None]) -> Generator[T, None, None]:
+        """``chunks``, each only while the wrapper is open: after ``close()`` the model is given
+        back, and the stream's plan (a bfloat16 copy, a freed cache) is no longer its own."""
+        with closing(chunks):  # its cache and compiled step go back when the reader stops
+            while True:
+                self._check_open()
+                try:
+                    item = next(chunks)
+                except StopIteration:
+                    return
+                yield item
 
     # ------------------------------------------------------------ reporting
 
