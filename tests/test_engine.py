@@ -33,6 +33,7 @@ from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
 from tts_workbench.studies.load import (
     arrival_offsets,
+    format_load,
     format_real_time,
     listener_summary,
     parse_levels,
@@ -588,11 +589,18 @@ def test_load_cli_reports_each_level(
     rc = main([*args, "--reference", str(reference_wav), "--out", str(tmp_path), "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
+    # what was measured: the --model, the voice and the texts, in the report and its title
+    assert (report["model"], report["reference"], report["texts"]) == ("tiny", str(reference_wav), "built-in")
+    assert report["title"].startswith(f"load study of tiny on cpu, voice {reference_wav}, texts built-in,")
+    assert format_load(report).splitlines()[0] == report["title"]
     assert [level["streams"] for level in report["levels"]] == [1, 2]
     for level in report["levels"]:
         s = level["summary"]
-        assert s["failed"] == 0 and s["ttfa_p50_s"] <= s["ttfa_p95_s"] <= s["ttfa_p99_s"]
-        assert s["limiting_stage"] in ("t3", "s3gen") and s["kv_mib_per_stream"] > 0
+        ttfa = [row["ttfa_s"] for row in level["per_stream"]]
+        assert s["failed"] == 0 and s["kv_mib_per_stream"] > 0
+        assert [s[f"ttfa_p{q}_s"] for q in (50, 95, 99)] == [np.percentile(ttfa, q) for q in (50, 95, 99)]
+        # the limiting stage is the one whose thread was busier
+        assert s["limiting_stage"] == max(("t3", "s3gen"), key=lambda stage: s[f"{stage}_busy_pct"])
         assert len(level["per_stream"]) == level["streams"]
         # the tokens per second the level needs count the ids T3 samples and S3Gen drops
         sampled = sum(row["sampled_tokens"] for row in level["per_stream"])

@@ -266,16 +266,16 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     from ..runtime.streaming import StreamConfig
     from ..studies.load import format_load, parse_arrival, parse_levels, read_texts, run_load
 
-    # Bad flags fail before the model loads.
+    # Bad flags fail before the model loads (or the first request).
     levels, texts = parse_levels(args.streams), read_texts(args.texts)
-    parse_arrival(args.arrival)
+    parse_arrival(args.arrival, max(levels))
     if args.url:
         from ..studies.http_load import run_http_load
 
         given = {"voice": args.voice, "timeout_s": args.timeout}  # None: not given, run_http_load's default
         report = run_http_load(
             args.url, levels, texts=texts, arrival=args.arrival, tokens=args.tokens, seed=args.seed,
-            first_audio_limit_s=args.first_audio_limit, outdir=args.out, progress=True,
+            first_audio_limit_s=args.first_audio_limit, outdir=args.out, progress=True, texts_from=args.texts,
             **{key: value for key, value in given.items() if value is not None},
         )  # fmt: skip
         return report, format_load
@@ -297,6 +297,9 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         first_audio_limit_s=args.first_audio_limit,
         outdir=args.out,
         progress=True,
+        model=args.model,
+        reference=args.reference,
+        texts_from=args.texts,
     )
     return report, format_load
 
@@ -319,7 +322,15 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     where = Placement(args.host, args.port, args.replicas, args.address)
     # Bad flags fail before Ray starts (deployment.check_placement): nothing is left running.
     report = serve_until_stopped(options, where, say=lambda line: print(line, file=sys.stderr, flush=True))
-    return report, lambda r: f"stopped {r['stopped']} after serving {r['url']} for {r['served_s']:.0f} s"
+    return report, _stopped
+
+
+def _stopped(report: dict[str, Any]) -> str:
+    """How ``serve`` ended: a stop asked for (Ctrl-C, SIGTERM) before or after the app answered."""
+    if report["served_s"] is None:
+        return (f"stopped before serving {report['url']}: interrupted while the replicas were starting "
+                "(nothing of this serve is left running)")  # fmt: skip
+    return f"stopped {report['stopped']} after serving {report['url']} for {report['served_s']:.0f} s"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -457,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--out", default="runs/load", help="folder for load.json and load.png")
     ld.add_argument(
         "--url",
-        help="measure an OpenAI-compatible speech endpoint (http://HOST:PORT) instead of an engine in "
-        "this process; --model, --decode, --dtype, --reference and the window flags are then the server's",
+        help="measure a speech server at its root (http://HOST:PORT: this workbench's serve, or an "
+        "OpenAI-style endpoint that takes its seed and max_tokens fields; no API key) instead of an "
+        "engine in this process; the model is the first /v1/models lists, and --model, --decode, --dtype, "
+        "--reference and the window flags are the server's",
     )
     ld.add_argument("--voice", help="with --url: the voice each request names (default: default)")
     ld.add_argument("--timeout", type=_seconds, help="with --url: s for each whole request (default 300)")

@@ -168,14 +168,10 @@ def check_placement(options: ServeOptions, where: Placement) -> None:
     check_gpus(options.device, where.replicas, local=not where.address)
 
 
-@contextlib.contextmanager
-def served(options: ServeOptions, where: Placement) -> Iterator[str]:
-    """Inside: the app answers at the returned URL (call ``check_placement`` first). Leaving it,
-    or SIGTERM (raised here as KeyboardInterrupt, as Ctrl-C is), stops the app and the local Ray."""
+def _start_ray(options: ServeOptions, where: Placement) -> None:
+    """Join the cluster at ``where.address``, or start a local Ray sized to the replicas."""
     import ray
-    from ray import serve
 
-    previous = signal.getsignal(signal.SIGTERM)
     if where.address:
         try:
             ray.init(address=where.address, log_to_driver=False)
@@ -187,6 +183,21 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
     else:
         cpus = max(2, where.replicas * (options.threads or 1))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+
+
+@contextlib.contextmanager
+def served(options: ServeOptions, where: Placement) -> Iterator[str]:
+    """Inside: the app answers at the returned URL (call ``check_placement`` first). Leaving it,
+    or SIGTERM (raised here as KeyboardInterrupt, as Ctrl-C is), stops the app and the local Ray."""
+    import ray
+    from ray import serve
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        _start_ray(options, where)
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts: stop what it has started
+        ray.shutdown()
+        raise
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
     try:
         serve.start(http_options={"host": where.host, "port": where.port})
@@ -225,16 +236,19 @@ def _interrupt(_signum: int, _frame: FrameType | None) -> None:
 
 def serve_until_stopped(options: ServeOptions, where: Placement, say: Any = print) -> dict[str, Any]:
     """Serve until Ctrl-C or SIGTERM, telling ``say(message)`` when it starts and once the app
-    answers. What was served."""
+    answers. What was served: ``served_s`` from the moment the app answered, None (and
+    ``stopped``: "before serving") when the stop came while Ray or the replicas were starting."""
     check_placement(options, where)
-    t0 = time.perf_counter()
     url = where.url
     ray_at = f"the Ray cluster at {where.address}" if where.address else "a local Ray"
     say(f"starting {where.replicas} replica(s) on {ray_at}: each builds {options.model}, prepares its "
         "voices and warms up its engine (half a minute or more)")  # fmt: skip
+    answered: float | None = None  # perf_counter when the app answered
     with contextlib.suppress(KeyboardInterrupt), served(options, where):
+        answered = time.perf_counter()
         say(f"serving {options.model} at {url} ({where.replicas} replica(s) on {ray_at}); Ctrl-C stops")
         while True:
             time.sleep(1.0)
+    served_s = None if answered is None else time.perf_counter() - answered
     return {"url": url, "model": options.model, "replicas": where.replicas, "address": where.address,
-            "served_s": time.perf_counter() - t0, "stopped": "cleanly"}  # fmt: skip
+            "served_s": served_s, "stopped": "before serving" if answered is None else "cleanly"}  # fmt: skip

@@ -1,6 +1,8 @@
-"""The load study as a client: the same streams sent to any OpenAI-compatible speech endpoint
-(``POST /v1/audio/speech``, this workbench's ``serve`` or another server), measured from the
-bytes' arrival as a listener's player would feel them.
+"""The load study as a client: the same streams sent to an OpenAI-style speech endpoint
+(``POST /v1/audio/speech``: this workbench's ``serve``, or another server that takes its two
+fields of its own, ``seed`` and ``max_tokens``), measured from the bytes' arrival as a
+listener's player would feel them. The model is the first one ``GET /v1/models`` lists; the
+requests carry no API key.
 
 Per stream: HTTP status, time to the first audio byte, RTF (last byte over audio seconds),
 underruns of a real-time player that starts at the first byte, and the replica that answered
@@ -31,9 +33,15 @@ from .load import (
     conclude,
     listener_summary,
     parse_arrival,
+    shown,
+    texts_source,
 )
 
 IDENTITY = {"Accept-Encoding": "identity"}  # httpx asks for gzip by default
+# The content types of raw samples, the bytes the study counts: this workbench's server sends
+# audio/pcm (serving.protocol.FORMATS), RFC 2586's name is audio/L16, and a server may send
+# the bytes untyped. WAV, MP3 and the like would be counted as samples they are not.
+RAW_PCM = ("audio/pcm", "audio/l16", "application/octet-stream")
 
 
 class EndpointError(ConfigError):
@@ -49,7 +57,8 @@ def _error_message(response: httpx.Response) -> str:
 
 def check_url(url: str) -> str:
     """``url`` without its trailing slash; a ConfigError naming ``--url`` unless it is
-    ``http(s)://HOST[:PORT]`` with a port a connection can use."""
+    ``http(s)://HOST[:PORT]`` with a port a connection can use (no path, query or fragment:
+    the study adds ``/v1/...`` to it)."""
     try:
         parsed = httpx.URL(url)
         port = parsed.port
@@ -59,6 +68,15 @@ def check_url(url: str) -> str:
         raise ConfigError(f"argument --url: {url!r} is not an http:// or https:// URL: use http://HOST:PORT")
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"argument --url: port {port} of {url!r} is not a port (1 to 65535)")
+    if parsed.userinfo:  # the study sends none, and the URL goes into the report as given
+        raise ConfigError(
+            "argument --url: the URL holds credentials, which the study would not send and the "
+            "report would keep: give http://HOST:PORT (no API key option)"
+        )
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        root = f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"
+        raise ConfigError(f"argument --url: {url!r} has a path, query or fragment and the study adds /v1/... "
+                          f"to the URL: give the server's root, {root}")  # fmt: skip
     return url.rstrip("/")
 
 
@@ -83,15 +101,39 @@ async def served_model(client: httpx.AsyncClient, url: str) -> str:
         ) from None
 
 
+def not_raw_pcm(headers: httpx.Headers) -> str | None:
+    """Why the bytes of a 2xx answer are not the raw samples the study counts (24 kHz, 16-bit,
+    mono), or None when they are: a ``content-encoding`` other than identity, a ``content-type``
+    not in ``RAW_PCM``, or a ``rate``/``channels`` parameter other than 24000 and 1. An answer
+    without a content-type makes no claim: its bytes are read as the pcm the request asked for."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        return f"content-encoding {encoding}: compressed audio, though the study asked for identity"
+    kind = headers.get("content-type")
+    if kind is None:
+        return None
+    media, *params = (part.strip().lower() for part in kind.split(";"))
+    given = dict(param.partition("=")[::2] for param in params)
+    expected = {"rate": str(SAMPLE_RATE), "channels": "1"}
+    if media not in RAW_PCM or any(given.get(key, value) != value for key, value in expected.items()):
+        return (f"content-type {kind!r}: not the raw pcm the study asked for (response_format pcm, "
+                f"{SAMPLE_RATE} Hz 16-bit mono: audio/pcm, audio/L16, application/octet-stream)")  # fmt: skip
+    return None
+
+
 async def _stream(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], at: float, timeout_s: float
-) -> dict[str, Any]:
-    """One request sent at ``at`` (perf_counter), read to the end within ``timeout_s``."""
+) -> tuple[dict[str, Any], bool]:
+    """One request sent at ``at`` (perf_counter), read to the end within ``timeout_s``: its row,
+    and whether the server refused the request itself (a 4xx other than 408 and 429, which say
+    it is busy) or answered it in another format than raw pcm."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     sent = time.perf_counter()
     arrivals: list[float] = []
     seconds: list[float] = []
-    row: dict[str, Any] = {"text": body["input"], "seed": body["seed"], "status": None, "error": None}
+    row: dict[str, Any] = {"text": body["input"], "seed": body["seed"], "status": None, "replica": None,
+                           "server": None, "error": None}  # fmt: skip
+    refused = False
     try:
         async with (
             asyncio.timeout(timeout_s),
@@ -103,6 +145,9 @@ async def _stream(
             if response.status_code >= 400:
                 await response.aread()
                 row["error"] = f"HTTP {response.status_code}: {_error_message(response)}"
+                refused = response.status_code < 500 and response.status_code not in (408, 429)
+            elif wrong := not_raw_pcm(response.headers):
+                row["error"], refused = f"HTTP {response.status_code} with {wrong}", True
             else:
                 async for data in response.aiter_raw():
                     arrivals.append(time.perf_counter() - sent)
@@ -111,16 +156,18 @@ async def _stream(
         row["error"] = f"{type(e).__name__}: {e}"
     except TimeoutError:
         row["error"] = f"not finished within {timeout_s} s (--timeout)"
-    gaps = underruns(arrivals, seconds)
-    audio = sum(seconds)
-    row.update(
-        ttfa_s=arrivals[0] if arrivals else None,
-        wall_s=arrivals[-1] if arrivals else None,
-        audio_s=audio,
-        rtf=arrivals[-1] / audio if audio else None,
-        **gap_summary(gaps),
-    )
-    return row
+    gaps = gap_summary(underruns(arrivals, seconds))
+    audio = float(sum(seconds))
+    row.update({
+        "ttfa_s": arrivals[0] if arrivals else None,
+        "wall_s": arrivals[-1] if arrivals else None,
+        "audio_s": audio,
+        # a stream cut short has no RTF: its last byte is not the end of its audio
+        "rtf": arrivals[-1] / audio if audio and row["error"] is None else None,
+        **gaps,
+        "underrun_s": float(gaps["underrun_s"]),  # (0, an int, when there was no gap)
+    })  # fmt: skip
+    return row, refused
 
 
 async def _level(
@@ -130,22 +177,25 @@ async def _level(
     offsets = arrival_offsets(arrival, n, seed)
     t0 = time.perf_counter()
 
-    async def one(k: int) -> dict[str, Any]:
+    async def one(k: int) -> tuple[dict[str, Any], bool]:
         body = {"model": model, "input": texts[k % len(texts)], "voice": voice, "response_format": "pcm",
                 "seed": seed + k, "max_tokens": tokens}  # fmt: skip
-        row = await _stream(client, url, body, t0 + float(offsets[k]), timeout_s)
+        row, refused = await _stream(client, url, body, t0 + float(offsets[k]), timeout_s)
         row["arrival_s"] = float(offsets[k])  # sent this long after the level began
         bar.update(1)
-        return row
+        return row, refused
 
-    streams = await asyncio.gather(*(one(k) for k in range(n)))
+    results = await asyncio.gather(*(one(k) for k in range(n)))
     wall = time.perf_counter() - t0
-    # A 4xx says the study's own requests are wrong for this server (every level would fail);
-    # 408 and 429 say it is busy: those streams failed, the study goes on.
-    refused = [s for s in streams if s["status"] is not None and 400 <= s["status"] < 500
-               and s["status"] not in (408, 429)]  # fmt: skip
-    if refused:
-        raise EndpointError(f"argument --url: the server refused the study's request: {refused[0]['error']}")
+    streams = [row for row, _ in results]
+    # A request refused (or answered in another format) on the first level says the study's own
+    # requests are wrong for this server: nothing has been measured yet, so it ends the study.
+    # Later (a text the first level did not send, say) the measured levels are kept: those
+    # streams are failed rows, and the level summaries leave them out.
+    refused = [row for row, wrong in results if wrong]
+    if first and refused:
+        raise EndpointError(f"argument --url: the first level's request to speak {shown(refused[0]['text'])} "
+                            f"failed: {refused[0]['error']}")  # fmt: skip
     # Every stream of the first level failed: the endpoint serves nobody. At a later level the
     # server may be overloaded (every stream past --timeout): that is a result, the study goes on.
     if first and all(s["error"] for s in streams):
@@ -192,31 +242,35 @@ def run_http_load(
     outdir: str | Path | None = None,
     progress: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
+    texts_from: str | None = None,
 ) -> dict[str, Any]:
     """Each level's streams sent to ``url`` (``http://HOST:PORT``) and how many held in real
     time (``load.conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given.
     Every request is bounded by ``timeout_s``. ``transport``: httpx's, to reach a server in
-    this process (``httpx.ASGITransport``)."""
+    this process (``httpx.ASGITransport``). ``texts_from``: the texts' file, for the report
+    (``load.texts_source``)."""
     url = check_url(url)
     texts = texts or list(DEFAULT_TEXTS)
-    kind = parse_arrival(arrival)
+    kind = parse_arrival(arrival, max(levels, default=1))
     got = asyncio.run(_run(url, levels, texts, voice=voice, arrival=kind, tokens=tokens, seed=seed,
                            timeout_s=timeout_s, progress=progress, transport=transport))  # fmt: skip
     rows = [s for level in got["levels"] for s in level["per_stream"]]
-    servers = sorted({s["server"] for s in rows if s.get("server")})
-    replicas = sorted({s["replica"] for s in rows if s.get("replica")})
+    servers = sorted({s["server"] for s in rows if s["server"]})
+    replicas = sorted({s["replica"] for s in rows if s["replica"]})
+    source = texts_source(texts, texts_from)
     report: dict[str, Any] = {
         "endpoint": url,
         "model": got["model"],
         "server": ", ".join(servers) or "unnamed",
         "replicas_seen": replicas,
         "voice": voice,
+        "texts": source,
         "arrival": arrival,
         "tokens": tokens,
         "levels": got["levels"],
         "title": f"load study of {url} (model {got['model']}, server {', '.join(servers) or 'unnamed'}, "
-        f"{len(replicas) or 'unnamed'} replica(s) answered), voice {voice}, arrival {arrival}, "
-        f"max_tokens {tokens} per stream, measured from the bytes' arrival",
+        f"{len(replicas) or 'unnamed'} replica(s) answered), voice {voice}, texts {source}, "
+        f"arrival {arrival}, max_tokens {tokens} per stream, measured from the bytes' arrival",
         "note": f"each stream ends where the server ends it, at max_tokens={tokens} at most (a model with "
         "random weights never emits a stop token, so its streams run to max_tokens)",
     }

@@ -47,6 +47,9 @@ DEFAULT_TEXTS = (
 # The longest a listener waits for speech to start before a level no longer counts as real
 # time (issue 19's target on a GPU; conversational agents aim lower still).
 FIRST_AUDIO_LIMIT_S = 0.5
+# The longest the largest level's Poisson arrivals may take on average: past it the rate is a
+# typo (poisson:1e-300 overflows a sleep in process, and waits for ever over HTTP).
+MAX_ARRIVAL_SPAN_S = 3600.0
 
 
 def parse_levels(value: str) -> list[int]:
@@ -65,8 +68,10 @@ def parse_levels(value: str) -> list[int]:
     return sorted(levels)
 
 
-def parse_arrival(value: str) -> tuple[str, float]:
-    """``"burst"`` or ``"poisson:RATE"`` (streams per second) → (kind, rate)."""
+def parse_arrival(value: str, largest: int = 1) -> tuple[str, float]:
+    """``"burst"`` or ``"poisson:RATE"`` (streams per second) → (kind, rate); a ConfigError
+    when the ``largest`` level's streams would take more than ``MAX_ARRIVAL_SPAN_S`` on average
+    to arrive ((largest - 1) / RATE: the first comes at the level's start)."""
     if value == "burst":
         return "burst", math.inf
     kind, _, rate = value.partition(":")
@@ -77,6 +82,14 @@ def parse_arrival(value: str) -> tuple[str, float]:
     if kind != "poisson" or not per_s > 0 or not math.isfinite(per_s):
         raise ConfigError(
             f"argument --arrival: use burst or poisson:RATE with RATE > 0 streams/s, got {value!r}"
+        )
+    if (largest - 1) / per_s > MAX_ARRIVAL_SPAN_S:
+        # rounded up to a thousandth, so the rate suggested passes this check
+        least = math.ceil((largest - 1) / MAX_ARRIVAL_SPAN_S * 1000) / 1000
+        raise ConfigError(
+            f"argument --arrival: {value} spreads the {largest}-stream level's arrivals over "
+            f"{(largest - 1) / per_s:.3g} s on average, more than {MAX_ARRIVAL_SPAN_S:g} s: use "
+            f"poisson:{least:g} or more"
         )
     return "poisson", per_s
 
@@ -96,22 +109,52 @@ def read_texts(path: str | None) -> list[str]:
     if path is None:
         return list(DEFAULT_TEXTS)
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"argument --texts: {path} does not exist or is not a file")
     try:
+        if not p.is_file():
+            raise ConfigError(f"argument --texts: {path} does not exist or is not a file")
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ConfigError(f"argument --texts: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:  # the command line reads an OSError as an output folder it cannot write
+        raise ConfigError(f"argument --texts: cannot read {path}: {e.strerror or e}") from None
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise ConfigError(f"argument --texts: {path} holds no text (one text per line)")
     return texts
 
 
+def texts_source(texts: list[str], path: str | None) -> str:
+    """Where a study's texts came from, for its report: the ``--texts`` file, the built-in
+    texts, or a list a caller gave."""
+    if path is not None:
+        return path
+    return "built-in" if texts == list(DEFAULT_TEXTS) else "given by the caller"
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters (a line may be long)."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 def cache_positions(tts: Any, texts: list[str], tokens: int) -> int:
     """KV positions one stream needs for the longest text's prefill plus ``tokens``, rounded up
-    to 64; a ConfigError naming ``--tokens`` past the engine's largest cache."""
-    longest = max(prefill_length(tts, t) for t in texts)
+    to 64; past the engine's largest cache a ConfigError naming ``--texts`` when the longest
+    text leaves no room for a single token (or is past T3's text positions), ``--tokens``
+    otherwise."""
+    prefills = []
+    for text in texts:
+        try:
+            prefills.append(prefill_length(tts, text))
+        except ConfigError as e:  # more text tokens than T3 has positions for: which line
+            raise ConfigError(f"argument --texts: {shown(text)}: {e}") from None
+    longest = max(prefills)
+    if longest >= DEFAULT_MAX_CACHE_LEN:
+        text = texts[prefills.index(longest)]
+        raise ConfigError(
+            f"argument --texts: the text {shown(text)} needs {longest} prefill positions, and the engine's "
+            f"KV cache holds {DEFAULT_MAX_CACHE_LEN} for the prefill and the tokens after it: split it "
+            "over several lines"
+        )
     need = longest + tokens
     if need > DEFAULT_MAX_CACHE_LEN:
         raise ConfigError(
@@ -284,14 +327,20 @@ def run_load(
     first_audio_limit_s: float = FIRST_AUDIO_LIMIT_S,
     outdir: str | Path | None = None,
     progress: bool = False,
+    model: str | None = None,
+    reference: str | None = None,
+    texts_from: str | None = None,
 ) -> dict[str, Any]:
     """The load study at each level (``run_level``) and how many streams held in real time
     (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given. ``tts`` has
     its voice prepared. ``policy`` is the dtype T3 runs in (``optimized.decode_plan``: float32,
-    bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded."""
+    bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded.
+    The report names what was measured: ``model`` (the source ``tts`` was loaded from; None:
+    unnamed), ``reference`` (the WAV its voice was prepared from; None: the generated one,
+    ``sources.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``)."""
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
-    kind = parse_arrival(arrival)
+    kind = parse_arrival(arrival, max(levels, default=1))
     max_cache_len = cache_positions(tts, texts, tokens)
     config = config or StreamConfig("buffered")
     runs = [
@@ -310,8 +359,14 @@ def run_load(
         )
         for n in levels
     ]
+    device = str(tts.t3.speech_head.weight.device)
+    voice = reference or "generated"
+    source = texts_source(texts, texts_from)
     report: dict[str, Any] = {
-        "device": str(tts.t3.speech_head.weight.device),
+        "model": model,
+        "reference": voice,
+        "texts": source,
+        "device": device,
         "step": step,
         "t3_dtype": policy,
         "arrival": arrival,
@@ -319,6 +374,8 @@ def run_load(
         "max_cache_len": max_cache_len,
         "config": asdict(config),
         "levels": runs,
+        "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}, texts {source}, "
+        f"T3 {policy} {step} step, arrival {arrival}, {tokens} tokens per stream",
         "note": f"random weights never emit a stop token: every stream is capped at {tokens} tokens",
     }
     return conclude(report, first_audio_limit_s, outdir)
@@ -388,8 +445,7 @@ def format_load(report: dict[str, Any]) -> str:
                "kv_mib_per_stream"]  # fmt: skip
     frame = load_frame(report)
     lines = [
-        report.get("title") or f"load study on {report['device']}, T3 {report['t3_dtype']} {report['step']} "
-        f"step, arrival {report['arrival']}, {report['tokens']} tokens per stream",
+        report["title"],
         render(frame[[c for c in columns if c in frame]]),
         "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
         "real-time stream)" + ("; *_busy_pct: share of the wall time each stage's thread was working"

@@ -1,0 +1,310 @@
+"""The load study as a client (``studies/http_load.py``) against stand-in endpoints (httpx's
+MockTransport: nothing listens), the load study's argument checks, and ``serve`` stopped before
+it serves (Ray's calls replaced: no Ray starts)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gzip
+import json
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tts_workbench.core.errors import ConfigError
+from tts_workbench.interface.cli import main
+from tts_workbench.serving.protocol import FORMATS
+from tts_workbench.studies import http_load, load
+from tts_workbench.studies.http_load import EndpointError, check_url, run_http_load
+
+SECOND = np.zeros(24000, dtype="<i2").tobytes()  # one second of pcm: 24 kHz, 16-bit, mono
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _endpoint(speech: Callable[[dict[str, Any]], httpx.Response]) -> httpx.MockTransport:
+    """A stand-in server: its model list, and ``speech(body)`` for each speech request."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "stand-in"}]})
+        return speech(json.loads(request.content))
+
+    return httpx.MockTransport(handle)
+
+
+def _errors(capfd: pytest.CaptureFixture[str]) -> list[str]:
+    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_a_refused_text_ends_the_study_on_the_first_level_and_is_a_failed_row_after(tmp_path: Path) -> None:
+    """A refusal (4xx, not 408/429) of the first level's request names the text; at a later
+    level the refused streams are failed rows and the levels measured are kept."""
+
+    def speech(body: dict[str, Any]) -> httpx.Response:
+        if body["input"] == "Zebra crossing":
+            return httpx.Response(400, json={"error": {"message": "input refused", "param": "input"}})
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+
+    texts, endpoint = ["a", "b", "c", "Zebra crossing"], _endpoint(speech)
+    report = run_http_load("http://stand-in", [1, 2, 4], texts=texts, transport=endpoint, outdir=tmp_path)
+    four = report["levels"][2]
+    [refused] = [row for row in four["per_stream"] if row["error"]]
+    assert refused["text"] == "Zebra crossing" and refused["status"] == 400
+    assert refused["error"] == "HTTP 400: input refused"
+    assert four["summary"]["failed"] == 1 and report["levels"][1]["summary"]["failed"] == 0
+    assert report["real_time"]["missed"][4].startswith("1 failed")
+    assert json.loads((tmp_path / "load.json").read_text())["levels"][2]["summary"]["failed"] == 1
+    with pytest.raises(EndpointError, match=r"--url: .*'Zebra crossing'.*HTTP 400: input refused"):
+        run_http_load("http://stand-in", [2, 4], texts=texts[::-1], transport=endpoint)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"content-type": FORMATS["pcm"]},  # what this project's server sends
+        {"content-type": "audio/L16; rate=24000; channels=1"},
+        {"content-type": "application/octet-stream"},
+        {"content-type": "audio/pcm", "content-encoding": "identity"},
+        {},  # no claim: read as the pcm asked for
+    ],
+)
+def test_raw_pcm_answers_are_counted_as_samples(headers: dict[str, str]) -> None:
+    def speech(_body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers=headers)
+
+    [row] = run_http_load("http://stand-in", [1], transport=_endpoint(speech))["levels"][0]["per_stream"]
+    assert row["error"] is None and row["audio_s"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "said"),
+    [
+        ({"content-type": "audio/mpeg"}, b"ID3" + bytes(9997), "content-type 'audio/mpeg'"),
+        ({"content-type": "audio/wav"}, bytes(44) + SECOND, "content-type 'audio/wav'"),
+        ({"content-type": "audio/L16; rate=16000"}, SECOND, "rate=16000"),
+        ({"content-encoding": "gzip"}, gzip.compress(SECOND), "content-encoding gzip"),
+    ],
+)
+def test_an_answer_that_is_not_raw_pcm_is_an_error_not_samples(
+    headers: dict[str, str], body: bytes, said: str
+) -> None:
+    """On the first level it ends the study (the endpoint answers in another format); later,
+    while the first level's answers were pcm, it is a failed row saying what came."""
+    calls: list[int] = []
+
+    def speech(_body: dict[str, Any]) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:  # the first level's one stream: pcm
+            return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+        return httpx.Response(200, stream=httpx.ByteStream(body), headers=headers)
+
+    report = run_http_load("http://stand-in", [1, 2], transport=_endpoint(speech))
+    rows = report["levels"][1]["per_stream"]
+    assert all(row["status"] == 200 and said in row["error"] for row in rows), rows
+    assert all(row["audio_s"] == 0.0 and row["rtf"] is None for row in rows)
+    assert report["levels"][1]["summary"]["failed"] == 2
+    calls.append(1)  # from now on every answer is the wrong one, the first level's too
+    with pytest.raises(EndpointError, match=re.escape(said)):
+        run_http_load("http://stand-in", [1], transport=_endpoint(speech))
+
+
+def test_every_row_has_the_same_keys_and_a_failed_row_no_rtf() -> None:
+    def speech(body: dict[str, Any]) -> httpx.Response:
+        if body["seed"] == 1:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND[:4800]))
+
+    ok, failed = run_http_load("http://stand-in", [2], transport=_endpoint(speech))["levels"][0]["per_stream"]
+    assert sorted(ok) == sorted(failed) and {"replica", "server"} <= set(failed)
+    assert failed["replica"] is None and failed["server"] is None and failed["rtf"] is None
+    assert "ConnectError" in failed["error"]
+    for row in (ok, failed):
+        assert isinstance(row["audio_s"], float) and isinstance(row["underrun_s"], float)
+        assert isinstance(row["max_underrun_s"], float)
+
+
+class _Clock:
+    """``time`` as http_load reads it: a clock that moves only when the stand-in stream says
+    when its bytes arrive, so the arrivals (and the underruns) are what the test set."""
+
+    now = 1000.0
+
+    @classmethod
+    def perf_counter(cls) -> float:
+        return cls.now
+
+
+class _Parts(httpx.AsyncByteStream):
+    """A response body whose parts arrive ``delay`` seconds (on ``_Clock``) after the one before;
+    ``hang``: then it waits, for real, much longer than the test's --timeout."""
+
+    def __init__(self, parts: list[tuple[float, bytes]], hang: bool = False) -> None:
+        self.parts, self.hang = parts, hang
+
+    async def __aiter__(self) -> Any:
+        for delay, data in self.parts:
+            _Clock.now += delay
+            yield data
+        if self.hang:
+            await asyncio.sleep(60)
+
+
+def test_underruns_from_byte_arrival_busy_refusals_and_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream whose second half comes 1 s after its first half (0.5 s of audio) underruns once,
+    for 0.5 s, its audio counted in bytes though a part splits a sample; a 429, a 408 and a
+    stream past --timeout are failed rows, and the level goes on (the study with it)."""
+    monkeypatch.setattr(http_load, "time", _Clock)
+    half = SECOND[:24000]  # 0.5 s
+
+    def speech(body: dict[str, Any]) -> httpx.Response:
+        if body["seed"] == 0:  # the second half in two parts of odd sizes: a sample split
+            return httpx.Response(200, stream=_Parts([(0.1, half), (1.0, half[:12001]), (0.0, half[12001:])]))
+        if body["seed"] in (2, 3):  # busy: not a refusal of the study's request
+            return httpx.Response(429 if body["seed"] == 2 else 408, json={"error": {"message": "busy"}})
+        return httpx.Response(200, stream=_Parts([(0.0, half)], hang=True))  # never finishes
+
+    report = run_http_load("http://stand-in", [4], transport=_endpoint(speech), timeout_s=1.0)
+    spoke, late, *busy = report["levels"][0]["per_stream"]
+    assert spoke["error"] is None and spoke["audio_s"] == pytest.approx(1.0)
+    assert spoke["ttfa_s"] == pytest.approx(0.1) and spoke["wall_s"] == pytest.approx(1.1)
+    assert spoke["underruns"] == 1 and spoke["underrun_s"] == pytest.approx(0.5)
+    assert spoke["max_underrun_s"] == pytest.approx(0.5) and spoke["rtf"] == pytest.approx(1.1)
+    assert late["error"] == "not finished within 1.0 s (--timeout)" and late["rtf"] is None
+    assert late["audio_s"] == 0.5  # what came before the timeout, as it came
+    statuses = [(row["status"], row["error"]) for row in busy]
+    assert statuses == [(429, "HTTP 429: busy"), (408, "HTTP 408: busy")]
+    summary = report["levels"][0]["summary"]
+    assert summary["failed"] == 3 and summary["streams_with_underruns"] == 1
+    assert summary["ttfa_p50_s"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("url", ["http://h:8000/v1", "http://h:8000/?q=1", "http://h:8000/#x", "http://h/a/"])
+def test_a_url_with_a_path_or_query_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"argument --url: .*the server's root"):
+        check_url(url)
+
+
+def test_a_url_with_credentials_is_refused_before_they_reach_the_report() -> None:
+    with pytest.raises(ConfigError, match=r"argument --url: .*credentials") as e:
+        check_url("http://me:secret@h:8000")
+    assert "secret" not in str(e.value)
+
+
+def test_a_url_is_the_servers_root() -> None:
+    assert check_url("http://h:8000/") == "http://h:8000"
+    assert check_url("https://h") == "https://h"
+
+
+def test_the_cli_refuses_a_url_with_a_path_before_any_request(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    assert main(["load", "--url", url, "--streams", "1", "--out", str(tmp_path)]) == 2
+    [error] = _errors(capfd)
+    assert "--url" in error and "root" in error, error
+
+
+def test_an_arrival_rate_too_slow_for_the_largest_level_is_refused() -> None:
+    """The largest level's arrivals spread over (streams - 1) / RATE seconds on average: past an
+    hour it is a typo, not a study (poisson:1e-300 overflowed a sleep or waited for ever)."""
+    assert load.parse_arrival("poisson:1e-300", 1) == ("poisson", 1e-300)  # one stream waits for none
+    assert load.parse_arrival("poisson:7", 8) == ("poisson", 7.0)
+    at_cap = 7 / load.MAX_ARRIVAL_SPAN_S
+    assert load.parse_arrival(f"poisson:{at_cap!r}", 8) == ("poisson", at_cap)
+    for rate in ("1e-300", "0.001", repr(at_cap * 0.99)):
+        with pytest.raises(ConfigError, match="argument --arrival") as refused:
+            load.parse_arrival(f"poisson:{rate}", 8)
+        [suggested] = re.findall(r"poisson:(\S+) or more", str(refused.value))
+        assert load.parse_arrival(f"poisson:{suggested}", 8)[1] >= at_cap  # the fix it gives holds
+
+
+def test_the_cli_refuses_a_slow_arrival_before_any_request(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing answers: a later check would say --url
+    args = ["load", "--url", url, "--streams", "1,8", "--arrival", "poisson:1e-300", "--out", str(tmp_path)]
+    assert main(args) == 2
+    [error] = _errors(capfd)
+    assert "--arrival" in error, error
+
+
+def test_an_unreadable_texts_file_names_texts(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\n")
+    read_text = Path.read_text
+
+    def denied(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == texts:  # root reads any file whatever its mode: the refusal is made here
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert main(["load", "--texts", str(texts), "--out", str(tmp_path / "out")]) == 2
+    assert _errors(capfd) == [f"error: argument --texts: cannot read {texts}: Permission denied"]
+
+
+def test_a_text_longer_than_the_cache_names_texts_and_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text whose prefill alone fills the KV cache is the text's fault, not --tokens'."""
+    monkeypatch.setattr(load, "prefill_length", lambda _tts, text: len(text))  # a position a character
+    cache = load.DEFAULT_MAX_CACHE_LEN
+    long = "Once upon a time " + "x" * cache
+    with pytest.raises(ConfigError, match=r"^argument --texts: .*'Once upon a time x") as refused:
+        load.cache_positions(None, ["short", long], 10)
+    assert "--tokens" not in str(refused.value)
+    with pytest.raises(ConfigError, match=rf"^argument --tokens: .* use --tokens {cache - 1000} or fewer"):
+        load.cache_positions(None, ["x" * 1000], cache)
+    assert load.cache_positions(None, ["x" * 100], 28) == 128
+
+
+def test_a_text_past_t3s_text_positions_names_texts_and_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    def prefill_length(_tts: object, text: str) -> int:
+        if text.startswith("Once"):  # as runtime.decode.text_tokens refuses a text too long for T3
+            raise ConfigError("the text is 3000 text tokens, beyond the 2048 T3 has positions for")
+        return 100
+
+    monkeypatch.setattr(load, "prefill_length", prefill_length)
+    with pytest.raises(ConfigError, match=r"^argument --texts: 'Once upon a time': the text is 3000 "):
+        load.cache_positions(None, ["short", "Once upon a time"], 10)
+
+
+@pytest.mark.parametrize("interrupted", ["ray.init", "serve.run"])
+def test_serve_interrupted_while_starting_says_it_stopped_before_serving(
+    interrupted: str, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) before the replicas answer: Ray is shut down and the command says it
+    never served."""
+    import ray
+    from ray import serve
+
+    calls: list[str] = []
+
+    def call(name: str) -> Callable[..., None]:
+        def record(*_a: object, **_k: object) -> None:
+            calls.append(name)
+            if name == interrupted:
+                raise KeyboardInterrupt
+
+        return record
+
+    for module, prefix in ((ray, "ray"), (serve, "serve")):
+        for name in ("init", "start", "run", "shutdown"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, call(f"{prefix}.{name}"))
+    assert main(["serve", "--port", str(_free_port()), "--out", str(tmp_path)]) == 0
+    out = capfd.readouterr().out
+    assert "stopped before serving" in out and "cleanly" not in out, out
+    assert calls[-1] == "ray.shutdown", calls  # whatever Ray had started is stopped
