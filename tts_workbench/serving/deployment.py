@@ -195,9 +195,10 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
     previous = signal.getsignal(signal.SIGTERM)
     try:
         _start_ray(options, where)
-    except KeyboardInterrupt:  # Ctrl-C while Ray starts: stop what it has started
-        ray.shutdown()
-        raise
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (ray.init's handler exits), while Ray starts
+        ray.shutdown()  # stop what it has started
+        signal.signal(signal.SIGTERM, previous)
+        raise KeyboardInterrupt from None
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs a handler of its own
     try:
         serve.start(http_options={"host": where.host, "port": where.port})
