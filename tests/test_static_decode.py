@@ -590,3 +590,6 @@ def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
     with pytest.raises(ValueError, match="max_new_tokens"):  # ConfigError is a ValueError
         t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=0)
     assert DecodePlan.plain(tiny_tts.t3, step="compiled").describe() == "native float32, compiled step"
+    with pytest.raises(ConfigError, match=r"top_p must be in \[0, 1\]"):  # as T3.inference's warper
+        Sampler(turbo=False, top_p=1.5)
+    Sampler(turbo=True, top_p=1.5)  # inference_turbo leaves top-p out from 1 up

@@ -758,6 +758,10 @@ class Sampler:
             raise ConfigError(
                 f"temperature must be above 0 (T3 divides its logits by it), got {self.temperature}"
             )
+        # T3.inference builds TopPLogitsWarper, which refuses these (inference_turbo ignores top_p
+        # from 1 up); here top-p at 1 is left out, so its check is made here.
+        if not self.turbo and not 0 <= self.top_p <= 1:
+            raise ConfigError(f"top_p must be in [0, 1] (a share of the probability kept), got {self.top_p}")
         object.__setattr__(self, "_warpers", self._make_warpers())
 
     def _make_warpers(self) -> tuple[Any, ...]:
