@@ -89,7 +89,7 @@ browser-test: venv
 	SE_OFFLINE=true $(BIN)/python -m pytest -q browser_tests -p no:cacheprovider
 
 lint: venv
-	$(BIN)/ruff check tts_workbench tests conftest.py
+	$(BIN)/ruff check tts_workbench tests conftest.py notebooks
 	$(BIN)/mypy tts_workbench
 	$(BIN)/lint-imports
 

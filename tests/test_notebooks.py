@@ -23,3 +23,41 @@ def test_outputs_are_from_the_latest_run_in_order(path: Path) -> None:
     assert counts == list(range(1, len(cells) + 1)), f"{path.name}: run top to bottom once, got {counts}"
     for c in cells:
         assert not [o for o in c.outputs if o.output_type == "error"], f"{path.name}: error output stored"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_outputs_hold_no_upstream_progress_bars(path: Path) -> None:
+    for c in nbformat.read(path, as_version=4).cells:
+        for o in c.get("outputs", []):
+            text = o.get("text", "")
+            bar = "Sampling:" in text or "\x1b[A" in text
+            assert not bar, f"{path.name}: an upstream progress bar was stored"
+
+
+def test_notebook_cells_run_with_upstreams_bars_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chatterbox.models.t3.t3 as t3_module
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from tts_workbench.core.quiet import notebook_setup
+
+    shell = InteractiveShell.instance()
+    monkeypatch.setattr(shell, "run_line_magic", lambda *a: None)  # the test process keeps its backend
+    before = {e: list(shell.events.callbacks[e]) for e in ("pre_run_cell", "post_run_cell")}
+    try:
+        bars = t3_module.tqdm
+        notebook_setup()
+        notebook_setup()  # a second call adds nothing
+        assert {e: len(shell.events.callbacks[e]) - len(before[e]) for e in before} == {
+            "pre_run_cell": 1,
+            "post_run_cell": 1,
+        }
+        shell.run_cell("import chatterbox.models.t3.t3 as m; bar = m.tqdm(range(3)); quiet = bar.disable")
+        assert shell.user_ns["quiet"] is True
+        assert t3_module.tqdm is bars  # given back when the cell ended
+        # a cell running a cell: still quiet after the inner one ended
+        shell.run_cell("get_ipython().run_cell('1'); after = m.tqdm(range(3)).disable")
+        assert shell.user_ns["after"] is True and t3_module.tqdm is bars
+    finally:
+        for event, callbacks in before.items():
+            shell.events.callbacks[event] = callbacks
+        InteractiveShell.clear_instance()

@@ -11,7 +11,8 @@ torch nor chatterbox itself).
 While a command runs, ``upstream_silenced`` also drops what upstream writes to the terminal on
 its own: its ``print`` lines ("loaded PerthNet", "S3 Token -> Mel Inference..."), transformers'
 logged warnings (the ``sdpa``/``output_attentions`` one) and upstream's tqdm bars ("Sampling"),
-so the command shows the workbench's report and its own progress only.
+so the command shows the workbench's report and its own progress only. In a notebook every cell
+runs with the bars and the logged warnings off (``notebook_setup``); upstream's prints show.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import functools
 import io
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -46,10 +48,8 @@ UPSTREAM_TQDM = ("chatterbox.models.t3.t3", "chatterbox.models.s3gen.flow_matchi
 
 
 @contextlib.contextmanager
-def upstream_silenced() -> Iterator[None]:
-    """Inside: upstream's stdout prints are dropped, its tqdm bars disabled and transformers logs
-    errors only. The workbench reports on stdout after the block and shows its own progress on
-    stderr, so nothing of its own is lost."""
+def upstream_bars_off() -> Iterator[None]:
+    """Inside: upstream's tqdm bars disabled and transformers logging errors only."""
     import importlib
 
     from tqdm.auto import tqdm
@@ -64,7 +64,15 @@ def upstream_silenced() -> Iterator[None]:
         for name in UPSTREAM_TQDM:
             module = importlib.import_module(name)
             stack.enter_context(shadow(module, "tqdm", lambda _: functools.partial(tqdm, disable=True)))
-        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        yield
+
+
+@contextlib.contextmanager
+def upstream_silenced() -> Iterator[None]:
+    """Inside: upstream's stdout prints are dropped as well as its bars (``upstream_bars_off``).
+    The workbench reports on stdout after the block and shows its own progress on stderr, so
+    nothing of its own is lost."""
+    with upstream_bars_off(), contextlib.redirect_stdout(io.StringIO()):
         yield
 
 
@@ -72,10 +80,45 @@ def notebook_setup() -> None:
     """First call of every notebook: library noise off, so a cell shows the workbench's output,
     and figures shown as pictures: ``%matplotlib inline`` shows the figures pyplot made in a cell
     (``instruments.plots``) when it ends, and registers the image formatter that shows a bare
-    ``matplotlib.figure.Figure`` (the timeline and seam figures) as a picture, not as text."""
+    ``matplotlib.figure.Figure`` (the timeline and seam figures) as a picture, not as text.
+
+    Every later cell runs with upstream's bars off (``upstream_bars_off``, put back when the
+    cell ends): the "Sampling" bars of each generation would bury the cell's own output. Its
+    prints stay (a cell's own ``print`` shares stdout with them)."""
     quiet_libraries()
     from IPython import get_ipython
 
     shell = get_ipython()
-    if shell is not None:
-        shell.run_line_magic("matplotlib", "inline")
+    if shell is None:
+        return
+    shell.run_line_magic("matplotlib", "inline")
+    # By name, not identity: after a reload of this module the old callbacks are still there.
+    registered = shell.events.callbacks["pre_run_cell"]
+    if any(getattr(f, "__qualname__", "") == "_CellQuiet.enter" for f in registered):
+        return  # a second call: the cells are quiet already
+    shell.events.register("pre_run_cell", _cell_quiet.enter)
+    shell.events.register("post_run_cell", _cell_quiet.exit)
+
+
+class _CellQuiet:
+    """``upstream_bars_off`` around each cell, as IPython's pre/post_run_cell callbacks (IPython
+    calls post_run_cell whatever the cell did). Only once chatterbox is imported: the next cell
+    may still set what torch reads at import. A cell that runs cells (``run_cell``) nests: the
+    outermost one holds the bars off."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self._depth = 0
+
+    def enter(self, info: object) -> None:
+        self._depth += 1
+        if self._depth == 1 and "chatterbox" in sys.modules:
+            self._stack.enter_context(upstream_bars_off())
+
+    def exit(self, result: object) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._stack.close()
+
+
+_cell_quiet = _CellQuiet()
