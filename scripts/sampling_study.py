@@ -4,6 +4,11 @@ every call), vs `decode.Sampler` (the same processors batched over the streams, 
 a mask, one `exponential_` draw per stream, no host read). Side by side in one process, same
 logits; the tokens are checked equal first. Speech vocabulary (8194), two rows per stream.
 
+Then the processors alone as the compiled step runs them (`torch.compile`, one stream's guided
+row, `generate`'s settings: min-p 0.05, top-p 1.0): transformers' `MinPLogitsWarper` and
+`TopPLogitsWarper` as upstream builds them, against `Sampler`'s (min-p without its `topk`,
+top-p left out at 1); their probabilities checked equal first.
+
     .venv/bin/python scripts/sampling_study.py [--device cpu] > results/sampling_cpu.json
 """
 
@@ -21,7 +26,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from tts_workbench.runtime.decode import Sampler
+from tts_workbench.runtime.decode import Sampler, penalize
 from tts_workbench.studies.bench import environment
 
 VOCAB, START, HISTORY = 8194, 6561, 100
@@ -60,6 +65,33 @@ def _level(b: int, device: torch.device, min_run_time: float) -> list[dict[str, 
     return rows
 
 
+def _processors(device: torch.device, min_run_time: float) -> list[dict[str, object]]:
+    """Upstream's min-p and top-p (1.0) against ``Sampler``'s, each compiled, on one row."""
+    x = torch.randn(1, VOCAB, device=device) * 4
+    seen = torch.zeros(1, VOCAB, dtype=torch.bool, device=device)
+    seen[0, torch.randint(0, START, (HISTORY,))] = True
+    upstream = (MinPLogitsWarper(0.05), TopPLogitsWarper(1.0))
+    mine = Sampler(turbo=False, top_p=1.0)  # the same penalty and temperature before both
+
+    def theirs(v: torch.Tensor) -> torch.Tensor:
+        return upstream[1](None, upstream[0](None, penalize(seen, v, 1.2) / 0.8))
+
+    ways = {
+        "transformers' min-p and top-p": torch.compile(theirs),
+        "Sampler's (no topk, no top-p at 1)": torch.compile(lambda v: mine.scores(seen, v)),
+    }
+    probs = [torch.softmax(fn(x), dim=-1) for fn in ways.values()]
+    assert torch.equal(probs[0], probs[1]), "probabilities differ"
+    rows: list[dict[str, object]] = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name, fn in ways.items():
+        m = benchmark.Timer("fn(x); sync()", globals={"fn": fn, "x": x, "sync": sync}).blocked_autorange(
+            min_run_time=min_run_time
+        )
+        rows.append({"processors": name, "median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -74,6 +106,7 @@ def main() -> None:
         "environment": environment("none (random logits)", str(device)),
         "rows": rows,
         "batched_over_one_by_one": {b: ms[b, "Sampler"] / ms[b, "upstream"] for b in levels},
+        "compiled_processors": _processors(device, args.min_run_time),
     }
     json.dump(out, sys.stdout, indent=1)
     print()
