@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -407,14 +408,17 @@ def test_naive_report_counts_t3_blocks_after_its_last_chunk(tts: ChatterboxTTS, 
     valid = {call: 1 for call in range(1, 23)}  # 22 speech tokens: one chunk
     invalid = dict.fromkeys((23, 24, 25), SPEECH_VOCAB_SIZE)
     stop = tts.t3.hp.stop_speech_token
-    # then only invalid ids up to the cap; or only the stop token
-    for edits, cap in (({**valid, **invalid}, 25), ({**valid, 23: stop}, 60)):
+    # then only invalid ids up to the cap; or only the stop token; or nothing but the stop token
+    cases = (({**valid, **invalid}, 25, 1), ({**valid, 23: stop}, 60, 1), ({1: stop}, 60, 0))
+    for edits, cap, chunks in cases:
+        state = StreamState(StreamReport("naive"))
         with shadow(tts.t3.speech_head, "forward", steer(edits)):
-            _, state = _run(tts, config, tokens=cap)
+            handed = [asdict(m) for _, m in stream(tts, TEXT, config, max_new_tokens=cap, state=state)]
         s, t3 = state.report.summary(), state.t3
-        assert s["chunks"] == 1 and s["tokens"] == len(state.tokens) == 22
+        assert s["chunks"] == chunks and s["tokens"] == len(state.tokens) == 22 * chunks
         assert s["tokens"] + s["invalid_tokens"] + t3.stopped == t3.steps == len(edits)
         assert s["t3_s"] == pytest.approx(t3.prefill_s + t3.decode_s)
+        assert handed == [asdict(m) for m in state.report.chunks]  # records unchanged once handed out
 
 
 def test_streams_with_adjacent_seeds_draw_different_noise() -> None:

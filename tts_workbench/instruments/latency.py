@@ -79,6 +79,10 @@ class StreamReport:
     strategy: str
     chunks: list[ChunkMetrics] = field(default_factory=list)
     wall_s: float = 0.0
+    # T3's seconds and invalid ids after the last chunk (blocks that made no chunk: only invalid
+    # ids, or only the stop token), in the totals of ``summary`` but in no chunk's record
+    t3_after_s: float = 0.0
+    invalid_after: int = 0
 
     def add(self, chunk: np.ndarray, m: ChunkMetrics) -> np.ndarray:
         """Record a chunk as it leaves for the player: NaN samples counted and zeroed (a player
@@ -124,12 +128,12 @@ class StreamReport:
             "audio_s": self.audio_s,
             "rtf": self.rtf,
             "s3gen_calls": self.s3gen_calls,
-            "t3_s": sum(c.t3_s for c in self.chunks),
+            "t3_s": sum(c.t3_s for c in self.chunks) + self.t3_after_s,
             "flow_s": sum(c.flow_s for c in self.chunks),
             "vocoder_s": sum(c.vocoder_s for c in self.chunks),
             **frames,
             "tokens": sum(c.tokens for c in self.chunks),
-            "invalid_tokens": sum(c.invalid_tokens for c in self.chunks),
+            "invalid_tokens": sum(c.invalid_tokens for c in self.chunks) + self.invalid_after,
             "nan_samples": sum(c.nan_samples for c in self.chunks),
             **gap_summary(self.underruns),
         }

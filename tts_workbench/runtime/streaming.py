@@ -284,8 +284,8 @@ def stream(
     ...; ``cfg_weight``) defaults as the family's upstream ``generate`` does, so a stream speaks
     the tokens of a one-shot generation with the same seed. A chunk's record counts the T3
     seconds and invalid ids since the previous chunk; T3's blocks after the last chunk (only
-    invalid ids, or the stop token) are added to the last record when T3 has ended, so the
-    report's totals are the whole generation's.
+    invalid ids, or the stop token) are kept in the report's ``t3_after_s`` and
+    ``invalid_after`` when T3 has ended, so its totals are the whole generation's.
     """
     checked_voice(tts.conds, text)
     if state is not None and state.used:
@@ -352,12 +352,10 @@ def stream(
             bar.set_postfix(s3gen_calls=state.report.s3gen_calls, refresh=False)
             yield chunk, m
         # T3 blocks after the last chunk (only invalid ids, or only the stop token) make no chunk
-        # of their own: their T3 seconds and invalid ids go into the last chunk's record, so the
-        # report's totals are the whole generation's.
-        if state.report.chunks:
-            last = state.report.chunks[-1]
-            last.t3_s += stats.prefill_s + stats.decode_s - t3_seen[0]
-            last.invalid_tokens += invalid[0]
+        # of their own: the report keeps their T3 seconds and invalid ids apart (the chunks'
+        # records were handed out already), so its totals are the whole generation's.
+        state.report.t3_after_s = stats.prefill_s + stats.decode_s - t3_seen[0]
+        state.report.invalid_after = invalid[0]
     finally:
         blocks.close()
         bar.close()
