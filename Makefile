@@ -101,4 +101,4 @@ docs: venv
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs notebooks/runs
