@@ -34,7 +34,7 @@ from collections.abc import Generator, Iterator, Sequence
 from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -80,8 +80,6 @@ from .precision import (
     restored,
 )
 from .streaming import StreamConfig, StreamState, stream
-
-T = TypeVar("T")
 
 # The decode step "auto" picks per device type: measured side by side with `tts-workbench bench`
 # (README, "Decode step"). On CUDA the eager step is host-bound (H200: 43 ms per token).
@@ -693,7 +691,9 @@ class PerformanceOptimizedTTS(Pipeline):
         )
         return self._while_open(chunks)
 
-    def _while_open(self, chunks: Generator[T, None, None]) -> Generator[T, None, None]:
+    def _while_open(
+        self, chunks: Generator[tuple[np.ndarray, ChunkMetrics], None, None]
+    ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """``chunks``, each only while the wrapper is open: after ``close()`` the model is given
         back, and the stream's plan (a bfloat16 copy, a freed cache) is no longer its own."""
         with closing(chunks):  # its cache and compiled step go back when the reader stops
