@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tts_workbench.instruments.latency import ChunkMetrics, StreamReport, format_chunks
+from tts_workbench.instruments.latency import ChunkMetrics, StreamReport, format_chunks, format_report
 
 
 def _report() -> StreamReport:
@@ -45,3 +45,19 @@ def test_chunk_table_then_the_summary_line() -> None:
     assert (
         lines[3].startswith("buffered: first audio after 1.00 s") and "3 invalid tokens dropped" in lines[3]
     )
+
+
+def test_stream_command_output_counts_what_came_after_the_last_chunk() -> None:
+    # The command prints from the JSON report: the totals there include the invalid ids and T3
+    # time after the last chunk, and the printed line must say the same.
+    report = _report()
+    report.invalid_after = 5
+    doc = {
+        "summary": report.summary(),
+        "chunks": report.rows(),
+        "quality_vs_one_shot": {"seam_max_over_median": None, "snr_db": 30.0, "length_diff_samples": 0},
+        "note": "no stop token within 75 tokens",
+        "files": {"wav": "a.wav", "timeline": "a.png"},
+    }
+    assert doc["summary"]["invalid_tokens"] == 8
+    assert "8 invalid tokens dropped" in format_report(doc)

@@ -143,16 +143,23 @@ class StreamReport:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per chunk: every ``ChunkMetrics`` field and its RTF (seconds in ``*_s``)."""
-        return pd.DataFrame(self.rows(), columns=[*ChunkMetrics.__dataclass_fields__, "rtf"])
+        return _frame(self.rows())
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=[*ChunkMetrics.__dataclass_fields__, "rtf"])
 
 
 def format_chunks(report: StreamReport) -> str:
     """The per-chunk table and the stream summary, for a terminal or a notebook."""
-    s = report.summary()
+    return _chunks_text(report.to_frame(), report.summary())
+
+
+def _chunks_text(table: pd.DataFrame, s: dict[str, Any]) -> str:
     return "\n".join(
         [
             # the summary line below totals the columns left out
-            render(report.to_frame().drop(columns=["invalid_tokens", "s3gen_calls", "nan_samples"])),
+            render(table.drop(columns=["invalid_tokens", "s3gen_calls", "nan_samples"])),
             f"{s['strategy']}: first audio after {s['ttfa_s']:.2f} s, RTF {s['rtf']:.2f}, "
             f"{s['s3gen_calls']} S3Gen/vocoder calls, "
             f"{s['underruns']} underruns ({s['underrun_s']:.2f} s silent), "
@@ -163,15 +170,12 @@ def format_chunks(report: StreamReport) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The ``tts-workbench stream`` output: chunk table, summary, quality against one-shot."""
-    stream = StreamReport(report["summary"]["strategy"])
-    keep = set(ChunkMetrics.__dataclass_fields__)
-    stream.chunks = [ChunkMetrics(**{k: v for k, v in row.items() if k in keep}) for row in report["chunks"]]
-    stream.wall_s = report["summary"]["wall_s"]
+    """The ``tts-workbench stream`` output: chunk table, summary, quality against one-shot,
+    printed from the report's own rows and totals (those count what came after the last chunk)."""
     q = report["quality_vs_one_shot"]
     return "\n".join(
         [
-            format_chunks(stream),
+            _chunks_text(_frame(report["chunks"]), report["summary"]),
             (
                 "seams: none (one chunk)"
                 if q["seam_max_over_median"] is None
