@@ -20,6 +20,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
+from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError
 from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
@@ -246,6 +247,22 @@ def test_a_chunk_counts_its_streams_prefill_in_its_t3_time(tts: ChatterboxTTS) -
     # one stream: its chunks hold all of T3's time, prefill included (as streaming.stream counts)
     assert stats.prefill_s > 0 and h.report.chunks[0].t3_s > stats.prefill_s
     assert sum(c.t3_s for c in h.report.chunks) == pytest.approx(stats.t3_s + stats.prefill_s)
+
+
+def test_a_streams_report_keeps_the_t3_work_after_its_last_chunk(
+    tts: ChatterboxTTS, steer: type[Steer]
+) -> None:
+    # Before, T3 seconds and invalid ids after a stream's last chunk were dropped: a stream
+    # whose only sample is not speech made no chunk and reported no T3 time at all.
+    stop, bad = tts.t3.hp.stop_speech_token, SPEECH_VOCAB_SIZE
+    last_three_bad = dict.fromkeys(range(TOKENS - 2, TOKENS + 1), bad)
+    for edits, cap in ((last_three_bad, TOKENS), ({1: bad}, 1)):
+        with shadow(tts.t3.speech_head, "forward", steer(edits)), StreamEngine(tts, config=CONFIG) as engine:
+            h = engine.submit(TEXTS[0], seed=0, max_new_tokens=cap)
+            list(h)
+        s = h.report.summary()
+        assert s["t3_s"] == pytest.approx(engine.stats.t3_s + engine.stats.prefill_s)
+        assert s["invalid_tokens"] == sum(v >= bad and v != stop for v in h.sampled) >= len(edits)
 
 
 def test_a_stage_that_dies_says_why_to_later_callers(tts: ChatterboxTTS) -> None:

@@ -857,6 +857,10 @@ class StreamEngine:
                     finished = [live for live in self._vocoding if live.cutter.done]
                     for live in finished:
                         self._vocoding.remove(live)
+                        # T3's work after its last chunk (steps that gave only invalid ids or the
+                        # stop token) is in no chunk: the report keeps it, as streaming.stream's does
+                        report = live.handle.report
+                        report.t3_after_s, report.invalid_after = live.t3_s, live.invalid
                     if ready or finished:
                         break
                     self._lock.wait(timeout=1.0)
