@@ -592,6 +592,8 @@ def test_an_idle_engine_serves_the_next_stream(tts: ChatterboxTTS) -> None:
 def test_bad_engine_settings_are_refused(tts: ChatterboxTTS) -> None:
     with pytest.raises(ConfigError, match="max_streams"):
         StreamEngine(tts, max_streams=0)
+    with pytest.raises(ConfigError, match="max_cache_len must be at least 2"):  # was torch's own error
+        StreamEngine(tts, max_cache_len=-5)
     with pytest.raises(ConfigError, match="static or compiled"):
         StreamEngine(tts, step="eager")
     with pytest.raises(ConfigError, match="buffered strategy only"):

@@ -593,3 +593,12 @@ def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
     with pytest.raises(ConfigError, match=r"top_p must be in \[0, 1\]"):  # as T3.inference's warper
         Sampler(turbo=False, top_p=1.5)
     Sampler(turbo=True, top_p=1.5)  # inference_turbo leaves top-p out from 1 up
+    # Before, a penalty of 0 failed mid-stream as "logits not finite" (advice to decode in
+    # float32) and a negative one ran; upstream's processor refuses both at once.
+    for turbo, penalty in ((False, 0.0), (True, -1.0), (False, float("nan"))):
+        with pytest.raises(ConfigError, match="repetition_penalty must be above 0"):
+            Sampler(turbo=turbo, repetition_penalty=penalty)
+    # A negative weight guided against a row no prefill wrote (upstream's generate runs one row
+    # for it): refused, not sampled.
+    with pytest.raises(ConfigError, match="cfg_weight must be 0 .* or above"):
+        Sampler(turbo=False, cfg_weight=-0.5)

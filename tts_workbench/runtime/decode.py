@@ -195,8 +195,7 @@ class DecodePlan:
     def __post_init__(self) -> None:
         if self.step not in STEP_MODES:
             raise ConfigError(f"unknown decode step {self.step!r}: use one of {', '.join(STEP_MODES)}")
-        if self.max_cache_len < 2:
-            raise ConfigError(f"max_cache_len must be at least 2, got {self.max_cache_len}")
+        check_cache_len(self.max_cache_len)
 
     @classmethod
     def plain(cls, t3: T3, **kwargs: Any) -> DecodePlan:
@@ -602,6 +601,12 @@ def _check_static(
     check_room(prefill_len, max_new_tokens, plan.max_cache_len, "the plan's static cache", plan.cache_fix)
 
 
+def check_cache_len(max_cache_len: int) -> None:
+    """Refuse a cache too short for any request: a prefill position and one new token."""
+    if max_cache_len < 2:
+        raise ConfigError(f"max_cache_len must be at least 2, got {max_cache_len}")
+
+
 def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder: str, fix: str) -> None:
     """A CacheError saying what fits when ``prefill_len + max_new_tokens`` positions exceed
     ``max_cache_len`` (``fix`` may name ``{need}``)."""
@@ -762,6 +767,15 @@ class Sampler:
         # from 1 up); here top-p at 1 is left out, so its check is made here.
         if not self.turbo and not 0 <= self.top_p <= 1:
             raise ConfigError(f"top_p must be in [0, 1] (a share of the probability kept), got {self.top_p}")
+        # as transformers' RepetitionPenaltyLogitsProcessor, which both upstream loops build
+        if not self.repetition_penalty > 0:
+            raise ConfigError(
+                f"repetition_penalty must be above 0 (1 for none; the logits of seen tokens are "
+                f"divided by it), got {self.repetition_penalty}"
+            )
+        # upstream generate runs guidance's second row only for a weight above 0
+        if self.cfg_weight < 0:
+            raise ConfigError(f"cfg_weight must be 0 (no guidance) or above, got {self.cfg_weight}")
         object.__setattr__(self, "_warpers", self._make_warpers())
 
     def _make_warpers(self) -> tuple[Any, ...]:

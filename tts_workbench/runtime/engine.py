@@ -58,6 +58,7 @@ from .decode import (
     Sampler,
     SpanStaticLayer,
     T3Parts,
+    check_cache_len,
     check_new_tokens,
     check_room,
     head_logits,
@@ -275,6 +276,7 @@ class StreamEngine:
     ) -> None:
         if max_streams < 1:
             raise ConfigError(f"max_streams must be at least 1, got {max_streams}")
+        check_cache_len(max_cache_len)
         if step not in ENGINE_STEPS:
             raise ConfigError(f"unknown engine step {step!r}: use {' or '.join(ENGINE_STEPS)}")
         self.config = config or StreamConfig("buffered")
