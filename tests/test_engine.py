@@ -304,6 +304,27 @@ def test_closing_a_busy_engine_ends_every_stream_and_counts_none(tts: Chatterbox
             list(h)
 
 
+def test_a_close_during_a_streams_last_window_lets_that_stream_end_whole(tts: ChatterboxTTS) -> None:
+    # Before, the S3Gen stage saw the engine stopping before it saw the stream finished: a
+    # stream that had received its whole audio then failed with "closed before it ended".
+    engine = StreamEngine(tts, max_streams=1, config=CONFIG)
+    vocode, closer = engine._vocode, threading.Thread(target=engine.close)
+
+    def vocode_then_close(group: Any) -> None:
+        vocode(group)  # the stream's only (so last) window, emitted
+        closer.start()  # close() arrives now: it joins this thread, so it runs in another
+        for _ in range(500):  # bounded wait (5 s) for it to mark the engine stopped
+            if engine._stopped:
+                break
+            time.sleep(0.01)
+
+    engine._vocode = vocode_then_close  # type: ignore[method-assign]
+    handle = engine.submit(TEXTS[0], seed=0, max_new_tokens=10)  # one window
+    chunks = list(handle)
+    closer.join(timeout=30)
+    assert len(chunks) == 1 and handle.error is None and not closer.is_alive()
+
+
 def test_a_vocoder_failure_fails_its_stream_not_the_others_in_its_flow_call(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -347,6 +368,56 @@ def test_the_warm_up_runs_in_the_t3_stage(tts: ChatterboxTTS, monkeypatch: pytes
     assert threads == ["engine-t3", "engine-t3"]  # buckets 1 and 2, one span
     with pytest.raises(RuntimeError, match="closed"):
         engine.warmup()
+
+
+def test_a_close_during_the_warm_up_waits_for_one_build_not_all(tts: ChatterboxTTS) -> None:
+    # Before, close() waited for every bucket's and span's build (each a compile, when compiling).
+    engine = StreamEngine(tts, max_streams=4, config=CONFIG, max_cache_len=512)  # 3 buckets x 2 spans
+    build, built, started = engine._step_fn, [], threading.Event()
+
+    def slow(bucket: int, span: int) -> object:
+        built.append((bucket, span))
+        started.set()
+        time.sleep(0.3)  # a compile under way when close() comes
+        return build(bucket, span)
+
+    engine._step_fn = slow  # type: ignore[method-assign]
+    errors: list[Exception] = []
+
+    def warm() -> None:
+        try:
+            engine.warmup()
+        except RuntimeError as e:
+            errors.append(e)
+
+    warming = threading.Thread(target=warm)
+    warming.start()
+    assert started.wait(timeout=30)
+    engine.close()
+    warming.join(timeout=30)
+    assert len(built) == 1 and not warming.is_alive()
+    assert len(errors) == 1 and "closed" in str(errors[0])
+
+
+def test_a_close_during_admissions_waits_for_one_prefill_not_all(tts: ChatterboxTTS) -> None:
+    engine = StreamEngine(tts, max_streams=4, config=CONFIG)
+    prefill, prefilled, started = engine._prefill, [], threading.Event()
+
+    def slow(handle: Any, request: Any) -> Any:
+        prefilled.append(handle)
+        started.set()
+        time.sleep(0.3)
+        return prefill(handle, request)
+
+    engine._prefill = slow  # type: ignore[method-assign]
+    with engine.together():  # four join at one step: admitted one after another
+        handles = [engine.submit(TEXTS[0], seed=k, max_new_tokens=TOKENS) for k in range(4)]
+    assert started.wait(timeout=30)
+    engine.close()
+    assert len(prefilled) == 1  # before, all four were prefilled first
+    for h in handles:
+        with pytest.raises(RuntimeError, match="closed"):
+            list(h)
 
 
 def test_streams_past_the_first_span_sample_their_solo_tokens(tts: ChatterboxTTS) -> None:

@@ -433,6 +433,8 @@ class StreamEngine:
                 t0 = self._now()
                 for bucket in buckets(self.max_streams):
                     for span in spans(self.max_cache_len):
+                        if self._stopped:  # close() waits for the build under way, not the rest
+                            raise self._stopped_error()
                         self._step_fn(bucket, span)
                 seconds.append(self._now() - t0)
             except Exception as e:  # raised in the caller's thread, below
@@ -453,8 +455,8 @@ class StreamEngine:
         return seconds[0]
 
     def close(self) -> None:
-        """Stop both stages (a step or compile under way ends first); streams still running end
-        with an error; the KV cache and the compiled steps are let go."""
+        """Stop both stages (the step, prefill, build or flow call under way ends first, no more);
+        streams still running end with an error; the KV cache and the compiled steps are let go."""
         with self._lock:
             self._stopped = True
             self._lock.notify_all()
@@ -560,6 +562,9 @@ class StreamEngine:
         r = handle.request
         handle.admitted = time.perf_counter()
         if handle.closed:  # closed after it left the queue (a close before takes it out of it)
+            return
+        if self._stopped:  # close() waits for the prefill under way, not for the others joining
+            self._end([handle], self._stopped_error())
             return
         try:
             live = self._prefill(handle, r)
@@ -851,8 +856,6 @@ class StreamEngine:
         while True:
             with self._lock:
                 while True:
-                    if self._stopped:
-                        return
                     for live in [s for s in self._vocoding if s.handle.closed]:
                         self._vocoding.remove(live)
                     ready = [(live, w) for live in self._vocoding if (w := self._window(live)) is not None]
@@ -863,11 +866,16 @@ class StreamEngine:
                         # stop token) is in no chunk: the report keeps it, as streaming.stream's does
                         report = live.handle.report
                         report.t3_after_s, report.invalid_after = live.t3_s, live.invalid
-                    if ready or finished:
+                    # Heeded after the streams whose last chunk is out have ended (close() would
+                    # fail them: they are still in _vocoding); windows cut now are not vocoded.
+                    stopping = self._stopped
+                    if ready or finished or stopping:
                         break
                     self._lock.wait(timeout=1.0)
             for live in finished:
                 live.handle._put(_END)
+            if stopping:
+                return
             if not ready:
                 continue
             # First windows first (they set time to first audio), then by arrival.
