@@ -136,6 +136,38 @@ def test_empty_text_is_refused_on_every_command(command: str, capsys: pytest.Cap
     assert len(errors) == 1 and "--text: empty text" in errors[0]
 
 
+def _built(*_a: object) -> None:
+    raise AssertionError("a refused command went on to the model")
+
+
+@pytest.mark.parametrize("command", ["diagnose", "stream", "profile", "bench", "trace"])
+def test_text_that_is_not_utf8_is_refused_on_every_command(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Python reads argv bytes that are not UTF-8 (``printf 'caf\\xe9'``) as lone surrogates
+    (before: a TypeError traceback from the tokenizer, exit code 1)."""
+    from tts_workbench.interface import cli
+
+    monkeypatch.setattr(cli, "_check_model", _built)
+    assert main([command, "--text", "caf\udce9"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "argument --text: not valid Unicode text" in errors[0], errors
+
+
+def test_load_windows_no_longer_than_the_crossfade_name_the_window_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``load`` has no crossfade flag: the fix is wider windows (before: "shorten it or widen
+    the windows", after the model was built)."""
+    from tts_workbench.interface import cli
+
+    monkeypatch.setattr(cli, "_voiced_model", _built)
+    args = ["load", "--first-window-s", "0.04", "--window-s", "0.04", "--streams", "1"]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--first-window-s" in errors[0] and "shorten" not in errors[0], errors
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

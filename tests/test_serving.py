@@ -22,8 +22,16 @@ from tts_workbench.models.sources import load_model, make_reference_wav, save_ch
 from tts_workbench.runtime.decode import prefill_length
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.serving.api import speech_app
-from tts_workbench.serving.protocol import Limits, RequestError, parse_speech, pcm16, wav_header
-from tts_workbench.serving.service import ServeOptions, SpeechService
+from tts_workbench.serving.protocol import (
+    Limits,
+    RequestError,
+    SpeechRequest,
+    check_cache,
+    parse_speech,
+    pcm16,
+    wav_header,
+)
+from tts_workbench.serving.service import ServeOptions, SpeechService, find_voices
 
 REFUSED = {"replica": "0", "outcome": "refused"}  # the fixture's service is replica "0"
 LIMITS = Limits("chatterbox-tiny", ("default", "alice"), max_input_chars=50, max_tokens=300)
@@ -234,6 +242,39 @@ def test_the_cache_check_runs_off_the_event_loop(
     assert counted_on and counted_on[0] != loop_thread
 
 
+def test_an_input_past_t3s_text_positions_names_the_input(service: SpeechService) -> None:
+    """(before: param null, "the engine refused this request")"""
+    import asyncio
+
+    req = SpeechRequest("hello world " * 1500, "default", "pcm", 0, 10)  # past --max-input-chars too
+    with pytest.raises(RequestError, match="beyond the 2048 T3 has positions for") as e:
+        asyncio.run(service.speech(req))
+    assert e.value.param == "input" and e.value.status == 400
+
+
+def test_every_refused_speech_request_is_counted(service: SpeechService) -> None:
+    """Refusals of the request's parsing count as refused, as the cache's do; an unknown path
+    is no speech request (before: only refusals inside service.speech counted)."""
+    refused = service.registry.get_sample_value("tts_streams_total", REFUSED) or 0.0
+    with TestClient(speech_app(service)) as client:
+        bad = [b"{not json", b" " * (service.limits.max_body_bytes + 1)]
+        assert [client.post("/v1/audio/speech", content=body).status_code for body in bad] == [400, 413]
+        for change in ({"voice": "bob"}, {"model": "tts-1"}, {"response_format": "mp3"}, {"max_tokens": 0}):
+            assert client.post("/v1/audio/speech", json={**GOOD, **change}).status_code in (400, 404)
+        assert client.post("/v1/audio/speeches", json=GOOD).status_code == 404
+    assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 6
+
+
+def test_the_largest_max_tokens_advertised_can_be_met(service: SpeechService) -> None:
+    """The range in the max_tokens message leaves room for the shortest prompt (before: "from
+    1 to 1024", the whole cache, which no prompt leaves)."""
+    largest = service.limits.max_tokens
+    fewest = min(service.prefill_positions(voice, ".") for voice in service.voices)
+    check_cache(fewest, largest, service.options.max_cache_len)  # fits
+    with pytest.raises(RequestError, match=f"from 1 to {largest}, got {largest + 1}"):
+        parse_speech({**GOOD, "max_tokens": largest + 1}, service.limits)
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(service: SpeechService) -> None:
     """413 in OpenAI's error body, by its declared length or, sent chunked, by the bytes that came
     (before: any body was read whole and parsed on the event loop)."""
@@ -275,6 +316,23 @@ def test_a_service_refuses_options_no_request_could_run_with(tmp_path: Path) -> 
         ConfigError, match="--max-input-chars: an input of 1000 characters .* --max-cache-len"
     ):
         SpeechService(ServeOptions(run_dir=str(tmp_path), max_input_chars=1000, max_cache_len=1024))
+    # room for the default tokens, but not with the shortest prompt (the voice's positions and a
+    # text token) before them (before: every request that sent no max_tokens was refused)
+    with pytest.raises(ConfigError, match="--tokens: 1000 .* lower --tokens or raise --max-cache-len"):
+        SpeechService(ServeOptions(run_dir=str(tmp_path), max_input_chars=10, default_tokens=1000))
+
+
+def test_an_input_limit_past_t3s_text_positions_names_the_flag(tmp_path: Path) -> None:
+    """(before: "split it into shorter texts", the fix of a text, not of the operator's flag)"""
+    with pytest.raises(ConfigError, match="--max-input-chars: .* 2048 .* lower --max-input-chars"):
+        SpeechService(ServeOptions(run_dir=str(tmp_path), max_input_chars=3000, max_cache_len=4096))
+
+
+def test_a_voice_file_named_default_is_refused(tmp_path: Path) -> None:
+    """(before: default.wav silently replaced the generated default voice)"""
+    make_reference_wav(tmp_path / "default.wav")
+    with pytest.raises(ConfigError, match="--voices: .*default.wav.* generated reference voice.* rename"):
+        find_voices(str(tmp_path))
 
 
 def test_a_service_whose_warm_up_fails_stops_its_engine(
@@ -350,6 +408,16 @@ def test_serve_refuses_bad_flags_before_starting_ray(
             assert len(errors) == 1 and flag in errors[0], (args, errors)
     finally:
         held.close()
+
+
+@pytest.mark.parametrize("host", ["8.8.8.8", "fe80::1"])
+def test_a_host_this_machine_does_not_have_is_named_not_the_port(host: str) -> None:
+    """bind fails with EADDRNOTAVAIL (8.8.8.8) or EINVAL (fe80::1 without a scope); (before: a
+    --port problem)"""
+    from tts_workbench.serving.deployment import check_port_free
+
+    with pytest.raises(ConfigError, match="argument --host: .* not an address of this machine"):
+        check_port_free(host, _free_port())
 
 
 def _serve_errors(capfd: pytest.CaptureFixture[str], args: list[str]) -> list[str]:

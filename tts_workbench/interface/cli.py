@@ -263,6 +263,8 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
 
 
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from ..core.constants import TOKENS_PER_S
+    from ..core.errors import ConfigError
     from ..runtime.streaming import StreamConfig
     from ..studies.load import format_load, parse_arrival, parse_levels, read_texts, run_load
 
@@ -283,6 +285,16 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         if value is not None:  # the engine in this process has neither: refused, not ignored
             raise ValueError(f"argument {flag}: goes with --url (a server's voice, a request's timeout): "
                              "add --url, or leave it out for the engine in this process")  # fmt: skip
+    try:  # before the model loads
+        config = StreamConfig("buffered", first_window_s=args.first_window_s, window_s=args.window_s)
+    except ConfigError:  # the parser took positive windows: one no longer than the crossfade
+        ms = 1000 // TOKENS_PER_S  # windows are whole tokens of audio
+        fewest = (StreamConfig.crossfade_ms // ms + 1) * ms / 1000
+        raise ConfigError(
+            f"argument --first-window-s/--window-s: a window of whole {ms} ms tokens must be longer than "
+            f"the {StreamConfig.crossfade_ms:g} ms crossfade that joins windows (load has no flag for it): "
+            f"give {fewest:g} s or more"
+        ) from None
     tts = _voiced_model(args, args.out)
     report = run_load(
         tts,
@@ -293,7 +305,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         seed=args.seed,
         step=args.decode,
         policy=args.dtype,
-        config=StreamConfig("buffered", first_window_s=args.first_window_s, window_s=args.window_s),
+        config=config,
         first_audio_limit_s=args.first_audio_limit,
         outdir=args.out,
         progress=True,
@@ -513,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
     from ..core.constants import UPSTREAM_SENTENCE
+    from ..serving.protocol import unicode_problem
 
     text = getattr(args, "text", None)
     if text is not None and not text.strip():
@@ -521,6 +534,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "upstream's example sentence",
             file=sys.stderr,
         )
+        return 2
+    if text is not None and (problem := unicode_problem(text)):  # argv bytes that were not UTF-8
+        print(f"error: argument --text: not valid Unicode text ({problem}): pass the text as UTF-8",
+              file=sys.stderr)  # fmt: skip
         return 2
     args.text = UPSTREAM_SENTENCE if text is None else text
     try:

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from .protocol import FORMATS, RequestError, parse_speech
+from .protocol import FORMATS, RequestError, SpeechRequest, parse_speech
 from .service import SpeechService
 
 
@@ -46,15 +46,11 @@ def speech_app(service: SpeechService) -> FastAPI:
 
     @app.post("/v1/audio/speech")
     async def speech(request: Request) -> StreamingResponse:
-        raw = await read_body(request, service.limits.max_body_bytes)
         try:
-            body: Any = json.loads(raw)
-        # not JSON, not UTF-8, an integer of over 4300 digits, nesting deeper than the stack
-        except (ValueError, RecursionError) as e:
-            raise RequestError(
-                f'the body is not valid JSON ({e}): send {{"model": ..., "input": "Hello"}}'
-            ) from e
-        req = parse_speech(body, service.limits, service.options.default_tokens)
+            req = await read_speech(request, service)
+        except RequestError:  # (service.speech counts its own refusals)
+            service.outcomes["refused"].inc()
+            raise
         audio = await service.speech(req)
         return StreamingResponse(audio, media_type=FORMATS[req.response_format])
 
@@ -78,6 +74,19 @@ def speech_app(service: SpeechService) -> FastAPI:
         return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def read_speech(request: Request, service: SpeechService) -> SpeechRequest:
+    """The request's body as a checked speech request, or a ``RequestError`` saying what is wrong."""
+    raw = await read_body(request, service.limits.max_body_bytes)
+    try:
+        body: Any = json.loads(raw)
+    # not JSON, not UTF-8, an integer of over 4300 digits, nesting deeper than the stack
+    except (ValueError, RecursionError) as e:
+        raise RequestError(
+            f'the body is not valid JSON ({e}): send {{"model": ..., "input": "Hello"}}'
+        ) from e
+    return parse_speech(body, service.limits, service.options.default_tokens)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

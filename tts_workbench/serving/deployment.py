@@ -10,6 +10,7 @@ replica asks for one GPU, so ``--replicas`` places one engine per GPU.
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import signal
 import socket
@@ -71,8 +72,9 @@ class Placement:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """A ConfigError if ``host`` is no address of this machine's (``--host``), or ``host:port``
-    cannot be listened on (``--port``: another server holds it). IPv4 and IPv6 alike."""
+    """A ConfigError if ``host`` is no address of this machine's (``--host``: not an address, or
+    one another machine has), or ``host:port`` cannot be listened on (``--port``: another server
+    holds it). IPv4 and IPv6 alike."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -83,6 +85,11 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind(address)
         except OSError as e:
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):  # EINVAL: IPv6 link-local without a scope
+                raise ConfigError(
+                    f"argument --host: {host} is not an address of this machine ({e.strerror}): use "
+                    "127.0.0.1, 0.0.0.0, :: or one of this machine's own addresses"
+                ) from None
             raise ConfigError(f"argument --port: cannot listen on {host}:{port} ({e.strerror}): "
                               "stop what holds it or pick another --port") from None  # fmt: skip
 

@@ -42,7 +42,7 @@ class Limits:
     model: str  # the id a request names in ``model``
     voices: tuple[str, ...]
     max_input_chars: int = 1000
-    max_tokens: int = 1000  # the largest max_tokens; the engine's cache may hold fewer
+    max_tokens: int = 1000  # the largest max_tokens: a server's cache less its shortest prompt
 
     @property
     def max_body_bytes(self) -> int:
@@ -59,6 +59,17 @@ class SpeechRequest:
     response_format: str
     seed: int
     max_tokens: int
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate, which no tokenizer takes), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.reason} at character {e.start}"
+    return None
 
 
 def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> SpeechRequest:
@@ -79,14 +90,9 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     text = body.get("input")
     if not isinstance(text, str) or not text.strip():
         raise RequestError("input is missing or empty: give the text to speak as a non-empty string", "input")
-    if not text.isascii():  # JSON may escape a lone surrogate (\\ud800), which no tokenizer takes
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError(
-                f"input is not valid Unicode text ({e.reason} at character {e.start}): send the text "
-                "as UTF-8, without lone surrogate escapes", "input",
-            ) from None  # fmt: skip
+    if problem := unicode_problem(text):  # JSON may escape a lone surrogate (\\ud800)
+        raise RequestError(f"input is not valid Unicode text ({problem}): send the text as UTF-8, "
+                           "without lone surrogate escapes", "input")  # fmt: skip
     if len(text) > limits.max_input_chars:
         raise RequestError(
             f"input has {len(text)} characters, more than this server's {limits.max_input_chars}: "

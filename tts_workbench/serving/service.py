@@ -61,9 +61,10 @@ class ServeOptions:
     default_tokens: int = 150
 
 
-def check_options(options: ServeOptions) -> None:
-    """A ConfigError for options no request could run with, found without a model."""
-    if options.default_tokens >= options.max_cache_len:
+def check_options(options: ServeOptions, prompt: int = 1) -> None:
+    """A ConfigError for options no request could run with: without a model, with a prompt of
+    one position; with one, ``prompt`` is the fewest positions any prompt takes."""
+    if options.default_tokens + prompt > options.max_cache_len:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens leave no room in --max-cache-len "
             f"{options.max_cache_len} for an input (a request that sends no max_tokens gets --tokens): "
@@ -86,7 +87,8 @@ def check_input_fits(prefill: int, options: ServeOptions) -> None:
 
 
 def find_voices(folder: str | None) -> dict[str, Path]:
-    """The folder's readable WAV files by stem; a SourceError if it is missing or holds none."""
+    """The folder's readable WAV files by stem; a SourceError if it is missing or holds none, a
+    ConfigError if one is named ``default`` (the generated reference voice's name)."""
     if folder is None:
         return {}
     path = Path(folder)
@@ -103,6 +105,9 @@ def find_voices(folder: str | None) -> dict[str, Path]:
     if not voices:
         why = f" ({'; '.join(problems)})" if problems else ""
         raise SourceError(f"argument --voices: {folder} holds no readable .wav file{why}")
+    if "default" in voices:
+        raise ConfigError(f"argument --voices: {voices['default']} would replace `default`, the generated "
+                          "reference voice: rename the file (its stem is the voice's name)")  # fmt: skip
     return voices
 
 
@@ -133,9 +138,19 @@ class SpeechService:
         tts.conds = self.voices["default"]
         self.tts = tts
         # before the engine allocates its cache and warms up
-        check_input_fits(self.prefill_positions("default", "a" * options.max_input_chars), options)
+        try:
+            longest = self.prefill_positions("default", "a" * options.max_input_chars)
+        except ConfigError:  # text_tokens: more text tokens than T3 has positions for
+            raise ConfigError(
+                f"argument --max-input-chars: an input of {options.max_input_chars} characters is more text "
+                f"tokens than the {tts.t3.hp.max_text_tokens} T3 has positions for: lower --max-input-chars"
+            ) from None
+        check_input_fits(longest, options)
+        # the shortest prompt: any input is one text token at least, as "." is
+        fewest = min(self.prefill_positions(voice, ".") for voice in self.voices)
+        check_options(options, fewest)
         self.limits = Limits(
-            self.model_id, tuple(self.voices), options.max_input_chars, options.max_cache_len
+            self.model_id, tuple(self.voices), options.max_input_chars, options.max_cache_len - fewest
         )
         self.engine = StreamEngine(
             tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len,
@@ -226,7 +241,11 @@ class SpeechService:
     def _check_cache(self, req: SpeechRequest) -> None:
         """Refuse a request the engine's KV cache cannot hold, naming the HTTP fields (the
         engine's own refusal names its arguments and the operator's fix)."""
-        check_cache(self.prefill_positions(req.voice, req.input), req.max_tokens, self.engine.max_cache_len)
+        try:
+            prefill = self.prefill_positions(req.voice, req.input)
+        except ConfigError as e:  # text_tokens: more text tokens than T3 has positions for
+            raise RequestError(f"input: {e}", "input") from None
+        check_cache(prefill, req.max_tokens, self.engine.max_cache_len)
 
     async def _bytes(self, handle: StreamHandle, chunks: AsyncIterator[Any], first: Any, fmt: str,
                      t0: float) -> AsyncIterator[bytes]:  # fmt: skip
