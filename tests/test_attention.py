@@ -10,10 +10,12 @@ import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
+from transformers.utils.logging import warning_once
 
 from tts_workbench.instruments.attention import (
     EAGER,
     INDUCTOR_DECOMPOSED,
+    NO_CODE_CAPTURED,
     compiled_attention,
     compiled_with_code,
     probe_backends,
@@ -41,6 +43,14 @@ def test_sdpa_backbone_with_and_without_output_attentions(tiny_tts: ChatterboxTT
         assert probe.kernels_with == probe.kernels_without and "keeps sdpa" in probe.verdict
 
 
+def test_the_probe_sees_the_warning_transformers_gives_once(tiny_tts: ChatterboxTTS) -> None:
+    probe_output_attentions(tiny_tts)  # its warning_once, used up here if not before
+    shown = warning_once.cache_info().currsize
+    probe = probe_output_attentions(tiny_tts)
+    assert any("output_attentions" in line for line in probe.log)  # was [] once upstream had warned
+    assert warning_once.cache_info().currsize == shown  # every other warning stays once-only
+
+
 def test_eager_backbone_is_detected(reference_wav: Path) -> None:
     tts = load_model("tiny")
     tts.t3.tfmr.config._attn_implementation = "eager"
@@ -58,7 +68,7 @@ def test_kernels_per_phase_on_the_real_generate_path(tiny_tts: ChatterboxTTS) ->
     assert sum(phases["t3.decode"].values()) == 6 * layers
     assert "flash (CPU)" in phases["t3.decode"]  # float32 CPU: the CPU fused kernel runs
     calls = rec.to_frame()
-    assert set(calls.loc[calls["phase"] == "t3.decode", "dtype"]) == {"float"}
+    assert set(calls.loc[calls["phase"] == "t3.decode", "dtype"]) == {"float32"}  # torch's name, not C++'s
     assert len(calls) == sum(sum(k.values()) for k in phases.values())
     share = rec.summary()["time_share_ms"]["t3.decode"]
     assert share["linear/matmul"] > 0 and share["attention"] > 0
@@ -145,6 +155,11 @@ def test_the_compiled_attention_kernel_is_read_from_inductors_code() -> None:
     cudnn, flash = (f"aten._scaled_dot_product_{k}_attention.default(x)" for k in ("cudnn", "flash"))
     text = f"{cudnn}\n{flash}"
     assert compiled_attention([text, text]) == ["cuDNN (CUDA)", "flash (CUDA)"]
+
+
+def test_no_captured_code_names_no_kernel() -> None:
+    # Inductor generated no code during the call: nothing to read a kernel from
+    assert compiled_attention([]) == compiled_attention([""]) == [NO_CODE_CAPTURED]  # was INDUCTOR_DECOMPOSED
 
 
 def test_reading_a_graphs_code_keeps_the_graphs_compiled_before() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,6 +89,28 @@ def test_silent_upcast_is_flagged() -> None:
     with trace_dtypes(net) as trace:
         net(torch.randn(1, 4).half())
     assert [(r.module, r.mismatch) for r in trace.mismatches] == [("up", "upcast")]
+
+
+def test_a_scripted_submodule_is_left_untraced_and_named() -> None:
+    net = nn.Sequential(OrderedDict(proj=nn.Linear(4, 4), scripted=torch.jit.script(nn.Linear(4, 4))))
+    with trace_dtypes(net) as trace:  # raised: register_forward_pre_hook is not supported on ScriptModules
+        net(torch.ones(1, 4))
+    assert [r.module for r in trace.records] == ["(root)", "proj"]
+    assert trace.untraced == trace.summary()["untraced"] == ["scripted"]
+    assert _no_hooks(net)
+
+
+class _Unhookable(nn.Linear):
+    def register_forward_hook(self, *args: object, **kwargs: object) -> Any:
+        raise RuntimeError("no hooks here")
+
+
+def test_hooks_registered_before_a_registration_fails_are_removed() -> None:
+    net = nn.Sequential(OrderedDict(proj=nn.Linear(4, 4), odd=_Unhookable(4, 4)))
+    with pytest.raises(RuntimeError, match="no hooks here") as info, trace_dtypes(net):
+        pass
+    assert _no_hooks(net)  # were left on proj (and odd's pre-hook) for good
+    assert not getattr(info.value, "__notes__", [])  # not a failure of the traced block
 
 
 def test_module_without_floating_parameters() -> None:
@@ -288,6 +311,38 @@ def test_a_parameter_free_upcast_is_flagged_where_it_happens() -> None:
     assert [(r.module, r.mismatch) for r in trace.mismatches] == [("source.sines", "upcast")]
 
 
+class _Encoder(nn.Module):
+    """Like upstream's VoiceEncoder: a weight of its own (``similarity_weight``) this call does not use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class _Widens(_Encoder):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).double()  # a change of its own, not the one its submodule made
+
+
+def test_a_container_with_weights_is_flagged_only_for_a_change_of_its_own() -> None:
+    with trace_dtypes(enc := _Encoder()) as trace, torch.autocast("cpu", dtype=torch.bfloat16):
+        enc(torch.ones(1, 4))
+    assert [(r.module, r.mismatch) for r in trace.mismatches] == [("proj", "autocast")]  # was (root) first
+    with pytest.raises(RuntimeError), trace_dtypes(enc) as trace:
+        enc(torch.ones(1, 4).bfloat16())  # handed on to proj: where it meets weights and raises
+    assert [(r.module, r.mismatch) for r in trace.mismatches] == [("proj", "input/weight")]
+    with trace_dtypes(wide := _Widens()) as trace, torch.autocast("cpu", dtype=torch.bfloat16):
+        wide(torch.ones(1, 4))
+    assert [(r.module, r.outputs) for r in trace.mismatches] == [
+        ("(root)", ["float64"]),
+        ("proj", ["bfloat16"]),
+    ]
+
+
 def test_parameter_free_modules_that_do_not_widen_are_not_flagged() -> None:
     class Mix(nn.Module):
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -407,6 +462,9 @@ def test_the_voice_encoder_under_bfloat16_autocast_fails_at_numpy(tiny_tts: Chat
     # Not the LSTM: it ran, on float32 inputs and weights; upstream's .numpy() of its bfloat16 output raised.
     lstm = [r for r in trace.records if r.module == "ve.lstm"]
     assert lstm and lstm[0].inputs[0] == "float32" and lstm[0].weight == "float32"
+    # Autocast's bfloat16 comes out of the LSTM; the VoiceEncoder around it only hands it on.
+    first = trace.first_mismatch
+    assert first is not None and first.module == "ve.lstm"  # was "ve"
     assert trace.failure is not None and trace.failure.module == ""
     assert "voice_encoder.py" in trace.failure.where and "embeds_from_mels" in trace.failure.where
     text = advice_for(trace.failure)

@@ -265,8 +265,8 @@ def test_performance_info_reports_what_ran(folders: dict[str, Path]) -> None:
     prefill = info["last_generation"]["kernels"]["t3.prefill"]
     # 11 decode steps after the prefill, each runs one SDPA per layer, and in the dtype of the copy.
     layers = tts.tts.t3.cfg.num_hidden_layers
-    assert decode == {"flash (CPU) [BFloat16]": 11 * layers}
-    assert prefill == {"flash (CPU) [float]": layers}
+    assert decode == {"flash (CPU) [bfloat16]": 11 * layers}
+    assert prefill == {"flash (CPU) [float32]": layers}
     # The same generation under an independent recorder sees the same kernels.
     with record_kernels(tts.tts, extra_tfmrs=[tts.plan.decode.tfmr]) as rec:
         tts.record_attention = False

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -111,9 +112,31 @@ def test_kernel_counts_match_the_kernel_ops(
 
 def test_a_kernel_label_leaves_out_a_dtype_the_profiler_did_not_record(ops: pd.DataFrame) -> None:
     with_dtype = KernelRecord(ops).by_phase(with_dtype=True)["t3.decode"]
-    assert list(with_dtype) == ["flash (CPU) [float]"]  # torch 2.11's profiler records none:
+    assert list(with_dtype) == ["flash (CPU) [float32]"]  # torch 2.11's profiler records none:
     blank = KernelRecord(ops.assign(dtype="")).by_phase(with_dtype=True)["t3.decode"]
     assert blank == KernelRecord(ops).by_phase()["t3.decode"]  # no empty "[]" (the H200 run's)
+
+
+def test_only_a_softmax_over_attention_scores_is_attention(ops: pd.DataFrame) -> None:
+    softmax = ops[ops["op"].str.contains("softmax")]
+    scores = softmax["input_shapes"].map(lambda s: len(json.loads(s)[0]) == 4)  # batch, heads, queries, keys
+    assert (~scores).any()  # sampling's softmax over the vocabulary ([1, 8194] on the tiny model)
+    assert (softmax[scores]["category"] == "attention").all()
+    assert (softmax[~scores]["category"] == "other").all()  # was attention
+
+
+def test_the_dtype_column_has_torchs_dtype_names() -> None:
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
+    dtypes += [torch.int64, torch.uint8, torch.bool, torch.float8_e4m3fn]
+    tensors = [torch.zeros(2, dtype=d) for d in dtypes]
+    with torch.profiler.profile(record_shapes=True) as prof:
+        for t in tensors:
+            t.clone()
+        torch.cat(tensors[:2])
+    ops = op_frame(prof.events())
+    # The profiler writes C++ types: float, double, c10::Half, c10::BFloat16, long int, ...
+    assert list(ops[ops["op"] == "aten::clone"]["dtype"]) == [str(d).removeprefix("torch.") for d in dtypes]
+    assert list(ops[ops["op"] == "aten::cat"]["dtype"]) == [""]  # a TensorList, no tensor's dtype
 
 
 def test_time_share_adds_up_to_each_phase_op_time(ops: pd.DataFrame) -> None:
@@ -343,6 +366,25 @@ def test_memory_window_sees_a_block_peak_and_not_what_came_before() -> None:
     tied = torch.nn.ModuleList([weight, weight])  # one storage, counted once
     assert module_bytes([tied]) == module_bytes([weight]) == (1000 * 1000 + 1000) * 4
     del held
+
+
+def test_a_block_that_raises_still_gets_its_peak() -> None:
+    with pytest.raises(ValueError), memory_window("cpu") as w:
+        transient = torch.ones(12_500_000)  # 50 MB
+        raise ValueError(transient.shape)
+    assert w.growth_bytes > 45e6, w  # was 0: the VmHWM path filled the window in only on success
+    cuda = mock.patch.multiple(
+        torch.cuda,
+        synchronize=mock.DEFAULT,
+        reset_peak_memory_stats=mock.DEFAULT,
+        memory_allocated=mock.Mock(return_value=100),
+        memory_reserved=mock.Mock(return_value=200),
+        max_memory_allocated=mock.Mock(return_value=150),
+        max_memory_reserved=mock.Mock(return_value=400),
+    )
+    with cuda, pytest.raises(ValueError), memory_window("cuda") as w:
+        raise ValueError
+    assert (w.growth_bytes, w.reserved_growth_bytes) == (50, 200)
 
 
 def test_the_process_peak_so_far_outlives_a_window_that_reset_it() -> None:

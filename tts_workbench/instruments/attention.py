@@ -113,13 +113,17 @@ class OutputAttentionsProbe:
 
 # Inductor's own kernels when its code calls no attention op: it decomposed SDPA.
 INDUCTOR_DECOMPOSED = "decomposed by Inductor (its own matmul + softmax kernels)"
+NO_CODE_CAPTURED = "no compiled code captured"
 
 
 def compiled_attention(code: Sequence[str]) -> list[str]:
     """The attention kernels (the profiler's labels) that Inductor's generated ``code`` calls,
-    each once, in the order first called; ``[INDUCTOR_DECOMPOSED]`` when it calls none. Python
-    wrappers call ``aten.OP.default(``, C++ wrappers ``aoti_torch_DEVICE_OP(``."""
+    each once, in the order first called; ``[INDUCTOR_DECOMPOSED]`` when it calls none,
+    ``[NO_CODE_CAPTURED]`` when there is no code to read. Python wrappers call
+    ``aten.OP.default(``, C++ wrappers ``aoti_torch_DEVICE_OP(``."""
     text = "\n".join(code)
+    if not text.strip():
+        return [NO_CODE_CAPTURED]
     calls = {
         call: label
         for op, label in FUSED_KERNELS.items()
@@ -188,12 +192,15 @@ def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8) -> OutputAttention
     seen: dict[bool, KernelRecord] = {}
     out_attn = None
     try:
-        for flag in (True, False):
-            with torch.inference_mode(), record_kernels(tts) as rec:
-                out = tfmr(inputs_embeds=x, output_attentions=flag, use_cache=False)
-            seen[flag] = rec
-            if flag:
-                out_attn = out.attentions
+        # transformers' warning_once (lru_cached) stays silent once anything showed the warning
+        # (upstream's generate asks for attentions): plain warnings for the probe, cache untouched.
+        with mock.patch.object(logging.Logger, "warning_once", logging.Logger.warning):
+            for flag in (True, False):
+                with torch.inference_mode(), record_kernels(tts) as rec:
+                    out = tfmr(inputs_embeds=x, output_attentions=flag, use_cache=False)
+                seen[flag] = rec
+                if flag:
+                    out_attn = out.attentions
     finally:
         hf_log.removeHandler(handler)
     returned = bool(out_attn) and all(a is not None and a.numel() > 0 for a in out_attn or ())

@@ -148,6 +148,7 @@ class DtypeTrace:
 
     records: list[CallRecord] = field(default_factory=list)
     failure: Failure | None = None
+    untraced: list[str] = field(default_factory=list)  # TorchScript modules: torch takes no hooks on them
 
     @property
     def mismatches(self) -> list[CallRecord]:
@@ -160,7 +161,7 @@ class DtypeTrace:
         return found[0] if found else self.failure
 
     def summary(self) -> dict[str, Any]:
-        """JSON-friendly digest: calls, mismatches by kind and module, failure."""
+        """JSON-friendly digest: calls, mismatches by kind and module, failure, untraced modules."""
         by_module: dict[str, CallRecord] = {}
         for r in self.mismatches:
             by_module.setdefault(r.module, r)
@@ -168,6 +169,7 @@ class DtypeTrace:
             "calls": len(self.records),
             "mismatches": [vars(r) for r in by_module.values()],
             "failure": vars(self.failure) if self.failure else None,
+            "untraced": self.untraced,
         }
 
 
@@ -209,20 +211,19 @@ def _classify_outputs(
     outputs: list[torch.dtype],
     weight: torch.dtype | None,
     autocast: torch.dtype | None,
-) -> str | None:
-    """A mismatch visible when the call returns: outputs in another (or a wider) dtype."""
+) -> tuple[str | None, set[torch.dtype]]:
+    """A mismatch visible when the call returns: outputs in another (or a wider) dtype; with the
+    output dtypes that make it one."""
     if weight is None:
         # No weights to compare with (HiFT's SineGen, SinusoidalPosEmb): a module that hands on
         # a wider dtype than it got is where the flow widens, not the next module that trips on it.
         widest = max((d.itemsize for d in inputs), default=None)
-        if widest is not None and any(d.itemsize > widest for d in outputs):
-            return "autocast" if autocast is not None else "upcast"
-        return None
-    if autocast is not None and any(d != weight for d in outputs):
-        return "autocast"
-    if any(d.itemsize > weight.itemsize for d in outputs):
-        return "upcast"
-    return None
+        wider = {d for d in outputs if widest is not None and d.itemsize > widest}
+        return ("autocast" if autocast is not None else "upcast") if wider else None, wider
+    if autocast is not None and (other := {d for d in outputs if d != weight}):
+        return "autocast", other
+    wider = {d for d in outputs if d.itemsize > weight.itemsize}
+    return "upcast" if wider else None, wider
 
 
 def _where(e: BaseException, in_hook: bool) -> str:
@@ -246,7 +247,8 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     """Record dtype flow through every submodule of ``target`` while inside the block.
 
     Module paths are dotted paths inside ``target`` (prefixed by ``ve``/``t3``/``s3gen`` when
-    ``target`` is a ChatterboxTTS). All hooks are removed on exit, also on error.
+    ``target`` is a ChatterboxTTS). All hooks are removed on exit, also on error. TorchScript
+    modules take no hooks: they are left out and listed in ``trace.untraced``.
     """
     trace = DtypeTrace()
     # per running call: path, module, floating inputs, its record, where its submodules' records start
@@ -298,34 +300,45 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
                 return  # our pre-hook never ran (a pre-hook ahead of it raised): nothing to pop
             _, _, inputs, record, inner = stack.pop()
             raised = sys.exc_info()[1]
+            weight = _own_weight_dtype(module)
+            # A container that hands its inputs on to a flagged submodule, or a flagged
+            # submodule's outputs on to its caller, is not where the dtypes change, weights of its
+            # own or not (VoiceEncoder's similarity_weight, unused in this call).
+            flagged = [r for r in trace.records[inner:] if r.mismatch]
+            met = {d for r in flagged for d in r.inputs}
+            if record.mismatch and {_short(d) for d in inputs if d != weight} <= met:
+                record.mismatch = None
             if output is None and raised is not None:
                 if raised not in recorded:  # the innermost module this exception passed through
                     fail(path, module, inputs, raised)
                 return
             outputs = _floating(output)
             record.outputs = [_short(d) for d in outputs]
-            weight = _own_weight_dtype(module)
-            found = _classify_outputs(inputs, outputs, weight, _autocast_dtype())
-            if found and weight is None and any(r.mismatch for r in trace.records[inner:]):
-                found = None  # a container passing on what a flagged submodule widened
+            found, changed = _classify_outputs(inputs, outputs, weight, _autocast_dtype())
+            if found and {_short(d) for d in changed} <= {d for r in flagged for d in r.outputs}:
+                found = None
             record.mismatch = record.mismatch or found
 
         return hook
 
-    for prefix, root in _roots(target).items():
-        for name, module in root.named_modules():
-            path = ".".join(p for p in (prefix, name) if p) or "(root)"
-            # prepend: run ahead of the module's own pre-hooks, so one of them raising still
-            # finds our entry on the stack for the always_call post-hook to pop.
-            handles.append(module.register_forward_pre_hook(pre(path), prepend=True, with_kwargs=True))
-            handles.append(module.register_forward_hook(post(path), with_kwargs=True, always_call=True))
-    try:
-        yield trace
-    except Exception as e:
-        if e not in recorded:  # raised outside any module call (e.g. a feature extractor)
-            fail("", None, [], e)
-        e.add_note(f"dtype trace: {trace.failure}")
-        raise
+    try:  # the hooks registered so far come off also when registering one fails
+        for prefix, root in _roots(target).items():
+            for name, module in root.named_modules():
+                path = ".".join(p for p in (prefix, name) if p) or "(root)"
+                if isinstance(module, torch.jit.ScriptModule):  # skipped, not fatal: the rest is traced
+                    trace.untraced.append(path)
+                    continue
+                # prepend: run ahead of the module's own pre-hooks, so one of them raising still
+                # finds our entry on the stack for the always_call post-hook to pop.
+                handles.append(module.register_forward_pre_hook(pre(path), prepend=True, with_kwargs=True))
+                handles.append(module.register_forward_hook(post(path), with_kwargs=True, always_call=True))
+        try:
+            yield trace
+        except Exception as e:
+            if e not in recorded:  # raised outside any module call (e.g. a feature extractor)
+                fail("", None, [], e)
+            e.add_note(f"dtype trace: {trace.failure}")
+            raise
     finally:
         for h in handles:
             h.remove()

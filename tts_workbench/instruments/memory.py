@@ -100,7 +100,8 @@ def _reset_peak_rss() -> bool:
 
 @contextmanager
 def memory_window(device: torch.device | str) -> Iterator[MemoryWindow]:
-    """Inside: the block whose peak is measured; the window is complete when the block ends."""
+    """Inside: the block whose peak is measured; the window is complete when the block ends,
+    also when it raised."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -110,16 +111,20 @@ def memory_window(device: torch.device | str) -> Iterator[MemoryWindow]:
             "cuda", "CUDA caching allocator, peaks reset before the block",
             torch.cuda.memory_allocated(device), 0, torch.cuda.memory_reserved(device), 0,
         )  # fmt: skip
-        yield window
-        torch.cuda.synchronize(device)
-        window.peak_bytes = torch.cuda.max_memory_allocated(device)
-        window.peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
+        try:
+            yield window
+        finally:
+            torch.cuda.synchronize(device)
+            window.peak_bytes = torch.cuda.max_memory_allocated(device)
+            window.peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
         return
     if _reset_peak_rss():
         window = MemoryWindow("cpu", "resident set, the kernel's peak (VmHWM) reset before the block")
         window.start_bytes = rss_bytes()
-        yield window
-        window.peak_bytes = _status_bytes("VmHWM")
+        try:
+            yield window
+        finally:
+            window.peak_bytes = _status_bytes("VmHWM")
         return
     window = MemoryWindow("cpu", "resident set, sampled every 10 ms", rss_bytes(), rss_bytes())
     done = threading.Event()

@@ -194,6 +194,25 @@ KERNEL_OPS = {label: op for op, label in FUSED_KERNELS.items()} | {
 }
 LINEAR_OPS = {f"aten::{op}" for op in ("addmm", "mm", "bmm", "linear", "matmul", "baddbmm")}
 
+# The profiler records each input's C++ type (gcc's names); the op frame uses torch's dtype names.
+# c10's own types not listed here are torch's name capitalized (c10::BFloat16, c10::Float8_e5m2).
+_CPP_DTYPES = {
+    "float": "float32", "double": "float64", "c10::Half": "float16", "bool": "bool",
+    "signed char": "int8", "short int": "int16", "int": "int32", "long int": "int64",
+    "unsigned char": "uint8", "short unsigned int": "uint16", "unsigned int": "uint32",
+    "long unsigned int": "uint64", "c10::complex<c10::Half>": "complex32",
+    "c10::complex<float>": "complex64", "c10::complex<double>": "complex128",
+}  # fmt: skip
+
+
+def _torch_dtype_name(cpp: str) -> str:
+    """torch's name of a dtype as the profiler records it; "" for an input that is no tensor
+    (``Scalar``, ``ScalarList``, ``TensorList``, ...)."""
+    if cpp in _CPP_DTYPES:
+        return _CPP_DTYPES[cpp]
+    return cpp.removeprefix("c10::").lower() if cpp.startswith("c10::") else ""
+
+
 # Column types of the op frame: phases in pipeline order, so every table derived from it is too.
 OP_COLUMNS: dict[str, Any] = {
     "phase": pd.CategoricalDtype([*PHASES, "other"], ordered=True),
@@ -207,33 +226,40 @@ OP_COLUMNS: dict[str, Any] = {
 }
 
 
+def _scores_softmax(e: FunctionEvent) -> bool:
+    """A softmax over 4-D attention scores (batch, heads, queries, keys), not sampling's over
+    the vocabulary."""
+    shapes: Sequence[Any] = e.input_shapes or []  # one shape per input (torch annotates ints)
+    return "softmax" in e.name and bool(shapes) and len(shapes[0]) == 4
+
+
 def _kernel(e: FunctionEvent) -> str:
     """The attention kernel an op event stands for ("" for any other op)."""
     if e.name == SDPA:
         if any(c.name == SDPA for c in e.cpu_children):
             return ""  # an autocast wrapper around the real call
         return next((FUSED_KERNELS[c.name] for c in e.cpu_children if c.name in FUSED_KERNELS), MATH)
-    shapes: Sequence[Any] = e.input_shapes or []  # one shape per input (torch annotates ints)
-    if e.name == "aten::softmax" and shapes and len(shapes[0]) == 4:
+    if e.name == "aten::softmax" and _scores_softmax(e):
         return "" if any(a.name == SDPA for a in ancestors(e)) else EAGER
     return ""
 
 
-def _category(op: str) -> str:
-    if "scaled_dot_product" in op or "softmax" in op:
+def _category(e: FunctionEvent) -> str:
+    if "scaled_dot_product" in e.name or _scores_softmax(e):
         return "attention"
-    return "linear/matmul" if op in LINEAR_OPS else "other"
+    return "linear/matmul" if e.name in LINEAR_OPS else "other"
 
 
 def op_frame(events: Iterable[FunctionEvent]) -> pd.DataFrame:
     """One row per aten op event of a profile taken under ``phase_regions`` (``prof.events()``).
 
     Columns: ``phase`` (innermost phase region, ``other`` outside them), ``op``, ``category``
-    (attention, linear/matmul, other), ``kernel`` (the attention kernel of an attention call, else
-    ""), ``dtype`` (of the first input; "" where torch does not record it), ``input_shapes``
-    (JSON), ``self_ms`` (self CPU time: the op without the ops it called) and ``total_ms``
-    (inclusive CPU time: the op and everything it called). Sum ``self_ms`` to add up op time;
-    ``total_ms`` of nested ops overlaps.
+    (attention: SDPA ops and softmaxes over 4-D scores; linear/matmul; other), ``kernel`` (the
+    attention kernel of an attention call, else ""), ``dtype`` (torch's name of the first input's
+    dtype; "" where that is no tensor or torch does not record it), ``input_shapes`` (JSON),
+    ``self_ms`` (self CPU time: the op without the ops it called) and ``total_ms`` (inclusive CPU
+    time: the op and everything it called). Sum ``self_ms`` to add up op time; ``total_ms`` of
+    nested ops overlaps.
     """
     rows = []
     for e in events:
@@ -245,9 +271,9 @@ def op_frame(events: Iterable[FunctionEvent]) -> pd.DataFrame:
             (
                 region_of(e),
                 e.name,
-                _category(e.name),
+                _category(e),
                 _kernel(e),
-                dtypes[0].removeprefix("c10::") if dtypes else "",
+                _torch_dtype_name(dtypes[0]) if dtypes else "",
                 json.dumps(e.input_shapes or []),
                 e.self_cpu_time_total / 1e3,
                 e.cpu_time_total / 1e3,
