@@ -336,6 +336,30 @@ def test_a_cache_sized_by_prefill_length_fits_a_multilingual_generation(
         assert opt.last.tokens == n
 
 
+def test_closing_the_wrapper_mid_stream_gives_the_multilingual_model_back(
+    multilingual: ChatterboxMultilingualTTS,
+) -> None:
+    # Before, a stream still open held the analyzer's eager attention and spies on the model
+    # after close(), until it was read again or collected.
+    config, text = multilingual.t3.tfmr.config, "Bonjour, ceci est un essai."
+    attention = multilingual.t3.tfmr.layers[9].self_attn
+
+    def state() -> tuple[Any, ...]:
+        return config._attn_implementation, config.output_attentions, len(attention._forward_hooks)
+
+    with PerformanceOptimizedTTS.from_model(multilingual, dtype="float32", decode="eager") as opt:
+        list(opt.generate_stream(text, max_new_tokens=30, language_id="fr"))  # transformers hooks once
+    before = state()
+    opt = PerformanceOptimizedTTS.from_model(multilingual, dtype="float32", decode="eager")
+    chunks = opt.generate_stream(text, max_new_tokens=60, language_id="fr")
+    next(chunks)
+    assert state() != before  # the analyzer at work
+    opt.close()
+    assert state() == before
+    with pytest.raises(ConfigError, match="was closed"):
+        next(chunks)
+
+
 class _Biased(torch.nn.Module):
     """A speech head that always prefers one token: a repetition the analyzer must stop."""
 

@@ -146,6 +146,29 @@ def test_choosing_the_policy_leaves_the_global_random_state_alone(tiny_tts: Chat
         assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_a_model_has_one_open_wrapper_at_a_time(tiny_tts: ChatterboxTTS) -> None:
+    # Before, two wrappers closed out of order left the model in the first one's bfloat16, with
+    # its copy of the conditionals: each restores what it saw when it opened.
+    conds = tiny_tts.conds
+    with PerformanceOptimizedTTS(tiny_tts, policy="bfloat16"):
+        with pytest.raises(ConfigError, match="already wrapped by an open PerformanceOptimizedTTS: close it"):
+            PerformanceOptimizedTTS(tiny_tts, policy="bfloat16")
+    assert next(tiny_tts.t3.parameters()).dtype == torch.float32 and tiny_tts.conds is conds
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32"):  # closed: the model may be wrapped again
+        pass
+
+
+def test_a_closed_wrapper_still_says_how_it_ran(tiny_tts: ChatterboxTTS) -> None:
+    with PerformanceOptimizedTTS(tiny_tts, policy="bfloat16", decode="static") as opt:
+        opt.generate(TEXT, max_new_tokens=4, seed=0)
+        during = opt.performance_info()
+    after = opt.performance_info()  # before, a KeyError: the plans were let go
+    assert after["model_dtype"] == during["model_dtype"] == "bfloat16"  # the wrapper's, not the model's now
+    assert after["last_generation"] == during["last_generation"]
+    with pytest.raises(ConfigError, match="was closed"):
+        opt.vocode(torch.tensor([1, 2, 3]))
+
+
 def test_a_closed_wrapper_refuses_to_run_or_change_the_model(
     tiny_tts: ChatterboxTTS, reference_wav: Path
 ) -> None:

@@ -28,10 +28,12 @@ puts every tensor, method and conditional back as it was.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import weakref
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import ExitStack, closing, nullcontext
+from contextlib import ExitStack, closing, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -371,6 +373,12 @@ class UpstreamTTS(Pipeline):
         }
 
 
+# The open wrapper of each model (by id; the wrapper holds the model, so the id is not reused
+# while it lives). Each wrapper restores the model as it found it: a second one, opened on a
+# model the first has changed, would restore the first one's bfloat16 copy when it closes.
+_OPEN: weakref.WeakValueDictionary[int, PerformanceOptimizedTTS] = weakref.WeakValueDictionary()
+
+
 class PerformanceOptimizedTTS(Pipeline):
     """An upstream ChatterboxTTS with the fixes applied (see the module docstring).
 
@@ -390,6 +398,11 @@ class PerformanceOptimizedTTS(Pipeline):
         flow: str = "auto",
         cpp_wrapper: bool = False,
     ) -> None:
+        if id(tts) in _OPEN:
+            raise ConfigError(
+                "this model is already wrapped by an open PerformanceOptimizedTTS: close it first (or "
+                "use it), or wrap a copy of the model; each wrapper gives the model back as it found it"
+            )
         self.tts = tts
         self.cpp_wrapper = cpp_wrapper  # the compiled decode step's, on a CPU (DecodePlan)
         self.optimize = True
@@ -402,6 +415,10 @@ class PerformanceOptimizedTTS(Pipeline):
         self.max_cache_len = max_cache_len  # static KV cache positions: prefill + max_new_tokens
         self.last = LastGeneration()
         self.closed = False  # close() gave the model back: nothing may change it any more
+        self._final: dict[str, Any] = {}  # configuration() as it was at close()
+        # the streams being read: close() ends them first (a multilingual one has the model's
+        # attention switched to eager, with spies on it, while it runs)
+        self._streams: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
         if tts.conds is not None:
             check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
         # Checked (and for "auto" measured, on the model as given) before anything is changed.
@@ -422,6 +439,7 @@ class PerformanceOptimizedTTS(Pipeline):
         except BaseException:
             self._stack.close()
             raise
+        _OPEN[id(tts)] = self
 
     # ------------------------------------------------------------ construction
 
@@ -449,10 +467,17 @@ class PerformanceOptimizedTTS(Pipeline):
         return cls.from_model(load_pretrained(device), optimize, **kwargs)
 
     def close(self) -> None:
-        """Put the wrapped model back as it was: methods, every tensor's dtype and values, and
-        the conditionals; free the static KV caches and compiled steps. The wrapper must not be
-        used afterwards."""
+        """End the streams still open, put the wrapped model back as it was (methods, every
+        tensor's dtype and values, the conditionals) and free the static KV caches and compiled
+        steps. Afterwards the wrapper only reports (``performance_info``: as it was)."""
+        if self.closed:
+            return
+        for chunks in list(self._streams):
+            with suppress(ValueError):  # being read in another thread: it stops at its next chunk
+                chunks.close()
+        self._final = self.configuration()
         self._stack.close()
+        _OPEN.pop(id(self.tts), None)
         for plan in self.plans.values():
             plan.drop_static()
         self.plans.clear()
@@ -588,6 +613,7 @@ class PerformanceOptimizedTTS(Pipeline):
     def vocode(self, tokens: torch.Tensor, rng: StreamRandom | None = None) -> torch.Tensor:
         """S3Gen (flow + vocoder) over valid speech tokens; returns a float32 waveform (1, N).
         Its noise comes from ``rng`` (default: the global generator, as upstream)."""
+        self._check_open()
         if self.tts.conds is None:
             raise NoVoiceError()
         with self._amp(), rng.drawing() if rng is not None else nullcontext():
@@ -696,6 +722,7 @@ class PerformanceOptimizedTTS(Pipeline):
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """``chunks``, each only while the wrapper is open: after ``close()`` the model is given
         back, and the stream's plan (a bfloat16 copy, a freed cache) is no longer its own."""
+        self._streams.add(chunks)
         with closing(chunks):  # its cache and compiled step go back when the reader stops
             while True:
                 self._check_open()
@@ -708,6 +735,8 @@ class PerformanceOptimizedTTS(Pipeline):
     # ------------------------------------------------------------ reporting
 
     def configuration(self) -> dict[str, Any]:
+        if self.closed:  # the model is given back: what the wrapper ran with
+            return copy.deepcopy(self._final)
         config = super().configuration()
         if self.plan.decode is not self.plan.prefill:
             config["parameter_bytes"]["t3.decode_copy"] = self.plan.decode.nbytes()
