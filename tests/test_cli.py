@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, main
+from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, build_parser, main
 from tts_workbench.models.sources import PRETRAINED, SIZES
 from tts_workbench.runtime import streaming
 from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
@@ -115,6 +116,23 @@ def test_stream_sizes_its_static_cache_to_the_request(
 
 def test_the_model_help_names_every_source() -> None:
     assert set(re.findall(r"[\w-]+", MODEL_HELP)) >= {*SIZES, *PRETRAINED}  # whole names
+
+
+def test_every_flag_has_help_and_shows_its_default() -> None:
+    parser = build_parser()
+    top = parser.format_help()
+    assert "``" not in top and "tts-workbench diagnose --model tiny" in top and "README.md" in top
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"diagnose", "stream", "profile", "trace", "bench", "load", "serve"}
+    for name, command in commands.items():
+        assert command.description, name
+        for action in command._actions:
+            assert action.help, (name, action.option_strings)
+        text = " ".join(command.format_help().split())  # unwrapped
+        assert "--seed SEED seed of the random" in text and "(default: 0)" in text, name
+    bench = " ".join(commands["bench"].format_help().split())
+    assert "medians reported) (default: 2)" in bench and "--cpp-wrapper" in bench
+    assert "(default: None)" not in bench and "(default: False)" not in bench
 
 
 def test_a_text_longer_than_t3s_positions_gives_one_error_line(

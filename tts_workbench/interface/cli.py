@@ -17,10 +17,45 @@ from ..core.quiet import quiet_libraries, upstream_silenced
 TEXT_HELP = "text to speak (default: upstream's example sentence, constants.UPSTREAM_SENTENCE)"
 
 
+DESCRIPTION = (
+    "Diagnostic and profiling workbench for Chatterbox text-to-speech: where precision breaks, "
+    "which attention kernel runs, where the time goes, and how many streams one device holds. "
+    "The models have random weights unless --model names pretrained ones or a checkpoint folder: "
+    "the timing is realistic, the audio is meaningless."
+)
+EPILOG = """example:
+  tts-workbench diagnose --model tiny --dtype float16 --decode compiled
+
+Each command has its own help (tts-workbench COMMAND --help). Bad input ends with one error line \
+and exit code 2. More in README.md and the documentation site (make docs, then open \
+site/index.html)."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default after its help, except where there is none to show (no default, a
+    switch) or the help gives it; description and epilog wrapped line by line, with lines
+    indented by two spaces (examples) kept as they are."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not nothing and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            kept = not line or line.startswith("  ")
+            lines.append(indent + line if kept else super()._fill_text(line, width, indent))
+        return "\n".join(lines)
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # No abbreviated flags: `load --text ""` would silently be taken as `--texts ""`.
         kwargs["allow_abbrev"] = False
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -104,8 +139,8 @@ MODEL_HELP = (
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help=MODEL_HELP)
     p.add_argument("--tokens", type=_positive, default=150, help="cap on generated speech tokens")
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and of sampling")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -346,9 +381,14 @@ def _stopped(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tts-workbench", description=__doc__)
+    parser = _Parser(prog="tts-workbench", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    d = sub.add_parser("diagnose", help="one generation on a model, with a report")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        """A subcommand whose own --help starts with what it does."""
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
+    d = command("diagnose", help="one generation on a model, with a report")
     _common(d)
     d.add_argument("--text", help=TEXT_HELP)
     _reference(d, "WAV of the voice to clone (default: a generated voice-like signal)")
@@ -370,9 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.set_defaults(run=_diagnose)
 
-    st = sub.add_parser("stream", help="stream one utterance chunk by chunk: table, WAV, timeline plot")
+    st = command("stream", help="stream one utterance chunk by chunk: table, WAV, timeline plot")
     _common(st)
-    st.add_argument("--strategy", default="buffered", choices=["naive", "buffered"])
+    st.add_argument(
+        "--strategy",
+        default="buffered",
+        choices=["naive", "buffered"],
+        help="naive: the streaming fork's loop; buffered: windows joined by overlap-add",
+    )
     st.add_argument("--first-window-s", type=_seconds, default=1.0, help="buffered: first window (audio s)")
     st.add_argument("--window-s", type=_seconds, default=3.5, help="buffered: later windows (audio s)")
     st.add_argument("--crossfade-ms", type=_milliseconds, default=40.0, help="buffered: overlap-add fade")
@@ -388,9 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.set_defaults(run=_stream, tokens=250)
 
-    pr = sub.add_parser(
-        "profile", help="a labelled torch.profiler trace of one generation (TensorBoard, Perfetto)"
-    )
+    pr = command("profile", help="a labelled torch.profiler trace of one generation (TensorBoard, Perfetto)")
     _common(pr)
     pr.add_argument("--logdir", default="runs/profile", help="TensorBoard log folder; the run is a subfolder")
     pr.add_argument("--run", dest="run_name", default="generation", help="run name (subfolder of --logdir)")
@@ -405,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reference(pr)
     pr.set_defaults(run=_profile, tokens=40)
 
-    tr = sub.add_parser(
+    tr = command(
         "trace",
         help="T3's decode region per decode step, read from a device trace by HolisticTraceAnalysis",
     )
@@ -437,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(run=_trace, tokens=60)
 
-    b = sub.add_parser("bench", help="upstream vs optimized side by side, interleaved, with ratios")
+    b = command("bench", help="upstream vs optimized side by side, interleaved, with ratios")
     _common(b)
     b.add_argument(
         "--configs",
@@ -445,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of upstream, optimized, static, compiled, upstream-stream, optimized-stream, "
         "compiled-stream (bench.CONFIGS)",
     )
-    b.add_argument("--repeats", type=_positive, default=2)
+    b.add_argument(
+        "--repeats", type=_positive, default=2, help="timed runs of each config (medians reported)"
+    )
     b.add_argument(
         "--warmup", type=_non_negative, default=0, help="untimed runs of each config first (use 1 on CUDA)"
     )
@@ -462,9 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.csv")
     b.set_defaults(run=_bench)
 
-    ld = sub.add_parser(
-        "load", help="how many real-time streams one device holds: the stream engine under load"
-    )
+    ld = command("load", help="how many real-time streams one device holds: the stream engine under load")
     _common(ld)
     ld.add_argument("--streams", default="1,2,4,8", help="comma list of concurrency levels, e.g. 1,2,4,8")
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
@@ -489,14 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--timeout", type=_seconds, help="with --url: s for each whole request (default 300)")
     ld.set_defaults(run=_load)
 
-    sv = sub.add_parser(
+    sv = command(
         "serve", help="the stream engine over HTTP (OpenAI's /v1/audio/speech) on Ray Serve, until Ctrl-C"
     )
     sv.add_argument("--model", default="tiny", help=MODEL_HELP)
     sv.add_argument("--device", default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)")
     sv.add_argument("--seed", type=_seed, default=0, help="seed of the random-weight builds")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    sv.add_argument("--port", type=_port, default=8000)
+    sv.add_argument("--port", type=_port, default=8000, help="port to listen on")
     sv.add_argument("--replicas", type=_positive, default=1, help="engines (Ray Serve replicas), one per GPU")
     sv.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT); default: local Ray")
     sv.add_argument("--voices", help="folder of WAV voices, served by file stem (plus 'default')")
