@@ -88,3 +88,21 @@ def test_shadows_overlapping_out_of_order_leave_the_instance_as_it_was() -> None
             assert still in v.speak()  # the one still inside is still on the model ...
             stacks[still].close()
             assert v.speak() == "upstream" and "speak" not in vars(v), (under, over, first_out)  # then none
+
+
+def test_a_submodule_parameter_or_buffer_cannot_be_shadowed() -> None:
+    # nn.Module keeps them outside the instance's __dict__: before, a shadow of a child module
+    # was never undone (its exit took the child for another shadow sitting on top).
+    import pytest
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    lin = model[0]
+    for obj, name in ((model, "0"), (lin, "weight"), (model[1], "running_mean")):
+        with pytest.raises(TypeError, match="shadow replaces methods and plain attributes"), shadow(
+            obj, name, lambda x: x
+        ):
+            pass
+    assert model[0] is lin and isinstance(lin.weight, torch.nn.Parameter)
+    with pytest.raises(TypeError, match="shadow replaces"), shared(model, "0", lambda x: x):
+        pass

@@ -405,6 +405,19 @@ def test_skipping_guards_is_held_by_count_and_put_back_whatever_the_order() -> N
         assert not replay(skipping, cudagraphs=False)
     with skipping_guards(True):
         assert replay(skipping, cudagraphs=False, compiled=False) and skipping()
+    # Entering the stance can fail (inside a compiled region): the count is undone, so a later
+    # step alone still skips (before, the count stayed at 1 and no step skipped again).
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.compiler, "set_stance", _refusing_stance)
+        with pytest.raises(RuntimeError, match="on purpose"), skipping_guards(True):
+            pass
+    with skipping_guards(True):
+        assert skipping()
+    assert not skipping()
+
+
+def _refusing_stance(*a: object, **k: object) -> object:
+    raise RuntimeError("attempted to set_stance in a torch.compile region, on purpose")
 
 
 def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: ChatterboxTTS) -> None:

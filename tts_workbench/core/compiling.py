@@ -86,8 +86,12 @@ def skipping_guards(wanted: bool) -> Iterator[None]:
     with _guards_lock:
         _inside += 1
         if _inside == 1 and wanted:
-            _skipping = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-            _skipping.__enter__()
+            try:
+                _skipping = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+                _skipping.__enter__()
+            except BaseException:  # (inside a compiled region, say): this call was never inside
+                _inside, _skipping = _inside - 1, None
+                raise
         elif _inside > 1 and _skipping is not None:
             _skipping.__exit__(None, None, None)
             _skipping = None

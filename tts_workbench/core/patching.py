@@ -49,6 +49,7 @@ def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
     Whatever the instance's own ``__dict__`` held before (another shadow, or nothing, so that the
     class attribute shows through again) is put back, so shadows nest.
     """
+    _check_shadowable(obj, name)
     before = obj.__dict__.get(name, _MISSING)
     original = getattr(obj, name)
     wrapped = wrap(original)
@@ -69,6 +70,16 @@ _held_lock = threading.RLock()
 # A shadow that left while another sat on top of it (two threads, out of order): id -> (the
 # shadow, what to put back in its place when the one on top puts it back).
 _left: dict[int, tuple[Any, Any]] = {}
+
+
+def _check_shadowable(obj: object, name: str) -> None:
+    """A TypeError for what a shadow cannot give back: an ``nn.Module`` keeps its submodules,
+    parameters and buffers outside the instance's ``__dict__``, where the shadows look."""
+    if isinstance(obj, nn.Module) and any(name in d for d in (obj._modules, obj._parameters, obj._buffers)):
+        raise TypeError(
+            f"{name!r} is a submodule, parameter or buffer of {type(obj).__name__}: shadow replaces "
+            "methods and plain attributes; swap a submodule or tensor with working_copy or preserved"
+        )
 
 
 def _put_back(obj: object, name: str, mine: Any, before: Any) -> None:
@@ -94,6 +105,7 @@ _routes: ContextVar[_Routes] = ContextVar("tts_workbench_routes", default=types.
 def _hold(obj: object, name: str, install: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
     """Count one more user of ``obj.name``; the first sets it to ``install(original)``. Returns
     what the attribute was before the first user."""
+    _check_shadowable(obj, name)
     key = (id(obj), name)
     with _held_lock:
         entry = _held.get(key)
