@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,9 @@ from chatterbox.tts import ChatterboxTTS
 from safetensors.torch import load_file, save_file
 
 from tts_workbench.core.errors import SourceError
+from tts_workbench.models import sources
 from tts_workbench.models.sources import (
+    METADATA_FILE,
     build_tokenizer_json,
     check_reference,
     load_folder,
@@ -213,3 +218,149 @@ def test_building_a_model_leaves_the_callers_random_state_alone() -> None:
     assert torch.equal(torch.rand(3), expected)  # the caller's draws go on as if nothing was built
     b = load_model("tiny", seed=7)
     assert all(torch.equal(p, q) for p, q in zip(a.t3.parameters(), b.t3.parameters(), strict=True))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    theirs = _params(b)
+    return all(torch.equal(v, theirs[k]) for k, v in _params(a).items() if not k.startswith("patched_model."))
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_or_nothing(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, the files were written one by one into the folder: it then loaded as new T3
+    # weights with the old S3Gen, and a fresh folder was left with half a checkpoint.
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    write = sources.save_file
+
+    def disk_full_at_s3gen(state: dict[str, torch.Tensor], path: str) -> None:
+        if Path(path).name.startswith("s3gen"):
+            raise OSError("No space left on device")
+        write(state, path)
+
+    monkeypatch.setattr(sources, "save_file", disk_full_at_s3gen)
+    for target in (folder, tmp_path / "fresh"):
+        with pytest.raises(OSError, match="No space left"):
+            save_checkpoint(load_model("tiny", seed=1), target)
+    loaded = load_folder(folder)
+    assert all(
+        _same_weights(getattr(loaded, name), getattr(tiny_tts, name)) for name in ("t3", "s3gen", "ve")
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no fresh folder, nothing left beside
+
+
+def test_a_save_leaves_a_model_loaded_from_the_folder_as_it_was(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    loaded = load_folder(folder)  # its tensors are views of the files (safetensors maps them)
+    save_checkpoint(load_model("tiny", seed=1), folder)
+    # before: the files were rewritten in place, and the loaded model became the new one
+    assert _same_weights(loaded.t3, tiny_tts.t3) and _same_weights(loaded.s3gen, tiny_tts.s3gen)
+
+
+def test_a_save_without_a_voice_drops_the_previous_voice(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    unvoiced = load_model("tiny", seed=1)
+    assert unvoiced.conds is None
+    save_checkpoint(unvoiced, folder)
+    assert load_folder(folder).conds is None  # before: the old conds.pt loaded as its voice
+
+
+def test_a_save_refuses_a_folder_that_holds_other_files(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")  # a save replaces the whole folder
+    with pytest.raises(SourceError, match="neither an empty folder nor a checkpoint.*new or empty folder"):
+        save_checkpoint(tiny_tts, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_save_through_a_link_replaces_the_folder_it_names(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    (tmp_path / "link").symlink_to(save_checkpoint(tiny_tts, tmp_path / "ckpt"))
+    save_checkpoint(load_model("tiny", seed=1), tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link"]
+    assert not _same_weights(load_folder(tmp_path / "ckpt").t3, tiny_tts.t3)
+
+
+def test_s3gen_weights_missing_from_the_file_are_refused(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    path = folder / "s3gen.safetensors"
+    state = {k: v.clone() for k, v in load_file(str(path)).items()}  # not views of the file rewritten
+    # upstream's own files may lack these two (S3Gen.ignore_state_dict_missing): rebuilt, not read
+    del state["tokenizer._mel_filters"], state["tokenizer.window"]
+    save_file(state, str(path))
+    loaded = load_model(str(folder))
+    assert torch.equal(loaded.s3gen.tokenizer._mel_filters, tiny_tts.s3gen.tokenizer._mel_filters)
+    gone = [k for k in state if k.startswith("flow.decoder.estimator.")]
+    save_file({k: v for k, v in state.items() if k not in gone}, str(path))
+    # before: loaded, the estimator left as uninitialised memory
+    with pytest.raises(
+        SourceError, match=f"s3gen.safetensors in .* lacks {len(gone)} .*flow.decoder.estimator.*copy it"
+    ):
+        load_model(str(folder))
+
+
+def test_the_family_recorded_in_the_folder_is_loaded(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    standard = save_checkpoint(tiny_tts, tmp_path / "standard")
+    turbo = load_model("turbo-tiny")
+    folder = save_checkpoint(turbo, tmp_path / "turbo")
+    for name in ("t3_cfg.safetensors", "s3gen.safetensors"):  # a standard model's files copied in
+        shutil.copy(standard / name, folder / name)
+    loaded = load_folder(folder)  # before: read as a standard model, and failed
+    assert type(loaded) is type(turbo) and _same_weights(loaded.t3, turbo.t3)
+    (folder / "t3_turbo_v1.safetensors").unlink()
+    with pytest.raises(
+        SourceError, match=f"turbo model folder .* is missing t3_turbo_v1.safetensors.*{METADATA_FILE}"
+    ):
+        load_folder(folder)
+
+
+def test_a_half_precision_voice_is_saved_in_float32(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    def bf16(v: object) -> object:  # the voice as a half-precision wrapper holds it
+        return v.detach().bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    tts, conds = load_model("tiny"), tiny_tts.conds
+    t3 = dataclasses.replace(conds.t3, **{k: bf16(v) for k, v in vars(conds.t3).items()})
+    tts.conds = type(conds)(t3, {k: bf16(v) for k, v in conds.gen.items()})
+    loaded = load_model(str(save_checkpoint(tts, tmp_path / "ckpt")))
+    saved = torch.load(tmp_path / "ckpt" / "conds.pt", weights_only=True)
+    tensors = [v for part in saved.values() for v in part.values() if torch.is_tensor(v)]
+    assert {v.dtype for v in tensors if v.is_floating_point()} == {torch.float32}
+    # before: "mat1 and mat2 must have the same dtype"
+    wav, _ = stream_all(loaded, "Hi there.", StreamConfig("buffered"), max_new_tokens=5)
+    assert np.isfinite(wav).all()
+
+
+def test_an_interrupted_tokenizer_cache_write_leaves_no_half_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TTS_WORKBENCH_CACHE", str(tmp_path))
+    build = sources.build_tokenizer_json
+
+    def interrupted(path: Path) -> Path:
+        path.write_bytes(build(path).read_bytes()[:100])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(sources, "build_tokenizer_json", interrupted)
+    with pytest.raises(OSError, match="No space left"):
+        load_model("tiny")
+    assert list(tmp_path.iterdir()) == []  # before: the half file, and every later build failed
+    monkeypatch.setattr(sources, "build_tokenizer_json", build)
+    load_model("tiny")
+
+
+def test_a_damaged_tokenizer_cache_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TTS_WORKBENCH_CACHE", str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(SourceError, match=re.escape(str(tmp_path / "tokenizer.json")) + ".*delete it"):
+        load_model("tiny")  # before: "EOF while parsing a value", no file named
+
+
+def test_a_damaged_pt_file_says_to_copy_it_again(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    for name in ("ve", "t3_cfg", "s3gen"):
+        torch.save(load_file(str(folder / f"{name}.safetensors")), folder / f"{name}.pt")
+        (folder / f"{name}.safetensors").unlink()
+    (folder / "s3gen.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SourceError, match="cannot read s3gen.pt.*copy it again") as e:
+        load_model(str(folder))
+    assert "weights_only" not in str(e.value)  # before: torch's advice to load it unsafely

@@ -24,10 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -356,16 +358,45 @@ def _assemble(
     return model
 
 
+def _beside(path: Path, tag: str) -> Path:
+    """A hidden name next to ``path``, unique to this process and thread."""
+    return path.with_name(f".{path.name}.{tag}.{os.getpid()}.{threading.get_ident()}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _cached(path: Path, build: Callable[[Path], Path]) -> Path:
+    """``path``, built by ``build`` on first use. Built beside it and renamed: another process
+    (test workers on a fresh machine) sees it whole or not at all, and an interrupted build
+    leaves nothing behind."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = _beside(path, "partial")
+    try:
+        build(partial)
+        os.replace(partial, path)
+    except OSError:
+        if not path.exists():
+            raise
+        # else a second process got there first (a folder, Turbo's, cannot replace another)
+    finally:
+        _remove(partial)
+    return path
+
+
 def _default_tokenizer(family: str) -> Path:
     cache = Path(os.environ.get("TTS_WORKBENCH_CACHE", Path.home() / ".cache" / "tts_workbench"))
     if family == "turbo":
-        folder = cache / "gpt2_tokenizer"
-        return folder if (folder / "tokenizer_config.json").exists() else build_gpt2_tokenizer(folder)
+        return _cached(cache / "gpt2_tokenizer", build_gpt2_tokenizer)
     if family == "multilingual":
-        path = cache / FAMILIES["multilingual"].files[3]
-        return path if path.exists() else build_grapheme_vocab(path)
-    path = cache / "tokenizer.json"
-    return path if path.exists() else build_tokenizer_json(path)
+        return _cached(cache / FAMILIES["multilingual"].files[3], build_grapheme_vocab)
+    return _cached(cache / "tokenizer.json", build_tokenizer_json)
 
 
 def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
@@ -374,7 +405,14 @@ def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
         raise SourceError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
     dev = check_device(device)
     family, cfg = MODELS[size]
-    tokenizer = _read_tokenizer(family, _default_tokenizer(family))
+    path = _default_tokenizer(family)
+    try:
+        tokenizer = _read_tokenizer(family, path)
+    except Exception as e:  # tokenizers raises a bare Exception for bad JSON, transformers others
+        raise SourceError(
+            f"the cached tokenizer {path} cannot be read ({str(e).strip().splitlines()[0]}): "
+            "delete it; the next build writes it again"
+        ) from e
     # Seeded weights (the watermarker upstream's constructor builds draws too); the caller's
     # random state is left as it was.
     with torch.random.fork_rng(devices=[]):  # the weights are made on the CPU, then moved
@@ -387,15 +425,43 @@ def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
 
 def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``tts`` in its family's upstream ``from_local`` layout, floating tensors cast to
-    ``dtype``. A ``tts_workbench.json`` beside the weights names the family, the architecture and
-    each file's dtype."""
-    family = family_of(tts)
+    ``dtype`` (the voice, ``conds.pt``, always float32). A ``tts_workbench.json`` beside the
+    weights names the family, the architecture and each file's dtype.
+
+    The files go into a new folder that then replaces ``folder`` whole: interrupted, ``folder``
+    is still the previous checkpoint (or absent), never a mix of two. A folder holding anything
+    but a previous checkpoint is refused rather than replaced."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    real = folder.resolve()  # a link to a folder: the folder it names is replaced
+    if real.exists() and not (real / METADATA_FILE).exists() and (real.is_file() or any(real.iterdir())):
+        raise SourceError(
+            f"{folder} is neither an empty folder nor a checkpoint written by save_checkpoint() "
+            f"(it has no {METADATA_FILE}); a save replaces the whole folder: give a new or empty folder"
+        )
+    real.parent.mkdir(parents=True, exist_ok=True)
+    partial = _beside(real, "partial")
+    try:
+        partial.mkdir()
+        _write_checkpoint(tts, partial, dtype)
+        _replace_folder(partial, real)
+    finally:
+        _remove(partial)  # there only if the save failed
+    return folder
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """A tensor on the CPU, floating point cast to ``dtype``; anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return (value.to(dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
+
+
+def _write_checkpoint(tts: TTSModel, folder: Path, dtype: torch.dtype) -> None:
+    family = family_of(tts)
     parts = dict(zip(family.files[:3], (tts.ve, tts.t3, tts.s3gen), strict=True))
     for name, module in parts.items():
         state = {
-            k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+            k: _cast(v, dtype)
             for k, v in module.state_dict().items()
             # After a first inference upstream T3 keeps `patched_model`, a second view of the
             # same weights; upstream checkpoints do not contain it.
@@ -413,8 +479,10 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torc
         save_gpt2_tokenizer(tts.tokenizer.backend_tokenizer, folder)
     else:
         tts.tokenizer.tokenizer.save(str(folder / family.files[3]))
-    if tts.conds is not None:
-        tts.conds.save(folder / "conds.pt")
+    if tts.conds is not None:  # float32: upstream's pipeline runs a voice only in float32
+        conds: Any = tts.conds
+        t3 = replace(conds.t3, **{k: _cast(v, torch.float32) for k, v in vars(conds.t3).items()})
+        type(conds)(t3, {k: _cast(v, torch.float32) for k, v in conds.gen.items()}).save(folder / "conds.pt")
     tiny = tts.t3.hp.llama_config_name in TINY_BACKBONES.values()
     meta = {
         "family": family.name,
@@ -423,7 +491,24 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torc
         "dtypes": {Path(name).stem: dtype_name(dtype) for name in parts},
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
-    return folder
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Rename ``new`` to ``folder``; an existing ``folder`` is moved aside first and deleted
+    after (put back if the rename fails)."""
+    if not folder.exists():
+        new.rename(folder)
+        return
+    old = _beside(folder, "old")
+    folder.rename(old)
+    try:
+        new.rename(folder)
+    except BaseException:
+        old.rename(folder)
+        raise
+    # Unlinked files stay readable where they are mapped (safetensors maps what it loads), so a
+    # model loaded from this folder and saved back into it keeps its weights.
+    shutil.rmtree(old)
 
 
 def _config_of(t3: T3) -> TinyConfig:
@@ -444,9 +529,11 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        # torch's unpickling message advises weights_only=False, unsafe for a file that is damaged
+        why = "it holds no plain tensors" if isinstance(e, pickle.UnpicklingError) else str(e)
         raise SourceError(
-            f"cannot read {path.name} in {path.parent}: {e}. The file is truncated or not a "
+            f"cannot read {path.name} in {path.parent}: {why}. The file is truncated or not a "
             "checkpoint; copy it again or re-export it with save_checkpoint()"
         ) from e
 
@@ -460,8 +547,10 @@ def _check_tokenizer(tok: Any, vocab: int) -> None:
         )
 
 
-def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...]]:
-    """The family whose T3 weights the folder holds, and the files of its layout."""
+def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...], dict[str, Any]]:
+    """The folder's family, the files of its layout and its metadata. The family is the one its
+    ``tts_workbench.json`` records; without one (upstream's own layout), the one whose T3 file
+    is there."""
     if folder.is_file():
         raise SourceError(f"model folder {folder} is a file; give the folder that holds it ({folder.parent})")
     if not folder.is_dir():
@@ -469,15 +558,30 @@ def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...]]:
             f"model folder {folder} does not exist: give a folder written by save_checkpoint() "
             "or by an upstream from_local layout"
         )
+    meta_path = folder / METADATA_FILE
+    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    recorded = meta.get("family")
+    if recorded is not None and recorded not in FAMILIES:
+        raise SourceError(
+            f"{meta_path} records an unknown family {recorded!r} (known: {', '.join(FAMILIES)}): "
+            "save the model again with save_checkpoint()"
+        )
     layouts = [(f, f.files) for f in FAMILIES.values()] + [(FAMILIES["standard"], PT_LAYOUT)]
-    for family, files in layouts:
-        if (folder / files[1]).exists():
-            missing = [f for f in files if not (folder / f).exists()]
-            if missing:
-                raise SourceError(f"{family.name} model folder {folder} is missing {', '.join(missing)}")
-            return family, files
-    expected = "; ".join(f"{f.name}: {', '.join(f.files)}" for f in FAMILIES.values())
-    raise SourceError(f"model folder {folder} holds no T3 weights of any family ({expected})")
+    # Files of another family copied in do not decide: the recorded family's own are read.
+    layouts = [(f, files) for f, files in layouts if recorded in (None, f.name)]
+    present = [(f, files) for f, files in layouts if (folder / files[1]).exists()]
+    if not present and recorded is None:
+        expected = "; ".join(f"{f.name}: {', '.join(f.files)}" for f in FAMILIES.values())
+        raise SourceError(f"model folder {folder} holds no T3 weights of any family ({expected})")
+    family, files = (present or layouts)[0]
+    missing = [f for f in files if not (folder / f).exists()]
+    if missing:
+        recorded_by = f" (the family its {METADATA_FILE} records)" if recorded else ""
+        raise SourceError(
+            f"{family.name} model folder {folder} is missing {', '.join(missing)}{recorded_by}: "
+            "copy them in, or save the model again with save_checkpoint()"
+        )
+    return family, files, meta
 
 
 def load_folder(
@@ -485,7 +589,8 @@ def load_folder(
 ) -> TTSModel:
     """Load a checkpoint folder of any family (safetensors, or the fork's ``.pt`` layout).
 
-    The family is read from the files (``family`` refuses a folder of another one).
+    The family is the one ``tts_workbench.json`` records, or for a folder without one (upstream's
+    own layout) the one whose T3 file is there; ``family`` refuses a folder of another one.
     ``keep_dtype=True`` keeps each tensor's saved dtype (a float16 file stays float16).
     ``keep_dtype=False`` loads the way upstream ``from_local`` does: ``load_state_dict`` copies
     into freshly built float32 parameters, so a float16 checkpoint silently comes back as float32.
@@ -494,35 +599,42 @@ def load_folder(
 
     folder = Path(folder)
     dev = check_device(device)
-    found, layout = _folder_family(folder)
+    found, layout, meta = _folder_family(folder)
     if family is not None and family != found.name:
         raise SourceError(
             f"model folder {folder} holds a {found.name} model ({layout[1]}), not a {family} one: "
             f"load it as {found.name}"
         )
-    meta_path = folder / METADATA_FILE
-    meta: dict[str, Any] = (
-        json.loads(meta_path.read_text()) if meta_path.exists() else {"architecture": "full"}
-    )
+    architecture = meta.get("architecture", "full")
     states = {name: _read_state(folder / name) for name in layout[:3]}
-    cfg = TinyConfig(**meta.get("tiny_config", {})) if meta["architecture"] == "tiny" else None
+    cfg = TinyConfig(**meta.get("tiny_config", {})) if architecture == "tiny" else None
     with no_init_weights():  # every weight is overwritten below
         t3, s3gen, ve = _t3(found.name, cfg), _s3gen(found.name, cfg), VoiceEncoder()
     t3_state: Any = states[layout[1]]
     if "model" in t3_state:  # upstream from_local accepts this wrapped form too
         t3_state = t3_state["model"][0]
+    missing: list[str] = []  # only S3Gen's: the strict loads raise
     for module, state, strict in (
         (ve, states[layout[0]], True),
         (t3, t3_state, True),
         (s3gen, states[layout[2]], False),
     ):
         try:
-            module.load_state_dict(state, strict=strict, assign=keep_dtype)
+            missing += module.load_state_dict(state, strict=strict, assign=keep_dtype).missing_keys
         except RuntimeError as e:
             raise SourceError(
-                f"weights in {folder} do not fit the {found.name} {meta['architecture']} architecture: "
+                f"weights in {folder} do not fit the {found.name} {architecture} architecture: "
                 f"{str(e).splitlines()[0]}"
             ) from e
+    # S3Gen loads non-strictly as upstream's does, for the buffers upstream's own files may lack
+    # (rebuilt by the constructor); any other missing weight would stay uninitialised memory.
+    missing = [k for k in missing if k not in S3Gen.ignore_state_dict_missing]
+    if missing:
+        raise SourceError(
+            f"{layout[2]} in {folder} lacks {len(missing)} of S3Gen's tensors ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): the file is incomplete; copy it again or "
+            "re-export it with save_checkpoint()"
+        )
     tokenizer = _read_tokenizer(found.name, folder if found.name == "turbo" else folder / layout[3])
     tts = _assemble(found.name, t3, s3gen, ve, tokenizer, dev)
     if (folder / "conds.pt").exists():
@@ -641,7 +753,7 @@ def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside and renamed: a process reading the same path (notebooks run side by side)
     # sees the old file or the new one, never half of one.
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    partial = _beside(path, "partial")
     sf.write(str(partial), wav.astype(np.float32), sr, format="WAV")
     os.replace(partial, path)
     return path
