@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -10,6 +11,7 @@ import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
+from transformers.utils import logging as hf_logging
 from transformers.utils.logging import warning_once
 
 from tts_workbench.instruments.attention import (
@@ -49,6 +51,19 @@ def test_the_probe_sees_the_warning_transformers_gives_once(tiny_tts: Chatterbox
     probe = probe_output_attentions(tiny_tts)
     assert any("output_attentions" in line for line in probe.log)  # was [] once upstream had warned
     assert warning_once.cache_info().currsize == shown  # every other warning stays once-only
+    # Where transformers is told to log errors only (the notebooks, the command line) the probe
+    # still hears it, and prints nothing: it was [] in notebook 02.
+    verbosity, shown_by = hf_logging.get_verbosity(), hf_logging._get_library_root_logger().handlers
+    assert shown_by  # transformers' own handler (stderr)
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.ExitStack() as stack:
+            emits = [stack.enter_context(mock.patch.object(h, "emit")) for h in shown_by]
+            probe = probe_output_attentions(tiny_tts)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    assert any("output_attentions" in line for line in probe.log)
+    assert not any(emit.called for emit in emits) and hf_logging.get_verbosity() == verbosity
 
 
 def test_eager_backbone_is_detected(reference_wav: Path) -> None:

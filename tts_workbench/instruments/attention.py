@@ -186,23 +186,28 @@ def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8) -> OutputAttention
         def emit(self, rec: logging.LogRecord) -> None:
             logs.append(rec.getMessage())
 
-    handler = _Catch()
     hf_log = logging.getLogger("transformers")
-    hf_log.addHandler(handler)
     seen: dict[bool, KernelRecord] = {}
     out_attn = None
-    try:
-        # transformers' warning_once (lru_cached) stays silent once anything showed the warning
-        # (upstream's generate asks for attentions): plain warnings for the probe, cache untouched.
-        with mock.patch.object(logging.Logger, "warning_once", logging.Logger.warning):
+    # While the probe runs, transformers' warnings reach its catcher alone, whatever verbosity
+    # the caller set (the notebooks and the command line keep errors only) and without printing;
+    # and its warning_once (lru_cached) stays silent once anything showed the warning (upstream's
+    # generate asks for attentions): plain warnings for the probe, that cache untouched.
+    level = hf_log.level
+    with (
+        mock.patch.object(hf_log, "handlers", [_Catch()]),
+        mock.patch.object(logging.Logger, "warning_once", logging.Logger.warning),
+    ):
+        hf_log.setLevel(logging.WARNING)  # (setLevel, not the attribute: it clears logging's caches)
+        try:
             for flag in (True, False):
                 with torch.inference_mode(), record_kernels(tts) as rec:
                     out = tfmr(inputs_embeds=x, output_attentions=flag, use_cache=False)
                 seen[flag] = rec
                 if flag:
                     out_attn = out.attentions
-    finally:
-        hf_log.removeHandler(handler)
+        finally:
+            hf_log.setLevel(level)
     returned = bool(out_attn) and all(a is not None and a.numel() > 0 for a in out_attn or ())
     with_k, without_k = sorted(seen[True].kernels()), sorted(seen[False].kernels())
     configured = configured_backend(tts)
