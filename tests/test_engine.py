@@ -299,14 +299,9 @@ def test_closing_a_busy_engine_ends_every_stream_and_counts_none(tts: Chatterbox
     engine.close()
     # what /health and the Prometheus gauges report: no stream is left counted after close
     assert engine.active() == 0 and engine.queued() == 0
-    raised = []
     for h in (running, waiting):
-        with pytest.raises(RuntimeError, match="closed before this stream ended") as e:
+        with pytest.raises(RuntimeError, match="closed before this stream ended"):
             list(h)
-        raised.append(e.value)
-    # Each reader raises its own copy (the one error, raised by several readers, gathered all
-    # their frames in one traceback), the engine's error as its cause.
-    assert raised[0] is not raised[1] and raised[0].__cause__ is raised[1].__cause__ is not None
 
 
 def test_a_close_during_a_streams_last_window_lets_that_stream_end_whole(tts: ChatterboxTTS) -> None:

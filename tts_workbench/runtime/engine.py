@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import itertools
 import queue
 import threading
@@ -502,12 +501,10 @@ class StreamEngine:
 
     @staticmethod
     def _end(handles: list[StreamHandle], error: BaseException) -> None:
-        """End streams with ``error``: their readers raise it, ``handle.error`` keeps it. Several
-        streams get a copy each, ``error`` its cause: one object raised by several readers would
-        gather all their frames in its traceback (and keep their locals alive)."""
+        """End streams with ``error``: their readers raise it, ``handle.error`` keeps it."""
         for h in handles:
-            h.error = _copy_of(error) if len(handles) > 1 else error
-            h._put(h.error)
+            h.error = error
+            h._put(error)
 
     def _stopped_error(self) -> RuntimeError:
         """Why no stream can be taken: a stage's failure (its error as the cause), or ``close()``."""
@@ -969,17 +966,6 @@ class StreamEngine:
             **window_metrics(w, chunk),
         )
         h._put((h.report.add(chunk, m), m))
-
-
-def _copy_of(error: BaseException) -> BaseException:
-    """A new exception of ``error``'s class and arguments, ``error`` as its cause; ``error``
-    itself where its class cannot be rebuilt from its arguments."""
-    try:
-        own = copy.copy(error)
-    except Exception:
-        return error
-    own.__cause__ = error
-    return own
 
 
 def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:
