@@ -410,13 +410,15 @@ def test_a_close_during_admissions_waits_for_one_prefill_not_all(tts: Chatterbox
         return prefill(handle, request)
 
     engine._prefill = slow  # type: ignore[method-assign]
+    step, steps = engine._step, []
+    engine._step = lambda: (steps.append(1), step())[-1]  # type: ignore[method-assign]
     with engine.together():  # four join at one step: admitted one after another
         handles = [engine.submit(TEXTS[0], seed=k, max_new_tokens=TOKENS) for k in range(4)]
     assert started.wait(timeout=30)
     engine.close()
-    assert len(prefilled) == 1  # before, all four were prefilled first
-    for h in handles:
-        with pytest.raises(RuntimeError, match="closed"):
+    assert len(prefilled) == 1 and steps == []  # before, all four were prefilled, then a step ran
+    for h in handles:  # each as any stream a close ends, whether it was prefilled or not
+        with pytest.raises(RuntimeError, match="closed before this stream ended"):
             list(h)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -167,6 +168,13 @@ def test_a_closed_wrapper_still_says_how_it_ran(tiny_tts: ChatterboxTTS) -> None
     assert after["last_generation"] == during["last_generation"]
     with pytest.raises(ConfigError, match="was closed"):
         opt.vocode(torch.tensor([1, 2, 3]))
+    # A report that fails at close() still lets the model go back, and the wrapper closes.
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="bfloat16")
+    with mock.patch.object(opt, "configuration", side_effect=RuntimeError("report broke, on purpose")):
+        with pytest.raises(RuntimeError, match="on purpose"):
+            opt.close()
+    assert opt.closed and next(tiny_tts.t3.parameters()).dtype == torch.float32
+    PerformanceOptimizedTTS(tiny_tts, policy="float32").close()  # not held by the failed one
 
 
 def test_a_closed_wrapper_refuses_to_run_or_change_the_model(

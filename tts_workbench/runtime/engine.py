@@ -462,7 +462,7 @@ class StreamEngine:
             self._lock.notify_all()
         for thread in self._threads:
             thread.join()
-        self._end(self._take_all(), RuntimeError("the engine was closed before this stream ended"))
+        self._end(self._take_all(), self._ended_error())
         self._kv, self._caches, self._steps = [], {}, {}
 
     def _take_all(self) -> list[StreamHandle]:
@@ -515,6 +515,13 @@ class StreamEngine:
         error.__cause__ = cause
         return error
 
+    def _ended_error(self) -> RuntimeError:
+        """What a stream the engine took but will not finish raises: the stage's failure, or
+        the close, whichever stopped it (a ``submit`` after it gets ``_stopped_error``)."""
+        if self._failure is None:
+            return RuntimeError("the engine was closed before this stream ended")
+        return self._stopped_error()
+
     def _now(self) -> float:
         """The clock of a stage: it waits for the work its own stream queued, not the other's."""
         return now(self.device, stream=True)
@@ -554,7 +561,7 @@ class StreamEngine:
                 self._admit(handle)
             for live in [s for s in self._live if s.handle.closed]:
                 self._leave(live)
-            if self._live:
+            if self._live and not self._stopped:  # a close() during the admissions: no step more
                 self._step()
 
     def _admit(self, handle: StreamHandle) -> None:
@@ -564,7 +571,7 @@ class StreamEngine:
         if handle.closed:  # closed after it left the queue (a close before takes it out of it)
             return
         if self._stopped:  # close() waits for the prefill under way, not for the others joining
-            self._end([handle], self._stopped_error())
+            self._end([handle], self._ended_error())
             return
         try:
             live = self._prefill(handle, r)
@@ -575,8 +582,8 @@ class StreamEngine:
             return
         self.stats.admitted += 1
         with self._lock:
-            if self._stopped:  # a stage died meanwhile: this stream would never be served
-                self._end([handle], self._stopped_error())
+            if self._stopped:  # closed, or a stage died, meanwhile: this stream would never be served
+                self._end([handle], self._ended_error())
                 return
             self._live.append(live)
             self._vocoding.append(live)

@@ -475,15 +475,17 @@ class PerformanceOptimizedTTS(Pipeline):
         for chunks in list(self._streams):
             with suppress(ValueError):  # being read in another thread: it stops at its next chunk
                 chunks.close()
-        self._final = self.configuration()
-        self._stack.close()
-        _OPEN.pop(id(self.tts), None)
-        for plan in self.plans.values():
-            plan.drop_static()
-        self.plans.clear()
-        for flow in self.flows.values():
-            flow.drop()
-        self.closed = True
+        try:
+            self._final = self.configuration()
+        finally:  # the model goes back even if the report fails
+            self._stack.close()
+            _OPEN.pop(id(self.tts), None)
+            for plan in self.plans.values():
+                plan.drop_static()
+            self.plans.clear()
+            for flow in self.flows.values():
+                flow.drop()
+            self.closed = True
 
     def _check_open(self) -> None:
         if self.closed:
