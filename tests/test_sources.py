@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -364,3 +365,94 @@ def test_a_damaged_pt_file_says_to_copy_it_again(tiny_tts: ChatterboxTTS, tmp_pa
     with pytest.raises(SourceError, match="cannot read s3gen.pt.*copy it again") as e:
         load_model(str(folder))
     assert "weights_only" not in str(e.value)  # before: torch's advice to load it unsafely
+
+
+def test_a_save_refuses_a_checkpoint_folder_that_also_holds_other_files(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    written = sorted(p.name for p in folder.iterdir())
+    (folder / "my_voice.wav").write_bytes(b"RIFF")
+    (folder / "NOTES.md").write_text("mine")
+    before = sorted(p.name for p in folder.iterdir())
+    # before: the folder was replaced whole and both files deleted silently
+    with pytest.raises(SourceError, match=r"NOTES.md, my_voice.wav.*move them out or give another folder"):
+        save_checkpoint(load_model("tiny", seed=1), folder)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no partial left beside
+    assert _same_weights(load_folder(folder).t3, tiny_tts.t3)
+    assert json.loads((folder / "tts_workbench.json").read_text())["files"] == written
+
+
+def test_a_checkpoint_written_before_the_file_list_is_checked_by_the_names_a_save_writes(
+    tmp_path: Path,
+) -> None:
+    turbo = load_model("turbo-tiny")
+    folder = save_checkpoint(turbo, tmp_path / "ckpt")
+    meta_path = folder / "tts_workbench.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]  # as an earlier version wrote it
+    meta_path.write_text(json.dumps(meta))
+    (folder / "t3_cfg.safetensors").write_bytes(b"")  # another family's, written by an earlier save
+    save_checkpoint(turbo, folder)  # every name is one a save writes: replaced
+    assert not (folder / "t3_cfg.safetensors").exists()
+    meta_path.write_text(json.dumps(meta))
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (folder / name).write_text("mine")
+    with pytest.raises(SourceError, match=r"holds a.txt, b.txt, c.txt and 1 more, .*move them out"):
+        save_checkpoint(turbo, folder)
+    assert (folder / "d.txt").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_save_sweeps_what_a_killed_save_left_beside_the_folder(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    dead = _dead_pid()
+    partial = tmp_path / f".ckpt.partial.{dead}.1"
+    partial.mkdir()
+    (partial / "t3_cfg.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".ckpt.partial.{os.getpid()}.99"  # a save still running: left alone
+    alive.mkdir()
+    other = tmp_path / f".other.partial.{dead}.1"  # another folder's: left alone
+    other.mkdir()
+    # before: a partial folder left by a killed save stayed there for good
+    save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", alive.name, other.name])
+
+
+def test_a_save_puts_back_a_checkpoint_a_killed_save_left_moved_aside(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    dead = _dead_pid()
+    old = tmp_path / f".ckpt.old.{dead}.1"
+    save_checkpoint(tiny_tts, tmp_path / "ckpt").rename(old)  # killed between the two renames
+    (old / "NOTES.md").write_text("mine")
+    # before: the old checkpoint stayed hidden, and its NOTES.md was never checked
+    with pytest.raises(SourceError, match="NOTES.md"):
+        save_checkpoint(load_model("tiny", seed=1), tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert _same_weights(load_folder(tmp_path / "ckpt").t3, tiny_tts.t3)
+    # a stale old beside a folder that is there is only deleted
+    shutil.copytree(tmp_path / "ckpt", old)
+    (tmp_path / "ckpt" / "NOTES.md").unlink()
+    save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_loading_a_missing_folder_names_the_checkpoint_a_killed_save_moved_aside(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    old = tmp_path / f".ckpt.old.{_dead_pid()}.1"
+    save_checkpoint(tiny_tts, tmp_path / "ckpt").rename(old)
+    with pytest.raises(SourceError, match=re.escape(f"previous checkpoint in {old}: rename it to ckpt")):
+        load_folder(tmp_path / "ckpt")
+    assert old.exists() and not (tmp_path / "ckpt").exists()  # loading moves nothing

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -66,6 +67,15 @@ METADATA_FILE = "tts_workbench.json"
 # a few tokens is no voice (the under-1 s note already says conditioning will suffer).
 MIN_REFERENCE_S = 0.5
 PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork
+# What save_gpt2_tokenizer writes (transformers' save_pretrained, older versions also the last two)
+GPT2_TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 
 
 def components(tts: TTSModel) -> dict[str, torch.nn.Module]:
@@ -430,23 +440,100 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torc
 
     The files go into a new folder that then replaces ``folder`` whole: interrupted, ``folder``
     is still the previous checkpoint (or absent), never a mix of two. A folder holding anything
-    but a previous checkpoint is refused rather than replaced."""
+    but a previous checkpoint (files its save did not write) is refused rather than replaced.
+    What a save killed outright left beside the folder is cleared first: a half-written new
+    folder is deleted, a previous checkpoint moved aside is put back (or deleted, if the folder
+    is there)."""
     folder = Path(folder)
     real = folder.resolve()  # a link to a folder: the folder it names is replaced
+    _sweep_stale(real)
     if real.exists() and not (real / METADATA_FILE).exists() and (real.is_file() or any(real.iterdir())):
         raise SourceError(
             f"{folder} is neither an empty folder nor a checkpoint written by save_checkpoint() "
             f"(it has no {METADATA_FILE}); a save replaces the whole folder: give a new or empty folder"
         )
+    _check_only_saved_files(folder, real)
     real.parent.mkdir(parents=True, exist_ok=True)
     partial = _beside(real, "partial")
     try:
         partial.mkdir()
         _write_checkpoint(tts, partial, dtype)
+        _check_only_saved_files(folder, real)  # again: a file may have been added meanwhile
         _replace_folder(partial, real)
     finally:
         _remove(partial)  # there only if the save failed
     return folder
+
+
+def _saved_names(folder: Path) -> set[str]:
+    """The names a save wrote into checkpoint ``folder``: its metadata's ``files``, or for a
+    checkpoint written before that was recorded, every name any save writes."""
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        meta = None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return {*files, METADATA_FILE}
+    every = {name for f in FAMILIES.values() for name in f.files}
+    return every | {*PT_LAYOUT, *GPT2_TOKENIZER_FILES, "conds.pt", METADATA_FILE}
+
+
+def _check_only_saved_files(folder: Path, real: Path) -> None:
+    """Refuse to replace checkpoint ``real`` if it holds anything its save did not write."""
+    if not (real / METADATA_FILE).is_file():
+        return
+    known = _saved_names(real)
+    other = sorted(p.name for p in real.iterdir() if p.name not in known)
+    if other:
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise SourceError(
+            f"{folder} holds {', '.join(other[:3])}{more}, which save_checkpoint() did not write; "
+            "a save replaces the whole folder, deleting them: move them out or give another folder"
+        )
+
+
+_STALE = re.compile(r"\.(partial|old)\.(\d+)\.\d+")
+
+
+def _dead(pid: int) -> bool:
+    """Whether no process ``pid`` runs (only on POSIX, where signal 0 only probes)."""
+    if os.name != "posix" or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def _stale_siblings(real: Path, tag: str) -> list[Path]:
+    """``_beside(real, tag)`` folders left by processes no longer running, newest first."""
+    prefix = f".{real.name}"
+    found = []
+    try:
+        entries = list(real.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = _STALE.fullmatch(p.name[len(prefix) :]) if p.name.startswith(prefix) else None
+        if m and m.group(1) == tag and _dead(int(m.group(2))):
+            found.append(p)
+    return sorted(found, key=lambda p: p.lstat().st_mtime, reverse=True)
+
+
+def _sweep_stale(real: Path) -> None:
+    """Clear what saves killed outright (SIGKILL, out of memory) left beside ``real``."""
+    for partial in _stale_siblings(real, "partial"):
+        _remove(partial)
+    for old in _stale_siblings(real, "old"):
+        if not real.exists() and not real.is_symlink():
+            logging.getLogger(__name__).warning("putting back %s, left aside by an interrupted save", old)
+            old.rename(real)
+        else:
+            _remove(old)
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
@@ -489,6 +576,8 @@ def _write_checkpoint(tts: TTSModel, folder: Path, dtype: torch.dtype) -> None:
         "architecture": "tiny" if tiny else "full",
         "tiny_config": asdict(_config_of(tts.t3)),
         "dtypes": {Path(name).stem: dtype_name(dtype) for name in parts},
+        # what a later save may delete: anything else in the folder makes it refuse
+        "files": sorted({*(p.name for p in folder.iterdir()), METADATA_FILE}),
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -554,6 +643,13 @@ def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...], dict[str, Any
     if folder.is_file():
         raise SourceError(f"model folder {folder} is a file; give the folder that holds it ({folder.parent})")
     if not folder.is_dir():
+        aside = _stale_siblings(folder.resolve(), "old")
+        if aside:
+            raise SourceError(
+                f"model folder {folder} does not exist, but a save interrupted before it finished "
+                f"left the previous checkpoint in {aside[0]}: rename it to {folder.name} "
+                f"(mv '{aside[0]}' '{folder}'), or save to {folder} again, which puts it back first"
+            )
         raise SourceError(
             f"model folder {folder} does not exist: give a folder written by save_checkpoint() "
             "or by an upstream from_local layout"
