@@ -447,12 +447,23 @@ def test_a_run_that_built_its_cache_does_not_count_it_twice() -> None:
     def row(config: str, repeat: int, growth: int, built: bool) -> Row:
         return Row(config, repeat, 1.0, 1.0, 1.0, 8, 0.1, 0.1, 1, 0.5, growth, 0, t3_compile_s=float(built))
 
-    rows = [row("compiled", 0, 1500, True), row("compiled", 1, 300, False), row("upstream", 0, 700, True)]
+    opt.plans["static"] = plan
+    rows = [
+        row("compiled", 0, 1500, True),
+        row("compiled", 1, 300, False),
+        row("static", 0, 1500, True),
+        row("upstream", 0, 700, True),
+    ]
     configs = memory_per_config(rows, models, opt, torch.device("cpu"), "test")["configs"]
-    # The first run allocated the 1000-byte cache inside its window: 500 bytes are its own.
+    # A run that built its step (and compiled it) holds the build's own temporary memory: with a
+    # run that did not build, that one is the configuration's working memory (before, the
+    # compiled row showed the compile's 1500 - 1000 and looked heavier than the static one).
     assert configs["compiled"]["kv_cache_gib"] * 2**30 == 1000
-    assert configs["compiled"]["run_growth_gib"] * 2**30 == 500
-    assert configs["compiled"]["total_gib"] * 2**30 == 80 + 1000 + 500
+    assert configs["compiled"]["run_growth_gib"] * 2**30 == 300
+    assert not configs["compiled"]["growth_run_built"]
+    assert configs["compiled"]["total_gib"] * 2**30 == 80 + 1000 + 300
+    # Only a run that built: it allocated the 1000-byte cache inside its window, 500 bytes are its own.
+    assert configs["static"]["run_growth_gib"] * 2**30 == 500 and configs["static"]["growth_run_built"]
     assert configs["upstream"]["run_growth_gib"] * 2**30 == 700  # upstream keeps no static cache
 
 

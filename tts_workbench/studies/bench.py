@@ -357,9 +357,11 @@ def memory_per_config(
     """Each configuration's own memory: the weights it runs (from their tensors), the static KV
     cache it keeps, and the most one of its timed runs rose above what the process held before
     it (activations and whatever the run allocated). A run that built its static step (the
-    first, without ``warmup``) allocated the cache inside its window: the cache is taken off that
-    run's growth, as it is counted once, in ``kv_cache_gib``. ``total_gib``: what that
-    configuration alone would hold."""
+    first, without ``warmup``) also holds what building and compiling allocated for a while: the
+    runs that did not build are taken where there are any (``growth_run_built`` False); where
+    every run built, the cache is taken off their growth, as it is counted once, in
+    ``kv_cache_gib``, and ``growth_run_built`` says the compile's memory is in it.
+    ``total_gib``: what that configuration alone would hold."""
     per: dict[str, Any] = {}
     for c in dict.fromkeys(r.config for r in rows):
         if c in PLAN_OF:
@@ -370,11 +372,14 @@ def memory_per_config(
         else:
             weights, cache = module_bytes([upstream.t3, upstream.s3gen, upstream.ve]), 0
         mine = [r for r in rows if r.config == c]
-        growth = max(max(0, r.memory_growth_bytes - (cache if r.t3_compile_s > 0 else 0)) for r in mine)
+        unbuilt = [r for r in mine if r.t3_compile_s == 0 and r.s3gen_compile_s == 0]
+        own = [max(0, r.memory_growth_bytes - (cache if r.t3_compile_s > 0 else 0)) for r in unbuilt or mine]
+        growth = max(own)
         per[c] = {
             "weights_gib": weights / 2**30,
             "kv_cache_gib": cache / 2**30,
             "run_growth_gib": growth / 2**30,
+            "growth_run_built": not unbuilt,  # every run built its step: its compile is in it
             "reserved_growth_gib": max(r.reserved_growth_bytes for r in mine) / 2**30,
             "total_gib": (weights + cache + growth) / 2**30,
         }
