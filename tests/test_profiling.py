@@ -294,6 +294,9 @@ def test_bench_cli_bad_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert "error: argument --configs: unknown configs ['warp-speed']" in capsys.readouterr().err
     assert main(["bench", "--configs", ","]) == 2
     assert "error: argument --configs: no config given: choose from upstream," in capsys.readouterr().err
+    # a config twice ran twice a round and pooled its runs under one name (4 "repeats" of 2)
+    assert main(["bench", "--configs", "upstream,optimized,upstream"]) == 2
+    assert "error: argument --configs: upstream given twice: name each config once" in capsys.readouterr().err
 
 
 def gpu_check_dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:

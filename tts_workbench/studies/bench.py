@@ -171,6 +171,8 @@ def run_bench(
     if unknown or not configs:
         what = f"unknown configs {unknown}" if unknown else "no config given"
         raise ConfigError(f"argument --configs: {what}: choose from {', '.join(CONFIGS)}")
+    if twice := sorted({c for c in configs if configs.count(c) > 1}):
+        raise ConfigError(f"argument --configs: {', '.join(twice)} given twice: name each config once")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     reference = reference or str(make_reference_wav(outdir / "reference.wav"))
