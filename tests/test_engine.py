@@ -189,6 +189,7 @@ def test_a_step_that_fails_ends_its_streams_and_the_engine_goes_on(tts: Chatterb
         assert engine.running and lost.error is not None
         after = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
         assert [m for _, m in after] and engine.free_rows() == 2 * engine.rows_per_stream
+    assert after.tokens == solo(tts, TEXTS[0], 0)[1]  # nothing of the failed step left in its rows
 
 
 def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: ChatterboxTTS) -> None:
@@ -245,7 +246,6 @@ def test_a_chunk_counts_its_streams_prefill_in_its_t3_time(tts: ChatterboxTTS) -
         list(h)
         stats = engine.stats
     # one stream: its chunks hold all of T3's time, prefill included (as streaming.stream counts)
-    assert stats.prefill_s > 0 and h.report.chunks[0].t3_s > stats.prefill_s
     assert sum(c.t3_s for c in h.report.chunks) == pytest.approx(stats.t3_s + stats.prefill_s)
 
 
@@ -495,6 +495,8 @@ def test_a_bad_request_fails_alone_and_rows_come_back(tts: ChatterboxTTS) -> Non
         assert [m for _, m in late]
         assert engine.stats.failed == 3 and engine.stats.admitted == 2
         assert engine.free_rows() == 4 and engine.active() == 0 and engine.queued() == 0
+    # the failures took nothing from the streams served beside and after them
+    assert good.tokens == solo(tts, TEXTS[0], 1)[1] and late.tokens == solo(tts, TEXTS[2], 4)[1]
 
 
 def test_unknown_sampling_arguments_are_refused_at_submit(tts: ChatterboxTTS) -> None:
@@ -511,6 +513,7 @@ def test_unknown_sampling_arguments_are_refused_at_submit(tts: ChatterboxTTS) ->
         served = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)
         assert [c for c, _ in served] and served.error is None
         assert engine.stats.admitted == 1 and engine.stats.failed == 0
+    assert served.tokens == solo(tts, TEXTS[2], 2)[1]
 
 
 def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:
@@ -527,6 +530,7 @@ def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:
             time.sleep(0.05)
         assert engine.free_rows() == 4 and engine.active() == 0
         assert len(quitter.sampled) < 200  # (its speech tokens are fewer anyway: ids are dropped)
+    assert stayer.tokens == solo(tts, TEXTS[0], 1)[1]  # the quitter's leaving took nothing from it
 
 
 def test_a_stream_waits_in_the_queue_while_the_engine_is_full(tts: ChatterboxTTS) -> None:
@@ -798,7 +802,7 @@ def test_load_cli_bad_flags_give_one_error_line(
 
 def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -> None:
     # T3 in bfloat16 (a copy): a batched kernel may round differently from a batch of one, so a
-    # near tie can flip a sample. Up to the first differing token (all of them when none differs)
+    # near tie can flip a sample. Up to and including the first differing token (all when none differs)
     # the logits agree within 3% of the largest logit, the bound of the single-stream bf16 tests.
     plan = decode_plan(tts, "bfloat16")
     sampling = family_of(tts).sampling
@@ -816,7 +820,8 @@ def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -
         ).tokens[0].tolist()  # fmt: skip
         first = next((i for i, (a, b) in enumerate(zip(h.sampled, ids, strict=True)) if a != b), len(ids))
         assert first > 0
-        for i in range(first):
+        # the differing token's logits too: a flip must be a near tie, not a diverged state
+        for i in range(min(first + 1, len(h.logits), len(logits))):
             assert (h.logits[i] - logits[i]).abs().max() <= 0.03 * logits[i].abs().max(), (k, i)
 
 

@@ -236,9 +236,11 @@ def _multilingual_text(tts: ChatterboxMultilingualTTS) -> torch.Tensor:
 def test_multilingual_decode_samples_upstreams_tokens_and_gives_the_model_back(
     multilingual: ChatterboxMultilingualTTS,
 ) -> None:
+    _pristine(multilingual)
     t3, text = multilingual.t3, _multilingual_text(multilingual)
     config, attn = t3.tfmr.config, t3.tfmr.layers[9].self_attn
     before = (config._attn_implementation, config.output_attentions, _spies(attn))
+    assert before == ("sdpa", False, 0)
     torch.manual_seed(7)
     ours = t3_decode(t3, multilingual.conds.t3, text, max_new_tokens=N, plan=DecodePlan.plain(t3))
     # Upstream's analyzer switched attention to eager and added hooks for the run; all undone.
@@ -248,6 +250,21 @@ def test_multilingual_decode_samples_upstreams_tokens_and_gives_the_model_back(
     assert torch.equal(upstream, ours.tokens)
     # Upstream leaves them changed (three more hooks every generation).
     assert config._attn_implementation == "eager" and _spies(attn) > before[2]
+
+
+def _pristine(tts: ChatterboxMultilingualTTS) -> tuple[Any, ...]:
+    """Undo what upstream's analyzer left on the shared model (eager attention, attentions on,
+    its spies), so a test's ``before`` is the loaded model's state whatever ran earlier."""
+    config = tts.t3.tfmr.config
+    config._attn_implementation, config.output_attentions = "sdpa", False
+    for layer, _ in LLAMA_ALIGNED_HEADS:
+        hooks = tts.t3.tfmr.layers[layer].self_attn._forward_hooks
+        for key in [k for k, h in hooks.items() if h.__module__ != "transformers.utils.output_capturing"]:
+            del hooks[key]
+    attns = [tts.t3.tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
+    state = (config._attn_implementation, config.output_attentions, *map(_spies, attns))
+    assert state == ("sdpa", False, 0, 0, 0)
+    return state
 
 
 def _spies(attn: torch.nn.Module) -> int:
@@ -270,7 +287,8 @@ def test_two_multilingual_generations_at_once_each_feed_their_own_analyzer(
     def state() -> tuple[Any, ...]:
         return (config._attn_implementation, config.output_attentions, *map(_spies, attns))
 
-    before = state()
+    before = _pristine(multilingual)
+    assert state() == before == ("sdpa", False, 0, 0, 0)
 
     def blocks(seed: int) -> Iterator[torch.Tensor]:
         return decode_blocks(
@@ -305,7 +323,9 @@ def test_an_analyzer_that_fails_to_start_leaves_the_model_as_it_was(
     # thread's first forward with attentions) arrives, and stays.
     tfmr = multilingual.t3.tfmr
     config, attns = tfmr.config, [tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
+    _pristine(multilingual)
     before = (config._attn_implementation, config.output_attentions, *map(_spies, attns))
+    assert before == ("sdpa", False, 0, 0, 0)
     real, calls = AlignmentStreamAnalyzer._add_attention_spy, [0]
 
     def failing(self: AlignmentStreamAnalyzer, tfmr: Any, *a: Any) -> None:
@@ -347,9 +367,11 @@ def test_closing_the_wrapper_mid_stream_gives_the_multilingual_model_back(
     def state() -> tuple[Any, ...]:
         return config._attn_implementation, config.output_attentions, len(attention._forward_hooks)
 
+    _pristine(multilingual)
     with PerformanceOptimizedTTS.from_model(multilingual, dtype="float32", decode="eager") as opt:
         list(opt.generate_stream(text, max_new_tokens=30, language_id="fr"))  # transformers hooks once
     before = state()
+    assert before[:2] == ("sdpa", False) and _spies(attention) == 0  # what the wrapper gave back
     opt = PerformanceOptimizedTTS.from_model(multilingual, dtype="float32", decode="eager")
     chunks = opt.generate_stream(text, max_new_tokens=60, language_id="fr")
     next(chunks)

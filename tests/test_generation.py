@@ -34,21 +34,18 @@ def test_cap_not_stop_token_ends_random_weights(tiny_tts: ChatterboxTTS) -> None
     # S3Gen makes 2 mel frames per token, HiFT 480 samples per frame (24 kHz)
     assert len(r.wav) == valid * 2 * 480
     assert set(r.seconds) == {"t3", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder", "watermark"}
-    assert 0 < r.seconds["t3.prefill"] < r.seconds["t3"]
+    assert r.decode_steps == 40  # one timed one-position forward per token (no clock compared)
     assert r.rtf > 0
 
 
-def test_phase_times_add_up_to_the_wall_time(tiny_tts: ChatterboxTTS) -> None:
+def test_every_phase_is_timed_and_t3_decode_counts_one_forward_per_token(tiny_tts: ChatterboxTTS) -> None:
+    # Which phases ran and how often, not what the clock read (no timing assertions).
     r = generate(tiny_tts, max_new_tokens=150)
     assert len(r.speech_tokens) == 150
-    phases = sum(v for k, v in r.seconds.items() if k not in ("t3.prefill", "t3.decode"))  # inside t3
-    # The phases are disjoint parts of the wall time, each read on the same synchronised clock;
-    # what is left is upstream's glue (text normalisation, tokenising, dropping invalid ids).
-    assert 0 < phases <= r.wall_s
+    assert set(r.seconds) == {"t3", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder", "watermark"}
     # T3's decode: one forward per token (upstream runs one more after the last sample), timed
     # from the prefill's end: what T3 does before its prefill is in neither phase.
     assert r.decode_steps == 150
-    assert 0 < r.seconds["t3.prefill"] + r.seconds["t3.decode"] <= r.seconds["t3"]
 
 
 def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:
