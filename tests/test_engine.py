@@ -694,7 +694,8 @@ def test_load_cli_reports_each_level(
         s = level["summary"]
         ttfa = [row["ttfa_s"] for row in level["per_stream"]]
         assert s["failed"] == 0 and s["kv_mib_per_stream"] > 0
-        assert [s[f"ttfa_p{q}_s"] for q in (50, 95, 99)] == [np.percentile(ttfa, q) for q in (50, 95, 99)]
+        # streams' own figures; with so few streams p95 and p99 are the slowest one's
+        assert s["ttfa_p50_s"] in ttfa and s["ttfa_p95_s"] == s["ttfa_p99_s"] == max(ttfa)
         # the limiting stage is the one whose thread was busier
         assert s["limiting_stage"] == max(("t3", "s3gen"), key=lambda stage: s[f"{stage}_busy_pct"])
         assert len(level["per_stream"]) == level["streams"]
@@ -753,7 +754,13 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
 
     streams = [row(0.0, 0.5, 2.0), row(1.0, 0.7, 2.0), row(3.0, 0.9, 4.0), row(0.5, None, 0.0, "boom")]
     s = listener_summary(4, 8.0, streams)
-    assert s["failed"] == 1 and s["ttfa_p50_s"] == 0.7 and s["ttfa_p99_s"] == pytest.approx(0.896)
+    assert s["failed"] == 1 and s["ttfa_p50_s"] == 0.7 and s["ttfa_p99_s"] == 0.9
+    # Percentiles are streams' own figures (nearest rank): below 20 streams p95 is the slowest
+    # stream's; at 20, one stream in 20 is the 5% it leaves out. Interpolated, one stream at 2 s
+    # gave p95 1.34 s at 8 streams, 0.58 s at 16: neither any listener's wait nor 95% of them.
+    for n, p95 in ((8, 2.0), (16, 2.0), (19, 2.0), (20, 0.1), (32, 0.1)):
+        level = [row(0.0, 0.1, 2.0) for _ in range(n - 1)] + [row(0.0, 2.0, 2.0)]
+        assert listener_summary(n, 8.0, level)["ttfa_p95_s"] == p95, n
     assert s["audio_per_wall_s"] == 1.0  # 8 s of audio in 8 wall seconds
     # every stream in real time from its arrival: the last one ends at 3 + 4 s
     assert s["real_time_audio_per_wall_s"] == pytest.approx(8.0 / 7.0)
