@@ -19,6 +19,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler_util import FunctionEvent
 
+from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
@@ -186,7 +187,7 @@ def test_trace_is_written_with_its_op_frame(profiled: dict) -> None:
     )
     assert "t3.decode" in format_profile(profiled)
     # how the generation ended, from the generation (a stop token would say so)
-    assert profiled["note"] == "12 tokens, ended by the token cap (random weights never emit the stop token)"
+    assert profiled["note"] == f"12 tokens, ended by the token cap ({RANDOM_NO_STOP})"
 
 
 def test_tensorboard_serves_the_run(profiled: dict) -> None:
@@ -494,3 +495,10 @@ def test_the_streaming_table_gives_a_ratio_for_every_measured_seam() -> None:
     ]
     ratios = bench.streaming_frame(rows)["seam_ratio"].tolist()
     assert ratios[0] == 0.0 and pd.isna(ratios[1]) and pd.isna(ratios[2])
+
+
+def test_the_bench_says_random_weights_only_of_a_random_build() -> None:
+    from tts_workbench.studies.bench import weights_note
+
+    assert weights_note("deep-narrow").startswith("random weights: timing is realistic")
+    assert weights_note("pretrained") == "weights from pretrained"  # its audio means something

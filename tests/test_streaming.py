@@ -15,7 +15,7 @@ import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 
-from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
+from tts_workbench.core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
@@ -366,7 +366,7 @@ def test_stream_cli_writes_wav_and_timeline(
     report = json.loads(capsys.readouterr().out)
     assert report["summary"]["s3gen_calls"] == len(report["chunks"]) >= 1
     assert Path(report["files"]["wav"]).stat().st_size > 1000 and Path(report["files"]["timeline"]).exists()
-    assert report["note"] == "no stop token within 40 tokens (random weights never emit one)"
+    assert report["note"] == f"no stop token within 40 tokens ({RANDOM_NO_STOP})"
     assert report["t3_step_mode"] == "static" and "t3_compile_s" in report
 
 

@@ -28,6 +28,10 @@ SAMPLES_PER_MS = SAMPLE_RATE // 1000  # 24
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
+# Why a run ended at its token cap, said so that it holds for any weights: a report cannot tell
+# random weights (every name in sources.MODELS, and folders saved from them) from trained ones.
+RANDOM_NO_STOP = "a model with random weights never emits the stop token"
+
 __all__ = [
     "DTYPES",
     "FRAMES_PER_TOKEN",
@@ -38,6 +42,7 @@ __all__ = [
     "SPEECH_VOCAB_SIZE",
     "TOKENS_PER_S",
     "UPSTREAM_SENTENCE",
+    "RANDOM_NO_STOP",
     "dtype_name",
     "parse_dtype",
 ]

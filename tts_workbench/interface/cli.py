@@ -256,6 +256,7 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
 
 
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from ..core.constants import RANDOM_NO_STOP
     from ..models.sources import check_device
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
@@ -279,7 +280,7 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     _check_decode_tokens(args.tokens)
     tts = _voiced_model(args, args.logdir)
     regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
-    note = f"T3 decode in {args.dtype}; random weights never emit a stop token: {args.tokens} tokens each"
+    note = f"T3 decode in {args.dtype}; up to {args.tokens} tokens each ({RANDOM_NO_STOP}: it runs to them)"
     if args.cut_only:
         return cut_report(regions, note), format_decode_traces
     return decode_trace_report(read_traces(regions), note), format_decode_traces

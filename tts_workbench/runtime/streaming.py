@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from ..core.clock import now
 from ..core.constants import (
     FRAMES_PER_TOKEN,
+    RANDOM_NO_STOP,
     SAMPLE_RATE,
     SAMPLES_PER_MS,
     SAMPLES_PER_TOKEN,
@@ -632,7 +633,7 @@ def run_to_files(
         "note": (
             f"ended by the stop token at token {state.t3.steps}"
             if state.t3.stopped
-            else f"no stop token within {max_new_tokens} tokens (random weights never emit one)"
+            else f"no stop token within {max_new_tokens} tokens ({RANDOM_NO_STOP})"
         ),
         "files": {"wav": str(wav_path), "timeline": str(fig_path)},
     }

@@ -31,7 +31,7 @@ from ..core.tables import render
 from ..instruments.latency import snr_db
 from ..instruments.memory import graph_pool_bytes, memory_window, module_bytes
 from ..instruments.plots import memory_figure, save
-from ..models.sources import load_model, make_reference_wav, model_summary
+from ..models.sources import MODELS, load_model, make_reference_wav, model_summary
 from ..models.vocode import FlowPlan
 from ..runtime.decode import T3Parts
 from ..runtime.generation import prepare_voice
@@ -59,7 +59,11 @@ def floor_of(config: str) -> str:
     return "upstream" if config.startswith("upstream") else "optimized"
 
 
-NOTE = "random weights: timing is realistic (same shapes and kernels), the audio is meaningless"
+def weights_note(model: str) -> str:
+    """What the weights make of the figures: a random build's are its timing only."""
+    if model in MODELS:
+        return "random weights: timing is realistic (same shapes and kernels), the audio is meaningless"
+    return f"weights from {model}"
 
 
 @dataclass
@@ -233,7 +237,7 @@ def run_bench(
         f["floor_s"] = step_floor(f["t3_bytes"], bandwidth)
     report: dict[str, Any] = {
         "environment": environment(model, device),
-        "note": NOTE,
+        "note": weights_note(model),
         "settings": dict(
             configs=list(configs),
             tokens=tokens,

@@ -14,7 +14,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 
 from ..core.clock import now
-from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
+from ..core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.errors import NoVoiceError
 from ..core.rng import StreamRandom
 from ..core.tables import render
@@ -125,7 +125,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(
         f"speech tokens: {report['speech_tokens']} (ended by the {report['stopped_by']}"
         + (
-            f" of {report['token_cap']}: random weights never emit the stop token)"
+            f" of {report['token_cap']}: {RANDOM_NO_STOP})"
             if report["stopped_by"] == "token cap"
             else ")"
         )

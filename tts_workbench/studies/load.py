@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
+from ..core.constants import RANDOM_NO_STOP, TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
 from ..core.tables import render
 from ..instruments.memory import memory_window
@@ -380,7 +380,7 @@ def run_load(
         "levels": runs,
         "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}, texts {source}, "
         f"T3 {policy} {step} step, arrival {arrival}, {tokens} tokens per stream",
-        "note": f"random weights never emit a stop token: every stream is capped at {tokens} tokens",
+        "note": f"every stream is capped at {tokens} tokens ({RANDOM_NO_STOP}: its streams run to the cap)",
     }
     return conclude(report, first_audio_limit_s, outdir)
 

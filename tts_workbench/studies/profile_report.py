@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
+from ..core.constants import RANDOM_NO_STOP
 from ..core.tables import render
 from ..instruments.attention import KernelRecord
 from ..instruments.profiling import (
@@ -61,7 +62,7 @@ def profile_generation(
         "ops": str(write_ops(ops, path.parent)),
         "tokens": len(result.speech_tokens),
         "note": f"{len(result.speech_tokens)} tokens, ended by the {result.stopped_by}"
-        + (" (random weights never emit the stop token)" if result.stopped_by == "token cap" else ""),
+        + (f" ({RANDOM_NO_STOP})" if result.stopped_by == "token cap" else ""),
         "top_ops": {
             str(phase): rows.drop(columns="phase").to_dict("records")
             for phase, rows in top.groupby("phase", observed=True)
