@@ -125,15 +125,17 @@ def test_a_stream_counts_only_its_own_threads_compiles(monkeypatch: pytest.Monke
     (``compile_s_here``) is what its own thread compiled, not a compile another stream ran
     meanwhile (``compile_s`` counts every thread)."""
     monkeypatch.setattr(vocode, "compile_method", lambda fn, module, *a, **kw: lambda *x: fn(module, *x))
+    ticks = iter(range(1, 100))  # a clock that moves one second per reading, whatever the machine
+    monkeypatch.setattr(vocode, "now", lambda *a, **k: float(next(ticks)))
     plan, estimator = FlowPlan("compiled"), torch.nn.Linear(4, 4)
     other = threading.Thread(
         target=plan._estimator, args=(estimator, estimator.forward, (torch.zeros(1, 4),))
     )
     other.start()
     other.join(timeout=60)
-    assert plan.compile_s > 0 and plan.compile_s_here == 0.0  # compiled in the other thread
+    assert plan.compile_s == 1.0 and plan.compile_s_here == 0.0  # compiled in the other thread
     plan._estimator(estimator, estimator.forward, (torch.zeros(2, 4),))  # a new shape, here
-    assert 0 < plan.compile_s_here < plan.compile_s
+    assert plan.compile_s_here == 1.0 and plan.compile_s == 2.0
 
 
 def test_a_new_shape_compiles_while_a_step_elsewhere_skips_its_guards() -> None:
