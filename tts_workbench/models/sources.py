@@ -447,18 +447,13 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torc
     folder = Path(folder)
     real = folder.resolve()  # a link to a folder: the folder it names is replaced
     _sweep_stale(real)
-    if real.exists() and not (real / METADATA_FILE).exists() and (real.is_file() or any(real.iterdir())):
-        raise SourceError(
-            f"{folder} is neither an empty folder nor a checkpoint written by save_checkpoint() "
-            f"(it has no {METADATA_FILE}); a save replaces the whole folder: give a new or empty folder"
-        )
-    _check_only_saved_files(folder, real)
+    _check_replaceable(folder, real)
     real.parent.mkdir(parents=True, exist_ok=True)
     partial = _beside(real, "partial")
     try:
         partial.mkdir()
         _write_checkpoint(tts, partial, dtype)
-        _check_only_saved_files(folder, real)  # again: a file may have been added meanwhile
+        _check_replaceable(folder, real)  # again: a file may have been added meanwhile
         _replace_folder(partial, real)
     finally:
         _remove(partial)  # there only if the save failed
@@ -479,9 +474,17 @@ def _saved_names(folder: Path) -> set[str]:
     return every | {*PT_LAYOUT, *GPT2_TOKENIZER_FILES, "conds.pt", METADATA_FILE}
 
 
-def _check_only_saved_files(folder: Path, real: Path) -> None:
-    """Refuse to replace checkpoint ``real`` if it holds anything its save did not write."""
-    if not (real / METADATA_FILE).is_file():
+def _check_replaceable(folder: Path, real: Path) -> None:
+    """Refuse to replace ``real`` unless it is absent, an empty folder, or a checkpoint that
+    holds only what its save wrote."""
+    if not real.exists():
+        return
+    if not (real / METADATA_FILE).exists():
+        if real.is_file() or any(real.iterdir()):
+            raise SourceError(
+                f"{folder} is neither an empty folder nor a checkpoint written by save_checkpoint() "
+                f"(it has no {METADATA_FILE}); a save replaces the whole folder: give a new or empty folder"
+            )
         return
     known = _saved_names(real)
     other = sorted(p.name for p in real.iterdir() if p.name not in known)
