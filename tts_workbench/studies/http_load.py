@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from ..core.constants import SAMPLE_RATE
+from ..core.constants import RANDOM_NO_STOP, SAMPLE_RATE
 from ..core.errors import ConfigError
 from ..instruments.latency import gap_summary, underruns
 from .load import (
@@ -271,7 +271,7 @@ def run_http_load(
         "title": f"load study of {url} (model {got['model']}, server {', '.join(servers) or 'unnamed'}, "
         f"{len(replicas) or 'unnamed'} replica(s) answered), voice {voice}, texts {source}, "
         f"arrival {arrival}, max_tokens {tokens} per stream, measured from the bytes' arrival",
-        "note": f"each stream ends where the server ends it, at max_tokens={tokens} at most (a model with "
-        "random weights never emits a stop token, so its streams run to max_tokens)",
+        "note": f"each stream ends where the server ends it, at max_tokens={tokens} at most "
+        f"({RANDOM_NO_STOP}: its streams run to max_tokens)",
     }
     return conclude(report, first_audio_limit_s, outdir)
