@@ -13,7 +13,7 @@
 #      compiled steps decode without the alignment analyzer, README);
 #   1c. (GPU_CHECK_LOAD=1, GPU_CHECK_SERVE=1) the load study, in process and over HTTP;
 #   2. sampling the next tokens of 1, 8, 32 and 64 streams: upstream's way one stream at a time
-#      vs decode.Sampler batched (scripts/sampling_study.py, ~30 s);
+#      vs sampling.Sampler batched (scripts/sampling_study.py, ~30 s);
 #   3. (GPU_CHECK_TRACE=1, the default) `tts-workbench trace`: T3's decode with the eager and the
 #      compiled step profiled after a warm-up, each one's t3.decode region (its first 20 steps)
 #      cut and copied to traces/ beside the results file (issue 22); the image has no
@@ -418,7 +418,7 @@ while True:  # until the replica has built, compiled and answers, or the seconds
         kill -TERM $SERVER 2>/dev/null; timeout $GRACE tail --pid=$SERVER -f /dev/null || kill -KILL $SERVER 2>/dev/null
     fi
 fi
-# sampling B streams: one at a time vs decode.Sampler batched, same tokens (a script of its own
+# sampling B streams: one at a time vs sampling.Sampler batched, same tokens (a script of its own
 # arguments: --plain, no reference and no --json, it prints JSON anyway)
 [[ $MODE == dry-run ]] && SAMPLING=(--streams 2 --min-run-time 0.2) || SAMPLING=(--streams 1,8,32,64)
 step --plain --needs "torch transformers" sampling $PY scripts/sampling_study.py --device $DEVICE "${SAMPLING[@]}"

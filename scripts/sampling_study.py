@@ -1,6 +1,6 @@
 """Sampling B streams' next tokens: upstream's way, one stream at a time (transformers'
 processors over the ids so far, then `torch.multinomial`, which reads a check back to the host
-every call), vs `decode.Sampler` (the same processors batched over the streams, the penalty over
+every call), vs `sampling.Sampler` (the same processors batched over the streams, the penalty over
 a mask, one `exponential_` draw per stream, no host read). Side by side in one process, same
 logits; the tokens are checked equal first. Speech vocabulary (8194), two rows per stream.
 
@@ -26,7 +26,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from tts_workbench.runtime.decode import Sampler, penalize
+from tts_workbench.runtime.sampling import Sampler, penalize
 from tts_workbench.studies.bench import environment
 
 VOCAB, START, HISTORY = 8194, 6561, 100

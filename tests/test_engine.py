@@ -126,7 +126,7 @@ def test_streams_without_guidance_join_others_of_their_settings(tts: ChatterboxT
 def test_a_stream_whose_logits_are_not_finite_fails_alone(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tts_workbench.runtime.decode import Sampler
+    from tts_workbench.runtime.sampling import Sampler
 
     real = Sampler.sample
 

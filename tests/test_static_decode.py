@@ -28,17 +28,14 @@ from tts_workbench.runtime.decode import (
     DEFAULT_MAX_CACHE_LEN,
     DecodePlan,
     DecodeResult,
-    Sampler,
     StaticStep,
     T3Parts,
     decode_blocks,
-    draw,
-    exponential_noise,
-    penalize,
     spans,
     t3_decode,
     text_tokens,
 )
+from tts_workbench.runtime.sampling import Sampler, draw, exponential_noise, penalize
 
 if TYPE_CHECKING:
     from conftest import Steer

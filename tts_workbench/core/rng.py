@@ -4,7 +4,7 @@ Two streams that share the process-global generator interleave their draws, so n
 what it samples alone (and swapping the global state in and out around each step is not safe
 once streams run in threads). So every stream holds a ``StreamRandom``: its generators, one per
 device, seeded from the stream's seed. T3's sampling draws its noise from the generator
-explicitly (``decode.exponential_noise``); upstream code that draws without one (HiFT's sine
+explicitly (``sampling.exponential_noise``); upstream code that draws without one (HiFT's sine
 source and noise) runs inside ``StreamRandom.drawing()``, a ``TorchFunctionMode`` that hands the
 stream's generator to every random factory called without one. Torch function modes are
 thread-local, so a stream's mode never sees another thread's calls.

@@ -35,7 +35,7 @@ has slow matmuls for long inputs.
 Turbo's T3 (GPT-2, ``T3.inference_turbo``) runs through the same loop: no guidance (batch 1), one
 start-of-speech token, no learned speech positions (GPT-2 adds its own), and upstream Turbo's
 processors in its order (temperature, top-k, top-p, then the repetition penalty over the tokens
-sampled so far). Sampling (``Sampler``) runs on the device with the same logits processors and
+sampled so far). Sampling (``sampling.Sampler``) runs on the device with the same logits processors and
 the same draw as ``multinomial`` but without its host read, so equal logits give equal tokens
 for a seed and the only host syncs are the stop checks; the static and compiled steps sample
 inside the step (one compiled graph per token, as gpt-fast), only the noise of each draw is
@@ -49,7 +49,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, cast, get_args
@@ -64,11 +64,6 @@ from chatterbox.tts_turbo import punc_norm as turbo_punc_norm
 from torch import nn
 from torch.autograd.profiler import record_function
 from transformers.cache_utils import StaticCache, StaticLayer
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
@@ -78,6 +73,7 @@ from ..core.families import kv_layout, language_for
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
 from .alignment import alignment
+from .sampling import Sampler, exponential_noise, not_finite
 
 StepMode = Literal["eager", "static", "compiled"]
 STEP_MODES: tuple[str, ...] = get_args(StepMode)
@@ -684,181 +680,6 @@ def prefill_length(tts: Any, text: str, cfg_weight: float = 0.5, language_id: st
 def is_turbo(t3: T3) -> bool:
     """Turbo's T3: GPT-2, sampled by ``inference_turbo``."""
     return bool(getattr(t3, "is_gpt", False))
-
-
-def penalize(seen: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' ``RepetitionPenaltyLogitsProcessor`` over a mask (B, vocab) of the tokens
-    seen instead of their ids: the same arithmetic on the same elements (its own 3-D path does
-    it this way too; a test compares the two), without a gather over a history that grows."""
-    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-
-
-def not_finite(where: str) -> RuntimeError:
-    """The error ``multinomial`` raised on probabilities that are not finite, with the likely
-    cause (the draw here reads nothing back: callers check at their next host sync)."""
-    return RuntimeError(
-        f"T3's logits were not finite {where} (probability tensor contains inf or nan): "
-        "an overflow in a half-precision dtype? Decode in float32"
-    )
-
-
-def exponential_noise(
-    rows: int, vocab: int, device: torch.device, generators: Sequence[torch.Generator | None]
-) -> torch.Tensor:
-    """``q ~ Exp(1)`` (rows, vocab) float32, row r drawn from ``generators[r]``: what
-    ``torch.multinomial(probs, 1)`` draws for one sample. ATen's multinomial then takes
-    ``argmax(probs / q)`` (``draw``), so drawing ``q`` apart gives the same tokens for a seed
-    without multinomial's host read (it checks the probabilities every call)."""
-    q = torch.empty((rows, vocab), dtype=torch.float32, device=device)
-    for row, generator in enumerate(generators):
-        q[row : row + 1].exponential_(generator=generator)
-    return q
-
-
-def draw(probs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The one-sample ``multinomial`` of each row of ``probs`` given its noise ``q``."""
-    return torch.argmax(probs / q, dim=-1, keepdim=True)
-
-
-class MinP:
-    """transformers' ``MinPLogitsWarper`` as upstream builds it (``min_tokens_to_keep=1``) without
-    its ``topk``: that keeps the most probable token, which is never below ``min_p`` (at most 1)
-    times its own probability, so it changes nothing. Compiled on this 2-core CPU, the
-    ``topk`` and its scatter made one (1, 6561) row's filter 3× slower (0.24 ms against 0.08)."""
-
-    def __init__(self, min_p: float) -> None:
-        if not 0 <= min_p <= 1:
-            raise ConfigError(
-                f"min_p must be in [0, 1] (a share of the top token's probability), got {min_p}"
-            )
-        self.min_p = min_p
-
-    def __call__(self, input_ids: Any, scores: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(scores, dim=-1)
-        low = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
-        return scores.masked_fill(low, float("-inf"))
-
-
-@dataclass(frozen=True)
-class Sampler:
-    """How upstream samples the next speech token (``T3.inference``; Turbo's T3:
-    ``inference_turbo``), for a batch of streams sharing these settings: classifier-free
-    guidance over each stream's two rows, the logits processors in upstream's order (transformers'
-    own, the repetition penalty over a mask of the tokens seen), then one draw per stream from
-    its own generator (``draw``). Nothing is read back to the host: the caller reads the tokens
-    when it needs them, for every stream at once."""
-
-    turbo: bool
-    cfg_weight: float = 0.5
-    temperature: float = 0.8
-    top_p: float = 0.95
-    min_p: float = 0.05
-    top_k: int = 1000
-    repetition_penalty: float = 1.2
-    # built once, here: a compiled step then only reads them
-    _warpers: tuple[Any, ...] = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.turbo and not self.temperature > 0:  # inference_turbo skips it instead
-            raise ConfigError(
-                f"temperature must be above 0 (T3 divides its logits by it), got {self.temperature}"
-            )
-        # T3.inference builds TopPLogitsWarper, which refuses these (inference_turbo ignores top_p
-        # from 1 up); here top-p at 1 is left out, so its check is made here.
-        if not self.turbo and not 0 <= self.top_p <= 1:
-            raise ConfigError(f"top_p must be in [0, 1] (a share of the probability kept), got {self.top_p}")
-        # as transformers' RepetitionPenaltyLogitsProcessor, which both upstream loops build
-        if not self.repetition_penalty > 0:
-            raise ConfigError(
-                f"repetition_penalty must be above 0 (1 for none; the logits of seen tokens are "
-                f"divided by it), got {self.repetition_penalty}"
-            )
-        # upstream generate runs guidance's second row only for a weight above 0
-        if self.cfg_weight < 0:
-            raise ConfigError(f"cfg_weight must be 0 (no guidance) or above, got {self.cfg_weight}")
-        object.__setattr__(self, "_warpers", self._make_warpers())
-
-    def _make_warpers(self) -> tuple[Any, ...]:
-        """The processors other than the repetition penalty, in upstream's order."""
-        # Top-p only below 1, as inference_turbo and transformers' generate add it: T3.inference
-        # adds it always, but at 1 it removes only tokens of probability 0, which are never drawn
-        # (and its sort is the costliest op of a compiled CPU step's sampling).
-        top_p = (TopPLogitsWarper(top_p=self.top_p),) if self.top_p < 1.0 else ()
-        if not self.turbo:
-            return (MinP(self.min_p), *top_p)
-        # inference_turbo: each processor only when it changes anything
-        steps: list[Any] = []
-        if self.temperature > 0 and self.temperature != 1.0:
-            steps.append(TemperatureLogitsWarper(self.temperature))
-        if self.top_k > 0:
-            steps.append(TopKLogitsWarper(self.top_k))
-        return (*steps, *top_p)
-
-    def scores(self, seen: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The processed scores (B, vocab) of guided ``logits`` after the tokens in ``seen``."""
-        if self.turbo:
-            for warp in self._warpers:
-                logits = warp(None, logits)
-            if self.repetition_penalty != 1.0:
-                logits = penalize(seen, logits, self.repetition_penalty)
-            return logits
-        logits = penalize(seen, logits, self.repetition_penalty)  # T3.inference's order
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        for warp in self._warpers:
-            logits = warp(None, logits)
-        return logits
-
-    def sample(
-        self,
-        logits: torch.Tensor,
-        seen: torch.Tensor,
-        generators: Sequence[torch.Generator | None],
-        analyzer: Any = None,
-        last_token: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next token (B, 1) of each of B streams from their ``logits`` (B·rows, vocab; two
-        rows per stream with guidance, cond then uncond), ``seen`` (B, vocab) and generators,
-        and (B, 1) whether a stream's probabilities were not finite (``multinomial`` raises
-        there; the caller reads it at its next host sync). ``analyzer``: upstream
-        multilingual's alignment analyzer (one stream, its ``last_token``), which may suppress
-        or force the stop token before the processors."""
-        q = exponential_noise(len(generators), logits.size(-1), logits.device, generators)
-        return self.pick(logits, seen, q, analyzer, last_token)
-
-    def pick(
-        self,
-        logits: torch.Tensor,
-        seen: torch.Tensor,
-        q: torch.Tensor,
-        analyzer: Any = None,
-        last_token: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``sample`` given the streams' noise ``q`` (``exponential_noise``): pure tensor
-        arithmetic, so it can run inside the compiled decode step."""
-        if logits.size(0) == 2 * q.size(0):  # guidance: cond and uncond rows per stream
-            cond, uncond = logits[0::2], logits[1::2]
-            guided = cond + self.cfg_weight * (cond - uncond)
-        else:
-            guided = logits
-        if analyzer is not None:
-            guided = analyzer.step(guided, next_token=last_token)
-        probs = torch.softmax(self.scores(seen, guided), dim=-1)
-        return draw(probs, q), ~torch.isfinite(probs).all(dim=-1, keepdim=True)
-
-    def saw(self, seen: torch.Tensor, token: torch.Tensor, first: bool) -> None:
-        """Mark ``token`` (1, 1) in one stream's ``seen`` (1, vocab) after it was sampled. Turbo
-        penalises the tokens sampled so far, its start token only before the first of them;
-        ``T3.inference`` penalises the start token and every token sampled."""
-        if self.turbo and first:
-            seen.zero_()
-        seen.scatter_(1, token, True)
-
-    def start(self, start_token: int, vocab: int, device: torch.device) -> torch.Tensor:
-        """A stream's ``seen`` before its first sample: the start-of-speech token."""
-        seen = torch.zeros((1, vocab), dtype=torch.bool, device=device)
-        seen[0, start_token] = True
-        return seen
 
 
 def decode_blocks(

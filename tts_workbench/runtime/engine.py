@@ -55,7 +55,6 @@ from ..instruments.latency import ChunkMetrics, StreamReport
 from ..models.vocode import FlowPlan, cast_gen, cfm_steps, tail_tokens, vocoder
 from .decode import (
     DecodePlan,
-    Sampler,
     SpanStaticLayer,
     T3Parts,
     check_cache_len,
@@ -64,7 +63,6 @@ from .decode import (
     head_logits,
     invalid_ids,
     is_turbo,
-    not_finite,
     prefill_embeds,
     span_for,
     spans,
@@ -72,6 +70,7 @@ from .decode import (
     text_tokens,
 )
 from .generation import checked_voice
+from .sampling import Sampler, not_finite
 from .streaming import (
     BufferedCutter,
     StreamConfig,
