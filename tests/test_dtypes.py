@@ -24,7 +24,7 @@ from tts_workbench.instruments.dtypes import (
 )
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import generate, prepare_voice
-from tts_workbench.studies.diagnose import _stage, diagnose_precision
+from tts_workbench.studies.diagnose import _stage, diagnose_precision, where_half_fails
 
 
 def _net() -> nn.Sequential:
@@ -199,6 +199,18 @@ def test_upstream_float16_path_fails_where_measured(half_report: dict) -> None:
         ("s3gen.mel2wav.m_source.l_sin_gen", "upcast"),
         ("s3gen.mel2wav.m_source.l_linear", "input/weight"),
     ]
+
+
+def test_where_half_fails_is_one_row_per_failing_stage_of_each_model(
+    half_report: dict, reference_wav: Path
+) -> None:
+    found = where_half_fails({"standard": "tiny"}, str(reference_wav), torch.float16, tokens=8)
+    assert list(found.columns) == ["family", "stage", "detail"] and set(found["family"]) == {"standard"}
+    assert list(found["stage"]) == ["conditioning", "generate", "s3gen"]
+    # the failing modules the full report names
+    failures = [st["failure"] for st in half_report["stages"].values()]
+    outside = "(outside a module)"  # the speaker encoder's kaldi fbank is a function
+    assert list(found["detail"]) == [f"{f['module'] or outside} at {f['where']}" for f in failures]
 
 
 def test_float32_precision_report_is_clean(reference_wav: Path) -> None:

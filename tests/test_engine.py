@@ -39,6 +39,7 @@ from tts_workbench.studies.load import (
     listener_summary,
     parse_levels,
     real_time_capacity,
+    side_by_side,
 )
 
 if TYPE_CHECKING:
@@ -705,6 +706,7 @@ def test_load_cli_reports_each_level(
         assert sampled == 20 * level["streams"] > kept  # random weights: some ids are not speech
         assert s["t3_tokens_per_s_needed"] == pytest.approx(25 * level["streams"] * sampled / kept)
         assert all(row["speech_tokens"] and row["ttfa_s"] > 0 for row in level["per_stream"])
+        assert level["rows_held_after"] == 0  # every stream freed its rows
     assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
     assert "note" in report and "capped at 20 tokens" in report["note"]
     # which levels held in real time, by the stated first-audio limit (the default 0.5 s)
@@ -714,6 +716,17 @@ def test_load_cli_reports_each_level(
         s = level["summary"]
         held = not s["failed"] and not s["streams_with_underruns"] and s["ttfa_p95_s"] <= 0.5
         assert (str(level["streams"]) not in real_time["missed"]) == held  # JSON keys are strings
+
+
+def test_load_studies_side_by_side_keep_each_ones_label_and_levels() -> None:
+    def study(ttfa: list[float]) -> dict:
+        levels = [{"summary": {"streams": 2**k, "ttfa_p95_s": t, "failed": 0}} for k, t in enumerate(ttfa)]
+        return {"levels": levels}
+
+    studies = {"10 s": study([1.0, 2.0]), "2 s": study([0.5, 0.7])}
+    both = side_by_side(studies, "prompt", ["streams", "ttfa_p95_s"])
+    assert list(both.columns) == ["prompt", "streams", "ttfa_p95_s"]
+    assert both.values.tolist() == [["10 s", 1, 1.0], ["10 s", 2, 2.0], ["2 s", 1, 0.5], ["2 s", 2, 0.7]]
 
 
 def test_levels_run_in_ascending_order() -> None:

@@ -19,7 +19,7 @@ from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
 
 from tts_workbench.core.errors import ConfigError, SourceError
-from tts_workbench.core.families import FAMILIES, check_language, family_of
+from tts_workbench.core.families import FAMILIES, check_language, family_frame, family_of
 from tts_workbench.core.patching import shadow
 from tts_workbench.models.sources import load_folder, load_model, make_reference_wav, save_checkpoint
 from tts_workbench.models.vocode import tail_tokens
@@ -116,6 +116,14 @@ def test_a_folder_of_one_family_is_refused_as_another(turbo: ChatterboxTurboTTS,
     (folder / "tokenizer_config.json").unlink()
     with pytest.raises(SourceError, match="turbo model folder .* is missing tokenizer_config.json"):
         load_folder(folder)
+
+
+def test_the_family_table_has_a_row_per_family_with_its_own_sampling_defaults() -> None:
+    frame = family_frame().set_index("family")
+    assert list(frame.index) == list(FAMILIES)
+    assert frame.loc["turbo", "t3_call"] == "T3.inference_turbo" and not frame.loc["turbo", "guidance"]
+    assert "repetition_penalty=2 " in frame.loc["multilingual", "sampling"]  # 1.2 in the other two
+    assert "top_k=1000" in frame.loc["turbo", "sampling"]
 
 
 def test_languages_are_checked_with_the_fix() -> None:

@@ -24,6 +24,12 @@ def test_frame_has_one_row_per_chunk_with_its_rtf() -> None:
     assert frame["new_frames"].sum() == report.summary()["new_frames"]
 
 
+def test_redundant_share_is_the_frames_s3gen_ran_that_were_not_new_audio() -> None:
+    # prompt 500 + 500, context 0 + 8, new 50 + 100 frames
+    assert _report().summary()["redundant_frames_pct"] == pytest.approx(100 * 1008 / 1158)
+    assert StreamReport("naive").summary()["redundant_frames_pct"] is None  # no S3Gen call: no share
+
+
 def test_rtf_is_compute_or_wall_over_audio_chunk_by_chunk_and_for_the_stream() -> None:
     # Compute (1.0 s) and audio (2.0 s, then 1.0 s) differ, so an inverted ratio shows.
     report = StreamReport("buffered")

@@ -23,6 +23,7 @@ from tts_workbench.runtime.decode import DecodePlan, DecodeStats, T3Parts, decod
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, Policy, UpstreamTTS, choose_policy
 from tts_workbench.runtime.streaming import StreamConfig
+from tts_workbench.studies.diagnose import parameter_frame, policy_frame
 
 TEXT = "Hello there, this is a test."
 
@@ -145,6 +146,27 @@ def test_choosing_the_policy_leaves_the_global_random_state_alone(tiny_tts: Chat
     # nor does building the wrapper (its Flash probe made random inputs)
     with PerformanceOptimizedTTS(tiny_tts, policy="float32"):
         assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_policy_timings_are_medians_and_spreads_of_each_policy(tiny_tts: ChatterboxTTS) -> None:
+    frame = policy_frame(tiny_tts, ["float32", "decode-bfloat16"])
+    assert list(frame["policy"]) == ["float32", "decode-bfloat16"] and set(frame["repeats"]) == {3}
+    assert (frame[["prefill_ms", "step_ms"]] > 0).all().all()
+    assert (frame[["prefill_iqr_ms", "step_iqr_ms"]] >= 0).all().all()
+    assert next(tiny_tts.t3.parameters()).dtype == torch.float32  # measured on copies
+
+
+def test_parameter_table_is_each_wrappers_bytes_in_mib(folders: dict[str, Path]) -> None:
+    load = PerformanceOptimizedTTS.from_local
+    models = {d: load(f, dtype="keep", record_attention=False) for d, f in folders.items()}
+    try:
+        frame = parameter_frame(models).set_index("model")
+        held = models["float16"].performance_info()["memory"]["parameter_bytes"]
+        assert frame.loc["float16", "t3_mib"] == held["t3"] / 2**20
+        assert frame.loc["float16", "t3_mib"] == pytest.approx(frame.loc["float32", "t3_mib"] / 2)
+    finally:
+        for m in models.values():
+            m.close()
 
 
 def test_a_model_has_one_open_wrapper_at_a_time(tiny_tts: ChatterboxTTS) -> None:

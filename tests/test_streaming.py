@@ -38,6 +38,7 @@ from tts_workbench.runtime.streaming import (
     stream_all,
     stream_tokens,
 )
+from tts_workbench.studies.bench import stream_quality
 
 TEXT = "Streaming should never drop the tail of a sentence."
 
@@ -79,11 +80,17 @@ def test_buffered_vocodes_every_token_exactly_once(tts: ChatterboxTTS) -> None:
 
 
 def test_buffered_quality_holds_and_naive_is_reported(tts: ChatterboxTTS) -> None:
-    results = {}
-    for config in (StreamConfig("buffered", first_window_s=0.6, window_s=1.2), StreamConfig("naive")):
-        wav, state = _run(tts, config)
-        results[config.strategy] = quality(wav, one_shot(tts, state, config), state)
-    buffered, naive = results["buffered"], results["naive"]
+    configs = {
+        "buffered": StreamConfig("buffered", first_window_s=0.6, window_s=1.2),
+        "naive": StreamConfig("naive"),
+    }
+    waves, states = {}, {}
+    for name, config in configs.items():
+        waves[name], states[name] = _run(tts, config)
+    frame = stream_quality(tts, waves, states, configs).set_index("strategy")
+    naive_alone = one_shot(tts, states["naive"], configs["naive"])
+    assert frame.loc["naive"].to_dict() == quality(waves["naive"], naive_alone, states["naive"])
+    buffered, naive = frame.loc["buffered"], frame.loc["naive"]
     assert buffered["seam_max_over_median"] <= buffered["ordinary_max_over_median"]  # no click
     assert buffered["snr_db"] >= 18.0
     # naive draws new start noise for its context and new tokens at every call (the prompt's is

@@ -17,6 +17,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from chatterbox import mtl_tts, tts, tts_turbo
 from chatterbox.mtl_tts import SUPPORTED_LANGUAGES, ChatterboxMultilingualTTS
 from chatterbox.tts import ChatterboxTTS
@@ -108,6 +109,24 @@ LANGUAGE_PACKAGES = {
     "zh": "spacy_pkuseg",
     "ru": "russian_text_stresser",
 }
+
+
+def family_frame() -> pd.DataFrame:
+    """The families side by side, one row each: where they differ for the workbench."""
+    return pd.DataFrame(
+        [
+            {
+                "family": f.name,
+                "class": f.model_class.__name__,
+                "backbone": f.backbone,
+                "guidance": f.guidance,
+                "cfm_steps": f.cfm_steps,
+                "t3_call": f"T3.{f.t3_inference}",
+                "sampling": " ".join(f"{k}={v:g}" for k, v in f.sampling.items()),
+            }
+            for f in FAMILIES.values()
+        ]
+    )
 
 
 def family_of(tts: Any) -> Family:

@@ -132,6 +132,8 @@ class StreamReport:
             "flow_s": sum(c.flow_s for c in self.chunks),
             "vocoder_s": sum(c.vocoder_s for c in self.chunks),
             **frames,
+            # S3Gen's frames that were not new audio (the prompt and re-run context): its waste
+            "redundant_frames_pct": _pct(sum(frames.values()) - frames["new_frames"], sum(frames.values())),
             "tokens": sum(c.tokens for c in self.chunks),
             "invalid_tokens": sum(c.invalid_tokens for c in self.chunks) + self.invalid_after,
             "nan_samples": sum(c.nan_samples for c in self.chunks),
@@ -144,6 +146,10 @@ class StreamReport:
     def to_frame(self) -> pd.DataFrame:
         """One row per chunk: every ``ChunkMetrics`` field and its RTF (seconds in ``*_s``)."""
         return _frame(self.rows())
+
+
+def _pct(part: float, whole: float) -> float | None:
+    return 100 * part / whole if whole else None
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -584,6 +584,19 @@ def compare_streaming(
     return rows
 
 
+def stream_quality(
+    tts: ChatterboxTTS, waves: dict[str, np.ndarray], states: dict[str, Any], configs: dict[str, StreamConfig]
+) -> pd.DataFrame:
+    """Each streamed utterance (name -> audio, its ``StreamState`` and config) against one S3Gen
+    call over its own tokens (``one_shot``, same noise and prompt): seam jumps and SNR, one row
+    per name. ``seam_max_over_median`` at or below ``ordinary_max_over_median``: no click."""
+    rows = []
+    for name, wav in waves.items():
+        q = quality(wav, one_shot(tts, states[name], configs[name]), states[name])
+        rows.append({"strategy": name, **q})
+    return pd.DataFrame(rows)
+
+
 def streaming_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The streaming comparison, one row per strategy (seam = seam jump / largest other jump)."""
     out = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -37,7 +37,7 @@ from ..instruments.dtypes import (
 from ..models.sources import check_device, components, load_model, make_reference_wav, model_summary
 from ..runtime.decode import DecodePlan, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
-from ..runtime.optimized import check_decode
+from ..runtime.optimized import check_decode, measure_policy
 from ..runtime.precision import restored
 
 
@@ -335,6 +335,45 @@ def precision_frame(prec: dict[str, Any]) -> pd.DataFrame:
         if st["advice"]:
             rows.append((name, "fix", st["advice"]))
     return pd.DataFrame(rows, columns=["stage", "finding", "detail"])
+
+
+def where_half_fails(
+    models: dict[str, str], reference: str, dtype: torch.dtype = torch.float16, tokens: int = 4
+) -> pd.DataFrame:
+    """``diagnose_precision`` on each model source (name -> source, loaded here and voiced with
+    ``reference``): the modules where a ``dtype`` cast fails, one row per family and stage."""
+    frames = []
+    for name, source in models.items():
+        tts = load_model(source)
+        prepare_voice(tts, reference)
+        found = precision_frame(diagnose_precision(tts, reference, dtype, tokens=tokens))
+        failed = found[found["finding"] == "failed in"].assign(family=name)
+        frames.append(failed[["family", "stage", "detail"]])
+    return pd.concat(frames, ignore_index=True)
+
+
+def policy_frame(tts: ChatterboxTTS, policies: Sequence[str]) -> pd.DataFrame:
+    """T3's prefill and decode step under each dtype policy (``measure_policy``, the same model
+    each time): medians and interquartile ranges in milliseconds, one row per policy."""
+    rows = []
+    for policy in policies:
+        t = measure_policy(tts, policy)
+        pre, step = t["prefill_s"], t["step_s"]
+        rows.append(
+            {"policy": policy, "prefill_ms": pre.median * 1e3, "prefill_iqr_ms": pre.iqr * 1e3,
+             "step_ms": step.median * 1e3, "step_iqr_ms": step.iqr * 1e3, "repeats": len(step.times)}
+        )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def parameter_frame(models: dict[str, Any]) -> pd.DataFrame:
+    """The bytes each wrapper's components hold (``performance_info()["memory"]``), in MiB: one
+    row per wrapper (name -> ``PerformanceOptimizedTTS``)."""
+    rows = []
+    for name, wrapper in models.items():
+        held = wrapper.performance_info()["memory"]["parameter_bytes"]
+        rows.append({"model": name, **{f"{k}_mib": v / 2**20 for k, v in held.items()}})
+    return pd.DataFrame(rows)
 
 
 def format_precision(prec: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,7 @@ def run_level(
             for player in players:
                 player.join()
         wall = time.perf_counter() - t0
+        held_after = n * engine.rows_per_stream - engine.free_rows()  # every stream has ended: 0
         bar.close()
         after = asdict(engine.stats)
     finally:
@@ -235,6 +237,7 @@ def run_level(
         "compiled_attention": engine.attention_kernels or None,  # read from Inductor's code
         "compile_fallback": engine.fallback_reason,  # why a compiled engine ran the static step
         "kv_bytes_per_stream": engine.kv_bytes_per_stream,
+        "rows_held_after": held_after,
         "memory": mem,
         "per_stream": streams,
         "summary": _level_summary(n, wall, streams, delta, mem, engine.kv_bytes_per_stream),
@@ -441,6 +444,13 @@ def load_frame(report: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame([level["summary"] for level in report["levels"]])
 
 
+def side_by_side(reports: dict[str, dict[str, Any]], name: str, columns: Sequence[str]) -> pd.DataFrame:
+    """Several load studies' levels in one frame (``columns`` of ``load_frame``), each row
+    labelled with its study's key in a first column called ``name`` (what differs between them)."""
+    frames = {label: load_frame(report)[list(columns)] for label, report in reports.items()}
+    return pd.concat(frames, names=[name]).reset_index(level=0).reset_index(drop=True)
+
+
 def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
     columns = ["streams", "failed", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
@@ -464,8 +474,10 @@ def format_load(report: dict[str, Any]) -> str:
 
 def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
     """Per level: did every stream speak exactly the tokens it speaks alone (same text, seed and
-    T3 dtype, the static step: ``streaming.stream_tokens``, T3 alone)? One row per level. In bfloat16 a
-    batched kernel's rounding can flip a near tie, so False there is not necessarily a bug."""
+    T3 dtype, the static step: ``streaming.stream_tokens``, T3 alone), and how many cache rows
+    were still held when every stream had ended (0: each freed its rows)? One row per level. In
+    bfloat16 a batched kernel's rounding can flip a near tie, so False there is not necessarily a
+    bug."""
     parts = decode_plan(tts, report["t3_dtype"])  # the report's T3 dtype, the static step
     plan = DecodePlan(parts.prefill, parts.decode, autocast=parts.autocast, step="static")
     rows = []
@@ -475,5 +487,8 @@ def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
             alone = stream_tokens(tts, s["text"], max_new_tokens=report["tokens"], seed=s["seed"], plan=plan)
             same.append(alone == s["speech_tokens"])
         failed = level["summary"]["failed"]
-        rows.append({"streams": level["streams"], "solo_tokens": all(same), "failed": failed})
+        rows.append(
+            {"streams": level["streams"], "solo_tokens": all(same), "failed": failed,
+             "rows_held_after": level.get("rows_held_after")}  # absent from reports before 2026-12-03
+        )  # fmt: skip
     return pd.DataFrame(rows)
