@@ -25,6 +25,14 @@ def test_wav_bytes_round_trip() -> None:
     assert np.abs(data - wav).max() < 1e-4  # 16-bit PCM
 
 
+def test_wav_bytes_silences_nan_samples() -> None:
+    # A NaN sample (a model whose half-precision run overflowed) was cast to -32768: a full-scale
+    # click. It is silence now; infinities still clip to full scale.
+    wav = np.array([0.5, np.nan, -2.0, np.inf, -np.inf, np.nan], np.float32)
+    data, _ = sf.read(io.BytesIO(wav_bytes(wav, 24000)))
+    assert data.tolist() == pytest.approx([0.5, 0.0, -1.0, 1.0, -1.0, 0.0], abs=1e-4)
+
+
 def test_stream_player_marks_underruns() -> None:
     player = StreamPlayer(24000)
     player.add(np.zeros(24000, np.float32), _metrics(0, 1.0, 1.0))  # plays until 2.0

@@ -4,11 +4,18 @@ dry run."""
 
 from __future__ import annotations
 
+import http.server
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
+import threading
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -17,10 +24,13 @@ import pandas as pd
 import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
+from torch.autograd.profiler import record_function
 from torch.autograd.profiler_util import FunctionEvent
 
 from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.families import TTSModel, family_of
+from tts_workbench.core.patching import around
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
 from tts_workbench.instruments.memory import _reset_peak_rss, memory_window, module_bytes, process_peak_bytes
@@ -28,6 +38,10 @@ from tts_workbench.instruments.profiling import (
     EAGER,
     KERNEL_OPS,
     OP_COLUMNS,
+    T3_INFERENCES,
+    TensorBoard,
+    ancestors,
+    free_port,
     long_run_schedule,
     op_frame,
     phase_regions,
@@ -36,6 +50,7 @@ from tts_workbench.instruments.profiling import (
     read_ops,
     read_trace,
     region_of,
+    start_server,
     start_tensorboard,
     time_share,
     top_ops,
@@ -44,9 +59,9 @@ from tts_workbench.instruments.profiling import (
 )
 from tts_workbench.instruments.trace_analysis import CPU_ONLY_NOTE
 from tts_workbench.interface.cli import main
-from tts_workbench.models.sources import make_reference_wav
+from tts_workbench.models.sources import load_model, make_reference_wav
 from tts_workbench.runtime.decode import T3Parts
-from tts_workbench.runtime.generation import generate
+from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import UpstreamTTS
 from tts_workbench.runtime.streaming import StreamConfig, StreamState, stream
 from tts_workbench.studies import bench
@@ -92,6 +107,52 @@ def test_op_frame_is_one_row_per_aten_event(events: list[FunctionEvent], ops: pd
         assert rows["total_ms"].sum() == pytest.approx(
             sum(e.cpu_time_total for e in _aten(events, phase)) / 1e3
         )
+
+
+@pytest.fixture(scope="module")
+def turbo_tts(tmp_path_factory: pytest.TempPathFactory) -> TTSModel:
+    turbo = load_model("turbo-tiny")
+    prepare_voice(turbo, str(make_reference_wav(tmp_path_factory.mktemp("turbo") / "r.wav", seconds=6.0)))
+    return turbo  # (a Turbo voice is longer than 5 s)
+
+
+@pytest.mark.parametrize("family", ["standard", "turbo"])
+def test_every_op_of_t3s_inference_is_in_a_t3_phase(
+    family: str, tiny_tts: ChatterboxTTS, request: pytest.FixtureRequest
+) -> None:
+    # The speech head's matmuls and sampling (softmax, sort, multinomial) ran outside the
+    # transformer's ranges and were labelled "other". The phases are generate's (t3_timed):
+    # t3.prefill the transformer and head over more than one position, t3.decode everything after
+    # the prefill; what T3's inference does before its prefill is t3.conditioning.
+    tts = tiny_tts if family == "standard" else request.getfixturevalue("turbo_tts")
+    method = family_of(tts).t3_inference
+    marked = around(tts.t3, method, lambda args, kwargs: record_function("test.t3_inference"))
+    with torch.profiler.profile(record_shapes=True) as prof, phase_regions(tts), marked:
+        result = generate(tts, "Frame me.", max_new_tokens=5)
+    # every method is put back (the instances hold none of their own)
+    assert not set(T3_INFERENCES) & set(vars(tts.t3))
+    assert "forward" not in vars(tts.t3.speech_head) and "forward" not in vars(tts.t3.tfmr)
+    inside = [
+        e
+        for e in sorted(prof.events(), key=lambda e: e.time_range.start)
+        if e.name.startswith("aten::") and any(a.name == "test.t3_inference" for a in ancestors(e))
+    ]
+    ops = op_frame(inside)
+    assert len(ops) == len(inside) > 0 and set(ops["phase"]) == {"t3.conditioning", "t3.prefill", "t3.decode"}
+    # in time order: conditioning, then the prefill, then the decode, never back
+    order = ops["phase"].cat.codes
+    assert order.is_monotonic_increasing, ops[order.diff() < 0]
+    assert "aten::embedding" in set(ops[ops["phase"] == "t3.conditioning"]["op"])  # the input embeddings
+    sampled = ops[ops["op"] == "aten::multinomial"]
+    assert len(sampled) == len(result.speech_tokens) and set(sampled["phase"]) == {"t3.decode"}
+    # the speech head, (positions, hidden) x (hidden, vocabulary), by its own positions as t3_timed
+    vocab = str(tts.t3.hp.speech_tokens_dict_size)
+    head = ops[ops["op"].isin(["aten::mm", "aten::addmm"]) & ops["input_shapes"].str.contains(vocab)]
+    calls = head.groupby("phase", observed=True).size().to_dict()
+    if family == "standard":  # the prefill's head over the whole prompt, one per decode step
+        assert calls == {"t3.prefill": 1, "t3.decode": result.decode_steps}
+    else:  # inference_turbo gives the prefill's head its last position only
+        assert calls == {"t3.decode": result.decode_steps + 1}
 
 
 def test_kernel_counts_match_the_kernel_ops(
@@ -209,6 +270,91 @@ def test_tensorboard_serves_the_run(profiled: dict) -> None:
     assert tb.process.poll() is not None  # stopped by its pid
 
 
+@pytest.fixture
+def http_server() -> Iterator[http.server.ThreadingHTTPServer]:
+    """Another server answering on 127.0.0.1 (its port from the system), for as long as the test runs."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _no_server_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    def popen(*args: Any, **kwargs: Any) -> None:
+        pytest.fail(f"a server was started: {args[0]}")
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+
+
+def test_tensorboard_refuses_a_port_another_server_answers_on(
+    http_server: http.server.ThreadingHTTPServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TensorBoard could not bind and exited, but the other server answered the readiness request:
+    # start_tensorboard "succeeded" with a dead process and a URL serving something else.
+    _no_server_started(monkeypatch)
+    port = http_server.server_address[1]
+    with pytest.raises(ConfigError, match=f"already answers on port {port}: stop it or give another port"):
+        start_tensorboard(tmp_path, port=port)
+
+
+def test_tensorboard_refuses_a_port_it_cannot_bind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_server_started(monkeypatch)
+    with socket.socket() as taken:  # bound, not listening: nothing answers, yet the port is taken
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 cannot be bound"):
+            start_tensorboard(tmp_path, port=port)
+
+
+def test_a_server_that_answered_and_exited_has_not_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The readiness request can be answered by another process that took the port meanwhile;
+    # only a server still running after it has started.
+    started: list[subprocess.Popen[bytes]] = []
+    popen = subprocess.Popen
+
+    def recorded(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def answered_once_it_exited(self: Any, url: Any, *args: Any, **kwargs: Any) -> io.BytesIO:
+        started[-1].wait()
+        return io.BytesIO(b"")
+
+    monkeypatch.setattr(subprocess, "Popen", recorded)
+    monkeypatch.setattr(urllib.request.OpenerDirector, "open", answered_once_it_exited)
+    cmd = [sys.executable, "-c", "raise SystemExit(3)"]
+    with tempfile.TemporaryFile() as log, pytest.raises(RuntimeError, match="exited with code 3"):
+        start_server(cmd, f"http://127.0.0.1:{free_port()}", log, timeout=30)
+
+
+def test_loopback_requests_do_not_go_through_a_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With http_proxy set (and no no_proxy), urllib sent the readiness and plugin requests for
+    # 127.0.0.1 to the proxy: a server that was up never "answered".
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's, built once: let it read the proxy
+    route = tmp_path / "data" / "plugin" / "pytorch_profiler" / "runs"
+    route.parent.mkdir(parents=True)
+    route.write_text(json.dumps({"runs": ["generation"], "loading": False}))
+    port = free_port()
+    serve = ["http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    cmd = [sys.executable, "-m", *serve]
+    with tempfile.TemporaryFile() as log:
+        server = start_server(cmd, f"http://127.0.0.1:{port}", log, timeout=15)
+        try:
+            tb = TensorBoard(server.process, server.url, tmp_path)
+            assert tb.profiler("runs") == {"runs": ["generation"], "loading": False}
+            tb.wait_for_run("generation", timeout=5)
+        finally:
+            server.stop()
+
+
 def test_stream_chunks_are_labelled_with_a_schedule(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
     state = StreamState(StreamReport("buffered"))
     config = StreamConfig("buffered", first_window_s=0.4, window_s=0.6)
@@ -220,7 +366,24 @@ def test_stream_chunks_are_labelled_with_a_schedule(tiny_tts: ChatterboxTTS, tmp
     assert n == len(state.report.chunks) >= 3
     events = read_trace(trace_files(tmp_path / "stream")[-1])["traceEvents"]
     names = {e["name"] for e in events if e.get("ph") == "X"}
-    assert {"stream.chunk[0]", "stream.chunk[1]"} <= names and "stream.chunk[2]" not in names  # active=2
+    assert {"stream.next[0]", "stream.next[1]"} <= names and "stream.next[2]" not in names  # active=2
+
+
+def test_no_range_names_a_chunk_the_stream_never_gave() -> None:
+    # What a stream does after its last chunk (finishing, T3 blocks that give no audio) was
+    # labelled stream.chunk[2], a chunk that never came. A range's name is fixed when it opens,
+    # before anyone knows whether that request brings a chunk or the end: ranges name requests.
+    def chunks() -> Iterator[torch.Tensor]:
+        yield torch.ones(3)
+        yield torch.ones(3)
+        torch.ones(1000).sum()  # the tail
+
+    with torch.profiler.profile() as prof:
+        assert len(list(profiled_chunks(chunks()))) == 2
+    ranges = [e for e in prof.events() if e.name.startswith("stream.")]
+    assert [e.name for e in ranges] == ["stream.next[0]", "stream.next[1]", "stream.next[2]"]
+    tail = [e.name for e in prof.events() if any(a is ranges[-1] for a in ancestors(e))]
+    assert "aten::sum" in tail  # the end: the one request more than there are chunks
 
 
 def test_a_run_folder_holds_one_profile(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
@@ -281,6 +444,9 @@ def test_bench_cli_tiny(
     assert cells[0].median == pytest.approx(report["summary"][0]["t3_step_s_median"])
     text = bench.format_bench(report)
     assert "[------" in text and "bench: tiny on cpu, 20 tokens" in text
+    # two repeats: their "interquartile range" is half their range, and the report says so
+    spread = "spread: the interquartile range of 2 repeats is not a quartile spread (part of their range)"
+    assert spread in text
 
 
 def test_bench_refuses_no_repeats_before_building_anything(tmp_path: Path) -> None:

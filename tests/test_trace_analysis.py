@@ -240,6 +240,30 @@ def test_trace_cli_reads_traces_taken_elsewhere(capsys: pytest.CaptureFixture[st
     assert runs == ["decode-compiled/t3.decode", "decode-eager/t3.decode"]
 
 
+def test_trace_cli_json_of_mixed_traces_is_strict_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # A GPU trace beside a CPU-only one: the table went through a DataFrame, so each row's missing
+    # fields came out as NaN (not JSON: jq and JSON.parse refuse it) and the launch count as 98.0.
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"traceEvents": [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 0, "dur": 5}
+    ]}))  # fmt: skip
+    assert main(["trace", "--read", str(GPU_TRACE), str(cpu), "--json"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in the JSON output")
+
+    gpu_row, cpu_row = json.loads(capsys.readouterr().out, parse_constant=refuse)["table"]
+    assert list(gpu_row) == list(cpu_row)  # every row has every field, null where it has none
+    assert gpu_row["note"] is None and isinstance(gpu_row["launches"], int) and gpu_row["launches"] > 0
+    assert cpu_row["note"] == CPU_ONLY_NOTE and cpu_row["device"] == "cpu only"
+    assert cpu_row["idle_pct"] is None and cpu_row["attention_kernels"] is None
+    assert main(["trace", "--read", str(GPU_TRACE), str(cpu)]) == 0  # the text report reads the same rows
+    text = capsys.readouterr().out
+    assert "NVIDIA A100-PG509-200" in text and f"cpu: {CPU_ONLY_NOTE}" in text
+
+
 def test_region_of_own_cpu_trace(cpu_traces: tuple[Path, dict[str, Path]], tmp_path: Path) -> None:
     logdir, regions = cpu_traces
     for step in regions:  # decode_blocks labels its steps whatever runs them
@@ -277,4 +301,3 @@ def test_names_within_a_region_leave_out_what_runs_between_its_ranges() -> None:
     assert flash in names and "aten::softmax" not in names
     with pytest.raises(ValueError, match="occurrences must be at least 1"):  # not "no range named"
         cut_region(trace, "t3.decode", occurrences=0)
-

@@ -3,7 +3,9 @@ TensorBoard and Perfetto, the op frame every profile table is derived from, and 
 server.
 
 ``phase_regions`` opens a ``record_function`` range named by phase around each call of the
-methods that make up a phase, so every profiler event can be attributed to its phase.
+methods that make up a phase, so every profiler event can be attributed to its phase; inside
+T3's inference every op is in one of T3's phases, split as ``generation.t3_timed`` times them
+(sampling in ``t3.decode``, the speech head by its positions).
 ``op_frame`` turns a profile's events into one DataFrame, one row per aten op (phase, op,
 attention kernel, dtype, shapes, self and total ms); the attention kernels
 (``attention.KernelRecord``), the time share per phase and category (``time_share``) and the
@@ -22,11 +24,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -38,12 +41,14 @@ from torch.autograd.profiler import record_function
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, tensorboard_trace_handler
 
+from ..core.errors import ConfigError
 from ..core.patching import around
 
 PHASES = ("conditioning", "t3.conditioning", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder")
 
 
-def _phase_methods(tts: ChatterboxTTS, extra_tfmrs: Sequence[object]) -> list[tuple[object, str, str | None]]:
+def _phase_methods(tts: ChatterboxTTS) -> list[tuple[object, str, str]]:
+    """The methods of a fixed phase, with it."""
     # Methods, not module hooks: upstream calls `flow.inference`, `mel2wav.inference`,
     # `tokenizer.forward` directly, which module hooks never see.
     s3 = tts.s3gen
@@ -52,29 +57,90 @@ def _phase_methods(tts: ChatterboxTTS, extra_tfmrs: Sequence[object]) -> list[tu
         (s3.tokenizer, "forward", "conditioning"),
         (s3.speaker_encoder, "inference", "conditioning"),
         (tts.t3.cond_enc, "forward", "t3.conditioning"),
-        # prefill or decode, by the number of new positions (extra_tfmrs: decode copies in another dtype)
-        (tts.t3.tfmr, "forward", None),
-        *((m, "forward", None) for m in extra_tfmrs if m is not tts.t3.tfmr),
         (s3.flow, "inference", "s3gen.flow"),
         (s3.mel2wav, "inference", "s3gen.vocoder"),
     ]
 
 
+def _t3_calls(tts: ChatterboxTTS, extra_tfmrs: Sequence[object]) -> list[tuple[object, str, bool]]:
+    """T3's calls phased by their new positions (``t3_phase``), as ``generation.t3_timed`` does:
+    the transformers (extra_tfmrs: decode copies in another dtype) and the speech head (True:
+    its logits are what the decode samples from)."""
+    tfmrs = [tts.t3.tfmr, *(m for m in extra_tfmrs if m is not tts.t3.tfmr)]
+    return [*((m, "forward", False) for m in tfmrs), (tts.t3.speech_head, "forward", True)]
+
+
+# The T3 methods upstream generate calls (families.Family.t3_inference), inside which every op
+# is in one of T3's phases.
+T3_INFERENCES = ("inference", "inference_turbo")
+
+
+class _T3Phases(threading.local):
+    """The phase range open inside this thread's T3 inference call: ``t3.conditioning`` from its
+    start, ``t3.prefill`` from its first call over more than one new position, ``t3.decode`` from
+    the end of the prefill (the head's logits over the prefill, or the first one-position call
+    after it) to its end. Between T3's calls upstream embeds, samples (softmax, sort,
+    multinomial) and moves tensors: those ops land in the phase around them."""
+
+    def __init__(self) -> None:
+        self.open: record_function | None = None  # None: outside an inference
+        self.phase = ""
+
+    def switch(self, phase: str) -> None:
+        if self.open is None or self.phase == phase:
+            return
+        self.open.__exit__(None, None, None)
+        self.open, self.phase = record_function(phase), phase
+        self.open.__enter__()
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        if self.open is not None:  # already inside one (a method calling the other): its phases go on
+            yield
+            return
+        self.open, self.phase = record_function("t3.conditioning"), "t3.conditioning"
+        self.open.__enter__()
+        try:
+            yield
+        finally:
+            self.open.__exit__(None, None, None)
+            self.open, self.phase = None, ""
+
+    @contextmanager
+    def call(self, phase: str, head: bool) -> Iterator[None]:
+        self.switch(phase)  # the phase range first, then the call's own inside it: they nest
+        with record_function(phase):
+            yield
+        if head:
+            self.switch("t3.decode")  # what follows the logits is sampling
+
+
 @contextmanager
 def phase_regions(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Iterator[None]:
-    """Wrap every call of the phase methods in a profiler range named by its phase."""
+    """Wrap every call of the phase methods in a profiler range named by its phase; inside T3's
+    inference (``T3_INFERENCES``) every op is in a T3 phase, as ``generation.t3_timed`` splits
+    them (see ``_T3Phases``). The methods are put back on exit."""
+    t3 = _T3Phases()
 
-    def region(label: str | None) -> Callable[[tuple[Any, ...], dict[str, Any]], record_function]:
-        return lambda args, kwargs: record_function(label or t3_phase(args, kwargs))
+    def fixed(label: str) -> Callable[[tuple[Any, ...], dict[str, Any]], record_function]:
+        return lambda args, kwargs: record_function(label)
+
+    def by_positions(head: bool) -> Callable[[tuple[Any, ...], dict[str, Any]], AbstractContextManager[None]]:
+        return lambda args, kwargs: t3.call(t3_phase(args, kwargs), head)
 
     with ExitStack() as stack:
-        for obj, method, label in _phase_methods(tts, extra_tfmrs):
-            stack.enter_context(around(obj, method, region(label)))
+        for obj, method, label in _phase_methods(tts):
+            stack.enter_context(around(obj, method, fixed(label)))
+        for obj, method, head in _t3_calls(tts, extra_tfmrs):
+            stack.enter_context(around(obj, method, by_positions(head)))
+        for method in T3_INFERENCES:
+            stack.enter_context(around(tts.t3, method, lambda args, kwargs: t3.inference()))
         yield
 
 
 def t3_phase(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """``t3.prefill`` for a transformer call over more than one new position, else ``t3.decode``."""
+    """``t3.prefill`` for a transformer (or speech head) call over more than one new position,
+    else ``t3.decode``."""
     x = kwargs.get("inputs_embeds", args[0] if args else None)
     return "t3.prefill" if x is not None and x.shape[1] > 1 else "t3.decode"
 
@@ -143,9 +209,15 @@ def long_run_schedule(wait: int = 1, warmup: int = 1, active: int = 3) -> Callab
 
 
 def profiled_chunks(chunks: Iterator[Any], prof: torch.profiler.profile | None = None) -> Iterator[Any]:
-    """Label the work behind each streamed chunk ``stream.chunk[i]`` (and step the profiler)."""
+    """Label the work behind each request for a streamed chunk ``stream.next[i]`` (and step the
+    profiler after each chunk). ``stream.next[i]`` holds the work behind chunk ``i``; a stream
+    of ``n`` chunks has one more, ``stream.next[n]``: its end, the work after its last chunk
+    (T3 blocks that gave no audio, closing)."""
+    # Named by request, not by chunk: torch fixes a range's name when it opens, before anyone
+    # can know whether the request brings a chunk or the end (``stream.chunk[n]`` named a chunk
+    # that never came).
     for i in itertools.count():
-        with record_function(f"stream.chunk[{i}]"):
+        with record_function(f"stream.next[{i}]"):
             item = next(chunks, None)
         if item is None:
             return
@@ -334,27 +406,69 @@ class Server:
                 self.process.wait()
 
 
+# Requests to the servers started here (127.0.0.1) go straight to them: urlopen's default opener
+# would send them to the http_proxy of the environment, which cannot reach this machine's loopback.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def check_port_free(url: str) -> None:
+    """A ``ConfigError`` saying what to do if the port of ``url`` already answers (another server
+    listens there) or cannot be bound on its host; nothing if a server may start there."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        answers = probe.connect_ex((host, port)) == 0
+    if answers:
+        raise ConfigError(
+            f"another server already answers on port {port}: stop it or give another port "
+            "(start_tensorboard picks a free one when port is None)"
+        )
+    with socket.socket() as probe:
+        # As servers bind (TensorBoard's werkzeug, jupyter): a port in TIME_WAIT is free to them.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"port {port} on {host} cannot be bound ({e.strerror or e}): give another port "
+                "(start_tensorboard picks a free one when port is None)"
+            ) from None
+
+
 def start_server(
     cmd: Sequence[str], url: str, log: IO[bytes], ready: str = "", timeout: float = 60.0
 ) -> Server:
     """Start ``cmd`` in its own process group, its output to ``log`` (a file, not a pipe: a pipe
-    nobody reads fills up and stalls the server); return once ``url + ready`` answers."""
+    nobody reads fills up and stalls the server); return once ``url + ready`` answers and the
+    server is still running. A port that another server answers on, or that cannot be bound, is
+    refused before anything starts (``check_port_free``)."""
+    check_port_free(url)
     server = Server(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), url)
     # Stopped when this process exits too: a notebook whose cells failed before its stop() cell
     # would otherwise leave the server running after its kernel is gone (its own session).
     atexit.register(server.stop)
     name = " ".join(cmd[:3])  # e.g. "python -m tensorboard.main"
+
+    def exited() -> RuntimeError:
+        log.seek(0)
+        err = log.read().decode(errors="replace")[-2000:]
+        return RuntimeError(f"{name} exited with code {server.process.returncode}: {err}")
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            log.seek(0)
-            err = log.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"{name} exited with code {server.process.returncode}: {err}")
+            raise exited()
         try:
-            urllib.request.urlopen(url + ready, timeout=2).close()
-            return server
+            _LOOPBACK.open(url + ready, timeout=2).close()
         except OSError:
             time.sleep(0.5)
+            continue
+        # The answer may have come from a process that took the port meanwhile (this server then
+        # failed to bind and exits): only a server still running has started.
+        if server.process.poll() is not None:
+            raise exited()
+        return server
     server.stop()
     raise TimeoutError(f"{name} did not answer on {url} within {timeout:.0f} s")
 
@@ -368,9 +482,7 @@ class TensorBoard(Server):
     def profiler(self, route: str, **params: str) -> Any:
         """GET a route of the PyTorch Profiler plugin's JSON API."""
         query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(
-            f"{self.url}/data/plugin/pytorch_profiler/{route}?{query}", timeout=30
-        ) as r:
+        with _LOOPBACK.open(f"{self.url}/data/plugin/pytorch_profiler/{route}?{query}", timeout=30) as r:
             return json.load(r)
 
     def wait_for_run(self, run: str, timeout: float = 120.0) -> None:
@@ -398,7 +510,8 @@ def free_port() -> int:
 
 
 def start_tensorboard(logdir: str | Path, port: int | None = None, timeout: float = 60.0) -> TensorBoard:
-    """Start ``tensorboard --logdir`` on 127.0.0.1 and a free port; returns once it answers."""
+    """Start ``tensorboard --logdir`` on 127.0.0.1 and ``port`` (None: a free one); returns once
+    it answers. A ``ConfigError`` if another server answers on ``port`` or it cannot be bound."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [

@@ -98,7 +98,7 @@ def _ranges(
 
 def names_within(trace: Mapping[str, Any], region: str, path: str | Path = "the trace") -> set[str]:
     """Names of the host events inside one of ``region``'s ranges (not between two of them,
-    where a cut keeps everything: sampling's softmax runs between decode steps)."""
+    where a cut keeps everything: in a ``decode_blocks`` trace sampling runs between the steps)."""
     spans = [(r["ts"], r["ts"] + r["dur"]) for r in _ranges(trace, region, None, path)]
     return {
         e["name"]

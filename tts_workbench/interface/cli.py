@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--read", nargs="+", metavar="TRACE", help="read these trace files instead of profiling (no model)"
     )
-    tr.set_defaults(run=_trace, tokens=60)
+    tr.set_defaults(run=_trace, tokens=60, strict_json=True)
 
     b = command("bench", help="upstream vs optimized side by side, interleaved, with ratios")
     _common(b)
@@ -598,7 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {e.filename}: give another folder (--out / --logdir)" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if args.json else fmt(report))
+    # strict_json (trace): a NaN in the report is a bug to raise, not a bare NaN no JSON parser takes
+    strict = getattr(args, "strict_json", False)
+    print(json.dumps(report, indent=2, allow_nan=not strict) if args.json else fmt(report))
     return 0
 
 

@@ -23,11 +23,14 @@ from ..instruments.latency import ChunkMetrics, StreamReport, underruns
 
 
 def wav_bytes(wav: np.ndarray, sample_rate: int) -> bytes:
-    """A float waveform as the bytes of a 16-bit PCM WAV file (what ``ipywidgets.Audio`` plays)."""
+    """A float waveform as the bytes of a 16-bit PCM WAV file (what ``ipywidgets.Audio`` plays):
+    samples clipped to [-1, 1], NaN samples silent."""
+    # NaN survives np.clip and libsndfile writes it as -32768, a full-scale click in the player.
+    samples = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
     buf = io.BytesIO()
     sf.write(
         buf,
-        np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0),
+        np.clip(samples, -1.0, 1.0),
         sample_rate,
         format="WAV",
         subtype="PCM_16",

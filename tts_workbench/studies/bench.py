@@ -470,6 +470,8 @@ def bench_frame(report: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Below this many repeats the Compare table's interquartile range says little about the spread.
+FEW_REPEATS = 4
 # The timings whose repeats go into the Compare table, and their column names.
 REPEATED = {"t3_step_s": "T3 step", "t3_prefill_s": "T3 prefill", "ttfa_s": "first audio", "wall_s": "wall"}
 
@@ -510,6 +512,13 @@ def format_bench(report: dict[str, Any]) -> str:
     compare = Compare(bench_measurements(report))
     compare.highlight_warnings()  # (! XX%): the IQR is a large share of the median
     lines += ["", str(compare).strip()]
+    if (repeats := report["settings"]["repeats"]) < FEW_REPEATS:
+        # Quartiles of one run are that run; of two or three, a share of their range.
+        lines.append(
+            f"spread: the interquartile range of {repeats} repeat{'s' if repeats > 1 else ''} is not a "
+            f"quartile spread ({'none can show' if repeats == 1 else 'part of their range'}): "
+            f"--repeats {FEW_REPEATS} or more for one"
+        )
     memory = report["memory"]
     frame = memory_frame(report)
     if memory["device"] != "cuda":

@@ -8,6 +8,7 @@ cuts (``trace --cut-only``), another machine reads (``trace --read``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -24,7 +25,6 @@ from ..instruments.profiling import profile_run, read_trace, trace_files
 from ..instruments.trace_analysis import (
     TraceReport,
     analyze,
-    compare,
     device_events,
     region_trace,
 )
@@ -68,13 +68,29 @@ def read_traces(paths: Mapping[str, Path]) -> dict[str, TraceReport]:
 
 
 def decode_trace_report(reports: dict[str, TraceReport], note: str, top: int = 5) -> dict[str, Any]:
-    """``read_traces``' reports as JSON: the side-by-side table and each trace's top kernels."""
+    """``read_traces``' reports as strict JSON: the side-by-side table (one row per trace with
+    every field any row has, ``None`` where a trace has none: a CPU-only trace's shares, a read
+    trace's note) and each trace's top kernels."""
+    # Not compare(reports).to_dict("records"): the DataFrame fills a row's missing fields with
+    # NaN, which JSON has no word for, and turns the launch counts beside them into floats.
+    rows = [{"run": label, **r.summary()} for label, r in reports.items()]
+    fields = list(dict.fromkeys(k for row in rows for k in row))
     return {
         "note": note,
-        "table": compare(reports).to_dict("records"),
+        "table": [{k: _json_value(row.get(k)) for k in fields} for row in rows],
         "traces": {label: r.trace for label, r in reports.items()},
-        "top_kernels": {label: r.kernels.head(top).to_dict("records") for label, r in reports.items()},
+        "top_kernels": {label: _json_records(r.kernels.head(top)) for label, r in reports.items()},
     }
+
+
+def _json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """``frame.to_dict("records")`` with ``_json_value`` of every value."""
+    return [{k: _json_value(v) for k, v in rec.items()} for rec in frame.to_dict("records")]
+
+
+def _json_value(value: Any) -> Any:
+    """``value``, with a float that is not finite (a mean or median of no launches) as ``None``."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def cut_report(regions: Mapping[str, Path], note: str) -> dict[str, Any]:
@@ -97,9 +113,7 @@ def format_decode_traces(report: dict[str, Any]) -> str:
         head = f"T3 decode region traces, not read (trace --read reads them); device events: {counts}"
         return "\n".join([head, *traces, report["note"]])
     lines = ["T3 decode region, read by HolisticTraceAnalysis:"]
-    read = [
-        row for row in report["table"] if "idle_pct" in row and row["idle_pct"] == row["idle_pct"]
-    ]  # not NaN
+    read = [row for row in report["table"] if row.get("idle_pct") is not None]
     if read:
         cols = ["run", "device", "compute_pct", "idle_pct", "idle_host_wait_pct", "launches",
                 "kernels_per_launch", "median_launch_delay_us", "gpu_shorter_than_launch_pct"]  # fmt: skip
