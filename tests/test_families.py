@@ -25,7 +25,7 @@ from tts_workbench.models.sources import load_folder, load_model, make_reference
 from tts_workbench.models.vocode import tail_tokens
 from tts_workbench.runtime.alignment import alignment
 from tts_workbench.runtime.decode import DecodePlan, decode_blocks, t3_decode, text_tokens
-from tts_workbench.runtime.generation import generate, prepare_voice
+from tts_workbench.runtime.generation import generate, prepare_voice, token_cap
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.runtime.precision import check_conditionals
 from tts_workbench.runtime.streaming import (
@@ -431,3 +431,55 @@ def test_the_alignment_analyzer_forces_the_stop_as_upstream(multilingual: Chatte
     assert torch.equal(runs["eager"].tokens, upstream) and runs["eager"].stopped
     # The static step has no attention weights for the analyzer: it does not stop (README).
     assert not runs["static"].stopped and runs["static"].tokens.size(1) == 20
+
+
+def test_generate_prepares_a_turbo_reference_as_prepare_voice_does(
+    turbo: ChatterboxTurboTTS, reference6: str, tmp_path: Path
+) -> None:
+    # Before, upstream generate prepared it itself: Turbo's float64 loudness gain failed in the
+    # S3 tokenizer ("expected scalar type Double but found Float"), and a short reference met
+    # upstream's assert, not the SourceError prepare_voice gives.
+    conds = turbo.conds
+    try:
+        r = generate(turbo, "Turbo speaks.", max_new_tokens=6, audio_prompt_path=reference6)
+        assert len(r.speech_tokens) == 6 and turbo.conds is not conds
+        for key in ("prompt_token", "prompt_feat", "embedding"):  # the voice prepare_voice made
+            assert torch.equal(turbo.conds.gen[key], conds.gen[key])
+        short = make_reference_wav(tmp_path / "short.wav", seconds=3.0)
+        with pytest.raises(SourceError, match="longer than 5 s"):
+            generate(turbo, "Turbo speaks.", max_new_tokens=6, audio_prompt_path=str(short))
+    finally:
+        turbo.conds = conds
+
+
+def test_multilingual_generate_gives_the_model_back_and_keeps_upstreams_tokens(reference6: str) -> None:
+    # A fresh model, no _pristine: upstream generate left its analyzer's three spies on the
+    # attention modules after every call (each copying attention to the host at every step of
+    # every later generation), and the backbone in eager attention with attentions on.
+    tts = load_model("multilingual-tiny")
+    prepare_voice(tts, reference6)
+    t3 = tts.t3
+    config, attns = t3.tfmr.config, [t3.tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
+
+    def state() -> tuple[Any, ...]:
+        return (config._attn_implementation, config.output_attentions, *map(_spies, attns))
+
+    assert state() == ("sdpa", False, 0, 0, 0)
+    runs = [generate(tts, "Bonjour.", max_new_tokens=8, seed=seed, language_id="fr") for seed in (0, 1)]
+    assert state() == ("sdpa", False, 0, 0, 0)  # after every call, not only the first
+    assert runs[0].speech_tokens != runs[1].speech_tokens
+    # The analyzer still steers upstream's generation: a repetition is stopped (as upstream's own).
+    head, stop = t3.speech_head, t3.hp.stop_speech_token
+    t3.speech_head = _Biased(head, 1234)
+    try:
+        r = generate(tts, "Bonjour à tous, ceci est un essai.", max_new_tokens=20, language_id="fr")
+    finally:
+        t3.speech_head = head
+    assert r.speech_tokens == [1234, 1234, stop] and r.stopped_by == "stop token"
+    assert state() == ("sdpa", False, 0, 0, 0)
+    # The tokens of upstream's own analyzer, for the seed (which then leaks, on this test's model).
+    with token_cap(tts, 8) as seen:
+        torch.manual_seed(0)
+        tts.generate("Bonjour.", language_id="fr")
+    assert seen["tokens"][0].tolist() == runs[0].speech_tokens
+    assert state() == ("eager", True, 1, 1, 1)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core.errors import EmptyTextError, NoVoiceError, SourceError
 from tts_workbench.core.families import FAMILIES
+from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models.sources import check_reference, load_model
 from tts_workbench.runtime.decode import check_new_tokens, t3_decode, text_tokens
 from tts_workbench.runtime.generation import ended_by, generate, timed, token_cap
@@ -177,3 +180,75 @@ def test_stereo_and_other_rates_are_converted_and_reported(
     info = check_reference(path)
     assert any("2 channels" in n for n in info.notes)
     assert any("44100 Hz" in n for n in info.notes)
+
+
+def test_a_reference_given_to_generate_is_checked_as_prepare_voice_checks_it(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    # Before, upstream generate prepared it itself, without the workbench's reference checks.
+    zeros = tmp_path / "zeros.wav"
+    sf.write(zeros, np.zeros(24000, dtype=np.float32), 24000)
+    conds = tiny_tts.conds
+    with pytest.raises(SourceError, match="all zeros"):
+        generate(tiny_tts, "Hello.", max_new_tokens=4, audio_prompt_path=str(zeros))
+    assert tiny_tts.conds is conds  # refused before anything was prepared
+
+
+def test_seeded_generations_in_two_threads_speak_their_solo_tokens_and_leave_the_global_generator(
+    tiny_tts: ChatterboxTTS,
+) -> None:
+    # Before, a seed was torch.manual_seed: two threads' generations drew from one global
+    # generator, each took the other's numbers, and the caller's random state was replaced.
+    text = "Hello there friend."
+    solo = {seed: generate(tiny_tts, text, max_new_tokens=30, seed=seed) for seed in (1, 2)}
+    assert solo[1].speech_tokens != solo[2].speech_tokens
+    # What upstream generate gives after torch.manual_seed, bit for bit (the notebooks' numbers).
+    with token_cap(tiny_tts, 30) as seen:
+        torch.manual_seed(1)
+        wav = tiny_tts.generate(text)
+    assert seen["tokens"][0].tolist() == solo[1].speech_tokens and np.array_equal(wav[0].numpy(), solo[1].wav)
+    torch.manual_seed(2)  # no seed: the caller's random state, as upstream
+    unseeded = generate(tiny_tts, text, max_new_tokens=30, seed=None)
+    assert unseeded.speech_tokens == solo[2].speech_tokens and np.array_equal(unseeded.wav, solo[2].wav)
+
+    together: dict[int, Any] = {}
+    start = threading.Barrier(2)
+
+    def run(seed: int) -> None:
+        start.wait()
+        together[seed] = generate(tiny_tts, text, max_new_tokens=30, seed=seed)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in solo]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for seed, alone in solo.items():
+        assert together[seed].speech_tokens == alone.speech_tokens
+        assert np.array_equal(together[seed].wav, alone.wav)
+    assert torch.equal(torch.get_rng_state(), before)  # neither read nor changed
+
+
+_DRAWS: dict[str, Callable[[torch.Generator | None], torch.Tensor]] = {
+    "normal(mean, std)": lambda g: torch.normal(torch.zeros(4), 1.0, generator=g),
+    "normal(mean, std, size)": lambda g: torch.normal(0.0, 1.0, (4,), generator=g),
+    "Tensor.cauchy_": lambda g: torch.empty(4).cauchy_(generator=g),
+    "Tensor.log_normal_": lambda g: torch.empty(4).log_normal_(generator=g),
+    "Tensor.geometric_": lambda g: torch.empty(4).geometric_(0.5, generator=g),
+    "Tensor.multinomial": lambda g: torch.ones(4).multinomial(2, generator=g),
+    "Tensor.bernoulli": lambda g: torch.full((4,), 0.5).bernoulli(generator=g),
+}
+
+
+@pytest.mark.parametrize("name", list(_DRAWS))
+def test_a_streams_drawing_hands_its_generator_to_these_draws_too(name: str) -> None:
+    # Before, these drew from the global generator inside StreamRandom.drawing().
+    draw = _DRAWS[name]
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with StreamRandom(5).drawing():
+        got = draw(None)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(got, draw(torch.Generator().manual_seed(5)))

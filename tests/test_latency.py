@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from tts_workbench.instruments.latency import ChunkMetrics, StreamReport, format_chunks, format_report
+from tts_workbench.instruments.latency import (
+    ChunkMetrics,
+    StreamReport,
+    format_chunks,
+    format_report,
+    seam_metric,
+    snr_db,
+)
 
 
 def _report() -> StreamReport:
@@ -67,3 +76,30 @@ def test_stream_command_output_counts_what_came_after_the_last_chunk() -> None:
     }
     assert doc["summary"]["invalid_tokens"] == 8
     assert "8 invalid tokens dropped" in format_report(doc)
+
+
+def test_an_empty_stream_is_measured_without_numpy_warnings_and_printed_as_no_audio() -> None:
+    # A stream whose T3 kept no speech token has no audio. Before, the seam metric took the
+    # median of no jumps ("Mean of empty slice") and the SNR of nothing against nothing was inf.
+    empty = np.zeros(0, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        seams = seam_metric(empty, [])
+        snr = snr_db(empty, empty)
+    assert seams == {"seam_max_over_median": None, "ordinary_max_over_median": 0.0} and snr is None
+    assert seam_metric(np.ones(1, dtype=np.float32), [])["ordinary_max_over_median"] == 0.0  # no jump either
+    report = StreamReport("buffered", invalid_after=1)
+    doc = {
+        "summary": report.summary(),
+        "chunks": report.rows(),
+        "quality_vs_one_shot": {**seams, "snr_db": snr, "length_diff_samples": 0},
+        "note": "ended by the stop token at token 2",
+        "files": {"wav": "a.wav", "timeline": "a.png"},
+    }
+    lines = format_report(doc).splitlines()
+    assert lines[:3] == [
+        "(no rows)",
+        "buffered: no audio (T3 kept no speech token), 1 invalid tokens dropped",
+        "seams: none (no audio); nothing to compare with one-shot",
+    ]
+    assert "inf" not in format_report(doc)

@@ -6,6 +6,7 @@ import gc
 import json
 import math
 import threading
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from tts_workbench.core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
-from tts_workbench.instruments.latency import StreamReport, seam_metric, underruns
+from tts_workbench.instruments.latency import StreamReport, format_report, seam_metric, underruns
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import load_model, make_reference_wav
 from tts_workbench.runtime.generation import generate
@@ -394,7 +395,7 @@ def test_bench_stream_row_times_t3_from_its_decode_stats(tts: ChatterboxTTS) -> 
     row = run_stream(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2), TEXT, 30, 0)
     assert {"t3_prefill_s", "t3_step_s", "wall_s", "ttfa_s"} <= set(row)  # clock readings: not compared
     assert row["s3gen_calls"] >= 1
-    # Tokens sampled, as the one-shot rows count them (random weights never stop before the cap).
+    # Tokens sampled, as the one-shot rows count them (this seed samples no stop token).
     assert row["t3_tokens"] == 30
 
 
@@ -510,3 +511,41 @@ def test_run_to_files_notes_a_token_cap_only_when_it_ended_the_generation(
     assert len(report["speech_tokens"]) < 30  # it stopped (some of the 29 ids are invalid)
     assert "no stop token" not in report["note"] and "never" not in report["note"]
     assert report["note"] == "ended by the stop token at token 30"
+
+
+def test_a_stream_that_keeps_no_speech_token_is_reported_not_a_crash(
+    tts: ChatterboxTTS, steer: type[Steer], tmp_path: Path
+) -> None:
+    # The stop token first: no token to vocode. Before, the one-shot yardstick ran S3Gen on no
+    # token and HiFT failed ("Kernel size can't be greater than actual input size"), so the
+    # `stream` command crashed; the empty waveform's seam metric warned ("Mean of empty slice").
+    stop = tts.t3.hp.stop_speech_token
+    state = StreamState(StreamReport("buffered"))
+    with shadow(tts.t3.speech_head, "forward", steer({1: stop})):
+        assert list(stream(tts, TEXT, StreamConfig("buffered"), max_new_tokens=20, state=state)) == []
+    with shadow(tts.t3.speech_head, "forward", steer({1: stop})):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            report = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=20)
+    assert state.tokens == [] and one_shot(tts, state, StreamConfig()).shape == (0,)
+    assert report["speech_tokens"] == [] and report["summary"]["chunks"] == 0
+    quality = {"seam_max_over_median": None, "ordinary_max_over_median": 0.0, "snr_db": None}
+    assert report["quality_vs_one_shot"] == {**quality, "length_diff_samples": 0}
+    assert report["note"] == "ended by the stop token at token 1"
+    assert "buffered: no audio (T3 kept no speech token)" in format_report(report)
+
+
+def test_naive_wall_time_covers_t3_after_its_last_chunk(tts: ChatterboxTTS, steer: type[Steer]) -> None:
+    # 22 valid tokens make the one chunk, then only invalid ids up to the cap: T3's work after
+    # the chunk is in t3_s. Before, wall_s stopped at the chunk and the RTF left that work out.
+    # The phases run one after another inside the stream: their sum cannot exceed its wall.
+    cap = 80
+    edits = {**{call: 1 for call in range(1, 23)}, **dict.fromkeys(range(23, cap + 1), SPEECH_VOCAB_SIZE)}
+    state = StreamState(StreamReport("naive"))
+    with shadow(tts.t3.speech_head, "forward", steer(edits)):
+        for _ in stream(tts, TEXT, StreamConfig("naive", chunk_tokens=22), max_new_tokens=cap, state=state):
+            pass
+    s = state.report.summary()
+    assert s["chunks"] == 1 and state.report.t3_after_s > 0
+    assert s["wall_s"] >= s["t3_s"] + s["flow_s"] + s["vocoder_s"] - 1e-9
+    assert s["rtf"] == s["wall_s"] / s["audio_s"]

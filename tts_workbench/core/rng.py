@@ -5,9 +5,15 @@ what it samples alone (and swapping the global state in and out around each step
 once streams run in threads). So every stream holds a ``StreamRandom``: its generators, one per
 device, seeded from the stream's seed. T3's sampling draws its noise from the generator
 explicitly (``sampling.exponential_noise``); upstream code that draws without one (HiFT's sine
-source and noise) runs inside ``StreamRandom.drawing()``, a ``TorchFunctionMode`` that hands the
-stream's generator to every random factory called without one. Torch function modes are
+source and noise, all of a seeded ``generation.generate``) runs inside ``StreamRandom.drawing()``,
+a ``TorchFunctionMode`` that hands the stream's generator to the random functions listed below
+(``_LIKE`` ... ``_METHODS``) when they are called without one. Torch function modes are
 thread-local, so a stream's mode never sees another thread's calls.
+
+Not covered: draws that take no generator (``F.dropout`` and ``F.rrelu`` in training,
+``F.gumbel_softmax``), and draws made inside another torch function (the mode sees the outer
+call only); those still draw from the global generator. Upstream inference (modules in eval
+mode) makes none of them.
 
 A fresh ``torch.Generator(device).manual_seed(s)`` starts where ``torch.manual_seed(s)`` leaves
 that device's default generator, so a stream seeded ``s`` samples the tokens a one-shot upstream
@@ -27,7 +33,10 @@ _LIKE = {torch.rand_like, torch.randn_like, torch.randint_like}
 _FACTORIES = {torch.rand, torch.randn, torch.randint, torch.randperm}
 _OF_INPUT = {torch.multinomial, torch.bernoulli, torch.poisson}
 _METHODS = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.random_,
-            torch.Tensor.exponential_}  # fmt: skip
+            torch.Tensor.exponential_, torch.Tensor.cauchy_, torch.Tensor.log_normal_,
+            torch.Tensor.geometric_, torch.Tensor.multinomial, torch.Tensor.bernoulli}  # fmt: skip
+_ON_INPUT = _LIKE | _OF_INPUT | _METHODS  # the generator's device: the first argument's
+_RANDOM = _ON_INPUT | _FACTORIES | {torch.normal}
 
 
 class StreamRandom:
@@ -66,10 +75,17 @@ class _Drawing(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        kwargs = dict(kwargs or {})
-        if kwargs.get("generator") is None:
-            if func in _LIKE or func in _OF_INPUT or func in _METHODS:
-                kwargs["generator"] = self.generator(args[0].device)
-            elif func in _FACTORIES:
-                kwargs["generator"] = self.generator(kwargs.get("device") or "cpu")
+        kwargs = kwargs or {}
+        # Every torch call of the thread comes through here: the common case (no draw) is one
+        # set lookup, and the caller's kwargs are copied only when a generator is added.
+        if func in _RANDOM and kwargs.get("generator") is None:
+            if func in _ON_INPUT:
+                device = args[0].device
+            elif func is torch.normal:  # on its tensor mean or std, else as a factory
+                given = (*args[:2], kwargs.get("mean"), kwargs.get("std"))
+                tensors = [a for a in given if torch.is_tensor(a)]
+                device = tensors[0].device if tensors else kwargs.get("device") or "cpu"
+            else:
+                device = kwargs.get("device") or "cpu"
+            kwargs = {**kwargs, "generator": self.generator(device)}
         return func(*args, **kwargs)

@@ -78,7 +78,7 @@ class StreamReport:
 
     strategy: str
     chunks: list[ChunkMetrics] = field(default_factory=list)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # to the last chunk, or to T3's end where that is later (set by ``stream``)
     # T3's seconds and invalid ids after the last chunk (blocks that made no chunk: only invalid
     # ids, or only the stop token), in the totals of ``summary`` but in no chunk's record
     t3_after_s: float = 0.0
@@ -162,6 +162,9 @@ def format_chunks(report: StreamReport) -> str:
 
 
 def _chunks_text(table: pd.DataFrame, s: dict[str, Any]) -> str:
+    invalid = f"{s['invalid_tokens']} invalid tokens dropped"
+    if not s["chunks"]:  # no first audio, no RTF: say so rather than print inf
+        return "\n".join([render(table), f"{s['strategy']}: no audio (T3 kept no speech token), {invalid}"])
     return "\n".join(
         [
             # the summary line below totals the columns left out
@@ -169,27 +172,35 @@ def _chunks_text(table: pd.DataFrame, s: dict[str, Any]) -> str:
             f"{s['strategy']}: first audio after {s['ttfa_s']:.2f} s, RTF {s['rtf']:.2f}, "
             f"{s['s3gen_calls']} S3Gen/vocoder calls, "
             f"{s['underruns']} underruns ({s['underrun_s']:.2f} s silent), "
-            f"{s['invalid_tokens']} invalid tokens dropped"
+            + invalid
             + (f", {s['nan_samples']} NaN samples zeroed" if s["nan_samples"] else ""),
         ]
+    )
+
+
+def _quality_text(q: dict[str, Any], chunks: int) -> str:
+    """The seams and the SNR against the one-shot output, in words."""
+    if not chunks:
+        return "seams: none (no audio); nothing to compare with one-shot"
+    return (
+        (
+            "seams: none (one chunk)"
+            if q["seam_max_over_median"] is None
+            else f"seams: largest jump {q['seam_max_over_median']:.2f}x the median jump "
+            f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x)"
+        )
+        + f"; SNR vs one-shot {q['snr_db']:.1f} dB "
+        f"outside crossfades; length difference {q['length_diff_samples']} samples"
     )
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The ``tts-workbench stream`` output: chunk table, summary, quality against one-shot,
     printed from the report's own rows and totals (those count what came after the last chunk)."""
-    q = report["quality_vs_one_shot"]
     return "\n".join(
         [
             _chunks_text(_frame(report["chunks"]), report["summary"]),
-            (
-                "seams: none (one chunk)"
-                if q["seam_max_over_median"] is None
-                else f"seams: largest jump {q['seam_max_over_median']:.2f}x the median jump "
-                f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x)"
-            )
-            + f"; SNR vs one-shot {q['snr_db']:.1f} dB "
-            f"outside crossfades; length difference {q['length_diff_samples']} samples",
+            _quality_text(report["quality_vs_one_shot"], report["summary"]["chunks"]),
             *(
                 [
                     f"T3 decode step ({report['t3_step_mode']}) built in {report['t3_compile_s']:.2f} s, "
@@ -236,9 +247,9 @@ def timeline_figure(report: StreamReport, title: str = "") -> Figure:
 def seam_metric(wav: np.ndarray, seams: list[int], half_width: int = 48) -> dict[str, float | None]:
     """The largest sample-to-sample jump near each seam, relative to the median jump, against the
     largest jump anywhere else (a click is a seam jump far above anything ordinary); ``None``
-    for the seams of a stream that has none (one chunk)."""
+    for the seams of a stream that has none (one chunk, or no audio)."""
     jumps = np.abs(np.diff(wav.astype(np.float64)))
-    median = float(np.median(jumps)) or 1e-12
+    median = (float(np.median(jumps)) if jumps.size else 0.0) or 1e-12  # no jump: no median to take
     near = np.zeros(len(jumps), dtype=bool)
     for s in seams:
         near[max(s - half_width, 0) : s + half_width] = True
@@ -247,13 +258,16 @@ def seam_metric(wav: np.ndarray, seams: list[int], half_width: int = 48) -> dict
     return {"seam_max_over_median": seam, "ordinary_max_over_median": ordinary}
 
 
-def snr_db(wav: np.ndarray, reference: np.ndarray, exclude: Sequence[tuple[int, int]] = ()) -> float:
+def snr_db(wav: np.ndarray, reference: np.ndarray, exclude: Sequence[tuple[int, int]] = ()) -> float | None:
     """Signal-to-noise ratio of ``wav`` against ``reference`` (same length up to the shorter),
-    leaving out the ``exclude`` sample ranges (the crossfade regions)."""
+    leaving out the ``exclude`` sample ranges (the crossfade regions); ``None`` where no sample
+    is left to compare (a stream without audio)."""
     n = min(len(wav), len(reference))
     keep = np.ones(n, dtype=bool)
     for lo, hi in exclude:
         keep[max(lo, 0) : min(hi, n)] = False
+    if not keep.any():
+        return None
     ref, err = reference[:n][keep].astype(np.float64), (wav[:n] - reference[:n])[keep].astype(np.float64)
     noise = float(np.sum(err**2))
     return float("inf") if noise == 0 else 10 * float(np.log10(np.sum(ref**2) / noise))

@@ -13,22 +13,28 @@ the module as soon as it has made them; one router per attention module, there w
 generation uses it, hands each forward's output to the spies of the generation running that
 forward (``Alignment.watching``, set around its own forwards only). The backbone's attention
 settings change with the first generation in and are put back by the last one out.
+
+Upstream ``T3.inference`` (multilingual ``generate``) makes its analyzer itself: inside
+``upstream_alignment`` the one it makes in this thread is made by ``alignment`` too.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
 
+import chatterbox.models.t3.t3 as upstream_t3
 from chatterbox.models.t3.inference.alignment_stream_analyzer import (
     LLAMA_ALIGNED_HEADS,
     AlignmentStreamAnalyzer,
 )
 from torch import nn
+
+from ..core.patching import routed
 
 Spy = Callable[[nn.Module, Any, Any], None]
 
@@ -120,3 +126,23 @@ def alignment(tfmrs: list[Any], text: tuple[int, int], eos: int) -> Iterator[Ali
                 if entry[0] == 0:
                     m.config._attn_implementation, m.config.output_attentions = entry[1], entry[2]
                     del _configs[id(m.config)]
+
+
+@contextmanager
+def upstream_alignment() -> Iterator[None]:
+    """While inside, the analyzer upstream ``T3.inference`` makes in this thread (or asyncio
+    task) comes from ``alignment``: fed by this generation's forwards only, its hooks and the
+    backbone's attention settings undone on the way out (upstream leaves them for good)."""
+    with ExitStack() as scope:
+
+        def analyzer(
+            tfmr: nn.Module, queue: Any, text_tokens_slice: tuple[int, int], alignment_layer_idx: int = 9,
+            eos_idx: int = 0,
+        ) -> AlignmentStreamAnalyzer:  # fmt: skip
+            aligned = scope.enter_context(alignment([tfmr], text_tokens_slice, eos_idx))
+            scope.enter_context(aligned.watching())  # upstream's forwards follow, in this context
+            return aligned.analyzer
+
+        # Upstream names the class in its module: other threads' generations keep upstream's own.
+        with routed(upstream_t3, "AlignmentStreamAnalyzer", lambda _: analyzer):
+            yield

@@ -8,6 +8,7 @@ upstream code path runs unchanged with a smaller cap.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError, SourceError
 from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
+from ..core.rng import StreamRandom
 from ..instruments.profiling import t3_phase
 from ..models.sources import ReferenceInfo, check_reference
+from .alignment import upstream_alignment
 from .decode import invalid_ids, text_tokens
 
 
@@ -143,6 +146,22 @@ def ended_by(raw: list[int], stop_token: int, cap: int, asked: int) -> str:
     return "token cap" if cap >= asked else f"upstream generate's own cap of {cap} tokens"
 
 
+@contextmanager
+def _drawing_quietly(tts: TTSModel, rng: StreamRandom) -> Iterator[None]:
+    """Upstream's draws in this thread from ``rng`` (``rng.drawing()``, a TorchFunctionMode every
+    torch call passes through), the mode switched off where nothing is drawn: T3's backbone and
+    the flow's encoder and estimator, most of the calls. With it on there too, T3's decode took
+    about 15% longer (tiny model, CPU; about 4% with it off there), time the phases would be
+    charged that upstream after ``torch.manual_seed`` does not spend."""
+    with ExitStack() as stack:
+        stack.enter_context(rng.drawing())
+        for module in (tts.t3.tfmr, tts.s3gen.flow.encoder, tts.s3gen.flow.decoder.estimator):
+            stack.enter_context(
+                around(module, "forward", lambda a, k: torch._C.DisableTorchFunction(), this_thread=True)
+            )
+        yield
+
+
 @dataclass
 class GenerationResult:
     """One generation: audio, tokens, and where the time went."""
@@ -177,15 +196,21 @@ def _float32_loudness(original: Callable[..., np.ndarray]) -> Callable[..., np.n
     return norm_loudness
 
 
-def prepare_voice(tts: TTSModel, reference: str, exaggeration: float = 0.5) -> ReferenceInfo:
+def prepare_voice(
+    tts: TTSModel, reference: str, exaggeration: float = 0.5, norm_loudness: bool = True
+) -> ReferenceInfo:
     """Validate ``reference`` and run upstream ``prepare_conditionals`` on it (for Turbo with its
-    loudness normalisation kept in float32, see ``_float32_loudness``)."""
+    loudness normalisation kept in float32, see ``_float32_loudness``; ``norm_loudness`` is
+    Turbo's switch for it, the other families do not normalise)."""
     family = family_of(tts)
     info = check_reference(reference)
-    if family.name == "turbo" and info.seconds <= 5.0:  # upstream asserts it
+    turbo = family.name == "turbo"
+    if turbo and info.seconds <= 5.0:  # upstream asserts it
         raise SourceError(f"Turbo needs a reference longer than 5 s; {reference} has {info.seconds} s")
-    with shared(tts, "norm_loudness", _float32_loudness) if family.name == "turbo" else nullcontext():
-        tts.prepare_conditionals(reference, exaggeration=exaggeration)
+    with shared(tts, "norm_loudness", _float32_loudness) if turbo else nullcontext():
+        tts.prepare_conditionals(
+            reference, exaggeration=exaggeration, **({"norm_loudness": norm_loudness} if turbo else {})
+        )
     return info
 
 
@@ -209,14 +234,19 @@ def generate(
 ) -> GenerationResult:
     """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings
     (``t3`` includes its ``t3.prefill`` and ``t3.decode``, see ``t3_timed``). The multilingual
-    model speaks ``language_id`` (default "en", checked by ``families.language_for``)."""
-    checked_voice(sampling.get("audio_prompt_path") or tts.conds, text)  # a reference to prepare will do
+    model speaks ``language_id`` (default "en", checked by ``families.language_for``).
+
+    With a ``seed`` every draw comes from the call's own generators (``rng.StreamRandom``):
+    the tokens and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, and
+    neither another thread's generation nor the global random state is touched; ``None`` goes
+    on from the caller's random state, as upstream does. An ``audio_prompt_path`` is prepared
+    by ``prepare_voice`` (its checks and fixes) before upstream runs."""
+    reference = sampling.pop("audio_prompt_path", None)
+    checked_voice(reference or tts.conds, text)  # a reference to prepare will do
     family = family_of(tts)
     if (language := language_for(tts, sampling.get("language_id"))) is not None:
         sampling["language_id"] = language
     text_tokens(tts, text, 0.0, language)  # a text longer than T3's positions: refused, not an IndexError
-    if seed is not None:  # None: go on from the caller's random state, as upstream generate does
-        torch.manual_seed(seed)
     methods = {
         "t3": (tts.t3, family.t3_inference),
         "s3gen.flow": (tts.s3gen, "flow_inference"),
@@ -224,10 +254,20 @@ def generate(
         "watermark": (tts.watermarker, "apply_watermark"),
     }
     t0 = now(tts.device)
+    if reference:  # as upstream's ``if audio_prompt_path`` (in the wall time, as there), with the checks
+        # Prepared as upstream generate would: its exaggeration default (Turbo's is 0.0), and
+        # Turbo's norm_loudness, which upstream generate only uses for this.
+        default = inspect.signature(tts.generate).parameters["exaggeration"].default
+        norm = sampling.pop("norm_loudness", True) if family.name == "turbo" else True
+        prepare_voice(tts, reference, sampling.get("exaggeration", default), norm)
     with (
+        # Not torch.manual_seed: two threads' generations would draw each other's numbers.
+        _drawing_quietly(tts, StreamRandom(seed)) if seed is not None else nullcontext(),
         token_cap(tts, max_new_tokens) as seen,
         timed(methods, tts.device) as times,
         t3_timed(tts, times),
+        # Multilingual: upstream's analyzer hooks the attention for good; this one is undone.
+        upstream_alignment() if tts.t3.hp.is_multilingual else nullcontext(),
     ):
         wav = tts.generate(text, **sampling)
     wall = now(tts.device) - t0

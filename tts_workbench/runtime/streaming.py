@@ -286,7 +286,8 @@ def stream(
     the tokens of a one-shot generation with the same seed. A chunk's record counts the T3
     seconds and invalid ids since the previous chunk; T3's blocks after the last chunk (only
     invalid ids, or the stop token) are kept in the report's ``t3_after_s`` and
-    ``invalid_after`` when T3 has ended, so its totals are the whole generation's.
+    ``invalid_after`` when T3 has ended, so its totals are the whole generation's, and its
+    ``wall_s`` runs to the end of T3 where that came after the last chunk.
     """
     checked_voice(tts.conds, text)
     if state is not None and state.used:
@@ -315,6 +316,7 @@ def stream(
     device = tts.device
     t_start = now(device)
     t3_seen = [0.0]
+    t3_done = [0.0]  # stream time when T3 ended
     invalid = [0]
     bar = tqdm(total=max_new_tokens, unit="tok", desc=f"{config.strategy} stream", disable=not progress)
 
@@ -324,6 +326,7 @@ def stream(
         while True:
             block = next(blocks, None)
             if block is None:
+                t3_done[0] = now(device) - t_start
                 state.tokens.extend(tail_tokens(tts.s3gen))  # Turbo's closing silence, as upstream
                 return
             ids = block[0].tolist()
@@ -357,6 +360,10 @@ def stream(
         # records were handed out already), so its totals are the whole generation's.
         state.report.t3_after_s = stats.prefill_s + stats.decode_s - t3_seen[0]
         state.report.invalid_after = invalid[0]
+        # The wall (so the RTF) covers those blocks too, not only the stream up to its last
+        # chunk: it runs to T3's end where that came later (T3 runs as the caller pulls, so a
+        # caller slow to ask for more after the last chunk is in it, as in every emitted_s).
+        state.report.wall_s = max(state.report.wall_s, t3_done[0])
     finally:
         blocks.close()
         bar.close()
@@ -580,9 +587,12 @@ def _buffered(
 
 def one_shot(tts: ChatterboxTTS, state: StreamState, config: StreamConfig) -> np.ndarray:
     """The same tokens through one S3Gen call, on the same noise track and prompt: the reference
-    a streamed utterance is compared with."""
+    a streamed utterance is compared with (no audio where the stream kept no speech token:
+    S3Gen cannot vocode none)."""
     if tts.conds is None:
         raise NoVoiceError()
+    if not state.tokens:
+        return np.zeros(0, np.float32)
     gen = shorten_prompt(tts.conds.gen, config.prompt_s)
     prompt = state.prompt_noise_for(int(gen["prompt_token"].size(1)))
     noise = torch.cat([prompt, state.noise[:, :, : len(state.tokens) * FRAMES_PER_TOKEN]], dim=2)
