@@ -64,7 +64,7 @@ def test_decode_loop_samples_the_same_tokens_as_upstream(tiny_tts: ChatterboxTTS
 
 
 def stop_pushed(tts: ChatterboxTTS, by: float) -> AbstractContextManager[None]:
-    """Random weights never stop: while inside, the stop logit is ``by`` higher."""
+    """Random weights almost never stop: while inside, the stop logit is ``by`` higher."""
     stop = tts.t3.hp.stop_speech_token
 
     def wrap(forward):  # type: ignore[no-untyped-def]

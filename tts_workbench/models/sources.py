@@ -16,7 +16,7 @@ builds (``MODELS``):
   tokenizer, the grapheme vocabulary), are built here deterministically and read by the real
   classes (``AutoTokenizer``, ``MTLTokenizer``).
 
-Random weights never emit T3's stop token: generation must be capped (see ``generation.py``).
+Random weights almost never sample T3's stop token: generation must be capped (see ``generation.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Run upstream generation with a token cap and per-phase timing.
 
 Upstream ``ChatterboxTTS.generate`` hard-codes ``max_new_tokens=1000`` (about 10 minutes of
-full-size T3 on a 2-core CPU) and random weights never emit the stop token. Rather than copy
+full-size T3 on a 2-core CPU) and random weights almost never sample the stop token. Rather than copy
 ``generate``, we shadow ``t3.inference`` on the instance for the duration of a call, so the
 upstream code path runs unchanged with a smaller cap.
 """
