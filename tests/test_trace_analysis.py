@@ -14,6 +14,7 @@ from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.instruments.attention import device_attention_kernel
 from tts_workbench.instruments.plots import device_time_figure
+from tts_workbench.instruments.profiling import EAGER
 from tts_workbench.instruments.trace_analysis import (
     CPU_ONLY_NOTE,
     DEVICE_CATEGORIES,
@@ -22,11 +23,12 @@ from tts_workbench.instruments.trace_analysis import (
     analyze_region,
     compare,
     cut_region,
-    names_within,
+    events_within,
     read_trace,
     region_trace,
 )
 from tts_workbench.interface.cli import main
+from tts_workbench.studies.profile_report import in_trace
 from tts_workbench.studies.trace_report import (
     cut_report,
     decode_trace_report,
@@ -286,7 +288,17 @@ def test_trace_cli_refuses_bad_flags_before_loading(capsys: pytest.CaptureFixtur
     assert "at least 2" in capsys.readouterr().err
 
 
-def test_names_within_a_region_leave_out_what_runs_between_its_ranges() -> None:
+def test_eager_attention_is_in_a_trace_only_as_a_softmax_over_4d_scores() -> None:
+    # Upstream samples inside t3.decode: its softmax over the vocabulary (2-D) is no attention.
+    def softmax(dims: list[list[int]]) -> dict[str, Any]:
+        return {"name": "aten::softmax", "args": {"Input Dims": dims}}
+
+    sampling, scores = softmax([[1, 8194], []]), softmax([[2, 16, 1, 40], []])
+    assert not in_trace(EAGER, [sampling]) and in_trace(EAGER, [sampling, scores])
+    assert in_trace("flash (CPU)", [{"name": "aten::_scaled_dot_product_flash_attention_for_cpu"}])
+
+
+def test_events_within_a_region_leave_out_what_runs_between_its_ranges() -> None:
     # Two decode steps with sampling's softmax between them: a cut keeps it (it spans the first
     # step's start to the last one's end), the kernel check must not count it as attention.
     def event(name: str, ts: int, dur: int, cat: str = "cpu_op") -> dict[str, Any]:
@@ -297,7 +309,7 @@ def test_names_within_a_region_leave_out_what_runs_between_its_ranges() -> None:
         event("t3.decode", 0, 10, "user_annotation"), event(flash, 2, 3),
         event("aten::softmax", 12, 2), event("t3.decode", 20, 10, "user_annotation"),
     ]}  # fmt: skip
-    names = names_within(trace, "t3.decode")
+    names = {e["name"] for e in events_within(trace, "t3.decode")}
     assert flash in names and "aten::softmax" not in names
     with pytest.raises(ValueError, match="occurrences must be at least 1"):  # not "no range named"
         cut_region(trace, "t3.decode", occurrences=0)

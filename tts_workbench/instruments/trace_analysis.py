@@ -96,17 +96,19 @@ def _ranges(
     return ranges
 
 
-def names_within(trace: Mapping[str, Any], region: str, path: str | Path = "the trace") -> set[str]:
-    """Names of the host events inside one of ``region``'s ranges (not between two of them,
-    where a cut keeps everything: in a ``decode_blocks`` trace sampling runs between the steps)."""
+def events_within(
+    trace: Mapping[str, Any], region: str, path: str | Path = "the trace"
+) -> list[dict[str, Any]]:
+    """The host events inside one of ``region``'s ranges (not between two of them, where a cut
+    keeps everything: in a ``decode_blocks`` trace sampling runs between the steps)."""
     spans = [(r["ts"], r["ts"] + r["dur"]) for r in _ranges(trace, region, None, path)]
-    return {
-        e["name"]
+    return [
+        e
         for e in trace["traceEvents"]
         if e.get("ph") == "X"
         and e.get("cat") not in DEVICE_CATEGORIES
         and any(a <= e["ts"] and e["ts"] + e.get("dur", 0) <= b for a, b in spans)
-    }
+    ]
 
 
 def cut_region(

@@ -15,6 +15,7 @@ from ..core.constants import RANDOM_NO_STOP
 from ..core.tables import render
 from ..instruments.attention import KernelRecord
 from ..instruments.profiling import (
+    EAGER,
     KERNEL_OPS,
     op_frame,
     profile_run,
@@ -23,7 +24,7 @@ from ..instruments.profiling import (
     trace_files,
     write_ops,
 )
-from ..instruments.trace_analysis import analyze_cut, cut_region, names_within
+from ..instruments.trace_analysis import analyze_cut, cut_region, events_within
 from ..runtime.generation import generate
 from .diagnose import decode_step_kernels
 
@@ -53,7 +54,7 @@ def profile_generation(
     # the frame counted must be inside the t3.decode ranges of the file the viewers open.
     trace = read_trace(path)
     steps = cut_region(trace, "t3.decode", path=path)
-    in_region = names_within(trace, "t3.decode", path)  # inside the ranges, not between them
+    in_region = events_within(trace, "t3.decode", path)  # inside the ranges, not between them
     device = analyze_cut(steps, path.parent / "t3.decode.json.gz")
     return {
         "run": run,
@@ -68,7 +69,7 @@ def profile_generation(
             for phase, rows in top.groupby("phase", observed=True)
         },
         "recorded_decode_kernels": recorded,
-        "recorded_kernels_in_trace": {k: KERNEL_OPS[k] in in_region for k in recorded},
+        "recorded_kernels_in_trace": {k: in_trace(k, in_region) for k in recorded},
         "decode_step": decode_step_kernels(tts, text, decode, seed, tokens),
         "device_trace": device.summary(),
         "open_with": [
@@ -76,6 +77,17 @@ def profile_generation(
             f"https://ui.perfetto.dev: {path}",
         ],
     }
+
+
+def in_trace(kernel: str, events: list[dict[str, Any]]) -> bool:
+    """Whether trace ``events`` show the attention ``kernel``: its op by name, and for eager
+    attention a softmax over 4-D scores (sampling's softmax over the vocabulary, 2-D, runs in
+    ``t3.decode`` too). The profile records shapes: the trace has each op's "Input Dims"."""
+    op = KERNEL_OPS[kernel]
+    return any(
+        e["name"] == op and (kernel != EAGER or len((e.get("args", {}).get("Input Dims") or [[]])[0]) == 4)
+        for e in events
+    )
 
 
 def format_profile(report: dict[str, Any]) -> str:
