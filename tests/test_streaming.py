@@ -21,7 +21,7 @@ from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.instruments.latency import StreamReport, format_report, seam_metric, underruns
-from tts_workbench.interface.cli import main
+from tts_workbench.interface.cli import finite, main
 from tts_workbench.models.sources import load_model, make_reference_wav
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
@@ -533,6 +533,9 @@ def test_a_stream_that_keeps_no_speech_token_is_reported_not_a_crash(
     assert report["quality_vs_one_shot"] == {**quality, "length_diff_samples": 0}
     assert report["note"] == "ended by the stop token at token 1"
     assert "buffered: no audio (T3 kept no speech token)" in format_report(report)
+    # `stream --json`: no first audio is inf in the report, null in the JSON (Infinity is no JSON)
+    assert report["summary"]["ttfa_s"] == math.inf
+    assert json.loads(json.dumps(finite(report), allow_nan=False))["summary"]["ttfa_s"] is None
 
 
 def test_naive_wall_time_covers_t3_after_its_last_chunk(tts: ChatterboxTTS, steer: type[Steer]) -> None:

@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--read", nargs="+", metavar="TRACE", help="read these trace files instead of profiling (no model)"
     )
-    tr.set_defaults(run=_trace, tokens=60, strict_json=True)
+    tr.set_defaults(run=_trace, tokens=60)
 
     b = command("bench", help="upstream vs optimized side by side, interleaved, with ratios")
     _common(b)
@@ -565,6 +565,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def finite(report: Any) -> Any:
+    """``report`` with every non-finite number as None, for strict JSON: Python writes inf as
+    ``Infinity``, which JSON has not (a stream that gave no audio has no first audio: inf)."""
+    if isinstance(report, float) and not math.isfinite(report):
+        return None
+    if isinstance(report, dict):
+        return {k: finite(v) for k, v in report.items()}
+    if isinstance(report, list | tuple):
+        return [finite(v) for v in report]
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
@@ -598,9 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {e.filename}: give another folder (--out / --logdir)" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    # strict_json (trace): a NaN in the report is a bug to raise, not a bare NaN no JSON parser takes
-    strict = getattr(args, "strict_json", False)
-    print(json.dumps(report, indent=2, allow_nan=not strict) if args.json else fmt(report))
+    print(json.dumps(finite(report), indent=2, allow_nan=False) if args.json else fmt(report))
     return 0
 
 
