@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS
+from torch.overrides import TorchFunctionMode
 
 from tts_workbench.core.errors import EmptyTextError, NoVoiceError, SourceError
 from tts_workbench.core.families import FAMILIES
@@ -252,3 +254,25 @@ def test_a_streams_drawing_hands_its_generator_to_these_draws_too(name: str) -> 
         got = draw(None)
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(got, draw(torch.Generator().manual_seed(5)))
+
+
+class _CountLinear(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.calls += func is F.linear
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_seeded_generate_leaves_the_callers_own_torch_function_modes_on(tiny_tts: ChatterboxTTS) -> None:
+    # Before, the seeded generate switched every torch function mode off inside T3's backbone
+    # and the flow (DisableTorchFunction), a caller's own too: this one saw 20 of 371 linears.
+    counted = []
+    for seed in (None, 0):
+        torch.manual_seed(0)  # seed None goes on from here: the same draws as seed 0
+        with _CountLinear() as mode:
+            result = generate(tiny_tts, "Hello.", max_new_tokens=5, seed=seed)
+        counted.append((mode.calls, result.speech_tokens))
+    assert counted[0] == counted[1] and counted[0][0] > 100

@@ -22,11 +22,12 @@ generation after ``torch.manual_seed(s)`` samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode_temporarily
 
 # Random factories that take a ``generator`` keyword, and how each finds its device.
 _LIKE = {torch.rand_like, torch.randn_like, torch.randint_like}
@@ -65,6 +66,19 @@ def overwritten() -> _Drawing:
     gives all of it): they go to a throwaway generator, so they neither advance the global
     generator nor a stream's own."""
     return StreamRandom(0).drawing()
+
+
+@contextmanager
+def not_drawing() -> Iterator[None]:
+    """Inside: this thread's stream drawing mode off, if it is the innermost torch function
+    mode, and every other mode left on (a caller's own, ``torch.set_default_device``). For code
+    known to draw nothing, which would pay the mode at every op (and Dynamo would trace it)."""
+    stack = _get_current_function_mode_stack()
+    if stack and isinstance(stack[-1], _Drawing):
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
 
 
 class _Drawing(TorchFunctionMode):

@@ -31,6 +31,7 @@ from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import ConfigError
 from ..core.families import FAMILIES
 from ..core.patching import routed, shared
+from ..core.rng import not_drawing
 
 # Integer entries of the reference dict. After one upstream ``S3Gen.forward`` in float32 they
 # are float32 in the caller's dict (exact up to 2**24, so they round back exactly).
@@ -122,7 +123,7 @@ class FlowPlan:
             # The estimator draws nothing, so a stream's random-draw mode (``core.rng``, a
             # TorchFunctionMode) is switched off around it: Dynamo would trace the mode into
             # every op (a third of the compile time) and eager calls would pay it per op.
-            with torch._C.DisableTorchFunction():
+            with not_drawing():
                 fn = self._estimator(estimator, forward, (x, mask, mu, t, spks, cond, r))
                 cudagraphs = self.compiled and x.device.type == "cuda"
                 # sliced before replay clones it: only the window's own frames are copied

@@ -22,7 +22,7 @@ from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError, EmptyTextError, NoVoiceError, SourceError
 from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
-from ..core.rng import StreamRandom
+from ..core.rng import StreamRandom, not_drawing
 from ..instruments.profiling import t3_phase
 from ..models.sources import ReferenceInfo, check_reference
 from .alignment import upstream_alignment
@@ -149,15 +149,16 @@ def ended_by(raw: list[int], stop_token: int, cap: int, asked: int) -> str:
 @contextmanager
 def _drawing_quietly(tts: TTSModel, rng: StreamRandom) -> Iterator[None]:
     """Upstream's draws in this thread from ``rng`` (``rng.drawing()``, a TorchFunctionMode every
-    torch call passes through), the mode switched off where nothing is drawn: T3's backbone and
-    the flow's encoder and estimator, most of the calls. With it on there too, T3's decode took
-    about 15% longer (tiny model, CPU; about 4% with it off there), time the phases would be
-    charged that upstream after ``torch.manual_seed`` does not spend."""
+    torch call passes through), the mode switched off (``rng.not_drawing``, other modes kept)
+    where nothing is drawn: T3's backbone and the flow's encoder and estimator, most of the
+    calls. With it on there too, T3's decode took about 15% longer (tiny model, CPU; about 4%
+    with it off there), time the phases would be charged that upstream after
+    ``torch.manual_seed`` does not spend."""
     with ExitStack() as stack:
         stack.enter_context(rng.drawing())
         for module in (tts.t3.tfmr, tts.s3gen.flow.encoder, tts.s3gen.flow.decoder.estimator):
             stack.enter_context(
-                around(module, "forward", lambda a, k: torch._C.DisableTorchFunction(), this_thread=True)
+                around(module, "forward", lambda a, k: not_drawing(), this_thread=True)
             )
         yield
 
