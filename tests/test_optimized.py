@@ -321,11 +321,16 @@ def test_performance_info_reports_what_ran(folders: dict[str, Path]) -> None:
     assert decode == {"flash (CPU) [bfloat16]": 11 * layers}
     assert prefill == {"flash (CPU) [float32]": layers}
     # The same generation under an independent recorder sees the same kernels.
-    with record_kernels(tts.tts, extra_tfmrs=[tts.plan.decode.tfmr]) as rec:
+    with record_kernels(tts.tts, extra_t3s=[tts.plan.decode]) as rec:
         tts.record_attention = False
         torch.manual_seed(0)
         tts.generate(TEXT, max_new_tokens=12)
     assert rec.by_phase(with_dtype=True)["t3.decode"] == decode
+    # the speech heads, T3's and the bfloat16 copy's, in T3's phases (the copy's was "other")
+    heads = rec.ops[(rec.ops["op"] == "aten::linear") & rec.ops["input_shapes"].str.contains("8194")]
+    assert set(heads["dtype"]) == {"float32", "bfloat16"}
+    # (this loop runs the head on the prefill's last position only: one position, so t3.decode)
+    assert set(heads["phase"]) == {"t3.decode"}
     assert info["memory"]["parameter_bytes"]["t3.decode_copy"] * 2 == pytest.approx(
         info["memory"]["parameter_bytes"]["t3"], rel=0.35
     )

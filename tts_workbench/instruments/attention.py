@@ -77,9 +77,10 @@ class KernelRecord:
 
 
 @contextmanager
-def record_kernels(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Iterator[KernelRecord]:
+def record_kernels(tts: ChatterboxTTS, extra_t3s: Sequence[Any] = ()) -> Iterator[KernelRecord]:
     """Record the attention kernel of every attention call inside the block, by phase
-    (``t3.conditioning``, ``t3.prefill``, ``t3.decode``, ``s3gen.flow``, ``conditioning``, ...).
+    (``t3.conditioning``, ``t3.prefill``, ``t3.decode``, ``s3gen.flow``, ``conditioning``, ...);
+    ``extra_t3s``: T3 decode copies in another dtype (``decode.T3Parts``), labelled as T3 is.
 
     The record is filled when the block exits.
     """
@@ -87,7 +88,7 @@ def record_kernels(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> It
     prof = profile(activities=activities(), record_shapes=True)
     ran = False  # a profiler that could not start has no events: its own error goes up alone
     try:
-        with prof, phase_regions(tts, extra_tfmrs):
+        with prof, phase_regions(tts, extra_t3s):
             ran = True
             yield record
     finally:  # also when the block raised: the kernels that ran before the error count

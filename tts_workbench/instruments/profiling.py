@@ -62,12 +62,17 @@ def _phase_methods(tts: ChatterboxTTS) -> list[tuple[object, str, str]]:
     ]
 
 
-def _t3_calls(tts: ChatterboxTTS, extra_tfmrs: Sequence[object]) -> list[tuple[object, str, bool]]:
+def _t3_calls(tts: ChatterboxTTS, extra_t3s: Sequence[Any]) -> list[tuple[object, str, bool]]:
     """T3's calls phased by their new positions (``t3_phase``), as ``generation.t3_timed`` does:
-    the transformers (extra_tfmrs: decode copies in another dtype) and the speech head (True:
-    its logits are what the decode samples from)."""
-    tfmrs = [tts.t3.tfmr, *(m for m in extra_tfmrs if m is not tts.t3.tfmr)]
-    return [*((m, "forward", False) for m in tfmrs), (tts.t3.speech_head, "forward", True)]
+    the transformers and the speech heads (True: their logits are what the decode samples
+    from), T3's own and those of ``extra_t3s`` (decode copies in another dtype: anything with a
+    ``tfmr`` and a ``speech_head``, such as ``decode.T3Parts``)."""
+    calls: list[tuple[object, str, bool]] = []
+    for part in (tts.t3, *extra_t3s):
+        for module, head in ((part.tfmr, False), (part.speech_head, True)):
+            if all(module is not m for m, _, _ in calls):  # a copy may share a module with T3
+                calls.append((module, "forward", head))
+    return calls
 
 
 # The T3 methods upstream generate calls (families.Family.t3_inference), inside which every op
@@ -116,7 +121,7 @@ class _T3Phases(threading.local):
 
 
 @contextmanager
-def phase_regions(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Iterator[None]:
+def phase_regions(tts: ChatterboxTTS, extra_t3s: Sequence[Any] = ()) -> Iterator[None]:
     """Wrap every call of the phase methods in a profiler range named by its phase; inside T3's
     inference (``T3_INFERENCES``) every op is in a T3 phase, as ``generation.t3_timed`` splits
     them (see ``_T3Phases``). The methods are put back on exit."""
@@ -131,7 +136,7 @@ def phase_regions(tts: ChatterboxTTS, extra_tfmrs: Sequence[object] = ()) -> Ite
     with ExitStack() as stack:
         for obj, method, label in _phase_methods(tts):
             stack.enter_context(around(obj, method, fixed(label)))
-        for obj, method, head in _t3_calls(tts, extra_tfmrs):
+        for obj, method, head in _t3_calls(tts, extra_t3s):
             stack.enter_context(around(obj, method, by_positions(head)))
         for method in T3_INFERENCES:
             stack.enter_context(around(tts.t3, method, lambda args, kwargs: t3.inference()))

@@ -652,7 +652,7 @@ class PerformanceOptimizedTTS(Pipeline):
         record = KernelRecord()
         t0 = now(self.device)
         with (
-            record_kernels(self.tts, [self.plan.decode.tfmr])
+            record_kernels(self.tts, [self.plan.decode])
             if self.record_attention
             else (nullcontext(record)) as record
         ):
