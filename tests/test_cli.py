@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tts_workbench.core import strict_json
 from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, build_parser, main
 from tts_workbench.models.sources import PRETRAINED, SIZES
 from tts_workbench.runtime import streaming
@@ -277,3 +279,11 @@ def test_a_diagnosis_stage_whose_tracer_cannot_start_reports_it(
     monkeypatch.setattr(diagnose, "trace_dtypes", broken)
     out = diagnose._stage(tiny_tts, lambda: None)
     assert out["error"] == "RuntimeError: no hooks here (made on purpose)" and out["first_mismatch"] is None
+
+
+def test_reports_are_written_as_strict_json() -> None:
+    # Python's json writes inf as Infinity, which no strict parser (a browser's JSON.parse) takes
+    report = {"ttfa_s": math.inf, "rows": [{"snr_db": -math.inf}, (1, math.nan)], "tokens": 3}
+    text = strict_json.dumps(report)
+    assert json.loads(text) == {"ttfa_s": None, "rows": [{"snr_db": None}, [1, None]], "tokens": 3}
+    assert "Infinity" in json.dumps(report) and "Infinity" not in text

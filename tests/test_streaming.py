@@ -20,8 +20,9 @@ from tts_workbench.core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
+from tts_workbench.core.strict_json import finite
 from tts_workbench.instruments.latency import StreamReport, format_report, seam_metric, underruns
-from tts_workbench.interface.cli import finite, main
+from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import load_model, make_reference_wav
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -11,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..core import strict_json
 from ..core.policies import POLICIES
 from ..core.quiet import quiet_libraries, upstream_silenced
 
@@ -565,18 +565,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def finite(report: Any) -> Any:
-    """``report`` with every non-finite number as None, for strict JSON: Python writes inf as
-    ``Infinity``, which JSON has not (a stream that gave no audio has no first audio: inf)."""
-    if isinstance(report, float) and not math.isfinite(report):
-        return None
-    if isinstance(report, dict):
-        return {k: finite(v) for k, v in report.items()}
-    if isinstance(report, list | tuple):
-        return [finite(v) for v in report]
-    return report
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
@@ -610,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {e.filename}: give another folder (--out / --logdir)" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    print(json.dumps(finite(report), indent=2, allow_nan=False) if args.json else fmt(report))
+    print(strict_json.dumps(report) if args.json else fmt(report))
     return 0
 
 

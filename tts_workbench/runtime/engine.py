@@ -366,6 +366,13 @@ class StreamEngine:
         with self._lock:
             return (self.max_streams - len(self._live)) * self.rows_per_stream
 
+    def wait_rows_free(self, timeout: float) -> bool:
+        """Wait until no stream holds cache rows, at most ``timeout`` seconds; whether none does.
+        A stream failed in the S3Gen stage has ended for its reader before the T3 stage frees
+        its rows (at its next pass)."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._live, timeout)
+
     def submit(self, text: str, *, seed: int = 0, max_new_tokens: int = 150, conds: Any = None,
                language_id: str | None = None, **sampling: float) -> StreamHandle:  # fmt: skip
         """Queue a stream; read its chunks from the returned handle. Bad requests fail in the

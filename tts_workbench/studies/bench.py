@@ -6,7 +6,6 @@ Random weights make the timing realistic (same shapes, same kernels) and the aud
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from ..core.clock import measurement, now
 from ..core.constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
 from ..core.errors import ConfigError
+from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.latency import snr_db
 from ..instruments.memory import graph_pool_bytes, memory_window, module_bytes
@@ -265,7 +265,7 @@ def run_bench(
         "memory": memory_per_config(rows, upstream_model, opt, dev, memory.how),
     }
     report["files"] = {name: str(outdir / name) for name in ("bench.json", "bench.csv", "memory.png")}
-    (outdir / "bench.json").write_text(json.dumps(report, indent=2))
+    (outdir / "bench.json").write_text(json_dumps(report))
     pd.DataFrame(report["rows"]).to_csv(outdir / "bench.csv", index=False)
     save(memory_figure(memory_frame(report), dev.type), outdir / "memory.png")
     opt.close()

@@ -15,7 +15,6 @@ before the clock starts (a compiled step is compiled per bucket then, not inside
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import threading
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..core.constants import RANDOM_NO_STOP, TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
+from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.memory import memory_window
 from ..instruments.plots import load_figure, save
@@ -221,6 +221,7 @@ def run_level(
             for player in players:
                 player.join()
         wall = time.perf_counter() - t0
+        engine.wait_rows_free(timeout=10.0)  # a stream S3Gen failed frees its rows at T3's next pass
         held_after = n * engine.rows_per_stream - engine.free_rows()  # every stream has ended: 0
         bar.close()
         after = asdict(engine.stats)
@@ -397,7 +398,7 @@ def conclude(report: dict[str, Any], first_audio_limit_s: float, outdir: str | P
         return report
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "load.json").write_text(json.dumps(report, indent=2))
+    (out / "load.json").write_text(json_dumps(report))
     figure = load_figure(levels, first_audio_limit_s)
     report["files"] = {"json": str(out / "load.json"), "figure": str(save(figure, out / "load.png"))}
     return report

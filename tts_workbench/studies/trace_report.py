@@ -8,7 +8,6 @@ cuts (``trace --cut-only``), another machine reads (``trace --read``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import replace
@@ -20,6 +19,7 @@ from chatterbox.tts import ChatterboxTTS
 
 from ..core.errors import NoVoiceError
 from ..core.rng import StreamRandom
+from ..core.strict_json import finite
 from ..core.tables import render
 from ..instruments.profiling import profile_run, read_trace, trace_files
 from ..instruments.trace_analysis import (
@@ -77,20 +77,15 @@ def decode_trace_report(reports: dict[str, TraceReport], note: str, top: int = 5
     fields = list(dict.fromkeys(k for row in rows for k in row))
     return {
         "note": note,
-        "table": [{k: _json_value(row.get(k)) for k in fields} for row in rows],
+        "table": [{k: finite(row.get(k)) for k in fields} for row in rows],
         "traces": {label: r.trace for label, r in reports.items()},
         "top_kernels": {label: _json_records(r.kernels.head(top)) for label, r in reports.items()},
     }
 
 
 def _json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """``frame.to_dict("records")`` with ``_json_value`` of every value."""
-    return [{k: _json_value(v) for k, v in rec.items()} for rec in frame.to_dict("records")]
-
-
-def _json_value(value: Any) -> Any:
-    """``value``, with a float that is not finite (a mean or median of no launches) as ``None``."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+    """``frame.to_dict("records")``, a float that is not finite (a mean of no launches) as None."""
+    return [finite(rec) for rec in frame.to_dict("records")]
 
 
 def cut_report(regions: Mapping[str, Path], note: str) -> dict[str, Any]:
