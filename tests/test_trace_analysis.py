@@ -150,6 +150,10 @@ def test_a_cuda_graph_replay_is_one_launch_of_its_kernels(known_trace: Path, tmp
     graph = r.launches[r.launches["launch"] == "cudaGraphLaunch"].iloc[0]
     assert (graph["kernels"], graph["cpu_us"], graph["gpu_us"], graph["launch_delay_us"]) == (3, 4, 15, 6)
     assert r.summary()["kernels_per_launch"] == 6 / 4
+    spread = r.launch_spread()
+    assert list(spread.columns) == ["cpu_us", "gpu_us", "launch_delay_us"]
+    assert spread.loc["count", "gpu_us"] == 4
+    assert spread.loc["50%", "launch_delay_us"] == r.summary()["median_launch_delay_us"]
     # the first two outermost t3.decode ranges: from 139 to 188, so launches 2, 3 and the replay
     cut = analyze(region_trace(path, "t3.decode", tmp_path / "two.json", occurrences=2))
     assert cut.launches["correlation"].tolist() == [2, 3, 4]

@@ -180,6 +180,11 @@ class TraceReport:
         """Whether HTA read device activity (else ``note`` says why not)."""
         return not self.temporal.empty
 
+    def launch_spread(self) -> pd.DataFrame:
+        """How the launches spread: count, mean, quartiles and extremes of the host's launch call
+        (``cpu_us``), the device's work (``gpu_us``) and the delay between them, one column each."""
+        return self.launches[["cpu_us", "gpu_us", "launch_delay_us"]].describe()
+
     def summary(self) -> dict[str, Any]:
         """The headline numbers: the device's compute, non-compute and idle shares of the span
         from its first to its last kernel, the share of idle time spent waiting for the host (over
