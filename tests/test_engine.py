@@ -373,6 +373,20 @@ def test_the_warm_up_runs_in_the_t3_stage(tts: ChatterboxTTS, monkeypatch: pytes
         engine.warmup()
 
 
+def test_waiting_for_rows_on_a_closed_engine_does_not_wait_out_its_timeout(tts: ChatterboxTTS) -> None:
+    # close() ends a running stream for its reader but frees no rows (no stage runs any more):
+    # the wait used to sit out its whole timeout for rows nothing would free.
+    engine = StreamEngine(tts, max_streams=1, config=CONFIG)
+    try:
+        handle = engine.submit(TEXTS[0], seed=0, max_new_tokens=400)
+        next(iter(handle))  # admitted, its rows held: T3 has far to go after the first window
+    finally:
+        engine.close()
+    t0 = time.monotonic()
+    assert not engine.wait_rows_free(timeout=120.0) and engine.free_rows() == 0
+    assert time.monotonic() - t0 < 60  # not the timeout: a liveness bound, not a timing
+
+
 def test_a_close_during_the_warm_up_waits_for_one_build_not_all(tts: ChatterboxTTS) -> None:
     # Before, close() waited for every bucket's and span's build (each a compile, when compiling).
     engine = StreamEngine(tts, max_streams=4, config=CONFIG, max_cache_len=512)  # 3 buckets x 2 spans

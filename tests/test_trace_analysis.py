@@ -19,6 +19,7 @@ from tts_workbench.instruments.trace_analysis import (
     CPU_ONLY_NOTE,
     DEVICE_CATEGORIES,
     NO_HTA_NOTE,
+    TraceReport,
     analyze,
     analyze_region,
     compare,
@@ -290,6 +291,11 @@ def test_trace_cli_refuses_bad_flags_before_loading(capsys: pytest.CaptureFixtur
     assert "unknown decode step 'fast'" in capsys.readouterr().err
     assert main(["trace", "--tokens", "1"]) == 2  # no decode step would run
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_a_trace_without_device_activity_has_an_empty_launch_spread() -> None:
+    spread = TraceReport("t.json", device="cpu only", note=CPU_ONLY_NOTE).launch_spread()
+    assert spread.empty and list(spread.columns) == ["cpu_us", "gpu_us", "launch_delay_us"]
 
 
 def test_eager_attention_is_in_a_trace_only_as_a_softmax_over_4d_scores() -> None:

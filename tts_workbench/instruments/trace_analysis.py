@@ -182,8 +182,10 @@ class TraceReport:
 
     def launch_spread(self) -> pd.DataFrame:
         """How the launches spread: count, mean, quartiles and extremes of the host's launch call
-        (``cpu_us``), the device's work (``gpu_us``) and the delay between them, one column each."""
-        return self.launches[["cpu_us", "gpu_us", "launch_delay_us"]].describe()
+        (``cpu_us``), the device's work (``gpu_us``) and the delay between them, one column each;
+        no rows for a trace without device activity (``note`` says why)."""
+        columns = ["cpu_us", "gpu_us", "launch_delay_us"]
+        return self.launches[columns].describe() if self.analyzed else pd.DataFrame(columns=columns)
 
     def summary(self) -> dict[str, Any]:
         """The headline numbers: the device's compute, non-compute and idle shares of the span

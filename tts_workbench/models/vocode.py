@@ -94,7 +94,7 @@ class FlowPlan:
 
     def running(self, s3gen: S3Gen, frames: int | None) -> AbstractContextManager[Any]:
         """While inside, ``s3gen``'s estimator runs this plan's way, on frames padded to
-        ``frames`` (``None``: as they come), with torch function modes off (``_padded``)."""
+        ``frames`` (``None``: as they come), with the stream's drawing mode off (``_padded``)."""
         estimator = s3gen.flow.decoder.estimator
         stack = ExitStack()
         # Per thread: streams in threads each run their own plan and padding.

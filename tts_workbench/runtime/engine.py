@@ -369,9 +369,10 @@ class StreamEngine:
     def wait_rows_free(self, timeout: float) -> bool:
         """Wait until no stream holds cache rows, at most ``timeout`` seconds; whether none does.
         A stream failed in the S3Gen stage has ended for its reader before the T3 stage frees
-        its rows (at its next pass)."""
+        its rows (at its next pass). A stopped engine frees nothing more: no wait there."""
         with self._lock:
-            return self._lock.wait_for(lambda: not self._live, timeout)
+            self._lock.wait_for(lambda: not self._live or self._stopped, timeout)
+            return not self._live
 
     def submit(self, text: str, *, seed: int = 0, max_new_tokens: int = 150, conds: Any = None,
                language_id: str | None = None, **sampling: float) -> StreamHandle:  # fmt: skip
