@@ -120,6 +120,7 @@ class StreamReport:
     def summary(self) -> dict[str, Any]:
         kinds = ("prompt_frames", "context_frames", "new_frames")
         frames = {k: sum(getattr(c, k) for c in self.chunks) for k in kinds}
+        ran = sum(frames.values())
         return {
             "strategy": self.strategy,
             "chunks": len(self.chunks),
@@ -133,7 +134,7 @@ class StreamReport:
             "vocoder_s": sum(c.vocoder_s for c in self.chunks),
             **frames,
             # S3Gen's frames that were not new audio (the prompt and re-run context): its waste
-            "redundant_frames_pct": _pct(sum(frames.values()) - frames["new_frames"], sum(frames.values())),
+            "redundant_frames_pct": 100 * (ran - frames["new_frames"]) / ran if ran else None,
             "tokens": sum(c.tokens for c in self.chunks),
             "invalid_tokens": sum(c.invalid_tokens for c in self.chunks) + self.invalid_after,
             "nan_samples": sum(c.nan_samples for c in self.chunks),
@@ -146,10 +147,6 @@ class StreamReport:
     def to_frame(self) -> pd.DataFrame:
         """One row per chunk: every ``ChunkMetrics`` field and its RTF (seconds in ``*_s``)."""
         return _frame(self.rows())
-
-
-def _pct(part: float, whole: float) -> float | None:
-    return 100 * part / whole if whole else None
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

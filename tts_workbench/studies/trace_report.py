@@ -19,7 +19,6 @@ from chatterbox.tts import ChatterboxTTS
 
 from ..core.errors import NoVoiceError
 from ..core.rng import StreamRandom
-from ..core.strict_json import finite
 from ..core.tables import render
 from ..instruments.profiling import profile_run, read_trace, trace_files
 from ..instruments.trace_analysis import (
@@ -68,24 +67,19 @@ def read_traces(paths: Mapping[str, Path]) -> dict[str, TraceReport]:
 
 
 def decode_trace_report(reports: dict[str, TraceReport], note: str, top: int = 5) -> dict[str, Any]:
-    """``read_traces``' reports as strict JSON: the side-by-side table (one row per trace with
-    every field any row has, ``None`` where a trace has none: a CPU-only trace's shares, a read
-    trace's note) and each trace's top kernels."""
+    """``read_traces``' reports for JSON (written strictly by ``core.strict_json``): the
+    side-by-side table (one row per trace with every field any row has, ``None`` where a trace
+    has none: a CPU-only trace's shares, a read trace's note) and each trace's top kernels."""
     # Not compare(reports).to_dict("records"): the DataFrame fills a row's missing fields with
     # NaN, which JSON has no word for, and turns the launch counts beside them into floats.
     rows = [{"run": label, **r.summary()} for label, r in reports.items()]
     fields = list(dict.fromkeys(k for row in rows for k in row))
     return {
         "note": note,
-        "table": [{k: finite(row.get(k)) for k in fields} for row in rows],
+        "table": [{k: row.get(k) for k in fields} for row in rows],
         "traces": {label: r.trace for label, r in reports.items()},
-        "top_kernels": {label: _json_records(r.kernels.head(top)) for label, r in reports.items()},
+        "top_kernels": {label: r.kernels.head(top).to_dict("records") for label, r in reports.items()},
     }
-
-
-def _json_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """``frame.to_dict("records")``, a float that is not finite (a mean of no launches) as None."""
-    return [finite(rec) for rec in frame.to_dict("records")]
 
 
 def cut_report(regions: Mapping[str, Path], note: str) -> dict[str, Any]:
