@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig

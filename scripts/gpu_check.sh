@@ -269,7 +269,7 @@ RESERVE=${GPU_CHECK_RESERVE_S:-30}
 REF=()
 if [[ $MODE == dry-run ]]; then  # a 2 s voice keeps the dry run short (S3Gen re-encodes the prompt every call)
     REF=(--reference "${GPU_CHECK_REFERENCE:-$TMP/ref.wav}")  # a caller's own saves a process start
-    [[ -n ${GPU_CHECK_REFERENCE:-} ]] || $PY -c "import sys; from tts_workbench.models.sources import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
+    [[ -n ${GPU_CHECK_REFERENCE:-} ]] || $PY -c "import sys; from tts_workbench.models.reference import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
 fi
 
 left() { echo $((DEADLINE - SECONDS - RESERVE)); }  # seconds a step may still take (DEADLINE > 0)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from tts_workbench.core.quiet import quiet_libraries
-from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import FlowPlan, flow_mels
 from tts_workbench.runtime.decode import DecodePlan, DecodeResult, T3Parts, t3_decode, text_tokens
 from tts_workbench.runtime.generation import prepare_voice

@@ -24,7 +24,8 @@ import torch
 
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.core.rng import StreamRandom
-from tts_workbench.models.sources import build_model, make_reference_wav
+from tts_workbench.models.builders import build_model
+from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime import decode
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine

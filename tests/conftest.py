@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def reference_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tts_workbench.models.sources import make_reference_wav
+    from tts_workbench.models.reference import make_reference_wav
 
     # 3 s, not the CLI's 10 s: S3Gen runs its flow over the whole voice prompt with every call
     # (the default voice's 500 mel frames are most of a tiny window's cost)

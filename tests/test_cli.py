@@ -15,7 +15,8 @@ import pytest
 
 from tts_workbench.core import strict_json
 from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, build_parser, main
-from tts_workbench.models.sources import PRETRAINED, SIZES
+from tts_workbench.models.builders import SIZES
+from tts_workbench.models.sources import PRETRAINED
 from tts_workbench.runtime import streaming
 from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
 from tts_workbench.studies.diagnose import format_report

@@ -26,7 +26,8 @@ from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.interface.cli import main
-from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine, as_ready, buckets
 from tts_workbench.runtime.generation import prepare_voice

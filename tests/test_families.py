@@ -21,7 +21,9 @@ from chatterbox.tts_turbo import ChatterboxTurboTTS
 from tts_workbench.core.errors import ConfigError, SourceError
 from tts_workbench.core.families import FAMILIES, check_language, family_frame, family_of
 from tts_workbench.core.patching import shadow
-from tts_workbench.models.sources import load_folder, load_model, make_reference_wav, save_checkpoint
+from tts_workbench.models.checkpoints import load_folder, save_checkpoint
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import tail_tokens
 from tts_workbench.runtime.alignment import alignment
 from tts_workbench.runtime.decode import DecodePlan, decode_blocks, t3_decode, text_tokens

@@ -15,7 +15,8 @@ from tts_workbench.core.compiling import replay, skipping_guards
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models import vocode
-from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import FlowPlan, flow_mels
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, stream_all
 

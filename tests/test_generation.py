@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 from tts_workbench.core.errors import EmptyTextError, NoVoiceError, SourceError
 from tts_workbench.core.families import FAMILIES
 from tts_workbench.core.rng import StreamRandom
-from tts_workbench.models.sources import check_reference, load_model
+from tts_workbench.models.reference import check_reference
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import check_new_tokens, t3_decode, text_tokens
 from tts_workbench.runtime.generation import ended_by, generate, timed, token_cap
 

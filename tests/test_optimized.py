@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from tts_workbench.core.errors import CacheError, ConfigError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.attention import record_kernels
-from tts_workbench.models.sources import load_model, make_reference_wav, save_checkpoint
+from tts_workbench.models.checkpoints import save_checkpoint
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import s3gen_inference
 from tts_workbench.runtime.decode import DecodePlan, DecodeStats, T3Parts, decode_blocks, t3_decode
 from tts_workbench.runtime.generation import generate

@@ -59,7 +59,8 @@ from tts_workbench.instruments.profiling import (
 )
 from tts_workbench.instruments.trace_analysis import CPU_ONLY_NOTE
 from tts_workbench.interface.cli import main
-from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import T3Parts
 from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import UpstreamTTS

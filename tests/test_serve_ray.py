@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from tts_workbench.interface.cli import main
-from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.serving.protocol import pcm16

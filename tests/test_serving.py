@@ -18,7 +18,9 @@ from fastapi.testclient import TestClient
 
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
-from tts_workbench.models.sources import load_model, make_reference_wav, save_checkpoint
+from tts_workbench.models.checkpoints import save_checkpoint
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import prefill_length
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.serving.api import speech_app

@@ -20,15 +20,11 @@ from chatterbox.tts import ChatterboxTTS
 from safetensors.torch import load_file, save_file
 
 from tts_workbench.core.errors import SourceError
-from tts_workbench.models import sources
-from tts_workbench.models.sources import (
-    METADATA_FILE,
-    build_tokenizer_json,
-    check_reference,
-    load_folder,
-    load_model,
-    save_checkpoint,
-)
+from tts_workbench.models import checkpoints, frontends
+from tts_workbench.models.checkpoints import METADATA_FILE, load_folder, save_checkpoint
+from tts_workbench.models.frontends import build_tokenizer_json
+from tts_workbench.models.reference import check_reference
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, stream_all
 
@@ -232,14 +228,14 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_or_nothing(
     # Before, the files were written one by one into the folder: it then loaded as new T3
     # weights with the old S3Gen, and a fresh folder was left with half a checkpoint.
     folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
-    write = sources.save_file
+    write = checkpoints.save_file
 
     def disk_full_at_s3gen(state: dict[str, torch.Tensor], path: str) -> None:
         if Path(path).name.startswith("s3gen"):
             raise OSError("No space left on device")
         write(state, path)
 
-    monkeypatch.setattr(sources, "save_file", disk_full_at_s3gen)
+    monkeypatch.setattr(checkpoints, "save_file", disk_full_at_s3gen)
     for target in (folder, tmp_path / "fresh"):
         with pytest.raises(OSError, match="No space left"):
             save_checkpoint(load_model("tiny", seed=1), target)
@@ -335,17 +331,17 @@ def test_an_interrupted_tokenizer_cache_write_leaves_no_half_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TTS_WORKBENCH_CACHE", str(tmp_path))
-    build = sources.build_tokenizer_json
+    build = frontends.build_tokenizer_json
 
     def interrupted(path: Path) -> Path:
         path.write_bytes(build(path).read_bytes()[:100])
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(sources, "build_tokenizer_json", interrupted)
+    monkeypatch.setattr(frontends, "build_tokenizer_json", interrupted)
     with pytest.raises(OSError, match="No space left"):
         load_model("tiny")
     assert list(tmp_path.iterdir()) == []  # before: the half file, and every later build failed
-    monkeypatch.setattr(sources, "build_tokenizer_json", build)
+    monkeypatch.setattr(frontends, "build_tokenizer_json", build)
     load_model("tiny")
 
 

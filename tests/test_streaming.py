@@ -23,7 +23,8 @@ from tts_workbench.core.rng import StreamRandom
 from tts_workbench.core.strict_json import finite
 from tts_workbench.instruments.latency import StreamReport, format_report, seam_metric, underruns
 from tts_workbench.interface.cli import main
-from tts_workbench.models.sources import load_model, make_reference_wav
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
 from tts_workbench.runtime.streaming import (

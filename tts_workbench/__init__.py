@@ -16,8 +16,8 @@ from typing import Any
 
 _EXPORTS = {
     "load_model": "models.sources",
-    "make_reference_wav": "models.sources",
-    "save_checkpoint": "models.sources",
+    "make_reference_wav": "models.reference",
+    "save_checkpoint": "models.checkpoints",
     "trace_dtypes": "instruments.dtypes",
     "record_kernels": "instruments.attention",
     "prepare_voice": "runtime.generation",

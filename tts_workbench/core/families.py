@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import pandas as pd
 from chatterbox import mtl_tts, tts, tts_turbo
 from chatterbox.mtl_tts import SUPPORTED_LANGUAGES, ChatterboxMultilingualTTS
 from chatterbox.tts import ChatterboxTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
+from torch import nn
 
 from .errors import ConfigError
 
 # Any of the three upstream model classes (they share t3, s3gen, ve, tokenizer, conds, generate).
-TTSModel = ChatterboxTTS | ChatterboxTurboTTS | ChatterboxMultilingualTTS
+TTSModel: TypeAlias = ChatterboxTTS | ChatterboxTurboTTS | ChatterboxMultilingualTTS
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,11 @@ def family_frame() -> pd.DataFrame:
             for f in FAMILIES.values()
         ]
     )
+
+
+def components(tts: TTSModel) -> dict[str, nn.Module]:
+    """The three neural components of a Chatterbox model, by the names used in reports."""
+    return {"ve": tts.ve, "t3": tts.t3, "s3gen": tts.s3gen}
 
 
 def family_of(tts: Any) -> Family:

@@ -26,8 +26,8 @@ from torch import nn
 
 from ..core.constants import dtype_name
 from ..core.errors import ConfigError
+from ..core.families import components
 from ..core.tables import render
-from ..models.sources import components
 
 
 def _short(dtype: torch.dtype | None) -> str:

@@ -213,7 +213,8 @@ def _check_model(source: str) -> None:
 
 def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
     """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in ``folder``)."""
-    from ..models.sources import load_model, make_reference_wav
+    from ..models.reference import make_reference_wav
+    from ..models.sources import load_model
     from ..runtime.generation import prepare_voice
 
     tts = load_model(args.model, args.device, args.seed)
@@ -257,7 +258,7 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
 
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.constants import RANDOM_NO_STOP
-    from ..models.sources import check_device
+    from ..core.devices import check_device
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
         cut_report,

@@ -1,6 +1,7 @@
 """Models: where a Chatterbox model comes from and how its S3Gen stage is called.
 
-Sources of every family (tiny, deep-narrow and full-size random weights, checkpoint folders,
-pretrained), the reference voice, checkpoints the project writes, and the S3Gen flow/vocoder calls
-with fixed window shapes (``FlowPlan``). May import ``core`` only.
+``sources`` (``load_model``) opens every source: a random-weight build of any family
+(``builders``, with the text front ends of ``frontends``), a checkpoint folder (``checkpoints``)
+or pretrained weights. Beside them: the reference voice (``reference``) and the S3Gen
+flow/vocoder calls with fixed window shapes (``vocode``, ``FlowPlan``). May import ``core`` only.
 """

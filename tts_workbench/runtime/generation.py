@@ -24,7 +24,7 @@ from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
 from ..core.rng import StreamRandom, not_drawing
 from ..instruments.profiling import t3_phase
-from ..models.sources import ReferenceInfo, check_reference
+from ..models.reference import ReferenceInfo, check_reference
 from .alignment import upstream_alignment
 from .decode import invalid_ids, text_tokens
 

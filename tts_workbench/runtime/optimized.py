@@ -46,14 +46,16 @@ from torch.utils.benchmark import Measurement
 
 from ..core.clock import measurement, now
 from ..core.constants import HALF_DTYPES, dtype_name
+from ..core.devices import check_device
 from ..core.errors import ConfigError, NoVoiceError
-from ..core.families import family_of
+from ..core.families import components, family_of
 from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
 from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
 from ..instruments.latency import ChunkMetrics
 from ..instruments.memory import process_peak_bytes
-from ..models.sources import check_device, components, load_folder, load_pretrained
+from ..models.checkpoints import load_folder
+from ..models.sources import load_pretrained
 from ..models.vocode import FLOW_MODES, FlowPlan, s3gen_inference, tail_tokens
 from .decode import (
     DEFAULT_MAX_CACHE_LEN,

@@ -24,10 +24,9 @@ from torch import nn
 
 from ..core.constants import dtype_name
 from ..core.errors import ConfigError, SourceError
-from ..core.families import FAMILIES, family_of
+from ..core.families import FAMILIES, components, family_of
 from ..core.patching import preserved, shadow, working_copy
 from ..core.policies import POLICIES
-from ..models.sources import components
 from ..models.vocode import cast_gen
 
 

@@ -24,8 +24,9 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..core.devices import check_device
 from ..core.errors import ConfigError
-from ..models.sources import check_device, check_source
+from ..models.sources import check_source
 from .service import ServeOptions, SpeechService, check_options, find_voices
 
 APP_NAME = "tts-workbench"

@@ -29,7 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
-from ..models.sources import check_reference, load_model, make_reference_wav
+from ..models.reference import check_reference, make_reference_wav
+from ..models.sources import load_model
 from ..runtime.decode import prefill_length, text_tokens
 from ..runtime.engine import StreamEngine, StreamHandle
 from ..runtime.generation import prepare_voice

@@ -31,7 +31,9 @@ from ..core.tables import render
 from ..instruments.latency import snr_db
 from ..instruments.memory import graph_pool_bytes, memory_window, module_bytes
 from ..instruments.plots import memory_figure, save
-from ..models.sources import MODELS, load_model, make_reference_wav, model_summary
+from ..models.builders import MODELS
+from ..models.reference import make_reference_wav
+from ..models.sources import load_model, model_summary
 from ..models.vocode import FlowPlan
 from ..runtime.decode import T3Parts
 from ..runtime.generation import prepare_voice

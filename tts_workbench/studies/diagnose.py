@@ -15,7 +15,9 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 
 from ..core.clock import now
 from ..core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
+from ..core.devices import check_device
 from ..core.errors import NoVoiceError
+from ..core.families import components
 from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments import plots
@@ -34,7 +36,8 @@ from ..instruments.dtypes import (
     conditionals_census,
     trace_dtypes,
 )
-from ..models.sources import check_device, components, load_model, make_reference_wav, model_summary
+from ..models.reference import make_reference_wav
+from ..models.sources import load_model, model_summary
 from ..runtime.decode import DecodePlan, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
 from ..runtime.optimized import check_decode, measure_policy

@@ -345,7 +345,7 @@ def run_load(
     bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded.
     The report names what was measured: ``model`` (the source ``tts`` was loaded from; None:
     unnamed), ``reference`` (the WAV its voice was prepared from; None: the generated one,
-    ``sources.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``)."""
+    ``reference.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``)."""
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
     kind = parse_arrival(arrival, max(levels, default=1))

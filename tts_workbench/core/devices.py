@@ -1,0 +1,24 @@
+"""Which device a model may run on here."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SourceError
+
+
+def check_device(device: str) -> torch.device:
+    """Return ``torch.device(device)`` or raise SourceError when it cannot run here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SourceError(f"unknown device {device!r}: use 'cpu' or 'cuda[:N]'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
+        raise SourceError(
+            f"device={device!r} requested but CUDA is not available (torch {torch.__version__}, "
+            f"{build}); use device='cpu' or run on a machine with an NVIDIA GPU"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise SourceError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
+    return dev

@@ -1,0 +1,47 @@
+"""Files written whole or not at all.
+
+A file or folder is built under a hidden name beside its path (unique to the process and thread)
+and renamed into place: another process sees the old one or the new one, never half of one, and
+an interrupted build leaves nothing under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+
+def beside(path: Path, tag: str) -> Path:
+    """A hidden name next to ``path``, unique to this process and thread."""
+    return path.with_name(f".{path.name}.{tag}.{os.getpid()}.{threading.get_ident()}")
+
+
+def remove(path: Path) -> None:
+    """Delete ``path``, a file or a folder, if it is there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def built_once(path: Path, build: Callable[[Path], Path]) -> Path:
+    """``path``, built by ``build`` on first use. Built beside it and renamed: another process
+    (test workers on a fresh machine) sees it whole or not at all, and an interrupted build
+    leaves nothing behind."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = beside(path, "partial")
+    try:
+        build(partial)
+        os.replace(partial, path)
+    except OSError:
+        if not path.exists():
+            raise
+        # else a second process got there first (a folder, Turbo's, cannot replace another)
+    finally:
+        remove(partial)
+    return path

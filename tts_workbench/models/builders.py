@@ -1,0 +1,218 @@
+"""Random-weight builds of the upstream classes (no weights can be downloaded here).
+
+``MODELS`` names each build: the family and the T3 sizes (``None``: full size).
+
+- ``"tiny"``: the same classes with small widths and depths, for tests (builds in seconds);
+- ``"deep-narrow"``: T3 at its full depth (30 layers) but 64 wide, with the tiny S3Gen: its decode
+  step costs almost only per-layer dispatch overhead on a CPU, as the full model's step does on a
+  GPU, so it stands in for a host-bound GPU step on machines without one;
+- ``"random"``: the full-size architecture, for realistic compute and memory;
+- ``"turbo-tiny"``, ``"turbo-random"``, ``"multilingual-tiny"``, ``"multilingual-random"``: the same
+  for the other two families, with the text front ends of ``frontends.py``.
+
+Random weights almost never sample T3's stop token: generation must be capped (see ``generation.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from chatterbox.models.s3gen import S3Gen
+from chatterbox.models.s3gen.configs import CFM_PARAMS
+from chatterbox.models.s3gen.decoder import ConditionalDecoder
+from chatterbox.models.s3gen.f0_predictor import ConvRNNF0Predictor
+from chatterbox.models.s3gen.flow import CausalMaskedDiffWithXvec
+from chatterbox.models.s3gen.flow_matching import CausalConditionalCFM
+from chatterbox.models.s3gen.hifigan import HiFTGenerator
+from chatterbox.models.s3gen.transformer.upsample_encoder import UpsampleConformerEncoder
+from chatterbox.models.s3gen.xvector import CAMPPlus
+from chatterbox.models.t3 import T3
+from chatterbox.models.t3.llama_configs import GPT2_MEDIUM_CONFIG, LLAMA_CONFIGS
+from chatterbox.models.t3.modules.perceiver import Perceiver
+from chatterbox.models.t3.modules.t3_config import T3Config
+from chatterbox.models.voice_encoder import VoiceEncoder
+from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
+
+from ..core.constants import SAMPLE_RATE
+from ..core.devices import check_device
+from ..core.errors import SourceError
+from ..core.families import FAMILIES, TTSModel
+from ..core.patching import scoped_item
+from .frontends import check_tokenizer, default_tokenizer, read_tokenizer
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Reduced sizes for the ``tiny`` builds. Same classes as upstream, smaller numbers."""
+
+    t3_layers: int = 2
+    t3_hidden: int = 256
+    t3_heads: int = 4
+    t3_intermediate: int = 512
+    flow_blocks: int = 1  # S3Gen conformer encoder; its width (512) is hard-coded upstream
+    flow_linear_units: int = 512
+    cfm_channels: int = 64
+    hift_channels: int = 64
+    tokenizer_width: int = 128
+
+
+TINY = TinyConfig()
+# Full T3 depth at a width where each layer's matmuls cost next to nothing: per-token time is
+# then the per-layer dispatch overhead, the cost the H200 run found in the full model's step.
+DEEP_NARROW = TinyConfig(t3_layers=30, t3_hidden=64, t3_heads=4, t3_intermediate=128)
+# The multilingual T3's alignment analyzer reads heads (9, 2), (12, 15) and (13, 11) every step:
+# its tiny T3 needs 14 layers of 16 heads.
+MULTILINGUAL_TINY = TinyConfig(t3_layers=14, t3_hidden=256, t3_heads=16, t3_intermediate=512)
+TINY_BACKBONES = {"Llama_520M": "Llama_tiny", "GPT2_medium": "GPT2_tiny"}
+# Every random-weight build: name -> (family, T3 sizes; None = full size).
+MODELS: dict[str, tuple[str, TinyConfig | None]] = {
+    "tiny": ("standard", TINY),
+    "deep-narrow": ("standard", DEEP_NARROW),
+    "random": ("standard", None),
+    "turbo-tiny": ("turbo", TINY),
+    "turbo-random": ("turbo", None),
+    "multilingual-tiny": ("multilingual", MULTILINGUAL_TINY),
+    "multilingual-random": ("multilingual", None),
+}
+SIZES = tuple(MODELS)
+
+
+def _backbone_config(name: str, cfg: TinyConfig) -> dict[str, Any]:
+    """Upstream's backbone config ``name`` at the sizes of ``cfg``."""
+    if name == "GPT2_medium":
+        # GPT-2's own token embedding (wte) is never used by T3: a small vocabulary keeps it small.
+        return {
+            **GPT2_MEDIUM_CONFIG,
+            **{"n_embd": cfg.t3_hidden, "hidden_size": cfg.t3_hidden, "n_head": cfg.t3_heads},
+            **{"n_layer": cfg.t3_layers, "n_inner": cfg.t3_intermediate, "vocab_size": 256},
+        }
+    return {
+        **LLAMA_CONFIGS[name],
+        "hidden_size": cfg.t3_hidden,
+        "intermediate_size": cfg.t3_intermediate,
+        "num_hidden_layers": cfg.t3_layers,
+        "num_attention_heads": cfg.t3_heads,
+        "num_key_value_heads": cfg.t3_heads,
+        "head_dim": cfg.t3_hidden // cfg.t3_heads,
+    }
+
+
+def _hp(family: str) -> T3Config:
+    """The T3 settings each family's upstream ``from_local`` builds T3 with."""
+    if family == "multilingual":
+        return T3Config.multilingual()
+    if family == "turbo":  # as ChatterboxTurboTTS.from_local sets them, inline, before T3(hp)
+        hp = T3Config(text_tokens_dict_size=50276)
+        hp.llama_config_name = "GPT2_medium"
+        hp.speech_tokens_dict_size = 6563
+        hp.input_pos_emb = None
+        hp.speech_cond_prompt_len = 375
+        hp.use_perceiver_resampler = False
+        hp.emotion_adv = False
+        return hp
+    return T3Config.english_only()
+
+
+def build_t3(family: str, cfg: TinyConfig | None) -> T3:
+    """The family's T3, full size or at ``cfg``'s sizes (GPT-2's unused wte still attached)."""
+    hp = _hp(family)
+    if cfg is None:
+        return T3(hp)
+    full = hp.llama_config_name
+    hp.llama_config_name = TINY_BACKBONES[full]
+    # T3 reads the backbone size from upstream's LLAMA_CONFIGS by name (only while it is built),
+    # so the small backbone is registered there for the construction and removed again.
+    with scoped_item(LLAMA_CONFIGS, hp.llama_config_name, _backbone_config(full, cfg)):
+        t3 = T3(hp)
+    if hp.use_perceiver_resampler:  # the Perceiver hard-codes width 1024: rebuild it at ours
+        t3.cond_enc.perceiver = Perceiver(
+            pre_attention_query_size=cfg.t3_hidden, embedding_dim=cfg.t3_hidden, num_attn_heads=4
+        )
+    return t3
+
+
+def _tiny_s3gen(cfg: TinyConfig, meanflow: bool = False) -> S3Gen:
+    # Build the full skeleton without paying for its random init, then replace every large
+    # submodule by the same class at a smaller size (initialised normally, from the seed).
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        s3 = S3Gen(meanflow=meanflow)
+    s3.tokenizer.encoder = AudioEncoderV2(128, cfg.tokenizer_width, 2, 1, 2, False)
+    s3.tokenizer.quantizer = FSQVectorQuantization(cfg.tokenizer_width, 3**8)
+    s3.speaker_encoder = CAMPPlus(growth_rate=16, init_channels=32, memory_efficient=False)
+    encoder = UpsampleConformerEncoder(
+        input_size=512,
+        output_size=512,
+        attention_heads=4,
+        linear_units=cfg.flow_linear_units,
+        num_blocks=cfg.flow_blocks,
+        use_cnn_module=False,
+        macaron_style=False,
+    )
+    estimator = ConditionalDecoder(
+        in_channels=320,
+        out_channels=80,
+        causal=True,
+        channels=[cfg.cfm_channels],
+        attention_head_dim=32,
+        n_blocks=1,
+        num_mid_blocks=1,
+        num_heads=2,
+        meanflow=meanflow,
+    )
+    s3.flow = CausalMaskedDiffWithXvec(
+        encoder=encoder,
+        decoder=CausalConditionalCFM(spk_emb_dim=80, cfm_params=CFM_PARAMS, estimator=estimator),
+    )
+    s3.mel2wav = HiFTGenerator(
+        sampling_rate=SAMPLE_RATE,
+        base_channels=cfg.hift_channels,
+        upsample_rates=[8, 5, 3],
+        upsample_kernel_sizes=[16, 11, 7],
+        source_resblock_kernel_sizes=[7, 7, 11],
+        source_resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+        f0_predictor=ConvRNNF0Predictor(cond_channels=cfg.hift_channels),
+    )
+    return s3
+
+
+def build_s3gen(family: str, cfg: TinyConfig | None) -> S3Gen:
+    """The family's S3Gen (Turbo's with meanflow), full size or tiny (the tiny sizes of ``TINY``)."""
+    meanflow = family == "turbo"
+    return S3Gen(meanflow=meanflow) if cfg is None else _tiny_s3gen(TINY, meanflow)
+
+
+def assemble(
+    family: str, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: Any, dev: torch.device
+) -> TTSModel:
+    check_tokenizer(tokenizer, t3.hp.text_tokens_dict_size)
+    if family == "turbo" and hasattr(t3.tfmr, "wte"):
+        del t3.tfmr.wte  # as upstream from_local: T3 embeds text itself
+    cls = FAMILIES[family].model_class
+    model: TTSModel = cls(t3.to(dev).eval(), s3gen.to(dev).eval(), ve.to(dev).eval(), tokenizer, str(dev))
+    return model
+
+
+def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
+    """A random-weight model of one of ``MODELS`` (family and sizes by name)."""
+    if size not in MODELS:
+        raise SourceError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
+    dev = check_device(device)
+    family, cfg = MODELS[size]
+    path = default_tokenizer(family)
+    try:
+        tokenizer = read_tokenizer(family, path)
+    except Exception as e:  # tokenizers raises a bare Exception for bad JSON, transformers others
+        raise SourceError(
+            f"the cached tokenizer {path} cannot be read ({str(e).strip().splitlines()[0]}): "
+            "delete it; the next build writes it again"
+        ) from e
+    # Seeded weights (the watermarker upstream's constructor builds draws too); the caller's
+    # random state is left as it was.
+    with torch.random.fork_rng(devices=[]):  # the weights are made on the CPU, then moved
+        torch.default_generator.manual_seed(seed)
+        t3, s3gen = build_t3(family, cfg), build_s3gen(family, cfg)
+        return assemble(family, t3, s3gen, VoiceEncoder(), tokenizer, dev)

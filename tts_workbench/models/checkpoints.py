@@ -1,0 +1,337 @@
+"""Checkpoint folders: saved in each family's upstream ``from_local`` layout, loaded back.
+
+``save_checkpoint`` writes a model (any dtype) with a ``tts_workbench.json`` that names its
+family, architecture and each file's dtype; the new folder replaces the old one whole.
+``load_folder`` reads those folders and upstream's own layouts (safetensors, or the
+chatterbox-streaming fork's ``.pt`` files), keeping each file's dtype or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from chatterbox.models.s3gen import S3Gen
+from chatterbox.models.t3 import T3
+from chatterbox.models.voice_encoder import VoiceEncoder
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..core.constants import dtype_name
+from ..core.devices import check_device
+from ..core.errors import SourceError
+from ..core.families import FAMILIES, Family, TTSModel, family_of
+from ..core.files import beside, remove
+from .builders import TINY_BACKBONES, TinyConfig, assemble, build_s3gen, build_t3
+from .frontends import GPT2_TOKENIZER_FILES, read_tokenizer, save_gpt2_tokenizer
+
+METADATA_FILE = "tts_workbench.json"
+PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork
+
+
+def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``tts`` in its family's upstream ``from_local`` layout, floating tensors cast to
+    ``dtype`` (the voice, ``conds.pt``, always float32). A ``tts_workbench.json`` beside the
+    weights names the family, the architecture and each file's dtype.
+
+    The files go into a new folder that then replaces ``folder`` whole: interrupted, ``folder``
+    is still the previous checkpoint (or absent), never a mix of two. A folder holding anything
+    but a previous checkpoint (files its save did not write) is refused rather than replaced.
+    What a save killed outright left beside the folder is cleared first: a half-written new
+    folder is deleted, a previous checkpoint moved aside is put back (or deleted, if the folder
+    is there)."""
+    folder = Path(folder)
+    real = folder.resolve()  # a link to a folder: the folder it names is replaced
+    _sweep_stale(real)
+    _check_replaceable(folder, real)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    partial = beside(real, "partial")
+    try:
+        partial.mkdir()
+        _write_checkpoint(tts, partial, dtype)
+        _check_replaceable(folder, real)  # again: a file may have been added meanwhile
+        _replace_folder(partial, real)
+    finally:
+        remove(partial)  # there only if the save failed
+    return folder
+
+
+def _saved_names(folder: Path) -> set[str]:
+    """The names a save wrote into checkpoint ``folder``: its metadata's ``files``, or for a
+    checkpoint written before that was recorded, every name any save writes."""
+    try:
+        meta = json.loads((folder / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        meta = None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return {*files, METADATA_FILE}
+    every = {name for f in FAMILIES.values() for name in f.files}
+    return every | {*PT_LAYOUT, *GPT2_TOKENIZER_FILES, "conds.pt", METADATA_FILE}
+
+
+def _check_replaceable(folder: Path, real: Path) -> None:
+    """Refuse to replace ``real`` unless it is absent, an empty folder, or a checkpoint that
+    holds only what its save wrote."""
+    if not real.exists():
+        return
+    if not (real / METADATA_FILE).exists():
+        if real.is_file() or any(real.iterdir()):
+            raise SourceError(
+                f"{folder} is neither an empty folder nor a checkpoint written by save_checkpoint() "
+                f"(it has no {METADATA_FILE}); a save replaces the whole folder: give a new or empty folder"
+            )
+        return
+    known = _saved_names(real)
+    other = sorted(p.name for p in real.iterdir() if p.name not in known)
+    if other:
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise SourceError(
+            f"{folder} holds {', '.join(other[:3])}{more}, which save_checkpoint() did not write; "
+            "a save replaces the whole folder, deleting them: move them out or give another folder"
+        )
+
+
+_STALE = re.compile(r"\.(partial|old)\.(\d+)\.\d+")
+
+
+def _dead(pid: int) -> bool:
+    """Whether no process ``pid`` runs (only on POSIX, where signal 0 only probes)."""
+    if os.name != "posix" or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def _stale_siblings(real: Path, tag: str) -> list[Path]:
+    """``beside(real, tag)`` folders left by processes no longer running, newest first."""
+    prefix = f".{real.name}"
+    found = []
+    try:
+        entries = list(real.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = _STALE.fullmatch(p.name[len(prefix) :]) if p.name.startswith(prefix) else None
+        if m and m.group(1) == tag and _dead(int(m.group(2))):
+            found.append(p)
+    return sorted(found, key=lambda p: p.lstat().st_mtime, reverse=True)
+
+
+def _sweep_stale(real: Path) -> None:
+    """Clear what saves killed outright (SIGKILL, out of memory) left beside ``real``."""
+    for partial in _stale_siblings(real, "partial"):
+        remove(partial)
+    for old in _stale_siblings(real, "old"):
+        if not real.exists() and not real.is_symlink():
+            logging.getLogger(__name__).warning("putting back %s, left aside by an interrupted save", old)
+            old.rename(real)
+        else:
+            remove(old)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """A tensor on the CPU, floating point cast to ``dtype``; anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return (value.to(dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
+
+
+def _write_checkpoint(tts: TTSModel, folder: Path, dtype: torch.dtype) -> None:
+    family = family_of(tts)
+    parts = dict(zip(family.files[:3], (tts.ve, tts.t3, tts.s3gen), strict=True))
+    for name, module in parts.items():
+        state = {
+            k: _cast(v, dtype)
+            for k, v in module.state_dict().items()
+            # After a first inference upstream T3 keeps `patched_model`, a second view of the
+            # same weights; upstream checkpoints do not contain it.
+            if not k.startswith("patched_model.")
+        }
+        if module is tts.t3 and family.name == "turbo":
+            # Upstream Turbo loads GPT-2's wte (strictly) and then deletes it: write one, unused.
+            cfg = tts.t3.cfg
+            state["tfmr.wte.weight"] = torch.zeros(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        if name.endswith(".pt"):
+            torch.save(state, folder / name)
+        else:
+            save_file(state, str(folder / name))
+    if family.name == "turbo":
+        save_gpt2_tokenizer(tts.tokenizer.backend_tokenizer, folder)
+    else:
+        tts.tokenizer.tokenizer.save(str(folder / family.files[3]))
+    if tts.conds is not None:  # float32: upstream's pipeline runs a voice only in float32
+        conds: Any = tts.conds
+        t3 = replace(conds.t3, **{k: _cast(v, torch.float32) for k, v in vars(conds.t3).items()})
+        type(conds)(t3, {k: _cast(v, torch.float32) for k, v in conds.gen.items()}).save(folder / "conds.pt")
+    tiny = tts.t3.hp.llama_config_name in TINY_BACKBONES.values()
+    meta = {
+        "family": family.name,
+        "architecture": "tiny" if tiny else "full",
+        "tiny_config": asdict(_config_of(tts.t3)),
+        "dtypes": {Path(name).stem: dtype_name(dtype) for name in parts},
+        # what a later save may delete: anything else in the folder makes it refuse
+        "files": sorted({*(p.name for p in folder.iterdir()), METADATA_FILE}),
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Rename ``new`` to ``folder``; an existing ``folder`` is moved aside first and deleted
+    after (put back if the rename fails)."""
+    if not folder.exists():
+        new.rename(folder)
+        return
+    old = beside(folder, "old")
+    folder.rename(old)
+    try:
+        new.rename(folder)
+    except BaseException:
+        old.rename(folder)
+        raise
+    # Unlinked files stay readable where they are mapped (safetensors maps what it loads), so a
+    # model loaded from this folder and saved back into it keeps its weights.
+    shutil.rmtree(old)
+
+
+def _config_of(t3: T3) -> TinyConfig:
+    """The TinyConfig a small T3 was built with (its S3Gen sizes are always ``TINY``'s)."""
+    c = t3.cfg
+    return TinyConfig(
+        t3_layers=c.num_hidden_layers,
+        t3_hidden=c.hidden_size,
+        t3_heads=c.num_attention_heads,
+        t3_intermediate=getattr(c, "intermediate_size", None)
+        or getattr(c, "n_inner", None)
+        or 4 * c.hidden_size,
+    )
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        # torch's unpickling message advises weights_only=False, unsafe for a file that is damaged
+        why = "it holds no plain tensors" if isinstance(e, pickle.UnpicklingError) else str(e)
+        raise SourceError(
+            f"cannot read {path.name} in {path.parent}: {why}. The file is truncated or not a "
+            "checkpoint; copy it again or re-export it with save_checkpoint()"
+        ) from e
+
+
+def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...], dict[str, Any]]:
+    """The folder's family, the files of its layout and its metadata. The family is the one its
+    ``tts_workbench.json`` records; without one (upstream's own layout), the one whose T3 file
+    is there."""
+    if folder.is_file():
+        raise SourceError(f"model folder {folder} is a file; give the folder that holds it ({folder.parent})")
+    if not folder.is_dir():
+        aside = _stale_siblings(folder.resolve(), "old")
+        if aside:
+            raise SourceError(
+                f"model folder {folder} does not exist, but a save interrupted before it finished "
+                f"left the previous checkpoint in {aside[0]}: rename it to {folder.name} "
+                f"(mv '{aside[0]}' '{folder}'), or save to {folder} again, which puts it back first"
+            )
+        raise SourceError(
+            f"model folder {folder} does not exist: give a folder written by save_checkpoint() "
+            "or by an upstream from_local layout"
+        )
+    meta_path = folder / METADATA_FILE
+    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    recorded = meta.get("family")
+    if recorded is not None and recorded not in FAMILIES:
+        raise SourceError(
+            f"{meta_path} records an unknown family {recorded!r} (known: {', '.join(FAMILIES)}): "
+            "save the model again with save_checkpoint()"
+        )
+    layouts = [(f, f.files) for f in FAMILIES.values()] + [(FAMILIES["standard"], PT_LAYOUT)]
+    # Files of another family copied in do not decide: the recorded family's own are read.
+    layouts = [(f, files) for f, files in layouts if recorded in (None, f.name)]
+    present = [(f, files) for f, files in layouts if (folder / files[1]).exists()]
+    if not present and recorded is None:
+        expected = "; ".join(f"{f.name}: {', '.join(f.files)}" for f in FAMILIES.values())
+        raise SourceError(f"model folder {folder} holds no T3 weights of any family ({expected})")
+    family, files = (present or layouts)[0]
+    missing = [f for f in files if not (folder / f).exists()]
+    if missing:
+        recorded_by = f" (the family its {METADATA_FILE} records)" if recorded else ""
+        raise SourceError(
+            f"{family.name} model folder {folder} is missing {', '.join(missing)}{recorded_by}: "
+            "copy them in, or save the model again with save_checkpoint()"
+        )
+    return family, files, meta
+
+
+def load_folder(
+    folder: str | Path, device: str = "cpu", keep_dtype: bool = True, family: str | None = None
+) -> TTSModel:
+    """Load a checkpoint folder of any family (safetensors, or the fork's ``.pt`` layout).
+
+    The family is the one ``tts_workbench.json`` records, or for a folder without one (upstream's
+    own layout) the one whose T3 file is there; ``family`` refuses a folder of another one.
+    ``keep_dtype=True`` keeps each tensor's saved dtype (a float16 file stays float16).
+    ``keep_dtype=False`` loads the way upstream ``from_local`` does: ``load_state_dict`` copies
+    into freshly built float32 parameters, so a float16 checkpoint silently comes back as float32.
+    """
+    from transformers.initialization import no_init_weights
+
+    folder = Path(folder)
+    dev = check_device(device)
+    found, layout, meta = _folder_family(folder)
+    if family is not None and family != found.name:
+        raise SourceError(
+            f"model folder {folder} holds a {found.name} model ({layout[1]}), not a {family} one: "
+            f"load it as {found.name}"
+        )
+    architecture = meta.get("architecture", "full")
+    states = {name: _read_state(folder / name) for name in layout[:3]}
+    cfg = TinyConfig(**meta.get("tiny_config", {})) if architecture == "tiny" else None
+    with no_init_weights():  # every weight is overwritten below
+        t3, s3gen, ve = build_t3(found.name, cfg), build_s3gen(found.name, cfg), VoiceEncoder()
+    t3_state: Any = states[layout[1]]
+    if "model" in t3_state:  # upstream from_local accepts this wrapped form too
+        t3_state = t3_state["model"][0]
+    missing: list[str] = []  # only S3Gen's: the strict loads raise
+    for module, state, strict in (
+        (ve, states[layout[0]], True),
+        (t3, t3_state, True),
+        (s3gen, states[layout[2]], False),
+    ):
+        try:
+            missing += module.load_state_dict(state, strict=strict, assign=keep_dtype).missing_keys
+        except RuntimeError as e:
+            raise SourceError(
+                f"weights in {folder} do not fit the {found.name} {architecture} architecture: "
+                f"{str(e).splitlines()[0]}"
+            ) from e
+    # S3Gen loads non-strictly as upstream's does, for the buffers upstream's own files may lack
+    # (rebuilt by the constructor); any other missing weight would stay uninitialised memory.
+    missing = [k for k in missing if k not in S3Gen.ignore_state_dict_missing]
+    if missing:
+        raise SourceError(
+            f"{layout[2]} in {folder} lacks {len(missing)} of S3Gen's tensors ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): the file is incomplete; copy it again or "
+            "re-export it with save_checkpoint()"
+        )
+    tokenizer = read_tokenizer(found.name, folder if found.name == "turbo" else folder / layout[3])
+    tts = assemble(found.name, t3, s3gen, ve, tokenizer, dev)
+    if (folder / "conds.pt").exists():
+        conds: Any = found.conditionals
+        tts.conds = conds.load(folder / "conds.pt", map_location="cpu").to(str(dev))
+    return tts

@@ -1,0 +1,171 @@
+"""The text front ends of the three families, built here.
+
+Upstream downloads them (a GPT-2 tokenizer for Turbo, the grapheme vocabulary for Multilingual,
+``tokenizer.json`` for the standard model); no download is possible here, so each is written
+deterministically and then read by the real classes (``EnTokenizer``, ``MTLTokenizer``,
+``AutoTokenizer``). The default ones are cached under ``$TTS_WORKBENCH_CACHE``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from chatterbox.models.tokenizers import EnTokenizer, MTLTokenizer
+from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
+
+from ..core.errors import SourceError
+from ..core.families import FAMILIES
+from ..core.files import built_once
+
+# What save_gpt2_tokenizer writes (transformers' save_pretrained, older versions also the last two)
+GPT2_TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def build_tokenizer_json(path: Path) -> Path:
+    """Write a character-level ``tokenizer.json`` that upstream ``EnTokenizer`` can read.
+
+    Ids follow upstream conventions: ``[STOP]`` = 0 and ``[START]`` = 255 (T3Config's stop and
+    start text tokens), every id below T3's text vocabulary of 704.
+    """
+    chars = [chr(c) for c in range(33, 127)] + list("àâçéèêëîïôûùüÿñæœ’“”—–…")
+    return _save_char_tokenizer(path, chars, [])
+
+
+def build_grapheme_vocab(path: Path) -> Path:
+    """Write a grapheme vocabulary that upstream ``MTLTokenizer`` reads in place of
+    ``grapheme_mtl_merged_expanded_v1.json``: the same special tokens and ids as the English one
+    (``[STOP]`` 0, ``[START]`` 255), one token per language (``[fr]``, ...), and the characters
+    of the 23 languages' scripts after NFKD decomposition (Latin, combining accents, Greek,
+    Cyrillic, Hebrew, Arabic, Devanagari, kana, Hangul jamo), all below T3's 2454 text ids."""
+    blocks = [(0x21, 0x7F), (0xC0, 0x250), (0x300, 0x370), (0x370, 0x400), (0x400, 0x500)]
+    blocks += [(0x590, 0x600), (0x600, 0x700), (0x900, 0x980), (0x1100, 0x1200), (0x3040, 0x3100)]
+    chars = [chr(c) for lo, hi in blocks for c in range(lo, hi) if chr(c).isprintable()]
+    return _save_char_tokenizer(path, chars, [f"[{code}]" for code in SUPPORTED_LANGUAGES])
+
+
+def _save_char_tokenizer(path: Path, chars: list[str], languages: list[str]) -> Path:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Split
+
+    specials = ["[STOP]", "[UNK]", "[SPACE]", "[PAD]", "[SEP]", "[CLS]", "[MASK]"]
+    first = chars[: 255 - len(specials)]  # ids below [START]=255, then the rest after it
+    tokens = specials + first + [f"[unused{i}]" for i in range(len(specials) + len(first), 255)]
+    tokens += ["[START]", *languages, *chars[len(first) :]]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}  # no holes in the id space
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Split("", behavior="isolated")  # one token per character
+    tok.add_special_tokens(specials + ["[START]", *languages])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def build_gpt2_tokenizer(folder: Path) -> Path:
+    """Write a GPT-2 style tokenizer (byte-level BPE: 256 byte tokens, no merges, and GPT-2's
+    ``<|endoftext|>``), which transformers' ``AutoTokenizer.from_pretrained`` reads as upstream
+    Turbo reads its own (files: ``save_gpt2_tokenizer``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)} | {"<|endoftext|>": len(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return save_gpt2_tokenizer(tok, folder)
+
+
+def save_gpt2_tokenizer(tok: Any, folder: Path) -> Path:
+    """Write a byte-level BPE ``tokenizers.Tokenizer`` as upstream's published Turbo folder has
+    it: ``tokenizer_config.json`` naming ``GPT2Tokenizer`` (a class every transformers version
+    knows; transformers 5's generic ``TokenizersBackend`` is unknown to the 4.46 that
+    chatterbox-tts pins), ``tokenizer.json``, and ``vocab.json`` + ``merges.txt`` for the slow
+    tokenizer of older versions."""
+    from transformers import GPT2Tokenizer
+
+    eos = "<|endoftext|>"
+    GPT2Tokenizer(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos).save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("backend", None)  # transformers 5's own key: older versions pass it on as a kwarg
+    config_path.write_text(json.dumps(config | {"tokenizer_class": "GPT2Tokenizer"}, indent=2))
+    model = json.loads(tok.to_str())["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+    return folder
+
+
+def read_tokenizer(family: str, path: Path) -> Any:
+    """The family's upstream text front end, read from ``path`` (a file, or Turbo's folder)."""
+    if family == "turbo":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token is None:  # as upstream from_local
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    if family == "multilingual":
+        from huggingface_hub import constants
+
+        # MTLTokenizer fetches a Chinese mapping from the hub and warns when it (or the Chinese
+        # segmenter) is missing: offline, fail at once and quietly; families.check_language
+        # refuses Chinese without its segmenter instead.
+        log = logging.getLogger("chatterbox.models.tokenizers.tokenizer")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with offline_hub(constants):
+                return MTLTokenizer(str(path))
+        finally:
+            log.setLevel(level)
+    return EnTokenizer(str(path))
+
+
+@contextmanager
+def offline_hub(constants: Any) -> Iterator[None]:
+    """The hub used offline (cached files only) while inside: an offline machine fails at once
+    instead of waiting on the network."""
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _vocab(tokenizer: Any) -> dict[str, int]:
+    inner = getattr(tokenizer, "tokenizer", tokenizer)  # EnTokenizer / MTLTokenizer wrap one
+    vocab: dict[str, int] = inner.get_vocab()
+    return vocab
+
+
+def check_tokenizer(tok: Any, vocab: int) -> None:
+    top = max(_vocab(tok).values())
+    if top >= vocab:
+        raise SourceError(
+            f"the tokenizer has token id {top}, but T3's text vocabulary has {vocab} entries "
+            f"(ids 0..{vocab - 1}); use the tokenizer files that were saved with these weights"
+        )
+
+
+def default_tokenizer(family: str) -> Path:
+    cache = Path(os.environ.get("TTS_WORKBENCH_CACHE", Path.home() / ".cache" / "tts_workbench"))
+    if family == "turbo":
+        return built_once(cache / "gpt2_tokenizer", build_gpt2_tokenizer)
+    if family == "multilingual":
+        return built_once(cache / FAMILIES["multilingual"].files[3], build_grapheme_vocab)
+    return built_once(cache / "tokenizer.json", build_tokenizer_json)

@@ -1,0 +1,96 @@
+"""The reference voice: a generated voice-like signal, and checks on a user's recording."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from ..core.constants import SAMPLE_RATE
+from ..core.errors import SourceError
+from ..core.files import beside
+
+# Below this a reference is refused: at 0.02 s the mel extractor's padding fails, and a prompt of
+# a few tokens is no voice (the under-1 s note already says conditioning will suffer).
+MIN_REFERENCE_S = 0.5
+
+
+def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE_RATE, seed: int = 0) -> Path:
+    """Write a deterministic voice-like signal: harmonics of a gliding pitch under formant
+    peaks, syllable envelopes and pauses. Enough to drive the real conditioning path."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    f0 = 130 + 25 * np.sin(2 * np.pi * 0.4 * t) + 10 * np.sin(2 * np.pi * 2.3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    formants = [(700, 130), (1220, 70), (2600, 160)]
+    wav = np.zeros(n)
+    for k in range(1, 30):
+        fk = k * f0
+        gain = sum(np.exp(-0.5 * ((fk - fc) / bw) ** 2) for fc, bw in formants) + 0.3 / k
+        wav += gain * np.sin(k * phase)
+    syllable = 0.5 * (1 - np.cos(2 * np.pi * 4.0 * t))  # ~4 syllables per second
+    pauses = np.ones(n)
+    for start in rng.uniform(0, seconds - 0.5, size=max(1, int(seconds / 3))):
+        pauses[int(start * sr) : int((start + 0.35) * sr)] = 0.0
+    wav = wav * syllable * pauses + 0.003 * rng.standard_normal(n)
+    wav = 0.5 * wav / max(1e-9, float(np.abs(wav).max()))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside and renamed: a process reading the same path (notebooks run side by side)
+    # sees the old file or the new one, never half of one.
+    partial = beside(path, "partial")
+    sf.write(str(partial), wav.astype(np.float32), sr, format="WAV")
+    os.replace(partial, path)
+    return path
+
+
+@dataclass
+class ReferenceInfo:
+    """What was done to a user's reference audio before conditioning."""
+
+    path: str
+    seconds: float
+    sample_rate: int
+    channels: int
+    notes: list[str]
+
+
+def check_reference(path: str | Path) -> ReferenceInfo:
+    """Validate reference audio; raise SourceError naming the problem.
+
+    Stereo and other sample rates are accepted (upstream's librosa.load mixes to mono and
+    resamples); the returned notes say so.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"reference audio {path} does not exist")
+    try:
+        data, sr = sf.read(str(path), always_2d=True, dtype="float32")
+    except (sf.LibsndfileError, RuntimeError) as e:
+        raise SourceError(
+            f"reference audio {path} is not a readable audio file ({e}); give a WAV/FLAC file"
+        ) from e
+    if data.shape[0] == 0:
+        raise SourceError(f"reference audio {path} is empty (0 samples); give at least 3 s of speech")
+    if not np.any(data):
+        raise SourceError(f"reference audio {path} is all zeros (silence); give a recording of speech")
+    if not np.all(np.isfinite(data)):
+        raise SourceError(f"reference audio {path} contains NaN or infinite samples")
+    notes = []
+    if data.shape[1] > 1:
+        notes.append(f"mixed {data.shape[1]} channels to mono")
+    if sr != SAMPLE_RATE:
+        notes.append(f"resampled {sr} Hz to {SAMPLE_RATE} Hz (S3Gen) and 16000 Hz (tokenizer, voice encoder)")
+    seconds = data.shape[0] / sr
+    if seconds < MIN_REFERENCE_S:
+        raise SourceError(
+            f"reference audio {path} is too short ({seconds:.2f} s, under {MIN_REFERENCE_S} s); "
+            "give at least 3 s of speech"
+        )
+    if seconds < 1.0:
+        notes.append(f"only {seconds:.2f} s long: conditioning quality will suffer")
+    return ReferenceInfo(str(path), round(seconds, 3), sr, data.shape[1], notes)
