@@ -40,6 +40,7 @@ from tts_workbench.studies.load import (
     listener_summary,
     parse_levels,
     real_time_capacity,
+    run_load,
     side_by_side,
 )
 
@@ -517,6 +518,50 @@ def test_a_bad_request_fails_alone_and_rows_come_back(tts: ChatterboxTTS) -> Non
     assert good.tokens == solo(tts, TEXTS[0], 1)[1] and late.tokens == solo(tts, TEXTS[2], 4)[1]
 
 
+def test_a_failed_stream_raises_its_error_at_every_read(tts: ChatterboxTTS) -> None:
+    """The first read ends the stream (and closes it): a later one must not look like a stream
+    that ended with no audio."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        empty = engine.submit("   ", seed=0)
+        for _ in range(2):
+            with pytest.raises(EmptyTextError):
+                list(empty)
+
+        async def read() -> list[Any]:
+            return [item async for item in empty]
+
+        with pytest.raises(EmptyTextError):
+            asyncio.run(asyncio.wait_for(read(), timeout=60))
+
+
+def test_streams_being_prefilled_count_as_active(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's health and gauges read queued() + active(): a stream taken from the queue
+    for its prefill is admitted, and counted, until it ends."""
+    with StreamEngine(tts, max_streams=4, config=CONFIG) as engine:
+        prefill = engine._prefill
+
+        def slow(handle: Any, request: Any) -> Any:
+            time.sleep(0.2)  # four prefills in a row: the count is read many times meanwhile
+            return prefill(handle, request)
+
+        monkeypatch.setattr(engine, "_prefill", slow)
+        with engine.together():
+            handles = [engine.submit(t, seed=k, max_new_tokens=6) for k, t in enumerate(TEXTS)]
+        counts = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with engine._lock:  # both counts at one moment: a stream moving between them counts once
+                count = engine.queued() + engine.active()
+            if any(h.report.chunks for h in handles):  # read after the count: no stream had ended
+                break
+            counts.append(count)
+            time.sleep(0.005)
+        assert counts and set(counts) == {4}, counts
+        for h in handles:
+            assert [c for c, _ in h]
+        assert engine.active() == 0 and engine.queued() == 0
+
+
 def test_unknown_sampling_arguments_are_refused_at_submit(tts: ChatterboxTTS) -> None:
     """Upstream ``generate`` raises on an unknown keyword; the engine refuses it in the caller's
     thread, queues nothing, and goes on serving."""
@@ -750,6 +795,37 @@ def test_levels_run_in_ascending_order() -> None:
     assert parse_levels("4,1,2") == [1, 2, 4]  # the figure's lines and the verdict read them so
 
 
+def test_run_load_refuses_no_level_or_a_repeated_one_before_touching_the_model() -> None:
+    for levels in ([], [0, 1], [2, 1, 2]):
+        with pytest.raises(ConfigError, match="^argument --streams: "):
+            run_load(object(), levels)
+
+
+def test_run_load_runs_its_levels_in_ascending_order(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def level(_tts: Any, n: int, *_a: Any, **_k: Any) -> dict[str, Any]:
+        return {"streams": n, "summary": {"streams": n, "failed": 0, "ttfa_p95_s": 0.1,
+                                          "streams_with_underruns": 0, "worst_underrun_s": 0.0}}  # fmt: skip
+
+    monkeypatch.setattr("tts_workbench.studies.load.run_level", level)
+    report = run_load(tts, [4, 1, 2], tokens=6)
+    assert [lv["streams"] for lv in report["levels"]] == [1, 2, 4]
+    assert report["real_time"]["streams"] == 4
+
+
+def test_a_level_whose_kv_cache_outgrows_the_device_is_refused_before_any_level_runs(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def level(*_a: Any, **_k: Any) -> dict[str, Any]:
+        raise AssertionError("a level ran")
+
+    monkeypatch.setattr("tts_workbench.studies.load.run_level", level)
+    too_many = r"^argument --streams: the 1000000000-stream level needs .* GiB of KV cache .* or fewer"
+    with pytest.raises(ConfigError, match=too_many):
+        run_load(tts, [1, 1_000_000_000], tokens=6)
+
+
 def test_the_capacity_is_the_largest_level_held_and_each_miss_says_why() -> None:
     def level(n: int, p95: float | None, failed: int = 0, underran: int = 0) -> dict[str, Any]:
         return {"streams": n, "failed": failed, "ttfa_p95_s": p95, "streams_with_underruns": underran,
@@ -767,6 +843,12 @@ def test_the_capacity_is_the_largest_level_held_and_each_miss_says_why() -> None
     nobody = real_time_capacity(pd.DataFrame([level(1, None, failed=1)]))
     assert nobody["streams"] is None and "none spoke" in nobody["missed"][1]
     assert format_real_time(nobody).startswith("held in real time: no level")
+
+
+def test_a_level_where_nobody_spoke_says_so_without_a_p95() -> None:
+    level = {"streams": 2, "failed": 2, "ttfa_p95_s": None, "streams_with_underruns": 0,
+             "worst_underrun_s": 0.0}  # fmt: skip
+    assert real_time_capacity(pd.DataFrame([level]), 0.5)["missed"][2] == "2 failed; none spoke"
 
 
 def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
@@ -811,6 +893,7 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
         (["--texts", "EMPTY"], "--texts"),
         (["--texts", "LATIN1"], "--texts"),
         (["--tokens", "5000"], "--tokens"),
+        (["--streams", "1000000000"], "--streams"),  # a KV cache beyond the device's memory
         (["--first-window-s", "inf"], "--first-window-s"),
         (["--first-audio-limit", "0"], "--first-audio-limit"),
         (["--url", "http://127.0.0.1:1", "--timeout", "0"], "--timeout"),

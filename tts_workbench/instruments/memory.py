@@ -70,6 +70,13 @@ def _trim_heap() -> None:
 _peaks_before: dict[str, int] = {}
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """All the memory of ``device``: the GPU's on CUDA, the machine's RAM otherwise."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    return int(psutil.virtual_memory().total)
+
+
 def process_peak_bytes(device: torch.device | str) -> int:
     """This process's peak memory on ``device`` since it started, whatever windows reset since:
     the resident set on CPU, the caching allocator's allocated bytes on CUDA."""

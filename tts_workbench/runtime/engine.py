@@ -8,11 +8,12 @@ stage throughput-bound):
   shape (two rows with classifier-free guidance, one for Turbo) and its own position. A new
   stream is prefilled on its own (eager, as upstream) and joins at the next step; each step is
   one batched forward over all active streams (continuous batching: streams join and leave
-  between steps, vLLM's scheme). A stream that ends, fails or is closed by its reader frees its
-  rows at once: the last stream's rows move into the hole, so the active streams always fill
-  rows ``[0, n)``. The step runs over a bucket of rows (1, 2, 4, ... streams) and attends to a
-  span of cache slots (``decode.spans``: the smallest holding every active stream's positions);
-  ``"compiled"`` compiles (CUDA graphs on CUDA) once per bucket and span and reuses it.
+  between steps, vLLM's scheme). A stream that ends, fails in T3 or is closed by its reader
+  frees its rows before the next step (one failed in S3Gen, at T3's next pass): the last
+  stream's rows move into the hole, so the active streams always fill rows ``[0, n)``. The step
+  runs over a bucket of rows (1, 2, 4, ... streams) and attends to a span of cache slots
+  (``decode.spans``: the smallest holding every active stream's positions); ``"compiled"``
+  compiles (CUDA graphs on CUDA) once per bucket and span and reuses it.
 - **S3Gen**: each stream cuts its tokens into buffered windows (``streaming.BufferedCutter``);
   ready windows of the same voice and the same size go through the flow together, one CFM
   estimator call for several streams. First windows go first (they set time to first audio).
@@ -89,6 +90,16 @@ def buckets(max_streams: int) -> list[int]:
     return [*sizes, max_streams]
 
 
+def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
+    """Bytes of one stream's rows of the engine's KV cache (keys and values of every layer), known
+    before the cache is allocated (a caller can refuse a size that cannot fit)."""
+    config: Any = plan.decode.tfmr.config
+    kv_heads, head_dim = kv_layout(config)
+    rows = 2 if family_of(tts).guidance else 1
+    row_bytes = kv_heads * max_cache_len * head_dim * plan.decode.dtype.itemsize
+    return 2 * config.num_hidden_layers * rows * row_bytes
+
+
 @dataclass
 class Request:
     """What a client asks for. ``conds``: the voice (upstream ``Conditionals``; default the
@@ -157,10 +168,13 @@ class StreamHandle:
             self._waker = None
             self.close()
 
-    @staticmethod
-    def _unwrap(item: Any) -> tuple[np.ndarray, ChunkMetrics] | None:
+    def _unwrap(self, item: Any) -> tuple[np.ndarray, ChunkMetrics] | None:
         """A chunk, ``None`` at the end, or the stream's error raised."""
         if item is _END:
+            # A failed stream's reader that reads again (after the read that raised closed it)
+            # gets its error again, not an end that looks like a stream that spoke nothing.
+            if self.error is not None:
+                raise self.error
             return None
         if isinstance(item, BaseException):
             raise item
@@ -254,11 +268,11 @@ class StreamEngine:
     """Streams of one model, T3 continuously batched and S3Gen windows batched (module docstring).
 
     ``step``: "static" (the batched step as is) or "compiled" (``torch.compile``, CUDA graphs on
-    CUDA, once per bucket; a growing eager cache cannot hold rows at different positions, so
-    there is no "eager" engine step). ``max_cache_len``: positions per stream (prefill and new
-    tokens). ``plan`` gives the weights and dtypes (default: the model's own, float32); its own
-    step, cache length and C++ wrapper are not used (the engine's ``step`` and ``max_cache_len``
-    are). A compile that fails falls back to the static step with one warning
+    CUDA, once per bucket and span; a growing eager cache cannot hold rows at different
+    positions, so there is no "eager" engine step). ``max_cache_len``: positions per stream
+    (prefill and new tokens). ``plan`` gives the weights and dtypes (default: the model's own,
+    float32); its own step, cache length and C++ wrapper are not used (the engine's ``step`` and
+    ``max_cache_len`` are). A compile that fails falls back to the static step with one warning
     (``fallback_reason``), as ``StaticStep`` does.
     """
 
@@ -307,14 +321,14 @@ class StreamEngine:
                  torch.zeros(shape, dtype=parts.dtype, device=self.device))
                 for _ in range(config_.num_hidden_layers)
             ]  # fmt: skip
-        # keys and values of every layer, for one stream's rows
-        self.kv_bytes_per_stream = 2 * len(self._kv) * self.rows_per_stream * self._kv[0][0][0].nbytes
+        self.kv_bytes_per_stream = kv_bytes_per_stream(tts, self.plan, max_cache_len)
         self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
         self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
         self._sdpa = getattr(config_, "_attn_implementation", "sdpa") == "sdpa"
         self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
         self.fallback_reason: str | None = None  # why the compiled step runs as the static one
         self._waiting: list[StreamHandle] = []
+        self._joining: list[StreamHandle] = []  # taken from the queue, being prefilled
         self._live: list[_Live] = []  # admitted, in row order; T3 thread only
         self._vocoding: list[_Live] = []  # admitted, not yet fully vocoded; S3Gen thread reads
         self._lock = threading.Condition()
@@ -352,9 +366,10 @@ class StreamEngine:
             return str(self._stopped_error()) if self._stopped else None
 
     def active(self) -> int:
-        """Streams admitted and not yet finished (T3 or S3Gen still working for them)."""
+        """Streams admitted and not yet finished (being prefilled, or T3 or S3Gen still working
+        for them)."""
         with self._lock:
-            return len(self._vocoding)
+            return len(self._joining) + len(self._vocoding)
 
     def queued(self) -> int:
         """Streams waiting for rows (a stream closed while queued leaves the queue at once)."""
@@ -476,8 +491,8 @@ class StreamEngine:
         """Every queued and admitted stream, no longer counted (``queued()``, ``active()``): the
         engine has stopped, the caller fails them."""
         with self._lock:
-            handles = [*self._waiting, *(live.handle for live in self._vocoding)]
-            self._waiting, self._vocoding = [], []
+            handles = [*self._waiting, *self._joining, *(live.handle for live in self._vocoding)]
+            self._waiting, self._joining, self._vocoding = [], [], []
         return handles
 
     def __enter__(self) -> StreamEngine:
@@ -562,6 +577,7 @@ class StreamEngine:
                 jobs, self._jobs = ([], self._jobs) if self._live else (self._jobs, [])
                 room = 0 if self._held or self._jobs else self.max_streams - len(self._live)
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
+                self._joining += joining  # admitted from here: counted by active(), not queued()
             for job in jobs:  # a warm-up, between steps
                 job()
             for handle in joining:
@@ -572,29 +588,36 @@ class StreamEngine:
                 self._step()
 
     def _admit(self, handle: StreamHandle) -> None:
-        """Prefill a new stream on its own and give it the first free rows, or fail it alone."""
-        r = handle.request
+        """Prefill a new stream on its own and give it the first free rows, or fail it alone.
+        It leaves ``_joining`` as it joins the running streams (under one lock: ``active()``
+        counts it throughout), or before its reader can see its error."""
         handle.admitted = time.perf_counter()
+        live: _Live | None = None
+        error: Exception | None = None
         if handle.closed:  # closed after it left the queue (a close before takes it out of it)
-            return
-        if self._stopped:  # close() waits for the prefill under way, not for the others joining
-            self._end([handle], self._ended_error())
-            return
-        try:
-            live = self._prefill(handle, r)
-        except Exception as e:  # a bad request fails alone, with the error stream() gives
-            with self._lock:  # the S3Gen stage counts its failures too
-                self.stats.failed += 1
-            self._end([handle], e)
-            return
-        self.stats.admitted += 1
+            pass
+        elif self._stopped:  # close() waits for the prefill under way, not for the others joining
+            error = self._ended_error()
+        else:
+            try:
+                live = self._prefill(handle, handle.request)
+                self.stats.admitted += 1
+            except Exception as e:  # a bad request fails alone, with the error stream() gives
+                error = e
+                with self._lock:  # the S3Gen stage counts its failures too
+                    self.stats.failed += 1
         with self._lock:
-            if self._stopped:  # closed, or a stage died, meanwhile: this stream would never be served
-                self._end([handle], self._ended_error())
+            if handle not in self._joining:  # a stage died meanwhile and ended it (_take_all)
                 return
-            self._live.append(live)
-            self._vocoding.append(live)
+            self._joining.remove(handle)
+            if live is not None and self._stopped:  # closed, or a stage died: it would never be served
+                live, error = None, self._ended_error()
+            if live is not None:
+                self._live.append(live)
+                self._vocoding.append(live)
             self._lock.notify_all()
+        if error is not None:
+            self._end([handle], error)
 
     def _prefill(self, handle: StreamHandle, r: Request) -> _Live:
         conds = checked_voice(r.conds, r.text)

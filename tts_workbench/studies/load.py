@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import sys
 import threading
 import time
@@ -26,16 +27,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from ..core.constants import RANDOM_NO_STOP, TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
-from ..instruments.memory import memory_window
+from ..instruments.memory import device_memory_bytes, memory_window
 from ..instruments.plots import load_figure, save
 from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
-from ..runtime.engine import StreamEngine, StreamHandle
+from ..runtime.engine import StreamEngine, StreamHandle, kv_bytes_per_stream
 from ..runtime.optimized import decode_plan
 from ..runtime.streaming import StreamConfig, stream_tokens
 
@@ -62,11 +64,33 @@ def parse_levels(value: str) -> list[int]:
         raise ConfigError(
             f"argument --streams: {value!r} is not a list of integers such as 1,2,4,8"
         ) from None
-    if not levels or any(n < 1 for n in levels):
-        raise ConfigError(f"argument --streams: every level must be a positive integer, got {value!r}")
+    return checked_levels(levels, repr(value))
+
+
+def checked_levels(levels: Sequence[int], given: str) -> list[int]:
+    """``levels`` as a study runs them, ascending (``parse_levels``'s rules); a ConfigError
+    naming ``--streams`` when there is none, one is not a positive integer or one is given
+    twice. ``given``: the levels as the caller wrote them, for the message."""
+    if not levels:
+        raise ConfigError("argument --streams: no level given: give one or more, such as 1,2,4,8")
+    if any(not isinstance(n, numbers.Integral) or n < 1 for n in levels):
+        raise ConfigError(f"argument --streams: every level must be a positive integer, got {given}")
     if len(set(levels)) < len(levels):
-        raise ConfigError(f"argument --streams: a level is given twice in {value!r}: give each once")
-    return sorted(levels)
+        raise ConfigError(f"argument --streams: a level is given twice in {given}: give each once")
+    return sorted(int(n) for n in levels)
+
+
+def check_kv_fits(largest: int, kv_per_stream: int, device: torch.device) -> None:
+    """A ConfigError naming ``--streams`` when the ``largest`` level's KV cache alone is more than
+    the device's memory: its engine could not be made, and the levels before it would be lost."""
+    total = device_memory_bytes(device)
+    need = largest * kv_per_stream
+    if need > total:
+        raise ConfigError(
+            f"argument --streams: the {largest}-stream level needs {need / 2**30:.3g} GiB of KV cache "
+            f"({kv_per_stream / 2**20:.3g} MiB per stream), more than the {total / 2**30:.3g} GiB of "
+            f"memory of {device}: keep the levels to {total // kv_per_stream} streams or fewer"
+        )
 
 
 def parse_arrival(value: str, largest: int = 1) -> tuple[str, float]:
@@ -345,11 +369,16 @@ def run_load(
     bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded.
     The report names what was measured: ``model`` (the source ``tts`` was loaded from; None:
     unnamed), ``reference`` (the WAV its voice was prepared from; None: the generated one,
-    ``reference.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``)."""
+    ``reference.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``).
+    ``levels`` run in ascending order; none, a repeated one, or a largest one whose KV cache is
+    more than the device's memory is a ConfigError before any level runs."""
+    levels = checked_levels(levels, repr(levels))
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
-    kind = parse_arrival(arrival, max(levels, default=1))
+    kind = parse_arrival(arrival, levels[-1])
     max_cache_len = cache_positions(tts, texts, tokens)
+    device = tts.t3.speech_head.weight.device
+    check_kv_fits(levels[-1], kv_bytes_per_stream(tts, plan, max_cache_len), device)
     config = config or StreamConfig("buffered")
     runs = [
         run_level(
@@ -367,14 +396,13 @@ def run_load(
         )
         for n in levels
     ]
-    device = str(tts.t3.speech_head.weight.device)
     voice = reference or "generated"
     source = texts_source(texts, texts_from)
     report: dict[str, Any] = {
         "model": model,
         "reference": voice,
         "texts": source,
-        "device": device,
+        "device": str(device),
         "step": step,
         "t3_dtype": policy,
         "arrival": arrival,
@@ -419,9 +447,10 @@ def real_time_capacity(
             why.append(f"{row.failed} failed")
         if row.streams_with_underruns:
             why.append(f"{row.streams_with_underruns} underran (worst gap {row.worst_underrun_s:.2f} s)")
-        if pd.isna(row.ttfa_p95_s) or row.ttfa_p95_s > first_audio_limit_s:
-            p95 = "none spoke" if pd.isna(row.ttfa_p95_s) else f"{row.ttfa_p95_s:.2f} s"
-            why.append(f"first-audio p95 {p95} > {first_audio_limit_s:g} s")
+        if pd.isna(row.ttfa_p95_s):  # no first audio to compare with the limit
+            why.append("none spoke")
+        elif row.ttfa_p95_s > first_audio_limit_s:
+            why.append(f"first-audio p95 {row.ttfa_p95_s:.2f} s > {first_audio_limit_s:g} s")
         if why:
             missed[int(row.streams)] = "; ".join(why)
     held = [int(n) for n in levels["streams"] if int(n) not in missed]
