@@ -316,3 +316,71 @@ def test_serve_interrupted_while_starting_says_it_stopped_before_serving(
     out = capfd.readouterr().out
     assert "stopped before serving" in out and "cleanly" not in out, out
     assert calls[-1] == "ray.shutdown", calls  # whatever Ray had started is stopped
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "said"),
+    [
+        (307, {"location": "https://stand-in/v1/audio/speech"}, "HTTP 307: redirect to https://stand-in/"),
+        (204, {}, "HTTP 204: no audio bytes"),
+        (200, {"content-type": "audio/pcm"}, "HTTP 200: no audio bytes"),
+    ],
+    ids=["redirect", "no content", "empty 200"],
+)
+def test_an_answer_without_audio_is_a_failed_row_saying_why(
+    status: int, headers: dict[str, str], said: str
+) -> None:
+    """httpx follows no redirect, and a 2xx may carry no bytes: later, a failed row with its
+    reason; on the first level, the end of the study (before: error None, so the row failed
+    with no reason and a first level where nothing spoke went on)."""
+    calls: list[int] = []
+
+    def speech(_body: dict[str, Any]) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:  # the first level's one stream: pcm
+            return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(b""))  # as a network reads
+
+    report = run_http_load("http://stand-in", [1, 2], transport=_endpoint(speech))
+    rows = report["levels"][1]["per_stream"]
+    assert all(row["status"] == status and said in row["error"] for row in rows), rows
+    assert report["levels"][1]["summary"]["failed"] == 2
+    calls.append(1)  # from now on every answer is the empty one, the first level's too
+    with pytest.raises(EndpointError, match=r"^argument --url: .*" + re.escape(said)):
+        run_http_load("http://stand-in", [1], transport=_endpoint(speech))
+
+
+def test_an_unusable_out_folder_is_refused_before_any_request(tmp_path: Path) -> None:
+    """(before: found by conclude, once every level had run, and the measurements lost)"""
+    calls: list[int] = []
+
+    def speech(_body: dict[str, Any]) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+
+    (tmp_path / "a_file").write_text("not a folder")
+    under_a_file = tmp_path / "a_file" / "out"
+    with pytest.raises(OSError):
+        run_http_load("http://stand-in", [1, 2], transport=_endpoint(speech), outdir=under_a_file)
+    assert calls == []
+
+
+@pytest.mark.parametrize(("levels", "message"), [([], "no level given"), ([2, 2], "given twice")])
+def test_levels_are_checked_as_the_engines_study_checks_them(levels: list[int], message: str) -> None:
+    """(before: no level failed in max(); a repeated level was measured twice)"""
+
+    def speech(_body: dict[str, Any]) -> httpx.Response:
+        raise AssertionError("a request was sent")
+
+    with pytest.raises(ConfigError, match=f"argument --streams: .*{message}"):
+        run_http_load("http://stand-in", levels, transport=_endpoint(speech))
+
+
+def test_levels_run_in_ascending_order() -> None:
+    """(before: as given, though the report's figure and verdict read them in order)"""
+
+    def speech(_body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+
+    report = run_http_load("http://stand-in", [2, 1], transport=_endpoint(speech))
+    assert [level["streams"] for level in report["levels"]] == [1, 2]

@@ -9,8 +9,9 @@ import io
 import json
 import socket
 import wave
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -254,6 +255,18 @@ def test_an_input_past_t3s_text_positions_names_the_input(service: SpeechService
     assert e.value.param == "input" and e.value.status == 400
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
+def test_a_body_that_is_not_plain_utf8_is_refused(service: SpeechService, encoding: str) -> None:
+    """RFC 8259: JSON between systems is UTF-8 without a byte order mark (before: json.loads of
+    the bytes guessed UTF-16 and UTF-32 and skipped the BOM, where the docs promise a 400)."""
+    body = json.dumps({**GOOD, "max_tokens": 1}).encode(encoding)
+    with TestClient(speech_app(service)) as client:
+        r = client.post("/v1/audio/speech", content=body)
+    assert r.status_code == 400, r.headers["content-type"]  # (a 200's text is audio)
+    error = r.json()["error"]
+    assert error["param"] is None and "not valid JSON" in error["message"], error
+
+
 def test_every_refused_speech_request_is_counted(service: SpeechService) -> None:
     """Refusals of the request's parsing count as refused, as the cache's do; an unknown path
     is no speech request (before: only refusals inside service.speech counted)."""
@@ -265,6 +278,34 @@ def test_every_refused_speech_request_is_counted(service: SpeechService) -> None
             assert client.post("/v1/audio/speech", json={**GOOD, **change}).status_code in (400, 404)
         assert client.post("/v1/audio/speeches", json=GOOD).status_code == 404
     assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 6
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_counted_disconnected(service: SpeechService) -> None:
+    """Starlette raises ClientDisconnect from the body's stream (before: uncaught, a bare 500
+    without x-replica, a traceback in the replica's log and no outcome counted)."""
+    import asyncio
+
+    disconnected = {"replica": "0", "outcome": "disconnected"}
+    before = service.registry.get_sample_value("tts_streams_total", disconnected) or 0.0
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/audio/speech", "raw_path": b"/v1/audio/speech", "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
+        "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
+    }  # fmt: skip
+    half = [{"type": "http.request", "body": b'{"model": "chatterbox-', "more_body": True}]
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        return half.pop(0) if half else {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(speech_app(service)(scope, receive, send))
+    assert service.registry.get_sample_value("tts_streams_total", disconnected) == before + 1
+    [start] = [m for m in sent if m["type"] == "http.response.start"]
+    assert start["status"] == 499 and (b"x-replica", b"0") in start["headers"], start
 
 
 def test_the_largest_max_tokens_advertised_can_be_met(service: SpeechService) -> None:
@@ -322,6 +363,32 @@ def test_a_service_refuses_options_no_request_could_run_with(tmp_path: Path) -> 
     # text token) before them (before: every request that sent no max_tokens was refused)
     with pytest.raises(ConfigError, match="--tokens: 1000 .* lower --tokens or raise --max-cache-len"):
         SpeechService(ServeOptions(run_dir=str(tmp_path), max_input_chars=10, default_tokens=1000))
+
+
+def test_a_default_tokens_past_t3s_learned_speech_positions_names_tokens(tmp_path: Path) -> None:
+    """(before: the service started, and every request that sent no max_tokens was refused)"""
+    with pytest.raises(ConfigError, match="--tokens: 4097 .* 4096 speech positions .* --tokens 4096 or"):
+        SpeechService(ServeOptions(run_dir=str(tmp_path), default_tokens=4097, max_cache_len=4400))
+    assert not (tmp_path / "reference.wav").exists()  # refused before the default voice was made
+
+
+def test_max_tokens_stops_at_t3s_learned_speech_positions(tmp_path: Path) -> None:
+    """A cache longer than T3's 4096 learned speech positions (plus the shortest prompt) holds more
+    tokens than T3 can place: the range advertised is T3's (before: 1 to the cache less the
+    prompt, and a request past 4096 refused by the engine with param null)."""
+    from tts_workbench.runtime.decode import check_new_tokens
+
+    service = SpeechService(ServeOptions(run_dir=str(tmp_path), max_streams=1, max_cache_len=4400))
+    try:
+        assert service.limits.max_tokens == service.tts.t3.hp.max_speech_tokens == 4096
+        check_new_tokens(service.tts.t3, service.limits.max_tokens)  # the engine takes the largest
+        with TestClient(speech_app(service)) as client:
+            r = client.post("/v1/audio/speech", json={**GOOD, "max_tokens": 4097})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "max_tokens", error
+        assert "from 1 to 4096" in error["message"], error
+    finally:
+        service.close()
 
 
 def test_an_input_limit_past_t3s_text_positions_names_the_flag(tmp_path: Path) -> None:

@@ -13,9 +13,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .protocol import FORMATS, RequestError, SpeechRequest, parse_speech
 from .service import SpeechService
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed it: logs tell it from a 4xx or 5xx
 
 
 def speech_app(service: SpeechService) -> FastAPI:
@@ -45,12 +48,15 @@ def speech_app(service: SpeechService) -> FastAPI:
         return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
 
     @app.post("/v1/audio/speech")
-    async def speech(request: Request) -> StreamingResponse:
+    async def speech(request: Request) -> Response:
         try:
             req = await read_speech(request, service)
         except RequestError:  # (service.speech counts its own refusals)
             service.outcomes["refused"].inc()
             raise
+        except ClientDisconnect:  # gone before its body was whole: nobody reads an answer
+            service.outcomes["disconnected"].inc()
+            return Response(status_code=CLIENT_CLOSED)
         audio = await service.speech(req)
         return StreamingResponse(audio, media_type=FORMATS[req.response_format])
 
@@ -80,8 +86,10 @@ async def read_speech(request: Request, service: SpeechService) -> SpeechRequest
     """The request's body as a checked speech request, or a ``RequestError`` saying what is wrong."""
     raw = await read_body(request, service.limits.max_body_bytes)
     try:
-        body: Any = json.loads(raw)
-    # not JSON, not UTF-8, an integer of over 4300 digits, nesting deeper than the stack
+        # UTF-8 as RFC 8259 requires: json.loads of bytes would also take UTF-16, UTF-32 and a BOM
+        body: Any = json.loads(raw.decode("utf-8"))
+    # not UTF-8 (UnicodeDecodeError is a ValueError), not JSON (a BOM included), an integer of
+    # over 4300 digits, nesting deeper than the stack
     except (ValueError, RecursionError) as e:
         raise RequestError(
             f'the body is not valid JSON ({e}): send {{"model": ..., "input": "Hello"}}'

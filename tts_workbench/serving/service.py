@@ -62,15 +62,30 @@ class ServeOptions:
     default_tokens: int = 150
 
 
-def check_options(options: ServeOptions, prompt: int = 1) -> None:
+def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | None = None) -> None:
     """A ConfigError for options no request could run with: without a model, with a prompt of
-    one position; with one, ``prompt`` is the fewest positions any prompt takes."""
+    one position; with one, ``prompt`` is the fewest positions any prompt takes and
+    ``speech_tokens`` the most tokens T3 has positions for (``t3_speech_tokens``)."""
+    if speech_tokens is not None and options.default_tokens > speech_tokens:
+        raise ConfigError(
+            f"argument --tokens: {options.default_tokens} tokens is beyond the {speech_tokens} speech "
+            "positions T3 has (a request that sends no max_tokens gets --tokens): use --tokens "
+            f"{speech_tokens} or fewer"
+        )
     if options.default_tokens + prompt > options.max_cache_len:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens leave no room in --max-cache-len "
             f"{options.max_cache_len} for an input (a request that sends no max_tokens gets --tokens): "
             "lower --tokens or raise --max-cache-len"
         )
+
+
+def t3_speech_tokens(tts: Any) -> int | None:
+    """The most tokens a stream of T3 may sample whatever the KV cache holds: its learned speech
+    positions (Llama's 4096, as ``runtime.decode.check_new_tokens`` checks), or None where the
+    backbone positions itself (GPT-2, Turbo's)."""
+    hp = tts.t3.hp
+    return int(hp.max_speech_tokens) if hp.input_pos_emb == "learned" else None
 
 
 def check_input_fits(prefill: int, options: ServeOptions) -> None:
@@ -125,6 +140,8 @@ class SpeechService:
             f"chatterbox-{options.model}" if os.sep not in options.model else Path(options.model).name
         )
         tts = load_model(options.model, options.device, options.seed)
+        speech_tokens = t3_speech_tokens(tts)
+        check_options(options, speech_tokens=speech_tokens)  # before the default voice is written
         paths = {"default": make_reference_wav(Path(options.run_dir) / "reference.wav")}
         paths.update(find_voices(options.voices_dir))
         self.voices: dict[str, Any] = {}
@@ -150,9 +167,10 @@ class SpeechService:
         # the shortest prompt: any input is one text token at least, as "." is
         fewest = min(self.prefill_positions(voice, ".") for voice in self.voices)
         check_options(options, fewest)
-        self.limits = Limits(
-            self.model_id, tuple(self.voices), options.max_input_chars, options.max_cache_len - fewest
-        )
+        # a cache longer than T3's positions holds tokens no stream can sample: advertise what can be met
+        room = options.max_cache_len - fewest
+        self.limits = Limits(self.model_id, tuple(self.voices), options.max_input_chars,
+                             room if speech_tokens is None else min(room, speech_tokens))  # fmt: skip
         self.engine = StreamEngine(
             tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len,
             plan=decode_plan(tts, options.dtype),

@@ -30,6 +30,7 @@ from .load import (
     DEFAULT_TEXTS,
     FIRST_AUDIO_LIMIT_S,
     arrival_offsets,
+    checked_levels,
     conclude,
     listener_summary,
     parse_arrival,
@@ -45,10 +46,13 @@ RAW_PCM = ("audio/pcm", "audio/l16", "application/octet-stream")
 
 
 class EndpointError(ConfigError):
-    """The endpoint does not answer, or refuses the study's requests (4xx)."""
+    """The endpoint does not answer, redirects the study's requests (3xx) or refuses them (4xx)."""
 
 
 def _error_message(response: httpx.Response) -> str:
+    if response.is_redirect:  # httpx follows none: the server wants another URL than --url gave
+        where = response.headers.get("location", "an unnamed place")
+        return f"redirect to {where} not followed: give the final URL (the server's root) as --url"
     try:
         return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
@@ -89,7 +93,7 @@ async def served_model(client: httpx.AsyncClient, url: str) -> str:
             f"argument --url: {url} does not answer ({type(e).__name__}: {e}): start a server "
             "(`tts-workbench serve`) or check the URL"
         ) from None
-    if response.status_code >= 400:
+    if response.status_code >= 300:
         raise EndpointError(f"argument --url: GET {url}/v1/models answered {response.status_code}: "
                             f"{_error_message(response)}")  # fmt: skip
     try:
@@ -126,7 +130,8 @@ async def _stream(
 ) -> tuple[dict[str, Any], bool]:
     """One request sent at ``at`` (perf_counter), read to the end within ``timeout_s``: its row,
     and whether the server refused the request itself (a 4xx other than 408 and 429, which say
-    it is busy) or answered it in another format than raw pcm."""
+    it is busy), redirected it (3xx: httpx follows no redirect) or answered it in another format
+    than raw pcm. A 2xx without an audio byte is a failed row, not a refusal."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     sent = time.perf_counter()
     arrivals: list[float] = []
@@ -142,9 +147,10 @@ async def _stream(
         ):
             row["status"], row["replica"] = response.status_code, response.headers.get("x-replica")
             row["server"] = response.headers.get("server")
-            if response.status_code >= 400:
+            if response.status_code >= 300:
                 await response.aread()
                 row["error"] = f"HTTP {response.status_code}: {_error_message(response)}"
+                # a redirect (3xx) is the URL's fault as a 4xx is the request's: no other stream speaks
                 refused = response.status_code < 500 and response.status_code not in (408, 429)
             elif wrong := not_raw_pcm(response.headers):
                 row["error"], refused = f"HTTP {response.status_code} with {wrong}", True
@@ -152,6 +158,8 @@ async def _stream(
                 async for data in response.aiter_raw():
                     arrivals.append(time.perf_counter() - sent)
                     seconds.append(len(data) / 2 / SAMPLE_RATE)  # pcm: 16-bit mono samples
+                if not any(seconds):  # a 204, or a 2xx whose stream ended before its first sample
+                    row["error"] = f"HTTP {response.status_code}: no audio bytes"
     except httpx.HTTPError as e:  # a dropped connection: this stream failed, the level goes on
         row["error"] = f"{type(e).__name__}: {e}"
     except TimeoutError:
@@ -250,8 +258,11 @@ def run_http_load(
     this process (``httpx.ASGITransport``). ``texts_from``: the texts' file, for the report
     (``load.texts_source``)."""
     url = check_url(url)
+    levels = checked_levels(levels, repr(levels))
     texts = texts or list(DEFAULT_TEXTS)
-    kind = parse_arrival(arrival, max(levels, default=1))
+    kind = parse_arrival(arrival, levels[-1])
+    if outdir is not None:  # an unusable --out found now, not once every level has been measured
+        Path(outdir).mkdir(parents=True, exist_ok=True)
     got = asyncio.run(_run(url, levels, texts, voice=voice, arrival=kind, tokens=tokens, seed=seed,
                            timeout_s=timeout_s, progress=progress, transport=transport))  # fmt: skip
     rows = [s for level in got["levels"] for s in level["per_stream"]]
