@@ -224,6 +224,17 @@ def test_an_output_folder_that_is_a_file_gives_one_error_line(
         (["bench", "--tokens", "x"], "--tokens: must be a positive integer, got 'x'"),
         (["bench", "--warmup", "-1"], "--warmup: must be an integer >= 0, got '-1'"),
         (["stream", "--seed", "99999999999999999999999"], "--seed: must be an integer from 0 to 2**63 - 1"),
+        # before: an OverflowError traceback from the window's token count
+        (["load", "--window-s", "1e308"], "--window-s: must be a positive number of seconds up to 3600"),
+        (["stream", "--first-window-s", "1e307"], "--first-window-s: must be a positive number of seconds"),
+        # before: an empty value (an unset shell variable) was taken as not given, or as the working
+        # folder: `load --url ""` measured the engine in this process, `serve --address ""` a local Ray
+        (["load", "--url", ""], "--url: must not be empty"),
+        (["load", "--voice", " "], "--voice: must not be empty"),
+        (["serve", "--address", ""], "--address: must not be empty"),
+        (["serve", "--voices", ""], "--voices: must not be empty"),
+        (["stream", "--out", ""], "--out: must not be empty"),
+        (["trace", "--logdir", ""], "--logdir: must not be empty"),
     ],
 )
 def test_flag_values_are_checked_before_anything_runs(

@@ -89,6 +89,23 @@ def _seconds(value: str) -> float:
     return _number(value, "a positive number of seconds", zero=False)
 
 
+def _window(value: str) -> float:
+    """A buffered window in seconds of audio: an hour at most (a window of 1e308 s overflows the
+    count of its tokens; an hour is far past the longest stream T3's positions allow)."""
+    x = _number(value, "a positive number of seconds up to 3600", zero=False)
+    if x > 3600:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds up to 3600, got {value!r}")
+    return x
+
+
+def _given(value: str) -> str:
+    """A flag's value that is not empty: an empty one (an unset shell variable) would otherwise
+    read as not given (``load --url ""`` measuring this process) or as the working folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def _milliseconds(value: str) -> float:
     return _number(value, "a number of milliseconds >= 0", zero=True)
 
@@ -308,7 +325,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     # Bad flags fail before the model loads (or the first request).
     levels, texts = parse_levels(args.streams), read_texts(args.texts)
     parse_arrival(args.arrival, max(levels))
-    if args.url:
+    if args.url is not None:
         from ..studies.http_load import run_http_load
 
         given = {"voice": args.voice, "timeout_s": args.timeout}  # None: not given, run_http_load's default
@@ -394,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(d)
     d.add_argument("--text", help=TEXT_HELP)
     _reference(d, "WAV of the voice to clone (default: a generated voice-like signal)")
-    d.add_argument("--out", default="runs/diagnose", help="folder for the WAV and plot")
+    d.add_argument("--out", type=_given, default="runs/diagnose", help="folder for the WAV and plot")
     d.add_argument(
         "--dtype",
         default="float32",
@@ -420,13 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["naive", "buffered"],
         help="naive: the streaming fork's loop; buffered: windows joined by overlap-add",
     )
-    st.add_argument("--first-window-s", type=_seconds, default=1.0, help="buffered: first window (audio s)")
-    st.add_argument("--window-s", type=_seconds, default=3.5, help="buffered: later windows (audio s)")
+    st.add_argument("--first-window-s", type=_window, default=1.0, help="buffered: first window (audio s)")
+    st.add_argument("--window-s", type=_window, default=3.5, help="buffered: later windows (audio s)")
     st.add_argument("--crossfade-ms", type=_milliseconds, default=40.0, help="buffered: overlap-add fade")
     st.add_argument("--prompt-s", type=_seconds, help="keep only the last N s of the reference prompt")
     st.add_argument("--text", help=TEXT_HELP)
     _reference(st)
-    st.add_argument("--out", default="runs/stream", help="folder for the WAV and the timeline plot")
+    st.add_argument(
+        "--out", type=_given, default="runs/stream", help="folder for the WAV and the timeline plot"
+    )
     st.add_argument(
         "--decode",
         default="eager",
@@ -437,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = command("profile", help="a labelled torch.profiler trace of one generation (TensorBoard, Perfetto)")
     _common(pr)
-    pr.add_argument("--logdir", default="runs/profile", help="TensorBoard log folder; the run is a subfolder")
+    pr.add_argument(
+        "--logdir", type=_given, default="runs/profile", help="TensorBoard log folder; the run is a subfolder"
+    )
     pr.add_argument("--run", dest="run_name", default="generation", help="run name (subfolder of --logdir)")
     pr.add_argument("--memory", action="store_true", help="also record memory allocations")
     pr.add_argument(
@@ -469,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--keep", type=_positive, help="keep the first KEEP decode steps of each trace (a smaller file)"
     )
-    tr.add_argument("--logdir", default="runs/trace", help="TensorBoard log folder; one run per decode step")
+    tr.add_argument(
+        "--logdir", type=_given, default="runs/trace", help="TensorBoard log folder; one run per decode step"
+    )
     tr.add_argument("--text", help=TEXT_HELP)
     _reference(tr)
     tr.add_argument(
@@ -506,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--text", help=TEXT_HELP)
     _reference(b)
-    b.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.csv")
+    b.add_argument("--out", type=_given, default="runs/bench", help="folder for bench.json and bench.csv")
     b.set_defaults(run=_bench)
 
     ld = command("load", help="how many real-time streams one device holds: the stream engine under load")
@@ -515,22 +538,25 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
     _engine_flags(ld)
-    ld.add_argument("--first-window-s", type=_seconds, default=1.0, help="first window (s of audio)")
-    ld.add_argument("--window-s", type=_seconds, default=3.5, help="later windows (s of audio)")
+    ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
+    ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")
     _reference(ld)
     ld.add_argument(  # the default is load.FIRST_AUDIO_LIMIT_S (not imported: the parser stays light)
         "--first-audio-limit", type=_seconds, default=0.5,
         help="s of first-audio p95 a level may take and still count as real time (default 0.5)",
     )  # fmt: skip
-    ld.add_argument("--out", default="runs/load", help="folder for load.json and load.png")
+    ld.add_argument("--out", type=_given, default="runs/load", help="folder for load.json and load.png")
     ld.add_argument(
         "--url",
+        type=_given,
         help="measure a speech server at its root (http://HOST:PORT: this workbench's serve, or an "
         "OpenAI-style endpoint that takes its seed and max_tokens fields; no API key) instead of an "
         "engine in this process; the model is the first /v1/models lists, and --model, --decode, --dtype, "
         "--reference and the window flags are the server's",
     )
-    ld.add_argument("--voice", help="with --url: the voice each request names (default: default)")
+    ld.add_argument(
+        "--voice", type=_given, help="with --url: the voice each request names (default: default)"
+    )
     ld.add_argument("--timeout", type=_seconds, help="with --url: s for each whole request (default 300)")
     ld.set_defaults(run=_load)
 
@@ -543,8 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=_port, default=8000, help="port to listen on")
     sv.add_argument("--replicas", type=_positive, default=1, help="engines (Ray Serve replicas), one per GPU")
-    sv.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT); default: local Ray")
-    sv.add_argument("--voices", help="folder of WAV voices, served by file stem (plus 'default')")
+    sv.add_argument(
+        "--address", type=_given, help="Ray cluster to join (HOST:PORT, ray://HOST:PORT); default: local Ray"
+    )
+    sv.add_argument(
+        "--voices", type=_given, help="folder of WAV voices, served by file stem (plus 'default')"
+    )
     sv.add_argument("--max-streams", type=_positive, default=8, help="streams at once per replica; more wait")
     _engine_flags(sv)
     sv.add_argument("--threads", type=_positive, default=1, help="torch threads (and Ray CPUs) per replica")
@@ -560,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
         "256, 512, ... that holds the live streams, so a large value costs KV memory (max-streams x "
         "max-cache-len) and compiled shapes",
     )
-    sv.add_argument("--out", default="runs/serve", help="run folder (the generated default voice)")
+    sv.add_argument(
+        "--out", type=_given, default="runs/serve", help="run folder (the generated default voice)"
+    )
     sv.add_argument("--json", action="store_true", help="print the closing report as JSON")
     sv.set_defaults(run=_serve)
     return parser
