@@ -295,6 +295,10 @@ def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
         ({"window_s": math.nan}, "window_s must be positive and finite"),
         ({"crossfade_ms": math.nan}, "crossfade_ms must be zero or positive and finite"),
         ({"prompt_s": math.inf}, "prompt_s must be positive"),
+        # finite but past an hour: round(1e308 * 25) overflowed (an OverflowError, no ConfigError)
+        ({"window_s": 1e308}, "window_s of 1e[+]308 s is longer than an hour"),
+        ({"prompt_s": 1e308}, "prompt_s of 1e[+]308 s is longer than an hour"),
+        ({"crossfade_ms": 1e308}, "crossfade_ms of 1e[+]308 ms is longer than an hour"),
     ],
 )
 def test_bad_sizes_are_refused(kwargs: dict, message: str) -> None:
@@ -382,7 +386,8 @@ def test_stream_cli_writes_wav_and_timeline(
 
 @pytest.mark.parametrize(
     ("flag", "value"), [("--window-s", "0"), ("--first-window-s", "inf"), ("--crossfade-ms", "nan"),
-                        ("--crossfade-ms", "-5"), ("--prompt-s", "ten")],
+                        ("--crossfade-ms", "-5"), ("--prompt-s", "ten"),
+                        ("--prompt-s", "1e308"), ("--crossfade-ms", "1e308")],
 )  # fmt: skip
 def test_stream_cli_bad_size(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:  # refused by the parser, before any model is built

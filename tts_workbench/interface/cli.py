@@ -89,25 +89,31 @@ def _seconds(value: str) -> float:
     return _number(value, "a positive number of seconds", zero=False)
 
 
-def _window(value: str) -> float:
-    """A buffered window in seconds of audio: an hour at most (a window of 1e308 s overflows the
-    count of its tokens; an hour is far past the longest stream T3's positions allow)."""
-    x = _number(value, "a positive number of seconds up to 3600", zero=False)
-    if x > 3600:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds up to 3600, got {value!r}")
+def _span(value: str, what: str, zero: bool, most: float) -> float:
+    """``_number`` up to ``most``: a window, prompt or fade of an hour at most (streaming's
+    MAX_SPAN_S, not imported: the parser stays light; 1e308 s overflowed a count of tokens)."""
+    x = _number(value, what, zero)
+    if x > most:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
     return x
+
+
+def _window(value: str) -> float:
+    return _span(value, "a positive number of seconds up to 3600", zero=False, most=3600)
 
 
 def _given(value: str) -> str:
     """A flag's value that is not empty: an empty one (an unset shell variable) would otherwise
     read as not given (``load --url ""`` measuring this process) or as the working folder."""
     if not value.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
+        raise argparse.ArgumentTypeError(
+            "must not be empty: give a value, or leave the flag out for its default"
+        )
     return value
 
 
-def _milliseconds(value: str) -> float:
-    return _number(value, "a number of milliseconds >= 0", zero=True)
+def _fade(value: str) -> float:
+    return _span(value, "a number of milliseconds from 0 to 3600000", zero=True, most=3_600_000)
 
 
 def _positive(value: str) -> int:
@@ -439,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--first-window-s", type=_window, default=1.0, help="buffered: first window (audio s)")
     st.add_argument("--window-s", type=_window, default=3.5, help="buffered: later windows (audio s)")
-    st.add_argument("--crossfade-ms", type=_milliseconds, default=40.0, help="buffered: overlap-add fade")
-    st.add_argument("--prompt-s", type=_seconds, help="keep only the last N s of the reference prompt")
+    st.add_argument("--crossfade-ms", type=_fade, default=40.0, help="buffered: overlap-add fade")
+    st.add_argument("--prompt-s", type=_window, help="keep only the last N s of the reference prompt")
     st.add_argument("--text", help=TEXT_HELP)
     _reference(st)
     st.add_argument(
@@ -459,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--logdir", type=_given, default="runs/profile", help="TensorBoard log folder; the run is a subfolder"
     )
-    pr.add_argument("--run", dest="run_name", default="generation", help="run name (subfolder of --logdir)")
+    pr.add_argument(
+        "--run", dest="run_name", type=_given, default="generation", help="run name (subfolder of --logdir)"
+    )
     pr.add_argument("--memory", action="store_true", help="also record memory allocations")
     pr.add_argument(
         "--decode",

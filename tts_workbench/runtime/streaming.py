@@ -53,6 +53,9 @@ from .decode import DecodePlan, DecodeStats, decode_blocks, invalid_ids, speech_
 from .generation import checked_voice
 
 STRATEGIES = ("naive", "buffered")
+# The longest window, prompt or fade a config takes: far past any stream T3 can sample (4096
+# tokens, 164 s), and short enough that counting its tokens or samples cannot overflow.
+MAX_SPAN_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,18 @@ class StreamConfig:
             raise ConfigError(
                 f"prompt_s must be positive (or None for the whole prompt), got {self.prompt_s}"
             )
+        spans = {  # name: (value, unit, seconds per unit)
+            "first_window_s": (self.first_window_s, "s", 1.0),
+            "window_s": (self.window_s, "s", 1.0),
+            "prompt_s": (self.prompt_s or 0.0, "s", 1.0),
+            "fade_ms": (self.fade_ms, "ms", 1e-3),
+            "crossfade_ms": (self.crossfade_ms, "ms", 1e-3),
+        }
+        for name, (value, unit, scale) in spans.items():
+            if value * scale > MAX_SPAN_S:
+                raise ConfigError(
+                    f"{name} of {value:g} {unit} is longer than an hour: give {MAX_SPAN_S:g} s or less"
+                )
         half = self.crossfade_samples / 2
         shortest = min(self.first_window_tokens, self.window_tokens)  # what is compared: whole tokens
         if self.crossfade_samples >= shortest * SAMPLES_PER_TOKEN:
