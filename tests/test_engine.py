@@ -477,6 +477,17 @@ def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None
     assert all(np.allclose(w, wav, atol=1e-5) for w in waves)
 
 
+def test_a_cache_past_gpt2s_positions_is_refused() -> None:
+    """Turbo's GPT-2 adds a learned position to every input over the whole sequence (8196 of
+    them): a longer cache held positions no step could embed (an IndexError once reached)."""
+    turbo = load_model("turbo-tiny")
+    limit = turbo.t3.tfmr.config.n_positions
+    for make in (functools.partial(DecodePlan.plain, turbo.t3), functools.partial(StreamEngine, turbo)):
+        with pytest.raises(ConfigError, match=f"max_cache_len {limit + 1} is past the {limit} positions"):
+            make(max_cache_len=limit + 1)
+    assert DecodePlan.plain(turbo.t3, max_cache_len=limit).max_cache_len == limit
+
+
 def test_turbo_streams_speak_their_solo_tokens(tmp_path: Path, steer: type[Steer]) -> None:
     turbo = load_model("turbo-tiny")
     prepare_voice(turbo, str(make_reference_wav(tmp_path / "r.wav", seconds=6.0)))  # Turbo: > 5 s
@@ -535,8 +546,8 @@ def test_a_failed_stream_raises_its_error_at_every_read(tts: ChatterboxTTS) -> N
 
 
 def test_streams_being_prefilled_count_as_active(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server's health and gauges read queued() + active(): a stream taken from the queue
-    for its prefill is admitted, and counted, until it ends."""
+    """The server's health and gauges read counts() (queued, active): a stream taken from the
+    queue for its prefill is admitted, and counted, until it ends."""
     with StreamEngine(tts, max_streams=4, config=CONFIG) as engine:
         prefill = engine._prefill
 
@@ -550,8 +561,7 @@ def test_streams_being_prefilled_count_as_active(tts: ChatterboxTTS, monkeypatch
         counts = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with engine._lock:  # both counts at one moment: a stream moving between them counts once
-                count = engine.queued() + engine.active()
+            count = sum(engine.counts())  # as the server reads them: both at one moment
             if any(h.report.chunks for h in handles):  # read after the count: no stream had ended
                 break
             counts.append(count)

@@ -191,7 +191,7 @@ class DecodePlan:
     def __post_init__(self) -> None:
         if self.step not in STEP_MODES:
             raise ConfigError(f"unknown decode step {self.step!r}: use one of {', '.join(STEP_MODES)}")
-        check_cache_len(self.max_cache_len)
+        check_cache_len(self.max_cache_len, self.decode.tfmr.config)
 
     @classmethod
     def plain(cls, t3: T3, **kwargs: Any) -> DecodePlan:
@@ -597,10 +597,18 @@ def _check_static(
     check_room(prefill_len, max_new_tokens, plan.max_cache_len, "the plan's static cache", plan.cache_fix)
 
 
-def check_cache_len(max_cache_len: int) -> None:
-    """Refuse a cache too short for any request: a prefill position and one new token."""
+def check_cache_len(max_cache_len: int, config: Any) -> None:
+    """Refuse a cache too short for any request (a prefill position and one new token), or
+    longer than the backbone ``config`` has positions for: GPT-2 (Turbo's) embeds a learned
+    position for every input of the sequence, so no step could run past its ``n_positions``."""
     if max_cache_len < 2:
         raise ConfigError(f"max_cache_len must be at least 2, got {max_cache_len}")
+    positions = getattr(config, "n_positions", None)  # Llama's rotary positions have no table
+    if positions is not None and max_cache_len > positions:
+        raise ConfigError(
+            f"max_cache_len {max_cache_len} is past the {positions} positions of T3's GPT-2 backbone: "
+            f"give {positions} or less"
+        )
 
 
 def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder: str, fix: str) -> None:

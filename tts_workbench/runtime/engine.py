@@ -289,7 +289,6 @@ class StreamEngine:
     ) -> None:
         if max_streams < 1:
             raise ConfigError(f"max_streams must be at least 1, got {max_streams}")
-        check_cache_len(max_cache_len)
         if step not in ENGINE_STEPS:
             raise ConfigError(f"unknown engine step {step!r}: use {' or '.join(ENGINE_STEPS)}")
         self.config = config or StreamConfig("buffered")
@@ -298,6 +297,7 @@ class StreamEngine:
         self.tts, self.max_streams, self.step_mode = tts, max_streams, step
         self.keep_logits = keep_logits  # each handle's ``logits``: what every token was sampled from
         self.plan = plan or DecodePlan.plain(tts.t3)
+        check_cache_len(max_cache_len, self.plan.decode.tfmr.config)  # the plan's own length is not used
         # S3Gen runs as loaded, its estimator eager: a batched flow call's shape changes with
         # the windows in it, so a compiled estimator would compile once per group size too.
         self.flow = FlowPlan()
@@ -375,6 +375,12 @@ class StreamEngine:
         """Streams waiting for rows (a stream closed while queued leaves the queue at once)."""
         with self._lock:
             return len(self._waiting)
+
+    def counts(self) -> tuple[int, int]:
+        """``(queued(), active())`` read at one moment: a stream moving from the queue to its
+        prefill between two separate reads would be counted in neither (the server's health)."""
+        with self._lock:
+            return len(self._waiting), len(self._joining) + len(self._vocoding)
 
     def free_rows(self) -> int:
         """Cache rows no stream holds."""

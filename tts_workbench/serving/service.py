@@ -209,13 +209,14 @@ class SpeechService:
         ``reason`` (the replica then answers /health with 503 and Ray Serve's health check
         replaces it)."""
         reason = self.engine.stop_reason
+        queued, active = self.engine.counts()
         return {
             "status": "ok" if reason is None else "engine stopped",
             **({} if reason is None else {"reason": reason}),
             "model": self.model_id,
             "replica": self.replica,
-            "active_streams": self.engine.active(),
-            "queued_streams": self.engine.queued(),
+            "active_streams": active,
+            "queued_streams": queued,
             "max_streams": self.engine.max_streams,
         }
 
@@ -301,10 +302,11 @@ class _EngineMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         """Each series as the engine has it now, labelled with the replica."""
         stats = self.engine.stats
+        queued, active = self.engine.counts()
         yield self._one(GaugeMetricFamily, "tts_active_streams", "streams admitted, not yet finished",
-                        self.engine.active())  # fmt: skip
+                        active)  # fmt: skip
         yield self._one(GaugeMetricFamily, "tts_queued_streams", "streams waiting for a free engine slot",
-                        self.engine.queued())  # fmt: skip
+                        queued)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_t3_tokens_sampled", "T3 tokens sampled, all streams",
                         stats.t3_tokens)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_s3gen_windows", "S3Gen windows vocoded", stats.flow_windows)
