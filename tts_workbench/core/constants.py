@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Why a run ended at its token cap, said so that it holds for any weights: a report cannot tell
-# random weights (every name in sources.MODELS, and folders saved from them) from trained ones.
+# random weights (every name in builders.MODELS, and folders saved from them) from trained ones.
 # Measured by scripts/stop_rate.py: 3 stop tokens in 19,016 sampled on tiny, 1 in 19,814 on turbo-tiny.
 RANDOM_NO_STOP = "a model with random weights almost never samples the stop token"
 
