@@ -495,13 +495,19 @@ def head_logits(parts: T3Parts, embeds: torch.Tensor, past: Any) -> tuple[torch.
     return parts.logits(out.last_hidden_state), out.past_key_values
 
 
+def speech_token_limit(t3: T3) -> int | None:
+    """The most tokens a stream of T3 may sample whatever its cache holds: its learned speech
+    positions (Llama's 4096), or None where the backbone positions itself (GPT-2, Turbo's: its
+    positions bound the whole cache, ``check_cache_len``)."""
+    return int(t3.hp.max_speech_tokens) if t3.hp.input_pos_emb == "learned" else None
+
+
 def check_new_tokens(t3: T3, max_new_tokens: int) -> None:
-    """A ConfigError for a token cap below 1 or past T3's learned speech positions (Llama's
-    4096; GPT-2, Turbo's backbone, positions itself)."""
+    """A ConfigError for a token cap below 1 or past ``speech_token_limit``."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    limit = t3.hp.max_speech_tokens
-    if t3.hp.input_pos_emb == "learned" and max_new_tokens > limit:
+    limit = speech_token_limit(t3)
+    if limit is not None and max_new_tokens > limit:
         raise ConfigError(
             f"{max_new_tokens} new tokens is beyond the {limit} speech positions T3 has: "
             f"ask for {limit} or fewer"

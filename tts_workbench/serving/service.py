@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
 from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
-from ..runtime.decode import prefill_length, text_tokens
+from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
 from ..runtime.engine import StreamEngine, StreamHandle
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
@@ -65,7 +65,7 @@ class ServeOptions:
 def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | None = None) -> None:
     """A ConfigError for options no request could run with: without a model, with a prompt of
     one position; with one, ``prompt`` is the fewest positions any prompt takes and
-    ``speech_tokens`` the most tokens T3 has positions for (``t3_speech_tokens``)."""
+    ``speech_tokens`` the most tokens T3 has positions for (``decode.speech_token_limit``)."""
     if speech_tokens is not None and options.default_tokens > speech_tokens:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens is beyond the {speech_tokens} speech "
@@ -78,14 +78,6 @@ def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | N
             f"{options.max_cache_len} for an input (a request that sends no max_tokens gets --tokens): "
             "lower --tokens or raise --max-cache-len"
         )
-
-
-def t3_speech_tokens(tts: Any) -> int | None:
-    """The most tokens a stream of T3 may sample whatever the KV cache holds: its learned speech
-    positions (Llama's 4096, as ``runtime.decode.check_new_tokens`` checks), or None where the
-    backbone positions itself (GPT-2, Turbo's)."""
-    hp = tts.t3.hp
-    return int(hp.max_speech_tokens) if hp.input_pos_emb == "learned" else None
 
 
 def check_input_fits(prefill: int, options: ServeOptions) -> None:
@@ -140,7 +132,7 @@ class SpeechService:
             f"chatterbox-{options.model}" if os.sep not in options.model else Path(options.model).name
         )
         tts = load_model(options.model, options.device, options.seed)
-        speech_tokens = t3_speech_tokens(tts)
+        speech_tokens = speech_token_limit(tts.t3)
         check_options(options, speech_tokens=speech_tokens)  # before the default voice is written
         paths = {"default": make_reference_wav(Path(options.run_dir) / "reference.wav")}
         paths.update(find_voices(options.voices_dir))
