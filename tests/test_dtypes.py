@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -15,11 +16,13 @@ from torch import nn
 
 from tts_workbench.core.constants import parse_dtype
 from tts_workbench.instruments.dtypes import (
+    Census,
     Failure,
     advice_for,
     autocast_or_refuse,
     census,
     conditionals_census,
+    format_census,
     trace_dtypes,
 )
 from tts_workbench.models.sources import load_model
@@ -481,3 +484,57 @@ def test_the_voice_encoder_under_bfloat16_autocast_fails_at_numpy(tiny_tts: Chat
     assert "voice_encoder.py" in trace.failure.where and "embeds_from_mels" in trace.failure.where
     text = advice_for(trace.failure)
     assert text is not None and ".numpy()" in text and "autocast" in text and "LSTM weights" not in text
+
+
+class _Doubles(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2  # no weights: compared with its inputs only
+
+
+def test_threads_calling_one_model_at_once_each_get_their_own_calls() -> None:
+    # One stack for all threads paired a float16 call's end with a float32 call's start:
+    # false "upcast" flags, and outputs left on records whose end another thread took.
+    net = nn.Sequential(*(_Doubles() for _ in range(8)))
+    start = threading.Barrier(2)
+
+    def run(dtype: torch.dtype) -> None:
+        start.wait()
+        for _ in range(300):
+            net(torch.ones(4, dtype=dtype))
+
+    with trace_dtypes(net) as trace:
+        threads = [threading.Thread(target=run, args=(d,)) for d in (torch.float16, torch.float32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(trace.records) == 2 * 300 * 9 and trace.mismatches == []
+    assert all(r.outputs == r.inputs for r in trace.records)
+
+
+def test_a_module_called_in_the_callers_except_block_raised_only_if_it_did() -> None:
+    class Silent(nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            return None  # returns nothing: not a raise, whatever the caller is handling
+
+    net = nn.ModuleDict({"silent": Silent(), "narrow": nn.Linear(4, 4).half()})
+    with trace_dtypes(net) as trace:
+        try:
+            raise KeyError("the caller's own, handled")
+        except KeyError:
+            net["silent"](torch.ones(4))
+    assert trace.failure is None and [r.module for r in trace.records] == ["silent"]
+    with trace_dtypes(net) as trace:
+        try:
+            raise KeyError("the caller's own, handled")
+        except KeyError:
+            with pytest.raises(RuntimeError):
+                net["narrow"](torch.ones(4))  # raises while the caller handles another
+    assert trace.failure is not None and trace.failure.module == "narrow"
+    assert "RuntimeError" in trace.failure.error
+
+
+def test_an_empty_census_is_an_empty_table() -> None:
+    frame = Census([]).to_frame()  # was a KeyError: no row, so no "module" column
+    assert frame.empty and list(frame.columns) == ["module", "size_mib"]
+    assert "no rows" in format_census(Census([]))

@@ -12,6 +12,7 @@ from tts_workbench.instruments.latency import (
     StreamReport,
     format_chunks,
     format_report,
+    gap_summary,
     seam_metric,
     snr_db,
 )
@@ -103,3 +104,26 @@ def test_an_empty_stream_is_measured_without_numpy_warnings_and_printed_as_no_au
         "seams: none (no audio); nothing to compare with one-shot",
     ]
     assert "inf" not in format_report(doc)
+
+
+def test_a_stream_with_audio_but_no_sample_outside_the_crossfades_prints_snr_n_a() -> None:
+    report = _report()
+    doc = {
+        "summary": report.summary(),
+        "chunks": report.rows(),
+        "quality_vs_one_shot": {
+            "seam_max_over_median": 2.0,
+            "ordinary_max_over_median": 1.5,
+            "snr_db": None,  # every sample in a crossfade
+            "length_diff_samples": 0,
+        },
+        "note": "ended by the stop token at token 75",
+        "files": {"wav": "a.wav", "timeline": "a.png"},
+    }
+    quality = format_report(doc).splitlines()[4]  # was a TypeError formatting None
+    assert quality.startswith("seams: largest jump 2.00x") and "SNR vs one-shot n/a" in quality
+
+
+def test_no_gap_is_no_underrun_in_float_seconds() -> None:
+    assert gap_summary([]) == {"underruns": 0, "underrun_s": 0.0, "max_underrun_s": 0.0}
+    assert isinstance(gap_summary([])["underrun_s"], float)  # was the int 0 of an empty sum

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
@@ -31,9 +32,11 @@ from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import TTSModel, family_of
 from tts_workbench.core.patching import around
+from tts_workbench.instruments import memory
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
 from tts_workbench.instruments.memory import _reset_peak_rss, memory_window, module_bytes, process_peak_bytes
+from tts_workbench.instruments.plots import time_share_figure
 from tts_workbench.instruments.profiling import (
     EAGER,
     KERNEL_OPS,
@@ -217,6 +220,13 @@ def test_time_share_adds_up_to_each_phase_op_time(ops: pd.DataFrame) -> None:
     )
     # the JSON form is the same numbers, rounded
     assert KernelRecord(ops).summary()["time_share_ms"]["t3.decode"]["attention"] == round(attention, 2)
+
+
+def test_a_profile_without_operators_is_a_figure_that_says_so() -> None:
+    fig = time_share_figure(time_share(op_frame([])))  # was a TypeError: no numeric data to plot
+    ax = fig.axes[0]
+    assert not ax.patches and [t.get_text() for t in ax.texts] == ["no operator in this profile"]
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("by", ["self_ms", "total_ms"])
@@ -588,6 +598,7 @@ def test_a_block_that_raises_still_gets_its_peak() -> None:
         memory_reserved=mock.Mock(return_value=200),
         max_memory_allocated=mock.Mock(return_value=150),
         max_memory_reserved=mock.Mock(return_value=400),
+        current_device=mock.Mock(return_value=0),
     )
     with cuda, pytest.raises(ValueError), memory_window("cuda") as w:
         raise ValueError
@@ -603,6 +614,30 @@ def test_the_process_peak_so_far_outlives_a_window_that_reset_it() -> None:
     with memory_window("cpu"):
         pass
     assert process_peak_bytes("cpu") >= peak >= 200e6
+
+
+def test_a_cuda_peak_is_one_device_whether_named_cuda_or_cuda_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    # load.py opens its windows on cuda:0 and the optimized wrapper reads the peak on cuda: the
+    # peak a window reset was remembered under one name and not found under the other.
+    monkeypatch.setattr(memory, "_peaks_before", {})
+    allocator = {"peak": 5000}  # the caching allocator's peak so far: a window resets it
+
+    def reset(device: object = None) -> None:
+        allocator["peak"] = 100
+
+    stand_in = {"synchronize": lambda device=None: None, "reset_peak_memory_stats": reset,
+                "memory_allocated": lambda device=None: 100, "memory_reserved": lambda device=None: 100,
+                "max_memory_allocated": lambda device=None: allocator["peak"],
+                "max_memory_reserved": lambda device=None: 100, "current_device": lambda: 0}  # fmt: skip
+    for name, fn in stand_in.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    with memory_window("cuda:0"):
+        pass
+    assert process_peak_bytes("cuda") == process_peak_bytes("cuda:0") == 5000  # was 100 under "cuda"
+    allocator["peak"] = 7000
+    with memory_window("cuda"):
+        pass
+    assert process_peak_bytes("cuda:0") == 7000
 
 
 def test_a_run_that_built_its_cache_does_not_count_it_twice() -> None:

@@ -4,6 +4,7 @@ trace (tests/data/README.md), and this project's own CPU traces, where HTA has n
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 from chatterbox.tts import ChatterboxTTS
 
+from tts_workbench.core.errors import ConfigError, TraceError
 from tts_workbench.instruments.attention import device_attention_kernel
 from tts_workbench.instruments.plots import device_time_figure
 from tts_workbench.instruments.profiling import EAGER
@@ -107,7 +109,7 @@ def test_known_trace_region(known_trace: Path, tmp_path: Path) -> None:
     # kernels 2 and 3 only (kernel 3 starts at the range's end: it counts by its launch)
     assert r.launches["correlation"].tolist() == [2, 3]
     assert r.temporal[["idle_us", "compute_us"]].iloc[0].tolist() == [5, 25]
-    with pytest.raises(ValueError, match="no profiler range named 'prefill'"):
+    with pytest.raises(TraceError, match="no profiler range named 'prefill'"):
         region_trace(known_trace, "prefill", tmp_path / "none.json")
 
 
@@ -205,7 +207,7 @@ def test_cpu_trace_says_what_hta_cannot_show(cpu_traces: tuple[Path, dict[str, P
     assert "no device activity" in format_decode_traces(decode_trace_report(reports, "tiny, float32"))
     # the figure says so too (it raised a KeyError), beside a run that has device time
     fig = device_time_figure(compare(reports))
-    assert not fig.axes[0].patches and "no device activity: eager: " in fig.texts[0].get_text()
+    assert not fig.axes[0].patches and f"eager: {CPU_ONLY_NOTE}" in fig.texts[0].get_text()
 
 
 def test_cut_only_reports_where_the_regions_are(cpu_traces: tuple[Path, dict[str, Path]]) -> None:
@@ -238,6 +240,8 @@ def test_trace_cli_reads_traces_taken_elsewhere(capsys: pytest.CaptureFixture[st
     for bad, why in (("notes.json.gz", "is not a readable trace"), ("list.json", "no traceEvents")):
         assert main(["trace", "--read", str(tmp_path / bad)]) == 2
         assert f"error: {tmp_path / bad} " in (err := capsys.readouterr().err) and why in err, err
+        with pytest.raises(TraceError, match=why):  # what a caller in Python catches
+            read_trace(tmp_path / bad)
     # decode_traces names every region t3.decode.json.gz: their folders tell them apart
     for step in ("eager", "compiled"):
         (tmp_path / f"decode-{step}").mkdir()
@@ -321,5 +325,44 @@ def test_events_within_a_region_leave_out_what_runs_between_its_ranges() -> None
     ]}  # fmt: skip
     names = {e["name"] for e in events_within(trace, "t3.decode")}
     assert flash in names and "aten::softmax" not in names
-    with pytest.raises(ValueError, match="occurrences must be at least 1"):  # not "no range named"
+    with pytest.raises(ConfigError, match="occurrences must be at least 1"):  # not "no range named"
         cut_region(trace, "t3.decode", occurrences=0)
+
+
+def _without(event: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("events", "says"),
+    [
+        # were AttributeError ('int' object has no attribute 'get'), IndexError in HTA, ...
+        ([1, 2], "event 0 is 1, not an object"),
+        ([_launch(90, 5, 1), _without(_kernel(100, 10, 1), "dur")], "event 1 (kernel) has no dur"),
+        ([_launch(90, 5, 1), {**_kernel(100, 10, 1), "args": {"correlation": 1}}], "has no args.stream"),
+        ([_without(_launch(90, 5, 1), "args"), _kernel(100, 10, 1)], "event 0 (cuda_runtime) has no args"),
+        ([_launch(90, 5, 1), {**_kernel(100, 10, 1), "args": None}], "event 1 (kernel) has no args"),
+        ([{"ph": "X", "cat": "user_annotation", "name": "t3.decode", "ts": "139"}], "has no ts, dur"),
+    ],
+)
+def test_a_json_file_of_trace_events_that_are_not_is_a_trace_error_naming_it(
+    events: list[Any], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    with pytest.raises(TraceError, match=f"^{path} .*{re.escape(says)}.*torch.profiler"):
+        analyze(path)
+    with pytest.raises(TraceError, match=re.escape(says)):
+        region_trace(path, "t3.decode", tmp_path / "cut.json")
+    assert main(["trace", "--read", str(path)]) == 2  # one error line, not a traceback
+    assert says in capsys.readouterr().err
+
+
+def test_the_device_time_figure_says_why_each_run_has_no_bar(
+    known_trace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "hta.trace_analysis", None)  # a GPU trace left unread
+    unread, cpu = analyze(known_trace), TraceReport("t.json", device="cpu only", note=CPU_ONLY_NOTE)
+    said = device_time_figure(compare({"gpu": unread, "cpu": cpu})).texts[0].get_text()
+    assert f"gpu: {NO_HTA_NOTE}" in said and f"cpu: {CPU_ONLY_NOTE}" in said
+    assert said.count("no device activity") == 1  # the CPU trace's; the unread GPU trace was labelled so too

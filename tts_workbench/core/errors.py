@@ -38,3 +38,7 @@ class ConfigError(WorkbenchError):
 
 class CacheError(WorkbenchError):
     """A static KV cache cannot hold the request (too long, wrong device or dtype)."""
+
+
+class TraceError(WorkbenchError):
+    """A file is not a profiler trace the workbench can read, or lacks the region asked for."""

@@ -13,6 +13,7 @@ exception that leaves the block propagates unchanged, with a note naming the mod
 from __future__ import annotations
 
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,14 +66,17 @@ class Census:
     def to_frame(self) -> pd.DataFrame:
         """One row per module: elements per parameter dtype (``params_<dtype>``) and buffer dtype
         (``buffers_<dtype>``), then parameters and buffers together in MiB (``size_mib``)."""
-        frame = pd.DataFrame(
+        rows = [
             {"module": r.path, "size_mib": r.bytes / 2**20}
             | {f"params_{k}": v for k, v in r.param_dtypes.items()}
             | {f"buffers_{k}": v for k, v in r.buffer_dtypes.items()}
             for r in self.rows
-        )
-        counts = sorted(frame.columns[2:], key=lambda c: (c.startswith("buffers_"), c))
-        return frame[["module", *counts, "size_mib"]].fillna(0).astype(dict.fromkeys(counts, int))
+        ]
+        found = {c for row in rows for c in row} - {"module", "size_mib"}
+        counts = sorted(found, key=lambda c: (c.startswith("buffers_"), c))
+        # Columns named: a census without rows is a table without rows (pandas made one without columns).
+        frame = pd.DataFrame(rows, columns=["module", *counts, "size_mib"])
+        return frame.fillna(0).astype(dict.fromkeys(counts, int))
 
 
 def census(tts: ChatterboxTTS, depth: int = 1) -> Census:
@@ -242,6 +246,17 @@ def _roots(target: nn.Module | ChatterboxTTS) -> dict[str, nn.Module]:
     return {"": target} if isinstance(target, nn.Module) else components(target)  # a model of any family
 
 
+class _Calls(threading.local):
+    """One thread's calls in progress and its own records: threads that run the same modules at
+    once must not pop each other's calls, nor take each other's records for submodules' ones."""
+
+    def __init__(self) -> None:
+        # per running call: module, floating inputs, its record, where its submodules' records
+        # start in ``records``, the exception its caller was handling when it started
+        self.stack: list[tuple[nn.Module, list[torch.dtype], CallRecord, int, BaseException | None]] = []
+        self.records: list[CallRecord] = []
+
+
 @contextmanager
 def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     """Record dtype flow through every submodule of ``target`` while inside the block.
@@ -251,19 +266,18 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     modules take no hooks: they are left out and listed in ``trace.untraced``.
     """
     trace = DtypeTrace()
-    # per running call: path, module, floating inputs, its record, where its submodules' records start
-    stack: list[tuple[str, nn.Module, list[torch.dtype], CallRecord, int]] = []
+    calls = _Calls()
+    lock = threading.Lock()  # trace.records and trace.failure are the threads' together
     handles = []
     recorded: list[BaseException] = []  # the exception behind trace.failure
 
     def fail(path: str, module: nn.Module | None, inputs: list[torch.dtype], e: BaseException) -> None:
-        recorded[:] = [e]
         weight = None
         if module is not None:
             weight = _own_weight_dtype(module) or next(
                 (p.dtype for p in module.parameters() if p.is_floating_point()), None
             )
-        trace.failure = Failure(
+        failure = Failure(
             path,
             type(module).__name__ if module is not None else "-",
             [_short(d) for d in inputs],
@@ -271,6 +285,8 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             f"{type(e).__name__}: {e}".splitlines()[0],
             _where(e, in_hook=module is not None),  # module: None only outside any module call
         )
+        with lock:
+            recorded[:], trace.failure = [e], failure
 
     def pre(path: str):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -286,8 +302,11 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
                 autocast=_short(ac) if ac else None,
                 mismatch=_classify_inputs(inputs, weight, ac),
             )
-            trace.records.append(record)  # at call start: kept even if the call never returns
-            stack.append((path, module, inputs, record, len(trace.records)))
+            with lock:
+                trace.records.append(record)  # at call start: kept even if the call never returns
+            calls.records.append(record)
+            # The exception handled now (by a caller's except block) is not one this call raised.
+            calls.stack.append((module, inputs, record, len(calls.records), sys.exc_info()[1]))
 
         return hook
 
@@ -296,19 +315,19 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
         # the exception is the one being handled), so the innermost raising module is caught
         # here even when the user's code catches the exception inside the block.
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-            if not stack or stack[-1][1] is not module:
+            if not calls.stack or calls.stack[-1][0] is not module:
                 return  # our pre-hook never ran (a pre-hook ahead of it raised): nothing to pop
-            _, _, inputs, record, inner = stack.pop()
+            _, inputs, record, inner, handled = calls.stack.pop()
             raised = sys.exc_info()[1]
             weight = _own_weight_dtype(module)
             # A container that hands its inputs on to a flagged submodule, or a flagged
             # submodule's outputs on to its caller, is not where the dtypes change, weights of its
             # own or not (VoiceEncoder's similarity_weight, unused in this call).
-            flagged = [r for r in trace.records[inner:] if r.mismatch]
+            flagged = [r for r in calls.records[inner:] if r.mismatch]
             met = {d for r in flagged for d in r.inputs}
             if record.mismatch and {_short(d) for d in inputs if d != weight} <= met:
                 record.mismatch = None
-            if output is None and raised is not None:
+            if output is None and raised is not None and raised is not handled:
                 if raised not in recorded:  # the innermost module this exception passed through
                     fail(path, module, inputs, raised)
                 return

@@ -67,7 +67,7 @@ def gap_summary(gaps: list[Underrun]) -> dict[str, float | int]:
     """What a player's gaps (``underruns``) amount to: how many, their seconds, the longest."""
     return {
         "underruns": len(gaps),
-        "underrun_s": sum(g.gap_s for g in gaps),
+        "underrun_s": sum((g.gap_s for g in gaps), 0.0),
         "max_underrun_s": max((g.gap_s for g in gaps), default=0.0),
     }
 
@@ -179,16 +179,15 @@ def _quality_text(q: dict[str, Any], chunks: int) -> str:
     """The seams and the SNR against the one-shot output, in words."""
     if not chunks:
         return "seams: none (no audio); nothing to compare with one-shot"
-    return (
-        (
-            "seams: none (one chunk)"
-            if q["seam_max_over_median"] is None
-            else f"seams: largest jump {q['seam_max_over_median']:.2f}x the median jump "
-            f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x)"
-        )
-        + f"; SNR vs one-shot {q['snr_db']:.1f} dB "
-        f"outside crossfades; length difference {q['length_diff_samples']} samples"
+    seams = (
+        "seams: none (one chunk)"
+        if q["seam_max_over_median"] is None
+        else f"seams: largest jump {q['seam_max_over_median']:.2f}x the median jump "
+        f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x)"
     )
+    snr = "n/a" if q["snr_db"] is None else f"{q['snr_db']:.1f} dB"  # None: every sample in a crossfade
+    length = f"length difference {q['length_diff_samples']} samples"
+    return f"{seams}; SNR vs one-shot {snr} outside crossfades; {length}"
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -77,10 +77,18 @@ def device_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().total)
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index on CUDA (``cuda`` is the current one): ``cuda`` and ``cuda:0``
+    are one device, whose peak must be remembered under one name."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def process_peak_bytes(device: torch.device | str) -> int:
     """This process's peak memory on ``device`` since it started, whatever windows reset since:
     the resident set on CPU, the caching allocator's allocated bytes on CUDA."""
-    device = torch.device(device)
+    device = _indexed(torch.device(device))
     if device.type == "cuda":
         now_ = torch.cuda.max_memory_allocated(device)
     else:
@@ -89,7 +97,7 @@ def process_peak_bytes(device: torch.device | str) -> int:
 
 
 def _remember_peak(device: torch.device) -> None:
-    _peaks_before[str(device)] = process_peak_bytes(device)
+    _peaks_before[str(_indexed(device))] = process_peak_bytes(device)
 
 
 def _reset_peak_rss() -> bool:
@@ -170,7 +178,7 @@ def graph_pool_bytes(device: torch.device | str) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _indexed(device).index
     return sum(
         int(seg["total_size"])
         for seg in torch.cuda.memory_snapshot()

@@ -36,15 +36,18 @@ def save(fig: Figure, path: Path) -> Path:
 
 
 def time_share_figure(share: pd.DataFrame, title: str = "operator self time by phase") -> Figure:
-    """Stacked bars of ``profiling.time_share``: attention vs linear/matmul vs other self time, per phase."""
-    ms = share.pivot(index="phase", columns="category", values="self_ms")
+    """Stacked bars of ``profiling.time_share``: attention vs linear/matmul vs other self time, per
+    phase; a profile without operators is an empty plot that says so."""
     fig, ax = plt.subplots(figsize=(8, 3))
-    ms.plot.barh(
-        stacked=True, ax=ax, color={"attention": "tab:red", "linear/matmul": "tab:blue", "other": "tab:gray"}
-    )
-    ax.set(xlabel="self_ms (profiled self CPU time)", ylabel="", title=title)
-    ax.invert_yaxis()
-    ax.legend(loc="lower right")
+    if share.empty:  # pandas refuses to plot no numbers (TypeError)
+        ax.text(0.5, 0.5, "no operator in this profile", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ms = share.pivot(index="phase", columns="category", values="self_ms")
+        colors = {"attention": "tab:red", "linear/matmul": "tab:blue", "other": "tab:gray"}
+        ms.plot.barh(stacked=True, ax=ax, color=colors)
+        ax.invert_yaxis()
+        ax.legend(loc="lower right")
+    ax.set(xlabel="self_ms (profiled self CPU time)", ylabel="", title=title)  # after pandas' labels
     fig.tight_layout()
     return fig
 
@@ -122,7 +125,8 @@ def device_time_figure(table: pd.DataFrame, title: str = "device time in the dec
     """Where the device's time went, one bar per run (``trace_analysis.compare``): compute,
     non-compute (copies, memsets), idle waiting for the host and other idle, in % of the span
     from the first kernel to the last. A host-bound step is mostly host wait. Runs without
-    device activity (a CPU-only trace: ``note`` says why) are named below the bars."""
+    device time (a CPU-only trace, a trace left unread: ``note`` says which) are named below the
+    bars, each with its note."""
     cols = ["run", "compute_pct", "non_compute_pct", "idle_pct", "idle_host_wait_pct", "note"]
     data = table.reindex(columns=cols)
     missing, table = data[data["idle_pct"].isna()], data.dropna(subset=["idle_pct"])
@@ -142,7 +146,7 @@ def device_time_figure(table: pd.DataFrame, title: str = "device time in the dec
     if len(missing):  # said, not drawn as empty bars
         notes = missing[["run", "note"]].fillna("")
         said = "; ".join(f"{run}: {note}" for run, note in notes.itertuples(index=False))
-        fig.text(0.01, 0.01, f"no device activity: {said}", fontsize=7, wrap=True)
+        fig.text(0.01, 0.01, f"no bar for {said}", fontsize=7, wrap=True)
     ax.set_title(title, pad=24)
     ax.invert_yaxis()
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)

@@ -41,7 +41,7 @@ from torch.autograd.profiler import record_function
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, tensorboard_trace_handler
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, TraceError
 from ..core.patching import around
 
 PHASES = ("conditioning", "t3.conditioning", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder")
@@ -238,16 +238,16 @@ def trace_files(run_dir: str | Path) -> list[Path]:
 
 def read_trace(path: str | Path) -> dict[str, Any]:
     """A Chrome/Kineto trace file (``.json`` or ``.json.gz``) as written by torch.profiler; a
-    ``ValueError`` naming the file if it is not one."""
+    ``TraceError`` naming the file if it is not one."""
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rt") as f:
             trace = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # gzip's BadGzipFile is an OSError
-        raise ValueError(f"{path} is not a readable trace ({type(e).__name__}: {e}): give a .json or "
+        raise TraceError(f"{path} is not a readable trace ({type(e).__name__}: {e}): give a .json or "
                          ".json.gz file written by torch.profiler (profile, trace)") from None  # fmt: skip
     if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
-        raise ValueError(f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list)")
+        raise TraceError(f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list)")
     return trace
 
 

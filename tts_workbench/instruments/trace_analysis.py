@@ -33,6 +33,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..core.errors import ConfigError, TraceError
 from .attention import device_attention_kernel
 from .profiling import read_trace
 
@@ -54,6 +55,38 @@ NO_HTA_NOTE = (
 )
 
 
+# The fields read from each kind of event (Kineto's categories), here and by HTA, and their types.
+_TIMED: dict[str, type | tuple[type, ...]] = {"name": str, "ts": (int, float), "dur": (int, float)}
+_READ = {
+    **dict.fromkeys(DEVICE_CATEGORIES | LAUNCH_CATEGORIES, {**_TIMED, "args": dict}),
+    "user_annotation": _TIMED,  # profiler ranges
+}
+
+
+def _flaw(e: Any) -> str | None:
+    """What trace event ``e`` lacks of what is read from it, in words; None when nothing."""
+    if not isinstance(e, dict):
+        return f"is {json.dumps(e)[:40]}, not an object"
+    lacks = [k for k, kind in _READ.get(e.get("cat", ""), {}).items() if not isinstance(e.get(k), kind)]
+    # HTA drops a device event without its stream, then fails on a trace of such events (IndexError).
+    if e.get("cat") in DEVICE_CATEGORIES and isinstance(args := e.get("args"), dict) and "stream" not in args:
+        lacks.append("args.stream")
+    return f"({e['cat']}) has no {', '.join(lacks)}" if lacks else None
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    """``read_trace``, with a ``TraceError`` naming ``path`` when an event is not an object, or a
+    device event, a launch or a profiler range lacks a field read from it."""
+    trace = read_trace(path)
+    for i, e in enumerate(trace["traceEvents"]):
+        if flaw := _flaw(e):
+            raise TraceError(
+                f"{path} is not a trace as torch.profiler writes one: event {i} {flaw}; give a .json "
+                "or .json.gz file written by torch.profiler (profile, trace)"
+            )
+    return trace
+
+
 def device_events(trace: Mapping[str, Any]) -> int:
     """How many device events (kernels, copies, memsets) a trace holds."""
     return sum(1 for e in trace["traceEvents"] if e.get("cat") in DEVICE_CATEGORIES)
@@ -66,16 +99,16 @@ def region_trace(path: str | Path, region: str, out: str | Path, occurrences: in
     ``occurrences`` ranges, if given: a trace small enough to keep). Kept: the host events inside
     the window, the device work launched from inside it (matched by correlation id, so a kernel
     that ran after the window's host end still counts), their launch arrows, and the trace's
-    metadata. A ``ValueError`` if no range is named ``region``.
+    metadata. A ``TraceError`` if the file is not a trace or no range is named ``region``.
     """
-    return _write(cut_region(read_trace(path), region, occurrences, path), out)
+    return _write(cut_region(_read(path), region, occurrences, path), out)
 
 
 def _ranges(
     trace: Mapping[str, Any], region: str, occurrences: int | None, path: str | Path
 ) -> list[Mapping[str, Any]]:
     """The profiler ranges named ``region``, in time order, none nested in another (the first
-    ``occurrences``); a ValueError when there is none."""
+    ``occurrences``); a ``TraceError`` when there is none."""
     named = (
         e
         for e in trace["traceEvents"]
@@ -86,10 +119,10 @@ def _ranges(
         if not ranges or e["ts"] + e["dur"] > ranges[-1]["ts"] + ranges[-1]["dur"]:
             ranges.append(e)  # not nested in the one before (the phase hooks nest t3.decode ranges)
     if occurrences is not None and occurrences < 1:
-        raise ValueError(f"occurrences must be at least 1 (or None: all of them), got {occurrences}")
+        raise ConfigError(f"occurrences must be at least 1 (or None: all of them), got {occurrences}")
     ranges = ranges[:occurrences]
     if not ranges:
-        raise ValueError(
+        raise TraceError(
             f"no profiler range named {region!r} in {path}: profile the work with its ranges "
             "(profiling.phase_regions; decode_blocks names each decode step t3.decode itself)"
         )
@@ -233,7 +266,7 @@ def _hta_quiet() -> Iterator[None]:
 def analyze(path: str | Path) -> TraceReport:
     """HTA's temporal, idle and kernel breakdowns of one trace file, its launch statistics and
     its attention kernels."""
-    trace = read_trace(path)
+    trace = _read(path)
     props = trace.get("deviceProperties") or [{}]
     device = str(props[0].get("name", "unknown device"))
     if not device_events(trace):
@@ -314,7 +347,7 @@ def analyze_region(
     path: str | Path, region: str, out: str | Path, occurrences: int | None = None
 ) -> TraceReport:
     """``analyze`` of ``region_trace(path, region, out, occurrences)``."""
-    return analyze_cut(cut_region(read_trace(path), region, occurrences, path), out)
+    return analyze_cut(cut_region(_read(path), region, occurrences, path), out)
 
 
 def analyze_cut(cut: dict[str, Any], out: str | Path) -> TraceReport:

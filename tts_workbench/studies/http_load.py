@@ -173,7 +173,6 @@ async def _stream(
         # a stream cut short has no RTF: its last byte is not the end of its audio
         "rtf": arrivals[-1] / audio if audio and row["error"] is None else None,
         **gaps,
-        "underrun_s": float(gaps["underrun_s"]),  # (0, an int, when there was no gap)
     })  # fmt: skip
     return row, refused
 
