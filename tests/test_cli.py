@@ -299,3 +299,98 @@ def test_reports_are_written_as_strict_json() -> None:
     text = strict_json.dumps(report)
     assert json.loads(text) == {"ttfa_s": None, "rows": [{"snr_db": None}, [1, None]], "tokens": 3}
     assert "Infinity" in json.dumps(report) and "Infinity" not in text
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_stream_refuses_tokens_past_gpt2s_positions_before_streaming(
+    decode: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Turbo's GPT-2 has 8196 positions (before: the static cache was made long enough and the
+    stream ran ~2 min, then died with an IndexError; the eager step the same)."""
+    monkeypatch.setattr(streaming, "run_to_files", lambda *_a, **_k: _built())
+    args = ["stream", "--model", "turbo-tiny", "--decode", decode, "--tokens", "9000"]
+    assert main([*args, "--out", str(tmp_path)]) == 2  # (Turbo's voice: the default, over 5 s)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "argument --tokens:" in errors[0] and "8196 positions" in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [["--cut-only"], ["--keep", "5"], ["--steps", "eager"], ["--dtype", "bfloat16"], ["--tokens", "60"],
+     ["--model", "tiny"], ["--logdir", "elsewhere"], ["--seed", "1"], ["--text", "Hi."]],
+)  # fmt: skip
+def test_trace_read_refuses_the_flags_of_profiling(
+    flag: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A read trace is read as it was taken (before: these were ignored); a flag given with its
+    default value is refused too (--tokens 60)."""
+    assert main(["trace", "--read", "no/such/t3.decode.json.gz", *flag]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"argument {flag[0]}: " in errors[0] and "--read" in errors[0], errors
+
+
+@pytest.mark.parametrize("steps", ["eager,eager", "static,eager,static"])
+def test_trace_refuses_a_step_named_twice(
+    steps: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(before: profiled twice into one decode-STEP folder, the second run's trace replacing the first)"""
+    from tts_workbench.interface import cli
+
+    monkeypatch.setattr(cli, "_voiced_model", _built)
+    assert main(["trace", "--steps", steps, "--logdir", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "argument --steps:" in errors[0] and "twice" in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    "flag", [["--first-window-s", "2"], ["--window-s", "3.5"], ["--crossfade-ms", "1000"]]
+)
+def test_naive_streaming_refuses_the_buffered_flags(
+    flag: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Naive cuts fixed chunks: a window was ignored, while a crossfade it never uses was checked
+    against those windows (before: `--crossfade-ms 1000` refused as longer than a window)."""
+    from tts_workbench.interface import cli
+
+    monkeypatch.setattr(cli, "_voiced_model", _built)
+    assert main(["stream", "--strategy", "naive", *flag]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"argument {flag[0]}: " in errors[0] and "buffered" in errors[0], errors
+    assert "shorter than a window" not in errors[0]
+
+
+@pytest.mark.parametrize("run", ["../outside", "a/../../outside", "/tmp/outside"])
+def test_profile_refuses_a_run_outside_its_logdir(
+    run: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    tiny_tts: Any,
+) -> None:  # fmt: skip
+    """(before: `--run ../x` wrote the trace beside --logdir, not in it)"""
+    from tts_workbench.core.errors import ConfigError
+    from tts_workbench.interface import cli
+    from tts_workbench.studies.profile_report import profile_generation
+
+    monkeypatch.setattr(cli, "_voiced_model", _built)
+    assert main(["profile", "--run", run, "--logdir", str(tmp_path / "logs")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "argument --run:" in errors[0] and "inside --logdir" in errors[0], errors
+    with pytest.raises(ConfigError, match="argument --run:"):  # from Python too
+        profile_generation(tiny_tts, tmp_path / "logs", run, tokens=4, text="Hi.")
+    assert not any(tmp_path.iterdir())
+
+
+def test_diagnose_leaves_no_half_written_figure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    """(before: a figure that failed half way stayed under its real name)"""
+    from tts_workbench.instruments import plots
+
+    def half_written(_fig: Any, path: Path) -> Path:
+        path.write_bytes(b"\x89PNG half a figure")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "save", half_written)
+    args = ["diagnose", "--tokens", "4", "--reference", str(reference_wav), "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]  # whole; no figure, no partial file
+

@@ -559,3 +559,25 @@ def test_naive_wall_time_covers_t3_after_its_last_chunk(tts: ChatterboxTTS, stee
     assert s["chunks"] == 1 and state.report.t3_after_s > 0
     assert s["wall_s"] >= s["t3_s"] + s["flow_s"] + s["vocoder_s"] - 1e-9
     assert s["rtf"] == s["wall_s"] / s["audio_s"]
+
+
+@pytest.mark.parametrize("failing", ["wav", "timeline"])
+def test_run_to_files_leaves_no_half_written_file(
+    failing: str, tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(before: a write that failed half way left its file under the real name)"""
+    import soundfile
+
+    from tts_workbench.runtime import streaming
+
+    def half_written(path: Path, *_a: object, **_k: object) -> None:
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    if failing == "wav":
+        monkeypatch.setattr(soundfile, "write", half_written)
+    else:
+        monkeypatch.setattr(streaming, "save", lambda _fig, path: half_written(path))
+    with pytest.raises(OSError, match="No space left"):
+        run_to_files(tts, TEXT, StreamConfig("naive"), tmp_path, max_new_tokens=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if failing == "wav" else ["naive.wav"])

@@ -27,6 +27,20 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def written(path: Path, write: Callable[[Path], object]) -> Path:
+    """``path``, written by ``write`` beside it and renamed into place: whole, or absent when
+    ``write`` fails. The hidden name ends as ``path`` does, for writers that read the format from
+    the suffix (``savefig``, ``soundfile``)."""
+    partial = beside(path, "partial")
+    partial = partial.with_name(partial.name + path.suffix)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        remove(partial)
+    return path
+
+
 def built_once(path: Path, build: Callable[[Path], Path]) -> Path:
     """``path``, built by ``build`` on first use. Built beside it and renamed: another process
     (test workers on a fresh machine) sees it whole or not at all, and an interrupted build

@@ -153,6 +153,20 @@ def _check_decode_tokens(tokens: int) -> None:
         raise ValueError("argument --tokens: at least 2 (the first token comes from the prefill)")
 
 
+def _flags_given(argv: Sequence[str]) -> set[str]:
+    """The flags on the command line, ``--flag`` or ``--flag=value`` (argparse reads a word that
+    starts with ``--`` as a flag unless it holds a space, and then it names no flag). A flag
+    given with its default value is given all the same, which the parsed value cannot tell."""
+    return {word.split("=", 1)[0] for word in argv if word.startswith("--")}
+
+
+def _refuse_given(args: argparse.Namespace, flags: Sequence[str], why: str) -> None:
+    """Refuse the first of ``flags`` on the command line: this run would ignore it."""
+    for flag in flags:
+        if flag in args.flags_given:
+            raise ValueError(f"argument {flag}: {why}")
+
+
 MODEL_HELP = (
     "tiny (default), deep-narrow, random, turbo-tiny, turbo-random, multilingual-tiny, multilingual-random "
     "(random weights), pretrained, turbo-pretrained, multilingual-pretrained, or PATH to a checkpoint folder"
@@ -246,10 +260,18 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    from ..core.errors import ConfigError
     from ..instruments.latency import format_report
-    from ..runtime.decode import DecodePlan, prefill_length
+    from ..runtime.decode import DecodePlan, check_cache_len, prefill_length
     from ..runtime.streaming import StreamConfig, run_to_files
 
+    if args.strategy == "naive":  # it has no windows: refused, not ignored (its config keeps their defaults)
+        _refuse_given(
+            args,
+            ("--first-window-s", "--window-s", "--crossfade-ms"),
+            f"goes with --strategy buffered (naive cuts fixed {StreamConfig.chunk_tokens}-token chunks "
+            "and joins them without a crossfade): leave it out, or stream buffered",
+        )
     config = StreamConfig(
         strategy=args.strategy,
         first_window_s=args.first_window_s,
@@ -259,10 +281,19 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
     )
     tts = _voiced_model(args, args.out)
     plan = DecodePlan.plain(tts.t3, step=args.decode)
+    prefill = prefill_length(tts, args.text)
+    need = prefill + args.tokens
+    try:  # any step: GPT-2 (Turbo's) has no position past its table (before: an IndexError late)
+        check_cache_len(need, plan.decode.tfmr.config)
+    except ConfigError as e:
+        raise ConfigError(
+            f"argument --tokens: {prefill} prefill positions + {args.tokens} tokens = {need} positions, "
+            f"more than T3 has ({e}): lower --tokens or shorten the text"
+        ) from None
     if args.decode != "eager":  # (the eager step's cache grows as it goes)
         # A static cache that holds this request: longer than the default only where it must
         # be (a refusal would tell a command-line user to set plan.max_cache_len).
-        plan.max_cache_len = max(plan.max_cache_len, prefill_length(tts, args.text) + args.tokens)
+        plan.max_cache_len = max(plan.max_cache_len, need)
     report = run_to_files(
         tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, plan=plan, progress=True
     )
@@ -270,13 +301,21 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
 
 
 def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from ..studies.profile_report import format_profile, profile_generation
+    from ..studies.profile_report import check_run, format_profile, profile_generation
 
+    check_run(args.run_name)  # before the model is built
     tts = _voiced_model(args, args.logdir)
     report = profile_generation(
         tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory, args.decode
     )
     return report, format_profile
+
+
+# What `trace` profiles with: none of it changes a trace that --read reads.
+PROFILING_FLAGS = (
+    "--model", "--tokens", "--seed", "--device", "--steps", "--dtype", "--keep", "--logdir", "--text",
+    "--reference", "--cut-only",
+)  # fmt: skip
 
 
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
@@ -292,6 +331,12 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     )
 
     if args.read:  # traces taken before, maybe on another machine: no model
+        _refuse_given(
+            args,
+            PROFILING_FLAGS,
+            "goes with profiling, not with --read (a trace is read as it was taken): leave it out, "
+            "or leave --read out to profile",
+        )
         paths = _trace_labels([Path(p) for p in args.read])
         for path in paths.values():
             if not path.is_file():
@@ -301,6 +346,11 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     steps = [check_decode(s, check_device(args.device)) for s in args.steps.split(",") if s]
     if not steps:
         raise ValueError("argument --steps: no decode step given: use eager, static or compiled")
+    if twice := sorted({s for s in steps if steps.count(s) > 1}):  # one decode-STEP folder each
+        raise ValueError(
+            f"argument --steps: {', '.join(twice)} given twice (auto is the device's default step): "
+            "name each step once"
+        )
     _check_decode_tokens(args.tokens)
     tts = _voiced_model(args, args.logdir)
     regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
@@ -341,10 +391,12 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
             **{key: value for key, value in given.items() if value is not None},
         )  # fmt: skip
         return report, format_load
-    for flag, value in (("--voice", args.voice), ("--timeout", args.timeout)):
-        if value is not None:  # the engine in this process has neither: refused, not ignored
-            raise ValueError(f"argument {flag}: goes with --url (a server's voice, a request's timeout): "
-                             "add --url, or leave it out for the engine in this process")  # fmt: skip
+    _refuse_given(  # the engine in this process has neither: refused, not ignored
+        args,
+        ("--voice", "--timeout"),
+        "goes with --url (a server's voice, a request's timeout): add --url, or leave it out for the "
+        "engine in this process",
+    )
     try:  # before the model loads
         config = StreamConfig("buffered", first_window_s=args.first_window_s, window_s=args.window_s)
     except ConfigError:  # the parser took positive windows: one no longer than the crossfade
@@ -509,7 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="profile and cut the region traces; read them with `trace --read` (e.g. on another machine)",
     )
     tr.add_argument(
-        "--read", nargs="+", metavar="TRACE", help="read these trace files instead of profiling (no model)"
+        "--read",
+        nargs="+",
+        metavar="TRACE",
+        help="read these trace files instead of profiling (no model; the profiling flags are refused)",
     )
     tr.set_defaults(run=_trace, tokens=60)
 
@@ -533,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--cpp-wrapper",
         action="store_true",
-        help="compile the wrapper's decode step with Inductor's C++ wrapper (CPU; slow first compile)",
+        help="compile the wrapper's decode step with Inductor's C++ wrapper (CPU; slow first compile; "
+        "needs compiled or compiled-stream in --configs)",
     )
     b.add_argument("--text", help=TEXT_HELP)
     _reference(b)
@@ -607,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.flags_given = _flags_given(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
     from ..core.constants import UPSTREAM_SENTENCE
     from ..serving.protocol import unicode_problem

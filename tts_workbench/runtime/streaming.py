@@ -45,6 +45,7 @@ from ..core.constants import (
 )
 from ..core.errors import ConfigError, NoVoiceError
 from ..core.families import family_of
+from ..core.files import written
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
@@ -644,9 +645,10 @@ def run_to_files(
         tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, progress=progress
     )
     reference = one_shot(tts, state, config)
-    wav_path = outdir / f"{config.strategy}.wav"
-    sf.write(wav_path, wav, SAMPLE_RATE)
-    fig_path = save(timeline_figure(state.report), outdir / f"{config.strategy}_timeline.png")
+    wav_path = written(outdir / f"{config.strategy}.wav", lambda path: sf.write(path, wav, SAMPLE_RATE))
+    fig_path = written(
+        outdir / f"{config.strategy}_timeline.png", lambda path: save(timeline_figure(state.report), path)
+    )
     return {
         "config": asdict(config),
         "summary": state.report.summary(),

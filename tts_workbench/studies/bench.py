@@ -10,6 +10,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from ..core.clock import measurement, now
 from ..core.constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
 from ..core.errors import ConfigError
+from ..core.files import written
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.latency import snr_db
@@ -54,6 +56,9 @@ CONFIGS = (
     "compiled-stream",
 )
 DECODE_OF = {"optimized": "eager", "static": "static", "compiled": "compiled"}
+# Upstream generate's own token cap, hard-coded in chatterbox's ``ChatterboxTTS.generate``
+# (``max_new_tokens=1000``; Turbo's ``max_gen_len=1000``): the upstream config decodes no more.
+UPSTREAM_GENERATE_CAP = 1000
 
 
 def floor_of(config: str) -> str:
@@ -179,6 +184,17 @@ def run_bench(
         raise ConfigError(f"argument --configs: {what}: choose from {', '.join(CONFIGS)}")
     if twice := sorted({c for c in configs if configs.count(c) > 1}):
         raise ConfigError(f"argument --configs: {', '.join(twice)} given twice: name each config once")
+    if "upstream" in configs and tokens > UPSTREAM_GENERATE_CAP:  # the others would decode more
+        raise ConfigError(
+            f"argument --tokens: {tokens} is past upstream generate's own cap of {UPSTREAM_GENERATE_CAP} "
+            f"tokens, so the upstream config would decode fewer than the others: give "
+            f"{UPSTREAM_GENERATE_CAP} or fewer, or leave upstream out of --configs"
+        )
+    if cpp_wrapper and not any(c.startswith("compiled") for c in configs):
+        raise ConfigError(
+            "argument --cpp-wrapper: only the compiled decode step has a C++ wrapper: add compiled or "
+            "compiled-stream to --configs, or leave --cpp-wrapper out"
+        )
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     reference = reference or str(make_reference_wav(outdir / "reference.wav"))
@@ -189,88 +205,92 @@ def run_bench(
         m.float()
     prepare_voice(upstream_model, reference)
     upstream = UpstreamTTS(upstream_model)
-    opt = PerformanceOptimizedTTS(
+    optimized = PerformanceOptimizedTTS(
         load_model(model, device, seed), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper
     )
-    opt.prepare_conditionals(reference)
-    # The wrapper as it comes: its default cache (a step attends to the smallest span of it,
-    # 256, 512, ..., that holds the run), so the memory table shows what a user's wrapper holds
-    # and its compiled graphs are the ones the wrapper compiles elsewhere (Inductor's cache
-    # serves them); longer only when this run would not fit.
-    need = opt.prefill_length(text) + tokens
-    if need > opt.max_cache_len:
-        opt.set_max_cache_len(need)
-    dev = torch.device(device)
+    with closing(optimized) as opt:  # after an error too: the model given back, its caches freed
+        opt.prepare_conditionals(reference)
+        # The wrapper as it comes: its default cache (a step attends to the smallest span of it,
+        # 256, 512, ..., that holds the run), so the memory table shows what a user's wrapper holds
+        # and its compiled graphs are the ones the wrapper compiles elsewhere (Inductor's cache
+        # serves them); longer only when this run would not fit.
+        need = opt.prefill_length(text) + tokens
+        if need > opt.max_cache_len:
+            opt.set_max_cache_len(need)
+        dev = torch.device(device)
 
-    def wrapper(step: str) -> Callable[[int], dict[str, Any]]:
-        return lambda s: run_pipeline(opt, text, tokens, s, decode=step)
+        def wrapper(step: str) -> Callable[[int], dict[str, Any]]:
+            return lambda s: run_pipeline(opt, text, tokens, s, decode=step)
 
-    runners: dict[str, Callable[[int], dict[str, Any]]] = {
-        "upstream": lambda s: run_pipeline(upstream, text, tokens, s),
-        **{c: wrapper(step) for c, step in DECODE_OF.items()},
-    }
-    runners.update(_stream_runners(upstream_model, opt, text, tokens))
-    # One recorded (not timed) optimized run: which attention kernel ran, in which dtype.
-    opt.record_attention = True
-    run_pipeline(opt, text, min(tokens, 8), seed)
-    opt.record_attention = False
-    kernels = opt.last.kernels
-    bandwidth = read_bandwidth(device)
-    runs = [("warm-up", r, c) for r in range(warmup) for c in configs]
-    runs += [("repeat", r, c) for r in range(repeats) for c in configs]
-    rows: list[Row] = []
-    compile_s: dict[str, float] = {}  # per config, whichever run built the step (warm-up or not)
-    with tqdm(runs, desc="bench", unit="run") as bar:
-        for kind, r, c in bar:
-            bar.set_postfix_str(f"{c}, {kind} {r + 1}")
-            with memory_window(dev) as memory:
-                out = runners[c](seed)
-            compiling = out.get("t3_compile_s", 0.0) + out.get("s3gen_compile_s", 0.0)
-            compile_s[c] = max(compile_s.get(c, 0.0), compiling)
-            if kind == "repeat":
-                grown = {"memory_growth_bytes": memory.growth_bytes,
-                         "reserved_growth_bytes": memory.reserved_growth_bytes}  # fmt: skip
-                rows.append(Row(config=c, repeat=r, **grown, **out))
-    floors: dict[str, dict[str, Any]] = {
-        "upstream": {"dtype": "float32", "t3_bytes": T3Parts.of(upstream_model.t3).step_bytes()},
-        "optimized": {"dtype": dtype_name(opt.plan.decode.dtype), "t3_bytes": opt.plan.decode.step_bytes()},
-    }
-    for f in floors.values():
-        f["floor_s"] = step_floor(f["t3_bytes"], bandwidth)
-    report: dict[str, Any] = {
-        "environment": environment(model, device),
-        "note": weights_note(model),
-        "settings": dict(
-            configs=list(configs),
-            tokens=tokens,
-            repeats=repeats,
-            warmup=warmup,
-            seed=seed,
-            text=text,
-            cpp_wrapper=cpp_wrapper,
-        ),
-        "optimized_policy": {
-            "policy": opt.policy,
-            "reason": opt.policy_choice.reason,
-            "decode": opt.plan.describe(),
-        },
-        "attention_kernels_optimized": kernels,
-        "compile_s": compile_s,
-        "compile_fallback": opt.configuration()["compile_fallback"],
-        # the compiled step's attention op, read from Inductor's code (None: nothing compiled)
-        "compiled_attention": opt.configuration()["compiled_attention"],
-        "flow_compile_fallback": opt.configuration()["flow_compile_fallback"],
-        "read_bandwidth_gb_s": bandwidth / 1e9,
-        "floors": floors,
-        "rows": [{**asdict(r), "rtf": r.rtf, "t3_tokens_per_s": r.t3_tokens_per_s} for r in rows],
-        "summary": summarize(rows, floors),
-        "memory": memory_per_config(rows, upstream_model, opt, dev, memory.how),
-    }
+        runners: dict[str, Callable[[int], dict[str, Any]]] = {
+            "upstream": lambda s: run_pipeline(upstream, text, tokens, s),
+            **{c: wrapper(step) for c, step in DECODE_OF.items()},
+        }
+        runners.update(_stream_runners(upstream_model, opt, text, tokens))
+        # One recorded (not timed) optimized run: which attention kernel ran, in which dtype.
+        opt.record_attention = True
+        run_pipeline(opt, text, min(tokens, 8), seed)
+        opt.record_attention = False
+        kernels = opt.last.kernels
+        bandwidth = read_bandwidth(device)
+        runs = [("warm-up", r, c) for r in range(warmup) for c in configs]
+        runs += [("repeat", r, c) for r in range(repeats) for c in configs]
+        rows: list[Row] = []
+        compile_s: dict[str, float] = {}  # per config, whichever run built the step (warm-up or not)
+        with tqdm(runs, desc="bench", unit="run") as bar:
+            for kind, r, c in bar:
+                bar.set_postfix_str(f"{c}, {kind} {r + 1}")
+                with memory_window(dev) as memory:
+                    out = runners[c](seed)
+                compiling = out.get("t3_compile_s", 0.0) + out.get("s3gen_compile_s", 0.0)
+                compile_s[c] = max(compile_s.get(c, 0.0), compiling)
+                if kind == "repeat":
+                    grown = {"memory_growth_bytes": memory.growth_bytes,
+                             "reserved_growth_bytes": memory.reserved_growth_bytes}  # fmt: skip
+                    rows.append(Row(config=c, repeat=r, **grown, **out))
+        floors: dict[str, dict[str, Any]] = {
+            "upstream": {"dtype": "float32", "t3_bytes": T3Parts.of(upstream_model.t3).step_bytes()},
+            "optimized": {
+                "dtype": dtype_name(opt.plan.decode.dtype),
+                "t3_bytes": opt.plan.decode.step_bytes(),
+            },
+        }
+        for f in floors.values():
+            f["floor_s"] = step_floor(f["t3_bytes"], bandwidth)
+        report: dict[str, Any] = {
+            "environment": environment(model, device),
+            "note": weights_note(model),
+            "settings": dict(
+                configs=list(configs),
+                tokens=tokens,
+                repeats=repeats,
+                warmup=warmup,
+                seed=seed,
+                text=text,
+                cpp_wrapper=cpp_wrapper,
+            ),
+            "optimized_policy": {
+                "policy": opt.policy,
+                "reason": opt.policy_choice.reason,
+                "decode": opt.plan.describe(),
+            },
+            "attention_kernels_optimized": kernels,
+            "compile_s": compile_s,
+            "compile_fallback": opt.configuration()["compile_fallback"],
+            # the compiled step's attention op, read from Inductor's code (None: nothing compiled)
+            "compiled_attention": opt.configuration()["compiled_attention"],
+            "flow_compile_fallback": opt.configuration()["flow_compile_fallback"],
+            "read_bandwidth_gb_s": bandwidth / 1e9,
+            "floors": floors,
+            "rows": [{**asdict(r), "rtf": r.rtf, "t3_tokens_per_s": r.t3_tokens_per_s} for r in rows],
+            "summary": summarize(rows, floors),
+            "memory": memory_per_config(rows, upstream_model, opt, dev, memory.how),
+        }
     report["files"] = {name: str(outdir / name) for name in ("bench.json", "bench.csv", "memory.png")}
-    (outdir / "bench.json").write_text(json_dumps(report))
-    pd.DataFrame(report["rows"]).to_csv(outdir / "bench.csv", index=False)
-    save(memory_figure(memory_frame(report), dev.type), outdir / "memory.png")
-    opt.close()
+    # Each file whole or absent; the report last, so it lists only files that were written.
+    written(outdir / "bench.csv", lambda path: pd.DataFrame(report["rows"]).to_csv(path, index=False))
+    written(outdir / "memory.png", lambda path: save(memory_figure(memory_frame(report), dev.type), path))
+    written(outdir / "bench.json", lambda path: path.write_text(json_dumps(report)))
     return report
 
 
@@ -342,6 +362,7 @@ def summarize(rows: list[Row], floors: dict[str, dict[str, Any]]) -> list[dict[s
         s["s3gen_calls"] = mine[0].s3gen_calls
         s["s3gen_per_call_s_median"] = statistics.median(r.s3gen_s / max(1, r.s3gen_calls) for r in mine)
         s["audio_s"] = mine[0].audio_s
+        s["t3_tokens"] = mine[0].t3_tokens  # what its ratios stand for (same text, seed and cap each repeat)
         # How much of the wall time the phase timers account for (they wait for the device).
         s["phases_over_wall_median"] = statistics.median(r.phases_s / r.wall_s for r in mine)
         floor = floors[floor_of(name)]["floor_s"]
@@ -451,6 +472,7 @@ def bench_frame(report: dict[str, Any]) -> pd.DataFrame:
         rows.append(
             {
                 "config": s["config"],
+                "tokens": s.get("t3_tokens"),  # (not in reports written before it was kept)
                 "ttfa_s": s["ttfa_s_median"],
                 "wall_s": s["wall_s_median"],
                 "rtf": s["rtf_median"],

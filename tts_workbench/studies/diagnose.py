@@ -18,6 +18,7 @@ from ..core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE, UPSTREAM_SENTENC
 from ..core.devices import check_device
 from ..core.errors import NoVoiceError
 from ..core.families import components
+from ..core.files import written
 from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments import plots
@@ -74,12 +75,13 @@ def run_diagnosis(
     conditioning_s = now(device) - t0
     with record_kernels(tts) as kernels:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
-    wav_path = outdir / "speech.wav"
-    sf.write(str(wav_path), result.wav, result.sample_rate)
-    fig = plots.generation_figure(
-        result.wav, result.sample_rate, result.seconds, f"{model}: {len(result.speech_tokens)} tokens"
+    wav, sr = result.wav, result.sample_rate
+    wav_path = written(outdir / "speech.wav", lambda path: sf.write(str(path), wav, sr))
+    title = f"{model}: {len(result.speech_tokens)} tokens"
+    plot_path = written(
+        outdir / "generation.png",
+        lambda path: plots.save(plots.generation_figure(wav, sr, result.seconds, title), path),
     )
-    plot_path = plots.save(fig, outdir / "generation.png")
     return {
         "model": model,
         "device": device,

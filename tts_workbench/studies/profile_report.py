@@ -12,6 +12,7 @@ import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
 from ..core.constants import RANDOM_NO_STOP
+from ..core.errors import ConfigError
 from ..core.tables import render
 from ..instruments.attention import KernelRecord
 from ..instruments.profiling import (
@@ -29,6 +30,16 @@ from ..runtime.generation import generate
 from .diagnose import decode_step_kernels
 
 
+def check_run(run: str) -> None:
+    """Refuse a run name that names no folder inside the log folder: an absolute one, or one
+    that climbs out of it with ``..``."""
+    if Path(run).is_absolute() or ".." in Path(run).parts:
+        raise ConfigError(
+            f"argument --run: {run!r} names no folder inside --logdir: give a relative name without "
+            "'..' (such as generation, or a/b for a folder below it)"
+        )
+
+
 def profile_generation(
     tts: ChatterboxTTS,
     logdir: str | Path,
@@ -44,6 +55,7 @@ def profile_generation(
     ``decode_step``: the attention kernel of the workbench's ``decode`` step (eager, static or
     compiled) and how it was found (``diagnose.decode_step_kernels``: for a compiled step,
     Inductor's generated code, which no profiler trace can show)."""
+    check_run(run)
     with profile_run(tts, logdir, run, memory=memory) as prof:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
     path = trace_files(Path(logdir) / run)[-1]

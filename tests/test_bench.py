@@ -1,0 +1,96 @@
+"""The bench: what it refuses before anything runs, the token count of every row, and its files
+written whole or not at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tts_workbench.core.errors import ConfigError
+from tts_workbench.interface.cli import main
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
+from tts_workbench.studies import bench
+from tts_workbench.studies.bench import Row, bench_frame, run_bench, summarize
+
+
+class Reached(Exception):
+    """Raised where the bench would start building models: the checks before it passed."""
+
+
+def _reached(*_a: object, **_k: object) -> None:
+    raise Reached
+
+
+def _errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_tokens_past_upstream_generates_own_cap_are_refused_with_an_upstream_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Upstream generate stops at its own 1000 tokens: the ratios would compare 1000 upstream
+    tokens with 1010 of the others (before: run, wall_ratio 0.771)."""
+    monkeypatch.setattr(bench, "load_model", _reached)
+    cap = bench.UPSTREAM_GENERATE_CAP
+    past = f"argument --tokens: {cap + 1} is past upstream generate's own cap"
+    with pytest.raises(ConfigError, match=past):
+        run_bench("tiny", configs=("upstream", "optimized"), tokens=cap + 1, outdir=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    args = ["bench", "--tokens", str(cap + 10), "--configs", "upstream,optimized", "--out", str(tmp_path)]
+    assert main(args) == 2
+    errors = _errors(capsys)
+    assert len(errors) == 1 and "--tokens" in errors[0] and "leave upstream out of --configs" in errors[0]
+    # at the cap, and past it without upstream generate (the streamed upstream is the workbench's loop)
+    for configs, tokens in ((("upstream",), cap), (("optimized", "upstream-stream"), cap + 1)):
+        with pytest.raises(Reached):
+            run_bench("tiny", configs=configs, tokens=tokens, outdir=tmp_path)
+
+
+def test_the_cpp_wrapper_without_a_compiled_config_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(before: accepted, and no configuration compiled anything for it to change)"""
+    monkeypatch.setattr(bench, "load_model", _reached)
+    with pytest.raises(ConfigError, match="argument --cpp-wrapper: .* --configs"):
+        run_bench("tiny", configs=("upstream", "static"), cpp_wrapper=True, outdir=tmp_path)
+    assert main(["bench", "--cpp-wrapper", "--configs", "upstream,optimized", "--out", str(tmp_path)]) == 2
+    errors = _errors(capsys)
+    assert len(errors) == 1 and "--cpp-wrapper" in errors[0] and "--configs" in errors[0], errors
+    for compiled in ("compiled", "compiled-stream"):
+        with pytest.raises(Reached):
+            run_bench("tiny", configs=("upstream", compiled), cpp_wrapper=True, outdir=tmp_path)
+
+
+def test_the_table_shows_the_tokens_each_configuration_decoded() -> None:
+    def row(config: str, tokens: int) -> Row:
+        return Row(config, 0, 1.0, 1.0, 1.0, tokens, 0.1, 0.01, 1, 0.5, 0, 0)
+
+    floors = dict.fromkeys(("upstream", "optimized"), {"floor_s": 0.001, "t3_bytes": 10**6})
+    report = {"summary": summarize([row("upstream", 1000), row("optimized", 1010)], floors), "floors": floors}
+    assert bench_frame(report)["tokens"].tolist() == [1000, 1010]
+
+
+def test_a_failed_write_leaves_no_file_and_the_wrapper_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_wav: Path
+) -> None:
+    """(before: bench.json and bench.csv were written and listed memory.png, which the failed
+    figure left half written; the wrapper stayed open)"""
+    closed = []
+    close = PerformanceOptimizedTTS.close
+
+    def counted(self: PerformanceOptimizedTTS) -> None:
+        closed.append(self)
+        close(self)
+
+    def half_written(_fig: Any, path: Path) -> Path:
+        path.write_bytes(b"\x89PNG half a figure")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PerformanceOptimizedTTS, "close", counted)
+    monkeypatch.setattr(bench, "save", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        run_bench("tiny", ("optimized",), tokens=3, repeats=1, reference=str(reference_wav), outdir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv"]  # whole; no report, no partial file
+    assert len(closed) == 1
