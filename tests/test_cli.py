@@ -394,3 +394,20 @@ def test_diagnose_leaves_no_half_written_figure(
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]  # whole; no figure, no partial file
 
+
+def test_a_generation_without_a_speech_token_says_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path, tiny_tts: Any, steer: Any
+) -> None:
+    """(before: S3Gen's convolution failed on no input, a traceback; `stream` says "no audio")"""
+    from tts_workbench.core.errors import NoSpeechError
+    from tts_workbench.core.patching import shadow
+    from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
+
+    base = ["--tokens", "1", "--seed", "5", "--reference", str(reference_wav)]  # seed 5: a first id no speech
+    for command in (["diagnose", "--out", str(tmp_path / "d")], ["profile", "--logdir", str(tmp_path / "p")]):
+        assert main([*command, *base]) == 2
+        assert "no speech token" in capsys.readouterr().err
+    invalid = tiny_tts.t3.hp.stop_speech_token + 1  # an id past the speech vocabulary
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="eager") as opt:
+        with shadow(tiny_tts.t3.speech_head, "forward", steer({1: invalid})), pytest.raises(NoSpeechError):
+            opt.generate("Hi.", max_new_tokens=1, seed=0)

@@ -28,7 +28,7 @@ from tts_workbench.models.vocode import tail_tokens
 from tts_workbench.runtime.alignment import alignment
 from tts_workbench.runtime.decode import DecodePlan, decode_blocks, t3_decode, text_tokens
 from tts_workbench.runtime.generation import generate, prepare_voice, token_cap
-from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
 from tts_workbench.runtime.precision import check_conditionals
 from tts_workbench.runtime.streaming import (
     SAMPLES_PER_TOKEN,
@@ -485,3 +485,24 @@ def test_multilingual_generate_gives_the_model_back_and_keeps_upstreams_tokens(r
         tts.generate("Bonjour.", language_id="fr")
     assert seen["tokens"][0].tolist() == runs[0].speech_tokens
     assert state() == ("eager", True, 1, 1, 1)
+
+
+def test_both_pipelines_prepare_a_turbo_reference_as_upstream_generate_does(
+    turbo: ChatterboxTurboTTS, reference6: str
+) -> None:
+    # Before: the baseline prepared it with loudness normalised whatever it was asked (and the
+    # standard model's exaggeration default), and the wrapper failed on norm_loudness with a
+    # TypeError after preparing the voice.
+    conds = turbo.conds
+    try:
+        prepare_voice(turbo, reference6, 0.0, norm_loudness=False)
+        want = turbo.conds.gen["embedding"]
+        prepare_voice(turbo, reference6)
+        assert not torch.equal(turbo.conds.gen["embedding"], want)  # the switch changes the voice
+        with PerformanceOptimizedTTS(turbo, policy="float32", decode="eager") as opt:
+            for pipeline in (UpstreamTTS(turbo), opt):
+                turbo.conds = conds
+                pipeline.generate("Turbo speaks.", reference6, max_new_tokens=6, norm_loudness=False)
+                assert torch.equal(turbo.conds.gen["embedding"], want), type(pipeline).__name__
+    finally:
+        turbo.conds = conds

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -16,13 +16,18 @@ import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS
 from torch.overrides import TorchFunctionMode
 
-from tts_workbench.core.errors import EmptyTextError, NoVoiceError, SourceError
+from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, NoVoiceError, SourceError
 from tts_workbench.core.families import FAMILIES
+from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
-from tts_workbench.models.reference import check_reference
+from tts_workbench.models.reference import check_reference, make_reference_wav
 from tts_workbench.models.sources import load_model
-from tts_workbench.runtime.decode import check_new_tokens, t3_decode, text_tokens
-from tts_workbench.runtime.generation import ended_by, generate, timed, token_cap
+from tts_workbench.runtime.decode import DecodePlan, check_new_tokens, prefill_embeds, t3_decode, text_tokens
+from tts_workbench.runtime.generation import ended_by, generate, prepare_voice, timed, token_cap
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
+
+if TYPE_CHECKING:
+    from conftest import Steer
 
 
 def test_same_seed_same_tokens_and_audio(tiny_tts: ChatterboxTTS) -> None:
@@ -121,6 +126,32 @@ def test_the_speech_position_limit_is_llamas_learned_positions_only() -> None:
     check_new_tokens(turbo.t3, 5000)
     with pytest.raises(ValueError, match="beyond the 4096 speech positions"):
         check_new_tokens(load_model("tiny").t3, 4097)
+
+
+def test_a_request_past_gpt2s_positions_is_refused_before_it_decodes(
+    tmp_path: Path, steer: type[Steer]
+) -> None:
+    """Turbo's GPT-2 embeds a learned position per input (8196): the eager step ran into an
+    IndexError there, after the work before it; a cache set too long later is refused too."""
+    turbo = load_model("turbo-tiny")
+    prepare_voice(turbo, str(make_reference_wav(tmp_path / "r.wav", seconds=6.0)))  # Turbo: > 5 s
+    limit, cond = turbo.t3.tfmr.config.n_positions, turbo.conds.t3
+    with torch.inference_mode():
+        around_text = prefill_embeds(turbo.t3, cond, torch.ones(1, 1, dtype=torch.long), 0.0).size(1) - 1
+    ids = torch.full((1, limit - around_text - 20), 100, dtype=torch.long)  # a prefill 20 short of it
+    heads = steer({})  # counts the speech head's calls
+    with shadow(turbo.t3.speech_head, "forward", heads):
+        with pytest.raises(CacheError, match=f"GPT-2 backbone has n_positions={limit}: lower max_new_tokens"):
+            t3_decode(turbo.t3, cond, ids, max_new_tokens=40)
+    assert heads.calls == 0  # refused before the prefill
+    plan = DecodePlan.plain(turbo.t3, step="static")
+    plan.max_cache_len = limit + 1
+    with pytest.raises(ConfigError, match=f"max_cache_len {limit + 1} is past the {limit} positions"):
+        t3_decode(turbo.t3, cond, ids[:, :5], max_new_tokens=4, plan=plan)
+    with PerformanceOptimizedTTS(turbo, policy="float32", decode="static") as opt:
+        with pytest.raises(ConfigError, match=f"max_cache_len {limit + 1} is past"):
+            opt.set_max_cache_len(limit + 1)
+        assert opt.max_cache_len <= limit
 
 
 def test_sampling_arguments_reach_the_processors_as_they_want_them() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import numpy as np
@@ -26,6 +27,9 @@ from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, Policy, UpstreamTTS, choose_policy
 from tts_workbench.runtime.streaming import StreamConfig
 from tts_workbench.studies.diagnose import parameter_frame, policy_frame
+
+if TYPE_CHECKING:
+    from conftest import Steer
 
 TEXT = "Hello there, this is a test."
 
@@ -87,18 +91,42 @@ def likely_stop(tiny_tts: ChatterboxTTS) -> Iterator[None]:
         yield
 
 
-@pytest.mark.parametrize("every", [1, 8, 64])
+@pytest.mark.parametrize(("every", "step"), [(1, "eager"), (8, "eager"), (64, "eager"), (8, "static")])
 def test_stop_token_ends_the_stream_like_upstream(
-    tiny_tts: ChatterboxTTS, likely_stop: None, every: int
+    tiny_tts: ChatterboxTTS, likely_stop: None, every: int, step: str
 ) -> None:
     cond, text = tiny_tts.conds.t3, _text(tiny_tts)
     torch.manual_seed(1)
     upstream = tiny_tts.t3.inference(t3_cond=cond, text_tokens=text, max_new_tokens=60)
+    after_upstream = torch.get_rng_state()
     torch.manual_seed(1)
-    ours = t3_decode(tiny_tts.t3, cond, text, max_new_tokens=60, stop_check_every=every)
+    plan = DecodePlan.plain(tiny_tts.t3, step=step)
+    ours = t3_decode(tiny_tts.t3, cond, text, max_new_tokens=60, stop_check_every=every, plan=plan)
     assert upstream[0, -1] == tiny_tts.t3.hp.stop_speech_token and upstream.size(1) < 60
     assert ours.stopped and torch.equal(upstream, ours.tokens)
     assert ours.steps == ours.tokens.size(1)  # the stats count exactly the tokens returned
+    # Draws after the stop (sampled before the block's check saw it) are taken back: what
+    # draws next (S3Gen's noise in generate) starts where it starts after upstream's T3.
+    assert torch.equal(torch.get_rng_state(), after_upstream)
+
+
+def test_a_seeded_generate_stopping_mid_block_speaks_upstreams_audio(
+    tiny_tts: ChatterboxTTS, steer: type[Steer]
+) -> None:
+    stop = tiny_tts.t3.hp.stop_speech_token
+
+    def stop_at(call: int):  # type: ignore[no-untyped-def]
+        # the 5th token: not at a stop check (every 8), long enough for S3Gen's convolutions
+        return shadow(tiny_tts.t3.speech_head, "forward", steer({call: stop}))
+
+    upstream = UpstreamTTS(tiny_tts)
+    with stop_at(6):
+        want = upstream.generate(TEXT, max_new_tokens=40, seed=0)
+    for step in ("eager", "static"):
+        with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode=step) as opt, stop_at(6):
+            got = opt.generate(TEXT, max_new_tokens=40, seed=0)
+        assert opt.last.stopped_by == upstream.last.stopped_by == "stop token"
+        assert torch.equal(got, want), step
 
 
 def test_both_pipelines_count_the_same_invalid_tokens_after_a_stop(tiny_tts: ChatterboxTTS) -> None:
@@ -210,6 +238,10 @@ def test_a_closed_wrapper_refuses_to_run_or_change_the_model(
     for call in (
         lambda: opt.generate(TEXT, max_new_tokens=4),
         lambda: opt.prepare_conditionals(str(reference_wav)),
+        lambda: opt.plan,  # before: KeyError 'eager', its plans being freed
+        lambda: opt.plan_for("static"),
+        lambda: opt.target_dtype,
+        lambda: opt.set_max_cache_len(512),
     ):
         with pytest.raises(ConfigError, match="was closed .* wrap the model again"):
             call()
@@ -254,6 +286,31 @@ def test_an_exaggeration_asked_again_keeps_the_voice_as_it_is(tiny_tts: Chatterb
         once = t3_cond.emotion_adv
         opt._voice(None, 0.7)
         assert once is not before and t3_cond.emotion_adv is once
+
+
+def test_a_sampled_start_token_cuts_the_audio_as_upstreams_generate_does(
+    tiny_tts: ChatterboxTTS, steer: type[Steer]
+) -> None:
+    # upstream's drop_invalid_tokens vocodes only what follows a start-of-speech id (random
+    # weights sample it); the wrapper vocoded the ids before it too
+    start = tiny_tts.t3.hp.start_speech_token
+    upstream = UpstreamTTS(tiny_tts)
+    with shadow(tiny_tts.t3.speech_head, "forward", steer({4: start})):
+        want = upstream.generate(TEXT, max_new_tokens=30, seed=0)
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="eager") as opt:
+        with shadow(tiny_tts.t3.speech_head, "forward", steer({4: start})):
+            got = opt.generate(TEXT, max_new_tokens=30, seed=0)
+    assert torch.equal(got, want)
+
+
+def test_the_baselines_stream_speaks_with_the_exaggeration_asked(tiny_tts: ChatterboxTTS) -> None:
+    # Before: popped and dropped for a prepared voice, so a stream comparison ran two voices.
+    emotion = tiny_tts.conds.t3.emotion_adv
+    try:
+        UpstreamTTS(tiny_tts).generate_stream(TEXT, exaggeration=0.9, max_new_tokens=4).close()
+        assert float(tiny_tts.conds.t3.emotion_adv.flatten()[0]) == pytest.approx(0.9)
+    finally:
+        tiny_tts.conds.t3.emotion_adv = emotion
 
 
 def test_bfloat16_decode_copy_leaves_the_model_alone(tiny_tts: ChatterboxTTS) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import threading
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -541,19 +541,24 @@ def test_two_threads_starting_on_one_plan_cannot_both_take_its_cache(
     assert isinstance(errors["second"], CacheError) and "still uses" in str(errors["second"])
 
 
+def _compile_with(monkeypatch: pytest.MonkeyPatch, backend: Callable[[Any, Any], Any]) -> None:
+    """``torch.compile`` with ``backend`` (and no mode), while the test runs."""
+    real = torch.compile
+
+    def compile_with(fn: Any, **kw: Any) -> Any:
+        kw.pop("mode", None)
+        return real(fn, **kw, backend=backend)
+
+    monkeypatch.setattr(torch, "compile", compile_with)
+
+
 def test_a_compile_failure_falls_back_to_the_static_step(
     tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def no_compiler(gm: Any, example_inputs: Any) -> Any:
         raise RuntimeError("no compiler here")
 
-    real = torch.compile
-
-    def compile_with_a_broken_backend(fn: Any, **kw: Any) -> Any:
-        kw.pop("mode", None)
-        return real(fn, **kw, backend=no_compiler)
-
-    monkeypatch.setattr(torch, "compile", compile_with_a_broken_backend)
+    _compile_with(monkeypatch, no_compiler)
     plan = DecodePlan.plain(tiny_tts.t3, step="compiled", max_cache_len=CACHE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -568,6 +573,29 @@ def test_a_compile_failure_falls_back_to_the_static_step(
     assert r.step_mode == again.step_mode == "static"
     eager, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=30)
     assert torch.equal(r.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+
+
+def test_a_compile_failing_at_a_longer_span_is_reported_as_the_static_step(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first span's graph compiles (here with the eager backend), the next span's fails
+    # mid-generation: the steps after it run the static step, and the stats say so.
+    graphs: list[int] = []
+
+    def second_fails(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(1)
+        if len(graphs) > 1:
+            raise RuntimeError("no compiler for this span")
+        return gm.forward
+
+    _compile_with(monkeypatch, second_fails)
+    plan = DecodePlan.plain(tiny_tts.t3, step="compiled", max_cache_len=CACHE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r, _ = _run(tiny_tts, plan, n=300)  # past the 256-slot span
+    step = plan.static_step(2)
+    assert step is not None and step.fallback_reason is not None and len(graphs) == 2
+    assert r.step_mode == step.mode == "static"
 
 
 def test_stop_token_ends_a_static_stream_like_the_eager_loop(tiny_tts: ChatterboxTTS) -> None:
@@ -610,5 +638,6 @@ def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
             Sampler(turbo=turbo, repetition_penalty=penalty)
     # A negative weight guided against a row no prefill wrote (upstream's generate runs one row
     # for it): refused, not sampled.
-    with pytest.raises(ConfigError, match="cfg_weight must be 0 .* or above"):
-        Sampler(turbo=False, cfg_weight=-0.5)
+    for weight in (-0.5, float("nan")):  # NaN: before, sampled, then blamed on half precision
+        with pytest.raises(ConfigError, match="cfg_weight must be 0 .* or above"):
+            Sampler(turbo=False, cfg_weight=weight)

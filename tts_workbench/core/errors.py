@@ -40,5 +40,16 @@ class CacheError(WorkbenchError):
     """A static KV cache cannot hold the request (too long, wrong device or dtype)."""
 
 
+class NoSpeechError(WorkbenchError):
+    """T3 sampled no speech token, so a one-shot generation has nothing to vocode."""
+
+    def __init__(self, sampled: int) -> None:
+        super().__init__(
+            f"no speech token among the {sampled} ids T3 sampled (random weights sample ids past the "
+            "speech vocabulary, which are dropped), so S3Gen has nothing to vocode: sample more tokens "
+            "(max_new_tokens, --tokens) or use another seed"
+        )
+
+
 class TraceError(WorkbenchError):
     """A file is not a profiler trace the workbench can read, or lacks the region asked for."""

@@ -61,6 +61,14 @@ class StreamRandom:
         return _Drawing(self.generator)
 
 
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator ``torch.manual_seed`` seeds on ``device``: the one a draw without one uses."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return torch.default_generator
+
+
 def overwritten() -> _Drawing:
     """For upstream draws whose values are overwritten (the flow's start noise when the caller
     gives all of it): they go to a throwaway generator, so they neither advance the global

@@ -70,6 +70,7 @@ from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import CacheError, ConfigError
 from ..core.families import kv_layout, language_for
+from ..core.rng import default_generator
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
 from .alignment import alignment
@@ -519,6 +520,17 @@ def speech_ids(ids: list[int]) -> list[int]:
     return [t for t in ids if t < SPEECH_VOCAB_SIZE]
 
 
+def generated_ids(ids: list[int], t3: T3) -> list[int]:
+    """The ids a whole generation's upstream ``generate`` vocodes: for the standard and
+    multilingual models (``drop_invalid_tokens``) only those after a sampled start-of-speech
+    token (random weights sample it), then the speech tokens; Turbo's only the speech tokens.
+    A stream cannot take back what it played, so streams keep ``speech_ids`` of every block."""
+    start = t3.hp.start_speech_token
+    if not is_turbo(t3) and start in ids:
+        ids = ids[ids.index(start) + 1 :]
+    return speech_ids(ids)
+
+
 def invalid_ids(ids: list[int], stop_token: int) -> int:
     """How many of T3's ``ids`` are neither speech tokens nor its stop token: ids random weights
     sample that S3Gen cannot vocode (dropped before it, as upstream drops them)."""
@@ -588,6 +600,7 @@ def _check_static(
     plan: DecodePlan, device: torch.device, batch: int, prefill_len: int, max_new_tokens: int
 ) -> None:
     """Refuse, before anything runs, a request the plan's static cache cannot serve."""
+    check_cache_len(plan.max_cache_len, plan.decode.tfmr.config)  # set after the plan was made
     dec_device = next(plan.decode.tfmr.parameters()).device
     if dec_device != device:
         raise CacheError(
@@ -600,7 +613,8 @@ def _check_static(
             f"the plan's static KV cache is on {held.device} but the model is on {device}: "
             "call plan.drop_static() (or build a new DecodePlan) after moving the model"
         )
-    check_room(prefill_len, max_new_tokens, plan.max_cache_len, "the plan's static cache", plan.cache_fix)
+    holder = "the plan's static cache holds max_cache_len"
+    check_room(prefill_len, max_new_tokens, plan.max_cache_len, holder, plan.cache_fix)
 
 
 def check_cache_len(max_cache_len: int, config: Any) -> None:
@@ -619,16 +633,26 @@ def check_cache_len(max_cache_len: int, config: Any) -> None:
 
 def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder: str, fix: str) -> None:
     """A CacheError saying what fits when ``prefill_len + max_new_tokens`` positions exceed
-    ``max_cache_len`` (``fix`` may name ``{need}``)."""
+    ``max_cache_len`` (``holder``: what holds that many, "the engine holds max_cache_len";
+    ``fix`` may name ``{need}``)."""
     need = prefill_len + max_new_tokens
     if need > max_cache_len:
         room = max_cache_len - prefill_len
         shorter = f"lower max_new_tokens to {room} or " if room >= 1 else ""
         raise CacheError(
             f"the request needs {prefill_len} prefill positions + {max_new_tokens} new tokens = {need} "
-            f"KV cache positions but {holder} holds max_cache_len={max_cache_len}: "
-            f"{shorter}{fix.format(need=need)}"
+            f"positions but {holder}={max_cache_len}: {shorter}{fix.format(need=need)}"
         )
+
+
+def check_positions(config: Any, prefill_len: int, max_new_tokens: int) -> None:
+    """Refuse, whatever the step, a request past the positions of a GPT-2 backbone (Turbo's):
+    it embeds a learned position for every input, so the eager step would fail there with an
+    index error after the work before it."""
+    positions = getattr(config, "n_positions", None)  # Llama's rotary positions have no table
+    if positions is not None:
+        holder = "T3's GPT-2 backbone has n_positions"
+        check_room(prefill_len, max_new_tokens, positions, holder, "shorten the text")
 
 
 def _static_step(
@@ -722,7 +746,9 @@ def decode_blocks(
     ``logits_out``, when given, receives the (B, vocab) float32 logits each token was sampled
     from (B = 2 with classifier-free guidance), one tensor per sampled token. ``generator``
     (on T3's device) is what the samples are drawn from; ``None``: the global generator, as
-    upstream.
+    upstream. The draws of tokens sampled after a stop token (before the block's check saw it)
+    are taken back at that check: the generator is left where upstream's T3 leaves it, so what
+    draws from it next (S3Gen's noise in a seeded ``generate``) draws what it draws upstream.
     """
     check_new_tokens(t3, max_new_tokens)
     if stop_check_every < 1:
@@ -731,6 +757,7 @@ def decode_blocks(
     stats = stats if stats is not None else DecodeStats()
     hp = t3.hp
     device = t3.speech_head.weight.device
+    generator = generator if generator is not None else default_generator(device)
     text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
     static = plan.step != "eager"
     turbo = is_turbo(t3)
@@ -748,6 +775,7 @@ def decode_blocks(
         with ctx():
             embeds = prefill_embeds(t3, t3_cond, text_tokens, cfg_weight)
             batch, prefill_len = embeds.size(0), embeds.size(1)
+            check_positions(plan.decode.tfmr.config, prefill_len, max_new_tokens)
             # Multilingual: upstream's alignment analyzer, which reads attention weights. The static
             # and compiled steps have none to give it: they decode without it (README).
             watching: Callable[[], AbstractContextManager[None]] = nullcontext
@@ -792,6 +820,7 @@ def decode_blocks(
         stats.prefill_s = t_mark - t0 - stats.compile_s
         dec = plan.decode
         start = 0  # first step of the current block
+        rewind = generator.get_state()  # the generator before the draw of token `start`
         sampled: torch.Tensor | None = None  # the next token, when the static step sampled it
         # The first token drawn from probabilities that were not finite (none: max_new_tokens).
         # Where multinomial would have raised; only if the stop token did not come first.
@@ -801,6 +830,8 @@ def decode_blocks(
                 if logits_out is not None:
                     logits_out.append(logits)
                 if sampled is None:  # the first token (from the prefill's logits), or the eager step
+                    if i == start:
+                        rewind = generator.get_state()
                     last_token = int(ids[0, i]) if analyzer is not None else 0  # a host read, as upstream
                     token, bad = sampler.sample(logits, seen, [generator], analyzer, last_token)
                     first_bad = torch.where(bad, torch.clamp(first_bad, max=i), first_bad)
@@ -823,11 +854,16 @@ def decode_blocks(
                     if hits.numel():
                         block, stats.stopped = block[:, : int(hits[0, 0]) + 1], True
                         stats.steps = start + block.size(1)
+                        if stats.steps < i + 1:  # tokens drawn past the stop: draw up to it again
+                            n = block.size(1)
+                            generator.set_state(rewind)
+                            exponential_noise(n, logits.size(-1), device, [generator] * n)
                     start = i + 1
             if block is not None:
                 grown = 0.0  # a longer span compiled mid-way: compiling, not decoding
                 if step is not None:
                     grown, compiled_s = step.compile_s - compiled_s, step.compile_s
+                    stats.step_mode = step.mode  # a longer span's compile may have failed
                 stats.compile_s += grown
                 stats.decode_s += now(device) - t_mark - grown
                 yield block
@@ -838,6 +874,8 @@ def decode_blocks(
             # the phase hooks see): trace_analysis.region_trace cuts the decode steps out by it.
             with ctx(), record_function("t3.decode"):
                 if step is not None:  # the step samples the token after this one, on this noise
+                    if i + 1 == start:
+                        rewind = generator.get_state()
                     q = exponential_noise(1, logits.size(-1), device, [generator])
                     slot, length = slots[i : i + 1], prefill_len + i + 1
                     logits, sampled, bad = step(

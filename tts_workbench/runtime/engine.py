@@ -637,10 +637,9 @@ class StreamEngine:
             tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
             embeds = prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
             prefill_len = embeds.size(1)
-            check_room(
-                prefill_len, r.max_new_tokens, self.max_cache_len, "each stream of the engine",
-                "start the engine with max_cache_len >= {need}",
-            )  # fmt: skip
+            holder = "each stream of the engine holds max_cache_len"
+            fix = "start the engine with max_cache_len >= {need}"
+            check_room(prefill_len, r.max_new_tokens, self.max_cache_len, holder, fix)
             logits, past = head_logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
             row, n = len(self._live) * self.rows_per_stream, self.rows_per_stream
             for (keys, values), layer in zip(self._kv, past.layers, strict=True):

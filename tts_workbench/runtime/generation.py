@@ -19,14 +19,15 @@ import torch
 
 from ..core.clock import Stopwatch, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
-from ..core.errors import ConfigError, EmptyTextError, NoVoiceError, SourceError
+from ..core.errors import ConfigError, EmptyTextError, NoSpeechError, NoVoiceError, SourceError
 from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
 from ..core.rng import StreamRandom, not_drawing
 from ..instruments.profiling import t3_phase
 from ..models.reference import ReferenceInfo, check_reference
+from ..models.vocode import tail_tokens
 from .alignment import upstream_alignment
-from .decode import invalid_ids, text_tokens
+from .decode import generated_ids, invalid_ids, text_tokens
 
 
 @dataclass
@@ -101,7 +102,7 @@ def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
     Yields a dict that receives the raw tokens of the last T3 inference call (``tokens``) and
     the cap it ran under (``cap``: the lower of ``max_new_tokens`` and upstream generate's own).
     """
-    if max_new_tokens < 1:
+    if max_new_tokens < 1:  # not check_new_tokens: upstream generate caps a longer run itself
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     seen: dict[str, Any] = {}
     family = family_of(tts)
@@ -128,12 +129,23 @@ def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
                     | (tokens == hp.stop_speech_token)
                 )
                 tokens = tokens[:, keep[0]]
+            vocoded_ids(tts, tokens[0].tolist())  # none: refused before upstream's S3Gen fails on them
             return tokens
 
         return capped
 
     with routed(tts.t3, family.t3_inference, wrap):  # this thread's generation only
         yield seen
+
+
+def vocoded_ids(tts: TTSModel, ids: list[int]) -> list[int]:
+    """The ids upstream ``generate`` hands S3Gen after T3 sampled ``ids`` (``decode.generated_ids``,
+    then Turbo's closing silence); a NoSpeechError where there are none, on which S3Gen's
+    convolutions would fail."""
+    speech = generated_ids(ids, tts.t3) + tail_tokens(tts.s3gen)
+    if not speech:
+        raise NoSpeechError(len(ids))
+    return speech
 
 
 def ended_by(raw: list[int], stop_token: int, cap: int, asked: int) -> str:

@@ -56,7 +56,7 @@ from ..instruments.latency import ChunkMetrics
 from ..instruments.memory import process_peak_bytes
 from ..models.checkpoints import load_folder
 from ..models.sources import load_pretrained
-from ..models.vocode import FLOW_MODES, FlowPlan, s3gen_inference, tail_tokens
+from ..models.vocode import FLOW_MODES, FlowPlan, s3gen_inference
 from .decode import (
     DEFAULT_MAX_CACHE_LEN,
     STEP_MODES,
@@ -64,13 +64,13 @@ from .decode import (
     DecodeResult,
     StepMode,
     T3Parts,
+    check_cache_len,
     invalid_ids,
     prefill_length,
-    speech_ids,
     t3_decode,
     text_tokens,
 )
-from .generation import checked_voice, prepare_voice
+from .generation import checked_voice, prepare_voice, vocoded_ids
 from .generation import generate as capped_generate
 from .precision import (
     ISLANDS,
@@ -286,14 +286,22 @@ class Pipeline:
         last["memory"]["parameter_bytes"] = config.pop("parameter_bytes")
         return {**config, **last}
 
-    def _voice(self, audio_prompt_path: str | None, exaggeration: float) -> None:
+    def _voice(self, audio_prompt_path: str | None, exaggeration: float, norm_loudness: bool = True) -> None:
+        """The voice to speak with, as upstream ``generate`` makes it: ``audio_prompt_path``
+        prepared (``norm_loudness``: Turbo's), else the prepared one with ``exaggeration``."""
         if audio_prompt_path:
-            self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
+            self.prepare_conditionals(audio_prompt_path, exaggeration, norm_loudness)
         elif self.tts.conds is None:
             raise NoVoiceError()
+        conds = self.tts.conds
+        # As upstream: compared in the tensor's dtype (float32 0.7 is not the float 0.7)
+        if bool(exaggeration != conds.t3.emotion_adv.flatten()[0]):
+            conds.t3.emotion_adv = exaggeration * torch.ones(1, 1, 1)
 
-    def prepare_conditionals(self, wav_fpath: str, exaggeration: float = 0.5) -> None:
-        prepare_voice(self.tts, wav_fpath, exaggeration)
+    def prepare_conditionals(
+        self, wav_fpath: str, exaggeration: float = 0.5, norm_loudness: bool = True
+    ) -> None:
+        prepare_voice(self.tts, wav_fpath, exaggeration, norm_loudness)
 
     def generate(
         self,
@@ -335,9 +343,12 @@ class UpstreamTTS(Pipeline):
         seed: int | None = None,
         **sampling: Any,
     ) -> torch.Tensor:
-        """Upstream ``generate`` (watermarked waveform, shape (1, samples)), phases timed."""
-        self._voice(audio_prompt_path, sampling.get("exaggeration", 0.5))
-        r = capped_generate(self.tts, text, max_new_tokens=max_new_tokens, seed=seed, **sampling)
+        """Upstream ``generate`` (watermarked waveform, shape (1, samples)), phases timed; an
+        ``audio_prompt_path`` is prepared as upstream ``generate`` prepares it (its defaults,
+        Turbo's ``norm_loudness``), inside the timed call as there."""
+        r = capped_generate(
+            self.tts, text, max_new_tokens, seed, audio_prompt_path=audio_prompt_path, **sampling
+        )
         decode = r.seconds.get("t3.decode", 0.0)
         self.last = LastGeneration(
             tokens=len(r.speech_tokens),
@@ -362,7 +373,7 @@ class UpstreamTTS(Pipeline):
         **kwargs: Any,
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """The upstream streaming fork's naive loop on the upstream model (``streaming.stream``)."""
-        self._voice(audio_prompt_path, kwargs.pop("exaggeration", 0.5))
+        self._voice(audio_prompt_path, kwargs.pop("exaggeration", 0.5), kwargs.pop("norm_loudness", True))
         return stream(self.tts, text, config or StreamConfig("naive"), **kwargs)
 
     def configuration(self) -> dict[str, Any]:
@@ -528,6 +539,9 @@ class PerformanceOptimizedTTS(Pipeline):
 
     def set_max_cache_len(self, positions: int) -> None:
         """Size the static KV caches (prefill + new tokens); built anew at the next generation."""
+        self._check_open()
+        for plan in self.plans.values():  # all checked before any changes
+            check_cache_len(positions, plan.decode.tfmr.config)
         self.max_cache_len = positions
         for plan in self.plans.values():
             plan.max_cache_len = positions
@@ -543,10 +557,11 @@ class PerformanceOptimizedTTS(Pipeline):
     @property
     def plan(self) -> DecodePlan:
         """The decode plan ``generate`` and ``generate_stream`` use by default."""
-        return self.plans[self.decode]
+        return self.plan_for(None)
 
     def plan_for(self, decode: str | None) -> DecodePlan:
         """The plan of decode step ``decode`` (``None``: the wrapper's own)."""
+        self._check_open()  # its plans were freed
         return self.plans[check_decode(decode or self.decode, self.device)]
 
     def flow_for(self, mode: str | None) -> FlowPlan:
@@ -571,19 +586,17 @@ class PerformanceOptimizedTTS(Pipeline):
         t3_dtype = torch.float32 if self.amp else compute_dtype(self.tts.t3)
         ensure_conditionals_dtype(conds, t3_dtype, self.tts.s3gen.dtype, self.device)
 
-    def prepare_conditionals(self, wav_fpath: str, exaggeration: float = 0.5) -> None:
+    def prepare_conditionals(
+        self, wav_fpath: str, exaggeration: float = 0.5, norm_loudness: bool = True
+    ) -> None:
         self._check_open()
         with self._amp():
-            prepare_voice(self.tts, wav_fpath, exaggeration)
+            prepare_voice(self.tts, wav_fpath, exaggeration, norm_loudness)
         self._ensure_conditionals_dtype()
 
-    def _voice(self, audio_prompt_path: str | None, exaggeration: float) -> None:
-        super()._voice(audio_prompt_path, exaggeration)
-        conds = self.tts.conds
-        # As upstream: compared in the tensor's dtype (float32 0.7 is not the float 0.7)
-        if conds is not None and bool(exaggeration != conds.t3.emotion_adv.flatten()[0]):
-            conds.t3.emotion_adv = exaggeration * torch.ones(1, 1, 1)
-            self._ensure_conditionals_dtype()
+    def _voice(self, audio_prompt_path: str | None, exaggeration: float, norm_loudness: bool = True) -> None:
+        super()._voice(audio_prompt_path, exaggeration, norm_loudness)
+        self._ensure_conditionals_dtype()  # a new exaggeration is made in float32
 
     # ------------------------------------------------------------ generation
 
@@ -632,18 +645,19 @@ class PerformanceOptimizedTTS(Pipeline):
         seed: int | None = None,
         decode: str | None = None,
         language_id: str | None = None,
+        norm_loudness: bool = True,
         **sampling: Any,
     ) -> torch.Tensor:
         """Like the family's upstream ``generate``: a watermarked waveform, shape (1, samples).
         ``sampling`` (temperature, top_p, ...; ``cfg_weight``) defaults as that ``generate`` does
-        (``families.Family.sampling``). ``decode`` overrides the wrapper's decode step for this
-        call (the bench compares them). With a ``seed`` the call draws from its own generators
-        (``rng.StreamRandom``: the tokens and audio of upstream ``generate`` after
-        ``torch.manual_seed(seed)``, safe beside other threads); without one it goes on from the
-        global random state, as upstream does."""
+        (``families.Family.sampling``); ``norm_loudness`` is Turbo's, for an ``audio_prompt_path``.
+        ``decode`` overrides the wrapper's decode step for this call (the bench compares them).
+        With a ``seed`` the call draws from its own generators (``rng.StreamRandom``: the tokens
+        and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, safe beside other
+        threads); without one it goes on from the global random state, as upstream does."""
         self._check_open()
         cfg_weight, sampling = family_of(self.tts).sampling_with(sampling)
-        self._voice(audio_prompt_path, exaggeration)
+        self._voice(audio_prompt_path, exaggeration, norm_loudness)
         rng = StreamRandom(seed) if seed is not None else None
         generator = rng.generator(self.tts.t3.speech_head.weight.device) if rng is not None else None
         # Kernels are recorded (on request) over T3 only, where the attention backend matters:
@@ -664,8 +678,7 @@ class PerformanceOptimizedTTS(Pipeline):
         t1 = now(self.device)
         tokens = decoded.tokens[0]
         ids = tokens.tolist()
-        # As upstream: only speech tokens are vocoded (Turbo then adds its closing silence).
-        speech = tokens.new_tensor(speech_ids(ids) + tail_tokens(self.tts.s3gen))
+        speech = tokens.new_tensor(vocoded_ids(self.tts, ids))  # as upstream
         wav = self.vocode(speech, rng).squeeze(0).cpu().numpy()
         t2 = now(self.device)
         marked = self.tts.watermarker.apply_watermark(wav, sample_rate=self.tts.sr)
@@ -699,14 +712,15 @@ class PerformanceOptimizedTTS(Pipeline):
         state: StreamState | None = None,
         decode: str | None = None,
         flow: str | None = None,
+        norm_loudness: bool = True,
         **sampling: Any,
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``, buffered by
         default) with this wrapper's decode plan, flow plan and autocast dtype (``decode`` and
-        ``flow`` override the wrapper's own for this call); sampling defaults as ``generate``.
+        ``flow`` override the wrapper's own for this call); sampling and the voice as ``generate``.
         A stream still being read when the wrapper closes stops there (``ConfigError``)."""
         self._check_open()
-        self._voice(audio_prompt_path, exaggeration)
+        self._voice(audio_prompt_path, exaggeration, norm_loudness)
         chunks = stream(  # sampling defaults as the family's generate (``stream``)
             self.tts,
             text,

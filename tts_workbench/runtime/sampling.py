@@ -113,7 +113,7 @@ class Sampler:
                 f"divided by it), got {self.repetition_penalty}"
             )
         # upstream generate runs guidance's second row only for a weight above 0
-        if self.cfg_weight < 0:
+        if not self.cfg_weight >= 0:  # NaN too
             raise ConfigError(f"cfg_weight must be 0 (no guidance) or above, got {self.cfg_weight}")
         object.__setattr__(self, "_warpers", self._make_warpers())
 
