@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tts_workbench.core.constants import UPSTREAM_GENERATE_CAP
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
@@ -33,7 +34,7 @@ def test_tokens_past_upstream_generates_own_cap_are_refused_with_an_upstream_con
     """Upstream generate stops at its own 1000 tokens: the ratios would compare 1000 upstream
     tokens with 1010 of the others (before: run, wall_ratio 0.771)."""
     monkeypatch.setattr(bench, "load_model", _reached)
-    cap = bench.UPSTREAM_GENERATE_CAP
+    cap = UPSTREAM_GENERATE_CAP
     past = f"argument --tokens: {cap + 1} is past upstream generate's own cap"
     with pytest.raises(ConfigError, match=past):
         run_bench("tiny", configs=("upstream", "optimized"), tokens=cap + 1, outdir=tmp_path)

@@ -25,6 +25,10 @@ FRAMES_PER_TOKEN = 2  # S3Gen mel frames per speech token
 SAMPLES_PER_TOKEN = SAMPLE_RATE // TOKENS_PER_S  # 960
 SAMPLES_PER_MS = SAMPLE_RATE // 1000  # 24
 
+# Upstream generate's own token cap: hard-coded as T3's max_new_tokens by the standard and
+# multilingual generate, inference_turbo's max_gen_len default (after the prefill's token) in Turbo's.
+UPSTREAM_GENERATE_CAP = 1000
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,6 +47,7 @@ __all__ = [
     "SAMPLE_RATE",
     "SPEECH_VOCAB_SIZE",
     "TOKENS_PER_S",
+    "UPSTREAM_GENERATE_CAP",
     "UPSTREAM_SENTENCE",
     "dtype_name",
     "parse_dtype",

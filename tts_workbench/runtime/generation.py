@@ -1,9 +1,9 @@
 """Run upstream generation with a token cap and per-phase timing.
 
-Upstream ``ChatterboxTTS.generate`` hard-codes ``max_new_tokens=1000`` (about 10 minutes of
-full-size T3 on a 2-core CPU) and random weights almost never sample the stop token. Rather than copy
-``generate``, we shadow ``t3.inference`` on the instance for the duration of a call, so the
-upstream code path runs unchanged with a smaller cap.
+Upstream ``ChatterboxTTS.generate`` hard-codes ``max_new_tokens=1000`` (``UPSTREAM_GENERATE_CAP``,
+about 10 minutes of full-size T3 on a 2-core CPU) and random weights almost never sample the stop
+token. Rather than copy ``generate``, we shadow ``t3.inference`` on the instance for the duration
+of a call, so the upstream code path runs unchanged with a smaller cap.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..core.clock import Stopwatch, now
-from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE
+from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_GENERATE_CAP, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError, EmptyTextError, NoSpeechError, NoVoiceError, SourceError
 from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
@@ -109,9 +109,10 @@ def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
 
     def wrap(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def capped(**kwargs: Any) -> torch.Tensor:
-            # The lower of the caller's cap and generate's own (1000: upstream hard-codes it).
+            # The lower of the caller's cap and generate's own.
             if family.t3_inference == "inference_turbo":  # one token from the prefill, then max_gen_len
-                kwargs["max_gen_len"] = min(kwargs.get("max_gen_len", 1000), max_new_tokens - 1)
+                own = kwargs.get("max_gen_len", UPSTREAM_GENERATE_CAP)
+                kwargs["max_gen_len"] = min(own, max_new_tokens - 1)
                 seen["cap"] = kwargs["max_gen_len"] + 1
             else:
                 kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or max_new_tokens, max_new_tokens)

@@ -25,7 +25,13 @@ from torch.utils.benchmark import Compare, Measurement, Timer
 from tqdm.auto import tqdm
 
 from ..core.clock import measurement, now
-from ..core.constants import FRAMES_PER_TOKEN, SAMPLE_RATE, UPSTREAM_SENTENCE, dtype_name
+from ..core.constants import (
+    FRAMES_PER_TOKEN,
+    SAMPLE_RATE,
+    UPSTREAM_GENERATE_CAP,
+    UPSTREAM_SENTENCE,
+    dtype_name,
+)
 from ..core.errors import ConfigError
 from ..core.files import written
 from ..core.strict_json import dumps as json_dumps
@@ -56,9 +62,6 @@ CONFIGS = (
     "compiled-stream",
 )
 DECODE_OF = {"optimized": "eager", "static": "static", "compiled": "compiled"}
-# Upstream generate's own token cap, hard-coded in chatterbox's ``ChatterboxTTS.generate``
-# (``max_new_tokens=1000``; Turbo's ``max_gen_len=1000``): the upstream config decodes no more.
-UPSTREAM_GENERATE_CAP = 1000
 
 
 def floor_of(config: str) -> str:
