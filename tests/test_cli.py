@@ -311,7 +311,7 @@ def test_stream_refuses_tokens_past_gpt2s_positions_before_streaming(
     args = ["stream", "--model", "turbo-tiny", "--decode", decode, "--tokens", "9000"]
     assert main([*args, "--out", str(tmp_path)]) == 2  # (Turbo's voice: the default, over 5 s)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "argument --tokens:" in errors[0] and "8196 positions" in errors[0], errors
+    assert len(errors) == 1 and "argument --tokens:" in errors[0] and "n_positions=8196" in errors[0], errors
 
 
 @pytest.mark.parametrize(

@@ -538,3 +538,48 @@ def test_an_empty_census_is_an_empty_table() -> None:
     frame = Census([]).to_frame()  # was a KeyError: no row, so no "module" column
     assert frame.empty and list(frame.columns) == ["module", "size_mib"]
     assert "no rows" in format_census(Census([]))
+
+
+def test_two_threads_failing_at_once_both_name_the_module_that_raised() -> None:
+    # One remembered exception for all threads: thread A's, replaced by B's, was taken for a new
+    # one at A's outer module, and trace.failure named that container instead of the Linear.
+    inner_failed, b_failed = threading.Event(), threading.Event()
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2).half()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread().name == "B":
+                inner_failed.wait(5)  # B fails after A's failure was recorded
+            else:
+                inner_failed.set()
+            return self.lin(x)  # float32 into float16 weights: raises
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            try:
+                return self.inner(x)
+            finally:  # A's exception reaches the outer module after B's failure
+                b_failed.wait(5) if threading.current_thread().name == "A" else b_failed.set()
+
+    model, failed = Outer(), []
+
+    def run() -> None:
+        with pytest.raises(RuntimeError):
+            model(torch.ones(1, 2))
+        failed.append(threading.current_thread().name)
+
+    with trace_dtypes(model) as trace:
+        threads = [threading.Thread(target=run, name=name) for name in "AB"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(failed) == ["A", "B"]
+    assert trace.failure is not None and trace.failure.module == "inner.lin", trace.failure

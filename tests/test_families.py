@@ -18,6 +18,7 @@ from chatterbox.models.t3.inference.alignment_stream_analyzer import (
 from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
 
+from tts_workbench.core import families
 from tts_workbench.core.errors import ConfigError, SourceError
 from tts_workbench.core.families import FAMILIES, check_language, family_frame, family_of
 from tts_workbench.core.patching import shadow
@@ -134,6 +135,17 @@ def test_languages_are_checked_with_the_fix() -> None:
         check_language("xx")
     with pytest.raises(ConfigError, match="Japanese \\(ja\\) text needs the optional package 'pykakasi'"):
         check_language("ja")
+
+
+def test_chinese_without_upstreams_cangjie_table_is_refused(
+    multilingual: ChatterboxMultilingualTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Upstream's MTLTokenizer fetches the table from the hub, logs a failure and passes the
+    # characters through unencoded: other tokens than upstream's online, silently.
+    monkeypatch.delitem(families.LANGUAGE_PACKAGES, "zh")  # as if the segmenter were installed
+    assert not multilingual.tokenizer.cangjie_converter.word2cj  # offline here: not loaded
+    with pytest.raises(ConfigError, match="Chinese \\(zh\\) text needs upstream's Cangjie table"):
+        text_tokens(multilingual, "你好。", language_id="zh")
 
 
 def test_turbo_refuses_a_short_reference(turbo: ChatterboxTurboTTS, tmp_path: Path) -> None:

@@ -343,6 +343,7 @@ def _without(event: dict[str, Any], key: str) -> dict[str, Any]:
         ([_without(_launch(90, 5, 1), "args"), _kernel(100, 10, 1)], "event 0 (cuda_runtime) has no args"),
         ([_launch(90, 5, 1), {**_kernel(100, 10, 1), "args": None}], "event 1 (kernel) has no args"),
         ([{"ph": "X", "cat": "user_annotation", "name": "t3.decode", "ts": "139"}], "has no ts, dur"),
+        ([{"cat": ["kernel"], "name": "k"}], 'event 0 has a category ["kernel"], not a name'),  # unhashable
     ],
 )
 def test_a_json_file_of_trace_events_that_are_not_is_a_trace_error_naming_it(

@@ -269,7 +269,9 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     calls = _Calls()
     lock = threading.Lock()  # trace.records and trace.failure are the threads' together
     handles = []
-    recorded: list[BaseException] = []  # the exception behind trace.failure
+    # Every exception recorded so far (trace.failure: the last), so that a module an exception
+    # passes through after another thread's failure does not take it for a new one.
+    recorded: list[BaseException] = []
 
     def fail(path: str, module: nn.Module | None, inputs: list[torch.dtype], e: BaseException) -> None:
         weight = None
@@ -286,7 +288,8 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             _where(e, in_hook=module is not None),  # module: None only outside any module call
         )
         with lock:
-            recorded[:], trace.failure = [e], failure
+            recorded.append(e)
+            trace.failure = failure
 
     def pre(path: str):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -67,6 +67,8 @@ def _flaw(e: Any) -> str | None:
     """What trace event ``e`` lacks of what is read from it, in words; None when nothing."""
     if not isinstance(e, dict):
         return f"is {json.dumps(e)[:40]}, not an object"
+    if not isinstance(e.get("cat", ""), str):
+        return f"has a category {json.dumps(e['cat'])[:40]}, not a name"
     lacks = [k for k, kind in _READ.get(e.get("cat", ""), {}).items() if not isinstance(e.get(k), kind)]
     # HTA drops a device event without its stream, then fails on a trace of such events (IndexError).
     if e.get("cat") in DEVICE_CATEGORIES and isinstance(args := e.get("args"), dict) and "stream" not in args:

@@ -260,9 +260,9 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from ..core.errors import ConfigError
+    from ..core.errors import CacheError
     from ..instruments.latency import format_report
-    from ..runtime.decode import DecodePlan, check_cache_len, prefill_length
+    from ..runtime.decode import DecodePlan, check_positions, prefill_length
     from ..runtime.streaming import StreamConfig, run_to_files
 
     if args.strategy == "naive":  # it has no windows: refused, not ignored (its config keeps their defaults)
@@ -283,13 +283,10 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
     plan = DecodePlan.plain(tts.t3, step=args.decode)
     prefill = prefill_length(tts, args.text)
     need = prefill + args.tokens
-    try:  # any step: GPT-2 (Turbo's) has no position past its table (before: an IndexError late)
-        check_cache_len(need, plan.decode.tfmr.config)
-    except ConfigError as e:
-        raise ConfigError(
-            f"argument --tokens: {prefill} prefill positions + {args.tokens} tokens = {need} positions, "
-            f"more than T3 has ({e}): lower --tokens or shorten the text"
-        ) from None
+    try:  # before it streams (max_new_tokens: --tokens)
+        check_positions(plan.decode.tfmr.config, prefill, args.tokens)
+    except CacheError as e:
+        raise CacheError(f"argument --tokens: {e}") from None
     if args.decode != "eager":  # (the eager step's cache grows as it goes)
         # A static cache that holds this request: longer than the default only where it must
         # be (a refusal would tell a command-line user to set plan.max_cache_len).

@@ -524,7 +524,8 @@ def generated_ids(ids: list[int], t3: T3) -> list[int]:
     """The ids a whole generation's upstream ``generate`` vocodes: for the standard and
     multilingual models (``drop_invalid_tokens``) only those after a sampled start-of-speech
     token (random weights sample it), then the speech tokens; Turbo's only the speech tokens.
-    A stream cannot take back what it played, so streams keep ``speech_ids`` of every block."""
+    A stream cannot take back what it played, so streams keep ``speech_ids`` of every block.
+    (Upstream's ``drop_invalid_tokens`` fails on two sampled start ids; here the first cuts.)"""
     start = t3.hp.start_speech_token
     if not is_turbo(t3) and start in ids:
         ids = ids[ids.index(start) + 1 :]
@@ -547,6 +548,14 @@ def text_tokens(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str |
     if is_turbo(tts.t3):
         encoded = tts.tokenizer(turbo_punc_norm(text), return_tensors="pt", padding=True, truncation=True)
         return cast(torch.Tensor, encoded.input_ids).to(tts.device)
+    if language_id == "zh" and not tts.tokenizer.cangjie_converter.word2cj:
+        # MTLTokenizer fetches it from the hub when built and, failing, passes Chinese through
+        # unencoded: other tokens than upstream's, silently.
+        raise ConfigError(
+            "Chinese (zh) text needs upstream's Cangjie table (Cangjie5_TC.json, which MTLTokenizer "
+            "downloads from the hub when the model loads), and this model's tokenizer has none: load "
+            "the model once where the hub is reachable (or with the file in its hub cache)"
+        )
     if language_id is not None:
         tokens = tts.tokenizer.text_to_tokens(mtl_punc_norm(text), language_id=language_id)
     else:

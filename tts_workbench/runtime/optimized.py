@@ -296,7 +296,7 @@ class Pipeline:
         conds = self.tts.conds
         # As upstream: compared in the tensor's dtype (float32 0.7 is not the float 0.7)
         if bool(exaggeration != conds.t3.emotion_adv.flatten()[0]):
-            conds.t3.emotion_adv = exaggeration * torch.ones(1, 1, 1)
+            conds.t3.emotion_adv = exaggeration * torch.ones(1, 1, 1, device=conds.t3.speaker_emb.device)
 
     def prepare_conditionals(
         self, wav_fpath: str, exaggeration: float = 0.5, norm_loudness: bool = True
