@@ -518,3 +518,18 @@ def test_both_pipelines_prepare_a_turbo_reference_as_upstream_generate_does(
                 assert torch.equal(turbo.conds.gen["embedding"], want), type(pipeline).__name__
     finally:
         turbo.conds = conds
+
+
+def test_both_pipelines_count_turbos_stop_token_as_a_sampled_token(
+    turbo: ChatterboxTurboTTS, steer: type[Steer]
+) -> None:
+    # inference_turbo drops the stop token it sampled; the wrapper's count includes it: the
+    # baseline's tokens (and the bench's tokens/s) were one lower for the same sampling.
+    stop = turbo.t3.hp.stop_speech_token
+    counts = []
+    with PerformanceOptimizedTTS(turbo, policy="float32", decode="eager") as opt:
+        for pipeline in (UpstreamTTS(turbo), opt):
+            with shadow(turbo.t3.speech_head, "forward", steer({6: stop})):
+                pipeline.generate("Turbo speaks.", max_new_tokens=20, seed=0)
+            counts.append((pipeline.last.tokens, pipeline.last.stopped_by))
+    assert counts[0] == counts[1] == (6, "stop token")

@@ -350,8 +350,10 @@ class UpstreamTTS(Pipeline):
             self.tts, text, max_new_tokens, seed, audio_prompt_path=audio_prompt_path, **sampling
         )
         decode = r.seconds.get("t3.decode", 0.0)
+        # inference_turbo drops the stop token it sampled: counted, as the other families count it
+        dropped = family_of(self.tts).name == "turbo" and r.stopped_by == "stop token"
         self.last = LastGeneration(
-            tokens=len(r.speech_tokens),
+            tokens=len(r.speech_tokens) + dropped,
             stopped_by=r.stopped_by,
             invalid_tokens=r.invalid_tokens,
             seconds={
