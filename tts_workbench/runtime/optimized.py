@@ -86,7 +86,7 @@ from .precision import (
 from .streaming import StreamConfig, StreamState, stream
 
 # The decode step "auto" picks per device type: measured side by side with `tts-workbench bench`
-# (README, "Decode step"). On CUDA the eager step is host-bound (H200: 43 ms per token).
+# (docs/decode.md). On CUDA the eager step is host-bound (H200: 43 ms per token).
 DEFAULT_DECODE = {"cuda": "compiled", "cpu": "eager"}
 
 
