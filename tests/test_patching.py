@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
-from tts_workbench.core.patching import own_code, routed, shadow, shared
+import pytest
+import torch
+
+from tts_workbench.core.compiling import skipping_guards
+from tts_workbench.core.patching import own_code, routed, scoped_item, shadow, shared
+from tts_workbench.models.frontends import offline_hub
 
 
 class Voice:
@@ -85,9 +92,13 @@ def test_shadows_overlapping_out_of_order_leave_the_instance_as_it_was() -> None
             assert v.speak() == "over(under(upstream))"
             stacks[first_out].close()
             still = "over" if first_out == "under" else "under"
-            # the one still inside is still on the model (over had captured under's wrapper on
-            # entry, so it still calls it: under's leaving cannot reach into over's closure) ...
-            expected = "over(under(upstream))" if first_out == "under" else "under(upstream)"
+            # the one still inside is still on the model. Over had captured under's wrapper on
+            # entry and still calls it: a plain shadow under it still runs, a shared one whose
+            # users all left calls through ...
+            if first_out == "over":
+                expected = "under(upstream)"
+            else:
+                expected = "over(upstream)" if under == "shared" else "over(under(upstream))"
             assert v.speak() == expected, (under, over, first_out)
             stacks[still].close()
             assert v.speak() == "upstream" and "speak" not in vars(v), (under, over, first_out)  # then none
@@ -96,9 +107,6 @@ def test_shadows_overlapping_out_of_order_leave_the_instance_as_it_was() -> None
 def test_a_submodule_parameter_or_buffer_cannot_be_shadowed() -> None:
     # nn.Module keeps them outside the instance's __dict__: before, a shadow of a child module
     # was never undone (its exit took the child for another shadow sitting on top).
-    import pytest
-    import torch
-
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     lin = model[0]
     for obj, name in ((model, "0"), (lin, "weight"), (model[1], "running_mean")):
@@ -109,3 +117,134 @@ def test_a_submodule_parameter_or_buffer_cannot_be_shadowed() -> None:
     assert model[0] is lin and isinstance(lin.weight, torch.nn.Parameter)
     with pytest.raises(TypeError, match="shadow replaces"), shared(model, "0", lambda x: x):
         pass
+
+
+def test_a_shared_or_routed_shadow_left_under_another_does_nothing_once_its_users_left() -> None:
+    """Its last user left while a plain shadow sat on top (``around`` of the profiler in one
+    thread, generations timed in another): it stays under that shadow. Entered again, a routed
+    one's route was found by the one left behind too (a RecursionError), a shared one's wrapper
+    ran twice."""
+    for make in (routed, shared):
+        v = Voice()
+        first, top = ExitStack(), ExitStack()
+        first.enter_context(make(v, "speak", tagged("mine")))
+        top.enter_context(shadow(v, "speak", tagged("top")))
+        first.close()
+        assert v.speak() == "top(upstream)", make
+        with make(v, "speak", tagged("mine")):
+            assert v.speak() == "mine(top(upstream))", make
+        top.close()
+        assert v.speak() == "upstream" and "speak" not in vars(v), make
+
+
+def test_a_routed_shadow_whose_wrap_fails_is_not_left_on_the_instance() -> None:
+    def failing(fn: Callable[..., str]) -> Callable[..., str]:
+        raise RuntimeError("wrap failed")
+
+    v = Voice()
+    with pytest.raises(RuntimeError, match="wrap failed"), routed(v, "speak", failing):
+        pass
+    assert "speak" not in vars(v)  # before, the dispatcher stayed, held by a user who had left
+    with routed(v, "speak", tagged("A")):
+        assert v.speak() == "A(upstream)"
+    assert "speak" not in vars(v)
+
+
+def test_a_scoped_item_overlapping_in_threads_stays_until_the_last_leaves() -> None:
+    """Each put back what it saw on entry: the first out took the item from the second, still
+    inside, and the second out put the first's back for good."""
+    configs: dict[str, Any] = {"kept": 1}
+    hub = types.SimpleNamespace(HF_HUB_OFFLINE=False)
+    a, b = ExitStack(), ExitStack()
+    for stack in (a, b):
+        stack.enter_context(scoped_item(configs, "tiny", {"layers": 2}))
+        stack.enter_context(offline_hub(hub))
+    a.close()  # the first in leaves first
+    assert configs == {"kept": 1, "tiny": {"layers": 2}} and hub.HF_HUB_OFFLINE is True
+    b.close()
+    assert configs == {"kept": 1} and hub.HF_HUB_OFFLINE is False
+
+
+def test_a_scoped_item_with_another_value_waits_until_the_item_is_free() -> None:
+    configs: dict[str, Any] = {}
+    inside, seen = threading.Event(), []
+
+    def other() -> None:
+        inside.set()
+        with scoped_item(configs, "tiny", "B"):
+            seen.append(configs["tiny"])
+
+    thread = threading.Thread(target=other)
+    with scoped_item(configs, "tiny", "A"):
+        thread.start()
+        assert inside.wait(timeout=30)
+        thread.join(timeout=0.2)
+        assert thread.is_alive() and configs["tiny"] == "A"  # B waits: A still builds with its own
+    thread.join(timeout=30)
+    assert seen == ["B"] and configs == {}
+    with scoped_item(configs, "tiny", "A"), scoped_item(configs, "tiny", "A"):  # the same: nests
+        with pytest.raises(RuntimeError, match="not nested"), scoped_item(configs, "tiny", "B"):
+            pass  # would wait for this thread to leave
+    assert configs == {}
+
+
+def test_multilingual_readers_in_two_threads_leave_the_logger_and_the_hub_as_they_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each reader saved the tokenizer logger's level and the hub's offline switch and restored
+    them: the first in leaving first left the other one online and, once both left, the logger
+    at ERROR and the hub offline for good."""
+    import logging
+
+    from huggingface_hub import constants
+
+    from tts_workbench.models import frontends
+
+    log = logging.getLogger("chatterbox.models.tokenizers.tokenizer")
+    level, offline = log.level, constants.HF_HUB_OFFLINE
+    warning = logging.LogRecord(log.name, logging.WARNING, "", 0, "missing", None, None)
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def tokenizer(path: str) -> str:  # reader A in one thread, B in another
+        if path == "A":
+            a_inside.set()
+            assert b_inside.wait(timeout=30)
+        else:
+            b_inside.set()
+            assert a_left.wait(timeout=30)
+            seen["B"] = (
+                log.isEnabledFor(logging.WARNING) and bool(log.filter(warning)),
+                constants.HF_HUB_OFFLINE,
+            )
+        return path
+
+    def read(path: str, after: threading.Event | None = None) -> None:
+        frontends.read_tokenizer("multilingual", Path(path))
+        if after is not None:
+            after.set()
+
+    monkeypatch.setattr(frontends, "MTLTokenizer", tokenizer)
+    a = threading.Thread(target=read, args=("A", a_left))
+    b = threading.Thread(target=read, args=("B",))
+    a.start()
+    assert a_inside.wait(timeout=30)
+    b.start()
+    a.join(timeout=30)
+    b.join(timeout=30)
+    assert seen["B"] == (False, True)  # B, still inside, quiet and offline
+    assert (log.level, log.filters, constants.HF_HUB_OFFLINE) == (level, [], offline)
+
+
+def test_skipping_guards_keeps_the_callers_stance() -> None:
+    """It set the stance "default" with the skip, so a caller's ``force_eager`` (or forced
+    backend) was off inside the calls."""
+    from torch._dynamo import eval_frame
+
+    for stance, backend in (("force_eager", None), ("fail_on_recompile", None), ("default", "eager")):
+        with torch.compiler.set_stance(stance, force_backend=backend):
+            with skipping_guards(True):
+                now = eval_frame._stance
+                assert (now.stance, now.backend, now.skip_guard_eval_unsafe) == (stance, backend, True)
+            now = eval_frame._stance
+            assert (now.stance, now.backend, now.skip_guard_eval_unsafe) == (stance, backend, False)

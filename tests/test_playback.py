@@ -71,3 +71,17 @@ def test_outside_a_kernel_the_player_shows_its_static_table_and_the_utterance(
     monkeypatch.setattr(playback, "display", shown.append)
     player._ipython_display_()  # pytest runs no Jupyter kernel
     assert [type(x).__name__ for x in shown] == ["HTML", "Audio"] and shown[0].data == table
+
+
+def test_outside_a_kernel_the_utterance_plays_the_samples_the_widget_plays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # IPython's Audio of an array scales it to full scale (a quiet chunk played loud, one NaN
+    # sample silenced everything); the widget plays ``wav_bytes``: now both do.
+    player = StreamPlayer(24000)
+    player.add(np.full(2400, 0.01, np.float32), _metrics(0, 1.0, 0.1))
+    player.add(np.array([0.01, np.nan, -0.01], np.float32), _metrics(1, 1.1, 0.1))
+    shown: list[Any] = []
+    monkeypatch.setattr(playback, "display", shown.append)
+    player._ipython_display_()
+    assert shown[1].data == wav_bytes(player.finish(), 24000) == player.full.children[1].value

@@ -13,7 +13,8 @@ engine's batched step, S3Gen's CFM estimator), in one place.
 - ``warmup_calls``: how many calls leave such a function ready: with CUDA graph trees three (the
   first runs eagerly, the second records, the third replays), else one (the one that compiles).
 - ``skipping_guards``: dynamo's guard checks skipped for a call whose guards were checked
-  before, as long as no other thread is inside such a call (torch's stance is process-wide).
+  before, as long as no other thread is inside such a call (torch's stance is process-wide;
+  the rest of it, a caller's ``force_eager`` say, is kept).
 - ``fell_back``: the one warning of a compile that failed, its error in one line (the reason a
   caller keeps as its ``fallback_reason``).
 """
@@ -87,7 +88,12 @@ def skipping_guards(wanted: bool) -> Iterator[None]:
         _inside += 1
         if _inside == 1 and wanted:
             try:
-                _skipping = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+                from torch._dynamo import eval_frame  # imported by the first compile, not by torch
+
+                now = eval_frame._stance  # the caller's own (force_eager, a forced backend, ...) kept
+                _skipping = torch.compiler.set_stance(
+                    now.stance, skip_guard_eval_unsafe=True, force_backend=now.backend
+                )
                 _skipping.__enter__()
             except BaseException:  # (inside a compiled region, say): this call was never inside
                 _inside, _skipping = _inside - 1, None

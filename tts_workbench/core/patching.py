@@ -12,14 +12,16 @@ Everything the workbench does to a user's model goes through here:
   installs one wrapper for every user, the first in and the last out deciding; ``routed``
   applies each user's wrapper to its own thread's (or asyncio task's) calls only. Whatever
   the kind and the order they leave in, the instance is left as it was: a shadow that leaves
-  while another sits on top of it is put back by that one.
+  while another sits on top of it is put back by that one (a shared or routed one calls
+  through meanwhile).
 - ``preserved`` (``ModuleSnapshot``): remember every parameter and buffer tensor of modules
   (references, not copies) and put them back; casting with ``module.to(dtype)`` swaps
   ``param.data``, so the originals come back bit for bit at no memory cost beyond what the cast
   itself allocated. (A deep copy of a whole ChatterboxTTS is not possible: HiFT's weight-norm
   keeps non-leaf tensors, which ``copy.deepcopy`` refuses.)
 - ``working_copy``: an attribute replaced by a copy of itself, the original put back.
-- ``scoped_item``: set a key of a dict (e.g. upstream's ``LLAMA_CONFIGS``) and remove it again.
+- ``scoped_item``: set a key of a dict (e.g. upstream's ``LLAMA_CONFIGS``) and remove it again,
+  held as ``shared`` holds a shadow.
 - ``own_code``: a copy of a function with its own code object, for ``torch.compile``.
 """
 
@@ -32,6 +34,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,11 +65,27 @@ def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
         _put_back(obj, name, wrapped, before)
 
 
-# Shadows held by several users at once: (id(obj), name) -> [what the instance had, users,
-# what is called, what was installed], and each context's routes (a mapping replaced, never
-# changed in place).
-_held: dict[tuple[int, str], list[Any]] = {}
+@dataclass(eq=False)
+class _Held:
+    """One installation of a ``shared`` or ``routed`` shadow, from its first user in to its last
+    out: what the instance's ``__dict__`` had before (``before``), what the attribute was
+    (``original``), what was set (``installed``). Its last user may have to leave it under
+    another shadow (``_put_back``) until that one leaves; ``live`` is then false, and routes are
+    keyed by the installation: one left behind never takes a later one's calls for its own."""
+
+    before: Any
+    original: Callable[..., Any]
+    installed: Callable[..., Any] | None = None
+    users: int = 0
+    live: bool = True
+
+
+# Shadows held by several users at once, by (id(obj), name); items held by ``scoped_item``, by
+# (id(mapping), key).
+_held: dict[tuple[int, str], _Held] = {}
 _held_lock = threading.RLock()
+_items: dict[tuple[int, str], list[Any]] = {}  # -> [the value, users' threads, what was there before]
+_items_free = threading.Condition()
 # A shadow that left while another sat on top of it (two threads, out of order): id -> (the
 # shadow, what to put back in its place when the one on top puts it back).
 _left: dict[int, tuple[Any, Any]] = {}
@@ -98,37 +117,34 @@ def _put_back(obj: object, name: str, mine: Any, before: Any) -> None:
             setattr(obj, name, before)
 
 
-_Routes = Mapping[tuple[int, str], Callable[..., Any]]
+_Routes = Mapping[_Held, Callable[..., Any]]
 _routes: ContextVar[_Routes] = ContextVar("tts_workbench_routes", default=types.MappingProxyType({}))
 
 
-def _hold(obj: object, name: str, install: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
-    """Count one more user of ``obj.name``; the first sets it to ``install(original)``. Returns
-    what the attribute was before the first user."""
+@contextmanager
+def _holding(obj: object, name: str, install: Callable[[_Held], Callable[..., Any]]) -> Iterator[_Held]:
+    """One more user of ``obj.name`` while inside: the first in sets it to ``install(held)``,
+    the last out puts back what the instance had before the first, in whatever order they
+    leave."""
     _check_shadowable(obj, name)
     key = (id(obj), name)
     with _held_lock:
-        entry = _held.get(key)
-        if entry is None:
-            original = getattr(obj, name)
-            installed = install(original)
-            if installed is not original:
-                functools.update_wrapper(installed, original)
-            entry = _held[key] = [obj.__dict__.get(name, _MISSING), 0, original, installed]
-            setattr(obj, name, installed)
-        entry[1] += 1
-        return entry[2]
-
-
-def _release(obj: object, name: str) -> None:
-    """One user fewer; the last puts back what the instance had before the first."""
-    key = (id(obj), name)
-    with _held_lock:
-        entry = _held[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _held[key]
-            _put_back(obj, name, entry[3], entry[0])
+        held = _held.get(key)
+        if held is None:
+            held = _Held(obj.__dict__.get(name, _MISSING), getattr(obj, name))
+            held.installed = functools.update_wrapper(install(held), held.original)
+            _held[key] = held
+            setattr(obj, name, held.installed)
+        held.users += 1
+    try:
+        yield held
+    finally:
+        with _held_lock:
+            held.users -= 1
+            if held.users == 0:
+                held.live = False
+                del _held[key]
+                _put_back(obj, name, held.installed, held.before)
 
 
 @contextmanager
@@ -136,11 +152,19 @@ def shared(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
     """``obj.name = wrap(obj.name)`` while any user is inside, for every caller: the first user
     in sets it, the last out restores it, in whatever order they leave. Every user of one
     attribute passes the same ``wrap``."""
-    _hold(obj, name, wrap)
-    try:
+
+    def install(held: _Held) -> Callable[..., Any]:
+        wrapped = wrap(held.original)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            # left under another shadow by its last user: not applied any more (nor twice, under
+            # a later installation)
+            return (wrapped if held.live else held.original)(*args, **kwargs)
+
+        return call
+
+    with _holding(obj, name, install):
         yield
-    finally:
-        _release(obj, name)
 
 
 @contextmanager
@@ -149,22 +173,20 @@ def routed(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
     ``wrap(what it called before)``; other threads' calls run what the instance had. A
     dispatcher sits on the instance while any user is inside and is removed by the last to
     leave, in whatever order they leave; routes nest within a thread."""
-    key = (id(obj), name)
 
-    def dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
+    def dispatcher(held: _Held) -> Callable[..., Any]:
         def dispatch(*args: Any, **kwargs: Any) -> Any:
-            return _routes.get().get(key, original)(*args, **kwargs)
+            return _routes.get().get(held, held.original)(*args, **kwargs)
 
         return dispatch
 
-    original = _hold(obj, name, dispatcher)
-    routes = _routes.get()
-    token = _routes.set({**routes, key: wrap(routes.get(key, original))})
-    try:
-        yield
-    finally:
-        _routes.reset(token)
-        _release(obj, name)
+    with _holding(obj, name, dispatcher) as held:
+        routes = _routes.get()
+        token = _routes.set({**routes, held: wrap(routes.get(held, held.original))})
+        try:
+            yield
+        finally:
+            _routes.reset(token)
 
 
 def around(
@@ -192,16 +214,32 @@ def around(
 
 @contextmanager
 def scoped_item(mapping: MutableMapping[str, Any], key: str, value: Any) -> Iterator[None]:
-    """``mapping[key] = value`` while inside; the previous value (or absence) is restored."""
-    before = mapping.get(key, _MISSING)
-    mapping[key] = value
+    """``mapping[key] = value`` while any user is inside: the first in sets it, the last out
+    restores the previous value (or absence), in whatever order they leave (threads). A user
+    with another value waits until the item is free, so each builds with its own; one nested
+    in a thread that holds the item with another value is refused (it would wait for ever)."""
+    item, me = (id(mapping), key), threading.get_ident()
+    with _items_free:
+        held = _items.get(item)
+        if held is not None and held[0] != value and me in held[1]:
+            raise RuntimeError(f"{key!r} is set to another value by this thread already: not nested")
+        _items_free.wait_for(lambda: item not in _items or _items[item][0] == value)
+        if item not in _items:
+            _items[item] = [value, [], mapping.get(key, _MISSING)]
+            mapping[key] = value
+        _items[item][1].append(me)
     try:
         yield
     finally:
-        if before is _MISSING:
-            del mapping[key]
-        else:
-            mapping[key] = before
+        with _items_free:
+            _items[item][1].remove(me)
+            if not _items[item][1]:
+                before = _items.pop(item)[2]
+                if before is _MISSING:
+                    del mapping[key]
+                else:
+                    mapping[key] = before
+                _items_free.notify_all()
 
 
 class ModuleSnapshot:

@@ -36,7 +36,7 @@ _OF_INPUT = {torch.multinomial, torch.bernoulli, torch.poisson}
 _METHODS = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.random_,
             torch.Tensor.exponential_, torch.Tensor.cauchy_, torch.Tensor.log_normal_,
             torch.Tensor.geometric_, torch.Tensor.multinomial, torch.Tensor.bernoulli}  # fmt: skip
-_ON_INPUT = _LIKE | _OF_INPUT | _METHODS  # the generator's device: the first argument's
+_ON_INPUT = _LIKE | _OF_INPUT | _METHODS  # the generator's device: the first argument's (or input=)
 _RANDOM = _ON_INPUT | _FACTORIES | {torch.normal}
 
 
@@ -101,8 +101,8 @@ class _Drawing(TorchFunctionMode):
         # Every torch call of the thread comes through here: the common case (no draw) is one
         # set lookup, and the caller's kwargs are copied only when a generator is added.
         if func in _RANDOM and kwargs.get("generator") is None:
-            if func in _ON_INPUT:
-                device = args[0].device
+            if func in _ON_INPUT:  # a Tensor method gets its tensor by position, a function may not
+                device = (args[0] if args else kwargs["input"]).device
             elif func is torch.normal:  # on its tensor mean or std, else as a factory
                 given = (*args[:2], kwargs.get("mean"), kwargs.get("std"))
                 tensors = [a for a in given if torch.is_tensor(a)]

@@ -23,8 +23,8 @@ from ..instruments.latency import ChunkMetrics, StreamReport, underruns
 
 
 def wav_bytes(wav: np.ndarray, sample_rate: int) -> bytes:
-    """A float waveform as the bytes of a 16-bit PCM WAV file (what ``ipywidgets.Audio`` plays):
-    samples clipped to [-1, 1], NaN samples silent."""
+    """A float waveform as the bytes of a 16-bit PCM WAV file (what every player here plays, in a
+    kernel or not): samples clipped to [-1, 1], NaN samples silent."""
     # NaN survives np.clip and libsndfile writes it as -32768, a full-scale click in the player.
     samples = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
     buf = io.BytesIO()
@@ -90,7 +90,8 @@ class StreamPlayer:
         else:
             display(self.static())
             if self.chunks:
-                display(Audio(np.concatenate(self.chunks), rate=self.sample_rate))
+                # the widget's bytes: IPython's own conversion of an array scales it to full scale
+                display(Audio(wav_bytes(np.concatenate(self.chunks), self.sample_rate)))
 
 
 def seam_figure(

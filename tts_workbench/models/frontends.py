@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
 from ..core.errors import SourceError
 from ..core.families import FAMILIES
 from ..core.files import built_once
+from ..core.patching import scoped_item
 
 # What save_gpt2_tokenizer writes (transformers' save_pretrained, older versions also the last two)
 GPT2_TOKENIZER_FILES = (
@@ -122,29 +123,36 @@ def read_tokenizer(family: str, path: Path) -> Any:
         from huggingface_hub import constants
 
         # MTLTokenizer fetches a Chinese mapping from the hub and warns when it (or the Chinese
-        # segmenter) is missing: offline, fail at once and quietly; families.check_language
-        # refuses Chinese without its segmenter instead.
-        log = logging.getLogger("chatterbox.models.tokenizers.tokenizer")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            with offline_hub(constants):
-                return MTLTokenizer(str(path))
-        finally:
-            log.setLevel(level)
+        # segmenter) is missing: offline, fail at once and quietly; Chinese without either is
+        # refused instead (families.check_language, decode.text_tokens).
+        with (
+            _errors_only(logging.getLogger("chatterbox.models.tokenizers.tokenizer")),
+            offline_hub(constants),
+        ):
+            return MTLTokenizer(str(path))
     return EnTokenizer(str(path))
 
 
-@contextmanager
-def offline_hub(constants: Any) -> Iterator[None]:
+def offline_hub(constants: Any) -> AbstractContextManager[None]:
     """The hub used offline (cached files only) while inside: an offline machine fails at once
-    instead of waiting on the network."""
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    instead of waiting on the network. Loads in threads may overlap: the first in sets it, the
+    last out puts it back (``scoped_item``)."""
+    return scoped_item(vars(constants), "HF_HUB_OFFLINE", True)
+
+
+@contextmanager
+def _errors_only(log: logging.Logger) -> Iterator[None]:
+    """``log`` passes on errors only while inside. A filter of each user's own, not the
+    logger's level: users in threads take off their own in whatever order they leave."""
+
+    def errors(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    log.addFilter(errors)
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = saved
+        log.removeFilter(errors)
 
 
 def _vocab(tokenizer: Any) -> dict[str, int]:
