@@ -260,7 +260,10 @@ def tail_tokens(s3gen: S3Gen) -> list[int]:
 
 def s3gen_inference(s3gen: S3Gen, tokens: torch.Tensor, gen: dict[str, Any]) -> torch.Tensor:
     """Upstream ``S3Gen.inference`` (flow, vocoder, fade-in over the reference spill-over)."""
+    noise = None
+    if s3gen.meanflow:  # drawn first, as upstream's flow_inference does: the same draws for a seed
+        noise = torch.randn(1, 80, tokens.size(-1) * FRAMES_PER_TOKEN, dtype=s3gen.dtype, device=s3gen.device)
     with torch.inference_mode():
-        wav, _ = vocoder(s3gen, flow_mels(s3gen, tokens, gen))
+        wav, _ = vocoder(s3gen, flow_mels(s3gen, tokens, gen, noise=noise))
         fade_in(s3gen, wav)
     return wav
