@@ -180,9 +180,10 @@ def _tiny_s3gen(cfg: TinyConfig, meanflow: bool = False) -> S3Gen:
 
 
 def build_s3gen(family: str, cfg: TinyConfig | None) -> S3Gen:
-    """The family's S3Gen (Turbo's with meanflow), full size or tiny (the tiny sizes of ``TINY``)."""
+    """The family's S3Gen (Turbo's with meanflow), full size or at the S3Gen sizes of ``cfg``
+    (every build here keeps ``TinyConfig``'s defaults for them)."""
     meanflow = family == "turbo"
-    return S3Gen(meanflow=meanflow) if cfg is None else _tiny_s3gen(TINY, meanflow)
+    return S3Gen(meanflow=meanflow) if cfg is None else _tiny_s3gen(cfg, meanflow)
 
 
 def assemble(
