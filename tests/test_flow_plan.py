@@ -155,3 +155,26 @@ def test_a_new_shape_compiles_while_a_step_elsewhere_skips_its_guards() -> None:
     with skipping_guards(True):  # the other thread's step, inside alone
         out = replay(plan._estimator(toy, toy.forward, (new,)), new, cudagraphs=False)
     assert plan.fallback_reason is None and torch.equal(out, new.cumsum(-1) * 2)
+
+
+def test_every_shape_compiles_past_dynamos_recompile_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamo keeps a recompile limit (8) per code object: with one code object for every shape,
+    from the ninth (a buffered stream compiles two per voice: the fifth voice) the estimator ran
+    eagerly while the plan still said compiled. Here with the limit at 2 and dynamo's eager
+    backend (fast)."""
+
+    class Toy(torch.nn.Module):
+        def forward(self, x: torch.Tensor, *rest: object) -> torch.Tensor:
+            return x.cumsum(-1) * 2
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw, backend="eager"))
+    plan, toy = FlowPlan("compiled"), Toy()
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for n in range(4, 8):
+            x = torch.ones(1, 2, n)
+            out = replay(plan._estimator(toy, toy.forward, (x,)), x, cudagraphs=False)
+            assert torch.equal(out, x.cumsum(-1) * 2)
+    assert counters["stats"]["unique_graphs"] - graphs == 4  # before: 2, then eager
+    assert len(plan.shapes) == 4 and plan.compiled

@@ -16,14 +16,16 @@ import torch
 from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.t3 import T3
 from chatterbox.models.voice_encoder import VoiceEncoder
+from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts import ChatterboxTTS
 from safetensors.torch import load_file, save_file
 
-from tts_workbench.core.errors import SourceError
+from tts_workbench.core.errors import ConfigError, SourceError
+from tts_workbench.core.families import FAMILIES
 from tts_workbench.models import checkpoints, frontends
 from tts_workbench.models.checkpoints import METADATA_FILE, load_folder, save_checkpoint
 from tts_workbench.models.frontends import build_tokenizer_json
-from tts_workbench.models.reference import check_reference
+from tts_workbench.models.reference import check_reference, make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, stream_all
@@ -191,8 +193,20 @@ def test_cuda_without_cuda() -> None:
         load_model("tiny", device="cuda")
 
 
+@pytest.mark.parametrize(
+    ("source", "files"),
+    [
+        ("pretrained", "ve.safetensors, t3_cfg.safetensors, s3gen.safetensors, tokenizer.json"),
+        # before: tokenizer.json, which upstream's Turbo repository does not hold
+        (
+            "turbo-pretrained",
+            "ve.safetensors, t3_turbo_v1.safetensors, s3gen_meanflow.safetensors, vocab.json, merges.txt, "
+            "added_tokens.json, special_tokens_map.json, tokenizer_config.json",
+        ),
+    ],
+)
 def test_pretrained_offline_fails_at_once_and_says_what_to_do(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str, files: str
 ) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     import huggingface_hub.constants as c
@@ -200,7 +214,8 @@ def test_pretrained_offline_fails_at_once_and_says_what_to_do(
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     before = c.HF_HUB_OFFLINE
     with pytest.raises(SourceError, match="load_model\\('/path/to/folder'\\)") as e:
-        load_model("pretrained")
+        load_model(source)
+    assert f"download {files}" in str(e.value)
     assert c.HF_HUB_OFFLINE == before  # offline only during the call
     # the hub's own reason is named (its type and first line), not only "not available"
     cause = e.value.__cause__
@@ -452,3 +467,88 @@ def test_loading_a_missing_folder_names_the_checkpoint_a_killed_save_moved_aside
     with pytest.raises(SourceError, match=re.escape(f"previous checkpoint in {old}: rename it to ckpt")):
         load_folder(tmp_path / "ckpt")
     assert old.exists() and not (tmp_path / "ckpt").exists()  # loading moves nothing
+
+
+def test_a_turbo_folder_in_the_layout_of_upstreams_hub_repository_loads(tmp_path: Path) -> None:
+    turbo = load_model("turbo-tiny")
+    folder = save_checkpoint(turbo, tmp_path / "turbo")  # tokenizer.json, and vocab.json + merges.txt
+    text = "Hello there, it's 5 o'clock."
+    ids = turbo.tokenizer(text).input_ids
+    assert load_folder(folder).tokenizer(text).input_ids == ids
+    (folder / "tokenizer.json").unlink()  # upstream's repository holds vocab.json + merges.txt only
+    assert load_folder(folder).tokenizer(text).input_ids == ids  # before: "missing tokenizer.json"
+    (folder / "merges.txt").unlink()
+    with pytest.raises(SourceError, match=r"missing tokenizer.json \(or vocab.json and merges.txt\)"):
+        load_folder(folder)
+
+
+def test_a_damaged_metadata_file_is_named_with_the_fix(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    meta_path = folder / METADATA_FILE
+    meta = json.loads(meta_path.read_text())
+    for damaged in (meta_path.read_text()[:40], "[]"):  # truncated (before: a bare JSONDecodeError)
+        meta_path.write_text(damaged)
+        with pytest.raises(SourceError, match=re.escape(f"{meta_path} is damaged") + ".*save the model"):
+            load_model(str(folder))
+    meta_path.write_text(json.dumps(meta | {"tiny_config": {"t3_layerz": 2}}))
+    with pytest.raises(SourceError, match=re.escape(str(meta_path)) + ".*t3_layerz.*save the model again"):
+        load_model(str(folder))  # before: TinyConfig's TypeError
+
+
+def test_a_folder_with_two_families_files_is_refused_unless_the_family_is_given(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    # Upstream's standard and multilingual models come from one hub repository: a folder may hold both.
+    folder = save_checkpoint(tiny_tts, tmp_path / "both")
+    multilingual = save_checkpoint(load_model("multilingual-tiny"), tmp_path / "multilingual")
+    for name in FAMILIES["multilingual"].files:
+        shutil.copy(multilingual / name, folder / name)
+    (folder / METADATA_FILE).unlink()  # upstream's own layout
+    with pytest.raises(
+        SourceError,
+        match=r"standard \(t3_cfg.safetensors\) and multilingual \(t3_mtl23ls_v2.safetensors\).*family=",
+    ):
+        load_model(str(folder))  # before: loaded as the standard model, silently
+    # no family recorded either, but a tiny architecture (upstream's, the default, is full size)
+    meta = json.loads((multilingual / METADATA_FILE).read_text())
+    (folder / METADATA_FILE).write_text(json.dumps({k: meta[k] for k in ("architecture", "tiny_config")}))
+    assert type(load_model(str(folder), family="multilingual")) is ChatterboxMultilingualTTS
+    with pytest.raises(SourceError, match="family= is for a checkpoint folder"):
+        load_model("tiny", family="multilingual")
+
+
+def test_a_near_silent_reference_is_refused_naming_its_level(reference_wav: Path, tmp_path: Path) -> None:
+    # Before, only exact zeros were refused; Turbo's loudness normalisation then raised a lone
+    # click past full scale.
+    n = 6 * 24000
+    tone = 0.3 * np.sin(2 * np.pi * 180 * np.arange(n) / 24000)
+    path = tmp_path / "quiet.wav"
+    for quiet, subtype in (
+        (np.random.default_rng(0).integers(-1, 2, n) / 32768.0, "PCM_16"),  # 16-bit dither, -92 dBFS
+        (np.r_[np.zeros(n // 2), 0.5, np.zeros(n // 2)], "PCM_16"),  # a lone click
+        (np.full(n, 0.2), "FLOAT"),  # a DC offset only
+        (np.stack([tone, -tone], axis=1), "FLOAT"),  # stereo in opposite phase: its mono mix is zeros
+    ):
+        sf.write(path, quiet, 24000, subtype=subtype)
+        with pytest.raises(SourceError, match=r"level is -(\d+|inf) dBFS, under -60 dBFS.*of speech"):
+            check_reference(path)
+    voice, sr = sf.read(reference_wav)
+    sf.write(path, 0.1 * voice, sr)  # quiet speech, 20 dB under the generated voice, is accepted
+    assert check_reference(path).notes == []
+
+
+def test_a_reference_too_short_to_make_is_refused_and_a_failed_write_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match=r"0.3 s.*at least 0.5 s"):  # before: numpy's "high - low < 0"
+        make_reference_wav(tmp_path / "short.wav", seconds=0.3)
+    assert check_reference(make_reference_wav(tmp_path / "r.wav", seconds=0.5)).seconds == 0.5
+
+    def disk_full(path: str, *args: object, **kwargs: object) -> None:
+        Path(path).write_bytes(b"RIFF")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(sf, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        make_reference_wav(tmp_path / "r.wav")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.wav"]  # before: the hidden partial file too

@@ -35,6 +35,18 @@ from .frontends import GPT2_TOKENIZER_FILES, read_tokenizer, save_gpt2_tokenizer
 
 METADATA_FILE = "tts_workbench.json"
 PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork
+# Turbo's tokenizer as upstream's hub repository holds it: the slow tokenizer's files and no
+# tokenizer.json (save_checkpoint writes both kinds). AutoTokenizer reads either kind beside
+# tokenizer_config.json; of these it needs the first two.
+TURBO_HUB_TOKENIZER = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")
+
+
+def hub_files(family: Family) -> tuple[str, ...]:
+    """``family``'s ``from_local`` layout as upstream's hub repository holds it (``conds.pt``
+    aside): Turbo's with the slow tokenizer's files in place of ``tokenizer.json``."""
+    if family.name != "turbo":
+        return family.files
+    return tuple(g for f in family.files for g in (TURBO_HUB_TOKENIZER if f == "tokenizer.json" else (f,)))
 
 
 def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -234,10 +246,47 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...], dict[str, Any]]:
+def _metadata(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``tts_workbench.json``; empty where there is none (upstream's own layout)."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # truncated or overwritten (JSONDecodeError, UnicodeDecodeError)
+        raise SourceError(
+            f"{path} is damaged ({e}): copy the folder again, or save the model again with save_checkpoint()"
+        ) from e
+    return meta
+
+
+def _tiny_config(meta: dict[str, Any], path: Path) -> TinyConfig:
+    """The sizes of a small model, as its metadata at ``path`` records them."""
+    try:
+        return TinyConfig(**meta.get("tiny_config", {}))
+    except TypeError as e:  # a key TinyConfig does not have, or no mapping at all
+        raise SourceError(
+            f"{path} records a tiny_config this version cannot read ({e}): save the model again with "
+            "save_checkpoint()"
+        ) from e
+
+
+def _missing(folder: Path, family: Family, files: tuple[str, ...]) -> list[str]:
+    """The files of layout ``files`` that ``folder`` lacks: of Turbo's, ``tokenizer.json`` only
+    where the slow tokenizer's are missing too (upstream's hub repository has only those)."""
+    missing = [f for f in files if not (folder / f).exists()]
+    if family.name == "turbo" and "tokenizer.json" in missing:
+        missing.remove("tokenizer.json")
+        if not all((folder / f).exists() for f in TURBO_HUB_TOKENIZER[:2]):
+            missing.append("tokenizer.json (or vocab.json and merges.txt)")
+    return missing
+
+
+def _folder_family(folder: Path, family: str | None = None) -> tuple[Family, tuple[str, ...], dict[str, Any]]:
     """The folder's family, the files of its layout and its metadata. The family is the one its
     ``tts_workbench.json`` records; without one (upstream's own layout), the one whose T3 file
-    is there."""
+    is there, or ``family`` where the folder holds two families' T3 files."""
     if folder.is_file():
         raise SourceError(f"model folder {folder} is a file; give the folder that holds it ({folder.parent})")
     if not folder.is_dir():
@@ -253,7 +302,7 @@ def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...], dict[str, Any
             "or by an upstream from_local layout"
         )
     meta_path = folder / METADATA_FILE
-    meta: dict[str, Any] = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = _metadata(meta_path)
     recorded = meta.get("family")
     if recorded is not None and recorded not in FAMILIES:
         raise SourceError(
@@ -267,15 +316,27 @@ def _folder_family(folder: Path) -> tuple[Family, tuple[str, ...], dict[str, Any
     if not present and recorded is None:
         expected = "; ".join(f"{f.name}: {', '.join(f.files)}" for f in FAMILIES.values())
         raise SourceError(f"model folder {folder} holds no T3 weights of any family ({expected})")
-    family, files = (present or layouts)[0]
-    missing = [f for f in files if not (folder / f).exists()]
+    found: dict[str, str] = {}  # family: its T3 file; two only where no family is recorded
+    for f, files in present:
+        found.setdefault(f.name, files[1])
+    if len(found) > 1:
+        if family not in found:
+            both = " and ".join(f"{name} ({t3})" for name, t3 in found.items())
+            raise SourceError(
+                f"model folder {folder} holds the T3 weights of {both}, and no {METADATA_FILE} records "
+                "which to load (upstream's standard and multilingual models come from one hub "
+                f"repository): give family={' or '.join(map(repr, found))} to load_model or load_folder"
+            )
+        present = [(f, files) for f, files in present if f.name == family]
+    chosen, files = (present or layouts)[0]
+    missing = _missing(folder, chosen, files)
     if missing:
         recorded_by = f" (the family its {METADATA_FILE} records)" if recorded else ""
         raise SourceError(
-            f"{family.name} model folder {folder} is missing {', '.join(missing)}{recorded_by}: "
+            f"{chosen.name} model folder {folder} is missing {', '.join(missing)}{recorded_by}: "
             "copy them in, or save the model again with save_checkpoint()"
         )
-    return family, files, meta
+    return chosen, files, meta
 
 
 def load_folder(
@@ -284,7 +345,8 @@ def load_folder(
     """Load a checkpoint folder of any family (safetensors, or the fork's ``.pt`` layout).
 
     The family is the one ``tts_workbench.json`` records, or for a folder without one (upstream's
-    own layout) the one whose T3 file is there; ``family`` refuses a folder of another one.
+    own layout) the one whose T3 file is there; ``family`` refuses a folder of another one, and
+    picks one where a folder without that file holds two families' T3 files.
     ``keep_dtype=True`` keeps each tensor's saved dtype (a float16 file stays float16).
     ``keep_dtype=False`` loads the way upstream ``from_local`` does: ``load_state_dict`` copies
     into freshly built float32 parameters, so a float16 checkpoint silently comes back as float32.
@@ -293,7 +355,7 @@ def load_folder(
 
     folder = Path(folder)
     dev = check_device(device)
-    found, layout, meta = _folder_family(folder)
+    found, layout, meta = _folder_family(folder, family)
     if family is not None and family != found.name:
         raise SourceError(
             f"model folder {folder} holds a {found.name} model ({layout[1]}), not a {family} one: "
@@ -301,7 +363,7 @@ def load_folder(
         )
     architecture = meta.get("architecture", "full")
     states = {name: _read_state(folder / name) for name in layout[:3]}
-    cfg = TinyConfig(**meta.get("tiny_config", {})) if architecture == "tiny" else None
+    cfg = _tiny_config(meta, folder / METADATA_FILE) if architecture == "tiny" else None
     with no_init_weights():  # every weight is overwritten below
         t3, s3gen, ve = build_t3(found.name, cfg), build_s3gen(found.name, cfg), VoiceEncoder()
     t3_state: Any = states[layout[1]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,17 +9,26 @@ import numpy as np
 import soundfile as sf
 
 from ..core.constants import SAMPLE_RATE
-from ..core.errors import SourceError
-from ..core.files import beside
+from ..core.errors import ConfigError, SourceError
+from ..core.files import written
 
 # Below this a reference is refused: at 0.02 s the mel extractor's padding fails, and a prompt of
 # a few tokens is no voice (the under-1 s note already says conditioning will suffer).
 MIN_REFERENCE_S = 0.5
+# Below this level (``_voice_level``) a reference is refused as silence: speech, even quiet, is
+# tens of dB above it; dither, a DC offset or a lone click in silence are far below, and Turbo's
+# loudness normalisation would raise such a click past full scale.
+MIN_REFERENCE_DBFS = -60.0
 
 
 def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE_RATE, seed: int = 0) -> Path:
     """Write a deterministic voice-like signal: harmonics of a gliding pitch under formant
     peaks, syllable envelopes and pauses. Enough to drive the real conditioning path."""
+    if seconds < MIN_REFERENCE_S:  # its pauses need the time, and a shorter reference is refused
+        raise ConfigError(
+            f"cannot make a {seconds} s reference: make_reference_wav makes at least {MIN_REFERENCE_S} s "
+            "(what check_reference accepts); give more seconds"
+        )
     rng = np.random.default_rng(seed)
     n = int(seconds * sr)
     t = np.arange(n) / sr
@@ -42,10 +50,19 @@ def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside and renamed: a process reading the same path (notebooks run side by side)
     # sees the old file or the new one, never half of one.
-    partial = beside(path, "partial")
-    sf.write(str(partial), wav.astype(np.float32), sr, format="WAV")
-    os.replace(partial, path)
-    return path
+    return written(path, lambda partial: sf.write(str(partial), wav.astype(np.float32), sr, format="WAV"))
+
+
+def _voice_level(data: np.ndarray, sr: int) -> float:
+    """The level in dBFS of ``data`` (samples, channels) as a voice: in its mono mix (what upstream
+    conditions on) with the DC offset removed, the RMS that a tenth of its 20 ms frames reach.
+    A percentile, not the RMS of the whole: a lone click lifts that, not this."""
+    mono = data.astype(np.float64).mean(axis=1)
+    mono -= mono.mean()
+    frame = max(1, sr // 50)
+    frames = np.pad(mono, (0, -len(mono) % frame)).reshape(-1, frame)
+    rms = float(np.percentile(np.sqrt(np.mean(frames**2, axis=1)), 90))
+    return 20 * float(np.log10(rms)) if rms > 0 else float("-inf")
 
 
 @dataclass
@@ -76,10 +93,21 @@ def check_reference(path: str | Path) -> ReferenceInfo:
         ) from e
     if data.shape[0] == 0:
         raise SourceError(f"reference audio {path} is empty (0 samples); give at least 3 s of speech")
-    if not np.any(data):
-        raise SourceError(f"reference audio {path} is all zeros (silence); give a recording of speech")
     if not np.all(np.isfinite(data)):
         raise SourceError(f"reference audio {path} contains NaN or infinite samples")
+    level = _voice_level(data, sr)
+    if level < MIN_REFERENCE_DBFS:
+        if not np.any(data):
+            measured = "all zeros"
+        else:
+            measured = (
+                f"its level is {level:.0f} dBFS, under {MIN_REFERENCE_DBFS:.0f} dBFS: the RMS that a "
+                "tenth of its 20 ms frames reach, in its mono mix without DC offset"
+            )
+        raise SourceError(
+            f"reference audio {path} is silence ({measured}); give a recording of speech "
+            "(check the input level; stereo channels in opposite phase cancel out in the mono mix)"
+        )
     notes = []
     if data.shape[1] > 1:
         notes.append(f"mixed {data.shape[1]} channels to mono")

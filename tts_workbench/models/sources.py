@@ -18,7 +18,7 @@ from ..core.devices import check_device
 from ..core.errors import SourceError
 from ..core.families import FAMILIES, TTSModel, components
 from .builders import MODELS, SIZES, build_model
-from .checkpoints import load_folder
+from .checkpoints import hub_files, load_folder
 from .frontends import offline_hub
 
 PRETRAINED = {
@@ -44,7 +44,7 @@ def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
         why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
         raise SourceError(
             f"pretrained Chatterbox {family} weights could not be loaded ({why}). Offline, "
-            f"download {', '.join(fam.files)} and conds.pt from {fam.repo} on a connected machine, "
+            f"download {', '.join(hub_files(fam))} and conds.pt from {fam.repo} on a connected machine, "
             "copy them into a folder and use load_model('/path/to/folder')"
         ) from e
 
@@ -67,9 +67,10 @@ def check_source(source: str | Path) -> None:
     raise SourceError(f"checkpoint folder {source} does not exist")
 
 
-def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> TTSModel:
+def load_model(source: str | Path, device: str = "cpu", seed: int = 0, family: str | None = None) -> TTSModel:
     """One entry point: a random-weight build (``MODELS``), ``"pretrained"`` (or
-    ``"turbo-pretrained"``, ``"multilingual-pretrained"``) or a checkpoint folder.
+    ``"turbo-pretrained"``, ``"multilingual-pretrained"``) or a checkpoint folder (``family``:
+    which to load of a folder holding two families' upstream files, as ``load_folder``'s).
 
     A folder loads as upstream ``from_local`` loads it: every weight in float32, whatever dtype
     it was saved in. The upstream pipeline this returns (``prepare_conditionals``, ``generate``,
@@ -77,13 +78,15 @@ def load_model(source: str | Path, device: str = "cpu", seed: int = 0) -> TTSMod
     model fails there on the first dtype mismatch. To run a half-precision export in its own
     dtype use ``PerformanceOptimizedTTS.from_local(folder)`` (its dtype policy casts what must
     match); ``load_folder(folder)`` gives the model with each file's dtype kept."""
+    if family is not None and is_named(source):
+        raise SourceError(f"family= is for a checkpoint folder: {source!r} names its family already")
     if source in MODELS:
         return build_model(str(source), device, seed)
     if source in PRETRAINED:
         return load_pretrained(device, family=PRETRAINED[str(source)])
     if isinstance(source, str) and os.sep not in source:
         check_source(source)
-    return load_folder(Path(source), device, keep_dtype=False)
+    return load_folder(Path(source), device, keep_dtype=False, family=family)
 
 
 def model_summary(tts: TTSModel) -> dict[str, dict[str, object]]:

@@ -63,8 +63,10 @@ class FlowPlan:
     out as unpadded, up to the rounding of differently shaped kernels (test), and a buffered
     stream compiles two shapes per voice (its first and its regular window). A new shape is
     compiled and warmed up on its first call, timed in ``compile_s`` and kept out of the call's
-    own time; a compile failure runs the estimator eagerly, with one warning and
-    ``fallback_reason`` saying why.
+    own time, on a code object of its own: dynamo keeps at most 8 entries per code object
+    (``recompile_limit``) and runs a ninth shape of one code object eagerly, unannounced. A
+    compile failure runs the estimator eagerly, with one warning and ``fallback_reason`` saying
+    why.
     """
 
     def __init__(self, mode: str = "eager") -> None:
@@ -73,9 +75,9 @@ class FlowPlan:
         self.mode = mode
         self.compile_s = 0.0  # compiling and warming up new shapes, all calls together
         self._here = threading.local()  # the same, per thread (``compile_s_here``)
-        self.shapes: set[tuple[Any, ...]] = set()  # (estimator id, shape, dtype, autocast) compiled so far
         self.fallback_reason: str | None = None
-        self._compiled: dict[int, Callable[..., torch.Tensor]] = {}  # per estimator (id)
+        # per (estimator id, shape, dtype, autocast): compiled on its own code object
+        self._compiled: dict[tuple[Any, ...], Callable[..., torch.Tensor]] = {}
 
     @property
     def compile_s_here(self) -> float:
@@ -87,10 +89,14 @@ class FlowPlan:
     def compiled(self) -> bool:
         return self.mode == "compiled" and self.fallback_reason is None
 
+    @property
+    def shapes(self) -> set[tuple[Any, ...]]:
+        """The (estimator id, shape, dtype, autocast) keys compiled so far."""
+        return set(self._compiled)
+
     def drop(self) -> None:
         """Forget the compiled estimators (the model's own modules are not touched)."""
         self._compiled.clear()
-        self.shapes.clear()
 
     def running(self, s3gen: S3Gen, frames: int | None) -> AbstractContextManager[Any]:
         """While inside, ``s3gen``'s estimator runs this plan's way, on frames padded to
@@ -145,17 +151,15 @@ class FlowPlan:
         x = args[0]
         cudagraphs = x.device.type == "cuda"
         key = (id(estimator), tuple(x.shape), x.dtype, torch.is_autocast_enabled(x.device.type))
-        if key in self.shapes:
-            return self._compiled[id(estimator)]
+        if key in self._compiled:
+            return self._compiled[key]
         t0 = now(x.device)
         try:
-            fn = self._compiled.get(id(estimator))
-            if fn is None:
-                fn = compile_method(type(estimator).forward, estimator, cudagraphs, fullgraph=False)
-                self._compiled[id(estimator)] = fn
+            # compile_method makes a code object per call: one per shape, never past dynamo's limit
+            fn = compile_method(type(estimator).forward, estimator, cudagraphs, fullgraph=False)
             for _ in range(warmup_calls(cudagraphs)):
                 replay(fn, *args, cudagraphs=cudagraphs)
-            self.shapes.add(key)
+            self._compiled[key] = fn
         except Exception as e:  # any compile failure falls back to the eager estimator
             self.fallback_reason = fell_back(e, "S3Gen's CFM estimator", "running it eagerly")
             fn = forward
