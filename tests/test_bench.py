@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from matplotlib.figure import Figure
 
 from tts_workbench.core.constants import UPSTREAM_GENERATE_CAP
 from tts_workbench.core.errors import ConfigError
@@ -85,12 +86,12 @@ def test_a_failed_write_leaves_no_file_and_the_wrapper_closed(
         closed.append(self)
         close(self)
 
-    def half_written(_fig: Any, path: Path) -> Path:
+    def half_written(_fig: Any, path: Path, **_k: Any) -> None:
         path.write_bytes(b"\x89PNG half a figure")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(PerformanceOptimizedTTS, "close", counted)
-    monkeypatch.setattr(bench, "save", half_written)
+    monkeypatch.setattr(Figure, "savefig", half_written)
     with pytest.raises(OSError, match="No space left"):
         run_bench("tiny", ("optimized",), tokens=3, repeats=1, reference=str(reference_wav), outdir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv"]  # whole; no report, no partial file

@@ -382,13 +382,13 @@ def test_diagnose_leaves_no_half_written_figure(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
 ) -> None:
     """(before: a figure that failed half way stayed under its real name)"""
-    from tts_workbench.instruments import plots
+    from matplotlib.figure import Figure
 
-    def half_written(_fig: Any, path: Path) -> Path:
+    def half_written(_fig: Any, path: Path, **_k: Any) -> None:
         path.write_bytes(b"\x89PNG half a figure")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(plots, "save", half_written)
+    monkeypatch.setattr(Figure, "savefig", half_written)
     args = ["diagnose", "--tokens", "4", "--reference", str(reference_wav), "--out", str(tmp_path)]
     assert main(args) == 2
     assert "No space left on device" in capsys.readouterr().err

@@ -384,3 +384,23 @@ def test_levels_run_in_ascending_order() -> None:
 
     report = run_http_load("http://stand-in", [2, 1], transport=_endpoint(speech))
     assert [level["streams"] for level in report["levels"]] == [1, 2]
+
+
+def test_a_failed_figure_leaves_the_report_whole_and_no_half_written_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(before: load.json and load.png were written in place, a failing figure left half of one)"""
+    from matplotlib.figure import Figure
+
+    def half_written(_fig: Any, path: Path, **_k: Any) -> None:
+        Path(path).write_bytes(b"\x89PNG half a figure")
+        raise OSError(28, "No space left on device")
+
+    def speech(body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        run_http_load("http://stand-in", [1], texts=["a"], transport=_endpoint(speech), outdir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["load.json"]
+    assert json.loads((tmp_path / "load.json").read_text())["levels"][0]["summary"]["failed"] == 0

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
+from matplotlib.figure import Figure
 
 from tts_workbench.core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError
@@ -568,7 +569,6 @@ def test_run_to_files_leaves_no_half_written_file(
     """(before: a write that failed half way left its file under the real name)"""
     import soundfile
 
-    from tts_workbench.runtime import streaming
 
     def half_written(path: Path, *_a: object, **_k: object) -> None:
         Path(path).write_bytes(b"half a file")
@@ -577,7 +577,7 @@ def test_run_to_files_leaves_no_half_written_file(
     if failing == "wav":
         monkeypatch.setattr(soundfile, "write", half_written)
     else:
-        monkeypatch.setattr(streaming, "save", lambda _fig, path: half_written(path))
+        monkeypatch.setattr(Figure, "savefig", lambda _fig, path, **_k: half_written(path))
     with pytest.raises(OSError, match="No space left"):
         run_to_files(tts, TEXT, StreamConfig("naive"), tmp_path, max_new_tokens=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if failing == "wav" else ["naive.wav"])

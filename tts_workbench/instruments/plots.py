@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..core.files import written
+
 
 def generation_figure(wav: np.ndarray, sr: int, seconds: dict[str, float], title: str) -> Figure:
     """Waveform on the left, wall time per phase on the right."""
@@ -28,11 +30,12 @@ def generation_figure(wav: np.ndarray, sr: int, seconds: dict[str, float], title
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG and close it."""
+    """Write ``fig`` as PNG, whole or not at all (``files.written``), and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return written(path, lambda partial: fig.savefig(partial, dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def time_share_figure(share: pd.DataFrame, title: str = "operator self time by phase") -> Figure:

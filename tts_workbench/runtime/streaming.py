@@ -646,9 +646,7 @@ def run_to_files(
     )
     reference = one_shot(tts, state, config)
     wav_path = written(outdir / f"{config.strategy}.wav", lambda path: sf.write(path, wav, SAMPLE_RATE))
-    fig_path = written(
-        outdir / f"{config.strategy}_timeline.png", lambda path: save(timeline_figure(state.report), path)
-    )
+    fig_path = save(timeline_figure(state.report), outdir / f"{config.strategy}_timeline.png")
     return {
         "config": asdict(config),
         "summary": state.report.summary(),

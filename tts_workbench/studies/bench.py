@@ -292,7 +292,7 @@ def run_bench(
     report["files"] = {name: str(outdir / name) for name in ("bench.json", "bench.csv", "memory.png")}
     # Each file whole or absent; the report last, so it lists only files that were written.
     written(outdir / "bench.csv", lambda path: pd.DataFrame(report["rows"]).to_csv(path, index=False))
-    written(outdir / "memory.png", lambda path: save(memory_figure(memory_frame(report), dev.type), path))
+    save(memory_figure(memory_frame(report), dev.type), outdir / "memory.png")
     written(outdir / "bench.json", lambda path: path.write_text(json_dumps(report)))
     return report
 

@@ -78,10 +78,7 @@ def run_diagnosis(
     wav, sr = result.wav, result.sample_rate
     wav_path = written(outdir / "speech.wav", lambda path: sf.write(str(path), wav, sr))
     title = f"{model}: {len(result.speech_tokens)} tokens"
-    plot_path = written(
-        outdir / "generation.png",
-        lambda path: plots.save(plots.generation_figure(wav, sr, result.seconds, title), path),
-    )
+    plot_path = plots.save(plots.generation_figure(wav, sr, result.seconds, title), outdir / "generation.png")
     return {
         "model": model,
         "device": device,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..core.constants import RANDOM_NO_STOP, TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
+from ..core.files import written
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.memory import device_memory_bytes, memory_window
@@ -426,9 +427,9 @@ def conclude(report: dict[str, Any], first_audio_limit_s: float, outdir: str | P
         return report
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "load.json").write_text(json_dumps(report))
-    figure = load_figure(levels, first_audio_limit_s)
-    report["files"] = {"json": str(out / "load.json"), "figure": str(save(figure, out / "load.png"))}
+    json_path = written(out / "load.json", lambda path: path.write_text(json_dumps(report)))
+    figure = save(load_figure(levels, first_audio_limit_s), out / "load.png")
+    report["files"] = {"json": str(json_path), "figure": str(figure)}
     return report
 
 
