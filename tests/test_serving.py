@@ -4,19 +4,25 @@ come before any Ray starts. The real server on Ray Serve is tests/test_serve_ray
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import json
 import socket
+import threading
+import time
 import wave
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
+import tts_workbench.runtime.engine as engine_module
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
 from tts_workbench.models.checkpoints import save_checkpoint
@@ -35,6 +41,7 @@ from tts_workbench.serving.protocol import (
     wav_header,
 )
 from tts_workbench.serving.service import ServeOptions, SpeechService, find_voices
+from tts_workbench.studies.http_load import _stream
 
 REFUSED = {"replica": "0", "outcome": "refused"}  # the fixture's service is replica "0"
 LIMITS = Limits("chatterbox-tiny", ("default", "alice"), max_input_chars=50, max_tokens=300)
@@ -618,8 +625,6 @@ def test_load_url_reads_samples_and_goes_on_past_a_failed_level(tmp_path: Path) 
     import gzip
     import json
 
-    import httpx
-
     from tts_workbench.studies.http_load import run_http_load
 
     samples = np.zeros(24000, dtype="<i2").tobytes()  # one second of pcm
@@ -678,3 +683,81 @@ def test_a_client_that_leaves_is_counted_and_freed_even_before_its_first_chunk(t
         assert 'tts_streams_total{outcome="disconnected",replica="0"} 2.0' in service.metrics_text().decode()
     finally:
         service.close()
+
+
+MIDWAY = {**GOOD, "input": "Hello there, this is a longer sentence.", "seed": 0, "max_tokens": 200}
+
+
+@pytest.fixture(scope="module")
+def failing_midway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, SpeechService, Any]]:
+    """The tiny service served as ``serve`` serves it, over a real socket (uvicorn on 127.0.0.1, in
+    a thread: httpx's ASGITransport and Starlette's TestClient raise the app's exception either
+    way, so neither shows what reaches a client), its vocoder failing from its second call after
+    each ``arm()``: the next stream sends its first chunk, then fails. Its URL, service, arm."""
+    service = SpeechService(ServeOptions(run_dir=str(tmp_path_factory.mktemp("run")), max_streams=1))
+    real, calls = engine_module.vocoder, [0]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError("the vocoder failed (injected)")
+        return real(*args, **kwargs)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(speech_app(service), log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module, "vocoder", flaky)
+        thread.start()
+        try:
+            for _ in range(600):  # bounded: 30 s
+                if server.started or not thread.is_alive():
+                    break
+                time.sleep(0.05)
+            assert server.started, "uvicorn did not start"
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}", service, lambda: calls.__setitem__(0, 0)
+        finally:
+            server.should_exit = True
+            thread.join(30)
+            sock.close()
+            service.close()
+
+
+def test_a_stream_that_fails_midway_reaches_the_client_cut_not_as_a_whole_200(
+    failing_midway: tuple[str, SpeechService, Any],
+) -> None:
+    """Its headers (x-replica too) are sent with the first chunk, so the failure can only break
+    the connection: the client's read fails (before: x-replica's BaseHTTPMiddleware closed the
+    body cleanly, a whole 200 with audio cut off, counted failed only on the server)."""
+    import httpx
+
+    url, service, arm = failing_midway
+    failed = {"replica": "0", "outcome": "failed"}
+    before = service.registry.get_sample_value("tts_streams_total", failed) or 0.0
+    got = bytearray()
+    arm()
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json=MIDWAY, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["x-replica"] == "0"
+        with pytest.raises(httpx.RemoteProtocolError):
+            for data in r.iter_raw():
+                got += data
+    assert got, "no audio came: the stream failed before it began, not mid-way"
+    assert service.registry.get_sample_value("tts_streams_total", failed) == before + 1
+    assert httpx.get(f"{url}/no-such-path", timeout=30).headers["x-replica"] == "0"  # and every answer named
+
+
+def test_the_load_client_counts_a_stream_cut_midway_as_failed(
+    failing_midway: tuple[str, SpeechService, Any],
+) -> None:
+    """(before: error None, a healthy row with short audio and an RTF)"""
+    url, _service, arm = failing_midway
+
+    async def one() -> tuple[dict[str, Any], bool]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await _stream(client, url, {**MIDWAY, "response_format": "pcm"}, time.perf_counter(), 120)
+
+    arm()
+    row, refused = asyncio.run(one())
+    assert row["status"] == 200 and "RemoteProtocolError" in (row["error"] or ""), row
+    assert row["audio_s"] > 0 and row["rtf"] is None and not refused, row

@@ -5,7 +5,6 @@ is OpenAI's error body, Starlette's own 404 and 405 included."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -14,6 +13,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .protocol import FORMATS, RequestError, SpeechRequest, parse_speech
 from .service import SpeechService
@@ -21,16 +21,34 @@ from .service import SpeechService
 CLIENT_CLOSED = 499  # nginx's status for a request whose client closed it: logs tell it from a 4xx or 5xx
 
 
+class NameReplica:
+    """ASGI middleware: ``x-replica`` on every HTTP answer. Plain ASGI, not ``@app.middleware``
+    (Starlette's BaseHTTPMiddleware): that one ends a stream whose audio fails mid-way as a whole
+    200 (it closes the body, then re-raises), where without it the server drops the connection
+    and the client sees the stream cut short."""
+
+    def __init__(self, app: ASGIApp, replica: str) -> None:
+        self.app, self.header = app, (b"x-replica", replica.encode("latin-1"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan (and any websocket) passes through untouched
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named)
+
+
 def speech_app(service: SpeechService) -> FastAPI:
     """The FastAPI app of ``service``: ``POST /v1/audio/speech``, ``GET /v1/models``,
     ``GET /health``, ``GET /metrics``."""
     app = FastAPI(title="tts-workbench", description="Chatterbox streams behind OpenAI's speech API")
 
-    @app.middleware("http")
-    async def name_replica(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        response.headers["x-replica"] = service.replica
-        return response
+    app.add_middleware(NameReplica, replica=service.replica)
 
     @app.exception_handler(RequestError)
     async def refused(_request: Request, e: RequestError) -> JSONResponse:

@@ -253,9 +253,10 @@ def run_http_load(
 ) -> dict[str, Any]:
     """Each level's streams sent to ``url`` (``http://HOST:PORT``) and how many held in real
     time (``load.conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given.
-    Every request is bounded by ``timeout_s``. ``transport``: httpx's, to reach a server in
-    this process (``httpx.ASGITransport``). ``texts_from``: the texts' file, for the report
-    (``load.texts_source``)."""
+    Every request is bounded by ``timeout_s``. ``transport``: httpx's, for stand-in endpoints in
+    tests (through ``httpx.ASGITransport`` an app failing mid-stream raises its own error here,
+    where over TCP the server drops the connection and the stream is a failed row). ``texts_from``:
+    the texts' file, for the report (``load.texts_source``)."""
     url = check_url(url)
     levels = checked_levels(levels, repr(levels))
     texts = texts or list(DEFAULT_TEXTS)
