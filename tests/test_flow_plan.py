@@ -178,3 +178,30 @@ def test_every_shape_compiles_past_dynamos_recompile_limit(monkeypatch: pytest.M
             assert torch.equal(out, x.cumsum(-1) * 2)
     assert counters["stats"]["unique_graphs"] - graphs == 4  # before: 2, then eager
     assert len(plan.shapes) == 4 and plan.compiled
+
+
+def test_each_autocast_dtype_compiles_apart_from_the_timed_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan's key held whether autocast was on, not its dtype: a shape compiled under bf16
+    autocast served fp16 autocast too, and dynamo recompiled inside the (timed) call, unannounced,
+    against the recompile limit the plan exists to stay under."""
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor, *rest: object) -> torch.Tensor:
+            return self.linear(x)
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **kw, backend="eager"))
+    plan, toy, x = FlowPlan("compiled"), Toy(), torch.randn(1, 2, 6)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype):
+            fn = plan._estimator(toy, toy.forward, (x,))
+            graphs = counters["stats"]["unique_graphs"]  # compiled and warmed up by now
+            out = replay(fn, x, cudagraphs=False)
+        assert out.dtype == dtype
+        assert counters["stats"]["unique_graphs"] == graphs, f"{dtype} compiled inside the call"
+    assert sorted(str(key[-1]) for key in plan.shapes) == ["torch.bfloat16", "torch.float16"]
+    assert plan.compiled

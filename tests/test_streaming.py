@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 import threading
 import warnings
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from tts_workbench.runtime.streaming import (
     StreamConfig,
     StreamState,
     Window,
+    noise_track,
     one_shot,
     quality,
     run_to_files,
@@ -288,7 +290,19 @@ def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
         ({"crossfade_ms": 1500, "first_window_s": 1.0}, r"than a window \(25 tokens of 40 ms = 1000 ms\)"),
         # 0.05 s rounds to one token: the window compared is 40 ms long (it said "0.05 s")
         ({"crossfade_ms": 40, "first_window_s": 0.05}, r"than a window \(1 token of 40 ms = 40 ms\)"),
-        ({"crossfade_ms": 300}, "must fit in the left context"),
+        # it said no limit and no remedy: 240 ms is twice the 3 tokens of lookahead
+        ({"crossfade_ms": 300}, r"must fit in the left context .* of 240 ms or less, or raise left_context"),
+        ({"crossfade_ms": 20, "lookahead_tokens": 0}, r"give crossfade_ms \(--crossfade-ms\) of 0 \(none\)"),
+        # whole tokens: 2.5 passed, then failed after T3 ran (t3_block=2.5 checked every 5 tokens)
+        ({"strategy": "naive", "context_tokens": 2.5}, "context_tokens must be a whole number of tokens"),
+        (
+            {"left_context_tokens": 4.5},
+            r"left_context_tokens must be a whole number of tokens \(an int\), got 4.5",
+        ),
+        ({"lookahead_tokens": 3.0}, "lookahead_tokens must be a whole number of tokens"),
+        ({"t3_block": 2.5}, "t3_block must be a whole number of tokens"),
+        ({"t3_block": 0.5}, "t3_block must be a whole number of tokens"),
+        ({"chunk_tokens": True}, "chunk_tokens must be a whole number of tokens"),
         ({"strategy": "magic"}, "unknown strategy"),
         ({"prompt_s": 0}, "prompt_s must be positive"),
         # inf and nan too (a window of inf seconds overflowed a token count further on)
@@ -305,6 +319,27 @@ def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
 def test_bad_sizes_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         StreamConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("left_context_tokens", "lookahead_tokens"), [(4, 3), (1, 5), (2, 2), (5, 4)])
+def test_the_crossfade_refused_says_the_most_that_fits(
+    left_context_tokens: int, lookahead_tokens: int
+) -> None:
+    sizes = {"left_context_tokens": left_context_tokens, "lookahead_tokens": lookahead_tokens}
+    with pytest.raises(ConfigError, match="must fit in the left context") as e:
+        StreamConfig(crossfade_ms=500, **sizes)
+    most = float(re.search(r"of ([0-9.]+) ms or less", str(e.value)).group(1))  # type: ignore[union-attr]
+    StreamConfig(crossfade_ms=most, **sizes)  # the most is allowed ...
+    with pytest.raises(ConfigError, match="must fit in the left context"):
+        StreamConfig(crossfade_ms=most + 1, **sizes)  # ... and a millisecond more is not
+
+
+def test_naive_is_not_refused_over_the_buffered_windows_it_does_not_use() -> None:
+    # Both refused a crossfade (naive has none) not shorter than a window (naive has none).
+    for sizes in ({"window_s": 0.04}, {"crossfade_ms": 300}, {"first_window_s": 0.04, "lookahead_tokens": 0}):
+        assert StreamConfig("naive", **sizes).strategy == "naive"
+        with pytest.raises(ConfigError, match="crossfade"):
+            StreamConfig("buffered", **sizes)
 
 
 def test_consumer_stopping_early_stops_everything(tts: ChatterboxTTS) -> None:
@@ -460,8 +495,32 @@ def test_streams_with_adjacent_seeds_draw_different_noise() -> None:
         }
         first.update({(name, seed): tuple(v.tolist()) for name, v in draws.items()})
         assert torch.equal(state.prompt_noise_for(10), state.prompt_noise)  # drawn the same way
-        assert torch.equal(state.prompt_noise_for(20).flatten()[:80], state.prompt_noise.flatten()[:80])
+        assert torch.equal(state.prompt_noise_for(20)[:, :, :20], state.prompt_noise)  # its start
     assert len(set(first.values())) == len(first) == 32, "two draws of streams 0..7 start alike"
+
+
+def test_a_shorter_noise_track_is_the_start_of_a_longer_one() -> None:
+    # Drawn (1, 80, frames) before, frame k's values moved with the frame count.
+    longest = noise_track(60, seed=7)
+    for tokens in (0, 1, 7, 40):
+        assert torch.equal(noise_track(tokens, seed=7), longest[:, :, : 2 * tokens])
+
+
+def test_a_seeded_streams_audio_does_not_depend_on_its_token_cap(tts: ChatterboxTTS) -> None:
+    # The token cap sizes the stream's noise track: before, the same tokens with another cap
+    # were vocoded on other noise (a first chunk of the same tokens 8 % off).
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=0.4)  # 15, then 10 tokens
+    chunks, states = {}, {}
+    for cap in (40, 60):
+        states[cap] = StreamState(StreamReport("buffered"))
+        chunks[cap] = [c for c, _ in stream(tts, TEXT, config, max_new_tokens=cap, seed=7, state=states[cap])]
+    short, long = states[40].tokens, states[60].tokens
+    assert short == long[: len(short)] and len(short) > 30  # T3 agrees: the same tokens
+    # Every window of the capped stream but its last (flushed at the cap) ran on the same tokens
+    # and the same noise frames as the longer stream's: its chunks are the same, sample for sample.
+    assert len(chunks[40]) >= 3
+    for a, b in zip(chunks[40][:-1], chunks[60], strict=False):
+        assert np.array_equal(a, b)
 
 
 def test_one_buffered_window_is_the_one_shot_exactly(tts: ChatterboxTTS) -> None:
@@ -568,7 +627,6 @@ def test_run_to_files_leaves_no_half_written_file(
 ) -> None:
     """(before: a write that failed half way left its file under the real name)"""
     import soundfile
-
 
     def half_written(path: Path, *_a: object, **_k: object) -> None:
         Path(path).write_bytes(b"half a file")

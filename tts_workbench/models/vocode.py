@@ -76,7 +76,7 @@ class FlowPlan:
         self.compile_s = 0.0  # compiling and warming up new shapes, all calls together
         self._here = threading.local()  # the same, per thread (``compile_s_here``)
         self.fallback_reason: str | None = None
-        # per (estimator id, shape, dtype, autocast): compiled on its own code object
+        # per (estimator id, shape, dtype, autocast dtype or None): compiled on its own code object
         self._compiled: dict[tuple[Any, ...], Callable[..., torch.Tensor]] = {}
 
     @property
@@ -91,7 +91,7 @@ class FlowPlan:
 
     @property
     def shapes(self) -> set[tuple[Any, ...]]:
-        """The (estimator id, shape, dtype, autocast) keys compiled so far."""
+        """The (estimator id, shape, dtype, autocast dtype or None) keys compiled so far."""
         return set(self._compiled)
 
     def drop(self) -> None:
@@ -150,7 +150,11 @@ class FlowPlan:
             return forward
         x = args[0]
         cudagraphs = x.device.type == "cuda"
-        key = (id(estimator), tuple(x.shape), x.dtype, torch.is_autocast_enabled(x.device.type))
+        # The autocast dtype too: a graph traced under bf16 autocast is not the fp16 one (before,
+        # fp16 after bf16 got the bf16 entry and dynamo recompiled inside the timed call).
+        device_type = x.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = (id(estimator), tuple(x.shape), x.dtype, autocast)
         if key in self._compiled:
             return self._compiled[key]
         t0 = now(x.device)

@@ -81,6 +81,18 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}: choose {' or '.join(STRATEGIES)}")
+        counts: dict[str, object] = {  # object: what a caller passed, not what the fields say
+            "chunk_tokens": self.chunk_tokens,
+            "context_tokens": self.context_tokens,
+            "left_context_tokens": self.left_context_tokens,
+            "lookahead_tokens": self.lookahead_tokens,
+            "t3_block": self.t3_block,
+        }
+        for name, count in counts.items():
+            # They slice the token list and count T3's steps: 2.5 passed the sign checks below and
+            # failed after T3 had run (t3_block=2.5 checked for the stop token every 5 tokens).
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise ConfigError(f"{name} must be a whole number of tokens (an int), got {count!r}")
         positive = {
             "chunk_tokens": self.chunk_tokens,
             "first_window_s": self.first_window_s,
@@ -116,19 +128,29 @@ class StreamConfig:
                 raise ConfigError(
                     f"{name} of {value:g} {unit} is longer than an hour: give {MAX_SPAN_S:g} s or less"
                 )
-        half = self.crossfade_samples / 2
+        if self.strategy == "buffered":  # naive has no windows and no crossfade: nothing to fit
+            self._check_crossfade()
+
+    def _check_crossfade(self) -> None:
+        """The crossfade is shorter than a window, and half of it fits on either side of a seam."""
+        ms = SAMPLES_PER_TOKEN // SAMPLES_PER_MS  # a token's milliseconds
         shortest = min(self.first_window_tokens, self.window_tokens)  # what is compared: whole tokens
         if self.crossfade_samples >= shortest * SAMPLES_PER_TOKEN:
-            ms = SAMPLES_PER_TOKEN // SAMPLES_PER_MS
             raise ConfigError(
                 f"crossfade of {self.crossfade_ms:g} ms is not shorter than a window ({shortest} "
                 f"token{'s' if shortest != 1 else ''} of {ms} ms = {shortest * ms} ms): "
                 "shorten it or widen the windows"
             )
-        if half > min(self.left_context_tokens, self.lookahead_tokens) * SAMPLES_PER_TOKEN:
+        room = min(self.left_context_tokens, self.lookahead_tokens)
+        if self.crossfade_samples / 2 > room * SAMPLES_PER_TOKEN:
+            # crossfade_samples / 2 is crossfade_ms * SAMPLES_PER_MS / 2 rounded: at most
+            # room * SAMPLES_PER_TOKEN for every crossfade_ms up to twice the room's milliseconds.
+            most = f"of {2 * room * ms} ms or less" if room else "of 0 (none)"
             raise ConfigError(
-                f"half the crossfade ({half / SAMPLES_PER_MS:.0f} ms) must fit in the left context and "
-                f"the lookahead ({min(self.left_context_tokens, self.lookahead_tokens)} tokens of 40 ms)"
+                f"half the crossfade ({self.crossfade_samples / 2 / SAMPLES_PER_MS:g} ms) must fit in "
+                f"the left context and the lookahead (the shorter: {room} token{'s' if room != 1 else ''} "
+                f"of {ms} ms = {room * ms} ms): give crossfade_ms (--crossfade-ms) {most}, "
+                "or raise left_context_tokens and lookahead_tokens"
             )
 
     @property
@@ -168,9 +190,13 @@ def shorten_prompt(gen: dict[str, Any], prompt_s: float | None) -> dict[str, Any
 
 
 def noise_track(tokens: int, seed: int) -> torch.Tensor:
-    """Flow-matching start noise for ``tokens`` tokens, one track for the whole utterance."""
+    """Flow-matching start noise (1, 80, frames) for ``tokens`` tokens, one track for the whole
+    utterance. Drawn frame by frame, so a shorter track is the start of a longer one: a seeded
+    stream's audio does not depend on its token cap (``max_new_tokens`` sizes the track)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 80, tokens * FRAMES_PER_TOKEN, generator=g)
+    # Frame-major: frame k is draws 80k to 80k + 79 whatever the length. Drawn (1, 80, frames),
+    # bin b's row began at draw b * frames, so a frame's values moved with the length.
+    return torch.randn(1, tokens * FRAMES_PER_TOKEN, 80, generator=g).transpose(1, 2).contiguous()
 
 
 def own_seed(seed: int, purpose: int) -> int:
@@ -212,14 +238,16 @@ class StreamState:
 
     def draw_from(self, seed: int, tokens: int, prompt_tokens: int) -> None:
         """The stream's own S3Gen draws for ``seed`` (its T3 draws from ``StreamRandom(seed)``):
-        HiFT's source and the flow's start noise, for ``tokens`` tokens and the prompt."""
+        HiFT's source and the flow's start noise, for ``tokens`` tokens and the prompt. A
+        track for fewer tokens is the start of this one (``noise_track``)."""
         self.seed, self.rng = seed, StreamRandom(own_seed(seed, self.HIFT))
         self.noise = noise_track(tokens, own_seed(seed, self.NOISE))
         self.prompt_noise = noise_track(prompt_tokens, own_seed(seed, self.PROMPT_NOISE))
 
     def prompt_noise_for(self, prompt_tokens: int) -> torch.Tensor:
         """The start noise of a ``prompt_tokens`` prompt: the stream's own, or for a prompt of
-        another length (a one-shot yardstick with the whole prompt) drawn the same way."""
+        another length (a one-shot yardstick with the whole prompt) drawn the same way (the
+        shorter of the two the start of the longer)."""
         if self.prompt_noise.size(2) == prompt_tokens * FRAMES_PER_TOKEN:
             return self.prompt_noise
         return noise_track(prompt_tokens, own_seed(self.seed, self.PROMPT_NOISE))
@@ -303,7 +331,10 @@ def stream(
     seconds and invalid ids since the previous chunk; T3's blocks after the last chunk (only
     invalid ids, or the stop token) are kept in the report's ``t3_after_s`` and
     ``invalid_after`` when T3 has ended, so its totals are the whole generation's, and its
-    ``wall_s`` runs to the end of T3 where that came after the last chunk.
+    ``wall_s`` runs to the end of T3 where that came after the last chunk. Two streams with the
+    same seed whose tokens agree have the same audio whatever their ``max_new_tokens``, up to
+    the last window of the one that ends first (the noise track's frames do not depend on its
+    length, ``noise_track``).
     """
     checked_voice(tts.conds, text)
     if state is not None and state.used:
