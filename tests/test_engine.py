@@ -29,7 +29,7 @@ from tts_workbench.interface.cli import main
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
-from tts_workbench.runtime.engine import StreamEngine, as_ready, buckets
+from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
@@ -46,6 +46,7 @@ from tts_workbench.studies.load import (
 
 if TYPE_CHECKING:
     from conftest import Steer
+    from tts_workbench.instruments.latency import ChunkMetrics
 
 CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
 TEXTS = [
@@ -93,6 +94,16 @@ def check_against_solo(tts: ChatterboxTTS, streams: int, join_after: int) -> Non
         assert h.tokens == tokens, k
         assert np.allclose(np.concatenate(chunks[k]), wav, atol=1e-5), k
     assert max(engine.stats.buckets_used) == streams  # all of them in one batched step
+
+
+def read_within(handle: StreamHandle, timeout: float = 120.0) -> list[ChunkMetrics]:
+    """A stream's chunk records, read with a bound: a stream the engine never serves fails the
+    test (a TimeoutError) instead of hanging it."""
+
+    async def read() -> list[ChunkMetrics]:
+        return [m async for _, m in handle]
+
+    return asyncio.run(asyncio.wait_for(read(), timeout))
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +158,44 @@ def test_a_stream_whose_logits_are_not_finite_fails_alone(
         assert sum(1 for _ in good) > 0 and good.error is None
         assert engine.stats.t3_tokens == len(good.sampled) and bad.sampled == []  # bad sampled nothing
     assert good.tokens == solo(tts, TEXTS[0], 0)[1]
+
+
+def test_no_chunk_follows_the_error_of_a_stream_t3_failed_while_s3gen_vocoded_it(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, the window in the vocoder when T3 failed the stream was still emitted: its reader
+    # got a chunk after the error, and the report counted audio nobody was given.
+    from tts_workbench.runtime import engine as engine_module
+    from tts_workbench.runtime.sampling import Sampler
+
+    in_vocoder, engine = threading.Event(), StreamEngine(tts, max_streams=1, config=CONFIG)
+    real_vocoder, real_sample, real_vocode = engine_module.vocoder, Sampler.sample, engine._vocode
+    failed: list[StreamHandle] = []
+
+    def vocoder_outlasting_t3(*a: Any, **k: Any) -> Any:
+        in_vocoder.set()  # T3's next sample fails the stream: this call returns after that
+        with engine._lock:
+            assert engine._lock.wait_for(lambda: failed[0].error is not None, timeout=60)
+        return real_vocoder(*a, **k)
+
+    def not_finite_once_vocoding(self: Sampler, *a: Any, **k: Any) -> Any:
+        tokens, bad = real_sample(self, *a, **k)
+        return tokens, bad | in_vocoder.is_set()
+
+    vocoded = threading.Event()
+    monkeypatch.setattr(engine_module, "vocoder", vocoder_outlasting_t3)
+    monkeypatch.setattr(Sampler, "sample", not_finite_once_vocoding)
+    monkeypatch.setattr(engine, "_vocode", lambda group: (real_vocode(group), vocoded.set()))
+    with engine:
+        failed.append(engine.submit(TEXTS[0], seed=0, max_new_tokens=200))
+        assert vocoded.wait(timeout=120)  # the first window's vocode is over (its chunk out, before)
+        for _ in range(2):  # every read: the error, no chunk
+            got = []
+            with pytest.raises(RuntimeError, match="not finite"):
+                for _chunk, m in failed[0]:
+                    got.append(m)
+            assert got == []
+        assert failed[0].report.chunks == [] and engine.stats.failed == 1
 
 
 def test_a_compile_that_fails_falls_back_to_the_static_step(
@@ -266,6 +315,8 @@ def test_a_streams_report_keeps_the_t3_work_after_its_last_chunk(
         s = h.report.summary()
         assert s["t3_s"] == pytest.approx(engine.stats.t3_s + engine.stats.prefill_s)
         assert s["invalid_tokens"] == sum(v >= bad and v != stop for v in h.sampled) >= len(edits)
+        # its wall runs to T3's end, as streaming.stream's (before, 0 for the stream with no chunk)
+        assert s["wall_s"] >= s["t3_s"] > 0
 
 
 def test_a_stage_that_dies_says_why_to_later_callers(tts: ChatterboxTTS) -> None:
@@ -358,6 +409,49 @@ def test_a_vocoder_failure_fails_its_stream_not_the_others_in_its_flow_call(
     assert kept.tokens == tokens and np.allclose(wav, alone, atol=1e-5)
 
 
+def test_a_stream_both_stages_fail_is_failed_once(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # S3Gen's vocoder fails the stream while T3's step over it is in flight, then that step fails
+    # too. Before, the stream was counted failed twice and its error replaced by the second one
+    # (a second read raised another error than the first).
+    from tts_workbench.runtime import engine as engine_module
+
+    vocoding, stepping, failed = threading.Event(), threading.Event(), []
+    engine, real_vocoder = StreamEngine(tts, max_streams=1, config=CONFIG), engine_module.vocoder
+
+    def vocoder_failing_during_a_step(*a: Any, **k: Any) -> Any:
+        if vocoding.is_set():  # the stream after it
+            return real_vocoder(*a, **k)
+        vocoding.set()
+        assert stepping.wait(timeout=60)  # T3's step over the stream is under way
+        raise RuntimeError("the vocoder broke, on purpose")
+
+    def wrap(forward: Any) -> Any:
+        def step(*a: Any, **k: Any) -> Any:
+            if vocoding.is_set() and not stepping.is_set() and k["inputs_embeds"].size(1) == 1:
+                stepping.set()
+                with engine._lock:  # the step outlives S3Gen's failure of its stream
+                    assert engine._lock.wait_for(lambda: failed[0].error is not None, timeout=60)
+                raise RuntimeError("the step broke too, on purpose")
+            return forward(*a, **k)
+
+        return step
+
+    monkeypatch.setattr(engine_module, "vocoder", vocoder_failing_during_a_step)
+    with shadow(tts.t3.tfmr, "forward", wrap), engine:
+        failed.append(engine.submit(TEXTS[0], seed=0, max_new_tokens=200))
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="the vocoder broke"):
+                list(failed[0])
+        assert engine.wait_rows_free(timeout=60) and engine.free_rows() == engine.rows_per_stream
+        assert engine.stats.failed == 1 and "vocoder" in str(failed[0].error)
+        assert failed[0].report.chunks == [] and engine.active() == 0
+        after = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)  # its rows were freed once
+        assert read_within(after) and after.error is None
+    assert after.tokens == solo(tts, TEXTS[2], 2)[1]
+
+
 def test_the_warm_up_runs_in_the_t3_stage(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA graph trees keep their graphs per thread: the steps are built where they run."""
     with StreamEngine(tts, max_streams=2, config=CONFIG, max_cache_len=256) as engine:
@@ -418,6 +512,39 @@ def test_a_close_during_the_warm_up_waits_for_one_build_not_all(tts: ChatterboxT
     assert len(errors) == 1 and "closed" in str(errors[0])
 
 
+def test_a_stream_queued_behind_a_warm_up_is_counted_queued_through_it(tts: ChatterboxTTS) -> None:
+    # Before, a stream taken at the pass that ran a warm-up counted as active (not queued) all
+    # through the warm-up's builds, before it was even prefilled.
+    with StreamEngine(tts, max_streams=1, config=CONFIG, max_cache_len=256) as engine:  # one build each
+        build, calls, building, release, seen = engine._step_fn, [], threading.Event(), threading.Event(), []
+
+        def held(bucket: int, span: int) -> object:
+            calls.append((bucket, span))
+            if len(calls) == 1:  # the first warm-up's build: a stream and a second warm-up queue meanwhile
+                building.set()
+                assert release.wait(timeout=60)
+            elif len(calls) == 2:  # the second warm-up's build
+                seen.append(engine.counts())
+            return build(bucket, span)
+
+        engine._step_fn = held  # type: ignore[method-assign]
+        first = threading.Thread(target=engine.warmup)
+        first.start()
+        assert building.wait(timeout=60)
+        waiting = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)
+        second = threading.Thread(target=engine.warmup)
+        second.start()
+        with engine._lock:  # the second warm-up's job is queued beside the stream
+            assert engine._lock.wait_for(lambda: bool(engine._jobs), timeout=60)
+        release.set()
+        for thread in (first, second):
+            thread.join(timeout=120)
+            assert not thread.is_alive()
+        assert read_within(waiting) and waiting.error is None
+    assert seen == [(1, 0)]  # (queued, active) while the warm-up it waited for ran
+    assert waiting.tokens == solo(tts, TEXTS[2], 2)[1]
+
+
 def test_a_close_during_admissions_waits_for_one_prefill_not_all(tts: ChatterboxTTS) -> None:
     engine = StreamEngine(tts, max_streams=4, config=CONFIG)
     prefill, prefilled, started = engine._prefill, [], threading.Event()
@@ -462,6 +589,17 @@ def test_streams_past_the_first_span_sample_their_solo_tokens(tts: ChatterboxTTS
         assert h.sampled == alone.tokens[0].tolist(), k
         for i, (mine, theirs) in enumerate(zip(h.logits, logits, strict=True)):
             assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max(), (k, i)
+
+
+def test_the_sets_of_buckets_and_spans_used_are_replaced_not_changed(tts: ChatterboxTTS) -> None:
+    """A server's scrape reads ``stats`` (``to_dict``) while the T3 stage steps: a set it is
+    iterating must not change size under it, so the stage puts new sets in their place."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG, max_cache_len=256) as engine:
+        stats = engine.stats
+        buckets_held, spans_held = stats.buckets_used, stats.spans_used  # what a reader holds
+        assert read_within(engine.submit(TEXTS[2], seed=2, max_new_tokens=6))
+        assert buckets_held == set() and spans_held == set()
+        assert stats.to_dict()["buckets_used"] == [1] and stats.to_dict()["spans_used"] == [256]
 
 
 def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None:
@@ -589,6 +727,32 @@ def test_unknown_sampling_arguments_are_refused_at_submit(tts: ChatterboxTTS) ->
     assert served.tokens == solo(tts, TEXTS[2], 2)[1]
 
 
+def test_arguments_of_the_wrong_type_are_refused_at_submit(tts: ChatterboxTTS) -> None:
+    """Before, these were queued and failed only at their turn, after the prefill, with torch's or
+    Python's own error (an infinite cfg_weight as logits "not finite ... half precision?")."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG, max_cache_len=256) as engine:
+        wrong: list[tuple[dict[str, Any], str]] = [
+            ({"seed": 2**64}, r"seed must be an int in \[-2\*\*63, 2\*\*64\), got 18446744073709551616"),
+            ({"seed": -(2**63) - 1}, "seed must be an int"),
+            ({"seed": 1.5}, "seed must be an int"),
+            ({"seed": True}, "seed must be an int"),
+            ({"max_new_tokens": 10.5}, "max_new_tokens must be an int, got 10.5"),
+            ({"max_new_tokens": True}, "max_new_tokens must be an int"),
+            ({"text": 123}, "text must be a str, got int 123"),
+        ]
+        for kwargs, message in wrong:
+            text = kwargs.pop("text", TEXTS[2])
+            with pytest.raises(ConfigError, match=message):
+                engine.submit(text, max_new_tokens=kwargs.pop("max_new_tokens", 6), **kwargs)
+        assert engine.queued() == 0 and engine.stats.failed == 0  # nothing was queued
+        infinite = engine.submit(TEXTS[2], seed=0, max_new_tokens=6, cfg_weight=math.inf)
+        with pytest.raises(ConfigError, match="cfg_weight must be 0 .* or above, and finite, got inf"):
+            list(infinite)
+        assert engine.stats.admitted == 0  # refused before its prefill
+        for seed in (2**64 - 1, -(2**63)):  # the ends of what a generator takes are served
+            assert read_within(engine.submit(TEXTS[2], seed=seed, max_new_tokens=6))
+
+
 def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:
     with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
         quitter = engine.submit(TEXTS[1], seed=0, max_new_tokens=200)
@@ -623,6 +787,51 @@ def test_a_stream_waits_in_the_queue_while_the_engine_is_full(tts: ChatterboxTTS
     # Causal, not a timing: second joined after first's last token, so it waited at least this.
     assert busy_until > submitted and metrics[0].queued_s >= busy_until - submitted
     assert {m.queued_s for m in metrics} == {metrics[0].queued_s}  # every chunk carries it
+
+
+def test_a_stream_still_being_vocoded_holds_its_place(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most ``max_streams`` streams are active, S3Gen's included: before, a stream whose T3
+    had ended let the next one in while S3Gen still had its windows to vocode, so with an S3Gen
+    slower than T3 the streams (and their windows) piled up past ``max_streams``."""
+    from tts_workbench.runtime import engine as engine_module
+
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        real_vocoder, prefill, idle = engine_module.vocoder, engine._prefill, engine._idle
+        decided, seen, calls = threading.Event(), [], []
+
+        def prefill_counted(handle: Any, request: Any) -> Any:
+            seen.append((handle.index, engine.counts()))
+            if handle.index == 1:  # the second stream was let in
+                decided.set()
+            return prefill(handle, request)
+
+        def idle_watched() -> bool:
+            out = idle()
+            if out and engine._waiting and not engine._held:  # it waits, the second stream left queued
+                seen.append(("idle", engine.counts()))
+                decided.set()
+            return out
+
+        def slow_vocoder(*a: Any, **k: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:  # the first stream's only window: held until the T3 stage has chosen
+                assert decided.wait(timeout=60)
+            return real_vocoder(*a, **k)
+
+        monkeypatch.setattr(engine, "_prefill", prefill_counted)
+        monkeypatch.setattr(engine, "_idle", idle_watched)
+        monkeypatch.setattr(engine_module, "vocoder", slow_vocoder)
+        with engine.together():  # the first is admitted, the second queued behind it
+            first = engine.submit(TEXTS[0], seed=0, max_new_tokens=10)  # one window, cut when T3 ends
+            second = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)
+        assert read_within(first) and read_within(second)  # the second joins once the first is out
+        assert engine.active() == 0 and engine.queued() == 0
+    # (queued, active): the second waited while the first was vocoded; its prefill came after
+    assert seen[0] == (0, (1, 1)) and ("idle", (1, 1)) in seen and seen[-1] == (1, (0, 1)), seen
+    assert max(active for _, (_, active) in seen) == 1
+    assert second.tokens == solo(tts, TEXTS[2], 2)[1]
 
 
 def test_a_stream_closed_while_queued_leaves_the_queue_at_once(tts: ChatterboxTTS) -> None:

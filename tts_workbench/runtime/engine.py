@@ -24,8 +24,11 @@ alone: in float32 exactly, up to where a batched kernel's rounding flips a near 
 
 Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle``, as a plain or an async iterator.
 At most ``max_streams`` streams are active; more wait in a queue, none is refused for load. A
-request that cannot run (empty text, no voice, longer than the cache) fails alone with the same
-error as ``streaming.stream``; the others go on. A sampling argument the family does not take is
+stream is active from its prefill to its last chunk: one whose T3 has ended keeps its place
+until S3Gen has vocoded it, so an S3Gen slower than T3 holds new streams in the queue instead of
+piling up windows behind it. A request that cannot run (empty text, no voice, longer than the
+cache) fails alone with the same error as ``streaming.stream``; the others go on. An argument of
+the wrong type, a seed no generator takes or a sampling argument the family does not take is
 refused by ``submit`` itself, as upstream ``generate`` refuses an unknown keyword.
 """
 
@@ -236,6 +239,7 @@ class _Live:
     cutter: BufferedCutter
     logits: torch.Tensor  # the logits of the next sample
     t3_done: bool = False
+    t3_end_s: float = 0.0  # when T3 ended it, from its submit (as a chunk's ``emitted_s``)
     t3_s: float = 0.0  # seconds of T3 work for this stream (its prefill, batched steps) since its last chunk
     invalid: int = 0
 
@@ -372,7 +376,7 @@ class StreamEngine:
             return len(self._joining) + len(self._vocoding)
 
     def queued(self) -> int:
-        """Streams waiting for rows (a stream closed while queued leaves the queue at once)."""
+        """Streams waiting for their turn (a stream closed while queued leaves the queue at once)."""
         with self._lock:
             return len(self._waiting)
 
@@ -397,10 +401,12 @@ class StreamEngine:
 
     def submit(self, text: str, *, seed: int = 0, max_new_tokens: int = 150, conds: Any = None,
                language_id: str | None = None, **sampling: float) -> StreamHandle:  # fmt: skip
-        """Queue a stream; read its chunks from the returned handle. Bad requests fail in the
-        handle (its iteration raises), not here, so a server treats every request alike; only a
-        sampling argument the family does not take is refused here (a ``ConfigError``: the
-        caller's mistake, as upstream ``generate``'s TypeError), and nothing is queued."""
+        """Queue a stream; read its chunks from the returned handle. Requests the model cannot run
+        fail in the handle (its iteration raises), not here, so a server treats every request
+        alike; only the caller's mistakes are refused here, with a ``ConfigError`` (as upstream
+        ``generate``'s TypeError), and nothing is queued: an argument of the wrong type, a seed no
+        generator takes, a sampling argument the family does not take."""
+        self._check_request(text, seed, max_new_tokens)
         self._check_sampling(sampling)
         # The model's voice as it is now: one prepared while this stream waits is not its own.
         conds = conds if conds is not None else self.tts.conds
@@ -412,6 +418,18 @@ class StreamEngine:
             self._waiting.append(handle)
             self._lock.notify_all()
         return handle
+
+    @staticmethod
+    def _check_request(text: object, seed: object, max_new_tokens: object) -> None:
+        """Refuse arguments no stream could run with before they are queued: they would fail only
+        at the stream's turn, after the streams ahead of it, with torch's or Python's own error."""
+        if not isinstance(text, str):
+            raise ConfigError(f"text must be a str, got {type(text).__name__} {text!r}")
+        # torch.Generator.manual_seed takes these (a negative seed as its 64-bit two's complement)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+            raise ConfigError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ConfigError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
 
     def _check_sampling(self, sampling: dict[str, float]) -> None:
         """Refuse arguments this family's sampling does not use: a misspelled one would
@@ -527,12 +545,14 @@ class StreamEngine:
 
         return run
 
-    @staticmethod
-    def _end(handles: list[StreamHandle], error: BaseException) -> None:
-        """End streams with ``error``: their readers raise it, ``handle.error`` keeps it."""
-        for h in handles:
-            h.error = error
-            h._put(error)
+    def _end(self, handles: list[StreamHandle], error: BaseException) -> None:
+        """End streams with ``error``: their readers raise it, ``handle.error`` keeps it. They are
+        closed, under the lock: no chunk follows the error (``_emit``)."""
+        with self._lock:
+            for h in handles:
+                h.closed = True
+                h.error = error
+                h._put(error)
 
     def _stopped_error(self) -> RuntimeError:
         """Why no stream can be taken: a stage's failure (its error as the cause), or ``close()``."""
@@ -568,9 +588,18 @@ class StreamEngine:
                 self._waiting.remove(handle)
             self._lock.notify_all()  # the T3 stage frees an admitted stream's rows before its step
 
+    def _room(self) -> int:
+        """How many queued streams may join now (under the lock): none while ``together()`` holds
+        them or a job waits (the jobs run first), else ``max_streams`` less the streams either
+        stage still holds (rows in T3, windows still to vocode, or both)."""
+        if self._held or self._jobs:
+            return 0
+        return self.max_streams - len({id(live) for live in (*self._live, *self._vocoding)})
+
     def _idle(self) -> bool:
-        """Nothing for the T3 stage: no stream, no job, none waiting that may join."""
-        return not self._live and not self._jobs and (not self._waiting or bool(self._held))
+        """Nothing for the T3 stage: no stream, no job, none waiting that may join (a stream
+        S3Gen lets go of wakes it)."""
+        return not self._live and not self._jobs and (not self._waiting or not self._room())
 
     def _t3_loop(self) -> None:
         while True:
@@ -580,8 +609,10 @@ class StreamEngine:
                 if self._stopped:
                     return
                 # A warm-up writes the last slot of each span in every row: only with no stream live.
+                # Streams join at the pass after it: taken now, they would count as active (not
+                # queued) all through it, before they are even prefilled.
                 jobs, self._jobs = ([], self._jobs) if self._live else (self._jobs, [])
-                room = 0 if self._held or self._jobs else self.max_streams - len(self._live)
+                room = 0 if jobs else self._room()
                 joining, self._waiting = self._waiting[:room], self._waiting[room:]
                 self._joining += joining  # admitted from here: counted by active(), not queued()
             for job in jobs:  # a warm-up, between steps
@@ -859,8 +890,7 @@ class StreamEngine:
                 live.logits = logits[live.rows : live.rows + n]
             self.stats.t3_steps += 1
             self.stats.t3_rows += len(still)
-            self.stats.buckets_used.add(bucket)
-            self.stats.spans_used.add(span)
+            self._note_used(bucket, span)
         spent = self._now() - t0 - (self.stats.compile_s - compiled_before)
         self.stats.t3_s += spent
         with self._lock:
@@ -869,9 +899,19 @@ class StreamEngine:
         for live in ending:
             with self._lock:  # its rows are free before S3Gen can see its end
                 live.handle.state.tokens.extend(tail_tokens(self.tts.s3gen))  # Turbo's closing silence
+                live.t3_end_s = time.perf_counter() - live.handle.submitted
                 live.t3_done = True
                 self._leave(live)
         self._wake()
+
+    def _note_used(self, bucket: int, span: int) -> None:
+        """Add to ``stats.buckets_used`` and ``spans_used`` by replacing the sets, never changing
+        one: another thread (a server's scrape, ``to_dict``, ``asdict``) may be iterating it."""
+        stats = self.stats
+        if bucket not in stats.buckets_used:
+            stats.buckets_used = stats.buckets_used | {bucket}
+        if span not in stats.spans_used:
+            stats.spans_used = stats.spans_used | {span}
 
     def _sample(self, group: list[_Live]) -> torch.Tensor:
         """The next token and whether its probabilities were not finite, (B, 2), of B streams
@@ -898,16 +938,21 @@ class StreamEngine:
         while True:
             with self._lock:
                 while True:
-                    for live in [s for s in self._vocoding if s.handle.closed]:
+                    closed = [s for s in self._vocoding if s.handle.closed]
+                    for live in closed:
                         self._vocoding.remove(live)
                     ready = [(live, w) for live in self._vocoding if (w := self._window(live)) is not None]
                     finished = [live for live in self._vocoding if live.cutter.done]
                     for live in finished:
                         self._vocoding.remove(live)
                         # T3's work after its last chunk (steps that gave only invalid ids or the
-                        # stop token) is in no chunk: the report keeps it, as streaming.stream's does
+                        # stop token) is in no chunk: the report keeps it, and its wall runs to
+                        # T3's end where that came later, as streaming.stream's does
                         report = live.handle.report
                         report.t3_after_s, report.invalid_after = live.t3_s, live.invalid
+                        report.wall_s = max(report.wall_s, live.t3_end_s)
+                    if closed or finished:  # their places are free: a queued stream may join
+                        self._lock.notify_all()
                     # Heeded after the streams whose last chunk is out have ended (close() would
                     # fail them: they are still in _vocoding); windows cut now are not vocoded.
                     stopping = self._stopped
@@ -980,34 +1025,39 @@ class StreamEngine:
                     self._fail([live], e)
 
     def _fail(self, lives: list[_Live], error: Exception, free: bool = False) -> None:
-        """End streams with ``error`` (from either stage). Their rows are free before a reader
-        sees it when the T3 stage fails them (``free``); else that stage frees them before its
-        next step."""
-        with self._lock:  # both stages count failures
-            self.stats.failed += len(lives)
-            for live in lives:
-                live.handle.closed = True
-                if free:
+        """End streams with ``error`` (from either stage), each once: one already ended (failed
+        by the other stage, or left by its reader) is neither counted nor ended again. Their rows
+        are free before a reader sees it when the T3 stage fails them (``free``: every one's,
+        ended before or not); else that stage frees them before its next step."""
+        with self._lock:  # both stages fail streams
+            ending = [live.handle for live in lives if not live.handle.closed]
+            self.stats.failed += len(ending)
+            for h in ending:
+                h.closed = True  # before _leave: a closed stream leaves the S3Gen stage too
+            if free:  # every one: the T3 stage fails a stream in its rows once
+                for live in lives:
                     self._leave(live)
-        self._end([live.handle for live in lives], error)
-        self._wake()
+            self._end(ending, error)
+            self._lock.notify_all()
 
     def _emit(self, live: _Live, w: Window, chunk: np.ndarray, flow_s: float, voc_s: float) -> None:
         h = live.handle
-        with self._lock:  # the T3 stage adds to both
+        with self._lock:  # the T3 stage adds to t3_s and invalid, and may fail the stream meanwhile
+            if h.closed:  # failed (its reader has the error) or left by its reader: nobody gets it
+                return
             t3_s, invalid, live.t3_s, live.invalid = live.t3_s, live.invalid, 0.0, 0
-        m = ChunkMetrics(
-            index=len(h.report.chunks),
-            emitted_s=time.perf_counter() - h.submitted,
-            t3_s=t3_s,
-            flow_s=flow_s,
-            vocoder_s=voc_s,
-            invalid_tokens=invalid,
-            prompt_frames=int(live.gen["prompt_token"].size(1)) * FRAMES_PER_TOKEN,
-            queued_s=(h.admitted or h.submitted) - h.submitted,
-            **window_metrics(w, chunk),
-        )
-        h._put((h.report.add(chunk, m), m))
+            m = ChunkMetrics(
+                index=len(h.report.chunks),
+                emitted_s=time.perf_counter() - h.submitted,
+                t3_s=t3_s,
+                flow_s=flow_s,
+                vocoder_s=voc_s,
+                invalid_tokens=invalid,
+                prompt_frames=int(live.gen["prompt_token"].size(1)) * FRAMES_PER_TOKEN,
+                queued_s=(h.admitted or h.submitted) - h.submitted,
+                **window_metrics(w, chunk),
+            )
+            h._put((h.report.add(chunk, m), m))
 
 
 def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:

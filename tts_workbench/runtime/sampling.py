@@ -11,6 +11,7 @@ for a seed; the callers read the tokens when they need them, for every stream at
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,9 +113,12 @@ class Sampler:
                 f"repetition_penalty must be above 0 (1 for none; the logits of seen tokens are "
                 f"divided by it), got {self.repetition_penalty}"
             )
-        # upstream generate runs guidance's second row only for a weight above 0
-        if not self.cfg_weight >= 0:  # NaN too
-            raise ConfigError(f"cfg_weight must be 0 (no guidance) or above, got {self.cfg_weight}")
+        # upstream generate runs guidance's second row only for a weight above 0; an infinite
+        # weight makes every guided logit infinite or NaN (cond - uncond is 0 for some tokens)
+        if not 0 <= self.cfg_weight < math.inf:  # NaN too
+            raise ConfigError(
+                f"cfg_weight must be 0 (no guidance) or above, and finite, got {self.cfg_weight}"
+            )
         object.__setattr__(self, "_warpers", self._make_warpers())
 
     def _make_warpers(self) -> tuple[Any, ...]:
