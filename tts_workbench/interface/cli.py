@@ -381,6 +381,13 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     if args.url is not None:
         from ..studies.http_load import run_http_load
 
+        _refuse_given(  # the server has its own: refused, not ignored
+            args,
+            ("--model", "--device", "--decode", "--dtype", "--reference", "--first-window-s", "--window-s"),
+            "is the server's with --url (its model, device, T3 step and dtype and windows are set where it "
+            "runs; --voice names its voice): leave it out, or leave --url out to measure an engine in this "
+            "process",
+        )
         given = {"voice": args.voice, "timeout_s": args.timeout}  # None: not given, run_http_load's default
         report = run_http_load(
             args.url, levels, texts=texts, arrival=args.arrival, tokens=args.tokens, seed=args.seed,
@@ -404,6 +411,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
             f"the {StreamConfig.crossfade_ms:g} ms crossfade that joins windows (load has no flag for it): "
             f"give {fewest:g} s or more"
         ) from None
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable --out found before the model loads
     tts = _voiced_model(args, args.out)
     report = run_load(
         tts,
@@ -612,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_given,
         help="measure a speech server at its root (http://HOST:PORT: this workbench's serve, or an "
         "OpenAI-style endpoint that takes its seed and max_tokens fields; no API key) instead of an "
-        "engine in this process; the model is the first /v1/models lists, and --model, --decode, --dtype, "
-        "--reference and the window flags are the server's",
+        "engine in this process; the model is the first /v1/models lists, and --model, --device, --decode, "
+        "--dtype, --reference and the window flags are the server's (refused with --url)",
     )
     ld.add_argument(
         "--voice", type=_given, help="with --url: the voice each request names (default: default)"

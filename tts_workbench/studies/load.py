@@ -10,6 +10,11 @@ call, how busy each stage's thread was (the busiest one limits the level), and m
 
 Each level gets an engine of its own, sized to it (``max_streams`` = the level), warmed up
 before the clock starts (a compiled step is compiled per bucket then, not inside the level).
+S3Gen (flow and vocoder) is shared by every level's engine, and its first calls cost more than
+later ones (lazy set-up, allocator growth, kernel choice): before the first level, one untimed
+stream (the first text, at the levels' token cap) goes through an engine of its own, so the first
+level, usually the 1-stream baseline, does not pay that alone. Its seconds are the report's
+``warmup_s``; it counts in no level.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ DEFAULT_TEXTS = (
 # The longest a listener waits for speech to start before a level no longer counts as real
 # time (issue 19's target on a GPU; conversational agents aim lower still).
 FIRST_AUDIO_LIMIT_S = 0.5
+# The most streams a level may have: far past any device's memory already (the KV check says
+# so below it); past it a typo such as 400 digits overflowed the checks' float arithmetic.
+MAX_LEVEL = 10**9
 # The longest the largest level's Poisson arrivals may take on average: past it the rate is a
 # typo (poisson:1e-300 overflows a sleep in process, and waits for ever over HTTP).
 MAX_ARRIVAL_SPAN_S = 3600.0
@@ -70,12 +78,18 @@ def parse_levels(value: str) -> list[int]:
 
 def checked_levels(levels: Sequence[int], given: str) -> list[int]:
     """``levels`` as a study runs them, ascending (``parse_levels``'s rules); a ConfigError
-    naming ``--streams`` when there is none, one is not a positive integer or one is given
-    twice. ``given``: the levels as the caller wrote them, for the message."""
+    naming ``--streams`` when there is none, one is not a positive integer, one is more than
+    ``MAX_LEVEL`` or one is given twice. ``given``: the levels as the caller wrote them, for the
+    message."""
     if not levels:
         raise ConfigError("argument --streams: no level given: give one or more, such as 1,2,4,8")
     if any(not isinstance(n, numbers.Integral) or n < 1 for n in levels):
         raise ConfigError(f"argument --streams: every level must be a positive integer, got {given}")
+    if max(levels) > MAX_LEVEL:
+        raise ConfigError(
+            f"argument --streams: a level of more than {MAX_LEVEL} streams is more than any device holds, "
+            f"got {given if len(given) <= 60 else given[:57] + '...'}: give fewer"
+        )
     if len(set(levels)) < len(levels):
         raise ConfigError(f"argument --streams: a level is given twice in {given}: give each once")
     return sorted(int(n) for n in levels)
@@ -199,6 +213,28 @@ def _play(handle: StreamHandle, out: dict[str, Any], done: Any) -> None:
     except Exception as e:  # a failed stream is reported, the level goes on
         out["error"] = f"{type(e).__name__}: {e}"
     done()
+
+
+def warm_up(
+    tts: Any,
+    text: str,
+    *,
+    tokens: int,
+    seed: int,
+    config: StreamConfig,
+    plan: DecodePlan,
+    max_cache_len: int,
+) -> dict[str, Any]:
+    """One untimed stream of ``text`` through a 1-stream engine of its own, its audio dropped, so
+    that S3Gen's first calls (shared by every level's engine) and T3's first steps are paid
+    before the first level's clock starts: ``{"s": seconds, "error": why it failed or None}``
+    (a failed warm-up is reported, the study goes on). The static step: a compiled one would be
+    compiled here for nothing (each level's engine compiles its own)."""
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    with StreamEngine(tts, max_streams=1, config=config, plan=plan, max_cache_len=max_cache_len) as engine:
+        _play(engine.submit(text, seed=seed, max_new_tokens=tokens), out, lambda: None)
+    return {"s": time.perf_counter() - t0, "error": out.get("error")}
 
 
 def run_level(
@@ -365,14 +401,16 @@ def run_load(
     texts_from: str | None = None,
 ) -> dict[str, Any]:
     """The load study at each level (``run_level``) and how many streams held in real time
-    (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given. ``tts`` has
+    (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given (made before
+    the first level: one that cannot be made would lose them all). ``tts`` has
     its voice prepared. ``policy`` is the dtype T3 runs in (``optimized.decode_plan``: float32,
     bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded.
     The report names what was measured: ``model`` (the source ``tts`` was loaded from; None:
     unnamed), ``reference`` (the WAV its voice was prepared from; None: the generated one,
     ``reference.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``).
-    ``levels`` run in ascending order; none, a repeated one, or a largest one whose KV cache is
-    more than the device's memory is a ConfigError before any level runs."""
+    ``levels`` run in ascending order, after one untimed stream (``warm_up``; its seconds are
+    ``warmup_s``); none, a repeated one, or a largest one whose KV cache is more than the device's
+    memory is a ConfigError before any level runs."""
     levels = checked_levels(levels, repr(levels))
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
@@ -381,6 +419,11 @@ def run_load(
     device = tts.t3.speech_head.weight.device
     check_kv_fits(levels[-1], kv_bytes_per_stream(tts, plan, max_cache_len), device)
     config = config or StreamConfig("buffered")
+    if outdir is not None:  # an unusable --out found now, not once every level has run
+        Path(outdir).mkdir(parents=True, exist_ok=True)
+    warm = warm_up(
+        tts, texts[0], tokens=tokens, seed=seed, config=config, plan=plan, max_cache_len=max_cache_len
+    )
     runs = [
         run_level(
             tts,
@@ -410,6 +453,8 @@ def run_load(
         "tokens": tokens,
         "max_cache_len": max_cache_len,
         "config": asdict(config),
+        "warmup_s": warm["s"],  # the untimed stream before the first level
+        "warmup_error": warm["error"],
         "levels": runs,
         "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}, texts {source}, "
         f"T3 {policy} {step} step, arrival {arrival}, {tokens} tokens per stream",
