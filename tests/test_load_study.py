@@ -1,11 +1,16 @@
-"""The load study's set-up: what it refuses before any level runs (an unusable --out, a level no
-device holds, in-process flags given with --url), and the untimed stream before its first level."""
+"""The load study (``tts-workbench load``): its levels and their report, what it refuses before any
+level runs (bad flags, an unusable --out, a level no device holds, in-process flags given with
+--url), the untimed stream before its first level, and the capacity it concludes."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 from chatterbox.tts import ChatterboxTTS
 
@@ -13,7 +18,18 @@ from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.streaming import StreamConfig
-from tts_workbench.studies.load import MAX_LEVEL, checked_levels, run_load
+from tts_workbench.studies.load import (
+    MAX_LEVEL,
+    arrival_offsets,
+    checked_levels,
+    format_load,
+    format_real_time,
+    listener_summary,
+    parse_levels,
+    real_time_capacity,
+    run_load,
+    side_by_side,
+)
 
 CONFIG = StreamConfig("buffered", first_window_s=0.4, window_s=0.8)
 
@@ -170,3 +186,182 @@ def test_load_with_url_takes_its_own_flags_and_leaves_defaults_unrefused(
     want = {"levels": [1, 2], "tokens": 7, "seed": 3, "arrival": "poisson:2", "voice": "alice",
             "timeout_s": 9.0, "first_audio_limit_s": 0.7}  # fmt: skip
     assert {k: got[k] for k in want} == want
+
+
+def test_load_cli_reports_each_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    args = ["load", "--streams", "1,2", "--tokens", "20", "--first-window-s", "0.4", "--window-s", "0.8"]
+    rc = main([*args, "--reference", str(reference_wav), "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    # what was measured: the --model, the voice and the texts, in the report and its title
+    assert (report["model"], report["reference"], report["texts"]) == ("tiny", str(reference_wav), "built-in")
+    assert report["title"].startswith(f"load study of tiny on cpu, voice {reference_wav}, texts built-in,")
+    assert format_load(report).splitlines()[0] == report["title"]
+    assert [level["streams"] for level in report["levels"]] == [1, 2]
+    for level in report["levels"]:
+        s = level["summary"]
+        ttfa = [row["ttfa_s"] for row in level["per_stream"]]
+        assert s["failed"] == 0 and s["kv_mib_per_stream"] > 0
+        # streams' own figures; with so few streams p95 and p99 are the slowest one's
+        assert s["ttfa_p50_s"] in ttfa and s["ttfa_p95_s"] == s["ttfa_p99_s"] == max(ttfa)
+        # the limiting stage is the one whose thread was busier
+        assert s["limiting_stage"] == max(("t3", "s3gen"), key=lambda stage: s[f"{stage}_busy_pct"])
+        assert len(level["per_stream"]) == level["streams"]
+        # the tokens per second the level needs count the ids T3 samples and S3Gen drops
+        sampled = sum(row["sampled_tokens"] for row in level["per_stream"])
+        kept = sum(len(row["speech_tokens"]) for row in level["per_stream"])
+        assert sampled == 20 * level["streams"] > kept  # random weights: some ids are not speech
+        assert s["t3_tokens_per_s_needed"] == pytest.approx(25 * level["streams"] * sampled / kept)
+        assert all(row["speech_tokens"] and row["ttfa_s"] > 0 for row in level["per_stream"])
+        assert level["rows_held_after"] == 0  # every stream freed its rows
+    assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
+    assert "note" in report and "capped at 20 tokens" in report["note"]
+    # which levels held in real time, by the stated first-audio limit (the default 0.5 s)
+    real_time = report["real_time"]
+    assert real_time["first_audio_limit_s"] == 0.5
+    for level in report["levels"]:
+        s = level["summary"]
+        held = not s["failed"] and not s["streams_with_underruns"] and s["ttfa_p95_s"] <= 0.5
+        assert (str(level["streams"]) not in real_time["missed"]) == held  # JSON keys are strings
+
+
+def test_load_studies_side_by_side_keep_each_ones_label_and_levels() -> None:
+    def study(ttfa: list[float]) -> dict:
+        levels = [{"summary": {"streams": 2**k, "ttfa_p95_s": t, "failed": 0}} for k, t in enumerate(ttfa)]
+        return {"levels": levels}
+
+    studies = {"10 s": study([1.0, 2.0]), "2 s": study([0.5, 0.7])}
+    both = side_by_side(studies, "prompt", ["streams", "ttfa_p95_s"])
+    assert list(both.columns) == ["prompt", "streams", "ttfa_p95_s"]
+    assert both.values.tolist() == [["10 s", 1, 1.0], ["10 s", 2, 2.0], ["2 s", 1, 0.5], ["2 s", 2, 0.7]]
+
+
+def test_levels_run_in_ascending_order() -> None:
+    assert parse_levels("4,1,2") == [1, 2, 4]  # the figure's lines and the verdict read them so
+
+
+def test_run_load_refuses_no_level_or_a_repeated_one_before_touching_the_model() -> None:
+    for levels in ([], [0, 1], [2, 1, 2]):
+        with pytest.raises(ConfigError, match="^argument --streams: "):
+            run_load(object(), levels)
+
+
+def test_run_load_runs_its_levels_in_ascending_order(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def level(_tts: Any, n: int, *_a: Any, **_k: Any) -> dict[str, Any]:
+        return {"streams": n, "summary": {"streams": n, "failed": 0, "ttfa_p95_s": 0.1,
+                                          "streams_with_underruns": 0, "worst_underrun_s": 0.0}}  # fmt: skip
+
+    monkeypatch.setattr("tts_workbench.studies.load.run_level", level)
+    report = run_load(tiny_tts, [4, 1, 2], tokens=6)
+    assert [lv["streams"] for lv in report["levels"]] == [1, 2, 4]
+    assert report["real_time"]["streams"] == 4
+
+
+def test_a_level_whose_kv_cache_outgrows_the_device_is_refused_before_any_level_runs(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def level(*_a: Any, **_k: Any) -> dict[str, Any]:
+        raise AssertionError("a level ran")
+
+    monkeypatch.setattr("tts_workbench.studies.load.run_level", level)
+    too_many = r"^argument --streams: the 1000000000-stream level needs .* GiB of KV cache .* or fewer"
+    with pytest.raises(ConfigError, match=too_many):
+        run_load(tiny_tts, [1, 1_000_000_000], tokens=6)
+
+
+def test_the_capacity_is_the_largest_level_held_and_each_miss_says_why() -> None:
+    def level(n: int, p95: float | None, failed: int = 0, underran: int = 0) -> dict[str, Any]:
+        return {"streams": n, "failed": failed, "ttfa_p95_s": p95, "streams_with_underruns": underran,
+                "worst_underrun_s": 0.3 if underran else 0.0}  # fmt: skip
+
+    levels = pd.DataFrame([level(1, 0.2), level(2, 0.4), level(4, 0.45, underran=2), level(8, 0.9, failed=1)])
+    got = real_time_capacity(levels, first_audio_limit_s=0.5)
+    assert got["streams"] == 2 and set(got["missed"]) == {4, 8}
+    assert got["missed"][4] == "2 underran (worst gap 0.30 s)"
+    assert got["missed"][8] == "1 failed; first-audio p95 0.90 s > 0.5 s"
+    assert real_time_capacity(levels, first_audio_limit_s=0.3)["streams"] == 1  # 2's p95 is 0.4 s
+    text = format_real_time(got)
+    assert text.startswith("held in real time: 2 streams") and "4 streams missed: 2 underran" in text
+    # a level where no stream spoke has no first-audio p95 (NaN in the frame): it missed too
+    nobody = real_time_capacity(pd.DataFrame([level(1, None, failed=1)]))
+    assert nobody["streams"] is None and "none spoke" in nobody["missed"][1]
+    assert format_real_time(nobody).startswith("held in real time: no level")
+
+
+def test_a_level_where_nobody_spoke_says_so_without_a_p95() -> None:
+    level = {"streams": 2, "failed": 2, "ttfa_p95_s": None, "streams_with_underruns": 0,
+             "worst_underrun_s": 0.0}  # fmt: skip
+    assert real_time_capacity(pd.DataFrame([level]), 0.5)["missed"][2] == "2 failed; none spoke"
+
+
+def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
+    # Poisson: the first stream at the level's start (no idle lead-in), then seeded gaps.
+    offsets = arrival_offsets(("poisson", 2.0), 4, seed=0)
+    assert offsets[0] == 0.0 and len(offsets) == 4 and (np.diff(offsets) > 0).all()
+    assert (offsets == arrival_offsets(("poisson", 2.0), 4, seed=0)).all()
+    assert (arrival_offsets(("burst", math.inf), 3, seed=0) == 0).all()
+
+    def row(
+        arrival_s: float, ttfa_s: float | None, audio_s: float, error: str | None = None
+    ) -> dict[str, Any]:
+        return {"arrival_s": arrival_s, "ttfa_s": ttfa_s, "audio_s": audio_s, "underruns": 0,
+                "max_underrun_s": 0.0, "error": error}  # fmt: skip
+
+    streams = [row(0.0, 0.5, 2.0), row(1.0, 0.7, 2.0), row(3.0, 0.9, 4.0), row(0.5, None, 0.0, "boom")]
+    s = listener_summary(4, 8.0, streams)
+    assert s["failed"] == 1 and s["ttfa_p50_s"] == 0.7 and s["ttfa_p99_s"] == 0.9
+    # Percentiles are streams' own figures (nearest rank): below 20 streams p95 is the slowest
+    # stream's; at 20, one stream in 20 is the 5% it leaves out. Interpolated, one stream at 2 s
+    # gave p95 1.34 s at 8 streams, 0.58 s at 16: neither any listener's wait nor 95% of them.
+    for n, p95 in ((8, 2.0), (16, 2.0), (19, 2.0), (20, 0.1), (32, 0.1)):
+        level = [row(0.0, 0.1, 2.0) for _ in range(n - 1)] + [row(0.0, 2.0, 2.0)]
+        assert listener_summary(n, 8.0, level)["ttfa_p95_s"] == p95, n
+    assert s["audio_per_wall_s"] == 1.0  # 8 s of audio in 8 wall seconds
+    # every stream in real time from its arrival: the last one ends at 3 + 4 s
+    assert s["real_time_audio_per_wall_s"] == pytest.approx(8.0 / 7.0)
+    burst = listener_summary(2, 3.0, [row(0.0, 0.5, 2.0), row(0.0, 0.6, 2.0)])
+    assert burst["real_time_audio_per_wall_s"] == 2.0  # a burst of equal streams: their count
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--streams", "0"], "--streams"),
+        (["--streams", "-2"], "--streams"),
+        (["--streams", "1,two"], "--streams"),
+        (["--streams", "2,1,2"], "--streams"),  # a level twice: its rows would share one verdict
+        (["--arrival", "poisson:fast"], "--arrival"),
+        (["--arrival", "sometimes"], "--arrival"),
+        (["--texts", "/no/such/file"], "--texts"),
+        (["--texts", "EMPTY"], "--texts"),
+        (["--texts", "LATIN1"], "--texts"),
+        (["--tokens", "5000"], "--tokens"),
+        (["--streams", "1000000000"], "--streams"),  # a KV cache beyond the device's memory
+        (["--first-window-s", "inf"], "--first-window-s"),
+        (["--first-audio-limit", "0"], "--first-audio-limit"),
+        (["--url", "http://127.0.0.1:1", "--timeout", "0"], "--timeout"),
+        (["--url", "http://127.0.0.1:1", "--timeout", "nan"], "--timeout"),
+        (["--url", "http://127.0.0.1:abc"], "--url"),
+        (["--url", "http://127.0.0.1:99999"], "--url"),
+        (["--url", "127.0.0.1:8000"], "--url"),
+    ],
+)
+def test_load_cli_bad_flags_give_one_error_line(
+    args: list[str], flag: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 au lait.".encode("latin-1"))  # not UTF-8
+    args = [{"EMPTY": str(empty), "LATIN1": str(latin1)}.get(a, a) for a in args]
+    try:
+        rc = main(["load", *args, "--out", str(tmp_path)])
+    except SystemExit as e:  # refused by the parser itself
+        rc = e.code
+    assert rc == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0], errors
