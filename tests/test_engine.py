@@ -738,6 +738,10 @@ def test_arguments_of_the_wrong_type_are_refused_at_submit(tts: ChatterboxTTS) -
         assert engine.stats.admitted == 0  # refused before its prefill
         for seed in (2**64 - 1, -(2**63)):  # the ends of what a generator takes are served
             assert read_within(engine.submit(TEXTS[2], seed=seed, max_new_tokens=6))
+        # numpy integers are whole numbers (before, refused as "must be an int"), taken as ints
+        numpy_made = engine.submit(TEXTS[2], seed=np.int64(3), max_new_tokens=np.int32(6))
+        assert read_within(numpy_made)
+        assert type(numpy_made.request.seed) is int and type(numpy_made.request.max_new_tokens) is int
 
 
 def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:

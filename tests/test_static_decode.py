@@ -10,6 +10,7 @@ all those steps had identical inputs, so a wrong step (position, cache slot, mas
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import warnings
@@ -638,6 +639,11 @@ def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
             Sampler(turbo=turbo, repetition_penalty=penalty)
     # A negative weight guided against a row no prefill wrote (upstream's generate runs one row
     # for it): refused, not sampled.
+    # Infinite ones passed and sampled nonsense (every id equally likely at an infinite temperature)
+    for turbo in (False, True):
+        for name in ("temperature", "repetition_penalty"):
+            with pytest.raises(ConfigError, match=f"{name} must be finite, got inf"):
+                Sampler(turbo=turbo, **{name: math.inf})
     for weight in (-0.5, float("nan")):  # NaN: before, sampled, then blamed on half precision
         with pytest.raises(ConfigError, match="cfg_weight must be 0 .* or above"):
             Sampler(turbo=False, cfg_weight=weight)

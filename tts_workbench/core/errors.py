@@ -1,10 +1,13 @@
 """The workbench's exception types: one per condition, each message naming the cause and the fix.
 
 All derive from ``WorkbenchError`` (a ``ValueError``, so code that caught ``ValueError`` before
-still does); the CLI turns any of them into one ``error:`` line and exit code 2.
+still does); the CLI turns any of them into one ``error:`` line and exit code 2. ``as_int`` is the
+one test of "a whole number" behind every such refusal.
 """
 
 from __future__ import annotations
+
+import operator
 
 
 class WorkbenchError(ValueError):
@@ -53,3 +56,15 @@ class NoSpeechError(WorkbenchError):
 
 class TraceError(WorkbenchError):
     """A file is not a profiler trace the workbench can read, or lacks the region asked for."""
+
+
+def as_int(value: object) -> int | None:
+    """``value`` as an ``int`` when it is a whole number (a Python or numpy integer: anything with
+    ``__index__``), else None. A bool is not one: ``True`` is an ``int`` to Python, but a token
+    count or a seed of ``True`` is a caller's mistake, not 1."""
+    if isinstance(value, bool):  # numpy's bool has no __index__
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:  # a float, a str, None: no __index__
+        return None

@@ -51,7 +51,7 @@ from transformers.cache_utils import StaticCache
 from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, as_int
 from ..core.families import family_of, kv_layout
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
@@ -406,7 +406,7 @@ class StreamEngine:
         alike; only the caller's mistakes are refused here, with a ``ConfigError`` (as upstream
         ``generate``'s TypeError), and nothing is queued: an argument of the wrong type, a seed no
         generator takes, a sampling argument the family does not take."""
-        self._check_request(text, seed, max_new_tokens)
+        seed, max_new_tokens = self._check_request(text, seed, max_new_tokens)
         self._check_sampling(sampling)
         # The model's voice as it is now: one prepared while this stream waits is not its own.
         conds = conds if conds is not None else self.tts.conds
@@ -420,16 +420,19 @@ class StreamEngine:
         return handle
 
     @staticmethod
-    def _check_request(text: object, seed: object, max_new_tokens: object) -> None:
+    def _check_request(text: object, seed: object, max_new_tokens: object) -> tuple[int, int]:
         """Refuse arguments no stream could run with before they are queued: they would fail only
-        at the stream's turn, after the streams ahead of it, with torch's or Python's own error."""
+        at the stream's turn, after the streams ahead of it, with torch's or Python's own error.
+        The seed and token cap as Python ints (a numpy integer is taken)."""
         if not isinstance(text, str):
             raise ConfigError(f"text must be a str, got {type(text).__name__} {text!r}")
+        whole_seed, cap = as_int(seed), as_int(max_new_tokens)
         # torch.Generator.manual_seed takes these (a negative seed as its 64-bit two's complement)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        if whole_seed is None or not -(2**63) <= whole_seed < 2**64:
             raise ConfigError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        if cap is None:
             raise ConfigError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        return whole_seed, cap
 
     def _check_sampling(self, sampling: dict[str, float]) -> None:
         """Refuse arguments this family's sampling does not use: a misspelled one would

@@ -103,6 +103,12 @@ class Sampler:
             raise ConfigError(
                 f"temperature must be above 0 (T3 divides its logits by it), got {self.temperature}"
             )
+        # Infinite ones pass upstream's checks and sample nonsense: logits divided by an infinite
+        # temperature are all 0 (every id equally likely, the masked ones NaN); an infinite
+        # penalty sends every seen token's logit to 0 or -inf, whatever the model said.
+        for name in ("temperature", "repetition_penalty"):
+            if getattr(self, name) == math.inf:
+                raise ConfigError(f"{name} must be finite, got inf")
         # T3.inference builds TopPLogitsWarper, which refuses these (inference_turbo ignores top_p
         # from 1 up); here top-p at 1 is left out, so its check is made here.
         if not self.turbo and not 0 <= self.top_p <= 1:

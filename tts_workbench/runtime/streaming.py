@@ -43,7 +43,7 @@ from ..core.constants import (
     SAMPLES_PER_TOKEN,
     TOKENS_PER_S,
 )
-from ..core.errors import ConfigError, NoVoiceError
+from ..core.errors import ConfigError, NoVoiceError, as_int
 from ..core.families import family_of
 from ..core.files import written
 from ..core.rng import StreamRandom, overwritten
@@ -91,7 +91,7 @@ class StreamConfig:
         for name, count in counts.items():
             # They slice the token list and count T3's steps: 2.5 passed the sign checks below and
             # failed after T3 had run (t3_block=2.5 checked for the stop token every 5 tokens).
-            if isinstance(count, bool) or not isinstance(count, int):
+            if as_int(count) is None:
                 raise ConfigError(f"{name} must be a whole number of tokens (an int), got {count!r}")
         positive = {
             "chunk_tokens": self.chunk_tokens,

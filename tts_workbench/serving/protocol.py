@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.constants import SAMPLE_RATE
+from ..core.errors import as_int
 
 FORMATS = {"pcm": "audio/pcm", "wav": "audio/wav"}
 # The fields a request may carry: OpenAI's, and two of this server's own (seed, max_tokens).
@@ -118,10 +119,10 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     if body.get("instructions"):
         raise RequestError("instructions are not supported by Chatterbox: leave them out", "instructions")
     seed = body.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+    if as_int(seed) is None or not 0 <= seed < 2**63:
         raise RequestError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}", "seed")
     tokens = body.get("max_tokens", default_tokens)
-    if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= limits.max_tokens:
+    if as_int(tokens) is None or not 1 <= tokens <= limits.max_tokens:
         raise RequestError(f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {tokens!r}",
                            "max_tokens")  # fmt: skip
     return SpeechRequest(text, voice, fmt, seed, tokens)
