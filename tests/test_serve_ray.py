@@ -76,6 +76,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
         out.close()
         err.close()
     assert rc == 0 and "stopped cleanly" in stdout, (rc, stdout, (run / "stderr").read_text()[-3000:])
+    assert f"after serving {url} " in stdout  # the URL read from what Ray Serve listens on
     assert socket.socket().connect_ex(("127.0.0.1", port)) != 0  # nothing listens any more
 
 

@@ -570,6 +570,22 @@ def test_the_servers_url_writes_an_ipv6_host_in_brackets() -> None:
     assert Placement("127.0.0.1", 8000).url == "http://127.0.0.1:8000"
 
 
+def test_a_clusters_serve_is_reported_where_it_listens() -> None:
+    """Joining a cluster whose Ray Serve already runs, Serve keeps its own HTTP options (it only
+    logs that it ignored --host/--port): before, `serve --address` printed the URL from the flags."""
+    from tts_workbench.serving.deployment import Placement  # imports Ray
+
+    cluster = Placement("127.0.0.1", 8000, address="head.example:6379")
+    assert cluster.listening_url("0.0.0.0", 9000) == "http://head.example:9000"  # a wildcard: at the head
+    assert cluster.listening_url("::", 9000) == "http://head.example:9000"
+    assert cluster.listening_url("10.0.0.5", 9000) == "http://10.0.0.5:9000"
+    assert "already listens on 0.0.0.0:9000" in cluster.listening_note("0.0.0.0", 9000)
+    assert "--host 127.0.0.1 --port 8000 are not used" in cluster.listening_note("0.0.0.0", 9000)
+    assert cluster.listening_note("127.0.0.1", 8000) == ""  # where the flags asked: nothing to say
+    local = Placement("0.0.0.0", 8000)  # no cluster: the listening host as it is
+    assert local.listening_url("0.0.0.0", 8000) == local.url == "http://0.0.0.0:8000"
+
+
 # Ray Serve's message when every start of a replica failed (its constructor raised).
 DEPLOY_FAILED = """Deploying application tts-workbench failed: Failed to update the deployments ['speech'].
 The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or

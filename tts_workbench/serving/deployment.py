@@ -68,8 +68,24 @@ class Placement:
     @property
     def url(self) -> str:
         """Where clients reach the server (an IPv6 host in brackets, as URLs write it)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return self.listening_url(self.host, self.port)
+
+    def listening_url(self, host: str, port: int) -> str:
+        """Where clients reach an app whose Serve listens on ``host:port``: a wildcard host on a
+        cluster (``--address``) is reached at the cluster's head, named by the address."""
+        if self.address and self.address != "auto" and host in ("0.0.0.0", "::"):
+            parsed = urlparse(self.address if "://" in self.address else f"ray://{self.address}")
+            host = parsed.hostname or host
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+    def listening_note(self, host: str, port: int) -> str:
+        """What to tell the user when the Serve joined listens elsewhere than --host/--port asked:
+        Ray Serve keeps the HTTP options the cluster's Serve started with (only logging that it
+        ignored the new ones), so the URL printed from the flags would be wrong."""
+        if (host, port) == (self.host, self.port):
+            return ""
+        return (f"the cluster's Ray Serve already listens on {host}:{port} and keeps it: --host {self.host} "
+                f"--port {self.port} are not used")  # fmt: skip
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -194,11 +210,13 @@ def _start_ray(options: ServeOptions, where: Placement) -> None:
 
 
 @contextlib.contextmanager
-def served(options: ServeOptions, where: Placement) -> Iterator[str]:
-    """Inside: the app answers at the returned URL (call ``check_placement`` first). Leaving it,
-    or SIGTERM (raised here as KeyboardInterrupt, as Ctrl-C is), stops the app and the local Ray."""
+def served(options: ServeOptions, where: Placement) -> Iterator[tuple[str, str]]:
+    """Inside: the app answers at the returned URL (call ``check_placement`` first), with a note
+    when that is not where ``where`` asked (``Placement.listening_note``). Leaving it, or SIGTERM
+    (raised here as KeyboardInterrupt, as Ctrl-C is), stops the app and the local Ray."""
     import ray
     from ray import serve
+    from ray.serve.context import _get_global_client  # Serve's HTTP options have no public reader
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -214,7 +232,8 @@ def served(options: ServeOptions, where: Placement) -> Iterator[str]:
             serve.run(deployment(options, where.replicas), name=APP_NAME, route_prefix="/")
         except RuntimeError as e:  # Ray Serve gave up on the replicas: say what each one raised
             raise ConfigError(f"the replicas could not start: {replica_error(str(e))}") from None
-        yield where.url
+        http = _get_global_client().http_config  # what Serve listens on: a cluster's may differ
+        yield where.listening_url(http.host, http.port), where.listening_note(http.host, http.port)
     finally:
         # A second Ctrl-C or SIGTERM while stopping must not skip the rest of the stop.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -248,13 +267,16 @@ def serve_until_stopped(options: ServeOptions, where: Placement, say: Any = prin
     answers. What was served: ``served_s`` from the moment the app answered, None (and
     ``stopped``: "before serving") when the stop came while Ray or the replicas were starting."""
     check_placement(options, where)
-    url = where.url
+    url = where.url  # until the app answers: then where Serve really listens
     ray_at = f"the Ray cluster at {where.address}" if where.address else "a local Ray"
     say(f"starting {where.replicas} replica(s) on {ray_at}: each builds {options.model}, prepares its "
         "voices and warms up its engine (half a minute or more)")  # fmt: skip
     answered: float | None = None  # perf_counter when the app answered
-    with contextlib.suppress(KeyboardInterrupt), served(options, where):
+    with contextlib.suppress(KeyboardInterrupt), served(options, where) as listening:
         answered = time.perf_counter()
+        url, note = listening
+        if note:
+            say(note)
         say(f"serving {options.model} at {url} ({where.replicas} replica(s) on {ray_at}); Ctrl-C stops")
         while True:
             time.sleep(1.0)
