@@ -4,6 +4,7 @@ written whole or not at all."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,7 +12,9 @@ from matplotlib.figure import Figure
 
 from tts_workbench.core.constants import UPSTREAM_GENERATE_CAP
 from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.families import FAMILIES
 from tts_workbench.interface.cli import main
+from tts_workbench.models.builders import MODELS
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.studies import bench
 from tts_workbench.studies.bench import Row, bench_frame, run_bench, summarize
@@ -32,22 +35,34 @@ def _errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
 def test_tokens_past_upstream_generates_own_cap_are_refused_with_an_upstream_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Upstream generate stops at its own 1000 tokens: the ratios would compare 1000 upstream
-    tokens with 1010 of the others (before: run, wall_ratio 0.771)."""
-    monkeypatch.setattr(bench, "load_model", _reached)
+    """Upstream generate stops at its own 1000 tokens (Turbo's: 1001, one from the prefill and
+    then max_gen_len=1000): the ratios would compare 1000 upstream tokens with 1010 of the others
+    (before: run, wall_ratio 0.771). The cap is the family's, so it is checked once the upstream
+    model has loaded (before 2026-12-04, Turbo's 1001 was refused)."""
+
+    def upstream_model(source: str, *_a: object) -> object:
+        """A model of the source's family whose first use (cast to float32) says the checks passed."""
+        part = SimpleNamespace(float=_reached)
+        return SimpleNamespace(t3=part, s3gen=part, ve=part, family=FAMILIES[MODELS[source][0]])
+
+    monkeypatch.setattr(bench, "load_model", upstream_model)
+    monkeypatch.setattr(bench, "family_of", lambda tts: tts.family)
     cap = UPSTREAM_GENERATE_CAP
-    past = f"argument --tokens: {cap + 1} is past upstream generate's own cap"
-    with pytest.raises(ConfigError, match=past):
-        run_bench("tiny", configs=("upstream", "optimized"), tokens=cap + 1, outdir=tmp_path)
-    assert not any(tmp_path.iterdir())  # refused before anything was written
+    for model, own in (("tiny", cap), ("turbo-tiny", cap + 1)):
+        with pytest.raises(ConfigError, match=f"argument --tokens: {own + 1} is past .* own cap of {own} "):
+            run_bench(model, configs=("upstream", "optimized"), tokens=own + 1, outdir=tmp_path)
+        assert not any(tmp_path.iterdir())  # refused before anything was written
     args = ["bench", "--tokens", str(cap + 10), "--configs", "upstream,optimized", "--out", str(tmp_path)]
     assert main(args) == 2
     errors = _errors(capsys)
     assert len(errors) == 1 and "--tokens" in errors[0] and "leave upstream out of --configs" in errors[0]
-    # at the cap, and past it without upstream generate (the streamed upstream is the workbench's loop)
-    for configs, tokens in ((("upstream",), cap), (("optimized", "upstream-stream"), cap + 1)):
+    # at the cap (Turbo's too), and past it without upstream generate (the streamed upstream is the
+    # workbench's loop)
+    runs = ((("upstream",), cap, "tiny"), (("upstream",), cap + 1, "turbo-tiny"),
+            (("optimized", "upstream-stream"), cap + 1, "tiny"))  # fmt: skip
+    for configs, tokens, model in runs:
         with pytest.raises(Reached):
-            run_bench("tiny", configs=configs, tokens=tokens, outdir=tmp_path)
+            run_bench(model, configs=configs, tokens=tokens, outdir=tmp_path)
 
 
 def test_the_cpp_wrapper_without_a_compiled_config_is_refused(

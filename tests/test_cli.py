@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tts_workbench.core import strict_json
+from tts_workbench.core.positions import positions_needed
 from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, build_parser, main
 from tts_workbench.models.builders import SIZES
 from tts_workbench.models.sources import PRETRAINED
@@ -108,7 +109,8 @@ def test_stream_sizes_its_static_cache_to_the_request(
     def planned(
         tts: Any, text: str, config: Any, outdir: Any, *, max_new_tokens: int, plan: Any, **_: Any
     ) -> dict:
-        seen.update(need=prefill_length(tts, text) + max_new_tokens, cache=plan.max_cache_len)
+        need = positions_needed(prefill_length(tts, text), max_new_tokens)
+        seen.update(need=need, cache=plan.max_cache_len)
         return {}
 
     monkeypatch.setattr(streaming, "run_to_files", planned)

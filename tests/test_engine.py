@@ -25,7 +25,7 @@ from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
-from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
@@ -742,6 +742,17 @@ def test_arguments_of_the_wrong_type_are_refused_at_submit(tts: ChatterboxTTS) -
         numpy_made = engine.submit(TEXTS[2], seed=np.int64(3), max_new_tokens=np.int32(6))
         assert read_within(numpy_made)
         assert type(numpy_made.request.seed) is int and type(numpy_made.request.max_new_tokens) is int
+
+
+def test_a_stream_that_exactly_fills_its_rows_speaks_its_solo_tokens(tts: ChatterboxTTS) -> None:
+    """TOKENS tokens write the prefill's positions and TOKENS - 1 more (the last is never fed
+    back): an engine of exactly that many serves the stream (before, refused with a CacheError)."""
+    need = prefill_length(tts, TEXTS[0]) + TOKENS - 1
+    with StreamEngine(tts, max_streams=1, config=CONFIG, max_cache_len=need) as engine:
+        fits = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        assert read_within(fits) and fits.tokens == solo(tts, TEXTS[0], 0)[1]
+        with pytest.raises(CacheError, match=f"max_cache_len={need}: lower max_new_tokens to {TOKENS} "):
+            list(engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS + 1))
 
 
 def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:

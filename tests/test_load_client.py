@@ -266,8 +266,10 @@ def test_a_text_longer_than_the_cache_names_texts_and_the_text(monkeypatch: pyte
     with pytest.raises(ConfigError, match=r"^argument --texts: .*'Once upon a time x") as refused:
         load.cache_positions(None, ["short", long], 10)
     assert "--tokens" not in str(refused.value)
-    with pytest.raises(ConfigError, match=rf"^argument --tokens: .* use --tokens {cache - 1000} or fewer"):
+    with pytest.raises(ConfigError, match=rf"^argument --tokens: .* use --tokens {cache - 999} or fewer"):
         load.cache_positions(None, ["x" * 1000], cache)
+    # the request that exactly fills the cache fits: its last token is never fed back (before, refused)
+    assert load.cache_positions(None, ["x" * 1000], cache - 999) == cache
     assert load.cache_positions(None, ["x" * 100], 28) == 128
 
 

@@ -144,7 +144,7 @@ def test_a_request_the_cache_cannot_hold_names_the_field_to_change(
             assert service.prefill_positions(voice, text) == prefill_length(voiced, text, 0.0), (voice, text)
     refused = service.registry.get_sample_value("tts_streams_total", REFUSED) or 0.0
     prefill = prefill_length(service.tts, GOOD["input"])
-    room = service.options.max_cache_len - prefill
+    room = service.options.max_cache_len - prefill + 1  # the last token is never fed back
     with TestClient(speech_app(service)) as client:
         r = client.post("/v1/audio/speech", json={**GOOD, "voice": "alice", "max_tokens": room + 1})
         error = r.json()["error"]
@@ -239,7 +239,7 @@ def test_the_cache_check_runs_off_the_event_loop(
 
     def filling(_voice: str, _text: str) -> int:
         counted_on.append(threading.get_ident())
-        return service.options.max_cache_len  # no room for a token: refused, nothing submitted
+        return service.options.max_cache_len + 1  # no room for a token: refused, nothing submitted
 
     monkeypatch.setattr(service, "prefill_positions", filling)
 
@@ -320,7 +320,9 @@ def test_the_largest_max_tokens_advertised_can_be_met(service: SpeechService) ->
     1 to 1024", the whole cache, which no prompt leaves)."""
     largest = service.limits.max_tokens
     fewest = min(service.prefill_positions(voice, ".") for voice in service.voices)
-    check_cache(fewest, largest, service.options.max_cache_len)  # fits
+    check_cache(fewest, largest, service.options.max_cache_len)  # fits, exactly
+    with pytest.raises(RequestError, match=f"send max_tokens <= {largest}"):
+        check_cache(fewest, largest + 1, service.options.max_cache_len)
     with pytest.raises(RequestError, match=f"from 1 to {largest}, got {largest + 1}"):
         parse_speech({**GOOD, "max_tokens": largest + 1}, service.limits)
 
@@ -359,8 +361,9 @@ def test_an_unknown_path_or_method_gets_openais_error_body(service: SpeechServic
 def test_a_service_refuses_options_no_request_could_run_with(tmp_path: Path) -> None:
     """A default token count the cache cannot hold, before the model loads; an input limit whose
     longest input leaves no cache position for a token, before the engine is built."""
-    with pytest.raises(ConfigError, match="--tokens: 1024 .* lower --tokens or raise --max-cache-len"):
-        SpeechService(ServeOptions(run_dir=str(tmp_path), default_tokens=1024, max_cache_len=1024))
+    # a one-position input and 1024 tokens fill 1024 positions exactly (the last token is not fed back)
+    with pytest.raises(ConfigError, match="--tokens: 1025 .* lower --tokens or raise --max-cache-len"):
+        SpeechService(ServeOptions(run_dir=str(tmp_path), default_tokens=1025, max_cache_len=1024))
     assert not (tmp_path / "reference.wav").exists()  # refused before the default voice was made
     with pytest.raises(
         ConfigError, match="--max-input-chars: an input of 1000 characters .* --max-cache-len"

@@ -15,6 +15,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Generator, Iterator
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -31,7 +32,9 @@ from tts_workbench.runtime.decode import (
     DecodeResult,
     StaticStep,
     T3Parts,
+    check_positions,
     decode_blocks,
+    prefill_length,
     spans,
     t3_decode,
     text_tokens,
@@ -468,6 +471,23 @@ def test_a_request_beyond_the_cache_is_refused_before_anything_runs(
     # The fix in the message works: that many tokens fit.
     r, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=96), n=room)
     assert r.tokens.size(1) == room
+
+
+def test_a_request_that_exactly_fills_the_cache_runs(tiny_tts: ChatterboxTTS) -> None:
+    """n tokens write the prefill's positions and n - 1 more: the last is never fed back. Before,
+    every check asked for one position more and refused this request."""
+    n, prefill = 8, prefill_length(tiny_tts, TEXT)
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=prefill + n - 1)
+    full, _ = _run(tiny_tts, plan, n=n)
+    roomy, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3, step="static"), n=n)
+    assert full.tokens.size(1) == n and torch.equal(full.tokens, roomy.tokens)
+    with pytest.raises(CacheError, match=f"needs {prefill + n} positions .* lower max_new_tokens to {n} "):
+        _run(tiny_tts, plan, n=n + 1)
+    # A GPT-2 backbone's learned positions (Turbo's) bound every step the same way, the eager one too.
+    gpt2 = SimpleNamespace(n_positions=100)
+    check_positions(gpt2, 90, 11)  # positions 0 to 99
+    with pytest.raises(CacheError, match="n_positions=100: lower max_new_tokens to 11 "):
+        check_positions(gpt2, 90, 12)
 
 
 def test_a_cache_on_another_device_is_refused(tiny_tts: ChatterboxTTS, calls_of_tfmr: list[int]) -> None:

@@ -3,6 +3,7 @@
 Errors with the fix in their message, the one table renderer, constants (sample rate, token rate,
 dtype names), scoped patching that gives back what it changes, torch.compile as the compiled
 paths use it, the one clock (synchronised before each read), library noise filters and the table
-of model families, the device check (``devices``) and files written whole or not at all
-(``files``). Imports only the standard library, torch, pandas and upstream chatterbox.
+of model families, the device check (``devices``), files written whole or not at all
+(``files``) and the KV cache positions a request needs (``positions``). Imports only the standard
+library, torch, pandas and upstream chatterbox.
 """

@@ -24,6 +24,7 @@ from chatterbox.tts import ChatterboxTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
 from torch import nn
 
+from .constants import UPSTREAM_GENERATE_CAP
 from .errors import ConfigError
 
 # Any of the three upstream model classes (they share t3, s3gen, ve, tokenizer, conds, generate).
@@ -44,6 +45,13 @@ class Family:
     guidance: bool  # classifier-free guidance: T3 runs a batch of two
     cfm_steps: int  # S3Gen flow-matching steps per call
     sampling: dict[str, float]  # upstream generate's default sampling arguments
+
+    @property
+    def upstream_cap(self) -> int:
+        """The most tokens upstream ``generate`` samples: its hard-coded 1000 (``max_new_tokens``;
+        Turbo's ``max_gen_len``, after one token from the prefill: 1001)."""
+        turbo = self.t3_inference == "inference_turbo"
+        return UPSTREAM_GENERATE_CAP + 1 if turbo else UPSTREAM_GENERATE_CAP
 
     def sampling_with(self, overrides: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         """Upstream generate's sampling defaults under ``overrides``: the guidance weight apart

@@ -261,6 +261,7 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.errors import CacheError
+    from ..core.positions import positions_needed
     from ..instruments.latency import format_report
     from ..runtime.decode import DecodePlan, check_positions, prefill_length
     from ..runtime.streaming import StreamConfig, run_to_files
@@ -282,7 +283,7 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
     tts = _voiced_model(args, args.out)
     plan = DecodePlan.plain(tts.t3, step=args.decode)
     prefill = prefill_length(tts, args.text)
-    need = prefill + args.tokens
+    need = positions_needed(prefill, args.tokens)
     try:  # before it streams (max_new_tokens: --tokens)
         check_positions(plan.decode.tfmr.config, prefill, args.tokens)
     except CacheError as e:
@@ -655,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-cache-len",
         type=_positive,
         default=1024,
-        help="KV positions per stream (prefill + max_tokens); a step attends to the smallest span of "
+        help="KV positions per stream (prefill + max_tokens - 1); a step attends to the smallest span of "
         "256, 512, ... that holds the live streams, so a large value costs KV memory (max-streams x "
         "max-cache-len) and compiled shapes",
     )

@@ -70,6 +70,7 @@ from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import CacheError, ConfigError
 from ..core.families import kv_layout, language_for
+from ..core.positions import positions_needed, tokens_that_fit
 from ..core.rng import default_generator
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
@@ -167,7 +168,7 @@ class DecodePlan:
     """Which weights (and autocast dtype, if any) run the prefill and the decode steps, and how
     each decode step runs (``step``: "eager" | "static" | "compiled", see the module docstring).
 
-    ``max_cache_len`` is the number of positions (prefill + new tokens) of the static KV cache
+    ``max_cache_len`` is the number of positions (``positions_needed``) of the static KV cache
     that "static" and "compiled" allocate once per batch size (2 with classifier-free guidance,
     1 without) and keep on the plan (``StaticStep``, reused by later generations without
     reallocating or recompiling). Changing ``max_cache_len`` reallocates at the next generation;
@@ -627,7 +628,7 @@ def _check_static(
 
 
 def check_cache_len(max_cache_len: int, config: Any) -> None:
-    """Refuse a cache too short for any request (a prefill position and one new token), or
+    """Refuse a cache too short for any request (a prefill holds conditioning and a start token), or
     longer than the backbone ``config`` has positions for: GPT-2 (Turbo's) embeds a learned
     position for every input of the sequence, so no step could run past its ``n_positions``."""
     if max_cache_len < 2:
@@ -641,16 +642,17 @@ def check_cache_len(max_cache_len: int, config: Any) -> None:
 
 
 def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder: str, fix: str) -> None:
-    """A CacheError saying what fits when ``prefill_len + max_new_tokens`` positions exceed
+    """A CacheError saying what fits when the request's ``positions_needed`` exceed
     ``max_cache_len`` (``holder``: what holds that many, "the engine holds max_cache_len";
     ``fix`` may name ``{need}``)."""
-    need = prefill_len + max_new_tokens
+    need = positions_needed(prefill_len, max_new_tokens)
     if need > max_cache_len:
-        room = max_cache_len - prefill_len
+        room = tokens_that_fit(prefill_len, max_cache_len)
         shorter = f"lower max_new_tokens to {room} or " if room >= 1 else ""
         raise CacheError(
-            f"the request needs {prefill_len} prefill positions + {max_new_tokens} new tokens = {need} "
-            f"positions but {holder}={max_cache_len}: {shorter}{fix.format(need=need)}"
+            f"the request needs {need} positions ({prefill_len} of prefill, then one for each of its "
+            f"{max_new_tokens} new tokens but the last) but {holder}={max_cache_len}: "
+            f"{shorter}{fix.format(need=need)}"
         )
 
 
@@ -715,7 +717,7 @@ def prefill_embeds(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, cfg_weigh
 
 def prefill_length(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> int:
     """Positions T3's prefill fills for ``text`` with ``tts``'s prepared voice (conditioning,
-    text, start-of-speech tokens): add ``max_new_tokens`` for a static cache's length."""
+    text, start-of-speech tokens): ``positions_needed`` turns it into a static cache's length."""
     # On a copy: T3 caches the prompt embedding on the T3Cond it is given.
     cond = T3Cond(**vars(tts.conds.t3))
     with torch.inference_mode():

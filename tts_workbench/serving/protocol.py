@@ -16,6 +16,7 @@ import numpy as np
 
 from ..core.constants import SAMPLE_RATE
 from ..core.errors import as_int
+from ..core.positions import positions_needed, tokens_that_fit
 
 FORMATS = {"pcm": "audio/pcm", "wav": "audio/wav"}
 # The fields a request may carry: OpenAI's, and two of this server's own (seed, max_tokens).
@@ -131,13 +132,15 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
 def check_cache(prefill: int, max_tokens: int, max_cache_len: int) -> None:
     """A ``RequestError`` when the input's ``prefill`` positions and ``max_tokens`` exceed the
     ``max_cache_len`` KV cache positions a stream has: the field to change, and by how much."""
-    if prefill + max_tokens <= max_cache_len:
+    if positions_needed(prefill, max_tokens) <= max_cache_len:
         return
-    room = max_cache_len - prefill
+    room = tokens_that_fit(prefill, max_cache_len)
     if room >= 1:
         raise RequestError(
-            f"input needs {prefill} cache positions and max_tokens {max_tokens} more, this server holds "
-            f"{max_cache_len}: send max_tokens <= {room}", "max_tokens",
+            f"input needs {prefill} cache positions and max_tokens {max_tokens} needs {max_tokens - 1} more "
+            f"(its last token is never fed back), this server holds {max_cache_len}: "
+            f"send max_tokens <= {room}",
+            "max_tokens",
         )  # fmt: skip
     raise RequestError(
         f"input needs {prefill} cache positions, this server holds {max_cache_len} and needs room for "

@@ -29,6 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
+from ..core.positions import positions_needed, tokens_that_fit
 from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
 from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
@@ -72,7 +73,7 @@ def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | N
             "positions T3 has (a request that sends no max_tokens gets --tokens): use --tokens "
             f"{speech_tokens} or fewer"
         )
-    if options.default_tokens + prompt > options.max_cache_len:
+    if positions_needed(prompt, options.default_tokens) > options.max_cache_len:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens leave no room in --max-cache-len "
             f"{options.max_cache_len} for an input (a request that sends no max_tokens gets --tokens): "
@@ -85,12 +86,12 @@ def check_input_fits(prefill: int, options: ServeOptions) -> None:
     the default voice, could never fit the KV cache. The caller counts "a" repeated (a position
     per character): a cheap worst case, not a bound (each request is checked on its own,
     ``SpeechService.speech``)."""
-    if prefill >= options.max_cache_len:
+    if tokens_that_fit(prefill, options.max_cache_len) < 1:
         raise ConfigError(
             f"argument --max-input-chars: an input of {options.max_input_chars} characters needs about "
             f"{prefill} KV cache positions before its first token, and --max-cache-len is "
             f"{options.max_cache_len}: lower --max-input-chars or raise --max-cache-len to "
-            f"{prefill + options.default_tokens} or more"
+            f"{positions_needed(prefill, options.default_tokens)} or more"
         )
 
 
@@ -160,7 +161,7 @@ class SpeechService:
         fewest = min(self.prefill_positions(voice, ".") for voice in self.voices)
         check_options(options, fewest)
         # a cache longer than T3's positions holds tokens no stream can sample: advertise what can be met
-        room = options.max_cache_len - fewest
+        room = tokens_that_fit(fewest, options.max_cache_len)
         self.limits = Limits(self.model_id, tuple(self.voices), options.max_input_chars,
                              room if speech_tokens is None else min(room, speech_tokens))  # fmt: skip
         self.engine = StreamEngine(

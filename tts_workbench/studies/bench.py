@@ -28,12 +28,13 @@ from ..core.clock import measurement, now
 from ..core.constants import (
     FRAMES_PER_TOKEN,
     SAMPLE_RATE,
-    UPSTREAM_GENERATE_CAP,
     UPSTREAM_SENTENCE,
     dtype_name,
 )
 from ..core.errors import ConfigError
+from ..core.families import family_of
 from ..core.files import written
+from ..core.positions import positions_needed
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.latency import snr_db
@@ -187,23 +188,24 @@ def run_bench(
         raise ConfigError(f"argument --configs: {what}: choose from {', '.join(CONFIGS)}")
     if twice := sorted({c for c in configs if configs.count(c) > 1}):
         raise ConfigError(f"argument --configs: {', '.join(twice)} given twice: name each config once")
-    if "upstream" in configs and tokens > UPSTREAM_GENERATE_CAP:  # the others would decode more
-        raise ConfigError(
-            f"argument --tokens: {tokens} is past upstream generate's own cap of {UPSTREAM_GENERATE_CAP} "
-            f"tokens, so the upstream config would decode fewer than the others: give "
-            f"{UPSTREAM_GENERATE_CAP} or fewer, or leave upstream out of --configs"
-        )
     if cpp_wrapper and not any(c.startswith("compiled") for c in configs):
         raise ConfigError(
             "argument --cpp-wrapper: only the compiled decode step has a C++ wrapper: add compiled or "
             "compiled-stream to --configs, or leave --cpp-wrapper out"
         )
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    reference = reference or str(make_reference_wav(outdir / "reference.wav"))
     # Two copies of the same weights (same seed or folder): upstream as upstream loads it
     # (float32), and the optimized wrapper with its own dtype policy.
     upstream_model = load_model(model, device, seed)
+    cap = family_of(upstream_model).upstream_cap  # a folder's family is known once it loads
+    if "upstream" in configs and tokens > cap:  # the others would decode more
+        raise ConfigError(
+            f"argument --tokens: {tokens} is past upstream generate's own cap of {cap} tokens, so the "
+            f"upstream config would decode fewer than the others: give {cap} or fewer, or leave upstream "
+            "out of --configs"
+        )
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    reference = reference or str(make_reference_wav(outdir / "reference.wav"))
     for m in (upstream_model.t3, upstream_model.s3gen, upstream_model.ve):
         m.float()
     prepare_voice(upstream_model, reference)
@@ -217,7 +219,7 @@ def run_bench(
         # 256, 512, ..., that holds the run), so the memory table shows what a user's wrapper holds
         # and its compiled graphs are the ones the wrapper compiles elsewhere (Inductor's cache
         # serves them); longer only when this run would not fit.
-        need = opt.prefill_length(text) + tokens
+        need = positions_needed(opt.prefill_length(text), tokens)
         if need > opt.max_cache_len:
             opt.set_max_cache_len(need)
         dev = torch.device(device)

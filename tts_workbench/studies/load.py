@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..core.constants import RANDOM_NO_STOP, TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
 from ..core.files import written
+from ..core.positions import positions_needed, tokens_that_fit
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.memory import device_memory_bytes, memory_window
@@ -177,10 +178,10 @@ def shown(text: str, limit: int = 60) -> str:
 
 
 def cache_positions(tts: Any, texts: list[str], tokens: int) -> int:
-    """KV positions one stream needs for the longest text's prefill plus ``tokens``, rounded up
-    to 64; past the engine's largest cache a ConfigError naming ``--texts`` when the longest
-    text leaves no room for a single token (or is past T3's text positions), ``--tokens``
-    otherwise."""
+    """KV positions one stream needs for the longest text's prefill and ``tokens``
+    (``positions_needed``), rounded up to 64; past the engine's largest cache a ConfigError
+    naming ``--texts`` when the longest text leaves no room for a single token (or is past T3's
+    text positions), ``--tokens`` otherwise."""
     prefills = []
     for text in texts:
         try:
@@ -188,19 +189,19 @@ def cache_positions(tts: Any, texts: list[str], tokens: int) -> int:
         except ConfigError as e:  # more text tokens than T3 has positions for: which line
             raise ConfigError(f"argument --texts: {shown(text)}: {e}") from None
     longest = max(prefills)
-    if longest >= DEFAULT_MAX_CACHE_LEN:
+    if tokens_that_fit(longest, DEFAULT_MAX_CACHE_LEN) < 1:
         text = texts[prefills.index(longest)]
         raise ConfigError(
             f"argument --texts: the text {shown(text)} needs {longest} prefill positions, and the engine's "
             f"KV cache holds {DEFAULT_MAX_CACHE_LEN} for the prefill and the tokens after it: split it "
             "over several lines"
         )
-    need = longest + tokens
+    need = positions_needed(longest, tokens)
     if need > DEFAULT_MAX_CACHE_LEN:
         raise ConfigError(
             f"argument --tokens: {tokens} tokens after the longest text's {longest} prefill positions need "
             f"{need} KV cache positions, beyond the engine's {DEFAULT_MAX_CACHE_LEN}: use --tokens "
-            f"{DEFAULT_MAX_CACHE_LEN - longest} or fewer"
+            f"{tokens_that_fit(longest, DEFAULT_MAX_CACHE_LEN)} or fewer"
         )
     return min(DEFAULT_MAX_CACHE_LEN, 64 * math.ceil(need / 64))
 
