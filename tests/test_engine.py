@@ -396,6 +396,51 @@ def test_a_vocoder_failure_fails_its_stream_not_the_others_in_its_flow_call(
     assert kept.tokens == tokens and np.allclose(wav, alone, atol=1e-5)
 
 
+def test_a_failed_batched_flow_call_is_run_again_a_window_a_call(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 2026-12-04 a flow call that failed ended every stream in it. Now its windows go
+    again one a call: a failure of the batch alone (an out-of-memory, say) loses no stream, and
+    a failure of one stream's window ends that stream only."""
+    flow, real = tts.s3gen.flow, tts.s3gen.flow.inference
+
+    def no_batches(*a: Any, **k: Any) -> Any:
+        if k["token"].size(0) > 1:
+            raise RuntimeError("out of memory, on purpose")
+        return real(*a, **k)
+
+    monkeypatch.setattr(flow, "inference", no_batches)
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine:
+        with engine.together():  # one text and seed: their windows are ready at the same steps
+            handles = [engine.submit(TEXTS[0], seed=7, max_new_tokens=TOKENS) for _ in range(3)]
+        waves = [np.concatenate([c for c, _ in h]) for h in handles]
+        assert engine.stats.flow_splits > 0 and engine.stats.failed == 0
+    wav, tokens = solo(tts, TEXTS[0], 7)
+    assert all(h.tokens == tokens for h in handles) and all(np.allclose(w, wav, atol=1e-5) for w in waves)
+
+    # One stream's windows cannot be prepared: it fails alone, with its own error.
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine:
+        with engine.together():
+            handles = [engine.submit(TEXTS[0], seed=7, max_new_tokens=TOKENS) for _ in range(3)]
+        broken = handles[1]
+        for _ in range(500):  # bounded: until the engine has admitted it
+            if engine.stats.admitted == 3:
+                break
+            time.sleep(0.01)
+        with engine._lock:  # the stages change these lists
+            live = next(s for s in [*engine._live, *engine._vocoding] if s.handle is broken)
+
+        def bad_window(*_a: object) -> Any:
+            raise ValueError("this stream's window, on purpose")
+
+        monkeypatch.setattr(live.cutter, "noise", bad_window)
+        with pytest.raises(ValueError, match="this stream's window"):
+            list(broken)
+        kept = [np.concatenate([c for c, _ in h]) for h in (handles[0], handles[2])]
+        assert engine.stats.failed == 1
+    assert all(np.allclose(w, wav, atol=1e-5) for w in kept)
+
+
 def test_a_stream_both_stages_fail_is_failed_once(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:

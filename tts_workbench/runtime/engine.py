@@ -256,6 +256,7 @@ class EngineStats:
     compile_s: float = 0.0
     flow_calls: int = 0
     flow_windows: int = 0
+    flow_splits: int = 0  # batched flow calls that failed and were run again a window a call
     flow_s: float = 0.0
     vocoder_s: float = 0.0
     admitted: int = 0
@@ -972,10 +973,7 @@ class StreamEngine:
             ready.sort(key=lambda lw: (not lw[1].first, lw[0].handle.index))
             key = self._batch_key(*ready[0])
             group = [lw for lw in ready if self._batch_key(*lw) == key]
-            try:
-                self._vocode(group)
-            except Exception as e:  # the shared flow call failed: the group's streams, not others
-                self._fail([live for live, _ in group], e)
+            self._vocode_or_split(group)
 
     def _window(self, live: _Live) -> Window | None:
         more = not live.t3_done  # read before the tokens: a stream marked done has all of them
@@ -985,6 +983,21 @@ class StreamEngine:
     def _batch_key(live: _Live, w: Window) -> tuple[Any, ...]:
         # One flow call needs one prompt (voice) and one window length.
         return (id(live.gen), w.stop - w.start)
+
+    def _vocode_or_split(self, group: list[tuple[_Live, Window]]) -> None:
+        """The group's windows in one flow call; if that call fails (out of memory, say, or one
+        stream's window), each window again in a call of its own, so only the streams whose own
+        call fails end, each with its own error. Nothing was emitted by a call that failed: the
+        flow runs before any stream's vocoder, which fails its stream alone."""
+        try:
+            self._vocode(group)
+        except Exception as e:
+            if len(group) == 1:
+                self._fail([group[0][0]], e)
+                return
+            self.stats.flow_splits += 1
+            for one in group:
+                self._vocode_or_split([one])
 
     def _vocode(self, group: list[tuple[_Live, Window]]) -> None:
         """One flow call for the group's windows, then the vocoder per stream; chunks out."""
