@@ -14,12 +14,16 @@ from typing import Any
 import pytest
 
 from tts_workbench.core import strict_json
+from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.positions import positions_needed
 from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, build_parser, main
 from tts_workbench.models.builders import SIZES
-from tts_workbench.models.sources import PRETRAINED
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.models.sources import PRETRAINED, load_model
 from tts_workbench.runtime import streaming
 from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
+from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.runtime.streaming import StreamConfig
 from tts_workbench.studies.diagnose import format_report
 
 
@@ -303,17 +307,37 @@ def test_reports_are_written_as_strict_json() -> None:
     assert "Infinity" in json.dumps(report) and "Infinity" not in text
 
 
-@pytest.mark.parametrize("decode", ["eager", "static"])
+@pytest.mark.parametrize(("decode", "tokens", "says"), [
+    ("eager", 8190, "n_positions=8196"), ("static", 8190, "n_positions=8196"),  # with the prompt's
+    ("static", 9000, "beyond the 8196 positions"),  # alone past them: refused before the prefill
+])  # fmt: skip
 def test_stream_refuses_tokens_past_gpt2s_positions_before_streaming(
-    decode: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+    decode: str, tokens: int, says: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     """Turbo's GPT-2 has 8196 positions (before: the static cache was made long enough and the
     stream ran ~2 min, then died with an IndexError; the eager step the same)."""
     monkeypatch.setattr(streaming, "run_to_files", lambda *_a, **_k: _built())
-    args = ["stream", "--model", "turbo-tiny", "--decode", decode, "--tokens", "9000"]
+    args = ["stream", "--model", "turbo-tiny", "--decode", decode, "--tokens", str(tokens)]
     assert main([*args, "--out", str(tmp_path)]) == 2  # (Turbo's voice: the default, over 5 s)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "argument --tokens:" in errors[0] and "n_positions=8196" in errors[0], errors
+    assert len(errors) == 1 and "argument --tokens:" in errors[0] and says in errors[0], errors
+
+
+@pytest.mark.parametrize("model", ["tiny", "turbo-tiny"])
+def test_a_token_cap_no_stream_can_reach_is_refused_before_its_noise_is_drawn(
+    model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stream's noise track is sized by the cap: before 2026-12-04, 10**20 tokens failed with a
+    traceback from torch's randn (exit code 1), and 10**9 tried to allocate 640 GB."""
+    huge, tts = 10**20, load_model(model)
+    prepare_voice(tts, str(make_reference_wav(tmp_path / "voice.wav")))  # the default, over Turbo's 5 s
+    with pytest.raises(ConfigError, match=f"{huge} new tokens is beyond the"):
+        next(streaming.stream(tts, "Hi.", StreamConfig(), max_new_tokens=huge))
+    args = ["stream", "--model", model, "--tokens", str(huge), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --tokens: ") and "beyond" in errors[0]
 
 
 @pytest.mark.parametrize(

@@ -260,10 +260,10 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from ..core.errors import CacheError
+    from ..core.errors import CacheError, ConfigError
     from ..core.positions import positions_needed
     from ..instruments.latency import format_report
-    from ..runtime.decode import DecodePlan, check_positions, prefill_length
+    from ..runtime.decode import DecodePlan, check_new_tokens, check_positions, prefill_length
     from ..runtime.streaming import StreamConfig, run_to_files
 
     if args.strategy == "naive":  # it has no windows: refused, not ignored (its config keeps their defaults)
@@ -285,9 +285,10 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
     prefill = prefill_length(tts, args.text)
     need = positions_needed(prefill, args.tokens)
     try:  # before it streams (max_new_tokens: --tokens)
+        check_new_tokens(tts.t3, args.tokens)
         check_positions(plan.decode.tfmr.config, prefill, args.tokens)
-    except CacheError as e:
-        raise CacheError(f"argument --tokens: {e}") from None
+    except (CacheError, ConfigError) as e:
+        raise type(e)(f"argument --tokens: {e}") from None
     if args.decode != "eager":  # (the eager step's cache grows as it goes)
         # A static cache that holds this request: longer than the default only where it must
         # be (a refusal would tell a command-line user to set plan.max_cache_len).

@@ -505,7 +505,10 @@ def speech_token_limit(t3: T3) -> int | None:
 
 
 def check_new_tokens(t3: T3, max_new_tokens: int) -> None:
-    """A ConfigError for a token cap below 1 or past ``speech_token_limit``."""
+    """A ConfigError for a token cap below 1, past ``speech_token_limit`` or, on a GPT-2
+    backbone (Turbo's), past all its positions: cheap checks that need no prefill, made before
+    anything is sized by the cap (a stream's noise track: 10**20 tokens failed inside torch's
+    ``randn``); the exact check with the prefill is ``check_positions``."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     limit = speech_token_limit(t3)
@@ -513,6 +516,12 @@ def check_new_tokens(t3: T3, max_new_tokens: int) -> None:
         raise ConfigError(
             f"{max_new_tokens} new tokens is beyond the {limit} speech positions T3 has: "
             f"ask for {limit} or fewer"
+        )
+    positions = getattr(t3.tfmr.config, "n_positions", None)  # Llama's rotary positions have no table
+    if positions is not None and max_new_tokens > positions:
+        raise ConfigError(
+            f"{max_new_tokens} new tokens is beyond the {positions} positions of T3's GPT-2 backbone, "
+            "which the prompt shares: ask for fewer"
         )
 
 

@@ -50,7 +50,15 @@ from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
 from ..models.vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
-from .decode import DecodePlan, DecodeStats, decode_blocks, invalid_ids, speech_ids, text_tokens
+from .decode import (
+    DecodePlan,
+    DecodeStats,
+    check_new_tokens,
+    decode_blocks,
+    invalid_ids,
+    speech_ids,
+    text_tokens,
+)
 from .generation import checked_voice
 
 STRATEGIES = ("naive", "buffered")
@@ -337,6 +345,7 @@ def stream(
     length, ``noise_track``).
     """
     checked_voice(tts.conds, text)
+    check_new_tokens(tts.t3, max_new_tokens)  # before the noise track, sized by it, is drawn
     if state is not None and state.used:
         # Its tokens, seams and chunks would be taken for this utterance's: the windows would
         # vocode the previous utterance again and the report would add the two up.

@@ -31,7 +31,7 @@ from ..core.constants import (
     UPSTREAM_SENTENCE,
     dtype_name,
 )
-from ..core.errors import ConfigError
+from ..core.errors import CacheError, ConfigError
 from ..core.families import family_of
 from ..core.files import written
 from ..core.positions import positions_needed
@@ -44,7 +44,7 @@ from ..models.builders import MODELS
 from ..models.reference import make_reference_wav
 from ..models.sources import load_model, model_summary
 from ..models.vocode import FlowPlan
-from ..runtime.decode import T3Parts
+from ..runtime.decode import T3Parts, check_positions
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
 from ..runtime.precision import check_policy
@@ -219,7 +219,12 @@ def run_bench(
         # 256, 512, ..., that holds the run), so the memory table shows what a user's wrapper holds
         # and its compiled graphs are the ones the wrapper compiles elsewhere (Inductor's cache
         # serves them); longer only when this run would not fit.
-        need = positions_needed(opt.prefill_length(text), tokens)
+        prefill = opt.prefill_length(text)
+        try:  # past a GPT-2 backbone's positions (Turbo's) no cache can hold the run
+            check_positions(opt.tts.t3.tfmr.config, prefill, tokens)
+        except CacheError as e:  # (before: "max_cache_len 9367 is past ...", a flag the bench has not)
+            raise CacheError(f"argument --tokens: {e}") from None
+        need = positions_needed(prefill, tokens)
         if need > opt.max_cache_len:
             opt.set_max_cache_len(need)
         dev = torch.device(device)
