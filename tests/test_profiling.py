@@ -366,6 +366,13 @@ def test_loopback_requests_do_not_go_through_a_proxy(tmp_path: Path, monkeypatch
             server.stop()
 
 
+def test_waiting_for_a_run_asks_at_least_once(tmp_path: Path) -> None:
+    # timeout=0 never asked, then named the answer it never got: an UnboundLocalError
+    tb = TensorBoard(mock.Mock(spec=subprocess.Popen), f"http://127.0.0.1:{free_port()}", tmp_path)
+    with pytest.raises(TimeoutError, match="did not list run 'generation' within 0 s"):
+        tb.wait_for_run("generation", timeout=0)
+
+
 def test_stream_chunks_are_labelled_with_a_schedule(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
     state = StreamState(StreamReport("buffered"))
     config = StreamConfig("buffered", first_window_s=0.4, window_s=0.6)
@@ -416,6 +423,29 @@ def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], referen
     }  # fmt: skip
     # a CPU trace: HolisticTraceAnalysis has no device activity to read, and the report says so
     assert report["device_trace"] == {"device": "cpu only", "note": CPU_ONLY_NOTE}
+
+
+@pytest.mark.parametrize(
+    "command, runs",
+    [(["profile"], "tts_workbench.studies.profile_report.generate"),
+     (["trace", "--steps", "eager"], "tts_workbench.studies.trace_report.t3_decode")],
+)  # fmt: skip
+def test_a_logdir_that_is_a_file_is_refused_before_the_model_runs(
+    command: list[str],
+    runs: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    reference_wav: Path,
+) -> None:
+    # torch's trace handler found it only after the whole profiled run: a RuntimeError traceback
+    monkeypatch.setattr(runs, lambda *args, **kwargs: pytest.fail("the model ran"))
+    logdir = tmp_path / "bad.json"
+    logdir.write_text("{}")
+    args = ["--model", "tiny", "--tokens", "2", "--logdir", str(logdir), "--reference", str(reference_wav)]
+    assert main([*command, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and str(logdir) in err, err
 
 
 def test_bench_cli_tiny(

@@ -190,6 +190,26 @@ def test_real_gpu_trace_region(tmp_path: Path) -> None:
     assert table["span_us"].iloc[1] < table["span_us"].iloc[0]
 
 
+def test_kernel_times_are_per_call(tmp_path: Path) -> None:
+    # HTA 0.5.0 folds names beyond its top 10 into "others" by regrouping the per-name sums: the
+    # mean and max of each kernel it kept were its sum
+    kernels = analyze(GPU_TRACE).kernels.set_index("kernel")
+    sgemm = kernels.loc["ampere_sgemm_32x32_sliced1x4_tn"]
+    assert (sgemm["calls"], sgemm["sum_us"], sgemm["mean_us"], sgemm["max_us"]) == (6, 2673, 445.5, 868)
+    assert sgemm["kernel_type"] == "COMPUTATION"
+    assert kernels.loc["Memcpy HtoD (Pageable -> Device)", "kernel_type"] == "MEMORY"
+    device = [e for e in read_trace(GPU_TRACE)["traceEvents"] if e.get("cat") in DEVICE_CATEGORIES]
+    assert kernels["calls"].sum() == len(device) and kernels["sum_us"].sum() == sum(e["dur"] for e in device)
+
+
+def test_the_text_table_shows_counts_as_integers() -> None:
+    text = format_decode_traces(decode_trace_report(read_traces({"a100": GPU_TRACE}), "a100"))
+    header, row = text.splitlines()[1:3]
+    end = header.index("launches") + len("launches")  # numbers are right-aligned under their header
+    launches = row[:end].split()[-1]
+    assert launches == "98", text
+
+
 @pytest.fixture(scope="module")
 def cpu_traces(
     tiny_tts: ChatterboxTTS, tmp_path_factory: pytest.TempPathFactory

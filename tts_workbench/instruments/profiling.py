@@ -189,12 +189,9 @@ def profile_run(
     With a ``schedule`` (see ``long_run_schedule``) call ``prof.step()`` per iteration, e.g. per
     streamed chunk with ``profiled_chunks``.
 
-    A run folder holds one profile: traces an earlier run of the same name left there are removed
-    first (TensorBoard would load them all and show them as one run's spans).
+    The run folder is made, and emptied of earlier traces, before anything runs (``run_folder``).
     """
-    run_dir = Path(logdir) / run
-    for old in trace_files(run_dir):
-        old.unlink()
+    run_dir = run_folder(logdir, run)
     with (
         torch.profiler.profile(
             activities=activities(),
@@ -206,6 +203,19 @@ def profile_run(
         phase_regions(tts) if phases else nullcontext(),
     ):
         yield prof
+
+
+def run_folder(logdir: str | Path, run: str) -> Path:
+    """``logdir/run``, made now and holding no trace: an ``OSError`` naming it if it cannot be
+    made (a ``logdir`` that is a file) comes before anything is profiled, not from torch's trace
+    handler once the whole run is done. A run folder holds one profile: the traces an earlier run
+    of that name left are removed (TensorBoard would load them all and show them as one run's
+    spans)."""
+    run_dir = Path(logdir) / run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for old in trace_files(run_dir):
+        old.unlink()
+    return run_dir
 
 
 def long_run_schedule(wait: int = 1, warmup: int = 1, active: int = 3) -> Callable[[int], Any]:
@@ -491,14 +501,25 @@ class TensorBoard(Server):
             return json.load(r)
 
     def wait_for_run(self, run: str, timeout: float = 120.0) -> None:
-        """Poll until the plugin lists ``run`` and has finished loading (it rescans every ~10 s)."""
+        """Poll until the plugin lists ``run`` and has finished loading (it rescans every ~10 s),
+        at least once whatever ``timeout``. A request that fails counts as not listed yet: a
+        server busy loading traces may not answer in time."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            runs = self.profiler("runs")
-            if run in runs["runs"] and not runs["loading"]:
-                return
+        while True:
+            try:
+                runs = self.profiler("runs")
+            except OSError as e:
+                last = f"no answer: {e}"
+            else:
+                if run in runs["runs"] and not runs["loading"]:
+                    return
+                last = f"runs: {runs}"
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"TensorBoard did not list run {run!r} within {timeout:.0f} s ({last}): give a longer "
+                    f"timeout, or check that it runs at {self.url} and {self.logdir / run} holds a trace"
+                )
             time.sleep(1.0)
-        raise TimeoutError(f"TensorBoard did not list run {run!r} within {timeout:.0f} s (runs: {runs})")
 
     def iframe(self, height: int = 800) -> Any:
         """Show the PyTorch Profiler tab inside a notebook."""

@@ -4,8 +4,9 @@ A trace written by ``profiling.profile_run`` on a GPU holds, beside the host's o
 kernel the device ran, CUDA-graph replays included, each tied to the host call that launched it
 by a correlation id. HTA turns that into the numbers that say whether a step is host-bound: the
 share of the device's time it sat idle (temporal breakdown), the idle time split into waiting
-for the host and gaps between kernels (idle breakdown), which kernels took the time (kernel
-breakdown). Read from the trace here as well: how long each launch took on the host against
+for the host and gaps between kernels (idle breakdown). Read from the trace here: which
+kernels took the time (per call, which HTA's kernel breakdown gets wrong for the kernels it
+keeps beside its ``others``; HTA's kernel types), how long each launch took on the host against
 on the device (launch statistics, CUDA-graph replays included, which HTA's own leave out) and
 which fused attention kernels ran (by the device kernels' names:
 ``attention.device_attention_kernel``).
@@ -191,14 +192,15 @@ class TraceReport:
       and their ``_pct`` of the device's busy-or-idle span;
     - ``idle``: per CUDA stream, idle time by cause: ``host_wait`` (the host had not launched the
       next kernel yet), ``kernel_wait`` (short gaps between back-to-back kernels), ``other``;
-    - ``kernels``: the kernels that took most of the time (HTA folds the rest into ``others``),
-      ``sum_us``, ``mean_us``, ``max_us``, ``share_pct``;
+    - ``kernels``: every device kernel, copy and memset by name, most time first (``kernel_times``:
+      read from the trace, not HTA's breakdown), ``kernel_type`` (HTA's: COMPUTATION, MEMORY,
+      COMMUNICATION, OTHER), ``calls``, ``sum_us``, ``mean_us``, ``max_us`` (per call),
+      ``share_pct`` (of all device time);
     - ``launches``: one row per launch, CUDA-graph replays included (``launch_stats``), its
       ``kernels``, ``cpu_us`` (the launch call on the host), ``gpu_us`` (the work on the device)
       and ``launch_delay_us`` (from the call's end to the work's start);
     - ``attention``: the fused attention kernels by name, ``kernel``, ``label`` (flash,
-      mem-efficient, cuDNN), ``calls``, ``sum_us`` (read from the trace itself, not HTA: HTA
-      folds small kernels into ``others``).
+      mem-efficient, cuDNN), ``calls``, ``sum_us``.
     """
 
     trace: str
@@ -232,7 +234,7 @@ class TraceReport:
             return {"device": self.device, "note": self.note}
         t = self.temporal.iloc[0]
         idle = self.idle.groupby("idle_category")["idle_us"].sum()  # over the streams
-        top = self.kernels[self.kernels["kernel"] != "others"].nlargest(1, "sum_us")
+        top = self.kernels.nlargest(1, "sum_us")
         return {
             "device": self.device,
             "span_us": float(t["idle_us"] + t["compute_us"] + t["non_compute_us"]),
@@ -266,8 +268,8 @@ def _hta_quiet() -> Iterator[None]:
 
 
 def analyze(path: str | Path) -> TraceReport:
-    """HTA's temporal, idle and kernel breakdowns of one trace file, its launch statistics and
-    its attention kernels."""
+    """HTA's temporal and idle breakdowns of one trace file, and read from the trace itself its
+    kernels' times, launch statistics and attention kernels."""
     trace = _read(path)
     props = trace.get("deviceProperties") or [{}]
     device = str(props[0].get("name", "unknown device"))
@@ -275,6 +277,7 @@ def analyze(path: str | Path) -> TraceReport:
         return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
     try:
         from hta.trace_analysis import TraceAnalysis  # imports plotly and more: only when needed
+        from hta.utils.utils import get_kernel_type
     except ImportError as e:  # e.g. a GPU image without it: the trace is kept to read elsewhere
         return TraceReport(str(path), device, note=f"{NO_HTA_NOTE} ({e})")
     path = Path(path).resolve()
@@ -282,7 +285,6 @@ def analyze(path: str | Path) -> TraceReport:
         hta = TraceAnalysis(trace_files={0: str(path)}, trace_dir=str(path.parent))
         temporal = hta.get_temporal_breakdown(visualize=False)
         idle, _ = hta.get_idle_time_breakdown(visualize=False)
-        _, kernels = hta.get_gpu_kernel_breakdown(visualize=False)
     temporal = temporal.rename(
         columns={
             "idle_time(us)": "idle_us",
@@ -296,10 +298,11 @@ def analyze(path: str | Path) -> TraceReport:
     idle = idle.rename(columns={"idle_time": "idle_us"})[
         ["stream", "idle_category", "idle_us", "idle_time_ratio"]
     ]
-    kernels = kernels.rename(
-        columns={"name": "kernel", "sum (us)": "sum_us", "mean (us)": "mean_us", "max (us)": "max_us"}
-    )[["kernel", "kernel_type", "sum_us", "mean_us", "max_us"]].sort_values("sum_us", ascending=False)
-    kernels = kernels.reset_index(drop=True).assign(share_pct=lambda k: 100 * k["sum_us"] / k["sum_us"].sum())
+    # Not HTA's kernel breakdown: 0.5.0 folds the names beyond its top 10 into "others" by
+    # regrouping the per-name sums, so the mean and max it gives each kernel it kept are its sum.
+    kernels = kernel_times(trace)
+    kernels.insert(1, "kernel_type", kernels["kernel"].map(get_kernel_type))
+    kernels["share_pct"] = 100 * kernels["sum_us"] / kernels["sum_us"].sum()
     return TraceReport(
         str(path), device, "", temporal, idle, kernels, launch_stats(trace), attention_kernels(trace)
     )
@@ -332,17 +335,23 @@ def launch_stats(trace: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values("correlation").reset_index(drop=True)
 
 
+def kernel_times(trace: Mapping[str, Any], categories: frozenset[str] = DEVICE_CATEGORIES) -> pd.DataFrame:
+    """The trace's device events of ``categories`` by name (``kernel``): their ``calls``, and
+    ``sum_us``, ``mean_us``, ``max_us`` of their durations; most time first."""
+    durs = pd.DataFrame(
+        [(e["name"], e["dur"]) for e in trace["traceEvents"] if e.get("cat") in categories],
+        columns=["kernel", "dur"],
+    )
+    table = durs.groupby("kernel")["dur"].agg(calls="size", sum_us="sum", mean_us="mean", max_us="max")
+    return table.reset_index().sort_values(["sum_us", "kernel"], ascending=[False, True], ignore_index=True)
+
+
 def attention_kernels(trace: Mapping[str, Any]) -> pd.DataFrame:
     """The trace's device kernels that are fused attention kernels, with their label, number of
     calls and total µs, most time first."""
-    rows = [
-        (e["name"], label, e.get("dur", 0))
-        for e in trace["traceEvents"]
-        if e.get("cat") == "kernel" and (label := device_attention_kernel(e["name"]))
-    ]
-    frame = pd.DataFrame(rows, columns=["kernel", "label", "dur"])
-    table = frame.groupby(["kernel", "label"]).agg(calls=("dur", "size"), sum_us=("dur", "sum")).reset_index()
-    return table.sort_values("sum_us", ascending=False).reset_index(drop=True)
+    table = kernel_times(trace, frozenset({"kernel"}))
+    table["label"] = table["kernel"].map(device_attention_kernel)
+    return table.dropna(subset="label")[["kernel", "label", "calls", "sum_us"]].reset_index(drop=True)
 
 
 def analyze_region(

@@ -20,7 +20,7 @@ from chatterbox.tts import ChatterboxTTS
 from ..core.errors import NoVoiceError
 from ..core.rng import StreamRandom
 from ..core.tables import render
-from ..instruments.profiling import profile_run, read_trace, trace_files
+from ..instruments.profiling import profile_run, read_trace, run_folder, trace_files
 from ..instruments.trace_analysis import (
     TraceReport,
     analyze,
@@ -49,14 +49,16 @@ def decode_traces(
     if tts.conds is None:
         raise NoVoiceError()
     ids = text_tokens(tts, text)
+    # Every step's folder before any step runs: one that cannot be made stops the command first.
+    folders = {step: run_folder(logdir, f"decode-{step}") for step in steps}
     regions = {}
-    for step in steps:
+    for step, folder in folders.items():
         plan = replace(decode_plan(tts, policy), step=cast(StepMode, check_decode(step, tts.t3.device)))
         for profiled in (False, True):  # a warm-up, then the run that is traced
-            with profile_run(tts, logdir, f"decode-{step}", phases=False) if profiled else nullcontext():
+            with profile_run(tts, logdir, folder.name, phases=False) if profiled else nullcontext():
                 rng = StreamRandom(seed).generator(tts.device)
                 t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng)
-        path = trace_files(Path(logdir) / f"decode-{step}")[-1]
+        path = trace_files(folder)[-1]
         regions[step] = region_trace(path, "t3.decode", path.parent / "t3.decode.json.gz", keep)
     return regions
 
@@ -106,7 +108,8 @@ def format_decode_traces(report: dict[str, Any]) -> str:
     if read:
         cols = ["run", "device", "compute_pct", "idle_pct", "idle_host_wait_pct", "launches",
                 "kernels_per_launch", "median_launch_delay_us", "gpu_shorter_than_launch_pct"]  # fmt: skip
-        lines.append(render(pd.DataFrame(read)[cols], {c: ".1f" for c in cols[2:]}))
+        # shares and times to a tenth; the launch count, an int, as it is
+        lines.append(render(pd.DataFrame(read)[cols], {c: ".1f" for c in cols[2:] if c != "launches"}))
     for row in report["table"]:
         if row not in read:
             lines.append(f"{row['run']}: {row['note']}")
