@@ -441,6 +441,32 @@ def test_a_failed_batched_flow_call_is_run_again_a_window_a_call(
     assert all(np.allclose(w, wav, atol=1e-5) for w in kept)
 
 
+def test_a_stage_on_one_piece_of_work_too_long_is_reported_stalled(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung stage leaves ``running`` True: ``stalled`` names it (a server's health check asks)."""
+    flow, real, release = tts.s3gen.flow, tts.s3gen.flow.inference, threading.Event()
+
+    def hanging(*a: Any, **k: Any) -> Any:
+        assert release.wait(timeout=60), "the test never released the flow"
+        return real(*a, **k)
+
+    monkeypatch.setattr(flow, "inference", hanging)
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        assert engine.stalled(after_s=0.0) is None  # idle: nothing to hang on
+        handle = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        for _ in range(1000):  # bounded: until the first flow call has started
+            if engine.stalled(after_s=0.2) is not None:
+                break
+            time.sleep(0.01)
+        stall = engine.stalled(after_s=0.2)
+        assert stall is not None and stall.startswith("the s3gen stage has been on a flow call of 1 window")
+        assert engine.running and engine.stalled(after_s=60.0) is None  # not that long yet
+        release.set()
+        assert read_within(handle)
+        assert engine.stalled(after_s=0.0) is None
+
+
 def test_a_stream_both_stages_fail_is_failed_once(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:

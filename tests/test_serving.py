@@ -14,6 +14,7 @@ import time
 import wave
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -40,7 +41,7 @@ from tts_workbench.serving.protocol import (
     pcm16,
     wav_header,
 )
-from tts_workbench.serving.service import ServeOptions, SpeechService, find_voices
+from tts_workbench.serving.service import ServeOptions, SpeechService, check_options, find_voices
 from tts_workbench.studies.http_load import _stream
 
 REFUSED = {"replica": "0", "outcome": "refused"}  # the fixture's service is replica "0"
@@ -210,6 +211,31 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
     assert 'tts_time_to_first_audio_seconds_count{replica="0"} 3.0' in metrics
     assert 'tts_active_streams{replica="0"} 0.0' in metrics and "tts_s3gen_flow_calls_total" in metrics
     assert service.voices["alice"] is not service.voices["default"]
+
+
+def test_a_stalled_engine_answers_503_and_fails_rays_health_check(
+    service: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 2026-12-04 /health asked only whether the engine ran: a stage hung on one step or
+    flow call (the engine's ``stalled``, tested in test_engine.py) answered "ok" for ever."""
+    from tts_workbench.serving.deployment import SpeechDeployment  # imports Ray
+
+    asked: list[float] = []
+
+    def stalled(after_s: float) -> str:
+        asked.append(after_s)
+        return "the t3 stage has been on a decode step of 2 stream(s) for 301 s (more than 300 s): it hangs"
+
+    engine = SimpleNamespace(stop_reason=None, stalled=stalled, counts=lambda: (0, 2), max_streams=2)
+    monkeypatch.setattr(service, "engine", engine)
+    with TestClient(speech_app(service)) as client:
+        r = client.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "stalled" and "t3 stage" in r.json()["reason"]
+    with pytest.raises(RuntimeError, match="^stalled: the t3 stage has been on a decode step"):
+        SpeechDeployment.check_health(SimpleNamespace(service=service))  # type: ignore[arg-type]
+    assert asked and set(asked) == {service.options.stall_s}
+    with pytest.raises(ConfigError, match="argument --stall-s: must be a positive number"):
+        check_options(ServeOptions(stall_s=0.0))
 
 
 def test_every_metric_names_its_replica(service: SpeechService) -> None:

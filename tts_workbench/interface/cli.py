@@ -449,6 +449,7 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         model=model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
+        stall_s=args.stall_s,
     )  # fmt: skip
     where = Placement(args.host, args.port, args.replicas, args.address)
     # Bad flags fail before Ray starts (deployment.check_placement): nothing is left running.
@@ -661,6 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
         "256, 512, ... that holds the live streams, so a large value costs KV memory (max-streams x "
         "max-cache-len) and compiled shapes",
     )
+    sv.add_argument(
+        "--stall-s", type=_seconds, default=300.0,
+        help="a stage on one prefill, step or flow call this long hangs: /health answers 503 and Ray "
+        "Serve replaces the replica",
+    )  # fmt: skip
     sv.add_argument(
         "--out", type=_given, default="runs/serve", help="run folder (the generated default voice)"
     )

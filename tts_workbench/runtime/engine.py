@@ -342,6 +342,7 @@ class StreamEngine:
         self._failure: tuple[str, BaseException] | None = None  # a stage that died, and why
         self._held = 0  # open ``together()`` blocks: no stream joins meanwhile
         self._jobs: list[Callable[[], None]] = []  # run by the T3 stage before its next step
+        self._busy: dict[str, tuple[str, float]] = {}  # stage: (its piece of work, monotonic start)
         # On CUDA each stage queues its work on a stream of its own, so the GPU runs T3's steps
         # while a flow call is in flight (on one stream they would wait for each other).
         cuda = self.device.type == "cuda"
@@ -362,6 +363,28 @@ class StreamEngine:
         """Both stages take streams (False once closed, or once a stage died)."""
         with self._lock:
             return not self._stopped
+
+    def stalled(self, after_s: float) -> str | None:
+        """Which stage has been on one piece of work (a prefill, a decode step, a flow call) for
+        more than ``after_s`` seconds, and on what; None if none has. A stage that hangs (a
+        deadlock, a device that stopped answering) leaves every stream waiting while ``running``
+        still says True: a server's health check asks this. A warm-up's compiles are not
+        counted (minutes on a CPU, and asked for); a compile a step needs is."""
+        now = time.monotonic()
+        for stage, (what, since) in list(self._busy.items()):  # a copy: the stages change it
+            if now - since > after_s:
+                return (f"the {stage} stage has been on {what} for {now - since:.0f} s (more than "
+                        f"{after_s:g} s): it hangs")  # fmt: skip
+        return None
+
+    @contextlib.contextmanager
+    def _working(self, stage: str, what: str) -> Iterator[None]:
+        """Mark ``stage`` busy with ``what`` for ``stalled`` while the block runs."""
+        self._busy[stage] = (what, time.monotonic())
+        try:
+            yield
+        finally:
+            del self._busy[stage]
 
     @property
     def stop_reason(self) -> str | None:
@@ -622,11 +645,13 @@ class StreamEngine:
             for job in jobs:  # a warm-up, between steps
                 job()
             for handle in joining:
-                self._admit(handle)
+                with self._working("t3", "a prefill"):
+                    self._admit(handle)
             for live in [s for s in self._live if s.handle.closed]:
                 self._leave(live)
             if self._live and not self._stopped:  # a close() during the admissions: no step more
-                self._step()
+                with self._working("t3", f"a decode step of {len(self._live)} stream(s)"):
+                    self._step()
 
     def _admit(self, handle: StreamHandle) -> None:
         """Prefill a new stream on its own and give it the first free rows, or fail it alone.
@@ -973,7 +998,8 @@ class StreamEngine:
             ready.sort(key=lambda lw: (not lw[1].first, lw[0].handle.index))
             key = self._batch_key(*ready[0])
             group = [lw for lw in ready if self._batch_key(*lw) == key]
-            self._vocode_or_split(group)
+            with self._working("s3gen", f"a flow call of {len(group)} window(s)"):
+                self._vocode_or_split(group)
 
     def _window(self, live: _Live) -> Window | None:
         more = not live.t3_done  # read before the tokens: a stream marked done has all of them

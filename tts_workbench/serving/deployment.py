@@ -43,10 +43,10 @@ class SpeechDeployment:
         self.service = SpeechService(options, replica=serve.get_replica_context().replica_id.unique_id)
 
     def check_health(self) -> None:
-        """Ray Serve's periodic check: a replica whose engine stopped is replaced."""
-        reason = self.service.engine.stop_reason
-        if reason is not None:
-            raise RuntimeError(reason)
+        """Ray Serve's periodic check: a replica whose engine stopped or hangs is replaced."""
+        state = self.service.health()
+        if state["status"] != "ok":
+            raise RuntimeError(f"{state['status']}: {state['reason']}")
 
     def __serve_build_asgi_app__(self) -> Any:
         from .api import speech_app

@@ -9,6 +9,7 @@ paths, so no request reads or writes a file.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -61,12 +62,17 @@ class ServeOptions:
     max_input_chars: int = 800
     max_cache_len: int = 1024
     default_tokens: int = 150
+    # A stage on one prefill, step or flow call this long hangs: /health answers 503 and Ray
+    # Serve replaces the replica. Far above any step or flow call, and a compile a step needs.
+    stall_s: float = 300.0
 
 
 def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | None = None) -> None:
     """A ConfigError for options no request could run with: without a model, with a prompt of
     one position; with one, ``prompt`` is the fewest positions any prompt takes and
     ``speech_tokens`` the most tokens T3 has positions for (``decode.speech_token_limit``)."""
+    if not 0 < options.stall_s < math.inf:  # NaN too
+        raise ConfigError(f"argument --stall-s: must be a positive number of seconds, got {options.stall_s}")
     if speech_tokens is not None and options.default_tokens > speech_tokens:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens is beyond the {speech_tokens} speech "
@@ -198,13 +204,18 @@ class SpeechService:
         return generate_latest(self.registry)
 
     def health(self) -> dict[str, Any]:
-        """``status`` "ok", or "engine stopped" when the engine no longer runs, with its
-        ``reason`` (the replica then answers /health with 503 and Ray Serve's health check
-        replaces it)."""
-        reason = self.engine.stop_reason
+        """``status`` "ok"; "engine stopped" when the engine no longer runs, or "stalled" when
+        a stage has been on one piece of work for more than ``stall_s`` (``StreamEngine.stalled``),
+        with its ``reason``: the replica then answers /health with 503 and Ray Serve's health
+        check replaces it (before 2026-12-04 a hung stage answered "ok")."""
+        status, reason = "ok", self.engine.stop_reason
+        if reason is not None:
+            status = "engine stopped"
+        elif (reason := self.engine.stalled(self.options.stall_s)) is not None:
+            status = "stalled"
         queued, active = self.engine.counts()
         return {
-            "status": "ok" if reason is None else "engine stopped",
+            "status": status,
             **({} if reason is None else {"reason": reason}),
             "model": self.model_id,
             "replica": self.replica,
