@@ -101,6 +101,18 @@ def test_empty_text(tiny_tts: ChatterboxTTS) -> None:
         generate(tiny_tts, "   ")
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_sampling_settings_are_checked_before_upstream_runs(
+    tiny_tts: ChatterboxTTS, steer: type[Steer], temperature: float
+) -> None:
+    # Before, 0 failed inside torch ("probability tensor contains inf/nan") and -1 sampled.
+    heads = steer({})  # counts the speech head's calls
+    with shadow(tiny_tts.t3.speech_head, "forward", heads):
+        with pytest.raises(ConfigError, match="temperature must be above 0"):
+            generate(tiny_tts, "Hello.", max_new_tokens=4, temperature=temperature)
+    assert heads.calls == 0
+
+
 def test_no_voice() -> None:
     from tts_workbench.models.sources import load_model
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,17 +15,24 @@ import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from safetensors.torch import load_file, save_file
 
-from tts_workbench.core.errors import CacheError, ConfigError, SourceError
+from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.attention import record_kernels
 from tts_workbench.models.checkpoints import save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import s3gen_inference
+from tts_workbench.runtime import generation, optimized
 from tts_workbench.runtime.decode import DecodePlan, DecodeStats, T3Parts, decode_blocks, t3_decode
 from tts_workbench.runtime.generation import generate
-from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, Policy, UpstreamTTS, choose_policy
-from tts_workbench.runtime.streaming import StreamConfig
+from tts_workbench.runtime.optimized import (
+    PerformanceOptimizedTTS,
+    Pipeline,
+    Policy,
+    UpstreamTTS,
+    choose_policy,
+)
+from tts_workbench.runtime.streaming import StreamConfig, StreamReport, StreamState
 from tts_workbench.studies.diagnose import parameter_frame, policy_frame
 
 if TYPE_CHECKING:
@@ -268,6 +275,108 @@ def test_a_hand_made_policy_is_checked_like_a_named_one(tiny_tts: ChatterboxTTS)
         PerformanceOptimizedTTS(tiny_tts, policy=Policy("fp16", "typed by hand"))
 
 
+def test_a_hand_made_auto_policy_is_refused_with_the_name_to_pass(tiny_tts: ChatterboxTTS) -> None:
+    # Before, Policy("auto", ...) was taken as given and ran as "keep", nothing measured.
+    with pytest.raises(ConfigError, match=r"""pass policy="auto" \(the name\)"""):
+        PerformanceOptimizedTTS(tiny_tts, policy=Policy("auto", "typed by hand"))
+
+
+def test_optimize_false_refuses_the_wrappers_options(
+    tiny_tts: ChatterboxTTS, folders: dict[str, Path]
+) -> None:
+    # Before, the upstream pipeline was built without them and ran upstream's dtype and decode loop.
+    with pytest.raises(ConfigError, match="takes no dtype: leave"):
+        PerformanceOptimizedTTS.from_model(tiny_tts, optimize=False, dtype="bfloat16")
+    with pytest.raises(ConfigError, match="takes no decode, temprature: leave"):  # a misspelling too
+        PerformanceOptimizedTTS.from_model(tiny_tts, optimize=False, decode="compiled", temprature=0.5)
+    with pytest.raises(ConfigError, match="takes no decode"):
+        PerformanceOptimizedTTS.from_local(folders["float32"], optimize=False, decode="static")
+    with pytest.raises(ConfigError, match="takes no dtype"):  # refused before the (offline) hub is tried
+        PerformanceOptimizedTTS.from_pretrained(optimize=False, dtype="float16")
+    assert isinstance(PerformanceOptimizedTTS.from_model(tiny_tts, optimize=False, dtype="auto"), UpstreamTTS)
+
+
+def _pipeline(tts: ChatterboxTTS, optimize: bool) -> Pipeline:
+    """The baseline, or the wrapper in float32 with the eager step (nothing to measure or compile)."""
+    return PerformanceOptimizedTTS(tts, policy="float32", decode="eager") if optimize else UpstreamTTS(tts)
+
+
+def _fake_clock() -> tuple[Callable[..., float], Callable[[Callable[..., object]], Callable[..., object]]]:
+    """A clock that stands still but while a voice is prepared, which moves it 100 s: a pipeline's
+    total is 100 s when it counts the preparation, else 0 (no clock read compared with another)."""
+    clock = [0.0]
+
+    def slow(prepare: Callable[..., object]) -> Callable[..., object]:
+        def prepared(*args: object, **kwargs: object) -> object:
+            clock[0] += 100.0
+            return prepare(*args, **kwargs)
+
+        return prepared
+
+    return lambda device=None: clock[0], slow
+
+
+def test_both_pipelines_count_a_voice_prepared_for_the_call_in_the_total(
+    tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    # Upstream generate prepares audio_prompt_path inside the call; the wrapper's clock started
+    # after it, so the two totals timed different work.
+    conds = tiny_tts.conds
+    now, slow = _fake_clock()
+    try:
+        for module, optimize in ((generation, False), (optimized, True)):
+            with (
+                _pipeline(tiny_tts, optimize) as pipeline,
+                mock.patch.object(module, "now", now),
+                mock.patch.object(module, "prepare_voice", slow(module.prepare_voice)),
+            ):
+                pipeline.generate(TEXT, audio_prompt_path=str(reference_wav), max_new_tokens=4, seed=0)
+                assert pipeline.last.seconds["total"] == 100.0, module.__name__
+    finally:
+        tiny_tts.conds = conds
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_empty_text_is_refused_before_a_voice_is_prepared(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, optimize: bool
+) -> None:
+    # Before, the wrapper prepared the reference first: a missing file said so, not the text.
+    with _pipeline(tiny_tts, optimize) as p:
+        with pytest.raises(EmptyTextError, match="text is empty"):
+            p.generate("  ", audio_prompt_path=str(tmp_path / "missing.wav"), max_new_tokens=4)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_an_unseeded_stream_draws_its_seed_from_the_global_generator(
+    tiny_tts: ChatterboxTTS, optimize: bool
+) -> None:
+    # Before, seed=None was a TypeError in both pipelines.
+    config = StreamConfig("buffered", first_window_s=0.2, window_s=0.2)
+
+    def tokens(p: Pipeline, global_seed: int) -> list[int]:
+        torch.manual_seed(global_seed)
+        state = StreamState(StreamReport("buffered"))
+        for _ in p.generate_stream(TEXT, config=config, max_new_tokens=8, seed=None, state=state):
+            pass
+        return state.tokens
+
+    with _pipeline(tiny_tts, optimize) as p:
+        assert tokens(p, 1) == tokens(p, 1) != tokens(p, 2)
+
+
+def test_the_static_kv_cache_is_reported_apart_from_the_weights(tiny_tts: ChatterboxTTS) -> None:
+    # Before, its bytes were a "t3.static_kv_cache" entry of parameter_bytes (and a column of
+    # parameter_frame), read as weights.
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static") as opt:
+        opt.generate(TEXT, max_new_tokens=4, seed=0)
+        memory = opt.performance_info()["memory"]
+        assert memory["kv_cache_bytes"] == opt.plans["static"].static_bytes() > 0
+        frame = parameter_frame({"static": opt})
+    assert set(memory["parameter_bytes"]) == {"ve", "t3", "s3gen"}
+    assert list(frame.columns) == ["model", "ve_mib", "t3_mib", "s3gen_mib"]
+    assert UpstreamTTS(tiny_tts).performance_info()["memory"]["kv_cache_bytes"] == 0
+
+
 def test_a_request_too_long_for_the_wrappers_cache_names_the_wrappers_fix(tiny_tts: ChatterboxTTS) -> None:
     with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static", max_cache_len=128) as opt:
         with pytest.raises(CacheError, match=r"set_max_cache_len\(\d+\) \(or decode='eager'\)"):
@@ -349,7 +458,7 @@ def test_half_cast_model_runs(short_ref: Path) -> None:
     wav = opt.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=10)
     assert torch.isfinite(wav).all()
     assert opt.policy == "keep" and opt.performance_info()["model_dtype"] == "float16"
-    assert next(tts.ve.parameters()).dtype == torch.float32  # island restored
+    assert next(tts.ve.parameters()).dtype == torch.float32  # an island: float32 even under "keep"
 
 
 def test_performance_info_reports_what_ran(folders: dict[str, Path]) -> None:
@@ -554,7 +663,7 @@ def test_wrapper_decode_steps_share_weights_and_reuse_the_compiled_step(tiny_tts
         assert again.compile_s == 0.0 and again.step_mode == "compiled"  # built once, reused
         torch.manual_seed(0)
         assert torch.equal(opt.speech_tokens(TEXT, max_new_tokens=12).tokens, eager)
-        assert opt.configuration()["parameter_bytes"]["t3.static_kv_cache"] > 0
+        assert opt.configuration()["kv_cache_bytes"] > 0
         assert opt.plans["compiled"].decode is opt.plans["eager"].decode  # one set of weights
         assert first.step_mode == "eager"
     with pytest.raises(ConfigError, match="unknown decode step"):

@@ -6,7 +6,7 @@ before its heavy imports.
 
 POLICIES = {
     "auto": "decided per device and checkpoint (see choose_policy)",
-    "keep": "every component keeps the dtype it was loaded with",
+    "keep": "every component keeps the dtype it was loaded with, but for the islands (cast to float32)",
     "float32": "T3 and S3Gen cast to float32",
     "float16": "T3 and S3Gen cast to float16 (islands stay float32)",
     "bfloat16": "T3 and S3Gen cast to bfloat16 (islands stay float32)",

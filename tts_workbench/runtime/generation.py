@@ -27,7 +27,8 @@ from ..instruments.profiling import t3_phase
 from ..models.reference import ReferenceInfo, check_reference
 from ..models.vocode import tail_tokens
 from .alignment import upstream_alignment
-from .decode import generated_ids, invalid_ids, text_tokens
+from .decode import generated_ids, invalid_ids, is_turbo, text_tokens
+from .sampling import check_sampling
 
 
 @dataclass
@@ -254,13 +255,24 @@ def generate(
     the tokens and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, and
     neither another thread's generation nor the global random state is touched; ``None`` goes
     on from the caller's random state, as upstream does. An ``audio_prompt_path`` is prepared
-    by ``prepare_voice`` (its checks and fixes) before upstream runs."""
+    by ``prepare_voice`` (its checks and fixes) before upstream runs; the sampling settings are
+    checked first (``sampling.check_sampling``, as the workbench's own loop checks them)."""
     reference = sampling.pop("audio_prompt_path", None)
     checked_voice(reference or tts.conds, text)  # a reference to prepare will do
     family = family_of(tts)
     if (language := language_for(tts, sampling.get("language_id"))) is not None:
         sampling["language_id"] = language
     text_tokens(tts, text, 0.0, language)  # a text longer than T3's positions: refused, not an IndexError
+    # Upstream checks none of these: a temperature of 0 failed inside torch's multinomial, one
+    # below 0 sampled the least likely tokens. Checked as the workbench's own decode loop checks them.
+    cfg_weight, settings = family.sampling_with({k: v for k, v in sampling.items() if k in family.sampling})
+    check_sampling(
+        is_turbo(tts.t3),
+        cfg_weight,
+        settings["temperature"],
+        settings["top_p"],
+        settings["repetition_penalty"],
+    )
     methods = {
         "t3": (tts.t3, family.t3_inference),
         "s3gen.flow": (tts.s3gen, "flow_inference"),

@@ -103,6 +103,12 @@ def _mode(what: str, mode: str, modes: Sequence[str], defaults: dict[str, str], 
     return mode
 
 
+def stream_seed(seed: int | None) -> int:
+    """A stream's seed: ``seed``, or for ``None`` one drawn from the global generator, so unseeded
+    streams differ as unseeded ``generate`` calls do, and ``torch.manual_seed`` before repeats one."""
+    return int(torch.randint(2**63 - 1, ())) if seed is None else seed
+
+
 def check_decode(step: str, device: torch.device) -> str:
     """The decode step to run: ``step`` itself, or the device's default for ``"auto"``."""
     return _mode("decode step", step, STEP_MODES, DEFAULT_DECODE, device)
@@ -188,6 +194,11 @@ def resolve_policy(tts: ChatterboxTTS, policy: Policy | str, device: torch.devic
     """``policy`` itself, a requested policy by name, or for ``"auto"`` the measured choice."""
     if isinstance(policy, Policy):
         check_policy(policy.name)  # a hand-made Policy too: an unknown name would run as "keep"
+        if policy.name == "auto":  # a choice still to be made: it too would run as "keep"
+            raise ConfigError(
+                'a Policy named "auto" chooses nothing: pass policy="auto" (the name) to let the wrapper '
+                "choose by measuring, or a Policy of a concrete policy (choose_policy(tts) returns one)"
+            )
         return policy
     return choose_policy(tts, device) if policy == "auto" else Policy.requested(policy)
 
@@ -254,7 +265,8 @@ class Pipeline:
         """Give the model back as it was (nothing to do for a pipeline that changes nothing)."""
 
     def configuration(self) -> dict[str, Any]:
-        """How this pipeline runs: policy, dtypes, decode loop, islands, parameter bytes."""
+        """How this pipeline runs: policy, dtypes, decode loop, islands, parameter bytes, and
+        apart from them the static KV caches' bytes."""
         tts = self.tts
         return {
             "family": family_of(tts).name,
@@ -271,6 +283,7 @@ class Pipeline:
                 name: sum(p.numel() * p.element_size() for p in m.parameters())
                 for name, m in components(tts).items()
             },
+            "kv_cache_bytes": 0,  # held between generations: upstream's cache lives only in one
         }
 
     def last_run(self) -> dict[str, Any]:
@@ -281,9 +294,11 @@ class Pipeline:
         return {"last_generation": vars(self.last), "memory": memory}
 
     def performance_info(self) -> dict[str, Any]:
-        """``configuration()`` and ``last_run()`` in one dict (parameter bytes under ``memory``)."""
+        """``configuration()`` and ``last_run()`` in one dict (parameter and KV cache bytes under
+        ``memory``)."""
         config, last = self.configuration(), self.last_run()
-        last["memory"]["parameter_bytes"] = config.pop("parameter_bytes")
+        for key in ("parameter_bytes", "kv_cache_bytes"):
+            last["memory"][key] = config.pop(key)
         return {**config, **last}
 
     def _voice(self, audio_prompt_path: str | None, exaggeration: float, norm_loudness: bool = True) -> None:
@@ -372,11 +387,14 @@ class UpstreamTTS(Pipeline):
         text: str,
         audio_prompt_path: str | None = None,
         config: StreamConfig | None = None,
+        *,
+        seed: int | None = 0,
         **kwargs: Any,
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
-        """The upstream streaming fork's naive loop on the upstream model (``streaming.stream``)."""
+        """The upstream streaming fork's naive loop on the upstream model (``streaming.stream``);
+        ``seed=None`` draws the seed from the global generator (``stream_seed``)."""
         self._voice(audio_prompt_path, kwargs.pop("exaggeration", 0.5), kwargs.pop("norm_loudness", True))
-        return stream(self.tts, text, config or StreamConfig("naive"), **kwargs)
+        return stream(self.tts, text, config or StreamConfig("naive"), seed=stream_seed(seed), **kwargs)
 
     def configuration(self) -> dict[str, Any]:
         return {
@@ -386,6 +404,17 @@ class UpstreamTTS(Pipeline):
             "decode": "upstream T3.inference",
             "using_amp": False,
         }
+
+
+def _upstream_takes_none(optimize: bool, options: dict[str, Any]) -> None:
+    """Refuse the wrapper's options (``dtype`` other than "auto", ``decode``, ...) with
+    ``optimize=False``: the upstream pipeline takes none, and would run without them."""
+    given = sorted(k for k, v in options.items() if (k, v) != ("dtype", "auto"))
+    if not optimize and given:
+        raise ConfigError(
+            f"optimize=False runs upstream's pipeline unchanged, which takes no {', '.join(given)}: "
+            "leave them out, or pass optimize=True for the wrapper"
+        )
 
 
 # The open wrapper of each model (by id; the wrapper holds the model, so the id is not reused
@@ -463,7 +492,8 @@ class PerformanceOptimizedTTS(Pipeline):
         cls, tts: ChatterboxTTS, optimize: bool = True, dtype: str = "auto", **kwargs: Any
     ) -> Pipeline:
         """Wrap an already-built model (``sources.load_model('tiny' | 'random')``);
-        ``optimize=False`` gives the upstream pipeline (``UpstreamTTS``)."""
+        ``optimize=False`` gives the upstream pipeline (``UpstreamTTS``), which takes no options."""
+        _upstream_takes_none(optimize, {"dtype": dtype, **kwargs})
         if not optimize:
             return UpstreamTTS(tts)
         return cls(tts, policy=dtype, **kwargs)
@@ -474,11 +504,13 @@ class PerformanceOptimizedTTS(Pipeline):
     ) -> Pipeline:
         """Load a checkpoint folder. Optimized: each file keeps its saved dtype (a float16 export
         stays float16). ``optimize=False``: upcast to float32 the way upstream ``from_local`` does."""
+        _upstream_takes_none(optimize, kwargs)  # before the folder is read
         return cls.from_model(load_folder(folder, device, keep_dtype=optimize), optimize, **kwargs)
 
     @classmethod
     def from_pretrained(cls, device: str = "cpu", optimize: bool = True, **kwargs: Any) -> Pipeline:
         """Upstream ``from_pretrained`` (hub weights; offline here, so it fails with the fix)."""
+        _upstream_takes_none(optimize, kwargs)  # before the hub is tried
         return cls.from_model(load_pretrained(device), optimize, **kwargs)
 
     def close(self) -> None:
@@ -658,8 +690,8 @@ class PerformanceOptimizedTTS(Pipeline):
         and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, safe beside other
         threads); without one it goes on from the global random state, as upstream does."""
         self._check_open()
+        checked_voice(audio_prompt_path or self.tts.conds, text)  # the text before a voice is prepared
         cfg_weight, sampling = family_of(self.tts).sampling_with(sampling)
-        self._voice(audio_prompt_path, exaggeration, norm_loudness)
         rng = StreamRandom(seed) if seed is not None else None
         generator = rng.generator(self.tts.t3.speech_head.weight.device) if rng is not None else None
         # Kernels are recorded (on request) over T3 only, where the attention backend matters:
@@ -668,7 +700,8 @@ class PerformanceOptimizedTTS(Pipeline):
         if self.record_attention:
             decode = "eager"
         record = KernelRecord()
-        t0 = now(self.device)
+        t0 = now(self.device)  # a voice prepared for this call is in the total, as upstream's
+        self._voice(audio_prompt_path, exaggeration, norm_loudness)
         with (
             record_kernels(self.tts, [self.plan.decode])
             if self.record_attention
@@ -710,7 +743,7 @@ class PerformanceOptimizedTTS(Pipeline):
         config: StreamConfig | None = None,
         exaggeration: float = 0.5,
         max_new_tokens: int = 1000,
-        seed: int = 0,
+        seed: int | None = 0,
         state: StreamState | None = None,
         decode: str | None = None,
         flow: str | None = None,
@@ -720,6 +753,8 @@ class PerformanceOptimizedTTS(Pipeline):
         """Yield ``(audio_chunk, metrics)`` as audio is ready (``streaming.stream``, buffered by
         default) with this wrapper's decode plan, flow plan and autocast dtype (``decode`` and
         ``flow`` override the wrapper's own for this call); sampling and the voice as ``generate``.
+        ``seed=None`` draws the seed from the global generator (``stream_seed``: reproducible after
+        ``torch.manual_seed``, as upstream's unseeded ``generate``).
         A stream still being read when the wrapper closes stops there (``ConfigError``)."""
         self._check_open()
         self._voice(audio_prompt_path, exaggeration, norm_loudness)
@@ -728,7 +763,7 @@ class PerformanceOptimizedTTS(Pipeline):
             text,
             config or StreamConfig("buffered"),
             max_new_tokens=max_new_tokens,
-            seed=seed,
+            seed=stream_seed(seed),
             plan=self.plan_for(decode),
             amp=self.amp,
             flow=self.flow_for(flow),
@@ -761,7 +796,7 @@ class PerformanceOptimizedTTS(Pipeline):
         if self.plan.decode is not self.plan.prefill:
             config["parameter_bytes"]["t3.decode_copy"] = self.plan.decode.nbytes()
         steps = [s for p in self.plans.values() for b in (1, 2) if (s := p.static_step(b)) is not None]
-        config["parameter_bytes"]["t3.static_kv_cache"] = sum(p.static_bytes() for p in self.plans.values())
+        config["kv_cache_bytes"] = sum(p.static_bytes() for p in self.plans.values())
         return {
             "decode_step": self.decode,
             "compile_fallback": next((s.fallback_reason for s in steps if s.fallback_reason), None),

@@ -79,6 +79,35 @@ class MinP:
         return scores.masked_fill(low, float("-inf"))
 
 
+def check_sampling(
+    turbo: bool, cfg_weight: float, temperature: float, top_p: float, repetition_penalty: float
+) -> None:
+    """Refuse settings upstream's T3 would fail on inside torch or sample nonsense with (both
+    ``Sampler`` and the baseline's ``generation.generate`` check them, before anything runs)."""
+    if not turbo and not temperature > 0:  # inference_turbo skips it instead
+        raise ConfigError(f"temperature must be above 0 (T3 divides its logits by it), got {temperature}")
+    # Infinite ones pass upstream's checks and sample nonsense: logits divided by an infinite
+    # temperature are all 0 (every id equally likely, the masked ones NaN); an infinite
+    # penalty sends every seen token's logit to 0 or -inf, whatever the model said.
+    for name, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
+        if value == math.inf:
+            raise ConfigError(f"{name} must be finite, got inf")
+    # T3.inference builds TopPLogitsWarper, which refuses these (inference_turbo ignores top_p
+    # from 1 up); here top-p at 1 is left out, so its check is made here.
+    if not turbo and not 0 <= top_p <= 1:
+        raise ConfigError(f"top_p must be in [0, 1] (a share of the probability kept), got {top_p}")
+    # as transformers' RepetitionPenaltyLogitsProcessor, which both upstream loops build
+    if not repetition_penalty > 0:
+        raise ConfigError(
+            f"repetition_penalty must be above 0 (1 for none; the logits of seen tokens are "
+            f"divided by it), got {repetition_penalty}"
+        )
+    # upstream generate runs guidance's second row only for a weight above 0; an infinite
+    # weight makes every guided logit infinite or NaN (cond - uncond is 0 for some tokens)
+    if not 0 <= cfg_weight < math.inf:  # NaN too
+        raise ConfigError(f"cfg_weight must be 0 (no guidance) or above, and finite, got {cfg_weight}")
+
+
 @dataclass(frozen=True)
 class Sampler:
     """How upstream samples the next speech token (``T3.inference``; Turbo's T3:
@@ -99,32 +128,7 @@ class Sampler:
     _warpers: tuple[Any, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.turbo and not self.temperature > 0:  # inference_turbo skips it instead
-            raise ConfigError(
-                f"temperature must be above 0 (T3 divides its logits by it), got {self.temperature}"
-            )
-        # Infinite ones pass upstream's checks and sample nonsense: logits divided by an infinite
-        # temperature are all 0 (every id equally likely, the masked ones NaN); an infinite
-        # penalty sends every seen token's logit to 0 or -inf, whatever the model said.
-        for name in ("temperature", "repetition_penalty"):
-            if getattr(self, name) == math.inf:
-                raise ConfigError(f"{name} must be finite, got inf")
-        # T3.inference builds TopPLogitsWarper, which refuses these (inference_turbo ignores top_p
-        # from 1 up); here top-p at 1 is left out, so its check is made here.
-        if not self.turbo and not 0 <= self.top_p <= 1:
-            raise ConfigError(f"top_p must be in [0, 1] (a share of the probability kept), got {self.top_p}")
-        # as transformers' RepetitionPenaltyLogitsProcessor, which both upstream loops build
-        if not self.repetition_penalty > 0:
-            raise ConfigError(
-                f"repetition_penalty must be above 0 (1 for none; the logits of seen tokens are "
-                f"divided by it), got {self.repetition_penalty}"
-            )
-        # upstream generate runs guidance's second row only for a weight above 0; an infinite
-        # weight makes every guided logit infinite or NaN (cond - uncond is 0 for some tokens)
-        if not 0 <= self.cfg_weight < math.inf:  # NaN too
-            raise ConfigError(
-                f"cfg_weight must be 0 (no guidance) or above, and finite, got {self.cfg_weight}"
-            )
+        check_sampling(self.turbo, self.cfg_weight, self.temperature, self.top_p, self.repetition_penalty)
         object.__setattr__(self, "_warpers", self._make_warpers())
 
     def _make_warpers(self) -> tuple[Any, ...]:

@@ -369,8 +369,9 @@ def policy_frame(tts: ChatterboxTTS, policies: Sequence[str]) -> pd.DataFrame:
 
 
 def parameter_frame(models: dict[str, Any]) -> pd.DataFrame:
-    """The bytes each wrapper's components hold (``performance_info()["memory"]``), in MiB: one
-    row per wrapper (name -> ``PerformanceOptimizedTTS``)."""
+    """The bytes of each wrapper's weights (``performance_info()["memory"]["parameter_bytes"]``;
+    its static KV caches are apart, in ``kv_cache_bytes``), in MiB: one row per wrapper (name ->
+    ``PerformanceOptimizedTTS``)."""
     rows = []
     for name, wrapper in models.items():
         held = wrapper.performance_info()["memory"]["parameter_bytes"]
