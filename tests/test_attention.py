@@ -28,7 +28,7 @@ from tts_workbench.instruments.attention import (
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.generation import generate
-from tts_workbench.studies.diagnose import _stage, decode_step_kernels
+from tts_workbench.studies.diagnose import _stage, decode_step_kernels, diagnose_attention
 
 
 def test_sdpa_backbone_with_and_without_output_attentions(tiny_tts: ChatterboxTTS) -> None:
@@ -189,6 +189,17 @@ def test_reading_a_graphs_code_keeps_the_graphs_compiled_before() -> None:
     graphs = counters["stats"]["unique_graphs"]
     first(x)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_static_steps_mask_is_among_the_reasons_flash_is_refused(tiny_tts: ChatterboxTTS) -> None:
+    """The static and compiled steps pass a mask (``diagnose --decode static`` asks with it; before
+    2026-12-04 it asked as for the eager step, and on CUDA could answer that Flash can run)."""
+    eager, static = diagnose_attention(tiny_tts), diagnose_attention(tiny_tts, masked=True)
+    assert not any("mask" in r for r in eager["why_not_flash"])
+    assert any("an attention mask is passed" in r for r in static["why_not_flash"])
+    assert {p["backend"] for p in static["forced_backends"]} == {"FLASH_ATTENTION", "EFFICIENT_ATTENTION",
+                                                                 "CUDNN_ATTENTION", "MATH"}  # fmt: skip
+    assert next(p for p in static["forced_backends"] if p["backend"] == "MATH")["ok"]  # math takes a mask
 
 
 @pytest.mark.parametrize(

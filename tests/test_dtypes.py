@@ -219,9 +219,13 @@ def test_where_half_fails_is_one_row_per_failing_stage_of_each_model(
 def test_float32_precision_report_is_clean(reference_wav: Path) -> None:
     tts = load_model("tiny")
     prepare_voice(tts, str(reference_wav))
+    before = torch.get_rng_state()
     report = diagnose_precision(tts, str(reference_wav), torch.float32, tokens=8)
     for stage in report["stages"].values():
         assert stage["error"] is None and stage["mismatches"] == [] and stage["first_mismatch"] is None
+    # its S3Gen stage's draws (HiFT's) come from a generator of its own: before 2026-12-04 they
+    # moved the caller's global state, so a seeded script after a diagnosis sampled other tokens
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 class _Half(nn.Module):

@@ -312,7 +312,7 @@ def test_region_of_own_cpu_trace(cpu_traces: tuple[Path, dict[str, Path]], tmp_p
 
 def test_trace_cli_refuses_bad_flags_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trace", "--steps", "eager,fast"]) == 2
-    assert "unknown decode step 'fast'" in capsys.readouterr().err
+    assert "error: argument --steps: unknown decode step 'fast'" in capsys.readouterr().err
     assert main(["trace", "--tokens", "1"]) == 2  # no decode step would run
     assert "at least 2" in capsys.readouterr().err
 

@@ -245,6 +245,11 @@ def _sdpa_inputs(tts: ChatterboxTTS, keys: int, dtype: torch.dtype | None, devic
     return q, k, k.clone()
 
 
+def _step_mask(q: torch.Tensor, keys: int, masked: bool) -> torch.Tensor | None:
+    """The boolean mask of a static step over ``keys`` slots (every slot in use), or None."""
+    return torch.ones(q.size(0), 1, 1, keys, dtype=torch.bool, device=q.device) if masked else None
+
+
 def why_not_flash(
     tts: ChatterboxTTS,
     keys: int = 200,
@@ -260,7 +265,7 @@ def why_not_flash(
     elsewhere from the same rules written out.
     """
     q, k, v = _sdpa_inputs(tts, keys, dtype, device)
-    mask = torch.ones(q.size(0), 1, 1, keys, dtype=torch.bool, device=q.device) if masked else None
+    mask = _step_mask(q, keys, masked)
     reasons = []
     backend = configured_backend(tts)
     if backend != "sdpa":
@@ -296,12 +301,18 @@ class BackendProbe:
 
 
 def probe_backends(
-    tts: ChatterboxTTS, keys: int = 200, dtype: torch.dtype | None = None, device: str | None = None
+    tts: ChatterboxTTS,
+    keys: int = 200,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    masked: bool = False,
 ) -> list[BackendProbe]:
     """Force each SDPA backend alone with ``torch.nn.attention.sdpa_kernel`` on T3's decode
-    shapes and report pass/fail. (The seed's ``torch.backends.cuda.sdp_kernel`` is deprecated
-    and silently falls back; ``sdpa_kernel`` with one backend raises instead.)"""
+    shapes (``masked``: with a mask, as ``why_not_flash``) and report pass/fail. (The seed's
+    ``torch.backends.cuda.sdp_kernel`` is deprecated and silently falls back; ``sdpa_kernel``
+    with one backend raises instead.)"""
     q, k, v = _sdpa_inputs(tts, keys, dtype, device)
+    mask = _step_mask(q, keys, masked)
     out = []
     for backend in (
         SDPBackend.FLASH_ATTENTION,
@@ -312,7 +323,7 @@ def probe_backends(
         try:
             with sdpa_kernel([backend]), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                F.scaled_dot_product_attention(q, k, v)
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             out.append(BackendProbe(backend.name, True, "ran"))
         except RuntimeError as e:
             out.append(BackendProbe(backend.name, False, str(e).splitlines()[0]))

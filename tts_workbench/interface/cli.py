@@ -320,6 +320,7 @@ PROFILING_FLAGS = (
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.constants import RANDOM_NO_STOP
     from ..core.devices import check_device
+    from ..core.errors import ConfigError
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
         cut_report,
@@ -342,7 +343,10 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
                 raise ValueError(f"argument --read: no trace file {path}")
         note = f"read from {len(paths)} trace file(s)"
         return decode_trace_report(read_traces(paths), note), format_decode_traces
-    steps = [check_decode(s, check_device(args.device)) for s in args.steps.split(",") if s]
+    try:
+        steps = [check_decode(s, check_device(args.device)) for s in args.steps.split(",") if s]
+    except ConfigError as e:  # an unknown step: name the flag, as every other refusal does
+        raise ConfigError(f"argument --steps: {e}") from None
     if not steps:
         raise ValueError("argument --steps: no decode step given: use eager, static or compiled")
     if twice := sorted({s for s in steps if steps.count(s) > 1}):  # one decode-STEP folder each

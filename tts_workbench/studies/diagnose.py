@@ -101,7 +101,8 @@ def run_diagnosis(
         "plot": str(plot_path),
         **kernels.summary(),  # kernels, time_share_ms
         "decode_step": decode_step_kernels(tts, text, decode, seed, tokens),
-        "attention": diagnose_attention(tts),
+        # the static and compiled steps pass a mask (their cache's unused slots), the eager none
+        "attention": diagnose_attention(tts, masked=check_decode(decode, torch.device(device)) != "eager"),
         "precision": diagnose_precision(tts, reference, dtype, autocast, min(tokens, 20), seed, text),
     }
 
@@ -259,9 +260,13 @@ def _precision_stages(
         valid = torch.randint(
             0, SPEECH_VOCAB_SIZE, (1, tokens), generator=torch.Generator().manual_seed(seed)
         )
-        stages["s3gen"] = _stage(
-            tts, lambda: tts.s3gen.inference(speech_tokens=valid.to(device), ref_dict=dict(conds.gen))
-        )
+        # HiFT draws its sine phases and noise: from a generator of its own, not the caller's
+        # global state (before 2026-12-04 a diagnosis moved it, so a seeded user script after
+        # it sampled other tokens).
+        with StreamRandom(seed).drawing():
+            stages["s3gen"] = _stage(
+                tts, lambda: tts.s3gen.inference(speech_tokens=valid.to(device), ref_dict=dict(conds.gen))
+            )
     return {
         "dtype": dtype_name(dtype),
         "autocast": dtype_name(autocast) if autocast else None,
@@ -271,14 +276,16 @@ def _precision_stages(
     }
 
 
-def diagnose_attention(tts: ChatterboxTTS) -> dict[str, Any]:
+def diagnose_attention(tts: ChatterboxTTS, masked: bool = False) -> dict[str, Any]:
     """Configured vs effective backend, the output_attentions probe, why not Flash, forced
-    backends, for T3's decode shapes on the current device and dtype."""
+    backends, for T3's decode shapes on the current device and dtype; ``masked``: with the
+    attention mask the static and compiled steps pass (before 2026-12-04 ``diagnose --decode
+    static`` asked without it, and on CUDA could answer that Flash can run)."""
     return {
         "configured": configured_backend(tts),
         "output_attentions": vars(probe_output_attentions(tts)),
-        "why_not_flash": why_not_flash(tts),
-        "forced_backends": [vars(p) for p in probe_backends(tts)],
+        "why_not_flash": why_not_flash(tts, masked=masked),
+        "forced_backends": [vars(p) for p in probe_backends(tts, masked=masked)],
     }
 
 
