@@ -340,10 +340,16 @@ def test_both_pipelines_count_a_voice_prepared_for_the_call_in_the_total(
 def test_empty_text_is_refused_before_a_voice_is_prepared(
     tiny_tts: ChatterboxTTS, tmp_path: Path, optimize: bool
 ) -> None:
-    # Before, the wrapper prepared the reference first: a missing file said so, not the text.
+    # Before, the wrapper prepared the reference first: a missing file said so, not the text;
+    # both pipelines' streams too (until 2026-12-04), and the wrapper's sampling settings.
+    missing = str(tmp_path / "missing.wav")
     with _pipeline(tiny_tts, optimize) as p:
         with pytest.raises(EmptyTextError, match="text is empty"):
-            p.generate("  ", audio_prompt_path=str(tmp_path / "missing.wav"), max_new_tokens=4)
+            p.generate("  ", audio_prompt_path=missing, max_new_tokens=4)
+        with pytest.raises(EmptyTextError, match="text is empty"):
+            next(iter(p.generate_stream("  ", audio_prompt_path=missing, max_new_tokens=4)))
+        with pytest.raises(ConfigError, match="temperature must be above 0"):
+            p.generate("Hi.", audio_prompt_path=missing, max_new_tokens=4, temperature=0.0)
 
 
 @pytest.mark.parametrize("optimize", [False, True])
@@ -391,9 +397,9 @@ def test_an_exaggeration_asked_again_keeps_the_voice_as_it_is(tiny_tts: Chatterb
         assert opt.tts.conds is not None
         t3_cond = opt.tts.conds.t3
         before = t3_cond.emotion_adv
-        opt._voice(None, 0.7)
+        opt._voice("Hi.", None, 0.7)
         once = t3_cond.emotion_adv
-        opt._voice(None, 0.7)
+        opt._voice("Hi.", None, 0.7)
         assert once is not before and t3_cond.emotion_adv is once
 
 

@@ -266,13 +266,7 @@ def generate(
     # Upstream checks none of these: a temperature of 0 failed inside torch's multinomial, one
     # below 0 sampled the least likely tokens. Checked as the workbench's own decode loop checks them.
     cfg_weight, settings = family.sampling_with({k: v for k, v in sampling.items() if k in family.sampling})
-    check_sampling(
-        is_turbo(tts.t3),
-        cfg_weight,
-        settings["temperature"],
-        settings["top_p"],
-        settings["repetition_penalty"],
-    )
+    check_sampling(is_turbo(tts.t3), cfg_weight, **settings)
     methods = {
         "t3": (tts.t3, family.t3_inference),
         "s3gen.flow": (tts.s3gen, "flow_inference"),

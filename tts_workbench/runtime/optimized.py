@@ -66,6 +66,7 @@ from .decode import (
     T3Parts,
     check_cache_len,
     invalid_ids,
+    is_turbo,
     prefill_length,
     t3_decode,
     text_tokens,
@@ -83,6 +84,7 @@ from .precision import (
     island_modules,
     restored,
 )
+from .sampling import check_sampling
 from .streaming import StreamConfig, StreamState, stream
 
 # The decode step "auto" picks per device type: measured side by side with `tts-workbench bench`
@@ -301,13 +303,15 @@ class Pipeline:
             last["memory"][key] = config.pop(key)
         return {**config, **last}
 
-    def _voice(self, audio_prompt_path: str | None, exaggeration: float, norm_loudness: bool = True) -> None:
-        """The voice to speak with, as upstream ``generate`` makes it: ``audio_prompt_path``
-        prepared (``norm_loudness``: Turbo's), else the prepared one with ``exaggeration``."""
+    def _voice(
+        self, text: str, audio_prompt_path: str | None, exaggeration: float, norm_loudness: bool = True
+    ) -> None:
+        """The voice to speak ``text`` with, as upstream ``generate`` makes it: ``audio_prompt_path``
+        prepared (``norm_loudness``: Turbo's), else the prepared one with ``exaggeration``. An empty
+        text is refused first: no voice is prepared for it."""
+        checked_voice(audio_prompt_path or self.tts.conds, text)  # a path to prepare will do
         if audio_prompt_path:
             self.prepare_conditionals(audio_prompt_path, exaggeration, norm_loudness)
-        elif self.tts.conds is None:
-            raise NoVoiceError()
         conds = self.tts.conds
         # As upstream: compared in the tensor's dtype (float32 0.7 is not the float 0.7)
         if bool(exaggeration != conds.t3.emotion_adv.flatten()[0]):
@@ -393,7 +397,8 @@ class UpstreamTTS(Pipeline):
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """The upstream streaming fork's naive loop on the upstream model (``streaming.stream``);
         ``seed=None`` draws the seed from the global generator (``stream_seed``)."""
-        self._voice(audio_prompt_path, kwargs.pop("exaggeration", 0.5), kwargs.pop("norm_loudness", True))
+        voice = kwargs.pop("exaggeration", 0.5), kwargs.pop("norm_loudness", True)
+        self._voice(text, audio_prompt_path, *voice)
         return stream(self.tts, text, config or StreamConfig("naive"), seed=stream_seed(seed), **kwargs)
 
     def configuration(self) -> dict[str, Any]:
@@ -628,8 +633,10 @@ class PerformanceOptimizedTTS(Pipeline):
             prepare_voice(self.tts, wav_fpath, exaggeration, norm_loudness)
         self._ensure_conditionals_dtype()
 
-    def _voice(self, audio_prompt_path: str | None, exaggeration: float, norm_loudness: bool = True) -> None:
-        super()._voice(audio_prompt_path, exaggeration, norm_loudness)
+    def _voice(
+        self, text: str, audio_prompt_path: str | None, exaggeration: float, norm_loudness: bool = True
+    ) -> None:
+        super()._voice(text, audio_prompt_path, exaggeration, norm_loudness)
         self._ensure_conditionals_dtype()  # a new exaggeration is made in float32
 
     # ------------------------------------------------------------ generation
@@ -690,8 +697,8 @@ class PerformanceOptimizedTTS(Pipeline):
         and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, safe beside other
         threads); without one it goes on from the global random state, as upstream does."""
         self._check_open()
-        checked_voice(audio_prompt_path or self.tts.conds, text)  # the text before a voice is prepared
         cfg_weight, sampling = family_of(self.tts).sampling_with(sampling)
+        check_sampling(is_turbo(self.tts.t3), cfg_weight, **sampling)  # before a voice is prepared
         rng = StreamRandom(seed) if seed is not None else None
         generator = rng.generator(self.tts.t3.speech_head.weight.device) if rng is not None else None
         # Kernels are recorded (on request) over T3 only, where the attention backend matters:
@@ -701,7 +708,7 @@ class PerformanceOptimizedTTS(Pipeline):
             decode = "eager"
         record = KernelRecord()
         t0 = now(self.device)  # a voice prepared for this call is in the total, as upstream's
-        self._voice(audio_prompt_path, exaggeration, norm_loudness)
+        self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
         with (
             record_kernels(self.tts, [self.plan.decode])
             if self.record_attention
@@ -757,7 +764,7 @@ class PerformanceOptimizedTTS(Pipeline):
         ``torch.manual_seed``, as upstream's unseeded ``generate``).
         A stream still being read when the wrapper closes stops there (``ConfigError``)."""
         self._check_open()
-        self._voice(audio_prompt_path, exaggeration, norm_loudness)
+        self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
         chunks = stream(  # sampling defaults as the family's generate (``stream``)
             self.tts,
             text,

@@ -80,10 +80,11 @@ class MinP:
 
 
 def check_sampling(
-    turbo: bool, cfg_weight: float, temperature: float, top_p: float, repetition_penalty: float
+    turbo: bool, cfg_weight: float, temperature: float, top_p: float, repetition_penalty: float, **_: Any
 ) -> None:
-    """Refuse settings upstream's T3 would fail on inside torch or sample nonsense with (both
-    ``Sampler`` and the baseline's ``generation.generate`` check them, before anything runs)."""
+    """Refuse settings upstream's T3 would fail on inside torch or sample nonsense with (``Sampler``,
+    the wrapper's ``generate`` and the baseline's ``generation.generate`` check them before anything
+    runs; the others, ``min_p`` and ``top_k``, are checked by their processors)."""
     if not turbo and not temperature > 0:  # inference_turbo skips it instead
         raise ConfigError(f"temperature must be above 0 (T3 divides its logits by it), got {temperature}")
     # Infinite ones pass upstream's checks and sample nonsense: logits divided by an infinite
