@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # Everything is pinned in requirements.lock and installed with --no-deps: chatterbox-tts's own
-# metadata asks for torch==2.6.0 (CUDA, ~6 GB) and gradio, which we do not want (README).
+# metadata asks for torch==2.6.0 (CUDA, ~6 GB) and gradio, which we do not want (docs/environment.md).
 # uv installs the lock (pip is used only to install uv): it unpacks the wheels and compiles
 # their bytecode in parallel, 1 min 3 s in a fresh clone against pip's 1 min 46 s
 # (docs/measurements.md). The bytecode must be compiled: this environment sets

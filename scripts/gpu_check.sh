@@ -30,7 +30,7 @@
 # left of it, and a step that cannot get GPU_CHECK_MIN_STEP_S seconds is skipped, with why.
 #
 #   scripts/gpu_check.sh            # on the GPU machine; on an H200 the default set (6 configs,
-#                                   # bfloat16, both compiles included) took 305 s: one call
+#                                   # bfloat16, both compiles included) ran in one call
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
 #   GPU_CHECK_POLICIES="bfloat16 float16"  # the policies (default: bfloat16; "" for none)
 #   GPU_CHECK_DIAGNOSE=1            # also run the diagnosis step (default: skipped)
