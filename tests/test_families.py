@@ -4,6 +4,7 @@ loop's tokens against upstream ``inference_turbo``, and capped upstream generati
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -294,6 +295,36 @@ def _spies(attn: torch.nn.Module) -> int:
     unless attentions are asked of the model, the first time they are, and keeps it."""
     hooks = attn._forward_hooks.values()
     return sum(hook.__module__ != "transformers.utils.output_capturing" for hook in hooks)
+
+
+def test_two_upstream_multilingual_generates_in_two_threads_take_turns(
+    multilingual: ChatterboxMultilingualTTS,
+) -> None:
+    """Upstream T3.inference keeps its analyzer in t3.patched_model, one per model: before
+    2026-12-04 two upstream generates at once replaced each other's and one failed inside it
+    (a RuntimeError from torch.stack). Now they take turns and each gives its solo tokens."""
+    texts = {1: ("Bonjour à tous, ceci est un essai.", "fr"), 2: ("Hallo zusammen.", "de")}
+
+    def speak(seed: int) -> list[int]:
+        text, language = texts[seed]
+        return generate(multilingual, text, max_new_tokens=30, seed=seed, language_id=language).speech_tokens
+
+    solo = {seed: speak(seed) for seed in texts}
+    together, errors, start = {}, [], threading.Barrier(2)
+
+    def run(seed: int) -> None:
+        start.wait(timeout=30)
+        try:
+            together[seed] = speak(seed)
+        except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and together == solo, errors
 
 
 def test_two_multilingual_generations_at_once_each_feed_their_own_analyzer(

@@ -175,8 +175,8 @@ class DecodePlan:
     ``drop_static()`` frees the cache (e.g. after moving the model to another device).
 
     ``cpp_wrapper``: compile the "compiled" step with Inductor's C++ wrapper where there are no
-    CUDA graphs (on a CPU): on ``deep-narrow`` 11% and 33% less time per token in two runs, at a
-    first compile of ~90 s instead of 30-50 s (docs/decode.md). Off by default.
+    CUDA graphs (on a CPU): on ``deep-narrow`` 0.67-0.89x the time per token in four runs, at a
+    longer first compile (docs/decode.md). Off by default.
     """
 
     prefill: T3Parts
@@ -588,8 +588,9 @@ class DecodeStats:
 
     ``compile_s`` is the time spent building the static step in this generation (allocating its
     cache and, for "compiled", compiling and warming it up); it is in neither ``prefill_s`` nor
-    ``decode_s``, and is 0 when the plan's step was reused. ``step_mode`` is what ran the decode
-    steps: "eager", "static" or "compiled" ("static" after a compile failure).
+    ``decode_s``, and is 0 when the plan's step was reused and no longer span compiled.
+    ``step_mode`` is what ran the decode steps: "eager", "static" or "compiled" ("static" after
+    a compile failure).
     """
 
     prefill_s: float = 0.0

@@ -9,6 +9,8 @@ of a call, so the upstream code path runs unchanged with a smaller cap.
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..core.clock import Stopwatch, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_GENERATE_CAP, UPSTREAM_SENTENCE
@@ -240,6 +243,25 @@ def checked_voice(conds: Any, text: str) -> Any:
     return conds
 
 
+# Upstream multilingual T3.inference keeps its backend and alignment analyzer in t3.patched_model,
+# one per model: two generations at once replace each other's, and fail inside the analyzer.
+_turns: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_turns_lock = threading.Lock()
+
+
+@contextmanager
+def _taking_turns(tts: TTSModel) -> Iterator[None]:
+    """Multilingual upstream ``generate`` calls on one model run one after the other (before
+    2026-12-04 two at once failed with a RuntimeError in the analyzer); the others at once."""
+    if not tts.t3.hp.is_multilingual:
+        yield
+        return
+    with _turns_lock:
+        turn = _turns.setdefault(tts.t3, threading.Lock())
+    with turn:
+        yield
+
+
 def generate(
     tts: TTSModel,
     text: str = UPSTREAM_SENTENCE,
@@ -256,7 +278,9 @@ def generate(
     neither another thread's generation nor the global random state is touched; ``None`` goes
     on from the caller's random state, as upstream does. An ``audio_prompt_path`` is prepared
     by ``prepare_voice`` (its checks and fixes) before upstream runs; the sampling settings are
-    checked first (``sampling.check_sampling``, as the workbench's own loop checks them)."""
+    checked first (``sampling.check_sampling``, as the workbench's own loop checks them).
+    Multilingual calls on one model take turns (``_taking_turns``: upstream keeps one analyzer
+    per model); the wall time starts at this call's turn."""
     reference = sampling.pop("audio_prompt_path", None)
     checked_voice(reference or tts.conds, text)  # a reference to prepare will do
     family = family_of(tts)
@@ -273,24 +297,25 @@ def generate(
         "s3gen.vocoder": (tts.s3gen, "hift_inference"),
         "watermark": (tts.watermarker, "apply_watermark"),
     }
-    t0 = now(tts.device)
-    if reference:  # as upstream's ``if audio_prompt_path`` (in the wall time, as there), with the checks
-        # Prepared as upstream generate would: its exaggeration default (Turbo's is 0.0), and
-        # Turbo's norm_loudness, which upstream generate only uses for this.
-        default = inspect.signature(tts.generate).parameters["exaggeration"].default
-        norm = sampling.pop("norm_loudness", True) if family.name == "turbo" else True
-        prepare_voice(tts, reference, sampling.get("exaggeration", default), norm)
-    with (
-        # Not torch.manual_seed: two threads' generations would draw each other's numbers.
-        _drawing_quietly(tts, StreamRandom(seed)) if seed is not None else nullcontext(),
-        token_cap(tts, max_new_tokens) as seen,
-        timed(methods, tts.device) as times,
-        t3_timed(tts, times),
-        # Multilingual: upstream's analyzer hooks the attention for good; this one is undone.
-        upstream_alignment() if tts.t3.hp.is_multilingual else nullcontext(),
-    ):
-        wav = tts.generate(text, **sampling)
-    wall = now(tts.device) - t0
+    with _taking_turns(tts):  # before the clock: a turn waited for is not this generation's time
+        t0 = now(tts.device)
+        if reference:  # as upstream's ``if audio_prompt_path`` (in the wall time, as there), with the checks
+            # Prepared as upstream generate would: its exaggeration default (Turbo's is 0.0), and
+            # Turbo's norm_loudness, which upstream generate only uses for this.
+            default = inspect.signature(tts.generate).parameters["exaggeration"].default
+            norm = sampling.pop("norm_loudness", True) if family.name == "turbo" else True
+            prepare_voice(tts, reference, sampling.get("exaggeration", default), norm)
+        with (
+            # Not torch.manual_seed: two threads' generations would draw each other's numbers.
+            _drawing_quietly(tts, StreamRandom(seed)) if seed is not None else nullcontext(),
+            token_cap(tts, max_new_tokens) as seen,
+            timed(methods, tts.device) as times,
+            t3_timed(tts, times),
+            # Multilingual: upstream's analyzer hooks the attention for good; this one is undone.
+            upstream_alignment() if tts.t3.hp.is_multilingual else nullcontext(),
+        ):
+            wav = tts.generate(text, **sampling)
+        wall = now(tts.device) - t0
     raw = seen["tokens"][0].tolist()
     stopped = ended_by(raw, tts.t3.hp.stop_speech_token, seen["cap"], max_new_tokens)
     return GenerationResult(
