@@ -668,6 +668,10 @@ def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None
             handles = [engine.submit(TEXTS[0], seed=7, max_new_tokens=TOKENS) for _ in range(4)]
         waves = [np.concatenate([c for c, _ in h]) for h in handles]
     assert engine.stats.flow_windows == 4 * engine.stats.flow_calls > 0
+    # Each stage's busy time holds all its work (before 2026-12-04 the load study counted S3Gen's
+    # as its flow calls and vocoder only, leaving out the windows' tokens, noise and crossfades).
+    s, ms = engine.stats, 1e-3  # two clocks read around each other
+    assert s.s3gen_busy_s + ms >= s.flow_s + s.vocoder_s > 0 and s.t3_busy_s + ms >= s.t3_s + s.prefill_s > 0
     wav, tokens = solo(tts, TEXTS[0], 7)
     assert all(h.tokens == tokens for h in handles)
     assert all(np.allclose(w, wav, atol=1e-5) for w in waves)

@@ -261,6 +261,10 @@ class EngineStats:
     vocoder_s: float = 0.0
     admitted: int = 0
     failed: int = 0
+    # Each stage's time on its pieces of work (``_working``): T3's prefills and steps; S3Gen's
+    # flow calls with all around them (the windows' tokens and noise, the vocoder, the crossfade)
+    t3_busy_s: float = 0.0
+    s3gen_busy_s: float = 0.0
     buckets_used: set[int] = field(default_factory=set)
     spans_used: set[int] = field(default_factory=set)  # cache slots the steps attended to
 
@@ -379,12 +383,15 @@ class StreamEngine:
 
     @contextlib.contextmanager
     def _working(self, stage: str, what: str) -> Iterator[None]:
-        """Mark ``stage`` busy with ``what`` for ``stalled`` while the block runs."""
-        self._busy[stage] = (what, time.monotonic())
+        """Mark ``stage`` busy with ``what`` for ``stalled`` while the block runs, and add its
+        time to the stage's ``stats.<stage>_busy_s`` (only that stage's thread writes it)."""
+        self._busy[stage] = (what, t0 := time.monotonic())
         try:
             yield
         finally:
             del self._busy[stage]
+            name = f"{stage}_busy_s"
+            setattr(self.stats, name, getattr(self.stats, name) + time.monotonic() - t0)
 
     @property
     def stop_reason(self) -> str | None:

@@ -357,12 +357,12 @@ def listener_summary(n: int, wall: float, streams: list[dict[str, Any]]) -> dict
 def _level_summary(
     n: int, wall: float, streams: list[dict[str, Any]], e: dict[str, Any], mem: dict[str, int], kv: int
 ) -> dict[str, Any]:
-    busy = {"t3": (e["t3_s"] + e["prefill_s"]) / wall, "s3gen": (e["flow_s"] + e["vocoder_s"]) / wall}
+    busy = {stage: e[f"{stage}_busy_s"] / wall for stage in ("t3", "s3gen")}
     return {
         **listener_summary(n, wall, streams),
         "t3_tokens_per_s": e["t3_tokens"] / wall,
         # what the T3 stage does per second it works: its capacity, whatever S3Gen leaves it to do
-        "t3_tokens_per_busy_s": e["t3_tokens"] / (e["t3_s"] + e["prefill_s"]) if e["t3_s"] else 0.0,
+        "t3_tokens_per_busy_s": e["t3_tokens"] / e["t3_busy_s"] if e["t3_busy_s"] else 0.0,
         # 25 speech tokens a second of audio, per stream; T3 samples more than that where ids
         # are dropped (random weights: ~20% of them), so the need is scaled by what it sampled
         "t3_tokens_per_s_needed": n * TOKENS_PER_S * _sampled_per_kept(streams),
