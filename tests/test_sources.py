@@ -552,3 +552,81 @@ def test_a_reference_too_short_to_make_is_refused_and_a_failed_write_leaves_noth
     with pytest.raises(OSError, match="No space left"):
         make_reference_wav(tmp_path / "r.wav")
     assert [p.name for p in tmp_path.iterdir()] == ["r.wav"]  # before: the hidden partial file too
+
+
+def test_another_familys_s3gen_is_refused_where_upstream_loads_s3gen_strictly(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    multilingual = save_checkpoint(load_model("multilingual-tiny"), tmp_path / "multilingual")
+    turbo = save_checkpoint(load_model("turbo-tiny"), tmp_path / "turbo")
+    meanflow = load_file(str(turbo / "s3gen_meanflow.safetensors"))  # Turbo's S3Gen: more tensors
+    torch.save(meanflow, multilingual / "s3gen.pt")
+    # before: loaded as a multilingual model, the extra tensors dropped; upstream's mtl_tts raises
+    with pytest.raises(SourceError, match=r"s3gen.pt in .* not this family's S3Gen: .*time_embed_mixer"):
+        load_folder(multilingual)
+    # upstream's standard from_local loads S3Gen with strict=False: the same file is accepted there
+    standard = save_checkpoint(tiny_tts, tmp_path / "standard")
+    save_file(meanflow, str(standard / "s3gen.safetensors"))
+    assert type(load_folder(standard)) is ChatterboxTTS
+
+
+def test_a_checkpoint_is_saved_in_a_float_dtype_given_as_a_dtype_or_its_name(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    for dtype in (torch.int8, torch.float64, "int8"):  # before: int8 wrote all-zero weights
+        with pytest.raises(
+            ConfigError, match=r"'(torch.)?(int8|float64)'.*use one of float32, float16, bfloat16"
+        ):
+            save_checkpoint(tiny_tts, tmp_path / "ckpt", dtype=dtype)
+        assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt", dtype="float16")  # before: "Invalid device string"
+    assert json.loads((folder / METADATA_FILE).read_text())["dtypes"]["t3_cfg"] == "float16"
+    w = "speech_head.weight"
+    assert torch.equal(_params(load_folder(folder).t3)[w], _params(tiny_tts.t3)[w].half())
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "damage"),
+    [
+        ("tiny", "conds.pt", "half"),  # before: OSError [Errno 22] Invalid argument
+        ("tiny", "conds.pt", "empty"),  # before: a bare EOFError
+        ("tiny", "tokenizer.json", "half"),  # before: "EOF while parsing a value"
+        ("multilingual-tiny", "grapheme_mtl_merged_expanded_v1.json", "half"),
+        ("turbo-tiny", "tokenizer.json", "half"),  # before: UnicodeDecodeError
+        ("turbo-tiny", "tokenizer_config.json", "half"),  # before: JSONDecodeError
+    ],
+)
+def test_a_damaged_voice_or_tokenizer_file_is_named_with_the_fix(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, source: str, name: str, damage: str
+) -> None:
+    folder = save_checkpoint(tiny_tts if source == "tiny" else load_model(source), tmp_path / "ckpt")
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2] if damage == "half" else b"")
+    with pytest.raises(
+        SourceError, match=rf"cannot read .*{re.escape(name)}.* in {re.escape(str(folder))}: .*copy"
+    ):
+        load_model(str(folder))
+
+
+def test_weights_that_do_not_fit_say_why_and_that_the_metadata_is_missing(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    (folder / METADATA_FILE).unlink()  # a tiny model's weights, read as upstream's full-size model
+    # before: only torch's first line, "Error(s) in loading state_dict for T3:"
+    with pytest.raises(SourceError, match=r"full architecture: .*size mismatch for .*tts_workbench.json"):
+        load_model(str(folder))
+
+
+def test_speech_followed_by_quiet_room_tone_is_a_reference(reference_wav: Path, tmp_path: Path) -> None:
+    voice, sr = sf.read(reference_wav)
+    room = 10 ** (-70 / 20) * np.random.default_rng(0).standard_normal(9 * sr)  # -70 dBFS
+    path = tmp_path / "tail.wav"
+    sf.write(path, np.r_[voice[: int(0.9 * sr)], room], sr)
+    assert check_reference(path).seconds == pytest.approx(9.9)  # before: refused as silence
+    click = np.zeros_like(room)
+    click[sr : sr + sr // 50] = 0.5 * np.random.default_rng(1).standard_normal(sr // 50)  # 20 ms
+    for quiet in (room, room + click):  # the room tone alone, or with a click, is refused
+        sf.write(path, quiet, sr)
+        with pytest.raises(SourceError, match="is silence"):
+            check_reference(path)

@@ -1,7 +1,8 @@
 """Checkpoint folders: saved in each family's upstream ``from_local`` layout, loaded back.
 
-``save_checkpoint`` writes a model (any dtype) with a ``tts_workbench.json`` that names its
-family, architecture and each file's dtype; the new folder replaces the old one whole.
+``save_checkpoint`` writes a model (float32, float16 or bfloat16) with a ``tts_workbench.json``
+that names its family, architecture and each file's dtype; the new folder replaces the old one
+whole.
 ``load_folder`` reads those folders and upstream's own layouts (safetensors, or the
 chatterbox-streaming fork's ``.pt`` files), keeping each file's dtype or not.
 """
@@ -14,9 +15,10 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from chatterbox.models.s3gen import S3Gen
@@ -25,9 +27,9 @@ from chatterbox.models.voice_encoder import VoiceEncoder
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..core.constants import dtype_name
+from ..core.constants import dtype_name, parse_dtype
 from ..core.devices import check_device
-from ..core.errors import SourceError
+from ..core.errors import SourceError, WorkbenchError
 from ..core.families import FAMILIES, Family, TTSModel, family_of
 from ..core.files import beside, remove
 from .builders import TINY_BACKBONES, TinyConfig, assemble, build_s3gen, build_t3
@@ -39,6 +41,10 @@ PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-s
 # tokenizer.json (save_checkpoint writes both kinds). AutoTokenizer reads either kind beside
 # tokenizer_config.json; of these it needs the first two.
 TURBO_HUB_TOKENIZER = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json")
+# The families whose upstream from_local loads S3Gen with strict=False (tts.py), keeping a file
+# with tensors S3Gen lacks; Turbo's and Multilingual's load it strictly and refuse such a file
+# (Turbo's meanflow S3Gen copied into a multilingual folder, say).
+S3GEN_EXTRA_TENSORS_ALLOWED = ("standard",)
 
 
 def hub_files(family: Family) -> tuple[str, ...]:
@@ -49,10 +55,11 @@ def hub_files(family: Family) -> tuple[str, ...]:
     return tuple(g for f in family.files for g in (TURBO_HUB_TOKENIZER if f == "tokenizer.json" else (f,)))
 
 
-def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype | str = torch.float32) -> Path:
     """Write ``tts`` in its family's upstream ``from_local`` layout, floating tensors cast to
-    ``dtype`` (the voice, ``conds.pt``, always float32). A ``tts_workbench.json`` beside the
-    weights names the family, the architecture and each file's dtype.
+    ``dtype``: float32, float16 or bfloat16, or its name (an integer type would write zeros;
+    the voice, ``conds.pt``, is always float32). A ``tts_workbench.json`` beside the weights
+    names the family, the architecture and each file's dtype.
 
     The files go into a new folder that then replaces ``folder`` whole: interrupted, ``folder``
     is still the previous checkpoint (or absent), never a mix of two. A folder holding anything
@@ -60,6 +67,7 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torc
     What a save killed outright left beside the folder is cleared first: a half-written new
     folder is deleted, a previous checkpoint moved aside is put back (or deleted, if the folder
     is there)."""
+    cast_to = parse_dtype(str(dtype))  # "torch.float16" and "float16" alike; refused before any write
     folder = Path(folder)
     real = folder.resolve()  # a link to a folder: the folder it names is replaced
     _sweep_stale(real)
@@ -68,7 +76,7 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype = torc
     partial = beside(real, "partial")
     try:
         partial.mkdir()
-        _write_checkpoint(tts, partial, dtype)
+        _write_checkpoint(tts, partial, cast_to)
         _check_replaceable(folder, real)  # again: a file may have been added meanwhile
         _replace_folder(partial, real)
     finally:
@@ -232,18 +240,32 @@ def _config_of(t3: T3) -> TinyConfig:
     )
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+_T = TypeVar("_T")
+# What reading a damaged file raises (JSONDecodeError, UnicodeDecodeError: ValueErrors); the
+# tokenizers library raises a bare Exception ("EOF while parsing"), caught by its exact type.
+_UNREADABLE = (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError)
+
+
+def _read(folder: Path, what: str, read: Callable[[], _T]) -> _T:
+    """``read()`` of the file(s) ``what`` in checkpoint ``folder``; one it cannot read (truncated,
+    overwritten) is named with the fix instead of a parser's error that names no file."""
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        return read()
+    except Exception as e:
+        if isinstance(e, WorkbenchError) or not (type(e) is Exception or isinstance(e, _UNREADABLE)):
+            raise  # the workbench's own refusals (ValueErrors too), and bugs, are not the file's
         # torch's unpickling message advises weights_only=False, unsafe for a file that is damaged
-        why = "it holds no plain tensors" if isinstance(e, pickle.UnpicklingError) else str(e)
+        why = "it holds no plain tensors" if isinstance(e, pickle.UnpicklingError) else str(e).strip()
         raise SourceError(
-            f"cannot read {path.name} in {path.parent}: {why}. The file is truncated or not a "
-            "checkpoint; copy it again or re-export it with save_checkpoint()"
+            f"cannot read {what} in {folder}: {(why or type(e).__name__).splitlines()[0]}. The file is "
+            "truncated or overwritten; copy it again or re-export it with save_checkpoint()"
         ) from e
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return _read(path.parent, path.name, lambda: load_file(str(path)))
+    return _read(path.parent, path.name, lambda: torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _metadata(path: Path) -> dict[str, Any]:
@@ -369,31 +391,64 @@ def load_folder(
     t3_state: Any = states[layout[1]]
     if "model" in t3_state:  # upstream from_local accepts this wrapped form too
         t3_state = t3_state["model"][0]
-    missing: list[str] = []  # only S3Gen's: the strict loads raise
+    loaded = []
     for module, state, strict in (
         (ve, states[layout[0]], True),
         (t3, t3_state, True),
         (s3gen, states[layout[2]], False),
     ):
         try:
-            missing += module.load_state_dict(state, strict=strict, assign=keep_dtype).missing_keys
+            loaded.append(module.load_state_dict(state, strict=strict, assign=keep_dtype))
         except RuntimeError as e:
-            raise SourceError(
-                f"weights in {folder} do not fit the {found.name} {architecture} architecture: "
-                f"{str(e).splitlines()[0]}"
-            ) from e
-    # S3Gen loads non-strictly as upstream's does, for the buffers upstream's own files may lack
-    # (rebuilt by the constructor); any other missing weight would stay uninitialised memory.
-    missing = [k for k in missing if k not in S3Gen.ignore_state_dict_missing]
+            raise SourceError(_misfit(folder, found.name, meta, e)) from e
+    unexpected = sorted(loaded[2].unexpected_keys)
+    if unexpected and found.name not in S3GEN_EXTRA_TENSORS_ALLOWED:
+        raise SourceError(
+            f"{layout[2]} in {folder} is not this family's S3Gen: {len(unexpected)} of its tensors are "
+            f"not in the {found.name} S3Gen ({_first_three(unexpected)}), as in another family's; copy "
+            f"in the {found.name} model's own {layout[2]}, or re-export it with save_checkpoint()"
+        )
+    # S3Gen loads non-strictly, for the buffers upstream's own files may lack (rebuilt by the
+    # constructor); any other missing weight would stay uninitialised memory.
+    missing = [k for k in loaded[2].missing_keys if k not in S3Gen.ignore_state_dict_missing]
     if missing:
         raise SourceError(
-            f"{layout[2]} in {folder} lacks {len(missing)} of S3Gen's tensors ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}): the file is incomplete; copy it again or "
-            "re-export it with save_checkpoint()"
+            f"{layout[2]} in {folder} lacks {len(missing)} of S3Gen's tensors ({_first_three(missing)}): "
+            "the file is incomplete; copy it again or re-export it with save_checkpoint()"
         )
-    tokenizer = read_tokenizer(found.name, folder if found.name == "turbo" else folder / layout[3])
+    source, what = folder / layout[3], layout[3]
+    if found.name == "turbo":  # AutoTokenizer reads the folder, and does not say which file failed
+        source, present = folder, [f for f in GPT2_TOKENIZER_FILES if (folder / f).exists()]
+        what = f"Turbo's tokenizer (one of {', '.join(present)})"
+    tokenizer = _read(folder, what, lambda: read_tokenizer(found.name, source))
     tts = assemble(found.name, t3, s3gen, ve, tokenizer, dev)
     if (folder / "conds.pt").exists():
         conds: Any = found.conditionals
-        tts.conds = conds.load(folder / "conds.pt", map_location="cpu").to(str(dev))
+        voice = _read(folder, "conds.pt", lambda: conds.load(folder / "conds.pt", map_location="cpu"))
+        tts.conds = voice.to(str(dev))
     return tts
+
+
+def _first_three(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def _misfit(folder: Path, family: str, meta: dict[str, Any], e: RuntimeError) -> str:
+    """Why the weights in ``folder`` do not fit: torch's first size mismatch (which tells the
+    sizes apart) or else its first complaint, and where the folder records no architecture, that
+    it was read as upstream's full-size model."""
+    # torch's message: "Error(s) in loading state_dict for T3:", then a line per complaint
+    # ("Missing key(s) in state_dict: ...", "size mismatch for ...")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sizes = [line for line in lines if line.startswith("size mismatch")]
+    first = (sizes or lines[1:] or lines)[0].rstrip(".")
+    first = first if len(first) <= 300 else f"{first[:300]} ..."  # a list of every missing key
+    architecture = meta.get("architecture", "full")
+    why = f"weights in {folder} do not fit the {family} {architecture} architecture: {first}"
+    if "architecture" in meta:
+        return why
+    return (
+        f"{why}; with no {METADATA_FILE} recording its architecture the folder was read as upstream's "
+        f"full-size model: copy {METADATA_FILE} in with the weights, or save the model again with "
+        "save_checkpoint()"
+    )

@@ -19,6 +19,11 @@ MIN_REFERENCE_S = 0.5
 # tens of dB above it; dither, a DC offset or a lone click in silence are far below, and Turbo's
 # loudness normalisation would raise such a click past full scale.
 MIN_REFERENCE_DBFS = -60.0
+# How much of a reference ``_voice_level`` measures, its loudest frames: five 20 ms frames, more
+# than a click lifts (one or two), less than the 0.15 s of voice in make_reference_wav's 0.5 s
+# (a pause takes the rest). Before 2026-12-04 a tenth of the file: 0.9 s of speech before 9 s of
+# quiet room tone was refused as silence.
+LEVEL_S = 0.1
 
 
 def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE_RATE, seed: int = 0) -> Path:
@@ -55,14 +60,16 @@ def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE
 
 def _voice_level(data: np.ndarray, sr: int) -> float:
     """The level in dBFS of ``data`` (samples, channels) as a voice: in its mono mix (what upstream
-    conditions on) with the DC offset removed, the RMS that a tenth of its 20 ms frames reach.
-    A percentile, not the RMS of the whole: a lone click lifts that, not this."""
+    conditions on) with the DC offset removed, the RMS that its loudest ``LEVEL_S`` of 20 ms
+    frames reach. Not the RMS of the whole: a lone click lifts that, not this. A fixed duration,
+    not a share of the file: a short phrase in a long quiet recording still counts."""
     mono = data.astype(np.float64).mean(axis=1)
     mono -= mono.mean()
     frame = max(1, sr // 50)
     frames = np.pad(mono, (0, -len(mono) % frame)).reshape(-1, frame)
-    rms = float(np.percentile(np.sqrt(np.mean(frames**2, axis=1)), 90))
-    return 20 * float(np.log10(rms)) if rms > 0 else float("-inf")
+    rms = np.sort(np.sqrt(np.mean(frames**2, axis=1)))[::-1]
+    loudest = float(rms[min(len(rms), round(LEVEL_S * sr / frame)) - 1])
+    return 20 * float(np.log10(loudest)) if loudest > 0 else float("-inf")
 
 
 @dataclass
@@ -101,8 +108,8 @@ def check_reference(path: str | Path) -> ReferenceInfo:
             measured = "all zeros"
         else:
             measured = (
-                f"its level is {level:.0f} dBFS, under {MIN_REFERENCE_DBFS:.0f} dBFS: the RMS that a "
-                "tenth of its 20 ms frames reach, in its mono mix without DC offset"
+                f"its level is {level:.0f} dBFS, under {MIN_REFERENCE_DBFS:.0f} dBFS: the RMS that its "
+                f"loudest {LEVEL_S} s of 20 ms frames reach, in its mono mix without DC offset"
             )
         raise SourceError(
             f"reference audio {path} is silence ({measured}); give a recording of speech "
