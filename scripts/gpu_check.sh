@@ -402,8 +402,9 @@ while True:  # until the replica has built, compiled and answers, or the seconds
         sys.exit(f"the server did not answer within {limit:.0f} s")
     time.sleep(max(0.0, min(1.0, limit - (time.monotonic() - t0))))' "$PORT" "$WAIT_S" "$SERVER" 2>&1); then
             echo "   $WAITED" >&2
-            step serve-load $PY -m tts_workbench.interface.cli load --url "http://127.0.0.1:$PORT" --tokens $TOKENS \
-                --streams "$LEVELS" --out "$TMP/serve-load"
+            # --plain: `load --url` refuses --reference (the voice is the server's); --json given here
+            step --plain serve-load $PY -m tts_workbench.interface.cli load --url "http://127.0.0.1:$PORT" \
+                --tokens $TOKENS --streams "$LEVELS" --out "$TMP/serve-load" --json
         else  # no load sent to a server that is not there: an error, with the server's own stderr
             echo "   $WAITED: serve-load not run" >&2
             : > "$DIR/serve-load.json"

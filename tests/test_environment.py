@@ -16,11 +16,12 @@ def _pyproject_pins() -> dict[str, str]:
     return dict(d.split("==") for d in deps)
 
 
-def test_environment_yml_lists_the_same_pins_as_pyproject() -> None:
+def test_environment_yml_gives_python_and_leaves_the_packages_to_make() -> None:
+    """Before 2026-12-04 it listed the pins for conda to pip-install with their dependencies, which
+    cannot resolve (chatterbox-tts 0.1.7 asks for torch==2.6.0 and numpy<2)."""
     text = (ROOT / "environment.yml").read_text()
-    yml = dict(re.findall(r"^\s+- ([A-Za-z0-9_.\-]+)==(\S+)$", text, flags=re.M))
-    assert yml == _pyproject_pins()
-    assert "python=3.11" in text
+    assert "python=3.11" in text and "make test" in text
+    assert not re.findall(r"^\s+- [A-Za-z0-9_.\-]+==\S+$", text, flags=re.M)
 
 
 def test_lock_file_contains_every_top_level_pin() -> None:

@@ -514,11 +514,13 @@ def gpu_check_dry_run(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedP
         "GPU_CHECK_OUT": str(tmp_path / "gpu.json"),
         "GPU_CHECK_DIR": str(tmp_path / "steps"),
         "PYTHON": sys.executable,
+        "GPU_CHECK_DEADLINE_S": "540",  # its steps stop in time: none is left behind by a timeout here
         **env,
     }
     p = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+        ["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=580,
+    )  # fmt: skip
     return p, json.loads((tmp_path / "gpu.json").read_text())
 
 

@@ -1,5 +1,7 @@
 """The real server: `tts-workbench serve` with two replicas on a local Ray (2 CPUs, one thread
-per replica), started and stopped by this module on 127.0.0.1. Every request loop is bounded in
+per replica), started and stopped by this module; its HTTP proxy listens on 127.0.0.1 (Ray's own
+processes, GCS and raylet, listen on the machine's addresses as Ray starts them: Ray has no
+loopback-only mode). Every request loop is bounded in
 count and time; the server is stopped with SIGTERM, as a person's Ctrl-C would, and must exit."""
 
 from __future__ import annotations
