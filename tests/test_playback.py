@@ -49,10 +49,14 @@ def test_stream_player_marks_underruns() -> None:
     assert "<td>1</td>" in player.static().data  # the static rendering has both rows
 
 
-def test_ab_compare_and_seam_figure() -> None:
+def test_ab_compare_and_seam_figure(capsys: pytest.CaptureFixture[str]) -> None:
     a, b = np.zeros(48000, np.float32), np.ones(48000, np.float32) * 0.1
     w = ab_compare({"naive": a, "buffered": b}, {"naive": [24000], "buffered": [12000, 36000]})
     assert [p.children[0].value for p in w.children[0].children] == ["<b>naive</b>", "<b>buffered</b>"]
+    # the seams' figure is in the widget as a picture, outside a kernel too (before 2026-12-04 the
+    # widget held nothing there and "Figure(360x180)" went to stdout)
+    [shown] = w.children[1].outputs
+    assert "image/png" in shown["data"] and capsys.readouterr().out == ""
     fig = seam_figure({"naive": a, "buffered": b}, {"naive": [24000], "buffered": [12000, 36000]})
     assert len(fig.axes) == 4
 

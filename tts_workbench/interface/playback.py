@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import ipywidgets as widgets
 import numpy as np
 import soundfile as sf
-from IPython.display import HTML, Audio, display
+from IPython.display import HTML, Audio, Image, display
 from matplotlib.figure import Figure
 
 from ..core.constants import SAMPLE_RATE
@@ -130,9 +130,12 @@ def ab_compare(
         widgets.VBox([widgets.HTML(f"<b>{html.escape(k)}</b>"), audio_widget(v, sample_rate)])
         for k, v in waves.items()
     ]
+    # The figure as a PNG in the widget itself: ``with Output(): display(fig)`` captures only in a
+    # kernel, and outside one printed "Figure(360x180)" to stdout (a script's JSON with it).
+    buf = io.BytesIO()
+    seam_figure(waves, seams, sample_rate).savefig(buf, format="png")
     plot = widgets.Output()
-    with plot:
-        display(seam_figure(waves, seams, sample_rate))
+    plot.append_display_data(Image(data=buf.getvalue(), format="png"))
     return widgets.VBox([widgets.HBox(players), plot])
 
 
