@@ -504,6 +504,12 @@ def speech_token_limit(t3: T3) -> int | None:
     return int(t3.hp.max_speech_tokens) if t3.hp.input_pos_emb == "learned" else None
 
 
+def gpt2_positions(config: Any) -> int | None:
+    """The positions a GPT-2 backbone (Turbo's) embeds, one learned position per input of the
+    whole sequence; None for Llama, whose rotary positions have no table."""
+    return getattr(config, "n_positions", None)
+
+
 def check_new_tokens(t3: T3, max_new_tokens: int) -> None:
     """A ConfigError for a token cap below 1, past ``speech_token_limit`` or, on a GPT-2
     backbone (Turbo's), past all its positions: cheap checks that need no prefill, made before
@@ -517,7 +523,7 @@ def check_new_tokens(t3: T3, max_new_tokens: int) -> None:
             f"{max_new_tokens} new tokens is beyond the {limit} speech positions T3 has: "
             f"ask for {limit} or fewer"
         )
-    positions = getattr(t3.tfmr.config, "n_positions", None)  # Llama's rotary positions have no table
+    positions = gpt2_positions(t3.tfmr.config)
     if positions is not None and max_new_tokens > positions:
         raise ConfigError(
             f"{max_new_tokens} new tokens is beyond the {positions} positions of T3's GPT-2 backbone, "
@@ -643,7 +649,7 @@ def check_cache_len(max_cache_len: int, config: Any) -> None:
     position for every input of the sequence, so no step could run past its ``n_positions``."""
     if max_cache_len < 2:
         raise ConfigError(f"max_cache_len must be at least 2, got {max_cache_len}")
-    positions = getattr(config, "n_positions", None)  # Llama's rotary positions have no table
+    positions = gpt2_positions(config)
     if positions is not None and max_cache_len > positions:
         raise ConfigError(
             f"max_cache_len {max_cache_len} is past the {positions} positions of T3's GPT-2 backbone: "
@@ -670,7 +676,7 @@ def check_positions(config: Any, prefill_len: int, max_new_tokens: int) -> None:
     """Refuse, whatever the step, a request past the positions of a GPT-2 backbone (Turbo's):
     it embeds a learned position for every input, so the eager step would fail there with an
     index error after the work before it."""
-    positions = getattr(config, "n_positions", None)  # Llama's rotary positions have no table
+    positions = gpt2_positions(config)
     if positions is not None:
         holder = "T3's GPT-2 backbone has n_positions"
         check_room(prefill_len, max_new_tokens, positions, holder, "shorten the text")

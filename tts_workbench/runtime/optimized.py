@@ -461,7 +461,7 @@ class PerformanceOptimizedTTS(Pipeline):
         self.decode = check_decode(decode, self.device)
         self.flow = check_flow(flow, self.device)
         self.flows = {mode: FlowPlan(mode) for mode in FLOW_MODES}  # each keeps its compiled shapes
-        self.max_cache_len = max_cache_len  # static KV cache positions: decode.positions_needed
+        self.max_cache_len = max_cache_len  # static KV cache positions: core.positions.positions_needed
         self.last = LastGeneration()
         self.closed = False  # close() gave the model back: nothing may change it any more
         self._final: dict[str, Any] = {}  # configuration() as it was at close()
@@ -577,7 +577,8 @@ class PerformanceOptimizedTTS(Pipeline):
         }
 
     def set_max_cache_len(self, positions: int) -> None:
-        """Size the static KV caches (``decode.positions_needed``); built anew at the next generation."""
+        """Size the static KV caches (``core.positions.positions_needed``); built anew at the next
+        generation."""
         self._check_open()
         for plan in self.plans.values():  # all checked before any changes
             check_cache_len(positions, plan.decode.tfmr.config)
@@ -588,7 +589,8 @@ class PerformanceOptimizedTTS(Pipeline):
 
     def prefill_length(self, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> int:
         """Positions T3's prefill fills for ``text`` with the prepared voice (conditioning, text,
-        start-of-speech tokens): ``decode.positions_needed`` turns it into the static cache's length."""
+        start-of-speech tokens): ``core.positions.positions_needed`` turns it into the static
+        cache's length."""
         if self.tts.conds is None:
             raise NoVoiceError()
         return prefill_length(self.tts, text, cfg_weight, language_id)
