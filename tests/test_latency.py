@@ -15,6 +15,7 @@ from tts_workbench.instruments.latency import (
     gap_summary,
     seam_metric,
     snr_db,
+    underruns,
 )
 
 
@@ -127,3 +128,13 @@ def test_a_stream_with_audio_but_no_sample_outside_the_crossfades_prints_snr_n_a
 def test_no_gap_is_no_underrun_in_float_seconds() -> None:
     assert gap_summary([]) == {"underruns": 0, "underrun_s": 0.0, "max_underrun_s": 0.0}
     assert isinstance(gap_summary([])["underrun_s"], float)  # was the int 0 of an empty sum
+
+
+def test_a_chunk_without_audio_neither_ends_a_gap_nor_is_the_first_audio() -> None:
+    # the player runs dry at 2.0 and gets audio again at 4.0: one gap of 2 s, not two of 1 s
+    assert gap_summary(underruns([1.0, 3.0, 4.0], [1.0, 0.0, 1.0]))["max_underrun_s"] == 2.0
+    assert gap_summary(underruns([0.5, 1.0, 3.0], [0.0, 1.0, 1.0]))["underrun_s"] == 1.0  # from 1.0, not 0.5
+    empty_first = ChunkMetrics(0, 0.5, 0, 25, 0.5, 0.0, 0.0, 0.0, 0, 0, 0, 0)
+    report = _report()
+    report.chunks.insert(0, empty_first)
+    assert report.ttfa_s == 1.0

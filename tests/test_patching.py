@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from tts_workbench.core import patching
 from tts_workbench.core.compiling import skipping_guards
 from tts_workbench.core.patching import own_code, routed, scoped_item, shadow, shared
 from tts_workbench.models.frontends import offline_hub
@@ -148,6 +149,70 @@ def test_a_routed_shadow_whose_wrap_fails_is_not_left_on_the_instance() -> None:
     with routed(v, "speak", tagged("A")):
         assert v.speak() == "A(upstream)"
     assert "speak" not in vars(v)
+
+
+def test_a_shadow_entered_while_a_routed_one_enters_in_another_thread_leaves_both_working() -> None:
+    """A plain shadow (the profiler's) still building its wrapper when another thread's routed
+    timer entered: before, it then set its wrapper over the timer's dispatcher, so the timer
+    counted none of its thread's calls and its dispatcher stayed behind in ``_left``."""
+    v = Voice()
+    building, built, installed, entered, done = (threading.Event() for _ in range(5))
+    calls: list[str] = []
+
+    def slow(fn: Callable[..., str]) -> Callable[..., str]:
+        building.set()
+        built.wait(timeout=30)
+        return tagged("profiler")(fn)
+
+    def profiler() -> None:
+        with shadow(v, "speak", slow):
+            installed.set()
+            done.wait(timeout=30)
+
+    def counted(fn: Callable[..., str]) -> Callable[..., str]:
+        def inner() -> str:
+            calls.append("timer")
+            return fn()
+
+        return inner
+
+    def timer() -> None:
+        with routed(v, "speak", counted):
+            entered.set()
+            assert installed.wait(timeout=30)
+            for _ in range(5):
+                v.speak()
+
+    left = len(patching._left)
+    p = threading.Thread(target=profiler)
+    p.start()
+    assert building.wait(timeout=30)
+    t = threading.Thread(target=timer)
+    t.start()
+    entered.wait(timeout=1)  # before: entered at once; now: waits until the shadow is on
+    built.set()
+    t.join(timeout=30)
+    done.set()
+    p.join(timeout=30)
+    assert calls == ["timer"] * 5
+    assert "speak" not in vars(v) and len(patching._left) == left
+
+
+def test_a_shared_or_routed_shadow_that_cannot_be_set_leaves_nothing_held() -> None:
+    """A read-only property: setting it fails. Before, the failed installation stayed held, so
+    the next user installed nothing (no error, no wrapper) and left an entry in ``_left``."""
+
+    class ReadOnly:
+        @property
+        def speak(self) -> Callable[[], str]:
+            return lambda: "upstream"
+
+    for make in (shared, routed):
+        v = ReadOnly()
+        for _ in range(2):
+            with pytest.raises(AttributeError), make(v, "speak", tagged("A")):
+                pass
+        assert (id(v), "speak") not in patching._held, make
 
 
 def test_a_scoped_item_overlapping_in_threads_stays_until_the_last_leaves() -> None:

@@ -28,3 +28,20 @@ def test_drawing_finds_the_device_of_a_tensor_given_by_keyword() -> None:
         after = torch.rand(1)
         torch.manual_seed(123)
         assert torch.equal(after, torch.rand(1)), name  # the global generator untouched
+
+
+def test_a_factory_without_a_device_draws_on_the_default_device() -> None:
+    # Before, ``randn(3)`` under ``torch.set_default_device("cuda")`` got the stream's CPU
+    # generator, and torch refused it for the CUDA tensor. ("meta" stands in for CUDA here.)
+    stream, asked = StreamRandom(7), []
+
+    def generator(device: torch.device | str) -> torch.Generator:
+        asked.append(torch.device(device))
+        return torch.Generator()
+
+    stream.generator = generator  # type: ignore[method-assign]
+    with torch.device("meta"), stream.drawing():
+        torch.randn(3)
+        torch.randint(5, (3,))
+        torch.randn(3, device="cpu")
+    assert asked == [torch.device("meta"), torch.device("meta"), torch.device("cpu")]

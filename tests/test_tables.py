@@ -28,3 +28,9 @@ def test_floats_default_and_empty_frame() -> None:
     assert render(pd.DataFrame({"x_s": [0.5]})).splitlines() == [" x_s", "0.50"]
     assert render(pd.DataFrame({"x_s": [0.5]}), floats=".3f").endswith("0.500")
     assert render(pd.DataFrame({"x_s": []})) == "(no rows)"
+
+
+def test_a_column_with_no_value_renders_as_text() -> None:
+    # pandas 3 keeps NA through astype(str): before, measuring the column's width raised
+    lines = render(pd.DataFrame({"a": [None, None], "n": [1, 2]})).splitlines()
+    assert [line.split() for line in lines] == [["a", "n"], ["None", "1"], ["None", "2"]]

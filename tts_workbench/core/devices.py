@@ -19,6 +19,13 @@ def check_device(device: str) -> torch.device:
             f"device={device!r} requested but CUDA is not available (torch {torch.__version__}, "
             f"{build}); use device='cpu' or run on a machine with an NVIDIA GPU"
         )
+    count = torch.cuda.device_count() if dev.type == "cuda" else 0
+    # else it fails later, at the first tensor put there
+    if dev.type == "cuda" and dev.index is not None and dev.index >= count:
+        raise SourceError(
+            f"device={device!r} requested but this machine has {count} GPU(s): "
+            f"use one of {', '.join(f'cuda:{i}' for i in range(count))} (or 'cuda' for the current one)"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise SourceError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
     return dev

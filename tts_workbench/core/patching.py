@@ -53,12 +53,15 @@ def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
     class attribute shows through again) is put back, so shadows nest.
     """
     _check_shadowable(obj, name)
-    before = obj.__dict__.get(name, _MISSING)
-    original = getattr(obj, name)
-    wrapped = wrap(original)
-    if callable(original) and callable(wrapped) and wrapped is not original:
-        functools.update_wrapper(wrapped, original)
-    setattr(obj, name, wrapped)
+    # under the lock ``_holding`` sets its shadows under: one landing between this read and
+    # this set would be overwritten, its calls lost and its exit left waiting in ``_left``
+    with _held_lock:
+        before = obj.__dict__.get(name, _MISSING)
+        original = getattr(obj, name)
+        wrapped = wrap(original)
+        if callable(original) and callable(wrapped) and wrapped is not original:
+            functools.update_wrapper(wrapped, original)
+        setattr(obj, name, wrapped)
     try:
         yield
     finally:
@@ -133,8 +136,8 @@ def _holding(obj: object, name: str, install: Callable[[_Held], Callable[..., An
         if held is None:
             held = _Held(obj.__dict__.get(name, _MISSING), getattr(obj, name))
             held.installed = functools.update_wrapper(install(held), held.original)
+            setattr(obj, name, held.installed)  # first: if it fails (read-only), nothing is held
             _held[key] = held
-            setattr(obj, name, held.installed)
         held.users += 1
     try:
         yield held

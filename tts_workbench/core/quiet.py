@@ -6,12 +6,14 @@ the workbench's own report: resemble-perth's ``pkg_resources`` deprecation, diff
 ``torch.backends.cuda.sdp_kernel``, and Kineto's ``USDT ... profiler_start`` lines on every
 profiler start. Each is silenced by name; everything else, the workbench's own warnings
 included, still shows. Call this before importing the rest of the package (it imports neither
-torch nor chatterbox itself).
+torch nor chatterbox itself). It also sets ``TRANSFORMERS_VERBOSITY=error`` (unless the user set
+it), which transformers reads when imported: its logged warnings (the ``sdpa``/``output_attentions``
+one) stay off for the whole process, not only while a command runs.
 
 While a command runs, ``upstream_silenced`` also drops what upstream writes to the terminal on
 its own: its ``print`` lines ("loaded PerthNet", "S3 Token -> Mel Inference..."), transformers'
-logged warnings (the ``sdpa``/``output_attentions`` one) and upstream's tqdm bars ("Sampling"),
-so the command shows the workbench's report and its own progress only. In a notebook every cell
+logged warnings (whatever verbosity the user set) and upstream's tqdm bars ("Sampling"), so the
+command shows the workbench's report and its own progress only. In a notebook every cell
 runs with the bars and the logged warnings off (``notebook_setup``); upstream's prints show.
 """
 
@@ -35,8 +37,9 @@ LIBRARY_WARNINGS = (
 
 
 def quiet_libraries() -> None:
-    """Silence the known library warnings and Kineto's log lines (``KINETO_LOG_LEVEL``, read at
-    each profiler start; a value the user set is kept)."""
+    """Silence the known library warnings, Kineto's log lines (``KINETO_LOG_LEVEL``, read at
+    each profiler start) and transformers' logged warnings for the rest of the process
+    (``TRANSFORMERS_VERBOSITY``); a value the user set is kept."""
     for category, message in LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=re.escape(message), category=category)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # 6: above USDT/STAGE, Kineto prints nothing

@@ -89,6 +89,13 @@ def not_drawing() -> Iterator[None]:
         yield
 
 
+def _made_on(kwargs: dict[str, Any]) -> torch.device | str:
+    """The device a factory makes its tensor on: ``device=``, else torch's default (a
+    ``torch.set_default_device("cuda")`` outside this mode; before 2026-12-04, the CPU's
+    generator was given, which torch refused for the CUDA tensor)."""
+    return kwargs.get("device") or torch.get_default_device()
+
+
 class _Drawing(TorchFunctionMode):
     def __init__(self, generator: Callable[[torch.device | str], torch.Generator]) -> None:
         super().__init__()
@@ -106,8 +113,8 @@ class _Drawing(TorchFunctionMode):
             elif func is torch.normal:  # on its tensor mean or std, else as a factory
                 given = (*args[:2], kwargs.get("mean"), kwargs.get("std"))
                 tensors = [a for a in given if torch.is_tensor(a)]
-                device = tensors[0].device if tensors else kwargs.get("device") or "cpu"
+                device = tensors[0].device if tensors else _made_on(kwargs)
             else:
-                device = kwargs.get("device") or "cpu"
+                device = _made_on(kwargs)
             kwargs = {**kwargs, "generator": self.generator(device)}
         return func(*args, **kwargs)

@@ -35,7 +35,8 @@ def render(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, floats
             headers[col] = str(col)
             formatters[headers[col]] = _number(formats.get(col, floats if is_float_dtype(values) else ""))
         else:  # pandas right-aligns text; pad values and header to one width instead
-            width = max(len(str(col)), int(values.astype(str).str.len().max()))
+            # str per value as _text prints it (pandas 3's astype(str) keeps None as NA, of no length)
+            width = max(len(str(col)), int(values.map(str).str.len().max()))
             headers[col] = str(col).ljust(width)
             formatters[headers[col]] = _text(width)
     text = frame.rename(columns=headers).to_string(index=False, formatters=formatters)

@@ -50,12 +50,15 @@ class Underrun:
 
 
 def underruns(emitted_s: list[float], audio_s: list[float]) -> list[Underrun]:
-    """A player that starts at the first chunk and plays in real time: every gap it meets."""
+    """A player that starts at the first chunk with audio and plays in real time: every gap it
+    meets. A chunk without audio fills none: the player stays dry through its arrival (before
+    2026-12-04 it ended the gap there, one silence counted as two shorter ones)."""
     gaps: list[Underrun] = []
-    if not emitted_s:
+    heard = [(arrival, length) for arrival, length in zip(emitted_s, audio_s, strict=True) if length > 0]
+    if not heard:
         return gaps
-    end = emitted_s[0] + audio_s[0]  # when the buffered audio runs out
-    for arrival, length in zip(emitted_s[1:], audio_s[1:], strict=True):
+    end = heard[0][0] + heard[0][1]  # when the buffered audio runs out
+    for arrival, length in heard[1:]:
         if arrival > end:
             gaps.append(Underrun(at_s=end, gap_s=arrival - end))
             end = arrival
@@ -99,7 +102,8 @@ class StreamReport:
 
     @property
     def ttfa_s(self) -> float:
-        return self.chunks[0].emitted_s if self.chunks else float("inf")
+        """When the first chunk with audio left (a chunk without any is no first audio)."""
+        return next((c.emitted_s for c in self.chunks if c.audio_s > 0), float("inf"))
 
     @property
     def audio_s(self) -> float:
@@ -217,15 +221,16 @@ def timeline_figure(report: StreamReport, title: str = "") -> Figure:
     fig = Figure(figsize=(9, 1.2 + 0.35 * max(len(report.chunks), 1)))
     ax = fig.subplots()
     colors = {"T3": "tab:blue", "flow": "tab:orange", "vocoder": "tab:green"}
-    play = report.chunks[0].emitted_s if report.chunks else 0.0
+    play = 0.0
     for c in report.chunks:
         start = c.emitted_s - c.compute_s
         for name, dur in (("T3", c.t3_s), ("flow", c.flow_s), ("vocoder", c.vocoder_s)):
             ax.barh(c.index, dur, left=start, color=colors[name], label=name if c.index == 0 else None)
             start += dur
+        if c.audio_s <= 0:  # nothing to play: the player stays dry through it (as ``underruns``)
+            continue
         play = max(play, c.emitted_s)
-        label = "playback" if c.index == 0 else None
-        ax.barh(c.index, c.audio_s, left=play, height=0.3, color="0.6", label=label)
+        ax.barh(c.index, c.audio_s, left=play, height=0.3, color="0.6", label="playback")
         play += c.audio_s
     for g in report.underruns:
         ax.axvspan(g.at_s, g.at_s + g.gap_s, color="red", alpha=0.2, label="underrun")
