@@ -156,16 +156,21 @@ def deployment(options: ServeOptions, replicas: int) -> Any:
     return app.bind(options)
 
 
-def check_gpus(device: str, replicas: int, local: bool) -> None:
-    """A ConfigError for a CUDA device Ray cannot give every replica: one named by index (Ray gives
-    a replica one GPU and sets CUDA_VISIBLE_DEVICES to it, so the replica sees no other), or on a
-    ``local`` Ray more replicas than this machine has GPUs (serve.run would wait for ever for a
-    replica Ray cannot place; a cluster's GPUs are its workers', not this machine's)."""
+def check_gpu_named(device: str) -> None:
+    """A ConfigError for a CUDA device named by index: Ray gives a replica one GPU and sets
+    CUDA_VISIBLE_DEVICES to it, so the replica sees no other (checked before the device itself,
+    whose refusal would not say what serve wants instead)."""
     if device.startswith("cuda:"):
         raise ConfigError(
             f"argument --device {device}: serve gives each replica one GPU from Ray, which the replica "
             "sees as its only one: use --device cuda (and --replicas for one engine per GPU)"
         )
+
+
+def check_gpus(device: str, replicas: int, local: bool) -> None:
+    """A ConfigError when on a ``local`` Ray the replicas ask for more GPUs than this machine has
+    (serve.run would wait for ever for a replica Ray cannot place; a cluster's GPUs are its
+    workers', not this machine's)."""
     if local and device == "cuda" and replicas > (gpus := torch.cuda.device_count()):
         raise ConfigError(
             f"argument --replicas {replicas}: each replica needs a GPU of its own and this machine has "
@@ -175,13 +180,14 @@ def check_gpus(device: str, replicas: int, local: bool) -> None:
 
 def check_placement(options: ServeOptions, where: Placement) -> None:
     """Everything a serve can be refused for before Ray starts (so nothing is left running): the
-    options that need no model, the voices folder, then with a cluster its address; locally the
-    port, the device and the model source (a cluster's workers may have the GPUs and folders this
-    machine lacks, and its proxy listens on its head); then the GPUs the replicas ask of Ray.
-    Whether ``--max-input-chars`` fits ``--max-cache-len`` needs the model's tokenizer: each
-    replica checks it as it starts."""
+    options that need no model, the voices folder, a GPU named by index, then with a cluster its
+    address; locally the port, the device and the model source (a cluster's workers may have the
+    GPUs and folders this machine lacks, and its proxy listens on its head); then the GPUs the
+    replicas ask of Ray. Whether ``--max-input-chars`` fits ``--max-cache-len`` needs the model's
+    tokenizer: each replica checks it as it starts."""
     check_options(options)
     find_voices(options.voices_dir)
+    check_gpu_named(options.device)
     if where.address:
         check_reachable(where.address)
     else:
