@@ -1,13 +1,16 @@
 """The workbench's exception types: one per condition, each message naming the cause and the fix.
 
 All derive from ``WorkbenchError`` (a ``ValueError``, so code that caught ``ValueError`` before
-still does); the CLI turns any of them into one ``error:`` line and exit code 2. ``as_int`` is the
-one test of "a whole number" behind every such refusal.
+still does); the CLI turns any of them into one ``error:`` line and exit code 2, ``naming_flag``
+puts the flag in front of a refusal raised below the CLI. ``as_int`` is the one test of "a whole
+number" behind every such refusal.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class WorkbenchError(ValueError):
@@ -68,3 +71,14 @@ def as_int(value: object) -> int | None:
         return operator.index(value)  # type: ignore[arg-type]
     except TypeError:  # a float, a str, None: no __index__
         return None
+
+
+@contextmanager
+def naming_flag(flag: str, *errors: type[WorkbenchError]) -> Iterator[None]:
+    """Raise any of ``errors`` again, of its type, with ``argument FLAG:`` in front, as argparse
+    words its own refusals: the check below the CLI knows the value, not the flag it came from.
+    ``errors`` are types made from a message alone (not ``NoVoiceError``, ``EmptyTextError``)."""
+    try:
+        yield
+    except errors as e:
+        raise type(e)(f"argument {flag}: {e}") from None

@@ -239,13 +239,11 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
 
 
 def _check_model(source: str) -> None:
-    from ..core.errors import SourceError
+    from ..core.errors import SourceError, naming_flag
     from ..models.sources import check_source
 
-    try:
+    with naming_flag("--model", SourceError):
         check_source(source)
-    except SourceError as e:
-        raise SourceError(f"argument --model: {e}") from None
 
 
 def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
@@ -260,7 +258,7 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from ..core.errors import CacheError, ConfigError
+    from ..core.errors import CacheError, ConfigError, naming_flag
     from ..core.positions import positions_needed
     from ..instruments.latency import format_report
     from ..runtime.decode import DecodePlan, check_new_tokens, check_positions, prefill_length
@@ -284,11 +282,9 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
     plan = DecodePlan.plain(tts.t3, step=args.decode)
     prefill = prefill_length(tts, args.text)
     need = positions_needed(prefill, args.tokens)
-    try:  # before it streams (max_new_tokens: --tokens)
+    with naming_flag("--tokens", CacheError, ConfigError):  # before it streams (max_new_tokens)
         check_new_tokens(tts.t3, args.tokens)
         check_positions(plan.decode.tfmr.config, prefill, args.tokens)
-    except (CacheError, ConfigError) as e:
-        raise type(e)(f"argument --tokens: {e}") from None
     if args.decode != "eager":  # (the eager step's cache grows as it goes)
         # A static cache that holds this request: longer than the default only where it must
         # be (a refusal would tell a command-line user to set plan.max_cache_len).
@@ -320,7 +316,7 @@ PROFILING_FLAGS = (
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.constants import RANDOM_NO_STOP
     from ..core.devices import check_device
-    from ..core.errors import ConfigError
+    from ..core.errors import ConfigError, naming_flag
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
         cut_report,
@@ -343,10 +339,8 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
                 raise ValueError(f"argument --read: no trace file {path}")
         note = f"read from {len(paths)} trace file(s)"
         return decode_trace_report(read_traces(paths), note), format_decode_traces
-    try:
+    with naming_flag("--steps", ConfigError):  # an unknown step
         steps = [check_decode(s, check_device(args.device)) for s in args.steps.split(",") if s]
-    except ConfigError as e:  # an unknown step: name the flag, as every other refusal does
-        raise ConfigError(f"argument --steps: {e}") from None
     if not steps:
         raise ValueError("argument --steps: no decode step given: use eager, static or compiled")
     if twice := sorted({s for s in steps if steps.count(s) > 1}):  # one decode-STEP folder each

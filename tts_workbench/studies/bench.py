@@ -31,7 +31,7 @@ from ..core.constants import (
     UPSTREAM_SENTENCE,
     dtype_name,
 )
-from ..core.errors import CacheError, ConfigError
+from ..core.errors import CacheError, ConfigError, naming_flag
 from ..core.families import family_of
 from ..core.files import written
 from ..core.positions import positions_needed
@@ -220,10 +220,10 @@ def run_bench(
         # and its compiled graphs are the ones the wrapper compiles elsewhere (Inductor's cache
         # serves them); longer only when this run would not fit.
         prefill = opt.prefill_length(text)
-        try:  # past a GPT-2 backbone's positions (Turbo's) no cache can hold the run
+        # past a GPT-2 backbone's positions (Turbo's) no cache can hold the run (before: named
+        # "max_cache_len 9367 is past ...", a flag the bench has not)
+        with naming_flag("--tokens", CacheError):
             check_positions(opt.tts.t3.tfmr.config, prefill, tokens)
-        except CacheError as e:  # (before: "max_cache_len 9367 is past ...", a flag the bench has not)
-            raise CacheError(f"argument --tokens: {e}") from None
         need = positions_needed(prefill, tokens)
         if need > opt.max_cache_len:
             opt.set_max_cache_len(need)
