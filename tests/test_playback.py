@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -46,7 +48,7 @@ def test_stream_player_marks_underruns() -> None:
     wav = player.finish()
     assert len(wav) == 36000 and sf.info(io.BytesIO(player.full.children[1].value)).frames == 36000
     assert "1 underruns" in player.status.value
-    assert "<td>1</td>" in player.static().data  # the static rendering has both rows
+    assert player.static()["index"].tolist() == [0, 1]  # the static rendering has both rows
 
 
 def test_ab_compare_and_seam_figure(capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,16 +67,21 @@ def test_outside_a_kernel_the_player_shows_its_static_table_and_the_utterance(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # What the docstrings say: ``static()`` holds index, arrival, audio seconds and RTF only,
-    # and displaying the player outside a Jupyter kernel shows it and the whole utterance.
+    # and displaying the player outside a Jupyter kernel shows it and the whole utterance, each
+    # as text a terminal prints (before 2026-12-04 an HTML and an Audio object: a terminal
+    # printed "<IPython.core.display.HTML object>" and "<IPython.lib.display.Audio object>").
     player = StreamPlayer(24000)
     player.add(np.full(24000, 0.1, np.float32), _metrics(0, 1.0, 1.0))
     player.add(np.full(12000, 0.1, np.float32), _metrics(1, 3.0, 0.5))
-    table = player.static().data
-    assert [h.split("<")[0] for h in table.split("<th>")[1:]] == ["index", "emitted_s", "audio_s", "rtf"]
+    table = player.static()
+    assert list(table.columns) == ["index", "emitted_s", "audio_s", "rtf"]
     shown: list[Any] = []
-    monkeypatch.setattr(playback, "display", shown.append)
+    monkeypatch.setattr(playback, "display", lambda x, **_k: shown.append(x))
     player._ipython_display_()  # pytest runs no Jupyter kernel
-    assert [type(x).__name__ for x in shown] == ["HTML", "Audio"] and shown[0].data == table
+    frame, utterance = shown
+    assert frame.equals(table) and "emitted_s" in frame.to_string() and "object>" not in frame.to_string()
+    assert utterance["text/plain"] == "whole utterance: 1.50 s of audio (player.finish() returns it)"
+    assert "<audio" in utterance["text/html"]
 
 
 def test_outside_a_kernel_the_utterance_plays_the_samples_the_widget_plays(
@@ -86,6 +93,7 @@ def test_outside_a_kernel_the_utterance_plays_the_samples_the_widget_plays(
     player.add(np.full(2400, 0.01, np.float32), _metrics(0, 1.0, 0.1))
     player.add(np.array([0.01, np.nan, -0.01], np.float32), _metrics(1, 1.1, 0.1))
     shown: list[Any] = []
-    monkeypatch.setattr(playback, "display", shown.append)
+    monkeypatch.setattr(playback, "display", lambda x, **_k: shown.append(x))
     player._ipython_display_()
-    assert shown[1].data == wav_bytes(player.finish(), 24000) == player.full.children[1].value
+    played = base64.b64decode(re.search(r'base64,([^"]+)"', shown[1]["text/html"]).group(1))  # type: ignore[union-attr]
+    assert played == wav_bytes(player.finish(), 24000) == player.full.children[1].value

@@ -1,8 +1,9 @@
 """Listening in Jupyter: a streaming player that shows each chunk as it arrives, and an A/B
 widget with the waveforms zoomed on the seams, both ipywidgets (the notebooks display
 ``player.widget``, or the player, in a kernel: the widget). Displaying a ``StreamPlayer``
-outside a Jupyter kernel (an IPython terminal) shows ``static()`` instead: a plain HTML table
-of the chunks and the whole utterance as ``IPython.display.Audio``. A notebook saved from a
+outside a Jupyter kernel (an IPython terminal) shows ``static()`` instead: a table of the
+chunks, then a line saying how much audio the whole utterance holds (each also as HTML, the
+utterance playable, for a frontend that renders it). A notebook saved from a
 kernel holds the widget output (widget state and a text repr), never that table: a viewer that
 renders no widgets (GitHub) shows the repr."""
 
@@ -14,8 +15,9 @@ from collections.abc import Sequence
 
 import ipywidgets as widgets
 import numpy as np
+import pandas as pd
 import soundfile as sf
-from IPython.display import HTML, Audio, Image, display
+from IPython.display import Audio, Image, display
 from matplotlib.figure import Figure
 
 from ..core.constants import SAMPLE_RATE
@@ -77,21 +79,26 @@ class StreamPlayer:
         self.full.children = (widgets.HTML("whole utterance:"), audio_widget(wav, self.sample_rate))
         return wav
 
-    def static(self) -> HTML:
-        """The chunks so far as an HTML table without widgets: index, arrival (``emitted_s``),
-        seconds of audio and RTF; not the rows' underrun markers, compute seconds or audio.
-        What displaying the player outside a Jupyter kernel shows (``_ipython_display_``)."""
+    def static(self) -> pd.DataFrame:
+        """The chunks so far without widgets: index, arrival (``emitted_s``), seconds of audio and
+        RTF; not the rows' underrun markers, compute seconds or audio. What displaying the player
+        outside a Jupyter kernel shows (``_ipython_display_``): a terminal prints a frame as text
+        (an ``HTML`` object printed only its name there before 2026-12-04)."""
         chunks = StreamReport("stream", self.metrics).to_frame()[["index", "emitted_s", "audio_s", "rtf"]]
-        return HTML(chunks.to_html(index=False, float_format="{:.2f}".format))
+        return chunks.round(2)
 
     def _ipython_display_(self) -> None:
         if _has_frontend():
             display(self.widget)
-        else:
-            display(self.static())
-            if self.chunks:
-                # the widget's bytes: IPython's own conversion of an array scales it to full scale
-                display(Audio(wav_bytes(np.concatenate(self.chunks), self.sample_rate)))
+            return
+        display(self.static())
+        if self.chunks:
+            wav = np.concatenate(self.chunks)
+            # the widget's bytes: IPython's own conversion of an array scales it to full scale
+            audio = Audio(wav_bytes(wav, self.sample_rate))
+            seconds = len(wav) / self.sample_rate
+            line = f"whole utterance: {seconds:.2f} s of audio (player.finish() returns it)"
+            display({"text/plain": line, "text/html": audio._repr_html_()}, raw=True)
 
 
 def seam_figure(
