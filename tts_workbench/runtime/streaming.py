@@ -32,7 +32,6 @@ import numpy as np
 import soundfile as sf
 import torch
 from chatterbox.tts import ChatterboxTTS
-from tqdm.auto import tqdm
 
 from ..core.clock import now
 from ..core.constants import (
@@ -46,6 +45,7 @@ from ..core.constants import (
 from ..core.errors import ConfigError, NoVoiceError, as_int
 from ..core.families import family_of
 from ..core.files import written
+from ..core.progress import progress_bar
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
@@ -374,7 +374,9 @@ def stream(
     t3_seen = [0.0]
     t3_done = [0.0]  # stream time when T3 ended
     invalid = [0]
-    bar = tqdm(total=max_new_tokens, unit="tok", desc=f"{config.strategy} stream", disable=not progress)
+    bar = progress_bar(
+        total=max_new_tokens, unit="tok", desc=f"{config.strategy} stream", disable=not progress
+    )
 
     def tokens_in() -> Iterator[bool]:
         """Pull T3 blocks into state.tokens; yields True when more came, ends when T3 is done."""

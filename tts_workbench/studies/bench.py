@@ -22,7 +22,6 @@ import psutil
 import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.utils.benchmark import Compare, Measurement, Timer
-from tqdm.auto import tqdm
 
 from ..core.clock import measurement, now
 from ..core.constants import (
@@ -35,6 +34,7 @@ from ..core.errors import CacheError, ConfigError, naming_flag
 from ..core.families import family_of
 from ..core.files import written
 from ..core.positions import positions_needed
+from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.latency import snr_db
@@ -247,7 +247,7 @@ def run_bench(
         runs += [("repeat", r, c) for r in range(repeats) for c in configs]
         rows: list[Row] = []
         compile_s: dict[str, float] = {}  # per config, whichever run built the step (warm-up or not)
-        with tqdm(runs, desc="bench", unit="run") as bar:
+        with progress_bar(runs, desc="bench", unit="run") as bar:
             for kind, r, c in bar:
                 bar.set_postfix_str(f"{c}, {kind} {r + 1}")
                 with memory_window(dev) as memory:
@@ -445,7 +445,7 @@ def compare_families(
     same text. Times are per token, per call and per second of audio, so families compare."""
     reference = reference or str(make_reference_wav(Path(outdir) / "reference.wav"))
     rows = []
-    for family, source in tqdm(models.items(), desc="families", unit="family"):
+    for family, source in progress_bar(models.items(), desc="families", unit="family"):
         tts = load_model(source, device, seed)
         prepare_voice(tts, reference)
         params = {name: float(cast(int, c["parameters"])) / 1e6 for name, c in model_summary(tts).items()}
@@ -594,7 +594,7 @@ def compare_streaming(
     call over those tokens; per row the S3Gen work, the latency and the quality vs one-shot."""
     rows: list[dict[str, Any]] = []
     full: np.ndarray | None = None  # one-shot with the whole prompt, the yardstick for every row
-    for name, config in tqdm(configs.items(), desc="strategies"):
+    for name, config in progress_bar(configs.items(), desc="strategies"):
         wav, state = stream_all(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan)
         if full is None:  # every config speaks the same tokens (same seed and plan)
             t0 = now(tts.device)

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..core.constants import RANDOM_NO_STOP, TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
+from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.memory import device_memory_bytes, memory_window
@@ -259,7 +259,7 @@ def run_level(
     try:
         compile_s = engine.warmup()
         offsets = arrival_offsets(arrival, n, seed)
-        bar = tqdm(total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr)
+        bar = progress_bar(total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr)
         lock = threading.Lock()
 
         def done() -> None:

@@ -1,0 +1,39 @@
+"""Progress bars (tqdm's) whose saved notebook output says where they ended.
+
+In a Jupyter kernel tqdm draws a widget, and the text a saved notebook keeps beside it is the
+bar as it was when shown: "0%". A viewer that renders no widgets (GitHub, the docs site's
+notebook pages) showed every finished bar at 0%. ``progress_bar`` gives the same bar shown with a
+display id, and shows it again when it closes, so the saved text is its last state. Outside a
+kernel it is tqdm's terminal bar, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.display import display
+from tqdm import auto
+from tqdm.notebook import tqdm as notebook_tqdm
+
+
+class KeptBar(notebook_tqdm):
+    """tqdm's notebook bar, its display updated on close (``leave=False`` bars are left gone)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs, display=False)
+        shown = not self.disable and self.delay <= 0  # (a delayed bar shows itself later, if at all)
+        self._handle = display(self.container, display_id=True) if shown else None
+        self.displayed = shown
+
+    def close(self) -> None:
+        super().close()
+        handle, self._handle = self._handle, None
+        if handle is not None and self.leave:
+            handle.update(self.container)  # its text now: the bar as it ended
+
+
+def progress_bar(*args: Any, **kwargs: Any) -> auto.tqdm:
+    """``tqdm.auto.tqdm(*args, **kwargs)``; in a Jupyter kernel, a ``KeptBar``."""
+    if issubclass(auto.tqdm, notebook_tqdm):
+        return KeptBar(*args, **kwargs)
+    return auto.tqdm(*args, **kwargs)
