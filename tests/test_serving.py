@@ -69,6 +69,8 @@ GOOD = {"model": "chatterbox-tiny", "input": "Hello there."}
         ({"speed": "fast"}, "speed", 400),
         ({"stream_format": "sse"}, "stream_format", 400),
         ({"instructions": "cheerful"}, "instructions", 400),
+        ({"instructions": False}, "instructions", 400),  # before 2026-12-04 any falsy value passed
+        ({"instructions": []}, "instructions", 400),
         ({"seed": -1}, "seed", 400),
         ({"seed": 2**64}, "seed", 400),
         ({"max_tokens": 0}, "max_tokens", 400),
@@ -176,6 +178,8 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
             (b"[" * 20_000 + b"]" * 20_000, None, 400),  # nested deeper than the stack
             (b'{"seed": ' + b"1" * 5000 + b"}", None, 400),  # an integer past Python's 4300 digits
             (b'{"model": "chatterbox-tiny", "input": "hi \\ud800"}', "input", 400),  # a lone surrogate
+            # ... as a field's name, echoed as param (before 2026-12-04 a plain-text 500: UTF-8 had no room)
+            (b'{"model": "chatterbox-tiny", "input": "hi", "\\ud800": 1}', "\ud800", 400),
             ({"model": "chatterbox-tiny"}, "input", 400),
             ({**GOOD, "input": "x" * 1001}, "input", 400),
             ({**GOOD, "voice": "bob"}, "voice", 400),
@@ -728,6 +732,21 @@ def test_a_client_that_leaves_is_counted_and_freed_even_before_its_first_chunk(t
         assert 'tts_streams_total{outcome="disconnected",replica="0"} 2.0' in service.metrics_text().decode()
     finally:
         service.close()
+
+
+def test_an_error_nothing_answered_is_openais_500_with_the_replica(
+    service: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(before 2026-12-04: Starlette's plain-text 500, from outside the middleware: no x-replica)"""
+
+    async def broken(_req: object) -> None:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(service, "speech", broken)
+    with TestClient(speech_app(service), raise_server_exceptions=False) as client:
+        r = client.post("/v1/audio/speech", json=GOOD)
+    assert r.status_code == 500 and r.headers["x-replica"] == "0", r.text
+    assert r.json()["error"]["type"] == "server_error" and "RuntimeError" in r.json()["error"]["message"]
 
 
 MIDWAY = {**GOOD, "input": "Hello there, this is a longer sentence.", "seed": 0, "max_tokens": 200}

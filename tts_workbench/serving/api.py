@@ -21,11 +21,22 @@ from .service import SpeechService
 CLIENT_CLOSED = 499  # nginx's status for a request whose client closed it: logs tell it from a 4xx or 5xx
 
 
+class AsciiJSON(JSONResponse):
+    """JSON with every non-ASCII character escaped: Starlette's own ``JSONResponse`` writes UTF-8,
+    which a lone surrogate from the request (a field named ``"\\ud800"``, echoed as ``param``)
+    cannot be (before 2026-12-04: a plain-text 500 in place of the 400)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content).encode("ascii")
+
+
 class NameReplica:
     """ASGI middleware: ``x-replica`` on every HTTP answer. Plain ASGI, not ``@app.middleware``
     (Starlette's BaseHTTPMiddleware): that one ends a stream whose audio fails mid-way as a whole
     200 (it closes the body, then re-raises), where without it the server drops the connection
-    and the client sees the stream cut short."""
+    and the client sees the stream cut short. An error nothing answered before the response
+    started gets OpenAI's error body as a 500 here, with the header (Starlette's own 500 sits
+    outside this middleware)."""
 
     def __init__(self, app: ASGIApp, replica: str) -> None:
         self.app, self.header = app, (b"x-replica", replica.encode("latin-1"))
@@ -35,12 +46,23 @@ class NameReplica:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def named(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message = {**message, "headers": [*message.get("headers", ()), self.header]}
             await send(message)
 
-        await self.app(scope, receive, named)
+        try:
+            await self.app(scope, receive, named)
+        except Exception as e:
+            if not started:  # else Starlette's plain-text 500 (outside this middleware) had no x-replica
+                name = type(e).__name__
+                error = RequestError(f"internal error ({name}): the replica's log has it", status=500)
+                await AsciiJSON(error.body(), status_code=500)(scope, receive, named)
+            raise  # for the server's log (a stream cut mid-way stays cut, as the docstring says)
 
 
 def speech_app(service: SpeechService) -> FastAPI:
@@ -52,7 +74,7 @@ def speech_app(service: SpeechService) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(_request: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return AsciiJSON(e.body(), status_code=e.status)
 
     @app.exception_handler(HTTPException)
     async def no_route(request: Request, e: HTTPException) -> JSONResponse:
@@ -63,7 +85,7 @@ def speech_app(service: SpeechService) -> FastAPI:
         )  # fmt: skip
         error = RequestError(f"{request.method} {request.url.path}: {e.detail}: this server answers {routes}",
                              status=e.status_code)  # fmt: skip
-        return JSONResponse(error.body(), status_code=e.status_code, headers=e.headers)
+        return AsciiJSON(error.body(), status_code=e.status_code, headers=e.headers)
 
     @app.post("/v1/audio/speech")
     async def speech(request: Request) -> Response:
@@ -91,7 +113,7 @@ def speech_app(service: SpeechService) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         state = service.health()
-        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
+        return AsciiJSON(state, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -44,7 +44,7 @@ class Limits:
     model: str  # the id a request names in ``model``
     voices: tuple[str, ...]
     max_input_chars: int = 1000
-    max_tokens: int = 1000  # the largest max_tokens: a server's cache less its shortest prompt
+    max_tokens: int = 1000  # the largest max_tokens: what a cache holds after the shortest prompt
 
     @property
     def max_body_bytes(self) -> int:
@@ -117,7 +117,7 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
         raise RequestError(f"speed {speed!r} is not supported: leave it out or send 1.0", "speed")
     if body.get("stream_format", "audio") != "audio":
         raise RequestError("stream_format: only 'audio' (raw audio bytes) is served", "stream_format")
-    if body.get("instructions"):
+    if body.get("instructions") not in (None, ""):  # false, 0, [] too: a field of the wrong type
         raise RequestError("instructions are not supported by Chatterbox: leave them out", "instructions")
     seed = body.get("seed", 0)
     if as_int(seed) is None or not 0 <= seed < 2**63:

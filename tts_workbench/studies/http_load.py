@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tqdm.auto import tqdm
 
 from ..core.constants import RANDOM_NO_STOP, SAMPLE_RATE
 from ..core.errors import ConfigError
+from ..core.progress import progress_bar
 from ..instruments.latency import gap_summary, underruns
 from .load import (
     DEFAULT_TEXTS,
@@ -77,7 +77,8 @@ def check_url(url: str) -> str:
             "argument --url: the URL holds credentials, which the study would not send and the "
             "report would keep: give http://HOST:PORT (no API key option)"
         )
-    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+    # the raw string: httpx parses "http://h:1/?" to an empty query, as if there were none
+    if parsed.path not in ("", "/") or "?" in url or "#" in url:
         root = f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"
         raise ConfigError(f"argument --url: {url!r} has a path, query or fragment and the study adds /v1/... "
                           f"to the URL: give the server's root, {root}")  # fmt: skip
@@ -226,7 +227,7 @@ async def _run(url: str, levels: list[int], texts: list[str], *, voice: str, arr
         model = await served_model(client, url)
         runs: list[dict[str, Any]] = []
         for n in levels:
-            with tqdm(
+            with progress_bar(
                 total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr
             ) as bar:
                 runs.append(await _level(client, url, model, n, texts, voice=voice, arrival=arrival,
