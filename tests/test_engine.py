@@ -224,6 +224,8 @@ def test_a_step_that_fails_ends_its_streams_and_the_engine_goes_on(tts: Chatterb
                 list(lost)
             # its rows were free before its reader saw the error
             assert engine.free_rows() == 2 * engine.rows_per_stream and engine.active() == 0
+            # a step that failed counts as none (before 2026-12-04: a step, its bucket and span used)
+            assert engine.stats.t3_steps == 0 and engine.stats.buckets_used == set(), engine.stats
             failing.clear()
         assert engine.running and lost.error is not None
         after = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
@@ -677,7 +679,7 @@ def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None
     assert all(np.allclose(w, wav, atol=1e-5) for w in waves)
 
 
-def test_a_cache_past_gpt2s_positions_is_refused() -> None:
+def test_a_cache_past_gpt2s_positions_is_refused(tmp_path: Path) -> None:
     """Turbo's GPT-2 adds a learned position to every input over the whole sequence (8196 of
     them): a longer cache held positions no step could embed (an IndexError once reached)."""
     turbo = load_model("turbo-tiny")
@@ -686,6 +688,13 @@ def test_a_cache_past_gpt2s_positions_is_refused() -> None:
         with pytest.raises(ConfigError, match=f"max_cache_len {limit + 1} is past the {limit} positions"):
             make(max_cache_len=limit + 1)
     assert DecodePlan.plain(turbo.t3, max_cache_len=limit).max_cache_len == limit
+    # A request past those positions is told to shorten its text, not to start the engine with a
+    # longer cache, which the lines above refuse (before 2026-12-04 it was told so).
+    prepare_voice(turbo, str(make_reference_wav(tmp_path / "r.wav", seconds=6.0)))  # Turbo: > 5 s
+    with StreamEngine(turbo, max_streams=1, max_cache_len=limit, config=CONFIG) as engine:
+        with pytest.raises(CacheError, match="shorten the text") as e:
+            list(engine.submit(TEXTS[0], seed=0, max_new_tokens=limit))
+        assert "max_cache_len >=" not in str(e.value)
 
 
 def test_turbo_streams_speak_their_solo_tokens(tmp_path: Path, steer: type[Steer]) -> None:

@@ -63,6 +63,7 @@ from .decode import (
     T3Parts,
     check_cache_len,
     check_new_tokens,
+    check_positions,
     check_room,
     head_logits,
     invalid_ids,
@@ -704,6 +705,9 @@ class StreamEngine:
             tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
             embeds = prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
             prefill_len = embeds.size(1)
+            # first: past a GPT-2 backbone's positions (Turbo's) a longer cache, which the engine
+            # refuses, is no fix (before 2026-12-04 the message below asked for one)
+            check_positions(self.plan.decode.tfmr.config, prefill_len, r.max_new_tokens)
             holder = "each stream of the engine holds max_cache_len"
             fix = "start the engine with max_cache_len >= {need}"
             check_room(prefill_len, r.max_new_tokens, self.max_cache_len, holder, fix)
@@ -921,12 +925,12 @@ class StreamEngine:
                     logits = self._step_fn(bucket, span)(token, position, slot)
             except Exception as e:  # (out of memory, say): these streams end with it, the engine goes on
                 self._fail(still, e, free=True)
-                still = []
-            for live in still:
-                live.logits = logits[live.rows : live.rows + n]
-            self.stats.t3_steps += 1
-            self.stats.t3_rows += len(still)
-            self._note_used(bucket, span)
+            else:  # a step that failed is no step: it counts in no statistic (before 2026-12-04 it did)
+                for live in still:
+                    live.logits = logits[live.rows : live.rows + n]
+                self.stats.t3_steps += 1
+                self.stats.t3_rows += len(still)
+                self._note_used(bucket, span)
         spent = self._now() - t0 - (self.stats.compile_s - compiled_before)
         self.stats.t3_s += spent
         with self._lock:
