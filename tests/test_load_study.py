@@ -19,6 +19,7 @@ from tts_workbench.interface.cli import main
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.streaming import StreamConfig
 from tts_workbench.studies.load import (
+    FIRST_AUDIO_LIMIT_S,
     MAX_LEVEL,
     arrival_offsets,
     checked_levels,
@@ -227,6 +228,14 @@ def test_load_cli_reports_each_level(
         assert (str(level["streams"]) not in real_time["missed"]) == held  # JSON keys are strings
 
 
+def test_the_cli_default_first_audio_limit_is_the_studys() -> None:
+    # written out in the parser (which imports no study): a test keeps the two one number
+    from tts_workbench.interface.cli import build_parser
+
+    args = build_parser().parse_args(["load"])
+    assert args.first_audio_limit == FIRST_AUDIO_LIMIT_S
+
+
 def test_load_studies_side_by_side_keep_each_ones_label_and_levels() -> None:
     def study(ttfa: list[float]) -> dict:
         levels = [{"summary": {"streams": 2**k, "ttfa_p95_s": t, "failed": 0}} for k, t in enumerate(ttfa)]
@@ -298,6 +307,16 @@ def test_a_level_where_nobody_spoke_says_so_without_a_p95() -> None:
     assert real_time_capacity(pd.DataFrame([level]), 0.5)["missed"][2] == "2 failed; none spoke"
 
 
+def test_a_stream_that_ended_without_audio_is_silent_not_failed() -> None:
+    # random weights may sample no speech token in a short stream: it ends cleanly, with nothing
+    # to play (before 2026-12-04 counted as failed, where the engine counted no failure)
+    quiet = {"arrival_s": 0.0, "ttfa_s": None, "audio_s": 0.0, "underruns": 0, "max_underrun_s": 0.0,
+             "error": None}  # fmt: skip
+    s = listener_summary(1, 1.0, [quiet])
+    assert (s["failed"], s["silent"]) == (0, 1)
+    assert real_time_capacity(pd.DataFrame([s]), 0.5)["missed"][1] == "1 spoke nothing; none spoke"
+
+
 def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
     # Poisson: the first stream at the level's start (no idle lead-in), then seeded gaps.
     offsets = arrival_offsets(("poisson", 2.0), 4, seed=0)
@@ -348,6 +367,8 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
         (["--url", "http://127.0.0.1:abc"], "--url"),
         (["--url", "http://127.0.0.1:99999"], "--url"),
         (["--url", "127.0.0.1:8000"], "--url"),
+        (["--device", "foo"], "--device"),  # before 2026-12-04 these two named no flag
+        (["--reference", "NOISE"], "--reference"),
     ],
 )
 def test_load_cli_bad_flags_give_one_error_line(
@@ -357,11 +378,13 @@ def test_load_cli_bad_flags_give_one_error_line(
     empty.write_text("\n  \n")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("Caf\xe9 au lait.".encode("latin-1"))  # not UTF-8
-    args = [{"EMPTY": str(empty), "LATIN1": str(latin1)}.get(a, a) for a in args]
+    noise = tmp_path / "noise.wav"
+    noise.write_bytes(bytes(range(256)) * 8)  # a .wav name, no audio file
+    args = [{"EMPTY": str(empty), "LATIN1": str(latin1), "NOISE": str(noise)}.get(a, a) for a in args]
     try:
-        rc = main(["load", *args, "--out", str(tmp_path)])
+        rc = main(["load", *args, "--out", str(tmp_path / "out")])
     except SystemExit as e:  # refused by the parser itself
         rc = e.code
     assert rc == 2
     errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and flag in errors[0], errors
+    assert len(errors) == 1 and errors[0].startswith(f"error: argument {flag}"), errors

@@ -238,22 +238,33 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     return report, format_bench
 
 
-def _check_model(source: str) -> None:
+def _check_model(args: argparse.Namespace) -> None:
+    """``--model`` and ``--device`` before anything is built or written (serve checks its device
+    with the replicas' GPUs: ``deployment.check_placement``)."""
+    from ..core.devices import check_device
     from ..core.errors import SourceError, naming_flag
     from ..models.sources import check_source
 
     with naming_flag("--model", SourceError):
-        check_source(source)
+        check_source(args.model)
+    if args.command != "serve" and getattr(args, "device", None):
+        with naming_flag("--device", SourceError):  # (before 2026-12-04 unnamed, after --out was made)
+            check_device(args.device)
 
 
 def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
     """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in ``folder``)."""
+    from ..core.errors import SourceError, naming_flag
     from ..models.reference import make_reference_wav
     from ..models.sources import load_model
     from ..runtime.generation import prepare_voice
 
     tts = load_model(args.model, args.device, args.seed)
-    prepare_voice(tts, args.reference or str(make_reference_wav(Path(folder) / "reference.wav")))
+    if args.reference:
+        with naming_flag("--reference", SourceError):  # a file that is no usable recording
+            prepare_voice(tts, args.reference)
+    else:
+        prepare_voice(tts, str(make_reference_wav(Path(folder) / "reference.wav")))
     return tts
 
 
@@ -611,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")
     _reference(ld)
-    ld.add_argument(  # the default is load.FIRST_AUDIO_LIMIT_S (not imported: the parser stays light)
+    ld.add_argument(  # load.FIRST_AUDIO_LIMIT_S (not imported: the parser stays light; a test ties them)
         "--first-audio-limit", type=_seconds, default=0.5,
         help="s of first-audio p95 a level may take and still count as real time (default 0.5)",
     )  # fmt: skip
@@ -698,7 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Named before anything is built; not for --url or --read (no model here) nor serve's
         # --address (the cluster's workers may hold the folder this machine lacks).
         if not any(getattr(args, flag, None) for flag in ("url", "read", "address")):
-            _check_model(args.model)
+            _check_model(args)
         with upstream_silenced():  # upstream's prints, warnings and bars; the report comes after
             report, fmt = args.run(args)
     except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream

@@ -129,8 +129,8 @@ def parse_arrival(value: str, largest: int = 1) -> tuple[str, float]:
         least = math.ceil((largest - 1) / MAX_ARRIVAL_SPAN_S * 1000) / 1000
         raise ConfigError(
             f"argument --arrival: {value} spreads the {largest}-stream level's arrivals over "
-            f"{(largest - 1) / per_s:.3g} s on average, more than {MAX_ARRIVAL_SPAN_S:g} s: use "
-            f"poisson:{least:g} or more"
+            f"{(largest - 1) / per_s:.0f} s on average, more than {MAX_ARRIVAL_SPAN_S:.0f} s: use "
+            f"poisson:{least:.3f} or more"  # (:g kept 6 digits: 1234.557 read 1234.56, refused)
         )
     return "poisson", per_s
 
@@ -331,6 +331,7 @@ def listener_summary(n: int, wall: float, streams: list[dict[str, Any]]) -> dict
     wall second, and beside it the audio per wall second had every stream played in real time
     from its arrival with no wait (``n`` for a burst of equal streams; less for spread arrivals,
     whose wall time holds the gaps between them)."""
+    failed = sum(s["error"] is not None for s in streams)
     ok = [s for s in streams if s["error"] is None and s["ttfa_s"] is not None]
     ttfa = [s["ttfa_s"] for s in ok]
     # Nearest rank: each percentile is one stream's figure, the first q% of listeners had theirs
@@ -341,7 +342,10 @@ def listener_summary(n: int, wall: float, streams: list[dict[str, Any]]) -> dict
     )
     return {
         "streams": n,
-        "failed": n - len(ok),
+        "failed": failed,
+        # ended without an error and without audio (no speech token among its ids): before
+        # 2026-12-04 counted as failed, where the engine counted no failure
+        "silent": n - failed - len(ok),
         "ttfa_p50_s": p50,
         "ttfa_p95_s": p95,
         "ttfa_p99_s": p99,
@@ -492,6 +496,8 @@ def real_time_capacity(
         why = []
         if row.failed:
             why.append(f"{row.failed} failed")
+        if pd.notna(silent := getattr(row, "silent", 0)) and silent:  # (reports before 2026-12-04: none)
+            why.append(f"{silent:.0f} spoke nothing")
         if row.streams_with_underruns:
             why.append(f"{row.streams_with_underruns} underran (worst gap {row.worst_underrun_s:.2f} s)")
         if pd.isna(row.ttfa_p95_s):  # no first audio to compare with the limit
@@ -530,7 +536,7 @@ def side_by_side(reports: dict[str, dict[str, Any]], name: str, columns: Sequenc
 
 def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
-    columns = ["streams", "failed", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
+    columns = ["streams", "failed", "silent", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
                "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s", "windows_per_flow_call",
                "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mib", "growth_mib_per_stream",
                "kv_mib_per_stream"]  # fmt: skip
