@@ -313,7 +313,8 @@ class _EngineMetrics(Collector):
                         queued)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_t3_tokens_sampled", "T3 tokens sampled, all streams",
                         stats.t3_tokens)  # fmt: skip
-        yield self._one(CounterMetricFamily, "tts_s3gen_windows", "S3Gen windows vocoded", stats.flow_windows)
+        yield self._one(CounterMetricFamily, "tts_s3gen_windows", "S3Gen windows through the flow",
+                        stats.flow_windows)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_s3gen_flow_calls", "S3Gen flow calls (batches of windows)",
                         stats.flow_calls)  # fmt: skip
 
