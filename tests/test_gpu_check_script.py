@@ -1,0 +1,154 @@
+"""The GPU check's scripts (scripts/gpu_check.sh, scripts/prepare_gpu_wheels.sh) and their page:
+what a call carries and returns, what each step needs, what is documented. The GPU script's
+full dry run is in test_profiling."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+WHEELS = ROOT / "scripts" / "prepare_gpu_wheels.sh"
+MIB = 1 << 20
+
+
+def gpu_check(
+    tmp_path: Path, *args: str, **env: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``scripts/gpu_check.sh ARGS`` with results under tmp_path; (process, results file)."""
+    env = {
+        **os.environ,
+        "GPU_CHECK_OUT": str(tmp_path / "gpu.json"),
+        "GPU_CHECK_DIR": str(tmp_path / "steps"),
+        "PYTHON": sys.executable,
+        "GPU_CHECK_DEADLINE_S": "540",  # its steps stop in time: none is left behind by a timeout here
+        **env,
+    }
+    p = subprocess.run(["bash", str(GPU_CHECK), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=580)  # fmt: skip
+    return p, json.loads((tmp_path / "gpu.json").read_text())
+
+
+def carried_bytes() -> int:
+    """What a device call carries of the checkout besides the wheels: tracked and untracked-not-ignored
+    files (the oracle the script's own sum is checked against)."""
+    names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.split(b"\0")  # fmt: skip
+    return sum(
+        p.stat().st_size for n in names if n and (p := ROOT / n.decode()).is_file() and not p.is_symlink()
+    )
+
+
+@pytest.mark.parametrize("over", [True, False])
+def test_wheel_size_check_counts_the_checkout(tmp_path: Path, over: bool) -> None:
+    # A call carries 64 MiB in all, the checkout's ~6 MB of files included: wheels 1 MiB short of
+    # 64 MiB on their own (under the 60 MiB the check warned at before) leave no room for them.
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    size = 64 * MIB - carried_bytes() + (MIB if over else -MIB)
+    subprocess.run(["truncate", "-s", str(size), str(wheels / "big-1.0-py3-none-any.whl")], check=True)
+    p = subprocess.run(["bash", str(WHEELS), "--check-size", str(wheels)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert ("warning" in p.stderr) == over, p.stdout + p.stderr
+    assert p.returncode == (1 if over else 0), p.stdout + p.stderr
+    assert "64 MiB" in p.stdout
+
+
+def test_wheel_pins_name_only_packages_in_the_lock() -> None:
+    # a name that matches nothing in requirements.lock downloads nothing: a stale entry
+    pattern = re.search(r"grep -E '\^\(([^)]*)\)==' requirements.lock", WHEELS.read_text())
+    assert pattern
+    locked = {line.split("==")[0].lower() for line in (ROOT / "requirements.lock").read_text().splitlines()}
+    assert [name for name in pattern.group(1).split("|") if name.lower() not in locked] == []
+
+
+def test_every_variable_the_gpu_check_reads_is_documented() -> None:
+    script = GPU_CHECK.read_text()
+    header = "\n".join(line for line in script.splitlines() if line.startswith("#"))
+    body = "\n".join(line for line in script.splitlines() if not line.startswith("#"))
+    read = set(re.findall(r"\$\{(GPU_CHECK_\w+|PYTHON)\b", body))
+    assert {"GPU_CHECK_TOKENS", "GPU_CHECK_PORT", "GPU_CHECK_SERVE_CACHE", "PYTHON"} <= read
+    page = (ROOT / "docs" / "gpu-check.md").read_text()
+    assert sorted(v for v in read if not re.search(rf"\b{v}\b", header)) == []
+    assert sorted(v for v in read if not re.search(rf"`{v}\b", page)) == []
+
+
+def test_the_plan_covers_the_default_load_levels() -> None:
+    # issue 19 asks for 1, 8, 32 and 64 streams: the plan's calls together run every default level
+    default = re.search(r"LEVELS=\$\{GPU_CHECK_LOAD_LEVELS:-([\d,]+)\}\n", GPU_CHECK.read_text())
+    assert default and default.group(1) == "1,8,32,64"
+    plan = (ROOT / "docs" / "gpu-check.md").read_text().split("## Plan for the next session")[1]
+    planned = {n for levels in re.findall(r"GPU_CHECK_LOAD_LEVELS=([\d,]+)", plan) for n in levels.split(",")}
+    assert planned == set(default.group(1).split(","))
+    assert "levels 1, 8, 32, 64" in (ROOT / "docs" / "index.md").read_text()
+
+
+def test_the_sampling_step_needs_what_the_model_steps_need(tmp_path: Path) -> None:
+    # scripts/sampling_study.py imports studies.bench, which imports chatterbox: where chatterbox is
+    # missing the step is not started (no model is built, so this takes seconds), the module named
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['chatterbox'] = None  # find_spec: None\n"
+    )
+    p, result = gpu_check(
+        tmp_path, "--dry-run", PYTHONPATH=str(hide), GPU_CHECK_POLICIES="", GPU_CHECK_TRACE="0",
+        GPU_CHECK_REFERENCE=str(tmp_path / "unused.wav"),
+    )  # fmt: skip
+    assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
+    assert set(result["skipped"]) == {"environment", "sampling"}, result["errors"]
+    assert "chatterbox" in result["skipped"]["sampling"]
+
+
+def test_the_trace_heading_says_the_traces_were_cut_not_read(tmp_path: Path) -> None:
+    # the step runs `trace --cut-only`: the report it prints is the cut traces, unread (no HTA there)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    (steps / "mode").write_text("dry-run\n")
+    cut = {
+        "note": "cut only",
+        "table": [],
+        "traces": {"eager": "decode_eager.json.gz"},
+        "device_events": {"eager": 0},
+    }
+    (steps / "trace.json").write_text(json.dumps(cut))
+    p, result = gpu_check(tmp_path, "--combine")
+    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
+    assert result["trace"] == cut
+    heading = next(line for line in p.stdout.splitlines() if line.startswith("## T3 decode"))
+    assert "HolisticTraceAnalysis" not in heading and "not read" in heading
+
+
+def paths_in(value: Any) -> list[str]:
+    """Every string in a JSON value that names a file (absolute, or with a file suffix)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in paths_in(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in paths_in(v)]
+    return [value] if isinstance(value, str) and re.search(r"^/|\.(png|json)$", value) else []
+
+
+@pytest.mark.integration  # three processes, each importing torch; one builds the engine (~60 s)
+def test_the_load_step_names_no_file_that_is_gone(tmp_path: Path, reference_wav: Path) -> None:
+    # The load step wrote its JSON and figure to the run's temp folder, deleted at exit, and the
+    # results file kept their paths. Now its figure is copied beside the results file (it comes back
+    # from a device call) and named relative to it; the step's own JSON is in the step folder.
+    p, result = gpu_check(
+        tmp_path, "--dry-run", GPU_CHECK_LOAD="1", GPU_CHECK_LOAD_LEVELS="1", GPU_CHECK_POLICIES="",
+        GPU_CHECK_TRACE="0", GPU_CHECK_REFERENCE=str(reference_wav),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
+    load = result["load"]
+    assert [s["streams"] for s in (level["summary"] for level in load["levels"])] == [1]
+    assert "files" not in load and load["figure"] == "gpu_load.png"
+    named = paths_in(load)
+    assert named and all((tmp_path / path).is_file() for path in named), named
+    assert f"figure: {tmp_path / 'gpu_load.png'}" in p.stdout
