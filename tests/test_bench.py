@@ -43,7 +43,10 @@ def test_tokens_past_upstream_generates_own_cap_are_refused_with_an_upstream_con
     def upstream_model(source: str, *_a: object) -> object:
         """A model of the source's family whose first use (cast to float32) says the checks passed."""
         part = SimpleNamespace(float=_reached)
-        return SimpleNamespace(t3=part, s3gen=part, ve=part, family=FAMILIES[MODELS[source][0]])
+        # T3's speech positions as Llama's (bench checks --tokens against them first)
+        hp = SimpleNamespace(max_speech_tokens=4096, input_pos_emb="learned")
+        t3 = SimpleNamespace(float=_reached, hp=hp, tfmr=SimpleNamespace(config=SimpleNamespace()))
+        return SimpleNamespace(t3=t3, s3gen=part, ve=part, family=FAMILIES[MODELS[source][0]])
 
     monkeypatch.setattr(bench, "load_model", upstream_model)
     monkeypatch.setattr(bench, "family_of", lambda tts: tts.family)

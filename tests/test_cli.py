@@ -241,6 +241,11 @@ def test_an_output_folder_that_is_a_file_gives_one_error_line(
         (["serve", "--voices", ""], "--voices: must not be empty"),
         (["stream", "--out", ""], "--out: must not be empty"),
         (["trace", "--logdir", ""], "--logdir: must not be empty"),
+        # before 2026-12-04: "" read as the working folder (--model), an unknown device, a folder
+        (["diagnose", "--model", ""], "--model: must not be empty"),
+        (["stream", "--device", ""], "--device: must not be empty"),
+        (["serve", "--device", ""], "--device: must not be empty"),
+        (["stream", "--reference", ""], "--reference: must not be empty"),
     ],
 )
 def test_flag_values_are_checked_before_anything_runs(
@@ -437,3 +442,33 @@ def test_a_generation_without_a_speech_token_says_what_to_do(
     with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="eager") as opt:
         with shadow(tiny_tts.t3.speech_head, "forward", steer({1: invalid})), pytest.raises(NoSpeechError):
             opt.generate("Hi.", max_new_tokens=1, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["bench", "--tokens", "100000", "--configs", "optimized"], "--tokens"),
+        (["trace", "--tokens", "100000", "--steps", "eager"], "--tokens"),
+        (["stream", "--tokens", "100000"], "--tokens"),  # wrote reference.wav first
+        (["stream", "--window-s", "0.02"], "--first-window-s/--window-s/--crossfade-ms"),
+        (["diagnose", "--model", "EMPTY_DIR"], "--model"),
+        (["diagnose", "--model", "A_FILE"], "--model"),
+        (["diagnose", "--reference", "A_FILE", "--tokens", "5"], "--reference"),
+        (["bench", "--reference", "A_FILE", "--tokens", "5", "--configs", "optimized"], "--reference"),
+        (["stream", "--device", "foo"], "--device"),
+    ],
+)
+def test_a_refusal_names_its_flag_and_writes_nothing(
+    args: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before 2026-12-04 each of these named no flag, or made the output folder first (bench and
+    trace decoded until T3 ran out of positions; a folder without weights passed the model check)."""
+    (tmp_path / "empty").mkdir()
+    noise = tmp_path / "noise.wav"
+    noise.write_bytes(bytes(range(256)) * 8)  # a .wav name, no audio
+    args = [{"EMPTY_DIR": str(tmp_path / "empty"), "A_FILE": str(noise)}.get(a, a) for a in args]
+    out = tmp_path / "out"
+    assert main([*args, "--out" if args[0] != "trace" else "--logdir", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: argument {flag}:"), errors
+    assert not out.exists()

@@ -135,6 +135,7 @@ def _port(value: str) -> int:
 def _voice_file(value: str) -> str:
     """A ``--reference`` that names no file is refused here, before the model is built (a
     full-size build takes a while); what the file holds is checked when the voice is prepared."""
+    value = _given(value)
     if not Path(value).is_file():
         what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
         raise argparse.ArgumentTypeError(f"reference audio {value} {what}: give a WAV of the voice")
@@ -174,10 +175,10 @@ MODEL_HELP = (
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help=MODEL_HELP)
+    p.add_argument("--model", type=_given, default="tiny", help=MODEL_HELP)
     p.add_argument("--tokens", type=_positive, default=150, help="cap on generated speech tokens")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and of sampling")
-    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    p.add_argument("--device", type=_given, default="cpu", help="torch device: cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -247,9 +248,19 @@ def _check_model(args: argparse.Namespace) -> None:
 
     with naming_flag("--model", SourceError):
         check_source(args.model)
-    if args.command != "serve" and getattr(args, "device", None):
+    if args.command != "serve" and getattr(args, "device", None) is not None:
         with naming_flag("--device", SourceError):  # (before 2026-12-04 unnamed, after --out was made)
             check_device(args.device)
+
+
+def _check_tokens(tts: Any, tokens: int) -> None:
+    """``--tokens`` past T3's speech positions refused as soon as the model is known, before
+    anything is written (before 2026-12-04 bench and trace ran first, and named no flag)."""
+    from ..core.errors import CacheError, ConfigError, naming_flag
+    from ..runtime.decode import check_new_tokens
+
+    with naming_flag("--tokens", CacheError, ConfigError):
+        check_new_tokens(tts.t3, tokens)
 
 
 def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
@@ -260,6 +271,7 @@ def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
     from ..runtime.generation import prepare_voice
 
     tts = load_model(args.model, args.device, args.seed)
+    _check_tokens(tts, args.tokens)
     if args.reference:
         with naming_flag("--reference", SourceError):  # a file that is no usable recording
             prepare_voice(tts, args.reference)
@@ -272,7 +284,7 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
     from ..core.errors import CacheError, ConfigError, naming_flag
     from ..core.positions import positions_needed
     from ..instruments.latency import format_report
-    from ..runtime.decode import DecodePlan, check_new_tokens, check_positions, prefill_length
+    from ..runtime.decode import DecodePlan, check_positions, prefill_length
     from ..runtime.streaming import StreamConfig, run_to_files
 
     if args.strategy == "naive":  # it has no windows: refused, not ignored (its config keeps their defaults)
@@ -282,19 +294,20 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
             f"goes with --strategy buffered (naive cuts fixed {StreamConfig.chunk_tokens}-token chunks "
             "and joins them without a crossfade): leave it out, or stream buffered",
         )
-    config = StreamConfig(
-        strategy=args.strategy,
-        first_window_s=args.first_window_s,
-        window_s=args.window_s,
-        crossfade_ms=args.crossfade_ms,
-        prompt_s=args.prompt_s,
-    )
+    # a window no longer than the crossfade (before 2026-12-04 refused without a flag named)
+    with naming_flag("--first-window-s/--window-s/--crossfade-ms", ConfigError):
+        config = StreamConfig(
+            strategy=args.strategy,
+            first_window_s=args.first_window_s,
+            window_s=args.window_s,
+            crossfade_ms=args.crossfade_ms,
+            prompt_s=args.prompt_s,
+        )
     tts = _voiced_model(args, args.out)
     plan = DecodePlan.plain(tts.t3, step=args.decode)
     prefill = prefill_length(tts, args.text)
     need = positions_needed(prefill, args.tokens)
-    with naming_flag("--tokens", CacheError, ConfigError):  # before it streams (max_new_tokens)
-        check_new_tokens(tts.t3, args.tokens)
+    with naming_flag("--tokens", CacheError):  # before it streams (max_new_tokens)
         check_positions(plan.decode.tfmr.config, prefill, args.tokens)
     if args.decode != "eager":  # (the eager step's cache grows as it goes)
         # A static cache that holds this request: longer than the default only where it must
@@ -644,8 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv = command(
         "serve", help="the stream engine over HTTP (OpenAI's /v1/audio/speech) on Ray Serve, until Ctrl-C"
     )
-    sv.add_argument("--model", default="tiny", help=MODEL_HELP)
-    sv.add_argument("--device", default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)")
+    sv.add_argument("--model", type=_given, default="tiny", help=MODEL_HELP)
+    sv.add_argument(
+        "--device", type=_given, default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)"
+    )
     sv.add_argument("--seed", type=_seed, default=0, help="seed of the random-weight builds")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=_port, default=8000, help="port to listen on")

@@ -305,7 +305,7 @@ def _missing(folder: Path, family: Family, files: tuple[str, ...]) -> list[str]:
     return missing
 
 
-def _folder_family(folder: Path, family: str | None = None) -> tuple[Family, tuple[str, ...], dict[str, Any]]:
+def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tuple[str, ...], dict[str, Any]]:
     """The folder's family, the files of its layout and its metadata. The family is the one its
     ``tts_workbench.json`` records; without one (upstream's own layout), the one whose T3 file
     is there, or ``family`` where the folder holds two families' T3 files."""
@@ -377,7 +377,7 @@ def load_folder(
 
     folder = Path(folder)
     dev = check_device(device)
-    found, layout, meta = _folder_family(folder, family)
+    found, layout, meta = folder_family(folder, family)
     if family is not None and family != found.name:
         raise SourceError(
             f"model folder {folder} holds a {found.name} model ({layout[1]}), not a {family} one: "

@@ -18,7 +18,7 @@ from ..core.devices import check_device
 from ..core.errors import SourceError
 from ..core.families import FAMILIES, TTSModel, components
 from .builders import MODELS, SIZES, build_model
-from .checkpoints import hub_files, load_folder
+from .checkpoints import folder_family, hub_files, load_folder
 from .frontends import offline_hub
 
 PRETRAINED = {
@@ -56,8 +56,13 @@ def is_named(source: str | Path) -> bool:
 
 
 def check_source(source: str | Path) -> None:
-    """A SourceError for a name that is no model source and no existing path (before loading)."""
-    if is_named(source) or Path(source).exists():
+    """A SourceError for a name that is no model source, or a path that is no checkpoint folder
+    (a file, a folder without a family's files: ``folder_family``), before anything is built or
+    written (before 2026-12-04 any existing path passed, to be refused by the load later)."""
+    if is_named(source):
+        return
+    if Path(source).exists():
+        folder_family(Path(source))
         return
     if isinstance(source, str) and os.sep not in source:
         raise SourceError(

@@ -30,7 +30,7 @@ from ..core.constants import (
     UPSTREAM_SENTENCE,
     dtype_name,
 )
-from ..core.errors import CacheError, ConfigError, naming_flag
+from ..core.errors import CacheError, ConfigError, SourceError, naming_flag
 from ..core.families import family_of
 from ..core.files import written
 from ..core.positions import positions_needed
@@ -44,7 +44,7 @@ from ..models.builders import MODELS
 from ..models.reference import make_reference_wav
 from ..models.sources import load_model, model_summary
 from ..models.vocode import FlowPlan
-from ..runtime.decode import T3Parts, check_positions
+from ..runtime.decode import T3Parts, check_new_tokens, check_positions
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
 from ..runtime.precision import check_policy
@@ -203,12 +203,19 @@ def run_bench(
             f"upstream config would decode fewer than the others: give {cap} or fewer, or leave upstream "
             "out of --configs"
         )
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    reference = reference or str(make_reference_wav(outdir / "reference.wav"))
+    with naming_flag("--tokens", CacheError, ConfigError):  # before anything is written
+        check_new_tokens(upstream_model.t3, tokens)
     for m in (upstream_model.t3, upstream_model.s3gen, upstream_model.ve):
         m.float()
-    prepare_voice(upstream_model, reference)
+    outdir = Path(outdir)
+    if reference:  # the user's: refused (as --reference) before the folder is made
+        with naming_flag("--reference", SourceError):
+            prepare_voice(upstream_model, reference)
+        outdir.mkdir(parents=True, exist_ok=True)
+    else:
+        outdir.mkdir(parents=True, exist_ok=True)
+        reference = str(make_reference_wav(outdir / "reference.wav"))
+        prepare_voice(upstream_model, reference)
     upstream = UpstreamTTS(upstream_model)
     optimized = PerformanceOptimizedTTS(
         load_model(model, device, seed), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper

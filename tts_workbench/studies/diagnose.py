@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from ..core.clock import now
 from ..core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.devices import check_device
-from ..core.errors import NoVoiceError
+from ..core.errors import NoVoiceError, SourceError, naming_flag
 from ..core.families import components
 from ..core.files import written
 from ..core.rng import StreamRandom
@@ -64,15 +64,18 @@ def run_diagnosis(
     """
     check_device(device)  # before the clock reads it
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     t0 = now(device)
     tts = load_model(model, device=device, seed=seed)
     build_s = now(device) - t0
+    given = reference is not None  # the user's: refused (as --reference) before the folder is made
     if reference is None:
+        outdir.mkdir(parents=True, exist_ok=True)
         reference = str(make_reference_wav(outdir / "reference.wav", seed=seed))
     t0 = now(device)
-    ref = prepare_voice(tts, reference)
+    with naming_flag("--reference", SourceError) if given else nullcontext():
+        ref = prepare_voice(tts, reference)
     conditioning_s = now(device) - t0
+    outdir.mkdir(parents=True, exist_ok=True)
     with record_kernels(tts) as kernels:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
     wav, sr = result.wav, result.sample_rate
