@@ -1,10 +1,10 @@
 """Progress bars (tqdm's) whose saved notebook output says where they ended.
 
 In a Jupyter kernel tqdm draws a widget, and the text a saved notebook keeps beside it is the
-bar as it was when shown: "0%". A viewer that renders no widgets (GitHub, the docs site's
-notebook pages) showed every finished bar at 0%. ``progress_bar`` gives the same bar shown with a
-display id, and shows it again when it closes, so the saved text is its last state. Outside a
-kernel it is tqdm's terminal bar, unchanged.
+bar as it was when shown: "0%". A viewer that renders no widgets (GitHub's notebook view; the
+docs site's pages until their widget script loads) showed every finished bar at 0%.
+``progress_bar`` gives the same bar shown with a display id, and shows it again when it closes,
+so the saved text is its last state. Outside a kernel it is tqdm's terminal bar, unchanged.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ class AsciiJSON(JSONResponse):
     cannot be (before 2026-12-04: a plain-text 500 in place of the 400)."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content).encode("ascii")
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")  # as Starlette's
 
 
 class NameReplica:
