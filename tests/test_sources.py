@@ -496,7 +496,7 @@ def test_a_damaged_metadata_file_is_named_with_the_fix(tiny_tts: ChatterboxTTS, 
 
 
 def test_a_folder_with_two_families_files_is_refused_unless_the_family_is_given(
-    tiny_tts: ChatterboxTTS, tmp_path: Path
+    tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Upstream's standard and multilingual models come from one hub repository: a folder may hold both.
     folder = save_checkpoint(tiny_tts, tmp_path / "both")
@@ -513,6 +513,8 @@ def test_a_folder_with_two_families_files_is_refused_unless_the_family_is_given(
     meta = json.loads((multilingual / METADATA_FILE).read_text())
     (folder / METADATA_FILE).write_text(json.dumps({k: meta[k] for k in ("architecture", "tiny_config")}))
     assert type(load_model(str(folder), family="multilingual")) is ChatterboxMultilingualTTS
+    monkeypatch.chdir(tmp_path)  # named without a separator: checked as a source first, family and all
+    assert type(load_model("both", family="multilingual")) is ChatterboxMultilingualTTS
     with pytest.raises(SourceError, match="family= is for a checkpoint folder"):
         load_model("tiny", family="multilingual")
 

@@ -55,14 +55,15 @@ def is_named(source: str | Path) -> bool:
     return source in MODELS or source in PRETRAINED
 
 
-def check_source(source: str | Path) -> None:
+def check_source(source: str | Path, family: str | None = None) -> None:
     """A SourceError for a name that is no model source, or a path that is no checkpoint folder
-    (a file, a folder without a family's files: ``folder_family``), before anything is built or
-    written (before 2026-12-04 any existing path passed, to be refused by the load later)."""
+    (a file, a folder without a family's files: ``folder_family``, ``family`` as ``load_folder``
+    takes it), before anything is built or written (before 2026-12-04 any existing path passed,
+    to be refused by the load later)."""
     if is_named(source):
         return
     if Path(source).exists():
-        folder_family(Path(source))
+        folder_family(Path(source), family)
         return
     if isinstance(source, str) and os.sep not in source:
         raise SourceError(
@@ -90,7 +91,7 @@ def load_model(source: str | Path, device: str = "cpu", seed: int = 0, family: s
     if source in PRETRAINED:
         return load_pretrained(device, family=PRETRAINED[str(source)])
     if isinstance(source, str) and os.sep not in source:
-        check_source(source)
+        check_source(source, family)
     return load_folder(Path(source), device, keep_dtype=False, family=family)
 
 
