@@ -472,3 +472,21 @@ def test_a_refusal_names_its_flag_and_writes_nothing(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: argument {flag}:"), errors
     assert not out.exists()
+
+
+def test_profile_takes_tokens_past_t3s_positions_as_diagnose_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It runs upstream generate, which caps a longer run at its own 1000 tokens (the report says
+    so), as diagnose does: --tokens 5000 is not refused (it was, for a moment on 2026-12-04)."""
+    from tts_workbench.studies import profile_report
+
+    class Profiled(Exception):
+        pass
+
+    def reached(*_a: object, **_k: object) -> None:
+        raise Profiled
+
+    monkeypatch.setattr(profile_report, "profile_generation", reached)
+    with pytest.raises(Profiled):
+        main(["profile", "--tokens", "5000", "--logdir", str(tmp_path)])

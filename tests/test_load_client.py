@@ -234,6 +234,9 @@ def test_an_arrival_rate_too_slow_for_the_largest_level_is_refused() -> None:
             load.parse_arrival(f"poisson:{rate}", largest)
         [suggested] = re.findall(r"poisson:(\S+) or more", str(refused.value))
         assert load.parse_arrival(f"poisson:{suggested}", largest)  # the fix it gives holds
+        assert len(str(refused.value)) < 200, refused.value  # (a 301-digit span, for a moment)
+    with pytest.raises(ConfigError, match=r"over 3600\.4 s on average, more than 3600 s"):
+        load.parse_arrival(f"poisson:{7 / 3600.4!r}", 8)  # not "over 3600 s ..., more than 3600 s"
 
 
 def test_the_cli_refuses_a_slow_arrival_before_any_request(

@@ -14,8 +14,8 @@ class _Handle:
     def __init__(self, shown: list[str]) -> None:
         self.shown = shown
 
-    def update(self, obj: Any) -> None:
-        self.shown.append(repr(obj))
+    def update(self, obj: Any, raw: bool = False) -> None:
+        self.shown.append(repr(obj["text/plain"] if raw else obj))
 
 
 def _recording(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -38,13 +38,28 @@ def test_a_kept_bar_shows_its_last_state_again_when_it_closes(monkeypatch: pytes
     assert len(shown) == 2 and "0%" in shown[0] and "100%" in shown[1] and "3/3" in shown[1], shown
 
 
-def test_a_bar_that_does_not_stay_or_is_off_is_not_shown_again(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bar_that_does_not_stay_leaves_no_text_and_one_that_is_off_shows_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     shown = _recording(monkeypatch)
     with KeptBar(total=3, leave=False) as bar:
         bar.update(3)
+    assert len(shown) == 2 and "0%" in shown[0] and shown[1] == "''", shown  # its saved text: none
     with KeptBar(total=3, disable=True) as bar:
         bar.update(3)
-    assert len(shown) == 1 and "0%" in shown[0], shown
+    assert len(shown) == 2, shown
+
+
+def test_in_a_kernel_progress_is_a_kept_bar_but_for_a_delayed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Kernel(progress_module.notebook_tqdm):  # what tqdm.auto gives in a kernel
+        pass
+
+    _recording(monkeypatch)
+    monkeypatch.setattr(progress_module.auto, "tqdm", Kernel)
+    with progress_bar(total=2) as bar:
+        assert isinstance(bar, KeptBar)
+    with progress_bar(total=2, delay=5) as bar:  # tqdm displays it itself, if ever: no handle
+        assert type(bar) is Kernel
 
 
 def test_outside_a_kernel_progress_is_the_terminal_bar() -> None:

@@ -17,23 +17,26 @@ from tqdm.notebook import tqdm as notebook_tqdm
 
 
 class KeptBar(notebook_tqdm):
-    """tqdm's notebook bar, its display updated on close (``leave=False`` bars are left gone)."""
+    """tqdm's notebook bar, its display updated on close: to its last state, or to nothing for a
+    ``leave=False`` bar (hidden in the kernel; its saved text said "0%")."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs, display=False)
-        shown = not self.disable and self.delay <= 0  # (a delayed bar shows itself later, if at all)
+        shown = not self.disable  # (progress_bar gives no delayed bar: tqdm shows one itself)
         self._handle = display(self.container, display_id=True) if shown else None
         self.displayed = shown
 
     def close(self) -> None:
         super().close()
         handle, self._handle = self._handle, None
-        if handle is not None and self.leave:
-            handle.update(self.container)  # its text now: the bar as it ended
+        if handle is not None:
+            # its text now: the bar as it ended, or none for a bar that does not stay
+            handle.update(self.container if self.leave else {"text/plain": ""}, raw=not self.leave)
 
 
 def progress_bar(*args: Any, **kwargs: Any) -> auto.tqdm:
-    """``tqdm.auto.tqdm(*args, **kwargs)``; in a Jupyter kernel, a ``KeptBar``."""
-    if issubclass(auto.tqdm, notebook_tqdm):
+    """``tqdm.auto.tqdm(*args, **kwargs)``; in a Jupyter kernel, a ``KeptBar`` (but a ``delay``
+    bar, which tqdm displays when the delay has passed, without a display id)."""
+    if issubclass(auto.tqdm, notebook_tqdm) and kwargs.get("delay", 0) <= 0:
         return KeptBar(*args, **kwargs)
     return auto.tqdm(*args, **kwargs)

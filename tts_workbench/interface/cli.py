@@ -263,15 +263,18 @@ def _check_tokens(tts: Any, tokens: int) -> None:
         check_new_tokens(tts.t3, tokens)
 
 
-def _voiced_model(args: argparse.Namespace, folder: str) -> Any:
-    """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in ``folder``)."""
+def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = True) -> Any:
+    """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in
+    ``folder``); ``--tokens`` checked first where the command decodes T3 itself (``own_decode``:
+    upstream ``generate`` caps a longer run at its own 1000 tokens, as ``diagnose`` reports)."""
     from ..core.errors import SourceError, naming_flag
     from ..models.reference import make_reference_wav
     from ..models.sources import load_model
     from ..runtime.generation import prepare_voice
 
     tts = load_model(args.model, args.device, args.seed)
-    _check_tokens(tts, args.tokens)
+    if own_decode:
+        _check_tokens(tts, args.tokens)
     if args.reference:
         with naming_flag("--reference", SourceError):  # a file that is no usable recording
             prepare_voice(tts, args.reference)
@@ -323,7 +326,7 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
     from ..studies.profile_report import check_run, format_profile, profile_generation
 
     check_run(args.run_name)  # before the model is built
-    tts = _voiced_model(args, args.logdir)
+    tts = _voiced_model(args, args.logdir, own_decode=False)  # upstream generate
     report = profile_generation(
         tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory, args.decode
     )

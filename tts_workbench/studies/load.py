@@ -129,7 +129,7 @@ def parse_arrival(value: str, largest: int = 1) -> tuple[str, float]:
         least = math.ceil((largest - 1) / MAX_ARRIVAL_SPAN_S * 1000) / 1000
         raise ConfigError(
             f"argument --arrival: {value} spreads the {largest}-stream level's arrivals over "
-            f"{(largest - 1) / per_s:.0f} s on average, more than {MAX_ARRIVAL_SPAN_S:.0f} s: use "
+            f"{(largest - 1) / per_s:.6g} s on average, more than {MAX_ARRIVAL_SPAN_S:g} s: use "
             f"poisson:{least:.3f} or more"  # (:g kept 6 digits: 1234.557 read 1234.56, refused)
         )
     return "poisson", per_s
