@@ -78,10 +78,44 @@ def test_outside_a_kernel_the_player_shows_its_static_table_and_the_utterance(
     shown: list[Any] = []
     monkeypatch.setattr(playback, "display", lambda x, **_k: shown.append(x))
     player._ipython_display_()  # pytest runs no Jupyter kernel
-    frame, utterance = shown
-    assert frame.equals(table) and "emitted_s" in frame.to_string() and "object>" not in frame.to_string()
-    assert utterance["text/plain"] == "whole utterance: 1.50 s of audio (player.finish() returns it)"
-    assert "<audio" in utterance["text/html"]
+    [bundle] = shown
+    assert bundle["text/plain"].splitlines()[0].split() == ["index", "emitted_s", "audio_s", "rtf"]
+    assert "object>" not in bundle["text/plain"] and "<table" in bundle["text/html"]
+    assert bundle["text/plain"].endswith("whole utterance: 1.50 s of audio (player.finish() returns it)")
+    assert "<audio" in bundle["text/html"]
+
+
+def test_in_a_kernel_the_finished_player_is_shown_again_with_its_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A saved notebook keeps the text shown beside the widget: before 2026-12-04 its name,
+    # "VBox(children=(HTML(value='...: waiting for the first chunk'), ...", what GitHub showed.
+    updates: list[dict[str, Any]] = []
+
+    class Handle:
+        def update(self, obj: dict[str, Any], raw: bool = False) -> None:
+            assert raw
+            updates.append(obj)
+
+    shown: list[dict[str, Any]] = []
+
+    def display(obj: dict[str, Any], raw: bool = False, display_id: bool = False) -> Handle:
+        assert raw and display_id
+        shown.append(obj)
+        return Handle()
+
+    monkeypatch.setattr(playback, "_has_frontend", lambda: True)
+    monkeypatch.setattr(playback, "display", display)
+    player = StreamPlayer(24000)
+    player._ipython_display_()
+    player.add(np.full(24000, 0.1, np.float32), _metrics(0, 1.0, 1.0))
+    player.finish()
+    [first], [last] = shown, updates
+    model = player.widget.model_id
+    for bundle in (first, last):  # the widget in a kernel, the table where no widget renders
+        assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == model
+        assert "VBox(" not in bundle["text/plain"]
+    assert "whole utterance: 1.00 s" in last["text/plain"] and "<audio" in last["text/html"]
 
 
 def test_outside_a_kernel_the_utterance_plays_the_samples_the_widget_plays(
@@ -95,5 +129,5 @@ def test_outside_a_kernel_the_utterance_plays_the_samples_the_widget_plays(
     shown: list[Any] = []
     monkeypatch.setattr(playback, "display", lambda x, **_k: shown.append(x))
     player._ipython_display_()
-    played = base64.b64decode(re.search(r'base64,([^"]+)"', shown[1]["text/html"]).group(1))  # type: ignore[union-attr]
+    played = base64.b64decode(re.search(r'base64,([^"]+)"', shown[0]["text/html"]).group(1))  # type: ignore[union-attr]
     assert played == wav_bytes(player.finish(), 24000) == player.full.children[1].value

@@ -1,23 +1,22 @@
 """Listening in Jupyter: a streaming player that shows each chunk as it arrives, and an A/B
-widget with the waveforms zoomed on the seams, both ipywidgets (the notebooks display
-``player.widget``, or the player, in a kernel: the widget). Displaying a ``StreamPlayer``
-outside a Jupyter kernel (an IPython terminal) shows ``static()`` instead: a table of the
-chunks, then a line saying how much audio the whole utterance holds (each also as HTML, the
-utterance playable, for a frontend that renders it). A notebook saved from a
-kernel holds the widget output (widget state and a text repr), never that table: a viewer that
-renders no widgets (GitHub) shows the repr."""
+widget with the waveforms zoomed on the seams, both ipywidgets. Display the player itself
+(``display(player)``): in a kernel it shows the widget, and when it finishes it shows it again
+with a table of its chunks and the whole utterance beside it, which is what a saved notebook's
+viewer that renders no widgets (GitHub) shows. Outside a kernel (an IPython terminal) it shows
+that table and a line saying how much audio the utterance holds."""
 
 from __future__ import annotations
 
 import html
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 import soundfile as sf
-from IPython.display import Audio, Image, display
+from IPython.display import Audio, DisplayHandle, Image, display
 from matplotlib.figure import Figure
 
 from ..core.constants import SAMPLE_RATE
@@ -56,6 +55,7 @@ class StreamPlayer:
         self.rows = widgets.VBox([])
         self.full = widgets.VBox([])
         self.widget = widgets.VBox([self.status, self.rows, self.full])
+        self._shown: DisplayHandle | None = None  # where a kernel showed it (``_ipython_display_``)
 
     def add(self, chunk: np.ndarray, metrics: ChunkMetrics) -> None:
         self.chunks.append(chunk)
@@ -77,28 +77,44 @@ class StreamPlayer:
         """Show the whole utterance and return it."""
         wav = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
         self.full.children = (widgets.HTML("whole utterance:"), audio_widget(wav, self.sample_rate))
+        if self._shown is not None:  # what a saved notebook keeps beside the widget: the table now
+            self._shown.update(self._bundle(), raw=True)
         return wav
 
     def static(self) -> pd.DataFrame:
         """The chunks so far without widgets: index, arrival (``emitted_s``), seconds of audio and
         RTF; not the rows' underrun markers, compute seconds or audio. What displaying the player
-        outside a Jupyter kernel shows (``_ipython_display_``): a terminal prints a frame as text
-        (an ``HTML`` object printed only its name there before 2026-12-04)."""
+        outside a Jupyter kernel shows (``_ipython_display_``), and what a saved notebook shows
+        where its viewer renders no widgets."""
         chunks = StreamReport("stream", self.metrics).to_frame()[["index", "emitted_s", "audio_s", "rtf"]]
         return chunks.round(2)
 
-    def _ipython_display_(self) -> None:
-        if _has_frontend():
-            display(self.widget)
-            return
-        display(self.static())
+    def _static_bundle(self) -> dict[str, str]:
+        """``static()`` and the whole utterance, as text (a terminal) and as HTML (playable)."""
+        table = self.static()
+        text, markup = [table.to_string(index=False)], [table.to_html(index=False)]
         if self.chunks:
             wav = np.concatenate(self.chunks)
-            # the widget's bytes: IPython's own conversion of an array scales it to full scale
-            audio = Audio(wav_bytes(wav, self.sample_rate))
             seconds = len(wav) / self.sample_rate
             line = f"whole utterance: {seconds:.2f} s of audio (player.finish() returns it)"
-            display({"text/plain": line, "text/html": audio._repr_html_()}, raw=True)
+            text.append(line)
+            # the widget's bytes: IPython's own conversion of an array scales it to full scale
+            markup.append(f"<p>{line}</p>" + Audio(wav_bytes(wav, self.sample_rate))._repr_html_())
+        return {"text/plain": "\n".join(text), "text/html": "\n".join(markup)}
+
+    def _bundle(self) -> dict[str, Any]:
+        """The widget, with ``_static_bundle`` beside it in place of its name ("VBox(children=...")."""
+        return {**self.widget._repr_mimebundle_(), **self._static_bundle()}
+
+    def _ipython_display_(self) -> None:
+        """In a kernel the widget, shown with a display id: ``finish`` shows it again, so a saved
+        notebook keeps the table of its chunks beside it (before 2026-12-04, the widget's name and
+        "waiting for the first chunk"). Outside one, ``_static_bundle`` (before, an HTML and an
+        Audio object: a terminal printed their names)."""
+        if _has_frontend():
+            self._shown = display(self._bundle(), raw=True, display_id=True)
+        else:
+            display(self._static_bundle(), raw=True)
 
 
 def seam_figure(
