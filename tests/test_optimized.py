@@ -674,3 +674,63 @@ def test_wrapper_decode_steps_share_weights_and_reuse_the_compiled_step(tiny_tts
         assert first.step_mode == "eager"
     with pytest.raises(ConfigError, match="unknown decode step"):
         PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="fast")
+
+
+def test_close_from_another_thread_waits_for_the_chunk_being_made(
+    tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    """Before 2026-12-04 close() gave the model back (float32) under a chunk another thread was
+    making with the bfloat16 decode copy: the reader failed with a dtype mismatch."""
+    import threading
+
+    making, release = threading.Event(), threading.Event()
+
+    def hold(*_a: object) -> None:  # T3's prefill, inside the first chunk's making, waits to be let go
+        making.set()
+        assert release.wait(60)
+
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="decode-bfloat16", decode="static")
+    opt.prepare_conditionals(str(reference_wav))
+    chunks = opt.generate_stream(TEXT, config=StreamConfig("buffered", first_window_s=0.2, window_s=0.2),
+                                 max_new_tokens=40)  # fmt: skip
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in chunks:
+                pass
+        except BaseException as e:  # noqa: BLE001 - what the reader got is the result
+            errors.append(e)
+
+    hook = tiny_tts.t3.tfmr.register_forward_pre_hook(hold)  # (the decode steps run a bfloat16 copy)
+    try:
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert making.wait(60)
+        closer = threading.Thread(target=opt.close)
+        closer.start()
+        closer.join(0.5)
+        assert closer.is_alive() and not opt.closed  # waiting for the chunk, the model still wrapped
+        release.set()
+        closer.join(60)
+        reader.join(60)
+    finally:
+        release.set()
+        hook.remove()
+        opt.close()  # (a no-op once closed)
+    assert opt.closed and len(errors) == 1 and isinstance(errors[0], ConfigError), errors
+    assert "was closed" in str(errors[0]) and next(tiny_tts.t3.parameters()).dtype == torch.float32
+
+
+def test_last_run_is_a_copy_and_options_are_named_as_from_model_takes_them(tiny_tts: ChatterboxTTS) -> None:
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32") as opt:
+        opt.generate(TEXT, max_new_tokens=4, seed=0)
+        first = opt.last_run()["last_generation"]
+        first["tokens"] = -1  # before 2026-12-04 the wrapper's own record, changed through it
+        assert opt.last_run()["last_generation"]["tokens"] != -1
+        # a stream's report labelled with another strategy is refused (it was kept: a buffered
+        # stream reported as naive)
+        with pytest.raises(ConfigError, match="labelled 'naive'"):
+            next(opt.generate_stream(TEXT, max_new_tokens=4, state=StreamState(StreamReport("naive"))))
+    with pytest.raises(ConfigError, match="dtype="):  # before, a TypeError: two values for policy
+        PerformanceOptimizedTTS.from_model(tiny_tts, policy="float32")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import threading
 import weakref
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import ExitStack, closing, nullcontext, suppress
@@ -293,7 +294,8 @@ class Pipeline:
         memory = {"peak_rss_bytes": process_peak_bytes("cpu")}
         if self.device.type == "cuda":
             memory["peak_cuda_bytes"] = process_peak_bytes(self.device)
-        return {"last_generation": vars(self.last), "memory": memory}
+        # a copy: the caller's dict stays as it was when asked (it was the wrapper's own, live)
+        return {"last_generation": copy.deepcopy(vars(self.last)), "memory": memory}
 
     def performance_info(self) -> dict[str, Any]:
         """``configuration()`` and ``last_run()`` in one dict (parameter and KV cache bytes under
@@ -468,6 +470,10 @@ class PerformanceOptimizedTTS(Pipeline):
         # the streams being read: close() ends them first (a multilingual one has the model's
         # attention switched to eager, with spies on it, while it runs)
         self._streams: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
+        # chunks being made in other threads right now: close() waits for them (one chunk each)
+        self._making = 0
+        self._made = threading.Condition()
+        self._closing = False  # close() has begun: no stream makes another chunk
         if tts.conds is not None:
             check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
         # Checked (and for "auto" measured, on the model as given) before anything is changed.
@@ -501,6 +507,11 @@ class PerformanceOptimizedTTS(Pipeline):
         _upstream_takes_none(optimize, {"dtype": dtype, **kwargs})
         if not optimize:
             return UpstreamTTS(tts)
+        if "policy" in kwargs:  # the constructor's name for it (before 2026-12-04 a TypeError)
+            raise ConfigError(
+                f"policy={kwargs['policy']!r}: from_model and from_local take the dtype policy as "
+                f"dtype= (PerformanceOptimizedTTS(tts, policy=...) takes it as policy=)"
+            )
         return cls(tts, policy=dtype, **kwargs)
 
     @classmethod
@@ -519,14 +530,19 @@ class PerformanceOptimizedTTS(Pipeline):
         return cls.from_model(load_pretrained(device), optimize, **kwargs)
 
     def close(self) -> None:
-        """End the streams still open, put the wrapped model back as it was (methods, every
+        """End the streams still open (a chunk being made in another thread is waited for: its
+        reader then gets a ``ConfigError``), put the wrapped model back as it was (methods, every
         tensor's dtype and values, the conditionals) and free the static KV caches and compiled
         steps. Afterwards the wrapper only reports (``performance_info``: as it was)."""
         if self.closed:
             return
+        with self._made:
+            self._closing = True  # a reader between chunks stops at its next (ConfigError)
         for chunks in list(self._streams):
-            with suppress(ValueError):  # being read in another thread: it stops at its next chunk
+            with suppress(ValueError):  # making a chunk in another thread: waited for below
                 chunks.close()
+        with self._made:  # before 2026-12-04 the model went back under a chunk being made
+            self._made.wait_for(lambda: self._making == 0)
         try:
             self._final = self.configuration()
         finally:  # the model goes back even if the report fails
@@ -539,8 +555,9 @@ class PerformanceOptimizedTTS(Pipeline):
                 flow.drop()
             self.closed = True
 
-    def _check_open(self) -> None:
-        if self.closed:
+    def _check_open(self, reading: bool = False) -> None:
+        """A ConfigError once closed; for a stream's next chunk (``reading``), once close() began."""
+        if self.closed or (reading and self._closing):
             raise ConfigError(
                 "this PerformanceOptimizedTTS was closed and its model given back as it was: "
                 "wrap the model again (PerformanceOptimizedTTS.from_model(tts)) to use it"
@@ -789,11 +806,17 @@ class PerformanceOptimizedTTS(Pipeline):
         self._streams.add(chunks)
         with closing(chunks):  # its cache and compiled step go back when the reader stops
             while True:
-                self._check_open()
+                with self._made:
+                    self._check_open(reading=True)
+                    self._making += 1
                 try:
                     item = next(chunks)
                 except StopIteration:
                     return
+                finally:
+                    with self._made:
+                        self._making -= 1
+                        self._made.notify_all()
                 yield item
 
     # ------------------------------------------------------------ reporting

@@ -335,7 +335,8 @@ def stream(
     shows tokens sampled and S3Gen calls done on stderr. The multilingual model speaks
     ``language_id`` (default "en"); the others ignore it. ``sampling`` (temperature, top_p,
     ...; ``cfg_weight``) defaults as the family's upstream ``generate`` does, so a stream speaks
-    the tokens of a one-shot generation with the same seed. A chunk's record counts the T3
+    the tokens of a one-shot generation with the same seed (but after a start-of-speech id T3
+    sampled mid-way: one-shot vocodes only what follows it). A chunk's record counts the T3
     seconds and invalid ids since the previous chunk; T3's blocks after the last chunk (only
     invalid ids, or the stop token) are kept in the report's ``t3_after_s`` and
     ``invalid_after`` when T3 has ended, so its totals are the whole generation's, and its
@@ -352,6 +353,11 @@ def stream(
         raise ConfigError(
             f"this StreamState already holds a stream ({len(state.tokens)} tokens, "
             f"{len(state.report.chunks)} chunks): pass a fresh StreamState for every stream"
+        )
+    if state is not None and state.report.strategy != config.strategy:  # (before 2026-12-04 kept)
+        raise ConfigError(
+            f"this StreamState's report is labelled {state.report.strategy!r} and the stream is "
+            f"{config.strategy!r}: pass StreamState(StreamReport({config.strategy!r}))"
         )
     state = state if state is not None else StreamState(StreamReport(config.strategy))
     gen = shorten_prompt(tts.conds.gen, config.prompt_s)
