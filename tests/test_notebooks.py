@@ -34,6 +34,18 @@ def test_stored_outputs_hold_no_upstream_progress_bars(path: Path) -> None:
             assert not bar, f"{path.name}: an upstream progress bar was stored"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_players_and_bars_show_where_they_ended(path: Path) -> None:
+    """What a viewer without widgets (GitHub) shows of a player or a bar is its saved text: a
+    player's chunk table, a bar at its end (before 2026-12-04, "waiting for the first chunk" and
+    "0%" for runs that had finished: ``StreamPlayer``, ``core.progress``)."""
+    for c in nbformat.read(path, as_version=4).cells:
+        for o in c.get("outputs", []):
+            text = "".join(o.get("data", {}).get("text/plain", ""))
+            stale = "waiting for the first chunk" in text or " 0%|" in text
+            assert not stale, f"{path.name}: {text[:120]}"
+
+
 def test_notebook_cells_run_with_upstreams_bars_off(monkeypatch: pytest.MonkeyPatch) -> None:
     import chatterbox.models.t3.t3 as t3_module
     from IPython.core.interactiveshell import InteractiveShell
