@@ -214,6 +214,11 @@ def test_where_half_fails_is_one_row_per_failing_stage_of_each_model(
     failures = [st["failure"] for st in half_report["stages"].values()]
     outside = "(outside a module)"  # the speaker encoder's kaldi fbank is a function
     assert list(found["detail"]) == [f"{f['module'] or outside} at {f['where']}" for f in failures]
+    # and what they are, not only that the two agree (the same function made both)
+    expected = ("(outside a module) at torchaudio/compliance/kaldi.py:",
+                "t3.cond_enc.spkr_enc at t3/modules/cond_enc.py:",
+                "s3gen.mel2wav.m_source.l_linear at models/s3gen/hifigan.py:")  # fmt: skip
+    assert all(d.startswith(e) for d, e in zip(found["detail"], expected, strict=True)), list(found["detail"])
 
 
 def test_float32_precision_report_is_clean(reference_wav: Path) -> None:
