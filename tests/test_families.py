@@ -575,3 +575,17 @@ def test_turbos_s3gen_with_exact_ids_matches_upstream(turbo: ChatterboxTurboTTS)
     want, _ = turbo.s3gen.inference(speech_tokens=tokens, ref_dict=dict(gen), n_cfm_timesteps=2)
     torch.manual_seed(5)
     assert torch.equal(s3gen_inference(turbo.s3gen, tokens, gen), want)
+
+
+def test_multilingual_logits_out_are_the_models_without_guidance_too(
+    multilingual: ChatterboxMultilingualTTS,
+) -> None:
+    # Without guidance the analyzer got the very tensor logits_out keeps, and upstream's
+    # analyzer writes -2**15 into its stop logit in place: every recorded step read -32768
+    # there (before 2026-12-04), where with guidance the model's own logit was kept.
+    stop = multilingual.t3.hp.stop_speech_token
+    ids = text_tokens(multilingual, "Hello there.", cfg_weight=0.0, language_id="en")
+    recorded: list[torch.Tensor] = []
+    t3_decode(multilingual.t3, multilingual.conds.t3, ids, max_new_tokens=4, cfg_weight=0.0,
+              logits_out=recorded)  # fmt: skip
+    assert recorded and all(float(step[0, stop]) != -(2.0**15) for step in recorded), recorded

@@ -667,3 +667,30 @@ def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
     for weight in (-0.5, float("nan")):  # NaN: before, sampled, then blamed on half precision
         with pytest.raises(ConfigError, match="cfg_weight must be 0 .* or above"):
             Sampler(turbo=False, cfg_weight=weight)
+
+
+def test_bad_sampling_is_refused_before_the_prefill(
+    tiny_tts: ChatterboxTTS, calls_of_tfmr: list[int]
+) -> None:
+    # (before 2026-12-04 the prefill ran first: one forward, then the refusal)
+    for bad in ({"temperature": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ConfigError):
+            t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=4, **bad)
+    assert not calls_of_tfmr
+
+
+def test_samplers_differing_only_in_what_their_family_ignores_are_one_step() -> None:
+    # a compiled step is keyed on its sampler: top_k built another graph for Llama's T3 (which
+    # never reads it), min_p and guidance for Turbo's (before 2026-12-04)
+    assert Sampler(False, top_k=1) == Sampler(False, top_k=50)
+    assert len({Sampler(False, top_k=k) for k in (1, 2)}) == 1  # one key of a dict of graphs
+    assert Sampler(True, min_p=0.1, cfg_weight=0.0) == Sampler(True, min_p=0.2, cfg_weight=0.0)
+    assert Sampler(False, min_p=0.1) != Sampler(False, min_p=0.2)
+    assert Sampler(True, top_k=5) != Sampler(True, top_k=6)
+
+
+def test_one_token_reports_no_step_time(tiny_tts: ChatterboxTTS) -> None:
+    # the one token comes from the prefill: before 2026-12-04 its sampling was reported as a step
+    r = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=1)
+    assert math.isnan(r.step_s)
+    assert t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=3).step_s > 0

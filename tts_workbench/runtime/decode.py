@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import threading
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -611,8 +612,9 @@ class DecodeStats:
     def step_s(self) -> float:
         """Mean seconds per decode step (the first token comes from the prefill). ``decode_s``
         covers every step run up to the block where the stop token was seen, so it is divided
-        by those steps, not by the tokens kept."""
-        return self.decode_s / max(self.sampled - 1, 1)
+        by those steps, not by the tokens kept. NaN when no step ran (one token, from the
+        prefill: before 2026-12-04 that token's sampling was reported as a step)."""
+        return self.decode_s / (self.sampled - 1) if self.sampled > 1 else math.nan
 
 
 @dataclass(kw_only=True)
@@ -790,6 +792,8 @@ def decode_blocks(
     turbo = is_turbo(t3)
     if turbo:
         cfg_weight = 0.0
+    # its settings checked before anything runs (before 2026-12-04, after the prefill)
+    sampler = Sampler(turbo, cfg_weight, temperature, top_p, min_p, top_k, repetition_penalty)
 
     ctx = functools.partial(plan.context, device)  # around each compute step, never across a yield
 
@@ -817,7 +821,6 @@ def decode_blocks(
                 _check_static(plan, device, batch, prefill_len, max_new_tokens)
             with watching():
                 logits, past = head_logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
-            sampler = Sampler(turbo, cfg_weight, temperature, top_p, min_p, top_k, repetition_penalty)
             seen = sampler.start(hp.start_speech_token, logits.size(-1), device)
             if static:
                 # The cache holds what the eager loop's DynamicCache would: the decode dtype when the

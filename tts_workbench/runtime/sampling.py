@@ -109,7 +109,7 @@ def check_sampling(
         raise ConfigError(f"cfg_weight must be 0 (no guidance) or above, and finite, got {cfg_weight}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sampler:
     """How upstream samples the next speech token (``T3.inference``; Turbo's T3:
     ``inference_turbo``), for a batch of streams sharing these settings: classifier-free
@@ -131,6 +131,20 @@ class Sampler:
     def __post_init__(self) -> None:
         check_sampling(self.turbo, self.cfg_weight, self.temperature, self.top_p, self.repetition_penalty)
         object.__setattr__(self, "_warpers", self._make_warpers())
+
+    def _read(self) -> tuple[Any, ...]:
+        """The settings this family's sampling reads. Two samplers are equal when these are: a
+        compiled step is keyed on its sampler, and a setting no sampling reads (``top_k`` for
+        Llama's T3, ``min_p`` and guidance for Turbo's) built another graph before 2026-12-04."""
+        if self.turbo:
+            return (True, self.temperature, self.top_p, self.top_k, self.repetition_penalty)
+        return (False, self.cfg_weight, self.temperature, self.top_p, self.min_p, self.repetition_penalty)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sampler) and self._read() == other._read()
+
+    def __hash__(self) -> int:
+        return hash(self._read())
 
     def _make_warpers(self) -> tuple[Any, ...]:
         """The processors other than the repetition penalty, in upstream's order."""
@@ -195,8 +209,8 @@ class Sampler:
             guided = cond + self.cfg_weight * (cond - uncond)
         else:
             guided = logits
-        if analyzer is not None:
-            guided = analyzer.step(guided, next_token=last_token)
+        if analyzer is not None:  # it edits its input in place: not the caller's logits (logits_out)
+            guided = analyzer.step(guided.clone() if guided is logits else guided, next_token=last_token)
         probs = torch.softmax(self.scores(seen, guided), dim=-1)
         return draw(probs, q), ~torch.isfinite(probs).all(dim=-1, keepdim=True)
 
