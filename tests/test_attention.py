@@ -210,3 +210,17 @@ def test_diagnose_names_the_kernel_of_the_decode_step_asked_for(
 ) -> None:
     found = decode_step_kernels(tiny_tts, "A short one.", step, tokens=6)
     assert found == {"step": step, "kernels": ["flash (CPU)"], "found_by": found_by}
+
+
+def test_a_head_dim_torch_flash_takes_is_not_given_as_a_reason(tiny_tts: ChatterboxTTS) -> None:
+    # CUDA Flash takes dense heads up to 256 wide, a multiple of 8 or not (torch's
+    # check_head_dim_size_flash); before 2026-12-04 a head of 36 was said to be refused
+    config = tiny_tts.t3.tfmr.config
+    before = config.head_dim
+    try:
+        config.head_dim = 36
+        assert not any("head dim" in r for r in why_not_flash(tiny_tts, dtype=torch.float16))
+        config.head_dim = 264
+        assert any("head dim 264" in r for r in why_not_flash(tiny_tts, dtype=torch.float16))
+    finally:
+        config.head_dim = before

@@ -176,7 +176,7 @@ def half_report(reference_wav: Path) -> dict:
     prepare_voice(tts, str(reference_wav))
     before = {k: v.clone() for k, v in tts.t3.state_dict().items()}
     report = diagnose_precision(tts, str(reference_wav), torch.float16, tokens=8)
-    # The diagnosis casts a copy: the caller's model is as it was.
+    # The diagnosis casts the model in place and puts it back: the caller's model is as it was.
     after = tts.t3.state_dict()
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
     assert tts.conds is not None and tts.conds.t3.speaker_emb.dtype == torch.float32
@@ -592,3 +592,16 @@ def test_two_threads_failing_at_once_both_name_the_module_that_raised() -> None:
             t.join()
     assert sorted(failed) == ["A", "B"]
     assert trace.failure is not None and trace.failure.module == "inner.lin", trace.failure
+
+
+def test_an_error_raised_anew_from_a_modules_keeps_that_module() -> None:
+    # a caller that wraps the model's error (raise ... from e): before 2026-12-04 the trace then
+    # named no module ("(no module running)") where the failing call was recorded
+    net = nn.Sequential(OrderedDict(proj=nn.Linear(4, 4), head=nn.Linear(4, 2))).half()
+    with pytest.raises(ValueError, match="model failed") as info, trace_dtypes(net) as trace:
+        try:
+            net(torch.randn(1, 4))
+        except RuntimeError as e:
+            raise ValueError("model failed") from e
+    assert trace.failure is not None and trace.failure.module == "proj", trace.failure
+    assert "proj" in info.value.__notes__[0]

@@ -286,8 +286,8 @@ def why_not_flash(
     )
     if q.dtype == torch.float32:
         reasons.append("dtype is float32: CUDA Flash needs float16 or bfloat16")
-    if q.shape[-1] > 256 or q.shape[-1] % 8:
-        reasons.append(f"head dim {q.shape[-1]} is not a multiple of 8 up to 256")
+    if q.shape[-1] > 256:  # (torch's check_head_dim_size_flash: no multiple of 8 asked for dense inputs)
+        reasons.append(f"head dim {q.shape[-1]} is over the 256 CUDA Flash takes")
     if mask is not None:
         reasons.append("an attention mask is passed (the static cache's unused slots): Flash takes none")
     return reasons

@@ -357,7 +357,9 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
         try:
             yield trace
         except Exception as e:
-            if e not in recorded:  # raised outside any module call (e.g. a feature extractor)
+            # raised outside any module call (e.g. a feature extractor); an error raised anew from
+            # a module's (``raise ... from e``) keeps that module (before 2026-12-04 it named none)
+            if not any(c in recorded for c in _chain(e)):
                 fail("", None, [], e)
             e.add_note(f"dtype trace: {trace.failure}")
             raise
@@ -429,3 +431,12 @@ def autocast_or_refuse(device: str, dtype: torch.dtype | None) -> Iterator[None]
 def format_census(census: Census) -> str:
     """A census as a table: module, elements per parameter and buffer dtype, MiB."""
     return render(census.to_frame())
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from or during (``__cause__``, ``__context__``)."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return chain
