@@ -48,7 +48,8 @@ def test_padded_frames_leave_the_real_frames_as_they_were(tts: ChatterboxTTS) ->
     padded = _mels(tts, tokens, plan=FlowPlan("eager"), pad_to=40)
     assert padded.shape == plain.shape == (1, 80, 34)
     assert ((padded - plain).norm() / plain.norm()).item() < 1e-5
-    # The check can fail: frames padded with unmasked zeros change the output.
+    # The check can fail: 23 more tokens, unmasked (real frames, through the encoder too), change
+    # the first 17 tokens' frames (the encoder is not causal: the mask is what keeps them apart).
     changed = _mels(tts, torch.nn.functional.pad(tokens, (0, 23)))[..., :34]
     assert ((changed - plain).norm() / plain.norm()).item() > 1e-3
 

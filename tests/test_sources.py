@@ -125,7 +125,7 @@ def test_too_short_reference_is_refused_before_conditioning(
     # Before, 0.02 s passed check_reference and prepare_voice failed in torch's padding.
     path = tmp_path / "short.wav"
     sf.write(path, 0.1 * np.random.default_rng(0).standard_normal(int(seconds * 24000)), 24000)
-    with pytest.raises(SourceError, match=f"too short \\({seconds:.2f} s.*give at least 3 s of speech"):
+    with pytest.raises(SourceError, match=f"too short \\({seconds:.2f} s.*speech of 0.5 s or more"):
         check_reference(path)
     with pytest.raises(SourceError, match="too short"):
         prepare_voice(tiny_tts, str(path))
@@ -537,6 +537,14 @@ def test_a_near_silent_reference_is_refused_naming_its_level(reference_wav: Path
     voice, sr = sf.read(reference_wav)
     sf.write(path, 0.1 * voice, sr)  # quiet speech, 20 dB under the generated voice, is accepted
     assert check_reference(path).notes == []
+    # speech only after the first 10 s, all upstream makes the voice of: refused (it passed, the
+    # whole file measured, before 2026-12-04), and the same speech at the start is accepted
+    room = np.random.default_rng(1).normal(0, 10 ** (-70 / 20), 12 * sr)
+    sf.write(path, np.r_[room, 0.1 * voice[: 3 * sr]], sr)
+    with pytest.raises(SourceError, match="silence in its first 10 s.*trim the silence"):
+        check_reference(path)
+    sf.write(path, np.r_[0.1 * voice[: 3 * sr], room], sr)
+    assert check_reference(path).seconds == 15.0
 
 
 def test_a_reference_too_short_to_make_is_refused_and_a_failed_write_leaves_nothing(

@@ -24,6 +24,13 @@ MIN_REFERENCE_DBFS = -60.0
 # (a pause takes the rest). Before 2026-12-04 a tenth of the file: 0.9 s of speech before 9 s of
 # quiet room tone was refused as silence.
 LEVEL_S = 0.1
+# Upstream prepare_conditionals makes S3Gen's prompt of a reference's first 10 s (DEC_COND_LEN)
+# and T3's of its first 6 s: speech after them conditions nothing.
+PROMPT_S = 10.0
+SPEECH_ASKED = (
+    f"a recording of speech of {MIN_REFERENCE_S} s or more (3 s or more for a usable voice; "
+    "Turbo asks for more than 5 s)"
+)
 
 
 def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE_RATE, seed: int = 0) -> Path:
@@ -99,9 +106,17 @@ def check_reference(path: str | Path) -> ReferenceInfo:
             f"reference audio {path} is not a readable audio file ({e}); give a WAV/FLAC file"
         ) from e
     if data.shape[0] == 0:
-        raise SourceError(f"reference audio {path} is empty (0 samples); give at least 3 s of speech")
+        raise SourceError(f"reference audio {path} is empty (0 samples); give {SPEECH_ASKED}")
     if not np.all(np.isfinite(data)):
         raise SourceError(f"reference audio {path} contains NaN or infinite samples")
+    prompt = data[: int(PROMPT_S * sr)]
+    if _voice_level(prompt, sr) < MIN_REFERENCE_DBFS <= _voice_level(data, sr):
+        # (before 2026-12-04 the whole file was measured: a voice made of room tone passed)
+        raise SourceError(
+            f"reference audio {path} is silence in its first {PROMPT_S:g} s, the part upstream makes "
+            "the voice of (S3Gen's prompt; T3's is its first 6 s), and speaks only after them: trim "
+            "the silence before the speech"
+        )
     level = _voice_level(data, sr)
     if level < MIN_REFERENCE_DBFS:
         if not np.any(data):
@@ -124,7 +139,7 @@ def check_reference(path: str | Path) -> ReferenceInfo:
     if seconds < MIN_REFERENCE_S:
         raise SourceError(
             f"reference audio {path} is too short ({seconds:.2f} s, under {MIN_REFERENCE_S} s); "
-            "give at least 3 s of speech"
+            f"give {SPEECH_ASKED}"
         )
     if seconds < 1.0:
         notes.append(f"only {seconds:.2f} s long: conditioning quality will suffer")

@@ -209,7 +209,6 @@ def flow_mels(
     s3gen: S3Gen,
     tokens: torch.Tensor,
     gen: dict[str, Any],
-    finalize: bool = True,
     n_timesteps: int | None = None,
     noise: torch.Tensor | None = None,
     plan: FlowPlan | None = None,
@@ -217,8 +216,9 @@ def flow_mels(
 ) -> torch.Tensor:
     """Mel frames (1, 80, 2·tokens) for speech ``tokens`` after the reference prompt in ``gen``.
 
-    ``finalize=False`` drops the last ``pre_lookahead_len`` tokens' frames, as upstream streaming
-    does, because their right context has not arrived yet. ``noise`` (1, 80, 2·tokens) replaces
+    Always finalized, every token's frames made (upstream's ``finalize=False``, which drops the
+    last ``pre_lookahead_len`` tokens' frames, fails in its own mask there; before 2026-12-04 it
+    was offered here and failed so). ``noise`` (1, 80, 2·tokens) replaces
     the flow-matching start noise of the generated frames (upstream draws it afresh every call),
     so windows of one utterance can share one noise track. ``plan`` runs the CFM estimator its
     way, its frames padded to the prompt plus ``pad_to`` tokens (``FlowPlan``). ``n_timesteps``
@@ -232,7 +232,7 @@ def flow_mels(
         mels, _ = s3gen.flow.inference(
             token=tokens,
             token_len=torch.tensor([tokens.size(1)], device=device),
-            finalize=finalize,
+            finalize=True,
             n_timesteps=n_timesteps or cfm_steps(s3gen),
             noised_mels=None if noise is None else noise.to(device=device, dtype=dtype),
             meanflow=s3gen.meanflow,
