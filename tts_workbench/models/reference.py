@@ -109,14 +109,6 @@ def check_reference(path: str | Path) -> ReferenceInfo:
         raise SourceError(f"reference audio {path} is empty (0 samples); give {SPEECH_ASKED}")
     if not np.all(np.isfinite(data)):
         raise SourceError(f"reference audio {path} contains NaN or infinite samples")
-    prompt = data[: int(PROMPT_S * sr)]
-    if _voice_level(prompt, sr) < MIN_REFERENCE_DBFS <= _voice_level(data, sr):
-        # (before 2026-12-04 the whole file was measured: a voice made of room tone passed)
-        raise SourceError(
-            f"reference audio {path} is silence in its first {PROMPT_S:g} s, the part upstream makes "
-            "the voice of (S3Gen's prompt; T3's is its first 6 s), and speaks only after them: trim "
-            "the silence before the speech"
-        )
     level = _voice_level(data, sr)
     if level < MIN_REFERENCE_DBFS:
         if not np.any(data):
@@ -129,6 +121,14 @@ def check_reference(path: str | Path) -> ReferenceInfo:
         raise SourceError(
             f"reference audio {path} is silence ({measured}); give a recording of speech "
             "(check the input level; stereo channels in opposite phase cancel out in the mono mix)"
+        )
+    prompt = int(PROMPT_S * sr)  # measured apart only where the file is longer than it
+    if data.shape[0] > prompt and _voice_level(data[:prompt], sr) < MIN_REFERENCE_DBFS:
+        # (before 2026-12-04 the whole file was measured: a voice made of room tone passed)
+        raise SourceError(
+            f"reference audio {path} is silence in its first {PROMPT_S:g} s, the part upstream makes "
+            "the voice of (S3Gen's prompt; T3's is its first 6 s), and speaks only after them: trim "
+            "the silence before the speech"
         )
     notes = []
     if data.shape[1] > 1:
