@@ -152,3 +152,33 @@ def test_the_load_step_names_no_file_that_is_gone(tmp_path: Path, reference_wav:
     named = paths_in(load)
     assert named and all((tmp_path / path).is_file() for path in named), named
     assert f"figure: {tmp_path / 'gpu_load.png'}" in p.stdout
+
+
+def test_the_gpu_steps_import_without_the_notebook_packages() -> None:
+    # The GPU image has no IPython, ipywidgets or Ray Serve: on 2026-12-04 a top-level IPython
+    # import (core.progress) failed every step of a GPU call. Every module but the notebook
+    # widgets (interface.playback) and serving must import without them, and the CLI must run.
+    blocked = ("IPython", "ipywidgets", "ipykernel", "ray", "fastapi", "starlette", "uvicorn", "pydantic")
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "tts_workbench").rglob("*.py")
+        if p.parent.name != "serving" and p.stem != "playback"
+    )
+    code = f"""
+import importlib, importlib.util, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, Block())
+for name in {modules!r}:
+    importlib.import_module(name)
+spec = importlib.util.spec_from_file_location("sampling_study", "scripts/sampling_study.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+from tts_workbench.interface.cli import main
+sys.exit(main(["load", "--help"]))
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--streams" in p.stdout
+    assert len(modules) > 40  # every module found (a path mistake would import none)

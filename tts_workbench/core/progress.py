@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from IPython.display import display
 from tqdm import auto
 from tqdm.notebook import tqdm as notebook_tqdm
 
@@ -21,6 +20,8 @@ class KeptBar(notebook_tqdm):
     ``leave=False`` bar (hidden in the kernel; its saved text said "0%")."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from IPython.display import display  # only in a kernel: a GPU image may have no IPython
+
         super().__init__(*args, **kwargs, display=False)
         shown = not self.disable  # (progress_bar gives no delayed bar: tqdm shows one itself)
         self._handle = display(self.container, display_id=True) if shown else None
