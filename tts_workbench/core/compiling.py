@@ -17,15 +17,22 @@ engine's batched step, S3Gen's CFM estimator), in one place.
   the rest of it, a caller's ``force_eager`` say, is kept).
 - ``fell_back``: the one warning of a compile that failed, its error in one line (the reason a
   caller keeps as its ``fallback_reason``).
+- ``cudagraph_thread_ready``: CUDA graph trees' per-thread state made for a thread that has none
+  (``replay`` calls it): before torch 2.13 only the thread that imported Inductor's
+  ``cudagraph_trees`` had it, and any other thread's first compiled call failed with a bare
+  AssertionError (pytorch/pytorch#123177). Seen on the H200 (torch 2.11, 2026-12-04): the load
+  study's second engine, in a thread of its own, fell back to the static step.
 """
 
 from __future__ import annotations
 
 import threading
+import traceback
 import types
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,9 +67,23 @@ def replay(
     with skipping_guards(skip_guards):
         if not cudagraphs:
             return fn(*args)
+        cudagraph_thread_ready()
         torch.compiler.cudagraph_mark_step_begin()
         out = fn(*args)
         return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+
+
+def cudagraph_thread_ready() -> None:
+    """Give this thread CUDA graph trees' own state (a tree manager per device, its locks) where
+    it has none, as torch 2.13's ``get_obj`` does itself; before that version a thread other than
+    the one that imported ``cudagraph_trees`` (and the threads autograd copies its state to) failed
+    ``assert torch._C._is_key_in_tls(...)``. A thread's graphs stay in its own tree, as before."""
+    from torch._inductor import cudagraph_trees as trees  # imported by the first compile anyway
+
+    if not hasattr(trees.local, "tree_manager_containers") and not torch._C._is_key_in_tls(
+        "tree_manager_containers"
+    ):
+        trees._initialize_tls(trees.local)
 
 
 def warmup_calls(cudagraphs: bool) -> int:
@@ -114,8 +135,12 @@ def skipping_guards(wanted: bool) -> Iterator[None]:
 def fell_back(e: Exception, what: str, instead: str, stacklevel: int = 2) -> str:
     """Warn once that ``torch.compile`` of ``what`` failed and ``instead`` runs from now on;
     the reason, ``Type: first paragraph`` of the error (dynamo puts the backend's own error
-    there, then pages of advice). ``stacklevel`` as the caller's own ``warnings.warn``."""
+    there, then pages of advice), or for an error with no message (a bare ``assert``) the file,
+    line and function that raised it. ``stacklevel`` as the caller's own ``warnings.warn``."""
     first = " ".join(str(e).strip().split("\n\n")[0].split())
+    if not first and e.__traceback__ is not None:  # a bare assert: where it failed is the reason
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        first = f"raised at {Path(frame.filename).name}:{frame.lineno} in {frame.name}"
     reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
     warnings.warn(f"torch.compile of {what} failed ({reason}); {instead}", RuntimeWarning, stacklevel + 1)
     return reason
