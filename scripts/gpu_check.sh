@@ -13,13 +13,14 @@
 #      compiled steps decode without the alignment analyzer, README);
 #   1c. (GPU_CHECK_LOAD=1, GPU_CHECK_SERVE=1) the load study, in process and over HTTP; its figure
 #      is copied beside the results file (NAME_load.png, NAME_serve-load.png);
-#   2. sampling the next tokens of 1, 8, 32 and 64 streams: upstream's way one stream at a time
-#      vs sampling.Sampler batched (scripts/sampling_study.py, ~30 s; it needs chatterbox too);
-#   3. (GPU_CHECK_TRACE=1, the default) `tts-workbench trace`: T3's decode with the eager and the
+#   2. (GPU_CHECK_TRACE=1, the default) `tts-workbench trace`: T3's decode with the eager and the
 #      compiled step profiled after a warm-up, each one's t3.decode region (its first 20 steps)
 #      cut and copied to traces/ beside the results file (issue 22); the image has no
 #      HolisticTraceAnalysis (and its plotly would not fit the carried wheels), so they are read
 #      back here: tts-workbench trace --read results/traces/decode_*.json.gz
+#   3. sampling the next tokens of 1, 8, 32 and 64 streams: upstream's way one stream at a time
+#      vs sampling.Sampler batched (scripts/sampling_study.py, ~30 s; it needs chatterbox too),
+#      last of the default steps: the one a short deadline may skip;
 #   4. (GPU_CHECK_DIAGNOSE=1) the diagnosis on CUDA: which SDPA kernel upstream's float32 decode
 #      ran, why Flash was refused, and where a float16 cast breaks.
 # Each step runs on its own, under the exit watchdog (below) and a time limit: one that fails or
@@ -434,17 +435,18 @@ while True:  # until the replica has built, compiled and answers, or the seconds
         kill -TERM $SERVER 2>/dev/null; timeout $GRACE tail --pid=$SERVER -f /dev/null || kill -KILL $SERVER 2>/dev/null
     fi
 fi
-# sampling B streams: one at a time vs sampling.Sampler batched, same tokens (a script of its own
-# arguments: --plain, no reference and no --json, it prints JSON anyway). It needs what the model
-# steps need: it imports studies.bench, which imports chatterbox (before 2026-12-04 it looked for
-# torch and transformers alone, and without chatterbox it failed instead of being skipped).
-[[ $MODE == dry-run ]] && SAMPLING=(--streams 2 --min-run-time 0.2) || SAMPLING=(--streams 1,8,32,64)
-step --plain sampling $PY scripts/sampling_study.py --device $DEVICE "${SAMPLING[@]}"
 if [[ ${GPU_CHECK_TRACE:-1} == 1 ]]; then
     [[ $MODE == dry-run ]] && STEPS=eager,static || STEPS=eager,compiled  # no compile in the dry run
     step trace $PY -m tts_workbench.interface.cli trace --model $MODEL --device $DEVICE --tokens $((TOKENS < 60 ? TOKENS : 60)) \
         --steps $STEPS --dtype bfloat16 --keep 20 --logdir "$DIR/traces" --cut-only
 fi
+# sampling B streams: one at a time vs sampling.Sampler batched, same tokens (a script of its own
+# arguments: --plain, no reference and no --json, it prints JSON anyway); after the trace, being
+# the step least needed (a short deadline skips the last). It needs what the model
+# steps need: it imports studies.bench, which imports chatterbox (before 2026-12-04 it looked for
+# torch and transformers alone, and without chatterbox it failed instead of being skipped).
+[[ $MODE == dry-run ]] && SAMPLING=(--streams 2 --min-run-time 0.2) || SAMPLING=(--streams 1,8,32,64)
+step --plain sampling $PY scripts/sampling_study.py --device $DEVICE "${SAMPLING[@]}"
 [[ ${GPU_CHECK_DIAGNOSE:-0} == 0 ]] || step diagnose $PY -m tts_workbench.interface.cli diagnose --model $MODEL --device $DEVICE --tokens $((TOKENS / 3 + 1)) \
     --dtype float16 --out "$TMP/diagnose"
 

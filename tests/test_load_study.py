@@ -194,7 +194,12 @@ def test_load_cli_reports_each_level(
     args = ["load", "--streams", "1,2", "--tokens", "20", "--first-window-s", "0.4", "--window-s", "0.8"]
     rc = main([*args, "--reference", str(reference_wav), "--out", str(tmp_path), "--json"])
     assert rc == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    # each level's summary on stderr as it ends (a run killed at a later level keeps them)
+    lines = [line for line in captured.err.splitlines() if line.startswith("level ")]
+    summaries = [json.loads(line.split(": ", 1)[1]) for line in lines]
+    assert summaries == [level["summary"] for level in report["levels"]]
     # what was measured: the --model, the voice and the texts, in the report and its title
     assert (report["model"], report["reference"], report["texts"]) == ("tiny", str(reference_wav), "built-in")
     assert report["title"].startswith(f"load study of tiny on cpu, voice {reference_wav}, texts built-in,")

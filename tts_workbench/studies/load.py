@@ -292,6 +292,9 @@ def run_level(
     delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float)}
     streams = [_stream_row(h, out, float(at)) for h, out, at in zip(handles, outs, offsets, strict=True)]
     mem = {"start_bytes": memory.start_bytes, "peak_bytes": memory.peak_bytes}
+    summary = _level_summary(n, wall, streams, delta, mem, engine.kv_bytes_per_stream)
+    if progress:  # each level's figures as it ends: a run stopped before the report keeps them
+        print(f"level {n}: {json_dumps(summary, indent=None)}", file=sys.stderr, flush=True)
     return {
         "streams": n,
         "wall_s": wall,
@@ -303,7 +306,7 @@ def run_level(
         "rows_held_after": held_after,
         "memory": mem,
         "per_stream": streams,
-        "summary": _level_summary(n, wall, streams, delta, mem, engine.kv_bytes_per_stream),
+        "summary": summary,
     }
 
 
