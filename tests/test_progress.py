@@ -26,7 +26,7 @@ def _recording(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         shown.append(repr(obj))
         return _Handle(shown)
 
-    monkeypatch.setattr(progress_module, "display", display)
+    monkeypatch.setattr("IPython.display.display", display)  # imported by KeptBar when made
     return shown
 
 
