@@ -30,6 +30,7 @@ import threading
 import traceback
 import types
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,10 +81,16 @@ def cudagraph_thread_ready() -> None:
     ``assert torch._C._is_key_in_tls(...)``. A thread's graphs stay in its own tree, as before."""
     from torch._inductor import cudagraph_trees as trees  # imported by the first compile anyway
 
-    if not hasattr(trees.local, "tree_manager_containers") and not torch._C._is_key_in_tls(
-        "tree_manager_containers"
-    ):
-        trees._initialize_tls(trees.local)
+    local = trees.local
+    if hasattr(local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    # What the module does for its importing thread (torch 2.13 calls it ``_initialize_tls``,
+    # which earlier versions do not have): a tree manager per device, and the same objects
+    # stashed where the threads autograd starts look them up.
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
 def warmup_calls(cudagraphs: bool) -> int:
