@@ -360,6 +360,8 @@ step() {  # step [--plain] NAME COMMAND...: stdout to DIR/NAME.json, stderr to D
     printf '{"rc": %d, "seconds": %d, "limit_s": %d, "stopped_after_report": %s}\n' \
         "$rc" "$((SECONDS - t0))" "$limit" "$stopped" > "$DIR/$name.status"
     echo "   rc $rc in $((SECONDS - t0)) s" >&2
+    # the load study's summary of each level it finished, into the log even when stopped before its report
+    grep -h '^level [0-9]*: ' "$DIR/$name.err" >&2 || true
     [[ $rc == 0 || -n $done_at ]] || tail -5 "$DIR/$name.err" >&2  # a stopped step's report is whole
     combine
 }
