@@ -152,6 +152,8 @@ def test_the_load_step_names_no_file_that_is_gone(tmp_path: Path, reference_wav:
     named = paths_in(load)
     assert named and all((tmp_path / path).is_file() for path in named), named
     assert f"figure: {tmp_path / 'gpu_load.png'}" in p.stdout
+    # each finished level's summary in the log (the script's stderr), not only in the step folder
+    assert re.search(r"^level 1: \{", p.stderr, re.M), p.stderr[-2000:]
 
 
 def test_the_gpu_steps_import_without_the_notebook_packages() -> None:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from safetensors.torch import load_file, save_file
 
+from tts_workbench.core import patching
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.attention import record_kernels
@@ -612,8 +613,16 @@ def _state(tts: ChatterboxTTS) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("policy", ["bfloat16", "decode-bfloat16", "autocast-bfloat16"])
-def test_close_gives_the_model_back_exactly(reference_wav: Path, policy: str) -> None:
+@pytest.mark.parametrize(
+    ("policy", "away"),
+    [("bfloat16", False), ("decode-bfloat16", False), ("autocast-bfloat16", False), ("bfloat16", True)],
+)
+def test_close_gives_the_model_back_exactly(
+    reference_wav: Path, policy: str, away: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # away: as on a GPU, the originals the cast replaced are copied off the model's device while
+    # open (every tensor counts as elsewhere here: on this CPU none would be) and copied back
+    monkeypatch.setattr(patching, "_elsewhere", lambda t, to: away)
     tts = load_model("tiny", seed=0)
     tts.prepare_conditionals(str(reference_wav))
     want = generate(tts, TEXT, max_new_tokens=12, seed=5).wav  # (upstream adds t3.patched_model)
@@ -626,6 +635,8 @@ def test_close_gives_the_model_back_exactly(reference_wav: Path, policy: str) ->
         assert "forward" in vars(tts.ve)  # an island's shadow is installed while open
         if policy == "bfloat16":
             assert next(tts.t3.parameters()).dtype == torch.bfloat16
+        # only what a cast replaced is released: nothing where the weights stay float32
+        assert (opt.released_bytes > 0) == (away and policy == "bfloat16")
     after = _state(tts)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)

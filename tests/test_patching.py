@@ -313,3 +313,38 @@ def test_skipping_guards_keeps_the_callers_stance() -> None:
                 assert (now.stance, now.backend, now.skip_guard_eval_unsafe) == (stance, backend, True)
             now = eval_frame._stance
             assert (now.stance, now.backend, now.skip_guard_eval_unsafe) == (stance, backend, False)
+
+
+def test_released_originals_leave_the_snapshot_and_come_back_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU a cast module's originals stayed referenced by its snapshot, on the GPU: a bfloat16
+    # wrapper held the float32 weights too. Here every tensor counts as elsewhere (this CPU has no
+    # other device), so release_replaced copies exactly what it would move off a GPU.
+    monkeypatch.setattr(patching, "_elsewhere", lambda t, to: True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[1].weight = model[0].weight  # tied, as embeddings and heads can be
+    model.register_buffer("scale", torch.rand(4))
+    model[2].cached = torch.rand(3)  # a plain tensor attribute (upstream caches some so)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    snap = patching.ModuleSnapshot(model)
+    model[0].to(torch.bfloat16)  # replaces model[0]'s (and the tied) weight; the rest stays
+    original = snap.params["0.weight"]
+    assert isinstance(original, torch.Tensor)
+    watch = torch.utils.weak.WeakTensorKeyDictionary({original: True})
+    del original
+    moved = snap.release_replaced()
+    assert moved == 4 * 4 * 4 + 4 * 4  # model[0]'s float32 weight and bias, each once (tied: one copy)
+    assert len(watch) == 0  # the snapshot no longer holds the replaced tensor
+    snap.restore()
+    assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in model.state_dict().items())
+    assert model[1].weight.data_ptr() == model[0].weight.data_ptr()  # shared again
+    assert isinstance(model[2].cached, torch.Tensor)
+
+
+def test_nothing_is_released_where_the_tensors_already_are() -> None:
+    model = torch.nn.Linear(4, 4)
+    snap = patching.ModuleSnapshot(model)
+    model.to(torch.bfloat16)
+    assert snap.release_replaced() == 0  # on this CPU the originals are where a copy would go
+    snap.restore()
+    assert model.weight.dtype == torch.float32

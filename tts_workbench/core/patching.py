@@ -16,9 +16,11 @@ Everything the workbench does to a user's model goes through here:
   through meanwhile).
 - ``preserved`` (``ModuleSnapshot``): remember every parameter and buffer tensor of modules
   (references, not copies) and put them back; casting with ``module.to(dtype)`` swaps
-  ``param.data``, so the originals come back bit for bit at no memory cost beyond what the cast
-  itself allocated. (A deep copy of a whole ChatterboxTTS is not possible: HiFT's weight-norm
-  keeps non-leaf tensors, which ``copy.deepcopy`` refuses.)
+  ``param.data``, so the originals come back bit for bit. The references keep the originals
+  alive beside the cast tensors: on a GPU, ``release_replaced`` moves the ones the module no
+  longer holds to the CPU (before 2026-12-04 a bfloat16 wrapper held the float32 weights on the
+  GPU too). (A deep copy of a whole ChatterboxTTS is not possible: HiFT's weight-norm keeps
+  non-leaf tensors, which ``copy.deepcopy`` refuses.)
 - ``working_copy``: an attribute replaced by a copy of itself, the original put back.
 - ``scoped_item``: set a key of a dict (e.g. upstream's ``LLAMA_CONFIGS``) and remove it again,
   held as ``shared`` holds a shadow.
@@ -245,6 +247,29 @@ def scoped_item(mapping: MutableMapping[str, Any], key: str, value: Any) -> Iter
                 _items_free.notify_all()
 
 
+class _Kept:
+    """A remembered tensor's values kept on another device (``release_replaced``), copied back
+    once at restore: every remembered name that shared the tensor gets the same copy."""
+
+    def __init__(self, away: torch.Tensor, device: torch.device) -> None:
+        self.away, self.device = away, device
+        self._back: torch.Tensor | None = None
+
+    def back(self) -> torch.Tensor:
+        if self._back is None:
+            self._back = self.away.to(self.device)
+        return self._back
+
+
+def _elsewhere(t: torch.Tensor, to: torch.device) -> bool:
+    """Is ``t`` on another device than ``to``, so that keeping it there instead frees its memory?"""
+    return t.device != to
+
+
+def _value(v: torch.Tensor | _Kept) -> torch.Tensor:
+    return v.back() if isinstance(v, _Kept) else v
+
+
 class ModuleSnapshot:
     """The tensors behind every parameter and buffer of ``module``, and every plain tensor
     attribute of its submodules, to restore them later. The last matter: upstream caches some
@@ -254,33 +279,76 @@ class ModuleSnapshot:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.params = {n: p.data for n, p in module.named_parameters(remove_duplicate=False)}
-        self.buffers = {n: b for n, b in module.named_buffers(remove_duplicate=False)}
-        self.attributes = {
+        self.params: dict[str, torch.Tensor | _Kept] = {
+            n: p.data for n, p in module.named_parameters(remove_duplicate=False)
+        }
+        self.buffers: dict[str, torch.Tensor | _Kept] = dict(module.named_buffers(remove_duplicate=False))
+        self.attributes: dict[tuple[nn.Module, str], torch.Tensor | _Kept] = {
             (m, name): value
             for m in module.modules()
             for name, value in vars(m).items()
             if isinstance(value, torch.Tensor)
         }
 
+    def release_replaced(self, to: torch.device | str = "cpu") -> int:
+        """Keep on ``to`` the remembered tensors that the module no longer holds (a cast replaced
+        them) and that are on another device: a wrapper that casts a model on a GPU would
+        otherwise hold its original weights there too, beside the cast ones. Tensors the module
+        still holds stay as they are (no copy). Bytes moved off their device."""
+        to = torch.device(to)
+        live = self._live()
+        kept: dict[tuple[Any, ...], _Kept] = {}  # one copy per tensor however many names share it
+        moved = 0
+        for table in (self.params, self.buffers, self.attributes):
+            for key, value in table.items():
+                now = live.get(key) if table is not self.attributes else live.get(("attr", key))
+                if isinstance(value, _Kept) or not _elsewhere(value, to) or _same(value, now):
+                    continue
+                ident = (value.untyped_storage().data_ptr(), value.storage_offset(),
+                         tuple(value.shape), value.stride(), value.dtype, value.device)  # fmt: skip
+                if ident not in kept:
+                    kept[ident] = _Kept(value.to(to, copy=True), value.device)
+                    moved += value.nbytes
+                table[key] = kept[ident]  # type: ignore[index]
+        return moved
+
+    def _live(self) -> dict[Any, torch.Tensor | None]:
+        """What the module holds now under each remembered name."""
+        live: dict[Any, torch.Tensor | None] = {}
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        live.update({n: (params[n].data if n in params else None) for n in self.params})
+        buffers = dict(self.module.named_buffers(remove_duplicate=False))
+        live.update({n: buffers.get(n) for n in self.buffers})
+        live.update({("attr", (m, name)): getattr(m, name, None) for m, name in self.attributes})
+        return live
+
     def restore(self) -> None:
         """Put every remembered tensor back (dtype, device and values as they were). Submodules
         added since (upstream T3 adds ``patched_model`` on first use) share the same parameters."""
         for name, data in self.params.items():
-            self.module.get_parameter(name).data = data
+            self.module.get_parameter(name).data = _value(data)
         for name, buffer in self.buffers.items():
             owner, _, leaf = name.rpartition(".")
-            setattr(self.module.get_submodule(owner) if owner else self.module, leaf, buffer)
+            setattr(self.module.get_submodule(owner) if owner else self.module, leaf, _value(buffer))
         for (m, name), value in self.attributes.items():
-            setattr(m, name, value)
+            setattr(m, name, _value(value))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Is ``b`` the very tensor ``a`` (same memory, dtype and shape), not a replacement?"""
+    return (
+        b is not None and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+    )  # fmt: skip
 
 
 @contextmanager
-def preserved(*modules: nn.Module) -> Iterator[None]:
-    """Every parameter and buffer of ``modules`` as it was on entry, again on exit."""
+def preserved(*modules: nn.Module) -> Iterator[list[ModuleSnapshot]]:
+    """Every parameter and buffer of ``modules`` as it was on entry, again on exit; inside, their
+    snapshots (``release_replaced`` after a cast)."""
     snapshots = [ModuleSnapshot(m) for m in modules]
     try:
-        yield
+        yield snapshots
     finally:
         for snap in snapshots:
             snap.restore()

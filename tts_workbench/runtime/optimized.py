@@ -50,6 +50,7 @@ from ..core.constants import HALF_DTYPES, dtype_name
 from ..core.devices import check_device
 from ..core.errors import ConfigError, NoVoiceError
 from ..core.families import components, family_of
+from ..core.patching import ModuleSnapshot
 from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
 from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
@@ -483,9 +484,13 @@ class PerformanceOptimizedTTS(Pipeline):
         # step fails (a "keep" policy on mixed dtypes, say), the model is given back at once.
         self._stack = ExitStack()
         try:
-            self._stack.enter_context(restored(tts))
+            snapshots: list[ModuleSnapshot] = []
+            self._stack.enter_context(restored(tts, snapshots))
             self.islands: list[Island] = install_islands(tts, self._stack)
             self._apply_policy()
+            # The original tensors a cast replaced, kept on the CPU while open (close() copies them
+            # back): on a GPU the float32 weights would stay there beside the bfloat16 ones.
+            self.released_bytes = sum(snap.release_replaced() for snap in snapshots)
             if tts.conds is not None:
                 self._ensure_conditionals_dtype()
             # The static and compiled steps mask their cache's unused slots: Flash takes no mask.

@@ -25,7 +25,7 @@ from torch import nn
 from ..core.constants import dtype_name
 from ..core.errors import ConfigError, SourceError
 from ..core.families import FAMILIES, components, family_of
-from ..core.patching import preserved, shadow, working_copy
+from ..core.patching import ModuleSnapshot, preserved, shadow, working_copy
 from ..core.policies import POLICIES
 from ..models.vocode import cast_gen
 
@@ -150,11 +150,19 @@ def copy_conditionals(conds: Conditionals | None) -> Conditionals | None:
 
 
 @contextmanager
-def restored(tts: ChatterboxTTS) -> Iterator[Conditionals | None]:
+def restored(
+    tts: ChatterboxTTS, snapshots: list[ModuleSnapshot] | None = None
+) -> Iterator[Conditionals | None]:
     """Everything the workbench may change on ``tts``, given back on exit as it was on entry:
     every tensor of its components (``patching.preserved``) and its conditionals (the block
-    works on a copy, yielded)."""
-    with preserved(*components(tts).values()), working_copy(tts, "conds", copy_conditionals) as conds:
+    works on a copy, yielded). ``snapshots``, when given, receives the components' snapshots
+    (a caller that casts them releases what the cast replaced: ``release_replaced``)."""
+    with (
+        preserved(*components(tts).values()) as snaps,
+        working_copy(tts, "conds", copy_conditionals) as conds,
+    ):
+        if snapshots is not None:
+            snapshots.extend(snaps)
         yield conds
 
 
