@@ -3,6 +3,7 @@ trace (tests/data/README.md), and this project's own CPU traces, where HTA has n
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import sys
@@ -94,6 +95,56 @@ def test_known_trace_numbers(known_trace: Path) -> None:
     s = r.summary()
     assert s["device"] == "test GPU" and s["span_us"] == 80 and s["top_kernel"] == "k2"
     assert s["idle_host_wait_pct"] == 100.0  # each kernel was launched after the one before it ended
+
+
+def test_cuda_syncs_are_not_device_time(known_trace: Path, tmp_path: Path) -> None:
+    # torch.profiler records a host sync as a "cuda_sync" event on the stream it waited for;
+    # HTA counted it as device work, so the span ran to the sync's end (121 µs, 40 µs "non-compute")
+    trace = json.loads(known_trace.read_text())
+    args = {"cuda_sync_kind": "Stream Sync", "stream": 7, "correlation": 4, "device": 0}
+    sync = {"ph": "X", "cat": "cuda_sync", "name": "Stream Sync", "pid": 0, "tid": 7, "ts": 181, "dur": 40,
+            "args": args}  # fmt: skip
+    trace["traceEvents"] += [{**_launch(181, 40, 4), "name": "cudaStreamSynchronize"}, sync]
+    path = tmp_path / "sync.json.gz"
+    path.write_bytes(gzip.compress(json.dumps(trace).encode()))
+    r = analyze(path)
+    assert r.temporal[["idle_us", "compute_us", "non_compute_us"]].iloc[0].tolist() == [45, 35, 0]
+    s = r.summary()
+    assert s["span_us"] == 80 and s["idle_pct"] == pytest.approx(56.25) and s["non_compute_pct"] == 0
+    assert r.trace == str(path.resolve()) and r.launches["correlation"].tolist() == [1, 2, 3]
+    assert read_trace(path) == trace  # the file itself is left as it was
+
+
+def test_a_gpu_trace_without_kernels_names_its_gpu(tmp_path: Path) -> None:
+    # torch writes "deviceProperties": [] for a CPU profile; a GPU listed there with none of its
+    # kernels recorded is a profiler that missed them (CUPTI), not a CPU-only profile
+    events = [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 0, "dur": 5,
+               "args": {"External id": 7}},
+              {**_launch(1, 3, 7), "ts": 1}]  # fmt: skip
+    gpu = [{"id": 0, "name": "NVIDIA H200"}]
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"deviceProperties": gpu, "traceEvents": events}))
+    events.append({"ph": "X", "cat": "user_annotation", "name": "t3.decode", "pid": 1, "tid": 1,
+                   "ts": 0, "dur": 5})  # fmt: skip
+    cut = tmp_path / "cut.json"  # a region of it: analyze_region reports one without analyze
+    cut.write_text(json.dumps({"deviceProperties": gpu, "traceEvents": events}))
+    for r in (analyze(path), analyze_region(cut, "t3.decode", tmp_path / "region.json")):
+        assert not r.analyzed and r.device == "NVIDIA H200" and r.summary()["device"] == "NVIDIA H200"
+        assert "CPU-only" not in r.note and "CUPTI" in r.note and "ProfilerActivity.CUDA" in r.note
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"deviceProperties": [], "traceEvents": events[:1]}))
+    assert analyze(cpu).device == "cpu only" and analyze(cpu).note == CPU_ONLY_NOTE
+
+
+def test_trace_read_errors_say_what_to_give(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "list.json").write_text("[1, 2]")  # JSON, but not a trace
+    missing, not_trace = tmp_path / "none.json", tmp_path / "list.json"
+    for path, why in ((missing, "argument --read: no trace file"), (not_trace, "no traceEvents")):
+        assert main(["trace", "--read", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "torch.profiler" in err, err
+    with pytest.raises(TraceError, match="no traceEvents.*torch.profiler"):
+        read_trace(tmp_path / "list.json")
 
 
 def test_without_hta_the_report_says_where_to_read_it(

@@ -257,7 +257,10 @@ def read_trace(path: str | Path) -> dict[str, Any]:
         raise TraceError(f"{path} is not a readable trace ({type(e).__name__}: {e}): give a .json or "
                          ".json.gz file written by torch.profiler (profile, trace)") from None  # fmt: skip
     if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
-        raise TraceError(f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list)")
+        raise TraceError(
+            f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list): give a .json or "
+            ".json.gz file written by torch.profiler (profile, trace)"
+        )
     return trace
 
 

@@ -17,8 +17,10 @@ holds one one-shot generation; a stream's S3Gen calls between decode blocks stay
 it as a trace of its own, small enough to keep; HTA
 then reads the region as a whole trace. ``analyze`` reads one trace file into DataFrames with
 units in the column names (``TraceReport``); ``compare`` puts the headline
-numbers of several side by side. A trace without device activity (a CPU-only profile) gets no
-frames and a note saying what HTA cannot show there.
+numbers of several side by side. A trace without device activity gets no frames and a note:
+on a CPU-only profile, what HTA cannot show there; on a GPU (the trace lists it) whose kernels
+the profiler did not record, the GPU's name and what to check. HTA reads each trace without its
+CUDA syncs (``cuda_sync`` events: the host waiting, which HTA 0.5.0 counts as device time).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,12 +45,23 @@ from .profiling import read_trace
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
 # Host events that launch device work and carry its correlation id.
 LAUNCH_CATEGORIES = frozenset({"cuda_runtime", "cuda_driver"})
+# A host's wait for the device (Stream Sync, Context Sync, Event Sync): on a stream in the trace,
+# but not work the device did.
+SYNC_CATEGORY = "cuda_sync"
 
 CPU_ONLY_NOTE = (
     "no device activity in this trace (a CPU-only profile): HTA's temporal, idle and kernel "
     "breakdowns and its launch statistics are all read from device kernels and their launches, "
     "so none of them exists here; the host's operator times are in `tts-workbench profile`'s "
     "ops.csv (profiling.op_frame)"
+)
+
+NO_KERNELS_NOTE = (
+    "no device activity recorded on {device}, which the trace lists: the profiler kept none of its "
+    "kernels, copies or memsets (profile with ProfilerActivity.CUDA, and check that torch.profiler "
+    "has CUPTI: a warning at the profile's start says when it has not); HTA's temporal, idle and "
+    "kernel breakdowns and its launch statistics are all read from device kernels, so none of them "
+    "exists here"
 )
 
 NO_HTA_NOTE = (
@@ -189,7 +203,8 @@ class TraceReport:
     """HTA's analyses of one trace (all times in microseconds, as the trace's own).
 
     - ``temporal``: one row, ``idle_us``, ``compute_us``, ``non_compute_us`` (copies, memsets)
-      and their ``_pct`` of the device's busy-or-idle span;
+      and their ``_pct`` of the device's busy-or-idle span, from its first kernel, copy or
+      memset to its last (CUDA syncs left out: ``SYNC_CATEGORY``);
     - ``idle``: per CUDA stream, idle time by cause: ``host_wait`` (the host had not launched the
       next kernel yet), ``kernel_wait`` (short gaps between back-to-back kernels), ``other``;
     - ``kernels``: every device kernel, copy and memset by name, most time first (``kernel_times``:
@@ -267,22 +282,49 @@ def _hta_quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
+@contextmanager
+def _without_syncs(trace: Mapping[str, Any], path: Path) -> Iterator[Path]:
+    """``path``, or where there are CUDA syncs in ``trace``, a copy of it without them (HTA reads
+    files). HTA 0.5.0 counts every event on a stream as device time, so a host's sync after the
+    last kernel stretched the span to the sync's end and counted the wait as non-compute time."""
+    if not any(e.get("cat") == SYNC_CATEGORY for e in trace["traceEvents"]):
+        yield path
+        return
+    kept = [e for e in trace["traceEvents"] if e.get("cat") != SYNC_CATEGORY]
+    with tempfile.TemporaryDirectory(prefix="hta-") as tmp:
+        yield _write({**trace, "traceEvents": kept}, Path(tmp) / path.name.removesuffix(".gz"))
+
+
+def _without_device_activity(trace: Mapping[str, Any], path: str | Path) -> TraceReport:
+    """The report on a trace without device events: a CPU-only profile when the trace lists no
+    device (torch writes ``deviceProperties: []`` for one), else a GPU whose kernels the profiler
+    did not record."""
+    if trace.get("deviceProperties"):
+        device = _device(trace)
+        return TraceReport(str(path), device, note=NO_KERNELS_NOTE.format(device=device))
+    return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
+
+
+def _device(trace: Mapping[str, Any]) -> str:
+    props = trace.get("deviceProperties") or [{}]
+    return str(props[0].get("name", "unknown device"))
+
+
 def analyze(path: str | Path) -> TraceReport:
     """HTA's temporal and idle breakdowns of one trace file, and read from the trace itself its
     kernels' times, launch statistics and attention kernels."""
     trace = _read(path)
-    props = trace.get("deviceProperties") or [{}]
-    device = str(props[0].get("name", "unknown device"))
+    device = _device(trace)
     if not device_events(trace):
-        return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
+        return _without_device_activity(trace, path)
     try:
         from hta.trace_analysis import TraceAnalysis  # imports plotly and more: only when needed
         from hta.utils.utils import get_kernel_type
     except ImportError as e:  # e.g. a GPU image without it: the trace is kept to read elsewhere
         return TraceReport(str(path), device, note=f"{NO_HTA_NOTE} ({e})")
     path = Path(path).resolve()
-    with _hta_quiet():
-        hta = TraceAnalysis(trace_files={0: str(path)}, trace_dir=str(path.parent))
+    with _hta_quiet(), _without_syncs(trace, path) as read:
+        hta = TraceAnalysis(trace_files={0: str(read)}, trace_dir=str(read.parent))
         temporal = hta.get_temporal_breakdown(visualize=False)
         idle, _ = hta.get_idle_time_breakdown(visualize=False)
     temporal = temporal.rename(
@@ -363,10 +405,10 @@ def analyze_region(
 
 def analyze_cut(cut: dict[str, Any], out: str | Path) -> TraceReport:
     """``analyze`` of a ``cut_region``, written to ``out`` first (HTA reads files); without
-    device activity, the CPU-only report."""
+    device activity, the report that says so (``analyze``'s)."""
     out = _write(cut, out)
     if not device_events(cut):  # read here already: HTA would have nothing to read
-        return TraceReport(str(out), device="cpu only", note=CPU_ONLY_NOTE)
+        return _without_device_activity(cut, out)
     return analyze(out)
 
 

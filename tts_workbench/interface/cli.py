@@ -363,7 +363,10 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         paths = _trace_labels([Path(p) for p in args.read])
         for path in paths.values():
             if not path.is_file():
-                raise ValueError(f"argument --read: no trace file {path}")
+                raise ValueError(
+                    f"argument --read: no trace file {path}: give the path of a .json or .json.gz file "
+                    "written by torch.profiler (profile, trace)"
+                )
         note = f"read from {len(paths)} trace file(s)"
         return decode_trace_report(read_traces(paths), note), format_decode_traces
     with naming_flag("--steps", ConfigError):  # an unknown step
