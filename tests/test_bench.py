@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from tts_workbench.core.constants import UPSTREAM_GENERATE_CAP
@@ -127,3 +128,44 @@ def test_a_failed_write_leaves_no_file_and_the_wrapper_closed(
         run_bench("tiny", ("optimized",), tokens=3, repeats=1, reference=str(reference_wav), outdir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv"]  # whole; no report, no partial file
     assert len(closed) == 1
+
+
+def test_the_cpp_wrapper_on_cuda_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled step on CUDA runs as CUDA graphs, which have no C++ wrapper: the flag was
+    dropped there, and bench.json recorded settings.cpp_wrapper true (before: accepted)."""
+    monkeypatch.setattr(bench, "load_model", _reached)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match="argument --cpp-wrapper: .*CUDA graphs.*--device"):
+            run_bench("tiny", configs=("compiled",), device=device, cpp_wrapper=True, outdir=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything was loaded or written
+    with pytest.raises(Reached):  # on a CPU it applies
+        run_bench("tiny", configs=("compiled",), device="cpu", cpp_wrapper=True, outdir=tmp_path)
+
+
+def test_reserved_growth_comes_from_the_same_runs_as_run_growth() -> None:
+    """A run that built its step reserved the KV cache, the compile's workspace and (on CUDA) the
+    graph pool inside its window: where a run that did not build exists, reserved growth is taken
+    from those runs, as run growth is (before: the max over every run, the build's 4096 beside a
+    run growth of 300)."""
+    lin = torch.nn.Linear(4, 4)  # 80 bytes of weights wherever one is asked for
+    plan = SimpleNamespace(prefill=lin, decode=lin, static_bytes=lambda: 1000)
+    models = SimpleNamespace(t3=lin, s3gen=lin, ve=lin)
+    opt: Any = SimpleNamespace(plans={"compiled": plan, "static": plan}, tts=models)
+
+    def row(config: str, repeat: int, growth: int, reserved: int, built: bool) -> Row:
+        return Row(
+            config, repeat, 1.0, 1.0, 1.0, 8, 0.1, 0.1, 1, 0.5, growth, reserved, t3_compile_s=float(built)
+        )
+
+    rows = [
+        row("compiled", 0, 1500, 4096, True),
+        row("compiled", 1, 300, 512, False),
+        row("static", 0, 1500, 2048, True),  # every run built: the cache is taken off, as from its growth
+        row("upstream", 0, 700, 900, False),
+    ]
+    configs = bench.memory_per_config(rows, models, opt, torch.device("cpu"), "test")["configs"]
+    assert configs["compiled"]["run_growth_gib"] * 2**30 == 300
+    assert configs["compiled"]["reserved_growth_gib"] * 2**30 == 512
+    assert configs["static"]["run_growth_gib"] * 2**30 == 500 and configs["static"]["growth_run_built"]
+    assert configs["static"]["reserved_growth_gib"] * 2**30 == 2048 - 1000
+    assert configs["upstream"]["reserved_growth_gib"] * 2**30 == 900

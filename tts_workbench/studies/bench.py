@@ -178,7 +178,8 @@ def run_bench(
     """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors.
     ``warmup`` untimed runs of each configuration come first (on CUDA the first call of a path
     pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth).
-    ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``)."""
+    ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``); on a
+    CPU only (refused on CUDA, whose compiled step runs as CUDA graphs, which have none)."""
     check_policy(dtype)
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be at least 1 and warmup at least 0, got {repeats} and {warmup}")
@@ -192,6 +193,11 @@ def run_bench(
         raise ConfigError(
             "argument --cpp-wrapper: only the compiled decode step has a C++ wrapper: add compiled or "
             "compiled-stream to --configs, or leave --cpp-wrapper out"
+        )
+    if cpp_wrapper and device.startswith("cuda"):  # the step would drop it and the report record it
+        raise ConfigError(
+            "argument --cpp-wrapper: the C++ wrapper applies without CUDA graphs only, and on CUDA the "
+            "compiled step runs as CUDA graphs: leave --cpp-wrapper out, or bench with --device cpu"
         )
     # Two copies of the same weights (same seed or folder): upstream as upstream loads it
     # (float32), and the optimized wrapper with its own dtype policy.
@@ -406,7 +412,8 @@ def memory_per_config(
     first, without ``warmup``) also holds what building and compiling allocated for a while: the
     runs that did not build are taken where there are any (``growth_run_built`` False); where
     every run built, the cache is taken off their growth, as it is counted once, in
-    ``kv_cache_gib``, and ``growth_run_built`` says the compile's memory is in it.
+    ``kv_cache_gib``, and ``growth_run_built`` says the compile's memory is in it. CUDA's
+    ``reserved_growth_gib`` comes from the same runs, taken alike.
     ``total_gib``: what that configuration alone would hold."""
     per: dict[str, Any] = {}
     for c in dict.fromkeys(r.config for r in rows):
@@ -419,18 +426,27 @@ def memory_per_config(
             weights, cache = module_bytes([upstream.t3, upstream.s3gen, upstream.ve]), 0
         mine = [r for r in rows if r.config == c]
         unbuilt = [r for r in mine if r.t3_compile_s == 0 and r.s3gen_compile_s == 0]
-        own = [max(0, r.memory_growth_bytes - (cache if r.t3_compile_s > 0 else 0)) for r in unbuilt or mine]
-        growth = max(own)
+        taken = unbuilt or mine
+        growth = _most_grown(taken, cache, lambda r: r.memory_growth_bytes)
+        # From the same runs (before 2026-12-04: from every run, so a build's window, which also
+        # reserved the compile's workspace and CUDA graph pool, stood beside the others' growth).
+        reserved = _most_grown(taken, cache, lambda r: r.reserved_growth_bytes)
         per[c] = {
             "weights_gib": weights / 2**30,
             "kv_cache_gib": cache / 2**30,
             "run_growth_gib": growth / 2**30,
             "growth_run_built": not unbuilt,  # every run built its step: its compile is in it
-            "reserved_growth_gib": max(r.reserved_growth_bytes for r in mine) / 2**30,
+            "reserved_growth_gib": reserved / 2**30,
             "total_gib": (weights + cache + growth) / 2**30,
         }
     return {"device": device.type, "how": how, "graph_pools_gib": graph_pool_bytes(device) / 2**30,
             "configs": per}  # fmt: skip
+
+
+def _most_grown(runs: list[Row], cache: int, grown: Callable[[Row], int]) -> int:
+    """The most one of ``runs`` grew by ``grown`` (bytes), less the ``cache`` a run that built its
+    step allocated inside its window."""
+    return max(max(0, grown(r) - (cache if r.t3_compile_s > 0 else 0)) for r in runs)
 
 
 def memory_frame(report: dict[str, Any]) -> pd.DataFrame:

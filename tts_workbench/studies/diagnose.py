@@ -16,9 +16,10 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from ..core.clock import now
 from ..core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.devices import check_device
-from ..core.errors import NoVoiceError, SourceError, naming_flag
+from ..core.errors import CacheError, NoVoiceError, SourceError, naming_flag
 from ..core.families import components
 from ..core.files import written
+from ..core.positions import positions_needed, tokens_that_fit
 from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments import plots
@@ -39,7 +40,7 @@ from ..instruments.dtypes import (
 )
 from ..models.reference import make_reference_wav
 from ..models.sources import load_model, model_summary
-from ..runtime.decode import DecodePlan, t3_decode, text_tokens
+from ..runtime.decode import DecodePlan, gpt2_positions, prefill_length, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
 from ..runtime.optimized import check_decode, measure_policy
 from ..runtime.precision import restored
@@ -75,6 +76,9 @@ def run_diagnosis(
     with naming_flag("--reference", SourceError) if given else nullcontext():
         ref = prepare_voice(tts, reference)
     conditioning_s = now(device) - t0
+    # Sized (or refused) before the generation: before 2026-12-04 a text too long for the default
+    # static cache was refused after the whole float32 run, naming plan.max_cache_len.
+    step_plan = decode_step_plan(tts, text, decode, tokens)
     outdir.mkdir(parents=True, exist_ok=True)
     with record_kernels(tts) as kernels:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
@@ -103,7 +107,7 @@ def run_diagnosis(
         "wav": str(wav_path),
         "plot": str(plot_path),
         **kernels.summary(),  # kernels, time_share_ms
-        "decode_step": decode_step_kernels(tts, text, decode, seed, tokens),
+        "decode_step": decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan),
         # the static and compiled steps pass a mask (their cache's unused slots), the eager none
         "attention": diagnose_attention(tts, masked=check_decode(decode, torch.device(device)) != "eager"),
         "precision": diagnose_precision(tts, reference, dtype, autocast, min(tokens, 20), seed, text),
@@ -158,18 +162,54 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def step_tokens(tokens: int) -> int:
+    """How many of the caller's ``tokens`` the decode-step check decodes: at least 2 (the first
+    comes from the prefill) and at most 20 (one decode step is enough to see its kernel)."""
+    return min(max(tokens, 2), 20)
+
+
+def decode_step_plan(tts: ChatterboxTTS, text: str, step: str, tokens: int = 20) -> DecodePlan:
+    """The plan ``decode_step_kernels`` runs ``step`` with for ``text`` and ``tokens``: a static
+    or compiled step gets a cache that holds the run (the default one where that does, as the
+    bench sizes its own); a run past the positions of a GPT-2 backbone (Turbo's), which no step
+    can decode, is refused naming ``--text``. ``tts`` must have a prepared voice."""
+    if tts.conds is None:
+        raise NoVoiceError("prepare a voice before checking the decode step")
+    plan = DecodePlan.plain(tts.t3, step=check_decode(step, torch.device(tts.device)))
+    tokens = step_tokens(tokens)
+    prefill = prefill_length(tts, text)
+    need = positions_needed(prefill, tokens)
+    positions = gpt2_positions(plan.decode.tfmr.config)
+    if positions is not None and need > positions:
+        # --tokens helps only down to the check's 2 tokens; below them the text must be shorter
+        fewer = tokens_that_fit(prefill, positions)
+        raise CacheError(
+            f"argument --text: the decode-step check needs {need} positions ({prefill} of prefill, then "
+            f"one for each of its {tokens} tokens but the last) but T3's GPT-2 backbone has {positions} "
+            f"positions: shorten --text" + (f" or give --tokens {fewer}" if fewer >= 2 else "")
+        )
+    if plan.step != "eager":  # (the eager step's cache grows as it goes)
+        plan.max_cache_len = max(plan.max_cache_len, need)
+    return plan
+
+
 def decode_step_kernels(
-    tts: ChatterboxTTS, text: str, step: str, seed: int = 0, tokens: int = 20
+    tts: ChatterboxTTS,
+    text: str,
+    step: str,
+    seed: int = 0,
+    tokens: int = 20,
+    plan: DecodePlan | None = None,
 ) -> dict[str, Any]:
     """The attention kernels T3's decode steps run with ``step`` ("eager", "static" or
     "compiled") and how they were found: the profiler's op records for the eager and static
     steps; Inductor's generated code for the compiled one (the profiler cannot see inside a
-    compiled graph, and its phase hooks would make the step recompile). At least 2 and at
-    most 20 of the caller's ``tokens`` are decoded: one decode step is enough to see it."""
-    tokens = min(max(tokens, 2), 20)  # the first token comes from the prefill
-    step = check_decode(step, torch.device(tts.device))
-    plan = DecodePlan.plain(tts.t3, step=step)
-    assert tts.conds is not None  # run_diagnosis prepared the voice
+    compiled graph, and its phase hooks would make the step recompile). ``step_tokens(tokens)``
+    are decoded, with ``plan`` (``decode_step_plan(tts, text, step, tokens)``, made here when
+    None; given, its step is the one checked)."""
+    plan = plan or decode_step_plan(tts, text, step, tokens)
+    step, tokens = plan.step, step_tokens(tokens)
+    assert tts.conds is not None  # decode_step_plan checked it
     text_ids = text_tokens(tts, text)
 
     def run() -> None:

@@ -1,0 +1,69 @@
+"""The diagnosis's decode-step check: sized for the text it is given, refused before anything
+runs where no cache could hold it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tts_workbench.core.errors import CacheError
+from tts_workbench.interface.cli import main
+from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
+from tts_workbench.studies import diagnose
+from tts_workbench.studies.diagnose import decode_step_kernels, run_diagnosis
+
+if TYPE_CHECKING:
+    from chatterbox.tts import ChatterboxTTS
+
+# About 1800 characters: a prefill past the default static cache of 1536 positions
+LONG_TEXT = " ".join(["The quick brown fox jumps over the lazy dog, and then it rests."] * 28)
+
+
+def test_the_text_is_longer_than_the_default_cache(tiny_tts: ChatterboxTTS) -> None:
+    """What the tests below stand on."""
+    assert prefill_length(tiny_tts, LONG_TEXT) > DEFAULT_MAX_CACHE_LEN
+
+
+def test_the_decode_step_of_a_long_text_runs_in_a_cache_that_holds_it(tiny_tts: ChatterboxTTS) -> None:
+    """``profile --decode static`` checks the step this way too (before: refused, telling a
+    command-line user to "set plan.max_cache_len >= 1654")."""
+    found = decode_step_kernels(tiny_tts, LONG_TEXT, "static", tokens=2)
+    assert found == {"step": "static", "kernels": ["flash (CPU)"], "found_by": "torch.profiler op records"}
+
+
+def test_diagnose_decode_static_on_a_long_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    """(before: refused after the float32 generation had run and written speech.wav and
+    generation.png, naming plan.max_cache_len, which no flag sets)"""
+    args = ["diagnose", "--model", "tiny", "--decode", "static", "--tokens", "2", "--json"]
+    args += ["--text", LONG_TEXT, "--reference", str(reference_wav), "--out", str(tmp_path)]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    report = json.loads(capsys.readouterr().out)
+    assert report["decode_step"]["step"] == "static" and report["decode_step"]["kernels"]
+
+
+def test_a_text_past_t3s_positions_is_refused_before_the_diagnosis_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    """A GPT-2 backbone (Turbo's) embeds a position for every input: no cache holds a prefill past
+    them, so the refusal names --text before the generation runs and anything is written."""
+
+    def not_reached(*_a: object, **_k: object) -> None:
+        raise AssertionError("the diagnosis generated before refusing")
+
+    monkeypatch.setattr(diagnose, "load_model", lambda *_a, **_k: tiny_tts)
+    monkeypatch.setattr(diagnose, "generate", not_reached)
+    config, out = tiny_tts.t3.tfmr.config, tmp_path / "out"
+    monkeypatch.setattr(config, "n_positions", DEFAULT_MAX_CACHE_LEN, raising=False)
+    for decode in ("eager", "static"):  # no step decodes past them
+        with pytest.raises(CacheError, match=r"^argument --text: .* has 1536 positions: shorten --text$"):
+            run_diagnosis("tiny", LONG_TEXT, str(reference_wav), tokens=2, outdir=out, decode=decode)
+    # room for 6 of the check's 20 tokens: fewer would do
+    config.n_positions = prefill_length(tiny_tts, LONG_TEXT) + 5
+    with pytest.raises(CacheError, match=r"shorten --text or give --tokens 6$"):
+        run_diagnosis("tiny", LONG_TEXT, str(reference_wav), tokens=50, outdir=out, decode="static")
+    assert not out.exists()
