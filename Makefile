@@ -89,8 +89,8 @@ browser-test: venv
 	SE_OFFLINE=true $(BIN)/python -m pytest -q browser_tests -p no:cacheprovider
 
 lint: venv
-	$(BIN)/ruff check tts_workbench tests conftest.py notebooks
-	$(BIN)/mypy tts_workbench
+	$(BIN)/ruff check tts_workbench tests conftest.py notebooks scripts
+	$(BIN)/mypy tts_workbench scripts
 	$(BIN)/lint-imports
 
 lab: venv

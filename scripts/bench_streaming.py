@@ -1,7 +1,7 @@
 """Naive vs buffered streaming on the same tokens, with the one-shot S3Gen call as the yardstick.
 
 Usage: .venv/bin/python scripts/bench_streaming.py [--model random] [--tokens 250] [--out results/...]
-Writes a JSON file and prints the table (quoted in README.md).
+Writes a JSON file and prints the table (quoted in docs/measurements.md).
 """
 
 import argparse

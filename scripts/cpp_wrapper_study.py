@@ -10,7 +10,7 @@ T3 ms per decode step, medians over the repeats with every value kept; compile s
 
     .venv/bin/python scripts/cpp_wrapper_study.py [--repeats 5] > run.json
 
-(results/cpp_wrapper_cpu_deep_narrow.json holds two such runs under "runs".)
+(results/cpp_wrapper_cpu_deep_narrow.json holds four such runs under "runs", two on each of two days.)
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,8 +40,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    reference = str(make_reference_wav("/tmp/cpp_wrapper_study_reference.wav"))
-    with upstream_silenced():  # its prints would land in the JSON on stdout
+    if args.repeats < 1:  # the medians need one kept round (the first compiles)
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
+    # upstream's prints would land in the JSON on stdout; the voice is removed after the run
+    with tempfile.TemporaryDirectory() as tmp, upstream_silenced():
+        reference = str(make_reference_wav(Path(tmp) / "reference.wav"))
         models = []
         for _ in range(3):
             torch.manual_seed(0)  # the same random weights in each copy

@@ -1,4 +1,5 @@
-"""The README's family table from one ``tts-workbench bench`` run per family (bench.json files).
+"""The family table of docs/measurements.md ("Model families side by side") from one
+``tts-workbench bench`` run per family (bench.json files).
 
     for m in random turbo-random multilingual-random; do
       tts-workbench bench --model $m --configs upstream,optimized,upstream-stream,optimized-stream \\

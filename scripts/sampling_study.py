@@ -59,7 +59,11 @@ def _level(b: int, device: torch.device, min_run_time: float) -> list[dict[str, 
     rows: list[dict[str, object]] = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, fn in (("upstream, one stream at a time", one_by_one), ("Sampler, batched", batched)):
-        timer = benchmark.Timer("fn(0); sync()", globals={"fn": fn, "sync": sync})
+        # The Timer runs with num_threads threads, 1 unless given: the process's own, which the
+        # results record (a file without "timer_threads" was timed with one thread).
+        timer = benchmark.Timer(
+            "fn(0); sync()", globals={"fn": fn, "sync": sync}, num_threads=torch.get_num_threads()
+        )
         m = timer.blocked_autorange(min_run_time=min_run_time)
         rows.append({"streams": b, "how": name, "median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3})
     return rows
@@ -85,9 +89,10 @@ def _processors(device: torch.device, min_run_time: float) -> list[dict[str, obj
     rows: list[dict[str, object]] = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, fn in ways.items():
-        m = benchmark.Timer("fn(x); sync()", globals={"fn": fn, "x": x, "sync": sync}).blocked_autorange(
-            min_run_time=min_run_time
+        timer = benchmark.Timer(
+            "fn(x); sync()", globals={"fn": fn, "x": x, "sync": sync}, num_threads=torch.get_num_threads()
         )
+        m = timer.blocked_autorange(min_run_time=min_run_time)
         rows.append({"processors": name, "median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3})
     return rows
 
@@ -104,6 +109,7 @@ def main() -> None:
     ms = {(r["streams"], str(r["how"]).split(",")[0]): float(r["median_ms"]) for r in rows}  # type: ignore[arg-type]
     out = {
         "environment": environment("none (random logits)", str(device)),
+        "timer_threads": torch.get_num_threads(),  # the threads every Timer below ran with
         "rows": rows,
         "batched_over_one_by_one": {b: ms[b, "Sampler"] / ms[b, "upstream"] for b in levels},
         "compiled_processors": _processors(device, args.min_run_time),

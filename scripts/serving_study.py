@@ -18,13 +18,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import ray
 
+from tts_workbench.instruments.profiling import start_server
 from tts_workbench.studies.bench import environment
 
 CLI = [sys.executable, "-m", "tts_workbench.interface.cli"]
@@ -32,8 +31,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _load(args: list[str], out: Path) -> dict[str, Any]:
-    subprocess.run([*CLI, "load", *args, "--out", str(out), "--json"], env=ENV, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    """Run ``load ARGS`` into ``out``; its report. Its stdout would land in this script's JSON."""
+    p = subprocess.run([*CLI, "load", *args, "--out", str(out), "--json"], env=ENV,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if p.returncode:
+        raise RuntimeError(f"`load {' '.join(args)}` exited with code {p.returncode}: {p.stderr[-2000:]}")
     return json.loads((out / "load.json").read_text())
 
 
@@ -44,25 +46,20 @@ def _served(replicas: int, load_args: list[str], out: Path, cache: int) -> dict[
     url = f"http://127.0.0.1:{port}"
     cmd = [*CLI, "serve", "--port", str(port), "--replicas", str(replicas), "--threads", "1",
            "--max-cache-len", str(cache), "--max-input-chars", "200", "--out", str(out / "run")]  # fmt: skip
-    server = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):  # bounded wait for the replicas to build and warm up
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError(f"the {replicas}-replica server did not answer within 300 s")
-        return _load([*load_args, "--url", url], out)
-    finally:
-        server.send_signal(signal.SIGTERM)
+    out.mkdir(parents=True, exist_ok=True)
+    # start_server waits for /health while the server runs (the replicas build and warm up): a
+    # server that exits is reported at once, with the tail of its log.
+    with open(out / "server.log", "w+b") as log:
+        server = start_server(cmd, url, log, ready="/health", timeout=300, env=ENV).process
         try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()  # and Ray with it: `ray stop` cleans up what it leaves
-            server.wait()
+            return _load([*load_args, "--url", url], out)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                server.kill()  # and Ray with it: `ray stop` cleans up what it leaves
+                server.wait()
 
 
 def _row(name: str, report: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +83,14 @@ def main() -> None:
     ap.add_argument("--tokens", default="100")
     ap.add_argument("--streams", default="1,1,1,4")
     args = ap.parse_args()
+    # The table reads the single streams' TTFA (their median) and the last level above 1: without
+    # both the run would fail only at its end, after three setups' worth of load.
+    try:
+        levels = [int(x) for x in args.streams.split(",")]
+    except ValueError:
+        ap.error(f"--streams takes levels separated by commas, such as 1,1,1,4: got {args.streams!r}")
+    if 1 not in levels or max(levels) == 1:
+        ap.error(f"--streams needs the level 1 and one above 1, such as 1,1,1,4: got {args.streams!r}")
     load_args = ["--streams", args.streams, "--tokens", args.tokens]
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -17,7 +17,10 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +48,7 @@ def _one_stream(tts: Any) -> dict[str, Callable[[], float]]:
                       generator=StreamRandom(0).generator())  # fmt: skip
         return r.step_s * 1e3
 
-    return {name: (lambda name=name: run(name)) for name in plans}
+    return {name: partial(run, name) for name in plans}
 
 
 def _engine(tts: Any, streams: int, step: str, cache: int) -> dict[str, Callable[[], float]]:
@@ -86,10 +89,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.repeats < 1:  # the medians need one kept round (the first only warms up)
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.manual_seed(0)
-    with upstream_silenced():  # its prints would land in the JSON on stdout
+    # upstream's prints would land in the JSON on stdout; the voice is removed once read
+    with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:
         tts = build_model("deep-narrow")
-        tts.prepare_conditionals(str(make_reference_wav("/tmp/span_study_reference.wav")))
+        tts.prepare_conditionals(str(make_reference_wav(Path(tmp) / "reference.wav")))
     out = {
         "environment": environment("deep-narrow (random weights)", "cpu"),
         "model": "deep-narrow (random weights)",

@@ -23,18 +23,21 @@ SEEDS, TOKENS = 40, 500
 
 def main(sources: list[str]) -> None:
     torch.set_num_threads(1)
-    reference = str(make_reference_wav(Path(tempfile.mkdtemp()) / "reference.wav", seconds=6.0))
-    for source in sources:
-        tts = load_model(source, seed=0)
-        prepare_voice(tts, reference)
-        text = text_tokens(tts, "The quick brown fox jumps over the lazy dog.")
-        plan = DecodePlan.plain(tts.t3, step="static")
-        sampled = stops = 0
-        for seed in range(SEEDS):
-            generator = torch.Generator().manual_seed(seed)
-            r = t3_decode(tts.t3, tts.conds.t3, text, max_new_tokens=TOKENS, plan=plan, generator=generator)
-            sampled, stops = sampled + r.steps, stops + int(r.stopped)
-        print(f"{source}: {stops} stop tokens in {sampled} sampled tokens ({SEEDS} seeds, cap {TOKENS})")
+    with tempfile.TemporaryDirectory() as tmp:  # the voice, removed after the run
+        reference = str(make_reference_wav(Path(tmp) / "reference.wav", seconds=6.0))
+        for source in sources:
+            tts = load_model(source, seed=0)
+            prepare_voice(tts, reference)
+            text = text_tokens(tts, "The quick brown fox jumps over the lazy dog.")
+            plan = DecodePlan.plain(tts.t3, step="static")
+            sampled = stops = 0
+            for seed in range(SEEDS):
+                generator = torch.Generator().manual_seed(seed)
+                r = t3_decode(
+                    tts.t3, tts.conds.t3, text, max_new_tokens=TOKENS, plan=plan, generator=generator
+                )
+                sampled, stops = sampled + r.steps, stops + int(r.stopped)
+            print(f"{source}: {stops} stop tokens in {sampled} sampled tokens ({SEEDS} seeds, cap {TOKENS})")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,14 +455,21 @@ def check_port_free(url: str) -> None:
 
 
 def start_server(
-    cmd: Sequence[str], url: str, log: IO[bytes], ready: str = "", timeout: float = 60.0
+    cmd: Sequence[str],
+    url: str,
+    log: IO[bytes],
+    ready: str = "",
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
 ) -> Server:
-    """Start ``cmd`` in its own process group, its output to ``log`` (a file, not a pipe: a pipe
-    nobody reads fills up and stalls the server); return once ``url + ready`` answers and the
-    server is still running. A port that another server answers on, or that cannot be bound, is
-    refused before anything starts (``check_port_free``)."""
+    """Start ``cmd`` in its own process group (with ``env``, default this process's environment),
+    its output to ``log`` (a file, not a pipe: a pipe nobody reads fills up and stalls the
+    server); return once ``url + ready`` answers and the server is still running. A port that
+    another server answers on, or that cannot be bound, is refused before anything starts
+    (``check_port_free``)."""
     check_port_free(url)
-    server = Server(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), url)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    server = Server(process, url)
     # Stopped when this process exits too: a notebook whose cells failed before its stop() cell
     # would otherwise leave the server running after its kernel is gone (its own session).
     atexit.register(server.stop)

@@ -1,0 +1,194 @@
+"""The study scripts in scripts/: what they time with, what they check before their run, what
+they leave behind, and what their docstrings say. Each runs its real ``main`` with its slow parts
+stubbed (a full run takes minutes)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+
+def script(name: str) -> ModuleType:
+    """scripts/NAME.py imported as a module (scripts/ is no package); its ``main`` not run."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Ran(Exception):
+    """A stubbed slow part was reached: the script got past its argument checks."""
+
+
+def ran(*_: Any, **__: Any) -> Any:
+    raise Ran()
+
+
+def refused(
+    module: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> str:
+    """Run ``module.main()`` with ``argv``; the argparse error it must stop with (its stderr)."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- sampling_study
+
+
+class _Measurement:
+    median, iqr = 1e-3, 1e-4
+
+
+def test_sampling_study_times_with_the_threads_it_records(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    study = script("sampling_study")
+    timers: list[dict[str, Any]] = []
+
+    class Timer:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            timers.append(kwargs)
+
+        def blocked_autorange(self, min_run_time: float) -> _Measurement:
+            return _Measurement()
+
+    monkeypatch.setattr(study.benchmark, "Timer", Timer)
+    study._level(2, torch.device("cpu"), 0.01)
+    assert timers and all(t.get("num_threads") == torch.get_num_threads() for t in timers)
+
+    monkeypatch.setattr(study, "_processors", lambda device, min_run_time: [])  # two compiles apart
+    monkeypatch.setattr(sys, "argv", ["sampling_study", "--streams", "1", "--min-run-time", "0.01"])
+    study.main()
+    assert json.loads(capsys.readouterr().out)["timer_threads"] == torch.get_num_threads()
+
+
+# ---------------------------------------------------------------- gpu_identity
+
+
+def test_gpu_identity_sizes_its_cache_for_the_tokens_asked(tiny_tts: Any) -> None:
+    from tts_workbench.core.positions import positions_needed
+    from tts_workbench.runtime.decode import prefill_length
+
+    identity = script("gpu_identity")
+    need = positions_needed(prefill_length(tiny_tts, identity.TEXT), 700)
+    assert need > 600  # past the cache the script had fixed
+    assert identity.cache_len(tiny_tts, 700) == need
+    assert identity.cache_len(tiny_tts, 20) == 600  # the default runs keep the cache they measured
+
+
+# ---------------------------------------------------------------- serving_study
+
+
+@pytest.mark.timeout(60)  # the old wait ran 300 s against a server that had exited
+def test_serving_study_names_a_server_that_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    serving = script("serving_study")
+    monkeypatch.setattr(serving, "CLI", ["false"])  # a "server" that exits at once, code 1
+    monkeypatch.setattr(serving, "_load", lambda args, out: {"max_cache_len": 64})
+    monkeypatch.setattr(sys, "argv", ["serving_study"])
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        serving.main()
+
+
+def test_serving_study_shows_why_load_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    serving = script("serving_study")
+    fails = [sys.executable, "-c", "import sys; print('no such model: nope', file=sys.stderr); sys.exit(3)"]
+    monkeypatch.setattr(serving, "CLI", fails)
+    with pytest.raises(RuntimeError, match=r"code 3.*no such model: nope"):
+        serving._load([], tmp_path)
+
+
+@pytest.mark.parametrize("streams", ["1,1,1", "2,4", "4", "1,x"])
+def test_serving_study_refuses_streams_it_cannot_tabulate(
+    streams: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    serving = script("serving_study")
+    monkeypatch.setattr(serving, "_load", ran)
+    assert "--streams" in refused(serving, ["--streams", streams], monkeypatch, capsys)
+
+
+# ---------------------------------------------------------------- span_study, cpp_wrapper_study
+
+
+@pytest.mark.parametrize("name", ["span_study", "cpp_wrapper_study"])
+def test_studies_refuse_no_repeats(
+    name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = script(name)
+    monkeypatch.setattr(study, "build_model", ran)
+    monkeypatch.setattr(study, "make_reference_wav", ran)
+    assert "--repeats must be at least 1" in refused(study, ["--repeats", "0"], monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("name", ["span_study", "cpp_wrapper_study"])
+def test_studies_keep_their_reference_in_a_temporary_folder(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = script(name)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    written: list[Path] = []
+
+    def reference(path: str | Path, **_: Any) -> Path:
+        Path(path).write_bytes(b"")
+        written.append(Path(path))
+        return Path(path)
+
+    monkeypatch.setattr(study, "make_reference_wav", reference)
+    # the model's build (cpp_wrapper_study) or its voice (span_study) ends the run
+    monkeypatch.setattr(study, "build_model", lambda name: SimpleNamespace(prepare_conditionals=ran))
+    monkeypatch.setattr(study, "UpstreamTTS", ran, raising=False)
+    monkeypatch.setattr(sys, "argv", [name])
+    with pytest.raises(Ran):
+        study.main()
+    assert len(written) == 1 and written[0].is_relative_to(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stop_rate_removes_its_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stop_rate = script("stop_rate")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(stop_rate.torch, "set_num_threads", lambda n: None)  # the process's own
+    stop_rate.main([])  # no sources: the reference alone
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- docstrings
+
+
+def docstring(name: str) -> str:
+    """The module docstring of scripts/NAME.py, read without running it (some run at import)."""
+    return ast.get_docstring(ast.parse((SCRIPTS / f"{name}.py").read_text())) or ""
+
+
+@pytest.mark.parametrize("name", ["family_table", "bench_streaming"])
+def test_the_page_a_script_says_quotes_it_does(name: str) -> None:
+    pages = set(re.findall(r"README(?:\.md)?|docs/[\w/]+\.md", docstring(name)))
+    assert pages, "the docstring names the page that quotes the script's table"
+    for page in pages:
+        text = (ROOT / (page if page.endswith(".md") else page + ".md")).read_text()
+        assert f"scripts/{name}.py" in text, f"{page} does not quote scripts/{name}.py"
+
+
+def test_cpp_wrapper_study_counts_the_runs_its_results_hold() -> None:
+    words = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+    said = re.search(r"holds (\w+) such runs", docstring("cpp_wrapper_study"))
+    assert said is not None
+    runs = json.loads((ROOT / "results" / "cpp_wrapper_cpu_deep_narrow.json").read_text())["runs"]
+    assert words[said.group(1)] == len(runs)
