@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
 import torch
 from torch._inductor import cudagraph_trees as trees
 
+from tts_workbench.core import compiling
 from tts_workbench.core.compiling import cudagraph_thread_ready, fell_back
 
 
@@ -67,3 +69,33 @@ def test_a_new_thread_gets_its_own_cuda_graph_tree_state(monkeypatch: pytest.Mon
 
     assert _in_a_new_thread(ready_then_get) is None
     assert trees.get_container(0) is mine  # this thread's state untouched
+
+
+def test_replays_in_two_threads_each_get_their_own_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A compiled function's CUDA graph lives in the tree of the thread that first called it, and
+    # every thread replays it into the same output memory: a replay of another thread between a
+    # call and its clone gave both threads the second one's output. Emulated here (no GPU): one
+    # static output buffer, the GIL let go between the graph's write and the return.
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    monkeypatch.setattr(compiling, "cudagraph_thread_ready", lambda: None)
+    static_out = torch.zeros(1)
+
+    def graph(x: torch.Tensor) -> torch.Tensor:
+        static_out.copy_(x)
+        time.sleep(0.001)  # the launch: another thread runs meanwhile
+        return static_out
+
+    wrong: list[tuple[float, float]] = []
+
+    def worker(v: float) -> None:
+        for _ in range(30):
+            out = compiling.replay(graph, torch.tensor([v]), cudagraphs=True)
+            if out.item() != v:
+                wrong.append((v, out.item()))
+
+    threads = [threading.Thread(target=worker, args=(float(v),)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert wrong == []

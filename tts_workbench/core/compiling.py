@@ -9,7 +9,9 @@ engine's batched step, S3Gen's CFM estimator), in one place.
   a C++ compile of seconds to minutes per graph).
 - ``replay``: one call of such a function. With CUDA graphs it first marks a new step (the graph
   tree may then reuse its memory pool) and clones the outputs, which live in that pool and would
-  be overwritten by the next replay.
+  be overwritten by the next replay: one thread's mark, call and clone at a time, since a
+  compiled function's graphs live in the tree of the thread that first called it and every
+  thread replays those same graphs into the same output memory.
 - ``warmup_calls``: how many calls leave such a function ready: with CUDA graph trees three (the
   first runs eagerly, the second records, the third replays), else one (the one that compiles).
 - ``skipping_guards``: dynamo's guard checks skipped for a call whose guards were checked
@@ -55,6 +57,9 @@ def compile_method(
     return torch.compile(own, fullgraph=fullgraph, dynamic=False, options=options)
 
 
+_replay_lock = threading.RLock()  # one CUDA graph replay (mark, call, clone) at a time
+
+
 def replay(
     fn: Callable[..., Any], *args: Any, cudagraphs: bool, compiled: bool = True, skip_guards: bool = False
 ) -> Any:
@@ -69,9 +74,12 @@ def replay(
         if not cudagraphs:
             return fn(*args)
         cudagraph_thread_ready()
-        torch.compiler.cudagraph_mark_step_begin()
-        out = fn(*args)
-        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        # Held to the clone: another thread's replay of the same graph in between would overwrite
+        # the outputs before they are copied (streams in threads share a wrapper's estimator).
+        with _replay_lock:
+            torch.compiler.cudagraph_mark_step_begin()
+            out = fn(*args)
+            return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
 
 def cudagraph_thread_ready() -> None:

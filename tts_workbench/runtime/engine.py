@@ -505,8 +505,9 @@ class StreamEngine:
     def warmup(self) -> float:
         """Build (compile) the step of every bucket and span now, so no stream waits for it;
         seconds. (A tight ``max_cache_len`` means fewer spans to compile.) It runs in the T3
-        stage's thread (CUDA graph trees keep their graphs per thread) once no stream is live
-        (each build writes a slot of every row); streams submitted meanwhile join after it."""
+        stage's thread, where the steps' CUDA graphs are then recorded and replayed, once no
+        stream is live (each build writes a slot of every row); streams submitted meanwhile join
+        after it."""
         done, seconds, errors = threading.Event(), [], []
 
         def build() -> None:
