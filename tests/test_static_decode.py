@@ -26,6 +26,7 @@ from torch._dynamo.utils import counters
 from tts_workbench.core.compiling import replay, skipping_guards
 from tts_workbench.core.errors import CacheError, ConfigError
 from tts_workbench.core.patching import shadow
+from tts_workbench.runtime import decode as decode_module
 from tts_workbench.runtime.decode import (
     DEFAULT_MAX_CACHE_LEN,
     DecodePlan,
@@ -694,3 +695,25 @@ def test_one_token_reports_no_step_time(tiny_tts: ChatterboxTTS) -> None:
     r = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=1)
     assert math.isnan(r.step_s)
     assert t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=3).step_s > 0
+
+
+@pytest.mark.parametrize(("cudagraphs", "timed"), [(False, 1), (True, 3)])
+def test_a_graph_made_mid_generation_is_timed_in_compile_s_while_it_warms_up(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, cudagraphs: bool, timed: int
+) -> None:
+    # A longer span's (or a new sampler's) graph is made on the step that needs it. With CUDA graphs
+    # the next call records it: that call was counted as a decode step (only the first was timed in
+    # compile_s). Emulated (no GPU): a stand-in graph, and a clock that moves 1 s per reading.
+    sampler = Sampler(turbo=False, top_p=TOP_P)
+    parts, cpu = T3Parts.of(tiny_tts.t3), torch.device("cpu")
+    step = StaticStep(parts, batch=2, max_cache_len=CACHE, dtype=torch.float32, device=cpu, sampler=sampler)
+    step.compiled, step.cudagraphs = True, cudagraphs
+    clock = iter(range(10_000))
+    monkeypatch.setattr(decode_module, "now", lambda device: float(next(clock)))
+    graph = lambda *a: None  # noqa: E731 (a stand-in: _run below never calls it)
+    made = lambda: step._compiled.setdefault((step.span, step.sampler), graph)  # noqa: E731
+    monkeypatch.setattr(step, "_function", made)
+    monkeypatch.setattr(step, "_run", lambda fn, *a: (None, None, None))
+    for _ in range(5):
+        step(None, None, None, 1, None)  # type: ignore[arg-type]
+    assert step.compile_s == timed  # each warming call one reading apart; the steps after, none

@@ -284,7 +284,8 @@ class StaticStep:
     (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA), one graph per span and sampler
     (sampling settings are constants of the graph). The first span's
     graph is compiled here, by ``warmup_calls(cudagraphs)`` calls at cache slot 0 (overwritten by the next
-    ``load``); a longer span's graph on the first step that needs it. Both are timed in
+    ``load``); a longer span's graph on the first step that needs it, and the steps after that
+    one still warming it up (with CUDA graphs the second call records). All are timed in
     ``compile_s``. If compiling raises, the step runs eagerly instead, ``fallback_reason`` says
     why and one warning is issued.
 
@@ -335,6 +336,9 @@ class StaticStep:
         self.compile_s = 0.0
         self.compiled = False
         self._compiled: dict[tuple[int, Sampler], Callable[..., Any]] = {}  # per span and sampler
+        # Calls of a graph made mid-generation still warming up (timed in compile_s): with CUDA
+        # graphs its first call compiles, the second records, only the third replays.
+        self._warming: dict[tuple[int, Sampler], int] = {}
         # The attention kernels the compiled graph calls, read from Inductor's generated code
         # (the profiler cannot see inside a compiled graph); empty when not compiled.
         self.attention_kernels: list[str] = []
@@ -401,6 +405,7 @@ class StaticStep:
         )
         self.compiled, self.cudagraphs = False, False
         self._compiled.clear()
+        self._warming.clear()
         self.attention_kernels = []
 
     def _set_span(self, span: int) -> None:
@@ -445,7 +450,11 @@ class StaticStep:
         """The step's logits, next token and whether its probabilities were not finite (B, 1);
         ``length``: slots in use once this step has written its own; ``q``: the next token's noise."""
         self._set_span(span_for(length, self.max_cache_len))
-        if self.compiled and (self.span, self.sampler) not in self._compiled:  # compiled on this call
+        key = (self.span, self.sampler)
+        if self.compiled and key not in self._compiled:  # compiled on this call, warmed on the next
+            self._warming[key] = warmup_calls(self.cudagraphs)
+        if self.compiled and self._warming.get(key):
+            self._warming[key] -= 1
             t0 = now(self.device)
             try:
                 return self._run(self._function(), token, position, cache_position, q)
