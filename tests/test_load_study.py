@@ -23,6 +23,7 @@ from tts_workbench.studies.load import (
     MAX_LEVEL,
     arrival_offsets,
     checked_levels,
+    fallbacks,
     format_load,
     format_real_time,
     listener_summary,
@@ -392,3 +393,15 @@ def test_load_cli_bad_flags_give_one_error_line(
     assert rc == 2
     errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: argument {flag}"), errors
+
+
+def test_the_report_names_levels_whose_compile_fell_back() -> None:
+    # On the H200 (2026-12-04) the 8- and 32-stream engines ran the static step after a failed
+    # compile while the report's title said "compiled step": only the JSON's compile_fallback said so
+    level = {"streams": 1, "compile_fallback": None, "summary": {"streams": 1}}
+    failed = {"streams": 8, "compile_fallback": "AssertionError", "summary": {"streams": 8}}
+    report = {"title": "t", "note": "n", "levels": [level, failed],
+              "real_time": {"first_audio_limit_s": 0.5, "streams": 1, "missed": {}}}  # fmt: skip
+    assert fallbacks(report) == ["8 streams: T3 ran the static step, its compile failed (AssertionError)"]
+    assert fallbacks({"levels": [level]}) == []
+    assert fallbacks(report)[0] in format_load(report)

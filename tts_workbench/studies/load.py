@@ -537,6 +537,17 @@ def side_by_side(reports: dict[str, dict[str, Any]], name: str, columns: Sequenc
     return pd.concat(frames, names=[name]).reset_index(level=0).reset_index(drop=True)
 
 
+def fallbacks(report: dict[str, Any]) -> list[str]:
+    """A line per level whose engine ran T3's static step where the compiled one was asked for
+    (its compile failed: the report's title names the step asked for, not the one that ran)."""
+    return [
+        f"{(n := level['streams'])} stream{'s' if n > 1 else ''}: T3 ran the static step, its compile "
+        f"failed ({why})"
+        for level in report["levels"]
+        if (why := level.get("compile_fallback"))
+    ]
+
+
 def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
     columns = ["streams", "failed", "silent", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
@@ -551,6 +562,7 @@ def format_load(report: dict[str, Any]) -> str:
         "real-time stream)" + ("; *_busy_pct: share of the wall time each stage's thread was working"
                                if "t3_busy_pct" in frame else ""),
         format_real_time(report["real_time"]),
+        *fallbacks(report),
         report["note"],
     ]  # fmt: skip
     if "files" in report:
