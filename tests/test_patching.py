@@ -322,23 +322,39 @@ def test_released_originals_leave_the_snapshot_and_come_back_shared(monkeypatch:
     monkeypatch.setattr(patching, "_elsewhere", lambda t, to: True)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    model[1].weight = model[0].weight  # tied, as embeddings and heads can be
+    model[1].weight = torch.nn.Parameter(model[0].weight.data)  # another parameter, the same memory
     model.register_buffer("scale", torch.rand(4))
     model[2].cached = torch.rand(3)  # a plain tensor attribute (upstream caches some so)
     want = {k: v.clone() for k, v in model.state_dict().items()}
     snap = patching.ModuleSnapshot(model)
-    model[0].to(torch.bfloat16)  # replaces model[0]'s (and the tied) weight; the rest stays
+    model[0].to(torch.bfloat16)  # replaces model[0]'s weight and bias; model[1] holds the memory
+    model[1].to(torch.bfloat16)  # now no one does: one copy for both names
     original = snap.params["0.weight"]
     assert isinstance(original, torch.Tensor)
     watch = torch.utils.weak.WeakTensorKeyDictionary({original: True})
     del original
     moved = snap.release_replaced()
-    assert moved == 4 * 4 * 4 + 4 * 4  # model[0]'s float32 weight and bias, each once (tied: one copy)
+    assert moved == 4 * 4 * 4 + 2 * 4 * 4  # the shared weight once, the two biases
     assert len(watch) == 0  # the snapshot no longer holds the replaced tensor
     snap.restore()
     assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in model.state_dict().items())
     assert model[1].weight.data_ptr() == model[0].weight.data_ptr()  # shared again
+    assert model[1].weight is not model[0].weight
     assert isinstance(model[2].cached, torch.Tensor)
+
+
+def test_memory_the_module_still_holds_is_not_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one of two parameters sharing memory cast, the other not: copying the cast one's original
+    # would free nothing (the other holds it) and part the two at restore
+    monkeypatch.setattr(patching, "_elsewhere", lambda t, to: True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
+    model[1].weight = torch.nn.Parameter(model[0].weight.data)
+    snap = patching.ModuleSnapshot(model)
+    model[0].to(torch.bfloat16)
+    assert snap.release_replaced() == 0
+    snap.restore()
+    assert model[1].weight.data_ptr() == model[0].weight.data_ptr()
+    assert model[0].weight.dtype == torch.float32
 
 
 def test_nothing_is_released_where_the_tensors_already_are() -> None:

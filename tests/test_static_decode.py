@@ -31,6 +31,7 @@ from tts_workbench.runtime.decode import (
     DEFAULT_MAX_CACHE_LEN,
     DecodePlan,
     DecodeResult,
+    DecodeStats,
     StaticStep,
     T3Parts,
     check_positions,
@@ -717,3 +718,11 @@ def test_a_graph_made_mid_generation_is_timed_in_compile_s_while_it_warms_up(
     for _ in range(5):
         step(None, None, None, 1, None)  # type: ignore[arg-type]
     assert step.compile_s == timed  # each warming call one reading apart; the steps after, none
+    assert step.compile_calls == timed  # decode_blocks takes them out of the steps step_s divides by
+
+
+def test_step_s_divides_by_the_steps_it_timed() -> None:
+    # 11 tokens sampled: 10 steps after the prefill's token, 2 of them timed in compile_s (a graph
+    # built mid-generation warming up): decode_s holds the other 8
+    assert DecodeStats(decode_s=8.0, sampled=11, compile_steps=2).step_s == 1.0
+    assert math.isnan(DecodeStats(decode_s=0.0, sampled=3, compile_steps=2).step_s)

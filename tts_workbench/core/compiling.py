@@ -11,7 +11,10 @@ engine's batched step, S3Gen's CFM estimator), in one place.
   tree may then reuse its memory pool) and clones the outputs, which live in that pool and would
   be overwritten by the next replay: one thread's mark, call and clone at a time, since a
   compiled function's graphs live in the tree of the thread that first called it and every
-  thread replays those same graphs into the same output memory.
+  thread replays those same graphs into the same output memory. A function's first call
+  compiles under that lock too: streams in other threads wait meanwhile (seconds to a minute on
+  the H200), and their wait counts in their own time, not in their ``compile_s`` (the engine
+  replays in its T3 thread alone and compiles in its warm-up).
 - ``warmup_calls``: how many calls leave such a function ready: with CUDA graph trees three (the
   first runs eagerly, the second records, the third replays), else one (the one that compiles).
 - ``skipping_guards``: dynamo's guard checks skipped for a call whose guards were checked

@@ -293,16 +293,20 @@ class ModuleSnapshot:
     def release_replaced(self, to: torch.device | str = "cpu") -> int:
         """Keep on ``to`` the remembered tensors that the module no longer holds (a cast replaced
         them) and that are on another device: a wrapper that casts a model on a GPU would
-        otherwise hold its original weights there too, beside the cast ones. Tensors the module
-        still holds stay as they are (no copy). Bytes moved off their device."""
+        otherwise hold its original weights there too, beside the cast ones. Tensors whose memory
+        the module still holds, under any name, stay as they are (no copy: it would free nothing,
+        and would part tensors that share it). Bytes moved off their device."""
         to = torch.device(to)
         live = self._live()
+        held = {t.untyped_storage().data_ptr() for t in live.values() if t is not None}
         kept: dict[tuple[Any, ...], _Kept] = {}  # one copy per tensor however many names share it
         moved = 0
         for table in (self.params, self.buffers, self.attributes):
             for key, value in table.items():
                 now = live.get(key) if table is not self.attributes else live.get(("attr", key))
                 if isinstance(value, _Kept) or not _elsewhere(value, to) or _same(value, now):
+                    continue
+                if value.untyped_storage().data_ptr() in held:  # still the module's, elsewhere
                     continue
                 ident = (value.untyped_storage().data_ptr(), value.storage_offset(),
                          tuple(value.shape), value.stride(), value.dtype, value.device)  # fmt: skip

@@ -339,6 +339,7 @@ class StaticStep:
         # Calls of a graph made mid-generation still warming up (timed in compile_s): with CUDA
         # graphs its first call compiles, the second records, only the third replays.
         self._warming: dict[tuple[int, Sampler], int] = {}
+        self.compile_calls = 0  # such calls so far (``DecodeStats.compile_steps``)
         # The attention kernels the compiled graph calls, read from Inductor's generated code
         # (the profiler cannot see inside a compiled graph); empty when not compiled.
         self.attention_kernels: list[str] = []
@@ -455,6 +456,7 @@ class StaticStep:
             self._warming[key] = warmup_calls(self.cudagraphs)
         if self.compiled and self._warming.get(key):
             self._warming[key] -= 1
+            self.compile_calls += 1
             t0 = now(self.device)
             try:
                 return self._run(self._function(), token, position, cache_position, q)
@@ -615,15 +617,18 @@ class DecodeStats:
     sampled: int = 0  # tokens sampled: past a stop token, to the end of its block
     stopped: bool = False
     compile_s: float = 0.0
+    compile_steps: int = 0  # steps that warmed up a graph built mid-generation: timed in compile_s
     step_mode: str = "eager"
 
     @property
     def step_s(self) -> float:
         """Mean seconds per decode step (the first token comes from the prefill). ``decode_s``
-        covers every step run up to the block where the stop token was seen, so it is divided
-        by those steps, not by the tokens kept. NaN when no step ran (one token, from the
-        prefill: before 2026-12-04 that token's sampling was reported as a step)."""
-        return self.decode_s / (self.sampled - 1) if self.sampled > 1 else math.nan
+        covers every step run up to the block where the stop token was seen, but those timed in
+        ``compile_s`` (``compile_steps``), so it is divided by those steps, not by the tokens
+        kept. NaN when no step was timed (one token, from the prefill: before 2026-12-04 that
+        token's sampling was reported as a step)."""
+        timed = self.sampled - 1 - self.compile_steps
+        return self.decode_s / timed if timed > 0 else math.nan
 
 
 @dataclass(kw_only=True)
@@ -848,6 +853,7 @@ def decode_blocks(
                 step.begin(sampler, seen)
                 seen = step.seen  # the step samples and marks the tokens after the first
                 compiled_s = step.compile_s  # a longer span compiled mid-way is added to compile_s
+                compiled_calls = step.compile_calls  # and the steps that built it, to compile_steps
                 past = None
                 # Per-step inputs are views of these (no host tensor, no copy per step).
                 positions = torch.arange(max_new_tokens + 1, device=device).view(-1, 1)
@@ -902,6 +908,8 @@ def decode_blocks(
                 grown = 0.0  # a longer span compiled mid-way: compiling, not decoding
                 if step is not None:
                     grown, compiled_s = step.compile_s - compiled_s, step.compile_s
+                    stats.compile_steps += step.compile_calls - compiled_calls
+                    compiled_calls = step.compile_calls
                     stats.step_mode = step.mode  # a longer span's compile may have failed
                 stats.compile_s += grown
                 stats.decode_s += now(device) - t_mark - grown
