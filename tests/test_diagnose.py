@@ -67,3 +67,18 @@ def test_a_text_past_t3s_positions_is_refused_before_the_diagnosis_runs(
     with pytest.raises(CacheError, match=r"shorten --text or give --tokens 6$"):
         run_diagnosis("tiny", LONG_TEXT, str(reference_wav), tokens=50, outdir=out, decode="static")
     assert not out.exists()
+
+
+def test_profile_refuses_a_text_past_t3s_positions_before_profiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_tts: ChatterboxTTS
+) -> None:
+    # (before: refused after the profiled generation had run and written its trace)
+    from tts_workbench.studies import profile_report
+
+    def not_reached(*_a: object, **_k: object) -> None:
+        raise AssertionError("profiled before refusing")
+
+    monkeypatch.setattr(profile_report, "profile_run", not_reached)
+    monkeypatch.setattr(tiny_tts.t3.tfmr.config, "n_positions", DEFAULT_MAX_CACHE_LEN, raising=False)
+    with pytest.raises(CacheError, match=r"^argument --text: .*shorten --text$"):
+        profile_report.profile_generation(tiny_tts, tmp_path, "run", 2, LONG_TEXT, decode="static")

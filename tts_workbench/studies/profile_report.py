@@ -27,7 +27,7 @@ from ..instruments.profiling import (
 )
 from ..instruments.trace_analysis import analyze_cut, cut_region, events_within
 from ..runtime.generation import generate
-from .diagnose import decode_step_kernels
+from .diagnose import decode_step_kernels, decode_step_plan
 
 
 def check_run(run: str) -> None:
@@ -56,6 +56,7 @@ def profile_generation(
     compiled) and how it was found (``diagnose.decode_step_kernels``: for a compiled step,
     Inductor's generated code, which no profiler trace can show)."""
     check_run(run)
+    step_plan = decode_step_plan(tts, text, decode, tokens)  # a text no step can decode: refused first
     with profile_run(tts, logdir, run, memory=memory) as prof:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
     path = trace_files(Path(logdir) / run)[-1]
@@ -82,7 +83,7 @@ def profile_generation(
         },
         "recorded_decode_kernels": recorded,
         "recorded_kernels_in_trace": {k: in_trace(k, in_region) for k in recorded},
-        "decode_step": decode_step_kernels(tts, text, decode, seed, tokens),
+        "decode_step": decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan),
         "device_trace": device.summary(),
         "open_with": [
             f"tensorboard --logdir {logdir}  (PYTORCH_PROFILER tab)",
