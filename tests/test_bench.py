@@ -169,3 +169,10 @@ def test_reserved_growth_comes_from_the_same_runs_as_run_growth() -> None:
     assert configs["static"]["run_growth_gib"] * 2**30 == 500 and configs["static"]["growth_run_built"]
     assert configs["static"]["reserved_growth_gib"] * 2**30 == 2048 - 1000
     assert configs["upstream"]["reserved_growth_gib"] * 2**30 == 900
+
+
+def test_the_allocator_is_read_on_cuda_only() -> None:
+    # a CPU process's resident set cannot be split between the two models the bench loads
+    from tts_workbench.instruments.memory import allocated_bytes
+
+    assert allocated_bytes(torch.device("cpu")) is None

@@ -459,6 +459,9 @@ def test_bench_cli_tiny(
         return bench_run_pipeline(pipeline, *a, **kw)
 
     monkeypatch.setattr(bench, "run_pipeline", counted)
+    # the allocator as CUDA's would read (this CPU has none): 1 GiB handed out while the wrapper opened
+    readings = iter([3 * 2**30, 4 * 2**30])
+    monkeypatch.setattr(bench, "allocated_bytes", lambda device: next(readings))
     args = ["bench", "--model", "tiny", "--configs", "upstream,optimized", "--tokens", "20", "--repeats", "2"]
     args += ["--reference", str(reference_wav)]
     assert main([*args, "--dtype", "decode-bfloat16", "--warmup", "1", "--json", "--out", str(tmp_path)]) == 0
@@ -476,6 +479,9 @@ def test_bench_cli_tiny(
     assert (tmp_path / "memory.png").stat().st_size > 10_000  # the memory figure, drawn
     assert report["files"] == {n: str(tmp_path / n) for n in ("bench.json", "bench.csv", "memory.png")}
     assert set(report["memory"]["configs"]) == {"upstream", "optimized"}
+    assert report["memory"]["wrapper_open_gib"] == 1.0  # measured around the wrapper's opening
+    assert "holds it on the device, measured (allocator, before its model loaded and after the wrapper " \
+        "opened): 1.000 GiB" in bench.format_bench(report)
     # The repeats as torch.utils.benchmark Measurements (spread kept), one Compare table.
     cells = bench.bench_measurements(report)
     assert [(m.task_spec.sub_label, m.task_spec.description) for m in cells[:2]] == [

@@ -70,6 +70,15 @@ def _trim_heap() -> None:
 _peaks_before: dict[str, int] = {}
 
 
+def allocated_bytes(device: torch.device) -> int | None:
+    """What the caching allocator has handed out on a CUDA ``device`` now; None elsewhere (a CPU
+    process's resident set cannot be split between two models)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.memory_allocated(device))
+
+
 def device_memory_bytes(device: torch.device) -> int:
     """All the memory of ``device``: the GPU's on CUDA, the machine's RAM otherwise."""
     if device.type == "cuda":

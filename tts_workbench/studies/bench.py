@@ -38,7 +38,7 @@ from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.latency import snr_db
-from ..instruments.memory import graph_pool_bytes, memory_window, module_bytes
+from ..instruments.memory import allocated_bytes, graph_pool_bytes, memory_window, module_bytes
 from ..instruments.plots import memory_figure, save
 from ..models.builders import MODELS
 from ..models.reference import make_reference_wav
@@ -223,9 +223,15 @@ def run_bench(
         reference = str(make_reference_wav(outdir / "reference.wav"))
         prepare_voice(upstream_model, reference)
     upstream = UpstreamTTS(upstream_model)
+    before_open = allocated_bytes(torch.device(device))
     optimized = PerformanceOptimizedTTS(
         load_model(model, device, seed), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper
     )
+    after_open = allocated_bytes(torch.device(device))
+    # Measured, beside the tensors counted: what the open wrapper's model holds on the GPU (its
+    # weights and islands, and any originals kept to restore the model: before 2026-12-04 a
+    # bfloat16 wrapper kept the float32 ones there, which no counted column showed).
+    open_gib = None if before_open is None or after_open is None else (after_open - before_open) / 2**30
     with closing(optimized) as opt:  # after an error too: the model given back, its caches freed
         opt.prepare_conditionals(reference)
         # The wrapper as it comes: its default cache (a step attends to the smallest span of it,
@@ -307,7 +313,10 @@ def run_bench(
             "floors": floors,
             "rows": [{**asdict(r), "rtf": r.rtf, "t3_tokens_per_s": r.t3_tokens_per_s} for r in rows],
             "summary": summarize(rows, floors),
-            "memory": memory_per_config(rows, upstream_model, opt, dev, memory.how),
+            "memory": {
+                **memory_per_config(rows, upstream_model, opt, dev, memory.how),
+                "wrapper_open_gib": open_gib,
+            },
         }
     report["files"] = {name: str(outdir / name) for name in ("bench.json", "bench.csv", "memory.png")}
     # Each file whole or absent; the report last, so it lists only files that were written.
@@ -588,6 +597,11 @@ def format_bench(report: dict[str, Any]) -> str:
     if memory["graph_pools_gib"]:
         pools = memory["graph_pools_gib"]
         lines.append(f"CUDA graph pools held after the bench (every compiled step): {pools:.3f} GiB")
+    if memory.get("wrapper_open_gib") is not None:  # (absent from files written before 2026-12-04)
+        lines.append(
+            f"the optimized model as the open wrapper holds it on the device, measured (allocator, "
+            f"before its model loaded and after the wrapper opened): {memory['wrapper_open_gib']:.3f} GiB"
+        )
     if report.get("compiled_attention"):
         found = ", ".join(report["compiled_attention"])
         lines.append(f"compiled T3 step's attention: {found} (read from Inductor's generated code)")
