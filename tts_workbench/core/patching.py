@@ -297,16 +297,14 @@ class ModuleSnapshot:
         the module still holds, under any name, stay as they are (no copy: it would free nothing,
         and would part tensors that share it). Bytes moved off their device."""
         to = torch.device(to)
-        live = self._live()
-        held = {t.untyped_storage().data_ptr() for t in live.values() if t is not None}
+        held = {t.untyped_storage().data_ptr() for t in self._live() if isinstance(t, torch.Tensor)}
         kept: dict[tuple[Any, ...], _Kept] = {}  # one copy per tensor however many names share it
         moved = 0
         for table in (self.params, self.buffers, self.attributes):
             for key, value in table.items():
-                now = live.get(key) if table is not self.attributes else live.get(("attr", key))
-                if isinstance(value, _Kept) or not _elsewhere(value, to) or _same(value, now):
+                if isinstance(value, _Kept) or not _elsewhere(value, to):
                     continue
-                if value.untyped_storage().data_ptr() in held:  # still the module's, elsewhere
+                if value.untyped_storage().data_ptr() in held:  # still the module's (any name)
                     continue
                 ident = (value.untyped_storage().data_ptr(), value.storage_offset(),
                          tuple(value.shape), value.stride(), value.dtype, value.device)  # fmt: skip
@@ -316,15 +314,16 @@ class ModuleSnapshot:
                 table[key] = kept[ident]  # type: ignore[index]
         return moved
 
-    def _live(self) -> dict[Any, torch.Tensor | None]:
-        """What the module holds now under each remembered name."""
-        live: dict[Any, torch.Tensor | None] = {}
+    def _live(self) -> list[Any]:
+        """What the module holds now under each remembered name (None where it holds nothing;
+        a plain attribute may hold anything by now)."""
         params = dict(self.module.named_parameters(remove_duplicate=False))
-        live.update({n: (params[n].data if n in params else None) for n in self.params})
         buffers = dict(self.module.named_buffers(remove_duplicate=False))
-        live.update({n: buffers.get(n) for n in self.buffers})
-        live.update({("attr", (m, name)): getattr(m, name, None) for m, name in self.attributes})
-        return live
+        return [
+            *(params[n].data if n in params else None for n in self.params),
+            *(buffers.get(n) for n in self.buffers),
+            *(getattr(m, name, None) for m, name in self.attributes),
+        ]
 
     def restore(self) -> None:
         """Put every remembered tensor back (dtype, device and values as they were). Submodules
@@ -336,14 +335,6 @@ class ModuleSnapshot:
             setattr(self.module.get_submodule(owner) if owner else self.module, leaf, _value(buffer))
         for (m, name), value in self.attributes.items():
             setattr(m, name, _value(value))
-
-
-def _same(a: torch.Tensor, b: torch.Tensor | None) -> bool:
-    """Is ``b`` the very tensor ``a`` (same memory, dtype and shape), not a replacement?"""
-    return (
-        b is not None and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
-        and a.data_ptr() == b.data_ptr()
-    )  # fmt: skip
 
 
 @contextmanager
