@@ -34,6 +34,7 @@ def test_the_decode_step_of_a_long_text_runs_in_a_cache_that_holds_it(tiny_tts: 
     assert found == {"step": "static", "kernels": ["flash (CPU)"], "found_by": "torch.profiler op records"}
 
 
+@pytest.mark.integration  # a whole diagnosis (~14 s); the sizing itself is tested above in a second
 def test_diagnose_decode_static_on_a_long_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
 ) -> None:
