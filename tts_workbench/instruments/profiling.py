@@ -246,6 +246,10 @@ def trace_files(run_dir: str | Path) -> list[Path]:
     return sorted(Path(run_dir).glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
 
 
+# What to give instead, in every error about a file that is not a trace.
+TRACE_FILE_ASKED = "give a .json or .json.gz file written by torch.profiler (profile, trace)"
+
+
 def read_trace(path: str | Path) -> dict[str, Any]:
     """A Chrome/Kineto trace file (``.json`` or ``.json.gz``) as written by torch.profiler; a
     ``TraceError`` naming the file if it is not one."""
@@ -254,13 +258,11 @@ def read_trace(path: str | Path) -> dict[str, Any]:
         with opener(path, "rt") as f:
             trace = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # gzip's BadGzipFile is an OSError
-        raise TraceError(f"{path} is not a readable trace ({type(e).__name__}: {e}): give a .json or "
-                         ".json.gz file written by torch.profiler (profile, trace)") from None  # fmt: skip
+        why = f"{type(e).__name__}: {e}"
+        raise TraceError(f"{path} is not a readable trace ({why}): {TRACE_FILE_ASKED}") from None
     if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
-        raise TraceError(
-            f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list): give a .json or "
-            ".json.gz file written by torch.profiler (profile, trace)"
-        )
+        raise TraceError(f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list)"
+                         f": {TRACE_FILE_ASKED}")
     return trace
 
 

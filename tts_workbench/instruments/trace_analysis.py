@@ -39,7 +39,7 @@ import pandas as pd
 
 from ..core.errors import ConfigError, TraceError
 from .attention import device_attention_kernel
-from .profiling import read_trace
+from .profiling import TRACE_FILE_ASKED, read_trace
 
 # Trace event categories of work on the device (Kineto's names).
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
@@ -98,8 +98,7 @@ def _read(path: str | Path) -> dict[str, Any]:
     for i, e in enumerate(trace["traceEvents"]):
         if flaw := _flaw(e):
             raise TraceError(
-                f"{path} is not a trace as torch.profiler writes one: event {i} {flaw}; give a .json "
-                "or .json.gz file written by torch.profiler (profile, trace)"
+                f"{path} is not a trace as torch.profiler writes one: event {i} {flaw}; {TRACE_FILE_ASKED}"
             )
     return trace
 

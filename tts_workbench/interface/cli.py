@@ -344,6 +344,7 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     from ..core.constants import RANDOM_NO_STOP
     from ..core.devices import check_device
     from ..core.errors import ConfigError, naming_flag
+    from ..instruments.profiling import TRACE_FILE_ASKED
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
         cut_report,
@@ -363,10 +364,7 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         paths = _trace_labels([Path(p) for p in args.read])
         for path in paths.values():
             if not path.is_file():
-                raise ValueError(
-                    f"argument --read: no trace file {path}: give the path of a .json or .json.gz file "
-                    "written by torch.profiler (profile, trace)"
-                )
+                raise ValueError(f"argument --read: no trace file {path}: {TRACE_FILE_ASKED}")
         note = f"read from {len(paths)} trace file(s)"
         return decode_trace_report(read_traces(paths), note), format_decode_traces
     with naming_flag("--steps", ConfigError):  # an unknown step

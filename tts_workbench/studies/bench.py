@@ -223,11 +223,12 @@ def run_bench(
         reference = str(make_reference_wav(outdir / "reference.wav"))
         prepare_voice(upstream_model, reference)
     upstream = UpstreamTTS(upstream_model)
-    before_open = allocated_bytes(torch.device(device))
+    dev = torch.device(device)
+    before_open = allocated_bytes(dev)
     optimized = PerformanceOptimizedTTS(
         load_model(model, device, seed), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper
     )
-    after_open = allocated_bytes(torch.device(device))
+    after_open = allocated_bytes(dev)
     # Measured, beside the tensors counted: what the open wrapper's model holds on the GPU (its
     # weights and islands, and any originals kept to restore the model: before 2026-12-04 a
     # bfloat16 wrapper kept the float32 ones there, which no counted column showed).
@@ -246,7 +247,6 @@ def run_bench(
         need = positions_needed(prefill, tokens)
         if need > opt.max_cache_len:
             opt.set_max_cache_len(need)
-        dev = torch.device(device)
 
         def wrapper(step: str) -> Callable[[int], dict[str, Any]]:
             return lambda s: run_pipeline(opt, text, tokens, s, decode=step)
