@@ -23,8 +23,10 @@ from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError
 from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
+from tts_workbench.models import vocode
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
+from tts_workbench.models.vocode import FlowPlan
 from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
 from tts_workbench.runtime.generation import prepare_voice
@@ -1095,3 +1097,65 @@ def test_the_compiled_engine_compiles_once_per_bucket_and_speaks_the_solo_tokens
         wav, tokens = solo(tts, TEXTS[k], k)
         assert h.tokens == tokens
         assert np.allclose(waves[k], wav, atol=1e-5)
+
+
+def test_a_compiled_flow_pads_each_call_to_a_batch_size_and_keeps_every_streams_audio(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's side of a compiled flow, without the compiler (each shape "compiled" into the
+    eager estimator, seconds instead of minutes): three windows ready together run as a call of
+    four (the next of ``flow_batches``), the copy's mels dropped; the estimator's frames padded to
+    the window kind's size; every stream still gets its solo audio."""
+    seen: list[tuple[int, ...]] = []  # the estimator's input shapes, every call
+
+    def compile_method(fn: Any, module: Any, *_a: Any, **_k: Any) -> Any:
+        return lambda x, *rest: (seen.append(tuple(x.shape)), fn(module, x, *rest))[1]
+
+    monkeypatch.setattr(vocode, "compile_method", compile_method)
+    flow = FlowPlan("compiled")
+    with StreamEngine(tts, max_streams=3, config=CONFIG, flow=flow, flow_batches=[1, 4]) as engine:
+        assert engine.warmup() > 0
+        built = set(flow.shapes)
+        assert len(built) == 4  # first and later windows, at 1 and 4 windows
+        with engine.together():  # one text and seed: their windows are ready at the same steps
+            handles = [engine.submit(TEXTS[0], seed=7, max_new_tokens=TOKENS) for _ in range(3)]
+        waves = [np.concatenate([c for c, _ in h]) for h in handles]
+        stats = engine.stats
+    assert flow.shapes == built  # the streams ran the warmed-up shapes only
+    assert stats.flow_windows == 3 * stats.flow_calls > 0 and stats.flow_padded == stats.flow_calls
+    prompt = engine._voice(tts.conds)["prompt_feat"].size(1)
+    c = CONFIG
+    kinds = {prompt + 2 * (c.first_window_tokens + c.lookahead_tokens),
+             prompt + 2 * (c.left_context_tokens + c.window_tokens + c.lookahead_tokens)}  # fmt: skip
+    assert {(rows, frames) for rows, _, frames in seen} == {(2 * b, f) for b in (1, 4) for f in kinds}
+    wav, tokens = solo(tts, TEXTS[0], 7)
+    assert all(h.tokens == tokens for h in handles)
+    assert all(np.allclose(w, wav, atol=1e-5) for w in waves)
+
+
+def test_flow_batches_must_be_whole_numbers_of_windows(tts: ChatterboxTTS) -> None:
+    for bad in ([], [0, 2], [1.5], [True]):
+        with pytest.raises(ConfigError, match="flow_batches"):
+            StreamEngine(tts, max_streams=2, config=CONFIG, flow_batches=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.integration  # two cold estimator compiles (~40 s of one core each)
+def test_a_compiled_flow_compiles_in_the_warm_up_and_streams_keep_their_solo_audio(
+    tts: ChatterboxTTS,
+) -> None:
+    flow = FlowPlan("compiled")
+    with StreamEngine(tts, max_streams=2, config=CONFIG, flow=flow, flow_batches=[2]) as engine:
+        graphs = counters["stats"]["unique_graphs"]
+        engine.warmup()
+        assert flow.compiled and len(flow.shapes) == 2  # first and later windows, 2 windows a call
+        assert counters["stats"]["unique_graphs"] - graphs == 2
+        with engine.together():
+            handles = [engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(TEXTS[:2])]
+        waves = [np.concatenate([c for c, _ in h]) for h in handles]
+        assert counters["stats"]["unique_graphs"] - graphs == 2  # the streams reused them
+        assert engine.stats.flow_compile_s == 0 and engine.stats.flow_calls > 0
+    for k, h in enumerate(handles):
+        wav, tokens = solo(tts, TEXTS[k], k)
+        assert h.tokens == tokens
+        # Inductor's kernels round apart from the eager ones (as test_flow_plan's compiled stream)
+        assert np.linalg.norm(waves[k] - wav) / np.linalg.norm(wav) < 1e-3, k

@@ -193,7 +193,14 @@ def test_underruns_from_byte_arrival_busy_refusals_and_the_timeout(monkeypatch: 
 
 @pytest.mark.parametrize(
     "url",  # an empty query or fragment too: httpx parses it as none (before 2026-12-04, let through)
-    ["http://h:8000/v1", "http://h:8000/?q=1", "http://h:8000/#x", "http://h/a/", "http://h:8000/?", "http://h#"],
+    [
+        "http://h:8000/v1",
+        "http://h:8000/?q=1",
+        "http://h:8000/#x",
+        "http://h/a/",
+        "http://h:8000/?",
+        "http://h#",
+    ],
 )
 def test_a_url_with_a_path_or_query_is_refused(url: str) -> None:
     with pytest.raises(ConfigError, match=r"argument --url: .*the server's root"):

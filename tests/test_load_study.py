@@ -16,6 +16,7 @@ from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
+from tts_workbench.models import vocode
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.streaming import StreamConfig
 from tts_workbench.studies.load import (
@@ -144,6 +145,8 @@ def test_an_untimed_stream_runs_before_the_first_level_and_counts_in_none(
         ["--device", "cpu"],
         ["--decode", "compiled"],
         ["--dtype=bfloat16"],
+        ["--flow", "eager"],
+        ["--flow-batches", "1,4"],
         ["--reference", "REF"],
         ["--first-window-s", "2"],
         ["--window-s", "5"],
@@ -374,6 +377,9 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
         (["--url", "127.0.0.1:8000"], "--url"),
         (["--device", "foo"], "--device"),  # before 2026-12-04 these two named no flag
         (["--reference", "NOISE"], "--reference"),
+        (["--flow-batches", "0,4"], "--flow-batches"),
+        (["--flow-batches", "four"], "--flow-batches"),
+        (["--flow", "graphs"], "--flow"),
     ],
 )
 def test_load_cli_bad_flags_give_one_error_line(
@@ -405,3 +411,25 @@ def test_the_report_names_levels_whose_compile_fell_back() -> None:
     assert fallbacks(report) == ["8 streams: T3 ran the static step, its compile failed (AssertionError)"]
     assert fallbacks({"levels": [level]}) == []
     assert fallbacks(report)[0] in format_load(report)
+    flow = {**report, "flow_fallback": "RuntimeError: no backend"}
+    assert (
+        fallbacks(flow)[-1]
+        == "S3Gen's estimator ran eagerly from its failed compile on (RuntimeError: no backend)"
+    )
+
+
+def test_a_compiled_estimator_serves_every_level(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One FlowPlan for all levels (the compiler stubbed: each shape "compiled" into the eager
+    estimator), its shapes built in the first level's warm-up, none in the levels themselves."""
+    monkeypatch.setattr(vocode, "compile_method", lambda fn, module, *a, **kw: lambda *x: fn(module, *x))
+    report = run_load(tiny_tts, [1, 2], tokens=20, config=CONFIG, flow="compiled", flow_batches=[2])
+    assert report["flow"] == "compiled" and report["flow_batches"] == [2] and report["flow_fallback"] is None
+    assert report["flow_shapes"] == 2  # first and later windows at 2 windows a call, built once
+    assert "S3Gen estimator compiled" in report["title"]
+    for level in report["levels"]:
+        engine = level["engine"]
+        assert engine["flow_calls"] > 0 and engine["flow_compile_s"] == 0  # compiled in the warm-up
+        assert engine["flow_padded"] == 2 * engine["flow_calls"] - engine["flow_windows"]
+        assert level["summary"]["flow_ms_per_call"] > 0

@@ -111,8 +111,9 @@ def test_a_submodule_parameter_or_buffer_cannot_be_shadowed() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     lin = model[0]
     for obj, name in ((model, "0"), (lin, "weight"), (model[1], "running_mean")):
-        with pytest.raises(TypeError, match="shadow replaces methods and plain attributes"), shadow(
-            obj, name, lambda x: x
+        with (
+            pytest.raises(TypeError, match="shadow replaces methods and plain attributes"),
+            shadow(obj, name, lambda x: x),
         ):
             pass
     assert model[0] is lin and isinstance(lin.weight, torch.nn.Parameter)

@@ -480,8 +480,10 @@ def test_bench_cli_tiny(
     assert report["files"] == {n: str(tmp_path / n) for n in ("bench.json", "bench.csv", "memory.png")}
     assert set(report["memory"]["configs"]) == {"upstream", "optimized"}
     assert report["memory"]["wrapper_open_gib"] == 1.0  # measured around the wrapper's opening
-    assert "holds it on the device, measured (allocator, before its model loaded and after the wrapper " \
+    assert (
+        "holds it on the device, measured (allocator, before its model loaded and after the wrapper "
         "opened): 1.000 GiB" in bench.format_bench(report)
+    )
     # The repeats as torch.utils.benchmark Measurements (spread kept), one Compare table.
     cells = bench.bench_measurements(report)
     assert [(m.task_spec.sub_label, m.task_spec.description) for m in cells[:2]] == [

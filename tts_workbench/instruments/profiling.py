@@ -261,8 +261,9 @@ def read_trace(path: str | Path) -> dict[str, Any]:
         why = f"{type(e).__name__}: {e}"
         raise TraceError(f"{path} is not a readable trace ({why}): {TRACE_FILE_ASKED}") from None
     if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
-        raise TraceError(f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list)"
-                         f": {TRACE_FILE_ASKED}")
+        raise TraceError(
+            f"{path} is JSON but not a Chrome/Kineto trace (no traceEvents list): {TRACE_FILE_ASKED}"
+        )
     return trace
 
 

@@ -401,20 +401,38 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     from ..core.constants import TOKENS_PER_S
     from ..core.errors import ConfigError
     from ..runtime.streaming import StreamConfig
-    from ..studies.load import format_load, parse_arrival, parse_levels, read_texts, run_load
+    from ..studies.load import (
+        format_load,
+        parse_arrival,
+        parse_flow_batches,
+        parse_levels,
+        read_texts,
+        run_load,
+    )
 
     # Bad flags fail before the model loads (or the first request).
     levels, texts = parse_levels(args.streams), read_texts(args.texts)
+    flow_batches = parse_flow_batches(args.flow_batches)
     parse_arrival(args.arrival, max(levels))
     if args.url is not None:
         from ..studies.http_load import run_http_load
 
         _refuse_given(  # the server has its own: refused, not ignored
             args,
-            ("--model", "--device", "--decode", "--dtype", "--reference", "--first-window-s", "--window-s"),
-            "is the server's with --url (its model, device, T3 step and dtype and windows are set where it "
-            "runs; --voice names its voice): leave it out, or leave --url out to measure an engine in this "
-            "process",
+            (
+                "--model",
+                "--device",
+                "--decode",
+                "--dtype",
+                "--flow",
+                "--flow-batches",
+                "--reference",
+                "--first-window-s",
+                "--window-s",
+            ),
+            "is the server's with --url (its model, device, T3 step and dtype, S3Gen and windows are set "
+            "where it runs; --voice names its voice): leave it out, or leave --url out to measure an engine "
+            "in this process",
         )
         given = {"voice": args.voice, "timeout_s": args.timeout}  # None: not given, run_http_load's default
         report = run_http_load(
@@ -450,6 +468,8 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         seed=args.seed,
         step=args.decode,
         policy=args.dtype,
+        flow=args.flow,
+        flow_batches=flow_batches,
         config=config,
         first_audio_limit_s=args.first_audio_limit,
         outdir=args.out,
@@ -636,6 +656,18 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
     _engine_flags(ld)
+    ld.add_argument(
+        "--flow",
+        default="eager",
+        choices=["eager", "compiled"],
+        help="S3Gen's CFM estimator: eager (as loaded) or compiled once per window kind and batch size "
+        "(CUDA graphs on CUDA; all levels share it)",
+    )
+    ld.add_argument(
+        "--flow-batches",
+        help="windows per flow call, e.g. 1,4: at most the largest; a compiled estimator pads each call to "
+        "the next and compiles each size for both window kinds (default 1,2,4,... up to the level's streams)",
+    )
     ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")
     _reference(ld)

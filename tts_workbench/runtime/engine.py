@@ -17,7 +17,11 @@ stage throughput-bound):
 - **S3Gen**: each stream cuts its tokens into buffered windows (``streaming.BufferedCutter``);
   ready windows of the same voice and the same size go through the flow together, one CFM
   estimator call for several streams. First windows go first (they set time to first audio).
-  The vocoder runs per stream, on that stream's own random generator.
+  The vocoder runs per stream, on that stream's own random generator. With a compiled
+  ``FlowPlan`` (``flow=``) a flow call's shape is fixed too: its estimator frames padded to the
+  window kind's regular size (first or later window) and its windows to the next of
+  ``flow_batches`` (copies of its last window, dropped after), so the estimator compiles once per
+  voice, window kind and batch size, and each call runs without the eager estimator's host time.
 
 Each stream samples from its own generator (``core.rng``), so it speaks the tokens it speaks
 alone: in float32 exactly, up to where a batched kernel's rounding flips a near tie.
@@ -40,7 +44,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -258,7 +262,9 @@ class EngineStats:
     flow_calls: int = 0
     flow_windows: int = 0
     flow_splits: int = 0  # batched flow calls that failed and were run again a window a call
+    flow_padded: int = 0  # copies of a window a compiled flow call ran to fill its batch size
     flow_s: float = 0.0
+    flow_compile_s: float = 0.0  # compiling (and warming up) the flow's new shapes in flow calls
     vocoder_s: float = 0.0
     admitted: int = 0
     failed: int = 0
@@ -296,9 +302,14 @@ class StreamEngine:
         plan: DecodePlan | None = None,
         max_cache_len: int = 512,
         keep_logits: bool = False,
+        flow: FlowPlan | None = None,
+        flow_batches: Sequence[int] | None = None,
     ) -> None:
         if max_streams < 1:
             raise ConfigError(f"max_streams must be at least 1, got {max_streams}")
+        batches = list(flow_batches) if flow_batches is not None else buckets(max_streams)
+        if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+            raise ConfigError(f"flow_batches must be whole numbers of windows >= 1, got {flow_batches!r}")
         if step not in ENGINE_STEPS:
             raise ConfigError(f"unknown engine step {step!r}: use {' or '.join(ENGINE_STEPS)}")
         self.config = config or StreamConfig("buffered")
@@ -308,9 +319,11 @@ class StreamEngine:
         self.keep_logits = keep_logits  # each handle's ``logits``: what every token was sampled from
         self.plan = plan or DecodePlan.plain(tts.t3)
         check_cache_len(max_cache_len, self.plan.decode.tfmr.config)  # the plan's own length is not used
-        # S3Gen runs as loaded, its estimator eager: a batched flow call's shape changes with
-        # the windows in it, so a compiled estimator would compile once per group size too.
-        self.flow = FlowPlan()
+        # The flow's estimator as ``flow`` runs it (eager by default). A plan may be shared by
+        # engines one after another (the load study's levels): its compiled shapes are kept.
+        self.flow = flow or FlowPlan()
+        # Windows per flow call: at most the largest; a compiled flow pads a call to the next.
+        self.flow_batches = sorted(set(batches))
         self.max_cache_len = max_cache_len
         self.device = tts.t3.speech_head.weight.device
         self.family = family_of(tts)
@@ -347,6 +360,7 @@ class StreamEngine:
         self._failure: tuple[str, BaseException] | None = None  # a stage that died, and why
         self._held = 0  # open ``together()`` blocks: no stream joins meanwhile
         self._jobs: list[Callable[[], None]] = []  # run by the T3 stage before its next step
+        self._flow_jobs: list[Callable[[], None]] = []  # run by the S3Gen stage before its next call
         self._busy: dict[str, tuple[str, float]] = {}  # stage: (its piece of work, monotonic start)
         # On CUDA each stage queues its work on a stream of its own, so the GPU runs T3's steps
         # while a flow call is in flight (on one stream they would wait for each other).
@@ -502,39 +516,54 @@ class StreamEngine:
                 self._held -= 1
                 self._lock.notify_all()
 
-    def warmup(self) -> float:
-        """Build (compile) the step of every bucket and span now, so no stream waits for it;
-        seconds. (A tight ``max_cache_len`` means fewer spans to compile.) It runs in the T3
-        stage's thread, where the steps' CUDA graphs are then recorded and replayed, once no
-        stream is live (each build writes a slot of every row); streams submitted meanwhile join
-        after it."""
-        done, seconds, errors = threading.Event(), [], []
+    def warmup(self, conds: Any = None) -> float:
+        """Build (compile) the step of every bucket and span now, and with a compiled flow its
+        shapes for the voice ``conds`` (default: the model's), so no stream waits for them;
+        seconds. (A tight ``max_cache_len`` means fewer spans to compile.) Each stage builds in
+        its own thread, where its CUDA graphs are then recorded and replayed: T3's once no stream
+        is live (each build writes a slot of every row; streams submitted meanwhile join after
+        it), the flow's between flow calls. Wall seconds until both are built."""
 
-        def build() -> None:
-            try:
-                t0 = self._now()
-                for bucket in buckets(self.max_streams):
-                    for span in spans(self.max_cache_len):
-                        if self._stopped:  # close() waits for the build under way, not the rest
-                            raise self._stopped_error()
-                        self._step_fn(bucket, span)
-                seconds.append(self._now() - t0)
-            except Exception as e:  # raised in the caller's thread, below
-                errors.append(e)
-            finally:
-                done.set()
+        def t3() -> None:
+            for bucket in buckets(self.max_streams):
+                for span in spans(self.max_cache_len):
+                    if self._stopped:  # close() waits for the build under way, not the rest
+                        raise self._stopped_error()
+                    self._step_fn(bucket, span)
 
+        builds = [(self._jobs, t3)]
+        if self.flow.compiled:
+            voice = checked_voice(conds if conds is not None else self.tts.conds, "warm-up")
+            builds.append((self._flow_jobs, lambda: self._build_flow(voice)))
+        done = [threading.Event() for _ in builds]
+        errors: list[Exception] = []
+
+        def job(build: Callable[[], None], finished: threading.Event) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    build()
+                    self._now()  # what the stage's stream queued is done
+                except Exception as e:  # raised in the caller's thread, below
+                    errors.append(e)
+                finally:
+                    finished.set()
+
+            return run
+
+        t0 = time.perf_counter()
         with self._lock:
             if self._stopped:
                 raise self._stopped_error()
-            self._jobs.append(build)
+            for (jobs, build), finished in zip(builds, done, strict=True):
+                jobs.append(job(build, finished))
             self._lock.notify_all()
-        while not done.wait(timeout=1.0):
-            if not self.running:
-                raise self._stopped_error()
+        for finished in done:
+            while not finished.wait(timeout=1.0):
+                if not self.running:
+                    raise self._stopped_error()
         if errors:
             raise errors[0]
-        return seconds[0]
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop both stages (the step, prefill, build or flow call under way ends first, no more);
@@ -997,19 +1026,22 @@ class StreamEngine:
                     # Heeded after the streams whose last chunk is out have ended (close() would
                     # fail them: they are still in _vocoding); windows cut now are not vocoded.
                     stopping = self._stopped
-                    if ready or finished or stopping:
+                    jobs, self._flow_jobs = self._flow_jobs, []
+                    if ready or finished or stopping or jobs:
                         break
                     self._lock.wait(timeout=1.0)
             for live in finished:
                 live.handle._put(_END)
             if stopping:
                 return
+            for job in jobs:  # a warm-up, between flow calls
+                job()
             if not ready:
                 continue
             # First windows first (they set time to first audio), then by arrival.
             ready.sort(key=lambda lw: (not lw[1].first, lw[0].handle.index))
             key = self._batch_key(*ready[0])
-            group = [lw for lw in ready if self._batch_key(*lw) == key]
+            group = [lw for lw in ready if self._batch_key(*lw) == key][: self.flow_batches[-1]]
             with self._working("s3gen", f"a flow call of {len(group)} window(s)"):
                 self._vocode_or_split(group)
 
@@ -1017,10 +1049,10 @@ class StreamEngine:
         more = not live.t3_done  # read before the tokens: a stream marked done has all of them
         return live.cutter.next_window(more)
 
-    @staticmethod
-    def _batch_key(live: _Live, w: Window) -> tuple[Any, ...]:
-        # One flow call needs one prompt (voice) and one window length.
-        return (id(live.gen), w.stop - w.start)
+    def _batch_key(self, live: _Live, w: Window) -> tuple[Any, ...]:
+        # One flow call needs one prompt (voice) and one window length; a compiled one, one
+        # padded length too (a last window as long as a first one pads to a later window's).
+        return (id(live.gen), w.stop - w.start, w.regular if self.flow.compiled else None)
 
     def _vocode_or_split(self, group: list[tuple[_Live, Window]]) -> None:
         """The group's windows in one flow call; if that call fails (out of memory, say, or one
@@ -1040,43 +1072,75 @@ class StreamEngine:
     def _vocode(self, group: list[tuple[_Live, Window]]) -> None:
         """One flow call for the group's windows, then the vocoder per stream; chunks out."""
         s3gen = self.tts.s3gen
-        device = s3gen.device
-        first = group[0][0]
         with torch.inference_mode():
-            tokens = torch.tensor(
-                [live.handle.state.tokens[w.start : w.stop] for live, w in group], device=device
+            tokens = torch.tensor([live.handle.state.tokens[w.start : w.stop] for live, w in group])
+            noise = torch.cat([live.cutter.noise(w) for live, w in group])
+        if self._streams:  # the voice's tensors were made on T3's stream
+            torch.cuda.current_stream(s3gen.device).wait_stream(self._streams["t3"])
+        mels, flow_s, compiling, rows = self._flow_call(group[0][0].gen, tokens, noise, group[0][1].regular)
+        self.stats.flow_compile_s += compiling
+        self.stats.flow_calls += 1
+        self.stats.flow_windows += len(group)
+        self.stats.flow_padded += rows - len(group)
+        self.stats.flow_s += flow_s
+        for k, (live, w) in enumerate(group):
+            try:
+                t1 = self._now()
+                with live.handle.state.rng.drawing():
+                    wav, source = vocoder(s3gen, mels[k : k + 1], live.cutter.cache(w))
+                voc_s = self._now() - t1
+                self.stats.vocoder_s += voc_s
+                chunk = live.cutter.assemble(w, wav[0].cpu().numpy(), source, s3gen)
+                self._emit(live, w, chunk, flow_s / len(group), voc_s)
+            except Exception as e:  # the vocoder runs per stream: this one fails alone
+                self._fail([live], e)
+
+    def _flow_call(
+        self, gen: dict[str, Any], tokens: torch.Tensor, noise: torch.Tensor, regular: int
+    ) -> tuple[torch.Tensor, float, float, int]:
+        """Mels of windows ``tokens`` (windows, n) of the voice ``gen`` from their start ``noise``
+        in one flow call; its seconds, the seconds it spent compiling (apart) and the rows it ran.
+        A compiled flow runs it at a fixed shape: the windows padded to the next of
+        ``flow_batches`` with copies of the last (each row of the flow is computed apart from the
+        others; the copies are dropped), the estimator's frames to the prompt plus ``regular``
+        tokens (``FlowPlan``)."""
+        s3gen = self.tts.s3gen
+        device, windows = s3gen.device, tokens.size(0)
+        frames = None
+        if self.flow.compiled:
+            batch = next(b for b in self.flow_batches if b >= windows)
+            tokens = torch.cat([tokens, tokens[-1:].expand(batch - windows, -1)])
+            noise = torch.cat([noise, noise[-1:].expand(batch - windows, -1, -1)])
+            frames = gen["prompt_feat"].size(1) + regular * FRAMES_PER_TOKEN
+        compiled_before = self.flow.compile_s_here
+        t0 = self._now()
+        with torch.inference_mode(), self.flow.running(s3gen, frames), overwritten():  # the noise is ours
+            mels, _ = s3gen.flow.inference(
+                token=tokens.to(device),
+                token_len=torch.full((tokens.size(0),), tokens.size(1), device=device),
+                finalize=True,
+                n_timesteps=cfm_steps(s3gen),
+                noised_mels=noise.to(device=device, dtype=s3gen.dtype),
+                meanflow=s3gen.meanflow,
+                **gen,
             )
-            noise = torch.cat([live.cutter.noise(w) for live, w in group]).to(
-                device=device, dtype=s3gen.dtype
-            )
-            if self._streams:  # the voice's tensors were made on T3's stream
-                torch.cuda.current_stream(device).wait_stream(self._streams["t3"])
-            t0 = self._now()
-            with self.flow.running(s3gen, None), overwritten():  # the noise is ours, all of it
-                mels, _ = s3gen.flow.inference(
-                    token=tokens,
-                    token_len=torch.full((len(group),), tokens.size(1), device=device),
-                    finalize=True,
-                    n_timesteps=cfm_steps(s3gen),
-                    noised_mels=noise,
-                    meanflow=s3gen.meanflow,
-                    **first.gen,
-                )
-            flow_s = self._now() - t0
-            self.stats.flow_calls += 1
-            self.stats.flow_windows += len(group)
-            self.stats.flow_s += flow_s
-            for k, (live, w) in enumerate(group):
-                try:
-                    t1 = self._now()
-                    with live.handle.state.rng.drawing():
-                        wav, source = vocoder(s3gen, mels[k : k + 1], live.cutter.cache(w))
-                    voc_s = self._now() - t1
-                    self.stats.vocoder_s += voc_s
-                    chunk = live.cutter.assemble(w, wav[0].cpu().numpy(), source, s3gen)
-                    self._emit(live, w, chunk, flow_s / len(group), voc_s)
-                except Exception as e:  # the vocoder runs per stream: this one fails alone
-                    self._fail([live], e)
+        compiling = self.flow.compile_s_here - compiled_before
+        return mels[:windows], self._now() - t0 - compiling, compiling, tokens.size(0)
+
+    def _build_flow(self, conds: Any) -> None:
+        """Compile the flow's shapes for ``conds``' voice now (a call of each window kind at each
+        of ``flow_batches``; their mels dropped), in the S3Gen stage's thread where they run."""
+        gen = self._voice(conds)
+        c, prompt_frames = self.config, gen["prompt_feat"].size(1)
+        first = c.first_window_tokens + c.lookahead_tokens
+        later = c.left_context_tokens + c.window_tokens + c.lookahead_tokens
+        for regular in (first, later):
+            for batch in self.flow_batches:
+                if self._stopped:  # close() waits for the call under way, not the rest
+                    raise self._stopped_error()
+                tokens = torch.zeros(batch, regular, dtype=torch.long)
+                noise = torch.zeros(batch, 80, prompt_frames + regular * FRAMES_PER_TOKEN)
+                self._flow_call(gen, tokens, noise, regular)
 
     def _fail(self, lives: list[_Live], error: Exception, free: bool = False) -> None:
         """End streams with ``error`` (from either stage), each once: one already ended (failed

@@ -174,9 +174,7 @@ def _drawing_quietly(tts: TTSModel, rng: StreamRandom) -> Iterator[None]:
     with ExitStack() as stack:
         stack.enter_context(rng.drawing())
         for module in (tts.t3.tfmr, tts.s3gen.flow.encoder, tts.s3gen.flow.decoder.estimator):
-            stack.enter_context(
-                around(module, "forward", lambda a, k: not_drawing(), this_thread=True)
-            )
+            stack.enter_context(around(module, "forward", lambda a, k: not_drawing(), this_thread=True))
         yield
 
 

@@ -134,11 +134,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"reference    : {ref['path']} ({ref['seconds']} s, {ref['sample_rate']} Hz): {notes}")
     lines.append(
         f"speech tokens: {report['speech_tokens']} (ended by the {report['stopped_by']}"
-        + (
-            f" of {report['token_cap']}: {RANDOM_NO_STOP})"
-            if report["stopped_by"] == "token cap"
-            else ")"
-        )
+        + (f" of {report['token_cap']}: {RANDOM_NO_STOP})" if report["stopped_by"] == "token cap" else ")")
     )
     if report["invalid_speech_tokens"]:
         lines.append(

@@ -10,6 +10,9 @@ call, how busy each stage's thread was (the busiest one limits the level), and m
 
 Each level gets an engine of its own, sized to it (``max_streams`` = the level), warmed up
 before the clock starts (a compiled step is compiled per bucket then, not inside the level).
+With ``flow="compiled"`` one compiled estimator (``vocode.FlowPlan``) serves every level: the
+first level's warm-up compiles its shapes (each window kind at each of ``flow_batches``), later
+levels compile only the batch sizes they add.
 S3Gen (flow and vocoder) is shared by every level's engine, and its first calls cost more than
 later ones (lazy set-up, allocator growth, kernel choice): before the first level, one untimed
 stream (the first text, at the levels' token cap) goes through an engine of its own, so the first
@@ -43,6 +46,7 @@ from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.memory import device_memory_bytes, memory_window
 from ..instruments.plots import load_figure, save
+from ..models.vocode import FlowPlan
 from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
 from ..runtime.engine import StreamEngine, StreamHandle, kv_bytes_per_stream
 from ..runtime.optimized import decode_plan
@@ -75,6 +79,22 @@ def parse_levels(value: str) -> list[int]:
             f"argument --streams: {value!r} is not a list of integers such as 1,2,4,8"
         ) from None
     return checked_levels(levels, repr(value))
+
+
+def parse_flow_batches(value: str | None) -> list[int] | None:
+    """``"1,4"`` → ``[1, 4]``: the windows a compiled flow call runs at (``StreamEngine``'s
+    ``flow_batches``); None for None (each engine's own: 1, 2, 4, ... up to its streams)."""
+    if value is None:
+        return None
+    try:
+        batches = [int(v) for v in value.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise ConfigError(
+            f"argument --flow-batches: {value!r} is not a list of positive integers such as 1,4"
+        )
+    return sorted(set(batches))
 
 
 def checked_levels(levels: Sequence[int], given: str) -> list[int]:
@@ -251,11 +271,16 @@ def run_level(
     plan: DecodePlan | None = None,
     max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
     progress: bool = False,
+    flow: FlowPlan | None = None,
+    flow_batches: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """``n`` streams through a fresh engine sized to ``n``; the level's row and its streams."""
+    """``n`` streams through a fresh engine sized to ``n``; the level's row and its streams.
+    ``flow`` runs S3Gen's estimator (kept by the caller: its compiled shapes serve the next
+    level too), at most the largest of ``flow_batches`` windows a call."""
     engine = StreamEngine(
-        tts, max_streams=n, step=step, config=config, plan=plan, max_cache_len=max_cache_len
-    )
+        tts, max_streams=n, step=step, config=config, plan=plan, max_cache_len=max_cache_len,
+        flow=flow, flow_batches=flow_batches,
+    )  # fmt: skip
     try:
         compile_s = engine.warmup()
         offsets = arrival_offsets(arrival, n, seed)
@@ -374,6 +399,7 @@ def _level_summary(
         # are dropped (random weights: ~20% of them), so the need is scaled by what it sampled
         "t3_tokens_per_s_needed": n * TOKENS_PER_S * _sampled_per_kept(streams),
         "windows_per_flow_call": e["flow_windows"] / e["flow_calls"] if e["flow_calls"] else 0.0,
+        "flow_ms_per_call": 1000 * e["flow_s"] / e["flow_calls"] if e["flow_calls"] else 0.0,
         "t3_busy_pct": 100 * busy["t3"],
         "s3gen_busy_pct": 100 * busy["s3gen"],
         "limiting_stage": max(busy, key=lambda k: busy[k]),
@@ -407,12 +433,16 @@ def run_load(
     model: str | None = None,
     reference: str | None = None,
     texts_from: str | None = None,
+    flow: str = "eager",
+    flow_batches: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The load study at each level (``run_level``) and how many streams held in real time
     (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given (made before
     the first level: one that cannot be made would lose them all). ``tts`` has
     its voice prepared. ``policy`` is the dtype T3 runs in (``optimized.decode_plan``: float32,
-    bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded.
+    bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded,
+    its CFM estimator ``flow`` ("eager" or "compiled", one ``FlowPlan`` for every level) at most
+    the largest of ``flow_batches`` windows a call (None: up to each level's streams).
     The report names what was measured: ``model`` (the source ``tts`` was loaded from; None:
     unnamed), ``reference`` (the WAV its voice was prepared from; None: the generated one,
     ``reference.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``).
@@ -427,6 +457,7 @@ def run_load(
     device = tts.t3.speech_head.weight.device
     check_kv_fits(levels[-1], kv_bytes_per_stream(tts, plan, max_cache_len), device)
     config = config or StreamConfig("buffered")
+    estimator = FlowPlan(flow)
     if outdir is not None:  # an unusable --out found now, not once every level has run
         Path(outdir).mkdir(parents=True, exist_ok=True)
     warm = warm_up(
@@ -445,6 +476,8 @@ def run_load(
             plan=plan,
             max_cache_len=max_cache_len,
             progress=progress,
+            flow=estimator,
+            flow_batches=flow_batches,
         )
         for n in levels
     ]
@@ -457,6 +490,11 @@ def run_load(
         "device": str(device),
         "step": step,
         "t3_dtype": policy,
+        "flow": flow,
+        "flow_batches": None if flow_batches is None else sorted(set(flow_batches)),
+        "flow_shapes": len(estimator.shapes),  # compiled estimator graphs, all levels
+        "flow_compile_s": estimator.compile_s,  # in the levels' compile_s (their warm-ups)
+        "flow_fallback": estimator.fallback_reason,  # why a compiled estimator ran eagerly
         "arrival": arrival,
         "tokens": tokens,
         "max_cache_len": max_cache_len,
@@ -465,7 +503,7 @@ def run_load(
         "warmup_error": warm["error"],
         "levels": runs,
         "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}, texts {source}, "
-        f"T3 {policy} {step} step, arrival {arrival}, {tokens} tokens per stream",
+        f"T3 {policy} {step} step, S3Gen estimator {flow}, arrival {arrival}, {tokens} tokens per stream",
         "note": f"every stream is capped at {tokens} tokens ({RANDOM_NO_STOP}: its streams run to the cap)",
     }
     return conclude(report, first_audio_limit_s, outdir)
@@ -538,20 +576,25 @@ def side_by_side(reports: dict[str, dict[str, Any]], name: str, columns: Sequenc
 
 
 def fallbacks(report: dict[str, Any]) -> list[str]:
-    """A line per level whose engine ran T3's static step where the compiled one was asked for
-    (its compile failed: the report's title names the step asked for, not the one that ran)."""
-    return [
+    """A line per level whose engine ran T3's static step where the compiled one was asked for,
+    and one if S3Gen's estimator ran eagerly where compiled was asked for (their compiles failed:
+    the report's title names what was asked for, not what ran)."""
+    lines = [
         f"{(n := level['streams'])} stream{'s' if n > 1 else ''}: T3 ran the static step, its compile "
         f"failed ({why})"
         for level in report["levels"]
         if (why := level.get("compile_fallback"))
     ]
+    if why := report.get("flow_fallback"):
+        lines.append(f"S3Gen's estimator ran eagerly from its failed compile on ({why})")
+    return lines
 
 
 def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
     columns = ["streams", "failed", "silent", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
                "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s", "windows_per_flow_call",
+               "flow_ms_per_call",
                "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mib", "growth_mib_per_stream",
                "kv_mib_per_stream"]  # fmt: skip
     frame = load_frame(report)
