@@ -47,9 +47,10 @@
 #   GPU_CHECK_LOAD=1                # also run the load study (issue 19): the stream engine with the
 #                                   # compiled step, T3 in bfloat16, levels GPU_CHECK_LOAD_LEVELS
 #                                   # (default 1,8,32,64; dry run 1,2); alone, GPU_CHECK_POLICIES=""
-#   GPU_CHECK_LOAD_FLOW=compiled    # the load study's S3Gen estimator (default eager), compiled at
-#   GPU_CHECK_FLOW_BATCHES=1,4      # these windows per flow call (default 4): one compile per window
-#                                   # kind and size, ~40 s each on the H200
+#   GPU_CHECK_LOAD_FLOW=compiled    # the load study's S3Gen estimator (default eager)
+#   GPU_CHECK_FLOW_BATCHES=1,4      # windows per flow call (compiled default 4: one compile per window
+#                                   # kind and size, ~40 s each on the H200; eager default: the engine's
+#                                   # own, every ready window of a voice and length up to the level)
 #   GPU_CHECK_SERVE=1               # also serve one replica (compiled, T3 bfloat16) and send the load
 #                                   # study's levels to it with `load --url` (issue 20's GPU row); needs
 #                                   # ray[serve], which the GPU image lacks and which cannot be carried
@@ -386,10 +387,15 @@ if [[ ${GPU_CHECK_MULTILINGUAL:-0} == 1 ]]; then
         --configs "${GPU_CHECK_MULTILINGUAL_CONFIGS:-upstream,optimized,compiled,optimized-stream,compiled-stream}"
 fi
 [[ $MODE == dry-run ]] && LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,2} || LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,8,32,64}
+FLOW_ARGS=(--flow "${GPU_CHECK_LOAD_FLOW:-eager}")
+if [[ -n ${GPU_CHECK_FLOW_BATCHES:-} ]]; then
+    FLOW_ARGS+=(--flow-batches "$GPU_CHECK_FLOW_BATCHES")
+elif [[ ${GPU_CHECK_LOAD_FLOW:-eager} == compiled ]]; then  # few shapes: each costs a compile
+    FLOW_ARGS+=(--flow-batches 4)
+fi
 if [[ ${GPU_CHECK_LOAD:-0} == 1 ]]; then
     step load $PY -m tts_workbench.interface.cli load --model $MODEL --device $DEVICE --tokens $TOKENS \
-        --streams "$LEVELS" --decode compiled --dtype bfloat16 --out "$TMP/load" \
-        --flow "${GPU_CHECK_LOAD_FLOW:-eager}" --flow-batches "${GPU_CHECK_FLOW_BATCHES:-4}"
+        --streams "$LEVELS" --decode compiled --dtype bfloat16 --out "$TMP/load" "${FLOW_ARGS[@]}"
 fi
 if [[ ${GPU_CHECK_SERVE:-0} == 1 ]]; then  # the same streams over HTTP (issue 20)
     PORT=${GPU_CHECK_PORT:-8123}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
-from tts_workbench.core.compiling import replay, skipping_guards
+from tts_workbench.core.compiling import replay, skipping_guards, warmup_calls
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models import vocode
@@ -206,3 +207,41 @@ def test_each_autocast_dtype_compiles_apart_from_the_timed_call(monkeypatch: pyt
         assert counters["stats"]["unique_graphs"] == graphs, f"{dtype} compiled inside the call"
     assert sorted(str(key[-1]) for key in plan.shapes) == ["torch.bfloat16", "torch.float16"]
     assert plan.compiled
+
+
+def test_a_shape_compiled_in_another_thread_is_warmed_up_in_this_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With CUDA graphs each thread records its own graphs (torch 2.13 keeps the cudagraphified
+    callable per thread): the load study's next level, a new engine with a new S3Gen thread on
+    the same plan, recorded them inside its first timed flow calls. Now a thread's first use of
+    a shape warms it up there, timed as that thread's compile (the compiler stubbed, the
+    replays run on the CPU)."""
+    calls: list[str] = []
+
+    def compile_method(fn: Any, module: Any, *_a: Any, **_k: Any) -> Any:
+        def run(*x: torch.Tensor) -> torch.Tensor:
+            calls.append(threading.current_thread().name)
+            return fn(module, *x)
+
+        return run
+
+    class Toy(torch.nn.Module):
+        def forward(self, x: torch.Tensor, *rest: object) -> torch.Tensor:
+            return x * 2
+
+    monkeypatch.setattr(vocode, "compile_method", compile_method)
+    plan, toy, x = FlowPlan("compiled"), Toy(), torch.ones(1, 2, 4)
+    warm = warmup_calls(True)
+
+    compiled_here: dict[str, float] = {}
+
+    def use(name: str) -> None:
+        plan._estimator(toy, toy.forward, (x,), cudagraphs=True)
+        plan._estimator(toy, toy.forward, (x,), cudagraphs=True)  # warmed up here: no call
+        compiled_here[name] = plan.compile_s_here
+
+    for name in ("first", "second"):
+        thread = threading.Thread(target=use, args=(name,), name=name)
+        thread.start()
+        thread.join()
+    assert calls == ["first"] * warm + ["second"] * warm and len(plan.shapes) == 1
+    assert compiled_here["first"] > 0 and compiled_here["second"] > 0

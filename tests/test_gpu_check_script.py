@@ -148,6 +148,8 @@ def test_the_load_step_names_no_file_that_is_gone(tmp_path: Path, reference_wav:
     assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
     load = result["load"]
     assert [s["streams"] for s in (level["summary"] for level in load["levels"])] == [1]
+    # the estimator as asked (eager: no cap on windows per call but the engine's own)
+    assert (load["flow"], load["flow_batches"]) == ("eager", None)
     assert "files" not in load and load["figure"] == "gpu_load.png"
     named = paths_in(load)
     assert named and all((tmp_path / path).is_file() for path in named), named

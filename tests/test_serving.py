@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 import tts_workbench.runtime.engine as engine_module
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
+from tts_workbench.models import vocode
 from tts_workbench.models.checkpoints import save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
@@ -451,7 +452,7 @@ def test_a_service_whose_warm_up_fails_stops_its_engine(
     behind: the caller (a Ray replica) never gets a service to close."""
     built: list[StreamEngine] = []
 
-    def failing(engine: StreamEngine) -> float:
+    def failing(engine: StreamEngine, *_a: object) -> float:
         built.append(engine)
         raise RuntimeError("the compile failed, on purpose")
 
@@ -594,6 +595,29 @@ def test_serve_hands_the_replicas_absolute_folders(tmp_path: Path, monkeypatch: 
     named, folder = seen
     assert (named.run_dir, named.voices_dir) == (str(tmp_path / "run"), str(tmp_path / "voices"))
     assert (named.model, folder.model) == ("tiny", str(tmp_path / "ckpt"))
+    assert (named.flow, named.flow_batches) == ("eager", None)
+    assert main(["serve", "--out", "run", "--flow", "compiled", "--flow-batches", "4,1"]) == 0
+    assert (seen[-1].flow, seen[-1].flow_batches) == ("compiled", (1, 4))
+
+
+def test_a_compiled_flow_is_built_for_every_voice_before_any_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compiled estimator's shapes hold a voice's prompt length: the service warms them up for
+    each voice it serves (the compiler stubbed: each shape "compiled" into the eager estimator)."""
+    monkeypatch.setattr(vocode, "compile_method", lambda fn, module, *a, **kw: lambda *x: fn(module, *x))
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    make_reference_wav(voices / "brief.wav", seconds=6.0, seed=1)  # a shorter prompt than the default's
+    options = ServeOptions(
+        run_dir=str(tmp_path / "run"), voices_dir=str(voices), flow="compiled", flow_batches=(2,)
+    )
+    service = SpeechService(options)
+    try:
+        frames = {shape[1][2] for shape in service.engine.flow.shapes}  # (id, x's shape, dtype, autocast)
+        assert len(service.engine.flow.shapes) == 4 and len(frames) == 4  # 2 voices x 2 window kinds
+    finally:
+        service.close()
 
 
 def test_the_servers_url_writes_an_ipv6_host_in_brackets() -> None:

@@ -9,12 +9,13 @@ engine's batched step, S3Gen's CFM estimator), in one place.
   a C++ compile of seconds to minutes per graph).
 - ``replay``: one call of such a function. With CUDA graphs it first marks a new step (the graph
   tree may then reuse its memory pool) and clones the outputs, which live in that pool and would
-  be overwritten by the next replay: one thread's mark, call and clone at a time, since a
-  compiled function's graphs live in the tree of the thread that first called it and every
-  thread replays those same graphs into the same output memory. A function's first call
-  compiles under that lock too: streams in other threads wait meanwhile (seconds to a minute on
-  the H200), and their wait counts in their own time, not in their ``compile_s`` (the engine
-  replays in its T3 thread alone and compiles in its warm-up).
+  be overwritten by the next replay: one thread's mark, call and clone at a time, since in
+  torch 2.11 (the GPU image's) a compiled function's graphs live in the tree of the thread that
+  first called it and every thread replays those same graphs into the same output memory (in
+  torch 2.13 each thread records its own: ``FlowPlan`` warms a shape up again in a new thread).
+  A function's first call compiles under that lock too: streams in other threads wait meanwhile
+  (seconds to a minute on the H200), and their wait counts in their own time, not in their
+  ``compile_s`` (the engine replays in its T3 thread alone and compiles in its warm-up).
 - ``warmup_calls``: how many calls leave such a function ready: with CUDA graph trees three (the
   first runs eagerly, the second records, the third replays), else one (the one that compiles).
 - ``skipping_guards``: dynamo's guard checks skipped for a call whose guards were checked

@@ -124,6 +124,17 @@ def _non_negative(value: str) -> int:
     return _integer(value, 0, what="an integer >= 0")
 
 
+def _batches(value: str) -> tuple[int, ...]:
+    """``"1,4"`` → ``(1, 4)``: windows per flow call (``StreamEngine``'s ``flow_batches``)."""
+    try:
+        sizes = sorted({int(v) for v in value.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"must be a list of positive integers such as 1,4, got {value!r}")
+    return tuple(sizes)
+
+
 def _seed(value: str) -> int:
     return _integer(value, 0, 2**63 - 1, "an integer from 0 to 2**63 - 1")
 
@@ -183,7 +194,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
-    """The stream engine's T3 step and weights dtype (``load`` and ``serve``)."""
+    """The stream engine's T3 step and weights dtype, and its flow (``load`` and ``serve``)."""
     p.add_argument(
         "--decode",
         default="static",
@@ -195,6 +206,19 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         default="float32",
         choices=["float32", "bfloat16", "float16", "decode-bfloat16"],
         help="dtype of T3's weights in each engine (a copy; S3Gen runs as loaded)",
+    )
+    p.add_argument(
+        "--flow",
+        default="eager",
+        choices=["eager", "compiled"],
+        help="S3Gen's CFM estimator in the engine: eager, or compiled once per voice, window kind and "
+        "batch size (CUDA graphs on CUDA; the load study's levels share it)",
+    )
+    p.add_argument(
+        "--flow-batches",
+        type=_batches,
+        help="windows per flow call, e.g. 1,4: at most the largest; a compiled estimator pads each call to "
+        "the next and compiles each size (default 1,2,4,... up to the engine's streams)",
     )
 
 
@@ -401,18 +425,10 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     from ..core.constants import TOKENS_PER_S
     from ..core.errors import ConfigError
     from ..runtime.streaming import StreamConfig
-    from ..studies.load import (
-        format_load,
-        parse_arrival,
-        parse_flow_batches,
-        parse_levels,
-        read_texts,
-        run_load,
-    )
+    from ..studies.load import format_load, parse_arrival, parse_levels, read_texts, run_load
 
     # Bad flags fail before the model loads (or the first request).
     levels, texts = parse_levels(args.streams), read_texts(args.texts)
-    flow_batches = parse_flow_batches(args.flow_batches)
     parse_arrival(args.arrival, max(levels))
     if args.url is not None:
         from ..studies.http_load import run_http_load
@@ -469,7 +485,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         step=args.decode,
         policy=args.dtype,
         flow=args.flow,
-        flow_batches=flow_batches,
+        flow_batches=args.flow_batches,
         config=config,
         first_audio_limit_s=args.first_audio_limit,
         outdir=args.out,
@@ -493,7 +509,8 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     model = str(Path(args.model).resolve()) if folder else args.model
     options = ServeOptions(
         model=model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
-        max_streams=args.max_streams, step=args.decode, dtype=args.dtype, threads=args.threads,
+        max_streams=args.max_streams, step=args.decode, dtype=args.dtype, flow=args.flow,
+        flow_batches=args.flow_batches, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
         stall_s=args.stall_s,
     )  # fmt: skip
@@ -656,18 +673,6 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
     _engine_flags(ld)
-    ld.add_argument(
-        "--flow",
-        default="eager",
-        choices=["eager", "compiled"],
-        help="S3Gen's CFM estimator: eager (as loaded) or compiled once per window kind and batch size "
-        "(CUDA graphs on CUDA; all levels share it)",
-    )
-    ld.add_argument(
-        "--flow-batches",
-        help="windows per flow call, e.g. 1,4: at most the largest; a compiled estimator pads each call to "
-        "the next and compiles each size for both window kinds (default 1,2,4,... up to the level's streams)",
-    )
     ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")
     _reference(ld)

@@ -130,8 +130,8 @@ class FlowPlan:
             # TorchFunctionMode) is switched off around it: Dynamo would trace the mode into
             # every op (a third of the compile time) and eager calls would pay it per op.
             with not_drawing():
-                fn = self._estimator(estimator, forward, (x, mask, mu, t, spks, cond, r))
                 cudagraphs = self.compiled and x.device.type == "cuda"
+                fn = self._estimator(estimator, forward, (x, mask, mu, t, spks, cond, r), cudagraphs)
                 # sliced before replay clones it: only the window's own frames are copied
                 out: torch.Tensor = replay(
                     lambda *a: fn(*a)[..., :n], x, mask, mu, t, spks, cond, r,
@@ -142,28 +142,38 @@ class FlowPlan:
         return run
 
     def _estimator(
-        self, estimator: torch.nn.Module, forward: Callable[..., torch.Tensor], args: tuple[Any, ...]
+        self,
+        estimator: torch.nn.Module,
+        forward: Callable[..., torch.Tensor],
+        args: tuple[Any, ...],
+        cudagraphs: bool = False,
     ) -> Callable[..., torch.Tensor]:
         """The callable for these inputs: the compiled estimator, compiled and warmed up first
-        for a shape not seen yet; the eager one when not compiling (or after a failure)."""
+        for a shape not seen yet; the eager one when not compiling (or after a failure). With
+        CUDA graphs a shape compiled in another thread is warmed up again in this one: a thread
+        has its own graph tree (torch 2.13 keeps even the compiled callable per thread), so its
+        first calls would record there, inside a timed call (the load study's levels each run
+        a new engine, so new threads, on one plan)."""
         if not self.compiled:
             return forward
         x = args[0]
-        cudagraphs = x.device.type == "cuda"
         # The autocast dtype too: a graph traced under bf16 autocast is not the fp16 one (before,
         # fp16 after bf16 got the bf16 entry and dynamo recompiled inside the timed call).
         device_type = x.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         key = (id(estimator), tuple(x.shape), x.dtype, autocast)
-        if key in self._compiled:
-            return self._compiled[key]
+        warmed: set[tuple[Any, ...]] = self._here.__dict__.setdefault("warmed", set())
+        fn = self._compiled.get(key)
+        if fn is not None and (key in warmed or not cudagraphs):
+            return fn
         t0 = now(x.device)
         try:
-            # compile_method makes a code object per call: one per shape, never past dynamo's limit
-            fn = compile_method(type(estimator).forward, estimator, cudagraphs, fullgraph=False)
+            if fn is None:  # compile_method: a code object per call, per shape: never past dynamo's limit
+                fn = compile_method(type(estimator).forward, estimator, cudagraphs, fullgraph=False)
             for _ in range(warmup_calls(cudagraphs)):
                 replay(fn, *args, cudagraphs=cudagraphs)
             self._compiled[key] = fn
+            warmed.add(key)
         except Exception as e:  # any compile failure falls back to the eager estimator
             self.fallback_reason = fell_back(e, "S3Gen's CFM estimator", "running it eagerly")
             fn = forward

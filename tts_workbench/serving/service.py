@@ -33,6 +33,7 @@ from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
 from ..core.positions import positions_needed, tokens_that_fit
 from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
+from ..models.vocode import FlowPlan
 from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
 from ..runtime.engine import StreamEngine, StreamHandle
 from ..runtime.generation import prepare_voice
@@ -56,6 +57,8 @@ class ServeOptions:
     max_streams: int = 8
     step: str = "static"
     dtype: str = "float32"  # T3's weights in the engine (optimized.decode_plan: a copy); S3Gen as loaded
+    flow: str = "eager"  # S3Gen's CFM estimator in the engine: eager, or compiled for every voice
+    flow_batches: tuple[int, ...] | None = None  # windows per flow call (None: the engine's 1, 2, 4, ...)
     threads: int | None = None  # torch's intra-op threads in this process (None: torch's default)
     # 800 characters (about a cache position each), the voice's conditioning (~40 positions)
     # and 150 tokens fit 1024 positions: a longest input sent without max_tokens runs.
@@ -172,10 +175,12 @@ class SpeechService:
                              room if speech_tokens is None else min(room, speech_tokens))  # fmt: skip
         self.engine = StreamEngine(
             tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len,
-            plan=decode_plan(tts, options.dtype),
+            plan=decode_plan(tts, options.dtype), flow=FlowPlan(options.flow),
+            flow_batches=options.flow_batches,
         )  # fmt: skip
         try:
-            self.engine.warmup()
+            for conds in self.voices.values():  # a compiled flow's shapes are per voice (its prompt's length)
+                self.engine.warmup(conds)
             self._metrics()
         except BaseException:  # no service for the caller to close: stop the engine's threads here
             self.engine.close()

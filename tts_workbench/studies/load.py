@@ -81,22 +81,6 @@ def parse_levels(value: str) -> list[int]:
     return checked_levels(levels, repr(value))
 
 
-def parse_flow_batches(value: str | None) -> list[int] | None:
-    """``"1,4"`` → ``[1, 4]``: the windows a compiled flow call runs at (``StreamEngine``'s
-    ``flow_batches``); None for None (each engine's own: 1, 2, 4, ... up to its streams)."""
-    if value is None:
-        return None
-    try:
-        batches = [int(v) for v in value.split(",")]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 1:
-        raise ConfigError(
-            f"argument --flow-batches: {value!r} is not a list of positive integers such as 1,4"
-        )
-    return sorted(set(batches))
-
-
 def checked_levels(levels: Sequence[int], given: str) -> list[int]:
     """``levels`` as a study runs them, ascending (``parse_levels``'s rules); a ConfigError
     naming ``--streams`` when there is none, one is not a positive integer, one is more than
