@@ -421,6 +421,13 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
     raise ValueError("argument --read: a trace file is named twice")
 
 
+# Flags of an engine in this process that a server sets where it runs: `load --url` refuses them.
+SERVER_FLAGS = (
+    "--model", "--device", "--decode", "--dtype", "--flow", "--flow-batches", "--reference",
+    "--first-window-s", "--window-s",
+)  # fmt: skip
+
+
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.constants import TOKENS_PER_S
     from ..core.errors import ConfigError
@@ -435,17 +442,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
 
         _refuse_given(  # the server has its own: refused, not ignored
             args,
-            (
-                "--model",
-                "--device",
-                "--decode",
-                "--dtype",
-                "--flow",
-                "--flow-batches",
-                "--reference",
-                "--first-window-s",
-                "--window-s",
-            ),
+            SERVER_FLAGS,
             "is the server's with --url (its model, device, T3 step and dtype, S3Gen and windows are set "
             "where it runs; --voice names its voice): leave it out, or leave --url out to measure an engine "
             "in this process",
@@ -686,8 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_given,
         help="measure a speech server at its root (http://HOST:PORT: this workbench's serve, or an "
         "OpenAI-style endpoint that takes its seed and max_tokens fields; no API key) instead of an "
-        "engine in this process; the model is the first /v1/models lists, and --model, --device, --decode, "
-        "--dtype, --reference and the window flags are the server's (refused with --url)",
+        "engine in this process; the model is the first /v1/models lists, and "
+        f"{', '.join(SERVER_FLAGS)} are the server's (refused with --url)",
     )
     ld.add_argument(
         "--voice", type=_given, help="with --url: the voice each request names (default: default)"

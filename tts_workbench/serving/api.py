@@ -4,6 +4,7 @@ is OpenAI's error body, Starlette's own 404 and 405 included."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -97,6 +98,9 @@ def speech_app(service: SpeechService) -> FastAPI:
         except ClientDisconnect:  # gone before its body was whole: nobody reads an answer
             service.outcomes["disconnected"].inc()
             return Response(status_code=CLIENT_CLOSED)
+        except asyncio.CancelledError:  # the same, as Ray Serve's proxy says it: it cancels the handler
+            service.outcomes["disconnected"].inc()
+            raise
         audio = await service.speech(req)
         return StreamingResponse(audio, media_type=FORMATS[req.response_format])
 
