@@ -671,7 +671,7 @@ def test_the_sets_of_buckets_and_spans_used_are_replaced_not_changed(tts: Chatte
 
 def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None:
     # Four listeners of one text and seed: their windows are ready at the same steps (with random
-    # weights a quarter of the ids are not speech, so streams of other seeds rarely line up).
+    # weights about a fifth of the ids are not speech, so streams of other seeds rarely line up).
     with StreamEngine(tts, max_streams=4, config=CONFIG) as engine:
         with engine.together():
             handles = [engine.submit(TEXTS[0], seed=7, max_new_tokens=TOKENS) for _ in range(4)]

@@ -733,6 +733,61 @@ def test_close_from_another_thread_waits_for_the_chunk_being_made(
     assert "was closed" in str(errors[0]) and next(tiny_tts.t3.parameters()).dtype == torch.float32
 
 
+def test_a_close_between_a_readers_open_check_and_its_chunk_gives_it_the_closed_error(
+    tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    """The reader checks that the wrapper is open under its lock, then makes the chunk outside it.
+    A close() in between closed the stream under its maker (before 2026-12-04): the stream ended
+    early as if whole, or failed with "generator already executing". Now close() leaves a
+    stream being made to finish its chunk, and its reader gets the ConfigError at the next one.
+    The reader is held just after the lock (where a thread switch can fall) by a Condition that
+    waits there for the closer."""
+    import threading
+
+    paused, closer_waits = threading.Event(), threading.Event()
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="float32")
+
+    class Gate(threading.Condition):
+        def __enter__(self) -> bool:
+            if threading.current_thread().name == "closer" and opt._closing:
+                closer_waits.set()  # close() is past closing the idle streams: it waits now
+            return super().__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            super().__exit__(*exc)
+            if threading.current_thread().name == "reader" and opt._making and not paused.is_set():
+                paused.set()
+                assert closer_waits.wait(30)
+
+    try:
+        opt.prepare_conditionals(str(reference_wav))
+        opt._made = Gate()
+        chunks = opt.generate_stream(TEXT, config=StreamConfig("buffered", first_window_s=0.2, window_s=0.2),
+                                     max_new_tokens=20)  # fmt: skip
+        got: list[object] = []
+
+        def read() -> None:
+            try:
+                got.extend(chunk for chunk, _ in chunks)
+                got.append("ended as if whole")
+            except Exception as e:  # noqa: BLE001 - what the reader got is the result
+                got.append(e)
+
+        reader = threading.Thread(target=read, name="reader")
+        reader.start()
+        assert paused.wait(60)
+        closer = threading.Thread(target=opt.close, name="closer")
+        closer.start()
+        closer.join(60)
+        reader.join(60)
+    finally:
+        closer_waits.set()
+        opt.close()
+    assert not reader.is_alive() and opt.closed
+    assert isinstance(got[-1], ConfigError) and "was closed" in str(got[-1]), got[-1]
+    assert len(got) == 2  # the chunk under way was made and read, then the error
+
+
 def test_last_run_is_a_copy_and_options_are_named_as_from_model_takes_them(tiny_tts: ChatterboxTTS) -> None:
     with PerformanceOptimizedTTS(tiny_tts, policy="float32") as opt:
         opt.generate(TEXT, max_new_tokens=4, seed=0)

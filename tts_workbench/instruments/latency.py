@@ -21,7 +21,7 @@ class ChunkMetrics:
     index: int
     emitted_s: float
     tokens: int  # new speech tokens vocoded for this chunk
-    invalid_tokens: int  # ids >= SPEECH_VOCAB_SIZE dropped before S3Gen (random weights emit ~25%)
+    invalid_tokens: int  # ids >= SPEECH_VOCAB_SIZE dropped before S3Gen (random weights: about a fifth)
     t3_s: float
     flow_s: float
     vocoder_s: float

@@ -34,7 +34,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import ExitStack, closing, nullcontext, suppress
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -471,8 +471,10 @@ class PerformanceOptimizedTTS(Pipeline):
         # the streams being read: close() ends them first (a multilingual one has the model's
         # attention switched to eager, with spies on it, while it runs)
         self._streams: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
-        # chunks being made in other threads right now: close() waits for them (one chunk each)
-        self._making = 0
+        # the streams making a chunk right now, marked under ``_made`` with the open check: close()
+        # waits for them (one chunk each) and closes only the others (closed under its maker, a
+        # stream would end early with no error, or fail with "generator already executing")
+        self._making: set[Generator[Any, None, None]] = set()
         self._made = threading.Condition()
         self._closing = False  # close() has begun: no stream makes another chunk
         if tts.conds is not None:
@@ -543,11 +545,11 @@ class PerformanceOptimizedTTS(Pipeline):
             return
         with self._made:
             self._closing = True  # a reader between chunks stops at its next (ConfigError)
-        for chunks in list(self._streams):
-            with suppress(ValueError):  # making a chunk in another thread: waited for below
-                chunks.close()
+            idle = [chunks for chunks in self._streams if chunks not in self._making]
+        for chunks in idle:  # (none starts a chunk now: each open check sees _closing)
+            chunks.close()
         with self._made:  # before 2026-12-04 the model went back under a chunk being made
-            self._made.wait_for(lambda: self._making == 0)
+            self._made.wait_for(lambda: not self._making)
         try:
             self._final = self.configuration()
         finally:  # the model goes back even if the report fails
@@ -813,14 +815,14 @@ class PerformanceOptimizedTTS(Pipeline):
             while True:
                 with self._made:
                     self._check_open(reading=True)
-                    self._making += 1
+                    self._making.add(chunks)
                 try:
                     item = next(chunks)
                 except StopIteration:
                     return
                 finally:
                     with self._made:
-                        self._making -= 1
+                        self._making.discard(chunks)
                         self._made.notify_all()
                 yield item
 
