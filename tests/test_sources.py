@@ -7,7 +7,10 @@ import json
 import os
 import re
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,11 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from tts_workbench.core.errors import ConfigError, SourceError
 from tts_workbench.core.families import FAMILIES
-from tts_workbench.models import checkpoints, frontends
+from tts_workbench.models import builders, checkpoints, frontends
 from tts_workbench.models.checkpoints import METADATA_FILE, load_folder, save_checkpoint
 from tts_workbench.models.frontends import build_tokenizer_json
 from tts_workbench.models.reference import check_reference, make_reference_wav
-from tts_workbench.models.sources import load_model
+from tts_workbench.models.sources import check_source, load_model
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, stream_all
 
@@ -235,6 +238,76 @@ def test_building_a_model_leaves_the_callers_random_state_alone() -> None:
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     theirs = _params(b)
     return all(torch.equal(v, theirs[k]) for k, v in _params(a).items() if not k.startswith("patched_model."))
+
+
+def test_loading_a_folder_leaves_the_callers_random_state_alone(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_folder(folder)
+    load_model(str(folder))
+    # before: the build and the assembly drew from the caller's generator
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_build_while_another_thread_loads_a_folder_gets_initialised_weights(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    alone = load_model("tiny", seed=0)
+    original_init = torch.nn.init.kaiming_uniform_
+    inside, b_started, b_building, b_done = (threading.Event() for _ in range(4))
+    build_t3 = builders.build_t3
+
+    def load_building_t3(*args: Any) -> T3:  # thread A, inside load_folder's no-init block
+        inside.set()
+        b_started.wait(60)
+        # Thread B starting T3 here is the overlap; where B waits for A instead (the fix) it cannot
+        # start, and only this bounded wait is spent.
+        if b_building.wait(2):
+            b_done.wait(120)
+        return build_t3(*args)
+
+    def b_building_t3(*args: Any) -> T3:
+        b_building.set()
+        return build_t3(*args)
+
+    monkeypatch.setattr(checkpoints, "build_t3", load_building_t3)
+    monkeypatch.setattr(builders, "build_t3", b_building_t3)
+    out: dict[str, Any] = {}
+
+    def run(name: str, load: Callable[[], Any]) -> None:
+        try:
+            out[name] = load()
+        except BaseException as e:  # re-raised by the test below
+            out[name] = e
+
+    def build_in_b() -> Any:
+        b_started.set()
+        try:
+            return builders.build_model("tiny", seed=0)
+        finally:
+            b_done.set()
+
+    a = threading.Thread(target=run, args=("a", lambda: load_folder(folder)))
+    b = threading.Thread(target=run, args=("b", build_in_b))
+    a.start()
+    assert inside.wait(120)
+    b.start()
+    a.join(300)
+    b.join(300)
+    assert not a.is_alive() and not b.is_alive()
+    for result in out.values():
+        if isinstance(result, BaseException):
+            raise result
+    # before: B's T3 was built with torch's init functions swapped for no-ops by A's block
+    assert all(v.isfinite().all() for v in _params(out["b"].t3).values() if v.is_floating_point())
+    assert _same_weights(out["b"].t3, alone.t3)
+    assert _same_weights(out["a"].t3, tiny_tts.t3)
+    assert torch.nn.init.kaiming_uniform_ is original_init
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_or_nothing(
@@ -467,6 +540,22 @@ def test_loading_a_missing_folder_names_the_checkpoint_a_killed_save_moved_aside
     with pytest.raises(SourceError, match=re.escape(f"previous checkpoint in {old}: rename it to ckpt")):
         load_folder(tmp_path / "ckpt")
     assert old.exists() and not (tmp_path / "ckpt").exists()  # loading moves nothing
+
+
+def test_checking_a_missing_folder_names_the_checkpoint_a_killed_save_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = tmp_path / f".ckpt.old.{_dead_pid()}.1"
+    old.mkdir()
+    hint = re.escape(f"previous checkpoint in {old}: rename it to ckpt")
+    # before: "checkpoint folder ... does not exist", and for the bare name "unknown model source"
+    with pytest.raises(SourceError, match=hint):
+        check_source(str(tmp_path / "ckpt"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SourceError, match=hint):
+        load_model("ckpt")
+    with pytest.raises(SourceError, match="unknown model source 'other'"):  # no folder left aside
+        load_model("other")
 
 
 def test_a_turbo_folder_in_the_layout_of_upstreams_hub_repository_loads(tmp_path: Path) -> None:

@@ -15,6 +15,9 @@ Random weights almost never sample T3's stop token: generation must be capped (s
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +81,31 @@ MODELS: dict[str, tuple[str, TinyConfig | None]] = {
 }
 SIZES = tuple(MODELS)
 
+# transformers' no_init_weights swaps torch.nn.init's functions for no-ops in the whole process
+# (restoring, on exit, what it found on entry), and fork_rng saves and restores the one global
+# generator: a module built in another thread meanwhile would get no init at all, or draw from a
+# generator another build has seeded. Every construction here holds this lock; reentrant, for
+# the no-init block inside a build.
+_CONSTRUCTION = threading.RLock()
+
+
+@contextmanager
+def no_init() -> Iterator[None]:
+    """transformers' ``no_init_weights`` (modules built inside are left uninitialised), entered by
+    one thread at a time and never while another thread builds a model."""
+    from transformers.initialization import no_init_weights
+
+    with _CONSTRUCTION, no_init_weights():
+        yield
+
+
+@contextmanager
+def own_random_state() -> Iterator[None]:
+    """A construction in one thread at a time, its draws from the global torch generator undone on
+    exit (the caller's random state is left as it was)."""
+    with _CONSTRUCTION, torch.random.fork_rng(devices=[]):  # weights are made on the CPU, then moved
+        yield
+
 
 def _backbone_config(name: str, cfg: TinyConfig) -> dict[str, Any]:
     """Upstream's backbone config ``name`` at the sizes of ``cfg``."""
@@ -136,9 +164,7 @@ def build_t3(family: str, cfg: TinyConfig | None) -> T3:
 def _tiny_s3gen(cfg: TinyConfig, meanflow: bool = False) -> S3Gen:
     # Build the full skeleton without paying for its random init, then replace every large
     # submodule by the same class at a smaller size (initialised normally, from the seed).
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
+    with no_init():
         s3 = S3Gen(meanflow=meanflow)
     s3.tokenizer.encoder = AudioEncoderV2(128, cfg.tokenizer_width, 2, 1, 2, False)
     s3.tokenizer.quantizer = FSQVectorQuantization(cfg.tokenizer_width, 3**8)
@@ -211,9 +237,8 @@ def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
             f"the cached tokenizer {path} cannot be read ({str(e).strip().splitlines()[0]}): "
             "delete it; the next build writes it again"
         ) from e
-    # Seeded weights (the watermarker upstream's constructor builds draws too); the caller's
-    # random state is left as it was.
-    with torch.random.fork_rng(devices=[]):  # the weights are made on the CPU, then moved
+    # Seeded weights (the watermarker upstream's constructor builds draws too).
+    with own_random_state():
         torch.default_generator.manual_seed(seed)
         t3, s3gen = build_t3(family, cfg), build_s3gen(family, cfg)
         return assemble(family, t3, s3gen, VoiceEncoder(), tokenizer, dev)

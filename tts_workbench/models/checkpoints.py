@@ -32,7 +32,7 @@ from ..core.devices import check_device
 from ..core.errors import SourceError, WorkbenchError
 from ..core.families import FAMILIES, Family, TTSModel, family_of
 from ..core.files import beside, remove
-from .builders import TINY_BACKBONES, TinyConfig, assemble, build_s3gen, build_t3
+from .builders import TINY_BACKBONES, TinyConfig, assemble, build_s3gen, build_t3, no_init, own_random_state
 from .frontends import GPT2_TOKENIZER_FILES, read_tokenizer, save_gpt2_tokenizer
 
 METADATA_FILE = "tts_workbench.json"
@@ -305,6 +305,18 @@ def _missing(folder: Path, family: Family, files: tuple[str, ...]) -> list[str]:
     return missing
 
 
+def check_left_aside(folder: Path) -> None:
+    """For a missing checkpoint ``folder``, a SourceError naming the previous checkpoint a save
+    interrupted before it finished left aside, and how to put it back; none if there is none."""
+    aside = _stale_siblings(folder.resolve(), "old")
+    if aside:
+        raise SourceError(
+            f"model folder {folder} does not exist, but a save interrupted before it finished "
+            f"left the previous checkpoint in {aside[0]}: rename it to {folder.name} "
+            f"(mv '{aside[0]}' '{folder}'), or save to {folder} again, which puts it back first"
+        )
+
+
 def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tuple[str, ...], dict[str, Any]]:
     """The folder's family, the files of its layout and its metadata. The family is the one its
     ``tts_workbench.json`` records; without one (upstream's own layout), the one whose T3 file
@@ -312,13 +324,7 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
     if folder.is_file():
         raise SourceError(f"model folder {folder} is a file; give the folder that holds it ({folder.parent})")
     if not folder.is_dir():
-        aside = _stale_siblings(folder.resolve(), "old")
-        if aside:
-            raise SourceError(
-                f"model folder {folder} does not exist, but a save interrupted before it finished "
-                f"left the previous checkpoint in {aside[0]}: rename it to {folder.name} "
-                f"(mv '{aside[0]}' '{folder}'), or save to {folder} again, which puts it back first"
-            )
+        check_left_aside(folder)
         raise SourceError(
             f"model folder {folder} does not exist: give a folder written by save_checkpoint() "
             "or by an upstream from_local layout"
@@ -373,8 +379,6 @@ def load_folder(
     ``keep_dtype=False`` loads the way upstream ``from_local`` does: ``load_state_dict`` copies
     into freshly built float32 parameters, so a float16 checkpoint silently comes back as float32.
     """
-    from transformers.initialization import no_init_weights
-
     folder = Path(folder)
     dev = check_device(device)
     found, layout, meta = folder_family(folder, family)
@@ -386,8 +390,36 @@ def load_folder(
     architecture = meta.get("architecture", "full")
     states = {name: _read_state(folder / name) for name in layout[:3]}
     cfg = _tiny_config(meta, folder / METADATA_FILE) if architecture == "tiny" else None
-    with no_init_weights():  # every weight is overwritten below
-        t3, s3gen, ve = build_t3(found.name, cfg), build_s3gen(found.name, cfg), VoiceEncoder()
+    # The construction and the assembly (upstream's watermarker) draw from the global generator.
+    with own_random_state():
+        with no_init():  # every weight is overwritten below
+            t3, s3gen, ve = build_t3(found.name, cfg), build_s3gen(found.name, cfg), VoiceEncoder()
+        _load_weights(folder, found.name, layout, meta, states, (ve, t3, s3gen), keep_dtype)
+        source, what = folder / layout[3], layout[3]
+        if found.name == "turbo":  # AutoTokenizer reads the folder, and does not say which file failed
+            source, present = folder, [f for f in GPT2_TOKENIZER_FILES if (folder / f).exists()]
+            what = f"Turbo's tokenizer (one of {', '.join(present)})"
+        tokenizer = _read(folder, what, lambda: read_tokenizer(found.name, source))
+        tts = assemble(found.name, t3, s3gen, ve, tokenizer, dev)
+    if (folder / "conds.pt").exists():
+        conds: Any = found.conditionals
+        voice = _read(folder, "conds.pt", lambda: conds.load(folder / "conds.pt", map_location="cpu"))
+        tts.conds = voice.to(str(dev))
+    return tts
+
+
+def _load_weights(
+    folder: Path,
+    family: str,
+    layout: tuple[str, ...],
+    meta: dict[str, Any],
+    states: dict[str, Any],
+    modules: tuple[VoiceEncoder, T3, S3Gen],
+    keep_dtype: bool,
+) -> None:
+    """Load ``states`` (read from ``folder``'s files of ``layout``) into the VoiceEncoder, T3 and
+    S3Gen ``modules``, refusing weights that do not fit or are missing (``load_folder``)."""
+    ve, t3, s3gen = modules
     t3_state: Any = states[layout[1]]
     if "model" in t3_state:  # upstream from_local accepts this wrapped form too
         t3_state = t3_state["model"][0]
@@ -400,13 +432,13 @@ def load_folder(
         try:
             loaded.append(module.load_state_dict(state, strict=strict, assign=keep_dtype))
         except RuntimeError as e:
-            raise SourceError(_misfit(folder, found.name, meta, e)) from e
+            raise SourceError(_misfit(folder, family, meta, e)) from e
     unexpected = sorted(loaded[2].unexpected_keys)
-    if unexpected and found.name not in S3GEN_EXTRA_TENSORS_ALLOWED:
+    if unexpected and family not in S3GEN_EXTRA_TENSORS_ALLOWED:
         raise SourceError(
             f"{layout[2]} in {folder} is not this family's S3Gen: {len(unexpected)} of its tensors are "
-            f"not in the {found.name} S3Gen ({_first_three(unexpected)}), as in another family's; copy "
-            f"in the {found.name} model's own {layout[2]}, or re-export it with save_checkpoint()"
+            f"not in the {family} S3Gen ({_first_three(unexpected)}), as in another family's; copy "
+            f"in the {family} model's own {layout[2]}, or re-export it with save_checkpoint()"
         )
     # S3Gen loads non-strictly, for the buffers upstream's own files may lack (rebuilt by the
     # constructor); any other missing weight would stay uninitialised memory.
@@ -416,17 +448,6 @@ def load_folder(
             f"{layout[2]} in {folder} lacks {len(missing)} of S3Gen's tensors ({_first_three(missing)}): "
             "the file is incomplete; copy it again or re-export it with save_checkpoint()"
         )
-    source, what = folder / layout[3], layout[3]
-    if found.name == "turbo":  # AutoTokenizer reads the folder, and does not say which file failed
-        source, present = folder, [f for f in GPT2_TOKENIZER_FILES if (folder / f).exists()]
-        what = f"Turbo's tokenizer (one of {', '.join(present)})"
-    tokenizer = _read(folder, what, lambda: read_tokenizer(found.name, source))
-    tts = assemble(found.name, t3, s3gen, ve, tokenizer, dev)
-    if (folder / "conds.pt").exists():
-        conds: Any = found.conditionals
-        voice = _read(folder, "conds.pt", lambda: conds.load(folder / "conds.pt", map_location="cpu"))
-        tts.conds = voice.to(str(dev))
-    return tts
 
 
 def _first_three(keys: list[str]) -> str:

@@ -18,7 +18,7 @@ from ..core.devices import check_device
 from ..core.errors import SourceError
 from ..core.families import FAMILIES, TTSModel, components
 from .builders import MODELS, SIZES, build_model
-from .checkpoints import folder_family, hub_files, load_folder
+from .checkpoints import check_left_aside, folder_family, hub_files, load_folder
 from .frontends import offline_hub
 
 PRETRAINED = {
@@ -65,6 +65,7 @@ def check_source(source: str | Path, family: str | None = None) -> None:
     if Path(source).exists():
         folder_family(Path(source), family)
         return
+    check_left_aside(Path(source))  # a bare name too: it is a folder there once put back
     if isinstance(source, str) and os.sep not in source:
         raise SourceError(
             f"unknown model source {source!r}: use one of {', '.join(SIZES)}, "
