@@ -171,6 +171,41 @@ def test_the_compiled_attention_kernel_is_read_from_inductors_code() -> None:
     assert compiled_attention([text, text]) == ["cuDNN (CUDA)", "flash (CUDA)"]
 
 
+def test_a_compile_in_another_thread_stays_out_of_this_calls_code() -> None:
+    """The engine's warm-up compiles T3's step and S3Gen's estimator in two threads at once: the
+    estimator's attention was read as the step's (before 2026-12-04 the hook was the whole
+    class's), and two overlapping calls left the hook in place for good."""
+    import threading
+
+    from torch._inductor.graph import GraphLowering
+
+    step = torch.compile(lambda x: torch.relu(x) * 3, fullgraph=True)  # no attention in it
+    flow = torch.compile(lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q), fullgraph=True)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        other = threading.Thread(target=flow, args=(torch.randn(1, 2, 8, 16),))  # compiling meanwhile
+        other.start()
+        other.join(120)
+        return step(x)
+
+    _, code = compiled_with_code(run, torch.randn(8))
+    assert compiled_attention(code) == [INDUCTOR_DECOMPOSED]
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a() -> None:
+        compiled_with_code(lambda: (a_in.set(), b_in.wait(30)))
+        a_out.set()
+
+    first = threading.Thread(target=a)
+    second = threading.Thread(target=compiled_with_code, args=(lambda: (b_in.set(), a_out.wait(30)),))
+    first.start()
+    assert a_in.wait(30)
+    second.start()  # in while the first is; out after it
+    first.join(30)
+    second.join(30)
+    assert GraphLowering.save_output_code is None
+
+
 def test_no_captured_code_names_no_kernel() -> None:
     # Inductor generated no code during the call: nothing to read a kernel from
     assert compiled_attention([]) == compiled_attention([""]) == [NO_CODE_CAPTURED]  # was INDUCTOR_DECOMPOSED

@@ -605,3 +605,21 @@ def test_an_error_raised_anew_from_a_modules_keeps_that_module() -> None:
             raise ValueError("model failed") from e
     assert trace.failure is not None and trace.failure.module == "proj", trace.failure
     assert "proj" in info.value.__notes__[0]
+
+
+def test_the_note_names_the_module_the_escaping_error_came_from() -> None:
+    # a kept error raised after another failure: the note named the last failure recorded (b)
+    net = nn.ModuleDict({"a": nn.Linear(4, 4).half(), "b": nn.Linear(4, 4).half()})
+    with pytest.raises(RuntimeError) as info, trace_dtypes(net) as trace:
+        try:
+            net["a"](torch.ones(4))  # float32 into float16 weights: kept, raised below
+        except RuntimeError as e:
+            err = e
+        try:
+            net["b"](torch.ones(4))
+        except RuntimeError:
+            pass
+        raise err
+    note = info.value.__notes__[0]
+    assert "a (Linear)" in note and "b (Linear)" not in note, note
+    assert trace.failure is not None and trace.failure.module == "b"  # still the last failure

@@ -1079,6 +1079,22 @@ def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -
 
 
 @pytest.mark.integration  # two cold bucket compiles (~50 s of one core): the serving path's
+def test_a_step_first_needed_while_streams_run_compiles_once(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shape first needed by a running step was compiled with inference tensors (made inside the
+    step's inference mode), and again at its first real call (before 2026-12-04): twice, the
+    second time inside the timed step. Dynamo's eager backend: its guards, without Inductor."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
+    with StreamEngine(tts, max_streams=1, step="compiled", config=CONFIG, max_cache_len=256) as engine:
+        graphs = counters["stats"]["unique_graphs"]
+        handle = engine.submit(TEXTS[2], seed=2, max_new_tokens=6)  # no warm-up: built by the step
+        read_within(handle)
+        assert engine.stats.buckets_used == {1} and engine.stats.spans_used == {256}
+        assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
 def test_the_compiled_engine_compiles_once_per_bucket_and_speaks_the_solo_tokens(tts: ChatterboxTTS) -> None:
     # One span (256 slots: the whole cache), so one graph per bucket.
     with StreamEngine(tts, max_streams=2, step="compiled", config=CONFIG, max_cache_len=256) as engine:

@@ -17,9 +17,10 @@ device kernels themselves, replayed from a graph or not, keep their names in a t
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
 from ..core.families import kv_layout
+from ..core.patching import shared
 from .profiling import EAGER, FUSED_KERNELS, activities, op_frame, phase_regions, time_share
 
 
@@ -154,17 +156,42 @@ def device_attention_kernel(name: str) -> str | None:
     return None
 
 
+_code_sinks = threading.local()  # this thread's list of generated code, inside compiled_with_code
+
+
+def _saving_code(original: Callable[[str], None] | None) -> Callable[[str], None]:
+    """Inductor's output-code hook while a ``compiled_with_code`` runs in any thread: the code goes
+    to the list of the thread that compiled it (Inductor compiles in the caller's thread), and to
+    a hook already there."""
+
+    def save(code: str) -> None:
+        sink = getattr(_code_sinks, "code", None)
+        if sink is not None:
+            sink.append(code)
+        if original is not None:
+            original(code)
+
+    return save
+
+
 def compiled_with_code(fn: Any, *args: Any) -> tuple[Any, list[str]]:
     """Call a ``torch.compile``d ``fn`` for the first time: its result and the source code
-    Inductor generated for it. As ``torch._inductor.utils.run_and_get_code``, without its
-    ``torch._dynamo.reset()``: that drops every graph compiled so far in the process, so each
-    warm-up through it made the previous shapes (the engine's other buckets, the estimator)
-    compile again at their first real call."""
+    Inductor generated for it in this thread. As ``torch._inductor.utils.run_and_get_code``,
+    without its ``torch._dynamo.reset()`` (that drops every graph compiled so far in the process,
+    so each warm-up through it made the previous shapes compile again at their first real call),
+    and without its patch of the whole class: a compile in another thread meanwhile (the engine's
+    flow build beside its T3 build) went into this call's code, and overlapping calls left the
+    patch in place (before 2026-12-04)."""
     from torch._inductor.graph import GraphLowering
 
     code: list[str] = []
-    with mock.patch.object(GraphLowering, "save_output_code", code.append):
-        result = fn(*args)
+    outer = getattr(_code_sinks, "code", None)  # a call nested in this thread gets its own list
+    _code_sinks.code = code
+    try:
+        with shared(GraphLowering, "save_output_code", _saving_code):
+            result = fn(*args)
+    finally:
+        _code_sinks.code = outer
     return result, code
 
 

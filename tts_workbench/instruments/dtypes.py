@@ -269,11 +269,13 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     calls = _Calls()
     lock = threading.Lock()  # trace.records and trace.failure are the threads' together
     handles = []
-    # Every exception recorded so far (trace.failure: the last), so that a module an exception
-    # passes through after another thread's failure does not take it for a new one.
-    recorded: list[BaseException] = []
+    # Every exception recorded so far with its failure (trace.failure: the last), so that a module
+    # an exception passes through after another thread's failure does not take it for a new one,
+    # and the note names the escaping exception's own failure. Keyed by id: an exception may be
+    # unhashable (a dataclass one); it is held in the value, so its id stays its own.
+    recorded: dict[int, tuple[BaseException, Failure]] = {}
 
-    def fail(path: str, module: nn.Module | None, inputs: list[torch.dtype], e: BaseException) -> None:
+    def fail(path: str, module: nn.Module | None, inputs: list[torch.dtype], e: BaseException) -> Failure:
         weight = None
         if module is not None:
             weight = _own_weight_dtype(module) or next(
@@ -288,8 +290,9 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             _where(e, in_hook=module is not None),  # module: None only outside any module call
         )
         with lock:
-            recorded.append(e)
+            recorded[id(e)] = (e, failure)
             trace.failure = failure
+        return failure
 
     def pre(path: str):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -331,7 +334,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             if record.mismatch and {_short(d) for d in inputs if d != weight} <= met:
                 record.mismatch = None
             if output is None and raised is not None and raised is not handled:
-                if raised not in recorded:  # the innermost module this exception passed through
+                if id(raised) not in recorded:  # the innermost module this exception passed through
                     fail(path, module, inputs, raised)
                 return
             outputs = _floating(output)
@@ -357,11 +360,12 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
         try:
             yield trace
         except Exception as e:
-            # raised outside any module call (e.g. a feature extractor); an error raised anew from
-            # a module's (``raise ... from e``) keeps that module (before 2026-12-04 it named none)
-            if not any(c in recorded for c in _chain(e)):
-                fail("", None, [], e)
-            e.add_note(f"dtype trace: {trace.failure}")
+            # The failure of this exception, not the last one recorded (a kept error raised after
+            # another failure named that one); an error raised anew from a module's (``raise ...
+            # from e``) keeps that module (before 2026-12-04 it named none); raised outside any
+            # module call (e.g. a feature extractor): recorded now, with no module.
+            own = next((recorded[id(c)][1] for c in _chain(e) if id(c) in recorded), None)
+            e.add_note(f"dtype trace: {own or fail('', None, [], e)}")
             raise
     finally:
         for h in handles:

@@ -875,13 +875,15 @@ class StreamEngine:
 
         rows = bucket * self.rows_per_stream
         for k in range(warmup_calls(cudagraphs)):
-            # Three tensors made as _step makes them, outside inference mode (dynamo guards on
-            # aliasing, strides and inference tensors: any difference would be recompiled for at
-            # the first real step). They write the span's last slot of the bucket's rows: a live
-            # stream writes a slot in the same forward that first reads it, so the stale values
-            # there are never read (a shape may first be compiled while streams are running).
-            token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
-            slot = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
+            # Three tensors made as _step makes them, outside inference mode, also when a step
+            # needs this shape while streams run (inside its plan's context): dynamo guards on
+            # aliasing, strides and inference tensors, and any difference was compiled again at
+            # the first real step (before 2026-12-04, every shape first needed mid-run). They
+            # write the span's last slot of the bucket's rows: a live stream writes a slot in the
+            # same forward that first reads it, so the stale values there are never read.
+            with torch.inference_mode(False):
+                token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
+                slot = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
             with self.plan.context(self.device):
                 if k == 0:  # the call that compiles: which attention op Inductor's code calls
                     _, code = compiled_with_code(run, token, position, slot)
