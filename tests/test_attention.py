@@ -204,6 +204,30 @@ def test_a_compile_in_another_thread_stays_out_of_this_calls_code() -> None:
     first.join(30)
     second.join(30)
     assert GraphLowering.save_output_code is None
+    # Another patcher (torch's run_and_get_code, mock.patch) in after this call and out after it
+    # puts back this call's hook, stale: it must do nothing, not call the unset slot (None) at
+    # every later compile.
+    in_, other_in, out = threading.Event(), threading.Event(), threading.Event()
+
+    def patcher() -> None:
+        with mock.patch.object(GraphLowering, "save_output_code", lambda code: None):
+            other_in.set()
+            assert out.wait(30)
+
+    def reader() -> None:
+        compiled_with_code(lambda: (in_.set(), other_in.wait(30)))
+        out.set()
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=patcher)]
+    threads[0].start()
+    assert in_.wait(30)
+    threads[1].start()
+    for t in threads:
+        t.join(30)
+    try:
+        GraphLowering.save_output_code("code")  # what Inductor does at each compile: no TypeError
+    finally:
+        GraphLowering.save_output_code = None  # the slot as torch has it
 
 
 def test_no_captured_code_names_no_kernel() -> None:

@@ -1078,7 +1078,6 @@ def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -
             assert (h.logits[i] - logits[i]).abs().max() <= 0.03 * logits[i].abs().max(), (k, i)
 
 
-@pytest.mark.integration  # two cold bucket compiles (~50 s of one core): the serving path's
 def test_a_step_first_needed_while_streams_run_compiles_once(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1095,6 +1094,7 @@ def test_a_step_first_needed_while_streams_run_compiles_once(
         assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
+@pytest.mark.integration  # two cold bucket compiles (~50 s of one core): the serving path's
 def test_the_compiled_engine_compiles_once_per_bucket_and_speaks_the_solo_tokens(tts: ChatterboxTTS) -> None:
     # One span (256 slots: the whole cache), so one graph per bucket.
     with StreamEngine(tts, max_streams=2, step="compiled", config=CONFIG, max_cache_len=256) as engine:

@@ -156,15 +156,17 @@ def _holding(obj: object, name: str, install: Callable[[_Held], Callable[..., An
 def shared(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
     """``obj.name = wrap(obj.name)`` while any user is inside, for every caller: the first user
     in sets it, the last out restores it, in whatever order they leave. Every user of one
-    attribute passes the same ``wrap``."""
+    attribute passes the same ``wrap``. The attribute may be a hook slot that holds None when
+    unset (Inductor's ``GraphLowering.save_output_code``)."""
 
     def install(held: _Held) -> Callable[..., Any]:
         wrapped = wrap(held.original)
 
         def call(*args: Any, **kwargs: Any) -> Any:
             # left under another shadow by its last user: not applied any more (nor twice, under
-            # a later installation)
-            return (wrapped if held.live else held.original)(*args, **kwargs)
+            # a later installation); an unset hook slot it stands for is nothing to call
+            target = wrapped if held.live else held.original
+            return None if target is None else target(*args, **kwargs)
 
         return call
 
