@@ -47,6 +47,8 @@
 #   GPU_CHECK_LOAD=1                # also run the load study (issue 19): the stream engine with the
 #                                   # compiled step, T3 in bfloat16, levels GPU_CHECK_LOAD_LEVELS
 #                                   # (default 1,8,32,64; dry run 1,2); alone, GPU_CHECK_POLICIES=""
+#   GPU_CHECK_STEP_BUCKETS=1,8      # the load study's T3 step buckets (default: the levels, so each
+#                                   # level compiles its own size only, ~50 s each on the H200)
 #   GPU_CHECK_LOAD_FLOW=compiled    # the load study's S3Gen estimator (default eager)
 #   GPU_CHECK_FLOW_BATCHES=1,4      # windows per flow call (compiled default 4: one compile per window
 #                                   # kind and size, ~40 s each on the H200; eager default: the engine's
@@ -395,7 +397,8 @@ elif [[ ${GPU_CHECK_LOAD_FLOW:-eager} == compiled ]]; then  # few shapes: each c
 fi
 if [[ ${GPU_CHECK_LOAD:-0} == 1 ]]; then
     step load $PY -m tts_workbench.interface.cli load --model $MODEL --device $DEVICE --tokens $TOKENS \
-        --streams "$LEVELS" --decode compiled --dtype bfloat16 --out "$TMP/load" "${FLOW_ARGS[@]}"
+        --streams "$LEVELS" --decode compiled --dtype bfloat16 --out "$TMP/load" "${FLOW_ARGS[@]}" \
+        --step-buckets "${GPU_CHECK_STEP_BUCKETS:-$LEVELS}"
 fi
 if [[ ${GPU_CHECK_SERVE:-0} == 1 ]]; then  # the same streams over HTTP (issue 20)
     PORT=${GPU_CHECK_PORT:-8123}

@@ -1175,3 +1175,20 @@ def test_a_compiled_flow_compiles_in_the_warm_up_and_streams_keep_their_solo_aud
         assert h.tokens == tokens
         # Inductor's kernels round apart from the eager ones (as test_flow_plan's compiled stream)
         assert np.linalg.norm(waves[k] - wav) / np.linalg.norm(wav) < 1e-3, k
+
+
+def test_steps_run_over_the_buckets_asked_for_and_speak_the_solo_tokens(tts: ChatterboxTTS) -> None:
+    """A few buckets (a compile each on a GPU): the live streams padded up to the next, and
+    max_streams always one of them."""
+    with StreamEngine(tts, max_streams=3, config=CONFIG, step_buckets=[1]) as engine:
+        assert engine.step_buckets == [1, 3]
+        with engine.together():
+            handles = [engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(TEXTS[:2])]
+        waves = [np.concatenate([c for c, _ in h]) for h in handles]
+        assert engine.stats.buckets_used == {3}  # two streams, padded to three rows' worth
+    for k, h in enumerate(handles):
+        wav, tokens = solo(tts, TEXTS[k], k)
+        assert h.tokens == tokens and np.allclose(waves[k], wav, atol=1e-5)
+    for bad in ([0], [4], [1.5]):
+        with pytest.raises(ConfigError, match="step_buckets .* from 1 to max_streams"):
+            StreamEngine(tts, max_streams=3, config=CONFIG, step_buckets=bad)  # type: ignore[list-item]

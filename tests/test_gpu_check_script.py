@@ -150,6 +150,7 @@ def test_the_load_step_names_no_file_that_is_gone(tmp_path: Path, reference_wav:
     assert [s["streams"] for s in (level["summary"] for level in load["levels"])] == [1]
     # the estimator as asked (eager: no cap on windows per call but the engine's own)
     assert (load["flow"], load["flow_batches"]) == ("eager", None)
+    assert load["step_buckets"] == [1]  # the levels' own sizes: one compile each on the GPU
     assert "files" not in load and load["figure"] == "gpu_load.png"
     named = paths_in(load)
     assert named and all((tmp_path / path).is_file() for path in named), named

@@ -146,6 +146,7 @@ def test_an_untimed_stream_runs_before_the_first_level_and_counts_in_none(
         ["--decode", "compiled"],
         ["--dtype=bfloat16"],
         ["--flow", "eager"],
+        ["--step-buckets", "1,2"],
         ["--flow-batches", "1,4"],
         ["--reference", "REF"],
         ["--first-window-s", "2"],
@@ -424,8 +425,13 @@ def test_a_compiled_estimator_serves_every_level(
     """One FlowPlan for all levels (the compiler stubbed: each shape "compiled" into the eager
     estimator), its shapes built in the first level's warm-up, none in the levels themselves."""
     monkeypatch.setattr(vocode, "compile_method", lambda fn, module, *a, **kw: lambda *x: fn(module, *x))
-    report = run_load(tiny_tts, [1, 2], tokens=20, config=CONFIG, flow="compiled", flow_batches=[2])
+    report = run_load(
+        tiny_tts, [1, 2], tokens=20, config=CONFIG, flow="compiled", flow_batches=[2], step_buckets=[2]
+    )
     assert report["flow"] == "compiled" and report["flow_batches"] == [2] and report["flow_fallback"] is None
+    # T3's buckets: the levels themselves (1: its own; 2: the one asked for)
+    assert [level["engine"]["buckets_used"] for level in report["levels"]] == [[1], [2]]
+    assert report["step_buckets"] == [2]
     assert report["flow_shapes"] == 2  # first and later windows at 2 windows a call, built once
     assert "S3Gen estimator compiled" in report["title"]
     for level in report["levels"]:

@@ -524,6 +524,8 @@ def test_serve_refuses_bad_flags_before_starting_ray(
         (["--port", str(_free_port()), "--model", str(tmp_path / "no" / "folder")], "does not exist"),
         (["--port", str(_free_port()), "--device", "cuda"], "CUDA is not available"),
         (["--port", str(_free_port()), "--tokens", "300", "--max-cache-len", "256"], "--tokens"),
+        (["--port", str(_free_port()), "--max-streams", "4", "--step-buckets", "1,8"], "--step-buckets"),
+        (["--port", str(_free_port()), "--step-buckets", "0,2"], "--step-buckets"),
         (["--host", "999.1.1.1"], "--host"),
         (["--port", str(_free_port()), "--address", "127.0.0.1:99999"], "--address"),
         (["--port", str(_free_port()), "--out", str(tmp_path / "bad" / "broken.wav")], "--out"),  # a file
@@ -618,8 +620,11 @@ def test_serve_hands_the_replicas_absolute_folders(tmp_path: Path, monkeypatch: 
     assert (named.run_dir, named.voices_dir) == (str(tmp_path / "run"), str(tmp_path / "voices"))
     assert (named.model, folder.model) == ("tiny", str(tmp_path / "ckpt"))
     assert (named.flow, named.flow_batches) == ("eager", None)
-    assert main(["serve", "--out", "run", "--flow", "compiled", "--flow-batches", "4,1"]) == 0
-    assert (seen[-1].flow, seen[-1].flow_batches) == ("compiled", (1, 4))
+    assert (
+        main(["serve", "--out", "run", "--flow", "compiled", "--flow-batches", "4,1", "--step-buckets", "1"])
+        == 0
+    )
+    assert (seen[-1].flow, seen[-1].flow_batches, seen[-1].step_buckets) == ("compiled", (1, 4), (1,))
 
 
 def test_a_compiled_flow_is_built_for_every_voice_before_any_request(

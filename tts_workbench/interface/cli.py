@@ -125,7 +125,8 @@ def _non_negative(value: str) -> int:
 
 
 def _batches(value: str) -> tuple[int, ...]:
-    """``"1,4"`` → ``(1, 4)``: windows per flow call (``StreamEngine``'s ``flow_batches``)."""
+    """``"1,4"`` → ``(1, 4)``: windows per flow call or streams per step (``StreamEngine``'s
+    ``flow_batches``, ``step_buckets``)."""
     try:
         sizes = sorted({int(v) for v in value.split(",")})
     except ValueError:
@@ -206,6 +207,12 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         default="float32",
         choices=["float32", "bfloat16", "float16", "decode-bfloat16"],
         help="dtype of T3's weights in each engine (a copy; S3Gen runs as loaded)",
+    )
+    p.add_argument(
+        "--step-buckets",
+        type=_batches,
+        help="streams a T3 step runs over, e.g. 1,8: the live streams padded to the next, the engine's "
+        "--max-streams (load: each level) always one; a compiled step compiles each (default 1,2,4,...)",
     )
     p.add_argument(
         "--flow",
@@ -423,7 +430,7 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
 
 # Flags of an engine in this process that a server sets where it runs: `load --url` refuses them.
 SERVER_FLAGS = (
-    "--model", "--device", "--decode", "--dtype", "--flow", "--flow-batches", "--reference",
+    "--model", "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches", "--reference",
     "--first-window-s", "--window-s",
 )  # fmt: skip
 
@@ -483,6 +490,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         policy=args.dtype,
         flow=args.flow,
         flow_batches=args.flow_batches,
+        step_buckets=args.step_buckets,
         config=config,
         first_audio_limit_s=args.first_audio_limit,
         outdir=args.out,
@@ -507,7 +515,7 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     options = ServeOptions(
         model=model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, flow=args.flow,
-        flow_batches=args.flow_batches, threads=args.threads,
+        flow_batches=args.flow_batches, step_buckets=args.step_buckets, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
         stall_s=args.stall_s,
     )  # fmt: skip

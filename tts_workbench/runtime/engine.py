@@ -11,9 +11,10 @@ stage throughput-bound):
   between steps, vLLM's scheme). A stream that ends, fails in T3 or is closed by its reader
   frees its rows before the next step (one failed in S3Gen, at T3's next pass): the last
   stream's rows move into the hole, so the active streams always fill rows ``[0, n)``. The step
-  runs over a bucket of rows (1, 2, 4, ... streams) and attends to a span of cache slots
-  (``decode.spans``: the smallest holding every active stream's positions); ``"compiled"``
-  compiles (CUDA graphs on CUDA) once per bucket and span and reuses it.
+  runs over a bucket of rows (``step_buckets``: 1, 2, 4, ... streams by default) and attends to
+  a span of cache slots (``decode.spans``: the smallest holding every active stream's
+  positions); ``"compiled"`` compiles (CUDA graphs on CUDA) once per bucket and span and
+  reuses it.
 - **S3Gen**: each stream cuts its tokens into buffered windows (``streaming.BufferedCutter``);
   ready windows of the same voice and the same size go through the flow together, one CFM
   estimator call for several streams. First windows go first (they set time to first audio).
@@ -304,12 +305,19 @@ class StreamEngine:
         keep_logits: bool = False,
         flow: FlowPlan | None = None,
         flow_batches: Sequence[int] | None = None,
+        step_buckets: Sequence[int] | None = None,
     ) -> None:
         if max_streams < 1:
             raise ConfigError(f"max_streams must be at least 1, got {max_streams}")
         batches = list(flow_batches) if flow_batches is not None else buckets(max_streams)
         if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
             raise ConfigError(f"flow_batches must be whole numbers of windows >= 1, got {flow_batches!r}")
+        sizes = list(step_buckets) if step_buckets is not None else buckets(max_streams)
+        if any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= max_streams for b in sizes):
+            raise ConfigError(
+                f"step_buckets must be whole numbers of streams from 1 to max_streams ({max_streams}), "
+                f"got {step_buckets!r}"
+            )
         if step not in ENGINE_STEPS:
             raise ConfigError(f"unknown engine step {step!r}: use {' or '.join(ENGINE_STEPS)}")
         self.config = config or StreamConfig("buffered")
@@ -324,6 +332,10 @@ class StreamEngine:
         self.flow = flow or FlowPlan()
         # Windows per flow call: at most the largest; a compiled flow pads a call to the next.
         self.flow_batches = sorted(set(batches))
+        # The streams a T3 step runs over (the live ones padded up to the next), max_streams
+        # always among them: each is a compiled shape per span, so a few suffice where a compile
+        # costs a minute (the H200) and steps over padded rows cost little (a memory-bound step).
+        self.step_buckets = sorted({*sizes, max_streams})
         self.max_cache_len = max_cache_len
         self.device = tts.t3.speech_head.weight.device
         self.family = family_of(tts)
@@ -525,7 +537,7 @@ class StreamEngine:
         it), the flow's between flow calls. Wall seconds until both are built."""
 
         def t3() -> None:
-            for bucket in buckets(self.max_streams):
+            for bucket in self.step_buckets:
                 for span in spans(self.max_cache_len):
                     if self._stopped:  # close() waits for the build under way, not the rest
                         raise self._stopped_error()
@@ -941,7 +953,7 @@ class StreamEngine:
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
         still = [live for live in lives if live not in ending and id(live) not in broken]
         if still:
-            bucket = next(b for b in buckets(self.max_streams) if b >= len(self._live))
+            bucket = next(b for b in self.step_buckets if b >= len(self._live))
             rows = bucket * n
             token = torch.full((rows, 1), 0, dtype=torch.long, device=self.device)
             position = torch.zeros((rows, 1), dtype=torch.long, device=self.device)

@@ -59,6 +59,7 @@ class ServeOptions:
     dtype: str = "float32"  # T3's weights in the engine (optimized.decode_plan: a copy); S3Gen as loaded
     flow: str = "eager"  # S3Gen's CFM estimator in the engine: eager, or compiled for every voice
     flow_batches: tuple[int, ...] | None = None  # windows per flow call (None: the engine's 1, 2, 4, ...)
+    step_buckets: tuple[int, ...] | None = None  # streams a T3 step runs over (None: 1, 2, 4, ...)
     threads: int | None = None  # torch's intra-op threads in this process (None: torch's default)
     # 800 characters (about a cache position each), the voice's conditioning (~40 positions)
     # and 150 tokens fit 1024 positions: a longest input sent without max_tokens runs.
@@ -76,6 +77,11 @@ def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | N
     ``speech_tokens`` the most tokens T3 has positions for (``decode.speech_token_limit``)."""
     if not 0 < options.stall_s < math.inf:  # NaN too
         raise ConfigError(f"argument --stall-s: must be a positive number of seconds, got {options.stall_s}")
+    if options.step_buckets and max(options.step_buckets) > options.max_streams:
+        raise ConfigError(
+            f"argument --step-buckets: a step of {max(options.step_buckets)} streams is more than "
+            f"--max-streams ({options.max_streams}) lets run: give sizes up to it"
+        )
     if speech_tokens is not None and options.default_tokens > speech_tokens:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens is beyond the {speech_tokens} speech "
@@ -176,7 +182,7 @@ class SpeechService:
         self.engine = StreamEngine(
             tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len,
             plan=decode_plan(tts, options.dtype), flow=FlowPlan(options.flow),
-            flow_batches=options.flow_batches,
+            flow_batches=options.flow_batches, step_buckets=options.step_buckets,
         )  # fmt: skip
         try:
             for conds in self.voices.values():  # a compiled flow's shapes are per voice (its prompt's length)

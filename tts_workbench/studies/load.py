@@ -257,13 +257,16 @@ def run_level(
     progress: bool = False,
     flow: FlowPlan | None = None,
     flow_batches: Sequence[int] | None = None,
+    step_buckets: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """``n`` streams through a fresh engine sized to ``n``; the level's row and its streams.
     ``flow`` runs S3Gen's estimator (kept by the caller: its compiled shapes serve the next
-    level too), at most the largest of ``flow_batches`` windows a call."""
+    level too), at most the largest of ``flow_batches`` windows a call; T3 steps over the
+    ``step_buckets`` up to ``n`` and ``n`` itself (None: 1, 2, 4, ... and ``n``)."""
+    sizes = None if step_buckets is None else [b for b in step_buckets if b <= n]
     engine = StreamEngine(
         tts, max_streams=n, step=step, config=config, plan=plan, max_cache_len=max_cache_len,
-        flow=flow, flow_batches=flow_batches,
+        flow=flow, flow_batches=flow_batches, step_buckets=sizes,
     )  # fmt: skip
     try:
         compile_s = engine.warmup()
@@ -419,6 +422,7 @@ def run_load(
     texts_from: str | None = None,
     flow: str = "eager",
     flow_batches: Sequence[int] | None = None,
+    step_buckets: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The load study at each level (``run_level``) and how many streams held in real time
     (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given (made before
@@ -426,7 +430,9 @@ def run_load(
     its voice prepared. ``policy`` is the dtype T3 runs in (``optimized.decode_plan``: float32,
     bfloat16, decode-bfloat16, ...; weights copied, the model untouched); S3Gen runs as loaded,
     its CFM estimator ``flow`` ("eager" or "compiled", one ``FlowPlan`` for every level) at most
-    the largest of ``flow_batches`` windows a call (None: up to each level's streams).
+    the largest of ``flow_batches`` windows a call (None: up to each level's streams). T3's step
+    runs over the ``step_buckets`` up to each level and the level itself (None: 1, 2, 4, ...):
+    a compiled step compiles each, so the levels alone (``step_buckets=levels``) compile fewest.
     The report names what was measured: ``model`` (the source ``tts`` was loaded from; None:
     unnamed), ``reference`` (the WAV its voice was prepared from; None: the generated one,
     ``reference.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``).
@@ -462,6 +468,7 @@ def run_load(
             progress=progress,
             flow=estimator,
             flow_batches=flow_batches,
+            step_buckets=step_buckets,
         )
         for n in levels
     ]
@@ -476,6 +483,7 @@ def run_load(
         "t3_dtype": policy,
         "flow": flow,
         "flow_batches": None if flow_batches is None else sorted(set(flow_batches)),
+        "step_buckets": None if step_buckets is None else sorted(set(step_buckets)),
         "flow_shapes": len(estimator.shapes),  # compiled estimator graphs, all levels
         "flow_compile_s": estimator.compile_s,  # in the levels' compile_s (their warm-ups)
         "flow_fallback": estimator.fallback_reason,  # why a compiled estimator ran eagerly
