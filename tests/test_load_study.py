@@ -381,6 +381,7 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
         (["--flow-batches", "0,4"], "--flow-batches"),
         (["--flow-batches", "four"], "--flow-batches"),
         (["--flow", "graphs"], "--flow"),
+        (["--streams", "1,2", "--step-buckets", "4"], "--step-buckets"),  # past every level
     ],
 )
 def test_load_cli_bad_flags_give_one_error_line(
@@ -429,9 +430,14 @@ def test_a_compiled_estimator_serves_every_level(
         tiny_tts, [1, 2], tokens=20, config=CONFIG, flow="compiled", flow_batches=[2], step_buckets=[2]
     )
     assert report["flow"] == "compiled" and report["flow_batches"] == [2] and report["flow_fallback"] is None
-    # T3's buckets: the levels themselves (1: its own; 2: the one asked for)
+    # T3's buckets: the levels themselves (1: its own; 2: the one asked for), each engine's own
+    assert [level["step_buckets"] for level in report["levels"]] == [[1], [2]]
     assert [level["engine"]["buckets_used"] for level in report["levels"]] == [[1], [2]]
     assert report["step_buckets"] == [2]
+    with pytest.raises(
+        ConfigError, match="--step-buckets: a step of 4 streams is more than the largest level"
+    ):
+        run_load(tiny_tts, [1, 2], tokens=20, step_buckets=[4])  # refused before any level runs
     assert report["flow_shapes"] == 2  # first and later windows at 2 windows a call, built once
     assert "S3Gen estimator compiled" in report["title"]
     for level in report["levels"]:

@@ -439,7 +439,14 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     from ..core.constants import TOKENS_PER_S
     from ..core.errors import ConfigError
     from ..runtime.streaming import StreamConfig
-    from ..studies.load import format_load, parse_arrival, parse_levels, read_texts, run_load
+    from ..studies.load import (
+        check_step_buckets,
+        format_load,
+        parse_arrival,
+        parse_levels,
+        read_texts,
+        run_load,
+    )
 
     # Bad flags fail before the model loads (or the first request).
     levels, texts = parse_levels(args.streams), read_texts(args.texts)
@@ -467,6 +474,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         "goes with --url (a server's voice, a request's timeout): add --url, or leave it out for the "
         "engine in this process",
     )
+    check_step_buckets(args.step_buckets, levels)
     try:  # before the model loads
         config = StreamConfig("buffered", first_window_s=args.first_window_s, window_s=args.window_s)
     except ConfigError:  # the parser took positive windows: one no longer than the crossfade

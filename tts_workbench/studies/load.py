@@ -100,6 +100,16 @@ def checked_levels(levels: Sequence[int], given: str) -> list[int]:
     return sorted(int(n) for n in levels)
 
 
+def check_step_buckets(step_buckets: Sequence[int] | None, levels: Sequence[int]) -> None:
+    """A ConfigError naming ``--step-buckets`` for a size past the largest level: no level's engine
+    would run it, and the report would list it."""
+    if step_buckets and max(step_buckets) > max(levels):
+        raise ConfigError(
+            f"argument --step-buckets: a step of {max(step_buckets)} streams is more than the largest "
+            f"level ({max(levels)} streams) runs: give sizes up to it"
+        )
+
+
 def check_kv_fits(largest: int, kv_per_stream: int, device: torch.device) -> None:
     """A ConfigError naming ``--streams`` when the ``largest`` level's KV cache alone is more than
     the device's memory: its engine could not be made, and the levels before it would be lost."""
@@ -314,6 +324,7 @@ def run_level(
         "engine": {**delta, **{k: v for k, v in engine.stats.to_dict().items() if k.endswith("_used")}},
         "compiled_attention": engine.attention_kernels or None,  # read from Inductor's code
         "compile_fallback": engine.fallback_reason,  # why a compiled engine ran the static step
+        "step_buckets": engine.step_buckets,  # the sizes its T3 step could run over (built in its warm-up)
         "kv_bytes_per_stream": engine.kv_bytes_per_stream,
         "rows_held_after": held_after,
         "memory": mem,
@@ -440,6 +451,7 @@ def run_load(
     ``warmup_s``); none, a repeated one, or a largest one whose KV cache is more than the device's
     memory is a ConfigError before any level runs."""
     levels = checked_levels(levels, repr(levels))
+    check_step_buckets(step_buckets, levels)
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
     kind = parse_arrival(arrival, levels[-1])
