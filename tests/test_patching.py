@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import types
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import torch
 
 from tts_workbench.core import patching
 from tts_workbench.core.compiling import skipping_guards
-from tts_workbench.core.patching import own_code, routed, scoped_item, shadow, shared
+from tts_workbench.core.patching import own_code, routed, scoped_item, shadow, shared, working_copy
 from tts_workbench.models.frontends import offline_hub
 
 
@@ -200,20 +201,115 @@ def test_a_shadow_entered_while_a_routed_one_enters_in_another_thread_leaves_bot
 
 
 def test_a_shared_or_routed_shadow_that_cannot_be_set_leaves_nothing_held() -> None:
-    """A read-only property: setting it fails. Before, the failed installation stayed held, so
-    the next user installed nothing (no error, no wrapper) and left an entry in ``_left``."""
+    """An instance that refuses to be set. Before, the failed installation stayed held, so the
+    next user installed nothing (no error, no wrapper) and left an entry in ``_left``."""
 
-    class ReadOnly:
-        @property
-        def speak(self) -> Callable[[], str]:
-            return lambda: "upstream"
+    class Frozen(Voice):
+        def __setattr__(self, name: str, value: Any) -> None:
+            raise AttributeError(f"{name!r} cannot be set")
 
+    left = len(patching._left)
     for make in (shared, routed):
-        v = ReadOnly()
+        v = Frozen()
         for _ in range(2):
-            with pytest.raises(AttributeError), make(v, "speak", tagged("A")):
+            with pytest.raises(AttributeError, match="cannot be set"), make(v, "speak", tagged("A")):
                 pass
-        assert (id(v), "speak") not in patching._held, make
+        assert not [key for key in patching._held if key[:2] == (id(v), "speak")], make
+        assert v.speak() == "upstream", make
+    assert len(patching._left) == left
+
+
+class Settable:
+    def __init__(self) -> None:
+        self._speak: Callable[[], str] = lambda: "upstream"
+
+    @property
+    def speak(self) -> Callable[[], str]:
+        return self._speak
+
+    @speak.setter
+    def speak(self, fn: Callable[[], str]) -> None:
+        self._speak = fn
+
+
+class ReadOnly:
+    @property
+    def speak(self) -> Callable[[], str]:
+        return lambda: "upstream"
+
+
+def test_a_property_cannot_be_shadowed_nor_copied() -> None:
+    """Setting a settable property ran its setter, so the exit never found its value on the
+    instance: the wrapper stayed behind the property for good, and in ``_left``."""
+    left = len(patching._left)
+    for cls in (Settable, ReadOnly):
+        for make in (shadow, shared, routed, working_copy):
+            v = cls()
+            fn = v.speak
+            with pytest.raises(TypeError, match="data descriptor"), make(v, "speak", tagged("A")):
+                pass
+            assert v.speak() == "upstream" and "speak" not in vars(v), (cls, make)
+            assert cls is ReadOnly or v.speak is fn, make
+            assert not [key for key in patching._held if key[:2] == (id(v), "speak")], (cls, make)
+    assert len(patching._left) == left
+
+
+def test_shadows_setting_the_same_object_on_two_instances_put_back_their_own() -> None:
+    """What a shadow left under another was keyed by the value's id alone: a shadow of another
+    instance that set the same object (a cached small int) took it for its own."""
+    left = len(patching._left)
+    a, b = types.SimpleNamespace(x=1), types.SimpleNamespace(x=2)
+    under, over = ExitStack(), ExitStack()
+    under.enter_context(shadow(a, "x", lambda v: v + 1))
+    assert a.x is b.x  # the very int object
+    over.enter_context(shadow(a, "x", lambda v: v * 10))
+    under.close()  # left under ``over``, which puts back 1 for it
+    with shadow(b, "x", lambda v: 99):
+        assert b.x == 99
+    assert b.x == 2
+    over.close()
+    assert (a.x, b.x) == (1, 2) and len(patching._left) == left
+
+
+def test_a_shared_and_a_routed_shadow_of_one_method_stack_and_leave_in_any_order() -> None:
+    """They were one installation: the second in joined the first's, its wrapper never applied."""
+    left = len(patching._left)
+    for lower, upper in ((shared, routed), (routed, shared)):
+        for first_out in ("lower", "upper"):
+            v = Voice()
+            stacks = {"lower": ExitStack(), "upper": ExitStack()}
+            stacks["lower"].enter_context(lower(v, "speak", tagged("lower")))
+            stacks["upper"].enter_context(upper(v, "speak", tagged("upper")))
+            assert v.speak() == "upper(lower(upstream))", (lower, upper)
+            stacks[first_out].close()
+            still = "upper" if first_out == "lower" else "lower"
+            assert v.speak() == f"{still}(upstream)", (lower, upper, first_out)  # the other calls through
+            stacks[still].close()
+            assert v.speak() == "upstream" and "speak" not in vars(v), (lower, upper, first_out)
+    assert len(patching._left) == left
+
+
+def test_a_working_copy_puts_back_what_the_instance_had() -> None:
+    """It set back the value it read on entry: of a class attribute, it left an instance
+    attribute. What the block sets meanwhile (prepare_conditionals inside a wrapper) is replaced
+    by the original too."""
+
+    class Holder:
+        conds = "class-level"
+
+    h = Holder()
+    with working_copy(h, "conds", lambda v: f"copy of {v}") as conds:
+        assert h.conds == conds == "copy of class-level"
+    assert "conds" not in vars(h) and h.conds == "class-level"
+    h.conds = ["original"]  # type: ignore[assignment]
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))  # a submodule: kept outside ``__dict__``
+    for obj, name in ((h, "conds"), (model, "0")):
+        original = getattr(obj, name)
+        with working_copy(obj, name, copy.deepcopy) as mine:
+            assert getattr(obj, name) is mine is not original
+            setattr(obj, name, copy.deepcopy(original))  # replaced inside the block
+        assert getattr(obj, name) is original, name
+    assert "conds" in vars(h) and "0" not in vars(model)
 
 
 def test_a_scoped_item_overlapping_in_threads_stays_until_the_last_leaves() -> None:

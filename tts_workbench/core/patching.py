@@ -13,7 +13,9 @@ Everything the workbench does to a user's model goes through here:
   applies each user's wrapper to its own thread's (or asyncio task's) calls only. Whatever
   the kind and the order they leave in, the instance is left as it was: a shadow that leaves
   while another sits on top of it is put back by that one (a shared or routed one calls
-  through meanwhile).
+  through meanwhile). A shared and a routed shadow of one attribute stack as two shadows do.
+  None of them takes a property (or any data descriptor): setting it does not set the
+  instance's own attribute, which is what they put back.
 - ``preserved`` (``ModuleSnapshot``): remember every parameter and buffer tensor of modules
   (references, not copies) and put them back; casting with ``module.to(dtype)`` swaps
   ``param.data``, so the originals come back bit for bit. The references keep the originals
@@ -21,7 +23,7 @@ Everything the workbench does to a user's model goes through here:
   longer holds to the CPU (before 2026-12-04 a bfloat16 wrapper held the float32 weights on the
   GPU too). (A deep copy of a whole ChatterboxTTS is not possible: HiFT's weight-norm keeps
   non-leaf tensors, which ``copy.deepcopy`` refuses.)
-- ``working_copy``: an attribute replaced by a copy of itself, the original put back.
+- ``working_copy``: an attribute replaced by a copy of itself, what the instance had put back.
 - ``scoped_item``: set a key of a dict (e.g. upstream's ``LLAMA_CONFIGS``) and remove it again,
   held as ``shared`` holds a shadow.
 - ``own_code``: a copy of a function with its own code object, for ``torch.compile``.
@@ -58,7 +60,7 @@ def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
     # under the lock ``_holding`` sets its shadows under: one landing between this read and
     # this set would be overwritten, its calls lost and its exit left waiting in ``_left``
     with _held_lock:
-        before = obj.__dict__.get(name, _MISSING)
+        before = _own(obj, name)
         original = getattr(obj, name)
         wrapped = wrap(original)
         if callable(original) and callable(wrapped) and wrapped is not original:
@@ -85,21 +87,47 @@ class _Held:
     live: bool = True
 
 
-# Shadows held by several users at once, by (id(obj), name); items held by ``scoped_item``, by
-# (id(mapping), key).
-_held: dict[tuple[int, str], _Held] = {}
+# Shadows held by several users at once, by (id(obj), name, "shared" or "routed"); items held by
+# ``scoped_item``, by (id(mapping), key).
+_held: dict[tuple[int, str, str], _Held] = {}
 _held_lock = threading.RLock()
 _items: dict[tuple[int, str], list[Any]] = {}  # -> [the value, users' threads, what was there before]
 _items_free = threading.Condition()
-# A shadow that left while another sat on top of it (two threads, out of order): id -> (the
-# shadow, what to put back in its place when the one on top puts it back).
-_left: dict[int, tuple[Any, Any]] = {}
+# A shadow that left while another sat on top of it (two threads, out of order): (id(obj), name,
+# id(shadow)) -> (the shadow, what to put back in its place when the one on top puts it back).
+# Not by the shadow's id alone: shadows of two instances may set the same object (a small int).
+_left: dict[tuple[int, str, int], tuple[Any, Any]] = {}
+
+
+def _module_slots(obj: object) -> tuple[Mapping[str, Any], ...]:
+    """Where an ``nn.Module`` keeps its submodules, parameters and buffers: not its ``__dict__``."""
+    return (obj._modules, obj._parameters, obj._buffers) if isinstance(obj, nn.Module) else ()
+
+
+def _own(obj: object, name: str) -> Any:
+    """What the instance itself holds as ``name`` (``_MISSING`` when the class's shows through)."""
+    for slots in (*_module_slots(obj), obj.__dict__):
+        if name in slots:
+            return slots[name]
+    return _MISSING
+
+
+def _check_settable(obj: object, name: str) -> None:
+    """A TypeError for a data descriptor of the class (a property, a slot): setting it runs the
+    descriptor, so the value set never is the instance's own attribute that is put back."""
+    found = next((vars(cls)[name] for cls in type(obj).__mro__ if name in vars(cls)), None)
+    if hasattr(type(found), "__set__") or hasattr(type(found), "__delete__"):
+        raise TypeError(
+            f"{name!r} is a data descriptor (a property or slot) of {type(obj).__name__}: it cannot be "
+            "put back; replace the method or attribute it reads or writes instead"
+        )
 
 
 def _check_shadowable(obj: object, name: str) -> None:
-    """A TypeError for what a shadow cannot give back: an ``nn.Module`` keeps its submodules,
-    parameters and buffers outside the instance's ``__dict__``, where the shadows look."""
-    if isinstance(obj, nn.Module) and any(name in d for d in (obj._modules, obj._parameters, obj._buffers)):
+    """A TypeError for what a shadow cannot give back: a data descriptor, and the submodules,
+    parameters and buffers of an ``nn.Module``, where a wrapper cannot be set."""
+    _check_settable(obj, name)
+    if any(name in slots for slots in _module_slots(obj)):
         raise TypeError(
             f"{name!r} is a submodule, parameter or buffer of {type(obj).__name__}: shadow replaces "
             "methods and plain attributes; swap a submodule or tensor with working_copy or preserved"
@@ -112,10 +140,10 @@ def _put_back(obj: object, name: str, mine: Any, before: Any) -> None:
     (not ``mine``) when it leaves. ``before`` may itself have left meanwhile: then what it
     stood for goes back."""
     with _held_lock:
-        while id(before) in _left and _left[id(before)][0] is before:
-            before = _left.pop(id(before))[1]
-        if obj.__dict__.get(name, _MISSING) is not mine:
-            _left[id(mine)] = (mine, before)
+        while (key := (id(obj), name, id(before))) in _left and _left[key][0] is before:
+            before = _left.pop(key)[1]
+        if _own(obj, name) is not mine:
+            _left[id(obj), name, id(mine)] = (mine, before)
         elif before is _MISSING:
             delattr(obj, name)
         else:
@@ -127,18 +155,20 @@ _routes: ContextVar[_Routes] = ContextVar("tts_workbench_routes", default=types.
 
 
 @contextmanager
-def _holding(obj: object, name: str, install: Callable[[_Held], Callable[..., Any]]) -> Iterator[_Held]:
-    """One more user of ``obj.name`` while inside: the first in sets it to ``install(held)``,
-    the last out puts back what the instance had before the first, in whatever order they
-    leave."""
+def _holding(
+    obj: object, name: str, kind: str, install: Callable[[_Held], Callable[..., Any]]
+) -> Iterator[_Held]:
+    """One more user of ``obj.name`` of this ``kind`` while inside: the first in sets it to
+    ``install(held)``, the last out puts back what the instance had before the first, in whatever
+    order they leave. Another kind installs its own on top: joining this one would drop its wrapper."""
     _check_shadowable(obj, name)
-    key = (id(obj), name)
+    key = (id(obj), name, kind)
     with _held_lock:
         held = _held.get(key)
         if held is None:
-            held = _Held(obj.__dict__.get(name, _MISSING), getattr(obj, name))
+            held = _Held(_own(obj, name), getattr(obj, name))
             held.installed = functools.update_wrapper(install(held), held.original)
-            setattr(obj, name, held.installed)  # first: if it fails (read-only), nothing is held
+            setattr(obj, name, held.installed)  # first: if it fails (a frozen instance), nothing is held
             _held[key] = held
         held.users += 1
     try:
@@ -170,7 +200,7 @@ def shared(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
 
         return call
 
-    with _holding(obj, name, install):
+    with _holding(obj, name, "shared", install):
         yield
 
 
@@ -187,7 +217,7 @@ def routed(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
 
         return dispatch
 
-    with _holding(obj, name, dispatcher) as held:
+    with _holding(obj, name, "routed", dispatcher) as held:
         routes = _routes.get()
         token = _routes.set({**routes, held: wrap(routes.get(held, held.original))})
         try:
@@ -353,14 +383,21 @@ def preserved(*modules: nn.Module) -> Iterator[list[ModuleSnapshot]]:
 
 @contextmanager
 def working_copy(obj: object, name: str, copier: Callable[[Any], Any] = copy.deepcopy) -> Iterator[Any]:
-    """``obj.name`` replaced by ``copier(obj.name)`` while inside; the original object (not
-    changed by whatever was done to the copy) is put back on exit."""
-    original = getattr(obj, name)
-    setattr(obj, name, copier(original))
+    """``obj.name`` replaced by ``copier(obj.name)`` while inside; on exit what the instance had
+    is put back (the original object, not changed by whatever was done to the copy, or nothing
+    where the class's showed through), whatever the block set meanwhile (``prepare_conditionals``
+    inside a wrapper replaces its conditionals). Users of one attribute nest. A submodule,
+    parameter or buffer may be copied so."""
+    _check_settable(obj, name)
+    before = _own(obj, name)
+    setattr(obj, name, copier(getattr(obj, name)))
     try:
         yield getattr(obj, name)
     finally:
-        setattr(obj, name, original)
+        if before is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, before)
 
 
 def own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
