@@ -99,6 +99,23 @@ def buckets(max_streams: int) -> list[int]:
     return [*sizes, max_streams]
 
 
+def _sizes(
+    given: Sequence[int] | None,
+    default: list[int],
+    name: str,
+    what: str,
+    most: int | None = None,
+    empty: bool = False,
+) -> list[int]:
+    """``given`` (``default`` for None) as sorted whole numbers from 1 to ``most``, else a
+    ConfigError naming ``name`` (``empty``: none given is allowed)."""
+    sizes = default if given is None else list(given)
+    whole = all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= (most or b) for b in sizes)
+    if not whole or not (sizes or empty):
+        raise ConfigError(f"{name} must be whole numbers of {what}, got {given!r}")
+    return sorted(set(sizes))
+
+
 def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
     """Bytes of one stream's rows of the engine's KV cache (keys and values of every layer), known
     before the cache is allocated (a caller can refuse a size that cannot fit)."""
@@ -309,15 +326,11 @@ class StreamEngine:
     ) -> None:
         if max_streams < 1:
             raise ConfigError(f"max_streams must be at least 1, got {max_streams}")
-        batches = list(flow_batches) if flow_batches is not None else buckets(max_streams)
-        if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
-            raise ConfigError(f"flow_batches must be whole numbers of windows >= 1, got {flow_batches!r}")
-        sizes = list(step_buckets) if step_buckets is not None else buckets(max_streams)
-        if any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= max_streams for b in sizes):
-            raise ConfigError(
-                f"step_buckets must be whole numbers of streams from 1 to max_streams ({max_streams}), "
-                f"got {step_buckets!r}"
-            )
+        batches = _sizes(flow_batches, buckets(max_streams), "flow_batches", "windows >= 1")
+        streams = f"streams from 1 to max_streams ({max_streams})"
+        sizes = _sizes(
+            step_buckets, buckets(max_streams), "step_buckets", streams, most=max_streams, empty=True
+        )
         if step not in ENGINE_STEPS:
             raise ConfigError(f"unknown engine step {step!r}: use {' or '.join(ENGINE_STEPS)}")
         self.config = config or StreamConfig("buffered")
@@ -331,7 +344,7 @@ class StreamEngine:
         # engines one after another (the load study's levels): its compiled shapes are kept.
         self.flow = flow or FlowPlan()
         # Windows per flow call: at most the largest; a compiled flow pads a call to the next.
-        self.flow_batches = sorted(set(batches))
+        self.flow_batches = batches
         # The streams a T3 step runs over (the live ones padded up to the next), max_streams
         # always among them: each is a compiled shape per span, so a few suffice where a compile
         # costs a minute (the H200) and steps over padded rows cost little (a memory-bound step).
@@ -1145,10 +1158,8 @@ class StreamEngine:
         """Compile the flow's shapes for ``conds``' voice now (a call of each window kind at each
         of ``flow_batches``; their mels dropped), in the S3Gen stage's thread where they run."""
         gen = self._voice(conds)
-        c, prompt_frames = self.config, gen["prompt_feat"].size(1)
-        first = c.first_window_tokens + c.lookahead_tokens
-        later = c.left_context_tokens + c.window_tokens + c.lookahead_tokens
-        for regular in (first, later):
+        prompt_frames = gen["prompt_feat"].size(1)
+        for regular in (self.config.padded_tokens(first=True), self.config.padded_tokens(first=False)):
             for batch in self.flow_batches:
                 if self._stopped:  # close() waits for the call under way, not the rest
                     raise self._stopped_error()

@@ -169,6 +169,14 @@ class StreamConfig:
     def window_tokens(self) -> int:
         return max(1, round(self.window_s * TOKENS_PER_S))
 
+    def padded_tokens(self, first: bool) -> int:
+        """The tokens a compiled estimator pads a window of this kind to: a first window's own and
+        its lookahead; every later one's left context too (the second one's may be shorter, a
+        first window under ``left_context_tokens``: its padding is then a little longer)."""
+        if first:
+            return self.first_window_tokens + self.lookahead_tokens
+        return self.left_context_tokens + self.window_tokens + self.lookahead_tokens
+
     @property
     def crossfade_samples(self) -> int:
         return 2 * round(self.crossfade_ms * SAMPLES_PER_MS / 2)  # even, so it splits around a seam
@@ -569,10 +577,8 @@ class BufferedCutter:
         final = not more and n < begin + size + config.lookahead_tokens
         end = n if final else begin + size
         start = max(0, begin - config.left_context_tokens)
-        # Every window but the first pads to the same size: the second one's left context may be
-        # shorter (a first window under left_context_tokens), its padding is then a little longer.
-        regular = (config.left_context_tokens if begin else 0) + size + config.lookahead_tokens
-        return Window(begin, end, start, n if final else end + config.lookahead_tokens, final, regular)
+        stop = n if final else end + config.lookahead_tokens
+        return Window(begin, end, start, stop, final, config.padded_tokens(first=begin == 0))
 
     def noise(self, w: Window) -> torch.Tensor:
         """The flow's start noise for the window (prompt part included)."""
