@@ -235,6 +235,45 @@ def test_a_step_that_fails_ends_its_streams_and_the_engine_goes_on(tts: Chatterb
     assert after.tokens == solo(tts, TEXTS[0], 0)[1]  # nothing of the failed step left in its rows
 
 
+@pytest.mark.parametrize(
+    "oom",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (made on purpose)"),
+        lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory (made on purpose)"),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_a_step_out_of_memory_ends_the_newest_stream_and_the_others_go_on(
+    tts: ChatterboxTTS, oom: Any
+) -> None:
+    """Three streams step in a bucket of four rows' worth; a forward over more than two streams
+    runs out of memory: the newest ends with an OutOfMemoryError that says what to do, and the
+    step runs again over the other two (a bucket of two), which speak their solo tokens and audio."""
+
+    def wrap(forward: Any) -> Any:
+        def step(*a: Any, **k: Any) -> Any:
+            embeds = k["inputs_embeds"]
+            if embeds.size(1) == 1 and embeds.size(0) > 2 * engine.rows_per_stream:  # a decode step
+                raise oom()
+            return forward(*a, **k)
+
+        return step
+
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine:
+        with shadow(tts.t3.tfmr, "forward", wrap):
+            with engine.together():
+                handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+            kept = {k: np.concatenate([c for c, _ in h]) for k, h in enumerate(handles[:2])}
+            with pytest.raises(torch.OutOfMemoryError, match="the newest, was ended.*--max-streams") as lost:
+                list(handles[2])
+        assert isinstance(lost.value.__cause__, type(oom()))
+        assert engine.stats.shed == 1 and engine.stats.failed == 1 and engine.stats.buckets_used == {2}
+        assert engine.wait_rows_free(timeout=10.0) and engine.free_rows() == 3 * engine.rows_per_stream
+    for k, wav in kept.items():
+        alone, tokens = solo(tts, TEXTS[k], k)
+        assert handles[k].tokens == tokens and np.allclose(wav, alone, atol=1e-5)
+
+
 def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: ChatterboxTTS) -> None:
     import copy
     import gc

@@ -286,6 +286,7 @@ class EngineStats:
     vocoder_s: float = 0.0
     admitted: int = 0
     failed: int = 0
+    shed: int = 0  # streams ended so that a step out of memory could run over the others
     # Each stage's time on its pieces of work (``_working``): T3's prefills and steps; S3Gen's
     # flow calls with all around them (the windows' tokens and noise, the vocoder, the crossfade)
     t3_busy_s: float = 0.0
@@ -922,7 +923,6 @@ class StreamEngine:
         generator, its own processors; streams with equal settings in one batch), then one
         forward over the bucket's rows."""
         t0, compiled_before = self._now(), self.stats.compile_s
-        n = self.rows_per_stream
         lives = list(self._live)
         failed: list[tuple[_Live, Exception]] = []
         # One batch per sampler and number of logits rows (a stream without guidance in a family
@@ -964,8 +964,29 @@ class StreamEngine:
                 if stopped or live.step == live.ids.size(1) - 1:
                     ending.append(live)
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
-        still = [live for live in lives if live not in ending and id(live) not in broken]
-        if still:
+        self._forward_rows([live for live in lives if live not in ending and id(live) not in broken])
+        spent = self._now() - t0 - (self.stats.compile_s - compiled_before)
+        self.stats.t3_s += spent
+        with self._lock:
+            for live in lives:
+                live.t3_s += spent
+        for live in ending:
+            with self._lock:  # its rows are free before S3Gen can see its end
+                live.handle.state.tokens.extend(tail_tokens(self.tts.s3gen))  # Turbo's closing silence
+                live.t3_end_s = time.perf_counter() - live.handle.submitted
+                live.t3_done = True
+                self._leave(live)
+        self._wake()
+
+    def _forward_rows(self, still: list[_Live]) -> None:
+        """The batched forward of the streams ``still`` decoding: each one's next logits. Out of
+        memory, the newest of them ends (it has done the least; vLLM preempts the newest request
+        too) and the forward runs again over the others, in a smaller bucket once few enough are
+        left; any other failure ends them all. Either way the engine goes on. A failed forward is
+        no step: it counts in no statistic (before 2026-12-04 it did), and the one run again
+        writes the same cache slots."""
+        n = self.rows_per_stream
+        while still:
             bucket = next(b for b in self.step_buckets if b >= len(self._live))
             rows = bucket * n
             token = torch.full((rows, 1), 0, dtype=torch.long, device=self.device)
@@ -980,26 +1001,21 @@ class StreamEngine:
             try:
                 with self.plan.context(self.device):
                     logits = self._step_fn(bucket, span)(token, position, slot)
-            except Exception as e:  # (out of memory, say): these streams end with it, the engine goes on
-                self._fail(still, e, free=True)
-            else:  # a step that failed is no step: it counts in no statistic (before 2026-12-04 it did)
-                for live in still:
-                    live.logits = logits[live.rows : live.rows + n]
-                self.stats.t3_steps += 1
-                self.stats.t3_rows += len(still)
-                self._note_used(bucket, span)
-        spent = self._now() - t0 - (self.stats.compile_s - compiled_before)
-        self.stats.t3_s += spent
-        with self._lock:
-            for live in lives:
-                live.t3_s += spent
-        for live in ending:
-            with self._lock:  # its rows are free before S3Gen can see its end
-                live.handle.state.tokens.extend(tail_tokens(self.tts.s3gen))  # Turbo's closing silence
-                live.t3_end_s = time.perf_counter() - live.handle.submitted
-                live.t3_done = True
-                self._leave(live)
-        self._wake()
+            except Exception as e:
+                if not _out_of_memory(e) or len(still) == 1:
+                    self._fail(still, e, free=True)
+                    return
+                newest = max(still, key=lambda live: live.handle.index)
+                self._fail([newest], _shed(e, len(still)), free=True)  # the others' rows may move
+                still.remove(newest)
+                self.stats.shed += 1
+                continue
+            for live in still:
+                live.logits = logits[live.rows : live.rows + n]
+            self.stats.t3_steps += 1
+            self.stats.t3_rows += len(still)
+            self._note_used(bucket, span)
+            return
 
     def _note_used(self, bucket: int, span: int) -> None:
         """Add to ``stats.buckets_used`` and ``spans_used`` by replacing the sets, never changing
@@ -1201,6 +1217,24 @@ class StreamEngine:
                 **window_metrics(w, chunk),
             )
             h._put((h.report.add(chunk, m), m))
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: CUDA's (``torch.OutOfMemoryError``) or the
+    CPU allocator's (a plain RuntimeError)."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+    )
+
+
+def _shed(cause: BaseException, streams: int) -> torch.OutOfMemoryError:
+    """What the stream ended for a step out of memory raises (an OutOfMemoryError still)."""
+    error = torch.OutOfMemoryError(
+        f"out of memory in a T3 step of {streams} streams: this stream, the newest, was ended so that "
+        f"the others go on; hold fewer streams at once (max_streams, --max-streams) ({cause})"
+    )
+    error.__cause__ = cause
+    return error
 
 
 def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:
