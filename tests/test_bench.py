@@ -176,3 +176,73 @@ def test_the_allocator_is_read_on_cuda_only() -> None:
     from tts_workbench.instruments.memory import allocated_bytes
 
     assert allocated_bytes(torch.device("cpu")) is None
+
+
+def test_the_bandwidth_is_read_on_the_threads_the_decode_steps_run_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Timer runs its statement on one thread unless told otherwise: the CPU bandwidth was a
+    single-core figure beside steps on every thread, its floor too high and x_floor too low."""
+    seen: set[int] = set()
+    timer = bench.Timer
+
+    def recording(stmt: str, globals: dict[str, Any], **options: Any) -> Any:
+        """The bench's Timer, whose statement also notes the threads it runs on."""
+        names = {**globals, "seen": seen, "torch": torch}
+        return timer(f"{stmt}; seen.add(torch.get_num_threads())", globals=names, **options)
+
+    monkeypatch.setattr(bench, "Timer", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bench.read_bandwidth("cpu", mbytes=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {2}
+
+
+def test_a_cuda_window_starts_from_an_empty_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks earlier runs left in the caching allocator were reused inside the window, so its
+    reserved growth under-counted (on the H200: 0.146 GiB run growth, 0.0195 GiB reserved): the
+    cache is emptied first, as the CPU window trims the heap."""
+    from tts_workbench.instruments import memory
+
+    calls: list[str] = []
+
+    def fake(name: str, value: int | None = None) -> Any:
+        def called(*_a: object, **_k: object) -> int | None:
+            calls.append(name)
+            return value
+
+        return called
+
+    monkeypatch.setattr(memory, "_peaks_before", {})
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, fake(name))
+    for name in ("memory_allocated", "memory_reserved", "max_memory_allocated", "max_memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, fake(name, 100))
+    monkeypatch.setattr(torch.cuda, "current_device", fake("current_device", 0))
+    with memory.memory_window("cuda"):
+        calls.append("block")
+    assert "empty_cache" in calls, calls
+    emptied = calls.index("empty_cache")
+    assert calls.index("synchronize") < emptied < calls.index("reset_peak_memory_stats"), calls
+    assert emptied < min(calls.index("memory_allocated"), calls.index("memory_reserved")), calls
+    assert calls.index("block") > emptied
+
+
+def test_the_weights_of_a_cpu_config_include_the_watermarker() -> None:
+    """Upstream loads the watermarker's network on the CPU and every one-shot config runs it in
+    its timed watermark phase (before: not counted, 35.7 MiB of the tiny model's 109.1 MiB)."""
+    from tts_workbench.instruments.memory import module_bytes
+    from tts_workbench.models.sources import load_model
+
+    tts = load_model("tiny", seed=0)
+    lin = torch.nn.Linear(4, 4)
+    plan = SimpleNamespace(prefill=lin, decode=lin, static_bytes=lambda: 0)
+    opt: Any = SimpleNamespace(plans={"eager": plan}, tts=tts)
+    rows = [Row(c, 0, 1.0, 1.0, 1.0, 8, 0.1, 0.1, 1, 0.5, 0, 0) for c in ("upstream", "optimized")]
+    configs = bench.memory_per_config(rows, tts, opt, torch.device("cpu"), "test")["configs"]
+    four = module_bytes([tts.t3, tts.s3gen, tts.ve, tts.watermarker.perth_net])
+    assert configs["upstream"]["weights_gib"] * 2**30 == four
+    assert configs["optimized"]["weights_gib"] * 2**30 == four + module_bytes([lin])
