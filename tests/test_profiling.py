@@ -53,6 +53,7 @@ from tts_workbench.instruments.profiling import (
     read_ops,
     read_trace,
     region_of,
+    run_folder,
     start_server,
     start_tensorboard,
     time_share,
@@ -60,7 +61,7 @@ from tts_workbench.instruments.profiling import (
     trace_files,
     write_ops,
 )
-from tts_workbench.instruments.trace_analysis import CPU_ONLY_NOTE
+from tts_workbench.instruments.trace_analysis import CPU_ONLY_NOTE, NO_HTA_NOTE, TraceReport
 from tts_workbench.interface.cli import main
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
@@ -68,7 +69,7 @@ from tts_workbench.runtime.decode import T3Parts
 from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import UpstreamTTS
 from tts_workbench.runtime.streaming import StreamConfig, StreamState, stream
-from tts_workbench.studies import bench
+from tts_workbench.studies import bench, profile_report
 from tts_workbench.studies.bench import run_bench
 from tts_workbench.studies.bench import run_pipeline as bench_run_pipeline
 from tts_workbench.studies.profile_report import format_profile, profile_generation
@@ -322,25 +323,46 @@ def test_tensorboard_refuses_a_port_it_cannot_bind(tmp_path: Path, monkeypatch: 
             start_tensorboard(tmp_path, port=port)
 
 
-def test_a_server_that_answered_and_exited_has_not_started(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The readiness request can be answered by another process that took the port meanwhile;
-    # only a server still running after it has started.
-    started: list[subprocess.Popen[bytes]] = []
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """The processes ``start_server`` starts, in order."""
+    processes: list[subprocess.Popen[bytes]] = []
     popen = subprocess.Popen
 
     def recorded(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-        started.append(popen(*args, **kwargs))
-        return started[-1]
+        processes.append(popen(*args, **kwargs))
+        return processes[-1]
 
+    monkeypatch.setattr(subprocess, "Popen", recorded)
+    return processes
+
+
+def test_a_server_that_answered_and_exited_has_not_started(
+    started: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The readiness request can be answered by another process that took the port meanwhile;
+    # only a server still running after it has started.
     def answered_once_it_exited(self: Any, url: Any, *args: Any, **kwargs: Any) -> io.BytesIO:
         started[-1].wait()
         return io.BytesIO(b"")
 
-    monkeypatch.setattr(subprocess, "Popen", recorded)
     monkeypatch.setattr(urllib.request.OpenerDirector, "open", answered_once_it_exited)
     cmd = [sys.executable, "-c", "raise SystemExit(3)"]
     with tempfile.TemporaryFile() as log, pytest.raises(RuntimeError, match="exited with code 3"):
         start_server(cmd, f"http://127.0.0.1:{free_port()}", log, timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_never_answers_shows_its_output(started: list[subprocess.Popen[bytes]]) -> None:
+    # The TimeoutError said only that it did not answer: what the server wrote (here why it
+    # cannot start) was thrown away with its log.
+    # What it says comes from its environment: not in the command, which the error names too.
+    env = {**os.environ, "SAID": "cannot load plugin: missing dependency XYZ"}
+    cmd = [sys.executable, "-c", "import os, time; print(os.environ['SAID'], flush=True); time.sleep(60)"]
+    with tempfile.TemporaryFile() as log, pytest.raises(TimeoutError, match="XYZ") as raised:
+        start_server(cmd, f"http://127.0.0.1:{free_port()}", log, timeout=5, env=env)
+    assert "longer timeout" in str(raised.value)
+    assert started[-1].poll() is not None  # stopped, not left running
 
 
 def test_loopback_requests_do_not_go_through_a_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -412,6 +434,17 @@ def test_a_run_folder_holds_one_profile(tiny_tts: ChatterboxTTS, tmp_path: Path)
     assert len(trace_files(tmp_path / "again")) == 1
 
 
+def test_a_run_folder_keeps_no_file_of_an_earlier_profile(tmp_path: Path) -> None:
+    # Only traces were removed: a rerun that failed after writing its trace left it beside the
+    # earlier run's op frame and region cut, and `trace --read` read the stale region.
+    run = tmp_path / "generation"
+    run.mkdir()
+    for name in ("workbench.1.pt.trace.json", "ops.csv", "t3.decode.json.gz", "notes.txt"):
+        (run / name).write_text("earlier")
+    assert run_folder(tmp_path, "generation") == run
+    assert [p.name for p in run.iterdir()] == ["notes.txt"]  # not the workbench's: kept
+
+
 def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path) -> None:
     args = ["profile", "--model", "tiny", "--tokens", "6", "--logdir", str(tmp_path), "--decode", "compiled"]
     assert main([*args, "--reference", str(reference_wav), "--json"]) == 0
@@ -423,6 +456,23 @@ def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], referen
     }  # fmt: skip
     # a CPU trace: HolisticTraceAnalysis has no device activity to read, and the report says so
     assert report["device_trace"] == {"device": "cpu only", "note": CPU_ONLY_NOTE}
+
+
+def test_the_profile_report_names_its_region_trace(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without HTA (the GPU image) the report said to read the region trace with `trace --read
+    # PATH` but named no path: the cut it wrote was in neither the JSON nor the text.
+    cut = profile_report.analyze_cut
+
+    def without_hta(steps: dict[str, Any], out: Path) -> TraceReport:
+        return TraceReport(cut(steps, out).trace, "NVIDIA H200", note=NO_HTA_NOTE)
+
+    monkeypatch.setattr(profile_report, "analyze_cut", without_hta)
+    report = profile_generation(tiny_tts, tmp_path, "generation", tokens=3, text="Cut me.")
+    region = tmp_path / "generation" / "t3.decode.json.gz"
+    assert report["region_trace"] == str(region) and region.is_file()
+    assert str(region) in format_profile(report)
 
 
 @pytest.mark.parametrize(

@@ -189,7 +189,7 @@ def profile_run(
     With a ``schedule`` (see ``long_run_schedule``) call ``prof.step()`` per iteration, e.g. per
     streamed chunk with ``profiled_chunks``.
 
-    The run folder is made, and emptied of earlier traces, before anything runs (``run_folder``).
+    The run folder is made, and emptied of an earlier profile, before anything runs (``run_folder``).
     """
     run_dir = run_folder(logdir, run)
     with (
@@ -205,16 +205,23 @@ def profile_run(
         yield prof
 
 
+# What the workbench writes beside a run's trace: its op frame (``write_ops``) and the cut of its
+# decode region (``profile`` and ``trace`` write it with ``trace_analysis``).
+OPS_FILE = "ops.csv"
+DECODE_CUT = "t3.decode.json.gz"
+
+
 def run_folder(logdir: str | Path, run: str) -> Path:
     """``logdir/run``, made now and holding no trace: an ``OSError`` naming it if it cannot be
     made (a ``logdir`` that is a file) comes before anything is profiled, not from torch's trace
     handler once the whole run is done. A run folder holds one profile: the traces an earlier run
     of that name left are removed (TensorBoard would load them all and show them as one run's
-    spans)."""
+    spans), and so are its ``OPS_FILE`` and ``DECODE_CUT`` (a run that failed after its trace
+    would leave them beside it, read as its own); other files are kept."""
     run_dir = Path(logdir) / run
     run_dir.mkdir(parents=True, exist_ok=True)
-    for old in trace_files(run_dir):
-        old.unlink()
+    for old in [*trace_files(run_dir), run_dir / OPS_FILE, run_dir / DECODE_CUT]:
+        old.unlink(missing_ok=True)
     return run_dir
 
 
@@ -376,8 +383,8 @@ def op_frame(events: Iterable[FunctionEvent]) -> pd.DataFrame:
 
 
 def write_ops(ops: pd.DataFrame, run_dir: str | Path) -> Path:
-    """Save an op frame as ``run_dir/ops.csv``, beside the run's trace."""
-    path = Path(run_dir) / "ops.csv"
+    """Save an op frame as ``run_dir/ops.csv`` (``OPS_FILE``), beside the run's trace."""
+    path = Path(run_dir) / OPS_FILE
     ops.to_csv(path, index=False)
     return path
 
@@ -469,7 +476,8 @@ def start_server(
     its output to ``log`` (a file, not a pipe: a pipe nobody reads fills up and stalls the
     server); return once ``url + ready`` answers and the server is still running. A port that
     another server answers on, or that cannot be bound, is refused before anything starts
-    (``check_port_free``)."""
+    (``check_port_free``). A server that exits (``RuntimeError``) or does not answer within
+    ``timeout`` (stopped, ``TimeoutError``) is an error that shows the end of its output."""
     check_port_free(url)
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     server = Server(process, url)
@@ -478,10 +486,13 @@ def start_server(
     atexit.register(server.stop)
     name = " ".join(cmd[:3])  # e.g. "python -m tensorboard.main"
 
-    def exited() -> RuntimeError:
+    def output() -> str:
+        """The end of what the server wrote to ``log``."""
         log.seek(0)
-        err = log.read().decode(errors="replace")[-2000:]
-        return RuntimeError(f"{name} exited with code {server.process.returncode}: {err}")
+        return log.read().decode(errors="replace")[-2000:] or "(nothing)"
+
+    def exited() -> RuntimeError:
+        return RuntimeError(f"{name} exited with code {server.process.returncode}: {output()}")
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -498,7 +509,10 @@ def start_server(
             raise exited()
         return server
     server.stop()
-    raise TimeoutError(f"{name} did not answer on {url} within {timeout:.0f} s")
+    raise TimeoutError(
+        f"{name} did not answer on {url + ready} within {timeout:.0f} s (stopped): give a longer timeout "
+        f"if it was still starting, else see why in its output: {output()}"
+    )
 
 
 @dataclass

@@ -16,6 +16,7 @@ from ..core.errors import ConfigError
 from ..core.tables import render
 from ..instruments.attention import KernelRecord
 from ..instruments.profiling import (
+    DECODE_CUT,
     EAGER,
     KERNEL_OPS,
     op_frame,
@@ -51,7 +52,9 @@ def profile_generation(
     decode: str = "eager",
 ) -> dict[str, Any]:
     """One upstream generation under ``profile_run``; its op frame is built once from the
-    profile in memory and written to ``ops.csv`` beside the trace (``profiling.read_ops``).
+    profile in memory and written to ``ops.csv`` beside the trace (``profiling.read_ops``), as is
+    the cut of its ``t3.decode`` region, named in the report (``region_trace``: where HTA is not
+    installed, ``device_trace`` says to read it with ``trace --read`` elsewhere).
     ``decode_step``: the attention kernel of the workbench's ``decode`` step (eager, static or
     compiled) and how it was found (``diagnose.decode_step_kernels``: for a compiled step,
     Inductor's generated code, which no profiler trace can show)."""
@@ -68,7 +71,8 @@ def profile_generation(
     trace = read_trace(path)
     steps = cut_region(trace, "t3.decode", path=path)
     in_region = events_within(trace, "t3.decode", path)  # inside the ranges, not between them
-    device = analyze_cut(steps, path.parent / "t3.decode.json.gz")
+    region = path.parent / DECODE_CUT
+    device = analyze_cut(steps, region)
     return {
         "run": run,
         "logdir": str(logdir),
@@ -85,6 +89,7 @@ def profile_generation(
         "recorded_kernels_in_trace": {k: in_trace(k, in_region) for k in recorded},
         "decode_step": decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan),
         "device_trace": device.summary(),
+        "region_trace": str(region),
         "open_with": [
             f"tensorboard --logdir {logdir}  (PYTORCH_PROFILER tab)",
             f"https://ui.perfetto.dev: {path}",
@@ -104,7 +109,7 @@ def in_trace(kernel: str, events: list[dict[str, Any]]) -> bool:
 
 
 def format_profile(report: dict[str, Any]) -> str:
-    """The top operators per phase, the kernel check, and where the trace is."""
+    """The top operators per phase, the kernel check, and where the trace and its decode region are."""
     top = pd.DataFrame([{"phase": p, **row} for p, rows in report["top_ops"].items() for row in rows])
     step = report["decode_step"]
     seen = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in report["recorded_kernels_in_trace"].items())
@@ -115,6 +120,7 @@ def format_profile(report: dict[str, Any]) -> str:
             f"attention kernel(s) in t3.decode, found in the trace file's t3.decode ranges: {seen}",
             f"T3 decode step {step['step']}: {', '.join(step['kernels'])} (found by {step['found_by']})",
             f"t3.decode on the device (HolisticTraceAnalysis): {_device_line(report['device_trace'])}",
+            f"t3.decode region trace: {report['region_trace']} (read it with tts-workbench trace --read)",
             report["note"],
             f"trace: {report['trace']}",
             f"op frame: {report['ops']} (profiling.read_ops)",

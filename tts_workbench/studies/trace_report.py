@@ -20,7 +20,7 @@ from chatterbox.tts import ChatterboxTTS
 from ..core.errors import NoVoiceError
 from ..core.rng import StreamRandom
 from ..core.tables import render
-from ..instruments.profiling import profile_run, read_trace, run_folder, trace_files
+from ..instruments.profiling import DECODE_CUT, profile_run, read_trace, run_folder, trace_files
 from ..instruments.trace_analysis import (
     TraceReport,
     analyze,
@@ -59,7 +59,7 @@ def decode_traces(
                 rng = StreamRandom(seed).generator(tts.device)
                 t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng)
         path = trace_files(folder)[-1]
-        regions[step] = region_trace(path, "t3.decode", path.parent / "t3.decode.json.gz", keep)
+        regions[step] = region_trace(path, "t3.decode", path.parent / DECODE_CUT, keep)
     return regions
 
 
