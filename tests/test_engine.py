@@ -34,6 +34,8 @@ from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from conftest import Steer
     from tts_workbench.instruments.latency import ChunkMetrics
 
@@ -235,6 +237,22 @@ def test_a_step_that_fails_ends_its_streams_and_the_engine_goes_on(tts: Chatterb
     assert after.tokens == solo(tts, TEXTS[0], 0)[1]  # nothing of the failed step left in its rows
 
 
+def fitting_two(engine: StreamEngine, oom: Callable[[], Exception]) -> Any:
+    """A shadow of T3's forward that runs out of memory (``oom``) on a decode step over more than
+    two streams' rows."""
+
+    def wrap(forward: Any) -> Any:
+        def step(*a: Any, **k: Any) -> Any:
+            embeds = k["inputs_embeds"]
+            if embeds.size(1) == 1 and embeds.size(0) > 2 * engine.rows_per_stream:
+                raise oom()
+            return forward(*a, **k)
+
+        return step
+
+    return shadow(engine.tts.t3.tfmr, "forward", wrap)
+
+
 @pytest.mark.parametrize(
     "oom",
     [
@@ -244,34 +262,43 @@ def test_a_step_that_fails_ends_its_streams_and_the_engine_goes_on(tts: Chatterb
     ids=["cuda", "cpu"],
 )
 def test_a_step_out_of_memory_ends_the_newest_stream_and_the_others_go_on(
-    tts: ChatterboxTTS, oom: Any
+    tts: ChatterboxTTS, oom: Callable[[], Exception]
 ) -> None:
-    """Three streams step in a bucket of four rows' worth; a forward over more than two streams
-    runs out of memory: the newest ends with an OutOfMemoryError that says what to do, and the
-    step runs again over the other two (a bucket of two), which speak their solo tokens and audio."""
-
-    def wrap(forward: Any) -> Any:
-        def step(*a: Any, **k: Any) -> Any:
-            embeds = k["inputs_embeds"]
-            if embeds.size(1) == 1 and embeds.size(0) > 2 * engine.rows_per_stream:  # a decode step
-                raise oom()
-            return forward(*a, **k)
-
-        return step
-
-    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine:
-        with shadow(tts.t3.tfmr, "forward", wrap):
-            with engine.together():
-                handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
-            kept = {k: np.concatenate([c for c, _ in h]) for k, h in enumerate(handles[:2])}
-            with pytest.raises(torch.OutOfMemoryError, match="the newest, was ended.*--max-streams") as lost:
-                list(handles[2])
+    """Three streams step in a bucket of three; a forward over more than two streams runs out of
+    memory: the newest ends with an OutOfMemoryError that says what to do, and the step runs
+    again over the other two (a bucket of two), which speak their solo tokens and audio. The
+    three queued behind them wait for room, two at a time, instead of each being shed in turn."""
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
+        with engine.together():
+            handles = [engine.submit(TEXTS[k % 4], seed=k, max_new_tokens=TOKENS) for k in range(6)]
+        with pytest.raises(torch.OutOfMemoryError, match="the newest, was ended.*--max-streams") as lost:
+            list(handles[2])
+        kept = {k: np.concatenate([c for c, _ in h]) for k, h in enumerate(handles) if k != 2}
         assert isinstance(lost.value.__cause__, type(oom()))
-        assert engine.stats.shed == 1 and engine.stats.failed == 1 and engine.stats.buckets_used == {2}
+        assert engine.stats.shed == 1 and engine.stats.failed == 1 and engine.fits == 2
+        assert max(engine.stats.buckets_used) == 2  # none of three ran
         assert engine.wait_rows_free(timeout=10.0) and engine.free_rows() == 3 * engine.rows_per_stream
     for k, wav in kept.items():
-        alone, tokens = solo(tts, TEXTS[k], k)
+        alone, tokens = solo(tts, TEXTS[k % 4], k)
         assert handles[k].tokens == tokens and np.allclose(wav, alone, atol=1e-5)
+
+
+def test_a_stream_that_ends_leaves_before_the_step_it_does_not_need(tts: ChatterboxTTS) -> None:
+    # Its last token sampled, the first stream leaves before the forward: the two going on fit
+    # (before 2026-12-04 the forward held its rows too, ran out of memory and shed the newest).
+    with (
+        StreamEngine(tts, max_streams=3, config=CONFIG) as engine,
+        fitting_two(engine, lambda: torch.OutOfMemoryError("made on purpose")),
+    ):
+        with engine.together():
+            first = engine.submit(TEXTS[0], seed=0, max_new_tokens=1)
+            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in (1, 2)]
+        waves = [np.concatenate([c for c, _ in h]) for h in handles]
+        list(first)
+        assert engine.stats.shed == 0 and engine.stats.failed == 0
+    for k, (h, wav) in enumerate(zip(handles, waves, strict=True), start=1):
+        alone, tokens = solo(tts, TEXTS[k], k)
+        assert h.tokens == tokens and np.allclose(wav, alone, atol=1e-5)
 
 
 def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: ChatterboxTTS) -> None:

@@ -344,6 +344,10 @@ class StreamEngine:
         # The flow's estimator as ``flow`` runs it (eager by default). A plan may be shared by
         # engines one after another (the load study's levels): its compiled shapes are kept.
         self.flow = flow or FlowPlan()
+        # Streams a T3 step has room for: lowered by a step out of memory to the streams the
+        # step then ran over, so that the queue waits instead of each stream admitted into the
+        # room freed being shed in turn (vLLM requeues the request it preempts).
+        self.fits = max_streams
         # Windows per flow call: at most the largest; a compiled flow pads a call to the next.
         self.flow_batches = batches
         # The streams a T3 step runs over (the live ones padded up to the next), max_streams
@@ -681,11 +685,13 @@ class StreamEngine:
 
     def _room(self) -> int:
         """How many queued streams may join now (under the lock): none while ``together()`` holds
-        them or a job waits (the jobs run first), else ``max_streams`` less the streams either
-        stage still holds (rows in T3, windows still to vocode, or both)."""
+        them or a job waits (the jobs run first), else ``max_streams`` (``fits`` after a step out
+        of memory) less the streams either stage still holds (rows in T3, windows still to
+        vocode, or both)."""
         if self._held or self._jobs:
             return 0
-        return self.max_streams - len({id(live) for live in (*self._live, *self._vocoding)})
+        held = len({id(live) for live in (*self._live, *self._vocoding)})
+        return max(0, min(self.max_streams, self.fits) - held)
 
     def _idle(self) -> bool:
         """Nothing for the T3 stage: no stream, no job, none waiting that may join (a stream
@@ -964,27 +970,37 @@ class StreamEngine:
                 if stopped or live.step == live.ids.size(1) - 1:
                     ending.append(live)
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
-        self._forward_rows([live for live in lives if live not in ending and id(live) not in broken])
-        spent = self._now() - t0 - (self.stats.compile_s - compiled_before)
+        # Streams that sampled their last token leave before the forward, which they do not need:
+        # its bucket holds only the streams going on (before 2026-12-04 they left after it, so a
+        # step out of memory over their rows shed a stream the others' bucket had room for).
+        going_on = [live for live in lives if live not in ending and id(live) not in broken]
+        sampling_s = self._now() - t0 if ending or not going_on else 0.0
+        if ending:
+            for live in ending:
+                with self._lock:  # its rows are free before S3Gen can see its end
+                    live.t3_s += sampling_s
+                    live.handle.state.tokens.extend(tail_tokens(self.tts.s3gen))  # Turbo's closing silence
+                    live.t3_end_s = time.perf_counter() - live.handle.submitted
+                    live.t3_done = True
+                    self._leave(live)
+            self._wake()
+        spent = sampling_s  # with no stream going on, the step was its sampling
+        if going_on:
+            self._forward_rows(going_on)
+            spent = self._now() - t0 - (self.stats.compile_s - compiled_before)
         self.stats.t3_s += spent
         with self._lock:
-            for live in lives:
+            for live in going_on:
                 live.t3_s += spent
-        for live in ending:
-            with self._lock:  # its rows are free before S3Gen can see its end
-                live.handle.state.tokens.extend(tail_tokens(self.tts.s3gen))  # Turbo's closing silence
-                live.t3_end_s = time.perf_counter() - live.handle.submitted
-                live.t3_done = True
-                self._leave(live)
         self._wake()
 
     def _forward_rows(self, still: list[_Live]) -> None:
         """The batched forward of the streams ``still`` decoding: each one's next logits. Out of
         memory, the newest of them ends (it has done the least; vLLM preempts the newest request
         too) and the forward runs again over the others, in a smaller bucket once few enough are
-        left; any other failure ends them all. Either way the engine goes on. A failed forward is
-        no step: it counts in no statistic (before 2026-12-04 it did), and the one run again
-        writes the same cache slots."""
+        left, and no more streams than those are admitted later (``fits``); any other failure
+        ends them all. Either way the engine goes on. A failed forward is no step: it counts in no
+        statistic (before 2026-12-04 it did), and the one run again writes the same cache slots."""
         n = self.rows_per_stream
         while still:
             bucket = next(b for b in self.step_buckets if b >= len(self._live))
@@ -1009,6 +1025,8 @@ class StreamEngine:
                 self._fail([newest], _shed(e, len(still)), free=True)  # the others' rows may move
                 still.remove(newest)
                 self.stats.shed += 1
+                with self._lock:
+                    self.fits = min(self.fits, len(still))
                 continue
             for live in still:
                 live.logits = logits[live.rows : live.rows + n]
