@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -14,6 +15,7 @@ from torch._dynamo.utils import counters
 from transformers.utils import logging as hf_logging
 from transformers.utils.logging import warning_once
 
+from tts_workbench.instruments import attention
 from tts_workbench.instruments.attention import (
     EAGER,
     INDUCTOR_DECOMPOSED,
@@ -109,6 +111,53 @@ def test_why_not_flash_on_cpu(tiny_tts: ChatterboxTTS) -> None:
     reasons = why_not_flash(tiny_tts)
     assert any("device is cpu" in r for r in reasons) and any("float32" in r for r in reasons)
     assert not any("float32" in r for r in why_not_flash(tiny_tts, dtype=torch.bfloat16))
+
+
+def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's can_use_flash_attention(debug=True) warns of the first of its rules that fails
+    (the mask before the head dim before the dtype) and checks no further: a masked float32 step
+    is refused for both, and both are named (before 2026-12-04 only the mask was)."""
+
+    class OnCuda(torch.Tensor):
+        device = property(lambda self: torch.device("cuda"))  # the CUDA branch, without a GPU
+
+    def first_refusal(params: Any, debug: bool = False) -> bool:
+        q = params.query
+        rules = [
+            (params.attn_mask is None, "Flash attention does not support non-null attn_mask."),
+            (q.size(-1) <= 256, f"Flash attention requires head dim <= 256. Got {q.size(-1)}"),
+            (q.dtype in (torch.float16, torch.bfloat16), f"Expected {{Half, BFloat16}}. Got {q.dtype}"),
+        ]
+        for holds, reason in rules:
+            if not holds:
+                if debug:
+                    warnings.warn(reason, stacklevel=1)
+                return False
+        return True
+
+    sdpa_inputs = attention._sdpa_inputs
+    monkeypatch.setattr(
+        attention, "_sdpa_inputs", lambda *a: tuple(t.as_subclass(OnCuda) for t in sdpa_inputs(*a))
+    )
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", first_refusal)
+    assert why_not_flash(tiny_tts, masked=True) == [  # tiny_tts is float32
+        "Flash attention does not support non-null attn_mask.",
+        "Expected {Half, BFloat16}. Got torch.float32",
+    ]
+    assert why_not_flash(tiny_tts, dtype=torch.bfloat16) == []
+    config = tiny_tts.t3.tfmr.config
+    before = config.head_dim
+    try:
+        config.head_dim = 264
+        reasons = why_not_flash(tiny_tts, masked=True, dtype=torch.float16)
+    finally:
+        config.head_dim = before
+    assert reasons == [
+        "Flash attention does not support non-null attn_mask.",
+        "Flash attention requires head dim <= 256. Got 264",
+    ]
 
 
 def test_a_masked_step_is_told_flash_takes_no_mask(tiny_tts: ChatterboxTTS) -> None:

@@ -1,19 +1,21 @@
 """The diagnosis's decode-step check: sized for the text it is given, refused before anything
-runs where no cache could hold it."""
+runs where no cache could hold it; the report's reading of a run that reached its token cap."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import CacheError
 from tts_workbench.interface.cli import main
+from tts_workbench.models.sources import token_cap_note
 from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
 from tts_workbench.studies import diagnose
-from tts_workbench.studies.diagnose import decode_step_kernels, run_diagnosis
+from tts_workbench.studies.diagnose import decode_step_kernels, format_report, run_diagnosis
 
 if TYPE_CHECKING:
     from chatterbox.tts import ChatterboxTTS
@@ -83,3 +85,47 @@ def test_profile_refuses_a_text_past_t3s_positions_before_profiling(
     monkeypatch.setattr(tiny_tts.t3.tfmr.config, "n_positions", DEFAULT_MAX_CACHE_LEN, raising=False)
     with pytest.raises(CacheError, match=r"^argument --text: .*shorten --text$"):
         profile_report.profile_generation(tiny_tts, tmp_path, "run", 2, LONG_TEXT, decode="static")
+
+
+def _capped_report(model: str) -> dict[str, Any]:
+    """A report of ``model``'s run ended by its cap of 150 tokens, as ``run_diagnosis`` makes one."""
+    return {
+        "model": model,
+        "device": "cpu",
+        "torch": "2",
+        "components": {"t3": {"parameters": 1, "bytes": 4, "dtypes": ["float32"]}},
+        "reference": {"path": "ref.wav", "seconds": 10.0, "sample_rate": 24000, "notes": []},
+        "speech_tokens": 150,
+        "invalid_speech_tokens": 0,
+        "stopped_by": "token cap",
+        "token_cap": 150,
+        "audio_s": 6.0,
+        "generation_s": 9.0,
+        "phase_s": {"t3": 5.0},
+        "rtf": 1.5,
+        "build_s": 1.0,
+        "conditioning_s": 1.0,
+        "wav": "speech.wav",
+        "plot": "generation.png",
+        "decode_step": {"step": "eager", "kernels": ["flash (CPU)"], "found_by": "torch.profiler op records"},
+        "attention": {},
+        "precision": {},
+    }
+
+
+@pytest.mark.parametrize("model", ["pretrained", "turbo-pretrained", "/checkpoints/trained"])
+def test_a_trained_model_at_the_token_cap_is_told_to_raise_tokens(
+    monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    """Trained weights that reach the cap were cut off, not stuck: before 2026-12-04 the report
+    blamed random weights whatever the model."""
+    monkeypatch.setattr(diagnose, "format_attention", lambda *_a: "")  # not what this reads
+    monkeypatch.setattr(diagnose, "format_precision", lambda *_a: "")
+    line = next(x for x in format_report(_capped_report(model)).splitlines() if x.startswith("speech tokens"))
+    assert "random weights" not in line and "--tokens" in line and "token cap of 150" in line
+    random_line = next(
+        x for x in format_report(_capped_report("tiny")).splitlines() if x.startswith("speech tokens")
+    )
+    assert RANDOM_NO_STOP in random_line and "--tokens" not in random_line
+    # a generation whose source is not named (profile_generation without model=) says both
+    assert token_cap_note(None).startswith(RANDOM_NO_STOP) and "raise --tokens" in token_cap_note(None)

@@ -221,6 +221,18 @@ def test_where_half_fails_is_one_row_per_failing_stage_of_each_model(
     assert all(d.startswith(e) for d, e in zip(found["detail"], expected, strict=True)), list(found["detail"])
 
 
+def test_the_fbank_advice_fits_a_bfloat16_failure_too(reference_wav: Path) -> None:
+    # kaldi's fbank refuses bfloat16 as it does float16: before 2026-12-04 its advice said
+    # "no Half fbank kernel" under "Unsupported dtype BFloat16"
+    tts = load_model("tiny")
+    prepare_voice(tts, str(reference_wav))
+    conditioning = diagnose_precision(tts, str(reference_wav), torch.bfloat16, tokens=4)["stages"][
+        "conditioning"
+    ]
+    assert "BFloat16" in conditioning["error"] and "kaldi" in conditioning["failure"]["where"]
+    assert "Half" not in conditioning["advice"] and "bfloat16" in conditioning["advice"]
+
+
 def test_float32_precision_report_is_clean(reference_wav: Path) -> None:
     tts = load_model("tiny")
     prepare_voice(tts, str(reference_wav))

@@ -80,7 +80,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def profiled(tiny_tts: ChatterboxTTS, tmp_path_factory: pytest.TempPathFactory) -> dict:
     logdir = tmp_path_factory.mktemp("tb")
-    return profile_generation(tiny_tts, logdir, "generation", tokens=12, text="Profile me, please.")
+    return profile_generation(
+        tiny_tts, logdir, "generation", tokens=12, text="Profile me, please.", model="tiny"
+    )
 
 
 @pytest.fixture(scope="module")

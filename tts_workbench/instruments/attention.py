@@ -274,7 +274,39 @@ def _sdpa_inputs(tts: ChatterboxTTS, keys: int, dtype: torch.dtype | None, devic
 
 def _step_mask(q: torch.Tensor, keys: int, masked: bool) -> torch.Tensor | None:
     """The boolean mask of a static step over ``keys`` slots (every slot in use), or None."""
-    return torch.ones(q.size(0), 1, 1, keys, dtype=torch.bool, device=q.device) if masked else None
+    return q.new_ones(q.size(0), 1, 1, keys, dtype=torch.bool) if masked else None  # on q's device
+
+
+def _torch_flash_refusals(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> list[str]:
+    """torch's reasons for refusing CUDA Flash on these inputs, all of them (empty: it runs).
+    ``can_use_flash_attention`` checks its rules in order and names only the first that fails
+    (the mask, then a head dim over 256, ..., then the dtype), so it is asked again with each of
+    these causes taken away in that order, until it accepts or none is left."""
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    # Each step keeps the earlier ones' removals. A refusal of the inputs with fewer causes is
+    # one of the original inputs too: 256-wide float16 heads and no mask are what Flash takes.
+    asked = [(q, k, v, mask)]
+    if mask is not None:
+        asked.append((q, k, v, None))
+    if q.shape[-1] > 256:
+        q, k, v = (t[..., :256] for t in (q, k, v))
+        asked.append((q, k, v, None))
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        q, k, v = (t.to(torch.float16) for t in (q, k, v))
+        asked.append((q, k, v, None))
+    reasons: list[str] = []
+    for inputs in asked:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = can_use_flash_attention(SDPAParams(*inputs, 0.0, False, False), debug=True)
+        if ok:
+            break
+        said = [str(w.message).splitlines()[0] for w in caught] or ["refused (no reason given)"]
+        reasons = list(dict.fromkeys(reasons + said))  # a cause no step takes away is named again
+    return reasons
 
 
 def why_not_flash(
@@ -288,8 +320,9 @@ def why_not_flash(
     ``masked``: the step passes an attention mask, as the static and compiled steps do (their
     cache's slots past the positions in use are masked); upstream's eager step passes none.
 
-    On CUDA the reasons come from ``torch.backends.cuda.can_use_flash_attention(debug=True)``;
-    elsewhere from the same rules written out.
+    On CUDA the reasons come from ``torch.backends.cuda.can_use_flash_attention(debug=True)``
+    (``_torch_flash_refusals``: every rule refused, not only the first); elsewhere from the same
+    rules written out.
     """
     q, k, v = _sdpa_inputs(tts, keys, dtype, device)
     mask = _step_mask(q, keys, masked)
@@ -298,15 +331,7 @@ def why_not_flash(
     if backend != "sdpa":
         reasons.append(f"attn_implementation is {backend!r}: SDPA is never called")
     if q.device.type == "cuda":
-        from torch.backends.cuda import SDPAParams, can_use_flash_attention
-
-        params = SDPAParams(q, k, v, mask, 0.0, False, False)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ok = can_use_flash_attention(params, debug=True)
-        if not ok:
-            reasons += [str(w.message).splitlines()[0] for w in caught] or ["refused (no reason given)"]
-        return reasons
+        return reasons + _torch_flash_refusals(q, k, v, mask)
     reasons.append(
         f"device is {q.device.type}: the CUDA Flash kernel needs an NVIDIA GPU "
         "(CPU runs its own fused kernel, _scaled_dot_product_flash_attention_for_cpu)"

@@ -382,7 +382,11 @@ ADVICE = [
     ("_istft", "run HiFT's iSTFT in float32: torch.complex has no half-precision CPU kernel"),
     # Before "mel", which the vocoder's path s3gen.mel2wav also contains.
     ("s3gen.mel2wav.", "keep HiFT (s3gen.mel2wav) in float32 and cast the mel it gets to float32"),
-    ("kaldi", "keep the CAMPPlus speaker encoder and its kaldi fbank in float32 (no Half fbank kernel)"),
+    (
+        "kaldi",
+        "keep the CAMPPlus speaker encoder and its kaldi fbank in float32 "
+        "(no half-precision (float16/bfloat16) fbank kernel)",
+    ),
     ("xvector", "keep the CAMPPlus speaker encoder and its kaldi fbank in float32"),
     ("s3tokenizer", "keep the S3 speech tokenizer (log-mel front-end) in float32"),
     # Under autocast the VE runs (LSTM included, on float32 inputs and weights) but its embedding

@@ -359,8 +359,9 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
     check_run(args.run_name)  # before the model is built
     tts = _voiced_model(args, args.logdir, own_decode=False)  # upstream generate
     report = profile_generation(
-        tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory, args.decode
-    )
+        tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory, args.decode,
+        model=args.model,
+    )  # fmt: skip
     return report, format_profile
 
 
@@ -372,10 +373,10 @@ PROFILING_FLAGS = (
 
 
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from ..core.constants import RANDOM_NO_STOP
     from ..core.devices import check_device
     from ..core.errors import ConfigError, naming_flag
     from ..instruments.profiling import TRACE_FILE_ASKED
+    from ..models.sources import token_cap_note
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
         cut_report,
@@ -410,7 +411,7 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     _check_decode_tokens(args.tokens)
     tts = _voiced_model(args, args.logdir)
     regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
-    note = f"T3 decode in {args.dtype}; up to {args.tokens} tokens each ({RANDOM_NO_STOP}: it runs to them)"
+    note = f"T3 decode in {args.dtype}; up to {args.tokens} tokens each ({token_cap_note(args.model)})"
     if args.cut_only:
         return cut_report(regions, note), format_decode_traces
     return decode_trace_report(read_traces(regions), note), format_decode_traces

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..core.constants import dtype_name
+from ..core.constants import RANDOM_NO_STOP, dtype_name
 from ..core.devices import check_device
 from ..core.errors import SourceError
 from ..core.families import FAMILIES, TTSModel, components
@@ -53,6 +53,15 @@ def is_named(source: str | Path) -> bool:
     """Whether ``source`` names a random-weight build or pretrained weights, not a folder
     (``load_model`` reads names before paths: a folder called ``tiny`` is not loaded as one)."""
     return source in MODELS or source in PRETRAINED
+
+
+def token_cap_note(source: str | Path | None) -> str:
+    """Why a generation of ``source`` (None: not named) ran to its token cap: a random-weight
+    build almost never samples the stop token; trained weights (pretrained, a folder) were cut off."""
+    cut = "the speech may be cut short before its stop token: raise --tokens"
+    if source is None:
+        return f"{RANDOM_NO_STOP}; trained weights: {cut}"
+    return RANDOM_NO_STOP if source in MODELS else cut
 
 
 def check_source(source: str | Path, family: str | None = None) -> None:

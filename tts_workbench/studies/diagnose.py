@@ -14,7 +14,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 
 from ..core.clock import now
-from ..core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
+from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.devices import check_device
 from ..core.errors import CacheError, NoVoiceError, SourceError, naming_flag
 from ..core.families import components
@@ -39,7 +39,7 @@ from ..instruments.dtypes import (
     trace_dtypes,
 )
 from ..models.reference import make_reference_wav
-from ..models.sources import load_model, model_summary
+from ..models.sources import load_model, model_summary, token_cap_note
 from ..runtime.decode import DecodePlan, gpt2_positions, prefill_length, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
 from ..runtime.optimized import check_decode, measure_policy
@@ -132,10 +132,10 @@ def format_report(report: dict[str, Any]) -> str:
     ref = report["reference"]
     notes = "; ".join(ref["notes"]) or "used as is"
     lines.append(f"reference    : {ref['path']} ({ref['seconds']} s, {ref['sample_rate']} Hz): {notes}")
-    lines.append(
-        f"speech tokens: {report['speech_tokens']} (ended by the {report['stopped_by']}"
-        + (f" of {report['token_cap']}: {RANDOM_NO_STOP})" if report["stopped_by"] == "token cap" else ")")
-    )
+    ended = f"ended by the {report['stopped_by']}"
+    if report["stopped_by"] == "token cap":
+        ended += f" of {report['token_cap']}: {token_cap_note(report['model'])}"
+    lines.append(f"speech tokens: {report['speech_tokens']} ({ended})")
     if report["invalid_speech_tokens"]:
         lines.append(
             f"{'':15}{report['invalid_speech_tokens']} ids >= {SPEECH_VOCAB_SIZE} dropped before S3Gen, "

@@ -11,7 +11,6 @@ from typing import Any
 import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
-from ..core.constants import RANDOM_NO_STOP
 from ..core.errors import ConfigError
 from ..core.tables import render
 from ..instruments.attention import KernelRecord
@@ -27,6 +26,7 @@ from ..instruments.profiling import (
     write_ops,
 )
 from ..instruments.trace_analysis import analyze_cut, cut_region, events_within
+from ..models.sources import token_cap_note
 from ..runtime.generation import generate
 from .diagnose import decode_step_kernels, decode_step_plan
 
@@ -50,8 +50,10 @@ def profile_generation(
     seed: int = 0,
     memory: bool = False,
     decode: str = "eager",
+    model: str | Path | None = None,
 ) -> dict[str, Any]:
-    """One upstream generation under ``profile_run``; its op frame is built once from the
+    """One upstream generation of ``tts`` (loaded from ``model``, a ``load_model`` source; None:
+    unnamed) under ``profile_run``; its op frame is built once from the
     profile in memory and written to ``ops.csv`` beside the trace (``profiling.read_ops``), as is
     the cut of its ``t3.decode`` region, named in the report (``region_trace``: where HTA is not
     installed, ``device_trace`` says to read it with ``trace --read`` elsewhere).
@@ -80,7 +82,7 @@ def profile_generation(
         "ops": str(write_ops(ops, path.parent)),
         "tokens": len(result.speech_tokens),
         "note": f"{len(result.speech_tokens)} tokens, ended by the {result.stopped_by}"
-        + (f" ({RANDOM_NO_STOP})" if result.stopped_by == "token cap" else ""),
+        + (f" ({token_cap_note(model)})" if result.stopped_by == "token cap" else ""),
         "top_ops": {
             str(phase): rows.drop(columns="phase").to_dict("records")
             for phase, rows in top.groupby("phase", observed=True)
