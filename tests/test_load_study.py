@@ -151,6 +151,7 @@ def test_an_untimed_stream_runs_before_the_first_level_and_counts_in_none(
         ["--reference", "REF"],
         ["--first-window-s", "2"],
         ["--window-s", "5"],
+        ["--prompt-s", "3"],
     ],
 )
 def test_load_refuses_in_process_flags_with_url(
@@ -196,7 +197,8 @@ def test_load_with_url_takes_its_own_flags_and_leaves_defaults_unrefused(
 def test_load_cli_reports_each_level(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
 ) -> None:
-    args = ["load", "--streams", "1,2", "--tokens", "20", "--first-window-s", "0.4", "--window-s", "0.8"]
+    args = ["load", "--streams", "1,2", "--tokens", "20", "--first-window-s", "0.4", "--window-s", "0.8",
+            "--prompt-s", "3"]  # fmt: skip
     rc = main([*args, "--reference", str(reference_wav), "--out", str(tmp_path), "--json"])
     assert rc == 0
     captured = capsys.readouterr()
@@ -207,7 +209,10 @@ def test_load_cli_reports_each_level(
     assert summaries == [level["summary"] for level in report["levels"]]
     # what was measured: the --model, the voice and the texts, in the report and its title
     assert (report["model"], report["reference"], report["texts"]) == ("tiny", str(reference_wav), "built-in")
-    assert report["title"].startswith(f"load study of tiny on cpu, voice {reference_wav}, texts built-in,")
+    assert report["title"].startswith(
+        f"load study of tiny on cpu, voice {reference_wav} (the last 3 s of its prompt), texts built-in,"
+    )
+    assert (report["config"]["first_window_s"], report["config"]["prompt_s"]) == (0.4, 3.0)
     assert format_load(report).splitlines()[0] == report["title"]
     assert [level["streams"] for level in report["levels"]] == [1, 2]
     for level in report["levels"]:
@@ -227,7 +232,7 @@ def test_load_cli_reports_each_level(
         assert all(row["speech_tokens"] and row["ttfa_s"] > 0 for row in level["per_stream"])
         assert level["rows_held_after"] == 0  # every stream freed its rows
     assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
-    assert "note" in report and "capped at 20 tokens" in report["note"]
+    assert "note" in report and "capped at 20 tokens (a model with random weights" in report["note"]
     # which levels held in real time, by the stated first-audio limit (the default 0.5 s)
     real_time = report["real_time"]
     assert real_time["first_audio_limit_s"] == 0.5

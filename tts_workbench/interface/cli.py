@@ -432,7 +432,7 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
 # Flags of an engine in this process that a server sets where it runs: `load --url` refuses them.
 SERVER_FLAGS = (
     "--model", "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches", "--reference",
-    "--first-window-s", "--window-s",
+    "--first-window-s", "--window-s", "--prompt-s",
 )  # fmt: skip
 
 
@@ -477,7 +477,9 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     )
     check_step_buckets(args.step_buckets, levels)
     try:  # before the model loads
-        config = StreamConfig("buffered", first_window_s=args.first_window_s, window_s=args.window_s)
+        config = StreamConfig(
+            "buffered", first_window_s=args.first_window_s, window_s=args.window_s, prompt_s=args.prompt_s
+        )
     except ConfigError:  # the parser took positive windows: one no longer than the crossfade
         ms = 1000 // TOKENS_PER_S  # windows are whole tokens of audio
         fewest = (StreamConfig.crossfade_ms // ms + 1) * ms / 1000
@@ -689,6 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(ld)
     ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")
+    ld.add_argument(
+        "--prompt-s",
+        type=_window,
+        help="keep only the last N s of the voice's reference prompt in S3Gen's calls (each window's flow "
+        "runs over the prompt too: on a CPU most of its cost; default: all of it)",
+    )
     _reference(ld)
     ld.add_argument(  # load.FIRST_AUDIO_LIMIT_S (not imported: the parser stays light; a test ties them)
         "--first-audio-limit", type=_seconds, default=0.5,

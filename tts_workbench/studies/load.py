@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..core.constants import RANDOM_NO_STOP, TOKENS_PER_S, UPSTREAM_SENTENCE
+from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
@@ -46,6 +46,7 @@ from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
 from ..instruments.memory import device_memory_bytes, memory_window
 from ..instruments.plots import load_figure, save
+from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan
 from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
 from ..runtime.engine import StreamEngine, StreamHandle, kv_bytes_per_stream
@@ -485,6 +486,7 @@ def run_load(
         for n in levels
     ]
     voice = reference or "generated"
+    prompt = "" if config.prompt_s is None else f" (the last {config.prompt_s:g} s of its prompt)"
     source = texts_source(texts, texts_from)
     report: dict[str, Any] = {
         "model": model,
@@ -506,9 +508,10 @@ def run_load(
         "warmup_s": warm["s"],  # the untimed stream before the first level
         "warmup_error": warm["error"],
         "levels": runs,
-        "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}, texts {source}, "
-        f"T3 {policy} {step} step, S3Gen estimator {flow}, arrival {arrival}, {tokens} tokens per stream",
-        "note": f"every stream is capped at {tokens} tokens ({RANDOM_NO_STOP}: its streams run to the cap)",
+        "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}{prompt}, "
+        f"texts {source}, T3 {policy} {step} step, S3Gen estimator {flow}, arrival {arrival}, "
+        f"{tokens} tokens per stream",
+        "note": f"every stream is capped at {tokens} tokens ({token_cap_note(model)})",
     }
     return conclude(report, first_audio_limit_s, outdir)
 
