@@ -201,10 +201,10 @@ def test_the_bandwidth_is_read_on_the_threads_the_decode_steps_run_on(
     assert seen == {2}
 
 
-def test_a_cuda_window_starts_from_an_empty_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks earlier runs left in the caching allocator were reused inside the window, so its
-    reserved growth under-counted (on the H200: 0.146 GiB run growth, 0.0195 GiB reserved): the
-    cache is emptied first, as the CPU window trims the heap."""
+def test_a_cuda_window_keeps_the_allocators_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench times every run inside a window: emptying the caching allocator first would put
+    the driver's allocations (cudaMalloc) into each timed run. Its reserved growth is what the
+    run reserved beyond the blocks the process already held cached (docs/bench.md)."""
     from tts_workbench.instruments import memory
 
     calls: list[str] = []
@@ -224,16 +224,13 @@ def test_a_cuda_window_starts_from_an_empty_cache(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.cuda, "current_device", fake("current_device", 0))
     with memory.memory_window("cuda"):
         calls.append("block")
-    assert "empty_cache" in calls, calls
-    emptied = calls.index("empty_cache")
-    assert calls.index("synchronize") < emptied < calls.index("reset_peak_memory_stats"), calls
-    assert emptied < min(calls.index("memory_allocated"), calls.index("memory_reserved")), calls
-    assert calls.index("block") > emptied
+    assert "empty_cache" not in calls and calls.index("reset_peak_memory_stats") < calls.index("block"), calls
 
 
 def test_the_weights_of_a_cpu_config_include_the_watermarker() -> None:
     """Upstream loads the watermarker's network on the CPU and every one-shot config runs it in
-    its timed watermark phase (before: not counted, 35.7 MiB of the tiny model's 109.1 MiB)."""
+    its timed watermark phase (before: not counted, 35.7 MiB beside the tiny model's 109.1 MiB
+    counted, 144.7 MiB in all)."""
     from tts_workbench.instruments.memory import module_bytes
     from tts_workbench.models.sources import load_model
 

@@ -3,10 +3,11 @@
 On Linux the kernel keeps each process's peak resident set (``VmHWM``) and resets it on request
 (``5`` written to ``/proc/self/clear_refs``), so the CPU peak of a block is exact, not sampled;
 where that is refused, the resident set is sampled every 10 ms. On CUDA the caching allocator's
-free blocks are released and its peak statistics reset before the block: tensors (allocated) and
-what the allocator holds from the driver (reserved) are both kept. Weights and caches are counted
-apart, from their tensors (``tensor_bytes``), since a process holding several models cannot tell
-them apart from its totals.
+peak statistics are reset before the block: tensors (allocated) and what the allocator holds
+from the driver (reserved) are both kept; the reserved growth is beyond the free blocks the
+process already held (its cache is not emptied: that would put allocations into timed runs).
+Weights and caches are counted apart, from their tensors (``tensor_bytes``), since a process
+holding several models cannot tell them apart from its totals.
 """
 
 from __future__ import annotations
@@ -129,13 +130,12 @@ def memory_window(device: torch.device | str) -> Iterator[MemoryWindow]:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        # The counterpart of the CPU window's malloc_trim: blocks earlier runs left cached would be
-        # handed out again inside the block, and its reserved growth would not count them.
-        torch.cuda.empty_cache()
+        # The cache is not emptied (the CPU window trims its heap): the bench times its runs inside
+        # windows, and an empty cache would put the driver's allocations into each timed run.
         _remember_peak(device)
         torch.cuda.reset_peak_memory_stats(device)
         window = MemoryWindow(
-            "cuda", "CUDA caching allocator, emptied and peaks reset before the block",
+            "cuda", "CUDA caching allocator, peaks reset before the block",
             torch.cuda.memory_allocated(device), 0, torch.cuda.memory_reserved(device), 0,
         )  # fmt: skip
         try:
