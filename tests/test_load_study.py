@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core.errors import ConfigError
-from tts_workbench.interface.cli import main
+from tts_workbench.interface.cli import SERVER_FLAGS, main
 from tts_workbench.models import vocode
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.streaming import StreamConfig
@@ -136,6 +137,13 @@ def test_an_untimed_stream_runs_before_the_first_level_and_counts_in_none(
         assert len(level["per_stream"]) == level["streams"]
         assert level["engine"]["flow_calls"] == engine.stats.flow_calls
         assert level["engine"]["flow_windows"] == engine.stats.flow_windows
+
+
+def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:
+    # --prompt-s was refused with --url before the page listed it
+    page = (Path(__file__).parents[1] / "docs" / "serving.md").read_text()
+    listed = re.search(r"The\s+in-process flags \(([^)]*)\)", page)
+    assert listed and re.findall(r"`(--[a-z-]+)`", listed.group(1)) == list(SERVER_FLAGS)
 
 
 @pytest.mark.parametrize(

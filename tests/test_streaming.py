@@ -584,6 +584,12 @@ def test_run_to_files_notes_a_token_cap_only_when_it_ended_the_generation(
     assert len(report["speech_tokens"]) < 30  # it stopped (some of the 29 ids are invalid)
     assert "no stop token" not in report["note"] and "never" not in report["note"]
     assert report["note"] == "ended by the stop token at token 30"
+    # capped, a trained model's stream is told to raise --tokens, not blamed on random weights
+    capped = run_to_files(tts, TEXT, StreamConfig("naive"), tmp_path, max_new_tokens=8, model="pretrained")
+    assert (
+        capped["note"] == "no stop token within 8 tokens (the speech may be cut short before its stop "
+        "token: raise --tokens)"
+    )
 
 
 def test_a_stream_that_keeps_no_speech_token_is_reported_not_a_crash(

@@ -348,8 +348,9 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
         # be (a refusal would tell a command-line user to set plan.max_cache_len).
         plan.max_cache_len = max(plan.max_cache_len, need)
     report = run_to_files(
-        tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, plan=plan, progress=True
-    )
+        tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, plan=plan,
+        progress=True, model=args.model,
+    )  # fmt: skip
     return report, format_report
 
 
@@ -458,9 +459,9 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         _refuse_given(  # the server has its own: refused, not ignored
             args,
             SERVER_FLAGS,
-            "is the server's with --url (its model, device, T3 step and dtype, S3Gen and windows are set "
-            "where it runs; --voice names its voice): leave it out, or leave --url out to measure an engine "
-            "in this process",
+            "is the server's with --url (its model, device, T3 step and dtype and S3Gen's estimator are "
+            "set where it runs, its windows and prompt are the defaults; --voice names its voice): leave it "
+            "out, or leave --url out to measure an engine in this process",
         )
         given = {"voice": args.voice, "timeout_s": args.timeout}  # None: not given, run_http_load's default
         report = run_http_load(

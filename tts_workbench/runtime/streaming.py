@@ -36,7 +36,6 @@ from chatterbox.tts import ChatterboxTTS
 from ..core.clock import now
 from ..core.constants import (
     FRAMES_PER_TOKEN,
-    RANDOM_NO_STOP,
     SAMPLE_RATE,
     SAMPLES_PER_MS,
     SAMPLES_PER_TOKEN,
@@ -49,6 +48,7 @@ from ..core.progress import progress_bar
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
+from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan, fade_in, flow_mels, tail_tokens, vocoder
 from .decode import (
     DecodePlan,
@@ -690,9 +690,11 @@ def run_to_files(
     seed: int = 0,
     plan: DecodePlan | None = None,
     progress: bool = False,
+    model: str | Path | None = None,
 ) -> dict[str, Any]:
     """Stream ``text``, compare with the one-shot output of the same tokens, and write the WAV
-    and the timeline plot under ``outdir``; returns the summary, the chunk rows and the quality."""
+    and the timeline plot under ``outdir``; returns the summary, the chunk rows and the quality.
+    ``model``: the source ``tts`` was loaded from (None: unnamed), for the note on a capped run."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     wav, state = stream_all(
@@ -712,7 +714,7 @@ def run_to_files(
         "note": (
             f"ended by the stop token at token {state.t3.steps}"
             if state.t3.stopped
-            else f"no stop token within {max_new_tokens} tokens ({RANDOM_NO_STOP})"
+            else f"no stop token within {max_new_tokens} tokens ({token_cap_note(model)})"
         ),
         "files": {"wav": str(wav_path), "timeline": str(fig_path)},
     }

@@ -22,10 +22,11 @@ from typing import Any
 
 import httpx
 
-from ..core.constants import RANDOM_NO_STOP, SAMPLE_RATE
+from ..core.constants import SAMPLE_RATE
 from ..core.errors import ConfigError
 from ..core.progress import progress_bar
 from ..instruments.latency import gap_summary, underruns
+from ..models.sources import token_cap_note
 from .load import (
     DEFAULT_TEXTS,
     FIRST_AUDIO_LIMIT_S,
@@ -284,6 +285,6 @@ def run_http_load(
         f"{len(replicas) or 'unnamed'} replica(s) answered), voice {voice}, texts {source}, "
         f"arrival {arrival}, max_tokens {tokens} per stream, measured from the bytes' arrival",
         "note": f"each stream ends where the server ends it, at max_tokens={tokens} at most "
-        f"({RANDOM_NO_STOP}: its streams run to max_tokens)",
+        f"({token_cap_note(None)})",
     }
     return conclude(report, first_audio_limit_s, outdir)
