@@ -261,31 +261,51 @@ def fitting_two(engine: StreamEngine, oom: Callable[[], Exception]) -> Any:
     ],
     ids=["cuda", "cpu"],
 )
-def test_a_step_out_of_memory_ends_the_newest_stream_and_the_others_go_on(
+def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
     tts: ChatterboxTTS, oom: Callable[[], Exception]
 ) -> None:
     """Three streams step in a bucket of three; a forward over more than two streams runs out of
-    memory: the newest ends with an OutOfMemoryError that says what to do, and the step runs
-    again over the other two (a bucket of two), which speak their solo tokens and audio. The
-    three queued behind them wait for room, two at a time, instead of each being shed in turn."""
+    memory: the newest is preempted (requeued), the step runs again over the other two (a
+    bucket of two), and the engine admits two at a time from then on. The preempted stream is
+    recomputed when there is room and, like the three queued behind it, speaks its solo tokens
+    and audio: no stream fails (before 2026-12-04 the step's three streams all did)."""
     with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
         with engine.together():
             handles = [engine.submit(TEXTS[k % 4], seed=k, max_new_tokens=TOKENS) for k in range(6)]
-        with pytest.raises(torch.OutOfMemoryError, match="the newest, was ended.*--max-streams") as lost:
-            list(handles[2])
-        kept = {k: np.concatenate([c for c, _ in h]) for k, h in enumerate(handles) if k != 2}
-        assert isinstance(lost.value.__cause__, type(oom()))
-        assert engine.stats.shed == 1 and engine.stats.failed == 1 and engine.fits == 2
+        for _ in range(500):  # bounded: the preemption comes at the first step
+            if engine.stats.preempted:
+                break
+            time.sleep(0.01)
+        assert engine.counts() == (4, 2)  # the preempted stream queued again, first, not active
+        waves = {k: np.concatenate([c for c, _ in h]) for k, h in enumerate(handles)}
+        assert engine.stats.preempted == 1 and engine.stats.failed == 0 and engine.fits == 2
         assert max(engine.stats.buckets_used) == 2  # none of three ran
         assert engine.wait_rows_free(timeout=10.0) and engine.free_rows() == 3 * engine.rows_per_stream
-    for k, wav in kept.items():
+        assert engine.counts() == (0, 0) and engine._preempted == {}
+    for k, wav in waves.items():
         alone, tokens = solo(tts, TEXTS[k % 4], k)
-        assert handles[k].tokens == tokens and np.allclose(wav, alone, atol=1e-5)
+        assert handles[k].error is None and handles[k].tokens == tokens and np.allclose(wav, alone, atol=1e-5)
+
+
+def test_a_preempted_stream_whose_reader_leaves_is_let_go(tts: ChatterboxTTS) -> None:
+    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
+        with engine.together():
+            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+        for _ in range(500):  # bounded: the preemption comes at the first step
+            if engine.stats.preempted:
+                break
+            time.sleep(0.01)
+        handles[2].close()  # queued again when its reader leaves: out of the queue, nothing kept
+        assert engine.counts() == (0, 2) and engine._preempted == {}
+        assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
+        assert engine.wait_rows_free(timeout=10.0) and engine.counts() == (0, 0)
+    assert [h.error for h in handles[:2]] == [None, None] and engine.stats.failed == 0
 
 
 def test_a_stream_that_ends_leaves_before_the_step_it_does_not_need(tts: ChatterboxTTS) -> None:
     # Its last token sampled, the first stream leaves before the forward: the two going on fit
-    # (before 2026-12-04 the forward held its rows too, ran out of memory and shed the newest).
+    # (before 2026-12-04 the forward held its rows too, ran out of memory and ended the newest).
     with (
         StreamEngine(tts, max_streams=3, config=CONFIG) as engine,
         fitting_two(engine, lambda: torch.OutOfMemoryError("made on purpose")),
@@ -295,7 +315,7 @@ def test_a_stream_that_ends_leaves_before_the_step_it_does_not_need(tts: Chatter
             handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in (1, 2)]
         waves = [np.concatenate([c for c, _ in h]) for h in handles]
         list(first)
-        assert engine.stats.shed == 0 and engine.stats.failed == 0
+        assert engine.stats.preempted == 0 and engine.stats.failed == 0
     for k, (h, wav) in enumerate(zip(handles, waves, strict=True), start=1):
         alone, tokens = solo(tts, TEXTS[k], k)
         assert h.tokens == tokens and np.allclose(wav, alone, atol=1e-5)

@@ -286,7 +286,7 @@ class EngineStats:
     vocoder_s: float = 0.0
     admitted: int = 0
     failed: int = 0
-    shed: int = 0  # streams ended so that a step out of memory could run over the others
+    preempted: int = 0  # streams taken out of a step out of memory, requeued and recomputed
     # Each stage's time on its pieces of work (``_working``): T3's prefills and steps; S3Gen's
     # flow calls with all around them (the windows' tokens and noise, the vocoder, the crossfade)
     t3_busy_s: float = 0.0
@@ -345,8 +345,8 @@ class StreamEngine:
         # engines one after another (the load study's levels): its compiled shapes are kept.
         self.flow = flow or FlowPlan()
         # Streams a T3 step has room for: lowered by a step out of memory to the streams the
-        # step then ran over, so that the queue waits instead of each stream admitted into the
-        # room freed being shed in turn (vLLM requeues the request it preempts).
+        # step then ran over, so that the queue waits instead of a stream admitted into the
+        # room freed running the step out of memory again.
         self.fits = max_streams
         # Windows per flow call: at most the largest; a compiled flow pads a call to the next.
         self.flow_batches = batches
@@ -382,6 +382,7 @@ class StreamEngine:
         self.fallback_reason: str | None = None  # why the compiled step runs as the static one
         self._waiting: list[StreamHandle] = []
         self._joining: list[StreamHandle] = []  # taken from the queue, being prefilled
+        self._preempted: dict[int, _Live] = {}  # by id of its handle (queued again): what it had
         self._live: list[_Live] = []  # admitted, in row order; T3 thread only
         self._vocoding: list[_Live] = []  # admitted, not yet fully vocoded; S3Gen thread reads
         self._lock = threading.Condition()
@@ -447,9 +448,8 @@ class StreamEngine:
 
     def active(self) -> int:
         """Streams admitted and not yet finished (being prefilled, or T3 or S3Gen still working
-        for them)."""
-        with self._lock:
-            return len(self._joining) + len(self._vocoding)
+        for them); a preempted stream is queued again, not active."""
+        return self.counts()[1]
 
     def queued(self) -> int:
         """Streams waiting for their turn (a stream closed while queued leaves the queue at once)."""
@@ -460,7 +460,8 @@ class StreamEngine:
         """``(queued(), active())`` read at one moment: a stream moving from the queue to its
         prefill between two separate reads would be counted in neither (the server's health)."""
         with self._lock:
-            return len(self._waiting), len(self._joining) + len(self._vocoding)
+            admitted = {id(h) for h in self._joining} | {id(live.handle) for live in self._vocoding}
+            return len(self._waiting), len(admitted - self._preempted.keys())
 
     def free_rows(self) -> int:
         """Cache rows no stream holds."""
@@ -610,8 +611,11 @@ class StreamEngine:
         """Every queued and admitted stream, no longer counted (``queued()``, ``active()``): the
         engine has stopped, the caller fails them."""
         with self._lock:
-            handles = [*self._waiting, *self._joining, *(live.handle for live in self._vocoding)]
+            # a preempted stream is both queued and still being vocoded: one handle, ended once
+            vocoding = [live.handle for live in self._vocoding]
+            handles = list(dict.fromkeys([*self._waiting, *self._joining, *vocoding]))
             self._waiting, self._joining, self._vocoding = [], [], []
+            self._preempted.clear()
         return handles
 
     def __enter__(self) -> StreamEngine:
@@ -681,17 +685,20 @@ class StreamEngine:
             handle.closed = True
             if handle in self._waiting:
                 self._waiting.remove(handle)
+                live = self._preempted.pop(id(handle), None)
+                if live is not None and live in self._vocoding:  # in no stage now: let go at once
+                    self._vocoding.remove(live)
             self._lock.notify_all()  # the T3 stage frees an admitted stream's rows before its step
 
     def _room(self) -> int:
         """How many queued streams may join now (under the lock): none while ``together()`` holds
         them or a job waits (the jobs run first), else ``max_streams`` (``fits`` after a step out
         of memory) less the streams either stage still holds (rows in T3, windows still to
-        vocode, or both)."""
+        vocode, or both; a preempted stream is queued, not held)."""
         if self._held or self._jobs:
             return 0
-        held = len({id(live) for live in (*self._live, *self._vocoding)})
-        return max(0, min(self.max_streams, self.fits) - held)
+        held = {id(live.handle) for live in (*self._live, *self._vocoding)} - self._preempted.keys()
+        return max(0, min(self.max_streams, self.fits) - len(held))
 
     def _idle(self) -> bool:
         """Nothing for the T3 stage: no stream, no job, none waiting that may join (a stream
@@ -727,7 +734,9 @@ class StreamEngine:
         """Prefill a new stream on its own and give it the first free rows, or fail it alone.
         It leaves ``_joining`` as it joins the running streams (under one lock: ``active()``
         counts it throughout), or before its reader can see its error."""
-        handle.admitted = time.perf_counter()
+        with self._lock:
+            preempted = self._preempted.pop(id(handle), None)
+        handle.admitted = handle.admitted if preempted else time.perf_counter()
         live: _Live | None = None
         error: Exception | None = None
         if handle.closed:  # closed after it left the queue (a close before takes it out of it)
@@ -736,8 +745,11 @@ class StreamEngine:
             error = self._ended_error()
         else:
             try:
-                live = self._prefill(handle, handle.request)
-                self.stats.admitted += 1
+                if preempted:
+                    live = self._resume(preempted)
+                else:
+                    live = self._prefill(handle, handle.request)
+                    self.stats.admitted += 1
             except Exception as e:  # a bad request fails alone, with the error stream() gives
                 error = e
                 with self._lock:  # the S3Gen stage counts its failures too
@@ -750,7 +762,8 @@ class StreamEngine:
                 live, error = None, self._ended_error()
             if live is not None:
                 self._live.append(live)
-                self._vocoding.append(live)
+                if live not in self._vocoding:  # a preempted stream's windows were vocoded meanwhile
+                    self._vocoding.append(live)
             self._lock.notify_all()
         if error is not None:
             self._end([handle], error)
@@ -773,16 +786,7 @@ class StreamEngine:
             holder = "each stream of the engine holds max_cache_len"
             fix = "start the engine with max_cache_len >= {need}"
             check_room(prefill_len, r.max_new_tokens, self.max_cache_len, holder, fix)
-            logits, past = head_logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
-            row, n = len(self._live) * self.rows_per_stream, self.rows_per_stream
-            for (keys, values), layer in zip(self._kv, past.layers, strict=True):
-                # The rows' other slots are zeroed: an earlier stream's values there are masked,
-                # but a masked NaN or inf (a stream that overflowed) still poisons the attention
-                # (0 x NaN), and a stream without guidance leaves its second row unwritten.
-                keys[row : row + n].zero_()
-                values[row : row + n].zero_()
-                keys[row : row + embeds.size(0), :, :prefill_len].copy_(layer.keys)
-                values[row : row + embeds.size(0), :, :prefill_len].copy_(layer.values)
+            logits, row = self._fill_rows(embeds)
             ids = torch.full((1, r.max_new_tokens + 1), self.tts.t3.hp.start_speech_token,
                              dtype=torch.long, device=self.device)  # fmt: skip
             seen = sampler.start(self.tts.t3.hp.start_speech_token, logits.size(-1), self.device)
@@ -807,6 +811,49 @@ class StreamEngine:
             logits=logits,
             t3_s=prefill_s,  # in its first chunk's T3 time, as streaming.stream counts it
         )
+
+    def _fill_rows(self, embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Prefill ``embeds`` (rows, positions, dim) into the next free rows of the cache: the
+        last position's logits and the first row."""
+        logits, past = head_logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
+        row, n = len(self._live) * self.rows_per_stream, self.rows_per_stream
+        for (keys, values), layer in zip(self._kv, past.layers, strict=True):
+            # The rows' other slots are zeroed: an earlier stream's values there are masked,
+            # but a masked NaN or inf (a stream that overflowed) still poisons the attention
+            # (0 x NaN), and a stream without guidance leaves its second row unwritten.
+            keys[row : row + n].zero_()
+            values[row : row + n].zero_()
+            keys[row : row + embeds.size(0), :, : embeds.size(1)].copy_(layer.keys)
+            values[row : row + embeds.size(0), :, : embeds.size(1)].copy_(layer.values)
+        return logits, row
+
+    def _resume(self, live: _Live) -> _Live:
+        """A preempted stream back in the cache: its prefill again, then the tokens it sampled,
+        in one forward (vLLM's recompute); its next token is sampled from the logits after them,
+        as the step it was taken out of would have given, on its own generator as before."""
+        r, t0 = live.handle.request, self._now()
+        cfg_weight, _ = self.family.sampling_with(r.sampling)
+        with self.plan.context(self.device):
+            tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
+            embeds = prefill_embeds(self.tts.t3, live.conds.t3, tokens, cfg_weight)
+            sampled = live.ids[:, 1 : live.step + 1]  # fed at learned speech positions 1 .. step
+            positions = torch.arange(1, live.step + 1, device=self.device)[None]
+            speech = T3Parts.of(self.tts.t3).embed(sampled, positions).expand(embeds.size(0), -1, -1)
+            live.logits, live.rows = self._fill_rows(torch.cat([embeds, speech.to(embeds.dtype)], dim=1))
+        resume_s = self._now() - t0
+        self.stats.prefill_s += resume_s
+        with self._lock:
+            live.t3_s += resume_s
+        return live
+
+    def _preempt(self, live: _Live) -> None:
+        """Take a stream out of the T3 stage (its rows freed) and first into the queue: when there
+        is room it is recomputed (``_resume``); its windows already cut are vocoded meanwhile."""
+        with self._lock:
+            self._leave(live)
+            self._preempted[id(live.handle)] = live
+            self._waiting.insert(0, live.handle)
+            self.stats.preempted += 1
 
     def _voice(self, conds: Any) -> dict[str, Any]:
         """S3Gen's reference dict of a voice: the one its streams still being vocoded use (windows
@@ -972,7 +1019,7 @@ class StreamEngine:
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
         # Streams that sampled their last token leave before the forward, which they do not need:
         # its bucket holds only the streams going on (before 2026-12-04 they left after it, so a
-        # step out of memory over their rows shed a stream the others' bucket had room for).
+        # step out of memory over their rows preempted a stream the others' bucket had room for).
         going_on = [live for live in lives if live not in ending and id(live) not in broken]
         sampling_s = self._now() - t0 if ending or not going_on else 0.0
         if ending:
@@ -996,11 +1043,13 @@ class StreamEngine:
 
     def _forward_rows(self, still: list[_Live]) -> None:
         """The batched forward of the streams ``still`` decoding: each one's next logits. Out of
-        memory, the newest of them ends (it has done the least; vLLM preempts the newest request
-        too) and the forward runs again over the others, in a smaller bucket once few enough are
-        left, and no more streams than those are admitted later (``fits``); any other failure
-        ends them all. Either way the engine goes on. A failed forward is no step: it counts in no
-        statistic (before 2026-12-04 it did), and the one run again writes the same cache slots."""
+        memory, the newest of them is preempted (``_preempt``: requeued, recomputed when there
+        is room, as vLLM preempts its newest request) and the forward runs again over the
+        others, in a smaller bucket once few enough are left, and no more streams than those are
+        admitted later (``fits``); a single stream out of memory, or any other failure, ends the
+        streams with the error. Either way the engine goes on. A failed forward is no step: it
+        counts in no statistic (before 2026-12-04 it did), and the one run again writes the same
+        cache slots."""
         n = self.rows_per_stream
         while still:
             bucket = next(b for b in self.step_buckets if b >= len(self._live))
@@ -1022,9 +1071,8 @@ class StreamEngine:
                     self._fail(still, e, free=True)
                     return
                 newest = max(still, key=lambda live: live.handle.index)
-                self._fail([newest], _shed(e, len(still)), free=True)  # the others' rows may move
+                self._preempt(newest)  # the others' rows may move
                 still.remove(newest)
-                self.stats.shed += 1
                 with self._lock:
                     self.fits = min(self.fits, len(still))
                 continue
@@ -1243,16 +1291,6 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
     )
-
-
-def _shed(cause: BaseException, streams: int) -> torch.OutOfMemoryError:
-    """What the stream ended for a step out of memory raises (an OutOfMemoryError still)."""
-    error = torch.OutOfMemoryError(
-        f"out of memory in a T3 step of {streams} streams: this stream, the newest, was ended so that "
-        f"the others go on; hold fewer streams at once (max_streams, --max-streams) ({cause})"
-    )
-    error.__cause__ = cause
-    return error
 
 
 def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:
