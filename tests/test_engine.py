@@ -237,14 +237,16 @@ def test_a_step_that_fails_ends_its_streams_and_the_engine_goes_on(tts: Chatterb
     assert after.tokens == solo(tts, TEXTS[0], 0)[1]  # nothing of the failed step left in its rows
 
 
-def fitting_two(engine: StreamEngine, oom: Callable[[], Exception]) -> Any:
+def fitting_two(
+    engine: StreamEngine, oom: Callable[[], Exception], also: Callable[[torch.Tensor], bool] = lambda _: True
+) -> Any:
     """A shadow of T3's forward that runs out of memory (``oom``) on a decode step over more than
-    two streams' rows."""
+    two streams' rows (where ``also`` holds of its input embeddings too)."""
 
     def wrap(forward: Any) -> Any:
         def step(*a: Any, **k: Any) -> Any:
             embeds = k["inputs_embeds"]
-            if embeds.size(1) == 1 and embeds.size(0) > 2 * engine.rows_per_stream:
+            if embeds.size(1) == 1 and embeds.size(0) > 2 * engine.rows_per_stream and also(embeds):
                 raise oom()
             return forward(*a, **k)
 
@@ -301,6 +303,76 @@ def test_a_preempted_stream_whose_reader_leaves_is_let_go(tts: ChatterboxTTS) ->
         assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
         assert engine.wait_rows_free(timeout=10.0) and engine.counts() == (0, 0)
     assert [h.error for h in handles[:2]] == [None, None] and engine.stats.failed == 0
+
+
+def test_a_stream_whose_reader_leaves_during_the_step_that_preempts_it_is_not_queued(
+    tts: ChatterboxTTS,
+) -> None:
+    handles: list[StreamHandle] = []
+
+    def leaving(_: torch.Tensor) -> bool:
+        handles[2].close()  # its reader leaves while the step is under way
+        return True
+
+    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom, leaving):
+        with engine.together():
+            handles += [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+        assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
+        assert engine.stats.preempted == 0 and engine._preempted == {} and engine.queued() == 0
+
+
+def test_a_preempted_stream_failed_by_s3gen_leaves_the_queue_with_its_error(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Preempted with its first window cut, which S3Gen (held up meanwhile) then fails to emit: it
+    # stayed queued, counted, and close() ended it again, over its error.
+    handles: list[StreamHandle] = []
+    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine:
+        emit = engine._emit
+
+        def failing(live: Any, *a: Any) -> None:
+            if id(live.handle) in engine._preempted:
+                raise RuntimeError("vocoder broke, on purpose")
+            emit(live, *a)
+
+        monkeypatch.setattr(engine, "_emit", failing)
+        with engine._lock:  # S3Gen held up until the stream is preempted
+            engine._flow_jobs.append(lambda: time.sleep(2.0))
+            engine._lock.notify_all()
+        cut = CONFIG.first_window_tokens + CONFIG.lookahead_tokens  # its first window's tokens
+        with fitting_two(engine, oom, lambda _: len(handles[2].tokens) >= cut):
+            with engine.together():
+                # the two others long: no room comes free for it while they run
+                handles += [
+                    engine.submit(TEXTS[k], seed=k, max_new_tokens=(100, 100, 40)[k]) for k in range(3)
+                ]
+            for _ in range(3000):  # bounded; its reader does not read yet (a read would drop it)
+                if handles[2].error is not None:
+                    break
+                time.sleep(0.01)
+            assert engine.stats.preempted == 1 and engine.counts()[0] == 0 and engine._preempted == {}
+    with pytest.raises(RuntimeError, match="on purpose"):  # its error still, not the close's
+        list(handles[2])
+
+
+def test_a_preempted_stream_whose_recompute_runs_out_of_memory_says_what_to_do(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
+
+        def resume(_live: Any) -> Any:
+            raise oom()
+
+        monkeypatch.setattr(engine, "_resume", resume)
+        with engine.together():
+            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+        with pytest.raises(torch.OutOfMemoryError, match="recomputing this stream, preempted.*--max-streams"):
+            list(handles[2])
+        assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
+        assert engine.wait_rows_free(timeout=10.0) and engine.counts() == (0, 0)
 
 
 def test_a_stream_that_ends_leaves_before_the_step_it_does_not_need(tts: ChatterboxTTS) -> None:

@@ -683,12 +683,17 @@ class StreamEngine:
         stages' included: the lock is reentrant and nothing here waits for a stage."""
         with self._lock:
             handle.closed = True
-            if handle in self._waiting:
-                self._waiting.remove(handle)
-                live = self._preempted.pop(id(handle), None)
-                if live is not None and live in self._vocoding:  # in no stage now: let go at once
-                    self._vocoding.remove(live)
+            self._unqueue(handle)
             self._lock.notify_all()  # the T3 stage frees an admitted stream's rows before its step
+
+    def _unqueue(self, handle: StreamHandle) -> None:
+        """Take a closed stream out of the queue (under the lock); a preempted one, in no stage
+        now, out of the S3Gen stage too: neither counts it from here on."""
+        if handle in self._waiting:
+            self._waiting.remove(handle)
+        live = self._preempted.pop(id(handle), None)
+        if live is not None and live in self._vocoding:
+            self._vocoding.remove(live)
 
     def _room(self) -> int:
         """How many queued streams may join now (under the lock): none while ``together()`` holds
@@ -746,7 +751,7 @@ class StreamEngine:
         else:
             try:
                 if preempted:
-                    live = self._resume(preempted)
+                    live = self._resumed(preempted)
                 else:
                     live = self._prefill(handle, handle.request)
                     self.stats.admitted += 1
@@ -846,11 +851,26 @@ class StreamEngine:
             live.t3_s += resume_s
         return live
 
+    def _resumed(self, live: _Live) -> _Live:
+        """``_resume``, its out-of-memory error saying what happened and what to do."""
+        try:
+            return self._resume(live)
+        except Exception as e:
+            if not _out_of_memory(e):
+                raise
+            error = torch.OutOfMemoryError(
+                "out of memory recomputing this stream, preempted by a T3 step out of memory: hold "
+                f"fewer streams at once (max_streams, --max-streams) ({e})"
+            )
+            raise error from e
+
     def _preempt(self, live: _Live) -> None:
         """Take a stream out of the T3 stage (its rows freed) and first into the queue: when there
         is room it is recomputed (``_resume``); its windows already cut are vocoded meanwhile."""
         with self._lock:
             self._leave(live)
+            if live.handle.closed:  # its reader left during the step: nothing to come back for
+                return
             self._preempted[id(live.handle)] = live
             self._waiting.insert(0, live.handle)
             self.stats.preempted += 1
@@ -1259,6 +1279,7 @@ class StreamEngine:
             self.stats.failed += len(ending)
             for h in ending:
                 h.closed = True  # before _leave: a closed stream leaves the S3Gen stage too
+                self._unqueue(h)  # one preempted (S3Gen failed a window of it) is queued too
             if free:  # every one: the T3 stage fails a stream in its rows once
                 for live in lives:
                     self._leave(live)
