@@ -251,7 +251,8 @@ def test_every_metric_names_its_replica(service: SpeechService) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     families = {f.name: f for f in text_string_to_metric_families(service.metrics_text().decode())}
-    counters = ("tts_t3_tokens_sampled", "tts_s3gen_windows", "tts_s3gen_flow_calls", "tts_streams")
+    counters = ("tts_t3_tokens_sampled", "tts_s3gen_windows", "tts_s3gen_flow_calls", "tts_streams",
+                "tts_streams_preempted")  # fmt: skip
     assert {name: families[name].type for name in counters} == dict.fromkeys(counters, "counter")
     assert "tts_s3gen_windows_per_flow_call" not in families
     samples = [sample for family in families.values() for sample in family.samples]

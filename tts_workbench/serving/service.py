@@ -328,6 +328,9 @@ class _EngineMetrics(Collector):
                         stats.flow_windows)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_s3gen_flow_calls", "S3Gen flow calls (batches of windows)",
                         stats.flow_calls)  # fmt: skip
+        yield self._one(CounterMetricFamily, "tts_streams_preempted",
+                        "streams a T3 step out of memory preempted (requeued, recomputed)",
+                        stats.preempted)  # fmt: skip
 
     def _one(self, kind: type[GaugeMetricFamily | CounterMetricFamily], name: str, doc: str,
              value: float) -> Metric:  # fmt: skip
