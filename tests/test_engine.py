@@ -364,6 +364,9 @@ def test_a_preempted_stream_whose_recompute_runs_out_of_memory_says_what_to_do(
     with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
 
         def resume(_live: Any) -> Any:
+            with engine._lock:  # S3Gen busy meanwhile (a long flow call): no pass of it lets go of it
+                engine._flow_jobs.append(lambda: time.sleep(1.0))
+                engine._lock.notify_all()
             raise oom()
 
         monkeypatch.setattr(engine, "_resume", resume)
@@ -371,8 +374,64 @@ def test_a_preempted_stream_whose_recompute_runs_out_of_memory_says_what_to_do(
             handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
         with pytest.raises(torch.OutOfMemoryError, match="recomputing this stream, preempted.*--max-streams"):
             list(handles[2])
+        with engine._lock:  # in no stage once failed (it was counted active until S3Gen's next pass)
+            assert all(live.handle is not handles[2] for live in engine._vocoding)
         assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
         assert engine.wait_rows_free(timeout=10.0) and engine.counts() == (0, 0)
+
+
+def slow_recomputes(
+    engine: StreamEngine, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[Any], threading.Event]:
+    """Each recompute of ``engine`` half a second long: ``counts()`` read in each, and an event
+    set as the first begins."""
+    seen: list[tuple[int, int]] = []
+    resume, recomputing = engine._resume, threading.Event()
+
+    def slow(live: Any) -> Any:
+        recomputing.set()
+        time.sleep(0.5)
+        seen.append(engine.counts())
+        return resume(live)
+
+    monkeypatch.setattr(engine, "_resume", slow)
+    return seen, recomputing
+
+
+def test_streams_being_recomputed_are_counted_active(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two streams preempted, let in together: while the first was recomputed the second, taken
+    # from the queue too, was counted neither queued nor active.
+    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
+    engine = StreamEngine(tts, max_streams=4, config=CONFIG)
+    seen, _ = slow_recomputes(engine, monkeypatch)
+    with engine, fitting_two(engine, oom):
+        with engine.together():
+            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(4)]
+        for _ in range(3000):  # bounded: both come at the first steps
+            if engine.stats.preempted == 2:
+                break
+            time.sleep(0.01)
+        with engine.together():  # no admission until the first two are done: then both at once
+            assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
+        assert all(len([c for c, _ in h]) > 0 for h in handles[2:])
+    assert engine.stats.preempted == 2 and [sum(c) for c in seen] == [2, 2], seen
+
+
+def test_a_close_during_a_recompute_ends_the_stream_once(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The close's error was put twice on its reader's queue.
+    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
+    engine = StreamEngine(tts, max_streams=3, config=CONFIG)
+    _, recomputing = slow_recomputes(engine, monkeypatch)
+    with engine, fitting_two(engine, oom):
+        with engine.together():
+            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+        assert recomputing.wait(timeout=60.0)
+    ends = [handles[2]._queue.get_nowait() for _ in range(handles[2]._queue.qsize())]
+    assert len([e for e in ends if isinstance(e, BaseException)]) == 1, ends
 
 
 def test_a_stream_that_ends_leaves_before_the_step_it_does_not_need(tts: ChatterboxTTS) -> None:

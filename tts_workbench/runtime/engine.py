@@ -460,8 +460,9 @@ class StreamEngine:
         """``(queued(), active())`` read at one moment: a stream moving from the queue to its
         prefill between two separate reads would be counted in neither (the server's health)."""
         with self._lock:
-            admitted = {id(h) for h in self._joining} | {id(live.handle) for live in self._vocoding}
-            return len(self._waiting), len(admitted - self._preempted.keys())
+            # a preempted stream is queued until the T3 stage takes it (into _joining) again
+            vocoding = {id(live.handle) for live in self._vocoding} - self._preempted.keys()
+            return len(self._waiting), len({id(h) for h in self._joining} | vocoding)
 
     def free_rows(self) -> int:
         """Cache rows no stream holds."""
@@ -744,6 +745,7 @@ class StreamEngine:
         handle.admitted = handle.admitted if preempted else time.perf_counter()
         live: _Live | None = None
         error: Exception | None = None
+        raised = False
         if handle.closed:  # closed after it left the queue (a close before takes it out of it)
             pass
         elif self._stopped:  # close() waits for the prefill under way, not for the others joining
@@ -756,9 +758,7 @@ class StreamEngine:
                     live = self._prefill(handle, handle.request)
                     self.stats.admitted += 1
             except Exception as e:  # a bad request fails alone, with the error stream() gives
-                error = e
-                with self._lock:  # the S3Gen stage counts its failures too
-                    self.stats.failed += 1
+                error, raised = e, True
         with self._lock:
             if handle not in self._joining:  # a stage died meanwhile and ended it (_take_all)
                 return
@@ -769,6 +769,13 @@ class StreamEngine:
                 self._live.append(live)
                 if live not in self._vocoding:  # a preempted stream's windows were vocoded meanwhile
                     self._vocoding.append(live)
+            elif preempted is not None and preempted in self._vocoding:  # not back: in no stage now
+                self._vocoding.remove(preempted)
+            if handle.closed:  # ended meanwhile (S3Gen failed a window of it, or its reader left): once
+                error = None
+            elif error is not None:  # closed before S3Gen's next pass or a reader can see the error
+                handle.closed = True
+                self.stats.failed += raised  # the S3Gen stage counts its failures too
             self._lock.notify_all()
         if error is not None:
             self._end([handle], error)
@@ -1067,9 +1074,9 @@ class StreamEngine:
         is room, as vLLM preempts its newest request) and the forward runs again over the
         others, in a smaller bucket once few enough are left, and no more streams than those are
         admitted later (``fits``); a single stream out of memory, or any other failure, ends the
-        streams with the error. Either way the engine goes on. A failed forward is no step: it
-        counts in no statistic (before 2026-12-04 it did), and the one run again writes the same
-        cache slots."""
+        streams with the error. Either way the engine goes on. A failed forward is no step (in
+        neither ``t3_steps``, ``t3_rows``, ``buckets_used`` nor ``spans_used``; its time is in
+        ``t3_s``), and the one run again writes the same cache slots."""
         n = self.rows_per_stream
         while still:
             bucket = next(b for b in self.step_buckets if b >= len(self._live))
