@@ -255,6 +255,15 @@ def fitting_two(
     return shadow(engine.tts.t3.tfmr, "forward", wrap)
 
 
+OOM = functools.partial(torch.OutOfMemoryError, "made on purpose")
+
+
+def burst(engine: StreamEngine, streams: int, tokens: int = TOKENS) -> list[StreamHandle]:
+    """``streams`` streams of ``TEXTS`` (seeds 0, 1, ...) joining ``engine`` at one step."""
+    with engine.together():
+        return [engine.submit(TEXTS[k % len(TEXTS)], seed=k, max_new_tokens=tokens) for k in range(streams)]
+
+
 @pytest.mark.parametrize(
     "oom",
     [
@@ -272,8 +281,7 @@ def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
     recomputed when there is room and, like the three queued behind it, speaks its solo tokens
     and audio: no stream fails (before 2026-12-04 the step's three streams all did)."""
     with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
-        with engine.together():
-            handles = [engine.submit(TEXTS[k % 4], seed=k, max_new_tokens=TOKENS) for k in range(6)]
+        handles = burst(engine, 6)
         for _ in range(500):  # bounded: the preemption comes at the first step
             if engine.stats.preempted:
                 break
@@ -290,10 +298,8 @@ def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
 
 
 def test_a_preempted_stream_whose_reader_leaves_is_let_go(tts: ChatterboxTTS) -> None:
-    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
-    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
-        with engine.together():
-            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, OOM):
+        handles = burst(engine, 3)
         for _ in range(500):  # bounded: the preemption comes at the first step
             if engine.stats.preempted:
                 break
@@ -314,10 +320,8 @@ def test_a_stream_whose_reader_leaves_during_the_step_that_preempts_it_is_not_qu
         handles[2].close()  # its reader leaves while the step is under way
         return True
 
-    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
-    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom, leaving):
-        with engine.together():
-            handles += [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, OOM, leaving):
+        handles += burst(engine, 3)
         assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
         assert engine.stats.preempted == 0 and engine._preempted == {} and engine.queued() == 0
 
@@ -328,7 +332,6 @@ def test_a_preempted_stream_failed_by_s3gen_leaves_the_queue_with_its_error(
     # Preempted with its first window cut, which S3Gen (held up meanwhile) then fails to emit: it
     # stayed queued, counted, and close() ended it again, over its error.
     handles: list[StreamHandle] = []
-    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
     with StreamEngine(tts, max_streams=3, config=CONFIG) as engine:
         emit = engine._emit
 
@@ -342,7 +345,7 @@ def test_a_preempted_stream_failed_by_s3gen_leaves_the_queue_with_its_error(
             engine._flow_jobs.append(lambda: time.sleep(2.0))
             engine._lock.notify_all()
         cut = CONFIG.first_window_tokens + CONFIG.lookahead_tokens  # its first window's tokens
-        with fitting_two(engine, oom, lambda _: len(handles[2].tokens) >= cut):
+        with fitting_two(engine, OOM, lambda _: len(handles[2].tokens) >= cut):
             with engine.together():
                 # the two others long: no room comes free for it while they run
                 handles += [
@@ -360,18 +363,16 @@ def test_a_preempted_stream_failed_by_s3gen_leaves_the_queue_with_its_error(
 def test_a_preempted_stream_whose_recompute_runs_out_of_memory_says_what_to_do(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
-    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, OOM):
 
         def resume(_live: Any) -> Any:
             with engine._lock:  # S3Gen busy meanwhile (a long flow call): no pass of it lets go of it
                 engine._flow_jobs.append(lambda: time.sleep(1.0))
                 engine._lock.notify_all()
-            raise oom()
+            raise OOM()
 
         monkeypatch.setattr(engine, "_resume", resume)
-        with engine.together():
-            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+        handles = burst(engine, 3)
         with pytest.raises(torch.OutOfMemoryError, match="recomputing this stream, preempted.*--max-streams"):
             list(handles[2])
         with engine._lock:  # in no stage once failed (it was counted active until S3Gen's next pass)
@@ -403,12 +404,10 @@ def test_streams_being_recomputed_are_counted_active(
 ) -> None:
     # Two streams preempted, let in together: while the first was recomputed the second, taken
     # from the queue too, was counted neither queued nor active.
-    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
     engine = StreamEngine(tts, max_streams=4, config=CONFIG)
     seen, _ = slow_recomputes(engine, monkeypatch)
-    with engine, fitting_two(engine, oom):
-        with engine.together():
-            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(4)]
+    with engine, fitting_two(engine, OOM):
+        handles = burst(engine, 4)
         for _ in range(3000):  # bounded: both come at the first steps
             if engine.stats.preempted == 2:
                 break
@@ -423,12 +422,10 @@ def test_a_close_during_a_recompute_ends_the_stream_once(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The close's error was put twice on its reader's queue.
-    oom = functools.partial(torch.OutOfMemoryError, "made on purpose")
     engine = StreamEngine(tts, max_streams=3, config=CONFIG)
     _, recomputing = slow_recomputes(engine, monkeypatch)
-    with engine, fitting_two(engine, oom):
-        with engine.together():
-            handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in range(3)]
+    with engine, fitting_two(engine, OOM):
+        handles = burst(engine, 3)
         assert recomputing.wait(timeout=60.0)
     ends = [handles[2]._queue.get_nowait() for _ in range(handles[2]._queue.qsize())]
     assert len([e for e in ends if isinstance(e, BaseException)]) == 1, ends
@@ -437,10 +434,7 @@ def test_a_close_during_a_recompute_ends_the_stream_once(
 def test_a_stream_that_ends_leaves_before_the_step_it_does_not_need(tts: ChatterboxTTS) -> None:
     # Its last token sampled, the first stream leaves before the forward: the two going on fit
     # (before 2026-12-04 the forward held its rows too, ran out of memory and ended the newest).
-    with (
-        StreamEngine(tts, max_streams=3, config=CONFIG) as engine,
-        fitting_two(engine, lambda: torch.OutOfMemoryError("made on purpose")),
-    ):
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, OOM):
         with engine.together():
             first = engine.submit(TEXTS[0], seed=0, max_new_tokens=1)
             handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in (1, 2)]
