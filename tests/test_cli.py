@@ -224,7 +224,18 @@ def test_an_output_folder_that_is_a_file_gives_one_error_line(
     taken.write_text("not a folder")
     assert main(["diagnose", "--out", str(taken / "sub")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and str(taken) in errors[0] and "give another folder" in errors[0]
+    assert len(errors) == 1 and str(taken) in errors[0] and "give another folder (--out)" in errors[0]
+    # profile has no --out: its folder is --logdir's, and --run's below it
+    assert main(["profile", "--logdir", str(tmp_path), "--run", "taken/sub", "--tokens", "5"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "give another folder (--logdir / --run)" in errors[0], errors
+
+
+def test_bench_refuses_a_policy_no_config_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    # upstream runs in float32 whatever --dtype says: the report named a policy nothing ran
+    assert main(["bench", "--configs", "upstream,upstream-stream", "--dtype", "bfloat16"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --dtype: is the optimized wrapper's")
 
 
 @pytest.mark.parametrize(

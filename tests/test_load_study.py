@@ -4,6 +4,7 @@ level runs (bad flags, an unusable --out, a level no device holds, in-process fl
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -16,7 +17,7 @@ import pytest
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core.errors import ConfigError
-from tts_workbench.interface.cli import SERVER_FLAGS, main
+from tts_workbench.interface.cli import SERVER_FLAGS, build_parser, main
 from tts_workbench.models import vocode
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.streaming import StreamConfig
@@ -137,6 +138,18 @@ def test_an_untimed_stream_runs_before_the_first_level_and_counts_in_none(
         assert len(level["per_stream"]) == level["streams"]
         assert level["engine"]["flow_calls"] == engine.stats.flow_calls
         assert level["engine"]["flow_windows"] == engine.stats.flow_windows
+
+
+def test_the_load_studys_usage_block_shows_every_in_process_flag() -> None:
+    # --seed and --dtype change what is measured and were in no usage block
+    page = (Path(__file__).parents[1] / "docs" / "many-streams.md").read_text()
+    usage = page.split("## The load study", 1)[1].split("```")[1]
+    load = next(
+        a.choices["load"] for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    url_only = {"--url", "--voice", "--timeout"}  # docs/serving.md's
+    flags = {o for a in load._actions for o in a.option_strings if o.startswith("--")} - {"--help"} - url_only
+    assert sorted(f for f in flags if f not in usage) == []
 
 
 def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:

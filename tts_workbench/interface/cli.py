@@ -253,6 +253,9 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
 
     _check_decode_tokens(args.tokens)
     configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    if configs and all(c.startswith("upstream") for c in configs):  # float32 upstream whatever the policy
+        _refuse_given(args, ("--dtype",), "is the optimized wrapper's policy: add a config that runs the "
+                      "wrapper (optimized, static, compiled, ...) or leave it out")  # fmt: skip
     report = run_bench(
         model=args.model,
         configs=configs,
@@ -795,7 +798,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an output folder that is a file, or one this user may not write
-        where = f": {e.filename}: give another folder (--out / --logdir)" if e.filename else ""
+        # the command's own output flags: --out, or profile's --logdir and --run, trace's --logdir
+        own = [flag for flag, dest in (("--out", "out"), ("--logdir", "logdir"), ("--run", "run_name"))
+               if hasattr(args, dest)]  # fmt: skip
+        where = f": {e.filename}: give another folder ({' / '.join(own)})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     print(strict_json.dumps(report) if args.json else fmt(report))
