@@ -14,7 +14,8 @@ stage throughput-bound):
   runs over a bucket of rows (``step_buckets``: 1, 2, 4, ... streams by default) and attends to
   a span of cache slots (``decode.spans``: the smallest holding every active stream's
   positions); ``"compiled"`` compiles (CUDA graphs on CUDA) once per bucket and span and
-  reuses it.
+  reuses it. A step out of memory preempts its newest stream (vLLM's scheme): back to the head
+  of the queue, recomputed from its text and sampled tokens when there is room.
 - **S3Gen**: each stream cuts its tokens into buffered windows (``streaming.BufferedCutter``);
   ready windows of the same voice and the same size go through the flow together, one CFM
   estimator call for several streams. First windows go first (they set time to first audio).
