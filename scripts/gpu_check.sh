@@ -236,7 +236,8 @@ if not final:
 for p, r in runs.items():
     print(f"\n## optimized policy {p}\n" + "\n".join(r["table"]))
 if multilingual:
-    print("\n## Multilingual, optimized policy bfloat16\n" + "\n".join(multilingual["table"]))
+    policy = multilingual["policy"]["policy"]
+    print(f"\n## Multilingual, optimized policy {policy}\n" + "\n".join(multilingual["table"]))
 if diagnose:
     print("\n## diagnosis (upstream float32 decode, then a float16 cast):")
     print(json.dumps({"kernels": diagnose["kernels"], "attention": diagnose["attention"]}, indent=1)[:3000])
@@ -388,9 +389,12 @@ for policy in $POLICIES; do
         --repeats $REPEATS --warmup $WARMUP --configs "$CONFIGS" --dtype "$policy" --out "$TMP/$policy"
 done
 if [[ ${GPU_CHECK_MULTILINGUAL:-0} == 1 ]]; then
+    ML_CONFIGS=${GPU_CHECK_MULTILINGUAL_CONFIGS:-upstream,optimized,compiled,optimized-stream,compiled-stream}
+    ML_DTYPE=()  # the wrapper's policy, given only where a config runs the wrapper (bench refuses it else)
+    for c in ${ML_CONFIGS//,/ }; do [[ $c == upstream* ]] || ML_DTYPE=(--dtype bfloat16); done
     step bench-multilingual $PY -m tts_workbench.interface.cli bench --model $MULTILINGUAL --device $DEVICE \
-        --tokens $TOKENS --repeats $REPEATS --warmup $WARMUP --dtype bfloat16 --out "$TMP/multilingual" \
-        --configs "${GPU_CHECK_MULTILINGUAL_CONFIGS:-upstream,optimized,compiled,optimized-stream,compiled-stream}"
+        --tokens $TOKENS --repeats $REPEATS --warmup $WARMUP ${ML_DTYPE[@]+"${ML_DTYPE[@]}"} \
+        --out "$TMP/multilingual" --configs "$ML_CONFIGS"
 fi
 [[ $MODE == dry-run ]] && LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,2} || LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,8,32,64}
 FLOW_ARGS=(--flow "${GPU_CHECK_LOAD_FLOW:-eager}")
