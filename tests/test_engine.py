@@ -68,10 +68,7 @@ def check_against_solo(tts: ChatterboxTTS, streams: int, join_after: int) -> Non
             handles = [
                 engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(texts[:join_after])
             ]
-        for _ in range(500):  # the others join while the first ones are decoding (bounded wait)
-            if len(handles[0].tokens) >= 8:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: len(handles[0].tokens) >= 8, 5.0)  # the others join while the first decode
         handles += [
             engine.submit(t, seed=k, max_new_tokens=TOKENS)
             for k, t in enumerate(texts[join_after:], start=join_after)
@@ -97,6 +94,14 @@ def read_within(handle: StreamHandle, timeout: float = 120.0) -> list[ChunkMetri
     return asyncio.run(asyncio.wait_for(read(), timeout))
 
 
+def wait_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``done`` every 10 ms until it holds or ``timeout`` seconds have passed; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return done()
+
+
 @pytest.fixture(scope="module")
 def tts(tiny_tts: ChatterboxTTS) -> ChatterboxTTS:
     return tiny_tts
@@ -113,10 +118,7 @@ def test_streams_without_guidance_join_others_of_their_settings(tts: ChatterboxT
     sampling = {**family_of(tts).sampling, "cfg_weight": 0.0}
     with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
         first = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS, **sampling)
-        for _ in range(500):  # bounded wait: the second joins while the first decodes
-            if len(first.tokens) >= 4:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: len(first.tokens) >= 4, 5.0)  # the second joins while the first decodes
         second = engine.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS, **sampling)
         for h in (first, second):
             assert sum(1 for _ in h) > 0 and h.error is None
@@ -282,10 +284,7 @@ def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
     and audio: no stream fails (before 2026-12-04 the step's three streams all did)."""
     with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
         handles = burst(engine, 6)
-        for _ in range(500):  # bounded: the preemption comes at the first step
-            if engine.stats.preempted:
-                break
-            time.sleep(0.01)
+        assert wait_until(lambda: engine.stats.preempted > 0, 5.0)  # at the first step
         assert engine.counts() == (4, 2)  # the preempted stream queued again, first, not active
         waves = {k: np.concatenate([c for c, _ in h]) for k, h in enumerate(handles)}
         assert engine.stats.preempted == 1 and engine.stats.failed == 0 and engine.fits == 2
@@ -300,10 +299,7 @@ def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
 def test_a_preempted_stream_whose_reader_leaves_is_let_go(tts: ChatterboxTTS) -> None:
     with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, OOM):
         handles = burst(engine, 3)
-        for _ in range(500):  # bounded: the preemption comes at the first step
-            if engine.stats.preempted:
-                break
-            time.sleep(0.01)
+        assert wait_until(lambda: engine.stats.preempted > 0, 5.0)  # at the first step
         handles[2].close()  # queued again when its reader leaves: out of the queue, nothing kept
         assert engine.counts() == (0, 2) and engine._preempted == {}
         assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
@@ -351,10 +347,8 @@ def test_a_preempted_stream_failed_by_s3gen_leaves_the_queue_with_its_error(
                 handles += [
                     engine.submit(TEXTS[k], seed=k, max_new_tokens=(100, 100, 40)[k]) for k in range(3)
                 ]
-            for _ in range(3000):  # bounded; its reader does not read yet (a read would drop it)
-                if handles[2].error is not None:
-                    break
-                time.sleep(0.01)
+            # its reader does not read yet (a read would drop it)
+            assert wait_until(lambda: handles[2].error is not None, 30.0)
             assert engine.stats.preempted == 1 and engine.counts()[0] == 0 and engine._preempted == {}
     with pytest.raises(RuntimeError, match="on purpose"):  # its error still, not the close's
         list(handles[2])
@@ -408,10 +402,7 @@ def test_streams_being_recomputed_are_counted_active(
     seen, _ = slow_recomputes(engine, monkeypatch)
     with engine, fitting_two(engine, OOM):
         handles = burst(engine, 4)
-        for _ in range(3000):  # bounded: both come at the first steps
-            if engine.stats.preempted == 2:
-                break
-            time.sleep(0.01)
+        assert wait_until(lambda: engine.stats.preempted == 2, 30.0)  # at the first steps
         with engine.together():  # no admission until the first two are done: then both at once
             assert all(len([c for c, _ in h]) > 0 for h in handles[:2])
         assert all(len([c for c, _ in h]) > 0 for h in handles[2:])
@@ -547,10 +538,7 @@ def test_closing_a_busy_engine_ends_every_stream_and_counts_none(tts: Chatterbox
     engine = StreamEngine(tts, max_streams=1, config=CONFIG)
     running = engine.submit(TEXTS[1], seed=0, max_new_tokens=400)
     waiting = engine.submit(TEXTS[0], seed=1, max_new_tokens=TOKENS)
-    for _ in range(3000):  # bounded wait (30 s): admitted and decoding
-        if running.sampled:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: bool(running.sampled), 30.0)  # admitted and decoding
     assert engine.active() == 1 and engine.queued() == 1
     engine.close()
     # what /health and the Prometheus gauges report: no stream is left counted after close
@@ -569,10 +557,7 @@ def test_a_close_during_a_streams_last_window_lets_that_stream_end_whole(tts: Ch
     def vocode_then_close(group: Any) -> None:
         vocode(group)  # the stream's only (so last) window, emitted
         closer.start()  # close() arrives now: it joins this thread, so it runs in another
-        for _ in range(500):  # bounded wait (5 s) for it to mark the engine stopped
-            if engine._stopped:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: engine._stopped, 5.0)  # for it to mark the engine stopped
 
     engine._vocode = vocode_then_close  # type: ignore[method-assign]
     handle = engine.submit(TEXTS[0], seed=0, max_new_tokens=10)  # one window
@@ -638,10 +623,7 @@ def test_a_failed_batched_flow_call_is_run_again_a_window_a_call(
         with engine.together():
             handles = [engine.submit(TEXTS[0], seed=7, max_new_tokens=TOKENS) for _ in range(3)]
         broken = handles[1]
-        for _ in range(500):  # bounded: until the engine has admitted it
-            if engine.stats.admitted == 3:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: engine.stats.admitted == 3, 5.0)  # until the engine has admitted it
         with engine._lock:  # the stages change these lists
             live = next(s for s in [*engine._live, *engine._vocoding] if s.handle is broken)
 
@@ -1143,10 +1125,7 @@ def test_a_stream_closed_while_queued_leaves_the_queue_at_once(tts: ChatterboxTT
     is still full, its reader ends without chunks, and the running stream is not disturbed."""
     with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
         running = engine.submit(TEXTS[1], seed=0, max_new_tokens=400)
-        for _ in range(3000):  # bounded wait (30 s): admitted and decoding
-            if running.sampled:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: bool(running.sampled), 30.0)  # admitted and decoding
         waiting = engine.submit(TEXTS[0], seed=1, max_new_tokens=TOKENS)
         assert engine.queued() == 1
         waiting.close()

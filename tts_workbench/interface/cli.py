@@ -445,7 +445,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
     from ..core.errors import ConfigError
     from ..runtime.streaming import StreamConfig
     from ..studies.load import (
-        check_step_buckets,
+        check_level_buckets,
         format_load,
         parse_arrival,
         parse_levels,
@@ -479,7 +479,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         "goes with --url (a server's voice, a request's timeout): add --url, or leave it out for the "
         "engine in this process",
     )
-    check_step_buckets(args.step_buckets, levels)
+    check_level_buckets(args.step_buckets, levels)
     try:  # before the model loads
         config = StreamConfig(
             "buffered", first_window_s=args.first_window_s, window_s=args.window_s, prompt_s=args.prompt_s

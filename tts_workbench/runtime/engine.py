@@ -117,6 +117,16 @@ def _sizes(
     return sorted(set(sizes))
 
 
+def check_step_buckets(step_buckets: Sequence[int] | None, most: int, limit: str) -> None:
+    """A ConfigError naming ``--step-buckets`` for a size past ``most`` streams, before any model is
+    built (``limit`` says what sets it): no engine would run it."""
+    if step_buckets and max(step_buckets) > most:
+        raise ConfigError(
+            f"argument --step-buckets: a step of {max(step_buckets)} streams is more than {limit}: "
+            "give sizes up to it"
+        )
+
+
 def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
     """Bytes of one stream's rows of the engine's KV cache (keys and values of every layer), known
     before the cache is allocated (a caller can refuse a size that cannot fit)."""
@@ -699,13 +709,13 @@ class StreamEngine:
 
     def _room(self) -> int:
         """How many queued streams may join now (under the lock): none while ``together()`` holds
-        them or a job waits (the jobs run first), else ``max_streams`` (``fits`` after a step out
-        of memory) less the streams either stage still holds (rows in T3, windows still to
+        them or a job waits (the jobs run first), else ``fits`` (``max_streams`` until a step runs
+        out of memory) less the streams either stage still holds (rows in T3, windows still to
         vocode, or both; a preempted stream is queued, not held)."""
         if self._held or self._jobs:
             return 0
         held = {id(live.handle) for live in (*self._live, *self._vocoding)} - self._preempted.keys()
-        return max(0, min(self.max_streams, self.fits) - len(held))
+        return max(0, self.fits - len(held))
 
     def _idle(self) -> bool:
         """Nothing for the T3 stage: no stream, no job, none waiting that may join (a stream
@@ -790,8 +800,7 @@ class StreamEngine:
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
         with self.plan.context(self.device):
-            tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
-            embeds = prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
+            embeds = self._prompt(r, conds)
             prefill_len = embeds.size(1)
             # first: past a GPT-2 backbone's positions (Turbo's) a longer cache, which the engine
             # refuses, is no fix (before 2026-12-04 the message below asked for one)
@@ -825,6 +834,13 @@ class StreamEngine:
             t3_s=prefill_s,  # in its first chunk's T3 time, as streaming.stream counts it
         )
 
+    def _prompt(self, r: Request, conds: Any) -> torch.Tensor:
+        """Upstream's prefill input of request ``r`` in the voice ``conds``: its conditioning, text
+        and start-of-speech tokens (both guidance rows where the request has guidance)."""
+        cfg_weight, _ = self.family.sampling_with(r.sampling)
+        tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
+        return prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
+
     def _fill_rows(self, embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Prefill ``embeds`` (rows, positions, dim) into the next free rows of the cache: the
         last position's logits and the first row."""
@@ -844,11 +860,9 @@ class StreamEngine:
         """A preempted stream back in the cache: its prefill again, then the tokens it sampled,
         in one forward (vLLM's recompute); its next token is sampled from the logits after them,
         as the step it was taken out of would have given, on its own generator as before."""
-        r, t0 = live.handle.request, self._now()
-        cfg_weight, _ = self.family.sampling_with(r.sampling)
+        t0 = self._now()
         with self.plan.context(self.device):
-            tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
-            embeds = prefill_embeds(self.tts.t3, live.conds.t3, tokens, cfg_weight)
+            embeds = self._prompt(live.handle.request, live.conds)
             sampled = live.ids[:, 1 : live.step + 1]  # fed at learned speech positions 1 .. step
             positions = torch.arange(1, live.step + 1, device=self.device)[None]
             speech = T3Parts.of(self.tts.t3).embed(sampled, positions).expand(embeds.size(0), -1, -1)

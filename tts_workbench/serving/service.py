@@ -35,7 +35,7 @@ from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
 from ..models.vocode import FlowPlan
 from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
-from ..runtime.engine import StreamEngine, StreamHandle
+from ..runtime.engine import StreamEngine, StreamHandle, check_step_buckets
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
 from .protocol import Limits, RequestError, SpeechRequest, check_cache, pcm16, wav_header
@@ -77,11 +77,8 @@ def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | N
     ``speech_tokens`` the most tokens T3 has positions for (``decode.speech_token_limit``)."""
     if not 0 < options.stall_s < math.inf:  # NaN too
         raise ConfigError(f"argument --stall-s: must be a positive number of seconds, got {options.stall_s}")
-    if options.step_buckets and max(options.step_buckets) > options.max_streams:
-        raise ConfigError(
-            f"argument --step-buckets: a step of {max(options.step_buckets)} streams is more than "
-            f"--max-streams ({options.max_streams}) lets run: give sizes up to it"
-        )
+    most = options.max_streams
+    check_step_buckets(options.step_buckets, most, f"--max-streams ({most}) lets run")
     if speech_tokens is not None and options.default_tokens > speech_tokens:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens is beyond the {speech_tokens} speech "

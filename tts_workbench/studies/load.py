@@ -49,7 +49,7 @@ from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan
 from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
-from ..runtime.engine import StreamEngine, StreamHandle, kv_bytes_per_stream
+from ..runtime.engine import StreamEngine, StreamHandle, check_step_buckets, kv_bytes_per_stream
 from ..runtime.optimized import decode_plan
 from ..runtime.streaming import StreamConfig, stream_tokens
 
@@ -101,14 +101,10 @@ def checked_levels(levels: Sequence[int], given: str) -> list[int]:
     return sorted(int(n) for n in levels)
 
 
-def check_step_buckets(step_buckets: Sequence[int] | None, levels: Sequence[int]) -> None:
-    """A ConfigError naming ``--step-buckets`` for a size past the largest level: no level's engine
-    would run it, and the report would list it."""
-    if step_buckets and max(step_buckets) > max(levels):
-        raise ConfigError(
-            f"argument --step-buckets: a step of {max(step_buckets)} streams is more than the largest "
-            f"level ({max(levels)} streams) runs: give sizes up to it"
-        )
+def check_level_buckets(step_buckets: Sequence[int] | None, levels: Sequence[int]) -> None:
+    """``engine.check_step_buckets`` against the largest level: no level's engine would run a
+    larger size, and the report would list it."""
+    check_step_buckets(step_buckets, max(levels), f"the largest level ({max(levels)} streams) runs")
 
 
 def check_kv_fits(largest: int, kv_per_stream: int, device: torch.device) -> None:
@@ -452,7 +448,7 @@ def run_load(
     ``warmup_s``); none, a repeated one, or a largest one whose KV cache is more than the device's
     memory is a ConfigError before any level runs."""
     levels = checked_levels(levels, repr(levels))
-    check_step_buckets(step_buckets, levels)
+    check_level_buckets(step_buckets, levels)
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
     kind = parse_arrival(arrival, levels[-1])
