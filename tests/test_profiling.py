@@ -24,9 +24,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler import record_function
 from torch.autograd.profiler_util import FunctionEvent
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import ConfigError
@@ -195,6 +197,21 @@ def test_only_a_softmax_over_attention_scores_is_attention(ops: pd.DataFrame) ->
     assert (softmax[~scores]["category"] == "other").all()  # was attention
 
 
+def test_every_op_under_an_sdpa_call_is_attention() -> None:
+    # The math fallback runs SDPA as bmm, mul, softmax, where, ...; they are attention, not
+    # linear/matmul and other, or the attention share understates it.
+    q = torch.randn(2, 16, 64, 64)
+    with sdpa_kernel([SDPBackend.MATH]), torch.profiler.profile(record_shapes=True) as prof:
+        for _ in range(5):
+            F.scaled_dot_product_attention(q, q, q)
+    ops = op_frame(prof.events())
+    assert {"aten::bmm", "aten::mul"} <= set(ops["op"])  # the fallback's ops, in the frame
+    assert set(ops["category"]) == {"attention"}
+    share = time_share(ops).set_index("category")["self_ms"]
+    assert share["attention"] == pytest.approx(ops["self_ms"].sum())
+    assert share["linear/matmul"] == share["other"] == 0
+
+
 def test_the_dtype_column_has_torchs_dtype_names() -> None:
     dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64]
     dtypes += [torch.int64, torch.uint8, torch.bool, torch.float8_e4m3fn]
@@ -218,9 +235,9 @@ def test_time_share_adds_up_to_each_phase_op_time(ops: pd.DataFrame) -> None:
     pd.testing.assert_series_equal(per_phase, ops.groupby("phase", observed=True)["self_ms"].sum())
     attention = share[(share["phase"] == "t3.decode") & (share["category"] == "attention")]["self_ms"].item()
     decode = ops[ops["phase"] == "t3.decode"]
-    assert attention == pytest.approx(
-        decode[decode["op"].str.contains("scaled_dot_product")]["self_ms"].sum()
-    )
+    # the SDPA calls' inclusive time: the fused kernel and the ops it ran (empty, transpose, ...)
+    calls = decode[(decode["op"] == "aten::scaled_dot_product_attention") & (decode["kernel"] != "")]
+    assert attention == pytest.approx(calls["total_ms"].sum())
     # the JSON form is the same numbers, rounded
     assert KernelRecord(ops).summary()["time_share_ms"]["t3.decode"]["attention"] == round(attention, 2)
 

@@ -333,6 +333,11 @@ def _scores_softmax(e: FunctionEvent) -> bool:
     return "softmax" in e.name and bool(shapes) and len(shapes[0]) == 4
 
 
+def _in_sdpa(e: FunctionEvent) -> bool:
+    """Whether an SDPA op encloses ``e`` (one of its kernel's or its math fallback's ops)."""
+    return any(a.name == SDPA for a in ancestors(e))
+
+
 def _kernel(e: FunctionEvent) -> str:
     """The attention kernel an op event stands for ("" for any other op)."""
     if e.name == SDPA:
@@ -340,12 +345,14 @@ def _kernel(e: FunctionEvent) -> str:
             return ""  # an autocast wrapper around the real call
         return next((FUSED_KERNELS[c.name] for c in e.cpu_children if c.name in FUSED_KERNELS), MATH)
     if e.name == "aten::softmax" and _scores_softmax(e):
-        return "" if any(a.name == SDPA for a in ancestors(e)) else EAGER
+        return "" if _in_sdpa(e) else EAGER
     return ""
 
 
 def _category(e: FunctionEvent) -> str:
-    if "scaled_dot_product" in e.name or _scores_softmax(e):
+    """attention, linear/matmul or other; every op under an SDPA op is attention (the math
+    fallback's bmm, mul, where, ... are the attention's time)."""
+    if "scaled_dot_product" in e.name or _scores_softmax(e) or _in_sdpa(e):
         return "attention"
     return "linear/matmul" if e.name in LINEAR_OPS else "other"
 
@@ -354,12 +361,12 @@ def op_frame(events: Iterable[FunctionEvent]) -> pd.DataFrame:
     """One row per aten op event of a profile taken under ``phase_regions`` (``prof.events()``).
 
     Columns: ``phase`` (innermost phase region, ``other`` outside them), ``op``, ``category``
-    (attention: SDPA ops and softmaxes over 4-D scores; linear/matmul; other), ``kernel`` (the
-    attention kernel of an attention call, else ""), ``dtype`` (torch's name of the first input's
-    dtype; "" where that is no tensor or torch does not record it), ``input_shapes`` (JSON),
-    ``self_ms`` (self CPU time: the op without the ops it called) and ``total_ms`` (inclusive CPU
-    time: the op and everything it called). Sum ``self_ms`` to add up op time; ``total_ms`` of
-    nested ops overlaps.
+    (attention: SDPA ops, the ops under them and softmaxes over 4-D scores; linear/matmul; other),
+    ``kernel`` (the attention kernel of an attention call, else ""), ``dtype`` (torch's name of the
+    first input's dtype; "" where that is no tensor or torch does not record it), ``input_shapes``
+    (JSON), ``self_ms`` (self CPU time: the op without the ops it called) and ``total_ms``
+    (inclusive CPU time: the op and everything it called). Sum ``self_ms`` to add up op time;
+    ``total_ms`` of nested ops overlaps.
     """
     rows = []
     for e in events:
