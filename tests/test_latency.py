@@ -15,6 +15,7 @@ from tts_workbench.instruments.latency import (
     gap_summary,
     seam_metric,
     snr_db,
+    timeline_figure,
     underruns,
 )
 
@@ -138,3 +139,11 @@ def test_a_chunk_without_audio_neither_ends_a_gap_nor_is_the_first_audio() -> No
     report = _report()
     report.chunks.insert(0, empty_first)
     assert report.ttfa_s == 1.0
+
+
+def test_a_stream_without_audio_is_titled_no_audio_not_inf() -> None:
+    silent = ChunkMetrics(0, 0.5, 0, 25, 0.5, 0.0, 0.0, 0.0, 0, 0, 0, 0)  # chunks, none with audio
+    for report in (StreamReport("buffered"), StreamReport("buffered", [silent])):
+        title = timeline_figure(report).axes[0].get_title()
+        assert title == "buffered: no audio"  # was "buffered: TTFA inf s, RTF inf"
+    assert timeline_figure(_report()).axes[0].get_title() == "buffered: TTFA 1.00 s, RTF 1.00"

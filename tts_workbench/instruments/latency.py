@@ -3,6 +3,7 @@ player would have run dry waiting for it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -240,7 +241,12 @@ def timeline_figure(report: StreamReport, title: str = "") -> Figure:
     ax.set_xlabel("stream time (s)")
     ax.set_ylabel("chunk")
     ax.invert_yaxis()
-    ax.set_title(title or f"{report.strategy}: TTFA {report.ttfa_s:.2f} s, RTF {report.rtf:.2f}")
+    timing = (
+        "no audio"  # no chunk has audio: no first audio and no RTF, rather than print inf
+        if math.isinf(report.ttfa_s)
+        else f"TTFA {report.ttfa_s:.2f} s, RTF {report.rtf:.2f}"
+    )
+    ax.set_title(title or f"{report.strategy}: {timing}")
     fig.tight_layout()
     return fig
 
