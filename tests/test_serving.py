@@ -211,7 +211,9 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
         stopped = client.get("/health")
         assert stopped.status_code == 503 and stopped.json()["reason"] == "the engine is closed"
         r = client.post("/v1/audio/speech", json={**GOOD, "max_tokens": 10})
-        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+        error = r.json()["error"]
+        assert r.status_code == 503 and error["type"] == "server_error"
+        assert "retry the request: this replica's /health answers 503" in error["message"], error
     assert 'tts_streams_total{outcome="completed",replica="0"} 3.0' in metrics
     assert 'tts_time_to_first_audio_seconds_count{replica="0"} 3.0' in metrics
     assert 'tts_active_streams{replica="0"} 0.0' in metrics and "tts_s3gen_flow_calls_total" in metrics
@@ -241,6 +243,30 @@ def test_a_stalled_engine_answers_503_and_fails_rays_health_check(
     assert asked and set(asked) == {service.options.stall_s}
     with pytest.raises(ConfigError, match="argument --stall-s: must be a positive number"):
         check_options(ServeOptions(stall_s=0.0))
+
+
+def test_a_stream_that_fails_to_start_says_to_retry_and_logs_its_traceback(
+    service: SpeechService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine runs but this stream failed: a 500 whose message says what to do, the cause in
+    the replica's log (before 2026-12-05 the message said only what happened, and nothing was logged:
+    the app's handler turns the error into the answer)."""
+    import asyncio
+
+    def submit(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("no room for this stream")
+
+    engine = SimpleNamespace(submit=submit, running=True, max_cache_len=service.options.max_cache_len)
+    monkeypatch.setattr(service, "engine", engine)
+    with pytest.raises(RequestError) as e:
+        asyncio.run(service.speech(parse_speech(GOOD, service.limits)))
+    assert e.value.status == 500 and e.value.param is None
+    assert str(e.value) == (
+        "the engine could not start this stream: ValueError: no room for this stream: retry the request; "
+        "if it fails again, the replica's log has the traceback"
+    )
+    [record] = [r for r in caplog.records if r.name == "tts_workbench.serving.service"]
+    assert record.exc_info is not None and record.exc_info[1] is e.value.__cause__
 
 
 def test_every_metric_names_its_replica(service: SpeechService) -> None:

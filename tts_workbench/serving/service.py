@@ -9,6 +9,7 @@ paths, so no request reads or writes a file.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import time
@@ -43,6 +44,8 @@ from .protocol import Limits, RequestError, SpeechRequest, check_cache, pcm16, w
 TTFA_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 RTF_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
 OUTCOMES = ("completed", "refused", "disconnected", "failed")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -259,8 +262,15 @@ class SpeechService:
             raise RequestError(f"the engine refused this request: {e}", param) from e
         except Exception as e:  # the engine's own failure: this request fails, in OpenAI's format
             self.outcomes["failed"].inc()
-            raise RequestError(f"the engine could not start this stream: {type(e).__name__}: {e}",
-                               status=503 if not self.engine.running else 500) from e  # fmt: skip
+            failed = f"the engine could not start this stream: {type(e).__name__}: {e}: retry the request"
+            if not self.engine.running:  # health() says so: Ray Serve's check replaces the replica
+                raise RequestError(f"{failed}: this replica's /health answers 503 and Ray Serve replaces it",
+                                   status=503) from e  # fmt: skip
+            # the app answers a RequestError and logs nothing: the traceback is logged here (with
+            # no handler configured, to stderr, which Ray keeps as the replica's log)
+            log.exception("a stream failed to start")
+            raise RequestError(f"{failed}; if it fails again, the replica's log has the traceback",
+                               status=500) from e  # fmt: skip
         if first is not None:
             self.ttfa.observe(time.perf_counter() - t0)
         return self._bytes(handle, chunks, first, req.response_format, t0)
