@@ -101,15 +101,23 @@ def test_empty_text(tiny_tts: ChatterboxTTS) -> None:
         generate(tiny_tts, "   ")
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0])
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        ({"temperature": 0.0}, "temperature must be above 0"),
+        ({"temperature": -1.0}, "temperature must be above 0"),
+        ({"cfg_weight": 0.0}, r"without guidance: give cfg_weight above 0, or .*\(optimize=True\)"),
+    ],
+)
 def test_sampling_settings_are_checked_before_upstream_runs(
-    tiny_tts: ChatterboxTTS, steer: type[Steer], temperature: float
+    tiny_tts: ChatterboxTTS, steer: type[Steer], setting: dict[str, float], refusal: str
 ) -> None:
-    # Before, 0 failed inside torch ("probability tensor contains inf/nan") and -1 sampled.
+    # Before, temperature 0 failed inside torch ("probability tensor contains inf/nan"), -1 sampled,
+    # and cfg_weight 0 failed in T3.inference ("Sizes of tensors must match").
     heads = steer({})  # counts the speech head's calls
     with shadow(tiny_tts.t3.speech_head, "forward", heads):
-        with pytest.raises(ConfigError, match="temperature must be above 0"):
-            generate(tiny_tts, "Hello.", max_new_tokens=4, temperature=temperature)
+        with pytest.raises(ConfigError, match=refusal):
+            generate(tiny_tts, "Hello.", max_new_tokens=4, **setting)
     assert heads.calls == 0
 
 

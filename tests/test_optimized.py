@@ -390,6 +390,17 @@ def test_a_request_too_long_for_the_wrappers_cache_names_the_wrappers_fix(tiny_t
             opt.speech_tokens(TEXT, max_new_tokens=200)
 
 
+def test_a_generation_refused_by_a_paused_stream_names_the_wrappers_fix(tiny_tts: ChatterboxTTS) -> None:
+    # It used to say step='eager', an argument the wrapper does not take.
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static") as opt:
+        config = StreamConfig("buffered", first_window_s=0.2, window_s=0.2)
+        paused = opt.generate_stream(TEXT, config=config, max_new_tokens=40)
+        next(paused)
+        with pytest.raises(CacheError, match="decode='eager'"):
+            opt.generate(TEXT, max_new_tokens=4)
+        paused.close()
+
+
 @pytest.mark.parametrize("policy", ["float32", "bfloat16"])
 def test_an_exaggeration_asked_again_keeps_the_voice_as_it_is(tiny_tts: ChatterboxTTS, policy: str) -> None:
     # Upstream compares it with the tensor's value in the tensor's dtype: 0.7 is not rebuilt

@@ -189,6 +189,8 @@ class DecodePlan:
     # What a request too long for the static cache is told to do ({need}: the positions it needs),
     # in the words of whoever holds the plan.
     cache_fix: str = "set plan.max_cache_len >= {need} (or use step='eager')"
+    # What a generation refused while another holds the static cache may do instead, likewise.
+    busy_fix: str = "decode this one with step='eager'"
     _static: dict[int, StaticStep] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -421,15 +423,16 @@ class StaticStep:
         """What actually runs: "compiled", or "static" (asked for, or after a compile failure)."""
         return "compiled" if self.compiled else "static"
 
-    def claim(self) -> None:
+    def claim(self, fix: str) -> None:
         """Take the cache for one generation until ``busy`` is cleared (when its
-        ``decode_blocks`` ends), or a CacheError while another holds it. Checked and taken
-        under one lock: two threads starting at once cannot both pass."""
+        ``decode_blocks`` ends), or a CacheError while another holds it, offering ``fix``
+        (the plan's ``busy_fix``) besides waiting. Checked and taken under one lock: two threads
+        starting at once cannot both pass."""
         with self._claiming:
             if self.busy:
                 raise CacheError(
                     "another generation (e.g. a paused generate_stream) still uses this plan's static "
-                    "KV cache; finish or close it first, or decode this one with step='eager'"
+                    f"KV cache; finish or close it first, or {fix}"
                 )
             self.busy = True
 
@@ -847,7 +850,8 @@ def decode_blocks(
                 if built is not held:
                     stats.compile_s = now(device) - t_build
                 stats.step_mode = built.mode
-                built.claim()  # refused before it is ours: `finally` must not free the holder's cache
+                # Refused before it is ours: `finally` must not free the holder's cache.
+                built.claim(plan.busy_fix)
                 step = built
                 step.load(past)
                 step.begin(sampler, seen)

@@ -276,7 +276,8 @@ def generate(
     neither another thread's generation nor the global random state is touched; ``None`` goes
     on from the caller's random state, as upstream does. An ``audio_prompt_path`` is prepared
     by ``prepare_voice`` (its checks and fixes) before upstream runs; the sampling settings are
-    checked first (``sampling.check_sampling``, as the workbench's own loop checks them).
+    checked first (``sampling.check_sampling``, as the workbench's own loop checks them; and
+    cfg_weight 0, which upstream's standard generate fails on, refused).
     Multilingual calls on one model take turns (``_taking_turns``: upstream keeps one analyzer
     per model); the wall time starts at this call's turn."""
     reference = sampling.pop("audio_prompt_path", None)
@@ -289,6 +290,13 @@ def generate(
     # below 0 sampled the least likely tokens. Checked as the workbench's own decode loop checks them.
     cfg_weight, settings = family.sampling_with({k: v for k, v in sampling.items() if k in family.sampling})
     check_sampling(is_turbo(tts.t3), cfg_weight, **settings)
+    # Standard generate builds one text row without guidance, which T3.inference joins to its two
+    # start-token rows: a RuntimeError in torch.cat (multilingual builds both rows, Turbo has none).
+    if family.name == "standard" and cfg_weight == 0:
+        raise ConfigError(
+            "upstream's standard generate cannot decode without guidance: give cfg_weight above 0, "
+            "or use the optimized wrapper (optimize=True), which decodes cfg_weight 0 unguided"
+        )
     methods = {
         "t3": (tts.t3, family.t3_inference),
         "s3gen.flow": (tts.s3gen, "flow_inference"),

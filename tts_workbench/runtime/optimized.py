@@ -596,6 +596,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 max_cache_len=self.max_cache_len,
                 cpp_wrapper=self.cpp_wrapper,
                 cache_fix="call the wrapper's set_max_cache_len({need}) (or decode='eager')",
+                busy_fix="decode this one with decode='eager'",
             )
             for step in STEP_MODES
         }
