@@ -146,6 +146,24 @@ def test_missing_folder(tmp_path: Path) -> None:
         load_model(str(tmp_path / "nowhere"))
 
 
+def test_checking_a_missing_folder_says_what_to_give(tmp_path: Path) -> None:
+    # before: "checkpoint folder ... does not exist", with no fix
+    with pytest.raises(
+        SourceError, match=r"does not exist: give a folder written by save_checkpoint\(\).*tiny"
+    ):
+        check_source(str(tmp_path / "nowhere"))
+
+
+def test_a_reference_with_a_nan_sample_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "nan.wav"
+    voice = 0.1 * np.random.default_rng(0).standard_normal(24000)
+    voice[100] = np.nan
+    sf.write(path, voice, 24000, subtype="FLOAT")
+    # before: "contains NaN or infinite samples", with no fix
+    with pytest.raises(SourceError, match="NaN or infinite samples; re-export"):
+        check_reference(path)
+
+
 def test_folder_missing_one_file_names_it(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
     folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
     (folder / "s3gen.safetensors").unlink()

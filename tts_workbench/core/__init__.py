@@ -4,6 +4,8 @@ Errors with the fix in their message, the one table renderer, constants (sample 
 dtype names), scoped patching that gives back what it changes, torch.compile as the compiled
 paths use it, the one clock (synchronised before each read), library noise filters and the table
 of model families, the device check (``devices``), files written whole or not at all
-(``files``) and the KV cache positions a request needs (``positions``). Imports only the standard
-library, torch, pandas and upstream chatterbox.
+(``files``) and the KV cache positions a request needs (``positions``). Imports, at load, only
+the standard library, torch, pandas, upstream chatterbox and tqdm (``progress``: ``tqdm.auto`` and
+``tqdm.notebook``); inside functions, when called: tqdm and transformers' logging
+(``quiet.upstream_bars_off``) and IPython (``progress.KeptBar``, ``quiet.notebook_setup``).
 """

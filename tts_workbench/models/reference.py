@@ -108,7 +108,10 @@ def check_reference(path: str | Path) -> ReferenceInfo:
     if data.shape[0] == 0:
         raise SourceError(f"reference audio {path} is empty (0 samples); give {SPEECH_ASKED}")
     if not np.all(np.isfinite(data)):
-        raise SourceError(f"reference audio {path} contains NaN or infinite samples")
+        raise SourceError(
+            f"reference audio {path} contains NaN or infinite samples; re-export the recording as "
+            "16-bit PCM WAV, or remove those samples"
+        )
     level = _voice_level(data, sr)
     if level < MIN_REFERENCE_DBFS:
         if not np.any(data):

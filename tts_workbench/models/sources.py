@@ -74,13 +74,14 @@ def check_source(source: str | Path, family: str | None = None) -> None:
     if Path(source).exists():
         folder_family(Path(source), family)
         return
+    names = f"{', '.join(SIZES)}, {', '.join(PRETRAINED)}"
     check_left_aside(Path(source))  # a bare name too: it is a folder there once put back
     if isinstance(source, str) and os.sep not in source:
-        raise SourceError(
-            f"unknown model source {source!r}: use one of {', '.join(SIZES)}, "
-            f"{', '.join(PRETRAINED)} or a checkpoint folder"
-        )
-    raise SourceError(f"checkpoint folder {source} does not exist")
+        raise SourceError(f"unknown model source {source!r}: use one of {names} or a checkpoint folder")
+    try:
+        folder_family(Path(source), family)  # raises, saying what folder to give, as load_folder does
+    except SourceError as e:
+        raise SourceError(f"{e}, or a model name: {names}") from None
 
 
 def load_model(source: str | Path, device: str = "cpu", seed: int = 0, family: str | None = None) -> TTSModel:

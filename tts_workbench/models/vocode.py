@@ -186,8 +186,9 @@ class FlowPlan:
 def _full_context_mask(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Upstream ``add_optional_chunk_mask`` without, for the estimator's full-context attention,
     its check for a row with no valid key: ``.item()`` reads a value back to the host, a graph
-    break and a device sync in each of the estimator's 14 attention blocks at each of 10 steps.
-    A key mask of a non-empty window (all the estimator is given) has no such row."""
+    break and a device sync once in each of the estimator's 14 block groups (56 attention blocks)
+    at each of 10 steps. A key mask of a non-empty window (all the estimator is given) has no such
+    row."""
 
     def mask(
         xs: torch.Tensor,
