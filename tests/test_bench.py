@@ -243,3 +243,19 @@ def test_the_weights_of_a_cpu_config_include_the_watermarker() -> None:
     four = module_bytes([tts.t3, tts.s3gen, tts.ve, tts.watermarker.perth_net])
     assert configs["upstream"]["weights_gib"] * 2**30 == four
     assert configs["optimized"]["weights_gib"] * 2**30 == four + module_bytes([lin])
+
+
+def test_the_footer_names_the_estimator_only_where_a_configuration_compiled_it(
+    tmp_path: Path, reference_wav: Path
+) -> None:
+    """The one-shot configurations run S3Gen eagerly: only compiled-stream compiles its estimator,
+    yet the footer said compile_s was "T3's step and S3Gen's estimator" after any bench, and
+    docs/gpu-check.md quoted an upstream,compiled run's 99.6 s as both."""
+    report = run_bench(
+        "tiny", ("upstream", "compiled"), tokens=2, repeats=1, reference=str(reference_wav), outdir=tmp_path
+    )
+    assert report["compile_s"]["compiled"] > 0
+    footer = bench.format_bench(report).splitlines()[-2]  # (the last line lists the files written)
+    assert "compile_s: T3's step, kept out of TTFA and wall" in footer and "estimator" not in footer
+    report["settings"]["configs"].append("compiled-stream")  # as if it had run beside them
+    assert "compile_s: T3's step and S3Gen's estimator" in bench.format_bench(report)
