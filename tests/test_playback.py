@@ -47,8 +47,20 @@ def test_stream_player_marks_underruns() -> None:
     assert sf.info(io.BytesIO(audio.value)).frames == 12000
     wav = player.finish()
     assert len(wav) == 36000 and sf.info(io.BytesIO(player.full.children[1].value)).frames == 36000
-    assert "1 underruns" in player.status.value
+    assert "1 underrun so far" in player.status.value
     assert player.static()["index"].tolist() == [0, 1]  # the static rendering has both rows
+
+
+def test_the_stream_player_keeps_its_title() -> None:
+    # The first chunk's status replaced the title, and the table a saved notebook keeps had none:
+    # notebooks 05 and 09 kept unlabeled tables, one per stream.
+    player = StreamPlayer(24000, title="naive <25>")
+    player.add(np.zeros(24000, np.float32), _metrics(0, 1.0, 1.0))
+    assert player.status.value.startswith("<b>naive &lt;25&gt;</b>: 1 chunk, 0 underruns so far")
+    player.finish()
+    static = player._static_bundle()
+    assert static["text/plain"].splitlines()[0] == "naive <25>"
+    assert "<b>naive &lt;25&gt;</b>" in static["text/html"].split("<table")[0]
 
 
 def test_ab_compare_and_seam_figure(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,6 +73,21 @@ def test_ab_compare_and_seam_figure(capsys: pytest.CaptureFixture[str]) -> None:
     assert "image/png" in shown["data"] and capsys.readouterr().out == ""
     fig = seam_figure({"naive": a, "buffered": b}, {"naive": [24000], "buffered": [12000, 36000]})
     assert len(fig.axes) == 4
+
+
+def test_ab_compare_plays_and_shows_its_figure_where_no_widget_renders() -> None:
+    # A saved notebook kept only the widget and its name, "VBox(children=...": GitHub's viewer,
+    # which renders no widgets, showed neither the versions' audio nor the seams' figure.
+    a, b = np.full(48000, 0.1, np.float32), np.full(24000, -0.1, np.float32)
+    w = ab_compare({"naive": a, "buffered": b}, {"naive": [24000], "buffered": [12000]}, 24000)
+    bundle = w._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == w.model_id
+    assert "VBox(" not in bundle["text/plain"]
+    assert "naive: 2.00 s" in bundle["text/plain"] and "buffered: 1.00 s" in bundle["text/plain"]
+    markup = bundle["text/html"]
+    assert markup.count("<audio") == 2 and "data:image/png;base64," in markup
+    played = [base64.b64decode(s) for s in re.findall(r'"data:audio/wav;base64,([^"]+)"', markup)]
+    assert played == [wav_bytes(a, 24000), wav_bytes(b, 24000)]  # what the widgets play
 
 
 def test_outside_a_kernel_the_player_shows_its_static_table_and_the_utterance(
@@ -79,7 +106,7 @@ def test_outside_a_kernel_the_player_shows_its_static_table_and_the_utterance(
     monkeypatch.setattr(playback, "display", lambda x, **_k: shown.append(x))
     player._ipython_display_()  # pytest runs no Jupyter kernel
     [bundle] = shown
-    assert bundle["text/plain"].splitlines()[0].split() == ["index", "emitted_s", "audio_s", "rtf"]
+    assert bundle["text/plain"].splitlines()[1].split() == ["index", "emitted_s", "audio_s", "rtf"]
     assert "object>" not in bundle["text/plain"] and "<table" in bundle["text/html"]
     assert bundle["text/plain"].endswith("whole utterance: 1.50 s of audio (player.finish() returns it)")
     assert "<audio" in bundle["text/html"]

@@ -3,10 +3,12 @@ widget with the waveforms zoomed on the seams, both ipywidgets. Display the play
 (``display(player)``): in a kernel it shows the widget, and when it finishes it shows it again
 with a table of its chunks and the whole utterance beside it, which is what a saved notebook's
 viewer that renders no widgets (GitHub) shows. Outside a kernel (an IPython terminal) it shows
-that table and a line saying how much audio the utterance holds."""
+that table and a line saying how much audio the utterance holds. The A/B widget likewise carries
+its versions' audio and its figure as HTML, which such a viewer shows in its place."""
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 from collections.abc import Sequence
@@ -43,12 +45,23 @@ def audio_widget(wav: np.ndarray, sample_rate: int) -> widgets.Audio:
     return widgets.Audio(value=wav_bytes(wav, sample_rate), format="wav", autoplay=False, loop=False)
 
 
+def _audio_html(wav: bytes) -> str:
+    """An ``<audio>`` element playing the bytes of a WAV file (``wav_bytes``, what the widgets
+    play: IPython's own conversion of an array scales it to full scale)."""
+    return str(Audio(wav)._repr_html_())
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class StreamPlayer:
     """Feed it ``(chunk, metrics)`` as a stream yields them: one row per chunk (index, arrival,
     latency, audio, underrun marker) with that chunk's audio, and the whole utterance at the end."""
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, title: str = "stream") -> None:
         self.sample_rate = sample_rate
+        self.title = title
         self.chunks: list[np.ndarray] = []
         self.metrics: list[ChunkMetrics] = []
         self.status = widgets.HTML(f"<b>{html.escape(title)}</b>: waiting for the first chunk")
@@ -71,7 +84,10 @@ class StreamPlayer:
             *self.rows.children,
             widgets.HBox([label, audio_widget(chunk, self.sample_rate)]),
         )
-        self.status.value = f"<b>{len(self.chunks)} chunks</b>, {len(gaps)} underruns so far"
+        self.status.value = (
+            f"<b>{html.escape(self.title)}</b>: {_count(len(self.chunks), 'chunk')}, "
+            f"{_count(len(gaps), 'underrun')} so far"
+        )
 
     def finish(self) -> np.ndarray:
         """Show the whole utterance and return it."""
@@ -90,16 +106,17 @@ class StreamPlayer:
         return chunks.round(2)
 
     def _static_bundle(self) -> dict[str, str]:
-        """``static()`` and the whole utterance, as text (a terminal) and as HTML (playable)."""
+        """The title, ``static()`` and the whole utterance, as text (a terminal) and as HTML
+        (playable)."""
         table = self.static()
-        text, markup = [table.to_string(index=False)], [table.to_html(index=False)]
+        text = [self.title, table.to_string(index=False)]
+        markup = [f"<p><b>{html.escape(self.title)}</b></p>", table.to_html(index=False)]
         if self.chunks:
             wav = np.concatenate(self.chunks)
             seconds = len(wav) / self.sample_rate
             line = f"whole utterance: {seconds:.2f} s of audio (player.finish() returns it)"
             text.append(line)
-            # the widget's bytes: IPython's own conversion of an array scales it to full scale
-            markup.append(f"<p>{line}</p>" + Audio(wav_bytes(wav, self.sample_rate))._repr_html_())
+            markup.append(f"<p>{line}</p>" + _audio_html(wav_bytes(wav, self.sample_rate)))
         return {"text/plain": "\n".join(text), "text/html": "\n".join(markup)}
 
     def _bundle(self) -> dict[str, Any]:
@@ -145,21 +162,44 @@ def seam_figure(
     return fig
 
 
+class ABCompare(widgets.VBox):
+    """``ab_compare``'s widget, displayed with ``static`` beside it (like ``StreamPlayer``): what a
+    saved notebook's viewer that renders no widgets (GitHub) shows in place of "VBox(children=..."."""
+
+    def __init__(self, children: Sequence[widgets.Widget], static: dict[str, str]) -> None:
+        super().__init__(children)
+        self.static = static
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        return {**super()._repr_mimebundle_(**kwargs), **self.static}
+
+
 def ab_compare(
     waves: dict[str, np.ndarray], seams: dict[str, Sequence[int]], sample_rate: int = SAMPLE_RATE
-) -> widgets.VBox:
+) -> ABCompare:
     """Two (or more) versions side by side, each playable, above their waveforms at the seams."""
-    players = [
-        widgets.VBox([widgets.HTML(f"<b>{html.escape(k)}</b>"), audio_widget(v, sample_rate)])
-        for k, v in waves.items()
-    ]
+    audio = {k: audio_widget(v, sample_rate) for k, v in waves.items()}
+    players = [widgets.VBox([widgets.HTML(f"<b>{html.escape(k)}</b>"), a]) for k, a in audio.items()]
     # The figure as a PNG in the widget itself: ``with Output(): display(fig)`` captures only in a
     # kernel, and outside one printed "Figure(360x180)" to stdout (a script's JSON with it).
     buf = io.BytesIO()
     seam_figure(waves, seams, sample_rate).savefig(buf, format="png")
     plot = widgets.Output()
     plot.append_display_data(Image(data=buf.getvalue(), format="png"))
-    return widgets.VBox([widgets.HBox(players), plot])
+    lines = [
+        f"{k}: {len(v) / sample_rate:.2f} s, {_count(len(seams.get(k, ())), 'seam')}"
+        for k, v in waves.items()
+    ]
+    playable = [
+        f"<p><b>{html.escape(line)}</b></p>" + _audio_html(bytes(a.value))  # the widget keeps a memoryview
+        for line, a in zip(lines, audio.values(), strict=True)
+    ]
+    png = base64.b64encode(buf.getvalue()).decode("ascii")
+    static = {
+        "text/plain": "\n".join(lines),
+        "text/html": "\n".join([*playable, f'<img src="data:image/png;base64,{png}" alt="the seams">']),
+    }
+    return ABCompare([widgets.HBox(players), plot], static)
 
 
 def _has_frontend() -> bool:
