@@ -18,6 +18,10 @@ from torch.utils.benchmark import Measurement, TaskSpec
 
 Device = torch.device | str | None
 
+# Below this many repeats a Measurement's ``.iqr`` is not a quartile spread: the quartiles of one
+# run are that run, of two or three a share of their range.
+FEW_REPEATS = 4
+
 
 def synchronize(device: Device) -> None:
     """Wait for all queued work on ``device`` (a no-op on the CPU)."""

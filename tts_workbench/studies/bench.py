@@ -23,7 +23,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch.utils.benchmark import Compare, Measurement, Timer
 
-from ..core.clock import measurement, now
+from ..core.clock import FEW_REPEATS, measurement, now
 from ..core.constants import (
     FRAMES_PER_TOKEN,
     SAMPLE_RATE,
@@ -552,8 +552,6 @@ def bench_frame(report: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# Below this many repeats the Compare table's interquartile range says little about the spread.
-FEW_REPEATS = 4
 # The timings whose repeats go into the Compare table, and their column names.
 REPEATED = {"t3_step_s": "T3 step", "t3_prefill_s": "T3 prefill", "ttfa_s": "first audio", "wall_s": "wall"}
 

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 
-from ..core.clock import now
+from ..core.clock import FEW_REPEATS, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.devices import check_device
 from ..core.errors import CacheError, NoVoiceError, SourceError, naming_flag
@@ -402,10 +402,11 @@ def where_half_fails(
 
 def policy_frame(tts: ChatterboxTTS, policies: Sequence[str]) -> pd.DataFrame:
     """T3's prefill and decode step under each dtype policy (``measure_policy``, the same model
-    each time): medians and interquartile ranges in milliseconds, one row per policy."""
+    each time): medians and interquartile ranges in milliseconds over ``FEW_REPEATS`` runs (the
+    fewest whose IQR is a quartile spread), one row per policy."""
     rows = []
     for policy in policies:
-        t = measure_policy(tts, policy)
+        t = measure_policy(tts, policy, repeats=FEW_REPEATS)
         pre, step = t["prefill_s"], t["step_s"]
         rows.append(
             {"policy": policy, "prefill_ms": pre.median * 1e3, "prefill_iqr_ms": pre.iqr * 1e3,
