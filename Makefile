@@ -16,6 +16,8 @@ venv: $(STAMP)
 # PYTHONDONTWRITEBYTECODE, so a module without a .pyc is compiled again by every process that
 # imports it. uv does not read pip's settings,
 # so pip's find-links folder (where this machine keeps its CPU torch wheel) is passed on.
+# Without it uv takes PyPI's torch, the CUDA build, which does not import without the NVIDIA
+# libraries the lock leaves out: the recipe checks the import and says what to do.
 # PyPI's torchaudio wheels carry a C extension linked against CUDA torch; chatterbox only uses
 # torchaudio's pure-Python parts (kaldi fbank, Resample), so the extension is removed and
 # torchaudio falls back to them (tests/test_environment.py checks both calls work).
@@ -28,6 +30,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(UV_INSTALL) --compile-bytecode -r requirements.lock
 	rm -f $$($(BIN)/python -c "import importlib.util,pathlib;print(pathlib.Path(importlib.util.find_spec('torchaudio').origin).parent/'lib')")/*.so
 	$(UV_INSTALL) --no-build-isolation -e .
+	@$(BIN)/python -c "import torch" 2>/dev/null || { echo "error: torch does not import: \
+	PyPI's torch 2.13.0 for Linux is the CUDA build, whose NVIDIA libraries the lock leaves out. Put \
+	the CPU wheel (torch-2.13.0+cpu) in a folder and name it in PIP_FIND_LINKS, or try PyTorch's CPU \
+	index (UV_INDEX=https://download.pytorch.org/whl/cpu), then make clean and make again \
+	(docs/environment.md)" >&2; exit 1; }
 	touch $(STAMP)
 
 demo: venv

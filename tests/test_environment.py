@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -48,3 +50,23 @@ def test_torchaudio_pure_python_parts_work_without_its_cuda_extension() -> None:
     x = torch.randn(1, 16000)
     assert kaldi.fbank(x, num_mel_bins=80).shape == (98, 80)
     assert torchaudio.transforms.Resample(24000, 16000)(x).shape == (1, 10667)
+
+
+def test_make_venv_stops_saying_what_to_do_when_torch_does_not_import(tmp_path: Path) -> None:
+    # A machine without the CPU wheel gets PyPI's CUDA torch, which cannot import without the
+    # NVIDIA libraries the lock leaves out: the recipe's check must fail and name the fixes.
+    # The recipe is read from `make -n` (nothing runs) and its check run against a python
+    # that cannot import torch.
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nexec {sys.executable} -c "import no_such_module_here"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(
+        ["make", "-n", "-W", "requirements.lock", "venv", f"BIN={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    commands = out.replace("\\\n", "").splitlines()
+    check = next(c for c in commands if c.startswith(f'{fake} -c "import torch"'))
+    run = subprocess.run(["sh", "-c", check], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "torch does not import" in run.stderr
+    assert "PIP_FIND_LINKS" in run.stderr and "make clean" in run.stderr
