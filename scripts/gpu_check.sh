@@ -79,6 +79,11 @@
 #                                   # the GPU run uses the image's python3)
 #   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
 set -uo pipefail
+# Requests to the serve step's server (127.0.0.1) go straight to it: urllib (the health wait) and
+# httpx (`load --url`) send them to the environment's http_proxy otherwise, which cannot reach this
+# machine's loopback. Added to both spellings' entries (Python reads no_proxy when both are set).
+export no_proxy="${no_proxy:+$no_proxy,}${NO_PROXY:+$NO_PROXY,}127.0.0.1,localhost"
+export NO_PROXY=$no_proxy
 cd "$(dirname "$0")/.."
 SECONDS=0  # the deadline counts from here: the install and every step inside it
 MODE=gpu

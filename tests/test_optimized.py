@@ -191,6 +191,7 @@ def test_policy_timings_are_medians_and_spreads_of_each_policy(tiny_tts: Chatter
     frame = policy_frame(tiny_tts, ["float32", "decode-bfloat16"])
     # Before, 3 repeats: their "IQR" was part of their range, not a quartile spread.
     assert list(frame["policy"]) == ["float32", "decode-bfloat16"] and set(frame["repeats"]) == {FEW_REPEATS}
+    assert FEW_REPEATS >= 4  # fewer repeats have no quartiles of their own
     assert (frame[["prefill_ms", "step_ms"]] > 0).all().all()
     assert (frame[["prefill_iqr_ms", "step_iqr_ms"]] >= 0).all().all()
     assert next(tiny_tts.t3.parameters()).dtype == torch.float32  # measured on copies

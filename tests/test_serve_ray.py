@@ -41,9 +41,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Every request here goes to the server on 127.0.0.1 with trust_env=False: httpx would send it to
+# the environment's http_proxy otherwise, which cannot reach this machine's loopback.
 def _health(url: str) -> dict[str, object] | None:
     try:
-        r = httpx.get(f"{url}/health", timeout=5)
+        r = httpx.get(f"{url}/health", timeout=5, trust_env=False)
     except httpx.HTTPError:
         return None
     return r.json() if r.status_code == 200 else None
@@ -64,7 +66,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
             assert proc.poll() is None, (run / "stderr").read_text()[-3000:]
             assert time.monotonic() < deadline, "the server did not answer in time"
             time.sleep(1.0)
-        model = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
+        model = httpx.get(f"{url}/v1/models", timeout=5, trust_env=False).json()["data"][0]["id"]
         yield url, model
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -84,7 +86,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
 
 def _speech(url: str, model: str, **fields: object) -> httpx.Response:
     body = {"model": model, "input": TEXT, "seed": 7, "max_tokens": 40, **fields}
-    return httpx.post(f"{url}/v1/audio/speech", json=body, timeout=120)
+    return httpx.post(f"{url}/v1/audio/speech", json=body, timeout=120, trust_env=False)
 
 
 def test_http_audio_equals_the_in_process_stream(server: tuple[str, str], tmp_path: Path) -> None:
@@ -122,7 +124,7 @@ def test_four_concurrent_clients_and_both_replicas(server: tuple[str, str]) -> N
     for _ in range(20):  # bounded: Ray Serve spreads requests; both replicas answer
         if len(replicas) == 2:
             break
-        replicas.add(httpx.get(f"{url}/health", timeout=5).headers["x-replica"])
+        replicas.add(httpx.get(f"{url}/health", timeout=5, trust_env=False).headers["x-replica"])
     assert len(replicas) == 2
 
 
@@ -130,7 +132,7 @@ def test_a_bad_request_gets_its_4xx_and_the_server_goes_on(server: tuple[str, st
     url, model = server
     r = _speech(url, model, voice="nobody")
     assert r.status_code == 400 and r.json()["error"]["param"] == "voice"
-    r = httpx.post(f"{url}/v1/audio/speech", content=b"{oops", timeout=30)
+    r = httpx.post(f"{url}/v1/audio/speech", content=b"{oops", timeout=30, trust_env=False)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert _speech(url, model, max_tokens=10).status_code == 200
 
@@ -149,10 +151,10 @@ def test_a_client_that_disconnects_frees_its_stream(server: tuple[str, str]) -> 
     for _ in range(40):  # bounded: Ray Serve spreads requests; read both replicas' counts
         if len(before) == 2:
             break
-        answer = httpx.get(f"{url}/metrics", timeout=5)
+        answer = httpx.get(f"{url}/metrics", timeout=5, trust_env=False)
         before[answer.headers["x-replica"]] = _tokens_sampled(answer.text, answer.headers["x-replica"])
     body = {"model": model, "input": TEXT * 3, "seed": 1, "max_tokens": 800}
-    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=60) as r:
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=60, trust_env=False) as r:
         replica = r.headers["x-replica"]
         next(r.iter_raw())  # the first audio, then the client goes away
     idle = f'tts_active_streams{{replica="{replica}"}} 0.0'
@@ -160,7 +162,7 @@ def test_a_client_that_disconnects_frees_its_stream(server: tuple[str, str]) -> 
     seen = ""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # bounded: ask until that replica answers idle
-        answer = httpx.get(f"{url}/metrics", timeout=5)
+        answer = httpx.get(f"{url}/metrics", timeout=5, trust_env=False)
         if answer.headers["x-replica"] == replica:
             seen = answer.text
             if idle in seen and left in seen:
@@ -172,9 +174,13 @@ def test_a_client_that_disconnects_frees_its_stream(server: tuple[str, str]) -> 
 
 
 def test_load_url_measures_the_server(
-    server: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: tuple[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, _ = server
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # the study's client reads the environment's proxy
     args = ["load", "--url", url, "--streams", "1,2", "--tokens", "30", "--out", str(tmp_path), "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)

@@ -153,6 +153,8 @@ def test_without_hta_the_report_says_where_to_read_it(
     monkeypatch.setitem(sys.modules, "hta.trace_analysis", None)  # as on the GPU image
     r = analyze(known_trace)
     assert not r.analyzed and r.note.startswith(NO_HTA_NOTE) and r.device == "test GPU"
+    # the command to run where HTA is, not only the constant the code builds the note from
+    assert "`tts-workbench trace --read PATH`" in r.note and "pip install -r requirements.lock" in r.note
 
 
 def test_known_trace_region(known_trace: Path, tmp_path: Path) -> None:
