@@ -13,6 +13,8 @@
 #      compiled steps decode without the alignment analyzer, README);
 #   1c. (GPU_CHECK_LOAD=1, GPU_CHECK_SERVE=1) the load study, in process and over HTTP; its figure
 #      is copied beside the results file (NAME_load.png, NAME_serve-load.png);
+#   1d. (GPU_CHECK_FUSION=1) the compiled T3 step with its projections fused vs unfused, one stream
+#      and the engine at 8 streams, bfloat16 (scripts/fusion_study.py, issue 22; four compiles);
 #   2. (GPU_CHECK_TRACE=1, the default) `tts-workbench trace`: T3's decode with the eager and the
 #      compiled step profiled after a warm-up, each one's t3.decode region (its first 20 steps)
 #      cut and copied to traces/ beside the results file (issue 22); the image has no
@@ -58,6 +60,7 @@
 #                                   # study's levels to it with `load --url` (issue 20's GPU row); needs
 #                                   # ray[serve], which the GPU image lacks and which cannot be carried
 #                                   # (its wheel alone is 79 MB): there it is recorded as skipped
+#   GPU_CHECK_FUSION=1              # also run the fused-projection study (step 1d; dry run: tiny, 2 streams)
 #   GPU_CHECK_PORT=8123             # the serve step's port on 127.0.0.1
 #   GPU_CHECK_SERVE_CACHE=320       # the served engine's cache positions per stream (--max-cache-len)
 #   GPU_CHECK_OUT=FILE              # the results file (default results/gpu_check.json; dry run
@@ -462,6 +465,10 @@ while True:  # until the replica has built, compiled and answers, or the seconds
         ((GRACE < 5)) && GRACE=5
         kill -TERM $SERVER 2>/dev/null; timeout $GRACE tail --pid=$SERVER -f /dev/null || kill -KILL $SERVER 2>/dev/null
     fi
+fi
+if [[ ${GPU_CHECK_FUSION:-0} == 1 ]]; then  # a script of its own arguments: --plain (it prints JSON)
+    [[ $MODE == dry-run ]] && FUSION=(--repeats 1 --streams 2) || FUSION=(--policy bfloat16 --repeats 3 --streams 8)
+    step --plain fusion $PY scripts/fusion_study.py --model $MODEL --device $DEVICE "${FUSION[@]}"
 fi
 if [[ ${GPU_CHECK_TRACE:-1} == 1 ]]; then
     [[ $MODE == dry-run ]] && STEPS=eager,static || STEPS=eager,compiled  # no compile in the dry run

@@ -32,7 +32,7 @@ from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime import decode
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine
-from tts_workbench.studies.bench import environment
+from tts_workbench.studies.bench import engine_step_ms, environment
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 TOKENS = 150
@@ -54,13 +54,7 @@ def _one_stream(tts: Any) -> dict[str, Callable[[], float]]:
 def _engine(tts: Any, streams: int, step: str, cache: int) -> dict[str, Callable[[], float]]:
     def run() -> float:
         with StreamEngine(tts, max_streams=streams, step=step, max_cache_len=cache) as engine:
-            engine.warmup()  # compiling is kept out of t3_s anyway
-            with engine.together():
-                handles = [engine.submit(TEXT, seed=k, max_new_tokens=TOKENS) for k in range(streams)]
-            for h in handles:
-                for _ in h:
-                    pass
-            return engine.stats.t3_s / engine.stats.t3_steps * 1e3
+            return engine_step_ms(engine, TEXT, streams, TOKENS)
 
     return {"span": run, "whole": run}
 

@@ -235,6 +235,22 @@ def test_the_load_step_names_no_file_that_is_gone(tmp_path: Path, reference_wav:
     assert re.search(r"^level 1: \{", p.stderr, re.M), p.stderr[-2000:]
 
 
+@pytest.mark.integration  # the tiny model's step compiled four times (~1 min)
+def test_the_fusion_step_compares_the_fused_step_with_the_unfused(
+    tmp_path: Path, reference_wav: Path
+) -> None:
+    p, result = gpu_check(
+        tmp_path, "--dry-run", GPU_CHECK_FUSION="1", GPU_CHECK_POLICIES="", GPU_CHECK_TRACE="0",
+        GPU_CHECK_REFERENCE=str(reference_wav),
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
+    fusion = result["fusion"]
+    assert fusion["plan"].endswith("compiled step, fused")
+    assert fusion["one_stream_compiled"]["same_tokens"] is True
+    engine = fusion["engine_2_streams_compiled"]
+    assert set(engine["median_ms"]) == {"unfused", "fused"} and engine["fused_over_unfused"] > 0
+
+
 def test_the_gpu_steps_import_without_the_notebook_packages() -> None:
     # The GPU image has no IPython, ipywidgets or Ray Serve: on 2026-12-04 a top-level IPython
     # import (core.progress) failed every step of a GPU call. Every module but the notebook

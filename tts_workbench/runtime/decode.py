@@ -76,6 +76,7 @@ from ..core.rng import default_generator
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
 from .alignment import alignment
+from .fusion import fusable, fused_backbone
 from .sampling import Sampler, exponential_noise, not_finite
 
 StepMode = Literal["eager", "static", "compiled"]
@@ -178,6 +179,12 @@ class DecodePlan:
     ``cpp_wrapper``: compile the "compiled" step with Inductor's C++ wrapper where there are no
     CUDA graphs (on a CPU): on ``deep-narrow`` 0.67-0.89x the time per token in four runs, at a
     longer first compile (docs/decode.md). Off by default.
+
+    ``fused``: the "static" and "compiled" steps (and the stream engine's) run a copy of
+    ``decode``'s backbone with q, k, v and gate, up each projected in one matmul
+    (``fusion.fused_backbone``, ``step_parts``): on ``deep-narrow`` the compiled step took
+    0.88-0.92x the time, for one more backbone in memory. Off by default; the eager step and
+    the prefill always run the model's own modules.
     """
 
     prefill: T3Parts
@@ -191,7 +198,10 @@ class DecodePlan:
     cache_fix: str = "set plan.max_cache_len >= {need} (or use step='eager')"
     # What a generation refused while another holds the static cache may do instead, likewise.
     busy_fix: str = "decode this one with step='eager'"
+    fused: bool = False
     _static: dict[int, StaticStep] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _fused: T3Parts | None = field(default=None, init=False, repr=False, compare=False)
+    _fusing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.step not in STEP_MODES:
@@ -214,7 +224,20 @@ class DecodePlan:
             return what
         on_cpu = next(self.decode.speech_head.parameters()).device.type != "cuda"
         cpp = self.cpp_wrapper and self.step == "compiled" and on_cpu  # CUDA graphs have no wrapper
-        return f"{what}, {self.step} step" + (" (C++ wrapper)" if cpp else "")
+        fused = self.fused and fusable(self.decode.tfmr)
+        return f"{what}, {self.step} step" + (" (C++ wrapper)" if cpp else "") + (", fused" if fused else "")
+
+    @property
+    def step_parts(self) -> T3Parts:
+        """What the static and compiled steps run: ``decode``, or with ``fused`` a copy of it whose
+        backbone has fused projections (made on first use, kept until ``drop_static``)."""
+        if not self.fused:
+            return self.decode
+        with self._fusing:  # two threads building steps at once make one copy
+            if self._fused is None:
+                d = self.decode
+                self._fused = T3Parts(fused_backbone(d.tfmr), d.speech_emb, d.speech_pos_emb, d.speech_head)
+            return self._fused
 
     def static_step(self, batch: int) -> StaticStep | None:
         """The static step (cache and compiled function) kept for ``batch``, if one was built."""
@@ -226,8 +249,10 @@ class DecodePlan:
         return tensor_bytes(t for layer in layers for t in (layer.keys, layer.values))
 
     def drop_static(self) -> None:
-        """Forget the static caches and compiled steps (the next generation builds new ones)."""
+        """Forget the static caches, compiled steps and fused copy (the next generation builds new
+        ones)."""
         self._static.clear()
+        self._fused = None
 
     def context(self, device: torch.device) -> ExitStack:
         """Inference mode, and autocast on ``device`` when the plan has an autocast dtype, entered
@@ -708,7 +733,7 @@ def _static_step(
     held = plan.static_step(batch)
     compile = plan.step == "compiled"
     cpp_wrapper = plan.cpp_wrapper and compile and device.type != "cuda"  # where it has an effect
-    same = held is not None and held.cpp_wrapper == cpp_wrapper and held.parts is plan.decode
+    same = held is not None and held.cpp_wrapper == cpp_wrapper and held.parts is plan.step_parts
     if held is not None and same and held.max_cache_len == plan.max_cache_len:
         # A step whose compile failed is kept: it does not retry (and warn) every generation.
         if compile == (held.compiled or held.fallback_reason is not None):
@@ -719,7 +744,7 @@ def _static_step(
                 )
             return held
     step = StaticStep(
-        plan.decode,
+        plan.step_parts,
         batch=batch,
         max_cache_len=plan.max_cache_len,
         dtype=dtype,

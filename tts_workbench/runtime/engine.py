@@ -375,6 +375,9 @@ class StreamEngine:
         self.rows_per_stream = 2 if self.family.guidance else 1
         self.stats = EngineStats()
         parts: T3Parts = self.plan.decode
+        # What each step runs, taken once here, outside the compiled step (the plan makes a fused
+        # copy under a lock, which dynamo cannot trace).
+        self._parts = self.plan.step_parts
         config_: Any = parts.tfmr.config
         self.kv_heads, self.head_dim = kv_layout(config_)
         rows = max_streams * self.rows_per_stream
@@ -946,7 +949,7 @@ class StreamEngine:
         attends to its own slots ``[0, slot[r]]`` only, among the first ``span``. The cache is
         an argument, not looked up in ``_caches``: a compiled graph guards on what it reads, and
         that dict grows as shapes are added (each addition would recompile the others)."""
-        parts = self.plan.decode
+        parts = self._parts
         embeds = parts.embed(token, position).to(parts.dtype)
         keep = torch.arange(span, device=slot.device)[None, :] <= slot[:, None]
         if self._sdpa:

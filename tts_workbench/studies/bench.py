@@ -45,6 +45,7 @@ from ..models.reference import make_reference_wav
 from ..models.sources import load_model, model_summary
 from ..models.vocode import FlowPlan
 from ..runtime.decode import T3Parts, check_new_tokens, check_positions
+from ..runtime.engine import StreamEngine
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
 from ..runtime.precision import check_policy
@@ -139,6 +140,18 @@ def run_pipeline(pipeline: Pipeline, text: str, tokens: int, seed: int, **option
         t3_compile_s=s.get("t3.compile", 0.0),
         phases_s=sum(s.get(k, 0.0) for k in ("t3.prefill", "t3.decode", "s3gen", "watermark")),
     )
+
+
+def engine_step_ms(engine: StreamEngine, text: str, streams: int, tokens: int) -> float:
+    """T3's ms per batched step in ``engine`` (warmed up first: its compiles are kept out) for
+    ``streams`` streams of ``text`` joining at one step, each read to its ``tokens``-token end."""
+    engine.warmup()
+    with engine.together():
+        handles = [engine.submit(text, seed=k, max_new_tokens=tokens) for k in range(streams)]
+    for h in handles:
+        for _ in h:
+            pass
+    return engine.stats.t3_s / engine.stats.t3_steps * 1e3
 
 
 def environment(model: str, device: str) -> dict[str, Any]:
