@@ -3,6 +3,9 @@ each one matmul, run by the static step and the stream engine when a plan asks f
 
 from __future__ import annotations
 
+import inspect
+import sys
+import threading
 from typing import Any
 
 import pytest
@@ -70,17 +73,24 @@ def test_a_fused_static_step_samples_the_unfused_steps_tokens(tiny_tts: Chatterb
     assert plan.step_parts.tfmr is not step.parts.tfmr
 
 
-def test_the_engine_runs_the_fused_copy_with_the_same_tokens(tiny_tts: ChatterboxTTS) -> None:
-    tokens = {}
+def test_the_engine_runs_the_fused_copy_with_the_same_tokens(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []  # the fused attention's forwards: the engine must run the copy, not the model's own
+    forward = FusedLlamaAttention.forward
+    monkeypatch.setattr(FusedLlamaAttention, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    tokens, ran = {}, {}
     for fused in (False, True):
         plan = DecodePlan.plain(tiny_tts.t3, step="static", fused=fused)
+        before = len(calls)
         with StreamEngine(tiny_tts, max_streams=2, plan=plan) as engine:
             with engine.together():
                 handles = [engine.submit(TEXT, seed=k, max_new_tokens=24) for k in range(2)]
             for h in handles:
                 list(h)
-        tokens[fused] = [h.tokens for h in handles]
+        tokens[fused], ran[fused] = [h.tokens for h in handles], len(calls) - before
     assert tokens[True] == tokens[False] and tokens[True][0] != tokens[True][1]
+    assert ran[False] == 0 and ran[True] >= 23 * len(tiny_tts.t3.tfmr.layers)  # every step, every layer
 
 
 def test_turbo_has_nothing_to_fuse() -> None:
@@ -119,3 +129,35 @@ def test_the_engines_fused_step_compiles_and_samples_the_same_tokens(tiny_tts: C
             assert engine.fallback_reason is None
         tokens[step] = [h.tokens for h in handles]
     assert tokens["compiled"] == tokens["static"]
+
+
+def test_a_copy_dropped_meanwhile_never_makes_step_parts_none(tiny_tts: ChatterboxTTS) -> None:
+    """A ``drop_static`` in another thread just before ``step_parts`` returns (forced with a trace
+    hook) leaves it returning the copy it made or found, never None."""
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", fused=True)
+    made = plan.step_parts
+    code = DecodePlan.step_parts.fget.__code__  # type: ignore[attr-defined]
+    source, first = inspect.getsourcelines(code)
+    ret = first + next(i for i, line in enumerate(source) if line.strip() == "return fused")
+    dropper = threading.Thread(target=plan.drop_static)
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+
+        def line(f: Any, e: str, a: Any) -> Any:
+            if e == "line" and f.f_lineno == ret and not dropper.is_alive() and dropper.ident is None:
+                dropper.start()
+                dropper.join(timeout=1.0)  # it waits for the lock this call holds, if it takes it
+            return line
+
+        return line
+
+    sys.settrace(tracer)
+    try:
+        got = plan.step_parts
+    finally:
+        sys.settrace(None)
+    dropper.join(timeout=10.0)
+    assert got is made and not dropper.is_alive()
+    assert plan.step_parts is not made  # dropped: the next call makes a new copy

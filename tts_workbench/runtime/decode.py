@@ -183,7 +183,7 @@ class DecodePlan:
     ``fused``: the "static" and "compiled" steps (and the stream engine's) run a copy of
     ``decode``'s backbone with q, k, v and gate, up each projected in one matmul
     (``fusion.fused_backbone``, ``step_parts``): on ``deep-narrow`` the compiled step took
-    0.88-0.92x the time, for one more backbone in memory. Off by default; the eager step and
+    0.85-0.92x the time, for one more backbone in memory. Off by default; the eager step and
     the prefill always run the model's own modules.
     """
 
@@ -234,10 +234,12 @@ class DecodePlan:
         if not self.fused:
             return self.decode
         with self._fusing:  # two threads building steps at once make one copy
-            if self._fused is None:
+            fused = self._fused  # read once: a drop_static elsewhere cannot make this None
+            if fused is None:
                 d = self.decode
-                self._fused = T3Parts(fused_backbone(d.tfmr), d.speech_emb, d.speech_pos_emb, d.speech_head)
-            return self._fused
+                fused = T3Parts(fused_backbone(d.tfmr), d.speech_emb, d.speech_pos_emb, d.speech_head)
+                self._fused = fused
+            return fused
 
     def static_step(self, batch: int) -> StaticStep | None:
         """The static step (cache and compiled function) kept for ``batch``, if one was built."""
@@ -252,7 +254,8 @@ class DecodePlan:
         """Forget the static caches, compiled steps and fused copy (the next generation builds new
         ones)."""
         self._static.clear()
-        self._fused = None
+        with self._fusing:
+            self._fused = None
 
     def context(self, device: torch.device) -> ExitStack:
         """Inference mode, and autocast on ``device`` when the plan has an autocast dtype, entered
