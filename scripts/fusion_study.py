@@ -103,8 +103,9 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=4, help="streams in the engine run (default 4)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    if args.repeats < 1 or args.streams < 1:  # the medians need one kept round; the engine a stream
-        ap.error(f"--repeats and --streams must be at least 1, got {args.repeats} and {args.streams}")
+    for flag, value in (("--repeats", args.repeats), ("--streams", args.streams)):  # a kept round; a stream
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
     torch.manual_seed(0)
     # upstream's prints would land in the JSON on stdout; the voice is removed once read
     with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:

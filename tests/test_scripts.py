@@ -124,10 +124,10 @@ def test_serving_study_refuses_streams_it_cannot_tabulate(
     assert "--streams" in refused(serving, ["--streams", streams], monkeypatch, capsys)
 
 
-# ---------------------------------------------------------------- span_study, cpp_wrapper_study
+# ---------------------------------------------------------------- span_study, cpp_wrapper_study, fusion_study
 
 
-@pytest.mark.parametrize("name", ["span_study", "cpp_wrapper_study"])
+@pytest.mark.parametrize("name", ["span_study", "cpp_wrapper_study", "fusion_study"])
 def test_studies_refuse_no_repeats(
     name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -137,7 +137,7 @@ def test_studies_refuse_no_repeats(
     assert "--repeats must be at least 1" in refused(study, ["--repeats", "0"], monkeypatch, capsys)
 
 
-@pytest.mark.parametrize("name", ["span_study", "cpp_wrapper_study"])
+@pytest.mark.parametrize("name", ["span_study", "cpp_wrapper_study", "fusion_study"])
 def test_studies_keep_their_reference_in_a_temporary_folder(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,8 +151,8 @@ def test_studies_keep_their_reference_in_a_temporary_folder(
         return Path(path)
 
     monkeypatch.setattr(study, "make_reference_wav", reference)
-    # the model's build (cpp_wrapper_study) or its voice (span_study) ends the run
-    monkeypatch.setattr(study, "build_model", lambda name: SimpleNamespace(prepare_conditionals=ran))
+    # the model's build (cpp_wrapper_study) or its voice (span_study, fusion_study) ends the run
+    monkeypatch.setattr(study, "build_model", lambda name, **_: SimpleNamespace(prepare_conditionals=ran))
     monkeypatch.setattr(study, "UpstreamTTS", ran, raising=False)
     monkeypatch.setattr(sys, "argv", [name])
     with pytest.raises(Ran):
