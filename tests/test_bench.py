@@ -16,6 +16,7 @@ from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import FAMILIES
 from tts_workbench.interface.cli import main
 from tts_workbench.models.builders import MODELS
+from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.studies import bench
 from tts_workbench.studies.bench import Row, bench_frame, run_bench, summarize
@@ -148,7 +149,7 @@ def test_reserved_growth_comes_from_the_same_runs_as_run_growth() -> None:
     from those runs, as run growth is (before: the max over every run, the build's 4096 beside a
     run growth of 300)."""
     lin = torch.nn.Linear(4, 4)  # 80 bytes of weights wherever one is asked for
-    plan = SimpleNamespace(prefill=lin, decode=lin, static_bytes=lambda: 1000)
+    plan = SimpleNamespace(prefill=lin, decode=lin, step_parts=lin, step="static", static_bytes=lambda: 1000)
     models = SimpleNamespace(t3=lin, s3gen=lin, ve=lin)
     opt: Any = SimpleNamespace(plans={"compiled": plan, "static": plan}, tts=models)
 
@@ -236,13 +237,39 @@ def test_the_weights_of_a_cpu_config_include_the_watermarker() -> None:
 
     tts = load_model("tiny", seed=0)
     lin = torch.nn.Linear(4, 4)
-    plan = SimpleNamespace(prefill=lin, decode=lin, static_bytes=lambda: 0)
+    plan = SimpleNamespace(prefill=lin, decode=lin, step="eager", static_bytes=lambda: 0)
     opt: Any = SimpleNamespace(plans={"eager": plan}, tts=tts)
     rows = [Row(c, 0, 1.0, 1.0, 1.0, 8, 0.1, 0.1, 1, 0.5, 0, 0) for c in ("upstream", "optimized")]
     configs = bench.memory_per_config(rows, tts, opt, torch.device("cpu"), "test")["configs"]
     four = module_bytes([tts.t3, tts.s3gen, tts.ve, tts.watermarker.perth_net])
     assert configs["upstream"]["weights_gib"] * 2**30 == four
     assert configs["optimized"]["weights_gib"] * 2**30 == four + module_bytes([lin])
+
+
+def test_fused_needs_a_static_or_compiled_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "load_model", _reached)
+    with pytest.raises(ConfigError, match="argument --fused: .* --configs"):
+        run_bench("tiny", configs=("upstream", "optimized", "optimized-stream"), fused=True, outdir=tmp_path)
+    assert main(["bench", "--fused", "--configs", "upstream,optimized", "--out", str(tmp_path)]) == 2
+    errors = _errors(capsys)
+    assert len(errors) == 1 and "--fused" in errors[0] and "--configs" in errors[0], errors
+    for step in ("static", "compiled", "compiled-stream"):
+        with pytest.raises(Reached):
+            run_bench("tiny", configs=("upstream", step), fused=True, outdir=tmp_path)
+
+
+def test_a_fused_bench_runs_the_copy_and_counts_its_weights(tmp_path: Path, reference_wav: Path) -> None:
+    """The static configuration's weights include the fused copy of T3's backbone it runs."""
+    weights = {}
+    for fused in (False, True):
+        report = run_bench("tiny", ("static",), tokens=2, repeats=1, reference=str(reference_wav),
+                           outdir=tmp_path / str(fused), fused=fused)  # fmt: skip
+        assert report["settings"]["fused"] is fused
+        weights[fused] = report["memory"]["configs"]["static"]["weights_gib"] * 2**30
+    backbone = sum(p.numel() * p.element_size() for p in load_model("tiny").t3.tfmr.parameters())
+    assert weights[True] - weights[False] == pytest.approx(backbone, rel=0.01)
 
 
 def test_the_footer_names_the_estimator_only_where_a_configuration_compiled_it(

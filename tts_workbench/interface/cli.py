@@ -269,6 +269,7 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         outdir=args.out,
         warmup=args.warmup,
         cpp_wrapper=args.cpp_wrapper,
+        fused=args.fused,
     )
     return report, format_bench
 
@@ -681,6 +682,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile the wrapper's decode step with Inductor's C++ wrapper (CPU; slow first compile; "
         "needs compiled or compiled-stream in --configs)",
+    )
+    b.add_argument(
+        "--fused",
+        action="store_true",
+        help="the wrapper's static and compiled steps with q, k, v and gate, up each one matmul (a copy "
+        "of T3's backbone; needs static, compiled or compiled-stream in --configs)",
     )
     b.add_argument("--text", help=TEXT_HELP)
     _reference(b)

@@ -449,6 +449,7 @@ class PerformanceOptimizedTTS(Pipeline):
         max_cache_len: int = DEFAULT_MAX_CACHE_LEN,
         flow: str = "auto",
         cpp_wrapper: bool = False,
+        fused: bool = False,
     ) -> None:
         if id(tts) in _OPEN:
             raise ConfigError(
@@ -457,6 +458,7 @@ class PerformanceOptimizedTTS(Pipeline):
             )
         self.tts = tts
         self.cpp_wrapper = cpp_wrapper  # the compiled decode step's, on a CPU (DecodePlan)
+        self.fused = fused  # the static and compiled steps run a copy with fused projections (DecodePlan)
         self.optimize = True
         self.record_attention = record_attention  # off by default: the profiler costs time
         self.stop_check_every = stop_check_every
@@ -595,6 +597,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 step=cast(StepMode, step),
                 max_cache_len=self.max_cache_len,
                 cpp_wrapper=self.cpp_wrapper,
+                fused=self.fused,
                 cache_fix="call the wrapper's set_max_cache_len({need}) (or decode='eager')",
                 busy_fix="decode this one with decode='eager'",
             )

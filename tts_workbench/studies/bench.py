@@ -189,12 +189,14 @@ def run_bench(
     outdir: str | Path = "runs/bench",
     warmup: int = 0,
     cpp_wrapper: bool = False,
+    fused: bool = False,
 ) -> dict[str, Any]:
     """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors.
     ``warmup`` untimed runs of each configuration come first (on CUDA the first call of a path
     pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth).
     ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``); on a
-    CPU only (refused on CUDA, whose compiled step runs as CUDA graphs, which have none)."""
+    CPU only (refused on CUDA, whose compiled step runs as CUDA graphs, which have none).
+    ``fused``: the wrapper's static and compiled steps with fused projections (``DecodePlan``)."""
     check_policy(dtype)
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be at least 1 and warmup at least 0, got {repeats} and {warmup}")
@@ -208,6 +210,11 @@ def run_bench(
         raise ConfigError(
             "argument --cpp-wrapper: only the compiled decode step has a C++ wrapper: add compiled or "
             "compiled-stream to --configs, or leave --cpp-wrapper out"
+        )
+    if fused and not any(PLAN_OF.get(c) in ("static", "compiled") for c in configs):
+        raise ConfigError(
+            "argument --fused: only the static and compiled decode steps run the fused copy: add static, "
+            "compiled or compiled-stream to --configs, or leave --fused out"
         )
     if cpp_wrapper and device.startswith("cuda"):  # the step would drop it and the report record it
         raise ConfigError(
@@ -241,7 +248,7 @@ def run_bench(
     dev = torch.device(device)
     before_open = allocated_bytes(dev)
     optimized = PerformanceOptimizedTTS(
-        load_model(model, device, seed), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper
+        load_model(model, device, seed), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper, fused=fused
     )
     after_open = allocated_bytes(dev)
     # Measured, beside the tensors counted: what the open wrapper's model holds on the GPU (its
@@ -312,6 +319,7 @@ def run_bench(
                 seed=seed,
                 text=text,
                 cpp_wrapper=cpp_wrapper,
+                fused=fused,
             ),
             "optimized_policy": {
                 "policy": opt.policy,
@@ -447,6 +455,8 @@ def memory_per_config(
         if c in PLAN_OF:
             plan = opt.plans[PLAN_OF[c]]
             parts = [*plan.prefill.modules(), *plan.decode.modules()]
+            if plan.step != "eager":  # a fused plan's copy (the eager step runs the model's own)
+                parts += plan.step_parts.modules()
             weights = module_bytes([*_model_modules(opt.tts, device), *parts])
             cache = plan.static_bytes()
         else:
