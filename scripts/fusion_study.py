@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +66,30 @@ def _one_stream(
     return {name: functools.partial(run, name) for name in NAMES}
 
 
-def _engine(tts: Any, plans: dict[str, DecodePlan], streams: int) -> dict[str, Callable[[], float]]:
-    # One graph per plan: a bucket of all the streams, a cache just long enough (one span), so a
-    # GPU call compiles two graphs, not one per bucket and span.
+def _engine(
+    tts: Any, plans: dict[str, DecodePlan], streams: int, stack: ExitStack
+) -> dict[str, Callable[[], float]]:
+    # One engine per plan for every round (each new engine compiles its step anew), with one
+    # bucket of all the streams and a cache just long enough (one span): two compiles in all.
     need = positions_needed(prefill_length(tts, TEXT), TOKENS)
     cache = -(-need // 64) * 64
-
-    def run(name: str) -> float:
-        with StreamEngine(tts, max_streams=streams, step="compiled", plan=plans[name], max_cache_len=cache,
-                          step_buckets=[streams]) as engine:  # fmt: skip
-            return engine_step_ms(engine, TEXT, streams, TOKENS)
-
-    return {name: functools.partial(run, name) for name in NAMES}
+    engines = {
+        name: stack.enter_context(
+            StreamEngine(
+                tts,
+                max_streams=streams,
+                step="compiled",
+                plan=plan,
+                max_cache_len=cache,
+                step_buckets=[streams],
+            )  # fmt: skip
+        )
+        for name, plan in plans.items()
+    }
+    return {
+        name: functools.partial(engine_step_ms, engine, TEXT, streams, TOKENS)
+        for name, engine in engines.items()
+    }
 
 
 def _measure(what: str, runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, Any]:
@@ -114,7 +127,9 @@ def main() -> None:
     plans = _plans(tts, args.policy)
     tokens: dict[str, list[int]] = {}
     one = _measure("one stream", _one_stream(tts, plans, tokens), args.repeats)
-    engine = _measure(f"engine, {args.streams} streams", _engine(tts, plans, args.streams), args.repeats)
+    with ExitStack() as stack:
+        engines = _engine(tts, plans, args.streams, stack)
+        engine = _measure(f"engine, {args.streams} streams", engines, args.repeats)
     out = {
         "environment": environment(f"{args.model} (random weights)", args.device),
         "model": f"{args.model} (random weights)",

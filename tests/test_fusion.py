@@ -15,9 +15,10 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from tts_workbench.models.sources import load_model
-from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.runtime.decode import DecodePlan, FusedCopies, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.fusion import FusedLlamaAttention, FusedLlamaMLP, fused_backbone
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 TOKENS = 60
@@ -136,9 +137,9 @@ def test_a_copy_dropped_meanwhile_never_makes_step_parts_none(tiny_tts: Chatterb
     hook) leaves it returning the copy it made or found, never None."""
     plan = DecodePlan.plain(tiny_tts.t3, step="static", fused=True)
     made = plan.step_parts
-    code = DecodePlan.step_parts.fget.__code__  # type: ignore[attr-defined]
+    code = FusedCopies.of.__code__
     source, first = inspect.getsourcelines(code)
-    ret = first + next(i for i, line in enumerate(source) if line.strip() == "return fused")
+    ret = first + next(i for i, line in enumerate(source) if line.strip() == "return made[1]")
     dropper = threading.Thread(target=plan.drop_static)
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
@@ -161,3 +162,16 @@ def test_a_copy_dropped_meanwhile_never_makes_step_parts_none(tiny_tts: Chatterb
     dropper.join(timeout=10.0)
     assert got is made and not dropper.is_alive()
     assert plan.step_parts is not made  # dropped: the next call makes a new copy
+
+
+def test_the_wrappers_plans_share_one_fused_copy_and_report_it(reference_wav: Any) -> None:
+    """The wrapper's static and compiled plans (dataclasses.replace of one plan) run one copy, and
+    its bytes are in the wrapper's parameter bytes (before: a copy per plan, reported nowhere)."""
+    tts = load_model("tiny")
+    with PerformanceOptimizedTTS(tts, decode="static", fused=True) as opt:
+        opt.prepare_conditionals(str(reference_wav))
+        opt.generate(TEXT, max_new_tokens=4)
+        static, compiled = opt.plans["static"], opt.plans["compiled"]
+        assert static.step_parts is compiled.step_parts and static.step_parts.tfmr is not tts.t3.tfmr
+        backbone = sum(p.numel() * p.element_size() for p in tts.t3.tfmr.parameters())
+        assert opt.performance_info()["memory"]["parameter_bytes"]["t3.fused_copy"] == backbone

@@ -757,7 +757,7 @@ def test_a_run_that_built_its_cache_does_not_count_it_twice() -> None:
     from tts_workbench.studies.bench import Row, memory_per_config
 
     lin = torch.nn.Linear(4, 4)  # 80 bytes of weights wherever one is asked for
-    plan = SimpleNamespace(prefill=lin, decode=lin, static_bytes=lambda: 1000)
+    plan = SimpleNamespace(prefill=lin, decode=lin, step_parts=lin, step="static", static_bytes=lambda: 1000)
     models = SimpleNamespace(t3=lin, s3gen=lin, ve=lin)
     opt: Any = SimpleNamespace(plans={"compiled": plan}, tts=models)
 

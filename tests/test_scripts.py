@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import tempfile
+import types
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -192,3 +193,32 @@ def test_cpp_wrapper_study_counts_the_runs_its_results_hold() -> None:
     assert said is not None
     runs = json.loads((ROOT / "results" / "cpp_wrapper_cpu_deep_narrow.json").read_text())["runs"]
     assert words[said.group(1)] == len(runs)
+
+
+def test_the_fusion_study_compiles_each_step_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two plans, one stream and the engine: four compiles however many rounds (before: a new
+    engine every round, each compiling anew: ten in the GPU check's three rounds). Compiling is
+    counted and left out (the steps run eagerly), so this takes seconds."""
+    from tts_workbench.runtime import decode, engine
+
+    compiled: list[str] = []
+
+    def counting(where: str) -> Any:
+        def compile_method(fn: Any, owner: Any, cudagraphs: bool, **_: Any) -> Any:
+            compiled.append(where)
+            return types.MethodType(fn, owner)
+
+        return compile_method
+
+    monkeypatch.setattr(decode, "compile_method", counting("one stream"))
+    monkeypatch.setattr(engine, "compile_method", counting("engine"))
+    monkeypatch.setattr(sys, "argv", ["fusion_study", "--model", "tiny", "--repeats", "2", "--streams", "2"])
+    study = script("fusion_study")
+    monkeypatch.setattr(study, "TOKENS", 24)
+    study.main()
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(compiled) == ["engine", "engine", "one stream", "one stream"]
+    assert len(out["one_stream_compiled"]["ms"]["fused"]) == 2 and out["one_stream_compiled"]["same_tokens"]
+    assert len(out["engine_2_streams_compiled"]["ms"]["unfused"]) == 2

@@ -165,6 +165,35 @@ class T3Parts:
         return out
 
 
+class FusedCopies:
+    """Copies of decode weights with fused projections (``fusion.fused_backbone``), one per
+    ``T3Parts`` they were made from, made once under a lock however many threads ask."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._made: dict[int, tuple[T3Parts, T3Parts]] = {}  # id of the source: (source, copy)
+
+    def of(self, decode: T3Parts) -> T3Parts:
+        """``decode`` with a fused backbone (itself where there is nothing to fuse)."""
+        with self._lock:
+            made = self._made.get(id(decode))
+            if made is None or made[0] is not decode:  # (an id reused by a newer object)
+                d = decode
+                copy_ = T3Parts(fused_backbone(d.tfmr), d.speech_emb, d.speech_pos_emb, d.speech_head)
+                made = self._made[id(decode)] = (decode, copy_)
+            return made[1]
+
+    def drop(self) -> None:
+        with self._lock:
+            self._made.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of the fused backbones held (the embeddings and heads are the source's own)."""
+        with self._lock:
+            fused = [c.tfmr for d, c in self._made.values() if c.tfmr is not d.tfmr]
+        return sum(p.numel() * p.element_size() for m in fused for p in m.parameters())
+
+
 @dataclass
 class DecodePlan:
     """Which weights (and autocast dtype, if any) run the prefill and the decode steps, and how
@@ -199,9 +228,10 @@ class DecodePlan:
     # What a generation refused while another holds the static cache may do instead, likewise.
     busy_fix: str = "decode this one with step='eager'"
     fused: bool = False
+    # The fused copies, shared with the plans made from this one by dataclasses.replace (the
+    # wrapper's plan per step): one copy of the decode weights however many plans run it.
+    fusion: FusedCopies = field(default_factory=lambda: FusedCopies(), repr=False, compare=False)
     _static: dict[int, StaticStep] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _fused: T3Parts | None = field(default=None, init=False, repr=False, compare=False)
-    _fusing: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.step not in STEP_MODES:
@@ -230,16 +260,8 @@ class DecodePlan:
     @property
     def step_parts(self) -> T3Parts:
         """What the static and compiled steps run: ``decode``, or with ``fused`` a copy of it whose
-        backbone has fused projections (made on first use, kept until ``drop_static``)."""
-        if not self.fused:
-            return self.decode
-        with self._fusing:  # two threads building steps at once make one copy
-            fused = self._fused  # read once: a drop_static elsewhere cannot make this None
-            if fused is None:
-                d = self.decode
-                fused = T3Parts(fused_backbone(d.tfmr), d.speech_emb, d.speech_pos_emb, d.speech_head)
-                self._fused = fused
-            return fused
+        backbone has fused projections (``fusion``: made on first use, kept until ``drop_static``)."""
+        return self.fusion.of(self.decode) if self.fused else self.decode
 
     def static_step(self, batch: int) -> StaticStep | None:
         """The static step (cache and compiled function) kept for ``batch``, if one was built."""
@@ -251,11 +273,10 @@ class DecodePlan:
         return tensor_bytes(t for layer in layers for t in (layer.keys, layer.values))
 
     def drop_static(self) -> None:
-        """Forget the static caches, compiled steps and fused copy (the next generation builds new
-        ones)."""
+        """Forget the static caches, compiled steps and fused copies (those of the plans sharing
+        ``fusion`` too): the next generation builds new ones."""
         self._static.clear()
-        with self._fusing:
-            self._fused = None
+        self.fusion.drop()
 
     def context(self, device: torch.device) -> ExitStack:
         """Inference mode, and autocast on ``device`` when the plan has an autocast dtype, entered

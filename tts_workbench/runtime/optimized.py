@@ -838,6 +838,8 @@ class PerformanceOptimizedTTS(Pipeline):
         config = super().configuration()
         if self.plan.decode is not self.plan.prefill:
             config["parameter_bytes"]["t3.decode_copy"] = self.plan.decode.nbytes()
+        if fused := self.plan.fusion.nbytes():  # one copy, shared by the static and compiled plans
+            config["parameter_bytes"]["t3.fused_copy"] = fused
         steps = [s for p in self.plans.values() for b in (1, 2) if (s := p.static_step(b)) is not None]
         config["kv_cache_bytes"] = sum(p.static_bytes() for p in self.plans.values())
         return {
