@@ -212,8 +212,8 @@ class DecodePlan:
     ``fused``: the "static" and "compiled" steps (and the stream engine's) run a copy of
     ``decode``'s backbone with q, k, v and gate, up each projected in one matmul
     (``fusion.fused_backbone``, ``step_parts``): on ``deep-narrow`` the compiled step took
-    0.85-0.92x the time, for one more backbone in memory. Off by default; the eager step and
-    the prefill always run the model's own modules.
+    0.85x the time (0.88x in the engine at 4 streams), for one more backbone in memory. Off by
+    default; the eager step and the prefill always run the model's own modules.
     """
 
     prefill: T3Parts

@@ -4,7 +4,7 @@ which each layer projects q, k and v in one matmul and the MLP's gate and up in 
 
 Why: at batch 1 or 2 a decode step multiplies a row or two by each weight, so its time follows
 the number of kernels launched (on a CPU, of ops dispatched), not the bytes read: on
-``deep-narrow`` (30 layers, 64 wide) the compiled step took 0.85-0.92x the time with the
+``deep-narrow`` (30 layers, 64 wide) the compiled step took 0.85x the time with the
 projections fused, the same tokens (docs/decode.md). The three projections of a layer read the
 same input, so one matmul over their concatenated weights computes each output element from the
 same products; only the order the BLAS kernel sums them in may differ (float32 logits agree with
