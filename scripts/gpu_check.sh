@@ -190,7 +190,7 @@ try:  # the driver, which environment() does not know, from nvidia-smi's first G
 except (TypeError, ValueError, KeyError):
     pass
 diagnose, load_study, served = load("diagnose"), load("load"), load("serve-load")
-sampling, traced = load("sampling"), load("trace")
+sampling, traced, fusion = load("sampling"), load("trace"), load("fusion")
 if traced and mode != "dry-run":  # the trimmed decode-region traces, kept beside the results file
     keep = out.parent / "traces"
     keep.mkdir(exist_ok=True)
@@ -224,6 +224,7 @@ result = {
     "load": load_study,
     "serve_load": served,
     "sampling": sampling,
+    "fusion": fusion,
     "trace": traced,
     "steps": steps,  # each step's exit status, seconds and limit
     "skipped": skipped,  # steps not started, with why
@@ -263,6 +264,9 @@ for study in (load_study, served):
         print(f"figure: {out.parent / study['figure']}")
 if sampling:
     print("\n## sampling, batched / one stream at a time:", sampling["batched_over_one_by_one"])
+if fusion:
+    print("\n## fused projections, fused / unfused:",
+          {k: v["fused_over_unfused"] for k, v in fusion.items() if isinstance(v, dict) and "median_ms" in v})
 if traced:
     from tts_workbench.studies.trace_report import format_decode_traces
     print("\n## T3 decode region traces, cut on the device and not read (trace --read reads them)\n"
