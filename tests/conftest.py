@@ -8,7 +8,12 @@ hold back the workers' start by its ~7 s.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import tempfile
+import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +68,45 @@ class Steer:
 def steer() -> type[Steer]:
     """``Steer``, for the tests that make a head sample what they need."""
     return Steer
+
+
+@pytest.fixture
+def behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """http_proxy set, no no_proxy: urllib (its opener, built once, rebuilt to read them) and httpx
+    send every http request to the proxy, where nothing listens."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)
+
+
+@pytest.fixture
+def serve_folder() -> Callable[[Path], AbstractContextManager[Any]]:
+    """``serve_folder(folder)``: python's http.server serving ``folder`` on 127.0.0.1 while inside
+    (the ``profiling.start_server`` server: ``.url``, ``.process``), stopped on leaving."""
+    from tts_workbench.instruments.profiling import free_port, start_server
+
+    @contextlib.contextmanager
+    def serve(folder: Path) -> Iterator[Any]:
+        port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(folder),
+        ]
+        with tempfile.TemporaryFile() as log:
+            server = start_server(cmd, f"http://127.0.0.1:{port}", log, timeout=15)
+            try:
+                yield server
+            finally:
+                server.stop()
+
+    return serve
 
 
 SDPA_FLAGS = ("flash", "mem_efficient", "math", "cudnn")  # torch.backends.cuda.*_sdp_enabled

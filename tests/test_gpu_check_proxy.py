@@ -8,39 +8,22 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_serve_ray import _health
-
-from tts_workbench.instruments.profiling import free_port, start_server
 
 GPU_CHECK = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
 @pytest.fixture
-def behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """http_proxy set, no no_proxy: urllib and httpx send every http request to the proxy."""
-    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def local_server(tmp_path: Path) -> Iterator[tuple[str, int]]:
+def local_server(tmp_path: Path, serve_folder: Callable[[Path], Any]) -> Iterator[tuple[str, int]]:
     """(URL, pid) of a python http.server on 127.0.0.1 whose /health answers 200 with a JSON object."""
     (tmp_path / "health").write_text('{"status": "ok"}')
-    port = free_port()
-    serve = ["http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
-    cmd = [sys.executable, "-m", *serve]
-    with tempfile.TemporaryFile() as log:
-        server = start_server(cmd, f"http://127.0.0.1:{port}", log, timeout=15)
-        try:
-            yield server.url, server.process.pid
-        finally:
-            server.stop()
+    with serve_folder(tmp_path) as server:
+        yield server.url, server.process.pid
 
 
 def test_the_serve_steps_probe_and_load_reach_the_local_server(

@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -384,27 +384,18 @@ def test_a_server_that_never_answers_shows_its_output(started: list[subprocess.P
     assert started[-1].poll() is not None  # stopped, not left running
 
 
-def test_loopback_requests_do_not_go_through_a_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loopback_requests_do_not_go_through_a_proxy(
+    tmp_path: Path, behind_a_proxy: None, serve_folder: Callable[[Path], Any]
+) -> None:
     # With http_proxy set (and no no_proxy), urllib sent the readiness and plugin requests for
     # 127.0.0.1 to the proxy: a server that was up never "answered".
-    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's, built once: let it read the proxy
     route = tmp_path / "data" / "plugin" / "pytorch_profiler" / "runs"
     route.parent.mkdir(parents=True)
     route.write_text(json.dumps({"runs": ["generation"], "loading": False}))
-    port = free_port()
-    serve = ["http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
-    cmd = [sys.executable, "-m", *serve]
-    with tempfile.TemporaryFile() as log:
-        server = start_server(cmd, f"http://127.0.0.1:{port}", log, timeout=15)
-        try:
-            tb = TensorBoard(server.process, server.url, tmp_path)
-            assert tb.profiler("runs") == {"runs": ["generation"], "loading": False}
-            tb.wait_for_run("generation", timeout=5)
-        finally:
-            server.stop()
+    with serve_folder(tmp_path) as server:
+        tb = TensorBoard(server.process, server.url, tmp_path)
+        assert tb.profiler("runs") == {"runs": ["generation"], "loading": False}
+        tb.wait_for_run("generation", timeout=5)
 
 
 def test_waiting_for_a_run_asks_at_least_once(tmp_path: Path) -> None:
