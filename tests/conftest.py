@@ -32,13 +32,19 @@ def reference_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_reference_wav(tmp_path_factory.mktemp("ref") / "reference.wav", seconds=3.0)
 
 
-@pytest.fixture(scope="session")
-def tiny_tts(reference_wav: Path) -> ChatterboxTTS:
+def voiced(model: str, reference: Path | str) -> Any:
+    """The source ``model`` (random weights, seed 0) with ``reference`` prepared as its voice."""
     from tts_workbench.models.sources import load_model
     from tts_workbench.runtime.generation import prepare_voice
 
-    tts = load_model("tiny", seed=0)
-    prepare_voice(tts, str(reference_wav))
+    tts = load_model(model, seed=0)
+    prepare_voice(tts, str(reference))
+    return tts
+
+
+@pytest.fixture(scope="session")
+def tiny_tts(reference_wav: Path) -> ChatterboxTTS:
+    tts: ChatterboxTTS = voiced("tiny", reference_wav)
     return tts
 
 

@@ -15,13 +15,15 @@ forward (``Alignment.watching``, set around its own forwards only). The backbone
 settings change with the first generation in and are put back by the last one out.
 
 Upstream ``T3.inference`` (multilingual ``generate``) makes its analyzer itself: inside
-``upstream_alignment`` the one it makes in this thread is made by ``alignment`` too.
+``upstream_alignment`` the one it makes in this thread is made by ``alignment`` too. Several
+generations in one batched forward (the stream engine's step) each feed their own analyzer their
+own row of the attention weights (``watching_rows``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -80,6 +82,42 @@ class Alignment:
             yield
         finally:
             _watching.reset(token)
+
+
+def text_columns(prefill_len: int, text_len: int) -> tuple[int, int]:
+    """The text's columns [start, end) in T3's prefill (conditioning, text, two start-of-speech
+    tokens): what an analyzer reads."""
+    return prefill_len - text_len - 2, prefill_len - 2
+
+
+def _row_of(spy: Spy, row: int, last: bool) -> Spy:
+    """``spy`` fed one row of a batch's attention weights (upstream's spy reads row 0) and, with
+    ``last``, its last query only."""
+
+    def spy_row(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+            weights = output[1][row : row + 1]
+            output = (output[0], weights[:, :, -1:] if last else weights, *output[2:])
+        spy(module, args, output)
+
+    return spy_row
+
+
+@contextmanager
+def watching_rows(streams: Sequence[tuple[Alignment, int]], last: bool = False) -> Iterator[None]:
+    """``Alignment.watching`` for a batched forward of several generations: each analyzer is fed
+    its own generation's row (its first: the conditional row with guidance) of the attention
+    weights, and with ``last`` the last query's only (a forward over many positions, where
+    upstream's step reads one)."""
+    spies: dict[int, list[Spy]] = {}
+    for aligned, row in streams:
+        for module, own in aligned.spies.items():
+            spies.setdefault(module, []).extend(_row_of(spy, row, last) for spy in own)
+    token = _watching.set(MappingProxyType(spies))
+    try:
+        yield
+    finally:
+        _watching.reset(token)
 
 
 @contextmanager

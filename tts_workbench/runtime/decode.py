@@ -75,7 +75,7 @@ from ..core.positions import positions_needed, tokens_that_fit
 from ..core.rng import default_generator
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
-from .alignment import alignment
+from .alignment import alignment, text_columns
 from .fusion import fusable, fused_backbone
 from .sampling import Sampler, exponential_noise, not_finite
 
@@ -876,13 +876,12 @@ def decode_blocks(
             # Multilingual: upstream's alignment analyzer, which reads attention weights. The static
             # and compiled steps have none to give it: they decode without it (README).
             watching: Callable[[], AbstractContextManager[None]] = nullcontext
-            analyzer = None
+            analyzers: list[Any] = []  # one (this stream's) or none
             if hp.is_multilingual and not static:
                 tfmrs = list({id(m): m for m in (plan.prefill.tfmr, plan.decode.tfmr)}.values())
-                # Conditioning, text, two start tokens: the analyzer reads the text's columns.
-                text = (prefill_len - text_tokens.size(1) - 2, prefill_len - 2)
+                text = text_columns(prefill_len, text_tokens.size(1))
                 aligned = scope.enter_context(alignment(tfmrs, text, hp.stop_speech_token))
-                watching, analyzer = aligned.watching, aligned.analyzer
+                watching, analyzers = aligned.watching, [aligned.analyzer]
             if static:
                 _check_static(plan, device, batch, prefill_len, max_new_tokens)
             with watching():
@@ -930,8 +929,8 @@ def decode_blocks(
                 if sampled is None:  # the first token (from the prefill's logits), or the eager step
                     if i == start:
                         rewind = generator.get_state()
-                    last_token = int(ids[0, i]) if analyzer is not None else 0  # a host read, as upstream
-                    token, bad = sampler.sample(logits, seen, [generator], analyzer, last_token)
+                    fed = [int(ids[0, i])] if analyzers else []  # a host read, as upstream
+                    token, bad = sampler.sample(logits, seen, [generator], analyzers, fed)
                     first_bad = torch.where(bad, torch.clamp(first_bad, max=i), first_bad)
                     sampler.saw(seen, token, first=i == 0)
                 else:

@@ -26,7 +26,10 @@ stage throughput-bound):
   voice, window kind and batch size, and each call runs without the eager estimator's host time.
 
 Each stream samples from its own generator (``core.rng``), so it speaks the tokens it speaks
-alone: in float32 exactly, up to where a batched kernel's rounding flips a near tie.
+alone: in float32 exactly, up to where a batched kernel's rounding flips a near tie. Multilingual
+streams run without upstream's alignment analyzer (as the single-stream static step), or with
+``alignment=True`` each with its own, fed its rows of the static step's attention weights (as
+the single-stream eager step: upstream's tokens).
 
 Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle``, as a plain or an async iterator.
 At most ``max_streams`` streams are active; more wait in a queue, none is refused for load. A
@@ -63,6 +66,8 @@ from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
 from ..models.vocode import FlowPlan, cast_gen, cfm_steps, tail_tokens, vocoder
+from .alignment import Alignment, text_columns, watching_rows
+from .alignment import alignment as new_analyzer
 from .decode import (
     DecodePlan,
     SpanStaticLayer,
@@ -272,6 +277,7 @@ class _Live:
     gen: dict[str, Any]  # S3Gen's reference dict of the voice (shortened prompt, cast)
     cutter: BufferedCutter
     logits: torch.Tensor  # the logits of the next sample
+    aligned: Alignment | None  # its alignment analyzer (Multilingual, ``alignment=True``)
     t3_done: bool = False
     t3_end_s: float = 0.0  # when T3 ended it, from its submit (as a chunk's ``emitted_s``)
     t3_s: float = 0.0  # seconds of T3 work for this stream (its prefill, batched steps) since its last chunk
@@ -319,7 +325,8 @@ class StreamEngine:
     (prefill and new tokens). ``plan`` gives the weights and dtypes (default: the model's own,
     float32); its own step, cache length and C++ wrapper are not used (the engine's ``step`` and
     ``max_cache_len`` are). A compile that fails falls back to the static step with one warning
-    (``fallback_reason``), as ``StaticStep`` does.
+    (``fallback_reason``), as ``StaticStep`` does. ``alignment``: Multilingual only, static step
+    only: each stream runs upstream's alignment analyzer (module docstring).
     """
 
     def __init__(
@@ -335,6 +342,7 @@ class StreamEngine:
         flow: FlowPlan | None = None,
         flow_batches: Sequence[int] | None = None,
         step_buckets: Sequence[int] | None = None,
+        alignment: bool = False,
     ) -> None:
         if max_streams < 1:
             raise ConfigError(f"max_streams must be at least 1, got {max_streams}")
@@ -348,6 +356,19 @@ class StreamEngine:
         self.config = config or StreamConfig("buffered")
         if self.config.strategy != "buffered":
             raise ConfigError("the stream engine runs the buffered strategy only")
+        if alignment and not tts.t3.hp.is_multilingual:
+            raise ConfigError(
+                "alignment=True: the alignment analyzer is Multilingual T3's, this model has none"
+            )
+        if alignment and step != "static":
+            raise ConfigError(
+                "alignment=True: the analyzer reads attention weights, which a compiled step does not "
+                "give: use step='static'"
+            )
+        # Each stream's own analyzer (upstream multilingual's), fed its rows of the batched step's
+        # attention weights: the step runs eager attention, as upstream's multilingual generate.
+        self.alignment = alignment
+        self._aligning: dict[int, contextlib.ExitStack] = {}  # by id of handle: what undoes its analyzer
         self.tts, self.max_streams, self.step_mode = tts, max_streams, step
         self.keep_logits = keep_logits  # each handle's ``logits``: what every token was sampled from
         self.plan = plan or DecodePlan.plain(tts.t3)
@@ -391,7 +412,8 @@ class StreamEngine:
         self.kv_bytes_per_stream = kv_bytes_per_stream(tts, self.plan, max_cache_len)
         self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
         self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
-        self._sdpa = getattr(config_, "_attn_implementation", "sdpa") == "sdpa"
+        # (the analyzers switch the backbone to eager attention while they run)
+        self._sdpa = getattr(config_, "_attn_implementation", "sdpa") == "sdpa" and not alignment
         self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
         self.fallback_reason: str | None = None  # why the compiled step runs as the static one
         self._waiting: list[StreamHandle] = []
@@ -707,8 +729,10 @@ class StreamEngine:
         if handle in self._waiting:
             self._waiting.remove(handle)
         live = self._preempted.pop(id(handle), None)
-        if live is not None and live in self._vocoding:
-            self._vocoding.remove(live)
+        if live is not None:
+            self._release(handle)
+            if live in self._vocoding:
+                self._vocoding.remove(live)
 
     def _room(self) -> int:
         """How many queued streams may join now (under the lock): none while ``together()`` holds
@@ -726,6 +750,14 @@ class StreamEngine:
         return not self._live and not self._jobs and (not self._waiting or not self._room())
 
     def _t3_loop(self) -> None:
+        try:
+            self._t3_passes()
+        finally:  # the stage ends (closed, or failed): the analyzers it made are undone
+            with self._lock:
+                for handle_id in list(self._aligning):
+                    self._aligning.pop(handle_id).close()
+
+    def _t3_passes(self) -> None:
         while True:
             with self._lock:
                 while not self._stopped and self._idle():
@@ -783,8 +815,10 @@ class StreamEngine:
                 self._live.append(live)
                 if live not in self._vocoding:  # a preempted stream's windows were vocoded meanwhile
                     self._vocoding.append(live)
-            elif preempted is not None and preempted in self._vocoding:  # not back: in no stage now
-                self._vocoding.remove(preempted)
+            else:  # it does not join: its analyzer goes (a new stream's, or a preempted one's)
+                self._release(handle)
+                if preempted is not None and preempted in self._vocoding:  # not back: in no stage now
+                    self._vocoding.remove(preempted)
             if handle.closed:  # ended meanwhile (S3Gen failed a window of it, or its reader left): once
                 error = None
             elif error is not None:  # closed before S3Gen's next pass or a reader can see the error
@@ -803,7 +837,7 @@ class StreamEngine:
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
         with self.plan.context(self.device):
-            embeds = self._prompt(r, conds)
+            embeds, text_len = self._prompt(r, conds)
             prefill_len = embeds.size(1)
             # first: past a GPT-2 backbone's positions (Turbo's) a longer cache, which the engine
             # refuses, is no fix (before 2026-12-04 the message below asked for one)
@@ -811,7 +845,9 @@ class StreamEngine:
             holder = "each stream of the engine holds max_cache_len"
             fix = "start the engine with max_cache_len >= {need}"
             check_room(prefill_len, r.max_new_tokens, self.max_cache_len, holder, fix)
-            logits, row = self._fill_rows(embeds)
+            aligned = self._align(handle, text_columns(prefill_len, text_len))
+            with self._watching([(aligned, 0)]):
+                logits, row = self._fill_rows(embeds)
             ids = torch.full((1, r.max_new_tokens + 1), self.tts.t3.hp.start_speech_token,
                              dtype=torch.long, device=self.device)  # fmt: skip
             seen = sampler.start(self.tts.t3.hp.start_speech_token, logits.size(-1), self.device)
@@ -834,15 +870,37 @@ class StreamEngine:
             gen=gen,
             cutter=BufferedCutter(self.config, state),
             logits=logits,
+            aligned=aligned,
             t3_s=prefill_s,  # in its first chunk's T3 time, as streaming.stream counts it
         )
 
-    def _prompt(self, r: Request, conds: Any) -> torch.Tensor:
+    def _prompt(self, r: Request, conds: Any) -> tuple[torch.Tensor, int]:
         """Upstream's prefill input of request ``r`` in the voice ``conds``: its conditioning, text
-        and start-of-speech tokens (both guidance rows where the request has guidance)."""
+        and start-of-speech tokens (both guidance rows where the request has guidance); and the
+        number of text tokens."""
         cfg_weight, _ = self.family.sampling_with(r.sampling)
         tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
-        return prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight)
+        return prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight), tokens.size(-1)
+
+    def _align(self, handle: StreamHandle, text: tuple[int, int]) -> Alignment | None:
+        """A new stream's alignment analyzer (None without ``alignment``), reading the prefill's
+        ``text`` columns; what it changes on the model is undone by ``_release``."""
+        if not self.alignment:
+            return None
+        scope = contextlib.ExitStack()
+        tfmrs = list({id(m): m for m in (self.plan.prefill.tfmr, self._parts.tfmr)}.values())
+        aligned = scope.enter_context(new_analyzer(tfmrs, text, self.tts.t3.hp.stop_speech_token))
+        with self._lock:
+            self._aligning[id(handle)] = scope
+        return aligned
+
+    def _release(self, handle: StreamHandle) -> None:
+        """Undo what a stream's analyzer changed (its spies, and the backbone's eager attention if
+        it was the last): the stream left T3 for good. Nothing without an analyzer."""
+        with self._lock:
+            scope = self._aligning.pop(id(handle), None)
+        if scope is not None:
+            scope.close()
 
     def _fill_rows(self, embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Prefill ``embeds`` (rows, positions, dim) into the next free rows of the cache: the
@@ -865,11 +923,13 @@ class StreamEngine:
         as the step it was taken out of would have given, on its own generator as before."""
         t0 = self._now()
         with self.plan.context(self.device):
-            embeds = self._prompt(live.handle.request, live.conds)
+            embeds, _ = self._prompt(live.handle.request, live.conds)
             sampled = live.ids[:, 1 : live.step + 1]  # fed at learned speech positions 1 .. step
             positions = torch.arange(1, live.step + 1, device=self.device)[None]
             speech = T3Parts.of(self.tts.t3).embed(sampled, positions).expand(embeds.size(0), -1, -1)
-            live.logits, live.rows = self._fill_rows(torch.cat([embeds, speech.to(embeds.dtype)], dim=1))
+            # its analyzer reads the last position's attention, as after the step it was taken out of
+            with self._watching([(live.aligned, 0)], last=True):
+                live.logits, live.rows = self._fill_rows(torch.cat([embeds, speech.to(embeds.dtype)], dim=1))
         resume_s = self._now() - t0
         self.stats.prefill_s += resume_s
         with self._lock:
@@ -893,8 +953,9 @@ class StreamEngine:
         """Take a stream out of the T3 stage (its rows freed) and first into the queue: when there
         is room it is recomputed (``_resume``); its windows already cut are vocoded meanwhile."""
         with self._lock:
-            self._leave(live)
+            self._leave(live, keep=True)
             if live.handle.closed:  # its reader left during the step: nothing to come back for
+                self._release(live.handle)
                 return
             self._preempted[id(live.handle)] = live
             self._waiting.insert(0, live.handle)
@@ -911,8 +972,11 @@ class StreamEngine:
         s3gen = self.tts.s3gen
         return cast_gen(shorten_prompt(conds.gen, self.config.prompt_s), s3gen.dtype, s3gen.device)
 
-    def _leave(self, live: _Live) -> None:
-        """Free a stream's rows: the last stream's rows move into them (rows stay ``[0, n)``)."""
+    def _leave(self, live: _Live, keep: bool = False) -> None:
+        """Free a stream's rows: the last stream's rows move into them (rows stay ``[0, n)``).
+        Its analyzer goes too, unless ``keep`` (a preempted stream comes back with it)."""
+        if not keep:
+            self._release(live.handle)
         with self._lock:
             index = self._live.index(live)
             last = self._live[-1]
@@ -1109,7 +1173,7 @@ class StreamEngine:
                 slot[r] = live.prefill_len + live.step - 1
             span = span_for(max(live.prefill_len + live.step for live in still), self.max_cache_len)
             try:
-                with self.plan.context(self.device):
+                with self.plan.context(self.device), self._watching([(s.aligned, s.rows) for s in still]):
                     logits = self._step_fn(bucket, span)(token, position, slot)
             except Exception as e:
                 if not _out_of_memory(e) or len(still) == 1:
@@ -1128,6 +1192,15 @@ class StreamEngine:
             self._note_used(bucket, span)
             return
 
+    @staticmethod
+    def _watching(
+        rows: Sequence[tuple[Alignment | None, int]], last: bool = False
+    ) -> contextlib.AbstractContextManager[None]:
+        """Around a forward: each stream's analyzer (if it has one) reads its first row of the
+        forward (``watching_rows``)."""
+        aligned = [(a, row) for a, row in rows if a is not None]
+        return watching_rows(aligned, last) if aligned else contextlib.nullcontext()
+
     def _note_used(self, bucket: int, span: int) -> None:
         """Add to ``stats.buckets_used`` and ``spans_used`` by replacing the sets, never changing
         one: another thread (a server's scrape, ``to_dict``, ``asdict``) may be iterating it."""
@@ -1145,10 +1218,15 @@ class StreamEngine:
             for live in group:
                 live.handle.logits.append(live.logits.clone())
         sampler = group[0].sampler
+        analyzers = [live.aligned.analyzer for live in group if live.aligned is not None]
+        # the token each was just fed, as upstream's analyzer counts repeats (a host read)
+        fed = torch.stack([live.ids[0, live.step] for live in group]).tolist() if analyzers else []
         tokens, bad = sampler.sample(
             torch.cat([live.logits for live in group]),
             torch.cat([live.seen for live in group]),
             [live.generator for live in group],
+            analyzers,
+            fed,
         )
         for k, live in enumerate(group):
             token = tokens[k : k + 1]

@@ -182,35 +182,37 @@ class Sampler:
         logits: torch.Tensor,
         seen: torch.Tensor,
         generators: Sequence[torch.Generator | None],
-        analyzer: Any = None,
-        last_token: int = 0,
+        analyzers: Sequence[Any] = (),
+        last_tokens: Sequence[int] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next token (B, 1) of each of B streams from their ``logits`` (B·rows, vocab; two
         rows per stream with guidance, cond then uncond), ``seen`` (B, vocab) and generators,
         and (B, 1) whether a stream's probabilities were not finite (``multinomial`` raises
-        there; the caller reads it at its next host sync). ``analyzer``: upstream
-        multilingual's alignment analyzer (one stream, its ``last_token``), which may suppress
-        or force the stop token before the processors."""
+        there; the caller reads it at its next host sync). ``analyzers``: upstream
+        multilingual's alignment analyzer of each stream (none, or one per stream), with the
+        token each stream was just fed (``last_tokens``): it may suppress or force the stop
+        token before the processors."""
         q = exponential_noise(len(generators), logits.size(-1), logits.device, generators)
-        return self.pick(logits, seen, q, analyzer, last_token)
+        return self.pick(logits, seen, q, analyzers, last_tokens)
 
     def pick(
         self,
         logits: torch.Tensor,
         seen: torch.Tensor,
         q: torch.Tensor,
-        analyzer: Any = None,
-        last_token: int = 0,
+        analyzers: Sequence[Any] = (),
+        last_tokens: Sequence[int] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``sample`` given the streams' noise ``q`` (``exponential_noise``): pure tensor
-        arithmetic, so it can run inside the compiled decode step."""
+        arithmetic without analyzers, so it can run inside the compiled decode step."""
         if logits.size(0) == 2 * q.size(0):  # guidance: cond and uncond rows per stream
             cond, uncond = logits[0::2], logits[1::2]
             guided = cond + self.cfg_weight * (cond - uncond)
         else:
             guided = logits
-        if analyzer is not None:  # it edits its input in place: not the caller's logits (logits_out)
-            guided = analyzer.step(guided.clone() if guided is logits else guided, next_token=last_token)
+        if analyzers:  # each edits its row in place: a copy, not the caller's logits (logits_out)
+            rows = zip(analyzers, last_tokens, guided.split(1), strict=True)
+            guided = torch.cat([a.step(row.clone(), next_token=t) for a, t, row in rows])
         probs = torch.softmax(self.scores(seen, guided), dim=-1)
         return draw(probs, q), ~torch.isfinite(probs).all(dim=-1, keepdim=True)
 

@@ -1,0 +1,199 @@
+"""Multilingual streams in the engine with upstream's alignment analyzer (``alignment=True``):
+each stream's analyzer reads its own rows of the batched step's attention, so every stream
+samples the tokens of the single-stream eager decode (upstream's multilingual generate), its
+analyzer sees what it sees there, and the model is given back as it was."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from chatterbox.models.t3.inference.alignment_stream_analyzer import (
+    LLAMA_ALIGNED_HEADS,
+    AlignmentStreamAnalyzer,
+)
+from chatterbox.mtl_tts import ChatterboxMultilingualTTS
+from chatterbox.tts import ChatterboxTTS
+
+from conftest import voiced
+from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.families import family_of
+from tts_workbench.core.patching import shadow
+from tts_workbench.runtime.decode import DecodePlan
+from tts_workbench.runtime.engine import StreamEngine, StreamHandle
+from tts_workbench.runtime.streaming import StreamConfig, stream_all
+
+CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+TEXTS = [
+    "Bonjour à tous, ceci est un essai.",
+    "Une deuxième phrase, un peu plus longue que la première, arrive.",
+    "Trois.",
+]
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def tts(reference_wav: Path) -> ChatterboxMultilingualTTS:
+    tts: ChatterboxMultilingualTTS = voiced("multilingual-tiny", reference_wav)
+    return tts
+
+
+class Analyzers:
+    """Every alignment analyzer that steps while installed (``monkeypatch``), by the text columns
+    it reads (the texts here differ in length: one analyzer per text between two ``take``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seen: dict[tuple[int, int], list[AlignmentStreamAnalyzer]] = {}
+        step = AlignmentStreamAnalyzer.step
+
+        def recorded(analyzer: AlignmentStreamAnalyzer, *a: Any, **k: Any) -> Any:
+            runs = self.seen.setdefault(analyzer.text_tokens_slice, [])
+            if analyzer not in runs:
+                runs.append(analyzer)
+            return step(analyzer, *a, **k)
+
+        monkeypatch.setattr(AlignmentStreamAnalyzer, "step", recorded)
+
+    def take(self) -> dict[tuple[int, int], list[AlignmentStreamAnalyzer]]:
+        """The analyzers seen since the last ``take``."""
+        seen, self.seen = self.seen, {}
+        return seen
+
+
+@functools.cache
+def solo(tts: ChatterboxMultilingualTTS, k: int) -> list[int]:
+    """Stream ``k`` alone with the eager step (upstream's multilingual loop, its analyzer)."""
+    _, state = stream_all(
+        tts, TEXTS[k], CONFIG, max_new_tokens=TOKENS, seed=k, plan=DecodePlan.plain(tts.t3),
+        language_id="fr", **family_of(tts).sampling,
+    )  # fmt: skip
+    return state.tokens
+
+
+def model_state(tts: ChatterboxMultilingualTTS) -> tuple[Any, ...]:
+    """What the analyzers change on the model: the attention settings, and the hooks on the
+    aligned layers but transformers' own (added the first time attentions are asked for, kept)."""
+    config = tts.t3.tfmr.config
+    attns = [tts.t3.tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
+    own = "transformers.utils.output_capturing"
+    hooks = [sum(h.__module__ != own for h in a._forward_hooks.values()) for a in attns]
+    return config._attn_implementation, config.output_attentions, *hooks
+
+
+def submit(engine: StreamEngine, k: int) -> StreamHandle:
+    return engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS, language_id="fr")
+
+
+def check_alignments(solos: dict[Any, list[Any]], engines: dict[Any, list[Any]]) -> None:
+    """Each stream's analyzer in the engine saw what the solo stream's saw: the same alignment
+    matrix (text columns by step), within float32 rounding."""
+    assert solos.keys() == engines.keys() and len(solos) == len(TEXTS)
+    for columns, (alone,) in solos.items():
+        (batched,) = engines[columns]
+        assert batched.alignment.shape == alone.alignment.shape, columns
+        assert torch.allclose(batched.alignment, alone.alignment, atol=1e-5), columns
+
+
+def test_each_streams_analyzer_reads_its_own_rows(
+    tts: ChatterboxMultilingualTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two streams start together and a third joins while they decode: each samples its solo
+    eager tokens, and its analyzer's alignment is the solo one's (another stream's rows would
+    give another text's attention)."""
+    before = model_state(tts)
+    solo.cache_clear()
+    analyzers = Analyzers(monkeypatch)
+    tokens = [solo(tts, k) for k in range(3)]
+    solos = analyzers.take()
+    with StreamEngine(tts, max_streams=3, config=CONFIG, alignment=True) as engine:
+        with engine.together():
+            handles = [submit(engine, 0), submit(engine, 1)]
+        deadline = time.monotonic() + 30
+        while len(handles[0].tokens) < 8 and time.monotonic() < deadline:  # the third joins mid-way
+            time.sleep(0.01)
+        handles.append(submit(engine, 2))
+        for h in handles:
+            list(h)
+        assert model_state(tts)[:2] == ("sdpa", False)  # the last stream out gave it back
+        assert max(engine.stats.buckets_used) >= 2  # batched steps ran
+    assert [h.tokens for h in handles] == tokens
+    check_alignments(solos, analyzers.take())
+    assert model_state(tts) == before
+
+
+def test_a_preempted_streams_analyzer_goes_on_where_it_was(
+    tts: ChatterboxMultilingualTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step over three streams runs out of memory: the newest is preempted and recomputed
+    later in one forward over its prefill and tokens; its analyzer reads that forward's last
+    position only, as it would have read the step it was taken out of."""
+    solo.cache_clear()
+    analyzers = Analyzers(monkeypatch)
+    tokens = [solo(tts, k) for k in range(3)]
+    solos = analyzers.take()
+    with StreamEngine(tts, max_streams=3, config=CONFIG, alignment=True) as engine:
+
+        def wrap(forward: Any) -> Any:
+            def step(*a: Any, **k: Any) -> Any:
+                embeds = k["inputs_embeds"]
+                if embeds.size(1) == 1 and embeds.size(0) > 4:  # a step over more than two streams
+                    raise torch.OutOfMemoryError("made on purpose")
+                return forward(*a, **k)
+
+            return step
+
+        with shadow(tts.t3.tfmr, "forward", wrap):
+            with engine.together():
+                handles = [submit(engine, k) for k in range(3)]
+            for h in handles:
+                list(h)
+        assert engine.stats.preempted == 1 and engine.stats.failed == 0
+    assert [h.tokens for h in handles] == tokens
+    check_alignments(solos, analyzers.take())
+
+
+def test_the_analyzer_stops_a_repeating_stream_and_not_the_one_beside_it(
+    tts: ChatterboxMultilingualTTS,
+) -> None:
+    """The first stream's rows are pushed to sample one token again and again: its analyzer
+    forces the stop token after two repeats, as upstream's (tests/test_families.py); the
+    stream beside it in the same steps goes on to its cap with its solo tokens."""
+    solo.cache_clear()
+    repeated = 1234
+
+    def wrap(forward: Any) -> Any:
+        calls = 0
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            out: torch.Tensor = forward(x)
+            # the first stream's prefill (the first call), then its rows of the steps of both
+            if calls == 1 or x.size(0) == 4:
+                out[:2, ..., repeated] = 1e4
+            return out
+
+        return head
+
+    with StreamEngine(tts, max_streams=2, config=CONFIG, alignment=True) as engine:
+        with shadow(tts.t3.speech_head, "forward", wrap):
+            with engine.together():
+                handles = [submit(engine, 0), submit(engine, 1)]
+            for h in handles:
+                list(h)
+    stop = tts.t3.hp.stop_speech_token
+    assert handles[0].sampled == [repeated, repeated, stop]
+    assert len(handles[1].sampled) == TOKENS and handles[1].tokens == solo(tts, 1)
+
+
+def test_alignment_is_refused_where_it_cannot_run(
+    tts: ChatterboxMultilingualTTS, tiny_tts: ChatterboxTTS
+) -> None:
+    with pytest.raises(ConfigError, match="Multilingual T3's"):
+        StreamEngine(tiny_tts, alignment=True)
+    with pytest.raises(ConfigError, match="use step='static'"):
+        StreamEngine(tts, step="compiled", alignment=True)
