@@ -747,6 +747,72 @@ def test_close_from_another_thread_waits_for_the_chunk_being_made(
     assert "was closed" in str(errors[0]) and next(tiny_tts.t3.parameters()).dtype == torch.float32
 
 
+def test_close_from_another_thread_waits_for_a_call_in_progress(
+    tiny_tts: ChatterboxTTS, short_ref: Path
+) -> None:
+    """Before 2026-12-05 close() waited only for stream chunks: it gave the model back under a
+    generate another thread was running, whose new voice then replaced the caller's conditionals
+    for good. The generate is held in the voice encoder and let go only once close() waits."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(*_a: object) -> None:
+        inside.set()
+        assert release.wait(60)
+
+    class Watched(threading.Condition):
+        def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+            if not predicate():  # close() waits for the call: let the call go on
+                release.set()
+            return super().wait_for(predicate, timeout)
+
+    conds = tiny_tts.conds
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="bfloat16", decode="eager")
+    opt._made = Watched()
+    got: list[object] = []
+
+    def run() -> None:
+        try:
+            got.append(opt.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=4, seed=0))
+        except Exception as e:  # noqa: BLE001 - what the caller got is the result
+            got.append(e)
+
+    hook = tiny_tts.ve.register_forward_pre_hook(hold)
+    try:
+        runner = threading.Thread(target=run)
+        runner.start()
+        assert inside.wait(60)
+        closer = threading.Thread(target=opt.close)
+        closer.start()
+        closer.join(60)
+        release.set()  # (before the fix close() had returned by now: the call goes on after it)
+        runner.join(60)
+    finally:
+        release.set()
+        hook.remove()
+        opt.close()
+    assert not closer.is_alive() and not runner.is_alive() and opt.closed
+    assert tiny_tts.conds is conds  # the caller's voice, as it was
+    assert {p.dtype for m in (tiny_tts.t3, tiny_tts.s3gen) for p in m.parameters()} == {torch.float32}
+    assert len(got) == 1 and isinstance(got[0], torch.Tensor), got  # the call under way finished
+
+
+def test_close_inside_the_wrappers_own_call_is_refused(tiny_tts: ChatterboxTTS, short_ref: Path) -> None:
+    """close() waits for the calls in progress: from inside one (a hook, here) it would wait for
+    itself, so it is refused, and the call fails with the reason."""
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="float32")
+    hook = tiny_tts.ve.register_forward_pre_hook(lambda *_a: opt.close())
+    try:
+        with pytest.raises(ConfigError, match="close.. inside .* after the call returns"):
+            opt.prepare_conditionals(str(short_ref))
+        assert not opt.closed
+    finally:
+        hook.remove()
+        opt.close()
+    assert opt.closed
+
+
 def test_a_close_between_a_readers_open_check_and_its_chunk_gives_it_the_closed_error(
     tiny_tts: ChatterboxTTS, reference_wav: Path
 ) -> None:

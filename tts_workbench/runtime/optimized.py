@@ -34,7 +34,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import ExitStack, closing, nullcontext
+from contextlib import ExitStack, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -477,8 +477,11 @@ class PerformanceOptimizedTTS(Pipeline):
         # waits for them (one chunk each) and closes only the others (closed under its maker, a
         # stream would end early with no error, or fail with "generator already executing")
         self._making: set[Generator[Any, None, None]] = set()
+        # the threads of the public calls in progress (``_using``), one entry per call: close()
+        # waits for them too, under the same condition
+        self._calls: list[int] = []
         self._made = threading.Condition()
-        self._closing = False  # close() has begun: no stream makes another chunk
+        self._closing = False  # close() has begun: no stream makes another chunk, no call starts
         if tts.conds is not None:
             check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
         # Checked (and for "auto" measured, on the model as given) before anything is changed.
@@ -540,18 +543,27 @@ class PerformanceOptimizedTTS(Pipeline):
 
     def close(self) -> None:
         """End the streams still open (a chunk being made in another thread is waited for: its
-        reader then gets a ``ConfigError``), put the wrapped model back as it was (methods, every
-        tensor's dtype and values, the conditionals) and free the static KV caches and compiled
-        steps. Afterwards the wrapper only reports (``performance_info``: as it was)."""
+        reader then gets a ``ConfigError``), wait for the calls in progress (``generate``, ...) in
+        other threads, put the wrapped model back as it was (methods, every tensor's dtype and
+        values, the conditionals) and free the static KV caches and compiled steps. Afterwards
+        the wrapper only reports (``performance_info``: as it was). Refused (``ConfigError``) from
+        inside one of the wrapper's own calls (a hook, say): it would wait for itself."""
         if self.closed:
             return
         with self._made:
+            if threading.get_ident() in self._calls:
+                raise ConfigError(
+                    "close() inside this wrapper's own call (from a hook or callback) would wait for "
+                    "that call to end: close the wrapper after the call returns"
+                )
             self._closing = True  # a reader between chunks stops at its next (ConfigError)
             idle = [chunks for chunks in self._streams if chunks not in self._making]
         for chunks in idle:  # (none starts a chunk now: each open check sees _closing)
             chunks.close()
-        with self._made:  # before 2026-12-04 the model went back under a chunk being made
-            self._made.wait_for(lambda: not self._making)
+        # before 2026-12-04 the model went back under a chunk being made; before 2026-12-05
+        # under a generate, whose new voice then replaced the caller's conditionals for good
+        with self._made:
+            self._made.wait_for(lambda: not self._making and not self._calls)
         try:
             self._final = self.configuration()
         finally:  # the model goes back even if the report fails
@@ -564,13 +576,30 @@ class PerformanceOptimizedTTS(Pipeline):
                 flow.drop()
             self.closed = True
 
-    def _check_open(self, reading: bool = False) -> None:
-        """A ConfigError once closed; for a stream's next chunk (``reading``), once close() began."""
-        if self.closed or (reading and self._closing):
+    def _check_open(self, starting: bool = False) -> None:
+        """A ConfigError once closed; for something new to start (``starting``: a stream's next
+        chunk, a call not made from inside another of this thread's), once close() began."""
+        if self.closed or (starting and self._closing):
             raise ConfigError(
                 "this PerformanceOptimizedTTS was closed and its model given back as it was: "
                 "wrap the model again (PerformanceOptimizedTTS.from_model(tts)) to use it"
             )
+
+    @contextmanager
+    def _using(self) -> Iterator[None]:
+        """A public call that uses the model: refused once closed (or once close() began, unless
+        made from inside another call of this thread, which close() is waiting for); close()
+        gives the model back only when no call is in progress."""
+        me = threading.get_ident()
+        with self._made:
+            self._check_open(starting=me not in self._calls)
+            self._calls.append(me)
+        try:
+            yield
+        finally:
+            with self._made:
+                self._calls.remove(me)
+                self._made.notify_all()
 
     @property
     def policy(self) -> str:
@@ -607,13 +636,13 @@ class PerformanceOptimizedTTS(Pipeline):
     def set_max_cache_len(self, positions: int) -> None:
         """Size the static KV caches (``core.positions.positions_needed``); built anew at the next
         generation."""
-        self._check_open()
-        for plan in self.plans.values():  # all checked before any changes
-            check_cache_len(positions, plan.decode.tfmr.config)
-        self.max_cache_len = positions
-        for plan in self.plans.values():
-            plan.max_cache_len = positions
-            plan.drop_static()
+        with self._using():
+            for plan in self.plans.values():  # all checked before any changes
+                check_cache_len(positions, plan.decode.tfmr.config)
+            self.max_cache_len = positions
+            for plan in self.plans.values():
+                plan.max_cache_len = positions
+                plan.drop_static()
 
     def prefill_length(self, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> int:
         """Positions T3's prefill fills for ``text`` with the prepared voice (conditioning, text,
@@ -658,10 +687,10 @@ class PerformanceOptimizedTTS(Pipeline):
     def prepare_conditionals(
         self, wav_fpath: str, exaggeration: float = 0.5, norm_loudness: bool = True
     ) -> None:
-        self._check_open()
-        with self._amp():
-            prepare_voice(self.tts, wav_fpath, exaggeration, norm_loudness)
-        self._ensure_conditionals_dtype()
+        with self._using():
+            with self._amp():
+                prepare_voice(self.tts, wav_fpath, exaggeration, norm_loudness)
+            self._ensure_conditionals_dtype()
 
     def _voice(
         self, text: str, audio_prompt_path: str | None, exaggeration: float, norm_loudness: bool = True
@@ -684,28 +713,28 @@ class PerformanceOptimizedTTS(Pipeline):
         """T3 only: the speech tokens for ``text`` (the voice must be prepared); ``decode``
         overrides the wrapper's decode step for this call; the multilingual model speaks
         ``language_id`` (default "en"); samples come from ``generator`` (default: the global one)."""
-        self._check_open()
-        conds = checked_voice(self.tts.conds, text)
-        return t3_decode(  # the plan carries the autocast dtype, entered around each step
-            self.tts.t3,
-            conds.t3,
-            text_tokens(self.tts, text, cfg_weight, language_id),
-            max_new_tokens=max_new_tokens,
-            plan=self.plan_for(decode),
-            cfg_weight=cfg_weight,
-            stop_check_every=self.stop_check_every,
-            generator=generator,
-            **sampling,
-        )
+        with self._using():
+            conds = checked_voice(self.tts.conds, text)
+            return t3_decode(  # the plan carries the autocast dtype, entered around each step
+                self.tts.t3,
+                conds.t3,
+                text_tokens(self.tts, text, cfg_weight, language_id),
+                max_new_tokens=max_new_tokens,
+                plan=self.plan_for(decode),
+                cfg_weight=cfg_weight,
+                stop_check_every=self.stop_check_every,
+                generator=generator,
+                **sampling,
+            )
 
     def vocode(self, tokens: torch.Tensor, rng: StreamRandom | None = None) -> torch.Tensor:
         """S3Gen (flow + vocoder) over valid speech tokens; returns a float32 waveform (1, N).
         Its noise comes from ``rng`` (default: the global generator, as upstream)."""
-        self._check_open()
-        if self.tts.conds is None:
-            raise NoVoiceError()
-        with self._amp(), rng.drawing() if rng is not None else nullcontext():
-            return s3gen_inference(self.tts.s3gen, tokens, self.tts.conds.gen)
+        with self._using():
+            if self.tts.conds is None:
+                raise NoVoiceError()
+            with self._amp(), rng.drawing() if rng is not None else nullcontext():
+                return s3gen_inference(self.tts.s3gen, tokens, self.tts.conds.gen)
 
     def generate(
         self,
@@ -726,52 +755,52 @@ class PerformanceOptimizedTTS(Pipeline):
         With a ``seed`` the call draws from its own generators (``rng.StreamRandom``: the tokens
         and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, safe beside other
         threads); without one it goes on from the global random state, as upstream does."""
-        self._check_open()
-        cfg_weight, sampling = family_of(self.tts).sampling_with(sampling)
-        check_sampling(is_turbo(self.tts.t3), cfg_weight, **sampling)  # before a voice is prepared
-        rng = StreamRandom(seed) if seed is not None else None
-        generator = rng.generator(self.tts.t3.speech_head.weight.device) if rng is not None else None
-        # Kernels are recorded (on request) over T3 only, where the attention backend matters:
-        # profiling the thousands of small S3Gen ops as well costs seconds per call. Recording
-        # runs the eager step: a compiled graph hides its kernels from the recorder's ops.
-        if self.record_attention:
-            decode = "eager"
-        record = KernelRecord()
-        t0 = now(self.device)  # a voice prepared for this call is in the total, as upstream's
-        self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
-        with (
-            record_kernels(self.tts, [self.plan.decode])
-            if self.record_attention
-            else (nullcontext(record)) as record
-        ):
-            decoded = self.speech_tokens(
-                text, max_new_tokens, cfg_weight, decode, language_id, generator, **sampling
+        with self._using():
+            cfg_weight, sampling = family_of(self.tts).sampling_with(sampling)
+            check_sampling(is_turbo(self.tts.t3), cfg_weight, **sampling)  # before a voice is prepared
+            rng = StreamRandom(seed) if seed is not None else None
+            generator = rng.generator(self.tts.t3.speech_head.weight.device) if rng is not None else None
+            # Kernels are recorded (on request) over T3 only, where the attention backend matters:
+            # profiling the thousands of small S3Gen ops as well costs seconds per call. Recording
+            # runs the eager step: a compiled graph hides its kernels from the recorder's ops.
+            if self.record_attention:
+                decode = "eager"
+            record = KernelRecord()
+            t0 = now(self.device)  # a voice prepared for this call is in the total, as upstream's
+            self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
+            with (
+                record_kernels(self.tts, [self.plan.decode])
+                if self.record_attention
+                else (nullcontext(record)) as record
+            ):
+                decoded = self.speech_tokens(
+                    text, max_new_tokens, cfg_weight, decode, language_id, generator, **sampling
+                )
+            t1 = now(self.device)
+            tokens = decoded.tokens[0]
+            ids = tokens.tolist()
+            speech = tokens.new_tensor(vocoded_ids(self.tts, ids))  # as upstream
+            wav = self.vocode(speech, rng).squeeze(0).cpu().numpy()
+            t2 = now(self.device)
+            marked = self.tts.watermarker.apply_watermark(wav, sample_rate=self.tts.sr)
+            t3 = now(self.device)
+            self.last = LastGeneration(
+                tokens=decoded.steps,
+                stopped_by="stop token" if decoded.stopped else "token cap",
+                invalid_tokens=invalid_ids(ids, self.tts.t3.hp.stop_speech_token),
+                seconds={
+                    "t3.prefill": decoded.prefill_s,
+                    "t3.decode": decoded.decode_s,
+                    "t3.step": decoded.step_s,
+                    "t3.compile": decoded.compile_s,
+                    "s3gen": t2 - t1,
+                    "watermark": t3 - t2,
+                    "total": t3 - t0,
+                },
+                kernels=record.by_phase(with_dtype=True),
+                decode_step=decoded.step_mode,
             )
-        t1 = now(self.device)
-        tokens = decoded.tokens[0]
-        ids = tokens.tolist()
-        speech = tokens.new_tensor(vocoded_ids(self.tts, ids))  # as upstream
-        wav = self.vocode(speech, rng).squeeze(0).cpu().numpy()
-        t2 = now(self.device)
-        marked = self.tts.watermarker.apply_watermark(wav, sample_rate=self.tts.sr)
-        t3 = now(self.device)
-        self.last = LastGeneration(
-            tokens=decoded.steps,
-            stopped_by="stop token" if decoded.stopped else "token cap",
-            invalid_tokens=invalid_ids(ids, self.tts.t3.hp.stop_speech_token),
-            seconds={
-                "t3.prefill": decoded.prefill_s,
-                "t3.decode": decoded.decode_s,
-                "t3.step": decoded.step_s,
-                "t3.compile": decoded.compile_s,
-                "s3gen": t2 - t1,
-                "watermark": t3 - t2,
-                "total": t3 - t0,
-            },
-            kernels=record.by_phase(with_dtype=True),
-            decode_step=decoded.step_mode,
-        )
-        return torch.from_numpy(marked).unsqueeze(0)
+            return torch.from_numpy(marked).unsqueeze(0)
 
     def generate_stream(
         self,
@@ -793,21 +822,21 @@ class PerformanceOptimizedTTS(Pipeline):
         ``seed=None`` draws the seed from the global generator (``stream_seed``: reproducible after
         ``torch.manual_seed``, as upstream's unseeded ``generate``).
         A stream still being read when the wrapper closes stops there (``ConfigError``)."""
-        self._check_open()
-        self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
-        chunks = stream(  # sampling defaults as the family's generate (``stream``)
-            self.tts,
-            text,
-            config or StreamConfig("buffered"),
-            max_new_tokens=max_new_tokens,
-            seed=stream_seed(seed),
-            plan=self.plan_for(decode),
-            amp=self.amp,
-            flow=self.flow_for(flow),
-            state=state,
-            **sampling,
-        )
-        return self._while_open(chunks)
+        with self._using():
+            self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
+            chunks = stream(  # sampling defaults as the family's generate (``stream``)
+                self.tts,
+                text,
+                config or StreamConfig("buffered"),
+                max_new_tokens=max_new_tokens,
+                seed=stream_seed(seed),
+                plan=self.plan_for(decode),
+                amp=self.amp,
+                flow=self.flow_for(flow),
+                state=state,
+                **sampling,
+            )
+            return self._while_open(chunks)
 
     def _while_open(
         self, chunks: Generator[tuple[np.ndarray, ChunkMetrics], None, None]
@@ -818,7 +847,7 @@ class PerformanceOptimizedTTS(Pipeline):
         with closing(chunks):  # its cache and compiled step go back when the reader stops
             while True:
                 with self._made:
-                    self._check_open(reading=True)
+                    self._check_open(starting=True)
                     self._making.add(chunks)
                 try:
                     item = next(chunks)
