@@ -28,7 +28,7 @@ from tts_workbench.instruments.attention import (
     why_not_flash,
 )
 from tts_workbench.models.sources import load_model
-from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.runtime.decode import DecodePlan, T3Parts, t3_decode, text_tokens
 from tts_workbench.runtime.generation import generate
 from tts_workbench.studies.diagnose import _stage, decode_step_kernels, diagnose_attention
 
@@ -65,6 +65,52 @@ def test_the_probe_sees_the_warning_transformers_gives_once(tiny_tts: Chatterbox
         hf_logging.set_verbosity(verbosity)
     assert any("output_attentions" in line for line in probe.log)
     assert not any(emit.called for emit in emits) and hf_logging.get_verbosity() == verbosity
+
+
+def _capture_hooks(tfmr: torch.nn.Module) -> tuple[int, bool]:
+    """transformers' output-capture hooks on the backbone's modules, and its flag that they are
+    installed (it installs them the first time attentions are asked of the model)."""
+    hooks = [h for m in tfmr.modules() for h in m._forward_hooks.values()]
+    n = sum(h.__module__ == "transformers.utils.output_capturing" for h in hooks)
+    return n, bool(getattr(tfmr, "_output_capturing_hooks_installed", False))
+
+
+def test_the_probe_leaves_no_capture_hooks_on_the_model(reference_wav: Path) -> None:
+    """Its call with attentions made transformers hook every layer and attention module for
+    good: every later call of them took the slower hooked path."""
+    tts = load_model("tiny")
+    probe_output_attentions(tts)
+    assert _capture_hooks(tts.t3.tfmr) == (0, False)
+    # Hooks the model had before the probe are the model's: they stay.
+    tts.t3.tfmr(inputs_embeds=torch.zeros(1, 2, tts.t3.tfmr.config.hidden_size), output_attentions=True)
+    had = _capture_hooks(tts.t3.tfmr)
+    assert had[0] > 0 and had[1]
+    probe_output_attentions(tts)
+    assert _capture_hooks(tts.t3.tfmr) == had
+
+
+def test_a_decode_copy_made_while_kernels_are_recorded_runs_its_own_modules(
+    tiny_tts: ChatterboxTTS,
+) -> None:
+    """The copy took the recorder's wrapper of the user's forward with it: a bfloat16 decode copy
+    made inside ``record_kernels`` never ran, the user's float32 layers did every step."""
+    t3 = tiny_tts.t3
+    with record_kernels(tiny_tts):
+        copy_ = T3Parts.of(t3).to(torch.bfloat16)
+    assert "forward" not in vars(copy_.tfmr) and "forward" not in vars(copy_.speech_head)
+    calls: dict[str, list[torch.dtype]] = {"user": [], "copy": []}
+    hooks = [
+        parts.tfmr.layers[0].register_forward_pre_hook(lambda m, a, who=who: calls[who].append(a[0].dtype))
+        for who, parts in (("user", T3Parts.of(t3)), ("copy", copy_))
+    ]
+    try:
+        plan = DecodePlan(T3Parts.of(t3), copy_)
+        t3_decode(t3, tiny_tts.conds.t3, text_tokens(tiny_tts, "Copies."), max_new_tokens=4, plan=plan)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls["user"] == [torch.float32]  # the prefill only
+    assert calls["copy"] and set(calls["copy"]) == {torch.bfloat16}
 
 
 def test_eager_backbone_is_detected(reference_wav: Path) -> None:

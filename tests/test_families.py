@@ -262,39 +262,53 @@ def test_multilingual_decode_samples_upstreams_tokens_and_gives_the_model_back(
     _pristine(multilingual)
     t3, text = multilingual.t3, _multilingual_text(multilingual)
     config, attn = t3.tfmr.config, t3.tfmr.layers[9].self_attn
-    before = (config._attn_implementation, config.output_attentions, _spies(attn))
-    assert before == ("sdpa", False, 0)
+
+    def state() -> tuple[Any, ...]:
+        return (config._attn_implementation, config.output_attentions, _spies(attn), *_captures(t3.tfmr))
+
+    before = state()
+    assert before == ("sdpa", False, 0, 0, False)
     torch.manual_seed(7)
     ours = t3_decode(t3, multilingual.conds.t3, text, max_new_tokens=N, plan=DecodePlan.plain(t3))
-    # Upstream's analyzer switched attention to eager and added hooks for the run; all undone.
-    assert (config._attn_implementation, config.output_attentions, _spies(attn)) == before
+    # Upstream's analyzer switched attention to eager and added hooks for the run, and asking for
+    # attentions made transformers hook every layer (before 2026-12-05 for good); all undone.
+    assert state() == before
     torch.manual_seed(7)
     upstream = t3.inference(t3_cond=multilingual.conds.t3, text_tokens=text, max_new_tokens=N, top_p=0.95)
     assert torch.equal(upstream, ours.tokens)
-    # Upstream leaves them changed (three more hooks every generation).
-    assert config._attn_implementation == "eager" and _spies(attn) > before[2]
+    # Upstream leaves them changed (three more hooks every generation, transformers' for good).
+    assert config._attn_implementation == "eager" and _spies(attn) > before[2] and _captures(t3.tfmr)[1]
 
 
 def _pristine(tts: ChatterboxMultilingualTTS) -> tuple[Any, ...]:
-    """Undo what upstream's analyzer left on the shared model (eager attention, attentions on,
-    its spies), so a test's ``before`` is the loaded model's state whatever ran earlier."""
-    config = tts.t3.tfmr.config
+    """Undo what upstream's own generation left on the shared model (eager attention, attentions
+    on, its analyzer's spies, transformers' capture hooks), so a test's ``before`` is the loaded
+    model's state whatever ran earlier."""
+    tfmr = tts.t3.tfmr
+    config = tfmr.config
     config._attn_implementation, config.output_attentions = "sdpa", False
-    for layer, _ in LLAMA_ALIGNED_HEADS:
-        hooks = tts.t3.tfmr.layers[layer].self_attn._forward_hooks
-        for key in [k for k, h in hooks.items() if h.__module__ != "transformers.utils.output_capturing"]:
-            del hooks[key]
-    attns = [tts.t3.tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
+    for m in tfmr.modules():
+        m._forward_hooks.clear()
+    vars(tfmr).pop("_output_capturing_hooks_installed", None)
+    attns = [tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
     state = (config._attn_implementation, config.output_attentions, *map(_spies, attns))
-    assert state == ("sdpa", False, 0, 0, 0)
+    assert state == ("sdpa", False, 0, 0, 0) and _captures(tfmr) == (0, False)
     return state
 
 
 def _spies(attn: torch.nn.Module) -> int:
-    """Forward hooks on an attention module but transformers' own: it adds one, inactive
-    unless attentions are asked of the model, the first time they are, and keeps it."""
+    """Forward hooks on an attention module but transformers' capture hooks (``_captures``)."""
     hooks = attn._forward_hooks.values()
     return sum(hook.__module__ != "transformers.utils.output_capturing" for hook in hooks)
+
+
+def _captures(tfmr: torch.nn.Module) -> tuple[int, bool]:
+    """transformers' capture hooks on the backbone's modules, and its flag that they are there:
+    it installs them the first time attentions are asked of the model. Inactive unless outputs
+    are collected, but every call of a hooked module takes nn.Module's slower path."""
+    hooks = [h for m in tfmr.modules() for h in m._forward_hooks.values()]
+    n = sum(hook.__module__ == "transformers.utils.output_capturing" for hook in hooks)
+    return n, bool(getattr(tfmr, "_output_capturing_hooks_installed", False))
 
 
 def test_two_upstream_multilingual_generates_in_two_threads_take_turns(
@@ -338,10 +352,15 @@ def test_two_multilingual_generations_at_once_each_feed_their_own_analyzer(
     attns = [t3.tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
 
     def state() -> tuple[Any, ...]:
-        return (config._attn_implementation, config.output_attentions, *map(_spies, attns))
+        return (
+            config._attn_implementation,
+            config.output_attentions,
+            *map(_spies, attns),
+            *_captures(t3.tfmr),
+        )
 
-    before = _pristine(multilingual)
-    assert state() == before == ("sdpa", False, 0, 0, 0)
+    before = _pristine(multilingual) + _captures(t3.tfmr)
+    assert state() == before == ("sdpa", False, 0, 0, 0, 0, False)
 
     def blocks(seed: int) -> Iterator[torch.Tensor]:
         return decode_blocks(
@@ -422,9 +441,9 @@ def test_closing_the_wrapper_mid_stream_gives_the_multilingual_model_back(
 
     _pristine(multilingual)
     with PerformanceOptimizedTTS.from_model(multilingual, dtype="float32", decode="eager") as opt:
-        list(opt.generate_stream(text, max_new_tokens=30, language_id="fr"))  # transformers hooks once
+        list(opt.generate_stream(text, max_new_tokens=30, language_id="fr"))
     before = state()
-    assert before[:2] == ("sdpa", False) and _spies(attention) == 0  # what the wrapper gave back
+    assert before == ("sdpa", False, 0) and _captures(multilingual.t3.tfmr) == (0, False)  # given back
     opt = PerformanceOptimizedTTS.from_model(multilingual, dtype="float32", decode="eager")
     chunks = opt.generate_stream(text, max_new_tokens=60, language_id="fr")
     next(chunks)
@@ -507,11 +526,16 @@ def test_multilingual_generate_gives_the_model_back_and_keeps_upstreams_tokens(r
     config, attns = t3.tfmr.config, [t3.tfmr.layers[layer].self_attn for layer, _ in LLAMA_ALIGNED_HEADS]
 
     def state() -> tuple[Any, ...]:
-        return (config._attn_implementation, config.output_attentions, *map(_spies, attns))
+        return (
+            config._attn_implementation,
+            config.output_attentions,
+            *map(_spies, attns),
+            *_captures(t3.tfmr),
+        )
 
-    assert state() == ("sdpa", False, 0, 0, 0)
+    assert state() == ("sdpa", False, 0, 0, 0, 0, False)
     runs = [generate(tts, "Bonjour.", max_new_tokens=8, seed=seed, language_id="fr") for seed in (0, 1)]
-    assert state() == ("sdpa", False, 0, 0, 0)  # after every call, not only the first
+    assert state() == ("sdpa", False, 0, 0, 0, 0, False)  # after every call, not only the first
     assert runs[0].speech_tokens != runs[1].speech_tokens
     # The analyzer still steers upstream's generation: a repetition is stopped (as upstream's own).
     head, stop = t3.speech_head, t3.hp.stop_speech_token
@@ -521,13 +545,13 @@ def test_multilingual_generate_gives_the_model_back_and_keeps_upstreams_tokens(r
     finally:
         t3.speech_head = head
     assert r.speech_tokens == [1234, 1234, stop] and r.stopped_by == "stop token"
-    assert state() == ("sdpa", False, 0, 0, 0)
+    assert state() == ("sdpa", False, 0, 0, 0, 0, False)
     # The tokens of upstream's own analyzer, for the seed (which then leaks, on this test's model).
     with token_cap(tts, 8) as seen:
         torch.manual_seed(0)
         tts.generate("Bonjour.", language_id="fr")
     assert seen["tokens"][0].tolist() == runs[0].speech_tokens
-    assert state() == ("eager", True, 1, 1, 1)
+    assert state()[:5] == ("eager", True, 1, 1, 1) and state()[6]
 
 
 def test_both_pipelines_prepare_a_turbo_reference_as_upstream_generate_does(

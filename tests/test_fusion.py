@@ -15,6 +15,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 from tts_workbench.models.sources import load_model
+from tts_workbench.runtime.alignment import alignment
 from tts_workbench.runtime.decode import DecodePlan, FusedCopies, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.fusion import FusedLlamaAttention, FusedLlamaMLP, fused_backbone
@@ -92,6 +93,20 @@ def test_the_engine_runs_the_fused_copy_with_the_same_tokens(
         tokens[fused], ran[fused] = [h.tokens for h in handles], len(calls) - before
     assert tokens[True] == tokens[False] and tokens[True][0] != tokens[True][1]
     assert ran[False] == 0 and ran[True] >= 23 * len(tiny_tts.t3.tfmr.layers)  # every step, every layer
+
+
+def test_a_copy_made_while_an_analyzer_runs_keeps_the_models_own_attention() -> None:
+    """Made while a multilingual generation's analyzer had the backbone in eager attention with
+    attentions on (a paused stream), the fused copy kept them for the wrapper's life, and the
+    hooks on the backbone for that generation with them."""
+    tfmr = load_model("multilingual-tiny").t3.tfmr
+    with alignment([tfmr], (1, 3), 0), torch.inference_mode():
+        tfmr(inputs_embeds=torch.zeros(1, 5, tfmr.config.hidden_size))  # transformers hooks it
+        assert (tfmr.config._attn_implementation, tfmr.config.output_attentions) == ("eager", True)
+        fused = fused_backbone(tfmr)
+    assert (fused.config._attn_implementation, fused.config.output_attentions) == ("sdpa", False)
+    assert not any(m._forward_hooks for m in fused.modules())
+    assert not hasattr(fused, "_output_capturing_hooks_installed")
 
 
 def test_turbo_has_nothing_to_fuse() -> None:

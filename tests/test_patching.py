@@ -312,6 +312,33 @@ def test_a_working_copy_puts_back_what_the_instance_had() -> None:
     assert "conds" in vars(h) and "0" not in vars(model)
 
 
+def test_a_clean_copy_leaves_the_sources_shadows_behind() -> None:
+    """A deep copy made inside a shadow copied the wrapper, which calls the source's method: a
+    bfloat16 decode copy made inside ``record_kernels`` ran the user's float32 layers. The copy
+    has what the source had before its shadows, however they stack, and runs its own modules."""
+
+    def calling(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args: fn(*args)
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    model[1].scale = 2  # an instance attribute of its own, shadowed too
+    left = ExitStack()  # a shared shadow whose last user left while another sat on top of it
+    left.enter_context(shared(model, "forward", calling))
+    with ExitStack() as stack:
+        stack.enter_context(shadow(model, "forward", calling))
+        left.close()
+        stack.enter_context(routed(model[0], "forward", calling))
+        stack.enter_context(shadow(model[1], "scale", lambda v: v * 10))
+        dup = patching.clean_copy(model)
+        assert "forward" in vars(model) and "forward" in vars(model[0]) and model[1].scale == 20
+    assert "forward" not in vars(dup) and "forward" not in vars(dup[0]) and vars(dup[1])["scale"] == 2
+    calls: list[str] = []
+    model[0].register_forward_hook(lambda *_: calls.append("source"))
+    dup[0].register_forward_hook(lambda *_: calls.append("copy"))
+    dup(torch.ones(1, 2))
+    assert calls == ["copy"] and dup[0] is not model[0]
+
+
 def test_a_scoped_item_overlapping_in_threads_stays_until_the_last_leaves() -> None:
     """Each put back what it saw on entry: the first out took the item from the second, still
     inside, and the second out put the first's back for good."""

@@ -24,6 +24,11 @@ Everything the workbench does to a user's model goes through here:
   GPU too). (A deep copy of a whole ChatterboxTTS is not possible: HiFT's weight-norm keeps
   non-leaf tensors, which ``copy.deepcopy`` refuses.)
 - ``working_copy``: an attribute replaced by a copy of itself, what the instance had put back.
+- ``clean_copy``: a deep copy of a module without the shadows on the module while it is made
+  (a copy of a wrapper calls the source's method) nor transformers' capture hooks that
+  ``capture_hooks_undone`` will take off it.
+- ``capture_hooks_undone``: the forward hooks transformers installs for good on a model the first
+  time attentions (or hidden states) are asked of it taken off again by the last user to leave.
 - ``scoped_item``: set a key of a dict (e.g. upstream's ``LLAMA_CONFIGS``) and remove it again,
   held as ``shared`` holds a shadow.
 - ``own_code``: a copy of a function with its own code object, for ``torch.compile``.
@@ -39,14 +44,16 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from transformers.utils import output_capturing
 
 _MISSING = object()
 
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+M = TypeVar("M", bound=nn.Module)
 
 
 @contextmanager
@@ -65,7 +72,7 @@ def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
         wrapped = wrap(original)
         if callable(original) and callable(wrapped) and wrapped is not original:
             functools.update_wrapper(wrapped, original)
-        setattr(obj, name, wrapped)
+        _set(obj, name, wrapped, before)
     try:
         yield
     finally:
@@ -97,6 +104,12 @@ _items_free = threading.Condition()
 # id(shadow)) -> (the shadow, what to put back in its place when the one on top puts it back).
 # Not by the shadow's id alone: shadows of two instances may set the same object (a small int).
 _left: dict[tuple[int, str, int], tuple[Any, Any]] = {}
+# What an instance's attribute was before the shadows of any kind on it now (what the last to
+# leave puts back): (id(obj), name) -> [shadows on it, the value (``_MISSING``: the class's)].
+_under: dict[tuple[int, str], list[Any]] = {}
+# Models whose capture hooks are taken off by their last user: id -> [users, flag set before the first]
+_capturing: dict[int, list[Any]] = {}
+_CAPTURE_FLAG = "_output_capturing_hooks_installed"  # transformers': its hooks are on the model
 
 
 def _module_slots(obj: object) -> tuple[Mapping[str, Any], ...]:
@@ -134,12 +147,22 @@ def _check_shadowable(obj: object, name: str) -> None:
         )
 
 
+def _set(obj: object, name: str, mine: Any, before: Any) -> None:
+    """``obj.name = mine``, in place of ``before``, one more shadow in ``_under`` (under the lock)."""
+    setattr(obj, name, mine)
+    _under.setdefault((id(obj), name), [0, before])[0] += 1
+
+
 def _put_back(obj: object, name: str, mine: Any, before: Any) -> None:
     """Undo ``obj.name = mine``: put ``before`` back if ``mine`` is still on the instance; if
     another shadow has been set on top since, leave it there and let it put back ``before``
     (not ``mine``) when it leaves. ``before`` may itself have left meanwhile: then what it
     stood for goes back."""
     with _held_lock:
+        under = _under[id(obj), name]
+        under[0] -= 1
+        if under[0] == 0:
+            del _under[id(obj), name]
         while (key := (id(obj), name, id(before))) in _left and _left[key][0] is before:
             before = _left.pop(key)[1]
         if _own(obj, name) is not mine:
@@ -168,7 +191,8 @@ def _holding(
         if held is None:
             held = _Held(_own(obj, name), getattr(obj, name))
             held.installed = functools.update_wrapper(install(held), held.original)
-            setattr(obj, name, held.installed)  # first: if it fails (a frozen instance), nothing is held
+            # first: if it fails (a frozen instance), nothing is held
+            _set(obj, name, held.installed, held.before)
             _held[key] = held
         held.users += 1
     try:
@@ -398,6 +422,59 @@ def working_copy(obj: object, name: str, copier: Callable[[Any], Any] = copy.dee
             delattr(obj, name)
         else:
             setattr(obj, name, before)
+
+
+def clean_copy(module: M) -> M:
+    """A deep copy of ``module`` without what is set on it for a while: where a shadow sits on
+    anything it copies (a submodule), the copy has what was there before the shadows (a copied
+    wrapper would call the source's method: a bfloat16 copy made inside a profiler's shadows
+    ran the float32 source), and transformers' capture hooks that ``capture_hooks_undone`` will
+    take off the source are not on the copy."""
+    with _held_lock:  # no shadow comes or goes between the copy and its clean-up
+        memo: dict[int, Any] = {}  # id of each object copied -> its copy
+        dup = copy.deepcopy(module, memo)
+        for (obj, name), (_, before) in _under.items():
+            if obj in memo and before is not _MISSING:
+                setattr(memo[obj], name, copy.deepcopy(before, memo))  # a bound method: the copy's
+            elif obj in memo and name in vars(memo[obj]):
+                delattr(memo[obj], name)
+        for model, (_, had_hooks) in _capturing.items():
+            if model in memo and not had_hooks:
+                _drop_capture_hooks(memo[model])
+    return dup
+
+
+def _drop_capture_hooks(model: nn.Module) -> None:
+    """Take transformers' capture hooks off ``model``'s modules, and its flag that they are on."""
+    for m in model.modules():
+        for key in [k for k, hook in m._forward_hooks.items() if _is_capture_hook(hook)]:
+            del m._forward_hooks[key]
+    vars(model).pop(_CAPTURE_FLAG, None)
+
+
+def _is_capture_hook(hook: Any) -> bool:
+    return getattr(hook, "__module__", None) == output_capturing.__name__
+
+
+@contextmanager
+def capture_hooks_undone(model: nn.Module) -> Iterator[None]:
+    """While any user is inside, ``model`` may be asked for attentions: transformers then hooks
+    every layer and attention module of it, for good (``_output_capturing_hooks_installed``).
+    The hooks do nothing unless outputs are collected, but every call of a hooked module takes
+    nn.Module's slower path. The last user to leave takes them and the flag off again, unless
+    the model had them before the first came in."""
+    with _held_lock:
+        entry = _capturing.setdefault(id(model), [0, bool(getattr(model, _CAPTURE_FLAG, False))])
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _held_lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _capturing[id(model)]
+                if not entry[1]:
+                    _drop_capture_hooks(model)
 
 
 def own_code(fn: Callable[..., Any]) -> Callable[..., Any]:

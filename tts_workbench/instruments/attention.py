@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
 from ..core.families import kv_layout
-from ..core.patching import shared
+from ..core.patching import capture_hooks_undone, shared
 from .profiling import EAGER, FUSED_KERNELS, activities, op_frame, phase_regions, time_share
 
 
@@ -202,7 +202,8 @@ def configured_backend(tts: ChatterboxTTS) -> str:
 
 def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8) -> OutputAttentionsProbe:
     """Run the T3 backbone once with and once without ``output_attentions`` and report which
-    kernel ran each time. Determined by running, not from version tables."""
+    kernel ran each time. Determined by running, not from version tables. The capture hooks
+    transformers installs on the backbone for the first call are taken off again."""
     tfmr = tts.t3.tfmr
     p = next(tfmr.parameters())
     # its own generator: the caller's global random state (a later unseeded generate) stays
@@ -225,6 +226,7 @@ def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8) -> OutputAttention
     with (
         mock.patch.object(hf_log, "handlers", [_Catch()]),
         mock.patch.object(logging.Logger, "warning_once", logging.Logger.warning),
+        capture_hooks_undone(tfmr),
     ):
         hf_log.setLevel(logging.WARNING)  # (setLevel, not the attribute: it clears logging's caches)
         try:

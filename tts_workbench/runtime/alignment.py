@@ -12,7 +12,10 @@ and the first to finish would take the other's hooks away. So an analyzer's spie
 the module as soon as it has made them; one router per attention module, there while any
 generation uses it, hands each forward's output to the spies of the generation running that
 forward (``Alignment.watching``, set around its own forwards only). The backbone's attention
-settings change with the first generation in and are put back by the last one out.
+settings change with the first generation in and are put back by the last one out, and the
+capture hooks transformers installs for good on a backbone asked for attentions are taken off
+again (``patching.capture_hooks_undone``). A copy of a backbone made meanwhile
+(``copy_as_given_back``) has none of these changes.
 
 Upstream ``T3.inference`` (multilingual ``generate``) makes its analyzer itself: inside
 ``upstream_alignment`` the one it makes in this thread is made by ``alignment`` too. Several
@@ -36,7 +39,7 @@ from chatterbox.models.t3.inference.alignment_stream_analyzer import (
 )
 from torch import nn
 
-from ..core.patching import routed
+from ..core.patching import capture_hooks_undone, clean_copy, routed
 
 Spy = Callable[[nn.Module, Any, Any], None]
 
@@ -127,7 +130,7 @@ def alignment(tfmrs: list[Any], text: tuple[int, int], eos: int) -> Iterator[Ali
     end) in the prefill. Every change to the backbones is undone by the last generation to
     leave."""
     attns = [m.layers[layer].self_attn for m in tfmrs for layer, _ in LLAMA_ALIGNED_HEADS]
-    with _lock:  # no other analyzer is made meanwhile
+    with ExitStack() as captures, _lock:  # no other analyzer is made meanwhile
         before = {id(a): set(a._forward_hooks) for a in attns}
         settings = [(m.config._attn_implementation, m.config.output_attentions) for m in tfmrs]
         try:
@@ -148,10 +151,12 @@ def alignment(tfmrs: list[Any], text: tuple[int, int], eos: int) -> Iterator[Ali
             entry = _configs.setdefault(id(m.config), [0, implementation, output_attentions])
             entry[0] += 1
             m.config._attn_implementation, m.config.output_attentions = "eager", True
+            captures.enter_context(capture_hooks_undone(m))
+        undo_captures = captures.pop_all()  # held until this generation leaves; undone if it fails first
     try:
         yield Alignment(analyzer, spies)
     finally:
-        with _lock:
+        with _lock, undo_captures:
             for a in attns:
                 entry = _routers[id(a)]
                 entry[0] -= 1
@@ -164,6 +169,23 @@ def alignment(tfmrs: list[Any], text: tuple[int, int], eos: int) -> Iterator[Ali
                 if entry[0] == 0:
                     m.config._attn_implementation, m.config.output_attentions = entry[1], entry[2]
                     del _configs[id(m.config)]
+
+
+def copy_as_given_back(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` (``patching.clean_copy``) as the generations now aligning its
+    backbone will give it back: with the backbone's own attention settings, not eager with
+    attentions on, and without the routers' hooks. Made while a stream was paused, a decode
+    copy kept eager attention for its holder's life."""
+    with _lock:
+        dup = clean_copy(module)
+        for src, mine in zip(module.modules(), dup.modules(), strict=True):
+            config = getattr(src, "config", None)
+            if config is not None and id(config) in _configs:
+                copied: Any = mine.config  # the copy's (one per backbone, whatever shares it)
+                _, copied._attn_implementation, copied.output_attentions = _configs[id(config)]
+            if id(src) in _routers:
+                del mine._forward_hooks[_routers[id(src)][1].id]
+    return dup
 
 
 @contextmanager

@@ -46,7 +46,6 @@ block's stop check), never inside a step.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import threading
@@ -75,7 +74,7 @@ from ..core.positions import positions_needed, tokens_that_fit
 from ..core.rng import default_generator
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.memory import tensor_bytes
-from .alignment import alignment, text_columns
+from .alignment import alignment, copy_as_given_back, text_columns
 from .fusion import fusable, fused_backbone
 from .sampling import Sampler, exponential_noise, not_finite
 
@@ -125,7 +124,9 @@ class T3Parts:
 
     def to(self, dtype: torch.dtype) -> T3Parts:
         """A copy of these weights in ``dtype`` (the originals are untouched)."""
-        copies: list[Any] = [None if m is None else copy.deepcopy(m).to(dtype) for m in vars(self).values()]
+        copies: list[Any] = [
+            None if m is None else copy_as_given_back(m).to(dtype) for m in vars(self).values()
+        ]
         return T3Parts(*copies)
 
     @property

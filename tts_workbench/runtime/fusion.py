@@ -17,7 +17,6 @@ matmul (``c_attn``) and is left as it is.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -30,6 +29,8 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+
+from .alignment import copy_as_given_back
 
 
 def _joined(linears: list[nn.Linear]) -> nn.Linear:
@@ -114,7 +115,7 @@ def fused_backbone(tfmr: nn.Module) -> nn.Module:
     none (Turbo's GPT-2). The copy is in ``tfmr``'s dtype and on its device."""
     if not fusable(tfmr):
         return tfmr
-    fused = copy.deepcopy(tfmr)
+    fused = copy_as_given_back(tfmr)
     for m in fused.modules():
         if type(m) is LlamaAttention:
             attn = cast(Any, m)
