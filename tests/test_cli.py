@@ -16,8 +16,9 @@ import pytest
 from tts_workbench.core import strict_json
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.positions import positions_needed
-from tts_workbench.interface.cli import MODEL_HELP, _trace_labels, build_parser, main
+from tts_workbench.interface.cli import MODEL_HELP, _batches, _trace_labels, build_parser, main
 from tts_workbench.models.builders import SIZES
+from tts_workbench.models.checkpoints import METADATA_FILE, save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import PRETRAINED, load_model
 from tts_workbench.runtime import streaming
@@ -150,15 +151,18 @@ def test_every_flag_has_help_and_shows_its_default() -> None:
     assert "(default: None)" not in bench and "(default: False)" not in bench
 
 
+@pytest.mark.parametrize("command", ["stream", "profile", "trace"])
 def test_a_text_longer_than_t3s_positions_gives_one_error_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
 ) -> None:
-    """(before: an IndexError from T3's text position embedding, exit code 1; upstream
-    generate's path, which diagnose takes, is tests/test_generation.py's)"""
-    args = ["stream", "--text", "hello world " * 1500, "--tokens", "4", "--reference", str(reference_wav)]
-    assert main([*args, "--out", str(tmp_path)]) == 2
+    """(before: an IndexError from T3's text position embedding, exit code 1; then an error that
+    named no flag; upstream generate's path, which diagnose takes, is tests/test_generation.py's)"""
+    args = [command, "--text", "hello world " * 1500, "--tokens", "4", "--reference", str(reference_wav)]
+    assert main([*args, "--out" if command == "stream" else "--logdir", str(tmp_path / "out")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "beyond the 2048 T3 has positions for: split it" in errors[0], errors
+    assert len(errors) == 1 and errors[0].startswith("error: argument --text: "), errors
+    assert "beyond the 2048 T3 has positions for: split it" in errors[0], errors
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["diagnose", "stream", "profile", "bench"])
@@ -507,3 +511,79 @@ def test_profile_takes_tokens_past_t3s_positions_as_diagnose_does(
     monkeypatch.setattr(profile_report, "profile_generation", reached)
     with pytest.raises(Profiled):
         main(["profile", "--tokens", "5000", "--logdir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("t3_heads", 0), ("t3_heads", -1), ("t3_heads", "x"), ("t3_layers", None), ("t3_hidden", True),
+     ("t3_heads", 3),  # 256 is no multiple of 3: T3's attention heads split its width
+     ("cfm_channels", 12), ("hift_channels", 4)],  # S3Gen's group norms of 8, HiFT's three halvings
+)  # fmt: skip
+def test_a_damaged_tiny_config_is_refused_naming_the_model_flag(
+    field: str, value: object, tiny_tts: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(before: a ZeroDivisionError, TypeError or ValueError from the builders, a traceback or an
+    error that named no flag)"""
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    meta["tiny_config"][field] = value
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    assert main(["diagnose", "--model", str(folder), "--tokens", "4", "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --model: "), errors
+    assert "records a tiny_config this version cannot read" in errors[0] and field in errors[0], errors
+    assert not out.exists()
+
+
+def test_a_model_folder_that_cannot_be_loaded_names_the_model_flag(
+    tiny_tts: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its files are all there (the check before anything runs passes) but one is truncated."""
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    data = (folder / "t3_cfg.safetensors").read_bytes()
+    (folder / "t3_cfg.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert main(["stream", "--model", str(folder), "--tokens", "4", "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --model: cannot read t3_cfg"), errors
+
+
+@pytest.mark.parametrize("events", ["{}", '{"traceEvents": 5}'])
+def test_trace_read_of_json_that_is_no_trace_names_the_read_flag(
+    events: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "t3.decode.json"
+    trace.write_text(events)
+    assert main(["trace", "--read", str(trace)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --read: "), errors
+    assert "not a Chrome/Kineto trace" in errors[0], errors
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [("bench", "--configs", "upstream,,optimized"), ("bench", "--configs", ",optimized"),
+     ("bench", "--configs", "optimized,"), ("trace", "--steps", "eager,,static"),
+     ("trace", "--steps", ",eager"), ("trace", "--steps", "eager,")],
+)  # fmt: skip
+def test_a_comma_list_with_an_empty_item_is_refused(
+    command: str, flag: str, value: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """As ``load --streams 1,,2`` is (before: the empty item was dropped and the rest ran)."""
+    from tts_workbench.interface import cli
+    from tts_workbench.studies import bench
+
+    monkeypatch.setattr(cli, "_voiced_model", _built)
+    monkeypatch.setattr(bench, "run_bench", _built)
+    assert main([command, flag, value, "--out" if command == "bench" else "--logdir", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: argument {flag}: an empty item"), errors
+
+
+def test_a_size_given_twice_is_refused() -> None:
+    """As ``--streams 2,2`` is (before: ``--step-buckets 1,1`` was taken as 1)."""
+    assert _batches("4,1") == (1, 4)
+    with pytest.raises(argparse.ArgumentTypeError, match="given twice in '1,1'"):
+        _batches("1,1")

@@ -562,7 +562,8 @@ def test_serve_refuses_bad_flags_before_starting_ray(
         (["--address", f"127.0.0.1:{_free_port()}", "--model", "/only/on/the/workers"], "--address"),
         (["--port", str(_free_port()), "--model", "huge"], "unknown model source 'huge'"),
         (["--port", str(_free_port()), "--model", str(tmp_path / "no" / "folder")], "does not exist"),
-        (["--port", str(_free_port()), "--device", "cuda"], "CUDA is not available"),
+        (["--port", str(_free_port()), "--device", "cuda"], "--device: device='cuda' requested but CUDA"),
+        (["--port", str(_free_port()), "--device", "foo"], "argument --device: unknown device 'foo'"),
         (["--port", str(_free_port()), "--tokens", "300", "--max-cache-len", "256"], "--tokens"),
         (["--port", str(_free_port()), "--max-streams", "4", "--step-buckets", "1,8"], "--step-buckets"),
         (["--port", str(_free_port()), "--step-buckets", "0,2"], "--step-buckets"),
@@ -710,37 +711,62 @@ def test_a_clusters_serve_is_reported_where_it_listens() -> None:
     assert local.listening_url("0.0.0.0", 8000) == local.url == "http://0.0.0.0:8000"
 
 
-# Ray Serve's message when every start of a replica failed (its constructor raised).
-DEPLOY_FAILED = """Deploying application tts-workbench failed: Failed to update the deployments ['speech'].
-The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or
-initial health check failing. See controller logs for details. Error:
-ray::ServeReplica:tts-workbench:speech.initialize_and_get_metadata() (pid=4242, ip=127.0.0.1)
+# Ray Serve's message when every start of a replica failed (its constructor raised): before Ray
+# 2.60 serve.run's RuntimeError held the replica's traceback; from 2.60 it says only which
+# deployment failed, and serve.status() holds the traceback in the deployment's message.
+DEPLOY_FAILED_2_60 = (
+    "Deploying application tts-workbench failed: Failed to update the deployments ['speech']."
+)
+REPLICA_TRACEBACK = """ray::ServeReplica:tts-workbench:speech.initialize_and_get_metadata() (pid=4242)
+RuntimeError: Traceback (most recent call last):
   File "/work/main/tts_workbench/serving/service.py", line 131, in __init__
     check_input_fits(prefill, options)
   File "/work/main/tts_workbench/serving/service.py", line 92, in check_input_fits
     raise ConfigError(
 tts_workbench.core.errors.ConfigError: argument --max-input-chars: an input of 5000 characters needs more
 """
+DEPLOY_FAILED_BEFORE_2_60 = f"""{DEPLOY_FAILED_2_60}
+The deployment failed to start 3 times in a row. This may be due to a problem with its constructor or
+initial health check failing. See controller logs for details. Error:
+{REPLICA_TRACEBACK}"""
 
 
+def _no_status() -> None:
+    raise RuntimeError("the controller is gone")  # serve.status may fail too: serve.run's message is kept
+
+
+def _status_2_60() -> SimpleNamespace:
+    speech = SimpleNamespace(status="DEPLOY_FAILED", message=REPLICA_TRACEBACK)
+    app = SimpleNamespace(deployments={"speech": speech})
+    return SimpleNamespace(applications={"tts-workbench": app})
+
+
+@pytest.mark.parametrize(
+    ("deploy_failed", "status"),
+    [(DEPLOY_FAILED_BEFORE_2_60, _no_status), (DEPLOY_FAILED_2_60, _status_2_60)],
+    ids=["ray-before-2.60", "ray-2.60"],
+)
 def test_a_replica_that_cannot_start_gives_one_error_line_with_its_reason(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+    deploy_failed: str, status: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     """What only a replica can check (the input limit against the cache needs the tokenizer)
-    fails in Ray Serve's deploy, which raises a RuntimeError holding the replica's traceback."""
+    fails in Ray Serve's deploy (before: with Ray 2.60, "the replicas could not start: Deploying
+    application tts-workbench failed: ...", the reason left out)."""
     import ray
     from ray import serve
 
     stopped = []
 
-    def deploy_failed(*_a: object, **_k: object) -> None:
-        raise RuntimeError(DEPLOY_FAILED)
+    def failing(*_a: object, **_k: object) -> None:
+        raise RuntimeError(deploy_failed)
 
     for module, name in ((ray, "init"), (serve, "start")):
         monkeypatch.setattr(module, name, lambda *a, **k: None)
     for module, name in ((ray, "shutdown"), (serve, "shutdown")):
         monkeypatch.setattr(module, name, lambda *a, name=name, **k: stopped.append(name))
-    monkeypatch.setattr(serve, "run", deploy_failed)
+    monkeypatch.setattr(serve, "run", failing)
+    monkeypatch.setattr(serve, "status", status)
     assert main(["serve", "--port", str(_free_port()), "--out", str(tmp_path)]) == 2
     errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [

@@ -126,14 +126,31 @@ def _non_negative(value: str) -> int:
 
 def _batches(value: str) -> tuple[int, ...]:
     """``"1,4"`` → ``(1, 4)``: windows per flow call or streams per step (``StreamEngine``'s
-    ``flow_batches``, ``step_buckets``)."""
+    ``flow_batches``, ``step_buckets``); a size given twice is refused, as ``--streams`` refuses
+    a level given twice (before: merged silently)."""
     try:
-        sizes = sorted({int(v) for v in value.split(",")})
+        sizes = sorted(int(v) for v in value.split(","))
     except ValueError:
         sizes = []
     if not sizes or sizes[0] < 1:
         raise argparse.ArgumentTypeError(f"must be a list of positive integers such as 1,4, got {value!r}")
+    if len(set(sizes)) < len(sizes):
+        raise argparse.ArgumentTypeError(f"a size is given twice in {value!r}: give each once")
     return tuple(sizes)
+
+
+def _comma_list(value: str, flag: str, example: str) -> list[str]:
+    """The items of ``flag``'s comma list ``value``, stripped; none where it names none (the
+    command says what to give). An empty item among others (``a,,b``, a comma at either end) is
+    refused, as ``load --streams`` refuses it, not dropped."""
+    from ..core.errors import ConfigError
+
+    items = [item.strip() for item in value.split(",")]
+    if not any(items):
+        return []
+    if "" in items:
+        raise ConfigError(f"argument {flag}: an empty item in {value!r}: give a list such as {example}")
+    return items
 
 
 def _seed(value: str) -> int:
@@ -252,7 +269,7 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     from ..studies.bench import format_bench, run_bench
 
     _check_decode_tokens(args.tokens)
-    configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+    configs = tuple(_comma_list(args.configs, "--configs", "upstream,optimized"))
     if configs and all(c.startswith("upstream") for c in configs):  # float32 upstream whatever the policy
         _refuse_given(args, ("--dtype",), "is the optimized wrapper's policy: add a config that runs the "
                       "wrapper (optimized, static, compiled, ...) or leave it out")  # fmt: skip
@@ -301,15 +318,20 @@ def _check_tokens(tts: Any, tokens: int) -> None:
 def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = True) -> Any:
     """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in
     ``folder``); ``--tokens`` checked first where the command decodes T3 itself (``own_decode``:
-    upstream ``generate`` caps a longer run at its own 1000 tokens, as ``diagnose`` reports)."""
-    from ..core.errors import SourceError, naming_flag
+    upstream ``generate`` caps a longer run at its own 1000 tokens, as ``diagnose`` reports),
+    then ``--text`` against T3's text positions."""
+    from ..core.errors import ConfigError, SourceError, naming_flag
     from ..models.reference import make_reference_wav
     from ..models.sources import load_model
+    from ..runtime.decode import text_tokens
     from ..runtime.generation import prepare_voice
 
-    tts = load_model(args.model, args.device, args.seed)
+    with naming_flag("--model", SourceError):  # a folder whose files cannot be read or do not fit
+        tts = load_model(args.model, args.device, args.seed)
     if own_decode:
         _check_tokens(tts, args.tokens)
+    with naming_flag("--text", ConfigError):  # longer than T3's text positions: before a voice is written
+        text_tokens(tts, args.text)
     if args.reference:
         with naming_flag("--reference", SourceError):  # a file that is no usable recording
             prepare_voice(tts, args.reference)
@@ -379,7 +401,7 @@ PROFILING_FLAGS = (
 
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.devices import check_device
-    from ..core.errors import ConfigError, naming_flag
+    from ..core.errors import ConfigError, TraceError, naming_flag
     from ..instruments.profiling import TRACE_FILE_ASKED
     from ..models.sources import token_cap_note
     from ..runtime.optimized import check_decode
@@ -403,9 +425,11 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
             if not path.is_file():
                 raise ValueError(f"argument --read: no trace file {path}: {TRACE_FILE_ASKED}")
         note = f"read from {len(paths)} trace file(s)"
-        return decode_trace_report(read_traces(paths), note), format_decode_traces
+        with naming_flag("--read", TraceError):  # a file that is no trace, or lacks T3's decode
+            return decode_trace_report(read_traces(paths), note), format_decode_traces
+    names = _comma_list(args.steps, "--steps", "eager,compiled")
     with naming_flag("--steps", ConfigError):  # an unknown step
-        steps = [check_decode(s, check_device(args.device)) for s in args.steps.split(",") if s]
+        steps = [check_decode(s, check_device(args.device)) for s in names]
     if not steps:
         raise ValueError("argument --steps: no decode step given: use eager, static or compiled")
     if twice := sorted({s for s in steps if steps.count(s) > 1}):  # one decode-STEP folder each

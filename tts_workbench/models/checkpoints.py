@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.constants import dtype_name, parse_dtype
 from ..core.devices import check_device
-from ..core.errors import SourceError, WorkbenchError
+from ..core.errors import SourceError, WorkbenchError, as_int
 from ..core.families import FAMILIES, Family, TTSModel, family_of
 from ..core.files import beside, remove
 from .builders import TINY_BACKBONES, TinyConfig, assemble, build_s3gen, build_t3, no_init, own_random_state
@@ -284,14 +284,37 @@ def _metadata(path: Path) -> dict[str, Any]:
 
 
 def _tiny_config(meta: dict[str, Any], path: Path) -> TinyConfig:
-    """The sizes of a small model, as its metadata at ``path`` records them."""
+    """The sizes of a small model, as its metadata at ``path`` records them, refused where the
+    builders cannot build them (a damaged file: before, a ZeroDivisionError or TypeError)."""
     try:
-        return TinyConfig(**meta.get("tiny_config", {}))
+        cfg = TinyConfig(**meta.get("tiny_config", {}))
     except TypeError as e:  # a key TinyConfig does not have, or no mapping at all
+        why: str | None = str(e)
+    else:
+        why = _unbuildable(cfg)
+    if why is not None:
         raise SourceError(
-            f"{path} records a tiny_config this version cannot read ({e}): save the model again with "
+            f"{path} records a tiny_config this version cannot read ({why}): save the model again with "
             "save_checkpoint()"
-        ) from e
+        )
+    return cfg
+
+
+def _unbuildable(cfg: TinyConfig) -> str | None:
+    """What in ``cfg`` the builders cannot build, or None: a size that is no positive whole number,
+    a T3 width its heads do not split, a flow width S3Gen's group norms (8 groups) do not split,
+    or a HiFT width its three halvings bring to 0."""
+    for name, value in asdict(cfg).items():
+        n = as_int(value)
+        if n is None or n < 1:
+            return f"{name} is {value!r}, not a positive whole number"
+    if cfg.t3_hidden % cfg.t3_heads:
+        return f"t3_hidden {cfg.t3_hidden} is no multiple of t3_heads {cfg.t3_heads}"
+    if cfg.cfm_channels % 8:
+        return f"cfm_channels {cfg.cfm_channels} is no multiple of 8"
+    if cfg.hift_channels < 8:
+        return f"hift_channels {cfg.hift_channels} is below 8"
+    return None
 
 
 def _missing(folder: Path, family: Family, files: tuple[str, ...]) -> list[str]:
@@ -331,6 +354,8 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
         )
     meta_path = folder / METADATA_FILE
     meta = _metadata(meta_path)
+    if meta.get("architecture") == "tiny":  # its sizes refused here, before anything is built or written
+        _tiny_config(meta, meta_path)
     recorded = meta.get("family")
     if recorded is not None and recorded not in FAMILIES:
         raise SourceError(

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..core.devices import check_device
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, SourceError, naming_flag
 from ..models.sources import check_source
 from .service import ServeOptions, SpeechService, check_options, find_voices
 
@@ -192,7 +192,8 @@ def check_placement(options: ServeOptions, where: Placement) -> None:
         check_reachable(where.address)
     else:
         check_port_free(where.host, where.port)
-        check_device(options.device)
+        with naming_flag("--device", SourceError):
+            check_device(options.device)
         check_source(options.model)
         Path(options.run_dir).mkdir(parents=True, exist_ok=True)  # an OSError names it (--out)
     check_gpus(options.device, where.replicas, local=not where.address)
@@ -237,7 +238,7 @@ def served(options: ServeOptions, where: Placement) -> Iterator[tuple[str, str]]
         try:
             serve.run(deployment(options, where.replicas), name=APP_NAME, route_prefix="/")
         except RuntimeError as e:  # Ray Serve gave up on the replicas: say what each one raised
-            raise ConfigError(f"the replicas could not start: {replica_error(str(e))}") from None
+            raise ConfigError(f"the replicas could not start: {replica_error(deploy_failure(e))}") from None
         http = _get_global_client().http_config  # what Serve listens on: a cluster's may differ
         yield where.listening_url(http.host, http.port), where.listening_note(http.host, http.port)
     finally:
@@ -253,6 +254,20 @@ def served(options: ServeOptions, where: Placement) -> Iterator[tuple[str, str]]
             ray.shutdown()
             signal.signal(signal.SIGTERM, previous)
             signal.signal(signal.SIGINT, sigint)
+
+
+def deploy_failure(e: RuntimeError) -> str:
+    """Why the deploy that raised ``e`` failed: the app's deployment messages, which hold the
+    replica's traceback (from Ray 2.60 ``serve.run``'s error names only the deployment that
+    failed), else ``e``'s own message (earlier Rays put the traceback there)."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments.values()
+        messages = [d.message for d in deployments if d.message]
+    except Exception:  # status is asked of a controller that may be failing too: keep e's message
+        messages = []
+    return "\n".join(messages) or str(e)
 
 
 def replica_error(message: str) -> str:
