@@ -116,19 +116,25 @@ def test_serving_study_shows_why_load_failed(tmp_path: Path, monkeypatch: pytest
         serving._load([], tmp_path)
 
 
-@pytest.mark.parametrize("streams", ["1,1,1", "2,4", "4", "1,x"])
-def test_serving_study_refuses_streams_it_cannot_tabulate(
-    streams: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("name", "slow", "streams"),
+    [*[("serving_study", "_load", s) for s in ("1,1,1", "2,4", "4", "1,x")],  # it cannot tabulate them
+     *[("alignment_study", "build_model", s) for s in ("0", "1,,2", "x")]],
+)  # fmt: skip
+def test_studies_refuse_streams_they_cannot_run(
+    name: str, slow: str, streams: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    serving = script("serving_study")
-    monkeypatch.setattr(serving, "_load", ran)
-    assert "--streams" in refused(serving, ["--streams", streams], monkeypatch, capsys)
+    study = script(name)
+    monkeypatch.setattr(study, slow, ran)
+    assert "--streams" in refused(study, ["--streams", streams], monkeypatch, capsys)
 
 
-# ---------------------------------------------------------------- span_study, cpp_wrapper_study, fusion_study
+# ------------------------------------------- span_study, cpp_wrapper_study, fusion_study, alignment_study
+
+STUDIES = ["span_study", "cpp_wrapper_study", "fusion_study", "alignment_study"]
 
 
-@pytest.mark.parametrize("name", ["span_study", "cpp_wrapper_study", "fusion_study"])
+@pytest.mark.parametrize("name", STUDIES)
 def test_studies_refuse_no_repeats(
     name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -138,7 +144,7 @@ def test_studies_refuse_no_repeats(
     assert "--repeats must be at least 1" in refused(study, ["--repeats", "0"], monkeypatch, capsys)
 
 
-@pytest.mark.parametrize("name", ["span_study", "cpp_wrapper_study", "fusion_study"])
+@pytest.mark.parametrize("name", STUDIES)
 def test_studies_keep_their_reference_in_a_temporary_folder(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -152,7 +158,7 @@ def test_studies_keep_their_reference_in_a_temporary_folder(
         return Path(path)
 
     monkeypatch.setattr(study, "make_reference_wav", reference)
-    # the model's build (cpp_wrapper_study) or its voice (span_study, fusion_study) ends the run
+    # the model's build (cpp_wrapper_study) or its voice (the others) ends the run
     monkeypatch.setattr(study, "build_model", lambda name, **_: SimpleNamespace(prepare_conditionals=ran))
     monkeypatch.setattr(study, "UpstreamTTS", ran, raising=False)
     monkeypatch.setattr(sys, "argv", [name])
@@ -222,3 +228,27 @@ def test_the_fusion_study_compiles_each_step_once(
     assert sorted(compiled) == ["engine", "engine", "one stream", "one stream"]
     assert len(out["one_stream_compiled"]["ms"]["fused"]) == 2 and out["one_stream_compiled"]["same_tokens"]
     assert len(out["engine_2_streams_compiled"]["ms"]["unfused"]) == 2
+
+
+def test_the_alignment_study_runs_the_analyzers_in_one_engine_of_each_pair(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each level runs an engine with the analyzers and one without, every round kept but the
+    first; the analyzers step only in the first (one per stream and round)."""
+    from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
+
+    analyzers: set[int] = set()
+    step = AlignmentStreamAnalyzer.step
+
+    def counted(analyzer: AlignmentStreamAnalyzer, *a: Any, **k: Any) -> Any:
+        analyzers.add(id(analyzer))
+        return step(analyzer, *a, **k)
+
+    monkeypatch.setattr(AlignmentStreamAnalyzer, "step", counted)
+    argv = ["alignment_study", "--streams", "2", "--tokens", "6", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    study = script("alignment_study")
+    study.main()
+    level = json.loads(capsys.readouterr().out)["levels"]["2_streams"]
+    assert {name: len(ms) for name, ms in level["ms"].items()} == {"without": 1, "with": 1}
+    assert level["with_over_without"] > 0 and len(analyzers) == 2 * 2  # two rounds of two streams

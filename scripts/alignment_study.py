@@ -1,0 +1,101 @@
+"""What upstream's alignment analyzer costs Multilingual streams in the stream engine: its static
+step with ``alignment=True`` (eager attention with the weights returned, each stream's analyzer
+fed its rows: three heads' weights copied to the host per stream and step) against the same
+step without it, side by side in one process (engines interleaved, the first round a warm-up,
+not kept). ms per batched step at each ``--streams`` level, medians over the repeats with every
+run kept, and the ratio with / without.
+
+    .venv/bin/python scripts/alignment_study.py > results/alignment_cpu_multilingual_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tts_workbench.core.positions import positions_needed
+from tts_workbench.core.quiet import upstream_silenced
+from tts_workbench.models.builders import build_model
+from tts_workbench.models.reference import make_reference_wav
+from tts_workbench.runtime.decode import prefill_length
+from tts_workbench.runtime.engine import StreamEngine
+from tts_workbench.studies.bench import engine_step_ms, environment
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+NAMES = ("without", "with")
+
+
+def _levels(text: str) -> list[int]:
+    """``--streams``: whole numbers of streams, at least 1 each."""
+    try:
+        levels = [int(s) for s in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"give whole numbers of streams such as 1,4, not {text!r}")
+    return levels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="multilingual-tiny", help="a Multilingual size the builders know")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", type=_levels, default=[1, 4], help="levels, comma-separated (default 1,4)")
+    ap.add_argument("--tokens", type=int, default=100, help="tokens per stream (default 100)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    for flag, value in (("--repeats", args.repeats), ("--tokens", args.tokens)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, got {value}")
+    levels: list[int] = args.streams
+    torch.manual_seed(0)
+    # upstream's prints would land in the JSON on stdout; the voice is removed once read
+    with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:
+        tts = build_model(args.model, device=args.device)
+        tts.prepare_conditionals(str(make_reference_wav(Path(tmp) / "reference.wav")))
+    cache = -(-positions_needed(prefill_length(tts, TEXT), args.tokens) // 64) * 64
+    results = {}
+    for n in levels:
+        ms: dict[str, list[float]] = {name: [] for name in NAMES}
+        engines = {
+            name: StreamEngine(tts, max_streams=n, max_cache_len=cache, alignment=name == "with")
+            for name in NAMES
+        }
+        try:
+            for k in range(args.repeats + 1):  # the first round warms up and is not kept
+                for name, engine in engines.items():
+                    value = engine_step_ms(engine, TEXT, n, args.tokens)
+                    print(f"{n} streams, round {k}, {name} {value:.2f} ms per step", file=sys.stderr)
+                    if k:
+                        ms[name].append(value)
+        finally:
+            for engine in engines.values():
+                engine.close()
+        med = {name: statistics.median(v) for name, v in ms.items()}
+        results[f"{n}_streams"] = {
+            "ms": ms,
+            "median_ms": med,
+            "with_over_without": med["with"] / med["without"],
+        }
+    json.dump(
+        {
+            "environment": environment(f"{args.model} (random weights)", args.device),
+            "step": "static",
+            "tokens": args.tokens,
+            "repeats": args.repeats,
+            "levels": results,
+        },
+        sys.stdout,
+        indent=1,
+    )
+    print()
+
+
+if __name__ == "__main__":
+    main()
