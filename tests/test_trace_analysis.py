@@ -312,7 +312,8 @@ def test_trace_cli_reads_traces_taken_elsewhere(capsys: pytest.CaptureFixture[st
     (tmp_path / "list.json").write_text("[1, 2]")
     for bad, why in (("notes.json.gz", "is not a readable trace"), ("list.json", "no traceEvents")):
         assert main(["trace", "--read", str(tmp_path / bad)]) == 2
-        assert f"error: {tmp_path / bad} " in (err := capsys.readouterr().err) and why in err, err
+        err = capsys.readouterr().err
+        assert f"error: argument --read: {tmp_path / bad} " in err and why in err, err
         with pytest.raises(TraceError, match=why):  # what a caller in Python catches
             read_trace(tmp_path / bad)
     # decode_traces names every region t3.decode.json.gz: their folders tell them apart
