@@ -33,6 +33,7 @@ from tts_workbench.studies.load import (
     parse_levels,
     real_time_capacity,
     run_load,
+    same_as_solo,
     side_by_side,
 )
 
@@ -174,6 +175,7 @@ def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:
         ["--first-window-s", "2"],
         ["--window-s", "5"],
         ["--prompt-s", "3"],
+        ["--alignment"],
     ],
 )
 def test_load_refuses_in_process_flags_with_url(
@@ -409,6 +411,8 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
         (["--flow-batches", "four"], "--flow-batches"),
         (["--flow", "graphs"], "--flow"),
         (["--streams", "1,2", "--step-buckets", "4"], "--step-buckets"),  # past every level
+        (["--alignment", "--decode", "compiled"], "--alignment"),  # no attention weights there
+        (["--alignment", "--streams", "1"], "--alignment"),  # tiny is no Multilingual model
     ],
 )
 def test_load_cli_bad_flags_give_one_error_line(
@@ -472,3 +476,27 @@ def test_a_compiled_estimator_serves_every_level(
         assert engine["flow_calls"] > 0 and engine["flow_compile_s"] == 0  # compiled in the warm-up
         assert engine["flow_padded"] == 2 * engine["flow_calls"] - engine["flow_windows"]
         assert level["summary"]["flow_ms_per_call"] > 0
+
+
+def test_a_load_with_alignment_gives_each_stream_its_analyzer(
+    reference_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Multilingual streams through the level's engine each run upstream's analyzer (the warm
+    stream too), and each speaks the tokens of the eager single-stream decode that runs one."""
+    from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
+
+    from conftest import voiced
+
+    analyzers: set[int] = set()
+    step = AlignmentStreamAnalyzer.step
+
+    def counted(analyzer: AlignmentStreamAnalyzer, *a: Any, **k: Any) -> Any:
+        analyzers.add(id(analyzer))
+        return step(analyzer, *a, **k)
+
+    monkeypatch.setattr(AlignmentStreamAnalyzer, "step", counted)
+    tts = voiced("multilingual-tiny", reference_wav)
+    report = run_load(tts, [2], tokens=12, alignment=True, model="multilingual-tiny")
+    assert report["alignment"] and "with alignment analyzers" in report["title"]
+    assert len(analyzers) == 1 + 2  # the warm stream and the level's two
+    assert same_as_solo(tts, report)["solo_tokens"].all()

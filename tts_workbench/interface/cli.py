@@ -461,7 +461,7 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
 # Flags of an engine in this process that a server sets where it runs: `load --url` refuses them.
 SERVER_FLAGS = (
     "--model", "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches", "--reference",
-    "--first-window-s", "--window-s", "--prompt-s",
+    "--first-window-s", "--window-s", "--prompt-s", "--alignment",
 )  # fmt: skip
 
 
@@ -505,6 +505,11 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         "engine in this process",
     )
     check_level_buckets(args.step_buckets, levels)
+    if args.alignment and args.decode != "static":  # before the model loads
+        raise ValueError(
+            "argument --alignment: the analyzers read attention weights, which the compiled step does not "
+            "give: use --decode static, or leave --alignment out"
+        )
     try:  # before the model loads
         config = StreamConfig(
             "buffered", first_window_s=args.first_window_s, window_s=args.window_s, prompt_s=args.prompt_s
@@ -531,6 +536,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         flow=args.flow,
         flow_batches=args.flow_batches,
         step_buckets=args.step_buckets,
+        alignment=args.alignment,
         config=config,
         first_audio_limit_s=args.first_audio_limit,
         outdir=args.out,
@@ -724,6 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
     _engine_flags(ld)
+    ld.add_argument(
+        "--alignment",
+        action="store_true",
+        help="Multilingual: each stream runs upstream's alignment analyzer, which stops it as upstream's "
+        "generate does (the static step, eager attention)",
+    )
     ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")
     ld.add_argument(

@@ -236,6 +236,7 @@ def warm_up(
     config: StreamConfig,
     plan: DecodePlan,
     max_cache_len: int,
+    alignment: bool = False,
 ) -> dict[str, Any]:
     """One untimed stream of ``text`` through a 1-stream engine of its own, its audio dropped, so
     that S3Gen's first calls (shared by every level's engine) and T3's first steps are paid
@@ -244,7 +245,9 @@ def warm_up(
     compiled here for nothing (each level's engine compiles its own)."""
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
-    with StreamEngine(tts, max_streams=1, config=config, plan=plan, max_cache_len=max_cache_len) as engine:
+    with StreamEngine(
+        tts, max_streams=1, config=config, plan=plan, max_cache_len=max_cache_len, alignment=alignment
+    ) as engine:
         _play(engine.submit(text, seed=seed, max_new_tokens=tokens), out, lambda: None)
     return {"s": time.perf_counter() - t0, "error": out.get("error")}
 
@@ -265,6 +268,7 @@ def run_level(
     flow: FlowPlan | None = None,
     flow_batches: Sequence[int] | None = None,
     step_buckets: Sequence[int] | None = None,
+    alignment: bool = False,
 ) -> dict[str, Any]:
     """``n`` streams through a fresh engine sized to ``n``; the level's row and its streams.
     ``flow`` runs S3Gen's estimator (kept by the caller: its compiled shapes serve the next
@@ -273,7 +277,7 @@ def run_level(
     sizes = None if step_buckets is None else [b for b in step_buckets if b <= n]
     engine = StreamEngine(
         tts, max_streams=n, step=step, config=config, plan=plan, max_cache_len=max_cache_len,
-        flow=flow, flow_batches=flow_batches, step_buckets=sizes,
+        flow=flow, flow_batches=flow_batches, step_buckets=sizes, alignment=alignment,
     )  # fmt: skip
     try:
         compile_s = engine.warmup()
@@ -431,6 +435,7 @@ def run_load(
     flow: str = "eager",
     flow_batches: Sequence[int] | None = None,
     step_buckets: Sequence[int] | None = None,
+    alignment: bool = False,
 ) -> dict[str, Any]:
     """The load study at each level (``run_level``) and how many streams held in real time
     (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given (made before
@@ -441,14 +446,21 @@ def run_load(
     the largest of ``flow_batches`` windows a call (None: up to each level's streams). T3's step
     runs over the ``step_buckets`` up to each level and the level itself (None: 1, 2, 4, ...):
     a compiled step compiles each, so the levels alone (``step_buckets=levels``) compile fewest.
-    The report names what was measured: ``model`` (the source ``tts`` was loaded from; None:
-    unnamed), ``reference`` (the WAV its voice was prepared from; None: the generated one,
-    ``reference.make_reference_wav``) and ``texts_from`` (the texts' file, ``texts_source``).
+    ``alignment``: Multilingual streams each run upstream's alignment analyzer (the static step;
+    ``StreamEngine``), as upstream's multilingual generate does. The report names what was
+    measured: ``model`` (the source ``tts`` was loaded from; None: unnamed), ``reference`` (the
+    WAV its voice was prepared from; None: the generated one, ``reference.make_reference_wav``)
+    and ``texts_from`` (the texts' file, ``texts_source``).
     ``levels`` run in ascending order, after one untimed stream (``warm_up``; its seconds are
     ``warmup_s``); none, a repeated one, or a largest one whose KV cache is more than the device's
     memory is a ConfigError before any level runs."""
     levels = checked_levels(levels, repr(levels))
     check_level_buckets(step_buckets, levels)
+    if alignment and not tts.t3.hp.is_multilingual:  # before the warm-up: no engine would take it
+        raise ConfigError(
+            f"argument --alignment: the alignment analyzer is Multilingual T3's, {model or 'this model'} has "
+            "none: leave --alignment out, or load a multilingual model"
+        )
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
     kind = parse_arrival(arrival, levels[-1])
@@ -460,8 +472,9 @@ def run_load(
     if outdir is not None:  # an unusable --out found now, not once every level has run
         Path(outdir).mkdir(parents=True, exist_ok=True)
     warm = warm_up(
-        tts, texts[0], tokens=tokens, seed=seed, config=config, plan=plan, max_cache_len=max_cache_len
-    )
+        tts, texts[0], tokens=tokens, seed=seed, config=config, plan=plan, max_cache_len=max_cache_len,
+        alignment=alignment,
+    )  # fmt: skip
     runs = [
         run_level(
             tts,
@@ -478,6 +491,7 @@ def run_load(
             flow=estimator,
             flow_batches=flow_batches,
             step_buckets=step_buckets,
+            alignment=alignment,
         )
         for n in levels
     ]
@@ -490,6 +504,7 @@ def run_load(
         "texts": source,
         "device": str(device),
         "step": step,
+        "alignment": alignment,  # Multilingual's alignment analyzer per stream
         "t3_dtype": policy,
         "flow": flow,
         "flow_batches": None if flow_batches is None else sorted(set(flow_batches)),
@@ -505,7 +520,8 @@ def run_load(
         "warmup_error": warm["error"],
         "levels": runs,
         "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}{prompt}, "
-        f"texts {source}, T3 {policy} {step} step, S3Gen estimator {flow}, arrival {arrival}, "
+        f"texts {source}, T3 {policy} {step} step{' with alignment analyzers' if alignment else ''}, "
+        f"S3Gen estimator {flow}, arrival {arrival}, "
         f"{tokens} tokens per stream",
         "note": f"every stream is capped at {tokens} tokens ({token_cap_note(model)})",
     }
@@ -623,7 +639,13 @@ def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
     bfloat16 a batched kernel's rounding can flip a near tie, so False there is not necessarily a
     bug."""
     parts = decode_plan(tts, report["t3_dtype"])  # the report's T3 dtype, the static step
-    plan = DecodePlan(parts.prefill, parts.decode, autocast=parts.autocast, step="static")
+    # (with alignment analyzers the eager one: the single-stream step that runs one)
+    plan = DecodePlan(
+        parts.prefill,
+        parts.decode,
+        autocast=parts.autocast,
+        step="eager" if report.get("alignment") else "static",
+    )
     rows = []
     for level in report["levels"]:
         same = []
