@@ -48,6 +48,40 @@ def tiny_tts(reference_wav: Path) -> ChatterboxTTS:
     return tts
 
 
+class Analyzers:
+    """Every upstream alignment analyzer that steps while installed (the ``analyzers`` fixture),
+    by the text columns it reads (``take``: those since the last take; ``count``: how many)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
+
+        self.seen: dict[tuple[int, int], list[Any]] = {}
+        step = AlignmentStreamAnalyzer.step
+
+        def recorded(analyzer: Any, *a: Any, **k: Any) -> Any:
+            runs = self.seen.setdefault(analyzer.text_tokens_slice, [])
+            if analyzer not in runs:
+                runs.append(analyzer)
+            return step(analyzer, *a, **k)
+
+        monkeypatch.setattr(AlignmentStreamAnalyzer, "step", recorded)
+
+    def take(self) -> dict[tuple[int, int], list[Any]]:
+        """The analyzers seen since the last ``take``, by text columns."""
+        seen, self.seen = self.seen, {}
+        return seen
+
+    def count(self) -> int:
+        """How many analyzers have stepped since the last ``take``."""
+        return sum(map(len, self.seen.values()))
+
+
+@pytest.fixture
+def analyzers(monkeypatch: pytest.MonkeyPatch) -> Analyzers:
+    """``Analyzers`` installed for the test."""
+    return Analyzers(monkeypatch)
+
+
 class Steer:
     """A wrap for a speech head's ``forward`` (``patching.shadow``) that edits the logits of
     chosen calls, counted from 1 (the prefill's): ``{call: token}`` pushes that token to the

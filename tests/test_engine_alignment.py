@@ -14,12 +14,11 @@ import pytest
 import torch
 from chatterbox.models.t3.inference.alignment_stream_analyzer import (
     LLAMA_ALIGNED_HEADS,
-    AlignmentStreamAnalyzer,
 )
 from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts import ChatterboxTTS
 
-from conftest import voiced
+from conftest import Analyzers, voiced
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
@@ -40,28 +39,6 @@ TOKENS = 24
 def tts(reference_wav: Path) -> ChatterboxMultilingualTTS:
     tts: ChatterboxMultilingualTTS = voiced("multilingual-tiny", reference_wav)
     return tts
-
-
-class Analyzers:
-    """Every alignment analyzer that steps while installed (``monkeypatch``), by the text columns
-    it reads (the texts here differ in length: one analyzer per text between two ``take``)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.seen: dict[tuple[int, int], list[AlignmentStreamAnalyzer]] = {}
-        step = AlignmentStreamAnalyzer.step
-
-        def recorded(analyzer: AlignmentStreamAnalyzer, *a: Any, **k: Any) -> Any:
-            runs = self.seen.setdefault(analyzer.text_tokens_slice, [])
-            if analyzer not in runs:
-                runs.append(analyzer)
-            return step(analyzer, *a, **k)
-
-        monkeypatch.setattr(AlignmentStreamAnalyzer, "step", recorded)
-
-    def take(self) -> dict[tuple[int, int], list[AlignmentStreamAnalyzer]]:
-        """The analyzers seen since the last ``take``."""
-        seen, self.seen = self.seen, {}
-        return seen
 
 
 @functools.cache
@@ -99,14 +76,13 @@ def check_alignments(solos: dict[Any, list[Any]], engines: dict[Any, list[Any]])
 
 
 def test_each_streams_analyzer_reads_its_own_rows(
-    tts: ChatterboxMultilingualTTS, monkeypatch: pytest.MonkeyPatch
+    tts: ChatterboxMultilingualTTS, analyzers: Analyzers
 ) -> None:
     """Two streams start together and a third joins while they decode: each samples its solo
     eager tokens, and its analyzer's alignment is the solo one's (another stream's rows would
     give another text's attention)."""
     before = model_state(tts)
     solo.cache_clear()
-    analyzers = Analyzers(monkeypatch)
     tokens = [solo(tts, k) for k in range(3)]
     solos = analyzers.take()
     with StreamEngine(tts, max_streams=3, config=CONFIG, alignment=True) as engine:
@@ -126,13 +102,12 @@ def test_each_streams_analyzer_reads_its_own_rows(
 
 
 def test_a_preempted_streams_analyzer_goes_on_where_it_was(
-    tts: ChatterboxMultilingualTTS, monkeypatch: pytest.MonkeyPatch
+    tts: ChatterboxMultilingualTTS, analyzers: Analyzers
 ) -> None:
     """A step over three streams runs out of memory: the newest is preempted and recomputed
     later in one forward over its prefill and tokens; its analyzer reads that forward's last
     position only, as it would have read the step it was taken out of."""
     solo.cache_clear()
-    analyzers = Analyzers(monkeypatch)
     tokens = [solo(tts, k) for k in range(3)]
     solos = analyzers.take()
     with StreamEngine(tts, max_streams=3, config=CONFIG, alignment=True) as engine:

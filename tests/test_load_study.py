@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from chatterbox.tts import ChatterboxTTS
 
+from conftest import Analyzers, voiced
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import SERVER_FLAGS, build_parser, main
 from tts_workbench.models import vocode
@@ -479,24 +480,12 @@ def test_a_compiled_estimator_serves_every_level(
 
 
 def test_a_load_with_alignment_gives_each_stream_its_analyzer(
-    reference_wav: Path, monkeypatch: pytest.MonkeyPatch
+    reference_wav: Path, analyzers: Analyzers
 ) -> None:
     """Multilingual streams through the level's engine each run upstream's analyzer (the warm
     stream too), and each speaks the tokens of the eager single-stream decode that runs one."""
-    from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
-
-    from conftest import voiced
-
-    analyzers: set[int] = set()
-    step = AlignmentStreamAnalyzer.step
-
-    def counted(analyzer: AlignmentStreamAnalyzer, *a: Any, **k: Any) -> Any:
-        analyzers.add(id(analyzer))
-        return step(analyzer, *a, **k)
-
-    monkeypatch.setattr(AlignmentStreamAnalyzer, "step", counted)
     tts = voiced("multilingual-tiny", reference_wav)
     report = run_load(tts, [2], tokens=12, alignment=True, model="multilingual-tiny")
     assert report["alignment"] and "with alignment analyzers" in report["title"]
-    assert len(analyzers) == 1 + 2  # the warm stream and the level's two
+    assert analyzers.count() == 1 + 2  # the warm stream and the level's two
     assert same_as_solo(tts, report)["solo_tokens"].all()

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from conftest import Analyzers
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 
@@ -231,24 +233,14 @@ def test_the_fusion_study_compiles_each_step_once(
 
 
 def test_the_alignment_study_runs_the_analyzers_in_one_engine_of_each_pair(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    analyzers: Analyzers, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each level runs an engine with the analyzers and one without, every round kept but the
     first; the analyzers step only in the first (one per stream and round)."""
-    from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
-
-    analyzers: set[int] = set()
-    step = AlignmentStreamAnalyzer.step
-
-    def counted(analyzer: AlignmentStreamAnalyzer, *a: Any, **k: Any) -> Any:
-        analyzers.add(id(analyzer))
-        return step(analyzer, *a, **k)
-
-    monkeypatch.setattr(AlignmentStreamAnalyzer, "step", counted)
     argv = ["alignment_study", "--streams", "2", "--tokens", "6", "--repeats", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     study = script("alignment_study")
     study.main()
     level = json.loads(capsys.readouterr().out)["levels"]["2_streams"]
     assert {name: len(ms) for name, ms in level["ms"].items()} == {"without": 1, "with": 1}
-    assert level["with_over_without"] > 0 and len(analyzers) == 2 * 2  # two rounds of two streams
+    assert level["with_over_without"] > 0 and analyzers.count() == 2 * 2  # two rounds of two streams
