@@ -22,6 +22,7 @@ from conftest import Analyzers, voiced
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
+from tts_workbench.runtime.alignment import alignment as new_analyzer
 from tts_workbench.runtime.decode import DecodePlan
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
@@ -172,3 +173,18 @@ def test_alignment_is_refused_where_it_cannot_run(
         StreamEngine(tiny_tts, alignment=True)
     with pytest.raises(ConfigError, match="use step='static'"):
         StreamEngine(tts, step="compiled", alignment=True)
+
+
+def test_a_plain_engine_beside_a_running_analyzer_keeps_its_tokens(tts: ChatterboxMultilingualTTS) -> None:
+    """While an analyzer runs on the model (here one held open, as an aligned stream's or an eager
+    multilingual generate's is) its backbone runs eager attention: an engine without analyzers
+    beside it samples what it samples alone. (Before 2026-12-05 it chose its mask once, when
+    made: a boolean mask, which eager attention adds to the scores, masking nothing.)"""
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        alone = submit(engine, 0)
+        list(alone)
+        with new_analyzer([tts.t3.tfmr], (0, 1), tts.t3.hp.stop_speech_token):
+            assert tts.t3.tfmr.config._attn_implementation == "eager"
+            beside = submit(engine, 0)
+            list(beside)
+    assert beside.sampled == alone.sampled

@@ -412,8 +412,6 @@ class StreamEngine:
         self.kv_bytes_per_stream = kv_bytes_per_stream(tts, self.plan, max_cache_len)
         self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
         self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
-        # (the analyzers switch the backbone to eager attention while they run)
-        self._sdpa = getattr(config_, "_attn_implementation", "sdpa") == "sdpa" and not alignment
         self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
         self.fallback_reason: str | None = None  # why the compiled step runs as the static one
         self._waiting: list[StreamHandle] = []
@@ -1016,7 +1014,10 @@ class StreamEngine:
         parts = self._parts
         embeds = parts.embed(token, position).to(parts.dtype)
         keep = torch.arange(span, device=slot.device)[None, :] <= slot[:, None]
-        if self._sdpa:
+        # Read at every step, not once: while any alignment analyzer runs on this model (this
+        # engine's, another's, an eager multilingual generate's) its backbone runs eager attention,
+        # which adds a mask to the scores (a boolean one would add 1 and 0 and mask nothing).
+        if getattr(parts.tfmr.config, "_attn_implementation", "sdpa") == "sdpa":
             mask = keep[:, None, None, :]
         else:  # eager attention adds its mask
             mask = torch.zeros(keep.shape, dtype=embeds.dtype, device=slot.device)
