@@ -128,7 +128,8 @@ def alignment(tfmrs: list[Any], text: tuple[int, int], eos: int) -> Iterator[Ali
     """Upstream's analyzer for a generation whose steps run ``tfmrs`` (the prefill's backbone,
     and a decode copy in another dtype if there is one); ``text``: the text's columns [start,
     end) in the prefill. Every change to the backbones is undone by the last generation to
-    leave."""
+    leave. A backbone given twice (the decode running the prefill's own) counts once."""
+    tfmrs = list({id(m): m for m in tfmrs}.values())
     attns = [m.layers[layer].self_attn for m in tfmrs for layer, _ in LLAMA_ALIGNED_HEADS]
     with ExitStack() as captures, _lock:  # no other analyzer is made meanwhile
         before = {id(a): set(a._forward_hooks) for a in attns}

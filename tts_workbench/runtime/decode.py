@@ -879,7 +879,7 @@ def decode_blocks(
             watching: Callable[[], AbstractContextManager[None]] = nullcontext
             analyzers: list[Any] = []  # one (this stream's) or none
             if hp.is_multilingual and not static:
-                tfmrs = list({id(m): m for m in (plan.prefill.tfmr, plan.decode.tfmr)}.values())
+                tfmrs = [plan.prefill.tfmr, plan.decode.tfmr]
                 text = text_columns(prefill_len, text_tokens.size(1))
                 aligned = scope.enter_context(alignment(tfmrs, text, hp.stop_speech_token))
                 watching, analyzers = aligned.watching, [aligned.analyzer]

@@ -132,6 +132,20 @@ def check_step_buckets(step_buckets: Sequence[int] | None, most: int, limit: str
         )
 
 
+def check_alignment(tts: Any, step: str) -> None:
+    """A ConfigError where streams of ``tts`` with ``step`` cannot run upstream's alignment
+    analyzer (``StreamEngine(alignment=True)``): a model without one, or a compiled step."""
+    if not tts.t3.hp.is_multilingual:
+        raise ConfigError(
+            "the alignment analyzer is Multilingual T3's and this model has none: leave it out, or load a "
+            "Multilingual model"
+        )
+    if step != "static":
+        raise ConfigError(
+            "the analyzers read attention weights, which a compiled step does not give: use step='static'"
+        )
+
+
 def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
     """Bytes of one stream's rows of the engine's KV cache (keys and values of every layer), known
     before the cache is allocated (a caller can refuse a size that cannot fit)."""
@@ -356,15 +370,8 @@ class StreamEngine:
         self.config = config or StreamConfig("buffered")
         if self.config.strategy != "buffered":
             raise ConfigError("the stream engine runs the buffered strategy only")
-        if alignment and not tts.t3.hp.is_multilingual:
-            raise ConfigError(
-                "alignment=True: the alignment analyzer is Multilingual T3's, this model has none"
-            )
-        if alignment and step != "static":
-            raise ConfigError(
-                "alignment=True: the analyzer reads attention weights, which a compiled step does not "
-                "give: use step='static'"
-            )
+        if alignment:
+            check_alignment(tts, step)
         # Each stream's own analyzer (upstream multilingual's), fed its rows of the batched step's
         # attention weights: the step runs eager attention, as upstream's multilingual generate.
         self.alignment = alignment
@@ -886,7 +893,7 @@ class StreamEngine:
         if not self.alignment:
             return None
         scope = contextlib.ExitStack()
-        tfmrs = list({id(m): m for m in (self.plan.prefill.tfmr, self._parts.tfmr)}.values())
+        tfmrs = [self.plan.prefill.tfmr, self._parts.tfmr]
         aligned = scope.enter_context(new_analyzer(tfmrs, text, self.tts.t3.hp.stop_speech_token))
         with self._lock:
             self._aligning[id(handle)] = scope

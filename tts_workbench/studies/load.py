@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, naming_flag
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import progress_bar
@@ -49,7 +49,13 @@ from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan
 from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
-from ..runtime.engine import StreamEngine, StreamHandle, check_step_buckets, kv_bytes_per_stream
+from ..runtime.engine import (
+    StreamEngine,
+    StreamHandle,
+    check_alignment,
+    check_step_buckets,
+    kv_bytes_per_stream,
+)
 from ..runtime.optimized import decode_plan
 from ..runtime.streaming import StreamConfig, stream_tokens
 
@@ -456,11 +462,9 @@ def run_load(
     memory is a ConfigError before any level runs."""
     levels = checked_levels(levels, repr(levels))
     check_level_buckets(step_buckets, levels)
-    if alignment and not tts.t3.hp.is_multilingual:  # before the warm-up: no engine would take it
-        raise ConfigError(
-            f"argument --alignment: the alignment analyzer is Multilingual T3's, {model or 'this model'} has "
-            "none: leave --alignment out, or load a multilingual model"
-        )
+    if alignment:  # before the warm-up: no engine would take it
+        with naming_flag("--alignment", ConfigError):
+            check_alignment(tts, step)
     texts = texts or list(DEFAULT_TEXTS)
     plan = decode_plan(tts, policy)
     kind = parse_arrival(arrival, levels[-1])
