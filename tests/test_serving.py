@@ -500,6 +500,35 @@ def test_an_input_limit_past_t3s_text_positions_names_the_flag(tmp_path: Path) -
         SpeechService(ServeOptions(run_dir=str(tmp_path), max_input_chars=3000, max_cache_len=4096))
 
 
+def test_a_multilingual_service_with_alignment_gives_each_request_its_analyzer(
+    tmp_path: Path, analyzers: Any
+) -> None:
+    """``serve --alignment``: every request's stream runs upstream's alignment analyzer over its
+    own text (as the engine's, tests/test_engine_alignment.py); a model without one is refused
+    naming the flag, before the default voice is written (before 2026-12-05 serve had no such
+    option: Multilingual replicas never ran the analyzer)."""
+    with pytest.raises(ConfigError, match="argument --alignment: .* Multilingual"):
+        SpeechService(ServeOptions(run_dir=str(tmp_path / "tiny"), alignment=True))
+    assert not (tmp_path / "tiny" / "reference.wav").exists()
+    service = SpeechService(ServeOptions(model="multilingual-tiny", run_dir=str(tmp_path), max_streams=2,
+                                         default_tokens=12, alignment=True))  # fmt: skip
+    try:
+        analyzers.take()  # the warm-up's
+        with TestClient(speech_app(service)) as client:
+            for text in ("Hello there.", "A longer text, to read."):
+                body = {"model": service.model_id, "input": text, "max_tokens": 12}
+                response = client.post("/v1/audio/speech", json=body)
+                assert response.status_code == 200 and response.content, response.text
+                [[analyzer]] = analyzers.take().values()  # one analyzer, this request's alone
+                start, end = analyzer.text_tokens_slice
+                assert end - start == service.prefill_positions("default", text) - service.voice_positions[
+                    "default"
+                ]  # its own text's columns
+    finally:
+        service.close()
+    assert service.engine.free_rows() == 4
+
+
 def test_a_voice_file_named_default_is_refused(tmp_path: Path) -> None:
     """(before: default.wav silently replaced the generated default voice)"""
     make_reference_wav(tmp_path / "default.wav")
@@ -567,6 +596,7 @@ def test_serve_refuses_bad_flags_before_starting_ray(
         (["--port", str(_free_port()), "--tokens", "300", "--max-cache-len", "256"], "--tokens"),
         (["--port", str(_free_port()), "--max-streams", "4", "--step-buckets", "1,8"], "--step-buckets"),
         (["--port", str(_free_port()), "--step-buckets", "0,2"], "--step-buckets"),
+        (["--port", str(_free_port()), "--alignment", "--decode", "compiled"], "--alignment"),
         (["--host", "999.1.1.1"], "--host"),
         (["--port", str(_free_port()), "--address", "127.0.0.1:99999"], "--address"),
         (["--port", str(_free_port()), "--out", str(tmp_path / "bad" / "broken.wav")], "--out"),  # a file

@@ -244,6 +244,24 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         help="windows per flow call, e.g. 1,4: at most the largest; a compiled estimator pads each call to "
         "the next and compiles each size (default 1,2,4,... up to the engine's streams)",
     )
+    p.add_argument(
+        "--alignment",
+        action="store_true",
+        help="Multilingual: each stream runs upstream's alignment analyzer, which stops it as upstream's "
+        "generate does (the static step, eager attention)",
+    )
+
+
+def _check_alignment_step(args: argparse.Namespace) -> None:
+    """``--alignment`` with a compiled step, refused before the model loads (``load``, ``serve``;
+    whether the model has an analyzer is known once it has loaded: ``engine.check_alignment``)."""
+    from ..core.errors import ConfigError
+
+    if args.alignment and args.decode != "static":
+        raise ConfigError(
+            "argument --alignment: the analyzers read attention weights, which the compiled step does not "
+            "give: use --decode static, or leave --alignment out"
+        )
 
 
 def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
@@ -505,11 +523,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         "engine in this process",
     )
     check_level_buckets(args.step_buckets, levels)
-    if args.alignment and args.decode != "static":  # before the model loads
-        raise ValueError(
-            "argument --alignment: the analyzers read attention weights, which the compiled step does not "
-            "give: use --decode static, or leave --alignment out"
-        )
+    _check_alignment_step(args)
     try:  # before the model loads
         config = StreamConfig(
             "buffered", first_window_s=args.first_window_s, window_s=args.window_s, prompt_s=args.prompt_s
@@ -558,12 +572,13 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     out = str(Path(args.out).resolve())
     folder = not is_named(args.model) and (os.sep in args.model or Path(args.model).is_dir())
     model = str(Path(args.model).resolve()) if folder else args.model
+    _check_alignment_step(args)
     options = ServeOptions(
         model=model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, flow=args.flow,
         flow_batches=args.flow_batches, step_buckets=args.step_buckets, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
-        stall_s=args.stall_s,
+        stall_s=args.stall_s, alignment=args.alignment,
     )  # fmt: skip
     where = Placement(args.host, args.port, args.replicas, args.address)
     # Bad flags fail before Ray starts (deployment.check_placement): nothing is left running.
@@ -730,12 +745,6 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
     _engine_flags(ld)
-    ld.add_argument(
-        "--alignment",
-        action="store_true",
-        help="Multilingual: each stream runs upstream's alignment analyzer, which stops it as upstream's "
-        "generate does (the static step, eager attention)",
-    )
     ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")
     ld.add_argument(

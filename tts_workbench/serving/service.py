@@ -30,13 +30,13 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
+from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError, naming_flag
 from ..core.positions import positions_needed, tokens_that_fit
 from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
 from ..models.vocode import FlowPlan
 from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
-from ..runtime.engine import StreamEngine, StreamHandle, check_step_buckets
+from ..runtime.engine import StreamEngine, StreamHandle, check_alignment, check_step_buckets
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
 from .protocol import Limits, RequestError, SpeechRequest, check_cache, pcm16, wav_header
@@ -72,6 +72,8 @@ class ServeOptions:
     # A stage on one prefill, step or flow call this long hangs: /health answers 503 and Ray
     # Serve replaces the replica. Far above any step or flow call, and a compile a step needs.
     stall_s: float = 300.0
+    # Multilingual: each stream runs upstream's alignment analyzer (the static step; StreamEngine)
+    alignment: bool = False
 
 
 def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | None = None) -> None:
@@ -149,6 +151,9 @@ class SpeechService:
         )
         tts = load_model(options.model, options.device, options.seed)
         speech_tokens = speech_token_limit(tts.t3)
+        if options.alignment:  # before the default voice is written
+            with naming_flag("--alignment", ConfigError):
+                check_alignment(tts, options.step)
         check_options(options, speech_tokens=speech_tokens)  # before the default voice is written
         paths = {"default": make_reference_wav(Path(options.run_dir) / "reference.wav")}
         paths.update(find_voices(options.voices_dir))
@@ -182,7 +187,7 @@ class SpeechService:
         self.engine = StreamEngine(
             tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len,
             plan=decode_plan(tts, options.dtype), flow=FlowPlan(options.flow),
-            flow_batches=options.flow_batches, step_buckets=options.step_buckets,
+            flow_batches=options.flow_batches, step_buckets=options.step_buckets, alignment=options.alignment,
         )  # fmt: skip
         try:
             for conds in self.voices.values():  # a compiled flow's shapes are per voice (its prompt's length)
