@@ -82,6 +82,21 @@ def analyzers(monkeypatch: pytest.MonkeyPatch) -> Analyzers:
     return Analyzers(monkeypatch)
 
 
+@pytest.fixture
+def fused_copies(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every fused backbone a ``DecodePlan`` makes during the test (``fusion.fused_backbone``)."""
+    from tts_workbench.runtime import decode, fusion
+
+    copies: list[Any] = []
+
+    def counted(tfmr: Any) -> Any:
+        copies.append(fusion.fused_backbone(tfmr))
+        return copies[-1]
+
+    monkeypatch.setattr(decode, "fused_backbone", counted)
+    return copies
+
+
 class Steer:
     """A wrap for a speech head's ``forward`` (``patching.shadow``) that edits the logits of
     chosen calls, counted from 1 (the prefill's): ``{call: token}`` pushes that token to the

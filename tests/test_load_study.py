@@ -177,6 +177,7 @@ def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:
         ["--window-s", "5"],
         ["--prompt-s", "3"],
         ["--alignment"],
+        ["--fused"],
     ],
 )
 def test_load_refuses_in_process_flags_with_url(
@@ -488,4 +489,21 @@ def test_a_load_with_alignment_gives_each_stream_its_analyzer(
     report = run_load(tts, [2], tokens=12, alignment=True, model="multilingual-tiny")
     assert report["alignment"] and "with alignment analyzers" in report["title"]
     assert analyzers.count() == 1 + 2  # the warm stream and the level's two
+    assert same_as_solo(tts, report)["solo_tokens"].all()
+
+
+@pytest.mark.parametrize("model", ["tiny", "multilingual-tiny"])
+def test_a_fused_load_runs_one_fused_copy_and_its_solo_tokens(
+    model: str, reference_wav: Path, analyzers: Analyzers, fused_copies: list[Any]
+) -> None:
+    """``load --fused``: every level's engine (and the warm stream's) steps one fused copy of
+    the backbone, made once, and each stream speaks its solo tokens; on Multilingual with the
+    alignment analyzers too, each reading the fused copy's attention (as the unfused one's)."""
+    tts = voiced(model, reference_wav)
+    aligned = model.startswith("multilingual")
+    report = run_load(tts, [1, 2], tokens=12, fused=True, alignment=aligned, model=model)
+    assert report["fused"] and ", fused" in report["title"]
+    assert len(fused_copies) == 1  # one copy for the warm stream's engine and both levels'
+    assert all(level["summary"]["failed"] == 0 for level in report["levels"])
+    assert analyzers.count() == (1 + 1 + 2 if aligned else 0)
     assert same_as_solo(tts, report)["solo_tokens"].all()

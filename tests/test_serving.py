@@ -521,12 +521,26 @@ def test_a_multilingual_service_with_alignment_gives_each_request_its_analyzer(
                 assert response.status_code == 200 and response.content, response.text
                 [[analyzer]] = analyzers.take().values()  # one analyzer, this request's alone
                 start, end = analyzer.text_tokens_slice
-                assert end - start == service.prefill_positions("default", text) - service.voice_positions[
-                    "default"
-                ]  # its own text's columns
+                assert (
+                    end - start
+                    == service.prefill_positions("default", text) - service.voice_positions["default"]
+                )  # its own text's columns
     finally:
         service.close()
     assert service.engine.free_rows() == 4
+
+
+def test_a_fused_service_steps_one_fused_copy(tmp_path: Path, fused_copies: list[Any]) -> None:
+    """``serve --fused``: the replica's engine steps T3 on one copy of the backbone with fused
+    projections (``DecodePlan``), made once, and answers with it."""
+    service = SpeechService(ServeOptions(run_dir=str(tmp_path), max_streams=1, default_tokens=12, fused=True))
+    try:
+        with TestClient(speech_app(service)) as client:
+            response = client.post("/v1/audio/speech", json=GOOD)
+        assert response.status_code == 200 and response.content, response.text
+        assert len(fused_copies) == 1 and fused_copies[0] is not service.tts.t3.tfmr
+    finally:
+        service.close()
 
 
 def test_a_voice_file_named_default_is_refused(tmp_path: Path) -> None:

@@ -245,6 +245,12 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         "the next and compiles each size (default 1,2,4,... up to the engine's streams)",
     )
     p.add_argument(
+        "--fused",
+        action="store_true",
+        help="T3's step with q, k, v and gate, up each one matmul (a copy of the backbone; "
+        "runtime/fusion.py)",
+    )
+    p.add_argument(
         "--alignment",
         action="store_true",
         help="Multilingual: each stream runs upstream's alignment analyzer, which stops it as upstream's "
@@ -479,7 +485,7 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
 # Flags of an engine in this process that a server sets where it runs: `load --url` refuses them.
 SERVER_FLAGS = (
     "--model", "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches", "--reference",
-    "--first-window-s", "--window-s", "--prompt-s", "--alignment",
+    "--first-window-s", "--window-s", "--prompt-s", "--alignment", "--fused",
 )  # fmt: skip
 
 
@@ -551,6 +557,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         flow_batches=args.flow_batches,
         step_buckets=args.step_buckets,
         alignment=args.alignment,
+        fused=args.fused,
         config=config,
         first_audio_limit_s=args.first_audio_limit,
         outdir=args.out,
@@ -578,7 +585,7 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, flow=args.flow,
         flow_batches=args.flow_batches, step_buckets=args.step_buckets, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
-        stall_s=args.stall_s, alignment=args.alignment,
+        stall_s=args.stall_s, alignment=args.alignment, fused=args.fused,
     )  # fmt: skip
     where = Placement(args.host, args.port, args.replicas, args.address)
     # Bad flags fail before Ray starts (deployment.check_placement): nothing is left running.

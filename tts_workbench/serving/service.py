@@ -9,6 +9,7 @@ paths, so no request reads or writes a file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -74,6 +75,7 @@ class ServeOptions:
     stall_s: float = 300.0
     # Multilingual: each stream runs upstream's alignment analyzer (the static step; StreamEngine)
     alignment: bool = False
+    fused: bool = False  # T3's step with fused projections (a copy of the backbone; DecodePlan)
 
 
 def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | None = None) -> None:
@@ -184,9 +186,10 @@ class SpeechService:
         room = tokens_that_fit(fewest, options.max_cache_len)
         self.limits = Limits(self.model_id, tuple(self.voices), options.max_input_chars,
                              room if speech_tokens is None else min(room, speech_tokens))  # fmt: skip
+        plan = dataclasses.replace(decode_plan(tts, options.dtype), fused=options.fused)
         self.engine = StreamEngine(
             tts, max_streams=options.max_streams, step=options.step, max_cache_len=options.max_cache_len,
-            plan=decode_plan(tts, options.dtype), flow=FlowPlan(options.flow),
+            plan=plan, flow=FlowPlan(options.flow),
             flow_batches=options.flow_batches, step_buckets=options.step_buckets, alignment=options.alignment,
         )  # fmt: skip
         try:

@@ -23,6 +23,7 @@ level, usually the 1-stream baseline, does not pay that alone. Its seconds are t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 import sys
@@ -442,6 +443,7 @@ def run_load(
     flow_batches: Sequence[int] | None = None,
     step_buckets: Sequence[int] | None = None,
     alignment: bool = False,
+    fused: bool = False,
 ) -> dict[str, Any]:
     """The load study at each level (``run_level``) and how many streams held in real time
     (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given (made before
@@ -453,7 +455,8 @@ def run_load(
     runs over the ``step_buckets`` up to each level and the level itself (None: 1, 2, 4, ...):
     a compiled step compiles each, so the levels alone (``step_buckets=levels``) compile fewest.
     ``alignment``: Multilingual streams each run upstream's alignment analyzer (the static step;
-    ``StreamEngine``), as upstream's multilingual generate does. The report names what was
+    ``StreamEngine``), as upstream's multilingual generate does. ``fused``: T3's step runs a copy
+    of the backbone with fused projections (``DecodePlan``; Turbo has none to fuse). The report names what was
     measured: ``model`` (the source ``tts`` was loaded from; None: unnamed), ``reference`` (the
     WAV its voice was prepared from; None: the generated one, ``reference.make_reference_wav``)
     and ``texts_from`` (the texts' file, ``texts_source``).
@@ -466,7 +469,8 @@ def run_load(
         with naming_flag("--alignment", ConfigError):
             check_alignment(tts, step)
     texts = texts or list(DEFAULT_TEXTS)
-    plan = decode_plan(tts, policy)
+    # with ``fused``, one copy of the decode backbone (made by the first engine) serves every level's
+    plan = dataclasses.replace(decode_plan(tts, policy), fused=fused)
     kind = parse_arrival(arrival, levels[-1])
     max_cache_len = cache_positions(tts, texts, tokens)
     device = tts.t3.speech_head.weight.device
@@ -509,6 +513,7 @@ def run_load(
         "device": str(device),
         "step": step,
         "alignment": alignment,  # Multilingual's alignment analyzer per stream
+        "fused": fused,  # T3's static or compiled step with fused projections (DecodePlan)
         "t3_dtype": policy,
         "flow": flow,
         "flow_batches": None if flow_batches is None else sorted(set(flow_batches)),
@@ -524,7 +529,8 @@ def run_load(
         "warmup_error": warm["error"],
         "levels": runs,
         "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}{prompt}, "
-        f"texts {source}, T3 {policy} {step} step{' with alignment analyzers' if alignment else ''}, "
+        f"texts {source}, T3 {policy} {step} step{', fused' if fused else ''}"
+        f"{' with alignment analyzers' if alignment else ''}, "
         f"S3Gen estimator {flow}, arrival {arrival}, "
         f"{tokens} tokens per stream",
         "note": f"every stream is capped at {tokens} tokens ({token_cap_note(model)})",
@@ -638,10 +644,10 @@ def format_load(report: dict[str, Any]) -> str:
 
 def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
     """Per level: did every stream speak exactly the tokens it speaks alone (same text, seed and
-    T3 dtype, the static step: ``streaming.stream_tokens``, T3 alone), and how many cache rows
-    were still held when every stream had ended (0: each freed its rows)? One row per level. In
-    bfloat16 a batched kernel's rounding can flip a near tie, so False there is not necessarily a
-    bug."""
+    T3 dtype, the static step, fused if the study's was: ``streaming.stream_tokens``, T3 alone),
+    and how many cache rows were still held when every stream had ended (0: each freed its rows)?
+    One row per level. In bfloat16 a batched kernel's rounding can flip a near tie, so False
+    there is not necessarily a bug."""
     parts = decode_plan(tts, report["t3_dtype"])  # the report's T3 dtype, the static step
     # (with alignment analyzers the eager one: the single-stream step that runs one)
     plan = DecodePlan(
@@ -649,6 +655,7 @@ def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
         parts.decode,
         autocast=parts.autocast,
         step="eager" if report.get("alignment") else "static",
+        fused=bool(report.get("fused")),  # absent from reports before 2026-12-05; the eager step has none
     )
     rows = []
     for level in report["levels"]:
