@@ -20,7 +20,7 @@ import pytest
 
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
-from tts_workbench.serving.protocol import FORMATS
+from tts_workbench.serving.protocol import FORMATS, wav_header
 from tts_workbench.studies import http_load, load
 from tts_workbench.studies.http_load import EndpointError, check_url, run_http_load
 
@@ -95,26 +95,35 @@ def test_raw_pcm_answers_are_counted_as_samples(headers: dict[str, str]) -> None
         ({"content-type": "audio/wav"}, bytes(44) + SECOND, "content-type 'audio/wav'"),
         ({"content-type": "audio/L16; rate=16000"}, SECOND, "rate=16000"),
         ({"content-encoding": "gzip"}, gzip.compress(SECOND, mtime=0), "content-encoding gzip"),
+        # typed as no format, or not typed at all: the body's first bytes say what it is (before
+        # 2026-12-06 counted as samples, the header's bytes timed as first audio)
+        ({}, wav_header() + SECOND, "a WAV body, not raw PCM"),
+        ({"content-type": "application/octet-stream"}, wav_header() + SECOND, "a WAV body, not raw PCM"),
+        ({}, b"ID3" + bytes(9997), "an MP3 body, not raw PCM"),
+        ({"content-type": "application/octet-stream"}, b"OggS" + bytes(9996), "an Ogg body, not raw PCM"),
+        ({}, b"fLaC" + bytes(9996), "a FLAC body, not raw PCM"),
     ],
-    ids=["mp3", "wav", "16 kHz", "gzip"],  # names, not bytes: the pytest-xdist workers compare them
+    # names, not bytes: the pytest-xdist workers compare them
+    ids=["mp3", "wav", "16 kHz", "gzip", "bare wav", "octet wav", "bare mp3", "octet ogg", "bare flac"],
 )
 def test_an_answer_that_is_not_raw_pcm_is_an_error_not_samples(
     headers: dict[str, str], body: bytes, said: str
 ) -> None:
     """On the first level it ends the study (the endpoint answers in another format); later,
-    while the first level's answers were pcm, it is a failed row saying what came."""
+    while the first level's answers were pcm, it is a failed row saying what came. The body
+    comes in two reads that split its first four bytes, as a network may."""
     calls: list[int] = []
 
     def speech(_body: dict[str, Any]) -> httpx.Response:
         calls.append(1)
         if len(calls) == 1:  # the first level's one stream: pcm
             return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
-        return httpx.Response(200, stream=httpx.ByteStream(body), headers=headers)
+        return httpx.Response(200, stream=_Parts([(0.0, body[:2]), (0.0, body[2:])]), headers=headers)
 
     report = run_http_load("http://stand-in", [1, 2], transport=_endpoint(speech))
     rows = report["levels"][1]["per_stream"]
     assert all(row["status"] == 200 and said in row["error"] for row in rows), rows
-    assert all(row["audio_s"] == 0.0 and row["rtf"] is None for row in rows)
+    assert all(row["audio_s"] == 0.0 and row["rtf"] is None and row["ttfa_s"] is None for row in rows)
     assert report["levels"][1]["summary"]["failed"] == 2
     calls.append(1)  # from now on every answer is the wrong one, the first level's too
     with pytest.raises(EndpointError, match=re.escape(said)):
@@ -335,21 +344,37 @@ def test_serve_interrupted_while_starting_says_it_stopped_before_serving(
     assert calls[-1] == "ray.shutdown", calls  # whatever Ray had started is stopped
 
 
+def test_a_redirect_is_a_failed_row_saying_why() -> None:
+    """httpx follows no redirect: later, a failed row with its reason; on the first level, the
+    end of the study (before: error None, so the row failed with no reason)."""
+    calls: list[int] = []
+    said = "HTTP 307: redirect to https://stand-in/"
+
+    def speech(_body: dict[str, Any]) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:  # the first level's one stream: pcm
+            return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+        return httpx.Response(307, headers={"location": "https://stand-in/v1/audio/speech"})
+
+    report = run_http_load("http://stand-in", [1, 2], transport=_endpoint(speech))
+    rows = report["levels"][1]["per_stream"]
+    assert all(row["status"] == 307 and said in row["error"] for row in rows), rows
+    assert report["levels"][1]["summary"]["failed"] == 2
+    calls.append(1)  # from now on every answer is the redirect, the first level's too
+    with pytest.raises(EndpointError, match=r"^argument --url: .*" + re.escape(said)):
+        run_http_load("http://stand-in", [1], transport=_endpoint(speech))
+
+
 @pytest.mark.parametrize(
-    ("status", "headers", "said"),
-    [
-        (307, {"location": "https://stand-in/v1/audio/speech"}, "HTTP 307: redirect to https://stand-in/"),
-        (204, {}, "HTTP 204: no audio bytes"),
-        (200, {"content-type": "audio/pcm"}, "HTTP 200: no audio bytes"),
-    ],
-    ids=["redirect", "no content", "empty 200"],
+    ("status", "headers"),
+    [(204, {}), (200, {"content-type": "audio/pcm"}), (200, {})],
+    ids=["no content", "empty pcm", "empty untyped"],
 )
-def test_an_answer_without_audio_is_a_failed_row_saying_why(
-    status: int, headers: dict[str, str], said: str
-) -> None:
-    """httpx follows no redirect, and a 2xx may carry no bytes: later, a failed row with its
-    reason; on the first level, the end of the study (before: error None, so the row failed
-    with no reason and a first level where nothing spoke went on)."""
+def test_a_2xx_that_ends_without_audio_is_silent_not_failed(status: int, headers: dict[str, str]) -> None:
+    """A stream that ended cleanly with no audio byte spoke nothing, as the in-process study
+    counts it (and this workbench's server answers it: 200, an empty body); a first level where
+    nobody spoke is reported as such and the study goes on, as in process. Before 2026-12-06:
+    failed rows (``HTTP 200: no audio bytes``), and such a first level ended the study."""
     calls: list[int] = []
 
     def speech(_body: dict[str, Any]) -> httpx.Response:
@@ -360,11 +385,71 @@ def test_an_answer_without_audio_is_a_failed_row_saying_why(
 
     report = run_http_load("http://stand-in", [1, 2], transport=_endpoint(speech))
     rows = report["levels"][1]["per_stream"]
-    assert all(row["status"] == status and said in row["error"] for row in rows), rows
-    assert report["levels"][1]["summary"]["failed"] == 2
+    assert all(row["status"] == status and row["error"] is None and row["ttfa_s"] is None for row in rows)
+    assert all(row["audio_s"] == 0.0 and row["rtf"] is None for row in rows)
+    summary = report["levels"][1]["summary"]
+    assert summary["silent"] == 2 and summary["failed"] == 0, summary
+    assert report["real_time"]["streams"] == 1 and "2 spoke nothing" in report["real_time"]["missed"][2]
     calls.append(1)  # from now on every answer is the empty one, the first level's too
-    with pytest.raises(EndpointError, match=r"^argument --url: .*" + re.escape(said)):
-        run_http_load("http://stand-in", [1], transport=_endpoint(speech))
+    report = run_http_load("http://stand-in", [1, 2], transport=_endpoint(speech))
+    assert [level["summary"]["silent"] for level in report["levels"]] == [1, 2]
+    assert report["real_time"]["streams"] is None and "none spoke" in report["real_time"]["missed"][1]
+
+
+@pytest.mark.parametrize(
+    ("status", "models"),
+    [(404, {"error": {"message": "Not Found"}}), (200, {"object": "list", "data": []})],
+    ids=["missing", "empty"],
+)
+def test_a_server_that_lists_no_model_asks_for_model(status: int, models: dict[str, Any]) -> None:
+    """(before: the 404 ended the study with no way forward, --model being refused with --url,
+    and the empty list was called "not OpenAI's model list")"""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(status, json=models)
+        raise AssertionError("a speech request was sent")
+
+    with pytest.raises(EndpointError, match=r"^argument --url: .*lists no model: give --model ID"):
+        run_http_load("http://stand-in", [1], transport=httpx.MockTransport(handle))
+
+
+def test_a_body_that_is_no_model_list_is_told_apart_from_an_empty_list() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="hello")
+
+    with pytest.raises(EndpointError, match="is not OpenAI's model list") as e:
+        run_http_load("http://stand-in", [1], transport=httpx.MockTransport(handle))
+    assert "--model" not in str(e.value)
+
+
+def test_a_model_given_is_the_model_each_request_names_and_no_list_is_asked_for() -> None:
+    models: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            raise AssertionError("GET /v1/models was sent")
+        models.append(json.loads(request.content)["model"])
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+
+    report = run_http_load("http://stand-in", [1, 2], model="tts-1", transport=httpx.MockTransport(handle))
+    assert models == ["tts-1"] * 3 and report["model"] == "tts-1" and "model tts-1" in report["title"]
+
+
+def test_the_cli_passes_model_with_url_and_only_when_given(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    got: list[Any] = []
+
+    def run_http_load(_url: str, _levels: list[int], **kwargs: Any) -> None:
+        got.append(kwargs.get("model"))
+        raise ConfigError("stopped here")
+
+    monkeypatch.setattr(http_load, "run_http_load", run_http_load)
+    args = ["load", "--url", "http://127.0.0.1:9", "--streams", "1", "--out", str(tmp_path)]
+    assert main([*args, "--model", "tts-1"]) == 2 and main(args) == 2
+    assert _errors(capfd) == ["error: stopped here"] * 2
+    assert got == ["tts-1", None]  # without --model: the first /v1/models lists, not the default tiny
 
 
 def test_an_unusable_out_folder_is_refused_before_any_request(tmp_path: Path) -> None:

@@ -165,8 +165,7 @@ def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:
 @pytest.mark.parametrize(
     "flag",
     [
-        ["--model", "tiny"],  # given with its default value: given all the same
-        ["--device", "cpu"],
+        ["--device", "cpu"],  # given with its default value: given all the same
         ["--decode", "compiled"],
         ["--dtype=bfloat16"],
         ["--flow", "eager"],

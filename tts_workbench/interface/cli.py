@@ -203,8 +203,8 @@ MODEL_HELP = (
 )
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=_given, default="tiny", help=MODEL_HELP)
+def _common(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
+    p.add_argument("--model", type=_given, default="tiny", help=model_help)
     p.add_argument("--tokens", type=_positive, default=150, help="cap on generated speech tokens")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and of sampling")
     p.add_argument("--device", type=_given, default="cpu", help="torch device: cpu or cuda")
@@ -482,9 +482,10 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
     raise ValueError("argument --read: a trace file is named twice")
 
 
-# Flags of an engine in this process that a server sets where it runs: `load --url` refuses them.
+# Flags of an engine in this process that a server sets where it runs: `load --url` refuses them
+# (not --model: with --url it names the model the requests ask for).
 SERVER_FLAGS = (
-    "--model", "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches", "--reference",
+    "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches", "--reference",
     "--first-window-s", "--window-s", "--prompt-s", "--alignment", "--fused",
 )  # fmt: skip
 
@@ -511,11 +512,13 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         _refuse_given(  # the server has its own: refused, not ignored
             args,
             SERVER_FLAGS,
-            "is the server's with --url (its model, device, T3 step and dtype and S3Gen's estimator are "
-            "set where it runs, its windows and prompt are the defaults; --voice names its voice): leave it "
-            "out, or leave --url out to measure an engine in this process",
+            "is the server's with --url (its device, T3 step and dtype and S3Gen's estimator are set where "
+            "it runs, its windows and prompt are the defaults; --model and --voice name its model and "
+            "voice): leave it out, or leave --url out to measure an engine in this process",
         )
-        given = {"voice": args.voice, "timeout_s": args.timeout}  # None: not given, run_http_load's default
+        # None: not given, run_http_load's default (--model's own default, tiny, is no served model)
+        given = {"voice": args.voice, "timeout_s": args.timeout,
+                 "model": args.model if "--model" in args.flags_given else None}  # fmt: skip
         report = run_http_load(
             args.url, levels, texts=texts, arrival=args.arrival, tokens=args.tokens, seed=args.seed,
             first_audio_limit_s=args.first_audio_limit, outdir=args.out, progress=True, texts_from=args.texts,
@@ -747,7 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(run=_bench)
 
     ld = command("load", help="how many real-time streams one device holds: the stream engine under load")
-    _common(ld)
+    _common(ld, MODEL_HELP + "; with --url: the model ID each request names (default: the first one the "
+            "server's GET /v1/models lists)")  # fmt: skip
     ld.add_argument("--streams", default="1,2,4,8", help="comma list of concurrency levels, e.g. 1,2,4,8")
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
@@ -771,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_given,
         help="measure a speech server at its root (http://HOST:PORT: this workbench's serve, or an "
         "OpenAI-style endpoint that takes its seed and max_tokens fields; no API key) instead of an "
-        "engine in this process; the model is the first /v1/models lists, and "
+        "engine in this process; the model is --model's, else the first /v1/models lists, and "
         f"{', '.join(SERVER_FLAGS)} are the server's (refused with --url)",
     )
     ld.add_argument(

@@ -1,8 +1,8 @@
 """The load study as a client: the same streams sent to an OpenAI-style speech endpoint
 (``POST /v1/audio/speech``: this workbench's ``serve``, or another server that takes its two
 fields of its own, ``seed`` and ``max_tokens``), measured from the bytes' arrival as a
-listener's player would feel them. The model is the first one ``GET /v1/models`` lists; the
-requests carry no API key.
+listener's player would feel them. The model is the one given (``--model``), else the first one
+``GET /v1/models`` lists; the requests carry no API key.
 
 Per stream: HTTP status, time to the first audio byte, RTF (last byte over audio seconds),
 underruns of a real-time player that starts at the first byte, and the replica that answered
@@ -44,6 +44,11 @@ IDENTITY = {"Accept-Encoding": "identity"}  # httpx asks for gzip by default
 # audio/pcm (serving.protocol.FORMATS), RFC 2586's name is audio/L16, and a server may send
 # the bytes untyped. WAV, MP3 and the like would be counted as samples they are not.
 RAW_PCM = ("audio/pcm", "audio/l16", "application/octet-stream")
+# The first bytes of the containers a speech server may send whatever its content-type says (or
+# without one). MPEG audio without an ID3 tag starts with a frame sync (0xFFE?) instead, left out:
+# quiet pcm whose first samples are -1 and 0 (FF FF 00 00) is a valid MPEG-1 Layer I header.
+CONTAINERS = {b"RIFF": "a WAV", b"ID3": "an MP3", b"OggS": "an Ogg", b"fLaC": "a FLAC"}
+HEAD_BYTES = max(map(len, CONTAINERS))
 
 
 class EndpointError(ConfigError):
@@ -87,7 +92,8 @@ def check_url(url: str) -> str:
 
 
 async def served_model(client: httpx.AsyncClient, url: str) -> str:
-    """The first model id of ``GET /v1/models``; an EndpointError if nothing answers."""
+    """The first model id of ``GET /v1/models``; an EndpointError if nothing answers or it lists
+    no model (a 404 or an empty list: then ``--model`` names it)."""
     try:
         response = await client.get(f"{url}/v1/models")
     except httpx.HTTPError as e:
@@ -95,23 +101,32 @@ async def served_model(client: httpx.AsyncClient, url: str) -> str:
             f"argument --url: {url} does not answer ({type(e).__name__}: {e}): start a server "
             "(`tts-workbench serve`) or check the URL"
         ) from None
+    no_model = "the server lists no model: give --model ID, the model its speech requests are to name"
+    if response.status_code == 404:
+        raise EndpointError(f"argument --url: GET {url}/v1/models answered 404 ({_error_message(response)}): "
+                            f"{no_model}")  # fmt: skip
     if response.status_code >= 300:
         raise EndpointError(f"argument --url: GET {url}/v1/models answered {response.status_code}: "
                             f"{_error_message(response)}")  # fmt: skip
     try:
-        return str(response.json()["data"][0]["id"])
+        listed = response.json()["data"]
+        first = None if listed == [] else str(listed[0]["id"])
     except (ValueError, KeyError, IndexError, TypeError):
         raise EndpointError(
             f"argument --url: GET {url}/v1/models is not OpenAI's model list ({response.text[:120]!r}): "
             "is this an OpenAI-compatible speech server?"
         ) from None
+    if first is None:  # OpenAI's list, empty: a server that serves without naming its models
+        raise EndpointError(f"argument --url: GET {url}/v1/models is an empty list: {no_model}")
+    return first
 
 
 def not_raw_pcm(headers: httpx.Headers) -> str | None:
     """Why the bytes of a 2xx answer are not the raw samples the study counts (24 kHz, 16-bit,
     mono), or None when they are: a ``content-encoding`` other than identity, a ``content-type``
     not in ``RAW_PCM``, or a ``rate``/``channels`` parameter other than 24000 and 1. An answer
-    without a content-type makes no claim: its bytes are read as the pcm the request asked for."""
+    without a content-type makes no claim: its bytes are read as the pcm the request asked for,
+    unless they begin as a container does (``not_samples``)."""
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding != "identity":
         return f"content-encoding {encoding}: compressed audio, though the study asked for identity"
@@ -127,13 +142,25 @@ def not_raw_pcm(headers: httpx.Headers) -> str | None:
     return None
 
 
+def not_samples(head: bytes) -> str | None:
+    """Why a 2xx body whose first bytes are ``head`` is not raw samples, whatever its headers
+    said: it begins with a container's header (``CONTAINERS``); None when it does not."""
+    for magic, kind in CONTAINERS.items():
+        if head.startswith(magic):
+            return (f"{kind} body, not raw PCM: it begins {magic!r}, where the study asked for "
+                    f"response_format pcm ({SAMPLE_RATE} Hz 16-bit mono samples, no header): measure a "
+                    "server that answers pcm with the samples alone")  # fmt: skip
+    return None
+
+
 async def _stream(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], at: float, timeout_s: float
 ) -> tuple[dict[str, Any], bool]:
     """One request sent at ``at`` (perf_counter), read to the end within ``timeout_s``: its row,
     and whether the server refused the request itself (a 4xx other than 408 and 429, which say
     it is busy), redirected it (3xx: httpx follows no redirect) or answered it in another format
-    than raw pcm. A 2xx without an audio byte is a failed row, not a refusal."""
+    than raw pcm. A 2xx that ends without an audio byte has no error and no first audio: it spoke
+    nothing (``silent``), as the in-process study counts a stream that ended with no audio."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     sent = time.perf_counter()
     arrivals: list[float] = []
@@ -157,11 +184,18 @@ async def _stream(
             elif wrong := not_raw_pcm(response.headers):
                 row["error"], refused = f"HTTP {response.status_code} with {wrong}", True
             else:
+                head = b""  # the body's first bytes, which a network may split over reads
                 async for data in response.aiter_raw():
+                    if len(head) < HEAD_BYTES:
+                        head += data[: HEAD_BYTES - len(head)]
+                        if not_samples(head):
+                            break
                     arrivals.append(time.perf_counter() - sent)
                     seconds.append(len(data) / 2 / SAMPLE_RATE)  # pcm: 16-bit mono samples
-                if not any(seconds):  # a 204, or a 2xx whose stream ended before its first sample
-                    row["error"] = f"HTTP {response.status_code}: no audio bytes"
+                if wrong := not_samples(head):  # no byte of it is audio, the first read not first audio
+                    arrivals.clear()
+                    seconds.clear()
+                    row["error"], refused = f"HTTP {response.status_code} with {wrong}", True
     except httpx.HTTPError as e:  # a dropped connection: this stream failed, the level goes on
         row["error"] = f"{type(e).__name__}: {e}"
     except TimeoutError:
@@ -207,6 +241,8 @@ async def _level(
                             f"failed: {refused[0]['error']}")  # fmt: skip
     # Every stream of the first level failed: the endpoint serves nobody. At a later level the
     # server may be overloaded (every stream past --timeout): that is a result, the study goes on.
+    # Streams that ended cleanly with no audio are no failure (error None): a level where nobody
+    # spoke is reported as such and the study goes on, as in process.
     if first and all(s["error"] for s in streams):
         raise EndpointError(
             f"argument --url: every stream of the {n}-stream level failed: {streams[0]['error']}"
@@ -220,12 +256,13 @@ async def _level(
 
 
 async def _run(url: str, levels: list[int], texts: list[str], *, voice: str, arrival: tuple[str, float],
-               tokens: int, seed: int, timeout_s: float, progress: bool,
+               tokens: int, seed: int, timeout_s: float, progress: bool, model: str | None,
                transport: httpx.AsyncBaseTransport | None) -> dict[str, Any]:  # fmt: skip
     limits = httpx.Limits(max_connections=max(levels) + 4)
     timeout = httpx.Timeout(timeout_s, connect=5.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as client:
-        model = await served_model(client, url)
+        if model is None:
+            model = await served_model(client, url)
         runs: list[dict[str, Any]] = []
         for n in levels:
             with progress_bar(
@@ -252,13 +289,15 @@ def run_http_load(
     progress: bool = False,
     transport: httpx.AsyncBaseTransport | None = None,
     texts_from: str | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Each level's streams sent to ``url`` (``http://HOST:PORT``) and how many held in real
     time (``load.conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given.
     Every request is bounded by ``timeout_s``. ``transport``: httpx's, for stand-in endpoints in
     tests (through ``httpx.ASGITransport`` an app failing mid-stream raises its own error here,
     where over TCP the server drops the connection and the stream is a failed row). ``texts_from``:
-    the texts' file, for the report (``load.texts_source``)."""
+    the texts' file, for the report (``load.texts_source``). ``model``: the model each request
+    names (``--model``); None: the first ``GET /v1/models`` lists."""
     url = check_url(url)
     levels = checked_levels(levels, repr(levels))
     texts = texts or list(DEFAULT_TEXTS)
@@ -266,7 +305,8 @@ def run_http_load(
     if outdir is not None:  # an unusable --out found now, not once every level has been measured
         Path(outdir).mkdir(parents=True, exist_ok=True)
     got = asyncio.run(_run(url, levels, texts, voice=voice, arrival=kind, tokens=tokens, seed=seed,
-                           timeout_s=timeout_s, progress=progress, transport=transport))  # fmt: skip
+                           timeout_s=timeout_s, progress=progress, model=model,
+                           transport=transport))  # fmt: skip
     rows = [s for level in got["levels"] for s in level["per_stream"]]
     servers = sorted({s["server"] for s in rows if s["server"]})
     replicas = sorted({s["replica"] for s in rows if s["replica"]})
