@@ -635,3 +635,62 @@ def test_the_note_names_the_module_the_escaping_error_came_from() -> None:
     note = info.value.__notes__[0]
     assert "a (Linear)" in note and "b (Linear)" not in note, note
     assert trace.failure is not None and trace.failure.module == "b"  # still the last failure
+
+
+def test_calls_inside_compiled_code_are_traced_and_the_trace_says_they_ran_eagerly() -> None:
+    # Dynamo ignores module hooks added after compiling: the compiled call recorded its root only
+    # (its hooks run outside the graph), with nothing on the trace to say the rest was missed.
+    net = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), b=nn.Linear(4, 4)))
+    compiled = torch.compile(net, backend="eager")
+    compiled(torch.randn(2, 4))
+    with trace_dtypes(net) as trace:
+        compiled(torch.randn(2, 4))
+    assert [r.module for r in trace.records] == ["(root)", "a", "b"]
+    assert trace.forced_eager and trace.summary()["forced_eager"] is True
+    with trace_dtypes(net) as plain:
+        net(torch.randn(2, 4))
+    assert [r.module for r in plain.records] == ["(root)", "a", "b"] and not plain.forced_eager
+    assert _no_hooks(net)
+
+
+def test_the_callers_compile_stance_comes_back_after_the_block_also_on_error() -> None:
+    net = nn.Sequential(OrderedDict(a=nn.Linear(4, 4)))
+    compiled = torch.compile(net, backend="eager", dynamic=False)
+    compiled(torch.randn(1, 4))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        with pytest.raises(KeyError), trace_dtypes(net) as trace:
+            compiled(torch.randn(2, 4))  # a new shape: run eagerly, not recompiled (nor refused)
+            raise KeyError("the block's own")
+        assert [r.module for r in trace.records] == ["(root)", "a"]
+        with pytest.raises(RuntimeError, match="Detected recompile"):  # the caller's stance again
+            compiled(torch.randn(3, 4))
+    # Blocks that overlap (from two threads) leave compiled code eager until the last one ends.
+    first, second = trace_dtypes(net), trace_dtypes(net)
+    first.__enter__()
+    late = second.__enter__()
+    first.__exit__(None, None, None)
+    compiled(torch.randn(4, 4))
+    second.__exit__(None, None, None)
+    assert [r.module for r in late.records] == ["(root)", "a"] and late.forced_eager
+
+
+def test_a_module_shared_by_two_parents_is_recorded_under_the_caller_that_called_it() -> None:
+    # named_modules lists a shared module once: one hook, and every call named by its first path
+    # (S3Gen's conformer shares one SiLU between encoders.0 and up_encoders.0-3).
+    class Uses(nn.Module):
+        def __init__(self, act: nn.Module) -> None:
+            super().__init__()
+            self.act = act
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(x)
+
+    act = nn.SiLU()
+    net = nn.Sequential(OrderedDict(a=Uses(act), b=Uses(act)))
+    net.b.again = act  # twice under one parent: named by its first name there
+    with trace_dtypes(net) as trace:
+        net(torch.ones(4))
+    assert [r.module for r in trace.records] == ["(root)", "a", "a.act", "b", "b.act"]
+    with trace_dtypes(net) as trace:
+        act(torch.ones(4))  # called outside any traced call: its first path
+    assert [r.module for r in trace.records] == ["a.act"]

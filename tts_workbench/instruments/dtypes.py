@@ -3,11 +3,14 @@
 ``census`` lists parameter/buffer dtypes per component and the dtypes of the conditionals.
 ``trace_dtypes`` hooks every submodule for the duration of a ``with`` block and records, per
 call, the module path, the floating dtypes of its inputs, its own weights and its outputs, and
-flags mismatches. Evidence is recorded as it happens, so it survives a user's own
-``try/except`` inside the block: an input/weight mismatch when the call *starts*, and the
-failure (the "Input type (FloatTensor) and weight type (HalfTensor) should be the same" family:
-the module that raised, the tensors it got) when the module *raises*, whoever catches it. An
-exception that leaves the block propagates unchanged, with a note naming the module.
+flags mismatches. A module shared by several parents is named by the path it was called
+through; ``torch.compile``'d code runs eagerly inside the block (dynamo ignores hooks added
+after compiling), so its modules are traced too. Evidence is recorded as it happens, so it
+survives a user's own ``try/except`` inside the block: an input/weight mismatch when the call
+*starts*, and the failure (the "Input type (FloatTensor) and weight type (HalfTensor) should be
+the same" family: the module that raised, the tensors it got) when the module *raises*, whoever
+catches it. An exception that leaves the block propagates unchanged, with a note naming the
+module.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import pandas as pd
@@ -153,6 +157,9 @@ class DtypeTrace:
     records: list[CallRecord] = field(default_factory=list)
     failure: Failure | None = None
     untraced: list[str] = field(default_factory=list)  # TorchScript modules: torch takes no hooks on them
+    # Calls were recorded inside torch.compile'd code, which the block ran eagerly: the dtypes are
+    # the eager modules', which are the ones its compiled graph computes in.
+    forced_eager: bool = False
 
     @property
     def mismatches(self) -> list[CallRecord]:
@@ -165,7 +172,8 @@ class DtypeTrace:
         return found[0] if found else self.failure
 
     def summary(self) -> dict[str, Any]:
-        """JSON-friendly digest: calls, mismatches by kind and module, failure, untraced modules."""
+        """JSON-friendly digest: calls, mismatches by kind and module, failure, untraced modules,
+        whether compiled code ran eagerly."""
         by_module: dict[str, CallRecord] = {}
         for r in self.mismatches:
             by_module.setdefault(r.module, r)
@@ -174,6 +182,7 @@ class DtypeTrace:
             "mismatches": [vars(r) for r in by_module.values()],
             "failure": vars(self.failure) if self.failure else None,
             "untraced": self.untraced,
+            "forced_eager": self.forced_eager,
         }
 
 
@@ -246,6 +255,85 @@ def _roots(target: nn.Module | ChatterboxTTS) -> dict[str, nn.Module]:
     return {"": target} if isinstance(target, nn.Module) else components(target)  # a model of any family
 
 
+def _module_paths(roots: dict[str, nn.Module]) -> dict[int, tuple[nn.Module, list[str]]]:
+    """Every module under ``roots`` (by id, in ``named_modules`` order) with all its dotted paths:
+    a module shared by several parents has several. A module inside itself is not entered again."""
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+
+    def walk(module: nn.Module, path: str, above: frozenset[int]) -> None:
+        found.setdefault(id(module), (module, []))[1].append(path or "(root)")
+        above |= {id(module)}
+        for name, child in module._modules.items():
+            if child is not None and id(child) not in above:
+                walk(child, f"{path}.{name}" if path else name, above)
+
+    for prefix, root in roots.items():
+        walk(root, prefix, frozenset())
+    return found
+
+
+def _call_path(paths: list[str], caller: str | None) -> str:
+    """The path of a call of a module found at ``paths`` (all of them, in ``named_modules`` order),
+    made from the traced call ``caller`` (None: from none): the nearest path below the caller, which
+    for a child is its first name in the caller's ``_modules``; else the module's first path."""
+    if caller is not None and len(paths) > 1:
+        below = [p for p in paths if caller == "(root)" or p.startswith(caller + ".")]
+        if below:
+            return min(below, key=lambda p: p.count("."))  # the first of the nearest
+    return paths[0]
+
+
+_EVAL_FRAME = "/torch/_dynamo/eval_frame.py"
+
+
+def _in_compiled_code() -> bool:
+    """Whether this thread is inside a ``torch.compile``'d callable (a function, an OptimizedModule,
+    a ``Module.compile``'d module): the wrapper dynamo puts around each of them (torch 2.13's
+    ``compile_wrapper``) is on the stack."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "compile_wrapper" and code.co_filename.endswith(_EVAL_FRAME):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _ForceEager:
+    """``torch.compile``'d code run eagerly while any ``trace_dtypes`` block is open.
+
+    In torch 2.13 the stance is one global of the process (``torch._dynamo.eval_frame._stance``),
+    not of a thread, read each time compiled code is entered: while a block is open, compiled code
+    runs eagerly in every thread. ``set_stance`` puts back on exit the stance it found, which is
+    how the caller's own (e.g. "fail_on_recompile") comes back; but blocks that overlap (from two
+    threads) would each put back what they found: the first to end would turn compilation back on
+    under the other, the last leave "force_eager" for good. So the first block to open sets it and
+    the last to close puts back the caller's; a stance set while a block is open is lost then.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open = 0
+        self.stance: Any = None  # the set_stance that put back the caller's stance on exit
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self.lock:
+            if not self.open:
+                self.stance = torch.compiler.set_stance("force_eager")  # set now, put back on exit
+            self.open += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.open -= 1
+                if not self.open:
+                    self.stance.__exit__(None, None, None)
+
+
+_force_eager = _ForceEager()
+
+
 class _Calls(threading.local):
     """One thread's calls in progress and its own records: threads that run the same modules at
     once must not pop each other's calls, nor take each other's records for submodules' ones."""
@@ -262,8 +350,10 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
     """Record dtype flow through every submodule of ``target`` while inside the block.
 
     Module paths are dotted paths inside ``target`` (prefixed by ``ve``/``t3``/``s3gen`` when
-    ``target`` is a ChatterboxTTS). All hooks are removed on exit, also on error. TorchScript
-    modules take no hooks: they are left out and listed in ``trace.untraced``.
+    ``target`` is a ChatterboxTTS), the one a shared module was called through. All hooks are
+    removed on exit, also on error. TorchScript modules take no hooks: they are left out and
+    listed in ``trace.untraced``. Compiled code runs eagerly in the block (``trace.forced_eager``
+    when traced calls were made in it); the caller's compile stance is back on exit.
     """
     trace = DtypeTrace()
     calls = _Calls()
@@ -294,13 +384,16 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             trace.failure = failure
         return failure
 
-    def pre(path: str):
+    def pre(paths: list[str]):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             inputs = _floating(args) + _floating(kwargs)
             weight = _own_weight_dtype(module)
             ac = _autocast_dtype()
+            if not trace.forced_eager and _in_compiled_code():  # a stack walk: only until one is found
+                trace.forced_eager = True
             record = CallRecord(
-                module=path,
+                # named through the traced call that made it: a shared module has one hook for all
+                module=_call_path(paths, calls.stack[-1][2].module if calls.stack else None),
                 kind=type(module).__name__,
                 inputs=[_short(d) for d in inputs],
                 weight=_short(weight) if weight else None,
@@ -316,7 +409,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
 
         return hook
 
-    def post(path: str):
+    def post():
         # always_call: torch runs this hook also when forward raised (output is then None and
         # the exception is the one being handled), so the innermost raising module is caught
         # here even when the user's code catches the exception inside the block.
@@ -335,7 +428,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
                 record.mismatch = None
             if output is None and raised is not None and raised is not handled:
                 if id(raised) not in recorded:  # the innermost module this exception passed through
-                    fail(path, module, inputs, raised)
+                    fail(record.module, module, inputs, raised)
                 return
             outputs = _floating(output)
             record.outputs = [_short(d) for d in outputs]
@@ -347,26 +440,27 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
         return hook
 
     try:  # the hooks registered so far come off also when registering one fails
-        for prefix, root in _roots(target).items():
-            for name, module in root.named_modules():
-                path = ".".join(p for p in (prefix, name) if p) or "(root)"
-                if isinstance(module, torch.jit.ScriptModule):  # skipped, not fatal: the rest is traced
-                    trace.untraced.append(path)
-                    continue
-                # prepend: run ahead of the module's own pre-hooks, so one of them raising still
-                # finds our entry on the stack for the always_call post-hook to pop.
-                handles.append(module.register_forward_pre_hook(pre(path), prepend=True, with_kwargs=True))
-                handles.append(module.register_forward_hook(post(path), with_kwargs=True, always_call=True))
-        try:
-            yield trace
-        except Exception as e:
-            # The failure of this exception, not the last one recorded (a kept error raised after
-            # another failure named that one); an error raised anew from a module's (``raise ...
-            # from e``) keeps that module (before 2026-12-04 it named none); raised outside any
-            # module call (e.g. a feature extractor): recorded now, with no module.
-            own = next((recorded[id(c)][1] for c in _chain(e) if id(c) in recorded), None)
-            e.add_note(f"dtype trace: {own or fail('', None, [], e)}")
-            raise
+        for module, paths in _module_paths(_roots(target)).values():
+            if isinstance(module, torch.jit.ScriptModule):  # skipped, not fatal: the rest is traced
+                trace.untraced.append(paths[0])
+                continue
+            # prepend: run ahead of the module's own pre-hooks, so one of them raising still
+            # finds our entry on the stack for the always_call post-hook to pop.
+            handles.append(module.register_forward_pre_hook(pre(paths), prepend=True, with_kwargs=True))
+            handles.append(module.register_forward_hook(post(), with_kwargs=True, always_call=True))
+        # Dynamo ignores module hooks added after compiling (skip_nnmodule_hook_guards): compiled
+        # code called in the block would run past them, unrecorded.
+        with _force_eager():
+            try:
+                yield trace
+            except Exception as e:
+                # The failure of this exception, not the last one recorded (a kept error raised after
+                # another failure named that one); an error raised anew from a module's (``raise ...
+                # from e``) keeps that module (before 2026-12-04 it named none); raised outside any
+                # module call (e.g. a feature extractor): recorded now, with no module.
+                own = next((recorded[id(c)][1] for c in _chain(e) if id(c) in recorded), None)
+                e.add_note(f"dtype trace: {own or fail('', None, [], e)}")
+                raise
     finally:
         for h in handles:
             h.remove()
