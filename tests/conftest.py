@@ -82,6 +82,23 @@ def analyzers(monkeypatch: pytest.MonkeyPatch) -> Analyzers:
     return Analyzers(monkeypatch)
 
 
+def pretend_cuda(monkeypatch: pytest.MonkeyPatch, can_use_flash: Callable[..., bool]) -> None:
+    """``why_not_flash`` takes its CUDA branch without a GPU: its decode-shaped inputs say they
+    are on CUDA, and ``can_use_flash`` stands in for torch's ``can_use_flash_attention``."""
+    import torch
+
+    from tts_workbench.instruments import attention
+
+    class _OnCuda(torch.Tensor):
+        device = property(lambda self: torch.device("cuda"))
+
+    sdpa_inputs = attention._sdpa_inputs
+    monkeypatch.setattr(
+        attention, "_sdpa_inputs", lambda *a: tuple(t.as_subclass(_OnCuda) for t in sdpa_inputs(*a))
+    )
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", can_use_flash)
+
+
 @pytest.fixture
 def fused_copies(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every fused backbone a ``DecodePlan`` makes during the test (``fusion.fused_backbone``)."""

@@ -15,13 +15,14 @@ from torch._dynamo.utils import counters
 from transformers.utils import logging as hf_logging
 from transformers.utils.logging import warning_once
 
-from tts_workbench.instruments import attention
+from conftest import pretend_cuda, voiced
 from tts_workbench.instruments.attention import (
     EAGER,
     INDUCTOR_DECOMPOSED,
     NO_CODE_CAPTURED,
     compiled_attention,
     compiled_with_code,
+    configured_backend,
     probe_backends,
     probe_output_attentions,
     record_kernels,
@@ -166,9 +167,6 @@ def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(
     (the mask before the head dim before the dtype) and checks no further: a masked float32 step
     is refused for both, and both are named (before 2026-12-04 only the mask was)."""
 
-    class OnCuda(torch.Tensor):
-        device = property(lambda self: torch.device("cuda"))  # the CUDA branch, without a GPU
-
     def first_refusal(params: Any, debug: bool = False) -> bool:
         q = params.query
         rules = [
@@ -183,12 +181,8 @@ def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(
                 return False
         return True
 
-    sdpa_inputs = attention._sdpa_inputs
-    monkeypatch.setattr(
-        attention, "_sdpa_inputs", lambda *a: tuple(t.as_subclass(OnCuda) for t in sdpa_inputs(*a))
-    )
-    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", first_refusal)
-    assert why_not_flash(tiny_tts, masked=True) == [  # tiny_tts is float32
+    pretend_cuda(monkeypatch, first_refusal)
+    assert why_not_flash(tiny_tts, step="static") == [  # tiny_tts is float32
         "Flash attention does not support non-null attn_mask.",
         "Expected {Half, BFloat16}. Got torch.float32",
     ]
@@ -197,7 +191,7 @@ def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(
     before = config.head_dim
     try:
         config.head_dim = 264
-        reasons = why_not_flash(tiny_tts, masked=True, dtype=torch.float16)
+        reasons = why_not_flash(tiny_tts, step="static", dtype=torch.float16)
     finally:
         config.head_dim = before
     assert reasons == [
@@ -208,7 +202,7 @@ def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(
 
 def test_a_masked_step_is_told_flash_takes_no_mask(tiny_tts: ChatterboxTTS) -> None:
     """The static step does pass a mask to SDPA (its cache's unused slots), upstream's eager
-    step none: why_not_flash(masked=True) names it (on CUDA can_use_flash_attention does)."""
+    step none: why_not_flash(step="static") names it (on CUDA can_use_flash_attention does)."""
     masks: dict[str, list[object]] = {"eager": [], "static": []}
     real = torch.nn.functional.scaled_dot_product_attention
     for step, seen in masks.items():
@@ -226,7 +220,7 @@ def test_a_masked_step_is_told_flash_takes_no_mask(tiny_tts: ChatterboxTTS) -> N
     # Two decode steps per generation after the prefill; each layer's call is seen.
     assert masks["static"] and all(m is not None for m in masks["static"][-2:])
     assert any(m is None for m in masks["eager"][-2:])
-    assert any("mask" in r for r in why_not_flash(tiny_tts, masked=True))
+    assert any("mask" in r for r in why_not_flash(tiny_tts, step="static"))
     assert not any("mask" in r for r in why_not_flash(tiny_tts))
 
 
@@ -348,7 +342,7 @@ def test_reading_a_graphs_code_keeps_the_graphs_compiled_before() -> None:
 def test_the_static_steps_mask_is_among_the_reasons_flash_is_refused(tiny_tts: ChatterboxTTS) -> None:
     """The static and compiled steps pass a mask (``diagnose --decode static`` asks with it; before
     2026-12-04 it asked as for the eager step, and on CUDA could answer that Flash can run)."""
-    eager, static = diagnose_attention(tiny_tts), diagnose_attention(tiny_tts, masked=True)
+    eager, static = diagnose_attention(tiny_tts), diagnose_attention(tiny_tts, "static")
     assert not any("mask" in r for r in eager["why_not_flash"])
     assert any("an attention mask is passed" in r for r in static["why_not_flash"])
     assert {p["backend"] for p in static["forced_backends"]} == {"FLASH_ATTENTION", "EFFICIENT_ATTENTION",
@@ -378,3 +372,44 @@ def test_a_head_dim_torch_flash_takes_is_not_given_as_a_reason(tiny_tts: Chatter
         assert any("head dim 264" in r for r in why_not_flash(tiny_tts, dtype=torch.float16))
     finally:
         config.head_dim = before
+
+
+@pytest.fixture(scope="module")
+def multilingual_tts(reference_wav: Path) -> Any:
+    return voiced("multilingual-tiny", reference_wav)
+
+
+def test_a_multilingual_eager_step_is_told_the_alignment_analyzer_keeps_sdpa_from_running(
+    multilingual_tts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upstream's alignment analyzer switches a Multilingual T3 to eager attention for each
+    generation with the eager step (it reads attention weights) and back after: the backbone
+    still says sdpa when asked, but its decode step runs matmul + softmax. Before 2026-12-05 the
+    reasons left that out, and on CUDA in bfloat16 there were none: Flash would run."""
+    assert configured_backend(multilingual_tts) == "sdpa"
+    found = decode_step_kernels(multilingual_tts, "Hello there.", "eager", tokens=4)
+    assert found["kernels"] == [EAGER]  # what the reasons stand on
+    assert any("alignment analyzer" in r for r in why_not_flash(multilingual_tts))
+    for step in ("static", "compiled"):  # they decode without the analyzer
+        assert not any("alignment analyzer" in r for r in why_not_flash(multilingual_tts, step=step))
+    pretend_cuda(monkeypatch, lambda *_a, **_k: True)  # torch would take every input
+    assert why_not_flash(multilingual_tts, step="static", dtype=torch.bfloat16) == []
+    [reason] = why_not_flash(multilingual_tts, dtype=torch.bfloat16)
+    assert "alignment analyzer" in reason and "static or compiled step" in reason
+
+
+def test_the_decode_steps_recorded_kernels_are_preferred_to_the_config(
+    tiny_tts: ChatterboxTTS, multilingual_tts: Any
+) -> None:
+    assert any("recorded" in r for r in why_not_flash(tiny_tts, kernels=[EAGER]))
+    assert not any("recorded" in r for r in why_not_flash(tiny_tts, kernels=["flash (CPU)"]))
+    # an analyzer that left SDPA alone: what ran is what counts
+    assert not any(
+        "alignment analyzer" in r for r in why_not_flash(multilingual_tts, kernels=["flash (CPU)"])
+    )
+    att = diagnose_attention(multilingual_tts, "eager", [EAGER])
+    assert att["configured"] == "sdpa"
+    assert att["backend"] == "sdpa (eager during each generation: the alignment analyzer)"
+    assert "eager" in att["output_attentions"]["verdict"]
+    assert "useless" not in att["output_attentions"]["verdict"]
+    assert diagnose_attention(tiny_tts, "eager", ["flash (CPU)"])["backend"] == "sdpa"

@@ -129,3 +129,20 @@ def test_a_trained_model_at_the_token_cap_is_told_to_raise_tokens(
     assert RANDOM_NO_STOP in random_line and "--tokens" not in random_line
     # a generation whose source is not named (profile_generation without model=) says both
     assert token_cap_note(None).startswith(RANDOM_NO_STOP) and "raise --tokens" in token_cap_note(None)
+
+
+@pytest.mark.integration  # a whole diagnosis of the Multilingual model (~18 s)
+def test_a_multilingual_diagnosis_names_the_alignment_analyzers_eager_switch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    """The analyzer switches T3 to eager attention for each generation with the eager step and
+    back after: the backend row and the reasons say so (before 2026-12-05 they read the restored
+    configuration: "sdpa", "the flag costs nothing but is useless", no word of the analyzer)."""
+    args = ["diagnose", "--model", "multilingual-tiny", "--tokens", "2", "--reference", str(reference_wav)]
+    assert main([*args, "--out", str(tmp_path)]) == 0, capsys.readouterr().err[-2000:]
+    rows = capsys.readouterr().out.splitlines()
+    assert any(r.startswith("decode step  : eager: eager (matmul + softmax)") for r in rows)
+    backend = next(r for r in rows if r.startswith("backend "))
+    assert "sdpa (eager during each generation: the alignment analyzer)" in backend
+    assert "useless" not in backend
+    assert any(r.startswith("no Flash") and "alignment analyzer" in r for r in rows)

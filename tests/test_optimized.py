@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from safetensors.torch import load_file, save_file
 
+from conftest import pretend_cuda
 from tts_workbench.core import patching
 from tts_workbench.core.clock import FEW_REPEATS
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, SourceError
@@ -524,6 +525,19 @@ def test_performance_info_reports_what_ran(folders: dict[str, Path]) -> None:
         info["memory"]["parameter_bytes"]["t3"], rel=0.35
     )
     assert info["memory"]["peak_rss_bytes"] > 0
+
+
+def test_flash_is_not_available_to_a_multilingual_models_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager step of a Multilingual model runs upstream's alignment analyzer, which switches T3
+    to eager attention for each generation: no SDPA, so no Flash, whatever torch would take (before
+    2026-12-05 the wrapper read the configured sdpa and, on CUDA in bfloat16, said Flash ran)."""
+    pretend_cuda(monkeypatch, lambda *_a, **_k: True)  # torch's CUDA check, taking every input
+    tts = load_model("multilingual-tiny")
+    available = {}
+    for decode in ("eager", "static"):  # the static step decodes without the analyzer
+        with PerformanceOptimizedTTS(tts, policy="float32", decode=decode) as opt:
+            available[decode] = opt.performance_info()["flash_attention_available"]
+    assert available == {"eager": False, "static": True}
 
 
 def test_float16_export_halves_parameter_bytes(folders: dict[str, Path]) -> None:

@@ -200,10 +200,38 @@ def configured_backend(tts: ChatterboxTTS) -> str:
     return str(tts.t3.tfmr.config._attn_implementation)
 
 
-def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8) -> OutputAttentionsProbe:
+# What T3's decode step runs instead of the SDPA it is configured for (``eager_instead``).
+ANALYZER_SWITCH = "eager during each generation: the alignment analyzer"
+RECORDED_EAGER = "eager in the recorded decode step"
+
+
+def runs_alignment_analyzer(tts: ChatterboxTTS, step: str) -> bool:
+    """Whether T3's decode ``step`` ("eager", "static" or "compiled") runs upstream's alignment
+    analyzer: a Multilingual model's eager step. The analyzer reads attention weights, so it
+    switches an SDPA backbone to eager attention for each generation and back after (upstream's
+    ``AlignmentStreamAnalyzer``; ``runtime.alignment`` does the same): the configuration read
+    afterwards says sdpa. The static and compiled steps decode without it."""
+    return step == "eager" and bool(tts.t3.hp.is_multilingual)
+
+
+def eager_instead(tts: ChatterboxTTS, step: str, kernels: Sequence[str] | None = None) -> str | None:
+    """What T3's decode ``step`` runs instead of the SDPA its backbone is configured for
+    (``ANALYZER_SWITCH`` or ``RECORDED_EAGER``), or None where it runs SDPA or is configured for
+    another backend. ``kernels``: the step's recorded attention kernels, where known
+    (``diagnose.decode_step_kernels``): what ran, preferred to what the model and step imply."""
+    if configured_backend(tts) != "sdpa":
+        return None
+    analyzer = runs_alignment_analyzer(tts, step)
+    if not (analyzer if kernels is None else set(kernels) == {EAGER}):
+        return None
+    return ANALYZER_SWITCH if analyzer else RECORDED_EAGER
+
+
+def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8, step: str = "eager") -> OutputAttentionsProbe:
     """Run the T3 backbone once with and once without ``output_attentions`` and report which
     kernel ran each time. Determined by running, not from version tables. The capture hooks
-    transformers installs on the backbone for the first call are taken off again."""
+    transformers installs on the backbone for the first call are taken off again. ``step``: the
+    decode step the verdict is for (one that runs the alignment analyzer asks for the weights)."""
     tfmr = tts.t3.tfmr
     p = next(tfmr.parameters())
     # its own generator: the caller's global random state (a later unseeded generate) stays
@@ -251,7 +279,13 @@ def probe_output_attentions(tts: ChatterboxTTS, seq: int = 8) -> OutputAttention
     elif not returned:
         verdict = (
             f"transformers {transformers.__version__} keeps sdpa with output_attentions=True "
-            "and returns no attention weights: the flag costs nothing but is useless"
+            "and returns no attention weights: "
+            + (
+                "upstream's alignment analyzer, which reads them, switches T3 to eager attention "
+                "for each generation"
+                if runs_alignment_analyzer(tts, step)
+                else "the flag costs nothing but is useless"
+            )
         )
     else:
         verdict = "sdpa ran and attention weights were returned"
@@ -274,9 +308,11 @@ def _sdpa_inputs(tts: ChatterboxTTS, keys: int, dtype: torch.dtype | None, devic
     return q, k, k.clone()
 
 
-def _step_mask(q: torch.Tensor, keys: int, masked: bool) -> torch.Tensor | None:
-    """The boolean mask of a static step over ``keys`` slots (every slot in use), or None."""
-    return q.new_ones(q.size(0), 1, 1, keys, dtype=torch.bool) if masked else None  # on q's device
+def _step_mask(q: torch.Tensor, keys: int, step: str) -> torch.Tensor | None:
+    """The boolean mask ``step`` passes over ``keys`` slots (every slot in use), or None: the
+    static and compiled steps mask their cache's slots past the positions in use; upstream's
+    eager step passes none."""
+    return None if step == "eager" else q.new_ones(q.size(0), 1, 1, keys, dtype=torch.bool)  # on q's device
 
 
 def _torch_flash_refusals(
@@ -316,22 +352,34 @@ def why_not_flash(
     keys: int = 200,
     dtype: torch.dtype | None = None,
     device: str | None = None,
-    masked: bool = False,
+    step: str = "eager",
+    kernels: Sequence[str] | None = None,
 ) -> list[str]:
-    """Reasons a fused Flash kernel is refused for a T3 decode step (empty: Flash can run).
-    ``masked``: the step passes an attention mask, as the static and compiled steps do (their
-    cache's slots past the positions in use are masked); upstream's eager step passes none.
+    """Reasons a fused Flash kernel is refused for T3's decode ``step`` ("eager", "static" or
+    "compiled"; empty: Flash can run). The static and compiled steps pass an attention mask;
+    a Multilingual model's eager step runs eager attention (``eager_instead``; ``kernels``: the
+    step's recorded attention kernels, where known, preferred to the configuration).
 
     On CUDA the reasons come from ``torch.backends.cuda.can_use_flash_attention(debug=True)``
     (``_torch_flash_refusals``: every rule refused, not only the first); elsewhere from the same
     rules written out.
     """
     q, k, v = _sdpa_inputs(tts, keys, dtype, device)
-    mask = _step_mask(q, keys, masked)
+    mask = _step_mask(q, keys, step)
     reasons = []
     backend = configured_backend(tts)
+    instead = eager_instead(tts, step, kernels)
     if backend != "sdpa":
         reasons.append(f"attn_implementation is {backend!r}: SDPA is never called")
+    elif instead == ANALYZER_SWITCH:
+        reasons.append(
+            "upstream's alignment analyzer switches T3 to eager attention for each generation (it "
+            "reads attention weights): SDPA, and so Flash, is never called; the static or compiled "
+            "step runs without the analyzer (but its tokens can differ from upstream's, and it never "
+            "forces the stop token)"
+        )
+    elif instead == RECORDED_EAGER:
+        reasons.append("the decode step's recorded kernels are eager attention: SDPA is never called")
     if q.device.type == "cuda":
         return reasons + _torch_flash_refusals(q, k, v, mask)
     reasons.append(
@@ -359,14 +407,14 @@ def probe_backends(
     keys: int = 200,
     dtype: torch.dtype | None = None,
     device: str | None = None,
-    masked: bool = False,
+    step: str = "eager",
 ) -> list[BackendProbe]:
     """Force each SDPA backend alone with ``torch.nn.attention.sdpa_kernel`` on T3's decode
-    shapes (``masked``: with a mask, as ``why_not_flash``) and report pass/fail. (The seed's
+    shapes (with the mask ``step`` passes, as ``why_not_flash``) and report pass/fail. (The seed's
     ``torch.backends.cuda.sdp_kernel`` is deprecated and silently falls back; ``sdpa_kernel``
     with one backend raises instead.)"""
     q, k, v = _sdpa_inputs(tts, keys, dtype, device)
-    mask = _step_mask(q, keys, masked)
+    mask = _step_mask(q, keys, step)
     out = []
     for backend in (
         SDPBackend.FLASH_ATTENTION,

@@ -500,9 +500,11 @@ class PerformanceOptimizedTTS(Pipeline):
             self.released_bytes = sum(snap.release_replaced() for snap in snapshots)
             if tts.conds is not None:
                 self._ensure_conditionals_dtype()
-            # The static and compiled steps mask their cache's unused slots: Flash takes no mask.
-            masked = self.decode != "eager"
-            self._flash_attention_available = not why_not_flash(tts, dtype=self.target_dtype, masked=masked)
+            # Asked for the decode step: the static and compiled ones mask their cache's unused slots
+            # (Flash takes no mask), a Multilingual model's eager one runs eager attention.
+            self._flash_attention_available = not why_not_flash(
+                tts, dtype=self.target_dtype, step=self.decode
+            )
         except BaseException:
             self._stack.close()
             raise

@@ -25,6 +25,7 @@ from ..core.tables import render
 from ..instruments import plots
 from ..instruments.attention import (
     configured_backend,
+    eager_instead,
     probe_backends,
     probe_output_attentions,
     record_kernels,
@@ -82,6 +83,7 @@ def run_diagnosis(
     outdir.mkdir(parents=True, exist_ok=True)
     with record_kernels(tts) as kernels:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
+    decode_step = decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan)
     wav, sr = result.wav, result.sample_rate
     wav_path = written(outdir / "speech.wav", lambda path: sf.write(str(path), wav, sr))
     title = f"{model}: {len(result.speech_tokens)} tokens"
@@ -107,9 +109,10 @@ def run_diagnosis(
         "wav": str(wav_path),
         "plot": str(plot_path),
         **kernels.summary(),  # kernels, time_share_ms
-        "decode_step": decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan),
-        # the static and compiled steps pass a mask (their cache's unused slots), the eager none
-        "attention": diagnose_attention(tts, masked=check_decode(decode, torch.device(device)) != "eager"),
+        "decode_step": decode_step,
+        # asked for the step that ran, with its recorded kernels (a Multilingual model's eager step
+        # runs eager attention, its backbone's configuration put back afterwards)
+        "attention": diagnose_attention(tts, decode_step["step"], decode_step["kernels"]),
         "precision": diagnose_precision(tts, reference, dtype, autocast, min(tokens, 20), seed, text),
     }
 
@@ -315,16 +318,24 @@ def _precision_stages(
     }
 
 
-def diagnose_attention(tts: ChatterboxTTS, masked: bool = False) -> dict[str, Any]:
+def diagnose_attention(
+    tts: ChatterboxTTS, step: str = "eager", kernels: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Configured vs effective backend, the output_attentions probe, why not Flash, forced
-    backends, for T3's decode shapes on the current device and dtype; ``masked``: with the
-    attention mask the static and compiled steps pass (before 2026-12-04 ``diagnose --decode
-    static`` asked without it, and on CUDA could answer that Flash can run)."""
+    backends, for T3's decode ``step`` ("eager", "static" or "compiled") on the current device
+    and dtype; ``kernels``: the step's recorded attention kernels, where known (preferred to the
+    configuration). The static and compiled steps pass an attention mask (before 2026-12-04
+    ``diagnose --decode static`` asked without it, and on CUDA could answer that Flash can run);
+    a Multilingual model's eager step runs eager attention (before 2026-12-05 the report read the
+    configuration the alignment analyzer puts back, and said sdpa)."""
+    configured = configured_backend(tts)
+    instead = eager_instead(tts, step, kernels)
     return {
-        "configured": configured_backend(tts),
-        "output_attentions": vars(probe_output_attentions(tts)),
-        "why_not_flash": why_not_flash(tts, masked=masked),
-        "forced_backends": [vars(p) for p in probe_backends(tts, masked=masked)],
+        "configured": configured,
+        "backend": f"{configured} ({instead})" if instead else configured,  # what the step runs
+        "output_attentions": vars(probe_output_attentions(tts, step=step)),
+        "why_not_flash": why_not_flash(tts, step=step, kernels=kernels),
+        "forced_backends": [vars(p) for p in probe_backends(tts, step=step)],
     }
 
 
@@ -347,7 +358,7 @@ def format_attention(record: dict[str, Any], att: dict[str, Any]) -> str:
     forced = ", ".join(f"{p['backend']} {'ok' if p['ok'] else 'refused'}" for p in att["forced_backends"])
     probes = pd.DataFrame(
         [
-            ("backend", f"{att['configured']}; {att['output_attentions']['verdict']}"),
+            ("backend", f"{att['backend']}; {att['output_attentions']['verdict']}"),
             *(("no Flash", reason) for reason in att["why_not_flash"]),
             ("forced alone", forced),
         ],
