@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import re
@@ -282,6 +283,21 @@ def test_trace_files_from_two_runs_get_labels_of_their_own() -> None:
     assert _trace_labels([a, b]) == {"m1/decode-eager/t3.decode": a, "m2/decode-eager/t3.decode": b}
     one, other = Path("x/eager.json"), Path("y/compiled.json.gz")
     assert _trace_labels([one, other]) == {"eager": one, "compiled": other}
+
+
+def test_a_trace_written_as_json_and_as_gzip_is_read_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # without their suffixes the two files had one label at every depth: refused as "named twice"
+    trace = json.dumps({"deviceProperties": [], "traceEvents": []}).encode()  # a CPU-only profile
+    plain, packed = tmp_path / "t.json", tmp_path / "t.json.gz"
+    plain.write_bytes(trace)
+    packed.write_bytes(gzip.compress(trace))
+    assert _trace_labels([plain, packed]) == {"t.json": plain, "t.json.gz": packed}
+    assert main(["trace", "--read", str(plain), str(packed), "--json"]) == 0
+    assert [r["run"] for r in json.loads(capsys.readouterr().out)["table"]] == ["t.json", "t.json.gz"]
+    assert main(["trace", "--read", str(plain), str(plain)]) == 2  # the same file given twice
+    assert "error: argument --read: a trace file is named twice" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", [["--voice", "alice"], ["--timeout", "5"]])

@@ -115,6 +115,32 @@ def test_cuda_syncs_are_not_device_time(known_trace: Path, tmp_path: Path) -> No
     assert read_trace(path) == trace  # the file itself is left as it was
 
 
+@pytest.mark.parametrize(
+    "steps",
+    [[(80, 65), (145, 45)], [(0, 80), (80, 110)]],
+    ids=["kernels in both steps", "all kernels in the last step"],
+)
+def test_profiler_steps_leave_the_device_numbers_as_they_are(
+    known_trace: Path, tmp_path: Path, steps: list[tuple[int, int]]
+) -> None:
+    # prof.step() writes ProfilerStep#N ranges; HTA 0.5.0 dropped everything from the last one's
+    # start on (span 70 µs for the first case) and raised IndexError when all kernels were in it
+    trace = json.loads(known_trace.read_text())
+    trace["traceEvents"] += [
+        {"ph": "X", "cat": "user_annotation", "name": f"ProfilerStep#{n}", "pid": 1, "tid": 1, "ts": ts,
+         "dur": dur}
+        for n, (ts, dur) in enumerate(steps, start=1)
+    ]  # fmt: skip
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps(trace))
+    r, plain = analyze(path), analyze(known_trace)
+    pd.testing.assert_frame_equal(r.temporal, plain.temporal)
+    pd.testing.assert_frame_equal(r.idle, plain.idle)
+    s = r.summary()
+    assert s == plain.summary() and s["span_us"] == 80 and s["idle_pct"] == pytest.approx(56.25)
+    assert s["launches"] == 3 and read_trace(path) == trace  # the file itself is left as it was
+
+
 def test_a_gpu_trace_without_kernels_names_its_gpu(tmp_path: Path) -> None:
     # torch writes "deviceProperties": [] for a CPU profile; a GPU listed there with none of its
     # kernels recorded is a profiler that missed them (CUPTI), not a CPU-only profile

@@ -20,7 +20,8 @@ units in the column names (``TraceReport``); ``compare`` puts the headline
 numbers of several side by side. A trace without device activity gets no frames and a note:
 on a CPU-only profile, what HTA cannot show there; on a GPU (the trace lists it) whose kernels
 the profiler did not record, the GPU's name and what to check. HTA reads each trace without its
-CUDA syncs (``cuda_sync`` events: the host waiting, which HTA 0.5.0 counts as device time).
+CUDA syncs (``cuda_sync`` events: the host waiting, which HTA 0.5.0 counts as device time) and
+its ``ProfilerStep#N`` ranges (``prof.step()``'s, of which HTA 0.5.0 drops the last).
 """
 
 from __future__ import annotations
@@ -281,15 +282,29 @@ def _hta_quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
+# HTA 0.5.0's name test for a training iteration's range (what ``prof.step()`` writes, e.g.
+# ProfilerStep#3): with two or more in a trace it keeps only the device work launched before the
+# last one's start (include_last_profiler_step=True: before its end), so the temporal and idle
+# breakdowns lost the last step, and a trace whose kernels all ran in it raised IndexError. The
+# workbench's steps are chunks of a stream, not iterations to pick from: HTA reads them all.
+PROFILER_STEP = "ProfilerStep"
+
+
+def _left_out_for_hta(e: Mapping[str, Any]) -> bool:
+    """Whether HTA reads the trace without event ``e``: a CUDA sync or a profiler step."""
+    return e.get("cat") == SYNC_CATEGORY or PROFILER_STEP in str(e.get("name", ""))
+
+
 @contextmanager
-def _without_syncs(trace: Mapping[str, Any], path: Path) -> Iterator[Path]:
-    """``path``, or where there are CUDA syncs in ``trace``, a copy of it without them (HTA reads
-    files). HTA 0.5.0 counts every event on a stream as device time, so a host's sync after the
-    last kernel stretched the span to the sync's end and counted the wait as non-compute time."""
-    if not any(e.get("cat") == SYNC_CATEGORY for e in trace["traceEvents"]):
+def _copy_for_hta(trace: Mapping[str, Any], path: Path) -> Iterator[Path]:
+    """``path``, or where ``trace`` holds CUDA syncs or profiler steps, a copy of it without them
+    (HTA reads files). HTA 0.5.0 counts every event on a stream as device time, so a host's sync
+    after the last kernel stretched the span to the sync's end and counted the wait as
+    non-compute time; on profiler steps see ``PROFILER_STEP``."""
+    if not any(_left_out_for_hta(e) for e in trace["traceEvents"]):
         yield path
         return
-    kept = [e for e in trace["traceEvents"] if e.get("cat") != SYNC_CATEGORY]
+    kept = [e for e in trace["traceEvents"] if not _left_out_for_hta(e)]
     with tempfile.TemporaryDirectory(prefix="hta-") as tmp:
         yield _write({**trace, "traceEvents": kept}, Path(tmp) / path.name.removesuffix(".gz"))
 
@@ -322,7 +337,7 @@ def analyze(path: str | Path) -> TraceReport:
     except ImportError as e:  # e.g. a GPU image without it: the trace is kept to read elsewhere
         return TraceReport(str(path), device, note=f"{NO_HTA_NOTE} ({e})")
     path = Path(path).resolve()
-    with _hta_quiet(), _without_syncs(trace, path) as read:
+    with _hta_quiet(), _copy_for_hta(trace, path) as read:
         hta = TraceAnalysis(trace_files={0: str(read)}, trace_dir=str(read.parent))
         temporal = hta.get_temporal_breakdown(visualize=False)
         idle, _ = hta.get_idle_time_breakdown(visualize=False)

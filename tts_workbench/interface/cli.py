@@ -473,12 +473,16 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
 def _trace_labels(paths: list[Path]) -> dict[str, Path]:
     """Each trace file by its name without .json / .json.gz, with as many of its folders as it
     takes to tell the files apart (decode_traces writes every step's region as
-    t3.decode.json.gz in its own folder; two runs may each have a decode-eager folder)."""
-    parts = [(*p.parent.parts, p.name.removesuffix(".gz").removesuffix(".json")) for p in paths]
-    for depth in range(1, max(len(q) for q in parts) + 1):
-        labels = ["/".join(q[-depth:]) for q in parts]
-        if len(set(labels)) == len(labels):
-            return dict(zip(labels, paths, strict=True))
+    t3.decode.json.gz in its own folder; two runs may each have a decode-eager folder); by its
+    full name where only the suffix tells them apart (t.json and t.json.gz). A ``ValueError``
+    when a file is given twice."""
+    stems = [p.name.removesuffix(".gz").removesuffix(".json") for p in paths]
+    for names in (stems, [p.name for p in paths]):  # with the suffixes only where nothing else tells
+        parts = [(*p.parent.parts, name) for p, name in zip(paths, names, strict=True)]
+        for depth in range(1, max(len(q) for q in parts) + 1):
+            labels = ["/".join(q[-depth:]) for q in parts]
+            if len(set(labels)) == len(labels):
+                return dict(zip(labels, paths, strict=True))
     raise ValueError("argument --read: a trace file is named twice")
 
 
