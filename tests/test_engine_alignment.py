@@ -171,7 +171,7 @@ def test_alignment_is_refused_where_it_cannot_run(
 ) -> None:
     with pytest.raises(ConfigError, match="Multilingual T3's"):
         StreamEngine(tiny_tts, alignment=True)
-    with pytest.raises(ConfigError, match="use step='static'"):
+    with pytest.raises(ConfigError, match="use --decode static"):
         StreamEngine(tts, step="compiled", alignment=True)
 
 

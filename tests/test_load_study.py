@@ -19,7 +19,7 @@ from chatterbox.tts import ChatterboxTTS
 from conftest import Analyzers, voiced
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import SERVER_FLAGS, build_parser, main
-from tts_workbench.models import vocode
+from tts_workbench.models import sources, vocode
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.streaming import StreamConfig
 from tts_workbench.studies.load import (
@@ -414,6 +414,7 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
         (["--streams", "1,2", "--step-buckets", "4"], "--step-buckets"),  # past every level
         (["--alignment", "--decode", "compiled"], "--alignment"),  # no attention weights there
         (["--alignment", "--streams", "1"], "--alignment"),  # tiny is no Multilingual model
+        (["--fused", "--model", "turbo-tiny"], "--fused"),  # GPT-2: nothing to fuse
     ],
 )
 def test_load_cli_bad_flags_give_one_error_line(
@@ -489,6 +490,37 @@ def test_a_load_with_alignment_gives_each_stream_its_analyzer(
     assert report["alignment"] and "with alignment analyzers" in report["title"]
     assert analyzers.count() == 1 + 2  # the warm stream and the level's two
     assert same_as_solo(tts, report)["solo_tokens"].all()
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [(["--alignment"], "--alignment"), (["--fused", "--model", "turbo-tiny"], "--fused")],
+)
+def test_engine_options_the_model_cannot_run_are_refused_before_it_loads(
+    args: list[str],
+    flag: str,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model's family is read from its name (or folder), not by building it (before
+    2026-12-05 ``--alignment`` on tiny was refused once the model had loaded, and ``--fused`` on
+    Turbo ran unfused while the report said fused)."""
+
+    def no_build(*_a: object, **_k: object) -> None:
+        raise AssertionError("a model was built for a command that should have been refused")
+
+    monkeypatch.setattr(sources, "build_model", no_build)
+    assert main(["load", *args, "--streams", "1", "--out", str(tmp_path)]) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: argument {flag}"), errors
+
+
+def test_a_fused_load_of_turbo_is_refused() -> None:
+    """Turbo's GPT-2 has nothing to fuse: refused before the warm-up (its voice is not needed), not
+    run unfused under a title saying fused."""
+    with pytest.raises(ConfigError, match="argument --fused: Turbo's GPT-2"):
+        run_load(sources.load_model("turbo-tiny"), [1], tokens=6, fused=True)
 
 
 @pytest.mark.parametrize("model", ["tiny", "multilingual-tiny"])

@@ -532,7 +532,10 @@ def test_a_multilingual_service_with_alignment_gives_each_request_its_analyzer(
 
 def test_a_fused_service_steps_one_fused_copy(tmp_path: Path, fused_copies: list[Any]) -> None:
     """``serve --fused``: the replica's engine steps T3 on one copy of the backbone with fused
-    projections (``DecodePlan``), made once, and answers with it."""
+    projections (``DecodePlan``), made once, and answers with it; Turbo's replica, with nothing
+    to fuse, refuses to start (before 2026-12-05 it served unfused)."""
+    with pytest.raises(ConfigError, match="argument --fused: Turbo's GPT-2"):
+        SpeechService(ServeOptions(model="turbo-tiny", run_dir=str(tmp_path / "turbo"), fused=True))
     service = SpeechService(ServeOptions(run_dir=str(tmp_path), max_streams=1, default_tokens=12, fused=True))
     try:
         with TestClient(speech_app(service)) as client:
@@ -611,6 +614,8 @@ def test_serve_refuses_bad_flags_before_starting_ray(
         (["--port", str(_free_port()), "--max-streams", "4", "--step-buckets", "1,8"], "--step-buckets"),
         (["--port", str(_free_port()), "--step-buckets", "0,2"], "--step-buckets"),
         (["--port", str(_free_port()), "--alignment", "--decode", "compiled"], "--alignment"),
+        (["--port", str(_free_port()), "--alignment"], "--alignment"),  # tiny has no analyzer
+        (["--port", str(_free_port()), "--fused", "--model", "turbo-tiny"], "--fused"),  # nothing to fuse
         (["--host", "999.1.1.1"], "--host"),
         (["--port", str(_free_port()), "--address", "127.0.0.1:99999"], "--address"),
         (["--port", str(_free_port()), "--out", str(tmp_path / "bad" / "broken.wav")], "--out"),  # a file

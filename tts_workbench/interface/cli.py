@@ -258,18 +258,6 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_alignment_step(args: argparse.Namespace) -> None:
-    """``--alignment`` with a compiled step, refused before the model loads (``load``, ``serve``;
-    whether the model has an analyzer is known once it has loaded: ``engine.check_alignment``)."""
-    from ..core.errors import ConfigError
-
-    if args.alignment and args.decode != "static":
-        raise ConfigError(
-            "argument --alignment: the analyzers read attention weights, which the compiled step does not "
-            "give: use --decode static, or leave --alignment out"
-        )
-
-
 def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.constants import parse_dtype
     from ..studies.diagnose import format_report, run_diagnosis
@@ -497,6 +485,8 @@ SERVER_FLAGS = (
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.constants import TOKENS_PER_S
     from ..core.errors import ConfigError
+    from ..models.sources import source_family
+    from ..runtime.engine import check_engine_options
     from ..runtime.streaming import StreamConfig
     from ..studies.load import (
         check_level_buckets,
@@ -536,7 +526,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         "engine in this process",
     )
     check_level_buckets(args.step_buckets, levels)
-    _check_alignment_step(args)
+    check_engine_options(source_family(args.model), args.decode, alignment=args.alignment, fused=args.fused)
     try:  # before the model loads
         config = StreamConfig(
             "buffered", first_window_s=args.first_window_s, window_s=args.window_s, prompt_s=args.prompt_s
@@ -586,7 +576,6 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     out = str(Path(args.out).resolve())
     folder = not is_named(args.model) and (os.sep in args.model or Path(args.model).is_dir())
     model = str(Path(args.model).resolve()) if folder else args.model
-    _check_alignment_step(args)
     options = ServeOptions(
         model=model, device=args.device, seed=args.seed, voices_dir=voices, run_dir=out,
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, flow=args.flow,

@@ -55,6 +55,16 @@ def is_named(source: str | Path) -> bool:
     return source in MODELS or source in PRETRAINED
 
 
+def source_family(source: str | Path, family: str | None = None) -> str:
+    """The family of the model ``source`` names, before anything is built or loaded: a name's own,
+    or a folder's (``folder_family``, ``family`` as ``load_folder`` takes it)."""
+    if source in MODELS:
+        return MODELS[str(source)][0]
+    if source in PRETRAINED:
+        return PRETRAINED[str(source)]
+    return folder_family(Path(source), family)[0].name
+
+
 def token_cap_note(source: str | Path | None) -> str:
     """Why a generation of ``source`` (None: not named) ran to its token cap: a random-weight
     build almost never samples the stop token; trained weights (pretrained, a folder) were cut off."""

@@ -132,17 +132,27 @@ def check_step_buckets(step_buckets: Sequence[int] | None, most: int, limit: str
         )
 
 
-def check_alignment(tts: Any, step: str) -> None:
-    """A ConfigError where streams of ``tts`` with ``step`` cannot run upstream's alignment
-    analyzer (``StreamEngine(alignment=True)``): a model without one, or a compiled step."""
-    if not tts.t3.hp.is_multilingual:
+def check_engine_options(family: str | None, step: str, *, alignment: bool, fused: bool = False) -> None:
+    """A ConfigError, naming the option as the command line does, for what an engine of a model of
+    ``family`` (None: not known before the model loads) with ``step`` cannot run: upstream's
+    alignment analyzer (``StreamEngine(alignment=True)``) on a model without one or with a
+    compiled step, fused projections (``DecodePlan(fused=True)``) on Turbo, which has none to
+    fuse. Called before anything is built (``load``, ``serve``) and again once the model has
+    loaded."""
+    if alignment and family not in (None, "multilingual"):
         raise ConfigError(
-            "the alignment analyzer is Multilingual T3's and this model has none: leave it out, or load a "
-            "Multilingual model"
+            "argument --alignment: the alignment analyzer is Multilingual T3's and this model has none: "
+            "leave --alignment out, or load a Multilingual model"
         )
-    if step != "static":
+    if alignment and step != "static":
         raise ConfigError(
-            "the analyzers read attention weights, which a compiled step does not give: use step='static'"
+            "argument --alignment: the analyzers read attention weights, which the compiled step does not "
+            "give: use --decode static, or leave --alignment out"
+        )
+    if fused and family == "turbo":  # fusion.fusable: GPT-2's c_attn is q, k and v in one already
+        raise ConfigError(
+            "argument --fused: Turbo's GPT-2 T3 projects q, k and v in one matmul already and its MLP has "
+            "no gate: there is nothing to fuse: leave --fused out"
         )
 
 
@@ -370,8 +380,7 @@ class StreamEngine:
         self.config = config or StreamConfig("buffered")
         if self.config.strategy != "buffered":
             raise ConfigError("the stream engine runs the buffered strategy only")
-        if alignment:
-            check_alignment(tts, step)
+        check_engine_options(family_of(tts).name, step, alignment=alignment)
         # Each stream's own analyzer (upstream multilingual's), fed its rows of the batched step's
         # attention weights: the step runs eager attention, as upstream's multilingual generate.
         self.alignment = alignment

@@ -26,7 +26,8 @@ import torch
 
 from ..core.devices import check_device
 from ..core.errors import ConfigError, SourceError, naming_flag
-from ..models.sources import check_source
+from ..models.sources import check_source, source_family
+from ..runtime.engine import check_engine_options
 from .service import ServeOptions, SpeechService, check_options, find_voices
 
 APP_NAME = "tts-workbench"
@@ -195,6 +196,8 @@ def check_placement(options: ServeOptions, where: Placement) -> None:
         with naming_flag("--device", SourceError):
             check_device(options.device)
         check_source(options.model)
+        check_engine_options(source_family(options.model), options.step, alignment=options.alignment,
+                             fused=options.fused)  # fmt: skip
         Path(options.run_dir).mkdir(parents=True, exist_ok=True)  # an OSError names it (--out)
     check_gpus(options.device, where.replicas, local=not where.address)
 

@@ -31,13 +31,14 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError, naming_flag
+from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
+from ..core.families import family_of
 from ..core.positions import positions_needed, tokens_that_fit
 from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
 from ..models.vocode import FlowPlan
 from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
-from ..runtime.engine import StreamEngine, StreamHandle, check_alignment, check_step_buckets
+from ..runtime.engine import StreamEngine, StreamHandle, check_engine_options, check_step_buckets
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
 from .protocol import Limits, RequestError, SpeechRequest, check_cache, pcm16, wav_header
@@ -84,6 +85,7 @@ def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | N
     ``speech_tokens`` the most tokens T3 has positions for (``decode.speech_token_limit``)."""
     if not 0 < options.stall_s < math.inf:  # NaN too
         raise ConfigError(f"argument --stall-s: must be a positive number of seconds, got {options.stall_s}")
+    check_engine_options(None, options.step, alignment=options.alignment, fused=options.fused)
     most = options.max_streams
     check_step_buckets(options.step_buckets, most, f"--max-streams ({most}) lets run")
     if speech_tokens is not None and options.default_tokens > speech_tokens:
@@ -153,10 +155,11 @@ class SpeechService:
         )
         tts = load_model(options.model, options.device, options.seed)
         speech_tokens = speech_token_limit(tts.t3)
-        if options.alignment:  # before the default voice is written
-            with naming_flag("--alignment", ConfigError):
-                check_alignment(tts, options.step)
-        check_options(options, speech_tokens=speech_tokens)  # before the default voice is written
+        # both before the default voice is written
+        check_engine_options(
+            family_of(tts).name, options.step, alignment=options.alignment, fused=options.fused
+        )
+        check_options(options, speech_tokens=speech_tokens)
         paths = {"default": make_reference_wav(Path(options.run_dir) / "reference.wav")}
         paths.update(find_voices(options.voices_dir))
         self.voices: dict[str, Any] = {}

@@ -39,7 +39,8 @@ import pandas as pd
 import torch
 
 from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
-from ..core.errors import ConfigError, naming_flag
+from ..core.errors import ConfigError
+from ..core.families import family_of
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import progress_bar
@@ -53,7 +54,7 @@ from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
 from ..runtime.engine import (
     StreamEngine,
     StreamHandle,
-    check_alignment,
+    check_engine_options,
     check_step_buckets,
     kv_bytes_per_stream,
 )
@@ -465,9 +466,8 @@ def run_load(
     memory is a ConfigError before any level runs."""
     levels = checked_levels(levels, repr(levels))
     check_level_buckets(step_buckets, levels)
-    if alignment:  # before the warm-up: no engine would take it
-        with naming_flag("--alignment", ConfigError):
-            check_alignment(tts, step)
+    # before the warm-up: no engine would take them
+    check_engine_options(family_of(tts).name, step, alignment=alignment, fused=fused)
     texts = texts or list(DEFAULT_TEXTS)
     # with ``fused``, one copy of the decode backbone (made by the first engine) serves every level's
     plan = dataclasses.replace(decode_plan(tts, policy), fused=fused)
