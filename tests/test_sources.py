@@ -747,3 +747,61 @@ def test_speech_followed_by_quiet_room_tone_is_a_reference(reference_wav: Path, 
         sf.write(path, quiet, sr)
         with pytest.raises(SourceError, match="is silence"):
             check_reference(path)
+
+
+@pytest.mark.parametrize("source", ["tiny", "multilingual-tiny"])
+def test_another_familys_tokenizer_is_named_with_the_fix(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, source: str
+) -> None:
+    folder = save_checkpoint(tiny_tts if source == "tiny" else load_model(source), tmp_path / "ckpt")
+    turbo = save_checkpoint(load_model("turbo-tiny"), tmp_path / "turbo")
+    name = checkpoints.folder_family(folder)[0].files[3]
+    shutil.copy(turbo / "tokenizer.json", folder / name)  # right name, wrong family: no [START]/[STOP]
+    # before: a bare AssertionError from upstream's `assert SOT in voc`
+    with pytest.raises(SourceError, match=rf"{re.escape(name)} in {re.escape(str(folder))} has no \[START\]"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"ve": torch.zeros(3)},  # no t3 or gen (before: KeyError: 't3')
+        {"t3": {"embedding": torch.zeros(3)}, "gen": {}},  # not T3Cond's fields (before: TypeError)
+        [torch.zeros(3)],  # no mapping at all (before: TypeError)
+    ],
+)
+def test_a_voice_file_of_another_kind_is_named_with_the_fix(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, content: Any
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    torch.save(content, folder / "conds.pt")
+    with pytest.raises(SourceError, match=rf"conds.pt in {re.escape(str(folder))} is not a .*Conditionals"):
+        load_model(str(folder))
+
+
+@pytest.mark.parametrize("family", [["standard"], {"name": "standard"}, 3])
+def test_a_family_recorded_as_no_name_is_refused_naming_the_metadata(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, family: Any
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    meta_path = folder / METADATA_FILE
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"family": family}))
+    # before: TypeError: unhashable type (a list or a mapping)
+    with pytest.raises(
+        SourceError, match=re.escape(str(meta_path)) + ".*unknown family.*save the model again"
+    ):
+        load_model(str(folder))
+
+
+def test_a_turbo_folder_without_tokenizer_json_keeps_the_added_tokens(tmp_path: Path) -> None:
+    turbo = load_model("turbo-tiny")
+    turbo.tokenizer.add_tokens(["[laugh]", "[sigh]"])  # as upstream Turbo's 19 added tokens
+    turbo.tokenizer.add_special_tokens({"additional_special_tokens": ["<|tag|>"]})
+    text = "Hello [laugh] there <|tag|> ok"
+    ids = turbo.tokenizer(text).input_ids
+    folder = save_checkpoint(turbo, tmp_path / "turbo")
+    (folder / "tokenizer.json").unlink()  # read from vocab.json, merges.txt and tokenizer_config.json
+    back = load_folder(folder).tokenizer
+    # before: 257 tokens, and [laugh] split into its characters
+    assert len(back) == len(turbo.tokenizer) == 260 and back(text).input_ids == ids
+    assert back.decode(ids, skip_special_tokens=True) == turbo.tokenizer.decode(ids, skip_special_tokens=True)

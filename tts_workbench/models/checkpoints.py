@@ -357,7 +357,8 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
     if meta.get("architecture") == "tiny":  # its sizes refused here, before anything is built or written
         _tiny_config(meta, meta_path)
     recorded = meta.get("family")
-    if recorded is not None and recorded not in FAMILIES:
+    # a list or a mapping (unhashable: a TypeError below) is no family's name either
+    if recorded is not None and (not isinstance(recorded, str) or recorded not in FAMILIES):
         raise SourceError(
             f"{meta_path} records an unknown family {recorded!r} (known: {', '.join(FAMILIES)}): "
             "save the model again with save_checkpoint()"
@@ -420,17 +421,41 @@ def load_folder(
         with no_init():  # every weight is overwritten below
             t3, s3gen, ve = build_t3(found.name, cfg), build_s3gen(found.name, cfg), VoiceEncoder()
         _load_weights(folder, found.name, layout, meta, states, (ve, t3, s3gen), keep_dtype)
-        source, what = folder / layout[3], layout[3]
-        if found.name == "turbo":  # AutoTokenizer reads the folder, and does not say which file failed
-            source, present = folder, [f for f in GPT2_TOKENIZER_FILES if (folder / f).exists()]
-            what = f"Turbo's tokenizer (one of {', '.join(present)})"
-        tokenizer = _read(folder, what, lambda: read_tokenizer(found.name, source))
+        tokenizer = _read_tokenizer(folder, found.name, layout[3])
         tts = assemble(found.name, t3, s3gen, ve, tokenizer, dev)
     if (folder / "conds.pt").exists():
-        conds: Any = found.conditionals
-        voice = _read(folder, "conds.pt", lambda: conds.load(folder / "conds.pt", map_location="cpu"))
-        tts.conds = voice.to(str(dev))
+        tts.conds = _read_voice(folder, found).to(str(dev))
     return tts
+
+
+def _read_tokenizer(folder: Path, family: str, name: str) -> Any:
+    """The text front end of checkpoint ``folder``: its file ``name``, or Turbo's files; one of
+    another family (a right name, a wrong file) is named with the fix."""
+    if family == "turbo":  # AutoTokenizer reads the folder, and does not say which file failed
+        present = [f for f in GPT2_TOKENIZER_FILES if (folder / f).exists()]
+        what = f"Turbo's tokenizer (one of {', '.join(present)})"
+        return _read(folder, what, lambda: read_tokenizer(family, folder))
+    try:
+        return _read(folder, name, lambda: read_tokenizer(family, folder / name))
+    except AssertionError as e:  # upstream EnTokenizer's and MTLTokenizer's `assert SOT in voc`
+        raise SourceError(
+            f"{name} in {folder} has no [START]/[STOP] token: another family's tokenizer? Copy in the "
+            f"{family} model's own {name}, or re-export it with save_checkpoint()"
+        ) from e
+
+
+def _read_voice(folder: Path, family: Family) -> Any:
+    """The voice saved in checkpoint ``folder`` (``conds.pt``); a file of another kind is named
+    with the fix."""
+    conds: Any = family.conditionals
+    try:
+        return _read(folder, "conds.pt", lambda: conds.load(folder / "conds.pt", map_location="cpu"))
+    except (KeyError, TypeError) as e:  # upstream's load: cls(T3Cond(**kwargs["t3"]), kwargs["gen"])
+        raise SourceError(
+            f"conds.pt in {folder} is not a {family.name} Conditionals file, a voice saved with the model "
+            f"({type(e).__name__}: {e}): copy in the model's own conds.pt, or delete it and prepare a voice "
+            "from a reference"
+        ) from e
 
 
 def _load_weights(

@@ -94,15 +94,20 @@ def save_gpt2_tokenizer(tok: Any, folder: Path) -> Path:
     it: ``tokenizer_config.json`` naming ``GPT2Tokenizer`` (a class every transformers version
     knows; transformers 5's generic ``TokenizersBackend`` is unknown to the 4.46 that
     chatterbox-tts pins), ``tokenizer.json``, and ``vocab.json`` + ``merges.txt`` for the slow
-    tokenizer of older versions."""
+    tokenizer of older versions, with the added tokens in the config's ``added_tokens_decoder``."""
     from transformers import GPT2Tokenizer
 
     eos = "<|endoftext|>"
-    GPT2Tokenizer(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos).save_pretrained(folder)
+    wrapped = GPT2Tokenizer(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos)
+    wrapped.save_pretrained(folder)
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config.pop("backend", None)  # transformers 5's own key: older versions pass it on as a kwarg
-    config_path.write_text(json.dumps(config | {"tokenizer_class": "GPT2Tokenizer"}, indent=2))
+    # transformers 5 leaves the added tokens to tokenizer.json; a folder without it (upstream's hub
+    # layout) reads them from here, each with its flags (added_tokens.json would lose "special")
+    added = {str(i): t.__getstate__() for i, t in wrapped.added_tokens_decoder.items()}
+    config |= {"tokenizer_class": "GPT2Tokenizer", "added_tokens_decoder": added}
+    config_path.write_text(json.dumps(config, indent=2))
     model = json.loads(tok.to_str())["model"]
     (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
