@@ -13,11 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core import strict_json
 from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.families import FAMILIES
 from tts_workbench.core.positions import positions_needed
-from tts_workbench.interface.cli import MODEL_HELP, _batches, _trace_labels, build_parser, main
+from tts_workbench.interface.cli import (
+    FAMILY_CHOICES,
+    MODEL_HELP,
+    _batches,
+    _trace_labels,
+    build_parser,
+    main,
+)
 from tts_workbench.models.builders import SIZES
 from tts_workbench.models.checkpoints import METADATA_FILE, save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
@@ -25,6 +34,7 @@ from tts_workbench.models.sources import PRETRAINED, load_model
 from tts_workbench.runtime import streaming
 from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
 from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.runtime.streaming import StreamConfig
 from tts_workbench.studies.diagnose import format_report
 
@@ -552,15 +562,17 @@ def test_a_damaged_tiny_config_is_refused_naming_the_model_flag(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["stream", "diagnose", "bench"])
 def test_a_model_folder_that_cannot_be_loaded_names_the_model_flag(
-    tiny_tts: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    command: str, tiny_tts: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Its files are all there (the check before anything runs passes) but one is truncated."""
+    """Its files are all there (the check before anything runs passes) but one is truncated
+    (before: diagnose and bench, which load in the study, named no flag)."""
     folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
     data = (folder / "t3_cfg.safetensors").read_bytes()
     (folder / "t3_cfg.safetensors").write_bytes(data[: len(data) // 2])
     out = tmp_path / "out"
-    assert main(["stream", "--model", str(folder), "--tokens", "4", "--out", str(out)]) == 2
+    assert main([command, "--model", str(folder), "--tokens", "4", "--out", str(out)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: argument --model: cannot read t3_cfg"), errors
 
@@ -603,3 +615,52 @@ def test_a_size_given_twice_is_refused() -> None:
     assert _batches("4,1") == (1, 4)
     with pytest.raises(argparse.ArgumentTypeError, match="given twice in '1,1'"):
         _batches("1,1")
+
+
+def _two_families(tiny_tts: Any, folder: Path) -> Path:
+    """A folder holding the standard and the Multilingual model's files, as a copy of upstream's
+    ResembleAI/chatterbox repository does (the two share it). Its tts_workbench.json records the
+    tiny sizes of the standard model (upstream's has none: read as full size) and no family."""
+    other = save_checkpoint(load_model("multilingual-tiny"), folder.parent / "multilingual")
+    save_checkpoint(tiny_tts, folder)
+    for name in FAMILIES["multilingual"].files:
+        (folder / name).write_bytes((other / name).read_bytes())
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    del meta["family"]
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_folder_of_two_families_loads_the_family_flag_names(
+    tiny_tts: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(before: refused, asking for family= to load_model, which no command has)"""
+    folder = _two_families(tiny_tts, tmp_path / "hub")
+    args = ["stream", "--model", str(folder), "--tokens", "4", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --model: "), errors
+    assert "t3_cfg.safetensors" in errors[0] and "t3_mtl23ls_v2.safetensors" in errors[0], errors
+    assert FAMILY_CHOICES == tuple(FAMILIES)  # the parser's own list, kept light
+    assert main([*args, "--family", "standard"]) == 0
+    with PerformanceOptimizedTTS.from_local(folder, family="standard") as tts:
+        assert type(tts.tts) is ChatterboxTTS
+    one = save_checkpoint(tiny_tts, tmp_path / "one")  # a family it does not hold: refused by name
+    assert main(["stream", "--model", str(one), "--family", "turbo", "--out", str(tmp_path / "out2")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --family: "), errors
+    assert "holds a standard model, not a turbo one" in errors[0], errors
+
+
+@pytest.mark.parametrize("command", ["diagnose", "stream", "profile", "trace", "bench", "load", "serve"])
+def test_the_family_flag_with_a_named_model_is_refused(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As load_model refuses family= with a name: the name says its family."""
+    from tts_workbench.interface import cli
+
+    monkeypatch.setattr(cli, "_voiced_model", _built)
+    assert main([command, "--model", "tiny", "--family", "standard"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --family: "), errors
+    assert "'tiny' names its family" in errors[0], errors

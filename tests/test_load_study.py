@@ -177,6 +177,7 @@ def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:
         ["--prompt-s", "3"],
         ["--alignment"],
         ["--fused"],
+        ["--family", "standard"],
     ],
 )
 def test_load_refuses_in_process_flags_with_url(

@@ -715,6 +715,8 @@ def test_serve_hands_the_replicas_absolute_folders(tmp_path: Path, monkeypatch: 
         == 0
     )
     assert (seen[-1].flow, seen[-1].flow_batches, seen[-1].step_buckets) == ("compiled", (1, 4), (1,))
+    assert main(["serve", "--model", "ckpt", "--family", "standard", "--out", "run"]) == 0
+    assert (seen[-1].model, seen[-1].family) == (str(tmp_path / "ckpt"), "standard")  # to the replicas
 
 
 def test_a_compiled_flow_is_built_for_every_voice_before_any_request(

@@ -203,8 +203,23 @@ MODEL_HELP = (
 )
 
 
+# core.families.FAMILIES (not imported: the parser stays light; a test ties them)
+FAMILY_CHOICES = ("standard", "turbo", "multilingual")
+
+
+def _family(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--family",
+        choices=FAMILY_CHOICES,
+        help="which model to load of a --model folder holding two families' files (a copy of "
+        "upstream's ResembleAI/chatterbox repository holds the standard and the multilingual one)",
+    )
+
+
 def _common(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
+    """The model and run flags."""
     p.add_argument("--model", type=_given, default="tiny", help=model_help)
+    _family(p)
     p.add_argument("--tokens", type=_positive, default=150, help="cap on generated speech tokens")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and of sampling")
     p.add_argument("--device", type=_given, default="cpu", help="torch device: cpu or cuda")
@@ -273,6 +288,7 @@ def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[
         dtype=parse_dtype(args.dtype),
         autocast=parse_dtype(args.autocast) if args.autocast else None,
         decode=args.decode,
+        family=args.family,
     )
     return report, format_report
 
@@ -299,19 +315,32 @@ def _bench(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         warmup=args.warmup,
         cpp_wrapper=args.cpp_wrapper,
         fused=args.fused,
+        family=args.family,
     )
     return report, format_bench
 
 
 def _check_model(args: argparse.Namespace) -> None:
-    """``--model`` and ``--device`` before anything is built or written (serve checks its device
-    with the replicas' GPUs: ``deployment.check_placement``)."""
+    """``--model`` (with ``--family``) and ``--device`` before anything is built or written (serve
+    checks its device with the replicas' GPUs: ``deployment.check_placement``)."""
     from ..core.devices import check_device
     from ..core.errors import SourceError, naming_flag
-    from ..models.sources import check_source
+    from ..models.sources import check_source, is_named, source_family
 
+    family = args.family
+    if family is not None and is_named(args.model):  # as load_model refuses family=
+        raise SourceError(
+            f"argument --family: is for a checkpoint folder: {args.model!r} names its family already: "
+            "leave --family out"
+        )
     with naming_flag("--model", SourceError):
-        check_source(args.model)
+        check_source(args.model, family)
+    # (load_model refuses it too, naming family=: a flag this command line has not)
+    if family is not None and (found := source_family(args.model, family)) != family:
+        raise SourceError(
+            f"argument --family: model folder {args.model} holds a {found} model, not a {family} one: "
+            f"give --family {found}, or leave --family out"
+        )
     if args.command != "serve" and getattr(args, "device", None) is not None:
         with naming_flag("--device", SourceError):  # (before 2026-12-04 unnamed, after --out was made)
             check_device(args.device)
@@ -339,7 +368,7 @@ def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = T
     from ..runtime.generation import prepare_voice
 
     with naming_flag("--model", SourceError):  # a folder whose files cannot be read or do not fit
-        tts = load_model(args.model, args.device, args.seed)
+        tts = load_model(args.model, args.device, args.seed, family=args.family)
     if own_decode:
         _check_tokens(tts, args.tokens)
     with naming_flag("--text", ConfigError):  # longer than T3's text positions: before a voice is written
@@ -406,8 +435,8 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
 
 # What `trace` profiles with: none of it changes a trace that --read reads.
 PROFILING_FLAGS = (
-    "--model", "--tokens", "--seed", "--device", "--steps", "--dtype", "--keep", "--logdir", "--text",
-    "--reference", "--cut-only",
+    "--model", "--family", "--tokens", "--seed", "--device", "--steps", "--dtype", "--keep", "--logdir",
+    "--text", "--reference", "--cut-only",
 )  # fmt: skip
 
 
@@ -477,8 +506,8 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
 # Flags of an engine in this process that a server sets where it runs: `load --url` refuses them
 # (not --model: with --url it names the model the requests ask for).
 SERVER_FLAGS = (
-    "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches", "--reference",
-    "--first-window-s", "--window-s", "--prompt-s", "--alignment", "--fused",
+    "--family", "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches",
+    "--reference", "--first-window-s", "--window-s", "--prompt-s", "--alignment", "--fused",
 )  # fmt: skip
 
 
@@ -526,7 +555,8 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         "engine in this process",
     )
     check_level_buckets(args.step_buckets, levels)
-    check_engine_options(source_family(args.model), args.decode, alignment=args.alignment, fused=args.fused)
+    family = source_family(args.model, args.family)
+    check_engine_options(family, args.decode, alignment=args.alignment, fused=args.fused)
     try:  # before the model loads
         config = StreamConfig(
             "buffered", first_window_s=args.first_window_s, window_s=args.window_s, prompt_s=args.prompt_s
@@ -581,7 +611,7 @@ def _serve(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         max_streams=args.max_streams, step=args.decode, dtype=args.dtype, flow=args.flow,
         flow_batches=args.flow_batches, step_buckets=args.step_buckets, threads=args.threads,
         max_input_chars=args.max_input_chars, max_cache_len=args.max_cache_len, default_tokens=args.tokens,
-        stall_s=args.stall_s, alignment=args.alignment, fused=args.fused,
+        stall_s=args.stall_s, alignment=args.alignment, fused=args.fused, family=args.family,
     )  # fmt: skip
     where = Placement(args.host, args.port, args.replicas, args.address)
     # Bad flags fail before Ray starts (deployment.check_placement): nothing is left running.
@@ -781,6 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="the stream engine over HTTP (OpenAI's /v1/audio/speech) on Ray Serve, until Ctrl-C"
     )
     sv.add_argument("--model", type=_given, default="tiny", help=MODEL_HELP)
+    _family(sv)
     sv.add_argument(
         "--device", type=_given, default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)"
     )

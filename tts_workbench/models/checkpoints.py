@@ -379,7 +379,9 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
             raise SourceError(
                 f"model folder {folder} holds the T3 weights of {both}, and no {METADATA_FILE} records "
                 "which to load (upstream's standard and multilingual models come from one hub "
-                f"repository): give family={' or '.join(map(repr, found))} to load_model or load_folder"
+                f"repository): give family={' or '.join(map(repr, found))} to load_model, load_folder or "
+                f"PerformanceOptimizedTTS.from_local (on the command line: --family "
+                f"{' or --family '.join(found)})"
             )
         present = [(f, files) for f, files in present if f.name == family]
     chosen, files = (present or layouts)[0]

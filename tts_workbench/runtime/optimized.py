@@ -530,12 +530,19 @@ class PerformanceOptimizedTTS(Pipeline):
 
     @classmethod
     def from_local(
-        cls, folder: str | Path, device: str = "cpu", optimize: bool = True, **kwargs: Any
+        cls,
+        folder: str | Path,
+        device: str = "cpu",
+        optimize: bool = True,
+        family: str | None = None,
+        **kwargs: Any,
     ) -> Pipeline:
         """Load a checkpoint folder. Optimized: each file keeps its saved dtype (a float16 export
-        stays float16). ``optimize=False``: upcast to float32 the way upstream ``from_local`` does."""
+        stays float16). ``optimize=False``: upcast to float32 the way upstream ``from_local`` does.
+        ``family``: which model to load of a folder holding two families' files, as ``load_folder``'s."""
         _upstream_takes_none(optimize, kwargs)  # before the folder is read
-        return cls.from_model(load_folder(folder, device, keep_dtype=optimize), optimize, **kwargs)
+        tts = load_folder(folder, device, keep_dtype=optimize, family=family)
+        return cls.from_model(tts, optimize, **kwargs)
 
     @classmethod
     def from_pretrained(cls, device: str = "cpu", optimize: bool = True, **kwargs: Any) -> Pipeline:

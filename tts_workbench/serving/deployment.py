@@ -195,9 +195,9 @@ def check_placement(options: ServeOptions, where: Placement) -> None:
         check_port_free(where.host, where.port)
         with naming_flag("--device", SourceError):
             check_device(options.device)
-        check_source(options.model)
-        check_engine_options(source_family(options.model), options.step, alignment=options.alignment,
-                             fused=options.fused)  # fmt: skip
+        check_source(options.model, options.family)
+        family = source_family(options.model, options.family)
+        check_engine_options(family, options.step, alignment=options.alignment, fused=options.fused)
         Path(options.run_dir).mkdir(parents=True, exist_ok=True)  # an OSError names it (--out)
     check_gpus(options.device, where.replicas, local=not where.address)
 

@@ -55,6 +55,7 @@ class ServeOptions:
     """Everything a replica needs to build its service (it crosses to Ray workers as is)."""
 
     model: str = "tiny"
+    family: str | None = None  # which to load of a folder holding two families' files
     device: str = "cpu"
     seed: int = 0
     voices_dir: str | None = None
@@ -153,7 +154,7 @@ class SpeechService:
         self.model_id = (
             f"chatterbox-{options.model}" if os.sep not in options.model else Path(options.model).name
         )
-        tts = load_model(options.model, options.device, options.seed)
+        tts = load_model(options.model, options.device, options.seed, family=options.family)
         speech_tokens = speech_token_limit(tts.t3)
         # both before the default voice is written
         check_engine_options(

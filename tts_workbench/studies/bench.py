@@ -192,8 +192,10 @@ def run_bench(
     warmup: int = 0,
     cpp_wrapper: bool = False,
     fused: bool = False,
+    family: str | None = None,
 ) -> dict[str, Any]:
     """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors.
+    ``family``: which model to load of a ``model`` folder holding two (as ``load_model`` takes it).
     ``warmup`` untimed runs of each configuration come first (on CUDA the first call of a path
     pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth).
     ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``); on a
@@ -225,7 +227,8 @@ def run_bench(
         )
     # Two copies of the same weights (same seed or folder): upstream as upstream loads it
     # (float32), and the optimized wrapper with its own dtype policy.
-    upstream_model = load_model(model, device, seed)
+    with naming_flag("--model", SourceError):  # a folder unreadable or unfit: named as stream names it
+        upstream_model = load_model(model, device, seed, family)
     cap = family_of(upstream_model).upstream_cap  # a folder's family is known once it loads
     if "upstream" in configs and tokens > cap:  # the others would decode more
         raise ConfigError(
@@ -250,8 +253,9 @@ def run_bench(
     dev = torch.device(device)
     before_open = allocated_bytes(dev)
     optimized = PerformanceOptimizedTTS(
-        load_model(model, device, seed), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper, fused=fused
-    )
+        load_model(model, device, seed, family), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper,
+        fused=fused,
+    )  # fmt: skip
     after_open = allocated_bytes(dev)
     # Measured, beside the tensors counted: what the open wrapper's model holds on the GPU (its
     # weights and islands, and any originals kept to restore the model: before 2026-12-04 a

@@ -58,16 +58,19 @@ def run_diagnosis(
     dtype: torch.dtype = torch.float32,
     autocast: torch.dtype | None = None,
     decode: str = "eager",
+    family: str | None = None,
 ) -> dict[str, Any]:
-    """Build or load ``model``, condition it on a voice, generate once in float32 (recording
-    attention kernels), name the kernel of T3's ``decode`` step (eager, static or compiled: the
-    path the user runs), probe the attention backend, then run the ``dtype``/``autocast``
-    precision diagnosis. Writes ``speech.wav`` and ``generation.png`` under ``outdir``.
+    """Build or load ``model`` (``family``: of a folder holding two, as ``load_model`` takes it),
+    condition it on a voice, generate once in float32 (recording attention kernels), name the
+    kernel of T3's ``decode`` step (eager, static or compiled: the path the user runs), probe the
+    attention backend, then run the ``dtype``/``autocast`` precision diagnosis. Writes
+    ``speech.wav`` and ``generation.png`` under ``outdir``.
     """
     check_device(device)  # before the clock reads it
     outdir = Path(outdir)
     t0 = now(device)
-    tts = load_model(model, device=device, seed=seed)
+    with naming_flag("--model", SourceError):  # a folder unreadable or unfit: named as stream names it
+        tts = load_model(model, device=device, seed=seed, family=family)
     build_s = now(device) - t0
     given = reference is not None  # the user's: refused (as --reference) before the folder is made
     if reference is None:
