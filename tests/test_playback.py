@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
+from tts_workbench.core.errors import ConfigError
 from tts_workbench.instruments.latency import ChunkMetrics
 from tts_workbench.interface import playback
 from tts_workbench.interface.playback import StreamPlayer, ab_compare, seam_figure, wav_bytes
@@ -88,6 +90,25 @@ def test_ab_compare_plays_and_shows_its_figure_where_no_widget_renders() -> None
     assert markup.count("<audio") == 2 and "data:image/png;base64," in markup
     played = [base64.b64decode(s) for s in re.findall(r'"data:audio/wav;base64,([^"]+)"', markup)]
     assert played == [wav_bytes(a, 24000), wav_bytes(b, 24000)]  # what the widgets play
+
+
+def test_a_waveform_shaped_as_generate_returns_it_plays_as_one_channel() -> None:
+    # Pipeline.generate returns a (1, samples) tensor: soundfile took it as one frame of that many
+    # channels (ab_compare failed with "Format not recognised", wav_bytes wrote 500 channels of one
+    # sample) and ab_compare's duration line said 0.00 s.
+    wav = np.full((1, 500), 0.25, np.float32)
+    info = sf.info(io.BytesIO(wav_bytes(wav, 24000)))
+    assert (info.channels, info.frames) == (1, 500)
+    assert wav_bytes(torch.from_numpy(wav), 24000) == wav_bytes(wav[0], 24000)
+    w = ab_compare(
+        {"one-shot": torch.zeros(1, 48000), "stream": np.zeros(48000, np.float32)}, {"stream": [24000]}
+    )
+    assert w.static["text/plain"].splitlines() == ["one-shot: 2.00 s, 0 seams", "stream: 2.00 s, 1 seam"]
+    player = StreamPlayer(24000)
+    player.add(np.zeros((1, 2400), np.float32), _metrics(0, 1.0, 0.1))
+    assert player.finish().shape == (2400,)
+    with pytest.raises(ConfigError, match=r"shape \(2, 100\).*\(samples,\) or \(1, samples\)"):
+        wav_bytes(np.zeros((2, 100), np.float32), 24000)
 
 
 def test_outside_a_kernel_the_player_shows_its_static_table_and_the_utterance(

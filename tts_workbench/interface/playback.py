@@ -12,24 +12,46 @@ import base64
 import html
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 import soundfile as sf
+import torch
 from IPython.display import Audio, DisplayHandle, Image, display
 from matplotlib.figure import Figure
 
 from ..core.constants import SAMPLE_RATE
+from ..core.errors import ConfigError
 from ..instruments.latency import ChunkMetrics, StreamReport, underruns
 
+# What every player here takes: a waveform, or ``Pipeline.generate``'s (1, samples) tensor.
+Waveform: TypeAlias = np.ndarray | torch.Tensor
 
-def wav_bytes(wav: np.ndarray, sample_rate: int) -> bytes:
-    """A float waveform as the bytes of a 16-bit PCM WAV file (what every player here plays, in a
-    kernel or not): samples clipped to [-1, 1], NaN samples silent."""
+
+def mono(wav: Waveform) -> np.ndarray:
+    """``wav`` (a numpy array or torch tensor of shape (samples,) or (1, samples)) as a 1-D float32
+    array; any other shape is refused with ``ConfigError``. soundfile reads a 2-D array as frames
+    by channels: a (1, samples) one was a single frame of that many channels."""
+    if isinstance(wav, torch.Tensor):
+        wav = wav.detach().float().cpu().numpy()  # numpy has no bfloat16 and cannot read CUDA memory
+    samples = np.asarray(wav, dtype=np.float32)
+    if samples.ndim == 2 and samples.shape[0] == 1:
+        return samples[0]
+    if samples.ndim != 1:
+        raise ConfigError(
+            f"a waveform of shape {tuple(samples.shape)} cannot be played: give one channel, "
+            "shape (samples,) or (1, samples), as a numpy array or torch tensor"
+        )
+    return samples
+
+
+def wav_bytes(wav: Waveform, sample_rate: int) -> bytes:
+    """A float waveform (``mono``) as the bytes of a 16-bit PCM WAV file (what every player here
+    plays, in a kernel or not): samples clipped to [-1, 1], NaN samples silent."""
     # NaN survives np.clip and libsndfile writes it as -32768, a full-scale click in the player.
-    samples = np.nan_to_num(np.asarray(wav, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+    samples = np.nan_to_num(mono(wav), nan=0.0, posinf=1.0, neginf=-1.0)
     buf = io.BytesIO()
     sf.write(
         buf,
@@ -41,7 +63,7 @@ def wav_bytes(wav: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def audio_widget(wav: np.ndarray, sample_rate: int) -> widgets.Audio:
+def audio_widget(wav: Waveform, sample_rate: int) -> widgets.Audio:
     return widgets.Audio(value=wav_bytes(wav, sample_rate), format="wav", autoplay=False, loop=False)
 
 
@@ -70,7 +92,8 @@ class StreamPlayer:
         self.widget = widgets.VBox([self.status, self.rows, self.full])
         self._shown: DisplayHandle | None = None  # where a kernel showed it (``_ipython_display_``)
 
-    def add(self, chunk: np.ndarray, metrics: ChunkMetrics) -> None:
+    def add(self, chunk: Waveform, metrics: ChunkMetrics) -> None:
+        chunk = mono(chunk)  # joined by ``finish``: a (1, samples) chunk would not join the others
         self.chunks.append(chunk)
         self.metrics.append(metrics)
         gaps = underruns([m.emitted_s for m in self.metrics], [m.audio_s for m in self.metrics])
@@ -135,7 +158,7 @@ class StreamPlayer:
 
 
 def seam_figure(
-    waves: dict[str, np.ndarray],
+    waves: dict[str, Waveform],
     seams: dict[str, Sequence[int]],
     sample_rate: int = SAMPLE_RATE,
     ms: float = 20.0,
@@ -145,7 +168,8 @@ def seam_figure(
     fig = Figure(figsize=(2.6 * n + 1, 1.8 * len(waves)))
     axes = fig.subplots(len(waves), n, squeeze=False)
     half = int(ms * sample_rate / 1000)
-    for row, (name, wav) in enumerate(waves.items()):
+    for row, (name, wave) in enumerate(waves.items()):
+        wav = mono(wave)
         for col in range(n):
             ax = axes[row][col]
             if col >= len(seams.get(name, ())):
@@ -175,9 +199,11 @@ class ABCompare(widgets.VBox):
 
 
 def ab_compare(
-    waves: dict[str, np.ndarray], seams: dict[str, Sequence[int]], sample_rate: int = SAMPLE_RATE
+    waves: dict[str, Waveform], seams: dict[str, Sequence[int]], sample_rate: int = SAMPLE_RATE
 ) -> ABCompare:
-    """Two (or more) versions side by side, each playable, above their waveforms at the seams."""
+    """Two (or more) versions (``mono``) side by side, each playable, above their waveforms at the
+    seams."""
+    waves = {k: mono(v) for k, v in waves.items()}  # their lengths in samples, for the lines below
     audio = {k: audio_widget(v, sample_rate) for k, v in waves.items()}
     players = [widgets.VBox([widgets.HTML(f"<b>{html.escape(k)}</b>"), a]) for k, a in audio.items()]
     # The figure as a PNG in the widget itself: ``with Output(): display(fig)`` captures only in a
