@@ -17,6 +17,7 @@ from chatterbox.models.t3.inference.alignment_stream_analyzer import (
     AlignmentStreamAnalyzer,
 )
 from chatterbox.mtl_tts import ChatterboxMultilingualTTS
+from chatterbox.tts import ChatterboxTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
 
 from tts_workbench.core import families
@@ -136,6 +137,35 @@ def test_languages_are_checked_with_the_fix() -> None:
         check_language("xx")
     with pytest.raises(ConfigError, match="Japanese \\(ja\\) text needs the optional package 'pykakasi'"):
         check_language("ja")
+
+
+def test_an_argument_no_sampling_takes_is_refused_by_name(tiny_tts: ChatterboxTTS) -> None:
+    # Every keyword past the named ones was read as a sampling setting with float(): language="fr"
+    # (the multilingual model's is language_id) failed with "could not convert string to float:
+    # 'fr'", naming neither the argument nor what is taken.
+    refusal = "unknown sampling argument 'language' for the standard model: use cfg_weight, min_p, "
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32") as opt:
+        with pytest.raises(ConfigError, match=refusal + "repetition_penalty, temperature, top_p$"):
+            opt.generate("Bonjour.", language="fr", max_new_tokens=4)
+        with pytest.raises(ConfigError, match="unknown sampling argument 'flow'"):
+            opt.generate("Hello.", flow="eager", max_new_tokens=4)  # generate_stream's, not generate's
+    with pytest.raises(ConfigError, match="unknown sampling argument 'decode'"):
+        next(UpstreamTTS(tiny_tts).generate_stream("Hello.", decode="static", max_new_tokens=4))
+    with pytest.raises(ConfigError, match="temperature must be a number, got 'x'"):
+        FAMILIES["standard"].sampling_with({"temperature": "x"})
+    with pytest.raises(ConfigError, match="top_k must be a number, got None"):
+        FAMILIES["turbo"].sampling_with({"top_k": None})
+
+
+def test_turbo_takes_the_arguments_upstream_ignores_unless_asked_not_to() -> None:
+    # Upstream Turbo generate takes cfg_weight and min_p and ignores them; the stream engine
+    # refuses them (a caller would expect them to work), with the reason.
+    turbo = FAMILIES["turbo"]
+    assert turbo.sampling_with({"cfg_weight": 0.5, "min_p": 0.1})[0] == 0.0
+    with pytest.raises(ConfigError, match="'cfg_weight', 'min_p' for the turbo model.*upstream ignores them"):
+        turbo.check_sampling_keys({"min_p": 0.1, "cfg_weight": 0.5}, ignored=False)
+    with pytest.raises(ConfigError, match="'exaggeration'.*prepare_voice"):
+        FAMILIES["multilingual"].check_sampling_keys({"exaggeration": 1.0})
 
 
 def test_chinese_without_upstreams_cangjie_table_is_refused(

@@ -375,6 +375,33 @@ def test_an_unseeded_stream_draws_its_seed_from_the_global_generator(
         assert tokens(p, 1) == tokens(p, 1) != tokens(p, 2)
 
 
+@pytest.mark.parametrize("optimize", [False, True])
+def test_a_stream_speaks_the_voice_asked_for_though_read_after_another_is_asked(
+    tiny_tts: ChatterboxTTS, reference_wav: Path, tmp_path: Path, optimize: bool
+) -> None:
+    # Before, a stream read its voice (tts.conds) at its first chunk: one read after another
+    # generate_stream with another voice (or another exaggeration) spoke that one.
+    other = str(make_reference_wav(tmp_path / "other.wav", seconds=3.0, seed=2))
+    config = StreamConfig("buffered", first_window_s=0.2, window_s=0.2)
+    conds = tiny_tts.conds
+
+    def asked(p: Pipeline, voice: str, exaggeration: float = 0.5) -> Iterator[tuple[np.ndarray, object]]:
+        return p.generate_stream(TEXT, voice, config, exaggeration=exaggeration, max_new_tokens=12, seed=0)
+
+    def audio(chunks: Iterator[tuple[np.ndarray, object]]) -> np.ndarray:
+        return np.concatenate([c for c, _ in chunks])
+
+    try:
+        with _pipeline(tiny_tts, optimize) as p:
+            alone = audio(asked(p, str(reference_wav)))
+            first = asked(p, str(reference_wav))
+            second = asked(p, other, exaggeration=0.9)
+            assert np.array_equal(audio(first), alone)
+            assert not np.array_equal(audio(second), alone)  # the other voice speaks otherwise
+    finally:
+        tiny_tts.conds = conds
+
+
 def test_the_static_kv_cache_is_reported_apart_from_the_weights(tiny_tts: ChatterboxTTS) -> None:
     # Before, its bytes were a "t3.static_kv_cache" entry of parameter_bytes (and a column of
     # parameter_frame), read as weights.
@@ -810,6 +837,52 @@ def test_close_from_another_thread_waits_for_a_call_in_progress(
     assert tiny_tts.conds is conds  # the caller's voice, as it was
     assert {p.dtype for m in (tiny_tts.t3, tiny_tts.s3gen) for p in m.parameters()} == {torch.float32}
     assert len(got) == 1 and isinstance(got[0], torch.Tensor), got  # the call under way finished
+
+
+def test_a_second_close_in_another_thread_waits_for_the_first(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a close() while another was giving the model back tore down again: its report,
+    of the model given back (float32), was kept as the wrapper's. The second close() is started
+    once the first has given the model back, and the first goes on once the second waits (or,
+    before the fix, has returned)."""
+    import threading
+
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="bfloat16", decode="eager")
+    settled = threading.Event()  # the second close() waits for the first, or has returned
+
+    class Watched(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            if threading.current_thread().name == "second":
+                settled.set()
+            return super().wait(timeout)
+
+    opt._made = Watched()
+    errors: list[BaseException] = []
+
+    def close_second() -> None:
+        try:
+            opt.close()
+        except BaseException as e:  # noqa: BLE001 - what the caller got is the result
+            errors.append(e)
+        finally:
+            settled.set()
+
+    second = threading.Thread(target=close_second, name="second")
+    give_back = opt._stack.close
+
+    def slowly() -> None:
+        give_back()
+        if not second.is_alive() and not settled.is_set():  # the first close() only
+            second.start()
+            assert settled.wait(60)
+
+    monkeypatch.setattr(opt._stack, "close", slowly)
+    opt.close()
+    second.join(60)
+    assert not second.is_alive() and not errors and opt.closed
+    assert opt.configuration()["component_dtypes"]["t3"] == "bfloat16"  # the wrapper's, not the model's
+    assert next(tiny_tts.t3.parameters()).dtype == torch.float32
 
 
 def test_close_inside_the_wrappers_own_call_is_refused(tiny_tts: ChatterboxTTS, short_ref: Path) -> None:

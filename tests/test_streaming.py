@@ -216,6 +216,39 @@ def test_a_stream_state_that_holds_a_stream_is_refused(tts: ChatterboxTTS) -> No
     assert state.tokens == tokens and len(state.report.chunks) == len(chunks)  # left as it was
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # before: an OverflowError or TypeError from own_seed, torch or Python, and a cap of True
+        # streamed one token
+        ({"seed": 1.5}, r"seed must be an int in \[-2\*\*63, 2\*\*64\), got 1.5"),
+        ({"seed": None}, "seed must be an int.*got None"),
+        ({"seed": 2**64}, "seed must be an int.*got 18446744073709551616"),
+        ({"seed": True}, "seed must be an int.*got True"),
+        ({"max_new_tokens": 40.5}, "max_new_tokens must be an int, got 40.5"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an int, got True"),
+        ({"max_new_tokens": "20"}, "max_new_tokens must be an int, got '20'"),
+    ],
+)
+def test_a_seed_or_token_cap_no_stream_runs_with_is_refused(
+    tts: ChatterboxTTS, kwargs: dict[str, object], message: str
+) -> None:
+    kwargs = {"max_new_tokens": 20, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        next(stream(tts, TEXT, StreamConfig(), **kwargs))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=message):
+        stream_tokens(tts, TEXT, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_numpy_seed_and_cap_stream_as_the_same_ints(tts: ChatterboxTTS) -> None:
+    wav, state = stream_all(tts, TEXT, StreamConfig(), max_new_tokens=20, seed=3)
+    np_wav, np_state = stream_all(tts, TEXT, StreamConfig(), max_new_tokens=np.int32(20), seed=np.int64(3))
+    assert np_state.tokens == state.tokens and np.array_equal(np_wav, wav)
+    assert type(np_state.seed) is int
+    numpy_made = stream_tokens(tts, TEXT, max_new_tokens=np.int32(20), seed=np.int64(3))  # type: ignore[arg-type]
+    assert numpy_made == state.tokens
+
+
 @pytest.mark.parametrize("total", [10, 18, 19, 40, 48, 49])  # around the windows' edges
 def test_windows_do_not_depend_on_when_they_are_asked(total: int) -> None:
     # ``stream`` asks for a window as T3's tokens come; the engine's S3Gen stage may first ask

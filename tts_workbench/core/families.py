@@ -14,6 +14,7 @@ where the workbench looks.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -45,6 +46,8 @@ class Family:
     guidance: bool  # classifier-free guidance: T3 runs a batch of two
     cfm_steps: int  # S3Gen flow-matching steps per call
     sampling: dict[str, float]  # upstream generate's default sampling arguments
+    # sampling arguments upstream generate takes and ignores (with a logged warning): Turbo's
+    ignored: tuple[str, ...] = ()
 
     @property
     def upstream_cap(self) -> int:
@@ -56,12 +59,49 @@ class Family:
     def sampling_with(self, overrides: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         """Upstream generate's sampling defaults under ``overrides``: the guidance weight apart
         (0 for a family without guidance, whose generate has none), then the rest
-        (temperature, top_p, ...)."""
+        (temperature, top_p, ...). An argument the family does not take, or no number, is refused
+        (``check_sampling_keys``, ``ConfigError``)."""
+        self.check_sampling_keys(overrides)
         sampling = {**self.sampling, **overrides}
-        cfg_weight = float(sampling.pop("cfg_weight", 0.0))
+        cfg_weight = _number("cfg_weight", sampling.pop("cfg_weight", 0.0), float)
         # transformers' warpers check types: TopK wants an int, Temperature a float (2 fails)
-        typed = {k: int(v) if k == "top_k" else float(v) for k, v in sampling.items()}
+        typed = {k: _number(k, v, int if k == "top_k" else float) for k, v in sampling.items()}
         return (cfg_weight if self.guidance else 0.0), typed
+
+    def check_sampling_keys(self, sampling: Iterable[str], *, ignored: bool = True) -> None:
+        """Refuse arguments this family's sampling does not take, naming them and those it takes:
+        a misspelled or misplaced one (``language``) would otherwise be read as a number or dropped.
+        ``ignored``: take those upstream ``generate`` takes and ignores (``Family.ignored``), as it
+        does; without, they are refused with the reason."""
+        accepted = {*self.sampling, *(self.ignored if ignored else ())}
+        unknown = sorted(set(sampling) - accepted)
+        if not unknown:
+            return
+        hints = []
+        if "exaggeration" in unknown:
+            hints.append(
+                "exaggeration is set when the voice is prepared: prepare_voice(tts, wav, exaggeration=...) "
+                "or tts.prepare_conditionals(wav, exaggeration=...)"
+            )
+        if set(self.ignored) & set(unknown):
+            hints.append(
+                f"the {self.name} model samples without {' or '.join(self.ignored)}"
+                + ("" if self.guidance else " (it has no classifier-free guidance)")
+                + ": upstream ignores them, leave them out"
+            )
+        names = ", ".join(map(repr, unknown))
+        raise ConfigError(
+            f"unknown sampling argument {names} for the {self.name} model: use {', '.join(sorted(accepted))}"
+            + "".join(f"; {hint}" for hint in hints)
+        )
+
+
+def _number(name: str, value: Any, kind: type[int] | type[float]) -> int | float:
+    """A sampling argument's ``value`` as ``kind``; refused naming it where it is no number."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):  # int() of an infinity overflows
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
 
 
 FAMILIES = {
@@ -94,6 +134,7 @@ FAMILIES = {
         False,
         2,
         {"temperature": 0.8, "repetition_penalty": 1.2, "top_p": 0.95, "top_k": 1000},
+        ("cfg_weight", "min_p"),
     ),
     "multilingual": Family(
         "multilingual",

@@ -68,7 +68,7 @@ from transformers.cache_utils import StaticCache, StaticLayer
 from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import SPEECH_VOCAB_SIZE, dtype_name
-from ..core.errors import CacheError, ConfigError
+from ..core.errors import CacheError, ConfigError, as_int
 from ..core.families import kv_layout, language_for
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.rng import default_generator
@@ -573,6 +573,26 @@ def gpt2_positions(config: Any) -> int | None:
     """The positions a GPT-2 backbone (Turbo's) embeds, one learned position per input of the
     whole sequence; None for Llama, whose rotary positions have no table."""
     return getattr(config, "n_positions", None)
+
+
+def checked_seed(seed: object) -> int:
+    """``seed`` as a Python int (a numpy integer is taken), or a ConfigError where no generator
+    takes it: not a whole number (``True`` neither), or outside what ``manual_seed`` takes. A
+    stream checks it before it draws: its own seeds failed in numpy or torch with their errors."""
+    whole = as_int(seed)
+    # torch.Generator.manual_seed takes these (a negative seed as its 64-bit two's complement)
+    if whole is None or not -(2**63) <= whole < 2**64:
+        raise ConfigError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+    return whole
+
+
+def checked_cap(max_new_tokens: object) -> int:
+    """``max_new_tokens`` as a Python int (a numpy integer is taken), or a ConfigError where it is
+    not a whole number: a cap of ``True`` streamed one token, one of 40.5 failed in torch."""
+    whole = as_int(max_new_tokens)
+    if whole is None:
+        raise ConfigError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    return whole
 
 
 def check_new_tokens(t3: T3, max_new_tokens: int) -> None:

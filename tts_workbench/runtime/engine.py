@@ -60,7 +60,7 @@ from transformers.cache_utils import StaticCache
 from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
-from ..core.errors import ConfigError, as_int
+from ..core.errors import ConfigError
 from ..core.families import family_of, kv_layout
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
@@ -76,6 +76,8 @@ from .decode import (
     check_new_tokens,
     check_positions,
     check_room,
+    checked_cap,
+    checked_seed,
     head_logits,
     invalid_ids,
     is_turbo,
@@ -408,7 +410,6 @@ class StreamEngine:
         self.turbo = is_turbo(tts.t3)
         # What ``submit`` takes: the sampling arguments of the family's upstream generate that
         # change its samples (Turbo: top_k, and no cfg_weight or min_p, which upstream ignores).
-        self.sampling_keys = frozenset(self.family.sampling)
         self.rows_per_stream = 2 if self.family.guidance else 1
         self.stats = EngineStats()
         parts: T3Parts = self.plan.decode
@@ -535,7 +536,9 @@ class StreamEngine:
         ``generate``'s TypeError), and nothing is queued: an argument of the wrong type, a seed no
         generator takes, a sampling argument the family does not take."""
         seed, max_new_tokens = self._check_request(text, seed, max_new_tokens)
-        self._check_sampling(sampling)
+        # a misspelled argument would otherwise be dropped and the stream run with the default;
+        # those upstream Turbo takes and ignores are refused too (a caller would expect them to work)
+        self.family.check_sampling_keys(sampling, ignored=False)
         # The model's voice as it is now: one prepared while this stream waits is not its own.
         conds = conds if conds is not None else self.tts.conds
         request = Request(text, seed, max_new_tokens, conds, language_id, sampling)
@@ -554,36 +557,7 @@ class StreamEngine:
         The seed and token cap as Python ints (a numpy integer is taken)."""
         if not isinstance(text, str):
             raise ConfigError(f"text must be a str, got {type(text).__name__} {text!r}")
-        whole_seed, cap = as_int(seed), as_int(max_new_tokens)
-        # torch.Generator.manual_seed takes these (a negative seed as its 64-bit two's complement)
-        if whole_seed is None or not -(2**63) <= whole_seed < 2**64:
-            raise ConfigError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
-        if cap is None:
-            raise ConfigError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-        return whole_seed, cap
-
-    def _check_sampling(self, sampling: dict[str, float]) -> None:
-        """Refuse arguments this family's sampling does not use: a misspelled one would
-        otherwise be dropped and the stream run with the default."""
-        unknown = sorted(set(sampling) - self.sampling_keys)
-        if not unknown:
-            return
-        hints = []
-        if "exaggeration" in unknown:
-            hints.append(
-                "exaggeration is set when the voice is prepared: prepare_voice(tts, wav, exaggeration=...) "
-                "or tts.prepare_conditionals(wav, exaggeration=...), then submit with conds=tts.conds"
-            )
-        if self.turbo and {"cfg_weight", "min_p"} & set(unknown):
-            hints.append(
-                "Turbo has no classifier-free guidance and no min_p (upstream ignores them): leave them out"
-            )
-        names = ", ".join(map(repr, unknown))
-        valid = ", ".join(sorted(self.sampling_keys))
-        raise ConfigError(
-            f"unknown sampling argument {names} for the {self.family.name} model: use {valid}"
-            + "".join(f"; {hint}" for hint in hints)
-        )
+        return checked_seed(seed), checked_cap(max_new_tokens)
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:

@@ -67,6 +67,8 @@ from .decode import (
     StepMode,
     T3Parts,
     check_cache_len,
+    checked_cap,
+    checked_seed,
     invalid_ids,
     is_turbo,
     prefill_length,
@@ -81,6 +83,7 @@ from .precision import (
     check_conditionals,
     check_policy,
     compute_dtype,
+    copy_conditionals,
     ensure_conditionals_dtype,
     install_islands,
     island_modules,
@@ -111,6 +114,13 @@ def stream_seed(seed: int | None) -> int:
     """A stream's seed: ``seed``, or for ``None`` one drawn from the global generator, so unseeded
     streams differ as unseeded ``generate`` calls do, and ``torch.manual_seed`` before repeats one."""
     return int(torch.randint(2**63 - 1, ())) if seed is None else seed
+
+
+def checked_call(seed: object, max_new_tokens: object) -> tuple[int | None, int]:
+    """A ``generate`` call's seed (None: the global random state, as upstream) and token cap as
+    Python ints, refused as a stream's are (``checked_seed``, ``checked_cap``): a numpy seed
+    failed in torch, a cap of True spoke one token."""
+    return (None if seed is None else checked_seed(seed)), checked_cap(max_new_tokens)
 
 
 def check_decode(step: str, device: torch.device) -> str:
@@ -368,6 +378,7 @@ class UpstreamTTS(Pipeline):
         """Upstream ``generate`` (watermarked waveform, shape (1, samples)), phases timed; an
         ``audio_prompt_path`` is prepared as upstream ``generate`` prepares it (its defaults,
         Turbo's ``norm_loudness``), inside the timed call as there."""
+        seed, max_new_tokens = checked_call(seed, max_new_tokens)
         r = capped_generate(
             self.tts, text, max_new_tokens, seed, audio_prompt_path=audio_prompt_path, **sampling
         )
@@ -402,7 +413,14 @@ class UpstreamTTS(Pipeline):
         ``seed=None`` draws the seed from the global generator (``stream_seed``)."""
         voice = kwargs.pop("exaggeration", 0.5), kwargs.pop("norm_loudness", True)
         self._voice(text, audio_prompt_path, *voice)
-        return stream(self.tts, text, config or StreamConfig("naive"), seed=stream_seed(seed), **kwargs)
+        return stream(
+            self.tts,
+            text,
+            config or StreamConfig("naive"),
+            seed=stream_seed(seed),
+            conds=copy_conditionals(self.tts.conds),  # as asked for now: PerformanceOptimizedTTS's says why
+            **kwargs,
+        )
 
     def configuration(self) -> dict[str, Any]:
         return {
@@ -482,6 +500,7 @@ class PerformanceOptimizedTTS(Pipeline):
         self._calls: list[int] = []
         self._made = threading.Condition()
         self._closing = False  # close() has begun: no stream makes another chunk, no call starts
+        self._in_close = False  # a close() is running: another one waits for it to end
         if tts.conds is not None:
             check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
         # Checked (and for "auto" measured, on the model as given) before anything is changed.
@@ -556,34 +575,45 @@ class PerformanceOptimizedTTS(Pipeline):
         other threads, put the wrapped model back as it was (methods, every tensor's dtype and
         values, the conditionals) and free the static KV caches and compiled steps. Afterwards
         the wrapper only reports (``performance_info``: as it was). Refused (``ConfigError``) from
-        inside one of the wrapper's own calls (a hook, say): it would wait for itself."""
-        if self.closed:
-            return
+        inside one of the wrapper's own calls (a hook, say): it would wait for itself. A close()
+        while another thread's runs waits for that one to end."""
         with self._made:
             if threading.get_ident() in self._calls:
                 raise ConfigError(
                     "close() inside this wrapper's own call (from a hook or callback) would wait for "
                     "that call to end: close the wrapper after the call returns"
                 )
+            # Before, a second close() tore down again: its report, of the model already given
+            # back (float32), was kept as the wrapper's, or it failed on the plans let go. One
+            # that failed before giving the model back leaves it to this one.
+            self._made.wait_for(lambda: not self._in_close)
+            if self.closed:
+                return
+            self._in_close = True
             self._closing = True  # a reader between chunks stops at its next (ConfigError)
             idle = [chunks for chunks in self._streams if chunks not in self._making]
-        for chunks in idle:  # (none starts a chunk now: each open check sees _closing)
-            chunks.close()
-        # before 2026-12-04 the model went back under a chunk being made; before 2026-12-05
-        # under a generate, whose new voice then replaced the caller's conditionals for good
-        with self._made:
-            self._made.wait_for(lambda: not self._making and not self._calls)
         try:
-            self._final = self.configuration()
-        finally:  # the model goes back even if the report fails
-            self._stack.close()
-            _OPEN.pop(id(self.tts), None)
-            for plan in self.plans.values():
-                plan.drop_static()
-            self.plans.clear()
-            for flow in self.flows.values():
-                flow.drop()
-            self.closed = True
+            for chunks in idle:  # (none starts a chunk now: each open check sees _closing)
+                chunks.close()
+            # before 2026-12-04 the model went back under a chunk being made; before 2026-12-05
+            # under a generate, whose new voice then replaced the caller's conditionals for good
+            with self._made:
+                self._made.wait_for(lambda: not self._making and not self._calls)
+            try:
+                self._final = self.configuration()
+            finally:  # the model goes back even if the report fails
+                self._stack.close()
+                _OPEN.pop(id(self.tts), None)
+                for plan in self.plans.values():
+                    plan.drop_static()
+                self.plans.clear()
+                for flow in self.flows.values():
+                    flow.drop()
+                self.closed = True
+        finally:
+            with self._made:
+                self._in_close = False
+                self._made.notify_all()
 
     def _check_open(self, starting: bool = False) -> None:
         """A ConfigError once closed; for something new to start (``starting``: a stream's next
@@ -728,7 +758,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 self.tts.t3,
                 conds.t3,
                 text_tokens(self.tts, text, cfg_weight, language_id),
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=checked_cap(max_new_tokens),
                 plan=self.plan_for(decode),
                 cfg_weight=cfg_weight,
                 stop_check_every=self.stop_check_every,
@@ -767,6 +797,7 @@ class PerformanceOptimizedTTS(Pipeline):
         with self._using():
             cfg_weight, sampling = family_of(self.tts).sampling_with(sampling)
             check_sampling(is_turbo(self.tts.t3), cfg_weight, **sampling)  # before a voice is prepared
+            seed, max_new_tokens = checked_call(seed, max_new_tokens)
             rng = StreamRandom(seed) if seed is not None else None
             generator = rng.generator(self.tts.t3.speech_head.weight.device) if rng is not None else None
             # Kernels are recorded (on request) over T3 only, where the attention backend matters:
@@ -829,7 +860,8 @@ class PerformanceOptimizedTTS(Pipeline):
         default) with this wrapper's decode plan, flow plan and autocast dtype (``decode`` and
         ``flow`` override the wrapper's own for this call); sampling and the voice as ``generate``.
         ``seed=None`` draws the seed from the global generator (``stream_seed``: reproducible after
-        ``torch.manual_seed``, as upstream's unseeded ``generate``).
+        ``torch.manual_seed``, as upstream's unseeded ``generate``). The stream speaks the voice
+        asked for by this call however late it is read (``UpstreamTTS``'s too).
         A stream still being read when the wrapper closes stops there (``ConfigError``)."""
         with self._using():
             self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
@@ -843,6 +875,9 @@ class PerformanceOptimizedTTS(Pipeline):
                 amp=self.amp,
                 flow=self.flow_for(flow),
                 state=state,
+                # the voice as asked for now: the stream starts when first read, maybe after
+                # another call prepared another voice (or changed this one's exaggeration in place)
+                conds=copy_conditionals(self.tts.conds),
                 **sampling,
             )
             return self._while_open(chunks)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
-from chatterbox.tts import ChatterboxTTS
+from chatterbox.tts import ChatterboxTTS, Conditionals
 
 from ..core.clock import now
 from ..core.constants import (
@@ -54,6 +54,8 @@ from .decode import (
     DecodePlan,
     DecodeStats,
     check_new_tokens,
+    checked_cap,
+    checked_seed,
     decode_blocks,
     invalid_ids,
     speech_ids,
@@ -276,6 +278,7 @@ class StreamState:
 
 def _t3_blocks(
     tts: ChatterboxTTS,
+    conds: Conditionals,
     text: str,
     max_new_tokens: int,
     seed: int,
@@ -285,12 +288,12 @@ def _t3_blocks(
     language_id: str | None,
     sampling: dict[str, Any],
 ) -> Generator[torch.Tensor, None, None]:
-    """A stream's T3 blocks: the family's sampling defaults under the caller's, drawn from the
-    stream's own T3 generator (``StreamRandom(seed)``)."""
+    """A stream's T3 blocks in the voice ``conds``: the family's sampling defaults under the
+    caller's, drawn from the stream's own T3 generator (``StreamRandom(seed)``)."""
     cfg_weight, sampling = family_of(tts).sampling_with(sampling)
     return decode_blocks(
         tts.t3,
-        tts.conds.t3,
+        conds.t3,
         text_tokens(tts, text, cfg_weight, language_id),
         max_new_tokens=max_new_tokens,
         plan=plan,
@@ -310,12 +313,14 @@ def stream_tokens(
     seed: int = 0,
     plan: DecodePlan | None = None,
     language_id: str | None = None,
+    conds: Conditionals | None = None,
     **sampling: Any,
 ) -> list[int]:
     """The speech tokens ``stream`` vocodes with these arguments (its ``StreamState.tokens``),
     from T3 alone: nothing is vocoded, so a check of many streams' tokens costs T3's time only."""
-    checked_voice(tts.conds, text)
-    blocks = _t3_blocks(tts, text, max_new_tokens, seed, plan, 8, None, language_id, sampling)
+    seed, max_new_tokens = checked_seed(seed), checked_cap(max_new_tokens)
+    voice = checked_voice(conds if conds is not None else tts.conds, text)
+    blocks = _t3_blocks(tts, voice, text, max_new_tokens, seed, plan, 8, None, language_id, sampling)
     return [t for block in blocks for t in speech_ids(block[0].tolist())] + tail_tokens(tts.s3gen)
 
 
@@ -332,9 +337,12 @@ def stream(
     state: StreamState | None = None,
     progress: bool = False,
     language_id: str | None = None,
+    conds: Conditionals | None = None,
     **sampling: Any,
 ) -> Generator[tuple[np.ndarray, ChunkMetrics], None, None]:
-    """Generate ``text`` with the voice in ``tts.conds`` and yield audio chunks as they are ready.
+    """Generate ``text`` with the voice ``conds`` and yield audio chunks as they are ready. Without
+    ``conds``, the voice is ``tts.conds`` as it is when the stream is first read (a generator's
+    body runs then): a caller that may prepare another voice before then passes a copy.
 
     ``plan`` runs T3's decode steps, ``flow`` the buffered windows' CFM estimator (default eager).
     Pass a ``StreamState`` to read the report, the tokens and the seam positions afterwards:
@@ -353,7 +361,10 @@ def stream(
     the last window of the one that ends first (the noise track's frames do not depend on its
     length, ``noise_track``).
     """
-    checked_voice(tts.conds, text)
+    # Checked (and made Python ints) before anything is drawn or sized with them: a numpy seed
+    # overflowed in own_seed, a float cap failed in torch's randn, a cap of True streamed a token.
+    seed, max_new_tokens = checked_seed(seed), checked_cap(max_new_tokens)
+    voice = checked_voice(conds if conds is not None else tts.conds, text)
     check_new_tokens(tts.t3, max_new_tokens)  # before the noise track, sized by it, is drawn
     if state is not None and state.used:
         # Its tokens, seams and chunks would be taken for this utterance's: the windows would
@@ -368,7 +379,7 @@ def stream(
             f"{config.strategy!r}: pass StreamState(StreamReport({config.strategy!r}))"
         )
     state = state if state is not None else StreamState(StreamReport(config.strategy))
-    gen = shorten_prompt(tts.conds.gen, config.prompt_s)
+    gen = shorten_prompt(voice.gen, config.prompt_s)
     prompt_tokens = int(gen["prompt_token"].size(1))
     prompt_frames = prompt_tokens * FRAMES_PER_TOKEN
     # Every random draw of the stream comes from its own generators (``core.rng``): T3's samples,
@@ -377,7 +388,9 @@ def stream(
     # the tokens of a one-shot generation with this seed.
     state.draw_from(seed, max_new_tokens + len(tail_tokens(tts.s3gen)), prompt_tokens)  # Turbo's silence too
     stats = state.t3
-    blocks = _t3_blocks(tts, text, max_new_tokens, seed, plan, config.t3_block, stats, language_id, sampling)
+    blocks = _t3_blocks(
+        tts, voice, text, max_new_tokens, seed, plan, config.t3_block, stats, language_id, sampling
+    )
     flow = flow or FlowPlan()
     if config.strategy == "naive":
         cutter = _naive
