@@ -288,3 +288,36 @@ def test_the_footer_names_the_estimator_only_where_a_configuration_compiled_it(
     assert "compile_s: T3's step, kept out of TTFA and wall" in footer and "estimator" not in footer
     report["settings"]["configs"].append("compiled-stream")  # as if it had run beside them
     assert "compile_s: T3's step and S3Gen's estimator" in bench.format_bench(report)
+
+
+def test_a_text_past_t3s_positions_is_refused_as_text_before_anything_is_written(tmp_path: Path) -> None:
+    """(before: refused only once the wrapper had opened, reference.wav written, without the flag)"""
+    outdir = tmp_path / "o"
+    with pytest.raises(ConfigError, match=r"^argument --text: the text is \d+ text tokens, beyond the 2048"):
+        run_bench("tiny", ("upstream", "optimized"), tokens=4, repeats=1, text="hello world. " * 1500,
+                  outdir=outdir)  # fmt: skip
+    assert not outdir.exists()
+
+
+def test_the_attention_recording_runs_after_the_timed_runs_and_only_for_a_wrapper_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_wav: Path
+) -> None:
+    """The recorded run warmed the wrapper before its timed runs, even with --warmup 0 (the header
+    saying "after 0 untimed"), and ran with only upstream configurations listed."""
+    calls: list[tuple[str, bool]] = []  # (whose pipeline, recording attention)
+    run_pipeline = bench.run_pipeline
+
+    def logged(pipeline: Any, *a: Any, **kw: Any) -> dict[str, Any]:
+        recording = getattr(pipeline, "record_attention", False)
+        calls.append(("wrapper" if isinstance(pipeline, PerformanceOptimizedTTS) else "upstream", recording))
+        return run_pipeline(pipeline, *a, **kw)
+
+    monkeypatch.setattr(bench, "run_pipeline", logged)
+    report = run_bench("tiny", ("upstream", "optimized"), tokens=2, repeats=1, warmup=0,
+                       reference=str(reference_wav), outdir=tmp_path / "both")  # fmt: skip
+    assert calls == [("upstream", False), ("wrapper", False), ("wrapper", True)]
+    assert report["attention_kernels_optimized"]["t3.decode"]  # recorded, after the timed runs
+    calls.clear()
+    report = run_bench("tiny", ("upstream",), tokens=2, repeats=1, warmup=0, reference=str(reference_wav),
+                       outdir=tmp_path / "upstream")  # fmt: skip
+    assert calls == [("upstream", False)] and report["attention_kernels_optimized"] == {}

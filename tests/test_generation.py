@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -57,6 +58,24 @@ def test_every_phase_is_timed_and_t3_decode_counts_one_forward_per_token(tiny_tt
     # T3's decode: one forward per token (upstream runs one more after the last sample), timed
     # from the prefill's end: what T3 does before its prefill is in neither phase.
     assert r.decode_steps == 150
+
+
+def test_phase_times_come_back_unrounded(tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock that ticks by pi * 1e-5 s: no phase is a whole number of 0.1 ms (before: each was
+    rounded to 4 decimals, a GPU's few-ms prefill losing its resolution beside the wrapper's raw
+    times in the bench)."""
+    from tts_workbench.core import clock
+    from tts_workbench.runtime import generation
+
+    reads = iter(range(1, 10**9))
+
+    def ticking(device: object = None, stream: bool = False) -> float:
+        return next(reads) * math.pi * 1e-5
+
+    monkeypatch.setattr(clock, "now", ticking)  # the phases' stopwatches
+    monkeypatch.setattr(generation, "now", ticking)  # t3.decode's end and the wall time
+    r = generate(tiny_tts, "Hello.", max_new_tokens=3)
+    assert r.seconds and all(v != round(v, 4) for v in r.seconds.values()), r.seconds
 
 
 def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:

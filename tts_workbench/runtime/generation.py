@@ -330,7 +330,7 @@ def generate(
         speech_tokens=raw,
         stopped_by=stopped,
         invalid_tokens=invalid_ids(raw, tts.t3.hp.stop_speech_token),
-        seconds={k: round(v, 4) for k, v in times.seconds.items()},
+        seconds=times.seconds,  # unrounded: a GPU's prefill of a few ms keeps its resolution
         wall_s=wall,
         decode_steps=times.calls.get("t3.decode", 0),
     )

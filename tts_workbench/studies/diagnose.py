@@ -106,7 +106,7 @@ def run_diagnosis(
         "build_s": round(build_s, 3),
         "conditioning_s": round(conditioning_s, 3),
         "generation_s": round(result.wall_s, 3),
-        "phase_s": result.seconds,
+        "phase_s": {k: round(v, 4) for k, v in result.seconds.items()},
         "rtf": round(result.rtf, 3),
         "timing": "profiled: the kernel recorder ran around this generation (bench times without it)",
         "wav": str(wav_path),
