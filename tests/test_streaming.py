@@ -186,6 +186,24 @@ def test_an_odd_prompt_frame_is_dropped_so_every_token_is_vocoded_once(
     assert quality(wav, one_shot(tts, state, buffered), state)["snr_db"] >= 18.0
 
 
+def test_the_one_shot_yardstick_speaks_the_voice_the_stream_spoke(
+    tts: ChatterboxTTS, odd_conds: Conditionals, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, one_shot read tts.conds when called: a stream given its voice (conds=, as the
+    # wrappers' generate_stream give theirs) was compared with the model's voice of the moment.
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+    state = StreamState(StreamReport("buffered"))
+    for _ in stream(tts, TEXT, config, max_new_tokens=40, state=state, conds=odd_conds):
+        pass
+    assert state.voice is odd_conds and tts.conds is not odd_conds
+    spoken = one_shot(tts, state, config)
+    state.voice = None  # as before: the model's voice of the moment
+    in_the_models_voice = one_shot(tts, state, config)
+    monkeypatch.setattr(tts, "conds", odd_conds)
+    assert np.array_equal(spoken, one_shot(tts, state, config))
+    assert not np.array_equal(spoken, in_the_models_voice)
+
+
 def test_shorten_prompt_keeps_frames_2i_and_2i_plus_1_with_token_i() -> None:
     p = 62
     frames = torch.arange(2 * p + 1)  # frame k holds k; the last one (124) belongs to no token

@@ -245,6 +245,7 @@ class StreamState:
     prompt_noise: torch.Tensor = field(default_factory=lambda: noise_track(0, 0))  # set by stream()
     rng: StreamRandom = field(default_factory=lambda: StreamRandom(0))  # S3Gen's draws; set by stream()
     seed: int = 0  # the stream's; set by stream()
+    voice: Conditionals | None = None  # the voice it spoke (one_shot's too); set by stream()
     t3: DecodeStats = field(default_factory=DecodeStats)
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
     compile_before_first_s: float = 0.0  # the part of the compiling done before the first chunk
@@ -379,6 +380,7 @@ def stream(
             f"{config.strategy!r}: pass StreamState(StreamReport({config.strategy!r}))"
         )
     state = state if state is not None else StreamState(StreamReport(config.strategy))
+    state.voice = voice
     gen = shorten_prompt(voice.gen, config.prompt_s)
     prompt_tokens = int(gen["prompt_token"].size(1))
     prompt_frames = prompt_tokens * FRAMES_PER_TOKEN
@@ -670,13 +672,14 @@ def _buffered(
 
 def one_shot(tts: ChatterboxTTS, state: StreamState, config: StreamConfig) -> np.ndarray:
     """The same tokens through one S3Gen call, on the same noise track and prompt: the reference
-    a streamed utterance is compared with (no audio where the stream kept no speech token:
-    S3Gen cannot vocode none)."""
-    if tts.conds is None:
+    a streamed utterance is compared with, in the voice it spoke (no audio where the stream kept
+    no speech token: S3Gen cannot vocode none)."""
+    voice = state.voice if state.voice is not None else tts.conds
+    if voice is None:
         raise NoVoiceError()
     if not state.tokens:
         return np.zeros(0, np.float32)
-    gen = shorten_prompt(tts.conds.gen, config.prompt_s)
+    gen = shorten_prompt(voice.gen, config.prompt_s)
     prompt = state.prompt_noise_for(int(gen["prompt_token"].size(1)))
     noise = torch.cat([prompt, state.noise[:, :, : len(state.tokens) * FRAMES_PER_TOKEN]], dim=2)
     wav, *_ = _s3gen(tts, gen, state.tokens, noise, None, StreamRandom(state.rng.seed))
