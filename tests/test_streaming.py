@@ -643,6 +643,17 @@ def test_run_to_files_notes_a_token_cap_only_when_it_ended_the_generation(
     )
 
 
+def test_a_stream_of_one_window_is_reported_identical_to_one_shot_in_its_json(
+    tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    # Before, its SNR of inf was written as null in `stream --json`, as "nothing to compare" is:
+    # the exact match could not be told from a stream without audio.
+    report = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=20)
+    assert report["summary"]["chunks"] == 1
+    written = json.loads(json.dumps(finite(report), allow_nan=False))["quality_vs_one_shot"]
+    assert written["snr_db"] is None and written["identical_to_one_shot"] is True
+
+
 def test_a_stream_that_keeps_no_speech_token_is_reported_not_a_crash(
     tts: ChatterboxTTS, steer: type[Steer], tmp_path: Path
 ) -> None:
@@ -659,7 +670,8 @@ def test_a_stream_that_keeps_no_speech_token_is_reported_not_a_crash(
             report = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=20)
     assert state.tokens == [] and one_shot(tts, state, StreamConfig()).shape == (0,)
     assert report["speech_tokens"] == [] and report["summary"]["chunks"] == 0
-    quality = {"seam_max_over_median": None, "ordinary_max_over_median": 0.0, "snr_db": None}
+    quality = {"seam_max_over_median": None, "ordinary_max_over_median": 0.0, "snr_db": None,
+               "identical_to_one_shot": False}  # fmt: skip
     assert report["quality_vs_one_shot"] == {**quality, "length_diff_samples": 0}
     assert report["note"] == "ended by the stop token at token 1"
     assert "buffered: no audio (T3 kept no speech token)" in format_report(report)

@@ -191,6 +191,8 @@ def _quality_text(q: dict[str, Any], chunks: int) -> str:
         f"(elsewhere up to {q['ordinary_max_over_median']:.2f}x)"
     )
     snr = "n/a" if q["snr_db"] is None else f"{q['snr_db']:.1f} dB"  # None: every sample in a crossfade
+    if q.get("identical_to_one_shot"):
+        snr = "inf dB (identical)"
     length = f"length difference {q['length_diff_samples']} samples"
     return f"{seams}; SNR vs one-shot {snr} outside crossfades; {length}"
 

@@ -687,12 +687,16 @@ def one_shot(tts: ChatterboxTTS, state: StreamState, config: StreamConfig) -> np
     return wav
 
 
-def quality(wav: np.ndarray, reference: np.ndarray, state: StreamState) -> dict[str, float | None]:
+def quality(wav: np.ndarray, reference: np.ndarray, state: StreamState) -> dict[str, float | bool | None]:
     """Seam clicks (largest jump at a seam vs elsewhere) and SNR against ``reference`` outside
-    the crossfades, plus the length difference in samples."""
+    the crossfades, plus the length difference in samples. ``identical_to_one_shot``: equal
+    sample for sample outside the crossfades (an SNR of inf, which JSON writes as null, as it
+    writes "nothing to compare": a stream of one window is the one-shot call)."""
+    snr = snr_db(wav, reference, state.crossfades)
     return {
         **seam_metric(wav, state.seams),
-        "snr_db": snr_db(wav, reference, state.crossfades),
+        "snr_db": snr,
+        "identical_to_one_shot": snr == float("inf"),
         "length_diff_samples": len(wav) - len(reference),
     }
 
