@@ -20,11 +20,12 @@ import pytest
 
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
-from tts_workbench.serving.protocol import FORMATS, wav_header
+from tts_workbench.serving.protocol import FORMATS, Limits, RequestError, parse_speech, wav_header
 from tts_workbench.studies import http_load, load
 from tts_workbench.studies.http_load import EndpointError, check_url, run_http_load
 
 SECOND = np.zeros(24000, dtype="<i2").tobytes()  # one second of pcm: 24 kHz, 16-bit, mono
+STAND_IN = Limits("stand-in", ("default",))
 
 
 def _free_port() -> int:
@@ -34,12 +35,18 @@ def _free_port() -> int:
 
 
 def _endpoint(speech: Callable[[dict[str, Any]], httpx.Response]) -> httpx.MockTransport:
-    """A stand-in server: its model list, and ``speech(body)`` for each speech request."""
+    """A stand-in server: its model list, and ``speech(body)`` for each speech request that
+    this workbench's server would take (``response_format`` included: it has no default)."""
 
     def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": "stand-in"}]})
-        return speech(json.loads(request.content))
+        body = json.loads(request.content)
+        try:
+            parse_speech(body, STAND_IN)
+        except RequestError as e:
+            return httpx.Response(e.status, json=e.body())
+        return speech(body)
 
     return httpx.MockTransport(handle)
 

@@ -85,7 +85,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
 
 
 def _speech(url: str, model: str, **fields: object) -> httpx.Response:
-    body = {"model": model, "input": TEXT, "seed": 7, "max_tokens": 40, **fields}
+    body = {"model": model, "input": TEXT, "response_format": "pcm", "seed": 7, "max_tokens": 40, **fields}
     return httpx.post(f"{url}/v1/audio/speech", json=body, timeout=120, trust_env=False)
 
 
@@ -153,7 +153,7 @@ def test_a_client_that_disconnects_frees_its_stream(server: tuple[str, str]) -> 
             break
         answer = httpx.get(f"{url}/metrics", timeout=5, trust_env=False)
         before[answer.headers["x-replica"]] = _tokens_sampled(answer.text, answer.headers["x-replica"])
-    body = {"model": model, "input": TEXT * 3, "seed": 1, "max_tokens": 800}
+    body = {"model": model, "input": TEXT * 3, "response_format": "pcm", "seed": 1, "max_tokens": 800}
     with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=60, trust_env=False) as r:
         replica = r.headers["x-replica"]
         next(r.iter_raw())  # the first audio, then the client goes away

@@ -47,7 +47,9 @@ from tts_workbench.studies.http_load import _stream
 
 REFUSED = {"replica": "0", "outcome": "refused"}  # the fixture's service is replica "0"
 LIMITS = Limits("chatterbox-tiny", ("default", "alice"), max_input_chars=50, max_tokens=300)
-GOOD = {"model": "chatterbox-tiny", "input": "Hello there."}
+# response_format is required: OpenAI's default, mp3 (openai-python leaves the field out), is not served
+GOOD = {"model": "chatterbox-tiny", "input": "Hello there.", "response_format": "pcm"}
+NO_FORMAT = {k: v for k, v in GOOD.items() if k != "response_format"}  # as openai-python sends it
 
 
 # Remedies the messages name, as LIMITS makes them; the fields are protocol.FIELDS in order.
@@ -116,10 +118,32 @@ def test_a_missing_model_or_voice_says_what_to_send(body: dict[str, object], par
     assert e.value.param == param and says in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("fmt", [{}, {"response_format": None}])
+def test_a_request_without_response_format_is_refused_not_sent_pcm(fmt: dict[str, object]) -> None:
+    """OpenAI's default is mp3, and openai-python leaves the field out unless it is set: the
+    answer says to send pcm or wav (before: raw pcm, which ``write_to_file("x.mp3")`` saved)."""
+    body = {**NO_FORMAT, **fmt}
+    with pytest.raises(RequestError) as e:
+        parse_speech(body, LIMITS)
+    assert e.value.param == "response_format" and e.value.status == 400
+    assert "OpenAI's default is mp3" in str(e.value) and 'send "pcm"' in str(e.value), str(e.value)
+
+
+def test_an_unknown_model_is_openais_model_not_found() -> None:
+    """(before: "code": null, where OpenAI's 404 says "model_not_found")"""
+    with pytest.raises(RequestError) as e:
+        parse_speech({**GOOD, "model": "tts-1"}, LIMITS)
+    assert e.value.status == 404 and e.value.body()["error"]["code"] == "model_not_found"
+    with pytest.raises(RequestError) as e:  # not a name at all: a malformed field, no code
+        parse_speech({**GOOD, "model": 5}, LIMITS)
+    assert e.value.status == 400 and e.value.body()["error"]["code"] is None
+
+
 def test_a_good_request_gets_the_defaults() -> None:
-    req = parse_speech({**GOOD, "voice": "alice", "speed": 1.0}, LIMITS, default_tokens=40)
+    req = parse_speech({**GOOD, "voice": "alice", "speed": 1.0, "response_format": "wav"}, LIMITS,
+                       default_tokens=40)  # fmt: skip
     assert (req.input, req.voice, req.response_format, req.seed, req.max_tokens) == (
-        "Hello there.", "alice", "pcm", 0, 40,
+        "Hello there.", "alice", "wav", 0, 40,
     )  # fmt: skip
     with pytest.raises(RequestError, match="JSON object"):
         parse_speech(["not", "an", "object"], LIMITS)
@@ -199,6 +223,7 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
             ({**GOOD, "voice": "bob"}, "voice", 400),
             ({**GOOD, "model": "tts-1"}, "model", 404),
             ({**GOOD, "response_format": "opus"}, "response_format", 400),
+            (NO_FORMAT, "response_format", 400),
             ({**GOOD, "speed": 2.0}, "speed", 400),
         ]
         for body, param, status in bad:
@@ -208,6 +233,7 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
                 r = client.post("/v1/audio/speech", json=body)
             assert r.status_code == status, (body, r.text)
             assert r.json()["error"]["param"] == param, r.json()
+            assert r.json()["error"]["code"] == ("model_not_found" if status == 404 else None), r.json()
             assert r.headers["x-replica"] == "0"
         for voice in ("default", "alice"):  # and it still serves, each voice its own
             r = client.post("/v1/audio/speech", json={**GOOD, "voice": voice, "max_tokens": 20})
@@ -516,7 +542,7 @@ def test_a_multilingual_service_with_alignment_gives_each_request_its_analyzer(
         analyzers.take()  # the warm-up's
         with TestClient(speech_app(service)) as client:
             for text in ("Hello there.", "A longer text, to read."):
-                body = {"model": service.model_id, "input": text, "max_tokens": 12}
+                body = {**GOOD, "model": service.model_id, "input": text, "max_tokens": 12}
                 response = client.post("/v1/audio/speech", json=body)
                 assert response.status_code == 200 and response.content, response.text
                 [[analyzer]] = analyzers.take().values()  # one analyzer, this request's alone
@@ -987,7 +1013,7 @@ def test_the_load_client_counts_a_stream_cut_midway_as_failed(
 
     async def one() -> tuple[dict[str, Any], bool]:
         async with httpx.AsyncClient(timeout=120) as client:
-            return await _stream(client, url, {**MIDWAY, "response_format": "pcm"}, time.perf_counter(), 120)
+            return await _stream(client, url, MIDWAY, time.perf_counter(), 120)
 
     arm()
     row, refused = asyncio.run(one())

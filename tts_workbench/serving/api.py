@@ -136,7 +136,8 @@ async def read_speech(request: Request, service: SpeechService) -> SpeechRequest
     # over 4300 digits, nesting deeper than the stack
     except (ValueError, RecursionError) as e:
         raise RequestError(
-            f'the body is not valid JSON ({e}): send {{"model": ..., "input": "Hello"}}'
+            f"the body is not valid JSON ({e}): "
+            'send {"model": ..., "input": "Hello", "response_format": "pcm"}'
         ) from e
     return parse_speech(body, service.limits, service.options.default_tokens)
 

@@ -25,16 +25,19 @@ FIELDS = ("model", "input", "voice", "response_format", "speed", "stream_format"
 
 
 class RequestError(ValueError):
-    """A request the server will not run: HTTP ``status``, the field (``param``) and the fix."""
+    """A request the server will not run: HTTP ``status``, the field (``param``), the fix, and
+    OpenAI's ``code`` where OpenAI has one (``model_not_found``)."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, code: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error body."""
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": None}}
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,10 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     if model is None:
         raise RequestError(f'model is missing: send "model": "{limits.model}" (GET /v1/models)', "model")
     if model != limits.model:
+        named = isinstance(model, str)  # a name not served is OpenAI's model_not_found, a 404
         raise RequestError(
             f"model {model!r} is not served here: use {limits.model!r} (GET /v1/models)", "model",
-            404 if isinstance(model, str) else 400,  # OpenAI's model_not_found is a 404
+            404 if named else 400, "model_not_found" if named else None,
         )  # fmt: skip
     text = body.get("input")
     if not isinstance(text, str) or not text.strip():
@@ -109,7 +113,13 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
             f"unknown voice {voice!r}: use one of {', '.join(limits.voices)} (the server's --voices "
             "folder, by file stem)", "voice",
         )  # fmt: skip
-    fmt = body.get("response_format", "pcm")
+    fmt = body.get("response_format")
+    if fmt is None:  # openai-python leaves it out, meaning mp3: served pcm, it saved an unplayable .mp3
+        raise RequestError(
+            "response_format is required here: OpenAI's default is mp3, which this server does not serve; "
+            'send "pcm" (24 kHz 16-bit mono) or "wav"',
+            "response_format",
+        )
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise RequestError(f"response_format {fmt!r} is not supported: use pcm or wav", "response_format")
     speed = body.get("speed", 1.0)
