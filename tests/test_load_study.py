@@ -20,6 +20,7 @@ from conftest import Analyzers, voiced
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import SERVER_FLAGS, build_parser, main
 from tts_workbench.models import sources, vocode
+from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.streaming import StreamConfig
 from tts_workbench.studies.load import (
@@ -232,6 +233,7 @@ def test_load_cli_reports_each_level(
     # each level's summary on stderr as it ends (a run killed at a later level keeps them)
     lines = [line for line in captured.err.splitlines() if line.startswith("level ")]
     summaries = [json.loads(line.split(": ", 1)[1]) for line in lines]
+    assert [summary.pop("failed_streams") for summary in summaries] == [[], []]  # (where: none)
     assert summaries == [level["summary"] for level in report["levels"]]
     # what was measured: the --model, the voice and the texts, in the report and its title
     assert (report["model"], report["reference"], report["texts"]) == ("tiny", str(reference_wav), "built-in")
@@ -266,6 +268,19 @@ def test_load_cli_reports_each_level(
         s = level["summary"]
         held = not s["failed"] and not s["streams_with_underruns"] and s["ttfa_p95_s"] <= 0.5
         assert (str(level["streams"]) not in real_time["missed"]) == held  # JSON keys are strings
+
+
+def test_turbos_closing_silence_is_no_token_t3_kept(tmp_path: Path) -> None:
+    """The engine appends Turbo's three closing silence tokens to a stream that ended: vocoded, never
+    sampled. (before: counted as kept, so the tokens per second needed were under 25 a stream)"""
+    tts = voiced("turbo-tiny", make_reference_wav(tmp_path / "r.wav", seconds=6.0))  # Turbo: > 5 s
+    level = run_load(tts, [1], tokens=20, config=CONFIG, model="turbo-tiny")["levels"][0]
+    (row,) = level["per_stream"]
+    tail = vocode.tail_tokens(tts.s3gen)
+    assert len(tail) == 3 and row["error"] is None and row["speech_tokens"][-3:] == tail
+    needed = level["summary"]["t3_tokens_per_s_needed"]
+    assert needed == pytest.approx(25 * row["sampled_tokens"] / (len(row["speech_tokens"]) - 3))
+    assert needed >= 25  # each second of audio is 25 speech tokens T3 sampled, and the ids it dropped
 
 
 def test_the_cli_default_first_audio_limit_is_the_studys() -> None:
@@ -322,6 +337,32 @@ def test_a_level_whose_kv_cache_outgrows_the_device_is_refused_before_any_level_
         run_load(tiny_tts, [1, 1_000_000_000], tokens=6)
 
 
+@pytest.mark.parametrize(
+    ("seed", "error"),
+    [
+        (
+            2**64 - 1,
+            "^seed 18446744073709551615: the 2-stream level's last stream takes seed 18446744073709551616, "
+            r"past 2\*\*64 - 1: give 18446744073709551614 or less",
+        ),
+        (-(2**63) - 1, r"^seed must be an int in \[-2\*\*63, 2\*\*64\), got -9223372036854775809$"),
+    ],
+)
+def test_a_seed_a_levels_stream_cannot_take_is_refused_before_any_engine(
+    seed: int, error: str, tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream's seed is the study's plus its place in the level, each in [-2**63, 2**64) as the
+    engine takes it (before: past it, the engine refused a later level's stream after the earlier
+    levels had run)."""
+
+    def engine(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("an engine was made for a seed no stream can take")
+
+    monkeypatch.setattr("tts_workbench.studies.load.StreamEngine", engine)
+    with pytest.raises(ConfigError, match=error):
+        run_load(tiny_tts, [1, 2], tokens=6, seed=seed)
+
+
 def test_the_capacity_is_the_largest_level_held_and_each_miss_says_why() -> None:
     def level(n: int, p95: float | None, failed: int = 0, underran: int = 0) -> dict[str, Any]:
         return {"streams": n, "failed": failed, "ttfa_p95_s": p95, "streams_with_underruns": underran,
@@ -357,12 +398,42 @@ def test_a_stream_that_ended_without_audio_is_silent_not_failed() -> None:
     assert real_time_capacity(pd.DataFrame([s]), 0.5)["missed"][1] == "1 spoke nothing; none spoke"
 
 
+@pytest.fixture(scope="module")
+def one_failed(tiny_tts: ChatterboxTTS) -> dict[str, Any]:
+    """A 2-stream level whose second stream fails on its own request (an empty text)."""
+    return run_load(tiny_tts, [2], texts=["Hello there, how are you.", ""], tokens=20, config=CONFIG)
+
+
+def test_the_solo_check_skips_the_streams_that_failed_and_counts_them(
+    tiny_tts: ChatterboxTTS, one_failed: dict[str, Any]
+) -> None:
+    """(before: it ran the failed stream alone, which raised its error again: notebook 09's check
+    died instead of reporting)"""
+    first, second = one_failed["levels"][0]["per_stream"]
+    assert first["error"] is None and second["error"].startswith("EmptyTextError: ")
+    solo = same_as_solo(tiny_tts, one_failed)
+    assert solo[["streams", "solo_tokens", "failed"]].values.tolist() == [[2, True, 1]]
+
+
+def test_the_report_says_which_streams_failed_and_why(one_failed: dict[str, Any]) -> None:
+    """(before: only how many, though each stream's error is in the report)"""
+    error = one_failed["levels"][0]["per_stream"][1]["error"]
+    lines = format_load(one_failed).splitlines()
+    assert f"  2 streams: stream 2 (seed 1, text '') failed: {error}" in lines
+    assert not any("stream 1 (" in line for line in lines)  # the one that spoke
+
+
 def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
     # Poisson: the first stream at the level's start (no idle lead-in), then seeded gaps.
     offsets = arrival_offsets(("poisson", 2.0), 4, seed=0)
     assert offsets[0] == 0.0 and len(offsets) == 4 and (np.diff(offsets) > 0).all()
     assert (offsets == arrival_offsets(("poisson", 2.0), 4, seed=0)).all()
     assert (arrival_offsets(("burst", math.inf), 3, seed=0) == 0).all()
+    # any seed a stream takes (before: numpy's generator refused a negative one after the warm-up)
+    for seed in (-1, -(2**63), 2**64 - 1):
+        spread = arrival_offsets(("poisson", 2.0), 3, seed)
+        assert len(spread) == 3 and (np.diff(spread) > 0).all()
+        assert (spread == arrival_offsets(("poisson", 2.0), 3, seed)).all()
 
     def row(
         arrival_s: float, ttfa_s: float | None, audio_s: float, error: str | None = None
@@ -440,8 +511,8 @@ def test_load_cli_bad_flags_give_one_error_line(
 def test_the_report_names_levels_whose_compile_fell_back() -> None:
     # On the H200 (2026-12-04) the 8- and 32-stream engines ran the static step after a failed
     # compile while the report's title said "compiled step": only the JSON's compile_fallback said so
-    level = {"streams": 1, "compile_fallback": None, "summary": {"streams": 1}}
-    failed = {"streams": 8, "compile_fallback": "AssertionError", "summary": {"streams": 8}}
+    level = {"streams": 1, "compile_fallback": None, "summary": {"streams": 1}, "per_stream": []}
+    failed = {"streams": 8, "compile_fallback": "AssertionError", "summary": {"streams": 8}, "per_stream": []}
     report = {"title": "t", "note": "n", "levels": [level, failed],
               "real_time": {"first_audio_limit_s": 0.5, "streams": 1, "missed": {}}}  # fmt: skip
     assert fallbacks(report) == ["8 streams: T3 ran the static step, its compile failed (AssertionError)"]

@@ -50,7 +50,7 @@ from ..instruments.memory import device_memory_bytes, memory_window
 from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan
-from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, prefill_length
+from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, checked_seed, prefill_length, speech_ids
 from ..runtime.engine import (
     StreamEngine,
     StreamHandle,
@@ -109,6 +109,19 @@ def checked_levels(levels: Sequence[int], given: str) -> list[int]:
     return sorted(int(n) for n in levels)
 
 
+def checked_level_seed(seed: object, largest: int) -> int:
+    """``seed`` as an int (``decode.checked_seed``), or a ConfigError where the ``largest`` level's
+    last stream would take a seed no generator takes: stream k of a level takes ``seed + k``."""
+    whole = checked_seed(seed)
+    last = whole + largest - 1
+    if last >= 2**64:  # the engine's bound (checked_seed): found now, not once the levels before ran
+        raise ConfigError(
+            f"seed {whole}: the {largest}-stream level's last stream takes seed {last}, past 2**64 - 1: "
+            f"give {2**64 - largest} or less"
+        )
+    return whole
+
+
 def check_level_buckets(step_buckets: Sequence[int] | None, levels: Sequence[int]) -> None:
     """``engine.check_step_buckets`` against the largest level: no level's engine would run a
     larger size, and the report would list it."""
@@ -160,7 +173,8 @@ def arrival_offsets(arrival: tuple[str, float], n: int, seed: int) -> np.ndarray
     idle wait), then exponential gaps at the rate (seeded, so every run is alike)."""
     if arrival[0] != "poisson":
         return np.zeros(n)
-    gaps = np.random.default_rng(seed).exponential(1 / arrival[1], n - 1)
+    # numpy takes no negative seed: the 64-bit two's complement, as torch's manual_seed takes it
+    gaps = np.random.default_rng(seed % 2**64).exponential(1 / arrival[1], n - 1)
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
@@ -325,7 +339,8 @@ def run_level(
     mem = {"start_bytes": memory.start_bytes, "peak_bytes": memory.peak_bytes}
     summary = _level_summary(n, wall, streams, delta, mem, engine.kv_bytes_per_stream)
     if progress:  # each level's figures as it ends: a run stopped before the report keeps them
-        print(f"level {n}: {json_dumps(summary, indent=None)}", file=sys.stderr, flush=True)
+        line = {**summary, "failed_streams": failed_positions(streams)}
+        print(f"level {n}: {json_dumps(line, indent=None)}", file=sys.stderr, flush=True)
     return {
         "streams": n,
         "wall_s": wall,
@@ -354,8 +369,9 @@ def _stream_row(h: StreamHandle, out: dict[str, Any], arrival_s: float) -> dict[
         "rtf": s["rtf"] if first else None,
         "audio_s": s["audio_s"],
         **{k: s[k] for k in ("underruns", "underrun_s", "max_underrun_s")},
-        "speech_tokens": list(h.tokens),
+        "speech_tokens": list(h.tokens),  # with Turbo's closing silence, appended once T3 ended
         "sampled_tokens": len(h.sampled),  # invalid ids too (dropped before S3Gen)
+        "kept_tokens": len(speech_ids(h.sampled)),  # the speech ids among them
         "error": out.get("error"),
     }
 
@@ -418,8 +434,9 @@ def _level_summary(
 
 def _sampled_per_kept(streams: list[dict[str, Any]]) -> float:
     """Speech tokens T3 sampled per token it kept for S3Gen, over the level's streams (1.0 when
-    nothing was kept)."""
-    kept = sum(len(s["speech_tokens"]) for s in streams)
+    nothing was kept). Turbo's closing silence, appended to ``speech_tokens`` after T3 ended,
+    is none of them: counted, a stream needed fewer than 25 tokens a second."""
+    kept = sum(s["kept_tokens"] for s in streams)
     return sum(s["sampled_tokens"] for s in streams) / kept if kept else 1.0
 
 
@@ -463,8 +480,10 @@ def run_load(
     and ``texts_from`` (the texts' file, ``texts_source``).
     ``levels`` run in ascending order, after one untimed stream (``warm_up``; its seconds are
     ``warmup_s``); none, a repeated one, or a largest one whose KV cache is more than the device's
-    memory is a ConfigError before any level runs."""
+    memory is a ConfigError before any level runs, as is a ``seed`` one of its streams cannot take
+    (``checked_level_seed``)."""
     levels = checked_levels(levels, repr(levels))
+    seed = checked_level_seed(seed, levels[-1])
     check_level_buckets(step_buckets, levels)
     # before the warm-up: no engine would take them
     check_engine_options(family_of(tts).name, step, alignment=alignment, fused=fused)
@@ -619,6 +638,26 @@ def fallbacks(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def failed_positions(streams: list[dict[str, Any]]) -> list[int]:
+    """Where in its level (from 1, in the order sent) each stream that failed was."""
+    return [k + 1 for k, s in enumerate(streams) if s["error"] is not None]
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """A line per stream that failed, by level: its place in the level, its seed, its text
+    (``shown``) and its error on one line."""
+    lines = []
+    for level in report["levels"]:
+        n, streams = level["streams"], level["per_stream"]
+        for k in failed_positions(streams):
+            s = streams[k - 1]
+            lines.append(
+                f"  {n} stream{'s' if n > 1 else ''}: stream {k} (seed {s['seed']}, text {shown(s['text'])}) "
+                f"failed: {' '.join(s['error'].split())}"
+            )
+    return lines
+
+
 def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
     columns = ["streams", "failed", "silent", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
@@ -630,6 +669,7 @@ def format_load(report: dict[str, Any]) -> str:
     lines = [
         report["title"],
         render(frame[[c for c in columns if c in frame]]),
+        *failures(report),
         "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
         "real-time stream)" + ("; *_busy_pct: share of the wall time each stage's thread was working"
                                if "t3_busy_pct" in frame else ""),
@@ -643,11 +683,13 @@ def format_load(report: dict[str, Any]) -> str:
 
 
 def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
-    """Per level: did every stream speak exactly the tokens it speaks alone (same text, seed and
-    T3 dtype, the static step, fused if the study's was: ``streaming.stream_tokens``, T3 alone),
-    and how many cache rows were still held when every stream had ended (0: each freed its rows)?
-    One row per level. In bfloat16 a batched kernel's rounding can flip a near tie, so False
-    there is not necessarily a bug."""
+    """Per level: did every stream that did not fail speak exactly the tokens it speaks alone (same
+    text, seed and T3 dtype, the static step, fused if the study's was: ``streaming.stream_tokens``,
+    T3 alone), and how many cache rows were still held when every stream had ended (0: each freed
+    its rows)? One row per level. A stream that failed (``failed`` counts them) is not re-run: its
+    tokens stop where it failed, and a request that failed alone (an empty text) fails again. In
+    bfloat16 a batched kernel's rounding can flip a near tie, so False there is not necessarily
+    a bug."""
     parts = decode_plan(tts, report["t3_dtype"])  # the report's T3 dtype, the static step
     # (with alignment analyzers the eager one: the single-stream step that runs one)
     plan = DecodePlan(
@@ -659,10 +701,12 @@ def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
     )
     rows = []
     for level in report["levels"]:
-        same = []
-        for s in level["per_stream"]:
-            alone = stream_tokens(tts, s["text"], max_new_tokens=report["tokens"], seed=s["seed"], plan=plan)
-            same.append(alone == s["speech_tokens"])
+        same = [
+            stream_tokens(tts, s["text"], max_new_tokens=report["tokens"], seed=s["seed"], plan=plan)
+            == s["speech_tokens"]
+            for s in level["per_stream"]
+            if s["error"] is None
+        ]
         failed = level["summary"]["failed"]
         rows.append(
             {"streams": level["streams"], "solo_tokens": all(same), "failed": failed,
