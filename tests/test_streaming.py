@@ -246,6 +246,9 @@ def test_a_stream_state_that_holds_a_stream_is_refused(tts: ChatterboxTTS) -> No
         ({"max_new_tokens": 40.5}, "max_new_tokens must be an int, got 40.5"),
         ({"max_new_tokens": True}, "max_new_tokens must be an int, got True"),
         ({"max_new_tokens": "20"}, "max_new_tokens must be an int, got '20'"),
+        # a tensor has __index__ for one element of any rank, a boolean one's too
+        ({"max_new_tokens": torch.tensor(True)}, "max_new_tokens must be an int, got tensor"),
+        ({"seed": torch.tensor([3])}, "seed must be an int.*got tensor"),
     ],
 )
 def test_a_seed_or_token_cap_no_stream_runs_with_is_refused(

@@ -64,8 +64,11 @@ class TraceError(WorkbenchError):
 def as_int(value: object) -> int | None:
     """``value`` as an ``int`` when it is a whole number (a Python or numpy integer: anything with
     ``__index__``), else None. A bool is not one: ``True`` is an ``int`` to Python, but a token
-    count or a seed of ``True`` is a caller's mistake, not 1."""
+    count or a seed of ``True`` is a caller's mistake, not 1. Nor is an array: a torch tensor has
+    ``__index__`` for one element of any rank, a boolean one's included."""
     if isinstance(value, bool):  # numpy's bool has no __index__
+        return None
+    if getattr(value, "ndim", 0) != 0 or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         return None
     try:
         return operator.index(value)  # type: ignore[arg-type]
