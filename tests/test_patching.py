@@ -106,6 +106,40 @@ def test_shadows_overlapping_out_of_order_leave_the_instance_as_it_was() -> None
             assert v.speak() == "upstream" and "speak" not in vars(v), (under, over, first_out)  # then none
 
 
+def test_a_shadow_leaves_what_its_wrap_returned_as_it_was() -> None:
+    """``functools.update_wrapper`` wrote upstream's metadata onto whatever the wrap returned: an
+    existing function kept upstream's name, docstring and ``__wrapped__`` (a bound method, which
+    kept its instance alive) for good; a bound method of another object, or a class, could not
+    take them (AttributeError), so the shadow failed."""
+
+    class Model:
+        def forward(self, x: int) -> int:
+            """Upstream's forward."""
+            return x
+
+    def fast_forward(x: int) -> int:
+        """My replacement."""
+        return 2 * x
+
+    m, donor = Model(), types.SimpleNamespace(g=Voice().speak)
+    with shadow(m, "forward", lambda _: fast_forward):
+        assert m.forward(3) == 6  # and it still reads as upstream:
+        assert (m.forward.__name__, m.forward.__doc__) == ("forward", "Upstream's forward.")
+    meta = (fast_forward.__name__, fast_forward.__doc__, hasattr(fast_forward, "__wrapped__"))
+    assert meta == ("fast_forward", "My replacement.", False)
+    with shadow(donor, "g", lambda _: m.forward):  # another object's bound method
+        assert donor.g(5) == 5 and donor.g.__name__ == "speak"
+    assert donor.g() == "upstream"
+
+    class Mine(Voice):
+        pass
+
+    ns = types.SimpleNamespace(Cls=Voice)
+    with shadow(ns, "Cls", lambda _: Mine):  # a class is installed as it is: still a class
+        assert ns.Cls is Mine
+    assert (Mine.__name__, ns.Cls) == ("Mine", Voice)
+
+
 def test_a_submodule_parameter_or_buffer_cannot_be_shadowed() -> None:
     # nn.Module keeps them outside the instance's __dict__: before, a shadow of a child module
     # was never undone (its exit took the child for another shadow sitting on top).

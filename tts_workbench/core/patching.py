@@ -3,8 +3,10 @@
 Everything the workbench does to a user's model goes through here:
 
 - ``shadow``: replace a method (or any attribute) on one instance while inside, then restore
-  whatever the instance had before. The wrapper keeps the wrapped function's name, docstring
-  and signature (``functools.wraps``), so tracebacks and ``help()`` still read as upstream.
+  whatever the instance had before. What is set is a function that calls the wrapper and keeps
+  the wrapped function's name, docstring and signature (``functools.wraps``), so tracebacks and
+  ``help()`` still read as upstream; the wrapper itself is not changed (it may be a function used
+  elsewhere, or a bound method; a class is set as it is). Dynamo traces through the function.
 - ``around``: the common case of ``shadow``: run every call of a method inside a context
   manager built for that call (a timer, a profiler range, ...).
 - ``shared`` and ``routed``: shadows that several threads may hold at once (streams in threads).
@@ -71,12 +73,26 @@ def shadow(obj: object, name: str, wrap: Wrap) -> Iterator[None]:
         original = getattr(obj, name)
         wrapped = wrap(original)
         if callable(original) and callable(wrapped) and wrapped is not original:
-            functools.update_wrapper(wrapped, original)
+            wrapped = _forwarding(wrapped, original)
         _set(obj, name, wrapped, before)
     try:
         yield
     finally:
         _put_back(obj, name, wrapped, before)
+
+
+def _forwarding(target: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
+    """A new function that calls ``target``, named, documented and signed as ``original``.
+    ``target`` is the wrap's: a function used elsewhere would keep upstream's metadata for good,
+    a bound method cannot take it, so it is never written on. A class is returned as it is: in a
+    function's place, ``isinstance`` and subclassing would fail."""
+    if isinstance(target, type):
+        return target
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return target(*args, **kwargs)
+
+    return functools.update_wrapper(forward, original)
 
 
 @dataclass(eq=False)
