@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import torch
 
 from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import CacheError
@@ -15,7 +16,13 @@ from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import token_cap_note
 from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
 from tts_workbench.studies import diagnose
-from tts_workbench.studies.diagnose import decode_step_kernels, format_report, run_diagnosis
+from tts_workbench.studies.diagnose import (
+    decode_step_kernels,
+    diagnose_precision,
+    format_report,
+    precision_frame,
+    run_diagnosis,
+)
 
 if TYPE_CHECKING:
     from chatterbox.tts import ChatterboxTTS
@@ -146,3 +153,25 @@ def test_a_multilingual_diagnosis_names_the_alignment_analyzers_eager_switch(
     assert "sdpa (eager during each generation: the alignment analyzer)" in backend
     assert "useless" not in backend
     assert any(r.startswith("no Flash") and "alignment analyzer" in r for r in rows)
+
+
+def test_autocast_doing_its_work_gets_no_fix_but_its_failures_do(
+    tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    """Under autocast a module's outputs leave its weights' dtype: that is autocast at work, not a
+    fault (before: each stage that ran got a "fix", e.g. "cast the conditionals to T3's dtype"
+    with weights and conditionals all float32)."""
+    clean = diagnose_precision(tiny_tts, str(reference_wav), torch.float32, torch.float16, 4)
+    for name, st in clean["stages"].items():
+        assert st["error"] is None and st["advice"] is None, (name, st["advice"])
+        assert st["mismatches"] and {m["mismatch"] for m in st["mismatches"]} == {"autocast"}
+    frame = precision_frame(clean)
+    assert list(frame["finding"]) == ["ok"] * 3 and frame["detail"].str.contains("autocast").all()
+    # A stage that raises under autocast keeps its fix, though its first mismatch is autocast's.
+    failing = diagnose_precision(tiny_tts, str(reference_wav), torch.float32, torch.bfloat16, 4)
+    conditioning = failing["stages"]["conditioning"]
+    assert conditioning["first_mismatch"]["mismatch"] == "autocast"
+    assert "BFloat16" in conditioning["error"] and ".numpy()" in conditioning["advice"]
+    assert "iSTFT" in failing["stages"]["s3gen"]["advice"]
+    fixes = precision_frame(failing).query("finding == 'fix'")
+    assert list(fixes["stage"]) == ["conditioning", "generate", "s3gen"]

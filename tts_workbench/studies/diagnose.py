@@ -252,7 +252,10 @@ def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> 
     out.update(trace.summary())
     first = trace.first_mismatch
     out["first_mismatch"] = vars(first) if first else None
-    out["advice"] = advice_for(trace.failure or first)
+    # Under autocast a module's outputs leave its weights' dtype by design: only a raise (the
+    # block's, recorded as the failure) or a mismatch of another kind has something to fix.
+    fixable = next((r for r in trace.mismatches if r.mismatch != "autocast"), None)
+    out["advice"] = advice_for(trace.failure or fixable)
     if rec is not None:
         out.update(rec.summary())
     return out
@@ -378,11 +381,14 @@ def format_attention(record: dict[str, Any], att: dict[str, Any]) -> str:
 
 def precision_frame(prec: dict[str, Any]) -> pd.DataFrame:
     """One row per finding of each traced stage (``stage, finding, detail``): error, first
-    mismatch, failing module, fix; ``ok`` for a clean stage."""
+    mismatch, failing module, fix; ``ok`` for a clean stage, also one whose only mismatches are
+    autocast's own casts."""
     rows = []
     for name, st in prec["stages"].items():
-        if st["error"] is None and not st["mismatches"]:
-            rows.append((name, "ok", f"no dtype mismatch in {st['calls']} module calls"))
+        cast = sum(m["mismatch"] == "autocast" for m in st["mismatches"])
+        if st["error"] is None and cast == len(st["mismatches"]):
+            casts = f" beyond autocast's own casts (in {cast} modules)" if cast else ""
+            rows.append((name, "ok", f"no dtype mismatch in {st['calls']} module calls{casts}"))
             continue
         if st["error"]:
             rows.append((name, "error", st["error"]))
