@@ -421,6 +421,10 @@ def test_the_report_says_which_streams_failed_and_why(one_failed: dict[str, Any]
     lines = format_load(one_failed).splitlines()
     assert f"  2 streams: stream 2 (seed 1, text '') failed: {error}" in lines
     assert not any("stream 1 (" in line for line in lines)  # the one that spoke
+    # a report kept without its per-stream rows (the GPU check's results file) still prints
+    kept = {**one_failed, "levels": [{k: v for k, v in level.items() if k != "per_stream"}
+                                     for level in one_failed["levels"]]}  # fmt: skip
+    assert "failed:" not in format_load(kept) and format_load(kept).startswith(one_failed["title"])
 
 
 def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:

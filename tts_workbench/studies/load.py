@@ -645,10 +645,11 @@ def failed_positions(streams: list[dict[str, Any]]) -> list[int]:
 
 def failures(report: dict[str, Any]) -> list[str]:
     """A line per stream that failed, by level: its place in the level, its seed, its text
-    (``shown``) and its error on one line."""
+    (``shown``) and its error on one line. None for a level kept without its per-stream rows
+    (the GPU check's results file drops them; they stay in the step's own JSON)."""
     lines = []
     for level in report["levels"]:
-        n, streams = level["streams"], level["per_stream"]
+        n, streams = level["streams"], level.get("per_stream", [])
         for k in failed_positions(streams):
             s = streams[k - 1]
             lines.append(
