@@ -39,6 +39,23 @@ def test_same_seed_same_tokens_and_audio(tiny_tts: ChatterboxTTS) -> None:
     assert a.speech_tokens != c.speech_tokens
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": True}, "max_new_tokens must be an int, got True"),
+        ({"max_new_tokens": torch.tensor([4])}, "max_new_tokens must be an int"),
+        ({"seed": True}, "seed must be an int"),
+    ],
+)
+def test_the_baseline_refuses_the_seeds_and_caps_the_wrappers_refuse(
+    tiny_tts: ChatterboxTTS, kwargs: dict[str, object], message: str
+) -> None:
+    # Before, a cap of True (or a one-element tensor) spoke that many tokens and a seed of True
+    # failed in torch's manual_seed: the wrappers and streams refused them, the baseline did not.
+    with pytest.raises(ConfigError, match=message):
+        generate(tiny_tts, "Hello.", **{"max_new_tokens": 4, **kwargs})  # type: ignore[arg-type]
+
+
 def test_cap_not_stop_token_ends_random_weights(tiny_tts: ChatterboxTTS) -> None:
     r = generate(tiny_tts, max_new_tokens=40)
     assert len(r.speech_tokens) == 40 and r.stopped_by == "token cap"

@@ -129,6 +129,15 @@ def test_a_request_without_response_format_is_refused_not_sent_pcm(fmt: dict[str
     assert "OpenAI's default is mp3" in str(e.value) and 'send "pcm"' in str(e.value), str(e.value)
 
 
+def test_the_example_body_of_a_refusal_is_one_the_server_takes() -> None:
+    """(before: a body that is not an object was told to send one without response_format,
+    which is refused since that field is required)"""
+    with pytest.raises(RequestError) as e:
+        parse_speech(["x"], LIMITS)
+    example = json.loads(str(e.value).split("such as ", 1)[1].replace("...", f'"{LIMITS.model}"'))
+    assert parse_speech(example, LIMITS).response_format == "pcm"
+
+
 def test_an_unknown_model_is_openais_model_not_found() -> None:
     """(before: "code": null, where OpenAI's 404 says "model_not_found")"""
     with pytest.raises(RequestError) as e:

@@ -30,7 +30,7 @@ from ..instruments.profiling import t3_phase
 from ..models.reference import ReferenceInfo, check_reference
 from ..models.vocode import tail_tokens
 from .alignment import upstream_alignment
-from .decode import generated_ids, invalid_ids, is_turbo, text_tokens
+from .decode import checked_cap, checked_seed, generated_ids, invalid_ids, is_turbo, text_tokens
 from .sampling import check_sampling
 
 
@@ -260,6 +260,13 @@ def _taking_turns(tts: TTSModel) -> Iterator[None]:
         yield
 
 
+def checked_call(seed: object, max_new_tokens: object) -> tuple[int | None, int]:
+    """A ``generate`` call's seed (None: the global random state, as upstream) and token cap as
+    Python ints, refused as a stream's are (``checked_seed``, ``checked_cap``): a numpy seed
+    failed in torch, a cap of True spoke one token."""
+    return (None if seed is None else checked_seed(seed)), checked_cap(max_new_tokens)
+
+
 def generate(
     tts: TTSModel,
     text: str = UPSTREAM_SENTENCE,
@@ -280,6 +287,7 @@ def generate(
     cfg_weight 0, which upstream's standard generate fails on, refused).
     Multilingual calls on one model take turns (``_taking_turns``: upstream keeps one analyzer
     per model); the wall time starts at this call's turn."""
+    seed, max_new_tokens = checked_call(seed, max_new_tokens)
     reference = sampling.pop("audio_prompt_path", None)
     checked_voice(reference or tts.conds, text)  # a reference to prepare will do
     family = family_of(tts)

@@ -68,14 +68,13 @@ from .decode import (
     T3Parts,
     check_cache_len,
     checked_cap,
-    checked_seed,
     invalid_ids,
     is_turbo,
     prefill_length,
     t3_decode,
     text_tokens,
 )
-from .generation import checked_voice, prepare_voice, vocoded_ids
+from .generation import checked_call, checked_voice, prepare_voice, vocoded_ids
 from .generation import generate as capped_generate
 from .precision import (
     ISLANDS,
@@ -114,13 +113,6 @@ def stream_seed(seed: int | None) -> int:
     """A stream's seed: ``seed``, or for ``None`` one drawn from the global generator, so unseeded
     streams differ as unseeded ``generate`` calls do, and ``torch.manual_seed`` before repeats one."""
     return int(torch.randint(2**63 - 1, ())) if seed is None else seed
-
-
-def checked_call(seed: object, max_new_tokens: object) -> tuple[int | None, int]:
-    """A ``generate`` call's seed (None: the global random state, as upstream) and token cap as
-    Python ints, refused as a stream's are (``checked_seed``, ``checked_cap``): a numpy seed
-    failed in torch, a cap of True spoke one token."""
-    return (None if seed is None else checked_seed(seed)), checked_cap(max_new_tokens)
 
 
 def check_decode(step: str, device: torch.device) -> str:
@@ -378,8 +370,7 @@ class UpstreamTTS(Pipeline):
         """Upstream ``generate`` (watermarked waveform, shape (1, samples)), phases timed; an
         ``audio_prompt_path`` is prepared as upstream ``generate`` prepares it (its defaults,
         Turbo's ``norm_loudness``), inside the timed call as there."""
-        seed, max_new_tokens = checked_call(seed, max_new_tokens)
-        r = capped_generate(
+        r = capped_generate(  # which checks the seed and cap (``generation.checked_call``)
             self.tts, text, max_new_tokens, seed, audio_prompt_path=audio_prompt_path, **sampling
         )
         decode = r.seconds.get("t3.decode", 0.0)

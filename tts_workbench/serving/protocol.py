@@ -80,7 +80,10 @@ def unicode_problem(text: str) -> str | None:
 def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> SpeechRequest:
     """Check a decoded JSON body field by field; the first problem raises a ``RequestError``."""
     if not isinstance(body, dict):
-        raise RequestError('the body must be a JSON object such as {"model": ..., "input": "Hello"}')
+        raise RequestError(
+            "the body must be a JSON object such as "
+            '{"model": ..., "input": "Hello", "response_format": "pcm"}'
+        )
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise RequestError(f"unknown field {unknown[0]!r}: the fields are {', '.join(FIELDS)}", unknown[0])
