@@ -162,18 +162,39 @@ def test_every_flag_has_help_and_shows_its_default() -> None:
     assert "(default: None)" not in bench and "(default: False)" not in bench
 
 
-@pytest.mark.parametrize("command", ["stream", "profile", "trace"])
+@pytest.mark.parametrize("command", ["stream", "profile", "trace", "diagnose"])
 def test_a_text_longer_than_t3s_positions_gives_one_error_line(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
 ) -> None:
     """(before: an IndexError from T3's text position embedding, exit code 1; then an error that
     named no flag; upstream generate's path, which diagnose takes, is tests/test_generation.py's)"""
     args = [command, "--text", "hello world " * 1500, "--tokens", "4", "--reference", str(reference_wav)]
-    assert main([*args, "--out" if command == "stream" else "--logdir", str(tmp_path / "out")]) == 2
+    out = "--logdir" if command in ("profile", "trace") else "--out"
+    assert main([*args, out, str(tmp_path / "out")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: argument --text: "), errors
     assert "beyond the 2048 T3 has positions for: split it" in errors[0], errors
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trace_past_turbos_positions_names_tokens_and_keeps_the_last_runs_traces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(before: each step's folder was emptied, the last run's trace with it, then the refusal
+    named max_new_tokens, no flag)"""
+    args = ["trace", "--model", "turbo-tiny", "--steps", "eager"]  # Turbo's voice: 5 s at least
+
+    def files() -> list[Path]:
+        return sorted(p.relative_to(tmp_path) for p in (tmp_path / "decode-eager").rglob("*") if p.is_file())
+
+    assert main([*args, "--tokens", "4", "--logdir", str(tmp_path)]) == 0
+    kept = files()
+    assert kept
+    capsys.readouterr()
+    assert main([*args, "--tokens", "8190", "--logdir", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --tokens: "), errors
+    assert files() == kept
 
 
 @pytest.mark.parametrize("command", ["diagnose", "stream", "profile", "bench"])

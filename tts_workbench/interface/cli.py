@@ -442,9 +442,10 @@ PROFILING_FLAGS = (
 
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.devices import check_device
-    from ..core.errors import ConfigError, TraceError, naming_flag
+    from ..core.errors import CacheError, ConfigError, TraceError, naming_flag
     from ..instruments.profiling import TRACE_FILE_ASKED
     from ..models.sources import token_cap_note
+    from ..runtime.decode import check_positions, prefill_length
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
         cut_report,
@@ -480,6 +481,8 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         )
     _check_decode_tokens(args.tokens)
     tts = _voiced_model(args, args.logdir)
+    with naming_flag("--tokens", CacheError):  # before decode_traces empties each step's folder
+        check_positions(tts.t3.tfmr.config, prefill_length(tts, args.text), args.tokens)
     regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
     note = f"T3 decode in {args.dtype}; up to {args.tokens} tokens each ({token_cap_note(args.model)})"
     if args.cut_only:

@@ -16,7 +16,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from ..core.clock import FEW_REPEATS, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.devices import check_device
-from ..core.errors import CacheError, NoVoiceError, SourceError, naming_flag
+from ..core.errors import CacheError, ConfigError, NoVoiceError, SourceError, naming_flag
 from ..core.families import components
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
@@ -72,6 +72,8 @@ def run_diagnosis(
     with naming_flag("--model", SourceError):  # a folder unreadable or unfit: named as stream names it
         tts = load_model(model, device=device, seed=seed, family=family)
     build_s = now(device) - t0
+    with naming_flag("--text", ConfigError):  # a text past T3's positions, before anything is written
+        text_tokens(tts, text, 0.0)
     given = reference is not None  # the user's: refused (as --reference) before the folder is made
     if reference is None:
         outdir.mkdir(parents=True, exist_ok=True)
