@@ -356,6 +356,19 @@ def _check_tokens(tts: Any, tokens: int) -> None:
         check_new_tokens(tts.t3, tokens)
 
 
+def _check_positions(tts: Any, args: argparse.Namespace) -> int:
+    """``--tokens`` after the ``--text``'s prefill past the positions of a GPT-2 backbone
+    (Turbo's) refused naming the flag, before anything decodes (or ``trace`` empties a step's
+    folder); the prefill's length."""
+    from ..core.errors import CacheError, naming_flag
+    from ..runtime.decode import check_positions, prefill_length
+
+    prefill = prefill_length(tts, args.text)
+    with naming_flag("--tokens", CacheError):
+        check_positions(tts.t3.tfmr.config, prefill, args.tokens)
+    return prefill
+
+
 def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = True) -> Any:
     """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in
     ``folder``); ``--tokens`` checked first where the command decodes T3 itself (``own_decode``:
@@ -382,10 +395,10 @@ def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = T
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
-    from ..core.errors import CacheError, ConfigError, naming_flag
+    from ..core.errors import ConfigError, naming_flag
     from ..core.positions import positions_needed
     from ..instruments.latency import format_report
-    from ..runtime.decode import DecodePlan, check_positions, prefill_length
+    from ..runtime.decode import DecodePlan
     from ..runtime.streaming import StreamConfig, run_to_files
 
     if args.strategy == "naive":  # it has no windows: refused, not ignored (its config keeps their defaults)
@@ -405,11 +418,9 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
             prompt_s=args.prompt_s,
         )
     tts = _voiced_model(args, args.out)
+    prefill = _check_positions(tts, args)  # before it streams (max_new_tokens)
     plan = DecodePlan.plain(tts.t3, step=args.decode)
-    prefill = prefill_length(tts, args.text)
     need = positions_needed(prefill, args.tokens)
-    with naming_flag("--tokens", CacheError):  # before it streams (max_new_tokens)
-        check_positions(plan.decode.tfmr.config, prefill, args.tokens)
     if args.decode != "eager":  # (the eager step's cache grows as it goes)
         # A static cache that holds this request: longer than the default only where it must
         # be (a refusal would tell a command-line user to set plan.max_cache_len).
@@ -442,10 +453,9 @@ PROFILING_FLAGS = (
 
 def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.devices import check_device
-    from ..core.errors import CacheError, ConfigError, TraceError, naming_flag
+    from ..core.errors import ConfigError, TraceError, naming_flag
     from ..instruments.profiling import TRACE_FILE_ASKED
     from ..models.sources import token_cap_note
-    from ..runtime.decode import check_positions, prefill_length
     from ..runtime.optimized import check_decode
     from ..studies.trace_report import (
         cut_report,
@@ -481,8 +491,7 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
         )
     _check_decode_tokens(args.tokens)
     tts = _voiced_model(args, args.logdir)
-    with naming_flag("--tokens", CacheError):  # before decode_traces empties each step's folder
-        check_positions(tts.t3.tfmr.config, prefill_length(tts, args.text), args.tokens)
+    _check_positions(tts, args)  # before decode_traces empties each step's folder
     regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
     note = f"T3 decode in {args.dtype}; up to {args.tokens} tokens each ({token_cap_note(args.model)})"
     if args.cut_only:

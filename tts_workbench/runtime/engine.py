@@ -408,8 +408,6 @@ class StreamEngine:
         self.device = tts.t3.speech_head.weight.device
         self.family = family_of(tts)
         self.turbo = is_turbo(tts.t3)
-        # What ``submit`` takes: the sampling arguments of the family's upstream generate that
-        # change its samples (Turbo: top_k, and no cfg_weight or min_p, which upstream ignores).
         self.rows_per_stream = 2 if self.family.guidance else 1
         self.stats = EngineStats()
         parts: T3Parts = self.plan.decode
