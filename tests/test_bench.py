@@ -74,13 +74,15 @@ def test_tokens_past_turbos_positions_name_the_flag(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Turbo's GPT-2 has 8196 positions, prompt included: before, the bench said "max_cache_len 9367
-    is past ...: give 8196 or less", a flag it has not and positions, not tokens."""
+    is past ...: give 8196 or less", a flag it has not and positions, not tokens; then "lower
+    max_new_tokens", after writing the generated voice to --out."""
     args = ["bench", "--model", "turbo-tiny", "--configs", "optimized", "--tokens", "8190"]
-    args += ["--out", str(tmp_path)]
+    args += ["--out", str(tmp_path / "out")]
     assert main(args) == 2
     errors = _errors(capsys)
     assert len(errors) == 1 and errors[0].startswith("error: argument --tokens: "), errors
-    assert "lower max_new_tokens to" in errors[0] and "max_cache_len" not in errors[0], errors
+    assert "lower --tokens to" in errors[0] and "max_cache_len" not in errors[0], errors
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_cpp_wrapper_without_a_compiled_config_is_refused(

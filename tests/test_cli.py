@@ -189,12 +189,49 @@ def test_a_trace_past_turbos_positions_names_tokens_and_keeps_the_last_runs_trac
 
     assert main([*args, "--tokens", "4", "--logdir", str(tmp_path)]) == 0
     kept = files()
-    assert kept
+    assert kept and (tmp_path / "reference.wav").is_file()  # the generated voice, kept with the run
     capsys.readouterr()
     assert main([*args, "--tokens", "8190", "--logdir", str(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: argument --tokens: "), errors
     assert files() == kept
+
+
+@pytest.mark.parametrize("command", ["stream", "load", "trace"])  # bench's: tests/test_bench.py
+def test_a_refusal_after_the_voice_is_prepared_leaves_no_output_folder(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Turbo's positions are checked once its voice is prepared (the prefill holds the voice's
+    prompt). Before, the generated voice was written to the output folder first, and stream's
+    refusal told a command-line user to lower max_new_tokens."""
+    out = tmp_path / "out"
+    folder = "--logdir" if command == "trace" else "--out"
+    args = [command, "--model", "turbo-tiny", "--tokens", "8190", folder]
+    extra = {"load": ["--streams", "1"], "trace": ["--steps", "eager"]}
+    assert main([*args, str(out), *extra.get(command, [])]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: argument --tokens: "), errors
+    assert "max_new_tokens" not in errors[0], errors
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [("stream", "--out"), ("diagnose", "--out"), ("profile", "--logdir"), ("stream", "--reference")],
+)
+def test_a_path_that_is_not_utf8_is_refused_naming_its_flag(
+    command: str, flag: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argv bytes that are not UTF-8 (``$'out\\xff'``) are lone surrogates (before: soundfile's
+    "'utf-8' codec can't encode" after the model was built, naming no flag, its folder made)."""
+    from tts_workbench.interface import cli
+
+    monkeypatch.setattr(cli, "_check_model", _built)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, flag, "runs/out\udcff"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"argument {flag}: the path is not valid UTF-8" in errors[0], errors
 
 
 @pytest.mark.parametrize("command", ["diagnose", "stream", "profile", "bench"])

@@ -25,10 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from tts_workbench.core.errors import ConfigError, SourceError
 from tts_workbench.core.families import FAMILIES
+from tts_workbench.core.files import check_folder
 from tts_workbench.models import builders, checkpoints, frontends
 from tts_workbench.models.checkpoints import METADATA_FILE, load_folder, save_checkpoint
 from tts_workbench.models.frontends import build_tokenizer_json
-from tts_workbench.models.reference import check_reference, make_reference_wav
+from tts_workbench.models.reference import check_reference, generated_voice, make_reference_wav
 from tts_workbench.models.sources import check_source, load_model
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, stream_all
@@ -669,6 +670,30 @@ def test_a_reference_too_short_to_make_is_refused_and_a_failed_write_leaves_noth
     with pytest.raises(OSError, match="No space left"):
         make_reference_wav(tmp_path / "r.wav")
     assert [p.name for p in tmp_path.iterdir()] == ["r.wav"]  # before: the hidden partial file too
+
+
+def test_a_generated_voice_is_kept_only_when_its_block_ends_without_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "reference.wav"
+    with pytest.raises(ConfigError, match="refused"), generated_voice(out) as wav:
+        assert check_reference(wav).seconds == 10.0  # a voice to prepare, outside the folder
+        raise ConfigError("refused")
+    assert not wav.exists() and not (tmp_path / "out").exists()
+    with generated_voice(out) as wav:
+        pass
+    assert not wav.exists() and out.read_bytes() == make_reference_wav(tmp_path / "again.wav").read_bytes()
+
+
+def test_check_folder_refuses_a_folder_it_cannot_make_without_making_one(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(NotADirectoryError) as below_a_file:
+        check_folder(afile / "sub" / "out")
+    assert below_a_file.value.filename == str(afile / "sub" / "out")
+    with pytest.raises(FileExistsError):  # what mkdir raises for a file in the folder's place
+        check_folder(afile)
+    check_folder(tmp_path / "new" / "out")
+    check_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_another_familys_s3gen_is_refused_where_upstream_loads_s3gen_strictly(

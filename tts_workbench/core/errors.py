@@ -3,7 +3,8 @@
 All derive from ``WorkbenchError`` (a ``ValueError``, so code that caught ``ValueError`` before
 still does); the CLI turns any of them into one ``error:`` line and exit code 2, ``naming_flag``
 puts the flag in front of a refusal raised below the CLI. ``as_int`` is the one test of "a whole
-number" behind every such refusal.
+number" behind every such refusal, ``unicode_problem`` the one test of valid UTF-8 text (a
+request's, a flag's) in a module light enough for argument parsing.
 """
 
 from __future__ import annotations
@@ -85,3 +86,14 @@ def naming_flag(flag: str, *errors: type[WorkbenchError]) -> Iterator[None]:
         yield
     except errors as e:
         raise type(e)(f"argument {flag}: {e}") from None
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate, which no tokenizer takes), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{e.reason} at character {e.start}"
+    return None

@@ -7,6 +7,7 @@ an interrupted build leaves nothing under the real name.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -59,3 +60,17 @@ def built_once(path: Path, build: Callable[[Path], Path]) -> Path:
     finally:
         remove(partial)
     return path
+
+
+def check_folder(path: str | Path) -> None:
+    """An ``OSError`` naming ``path`` when it cannot be, or become, a folder this user writes in,
+    found without making it: a command refused after this check leaves no empty folder behind."""
+    path = Path(path)
+    there = path.absolute()
+    while not there.exists() and there != there.parent:  # the nearest part that is there
+        there = there.parent
+    if there.exists() and not there.is_dir():
+        code = errno.EEXIST if there == path.absolute() else errno.ENOTDIR  # what mkdir would raise
+        raise OSError(code, os.strerror(code), str(path))
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))

@@ -6,7 +6,8 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -112,6 +113,21 @@ def _given(value: str) -> str:
     return value
 
 
+def _path(value: str) -> str:
+    """A file or folder flag's value, not empty (``_given``) and valid UTF-8: argv bytes that are
+    not would reach soundfile (or a checkpoint reader) after the model is built and fail there
+    with a codec error naming no flag."""
+    from ..core.errors import unicode_problem
+
+    value = _given(value)
+    if problem := unicode_problem(value):
+        raise argparse.ArgumentTypeError(
+            f"the path is not valid UTF-8 ({problem}), which the audio and trace writers need: "
+            "give a path whose name is UTF-8"
+        )
+    return value
+
+
 def _fade(value: str) -> float:
     return _span(value, "a number of milliseconds from 0 to 3600000", zero=True, most=3_600_000)
 
@@ -164,7 +180,7 @@ def _port(value: str) -> int:
 def _voice_file(value: str) -> str:
     """A ``--reference`` that names no file is refused here, before the model is built (a
     full-size build takes a while); what the file holds is checked when the voice is prepared."""
-    value = _given(value)
+    value = _path(value)
     if not Path(value).is_file():
         what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
         raise argparse.ArgumentTypeError(f"reference audio {value} {what}: give a WAV of the voice")
@@ -218,7 +234,7 @@ def _family(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
     """The model and run flags."""
-    p.add_argument("--model", type=_given, default="tiny", help=model_help)
+    p.add_argument("--model", type=_path, default="tiny", help=model_help)
     _family(p)
     p.add_argument("--tokens", type=_positive, default=150, help="cap on generated speech tokens")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random weights and of sampling")
@@ -365,17 +381,19 @@ def _check_positions(tts: Any, args: argparse.Namespace) -> int:
 
     prefill = prefill_length(tts, args.text)
     with naming_flag("--tokens", CacheError):
-        check_positions(tts.t3.tfmr.config, prefill, args.tokens)
+        check_positions(tts.t3.tfmr.config, prefill, args.tokens, name="--tokens")
     return prefill
 
 
-def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = True) -> Any:
-    """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice in
-    ``folder``); ``--tokens`` checked first where the command decodes T3 itself (``own_decode``:
-    upstream ``generate`` caps a longer run at its own 1000 tokens, as ``diagnose`` reports),
-    then ``--text`` against T3's text positions."""
+@contextmanager
+def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = True) -> Iterator[Any]:
+    """The ``--model`` with the ``--reference`` voice prepared (default: a generated voice, kept
+    as ``folder``/reference.wav only when the block ends without an error: a refusal inside it
+    leaves nothing behind); ``--tokens`` checked first where the command decodes T3 itself
+    (``own_decode``: upstream ``generate`` caps a longer run at its own 1000 tokens, as
+    ``diagnose`` reports), then ``--text`` against T3's text positions."""
     from ..core.errors import ConfigError, SourceError, naming_flag
-    from ..models.reference import make_reference_wav
+    from ..models.reference import generated_voice
     from ..models.sources import load_model
     from ..runtime.decode import text_tokens
     from ..runtime.generation import prepare_voice
@@ -384,14 +402,16 @@ def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = T
         tts = load_model(args.model, args.device, args.seed, family=args.family)
     if own_decode:
         _check_tokens(tts, args.tokens)
-    with naming_flag("--text", ConfigError):  # longer than T3's text positions: before a voice is written
+    with naming_flag("--text", ConfigError):  # longer than T3's text positions: before a voice is made
         text_tokens(tts, args.text)
     if args.reference:
         with naming_flag("--reference", SourceError):  # a file that is no usable recording
             prepare_voice(tts, args.reference)
+        yield tts
     else:
-        prepare_voice(tts, str(make_reference_wav(Path(folder) / "reference.wav")))
-    return tts
+        with generated_voice(Path(folder) / "reference.wav") as wav:
+            prepare_voice(tts, str(wav))
+            yield tts
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
@@ -417,18 +437,18 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
             crossfade_ms=args.crossfade_ms,
             prompt_s=args.prompt_s,
         )
-    tts = _voiced_model(args, args.out)
-    prefill = _check_positions(tts, args)  # before it streams (max_new_tokens)
-    plan = DecodePlan.plain(tts.t3, step=args.decode)
-    need = positions_needed(prefill, args.tokens)
-    if args.decode != "eager":  # (the eager step's cache grows as it goes)
-        # A static cache that holds this request: longer than the default only where it must
-        # be (a refusal would tell a command-line user to set plan.max_cache_len).
-        plan.max_cache_len = max(plan.max_cache_len, need)
-    report = run_to_files(
-        tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, plan=plan,
-        progress=True, model=args.model,
-    )  # fmt: skip
+    with _voiced_model(args, args.out) as tts:
+        prefill = _check_positions(tts, args)  # before it streams
+        plan = DecodePlan.plain(tts.t3, step=args.decode)
+        need = positions_needed(prefill, args.tokens)
+        if args.decode != "eager":  # (the eager step's cache grows as it goes)
+            # A static cache that holds this request: longer than the default only where it must
+            # be (a refusal would tell a command-line user to set plan.max_cache_len).
+            plan.max_cache_len = max(plan.max_cache_len, need)
+        report = run_to_files(
+            tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, plan=plan,
+            progress=True, model=args.model,
+        )  # fmt: skip
     return report, format_report
 
 
@@ -436,11 +456,11 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
     from ..studies.profile_report import check_run, format_profile, profile_generation
 
     check_run(args.run_name)  # before the model is built
-    tts = _voiced_model(args, args.logdir, own_decode=False)  # upstream generate
-    report = profile_generation(
-        tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory, args.decode,
-        model=args.model,
-    )  # fmt: skip
+    with _voiced_model(args, args.logdir, own_decode=False) as tts:  # upstream generate
+        report = profile_generation(
+            tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory, args.decode,
+            model=args.model,
+        )  # fmt: skip
     return report, format_profile
 
 
@@ -490,9 +510,11 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
             "name each step once"
         )
     _check_decode_tokens(args.tokens)
-    tts = _voiced_model(args, args.logdir)
-    _check_positions(tts, args)  # before decode_traces empties each step's folder
-    regions = decode_traces(tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep)
+    with _voiced_model(args, args.logdir) as tts:
+        _check_positions(tts, args)  # before decode_traces empties each step's folder
+        regions = decode_traces(
+            tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep
+        )  # fmt: skip
     note = f"T3 decode in {args.dtype}; up to {args.tokens} tokens each ({token_cap_note(args.model)})"
     if args.cut_only:
         return cut_report(regions, note), format_decode_traces
@@ -526,6 +548,7 @@ SERVER_FLAGS = (
 def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
     from ..core.constants import TOKENS_PER_S
     from ..core.errors import ConfigError
+    from ..core.files import check_folder
     from ..models.sources import source_family
     from ..runtime.engine import check_engine_options
     from ..runtime.streaming import StreamConfig
@@ -581,30 +604,30 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
             f"the {StreamConfig.crossfade_ms:g} ms crossfade that joins windows (load has no flag for it): "
             f"give {fewest:g} s or more"
         ) from None
-    Path(args.out).mkdir(parents=True, exist_ok=True)  # an unusable --out found before the model loads
-    tts = _voiced_model(args, args.out)
-    report = run_load(
-        tts,
-        levels,
-        texts=texts,
-        arrival=args.arrival,
-        tokens=args.tokens,
-        seed=args.seed,
-        step=args.decode,
-        policy=args.dtype,
-        flow=args.flow,
-        flow_batches=args.flow_batches,
-        step_buckets=args.step_buckets,
-        alignment=args.alignment,
-        fused=args.fused,
-        config=config,
-        first_audio_limit_s=args.first_audio_limit,
-        outdir=args.out,
-        progress=True,
-        model=args.model,
-        reference=args.reference,
-        texts_from=args.texts,
-    )
+    check_folder(args.out)  # an unusable --out found before the model loads (and none made if refused)
+    with _voiced_model(args, args.out) as tts:
+        report = run_load(
+            tts,
+            levels,
+            texts=texts,
+            arrival=args.arrival,
+            tokens=args.tokens,
+            seed=args.seed,
+            step=args.decode,
+            policy=args.dtype,
+            flow=args.flow,
+            flow_batches=args.flow_batches,
+            step_buckets=args.step_buckets,
+            alignment=args.alignment,
+            fused=args.fused,
+            config=config,
+            first_audio_limit_s=args.first_audio_limit,
+            outdir=args.out,
+            progress=True,
+            model=args.model,
+            reference=args.reference,
+            texts_from=args.texts,
+        )
     return report, format_load
 
 
@@ -651,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(d)
     d.add_argument("--text", help=TEXT_HELP)
     _reference(d, "WAV of the voice to clone (default: a generated voice-like signal)")
-    d.add_argument("--out", type=_given, default="runs/diagnose", help="folder for the WAV and plot")
+    d.add_argument("--out", type=_path, default="runs/diagnose", help="folder for the WAV and plot")
     d.add_argument(
         "--dtype",
         default="float32",
@@ -684,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--text", help=TEXT_HELP)
     _reference(st)
     st.add_argument(
-        "--out", type=_given, default="runs/stream", help="folder for the WAV and the timeline plot"
+        "--out", type=_path, default="runs/stream", help="folder for the WAV and the timeline plot"
     )
     st.add_argument(
         "--decode",
@@ -697,10 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = command("profile", help="a labelled torch.profiler trace of one generation (TensorBoard, Perfetto)")
     _common(pr)
     pr.add_argument(
-        "--logdir", type=_given, default="runs/profile", help="TensorBoard log folder; the run is a subfolder"
+        "--logdir", type=_path, default="runs/profile", help="TensorBoard log folder; the run is a subfolder"
     )
     pr.add_argument(
-        "--run", dest="run_name", type=_given, default="generation", help="run name (subfolder of --logdir)"
+        "--run", dest="run_name", type=_path, default="generation", help="run name (subfolder of --logdir)"
     )
     pr.add_argument("--memory", action="store_true", help="also record memory allocations")
     pr.add_argument(
@@ -733,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep", type=_positive, help="keep the first KEEP decode steps of each trace (a smaller file)"
     )
     tr.add_argument(
-        "--logdir", type=_given, default="runs/trace", help="TensorBoard log folder; one run per decode step"
+        "--logdir", type=_path, default="runs/trace", help="TensorBoard log folder; one run per decode step"
     )
     tr.add_argument("--text", help=TEXT_HELP)
     _reference(tr)
@@ -781,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--text", help=TEXT_HELP)
     _reference(b)
-    b.add_argument("--out", type=_given, default="runs/bench", help="folder for bench.json and bench.csv")
+    b.add_argument("--out", type=_path, default="runs/bench", help="folder for bench.json and bench.csv")
     b.set_defaults(run=_bench)
 
     ld = command("load", help="how many real-time streams one device holds: the stream engine under load")
@@ -804,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-audio-limit", type=_seconds, default=0.5,
         help="s of first-audio p95 a level may take and still count as real time (default 0.5)",
     )  # fmt: skip
-    ld.add_argument("--out", type=_given, default="runs/load", help="folder for load.json and load.png")
+    ld.add_argument("--out", type=_path, default="runs/load", help="folder for load.json and load.png")
     ld.add_argument(
         "--url",
         type=_given,
@@ -822,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = command(
         "serve", help="the stream engine over HTTP (OpenAI's /v1/audio/speech) on Ray Serve, until Ctrl-C"
     )
-    sv.add_argument("--model", type=_given, default="tiny", help=MODEL_HELP)
+    sv.add_argument("--model", type=_path, default="tiny", help=MODEL_HELP)
     _family(sv)
     sv.add_argument(
         "--device", type=_given, default="cpu", help="cpu or cuda (each replica then asks Ray for one GPU)"
@@ -834,9 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--address", type=_given, help="Ray cluster to join (HOST:PORT, ray://HOST:PORT); default: local Ray"
     )
-    sv.add_argument(
-        "--voices", type=_given, help="folder of WAV voices, served by file stem (plus 'default')"
-    )
+    sv.add_argument("--voices", type=_path, help="folder of WAV voices, served by file stem (plus 'default')")
     sv.add_argument("--max-streams", type=_positive, default=8, help="streams at once per replica; more wait")
     _engine_flags(sv)
     sv.add_argument("--threads", type=_positive, default=1, help="torch threads (and Ray CPUs) per replica")
@@ -858,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Serve replaces the replica",
     )  # fmt: skip
     sv.add_argument(
-        "--out", type=_given, default="runs/serve", help="run folder (the generated default voice)"
+        "--out", type=_path, default="runs/serve", help="run folder (the generated default voice)"
     )
     sv.add_argument("--json", action="store_true", help="print the closing report as JSON")
     sv.set_defaults(run=_serve)
@@ -871,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.flags_given = _flags_given(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
     from ..core.constants import UPSTREAM_SENTENCE
-    from ..serving.protocol import unicode_problem
+    from ..core.errors import unicode_problem
 
     text = getattr(args, "text", None)
     if text is not None and not text.strip():

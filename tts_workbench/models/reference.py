@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +67,19 @@ def make_reference_wav(path: str | Path, seconds: float = 10.0, sr: int = SAMPLE
     # Written beside and renamed: a process reading the same path (notebooks run side by side)
     # sees the old file or the new one, never half of one.
     return written(path, lambda partial: sf.write(str(partial), wav.astype(np.float32), sr, format="WAV"))
+
+
+@contextmanager
+def generated_voice(path: str | Path, seed: int = 0) -> Iterator[Path]:
+    """``make_reference_wav`` in a temporary folder for the block to prepare a voice from and
+    check a request with; copied to ``path`` only when the block ends without an error, so a
+    command refused inside it leaves no voice (and no folder) where its output would go."""
+    with tempfile.TemporaryDirectory(prefix="tts-workbench-voice-") as folder:
+        made = make_reference_wav(Path(folder) / "reference.wav", seed=seed)
+        yield made
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written(path, lambda partial: shutil.copyfile(made, partial))
 
 
 def _voice_level(data: np.ndarray, sr: int) -> float:

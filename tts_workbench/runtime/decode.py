@@ -746,14 +746,22 @@ def check_cache_len(max_cache_len: int, config: Any) -> None:
         )
 
 
-def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder: str, fix: str) -> None:
+def check_room(
+    prefill_len: int,
+    max_new_tokens: int,
+    max_cache_len: int,
+    holder: str,
+    fix: str,
+    name: str = "max_new_tokens",
+) -> None:
     """A CacheError saying what fits when the request's ``positions_needed`` exceed
     ``max_cache_len`` (``holder``: what holds that many, "the engine holds max_cache_len";
-    ``fix`` may name ``{need}``)."""
+    ``fix`` may name ``{need}``; ``name``: what the caller calls the token cap, a flag on the
+    command line)."""
     need = positions_needed(prefill_len, max_new_tokens)
     if need > max_cache_len:
         room = tokens_that_fit(prefill_len, max_cache_len)
-        shorter = f"lower max_new_tokens to {room} or " if room >= 1 else ""
+        shorter = f"lower {name} to {room} or " if room >= 1 else ""
         raise CacheError(
             f"the request needs {need} positions ({prefill_len} of prefill, then one for each of its "
             f"{max_new_tokens} new tokens but the last) but {holder}={max_cache_len}: "
@@ -761,14 +769,14 @@ def check_room(prefill_len: int, max_new_tokens: int, max_cache_len: int, holder
         )
 
 
-def check_positions(config: Any, prefill_len: int, max_new_tokens: int) -> None:
+def check_positions(config: Any, prefill_len: int, max_new_tokens: int, name: str = "max_new_tokens") -> None:
     """Refuse, whatever the step, a request past the positions of a GPT-2 backbone (Turbo's):
     it embeds a learned position for every input, so the eager step would fail there with an
-    index error after the work before it."""
+    index error after the work before it (``name``: the token cap's, as ``check_room``)."""
     positions = gpt2_positions(config)
     if positions is not None:
         holder = "T3's GPT-2 backbone has n_positions"
-        check_room(prefill_len, max_new_tokens, positions, holder, "shorten the text")
+        check_room(prefill_len, max_new_tokens, positions, holder, "shorten the text", name)
 
 
 def _static_step(

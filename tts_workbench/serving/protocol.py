@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.constants import SAMPLE_RATE
-from ..core.errors import as_int
+from ..core.errors import as_int, unicode_problem
 from ..core.positions import positions_needed, tokens_that_fit
 
 FORMATS = {"pcm": "audio/pcm", "wav": "audio/wav"}
@@ -64,17 +64,6 @@ class SpeechRequest:
     response_format: str
     seed: int
     max_tokens: int
-
-
-def unicode_problem(text: str) -> str | None:
-    """Why ``text`` is not valid Unicode (a lone surrogate, which no tokenizer takes), or None."""
-    if text.isascii():
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"{e.reason} at character {e.start}"
-    return None
 
 
 def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> SpeechRequest:

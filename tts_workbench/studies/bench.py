@@ -41,10 +41,10 @@ from ..instruments.latency import snr_db
 from ..instruments.memory import allocated_bytes, graph_pool_bytes, memory_window, module_bytes
 from ..instruments.plots import memory_figure, save
 from ..models.builders import MODELS
-from ..models.reference import make_reference_wav
+from ..models.reference import generated_voice, make_reference_wav
 from ..models.sources import load_model, model_summary
 from ..models.vocode import FlowPlan
-from ..runtime.decode import T3Parts, check_new_tokens, check_positions, text_tokens
+from ..runtime.decode import T3Parts, check_new_tokens, check_positions, prefill_length, text_tokens
 from ..runtime.engine import StreamEngine
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
@@ -243,14 +243,26 @@ def run_bench(
     with naming_flag("--text", ConfigError):  # before anything is written: a text past T3's positions
         text_tokens(upstream_model, text, 0.0)
     outdir = Path(outdir)
+
+    def checked_prefill() -> int:
+        """T3's prefill for ``text`` with the voice prepared: past a GPT-2 backbone's positions
+        (Turbo's) no cache can hold the run (before: named "max_cache_len 9367 is past ...", a
+        flag the bench has not)."""
+        prefill = prefill_length(upstream_model, text)
+        with naming_flag("--tokens", CacheError):
+            check_positions(upstream_model.t3.tfmr.config, prefill, tokens, name="--tokens")
+        return prefill
+
     if reference:  # the user's: refused (as --reference) before the folder is made
         with naming_flag("--reference", SourceError):
             prepare_voice(upstream_model, reference)
-        outdir.mkdir(parents=True, exist_ok=True)
-    else:
-        outdir.mkdir(parents=True, exist_ok=True)
-        reference = str(make_reference_wav(outdir / "reference.wav"))
-        prepare_voice(upstream_model, reference)
+        prefill = checked_prefill()
+    else:  # kept in outdir once the run is known to fit
+        with generated_voice(outdir / "reference.wav") as wav:
+            prepare_voice(upstream_model, str(wav))
+            prefill = checked_prefill()
+        reference = str(outdir / "reference.wav")
+    outdir.mkdir(parents=True, exist_ok=True)
     upstream = UpstreamTTS(upstream_model)
     dev = torch.device(device)
     before_open = allocated_bytes(dev)
@@ -269,11 +281,6 @@ def run_bench(
         # 256, 512, ..., that holds the run), so the memory table shows what a user's wrapper holds
         # and its compiled graphs are the ones the wrapper compiles elsewhere (Inductor's cache
         # serves them); longer only when this run would not fit.
-        prefill = opt.prefill_length(text)
-        # past a GPT-2 backbone's positions (Turbo's) no cache can hold the run (before: named
-        # "max_cache_len 9367 is past ...", a flag the bench has not)
-        with naming_flag("--tokens", CacheError):
-            check_positions(opt.tts.t3.tfmr.config, prefill, tokens)
         need = positions_needed(prefill, tokens)
         if need > opt.max_cache_len:
             opt.set_max_cache_len(need)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from ..instruments.dtypes import (
     conditionals_census,
     trace_dtypes,
 )
-from ..models.reference import make_reference_wav
+from ..models.reference import generated_voice
 from ..models.sources import load_model, model_summary, token_cap_note
 from ..runtime.decode import DecodePlan, gpt2_positions, prefill_length, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
@@ -75,16 +75,15 @@ def run_diagnosis(
     with naming_flag("--text", ConfigError):  # a text past T3's positions, before anything is written
         text_tokens(tts, text, 0.0)
     given = reference is not None  # the user's: refused (as --reference) before the folder is made
-    if reference is None:
-        outdir.mkdir(parents=True, exist_ok=True)
-        reference = str(make_reference_wav(outdir / "reference.wav", seed=seed))
-    t0 = now(device)
-    with naming_flag("--reference", SourceError) if given else nullcontext():
-        ref = prepare_voice(tts, reference)
-    conditioning_s = now(device) - t0
-    # Sized (or refused) before the generation: before 2026-12-04 a text too long for the default
-    # static cache was refused after the whole float32 run, naming plan.max_cache_len.
-    step_plan = decode_step_plan(tts, text, decode, tokens)
+    made = outdir / "reference.wav"  # else a generated voice, kept there once the run is known to fit
+    with nullcontext(Path(reference or made)) if given else generated_voice(made, seed=seed) as voice:
+        t0 = now(device)
+        with naming_flag("--reference", SourceError) if given else nullcontext():
+            ref = replace(prepare_voice(tts, str(voice)), path=str(reference or made))
+        conditioning_s = now(device) - t0
+        # Sized (or refused) before the generation: before 2026-12-04 a text too long for the
+        # default static cache was refused after the whole float32 run, naming plan.max_cache_len.
+        step_plan = decode_step_plan(tts, text, decode, tokens)
     outdir.mkdir(parents=True, exist_ok=True)
     with record_kernels(tts) as kernels:
         result = generate(tts, text, max_new_tokens=tokens, seed=seed)
@@ -118,7 +117,7 @@ def run_diagnosis(
         # asked for the step that ran, with its recorded kernels (a Multilingual model's eager step
         # runs eager attention, its backbone's configuration put back afterwards)
         "attention": diagnose_attention(tts, decode_step["step"], decode_step["kernels"]),
-        "precision": diagnose_precision(tts, reference, dtype, autocast, min(tokens, 20), seed, text),
+        "precision": diagnose_precision(tts, ref.path, dtype, autocast, min(tokens, 20), seed, text),
     }
 
 
