@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -245,3 +246,45 @@ def test_a_shape_compiled_in_another_thread_is_warmed_up_in_this_one(monkeypatch
         thread.join()
     assert calls == ["first"] * warm + ["second"] * warm and len(plan.shapes) == 1
     assert compiled_here["first"] > 0 and compiled_here["second"] > 0
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_two_threads_meeting_a_new_shape_compile_it_once(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """Two streams meeting a new window shape at once each compiled it (the look for a compiled
+    shape and the compile were apart): now the second waits for the first's compile and runs it,
+    or after a failure the eager estimator, with no second try and no second warning (the
+    compiler stubbed)."""
+    made: list[str] = []
+    compiling = threading.Event()
+
+    def compile_method(fn: Any, module: Any, *_a: Any, **_k: Any) -> Any:
+        made.append(threading.current_thread().name)
+        compiling.set()
+        time.sleep(0.2)  # (the second thread's look came meanwhile: the race the old code lost)
+        if fails:
+            raise RuntimeError("no backend here")
+        return lambda *x: fn(module, *x)
+
+    monkeypatch.setattr(vocode, "compile_method", compile_method)
+    plan, estimator = FlowPlan("compiled"), torch.nn.Linear(4, 4)
+    got: dict[str, Any] = {}
+
+    def use() -> None:
+        got[threading.current_thread().name] = plan._estimator(
+            estimator, estimator.forward, (torch.zeros(1, 4),)
+        )
+
+    first = threading.Thread(target=use, name="first")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first.start()
+        assert compiling.wait(timeout=30)
+        second = threading.Thread(target=use, name="second")
+        second.start()
+        for t in (first, second):
+            t.join(timeout=30)
+    assert made == ["first"] and got["first"] == got["second"]
+    assert len([w for w in caught if "CFM estimator failed" in str(w.message)]) == fails
+    assert (got["first"] == estimator.forward) == fails and len(plan.shapes) == (0 if fails else 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Generator, Iterator
 from types import SimpleNamespace
@@ -564,6 +565,64 @@ def test_two_threads_starting_on_one_plan_cannot_both_take_its_cache(
     assert isinstance(errors["second"], CacheError) and "still uses" in str(errors["second"])
 
 
+def test_two_threads_starting_on_a_fresh_plan_build_one_step(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh plan's step was looked for and built outside any lock: two generations starting at
+    once each built (for "compiled": compiled) a step of their own, the second's replacing the
+    first's on the plan. Now the second waits for the first's build and meets its claim: refused,
+    as any second generation on a plan's cache is (``StaticStep.claim``)."""
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE)
+    built: list[StaticStep] = []
+    building, second_in, second_done = threading.Event(), threading.Event(), threading.Event()
+    real_init, real_load, real_static_step = StaticStep.__init__, StaticStep.load, decode_module._static_step
+
+    def slow_init(step: StaticStep, *a: Any, **k: Any) -> None:
+        real_init(step, *a, **k)
+        built.append(step)
+        if len(built) == 1:  # the first build lasts until the second generation looks for a step
+            building.set()
+            second_in.wait(timeout=30)
+            time.sleep(0.2)  # (its look, unlocked, came before this build was kept: the race lost)
+
+    def entering(*a: Any, **k: Any) -> Any:
+        if threading.current_thread().name == "second":
+            second_in.set()
+        return real_static_step(*a, **k)
+
+    def held_load(step: StaticStep, past: Any) -> None:
+        if threading.current_thread().name == "first":  # the first holds the cache until the second ends
+            second_done.wait(timeout=30)
+        real_load(step, past)
+
+    monkeypatch.setattr(StaticStep, "__init__", slow_init)
+    monkeypatch.setattr(StaticStep, "load", held_load)
+    monkeypatch.setattr(decode_module, "_static_step", entering)
+    errors: dict[str, BaseException | None] = {}
+
+    def run() -> None:
+        name = threading.current_thread().name
+        try:
+            _run(tiny_tts, plan, n=4)
+            errors[name] = None
+        except BaseException as e:
+            errors[name] = e
+        finally:
+            if name == "second":
+                second_done.set()
+
+    first = threading.Thread(target=run, name="first")
+    first.start()
+    assert building.wait(timeout=30)
+    second = threading.Thread(target=run, name="second")
+    second.start()
+    for t in (first, second):
+        t.join(timeout=60)
+    assert len(built) == 1 and plan.static_step(2) is built[0]
+    assert errors["first"] is None
+    assert isinstance(errors["second"], CacheError) and "still uses" in str(errors["second"])
+
+
 def _compile_with(monkeypatch: pytest.MonkeyPatch, backend: Callable[[Any, Any], Any]) -> None:
     """``torch.compile`` with ``backend`` (and no mode), while the test runs."""
     real = torch.compile
@@ -596,6 +655,26 @@ def test_a_compile_failure_falls_back_to_the_static_step(
     assert r.step_mode == again.step_mode == "static"
     eager, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=30)
     assert torch.equal(r.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+
+
+def test_torch_compile_raising_itself_falls_back_to_the_static_step(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.compile raising when it wraps the step (not in the first call, which compiles) crashed
+    # the generation instead of falling back
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("no backend here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    plan = DecodePlan.plain(tiny_tts.t3, step="compiled", max_cache_len=CACHE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r, _ = _run(tiny_tts, plan, n=10)
+    ours = [w for w in caught if "decode step failed" in str(w.message)]
+    assert len(ours) == 1 and "no backend here" in str(ours[0].message)
+    step = plan.static_step(2)
+    assert step is not None and step.fallback_reason == "RuntimeError: no backend here"
+    assert r.step_mode == step.mode == "static" and r.tokens.size(1) == 10
 
 
 def test_a_compile_failing_at_a_longer_span_is_reported_as_the_static_step(
@@ -669,6 +748,16 @@ def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
     for weight in (-0.5, float("nan")):  # NaN: before, sampled, then blamed on half precision
         with pytest.raises(ConfigError, match="cfg_weight must be 0 .* or above"):
             Sampler(turbo=False, cfg_weight=weight)
+
+
+def test_a_cache_length_that_is_not_a_whole_number_is_refused(tiny_tts: ChatterboxTTS) -> None:
+    # 400.0 was taken, then failed inside torch with a TypeError naming nothing
+    with pytest.raises(ConfigError, match="max_cache_len must be a whole number"):
+        DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=400.0)  # type: ignore[arg-type]
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=CACHE)
+    plan.max_cache_len = 400.0  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="max_cache_len must be a whole number of positions, got 400.0"):
+        _run(tiny_tts, plan, n=4)
 
 
 def test_bad_sampling_is_refused_before_the_prefill(

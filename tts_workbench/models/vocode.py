@@ -78,6 +78,7 @@ class FlowPlan:
         self.fallback_reason: str | None = None
         # per (estimator id, shape, dtype, autocast dtype or None): compiled on its own code object
         self._compiled: dict[tuple[Any, ...], Callable[..., torch.Tensor]] = {}
+        self._compiling = threading.Lock()  # one thread compiles (or warms up) at a time (``_estimator``)
 
     @property
     def compile_s_here(self) -> float:
@@ -166,20 +167,31 @@ class FlowPlan:
         fn = self._compiled.get(key)
         if fn is not None and (key in warmed or not cudagraphs):
             return fn
-        t0 = now(x.device)
-        try:
-            if fn is None:  # compile_method: a code object per call, per shape: never past dynamo's limit
-                fn = compile_method(type(estimator).forward, estimator, cudagraphs, fullgraph=False)
-            for _ in range(warmup_calls(cudagraphs)):
-                replay(fn, *args, cudagraphs=cudagraphs)
-            self._compiled[key] = fn
-            warmed.add(key)
-        except Exception as e:  # any compile failure falls back to the eager estimator
-            self.fallback_reason = fell_back(e, "S3Gen's CFM estimator", "running it eagerly")
-            fn = forward
-        spent = now(x.device) - t0
-        self.compile_s += spent
-        self._here.s = self.compile_s_here + spent
+        # Two streams meeting a new shape at once each compiled it: now the second waits for the
+        # first's compile and uses it (its wait counts in its own time, as a wait for replay's lock
+        # does). Shapes already compiled are served above, without waiting. Holding the lock
+        # through a compile cannot deadlock: it is taken only here, and nothing run under it (the
+        # compile, replay and its lock) calls back into this plan.
+        with self._compiling:
+            if not self.compiled:  # the compile waited for failed: eager, with no second try or warning
+                return forward
+            fn = self._compiled.get(key)
+            if fn is not None and (key in warmed or not cudagraphs):
+                return fn
+            t0 = now(x.device)
+            try:
+                if fn is None:  # compile_method: a code object per call, per shape: never past dynamo's limit
+                    fn = compile_method(type(estimator).forward, estimator, cudagraphs, fullgraph=False)
+                for _ in range(warmup_calls(cudagraphs)):
+                    replay(fn, *args, cudagraphs=cudagraphs)
+                self._compiled[key] = fn
+                warmed.add(key)
+            except Exception as e:  # any compile failure falls back to the eager estimator
+                self.fallback_reason = fell_back(e, "S3Gen's CFM estimator", "running it eagerly")
+                fn = forward
+            spent = now(x.device) - t0
+            self.compile_s += spent
+            self._here.s = self.compile_s_here + spent
         return fn
 
 

@@ -233,6 +233,8 @@ class DecodePlan:
     # wrapper's plan per step): one copy of the decode weights however many plans run it.
     fusion: FusedCopies = field(default_factory=lambda: FusedCopies(), repr=False, compare=False)
     _static: dict[int, StaticStep] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Held while a generation finds or builds its step and claims it (``_static_step``).
+    _building: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.step not in STEP_MODES:
@@ -426,8 +428,8 @@ class StaticStep:
         q = torch.ones((1, self.seen.size(1)), device=self.device)
         t0 = now(self.device)
         self._set_span(span_for(1, self.max_cache_len))
-        fn = self._function()
         try:
+            fn = self._function()  # torch.compile may raise here already (no backend, say)
             for k in range(warmup_calls(self.cudagraphs)):
                 with enter():
                     if k == 0:  # the call that compiles: keep what Inductor generated
@@ -732,14 +734,18 @@ def _check_static(
     check_room(prefill_len, max_new_tokens, plan.max_cache_len, holder, plan.cache_fix)
 
 
-def check_cache_len(max_cache_len: int, config: Any) -> None:
-    """Refuse a cache too short for any request (a prefill holds conditioning and a start token), or
-    longer than the backbone ``config`` has positions for: GPT-2 (Turbo's) embeds a learned
-    position for every input of the sequence, so no step could run past its ``n_positions``."""
-    if max_cache_len < 2:
+def check_cache_len(max_cache_len: object, config: Any) -> None:
+    """Refuse a cache length that is not a whole number (a numpy integer is one), one too short for
+    any request (a prefill holds conditioning and a start token), or one longer than the backbone
+    ``config`` has positions for: GPT-2 (Turbo's) embeds a learned position for every input of the
+    sequence, so no step could run past its ``n_positions``."""
+    whole = as_int(max_cache_len)  # 400.0 failed later inside torch, with a TypeError naming nothing
+    if whole is None:
+        raise ConfigError(f"max_cache_len must be a whole number of positions, got {max_cache_len!r}")
+    if whole < 2:
         raise ConfigError(f"max_cache_len must be at least 2, got {max_cache_len}")
     positions = gpt2_positions(config)
-    if positions is not None and max_cache_len > positions:
+    if positions is not None and whole > positions:
         raise ConfigError(
             f"max_cache_len {max_cache_len} is past the {positions} positions of T3's GPT-2 backbone: "
             f"give {positions} or less"
@@ -781,34 +787,45 @@ def check_positions(config: Any, prefill_len: int, max_new_tokens: int, name: st
 
 def _static_step(
     plan: DecodePlan, batch: int, dtype: torch.dtype, device: torch.device, enter: Any, sampler: Sampler
-) -> StaticStep:
-    """The plan's static step for ``batch``, built (and compiled) if there is none that fits."""
-    held = plan.static_step(batch)
-    compile = plan.step == "compiled"
-    cpp_wrapper = plan.cpp_wrapper and compile and device.type != "cuda"  # where it has an effect
-    same = held is not None and held.cpp_wrapper == cpp_wrapper and held.parts is plan.step_parts
-    if held is not None and same and held.max_cache_len == plan.max_cache_len:
-        # A step whose compile failed is kept: it does not retry (and warn) every generation.
-        if compile == (held.compiled or held.fallback_reason is not None):
-            if held.dtype != dtype:
-                raise CacheError(
-                    f"the plan's static KV cache holds {dtype_name(held.dtype)} but this prefill gives "
-                    f"{dtype_name(dtype)}: call plan.drop_static() after changing the plan's dtypes"
-                )
-            return held
-    step = StaticStep(
-        plan.step_parts,
-        batch=batch,
-        max_cache_len=plan.max_cache_len,
-        dtype=dtype,
-        device=device,
-        compile=compile,
-        enter=enter,
-        sampler=sampler,
-        cpp_wrapper=cpp_wrapper,
-    )
-    plan._static[batch] = step
-    return step
+) -> tuple[StaticStep, bool]:
+    """The plan's static step for ``batch``, built (and compiled) if there is none that fits, and
+    ``claim``ed for this generation; and whether it was built now.
+
+    Found or built, and claimed, under the plan's lock: two generations starting at once on a
+    fresh plan each built (and compiled) a step of their own. The second now waits for the
+    first's build and meets its claim (a CacheError while the first runs). Holding the lock
+    through a compile cannot deadlock: it is taken only here, at the start of a generation, never
+    held across a yield or a step, and nothing run under it (the build, its compile and replays,
+    ``FusedCopies``) takes it; a generation on another plan does not wait for it."""
+    with plan._building:
+        held = plan.static_step(batch)
+        compile = plan.step == "compiled"
+        cpp_wrapper = plan.cpp_wrapper and compile and device.type != "cuda"  # where it has an effect
+        same = held is not None and held.cpp_wrapper == cpp_wrapper and held.parts is plan.step_parts
+        if held is not None and same and held.max_cache_len == plan.max_cache_len:
+            # A step whose compile failed is kept: it does not retry (and warn) every generation.
+            if compile == (held.compiled or held.fallback_reason is not None):
+                if held.dtype != dtype:
+                    raise CacheError(
+                        f"the plan's static KV cache holds {dtype_name(held.dtype)} but this prefill gives "
+                        f"{dtype_name(dtype)}: call plan.drop_static() after changing the plan's dtypes"
+                    )
+                held.claim(plan.busy_fix)
+                return held, False
+        step = StaticStep(
+            plan.step_parts,
+            batch=batch,
+            max_cache_len=plan.max_cache_len,
+            dtype=dtype,
+            device=device,
+            compile=compile,
+            enter=enter,
+            sampler=sampler,
+            cpp_wrapper=cpp_wrapper,
+        )
+        step.claim(plan.busy_fix)  # (a new step: nobody else holds it)
+        plan._static[batch] = step
+        return step, True
 
 
 def prefill_embeds(t3: T3, t3_cond: T3Cond, text_tokens: torch.Tensor, cfg_weight: float) -> torch.Tensor:
@@ -921,15 +938,12 @@ def decode_blocks(
                 # decode weights differ, else the prefill's (DynamicCache keeps values in its keys' dtype).
                 same = plan.decode.dtype == plan.prefill.dtype
                 kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
-                held = plan.static_step(batch)
                 t_build = now(device)
-                built = _static_step(plan, batch, kv_dtype, device, ctx, sampler)
-                if built is not held:
+                # Claimed there, or refused before it is ours: `finally` must not free the holder's cache.
+                step, new = _static_step(plan, batch, kv_dtype, device, ctx, sampler)
+                if new:
                     stats.compile_s = now(device) - t_build
-                stats.step_mode = built.mode
-                # Refused before it is ours: `finally` must not free the holder's cache.
-                built.claim(plan.busy_fix)
-                step = built
+                stats.step_mode = step.mode
                 step.load(past)
                 step.begin(sampler, seen)
                 seen = step.seen  # the step samples and marks the tokens after the first
