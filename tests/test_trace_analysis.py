@@ -7,6 +7,7 @@ import gzip
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from tts_workbench.instruments.trace_analysis import (
     region_trace,
 )
 from tts_workbench.interface.cli import main
+from tts_workbench.runtime import decode
+from tts_workbench.studies import trace_report
 from tts_workbench.studies.profile_report import in_trace
 from tts_workbench.studies.trace_report import (
     cut_report,
@@ -467,3 +470,77 @@ def test_the_device_time_figure_says_why_each_run_has_no_bar(
     said = device_time_figure(compare({"gpu": unread, "cpu": cpu})).texts[0].get_text()
     assert f"gpu: {NO_HTA_NOTE}" in said and f"cpu: {CPU_ONLY_NOTE}" in said
     assert said.count("no device activity") == 1  # the CPU trace's; the unread GPU trace was labelled so too
+
+
+def test_trace_sizes_each_static_cache_before_it_empties_a_folder(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # decode_traces emptied every decode-STEP folder, then refused a run longer than the plan's
+    # default static cache (`trace --tokens 1600 --steps static`), naming plan.max_cache_len: the
+    # earlier traces were gone. Here the default cache is 8 positions, the run needs more.
+    old = tmp_path / "decode-static" / "earlier.pt.trace.json"
+    old.parent.mkdir()
+    old.write_text("{}")
+    for steps, tokens, says in ((["static", "fast"], 8, "unknown decode step 'fast'"),
+                                (["static"], 0, "at least 1")):  # fmt: skip
+        with pytest.raises(ConfigError, match=says):
+            decode_traces(tiny_tts, steps, tmp_path, tokens=tokens, text="Hello there.")
+        assert old.is_file(), steps  # refused before any folder was emptied
+    small = trace_report.decode_plan
+    monkeypatch.setattr(trace_report, "decode_plan", lambda *a: replace(small(*a), max_cache_len=8))
+    regions = decode_traces(tiny_tts, ["static", "eager"], tmp_path, tokens=8, text="Hello there.")
+    assert all(path.is_file() for path in regions.values()) and not old.exists()  # a new profile
+
+
+def test_a_compiled_step_that_ran_static_is_reported_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    # A failed compile falls back to the static step with a warning on stderr only: the report
+    # still called the step that ran "compiled".
+    def no_compiler(*_a: Any, **_k: Any) -> Any:
+        def compiled(*_x: Any) -> Any:
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(decode, "compile_method", no_compiler)
+    args = ["trace", "--model", "tiny", "--steps", "eager,compiled", "--tokens", "4"]
+    args += ["--logdir", str(tmp_path), "--reference", str(reference_wav)]
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert main([*args, "--cut-only", "--json"]) == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert cut["steps"]["eager"] == {"asked": "eager", "ran": "eager", "fallback": None}
+    assert cut["steps"]["compiled"] == {
+        "asked": "compiled", "ran": "static", "fallback": "RuntimeError: no compiler here"
+    }  # fmt: skip
+    assert main(["trace", "--read", *cut["traces"].values(), "--json"]) == 0  # read elsewhere: kept
+    rows = {row["run"]: row for row in json.loads(capsys.readouterr().out)["table"]}
+    compiled = rows["decode-compiled/t3.decode"]
+    assert (compiled["step"], compiled["step_ran"]) == ("compiled", "static")
+    assert compiled["compile_fallback"] == "RuntimeError: no compiler here"
+    assert rows["decode-eager/t3.decode"]["step_ran"] == "eager"
+    with pytest.warns(RuntimeWarning):
+        assert main([*args, "--cut-only"]) == 0
+    assert "compiled: compiled step (ran static: RuntimeError: no compiler here)" in capsys.readouterr().out
+    with pytest.warns(RuntimeWarning):
+        assert main(args) == 0  # the text report, read here
+    out = capsys.readouterr().out
+    assert "compiled: T3 decode region, compiled step (ran static: RuntimeError: no compiler here)" in out
+    assert "eager: T3 decode region, eager step" in out
+
+
+def test_a_trace_read_whole_is_not_called_a_decode_region(
+    known_trace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `trace --read` called every file the T3 decode region: this A100 trace is a whole AlexNet run.
+    assert main(["trace", "--read", str(GPU_TRACE)]) == 0
+    out = capsys.readouterr().out
+    assert "T3 decode region" not in out and "whole trace (no t3.decode range)" in out, out
+    assert main(["trace", "--read", str(GPU_TRACE), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["table"][0]["region"] is None
+    # a trace with t3.decode ranges is read for its decode region: the last two of three kernels
+    assert main(["trace", "--read", str(known_trace), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["table"]
+    assert row["region"] == "t3.decode" and row["launches"] == 2 and row["span_us"] == 30
+    assert main(["trace", "--read", str(known_trace)]) == 0
+    assert "T3 decode region, read by HolisticTraceAnalysis:" in capsys.readouterr().out

@@ -497,7 +497,7 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
             if not path.is_file():
                 raise ValueError(f"argument --read: no trace file {path}: {TRACE_FILE_ASKED}")
         note = f"read from {len(paths)} trace file(s)"
-        with naming_flag("--read", TraceError):  # a file that is no trace, or lacks T3's decode
+        with naming_flag("--read", TraceError):  # not a trace (without t3.decode: read whole)
             return decode_trace_report(read_traces(paths), note), format_decode_traces
     names = _comma_list(args.steps, "--steps", "eager,compiled")
     with naming_flag("--steps", ConfigError):  # an unknown step

@@ -8,9 +8,11 @@ cuts (``trace --cut-only``), another machine reads (``trace --read``).
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,17 +20,34 @@ import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
 from ..core.errors import NoVoiceError
+from ..core.positions import positions_needed
 from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments.profiling import DECODE_CUT, profile_run, read_trace, run_folder, trace_files
 from ..instruments.trace_analysis import (
     TraceReport,
     analyze,
+    analyze_region,
     device_events,
     region_trace,
 )
-from ..runtime.decode import StepMode, t3_decode, text_tokens
+from ..runtime.decode import (
+    DecodePlan,
+    DecodeResult,
+    StepMode,
+    check_new_tokens,
+    check_positions,
+    prefill_length,
+    t3_decode,
+    text_tokens,
+)
 from ..runtime.optimized import check_decode, decode_plan
+
+REGION = "t3.decode"
+WHOLE_TRACE = f"whole trace (no {REGION} range)"
+# The top-level key of each profile decode_traces takes (a cut keeps its trace's keys): the decode
+# step asked for, the one that ran ("static" where a compiled step's compile failed) and why.
+STEP_KEY = "t3_step"
 
 
 def decode_traces(
@@ -44,31 +63,101 @@ def decode_traces(
     """For each decode step: T3's decode (weights as ``policy``) run once to warm up (compile,
     CUDA graphs, cache) and once under the profiler without phase hooks (they would make a
     compiled step compile again), its ``t3.decode`` region (the first ``keep`` steps, if given)
-    cut to ``logdir/decode-STEP/t3.decode.json.gz``. Returns those region traces by step, for
-    ``read_traces`` here or on another machine (HTA need not be installed where they are taken)."""
+    cut to ``logdir/decode-STEP/t3.decode.json.gz``, the step that ran under ``STEP_KEY``.
+    Returns those region traces by step, for ``read_traces`` here or on another machine (HTA
+    need not be installed where they are taken)."""
     if tts.conds is None:
         raise NoVoiceError()
     ids = text_tokens(tts, text)
-    # Every step's folder before any step runs: one that cannot be made stops the command first.
+    # Every check before any folder is emptied: a refusal leaves the earlier traces as they were.
+    check_new_tokens(tts.t3, tokens)
+    prefill = prefill_length(tts, text)
+    check_positions(tts.t3.tfmr.config, prefill, tokens)
+    base, need = decode_plan(tts, policy), positions_needed(prefill, tokens)
+    plans = {}
+    for step in steps:
+        mode = cast(StepMode, check_decode(step, tts.t3.device))
+        # a static or compiled step's cache holds the run (the eager step's grows as it goes)
+        size = base.max_cache_len if mode == "eager" else max(base.max_cache_len, need)
+        plans[step] = replace(base, step=mode, max_cache_len=size)
     folders = {step: run_folder(logdir, f"decode-{step}") for step in steps}
     regions = {}
-    for step, folder in folders.items():
-        plan = replace(decode_plan(tts, policy), step=cast(StepMode, check_decode(step, tts.t3.device)))
+    for step, plan in plans.items():
         for profiled in (False, True):  # a warm-up, then the run that is traced
-            with profile_run(tts, logdir, folder.name, phases=False) if profiled else nullcontext():
+            run = profile_run(tts, logdir, folders[step].name, phases=False) if profiled else nullcontext()
+            with run as prof:
                 rng = StreamRandom(seed).generator(tts.device)
-                t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng)
-        path = trace_files(folder)[-1]
-        regions[step] = region_trace(path, "t3.decode", path.parent / DECODE_CUT, keep)
+                ran = t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng)
+                if prof is not None:  # while it profiles: the trace is written as it stops
+                    prof.add_metadata_json(STEP_KEY, json.dumps(_step_ran(step, plan, ran)))
+        path = trace_files(folders[step])[-1]
+        regions[step] = region_trace(path, REGION, path.parent / DECODE_CUT, keep)
     return regions
 
 
-def read_traces(paths: Mapping[str, Path]) -> dict[str, TraceReport]:
-    """HolisticTraceAnalysis's reading of each trace (``trace_analysis.analyze``), by label."""
-    return {label: analyze(path) for label, path in paths.items()}
+def _step_ran(step: str, plan: DecodePlan, ran: DecodeResult) -> dict[str, str | None]:
+    """The step asked for, the one that ran and why it fell back (None when it did not)."""
+    built = [s for batch in (1, 2) if (s := plan.static_step(batch)) is not None]
+    fallback = next((s.fallback_reason for s in built if s.fallback_reason), None)
+    return {"asked": step, "ran": ran.step_mode, "fallback": fallback}
 
 
-def decode_trace_report(reports: dict[str, TraceReport], note: str, top: int = 5) -> dict[str, Any]:
+def _step_words(asked: str | None, ran: str | None, fallback: str | None) -> str:
+    """``_step_ran``'s record in words: "compiled step", "compiled step (ran static: why)"; ""
+    for a trace ``decode_traces`` did not take (none asked)."""
+    if asked is None or ran == asked:
+        return f"{asked} step" if asked else ""
+    return f"{asked} step (ran {ran}" + (f": {fallback})" if fallback else ")")
+
+
+def _what(row: Mapping[str, Any]) -> str:
+    """What a ``decode_trace_report`` row read, in words: the region or the whole trace, and the
+    decode step that ran in it where ``decode_traces`` took it."""
+    read = "T3 decode region" if row.get("region") else WHOLE_TRACE
+    ran = _step_words(row.get("step"), row.get("step_ran"), row.get("compile_fallback"))
+    return ", ".join(filter(None, [read, ran]))
+
+
+@dataclass
+class ReadTrace(TraceReport):
+    """A trace file's reading: of its ``REGION`` (``region``, when it has one) or of all of it
+    (None), and the decode step that ran in it (``_step_ran``'s, when ``decode_traces`` took it)."""
+
+    region: str | None = None
+    step: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """``TraceReport.summary`` and what was read: the region, the step asked for and the one
+        that ran (``step_ran``: "static" where a compiled step's compile failed, and why)."""
+        step = self.step or {}
+        ran = {
+            "step": step.get("asked"),
+            "step_ran": step.get("ran"),
+            "compile_fallback": step.get("fallback"),
+        }
+        return {**super().summary(), "region": self.region, **ran}
+
+
+def read_traces(paths: Mapping[str, Path]) -> dict[str, ReadTrace]:
+    """HolisticTraceAnalysis's reading of each trace (``trace_analysis.analyze``), by label: of
+    its ``t3.decode`` region where it has one (a cut of ``decode_traces``' is its own region),
+    else of the whole trace."""
+    reports = {}
+    for label, path in paths.items():
+        trace = read_trace(path)
+        # a profiler range, as region_trace finds them (an event that is not is analyze's to refuse)
+        ranges = (e for e in trace["traceEvents"] if isinstance(e, dict) and e.get("ph") == "X")
+        if any(e.get("cat") == "user_annotation" and e.get("name") == REGION for e in ranges):
+            with tempfile.TemporaryDirectory(prefix="region-") as tmp:  # HTA reads files
+                cut = analyze_region(path, REGION, Path(tmp) / DECODE_CUT)
+            report, region = replace(cut, trace=str(Path(path).resolve())), REGION
+        else:
+            report, region = analyze(path), None
+        reports[label] = ReadTrace(**vars(report), region=region, step=trace.get(STEP_KEY))
+    return reports
+
+
+def decode_trace_report(reports: Mapping[str, TraceReport], note: str, top: int = 5) -> dict[str, Any]:
     """``read_traces``' reports for JSON (written strictly by ``core.strict_json``): the
     side-by-side table (one row per trace with every field any row has, ``None`` where a trace
     has none: a CPU-only trace's shares, a read trace's note) and each trace's top kernels."""
@@ -85,25 +174,33 @@ def decode_trace_report(reports: dict[str, TraceReport], note: str, top: int = 5
 
 
 def cut_report(regions: Mapping[str, Path], note: str) -> dict[str, Any]:
-    """``decode_traces``' region traces as JSON, unread: where each is and how many device events
-    it holds (0 on a GPU would mean the profiler saw none of the step's kernels)."""
+    """``decode_traces``' region traces as JSON, unread: where each is, how many device events
+    it holds (0 on a GPU would mean the profiler saw none of the step's kernels) and the step that
+    ran in it (``_step_ran``'s record: a compiled step may have run static)."""
+    traces = {step: read_trace(path) for step, path in regions.items()}
     return {
         "note": note,
         "table": [],
         "traces": {step: str(path) for step, path in regions.items()},
-        "device_events": {step: device_events(read_trace(path)) for step, path in regions.items()},
+        "device_events": {step: device_events(trace) for step, trace in traces.items()},
+        "steps": {step: trace.get(STEP_KEY) for step, trace in traces.items()},  # what ran
     }
 
 
 def format_decode_traces(report: dict[str, Any]) -> str:
-    """The side-by-side table of the traces HTA read, a note for each it could not, each one's
-    attention and top kernels, and where the traces are."""
+    """The side-by-side table of the traces HTA read, what each is (``_what``), a note for each
+    it could not read, each one's attention and top kernels, and where the traces are."""
     traces = [f"{label}: {path}" for label, path in report["traces"].items()]
     if not report["table"]:  # cut_report
         counts = ", ".join(f"{step} {n}" for step, n in report["device_events"].items())
         head = f"T3 decode region traces, not read (trace --read reads them); device events: {counts}"
-        return "\n".join([head, *traces, report["note"]])
-    lines = ["T3 decode region, read by HolisticTraceAnalysis:"]
+        # (a cut report written before 2026-12-05 has no steps)
+        ran = [f"{label}: {_step_words(**step)}" for label, step in report.get("steps", {}).items() if step]
+        return "\n".join([head, *ran, *traces, report["note"]])
+    regions = all(row.get("region") for row in report["table"])
+    lines = [
+        "T3 decode region, read by HolisticTraceAnalysis:" if regions else "Read by HolisticTraceAnalysis:"
+    ]
     read = [row for row in report["table"] if row.get("idle_pct") is not None]
     if read:
         cols = ["run", "device", "compute_pct", "idle_pct", "idle_host_wait_pct", "launches",
@@ -111,6 +208,7 @@ def format_decode_traces(report: dict[str, Any]) -> str:
         # shares and times to a tenth; the launch count, an int, as it is
         lines.append(render(pd.DataFrame(read)[cols], {c: ".1f" for c in cols[2:] if c != "launches"}))
     for row in report["table"]:
+        lines.append(f"{row['run']}: {_what(row)}")
         if row not in read:
             lines.append(f"{row['run']}: {row['note']}")
             continue
