@@ -724,15 +724,51 @@ def test_the_warm_up_runs_in_the_t3_stage(tts: ChatterboxTTS, monkeypatch: pytes
         engine.warmup()
 
 
+def test_a_stream_its_reader_left_during_a_close_ends_without_an_error(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that closes its stream while close() waits for the T3 step under way: the stream
+    ended with its reader. close() used to end it again, with "the engine was closed before this
+    stream ended", which its next read raised."""
+    engine = StreamEngine(tts, max_streams=1, config=CONFIG)
+    step, stepping, go = engine._step, threading.Event(), threading.Event()
+
+    def held() -> None:  # the first step waits (no token yet: the stream's queue stays empty)
+        stepping.set()
+        go.wait(60)
+        step()
+
+    monkeypatch.setattr(engine, "_step", held)
+    handle = engine.submit(TEXTS[0], seed=0, max_new_tokens=400)
+    try:
+        assert stepping.wait(60)  # admitted, its rows held
+        closer = threading.Thread(target=engine.close, daemon=True)
+        closer.start()
+        s3gen = next(t for t in engine._threads if t.name == "engine-s3gen")
+        s3gen.join(60)  # that stage has stopped; T3 is still in its step, close() waits for it
+        assert not s3gen.is_alive() and not engine.running
+        handle.close()  # the reader leaves before close() is done
+    finally:
+        go.set()
+    closer.join(60)
+    assert not closer.is_alive()
+    assert handle.error is None and list(handle) == []
+
+
 def test_waiting_for_rows_on_a_closed_engine_does_not_wait_out_its_timeout(tts: ChatterboxTTS) -> None:
     # close() ends a running stream for its reader but frees no rows (no stage runs any more):
     # the wait used to sit out its whole timeout for rows nothing would free.
     engine = StreamEngine(tts, max_streams=1, config=CONFIG)
     try:
         handle = engine.submit(TEXTS[0], seed=0, max_new_tokens=400)
-        next(iter(handle))  # admitted, its rows held: T3 has far to go after the first window
+        # the iterator kept: one dropped at once (``next(iter(handle))``) closes the stream, whose
+        # rows T3 then frees before close() comes, or not (the test failed 1 run in 4)
+        chunks = iter(handle)
+        next(chunks)  # admitted, its rows held: T3 has far to go after the first window
+        assert not handle.closed
     finally:
         engine.close()
+    chunks.close()
     # with no timeout at all: it returns (False) because the engine stopped, or the join below
     # finds it still waiting (a liveness bound, not a timing)
     returned: list[bool] = []
@@ -979,6 +1015,33 @@ def test_streams_being_prefilled_count_as_active(tts: ChatterboxTTS, monkeypatch
         for h in handles:
             assert [c for c, _ in h]
         assert engine.active() == 0 and engine.queued() == 0
+
+
+def test_a_voice_or_sampling_value_no_stream_takes_is_refused_at_submit(tts: ChatterboxTTS) -> None:
+    """Before, these were queued and failed only at their turn, after the streams ahead of them:
+    a path as the voice with Python's own AttributeError ('str' object has no attribute 't3'),
+    cfg_weight=None with a ConfigError; language_id=5 ran on this model and failed on the
+    multilingual one with an AttributeError."""
+    from chatterbox import mtl_tts
+
+    other = mtl_tts.Conditionals(tts.conds.t3, tts.conds.gen)  # the multilingual family's voice
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        wrong: list[tuple[dict[str, Any], str]] = [
+            ({"conds": "x.wav"}, r"conds must be a voice prepared by this standard model .*got str: call "
+             r"prepare_voice\(tts, wav\) / prepare_conditionals\(wav\)"),
+            ({"conds": other}, r"got chatterbox\.mtl_tts\.Conditionals: call prepare_voice"),
+            ({"cfg_weight": None}, "cfg_weight must be a number, got None"),
+            ({"temperature": "warm"}, "temperature must be a number, got 'warm'"),
+            ({"language_id": 5}, "language_id must be a str or None, got int 5"),
+        ]  # fmt: skip
+        for kwargs, message in wrong:
+            with pytest.raises(ConfigError, match=message):
+                engine.submit(TEXTS[2], seed=0, max_new_tokens=6, **kwargs)
+        assert engine.queued() == 0 and engine.active() == 0  # nothing was queued
+        assert engine.free_rows() == engine.max_streams * engine.rows_per_stream
+        assert engine.stats.admitted == 0 and engine.stats.failed == 0
+        served = engine.submit(TEXTS[2], seed=0, max_new_tokens=6, conds=tts.conds, language_id="en")
+        assert read_within(served) and served.error is None
 
 
 def test_unknown_sampling_arguments_are_refused_at_submit(tts: ChatterboxTTS) -> None:
@@ -1234,6 +1297,9 @@ def test_an_idle_engine_serves_the_next_stream(tts: ChatterboxTTS) -> None:
 def test_bad_engine_settings_are_refused(tts: ChatterboxTTS) -> None:
     with pytest.raises(ConfigError, match="max_streams"):
         StreamEngine(tts, max_streams=0)
+    for streams in (2.0, "2", True):  # were an AttributeError (no bit_length), a TypeError, 1 stream
+        with pytest.raises(ConfigError, match=f"max_streams must be a whole number from 1, got {streams!r}"):
+            StreamEngine(tts, max_streams=streams)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_cache_len must be at least 2"):  # was torch's own error
         StreamEngine(tts, max_cache_len=-5)
     with pytest.raises(ConfigError, match="static or compiled"):

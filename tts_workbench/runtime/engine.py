@@ -60,7 +60,7 @@ from transformers.cache_utils import StaticCache
 from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, as_int
 from ..core.families import family_of, kv_layout
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
@@ -186,7 +186,9 @@ _END = object()
 
 class StreamHandle:
     """One stream of the engine: iterate it (plainly or with ``async for``) for its
-    ``(chunk, ChunkMetrics)``; ``close()`` (or leaving the loop early) frees its rows."""
+    ``(chunk, ChunkMetrics)``; ``close()`` (or leaving the loop early) frees its rows. An iterator
+    dropped or closed before the end closes the stream too, so ``next(iter(handle))`` reads one
+    chunk and cuts the stream short: keep the iterator to read on."""
 
     def __init__(self, engine: StreamEngine, request: Request, index: int) -> None:
         self.engine, self.request, self.index = engine, request, index
@@ -370,8 +372,10 @@ class StreamEngine:
         step_buckets: Sequence[int] | None = None,
         alignment: bool = False,
     ) -> None:
-        if max_streams < 1:
-            raise ConfigError(f"max_streams must be at least 1, got {max_streams}")
+        whole = as_int(max_streams)
+        if whole is None or whole < 1:  # was an AttributeError (a float's bit_length), a TypeError ("2" < 1)
+            raise ConfigError(f"max_streams must be a whole number from 1, got {max_streams!r}")
+        max_streams = whole
         batches = _sizes(flow_batches, buckets(max_streams), "flow_batches", "windows >= 1")
         streams = f"streams from 1 to max_streams ({max_streams})"
         sizes = _sizes(
@@ -533,10 +537,12 @@ class StreamEngine:
         alike; only the caller's mistakes are refused here, with a ``ConfigError`` (as upstream
         ``generate``'s TypeError), and nothing is queued: an argument of the wrong type, a seed no
         generator takes, a sampling argument the family does not take."""
-        seed, max_new_tokens = self._check_request(text, seed, max_new_tokens)
+        seed, max_new_tokens = self._check_request(text, seed, max_new_tokens, language_id)
         # a misspelled argument would otherwise be dropped and the stream run with the default;
         # those upstream Turbo takes and ignores are refused too (a caller would expect them to work)
         self.family.check_sampling_keys(sampling, ignored=False)
+        self.family.sampling_with(sampling)  # no number (cfg_weight=None): refused now, not at its turn
+        self._check_voice(conds)
         # The model's voice as it is now: one prepared while this stream waits is not its own.
         conds = conds if conds is not None else self.tts.conds
         request = Request(text, seed, max_new_tokens, conds, language_id, sampling)
@@ -549,13 +555,34 @@ class StreamEngine:
         return handle
 
     @staticmethod
-    def _check_request(text: object, seed: object, max_new_tokens: object) -> tuple[int, int]:
+    def _check_request(
+        text: object, seed: object, max_new_tokens: object, language_id: object
+    ) -> tuple[int, int]:
         """Refuse arguments no stream could run with before they are queued: they would fail only
         at the stream's turn, after the streams ahead of it, with torch's or Python's own error.
         The seed and token cap as Python ints (a numpy integer is taken)."""
         if not isinstance(text, str):
             raise ConfigError(f"text must be a str, got {type(text).__name__} {text!r}")
+        if language_id is not None and not isinstance(language_id, str):
+            raise ConfigError(
+                f"language_id must be a str or None, got {type(language_id).__name__} {language_id!r}"
+            )
         return checked_seed(seed), checked_cap(max_new_tokens)
+
+    def _check_voice(self, conds: object) -> None:
+        """Refuse a ``conds`` that is no voice this model's family prepared (a reference's path,
+        another family's ``Conditionals``): at its turn it failed with Python's own AttributeError.
+        None (the model's voice) is taken: with no voice at all the stream fails alone."""
+        family = self.family
+        if conds is None or isinstance(conds, family.conditionals):
+            return
+        kind = type(conds)
+        given = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise ConfigError(
+            f"conds must be a voice prepared by this {family.name} model (its tts.conds, a "
+            f"{family.conditionals.__module__}.Conditionals), got {given}: call prepare_voice(tts, wav) / "
+            "prepare_conditionals(wav) with this model and pass its tts.conds"
+        )
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
@@ -621,25 +648,29 @@ class StreamEngine:
 
     def close(self) -> None:
         """Stop both stages (the step, prefill, build or flow call under way ends first, no more);
-        streams still running end with an error; the KV cache and the compiled steps are let go."""
+        streams still running end with an error (not one its reader closed); the KV cache and the
+        compiled steps are let go."""
         with self._lock:
             self._stopped = True
             self._lock.notify_all()
         for thread in self._threads:
             thread.join()
-        self._end(self._take_all(), self._ended_error())
+        self._end_all(self._ended_error())
         self._kv, self._caches, self._steps = [], {}, {}
 
-    def _take_all(self) -> list[StreamHandle]:
-        """Every queued and admitted stream, no longer counted (``queued()``, ``active()``): the
-        engine has stopped, the caller fails them."""
+    def _end_all(self, error: BaseException) -> None:
+        """End every queued and admitted stream with ``error``, no longer counted (``queued()``,
+        ``active()``): the engine has stopped. One closed already (its reader left, or a stage
+        failed it with its own error) has ended: it is not ended again with this one (before, a
+        reader that left during ``close()`` found its stream failed). One hold of the lock: a
+        reader's close comes wholly before or after."""
         with self._lock:
             # a preempted stream is both queued and still being vocoded: one handle, ended once
             vocoding = [live.handle for live in self._vocoding]
             handles = list(dict.fromkeys([*self._waiting, *self._joining, *vocoding]))
             self._waiting, self._joining, self._vocoding = [], [], []
             self._preempted.clear()
-        return handles
+            self._end([h for h in handles if not h.closed], error)
 
     def __enter__(self) -> StreamEngine:
         return self
@@ -663,7 +694,7 @@ class StreamEngine:
                     self._stopped = True
                     self._failure = (stage, e)
                     self._lock.notify_all()
-                self._end(self._take_all(), e)
+                self._end_all(e)
 
         return run
 
@@ -792,7 +823,7 @@ class StreamEngine:
             except Exception as e:  # a bad request fails alone, with the error stream() gives
                 error, raised = e, True
         with self._lock:
-            if handle not in self._joining:  # a stage died meanwhile and ended it (_take_all)
+            if handle not in self._joining:  # a stage died meanwhile and ended it (_end_all)
                 return
             self._joining.remove(handle)
             if live is not None and self._stopped:  # closed, or a stage died: it would never be served
