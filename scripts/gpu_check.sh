@@ -9,6 +9,7 @@
 #      upstream's naive streaming only where GPU_CHECK_CONFIGS names upstream-stream), on the
 #      full-size random model, for each dtype policy asked (default bfloat16 only), recording the
 #      attention kernel that ran, T3 ms per token, compile time, peak CUDA memory, TTFA and RTF;
+#      its memory figure is copied beside the results file (NAME_bench-POLICY_memory.png);
 #   1b. (GPU_CHECK_MULTILINGUAL=1) the same bench on the Multilingual model (bfloat16; its static and
 #      compiled steps decode without the alignment analyzer, README);
 #   1c. (GPU_CHECK_LOAD=1, GPU_CHECK_SERVE=1) the load study, in process and over HTTP; its figure
@@ -123,9 +124,15 @@ def load(name):  # the step's report, or None; its error or skip is recorded on 
     if since is not None and not any(p.exists() and p.stat().st_mtime >= since for p in files):
         return None  # not run, or left by an earlier run
     report, skip = [p for p in files[:2] if p.exists()], files[2]
+    try:
+        r, parsed = json.loads(files[0].read_text()), True
+    except (OSError, ValueError):
+        r, parsed = None, False
     # A run leaves a skip or a report, never both; calls' bundles unpacked into one folder (tar keeps
-    # each file's time) can hold one call's skip beside another's report: the later call's is kept.
-    if skip.exists() and not (report and max(p.stat().st_mtime for p in report) >= skip.stat().st_mtime):
+    # each file's time) can hold one call's skip beside another's report or error. A report that
+    # parses is kept whichever call was later (a later skip dropped it before 2026-12-05); a skip is
+    # kept over an error or no report.
+    if skip.exists() and not parsed:
         skipped[name] = read(skip).strip()
         return None
     if not report:
@@ -134,18 +141,26 @@ def load(name):  # the step's report, or None; its error or skip is recorded on 
         steps[name] = json.loads(read(d / f"{name}.status") or "null")
     except ValueError:
         pass
-    try:
-        return json.loads((d / f"{name}.json").read_text())
-    except (OSError, ValueError):
-        err = (read(d / f"{name}.err") or "")[-3000:]
-        s = steps.get(name) or {}
-        if s.get("running"):  # the combine at its start: what a call killed during it returns
-            err = (f"unfinished: started at {s['started_at_s']} s of the run with a limit of {s['limit_s']} s,"
-                   " still running when this file was written\n" + err)
-        elif s.get("rc") in (124, 137):  # timeout's status when it stopped the step
-            err = f"stopped at its time limit ({s['limit_s']} s) after {s['seconds']} s\n" + err
-        errors[name] = err or "no output"
-        return None
+    if parsed:
+        if skip.exists() and skip.stat().st_mtime > max(p.stat().st_mtime for p in report):
+            steps[name] = {**(steps.get(name) or {}), "skipped_by_a_later_call": read(skip).strip()}
+        return r
+    err = (read(d / f"{name}.err") or "")[-3000:]
+    s = steps.get(name) or {}
+    if s.get("running"):  # the combine at its start: what a call killed during it returns
+        err = (f"unfinished: started at {s['started_at_s']} s of the run with a limit of {s['limit_s']} s,"
+               " still running when this file was written\n" + err)
+    elif s.get("rc") in (124, 137):  # timeout's status when it stopped the step
+        err = f"stopped at its time limit ({s['limit_s']} s) after {s['seconds']} s\n" + err
+    errors[name] = err or "no output"
+    return None
+
+def keep_figure(path, name):  # copy a figure of the run's temp folder beside the results file
+    # The temp folder is deleted at the run's end (before 2026-12-04 the results file kept the load
+    # study's `files`, before 2026-12-05 the bench table's "wrote" line named them): the copy, named
+    # NAME_name.png, comes back from a device call. --combine, without the temp folder, copies none.
+    figure = Path(path or "")
+    return shutil.copy(figure, out.with_name(f"{out.stem}_{name}.png")).name if figure.is_file() else None
 
 def table(name, r):  # the bench table, made once per report (it imports torch and chatterbox)
     cache = d / f"{name}.table"
@@ -162,11 +177,14 @@ def table(name, r):  # the bench table, made once per report (it imports torch a
     return text.splitlines()
 
 def bench_run(name, r):  # what the results file keeps of one bench
+    # its `files` out of the table (no "wrote" line), its memory figure kept (named relative to `out`)
+    figure = keep_figure(r.pop("files", {}).get("memory.png"), f"{name}_memory")
     return {"policy": r["optimized_policy"], "attention_kernels_optimized": r["attention_kernels_optimized"],
             "compile_s": r.get("compile_s"), "compile_fallback": r.get("compile_fallback"),
+            "flow_compile_fallback": r.get("flow_compile_fallback"),
             "compiled_attention": r.get("compiled_attention"), "memory": r.get("memory"),
             "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
-            "settings": r["settings"], "summary": r["summary"], "table": table(name, r)}
+            "settings": r["settings"], "summary": r["summary"], "figure": figure, "table": table(name, r)}
 
 load("install")  # an install that failed (GPU run) leaves install.err
 environment = load("environment")  # recorded once at the start
@@ -200,12 +218,9 @@ if traced and mode != "dry-run":  # the trimmed decode-region traces, kept besid
 for name, study in (("load", load_study), ("serve-load", served)):
     for level in (study or {}).get("levels", []):  # the per-stream rows stay in the step's own JSON
         level.pop("per_stream", None)
-    # Its `files` are in the run's temp folder, deleted at its end (before 2026-12-04 the results
-    # file kept their paths): the figure is copied beside the results file, where it comes back from
-    # a device call, and named relative to it; --combine, without the temp folder, names none.
-    figure = Path((study or {}).pop("files", {}).get("figure", ""))
-    if figure.is_file():
-        study["figure"] = shutil.copy(figure, out.with_name(f"{out.stem}_{name}.png")).name
+    figure = keep_figure((study or {}).pop("files", {}).get("figure"), name)
+    if figure:
+        study["figure"] = figure
 what = {
     "gpu": "scripts/gpu_check.sh: upstream vs optimized, full-size random weights",
     "dry-run": "DRY RUN on CPU with the tiny model: not a GPU result",
@@ -242,11 +257,14 @@ if bundle:  # the step folder's files (not the profiler's traces/ folder), packe
     os.replace(part, bundle)
 if not final:
     sys.exit(0)
+def shown(r):  # a bench's table, then its figure's path where one was kept
+    return "\n".join(r["table"] + ([f"figure: {out.parent / r['figure']}"] if r["figure"] else []))
+
 for p, r in runs.items():
-    print(f"\n## optimized policy {p}\n" + "\n".join(r["table"]))
+    print(f"\n## optimized policy {p}\n" + shown(r))
 if multilingual:
     policy = multilingual["policy"]["policy"]
-    print(f"\n## Multilingual, optimized policy {policy}\n" + "\n".join(multilingual["table"]))
+    print(f"\n## Multilingual, optimized policy {policy}\n" + shown(multilingual))
 if diagnose:
     print("\n## diagnosis (upstream float32 decode, then a float16 cast):")
     print(json.dumps({"kernels": diagnose["kernels"], "attention": diagnose["attention"]}, indent=1)[:3000])

@@ -39,7 +39,12 @@ if [[ ${1:-} == --check-size ]]; then
     exit
 fi
 PY=${GPU_PYTHON_VERSION:-3.12}
-rm -rf gpu-wheels && mkdir -p gpu-wheels
+# Downloaded into a folder beside gpu-wheels/ and swapped in only when every wheel came: a failed
+# download (no network, a pin gone from the index) keeps the wheels there were (before 2026-12-05
+# gpu-wheels/ was emptied first).
+NEW=$(mktemp -d gpu-wheels.new.XXXX)
+trap 'rm -rf "$NEW"' EXIT
+chmod 755 "$NEW"  # mkdir's mode, not mktemp's 0700
 # onnx is left out: the image has its own build of it.
 pins=$(grep -E '^(cffi|pycparser|platformdirs|setuptools|decorator|tokenizers|chatterbox-tts|s3tokenizer|resemble-perth|conformer|diffusers|transformers|librosa|soxr|audioread|soundfile|pooch|omegaconf|pyloudnorm|einops)==' requirements.lock)
 plats=()
@@ -49,6 +54,7 @@ done
 # No fallback to this machine's Python: a wheel for the wrong Python would only fail over there.
 # shellcheck disable=SC2086
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
-    "${plats[@]}" -d gpu-wheels $pins
+    "${plats[@]}" -d "$NEW" $pins
+rm -rf gpu-wheels && mv "$NEW" gpu-wheels
 ls gpu-wheels
 check_size gpu-wheels

@@ -72,6 +72,30 @@ def test_wheel_size_check_names_a_folder_without_wheels(tmp_path: Path) -> None:
     assert "cannot access" not in p.stderr
 
 
+def test_a_failed_wheel_download_keeps_the_wheels_there_were(tmp_path: Path) -> None:
+    # the script emptied gpu-wheels/ before downloading: an index it cannot reach left no wheels.
+    # A copy of it in a scratch checkout, its index a closed port on this machine (no network).
+    (tmp_path / "scripts").mkdir()
+    script = tmp_path / "scripts" / WHEELS.name
+    script.write_text(WHEELS.read_text())
+    (tmp_path / "requirements.lock").write_text((ROOT / "requirements.lock").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    kept = tmp_path / "gpu-wheels" / "kept-1.0-py3-none-any.whl"
+    kept.parent.mkdir()
+    kept.write_bytes(b"wheel")
+    # none of this machine's pip settings (its extra indexes and find-links hold wheels): only the port
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env |= {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0"}
+    p = subprocess.run(
+        ["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    said = p.stdout + p.stderr
+    assert p.returncode != 0, said
+    assert [w.name for w in kept.parent.iterdir()] == [kept.name], said
+    left = {f.name for f in tmp_path.iterdir()}
+    assert left == {".git", "gpu-wheels", "requirements.lock", "scripts"}  # not the folder it downloaded into
+
+
 def test_the_checkout_size_quoted_beside_the_wheels_holds() -> None:
     # the wheels' room under 64 MiB is quoted with the checkout's size (once "~6 MB", at 8.3 MB)
     for text in (WHEELS.read_text(), PAGE.read_text()):
@@ -173,34 +197,52 @@ def test_the_trace_heading_says_the_traces_were_cut_not_read(tmp_path: Path) -> 
     assert "HolisticTraceAnalysis" not in heading and "not read" in heading
 
 
-@pytest.mark.parametrize("newer", ["report", "skip"])
-def test_combine_keeps_the_newer_of_a_skip_and_a_report(tmp_path: Path, newer: str) -> None:
-    # two calls' bundles unpacked into one folder: call 1 skipped sampling for time, call 2 ran it
-    # (or the other way round); tar keeps each file's time, and the later call's word is kept
+def unpacked_steps(tmp_path: Path, name: str, files: dict[str, str], later: set[str]) -> Path:
+    """A step folder as two calls' bundles unpacked into one leave it (tar keeps each file's time):
+    the files of NAME, those in ``later`` a minute newer than the rest."""
     steps = tmp_path / "steps"
     steps.mkdir()
     (steps / "mode").write_text("gpu\n")
+    for suffix, text in files.items():
+        (steps / f"{name}.{suffix}").write_text(text)
+        os.utime(steps / f"{name}.{suffix}", (1000 + 60 * (suffix in later),) * 2)
+    return steps
+
+
+SKIP = "not started: 28 s were left of the 570 s deadline\n"
+STATUS = '{"rc": 0, "seconds": 40, "limit_s": 100, "stopped_after_report": false}\n'
+
+
+@pytest.mark.parametrize("newer", ["report", "skip"])
+def test_combine_keeps_a_report_over_either_calls_skip(tmp_path: Path, newer: str) -> None:
+    # call 1 skipped sampling for time and call 2 ran it, or the other way round: the finished
+    # report is kept either way (a later skip once dropped it), the later skip noted in `steps`
     report = {"rows": [], "batched_over_one_by_one": {"8": 0.5}}
-    files = {
-        "sampling.skipped": "not started: 28 s were left of the 570 s deadline\n",
-        "sampling.json": json.dumps(report),
-        "sampling.err": "",
-        "sampling.status": '{"rc": 0, "seconds": 40, "limit_s": 100, "stopped_after_report": false}\n',
-    }
-    for i, (name, text) in enumerate(files.items()):
-        (steps / name).write_text(text)
-        later = (i == 0) == (newer == "skip")
-        os.utime(steps / name, (1000 + 60 * later,) * 2)
+    files = {"skipped": SKIP, "json": json.dumps(report), "err": "", "status": STATUS}
+    unpacked_steps(
+        tmp_path, "sampling", files, later={"skipped"} if newer == "skip" else set(files) - {"skipped"}
+    )
     p, result = gpu_check(tmp_path, "--combine")
-    if newer == "report":
-        assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]  # every step there passed
-        assert result["sampling"] == report and result["skipped"] == {}
-        assert set(result["steps"]) == {"sampling"}  # no step that never ran, listed as null
-    else:
-        assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
-        assert result["sampling"] is None and "deadline" in result["skipped"]["sampling"]
-        assert result["steps"] == {}
-    assert result["errors"] == {}
+    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]  # every step there passed
+    assert result["sampling"] == report and result["skipped"] == {} and result["errors"] == {}
+    assert set(result["steps"]) == {"sampling"}  # no step that never ran, listed as null
+    status = result["steps"]["sampling"]
+    assert status["rc"] == 0
+    assert status.get("skipped_by_a_later_call") == (SKIP.strip() if newer == "skip" else None)
+
+
+@pytest.mark.parametrize("newer", ["error", "skip"])
+def test_combine_keeps_a_skip_over_either_calls_error(tmp_path: Path, newer: str) -> None:
+    # a report that does not parse is no result: another call's skip of the step is kept over it
+    failed = '{"rc": 1, "seconds": 3, "limit_s": 100, "stopped_after_report": false}\n'
+    files = {"skipped": SKIP, "json": "", "err": "Traceback: boom\n", "status": failed}
+    unpacked_steps(
+        tmp_path, "sampling", files, later={"skipped"} if newer == "skip" else set(files) - {"skipped"}
+    )
+    p, result = gpu_check(tmp_path, "--combine")
+    assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
+    assert result["sampling"] is None and "deadline" in result["skipped"]["sampling"]
+    assert result["steps"] == {} and result["errors"] == {}
 
 
 def paths_in(value: Any) -> list[str]:
@@ -212,24 +254,29 @@ def paths_in(value: Any) -> list[str]:
     return [value] if isinstance(value, str) and re.search(r"^/|\.(png|json)$", value) else []
 
 
-@pytest.mark.integration  # three processes, each importing torch; one builds the engine (~60 s)
-def test_the_load_step_names_no_file_that_is_gone(tmp_path: Path, reference_wav: Path) -> None:
-    # The load step wrote its JSON and figure to the run's temp folder, deleted at exit, and the
-    # results file kept their paths. Now its figure is copied beside the results file (it comes back
-    # from a device call) and named relative to it; the step's own JSON is in the step folder.
+@pytest.mark.integration  # four processes, each importing torch; one builds the engine (~60 s)
+def test_the_bench_and_load_steps_name_no_file_that_is_gone(tmp_path: Path, reference_wav: Path) -> None:
+    # The bench and load steps wrote their JSON and figures to the run's temp folder, deleted at
+    # exit, and the results file kept their paths (the bench's in its table's "wrote" line). Now
+    # each figure is copied beside the results file (it comes back from a device call) and named
+    # relative to it; the step's own JSON is in the step folder.
     p, result = gpu_check(
-        tmp_path, "--dry-run", GPU_CHECK_LOAD="1", GPU_CHECK_LOAD_LEVELS="1", GPU_CHECK_POLICIES="",
+        tmp_path, "--dry-run", GPU_CHECK_LOAD="1", GPU_CHECK_LOAD_LEVELS="1", GPU_CHECK_CONFIGS="optimized",
         GPU_CHECK_TRACE="0", GPU_CHECK_REFERENCE=str(reference_wav),
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
+    named = paths_in(result)
+    assert named and all((tmp_path / path).is_file() for path in named), named
+    run = result["runs"]["bfloat16"]
+    assert run["figure"] == "gpu_bench-bfloat16_memory.png"
+    assert f"figure: {tmp_path / run['figure']}" in p.stdout
+    assert "flow_compile_fallback" in run and run["flow_compile_fallback"] is None  # nothing compiled
     load = result["load"]
     assert [s["streams"] for s in (level["summary"] for level in load["levels"])] == [1]
     # the estimator as asked (eager: no cap on windows per call but the engine's own)
     assert (load["flow"], load["flow_batches"]) == ("eager", None)
     assert load["step_buckets"] == [1]  # the levels' own sizes: one compile each on the GPU
     assert "files" not in load and load["figure"] == "gpu_load.png"
-    named = paths_in(load)
-    assert named and all((tmp_path / path).is_file() for path in named), named
     assert f"figure: {tmp_path / 'gpu_load.png'}" in p.stdout
     # each finished level's summary in the log (the script's stderr), not only in the step folder
     assert re.search(r"^level 1: \{", p.stderr, re.M), p.stderr[-2000:]
