@@ -21,7 +21,7 @@ from tts_workbench.core.clock import FEW_REPEATS
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.attention import record_kernels
-from tts_workbench.models.checkpoints import save_checkpoint
+from tts_workbench.models.checkpoints import load_folder, save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import s3gen_inference
@@ -221,6 +221,19 @@ def test_a_model_has_one_open_wrapper_at_a_time(tiny_tts: ChatterboxTTS) -> None
     assert next(tiny_tts.t3.parameters()).dtype == torch.float32 and tiny_tts.conds is conds
     with PerformanceOptimizedTTS(tiny_tts, policy="float32"):  # closed: the model may be wrapped again
         pass
+
+
+def test_saving_a_model_an_open_wrapper_holds_is_refused(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    ref = {k: v.clone() for k, v in tiny_tts.t3.state_dict().items()}
+    with PerformanceOptimizedTTS(tiny_tts, policy="bfloat16") as opt:
+        # before: the wrapper's bfloat16-rounded weights, written to the file as float32
+        with pytest.raises(ConfigError, match="held by an open PerformanceOptimizedTTS.*close"):
+            save_checkpoint(tiny_tts, tmp_path / "ckpt")
+        with pytest.raises(ConfigError, match=r"pass its \.tts.*close"):  # before: not a Chatterbox model
+            save_checkpoint(opt, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    back = load_folder(save_checkpoint(tiny_tts, tmp_path / "ckpt"))  # closed: the model as it was
+    assert all(torch.equal(ref[k], v) for k, v in back.t3.state_dict().items())
 
 
 def test_a_closed_wrapper_still_says_how_it_ran(tiny_tts: ChatterboxTTS) -> None:
@@ -624,7 +637,9 @@ def test_mixed_dtypes_inside_one_file_are_refused(folders: dict[str, Path], tmp_
     first = next(k for k, v in state.items() if v.is_floating_point())
     state[first] = state[first].half()
     save_file(state, str(folder / "t3_cfg.safetensors"))
-    with pytest.raises(SourceError, match="mixed parameter dtypes.*float16"):
+    # before: "(e.g. dtype='float32')", which the constructor takes as policy= (a TypeError)
+    fixes = r"policy='float32'.*from_local\(.*dtype='float32'.*--dtype float32"
+    with pytest.raises(SourceError, match=f"mixed parameter dtypes.*float16.*{fixes}"):
         PerformanceOptimizedTTS.from_local(folder, dtype="keep")
     assert PerformanceOptimizedTTS.from_local(folder, dtype="float32").policy == "float32"  # casts
 

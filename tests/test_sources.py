@@ -459,15 +459,51 @@ def test_a_damaged_tokenizer_cache_names_the_file(tmp_path: Path, monkeypatch: p
         load_model("tiny")  # before: "EOF while parsing a value", no file named
 
 
-def test_a_damaged_pt_file_says_to_copy_it_again(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
-    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+def _pt_layout(folder: Path) -> Path:
+    """Checkpoint ``folder`` with its weights moved to the streaming fork's ``.pt`` files."""
     for name in ("ve", "t3_cfg", "s3gen"):
         torch.save(load_file(str(folder / f"{name}.safetensors")), folder / f"{name}.pt")
         (folder / f"{name}.safetensors").unlink()
+    return folder
+
+
+def test_a_damaged_pt_file_says_to_copy_it_again(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    folder = _pt_layout(save_checkpoint(tiny_tts, tmp_path / "ckpt"))
     (folder / "s3gen.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SourceError, match="cannot read s3gen.pt.*copy it again") as e:
         load_model(str(folder))
     assert "weights_only" not in str(e.value)  # before: torch's advice to load it unsafely
+
+
+@pytest.mark.parametrize("content", [[torch.zeros(3)], torch.zeros(3)], ids=["list", "tensor"])
+def test_a_pt_file_holding_no_mapping_of_tensors_says_to_copy_it_again(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, content: Any
+) -> None:
+    folder = _pt_layout(save_checkpoint(tiny_tts, tmp_path / "ckpt"))
+    torch.save(content, folder / "s3gen.pt")
+    # before: TypeError: Expected state_dict to be dict-like, naming no file
+    with pytest.raises(
+        SourceError, match=rf"cannot read s3gen.pt in {re.escape(str(folder))}: .*copy it again"
+    ):
+        load_model(str(folder))
+
+
+def test_saving_what_is_no_model_leaves_no_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a Chatterbox model"):
+        save_checkpoint(object(), tmp_path / "a" / "b" / "ckpt")  # type: ignore[arg-type]
+    assert not (tmp_path / "a").exists()  # before: a/b made, then the save refused
+
+
+def test_checking_a_folder_of_another_family_is_refused_as_loading_it_is(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    # before: passed, and the load refused it later
+    with pytest.raises(
+        SourceError, match=rf"{re.escape(str(folder))} holds a standard model .*not a turbo one"
+    ):
+        check_source(str(folder), "turbo")
+    check_source(str(folder), "standard")
 
 
 def test_a_save_refuses_a_checkpoint_folder_that_also_holds_other_files(
@@ -774,16 +810,31 @@ def test_speech_followed_by_quiet_room_tone_is_a_reference(reference_wav: Path, 
             check_reference(path)
 
 
-@pytest.mark.parametrize("source", ["tiny", "multilingual-tiny"])
+@pytest.mark.parametrize(
+    ("source", "other", "lacks"),
+    [
+        # before: a bare AssertionError from upstream's `assert SOT in voc`
+        ("tiny", "turbo-tiny", r"\[START\]"),
+        ("multilingual-tiny", "turbo-tiny", r"\[START\]"),
+        # before: loaded, and read the text with the other family's ids
+        ("turbo-tiny", "tiny", r"<\|endoftext\|>"),
+        ("turbo-tiny", "multilingual-tiny", r"<\|endoftext\|>"),
+        ("multilingual-tiny", "tiny", r"language tokens \(\[ar\]"),
+    ],
+)
 def test_another_familys_tokenizer_is_named_with_the_fix(
-    tiny_tts: ChatterboxTTS, tmp_path: Path, source: str
+    tiny_tts: ChatterboxTTS, tmp_path: Path, source: str, other: str, lacks: str
 ) -> None:
     folder = save_checkpoint(tiny_tts if source == "tiny" else load_model(source), tmp_path / "ckpt")
-    turbo = save_checkpoint(load_model("turbo-tiny"), tmp_path / "turbo")
-    name = checkpoints.folder_family(folder)[0].files[3]
-    shutil.copy(turbo / "tokenizer.json", folder / name)  # right name, wrong family: no [START]/[STOP]
-    # before: a bare AssertionError from upstream's `assert SOT in voc`
-    with pytest.raises(SourceError, match=rf"{re.escape(name)} in {re.escape(str(folder))} has no \[START\]"):
+    donor = save_checkpoint(tiny_tts if other == "tiny" else load_model(other), tmp_path / "other")
+    family = checkpoints.folder_family(folder)[0]
+    name = family.files[3]
+    shutil.copy(donor / checkpoints.folder_family(donor)[0].files[3], folder / name)  # right name, wrong file
+    with pytest.raises(
+        SourceError,
+        match=rf"{re.escape(name)} in {re.escape(str(folder))} has no {lacks}.*another family's tokenizer\? "
+        rf"Copy in the {family.name} model's own {re.escape(name)}",
+    ):
         load_model(str(folder))
 
 

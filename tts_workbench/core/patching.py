@@ -34,6 +34,8 @@ Everything the workbench does to a user's model goes through here:
 - ``scoped_item``: set a key of a dict (e.g. upstream's ``LLAMA_CONFIGS``) and remove it again,
   held as ``shared`` holds a shadow.
 - ``own_code``: a copy of a function with its own code object, for ``torch.compile``.
+- ``HOLDERS``: the open wrapper that has each model changed for a while, so that code below the
+  wrapper's layer (a save) can refuse a model whose weights are the wrapper's cast copies.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import copy
 import functools
 import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -56,6 +59,11 @@ _MISSING = object()
 
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
 M = TypeVar("M", bound=nn.Module)
+
+# The open wrapper of each model (runtime.optimized's PerformanceOptimizedTTS), by the model's id:
+# the wrapper holds the model, so the id is not reused while it lives. The wrapper puts itself here
+# when it has changed the model and takes itself out when it has given the model back.
+HOLDERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 @contextmanager

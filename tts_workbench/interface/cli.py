@@ -341,7 +341,7 @@ def _check_model(args: argparse.Namespace) -> None:
     checks its device with the replicas' GPUs: ``deployment.check_placement``)."""
     from ..core.devices import check_device
     from ..core.errors import SourceError, naming_flag
-    from ..models.sources import check_source, is_named, source_family
+    from ..models.sources import check_source, is_named
 
     family = args.family
     if family is not None and is_named(args.model):  # as load_model refuses family=
@@ -349,14 +349,8 @@ def _check_model(args: argparse.Namespace) -> None:
             f"argument --family: is for a checkpoint folder: {args.model!r} names its family already: "
             "leave --family out"
         )
-    with naming_flag("--model", SourceError):
+    with naming_flag("--model", SourceError):  # a folder of another family than --family's too
         check_source(args.model, family)
-    # (load_model refuses it too, naming family=: a flag this command line has not)
-    if family is not None and (found := source_family(args.model, family)) != family:
-        raise SourceError(
-            f"argument --family: model folder {args.model} holds a {found} model, not a {family} one: "
-            f"give --family {found}, or leave --family out"
-        )
     if args.command != "serve" and getattr(args, "device", None) is not None:
         with naming_flag("--device", SourceError):  # (before 2026-12-04 unnamed, after --out was made)
             check_device(args.device)

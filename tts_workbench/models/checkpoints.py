@@ -15,7 +15,7 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 
 from ..core.constants import dtype_name, parse_dtype
 from ..core.devices import check_device
-from ..core.errors import SourceError, WorkbenchError, as_int
+from ..core.errors import ConfigError, SourceError, WorkbenchError, as_int
 from ..core.families import FAMILIES, Family, TTSModel, family_of
 from ..core.files import beside, remove
+from ..core.patching import HOLDERS
 from .builders import TINY_BACKBONES, TinyConfig, assemble, build_s3gen, build_t3, no_init, own_random_state
-from .frontends import GPT2_TOKENIZER_FILES, read_tokenizer, save_gpt2_tokenizer
+from .frontends import GPT2_TOKENIZER_FILES, missing_tokens, read_tokenizer, save_gpt2_tokenizer
 
 METADATA_FILE = "tts_workbench.json"
 PT_LAYOUT = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")  # chatterbox-streaming fork
@@ -68,6 +69,7 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype | str 
     folder is deleted, a previous checkpoint moved aside is put back (or deleted, if the folder
     is there)."""
     cast_to = parse_dtype(str(dtype))  # "torch.float16" and "float16" alike; refused before any write
+    family = _family_to_save(tts)  # before any folder is made (before, the parents were, then refused)
     folder = Path(folder)
     real = folder.resolve()  # a link to a folder: the folder it names is replaced
     _sweep_stale(real)
@@ -76,12 +78,38 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype | str 
     partial = beside(real, "partial")
     try:
         partial.mkdir()
-        _write_checkpoint(tts, partial, cast_to)
+        _write_checkpoint(tts, family, partial, cast_to)
         _check_replaceable(folder, real)  # again: a file may have been added meanwhile
         _replace_folder(partial, real)
     finally:
         remove(partial)  # there only if the save failed
     return folder
+
+
+def _family_to_save(tts: Any) -> Family:
+    """The family of the model ``tts``, refused with the fix for a wrapper of one (told by its
+    ``.tts``: the wrappers live in runtime/, a layer above) and for a model an open wrapper holds,
+    whose weights are then the wrapper's, cast to its dtype policy's."""
+    wrapped = getattr(tts, "tts", None)
+    if any(type(wrapped) is f.model_class for f in FAMILIES.values()):
+        when = (
+            " once the wrapper is closed (close(), or the end of its with block)"
+            if id(wrapped) in HOLDERS
+            else ""
+        )
+        raise ConfigError(
+            f"{type(tts).__name__} is not a Chatterbox model but a wrapper of one: save the model it "
+            f"wraps, pass its .tts{when}"
+        )
+    family = family_of(tts)  # refuses anything else that is no model, naming the three classes
+    holder = HOLDERS.get(id(tts))
+    if holder is not None:
+        raise ConfigError(
+            f"this model is held by an open {type(holder).__name__}: its weights are the wrapper's, cast "
+            "to its dtype policy's, and a save would write those as the model's own. Close the wrapper "
+            "first (close(), or the end of its with block), or save the model before wrapping it"
+        )
+    return family
 
 
 def _saved_names(folder: Path) -> set[str]:
@@ -170,8 +198,7 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return (value.to(dtype) if value.is_floating_point() else value).detach().cpu().contiguous()
 
 
-def _write_checkpoint(tts: TTSModel, folder: Path, dtype: torch.dtype) -> None:
-    family = family_of(tts)
+def _write_checkpoint(tts: TTSModel, family: Family, folder: Path, dtype: torch.dtype) -> None:
     parts = dict(zip(family.files[:3], (tts.ve, tts.t3, tts.s3gen), strict=True))
     for name, module in parts.items():
         state = {
@@ -262,10 +289,17 @@ def _read(folder: Path, what: str, read: Callable[[], _T]) -> _T:
         ) from e
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+def _read_state(path: Path) -> Mapping[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return _read(path.parent, path.name, lambda: load_file(str(path)))
-    return _read(path.parent, path.name, lambda: torch.load(path, map_location="cpu", weights_only=True))
+
+    def read() -> Mapping[str, torch.Tensor]:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, Mapping):  # load_state_dict's TypeError would name no file
+            raise ValueError(f"it holds a {type(state).__name__}, not tensors by name")
+        return state
+
+    return _read(path.parent, path.name, read)
 
 
 def _metadata(path: Path) -> dict[str, Any]:
@@ -343,7 +377,8 @@ def check_left_aside(folder: Path) -> None:
 def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tuple[str, ...], dict[str, Any]]:
     """The folder's family, the files of its layout and its metadata. The family is the one its
     ``tts_workbench.json`` records; without one (upstream's own layout), the one whose T3 file
-    is there, or ``family`` where the folder holds two families' T3 files."""
+    is there, or ``family`` where the folder holds two families' T3 files. A folder of another
+    family than ``family`` is refused (``load_folder`` would refuse it)."""
     if folder.is_file():
         raise SourceError(f"model folder {folder} is a file; give the folder that holds it ({folder.parent})")
     if not folder.is_dir():
@@ -385,6 +420,12 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
             )
         present = [(f, files) for f, files in present if f.name == family]
     chosen, files = (present or layouts)[0]
+    if family is not None and family != chosen.name:
+        raise SourceError(
+            f"model folder {folder} holds a {chosen.name} model ({files[1]}), not a {family} one: "
+            f"load it as {chosen.name} (family={chosen.name!r}, on the command line --family "
+            f"{chosen.name}) or leave the family out"
+        )
     missing = _missing(folder, chosen, files)
     if missing:
         recorded_by = f" (the family its {METADATA_FILE} records)" if recorded else ""
@@ -410,11 +451,6 @@ def load_folder(
     folder = Path(folder)
     dev = check_device(device)
     found, layout, meta = folder_family(folder, family)
-    if family is not None and family != found.name:
-        raise SourceError(
-            f"model folder {folder} holds a {found.name} model ({layout[1]}), not a {family} one: "
-            f"load it as {found.name}"
-        )
     architecture = meta.get("architecture", "full")
     states = {name: _read_state(folder / name) for name in layout[:3]}
     cfg = _tiny_config(meta, folder / METADATA_FILE) if architecture == "tiny" else None
@@ -433,17 +469,27 @@ def load_folder(
 def _read_tokenizer(folder: Path, family: str, name: str) -> Any:
     """The text front end of checkpoint ``folder``: its file ``name``, or Turbo's files; one of
     another family (a right name, a wrong file) is named with the fix."""
-    if family == "turbo":  # AutoTokenizer reads the folder, and does not say which file failed
-        present = [f for f in GPT2_TOKENIZER_FILES if (folder / f).exists()]
-        what = f"Turbo's tokenizer (one of {', '.join(present)})"
-        return _read(folder, what, lambda: read_tokenizer(family, folder))
     try:
-        return _read(folder, name, lambda: read_tokenizer(family, folder / name))
+        if family == "turbo":  # AutoTokenizer reads the folder, and does not say which file failed
+            present = [f for f in GPT2_TOKENIZER_FILES if (folder / f).exists()]
+            what = f"Turbo's tokenizer (one of {', '.join(present)})"
+            tokenizer = _read(folder, what, lambda: read_tokenizer(family, folder))
+            name = name if (folder / name).exists() else TURBO_HUB_TOKENIZER[0]  # what it read
+        else:
+            tokenizer = _read(folder, name, lambda: read_tokenizer(family, folder / name))
     except AssertionError as e:  # upstream EnTokenizer's and MTLTokenizer's `assert SOT in voc`
-        raise SourceError(
-            f"{name} in {folder} has no [START]/[STOP] token: another family's tokenizer? Copy in the "
-            f"{family} model's own {name}, or re-export it with save_checkpoint()"
-        ) from e
+        raise _another_familys(folder, family, name, "[START]/[STOP] token") from e
+    lacks = missing_tokens(family, tokenizer)
+    if lacks is not None:
+        raise _another_familys(folder, family, name, lacks)
+    return tokenizer
+
+
+def _another_familys(folder: Path, family: str, name: str, lacks: str) -> SourceError:
+    return SourceError(
+        f"{name} in {folder} has no {lacks}: another family's tokenizer? Copy in the "
+        f"{family} model's own {name}, or re-export it with save_checkpoint()"
+    )
 
 
 def _read_voice(folder: Path, family: Family) -> Any:

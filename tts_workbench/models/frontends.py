@@ -166,6 +166,28 @@ def _vocab(tokenizer: Any) -> dict[str, int]:
     return vocab
 
 
+def missing_tokens(family: str, tokenizer: Any) -> str | None:
+    """What ``tokenizer``, read from ``family``'s text front end files, lacks that every tokenizer
+    of the family has (another family's file under this family's name loads, and reads text with
+    the other family's ids), or None: Turbo's is a byte-level BPE with GPT-2's ``<|endoftext|>``
+    in its vocabulary (not only added to it, as its tokenizer_config.json does); Multilingual's
+    has its languages' tokens, which upstream puts before the text (``[fr]``). The standard
+    family's [START]/[STOP] upstream's EnTokenizer asserts itself."""
+    if family == "turbo":
+        from tokenizers.models import BPE
+
+        model = tokenizer.backend_tokenizer.model
+        if not isinstance(model, BPE) or model.token_to_id("<|endoftext|>") is None:
+            return "<|endoftext|> in a BPE vocabulary"
+    if family == "multilingual":
+        vocab = _vocab(tokenizer)
+        tokens = [f"[{code}]" for code in SUPPORTED_LANGUAGES]
+        # none at all: a file with some (a language fewer) is no other family's, and is left to upstream
+        if not any(t in vocab for t in tokens):
+            return f"language tokens ({', '.join(tokens[:3])}, ...)"
+    return None
+
+
 def check_tokenizer(tok: Any, vocab: int) -> None:
     top = max(_vocab(tok).values())
     if top >= vocab:

@@ -50,7 +50,7 @@ from ..core.constants import HALF_DTYPES, dtype_name
 from ..core.devices import check_device
 from ..core.errors import ConfigError, NoVoiceError
 from ..core.families import components, family_of
-from ..core.patching import ModuleSnapshot
+from ..core.patching import HOLDERS, ModuleSnapshot
 from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
 from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
@@ -434,12 +434,6 @@ def _upstream_takes_none(optimize: bool, options: dict[str, Any]) -> None:
         )
 
 
-# The open wrapper of each model (by id; the wrapper holds the model, so the id is not reused
-# while it lives). Each wrapper restores the model as it found it: a second one, opened on a
-# model the first has changed, would restore the first one's bfloat16 copy when it closes.
-_OPEN: weakref.WeakValueDictionary[int, PerformanceOptimizedTTS] = weakref.WeakValueDictionary()
-
-
 class PerformanceOptimizedTTS(Pipeline):
     """An upstream ChatterboxTTS with the fixes applied (see the module docstring).
 
@@ -460,7 +454,9 @@ class PerformanceOptimizedTTS(Pipeline):
         cpp_wrapper: bool = False,
         fused: bool = False,
     ) -> None:
-        if id(tts) in _OPEN:
+        # Each wrapper restores the model as it found it: a second one, opened on a model the first
+        # has changed, would restore the first one's bfloat16 copy when it closes.
+        if id(tts) in HOLDERS:
             raise ConfigError(
                 "this model is already wrapped by an open PerformanceOptimizedTTS: close it first (or "
                 "use it), or wrap a copy of the model; each wrapper gives the model back as it found it"
@@ -518,7 +514,7 @@ class PerformanceOptimizedTTS(Pipeline):
         except BaseException:
             self._stack.close()
             raise
-        _OPEN[id(tts)] = self
+        HOLDERS[id(tts)] = self
 
     # ------------------------------------------------------------ construction
 
@@ -594,7 +590,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 self._final = self.configuration()
             finally:  # the model goes back even if the report fails
                 self._stack.close()
-                _OPEN.pop(id(self.tts), None)
+                HOLDERS.pop(id(self.tts), None)
                 for plan in self.plans.values():
                     plan.drop_static()
                 self.plans.clear()

@@ -107,7 +107,9 @@ def compute_dtype(module: nn.Module, skip: Sequence[nn.Module] = ()) -> torch.dt
         mix = ", ".join(f"{dtype_name(d)}: {n:,}" for d, n in counts.items())
         raise SourceError(
             f"{type(module).__name__} has mixed parameter dtypes ({mix}); re-save the checkpoint "
-            "with one dtype or choose an explicit dtype policy (e.g. dtype='float32') to cast it"
+            "with one dtype or choose an explicit dtype policy to cast it, e.g. float32: "
+            "PerformanceOptimizedTTS(tts, policy='float32'), from_model(tts, dtype='float32') or "
+            "from_local(folder, dtype='float32'), --dtype float32 on the command line"
         )
     return next(iter(counts), torch.float32)
 
