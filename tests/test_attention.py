@@ -224,6 +224,15 @@ def test_a_masked_step_is_told_flash_takes_no_mask(tiny_tts: ChatterboxTTS) -> N
     assert not any("mask" in r for r in why_not_flash(tiny_tts))
 
 
+def test_on_cpu_the_mask_is_said_to_refuse_cuda_flash_only(tiny_tts: ChatterboxTTS) -> None:
+    """CPU's own fused Flash kernel takes a mask, and runs the static step's: the reason said
+    Flash takes none, as if the mask kept the CPU step off it too."""
+    said = [r for r in why_not_flash(tiny_tts, step="static") if "mask" in r]
+    assert said and all("CUDA Flash takes none" in r for r in said), said
+    flash = next(p for p in probe_backends(tiny_tts, step="static") if p.backend == "FLASH_ATTENTION")
+    assert flash.ok, flash  # tiny_tts is on the CPU whatever the machine has
+
+
 def test_forced_backends_report_pass_and_fail(tiny_tts: ChatterboxTTS) -> None:
     results = {p.backend: p for p in probe_backends(tiny_tts)}
     assert results["MATH"].ok

@@ -99,3 +99,62 @@ def test_replays_in_two_threads_each_get_their_own_outputs(monkeypatch: pytest.M
     for t in threads:
         t.join(timeout=60)
     assert wrong == []
+
+
+@pytest.mark.parametrize("first", ["trace", "step"])
+def test_a_dtype_trace_and_a_step_crossing_in_two_threads_leave_the_stance_as_it_was(first: str) -> None:
+    """A dtype trace (compiled code eager) and a step (guards skipped) each saved torch's
+    process-wide stance and put it back: when one entered after the other and left after it too,
+    it put back the other's. Trace first left "force_eager" for good; step first left guards
+    skipped for good, and a later call with a new shape failed ("Recompilation triggered with
+    skip_guard_eval_unsafe stance")."""
+    from torch._dynamo import eval_frame
+
+    from tts_workbench.core.compiling import skipping_guards
+    from tts_workbench.instruments.dtypes import trace_dtypes
+
+    net = torch.nn.Linear(4, 4)
+    holders = {"trace": lambda: trace_dtypes(net), "step": lambda: skipping_guards(True)}
+    second = "step" if first == "trace" else "trace"
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    double(torch.ones(2))
+    before = eval_frame._stance
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[Any] = []  # the stance the second holder has once the first has left
+
+    def enter_first() -> None:
+        with holders[first]():
+            first_in.set()
+            assert second_in.wait(timeout=30)
+        first_out.set()
+
+    def enter_second() -> None:
+        assert first_in.wait(timeout=30)
+        with holders[second]():
+            second_in.set()
+            assert first_out.wait(timeout=30)
+            seen.append(eval_frame._stance)
+
+    errors: list[BaseException] = []
+
+    def run(fn: Any) -> None:
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in (enter_first, enter_second)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert errors == [] and len(seen) == 1
+        assert eval_frame._stance == before
+        assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))  # a new shape recompiles
+        # The trace still open: compiled code eager (the step that skipped has left); the step
+        # still inside, the only step: its guards skipped, compiled code no longer eager.
+        inside = ("force_eager", False) if second == "trace" else ("default", True)
+        assert (seen[0].stance, seen[0].skip_guard_eval_unsafe) == inside
+    finally:
+        eval_frame._stance = before  # the rest of the session's compiled code as it was

@@ -707,6 +707,47 @@ def test_a_block_that_raises_still_gets_its_peak() -> None:
     assert (w.growth_bytes, w.reserved_growth_bytes) == (50, 200)
 
 
+def test_a_window_opened_inside_another_keeps_the_outer_ones_peak() -> None:
+    """An inner window reset the process-wide peak (the kernel's VmHWM) and the outer window,
+    ending after it, read the peak since that reset: 3 MiB of growth for a block that touched
+    100 MiB."""
+    if not _reset_peak_rss():
+        pytest.skip("the kernel's peak cannot be reset here: windows sample, and reset nothing")
+    with memory_window("cpu") as outer:
+        x = torch.ones(100 * 2**20 // 4)
+        x += 1  # 100 MiB resident
+        del x
+        with memory_window("cpu") as inner:
+            pass
+    assert outer.growth_bytes >= 90 * 2**20, outer
+    assert inner.growth_bytes < 90 * 2**20, inner  # the inner block's own peak, not the outer one's
+
+
+def test_a_cuda_window_opened_inside_another_keeps_the_outer_ones_peak(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # reset_peak_memory_stats is process-wide too: the outer window read the peak since the inner reset
+    monkeypatch.setattr(memory, "_peaks_before", {})
+    allocator = {"peak": 100, "reserved": 200}
+
+    def reset(device: object = None) -> None:
+        allocator.update(peak=100, reserved=200)
+
+    stand_in = {"synchronize": lambda device=None: None, "reset_peak_memory_stats": reset,
+                "memory_allocated": lambda device=None: 100, "memory_reserved": lambda device=None: 200,
+                "max_memory_allocated": lambda device=None: allocator["peak"],
+                "max_memory_reserved": lambda device=None: allocator["reserved"],
+                "current_device": lambda: 0}  # fmt: skip
+    for name, fn in stand_in.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    with memory_window("cuda") as outer:
+        allocator.update(peak=5000, reserved=8000)  # the outer block's own peak
+        with memory_window("cuda:0") as inner:
+            pass
+    assert (outer.growth_bytes, outer.reserved_growth_bytes) == (4900, 7800)
+    assert (inner.growth_bytes, inner.reserved_growth_bytes) == (0, 0)
+
+
 def test_the_process_peak_so_far_outlives_a_window_that_reset_it() -> None:
     """A window resets the kernel's VmHWM (getrusage's ru_maxrss with it): the wrapper's
     ``last_run`` still reports the process's peak so far."""

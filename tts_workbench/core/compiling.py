@@ -21,6 +21,9 @@ engine's batched step, S3Gen's CFM estimator), in one place.
 - ``skipping_guards``: dynamo's guard checks skipped for a call whose guards were checked
   before, as long as no other thread is inside such a call (torch's stance is process-wide;
   the rest of it, a caller's ``force_eager`` say, is kept).
+- ``forcing_eager``: compiled code run eagerly in every thread (a dtype trace's hooks see it).
+  Both hold the one stance of the process by count (``_Stance``), so holders whose lifetimes
+  cross in two threads never put back each other's temporary stance.
 - ``fell_back``: the one warning of a compile that failed, its error in one line (the reason a
   caller keeps as its ``fallback_reason``).
 - ``cudagraph_thread_ready``: CUDA graph trees' per-thread state made for a thread that has none
@@ -38,7 +41,7 @@ import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,45 +113,91 @@ def warmup_calls(cudagraphs: bool) -> int:
     return 3 if cudagraphs else 1
 
 
-_guards_lock = threading.Lock()
-_inside = 0  # calls inside skipping_guards() now, in any thread
-_skipping: Any = None  # the stance context entered while skipping, else None
+class _Stance:
+    """torch's compile stance (``torch._dynamo.eval_frame._stance``), owned here for its holders.
 
+    The stance is one setting for the whole process, read each time compiled code is entered.
+    Two things change it for a while: a dtype trace (compiled code eager, so its hooks see the
+    calls) and a step (guards skipped). Each saving the stance it found and putting it back on
+    exit, holders whose lifetimes crossed in two threads put back each other's temporary one
+    ("force_eager" or skipped guards for good). So they are counted: the stance the first holder
+    of either kind found is the base, the stance is made again from the base and the holders
+    inside at every entry and exit, and the base is put back when the last one leaves (a stance a
+    caller sets while a holder is inside is lost then)."""
 
-@contextmanager
-def skipping_guards(wanted: bool) -> Iterator[None]:
-    """Inside: dynamo skips its guard checks, if ``wanted`` and no other thread is inside too.
-    The stance (``skip_guard_eval_unsafe``) is one setting for the whole process, so it is held
-    by count: the first call in sets it, a second one arriving meanwhile puts the checks back
-    (its own call may be the first after a change and must be checked), the last one out
-    restores what was there before. So compiled code run while a step is inside alone must come
-    in too (``replay`` does), or it would skip its guards as well."""
-    global _inside, _skipping
-    with _guards_lock:
-        _inside += 1
-        if _inside == 1 and wanted:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.eager = 0  # open forcing_eager() blocks, in any thread
+        self.steps = 0  # calls inside skipping_guards(), in any thread
+        self.skip = False  # the one call inside came in alone and asked to skip its guards
+        self.base: Any = None  # the stance found when the first holder came in
+
+    def _apply(self) -> None:
+        """Set the stance the base and the holders inside now make (the lock held)."""
+        from torch._dynamo import eval_frame  # imported by the first compile, not by torch
+
+        base = self.base
+        eager = self.eager > 0  # a forced backend is for compiling: none under force_eager
+        want = eval_frame.DynamoStance(
+            "force_eager" if eager else base.stance,
+            base.skip_guard_eval_unsafe or self.skip,
+            None if eager else base.backend,
+        )
+        if want != eval_frame._stance:  # (set_stance refuses inside a compiled region, even a no-op)
+            torch.compiler.set_stance(
+                want.stance, skip_guard_eval_unsafe=want.skip_guard_eval_unsafe, force_backend=want.backend
+            )
+
+    @contextmanager
+    def held(self, eager: bool, skip: bool = False) -> Iterator[None]:
+        """Inside: a holder of compiled code run eagerly (``eager``) or of a step, which skips its
+        guards if it asked to (``skip``) and no other step is inside: one arriving meanwhile is
+        checked (its call may be the first after a change), and no step skips again until all
+        have left."""
+        from torch._dynamo import eval_frame
+
+        with self.lock:
+            before = (self.eager, self.steps, self.skip, self.base)
+            if not (self.eager or self.steps):
+                self.base = eval_frame._stance
+            if eager:
+                self.eager += 1
+            else:
+                self.steps += 1
+                self.skip = skip and self.steps == 1
             try:
-                from torch._dynamo import eval_frame  # imported by the first compile, not by torch
-
-                now = eval_frame._stance  # the caller's own (force_eager, a forced backend, ...) kept
-                _skipping = torch.compiler.set_stance(
-                    now.stance, skip_guard_eval_unsafe=True, force_backend=now.backend
-                )
-                _skipping.__enter__()
-            except BaseException:  # (inside a compiled region, say): this call was never inside
-                _inside, _skipping = _inside - 1, None
+                self._apply()
+            except BaseException:  # (inside a compiled region, say): this holder never came in
+                self.eager, self.steps, self.skip, self.base = before
                 raise
-        elif _inside > 1 and _skipping is not None:
-            _skipping.__exit__(None, None, None)
-            _skipping = None
-    try:
-        yield
-    finally:
-        with _guards_lock:
-            _inside -= 1
-            if _inside == 0 and _skipping is not None:
-                _skipping.__exit__(None, None, None)
-                _skipping = None
+        try:
+            yield
+        finally:
+            with self.lock:
+                if eager:
+                    self.eager -= 1
+                else:
+                    self.steps -= 1
+                    self.skip = self.skip and self.steps > 0
+                self._apply()
+                if not (self.eager or self.steps):
+                    self.base = None
+
+
+_stance = _Stance()
+
+
+def forcing_eager() -> AbstractContextManager[None]:
+    """Inside: ``torch.compile``'d code runs eagerly, in every thread (the stance is the
+    process's); the stance from before is back when the last holder leaves."""
+    return _stance.held(eager=True)
+
+
+def skipping_guards(wanted: bool) -> AbstractContextManager[None]:
+    """Inside: dynamo skips its guard checks, if ``wanted`` and no other thread is inside too
+    (the rest of the stance, a caller's ``force_eager`` say, is kept). Compiled code run while a
+    step is inside alone must come in too (``replay`` does), or it would skip its guards as well."""
+    return _stance.held(eager=False, skip=wanted)
 
 
 def fell_back(e: Exception, what: str, instead: str, stacklevel: int = 2) -> str:

@@ -391,7 +391,10 @@ def why_not_flash(
     if q.shape[-1] > 256:  # (torch's check_head_dim_size_flash: no multiple of 8 asked for dense inputs)
         reasons.append(f"head dim {q.shape[-1]} is over the 256 CUDA Flash takes")
     if mask is not None:
-        reasons.append("an attention mask is passed (the static cache's unused slots): Flash takes none")
+        reasons.append(
+            "an attention mask is passed (the static cache's unused slots): CUDA Flash takes none "
+            "(the CPU kernel takes it)"
+        )
     return reasons
 
 

@@ -29,6 +29,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
+from ..core.compiling import forcing_eager
 from ..core.constants import dtype_name
 from ..core.errors import ConfigError
 from ..core.families import components
@@ -299,41 +300,6 @@ def _in_compiled_code() -> bool:
     return False
 
 
-class _ForceEager:
-    """``torch.compile``'d code run eagerly while any ``trace_dtypes`` block is open.
-
-    In torch 2.13 the stance is one global of the process (``torch._dynamo.eval_frame._stance``),
-    not of a thread, read each time compiled code is entered: while a block is open, compiled code
-    runs eagerly in every thread. ``set_stance`` puts back on exit the stance it found, which is
-    how the caller's own (e.g. "fail_on_recompile") comes back; but blocks that overlap (from two
-    threads) would each put back what they found: the first to end would turn compilation back on
-    under the other, the last leave "force_eager" for good. So the first block to open sets it and
-    the last to close puts back the caller's; a stance set while a block is open is lost then.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.open = 0
-        self.stance: Any = None  # the set_stance that put back the caller's stance on exit
-
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self.lock:
-            if not self.open:
-                self.stance = torch.compiler.set_stance("force_eager")  # set now, put back on exit
-            self.open += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.open -= 1
-                if not self.open:
-                    self.stance.__exit__(None, None, None)
-
-
-_force_eager = _ForceEager()
-
-
 class _Calls(threading.local):
     """One thread's calls in progress and its own records: threads that run the same modules at
     once must not pop each other's calls, nor take each other's records for submodules' ones."""
@@ -450,7 +416,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             handles.append(module.register_forward_hook(post(), with_kwargs=True, always_call=True))
         # Dynamo ignores module hooks added after compiling (skip_nnmodule_hook_guards): compiled
         # code called in the block would run past them, unrecorded.
-        with _force_eager():
+        with forcing_eager():
             try:
                 yield trace
             except Exception as e:

@@ -6,6 +6,8 @@ where that is refused, the resident set is sampled every 10 ms. On CUDA the cach
 peak statistics are reset before the block: tensors (allocated) and what the allocator holds
 from the driver (reserved) are both kept; the reserved growth is beyond the free blocks the
 process already held (its cache is not emptied: that would put allocations into timed runs).
+A reset is process-wide: the windows open on the device keep their peak so far first, so a window
+opened inside another (or in another thread) leaves the outer one's peak whole.
 Weights and caches are counted apart, from their tensors (``tensor_bytes``), since a process
 holding several models cannot tell them apart from its totals.
 """
@@ -106,15 +108,41 @@ def process_peak_bytes(device: torch.device | str) -> int:
     return max(now_, _peaks_before.get(str(device), 0))
 
 
-def _remember_peak(device: torch.device) -> None:
-    _peaks_before[str(_indexed(device))] = process_peak_bytes(device)
+def _peaks_now(device: torch.device) -> tuple[int, int]:
+    """The peaks since the last reset on ``device``: CUDA's allocated and reserved bytes; the
+    kernel's peak resident set (VmHWM) on CPU, nothing reserved."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return _status_bytes("VmHWM"), 0
+
+
+def _keep_peaks(window: MemoryWindow, device: torch.device) -> None:
+    """``window``'s peaks raised to those since the last reset."""
+    peak, reserved = _peaks_now(device)
+    window.peak_bytes = max(window.peak_bytes, peak)
+    window.peak_reserved_bytes = max(window.peak_reserved_bytes, reserved)
+
+
+# A reset is process-wide: each window open on a device (by name, as ``_peaks_before``) gets the
+# peak so far before one is made, or a window opened inside another would wipe the outer's peak.
+_windows_lock = threading.Lock()  # held from a reset (and its keeping) to the window's registering
+_open_windows: dict[str, list[MemoryWindow]] = {}
+
+
+def _before_reset(device: torch.device) -> None:
+    """Keep the peaks a reset of ``device``'s is about to wipe: the process's (for
+    ``process_peak_bytes``) and each open window's (the lock held)."""
+    name = str(_indexed(device))
+    _peaks_before[name] = process_peak_bytes(device)
+    for window in _open_windows.get(name, []):
+        _keep_peaks(window, device)
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak resident set to the current one (the peak so far remembered
-    for ``process_peak_bytes``); False where it is refused."""
+    """Reset the kernel's peak resident set to the current one (the peaks so far kept first);
+    False where it is refused."""
     _trim_heap()
-    _remember_peak(torch.device("cpu"))
+    _before_reset(torch.device("cpu"))
     try:
         Path("/proc/self/clear_refs").write_text("5")
         _status_bytes("VmHWM")
@@ -123,35 +151,52 @@ def _reset_peak_rss() -> bool:
     return True
 
 
+def _close(window: MemoryWindow, device: torch.device) -> None:
+    """``window`` out of the open ones, its peaks filled in (also when its block raised)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    name = str(_indexed(device))
+    with _windows_lock:
+        _open_windows[name] = [
+            w for w in _open_windows[name] if w is not window
+        ]  # by identity: windows can be equal
+        _keep_peaks(window, device)
+
+
 @contextmanager
 def memory_window(device: torch.device | str) -> Iterator[MemoryWindow]:
     """Inside: the block whose peak is measured; the window is complete when the block ends,
-    also when it raised."""
+    also when it raised. Windows may be opened inside others, in any thread."""
     device = torch.device(device)
+    name = str(_indexed(device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         # The cache is not emptied (the CPU window trims its heap): the bench times its runs inside
         # windows, and an empty cache would put the driver's allocations into each timed run.
-        _remember_peak(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        window = MemoryWindow(
-            "cuda", "CUDA caching allocator, peaks reset before the block",
-            torch.cuda.memory_allocated(device), 0, torch.cuda.memory_reserved(device), 0,
-        )  # fmt: skip
+        with _windows_lock:  # registered before another window can reset
+            _before_reset(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            window = MemoryWindow(
+                "cuda", "CUDA caching allocator, peaks reset before the block",
+                torch.cuda.memory_allocated(device), 0, torch.cuda.memory_reserved(device), 0,
+            )  # fmt: skip
+            _open_windows.setdefault(name, []).append(window)
         try:
             yield window
         finally:
-            torch.cuda.synchronize(device)
-            window.peak_bytes = torch.cuda.max_memory_allocated(device)
-            window.peak_reserved_bytes = torch.cuda.max_memory_reserved(device)
+            _close(window, device)
         return
-    if _reset_peak_rss():
-        window = MemoryWindow("cpu", "resident set, the kernel's peak (VmHWM) reset before the block")
-        window.start_bytes = rss_bytes()
+    with _windows_lock:
+        reset = _reset_peak_rss()
+        if reset:
+            window = MemoryWindow("cpu", "resident set, the kernel's peak (VmHWM) reset before the block")
+            window.start_bytes = rss_bytes()
+            _open_windows.setdefault(name, []).append(window)
+    if reset:
         try:
             yield window
         finally:
-            window.peak_bytes = _status_bytes("VmHWM")
+            _close(window, device)
         return
     window = MemoryWindow("cpu", "resident set, sampled every 10 ms", rss_bytes(), rss_bytes())
     done = threading.Event()
