@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from safetensors.torch import load_file, save_file
 
-from conftest import pretend_cuda
+from conftest import pretend_cuda, voiced
 from tts_workbench.core import patching
 from tts_workbench.core.clock import FEW_REPEATS
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, SourceError
@@ -25,7 +25,7 @@ from tts_workbench.models.checkpoints import load_folder, save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import s3gen_inference
-from tts_workbench.runtime import generation, optimized
+from tts_workbench.runtime import generation, optimized, streaming
 from tts_workbench.runtime.decode import DecodePlan, DecodeStats, T3Parts, decode_blocks, t3_decode
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import (
@@ -913,6 +913,157 @@ def test_close_inside_the_wrappers_own_call_is_refused(tiny_tts: ChatterboxTTS, 
         hook.remove()
         opt.close()
     assert opt.closed
+
+
+def test_close_inside_a_streams_own_chunk_is_refused(reference_wav: Path) -> None:
+    """A chunk being made is waited for by close(): from inside it (a hook while the stream is
+    read) close() would wait for itself. It hung there for good (before 2026-12-05: the refusal
+    looked only at the public calls, and the stream's ``generate_stream`` call had returned)."""
+    import threading
+
+    tts = voiced("tiny", reference_wav)  # its own model: a close() hung here would hold the model
+    opt = PerformanceOptimizedTTS(tts, policy="float32", decode="eager")
+    chunks = opt.generate_stream(TEXT, config=StreamConfig("buffered", first_window_s=0.2, window_s=0.4),
+                                 max_new_tokens=20, seed=2)  # fmt: skip
+    got: list[object] = []
+
+    def read() -> None:
+        try:
+            got.extend(chunk for chunk, _ in chunks)
+        except Exception as e:  # noqa: BLE001 - what the reader got is the result
+            got.append(e)
+
+    hook = tts.t3.tfmr.register_forward_pre_hook(lambda *_a: opt.close())
+    reader = threading.Thread(target=read, daemon=True)  # (daemon: before the fix it never ended)
+    try:
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive(), "close() inside the stream's chunk waited for that chunk"
+        assert got and isinstance(got[-1], ConfigError), got
+        assert "close() inside" in str(got[-1]) and "after the call returns" in str(got[-1])
+        assert not opt.closed
+    finally:
+        hook.remove()
+        if not reader.is_alive():  # (a close() hung in the reader would hold this one too)
+            opt.close()
+    assert opt.closed
+
+
+def test_close_from_another_thread_closes_the_stream_whose_chunk_it_waited_for(
+    reference_wav: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() waits for a chunk being made in another thread, then ends that stream too: a
+    multilingual eager stream has T3 switched to eager attention, with output_attentions on and
+    spies hooked on every layer's attention. Before 2026-12-05 close() left that stream open and
+    returned with them still on the model given back, until the reader asked for a chunk again.
+    The second chunk's S3Gen call is held until close() waits for it."""
+    import threading
+
+    tts = voiced("multilingual-tiny", reference_wav)
+    attention = tts.t3.tfmr.config
+
+    def spies() -> int:
+        return sum(len(layer.self_attn._forward_hooks) for layer in tts.t3.tfmr.layers)
+
+    inside, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    s3gen = streaming._s3gen
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the second chunk's, made by the reader after the first is read
+            inside.set()
+            assert release.wait(60)
+        return s3gen(*args, **kwargs)
+
+    class Watched(threading.Condition):
+        def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+            if not predicate():  # close() waits for the chunk: let the chunk go on
+                release.set()
+            return super().wait_for(predicate, timeout)
+
+    monkeypatch.setattr(streaming, "_s3gen", held)
+    opt = PerformanceOptimizedTTS(tts, policy="float32", decode="eager", flow="eager")
+    opt._made = Watched()
+    config = StreamConfig("buffered", first_window_s=0.2, window_s=0.4)
+    chunks = opt.generate_stream("Hello there, streaming test.", config=config, max_new_tokens=30, seed=2)
+    got: list[object] = []
+    reader = threading.Thread(target=lambda: got.extend((next(chunks), next(chunks))))
+    try:
+        reader.start()
+        assert inside.wait(60)
+        assert (attention._attn_implementation, attention.output_attentions) == ("eager", True)  # running
+        closer = threading.Thread(target=opt.close)
+        closer.start()
+        closer.join(60)
+        reader.join(60)
+        assert not closer.is_alive() and not reader.is_alive() and opt.closed and len(got) == 2
+        # the reader has not asked for another chunk: close() itself gave the attention back
+        assert attention._attn_implementation == "sdpa" and not attention.output_attentions
+        assert spies() == 0
+        with pytest.raises(ConfigError, match="was closed"):
+            next(chunks)
+    finally:
+        release.set()
+        opt.close()
+
+
+def test_a_reader_stopped_while_close_ends_its_stream_gets_the_closed_error(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() ends a stream between chunks while its reader, stopped by the closed error, ends it
+    too. Before 2026-12-05 the two closed the generator at once: one failed with "generator
+    already executing" (the reader, here; a close() that failed so left the model wrapped). The
+    stream's end, run by close(), is held until the reader has begun to end it too."""
+    import threading
+
+    ending, trying = threading.Event(), threading.Event()
+    me = threading.get_ident()
+
+    def chunks(*_a: object, **_k: object) -> Iterator[tuple[np.ndarray, None]]:
+        try:
+            while True:
+                yield np.zeros(4, np.float32), None
+        finally:
+            if threading.get_ident() != me:  # close()'s end of the stream waits for the reader's
+                ending.set()
+                assert trying.wait(60)
+
+    class Watched:  # the lock a stream is closed under: says when the reader asks for it
+        def __init__(self) -> None:
+            self.lock = threading.RLock()
+
+        def __enter__(self) -> bool:
+            if threading.get_ident() == me:
+                trying.set()
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.__exit__(*exc)
+
+    monkeypatch.setattr(optimized, "stream", chunks)
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="float32")
+    opt._ending = Watched()  # type: ignore[assignment]
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            opt.close()
+        except BaseException as e:  # noqa: BLE001 - what the caller got is the result
+            errors.append(e)
+
+    read = opt.generate_stream(TEXT, max_new_tokens=4)
+    next(read)
+    closer = threading.Thread(target=close)
+    try:
+        closer.start()
+        assert ending.wait(60)
+        with pytest.raises(ConfigError, match="was closed"):
+            next(read)
+    finally:
+        trying.set()  # (before the fix the reader failed without asking for the lock)
+        closer.join(60)
+    assert not closer.is_alive() and not errors and opt.closed
 
 
 def test_a_close_between_a_readers_open_check_and_its_chunk_gives_it_the_closed_error(

@@ -34,7 +34,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from contextlib import ExitStack, closing, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -478,14 +478,20 @@ class PerformanceOptimizedTTS(Pipeline):
         # the streams being read: close() ends them first (a multilingual one has the model's
         # attention switched to eager, with spies on it, while it runs)
         self._streams: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
-        # the streams making a chunk right now, marked under ``_made`` with the open check: close()
-        # waits for them (one chunk each) and closes only the others (closed under its maker, a
-        # stream would end early with no error, or fail with "generator already executing")
-        self._making: set[Generator[Any, None, None]] = set()
+        # the streams making a chunk right now, each with the thread making it, marked under
+        # ``_made`` with the open check: close() waits for them (one chunk each) before it closes
+        # them (closed under its maker, a stream would end early with no error, or fail with
+        # "generator already executing"), and is refused in their threads (it would wait for itself)
+        self._making: dict[Generator[Any, None, None], int] = {}
         # the threads of the public calls in progress (``_using``), one entry per call: close()
         # waits for them too, under the same condition
         self._calls: list[int] = []
         self._made = threading.Condition()
+        # held while a stream is closed: close() and the stream's reader (stopped by the closed
+        # error) both close it, and a generator closed in two threads at once fails in one with
+        # "generator already executing" (a close() that failed so left the model wrapped).
+        # Reentrant: a stream let go by the garbage collector may be closed inside another's close.
+        self._ending = threading.RLock()
         self._closing = False  # close() has begun: no stream makes another chunk, no call starts
         self._in_close = False  # a close() is running: another one waits for it to end
         if tts.conds is not None:
@@ -565,7 +571,10 @@ class PerformanceOptimizedTTS(Pipeline):
         inside one of the wrapper's own calls (a hook, say): it would wait for itself. A close()
         while another thread's runs waits for that one to end."""
         with self._made:
-            if threading.get_ident() in self._calls:
+            me = threading.get_ident()
+            # before this fix (2026-12-05) a close() inside a stream's chunk (read after generate_stream
+            # returned) was let through, and waited for that chunk for good
+            if me in self._calls or me in self._making.values():
                 raise ConfigError(
                     "close() inside this wrapper's own call (from a hook or callback) would wait for "
                     "that call to end: close the wrapper after the call returns"
@@ -581,11 +590,17 @@ class PerformanceOptimizedTTS(Pipeline):
             idle = [chunks for chunks in self._streams if chunks not in self._making]
         try:
             for chunks in idle:  # (none starts a chunk now: each open check sees _closing)
-                chunks.close()
+                self._end(chunks)
             # before 2026-12-04 the model went back under a chunk being made; before 2026-12-05
             # under a generate, whose new voice then replaced the caller's conditionals for good
             with self._made:
                 self._made.wait_for(lambda: not self._making and not self._calls)
+                made = list(self._streams)  # none is making a chunk now, nor can start one
+            # before this fix (2026-12-05) the streams waited for were left open: the model went back with
+            # their changes on it (a multilingual one's eager attention and spies, a static
+            # step's cache) until their readers asked for another chunk
+            for chunks in made:
+                self._end(chunks)
             try:
                 self._final = self.configuration()
             finally:  # the model goes back even if the report fails
@@ -601,6 +616,11 @@ class PerformanceOptimizedTTS(Pipeline):
             with self._made:
                 self._in_close = False
                 self._made.notify_all()
+
+    def _end(self, chunks: Generator[Any, None, None]) -> None:
+        """Close the stream ``chunks``, one thread at a time (``_ending``)."""
+        with self._ending:
+            chunks.close()
 
     def _check_open(self, starting: bool = False) -> None:
         """A ConfigError once closed; for something new to start (``starting``: a stream's next
@@ -875,20 +895,22 @@ class PerformanceOptimizedTTS(Pipeline):
         """``chunks``, each only while the wrapper is open: after ``close()`` the model is given
         back, and the stream's plan (a bfloat16 copy, a freed cache) is no longer its own."""
         self._streams.add(chunks)
-        with closing(chunks):  # its cache and compiled step go back when the reader stops
+        try:
             while True:
                 with self._made:
                     self._check_open(starting=True)
-                    self._making.add(chunks)
+                    self._making[chunks] = threading.get_ident()
                 try:
                     item = next(chunks)
                 except StopIteration:
                     return
                 finally:
                     with self._made:
-                        self._making.discard(chunks)
+                        self._making.pop(chunks, None)
                         self._made.notify_all()
                 yield item
+        finally:  # its cache and compiled step go back when the reader stops
+            self._end(chunks)
 
     # ------------------------------------------------------------ reporting
 
