@@ -10,7 +10,8 @@ import gzip
 import json
 import re
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -513,3 +514,33 @@ def test_a_failed_figure_leaves_the_report_whole_and_no_half_written_figure(
         run_http_load("http://stand-in", [1], texts=["a"], transport=_endpoint(speech), outdir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["load.json"]
     assert json.loads((tmp_path / "load.json").read_text())["levels"][0]["summary"]["failed"] == 0
+
+
+def test_a_model_list_that_never_ends_is_an_error_within_the_timeout() -> None:
+    """httpx's timeout bounds each read, not the answer: a server that trickles its model list a
+    byte at a time held the study before its first request (before: forever)."""
+    stop = threading.Event()  # ends the trickle once the guard below gives up (so the thread ends)
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"object": "list", "data": ['
+        while not stop.is_set():
+            yield b" "
+            await asyncio.sleep(0.05)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, content=trickle())
+        raise AssertionError("a speech request was sent")
+
+    async def guarded() -> None:
+        study = asyncio.to_thread(
+            run_http_load, "http://x", [1], timeout_s=1, transport=httpx.MockTransport(handle)
+        )
+        try:
+            await asyncio.wait_for(study, 5)
+        finally:
+            stop.set()
+
+    said = "argument --url: GET http://x/v1/models did not answer within 1 s (--timeout)"
+    with pytest.raises(EndpointError, match=re.escape(said)):
+        asyncio.run(guarded())

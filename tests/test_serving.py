@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import io
 import json
 import socket
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from starlette.requests import ClientDisconnect
 
 import tts_workbench.runtime.engine as engine_module
 from tts_workbench.core.errors import ConfigError
@@ -393,6 +395,17 @@ def test_every_refused_speech_request_is_counted(service: SpeechService) -> None
     assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 6
 
 
+def _speech_scope(length: int, spec_version: str = "2.3") -> dict[str, Any]:
+    """A raw ASGI scope of ``POST /v1/audio/speech`` with a JSON body of ``length`` bytes."""
+    return {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+        "method": "POST", "scheme": "http", "path": "/v1/audio/speech", "raw_path": b"/v1/audio/speech",
+        "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(length).encode())],
+        "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
+    }  # fmt: skip
+
+
 def test_a_client_that_leaves_while_sending_its_body_is_counted_disconnected(service: SpeechService) -> None:
     """Starlette raises ClientDisconnect from the body's stream (before: uncaught, a bare 500
     without x-replica, a traceback in the replica's log and no outcome counted)."""
@@ -400,12 +413,7 @@ def test_a_client_that_leaves_while_sending_its_body_is_counted_disconnected(ser
 
     disconnected = {"replica": "0", "outcome": "disconnected"}
     before = service.registry.get_sample_value("tts_streams_total", disconnected) or 0.0
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/audio/speech", "raw_path": b"/v1/audio/speech", "root_path": "", "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"40")],
-        "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
-    }  # fmt: skip
+    scope = _speech_scope(40)
     half = [{"type": "http.request", "body": b'{"model": "chatterbox-', "more_body": True}]
     sent: list[MutableMapping[str, Any]] = []
 
@@ -441,6 +449,73 @@ def test_a_client_that_leaves_while_sending_its_body_is_counted_disconnected(ser
 
     asyncio.run(cancelled())
     assert service.registry.get_sample_value("tts_streams_total", disconnected) == before + 2
+
+
+@pytest.fixture(scope="module")
+def one_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechService]:
+    """A service of one stream, its engine left running (``service``'s is closed by a test)."""
+    service = SpeechService(ServeOptions(run_dir=str(tmp_path_factory.mktemp("run")), max_streams=1))
+    yield service
+    service.close()
+
+
+@pytest.mark.parametrize("leaves", ["send raises OSError", "in a blocked send", "before the body began"])
+def test_a_client_that_leaves_mid_stream_frees_its_stream_and_is_counted_once(
+    one_slot: SpeechService, leaves: str
+) -> None:
+    """Starlette's StreamingResponse never closes its body: when the cancel does not land inside
+    it (a send that raises OSError under ASGI 2.4, a cancel in a blocked send under 2.3, a cancel
+    before the body's first read), the stream waited for the cyclic GC (before: the engine went
+    on decoding for nobody, its slot held, and no outcome counted). The GC is off here, so only
+    the app's own close frees it."""
+    disconnected = {"replica": "0", "outcome": "disconnected"}
+    before = one_slot.registry.get_sample_value("tts_streams_total", disconnected) or 0.0
+    body = json.dumps({**MIDWAY, "max_tokens": 900}).encode()  # seconds of decoding on the tiny model
+    request = [{"type": "http.request", "body": body, "more_body": False}]
+    started: list[int] = []
+    oserror = leaves == "send raises OSError"  # ASGI 2.4's way: the server's send raises
+
+    async def scenario() -> None:
+        gone = asyncio.Event()
+
+        async def receive() -> MutableMapping[str, Any]:
+            if request:
+                return request.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                started.append(message["status"])
+            kind = "http.response.start" if leaves == "before the body began" else "http.response.body"
+            if message["type"] != kind:
+                return
+            if oserror:
+                raise OSError("the client is gone")
+            gone.set()  # a slow client's write waits (flow control), then the client goes away
+            await asyncio.sleep(3600)
+
+        app = speech_app(one_slot)(_speech_scope(len(body), "2.4" if oserror else "2.3"), receive, send)
+        if oserror:
+            with pytest.raises(ClientDisconnect):  # Starlette's word for the OSError, to the server
+                await asyncio.wait_for(app, 60)
+        else:
+            await asyncio.wait_for(app, 60)
+        assert started == [200]
+        for _ in range(100):  # bounded: 5 s
+            if one_slot.engine.active() == 0:
+                break
+            await asyncio.sleep(0.05)
+        # checked here: asyncio.run's end closes every async generator left open
+        assert one_slot.engine.active() == 0
+        assert one_slot.registry.get_sample_value("tts_streams_total", disconnected) == before + 1
+
+    gc.disable()  # the GC would close the stream at a time of its own choosing
+    try:
+        asyncio.run(scenario())
+    finally:
+        gc.enable()
+    assert one_slot.registry.get_sample_value("tts_streams_total", disconnected) == before + 1  # once
 
 
 def test_the_largest_max_tokens_advertised_can_be_met(service: SpeechService) -> None:

@@ -247,11 +247,11 @@ class SpeechService:
             "max_streams": self.engine.max_streams,
         }
 
-    async def speech(self, req: SpeechRequest) -> AsyncIterator[bytes]:
+    async def speech(self, req: SpeechRequest) -> SpeechStream:
         """Refuse a request too long for the KV cache, then start a stream and wait for its first
         chunk, so that a request the engine refuses becomes a ``RequestError`` before any byte is
-        sent; then the bytes as the engine produces them. Closing the iterator (a client gone)
-        frees the stream's rows in the engine."""
+        sent; then the bytes as the engine produces them. Closing the stream (a client gone)
+        frees its rows in the engine, read from or not."""
         t0 = time.perf_counter()
         try:
             # Off the event loop: counting tokenizes, and on CUDA copies the tokens to the device,
@@ -283,9 +283,11 @@ class SpeechService:
             log.exception("a stream failed to start")
             raise RequestError(f"{failed}; if it fails again, the replica's log has the traceback",
                                status=500) from e  # fmt: skip
+        head = [wav_header()] if req.response_format == "wav" else []
         if first is not None:
             self.ttfa.observe(time.perf_counter() - t0)
-        return self._bytes(handle, chunks, first, req.response_format, t0)
+            head.append(pcm16(first[0]))
+        return SpeechStream(self, handle, chunks, head, t0)
 
     def prefill_positions(self, voice: str, text: str) -> int:
         """KV cache positions the prefill of ``text`` in ``voice`` fills (``prefill_length``'s
@@ -301,28 +303,58 @@ class SpeechService:
             raise RequestError(f"input: {e}", "input") from None
         check_cache(prefill, req.max_tokens, self.engine.max_cache_len)
 
-    async def _bytes(self, handle: StreamHandle, chunks: AsyncIterator[Any], first: Any, fmt: str,
-                     t0: float) -> AsyncIterator[bytes]:  # fmt: skip
-        outcome = "failed"
-        try:
-            if fmt == "wav":
-                yield wav_header()
-            if first is not None:
-                yield pcm16(first[0])
-                async for chunk, _m in chunks:
-                    yield pcm16(chunk)
-            outcome = "completed"
-        except (GeneratorExit, asyncio.CancelledError):  # the client went away: closed below
-            outcome = "disconnected"
-            raise
-        finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
-            self.outcomes[outcome].inc()
-            if outcome == "completed" and handle.report.audio_s:
-                self.rtf.observe((time.perf_counter() - t0) / handle.report.audio_s)
-
     def close(self) -> None:
         self.engine.close()
+
+
+class SpeechStream(AsyncIterator[bytes]):
+    """One request's audio bytes as the engine produces them. Its outcome is counted here, once,
+    as it ends: read to its end (completed), the engine's error (failed), a read cancelled or
+    the stream closed before its end (disconnected). Not an async generator: closing one never
+    started runs none of its code, and ``api.SpeechResponse`` may close a body it never began to
+    read, whose engine stream must stop all the same."""
+
+    def __init__(self, service: SpeechService, handle: StreamHandle, chunks: AsyncIterator[Any],
+                 head: list[bytes], t0: float) -> None:  # fmt: skip
+        self.service, self.handle, self.chunks, self.t0 = service, handle, chunks, t0
+        self.head = head  # bytes ready before the engine's next chunk: WAV's header, the first chunk
+        self.outcome: str | None = None
+
+    async def __anext__(self) -> bytes:
+        if self.outcome is not None:  # closed, or failed: nothing more comes
+            raise StopAsyncIteration
+        if self.head:
+            return self.head.pop(0)
+        try:
+            chunk, _metrics = await anext(self.chunks)
+        except StopAsyncIteration:
+            await self._end("completed")
+            raise
+        except asyncio.CancelledError:  # the client went away while this read waited
+            await self._end("disconnected")
+            raise
+        except BaseException:
+            await self._end("failed")
+            raise
+        return pcm16(chunk)
+
+    async def aclose(self) -> None:
+        """Stop the engine's stream, its rows freed, and count it disconnected, unless it has
+        already ended (then nothing)."""
+        await self._end("disconnected")
+
+    async def _end(self, outcome: str) -> None:
+        """Close the engine's stream and count ``outcome``: the first end only."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        try:
+            await self.chunks.aclose()  # type: ignore[attr-defined]  # the handle's: its close frees the rows
+        finally:
+            self.service.outcomes[outcome].inc()
+            audio_s = self.handle.report.audio_s
+            if outcome == "completed" and audio_s:
+                self.service.rtf.observe((time.perf_counter() - self.t0) / audio_s)
 
 
 class _EngineMetrics(Collector):

@@ -91,15 +91,23 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-async def served_model(client: httpx.AsyncClient, url: str) -> str:
-    """The first model id of ``GET /v1/models``; an EndpointError if nothing answers or it lists
-    no model (a 404 or an empty list: then ``--model`` names it)."""
+async def served_model(client: httpx.AsyncClient, url: str, timeout_s: float) -> str:
+    """The first model id of ``GET /v1/models``; an EndpointError if nothing answers, the whole
+    answer takes over ``timeout_s`` (httpx's timeout bounds each read: a server that trickles
+    its answer would hold the study for ever) or it lists no model (a 404 or an empty list: then
+    ``--model`` names it)."""
     try:
-        response = await client.get(f"{url}/v1/models")
+        async with asyncio.timeout(timeout_s):
+            response = await client.get(f"{url}/v1/models")
     except httpx.HTTPError as e:
         raise EndpointError(
             f"argument --url: {url} does not answer ({type(e).__name__}: {e}): start a server "
             "(`tts-workbench serve`) or check the URL"
+        ) from None
+    except TimeoutError:
+        raise EndpointError(
+            f"argument --url: GET {url}/v1/models did not answer within {timeout_s} s (--timeout): "
+            "check the server, or give --model ID (then no model list is asked for)"
         ) from None
     no_model = "the server lists no model: give --model ID, the model its speech requests are to name"
     if response.status_code == 404:
@@ -262,7 +270,7 @@ async def _run(url: str, levels: list[int], texts: list[str], *, voice: str, arr
     timeout = httpx.Timeout(timeout_s, connect=5.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as client:
         if model is None:
-            model = await served_model(client, url)
+            model = await served_model(client, url, timeout_s)
         runs: list[dict[str, Any]] = []
         for n in levels:
             with progress_bar(
