@@ -157,6 +157,46 @@ def test_an_argument_no_sampling_takes_is_refused_by_name(tiny_tts: ChatterboxTT
         FAMILIES["turbo"].sampling_with({"top_k": None})
 
 
+@pytest.mark.parametrize(
+    ("model", "given", "typed"),
+    [
+        ("turbo", {"temperature": 2, "top_k": 50.0}, {"temperature": 2.0, "top_k": 50}),
+        ("tiny_tts", {"temperature": "0.5", "cfg_weight": "0.5"}, {"temperature": 0.5, "cfg_weight": 0.5}),
+    ],
+)
+def test_the_baseline_hands_upstream_the_sampling_values_it_checked(
+    request: pytest.FixtureRequest, model: str, given: dict[str, Any], typed: dict[str, Any]
+) -> None:
+    # Before, generate checked the converted values (sampling_with) and handed upstream the caller's:
+    # Turbo's temperature 2 and top_k 50.0 failed in transformers' warpers ("has to be a strictly
+    # positive float"), a string temperature in torch, where the optimized wrapper ran them all.
+    tts = request.getfixturevalue(model)
+    as_given = generate(tts, "Hi.", max_new_tokens=4, seed=0, **given)
+    assert as_given.speech_tokens == generate(tts, "Hi.", max_new_tokens=4, seed=0, **typed).speech_tokens
+
+
+@pytest.mark.parametrize("upstream", [ChatterboxTTS, ChatterboxTurboTTS, ChatterboxMultilingualTTS])
+def test_a_subclass_of_an_upstream_class_is_of_its_family(upstream: type) -> None:
+    # Before, only the upstream class itself was: a subclass was "not a Chatterbox model".
+    mine = type("Mine", (upstream,), {})
+    assert family_of(mine.__new__(mine)) is next(f for f in FAMILIES.values() if f.model_class is upstream)
+    with pytest.raises(ConfigError, match="object is not a Chatterbox model"):
+        family_of(object())
+
+
+def test_a_subclassed_model_generates_as_its_upstream_class(tiny_tts: ChatterboxTTS) -> None:
+    class Mine(ChatterboxTTS):
+        pass
+
+    upstream = generate(tiny_tts, "Hi.", max_new_tokens=4, seed=0)
+    tiny_tts.__class__ = Mine
+    try:
+        assert family_of(tiny_tts).name == "standard"
+        assert generate(tiny_tts, "Hi.", max_new_tokens=4, seed=0).speech_tokens == upstream.speech_tokens
+    finally:
+        tiny_tts.__class__ = ChatterboxTTS
+
+
 def test_turbo_takes_the_arguments_upstream_ignores_unless_asked_not_to() -> None:
     # Upstream Turbo generate takes cfg_weight and min_p and ignores them; the stream engine
     # refuses them (a caller would expect them to work), with the reason.

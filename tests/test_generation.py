@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from chatterbox import tts as chatterbox_tts
 from chatterbox.tts import ChatterboxTTS
 from torch.overrides import TorchFunctionMode
 
@@ -364,3 +366,63 @@ def test_a_seeded_generate_leaves_the_callers_own_torch_function_modes_on(tiny_t
             result = generate(tiny_tts, "Hello.", max_new_tokens=5, seed=seed)
         counted.append((mode.calls, result.speech_tokens))
     assert counted[0] == counted[1] and counted[0][0] > 100
+
+
+@pytest.mark.parametrize("voices", ["audio_prompt_path", "exaggeration"])
+def test_two_threads_giving_one_model_their_own_voices_each_speak_theirs(
+    voices: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, only multilingual calls took turns: a standard (or Turbo) call's reference, prepared
+    # into tts.conds, or standard upstream generate's conds.t3 rebuilt for its exaggeration, was
+    # there for the other call's upstream generate to read: thread 0 spoke thread 1's voice.
+    tts = load_model("tiny")
+    if voices == "audio_prompt_path":
+        calls = [
+            {voices: str(make_reference_wav(tmp_path / f"r{i}.wav", seconds=3.0, seed=i))} for i in (1, 2)
+        ]
+    else:
+        prepare_voice(tts, str(make_reference_wav(tmp_path / "r.wav", seconds=3.0)))
+        calls = [{voices: value} for value in (0.2, 0.9)]
+    # The tiny T3's tokens do not change with the exaggeration: the one its T3 was given tells.
+    heard: dict[str, float] = {}  # by thread
+
+    def hearing(inference: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def heard_with(**kwargs: Any) -> torch.Tensor:
+            heard[threading.current_thread().name] = float(kwargs["t3_cond"].emotion_adv.flatten()[0])
+            return inference(**kwargs)
+
+        return heard_with
+
+    def speak(call: dict[str, Any]) -> tuple[np.ndarray, float]:
+        wav = generate(tts, "Hello there.", max_new_tokens=8, seed=0, **call).wav
+        return wav, heard[threading.current_thread().name]
+
+    with shadow(tts.t3, "inference", hearing):
+        solo = [speak(call) for call in calls]
+        assert not np.array_equal(solo[0][0], solo[1][0]) or solo[0][1] != solo[1][1]
+
+        # Upstream generate reads tts.conds after punc_norm: there both calls' voices are written
+        # before either is read. A call waiting for its turn never comes: the barrier breaks, the
+        # call in turn goes on (and the other, past the broken barrier, after it).
+        met = threading.Barrier(2, timeout=3)
+        punc_norm = chatterbox_tts.punc_norm
+
+        def norm_once_both_are_here(text: str) -> str:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                met.wait()
+            return punc_norm(text)
+
+        monkeypatch.setattr(chatterbox_tts, "punc_norm", norm_once_both_are_here)
+        together: dict[int, tuple[np.ndarray, float]] = {}
+
+        def run(i: int) -> None:
+            together[i] = speak(calls[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert sorted(together) == [0, 1]
+    for i, (wav, exaggeration) in enumerate(solo):
+        assert np.array_equal(together[i][0], wav) and together[i][1] == exaggeration, f"thread {i}"

@@ -185,10 +185,12 @@ def components(tts: TTSModel) -> dict[str, nn.Module]:
 
 
 def family_of(tts: Any) -> Family:
-    """The family of an upstream model object (refused with the three classes named otherwise)."""
-    for family in FAMILIES.values():
-        if type(tts) is family.model_class:
-            return family
+    """The family of an upstream model object, or of a subclass's (the three upstream classes do
+    not derive from one another); refused with the three classes named otherwise."""
+    for cls in type(tts).__mro__:
+        for family in FAMILIES.values():
+            if cls is family.model_class:
+                return family
     names = ", ".join(f.model_class.__name__ for f in FAMILIES.values())
     raise ConfigError(f"{type(tts).__name__} is not a Chatterbox model: expected one of {names}")
 

@@ -242,16 +242,31 @@ def checked_voice(conds: Any, text: str) -> Any:
 
 
 # Upstream multilingual T3.inference keeps its backend and alignment analyzer in t3.patched_model,
-# one per model: two generations at once replace each other's, and fail inside the analyzer.
+# one per model: two generations at once replace each other's, and fail inside the analyzer. Any
+# family's voice is one per model too (tts.conds, which upstream generate reads after writing it).
 _turns: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
 _turns_lock = threading.Lock()
 
 
+def _writes_voice(tts: TTSModel, reference: str | None, exaggeration: Any) -> bool:
+    """Whether a ``generate`` call writes the model's voice, ``tts.conds``: it prepares a
+    ``reference`` given, and standard and multilingual upstream ``generate`` rebuild
+    ``conds.t3`` for an ``exaggeration`` other than the voice's (Turbo's ignores it)."""
+    if reference:
+        return True
+    if family_of(tts).name == "turbo":
+        return False
+    # a float, as multilingual compares (standard compares in float32: at most a needless turn)
+    return bool(exaggeration != float(tts.conds.t3.emotion_adv.flatten()[0]))
+
+
 @contextmanager
-def _taking_turns(tts: TTSModel) -> Iterator[None]:
-    """Multilingual upstream ``generate`` calls on one model run one after the other (before
-    2026-12-04 two at once failed with a RuntimeError in the analyzer); the others at once."""
-    if not tts.t3.hp.is_multilingual:
+def _taking_turns(tts: TTSModel, writes_voice: bool) -> Iterator[None]:
+    """Upstream ``generate`` calls on one model run one after the other where they write its
+    voice (``writes_voice``: another call's upstream ``generate`` would read it, and speak it) and
+    where the model is multilingual (before 2026-12-04 two at once failed with a RuntimeError in
+    the analyzer); the others at once."""
+    if not (writes_voice or tts.t3.hp.is_multilingual):
         yield
         return
     with _turns_lock:
@@ -284,9 +299,11 @@ def generate(
     on from the caller's random state, as upstream does. An ``audio_prompt_path`` is prepared
     by ``prepare_voice`` (its checks and fixes) before upstream runs; the sampling settings are
     checked first (``sampling.check_sampling``, as the workbench's own loop checks them; and
-    cfg_weight 0, which upstream's standard generate fails on, refused).
-    Multilingual calls on one model take turns (``_taking_turns``: upstream keeps one analyzer
-    per model); the wall time starts at this call's turn."""
+    cfg_weight 0, which upstream's standard generate fails on, refused) and upstream is handed
+    the values checked (``Family.sampling_with``: top_k an int, the others floats).
+    Calls on one model take turns where they write its voice (a reference, an exaggeration other
+    than the voice's) and where it is multilingual (``_taking_turns``: upstream keeps one voice
+    and one analyzer per model); the wall time starts at this call's turn."""
     seed, max_new_tokens = checked_call(seed, max_new_tokens)
     reference = sampling.pop("audio_prompt_path", None)
     checked_voice(reference or tts.conds, text)  # a reference to prepare will do
@@ -296,8 +313,13 @@ def generate(
     text_tokens(tts, text, 0.0, language)  # a text longer than T3's positions: refused, not an IndexError
     # Upstream checks none of these: a temperature of 0 failed inside torch's multinomial, one
     # below 0 sampled the least likely tokens. Checked as the workbench's own decode loop checks them.
-    cfg_weight, settings = family.sampling_with({k: v for k, v in sampling.items() if k in family.sampling})
+    given = {k: v for k, v in sampling.items() if k in family.sampling}
+    cfg_weight, settings = family.sampling_with(given)
     check_sampling(is_turbo(tts.t3), cfg_weight, **settings)
+    # The values checked, as the optimized wrapper decodes with: transformers' warpers refused the
+    # caller's Turbo temperature 2 or top_k 50.0, and a string failed in torch. Those upstream
+    # Turbo ignores (cfg_weight, min_p) are not in ``given``: they go as they came.
+    sampling.update({k: cfg_weight if k == "cfg_weight" else settings[k] for k in given})
     # Standard generate builds one text row without guidance, which T3.inference joins to its two
     # start-token rows: a RuntimeError in torch.cat (multilingual builds both rows, Turbo has none).
     if family.name == "standard" and cfg_weight == 0:
@@ -311,14 +333,18 @@ def generate(
         "s3gen.vocoder": (tts.s3gen, "hift_inference"),
         "watermark": (tts.watermarker, "apply_watermark"),
     }
-    with _taking_turns(tts):  # before the clock: a turn waited for is not this generation's time
+    # Upstream generate's exaggeration (its default: Turbo's is 0.0), for the voice it prepares and
+    # (standard, multilingual) the voice it speaks.
+    default = inspect.signature(tts.generate).parameters["exaggeration"].default
+    exaggeration = sampling.get("exaggeration", default)
+    # before the clock: a turn waited for is not this generation's time
+    with _taking_turns(tts, _writes_voice(tts, reference, exaggeration)):
         t0 = now(tts.device)
         if reference:  # as upstream's ``if audio_prompt_path`` (in the wall time, as there), with the checks
-            # Prepared as upstream generate would: its exaggeration default (Turbo's is 0.0), and
-            # Turbo's norm_loudness, which upstream generate only uses for this.
-            default = inspect.signature(tts.generate).parameters["exaggeration"].default
+            # Prepared as upstream generate would, with Turbo's norm_loudness, which upstream
+            # generate only uses for this.
             norm = sampling.pop("norm_loudness", True) if family.name == "turbo" else True
-            prepare_voice(tts, reference, sampling.get("exaggeration", default), norm)
+            prepare_voice(tts, reference, exaggeration, norm)
         with (
             # Not torch.manual_seed: two threads' generations would draw each other's numbers.
             _drawing_quietly(tts, StreamRandom(seed)) if seed is not None else nullcontext(),
