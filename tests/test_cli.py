@@ -706,7 +706,7 @@ def test_a_folder_of_two_families_loads_the_family_flag_names(
     one = save_checkpoint(tiny_tts, tmp_path / "one")  # a family it does not hold: refused by name
     assert main(["stream", "--model", str(one), "--family", "turbo", "--out", str(tmp_path / "out2")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: argument --model: "), errors
+    assert len(errors) == 1 and errors[0].startswith("error: argument --family: "), errors
     assert "holds a standard model (t3_cfg.safetensors), not a turbo one" in errors[0], errors
     assert "--family standard" in errors[0], errors
 

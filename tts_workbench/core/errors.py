@@ -22,6 +22,10 @@ class SourceError(WorkbenchError):
     """A model source, checkpoint folder, device or reference file cannot be used."""
 
 
+class FamilyError(SourceError):
+    """A model folder of another family than the one asked for, or of two with none asked for."""
+
+
 class NoVoiceError(WorkbenchError):
     """Generation was asked for before a voice (conditionals) was prepared."""
 
@@ -81,10 +85,13 @@ def as_int(value: object) -> int | None:
 def naming_flag(flag: str, *errors: type[WorkbenchError]) -> Iterator[None]:
     """Raise any of ``errors`` again, of its type, with ``argument FLAG:`` in front, as argparse
     words its own refusals: the check below the CLI knows the value, not the flag it came from.
-    ``errors`` are types made from a message alone (not ``NoVoiceError``, ``EmptyTextError``)."""
+    ``errors`` are types made from a message alone (not ``NoVoiceError``, ``EmptyTextError``); one
+    that names its flag already (an inner ``naming_flag`` for a narrower type) is left as it is."""
     try:
         yield
     except errors as e:
+        if str(e).startswith("argument "):  # named already, by a check nearer the cause
+            raise
         raise type(e)(f"argument {flag}: {e}") from None
 
 

@@ -340,7 +340,7 @@ def _check_model(args: argparse.Namespace) -> None:
     """``--model`` (with ``--family``) and ``--device`` before anything is built or written (serve
     checks its device with the replicas' GPUs: ``deployment.check_placement``)."""
     from ..core.devices import check_device
-    from ..core.errors import SourceError, naming_flag
+    from ..core.errors import FamilyError, SourceError, naming_flag
     from ..models.sources import check_source, is_named
 
     family = args.family
@@ -349,7 +349,8 @@ def _check_model(args: argparse.Namespace) -> None:
             f"argument --family: is for a checkpoint folder: {args.model!r} names its family already: "
             "leave --family out"
         )
-    with naming_flag("--model", SourceError):  # a folder of another family than --family's too
+    # a folder of another family than --family's, or of two with no --family: named --family
+    with naming_flag("--model", SourceError), naming_flag("--family", FamilyError):
         check_source(args.model, family)
     if args.command != "serve" and getattr(args, "device", None) is not None:
         with naming_flag("--device", SourceError):  # (before 2026-12-04 unnamed, after --out was made)

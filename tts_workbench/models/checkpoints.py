@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.constants import dtype_name, parse_dtype
 from ..core.devices import check_device
-from ..core.errors import ConfigError, SourceError, WorkbenchError, as_int
+from ..core.errors import ConfigError, FamilyError, SourceError, WorkbenchError, as_int
 from ..core.families import FAMILIES, Family, TTSModel, family_of
 from ..core.files import beside, remove
 from ..core.patching import HOLDERS
@@ -411,7 +411,8 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
     if len(found) > 1:
         if family not in found:
             both = " and ".join(f"{name} ({t3})" for name, t3 in found.items())
-            raise SourceError(
+            # another family asked for: the family is at fault; none asked: the folder is ambiguous
+            raise (SourceError if family is None else FamilyError)(
                 f"model folder {folder} holds the T3 weights of {both}, and no {METADATA_FILE} records "
                 "which to load (upstream's standard and multilingual models come from one hub "
                 f"repository): give family={' or '.join(map(repr, found))} to load_model, load_folder or "
@@ -421,7 +422,7 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
         present = [(f, files) for f, files in present if f.name == family]
     chosen, files = (present or layouts)[0]
     if family is not None and family != chosen.name:
-        raise SourceError(
+        raise FamilyError(
             f"model folder {folder} holds a {chosen.name} model ({files[1]}), not a {family} one: "
             f"load it as {chosen.name} (family={chosen.name!r}, on the command line --family "
             f"{chosen.name}) or leave the family out"
