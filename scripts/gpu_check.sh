@@ -134,6 +134,8 @@ def load(name):  # the step's report, or None; its error or skip is recorded on 
     # kept over an error or no report.
     if skip.exists() and not parsed:
         skipped[name] = read(skip).strip()
+        if report:  # another call's error or unreadable report: kept as a note, not lost
+            steps[name] = {"error_of_another_call": (read(d / f"{name}.err") or "no output")[-3000:]}
         return None
     if not report:
         return None  # not run

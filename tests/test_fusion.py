@@ -51,6 +51,15 @@ def test_the_copy_joins_the_projections_and_the_model_keeps_its_own(tiny_tts: Ch
         assert torch.equal(mine.mlp.gate_up_proj.weight, torch.cat([m.gate_proj.weight, m.up_proj.weight]))
 
 
+def test_making_the_copy_draws_nothing_from_the_global_generator(tiny_tts: ChatterboxTTS) -> None:
+    """(before: nn.Linear initialised each joined layer from the global generator before its
+    weights were copied in, so a fused wrapper's first unseeded generation sampled other tokens
+    than every later one, and `load --fused` moved the caller's random state)"""
+    before = torch.get_rng_state()
+    fused_backbone(tiny_tts.t3.tfmr)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_fused_static_step_samples_the_unfused_steps_tokens(tiny_tts: ChatterboxTTS) -> None:
     """float32: the same tokens, and logits within 1e-5 of the largest at every step (the joined
     matmul sums the same products, maybe in another order)."""

@@ -233,7 +233,8 @@ def test_combine_keeps_a_report_over_either_calls_skip(tmp_path: Path, newer: st
 
 @pytest.mark.parametrize("newer", ["error", "skip"])
 def test_combine_keeps_a_skip_over_either_calls_error(tmp_path: Path, newer: str) -> None:
-    # a report that does not parse is no result: another call's skip of the step is kept over it
+    # a report that does not parse is no result: another call's skip of the step is kept over it,
+    # and its error kept as a note (the review of the rule: a failure's only record was dropped)
     failed = '{"rc": 1, "seconds": 3, "limit_s": 100, "stopped_after_report": false}\n'
     files = {"skipped": SKIP, "json": "", "err": "Traceback: boom\n", "status": failed}
     unpacked_steps(
@@ -242,7 +243,7 @@ def test_combine_keeps_a_skip_over_either_calls_error(tmp_path: Path, newer: str
     p, result = gpu_check(tmp_path, "--combine")
     assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
     assert result["sampling"] is None and "deadline" in result["skipped"]["sampling"]
-    assert result["steps"] == {} and result["errors"] == {}
+    assert result["errors"] == {} and "boom" in result["steps"]["sampling"]["error_of_another_call"]
 
 
 def paths_in(value: Any) -> list[str]:

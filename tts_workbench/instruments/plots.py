@@ -78,7 +78,8 @@ def load_figure(levels: pd.DataFrame, first_audio_limit_s: float | None = None) 
     real-time limit on it when given) and seconds of audio delivered per wall second (right)
     against concurrent streams, each level's limiting stage written beside its point. On the
     right, the dashed line is what every stream in real time from its arrival would deliver
-    (``real_time_audio_per_wall_s``: the diagonal for a burst): a point below it means the
+    (``real_time_audio_per_wall_s``: the diagonal for a burst of equal-length streams, below it
+    when their audio differs): a point below it means the
     streams together fall behind."""
     fig, (ax_t, ax_a) = plt.subplots(1, 2, figsize=(10, 3.4))
     x = levels["streams"]

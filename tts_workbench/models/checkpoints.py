@@ -91,7 +91,7 @@ def _family_to_save(tts: Any) -> Family:
     ``.tts``: the wrappers live in runtime/, a layer above) and for a model an open wrapper holds,
     whose weights are then the wrapper's, cast to its dtype policy's."""
     wrapped = getattr(tts, "tts", None)
-    if any(type(wrapped) is f.model_class for f in FAMILIES.values()):
+    if any(isinstance(wrapped, f.model_class) for f in FAMILIES.values()):  # a subclass too, as family_of
         when = (
             " once the wrapper is closed (close(), or the end of its with block)"
             if id(wrapped) in HOLDERS

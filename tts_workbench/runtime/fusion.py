@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 from transformers.models.llama.modeling_llama import (
     ALL_ATTENTION_FUNCTIONS,
     LlamaAttention,
@@ -39,7 +40,9 @@ def _joined(linears: list[nn.Linear]) -> nn.Linear:
     biases: list[torch.Tensor] = [m.bias for m in linears if m.bias is not None]  # all or none
     out = sum(m.out_features for m in linears)
     w = first.weight
-    joined = nn.Linear(first.in_features, out, bias=bool(biases), device=w.device, dtype=w.dtype)
+    # skip_init: its weights are copied in below, and nn.Linear's own initialisation would draw
+    # from the caller's global generator (a fused wrapper's first unseeded generation differed)
+    joined = skip_init(nn.Linear, first.in_features, out, bias=bool(biases), device=w.device, dtype=w.dtype)
     with torch.no_grad():
         joined.weight.copy_(torch.cat([m.weight for m in linears]))
         if biases:
