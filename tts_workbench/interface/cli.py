@@ -372,12 +372,10 @@ def _check_positions(tts: Any, args: argparse.Namespace) -> int:
     (Turbo's) refused naming the flag, before anything decodes (or ``trace`` empties a step's
     folder); the prefill's length."""
     from ..core.errors import CacheError, naming_flag
-    from ..runtime.decode import check_positions, prefill_length
+    from ..runtime.decode import checked_prefill
 
-    prefill = prefill_length(tts, args.text)
     with naming_flag("--tokens", CacheError):
-        check_positions(tts.t3.tfmr.config, prefill, args.tokens, name="--tokens")
-    return prefill
+        return checked_prefill(tts, args.text, args.tokens, name="--tokens")
 
 
 @contextmanager

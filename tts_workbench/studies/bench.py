@@ -44,7 +44,7 @@ from ..models.builders import MODELS
 from ..models.reference import generated_voice, make_reference_wav
 from ..models.sources import load_model, model_summary
 from ..models.vocode import FlowPlan
-from ..runtime.decode import T3Parts, check_new_tokens, check_positions, prefill_length, text_tokens
+from ..runtime.decode import T3Parts, check_new_tokens, checked_prefill, text_tokens
 from ..runtime.engine import StreamEngine
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
@@ -244,23 +244,21 @@ def run_bench(
         text_tokens(upstream_model, text, 0.0)
     outdir = Path(outdir)
 
-    def checked_prefill() -> int:
+    def prefill_that_fits() -> int:
         """T3's prefill for ``text`` with the voice prepared: past a GPT-2 backbone's positions
         (Turbo's) no cache can hold the run (before: named "max_cache_len 9367 is past ...", a
         flag the bench has not)."""
-        prefill = prefill_length(upstream_model, text)
         with naming_flag("--tokens", CacheError):
-            check_positions(upstream_model.t3.tfmr.config, prefill, tokens, name="--tokens")
-        return prefill
+            return checked_prefill(upstream_model, text, tokens, name="--tokens")
 
     if reference:  # the user's: refused (as --reference) before the folder is made
         with naming_flag("--reference", SourceError):
             prepare_voice(upstream_model, reference)
-        prefill = checked_prefill()
+        prefill = prefill_that_fits()
     else:  # kept in outdir once the run is known to fit
         with generated_voice(outdir / "reference.wav") as wav:
             prepare_voice(upstream_model, str(wav))
-            prefill = checked_prefill()
+            prefill = prefill_that_fits()
         reference = str(outdir / "reference.wav")
     outdir.mkdir(parents=True, exist_ok=True)
     upstream = UpstreamTTS(upstream_model)

@@ -36,8 +36,7 @@ from ..runtime.decode import (
     DecodeResult,
     StepMode,
     check_new_tokens,
-    check_positions,
-    prefill_length,
+    checked_prefill,
     t3_decode,
     text_tokens,
 )
@@ -71,8 +70,7 @@ def decode_traces(
     ids = text_tokens(tts, text)
     # Every check before any folder is emptied: a refusal leaves the earlier traces as they were.
     check_new_tokens(tts.t3, tokens)
-    prefill = prefill_length(tts, text)
-    check_positions(tts.t3.tfmr.config, prefill, tokens)
+    prefill = checked_prefill(tts, text, tokens, name="tokens")
     base, need = decode_plan(tts, policy), positions_needed(prefill, tokens)
     plans = {}
     for step in steps:
