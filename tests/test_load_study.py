@@ -23,6 +23,7 @@ from tts_workbench.models import sources, vocode
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.streaming import StreamConfig
+from tts_workbench.studies import load
 from tts_workbench.studies.load import (
     FIRST_AUDIO_LIMIT_S,
     MAX_LEVEL,
@@ -34,6 +35,7 @@ from tts_workbench.studies.load import (
     listener_summary,
     parse_levels,
     real_time_capacity,
+    run_level,
     run_load,
     same_as_solo,
     side_by_side,
@@ -97,6 +99,41 @@ def test_a_level_past_any_device_gives_one_error_line(
     errors = errors_in(capsys.readouterr().err)
     assert len(errors) == 1 and errors[0].startswith("error: argument --streams: "), errors
     assert len(errors[0]) < 300, errors  # the 401 digits are cut
+
+
+def test_a_level_that_raises_closes_its_progress_bar(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(before: the bar was closed only when the level ended well; one that raised left its
+    line open on stderr)"""
+    bars: list[Any] = []
+
+    class Bar:
+        closed = False
+
+        def __init__(self, **_k: Any) -> None:
+            bars.append(self)
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.closed = True
+
+        def close(self) -> None:
+            self.closed = True
+
+        def update(self, _n: int) -> None:
+            pass
+
+    def submit(*_a: Any, **_k: Any) -> None:
+        raise RuntimeError("a submit that fails")
+
+    monkeypatch.setattr(load, "progress_bar", Bar)
+    monkeypatch.setattr(StreamEngine, "submit", submit)
+    with pytest.raises(RuntimeError, match="a submit that fails"):
+        run_level(tiny_tts, 1, ["Hello."], tokens=4, progress=True)
+    assert len(bars) == 1 and bars[0].closed
 
 
 def test_the_largest_level_allowed_is_the_kv_checks_to_refuse() -> None:

@@ -304,33 +304,35 @@ def run_level(
     try:
         compile_s = engine.warmup()
         offsets = arrival_offsets(arrival, n, seed)
-        bar = progress_bar(total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr)
-        lock = threading.Lock()
+        # closed when the level ends, also when it raises (its line left on stderr otherwise)
+        with progress_bar(
+            total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr
+        ) as bar:
+            lock = threading.Lock()
 
-        def done() -> None:
-            with lock:
-                bar.update(1)
+            def done() -> None:
+                with lock:
+                    bar.update(1)
 
-        before = asdict(engine.stats)
-        outs: list[dict[str, Any]] = [{} for _ in range(n)]
-        handles, players = [], []
-        t0 = time.perf_counter()
-        burst = arrival[0] == "burst"
-        with memory_window(engine.device) as memory:
-            with engine.together() if burst else contextlib.nullcontext():  # a burst joins at one step
-                for k in range(n):
-                    time.sleep(max(0.0, t0 + float(offsets[k]) - time.perf_counter()))
-                    h = engine.submit(texts[k % len(texts)], seed=seed + k, max_new_tokens=tokens)
-                    player = threading.Thread(target=_play, args=(h, outs[k], done), daemon=True)
-                    player.start()
-                    handles.append(h)
-                    players.append(player)
-            for player in players:
-                player.join()
-        wall = time.perf_counter() - t0
-        engine.wait_rows_free(timeout=10.0)  # a stream S3Gen failed frees its rows at T3's next pass
-        held_after = n * engine.rows_per_stream - engine.free_rows()  # every stream has ended: 0
-        bar.close()
+            before = asdict(engine.stats)
+            outs: list[dict[str, Any]] = [{} for _ in range(n)]
+            handles, players = [], []
+            t0 = time.perf_counter()
+            burst = arrival[0] == "burst"
+            with memory_window(engine.device) as memory:
+                with engine.together() if burst else contextlib.nullcontext():  # a burst joins at one step
+                    for k in range(n):
+                        time.sleep(max(0.0, t0 + float(offsets[k]) - time.perf_counter()))
+                        h = engine.submit(texts[k % len(texts)], seed=seed + k, max_new_tokens=tokens)
+                        player = threading.Thread(target=_play, args=(h, outs[k], done), daemon=True)
+                        player.start()
+                        handles.append(h)
+                        players.append(player)
+                for player in players:
+                    player.join()
+            wall = time.perf_counter() - t0
+            engine.wait_rows_free(timeout=10.0)  # a stream S3Gen failed frees its rows at T3's next pass
+            held_after = n * engine.rows_per_stream - engine.free_rows()  # every stream has ended: 0
         after = asdict(engine.stats)
     finally:
         engine.close()
