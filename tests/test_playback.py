@@ -53,6 +53,15 @@ def test_stream_player_marks_underruns() -> None:
     assert player.static()["index"].tolist() == [0, 1]  # the static rendering has both rows
 
 
+def test_only_the_chunk_that_came_late_is_marked() -> None:
+    # (before: a second chunk arriving at the late one's moment was marked late too)
+    player = StreamPlayer(24000)
+    for m in (_metrics(0, 1.0, 1.0), _metrics(1, 3.0, 0.5), _metrics(2, 3.0, 0.5)):
+        player.add(np.zeros(12000, np.float32), m)
+    labels = [row.children[0].value for row in player.rows.children]
+    assert "underrun 1.00 s" in labels[1] and "underrun" not in labels[2] + labels[0]
+
+
 def test_the_stream_player_keeps_its_title() -> None:
     # The first chunk's status replaced the title, and the table a saved notebook keeps had none:
     # notebooks 05 and 09 kept unlabeled tables, one per stream.

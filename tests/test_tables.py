@@ -34,3 +34,11 @@ def test_a_column_with_no_value_renders_as_text() -> None:
     # pandas 3 keeps NA through astype(str): before, measuring the column's width raised
     lines = render(pd.DataFrame({"a": [None, None], "n": [1, 2]})).splitlines()
     assert [line.split() for line in lines] == [["a", "n"], ["None", "1"], ["None", "2"]]
+
+
+def test_a_missing_value_in_a_text_column_is_left_aligned_as_the_others() -> None:
+    # (before: pandas printed it itself, a right-aligned "NaN", without calling the formatter)
+    frame = pd.DataFrame({"name": ["abc", None], "x": [1, 2]})
+    lines = render(frame).splitlines()
+    assert lines[2].startswith("None") and lines[1].startswith("abc")
+    assert frame["name"].isna().tolist() == [False, True]  # the caller's frame as it was

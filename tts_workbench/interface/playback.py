@@ -91,13 +91,17 @@ class StreamPlayer:
         self.full = widgets.VBox([])
         self.widget = widgets.VBox([self.status, self.rows, self.full])
         self._shown: DisplayHandle | None = None  # where a kernel showed it (``_ipython_display_``)
+        self._gaps_seen = 0  # underruns found before the last chunk came
 
     def add(self, chunk: Waveform, metrics: ChunkMetrics) -> None:
         chunk = mono(chunk)  # joined by ``finish``: a (1, samples) chunk would not join the others
         self.chunks.append(chunk)
         self.metrics.append(metrics)
         gaps = underruns([m.emitted_s for m in self.metrics], [m.audio_s for m in self.metrics])
-        late = next((g for g in gaps if abs(g.at_s + g.gap_s - metrics.emitted_s) < 1e-9), None)
+        # a gap new with this chunk is its own (before: any gap ending at its arrival time, so a
+        # second chunk arriving at the same moment was marked late too)
+        late = gaps[-1] if len(gaps) > self._gaps_seen else None
+        self._gaps_seen = len(gaps)
         marker = f" ⚠ underrun {late.gap_s:.2f} s" if late else ""
         label = widgets.HTML(
             f"chunk {metrics.index}: at {metrics.emitted_s:.2f} s, {metrics.audio_s:.2f} s of audio, "
