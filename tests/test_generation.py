@@ -426,3 +426,55 @@ def test_two_threads_giving_one_model_their_own_voices_each_speak_theirs(
     assert sorted(together) == [0, 1]
     for i, (wav, exaggeration) in enumerate(solo):
         assert np.array_equal(together[i][0], wav) and together[i][1] == exaggeration, f"thread {i}"
+
+
+def test_a_generate_that_writes_no_voice_takes_its_turn_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upstream generate reads the voice twice (T3, then S3Gen). Before 2026-12-05 a call that
+    wrote none took no turn: a call writing another voice between the two reads gave its S3Gen
+    that voice. Here A (the prepared voice) waits after T3 for B's voice to be written."""
+    refs = [str(make_reference_wav(tmp_path / f"v{i}.wav", seconds=3.0, seed=i)) for i in (1, 2)]
+    tts = load_model("tiny")
+
+    def speak(**call: Any) -> np.ndarray:
+        return generate(tts, "Hello there.", max_new_tokens=8, seed=0, **call).wav
+
+    prepare_voice(tts, refs[1])
+    other = speak()
+    prepare_voice(tts, refs[0])
+    solo = speak()
+    assert not np.array_equal(solo, other)
+    a_decoded, met = threading.Event(), threading.Barrier(2, timeout=3)
+    drop, prepare = chatterbox_tts.drop_invalid_tokens, tts.prepare_conditionals
+
+    def dropped_then_met(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "A":  # T3 done, S3Gen's voice not yet read
+            a_decoded.set()
+            with contextlib.suppress(threading.BrokenBarrierError):
+                met.wait()
+        return drop(*args, **kwargs)
+
+    def prepared_then_met(*args: Any, **kwargs: Any) -> None:
+        prepare(*args, **kwargs)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            met.wait()
+
+    monkeypatch.setattr(chatterbox_tts, "drop_invalid_tokens", dropped_then_met)
+    monkeypatch.setattr(tts, "prepare_conditionals", prepared_then_met)
+    got: dict[str, np.ndarray] = {}
+
+    def a() -> None:
+        got["A"] = speak()
+
+    def b() -> None:
+        assert a_decoded.wait(60)
+        got["B"] = speak(audio_prompt_path=refs[1])
+
+    threads = [threading.Thread(target=f, name=f.__name__.upper()) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(got) == ["A", "B"]
+    assert np.array_equal(got["A"], solo)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -1133,3 +1134,108 @@ def test_last_run_is_a_copy_and_options_are_named_as_from_model_takes_them(tiny_
             next(opt.generate_stream(TEXT, max_new_tokens=4, state=StreamState(StreamReport("naive"))))
     with pytest.raises(ConfigError, match="dtype="):  # before, a TypeError: two values for policy
         PerformanceOptimizedTTS.from_model(tiny_tts, policy="float32")
+
+
+def _two_voices(tmp_path: Path) -> list[str]:
+    return [str(make_reference_wav(tmp_path / f"v{i}.wav", seconds=3.0, seed=i)) for i in (1, 2)]
+
+
+def _both_prepared_first(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Upstream ``prepare_conditionals`` on ``tts`` waits, once done, for the other thread's: both
+    voices are written before either call reads one. A call waiting for its turn never comes: the
+    barrier breaks and the call in turn goes on."""
+    import threading
+
+    met = threading.Barrier(2, timeout=3)
+    prepare = tts.prepare_conditionals
+
+    def prepared_then_met(*args: Any, **kwargs: Any) -> None:
+        prepare(*args, **kwargs)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            met.wait()
+
+    monkeypatch.setattr(tts, "prepare_conditionals", prepared_then_met)
+
+
+def _in_two_threads(calls: list[Callable[[], Any]]) -> dict[int, Any]:
+    """What each of ``calls``, run at once in threads of their own, returned."""
+    import threading
+
+    got: dict[int, Any] = {}
+
+    def run(i: int) -> None:
+        got[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(got) == list(range(len(calls))), "a call failed"
+    return got
+
+
+def _streamed(chunks: Iterator[tuple[np.ndarray, Any]]) -> np.ndarray:
+    return np.concatenate([chunk for chunk, _ in chunks])
+
+
+def test_two_generates_in_two_threads_speak_their_own_voices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 2026-12-05 the wrapper's voice write took no turn: with both voices prepared before
+    either decoded, both generates spoke the voice prepared last."""
+    refs = _two_voices(tmp_path)
+    tts = load_model("tiny")
+    with PerformanceOptimizedTTS(tts, policy="float32", decode="eager", flow="eager") as opt:
+
+        def speak(i: int) -> np.ndarray:
+            return opt.generate(TEXT, refs[i], max_new_tokens=8, seed=0).numpy()
+
+        solo = [speak(i) for i in (0, 1)]
+        assert not np.array_equal(*solo)
+        _both_prepared_first(tts, monkeypatch)
+        together = _in_two_threads([lambda: speak(0), lambda: speak(1)])
+    for i in (0, 1):
+        assert np.array_equal(together[i], solo[i]), f"thread {i}"
+
+
+def test_a_stream_and_a_generate_in_two_threads_speak_their_own_voices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 2026-12-05 a generate_stream's voice write and copy took no turn: the stream or the
+    generate beside it spoke the other's voice."""
+    refs = _two_voices(tmp_path)
+    tts = load_model("tiny")
+    with PerformanceOptimizedTTS(tts, policy="float32", decode="eager", flow="eager") as opt:
+
+        def streamed() -> np.ndarray:
+            return _streamed(opt.generate_stream(TEXT, refs[0], max_new_tokens=8, seed=0))
+
+        def spoken() -> np.ndarray:
+            return opt.generate(TEXT, refs[1], max_new_tokens=8, seed=0).numpy()
+
+        solo = [streamed(), spoken()]
+        _both_prepared_first(tts, monkeypatch)
+        together = _in_two_threads([streamed, spoken])
+    for i in (0, 1):
+        assert np.array_equal(together[i], solo[i]), f"thread {i}"
+
+
+def test_upstream_stream_beside_upstream_generate_speaks_each_voice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 2026-12-05 UpstreamTTS.generate_stream wrote its voice outside the baseline's turn:
+    the generate in turn spoke the stream's voice, or the stream the generate's."""
+    refs = _two_voices(tmp_path)
+    up = UpstreamTTS(load_model("tiny"))
+    solo = up.generate(TEXT, refs[0], max_new_tokens=8, seed=0).numpy()
+    solo_stream = _streamed(up.generate_stream(TEXT, refs[1], max_new_tokens=8, seed=0))
+    _both_prepared_first(up.tts, monkeypatch)
+    together = _in_two_threads(
+        [
+            lambda: up.generate(TEXT, refs[0], max_new_tokens=8, seed=0).numpy(),
+            lambda: up.generate_stream(TEXT, refs[1], max_new_tokens=8, seed=0),
+        ]
+    )
+    assert np.array_equal(together[0], solo)
+    assert np.array_equal(_streamed(together[1]), solo_stream)  # read after both returned

@@ -241,36 +241,21 @@ def checked_voice(conds: Any, text: str) -> Any:
     return conds
 
 
-# Upstream multilingual T3.inference keeps its backend and alignment analyzer in t3.patched_model,
-# one per model: two generations at once replace each other's, and fail inside the analyzer. Any
-# family's voice is one per model too (tts.conds, which upstream generate reads after writing it).
-_turns: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+# Upstream keeps one voice per model (tts.conds, which its generate writes, then reads for T3 and
+# again for S3Gen) and, multilingual, one backend and alignment analyzer (t3.patched_model): two
+# generations at once spoke each other's voice, and failed inside the analyzer.
+_turns: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _turns_lock = threading.Lock()
 
 
-def _writes_voice(tts: TTSModel, reference: str | None, exaggeration: Any) -> bool:
-    """Whether a ``generate`` call writes the model's voice, ``tts.conds``: it prepares a
-    ``reference`` given, and standard and multilingual upstream ``generate`` rebuild
-    ``conds.t3`` for an ``exaggeration`` other than the voice's (Turbo's ignores it)."""
-    if reference:
-        return True
-    if family_of(tts).name == "turbo":
-        return False
-    # a float, as multilingual compares (standard compares in float32: at most a needless turn)
-    return bool(exaggeration != float(tts.conds.t3.emotion_adv.flatten()[0]))
-
-
 @contextmanager
-def _taking_turns(tts: TTSModel, writes_voice: bool) -> Iterator[None]:
-    """Upstream ``generate`` calls on one model run one after the other where they write its
-    voice (``writes_voice``: another call's upstream ``generate`` would read it, and speak it) and
-    where the model is multilingual (before 2026-12-04 two at once failed with a RuntimeError in
-    the analyzer); the others at once."""
-    if not (writes_voice or tts.t3.hp.is_multilingual):
-        yield
-        return
+def voice_turn(tts: TTSModel) -> Iterator[None]:
+    """The model's turn: the calls that write or read ``tts``'s voice (``tts.conds``) run inside
+    it one after the other, each from its write to its last read."""
     with _turns_lock:
-        turn = _turns.setdefault(tts.t3, threading.Lock())
+        # Re-entrant: a call in turn makes others that take it (the optimized wrapper's generate
+        # prepares its voice with its own prepare_conditionals, then runs speech_tokens and vocode).
+        turn = _turns.setdefault(tts.t3, threading.RLock())
     with turn:
         yield
 
@@ -301,9 +286,8 @@ def generate(
     checked first (``sampling.check_sampling``, as the workbench's own loop checks them; and
     cfg_weight 0, which upstream's standard generate fails on, refused) and upstream is handed
     the values checked (``Family.sampling_with``: top_k an int, the others floats).
-    Calls on one model take turns where they write its voice (a reference, an exaggeration other
-    than the voice's) and where it is multilingual (``_taking_turns``: upstream keeps one voice
-    and one analyzer per model); the wall time starts at this call's turn."""
+    Calls on one model take turns (``voice_turn``: upstream keeps one voice and one analyzer per
+    model, and reads the voice twice); the wall time starts at this call's turn."""
     seed, max_new_tokens = checked_call(seed, max_new_tokens)
     reference = sampling.pop("audio_prompt_path", None)
     checked_voice(reference or tts.conds, text)  # a reference to prepare will do
@@ -338,7 +322,7 @@ def generate(
     default = inspect.signature(tts.generate).parameters["exaggeration"].default
     exaggeration = sampling.get("exaggeration", default)
     # before the clock: a turn waited for is not this generation's time
-    with _taking_turns(tts, _writes_voice(tts, reference, exaggeration)):
+    with voice_turn(tts):
         t0 = now(tts.device)
         if reference:  # as upstream's ``if audio_prompt_path`` (in the wall time, as there), with the checks
             # Prepared as upstream generate would, with Turbo's norm_loudness, which upstream

@@ -74,7 +74,7 @@ from .decode import (
     t3_decode,
     text_tokens,
 )
-from .generation import checked_call, checked_voice, prepare_voice, vocoded_ids
+from .generation import checked_call, checked_voice, prepare_voice, vocoded_ids, voice_turn
 from .generation import generate as capped_generate
 from .precision import (
     ISLANDS,
@@ -403,14 +403,11 @@ class UpstreamTTS(Pipeline):
         """The upstream streaming fork's naive loop on the upstream model (``streaming.stream``);
         ``seed=None`` draws the seed from the global generator (``stream_seed``)."""
         voice = kwargs.pop("exaggeration", 0.5), kwargs.pop("norm_loudness", True)
-        self._voice(text, audio_prompt_path, *voice)
+        with voice_turn(self.tts):  # the voice written is the one copied (the stream's read lazily)
+            self._voice(text, audio_prompt_path, *voice)
+            conds = copy_conditionals(self.tts.conds)  # as asked for now: PerformanceOptimizedTTS's says why
         return stream(
-            self.tts,
-            text,
-            config or StreamConfig("naive"),
-            seed=stream_seed(seed),
-            conds=copy_conditionals(self.tts.conds),  # as asked for now: PerformanceOptimizedTTS's says why
-            **kwargs,
+            self.tts, text, config or StreamConfig("naive"), seed=stream_seed(seed), conds=conds, **kwargs
         )
 
     def configuration(self) -> dict[str, Any]:
@@ -733,7 +730,7 @@ class PerformanceOptimizedTTS(Pipeline):
     def prepare_conditionals(
         self, wav_fpath: str, exaggeration: float = 0.5, norm_loudness: bool = True
     ) -> None:
-        with self._using():
+        with self._using(), voice_turn(self.tts):
             with self._amp():
                 prepare_voice(self.tts, wav_fpath, exaggeration, norm_loudness)
             self._ensure_conditionals_dtype()
@@ -759,7 +756,9 @@ class PerformanceOptimizedTTS(Pipeline):
         """T3 only: the speech tokens for ``text`` (the voice must be prepared); ``decode``
         overrides the wrapper's decode step for this call; the multilingual model speaks
         ``language_id`` (default "en"); samples come from ``generator`` (default: the global one)."""
-        with self._using():
+        # in turn: another call's voice write (or its dtype fix, which drops the prompt's
+        # embedding) mid-decode spoke its voice, or failed in T3
+        with self._using(), voice_turn(self.tts):
             conds = checked_voice(self.tts.conds, text)
             return t3_decode(  # the plan carries the autocast dtype, entered around each step
                 self.tts.t3,
@@ -776,7 +775,7 @@ class PerformanceOptimizedTTS(Pipeline):
     def vocode(self, tokens: torch.Tensor, rng: StreamRandom | None = None) -> torch.Tensor:
         """S3Gen (flow + vocoder) over valid speech tokens; returns a float32 waveform (1, N).
         Its noise comes from ``rng`` (default: the global generator, as upstream)."""
-        with self._using():
+        with self._using(), voice_turn(self.tts):  # as speech_tokens
             if self.tts.conds is None:
                 raise NoVoiceError()
             with self._amp(), rng.drawing() if rng is not None else nullcontext():
@@ -800,8 +799,10 @@ class PerformanceOptimizedTTS(Pipeline):
         ``decode`` overrides the wrapper's decode step for this call (the bench compares them).
         With a ``seed`` the call draws from its own generators (``rng.StreamRandom``: the tokens
         and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, safe beside other
-        threads); without one it goes on from the global random state, as upstream does."""
-        with self._using():
+        threads); without one it goes on from the global random state, as upstream does.
+        Generates on one model run one after the other (``generation.voice_turn``, from the voice
+        written to the last read: S3Gen's); for streams at once, use ``engine.StreamEngine``."""
+        with self._using(), voice_turn(self.tts):
             cfg_weight, sampling = family_of(self.tts).sampling_with(sampling)
             check_sampling(is_turbo(self.tts.t3), cfg_weight, **sampling)  # before a voice is prepared
             seed, max_new_tokens = checked_call(seed, max_new_tokens)
@@ -871,7 +872,10 @@ class PerformanceOptimizedTTS(Pipeline):
         asked for by this call however late it is read (``UpstreamTTS``'s too).
         A stream still being read when the wrapper closes stops there (``ConfigError``)."""
         with self._using():
-            self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
+            # in turn until the voice is copied (not for the stream's life: it is read lazily)
+            with voice_turn(self.tts):
+                self._voice(text, audio_prompt_path, exaggeration, norm_loudness)
+                conds = copy_conditionals(self.tts.conds)
             chunks = stream(  # sampling defaults as the family's generate (``stream``)
                 self.tts,
                 text,
@@ -884,7 +888,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 state=state,
                 # the voice as asked for now: the stream starts when first read, maybe after
                 # another call prepared another voice (or changed this one's exaggeration in place)
-                conds=copy_conditionals(self.tts.conds),
+                conds=conds,
                 **sampling,
             )
             return self._while_open(chunks)
