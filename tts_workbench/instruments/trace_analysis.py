@@ -121,16 +121,27 @@ def region_trace(path: str | Path, region: str, out: str | Path, occurrences: in
     return _write(cut_region(_read(path), region, occurrences, path), out)
 
 
+def _is_range(event: Any, region: str) -> bool:
+    """Whether trace event ``event`` is a profiler range named ``region``."""
+    return (
+        isinstance(event, dict)
+        and event.get("ph") == "X"
+        and event.get("cat") == "user_annotation"
+        and event.get("name") == region
+    )
+
+
+def has_region(trace: Mapping[str, Any], region: str) -> bool:
+    """Whether ``trace`` holds a profiler range named ``region`` (what ``region_trace`` cuts)."""
+    return any(_is_range(e, region) for e in trace["traceEvents"])
+
+
 def _ranges(
     trace: Mapping[str, Any], region: str, occurrences: int | None, path: str | Path
 ) -> list[Mapping[str, Any]]:
     """The profiler ranges named ``region``, in time order, none nested in another (the first
     ``occurrences``); a ``TraceError`` when there is none."""
-    named = (
-        e
-        for e in trace["traceEvents"]
-        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"] == region
-    )
+    named = (e for e in trace["traceEvents"] if _is_range(e, region))
     ranges: list[Mapping[str, Any]] = []
     for e in sorted(named, key=lambda e: (e["ts"], -e["dur"])):
         if not ranges or e["ts"] + e["dur"] > ranges[-1]["ts"] + ranges[-1]["dur"]:

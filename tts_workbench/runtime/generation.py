@@ -317,18 +317,15 @@ def generate(
         "s3gen.vocoder": (tts.s3gen, "hift_inference"),
         "watermark": (tts.watermarker, "apply_watermark"),
     }
-    # Upstream generate's exaggeration (its default: Turbo's is 0.0), for the voice it prepares and
-    # (standard, multilingual) the voice it speaks.
-    default = inspect.signature(tts.generate).parameters["exaggeration"].default
-    exaggeration = sampling.get("exaggeration", default)
     # before the clock: a turn waited for is not this generation's time
     with voice_turn(tts):
         t0 = now(tts.device)
         if reference:  # as upstream's ``if audio_prompt_path`` (in the wall time, as there), with the checks
-            # Prepared as upstream generate would, with Turbo's norm_loudness, which upstream
-            # generate only uses for this.
+            # Prepared as upstream generate would: its exaggeration default (Turbo's is 0.0), and
+            # Turbo's norm_loudness, which upstream generate only uses for this.
+            default = inspect.signature(tts.generate).parameters["exaggeration"].default
             norm = sampling.pop("norm_loudness", True) if family.name == "turbo" else True
-            prepare_voice(tts, reference, exaggeration, norm)
+            prepare_voice(tts, reference, sampling.get("exaggeration", default), norm)
         with (
             # Not torch.manual_seed: two threads' generations would draw each other's numbers.
             _drawing_quietly(tts, StreamRandom(seed)) if seed is not None else nullcontext(),

@@ -29,6 +29,7 @@ from ..instruments.trace_analysis import (
     analyze,
     analyze_region,
     device_events,
+    has_region,
     region_trace,
 )
 from ..runtime.decode import (
@@ -143,9 +144,7 @@ def read_traces(paths: Mapping[str, Path]) -> dict[str, ReadTrace]:
     reports = {}
     for label, path in paths.items():
         trace = read_trace(path)
-        # a profiler range, as region_trace finds them (an event that is not is analyze's to refuse)
-        ranges = (e for e in trace["traceEvents"] if isinstance(e, dict) and e.get("ph") == "X")
-        if any(e.get("cat") == "user_annotation" and e.get("name") == REGION for e in ranges):
+        if has_region(trace, REGION):
             with tempfile.TemporaryDirectory(prefix="region-") as tmp:  # HTA reads files
                 cut = analyze_region(path, REGION, Path(tmp) / DECODE_CUT)
             report, region = replace(cut, trace=str(Path(path).resolve())), REGION
