@@ -640,7 +640,7 @@ def test_gpu_check_dry_run_records_each_step(tmp_path: Path) -> None:
     assert any("memory per configuration" in line for line in run["table"])
     assert result["diagnose"] is None  # not asked for
     # the Multilingual model's bench: upstream alone here, so no policy given (bench refuses one
-    # no config runs) and the default recorded; the GPU run's configs run the wrapper in bfloat16
+    # no config runs), and the wrapper float32, nothing measured; the GPU run's configs run it in bfloat16
     multi = result["multilingual"]
     assert multi["policy"]["policy"] == "float32" and multi["settings"]["configs"] == ["upstream"]
     assert any("bench: multilingual-tiny on cpu" in line for line in multi["table"])
@@ -707,13 +707,15 @@ def test_a_block_that_raises_still_gets_its_peak() -> None:
     assert (w.growth_bytes, w.reserved_growth_bytes) == (50, 200)
 
 
-def test_a_window_opened_inside_another_keeps_the_outer_ones_peak() -> None:
+@pytest.mark.parametrize("outer_device", ["cpu", "cpu:0"])
+def test_a_window_opened_inside_another_keeps_the_outer_ones_peak(outer_device: str) -> None:
     """An inner window reset the process-wide peak (the kernel's VmHWM) and the outer window,
     ending after it, read the peak since that reset: 3 MiB of growth for a block that touched
-    100 MiB."""
+    100 MiB. On "cpu:0" too: a window there was registered under that name while every reset
+    keeps the peaks under "cpu", so an inner "cpu" window wiped its peak (2 MiB of growth)."""
     if not _reset_peak_rss():
         pytest.skip("the kernel's peak cannot be reset here: windows sample, and reset nothing")
-    with memory_window("cpu") as outer:
+    with memory_window(outer_device) as outer:
         x = torch.ones(100 * 2**20 // 4)
         x += 1  # 100 MiB resident
         del x
@@ -721,6 +723,18 @@ def test_a_window_opened_inside_another_keeps_the_outer_ones_peak() -> None:
             pass
     assert outer.growth_bytes >= 90 * 2**20, outer
     assert inner.growth_bytes < 90 * 2**20, inner  # the inner block's own peak, not the outer one's
+
+
+def test_the_process_peak_is_one_whether_named_cpu_or_cpu_0() -> None:
+    # "cpu:0" lost the peaks saved under "cpu" before a window's reset
+    if not _reset_peak_rss():
+        pytest.skip("the kernel's peak cannot be reset here: windows sample, and reset nothing")
+    big = torch.ones(50_000_000)  # 200 MB, freed before the window
+    peak = process_peak_bytes("cpu:0")
+    del big
+    with memory_window("cpu"):
+        pass
+    assert process_peak_bytes("cpu:0") == process_peak_bytes("cpu") >= peak >= 200e6
 
 
 def test_a_cuda_window_opened_inside_another_keeps_the_outer_ones_peak(

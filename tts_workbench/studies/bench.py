@@ -264,8 +264,12 @@ def run_bench(
     upstream = UpstreamTTS(upstream_model)
     dev = torch.device(device)
     before_open = allocated_bytes(dev)
+    # With no config running the wrapper its policy is upstream's float32: "auto" would time T3's
+    # policies for nothing and record whichever won that moment (a loaded machine once recorded
+    # decode-bfloat16 for an upstream-only bench).
+    policy = dtype if any(c in PLAN_OF for c in configs) else "float32"
     optimized = PerformanceOptimizedTTS(
-        load_model(model, device, seed, family), policy=dtype, decode="eager", cpp_wrapper=cpp_wrapper,
+        load_model(model, device, seed, family), policy=policy, decode="eager", cpp_wrapper=cpp_wrapper,
         fused=fused,
     )  # fmt: skip
     after_open = allocated_bytes(dev)
@@ -291,22 +295,33 @@ def run_bench(
             **{c: wrapper(step) for c, step in DECODE_OF.items()},
         }
         runners.update(_stream_runners(upstream_model, opt, text, tokens))
+        # The fused backbone made now, once the cache is sized (resizing drops it): made by the first
+        # run that builds its step, it fell inside that run's memory window, so its run growth held
+        # the copy that weights_gib counts too, and total_gib counted it twice.
+        if fused:
+            for step in {PLAN_OF[c] for c in configs if c in PLAN_OF} & {"static", "compiled"}:
+                _ = opt.plans[step].step_parts  # (a property: the copy is made on first use)
         bandwidth = read_bandwidth(device)
         runs = [("warm-up", r, c) for r in range(warmup) for c in configs]
         runs += [("repeat", r, c) for r in range(repeats) for c in configs]
         rows: list[Row] = []
-        compile_s: dict[str, float] = {}  # per config, whichever run built the step (warm-up or not)
+        # Whichever run built it (warm-up or not): T3's step per plan, as compiled and
+        # compiled-stream run one, built by the first of them; the estimator per configuration.
+        step_compile: dict[str, float] = {}
+        estimator_compile: dict[str, float] = {}
         with progress_bar(runs, desc="bench", unit="run") as bar:
             for kind, r, c in bar:
                 bar.set_postfix_str(f"{c}, {kind} {r + 1}")
                 with memory_window(dev) as memory:
                     out = runners[c](seed)
-                compiling = out.get("t3_compile_s", 0.0) + out.get("s3gen_compile_s", 0.0)
-                compile_s[c] = max(compile_s.get(c, 0.0), compiling)
+                plan = PLAN_OF.get(c, c)  # (an upstream config: a key of its own, never built)
+                step_compile[plan] = max(step_compile.get(plan, 0.0), out.get("t3_compile_s", 0.0))
+                estimator_compile[c] = max(estimator_compile.get(c, 0.0), out.get("s3gen_compile_s", 0.0))
                 if kind == "repeat":
                     grown = {"memory_growth_bytes": memory.growth_bytes,
                              "reserved_growth_bytes": memory.reserved_growth_bytes}  # fmt: skip
                     rows.append(Row(config=c, repeat=r, **grown, **out))
+        compile_s = {c: step_compile[PLAN_OF.get(c, c)] + estimator_compile[c] for c in configs}
         # One recorded (not timed) optimized run: which attention kernel ran, in which dtype. After
         # the timed runs, so it warms none of them (--warmup says what did); none without a wrapper config.
         kernels: dict[str, dict[str, int]] = {}
@@ -452,6 +467,13 @@ PLAN_OF = {**DECODE_OF, "optimized-stream": "eager", "compiled-stream": "compile
 # The configurations whose S3Gen estimator is compiled (a compiled FlowPlan, ``_stream_runners``):
 # the one-shot ones run S3Gen eagerly, so their compile_s is T3's step alone.
 COMPILED_ESTIMATOR = ("compiled-stream",)
+
+
+def sharing_a_step(configs: list[str]) -> list[str]:
+    """Those of ``configs`` that run a built (static or compiled) T3 step another of them runs too:
+    it is built once, by whichever runs first, and its compile is in each one's compile_s."""
+    plans = [PLAN_OF.get(c) for c in configs]
+    return [c for c, p in zip(configs, plans, strict=True) if p not in (None, "eager") and plans.count(p) > 1]
 
 
 def memory_per_config(
@@ -664,10 +686,12 @@ def format_bench(report: dict[str, Any]) -> str:
         lines.append(f"estimator compile failed, it ran eagerly: {report['flow_compile_fallback']}")
     estimator = any(c in COMPILED_ESTIMATOR for c in report["settings"]["configs"])
     compiled = "T3's step and S3Gen's estimator" if estimator else "T3's step"
+    shared = sharing_a_step(report["settings"]["configs"])
     lines.append(
         "gb_per_s: T3 weight bytes read per decode step / step time (the floor's bytes); "
         "phases_over_wall: the timed phases (T3, S3Gen, watermark) over the wall time; "
         f"compile_s: {compiled}, kept out of TTFA and wall"
+        + (f"; {' and '.join(shared)} share one T3 step, built once and shown on both" if shared else "")
     )
     if "files" in report:
         lines.append(f"wrote {', '.join(report['files'].values())}")
