@@ -19,7 +19,7 @@ from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
 from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
-from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError
+from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, NoVoiceError
 from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
@@ -29,7 +29,7 @@ from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import FlowPlan
 from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
-from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
 
@@ -461,6 +461,29 @@ def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: 
     gc.collect()
     assert held() is None and cache() is None  # the engine (still referenced) holds neither
     assert not engine._caches and not engine._steps  # nor the views and compiled steps of the cache
+
+
+def test_a_queued_stream_speaks_the_exaggeration_of_its_submit(tts: ChatterboxTTS) -> None:
+    """A generate with another exaggeration while the streams wait replaces the model's T3
+    conditionals (upstream's ``self.conds.t3 = T3Cond(...)``): before, the streams admitted after
+    it were prefilled in that exaggeration, not in the voice as it was at their submit."""
+    texts = [TEXTS[0], "The queued stream."]  # its 13th token is another in the exaggeration 0.9
+    voice = tts.conds.t3
+    with StreamEngine(tts, max_streams=1, config=CONFIG, keep_logits=True) as engine:
+        try:
+            with engine.together():  # both wait: the second queued behind the first
+                handles = [engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(texts)]
+                generate(tts, "x", max_new_tokens=2, exaggeration=0.9)
+                assert tts.conds.t3 is not voice and engine.queued() == 2
+            for h in handles:
+                assert [c for c, _ in h] and h.error is None
+        finally:
+            tts.conds.t3 = voice
+        # its prefill's logits, exactly those of the same stream submitted in the voice given back
+        again = engine.submit(texts[1], seed=1, max_new_tokens=TOKENS)
+        assert [c for c, _ in again] and torch.equal(handles[1].logits[0], again.logits[0])
+    for k, h in enumerate(handles):
+        assert h.tokens == solo(tts, texts[k], k)[1], k
 
 
 def overflowing(tts: ChatterboxTTS, on: threading.Event) -> contextlib.AbstractContextManager[None]:
@@ -1042,6 +1065,19 @@ def test_a_voice_or_sampling_value_no_stream_takes_is_refused_at_submit(tts: Cha
         assert engine.stats.admitted == 0 and engine.stats.failed == 0
         served = engine.submit(TEXTS[2], seed=0, max_new_tokens=6, conds=tts.conds, language_id="en")
         assert read_within(served) and served.error is None
+
+
+def test_a_model_without_a_voice_is_refused_at_submit_with_the_engines_fix(tts: ChatterboxTTS) -> None:
+    """Before, the stream was queued and failed at its turn asking for an ``audio_prompt_path``,
+    which ``submit`` refuses; a voice prepared after the submit did not help it (it took none).
+    The warm-up of a compiled flow said the same."""
+    bare = load_model("tiny")
+    with StreamEngine(bare, max_streams=1, config=CONFIG, flow=FlowPlan("compiled")) as engine:
+        for call in (lambda: engine.submit(TEXTS[2], seed=0, max_new_tokens=6), engine.warmup):
+            with pytest.raises(NoVoiceError, match=r"prepare_voice\(tts, wav\).*or pass conds=") as refused:
+                call()
+            assert "audio_prompt_path" not in str(refused.value)
+        assert engine.queued() == 0 and engine.active() == 0 and engine.stats.failed == 0
 
 
 def test_unknown_sampling_arguments_are_refused_at_submit(tts: ChatterboxTTS) -> None:

@@ -19,7 +19,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from matplotlib.figure import Figure
 
 from tts_workbench.core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE
-from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.errors import ConfigError, NoVoiceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.core.strict_json import finite
@@ -717,3 +717,20 @@ def test_run_to_files_leaves_no_half_written_file(
     with pytest.raises(OSError, match="No space left"):
         run_to_files(tts, TEXT, StreamConfig("naive"), tmp_path, max_new_tokens=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if failing == "wav" else ["naive.wav"])
+
+
+def test_no_voice_names_what_each_caller_takes() -> None:
+    """``stream`` and ``stream_tokens`` take a prepared voice (``conds=``), the wrapper's T3-only
+    and S3Gen-only calls none: before, each asked for an ``audio_prompt_path`` none of them takes."""
+    bare = load_model("tiny")
+    for call in (lambda: list(stream(bare, "Hi.", max_new_tokens=4)), lambda: stream_tokens(bare, "Hi.")):
+        with pytest.raises(NoVoiceError, match=r"prepare_voice\(tts, wav\).*or pass conds=") as refused:
+            call()
+        assert "audio_prompt_path" not in str(refused.value)
+    with PerformanceOptimizedTTS(bare, policy="float32") as opt:
+        calls = (lambda: opt.speech_tokens("Hi."), lambda: opt.vocode(torch.zeros(1, 4, dtype=torch.long)),
+                 lambda: opt.prefill_length("Hi."))  # fmt: skip
+        for call in calls:
+            with pytest.raises(NoVoiceError, match=r"prepare_conditionals\(wav\) first$") as refused:
+                call()
+            assert "audio_prompt_path" not in str(refused.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import sys
 from dataclasses import replace
@@ -48,7 +49,7 @@ GPU_TRACE = Path(__file__).parent / "data" / "hta_a100_simple_add.pt.trace.json.
 GPU_REGION = "[param|pytorch.model.alex_net|0|0|0|measure|forward]"  # two ranges in that trace
 
 
-def _kernel(ts: int, dur: int, corr: int) -> dict[str, Any]:
+def _kernel(ts: float, dur: float, corr: int) -> dict[str, Any]:
     args = {"device": 0, "stream": 7, "correlation": corr, "External id": corr}
     return {
         "ph": "X",
@@ -62,7 +63,7 @@ def _kernel(ts: int, dur: int, corr: int) -> dict[str, Any]:
     }
 
 
-def _launch(ts: int, dur: int, corr: int) -> dict[str, Any]:
+def _launch(ts: float, dur: float, corr: int) -> dict[str, Any]:
     args = {"correlation": corr, "External id": corr}
     return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1, "tid": 1,
             "ts": ts, "dur": dur, "args": args}  # fmt: skip
@@ -116,6 +117,28 @@ def test_cuda_syncs_are_not_device_time(known_trace: Path, tmp_path: Path) -> No
     assert s["span_us"] == 80 and s["idle_pct"] == pytest.approx(56.25) and s["non_compute_pct"] == 0
     assert r.trace == str(path.resolve()) and r.launches["correlation"].tolist() == [1, 2, 3]
     assert read_trace(path) == trace  # the file itself is left as it was
+
+
+def _kernels_at(starts: list[float], dur: float) -> dict[str, Any]:
+    """A trace of one kernel of ``dur`` µs at each of ``starts``, each launched 3 µs before."""
+    events = [e for i, ts in enumerate(starts) for e in (_launch(ts - 3, 2.0, i), _kernel(ts, dur, i))]
+    return {"deviceProperties": [{"id": 0, "name": "test GPU"}], "traceEvents": events}
+
+
+def test_float_timestamps_are_read_to_the_nanosecond(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch writes ns-precision float µs ("ts": 5649212617414.744); HTA 0.5.0 rounded each event
+    # inward to whole µs: 50 kernels of 1.6 µs, 0.3 µs apart, read as 30 µs of compute and 63 idle
+    # (the kernels table: 80), and a kernel inside one µs got a negative length (AssertionError).
+    monkeypatch.delenv("HTA_DISABLE_NS_ROUNDING", raising=False)
+    path = tmp_path / "ns.json"
+    path.write_text(json.dumps(_kernels_at([round(200.25 + 1.9 * i, 3) for i in range(50)], 1.6)))
+    r = analyze(path)
+    t = r.temporal.iloc[0]
+    assert t["compute_us"] == pytest.approx(r.kernels["sum_us"].sum()) == pytest.approx(80)
+    assert t["idle_us"] == pytest.approx(49 * 0.3) and t["idle_pct"] == pytest.approx(15.52, abs=0.01)
+    path.write_text(json.dumps(_kernels_at([round(1000.123 + 1.3 * i, 3) for i in range(20)], 0.9)))
+    assert analyze(path).temporal["compute_us"].iloc[0] == pytest.approx(20 * 0.9)
+    assert "HTA_DISABLE_NS_ROUNDING" not in os.environ  # set only while HTA reads
 
 
 @pytest.mark.parametrize(
@@ -481,8 +504,10 @@ def test_trace_sizes_each_static_cache_before_it_empties_a_folder(
     old = tmp_path / "decode-static" / "earlier.pt.trace.json"
     old.parent.mkdir()
     old.write_text("{}")
-    for steps, tokens, says in ((["static", "fast"], 8, "unknown decode step 'fast'"),
-                                (["static"], 0, "at least 1")):  # fmt: skip
+    # one token is the prefill's: no decode step ran, so no t3.decode range, found with folders emptied
+    refusals = [(["static", "fast"], 8, "unknown decode step 'fast'"), (["static"], 0, "at least 2"),
+                (["static"], 1, "at least 2, got 1: the first token comes from the prefill")]  # fmt: skip
+    for steps, tokens, says in refusals:
         with pytest.raises(ConfigError, match=says):
             decode_traces(tiny_tts, steps, tmp_path, tokens=tokens, text="Hello there.")
         assert old.is_file(), steps  # refused before any folder was emptied

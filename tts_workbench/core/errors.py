@@ -26,14 +26,20 @@ class FamilyError(SourceError):
     """A model folder of another family than the one asked for, or of two with none asked for."""
 
 
-class NoVoiceError(WorkbenchError):
-    """Generation was asked for before a voice (conditionals) was prepared."""
+# What each kind of caller can do about no voice (NoVoiceError's ``fix``): generate takes a
+# reference's path; a stream and the stream engine take a prepared voice (``conds=``); the
+# wrapper's T3-only and S3Gen-only calls take neither.
+PREPARE_FIRST = "call prepare_voice(tts, wav) / prepare_conditionals(wav) first"
+PASS_A_PATH = f"pass audio_prompt_path or {PREPARE_FIRST}"
+PASS_CONDS = f"{PREPARE_FIRST}, or pass conds= (a voice this model prepared)"
 
-    def __init__(self, detail: str = "") -> None:
-        super().__init__(
-            "no voice: pass audio_prompt_path or call prepare_voice(tts, wav) / "
-            "prepare_conditionals(wav) first" + (f" ({detail})" if detail else "")
-        )
+
+class NoVoiceError(WorkbenchError):
+    """Generation was asked for before a voice (conditionals) was prepared; ``fix``: what the
+    caller can do (``PASS_A_PATH``, ``PASS_CONDS`` or ``PREPARE_FIRST``)."""
+
+    def __init__(self, detail: str = "", fix: str = PASS_A_PATH) -> None:
+        super().__init__(f"no voice: {fix}" + (f" ({detail})" if detail else ""))
 
 
 class EmptyTextError(WorkbenchError):

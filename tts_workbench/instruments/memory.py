@@ -90,8 +90,11 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def _indexed(device: torch.device) -> torch.device:
-    """``device`` with its index on CUDA (``cuda`` is the current one): ``cuda`` and ``cuda:0``
-    are one device, whose peak must be remembered under one name."""
+    """``device`` under the one name its peak is remembered by: with its index on CUDA (``cuda``
+    is the current one, so ``cuda`` and ``cuda:0`` are one device), without one on CPU (the
+    process's resident set, which ``_reset_peak_rss`` keeps under ``cpu``, whatever the index)."""
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device

@@ -21,7 +21,8 @@ numbers of several side by side. A trace without device activity gets no frames 
 on a CPU-only profile, what HTA cannot show there; on a GPU (the trace lists it) whose kernels
 the profiler did not record, the GPU's name and what to check. HTA reads each trace without its
 CUDA syncs (``cuda_sync`` events: the host waiting, which HTA 0.5.0 counts as device time) and
-its ``ProfilerStep#N`` ranges (``prof.step()``'s, of which HTA 0.5.0 drops the last).
+its ``ProfilerStep#N`` ranges (``prof.step()``'s, of which HTA 0.5.0 drops the last), and with its
+times to the ns (HTA 0.5.0 rounds them to whole µs: ``HTA_NS_ROUNDING_OFF``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -293,6 +295,29 @@ def _hta_quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
+# HTA 0.5.0 rounds every event of a trace with float timestamps (torch's, to the ns: "ts":
+# 5649212617414.744) inward to whole µs as it parses it: start up, end down. Short kernels lost up
+# to 1 µs each (50 kernels of 1.6 µs, 0.3 µs apart: 30 µs of compute, not 80), and one inside a
+# whole µs got a negative length, on which HTA's temporal breakdown failed an assert. This
+# variable, read by its parser, keeps the times as the trace has them.
+HTA_NS_ROUNDING_OFF = "HTA_DISABLE_NS_ROUNDING"
+
+
+@contextmanager
+def _hta_exact_times() -> Iterator[None]:
+    """Inside: HTA parses traces without rounding their times (``HTA_NS_ROUNDING_OFF``); the
+    variable's earlier value is restored after."""
+    before = os.environ.get(HTA_NS_ROUNDING_OFF)
+    os.environ[HTA_NS_ROUNDING_OFF] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[HTA_NS_ROUNDING_OFF]
+        else:
+            os.environ[HTA_NS_ROUNDING_OFF] = before
+
+
 # HTA 0.5.0's name test for a training iteration's range (what ``prof.step()`` writes, e.g.
 # ProfilerStep#3): with two or more in a trace it keeps only the device work launched before the
 # last one's start (include_last_profiler_step=True: before its end), so the temporal and idle
@@ -348,7 +373,7 @@ def analyze(path: str | Path) -> TraceReport:
     except ImportError as e:  # e.g. a GPU image without it: the trace is kept to read elsewhere
         return TraceReport(str(path), device, note=f"{NO_HTA_NOTE} ({e})")
     path = Path(path).resolve()
-    with _hta_quiet(), _copy_for_hta(trace, path) as read:
+    with _hta_quiet(), _hta_exact_times(), _copy_for_hta(trace, path) as read:
         hta = TraceAnalysis(trace_files={0: str(read)}, trace_dir=str(read.parent))
         temporal = hta.get_temporal_breakdown(visualize=False)
         idle, _ = hta.get_idle_time_breakdown(visualize=False)

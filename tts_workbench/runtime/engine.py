@@ -35,16 +35,17 @@ Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle``, as a plain or an 
 At most ``max_streams`` streams are active; more wait in a queue, none is refused for load. A
 stream is active from its prefill to its last chunk: one whose T3 has ended keeps its place
 until S3Gen has vocoded it, so an S3Gen slower than T3 holds new streams in the queue instead of
-piling up windows behind it. A request that cannot run (empty text, no voice, longer than the
-cache) fails alone with the same error as ``streaming.stream``; the others go on. An argument of
-the wrong type, a seed no generator takes or a sampling argument the family does not take is
-refused by ``submit`` itself, as upstream ``generate`` refuses an unknown keyword.
+piling up windows behind it. A request that cannot run (empty text, longer than the cache) fails
+alone with the same error as ``streaming.stream``; the others go on. An argument of the wrong
+type, a seed no generator takes, a sampling argument the family does not take or no voice at all
+is refused by ``submit`` itself, as upstream ``generate`` refuses an unknown keyword.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import queue
 import threading
@@ -60,7 +61,7 @@ from transformers.cache_utils import StaticCache
 from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
-from ..core.errors import ConfigError, as_int
+from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, as_int
 from ..core.families import family_of, kv_layout
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
@@ -87,7 +88,7 @@ from .decode import (
     speech_ids,
     text_tokens,
 )
-from .generation import checked_voice
+from .generation import checked_voice, voice_turn
 from .sampling import Sampler, not_finite
 from .streaming import (
     BufferedCutter,
@@ -171,7 +172,9 @@ def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
 @dataclass
 class Request:
     """What a client asks for. ``conds``: the voice (upstream ``Conditionals``; default the
-    model's own); ``sampling``: temperature, top_p, ... as the family's upstream generate."""
+    model's own); ``sampling``: temperature, top_p, ... as the family's upstream generate;
+    ``t3_cond``: T3's part of the voice as it was at the submit (a copy of ``conds.t3``, which
+    upstream ``generate(exaggeration=...)`` and the optimized wrapper change on the voice itself)."""
 
     text: str
     seed: int = 0
@@ -179,6 +182,7 @@ class Request:
     conds: Any = None
     language_id: str | None = None
     sampling: dict[str, float] = field(default_factory=dict)
+    t3_cond: Any = None
 
 
 _END = object()
@@ -536,16 +540,24 @@ class StreamEngine:
         fail in the handle (its iteration raises), not here, so a server treats every request
         alike; only the caller's mistakes are refused here, with a ``ConfigError`` (as upstream
         ``generate``'s TypeError), and nothing is queued: an argument of the wrong type, a seed no
-        generator takes, a sampling argument the family does not take."""
+        generator takes, a sampling argument the family does not take, a ``conds`` that is no
+        voice of this model (``_voice_of``); no voice at all, with a ``NoVoiceError``. The stream
+        speaks the voice as it is now, its exaggeration included. A ``generate`` on the model in
+        another thread is waited for (``voice_turn``): the voice is not read half-way through it."""
         seed, max_new_tokens = self._check_request(text, seed, max_new_tokens, language_id)
         # a misspelled argument would otherwise be dropped and the stream run with the default;
         # those upstream Turbo takes and ignores are refused too (a caller would expect them to work)
         self.family.check_sampling_keys(sampling, ignored=False)
         self.family.sampling_with(sampling)  # no number (cfg_weight=None): refused now, not at its turn
-        self._check_voice(conds)
-        # The model's voice as it is now: one prepared while this stream waits is not its own.
-        conds = conds if conds is not None else self.tts.conds
-        request = Request(text, seed, max_new_tokens, conds, language_id, sampling)
+        with voice_turn(self.tts):
+            # The model's voice as it is now: one prepared while this stream waits is not its own.
+            conds = self._voice_of(conds)
+            # Nor is an exaggeration set meanwhile: upstream generate replaces conds.t3 and the
+            # optimized wrapper sets its emotion_adv, on the voice itself. A shallow copy: they
+            # replace its tensors, never write into them. S3Gen's part stays shared, by identity:
+            # windows of one voice share a flow call (``_voice``, ``_batch_key``).
+            t3_cond = copy.copy(conds.t3)
+        request = Request(text, seed, max_new_tokens, conds, language_id, sampling, t3_cond)
         handle = StreamHandle(self, request, next(self._counter))
         with self._lock:
             if self._stopped:
@@ -569,13 +581,20 @@ class StreamEngine:
             )
         return checked_seed(seed), checked_cap(max_new_tokens)
 
-    def _check_voice(self, conds: object) -> None:
-        """Refuse a ``conds`` that is no voice this model's family prepared (a reference's path,
-        another family's ``Conditionals``): at its turn it failed with Python's own AttributeError.
-        None (the model's voice) is taken: with no voice at all the stream fails alone."""
+    def _voice_of(self, conds: object) -> Any:
+        """The voice a stream (or the warm-up) given ``conds`` speaks: ``conds``, None for the
+        model's own. Refused: a ``conds`` that is no voice this model's family prepared (a
+        reference's path, another family's ``Conditionals``; at its turn it failed with Python's
+        own AttributeError), and no voice at all, with a ``NoVoiceError`` naming the engine's fixes
+        (before, the stream failed at its turn asking for an audio_prompt_path, which the engine
+        takes none of, and a voice prepared after its submit did not help it)."""
         family = self.family
-        if conds is None or isinstance(conds, family.conditionals):
-            return
+        if conds is None:
+            if self.tts.conds is None:
+                raise NoVoiceError(fix=PASS_CONDS)
+            return self.tts.conds
+        if isinstance(conds, family.conditionals):
+            return conds
         kind = type(conds)
         given = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         raise ConfigError(
@@ -614,7 +633,7 @@ class StreamEngine:
 
         builds = [(self._jobs, t3)]
         if self.flow.compiled:
-            voice = checked_voice(conds if conds is not None else self.tts.conds, "warm-up")
+            voice = self._voice_of(conds)
             builds.append((self._flow_jobs, lambda: self._build_flow(voice)))
         done = [threading.Event() for _ in builds]
         errors: list[Exception] = []
@@ -846,7 +865,7 @@ class StreamEngine:
             self._end([handle], error)
 
     def _prefill(self, handle: StreamHandle, r: Request) -> _Live:
-        conds = checked_voice(r.conds, r.text)
+        conds = checked_voice(r.conds, r.text, PASS_CONDS)
         check_new_tokens(self.tts.t3, r.max_new_tokens)
         cfg_weight, sampling = self.family.sampling_with(r.sampling)
         sampler = Sampler(self.turbo, cfg_weight, **sampling)
@@ -854,7 +873,7 @@ class StreamEngine:
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
         with self.plan.context(self.device):
-            embeds, text_len = self._prompt(r, conds)
+            embeds, text_len = self._prompt(r)
             prefill_len = embeds.size(1)
             # first: past a GPT-2 backbone's positions (Turbo's) a longer cache, which the engine
             # refuses, is no fix (before 2026-12-04 the message below asked for one)
@@ -891,13 +910,13 @@ class StreamEngine:
             t3_s=prefill_s,  # in its first chunk's T3 time, as streaming.stream counts it
         )
 
-    def _prompt(self, r: Request, conds: Any) -> tuple[torch.Tensor, int]:
-        """Upstream's prefill input of request ``r`` in the voice ``conds``: its conditioning, text
-        and start-of-speech tokens (both guidance rows where the request has guidance); and the
-        number of text tokens."""
+    def _prompt(self, r: Request) -> tuple[torch.Tensor, int]:
+        """Upstream's prefill input of request ``r`` in its voice as it was at its submit
+        (``r.t3_cond``): its conditioning, text and start-of-speech tokens (both guidance rows
+        where the request has guidance); and the number of text tokens."""
         cfg_weight, _ = self.family.sampling_with(r.sampling)
         tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
-        return prefill_embeds(self.tts.t3, conds.t3, tokens, cfg_weight), tokens.size(-1)
+        return prefill_embeds(self.tts.t3, r.t3_cond, tokens, cfg_weight), tokens.size(-1)
 
     def _align(self, handle: StreamHandle, text: tuple[int, int]) -> Alignment | None:
         """A new stream's alignment analyzer (None without ``alignment``), reading the prefill's
@@ -940,7 +959,7 @@ class StreamEngine:
         as the step it was taken out of would have given, on its own generator as before."""
         t0 = self._now()
         with self.plan.context(self.device):
-            embeds, _ = self._prompt(live.handle.request, live.conds)
+            embeds, _ = self._prompt(live.handle.request)
             sampled = live.ids[:, 1 : live.step + 1]  # fed at learned speech positions 1 .. step
             positions = torch.arange(1, live.step + 1, device=self.device)[None]
             speech = T3Parts.of(self.tts.t3).embed(sampled, positions).expand(embeds.size(0), -1, -1)

@@ -22,7 +22,14 @@ from torch import nn
 
 from ..core.clock import Stopwatch, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_GENERATE_CAP, UPSTREAM_SENTENCE
-from ..core.errors import ConfigError, EmptyTextError, NoSpeechError, NoVoiceError, SourceError
+from ..core.errors import (
+    PASS_A_PATH,
+    ConfigError,
+    EmptyTextError,
+    NoSpeechError,
+    NoVoiceError,
+    SourceError,
+)
 from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
 from ..core.rng import StreamRandom, not_drawing
@@ -230,12 +237,12 @@ def prepare_voice(
     return info
 
 
-def checked_voice(conds: Any, text: str) -> Any:
+def checked_voice(conds: Any, text: str, fix: str = PASS_A_PATH) -> Any:
     """``conds``, the voice to speak ``text`` with (upstream ``Conditionals``), once there is one
-    and something to speak: a NoVoiceError where ``conds`` is None, else an EmptyTextError where
-    ``text`` is empty or blank."""
+    and something to speak: a NoVoiceError naming ``fix`` (what the caller takes) where ``conds``
+    is None, else an EmptyTextError where ``text`` is empty or blank."""
     if conds is None:
-        raise NoVoiceError()
+        raise NoVoiceError(fix=fix)
     if not text or not text.strip():
         raise EmptyTextError()
     return conds

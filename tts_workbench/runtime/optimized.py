@@ -48,7 +48,7 @@ from torch.utils.benchmark import Measurement
 from ..core.clock import measurement, now
 from ..core.constants import HALF_DTYPES, dtype_name
 from ..core.devices import check_device
-from ..core.errors import ConfigError, NoVoiceError
+from ..core.errors import PREPARE_FIRST, ConfigError, NoVoiceError
 from ..core.families import components, family_of
 from ..core.patching import HOLDERS, ModuleSnapshot
 from ..core.policies import POLICIES
@@ -692,7 +692,7 @@ class PerformanceOptimizedTTS(Pipeline):
         start-of-speech tokens): ``core.positions.positions_needed`` turns it into the static
         cache's length."""
         if self.tts.conds is None:
-            raise NoVoiceError()
+            raise NoVoiceError(fix=PREPARE_FIRST)
         return prefill_length(self.tts, text, cfg_weight, language_id)
 
     @property
@@ -759,7 +759,7 @@ class PerformanceOptimizedTTS(Pipeline):
         # in turn: another call's voice write (or its dtype fix, which drops the prompt's
         # embedding) mid-decode spoke its voice, or failed in T3
         with self._using(), voice_turn(self.tts):
-            conds = checked_voice(self.tts.conds, text)
+            conds = checked_voice(self.tts.conds, text, PREPARE_FIRST)
             return t3_decode(  # the plan carries the autocast dtype, entered around each step
                 self.tts.t3,
                 conds.t3,
@@ -777,7 +777,7 @@ class PerformanceOptimizedTTS(Pipeline):
         Its noise comes from ``rng`` (default: the global generator, as upstream)."""
         with self._using(), voice_turn(self.tts):  # as speech_tokens
             if self.tts.conds is None:
-                raise NoVoiceError()
+                raise NoVoiceError(fix=PREPARE_FIRST)
             with self._amp(), rng.drawing() if rng is not None else nullcontext():
                 return s3gen_inference(self.tts.s3gen, tokens, self.tts.conds.gen)
 

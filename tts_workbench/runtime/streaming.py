@@ -41,7 +41,7 @@ from ..core.constants import (
     SAMPLES_PER_TOKEN,
     TOKENS_PER_S,
 )
-from ..core.errors import ConfigError, NoVoiceError, as_int
+from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, as_int
 from ..core.families import family_of
 from ..core.files import written
 from ..core.progress import progress_bar
@@ -320,7 +320,7 @@ def stream_tokens(
     """The speech tokens ``stream`` vocodes with these arguments (its ``StreamState.tokens``),
     from T3 alone: nothing is vocoded, so a check of many streams' tokens costs T3's time only."""
     seed, max_new_tokens = checked_seed(seed), checked_cap(max_new_tokens)
-    voice = checked_voice(conds if conds is not None else tts.conds, text)
+    voice = checked_voice(conds if conds is not None else tts.conds, text, PASS_CONDS)
     blocks = _t3_blocks(tts, voice, text, max_new_tokens, seed, plan, 8, None, language_id, sampling)
     return [t for block in blocks for t in speech_ids(block[0].tolist())] + tail_tokens(tts.s3gen)
 
@@ -365,7 +365,7 @@ def stream(
     # Checked (and made Python ints) before anything is drawn or sized with them: a numpy seed
     # overflowed in own_seed, a float cap failed in torch's randn, a cap of True streamed a token.
     seed, max_new_tokens = checked_seed(seed), checked_cap(max_new_tokens)
-    voice = checked_voice(conds if conds is not None else tts.conds, text)
+    voice = checked_voice(conds if conds is not None else tts.conds, text, PASS_CONDS)
     check_new_tokens(tts.t3, max_new_tokens)  # before the noise track, sized by it, is drawn
     if state is not None and state.used:
         # Its tokens, seams and chunks would be taken for this utterance's: the windows would
@@ -676,7 +676,7 @@ def one_shot(tts: ChatterboxTTS, state: StreamState, config: StreamConfig) -> np
     no speech token: S3Gen cannot vocode none)."""
     voice = state.voice if state.voice is not None else tts.conds
     if voice is None:
-        raise NoVoiceError()
+        raise NoVoiceError(fix=PASS_CONDS)
     if not state.tokens:
         return np.zeros(0, np.float32)
     gen = shorten_prompt(voice.gen, config.prompt_s)

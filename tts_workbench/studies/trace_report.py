@@ -19,7 +19,7 @@ from typing import Any, cast
 import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
-from ..core.errors import NoVoiceError
+from ..core.errors import PREPARE_FIRST, ConfigError, NoVoiceError
 from ..core.positions import positions_needed
 from ..core.rng import StreamRandom
 from ..core.tables import render
@@ -67,9 +67,10 @@ def decode_traces(
     Returns those region traces by step, for ``read_traces`` here or on another machine (HTA
     need not be installed where they are taken)."""
     if tts.conds is None:
-        raise NoVoiceError()
+        raise NoVoiceError(fix=PREPARE_FIRST)
     ids = text_tokens(tts, text)
     # Every check before any folder is emptied: a refusal leaves the earlier traces as they were.
+    _check_decode_tokens(tokens)
     check_new_tokens(tts.t3, tokens)
     prefill = checked_prefill(tts, text, tokens, name="tokens")
     base, need = decode_plan(tts, policy), positions_needed(prefill, tokens)
@@ -92,6 +93,16 @@ def decode_traces(
         path = trace_files(folders[step])[-1]
         regions[step] = region_trace(path, REGION, path.parent / DECODE_CUT, keep)
     return regions
+
+
+def _check_decode_tokens(tokens: int) -> None:
+    """A ConfigError for fewer than 2 tokens: the first token comes from the prefill, so with one
+    no decode step runs and the profile has no ``REGION`` to cut."""
+    if tokens < 2:
+        raise ConfigError(
+            f"tokens must be at least 2, got {tokens}: the first token comes from the prefill, and "
+            f"the {REGION} region is the decode steps after it"
+        )
 
 
 def _step_ran(step: str, plan: DecodePlan, ran: DecodeResult) -> dict[str, str | None]:
