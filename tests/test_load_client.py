@@ -486,6 +486,25 @@ def test_levels_are_checked_as_the_engines_study_checks_them(levels: list[int], 
         run_http_load("http://stand-in", levels, transport=_endpoint(speech))
 
 
+def test_a_seed_a_later_stream_could_not_send_is_refused_before_any_request() -> None:
+    """Stream k of a level sends ``seed + k`` and the server takes seeds under 2**63 (before: the
+    largest --seed the CLI takes failed the 4-stream level's later streams, as the server's
+    failures, or ended the study naming --url)."""
+    sent: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json={"object": "list", "data": [{"id": "stand-in"}]})
+
+    largest = 2**63 - 1
+    with pytest.raises(ConfigError, match=f"argument --seed: .*4-stream level's last stream .*{largest + 3}"):
+        run_http_load("http://stand-in", [1, 4], seed=largest, transport=httpx.MockTransport(handle))
+    assert sent == []
+    with pytest.raises(ConfigError, match="argument --seed: .*-1"):
+        run_http_load("http://stand-in", [1], seed=-1, transport=httpx.MockTransport(handle))
+    assert sent == []
+
+
 def test_levels_run_in_ascending_order() -> None:
     """(before: as given, though the report's figure and verdict read them in order)"""
 

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from starlette.requests import ClientDisconnect
 
 import tts_workbench.runtime.engine as engine_module
-from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.errors import ConfigError, SourceError
 from tts_workbench.interface.cli import main
 from tts_workbench.models import vocode
 from tts_workbench.models.checkpoints import save_checkpoint
@@ -660,6 +660,33 @@ def test_a_voice_file_named_default_is_refused(tmp_path: Path) -> None:
     """(before: default.wav silently replaced the generated default voice)"""
     make_reference_wav(tmp_path / "default.wav")
     with pytest.raises(ConfigError, match="--voices: .*default.wav.* generated reference voice.* rename"):
+        find_voices(str(tmp_path))
+
+
+def test_a_voices_folder_with_a_broken_file_is_refused_naming_it(tmp_path: Path) -> None:
+    """Every file that fails ``check_reference`` is named, with why (before: it was left out and
+    the server started without it, told only when no file of the folder passed)."""
+    make_reference_wav(tmp_path / "alice.wav", seed=1)
+    with wave.open(str(tmp_path / "carol.wav"), "wb") as silent:  # a readable WAV, but no voice
+        silent.setnchannels(1)
+        silent.setsampwidth(2)
+        silent.setframerate(24000)
+        silent.writeframes(bytes(2 * 24000))
+    (tmp_path / "dave.wav").write_bytes(b"RIFF not really")
+    broken = r"argument --voices: .*carol\.wav is silence.*; .*dave\.wav is not a readable"
+    with pytest.raises(SourceError, match=broken):
+        find_voices(str(tmp_path))
+
+
+def test_a_voice_file_is_found_whatever_the_case_of_its_suffix(tmp_path: Path) -> None:
+    """(before: only ``*.wav`` was matched: Erin.WAV was no voice, a folder of it refused); two
+    files of one stem are refused, not one dropped."""
+    make_reference_wav(tmp_path / "Erin.WAV")
+    assert find_voices(str(tmp_path)) == {"Erin": tmp_path / "Erin.WAV"}
+    make_reference_wav(tmp_path / "alice.wav")
+    assert sorted(find_voices(str(tmp_path))) == ["Erin", "alice"]
+    make_reference_wav(tmp_path / "alice.WAV")  # one voice name, two files: neither replaces the other
+    with pytest.raises(SourceError, match="alice.WAV and alice.wav are both voice 'alice'"):
         find_voices(str(tmp_path))
 
 

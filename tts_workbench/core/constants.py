@@ -29,6 +29,10 @@ SAMPLES_PER_MS = SAMPLE_RATE // 1000  # 24
 # multilingual generate, inference_turbo's max_gen_len default (after the prefill's token) in Turbo's.
 UPSTREAM_GENERATE_CAP = 1000
 
+# A request's seed, over HTTP (serve's parse_speech) and from the CLI's --seed: 0 to 2**63 - 1,
+# torch.manual_seed's non-negative range (an engine in process takes more: decode.checked_seed).
+REQUEST_SEEDS = 2**63
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,6 +46,7 @@ __all__ = [
     "FRAMES_PER_TOKEN",
     "HALF_DTYPES",
     "RANDOM_NO_STOP",
+    "REQUEST_SEEDS",
     "SAMPLES_PER_MS",
     "SAMPLES_PER_TOKEN",
     "SAMPLE_RATE",

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.constants import SAMPLE_RATE
+from ..core.constants import REQUEST_SEEDS, SAMPLE_RATE
 from ..core.errors import as_int, unicode_problem
 from ..core.positions import positions_needed, tokens_that_fit
 
@@ -122,7 +122,7 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     if body.get("instructions") not in (None, ""):  # false, 0, [] too: a field of the wrong type
         raise RequestError("instructions are not supported by Chatterbox: leave them out", "instructions")
     seed = body.get("seed", 0)
-    if as_int(seed) is None or not 0 <= seed < 2**63:
+    if as_int(seed) is None or not 0 <= seed < REQUEST_SEEDS:
         raise RequestError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}", "seed")
     tokens = body.get("max_tokens", default_tokens)
     if as_int(tokens) is None or not 1 <= tokens <= limits.max_tokens:

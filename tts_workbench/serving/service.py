@@ -1,9 +1,9 @@
 """One speech service: a model, its voices, a ``StreamEngine`` and the metrics a server exports.
 
 A Ray Serve replica holds one (``deployment``); tests hold one directly. Voices are the WAV files
-of a folder, by file stem, plus ``default`` (the generated reference voice written into the run
-folder); each voice's conditionals are prepared once, at start. Requests name voices, never
-paths, so no request reads or writes a file.
+of a folder (``.wav`` in any case), by file stem, plus ``default`` (the generated reference voice
+written into the run folder); each voice's conditionals are prepared once, at start. Requests
+name voices, never paths, so no request reads or writes a file.
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ def check_input_fits(prefill: int, options: ServeOptions) -> None:
 
 
 def find_voices(folder: str | None) -> dict[str, Path]:
-    """The folder's readable WAV files by stem; a SourceError if it is missing or holds none, a
-    ConfigError if one is named ``default`` (the generated reference voice's name)."""
+    """The folder's WAV files (``.wav`` in any case) by stem; a SourceError if it is missing, holds
+    none, or holds one that is no voice (each named, with why), a ConfigError if one is named
+    ``default`` (the generated reference voice's name)."""
     if folder is None:
         return {}
     path = Path(folder)
@@ -127,15 +128,24 @@ def find_voices(folder: str | None) -> dict[str, Path]:
         raise SourceError(f"argument --voices: {folder} is not a folder: give a folder of WAV files")
     voices: dict[str, Path] = {}
     problems = []
-    for wav in sorted(path.glob("*.wav")):
+    for wav in sorted(p for p in path.iterdir() if p.suffix.lower() == ".wav"):
         try:
             check_reference(wav)
-            voices[wav.stem] = wav
         except SourceError as e:
             problems.append(str(e))
+            continue
+        if wav.stem in voices:  # bob.wav and bob.WAV, side by side where file names keep their case
+            problems.append(f"{voices[wav.stem].name} and {wav.name} are both voice {wav.stem!r}")
+        voices[wav.stem] = wav
+    # A file the operator put there is meant to be a voice: refused at start, not dropped unsaid
+    # (before 2026-12-05 it was left out, and a request for it told "unknown voice").
+    if problems:
+        raise SourceError(
+            f"argument --voices: {folder} holds files that are no voice ({'; '.join(problems)}): "
+            "fix, rename or remove them"
+        )
     if not voices:
-        why = f" ({'; '.join(problems)})" if problems else ""
-        raise SourceError(f"argument --voices: {folder} holds no readable .wav file{why}")
+        raise SourceError(f"argument --voices: {folder} holds no .wav file: give a folder of WAV files")
     if "default" in voices:
         raise ConfigError(f"argument --voices: {voices['default']} would replace `default`, the generated "
                           "reference voice: rename the file (its stem is the voice's name)")  # fmt: skip

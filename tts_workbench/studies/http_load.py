@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from ..core.constants import SAMPLE_RATE
-from ..core.errors import ConfigError
+from ..core.constants import REQUEST_SEEDS, SAMPLE_RATE
+from ..core.errors import ConfigError, as_int
 from ..core.progress import progress_bar
 from ..instruments.latency import gap_summary, underruns
 from ..models.sources import token_cap_note
@@ -49,6 +49,23 @@ RAW_PCM = ("audio/pcm", "audio/l16", "application/octet-stream")
 # quiet pcm whose first samples are -1 and 0 (FF FF 00 00) is a valid MPEG-1 Layer I header.
 CONTAINERS = {b"RIFF": "a WAV", b"ID3": "an MP3", b"OggS": "an Ogg", b"fLaC": "a FLAC"}
 HEAD_BYTES = max(map(len, CONTAINERS))
+
+
+def checked_request_seed(seed: object, largest: int) -> int:
+    """``seed`` as an int, or a ConfigError naming ``--seed`` where a stream of the ``largest``
+    level would send a seed the server refuses: stream k of a level sends ``seed + k``."""
+    whole = as_int(seed)
+    if whole is None or whole < 0:
+        raise ConfigError(
+            f"argument --seed: must be an integer from 0 to 2**63 - 1 (a request's seed), got {seed!r}"
+        )
+    last = whole + largest - 1
+    if last >= REQUEST_SEEDS:  # found now, not as failed streams once the levels before have run
+        raise ConfigError(
+            f"argument --seed: {whole}: the {largest}-stream level's last stream sends seed {last}, past "
+            f"2**63 - 1, the largest a request's seed may be: give {REQUEST_SEEDS - largest} or less"
+        )
+    return whole
 
 
 class EndpointError(ConfigError):
@@ -305,9 +322,11 @@ def run_http_load(
     tests (through ``httpx.ASGITransport`` an app failing mid-stream raises its own error here,
     where over TCP the server drops the connection and the stream is a failed row). ``texts_from``:
     the texts' file, for the report (``load.texts_source``). ``model``: the model each request
-    names (``--model``); None: the first ``GET /v1/models`` lists."""
+    names (``--model``); None: the first ``GET /v1/models`` lists. A ``seed`` one of the largest
+    level's streams could not send (``checked_request_seed``) is a ConfigError before any request."""
     url = check_url(url)
     levels = checked_levels(levels, repr(levels))
+    seed = checked_request_seed(seed, levels[-1])
     texts = texts or list(DEFAULT_TEXTS)
     kind = parse_arrival(arrival, levels[-1])
     if outdir is not None:  # an unusable --out found now, not once every level has been measured
