@@ -17,6 +17,7 @@ import pytest
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core.errors import ConfigError, TraceError
+from tts_workbench.instruments import trace_analysis
 from tts_workbench.instruments.attention import device_attention_kernel
 from tts_workbench.instruments.plots import device_time_figure
 from tts_workbench.instruments.profiling import EAGER
@@ -569,3 +570,18 @@ def test_a_trace_read_whole_is_not_called_a_decode_region(
     assert row["region"] == "t3.decode" and row["launches"] == 2 and row["span_us"] == 30
     assert main(["trace", "--read", str(known_trace)]) == 0
     assert "T3 decode region, read by HolisticTraceAnalysis:" in capsys.readouterr().out
+
+
+def test_read_traces_parses_each_trace_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It read a trace to find its region, then again to analyse it (a GPU trace of many MB)."""
+    parsed: list[Path] = []
+    read = trace_analysis.read_trace
+
+    def counted(path: str | Path) -> dict[str, Any]:
+        parsed.append(Path(path))
+        return read(path)
+
+    for module in (trace_analysis, trace_report):  # each reads through its own name
+        monkeypatch.setattr(module, "read_trace", counted)
+    reports = read_traces({"a100": GPU_TRACE})
+    assert reports["a100"].analyzed and parsed.count(GPU_TRACE) == 1, parsed

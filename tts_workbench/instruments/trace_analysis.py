@@ -94,7 +94,7 @@ def _flaw(e: Any) -> str | None:
     return f"({e['cat']}) has no {', '.join(lacks)}" if lacks else None
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def read_checked_trace(path: str | Path) -> dict[str, Any]:
     """``read_trace``, with a ``TraceError`` naming ``path`` when an event is not an object, or a
     device event, a launch or a profiler range lacks a field read from it."""
     trace = read_trace(path)
@@ -120,7 +120,7 @@ def region_trace(path: str | Path, region: str, out: str | Path, occurrences: in
     that ran after the window's host end still counts), their launch arrows, and the trace's
     metadata. A ``TraceError`` if the file is not a trace or no range is named ``region``.
     """
-    return _write(cut_region(_read(path), region, occurrences, path), out)
+    return _write(cut_region(read_checked_trace(path), region, occurrences, path), out)
 
 
 def _is_range(event: Any, region: str) -> bool:
@@ -363,7 +363,12 @@ def _device(trace: Mapping[str, Any]) -> str:
 def analyze(path: str | Path) -> TraceReport:
     """HTA's temporal and idle breakdowns of one trace file, and read from the trace itself its
     kernels' times, launch statistics and attention kernels."""
-    trace = _read(path)
+    return analyze_trace(read_checked_trace(path), path)
+
+
+def analyze_trace(trace: Mapping[str, Any], path: str | Path) -> TraceReport:
+    """``analyze`` of the trace file at ``path``, already read into ``trace`` (a trace of many MB
+    is parsed once by a caller that reads it too)."""
     device = _device(trace)
     if not device_events(trace):
         return _without_device_activity(trace, path)
@@ -450,7 +455,7 @@ def analyze_region(
     path: str | Path, region: str, out: str | Path, occurrences: int | None = None
 ) -> TraceReport:
     """``analyze`` of ``region_trace(path, region, out, occurrences)``."""
-    return analyze_cut(cut_region(_read(path), region, occurrences, path), out)
+    return analyze_cut(cut_region(read_checked_trace(path), region, occurrences, path), out)
 
 
 def analyze_cut(cut: dict[str, Any], out: str | Path) -> TraceReport:

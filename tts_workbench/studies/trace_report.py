@@ -26,10 +26,12 @@ from ..core.tables import render
 from ..instruments.profiling import DECODE_CUT, profile_run, read_trace, run_folder, trace_files
 from ..instruments.trace_analysis import (
     TraceReport,
-    analyze,
-    analyze_region,
+    analyze_cut,
+    analyze_trace,
+    cut_region,
     device_events,
     has_region,
+    read_checked_trace,
     region_trace,
 )
 from ..runtime.decode import (
@@ -154,13 +156,13 @@ def read_traces(paths: Mapping[str, Path]) -> dict[str, ReadTrace]:
     else of the whole trace."""
     reports = {}
     for label, path in paths.items():
-        trace = read_trace(path)
+        trace = read_checked_trace(path)  # parsed once: a whole trace can be many MB
         if has_region(trace, REGION):
             with tempfile.TemporaryDirectory(prefix="region-") as tmp:  # HTA reads files
-                cut = analyze_region(path, REGION, Path(tmp) / DECODE_CUT)
+                cut = analyze_cut(cut_region(trace, REGION, None, path), Path(tmp) / DECODE_CUT)
             report, region = replace(cut, trace=str(Path(path).resolve())), REGION
         else:
-            report, region = analyze(path), None
+            report, region = analyze_trace(trace, path), None
         reports[label] = ReadTrace(**vars(report), region=region, step=trace.get(STEP_KEY))
     return reports
 
