@@ -214,7 +214,8 @@ class DecodePlan:
     ``decode``'s backbone with q, k, v and gate, up each projected in one matmul
     (``fusion.fused_backbone``, ``step_parts``): on ``deep-narrow`` the compiled step took
     0.85x the time (0.88x in the engine at 4 streams), for one more backbone in memory. Off by
-    default; the eager step and the prefill always run the model's own modules.
+    default; the eager step and the prefill always run the model's own modules. The copy is made
+    once: weights loaded into the model in place afterwards reach it only after ``drop_static()``.
     """
 
     prefill: T3Parts
