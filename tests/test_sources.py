@@ -225,12 +225,17 @@ def test_cuda_without_cuda() -> None:
             "ve.safetensors, t3_turbo_v1.safetensors, s3gen_meanflow.safetensors, vocab.json, merges.txt, "
             "added_tokens.json, special_tokens_map.json, tokenizer_config.json",
         ),
+        (
+            "multilingual-pretrained",
+            "ve.pt, t3_mtl23ls_v2.safetensors, s3gen.pt, grapheme_mtl_merged_expanded_v1.json",
+        ),
     ],
 )
 def test_pretrained_offline_fails_at_once_and_says_what_to_do(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source: str, files: str
 ) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the workbench stays offline all the same
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -239,9 +244,12 @@ def test_pretrained_offline_fails_at_once_and_says_what_to_do(
         load_model(source)
     assert f"download {files}" in str(e.value)
     assert c.HF_HUB_OFFLINE == before  # offline only during the call
-    # the hub's own reason is named (its type and first line), not only "not available"
+    # the hub's error is named by its type, with what is true of it here: the files are not cached
     cause = e.value.__cause__
-    assert cause is not None and f"({type(cause).__name__}: {str(cause).splitlines()[0]}" in str(e.value)
+    assert cause is not None and f"({type(cause).__name__}: not in the hub's cache" in str(e.value)
+    # before: the hub's advice, "set 'HF_HUB_OFFLINE=0'" (set already) or "check your connection"
+    assert "HF_HUB_OFFLINE" not in str(e.value) and "check your connection" not in str(e.value)
+    assert "never downloads" in str(e.value)
 
 
 def test_building_a_model_leaves_the_callers_random_state_alone() -> None:
@@ -412,6 +420,16 @@ def test_the_family_recorded_in_the_folder_is_loaded(tiny_tts: ChatterboxTTS, tm
     loaded = load_folder(folder)  # before: read as a standard model, and failed
     assert type(loaded) is type(turbo) and _same_weights(loaded.t3, turbo.t3)
     (folder / "t3_turbo_v1.safetensors").unlink()
+    # before: "holds a turbo model (t3_turbo_v1.safetensors)", a file that is not there, with
+    # family="standard"; without, "missing t3_turbo_v1.safetensors, ...", the standard files unnamed
+    for family in (None, "standard"):
+        with pytest.raises(
+            SourceError,
+            match=rf'{METADATA_FILE} in .* records turbo.*t3_cfg.safetensors \(standard\).*"family"'
+            '.*"standard".*delete it',
+        ):
+            load_model(str(folder), family=family)
+    (folder / "t3_cfg.safetensors").unlink()  # no family's T3 file: the recorded family's are missing
     with pytest.raises(
         SourceError, match=f"turbo model folder .* is missing t3_turbo_v1.safetensors.*{METADATA_FILE}"
     ):
@@ -737,13 +755,23 @@ def test_another_familys_s3gen_is_refused_where_upstream_loads_s3gen_strictly(
 ) -> None:
     multilingual = save_checkpoint(load_model("multilingual-tiny"), tmp_path / "multilingual")
     turbo = save_checkpoint(load_model("turbo-tiny"), tmp_path / "turbo")
+    standard = save_checkpoint(tiny_tts, tmp_path / "standard")
     meanflow = load_file(str(turbo / "s3gen_meanflow.safetensors"))  # Turbo's S3Gen: more tensors
     torch.save(meanflow, multilingual / "s3gen.pt")
     # before: loaded as a multilingual model, the extra tensors dropped; upstream's mtl_tts raises
     with pytest.raises(SourceError, match=r"s3gen.pt in .* not this family's S3Gen: .*time_embed_mixer"):
         load_folder(multilingual)
-    # upstream's standard from_local loads S3Gen with strict=False: the same file is accepted there
-    standard = save_checkpoint(tiny_tts, tmp_path / "standard")
+    # the reverse: a standard S3Gen (no meanflow tensors) in a Turbo folder, which upstream's strict
+    # load refuses too (before: "the file is incomplete; copy it again", which cannot fix it)
+    (turbo / "s3gen_meanflow.safetensors").unlink()  # not overwritten: `meanflow` maps it
+    shutil.copy(standard / "s3gen.safetensors", turbo / "s3gen_meanflow.safetensors")
+    with pytest.raises(
+        SourceError,
+        match=r"s3gen_meanflow.safetensors in .* not this family's S3Gen: .*time_embed_mixer.*standard or "
+        r"multilingual.*copy in the turbo model's own s3gen_meanflow.safetensors",
+    ):
+        load_folder(turbo)
+    # upstream's standard from_local loads S3Gen with strict=False: Turbo's file is accepted there
     save_file(meanflow, str(standard / "s3gen.safetensors"))
     assert type(load_folder(standard)) is ChatterboxTTS
 

@@ -46,6 +46,10 @@ TURBO_HUB_TOKENIZER = ("vocab.json", "merges.txt", "added_tokens.json", "special
 # with tensors S3Gen lacks; Turbo's and Multilingual's load it strictly and refuse such a file
 # (Turbo's meanflow S3Gen copied into a multilingual folder, say).
 S3GEN_EXTRA_TENSORS_ALLOWED = ("standard",)
+# Turbo's meanflow S3Gen's own tensors (its time embedding mixer), which the others' S3Gen lacks.
+MEANFLOW_ONLY = "flow.decoder.estimator.time_embed_mixer."
+# Each family's layouts: its own, and for the standard family the chatterbox-streaming fork's.
+LAYOUTS = [(f, f.files) for f in FAMILIES.values()] + [(FAMILIES["standard"], PT_LAYOUT)]
 
 
 def hub_files(family: Family) -> tuple[str, ...]:
@@ -398,10 +402,11 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
             f"{meta_path} records an unknown family {recorded!r} (known: {', '.join(FAMILIES)}): "
             "save the model again with save_checkpoint()"
         )
-    layouts = [(f, f.files) for f in FAMILIES.values()] + [(FAMILIES["standard"], PT_LAYOUT)]
     # Files of another family copied in do not decide: the recorded family's own are read.
-    layouts = [(f, files) for f, files in layouts if recorded in (None, f.name)]
+    layouts = [(f, files) for f, files in LAYOUTS if recorded in (None, f.name)]
     present = [(f, files) for f, files in layouts if (folder / files[1]).exists()]
+    if not present and recorded is not None:
+        _check_recorded(folder, recorded)
     if not present and recorded is None:
         expected = "; ".join(f"{f.name}: {', '.join(f.files)}" for f in FAMILIES.values())
         raise SourceError(f"model folder {folder} holds no T3 weights of any family ({expected})")
@@ -435,6 +440,25 @@ def folder_family(folder: Path, family: str | None = None) -> tuple[Family, tupl
             "copy them in, or save the model again with save_checkpoint()"
         )
     return chosen, files, meta
+
+
+def _check_recorded(folder: Path, recorded: str) -> None:
+    """Refuse checkpoint ``folder``, whose metadata records the family ``recorded`` but which lacks
+    that family's T3 file, where it holds other families' T3 files: the metadata is wrong, or that
+    file is lost (else it is only missing files, named as such)."""
+    others: dict[str, str] = {}  # family: its T3 file in the folder
+    for f, files in LAYOUTS:
+        if (folder / files[1]).exists():
+            others.setdefault(f.name, files[1])
+    if others:
+        held = " and ".join(f"{t3} ({name})" for name, t3 in others.items())
+        names = " or ".join(f'"{name}"' for name in others)  # as JSON writes them
+        raise SourceError(
+            f"{METADATA_FILE} in {folder} records {recorded}, but the folder holds no {recorded} T3 weights "
+            f"({FAMILIES[recorded].files[1]}), only {held}: if those are the weights to load, set "
+            f'"family" in {METADATA_FILE} to {names} (or, for upstream\'s full-size weights, delete it); '
+            f"if not, copy in {FAMILIES[recorded].files[1]}"
+        )
 
 
 def load_folder(
@@ -542,6 +566,12 @@ def _load_weights(
     # S3Gen loads non-strictly, for the buffers upstream's own files may lack (rebuilt by the
     # constructor); any other missing weight would stay uninitialised memory.
     missing = [k for k in loaded[2].missing_keys if k not in S3Gen.ignore_state_dict_missing]
+    if missing and all(k.startswith(MEANFLOW_ONLY) for k in missing):
+        raise SourceError(
+            f"{layout[2]} in {folder} is not this family's S3Gen: it lacks the {family} S3Gen's meanflow "
+            f"tensors ({_first_three(missing)}), as the standard or multilingual model's S3Gen does; copy "
+            f"in the {family} model's own {layout[2]}, or re-export it with save_checkpoint()"
+        )
     if missing:
         raise SourceError(
             f"{layout[2]} in {folder} lacks {len(missing)} of S3Gen's tensors ({_first_three(missing)}): "

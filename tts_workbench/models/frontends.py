@@ -139,7 +139,8 @@ def read_tokenizer(family: str, path: Path) -> Any:
 
 
 def offline_hub(constants: Any) -> AbstractContextManager[None]:
-    """The hub used offline (cached files only) while inside: an offline machine fails at once
+    """The hub used offline (cached files only) while inside, whatever the environment's
+    HF_HUB_OFFLINE says: the workbench never downloads, and an offline machine fails at once
     instead of waiting on the network. Loads in threads may overlap: the first in sets it, the
     last out puts it back (``scoped_item``)."""
     return scoped_item(vars(constants), "HF_HUB_OFFLINE", True)

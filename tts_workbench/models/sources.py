@@ -39,14 +39,25 @@ def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
             cls: Any = fam.model_class
             model: TTSModel = cls.from_pretrained(device)
             return model
-    except Exception as e:  # hub errors have many types; the first line of each says which
-        lines = str(e).strip().splitlines()
-        why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    except Exception as e:
         raise SourceError(
-            f"pretrained Chatterbox {family} weights could not be loaded ({why}). Offline, "
-            f"download {', '.join(hub_files(fam))} and conds.pt from {fam.repo} on a connected machine, "
-            "copy them into a folder and use load_model('/path/to/folder')"
+            f"pretrained Chatterbox {family} weights could not be loaded ({_hub_failure(e, constants)}). "
+            f"The workbench never downloads: download {', '.join(hub_files(fam))} and conds.pt from "
+            f"{fam.repo} on a connected machine, copy them into a folder and use "
+            "load_model('/path/to/folder')"
         ) from e
+
+
+def _hub_failure(e: Exception, constants: Any) -> str:
+    """Why a pretrained load failed: the error's type and first line, but for the hub's errors of
+    files it has not cached, what is true of them here, not their advice (set HF_HUB_OFFLINE=0,
+    check the connection), which no setting makes the workbench take."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return f"{type(e).__name__}: not in the hub's cache, {constants.HF_HUB_CACHE}"
+    lines = str(e).strip().splitlines()  # other errors (a damaged cached file) say which in the first
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def is_named(source: str | Path) -> bool:
