@@ -31,7 +31,7 @@ from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, 
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
 from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
-from tts_workbench.runtime.streaming import StreamConfig, stream_all
+from tts_workbench.runtime.streaming import StreamConfig, one_shot, stream_all
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -461,6 +461,22 @@ def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: 
     gc.collect()
     assert held() is None and cache() is None  # the engine (still referenced) holds neither
     assert not engine._caches and not engine._steps  # nor the views and compiled steps of the cache
+
+
+def test_a_streams_one_shot_yardstick_speaks_the_voice_of_its_submit(
+    tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    # Before, the engine left handle.state.voice None: one_shot fell back to the model's voice,
+    # and a stream in another voice was compared with audio it never spoke (38 dB, not equal).
+    model_voice = tts.conds
+    tts.prepare_conditionals(str(make_reference_wav(tmp_path / "r.wav", seconds=2.5)))
+    other, tts.conds = tts.conds, model_voice
+    config = StreamConfig("buffered", first_window_s=30, window_s=60)  # one window: the one-shot call
+    with StreamEngine(tts, max_streams=1, config=config) as engine:
+        h = engine.submit(TEXTS[0], seed=3, max_new_tokens=20, conds=other)
+        wav = np.concatenate([c for c, _ in h])
+    assert h.state.voice is other and h.state.report.s3gen_calls == 1
+    assert np.array_equal(wav, one_shot(tts, h.state, config))
 
 
 def test_a_queued_stream_speaks_the_exaggeration_of_its_submit(tts: ChatterboxTTS) -> None:

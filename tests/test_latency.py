@@ -81,6 +81,28 @@ def test_stream_command_output_counts_what_came_after_the_last_chunk() -> None:
     assert "8 invalid tokens dropped" in format_report(doc)
 
 
+@pytest.mark.parametrize(
+    ("before", "said"),
+    [(1.5, "built in 1.50 s before the first token: inside the first chunk's time"),
+     (1.0, "built in 1.00 s before the first token: inside the first chunk's time, and 0.50 s mid-way "
+           "for a longer span")],
+)  # fmt: skip
+def test_t3_compiling_is_printed_before_the_first_token_and_mid_way_apart(before: float, said: str) -> None:
+    # Before, all of t3_compile_s was printed as before the first token, a longer span's too.
+    report = _report()
+    doc = {
+        "summary": report.summary(),
+        "chunks": report.rows(),
+        "quality_vs_one_shot": {"seam_max_over_median": None, "snr_db": 30.0, "length_diff_samples": 0},
+        "t3_step_mode": "compiled",
+        "t3_compile_s": 1.5,
+        "t3_compile_before_first_s": before,
+        "note": "no stop token within 75 tokens",
+        "files": {"wav": "a.wav", "timeline": "a.png"},
+    }
+    assert f"T3 decode step (compiled) {said}" in format_report(doc).splitlines()
+
+
 def test_an_empty_stream_is_measured_without_numpy_warnings_and_printed_as_no_audio() -> None:
     # A stream whose T3 kept no speech token has no audio. Before, the seam metric took the
     # median of no jumps ("Mean of empty slice") and the SNR of nothing against nothing was inf.

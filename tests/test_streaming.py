@@ -7,6 +7,7 @@ import json
 import math
 import re
 import threading
+import types
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from tts_workbench.instruments.latency import StreamReport, format_report, seam_
 from tts_workbench.interface.cli import main
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
+from tts_workbench.runtime.decode import DecodePlan
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
 from tts_workbench.runtime.streaming import (
@@ -480,6 +482,41 @@ def test_stream_cli_writes_wav_and_timeline(
     assert report["t3_step_mode"] == "static" and "t3_compile_s" in report
 
 
+def test_the_report_tells_t3_compiling_before_the_first_token_from_that_mid_way(
+    tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, the whole of state.t3.compile_s was printed as built "before the first token",
+    # though a span compiled once prefill and tokens pass 256 positions is timed in it too: with a
+    # reused plan, all of it came after the first token. The steps run eagerly here (each span's
+    # first call is still timed as its compiling), as the other tests stand in for Inductor.
+    from tts_workbench.runtime import decode
+
+    monkeypatch.setattr(decode, "compile_method", lambda fn, owner, *_a, **_k: types.MethodType(fn, owner))
+    plan = DecodePlan.plain(tts.t3, step="compiled")
+    run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=40, plan=plan)  # short spans
+    report = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=300, plan=plan)
+    assert report["t3_compile_before_first_s"] == 0.0 < report["t3_compile_s"]  # a longer span, mid-way
+    line = next(x for x in format_report(report).splitlines() if x.startswith("T3 decode step"))
+    before = re.search(r"built in ([0-9.]+) s before the first token", line)
+    assert before is not None and float(before[1]) <= report["chunks"][0]["emitted_s"], line
+    assert f"and {report['t3_compile_s']:.2f} s mid-way for a longer span" in line, line
+
+
+def test_a_stream_without_audio_compiled_all_of_t3s_step_before_any(
+    tts: ChatterboxTTS, steer: type[Steer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No chunk to time it at: it was all "mid-way", though it came before the first (and only) token.
+    from tts_workbench.runtime import decode
+
+    monkeypatch.setattr(decode, "compile_method", lambda fn, owner, *_a, **_k: types.MethodType(fn, owner))
+    plan = DecodePlan.plain(tts.t3, step="compiled")
+    with shadow(tts.t3.speech_head, "forward", steer({1: tts.t3.hp.stop_speech_token})):
+        report = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=20, plan=plan)
+    assert report["summary"]["chunks"] == 0 and report["t3_compile_s"] > 0
+    assert report["t3_compile_before_first_s"] == report["t3_compile_s"]
+    assert "mid-way" not in format_report(report)
+
+
 @pytest.mark.parametrize(
     ("flag", "value"), [("--window-s", "0"), ("--first-window-s", "inf"), ("--crossfade-ms", "nan"),
                         ("--crossfade-ms", "-5"), ("--prompt-s", "ten"),
@@ -590,6 +627,14 @@ def test_one_buffered_window_is_the_one_shot_exactly(tts: ChatterboxTTS) -> None
     wav, state = _run(tts, config, tokens=40)
     assert state.report.s3gen_calls == 1
     assert np.array_equal(wav, one_shot(tts, state, config))
+
+
+def test_stream_all_fills_the_state_it_is_given(tts: ChatterboxTTS) -> None:
+    # Before, stream_all passed a state of its own and state= too: a TypeError.
+    given = StreamState(StreamReport("buffered"))
+    wav, state = stream_all(tts, "Hi.", StreamConfig(), max_new_tokens=5, state=given)
+    assert state is given and given.tokens and given.report.chunks
+    assert len(wav) == len(given.tokens) * SAMPLES_PER_TOKEN
 
 
 def _all_windows(
@@ -720,13 +765,18 @@ def test_run_to_files_leaves_no_half_written_file(
 
 
 def test_no_voice_names_what_each_caller_takes() -> None:
-    """``stream`` and ``stream_tokens`` take a prepared voice (``conds=``), the wrapper's T3-only
-    and S3Gen-only calls none: before, each asked for an ``audio_prompt_path`` none of them takes."""
+    """``stream`` and ``stream_tokens`` take a prepared voice (``conds=``), ``one_shot`` the state's,
+    the wrapper's T3-only and S3Gen-only calls none: before, each asked for an ``audio_prompt_path``
+    none of them takes."""
     bare = load_model("tiny")
     for call in (lambda: list(stream(bare, "Hi.", max_new_tokens=4)), lambda: stream_tokens(bare, "Hi.")):
         with pytest.raises(NoVoiceError, match=r"prepare_voice\(tts, wav\).*or pass conds=") as refused:
             call()
         assert "audio_prompt_path" not in str(refused.value)
+    # one_shot takes no conds: it speaks the state's voice (before, it too asked for conds=)
+    with pytest.raises(NoVoiceError, match=r"state\.voice.*prepare_voice\(tts, wav\)") as refused:
+        one_shot(bare, StreamState(StreamReport("buffered")), StreamConfig())
+    assert "conds=" not in str(refused.value)
     with PerformanceOptimizedTTS(bare, policy="float32") as opt:
         calls = (lambda: opt.speech_tokens("Hi."), lambda: opt.vocode(torch.zeros(1, 4, dtype=torch.long)),
                  lambda: opt.prefill_length("Hi."))  # fmt: skip

@@ -893,6 +893,7 @@ class StreamEngine:
         gen = self._voice(conds)
         prompt_tokens = int(gen["prompt_token"].size(1))
         state.draw_from(r.seed, r.max_new_tokens + len(tail_tokens(self.tts.s3gen)), prompt_tokens)
+        state.voice = conds  # as stream sets it: one_shot of the state then speaks this voice
         return _Live(
             handle=handle,
             rows=row,

@@ -41,7 +41,7 @@ from ..core.constants import (
     SAMPLES_PER_TOKEN,
     TOKENS_PER_S,
 )
-from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, as_int
+from ..core.errors import PASS_CONDS, PREPARE_FIRST, ConfigError, NoVoiceError, as_int
 from ..core.families import family_of
 from ..core.files import written
 from ..core.progress import progress_bar
@@ -249,6 +249,7 @@ class StreamState:
     t3: DecodeStats = field(default_factory=DecodeStats)
     s3gen_compile_s: float = 0.0  # compiling the flow's estimator for new shapes: not in flow_s
     compile_before_first_s: float = 0.0  # the part of the compiling done before the first chunk
+    t3_compile_before_first_s: float = 0.0  # T3's part of it: later, t3.compile_s grows by longer spans
 
     # Each of a stream's draws from its own seed: T3's samples from ``seed`` itself (as upstream
     # after ``torch.manual_seed(seed)``), these from ``own_seed(seed, purpose)``, so no two draw
@@ -438,10 +439,13 @@ def stream(
     try:
         for chunk, m in cutter(tts, gen, config, state, tokens_in(), metrics, amp):
             if not state.report.chunks:  # what compiling cost before the first audio
+                state.t3_compile_before_first_s = state.t3.compile_s
                 state.compile_before_first_s = state.t3.compile_s + state.s3gen_compile_s
             chunk = state.report.add(chunk, m)
             bar.set_postfix(s3gen_calls=state.report.s3gen_calls, refresh=False)
             yield chunk, m
+        if not state.report.chunks:  # no audio: T3's compiling all came before any
+            state.t3_compile_before_first_s = state.t3.compile_s
         # T3 blocks after the last chunk (only invalid ids, or only the stop token) make no chunk
         # of their own: the report keeps their T3 seconds and invalid ids apart (the chunks'
         # records were handed out already), so its totals are the whole generation's.
@@ -459,8 +463,10 @@ def stream(
 def stream_all(
     tts: ChatterboxTTS, text: str, config: StreamConfig, **kwargs: Any
 ) -> tuple[np.ndarray, StreamState]:
-    """Run ``stream`` to the end (keyword arguments as there): the whole waveform and the state."""
-    state = StreamState(StreamReport(config.strategy))
+    """Run ``stream`` to the end (keyword arguments as there): the whole waveform and the state,
+    the ``state=`` given (checked by ``stream``) or a new one."""
+    given = kwargs.pop("state", None)
+    state = given if given is not None else StreamState(StreamReport(config.strategy))
     chunks = [c for c, _ in stream(tts, text, config, state=state, **kwargs)]
     return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), state
 
@@ -672,11 +678,14 @@ def _buffered(
 
 def one_shot(tts: ChatterboxTTS, state: StreamState, config: StreamConfig) -> np.ndarray:
     """The same tokens through one S3Gen call, on the same noise track and prompt: the reference
-    a streamed utterance is compared with, in the voice it spoke (no audio where the stream kept
-    no speech token: S3Gen cannot vocode none)."""
+    a streamed utterance is compared with, in the voice it spoke (``state.voice``, which ``stream``
+    and the stream engine set; else the model's) (no audio where the stream kept no speech token:
+    S3Gen cannot vocode none)."""
     voice = state.voice if state.voice is not None else tts.conds
-    if voice is None:
-        raise NoVoiceError(fix=PASS_CONDS)
+    if voice is None:  # it takes no conds=: the voice comes with the state
+        raise NoVoiceError(
+            fix=f"give the state its voice (state.voice: stream and the engine set it), or {PREPARE_FIRST}"
+        )
     if not state.tokens:
         return np.zeros(0, np.float32)
     gen = shorten_prompt(voice.gen, config.prompt_s)
@@ -730,7 +739,10 @@ def run_to_files(
         "quality_vs_one_shot": quality(wav, reference, state),
         "speech_tokens": list(state.tokens),  # the ids vocoded, in order (Turbo's closing silence included)
         "t3_step_mode": state.t3.step_mode,
-        "t3_compile_s": state.t3.compile_s,  # building (compiling) the static step: in chunk 0's time
+        # building (compiling) the static step, and any longer span compiled mid-way: only the
+        # part before the first chunk is in its time
+        "t3_compile_s": state.t3.compile_s,
+        "t3_compile_before_first_s": state.t3_compile_before_first_s,
         "note": (
             f"ended by the stop token at token {state.t3.steps}"
             if state.t3.stopped
