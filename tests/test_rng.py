@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
+import pytest
 import torch
 
 from tts_workbench.core.rng import StreamRandom
+from tts_workbench.models.builders import build_model
 
 
 def test_drawing_finds_the_device_of_a_tensor_given_by_keyword() -> None:
@@ -18,11 +23,17 @@ def test_drawing_finds_the_device_of_a_tensor_given_by_keyword() -> None:
         "bernoulli": lambda: torch.bernoulli(input=x),
         "poisson": lambda: torch.poisson(input=x),
     }
+    _assert_drawn_from_the_stream(calls, StreamRandom.drawing)
+
+
+def _assert_drawn_from_the_stream(calls: dict[str, Callable[[], torch.Tensor]], mode: Callable) -> None:
+    """Each call inside ``mode`` of a stream seeded 7 draws what it draws after manual_seed(7),
+    and leaves the global generator untouched."""
     for name, call in calls.items():
         torch.manual_seed(7)
         alone = call()
         torch.manual_seed(123)
-        with StreamRandom(7).drawing():
+        with mode(StreamRandom(7)):
             drawn = call()
         assert torch.equal(drawn, alone), name  # the stream's generator, seeded 7
         after = torch.rand(1)
@@ -45,3 +56,53 @@ def test_a_factory_without_a_device_draws_on_the_default_device() -> None:
         torch.randint(5, (3,))
         torch.randn(3, device="cpu")
     assert asked == [torch.device("meta"), torch.device("meta"), torch.device("cpu")]
+
+
+def test_drawing_all_reaches_draws_inside_other_functions_and_refuses_what_takes_no_generator() -> None:
+    # drawing() sees nn.init.kaiming_uniform_, not the uniform_ inside it; drawing_all() sees
+    # the operators, and gives rand.default (no generator slot) its packet's rand.generator.
+    calls = {
+        "kaiming_uniform_": lambda: torch.nn.init.kaiming_uniform_(torch.empty(3, 3)),
+        "LSTM": lambda: torch.nn.LSTM(3, 3).weight_hh_l0,
+        "rand": lambda: torch.rand(3),
+        "randperm": lambda: torch.randperm(5),
+    }
+    _assert_drawn_from_the_stream(calls, StreamRandom.drawing_all)
+    with pytest.raises(RuntimeError, match="native_dropout"), StreamRandom(7).drawing_all():
+        torch.native_dropout(torch.ones(4), 0.5, True)
+
+
+def test_a_seeded_build_is_its_seeds_while_another_thread_draws_and_leaves_its_draws_alone() -> None:
+    # Before, the build seeded torch's one global generator and put its state back on exit: the
+    # other thread's draws during the build moved the weights (672 of 1550 tensors of tiny seed
+    # 0), and the build's end rewound that thread's generator, so it drew the same numbers again.
+    solo = build_model("tiny", seed=0)
+    drawn: list[torch.Tensor] = []
+    started, stop = threading.Event(), threading.Event()
+
+    def draw() -> None:  # an unseeded upstream generate in another thread, say
+        torch.manual_seed(5)
+        started.set()
+        while not stop.is_set():
+            drawn.append(torch.rand(1))
+
+    other = threading.Thread(target=draw, daemon=True)
+    other.start()
+    try:
+        assert started.wait(60)
+        before = len(drawn)
+        built = build_model("tiny", seed=0)
+        during = len(drawn) - before
+    finally:
+        stop.set()
+        other.join(60)
+    assert not other.is_alive()
+    assert during > 0  # the other thread drew while the model was built
+    for part in ("ve", "t3", "s3gen"):
+        mine, alone = getattr(built, part).state_dict(), getattr(solo, part).state_dict()
+        assert mine.keys() == alone.keys()
+        for name, tensor in mine.items():
+            assert torch.equal(tensor, alone[name]), f"{part}.{name}"
+    # Only that thread drew from the global generator: its numbers are seed 5's, none twice.
+    own = torch.Generator().manual_seed(5)
+    assert torch.equal(torch.cat(drawn), torch.cat([torch.rand(1, generator=own) for _ in drawn]))

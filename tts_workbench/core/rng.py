@@ -12,8 +12,16 @@ thread-local, so a stream's mode never sees another thread's calls.
 
 Not covered: draws that take no generator (``F.dropout`` and ``F.rrelu`` in training,
 ``F.gumbel_softmax``), and draws made inside another torch function (the mode sees the outer
-call only); those still draw from the global generator. Upstream inference (modules in eval
-mode) makes none of them.
+call only: ``nn.init.kaiming_uniform_``, not the ``uniform_`` it calls); those still draw from
+the global generator. Upstream inference (modules in eval mode) makes none of them.
+
+A construction draws almost only inside such functions (``nn.init``'s, modules' own
+``reset_parameters``), so it runs inside ``StreamRandom.drawing_all()`` instead: a
+``TorchDispatchMode``, also thread-local, that sees each operator torch runs (what a Python
+function or C++ code calls included) and gives every one that draws without a generator the
+stream's. An operator that draws but takes no generator (CUDA's fused dropout, flash attention
+with dropout) is refused rather than left to draw from the global generator; a construction runs
+none. It costs a Python call per operator: for constructions, not for generation.
 
 A fresh ``torch.Generator(device).manual_seed(s)`` starts where ``torch.manual_seed(s)`` leaves
 that device's default generator, so a stream seeded ``s`` samples the tokens a one-shot upstream
@@ -28,6 +36,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Random factories that take a ``generator`` keyword, and how each finds its device.
 _LIKE = {torch.rand_like, torch.randn_like, torch.randint_like}
@@ -59,6 +68,11 @@ class StreamRandom:
     def drawing(self) -> _Drawing:
         """Inside, random factories called without a generator draw from this stream's."""
         return _Drawing(self.generator)
+
+    def drawing_all(self) -> _DrawingAll:
+        """Inside, every draw of this thread without a generator draws from this stream's, those
+        inside other functions (``nn.init``'s) included; one that takes no generator is refused."""
+        return _DrawingAll(self.generator)
 
 
 def default_generator(device: torch.device) -> torch.Generator:
@@ -118,3 +132,43 @@ class _Drawing(TorchFunctionMode):
                 device = _made_on(kwargs)
             kwargs = {**kwargs, "generator": self.generator(device)}
         return func(*args, **kwargs)
+
+
+def _takes_generator(func: torch._ops.OpOverload) -> bool:
+    """Whether the operator overload ``func`` has a ``generator`` argument."""
+    return any(argument.name == "generator" for argument in func._schema.arguments)
+
+
+class _DrawingAll(TorchDispatchMode):
+    def __init__(self, generator: Callable[[torch.device | str], torch.Generator]) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded not in func.tags or kwargs.get("generator") is not None:
+            return func(*args, **kwargs)
+        # It draws on its first tensor's device (an input, or out=), a factory on its device=.
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device = torch.device(tensors[0].device if tensors else _made_on(kwargs))
+        if device.type == "meta":  # nothing is drawn for a tensor without data
+            return func(*args, **kwargs)
+        kwargs = {**kwargs, "generator": self.generator(device)}
+        if _takes_generator(func):
+            return func(*args, **kwargs)
+        # torch.rand(3) arrives as rand.default, which takes no generator: its packet picks the
+        # overload that does (rand.generator).
+        if any(
+            _takes_generator(getattr(func.overloadpacket, name)) for name in func.overloadpacket.overloads()
+        ):
+            return func.overloadpacket(*args, **kwargs)
+        raise RuntimeError(
+            f"{func} draws from torch's global generator and takes no other: it cannot draw from "
+            "a stream's inside StreamRandom.drawing_all()"
+        )

@@ -43,6 +43,7 @@ from ..core.devices import check_device
 from ..core.errors import SourceError
 from ..core.families import FAMILIES, TTSModel
 from ..core.patching import scoped_item
+from ..core.rng import StreamRandom
 from .frontends import check_tokenizer, default_tokenizer, read_tokenizer
 
 
@@ -82,10 +83,10 @@ MODELS: dict[str, tuple[str, TinyConfig | None]] = {
 SIZES = tuple(MODELS)
 
 # transformers' no_init_weights swaps torch.nn.init's functions for no-ops in the whole process
-# (restoring, on exit, what it found on entry), and fork_rng saves and restores the one global
-# generator: a module built in another thread meanwhile would get no init at all, or draw from a
-# generator another build has seeded. Every construction here holds this lock; reentrant, for
-# the no-init block inside a build.
+# (restoring, on exit, what it found on entry): a module built in another thread meanwhile would
+# get no init at all. Every construction here holds this lock (which also keeps a build's entry in
+# upstream's LLAMA_CONFIGS its own); reentrant, for the no-init block inside a build. The lock
+# cannot keep other threads' draws off the global generator: a construction takes its own.
 _CONSTRUCTION = threading.RLock()
 
 
@@ -100,10 +101,12 @@ def no_init() -> Iterator[None]:
 
 
 @contextmanager
-def own_random_state() -> Iterator[None]:
-    """A construction in one thread at a time, its draws from the global torch generator undone on
-    exit (the caller's random state is left as it was)."""
-    with _CONSTRUCTION, torch.random.fork_rng(devices=[]):  # weights are made on the CPU, then moved
+def own_random_state(seed: int = 0) -> Iterator[None]:
+    """A construction in one thread at a time, every draw in it from its own generator seeded
+    ``seed``, as after ``torch.manual_seed(seed)``: its weights are the seed's whatever other
+    threads draw meanwhile, and the global generator is neither drawn from nor put back (before
+    2026-12-05 it was seeded and restored, which rewound other threads' draws)."""
+    with _CONSTRUCTION, StreamRandom(seed).drawing_all():
         yield
 
 
@@ -238,7 +241,6 @@ def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
             "delete it; the next build writes it again"
         ) from e
     # Seeded weights (the watermarker upstream's constructor builds draws too).
-    with own_random_state():
-        torch.default_generator.manual_seed(seed)
+    with own_random_state(seed):
         t3, s3gen = build_t3(family, cfg), build_s3gen(family, cfg)
         return assemble(family, t3, s3gen, VoiceEncoder(), tokenizer, dev)

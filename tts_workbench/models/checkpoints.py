@@ -479,7 +479,8 @@ def load_folder(
     architecture = meta.get("architecture", "full")
     states = {name: _read_state(folder / name) for name in layout[:3]}
     cfg = _tiny_config(meta, folder / METADATA_FILE) if architecture == "tiny" else None
-    # The construction and the assembly (upstream's watermarker) draw from the global generator.
+    # The construction and the assembly (upstream's watermarker) draw: from their own generator, so a
+    # load leaves the global one (and other threads' draws from it) alone.
     with own_random_state():
         with no_init():  # every weight is overwritten below
             t3, s3gen, ve = build_t3(found.name, cfg), build_s3gen(found.name, cfg), VoiceEncoder()
