@@ -15,6 +15,8 @@ from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
 from tts_workbench.core.constants import parse_dtype
+from tts_workbench.core.families import components
+from tts_workbench.core.patching import shadow
 from tts_workbench.instruments.dtypes import (
     Census,
     Failure,
@@ -27,6 +29,7 @@ from tts_workbench.instruments.dtypes import (
 )
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import generate, prepare_voice
+from tts_workbench.runtime.precision import restored
 from tts_workbench.studies.diagnose import _stage, diagnose_precision, where_half_fails
 
 
@@ -694,3 +697,44 @@ def test_a_module_shared_by_two_parents_is_recorded_under_the_caller_that_called
     with trace_dtypes(net) as trace:
         act(torch.ones(4))  # called outside any traced call: its first path
     assert [r.module for r in trace.records] == ["a.act"]
+
+
+def test_the_istft_advice_names_bfloat16_not_half_precision() -> None:
+    # torch.complex takes float16 on CPU (complex32) and refuses only bfloat16: before 2026-12-05
+    # the advice said it had "no half-precision CPU kernel"
+    text = advice_for(_failure("", "models/s3gen/hifigan.py:408 _istft"))
+    assert text is not None and "bfloat16" in text and "half-precision" not in text
+
+
+def test_the_fbank_advice_says_to_cast_the_encoders_input_too() -> None:
+    # upstream casts the 16 kHz wav to S3Gen's dtype before CAMPPlus (s3gen.py:152): a float32
+    # encoder alone still hands its fbank float16 (before 2026-12-05 the advice said only that)
+    fbank = _failure("", "torchaudio/compliance/kaldi.py:616 fbank")
+    tdnn = _failure("s3gen.speaker_encoder.xvector.tdnn.linear", "models/s3gen/xvector.py:420 forward")
+    for failure in (fbank, tdnn):
+        text = advice_for(failure)
+        assert text is not None and "cast the wav" in text and "runtime.precision" in text, text
+
+
+def test_following_the_fbank_advice_gets_a_float16_model_past_the_fbank(
+    tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    """Both parts of the advice are needed: the float32 encoder alone still fails in the fbank."""
+    encoder = tiny_tts.s3gen.speaker_encoder
+
+    def float32_input(fn: Any) -> Any:
+        return lambda wav, *a, **k: fn(wav.float(), *a, **k)
+
+    def failure_where() -> str:
+        with pytest.raises((RuntimeError, ValueError)), trace_dtypes(tiny_tts) as trace:
+            prepare_voice(tiny_tts, str(reference_wav))
+        assert trace.failure is not None
+        return trace.failure.where
+
+    with restored(tiny_tts):
+        for module in components(tiny_tts).values():
+            module.to(torch.float16)
+        encoder.float()
+        assert "kaldi" in failure_where()
+        with shadow(encoder, "inference", float32_input):
+            assert "kaldi" not in failure_where()

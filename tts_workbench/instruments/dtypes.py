@@ -434,20 +434,30 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
 
 # ---------------------------------------------------------------- scenarios on the real model
 
+# The CAMPPlus advice, ``{}`` taking the reason where the failing part is known. Upstream casts the
+# 16 kHz wav to S3Gen's dtype before the encoder (s3gen.py:152, embed_ref): a float32 encoder alone
+# still hands its fbank a float16 wav (before 2026-12-05 the advice said only to keep it float32).
+_CAMPPLUS = (
+    "keep the CAMPPlus speaker encoder (s3gen.speaker_encoder) in float32 and cast the wav it gets to "
+    "float32 (upstream casts it to S3Gen's dtype){}; runtime.precision's s3gen.speaker_encoder island "
+    "(install_islands) does both"
+)
+
 # Where upstream's half-precision paths break, and what to do about it. Keys are substrings of
 # the failing module path or source location found by the tracer; checked in order.
 ADVICE = [
     ("cond_enc", "cast the conditionals (speaker_emb, emotion_adv) to T3's dtype after prepare_conditionals"),
     ("m_source", "keep HiFT's sine source module in float32 (its generator output stays float32)"),
-    ("_istft", "run HiFT's iSTFT in float32: torch.complex has no half-precision CPU kernel"),
+    # torch.complex takes float16 on CPU (complex32) but refuses bfloat16; the CPU FFT behind
+    # torch.istft refuses float16 ("MKL FFT doesn't support tensors of type: Half").
+    (
+        "_istft",
+        "run HiFT's iSTFT in float32: torch.complex has no bfloat16 kernel and the CPU FFT none for float16",
+    ),
     # Before "mel", which the vocoder's path s3gen.mel2wav also contains.
     ("s3gen.mel2wav.", "keep HiFT (s3gen.mel2wav) in float32 and cast the mel it gets to float32"),
-    (
-        "kaldi",
-        "keep the CAMPPlus speaker encoder and its kaldi fbank in float32 "
-        "(no half-precision (float16/bfloat16) fbank kernel)",
-    ),
-    ("xvector", "keep the CAMPPlus speaker encoder and its kaldi fbank in float32"),
+    ("kaldi", _CAMPPLUS.format(": its kaldi fbank has no half-precision (float16/bfloat16) kernel")),
+    ("xvector", _CAMPPLUS.format("")),
     ("s3tokenizer", "keep the S3 speech tokenizer (log-mel front-end) in float32"),
     # Under autocast the VE runs (LSTM included, on float32 inputs and weights) but its embedding
     # comes out bfloat16, and upstream's .numpy() of it raises "unsupported ScalarType BFloat16".

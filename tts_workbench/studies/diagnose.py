@@ -207,7 +207,9 @@ def decode_step_kernels(
     """The attention kernels T3's decode steps run with ``step`` ("eager", "static" or
     "compiled") and how they were found: the profiler's op records for the eager and static
     steps; Inductor's generated code for the compiled one (the profiler cannot see inside a
-    compiled graph, and its phase hooks would make the step recompile). ``step_tokens(tokens)``
+    compiled graph, and its phase hooks would make the step recompile). A compiled step whose
+    compile failed runs static: its kernels are recorded as the static step's, after a first run,
+    and ``found_by`` gives the failure's reason. ``step_tokens(tokens)``
     are decoded, with ``plan`` (``decode_step_plan(tts, text, step, tokens)``, made here when
     None; given, its step is the one checked)."""
     plan = plan or decode_step_plan(tts, text, step, tokens)
@@ -219,22 +221,23 @@ def decode_step_kernels(
         rng = StreamRandom(seed).generator(tts.device)
         t3_decode(tts.t3, tts.conds.t3, text_ids, max_new_tokens=tokens, plan=plan, generator=rng)
 
+    found_by = "torch.profiler op records"
     if step == "compiled":
-        run()
+        run()  # compiles outside the profiler
         compiled = plan.static_step(text_ids.size(0))
         assert compiled is not None
-        return {
-            "step": compiled.mode,  # "static" after a compile failure
-            "kernels": compiled.attention_kernels or ["(compile failed: the static step ran)"],
-            "found_by": "Inductor's generated code",
-        }
+        if compiled.fallback_reason is None:
+            return {
+                "step": step,
+                "kernels": compiled.attention_kernels,
+                "found_by": "Inductor's generated code",
+            }
+        # The static step runs eagerly now: the profiler sees its kernels (before 2026-12-05 the
+        # report said "(compile failed: the static step ran)", found by Inductor's code, read nothing).
+        step, found_by = compiled.mode, f"{found_by} (compile failed: {compiled.fallback_reason})"
     with record_kernels(tts) as record:
         run()
-    return {
-        "step": step,
-        "kernels": sorted(record.kernels("t3.decode")),
-        "found_by": "torch.profiler op records",
-    }
+    return {"step": step, "kernels": sorted(record.kernels("t3.decode")), "found_by": found_by}
 
 
 def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> dict[str, Any]:
