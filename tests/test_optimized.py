@@ -21,11 +21,13 @@ from tts_workbench.core import patching
 from tts_workbench.core.clock import FEW_REPEATS
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, SourceError
 from tts_workbench.core.patching import shadow
+from tts_workbench.core.positions import positions_needed
 from tts_workbench.instruments.attention import record_kernels
 from tts_workbench.models.checkpoints import load_folder, save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import s3gen_inference
+from tts_workbench.runtime import decode as decode_module
 from tts_workbench.runtime import generation, optimized, streaming
 from tts_workbench.runtime.decode import DecodePlan, DecodeStats, T3Parts, decode_blocks, t3_decode
 from tts_workbench.runtime.generation import generate
@@ -217,10 +219,56 @@ def test_a_model_has_one_open_wrapper_at_a_time(tiny_tts: ChatterboxTTS) -> None
     # its copy of the conditionals: each restores what it saw when it opened.
     conds = tiny_tts.conds
     with PerformanceOptimizedTTS(tiny_tts, policy="bfloat16"):
-        with pytest.raises(ConfigError, match="already wrapped by an open PerformanceOptimizedTTS: close it"):
+        with pytest.raises(
+            ConfigError, match="already wrapped by an open PerformanceOptimizedTTS: close it"
+        ) as e:
             PerformanceOptimizedTTS(tiny_tts, policy="bfloat16")
+    # Before 2026-12-05 it said "or wrap a copy of the model": a deep copy of a model fails (HiFT's
+    # weight norm keeps non-leaf tensors), and one made while wrapped has the wrapper's weights.
+    assert "copy" not in str(e.value) and "load the model again (load_model" in str(e.value)
     assert next(tiny_tts.t3.parameters()).dtype == torch.float32 and tiny_tts.conds is conds
     with PerformanceOptimizedTTS(tiny_tts, policy="float32"):  # closed: the model may be wrapped again
+        pass
+
+
+def test_two_wrappers_built_at_once_on_one_model_refuse_the_second(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 2026-12-05 a wrapper took the model only at the end of its constructor: a second one
+    built meanwhile (while "auto" measured) passed the check too, and once both closed the model
+    stayed bfloat16. The first is held in its measurement while the second is built."""
+    import threading
+
+    measuring, released = threading.Event(), threading.Event()
+    measure = optimized.measure_policy
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        measuring.set()
+        released.wait(60)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(optimized, "measure_policy", held)
+    built: list[PerformanceOptimizedTTS] = []
+    first = threading.Thread(target=lambda: built.append(PerformanceOptimizedTTS(tiny_tts, policy="auto")))
+    first.start()
+    try:
+        assert measuring.wait(60)
+        with pytest.raises(ConfigError, match="already wrapped by an open PerformanceOptimizedTTS"):
+            built.append(PerformanceOptimizedTTS(tiny_tts, policy="bfloat16"))
+    finally:
+        released.set()
+        first.join(120)
+        for opt in built:
+            opt.close()
+    assert not first.is_alive() and len(built) == 1 and built[0].policy_choice.measured
+    assert {p.dtype for m in (tiny_tts.t3, tiny_tts.s3gen) for p in m.parameters()} == {torch.float32}
+
+
+def test_a_failed_build_leaves_the_model_free_to_wrap(tiny_tts: ChatterboxTTS) -> None:
+    # The model is taken first thing in the constructor: a refused option must give it back.
+    with pytest.raises(ConfigError, match="unknown decode step"):
+        PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="fast")
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32"):
         pass
 
 
@@ -433,6 +481,55 @@ def test_a_request_too_long_for_the_wrappers_cache_names_the_wrappers_fix(tiny_t
     with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static", max_cache_len=128) as opt:
         with pytest.raises(CacheError, match=r"set_max_cache_len\(\d+\) \(or decode='eager'\)"):
             opt.speech_tokens(TEXT, max_new_tokens=200)
+
+
+def test_a_cache_resized_during_a_generate_applies_from_the_next_one(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 2026-12-05 a generate checked against the old length built its static step with the
+    new one (a RuntimeError on tensor sizes). The generate is held in its prefill while the
+    cache is resized."""
+    import threading
+
+    sizes: list[int] = []
+
+    class Sized(decode_module.StaticStep):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            sizes.append(kwargs["max_cache_len"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "StaticStep", Sized)
+    long = "Hello there, this is a test of a somewhat longer sentence to speak."
+    in_prefill, resized = threading.Event(), threading.Event()
+
+    def hold(*_a: object) -> None:
+        if threading.current_thread().name == "generating" and not in_prefill.is_set():
+            in_prefill.set()
+            resized.wait(60)
+
+    got: list[object] = []
+
+    def run(opt: PerformanceOptimizedTTS) -> None:
+        try:
+            got.append(opt.generate(long, max_new_tokens=40, seed=0))
+        except Exception as e:  # noqa: BLE001 - what the caller got is the result
+            got.append(e)
+
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static", max_cache_len=512) as opt:
+        assert opt.prefill_length(long) > 80 >= positions_needed(opt.prefill_length(TEXT), 8)
+        hook = tiny_tts.t3.tfmr.register_forward_hook(hold)
+        try:
+            runner = threading.Thread(target=run, args=(opt,), name="generating")
+            runner.start()
+            assert in_prefill.wait(60)
+            opt.set_max_cache_len(80)
+        finally:
+            resized.set()
+            hook.remove()
+        runner.join(120)
+        assert len(got) == 1 and isinstance(got[0], torch.Tensor), got  # with the size it started with
+        opt.generate(TEXT, max_new_tokens=8, seed=0)
+        assert sizes == [512, 80] and opt.plan.static_step(2).max_cache_len == 80
 
 
 def test_a_generation_refused_by_a_paused_stream_names_the_wrappers_fix(tiny_tts: ChatterboxTTS) -> None:
@@ -654,6 +751,23 @@ def test_mixed_dtypes_across_files_each_keep_theirs(folders: dict[str, Path], tm
     assert torch.isfinite(tts.generate(TEXT, max_new_tokens=10)).all()
     dtypes = tts.performance_info()["component_dtypes"]
     assert dtypes["t3"] == "float16" and dtypes["s3gen.flow"] == "float32"
+
+
+def test_auto_keeps_a_half_precision_flow_beside_a_float32_t3(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """Before 2026-12-05 "auto" looked at T3's dtype only: a float16 flow beside a float32 T3 was
+    measured as a float32 checkpoint, and the flow cast up to float32."""
+    import shutil
+
+    folder = Path(shutil.copytree(folders["float32"], tmp_path / "half_flow"))
+    shutil.copy(folders["float16"] / "s3gen.safetensors", folder / "s3gen.safetensors")
+    with PerformanceOptimizedTTS.from_local(folder) as tts:
+        info = tts.performance_info()
+        assert torch.isfinite(tts.generate(TEXT, max_new_tokens=10)).all()
+    assert info["policy"] == "keep" and not info["policy_measured"]
+    assert info["component_dtypes"]["s3gen.flow"] == "float16" and info["component_dtypes"]["t3"] == "float32"
+    assert "float16 in s3gen.flow" in info["policy_reason"] and "no upcast" in info["policy_reason"]
 
 
 def test_conds_from_another_model_are_refused(folders: dict[str, Path], tmp_path: Path) -> None:

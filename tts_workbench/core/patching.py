@@ -62,7 +62,8 @@ M = TypeVar("M", bound=nn.Module)
 
 # The open wrapper of each model (runtime.optimized's PerformanceOptimizedTTS), by the model's id:
 # the wrapper holds the model, so the id is not reused while it lives. The wrapper puts itself here
-# when it has changed the model and takes itself out when it has given the model back.
+# at the start of its construction, before it changes the model (two built at once must not both
+# find the model free), and takes itself out when it has given the model back.
 HOLDERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 

@@ -203,8 +203,9 @@ class DecodePlan:
     ``max_cache_len`` is the number of positions (``positions_needed``) of the static KV cache
     that "static" and "compiled" allocate once per batch size (2 with classifier-free guidance,
     1 without) and keep on the plan (``StaticStep``, reused by later generations without
-    reallocating or recompiling). Changing ``max_cache_len`` reallocates at the next generation;
-    ``drop_static()`` frees the cache (e.g. after moving the model to another device).
+    reallocating or recompiling). Changing ``max_cache_len`` reallocates at the next generation
+    (one already started keeps the length it read at its start); ``drop_static()`` frees the
+    cache (e.g. after moving the model to another device).
 
     ``cpp_wrapper``: compile the "compiled" step with Inductor's C++ wrapper where there are no
     CUDA graphs (on a CPU): on ``deep-narrow`` 0.67-0.89x the time per token in four runs, at a
@@ -715,10 +716,16 @@ class DecodeResult(DecodeStats):
 
 
 def _check_static(
-    plan: DecodePlan, device: torch.device, batch: int, prefill_len: int, max_new_tokens: int
+    plan: DecodePlan,
+    device: torch.device,
+    batch: int,
+    prefill_len: int,
+    max_new_tokens: int,
+    max_cache_len: int,
 ) -> None:
-    """Refuse, before anything runs, a request the plan's static cache cannot serve."""
-    check_cache_len(plan.max_cache_len, plan.decode.tfmr.config)  # set after the plan was made
+    """Refuse, before anything runs, a request that a static cache of ``max_cache_len`` positions
+    (the plan's, as the generation read it) cannot serve."""
+    check_cache_len(max_cache_len, plan.decode.tfmr.config)  # set after the plan was made
     dec_device = next(plan.decode.tfmr.parameters()).device
     if dec_device != device:
         raise CacheError(
@@ -732,7 +739,7 @@ def _check_static(
             "call plan.drop_static() (or build a new DecodePlan) after moving the model"
         )
     holder = "the plan's static cache holds max_cache_len"
-    check_room(prefill_len, max_new_tokens, plan.max_cache_len, holder, plan.cache_fix)
+    check_room(prefill_len, max_new_tokens, max_cache_len, holder, plan.cache_fix)
 
 
 def check_cache_len(max_cache_len: object, config: Any) -> None:
@@ -796,10 +803,18 @@ def checked_prefill(tts: Any, text: str, max_new_tokens: int, name: str = "max_n
 
 
 def _static_step(
-    plan: DecodePlan, batch: int, dtype: torch.dtype, device: torch.device, enter: Any, sampler: Sampler
+    plan: DecodePlan,
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    enter: Any,
+    sampler: Sampler,
+    max_cache_len: int,
 ) -> tuple[StaticStep, bool]:
-    """The plan's static step for ``batch``, built (and compiled) if there is none that fits, and
-    ``claim``ed for this generation; and whether it was built now.
+    """The plan's static step for ``batch`` with a cache of ``max_cache_len`` positions, built
+    (and compiled) if there is none that fits, and ``claim``ed for this generation; and whether
+    it was built now. A step built for a length the plan no longer has (resized since the
+    generation read it) serves this generation only.
 
     Found or built, and claimed, under the plan's lock: two generations starting at once on a
     fresh plan each built (and compiled) a step of their own. The second now waits for the
@@ -812,7 +827,7 @@ def _static_step(
         compile = plan.step == "compiled"
         cpp_wrapper = plan.cpp_wrapper and compile and device.type != "cuda"  # where it has an effect
         same = held is not None and held.cpp_wrapper == cpp_wrapper and held.parts is plan.step_parts
-        if held is not None and same and held.max_cache_len == plan.max_cache_len:
+        if held is not None and same and held.max_cache_len == max_cache_len:
             # A step whose compile failed is kept: it does not retry (and warn) every generation.
             if compile == (held.compiled or held.fallback_reason is not None):
                 if held.dtype != dtype:
@@ -825,7 +840,7 @@ def _static_step(
         step = StaticStep(
             plan.step_parts,
             batch=batch,
-            max_cache_len=plan.max_cache_len,
+            max_cache_len=max_cache_len,
             dtype=dtype,
             device=device,
             compile=compile,
@@ -834,7 +849,8 @@ def _static_step(
             cpp_wrapper=cpp_wrapper,
         )
         step.claim(plan.busy_fix)  # (a new step: nobody else holds it)
-        plan._static[batch] = step
+        if max_cache_len == plan.max_cache_len:  # else the next generation builds the new length
+            plan._static[batch] = step
         return step, True
 
 
@@ -939,7 +955,10 @@ def decode_blocks(
                 aligned = scope.enter_context(alignment(tfmrs, text, hp.stop_speech_token))
                 watching, analyzers = aligned.watching, [aligned.analyzer]
             if static:
-                _check_static(plan, device, batch, prefill_len, max_new_tokens)
+                # Read once, for the check and the build: before 2026-12-05 a resize during the
+                # prefill (the wrapper's set_max_cache_len) built a step too short for the request.
+                max_cache_len = plan.max_cache_len
+                _check_static(plan, device, batch, prefill_len, max_new_tokens, max_cache_len)
             with watching():
                 logits, past = head_logits(plan.prefill, embeds.to(plan.prefill.dtype), None)
             seen = sampler.start(hp.start_speech_token, logits.size(-1), device)
@@ -950,7 +969,7 @@ def decode_blocks(
                 kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
                 t_build = now(device)
                 # Claimed there, or refused before it is ours: `finally` must not free the holder's cache.
-                step, new = _static_step(plan, batch, kv_dtype, device, ctx, sampler)
+                step, new = _static_step(plan, batch, kv_dtype, device, ctx, sampler, max_cache_len)
                 if new:
                     stats.compile_s = now(device) - t_build
                 stats.step_mode = step.mode

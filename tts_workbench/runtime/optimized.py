@@ -4,8 +4,8 @@ Fixes, each visible in a few lines below:
 
 1. **dtype policy** (``core.policies.POLICIES``), chosen per device and checkpoint by *measuring*
    the candidates (``choose_policy`` returns a ``Policy``; for ``"auto"`` the wrapper calls it on
-   the model as given, before changing anything) unless one is given; a float16/bfloat16
-   checkpoint keeps its dtype;
+   the model as given, before changing anything) unless one is given; a checkpoint with a
+   float16/bfloat16 component that the policies cast (T3, S3Gen's flow) keeps its dtypes;
 2. **float32 islands** for the precision-hungry signal processing (``precision.ISLANDS``);
 3. **conditionals** cast to each consumer's dtype after ``prepare_conditionals`` and after
    loading ``conds.pt`` (``_ensure_conditionals_dtype``);
@@ -212,14 +212,17 @@ def resolve_policy(tts: ChatterboxTTS, policy: Policy | str, device: torch.devic
 def choose_policy(tts: ChatterboxTTS, device: torch.device | str | None = None, tokens: int = 200) -> Policy:
     """Pick a policy for this checkpoint on this device by measuring.
 
-    A half-precision checkpoint keeps its dtype. Otherwise the candidates are timed on T3 (the
-    phase that dominates) and the one with the least median prefill + ``tokens`` decode steps
-    wins: on CUDA native half vs autocast; on CPU float32 vs a bfloat16 decode copy.
+    A checkpoint with a component that the policies cast (T3, S3Gen's flow) not in float32 (a
+    float16 export; a folder's files each keep their saved dtype) keeps its dtypes. Otherwise
+    the candidates are timed on T3 (the phase that dominates) and the one with the least median
+    prefill + ``tokens`` decode steps wins: on CUDA native half vs autocast; on CPU float32 vs a
+    bfloat16 decode copy.
     """
     device = torch.device(device or tts.device)
-    t3_dtype = compute_dtype(tts.t3)
-    if t3_dtype != torch.float32:
-        return Policy("keep", f"checkpoint is {dtype_name(t3_dtype)}: kept (no upcast)")
+    # Both, not T3 alone: before 2026-12-05 a float16 flow beside a float32 T3 was cast up.
+    cast = {"t3": compute_dtype(tts.t3), "s3gen.flow": compute_dtype(tts.s3gen.flow)}
+    if kept := [f"{dtype_name(d)} in {name}" for name, d in cast.items() if d != torch.float32]:
+        return Policy("keep", f"checkpoint is {', '.join(kept)}: kept (no upcast)")
     if device.type == "cuda":
         half = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         candidates = [half, f"autocast-{half}"]
@@ -431,6 +434,40 @@ def _upstream_takes_none(optimize: bool, options: dict[str, Any]) -> None:
         )
 
 
+# Held while a wrapper checks that its model is free and takes it (``HOLDERS``), and while one
+# gives it back: before 2026-12-05 the check and the taking were a whole constructor apart (the
+# "auto" measurement), and two wrappers built at once on one model both found it free.
+_TAKING = threading.Lock()
+
+
+@contextmanager
+def _taking(tts: ChatterboxTTS, wrapper: PerformanceOptimizedTTS) -> Iterator[None]:
+    """Take ``tts`` for ``wrapper`` (refused while an open wrapper, or one being built, holds it)
+    for the block, the wrapper's construction, and after it; given back if the block fails."""
+    with _TAKING:
+        if id(tts) in HOLDERS:
+            # a copy is no way out: a deep copy of a model fails (HiFT's weight norm keeps non-leaf
+            # tensors), and one made while it is wrapped has the wrapper's cast weights
+            raise ConfigError(
+                "this model is already wrapped by an open PerformanceOptimizedTTS: close it first (or "
+                "use it), or load the model again (load_model, or PerformanceOptimizedTTS.from_local) "
+                "for another wrapper; each wrapper gives the model back as it found it"
+            )
+        HOLDERS[id(tts)] = wrapper
+    try:
+        yield
+    except BaseException:
+        _give_back(tts, wrapper)
+        raise
+
+
+def _give_back(tts: ChatterboxTTS, wrapper: PerformanceOptimizedTTS) -> None:
+    """Let ``tts`` be wrapped again, if ``wrapper`` holds it."""
+    with _TAKING:
+        if HOLDERS.get(id(tts)) is wrapper:
+            del HOLDERS[id(tts)]
+
+
 class PerformanceOptimizedTTS(Pipeline):
     """An upstream ChatterboxTTS with the fixes applied (see the module docstring).
 
@@ -452,72 +489,68 @@ class PerformanceOptimizedTTS(Pipeline):
         fused: bool = False,
     ) -> None:
         # Each wrapper restores the model as it found it: a second one, opened on a model the first
-        # has changed, would restore the first one's bfloat16 copy when it closes.
-        if id(tts) in HOLDERS:
-            raise ConfigError(
-                "this model is already wrapped by an open PerformanceOptimizedTTS: close it first (or "
-                "use it), or wrap a copy of the model; each wrapper gives the model back as it found it"
-            )
-        self.tts = tts
-        self.cpp_wrapper = cpp_wrapper  # the compiled decode step's, on a CPU (DecodePlan)
-        self.fused = fused  # the static and compiled steps run a copy with fused projections (DecodePlan)
-        self.optimize = True
-        self.record_attention = record_attention  # off by default: the profiler costs time
-        self.stop_check_every = stop_check_every
-        self.device = check_device(str(tts.device))
-        self.decode = check_decode(decode, self.device)
-        self.flow = check_flow(flow, self.device)
-        self.flows = {mode: FlowPlan(mode) for mode in FLOW_MODES}  # each keeps its compiled shapes
-        self.max_cache_len = max_cache_len  # static KV cache positions: core.positions.positions_needed
-        self.last = LastGeneration()
-        self.closed = False  # close() gave the model back: nothing may change it any more
-        self._final: dict[str, Any] = {}  # configuration() as it was at close()
-        # the streams being read: close() ends them first (a multilingual one has the model's
-        # attention switched to eager, with spies on it, while it runs)
-        self._streams: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
-        # the streams making a chunk right now, each with the thread making it, marked under
-        # ``_made`` with the open check: close() waits for them (one chunk each) before it closes
-        # them (closed under its maker, a stream would end early with no error, or fail with
-        # "generator already executing"), and is refused in their threads (it would wait for itself)
-        self._making: dict[Generator[Any, None, None], int] = {}
-        # the threads of the public calls in progress (``_using``), one entry per call: close()
-        # waits for them too, under the same condition
-        self._calls: list[int] = []
-        self._made = threading.Condition()
-        # held while a stream is closed: close() and the stream's reader (stopped by the closed
-        # error) both close it, and a generator closed in two threads at once fails in one with
-        # "generator already executing" (a close() that failed so left the model wrapped).
-        # Reentrant: a stream let go by the garbage collector may be closed inside another's close.
-        self._ending = threading.RLock()
-        self._closing = False  # close() has begun: no stream makes another chunk, no call starts
-        self._in_close = False  # a close() is running: another one waits for it to end
-        if tts.conds is not None:
-            check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
-        # Checked (and for "auto" measured, on the model as given) before anything is changed.
-        self.policy_choice = resolve_policy(tts, policy, self.device)
-        self.amp: torch.dtype | None = None
-        # Everything changed below is undone by close(): tensors, shadows, conditionals. If a
-        # step fails (a "keep" policy on mixed dtypes, say), the model is given back at once.
-        self._stack = ExitStack()
-        try:
-            snapshots: list[ModuleSnapshot] = []
-            self._stack.enter_context(restored(tts, snapshots))
-            self.islands: list[Island] = install_islands(tts, self._stack)
-            self._apply_policy()
-            # The original tensors a cast replaced, kept on the CPU while open (close() copies them
-            # back): on a GPU the float32 weights would stay there beside the bfloat16 ones.
-            self.released_bytes = sum(snap.release_replaced() for snap in snapshots)
+        # has changed, would restore the first one's bfloat16 copy when it closes. Taken before
+        # anything else: a second wrapper built meanwhile (while "auto" measures) is refused.
+        with _taking(tts, self):
+            self.tts = tts
+            self.cpp_wrapper = cpp_wrapper  # the compiled decode step's, on a CPU (DecodePlan)
+            self.fused = fused  # the static and compiled steps run a copy with fused projections (DecodePlan)
+            self.optimize = True
+            self.record_attention = record_attention  # off by default: the profiler costs time
+            self.stop_check_every = stop_check_every
+            self.device = check_device(str(tts.device))
+            self.decode = check_decode(decode, self.device)
+            self.flow = check_flow(flow, self.device)
+            self.flows = {mode: FlowPlan(mode) for mode in FLOW_MODES}  # each keeps its compiled shapes
+            self.max_cache_len = max_cache_len  # static KV cache positions: core.positions.positions_needed
+            self.last = LastGeneration()
+            self.closed = False  # close() gave the model back: nothing may change it any more
+            self._final: dict[str, Any] = {}  # configuration() as it was at close()
+            # the streams being read: close() ends them first (a multilingual one has the model's
+            # attention switched to eager, with spies on it, while it runs)
+            self._streams: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
+            # the streams making a chunk right now, each with the thread making it, marked under
+            # ``_made`` with the open check: close() waits for them (one chunk each) before it closes
+            # them (closed under its maker, a stream would end early with no error, or fail with
+            # "generator already executing"), and is refused in their threads (it would wait for itself)
+            self._making: dict[Generator[Any, None, None], int] = {}
+            # the threads of the public calls in progress (``_using``), one entry per call: close()
+            # waits for them too, under the same condition
+            self._calls: list[int] = []
+            self._made = threading.Condition()
+            # held while a stream is closed: close() and the stream's reader (stopped by the closed
+            # error) both close it, and a generator closed in two threads at once fails in one with
+            # "generator already executing" (a close() that failed so left the model wrapped).
+            # Reentrant: a stream let go by the garbage collector may be closed inside another's close.
+            self._ending = threading.RLock()
+            self._closing = False  # close() has begun: no stream makes another chunk, no call starts
+            self._in_close = False  # a close() is running: another one waits for it to end
             if tts.conds is not None:
-                self._ensure_conditionals_dtype()
-            # Asked for the decode step: the static and compiled ones mask their cache's unused slots
-            # (Flash takes no mask), a Multilingual model's eager one runs eager attention.
-            self._flash_attention_available = not why_not_flash(
-                tts, dtype=self.target_dtype, step=self.decode
-            )
-        except BaseException:
-            self._stack.close()
-            raise
-        HOLDERS[id(tts)] = self
+                check_conditionals(tts.conds, tts)  # before any probe runs T3 on them
+            # Checked (and for "auto" measured, on the model as given) before anything is changed.
+            self.policy_choice = resolve_policy(tts, policy, self.device)
+            self.amp: torch.dtype | None = None
+            # Everything changed below is undone by close(): tensors, shadows, conditionals. If a
+            # step fails (a "keep" policy on mixed dtypes, say), the model is given back at once.
+            self._stack = ExitStack()
+            try:
+                snapshots: list[ModuleSnapshot] = []
+                self._stack.enter_context(restored(tts, snapshots))
+                self.islands: list[Island] = install_islands(tts, self._stack)
+                self._apply_policy()
+                # The original tensors a cast replaced, kept on the CPU while open (close() copies them
+                # back): on a GPU the float32 weights would stay there beside the bfloat16 ones.
+                self.released_bytes = sum(snap.release_replaced() for snap in snapshots)
+                if tts.conds is not None:
+                    self._ensure_conditionals_dtype()
+                # Asked for the decode step: the static and compiled ones mask their cache's unused slots
+                # (Flash takes no mask), a Multilingual model's eager one runs eager attention.
+                self._flash_attention_available = not why_not_flash(
+                    tts, dtype=self.target_dtype, step=self.decode
+                )
+            except BaseException:
+                self._stack.close()
+                raise
 
     # ------------------------------------------------------------ construction
 
@@ -602,7 +635,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 self._final = self.configuration()
             finally:  # the model goes back even if the report fails
                 self._stack.close()
-                HOLDERS.pop(id(self.tts), None)
+                _give_back(self.tts, self)
                 for plan in self.plans.values():
                     plan.drop_static()
                 self.plans.clear()
@@ -678,7 +711,8 @@ class PerformanceOptimizedTTS(Pipeline):
 
     def set_max_cache_len(self, positions: int) -> None:
         """Size the static KV caches (``core.positions.positions_needed``); built anew at the next
-        generation."""
+        generation. One already running (in another thread) goes on with the size it started
+        with, checked and built alike."""
         with self._using():
             for plan in self.plans.values():  # all checked before any changes
                 check_cache_len(positions, plan.decode.tfmr.config)
