@@ -217,8 +217,9 @@ def test_a_refusal_after_the_voice_is_prepared_leaves_no_output_folder(
 
 @pytest.mark.parametrize(
     ("command", "flag"),
-    [("stream", "--out"), ("diagnose", "--out"), ("profile", "--logdir"), ("stream", "--reference")],
-)
+    [("stream", "--out"), ("diagnose", "--out"), ("profile", "--logdir"), ("stream", "--reference"),
+     ("load", "--texts"), ("trace", "--read")],  # before: the study ran, then printing its name failed
+)  # fmt: skip
 def test_a_path_that_is_not_utf8_is_refused_naming_its_flag(
     command: str, flag: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -479,13 +480,14 @@ def test_trace_refuses_a_step_named_twice(
 
 
 @pytest.mark.parametrize(
-    "flag", [["--first-window-s", "2"], ["--window-s", "3.5"], ["--crossfade-ms", "1000"]]
+    "flag", [["--first-window-s", "2"], ["--window-s", "3.5"], ["--crossfade-ms", "100"]]
 )
 def test_naive_streaming_refuses_the_buffered_flags(
     flag: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Naive cuts fixed chunks: a window was ignored, while a crossfade it never uses was checked
-    against those windows (before: `--crossfade-ms 1000` refused as longer than a window)."""
+    against those windows (before: `--crossfade-ms 1000` refused as longer than a window; the
+    parser now refuses over 240 ms whatever the strategy)."""
     from tts_workbench.interface import cli
 
     monkeypatch.setattr(cli, "_voiced_model", _built)
@@ -493,6 +495,39 @@ def test_naive_streaming_refuses_the_buffered_flags(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"argument {flag[0]}: " in errors[0] and "buffered" in errors[0], errors
     assert "shorter than a window" not in errors[0]
+
+
+def test_a_crossfade_past_the_seams_room_names_only_the_crossfade_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Buffered streaming's seams hold 240 ms of crossfade, which the flag's range says (before: 0 to
+    3600000 ms, and 300 was refused with left_context_tokens and lookahead_tokens, which no flag sets)."""
+    from tts_workbench.interface import cli
+
+    monkeypatch.setattr(cli, "_voiced_model", _built)
+    with pytest.raises(SystemExit) as exit_:
+        main(["stream", "--crossfade-ms", "300", "--tokens", "4"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("error: argument --crossfade-ms: ") and "0 to 240" in errors[0], errors
+    assert "left_context_tokens" not in errors[0], errors
+    # the range is StreamConfig's with its default context and lookahead: the longest it takes
+    assert cli.MAX_CROSSFADE_MS == 240
+    StreamConfig(crossfade_ms=cli.MAX_CROSSFADE_MS)
+    with pytest.raises(ConfigError, match="half the crossfade"):
+        StreamConfig(crossfade_ms=cli.MAX_CROSSFADE_MS + 1)
+
+
+def test_a_flag_the_command_does_not_have_points_to_the_commands_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """(before: "see `tts-workbench --help`", whose help lists no command's flags)"""
+    with pytest.raises(SystemExit) as exit_:
+        main(["load", "--max-streams", "4"])  # serve's flag
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 2 and len(errors) == 1, errors
+    assert "unrecognized arguments: --max-streams 4" in errors[0], errors
+    assert "see `tts-workbench load --help`" in errors[0], errors
 
 
 @pytest.mark.parametrize("run", ["../outside", "a/../../outside", "/tmp/outside"])
@@ -635,16 +670,34 @@ def test_a_model_folder_that_cannot_be_loaded_names_the_model_flag(
     assert len(errors) == 1 and errors[0].startswith("error: argument --model: cannot read t3_cfg"), errors
 
 
-@pytest.mark.parametrize("events", ["{}", '{"traceEvents": 5}'])
+# A packed trace of some size: cut in half, its deflate stream ends in the middle.
+_PACKED = gzip.compress(
+    json.dumps({"traceEvents": [{"name": f"aten::mm{i}", "ts": i, "dur": 1} for i in range(200)]}).encode(),
+    mtime=0,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "says"),
+    [
+        ("t3.decode.json", b"{}", "not a Chrome/Kineto trace"),
+        ("t3.decode.json", b'{"traceEvents": 5}', "not a Chrome/Kineto trace"),
+        # an interrupted copy (before: an EOFError traceback, exit code 1)
+        ("t3.decode.json.gz", _PACKED[: len(_PACKED) // 2], "not a readable trace (EOFError"),
+        # a first deflate block of the reserved type (before: a zlib.error traceback, exit code 1)
+        ("t3.decode.json.gz", _PACKED[:10] + b"\xff" + _PACKED[11:], "not a readable trace (zlib.error: "),
+    ],
+    ids=["no-events", "events-not-a-list", "gzip-cut-in-half", "gzip-corrupted"],
+)
 def test_trace_read_of_json_that_is_no_trace_names_the_read_flag(
-    events: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    name: str, data: bytes, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    trace = tmp_path / "t3.decode.json"
-    trace.write_text(events)
+    trace = tmp_path / name
+    trace.write_bytes(data)
     assert main(["trace", "--read", str(trace)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: argument --read: "), errors
-    assert "not a Chrome/Kineto trace" in errors[0], errors
+    assert says in errors[0], errors
 
 
 @pytest.mark.parametrize(

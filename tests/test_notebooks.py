@@ -37,13 +37,18 @@ def test_stored_outputs_hold_no_upstream_progress_bars(path: Path) -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_stored_players_and_bars_show_where_they_ended(path: Path) -> None:
     """What a viewer without widgets (GitHub) shows of a player or a bar is its saved text: a
-    player's chunk table, a bar at its end (before 2026-12-04, "waiting for the first chunk" and
-    "0%" for runs that had finished: ``StreamPlayer``, ``core.progress``)."""
+    player's chunk table after its title (which tells a notebook's players apart), a bar at its end
+    (before 2026-12-04, "waiting for the first chunk" and "0%" for runs that had finished:
+    ``StreamPlayer``, ``core.progress``)."""
     for c in nbformat.read(path, as_version=4).cells:
         for o in c.get("outputs", []):
             text = "".join(o.get("data", {}).get("text/plain", ""))
             stale = "waiting for the first chunk" in text or " 0%|" in text
             assert not stale, f"{path.name}: {text[:120]}"
+            # a player's table: to_string(index=False)'s header (StreamPlayer._static_bundle)
+            if any(line.startswith(" index  emitted_s") for line in text.splitlines()):
+                markup = "".join(o["data"].get("text/html", ""))
+                assert markup.startswith("<p><b>"), f"{path.name}: a player's table without its title"
 
 
 def test_notebook_cells_run_with_upstreams_bars_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -264,8 +265,11 @@ def read_trace(path: str | Path) -> dict[str, Any]:
     try:
         with opener(path, "rt") as f:
             trace = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:  # gzip's BadGzipFile is an OSError
-        why = f"{type(e).__name__}: {e}"
+    # gzip's BadGzipFile is an OSError; a .gz cut short (an interrupted copy) ends in an EOFError,
+    # one with damaged bytes in a zlib.error (before 2026-12-05 both were tracebacks)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        kind = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__  # its name alone: "error"
+        why = f"{kind}: {e}"
         raise TraceError(f"{path} is not a readable trace ({why}): {TRACE_FILE_ASKED}") from None
     if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
         raise TraceError(

@@ -91,8 +91,9 @@ def _seconds(value: str) -> float:
 
 
 def _span(value: str, what: str, zero: bool, most: float) -> float:
-    """``_number`` up to ``most``: a window, prompt or fade of an hour at most (streaming's
-    MAX_SPAN_S, not imported: the parser stays light; 1e308 s overflowed a count of tokens)."""
+    """``_number`` up to ``most``: a window or prompt of an hour at most (streaming's MAX_SPAN_S,
+    not imported: the parser stays light; 1e308 s overflowed a count of tokens), a crossfade of
+    ``MAX_CROSSFADE_MS``."""
     x = _number(value, what, zero)
     if x > most:
         raise argparse.ArgumentTypeError(f"must be {what}, got {value!r}")
@@ -128,8 +129,16 @@ def _path(value: str) -> str:
     return value
 
 
+# The longest crossfade buffered streaming takes: half of it lies on either side of a seam, in the
+# 3 tokens of 40 ms that StreamConfig's default left context and lookahead hold. No flag sets those,
+# so a longer one is refused here, naming --crossfade-ms alone (StreamConfig's refusal asks for a
+# longer context). Not imported: the parser stays light; a test ties them.
+MAX_CROSSFADE_MS = 240
+
+
 def _fade(value: str) -> float:
-    return _span(value, "a number of milliseconds from 0 to 3600000", zero=True, most=3_600_000)
+    what = f"a number of milliseconds from 0 to {MAX_CROSSFADE_MS}"
+    return _span(value, what, zero=True, most=MAX_CROSSFADE_MS)
 
 
 def _positive(value: str) -> int:
@@ -660,8 +669,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        """A subcommand whose own --help starts with what it does."""
-        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        """A subcommand whose own --help starts with what it does; ``main`` reports a flag it
+        lacks through it (``command_parser``)."""
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        p.set_defaults(command_parser=p)
+        return p
 
     d = command("diagnose", help="one generation on a model, with a report")
     _common(d)
@@ -695,7 +707,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--first-window-s", type=_window, default=1.0, help="buffered: first window (audio s)")
     st.add_argument("--window-s", type=_window, default=3.5, help="buffered: later windows (audio s)")
-    st.add_argument("--crossfade-ms", type=_fade, default=40.0, help="buffered: overlap-add fade")
+    st.add_argument(
+        "--crossfade-ms",
+        type=_fade,
+        default=40.0,
+        help=f"buffered: overlap-add fade, {MAX_CROSSFADE_MS} ms at most (half on either side of a seam)",
+    )
     st.add_argument("--prompt-s", type=_window, help="keep only the last N s of the reference prompt")
     st.add_argument("--text", help=TEXT_HELP)
     _reference(st)
@@ -761,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--read",
         nargs="+",
+        type=_path,
         metavar="TRACE",
         help="read these trace files instead of profiling (no model; the profiling flags are refused)",
     )
@@ -805,7 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
             "server's GET /v1/models lists)")  # fmt: skip
     ld.add_argument("--streams", default="1,2,4,8", help="comma list of concurrency levels, e.g. 1,2,4,8")
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
-    ld.add_argument("--texts", help="file with one text per line (default: four built-in sentences)")
+    ld.add_argument(
+        "--texts", type=_path, help="file with one text per line (default: four built-in sentences)"
+    )
     _engine_flags(ld)
     ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")
@@ -881,7 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would report them from the top parser, whose help lists no command's flags
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.flags_given = _flags_given(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
     from ..core.constants import UPSTREAM_SENTENCE
