@@ -22,6 +22,7 @@ from tts_workbench.models.sources import load_model  # noqa: E402
 from tts_workbench.runtime.engine import StreamEngine  # noqa: E402
 from tts_workbench.runtime.generation import prepare_voice  # noqa: E402
 from tts_workbench.runtime.streaming import StreamConfig  # noqa: E402
+from tts_workbench.studies.bench import environment  # noqa: E402
 from tts_workbench.studies.load import DEFAULT_TEXTS  # noqa: E402
 
 
@@ -56,6 +57,7 @@ def main() -> None:
     print(file=sys.stderr)
     print(json.dumps({
         "what": "scripts/engine_soak.py: streams in a row through one engine (tiny model, CPU)",
+        "environment": environment("tiny", "cpu"),
         "streams": args.streams, "tokens": args.tokens, "ok": ok, "failed_on_purpose": failed,
         "free_rows_at_end": free, "rows": rows, "active_at_end": active, "queued_at_end": queued,
         "rss_mib_after_streams": rss_mib, "wall_s": time.perf_counter() - t0,

@@ -31,8 +31,9 @@
 # modules are missing is not started (recorded as skipped, the modules named). After EVERY step the
 # results file is rewritten from the step folder (and the folder packed beside it), so a call
 # killed at its limit still returns every step finished before. The whole run keeps to a deadline
-# (GPU_CHECK_DEADLINE_S, counted from the script's start): each step's limit is cut to what is
-# left of it, and a step that cannot get GPU_CHECK_MIN_STEP_S seconds is skipped, with why.
+# (GPU_CHECK_DEADLINE_S, counted from the script's start): each step's limit, and the wheel
+# install's, is cut to what is left of it, and a step that cannot get GPU_CHECK_MIN_STEP_S seconds
+# is skipped, with why. The results file is first written before the install.
 #
 #   scripts/gpu_check.sh            # on the GPU machine. The current default set (6 configs in
 #                                   # bfloat16, then sampling and the trace) has not been timed on a
@@ -81,7 +82,8 @@
 #   GPU_CHECK_NOTE=TEXT             # copied into the results file's `note`
 #   PYTHON=PATH                     # dry run and --combine: the Python to use (default .venv/bin/python;
 #                                   # the GPU run uses the image's python3)
-#   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE)
+#   scripts/gpu_check.sh --combine  # only write the results file from GPU_CHECK_DIR's steps (and GPU_CHECK_NOTE);
+#                                   # refused (status 2, nothing written) where the folder has no mode file
 set -uo pipefail
 # Requests to the serve step's server (127.0.0.1) go straight to it: urllib (the health wait) and
 # httpx (`load --url`) send them to the environment's http_proxy otherwise, which cannot reach this
@@ -101,6 +103,13 @@ fi
 [[ $MODE == combine ]] && BUNDLE=${GPU_CHECK_BUNDLE-} || BUNDLE=${GPU_CHECK_BUNDLE-${OUT%.json}_steps.tar.gz}
 CONFIGS=${GPU_CHECK_CONFIGS:-upstream,optimized,static,compiled,optimized-stream,compiled-stream}
 NEEDS_MODEL="torch transformers chatterbox"  # what every model step imports
+if [[ $MODE == combine && ! -f $DIR/mode ]]; then
+    # Combining a folder that is not there (the default runs/gpu_check, a mistyped GPU_CHECK_DIR)
+    # wrote an empty "complete" results file over OUT: by default the 2026-11-28 GPU result.
+    echo "gpu_check.sh --combine: no steps in $DIR (it has no mode file): unpack the calls'" \
+        "*_steps.tar.gz there first (tar xzf FILE -C $DIR), or name their folder with GPU_CHECK_DIR" >&2
+    exit 2
+fi
 mkdir -p "$DIR" "$(dirname "$OUT")"
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
@@ -111,9 +120,9 @@ COMBINE_PY=$(cat <<'PY'
 import json, os, shutil, sys, tarfile, time
 from pathlib import Path
 d, out, bundle, final = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "final"
-mode = (d / "mode").read_text().strip() if (d / "mode").exists() else "unknown"
+mode = (d / "mode").read_text().strip()  # written before any combine; --combine refuses a folder without it
 # A run takes only its own steps (files written since it wrote DIR/mode); --combine takes them all.
-since = (d / "mode").stat().st_mtime if sys.argv[5] == "run" and (d / "mode").exists() else None
+since = (d / "mode").stat().st_mtime if sys.argv[5] == "run" else None
 skipped, steps, errors = {}, {}, {}
 
 def read(p):
@@ -215,8 +224,12 @@ if traced and mode != "dry-run":  # the trimmed decode-region traces, kept besid
     keep = out.parent / "traces"
     keep.mkdir(exist_ok=True)
     for step, path in traced["traces"].items():
+        # named relative to the results file, as figures are: the copy comes back from a device
+        # call, the path it was cut to there does not (before 2026-12-05 that path was kept)
+        kept = f"traces/decode_{step}.json.gz"
         if Path(path).is_file():  # not when combining steps recorded on another machine
-            traced["traces"][step] = str(shutil.copy(path, keep / f"decode_{step}.json.gz"))
+            shutil.copy(path, out.parent / kept)
+            traced["traces"][step] = kept
 for name, study in (("load", load_study), ("serve-load", served)):
     for level in (study or {}).get("levels", []):  # the per-stream rows stay in the step's own JSON
         level.pop("per_stream", None)
@@ -289,8 +302,10 @@ if fusion:
           {k: v["fused_over_unfused"] for k, v in fusion.items() if isinstance(v, dict) and "median_ms" in v})
 if traced:
     from tts_workbench.studies.trace_report import format_decode_traces
+    # where each trace is from here (out.parent / an absolute path is that path)
+    here = {step: str(out.parent / path) for step, path in traced["traces"].items()}
     print("\n## T3 decode region traces, cut on the device and not read (trace --read reads them)\n"
-          + format_decode_traces(traced))
+          + format_decode_traces({**traced, "traces": here}))
 for name, why in skipped.items():
     print(f"skipped {name}: {why}")
 print(f"\nerrors: {sorted(errors) or 'none'}\nskipped: {sorted(skipped) or 'none'}\nwrote {out}"
@@ -308,41 +323,50 @@ if [[ $MODE == combine ]]; then
     combine final
     exit $?
 fi
-rm -f "$DIR/nvidia-smi.csv" "$DIR"/install.{json,err}
-echo "$MODE" > "$DIR/mode"  # read back by the combine: a dry run's steps never read as a GPU result
 if [[ $MODE == dry-run ]]; then
     PY=${PYTHON:-.venv/bin/python}; MODEL=tiny; MULTILINGUAL=multilingual-tiny; DEVICE=cpu; TOKENS=8; REPEATS=1; WARMUP=0
     LIMIT=${GPU_CHECK_STEP_LIMIT:-300}; DEADLINE=${GPU_CHECK_DEADLINE_S:-0}; MIN_STEP=${GPU_CHECK_MIN_STEP_S:-10}
 else
-    # The image's python3 is itself a venv holding CUDA torch: install the carried wheels into a
-    # folder that PYTHONPATH puts ahead of it (transformers 5.2.0 then shadows the image's newer one).
-    PY=python3
-    if ! timeout 300 $PY -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/site gpu-wheels/*.whl \
-        > "$TMP/install.log" 2>&1; then
-        cat "$TMP/install.log" >&2; cp "$TMP/install.log" "$DIR/install.err"
-        combine final; exit 1
-    fi
-    # The package runs from the checkout (the image's Python is 3.12; pyproject pins 3.11 for CI).
-    export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1
-    MODEL=random; MULTILINGUAL=multilingual-random; DEVICE=cuda; TOKENS=${GPU_CHECK_TOKENS:-150}; REPEATS=2; WARMUP=1
+    PY=python3; MODEL=random; MULTILINGUAL=multilingual-random; DEVICE=cuda
+    TOKENS=${GPU_CHECK_TOKENS:-150}; REPEATS=2; WARMUP=1
     LIMIT=${GPU_CHECK_STEP_LIMIT:-540}; DEADLINE=${GPU_CHECK_DEADLINE_S:-570}; MIN_STEP=${GPU_CHECK_MIN_STEP_S:-30}
-    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm \
-        --format=csv > "$DIR/nvidia-smi.csv" 2>&1
-    cat "$DIR/nvidia-smi.csv" >&2
 fi
 RESERVE=${GPU_CHECK_RESERVE_S:-30}
-REF=()
-if [[ $MODE == dry-run ]]; then  # a 2 s voice keeps the dry run short (S3Gen re-encodes the prompt every call)
-    REF=(--reference "${GPU_CHECK_REFERENCE:-$TMP/ref.wav}")  # a caller's own saves a process start
-    [[ -n ${GPU_CHECK_REFERENCE:-} ]] || $PY -c "import sys; from tts_workbench.models.reference import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
-fi
-
 left() { echo $((DEADLINE - SECONDS - RESERVE)); }  # seconds a step may still take (DEADLINE > 0)
 step_limit() {  # the step limit, cut to what the deadline leaves
     local limit=$LIMIT
     if ((DEADLINE > 0)) && (($(left) < limit)); then limit=$(left); fi
     echo $((limit < 1 ? 1 : limit))  # timeout 0 would mean none
 }
+
+rm -f "$DIR/nvidia-smi.csv" "$DIR"/install.{json,err,status}
+echo "$MODE" > "$DIR/mode"  # read back by the combine: a dry run's steps never read as a GPU result
+combine  # a call killed during the install returns a results file too (it returned none before 2026-12-05)
+if [[ $MODE == gpu ]]; then
+    # The image's python3 is itself a venv holding CUDA torch: install the carried wheels into a
+    # folder that PYTHONPATH puts ahead of it (transformers 5.2.0 then shadows the image's newer one).
+    # Under a step's limit: the deadline counts the install (it had its own 300 s before 2026-12-05).
+    limit=$(step_limit); t0=$SECONDS
+    timeout -k 15 "$limit" $PY -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+        gpu-wheels/*.whl > "$TMP/install.log" 2>&1
+    rc=$?
+    if ((rc != 0)); then  # its status read back like a step's: a stop at the limit is said so
+        cat "$TMP/install.log" >&2; cp "$TMP/install.log" "$DIR/install.err"
+        printf '{"rc": %d, "seconds": %d, "limit_s": %d}\n' "$rc" "$((SECONDS - t0))" "$limit" \
+            > "$DIR/install.status"
+        combine final; exit 1
+    fi
+    # The package runs from the checkout (the image's Python is 3.12; pyproject pins 3.11 for CI).
+    export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1
+    timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm \
+        --format=csv > "$DIR/nvidia-smi.csv" 2>&1
+    cat "$DIR/nvidia-smi.csv" >&2
+fi
+REF=()
+if [[ $MODE == dry-run ]]; then  # a 2 s voice keeps the dry run short (S3Gen re-encodes the prompt every call)
+    REF=(--reference "${GPU_CHECK_REFERENCE:-$TMP/ref.wav}")  # a caller's own saves a process start
+    [[ -n ${GPU_CHECK_REFERENCE:-} ]] || $PY -c "import sys; from tts_workbench.models.reference import make_reference_wav; make_reference_wav(sys.argv[1], seconds=2)" "$TMP/ref.wav"
+fi
 why_not() {  # why_not MODULES...: print why a step cannot start (time, missing modules); status 1 if it can
     if ((DEADLINE > 0)) && (($(left) < MIN_STEP)); then
         echo "not started: $((DEADLINE - SECONDS)) s were left of the ${DEADLINE} s deadline (GPU_CHECK_DEADLINE_S, $RESERVE s of it kept for the end), under the $MIN_STEP s a step gets at least (GPU_CHECK_MIN_STEP_S)"

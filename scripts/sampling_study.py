@@ -110,6 +110,7 @@ def main() -> None:
     out = {
         "environment": environment("none (random logits)", str(device)),
         "timer_threads": torch.get_num_threads(),  # the threads every Timer below ran with
+        "min_run_time": args.min_run_time,  # the seconds each way was timed for, at each level
         "rows": rows,
         "batched_over_one_by_one": {b: ms[b, "Sampler"] / ms[b, "upstream"] for b in levels},
         "compiled_processors": _processors(device, args.min_run_time),

@@ -21,10 +21,8 @@ PAGE = ROOT / "docs" / "gpu-check.md"
 MIB = 1 << 20
 
 
-def gpu_check(
-    tmp_path: Path, *args: str, **env: str
-) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """Run ``scripts/gpu_check.sh ARGS`` with results under tmp_path; (process, results file)."""
+def run_gpu_check(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``scripts/gpu_check.sh ARGS`` with its results file and step folder under tmp_path."""
     env = {
         **os.environ,
         "GPU_CHECK_OUT": str(tmp_path / "gpu.json"),
@@ -33,8 +31,15 @@ def gpu_check(
         "GPU_CHECK_DEADLINE_S": "540",  # its steps stop in time: none is left behind by a timeout here
         **env,
     }
-    p = subprocess.run(["bash", str(GPU_CHECK), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=580)  # fmt: skip
+    return subprocess.run(["bash", str(GPU_CHECK), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=580)  # fmt: skip
+
+
+def gpu_check(
+    tmp_path: Path, *args: str, **env: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``scripts/gpu_check.sh ARGS`` with results under tmp_path; (process, results file)."""
+    p = run_gpu_check(tmp_path, *args, **env)
     return p, json.loads((tmp_path / "gpu.json").read_text())
 
 
@@ -195,6 +200,63 @@ def test_the_trace_heading_says_the_traces_were_cut_not_read(tmp_path: Path) -> 
     assert result["trace"] == cut
     heading = next(line for line in p.stdout.splitlines() if line.startswith("## T3 decode"))
     assert "HolisticTraceAnalysis" not in heading and "not read" in heading
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_combine_refuses_a_folder_without_steps(tmp_path: Path, folder: str) -> None:
+    # --combine made a missing folder and wrote an empty "complete" results file over the one named:
+    # by default results/gpu_check.json, the 2026-11-28 GPU result the docs cite
+    steps = tmp_path / folder
+    if folder == "empty":
+        steps.mkdir()
+    p = run_gpu_check(tmp_path, "--combine", GPU_CHECK_DIR=str(steps))
+    assert p.returncode == 2, p.stderr[-2000:] + p.stdout[-2000:]
+    assert str(steps) in p.stderr and "_steps.tar.gz" in p.stderr
+    assert not (tmp_path / "gpu.json").exists()
+    assert steps.exists() == (folder == "empty")  # not created
+
+
+def test_combine_names_the_kept_traces_relative_to_the_results_file(tmp_path: Path) -> None:
+    # a GPU run's cut traces are copied to traces/ beside the results file; the file named them by
+    # the device machine's absolute path, gone once the files come back (figures were relative)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    (steps / "mode").write_text("gpu\n")
+    cut = tmp_path / "device" / "t3.decode.json.gz"
+    cut.parent.mkdir()
+    cut.write_bytes(b"the cut trace")
+    report = {"note": "cut only", "table": [], "traces": {"eager": str(cut)}, "device_events": {"eager": 0}}
+    (steps / "trace.json").write_text(json.dumps(report))
+    p, result = gpu_check(tmp_path, "--combine")
+    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
+    kept = result["trace"]["traces"]["eager"]
+    assert kept == "traces/decode_eager.json.gz"
+    assert (tmp_path / kept).read_bytes() == b"the cut trace"
+    assert f"eager: {tmp_path / kept}" in p.stdout  # shown where it is here
+
+
+def test_the_wheel_install_keeps_to_the_deadline(tmp_path: Path) -> None:
+    # The install ran under its own `timeout 300`, which the deadline never cut, and a call killed
+    # during it returned no results file. A python3 whose pip outlasts the deadline: the install is
+    # stopped at the deadline's limit, a results file already there while it ran.
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/bash\n"
+        'if [[ "$1 $2" == "-m pip" ]]; then\n'
+        '    [[ -f $GPU_CHECK_OUT ]] && echo "a results file was there during the install"\n'
+        "    sleep 30; exit 1\n"
+        "fi\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    path = f"{fake.parent}:{os.environ['PATH']}"
+    p, result = gpu_check(tmp_path, PATH=path, GPU_CHECK_DEADLINE_S="8", GPU_CHECK_RESERVE_S="2")
+    assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
+    error = result["errors"]["install"]
+    stopped = re.search(r"stopped at its time limit \((\d+) s\)", error)
+    assert stopped and int(stopped.group(1)) <= 6, error  # the deadline's 8 s less the 2 s reserve
+    assert "a results file was there during the install" in error
 
 
 def unpacked_steps(tmp_path: Path, name: str, files: dict[str, str], later: set[str]) -> Path:

@@ -80,7 +80,25 @@ def test_sampling_study_times_with_the_threads_it_records(
     monkeypatch.setattr(study, "_processors", lambda device, min_run_time: [])  # two compiles apart
     monkeypatch.setattr(sys, "argv", ["sampling_study", "--streams", "1", "--min-run-time", "0.01"])
     study.main()
-    assert json.loads(capsys.readouterr().out)["timer_threads"] == torch.get_num_threads()
+    out = json.loads(capsys.readouterr().out)
+    assert out["timer_threads"] == torch.get_num_threads()
+    assert out["min_run_time"] == 0.01  # each way's seconds timed, as asked
+
+
+# ---------------------------------------------------------------- engine_soak
+
+
+def test_engine_soak_records_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # its result had no date, device or versions (studies.bench.environment, recorded with every result)
+    soak = script("engine_soak")
+    monkeypatch.chdir(tmp_path)  # its reference goes to runs/soak/ under the working folder
+    monkeypatch.setattr(sys, "argv", ["engine_soak", "--streams", "5", "--tokens", "2"])
+    soak.main()
+    out = json.loads(capsys.readouterr().out)
+    assert (out["environment"]["model"], out["environment"]["device"]) == ("tiny", "cpu")
+    assert (out["ok"], out["failed_on_purpose"]) == (4, 1)
 
 
 # ---------------------------------------------------------------- gpu_identity
