@@ -227,8 +227,11 @@ if traced and mode != "dry-run":  # the trimmed decode-region traces, kept besid
         # named relative to the results file, as figures are: the copy comes back from a device
         # call, the path it was cut to there does not (before 2026-12-05 that path was kept)
         kept = f"traces/decode_{step}.json.gz"
-        if Path(path).is_file():  # not when combining steps recorded on another machine
+        if Path(path).is_file():
             shutil.copy(path, out.parent / kept)
+        # combining steps recorded on another machine: the device's path is gone, the copy that came
+        # back is named as above where it lies beside the results file (else the path is kept)
+        if (out.parent / kept).is_file():
             traced["traces"][step] = kept
 for name, study in (("load", load_study), ("serve-load", served)):
     for level in (study or {}).get("levels", []):  # the per-stream rows stay in the step's own JSON

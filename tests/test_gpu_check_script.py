@@ -233,6 +233,10 @@ def test_combine_names_the_kept_traces_relative_to_the_results_file(tmp_path: Pa
     assert kept == "traces/decode_eager.json.gz"
     assert (tmp_path / kept).read_bytes() == b"the cut trace"
     assert f"eager: {tmp_path / kept}" in p.stdout  # shown where it is here
+    # combined here from another machine's steps: its path is gone, the copy that came back is kept
+    cut.unlink()
+    p, result = gpu_check(tmp_path, "--combine")
+    assert p.returncode == 0 and result["trace"]["traces"]["eager"] == "traces/decode_eager.json.gz"
 
 
 def test_the_wheel_install_keeps_to_the_deadline(tmp_path: Path) -> None:

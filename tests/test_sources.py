@@ -240,7 +240,9 @@ def test_pretrained_offline_fails_at_once_and_says_what_to_do(
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     before = c.HF_HUB_OFFLINE
-    with pytest.raises(SourceError, match="load_model\\('/path/to/folder'\\)") as e:
+    with pytest.raises(
+        SourceError, match=r"load_model\('/path/to/folder'\) \(on the command line: --model /path/to/folder\)"
+    ) as e:
         load_model(source)
     assert f"download {files}" in str(e.value)
     assert c.HF_HUB_OFFLINE == before  # offline only during the call

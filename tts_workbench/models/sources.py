@@ -44,7 +44,7 @@ def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
             f"pretrained Chatterbox {family} weights could not be loaded ({_hub_failure(e, constants)}). "
             f"The workbench never downloads: download {', '.join(hub_files(fam))} and conds.pt from "
             f"{fam.repo} on a connected machine, copy them into a folder and use "
-            "load_model('/path/to/folder')"
+            "load_model('/path/to/folder') (on the command line: --model /path/to/folder)"
         ) from e
 
 
