@@ -107,7 +107,7 @@ if [[ $MODE == combine && ! -f $DIR/mode ]]; then
     # Combining a folder that is not there (the default runs/gpu_check, a mistyped GPU_CHECK_DIR)
     # wrote an empty "complete" results file over OUT: by default the 2026-11-28 GPU result.
     echo "gpu_check.sh --combine: no steps in $DIR (it has no mode file): unpack the calls'" \
-        "*_steps.tar.gz there first (tar xzf FILE -C $DIR), or name their folder with GPU_CHECK_DIR" >&2
+        "*_steps.tar.gz there first (mkdir -p $DIR && tar xzf FILE -C $DIR), or name their folder with GPU_CHECK_DIR" >&2
     exit 2
 fi
 mkdir -p "$DIR" "$(dirname "$OUT")"

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tts_workbench.core.constants import RANDOM_NO_STOP
-from tts_workbench.core.errors import CacheError
+from tts_workbench.core.errors import CacheError, NoVoiceError
 from tts_workbench.interface.cli import main
-from tts_workbench.models.sources import token_cap_note
+from tts_workbench.models.sources import load_model, token_cap_note
 from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
 from tts_workbench.studies import diagnose
 from tts_workbench.studies.diagnose import (
@@ -215,3 +215,15 @@ def _lstm_runs_under_float16_autocast() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def test_no_voice_names_a_fix_these_checks_take(reference_wav: Path) -> None:
+    """The decode-step and precision checks take no audio_prompt_path: before, their no-voice
+    error asked for one."""
+    bare = load_model("tiny")
+    calls = (lambda: diagnose.decode_step_plan(bare, "Hi.", "static", 3),
+             lambda: diagnose.diagnose_precision(bare, str(reference_wav)))  # fmt: skip
+    for call in calls:
+        with pytest.raises(NoVoiceError, match=r"prepare_voice\(tts, wav\)") as refused:
+            call()
+        assert "audio_prompt_path" not in str(refused.value)

@@ -83,11 +83,10 @@ def test_stream_command_output_counts_what_came_after_the_last_chunk() -> None:
 
 @pytest.mark.parametrize(
     ("before", "said"),
-    [(1.5, "built in 1.50 s before the first token: inside the first chunk's time"),
-     (1.0, "built in 1.00 s before the first token: inside the first chunk's time, and 0.50 s mid-way "
-           "for a longer span")],
+    [(1.5, "built in 1.50 s before the first chunk: inside its time"),
+     (1.0, "built in 1.00 s before the first chunk: inside its time, and 0.50 s after it for a longer span")],
 )  # fmt: skip
-def test_t3_compiling_is_printed_before_the_first_token_and_mid_way_apart(before: float, said: str) -> None:
+def test_t3_compiling_is_printed_before_the_first_chunk_and_after_it_apart(before: float, said: str) -> None:
     # Before, all of t3_compile_s was printed as before the first token, a longer span's too.
     report = _report()
     doc = {

@@ -198,20 +198,20 @@ def _quality_text(q: dict[str, Any], chunks: int) -> str:
 
 
 def _t3_compile_text(report: dict[str, Any]) -> list[str]:
-    """What building T3's compiled step cost, if anything: the part before the first token (in
-    the first chunk's time) and the rest, a longer span compiled mid-way (in a later chunk's).
-    Before 2026-12-05 the whole was printed as before the first token, though with a reused plan
-    none of it came there."""
+    """What building T3's compiled step cost, if anything: the part before the first chunk (in
+    its time: the step, and any longer span a long first window reached) and the rest, a longer
+    span compiled after it (in a later chunk's). Before 2026-12-05 the whole was printed as before
+    the first token, though with a reused plan none of it came there."""
     total = report.get("t3_compile_s")
     if not total:
         return []
     before = report["t3_compile_before_first_s"]
     line = (
-        f"T3 decode step ({report['t3_step_mode']}) built in {before:.2f} s before the first token: "
-        "inside the first chunk's time"
+        f"T3 decode step ({report['t3_step_mode']}) built in {before:.2f} s before the first chunk: "
+        "inside its time"
     )
     if total > before:
-        line += f", and {total - before:.2f} s mid-way for a longer span"
+        line += f", and {total - before:.2f} s after it for a longer span"
     return [line]
 
 

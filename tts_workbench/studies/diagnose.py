@@ -16,7 +16,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from ..core.clock import FEW_REPEATS, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.devices import check_device
-from ..core.errors import CacheError, ConfigError, NoVoiceError, SourceError, naming_flag
+from ..core.errors import PREPARE_FIRST, CacheError, ConfigError, NoVoiceError, SourceError, naming_flag
 from ..core.families import components
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
@@ -177,7 +177,7 @@ def decode_step_plan(tts: ChatterboxTTS, text: str, step: str, tokens: int = 20)
     bench sizes its own); a run past the positions of a GPT-2 backbone (Turbo's), which no step
     can decode, is refused naming ``--text``. ``tts`` must have a prepared voice."""
     if tts.conds is None:
-        raise NoVoiceError("prepare a voice before checking the decode step")
+        raise NoVoiceError("prepare a voice before checking the decode step", fix=PREPARE_FIRST)
     plan = DecodePlan.plain(tts.t3, step=check_decode(step, torch.device(tts.device)))
     tokens = step_tokens(tokens)
     prefill = prefill_length(tts, text)
@@ -283,7 +283,7 @@ def diagnose_precision(
     and S3Gen alone on valid tokens (so its own failure shows even when T3 fails first).
     """
     if tts.conds is None:
-        raise NoVoiceError("condition the model in float32 before diagnose_precision")
+        raise NoVoiceError("condition the model in float32 before diagnose_precision", fix=PREPARE_FIRST)
     with restored(tts) as conds:
         return _precision_stages(tts, conds, reference, dtype, autocast, tokens, seed, text)
 
