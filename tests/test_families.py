@@ -29,7 +29,15 @@ from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import s3gen_inference, tail_tokens
 from tts_workbench.runtime.alignment import alignment
-from tts_workbench.runtime.decode import DecodePlan, decode_blocks, t3_decode, text_tokens
+from tts_workbench.runtime.decode import (
+    DEFAULT_MAX_CACHE_LEN,
+    MIN_SPAN,
+    DecodePlan,
+    decode_blocks,
+    prefill_length,
+    t3_decode,
+    text_tokens,
+)
 from tts_workbench.runtime.generation import generate, prepare_voice, token_cap
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
 from tts_workbench.runtime.precision import check_conditionals
@@ -245,6 +253,20 @@ def test_turbo_decode_samples_exactly_inference_turbo_tokens(
     ours = t3_decode(turbo.t3, turbo.conds.t3, text, max_new_tokens=N, plan=plan)
     assert ours.step_mode == step and upstream.shape == ours.tokens.shape == (1, N)
     assert torch.equal(upstream, ours.tokens)
+
+
+def test_turbo_static_step_crosses_a_span_with_inference_turbos_tokens(
+    turbo: ChatterboxTurboTTS, turbo_upstream: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    # With the default cache the step attends to 256 slots, then 512 once prefill (186) and tokens
+    # pass 256 (decode.MIN_SPAN): the test above fits one span of 384, so no Turbo test crossed one.
+    text, upstream = turbo_upstream
+    torch.manual_seed(7)
+    plan = DecodePlan.plain(turbo.t3, step="static", max_cache_len=DEFAULT_MAX_CACHE_LEN)
+    prefill = prefill_length(turbo, "Hello there, this is a turbo test.")  # the fixture's text
+    assert prefill < MIN_SPAN < prefill + N < DEFAULT_MAX_CACHE_LEN
+    ours = t3_decode(turbo.t3, turbo.conds.t3, text, max_new_tokens=N, plan=plan)
+    assert ours.step_mode == "static" and torch.equal(upstream, ours.tokens)
 
 
 @pytest.mark.parametrize("step", ["eager", "static"])
