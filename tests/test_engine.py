@@ -1162,8 +1162,8 @@ def test_a_reader_that_stops_frees_its_rows(tts: ChatterboxTTS) -> None:
             break  # leaving the loop closes the stream
         assert quitter.closed
         assert [c for c, _ in stayer]
-        for _ in range(100):  # the T3 stage frees the rows before its next step
-            if engine.free_rows() == 4:
+        for _ in range(100):  # the rows at T3's next step, the place a S3Gen pass later
+            if engine.free_rows() == 4 and engine.active() == 0:
                 break
             time.sleep(0.05)
         assert engine.free_rows() == 4 and engine.active() == 0
@@ -1270,8 +1270,11 @@ def test_async_readers_that_leave_free_their_rows(tts: ChatterboxTTS) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await waiting
         assert reading.closed and queued.closed and not queued.sampled
-        for _ in range(200):  # the T3 stage frees the rows before its next step (bounded)
-            if engine.free_rows() == 2 and engine.queued() == 0:
+        # The T3 stage frees the rows before its next step; the stream keeps its place (active)
+        # until the S3Gen stage has let go of it, a pass later (bounded: before, the loop waited
+        # for the rows alone and the check below caught it still active, once in a fresh clone).
+        for _ in range(200):
+            if engine.free_rows() == 2 and engine.queued() == 0 and engine.active() == 0:
                 break
             await asyncio.sleep(0.05)
 
@@ -1286,8 +1289,8 @@ def test_leaving_as_ready_early_closes_every_stream(tts: ChatterboxTTS) -> None:
         for _k, _chunk, _m in as_ready(handles):
             break
         assert all(h.closed for h in handles)
-        for _ in range(200):  # bounded
-            if engine.free_rows() == 4:
+        for _ in range(200):  # bounded; the rows at T3's next step, the place a S3Gen pass later
+            if engine.free_rows() == 4 and engine.active() == 0:
                 break
             time.sleep(0.05)
         assert engine.free_rows() == 4 and engine.active() == 0
