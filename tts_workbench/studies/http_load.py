@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 
 from ..core.constants import REQUEST_SEEDS, SAMPLE_RATE
-from ..core.errors import ConfigError, as_int
+from ..core.errors import ConfigError, as_int, naming_flag
 from ..core.progress import progress_bar
 from ..instruments.latency import gap_summary, underruns
 from ..models.sources import token_cap_note
@@ -31,6 +31,7 @@ from .load import (
     DEFAULT_TEXTS,
     FIRST_AUDIO_LIMIT_S,
     arrival_offsets,
+    checked_level_seed,
     checked_levels,
     conclude,
     listener_summary,
@@ -53,19 +54,15 @@ HEAD_BYTES = max(map(len, CONTAINERS))
 
 def checked_request_seed(seed: object, largest: int) -> int:
     """``seed`` as an int, or a ConfigError naming ``--seed`` where a stream of the ``largest``
-    level would send a seed the server refuses: stream k of a level sends ``seed + k``."""
+    level would send a seed the server refuses (``load.checked_level_seed`` at a request's bound):
+    found now, not as failed streams once the levels before have run."""
     whole = as_int(seed)
-    if whole is None or whole < 0:
+    if whole is None or not 0 <= whole < REQUEST_SEEDS:
         raise ConfigError(
             f"argument --seed: must be an integer from 0 to 2**63 - 1 (a request's seed), got {seed!r}"
         )
-    last = whole + largest - 1
-    if last >= REQUEST_SEEDS:  # found now, not as failed streams once the levels before have run
-        raise ConfigError(
-            f"argument --seed: {whole}: the {largest}-stream level's last stream sends seed {last}, past "
-            f"2**63 - 1, the largest a request's seed may be: give {REQUEST_SEEDS - largest} or less"
-        )
-    return whole
+    with naming_flag("--seed", ConfigError):
+        return checked_level_seed(whole, largest, REQUEST_SEEDS)
 
 
 class EndpointError(ConfigError):

@@ -109,15 +109,17 @@ def checked_levels(levels: Sequence[int], given: str) -> list[int]:
     return sorted(int(n) for n in levels)
 
 
-def checked_level_seed(seed: object, largest: int) -> int:
+def checked_level_seed(seed: object, largest: int, bound: int = 2**64) -> int:
     """``seed`` as an int (``decode.checked_seed``), or a ConfigError where the ``largest`` level's
-    last stream would take a seed no generator takes: stream k of a level takes ``seed + k``."""
+    last stream would take a seed of ``bound`` or more (a power of two; by default the engine's,
+    past which no generator takes one; a server's may be less): stream k of a level takes
+    ``seed + k``."""
     whole = checked_seed(seed)
     last = whole + largest - 1
-    if last >= 2**64:  # the engine's bound (checked_seed): found now, not once the levels before ran
+    if last >= bound:  # found now, not once the levels before ran
         raise ConfigError(
-            f"seed {whole}: the {largest}-stream level's last stream takes seed {last}, past 2**64 - 1: "
-            f"give {2**64 - largest} or less"
+            f"seed {whole}: the {largest}-stream level's last stream takes seed {last}, past "
+            f"2**{bound.bit_length() - 1} - 1: give {bound - largest} or less"
         )
     return whole
 
