@@ -15,11 +15,14 @@ from typing import Any
 import pandas as pd
 import pytest
 from chatterbox.tts import ChatterboxTTS
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from tts_workbench.core.errors import ConfigError, TraceError
 from tts_workbench.instruments import trace_analysis
 from tts_workbench.instruments.attention import device_attention_kernel
-from tts_workbench.instruments.plots import device_time_figure
+from tts_workbench.instruments.plots import device_time_figure, memory_figure
 from tts_workbench.instruments.profiling import EAGER
 from tts_workbench.instruments.trace_analysis import (
     CPU_ONLY_NOTE,
@@ -68,6 +71,33 @@ def _launch(ts: float, dur: float, corr: int) -> dict[str, Any]:
     args = {"correlation": corr, "External id": corr}
     return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "pid": 1, "tid": 1,
             "ts": ts, "dur": dur, "args": args}  # fmt: skip
+
+
+def _no_bar_note(fig: Figure) -> Text:
+    """The device-time figure's "no bar for ..." note (a figure's or its axes' text)."""
+    return next(t for t in [*fig.texts, *fig.axes[0].texts] if t.get_text().startswith("no bar for"))
+
+
+def _said(fig: Figure) -> str:
+    """``_no_bar_note``'s words, its line breaks (it is wrapped to the figure) as spaces."""
+    return " ".join(_no_bar_note(fig).get_text().split())
+
+
+def _check_device_time_layout(fig: Figure) -> None:
+    """The no-bar note and the x label drawn apart, each inside the figure, and a legend (where
+    there are bars to key) of one colour per stage: the note was drawn over the label and cut off
+    below the figure, and with no bar the legend's entries were all one colour."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg's, without a display
+    ax, page = fig.axes[0], fig.bbox
+    note, label = (t.get_window_extent(renderer) for t in (_no_bar_note(fig), ax.xaxis.label))
+    assert not note.overlaps(label), (note, label)
+    for box in (note, label):
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, box
+    legend = ax.get_legend()
+    if legend is not None:
+        colours = [to_hex(h.get_facecolor()) for h in legend.legend_handles]  # type: ignore[union-attr]
+        assert len(set(colours)) == len(colours) == 4, colours
 
 
 @pytest.fixture
@@ -292,7 +322,8 @@ def test_real_gpu_trace_region(tmp_path: Path) -> None:
     assert table["run"].tolist() == ["whole", "region"]
     cpu = pd.DataFrame([{"run": "cpu", "device": "cpu only", "note": CPU_ONLY_NOTE}])
     fig = device_time_figure(pd.concat([table, cpu], ignore_index=True))
-    assert len(fig.axes[0].get_yticklabels()) == 2 and "cpu: " in fig.texts[0].get_text()
+    assert len(fig.axes[0].get_yticklabels()) == 2 and "cpu: " in _said(fig)
+    _check_device_time_layout(fig)  # with bars beside the note
     assert table["span_us"].iloc[1] < table["span_us"].iloc[0]
 
 
@@ -330,10 +361,13 @@ def test_cpu_trace_says_what_hta_cannot_show(cpu_traces: tuple[Path, dict[str, P
     reports = read_traces(regions)
     for r in reports.values():
         assert not r.analyzed and r.note == CPU_ONLY_NOTE and r.summary()["device"] == "cpu only"
-    assert "no device activity" in format_decode_traces(decode_trace_report(reports, "tiny, float32"))
+    text = format_decode_traces(decode_trace_report(reports, "tiny, float32"))
+    assert "no device activity" in text
+    assert text.startswith("HolisticTraceAnalysis read none of these T3 decode regions:"), text
     # the figure says so too (it raised a KeyError), beside a run that has device time
     fig = device_time_figure(compare(reports))
-    assert not fig.axes[0].patches and f"eager: {CPU_ONLY_NOTE}" in fig.texts[0].get_text()
+    assert not fig.axes[0].patches and f"eager: {CPU_ONLY_NOTE}" in _said(fig)
+    _check_device_time_layout(fig)  # no bar at all: two long notes
 
 
 def test_cut_only_reports_where_the_regions_are(cpu_traces: tuple[Path, dict[str, Path]]) -> None:
@@ -491,7 +525,7 @@ def test_the_device_time_figure_says_why_each_run_has_no_bar(
 ) -> None:
     monkeypatch.setitem(sys.modules, "hta.trace_analysis", None)  # a GPU trace left unread
     unread, cpu = analyze(known_trace), TraceReport("t.json", device="cpu only", note=CPU_ONLY_NOTE)
-    said = device_time_figure(compare({"gpu": unread, "cpu": cpu})).texts[0].get_text()
+    said = _said(device_time_figure(compare({"gpu": unread, "cpu": cpu})))
     assert f"gpu: {NO_HTA_NOTE}" in said and f"cpu: {CPU_ONLY_NOTE}" in said
     assert said.count("no device activity") == 1  # the CPU trace's; the unread GPU trace was labelled so too
 
@@ -506,11 +540,14 @@ def test_trace_sizes_each_static_cache_before_it_empties_a_folder(
     old.parent.mkdir()
     old.write_text("{}")
     # one token is the prefill's: no decode step ran, so no t3.decode range, found with folders emptied
-    refusals = [(["static", "fast"], 8, "unknown decode step 'fast'"), (["static"], 0, "at least 2"),
-                (["static"], 1, "at least 2, got 1: the first token comes from the prefill")]  # fmt: skip
-    for steps, tokens, says in refusals:
+    # keep=0 was refused by region_trace, after the profiled run, naming its own "occurrences"
+    refusals = [(["static", "fast"], 8, None, "unknown decode step 'fast'"),
+                (["static"], 0, None, "at least 2"),
+                (["static"], 1, None, "at least 2, got 1: the first token comes from the prefill"),
+                (["static"], 8, 0, r"^keep must be at least 1 \(or None: .+\), got 0$")]  # fmt: skip
+    for steps, tokens, keep, says in refusals:
         with pytest.raises(ConfigError, match=says):
-            decode_traces(tiny_tts, steps, tmp_path, tokens=tokens, text="Hello there.")
+            decode_traces(tiny_tts, steps, tmp_path, tokens=tokens, text="Hello there.", keep=keep)
         assert old.is_file(), steps  # refused before any folder was emptied
     small = trace_report.decode_plan
     monkeypatch.setattr(trace_report, "decode_plan", lambda *a: replace(small(*a), max_cache_len=8))
@@ -585,3 +622,32 @@ def test_read_traces_parses_each_trace_once(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setattr(module, "read_trace", counted)
     reports = read_traces({"a100": GPU_TRACE})
     assert reports["a100"].analyzed and parsed.count(GPU_TRACE) == 1, parsed
+
+
+def test_the_memory_figure_keeps_its_legend_off_the_totals() -> None:
+    # The legend sat in the lower right, over the total written beside the last bars.
+    for configs in (["upstream", "optimized"], ["upstream", "autocast", "static", "compiled"]):
+        n = len(configs)
+        memory = pd.DataFrame({"config": configs, "weights_gib": [1.0] * n,
+                               "kv_cache_gib": [0.0, 0.5] * (n // 2),
+                               "run_growth_gib": [0.2 + 0.05 * i for i in range(n)]})  # fmt: skip
+        memory["total_gib"] = memory[["weights_gib", "kv_cache_gib", "run_growth_gib"]].sum(axis=1)
+        fig = memory_figure(memory)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg's, without a display
+        ax, key = fig.axes[0], fig.axes[0].get_legend()
+        assert key is not None
+        legend = key.get_window_extent(renderer)
+        totals = [t.get_window_extent(renderer) for t in ax.texts]
+        assert len(totals) == n and not any(t.overlaps(legend) for t in totals), configs
+        assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1 and legend.y1 <= fig.bbox.y1, legend
+
+
+def test_the_text_report_says_so_when_hta_read_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its heading said "Read by HolisticTraceAnalysis:" above traces HTA had not read.
+    read = format_decode_traces(decode_trace_report(read_traces({"a100": GPU_TRACE}), "read"))
+    assert read.startswith("Read by HolisticTraceAnalysis:"), read
+    monkeypatch.setitem(sys.modules, "hta.trace_analysis", None)  # as on the GPU image
+    unread = format_decode_traces(decode_trace_report(read_traces({"a100": GPU_TRACE}), "unread"))
+    assert "read by holistictraceanalysis" not in unread.lower(), unread
+    assert unread.startswith("HolisticTraceAnalysis read none of these traces") and NO_HTA_NOTE in unread

@@ -5,14 +5,20 @@ Without a display matplotlib picks the Agg backend by itself; Jupyter sets its i
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..core.files import written
+
+# How many characters of 7-point text an inch of figure holds, with room to spare (DejaVu Sans
+# averages about 4 points a character at that size).
+NOTE_CHARS_PER_INCH = 17
 
 
 def generation_figure(wav: np.ndarray, sr: int, seconds: dict[str, float], title: str) -> Figure:
@@ -108,7 +114,7 @@ def load_figure(levels: pd.DataFrame, first_audio_limit_s: float | None = None) 
 def memory_figure(memory: pd.DataFrame, device: str = "cpu") -> Figure:
     """The bench's memory per configuration (``bench.memory_frame``): weights, static KV cache
     and the run's own growth stacked per configuration, in GiB."""
-    fig, ax = plt.subplots(figsize=(8, 0.9 + 0.45 * len(memory)))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(memory)))
     left = np.zeros(len(memory))
     parts = (("weights_gib", "weights", "tab:blue"), ("kv_cache_gib", "static KV cache", "tab:orange"),
              ("run_growth_gib", "run growth", "tab:green"))  # fmt: skip
@@ -118,9 +124,11 @@ def memory_figure(memory: pd.DataFrame, device: str = "cpu") -> Figure:
     for y, total in enumerate(memory["total_gib"]):
         ax.annotate(f"{total:.2f}", (total, y), textcoords="offset points", xytext=(4, -3), fontsize=8)
     where = "CUDA allocated" if device == "cuda" else "resident"
-    ax.set(xlabel=f"GiB ({where})", title="memory per configuration: what each alone would hold")
+    ax.set_xlabel(f"GiB ({where})")
+    ax.set_title("memory per configuration: what each alone would hold", pad=20)
     ax.invert_yaxis()
-    ax.legend(loc="lower right", fontsize=8)
+    # above the bars, under the title: inside them it covered the totals written beside the last bars
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -141,18 +149,33 @@ def device_time_figure(table: pd.DataFrame, title: str = "device time in the dec
         ("idle: host wait", host, "tab:red"),
         ("idle: other", table["idle_pct"] - host, "tab:gray"),
     )
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.45 * len(table)))
+    notes = missing[["run", "note"]].fillna("")
+    said = "; ".join(f"{run}: {note}" for run, note in notes.itertuples(index=False))
+    # wrapped here: matplotlib wraps a text only as it draws it, after tight_layout has sized it
+    wrap = textwrap.TextWrapper(NOTE_CHARS_PER_INCH * 8, break_on_hyphens=False)  # `tts-workbench` whole
+    note = wrap.fill(f"no bar for {said}") if len(missing) else ""
+    lines = note.count("\n") + 1 if note else 0
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.45 * len(table) + 0.12 * lines))  # a 7-point line: 0.12 in
     left = np.zeros(len(table))
     for label, share, color in parts:
         ax.barh(table["run"], share, left=left, color=color, label=label)
         left += share.to_numpy()
     ax.set(xlabel="% of the device's span (HolisticTraceAnalysis)", xlim=(0, 100))
-    if len(missing):  # said, not drawn as empty bars
-        notes = missing[["run", "note"]].fillna("")
-        said = "; ".join(f"{run}: {note}" for run, note in notes.itertuples(index=False))
-        fig.text(0.01, 0.01, f"no bar for {said}", fontsize=7, wrap=True)
-    ax.set_title(title, pad=24)
+    if note:  # said, not drawn as empty bars
+        _note_below_xlabel(ax, note)
     ax.invert_yaxis()
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)
+    if len(table):  # with no bar, a key would be four entries of one colour
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8, frameon=False)
+    else:
+        ax.set_yticks([])
+    ax.set_title(title, pad=24 if len(table) else None)
     fig.tight_layout()
     return fig
+
+
+def _note_below_xlabel(ax: Axes, note: str) -> None:
+    """``note`` in small print under ``ax``'s x label, from the axes' left edge: an axes' text, so
+    ``tight_layout`` makes room for it (it leaves a figure's text out: one at the figure's foot
+    was drawn over the label and cut off)."""
+    ax.annotate(note, xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -4),
+                textcoords="offset points", va="top", fontsize=7)  # fmt: skip

@@ -73,6 +73,7 @@ def decode_traces(
     ids = text_tokens(tts, text)
     # Every check before any folder is emptied: a refusal leaves the earlier traces as they were.
     _check_decode_tokens(tokens)
+    _check_keep(keep)
     check_new_tokens(tts.t3, tokens)
     prefill = checked_prefill(tts, text, tokens, name="tokens")
     base, need = decode_plan(tts, policy), positions_needed(prefill, tokens)
@@ -105,6 +106,13 @@ def _check_decode_tokens(tokens: int) -> None:
             f"tokens must be at least 2, got {tokens}: the first token comes from the prefill, and "
             f"the {REGION} region is the decode steps after it"
         )
+
+
+def _check_keep(keep: int | None) -> None:
+    """A ConfigError naming ``keep`` for fewer than 1 step: ``region_trace`` refuses it too, but
+    as its own ``occurrences`` and only after the profiled run, its folder emptied."""
+    if keep is not None and keep < 1:
+        raise ConfigError(f"keep must be at least 1 (or None: every decode step), got {keep}")
 
 
 def _step_ran(step: str, plan: DecodePlan, ran: DecodeResult) -> dict[str, str | None]:
@@ -197,6 +205,14 @@ def cut_report(regions: Mapping[str, Path], note: str) -> dict[str, Any]:
     }
 
 
+def _read_heading(regions: bool, any_read: bool) -> str:
+    """The text report's first line: what was read (T3 decode regions, or traces read whole) and
+    whether HTA read any of it (not where it is not installed, nor a CPU-only trace)."""
+    if not any_read:
+        return f"HolisticTraceAnalysis read none of these {'T3 decode regions' if regions else 'traces'}:"
+    return "T3 decode region, read by HolisticTraceAnalysis:" if regions else "Read by HolisticTraceAnalysis:"
+
+
 def format_decode_traces(report: dict[str, Any]) -> str:
     """The side-by-side table of the traces HTA read, what each is (``_what``), a note for each
     it could not read, each one's attention and top kernels, and where the traces are."""
@@ -207,11 +223,8 @@ def format_decode_traces(report: dict[str, Any]) -> str:
         # (a cut report written before 2026-12-05 has no steps)
         ran = [f"{label}: {_step_words(**step)}" for label, step in report.get("steps", {}).items() if step]
         return "\n".join([head, *ran, *traces, report["note"]])
-    regions = all(row.get("region") for row in report["table"])
-    lines = [
-        "T3 decode region, read by HolisticTraceAnalysis:" if regions else "Read by HolisticTraceAnalysis:"
-    ]
     read = [row for row in report["table"] if row.get("idle_pct") is not None]
+    lines = [_read_heading(all(row.get("region") for row in report["table"]), bool(read))]
     if read:
         cols = ["run", "device", "compute_pct", "idle_pct", "idle_host_wait_pct", "launches",
                 "kernels_per_launch", "median_launch_delay_us", "gpu_shorter_than_launch_pct"]  # fmt: skip
