@@ -286,6 +286,46 @@ def test_a_reference_given_to_generate_is_checked_as_prepare_voice_checks_it(
     assert tiny_tts.conds is conds  # refused before anything was prepared
 
 
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        ({"temprature": 0.5}, "unexpected keyword argument 'temprature'"),
+        ({"language_id": "en"}, "unexpected keyword argument 'language_id'"),  # the standard model's
+    ],
+)
+def test_an_argument_upstream_generate_does_not_take_is_refused_before_the_voice_is_prepared(
+    tiny_tts: ChatterboxTTS, reference_wav: Path, call: dict[str, Any], named: str
+) -> None:
+    # Before, the reference was prepared into tts.conds, and only then upstream generate raised a
+    # TypeError: the caller's voice was replaced by a call that failed. (The fixture's own
+    # reference: were it prepared, the session's voice would stay the same.)
+    conds = tiny_tts.conds
+    with pytest.raises(ConfigError, match=f"upstream's standard generate got an {named}"):
+        generate(tiny_tts, "Hello.", max_new_tokens=4, audio_prompt_path=str(reference_wav), **call)
+    assert tiny_tts.conds is conds
+
+
+@pytest.mark.parametrize(("samples", "accepted"), [(120010, True), (120000, False)])
+def test_turbos_five_seconds_are_measured_as_upstream_measures_them(
+    tmp_path: Path, samples: int, accepted: bool
+) -> None:
+    # Before, the check read ReferenceInfo.seconds, rounded to 3 decimals: 5.0004 s (120010
+    # samples at 24 kHz), which upstream's `len(wav) / sr > 5.0` accepts, was refused as 5.0 s.
+    data, sr = sf.read(make_reference_wav(tmp_path / "r10.wav", seconds=10.0), dtype="float32")
+    path = tmp_path / "r5.wav"
+    sf.write(path, data[:samples], sr)
+    turbo = load_model("turbo-tiny")
+    conds = turbo.conds
+    if accepted:
+        prepare_voice(turbo, str(path))
+        assert turbo.conds is not conds
+    else:
+        with pytest.raises(
+            SourceError, match=r"longer than 5 s; .* has 5\.00000 s \(120000 samples at 24000 Hz"
+        ):
+            prepare_voice(turbo, str(path))
+
+
 def test_seeded_generations_in_two_threads_speak_their_solo_tokens_and_leave_the_global_generator(
     tiny_tts: ChatterboxTTS,
 ) -> None:
@@ -428,12 +468,14 @@ def test_two_threads_giving_one_model_their_own_voices_each_speak_theirs(
         assert np.array_equal(together[i][0], wav) and together[i][1] == exaggeration, f"thread {i}"
 
 
+@pytest.mark.parametrize("writer", ["generate", "prepare_voice"])
 def test_a_generate_that_writes_no_voice_takes_its_turn_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
     """Upstream generate reads the voice twice (T3, then S3Gen). Before 2026-12-05 a call that
-    wrote none took no turn: a call writing another voice between the two reads gave its S3Gen
-    that voice. Here A (the prepared voice) waits after T3 for B's voice to be written."""
+    wrote none took no turn, and before 2026-12-06 prepare_voice wrote one without taking it: a
+    call writing another voice between the two reads gave its S3Gen that voice. Here A (the
+    prepared voice) waits after T3 for B's voice (B's generate's, or prepare_voice's) to be written."""
     refs = [str(make_reference_wav(tmp_path / f"v{i}.wav", seconds=3.0, seed=i)) for i in (1, 2)]
     tts = load_model("tiny")
 
@@ -469,7 +511,11 @@ def test_a_generate_that_writes_no_voice_takes_its_turn_too(
 
     def b() -> None:
         assert a_decoded.wait(60)
-        got["B"] = speak(audio_prompt_path=refs[1])
+        if writer == "generate":
+            got["B"] = speak(audio_prompt_path=refs[1])
+        else:
+            prepare_voice(tts, refs[1])
+            got["B"] = np.zeros(0)  # done
 
     threads = [threading.Thread(target=f, name=f.__name__.upper()) for f in (a, b)]
     for t in threads:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
 from torch import nn
 
 from ..core.clock import Stopwatch, now
-from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_GENERATE_CAP, UPSTREAM_SENTENCE
+from ..core.constants import SAMPLE_RATE, SPEECH_VOCAB_SIZE, UPSTREAM_GENERATE_CAP, UPSTREAM_SENTENCE
 from ..core.errors import (
     PASS_A_PATH,
     ConfigError,
@@ -219,6 +220,14 @@ def _float32_loudness(original: Callable[..., np.ndarray]) -> Callable[..., np.n
     return norm_loudness
 
 
+def _loaded_samples(reference: str, info: ReferenceInfo) -> int:
+    """The samples of ``reference`` as upstream Turbo's ``prepare_conditionals`` loads it and
+    asserts on (``len(wav) / sr > 5.0``): librosa.load at S3Gen's rate, whose resampling makes
+    ``ceil(frames * ratio)`` of them. Not ``info.seconds``: rounded to 3 decimals, 5.0004 s read 5.0."""
+    frames = sf.info(reference).frames
+    return int(np.ceil(frames * (SAMPLE_RATE / info.sample_rate)))  # as librosa.resample computes it
+
+
 def prepare_voice(
     tts: TTSModel, reference: str, exaggeration: float = 0.5, norm_loudness: bool = True
 ) -> ReferenceInfo:
@@ -228,9 +237,13 @@ def prepare_voice(
     family = family_of(tts)
     info = check_reference(reference)
     turbo = family.name == "turbo"
-    if turbo and info.seconds <= 5.0:  # upstream asserts it
-        raise SourceError(f"Turbo needs a reference longer than 5 s; {reference} has {info.seconds} s")
-    with shared(tts, "norm_loudness", _float32_loudness) if turbo else nullcontext():
+    if turbo and (samples := _loaded_samples(reference, info)) / SAMPLE_RATE <= 5.0:  # upstream asserts it
+        raise SourceError(
+            f"Turbo needs a reference longer than 5 s; {reference} has {samples / SAMPLE_RATE:.5f} s "
+            f"({samples} samples at {SAMPLE_RATE} Hz, as upstream loads it)"
+        )
+    # In turn: a generate running on this model reads the voice again for S3Gen after T3.
+    with voice_turn(tts), shared(tts, "norm_loudness", _float32_loudness) if turbo else nullcontext():
         tts.prepare_conditionals(
             reference, exaggeration=exaggeration, **({"norm_loudness": norm_loudness} if turbo else {})
         )
@@ -292,7 +305,8 @@ def generate(
     by ``prepare_voice`` (its checks and fixes) before upstream runs; the sampling settings are
     checked first (``sampling.check_sampling``, as the workbench's own loop checks them; and
     cfg_weight 0, which upstream's standard generate fails on, refused) and upstream is handed
-    the values checked (``Family.sampling_with``: top_k an int, the others floats).
+    the values checked (``Family.sampling_with``: top_k an int, the others floats). An argument
+    upstream's ``generate`` does not take is refused (ConfigError) before the voice is prepared.
     Calls on one model take turns (``voice_turn``: upstream keeps one voice and one analyzer per
     model, and reads the voice twice); the wall time starts at this call's turn."""
     seed, max_new_tokens = checked_call(seed, max_new_tokens)
@@ -318,6 +332,14 @@ def generate(
             "upstream's standard generate cannot decode without guidance: give cfg_weight above 0, "
             "or use the optimized wrapper (optimize=True), which decodes cfg_weight 0 unguided"
         )
+    upstream = inspect.signature(tts.generate)
+    try:  # before the reference is prepared: upstream's TypeError came once the voice was replaced
+        upstream.bind(text, audio_prompt_path=reference, **sampling)
+    except TypeError as e:  # inspect's words name the argument
+        takes = ", ".join(upstream.parameters)
+        raise ConfigError(
+            f"upstream's {family.name} generate {e}: give only those it takes ({takes})"
+        ) from None
     methods = {
         "t3": (tts.t3, family.t3_inference),
         "s3gen.flow": (tts.s3gen, "flow_inference"),
@@ -330,7 +352,7 @@ def generate(
         if reference:  # as upstream's ``if audio_prompt_path`` (in the wall time, as there), with the checks
             # Prepared as upstream generate would: its exaggeration default (Turbo's is 0.0), and
             # Turbo's norm_loudness, which upstream generate only uses for this.
-            default = inspect.signature(tts.generate).parameters["exaggeration"].default
+            default = upstream.parameters["exaggeration"].default
             norm = sampling.pop("norm_loudness", True) if family.name == "turbo" else True
             prepare_voice(tts, reference, sampling.get("exaggeration", default), norm)
         with (
