@@ -106,3 +106,18 @@ def test_a_seeded_build_is_its_seeds_while_another_thread_draws_and_leaves_its_d
     # Only that thread drew from the global generator: its numbers are seed 5's, none twice.
     own = torch.Generator().manual_seed(5)
     assert torch.equal(torch.cat(drawn), torch.cat([torch.rand(1, generator=own) for _ in drawn]))
+
+
+def test_a_draw_given_its_own_generator_is_left_alone() -> None:
+    # Only ``generator=`` was looked for: drawing() added a second generator to
+    # ``poisson(x, g)`` (a TypeError), and drawing_all() to aten's poisson, which takes it by
+    # position (a RuntimeError).
+    x = torch.ones(4) * 3
+    calls = {
+        StreamRandom.drawing: lambda: torch.poisson(x, torch.Generator().manual_seed(7)),
+        StreamRandom.drawing_all: lambda: torch.poisson(x, generator=torch.Generator().manual_seed(7)),
+    }
+    for mode, call in calls.items():
+        with mode(StreamRandom(1)):
+            drawn = call()
+        assert torch.equal(drawn, call()), mode.__name__

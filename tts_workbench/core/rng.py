@@ -110,6 +110,13 @@ def _made_on(kwargs: dict[str, Any]) -> torch.device | str:
     return kwargs.get("device") or torch.get_default_device()
 
 
+def _given_generator(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call has a generator of its own, by keyword or by position: ``poisson(x, g)``,
+    and aten's poisson, _standard_gamma and rrelu_with_noise, which take it by position (before
+    2026-12-06 only ``generator=`` was looked for, and a second one was added: torch refused it)."""
+    return kwargs.get("generator") is not None or any(isinstance(a, torch.Generator) for a in args)
+
+
 class _Drawing(TorchFunctionMode):
     def __init__(self, generator: Callable[[torch.device | str], torch.Generator]) -> None:
         super().__init__()
@@ -121,7 +128,7 @@ class _Drawing(TorchFunctionMode):
         kwargs = kwargs or {}
         # Every torch call of the thread comes through here: the common case (no draw) is one
         # set lookup, and the caller's kwargs are copied only when a generator is added.
-        if func in _RANDOM and kwargs.get("generator") is None:
+        if func in _RANDOM and not _given_generator(args, kwargs):
             if func in _ON_INPUT:  # a Tensor method gets its tensor by position, a function may not
                 device = (args[0] if args else kwargs["input"]).device
             elif func is torch.normal:  # on its tensor mean or std, else as a factory
@@ -152,7 +159,7 @@ class _DrawingAll(TorchDispatchMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if torch.Tag.nondeterministic_seeded not in func.tags or kwargs.get("generator") is not None:
+        if torch.Tag.nondeterministic_seeded not in func.tags or _given_generator(args, kwargs):
             return func(*args, **kwargs)
         # It draws on its first tensor's device (an input, or out=), a factory on its device=.
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
