@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import types
 from collections.abc import Callable
@@ -409,6 +410,26 @@ def test_a_scoped_item_with_another_value_waits_until_the_item_is_free() -> None
         with pytest.raises(RuntimeError, match="not nested"), scoped_item(configs, "tiny", "B"):
             pass  # would wait for this thread to leave
     assert configs == {}
+
+
+def test_a_scoped_item_that_cannot_be_set_leaves_nothing_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.environ takes strings only. Before, the item was held before it was set: after the
+    TypeError it stayed held with no users, and a user with another value waited for ever."""
+    monkeypatch.delenv("TTS_WORKBENCH_SCOPED", raising=False)
+    with pytest.raises(TypeError), scoped_item(os.environ, "TTS_WORKBENCH_SCOPED", True):
+        pass
+    assert (id(os.environ), "TTS_WORKBENCH_SCOPED") not in patching._items
+    seen: list[str | None] = []
+
+    def other() -> None:
+        with scoped_item(os.environ, "TTS_WORKBENCH_SCOPED", "1"):
+            seen.append(os.environ.get("TTS_WORKBENCH_SCOPED"))
+
+    thread = threading.Thread(target=other, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and seen == ["1"]
+    assert "TTS_WORKBENCH_SCOPED" not in os.environ
 
 
 def test_multilingual_readers_in_two_threads_leave_the_logger_and_the_hub_as_they_were(

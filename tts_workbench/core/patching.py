@@ -36,6 +36,7 @@ Everything the workbench does to a user's model goes through here:
 - ``own_code``: a copy of a function with its own code object, for ``torch.compile``.
 - ``HOLDERS``: the open wrapper that has each model changed for a while, so that code below the
   wrapper's layer (a save) can refuse a model whose weights are the wrapper's cast copies.
+  ``holding`` takes a model there (refused while another holds it), ``let_go`` gives it back.
 """
 
 from __future__ import annotations
@@ -62,9 +63,36 @@ M = TypeVar("M", bound=nn.Module)
 
 # The open wrapper of each model (runtime.optimized's PerformanceOptimizedTTS), by the model's id:
 # the wrapper holds the model, so the id is not reused while it lives. The wrapper puts itself here
-# at the start of its construction, before it changes the model (two built at once must not both
-# find the model free), and takes itself out when it has given the model back.
+# at the start of its construction (``holding``), before it changes the model (two built at once
+# must not both find the model free), and takes itself out when it has given the model back
+# (``let_go``).
 HOLDERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+# Held while a holder checks that its model is free and takes it, and while one lets it go: before
+# 2026-12-05 the check and the taking were a whole constructor apart (the "auto" measurement), and
+# two wrappers built at once on one model both found it free.
+_holders_lock = threading.Lock()
+
+
+@contextmanager
+def holding(model: object, holder: object, refusal: Callable[[], Exception]) -> Iterator[None]:
+    """Take ``model`` for ``holder`` in ``HOLDERS`` (``refusal()`` is raised while another holds
+    it) for the block and after it, until ``let_go``; let go at once if the block fails."""
+    with _holders_lock:
+        if id(model) in HOLDERS:
+            raise refusal()
+        HOLDERS[id(model)] = holder
+    try:
+        yield
+    except BaseException:
+        let_go(model, holder)
+        raise
+
+
+def let_go(model: object, holder: object) -> None:
+    """Let ``model`` be taken again, if ``holder`` holds it."""
+    with _holders_lock:
+        if HOLDERS.get(id(model)) is holder:
+            del HOLDERS[id(model)]
 
 
 @contextmanager
@@ -311,8 +339,10 @@ def scoped_item(mapping: MutableMapping[str, Any], key: str, value: Any) -> Iter
             raise RuntimeError(f"{key!r} is set to another value by this thread already: not nested")
         _items_free.wait_for(lambda: item not in _items or _items[item][0] == value)
         if item not in _items:
-            _items[item] = [value, [], mapping.get(key, _MISSING)]
+            before = mapping.get(key, _MISSING)
+            # first: if it fails (os.environ takes strings only), nothing is held
             mapping[key] = value
+            _items[item] = [value, [], before]
         _items[item][1].append(me)
     try:
         yield
@@ -321,11 +351,13 @@ def scoped_item(mapping: MutableMapping[str, Any], key: str, value: Any) -> Iter
             _items[item][1].remove(me)
             if not _items[item][1]:
                 before = _items.pop(item)[2]
-                if before is _MISSING:
-                    del mapping[key]
-                else:
-                    mapping[key] = before
-                _items_free.notify_all()
+                try:
+                    if before is _MISSING:
+                        del mapping[key]
+                    else:
+                        mapping[key] = before
+                finally:  # the item is free even if putting it back failed: wake those waiting
+                    _items_free.notify_all()
 
 
 class _Kept:

@@ -50,7 +50,7 @@ from ..core.constants import HALF_DTYPES, dtype_name
 from ..core.devices import check_device
 from ..core.errors import PREPARE_FIRST, ConfigError, NoVoiceError
 from ..core.families import components, family_of
-from ..core.patching import HOLDERS, ModuleSnapshot
+from ..core.patching import ModuleSnapshot, holding, let_go
 from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
 from ..instruments.attention import KernelRecord, configured_backend, record_kernels, why_not_flash
@@ -434,38 +434,15 @@ def _upstream_takes_none(optimize: bool, options: dict[str, Any]) -> None:
         )
 
 
-# Held while a wrapper checks that its model is free and takes it (``HOLDERS``), and while one
-# gives it back: before 2026-12-05 the check and the taking were a whole constructor apart (the
-# "auto" measurement), and two wrappers built at once on one model both found it free.
-_TAKING = threading.Lock()
-
-
-@contextmanager
-def _taking(tts: ChatterboxTTS, wrapper: PerformanceOptimizedTTS) -> Iterator[None]:
-    """Take ``tts`` for ``wrapper`` (refused while an open wrapper, or one being built, holds it)
-    for the block, the wrapper's construction, and after it; given back if the block fails."""
-    with _TAKING:
-        if id(tts) in HOLDERS:
-            # a copy is no way out: a deep copy of a model fails (HiFT's weight norm keeps non-leaf
-            # tensors), and one made while it is wrapped has the wrapper's cast weights
-            raise ConfigError(
-                "this model is already wrapped by an open PerformanceOptimizedTTS: close it first (or "
-                "use it), or load the model again (load_model, or PerformanceOptimizedTTS.from_local) "
-                "for another wrapper; each wrapper gives the model back as it found it"
-            )
-        HOLDERS[id(tts)] = wrapper
-    try:
-        yield
-    except BaseException:
-        _give_back(tts, wrapper)
-        raise
-
-
-def _give_back(tts: ChatterboxTTS, wrapper: PerformanceOptimizedTTS) -> None:
-    """Let ``tts`` be wrapped again, if ``wrapper`` holds it."""
-    with _TAKING:
-        if HOLDERS.get(id(tts)) is wrapper:
-            del HOLDERS[id(tts)]
+def _already_wrapped() -> ConfigError:
+    """The refusal of a second wrapper of a model an open wrapper, or one being built, holds."""
+    # a copy is no way out: a deep copy of a model fails (HiFT's weight norm keeps non-leaf
+    # tensors), and one made while it is wrapped has the wrapper's cast weights
+    return ConfigError(
+        "this model is already wrapped by an open PerformanceOptimizedTTS: close it first (or "
+        "use it), or load the model again (load_model, or PerformanceOptimizedTTS.from_local) "
+        "for another wrapper; each wrapper gives the model back as it found it"
+    )
 
 
 class PerformanceOptimizedTTS(Pipeline):
@@ -491,7 +468,7 @@ class PerformanceOptimizedTTS(Pipeline):
         # Each wrapper restores the model as it found it: a second one, opened on a model the first
         # has changed, would restore the first one's bfloat16 copy when it closes. Taken before
         # anything else: a second wrapper built meanwhile (while "auto" measures) is refused.
-        with _taking(tts, self):
+        with holding(tts, self, _already_wrapped):
             self.tts = tts
             self.cpp_wrapper = cpp_wrapper  # the compiled decode step's, on a CPU (DecodePlan)
             self.fused = fused  # the static and compiled steps run a copy with fused projections (DecodePlan)
@@ -635,7 +612,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 self._final = self.configuration()
             finally:  # the model goes back even if the report fails
                 self._stack.close()
-                _give_back(self.tts, self)
+                let_go(self.tts, self)
                 for plan in self.plans.values():
                     plan.drop_static()
                 self.plans.clear()
