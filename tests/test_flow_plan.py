@@ -19,7 +19,7 @@ from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models import vocode
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
-from tts_workbench.models.vocode import FlowPlan, flow_mels
+from tts_workbench.models.vocode import FlowPlan, fade_in, flow_mels, vocoder
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, one_shot, stream_all
 
 TEXT = "Fixed shapes for the flow."
@@ -54,6 +54,23 @@ def test_padded_frames_leave_the_real_frames_as_they_were(tts: ChatterboxTTS) ->
     # the first 17 tokens' frames (the encoder is not causal: the mask is what keeps them apart).
     changed = _mels(tts, torch.nn.functional.pad(tokens, (0, 23)))[..., :34]
     assert ((changed - plain).norm() / plain.norm()).item() > 1e-3
+
+
+def test_the_vocoders_output_fades_in_outside_inference_mode(tts: ChatterboxTTS) -> None:
+    wav, _ = vocoder(tts.s3gen, _mels(tts, torch.arange(100, 110)[None]))
+    assert wav[..., :480].abs().max() > 0  # the check can fail: the head is not silent before the fade
+    fade_in(tts.s3gen, wav)  # before: "Inplace update to inference tensor outside InferenceMode"
+    assert not wav[..., :480].any()  # upstream's fade: its first 20 ms zero, then a cosine ramp
+    assert wav[..., 960:].abs().max() > 0
+
+
+def test_a_prompt_with_an_odd_mel_frame_gives_one_frame_less(tts: ChatterboxTTS) -> None:
+    # upstream embed_ref of a reference under 10 s and not a multiple of 40 ms keeps one mel frame
+    # more than twice its tokens (streaming.shorten_prompt drops it): the flow then makes 2T-1 frames
+    wav = 0.1 * np.random.default_rng(0).standard_normal(72500).astype(np.float32)
+    gen = tts.s3gen.embed_ref(wav, 24000)
+    assert gen["prompt_feat"].size(1) == 2 * gen["prompt_token"].size(1) + 1
+    assert flow_mels(tts.s3gen, torch.arange(10) + 100, gen).shape == (1, 80, 19)
 
 
 @pytest.mark.integration  # two cold estimator compiles (~100 s of one core); notebook 07 shares them

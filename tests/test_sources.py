@@ -479,6 +479,29 @@ def test_a_damaged_tokenizer_cache_names_the_file(tmp_path: Path, monkeypatch: p
         load_model("tiny")  # before: "EOF while parsing a value", no file named
 
 
+@pytest.mark.parametrize("donor", ["turbo", "multilingual", "standard"])
+def test_another_familys_tokenizer_in_the_cache_names_the_file(
+    donor: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Turbo's GPT-2 file: upstream EnTokenizer fails a bare assert (before: IndexError reading its
+    # empty message); Multilingual's loads, its ids past T3's (before: "use the tokenizer files
+    # that were saved with these weights", which a build has none of, and no file named); the
+    # standard one as Multilingual's vocabulary loads, with no language tokens.
+    monkeypatch.setenv("TTS_WORKBENCH_CACHE", str(tmp_path))
+    size, name = "tiny", "tokenizer.json"
+    if donor == "turbo":
+        shutil.copy(frontends.build_gpt2_tokenizer(tmp_path / "gpt2") / name, tmp_path)
+    elif donor == "multilingual":
+        frontends.build_grapheme_vocab(tmp_path / name)
+    else:
+        size, name = "multilingual-tiny", FAMILIES["multilingual"].files[3]
+        build_tokenizer_json(tmp_path / name)
+    with pytest.raises(SourceError, match=rf"cached tokenizer .*{re.escape(name)}.*delete it") as e:
+        load_model(size)
+    assert str(tmp_path / name) in str(e.value)
+    assert "saved with these weights" not in str(e.value)
+
+
 def _pt_layout(folder: Path) -> Path:
     """Checkpoint ``folder`` with its weights moved to the streaming fork's ``.pt`` files."""
     for name in ("ve", "t3_cfg", "s3gen"):
@@ -701,12 +724,14 @@ def test_a_near_silent_reference_is_refused_naming_its_level(reference_wav: Path
     voice, sr = sf.read(reference_wav)
     sf.write(path, 0.1 * voice, sr)  # quiet speech, 20 dB under the generated voice, is accepted
     assert check_reference(path).notes == []
-    # speech only after the first 10 s, all upstream makes the voice of: refused (it passed, the
-    # whole file measured, before 2026-12-04), and the same speech at the start is accepted
+    # speech only after the first 10 s, S3Gen's whole prompt: refused (it passed, the whole file
+    # measured, before 2026-12-04), and the same speech at the start is accepted
     room = np.random.default_rng(1).normal(0, 10 ** (-70 / 20), 12 * sr)
     sf.write(path, np.r_[room, 0.1 * voice[: 3 * sr]], sr)
-    with pytest.raises(SourceError, match="silence in its first 10 s.*trim the silence"):
+    with pytest.raises(SourceError, match="silence in its first 10 s.*trim the silence") as e:
         check_reference(path)
+    # what each part of the voice hears: Turbo's T3 prompt is its first 15 s (upstream ENC_COND_LEN)
+    assert re.search(r"first 6 s.*Turbo's 15 s.*voice encoder", str(e.value))
     sf.write(path, np.r_[0.1 * voice[: 3 * sr], room], sr)
     assert check_reference(path).seconds == 15.0
 

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from ..core.errors import SourceError
 from ..core.families import FAMILIES, TTSModel
 from ..core.patching import scoped_item
 from ..core.rng import StreamRandom
-from .frontends import check_tokenizer, default_tokenizer, read_tokenizer
+from .frontends import check_tokenizer, default_tokenizer, missing_tokens, read_tokenizer
 
 
 @dataclass(frozen=True)
@@ -226,20 +227,38 @@ def assemble(
     return model
 
 
+def _cached_tokenizer(family: str) -> Any:
+    """The family's text front end from the cache (``default_tokenizer``, written there if missing).
+    One the build cannot use is named, to be deleted and written again: a file that cannot be read
+    (upstream EnTokenizer's check of [START]/[STOP] is a bare assert, with no message), or another
+    family's file under this family's name, which can load and read text with the other's ids."""
+    path = default_tokenizer(family)
+    try:
+        tokenizer = read_tokenizer(family, path)
+    except Exception as e:  # tokenizers raises a bare Exception for bad JSON, transformers others
+        raise _stale(path, f"cannot be read ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from e
+    lacks = missing_tokens(family, tokenizer)
+    if lacks is not None:
+        raise _stale(path, f"has no {lacks}: another family's tokenizer?")
+    try:
+        check_tokenizer(tokenizer, _hp(family).text_tokens_dict_size)
+    except SourceError as e:  # without its fix (the files saved with the weights): a build has none
+        raise _stale(path, f"does not fit T3 ({str(e).split(';')[0]})") from e
+    return tokenizer
+
+
+def _stale(path: Path, why: str) -> SourceError:
+    """The refusal of the cached tokenizer ``path``, ``why``, with the fix."""
+    return SourceError(f"the cached tokenizer {path} {why}: delete it; the next build writes it again")
+
+
 def build_model(size: str, device: str = "cpu", seed: int = 0) -> TTSModel:
     """A random-weight model of one of ``MODELS`` (family and sizes by name)."""
     if size not in MODELS:
         raise SourceError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
     dev = check_device(device)
     family, cfg = MODELS[size]
-    path = default_tokenizer(family)
-    try:
-        tokenizer = read_tokenizer(family, path)
-    except Exception as e:  # tokenizers raises a bare Exception for bad JSON, transformers others
-        raise SourceError(
-            f"the cached tokenizer {path} cannot be read ({str(e).strip().splitlines()[0]}): "
-            "delete it; the next build writes it again"
-        ) from e
+    tokenizer = _cached_tokenizer(family)
     # Seeded weights (the watermarker upstream's constructor builds draws too).
     with own_random_state(seed):
         t3, s3gen = build_t3(family, cfg), build_s3gen(family, cfg)

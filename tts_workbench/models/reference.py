@@ -28,8 +28,10 @@ MIN_REFERENCE_DBFS = -60.0
 # (a pause takes the rest). Before 2026-12-04 a tenth of the file: 0.9 s of speech before 9 s of
 # quiet room tone was refused as silence.
 LEVEL_S = 0.1
-# Upstream prepare_conditionals makes S3Gen's prompt of a reference's first 10 s (DEC_COND_LEN)
-# and T3's of its first 6 s: speech after them conditions nothing.
+# Upstream prepare_conditionals makes S3Gen's prompt (its mels, tokens and speaker embedding: all of
+# the voice's timbre) of a reference's first 10 s (DEC_COND_LEN), T3's speech prompt of its first
+# 6 s (Turbo's: 15 s, ENC_COND_LEN); the voice encoder embeds the whole file. Speech only after
+# 10 s leaves S3Gen a prompt of silence.
 PROMPT_S = 10.0
 SPEECH_ASKED = (
     f"a recording of speech of {MIN_REFERENCE_S} s or more (3 s or more for a usable voice; "
@@ -146,9 +148,10 @@ def check_reference(path: str | Path) -> ReferenceInfo:
     if data.shape[0] > prompt and _voice_level(data[:prompt], sr) < MIN_REFERENCE_DBFS:
         # (before 2026-12-04 the whole file was measured: a voice made of room tone passed)
         raise SourceError(
-            f"reference audio {path} is silence in its first {PROMPT_S:g} s, the part upstream makes "
-            "the voice of (S3Gen's prompt; T3's is its first 6 s), and speaks only after them: trim "
-            "the silence before the speech"
+            f"reference audio {path} is silence in its first {PROMPT_S:g} s and speaks only after them, "
+            "so S3Gen's prompt, the voice's whole timbre reference, would be silence (T3's speech prompt "
+            "is the first 6 s, Turbo's 15 s; the voice encoder hears all of it): trim the silence before "
+            "the speech"
         )
     notes = []
     if data.shape[1] > 1:

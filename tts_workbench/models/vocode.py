@@ -237,7 +237,10 @@ def flow_mels(
     plan: FlowPlan | None = None,
     pad_to: int | None = None,
 ) -> torch.Tensor:
-    """Mel frames (1, 80, 2·tokens) for speech ``tokens`` after the reference prompt in ``gen``.
+    """Mel frames (1, 80, 2·tokens) for speech ``tokens`` after the reference prompt in ``gen``;
+    one frame fewer, 2·tokens - 1, where the prompt has one frame more than twice its tokens, as
+    upstream ``embed_ref`` leaves a reference under 10 s that is not a multiple of 40 ms
+    (``streaming.shorten_prompt`` drops that frame, so every token gets two).
 
     Always finalized, every token's frames made (upstream's ``finalize=False``, which drops the
     last ``pre_lookahead_len`` tokens' frames, fails in its own mask there; before 2026-12-04 it
@@ -277,8 +280,10 @@ def vocoder(
 
 def fade_in(s3gen: S3Gen, wav: torch.Tensor) -> None:
     """Upstream's fade-in over the first 40 ms of ``wav`` (..., samples), in place: it hides the
-    spill-over from the reference prompt at the start of every ``S3Gen.inference`` output."""
-    with torch.no_grad():
+    spill-over from the reference prompt at the start of every ``S3Gen.inference`` output.
+    Under inference mode, where ``vocoder``'s output (an inference tensor) can be updated in place;
+    a normal tensor is updated as under ``no_grad``."""
+    with torch.inference_mode():
         n = min(len(s3gen.trim_fade), wav.shape[-1])
         wav[..., :n] *= s3gen.trim_fade[:n].to(wav)
 
