@@ -494,7 +494,7 @@ def test_another_familys_tokenizer_in_the_cache_names_the_file(
     elif donor == "multilingual":
         frontends.build_grapheme_vocab(tmp_path / name)
     else:
-        size, name = "multilingual-tiny", FAMILIES["multilingual"].files[3]
+        size, name = "multilingual-tiny", frontends.GRAPHEME_VOCAB
         build_tokenizer_json(tmp_path / name)
     with pytest.raises(SourceError, match=rf"cached tokenizer .*{re.escape(name)}.*delete it") as e:
         load_model(size)

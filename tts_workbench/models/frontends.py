@@ -20,7 +20,6 @@ from chatterbox.models.tokenizers import EnTokenizer, MTLTokenizer
 from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
 
 from ..core.errors import SourceError
-from ..core.families import FAMILIES
 from ..core.files import built_once
 from ..core.patching import scoped_item
 
@@ -33,6 +32,10 @@ GPT2_TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+
+# The cached grapheme vocabulary's name, versioned: v2 (2026-12-06) added punctuation, and a cache
+# built before keeps its v1 file (upstream's name), which nothing reads now.
+GRAPHEME_VOCAB = "grapheme_vocab_v2.json"
 
 
 def build_tokenizer_json(path: Path) -> Path:
@@ -50,9 +53,12 @@ def build_grapheme_vocab(path: Path) -> Path:
     ``grapheme_mtl_merged_expanded_v1.json``: the same special tokens and ids as the English one
     (``[STOP]`` 0, ``[START]`` 255), one token per language (``[fr]``, ...), and the characters
     of the 23 languages' scripts after NFKD decomposition (Latin, combining accents, Greek,
-    Cyrillic, Hebrew, Arabic, Devanagari, kana, Hangul jamo), all below T3's 2454 text ids."""
+    Cyrillic, Hebrew, Arabic, Devanagari, kana, Hangul jamo) and their punctuation (Latin-1's
+    ¿ ¡ « » °, general punctuation, currency signs, CJK's 。 and 「」), all below T3's 2454 text ids."""
     blocks = [(0x21, 0x7F), (0xC0, 0x250), (0x300, 0x370), (0x370, 0x400), (0x400, 0x500)]
     blocks += [(0x590, 0x600), (0x600, 0x700), (0x900, 0x980), (0x1100, 0x1200), (0x3040, 0x3100)]
+    # Added 2026-12-06 (¿ and 。 read as [UNK]), after the others: every earlier character keeps its id.
+    blocks += [(0xA1, 0xC0), (0x2010, 0x2028), (0x2030, 0x205F), (0x20A0, 0x20C1), (0x3000, 0x3040)]
     chars = [chr(c) for lo, hi in blocks for c in range(lo, hi) if chr(c).isprintable()]
     return _save_char_tokenizer(path, chars, [f"[{code}]" for code in SUPPORTED_LANGUAGES])
 
@@ -203,5 +209,5 @@ def default_tokenizer(family: str) -> Path:
     if family == "turbo":
         return built_once(cache / "gpt2_tokenizer", build_gpt2_tokenizer)
     if family == "multilingual":
-        return built_once(cache / FAMILIES["multilingual"].files[3], build_grapheme_vocab)
+        return built_once(cache / GRAPHEME_VOCAB, build_grapheme_vocab)
     return built_once(cache / "tokenizer.json", build_tokenizer_json)
