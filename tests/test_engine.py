@@ -437,12 +437,23 @@ def test_a_stream_that_ends_leaves_before_the_step_it_does_not_need(tts: Chatter
         assert h.tokens == tokens and np.allclose(wav, alone, atol=1e-5)
 
 
-def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: ChatterboxTTS) -> None:
-    import copy
+def another_voice(tts: ChatterboxTTS, tmp_path: Path) -> Any:
+    """A voice of its own (a server's request, say), from a 2.5 s reference where the model's is
+    3 s: it speaks other tokens and audio. The model keeps its voice. Not a fixture: pytest would
+    hold the voice that a test checks is freed."""
+    model_voice = tts.conds
+    tts.prepare_conditionals(str(make_reference_wav(tmp_path / "r.wav", seconds=2.5)))
+    other, tts.conds = tts.conds, model_voice
+    return other
+
+
+def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(
+    tts: ChatterboxTTS, tmp_path: Path
+) -> None:
     import gc
     import weakref
 
-    voice = copy.copy(tts.conds)  # a voice of its own (a server's request, say)
+    voice = another_voice(tts, tmp_path)
     engine = StreamEngine(tts, max_streams=1, config=CONFIG)
     try:
         with engine.together():  # it waits: the model's voice changes before it is admitted
@@ -450,9 +461,12 @@ def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(tts: 
             own = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS, conds=voice)
             model_voice, tts.conds = tts.conds, None
         try:
-            assert [m for _, m in default] and [m for _, m in own]
+            spoken = [[c for c, _ in h] for h in (default, own)]
         finally:
             tts.conds = model_voice
+        assert all(spoken) and own.state.voice is voice and default.state.voice is model_voice
+        # the same text and seed, another voice: not the model's audio (a voice ignored would be)
+        assert not np.array_equal(*(np.concatenate(chunks) for chunks in spoken))
         cache = weakref.ref(engine._kv[0][0])
     finally:
         engine.close()
@@ -468,9 +482,7 @@ def test_a_streams_one_shot_yardstick_speaks_the_voice_of_its_submit(
 ) -> None:
     # Before, the engine left handle.state.voice None: one_shot fell back to the model's voice,
     # and a stream in another voice was compared with audio it never spoke (38 dB, not equal).
-    model_voice = tts.conds
-    tts.prepare_conditionals(str(make_reference_wav(tmp_path / "r.wav", seconds=2.5)))
-    other, tts.conds = tts.conds, model_voice
+    other = another_voice(tts, tmp_path)
     config = StreamConfig("buffered", first_window_s=30, window_s=60)  # one window: the one-shot call
     with StreamEngine(tts, max_streams=1, config=config) as engine:
         h = engine.submit(TEXTS[0], seed=3, max_new_tokens=20, conds=other)

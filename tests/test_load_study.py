@@ -22,7 +22,7 @@ from tts_workbench.interface.cli import SERVER_FLAGS, build_parser, main
 from tts_workbench.models import sources, vocode
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime.engine import StreamEngine
-from tts_workbench.runtime.streaming import StreamConfig
+from tts_workbench.runtime.streaming import StreamConfig, stream_tokens
 from tts_workbench.studies import load
 from tts_workbench.studies.load import (
     FIRST_AUDIO_LIMIT_S,
@@ -442,14 +442,27 @@ def one_failed(tiny_tts: ChatterboxTTS) -> dict[str, Any]:
 
 
 def test_the_solo_check_skips_the_streams_that_failed_and_counts_them(
-    tiny_tts: ChatterboxTTS, one_failed: dict[str, Any]
+    tiny_tts: ChatterboxTTS, one_failed: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(before: it ran the failed stream alone, which raised its error again: notebook 09's check
     died instead of reporting)"""
     first, second = one_failed["levels"][0]["per_stream"]
     assert first["error"] is None and second["error"].startswith("EmptyTextError: ")
+    compared: list[str] = []  # the texts run alone: all([]) is True, so a check of none would pass
+
+    def counted(tts: Any, text: str, **kwargs: Any) -> Any:
+        compared.append(text)
+        return stream_tokens(tts, text, **kwargs)
+
+    monkeypatch.setattr(load, "stream_tokens", counted)
     solo = same_as_solo(tiny_tts, one_failed)
     assert solo[["streams", "solo_tokens", "failed"]].values.tolist() == [[2, True, 1]]
+    assert compared == [first["text"]]
+    # the stream that spoke, its tokens no longer its solo run's: the check says so
+    changed = {**first, "speech_tokens": [*first["speech_tokens"], 0]}
+    level = {**one_failed["levels"][0], "per_stream": [changed, second]}
+    solo = same_as_solo(tiny_tts, {**one_failed, "levels": [level]})
+    assert solo[["streams", "solo_tokens", "failed"]].values.tolist() == [[2, False, 1]]
 
 
 def test_the_report_says_which_streams_failed_and_why(one_failed: dict[str, Any]) -> None:

@@ -395,13 +395,19 @@ def test_every_refused_speech_request_is_counted(service: SpeechService) -> None
     assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 6
 
 
-def _speech_scope(length: int, spec_version: str = "2.3") -> dict[str, Any]:
-    """A raw ASGI scope of ``POST /v1/audio/speech`` with a JSON body of ``length`` bytes."""
+def _speech_scope(length: int | None, spec_version: str = "2.3") -> dict[str, Any]:
+    """A raw ASGI scope of ``POST /v1/audio/speech`` with a JSON body of ``length`` bytes (None:
+    sent chunked, its length not declared)."""
+    size = (
+        (b"content-length", str(length).encode())
+        if length is not None
+        else (b"transfer-encoding", b"chunked")
+    )
     return {
         "type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
         "method": "POST", "scheme": "http", "path": "/v1/audio/speech", "raw_path": b"/v1/audio/speech",
         "root_path": "", "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(length).encode())],
+        "headers": [(b"content-type", b"application/json"), size],
         "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
     }  # fmt: skip
 
@@ -530,21 +536,48 @@ def test_the_largest_max_tokens_advertised_can_be_met(service: SpeechService) ->
         parse_speech({**GOOD, "max_tokens": largest + 1}, service.limits)
 
 
+def _post_counting_reads(
+    service: SpeechService, length: int | None, chunks: list[bytes]
+) -> tuple[int, dict[bytes, bytes], dict[str, Any], int]:
+    """POST ``chunks`` as the body straight to the app (the test client reads a body whole before
+    the app runs): the status, headers and JSON body answered, and how many chunks were pulled."""
+    sent: list[MutableMapping[str, Any]] = []
+    pulled = 0
+
+    async def receive() -> MutableMapping[str, Any]:
+        nonlocal pulled
+        pulled += 1
+        if pulled > len(chunks):  # read past its end: the client gone, not an IndexError here
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(speech_app(service)(_speech_scope(length), receive, send), 60))
+    [start] = [m for m in sent if m["type"] == "http.response.start"]
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], dict(start["headers"]), json.loads(body), pulled
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(service: SpeechService) -> None:
-    """413 in OpenAI's error body, by its declared length or, sent chunked, by the bytes that came
-    (before: any body was read whole and parsed on the event loop)."""
+    """413 in OpenAI's error body, by its declared length before a chunk is pulled or, sent
+    chunked, at the chunk that passes the limit, the rest never pulled (before: any body was read
+    whole and parsed on the event loop)."""
     limit = service.limits.max_body_bytes
     # The longest input fits, every character escaped (one outside the BMP: a surrogate pair)
     wide = Limits("m", ("default",), max_input_chars=20_000)
     assert wide.max_body_bytes >= len(json.dumps({"input": "\U0001f600" * 20_000}))
+    declared = _post_counting_reads(service, limit + 1, [b" " * (limit + 1)])
+    # three halves pass the limit; three more follow that a refusal never pulls
+    chunked = _post_counting_reads(service, None, [b" " * (limit // 2)] * 6)
+    assert (declared[3], chunked[3]) == (0, 3)
+    for status, headers, body, _ in (declared, chunked):
+        error = body["error"]
+        assert status == 413 and error["param"] is None, body
+        assert f"at most {limit} bytes" in error["message"] and headers[b"x-replica"] == b"0"
     with TestClient(speech_app(service)) as client:
-        declared = client.post("/v1/audio/speech", content=b" " * (limit + 1))
-        chunked = client.post("/v1/audio/speech", content=iter([b" " * (limit // 2)] * 3))  # no length
         at_the_limit = client.post("/v1/audio/speech", content=b" " * (limit - 2) + b"{}")
-    for r in (declared, chunked):
-        error = r.json()["error"]
-        assert r.status_code == 413 and error["param"] is None, r.text
-        assert f"at most {limit} bytes" in error["message"] and r.headers["x-replica"] == "0"
     assert at_the_limit.status_code == 400 and at_the_limit.json()["error"]["param"] == "model"
 
 

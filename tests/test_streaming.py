@@ -11,7 +11,7 @@ import types
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -529,11 +529,25 @@ def test_stream_cli_bad_size(flag: str, value: str, capsys: pytest.CaptureFixtur
     assert e.value.code == 2 and len(errors) == 1 and f"argument {flag}: must be" in errors[0], errors
 
 
-def test_bench_stream_row_times_t3_from_its_decode_stats(tts: ChatterboxTTS) -> None:
-    from tts_workbench.studies.bench import run_stream
+def test_bench_stream_row_times_t3_from_its_decode_stats(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tts_workbench.studies import bench
 
-    row = run_stream(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2), TEXT, 30, 0)
-    assert {"t3_prefill_s", "t3_step_s", "wall_s", "ttfa_s"} <= set(row)  # clock readings: not compared
+    def known_times(
+        tts: ChatterboxTTS, text: str, config: StreamConfig, **kwargs: Any
+    ) -> tuple[np.ndarray, StreamState]:
+        """The real stream, its T3 stats' clock readings set to known ones (a real one cannot be
+        compared): a 0.25 s prefill and 0.5 s a timed decode step (``DecodeStats.step_s``)."""
+        wav, state = stream_all(tts, text, config, **kwargs)
+        state.t3.prefill_s = 0.25
+        state.t3.decode_s = 0.5 * (state.t3.sampled - 1 - state.t3.compile_steps)
+        return wav, state
+
+    monkeypatch.setattr(bench, "stream_all", known_times)
+    row = bench.run_stream(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2), TEXT, 30, 0)
+    assert (row["t3_prefill_s"], row["t3_step_s"]) == (0.25, 0.5)
+    assert {"wall_s", "ttfa_s"} <= set(row)  # clock readings: not compared
     assert row["s3gen_calls"] >= 1
     # Tokens sampled, as the one-shot rows count them (this seed samples no stop token).
     assert row["t3_tokens"] == 30
