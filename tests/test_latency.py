@@ -168,3 +168,17 @@ def test_a_stream_without_audio_is_titled_no_audio_not_inf() -> None:
         title = timeline_figure(report).axes[0].get_title()
         assert title == "buffered: no audio"  # was "buffered: TTFA inf s, RTF inf"
     assert timeline_figure(_report()).axes[0].get_title() == "buffered: TTFA 1.00 s, RTF 1.00"
+
+
+def test_a_stream_whose_chunks_have_no_audio_says_no_audio_not_inf() -> None:
+    # chunks made, none with audio: the text said "first audio after inf s, RTF inf" and "seams:
+    # none (one chunk)" for two chunks, where the figure says "no audio"
+    silent = [ChunkMetrics(i, 0.5 * (i + 1), 5, 0, 0.5, 0.1, 0.1, 0.0, 500, 0, 50, 1) for i in range(2)]
+    report = StreamReport("buffered", silent)
+    empty = np.zeros(0, np.float32)
+    q = {**seam_metric(empty, [960]), "snr_db": snr_db(empty, empty), "length_diff_samples": 0}
+    doc = {"summary": report.summary(), "chunks": report.rows(), "quality_vs_one_shot": q, "note": "n",
+           "files": {"wav": "a.wav", "timeline": "a.png"}}  # fmt: skip
+    text = format_report(doc)
+    assert "after inf" not in text and "RTF inf" not in text and "one chunk" not in text
+    assert "buffered: no audio in its 2 chunks" in text and "seams: none (no audio)" in text

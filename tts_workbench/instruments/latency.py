@@ -165,8 +165,9 @@ def format_chunks(report: StreamReport) -> str:
 
 def _chunks_text(table: pd.DataFrame, s: dict[str, Any]) -> str:
     invalid = f"{s['invalid_tokens']} invalid tokens dropped"
-    if not s["chunks"]:  # no first audio, no RTF: say so rather than print inf
-        return "\n".join([render(table), f"{s['strategy']}: no audio (T3 kept no speech token), {invalid}"])
+    if math.isinf(s["ttfa_s"]):  # no first audio (no chunk, or none with audio), no RTF: not inf
+        why = f"in its {s['chunks']} chunks" if s["chunks"] else "(T3 kept no speech token)"
+        return "\n".join([render(table), f"{s['strategy']}: no audio {why}, {invalid}"])
     return "\n".join(
         [
             # the summary line below totals the columns left out
@@ -180,9 +181,9 @@ def _chunks_text(table: pd.DataFrame, s: dict[str, Any]) -> str:
     )
 
 
-def _quality_text(q: dict[str, Any], chunks: int) -> str:
+def _quality_text(q: dict[str, Any], audio: bool) -> str:
     """The seams and the SNR against the one-shot output, in words."""
-    if not chunks:
+    if not audio:
         return "seams: none (no audio); nothing to compare with one-shot"
     seams = (
         "seams: none (one chunk)"
@@ -221,7 +222,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(
         [
             _chunks_text(_frame(report["chunks"]), report["summary"]),
-            _quality_text(report["quality_vs_one_shot"], report["summary"]["chunks"]),
+            _quality_text(report["quality_vs_one_shot"], not math.isinf(report["summary"]["ttfa_s"])),
             *_t3_compile_text(report),
             report["note"],
             f"wrote {report['files']['wav']} and {report['files']['timeline']}",
