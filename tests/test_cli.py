@@ -776,3 +776,19 @@ def test_the_family_flag_with_a_named_model_is_refused(
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: argument --family: "), errors
     assert "'tiny' names its family" in errors[0], errors
+
+
+@pytest.mark.parametrize("command", ["diagnose", "profile", "trace", "load"])
+def test_ctrl_c_ends_a_command_with_one_error_line(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(before 2026-12-06: a Ctrl-C ended every command in a full traceback, exit code 1)"""
+    from tts_workbench.interface import cli
+
+    def interrupted(_args: argparse.Namespace) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_{command}", interrupted)
+    assert main([command]) == 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == ["error: interrupted (Ctrl-C)"], err[-2000:]

@@ -4,6 +4,7 @@ runs where no cache could hold it; the report's reading of a run that reached it
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ import torch
 
 from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import CacheError, NoVoiceError
+from tts_workbench.core.quiet import upstream_bars_off
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import load_model, token_cap_note
 from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
@@ -227,3 +229,31 @@ def test_no_voice_names_a_fix_these_checks_take(reference_wav: Path) -> None:
         with pytest.raises(NoVoiceError, match=r"prepare_voice\(tts, wav\)") as refused:
             call()
         assert "audio_prompt_path" not in str(refused.value)
+
+
+DIAGNOSIS_STAGES = [
+    "building the model", "preparing the voice", "generating in float32", "finding the eager step's kernels",
+    "writing the audio and figure", "probing attention", "precision: float32 conditioning",
+    "precision: float32 generation", "precision: float32 S3Gen",
+]  # fmt: skip
+
+
+def test_diagnose_names_each_stage_on_stderr_as_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tiny_tts: ChatterboxTTS, reference_wav: Path,
+) -> None:  # fmt: skip
+    """(before 2026-12-06: nothing on stderr until the report, 23 s for a tiny model and minutes
+    for a random one: the command silences upstream's own bars)"""
+    monkeypatch.setattr(diagnose, "load_model", lambda *_a, **_k: tiny_tts)  # built once per session
+    args = ["diagnose", "--tokens", "2", "--reference", str(reference_wav), "--out", str(tmp_path)]
+    assert main([*args, "--json"]) == 0
+    err = capsys.readouterr().err
+    bar = [line for line in re.split(r"[\r\n]", err) if line.startswith("diagnose:")]
+    assert bar and "9/9" in bar[-1], err[-2000:]
+    shown = [err.find(f", {name}]") for name in DIAGNOSIS_STAGES]  # the bar's postfix, in this order
+    assert -1 not in shown and shown == sorted(shown), err[-2000:]
+    # called from a notebook (upstream's bars off, as notebook_setup has them) it writes nothing:
+    # a saved notebook's output stays as it was
+    with upstream_bars_off():
+        run_diagnosis("tiny", "Hi.", str(reference_wav), tokens=2, outdir=tmp_path / "quiet")
+    assert capsys.readouterr().err == ""

@@ -34,6 +34,7 @@ from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import TTSModel, family_of
 from tts_workbench.core.patching import around
+from tts_workbench.core.quiet import upstream_bars_off
 from tts_workbench.instruments import memory
 from tts_workbench.instruments.attention import KernelRecord
 from tts_workbench.instruments.latency import StreamReport
@@ -861,3 +862,36 @@ def test_the_bench_says_random_weights_only_of_a_random_build() -> None:
 
     assert weights_note("deep-narrow").startswith("random weights: timing is realistic")
     assert weights_note("pretrained") == "weights from pretrained"  # its audio means something
+
+
+PROFILE_STAGES = [
+    "profiled generation", "op frame", "reading the trace", "reading t3.decode with HTA", "writing ops.csv",
+    "finding the eager step's kernels",
+]  # fmt: skip
+
+
+def test_profile_names_each_stage_on_stderr_as_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tiny_tts: ChatterboxTTS,
+) -> None:  # fmt: skip
+    """(before 2026-12-06: nothing on stderr until the report: the command silences upstream's bars)"""
+    from contextlib import contextmanager
+
+    from tts_workbench.interface import cli
+
+    @contextmanager
+    def voiced(*_a: Any, **_k: Any) -> Iterator[ChatterboxTTS]:
+        yield tiny_tts  # built and voiced once per session
+
+    monkeypatch.setattr(cli, "_voiced_model", voiced)
+    assert main(["profile", "--tokens", "3", "--text", "Hi.", "--logdir", str(tmp_path), "--json"]) == 0
+    err = capsys.readouterr().err
+    bar = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("profile:")]
+    assert bar and "6/6" in bar[-1], err[-2000:]
+    shown = [err.find(f", {name}]") for name in PROFILE_STAGES]  # the bar's postfix, in this order
+    assert -1 not in shown and shown == sorted(shown), err[-2000:]
+    # called from a notebook (upstream's bars off, as notebook_setup has them) it writes nothing:
+    # a saved notebook's output stays as it was
+    with upstream_bars_off():
+        profile_generation(tiny_tts, tmp_path, "quiet", tokens=3, text="Hi.")
+    assert capsys.readouterr().err == ""

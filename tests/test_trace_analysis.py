@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from tts_workbench.core.errors import ConfigError, TraceError
+from tts_workbench.core.quiet import upstream_bars_off
 from tts_workbench.instruments import trace_analysis
 from tts_workbench.instruments.attention import device_attention_kernel
 from tts_workbench.instruments.plots import device_time_figure, memory_figure
@@ -651,3 +652,35 @@ def test_the_text_report_says_so_when_hta_read_no_trace(monkeypatch: pytest.Monk
     unread = format_decode_traces(decode_trace_report(read_traces({"a100": GPU_TRACE}), "unread"))
     assert "read by holistictraceanalysis" not in unread.lower(), unread
     assert unread.startswith("HolisticTraceAnalysis read none of these traces") and NO_HTA_NOTE in unread
+
+
+def test_trace_names_each_stage_on_stderr_as_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tiny_tts: ChatterboxTTS,
+) -> None:  # fmt: skip
+    """(before 2026-12-06: nothing on stderr until the report: the command silences upstream's bars)"""
+    from contextlib import contextmanager
+
+    from tts_workbench.interface import cli
+
+    @contextmanager
+    def voiced(*_a: Any, **_k: Any) -> Any:
+        yield tiny_tts  # built and voiced once per session
+
+    monkeypatch.setattr(cli, "_voiced_model", voiced)
+    args = ["trace", "--steps", "eager,static", "--tokens", "3", "--text", "Hi.", "--logdir", str(tmp_path)]
+    assert main([*args, "--json"]) == 0
+    err = capsys.readouterr().err
+    lines = err.replace("\r", "\n").splitlines()
+    taken = [line for line in lines if line.startswith("trace:")]
+    read = [line for line in lines if line.startswith("read:")]
+    assert taken and "6/6" in taken[-1] and read and "2/2" in read[-1], err[-2000:]
+    stages = [f"{step} step: {what}" for step in ("eager", "static")
+              for what in ("warm-up", "profiled run", "cutting t3.decode")]  # fmt: skip
+    shown = [err.find(f", {name}]") for name in [*stages, "reading eager", "reading static"]]
+    assert -1 not in shown and shown == sorted(shown), err[-2000:]
+    # called from a notebook (upstream's bars off, as notebook_setup has them) they write nothing:
+    # a saved notebook's output stays as it was
+    with upstream_bars_off():
+        read_traces(decode_traces(tiny_tts, ["eager"], tmp_path / "quiet", tokens=3, text="Hi."))
+    assert capsys.readouterr().err == ""

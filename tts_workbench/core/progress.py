@@ -5,6 +5,8 @@ bar as it was when shown: "0%". A viewer that renders no widgets (GitHub's noteb
 docs site's pages until their widget script loads) showed every finished bar at 0%.
 ``progress_bar`` gives the same bar shown with a display id, and shows it again when it closes,
 so the saved text is its last state. Outside a kernel it is tqdm's terminal bar, unchanged.
+``Stages`` is a bar of a run's named stages, for the commands whose steps are few and long
+(diagnose, profile, trace).
 """
 
 from __future__ import annotations
@@ -41,3 +43,33 @@ def progress_bar(*args: Any, **kwargs: Any) -> auto.tqdm:
     if issubclass(auto.tqdm, notebook_tqdm) and kwargs.get("delay", 0) <= 0:
         return KeptBar(*args, **kwargs)
     return auto.tqdm(*args, **kwargs)
+
+
+class Stages:
+    """A run's stages on a bar of one step each (``progress_bar``, on stderr), the
+    running one named after it: the command line silences upstream's own bars, and a long run
+    said nothing until its report. Off (nothing written) without ``progress``, so a notebook's
+    call keeps the output it saved. Called with a stage's name as that stage starts; as a
+    ``with`` block, the last stage counted where the block ends without an error, and the bar's
+    line ended whatever happened, so the report or error line after it has a line of its own."""
+
+    def __init__(self, desc: str, total: int, progress: bool = False) -> None:
+        self.bar = progress_bar(total=total, desc=desc, unit="stage", disable=not progress)
+        self._running = False
+
+    def __call__(self, name: str) -> None:
+        """The stage before counted as done, ``name`` shown as running (one line for both: the
+        count beside the old name read as that stage running again)."""
+        self.bar.set_postfix_str(name, refresh=False)
+        if self._running:
+            self.bar.update()
+        self._running = True
+        self.bar.refresh()
+
+    def __enter__(self) -> Stages:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_rest: object) -> None:
+        if kind is None and self._running:
+            self.bar.update()
+        self.bar.close()

@@ -1,4 +1,5 @@
-"""``tts-workbench`` command line. Bad input ends with one ``error:`` line and exit code 2."""
+"""``tts-workbench`` command line. Bad input ends with one ``error:`` line and exit code 2; a Ctrl-C
+with one and exit code 130."""
 
 from __future__ import annotations
 
@@ -314,6 +315,7 @@ def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[
         autocast=parse_dtype(args.autocast) if args.autocast else None,
         decode=args.decode,
         family=args.family,
+        progress=True,
     )
     return report, format_report
 
@@ -461,7 +463,7 @@ def _profile(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[s
     with _voiced_model(args, args.logdir, own_decode=False) as tts:  # upstream generate
         report = profile_generation(
             tts, args.logdir, args.run_name, args.tokens, args.text, args.seed, args.memory, args.decode,
-            model=args.model,
+            model=args.model, progress=True,
         )  # fmt: skip
     return report, format_profile
 
@@ -500,7 +502,7 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
                 raise ValueError(f"argument --read: no trace file {path}: {TRACE_FILE_ASKED}")
         note = f"read from {len(paths)} trace file(s)"
         with naming_flag("--read", TraceError):  # not a trace (without t3.decode: read whole)
-            return decode_trace_report(read_traces(paths), note), format_decode_traces
+            return decode_trace_report(read_traces(paths, progress=True), note), format_decode_traces
     names = _comma_list(args.steps, "--steps", "eager,compiled")
     with naming_flag("--steps", ConfigError):  # an unknown step
         steps = [check_decode(s, check_device(args.device)) for s in names]
@@ -515,12 +517,12 @@ def _trace(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str
     with _voiced_model(args, args.logdir) as tts:
         _check_positions(tts, args)  # before decode_traces empties each step's folder
         regions = decode_traces(
-            tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep
+            tts, steps, args.logdir, args.tokens, args.text, args.seed, args.dtype, args.keep, progress=True
         )  # fmt: skip
     note = f"T3 decode in {args.dtype}; up to {args.tokens} tokens each ({token_cap_note(args.model)})"
     if args.cut_only:
         return cut_report(regions, note), format_decode_traces
-    return decode_trace_report(read_traces(regions), note), format_decode_traces
+    return decode_trace_report(read_traces(regions, progress=True), note), format_decode_traces
 
 
 def _trace_labels(paths: list[Path]) -> dict[str, Path]:
@@ -939,6 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {e.filename}: give another folder ({' / '.join(own)})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a Ctrl-C is the user's choice, not a fault: no traceback
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command a Ctrl-C ended
     print(strict_json.dumps(report) if args.json else fmt(report))
     return 0
 

@@ -20,6 +20,7 @@ from ..core.errors import PREPARE_FIRST, CacheError, ConfigError, NoVoiceError, 
 from ..core.families import components
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
+from ..core.progress import Stages
 from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments import plots
@@ -46,6 +47,10 @@ from ..runtime.generation import generate, prepare_voice
 from ..runtime.optimized import check_decode, measure_policy
 from ..runtime.precision import restored
 
+# run_diagnosis's stages: the model, the voice, the generation, the decode step, the files, the
+# attention probes, then diagnose_precision's three
+DIAGNOSIS_STAGES = 9
+
 
 def run_diagnosis(
     model: str = "tiny",
@@ -59,39 +64,53 @@ def run_diagnosis(
     autocast: torch.dtype | None = None,
     decode: str = "eager",
     family: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Build or load ``model`` (``family``: of a folder holding two, as ``load_model`` takes it),
     condition it on a voice, generate once in float32 (recording attention kernels), name the
     kernel of T3's ``decode`` step (eager, static or compiled: the path the user runs), probe the
     attention backend, then run the ``dtype``/``autocast`` precision diagnosis. Writes
-    ``speech.wav`` and ``generation.png`` under ``outdir``.
+    ``speech.wav`` and ``generation.png`` under ``outdir``. ``progress``: each stage named on a
+    bar on stderr as it runs (``Stages``; the command line's).
     """
     check_device(device)  # before the clock reads it
     outdir = Path(outdir)
-    t0 = now(device)
-    with naming_flag("--model", SourceError):  # a folder unreadable or unfit: named as stream names it
-        tts = load_model(model, device=device, seed=seed, family=family)
-    build_s = now(device) - t0
-    with naming_flag("--text", ConfigError):  # a text past T3's positions, before anything is written
-        text_tokens(tts, text, 0.0)
-    given = reference is not None  # the user's: refused (as --reference) before the folder is made
-    made = outdir / "reference.wav"  # else a generated voice, kept there once the run is known to fit
-    with nullcontext(Path(reference or made)) if given else generated_voice(made, seed=seed) as voice:
+    with Stages("diagnose", DIAGNOSIS_STAGES, progress) as stage:
+        stage("building the model")
         t0 = now(device)
-        with naming_flag("--reference", SourceError) if given else nullcontext():
-            ref = replace(prepare_voice(tts, str(voice)), path=str(reference or made))
-        conditioning_s = now(device) - t0
-        # Sized (or refused) before the generation: before 2026-12-04 a text too long for the
-        # default static cache was refused after the whole float32 run, naming plan.max_cache_len.
-        step_plan = decode_step_plan(tts, text, decode, tokens)
-    outdir.mkdir(parents=True, exist_ok=True)
-    with record_kernels(tts) as kernels:
-        result = generate(tts, text, max_new_tokens=tokens, seed=seed)
-    decode_step = decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan)
-    wav, sr = result.wav, result.sample_rate
-    wav_path = written(outdir / "speech.wav", lambda path: sf.write(str(path), wav, sr))
-    title = f"{model}: {len(result.speech_tokens)} tokens"
-    plot_path = plots.save(plots.generation_figure(wav, sr, result.seconds, title), outdir / "generation.png")
+        with naming_flag("--model", SourceError):  # a folder unreadable or unfit: named as stream names it
+            tts = load_model(model, device=device, seed=seed, family=family)
+        build_s = now(device) - t0
+        stage("preparing the voice")
+        with naming_flag("--text", ConfigError):  # a text past T3's positions, before anything is written
+            text_tokens(tts, text, 0.0)
+        given = reference is not None  # the user's: refused (as --reference) before the folder is made
+        made = outdir / "reference.wav"  # else a generated voice, kept there once the run is known to fit
+        with nullcontext(Path(reference or made)) if given else generated_voice(made, seed=seed) as voice:
+            t0 = now(device)
+            with naming_flag("--reference", SourceError) if given else nullcontext():
+                ref = replace(prepare_voice(tts, str(voice)), path=str(reference or made))
+            conditioning_s = now(device) - t0
+            # Sized (or refused) before the generation: before 2026-12-04 a text too long for the
+            # default static cache was refused after the whole float32 run, naming plan.max_cache_len.
+            step_plan = decode_step_plan(tts, text, decode, tokens)
+        outdir.mkdir(parents=True, exist_ok=True)
+        stage("generating in float32")
+        with record_kernels(tts) as kernels:
+            result = generate(tts, text, max_new_tokens=tokens, seed=seed)
+        stage(f"finding the {step_plan.step} step's kernels")
+        decode_step = decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan)
+        stage("writing the audio and figure")
+        wav, sr = result.wav, result.sample_rate
+        wav_path = written(outdir / "speech.wav", lambda path: sf.write(str(path), wav, sr))
+        title = f"{model}: {len(result.speech_tokens)} tokens"
+        figure = plots.generation_figure(wav, sr, result.seconds, title)
+        plot_path = plots.save(figure, outdir / "generation.png")
+        stage("probing attention")
+        # asked for the step that ran, with its recorded kernels (a Multilingual model's eager step
+        # runs eager attention, its backbone's configuration put back afterwards)
+        attention = diagnose_attention(tts, decode_step["step"], decode_step["kernels"])
+        precision = diagnose_precision(tts, ref.path, dtype, autocast, min(tokens, 20), seed, text, stage)
     return {
         "model": model,
         "device": device,
@@ -114,10 +133,8 @@ def run_diagnosis(
         "plot": str(plot_path),
         **kernels.summary(),  # kernels, time_share_ms
         "decode_step": decode_step,
-        # asked for the step that ran, with its recorded kernels (a Multilingual model's eager step
-        # runs eager attention, its backbone's configuration put back afterwards)
-        "attention": diagnose_attention(tts, decode_step["step"], decode_step["kernels"]),
-        "precision": diagnose_precision(tts, ref.path, dtype, autocast, min(tokens, 20), seed, text),
+        "attention": attention,
+        "precision": precision,
     }
 
 
@@ -273,9 +290,11 @@ def diagnose_precision(
     tokens: int = 20,
     seed: int = 0,
     text: str = UPSTREAM_SENTENCE,
+    stage: Callable[[str], None] = lambda _name: None,
 ) -> dict[str, Any]:
     """The seed's half-precision failure, reproduced on purpose and traced; the caller's model
-    is given back as it was (weights, dtypes, conditionals).
+    is given back as it was (weights, dtypes, conditionals). ``stage`` is told each stage's name
+    as it starts (``run_diagnosis``'s ``Stages``).
 
     ``tts`` must already be conditioned in float32. Its components are then cast to ``dtype``
     the way users do (``.to(torch.float16)``) while the conditionals stay float32, and three
@@ -285,7 +304,7 @@ def diagnose_precision(
     if tts.conds is None:
         raise NoVoiceError("condition the model in float32 before diagnose_precision", fix=PREPARE_FIRST)
     with restored(tts) as conds:
-        return _precision_stages(tts, conds, reference, dtype, autocast, tokens, seed, text)
+        return _precision_stages(tts, conds, reference, dtype, autocast, tokens, seed, text, stage)
 
 
 def _precision_stages(
@@ -297,14 +316,17 @@ def _precision_stages(
     tokens: int,
     seed: int,
     text: str,
+    stage: Callable[[str], None],
 ) -> dict[str, Any]:
     for module in components(tts).values():
         module.to(dtype)
     device = str(tts.device)
     stages: dict[str, Any] = {}
     with autocast_or_refuse(device, autocast):
+        stage(f"precision: {dtype_name(dtype)} conditioning")
         stages["conditioning"] = _stage(tts, lambda: prepare_voice(tts, reference))
         tts.conds = conds  # keep the float32 conditionals of the seed scenario
+        stage(f"precision: {dtype_name(dtype)} generation")
         stages["generate"] = _stage(
             tts, lambda: generate(tts, text, max_new_tokens=tokens, seed=seed), kernels=True
         )
@@ -315,6 +337,7 @@ def _precision_stages(
         # HiFT draws its sine phases and noise: from a generator of its own, not the caller's
         # global state (before 2026-12-04 a diagnosis moved it, so a seeded user script after
         # it sampled other tokens).
+        stage(f"precision: {dtype_name(dtype)} S3Gen")
         with StreamRandom(seed).drawing():
             stages["s3gen"] = _stage(
                 tts, lambda: tts.s3gen.inference(speech_tokens=valid.to(device), ref_dict=dict(conds.gen))

@@ -12,6 +12,7 @@ import pandas as pd
 from chatterbox.tts import ChatterboxTTS
 
 from ..core.errors import ConfigError
+from ..core.progress import Stages
 from ..core.tables import render
 from ..instruments.attention import KernelRecord
 from ..instruments.profiling import (
@@ -21,6 +22,7 @@ from ..instruments.profiling import (
     op_frame,
     profile_run,
     read_trace,
+    run_folder,
     top_ops,
     trace_files,
     write_ops,
@@ -29,6 +31,10 @@ from ..instruments.trace_analysis import analyze_cut, cut_region, events_within
 from ..models.sources import token_cap_note
 from ..runtime.generation import generate
 from .diagnose import decode_step_kernels, decode_step_plan
+
+# profile_generation's stages: the profiled generation, the op frame, the trace read and cut, HTA's
+# reading of the cut, ops.csv, the decode step's kernels
+PROFILE_STAGES = 6
 
 
 def check_run(run: str) -> None:
@@ -51,6 +57,7 @@ def profile_generation(
     memory: bool = False,
     decode: str = "eager",
     model: str | Path | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """One upstream generation of ``tts`` (loaded from ``model``, a ``load_model`` source; None:
     unnamed) under ``profile_run``; its op frame is built once from the
@@ -59,27 +66,38 @@ def profile_generation(
     installed, ``device_trace`` says to read it with ``trace --read`` elsewhere).
     ``decode_step``: the attention kernel of the workbench's ``decode`` step (eager, static or
     compiled) and how it was found (``diagnose.decode_step_kernels``: for a compiled step,
-    Inductor's generated code, which no profiler trace can show)."""
+    Inductor's generated code, which no profiler trace can show). ``progress``: each stage named
+    on a bar on stderr as it runs (``core.progress.Stages``; the command line's)."""
     check_run(run)
     step_plan = decode_step_plan(tts, text, decode, tokens)  # a text no step can decode: refused first
-    with profile_run(tts, logdir, run, memory=memory) as prof:
-        result = generate(tts, text, max_new_tokens=tokens, seed=seed)
-    path = trace_files(Path(logdir) / run)[-1]
-    ops = op_frame(prof.events())
-    top = top_ops(ops, by="total_ms")
-    recorded = sorted(KernelRecord(ops).kernels("t3.decode"))
-    # The trace is parsed once. The kernel check reads the decode steps cut out of it: the op
-    # the frame counted must be inside the t3.decode ranges of the file the viewers open.
-    trace = read_trace(path)
-    steps = cut_region(trace, "t3.decode", path=path)
-    in_region = events_within(trace, "t3.decode", path)  # inside the ranges, not between them
-    region = path.parent / DECODE_CUT
-    device = analyze_cut(steps, region)
+    run_folder(logdir, run)  # as profile_run makes it: a --logdir that is a file refused before the bar
+    with Stages("profile", PROFILE_STAGES, progress) as stage:
+        stage("profiled generation")
+        with profile_run(tts, logdir, run, memory=memory) as prof:
+            result = generate(tts, text, max_new_tokens=tokens, seed=seed)
+        path = trace_files(Path(logdir) / run)[-1]
+        stage("op frame")
+        ops = op_frame(prof.events())
+        top = top_ops(ops, by="total_ms")
+        recorded = sorted(KernelRecord(ops).kernels("t3.decode"))
+        # The trace is parsed once. The kernel check reads the decode steps cut out of it: the op
+        # the frame counted must be inside the t3.decode ranges of the file the viewers open.
+        stage("reading the trace")
+        trace = read_trace(path)
+        steps = cut_region(trace, "t3.decode", path=path)
+        in_region = events_within(trace, "t3.decode", path)  # inside the ranges, not between them
+        region = path.parent / DECODE_CUT
+        stage("reading t3.decode with HTA")
+        device = analyze_cut(steps, region)
+        stage("writing ops.csv")
+        ops_path = write_ops(ops, path.parent)
+        stage(f"finding the {step_plan.step} step's kernels")
+        decode_step = decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan)
     return {
         "run": run,
         "logdir": str(logdir),
         "trace": str(path),
-        "ops": str(write_ops(ops, path.parent)),
+        "ops": str(ops_path),
         "tokens": len(result.speech_tokens),
         "note": f"{len(result.speech_tokens)} tokens, ended by the {result.stopped_by}"
         + (f" ({token_cap_note(model)})" if result.stopped_by == "token cap" else ""),
@@ -89,7 +107,7 @@ def profile_generation(
         },
         "recorded_decode_kernels": recorded,
         "recorded_kernels_in_trace": {k: in_trace(k, in_region) for k in recorded},
-        "decode_step": decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan),
+        "decode_step": decode_step,
         "device_trace": device.summary(),
         "region_trace": str(region),
         "open_with": [

@@ -21,6 +21,7 @@ from chatterbox.tts import ChatterboxTTS
 
 from ..core.errors import PREPARE_FIRST, ConfigError, NoVoiceError
 from ..core.positions import positions_needed
+from ..core.progress import Stages
 from ..core.rng import StreamRandom
 from ..core.tables import render
 from ..instruments.profiling import DECODE_CUT, profile_run, read_trace, run_folder, trace_files
@@ -61,13 +62,16 @@ def decode_traces(
     seed: int = 0,
     policy: str = "float32",
     keep: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Path]:
     """For each decode step: T3's decode (weights as ``policy``) run once to warm up (compile,
     CUDA graphs, cache) and once under the profiler without phase hooks (they would make a
     compiled step compile again), its ``t3.decode`` region (the first ``keep`` steps, if given)
     cut to ``logdir/decode-STEP/t3.decode.json.gz``, the step that ran under ``STEP_KEY``.
     Returns those region traces by step, for ``read_traces`` here or on another machine (HTA
-    need not be installed where they are taken)."""
+    need not be installed where they are taken). ``progress``: each stage (warm-up, profiled
+    run, cut, per step) named on a bar on stderr as it runs (``core.progress.Stages``; the command
+    line's)."""
     if tts.conds is None:
         raise NoVoiceError(fix=PREPARE_FIRST)
     ids = text_tokens(tts, text)
@@ -85,16 +89,23 @@ def decode_traces(
         plans[step] = replace(base, step=mode, max_cache_len=size)
     folders = {step: run_folder(logdir, f"decode-{step}") for step in steps}
     regions = {}
-    for step, plan in plans.items():
-        for profiled in (False, True):  # a warm-up, then the run that is traced
-            run = profile_run(tts, logdir, folders[step].name, phases=False) if profiled else nullcontext()
-            with run as prof:
-                rng = StreamRandom(seed).generator(tts.device)
-                ran = t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng)
-                if prof is not None:  # while it profiles: the trace is written as it stops
-                    prof.add_metadata_json(STEP_KEY, json.dumps(_step_ran(step, plan, ran)))
-        path = trace_files(folders[step])[-1]
-        regions[step] = region_trace(path, REGION, path.parent / DECODE_CUT, keep)
+    with Stages("trace", 3 * len(plans), progress) as stage:
+        for step, plan in plans.items():
+            for profiled in (False, True):  # a warm-up, then the run that is traced
+                stage(f"{step} step: {'profiled run' if profiled else 'warm-up'}")
+                run = (
+                    profile_run(tts, logdir, folders[step].name, phases=False) if profiled else nullcontext()
+                )
+                with run as prof:
+                    rng = StreamRandom(seed).generator(tts.device)
+                    ran = t3_decode(
+                        tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, generator=rng
+                    )
+                    if prof is not None:  # while it profiles: the trace is written as it stops
+                        prof.add_metadata_json(STEP_KEY, json.dumps(_step_ran(step, plan, ran)))
+            stage(f"{step} step: cutting {REGION}")
+            path = trace_files(folders[step])[-1]
+            regions[step] = region_trace(path, REGION, path.parent / DECODE_CUT, keep)
     return regions
 
 
@@ -158,20 +169,23 @@ class ReadTrace(TraceReport):
         return {**super().summary(), "region": self.region, **ran}
 
 
-def read_traces(paths: Mapping[str, Path]) -> dict[str, ReadTrace]:
+def read_traces(paths: Mapping[str, Path], progress: bool = False) -> dict[str, ReadTrace]:
     """HolisticTraceAnalysis's reading of each trace (``trace_analysis.analyze``), by label: of
     its ``t3.decode`` region where it has one (a cut of ``decode_traces``' is its own region),
-    else of the whole trace."""
+    else of the whole trace. ``progress``: each trace named on a bar on stderr as it is read
+    (``core.progress.Stages``; the command line's)."""
     reports = {}
-    for label, path in paths.items():
-        trace = read_checked_trace(path)  # parsed once: a whole trace can be many MB
-        if has_region(trace, REGION):
-            with tempfile.TemporaryDirectory(prefix="region-") as tmp:  # HTA reads files
-                cut = analyze_cut(cut_region(trace, REGION, None, path), Path(tmp) / DECODE_CUT)
-            report, region = replace(cut, trace=str(Path(path).resolve())), REGION
-        else:
-            report, region = analyze_trace(trace, path), None
-        reports[label] = ReadTrace(**vars(report), region=region, step=trace.get(STEP_KEY))
+    with Stages("read", len(paths), progress) as stage:
+        for label, path in paths.items():
+            stage(f"reading {label}")
+            trace = read_checked_trace(path)  # parsed once: a whole trace can be many MB
+            if has_region(trace, REGION):
+                with tempfile.TemporaryDirectory(prefix="region-") as tmp:  # HTA reads files
+                    cut = analyze_cut(cut_region(trace, REGION, None, path), Path(tmp) / DECODE_CUT)
+                report, region = replace(cut, trace=str(Path(path).resolve())), REGION
+            else:
+                report, region = analyze_trace(trace, path), None
+            reports[label] = ReadTrace(**vars(report), region=region, step=trace.get(STEP_KEY))
     return reports
 
 
