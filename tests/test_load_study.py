@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from chatterbox.tts import ChatterboxTTS
 
 from conftest import Analyzers, voiced
@@ -372,6 +373,32 @@ def test_a_level_whose_kv_cache_outgrows_the_device_is_refused_before_any_level_
     too_many = r"^argument --streams: the 1000000000-stream level needs .* GiB of KV cache .* or fewer"
     with pytest.raises(ConfigError, match=too_many):
         run_load(tiny_tts, [1, 1_000_000_000], tokens=6)
+
+
+@pytest.mark.parametrize("gap", [1, 2**20 // 2])  # bytes the level needs past what is left: 1 to the last
+def test_a_kv_refusal_tells_its_figures_apart_and_leaves_the_process_its_memory(
+    gap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the boundary (the reviewer's cpu: 23.5 GiB, 1.5 MiB a stream, 1.1 GiB held) the level
+    needs a byte or half a stream's KV more than is left: both GiB figures differ, and the bound
+    it suggests fits beside what the process holds (before 2026-12-06: "needs 23.5 GiB ... more
+    than the 23.5 GiB" and a bound that gave all the RAM to the KV cache)."""
+    kv, held = 3 * 2**19, int(1.1 * 2**30)
+    largest = 15_300
+    total = held + largest * kv - gap
+    monkeypatch.setattr(load, "device_memory_bytes", lambda _device: total)
+    monkeypatch.setattr(load, "rss_bytes", lambda: held)
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError) as refused:
+        load.check_kv_fits(largest, kv, cpu)
+    message = str(refused.value)
+    found = re.search(r"needs ([\d.]+) GiB of KV cache .* more than the ([\d.]+) GiB .* keep the levels to "
+                      r"(\d+) streams or fewer$", message)  # fmt: skip
+    assert found, message
+    needs, left, bound = found.groups()
+    assert float(needs) > float(left) and f"the {1.1:.2f} GiB this process holds" in message, message
+    assert int(bound) * kv <= total - held and int(bound) == largest - 1, message
+    load.check_kv_fits(int(bound), kv, cpu)  # the bound suggested passes
 
 
 @pytest.mark.parametrize(

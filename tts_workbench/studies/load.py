@@ -46,7 +46,7 @@ from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
-from ..instruments.memory import device_memory_bytes, memory_window
+from ..instruments.memory import allocated_bytes, device_memory_bytes, memory_window, rss_bytes
 from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan
@@ -130,16 +130,29 @@ def check_level_buckets(step_buckets: Sequence[int] | None, levels: Sequence[int
     check_step_buckets(step_buckets, max(levels), f"the largest level ({max(levels)} streams) runs")
 
 
+def held_bytes(device: torch.device) -> int:
+    """What this process holds of ``device``'s memory now: its live tensors on CUDA (the caching
+    allocator's free blocks can take a KV cache), its resident set elsewhere."""
+    allocated = allocated_bytes(device)
+    return rss_bytes() if allocated is None else allocated
+
+
 def check_kv_fits(largest: int, kv_per_stream: int, device: torch.device) -> None:
     """A ConfigError naming ``--streams`` when the ``largest`` level's KV cache alone is more than
-    the device's memory: its engine could not be made, and the levels before it would be lost."""
-    total = device_memory_bytes(device)
-    need = largest * kv_per_stream
-    if need > total:
+    the device's memory beside what this process holds already (``held_bytes``: the model, the
+    voice): its engine could not be made, and the levels before it would be lost. The bound it
+    suggests fits there."""
+    total, held = device_memory_bytes(device), held_bytes(device)
+    left, need = max(0, total - held), largest * kv_per_stream
+    if need > left:
+        # to the fewest decimals (2 at least) that tell them apart: at the boundary :.3g printed
+        # "needs 23.5 GiB ... more than the 23.5 GiB"; 10 resolve a byte (2**-30 GiB)
+        places = next((p for p in range(2, 10) if f"{need / 2**30:.{p}f}" != f"{left / 2**30:.{p}f}"), 10)
         raise ConfigError(
-            f"argument --streams: the {largest}-stream level needs {need / 2**30:.3g} GiB of KV cache "
-            f"({kv_per_stream / 2**20:.3g} MiB per stream), more than the {total / 2**30:.3g} GiB of "
-            f"memory of {device}: keep the levels to {total // kv_per_stream} streams or fewer"
+            f"argument --streams: the {largest}-stream level needs {need / 2**30:.{places}f} GiB of KV "
+            f"cache ({kv_per_stream / 2**20:.3g} MiB per stream), more than the {left / 2**30:.{places}f} "
+            f"GiB of memory of {device} left beside the {held / 2**30:.2f} GiB this process holds: keep "
+            f"the levels to {left // kv_per_stream} streams or fewer"
         )
 
 
@@ -484,8 +497,8 @@ def run_load(
     and ``texts_from`` (the texts' file, ``texts_source``).
     ``levels`` run in ascending order, after one untimed stream (``warm_up``; its seconds are
     ``warmup_s``); none, a repeated one, or a largest one whose KV cache is more than the device's
-    memory is a ConfigError before any level runs, as is a ``seed`` one of its streams cannot take
-    (``checked_level_seed``)."""
+    memory beside what this process holds (``check_kv_fits``) is a ConfigError before any level
+    runs, as is a ``seed`` one of its streams cannot take (``checked_level_seed``)."""
     levels = checked_levels(levels, repr(levels))
     seed = checked_level_seed(seed, levels[-1])
     check_level_buckets(step_buckets, levels)
