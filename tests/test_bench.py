@@ -177,11 +177,15 @@ def test_reserved_growth_comes_from_the_same_runs_as_run_growth() -> None:
     assert configs["upstream"]["reserved_growth_gib"] * 2**30 == 900
 
 
-def test_the_allocator_is_read_on_cuda_only() -> None:
+def test_the_allocator_is_read_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
     # a CPU process's resident set cannot be split between the two models the bench loads
     from tts_workbench.instruments.memory import allocated_bytes
 
     assert allocated_bytes(torch.device("cpu")) is None
+    # and CUDA's is read (faked here, as the window test fakes it: no GPU needed)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_a, **_k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *_a, **_k: 1234)
+    assert allocated_bytes(torch.device("cuda")) == 1234
 
 
 def test_the_bandwidth_is_read_on_the_threads_the_decode_steps_run_on(
@@ -265,18 +269,55 @@ def test_fused_needs_a_static_or_compiled_config(
             run_bench("tiny", configs=("upstream", step), fused=True, outdir=tmp_path)
 
 
-def test_a_fused_bench_runs_the_copy_and_counts_its_weights(tmp_path: Path, reference_wav: Path) -> None:
+def _kept_wrappers(monkeypatch: pytest.MonkeyPatch) -> list[PerformanceOptimizedTTS]:
+    """Every wrapper the bench opens from now on, kept in the list returned for a test to look into."""
+    opts: list[PerformanceOptimizedTTS] = []
+
+    def kept(*a: Any, **k: Any) -> PerformanceOptimizedTTS:
+        opts.append(PerformanceOptimizedTTS(*a, **k))
+        return opts[-1]
+
+    monkeypatch.setattr(bench, "PerformanceOptimizedTTS", kept)
+    return opts
+
+
+def test_a_fused_bench_runs_the_copy_and_counts_its_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_wav: Path
+) -> None:
     """The static configuration's weights include the fused copy of T3's backbone it runs. The
     policy is float32 in both: "auto" is chosen by timing, and under load it once took a bfloat16
     decode copy in one run and not the other (the difference was that copy and the fused one)."""
+    opts: list[PerformanceOptimizedTTS] = []
+    forwards: list[int] = []  # the fused copy's forwards inside each timed window
+    window = bench.memory_window
+
+    @contextmanager
+    def watched(dev: torch.device) -> Iterator[Any]:
+        """The window, counting the forwards through the fused copy (made before the windows)."""
+        calls: list[int] = []
+        plan = opts[-1].plans["static"]
+        copy = plan.step_parts.tfmr
+        assert copy is not plan.decode.tfmr  # a copy of its own, not the model's backbone
+        hook = copy.register_forward_pre_hook(lambda *_a: calls.append(1))
+        try:
+            with window(dev) as w:
+                yield w
+        finally:
+            hook.remove()
+        forwards.append(len(calls))
+
     weights = {}
     for fused in (False, True):
+        if fused:  # counted and made is not run: the static step must step through the copy
+            opts = _kept_wrappers(monkeypatch)
+            monkeypatch.setattr(bench, "memory_window", watched)
         report = run_bench("tiny", ("static",), tokens=2, repeats=1, reference=str(reference_wav),
                            outdir=tmp_path / str(fused), fused=fused, dtype="float32")  # fmt: skip
         assert report["settings"]["fused"] is fused
         weights[fused] = report["memory"]["configs"]["static"]["weights_gib"] * 2**30
     backbone = sum(p.numel() * p.element_size() for p in load_model("tiny").t3.tfmr.parameters())
     assert weights[True] - weights[False] == pytest.approx(backbone, rel=0.01)
+    assert forwards and all(forwards), forwards
 
 
 def test_the_footer_names_the_estimator_only_where_a_configuration_compiled_it(
@@ -350,13 +391,8 @@ def test_the_fused_copy_is_made_outside_every_timed_window(
 ) -> None:
     """The run that built the static step made the fused backbone inside its memory window, so
     its run growth held the copy that weights_gib counts too: total_gib counted it twice."""
-    opts: list[PerformanceOptimizedTTS] = []
     made: list[int] = []  # fused bytes made inside each timed window
     window = bench.memory_window
-
-    def kept(*a: Any, **k: Any) -> PerformanceOptimizedTTS:
-        opts.append(PerformanceOptimizedTTS(*a, **k))
-        return opts[-1]
 
     @contextmanager
     def watched(dev: torch.device) -> Iterator[Any]:
@@ -365,7 +401,7 @@ def test_the_fused_copy_is_made_outside_every_timed_window(
             yield w
         made.append(opts[0].plans["static"].fusion.nbytes() - before)
 
-    monkeypatch.setattr(bench, "PerformanceOptimizedTTS", kept)
+    opts = _kept_wrappers(monkeypatch)
     monkeypatch.setattr(bench, "memory_window", watched)
     run_bench("tiny", ("static",), tokens=2, repeats=1, reference=str(reference_wav), outdir=tmp_path,
               fused=True, dtype="float32")  # fmt: skip

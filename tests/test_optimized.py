@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from conftest import pretend_cuda, voiced
 from tts_workbench.core import patching
 from tts_workbench.core.clock import FEW_REPEATS
+from tts_workbench.core.constants import SAMPLES_PER_TOKEN
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.positions import positions_needed
@@ -147,12 +148,17 @@ def test_both_pipelines_count_the_same_invalid_tokens_after_a_stop(tiny_tts: Cha
     # than likely_stop's: a stop after ~27 tokens, enough for S3Gen's convolutions.)
     with stop_pushed(tiny_tts, 2.0):
         upstream = UpstreamTTS(tiny_tts)
-        upstream.generate(TEXT, max_new_tokens=60, seed=3)
+        want = upstream.generate(TEXT, max_new_tokens=60, seed=3)
         with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="eager") as opt:
-            opt.generate(TEXT, max_new_tokens=60, seed=3)
+            got = opt.generate(TEXT, max_new_tokens=60, seed=3)
     assert upstream.last.stopped_by == opt.last.stopped_by == "stop token"
     assert upstream.last.tokens == opt.last.tokens
     assert upstream.last.invalid_tokens == opt.last.invalid_tokens
+    # Both share the count, so equal counts cannot see the stop counted as invalid: S3Gen vocodes
+    # every token but the stop and the invalid ones, SAMPLES_PER_TOKEN samples each.
+    for pipeline, wav in ((upstream, want), (opt, got)):
+        vocoded = pipeline.last.tokens - 1 - pipeline.last.invalid_tokens
+        assert pipeline.last.invalid_tokens > 0 and wav.shape[1] == vocoded * SAMPLES_PER_TOKEN
 
 
 def test_a_stats_object_passed_again_starts_afresh(tiny_tts: ChatterboxTTS) -> None:
@@ -574,12 +580,21 @@ def test_a_sampled_start_token_cuts_the_audio_as_upstreams_generate_does(
 
 def test_the_baselines_stream_speaks_with_the_exaggeration_asked(tiny_tts: ChatterboxTTS) -> None:
     # Before: popped and dropped for a prepared voice, so a stream comparison ran two voices.
+    # What T3's conditioning encoder is given while the stream speaks, not only the model's voice
+    # after it: a copy of the voice taken before the exaggeration was set spoke the old one.
     emotion = tiny_tts.conds.t3.emotion_adv
+    spoken: list[float] = []
+    hook = tiny_tts.t3.cond_enc.register_forward_pre_hook(
+        lambda _m, args: spoken.append(float(args[0].emotion_adv.flatten()[0]))
+    )
     try:
-        UpstreamTTS(tiny_tts).generate_stream(TEXT, exaggeration=0.9, max_new_tokens=4).close()
+        for _ in UpstreamTTS(tiny_tts).generate_stream(TEXT, exaggeration=0.9, max_new_tokens=4):
+            pass
         assert float(tiny_tts.conds.t3.emotion_adv.flatten()[0]) == pytest.approx(0.9)
     finally:
+        hook.remove()
         tiny_tts.conds.t3.emotion_adv = emotion
+    assert spoken and spoken == pytest.approx([0.9] * len(spoken))
 
 
 def test_bfloat16_decode_copy_leaves_the_model_alone(tiny_tts: ChatterboxTTS) -> None:
