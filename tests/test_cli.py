@@ -792,3 +792,18 @@ def test_ctrl_c_ends_a_command_with_one_error_line(
     assert main([command]) == 130  # 128 + SIGINT, as a shell reports a Ctrl-C
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines() == ["error: interrupted (Ctrl-C)"], err[-2000:]
+
+
+def test_ctrl_c_during_the_heavy_imports_ends_with_one_error_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C before the command runs (torch and chatterbox's imports take seconds) was a
+    traceback: only the command's own run was covered."""
+    from tts_workbench.interface import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "quiet_libraries", interrupted)
+    assert main(["diagnose"]) == 130
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"

@@ -322,9 +322,14 @@ def test_real_gpu_trace_region(tmp_path: Path) -> None:
     table = compare({"whole": whole, "region": region})
     assert table["run"].tolist() == ["whole", "region"]
     cpu = pd.DataFrame([{"run": "cpu", "device": "cpu only", "note": CPU_ONLY_NOTE}])
-    fig = device_time_figure(pd.concat([table, cpu], ignore_index=True))
+    both = pd.concat([table, cpu], ignore_index=True)
+    fig = device_time_figure(both)
     assert len(fig.axes[0].get_yticklabels()) == 2 and "cpu: " in _said(fig)
     _check_device_time_layout(fig)  # with bars beside the note
+    # the labels `trace --read` gives decode_traces' folders: the note, wrapped to the figure's
+    # width, started right of them and ran off the figure
+    names = ["decode-eager/t3.decode", "decode-static/t3.decode", "decode-compiled/t3.decode"]
+    _check_device_time_layout(device_time_figure(both.assign(run=names)))
     assert table["span_us"].iloc[1] < table["span_us"].iloc[0]
 
 

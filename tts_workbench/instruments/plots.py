@@ -174,8 +174,9 @@ def device_time_figure(table: pd.DataFrame, title: str = "device time in the dec
 
 
 def _note_below_xlabel(ax: Axes, note: str) -> None:
-    """``note`` in small print under ``ax``'s x label, from the axes' left edge: an axes' text, so
-    ``tight_layout`` makes room for it (it leaves a figure's text out: one at the figure's foot
-    was drawn over the label and cut off)."""
-    ax.annotate(note, xy=(0, 0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -4),
+    """``note`` in small print under ``ax``'s x label, from the figure's left edge (it is wrapped
+    to the figure's width; from the axes' edge, right of long run names, it ran off the figure):
+    an axes' text, so ``tight_layout`` makes room for it (it leaves a figure's text out: one at
+    the figure's foot was drawn over the label and cut off)."""
+    ax.annotate(note, xy=(0.01, 0), xycoords=("figure fraction", ax.xaxis.label), xytext=(0, -4),
                 textcoords="offset points", va="top", fontsize=7)  # fmt: skip

@@ -902,7 +902,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one command; bad input ends with one ``error:`` line (exit code 2), a Ctrl-C at any
+    moment with one too (130: the heavy imports alone take seconds, and a Ctrl-C there was a
+    traceback)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # a Ctrl-C is the user's choice, not a fault: no traceback
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command a Ctrl-C ended
+
+
+def _main(argv: Sequence[str]) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # argparse would report them from the top parser, whose help lists no command's flags
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -941,9 +951,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f": {e.filename}: give another folder ({' / '.join(own)})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a Ctrl-C is the user's choice, not a fault: no traceback
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports a command a Ctrl-C ended
     print(strict_json.dumps(report) if args.json else fmt(report))
     return 0
 
