@@ -123,22 +123,28 @@ def test_unknown_flow_mode_is_refused() -> None:
         FlowPlan("graphs")
 
 
-@pytest.mark.parametrize("plan", [None, FlowPlan("eager")])
-def test_the_estimator_runs_without_a_streams_random_mode(tts: ChatterboxTTS, plan: FlowPlan | None) -> None:
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_the_estimator_runs_without_a_streams_random_mode(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
     # A stream's random draws are routed by a TorchFunctionMode (core.rng); the estimator draws
     # nothing, so inside it the mode is off (Dynamo would trace it into every op, and eager
-    # calls pay it per op).
+    # calls pay it per op). The compiler is stubbed: the compiled plan's path runs, no compile.
+    monkeypatch.setattr(vocode, "compile_method", lambda fn, module, *a, **kw: lambda *x: fn(module, *x))
+    plan = FlowPlan(mode)
     tokens = torch.randint(0, 6561, (1, 12), generator=torch.Generator().manual_seed(0))
     seen: list[bool] = []
     block = next(iter(tts.s3gen.flow.decoder.estimator.children()))
     hook = block.register_forward_pre_hook(lambda *_: seen.append(torch._C._is_torch_function_mode_enabled()))
     try:
         with StreamRandom(5).drawing():
-            mels = _mels(tts, tokens, plan=plan)
+            mels = _mels(tts, tokens, plan=plan, pad_to=12)
             assert torch._C._is_torch_function_mode_enabled()  # on again after the estimator
     finally:
         hook.remove()
     assert seen and not any(seen) and mels.shape == (1, 80, 24)
+    # the compiled plan ran its (stubbed) compiled estimator, not the eager fallback
+    assert plan.compiled == (mode == "compiled") and len(plan.shapes) == (mode == "compiled")
 
 
 def test_a_stream_counts_only_its_own_threads_compiles(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,9 +264,11 @@ def test_a_shape_compiled_in_another_thread_is_warmed_up_in_this_one(monkeypatch
         compiled_here[name] = plan.compile_s_here
 
     for name in ("first", "second"):
-        thread = threading.Thread(target=use, args=(name,), name=name)
+        # a daemon: one left waiting (a lock never released) must not hold the test run at exit
+        thread = threading.Thread(target=use, args=(name,), name=name, daemon=True)
         thread.start()
-        thread.join()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), f"thread {name} still waits"
     assert calls == ["first"] * warm + ["second"] * warm and len(plan.shapes) == 1
     assert compiled_here["first"] > 0 and compiled_here["second"] > 0
 

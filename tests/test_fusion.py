@@ -137,6 +137,9 @@ def test_the_fused_step_compiles_whole_and_samples_the_same_tokens(tiny_tts: Cha
         runs[step] = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, ids, max_new_tokens=24, plan=plan, generator=g)
     assert runs["compiled"].step_mode == "compiled"
     assert torch.equal(runs["compiled"].tokens, runs["static"].tokens)
+    built = plan.static_step(2)  # the compiled plan's step, its batch the two guidance rows
+    assert built is not None and built.compiled
+    assert all(isinstance(layer.self_attn, FusedLlamaAttention) for layer in built.parts.tfmr.layers)
 
 
 @pytest.mark.integration  # two cold compiles of the engine's step, a minute
