@@ -145,6 +145,11 @@ def test_the_model_help_names_every_source() -> None:
     assert set(re.findall(r"[\w-]+", MODEL_HELP)) >= {*SIZES, *PRETRAINED}  # whole names
 
 
+def shows_no_default(action: argparse.Action) -> bool:
+    """Whether ``action`` has no default worth showing: none, a switch's False, or SUPPRESS."""
+    return action.default is None or action.default is False or action.default == argparse.SUPPRESS
+
+
 def test_every_flag_has_help_and_shows_its_default() -> None:
     parser = build_parser()
     top = parser.format_help()
@@ -153,13 +158,19 @@ def test_every_flag_has_help_and_shows_its_default() -> None:
     assert set(commands) == {"diagnose", "stream", "profile", "trace", "bench", "load", "serve"}
     for name, command in commands.items():
         assert command.description, name
+        formatter = command._get_formatter()
         for action in command._actions:
             assert action.help, (name, action.option_strings)
+            # _HelpFormatter's rule: a flag shows its default unless it has none (None, a switch's
+            # False, SUPPRESS); a help that writes "(default" itself must name the value there.
+            if action.option_strings and not shows_no_default(action):
+                shown = formatter._expand_help(action)  # the help as --help prints it
+                assert "(default" in shown and str(action.default) in shown, (name, action.option_strings)
         text = " ".join(command.format_help().split())  # unwrapped
         assert "--seed SEED seed of the random" in text and "(default: 0)" in text, name
+        assert "(default: None)" not in text and "(default: False)" not in text, name
     bench = " ".join(commands["bench"].format_help().split())
     assert "medians reported) (default: 2)" in bench and "--cpp-wrapper" in bench
-    assert "(default: None)" not in bench and "(default: False)" not in bench
 
 
 @pytest.mark.parametrize("command", ["stream", "profile", "trace", "diagnose"])

@@ -402,8 +402,14 @@ def test_loopback_requests_do_not_go_through_a_proxy(
 def test_waiting_for_a_run_asks_at_least_once(tmp_path: Path) -> None:
     # timeout=0 never asked, then named the answer it never got: an UnboundLocalError
     tb = TensorBoard(mock.Mock(spec=subprocess.Popen), f"http://127.0.0.1:{free_port()}", tmp_path)
-    with pytest.raises(TimeoutError, match="did not list run 'generation' within 0 s"):
+    # Wrapped, the request still goes out: nothing listens on the port, so it is refused.
+    with (
+        mock.patch.object(tb, "profiler", wraps=tb.profiler) as asked,
+        pytest.raises(TimeoutError, match="did not list run 'generation' within 0 s") as raised,
+    ):
         tb.wait_for_run("generation", timeout=0)
+    assert asked.call_args_list == [mock.call("runs")]
+    assert "(no answer: " in str(raised.value)  # the refused request's error, not a made-up one
 
 
 def test_stream_chunks_are_labelled_with_a_schedule(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:

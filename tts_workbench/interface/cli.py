@@ -840,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reference(ld)
     ld.add_argument(  # load.FIRST_AUDIO_LIMIT_S (not imported: the parser stays light; a test ties them)
         "--first-audio-limit", type=_seconds, default=0.5,
-        help="s of first-audio p95 a level may take and still count as real time (default 0.5)",
+        help="s of first-audio p95 a level may take and still count as real time (default: 0.5)",
     )  # fmt: skip
     ld.add_argument("--out", type=_path, default="runs/load", help="folder for load.json and load.png")
     ld.add_argument(
