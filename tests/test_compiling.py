@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,18 +39,30 @@ def _get_obj_before_torch_2_13(local: Any, attr_name: str) -> Any:
     return torch._C._get_obj_in_tls(attr_name)
 
 
-def _in_a_new_thread(fn: Any) -> BaseException | None:
+def _in_threads(*fns: Callable[[], object], timeout: float = 30) -> list[BaseException]:
+    """Each of ``fns`` run in a thread of its own, all at once: what they raised. A thread still
+    running ``timeout`` seconds after its join began fails the test (a deadlock); it is a daemon,
+    so that it does not keep the test process alive after the session."""
     errors: list[BaseException] = []
 
-    def run() -> None:
+    def run(fn: Callable[[], object]) -> None:
         try:
             fn()
         except BaseException as e:
             errors.append(e)
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(timeout=30)
+    threads = [threading.Thread(target=run, args=(fn,), daemon=True) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+        assert not t.is_alive(), f"a thread still runs after {timeout} s: deadlocked"
+    return errors
+
+
+def _in_a_new_thread(fn: Callable[[], object]) -> BaseException | None:
+    """What ``fn`` raised in a thread of its own, if anything."""
+    errors = _in_threads(fn)
     return errors[0] if errors else None
 
 
@@ -93,11 +106,8 @@ def test_replays_in_two_threads_each_get_their_own_outputs(monkeypatch: pytest.M
             if out.item() != v:
                 wrong.append((v, out.item()))
 
-    threads = [threading.Thread(target=worker, args=(float(v),)) for v in (1, 2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    # 60 replays take well under a second: a thread still running after 10 s is stuck
+    assert _in_threads(lambda: worker(1.0), lambda: worker(2.0), timeout=10) == []
     assert wrong == []
 
 
@@ -135,21 +145,8 @@ def test_a_dtype_trace_and_a_step_crossing_in_two_threads_leave_the_stance_as_it
             assert first_out.wait(timeout=30)
             seen.append(eval_frame._stance)
 
-    errors: list[BaseException] = []
-
-    def run(fn: Any) -> None:
-        try:
-            fn()
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(fn,)) for fn in (enter_first, enter_second)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert errors == [] and len(seen) == 1
+        assert _in_threads(enter_first, enter_second, timeout=60) == [] and len(seen) == 1
         assert eval_frame._stance == before
         assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))  # a new shape recompiles
         # The trace still open: compiled code eager (the step that skipped has left); the step

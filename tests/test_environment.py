@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -54,19 +54,30 @@ def test_torchaudio_pure_python_parts_work_without_its_cuda_extension() -> None:
 
 def test_make_venv_stops_saying_what_to_do_when_torch_does_not_import(tmp_path: Path) -> None:
     # A machine without the CPU wheel gets PyPI's CUDA torch, which cannot import without the
-    # NVIDIA libraries the lock leaves out: the recipe's check must fail and name the fixes.
-    # The recipe is read from `make -n` (nothing runs) and its check run against a python
-    # that cannot import torch.
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\nexec {sys.executable} -c "import no_such_module_here"\n')
-    fake.chmod(0o755)
-    out = subprocess.run(
-        ["make", "-n", "-W", "requirements.lock", "venv", f"BIN={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    commands = out.replace("\\\n", "").splitlines()
-    check = next(c for c in commands if c.startswith(f'{fake} -c "import torch"'))
-    run = subprocess.run(["sh", "-c", check], capture_output=True, text=True)
-    assert run.returncode != 0
+    # NVIDIA libraries the lock leaves out: the recipe must fail, name the fixes, and not stamp
+    # the venv as installed (a `-` before its check would ignore the failure and stamp it).
+    # The real `make venv` runs, every path it writes under tmp_path, against stubs: a python
+    # that cannot import torch, and a pip and a uv that install nothing.
+    venv = tmp_path / "venv"
+    bin_dir = venv / "bin"
+    bin_dir.mkdir(parents=True)  # what `$(PYTHON) -m venv` makes (PYTHON=true makes nothing)
+    lib = tmp_path / "torchaudio_lib"  # where the recipe removes torchaudio's .so files
+    stubs = {
+        "python": f'#!/bin/sh\ncase "$2" in\n  "import torch") exit 1 ;;\n  *) echo {lib} ;;\nesac\n',
+        "pip": "#!/bin/sh\nexit 0\n",
+        "uv": "#!/bin/sh\nexit 0\n",
+    }
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    stamp = venv / ".installed"
+    # an outer make's flags (`make -i test`: errors ignored) are not this make's
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    run = subprocess.run(
+        ["make", "venv", "PYTHON=true", f"VENV={venv}", f"BIN={bin_dir}", f"STAMP={stamp}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert run.returncode != 0, run.stdout + run.stderr
     assert "torch does not import" in run.stderr
     assert "PIP_FIND_LINKS" in run.stderr and "make clean" in run.stderr
+    assert not stamp.exists()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
+from tqdm import auto
+from tqdm.notebook import tqdm as notebook_tqdm
 
 from tts_workbench.core import progress as progress_module
 from tts_workbench.core.progress import KeptBar, progress_bar
@@ -63,5 +66,11 @@ def test_in_a_kernel_progress_is_a_kept_bar_but_for_a_delayed_one(monkeypatch: p
 
 
 def test_outside_a_kernel_progress_is_the_terminal_bar() -> None:
+    assert not issubclass(auto.tqdm, notebook_tqdm)  # this process is no kernel
     with progress_bar(total=2, disable=True) as bar:
-        assert not isinstance(bar, KeptBar)
+        assert type(bar) is auto.tqdm
+    out = io.StringIO()
+    with progress_bar(total=2, file=out) as bar:  # shown: still no notebook bar
+        assert type(bar) is auto.tqdm and not isinstance(bar, notebook_tqdm)
+        bar.update(2)
+    assert "2/2" in out.getvalue()  # drawn as text, in the file it was given

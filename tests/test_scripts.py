@@ -190,10 +190,23 @@ def test_studies_keep_their_reference_in_a_temporary_folder(
 
 def test_stop_rate_removes_its_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stop_rate = script("stop_rate")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    work, temp = tmp_path / "work", tmp_path / "temp"
+    work.mkdir()
+    temp.mkdir()
+    monkeypatch.chdir(work)  # a reference written into the working folder would stay there
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.setattr(stop_rate.torch, "set_num_threads", lambda n: None)  # the process's own
+    written: list[Path] = []
+    make_reference_wav = stop_rate.make_reference_wav
+
+    def reference(path: str | Path, **kwargs: Any) -> Path:
+        written.append(Path(path).absolute())
+        return make_reference_wav(path, **kwargs)
+
+    monkeypatch.setattr(stop_rate, "make_reference_wav", reference)
     stop_rate.main([])  # no sources: the reference alone
-    assert list(tmp_path.iterdir()) == []
+    assert len(written) == 1 and written[0].is_relative_to(temp) and not written[0].exists()
+    assert list(work.iterdir()) == [] and list(temp.iterdir()) == []
 
 
 # ---------------------------------------------------------------- docstrings
