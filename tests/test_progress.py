@@ -70,7 +70,7 @@ def test_outside_a_kernel_progress_is_the_terminal_bar() -> None:
     with progress_bar(total=2, disable=True) as bar:
         assert type(bar) is auto.tqdm
     out = io.StringIO()
-    with progress_bar(total=2, file=out) as bar:  # shown: still no notebook bar
+    with progress_bar(total=2, file=out, disable=False) as bar:  # shown (TQDM_DISABLE aside): no notebook bar
         assert type(bar) is auto.tqdm and not isinstance(bar, notebook_tqdm)
         bar.update(2)
     assert "2/2" in out.getvalue()  # drawn as text, in the file it was given
