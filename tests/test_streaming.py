@@ -87,6 +87,15 @@ def test_buffered_vocodes_every_token_exactly_once(tts: ChatterboxTTS) -> None:
     assert s["tokens"] + s["invalid_tokens"] == state.t3.steps == 80  # no stop token: capped
 
 
+@pytest.mark.parametrize("strategy", ["buffered", "naive"])
+def test_a_stream_under_bfloat16_autocast_vocodes_in_float32(tts: ChatterboxTTS, strategy: str) -> None:
+    # HiFT's iSTFT takes no bfloat16: a stream(amp=torch.bfloat16) on a model without the wrapper's
+    # float32 island failed at its first chunk, after T3 had run
+    wav, state = stream_all(tts, TEXT, StreamConfig(strategy), max_new_tokens=20, amp=torch.bfloat16)
+    assert len(state.tokens) > 0 and len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN
+    assert wav.dtype == np.float32 and np.isfinite(wav).all()
+
+
 def test_buffered_quality_holds_and_naive_is_reported(tts: ChatterboxTTS) -> None:
     configs = {
         "buffered": StreamConfig("buffered", first_window_s=0.6, window_s=1.2),
@@ -346,6 +355,10 @@ def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
         ({"crossfade_ms": 1500, "first_window_s": 1.0}, r"than a window \(25 tokens of 40 ms = 1000 ms\)"),
         # 0.05 s rounds to one token: the window compared is 40 ms long (it said "0.05 s")
         ({"crossfade_ms": 40, "first_window_s": 0.05}, r"than a window \(1 token of 40 ms = 40 ms\)"),
+        (  # compared in whole samples: the message said 39.98 ms was not shorter than 40 ms
+            {"crossfade_ms": 39.98, "first_window_s": 0.04, "lookahead_tokens": 1, "left_context_tokens": 1},
+            r"crossfade of 39.98 ms \(40 ms in whole samples\) is not shorter than a window \(1 token",
+        ),
         # it said no limit and no remedy: 240 ms is twice the 3 tokens of lookahead
         ({"crossfade_ms": 300}, r"must fit in the left context .* of 240 ms or less, or raise left_context"),
         ({"crossfade_ms": 20, "lookahead_tokens": 0}, r"give crossfade_ms \(--crossfade-ms\) of 0 \(none\)"),

@@ -146,8 +146,11 @@ class StreamConfig:
         ms = SAMPLES_PER_TOKEN // SAMPLES_PER_MS  # a token's milliseconds
         shortest = min(self.first_window_tokens, self.window_tokens)  # what is compared: whole tokens
         if self.crossfade_samples >= shortest * SAMPLES_PER_TOKEN:
+            # what is compared, in whole samples: 39.98 ms was "not shorter" than 40 ms, unsaid
+            whole = self.crossfade_samples / SAMPLES_PER_MS
+            rounded = f" ({whole:g} ms in whole samples)" if whole != self.crossfade_ms else ""
             raise ConfigError(
-                f"crossfade of {self.crossfade_ms:g} ms is not shorter than a window ({shortest} "
+                f"crossfade of {self.crossfade_ms:g} ms{rounded} is not shorter than a window ({shortest} "
                 f"token{'s' if shortest != 1 else ''} of {ms} ms = {shortest * ms} ms): "
                 "shorten it or widen the windows"
             )
@@ -494,6 +497,10 @@ def _s3gen(
         with overwritten():  # upstream draws start noise that ``noise`` then replaces
             mels = flow_mels(tts.s3gen, torch.tensor(tokens), gen, noise=noise, plan=flow, pad_to=pad_to)
         t1 = now(device)
+        if amp is not None:  # HiFT outside autocast, as the wrapper's float32 island runs it: its
+            # iSTFT takes no bfloat16 (a direct stream(amp=torch.bfloat16) failed at its first chunk)
+            stack.enter_context(torch.autocast(device.type, enabled=False))
+            mels = mels.float()
         with rng.drawing():  # HiFT's sine phases and noise
             wav, source = vocoder(tts.s3gen, mels, cache)
         t2 = now(device)
