@@ -188,6 +188,18 @@ def test_the_allocator_is_read_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> 
     assert allocated_bytes(torch.device("cuda")) == 1234
 
 
+def test_what_the_process_holds_is_its_tensors_on_cuda_and_its_resident_set_elsewhere(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tts_workbench.instruments import memory
+
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 5678)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_a, **_k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *_a, **_k: 1234)
+    assert memory.held_bytes(torch.device("cpu")) == 5678
+    assert memory.held_bytes(torch.device("cuda")) == 1234
+
+
 def test_the_bandwidth_is_read_on_the_threads_the_decode_steps_run_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -387,7 +387,7 @@ def test_a_kv_refusal_tells_its_figures_apart_and_leaves_the_process_its_memory(
     largest = 15_300
     total = held + largest * kv - gap
     monkeypatch.setattr(load, "device_memory_bytes", lambda _device: total)
-    monkeypatch.setattr(load, "rss_bytes", lambda: held)
+    monkeypatch.setattr(load, "held_bytes", lambda _device: held)
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError) as refused:
         load.check_kv_fits(largest, kv, cpu)

@@ -82,6 +82,13 @@ def allocated_bytes(device: torch.device) -> int | None:
     return int(torch.cuda.memory_allocated(device))
 
 
+def held_bytes(device: torch.device) -> int:
+    """What this process holds of ``device``'s memory now: its live tensors on CUDA (the caching
+    allocator's free blocks can take a KV cache), its resident set elsewhere."""
+    allocated = allocated_bytes(device)
+    return rss_bytes() if allocated is None else allocated
+
+
 def device_memory_bytes(device: torch.device) -> int:
     """All the memory of ``device``: the GPU's on CUDA, the machine's RAM otherwise."""
     if device.type == "cuda":

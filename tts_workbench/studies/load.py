@@ -46,7 +46,7 @@ from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
-from ..instruments.memory import allocated_bytes, device_memory_bytes, memory_window, rss_bytes
+from ..instruments.memory import device_memory_bytes, held_bytes, memory_window
 from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan
@@ -130,16 +130,9 @@ def check_level_buckets(step_buckets: Sequence[int] | None, levels: Sequence[int
     check_step_buckets(step_buckets, max(levels), f"the largest level ({max(levels)} streams) runs")
 
 
-def held_bytes(device: torch.device) -> int:
-    """What this process holds of ``device``'s memory now: its live tensors on CUDA (the caching
-    allocator's free blocks can take a KV cache), its resident set elsewhere."""
-    allocated = allocated_bytes(device)
-    return rss_bytes() if allocated is None else allocated
-
-
 def check_kv_fits(largest: int, kv_per_stream: int, device: torch.device) -> None:
     """A ConfigError naming ``--streams`` when the ``largest`` level's KV cache alone is more than
-    the device's memory beside what this process holds already (``held_bytes``: the model, the
+    the device's memory beside what this process holds already (``memory.held_bytes``: the model, the
     voice): its engine could not be made, and the levels before it would be lost. The bound it
     suggests fits there."""
     total, held = device_memory_bytes(device), held_bytes(device)
