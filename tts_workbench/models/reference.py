@@ -103,10 +103,11 @@ class ReferenceInfo:
     """What was done to a user's reference audio before conditioning."""
 
     path: str
-    seconds: float
+    seconds: float  # rounded to the ms, for reports (``frames`` / ``sample_rate`` is exact)
     sample_rate: int
     channels: int
     notes: list[str]
+    frames: int
 
 
 def check_reference(path: str | Path) -> ReferenceInfo:
@@ -166,4 +167,4 @@ def check_reference(path: str | Path) -> ReferenceInfo:
         )
     if seconds < 1.0:
         notes.append(f"only {seconds:.2f} s long: conditioning quality will suffer")
-    return ReferenceInfo(str(path), round(seconds, 3), sr, data.shape[1], notes)
+    return ReferenceInfo(str(path), round(seconds, 3), sr, data.shape[1], notes, data.shape[0])

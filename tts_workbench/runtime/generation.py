@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch import nn
 
@@ -220,12 +219,11 @@ def _float32_loudness(original: Callable[..., np.ndarray]) -> Callable[..., np.n
     return norm_loudness
 
 
-def _loaded_samples(reference: str, info: ReferenceInfo) -> int:
-    """The samples of ``reference`` as upstream Turbo's ``prepare_conditionals`` loads it and
+def _loaded_samples(info: ReferenceInfo) -> int:
+    """The samples of a reference as upstream Turbo's ``prepare_conditionals`` loads it and
     asserts on (``len(wav) / sr > 5.0``): librosa.load at S3Gen's rate, whose resampling makes
     ``ceil(frames * ratio)`` of them. Not ``info.seconds``: rounded to 3 decimals, 5.0004 s read 5.0."""
-    frames = sf.info(reference).frames
-    return int(np.ceil(frames * (SAMPLE_RATE / info.sample_rate)))  # as librosa.resample computes it
+    return int(np.ceil(info.frames * (SAMPLE_RATE / info.sample_rate)))  # as librosa.resample computes it
 
 
 def prepare_voice(
@@ -237,7 +235,7 @@ def prepare_voice(
     family = family_of(tts)
     info = check_reference(reference)
     turbo = family.name == "turbo"
-    if turbo and (samples := _loaded_samples(reference, info)) / SAMPLE_RATE <= 5.0:  # upstream asserts it
+    if turbo and (samples := _loaded_samples(info)) / SAMPLE_RATE <= 5.0:  # upstream asserts it
         raise SourceError(
             f"Turbo needs a reference longer than 5 s; {reference} has {samples / SAMPLE_RATE:.5f} s "
             f"({samples} samples at {SAMPLE_RATE} Hz, as upstream loads it)"
