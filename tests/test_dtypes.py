@@ -138,6 +138,17 @@ def test_module_raising_something_else_is_reported_and_reraised() -> None:
     assert _no_hooks(net)
 
 
+def test_a_failure_whose_message_starts_with_a_blank_line_is_named_by_its_first_words() -> None:
+    class Boom(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("\nshapes differ\nand more")
+
+    net = nn.Sequential(OrderedDict(boom=Boom()))
+    with pytest.raises(RuntimeError), trace_dtypes(net) as trace:
+        net(torch.randn(2))
+    assert trace.failure is not None and trace.failure.error == "RuntimeError: shapes differ"
+
+
 def test_tracing_never_changes_the_tokens(tiny_tts: ChatterboxTTS) -> None:
     plain = generate(tiny_tts, "Trace me.", max_new_tokens=15, seed=4)
     parts = (tiny_tts.t3, tiny_tts.s3gen, tiny_tts.ve)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tts_workbench.core.errors import CacheError, ConfigError, naming_flag
+from tts_workbench.core.errors import CacheError, ConfigError, error_line, naming_flag
 
 
 def test_naming_flag_puts_the_flag_in_front_and_keeps_the_type() -> None:
@@ -17,3 +17,10 @@ def test_naming_flag_puts_the_flag_in_front_and_keeps_the_type() -> None:
 def test_naming_flag_lets_other_errors_through_unchanged() -> None:
     with pytest.raises(ConfigError, match="^unknown step$"), naming_flag("--tokens", CacheError):
         raise ConfigError("unknown step")
+
+
+def test_error_line_is_the_first_line_that_says_something() -> None:
+    assert error_line(RuntimeError("\n  shapes differ\nsee the docs")) == "RuntimeError: shapes differ"
+    assert error_line(RuntimeError("\n  shapes differ\n"), named=False) == "shapes differ"
+    assert error_line(AssertionError()) == "AssertionError"  # a bare assert: its type says what failed
+    assert error_line(AssertionError("  "), named=False) == "AssertionError"

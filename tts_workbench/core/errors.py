@@ -4,7 +4,8 @@ All derive from ``WorkbenchError`` (a ``ValueError``, so code that caught ``Valu
 still does); the CLI turns any of them into one ``error:`` line and exit code 2, ``naming_flag``
 puts the flag in front of a refusal raised below the CLI. ``as_int`` is the one test of "a whole
 number" behind every such refusal, ``unicode_problem`` the one test of valid UTF-8 text (a
-request's, a flag's) in a module light enough for argument parsing.
+request's, a flag's) in a module light enough for argument parsing. ``error_line`` is how a
+caught error is named in one line of a report or a refusal.
 """
 
 from __future__ import annotations
@@ -99,6 +100,16 @@ def naming_flag(flag: str, *errors: type[WorkbenchError]) -> Iterator[None]:
         if str(e).startswith("argument "):  # named already, by a check nearer the cause
             raise
         raise type(e)(f"argument {flag}: {e}") from None
+
+
+def error_line(e: BaseException, named: bool = True) -> str:
+    """``e`` in one line: its message's first line that says something, after ``Type:`` when
+    ``named``; its type's name alone when the message is empty (a bare ``assert``). Many errors
+    put pages of advice after the first line, and some start with a blank one."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0]}" if named else lines[0]
 
 
 def unicode_problem(text: str) -> str | None:

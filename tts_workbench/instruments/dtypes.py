@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.compiling import forcing_eager
 from ..core.constants import dtype_name
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, error_line
 from ..core.families import components
 from ..core.tables import render
 
@@ -342,7 +342,7 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
             type(module).__name__ if module is not None else "-",
             [_short(d) for d in inputs],
             _short(weight) if weight else None,
-            f"{type(e).__name__}: {e}".splitlines()[0],
+            error_line(e),
             _where(e, in_hook=module is not None),  # module: None only outside any module call
         )
         with lock:

@@ -41,7 +41,7 @@ from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
 
 from ..core.constants import SAMPLE_RATE
 from ..core.devices import check_device
-from ..core.errors import SourceError
+from ..core.errors import SourceError, error_line
 from ..core.families import FAMILIES, TTSModel
 from ..core.patching import scoped_item
 from ..core.rng import StreamRandom
@@ -236,7 +236,7 @@ def _cached_tokenizer(family: str) -> Any:
     try:
         tokenizer = read_tokenizer(family, path)
     except Exception as e:  # tokenizers raises a bare Exception for bad JSON, transformers others
-        raise _stale(path, f"cannot be read ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from e
+        raise _stale(path, f"cannot be read ({error_line(e, named=False)})") from e
     lacks = missing_tokens(family, tokenizer)
     if lacks is not None:
         raise _stale(path, f"has no {lacks}: another family's tokenizer?")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.constants import dtype_name, parse_dtype
 from ..core.devices import check_device
-from ..core.errors import ConfigError, FamilyError, SourceError, WorkbenchError, as_int
+from ..core.errors import ConfigError, FamilyError, SourceError, WorkbenchError, as_int, error_line
 from ..core.families import FAMILIES, Family, TTSModel, family_of
 from ..core.files import beside, remove
 from ..core.patching import HOLDERS
@@ -286,9 +286,9 @@ def _read(folder: Path, what: str, read: Callable[[], _T]) -> _T:
         if isinstance(e, WorkbenchError) or not (type(e) is Exception or isinstance(e, _UNREADABLE)):
             raise  # the workbench's own refusals (ValueErrors too), and bugs, are not the file's
         # torch's unpickling message advises weights_only=False, unsafe for a file that is damaged
-        why = "it holds no plain tensors" if isinstance(e, pickle.UnpicklingError) else str(e).strip()
+        why = "it holds no plain tensors" if isinstance(e, pickle.UnpicklingError) else error_line(e, False)
         raise SourceError(
-            f"cannot read {what} in {folder}: {(why or type(e).__name__).splitlines()[0]}. The file is "
+            f"cannot read {what} in {folder}: {why}. The file is "
             "truncated or overwritten; copy it again or re-export it with save_checkpoint()"
         ) from e
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..core.constants import RANDOM_NO_STOP, dtype_name
 from ..core.devices import check_device
-from ..core.errors import SourceError
+from ..core.errors import SourceError, error_line
 from ..core.families import FAMILIES, TTSModel, components
 from .builders import MODELS, SIZES, build_model
 from .checkpoints import check_left_aside, folder_family, hub_files, load_folder
@@ -56,8 +56,7 @@ def _hub_failure(e: Exception, constants: Any) -> str:
 
     if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         return f"{type(e).__name__}: not in the hub's cache, {constants.HF_HUB_CACHE}"
-    lines = str(e).strip().splitlines()  # other errors (a damaged cached file) say which in the first
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return error_line(e)  # other errors (a damaged cached file) say which in their first line
 
 
 def is_named(source: str | Path) -> bool:

@@ -16,7 +16,15 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from ..core.clock import FEW_REPEATS, now
 from ..core.constants import SPEECH_VOCAB_SIZE, UPSTREAM_SENTENCE, dtype_name
 from ..core.devices import check_device
-from ..core.errors import PREPARE_FIRST, CacheError, ConfigError, NoVoiceError, SourceError, naming_flag
+from ..core.errors import (
+    PREPARE_FIRST,
+    CacheError,
+    ConfigError,
+    NoVoiceError,
+    SourceError,
+    error_line,
+    naming_flag,
+)
 from ..core.families import components
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
@@ -268,7 +276,7 @@ def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> 
             rec = stack.enter_context(record_kernels(tts)) if kernels else None
             fn()
     except Exception as e:  # reported with its module path and advice, not swallowed silently
-        out["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+        out["error"] = error_line(e)
     out["seconds"] = round(now(tts.device) - t0, 3)
     out.update(trace.summary())
     first = trace.first_mismatch
