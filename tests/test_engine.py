@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import math
 import threading
@@ -19,7 +20,7 @@ from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
 from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
-from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, NoVoiceError
+from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, NoVoiceError, SourceError
 from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
@@ -1088,6 +1089,15 @@ def test_a_voice_or_sampling_value_no_stream_takes_is_refused_at_submit(tts: Cha
         for kwargs, message in wrong:
             with pytest.raises(ConfigError, match=message):
                 engine.submit(TEXTS[2], seed=0, max_new_tokens=6, **kwargs)
+        # this family's voice, for another model size: it failed at its turn with torch's "shape
+        # '[-1, 256]' is invalid for input of size 7"
+        narrow = copy.copy(tts.conds)
+        narrow.t3 = copy.copy(tts.conds.t3)
+        narrow.t3.speaker_emb = torch.zeros(1, 7)
+        with pytest.raises(
+            SourceError, match=r"do not fit this model: t3\.speaker_emb is width 7, .* expects"
+        ):
+            engine.submit(TEXTS[2], seed=0, max_new_tokens=6, conds=narrow)
         assert engine.queued() == 0 and engine.active() == 0  # nothing was queued
         assert engine.free_rows() == engine.max_streams * engine.rows_per_stream
         assert engine.stats.admitted == 0 and engine.stats.failed == 0

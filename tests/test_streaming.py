@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -20,7 +21,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals
 from matplotlib.figure import Figure
 
 from tts_workbench.core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE
-from tts_workbench.core.errors import ConfigError, NoVoiceError
+from tts_workbench.core.errors import ConfigError, NoVoiceError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.core.strict_json import finite
@@ -789,6 +790,19 @@ def test_run_to_files_leaves_no_half_written_file(
     with pytest.raises(OSError, match="No space left"):
         run_to_files(tts, TEXT, StreamConfig("naive"), tmp_path, max_new_tokens=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if failing == "wav" else ["naive.wav"])
+
+
+def test_a_voice_the_model_cannot_speak_is_refused_before_t3_runs(tts: ChatterboxTTS) -> None:
+    """Before, another model size's voice failed at T3's first step with torch's "shape '[-1,
+    256]' is invalid for input of size 7", a reference's path with Python's AttributeError."""
+    narrow = copy.copy(tts.conds)
+    narrow.t3 = copy.copy(tts.conds.t3)
+    narrow.t3.speaker_emb = torch.zeros(1, 7)
+    wrong = [(narrow, r"do not fit this model: t3\.speaker_emb is width 7"), ("r.wav", "a str is no voice")]
+    for conds, message in wrong:
+        for call in (stream, stream_tokens):
+            with pytest.raises(SourceError, match=rf"{message}.*call prepare_conditionals\(reference_wav\)"):
+                next(iter(call(tts, "Hi.", conds=conds)))
 
 
 def test_no_voice_names_what_each_caller_takes() -> None:

@@ -89,6 +89,7 @@ from .decode import (
     text_tokens,
 )
 from .generation import checked_voice, voice_turn
+from .precision import check_conditionals
 from .sampling import Sampler, not_finite
 from .streaming import (
     BufferedCutter,
@@ -585,7 +586,8 @@ class StreamEngine:
         """The voice a stream (or the warm-up) given ``conds`` speaks: ``conds``, None for the
         model's own. Refused: a ``conds`` that is no voice this model's family prepared (a
         reference's path, another family's ``Conditionals``; at its turn it failed with Python's
-        own AttributeError), and no voice at all, with a ``NoVoiceError`` naming the engine's fixes
+        own AttributeError), one of another model size (a ``SourceError``, ``check_conditionals``)
+        and no voice at all, with a ``NoVoiceError`` naming the engine's fixes
         (before, the stream failed at its turn asking for an audio_prompt_path, which the engine
         takes none of, and a voice prepared after its submit did not help it)."""
         family = self.family
@@ -594,6 +596,7 @@ class StreamEngine:
                 raise NoVoiceError(fix=PASS_CONDS)
             return self.tts.conds
         if isinstance(conds, family.conditionals):
+            check_conditionals(conds, self.tts)  # one of another model size failed at its turn, in torch
             return conds
         kind = type(conds)
         given = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"

@@ -118,10 +118,15 @@ def check_conditionals(conds: Conditionals, tts: ChatterboxTTS) -> None:
     """Refuse conditionals made for another family or model size, naming what does not fit."""
     family, kind = family_of(tts), type(conds)
     if kind is not family.conditionals:
-        made_for = next((f.name for f in FAMILIES.values() if kind is f.conditionals), "an unknown")
+        made_for = next((f.name for f in FAMILIES.values() if kind is f.conditionals), None)
+        made = (
+            f"these conditionals were made by the {made_for} family's prepare_conditionals"
+            if made_for
+            else f"a {kind.__name__} is no voice"  # a reference's path, say: the voice is what it makes
+        )
         raise SourceError(
-            f"these conditionals were made by the {made_for} family's prepare_conditionals, and this is a "
-            f"{family.name} model; call prepare_conditionals(reference_wav) with this model instead"
+            f"{made}, and this is a {family.name} model; call prepare_conditionals(reference_wav) with "
+            "this model instead"
         )
     expect = {
         "t3.speaker_emb": (conds.t3.speaker_emb, tts.t3.cond_enc.spkr_enc.in_features),

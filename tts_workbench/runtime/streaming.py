@@ -62,6 +62,7 @@ from .decode import (
     text_tokens,
 )
 from .generation import checked_voice
+from .precision import check_conditionals
 
 STRATEGIES = ("naive", "buffered")
 # The longest window, prompt or fade a config takes: far past any stream T3 can sample (4096
@@ -310,6 +311,15 @@ def _t3_blocks(
     )
 
 
+def _voice(tts: ChatterboxTTS, conds: Conditionals | None, text: str) -> Conditionals:
+    """The voice a stream speaks ``text`` in: ``conds``, checked against the model (another
+    family's, another size's, a path: each failed at T3's first step, in torch or Python), or
+    the model's own."""
+    if conds is not None:
+        check_conditionals(conds, tts)
+    return checked_voice(conds if conds is not None else tts.conds, text, PASS_CONDS)
+
+
 def stream_tokens(
     tts: ChatterboxTTS,
     text: str,
@@ -324,7 +334,7 @@ def stream_tokens(
     """The speech tokens ``stream`` vocodes with these arguments (its ``StreamState.tokens``),
     from T3 alone: nothing is vocoded, so a check of many streams' tokens costs T3's time only."""
     seed, max_new_tokens = checked_seed(seed), checked_cap(max_new_tokens)
-    voice = checked_voice(conds if conds is not None else tts.conds, text, PASS_CONDS)
+    voice = _voice(tts, conds, text)
     blocks = _t3_blocks(tts, voice, text, max_new_tokens, seed, plan, 8, None, language_id, sampling)
     return [t for block in blocks for t in speech_ids(block[0].tolist())] + tail_tokens(tts.s3gen)
 
@@ -369,7 +379,7 @@ def stream(
     # Checked (and made Python ints) before anything is drawn or sized with them: a numpy seed
     # overflowed in own_seed, a float cap failed in torch's randn, a cap of True streamed a token.
     seed, max_new_tokens = checked_seed(seed), checked_cap(max_new_tokens)
-    voice = checked_voice(conds if conds is not None else tts.conds, text, PASS_CONDS)
+    voice = _voice(tts, conds, text)
     check_new_tokens(tts.t3, max_new_tokens)  # before the noise track, sized by it, is drawn
     if state is not None and state.used:
         # Its tokens, seams and chunks would be taken for this utterance's: the windows would
