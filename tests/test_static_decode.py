@@ -155,6 +155,27 @@ def test_float32_samples_exactly_upstreams_tokens(
         assert not step.compiled and step.fallback_reason is None
 
 
+# Every processor on, each away from its no-op value (top_p < 1 too): the step samples inside its
+# graph, so these are other graphs than the ones above (one more compile of the tiny step).
+EVERY_PROCESSOR = {"top_p": 0.8, "min_p": 0.1, "repetition_penalty": 2.0, "temperature": 0.5}
+
+
+@pytest.mark.parametrize("mode", ["static", "compiled"])
+def test_float32_samples_upstreams_tokens_with_every_processor_on(tiny_tts: ChatterboxTTS, mode: str) -> None:
+    n = 40
+    torch.manual_seed(SEED)
+    want = tiny_tts.t3.inference(
+        t3_cond=tiny_tts.conds.t3,
+        text_tokens=text_tokens(tiny_tts, TEXT),
+        max_new_tokens=n,
+        **EVERY_PROCESSOR,
+    )
+    r, _ = _run(
+        tiny_tts, DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE), n=n, **EVERY_PROCESSOR
+    )
+    assert want.shape == (1, n) and torch.equal(want, r.tokens)
+
+
 def test_the_cpp_wrapper_option_reaches_torch_compile(
     tiny_tts: ChatterboxTTS, f32_eager: tuple[DecodeResult, list], monkeypatch: pytest.MonkeyPatch
 ) -> None:
