@@ -181,15 +181,20 @@ def test_an_untimed_stream_runs_before_the_first_level_and_counts_in_none(
         assert level["engine"]["flow_windows"] == engine.stats.flow_windows
 
 
+def load_flags() -> set[str]:
+    """The long flags of ``tts-workbench load`` (``--help`` among them)."""
+    command = next(
+        a.choices["load"] for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    return {o for a in command._actions for o in a.option_strings if o.startswith("--")}
+
+
 def test_the_load_studys_usage_block_shows_every_in_process_flag() -> None:
     # --seed and --dtype change what is measured and were in no usage block
     page = (Path(__file__).parents[1] / "docs" / "many-streams.md").read_text()
     usage = page.split("## The load study", 1)[1].split("```")[1]
-    load = next(
-        a.choices["load"] for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
-    )
     url_only = {"--url", "--voice", "--timeout"}  # docs/serving.md's
-    flags = {o for a in load._actions for o in a.option_strings if o.startswith("--")} - {"--help"} - url_only
+    flags = load_flags() - {"--help"} - url_only
     # a whole flag: --flow is inside --flow-batches, so a bare substring test always finds it
     assert sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", usage)) == []
 
@@ -373,6 +378,45 @@ def test_a_level_whose_kv_cache_outgrows_the_device_is_refused_before_any_level_
     too_many = r"^argument --streams: the 1000000000-stream level needs .* GiB of KV cache .* or fewer"
     with pytest.raises(ConfigError, match=too_many):
         run_load(tiny_tts, [1, 1_000_000_000], tokens=6)
+
+
+@pytest.mark.parametrize(
+    ("policy", "error"),
+    [
+        ("bf16", r"unknown dtype policy 'bf16'"),
+        ("auto", r"dtype policy 'auto' is chosen per device.*choose_policy"),
+    ],
+)
+def test_run_load_refuses_a_dtype_policy_it_cannot_run_before_any_level(
+    policy: str, error: str, tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(before 2026-12-06: "bf16" and "auto" ran T3 with the model's float32 weights and the report
+    named them as its T3 dtype; ``same_as_solo`` reran the same plan, so nothing caught it)"""
+
+    def ran(*_a: Any, **_k: Any) -> dict[str, Any]:
+        raise AssertionError("the warm-up or a level ran")
+
+    monkeypatch.setattr(load, "warm_up", ran)
+    monkeypatch.setattr(load, "run_level", ran)
+    with pytest.raises(ConfigError, match=f"^argument --dtype: {error}"):
+        run_load(tiny_tts, [1], tokens=4, policy=policy)
+
+
+def test_a_kv_refusal_where_not_one_stream_fits_names_what_shrinks_a_streams_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Less than one stream's KV cache left beside what the process holds (before 2026-12-06: "keep
+    the levels to 0 streams or fewer", and a level of 0 streams is refused)."""
+    kv, held = 3 * 2**19, 2**30
+    monkeypatch.setattr(load, "device_memory_bytes", lambda _device: held + kv // 2)
+    monkeypatch.setattr(load, "held_bytes", lambda _device: held)
+    with pytest.raises(ConfigError) as refused:
+        load.check_kv_fits(1, kv, torch.device("cpu"))
+    message = str(refused.value)
+    assert "not even one stream's KV cache fits beside what this process holds; use" in message, message
+    assert "0 streams" not in message, message
+    suggested = set(re.findall(r"--[\w-]+", message)) - {"--streams"}  # the flag it is refused under
+    assert suggested == {"--tokens", "--dtype", "--device"} and suggested <= load_flags(), message
 
 
 @pytest.mark.parametrize("gap", [1, 2**20 // 2])  # bytes the level needs past what is left: 1 to the last

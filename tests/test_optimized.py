@@ -354,6 +354,19 @@ def test_a_hand_made_auto_policy_is_refused_with_the_name_to_pass(tiny_tts: Chat
         PerformanceOptimizedTTS(tiny_tts, policy=Policy("auto", "typed by hand"))
 
 
+@pytest.mark.parametrize(
+    ("policy", "error"),
+    [("bf16", r"unknown dtype policy 'bf16'; choose one of: "), ("auto", r"resolve it first.*choose_policy")],
+)
+def test_decode_plan_refuses_a_policy_it_would_run_as_the_models_own_weights(
+    tiny_tts: ChatterboxTTS, policy: str, error: str
+) -> None:
+    # Before 2026-12-06 both decoded with the model's float32 weights, named as the policy given.
+    with pytest.raises(ConfigError, match=error):
+        optimized.decode_plan(tiny_tts, policy)
+    assert optimized.decode_plan(tiny_tts, "bfloat16").decode.dtype == torch.bfloat16  # a known one runs
+
+
 def test_optimize_false_refuses_the_wrappers_options(
     tiny_tts: ChatterboxTTS, folders: dict[str, Path]
 ) -> None:

@@ -126,7 +126,17 @@ def check_flow(mode: str, device: torch.device) -> str:
 
 
 def decode_plan(tts: ChatterboxTTS, policy: str) -> DecodePlan:
-    """The T3 weights and autocast dtype a policy decodes with (copies for per-phase policies)."""
+    """The T3 weights and autocast dtype a policy decodes with (copies for per-phase policies).
+
+    A ConfigError for a name that is no policy (``precision.check_policy``) and for ``"auto"``,
+    which is chosen per device (``choose_policy``): either would decode with the model's own
+    weights, as ``"keep"`` does, under the name given."""
+    if policy == "auto":
+        raise ConfigError(
+            "dtype policy 'auto' is chosen per device and checkpoint: resolve it first with "
+            "choose_policy(tts, device) and pass the name of the Policy it returns"
+        )
+    check_policy(policy)
     parts = T3Parts.of(tts.t3)
     if policy.startswith("autocast-"):
         return DecodePlan(parts, parts, autocast=HALF_DTYPES[policy.removeprefix("autocast-")])

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 
 from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, naming_flag
 from ..core.families import family_of
 from ..core.files import written
 from ..core.positions import positions_needed, tokens_that_fit
@@ -134,18 +134,25 @@ def check_kv_fits(largest: int, kv_per_stream: int, device: torch.device) -> Non
     """A ConfigError naming ``--streams`` when the ``largest`` level's KV cache alone is more than
     the device's memory beside what this process holds already (``memory.held_bytes``: the model, the
     voice): its engine could not be made, and the levels before it would be lost. The bound it
-    suggests fits there."""
+    suggests fits there; where not even one stream's cache fits, it names what shrinks that cache."""
     total, held = device_memory_bytes(device), held_bytes(device)
     left, need = max(0, total - held), largest * kv_per_stream
     if need > left:
         # to the fewest decimals (2 at least) that tell them apart: at the boundary :.3g printed
         # "needs 23.5 GiB ... more than the 23.5 GiB"; 10 resolve a byte (2**-30 GiB)
         places = next((p for p in range(2, 10) if f"{need / 2**30:.{p}f}" != f"{left / 2**30:.{p}f}"), 10)
+        fit = left // kv_per_stream
+        # no level fits (a level of 0 streams is refused): a stream's cache must shrink instead
+        advice = (
+            f"keep the levels to {fit} streams or fewer"
+            if fit
+            else "not even one stream's KV cache fits beside what this process holds; use fewer --tokens "
+            "(a shorter cache), a smaller --dtype or another --device"
+        )
         raise ConfigError(
             f"argument --streams: the {largest}-stream level needs {need / 2**30:.{places}f} GiB of KV "
             f"cache ({kv_per_stream / 2**20:.3g} MiB per stream), more than the {left / 2**30:.{places}f} "
-            f"GiB of memory of {device} left beside the {held / 2**30:.2f} GiB this process holds: keep "
-            f"the levels to {left // kv_per_stream} streams or fewer"
+            f"GiB of memory of {device} left beside the {held / 2**30:.2f} GiB this process holds: {advice}"
         )
 
 
@@ -491,7 +498,8 @@ def run_load(
     ``levels`` run in ascending order, after one untimed stream (``warm_up``; its seconds are
     ``warmup_s``); none, a repeated one, or a largest one whose KV cache is more than the device's
     memory beside what this process holds (``check_kv_fits``) is a ConfigError before any level
-    runs, as is a ``seed`` one of its streams cannot take (``checked_level_seed``)."""
+    runs, as is a ``seed`` one of its streams cannot take (``checked_level_seed``) and a ``policy``
+    that is no dtype policy or is ``"auto"`` (``decode_plan``; ``choose_policy`` resolves it)."""
     levels = checked_levels(levels, repr(levels))
     seed = checked_level_seed(seed, levels[-1])
     check_level_buckets(step_buckets, levels)
@@ -499,7 +507,8 @@ def run_load(
     check_engine_options(family_of(tts).name, step, alignment=alignment, fused=fused)
     texts = texts or list(DEFAULT_TEXTS)
     # with ``fused``, one copy of the decode backbone (made by the first engine) serves every level's
-    plan = dataclasses.replace(decode_plan(tts, policy), fused=fused)
+    with naming_flag("--dtype", ConfigError):  # a name that is no policy, or "auto": no dtype to report
+        plan = dataclasses.replace(decode_plan(tts, policy), fused=fused)
     kind = parse_arrival(arrival, levels[-1])
     max_cache_len = cache_positions(tts, texts, tokens)
     device = tts.t3.speech_head.weight.device
