@@ -67,8 +67,9 @@ class ServeOptions:
     flow_batches: tuple[int, ...] | None = None  # windows per flow call (None: the engine's 1, 2, 4, ...)
     step_buckets: tuple[int, ...] | None = None  # streams a T3 step runs over (None: 1, 2, 4, ...)
     threads: int | None = None  # torch's intra-op threads in this process (None: torch's default)
-    # 800 characters (about a cache position each), the voice's conditioning (~40 positions)
-    # and 150 tokens fit 1024 positions: a longest input sent without max_tokens runs.
+    # 800 letters (about a cache position each), the voice's conditioning (~40 positions) and
+    # 150 tokens fit 1024 positions: a longest input of plain words sent without max_tokens runs.
+    # Some characters take more positions ("…" about 1.5): such an input is refused (400, "shorten").
     max_input_chars: int = 800
     max_cache_len: int = 1024
     default_tokens: int = 150
