@@ -171,6 +171,18 @@ def test_the_analyzer_stops_a_repeating_stream_and_not_the_one_beside_it(
     assert len(handles[1].sampled) == TOKENS and handles[1].tokens == solo(tts, 1)
 
 
+def test_a_language_the_model_does_not_speak_is_refused_at_submit(tts: ChatterboxMultilingualTTS) -> None:
+    """Before, the stream was queued and failed only at its turn (its prompt's tokens), after the
+    streams ahead of it, with the same ConfigError."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        with pytest.raises(ConfigError, match="unsupported language 'xx': the multilingual model speaks"):
+            engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS, language_id="xx")
+        assert engine.queued() == 0 and engine.active() == 0  # nothing was queued
+        assert engine.stats.admitted == 0 and engine.stats.failed == 0
+        served = submit(engine, 2)
+        assert list(served) and served.error is None
+
+
 def test_alignment_is_refused_where_it_cannot_run(
     tts: ChatterboxMultilingualTTS, tiny_tts: ChatterboxTTS
 ) -> None:

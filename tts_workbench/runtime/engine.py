@@ -37,8 +37,9 @@ stream is active from its prefill to its last chunk: one whose T3 has ended keep
 until S3Gen has vocoded it, so an S3Gen slower than T3 holds new streams in the queue instead of
 piling up windows behind it. A request that cannot run (empty text, longer than the cache) fails
 alone with the same error as ``streaming.stream``; the others go on. An argument of the wrong
-type, a seed no generator takes, a sampling argument the family does not take or no voice at all
-is refused by ``submit`` itself, as upstream ``generate`` refuses an unknown keyword.
+type, a seed no generator takes, a sampling argument the family does not take or a value it cannot
+sample with, a language the model does not speak or no voice at all is refused by ``submit`` itself,
+as upstream ``generate`` refuses an unknown keyword.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, as_int
-from ..core.families import family_of, kv_layout
+from ..core.families import family_of, kv_layout, language_for
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
@@ -441,7 +442,7 @@ class StreamEngine:
         self._waiting: list[StreamHandle] = []
         self._joining: list[StreamHandle] = []  # taken from the queue, being prefilled
         self._preempted: dict[int, _Live] = {}  # by id of its handle (queued again): what it had
-        self._live: list[_Live] = []  # admitted, in row order; T3 thread only
+        self._live: list[_Live] = []  # admitted, in row order; T3 thread only (then close())
         self._vocoding: list[_Live] = []  # admitted, not yet fully vocoded; S3Gen thread reads
         self._lock = threading.Condition()
         self._counter = itertools.count()
@@ -530,7 +531,8 @@ class StreamEngine:
     def wait_rows_free(self, timeout: float) -> bool:
         """Wait until no stream holds cache rows, at most ``timeout`` seconds; whether none does.
         A stream failed in the S3Gen stage has ended for its reader before the T3 stage frees
-        its rows (at its next pass). A stopped engine frees nothing more: no wait there."""
+        its rows (at its next pass). A stopped engine frees nothing more (a closed one holds none):
+        no wait there."""
         with self._lock:
             self._lock.wait_for(lambda: not self._live or self._stopped, timeout)
             return not self._live
@@ -541,15 +543,19 @@ class StreamEngine:
         fail in the handle (its iteration raises), not here, so a server treats every request
         alike; only the caller's mistakes are refused here, with a ``ConfigError`` (as upstream
         ``generate``'s TypeError), and nothing is queued: an argument of the wrong type, a seed no
-        generator takes, a sampling argument the family does not take, a ``conds`` that is no
-        voice of this model (``_voice_of``); no voice at all, with a ``NoVoiceError``. The stream
+        generator takes, a sampling argument the family does not take or a value it cannot sample
+        with, a language the model does not speak, a ``conds`` that is no voice of this model
+        (``_voice_of``); no voice at all, with a ``NoVoiceError``. The stream
         speaks the voice as it is now, its exaggeration included. A ``generate`` on the model in
         another thread is waited for (``voice_turn``): the voice is not read half-way through it."""
         seed, max_new_tokens = self._check_request(text, seed, max_new_tokens, language_id)
         # a misspelled argument would otherwise be dropped and the stream run with the default;
         # those upstream Turbo takes and ignores are refused too (a caller would expect them to work)
         self.family.check_sampling_keys(sampling, ignored=False)
-        self.family.sampling_with(sampling)  # no number (cfg_weight=None): refused now, not at its turn
+        # refused now, not at its turn behind the streams ahead: a sampling value that is no number
+        # (cfg_weight=None) or one no sampling takes (temperature=0), a language the model lacks
+        self._sampler(sampling)
+        language_for(self.tts, language_id)
         with voice_turn(self.tts):
             # The model's voice as it is now: one prepared while this stream waits is not its own.
             conds = self._voice_of(conds)
@@ -678,6 +684,8 @@ class StreamEngine:
         for thread in self._threads:
             thread.join()
         self._end_all(self._ended_error())
+        with self._lock:  # the T3 thread, which alone writes it, is gone: its streams hold no rows now
+            self._live = []
         self._kv, self._caches, self._steps = [], {}, {}
 
     def _end_all(self, error: BaseException) -> None:
@@ -870,8 +878,7 @@ class StreamEngine:
     def _prefill(self, handle: StreamHandle, r: Request) -> _Live:
         conds = checked_voice(r.conds, r.text, PASS_CONDS)
         check_new_tokens(self.tts.t3, r.max_new_tokens)
-        cfg_weight, sampling = self.family.sampling_with(r.sampling)
-        sampler = Sampler(self.turbo, cfg_weight, **sampling)
+        sampler = self._sampler(r.sampling)
         if self._streams:  # the voice's conditionals may have been made on the default stream
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
@@ -913,6 +920,13 @@ class StreamEngine:
             aligned=aligned,
             t3_s=prefill_s,  # in its first chunk's T3 time, as streaming.stream counts it
         )
+
+    def _sampler(self, sampling: dict[str, float]) -> Sampler:
+        """The sampler of a stream asked for ``sampling``: upstream's defaults under it
+        (``Family.sampling_with``); a value it cannot sample with is refused with a ConfigError
+        (``Sampler``'s checks)."""
+        cfg_weight, settings = self.family.sampling_with(sampling)
+        return Sampler(self.turbo, cfg_weight, **settings)
 
     def _prompt(self, r: Request) -> tuple[torch.Tensor, int]:
         """Upstream's prefill input of request ``r`` in its voice as it was at its submit
