@@ -36,7 +36,7 @@
 # is skipped, with why. The results file is first written before the install.
 #
 #   scripts/gpu_check.sh            # on the GPU machine. The current default set (6 configs in
-#                                   # bfloat16, then sampling and the trace) has not been timed on a
+#                                   # bfloat16, then the trace and sampling) has not been timed on a
 #                                   # GPU; an older one, the bench alone, ran in one call on an H200
 #   scripts/gpu_check.sh --dry-run  # here, on CPU: tiny model, a few tokens, no install (a test runs this)
 #   GPU_CHECK_POLICIES="bfloat16 float16"  # the policies (default: bfloat16; "" for none)

