@@ -11,6 +11,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,7 @@ def test_raw_pcm_answers_are_counted_as_samples(headers: dict[str, str]) -> None
         ({"content-type": "audio/mpeg"}, b"ID3" + bytes(9997), "content-type 'audio/mpeg'"),
         ({"content-type": "audio/wav"}, bytes(44) + SECOND, "content-type 'audio/wav'"),
         ({"content-type": "audio/L16; rate=16000"}, SECOND, "rate=16000"),
+        ({"content-type": "audio/L16; rate=24000; channels=2"}, SECOND, "channels=2"),
         ({"content-encoding": "gzip"}, gzip.compress(SECOND, mtime=0), "content-encoding gzip"),
         # typed as no format, or not typed at all: the body's first bytes say what it is (before
         # 2026-12-06 counted as samples, the header's bytes timed as first audio)
@@ -112,7 +114,18 @@ def test_raw_pcm_answers_are_counted_as_samples(headers: dict[str, str]) -> None
         ({}, b"fLaC" + bytes(9996), "a FLAC body, not raw PCM"),
     ],
     # names, not bytes: the pytest-xdist workers compare them
-    ids=["mp3", "wav", "16 kHz", "gzip", "bare wav", "octet wav", "bare mp3", "octet ogg", "bare flac"],
+    ids=[
+        "mp3",
+        "wav",
+        "16 kHz",
+        "stereo",
+        "gzip",
+        "bare wav",
+        "octet wav",
+        "bare mp3",
+        "octet ogg",
+        "bare flac",
+    ],
 )
 def test_an_answer_that_is_not_raw_pcm_is_an_error_not_samples(
     headers: dict[str, str], body: bytes, said: str
@@ -142,10 +155,12 @@ def test_every_row_has_the_same_keys_and_a_failed_row_no_rtf() -> None:
     def speech(body: dict[str, Any]) -> httpx.Response:
         if body["seed"] == 1:
             raise httpx.ConnectError("refused")
-        return httpx.Response(200, stream=httpx.ByteStream(SECOND[:4800]))
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND[:4800]), headers={"x-replica": "7"})
 
-    ok, failed = run_http_load("http://stand-in", [2], transport=_endpoint(speech))["levels"][0]["per_stream"]
+    report = run_http_load("http://stand-in", [2], transport=_endpoint(speech))
+    ok, failed = report["levels"][0]["per_stream"]
     assert sorted(ok) == sorted(failed) and {"replica", "server"} <= set(failed)
+    assert ok["replica"] == "7" and report["replicas_seen"] == ["7"]  # as the server named itself
     assert failed["replica"] is None and failed["server"] is None and failed["rtf"] is None
     assert "ConnectError" in failed["error"]
     for row in (ok, failed):
@@ -371,6 +386,12 @@ def test_a_redirect_is_a_failed_row_saying_why() -> None:
     calls.append(1)  # from now on every answer is the redirect, the first level's too
     with pytest.raises(EndpointError, match=r"^argument --url: .*" + re.escape(said)):
         run_http_load("http://stand-in", [1], transport=_endpoint(speech))
+    # the model list redirected: its answer is no list to read, the URL the one to fix
+    moved = httpx.MockTransport(
+        lambda _request: httpx.Response(308, headers={"location": "https://stand-in/"})
+    )
+    with pytest.raises(EndpointError, match=r"answered 308: redirect to .* give the final URL .* as --url"):
+        run_http_load("http://stand-in", [1], transport=moved)
 
 
 @pytest.mark.parametrize(
@@ -503,6 +524,28 @@ def test_a_seed_a_later_stream_could_not_send_is_refused_before_any_request() ->
     with pytest.raises(ConfigError, match="argument --seed: .*-1"):
         run_http_load("http://stand-in", [1], seed=-1, transport=httpx.MockTransport(handle))
     assert sent == []
+
+
+def test_poisson_arrivals_are_sent_no_earlier_than_their_offsets() -> None:
+    """Each row's request reaches the endpoint at its ``arrival_s`` after the level began or
+    later: measured from the model list, asked for before the level's clock starts (a lower
+    bound, whatever the machine's speed)."""
+    reached: dict[int, float] = {}
+    listed: list[float] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            listed.append(time.perf_counter())
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "stand-in"}]})
+        reached[json.loads(request.content)["seed"]] = time.perf_counter()
+        return httpx.Response(
+            200, stream=httpx.ByteStream(SECOND[:4800]), headers={"content-type": "audio/pcm"}
+        )
+
+    report = run_http_load("http://stand-in", [4], arrival="poisson:4", transport=httpx.MockTransport(handle))
+    rows = report["levels"][0]["per_stream"]
+    assert len({row["arrival_s"] for row in rows}) == 4 and len(reached) == 4  # spread, not a burst
+    assert all(reached[row["seed"]] - listed[0] >= row["arrival_s"] for row in rows), (reached, listed, rows)
 
 
 def test_levels_run_in_ascending_order() -> None:

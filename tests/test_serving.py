@@ -10,6 +10,7 @@ import gc
 import io
 import json
 import socket
+import struct
 import threading
 import time
 import wave
@@ -166,6 +167,8 @@ def test_pcm_and_the_streamed_wav_header() -> None:
     assert np.frombuffer(pcm, "<i2").tolist() == [0, 16384, -16384, 32767, -32767, 32767, -32767]
     header = wav_header()
     assert len(header) == 44
+    # byte rate and block align, which the wave module reads past: 2 bytes a frame, 24000 frames a second
+    assert struct.unpack("<IH", header[28:34]) == (24000 * 2, 2)
     with wave.open(io.BytesIO(header + pcm)) as w:  # a player reads to the end of what came
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
         assert w.readframes(100) == pcm
@@ -220,6 +223,8 @@ def test_a_request_the_cache_cannot_hold_names_the_field_to_change(
 
 
 def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService) -> None:
+    disconnected = {"replica": "0", "outcome": "disconnected"}
+    left = service.registry.get_sample_value("tts_streams_total", disconnected)
     with TestClient(speech_app(service)) as client:
         assert client.get("/v1/models").json()["data"][0]["id"] == "chatterbox-tiny"
         bad = [
@@ -255,6 +260,14 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
         health = client.get("/health").json()
         assert health["active_streams"] == 0 and health["queued_streams"] == 0
         metrics = client.get("/metrics").text
+        # Admission held: a stream submitted now waits, none is active (the two counts told apart)
+        with service.engine.together():
+            held = service.engine.submit(GOOD["input"], max_new_tokens=1)
+            health, waiting = client.get("/health").json(), client.get("/metrics").text
+            held.close()
+        assert (health["active_streams"], health["queued_streams"]) == (0, 1), health
+        assert 'tts_active_streams{replica="0"} 0.0' in waiting
+        assert 'tts_queued_streams{replica="0"} 1.0' in waiting
         # An engine that stopped: /health says so with 503 (Ray Serve's own check replaces the
         # replica), and a request gets OpenAI's error body, not a bare 500.
         service.engine.close()
@@ -266,6 +279,9 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
         assert "retry the request: this replica's /health answers 503" in error["message"], error
     assert 'tts_streams_total{outcome="completed",replica="0"} 3.0' in metrics
     assert 'tts_time_to_first_audio_seconds_count{replica="0"} 3.0' in metrics
+    assert 'tts_stream_rtf_count{replica="0"} 3.0' in metrics  # each completed stream's RTF
+    # each counted once, as it ended: the response's close of a finished stream is no disconnect
+    assert service.registry.get_sample_value("tts_streams_total", disconnected) == left
     assert 'tts_active_streams{replica="0"} 0.0' in metrics and "tts_s3gen_flow_calls_total" in metrics
     assert service.voices["alice"] is not service.voices["default"]
 
@@ -530,6 +546,7 @@ def test_the_largest_max_tokens_advertised_can_be_met(service: SpeechService) ->
     largest = service.limits.max_tokens
     fewest = min(service.prefill_positions(voice, ".") for voice in service.voices)
     check_cache(fewest, largest, service.options.max_cache_len)  # fits, exactly
+    assert parse_speech({**GOOD, "max_tokens": largest}, service.limits).max_tokens == largest  # and is taken
     with pytest.raises(RequestError, match=f"send max_tokens <= {largest}"):
         check_cache(fewest, largest + 1, service.options.max_cache_len)
     with pytest.raises(RequestError, match=f"from 1 to {largest}, got {largest + 1}"):

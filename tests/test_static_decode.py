@@ -174,6 +174,8 @@ def test_float32_samples_upstreams_tokens_with_every_processor_on(tiny_tts: Chat
         tiny_tts, DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE), n=n, **EVERY_PROCESSOR
     )
     assert want.shape == (1, n) and torch.equal(want, r.tokens)
+    if mode == "compiled":  # a fresh plan's step compiled after the prefill: its time is not the prefill's
+        assert 0 < r.prefill_s < r.compile_s, (r.prefill_s, r.compile_s)
 
 
 def test_the_cpp_wrapper_option_reaches_torch_compile(
@@ -401,10 +403,13 @@ def test_a_generation_past_the_first_span_goes_on_like_the_eager_loop(
     if mode == "compiled":
         assert sorted(span for span, _ in step._compiled) == [256, 512]
         built = got[0].compile_s
+        assert got[0].compile_steps == 1  # the step that compiled span 512: out of step_s
         graphs = counters["stats"]["unique_graphs"]
         again = _run(tiny_tts, plan, n=n)[0]
         assert again.compile_s == 0.0 < built and torch.equal(again.tokens, got[0].tokens)
-        assert counters["stats"]["unique_graphs"] == graphs
+        assert again.compile_steps == 0 and counters["stats"]["unique_graphs"] == graphs
+    else:
+        assert got[0].compile_steps == 0
 
 
 def test_skipping_guards_is_held_by_count_and_put_back_whatever_the_order() -> None:
@@ -526,6 +531,11 @@ def test_a_cache_on_another_device_is_refused(tiny_tts: ChatterboxTTS, calls_of_
     assert not calls_of_tfmr
     plan.drop_static()
     assert _run(tiny_tts, plan, n=4)[0].tokens.size(1) == 4
+    step = plan.static_step(2)
+    assert step is not None
+    step.dtype = torch.bfloat16  # as if the plan's weights had been cast since: refused likewise
+    with pytest.raises(CacheError, match="bfloat16 but this prefill gives float32: call plan.drop_static"):
+        _run(tiny_tts, plan, n=4)
 
 
 def test_a_refused_generation_leaves_the_paused_ones_cache_alone(tiny_tts: ChatterboxTTS) -> None:
@@ -750,6 +760,8 @@ def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
         DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=1)
     with pytest.raises(ValueError, match="max_new_tokens"):  # ConfigError is a ValueError
         t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=0)
+    with pytest.raises(ConfigError, match="stop_check_every must be at least 1, got 0"):  # not a modulo by 0
+        _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=4, stop_check_every=0)
     assert DecodePlan.plain(tiny_tts.t3, step="compiled").describe() == "native float32, compiled step"
     with pytest.raises(ConfigError, match=r"top_p must be in \[0, 1\]"):  # as T3.inference's warper
         Sampler(turbo=False, top_p=1.5)
