@@ -31,7 +31,7 @@ from tts_workbench.models.vocode import FlowPlan
 from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
 from tts_workbench.runtime.generation import generate, prepare_voice
-from tts_workbench.runtime.optimized import decode_plan
+from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, decode_plan
 from tts_workbench.runtime.streaming import StreamConfig, one_shot, stream_all
 
 if TYPE_CHECKING:
@@ -1527,3 +1527,50 @@ def test_steps_run_over_the_buckets_asked_for_and_speak_the_solo_tokens(tts: Cha
     for bad in ([0], [4], [1.5]):
         with pytest.raises(ConfigError, match="step_buckets .* from 1 to max_streams"):
             StreamEngine(tts, max_streams=3, config=CONFIG, step_buckets=bad)  # type: ignore[list-item]
+
+
+def test_a_wrapper_is_refused_while_an_engine_runs_on_its_model(tts: ChatterboxTTS) -> None:
+    """Before 2026-12-06 a bfloat16 wrapper opened on a model an engine ran on cast T3's weights
+    under the engine's float32 KV cache: its streams died with torch's "Expected query, key, and
+    value to have the same dtype", which never named the wrapper. Refused now, the stream it was
+    tried beside speaks its solo tokens, and once the engine is closed the model may be wrapped."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        handle = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        assert wait_until(lambda: len(handle.sampled) >= 4, 60.0)
+        with pytest.raises(ConfigError, match="in use by an open StreamEngine.*close the engine first"):
+            PerformanceOptimizedTTS(tts, policy="bfloat16")
+        assert read_within(handle) and handle.error is None
+    assert handle.tokens == solo(tts, TEXTS[0], 0)[1]
+    with PerformanceOptimizedTTS(tts, policy="bfloat16"):
+        assert next(tts.t3.parameters()).dtype == torch.bfloat16
+    assert next(tts.t3.parameters()).dtype == torch.float32
+
+
+def test_an_engine_is_refused_inside_a_wrappers_block(tts: ChatterboxTTS) -> None:
+    """Before 2026-12-06 an engine built there ran on the wrapper's bfloat16 copies (its KV cache
+    bfloat16), and once the wrapper closed and cast T3 back every stream failed with torch's dtype
+    error while the engine said it was running. The refusal names the way out: the engine
+    outside the block, with its own T3 dtype (a plan), which leaves the model's weights as they are."""
+    with PerformanceOptimizedTTS(tts, policy="bfloat16"):
+        with pytest.raises(
+            ConfigError,
+            match=r"held by an open PerformanceOptimizedTTS.*outside the wrapper's with block.*"
+            r"plan=decode_plan\(tts, \"bfloat16\"\)",
+        ):
+            StreamEngine(tts, max_streams=1, config=CONFIG)
+    with StreamEngine(tts, max_streams=1, config=CONFIG, plan=decode_plan(tts, "bfloat16")) as engine:
+        handle = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)
+        assert read_within(handle) and handle.error is None
+        assert engine._kv[0][0].dtype == torch.bfloat16 and next(tts.t3.parameters()).dtype == torch.float32
+
+
+def test_two_engines_run_on_one_model_at_once(tts: ChatterboxTTS) -> None:
+    # Engines share a model (each its own KV cache over its weights): only a wrapper is kept out.
+    with (
+        StreamEngine(tts, max_streams=1, config=CONFIG) as first,
+        StreamEngine(tts, max_streams=1, config=CONFIG) as second,
+    ):
+        handles = [first.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS),
+                   second.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS)]  # fmt: skip
+        assert all(read_within(h) and h.error is None for h in handles)
+    assert [h.tokens for h in handles] == [solo(tts, TEXTS[k], k)[1] for k in range(2)]

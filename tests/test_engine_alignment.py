@@ -5,7 +5,9 @@ analyzer sees what it sees there, and the model is given back as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -205,3 +207,38 @@ def test_a_plain_engine_beside_a_running_analyzer_keeps_its_tokens(tts: Chatterb
             beside = submit(engine, 0)
             list(beside)
     assert beside.sampled == alone.sampled
+
+
+def test_an_analyzer_started_during_a_step_leaves_that_steps_logits_as_alone(
+    tts: ChatterboxMultilingualTTS,
+) -> None:
+    """Each attention layer reads the model's attention setting when it runs: an analyzer started
+    (by another engine's stream, say) while a step of this engine is between its layers switches
+    the later ones to eager attention. Before 2026-12-06 the step chose its mask kind at its start:
+    a boolean one for sdpa, which the eager layers added to the scores, masking nothing (a
+    logit 0.27 off, logit std 0.57). The step is paused at its second layer while the analyzer
+    starts, then let go: every step's logits are those of the stream alone, within 1e-4."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG, keep_logits=True) as engine:
+        alone = submit(engine, 0)
+        list(alone)
+        paused, resume, handles = threading.Event(), threading.Event(), []
+        t3 = engine._threads[0]  # the T3 stage's (the prefill runs the layers too, before any token)
+
+        def pause(module: Any, args: Any) -> None:
+            if threading.current_thread() is t3 and len(handles[0].sampled) >= 6 and not paused.is_set():
+                paused.set()
+                resume.wait(60)
+
+        with contextlib.ExitStack() as stack:
+            stack.callback(resume.set)  # the step goes on whatever fails here
+            stack.callback(tts.t3.tfmr.layers[1].register_forward_pre_hook(pause).remove)
+            handles.append(submit(engine, 0))
+            assert paused.wait(60)
+            stack.enter_context(new_analyzer([tts.t3.tfmr], (0, 1), tts.t3.hp.stop_speech_token))
+            assert tts.t3.tfmr.config._attn_implementation == "eager"
+            resume.set()
+            list(handles[0])
+    beside = handles[0]
+    assert beside.sampled == alone.sampled and len(beside.logits) == len(alone.logits) > 6
+    for k, (got, want) in enumerate(zip(beside.logits, alone.logits, strict=True)):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), k

@@ -543,3 +543,47 @@ def test_nothing_is_released_where_the_tensors_already_are() -> None:
     assert snap.release_replaced() == 0  # on this CPU the originals are where a copy would go
     snap.restore()
     assert model.weight.dtype == torch.float32
+
+
+class User:
+    """A wrapper or an engine, as the registry sees it: anything it can hold a weak reference to."""
+
+
+def test_sharers_keep_a_holder_out_and_a_holder_keeps_them_out() -> None:
+    """Several users may share a model (stream engines: each its own cache over the weights as
+    they are), one may hold it alone (a wrapper that changes them): before 2026-12-06 only the
+    holder registered, and a wrapper cast T3 under an engine's cache. Each refusal is given
+    what has the model; a sharer let go, failed in its block or collected counts no more."""
+    model, first, second, holder, other = User(), User(), User(), User(), User()
+
+    def refused(by: object) -> RuntimeError:
+        return RuntimeError(by)
+
+    with patching.sharing(model, first, refused), patching.sharing(model, second, refused):
+        pass  # shared by both, after their blocks too, until they let go
+    with pytest.raises(RuntimeError) as e, patching.holding(model, holder, refused):
+        pass
+    assert e.value.args[0] in (first, second)
+    patching.let_go(model, first)
+    with pytest.raises(RuntimeError) as e, patching.holding(model, holder, refused):
+        pass
+    assert e.value.args[0] is second
+    patching.let_go(model, second)
+    patching.let_go(model, second)  # twice: nothing
+    with patching.holding(model, holder, refused):
+        pass
+    with pytest.raises(RuntimeError) as e, patching.sharing(model, first, refused):
+        pass
+    assert e.value.args[0] is holder and patching.HOLDERS[id(model)] is holder
+    with pytest.raises(RuntimeError) as e, patching.holding(model, other, refused):
+        pass
+    assert e.value.args[0] is holder
+    patching.let_go(model, holder)
+    with pytest.raises(ValueError), patching.sharing(model, first, refused):
+        raise ValueError("its construction failed")
+    with patching.sharing(model, User(), refused):
+        pass  # never let go: collected with its last reference
+    with patching.holding(model, holder, refused):
+        pass
+    patching.let_go(model, holder)
+    assert id(model) not in patching.HOLDERS and id(model) not in patching.SHARERS.values()

@@ -36,7 +36,12 @@ Everything the workbench does to a user's model goes through here:
 - ``own_code``: a copy of a function with its own code object, for ``torch.compile``.
 - ``HOLDERS``: the open wrapper that has each model changed for a while, so that code below the
   wrapper's layer (a save) can refuse a model whose weights are the wrapper's cast copies.
-  ``holding`` takes a model there (refused while another holds it), ``let_go`` gives it back.
+  ``holding`` takes a model there (refused while another holds it or any user shares it).
+  ``SHARERS``: the users (stream engines) running on each model's weights as they are, several
+  at once; ``sharing`` adds one (refused while a holder has the model). ``let_go`` gives a
+  model back for either. Before 2026-12-06 engines registered nowhere: a wrapper cast T3 under
+  an engine's KV cache (or cast it back under one built inside its block), and the engine's
+  streams failed with torch's dtype error.
 """
 
 from __future__ import annotations
@@ -67,19 +72,34 @@ M = TypeVar("M", bound=nn.Module)
 # must not both find the model free), and takes itself out when it has given the model back
 # (``let_go``).
 HOLDERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
-# Held while a holder checks that its model is free and takes it, and while one lets it go: before
-# 2026-12-05 the check and the taking were a whole constructor apart (the "auto" measurement), and
-# two wrappers built at once on one model both found it free.
+# The users sharing a model's weights as they are (runtime.engine's StreamEngine: each its own KV
+# cache in the weights' dtype), each with the id of its model: a user holds its model, so the id
+# is not reused while it lives. Weak: one never let go (an engine never closed) stops counting
+# once collected, instead of keeping its model from every wrapper for good.
+SHARERS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+# Held while a holder or a sharer checks that its model is free and takes it, and while one lets it
+# go: before 2026-12-05 the check and the taking were a whole constructor apart (the "auto"
+# measurement), and two wrappers built at once on one model both found it free.
 _holders_lock = threading.Lock()
 
 
+def _occupant(model: object) -> object | None:
+    """What has ``model`` now (under ``_holders_lock``): its holder, else one of its sharers."""
+    holder = HOLDERS.get(id(model))
+    if holder is not None:
+        return holder
+    return next((user for user, held in SHARERS.items() if held == id(model)), None)
+
+
 @contextmanager
-def holding(model: object, holder: object, refusal: Callable[[], Exception]) -> Iterator[None]:
-    """Take ``model`` for ``holder`` in ``HOLDERS`` (``refusal()`` is raised while another holds
-    it) for the block and after it, until ``let_go``; let go at once if the block fails."""
+def holding(model: object, holder: object, refusal: Callable[[object], Exception]) -> Iterator[None]:
+    """Take ``model`` for ``holder`` alone in ``HOLDERS`` (``refusal(what has it)`` is raised
+    while another holder or any sharer has it) for the block and after it, until ``let_go``; let
+    go at once if the block fails."""
     with _holders_lock:
-        if id(model) in HOLDERS:
-            raise refusal()
+        occupant = _occupant(model)
+        if occupant is not None:
+            raise refusal(occupant)
         HOLDERS[id(model)] = holder
     try:
         yield
@@ -88,11 +108,30 @@ def holding(model: object, holder: object, refusal: Callable[[], Exception]) -> 
         raise
 
 
-def let_go(model: object, holder: object) -> None:
-    """Let ``model`` be taken again, if ``holder`` holds it."""
+@contextmanager
+def sharing(model: object, user: object, refusal: Callable[[object], Exception]) -> Iterator[None]:
+    """Add ``user`` to ``model``'s sharers in ``SHARERS`` (``refusal(its holder)`` is raised while
+    a holder has it) for the block and after it, until ``let_go`` or until ``user`` is collected;
+    let go at once if the block fails."""
     with _holders_lock:
-        if HOLDERS.get(id(model)) is holder:
+        holder = HOLDERS.get(id(model))
+        if holder is not None:
+            raise refusal(holder)
+        SHARERS[user] = id(model)
+    try:
+        yield
+    except BaseException:
+        let_go(model, user)
+        raise
+
+
+def let_go(model: object, user: object) -> None:
+    """Let ``model`` go for ``user``, its holder or one of its sharers (nothing if neither)."""
+    with _holders_lock:
+        if HOLDERS.get(id(model)) is user:
             del HOLDERS[id(model)]
+        if SHARERS.get(user) == id(model):
+            del SHARERS[user]
 
 
 @contextmanager

@@ -64,6 +64,7 @@ from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, as_int
 from ..core.families import family_of, kv_layout, language_for
+from ..core.patching import let_go, sharing
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
@@ -350,6 +351,18 @@ class EngineStats:
         return {k: sorted(v) if k in sets else v for k, v in vars(self).items()}
 
 
+def _held_by_wrapper(holder: object) -> ConfigError:
+    """The refusal of an engine on a model an open wrapper (``holder``) holds: its weights are the
+    wrapper's cast copies, and go back to the model's dtype under the engine's KV cache when it closes."""
+    return ConfigError(
+        f"this model is held by an open {type(holder).__name__}: T3's weights are the wrapper's, cast "
+        "to its dtype policy's, and are cast back when it closes, under this engine's KV cache. Build "
+        "the engine outside the wrapper's with block (before it opens, or after close()), with its own "
+        'T3 dtype: StreamEngine(tts, plan=decode_plan(tts, "bfloat16")) (runtime.optimized.decode_plan: '
+        "a copy of T3's weights, the model's left as they are)"
+    )
+
+
 class StreamEngine:
     """Streams of one model, T3 continuously batched and S3Gen windows batched (module docstring).
 
@@ -361,6 +374,11 @@ class StreamEngine:
     ``max_cache_len`` are). A compile that fails falls back to the static step with one warning
     (``fallback_reason``), as ``StaticStep`` does. ``alignment``: Multilingual only, static step
     only: each stream runs upstream's alignment analyzer (module docstring).
+
+    Engines share a model, from construction until ``close()``: several may run on it at once,
+    but none is built while a ``PerformanceOptimizedTTS`` holds it, nor a wrapper opened on it
+    while one runs (each a ``ConfigError`` naming the fix): the wrapper casts T3's weights, and
+    casts them back when it closes, under the engine's KV cache (``core.patching.sharing``).
     """
 
     def __init__(
@@ -378,92 +396,96 @@ class StreamEngine:
         step_buckets: Sequence[int] | None = None,
         alignment: bool = False,
     ) -> None:
-        whole = as_int(max_streams)
-        if whole is None or whole < 1:  # was an AttributeError (a float's bit_length), a TypeError ("2" < 1)
-            raise ConfigError(f"max_streams must be a whole number from 1, got {max_streams!r}")
-        max_streams = whole
-        batches = _sizes(flow_batches, buckets(max_streams), "flow_batches", "windows >= 1")
-        streams = f"streams from 1 to max_streams ({max_streams})"
-        sizes = _sizes(
-            step_buckets, buckets(max_streams), "step_buckets", streams, most=max_streams, empty=True
-        )
-        if step not in ENGINE_STEPS:
-            raise ConfigError(f"unknown engine step {step!r}: use {' or '.join(ENGINE_STEPS)}")
-        self.config = config or StreamConfig("buffered")
-        if self.config.strategy != "buffered":
-            raise ConfigError("the stream engine runs the buffered strategy only")
-        check_engine_options(family_of(tts).name, step, alignment=alignment)
-        # Each stream's own analyzer (upstream multilingual's), fed its rows of the batched step's
-        # attention weights: the step runs eager attention, as upstream's multilingual generate.
-        self.alignment = alignment
-        self._aligning: dict[int, contextlib.ExitStack] = {}  # by id of handle: what undoes its analyzer
-        self.tts, self.max_streams, self.step_mode = tts, max_streams, step
-        self.keep_logits = keep_logits  # each handle's ``logits``: what every token was sampled from
-        self.plan = plan or DecodePlan.plain(tts.t3)
-        check_cache_len(max_cache_len, self.plan.decode.tfmr.config)  # the plan's own length is not used
-        # The flow's estimator as ``flow`` runs it (eager by default). A plan may be shared by
-        # engines one after another (the load study's levels): its compiled shapes are kept.
-        self.flow = flow or FlowPlan()
-        # Streams a T3 step has room for: lowered by a step out of memory to the streams the
-        # step then ran over, so that the queue waits instead of a stream admitted into the
-        # room freed running the step out of memory again.
-        self.fits = max_streams
-        # Windows per flow call: at most the largest; a compiled flow pads a call to the next.
-        self.flow_batches = batches
-        # The streams a T3 step runs over (the live ones padded up to the next), max_streams
-        # always among them: each is a compiled shape per span, so a few suffice where a compile
-        # costs a minute (the H200) and steps over padded rows cost little (a memory-bound step).
-        self.step_buckets = sorted({*sizes, max_streams})
-        self.max_cache_len = max_cache_len
-        self.device = tts.t3.speech_head.weight.device
-        self.family = family_of(tts)
-        self.turbo = is_turbo(tts.t3)
-        self.rows_per_stream = 2 if self.family.guidance else 1
-        self.stats = EngineStats()
-        parts: T3Parts = self.plan.decode
-        # What each step runs, taken once here, outside the compiled step (the plan makes a fused
-        # copy under a lock, which dynamo cannot trace).
-        self._parts = self.plan.step_parts
-        config_: Any = parts.tfmr.config
-        self.kv_heads, self.head_dim = kv_layout(config_)
-        rows = max_streams * self.rows_per_stream
-        shape = (rows, self.kv_heads, max_cache_len, self.head_dim)
-        with torch.inference_mode():
-            self._kv = [
-                (torch.zeros(shape, dtype=parts.dtype, device=self.device),
-                 torch.zeros(shape, dtype=parts.dtype, device=self.device))
-                for _ in range(config_.num_hidden_layers)
-            ]  # fmt: skip
-        self.kv_bytes_per_stream = kv_bytes_per_stream(tts, self.plan, max_cache_len)
-        self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
-        self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
-        self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
-        self.fallback_reason: str | None = None  # why the compiled step runs as the static one
-        self._waiting: list[StreamHandle] = []
-        self._joining: list[StreamHandle] = []  # taken from the queue, being prefilled
-        self._preempted: dict[int, _Live] = {}  # by id of its handle (queued again): what it had
-        self._live: list[_Live] = []  # admitted, in row order; T3 thread only (then close())
-        self._vocoding: list[_Live] = []  # admitted, not yet fully vocoded; S3Gen thread reads
-        self._lock = threading.Condition()
-        self._counter = itertools.count()
-        self._stopped = False
-        self._failure: tuple[str, BaseException] | None = None  # a stage that died, and why
-        self._held = 0  # open ``together()`` blocks: no stream joins meanwhile
-        self._jobs: list[Callable[[], None]] = []  # run by the T3 stage before its next step
-        self._flow_jobs: list[Callable[[], None]] = []  # run by the S3Gen stage before its next call
-        self._busy: dict[str, tuple[str, float]] = {}  # stage: (its piece of work, monotonic start)
-        # On CUDA each stage queues its work on a stream of its own, so the GPU runs T3's steps
-        # while a flow call is in flight (on one stream they would wait for each other).
-        cuda = self.device.type == "cuda"
-        self._streams = {stage: torch.cuda.Stream(self.device) for stage in ("t3", "s3gen")} if cuda else {}
-        if cuda:  # what this thread queued (the cache's zeros) is done before the stages start
-            torch.cuda.synchronize(self.device)
-        self._threads = [
-            threading.Thread(target=self._guard(self._t3_loop, "t3"), name="engine-t3", daemon=True),
-            threading.Thread(target=self._guard(self._s3gen_loop, "s3gen"), name="engine-s3gen", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        # A user of the model beside any other engine, from here until close(): a wrapper opened
+        # meanwhile would cast T3 (or cast it back) under this KV cache, made in its dtype now.
+        with sharing(tts, self, _held_by_wrapper):
+            whole = as_int(max_streams)
+            # was an AttributeError (a float's bit_length), a TypeError ("2" < 1)
+            if whole is None or whole < 1:
+                raise ConfigError(f"max_streams must be a whole number from 1, got {max_streams!r}")
+            max_streams = whole
+            batches = _sizes(flow_batches, buckets(max_streams), "flow_batches", "windows >= 1")
+            streams = f"streams from 1 to max_streams ({max_streams})"
+            sizes = _sizes(
+                step_buckets, buckets(max_streams), "step_buckets", streams, most=max_streams, empty=True
+            )
+            if step not in ENGINE_STEPS:
+                raise ConfigError(f"unknown engine step {step!r}: use {' or '.join(ENGINE_STEPS)}")
+            self.config = config or StreamConfig("buffered")
+            if self.config.strategy != "buffered":
+                raise ConfigError("the stream engine runs the buffered strategy only")
+            check_engine_options(family_of(tts).name, step, alignment=alignment)
+            # Each stream's own analyzer (upstream multilingual's), fed its rows of the batched step's
+            # attention weights: the step runs eager attention, as upstream's multilingual generate.
+            self.alignment = alignment
+            self._aligning: dict[int, contextlib.ExitStack] = {}  # by id of handle: what undoes its analyzer
+            self.tts, self.max_streams, self.step_mode = tts, max_streams, step
+            self.keep_logits = keep_logits  # each handle's ``logits``: what every token was sampled from
+            self.plan = plan or DecodePlan.plain(tts.t3)
+            check_cache_len(max_cache_len, self.plan.decode.tfmr.config)  # the plan's own length is not used
+            # The flow's estimator as ``flow`` runs it (eager by default). A plan may be shared by
+            # engines one after another (the load study's levels): its compiled shapes are kept.
+            self.flow = flow or FlowPlan()
+            # Streams a T3 step has room for: lowered by a step out of memory to the streams the
+            # step then ran over, so that the queue waits instead of a stream admitted into the
+            # room freed running the step out of memory again.
+            self.fits = max_streams
+            # Windows per flow call: at most the largest; a compiled flow pads a call to the next.
+            self.flow_batches = batches
+            # The streams a T3 step runs over (the live ones padded up to the next), max_streams
+            # always among them: each is a compiled shape per span, so a few suffice where a compile
+            # costs a minute (the H200) and steps over padded rows cost little (a memory-bound step).
+            self.step_buckets = sorted({*sizes, max_streams})
+            self.max_cache_len = max_cache_len
+            self.device = tts.t3.speech_head.weight.device
+            self.family = family_of(tts)
+            self.turbo = is_turbo(tts.t3)
+            self.rows_per_stream = 2 if self.family.guidance else 1
+            self.stats = EngineStats()
+            parts: T3Parts = self.plan.decode
+            # What each step runs, taken once here, outside the compiled step (the plan makes a fused
+            # copy under a lock, which dynamo cannot trace).
+            self._parts = self.plan.step_parts
+            config_: Any = parts.tfmr.config
+            self.kv_heads, self.head_dim = kv_layout(config_)
+            rows = max_streams * self.rows_per_stream
+            shape = (rows, self.kv_heads, max_cache_len, self.head_dim)
+            with torch.inference_mode():
+                self._kv = [
+                    (torch.zeros(shape, dtype=parts.dtype, device=self.device),
+                     torch.zeros(shape, dtype=parts.dtype, device=self.device))
+                    for _ in range(config_.num_hidden_layers)
+                ]  # fmt: skip
+            self.kv_bytes_per_stream = kv_bytes_per_stream(tts, self.plan, max_cache_len)
+            self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
+            self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
+            self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
+            self.fallback_reason: str | None = None  # why the compiled step runs as the static one
+            self._waiting: list[StreamHandle] = []
+            self._joining: list[StreamHandle] = []  # taken from the queue, being prefilled
+            self._preempted: dict[int, _Live] = {}  # by id of its handle (queued again): what it had
+            self._live: list[_Live] = []  # admitted, in row order; T3 thread only (then close())
+            self._vocoding: list[_Live] = []  # admitted, not yet fully vocoded; S3Gen thread reads
+            self._lock = threading.Condition()
+            self._counter = itertools.count()
+            self._stopped = False
+            self._failure: tuple[str, BaseException] | None = None  # a stage that died, and why
+            self._held = 0  # open ``together()`` blocks: no stream joins meanwhile
+            self._jobs: list[Callable[[], None]] = []  # run by the T3 stage before its next step
+            self._flow_jobs: list[Callable[[], None]] = []  # run by the S3Gen stage before its next call
+            self._busy: dict[str, tuple[str, float]] = {}  # stage: (its piece of work, monotonic start)
+            # On CUDA each stage queues its work on a stream of its own, so the GPU runs T3's steps
+            # while a flow call is in flight (on one stream they would wait for each other).
+            cuda = self.device.type == "cuda"
+            self._streams = {stage: torch.cuda.Stream(self.device) for stage in ("t3", "s3gen") if cuda}
+            if cuda:  # what this thread queued (the cache's zeros) is done before the stages start
+                torch.cuda.synchronize(self.device)
+            self._threads = [
+                threading.Thread(target=self._guard(loop, stage), name=f"engine-{stage}", daemon=True)
+                for loop, stage in ((self._t3_loop, "t3"), (self._s3gen_loop, "s3gen"))
+            ]
+            for thread in self._threads:
+                thread.start()
 
     # ------------------------------------------------------------------ public
 
@@ -677,7 +699,7 @@ class StreamEngine:
     def close(self) -> None:
         """Stop both stages (the step, prefill, build or flow call under way ends first, no more);
         streams still running end with an error (not one its reader closed); the KV cache and the
-        compiled steps are let go."""
+        compiled steps are let go, and the model (a wrapper may open on it)."""
         with self._lock:
             self._stopped = True
             self._lock.notify_all()
@@ -687,6 +709,7 @@ class StreamEngine:
         with self._lock:  # the T3 thread, which alone writes it, is gone: its streams hold no rows now
             self._live = []
         self._kv, self._caches, self._steps = [], {}, {}
+        let_go(self.tts, self)  # a wrapper may change the model now
 
     def _end_all(self, error: BaseException) -> None:
         """End every queued and admitted stream with ``error``, no longer counted (``queued()``,
@@ -1070,14 +1093,14 @@ class StreamEngine:
         parts = self._parts
         embeds = parts.embed(token, position).to(parts.dtype)
         keep = torch.arange(span, device=slot.device)[None, :] <= slot[:, None]
-        # Read at every step, not once: while any alignment analyzer runs on this model (this
-        # engine's, another's, an eager multilingual generate's) its backbone runs eager attention,
-        # which adds a mask to the scores (a boolean one would add 1 and 0 and mask nothing).
-        if getattr(parts.tfmr.config, "_attn_implementation", "sdpa") == "sdpa":
-            mask = keep[:, None, None, :]
-        else:  # eager attention adds its mask
-            mask = torch.zeros(keep.shape, dtype=embeds.dtype, device=slot.device)
-            mask = mask.masked_fill(~keep, torch.finfo(embeds.dtype).min)[:, None, None, :]
+        # An additive mask, which sdpa and eager attention both take: while any alignment analyzer
+        # runs on this model (this engine's, another's, an eager multilingual generate's) its
+        # backbone runs eager attention, which adds its mask to the scores, and each layer reads
+        # the setting when it runs, so an analyzer started during a step switches its later layers.
+        # Before 2026-12-06 the kind was chosen once per step: a boolean mask for sdpa, which
+        # the switched layers added as 1 and 0, masking nothing.
+        mask = torch.zeros(keep.shape, dtype=embeds.dtype, device=slot.device)
+        mask = mask.masked_fill(~keep, torch.finfo(embeds.dtype).min)[:, None, None, :]
         out = parts.tfmr(
             inputs_embeds=embeds,
             attention_mask=mask,

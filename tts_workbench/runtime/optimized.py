@@ -444,8 +444,17 @@ def _upstream_takes_none(optimize: bool, options: dict[str, Any]) -> None:
         )
 
 
-def _already_wrapped() -> ConfigError:
-    """The refusal of a second wrapper of a model an open wrapper, or one being built, holds."""
+def _already_wrapped(by: object) -> ConfigError:
+    """The refusal of a wrapper of a model that ``by`` has: an open wrapper (or one being built), or
+    a stream engine running on its weights as they are (``patching.sharing``)."""
+    if not isinstance(by, PerformanceOptimizedTTS):
+        # the wrapper would cast T3 (or shadow its methods) under the engine's KV cache and steps
+        return ConfigError(
+            f"this model is in use by an open {type(by).__name__}, whose streams run on its weights as "
+            "they are: close the engine first (close(), or the end of its with block), then wrap the "
+            "model; for streams in another T3 dtype, give the engine its own (plan=decode_plan(tts, "
+            '"bfloat16"))'
+        )
     # a copy is no way out: a deep copy of a model fails (HiFT's weight norm keeps non-leaf
     # tensors), and one made while it is wrapped has the wrapper's cast weights
     return ConfigError(
@@ -477,7 +486,8 @@ class PerformanceOptimizedTTS(Pipeline):
     ) -> None:
         # Each wrapper restores the model as it found it: a second one, opened on a model the first
         # has changed, would restore the first one's bfloat16 copy when it closes. Taken before
-        # anything else: a second wrapper built meanwhile (while "auto" measures) is refused.
+        # anything else: a second wrapper built meanwhile (while "auto" measures) is refused, and so
+        # is one while a stream engine runs on the model (its KV cache is in T3's dtype).
         with holding(tts, self, _already_wrapped):
             self.tts = tts
             self.cpp_wrapper = cpp_wrapper  # the compiled decode step's, on a CPU (DecodePlan)
