@@ -1564,6 +1564,21 @@ def test_an_engine_is_refused_inside_a_wrappers_block(tts: ChatterboxTTS) -> Non
         assert engine._kv[0][0].dtype == torch.bfloat16 and next(tts.t3.parameters()).dtype == torch.float32
 
 
+def test_an_engine_and_a_wrapper_on_two_model_objects_around_one_t3_are_refused(tts: ChatterboxTTS) -> None:
+    """Before 2026-12-06 the registry keyed on the model object: an engine on ``copy.copy(tts)`` (the
+    same T3) ran beside a bfloat16 wrapper of ``tts``, on its cast weights, and a wrapper opened on
+    the copy of a model an engine ran on cast T3 under the engine's KV cache."""
+    with PerformanceOptimizedTTS(tts, policy="bfloat16"):
+        with pytest.raises(ConfigError, match="held by an open PerformanceOptimizedTTS"):
+            StreamEngine(copy.copy(tts), max_streams=1, config=CONFIG)
+    with StreamEngine(tts, max_streams=1, config=CONFIG):
+        with pytest.raises(ConfigError, match="in use by an open StreamEngine"):
+            PerformanceOptimizedTTS(copy.copy(tts), policy="bfloat16")
+    assert next(tts.t3.parameters()).dtype == torch.float32
+    with StreamEngine(copy.copy(tts), max_streams=1, config=CONFIG):  # both gone: free again
+        pass
+
+
 def test_two_engines_run_on_one_model_at_once(tts: ChatterboxTTS) -> None:
     # Engines share a model (each its own KV cache over its weights): only a wrapper is kept out.
     with (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -289,6 +290,63 @@ def test_saving_a_model_an_open_wrapper_holds_is_refused(tiny_tts: ChatterboxTTS
     assert not (tmp_path / "ckpt").exists()
     back = load_folder(save_checkpoint(tiny_tts, tmp_path / "ckpt"))  # closed: the model as it was
     assert all(torch.equal(ref[k], v) for k, v in back.t3.state_dict().items())
+
+
+def test_a_model_object_sharing_a_wrapped_models_components_is_refused(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    """Before 2026-12-06 a wrapper took its model object only: one on ``copy.copy(tts)`` (the same
+    T3, S3Gen and VE) opened beside it, ran on its bfloat16 weights as float32, and once both were
+    closed (the copy's last) the model stayed bfloat16 for good. A model built around the wrapped
+    one's S3Gen alone is refused too, and neither is saved (its weights are the wrapper's)."""
+    beside = copy.copy(tiny_tts)
+    beside.t3 = copy.deepcopy(tiny_tts.t3)  # before the wrapper casts it: a T3 of its own
+    with PerformanceOptimizedTTS(tiny_tts, policy="bfloat16"):
+        for other in (copy.copy(tiny_tts), beside):
+            with pytest.raises(ConfigError, match="already wrapped by an open PerformanceOptimizedTTS"):
+                PerformanceOptimizedTTS(other, policy="float32")
+            with pytest.raises(ConfigError, match="held by an open PerformanceOptimizedTTS"):
+                save_checkpoint(other, tmp_path / "ckpt")
+    assert {p.dtype for m in (tiny_tts.t3, tiny_tts.s3gen) for p in m.parameters()} == {torch.float32}
+    with PerformanceOptimizedTTS(copy.copy(tiny_tts), policy="float32"):  # given back: free again
+        pass
+
+
+@pytest.mark.parametrize("inner", ["upstream", "wrapper"])
+def test_a_pipeline_given_for_its_model_is_refused_with_the_fix(tiny_tts: ChatterboxTTS, inner: str) -> None:
+    """Before 2026-12-06 a wrapper of a pipeline (``from_model(opt)``) failed with an AttributeError
+    on ``.conds``; ``save_checkpoint`` already said to pass its ``.tts``. Refused before the model is
+    taken: once the pipeline is done with it, the model wraps."""
+    upstream = inner == "upstream"
+    pipeline = UpstreamTTS(tiny_tts) if upstream else PerformanceOptimizedTTS(tiny_tts, policy="float32")
+    with pipeline:
+        with pytest.raises(ConfigError, match=r"pass its \.tts"):
+            PerformanceOptimizedTTS(pipeline, policy="float32")  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match=r"pass its \.tts"):
+            PerformanceOptimizedTTS.from_model(pipeline)  # type: ignore[arg-type]
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32"):
+        pass
+
+
+@pytest.mark.parametrize(
+    "option", [{"plan": "static"}, {"amp": torch.bfloat16}, {"flow": "eager"}, {"decode": "eager"}]
+)
+def test_the_baselines_stream_refuses_the_wrappers_options(
+    tiny_tts: ChatterboxTTS, short_ref: Path, option: dict[str, Any]
+) -> None:
+    """Before 2026-12-06 ``UpstreamTTS.generate_stream`` passed them on to ``streaming.stream``:
+    ``flow="eager"`` and ``plan="static"`` failed with an AttributeError at the first window, after
+    T3 ran; ``amp`` ran the baseline under autocast. Refused as ``from_model(optimize=False)``
+    refuses them, before the voice is prepared or anything generated."""
+    conds = tiny_tts.conds
+    ran: list[object] = []
+    hook = tiny_tts.t3.cond_enc.register_forward_pre_hook(lambda *_a: ran.append(_a))
+    try:
+        with pytest.raises(ConfigError, match=f"takes no {next(iter(option))}: leave"):
+            UpstreamTTS(tiny_tts).generate_stream(TEXT, str(short_ref), max_new_tokens=4, **option)
+    finally:
+        hook.remove()
+    assert tiny_tts.conds is conds and not ran
 
 
 def test_a_closed_wrapper_still_says_how_it_ran(tiny_tts: ChatterboxTTS) -> None:

@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core import patching
 from tts_workbench.core.compiling import skipping_guards
+from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.patching import own_code, routed, scoped_item, shadow, shared, working_copy
 from tts_workbench.models.frontends import offline_hub
 
@@ -549,12 +551,19 @@ class User:
     """A wrapper or an engine, as the registry sees it: anything it can hold a weak reference to."""
 
 
+class Model(ChatterboxTTS):
+    """A Chatterbox model as the registry sees it: its three components, nothing built."""
+
+    def __init__(self) -> None:
+        self.t3, self.s3gen, self.ve = User(), User(), User()
+
+
 def test_sharers_keep_a_holder_out_and_a_holder_keeps_them_out() -> None:
     """Several users may share a model (stream engines: each its own cache over the weights as
     they are), one may hold it alone (a wrapper that changes them): before 2026-12-06 only the
     holder registered, and a wrapper cast T3 under an engine's cache. Each refusal is given
     what has the model; a sharer let go, failed in its block or collected counts no more."""
-    model, first, second, holder, other = User(), User(), User(), User(), User()
+    model, first, second, holder, other = Model(), User(), User(), User(), User()
 
     def refused(by: object) -> RuntimeError:
         return RuntimeError(by)
@@ -574,7 +583,7 @@ def test_sharers_keep_a_holder_out_and_a_holder_keeps_them_out() -> None:
         pass
     with pytest.raises(RuntimeError) as e, patching.sharing(model, first, refused):
         pass
-    assert e.value.args[0] is holder and patching.HOLDERS[id(model)] is holder
+    assert e.value.args[0] is holder and patching.holder_of(model) is holder
     with pytest.raises(RuntimeError) as e, patching.holding(model, other, refused):
         pass
     assert e.value.args[0] is holder
@@ -586,4 +595,43 @@ def test_sharers_keep_a_holder_out_and_a_holder_keeps_them_out() -> None:
     with patching.holding(model, holder, refused):
         pass
     patching.let_go(model, holder)
-    assert id(model) not in patching.HOLDERS and id(model) not in patching.SHARERS.values()
+    assert patching.holder_of(model) is None and not patching.SHARERS
+
+
+@pytest.mark.parametrize("takes", ["holding", "sharing"])
+def test_a_model_object_sharing_a_component_with_a_held_one_is_held_too(takes: str) -> None:
+    """Before 2026-12-06 the registry keyed on the model object: a ``copy.copy`` of a wrapped model
+    (or a model built around its S3Gen) was free to wrap, and two wrappers closed out of order left
+    the user's model in bfloat16 for good. Its components are what a holder changes: a model object
+    sharing any of them is held, by the holder, whichever of the two it was given."""
+    model, holder, user = Model(), User(), User()
+    twin, beside = copy.copy(model), Model()
+    beside.s3gen = model.s3gen  # its own T3 and VE, the held model's S3Gen
+
+    def refused(by: object) -> RuntimeError:
+        return RuntimeError(by)
+
+    with patching.holding(model, holder, refused):
+        pass
+    for other in (twin, beside):
+        assert patching.holder_of(other) is holder
+        with pytest.raises(RuntimeError) as e, getattr(patching, takes)(other, user, refused):
+            pass
+        assert e.value.args[0] is holder
+    assert patching.holder_of(Model()) is None  # a model of its own is free
+    patching.let_go(twin, holder)  # given back through any model object around its components
+    assert patching.holder_of(model) is None
+    with patching.sharing(beside, user, refused):
+        pass
+    with pytest.raises(RuntimeError) as e, patching.holding(twin, holder, refused):
+        pass
+    assert e.value.args[0] is user
+    patching.let_go(beside, user)
+    assert not patching.SHARERS
+
+
+def test_the_registry_refuses_what_is_no_model() -> None:
+    # a wrapper given for its model: refused by name, before anything is registered
+    with pytest.raises(ConfigError, match="User is not a Chatterbox model"):
+        with patching.holding(User(), User(), RuntimeError):
+            pass

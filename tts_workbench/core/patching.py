@@ -35,13 +35,15 @@ Everything the workbench does to a user's model goes through here:
   held as ``shared`` holds a shadow.
 - ``own_code``: a copy of a function with its own code object, for ``torch.compile``.
 - ``HOLDERS``: the open wrapper that has each model changed for a while, so that code below the
-  wrapper's layer (a save) can refuse a model whose weights are the wrapper's cast copies.
-  ``holding`` takes a model there (refused while another holds it or any user shares it).
-  ``SHARERS``: the users (stream engines) running on each model's weights as they are, several
-  at once; ``sharing`` adds one (refused while a holder has the model). ``let_go`` gives a
-  model back for either. Before 2026-12-06 engines registered nowhere: a wrapper cast T3 under
-  an engine's KV cache (or cast it back under one built inside its block), and the engine's
-  streams failed with torch's dtype error.
+  wrapper's layer (a save) can refuse a model whose weights are the wrapper's cast copies
+  (``holder_of``). ``holding`` takes a model there (refused while another holds it or any user
+  shares it). ``SHARERS``: the users (stream engines) running on each model's weights as they
+  are, several at once; ``sharing`` adds one (refused while a holder has the model). ``let_go``
+  gives a model back for either. Before 2026-12-06 engines registered nowhere: a wrapper cast T3
+  under an engine's KV cache (or cast it back under one built inside its block), and the
+  engine's streams failed with torch's dtype error. All of them take the model and register its
+  components (T3, S3Gen, VE): what a wrapper changes, and what every model object built around
+  them shares (a ``copy.copy`` of the model, one given its S3Gen).
 """
 
 from __future__ import annotations
@@ -61,46 +63,71 @@ import torch
 from torch import nn
 from transformers.utils import output_capturing
 
+from .families import components, family_of
+
 _MISSING = object()
 
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
 M = TypeVar("M", bound=nn.Module)
 
-# The open wrapper of each model (runtime.optimized's PerformanceOptimizedTTS), by the model's id:
-# the wrapper holds the model, so the id is not reused while it lives. The wrapper puts itself here
-# at the start of its construction (``holding``), before it changes the model (two built at once
-# must not both find the model free), and takes itself out when it has given the model back
-# (``let_go``).
+# The open wrapper of each model (runtime.optimized's PerformanceOptimizedTTS), by the id of each of
+# the model's components (``_keys``): the wrapper holds the model, hence its components, so no id
+# is reused while it lives. Before 2026-12-06 by the model object's id: a wrapper of ``copy.copy(tts)``
+# opened beside one of ``tts``, on its bfloat16 weights, and, the copy's closed last, left them so
+# for good. The wrapper puts itself here at the start of its construction (``holding``), before it
+# changes the model (two built at once must not both find the model free), and takes itself out
+# when it has given the model back (``let_go``).
 HOLDERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 # The users sharing a model's weights as they are (runtime.engine's StreamEngine: each its own KV
-# cache in the weights' dtype), each with the id of its model: a user holds its model, so the id
-# is not reused while it lives. Weak: one never let go (an engine never closed) stops counting
-# once collected, instead of keeping its model from every wrapper for good.
-SHARERS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+# cache in the weights' dtype), each with the ids of its model's components: a user holds its
+# model, so no id is reused while it lives. Weak: one never let go (an engine never closed) stops
+# counting once collected, instead of keeping its model from every wrapper for good.
+SHARERS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 # Held while a holder or a sharer checks that its model is free and takes it, and while one lets it
 # go: before 2026-12-05 the check and the taking were a whole constructor apart (the "auto"
 # measurement), and two wrappers built at once on one model both found it free.
 _holders_lock = threading.Lock()
 
 
-def _occupant(model: object) -> object | None:
-    """What has ``model`` now (under ``_holders_lock``): its holder, else one of its sharers."""
-    holder = HOLDERS.get(id(model))
+def _keys(model: Any) -> frozenset[int]:
+    """The ids ``model`` is registered by: its components' (``families.components``), which a
+    wrapper changes and which other model objects may share. Anything that is no model (a wrapper
+    given for its model) is refused naming the model classes (``families.family_of``)."""
+    family_of(model)
+    return frozenset(id(part) for part in components(model).values())
+
+
+def _holder(keys: frozenset[int]) -> object | None:
+    """The holder of any of ``keys``, or None."""
+    return next((holder for key in keys if (holder := HOLDERS.get(key)) is not None), None)
+
+
+def holder_of(model: Any) -> object | None:
+    """The open holder of ``model`` (of any of its components, through whatever model object it
+    took them), or None."""
+    return _holder(_keys(model))
+
+
+def _occupant(keys: frozenset[int]) -> object | None:
+    """What has any of ``keys`` now (under ``_holders_lock``): its holder, else one of its sharers."""
+    holder = _holder(keys)
     if holder is not None:
         return holder
-    return next((user for user, held in SHARERS.items() if held == id(model)), None)
+    return next((user for user, held in SHARERS.items() if held & keys), None)
 
 
 @contextmanager
-def holding(model: object, holder: object, refusal: Callable[[object], Exception]) -> Iterator[None]:
+def holding(model: Any, holder: object, refusal: Callable[[object], Exception]) -> Iterator[None]:
     """Take ``model`` for ``holder`` alone in ``HOLDERS`` (``refusal(what has it)`` is raised
-    while another holder or any sharer has it) for the block and after it, until ``let_go``; let
-    go at once if the block fails."""
+    while another holder or any sharer has any of its components) for the block and after it,
+    until ``let_go``; let go at once if the block fails."""
+    keys = _keys(model)
     with _holders_lock:
-        occupant = _occupant(model)
+        occupant = _occupant(keys)
         if occupant is not None:
             raise refusal(occupant)
-        HOLDERS[id(model)] = holder
+        for key in keys:
+            HOLDERS[key] = holder
     try:
         yield
     except BaseException:
@@ -109,15 +136,16 @@ def holding(model: object, holder: object, refusal: Callable[[object], Exception
 
 
 @contextmanager
-def sharing(model: object, user: object, refusal: Callable[[object], Exception]) -> Iterator[None]:
+def sharing(model: Any, user: object, refusal: Callable[[object], Exception]) -> Iterator[None]:
     """Add ``user`` to ``model``'s sharers in ``SHARERS`` (``refusal(its holder)`` is raised while
-    a holder has it) for the block and after it, until ``let_go`` or until ``user`` is collected;
-    let go at once if the block fails."""
+    a holder has any of its components) for the block and after it, until ``let_go`` or until
+    ``user`` is collected; let go at once if the block fails."""
+    keys = _keys(model)
     with _holders_lock:
-        holder = HOLDERS.get(id(model))
+        holder = _holder(keys)
         if holder is not None:
             raise refusal(holder)
-        SHARERS[user] = id(model)
+        SHARERS[user] = keys
     try:
         yield
     except BaseException:
@@ -125,12 +153,14 @@ def sharing(model: object, user: object, refusal: Callable[[object], Exception])
         raise
 
 
-def let_go(model: object, user: object) -> None:
+def let_go(model: Any, user: object) -> None:
     """Let ``model`` go for ``user``, its holder or one of its sharers (nothing if neither)."""
+    keys = _keys(model)
     with _holders_lock:
-        if HOLDERS.get(id(model)) is user:
-            del HOLDERS[id(model)]
-        if SHARERS.get(user) == id(model):
+        for key in keys:
+            if HOLDERS.get(key) is user:
+                del HOLDERS[key]
+        if SHARERS.get(user) == keys:
             del SHARERS[user]
 
 

@@ -32,7 +32,7 @@ from ..core.devices import check_device
 from ..core.errors import ConfigError, FamilyError, SourceError, WorkbenchError, as_int, error_line
 from ..core.families import FAMILIES, Family, TTSModel, family_of
 from ..core.files import beside, remove
-from ..core.patching import HOLDERS
+from ..core.patching import holder_of
 from .builders import TINY_BACKBONES, TinyConfig, assemble, build_s3gen, build_t3, no_init, own_random_state
 from .frontends import GPT2_TOKENIZER_FILES, missing_tokens, read_tokenizer, save_gpt2_tokenizer
 
@@ -98,7 +98,7 @@ def _family_to_save(tts: Any) -> Family:
     if any(isinstance(wrapped, f.model_class) for f in FAMILIES.values()):  # a subclass too, as family_of
         when = (
             " once the wrapper is closed (close(), or the end of its with block)"
-            if id(wrapped) in HOLDERS
+            if holder_of(wrapped) is not None
             else ""
         )
         raise ConfigError(
@@ -106,7 +106,7 @@ def _family_to_save(tts: Any) -> Family:
             f"wraps, pass its .tts{when}"
         )
     family = family_of(tts)  # refuses anything else that is no model, naming the three classes
-    holder = HOLDERS.get(id(tts))
+    holder = holder_of(tts)  # of its components: a model object sharing them (copy.copy) too
     if holder is not None:
         raise ConfigError(
             f"this model is held by an open {type(holder).__name__}: its weights are the wrapper's, cast "

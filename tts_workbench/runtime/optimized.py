@@ -414,7 +414,11 @@ class UpstreamTTS(Pipeline):
         **kwargs: Any,
     ) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         """The upstream streaming fork's naive loop on the upstream model (``streaming.stream``);
-        ``seed=None`` draws the seed from the global generator (``stream_seed``)."""
+        ``seed=None`` draws the seed from the global generator (``stream_seed``). The wrapper's
+        options are refused first, as ``from_model(optimize=False)`` refuses them: before 2026-12-06
+        they went on to ``stream``, where a ``flow`` or ``plan`` named as the wrapper takes it
+        failed after T3 ran, and ``amp`` ran the baseline under autocast."""
+        _upstream_takes_none(False, {k: v for k, v in kwargs.items() if k in _WRAPPER_STREAM_OPTIONS})
         voice = kwargs.pop("exaggeration", 0.5), kwargs.pop("norm_loudness", True)
         with voice_turn(self.tts):  # the voice written is the one copied (the stream's read lazily)
             self._voice(text, audio_prompt_path, *voice)
@@ -433,14 +437,19 @@ class UpstreamTTS(Pipeline):
         }
 
 
+# What a stream of the wrapper runs with that the baseline's must not: the decode step and flow
+# (the wrapper's ``generate_stream``), their plans and the autocast dtype (``streaming.stream``'s)
+_WRAPPER_STREAM_OPTIONS = ("decode", "flow", "plan", "amp")
+
+
 def _upstream_takes_none(optimize: bool, options: dict[str, Any]) -> None:
     """Refuse the wrapper's options (``dtype`` other than "auto", ``decode``, ...) with
     ``optimize=False``: the upstream pipeline takes none, and would run without them."""
     given = sorted(k for k, v in options.items() if (k, v) != ("dtype", "auto"))
     if not optimize and given:
         raise ConfigError(
-            f"optimize=False runs upstream's pipeline unchanged, which takes no {', '.join(given)}: "
-            "leave them out, or pass optimize=True for the wrapper"
+            "upstream's pipeline (UpstreamTTS, optimize=False) runs unchanged and takes no "
+            f"{', '.join(given)}: leave them out, or pass optimize=True for the wrapper"
         )
 
 
@@ -460,7 +469,8 @@ def _already_wrapped(by: object) -> ConfigError:
     return ConfigError(
         "this model is already wrapped by an open PerformanceOptimizedTTS: close it first (or "
         "use it), or load the model again (load_model, or PerformanceOptimizedTTS.from_local) "
-        "for another wrapper; each wrapper gives the model back as it found it"
+        "for another wrapper; each wrapper gives the model back as it found it (a model object "
+        "sharing its T3, S3Gen or VE counts as this model)"
     )
 
 
@@ -484,10 +494,16 @@ class PerformanceOptimizedTTS(Pipeline):
         cpp_wrapper: bool = False,
         fused: bool = False,
     ) -> None:
+        if isinstance(tts, Pipeline):  # before 2026-12-06 an AttributeError on its .conds
+            raise ConfigError(
+                f"{type(tts).__name__} is not a Chatterbox model but a pipeline of one: wrap the model it "
+                "runs, pass its .tts"
+            )
         # Each wrapper restores the model as it found it: a second one, opened on a model the first
-        # has changed, would restore the first one's bfloat16 copy when it closes. Taken before
-        # anything else: a second wrapper built meanwhile (while "auto" measures) is refused, and so
-        # is one while a stream engine runs on the model (its KV cache is in T3's dtype).
+        # has changed (or on another model object around its T3, S3Gen or VE: a copy.copy), would
+        # restore the first one's bfloat16 copy when it closes. Taken before anything else: a
+        # second wrapper built meanwhile (while "auto" measures) is refused, and so is one while a
+        # stream engine runs on the model (its KV cache is in T3's dtype).
         with holding(tts, self, _already_wrapped):
             self.tts = tts
             self.cpp_wrapper = cpp_wrapper  # the compiled decode step's, on a CPU (DecodePlan)
