@@ -69,6 +69,8 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     assert report["speech_tokens"] == 20 and report["stopped_by"] == "token cap"
     assert set(report["components"]) == {"ve", "t3", "s3gen"}
     assert report["audio_s"] > 0 and report["rtf"] > 0
+    # compute seconds per audio second (the three are rounded to the ms)
+    assert report["rtf"] == pytest.approx(report["generation_s"] / report["audio_s"], rel=0.01, abs=0.002)
     assert Path(report["wav"]).exists() and Path(report["plot"]).exists()
     # the float16 precision diagnosis names the first mismatching module of the upstream path
     generate_stage = report["precision"]["stages"]["generate"]
@@ -76,6 +78,7 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     assert report["kernels"]["t3.decode"]
     # the text report is rendered from the same JSON
     text = format_report(report)
+    assert f"audio        : {report['audio_s']:.2f} s" in text.splitlines()
     assert "t3.decode       flash (CPU) x" in text
     assert "generate     first mismatch t3.cond_enc.spkr_enc (" in text  # the kind of mismatch named
     assert "inputs ['float32'] weights float16 outputs [" in text

@@ -21,6 +21,7 @@ from tts_workbench.studies import diagnose
 from tts_workbench.studies.diagnose import (
     decode_step_kernels,
     diagnose_precision,
+    format_precision,
     format_report,
     precision_frame,
     run_diagnosis,
@@ -148,8 +149,13 @@ def test_a_trained_model_at_the_token_cap_is_told_to_raise_tokens(
     blamed random weights whatever the model."""
     monkeypatch.setattr(diagnose, "format_attention", lambda *_a: "")  # not what this reads
     monkeypatch.setattr(diagnose, "format_precision", lambda *_a: "")
-    line = next(x for x in format_report(_capped_report(model)).splitlines() if x.startswith("speech tokens"))
+    lines = format_report(_capped_report(model)).splitlines()
+    line = next(x for x in lines if x.startswith("speech tokens"))
     assert "random weights" not in line and "--tokens" in line and "token cap of 150" in line
+    # the timing lines read their own fields: 6 s of audio in 9 s of wall time, an RTF of 1.5
+    assert "audio        : 6.00 s" in lines
+    assert "wall time    : 9.00 s, profiled (t3 5.00s)" in lines
+    assert any(x.startswith("RTF          : 1.50, profiled") for x in lines)
     random_line = next(
         x for x in format_report(_capped_report("tiny")).splitlines() if x.startswith("speech tokens")
     )
@@ -182,6 +188,8 @@ def test_autocast_doing_its_work_gets_no_fix_but_its_failures_do(
     fault (before: each stage that ran got a "fix", e.g. "cast the conditionals to T3's dtype"
     with weights and conditionals all float32)."""
     clean = diagnose_precision(tiny_tts, str(reference_wav), torch.float32, torch.float16, 4)
+    assert clean["autocast"] == "float16"
+    assert format_precision(clean).startswith("precision float32 under autocast float16 (components cast")
     # oneDNN's LSTM has no float16 kernel on some CPUs (an AVX-512 EPYC without AVX512-FP16, where
     # this test first failed): there the VoiceEncoder's LSTM raises under float16 autocast, and its
     # fix is the right finding; on an AVX2 CPU it runs.

@@ -71,6 +71,7 @@ def test_clean_float32_has_no_mismatch_and_hooks_are_removed() -> None:
         net(torch.randn(1, 4))
     assert trace.first_mismatch is None and trace.failure is None
     assert [r.module for r in trace.records] == ["(root)", "proj", "act", "head"]  # in call order
+    assert trace.summary()["calls"] == 4 and trace.summary()["mismatches"] == []
     assert _no_hooks(net)
 
 
@@ -78,8 +79,12 @@ def test_autocast_region_is_flagged() -> None:
     net = _net()
     with trace_dtypes(net) as trace, torch.autocast("cpu", dtype=torch.bfloat16):
         net(torch.randn(1, 4))
+        net(torch.randn(1, 4).bfloat16())  # flagged again: the summary keeps each module's first
     first = trace.first_mismatch
     assert first is not None and first.module == "proj" and first.mismatch == "autocast"
+    assert first.autocast == "bfloat16"
+    by_module = [(m["module"], m["inputs"]) for m in trace.summary()["mismatches"]]
+    assert by_module == [("proj", ["float32"]), ("head", ["bfloat16"])]
 
 
 def test_silent_upcast_is_flagged() -> None:

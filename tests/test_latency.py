@@ -63,6 +63,11 @@ def test_chunk_table_then_the_summary_line() -> None:
     assert (
         lines[3].startswith("buffered: first audio after 1.00 s") and "3 invalid tokens dropped" in lines[3]
     )
+    # dry from 2.0 s to chunk 1 at 3.0 s, then from 5.0 s to chunk 2 at 6.5 s: 2.5 s of silence in all
+    report = _report()
+    report.chunks.append(ChunkMetrics(2, 6.5, 25, 0, 0.5, 0.2, 0.1, 0.5, 500, 8, 25, 1))
+    assert gap_summary(report.underruns) == {"underruns": 2, "underrun_s": 2.5, "max_underrun_s": 1.5}
+    assert "2 underruns (2.50 s silent)" in format_chunks(report).splitlines()[-1]
 
 
 def test_stream_command_output_counts_what_came_after_the_last_chunk() -> None:
@@ -70,6 +75,7 @@ def test_stream_command_output_counts_what_came_after_the_last_chunk() -> None:
     # time after the last chunk, and the printed line must say the same.
     report = _report()
     report.invalid_after = 5
+    report.t3_after_s = 0.25
     doc = {
         "summary": report.summary(),
         "chunks": report.rows(),
@@ -77,7 +83,7 @@ def test_stream_command_output_counts_what_came_after_the_last_chunk() -> None:
         "note": "no stop token within 75 tokens",
         "files": {"wav": "a.wav", "timeline": "a.png"},
     }
-    assert doc["summary"]["invalid_tokens"] == 8
+    assert doc["summary"]["invalid_tokens"] == 8 and doc["summary"]["t3_s"] == 0.5 + 1.0 + 0.25
     assert "8 invalid tokens dropped" in format_report(doc)
 
 
@@ -150,6 +156,7 @@ def test_a_stream_with_audio_but_no_sample_outside_the_crossfades_prints_snr_n_a
 def test_no_gap_is_no_underrun_in_float_seconds() -> None:
     assert gap_summary([]) == {"underruns": 0, "underrun_s": 0.0, "max_underrun_s": 0.0}
     assert isinstance(gap_summary([])["underrun_s"], float)  # was the int 0 of an empty sum
+    assert underruns([1.0, 2.0], [1.0, 1.0]) == []  # chunk 1 arrives as chunk 0's audio runs out
 
 
 def test_a_chunk_without_audio_neither_ends_a_gap_nor_is_the_first_audio() -> None:

@@ -331,6 +331,17 @@ def test_real_gpu_trace_region(tmp_path: Path) -> None:
     names = ["decode-eager/t3.decode", "decode-static/t3.decode", "decode-compiled/t3.decode"]
     _check_device_time_layout(device_time_figure(both.assign(run=names)))
     assert table["span_us"].iloc[1] < table["span_us"].iloc[0]
+    # The whole trace's headline numbers, checked on the trace itself: the span runs from the first
+    # device event's start to the last one's end; the kernels' intervals cover 10670 µs of it, the
+    # copies' and memsets' 39088 µs (HTA rounds the shares to 0.01 %); 37 of the 98 launches did
+    # less work on the device than their launch call took on the host.
+    events = [e for e in read_trace(GPU_TRACE)["traceEvents"] if e.get("cat") in DEVICE_CATEGORIES]
+    span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    s = whole.summary()
+    assert s["span_us"] == span
+    assert s["compute_pct"] == pytest.approx(round(100 * 10670 / span, 2))
+    assert s["non_compute_pct"] == pytest.approx(round(100 * 39088 / span, 2))
+    assert s["gpu_shorter_than_launch_pct"] == pytest.approx(100 * 37 / 98)
 
 
 def test_kernel_times_are_per_call(tmp_path: Path) -> None:
@@ -489,9 +500,10 @@ def test_events_within_a_region_leave_out_what_runs_between_its_ranges() -> None
     trace = {"traceEvents": [
         event("t3.decode", 0, 10, "user_annotation"), event(flash, 2, 3),
         event("aten::softmax", 12, 2), event("t3.decode", 20, 10, "user_annotation"),
+        event("aten::argmax", 9, 3),  # starts inside the first step, ends after it
     ]}  # fmt: skip
     names = {e["name"] for e in events_within(trace, "t3.decode")}
-    assert flash in names and "aten::softmax" not in names
+    assert flash in names and "aten::softmax" not in names and "aten::argmax" not in names
     with pytest.raises(ConfigError, match="occurrences must be at least 1"):  # not "no range named"
         cut_region(trace, "t3.decode", occurrences=0)
 
