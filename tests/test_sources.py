@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -367,10 +371,24 @@ def test_a_save_leaves_a_model_loaded_from_the_folder_as_it_was(
     tiny_tts: ChatterboxTTS, tmp_path: Path
 ) -> None:
     folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
-    loaded = load_folder(folder)  # its tensors are views of the files (safetensors maps them)
+    loaded = load_folder(folder)
     save_checkpoint(load_model("tiny", seed=1), folder)
     # before: the files were rewritten in place, and the loaded model became the new one
     assert _same_weights(loaded.t3, tiny_tts.t3) and _same_weights(loaded.s3gen, tiny_tts.s3gen)
+
+
+def test_a_loaded_model_keeps_its_weights_when_its_files_are_copied_over(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    other = save_checkpoint(load_model("tiny", seed=1), tmp_path / "other")
+    loaded = load_folder(folder)  # keep_dtype=True: its parameters are the tensors read
+    before = {k: v.clone() for k, v in _params(loaded.t3).items()}
+    # rewritten in place, as cp does; before: the T3 read the new file's weights (safetensors maps
+    # the files it loads), and a truncated file killed the process (SIGBUS) at its next read
+    shutil.copyfile(other / "t3_cfg.safetensors", folder / "t3_cfg.safetensors")
+    after = _params(loaded.t3)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_a_save_without_a_voice_drops_the_previous_voice(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
@@ -393,6 +411,31 @@ def test_a_save_through_a_link_replaces_the_folder_it_names(tiny_tts: Chatterbox
     save_checkpoint(load_model("tiny", seed=1), tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link"]
     assert not _same_weights(load_folder(tmp_path / "ckpt").t3, tiny_tts.t3)
+
+
+def test_a_save_into_a_mount_point_is_refused_before_anything_is_written(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    point = tmp_path.resolve() / "point"
+    point.mkdir()
+    refused = f"{re.escape(str(point))} is a mount point; .* give a folder inside it"
+    ismount, rename = os.path.ismount, Path.rename
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == point or ismount(p))
+    # before: every save failed at moving the folder aside, with a bare OSError (EBUSY)
+    with pytest.raises(SourceError, match=refused):
+        save_checkpoint(tiny_tts, point)
+    assert [p.name for p in tmp_path.iterdir()] == ["point"] and not any(point.iterdir())
+
+    def busy(self: Path, target: Path) -> Path:  # a mount point ismount does not tell (a bind mount)
+        if self == point:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(os.path, "ismount", ismount)
+    monkeypatch.setattr(Path, "rename", busy)
+    with pytest.raises(SourceError, match=refused):
+        save_checkpoint(tiny_tts, point)
+    assert [p.name for p in tmp_path.iterdir()] == ["point"] and not any(point.iterdir())
 
 
 def test_s3gen_weights_missing_from_the_file_are_refused(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
@@ -587,9 +630,6 @@ def test_a_checkpoint_written_before_the_file_list_is_checked_by_the_names_a_sav
 
 
 def _dead_pid() -> int:
-    import subprocess
-    import sys
-
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
@@ -635,9 +675,25 @@ def test_loading_a_missing_folder_names_the_checkpoint_a_killed_save_moved_aside
 ) -> None:
     old = tmp_path / f".ckpt.old.{_dead_pid()}.1"
     save_checkpoint(tiny_tts, tmp_path / "ckpt").rename(old)
-    with pytest.raises(SourceError, match=re.escape(f"previous checkpoint in {old}: rename it to ckpt")):
+    hint = re.escape(f"previous checkpoint in {old}: rename it to {tmp_path.resolve() / 'ckpt'}")
+    with pytest.raises(SourceError, match=hint):
         load_folder(tmp_path / "ckpt")
     assert old.exists() and not (tmp_path / "ckpt").exists()  # loading moves nothing
+
+
+def test_the_command_to_put_back_a_checkpoint_left_aside_behind_a_link_works(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path.resolve() / "ckpt")
+    (tmp_path / "link").symlink_to(folder)
+    folder.rename(tmp_path / f".ckpt.old.{_dead_pid()}.1")
+    with pytest.raises(SourceError, match="left the previous checkpoint") as refused:
+        load_model(str(tmp_path / "link"))
+    command = re.search(r"\((mv [^)]*)\)", str(refused.value))
+    assert command is not None
+    # before: mv onto the link ("cannot overwrite non-directory"), not the folder it names
+    subprocess.run(shlex.split(command.group(1)), check=True, capture_output=True, timeout=60)
+    assert _same_weights(load_model(str(tmp_path / "link")).t3, tiny_tts.t3)
 
 
 def test_checking_a_missing_folder_names_the_checkpoint_a_killed_save_moved_aside(
@@ -645,7 +701,7 @@ def test_checking_a_missing_folder_names_the_checkpoint_a_killed_save_moved_asid
 ) -> None:
     old = tmp_path / f".ckpt.old.{_dead_pid()}.1"
     old.mkdir()
-    hint = re.escape(f"previous checkpoint in {old}: rename it to ckpt")
+    hint = re.escape(f"previous checkpoint in {old}: rename it to {tmp_path.resolve() / 'ckpt'}")
     # before: "checkpoint folder ... does not exist", and for the bare name "unknown model source"
     with pytest.raises(SourceError, match=hint):
         check_source(str(tmp_path / "ckpt"))

@@ -9,11 +9,13 @@ chatterbox-streaming fork's ``.pt`` files), keeping each file's dtype or not.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pickle
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
@@ -68,7 +70,8 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype | str 
 
     The files go into a new folder that then replaces ``folder`` whole: interrupted, ``folder``
     is still the previous checkpoint (or absent), never a mix of two. A folder holding anything
-    but a previous checkpoint (files its save did not write) is refused rather than replaced.
+    but a previous checkpoint (files its save did not write) is refused rather than replaced, and
+    so is a mount point (it cannot be moved aside).
     What a save killed outright left beside the folder is cleared first: a half-written new
     folder is deleted, a previous checkpoint moved aside is put back (or deleted, if the folder
     is there)."""
@@ -76,6 +79,8 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype | str 
     family = _family_to_save(tts)  # before any folder is made (before, the parents were, then refused)
     folder = Path(folder)
     real = folder.resolve()  # a link to a folder: the folder it names is replaced
+    if os.path.ismount(real):  # it cannot be moved aside (EBUSY): refused before anything is written
+        raise _mount_point(folder)
     _sweep_stale(real)
     _check_replaceable(folder, real)
     real.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +89,7 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype | str 
         partial.mkdir()
         _write_checkpoint(tts, family, partial, cast_to)
         _check_replaceable(folder, real)  # again: a file may have been added meanwhile
-        _replace_folder(partial, real)
+        _replace_folder(partial, real, folder)
     finally:
         remove(partial)  # there only if the save failed
     return folder
@@ -240,21 +245,31 @@ def _write_checkpoint(tts: TTSModel, family: Family, folder: Path, dtype: torch.
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def _replace_folder(new: Path, folder: Path) -> None:
-    """Rename ``new`` to ``folder``; an existing ``folder`` is moved aside first and deleted
-    after (put back if the rename fails)."""
+def _mount_point(folder: Path) -> SourceError:
+    """The refusal of a save into ``folder``, a mount point, which cannot be moved aside."""
+    return SourceError(
+        f"{folder} is a mount point; a save replaces the folder whole: give a folder inside it"
+    )
+
+
+def _replace_folder(new: Path, folder: Path, given: Path) -> None:
+    """Rename ``new`` to ``folder`` (``given``, resolved); an existing ``folder`` is moved aside
+    first and deleted after (put back if the rename fails)."""
     if not folder.exists():
         new.rename(folder)
         return
     old = beside(folder, "old")
-    folder.rename(old)
+    try:
+        folder.rename(old)
+    except OSError as e:  # a mount point os.path.ismount does not tell (a bind mount of a folder)
+        if e.errno in (errno.EBUSY, errno.EXDEV):
+            raise _mount_point(given) from e
+        raise
     try:
         new.rename(folder)
     except BaseException:
         old.rename(folder)
         raise
-    # Unlinked files stay readable where they are mapped (safetensors maps what it loads), so a
-    # model loaded from this folder and saved back into it keeps its weights.
     shutil.rmtree(old)
 
 
@@ -293,9 +308,22 @@ def _read(folder: Path, what: str, read: Callable[[], _T]) -> _T:
         ) from e
 
 
-def _read_state(path: Path) -> Mapping[str, torch.Tensor]:
+def _read_state(path: Path, owned: bool) -> Mapping[str, torch.Tensor]:
+    """The tensors of weights file ``path``; ``owned``: in memory of their own, for a model that
+    keeps them as its parameters (``assign=True``). safetensors' tensors are views of the file it
+    maps: a cp over the file would change the model's weights, a truncated file would kill the
+    process (SIGBUS) at their next read, and a deleted one would keep its disk space held."""
     if path.suffix == ".safetensors":
-        return _read(path.parent, path.name, lambda: load_file(str(path)))
+
+        def read_safetensors() -> Mapping[str, torch.Tensor]:
+            # Copied out of the mapping tensor by tensor: its pages are the file's, which the kernel
+            # can drop, so memory holds one copy. safetensors' load(path.read_bytes()) would hold the
+            # whole file and then a copy of each tensor beside it (twice a full-size T3), as read-only
+            # buffers. Without ``owned``, load_state_dict copies into the model's own parameters.
+            state = load_file(str(path))
+            return {k: v.clone() for k, v in state.items()} if owned else state
+
+        return _read(path.parent, path.name, read_safetensors)
 
     def read() -> Mapping[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -369,12 +397,14 @@ def _missing(folder: Path, family: Family, files: tuple[str, ...]) -> list[str]:
 def check_left_aside(folder: Path) -> None:
     """For a missing checkpoint ``folder``, a SourceError naming the previous checkpoint a save
     interrupted before it finished left aside, and how to put it back; none if there is none."""
-    aside = _stale_siblings(folder.resolve(), "old")
+    real = folder.resolve()  # for a link, the folder it names: the one moved aside, and mv's target
+    aside = _stale_siblings(real, "old")
     if aside:
         raise SourceError(
             f"model folder {folder} does not exist, but a save interrupted before it finished "
-            f"left the previous checkpoint in {aside[0]}: rename it to {folder.name} "
-            f"(mv '{aside[0]}' '{folder}'), or save to {folder} again, which puts it back first"
+            f"left the previous checkpoint in {aside[0]}: rename it to {real} "
+            f"({shlex.join(['mv', str(aside[0]), str(real)])}), or save to {folder} again, which puts it "
+            "back first"
         )
 
 
@@ -472,12 +502,13 @@ def load_folder(
     ``keep_dtype=True`` keeps each tensor's saved dtype (a float16 file stays float16).
     ``keep_dtype=False`` loads the way upstream ``from_local`` does: ``load_state_dict`` copies
     into freshly built float32 parameters, so a float16 checkpoint silently comes back as float32.
+    Either way the model's weights are its own: files copied over the folder later leave it as it is.
     """
     folder = Path(folder)
     dev = check_device(device)
     found, layout, meta = folder_family(folder, family)
     architecture = meta.get("architecture", "full")
-    states = {name: _read_state(folder / name) for name in layout[:3]}
+    states = {name: _read_state(folder / name, owned=keep_dtype) for name in layout[:3]}
     cfg = _tiny_config(meta, folder / METADATA_FILE) if architecture == "tiny" else None
     # The construction and the assembly (upstream's watermarker) draw: from their own generator, so a
     # load leaves the global one (and other threads' draws from it) alone.
