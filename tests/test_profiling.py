@@ -29,6 +29,7 @@ from chatterbox.tts import ChatterboxTTS
 from torch.autograd.profiler import record_function
 from torch.autograd.profiler_util import FunctionEvent
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity
 
 from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import ConfigError
@@ -43,9 +44,11 @@ from tts_workbench.instruments.plots import time_share_figure
 from tts_workbench.instruments.profiling import (
     EAGER,
     KERNEL_OPS,
+    MODEL_DEVICE_KEY,
     OP_COLUMNS,
     T3_INFERENCES,
     TensorBoard,
+    activities,
     ancestors,
     free_port,
     long_run_schedule,
@@ -449,6 +452,27 @@ def test_a_run_folder_holds_one_profile(tiny_tts: ChatterboxTTS, tmp_path: Path)
         with profile_run(tiny_tts, tmp_path, "again", phases=False):
             torch.ones(8).sum()
     assert len(trace_files(tmp_path / "again")) == 1
+
+
+def test_a_trace_says_where_the_model_ran(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    # torch lists every GPU it sees in a trace, so a trace of a CPU model on a GPU machine could
+    # not be told from one whose profiler missed the GPU's kernels
+    with profile_run(tiny_tts, tmp_path, "where", phases=False):
+        torch.ones(8).sum()
+    assert read_trace(trace_files(tmp_path / "where")[-1])[MODEL_DEVICE_KEY] == "cpu" == tiny_tts.device
+    # with a schedule too, whose profiler has not started while it waits (metadata added then is lost)
+    with profile_run(tiny_tts, tmp_path, "waited", schedule=long_run_schedule(), phases=False) as prof:
+        for _ in range(5):
+            torch.ones(8).sum()
+            prof.step()
+    assert read_trace(trace_files(tmp_path / "waited")[-1])[MODEL_DEVICE_KEY] == "cpu"
+
+
+def test_a_cpu_model_is_profiled_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA was asked for whenever a GPU was there, whatever device the model was on
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert activities("cpu") == activities(torch.device("cpu")) == [ProfilerActivity.CPU]
+    assert activities("cuda:0") == [ProfilerActivity.CPU, ProfilerActivity.CUDA]
 
 
 def test_a_run_folder_keeps_no_file_of_an_earlier_profile(tmp_path: Path) -> None:

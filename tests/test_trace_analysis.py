@@ -24,7 +24,7 @@ from tts_workbench.core.quiet import upstream_bars_off
 from tts_workbench.instruments import trace_analysis
 from tts_workbench.instruments.attention import device_attention_kernel
 from tts_workbench.instruments.plots import device_time_figure, memory_figure
-from tts_workbench.instruments.profiling import EAGER
+from tts_workbench.instruments.profiling import EAGER, MODEL_DEVICE_KEY
 from tts_workbench.instruments.trace_analysis import (
     CPU_ONLY_NOTE,
     DEVICE_CATEGORIES,
@@ -199,25 +199,68 @@ def test_profiler_steps_leave_the_device_numbers_as_they_are(
     assert s["launches"] == 3 and read_trace(path) == trace  # the file itself is left as it was
 
 
-def test_a_gpu_trace_without_kernels_names_its_gpu(tmp_path: Path) -> None:
-    # torch writes "deviceProperties": [] for a CPU profile; a GPU listed there with none of its
-    # kernels recorded is a profiler that missed them (CUPTI), not a CPU-only profile
-    events = [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 0, "dur": 5,
-               "args": {"External id": 7}},
-              {**_launch(1, 3, 7), "ts": 1}]  # fmt: skip
+def _gpu_trace_without_kernels(tmp_path: Path, events: list[dict[str, Any]], **meta: str) -> list[Path]:
+    """A trace of ``events`` that lists an H200 (as torch writes every GPU it sees, used or not),
+    with the top-level ``meta`` (where the model ran), and a copy with a ``t3.decode`` range
+    around them: the files to read whole and by region."""
     gpu = [{"id": 0, "name": "NVIDIA H200"}]
-    path = tmp_path / "gpu.json"
-    path.write_text(json.dumps({"deviceProperties": gpu, "traceEvents": events}))
-    events.append({"ph": "X", "cat": "user_annotation", "name": "t3.decode", "pid": 1, "tid": 1,
-                   "ts": 0, "dur": 5})  # fmt: skip
-    cut = tmp_path / "cut.json"  # a region of it: analyze_region reports one without analyze
-    cut.write_text(json.dumps({"deviceProperties": gpu, "traceEvents": events}))
-    for r in (analyze(path), analyze_region(cut, "t3.decode", tmp_path / "region.json")):
+    region = {"ph": "X", "cat": "user_annotation", "name": "t3.decode", "pid": 1, "tid": 1, "ts": 0, "dur": 5}
+    paths = [tmp_path / "gpu.json", tmp_path / "cut.json"]
+    for path, kept in zip(paths, (events, [*events, region]), strict=True):
+        path.write_text(json.dumps({"deviceProperties": gpu, **meta, "traceEvents": kept}))
+    return paths
+
+
+def _reports(paths: list[Path]) -> list[TraceReport]:
+    """``analyze`` of the whole trace and ``analyze_region`` of its copy with a region (which
+    reports a trace without device activity without ``analyze``)."""
+    whole, cut = paths
+    return [analyze(whole), analyze_region(cut, "t3.decode", whole.parent / "region.json")]
+
+
+_MM = {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 0, "dur": 5,
+       "args": {"External id": 7}}  # fmt: skip
+
+
+def test_a_gpu_trace_without_kernels_names_its_gpu(tmp_path: Path) -> None:
+    # torch writes "deviceProperties": [] for a CPU profile on a machine without a GPU; a GPU
+    # listed there with none of its kernels recorded, the model on CUDA, is a profiler that
+    # missed them (CUPTI), not a CPU-only profile
+    events = [_MM, {**_launch(1, 3, 7), "ts": 1}]
+    for r in _reports(_gpu_trace_without_kernels(tmp_path, events, **{MODEL_DEVICE_KEY: "cuda"})):
         assert not r.analyzed and r.device == "NVIDIA H200" and r.summary()["device"] == "NVIDIA H200"
         assert "CPU-only" not in r.note and "CUPTI" in r.note and "ProfilerActivity.CUDA" in r.note
+        assert "ran on the CPU" not in r.note
+    # a trace of another tool's (no word of where its model ran): either reading
+    for r in _reports(_gpu_trace_without_kernels(tmp_path, events)):
+        assert r.device == "NVIDIA H200" and "CUPTI" in r.note and "or the model ran on the CPU" in r.note
     cpu = tmp_path / "cpu.json"
     cpu.write_text(json.dumps({"deviceProperties": [], "traceEvents": events[:1]}))
     assert analyze(cpu).device == "cpu only" and analyze(cpu).note == CPU_ONLY_NOTE
+
+
+def test_a_cpu_model_on_a_gpu_machine_is_not_a_profiler_that_missed_kernels(tmp_path: Path) -> None:
+    # torch lists every GPU it sees in a trace, whatever device the model is on: `profile` with
+    # the default --device cpu on a GPU machine said the profiler had kept none of the H200's
+    # kernels and to check CUPTI, where the model had run on the CPU
+    paths = _gpu_trace_without_kernels(tmp_path, [_MM], **{MODEL_DEVICE_KEY: "cpu"})
+    for r in _reports(paths):
+        assert not r.analyzed and r.summary()["device"] == "cpu"
+        assert "CUPTI" not in r.note and "ProfilerActivity" not in r.note, r.note
+        assert "NVIDIA H200" in r.note and "the model ran on the CPU: profile with --device cuda" in r.note
+
+
+def test_a_cpu_decode_cut_on_a_gpu_machine_says_the_model_ran_on_the_cpu(
+    cpu_traces: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    # as the trace of `trace` with the default --device cpu reads on a GPU machine
+    _, regions = cpu_traces
+    cut = read_trace(regions["eager"])
+    assert cut[MODEL_DEVICE_KEY] == "cpu"  # decode_traces writes where the model ran, and the cut keeps it
+    path = tmp_path / "on_a_gpu_machine.json"
+    path.write_text(json.dumps({**cut, "deviceProperties": [{"id": 0, "name": "NVIDIA H200"}]}))
+    r = analyze_region(path, "t3.decode", tmp_path / "cut.json.gz")
+    assert "CUPTI" not in r.note and "--device cuda" in r.note, r.note
 
 
 def test_trace_read_errors_say_what_to_give(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -87,7 +87,7 @@ def record_kernels(tts: ChatterboxTTS, extra_t3s: Sequence[Any] = ()) -> Iterato
     The record is filled when the block exits.
     """
     record = KernelRecord()
-    prof = profile(activities=activities(), record_shapes=True)
+    prof = profile(activities=activities(tts.device), record_shapes=True)
     ran = False  # a profiler that could not start has no events: its own error goes up alone
     try:
         with prof, phase_regions(tts, extra_t3s):

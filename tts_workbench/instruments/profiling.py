@@ -166,9 +166,17 @@ def ancestors(event: FunctionEvent) -> Iterator[FunctionEvent]:
 # ---------------------------------------------------------------- traces on disk
 
 
-def activities() -> list[ProfilerActivity]:
-    """What torch.profiler records here: the CPU, and CUDA when there is a GPU."""
-    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+def activities(device: str | torch.device) -> list[ProfilerActivity]:
+    """What torch.profiler records of a model on ``device``: the CPU, and CUDA for a CUDA model.
+    A CPU model on a GPU machine gets no CUDA activity: there is no kernel of its to record."""
+    cuda = torch.device(device).type == "cuda"
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+
+# The top-level key of every trace ``profile_run`` writes: the device its model ran on ("cpu",
+# "cuda", ...). torch lists every GPU it sees in a trace's ``deviceProperties``, used or not, so
+# without it a CPU model's trace on a GPU machine reads as a GPU whose kernels were missed.
+MODEL_DEVICE_KEY = "workbench_device"
 
 
 @contextmanager
@@ -191,18 +199,21 @@ def profile_run(
     streamed chunk with ``profiled_chunks``.
 
     The run folder is made, and emptied of an earlier profile, before anything runs (``run_folder``).
+    The trace records the device the model ran on (``MODEL_DEVICE_KEY``), and holds CUDA activity
+    for a model on CUDA only (``activities``).
     """
     run_dir = run_folder(logdir, run)
-    with (
-        torch.profiler.profile(
-            activities=activities(),
-            record_shapes=True,
-            profile_memory=memory,
-            schedule=schedule,
-            on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name="workbench"),
-        ) as prof,
-        phase_regions(tts) if phases else nullcontext(),
-    ):
+    prof = torch.profiler.profile(
+        activities=activities(tts.device),
+        record_shapes=True,
+        profile_memory=memory,
+        schedule=schedule,
+        on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name="workbench"),
+    )
+    # Preset, not added: torch adds it as each trace starts (add_metadata_json while a schedule
+    # waits is dropped, the profiler not started yet).
+    prof.preset_metadata_json(MODEL_DEVICE_KEY, json.dumps(str(tts.device)))
+    with prof, phase_regions(tts) if phases else nullcontext():
         yield prof
 
 

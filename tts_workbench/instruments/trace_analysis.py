@@ -18,8 +18,10 @@ it as a trace of its own, small enough to keep; HTA
 then reads the region as a whole trace. ``analyze`` reads one trace file into DataFrames with
 units in the column names (``TraceReport``); ``compare`` puts the headline
 numbers of several side by side. A trace without device activity gets no frames and a note:
-on a CPU-only profile, what HTA cannot show there; on a GPU (the trace lists it) whose kernels
-the profiler did not record, the GPU's name and what to check. HTA reads each trace without its
+on a CPU-only profile, what HTA cannot show there; where the trace lists a GPU (torch lists every
+GPU it sees, used or not), the GPU's name and, as the trace says where its model ran
+(``profiling.MODEL_DEVICE_KEY``), to profile a CPU model on CUDA, or for a CUDA model whose
+kernels the profiler did not record, what to check. HTA reads each trace without its
 CUDA syncs (``cuda_sync`` events: the host waiting, which HTA 0.5.0 counts as device time) and
 its ``ProfilerStep#N`` ranges (``prof.step()``'s, of which HTA 0.5.0 drops the last), and with its
 times to the ns (HTA 0.5.0 rounds them to whole µs: ``HTA_NS_ROUNDING_OFF``).
@@ -42,7 +44,7 @@ import pandas as pd
 
 from ..core.errors import ConfigError, TraceError
 from .attention import device_attention_kernel
-from .profiling import TRACE_FILE_ASKED, read_trace
+from .profiling import MODEL_DEVICE_KEY, TRACE_FILE_ASKED, read_trace
 
 # Trace event categories of work on the device (Kineto's names).
 DEVICE_CATEGORIES = frozenset({"kernel", "gpu_memcpy", "gpu_memset"})
@@ -59,13 +61,24 @@ CPU_ONLY_NOTE = (
     "ops.csv (profiling.op_frame)"
 )
 
-NO_KERNELS_NOTE = (
-    "no device activity recorded on {device}, which the trace lists: the profiler kept none of its "
-    "kernels, copies or memsets (profile with ProfilerActivity.CUDA, and check that torch.profiler "
-    "has CUPTI: a warning at the profile's start says when it has not); HTA's temporal, idle and "
-    "kernel breakdowns and its launch statistics are all read from device kernels, so none of them "
-    "exists here"
+# The notes on a trace that lists a GPU (torch lists every GPU it sees, used or not) but holds no
+# device activity, by where the trace says its model ran (``profiling.MODEL_DEVICE_KEY``).
+_LISTED = "no device activity recorded on {device}, which the trace lists"
+_MISSED = (
+    "the profiler kept none of its kernels, copies or memsets (profile with ProfilerActivity.CUDA, "
+    "and check that torch.profiler has CUPTI: a warning at the profile's start says when it has not)"
 )
+_NO_BREAKDOWNS = (
+    "HTA's temporal, idle and kernel breakdowns and its launch statistics are all read from device "
+    "kernels, so none of them exists here"
+)
+NO_KERNELS_NOTE = f"{_LISTED}: {_MISSED}; {_NO_BREAKDOWNS}"  # the model ran on CUDA
+CPU_MODEL_NOTE = (
+    f"{_LISTED} (torch lists every GPU it sees, used or not): the model ran on the CPU: profile with "
+    f"--device cuda; {_NO_BREAKDOWNS}"
+)
+# A trace that does not say where its model ran (another tool's, or written before 2026-12-06).
+NO_KERNELS_OR_CPU_MODEL_NOTE = f"{_LISTED}: {_MISSED}, or the model ran on the CPU; {_NO_BREAKDOWNS}"
 
 NO_HTA_NOTE = (
     "HolisticTraceAnalysis is not installed in this Python: the trace is kept unread; read it with "
@@ -347,12 +360,17 @@ def _copy_for_hta(trace: Mapping[str, Any], path: Path) -> Iterator[Path]:
 
 def _without_device_activity(trace: Mapping[str, Any], path: str | Path) -> TraceReport:
     """The report on a trace without device events: a CPU-only profile when the trace lists no
-    device (torch writes ``deviceProperties: []`` for one), else a GPU whose kernels the profiler
-    did not record."""
-    if trace.get("deviceProperties"):
-        device = _device(trace)
-        return TraceReport(str(path), device, note=NO_KERNELS_NOTE.format(device=device))
-    return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
+    device (torch writes ``deviceProperties: []`` on a machine without a GPU); else, as the trace
+    says where its model ran (``MODEL_DEVICE_KEY``), a CPU model beside an unused GPU, a GPU whose
+    kernels the profiler did not record, or either when it does not say."""
+    if not trace.get("deviceProperties"):
+        return TraceReport(str(path), device="cpu only", note=CPU_ONLY_NOTE)
+    gpu, ran_on = _device(trace), trace.get(MODEL_DEVICE_KEY)
+    if ran_on is None:
+        return TraceReport(str(path), gpu, note=NO_KERNELS_OR_CPU_MODEL_NOTE.format(device=gpu))
+    if str(ran_on).partition(":")[0] == "cpu":  # "cpu", or "cpu:0" from a torch.device
+        return TraceReport(str(path), device="cpu", note=CPU_MODEL_NOTE.format(device=gpu))
+    return TraceReport(str(path), gpu, note=NO_KERNELS_NOTE.format(device=gpu))
 
 
 def _device(trace: Mapping[str, Any]) -> str:

@@ -67,7 +67,8 @@ def decode_traces(
     """For each decode step: T3's decode (weights as ``policy``) run once to warm up (compile,
     CUDA graphs, cache) and once under the profiler without phase hooks (they would make a
     compiled step compile again), its ``t3.decode`` region (the first ``keep`` steps, if given)
-    cut to ``logdir/decode-STEP/t3.decode.json.gz``, the step that ran under ``STEP_KEY``.
+    cut to ``logdir/decode-STEP/t3.decode.json.gz``, the step that ran under ``STEP_KEY`` (and
+    the model's device under ``profiling.MODEL_DEVICE_KEY``, as ``profile_run`` writes it).
     Returns those region traces by step, for ``read_traces`` here or on another machine (HTA
     need not be installed where they are taken). ``progress``: each stage (warm-up, profiled
     run, cut, per step) named on a bar on stderr as it runs (``core.progress.Stages``; the command
@@ -207,8 +208,10 @@ def decode_trace_report(reports: Mapping[str, TraceReport], note: str, top: int 
 
 def cut_report(regions: Mapping[str, Path], note: str) -> dict[str, Any]:
     """``decode_traces``' region traces as JSON, unread: where each is, how many device events
-    it holds (0 on a GPU would mean the profiler saw none of the step's kernels) and the step that
-    ran in it (``_step_ran``'s record: a compiled step may have run static)."""
+    it holds (none for a model that ran on the CPU, whatever GPU the machine has: the trace says
+    where it ran, ``profiling.MODEL_DEVICE_KEY``; none for a model on CUDA means the profiler saw
+    none of the step's kernels) and the step that ran in it (``_step_ran``'s record: a compiled
+    step may have run static)."""
     traces = {step: read_trace(path) for step, path in regions.items()}
     return {
         "note": note,
