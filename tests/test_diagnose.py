@@ -16,7 +16,9 @@ from tts_workbench.core.errors import CacheError, NoVoiceError
 from tts_workbench.core.quiet import upstream_bars_off
 from tts_workbench.interface.cli import main
 from tts_workbench.models.sources import load_model, token_cap_note
-from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length
+from tts_workbench.runtime.decode import DEFAULT_MAX_CACHE_LEN, prefill_length, text_tokens
+from tts_workbench.runtime.generation import generate, prepare_voice
+from tts_workbench.runtime.precision import restored
 from tts_workbench.studies import diagnose
 from tts_workbench.studies.diagnose import (
     decode_step_kernels,
@@ -225,6 +227,48 @@ def _lstm_runs_under_float16_autocast() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def test_float16_weights_under_bfloat16_autocast_are_told_to_stay_float32(
+    tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    """Autocast runs T3's perceiver norm in float32, on float16 weights: before 2026-12-06 the
+    generate stage was told to cast the conditionals to T3's dtype, which cannot help there."""
+    report = diagnose_precision(tiny_tts, str(reference_wav), torch.float16, torch.bfloat16, 4)
+    generate_stage = report["stages"]["generate"]
+    assert generate_stage["failure"]["module"] == "t3.cond_enc.perceiver.attn.norm"
+    advice = generate_stage["advice"]
+    assert "float32" in advice and "autocast" in advice and "conditionals" not in advice, advice
+    ids = text_tokens(tiny_tts, "Hi.")
+    # the advice followed (T3 float32 under autocast) on a copy of the voice: T3 runs
+    with restored(tiny_tts) as conds, torch.autocast("cpu", torch.bfloat16):
+        assert conds is not None
+        tokens = tiny_tts.t3.inference(t3_cond=conds.t3, text_tokens=ids, max_new_tokens=2)
+    assert tokens.numel() > 0
+
+
+def _t3_as_it_is(tts: ChatterboxTTS) -> tuple[int, list[str], Any]:
+    """The forward hooks on T3's backbone, T3's state-dict keys and its upstream backend."""
+    hooks = sum(len(m._forward_hooks) for m in tts.t3.tfmr.modules())
+    return hooks, sorted(tts.t3.state_dict()), getattr(tts.t3, "patched_model", None)
+
+
+def test_the_precision_diagnosis_gives_t3_back_without_hooks_or_a_backend(reference_wav: Path) -> None:
+    """Its generate stage runs upstream's T3.inference, which asks for attentions (transformers
+    hooks the backbone for good) and keeps a ``patched_model`` over T3's modules (their weights in
+    ``t3.state_dict()`` a second time): before 2026-12-06 both stayed on the caller's model."""
+    tts = load_model("tiny")  # not the session's model: other tests generated on it
+    prepare_voice(tts, str(reference_wav))
+    fresh = _t3_as_it_is(tts)
+    assert fresh[0] == 0 and fresh[2] is None
+    diagnose_precision(tts, str(reference_wav), torch.float32, tokens=2)
+    assert _t3_as_it_is(tts) == fresh
+    # After a generation of the caller's, its backend and hooks are the caller's: kept as they were.
+    generate(tts, "Hi.", max_new_tokens=2, seed=0)
+    generated = _t3_as_it_is(tts)
+    assert generated[0] > 0 and generated[2] is not None
+    diagnose_precision(tts, str(reference_wav), torch.float32, tokens=2)
+    assert _t3_as_it_is(tts) == generated
 
 
 def test_no_voice_names_a_fix_these_checks_take(reference_wav: Path) -> None:

@@ -14,9 +14,10 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch import nn
 
-from tts_workbench.core.constants import parse_dtype
+from tts_workbench.core.constants import SPEECH_VOCAB_SIZE, parse_dtype
 from tts_workbench.core.families import components
 from tts_workbench.core.patching import shadow
+from tts_workbench.core.rng import StreamRandom
 from tts_workbench.instruments.dtypes import (
     Census,
     Failure,
@@ -28,8 +29,9 @@ from tts_workbench.instruments.dtypes import (
     trace_dtypes,
 )
 from tts_workbench.models.sources import load_model
+from tts_workbench.runtime.decode import text_tokens
 from tts_workbench.runtime.generation import generate, prepare_voice
-from tts_workbench.runtime.precision import restored
+from tts_workbench.runtime.precision import copy_conditionals, ensure_conditionals_dtype, restored
 from tts_workbench.studies.diagnose import _stage, diagnose_precision, where_half_fails
 
 
@@ -205,7 +207,7 @@ def test_upstream_float16_path_fails_where_measured(half_report: dict) -> None:
     assert "conditionals" in st["generate"]["advice"]
     assert "kaldi" in st["conditioning"]["failure"]["where"]
     assert st["s3gen"]["failure"]["module"] == "s3gen.mel2wav.m_source.l_linear"
-    assert "sine source" in st["s3gen"]["advice"]
+    assert "all of HiFT (s3gen.mel2wav) in float32" in st["s3gen"]["advice"]
     # The source lines that made the failing calls, not torch's nn/modules/linear.py.
     assert st["generate"]["failure"]["where"].startswith("t3/modules/cond_enc.py:")
     assert st["s3gen"]["failure"]["where"].startswith("models/s3gen/hifigan.py:")
@@ -499,6 +501,7 @@ def test_hift_failures_get_hift_advice_not_the_mel_spectrogram_one() -> None:
     assert conv is not None and "HiFT" in conv and "mel spectrograms" not in conv
     source = advice_for(_failure("s3gen.mel2wav.m_source.l_linear", "models/s3gen/hifigan.py:280 forward"))
     assert source is not None and "sine source" in source  # the more precise entries still win
+    assert "all of HiFT" in source and "cast the mel" in source  # the source alone is no fix
     mel = advice_for(_failure("", "models/s3gen/utils/mel.py:70 mel_spectrogram"))
     assert mel is not None and "mel spectrograms" in mel
 
@@ -751,3 +754,73 @@ def test_following_the_fbank_advice_gets_a_float16_model_past_the_fbank(
         assert "kaldi" in failure_where()
         with shadow(encoder, "inference", float32_input):
             assert "kaldi" not in failure_where()
+
+
+def test_following_the_hift_advice_gets_a_float16_s3gen_through_inference(tiny_tts: ChatterboxTTS) -> None:
+    """A float32 sine source alone hands its float32 sines on to HiFT's float16 convolutions: before
+    2026-12-06 the advice said only that. All of HiFT in float32, fed a float32 mel, runs."""
+    hift = tiny_tts.s3gen.mel2wav
+    tokens = torch.randint(0, SPEECH_VOCAB_SIZE, (1, 10), generator=torch.Generator().manual_seed(0))
+    assert tiny_tts.conds is not None
+    gen = dict(tiny_tts.conds.gen)
+
+    def vocode() -> torch.Tensor:
+        with StreamRandom(0).drawing():
+            return tiny_tts.s3gen.inference(speech_tokens=tokens, ref_dict=gen)[0]
+
+    def failure() -> Failure:
+        with pytest.raises(RuntimeError), trace_dtypes(tiny_tts) as trace:
+            vocode()
+        assert trace.failure is not None
+        return trace.failure
+
+    def float32_mel(fn: Any) -> Any:
+        return lambda speech_feat, **k: fn(speech_feat=speech_feat.float(), **k)
+
+    with restored(tiny_tts):
+        tiny_tts.s3gen.to(torch.float16)
+        first = failure()
+        advice = advice_for(first)
+        assert first.module == "s3gen.mel2wav.m_source.l_linear"
+        assert advice is not None and "s3gen.mel2wav" in advice and "cast the mel" in advice, advice
+        hift.m_source.float()  # what the advice said before
+        assert failure().module == "s3gen.mel2wav.source_downs.0"
+        hift.float()  # what it says now: all of HiFT, and the mel it gets
+        with shadow(hift, "inference", float32_mel):
+            wav = vocode()
+    assert wav.dtype == torch.float32 and wav.numel() > 0 and torch.isfinite(wav).all()
+
+
+def test_following_the_conditionals_advice_gets_a_float16_t3_past_its_cond_enc(reference_wav: Path) -> None:
+    """The float32 generation a diagnosis runs first leaves a float32 prompt embedding cached on the
+    conditionals: before 2026-12-06 the advice named only speaker_emb and emotion_adv, and T3 cast
+    to float16 with those two cast still failed in its perceiver."""
+    tts = load_model("tiny")
+    prepare_voice(tts, str(reference_wav))
+    generate(tts, "Hi.", max_new_tokens=2, seed=0)  # as the diagnosis's float32 run
+    assert tts.conds is not None and tts.conds.t3.cond_prompt_speech_emb is not None
+    advice = advice_for(_failure("t3.cond_enc.spkr_enc", "t3/modules/cond_enc.py:70 forward"))
+    assert advice is not None and "cond_prompt_speech_emb" in advice, advice
+    assert "ensure_conditionals_dtype" in advice
+    ids = text_tokens(tts, "Hi.")
+
+    def failing_module(cond: Any) -> str | None:
+        with trace_dtypes(tts.t3) as trace, StreamRandom(0).drawing():
+            try:
+                tts.t3.inference(t3_cond=cond, text_tokens=ids, max_new_tokens=2)
+            except RuntimeError:
+                pass  # named by the trace
+        return trace.failure.module if trace.failure else None
+
+    tts.t3.to(torch.float16)
+    by_hand = copy_conditionals(tts.conds)
+    assert by_hand is not None
+    cond = by_hand.t3
+    cond.speaker_emb, cond.emotion_adv = cond.speaker_emb.half(), cond.emotion_adv.half()
+    assert failing_module(cond) == "cond_enc.perceiver.attn.norm"  # the two alone
+    cond.cond_prompt_speech_emb = None  # and the third
+    assert failing_module(cond) is None
+    ensured = copy_conditionals(tts.conds)
+    assert ensured is not None
+    ensure_conditionals_dtype(ensured, torch.float16, torch.float32, tts.device)  # or all three at once
+    assert failing_module(ensured.t3) is None

@@ -443,11 +443,33 @@ _CAMPPLUS = (
     "(install_islands) does both"
 )
 
+# The HiFT advice, ``{}`` taking the reason where the failing part is known. A float32 sine source
+# alone hands its float32 sines on to HiFT's half-precision convolutions (source_downs): before
+# 2026-12-06 the advice said to keep only the source module in float32.
+_HIFT = (
+    "keep all of HiFT (s3gen.mel2wav) in float32 and cast the mel it gets to float32{}; "
+    "runtime.precision's s3gen.mel2wav island (install_islands) does both"
+)
+
 # Where upstream's half-precision paths break, and what to do about it. Keys are substrings of
 # the failing module path or source location found by the tracer; checked in order.
 ADVICE = [
-    ("cond_enc", "cast the conditionals (speaker_emb, emotion_adv) to T3's dtype after prepare_conditionals"),
-    ("m_source", "keep HiFT's sine source module in float32 (its generator output stays float32)"),
+    # The float32 generation before a cast leaves a float32 prompt embedding cached on the
+    # conditionals (before 2026-12-06 the advice named only the first two: T3 then failed in its
+    # perceiver).
+    (
+        "cond_enc",
+        "cast the conditionals' speaker_emb and emotion_adv to T3's dtype and set their "
+        "cond_prompt_speech_emb to None (a cache of an earlier generation's dtype, remade in T3's); "
+        "runtime.precision.ensure_conditionals_dtype does all three",
+    ),
+    (
+        "m_source",
+        _HIFT.format(
+            ": its sine source makes float32 sines, and a float32 source module alone hands them on "
+            "to HiFT's half-precision convolutions"
+        ),
+    ),
     # torch.complex takes float16 on CPU (complex32) but refuses bfloat16; the CPU FFT behind
     # torch.istft refuses float16 ("MKL FFT doesn't support tensors of type: Half").
     (
@@ -455,7 +477,7 @@ ADVICE = [
         "run HiFT's iSTFT in float32: torch.complex has no bfloat16 kernel and the CPU FFT none for float16",
     ),
     # Before "mel", which the vocoder's path s3gen.mel2wav also contains.
-    ("s3gen.mel2wav.", "keep HiFT (s3gen.mel2wav) in float32 and cast the mel it gets to float32"),
+    ("s3gen.mel2wav.", _HIFT.format("")),
     ("kaldi", _CAMPPLUS.format(": its kaldi fbank has no half-precision (float16/bfloat16) kernel")),
     ("xvector", _CAMPPLUS.format("")),
     ("s3tokenizer", "keep the S3 speech tokenizer (log-mel front-end) in float32"),
@@ -472,10 +494,23 @@ ADVICE = [
 ]
 
 
-def advice_for(failure: Failure | CallRecord | None) -> str | None:
-    """One sentence saying how to fix ``failure`` (None when there is nothing to fix)."""
+# Weights in a half dtype other than autocast's (float16 under bfloat16): autocast computes its
+# float32 ops (norms) in float32 and the rest in its own dtype, so a module's weights meet inputs in
+# another dtype whatever is cast before it (before 2026-12-06 T3's perceiver norm was given the
+# conditionals advice, which cannot help there).
+_UNDER_AUTOCAST = (
+    "{weight} weights under {autocast} autocast fit neither dtype it computes in (float32 for norms, "
+    "{autocast} elsewhere): keep the weights float32 under autocast, which casts them op by op"
+)
+
+
+def advice_for(failure: Failure | CallRecord | None, autocast: torch.dtype | None = None) -> str | None:
+    """One sentence saying how to fix ``failure`` (None when there is nothing to fix), which ran
+    under ``autocast`` to that dtype (None: none)."""
     if failure is None:
         return None
+    if autocast is not None and failure.weight not in (None, "float32", _short(autocast)):
+        return _UNDER_AUTOCAST.format(weight=failure.weight, autocast=_short(autocast))
     where = failure.module + " " + getattr(failure, "where", "")
     for key, text in ADVICE:
         if key in where:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 import soundfile as sf
 import torch
+from chatterbox.models.t3 import T3
 from chatterbox.tts import ChatterboxTTS, Conditionals
 
 from ..core.clock import FEW_REPEATS, now
@@ -27,6 +28,7 @@ from ..core.errors import (
 )
 from ..core.families import components
 from ..core.files import written
+from ..core.patching import capture_hooks_undone
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import Stages
 from ..core.rng import StreamRandom
@@ -265,8 +267,11 @@ def decode_step_kernels(
     return {"step": step, "kernels": sorted(record.kernels("t3.decode")), "found_by": found_by}
 
 
-def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> dict[str, Any]:
-    """Run ``fn`` under the dtype tracer (and the kernel recorder); never raise."""
+def _stage(
+    tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False, autocast: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Run ``fn`` under the dtype tracer (and the kernel recorder); never raise. ``autocast``: the
+    autocast dtype ``fn`` runs under (None: none), which the advice takes into account."""
     out: dict[str, Any] = {"error": None}
     t0 = now(tts.device)
     rec, trace = None, DtypeTrace()  # empty, if the tracer itself could not start
@@ -284,7 +289,7 @@ def _stage(tts: ChatterboxTTS, fn: Callable[[], Any], kernels: bool = False) -> 
     # Under autocast a module's outputs leave its weights' dtype by design: only a raise (the
     # block's, recorded as the failure) or a mismatch of another kind has something to fix.
     fixable = next((r for r in trace.mismatches if r.mismatch != "autocast"), None)
-    out["advice"] = advice_for(trace.failure or fixable)
+    out["advice"] = advice_for(trace.failure or fixable, autocast)
     if rec is not None:
         out.update(rec.summary())
     return out
@@ -301,8 +306,8 @@ def diagnose_precision(
     stage: Callable[[str], None] = lambda _name: None,
 ) -> dict[str, Any]:
     """The seed's half-precision failure, reproduced on purpose and traced; the caller's model
-    is given back as it was (weights, dtypes, conditionals). ``stage`` is told each stage's name
-    as it starts (``run_diagnosis``'s ``Stages``).
+    is given back as it was (weights, dtypes, conditionals, T3's hooks and upstream backend).
+    ``stage`` is told each stage's name as it starts (``run_diagnosis``'s ``Stages``).
 
     ``tts`` must already be conditioned in float32. Its components are then cast to ``dtype``
     the way users do (``.to(torch.float16)``) while the conditionals stay float32, and three
@@ -311,8 +316,28 @@ def diagnose_precision(
     """
     if tts.conds is None:
         raise NoVoiceError("condition the model in float32 before diagnose_precision", fix=PREPARE_FIRST)
-    with restored(tts) as conds:
+    # The generate stage runs upstream's T3.inference: it asks the backbone for attentions, which
+    # transformers answers by hooking it for good, and keeps a new backend on T3 (before
+    # 2026-12-06 both stayed on the caller's model).
+    with restored(tts) as conds, capture_hooks_undone(tts.t3.tfmr), _upstream_backend_undone(tts.t3):
         return _precision_stages(tts, conds, reference, dtype, autocast, tokens, seed, text, stage)
+
+
+@contextmanager
+def _upstream_backend_undone(t3: T3) -> Iterator[None]:
+    """``t3``'s upstream backend as it was on entry: every ``T3.inference`` makes a new
+    ``patched_model`` (a submodule over T3's own backbone and heads, whose weights then show in
+    ``t3.state_dict()`` a second time) and sets ``compiled``. One made inside is dropped, one
+    there before is put back."""
+    before, compiled = getattr(t3, "patched_model", None), getattr(t3, "compiled", False)
+    try:
+        yield
+    finally:
+        t3.compiled = compiled
+        if before is not None:
+            t3.patched_model = before
+        elif hasattr(t3, "patched_model"):
+            del t3.patched_model
 
 
 def _precision_stages(
@@ -332,11 +357,11 @@ def _precision_stages(
     stages: dict[str, Any] = {}
     with autocast_or_refuse(device, autocast):
         stage(f"precision: {dtype_name(dtype)} conditioning")
-        stages["conditioning"] = _stage(tts, lambda: prepare_voice(tts, reference))
+        stages["conditioning"] = _stage(tts, lambda: prepare_voice(tts, reference), autocast=autocast)
         tts.conds = conds  # keep the float32 conditionals of the seed scenario
         stage(f"precision: {dtype_name(dtype)} generation")
         stages["generate"] = _stage(
-            tts, lambda: generate(tts, text, max_new_tokens=tokens, seed=seed), kernels=True
+            tts, lambda: generate(tts, text, max_new_tokens=tokens, seed=seed), True, autocast
         )
         tts.conds = conds
         valid = torch.randint(
@@ -348,7 +373,9 @@ def _precision_stages(
         stage(f"precision: {dtype_name(dtype)} S3Gen")
         with StreamRandom(seed).drawing():
             stages["s3gen"] = _stage(
-                tts, lambda: tts.s3gen.inference(speech_tokens=valid.to(device), ref_dict=dict(conds.gen))
+                tts,
+                lambda: tts.s3gen.inference(speech_tokens=valid.to(device), ref_dict=dict(conds.gen)),
+                autocast=autocast,
             )
     return {
         "dtype": dtype_name(dtype),
