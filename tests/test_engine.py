@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import copy
 import functools
+import gc
 import math
+import re
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -1546,15 +1549,35 @@ def test_a_wrapper_is_refused_while_an_engine_runs_on_its_model(tts: ChatterboxT
     assert next(tts.t3.parameters()).dtype == torch.float32
 
 
+def test_an_engine_out_of_reach_is_closed_as_the_wrappers_refusal_says(tts: ChatterboxTTS) -> None:
+    """An engine never closed runs until ``close()``: its stage threads hold it, so it is never
+    collected (a notebook cell ``engine = StreamEngine(tts)`` run twice loses the first). Before
+    2026-12-06 the wrapper's refusal said to close it, with no way to reach it: the model could
+    not be wrapped again in that process. The refusal's recovery, run as written, closes it."""
+    engine = weakref.ref(StreamEngine(tts, max_streams=1, config=CONFIG))  # no reference kept
+    gc.collect()
+    assert engine() is not None and engine().running  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="in use by an open StreamEngine") as refused:
+        PerformanceOptimizedTTS(tts, policy="float32")
+    recovery = re.search(r"(from \S+ import sharers), then (for engine in sharers\(tts\): engine\.close\(\))",
+                         str(refused.value))  # fmt: skip
+    assert recovery is not None, str(refused.value)
+    exec("\n".join(recovery.groups()), {"tts": tts})
+    assert engine() is None or not engine().running  # type: ignore[union-attr]
+    with PerformanceOptimizedTTS(tts, policy="float32"):
+        pass
+
+
 def test_an_engine_is_refused_inside_a_wrappers_block(tts: ChatterboxTTS) -> None:
     """Before 2026-12-06 an engine built there ran on the wrapper's bfloat16 copies (its KV cache
     bfloat16), and once the wrapper closed and cast T3 back every stream failed with torch's dtype
-    error while the engine said it was running. The refusal names the way out: the engine
-    outside the block, with its own T3 dtype (a plan), which leaves the model's weights as they are."""
+    error while the engine said it was running. The refusal names the way out: the engine after
+    the wrapper's close (built before it opens, it refuses the wrapper), with its own T3 dtype (a
+    plan), which leaves the model's weights as they are."""
     with PerformanceOptimizedTTS(tts, policy="bfloat16"):
         with pytest.raises(
             ConfigError,
-            match=r"held by an open PerformanceOptimizedTTS.*outside the wrapper's with block.*"
+            match=r"held by an open PerformanceOptimizedTTS.*after the wrapper's close\(\).*"
             r"plan=decode_plan\(tts, \"bfloat16\"\)",
         ):
             StreamEngine(tts, max_streams=1, config=CONFIG)

@@ -573,12 +573,12 @@ def test_sharers_keep_a_holder_out_and_a_holder_keeps_them_out() -> None:
     with pytest.raises(RuntimeError) as e, patching.holding(model, holder, refused):
         pass
     assert e.value.args[0] in (first, second)
-    patching.let_go(model, first)
+    patching.let_go(first)
     with pytest.raises(RuntimeError) as e, patching.holding(model, holder, refused):
         pass
     assert e.value.args[0] is second
-    patching.let_go(model, second)
-    patching.let_go(model, second)  # twice: nothing
+    patching.let_go(second)
+    patching.let_go(second)  # twice: nothing
     with patching.holding(model, holder, refused):
         pass
     with pytest.raises(RuntimeError) as e, patching.sharing(model, first, refused):
@@ -587,14 +587,14 @@ def test_sharers_keep_a_holder_out_and_a_holder_keeps_them_out() -> None:
     with pytest.raises(RuntimeError) as e, patching.holding(model, other, refused):
         pass
     assert e.value.args[0] is holder
-    patching.let_go(model, holder)
+    patching.let_go(holder)
     with pytest.raises(ValueError), patching.sharing(model, first, refused):
         raise ValueError("its construction failed")
     with patching.sharing(model, User(), refused):
         pass  # never let go: collected with its last reference
     with patching.holding(model, holder, refused):
         pass
-    patching.let_go(model, holder)
+    patching.let_go(holder)
     assert patching.holder_of(model) is None and not patching.SHARERS
 
 
@@ -619,15 +619,38 @@ def test_a_model_object_sharing_a_component_with_a_held_one_is_held_too(takes: s
             pass
         assert e.value.args[0] is holder
     assert patching.holder_of(Model()) is None  # a model of its own is free
-    patching.let_go(twin, holder)  # given back through any model object around its components
+    patching.let_go(holder)
     assert patching.holder_of(model) is None
     with patching.sharing(beside, user, refused):
         pass
     with pytest.raises(RuntimeError) as e, patching.holding(twin, holder, refused):
         pass
     assert e.value.args[0] is user
-    patching.let_go(beside, user)
+    patching.let_go(user)
     assert not patching.SHARERS
+
+
+@pytest.mark.parametrize("takes", ["holding", "sharing"])
+def test_a_user_is_let_go_whatever_its_model_holds_by_then(takes: str) -> None:
+    """Before 2026-12-06 ``let_go`` looked the user up by the model's components as they were then:
+    a T3 swapped in while an engine ran (a fine-tuned one) left the closed engine registered, and
+    every wrapper of the model refused for good. It takes out whatever the user registered."""
+    model, user = Model(), User()
+
+    def refused(by: object) -> RuntimeError:
+        return RuntimeError(by)
+
+    with getattr(patching, takes)(model, user, refused):
+        pass
+    before = model.t3
+    model.t3 = User()  # swapped while the user has the model
+    patching.let_go(user)
+    assert user not in patching.SHARERS and user not in patching.HOLDERS.values()
+    model.t3 = before  # and back: the model is free
+    with patching.holding(model, user, refused):
+        pass
+    patching.let_go(user)
+    assert not patching.HOLDERS and not patching.SHARERS
 
 
 def test_the_registry_refuses_what_is_no_model() -> None:

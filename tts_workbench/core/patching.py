@@ -38,12 +38,13 @@ Everything the workbench does to a user's model goes through here:
   wrapper's layer (a save) can refuse a model whose weights are the wrapper's cast copies
   (``holder_of``). ``holding`` takes a model there (refused while another holds it or any user
   shares it). ``SHARERS``: the users (stream engines) running on each model's weights as they
-  are, several at once; ``sharing`` adds one (refused while a holder has the model). ``let_go``
-  gives a model back for either. Before 2026-12-06 engines registered nowhere: a wrapper cast T3
-  under an engine's KV cache (or cast it back under one built inside its block), and the
-  engine's streams failed with torch's dtype error. All of them take the model and register its
-  components (T3, S3Gen, VE): what a wrapper changes, and what every model object built around
-  them shares (a ``copy.copy`` of the model, one given its S3Gen).
+  are, several at once; ``sharing`` adds one (refused while a holder has the model), ``sharers``
+  lists them (an engine its user can no longer reach, to close). ``let_go`` gives a model back for
+  either. Before 2026-12-06 engines registered nowhere: a wrapper cast T3 under an engine's KV
+  cache (or cast it back under one built inside its block), and the engine's streams failed with
+  torch's dtype error. All of them take the model and register its components (T3, S3Gen, VE):
+  what a wrapper changes, and what every model object built around them shares (a ``copy.copy``
+  of the model, one given its S3Gen).
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ M = TypeVar("M", bound=nn.Module)
 HOLDERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 # The users sharing a model's weights as they are (runtime.engine's StreamEngine: each its own KV
 # cache in the weights' dtype), each with the ids of its model's components: a user holds its
-# model, so no id is reused while it lives. Weak: one never let go (an engine never closed) stops
-# counting once collected, instead of keeping its model from every wrapper for good.
+# model, so no id is reused while it lives. Weak: a user never let go stops counting once
+# collected. An engine never closed is not: its stage threads hold it, so it stays here, and keeps
+# its model from every wrapper, until its close(); ``sharers`` finds one its user can no longer reach.
 SHARERS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 # Held while a holder or a sharer checks that its model is free and takes it, and while one lets it
 # go: before 2026-12-05 the check and the taking were a whole constructor apart (the "auto"
@@ -113,7 +115,21 @@ def _occupant(keys: frozenset[int]) -> object | None:
     holder = _holder(keys)
     if holder is not None:
         return holder
-    return next((user for user, held in SHARERS.items() if held & keys), None)
+    return next(iter(_sharers(keys)), None)
+
+
+def _sharers(keys: frozenset[int]) -> list[Any]:
+    """The sharers of any of ``keys`` (under ``_holders_lock``)."""
+    return [user for user, held in SHARERS.items() if held & keys]
+
+
+def sharers(model: Any) -> list[Any]:
+    """The users sharing ``model`` now (of any of its components, through whatever model object
+    they took them): the stream engines running on it, one out of its user's reach (a notebook
+    cell that built one run again) included, to close."""
+    keys = _keys(model)
+    with _holders_lock:
+        return _sharers(keys)
 
 
 @contextmanager
@@ -131,7 +147,7 @@ def holding(model: Any, holder: object, refusal: Callable[[object], Exception]) 
     try:
         yield
     except BaseException:
-        let_go(model, holder)
+        let_go(holder)
         raise
 
 
@@ -149,19 +165,18 @@ def sharing(model: Any, user: object, refusal: Callable[[object], Exception]) ->
     try:
         yield
     except BaseException:
-        let_go(model, user)
+        let_go(user)
         raise
 
 
-def let_go(model: Any, user: object) -> None:
-    """Let ``model`` go for ``user``, its holder or one of its sharers (nothing if neither)."""
-    keys = _keys(model)
+def let_go(user: object) -> None:
+    """Let go of whatever ``user`` holds or shares (nothing if neither): by the components its
+    model had when taken, not those it has now: before 2026-12-06 a T3 swapped in while an engine
+    ran left the closed engine registered, and its model kept from every wrapper for good."""
     with _holders_lock:
-        for key in keys:
-            if HOLDERS.get(key) is user:
-                del HOLDERS[key]
-        if SHARERS.get(user) == keys:
-            del SHARERS[user]
+        SHARERS.pop(user, None)
+        for key in [key for key, holder in HOLDERS.items() if holder is user]:
+            del HOLDERS[key]
 
 
 @contextmanager

@@ -357,9 +357,10 @@ def _held_by_wrapper(holder: object) -> ConfigError:
     return ConfigError(
         f"this model is held by an open {type(holder).__name__}: T3's weights are the wrapper's, cast "
         "to its dtype policy's, and are cast back when it closes, under this engine's KV cache. Build "
-        "the engine outside the wrapper's with block (before it opens, or after close()), with its own "
-        'T3 dtype: StreamEngine(tts, plan=decode_plan(tts, "bfloat16")) (runtime.optimized.decode_plan: '
-        "a copy of T3's weights, the model's left as they are)"
+        "the engine after the wrapper's close() (or the end of its with block; a wrapper is refused "
+        "while an engine runs on the model), with its own T3 dtype: StreamEngine(tts, "
+        'plan=decode_plan(tts, "bfloat16")) '
+        "(runtime.optimized.decode_plan: a copy of T3's weights, the model's left as they are)"
     )
 
 
@@ -709,7 +710,7 @@ class StreamEngine:
         with self._lock:  # the T3 thread, which alone writes it, is gone: its streams hold no rows now
             self._live = []
         self._kv, self._caches, self._steps = [], {}, {}
-        let_go(self.tts, self)  # a wrapper may change the model now
+        let_go(self)  # a wrapper may change the model now
 
     def _end_all(self, error: BaseException) -> None:
         """End every queued and admitted stream with ``error``, no longer counted (``queued()``,

@@ -461,8 +461,10 @@ def _already_wrapped(by: object) -> ConfigError:
         return ConfigError(
             f"this model is in use by an open {type(by).__name__}, whose streams run on its weights as "
             "they are: close the engine first (close(), or the end of its with block), then wrap the "
-            "model; for streams in another T3 dtype, give the engine its own (plan=decode_plan(tts, "
-            '"bfloat16"))'
+            "model. One never closed runs on, out of reach once its name is rebound (a notebook cell "
+            "run again): from tts_workbench.core.patching import sharers, then for engine in "
+            "sharers(tts): engine.close(). For streams in another T3 dtype, give the engine its own "
+            '(plan=decode_plan(tts, "bfloat16"))'
         )
     # a copy is no way out: a deep copy of a model fails (HiFT's weight norm keeps non-leaf
     # tensors), and one made while it is wrapped has the wrapper's cast weights
@@ -648,7 +650,7 @@ class PerformanceOptimizedTTS(Pipeline):
                 self._final = self.configuration()
             finally:  # the model goes back even if the report fails
                 self._stack.close()
-                let_go(self.tts, self)
+                let_go(self)
                 for plan in self.plans.values():
                     plan.drop_static()
                 self.plans.clear()
