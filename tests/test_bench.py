@@ -18,6 +18,7 @@ from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import FAMILIES
 from tts_workbench.interface.cli import main
 from tts_workbench.models.builders import MODELS
+from tts_workbench.models.checkpoints import save_checkpoint
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime import optimized
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
@@ -434,3 +435,22 @@ def test_an_upstream_only_bench_measures_no_policy(
     report = run_bench("tiny", ("upstream",), tokens=2, repeats=1, reference=str(reference_wav),
                        outdir=tmp_path)  # fmt: skip
     assert report["optimized_policy"]["policy"] == "float32"
+
+
+def test_fused_on_turbo_is_refused_before_the_model_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As load and serve refuse it (before 2026-12-06: accepted, Turbo's own GPT-2 backbone ran as
+    the "fused" one and bench.json said fused true): a name's family, and a folder's, known unloaded."""
+    folder = tmp_path / "turbo"
+    save_checkpoint(load_model("turbo-tiny"), folder)
+    monkeypatch.setattr(bench, "load_model", _reached)
+    args = ["--configs", "static", "--fused", "--tokens", "5", "--repeats", "1", "--out", str(tmp_path / "o")]
+    assert main(["bench", "--model", "turbo-tiny", *args]) == 2
+    errors = _errors(capsys)
+    assert len(errors) == 1 and "argument --fused" in errors[0] and "Turbo" in errors[0], errors
+    with pytest.raises(ConfigError, match="argument --fused: Turbo's"):
+        run_bench(str(folder), configs=("static",), fused=True, outdir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(Reached):  # the same flags on another family pass the checks
+        run_bench("tiny", configs=("static",), fused=True, outdir=tmp_path / "o")

@@ -83,6 +83,27 @@ def test_load_cli_refuses_an_unusable_out_before_the_model_loads(
     assert len(errors) == 1 and f"{out}: give another folder" in errors[0], errors
 
 
+def test_flow_batches_past_the_largest_level_are_refused_before_the_model_loads(
+    tiny_tts: ChatterboxTTS,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As --step-buckets past every level is (before 2026-12-06: taken; 100000000000 windows
+    allocated until the machine ran out, a traceback)."""
+
+    def load_model(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("the model loaded before --flow-batches was checked")
+
+    monkeypatch.setattr("tts_workbench.models.sources.load_model", load_model)
+    flags = ["--flow", "compiled", "--flow-batches", "1,16", "--out", str(tmp_path)]
+    assert main(["load", "--streams", "1,2", *flags]) == 2
+    errors = errors_in(capsys.readouterr().err)
+    assert len(errors) == 1 and errors[0].startswith("error: argument --flow-batches"), errors
+    with pytest.raises(ConfigError, match="argument --flow-batches: .* the largest level"):
+        run_load(tiny_tts, [1, 2], tokens=6, flow="compiled", flow_batches=[1, 16])
+
+
 BIG = "1" + "0" * 400
 
 

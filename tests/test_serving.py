@@ -311,6 +311,14 @@ def test_a_stalled_engine_answers_503_and_fails_rays_health_check(
         check_options(ServeOptions(stall_s=0.0))
 
 
+def test_flow_batches_past_max_streams_are_refused_before_ray() -> None:
+    """No call fills more windows than there are streams (before 2026-12-06: a compiled shape no
+    call filled)."""
+    with pytest.raises(ConfigError, match="argument --flow-batches: .*--max-streams \\(8\\)"):
+        check_options(ServeOptions(flow_batches=(1, 64), max_streams=8))
+    check_options(ServeOptions(flow_batches=(1, 8), max_streams=8))
+
+
 def test_a_stream_that_fails_to_start_says_to_retry_and_logs_its_traceback(
     service: SpeechService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -593,7 +593,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
         "goes with --url (a server's voice, a request's timeout): add --url, or leave it out for the "
         "engine in this process",
     )
-    check_level_buckets(args.step_buckets, levels)
+    check_level_buckets(args.step_buckets, levels, args.flow_batches)
     family = source_family(args.model, args.family)
     check_engine_options(family, args.decode, alignment=args.alignment, fused=args.fused)
     try:  # before the model loads

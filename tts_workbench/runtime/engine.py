@@ -138,6 +138,17 @@ def check_step_buckets(step_buckets: Sequence[int] | None, most: int, limit: str
         )
 
 
+def check_flow_batches(flow_batches: Sequence[int] | None, most: int, limit: str) -> None:
+    """``check_step_buckets`` for ``--flow-batches``: a flow call takes one window of each stream at
+    most, so a size past ``most`` streams is a shape no call fills (compiled for nothing, and a
+    huge one allocated until memory ran out)."""
+    if flow_batches and max(flow_batches) > most:
+        raise ConfigError(
+            f"argument --flow-batches: a flow call of {max(flow_batches)} windows is more than {limit}: "
+            "give sizes up to it"
+        )
+
+
 def check_engine_options(family: str | None, step: str, *, alignment: bool, fused: bool = False) -> None:
     """A ConfigError, naming the option as the command line does, for what an engine of a model of
     ``family`` (None: not known before the model loads) with ``step`` cannot run: upstream's

@@ -42,10 +42,10 @@ from ..instruments.memory import allocated_bytes, graph_pool_bytes, memory_windo
 from ..instruments.plots import memory_figure, save
 from ..models.builders import MODELS
 from ..models.reference import generated_voice, make_reference_wav
-from ..models.sources import load_model, model_summary
+from ..models.sources import load_model, model_summary, source_family
 from ..models.vocode import FlowPlan
 from ..runtime.decode import T3Parts, check_new_tokens, checked_prefill, text_tokens
-from ..runtime.engine import StreamEngine
+from ..runtime.engine import StreamEngine, check_engine_options
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import PerformanceOptimizedTTS, Pipeline, UpstreamTTS
 from ..runtime.precision import check_policy
@@ -225,6 +225,9 @@ def run_bench(
             "argument --cpp-wrapper: the C++ wrapper applies without CUDA graphs only, and on CUDA the "
             "compiled step runs as CUDA graphs: leave --cpp-wrapper out, or bench with --device cpu"
         )
+    if fused:  # as load and serve refuse it: a name's family, or a folder's, is known before it loads
+        with naming_flag("--model", SourceError):  # the step matters to --alignment only, which bench has not
+            check_engine_options(source_family(model, family), "static", alignment=False, fused=True)
     # Two copies of the same weights (same seed or folder): upstream as upstream loads it
     # (float32), and the optimized wrapper with its own dtype policy.
     with naming_flag("--model", SourceError):  # a folder unreadable or unfit: named as stream names it

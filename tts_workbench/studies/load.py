@@ -55,6 +55,7 @@ from ..runtime.engine import (
     StreamEngine,
     StreamHandle,
     check_engine_options,
+    check_flow_batches,
     check_step_buckets,
     kv_bytes_per_stream,
 )
@@ -124,10 +125,14 @@ def checked_level_seed(seed: object, largest: int, bound: int = 2**64) -> int:
     return whole
 
 
-def check_level_buckets(step_buckets: Sequence[int] | None, levels: Sequence[int]) -> None:
-    """``engine.check_step_buckets`` against the largest level: no level's engine would run a
-    larger size, and the report would list it."""
-    check_step_buckets(step_buckets, max(levels), f"the largest level ({max(levels)} streams) runs")
+def check_level_buckets(
+    step_buckets: Sequence[int] | None, levels: Sequence[int], flow_batches: Sequence[int] | None = None
+) -> None:
+    """``engine.check_step_buckets`` and ``check_flow_batches`` against the largest level: no
+    level's engine would run a larger size, and the report would list it."""
+    limit = f"the largest level ({max(levels)} streams) runs"
+    check_step_buckets(step_buckets, max(levels), limit)
+    check_flow_batches(flow_batches, max(levels), limit)
 
 
 def check_kv_fits(largest: int, kv_per_stream: int, device: torch.device) -> None:
@@ -502,7 +507,7 @@ def run_load(
     that is no dtype policy or is ``"auto"`` (``decode_plan``; ``choose_policy`` resolves it)."""
     levels = checked_levels(levels, repr(levels))
     seed = checked_level_seed(seed, levels[-1])
-    check_level_buckets(step_buckets, levels)
+    check_level_buckets(step_buckets, levels, flow_batches)
     # before the warm-up: no engine would take them
     check_engine_options(family_of(tts).name, step, alignment=alignment, fused=fused)
     texts = texts or list(DEFAULT_TEXTS)
