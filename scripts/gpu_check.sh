@@ -55,9 +55,10 @@
 #   GPU_CHECK_STEP_BUCKETS=1,8      # the load study's T3 step buckets (default: the levels, so each
 #                                   # level compiles its own size only, ~50 s each on the H200)
 #   GPU_CHECK_LOAD_FLOW=compiled    # the load study's S3Gen estimator (default eager)
-#   GPU_CHECK_FLOW_BATCHES=1,4      # windows per flow call (compiled default 4: one compile per window
-#                                   # kind and size, ~40 s each on the H200; eager default: the engine's
-#                                   # own, every ready window of a voice and length up to the level)
+#   GPU_CHECK_FLOW_BATCHES=1,4      # windows per flow call (compiled default 4, or the largest level
+#                                   # if fewer: one compile per window kind and size, ~40 s each on the
+#                                   # H200; eager default: the engine's own, every ready window of a
+#                                   # voice and length up to the level)
 #   GPU_CHECK_SERVE=1               # also serve one replica (compiled, T3 bfloat16) and send the load
 #                                   # study's levels to it with `load --url` (issue 20's GPU row); needs
 #                                   # ray[serve], which the GPU image lacks and which cannot be carried
@@ -460,7 +461,9 @@ FLOW_ARGS=(--flow "${GPU_CHECK_LOAD_FLOW:-eager}")
 if [[ -n ${GPU_CHECK_FLOW_BATCHES:-} ]]; then
     FLOW_ARGS+=(--flow-batches "$GPU_CHECK_FLOW_BATCHES")
 elif [[ ${GPU_CHECK_LOAD_FLOW:-eager} == compiled ]]; then  # few shapes: each costs a compile
-    FLOW_ARGS+=(--flow-batches 4)
+    # 4 windows a call, or the largest level where that is fewer (load refuses a larger size)
+    LARGEST=$(tr ',' '\n' <<<"$LEVELS" | sort -n | tail -1)
+    FLOW_ARGS+=(--flow-batches $(( LARGEST < 4 ? LARGEST : 4 )))
 fi
 if [[ ${GPU_CHECK_LOAD:-0} == 1 ]]; then
     step load $PY -m tts_workbench.interface.cli load --model $MODEL --device $DEVICE --tokens $TOKENS \
