@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+import time
 import types
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -107,6 +108,12 @@ def test_shadows_overlapping_out_of_order_leave_the_instance_as_it_was() -> None
             assert v.speak() == expected, (under, over, first_out)
             stacks[still].close()
             assert v.speak() == "upstream" and "speak" not in vars(v), (under, over, first_out)  # then none
+    v = Voice()
+    for make in (shadow, shared, routed):  # a block that fails puts back what the instance had too
+        with pytest.raises(ValueError):
+            with make(v, "speak", tagged("failing")):
+                raise ValueError(make.__name__)
+        assert v.speak() == "upstream" and "speak" not in vars(v), make.__name__
 
 
 def test_a_shadow_leaves_what_its_wrap_returned_as_it_was() -> None:
@@ -338,6 +345,9 @@ def test_a_working_copy_puts_back_what_the_instance_had() -> None:
     with working_copy(h, "conds", lambda v: f"copy of {v}") as conds:
         assert h.conds == conds == "copy of class-level"
     assert "conds" not in vars(h) and h.conds == "class-level"
+    with pytest.raises(ValueError), working_copy(h, "conds", lambda v: f"copy of {v}"):
+        raise ValueError("the block failed")
+    assert "conds" not in vars(h) and h.conds == "class-level"
     h.conds = ["original"]  # type: ignore[assignment]
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))  # a submodule: kept outside ``__dict__``
     for obj, name in ((h, "conds"), (model, "0")):
@@ -345,6 +355,9 @@ def test_a_working_copy_puts_back_what_the_instance_had() -> None:
         with working_copy(obj, name, copy.deepcopy) as mine:
             assert getattr(obj, name) is mine is not original
             setattr(obj, name, copy.deepcopy(original))  # replaced inside the block
+        assert getattr(obj, name) is original, name
+        with pytest.raises(ValueError), working_copy(obj, name, copy.deepcopy):
+            raise ValueError("the block failed")
         assert getattr(obj, name) is original, name
     assert "conds" in vars(h) and "0" not in vars(model)
 
@@ -588,6 +601,9 @@ def test_sharers_keep_a_holder_out_and_a_holder_keeps_them_out() -> None:
         pass
     assert e.value.args[0] is holder
     patching.let_go(holder)
+    with pytest.raises(ValueError), patching.holding(model, holder, refused):
+        raise ValueError("its construction failed")
+    assert patching.holder_of(model) is None
     with pytest.raises(ValueError), patching.sharing(model, first, refused):
         raise ValueError("its construction failed")
     with patching.sharing(model, User(), refused):
@@ -651,6 +667,45 @@ def test_a_user_is_let_go_whatever_its_model_holds_by_then(takes: str) -> None:
         pass
     patching.let_go(user)
     assert not patching.HOLDERS and not patching.SHARERS
+
+
+@pytest.mark.parametrize("takes", ["holding", "sharing"])
+def test_a_holder_and_another_taking_the_model_at_once_are_not_both_let_in(
+    takes: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check that a model is free and its taking are one step under ``_holders_lock``: a second
+    user checking while a holder is between the two was let in beside it."""
+    model, holder, other = Model(), User(), User()
+    checked = threading.Event()
+    occupant = patching._occupant
+
+    def slow_occupant(keys: frozenset[int]) -> object | None:
+        found = occupant(keys)
+        checked.set()
+        time.sleep(0.2)  # the second user checks meanwhile
+        return found
+
+    monkeypatch.setattr(patching, "_occupant", slow_occupant)
+    outcomes: list[str] = []
+
+    def take(how: str, user: object) -> None:
+        try:
+            with getattr(patching, how)(model, user, RuntimeError):
+                outcomes.append("took")
+        except RuntimeError:
+            outcomes.append("refused")
+
+    first = threading.Thread(target=take, args=("holding", holder))
+    first.start()
+    assert checked.wait(timeout=30)
+    second = threading.Thread(target=take, args=(takes, other))
+    second.start()
+    for thread in (first, second):
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    patching.let_go(holder)
+    patching.let_go(other)
+    assert sorted(outcomes) == ["refused", "took"]
 
 
 def test_the_registry_refuses_what_is_no_model() -> None:

@@ -365,6 +365,20 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_or_nothing(
         _same_weights(getattr(loaded, name), getattr(tiny_tts, name)) for name in ("t3", "s3gen", "ve")
     )
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no fresh folder, nothing left beside
+    monkeypatch.setattr(checkpoints, "save_file", write)
+    rename = Path.rename
+
+    def refused_into_place(self: Path, target: Any) -> Any:
+        if ".partial." in self.name:  # the new folder, after the old one was moved aside
+            raise OSError(errno.EACCES, "Permission denied")
+        return rename(self, target)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "rename", refused_into_place)
+        with pytest.raises(OSError, match="Permission denied"):
+            save_checkpoint(load_model("tiny", seed=1), folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the old checkpoint put back
+    assert _same_weights(load_folder(folder).t3, tiny_tts.t3)
 
 
 def test_a_save_leaves_a_model_loaded_from_the_folder_as_it_was(
