@@ -128,25 +128,21 @@ def _sizes(
     return sorted(set(sizes))
 
 
-def check_step_buckets(step_buckets: Sequence[int] | None, most: int, limit: str) -> None:
-    """A ConfigError naming ``--step-buckets`` for a size past ``most`` streams, before any model is
-    built (``limit`` says what sets it): no engine would run it."""
-    if step_buckets and max(step_buckets) > most:
-        raise ConfigError(
-            f"argument --step-buckets: a step of {max(step_buckets)} streams is more than {limit}: "
-            "give sizes up to it"
-        )
-
-
-def check_flow_batches(flow_batches: Sequence[int] | None, most: int, limit: str) -> None:
-    """``check_step_buckets`` for ``--flow-batches``: a flow call takes one window of each stream at
-    most, so a size past ``most`` streams is a shape no call fills (compiled for nothing, and a
-    huge one allocated until memory ran out)."""
-    if flow_batches and max(flow_batches) > most:
-        raise ConfigError(
-            f"argument --flow-batches: a flow call of {max(flow_batches)} windows is more than {limit}: "
-            "give sizes up to it"
-        )
+def check_sizes(
+    step_buckets: Sequence[int] | None, flow_batches: Sequence[int] | None, most: int, limit: str
+) -> None:
+    """A ConfigError naming ``--step-buckets`` or ``--flow-batches`` for a size past ``most``
+    streams, before any model is built (``limit`` says what sets it): a step runs over that many
+    streams at most, and a flow call takes one window of each, so a larger size is a shape nothing
+    fills (compiled for nothing; a huge flow batch was allocated until memory ran out)."""
+    for flag, sizes, one in (
+        ("--step-buckets", step_buckets, "a step of {} streams"),
+        ("--flow-batches", flow_batches, "a flow call of {} windows"),
+    ):
+        if sizes and max(sizes) > most:
+            raise ConfigError(
+                f"argument {flag}: {one.format(max(sizes))} is more than {limit}: give sizes up to it"
+            )
 
 
 def check_engine_options(family: str | None, step: str, *, alignment: bool, fused: bool = False) -> None:
@@ -185,18 +181,19 @@ def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
 
 @dataclass
 class Request:
-    """What a client asks for. ``conds``: the voice (upstream ``Conditionals``; default the
-    model's own); ``sampling``: temperature, top_p, ... as the family's upstream generate;
-    ``t3_cond``: T3's part of the voice as it was at the submit (a copy of ``conds.t3``, which
-    upstream ``generate(exaggeration=...)`` and the optimized wrapper change on the voice itself)."""
+    """What a client asked for, as ``submit`` checked it. ``conds``: the voice (upstream
+    ``Conditionals``); ``sampler``: how its tokens are drawn (temperature, top_p, ... as the
+    family's upstream generate, made once at the submit); ``t3_cond``: T3's part of the voice as it
+    was at the submit (a copy of ``conds.t3``, which upstream ``generate(exaggeration=...)`` and the
+    optimized wrapper change on the voice itself)."""
 
     text: str
-    seed: int = 0
-    max_new_tokens: int = 150
-    conds: Any = None
-    language_id: str | None = None
-    sampling: dict[str, float] = field(default_factory=dict)
-    t3_cond: Any = None
+    seed: int
+    max_new_tokens: int
+    conds: Any
+    language_id: str | None
+    sampler: Sampler
+    t3_cond: Any
 
 
 _END = object()
@@ -588,7 +585,8 @@ class StreamEngine:
         self.family.check_sampling_keys(sampling, ignored=False)
         # refused now, not at its turn behind the streams ahead: a sampling value that is no number
         # (cfg_weight=None) or one no sampling takes (temperature=0), a language the model lacks
-        self._sampler(sampling)
+        cfg_weight, settings = self.family.sampling_with(sampling)
+        sampler = Sampler(self.turbo, cfg_weight, **settings)
         language_for(self.tts, language_id)
         with voice_turn(self.tts):
             # The model's voice as it is now: one prepared while this stream waits is not its own.
@@ -598,7 +596,7 @@ class StreamEngine:
             # replace its tensors, never write into them. S3Gen's part stays shared, by identity:
             # windows of one voice share a flow call (``_voice``, ``_batch_key``).
             t3_cond = copy.copy(conds.t3)
-        request = Request(text, seed, max_new_tokens, conds, language_id, sampling, t3_cond)
+        request = Request(text, seed, max_new_tokens, conds, language_id, sampler, t3_cond)
         handle = StreamHandle(self, request, next(self._counter))
         with self._lock:
             if self._stopped:
@@ -913,7 +911,7 @@ class StreamEngine:
     def _prefill(self, handle: StreamHandle, r: Request) -> _Live:
         conds = checked_voice(r.conds, r.text, PASS_CONDS)
         check_new_tokens(self.tts.t3, r.max_new_tokens)
-        sampler = self._sampler(r.sampling)
+        sampler = r.sampler
         if self._streams:  # the voice's conditionals may have been made on the default stream
             torch.cuda.current_stream(self.device).wait_stream(torch.cuda.default_stream(self.device))
         t0 = self._now()
@@ -956,18 +954,11 @@ class StreamEngine:
             t3_s=prefill_s,  # in its first chunk's T3 time, as streaming.stream counts it
         )
 
-    def _sampler(self, sampling: dict[str, float]) -> Sampler:
-        """The sampler of a stream asked for ``sampling``: upstream's defaults under it
-        (``Family.sampling_with``); a value it cannot sample with is refused with a ConfigError
-        (``Sampler``'s checks)."""
-        cfg_weight, settings = self.family.sampling_with(sampling)
-        return Sampler(self.turbo, cfg_weight, **settings)
-
     def _prompt(self, r: Request) -> tuple[torch.Tensor, int]:
         """Upstream's prefill input of request ``r`` in its voice as it was at its submit
         (``r.t3_cond``): its conditioning, text and start-of-speech tokens (both guidance rows
         where the request has guidance); and the number of text tokens."""
-        cfg_weight, _ = self.family.sampling_with(r.sampling)
+        cfg_weight = r.sampler.cfg_weight
         tokens = text_tokens(self.tts, r.text, cfg_weight, r.language_id).to(self.device)
         return prefill_embeds(self.tts.t3, r.t3_cond, tokens, cfg_weight), tokens.size(-1)
 

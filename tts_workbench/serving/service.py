@@ -38,13 +38,7 @@ from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
 from ..models.vocode import FlowPlan
 from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
-from ..runtime.engine import (
-    StreamEngine,
-    StreamHandle,
-    check_engine_options,
-    check_flow_batches,
-    check_step_buckets,
-)
+from ..runtime.engine import StreamEngine, StreamHandle, check_engine_options, check_sizes
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
 from .protocol import Limits, RequestError, SpeechRequest, check_cache, pcm16, wav_header
@@ -94,9 +88,8 @@ def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | N
     if not 0 < options.stall_s < math.inf:  # NaN too
         raise ConfigError(f"argument --stall-s: must be a positive number of seconds, got {options.stall_s}")
     check_engine_options(None, options.step, alignment=options.alignment, fused=options.fused)
-    most, limit = options.max_streams, f"--max-streams ({options.max_streams}) lets run"
-    check_step_buckets(options.step_buckets, most, limit)
-    check_flow_batches(options.flow_batches, most, limit)
+    most = options.max_streams
+    check_sizes(options.step_buckets, options.flow_batches, most, f"--max-streams ({most}) lets run")
     if speech_tokens is not None and options.default_tokens > speech_tokens:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens is beyond the {speech_tokens} speech "

@@ -55,8 +55,7 @@ from ..runtime.engine import (
     StreamEngine,
     StreamHandle,
     check_engine_options,
-    check_flow_batches,
-    check_step_buckets,
+    check_sizes,
     kv_bytes_per_stream,
 )
 from ..runtime.optimized import decode_plan
@@ -128,11 +127,9 @@ def checked_level_seed(seed: object, largest: int, bound: int = 2**64) -> int:
 def check_level_buckets(
     step_buckets: Sequence[int] | None, levels: Sequence[int], flow_batches: Sequence[int] | None = None
 ) -> None:
-    """``engine.check_step_buckets`` and ``check_flow_batches`` against the largest level: no
-    level's engine would run a larger size, and the report would list it."""
-    limit = f"the largest level ({max(levels)} streams) runs"
-    check_step_buckets(step_buckets, max(levels), limit)
-    check_flow_batches(flow_batches, max(levels), limit)
+    """``engine.check_sizes`` against the largest level: no level's engine would run a larger
+    size, and the report would list it."""
+    check_sizes(step_buckets, flow_batches, max(levels), f"the largest level ({max(levels)} streams) runs")
 
 
 def check_kv_fits(largest: int, kv_per_stream: int, device: torch.device) -> None:
