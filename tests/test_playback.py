@@ -15,7 +15,7 @@ import torch
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.instruments.latency import ChunkMetrics
 from tts_workbench.interface import playback
-from tts_workbench.interface.playback import StreamPlayer, ab_compare, seam_figure, wav_bytes
+from tts_workbench.interface.playback import StreamPlayer, ab_compare, mono, seam_figure, wav_bytes
 
 
 def _metrics(i: int, at: float, audio: float) -> ChunkMetrics:
@@ -35,6 +35,17 @@ def test_wav_bytes_silences_nan_samples() -> None:
     wav = np.array([0.5, np.nan, -2.0, np.inf, -np.inf, np.nan], np.float32)
     data, _ = sf.read(io.BytesIO(wav_bytes(wav, 24000)))
     assert data.tolist() == pytest.approx([0.5, 0.0, -1.0, 1.0, -1.0, 0.0], abs=1e-4)
+
+
+def test_integer_pcm_plays_at_its_own_level() -> None:
+    # int16 (scipy's wavfile.read, soundfile's dtype="int16") was read as floats and clipped: a
+    # quiet sine played as a full-scale square wave. Unsigned 8-bit WAV is silent at 128.
+    pcm16 = np.array([16384, -16384, 0, -32768], np.int16)
+    data, _ = sf.read(io.BytesIO(wav_bytes(pcm16, 24000)))
+    assert data.tolist() == pytest.approx([0.5, -0.5, 0.0, -1.0], abs=1e-4)
+    assert wav_bytes(torch.from_numpy(pcm16), 24000) == wav_bytes(pcm16, 24000)
+    assert mono(np.array([128, 192, 0], np.uint8)).tolist() == pytest.approx([0.0, 0.5, -1.0])
+    assert mono(np.array([1 << 30], np.int32)).tolist() == pytest.approx([0.5])
 
 
 def test_stream_player_marks_underruns() -> None:

@@ -32,11 +32,21 @@ Waveform: TypeAlias = np.ndarray | torch.Tensor
 
 def mono(wav: Waveform) -> np.ndarray:
     """``wav`` (a numpy array or torch tensor of shape (samples,) or (1, samples)) as a 1-D float32
-    array; any other shape is refused with ``ConfigError``. soundfile reads a 2-D array as frames
-    by channels: a (1, samples) one was a single frame of that many channels."""
+    array, integer PCM (int16 from ``scipy.io.wavfile.read``, say) scaled to [-1, 1]; any other
+    shape is refused with ``ConfigError``. soundfile reads a 2-D array as frames by channels: a
+    (1, samples) one was a single frame of that many channels."""
     if isinstance(wav, torch.Tensor):
-        wav = wav.detach().float().cpu().numpy()  # numpy has no bfloat16 and cannot read CUDA memory
-    samples = np.asarray(wav, dtype=np.float32)
+        wav = wav.detach().cpu()  # numpy cannot read CUDA memory, nor bfloat16
+        wav = (wav if not wav.is_floating_point() else wav.float()).numpy()
+    samples = np.asarray(wav)
+    # An integer's samples are in its own range: read as floats, every one past 1 was clipped
+    # to full scale (a quiet int16 sine played as a full-scale square wave). 8-bit WAV is
+    # unsigned, its silence 128: the middle of the range.
+    if np.issubdtype(samples.dtype, np.integer):
+        info = np.iinfo(samples.dtype)
+        half = (float(info.max) - float(info.min) + 1) / 2
+        samples = (samples.astype(np.float64) - (info.min + half)) / half
+    samples = samples.astype(np.float32)
     if samples.ndim == 2 and samples.shape[0] == 1:
         return samples[0]
     if samples.ndim != 1:
