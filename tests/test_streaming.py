@@ -282,6 +282,17 @@ def test_a_numpy_seed_and_cap_stream_as_the_same_ints(tts: ChatterboxTTS) -> Non
     assert numpy_made == state.tokens
 
 
+def test_numpy_token_counts_are_kept_as_ints_the_report_can_write(tts: ChatterboxTTS) -> None:
+    # A sweep over np.arange kept numpy ints in the config and its chunks' rows: JSON refused them.
+    config = StreamConfig(left_context_tokens=np.int64(4), t3_block=np.int64(5))  # type: ignore[arg-type]
+    assert config == StreamConfig(left_context_tokens=4, t3_block=5)
+    assert all(type(v) is int for k, v in asdict(config).items() if k.endswith(("_tokens", "_block")))
+    rows = [asdict(m) for _, m in stream(tts, TEXT, config, max_new_tokens=20, seed=3)]
+    assert rows and json.loads(json.dumps({"config": asdict(config), "chunks": rows}))["config"] == asdict(
+        config
+    )
+
+
 @pytest.mark.parametrize("total", [10, 18, 19, 40, 48, 49])  # around the windows' edges
 def test_windows_do_not_depend_on_when_they_are_asked(total: int) -> None:
     # ``stream`` asks for a window as T3's tokens come; the engine's S3Gen stage may first ask

@@ -102,8 +102,12 @@ class StreamConfig:
         for name, count in counts.items():
             # They slice the token list and count T3's steps: 2.5 passed the sign checks below and
             # failed after T3 had run (t3_block=2.5 checked for the stop token every 5 tokens).
-            if as_int(count) is None:
+            whole = as_int(count)
+            if whole is None:
                 raise ConfigError(f"{name} must be a whole number of tokens (an int), got {count!r}")
+            # kept as the int it is: a numpy one (a sweep over np.arange) reached the report's
+            # config and chunk rows, which JSON cannot write
+            object.__setattr__(self, name, whole)
         positive = {
             "chunk_tokens": self.chunk_tokens,
             "first_window_s": self.first_window_s,
