@@ -31,6 +31,21 @@ def test_a_compile_error_without_a_message_is_named_by_where_it_was_raised() -> 
         assert fell_back(ValueError("bad shape\n\nadvice"), "a step", "eager") == "ValueError: bad shape"
 
 
+def test_a_backend_error_without_a_message_is_named_by_where_it_was_raised() -> None:
+    # Dynamo wraps the backend's error: "backend='inductor' raised: AssertionError:" has a message,
+    # the bare assert inside it none
+    def failing_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        raise AssertionError
+
+    double = torch.compile(lambda x: x * 2, backend=failing_backend)
+    with pytest.raises(Exception) as caught:
+        double(torch.ones(2))
+    with pytest.warns(RuntimeWarning, match="raised at test_compiling.py"):
+        reason = fell_back(caught.value, "a step", "the eager one")
+    assert "AssertionError: raised at test_compiling.py:" in reason
+    assert reason.endswith(" in failing_backend")
+
+
 def _get_obj_before_torch_2_13(local: Any, attr_name: str) -> Any:
     """``cudagraph_trees.get_obj`` as torch 2.11 (the H200 image's) has it."""
     if hasattr(local, attr_name):
@@ -153,5 +168,36 @@ def test_a_dtype_trace_and_a_step_crossing_in_two_threads_leave_the_stance_as_it
         # still inside, the only step: its guards skipped, compiled code no longer eager.
         inside = ("force_eager", False) if second == "trace" else ("default", True)
         assert (seen[0].stance, seen[0].skip_guard_eval_unsafe) == inside
+    finally:
+        eval_frame._stance = before  # the rest of the session's compiled code as it was
+
+
+@pytest.mark.parametrize("user", [{"stance": "force_eager"}, {"skip_guard_eval_unsafe": True}])
+def test_a_callers_stance_block_ending_while_a_step_is_inside_is_not_put_back(user: dict[str, Any]) -> None:
+    """A step that came in during a caller's own ``set_stance`` block (in another thread) saved
+    the caller's temporary stance and, leaving after the block had ended, put it back for good."""
+    from torch._dynamo import eval_frame
+
+    from tts_workbench.core.compiling import skipping_guards
+
+    before = eval_frame._stance
+    block_in, step_in, block_out = threading.Event(), threading.Event(), threading.Event()
+
+    def step() -> None:
+        assert block_in.wait(timeout=30)
+        with skipping_guards(False):
+            step_in.set()
+            assert block_out.wait(timeout=30)
+
+    try:
+        thread = threading.Thread(target=step, daemon=True)
+        thread.start()
+        with torch.compiler.set_stance(**user):
+            block_in.set()
+            assert step_in.wait(timeout=30)
+        block_out.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert eval_frame._stance == before
     finally:
         eval_frame._stance = before  # the rest of the session's compiled code as it was

@@ -23,7 +23,7 @@ engine's batched step, S3Gen's CFM estimator), in one place.
   the rest of it, a caller's ``force_eager`` say, is kept).
 - ``forcing_eager``: compiled code run eagerly in every thread (a dtype trace's hooks see it).
   Both hold the one stance of the process by count (``_Stance``), so holders whose lifetimes
-  cross in two threads never put back each other's temporary stance.
+  cross in two threads never put back each other's temporary stance, nor a caller's.
 - ``fell_back``: the one warning of a compile that failed, its error in one line (the reason a
   caller keeps as its ``fallback_reason``).
 - ``cudagraph_thread_ready``: CUDA graph trees' per-thread state made for a thread that has none
@@ -122,20 +122,26 @@ class _Stance:
     exit, holders whose lifetimes crossed in two threads put back each other's temporary one
     ("force_eager" or skipped guards for good). So they are counted: the stance the first holder
     of either kind found is the base, the stance is made again from the base and the holders
-    inside at every entry and exit, and the base is put back when the last one leaves (a stance a
-    caller sets while a holder is inside is lost then)."""
+    inside at every entry and exit, and the base is back when the last one leaves. A stance the
+    holders did not set themselves (a caller's ``set_stance``, or the end of its block that began
+    before a holder came in) is the new base from the next entry or exit on: the holders' changes
+    are made on it, and it is the one left when the last holder leaves."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.eager = 0  # open forcing_eager() blocks, in any thread
         self.steps = 0  # calls inside skipping_guards(), in any thread
         self.skip = False  # the one call inside came in alone and asked to skip its guards
-        self.base: Any = None  # the stance found when the first holder came in
+        self.base: Any = None  # the stance the holders change, as its last setter outside left it
+        self.applied: Any = None  # the stance _apply last set: any other was set outside
 
     def _apply(self) -> None:
-        """Set the stance the base and the holders inside now make (the lock held)."""
+        """Set the stance the base and the holders inside now make (the lock held), on the
+        stance set now if that is not the one set here last (or none was yet): a caller set it."""
         from torch._dynamo import eval_frame  # imported by the first compile, not by torch
 
+        if eval_frame._stance != self.applied:
+            self.base = eval_frame._stance
         base = self.base
         eager = self.eager > 0  # a forced backend is for compiling: none under force_eager
         want = eval_frame.DynamoStance(
@@ -147,6 +153,7 @@ class _Stance:
             torch.compiler.set_stance(
                 want.stance, skip_guard_eval_unsafe=want.skip_guard_eval_unsafe, force_backend=want.backend
             )
+        self.applied = want
 
     @contextmanager
     def held(self, eager: bool, skip: bool = False) -> Iterator[None]:
@@ -154,12 +161,8 @@ class _Stance:
         guards if it asked to (``skip``) and no other step is inside: one arriving meanwhile is
         checked (its call may be the first after a change), and no step skips again until all
         have left."""
-        from torch._dynamo import eval_frame
-
         with self.lock:
             before = (self.eager, self.steps, self.skip, self.base)
-            if not (self.eager or self.steps):
-                self.base = eval_frame._stance
             if eager:
                 self.eager += 1
             else:
@@ -180,8 +183,6 @@ class _Stance:
                     self.steps -= 1
                     self.skip = self.skip and self.steps > 0
                 self._apply()
-                if not (self.eager or self.steps):
-                    self.base = None
 
 
 _stance = _Stance()
@@ -189,7 +190,8 @@ _stance = _Stance()
 
 def forcing_eager() -> AbstractContextManager[None]:
     """Inside: ``torch.compile``'d code runs eagerly, in every thread (the stance is the
-    process's); the stance from before is back when the last holder leaves."""
+    process's); the stance from before (or one a caller set meanwhile) is back when the last
+    holder leaves."""
     return _stance.held(eager=True)
 
 
@@ -203,12 +205,15 @@ def skipping_guards(wanted: bool) -> AbstractContextManager[None]:
 def fell_back(e: Exception, what: str, instead: str, stacklevel: int = 2) -> str:
     """Warn once that ``torch.compile`` of ``what`` failed and ``instead`` runs from now on;
     the reason, ``Type: first paragraph`` of the error (dynamo puts the backend's own error
-    there, then pages of advice), or for an error with no message (a bare ``assert``) the file,
-    line and function that raised it. ``stacklevel`` as the caller's own ``warnings.warn``."""
+    there, then pages of advice), and for an error with no message (a bare ``assert``), the
+    error itself or the backend's one dynamo wrapped, the file, line and function that raised it.
+    ``stacklevel`` as the caller's own ``warnings.warn``."""
     first = " ".join(str(e).strip().split("\n\n")[0].split())
-    if not first and e.__traceback__ is not None:  # a bare assert: where it failed is the reason
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        first = f"raised at {Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+    # dynamo's wrapper says "backend='inductor' raised: AssertionError:": the inner error is bare
+    bare = (getattr(e, "inner_exception", None) or e.__cause__) if first else e
+    if bare is not None and not str(bare).strip() and bare.__traceback__ is not None:
+        frame = traceback.extract_tb(bare.__traceback__)[-1]  # where it failed is the reason
+        first = f"{first} raised at {Path(frame.filename).name}:{frame.lineno} in {frame.name}".strip()
     reason = f"{type(e).__name__}: {first}" if first else type(e).__name__
     warnings.warn(f"torch.compile of {what} failed ({reason}); {instead}", RuntimeWarning, stacklevel + 1)
     return reason
