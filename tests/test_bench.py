@@ -113,6 +113,28 @@ def test_the_table_shows_the_tokens_each_configuration_decoded() -> None:
     assert bench_frame(report)["tokens"].tolist() == [1000, 1010]
 
 
+def test_the_real_time_factor_is_compute_seconds_per_audio_second() -> None:
+    def row(wall: float, audio: float) -> Row:
+        return Row("upstream", 0, wall, wall, audio, 10, 0.1, 0.01, 1, 0.5, 0, 0)
+
+    assert row(3.0, 1.5).rtf == pytest.approx(2.0)  # slower than real time: above 1
+    assert row(1.0, 0.0).rtf == float("inf")  # no audio: no real-time factor
+
+
+def test_the_summary_divides_by_the_first_config_and_each_step_by_its_own_weights_floor() -> None:
+    # The optimized config reads half the bytes per step (its floor is half upstream's) and runs
+    # twice as fast: each step is 4 floors, and each of its medians half upstream's.
+    def row(config: str, wall: float, step: float) -> Row:
+        return Row(config, 0, wall, wall, 2.0, 10, 0.1, step, 1, wall / 4, 0, 0, phases_s=wall)
+
+    floors = {"upstream": {"floor_s": 0.01}, "optimized": {"floor_s": 0.005}}
+    up, opt = summarize([row("upstream", 4.0, 0.04), row("optimized", 2.0, 0.02)], floors)
+    for key in ("ttfa_s", "wall_s", "t3_step_s", "s3gen_s"):
+        assert up[f"{key}_ratio"] == pytest.approx(1.0) and opt[f"{key}_ratio"] == pytest.approx(0.5), key
+    assert (up["rtf_median"], opt["rtf_median"]) == (pytest.approx(2.0), pytest.approx(1.0))
+    assert up["t3_step_vs_floor"] == pytest.approx(4.0) and opt["t3_step_vs_floor"] == pytest.approx(4.0)
+
+
 def test_a_failed_write_leaves_no_file_and_the_wrapper_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_wav: Path
 ) -> None:

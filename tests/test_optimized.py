@@ -554,6 +554,54 @@ def test_the_static_kv_cache_is_reported_apart_from_the_weights(tiny_tts: Chatte
     assert UpstreamTTS(tiny_tts).performance_info()["memory"]["kv_cache_bytes"] == 0
 
 
+def test_close_releases_the_static_kv_cache(tiny_tts: ChatterboxTTS) -> None:
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static") as opt:
+        opt.generate(TEXT, max_new_tokens=4, seed=0)
+        plan = opt.plans["static"]
+        assert plan.static_bytes() > 0
+    # a plan kept past close (a bench's reference, say) holds no cache: close dropped it
+    assert plan.static_bytes() == 0 and plan.static_step(2) is None
+
+
+def test_the_timed_phases_of_a_generate_lie_within_its_total(tiny_tts: ChatterboxTTS) -> None:
+    # Each phase is timed over its own work: one that also counted an earlier phase (S3Gen's
+    # from the call's start, say) would add that phase twice and pass the total.
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="eager") as opt:
+        opt.generate(TEXT, max_new_tokens=8, seed=0)
+        seconds = opt.performance_info()["last_generation"]["seconds"]
+    phases = [seconds[k] for k in ("t3.prefill", "t3.decode", "s3gen", "watermark")]
+    assert all(s > 0 for s in phases), seconds
+    assert sum(phases) <= seconds["total"], seconds
+
+
+def test_upstreams_step_time_is_its_decode_over_the_forwards_it_ran(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a stop, upstream kept one token more than it ran decode forwards (the prefill
+    # sampled the first): a step time over the tokens kept was too short.
+    results = []
+
+    def kept(*args: Any, **kwargs: Any) -> generation.GenerationResult:
+        results.append(generation.generate(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(optimized, "capped_generate", kept)
+    upstream = UpstreamTTS(tiny_tts)
+    with stop_pushed(tiny_tts, 2.0):  # a stop after ~27 tokens (as the invalid-token test's)
+        upstream.generate(TEXT, max_new_tokens=60, seed=3)
+    (r,) = results
+    assert r.stopped_by == "stop token" and r.decode_steps != len(r.speech_tokens)
+    assert upstream.last.seconds["t3.step"] == pytest.approx(r.seconds["t3.decode"] / r.decode_steps)
+
+
+def test_recording_the_kernels_runs_the_eager_step(tiny_tts: ChatterboxTTS) -> None:
+    # a built step's graph hides its kernels from the recorder: recording takes the eager one
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static", record_attention=True) as opt:
+        opt.generate(TEXT, max_new_tokens=4, seed=0)
+        assert opt.last.decode_step == "eager" and opt.plans["static"].static_bytes() == 0
+        assert "t3.decode" in opt.last.kernels
+
+
 def test_a_request_too_long_for_the_wrappers_cache_names_the_wrappers_fix(tiny_tts: ChatterboxTTS) -> None:
     with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static", max_cache_len=128) as opt:
         with pytest.raises(CacheError, match=r"set_max_cache_len\(\d+\) \(or decode='eager'\)"):
