@@ -144,6 +144,26 @@ def test_stream_sizes_its_static_cache_to_the_request(
     assert seen["cache"] >= seen["need"] > DEFAULT_MAX_CACHE_LEN
 
 
+def test_stream_cuts_the_voice_prompt_to_prompt_s(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    """--prompt-s 1 of the 3 s reference: S3Gen's calls get its last 25 prompt tokens (75 whole)."""
+    kept: list[int] = []
+    shorten = streaming.shorten_prompt
+
+    def counted(gen: dict[str, Any], prompt_s: float | None) -> dict[str, Any]:
+        out = shorten(gen, prompt_s)
+        kept.append(out["prompt_token"].size(1))
+        return out
+
+    monkeypatch.setattr(streaming, "shorten_prompt", counted)
+    args = ["stream", "--tokens", "8", "--prompt-s", "1", "--reference", str(reference_wav)]
+    assert main([*args, "--out", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["prompt_s"] == 1.0
+    assert kept and set(kept) == {25}  # the stream's and the one-shot's calls alike
+
+
 def test_the_model_help_names_every_source() -> None:
     assert set(re.findall(r"[\w-]+", MODEL_HELP)) >= {*SIZES, *PRETRAINED}  # whole names
 

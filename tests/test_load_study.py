@@ -323,6 +323,13 @@ def test_load_cli_reports_each_level(
         assert s["t3_tokens_per_s_needed"] == pytest.approx(25 * level["streams"] * sampled / kept)
         assert all(row["speech_tokens"] and row["ttfa_s"] > 0 for row in level["per_stream"])
         assert level["rows_held_after"] == 0  # every stream freed its rows
+        # the level's rates and sizes from its own figures: per wall second, per call, per stream
+        engine, memory, n = level["engine"], level["memory"], level["streams"]
+        assert s["t3_tokens_per_s"] == pytest.approx(engine["t3_tokens"] / level["wall_s"])
+        assert s["windows_per_flow_call"] == pytest.approx(engine["flow_windows"] / engine["flow_calls"])
+        assert s["kv_mib_per_stream"] * 2**20 == pytest.approx(level["kv_bytes_per_stream"])
+        growth = memory["peak_bytes"] - memory["start_bytes"]
+        assert s["growth_mib_per_stream"] * n * 2**20 == pytest.approx(growth)
     assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
     assert "note" in report and "capped at 20 tokens (a model with random weights" in report["note"]
     # which levels held in real time, by the stated first-audio limit (the default 0.5 s)
@@ -601,6 +608,46 @@ def test_arrivals_and_what_the_listeners_got_from_hand_made_streams() -> None:
     assert s["real_time_audio_per_wall_s"] == pytest.approx(8.0 / 7.0)
     burst = listener_summary(2, 3.0, [row(0.0, 0.5, 2.0), row(0.0, 0.6, 2.0)])
     assert burst["real_time_audio_per_wall_s"] == 2.0  # a burst of equal streams: their count
+
+
+def test_the_underrun_figures_count_streams_that_underran_and_keep_the_worst_gap() -> None:
+    def row(underruns: int, max_underrun_s: float) -> dict[str, Any]:
+        return {"arrival_s": 0.0, "ttfa_s": 0.2, "audio_s": 2.0, "underruns": underruns,
+                "max_underrun_s": max_underrun_s, "error": None}  # fmt: skip
+
+    s = listener_summary(3, 4.0, [row(3, 0.4), row(1, 0.1), row(0, 0.0)])
+    # two streams underran (four gaps between them), the longest gap 0.4 s
+    assert (s["streams_with_underruns"], s["worst_underrun_s"]) == (2, 0.4)
+
+
+def test_a_levels_rates_and_sizes_from_hand_made_figures() -> None:
+    """Each per-stream, per-second and per-call figure of a level, where every one differs from its
+    inverse, its total or its busy-time rate (a live level of the tiny model may vocode one window a
+    call, and its memory may not grow)."""
+    row = {"arrival_s": 0.0, "ttfa_s": 0.2, "audio_s": 1.0, "underruns": 0, "max_underrun_s": 0.0,
+           "error": None, "sampled_tokens": 25, "kept_tokens": 25}  # fmt: skip
+    engine = {"t3_tokens": 100, "t3_busy_s": 0.5, "s3gen_busy_s": 1.0, "flow_windows": 6, "flow_calls": 4,
+              "flow_s": 0.2}  # fmt: skip
+    memory = {"start_bytes": 10 * 2**20, "peak_bytes": 14 * 2**20}
+    s = load._level_summary(2, 2.0, [row, row], engine, memory, 3 * 2**20)
+    assert s["t3_tokens_per_s"] == 50.0  # over the level's 2 wall seconds, not T3's 0.5 busy ones
+    assert s["t3_tokens_per_busy_s"] == 200.0
+    assert s["windows_per_flow_call"] == 1.5
+    assert s["growth_mib_per_stream"] == 2.0  # 4 MiB over 2 streams
+    assert s["kv_mib_per_stream"] == 3.0  # one stream's cache, not the level's
+
+
+def test_load_cli_passes_its_seed_dtype_and_first_audio_limit_to_the_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    args = ["load", "--streams", "1", "--tokens", "8", "--seed", "7", "--dtype", "bfloat16",
+            "--first-audio-limit", "9", "--first-window-s", "0.4", "--window-s", "0.8"]  # fmt: skip
+    assert main([*args, "--reference", str(reference_wav), "--out", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (level,) = report["levels"]
+    assert report["real_time"]["first_audio_limit_s"] == 9.0
+    assert report["t3_dtype"] == "bfloat16"
+    assert [row["seed"] for row in level["per_stream"]] == [7]  # the level's first stream: --seed
 
 
 @pytest.mark.parametrize(
