@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 
 from tts_workbench.core.compiling import replay, skipping_guards, warmup_calls
 from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models import vocode
 from tts_workbench.models.reference import make_reference_wav
@@ -47,7 +48,19 @@ def _mels(tts: ChatterboxTTS, tokens: torch.Tensor, **kw: object) -> torch.Tenso
 def test_padded_frames_leave_the_real_frames_as_they_were(tts: ChatterboxTTS) -> None:
     tokens = torch.randint(0, 6561, (1, 17), generator=torch.Generator().manual_seed(0))
     plain = _mels(tts, tokens)
-    padded = _mels(tts, tokens, plan=FlowPlan("eager"), pad_to=40)
+    estimator = tts.s3gen.flow.decoder.estimator
+    frames: set[int] = set()  # what the estimator is given: the prompt's frames and 40 tokens'
+
+    def seen(forward: Any) -> Any:
+        def run(x: torch.Tensor, *rest: Any, **kw: Any) -> Any:
+            frames.add(x.size(2))
+            return forward(x, *rest, **kw)
+
+        return run
+
+    with shadow(estimator, "forward", seen):
+        padded = _mels(tts, tokens, plan=FlowPlan("eager"), pad_to=40)
+    assert frames == {tts.conds.gen["prompt_feat"].size(1) + 2 * 40}  # padded (not to 40 tokens in all)
     assert padded.shape == plain.shape == (1, 80, 34)
     assert ((padded - plain).norm() / plain.norm()).item() < 1e-5
     # The check can fail: 23 more tokens, unmasked (real frames, through the encoder too), change

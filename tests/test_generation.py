@@ -23,6 +23,7 @@ from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, N
 from tts_workbench.core.families import FAMILIES
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
+from tts_workbench.instruments.profiling import t3_phase
 from tts_workbench.models.reference import check_reference, make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import DecodePlan, check_new_tokens, prefill_embeds, t3_decode, text_tokens
@@ -95,6 +96,40 @@ def test_phase_times_come_back_unrounded(tiny_tts: ChatterboxTTS, monkeypatch: p
     monkeypatch.setattr(generation, "now", ticking)  # t3.decode's end and the wall time
     r = generate(tiny_tts, "Hello.", max_new_tokens=3)
     assert r.seconds and all(v != round(v, 4) for v in r.seconds.values()), r.seconds
+
+
+def test_t3_decode_is_timed_from_the_end_of_the_prefill(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock that moves one second per reading and 1000 s inside each of the prefill's calls
+    (transformer and speech head): all of those are the prefill's, none is the decode's."""
+    from tts_workbench.core import clock
+    from tts_workbench.runtime import generation
+
+    elapsed = [0.0]
+
+    def reading(device: object = None, stream: bool = False) -> float:
+        elapsed[0] += 1.0
+        return elapsed[0]
+
+    def slow_prefill(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if t3_phase(args, kwargs) == "t3.prefill":
+                elapsed[0] += 1000.0
+            return forward(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(clock, "now", reading)  # the phases' stopwatches
+    monkeypatch.setattr(generation, "now", reading)  # t3.decode's end and the wall time
+    # shadowed before generate: its timers wrap these, so the 1000 s fall inside their readings
+    with (
+        shadow(tiny_tts.t3.tfmr, "forward", slow_prefill),
+        shadow(tiny_tts.t3.speech_head, "forward", slow_prefill),
+    ):
+        s = generate(tiny_tts, "Hello.", max_new_tokens=5).seconds
+    assert s["t3.prefill"] >= 2000 and s["t3.decode"] < 1000, s
+    assert s["t3"] >= s["t3.prefill"] + s["t3.decode"], s  # one after the other, inside T3's time
 
 
 def test_instance_is_restored_after_shadowing(tiny_tts: ChatterboxTTS) -> None:

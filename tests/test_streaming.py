@@ -79,13 +79,20 @@ def _run(
 
 
 def test_buffered_vocodes_every_token_exactly_once(tts: ChatterboxTTS) -> None:
-    wav, state = _run(tts, StreamConfig("buffered", first_window_s=0.6, window_s=1.2))
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+    wav, state = _run(tts, config)
     s = state.report.summary()
     assert len(wav) == len(state.tokens) * SAMPLES_PER_TOKEN == len(one_shot(tts, state, StreamConfig()))
     assert s["new_frames"] == 2 * len(state.tokens) == 2 * s["tokens"]
     assert s["s3gen_calls"] == len(state.report.chunks) >= 3
     assert s["audio_s"] == pytest.approx(len(wav) / 24000)
     assert s["tokens"] + s["invalid_tokens"] == state.t3.steps == 80  # no stop token: capped
+    # A chunk's context is its window's left context and lookahead (the last window has none)
+    _, windows = _all_windows(config, StreamState(StreamReport("buffered")), len(state.tokens))
+    context = [2 * (w.begin - w.start + w.stop - w.end) for w in windows]
+    assert [c.context_frames for c in state.report.chunks] == context
+    assert context[1] == 2 * (config.left_context_tokens + config.lookahead_tokens)
+    assert context[-1] == 2 * config.left_context_tokens
 
 
 @pytest.mark.parametrize("strategy", ["buffered", "naive"])
@@ -323,6 +330,18 @@ def test_naive_re_vocodes_context(tts: ChatterboxTTS) -> None:
     s = state.report.summary()
     assert s["s3gen_calls"] >= 3 and s["context_frames"] > s["new_frames"] / 2
     assert s["prompt_frames"] == s["s3gen_calls"] * state.report.chunks[0].prompt_frames
+
+
+def test_a_seeded_naive_stream_draws_its_noise_from_its_own_generator(tts: ChatterboxTTS) -> None:
+    # naive draws fresh start noise at every call: from the stream's generator, as buffered's
+    # track is, so its audio is its seed's whatever the global generator holds, which it leaves
+    waves = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        waves.append(stream_all(tts, TEXT, StreamConfig("naive"), max_new_tokens=30, seed=3)[0])
+        assert torch.equal(torch.get_rng_state(), before)
+    assert np.array_equal(*waves)
 
 
 def test_underruns_on_a_planted_schedule() -> None:
@@ -699,6 +718,26 @@ def test_a_windows_start_noise_is_the_streams_track_at_its_frames() -> None:
         noise = cutter.noise(w)
         assert torch.equal(noise[:, :, :24], state.prompt_noise)  # the prompt's: one for every call
         assert torch.equal(noise[:, :, 24:], state.noise[:, :, 2 * w.start : 2 * w.stop])
+
+
+def test_the_crossfade_runs_from_the_previous_window_to_the_next() -> None:
+    # Planted: a window of ones, then one of zeros. The blend over the seam falls from the first
+    # window's level to the second's (sides swapped, it would rise from 0 to 1 and click twice).
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+    state = StreamState(StreamReport("buffered"))
+    state.tokens.extend(range(40))
+    cutter, s3gen = BufferedCutter(config, state), types.SimpleNamespace(trim_fade=torch.zeros(0))
+    chunks = []
+    for level in (1.0, 0.0):
+        w = cutter.next_window(False)
+        assert w is not None
+        wav = np.full((w.stop - w.start) * SAMPLES_PER_TOKEN, level, np.float32)
+        chunks.append(cutter.assemble(w, wav, torch.zeros(0), s3gen))
+    wav = np.concatenate(chunks)
+    [(lo, hi)] = state.crossfades
+    blend = wav[lo:hi]
+    assert blend[0] == 1.0 and blend[-1] == 0.0 and np.all(np.diff(blend) <= 0)
+    assert np.all(wav[:lo] == 1.0) and not wav[hi:].any()
 
 
 @pytest.mark.parametrize("first_window_s", [0.1, 1.0])  # 2 tokens (< the 4 of left context), 25
