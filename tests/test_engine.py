@@ -63,11 +63,47 @@ def solo(tts: ChatterboxTTS, text: str, seed: int) -> tuple[np.ndarray, list[int
     return wav, state.tokens
 
 
+@functools.cache
+def solo_logits(
+    tts: ChatterboxTTS, text: str, seed: int, tokens: int = TOKENS
+) -> tuple[list[int], list[torch.Tensor]]:
+    """The ids the stream samples alone (the single-stream static step, the engine's default cache
+    length) and the logits it samples each from."""
+    plan = DecodePlan.plain(tts.t3, step="static", max_cache_len=512)
+    logits: list[torch.Tensor] = []
+    generator = StreamRandom(seed).generator()
+    ids = text_tokens(tts, text)
+    alone = t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=tokens, plan=plan, logits_out=logits,
+                      generator=generator, **family_of(tts).sampling)  # fmt: skip
+    return alone.tokens[0].tolist(), logits
+
+
+def check_logits(handle: StreamHandle, text: str, seed: int, tokens: int = TOKENS) -> None:
+    """The stream (of an engine that keeps logits) sampled its solo ids, each from logits within
+    float32 rounding of its solo ones: the random tiny model hardly depends on its KV cache, so a
+    stream that attends to rows not its own (moved without its guidance row, say) still samples
+    the same ids, but not from the same logits."""
+    ids, logits = solo_logits(handle.engine.tts, text, seed, tokens)
+    assert handle.sampled == ids, handle.index
+    for i, (mine, theirs) in enumerate(zip(handle.logits, logits, strict=True)):
+        assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max(), (handle.index, i)
+
+
+def t3_done(engine: StreamEngine, handles: list[StreamHandle]) -> bool:
+    """Whether T3 has sampled every token of ``handles``: each sampled one, and none holds rows."""
+    return (
+        all(h.sampled for h in handles) and engine.free_rows() == engine.max_streams * engine.rows_per_stream
+    )
+
+
 def check_against_solo(tts: ChatterboxTTS, streams: int, join_after: int) -> None:
     """``streams`` streams, the first ``join_after`` submitted at once and the rest while those
-    are decoding: each gives its solo tokens exactly, and audio within float32 rounding."""
+    are decoding: each gives its solo tokens exactly, from its solo logits (the first to end leave
+    rows that a later one moves into), and audio within float32 rounding."""
     texts = [TEXTS[k % len(TEXTS)] for k in range(streams)]
-    with StreamEngine(tts, max_streams=streams, config=CONFIG) as engine:
+    with StreamEngine(tts, max_streams=streams, config=CONFIG, keep_logits=True) as engine:
+        kv = sum(t[: engine.rows_per_stream].nbytes for layer in engine._kv for t in layer)
+        assert engine.kv_bytes_per_stream == kv  # what a caller sizes max_streams by
         with engine.together():  # a burst: they join at one step
             handles = [
                 engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(texts[:join_after])
@@ -85,6 +121,7 @@ def check_against_solo(tts: ChatterboxTTS, streams: int, join_after: int) -> Non
         wav, tokens = solo(tts, texts[k], k)
         assert h.tokens == tokens, k
         assert np.allclose(np.concatenate(chunks[k]), wav, atol=1e-5), k
+        check_logits(h, texts[k], k)
     assert max(engine.stats.buckets_used) == streams  # all of them in one batched step
 
 
@@ -285,11 +322,16 @@ def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
     memory: the newest is preempted (requeued), the step runs again over the other two (a
     bucket of two), and the engine admits two at a time from then on. The preempted stream is
     recomputed when there is room and, like the three queued behind it, speaks its solo tokens
-    and audio: no stream fails (before 2026-12-04 the step's three streams all did)."""
+    and audio: no stream fails (before 2026-12-04 the step's three streams all did). Its time in
+    the queue is from its submit to its first admission: the recompute's wait is not queueing."""
     with StreamEngine(tts, max_streams=3, config=CONFIG) as engine, fitting_two(engine, oom):
         handles = burst(engine, 6)
         assert wait_until(lambda: engine.stats.preempted > 0, 5.0)  # at the first step
         assert engine.counts() == (4, 2)  # the preempted stream queued again, first, not active
+        with engine._lock:  # the T3 stage takes from the queue
+            assert engine._waiting[0] is handles[2]
+        admitted = handles[2].admitted  # at its first admission
+        assert admitted is not None
         waves = {k: np.concatenate([c for c, _ in h]) for k, h in enumerate(handles)}
         assert engine.stats.preempted == 1 and engine.stats.failed == 0 and engine.fits == 2
         assert max(engine.stats.buckets_used) == 2  # none of three ran
@@ -298,6 +340,8 @@ def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
     for k, wav in waves.items():
         alone, tokens = solo(tts, TEXTS[k % 4], k)
         assert handles[k].error is None and handles[k].tokens == tokens and np.allclose(wav, alone, atol=1e-5)
+    queued = {m.queued_s for m in handles[2].report.chunks}
+    assert handles[2].admitted == admitted and queued == {admitted - handles[2].submitted}
 
 
 def test_a_preempted_stream_whose_reader_leaves_is_let_go(tts: ChatterboxTTS) -> None:
@@ -441,12 +485,12 @@ def test_a_stream_that_ends_leaves_before_the_step_it_does_not_need(tts: Chatter
         assert h.tokens == tokens and np.allclose(wav, alone, atol=1e-5)
 
 
-def another_voice(tts: ChatterboxTTS, tmp_path: Path) -> Any:
-    """A voice of its own (a server's request, say), from a 2.5 s reference where the model's is
-    3 s: it speaks other tokens and audio. The model keeps its voice. Not a fixture: pytest would
-    hold the voice that a test checks is freed."""
+def another_voice(tts: ChatterboxTTS, tmp_path: Path, seconds: float = 2.5, seed: int = 0) -> Any:
+    """A voice of its own (a server's request, say), by default from a 2.5 s reference where the
+    model's is 3 s (seed 0): it speaks other tokens and audio. The model keeps its voice. Not a
+    fixture: pytest would hold the voice that a test checks is freed."""
     model_voice = tts.conds
-    tts.prepare_conditionals(str(make_reference_wav(tmp_path / "r.wav", seconds=2.5)))
+    tts.prepare_conditionals(str(make_reference_wav(tmp_path / "r.wav", seconds=seconds, seed=seed)))
     other, tts.conds = tts.conds, model_voice
     return other
 
@@ -493,6 +537,72 @@ def test_a_streams_one_shot_yardstick_speaks_the_voice_of_its_submit(
         wav = np.concatenate([c for c, _ in h])
     assert h.state.voice is other and h.state.report.s3gen_calls == 1
     assert np.array_equal(wav, one_shot(tts, h.state, config))
+
+
+def hold_s3gen(engine: StreamEngine) -> threading.Event:
+    """Hold the S3Gen stage (a long flow call, a loaded server's) until the event returned is set;
+    back once the stage is held, with no window of a stream submitted after cut yet."""
+    held, go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        held.set()
+        go.wait(60.0)
+
+    with engine._lock:
+        engine._flow_jobs.append(hold)
+        engine._lock.notify_all()
+    assert held.wait(10.0)
+    return go
+
+
+def test_streams_of_two_voices_ready_together_speak_each_their_own(
+    tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    """Two voices with prompts of one length, their windows of one length ready at once: a flow
+    call runs one voice's prompt, so each window goes in a call of its own voice and each stream
+    speaks its audio alone (in one call with the other's, it would speak the other's voice)."""
+    voices = [tts.conds, another_voice(tts, tmp_path, seconds=3.0, seed=1)]  # the model's: 3 s, seed 0
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        go = hold_s3gen(engine)
+        with engine.together():
+            handles = [engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS, conds=v) for v in voices]
+        assert wait_until(lambda: t3_done(engine, handles), 60.0)  # every window of both is ready
+        go.set()
+        both = [np.concatenate([c for c, _ in h]) for h in handles]
+    with StreamEngine(tts, max_streams=1, config=CONFIG, flow_batches=[1]) as engine:  # a window a call
+        alone = [
+            np.concatenate([c for c, _ in engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS, conds=v)])
+            for v in voices
+        ]
+    assert not np.array_equal(alone[0], alone[1])  # the voices speak other audio
+    assert all(np.allclose(b, a, atol=1e-5) for b, a in zip(both, alone, strict=True))
+
+
+def test_a_new_streams_first_window_goes_before_the_later_windows_of_others(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first window sets a stream's time to first audio: S3Gen takes it before the later
+    windows of streams already speaking, though those were submitted first."""
+    calls: list[list[tuple[StreamHandle, bool]]] = []  # each flow call's windows: (stream, first?)
+    go = threading.Event()
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        vocode = engine._vocode_or_split
+
+        def spied(group: list[Any]) -> None:
+            calls.append([(live.handle, w.first) for live, w in group])
+            if len(calls) == 1:  # the first stream's first window: S3Gen busy until go
+                go.wait(60.0)
+            vocode(group)
+
+        monkeypatch.setattr(engine, "_vocode_or_split", spied)
+        early = engine.submit(TEXTS[1], seed=0, max_new_tokens=60)  # windows after its first to come
+        assert wait_until(lambda: len(calls) == 1, 60.0)
+        late = engine.submit(TEXTS[0], seed=1, max_new_tokens=TOKENS)
+        assert wait_until(lambda: t3_done(engine, [early, late]), 60.0)  # both have windows ready
+        go.set()
+        assert read_within(early) and read_within(late)
+    assert calls[0] == [(early, True)] and calls[1] == [(late, True)], calls[:2]
+    assert (early, False) in calls[2]  # the early stream had a later window ready
 
 
 def test_a_queued_stream_speaks_the_exaggeration_of_its_submit(tts: ChatterboxTTS) -> None:
@@ -911,22 +1021,15 @@ def test_streams_past_the_first_span_sample_their_solo_tokens(tts: ChatterboxTTS
     across the change each stream samples what the single-stream static step samples, from
     logits within float32 rounding of its (the random tiny model hardly depends on one key more
     or less: a span one slot short still samples the same tokens, but moves the logits)."""
-    n, sampling = 230, family_of(tts).sampling  # ~45 prefill positions: the last ~20 steps span 512
+    n = 230  # ~45 prefill positions: the last ~20 steps span 512
     with StreamEngine(tts, max_streams=2, config=CONFIG, max_cache_len=512, keep_logits=True) as engine:
         with engine.together():
             handles = [engine.submit(t, seed=k, max_new_tokens=n) for k, t in enumerate(TEXTS[:2])]
         for h in handles:
             assert sum(1 for _ in h) > 0
     assert engine.stats.spans_used == {256, 512}
-    plan = DecodePlan.plain(tts.t3, step="static", max_cache_len=512)
     for k, h in enumerate(handles):
-        ids = text_tokens(tts, TEXTS[k])
-        logits: list[torch.Tensor] = []
-        alone = t3_decode(tts.t3, tts.conds.t3, ids, max_new_tokens=n, plan=plan, logits_out=logits,
-                          generator=StreamRandom(k).generator(), **sampling)  # fmt: skip
-        assert h.sampled == alone.tokens[0].tolist(), k
-        for i, (mine, theirs) in enumerate(zip(h.logits, logits, strict=True)):
-            assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max(), (k, i)
+        check_logits(h, TEXTS[k], k, n)
 
 
 def test_the_sets_of_buckets_and_spans_used_are_replaced_not_changed(tts: ChatterboxTTS) -> None:
@@ -940,14 +1043,20 @@ def test_the_sets_of_buckets_and_spans_used_are_replaced_not_changed(tts: Chatte
         assert stats.to_dict()["buckets_used"] == [1] and stats.to_dict()["spans_used"] == [256]
 
 
-def test_windows_ready_at_one_step_share_a_flow_call(tts: ChatterboxTTS) -> None:
+@pytest.mark.parametrize(("flow_batches", "per_call"), [(None, 4), ([1, 2], 2)])
+def test_windows_ready_at_one_step_share_a_flow_call(
+    tts: ChatterboxTTS, flow_batches: list[int] | None, per_call: int
+) -> None:
     # Four listeners of one text and seed: their windows are ready at the same steps (with random
     # weights about a fifth of the ids are not speech, so streams of other seeds rarely line up).
-    with StreamEngine(tts, max_streams=4, config=CONFIG) as engine:
+    # A call takes at most the largest of flow_batches.
+    with StreamEngine(tts, max_streams=4, config=CONFIG, flow_batches=flow_batches) as engine:
         with engine.together():
             handles = [engine.submit(TEXTS[0], seed=7, max_new_tokens=TOKENS) for _ in range(4)]
         waves = [np.concatenate([c for c, _ in h]) for h in handles]
-    assert engine.stats.flow_windows == 4 * engine.stats.flow_calls > 0
+    assert engine.stats.flow_windows == per_call * engine.stats.flow_calls > 0
+    # each chunk is charged its share of the call it shared
+    assert sum(m.flow_s for h in handles for m in h.report.chunks) == pytest.approx(engine.stats.flow_s)
     # Each stage's busy time holds all its work (before 2026-12-04 the load study counted S3Gen's
     # as its flow calls and vocoder only, leaving out the windows' tokens, noise and crossfades).
     s, ms = engine.stats, 1e-3  # two clocks read around each other
