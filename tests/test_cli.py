@@ -350,7 +350,6 @@ def test_bench_refuses_a_policy_no_config_runs(capsys: pytest.CaptureFixture[str
     ("args", "message"),
     [
         (["serve", "--port", "99999"], "a port number from 1 to 65535, got '99999'"),
-        (["diagnose", "--reference", "/"], "reference audio / is a folder, not a file"),
         (["load", "--text", "Hello."], "unrecognized arguments: --text"),  # not taken as --texts
         (["bench", "--tokens", "x"], "--tokens: must be a positive integer, got 'x'"),
         (["bench", "--warmup", "-1"], "--warmup: must be an integer >= 0, got '-1'"),
@@ -379,6 +378,27 @@ def test_flag_values_are_checked_before_anything_runs(
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["diagnose", "--reference", "/"], "reference audio / is a folder, not a file"),
+        (["stream", "--reference", "no/such.wav"], "reference audio no/such.wav does not exist"),
+    ],
+)
+def test_a_reference_that_is_no_file_is_refused_before_the_command_runs(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tts_workbench.interface import cli
+
+    def ran(_args: Any) -> None:
+        raise AssertionError("the command ran: a model would be built before the refusal")
+
+    monkeypatch.setattr(cli, f"_{args[0]}", ran)  # bound by the parser main builds
+    assert main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: argument --reference: {message}: give a WAV of the voice"], errors
 
 
 def test_trace_files_from_two_runs_get_labels_of_their_own() -> None:
@@ -488,7 +508,8 @@ def test_a_token_cap_no_stream_can_reach_is_refused_before_its_noise_is_drawn(
 @pytest.mark.parametrize(
     "flag",
     [["--cut-only"], ["--keep", "5"], ["--steps", "eager"], ["--dtype", "bfloat16"], ["--tokens", "60"],
-     ["--model", "tiny"], ["--logdir", "elsewhere"], ["--seed", "1"], ["--text", "Hi."]],
+     ["--model", "tiny"], ["--logdir", "elsewhere"], ["--seed", "1"], ["--text", "Hi."],
+     ["--reference", "no/such/voice.wav"]],  # before: "does not exist: give a WAV", then refused
 )  # fmt: skip
 def test_trace_read_refuses_the_flags_of_profiling(
     flag: list[str], capsys: pytest.CaptureFixture[str]

@@ -237,6 +237,7 @@ def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:
         ["--step-buckets", "1,2"],
         ["--flow-batches", "1,4"],
         ["--reference", "REF"],
+        ["--reference", "no/such/voice.wav"],  # before: "does not exist: give a WAV", then refused
         ["--first-window-s", "2"],
         ["--window-s", "5"],
         ["--prompt-s", "3"],

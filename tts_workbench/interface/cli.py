@@ -187,20 +187,19 @@ def _port(value: str) -> int:
     return _integer(value, 1, 65535, "a port number from 1 to 65535")  # 0 would print no usable URL
 
 
-def _voice_file(value: str) -> str:
-    """A ``--reference`` that names no file is refused here, before the model is built (a
-    full-size build takes a while); what the file holds is checked when the voice is prepared."""
-    value = _path(value)
-    if not Path(value).is_file():
+def _check_reference(args: argparse.Namespace) -> None:
+    """A ``--reference`` that names no file, refused before the model is built (a full-size build
+    takes a while); what the file holds is checked when the voice is prepared."""
+    value = getattr(args, "reference", None)
+    if value is not None and not Path(value).is_file():
         what = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
-        raise argparse.ArgumentTypeError(f"reference audio {value} {what}: give a WAV of the voice")
-    return value
+        raise ValueError(f"argument --reference: reference audio {value} {what}: give a WAV of the voice")
 
 
 def _reference(
     p: argparse.ArgumentParser, what: str = "WAV of the voice (default: a generated 10 s voice-like signal)"
 ) -> None:
-    p.add_argument("--reference", type=_voice_file, help=what)
+    p.add_argument("--reference", type=_path, help=what)
 
 
 def _check_decode_tokens(tokens: int) -> None:
@@ -935,10 +934,12 @@ def _main(argv: Sequence[str]) -> int:
         return 2
     args.text = UPSTREAM_SENTENCE if text is None else text
     try:
-        # Named before anything is built; not for --url or --read (no model here) nor serve's
+        # Named before anything is built; not for --url or --read (no model here, and their own
+        # refusal of --reference says what to do: a missing file's advice did not) nor serve's
         # --address (the cluster's workers may hold the folder this machine lacks).
         if not any(getattr(args, flag, None) for flag in ("url", "read", "address")):
             _check_model(args)
+            _check_reference(args)
         with upstream_silenced():  # upstream's prints, warnings and bars; the report comes after
             report, fmt = args.run(args)
     except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream
