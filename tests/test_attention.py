@@ -123,6 +123,28 @@ def test_eager_backbone_is_detected(reference_wav: Path) -> None:
     assert "eager" in probe.verdict
 
 
+def test_a_backbone_that_falls_back_to_eager_for_attentions_is_told_so(tiny_tts: ChatterboxTTS) -> None:
+    """transformers 4.x ran eager attention for a call that asked for attentions, sdpa for the
+    others: the probe says which kernel ran with the flag and which without."""
+    tfmr = tiny_tts.t3.tfmr
+    cls_forward = type(tfmr).forward
+
+    def forward(*a: Any, output_attentions: bool = False, **k: Any) -> Any:
+        """The backbone's forward, with eager attention while attentions are asked for."""
+        config, before = tfmr.config, tfmr.config._attn_implementation
+        if output_attentions:
+            config._attn_implementation = "eager"
+        try:
+            return cls_forward(tfmr, *a, output_attentions=output_attentions, **k)
+        finally:
+            config._attn_implementation = before
+
+    with mock.patch.object(tfmr, "forward", forward):
+        probe = probe_output_attentions(tiny_tts)
+    assert probe.kernels_with == [EAGER] and probe.kernels_without == ["flash (CPU)"]
+    assert "fall back" in probe.verdict and probe.configured == "sdpa"
+
+
 def test_kernels_per_phase_on_the_real_generate_path(tiny_tts: ChatterboxTTS) -> None:
     with record_kernels(tiny_tts) as rec:
         generate(tiny_tts, "Kernels.", max_new_tokens=6)
@@ -152,6 +174,16 @@ def test_a_profiler_that_cannot_start_reports_its_own_error(tiny_tts: Chatterbox
                 pass
         stage = _stage(tiny_tts, lambda: None, kernels=True)
     assert stage["error"] == "RuntimeError: the profiler cannot start here"
+
+
+def test_the_kernels_that_ran_before_an_error_are_recorded(tiny_tts: ChatterboxTTS) -> None:
+    """A block that raises still fills the record (a diagnosis stage that failed half way shows
+    what ran before)."""
+    ids = text_tokens(tiny_tts, "Cut short.")
+    with pytest.raises(RuntimeError, match="cut short"), record_kernels(tiny_tts) as rec:
+        t3_decode(tiny_tts.t3, tiny_tts.conds.t3, ids, max_new_tokens=3)
+        raise RuntimeError("cut short")
+    assert rec.by_phase()["t3.decode"]
 
 
 def test_why_not_flash_on_cpu(tiny_tts: ChatterboxTTS) -> None:
@@ -188,6 +220,9 @@ def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(
         "Expected {Half, BFloat16}. Got torch.float32",
     ]
     assert why_not_flash(tiny_tts, dtype=torch.bfloat16) == []
+    # the compiled step passes the static step's mask (Inductor's graph keeps it)
+    masked = ["Flash attention does not support non-null attn_mask."]
+    assert why_not_flash(tiny_tts, step="compiled", dtype=torch.bfloat16) == masked
     config = tiny_tts.t3.tfmr.config
     before = config.head_dim
     try:
@@ -201,27 +236,31 @@ def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(
     ]
 
 
-def test_a_masked_step_is_told_flash_takes_no_mask(tiny_tts: ChatterboxTTS) -> None:
-    """The static step does pass a mask to SDPA (its cache's unused slots), upstream's eager
-    step none: why_not_flash(step="static") names it (on CUDA can_use_flash_attention does)."""
-    masks: dict[str, list[object]] = {"eager": [], "static": []}
+@pytest.mark.parametrize("step", ["static", "compiled"])
+def test_a_masked_step_is_told_flash_takes_no_mask(tiny_tts: ChatterboxTTS, step: str) -> None:
+    """The static and compiled steps do pass a mask to SDPA (their cache's unused slots: the
+    graph Inductor compiles keeps it), upstream's eager step none: why_not_flash(step=...) names
+    it (on CUDA can_use_flash_attention does)."""
+    masks: dict[str, list[object]] = {"eager": [], step: []}
     real = torch.nn.functional.scaled_dot_product_attention
-    for step, seen in masks.items():
+    for mode, seen in masks.items():
 
         def spy(*a: Any, seen: list[object] = seen, **k: Any) -> torch.Tensor:
             seen.append(k.get("attn_mask", a[3] if len(a) > 3 else None))
             return real(*a, **k)
 
-        plan = DecodePlan.plain(tiny_tts.t3, step=step)
+        plan = DecodePlan.plain(tiny_tts.t3, step=mode)
         ids = text_tokens(tiny_tts, "A mask or none.")
-        t3_decode(tiny_tts.t3, tiny_tts.conds.t3, ids, max_new_tokens=1, plan=plan)  # prefill apart
+        # The spy is in before the first call: the compiled step is traced through it there.
         with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", spy):
+            t3_decode(tiny_tts.t3, tiny_tts.conds.t3, ids, max_new_tokens=1, plan=plan)  # prefill apart
             seen.clear()
-            t3_decode(tiny_tts.t3, tiny_tts.conds.t3, ids, max_new_tokens=3, plan=plan)
+            ran = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, ids, max_new_tokens=3, plan=plan)
+        assert ran.step_mode == mode  # a compile that failed runs the static step instead
     # Two decode steps per generation after the prefill; each layer's call is seen.
-    assert masks["static"] and all(m is not None for m in masks["static"][-2:])
+    assert masks[step] and all(m is not None for m in masks[step][-2:])
     assert any(m is None for m in masks["eager"][-2:])
-    assert any("mask" in r for r in why_not_flash(tiny_tts, step="static"))
+    assert any("mask" in r for r in why_not_flash(tiny_tts, step=step))
     assert not any("mask" in r for r in why_not_flash(tiny_tts))
 
 

@@ -44,6 +44,7 @@ from tts_workbench.instruments.plots import time_share_figure
 from tts_workbench.instruments.profiling import (
     EAGER,
     KERNEL_OPS,
+    MATH,
     MODEL_DEVICE_KEY,
     OP_COLUMNS,
     T3_INFERENCES,
@@ -211,9 +212,22 @@ def test_every_op_under_an_sdpa_call_is_attention() -> None:
     ops = op_frame(prof.events())
     assert {"aten::bmm", "aten::mul"} <= set(ops["op"])  # the fallback's ops, in the frame
     assert set(ops["category"]) == {"attention"}
+    # one kernel per call: the fallback's own softmax over the scores is no eager attention call
+    assert KernelRecord(ops).by_phase() == {"other": {MATH: 5}}
     share = time_share(ops).set_index("category")["self_ms"]
     assert share["attention"] == pytest.approx(ops["self_ms"].sum())
     assert share["linear/matmul"] == share["other"] == 0
+
+
+def test_an_sdpa_call_under_autocast_is_one_call_of_its_kernel() -> None:
+    """Autocast shows as an SDPA op around the real SDPA op (which casts, then runs the kernel):
+    the outer op, with no kernel op as its own child, is no math fallback call beside it."""
+    q = torch.randn(2, 4, 8, 16)
+    with torch.profiler.profile(record_shapes=True) as prof, torch.autocast("cpu", torch.bfloat16):
+        F.scaled_dot_product_attention(q, q, q)
+    ops = op_frame(prof.events())
+    assert (ops["op"] == "aten::scaled_dot_product_attention").sum() == 2  # the wrapper and the call
+    assert KernelRecord(ops).by_phase() == {"other": {"flash (CPU)": 1}}
 
 
 def test_the_dtype_column_has_torchs_dtype_names() -> None:
