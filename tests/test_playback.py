@@ -95,6 +95,9 @@ def test_ab_compare_and_seam_figure(capsys: pytest.CaptureFixture[str]) -> None:
     assert "image/png" in shown["data"] and capsys.readouterr().out == ""
     fig = seam_figure({"naive": a, "buffered": b}, {"naive": [24000], "buffered": [12000, 36000]})
     assert len(fig.axes) == 4
+    # each seam zoomed on its default ±20 ms, in ms from the seam: 480 samples either side at 24 kHz
+    x = np.asarray(fig.axes[0].get_lines()[0].get_xdata(), float)
+    assert (len(x), x[0]) == (960, -20.0) and 19.9 < x[-1] < 20
 
 
 def test_ab_compare_plays_and_shows_its_figure_where_no_widget_renders() -> None:

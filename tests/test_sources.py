@@ -35,7 +35,7 @@ from tts_workbench.models.checkpoints import METADATA_FILE, load_folder, save_ch
 from tts_workbench.models.frontends import build_tokenizer_json
 from tts_workbench.models.reference import check_reference, generated_voice, make_reference_wav
 from tts_workbench.models.sources import check_source, load_model
-from tts_workbench.runtime.generation import prepare_voice
+from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, stream_all
 
 
@@ -343,6 +343,18 @@ def test_a_build_while_another_thread_loads_a_folder_gets_initialised_weights(
     assert torch.nn.init.kaiming_uniform_ is original_init
 
 
+def _at_s3gen_file(monkeypatch: pytest.MonkeyPatch, act: Callable[[], object]) -> None:
+    """``act`` runs as a save comes to writing S3Gen's file (T3's written before it)."""
+    write = checkpoints.save_file
+
+    def writing(state: dict[str, torch.Tensor], path: str) -> None:
+        if Path(path).name.startswith("s3gen"):
+            act()
+        write(state, path)
+
+    monkeypatch.setattr(checkpoints, "save_file", writing)
+
+
 def test_an_interrupted_save_leaves_the_previous_checkpoint_or_nothing(
     tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -351,12 +363,10 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_or_nothing(
     folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
     write = checkpoints.save_file
 
-    def disk_full_at_s3gen(state: dict[str, torch.Tensor], path: str) -> None:
-        if Path(path).name.startswith("s3gen"):
-            raise OSError("No space left on device")
-        write(state, path)
+    def disk_full() -> None:
+        raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoints, "save_file", disk_full_at_s3gen)
+    _at_s3gen_file(monkeypatch, disk_full)
     for target in (folder, tmp_path / "fresh"):
         with pytest.raises(OSError, match="No space left"):
             save_checkpoint(load_model("tiny", seed=1), target)
@@ -623,6 +633,31 @@ def test_a_save_refuses_a_checkpoint_folder_that_also_holds_other_files(
     assert json.loads((folder / "tts_workbench.json").read_text())["files"] == written
 
 
+def test_a_save_refuses_a_checkpoint_folder_a_file_was_added_to_while_it_wrote(
+    tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    # the folder passed the first check by the time S3Gen's file is written
+    _at_s3gen_file(monkeypatch, lambda: (folder / "NOTES.md").write_text("mine"))
+    with pytest.raises(SourceError, match=r"holds NOTES.md, which save_checkpoint\(\) did not write"):
+        save_checkpoint(load_model("tiny", seed=1), folder)
+    assert (folder / "NOTES.md").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no partial left beside
+    assert _same_weights(load_folder(folder).t3, tiny_tts.t3)
+
+
+def test_a_model_saved_after_it_generated_loads_back(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
+    tts = load_model("tiny", seed=1)
+    tts.conds = dataclasses.replace(tiny_tts.conds)  # its own: upstream's generate may set its .t3
+    generate(tts, "Hi.", max_new_tokens=4)
+    # upstream's T3.inference keeps a second view of T3's weights, which upstream's files lack
+    assert any(k.startswith("patched_model.") for k in tts.t3.state_dict())
+    folder = save_checkpoint(tts, tmp_path / "ckpt")
+    assert not any(k.startswith("patched_model.") for k in load_file(str(folder / "t3_cfg.safetensors")))
+    loaded = load_folder(folder)
+    assert all(_same_weights(getattr(loaded, name), getattr(tts, name)) for name in ("t3", "s3gen", "ve"))
+
+
 def test_a_checkpoint_written_before_the_file_list_is_checked_by_the_names_a_save_writes(
     tmp_path: Path,
 ) -> None:
@@ -656,13 +691,22 @@ def test_a_save_sweeps_what_a_killed_save_left_beside_the_folder(
     partial = tmp_path / f".ckpt.partial.{dead}.1"
     partial.mkdir()
     (partial / "t3_cfg.safetensors").write_bytes(b"half")
-    alive = tmp_path / f".ckpt.partial.{os.getpid()}.99"  # a save still running: left alone
-    alive.mkdir()
-    other = tmp_path / f".other.partial.{dead}.1"  # another folder's: left alone
-    other.mkdir()
-    # before: a partial folder left by a killed save stayed there for good
-    save_checkpoint(tiny_tts, tmp_path / "ckpt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", alive.name, other.name])
+    # saves still running, this process's and another's (this process's is told apart before the
+    # probe of its pid, so it alone would not show a live process taken for a dead one): left alone
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = [tmp_path / f".ckpt.partial.{pid}.99" for pid in (os.getpid(), running.pid)]
+        for folder in alive:
+            folder.mkdir()
+        other = tmp_path / f".other.partial.{dead}.1"  # another folder's: left alone
+        other.mkdir()
+        # before: a partial folder left by a killed save stayed there for good
+        save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    finally:
+        running.kill()
+        running.wait()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["ckpt", *(f.name for f in alive), other.name])
 
 
 def test_a_save_puts_back_a_checkpoint_a_killed_save_left_moved_aside(

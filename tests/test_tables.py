@@ -42,3 +42,15 @@ def test_a_missing_value_in_a_text_column_is_left_aligned_as_the_others() -> Non
     lines = render(frame).splitlines()
     assert lines[2].startswith("None") and lines[1].startswith("abc")
     assert frame["name"].isna().tolist() == [False, True]  # the caller's frame as it was
+
+
+def test_a_text_column_is_as_wide_as_its_header_and_booleans_are_text() -> None:
+    # text narrower than its header: padded to the header's width, so still left-aligned under it
+    frame = pd.DataFrame({"family": ["a", "bc"], "n": [1, 22]})
+    assert render(frame).splitlines() == ["family  n", "a       1", "bc     22"]
+    # booleans are no numbers: left-aligned as text, not right-aligned
+    assert render(pd.DataFrame({"ok": [True, False], "n": [1, 22]})).splitlines() == [
+        "ok     n",
+        "True   1",
+        "False 22",
+    ]
