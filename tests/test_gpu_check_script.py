@@ -43,6 +43,64 @@ def gpu_check(
     return p, json.loads((tmp_path / "gpu.json").read_text())
 
 
+# The PYTHON of a dry run whose steps are stubs: each step's command is logged to SHIM_LOG (with
+# SHIM_COPY set, the results file as it is then is copied there) and prints the report `{}`, then
+# sleeps SHIM_SLEEP s; the script's own Python (its module look-up, the watchdog, the combine) runs.
+STEP_STUB = """#!/bin/bash
+case " $* " in
+  *" -m tts_workbench.interface.cli "*|*" scripts/"*|*"environment(sys.argv"*)
+    echo "${*//$'\\n'/ }" >> "$SHIM_LOG"  # one line a step (the environment step's code has several)
+    [[ -z ${SHIM_COPY:-} ]] || cp "$GPU_CHECK_OUT" "$SHIM_COPY"
+    echo '{}'
+    exec sleep "${SHIM_SLEEP:-0}";;
+esac
+exec "$SHIM_PYTHON" "$@"
+"""
+
+
+def stubbed_gpu_check(
+    tmp_path: Path, **env: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], list[str]]:
+    """A dry run of the script's own logic in seconds: its steps stubbed (STEP_STUB), by default the
+    environment and sampling steps alone; (process, results file, each step's command line)."""
+    stub = tmp_path / "python"
+    stub.write_text(STEP_STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "steps.log"
+    stubbed = {"PYTHON": str(stub), "SHIM_PYTHON": sys.executable, "SHIM_LOG": str(log)}
+    # no bench or trace; a reference that is never read (the dry run makes one otherwise)
+    settings = {
+        "GPU_CHECK_POLICIES": "",
+        "GPU_CHECK_TRACE": "0",
+        "GPU_CHECK_REFERENCE": str(tmp_path / "no.wav"),
+    }
+    p, result = gpu_check(tmp_path, "--dry-run", **stubbed | settings | env)
+    return p, result, log.read_text().splitlines() if log.exists() else []
+
+
+def fake_python3(tmp_path: Path, pip: str) -> str:
+    """A PATH whose python3 runs the bash lines PIP for ``python3 -m pip ...`` and this Python for
+    anything else (the GPU run's steps and combine, the wheels script's download)."""
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(
+        f'#!/bin/bash\nif [[ "$1 $2" == "-m pip" ]]; then\n{pip}\nfi\nexec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    return f"{fake.parent}:{os.environ['PATH']}"
+
+
+def wheels_checkout(checkout: Path) -> Path:
+    """A scratch git checkout holding a copy of the wheels script and requirements.lock (the script
+    downloads into the checkout it is in); the copy's path."""
+    (checkout / "scripts").mkdir(parents=True)
+    script = checkout / "scripts" / WHEELS.name
+    script.write_text(WHEELS.read_text())
+    (checkout / "requirements.lock").write_text((ROOT / "requirements.lock").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
+    return script
+
+
 def carried_bytes() -> int:
     """What a device call carries of the checkout besides the wheels: tracked and untracked-not-ignored
     files (the oracle the script's own sum is checked against)."""
@@ -80,11 +138,7 @@ def test_wheel_size_check_names_a_folder_without_wheels(tmp_path: Path) -> None:
 def test_a_failed_wheel_download_keeps_the_wheels_there_were(tmp_path: Path) -> None:
     # the script emptied gpu-wheels/ before downloading: an index it cannot reach left no wheels.
     # A copy of it in a scratch checkout, its index a closed port on this machine (no network).
-    (tmp_path / "scripts").mkdir()
-    script = tmp_path / "scripts" / WHEELS.name
-    script.write_text(WHEELS.read_text())
-    (tmp_path / "requirements.lock").write_text((ROOT / "requirements.lock").read_text())
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    script = wheels_checkout(tmp_path)
     kept = tmp_path / "gpu-wheels" / "kept-1.0-py3-none-any.whl"
     kept.parent.mkdir()
     kept.write_bytes(b"wheel")
@@ -99,6 +153,17 @@ def test_a_failed_wheel_download_keeps_the_wheels_there_were(tmp_path: Path) -> 
     assert [w.name for w in kept.parent.iterdir()] == [kept.name], said
     left = {f.name for f in tmp_path.iterdir()}
     assert left == {".git", "gpu-wheels", "requirements.lock", "scripts"}  # not the folder it downloaded into
+
+
+def test_the_wheels_are_for_the_images_python(tmp_path: Path) -> None:
+    # The GPU image's Python is 3.12: wheels downloaded for another (cp311 builds) do not install
+    # there. A python3 whose pip records what it was asked for and fails (no download).
+    script = wheels_checkout(tmp_path / "checkout")
+    asked = tmp_path / "pip.args"
+    env = {k: v for k, v in os.environ.items() if k != "GPU_PYTHON_VERSION"}
+    env["PATH"] = fake_python3(tmp_path, f'echo "$*" > {asked}; exit 1')
+    subprocess.run(["bash", str(script)], cwd=script.parents[1], env=env, capture_output=True, timeout=60)
+    assert "--python-version 3.12 " in asked.read_text()
 
 
 def test_the_checkout_size_quoted_beside_the_wheels_holds() -> None:
@@ -243,24 +308,102 @@ def test_the_wheel_install_keeps_to_the_deadline(tmp_path: Path) -> None:
     # The install ran under its own `timeout 300`, which the deadline never cut, and a call killed
     # during it returned no results file. A python3 whose pip outlasts the deadline: the install is
     # stopped at the deadline's limit, a results file already there while it ran.
-    fake = tmp_path / "bin" / "python3"
-    fake.parent.mkdir()
-    fake.write_text(
-        "#!/bin/bash\n"
-        'if [[ "$1 $2" == "-m pip" ]]; then\n'
-        '    [[ -f $GPU_CHECK_OUT ]] && echo "a results file was there during the install"\n'
-        "    sleep 30; exit 1\n"
-        "fi\n"
-        f'exec {sys.executable} "$@"\n'
+    path = fake_python3(
+        tmp_path,
+        '[[ -f $GPU_CHECK_OUT ]] && echo "a results file was there during the install"; sleep 30; exit 1',
     )
-    fake.chmod(0o755)
-    path = f"{fake.parent}:{os.environ['PATH']}"
     p, result = gpu_check(tmp_path, PATH=path, GPU_CHECK_DEADLINE_S="8", GPU_CHECK_RESERVE_S="2")
     assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
     error = result["errors"]["install"]
     stopped = re.search(r"stopped at its time limit \((\d+) s\)", error)
     assert stopped and int(stopped.group(1)) <= 6, error  # the deadline's 8 s less the 2 s reserve
     assert "a results file was there during the install" in error
+
+
+def test_the_gpu_run_keeps_to_its_default_deadline(tmp_path: Path) -> None:
+    # On the GPU the deadline is on unless set (570 s, under the call's 600 s): without one the
+    # install and each step get the whole 540 s step limit and a call can end before its results
+    # file is written. "" reads as unset (${GPU_CHECK_DEADLINE_S:-570}); the install fails at once.
+    p, result = gpu_check(tmp_path, PATH=fake_python3(tmp_path, "exit 1"), GPU_CHECK_DEADLINE_S="",
+                          GPU_CHECK_RESERVE_S="100")  # fmt: skip
+    assert p.returncode == 1, p.stderr[-2000:] + p.stdout[-2000:]
+    assert result["steps"]["install"]["limit_s"] <= 570 - 100, result["steps"]
+
+
+def test_a_steps_limit_is_cut_to_the_deadline(tmp_path: Path) -> None:
+    # a step given the whole step limit (300 s in the dry run) runs past a 60 s deadline: each one
+    # gets what is left of it less the reserve
+    p, result, _ = stubbed_gpu_check(
+        tmp_path, GPU_CHECK_DEADLINE_S="60", GPU_CHECK_RESERVE_S="10", GPU_CHECK_MIN_STEP_S="5"
+    )
+    limits = {name: step["limit_s"] for name, step in result["steps"].items()}
+    assert set(limits) == {"environment", "sampling"} and all(0 < s <= 50 for s in limits.values()), limits
+
+
+def test_a_step_the_deadline_leaves_too_little_is_not_started(tmp_path: Path) -> None:
+    # 40 s less the 10 s reserve is under the 35 s a step gets at least: one started anyway would be
+    # stopped midway with nothing to show; it is recorded as skipped, with why
+    p, result, calls = stubbed_gpu_check(
+        tmp_path, GPU_CHECK_DEADLINE_S="40", GPU_CHECK_RESERVE_S="10", GPU_CHECK_MIN_STEP_S="35"
+    )
+    assert calls == []
+    assert set(result["skipped"]) == {"environment", "sampling"}, result["skipped"]
+    assert all("deadline" in why for why in result["skipped"].values()), result["skipped"]
+
+
+def test_a_step_that_does_not_exit_after_its_report_is_stopped(tmp_path: Path) -> None:
+    # Inductor's exit can wait 300 s for its compile workers after the report is out: the watchdog
+    # stops such a step EXIT_GRACE s after its report is complete, long before its 40 s were up
+    p, result, _ = stubbed_gpu_check(tmp_path, SHIM_SLEEP="40", GPU_CHECK_EXIT_GRACE="2")
+    for step in result["steps"].values():
+        assert step["stopped_after_report"] is True and step["seconds"] < 40, result["steps"]
+
+
+def test_a_results_file_written_during_a_step_is_not_complete(tmp_path: Path) -> None:
+    # a call killed midway returns the file written as its last step started: it must not read as
+    # a finished run
+    during = tmp_path / "during.json"
+    p, result, _ = stubbed_gpu_check(tmp_path, SHIM_COPY=str(during))
+    assert json.loads(during.read_text())["complete"] is False and result["complete"] is True
+
+
+def test_a_run_takes_no_step_an_earlier_call_left(tmp_path: Path) -> None:
+    # the step folder is reused from call to call: an earlier call's load study is not this run's
+    # (which ran none), though --combine takes every step there is
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    (steps / "load.json").write_text(json.dumps({"levels": []}))
+    os.utime(steps / "load.json", (1000, 1000))
+    p, result, _ = stubbed_gpu_check(tmp_path)
+    assert result["load"] is None, result["load"]
+
+
+def test_the_trace_runs_before_sampling(tmp_path: Path) -> None:
+    # sampling is the step least needed, last of the default ones: a short deadline skips it, not the trace
+    p, result, calls = stubbed_gpu_check(tmp_path, GPU_CHECK_TRACE="1")
+    order = [
+        "trace" if " trace " in c else "sampling" for c in calls if " trace " in c or "sampling_study" in c
+    ]
+    assert order == ["trace", "sampling"], calls
+
+
+def test_the_load_step_gets_its_flow_settings(tmp_path: Path) -> None:
+    # the compiled estimator is asked for with its windows per call capped at the largest level
+    # (load refuses a larger size; each size is a compile)
+    p, result, calls = stubbed_gpu_check(
+        tmp_path, GPU_CHECK_LOAD="1", GPU_CHECK_LOAD_FLOW="compiled", GPU_CHECK_LOAD_LEVELS="1,2"
+    )
+    load = [c for c in calls if " load " in c]
+    assert len(load) == 1 and "--streams 1,2 " in load[0], calls
+    assert "--flow compiled --flow-batches 2 " in load[0], load
+
+
+def test_the_multilingual_bench_runs_the_wrapper_in_bfloat16(tmp_path: Path) -> None:
+    # its default configs run the optimized wrapper, which the step runs in bfloat16 (the page says
+    # so): bench is given the policy, or the wrapper runs in its own default
+    p, result, calls = stubbed_gpu_check(tmp_path, GPU_CHECK_MULTILINGUAL="1")
+    bench = [c for c in calls if "--model multilingual-tiny " in c]
+    assert len(bench) == 1 and "--dtype bfloat16 " in bench[0], calls
 
 
 def unpacked_steps(tmp_path: Path, name: str, files: dict[str, str], later: set[str]) -> Path:
