@@ -172,6 +172,63 @@ def test_a_dtype_trace_and_a_step_crossing_in_two_threads_leave_the_stance_as_it
         eval_frame._stance = before  # the rest of the session's compiled code as it was
 
 
+def test_a_callers_block_begun_while_a_step_was_inside_leaves_no_skipped_guards() -> None:
+    """torch's block saves the stance it found, a step's skipped guards, and puts it back as it
+    ends: ending while the next step was inside, it left the guards skipped for good (2026-12-06,
+    a first mend of the test below; an engine steps back to back)."""
+    from torch._dynamo import eval_frame
+
+    from tts_workbench.core.compiling import skipping_guards
+
+    before = eval_frame._stance
+    first_in, block_in, second_in, block_out = (threading.Event() for _ in range(4))
+
+    def steps() -> None:
+        with skipping_guards(True):
+            first_in.set()
+            assert block_in.wait(timeout=30)
+        with skipping_guards(True):
+            second_in.set()
+            assert block_out.wait(timeout=30)
+
+    try:
+        thread = threading.Thread(target=steps, daemon=True)
+        thread.start()
+        assert first_in.wait(timeout=30)
+        with torch.compiler.set_stance("force_eager"):
+            block_in.set()
+            assert second_in.wait(timeout=30)
+        block_out.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert eval_frame._stance == before
+    finally:
+        eval_frame._stance = before
+
+
+def test_a_callers_own_stance_equal_to_a_holders_temporary_one_is_the_callers() -> None:
+    """A dtype trace once made "force_eager" on the default stance; a caller's own "force_eager"
+    (equal in value, another object) is still the caller's, kept inside a step."""
+    from torch._dynamo import eval_frame
+
+    from tts_workbench.core.compiling import forcing_eager, skipping_guards
+
+    before = eval_frame._stance
+    try:
+        with forcing_eager():
+            assert eval_frame._stance.stance == "force_eager"
+        with torch.compiler.set_stance("force_eager"):
+            with skipping_guards(True):
+                assert (eval_frame._stance.stance, eval_frame._stance.skip_guard_eval_unsafe) == (
+                    "force_eager",
+                    True,
+                )
+            assert eval_frame._stance == eval_frame.DynamoStance("force_eager")
+        assert eval_frame._stance == before
+    finally:
+        eval_frame._stance = before
+
+
 @pytest.mark.parametrize("user", [{"stance": "force_eager"}, {"skip_guard_eval_unsafe": True}])
 def test_a_callers_stance_block_ending_while_a_step_is_inside_is_not_put_back(user: dict[str, Any]) -> None:
     """A step that came in during a caller's own ``set_stance`` block (in another thread) saved

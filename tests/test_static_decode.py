@@ -438,7 +438,7 @@ def test_skipping_guards_is_held_by_count_and_put_back_whatever_the_order() -> N
     # Entering the stance can fail (inside a compiled region): the count is undone, so a later
     # step alone still skips (before, the count stayed at 1 and no step skipped again).
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(torch.compiler, "set_stance", _refusing_stance)
+        m.setattr(torch._dynamo.eval_frame, "_set_stance", _refusing_stance)  # what _Stance calls
         with pytest.raises(RuntimeError, match="on purpose"), skipping_guards(True):
             pass
     with skipping_guards(True):

@@ -125,7 +125,9 @@ class _Stance:
     inside at every entry and exit, and the base is back when the last one leaves. A stance the
     holders did not set themselves (a caller's ``set_stance``, or the end of its block that began
     before a holder came in) is the new base from the next entry or exit on: the holders' changes
-    are made on it, and it is the one left when the last holder leaves."""
+    are made on it, and it is the one left when the last holder leaves. A block that began while a
+    holder was inside puts that holder's temporary stance back as it ends (the very object it
+    found): the base it was made on is taken instead."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -133,15 +135,21 @@ class _Stance:
         self.steps = 0  # calls inside skipping_guards(), in any thread
         self.skip = False  # the one call inside came in alone and asked to skip its guards
         self.base: Any = None  # the stance the holders change, as its last setter outside left it
-        self.applied: Any = None  # the stance _apply last set: any other was set outside
+        self.applied: Any = None  # the stance object _apply last left set: any other was set outside
+        # Each temporary stance set here, one object per (stance, base it was made on), and its
+        # base: a caller's block puts back the very object it found (a caller's set_stance makes
+        # a new one), so one that began while a holder was inside and ends later is known by it.
+        self.made: list[tuple[Any, Any]] = []
 
     def _apply(self) -> None:
         """Set the stance the base and the holders inside now make (the lock held), on the
-        stance set now if that is not the one set here last (or none was yet): a caller set it."""
+        stance set now if that is not the one left here last (or none was yet): a caller set it,
+        or a caller's block put back a temporary one of ours as it ended, whose base is taken."""
         from torch._dynamo import eval_frame  # imported by the first compile, not by torch
 
-        if eval_frame._stance != self.applied:
-            self.base = eval_frame._stance
+        now = eval_frame._stance
+        if now is not self.applied:
+            self.base = next((base for made, base in self.made if made is now), now)
         base = self.base
         eager = self.eager > 0  # a forced backend is for compiling: none under force_eager
         want = eval_frame.DynamoStance(
@@ -149,11 +157,14 @@ class _Stance:
             base.skip_guard_eval_unsafe or self.skip,
             None if eager else base.backend,
         )
-        if want != eval_frame._stance:  # (set_stance refuses inside a compiled region, even a no-op)
-            torch.compiler.set_stance(
-                want.stance, skip_guard_eval_unsafe=want.skip_guard_eval_unsafe, force_backend=want.backend
-            )
-        self.applied = want
+        if want != base:  # a temporary stance: the one object made for it on this base
+            made = next((m for m, b in self.made if m == want and b == base), None)
+            if made is None:
+                self.made.append((want, base))  # a handful at most: two flags on a caller's few
+            want = made or want
+        if want != now:  # (set_stance refuses inside a compiled region, even a no-op)
+            eval_frame._set_stance(base if want == base else want)  # the object itself, kept
+        self.applied = eval_frame._stance
 
     @contextmanager
     def held(self, eager: bool, skip: bool = False) -> Iterator[None]:
