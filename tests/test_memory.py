@@ -5,18 +5,34 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from tts_workbench.instruments import memory
 
+MB = 1_000_000
+
 
 def test_a_sampled_window_keeps_the_block_peak_after_it_is_freed(monkeypatch: pytest.MonkeyPatch) -> None:
-    # as where /proc/self/clear_refs is refused (this machine allows it, so the fallback is forced)
+    # As where /proc/self/clear_refs is refused (this machine allows it, so the fallback is forced).
+    # The resident set is scripted: a real allocation may reuse pages the process already holds
+    # (a worker's heap after other tests), and then the block shows no growth at all.
     monkeypatch.setattr(memory, "_reset_peak_rss", lambda: False)
+    resident, reads = [500 * MB], [0]
+
+    def rss_bytes() -> int:
+        reads[0] += 1
+        return resident[0]
+
+    def sampled_twice_more() -> None:  # the sampler's reads (every 10 ms), bounded in time
+        until, deadline = reads[0] + 2, time.monotonic() + 30
+        while reads[0] < until and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert reads[0] >= until, "the sampler did not run"
+
+    monkeypatch.setattr(memory, "rss_bytes", rss_bytes)
     with memory.memory_window("cpu") as w:
-        held = torch.ones(25_000_000)  # 100 MB, resident for several of the 10 ms samples
-        time.sleep(0.2)
-        del held  # freed before the block ends: only the samples saw it
-        time.sleep(0.2)
+        resident[0] = 600 * MB  # the block's peak
+        sampled_twice_more()
+        resident[0] = 520 * MB  # freed before the block ends: only the samples saw the peak
+        sampled_twice_more()
     assert "sampled every 10 ms" in w.how
-    assert w.growth_bytes > 45e6, w
+    assert (w.start_bytes, w.peak_bytes, w.growth_bytes) == (500 * MB, 600 * MB, 100 * MB)
