@@ -48,6 +48,14 @@ def test_integer_pcm_plays_at_its_own_level() -> None:
     assert mono(np.array([1 << 30], np.int32)).tolist() == pytest.approx([0.5])
 
 
+@pytest.mark.parametrize("rate", [24000.0, 0, "24000"])
+def test_a_player_refuses_a_rate_no_wav_header_holds(rate: object) -> None:
+    # 24000.0 was taken, then the first add failed in soundfile after keeping its chunk
+    with pytest.raises(ConfigError, match="sample_rate must be a whole number"):
+        StreamPlayer(sample_rate=rate)  # type: ignore[arg-type]
+    assert StreamPlayer(sample_rate=np.int64(16000)).sample_rate == 16000
+
+
 def test_stream_player_marks_underruns() -> None:
     player = StreamPlayer(24000)
     player.add(np.zeros(24000, np.float32), _metrics(0, 1.0, 1.0))  # plays until 2.0

@@ -23,7 +23,7 @@ from IPython.display import Audio, DisplayHandle, Image, display
 from matplotlib.figure import Figure
 
 from ..core.constants import SAMPLE_RATE
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, as_int
 from ..instruments.latency import ChunkMetrics, StreamReport, underruns
 
 # What every player here takes: a waveform, or ``Pipeline.generate``'s (1, samples) tensor.
@@ -92,7 +92,12 @@ class StreamPlayer:
     latency, audio, underrun marker) with that chunk's audio, and the whole utterance at the end."""
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, title: str = "stream") -> None:
-        self.sample_rate = sample_rate
+        rate = as_int(sample_rate)
+        if rate is None or rate < 1:  # a WAV header holds a whole rate: 24000.0 failed at the first add
+            raise ConfigError(
+                f"sample_rate must be a whole number of samples per second, got {sample_rate!r}"
+            )
+        self.sample_rate = rate
         self.title = title
         self.chunks: list[np.ndarray] = []
         self.metrics: list[ChunkMetrics] = []
