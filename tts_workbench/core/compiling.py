@@ -157,13 +157,13 @@ class _Stance:
             base.skip_guard_eval_unsafe or self.skip,
             None if eager else base.backend,
         )
-        if want != base:  # a temporary stance: the one object made for it on this base
-            made = next((m for m, b in self.made if m == want and b == base), None)
-            if made is None:
+        target = base  # the object itself: the base, or the one made for this temporary stance on it
+        if want != base:
+            target = next((m for m, b in self.made if m == want and b == base), want)
+            if target is want:
                 self.made.append((want, base))  # a handful at most: two flags on a caller's few
-            want = made or want
-        if want != now:  # (set_stance refuses inside a compiled region, even a no-op)
-            eval_frame._set_stance(base if want == base else want)  # the object itself, kept
+        if target != now:  # (set_stance refuses inside a compiled region, even a no-op)
+            eval_frame._set_stance(target)
         self.applied = eval_frame._stance
 
     @contextmanager
