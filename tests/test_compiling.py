@@ -191,16 +191,15 @@ def test_a_callers_block_begun_while_a_step_was_inside_leaves_no_skipped_guards(
             second_in.set()
             assert block_out.wait(timeout=30)
 
-    try:
-        thread = threading.Thread(target=steps, daemon=True)
-        thread.start()
+    def callers_block() -> None:
         assert first_in.wait(timeout=30)
         with torch.compiler.set_stance("force_eager"):
             block_in.set()
             assert second_in.wait(timeout=30)
         block_out.set()
-        thread.join(timeout=30)
-        assert not thread.is_alive()
+
+    try:
+        assert _in_threads(steps, callers_block, timeout=60) == []
         assert eval_frame._stance == before
     finally:
         eval_frame._stance = before
@@ -246,15 +245,14 @@ def test_a_callers_stance_block_ending_while_a_step_is_inside_is_not_put_back(us
             step_in.set()
             assert block_out.wait(timeout=30)
 
-    try:
-        thread = threading.Thread(target=step, daemon=True)
-        thread.start()
+    def callers_block() -> None:
         with torch.compiler.set_stance(**user):
             block_in.set()
             assert step_in.wait(timeout=30)
         block_out.set()
-        thread.join(timeout=30)
-        assert not thread.is_alive()
+
+    try:
+        assert _in_threads(step, callers_block, timeout=60) == []
         assert eval_frame._stance == before
     finally:
         eval_frame._stance = before  # the rest of the session's compiled code as it was
