@@ -1,12 +1,13 @@
 """The load study as a client (``studies/http_load.py``) against stand-in endpoints (httpx's
-MockTransport: nothing listens), the load study's argument checks, and ``serve`` stopped before
-it serves (Ray's calls replaced: no Ray starts)."""
+MockTransport: nothing listens; a stdlib server on 127.0.0.1 where the proxy matters), the load
+study's argument checks, and ``serve`` stopped before it serves (Ray's calls replaced: no Ray starts)."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import gzip
+import http.server
 import json
 import re
 import socket
@@ -606,3 +607,83 @@ def test_a_model_list_that_never_ends_is_an_error_within_the_timeout() -> None:
     said = "argument --url: GET http://x/v1/models did not answer within 1 s (--timeout)"
     with pytest.raises(EndpointError, match=re.escape(said)):
         asyncio.run(guarded())
+
+
+def test_an_out_folder_this_user_cannot_write_is_refused_before_any_request() -> None:
+    """/proc is there and a folder, so making it succeeds, but no user writes in it, root neither
+    (before: every level ran, then writing load.json failed and the measurements were lost)."""
+    calls: list[int] = []
+
+    def speech(_body: dict[str, Any]) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+
+    with pytest.raises(OSError, match="/proc"):
+        run_http_load("http://stand-in", [1, 2], transport=_endpoint(speech), outdir="/proc")
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("url", "trusted"),
+    [
+        ("http://127.0.0.1:8000", False),
+        ("http://127.3.2.1:8000", False),
+        ("http://localhost:8000", False),
+        ("http://[::1]:8000", False),
+        ("https://tts.example.com", True),
+        ("http://10.0.0.7:8000", True),
+        ("http://[2001:db8::1]:8000", True),
+    ],
+)
+def test_only_a_remote_server_is_reached_through_the_environment(url: str, trusted: bool) -> None:
+    assert http_load.trusts_env(url) is trusted
+
+
+class _Speaker(http.server.BaseHTTPRequestHandler):
+    """A stand-in server over a real socket: its model list, one second of pcm for any speech."""
+
+    def do_GET(self) -> None:
+        listed = {"object": "list", "data": [{"id": "stand-in"}]}
+        self._answer(json.dumps(listed).encode(), "application/json")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["content-length"]))
+        self._answer(SECOND, "audio/pcm")
+
+    def _answer(self, body: bytes, kind: str) -> None:
+        self.send_response(200)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:  # quiet: pytest shows stderr of failing tests
+        pass
+
+
+def test_a_loopback_server_is_measured_whatever_http_proxy_says(behind_a_proxy: None) -> None:
+    """A proxy elsewhere cannot reach this machine's loopback (before: with http_proxy set, the
+    study's requests to 127.0.0.1 went to it, and a running server "did not answer")."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Speaker)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        report = run_http_load(f"http://127.0.0.1:{server.server_port}", [1], timeout_s=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(30)
+    assert report["levels"][0]["summary"]["failed"] == 0 and report["model"] == "stand-in"
+
+
+def test_a_remote_server_that_does_not_answer_names_the_proxy(
+    behind_a_proxy: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment's proxy (a port where nothing listens) is what failed to connect, not the
+    server: the message names its variable as a possible cause, not its value (credentials)."""
+    monkeypatch.setenv("http_proxy", "http://user:secret@127.0.0.1:9")
+    said = "does not answer (ConnectError: "
+    with pytest.raises(EndpointError, match=re.escape(said)) as e:
+        run_http_load("http://tts.invalid:8000", [1], timeout_s=30)
+    assert "the requests go through the proxy http_proxy/HTTP_PROXY sets" in str(e.value)
+    assert "secret" not in str(e.value)

@@ -891,6 +891,15 @@ def test_check_folder_refuses_a_folder_it_cannot_make_without_making_one(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.parametrize("out", ["/proc", "/proc/new/out"])
+def test_check_folder_refuses_a_folder_nobody_writes_in_root_neither(out: str) -> None:
+    """/proc is a folder and os.access lets root write there, but no file can be made in it
+    (before: ``load --url --out /proc`` ran every level, then lost them writing load.json)."""
+    with pytest.raises(OSError) as refused:
+        check_folder(out)
+    assert refused.value.filename == out
+
+
 def test_another_familys_s3gen_is_refused_where_upstream_loads_s3gen_strictly(
     tiny_tts: ChatterboxTTS, tmp_path: Path
 ) -> None:

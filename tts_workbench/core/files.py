@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -72,5 +73,8 @@ def check_folder(path: str | Path) -> None:
     if there.exists() and not there.is_dir():
         code = errno.EEXIST if there == path.absolute() else errno.ENOTDIR  # what mkdir would raise
         raise OSError(code, os.strerror(code), str(path))
-    if not os.access(there, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    try:  # a file made and dropped at once: os.access says yes to root where nobody writes (/proc)
+        with tempfile.TemporaryFile(dir=there):
+            pass
+    except OSError as e:  # its error names the file, which the user never gave
+        raise OSError(e.errno, e.strerror, str(path)) from None

@@ -15,8 +15,10 @@ one asyncio loop (httpx); on a loopback test it shares the machine's cores with 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import httpx
 
 from ..core.constants import REQUEST_SEEDS, SAMPLE_RATE
 from ..core.errors import ConfigError, as_int, naming_flag
+from ..core.files import check_folder
 from ..core.progress import progress_bar
 from ..instruments.latency import gap_summary, underruns
 from ..models.sources import token_cap_note
@@ -105,6 +108,31 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def trusts_env(url: str) -> bool:
+    """Whether the study's client reads the environment (``http_proxy``, ``SSL_CERT_FILE`` and the
+    like) for the server at ``url``: not on this machine's loopback (``localhost``, 127.0.0.0/8,
+    ``::1``), which a proxy elsewhere cannot reach and one here would be measured with the server;
+    yes for another host, which a proxy may be the only way to reach."""
+    host = httpx.URL(url).host
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return host != "localhost"
+
+
+def proxy_note(url: str) -> str:
+    """A possible cause for a ``url`` that does not answer: the environment's proxy for its scheme,
+    named by its variable (its value may hold credentials), through which httpx sends the requests
+    unless ``no_proxy`` names the host; "" where the environment sets none."""
+    scheme = httpx.URL(url).scheme
+    proxies = urllib.request.getproxies()  # the environment's {scheme}_proxy, either case
+    key = scheme if scheme in proxies else "all"
+    if key not in proxies:
+        return ""
+    return (f"; the requests go through the proxy {key}_proxy/{key.upper()}_PROXY sets (unless no_proxy "
+            "names the host): it may be what does not answer")  # fmt: skip
+
+
 async def served_model(client: httpx.AsyncClient, url: str, timeout_s: float) -> str:
     """The first model id of ``GET /v1/models``; an EndpointError if nothing answers, the whole
     answer takes over ``timeout_s`` (httpx's timeout bounds each read: a server that trickles
@@ -116,7 +144,7 @@ async def served_model(client: httpx.AsyncClient, url: str, timeout_s: float) ->
     except httpx.HTTPError as e:
         raise EndpointError(
             f"argument --url: {url} does not answer ({type(e).__name__}: {e}): start a server "
-            "(`tts-workbench serve`) or check the URL"
+            f"(`tts-workbench serve`) or check the URL{proxy_note(url) if client.trust_env else ''}"
         ) from None
     except TimeoutError:
         raise EndpointError(
@@ -282,7 +310,9 @@ async def _run(url: str, levels: list[int], texts: list[str], *, voice: str, arr
                transport: httpx.AsyncBaseTransport | None) -> dict[str, Any]:  # fmt: skip
     limits = httpx.Limits(max_connections=max(levels) + 4)
     timeout = httpx.Timeout(timeout_s, connect=5.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as client:
+    async with httpx.AsyncClient(
+        timeout=timeout, limits=limits, transport=transport, trust_env=trusts_env(url)
+    ) as client:
         if model is None:
             model = await served_model(client, url, timeout_s)
         runs: list[dict[str, Any]] = []
@@ -327,7 +357,7 @@ def run_http_load(
     texts = texts or list(DEFAULT_TEXTS)
     kind = parse_arrival(arrival, levels[-1])
     if outdir is not None:  # an unusable --out found now, not once every level has been measured
-        Path(outdir).mkdir(parents=True, exist_ok=True)
+        check_folder(outdir)
     got = asyncio.run(_run(url, levels, texts, voice=voice, arrival=kind, tokens=tokens, seed=seed,
                            timeout_s=timeout_s, progress=progress, model=model,
                            transport=transport))  # fmt: skip
