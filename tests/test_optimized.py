@@ -279,6 +279,14 @@ def test_a_failed_build_leaves_the_model_free_to_wrap(tiny_tts: ChatterboxTTS) -
         pass
 
 
+def test_a_stop_check_every_below_one_is_refused_when_the_wrapper_is_built(tiny_tts: ChatterboxTTS) -> None:
+    # before 2026-12-06 the wrapper was built and every generation it ran then failed
+    with pytest.raises(ConfigError, match="stop_check_every must be a whole number .* got 0"):
+        PerformanceOptimizedTTS(tiny_tts, policy="float32", stop_check_every=0)
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32"):  # the model was given back
+        pass
+
+
 def test_saving_a_model_an_open_wrapper_holds_is_refused(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
     ref = {k: v.clone() for k, v in tiny_tts.t3.state_dict().items()}
     with PerformanceOptimizedTTS(tiny_tts, policy="bfloat16") as opt:

@@ -760,7 +760,8 @@ def test_bad_options_are_config_errors(tiny_tts: ChatterboxTTS) -> None:
         DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=1)
     with pytest.raises(ValueError, match="max_new_tokens"):  # ConfigError is a ValueError
         t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=0)
-    with pytest.raises(ConfigError, match="stop_check_every must be at least 1, got 0"):  # not a modulo by 0
+    # not a modulo by 0
+    with pytest.raises(ConfigError, match="stop_check_every must be a whole number .* got 0"):
         _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=4, stop_check_every=0)
     assert DecodePlan.plain(tiny_tts.t3, step="compiled").describe() == "native float32, compiled step"
     with pytest.raises(ConfigError, match=r"top_p must be in \[0, 1\]"):  # as T3.inference's warper
@@ -820,6 +821,20 @@ def test_one_token_reports_no_step_time(tiny_tts: ChatterboxTTS) -> None:
     assert t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=3).step_s > 0
 
 
+def _emulated_compiled_step(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, cudagraphs: bool
+) -> StaticStep:
+    """A static step taken for a compiled one (with CUDA graphs or not) on a clock that moves 1 s
+    per reading: the graph-making tests below replace its ``_function`` and ``_run``."""
+    sampler = Sampler(turbo=False, top_p=TOP_P)
+    parts, cpu = T3Parts.of(tiny_tts.t3), torch.device("cpu")
+    step = StaticStep(parts, batch=2, max_cache_len=CACHE, dtype=torch.float32, device=cpu, sampler=sampler)
+    step.compiled, step.cudagraphs = True, cudagraphs
+    clock = iter(range(10_000))
+    monkeypatch.setattr(decode_module, "now", lambda device: float(next(clock)))
+    return step
+
+
 @pytest.mark.parametrize(("cudagraphs", "timed"), [(False, 1), (True, 3)])
 def test_a_graph_made_mid_generation_is_timed_in_compile_s_while_it_warms_up(
     tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, cudagraphs: bool, timed: int
@@ -827,12 +842,7 @@ def test_a_graph_made_mid_generation_is_timed_in_compile_s_while_it_warms_up(
     # A longer span's (or a new sampler's) graph is made on the step that needs it. With CUDA graphs
     # the next call records it: that call was counted as a decode step (only the first was timed in
     # compile_s). Emulated (no GPU): a stand-in graph, and a clock that moves 1 s per reading.
-    sampler = Sampler(turbo=False, top_p=TOP_P)
-    parts, cpu = T3Parts.of(tiny_tts.t3), torch.device("cpu")
-    step = StaticStep(parts, batch=2, max_cache_len=CACHE, dtype=torch.float32, device=cpu, sampler=sampler)
-    step.compiled, step.cudagraphs = True, cudagraphs
-    clock = iter(range(10_000))
-    monkeypatch.setattr(decode_module, "now", lambda device: float(next(clock)))
+    step = _emulated_compiled_step(tiny_tts, monkeypatch, cudagraphs)
     graph = lambda *a: None  # noqa: E731 (a stand-in: _run below never calls it)
     made = lambda: step._compiled.setdefault((step.span, step.sampler), graph)  # noqa: E731
     monkeypatch.setattr(step, "_function", made)
@@ -841,6 +851,80 @@ def test_a_graph_made_mid_generation_is_timed_in_compile_s_while_it_warms_up(
         step(None, None, None, 1, None)  # type: ignore[arg-type]
     assert step.compile_s == timed  # each warming call one reading apart; the steps after, none
     assert step.compile_calls == timed  # decode_blocks takes them out of the steps step_s divides by
+
+
+@pytest.mark.parametrize(("cudagraphs", "timed"), [(False, 1), (True, 3)])
+def test_a_graph_whose_compile_was_interrupted_is_timed_in_compile_s_when_made_again(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, cudagraphs: bool, timed: int
+) -> None:
+    # Ctrl-C while a graph compiled (emulated: its first call raising KeyboardInterrupt) left it
+    # counted as warmed up: the next generation compiled it inside a step timed as decoding
+    # (step_s ~15x too high). Emulated as the test above: a stand-in graph, a 1 s per reading clock.
+    step = _emulated_compiled_step(tiny_tts, monkeypatch, cudagraphs)
+    graph = lambda *a: None  # noqa: E731 (a stand-in: _run below never calls it)
+    made: list[int] = []
+
+    def make() -> Callable[..., Any]:
+        made.append(step.span)
+        return step._compiled.setdefault((step.span, step.sampler), graph)
+
+    interrupted: list[int] = []
+
+    def run(fn: Any, *a: Any) -> tuple[None, None, None]:
+        if not interrupted:  # the compiling call of the first generation
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        return None, None, None
+
+    monkeypatch.setattr(step, "_function", make)
+    monkeypatch.setattr(step, "_run", run)
+    with pytest.raises(KeyboardInterrupt):
+        step(None, None, None, 1, None)  # type: ignore[arg-type]
+    for _ in range(5):  # the next generation
+        step(None, None, None, 1, None)  # type: ignore[arg-type]
+    assert step.compile_calls == 1 + timed  # the interrupted call, then a whole warm-up again
+    assert step.compile_s == 1 + timed
+    assert (step.span, step.sampler) in step._compiled and not step._warming[(step.span, step.sampler)]
+
+
+@pytest.mark.parametrize("every", [2.5, math.nan, 0, True])
+def test_stop_check_every_must_be_a_whole_number_of_at_least_one(
+    tiny_tts: ChatterboxTTS, calls_of_tfmr: list[int], every: object
+) -> None:
+    # 2.5 looked for the stop token every 5 tokens, NaN never: every step to the cap past the stop
+    with pytest.raises(
+        ConfigError, match=f"stop_check_every must be a whole number .* got {re.escape(repr(every))}"
+    ):
+        t3_decode(
+            tiny_tts.t3,
+            tiny_tts.conds.t3,
+            text_tokens(tiny_tts, TEXT),
+            max_new_tokens=4,
+            stop_check_every=every,  # type: ignore[arg-type]
+        )
+    assert not calls_of_tfmr  # refused before the prefill
+
+
+def test_a_long_prompt_compiles_only_the_span_its_steps_attend_to(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The build compiled span 256 whatever the prefill: here ~765 positions, so every step attends
+    # to span 1024, compiled by the first step (timed out of step_s), and 256's graph (on CUDA,
+    # its graph pool) went unused. A stand-in torch.compile, counted: no compile to wait for.
+    compiles: list[int] = []
+
+    def counted(fn: Any, **kw: Any) -> Any:
+        compiles.append(1)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", counted)
+    text = " ".join(["This is a fairly long sentence that keeps going on."] * 14)
+    plan = DecodePlan.plain(tiny_tts.t3, step="compiled", max_cache_len=1024)
+    assert prefill_length(tiny_tts, text) > 512
+    r, _ = _run(tiny_tts, plan, text=text, n=20)
+    step = plan.static_step(2)
+    assert step is not None and sorted(span for span, _ in step._compiled) == [1024]
+    assert len(compiles) == 1 and r.compile_steps == 0 and r.step_mode == "compiled"
 
 
 def test_step_s_divides_by_the_steps_it_timed() -> None:

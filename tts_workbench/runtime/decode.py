@@ -28,9 +28,10 @@ has slow matmuls for long inputs.
   step on ``deep-narrow``;
 - ``"compiled"``: the same step under ``torch.compile(fullgraph=True, dynamic=False)`` (with
   CUDA graphs, ``mode="reduce-overhead"``, on CUDA), compiled once per plan and batch and reused by
-  later generations, one graph per span (a span's graph is compiled when a generation first
-  reaches it). Compiling is timed on its own (``DecodeStats.compile_s``); a compile that
-  fails falls back to the static step with one warning (``StaticStep.fallback_reason``).
+  later generations, one graph per span (the first generation's first span as the step is built,
+  any other by the first step that attends to it). Compiling is timed on its own
+  (``DecodeStats.compile_s``); a compile that fails falls back to the static step with one
+  warning (``StaticStep.fallback_reason``).
 
 Turbo's T3 (GPT-2, ``T3.inference_turbo``) runs through the same loop: no guidance (batch 1), one
 start-of-speech token, no learned speech positions (GPT-2 adds its own), and upstream Turbo's
@@ -338,11 +339,13 @@ class StaticStep:
 
     With ``compile=True`` it runs under ``torch.compile(fullgraph=True, dynamic=False)``
     (``mode="reduce-overhead"``, i.e. CUDA graphs, on CUDA), one graph per span and sampler
-    (sampling settings are constants of the graph). The first span's
-    graph is compiled here, by ``warmup_calls(cudagraphs)`` calls at cache slot 0 (overwritten by the next
-    ``load``); a longer span's graph on the first step that needs it, and the steps after that
-    one still warming it up (with CUDA graphs the second call records). All are timed in
-    ``compile_s``. If compiling raises, the step runs eagerly instead, ``fallback_reason`` says
+    (sampling settings are constants of the graph). The graph of the span the first generation's
+    first step attends to (``first_length``: the slots in use then) is compiled here, by
+    ``warmup_calls(cudagraphs)`` calls at cache slot 0 (overwritten by the next ``load``); another
+    span's graph on the first step that needs it, and the steps after that one still warming it up
+    (with CUDA graphs the second call records). All are timed in ``compile_s``. A warm-up call
+    interrupted (Ctrl-C mid-compile) leaves its graph unmade: the next step needing it makes and
+    times it afresh. If compiling raises, the step runs eagerly instead, ``fallback_reason`` says
     why and one warning is issued.
 
     Dynamo checks its guards (~340 tensors: every weight and cache tensor) before each call,
@@ -366,6 +369,7 @@ class StaticStep:
         enter: Callable[[], Any] = torch.inference_mode,
         sampler: Sampler,
         cpp_wrapper: bool = False,
+        first_length: int = 1,
     ) -> None:
         self.parts, self.batch, self.max_cache_len = parts, batch, max_cache_len
         self.cpp_wrapper = cpp_wrapper
@@ -405,7 +409,7 @@ class StaticStep:
         self._claiming = threading.Lock()
         if compile:
             self.compiled, self.cudagraphs = True, self.device.type == "cuda"
-            self._warm_up(enter)
+            self._warm_up(enter, first_length)
 
     def decode_one_token(
         self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor, q: torch.Tensor
@@ -420,8 +424,9 @@ class StaticStep:
         self.sampler.saw(self.seen, token, first=False)
         return logits, token, bad
 
-    def _warm_up(self, enter: Callable[[], Any]) -> None:
-        """Compile the first span's graph and read which attention op it calls."""
+    def _warm_up(self, enter: Callable[[], Any], length: int) -> None:
+        """Compile the graph of the span holding ``length`` slots (the first step's: a long prompt's
+        steps never attend to the first span) and read which attention op it calls."""
         # Warm-up inputs laid out as decode_blocks passes them (dynamo guards on strides): the
         # sampled token expanded to the batch, views of aranges for the positions.
         token = torch.zeros((1, 1), dtype=torch.long, device=self.device).expand(self.batch, 1)
@@ -429,7 +434,7 @@ class StaticStep:
         slot = torch.zeros((1,), dtype=torch.long, device=self.device)
         q = torch.ones((1, self.seen.size(1)), device=self.device)
         t0 = now(self.device)
-        self._set_span(span_for(1, self.max_cache_len))
+        self._set_span(span_for(length, self.max_cache_len))
         try:
             fn = self._function()  # torch.compile may raise here already (no backend, say)
             for k in range(warmup_calls(self.cudagraphs)):
@@ -512,16 +517,23 @@ class StaticStep:
         if self.compiled and key not in self._compiled:  # compiled on this call, warmed on the next
             self._warming[key] = warmup_calls(self.cudagraphs)
         if self.compiled and self._warming.get(key):
-            self._warming[key] -= 1
             self.compile_calls += 1
             t0 = now(self.device)
             try:
-                return self._run(self._function(), token, position, cache_position, q)
+                out = self._run(self._function(), token, position, cache_position, q)
             except Exception as e:
                 self._give_up(e)
                 return self._run(self.decode_one_token, token, position, cache_position, q)
+            except BaseException:
+                # Interrupted (Ctrl-C mid-compile, or mid-record with CUDA graphs): what the function
+                # holds is unknown, so the next step needing it makes it afresh, timed as compiling.
+                self._compiled.pop(key, None)  # (none if torch.compile itself was interrupted)
+                del self._warming[key]
+                raise
             finally:
                 self.compile_s += now(self.device) - t0
+            self._warming[key] -= 1  # only once the call is done
+            return out
         return self._run(self._function(), token, position, cache_position, q)
 
     def _run(
@@ -596,6 +608,18 @@ def checked_cap(max_new_tokens: object) -> int:
     whole = as_int(max_new_tokens)
     if whole is None:
         raise ConfigError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    return whole
+
+
+def checked_stop_check_every(stop_check_every: object) -> int:
+    """``stop_check_every`` as a Python int (a numpy integer is taken), or a ConfigError where it is
+    not a whole number of at least 1: 0 divided by zero, 2.5 looked for the stop token every 5
+    tokens and NaN never (every step up to the cap, past the stop token)."""
+    whole = as_int(stop_check_every)
+    if whole is None or whole < 1:
+        raise ConfigError(
+            f"stop_check_every must be a whole number of tokens, at least 1, got {stop_check_every!r}"
+        )
     return whole
 
 
@@ -810,11 +834,13 @@ def _static_step(
     enter: Any,
     sampler: Sampler,
     max_cache_len: int,
+    first_length: int,
 ) -> tuple[StaticStep, bool]:
     """The plan's static step for ``batch`` with a cache of ``max_cache_len`` positions, built
-    (and compiled) if there is none that fits, and ``claim``ed for this generation; and whether
-    it was built now. A step built for a length the plan no longer has (resized since the
-    generation read it) serves this generation only.
+    (and compiled, for the span of this generation's first step, holding ``first_length`` slots)
+    if there is none that fits, and ``claim``ed for this generation; and whether it was built now.
+    A step built for a length the plan no longer has (resized since the generation read it)
+    serves this generation only.
 
     Found or built, and claimed, under the plan's lock: two generations starting at once on a
     fresh plan each built (and compiled) a step of their own. The second now waits for the
@@ -847,6 +873,7 @@ def _static_step(
             enter=enter,
             sampler=sampler,
             cpp_wrapper=cpp_wrapper,
+            first_length=first_length,
         )
         step.claim(plan.busy_fix)  # (a new step: nobody else holds it)
         if max_cache_len == plan.max_cache_len:  # else the next generation builds the new length
@@ -918,8 +945,7 @@ def decode_blocks(
     draws from it next (S3Gen's noise in a seeded ``generate``) draws what it draws upstream.
     """
     check_new_tokens(t3, max_new_tokens)
-    if stop_check_every < 1:
-        raise ConfigError(f"stop_check_every must be at least 1, got {stop_check_every}")
+    stop_check_every = checked_stop_check_every(stop_check_every)
     plan = plan or DecodePlan.plain(t3)
     stats = stats if stats is not None else DecodeStats()
     hp = t3.hp
@@ -969,7 +995,8 @@ def decode_blocks(
                 kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
                 t_build = now(device)
                 # Claimed there, or refused before it is ours: `finally` must not free the holder's cache.
-                step, new = _static_step(plan, batch, kv_dtype, device, ctx, sampler, max_cache_len)
+                first = prefill_len + 1  # the slots its first step attends to: the prefill's and its own
+                step, new = _static_step(plan, batch, kv_dtype, device, ctx, sampler, max_cache_len, first)
                 if new:
                     stats.compile_s = now(device) - t_build
                 stats.step_mode = step.mode

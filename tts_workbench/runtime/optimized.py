@@ -68,6 +68,7 @@ from .decode import (
     T3Parts,
     check_cache_len,
     checked_cap,
+    checked_stop_check_every,
     invalid_ids,
     is_turbo,
     prefill_length,
@@ -512,7 +513,8 @@ class PerformanceOptimizedTTS(Pipeline):
             self.fused = fused  # the static and compiled steps run a copy with fused projections (DecodePlan)
             self.optimize = True
             self.record_attention = record_attention  # off by default: the profiler costs time
-            self.stop_check_every = stop_check_every
+            # checked here: before 2026-12-06 a wrapper built with 0 failed every generation
+            self.stop_check_every = checked_stop_check_every(stop_check_every)
             self.device = check_device(str(tts.device))
             self.decode = check_decode(decode, self.device)
             self.flow = check_flow(flow, self.device)
