@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from tts_workbench.instruments.latency import (
     ChunkMetrics,
@@ -189,3 +190,23 @@ def test_a_stream_whose_chunks_have_no_audio_says_no_audio_not_inf() -> None:
     text = format_report(doc)
     assert "after inf" not in text and "RTF inf" not in text and "one chunk" not in text
     assert "buffered: no audio in its 2 chunks" in text and "seams: none (no audio)" in text
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_the_timeline_key_covers_no_bar_and_its_chunks_are_whole(chunks: int) -> None:
+    """The key at the lower right covered the last chunk's playback bar (the lowest, ending
+    last), and one chunk's key stuck out of the axes into the title; one chunk's axis was ticked
+    -0.25, 0.00, 0.25."""
+    report = _report()
+    report.chunks = report.chunks[:chunks]
+    fig = timeline_figure(report)
+    canvas = FigureCanvasAgg(fig)  # a bare Figure's canvas cannot draw
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax, page = fig.axes[0], fig.bbox
+    key = ax.get_legend().get_window_extent(renderer)
+    assert page.x0 <= key.x0 and key.x1 <= page.x1 and page.y0 <= key.y0 and key.y1 <= page.y1, key
+    bars = [p.get_window_extent(renderer) for p in ax.patches]
+    assert len(bars) >= 4 * chunks and not any(key.overlaps(bar) for bar in bars)  # (and underruns)
+    assert not key.overlaps(ax.title.get_window_extent(renderer))
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(chunks)]

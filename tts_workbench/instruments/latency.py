@@ -251,16 +251,19 @@ def timeline_figure(report: StreamReport, title: str = "") -> Figure:
         ax.axvspan(g.at_s, g.at_s + g.gap_s, color="red", alpha=0.2, label="underrun")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
+    if unique:  # above the bars, under the title: at the lower right it covered the last chunk's playback
+        ax.legend(unique.values(), unique.keys(), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                  ncol=len(unique), fontsize=8, frameon=False)  # fmt: skip
     ax.set_xlabel("stream time (s)")
     ax.set_ylabel("chunk")
+    ax.set_yticks([c.index for c in report.chunks])  # whole chunks (one chunk had ticks -0.25, 0, 0.25)
     ax.invert_yaxis()
     timing = (
         "no audio"  # no chunk has audio: no first audio and no RTF, rather than print inf
         if math.isinf(report.ttfa_s)
         else f"TTFA {report.ttfa_s:.2f} s, RTF {report.rtf:.2f}"
     )
-    ax.set_title(title or f"{report.strategy}: {timing}")
+    ax.set_title(title or f"{report.strategy}: {timing}", pad=24)
     fig.tight_layout()
     return fig
 
