@@ -309,3 +309,22 @@ def test_diagnose_names_each_stage_on_stderr_as_it_runs(
     with upstream_bars_off():
         run_diagnosis("tiny", "Hi.", str(reference_wav), tokens=2, outdir=tmp_path / "quiet")
     assert capsys.readouterr().err == ""
+
+
+def test_a_model_folder_is_titled_by_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_tts: ChatterboxTTS, reference_wav: Path
+) -> None:
+    """A snapshot folder's whole path as the figure's title started left of the figure and ran
+    over the phase chart's title (before 2026-12-06)."""
+    folder = "/home/user/.cache/huggingface/hub/models--ResembleAI--chatterbox/snapshots/" + "0" * 40
+    monkeypatch.setattr(diagnose, "load_model", lambda *_a, **_k: tiny_tts)
+    titles: list[str] = []
+    drawn = diagnose.plots.generation_figure
+
+    def kept(*args: Any) -> Any:
+        titles.append(args[-1])
+        return drawn(*args)
+
+    monkeypatch.setattr(diagnose.plots, "generation_figure", kept)
+    run_diagnosis(folder, "Hi.", str(reference_wav), tokens=2, outdir=tmp_path)
+    assert titles == ["0" * 40 + ": 2 tokens"]

@@ -74,7 +74,8 @@ def family_time_figure(families: pd.DataFrame) -> Figure:
     )
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_ylabel("s per s of audio (one-shot)")
-    ax.legend()
+    # above the bars: inside the axes it covered a tall bar (one family at full size)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -97,12 +98,20 @@ def load_figure(levels: pd.DataFrame, first_audio_limit_s: float | None = None) 
     ax_t.legend()
     ax_a.plot(x, levels["audio_per_wall_s"], "o-", color="tab:green", label="delivered")
     ax_a.plot(x, levels["real_time_audio_per_wall_s"], "k--", lw=0.8, label="every stream in real time")
-    stages = levels["limiting_stage"] if "limiting_stage" in levels else [None] * len(levels)
-    for xi, yi, stage in zip(x, levels["audio_per_wall_s"], stages, strict=True):
-        if stage:  # known in-process only; a client of an endpoint cannot see the stages
-            ax_a.annotate(stage, (xi, yi), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    # known in-process only; a client of an endpoint cannot see the stages
+    staged = "limiting_stage" in levels and levels["limiting_stage"].notna().any()
+    if staged:
+        last = x.max()
+        for xi, yi, stage in zip(x, levels["audio_per_wall_s"], levels["limiting_stage"], strict=True):
+            if pd.isna(stage):  # a level whose every stream failed
+                continue
+            # the last level's label to the left of its point: to the right the axes' edge cut it
+            right = xi == last and len(x) > 1
+            ax_a.annotate(stage, (xi, yi), textcoords="offset points", xytext=(-4 if right else 4, -12),
+                          ha="right" if right else "left", fontsize=8)  # fmt: skip
+        ax_a.margins(y=0.15)  # room under the lowest point for its label (it sat on the frame)
     ax_a.set(xlabel="concurrent streams", ylabel="audio s per wall s", xscale="log",
-             title="audio delivered (limiting stage marked)")  # fmt: skip
+             title="audio delivered (limiting stage marked)" if staged else "audio delivered")  # fmt: skip
     ax_a.legend()
     for ax in (ax_t, ax_a):
         ax.minorticks_off()

@@ -113,7 +113,8 @@ def run_diagnosis(
         stage("writing the audio and figure")
         wav, sr = result.wav, result.sample_rate
         wav_path = written(outdir / "speech.wav", lambda path: sf.write(str(path), wav, sr))
-        title = f"{model}: {len(result.speech_tokens)} tokens"
+        # a folder by its name: a whole snapshot path ran off the figure
+        title = f"{Path(model).name or model}: {len(result.speech_tokens)} tokens"
         figure = plots.generation_figure(wav, sr, result.seconds, title)
         plot_path = plots.save(figure, outdir / "generation.png")
         stage("probing attention")
