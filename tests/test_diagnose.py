@@ -102,6 +102,20 @@ def test_a_text_past_t3s_positions_is_refused_before_the_diagnosis_runs(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("step", ["eager", "static"])
+def test_the_check_decodes_at_most_20_tokens_so_a_text_that_fits_them_is_not_refused(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """The CLI's default --tokens (150) is cut to the check's 20: room for those is enough. (The
+    refusal above names 6 tokens however many were asked, so it did not tell whether they were cut.)"""
+    prefill = prefill_length(tiny_tts, LONG_TEXT)
+    monkeypatch.setattr(tiny_tts.t3.tfmr.config, "n_positions", prefill + 25, raising=False)
+    plan = diagnose.decode_step_plan(tiny_tts, LONG_TEXT, step, 150)
+    assert plan.step == step
+    if step == "static":  # a cache past the default one, for the prefill and 20 tokens but the last
+        assert plan.max_cache_len == prefill + 19
+
+
 def test_profile_refuses_a_text_past_t3s_positions_before_profiling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_tts: ChatterboxTTS
 ) -> None:

@@ -172,6 +172,9 @@ def test_census_and_conditionals(tiny_tts: ChatterboxTTS) -> None:
     frame = found.to_frame().set_index("module")
     assert frame.at["t3", "params_float32"] == rows["t3"].param_dtypes["float32"]
     assert frame.at["t3", "size_mib"] * 2**20 == rows["t3"].bytes
+    # bytes, not elements (which the check above and the element counts would not tell apart)
+    t3_tensors = [*tiny_tts.t3.parameters(), *tiny_tts.t3.buffers()]
+    assert rows["t3"].bytes == sum(t.numel() * t.element_size() for t in t3_tensors)
     assert list(frame.columns)[-1] == "size_mib"
     buffers = {(path, f"buffers_{k}"): n for path, r in rows.items() for k, n in r.buffer_dtypes.items()}
     assert buffers and all(frame.at[path, column] == n for (path, column), n in buffers.items())
@@ -625,15 +628,19 @@ def test_two_threads_failing_at_once_both_name_the_module_that_raised() -> None:
     assert trace.failure is not None and trace.failure.module == "inner.lin", trace.failure
 
 
-def test_an_error_raised_anew_from_a_modules_keeps_that_module() -> None:
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_an_error_raised_anew_from_a_modules_keeps_that_module(wrapped: bool) -> None:
     # a caller that wraps the model's error (raise ... from e): before 2026-12-04 the trace then
-    # named no module ("(no module running)") where the failing call was recorded
+    # named no module ("(no module running)") where the failing call was recorded. One raised while
+    # handling it, without ``from``, has it as its ``__context__`` only: no test raised one so.
     net = nn.Sequential(OrderedDict(proj=nn.Linear(4, 4), head=nn.Linear(4, 2))).half()
     with pytest.raises(ValueError, match="model failed") as info, trace_dtypes(net) as trace:
         try:
             net(torch.randn(1, 4))
         except RuntimeError as e:
-            raise ValueError("model failed") from e
+            if wrapped:
+                raise ValueError("model failed") from e
+            raise ValueError("model failed")  # noqa: B904 - the implicit chain is the case tested
     assert trace.failure is not None and trace.failure.module == "proj", trace.failure
     assert "proj" in info.value.__notes__[0]
 

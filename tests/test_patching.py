@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
+from transformers.utils import output_capturing
 
 from tts_workbench.core import patching
 from tts_workbench.core.compiling import skipping_guards
@@ -713,3 +715,66 @@ def test_the_registry_refuses_what_is_no_model() -> None:
     with pytest.raises(ConfigError, match="User is not a Chatterbox model"):
         with patching.holding(User(), User(), RuntimeError):
             pass
+
+
+def test_a_snapshot_puts_back_cast_buffers_and_plain_tensor_attributes() -> None:
+    # The tests above cast no buffer and checked only that a plain attribute was still a tensor:
+    # a restore that skipped buffers (replaced, not swapped, by a cast) or plain attributes (S3Gen's
+    # ``pe``, recast by upstream to whatever ran last) left them half precision and passed.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model(torch.rand(4, 2))  # running statistics of their own, not BatchNorm's zeros and ones
+    model[1].cached = torch.rand(3)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    cached = model[1].cached.clone()
+    snap = patching.ModuleSnapshot(model)
+    model.half()
+    model[1].cached = model[1].cached.half()  # as upstream recasts its cache
+    snap.restore()
+    assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in model.state_dict().items())
+    assert model[1].cached.dtype == torch.float32 and torch.equal(model[1].cached, cached)
+
+
+def test_three_shadows_leaving_in_any_order_leave_the_instance_as_it_was() -> None:
+    # The one left last puts back what stood under the one below it, which may itself have left
+    # (middle, then bottom, then top): following only one such step put the bottom's wrapper back
+    for order in itertools.permutations(range(3)):
+        v = Voice()
+        stacks = [ExitStack() for _ in range(3)]
+        for place, stack in enumerate(stacks):  # 0 at the bottom, 2 on top
+            stack.enter_context(shadow(v, "speak", tagged(str(place))))
+        for place in order:
+            stacks[place].close()
+        assert v.speak() == "upstream" and "speak" not in vars(v), order
+
+
+def _capture_hooks(model: torch.nn.Module) -> tuple[int, bool]:
+    """Forward hooks on ``model``'s modules, and transformers' flag that its capture hooks are on."""
+    return sum(len(m._forward_hooks) for m in model.modules()), vars(model).get(patching._CAPTURE_FLAG, False)
+
+
+def _hook_for_attentions(model: torch.nn.Sequential) -> None:
+    """What transformers does the first time attentions are asked of ``model``: every layer hooked."""
+    for layer in model:
+        output_capturing.install_output_capuring_hook(layer, "attentions", 1)
+    setattr(model, patching._CAPTURE_FLAG, True)
+
+
+def test_capture_hooks_come_off_with_the_last_user_unless_the_model_had_them() -> None:
+    # (no test here took them off: a drop that kept the flag, or that ran only for a model hooked
+    # before, left every later call on nn.Module's slow path and passed)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    model[1].register_forward_hook(lambda *_: None)  # a user's own hook, which stays
+    first, last = ExitStack(), ExitStack()
+    first.enter_context(patching.capture_hooks_undone(model))
+    last.enter_context(patching.capture_hooks_undone(model))
+    _hook_for_attentions(model)
+    assert _capture_hooks(patching.clean_copy(model)) == (1, False)  # a copy is made without them
+    first.close()
+    assert _capture_hooks(model) == (3, True)  # another user is still inside
+    last.close()
+    assert _capture_hooks(model) == (1, False)
+    _hook_for_attentions(model)  # hooked before the first user came: left as it was
+    with patching.capture_hooks_undone(model):
+        pass
+    assert _capture_hooks(model) == (3, True)
