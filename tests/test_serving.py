@@ -27,7 +27,7 @@ from fastapi.testclient import TestClient
 from starlette.requests import ClientDisconnect
 
 import tts_workbench.runtime.engine as engine_module
-from tts_workbench.core.errors import ConfigError, SourceError
+from tts_workbench.core.errors import CacheError, ConfigError, SourceError
 from tts_workbench.interface.cli import main
 from tts_workbench.models import vocode
 from tts_workbench.models.checkpoints import save_checkpoint
@@ -77,6 +77,7 @@ FIELDS_FIX = (
         ({"voice": "bob"}, "voice", 400, VOICE_FIX),  # OpenAI answers an invalid voice with 400
         ({"voice": "../alice"}, "voice", 400, VOICE_FIX),  # a voice is a name, never a path
         ({"voice": ["alice"]}, "voice", 400, VOICE_FIX),
+        ({"voice": ""}, "voice", 400, VOICE_FIX),  # no voice of that name: not the default
         ({"voice": None}, "voice", 400, "leave it out (the default voice) or send one of default, alice"),
         ({"response_format": "mp3"}, "response_format", 400, "use pcm or wav"),
         ({"response_format": ["pcm"]}, "response_format", 400, "use pcm or wav"),
@@ -89,6 +90,11 @@ FIELDS_FIX = (
         ({"instructions": []}, "instructions", 400, "leave them out"),
         ({"seed": -1}, "seed", 400, "an integer from 0 to 2**63 - 1"),
         ({"seed": 2**64}, "seed", 400, "an integer from 0 to 2**63 - 1"),
+        # of another type: a string, a float or a bool is no seed (JSON's true would pass as 1)
+        ({"seed": "5"}, "seed", 400, "an integer from 0 to 2**63 - 1"),
+        ({"seed": 1.5}, "seed", 400, "an integer from 0 to 2**63 - 1"),
+        ({"seed": True}, "seed", 400, "an integer from 0 to 2**63 - 1"),
+        ({"seed": None}, "seed", 400, "an integer from 0 to 2**63 - 1"),
         ({"max_tokens": 0}, "max_tokens", 400, "an integer from 1 to 300"),
         ({"max_tokens": 301}, "max_tokens", 400, "an integer from 1 to 300"),
         ({"max_tokens": True}, "max_tokens", 400, "an integer from 1 to 300"),
@@ -251,12 +257,20 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
             assert r.json()["error"]["param"] == param, r.json()
             assert r.json()["error"]["code"] == ("model_not_found" if status == 404 else None), r.json()
             assert r.headers["x-replica"] == "0"
+        spoken: dict[str, bytes] = {}
         for voice in ("default", "alice"):  # and it still serves, each voice its own
             r = client.post("/v1/audio/speech", json={**GOOD, "voice": voice, "max_tokens": 20})
             assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
             assert len(r.content) > 0 and len(r.content) % 2 == 0
+            spoken[voice] = r.content
+        # the same text and seed: a voice the request named but the stream ignored would be the default's
+        assert spoken["alice"] != spoken["default"]
         r = client.post("/v1/audio/speech", json={**GOOD, "response_format": "wav", "max_tokens": 20})
         assert r.content[:4] == b"RIFF" and r.headers["content-type"] == "audio/wav"
+        # a header of another rate would play the same samples at the wrong pitch and speed
+        with wave.open(io.BytesIO(r.content)) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+            assert w.readframes(len(r.content)) == spoken["default"]  # the pcm answer's samples, after it
         health = client.get("/health").json()
         assert health["active_streams"] == 0 and health["queued_streams"] == 0
         metrics = client.get("/metrics").text
@@ -341,6 +355,25 @@ def test_a_stream_that_fails_to_start_says_to_retry_and_logs_its_traceback(
     )
     [record] = [r for r in caplog.records if r.name == "tts_workbench.serving.service"]
     assert record.exc_info is not None and record.exc_info[1] is e.value.__cause__
+
+
+def test_a_cache_refusal_the_check_did_not_foresee_names_the_input(
+    service: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's CacheError is the request's: a 400 naming input, the field a client can change
+    (param null would leave it guessing), counted refused."""
+
+    def submit(*_args: object, **_kwargs: object) -> None:
+        raise CacheError("the request needs 1100 cache positions, the cache holds 1024")
+
+    engine = SimpleNamespace(submit=submit, running=True, max_cache_len=service.options.max_cache_len)
+    monkeypatch.setattr(service, "engine", engine)
+    refused = service.registry.get_sample_value("tts_streams_total", REFUSED) or 0.0
+    with pytest.raises(RequestError) as e:
+        asyncio.run(service.speech(parse_speech(GOOD, service.limits)))
+    assert (e.value.status, e.value.param) == (400, "input"), str(e.value)
+    assert str(e.value).startswith("the engine refused this request: the request needs 1100"), str(e.value)
+    assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 1
 
 
 def test_every_metric_names_its_replica(service: SpeechService) -> None:
@@ -546,6 +579,31 @@ def test_a_client_that_leaves_mid_stream_frees_its_stream_and_is_counted_once(
     finally:
         gc.enable()
     assert one_slot.registry.get_sample_value("tts_streams_total", disconnected) == before + 1  # once
+
+
+def test_the_seed_and_max_tokens_sent_are_the_streams(
+    one_slot: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed speaks its own audio, the same each time it is sent, and max_tokens is the stream's
+    token limit (a seed left out of the stream gave every request seed 0's audio; max_tokens
+    replaced by --tokens, 150 here, or capped at it cut a longer text short)."""
+    submitted: list[tuple[object, object]] = []
+    submit = one_slot.engine.submit
+
+    def spy(text: str, **kwargs: Any) -> Any:
+        submitted.append((kwargs["seed"], kwargs["max_new_tokens"]))
+        return submit(text, **kwargs)
+
+    monkeypatch.setattr(one_slot.engine, "submit", spy)
+    sent = [(1, 20), (1, 20), (2, 20), (7, 160)]  # (seed, max_tokens); 160: past --tokens
+    spoken = []
+    with TestClient(speech_app(one_slot)) as client:
+        for seed, tokens in sent:
+            r = client.post("/v1/audio/speech", json={**GOOD, "seed": seed, "max_tokens": tokens})
+            assert r.status_code == 200, r.text
+            spoken.append(r.content)
+    assert spoken[0] == spoken[1] != spoken[2]
+    assert submitted == sent
 
 
 def test_the_largest_max_tokens_advertised_can_be_met(service: SpeechService) -> None:
