@@ -708,6 +708,20 @@ def test_a_stage_that_dies_says_why_to_later_callers(tts: ChatterboxTTS) -> None
         assert returned == [False] and engine.free_rows() == 0
 
 
+def test_a_wait_for_rows_during_a_close_says_they_are_free(tts: ChatterboxTTS) -> None:
+    """close() stops the stages, then lets every row go: a wait begun before it returned False as
+    the close began, though the closed engine then held no row."""
+    engine = StreamEngine(tts, max_streams=1, config=CONFIG)
+    running = engine.submit(TEXTS[1], seed=0, max_new_tokens=400)
+    wait_until(lambda: bool(running.sampled), 30.0)  # admitted and decoding
+    returned: list[bool] = []
+    waiter = threading.Thread(target=lambda: returned.append(engine.wait_rows_free(timeout=30)), daemon=True)
+    waiter.start()
+    engine.close()
+    waiter.join(35)
+    assert returned == [True]
+
+
 def test_closing_a_busy_engine_ends_every_stream_and_counts_none(tts: ChatterboxTTS) -> None:
     engine = StreamEngine(tts, max_streams=1, config=CONFIG)
     running = engine.submit(TEXTS[1], seed=0, max_new_tokens=400)

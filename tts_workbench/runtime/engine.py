@@ -562,10 +562,10 @@ class StreamEngine:
     def wait_rows_free(self, timeout: float) -> bool:
         """Wait until no stream holds cache rows, at most ``timeout`` seconds; whether none does.
         A stream failed in the S3Gen stage has ended for its reader before the T3 stage frees
-        its rows (at its next pass). A stopped engine frees nothing more (a closed one holds none):
-        no wait there."""
+        its rows (at its next pass). An engine whose stage failed frees nothing more: no wait
+        there; one closing holds none once its stages have stopped (``close``)."""
         with self._lock:
-            self._lock.wait_for(lambda: not self._live or self._stopped, timeout)
+            self._lock.wait_for(lambda: not self._live or self._failure is not None, timeout)
             return not self._live
 
     def submit(self, text: str, *, seed: int = 0, max_new_tokens: int = 150, conds: Any = None,
@@ -718,6 +718,7 @@ class StreamEngine:
         self._end_all(self._ended_error())
         with self._lock:  # the T3 thread, which alone writes it, is gone: its streams hold no rows now
             self._live = []
+            self._lock.notify_all()  # a wait for free rows (before, it returned False as close began)
         self._kv, self._caches, self._steps = [], {}, {}
         let_go(self)  # a wrapper may change the model now
 
