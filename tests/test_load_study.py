@@ -563,6 +563,10 @@ def test_the_solo_check_skips_the_streams_that_failed_and_counts_them(
     level = {**one_failed["levels"][0], "per_stream": [changed, second]}
     solo = same_as_solo(tiny_tts, {**one_failed, "levels": [level]})
     assert solo[["streams", "solo_tokens", "failed"]].values.tolist() == [[2, False, 1]]
+    # every stream failed: none to compare, so no verdict (all([]) said True)
+    level = {**one_failed["levels"][0], "per_stream": [second, second]}
+    solo = same_as_solo(tiny_tts, {**one_failed, "levels": [level]})
+    assert solo["solo_tokens"].tolist() == [None]
 
 
 def test_the_report_says_which_streams_failed_and_why(one_failed: dict[str, Any]) -> None:
@@ -636,6 +640,18 @@ def test_a_levels_rates_and_sizes_from_hand_made_figures() -> None:
     assert s["windows_per_flow_call"] == 1.5
     assert s["growth_mib_per_stream"] == 2.0  # 4 MiB over 2 streams
     assert s["kv_mib_per_stream"] == 3.0  # one stream's cache, not the level's
+    assert s["limiting_stage"] == "s3gen"  # busy 1.0 s of 2 against T3's 0.5 s
+    # a level whose streams all failed before any stage worked: no stage limited it ("t3" before)
+    idle = {
+        **engine,
+        "t3_tokens": 0,
+        "t3_busy_s": 0.0,
+        "s3gen_busy_s": 0.0,
+        "flow_windows": 0,
+        "flow_calls": 0,
+    }
+    failed = {**row, "error": "EmptyTextError: ...", "audio_s": 0.0}
+    assert load._level_summary(2, 2.0, [failed, failed], idle, memory, 3 * 2**20)["limiting_stage"] is None
 
 
 def test_load_cli_passes_its_seed_dtype_and_first_audio_limit_to_the_study(

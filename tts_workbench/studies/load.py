@@ -444,7 +444,8 @@ def _level_summary(
         "flow_ms_per_call": 1000 * e["flow_s"] / e["flow_calls"] if e["flow_calls"] else 0.0,
         "t3_busy_pct": 100 * busy["t3"],
         "s3gen_busy_pct": 100 * busy["s3gen"],
-        "limiting_stage": max(busy, key=lambda k: busy[k]),
+        # none where no stage worked (every stream failed at once): "t3" was a verdict on nothing
+        "limiting_stage": max(busy, key=lambda k: busy[k]) if any(busy.values()) else None,
         "peak_mib": mem["peak_bytes"] / 2**20,
         "growth_mib_per_stream": (mem["peak_bytes"] - mem["start_bytes"]) / n / 2**20,
         "kv_mib_per_stream": kv / 2**20,
@@ -708,10 +709,10 @@ def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
     """Per level: did every stream that did not fail speak exactly the tokens it speaks alone (same
     text, seed and T3 dtype, the static step, fused if the study's was: ``streaming.stream_tokens``,
     T3 alone), and how many cache rows were still held when every stream had ended (0: each freed
-    its rows)? One row per level. A stream that failed (``failed`` counts them) is not re-run: its
-    tokens stop where it failed, and a request that failed alone (an empty text) fails again. In
-    bfloat16 a batched kernel's rounding can flip a near tie, so False there is not necessarily
-    a bug."""
+    its rows)? One row per level; ``solo_tokens`` None where every stream failed. A stream that
+    failed (``failed`` counts them) is not re-run: its tokens stop where it failed, and a request
+    that failed alone (an empty text) fails again. In bfloat16 a batched kernel's rounding can
+    flip a near tie, so False there is not necessarily a bug."""
     parts = decode_plan(tts, report["t3_dtype"])  # the report's T3 dtype, the static step
     # (with alignment analyzers the eager one: the single-stream step that runs one)
     plan = DecodePlan(
@@ -731,7 +732,7 @@ def same_as_solo(tts: Any, report: dict[str, Any]) -> pd.DataFrame:
         ]
         failed = level["summary"]["failed"]
         rows.append(
-            {"streams": level["streams"], "solo_tokens": all(same), "failed": failed,
+            {"streams": level["streams"], "solo_tokens": all(same) if same else None, "failed": failed,
              "rows_held_after": level.get("rows_held_after")}  # absent from reports before 2026-12-03
         )  # fmt: skip
     return pd.DataFrame(rows)
