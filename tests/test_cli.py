@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core import strict_json
@@ -421,6 +422,36 @@ def test_a_trace_written_as_json_and_as_gzip_is_read_twice(
     assert [r["run"] for r in json.loads(capsys.readouterr().out)["table"]] == ["t.json", "t.json.gz"]
     assert main(["trace", "--read", str(plain), str(plain)]) == 2  # the same file given twice
     assert "error: argument --read: a trace file is named twice" in capsys.readouterr().err
+    # the flag given once per file: the second list replaced the first, and one trace was read
+    assert main(["trace", "--read", str(plain), "--read", str(packed), "--json"]) == 0
+    assert [r["run"] for r in json.loads(capsys.readouterr().out)["table"]] == ["t.json", "t.json.gz"]
+    assert main(["trace", "--read", str(plain), "--read", str(plain)]) == 2
+    assert "error: argument --read: a trace file is named twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--json", "diagnose"], "error: --json goes after the command: tts-workbench diagnose --json ..."),
+    (["--seed=3", "stream"], "error: --seed=3 goes after the command: tts-workbench stream --seed=3 ..."),
+    (["--bogus", "stream"], "error: unrecognized arguments: --bogus"),  # no flag of the command's
+])  # fmt: skip
+def test_a_commands_flag_before_the_command_is_told_to_go_after_it(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(before: "unrecognized arguments: --json (see `tts-workbench diagnose --help`)", a help page
+    that lists --json)"""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(said), errors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where CUDA is not available")
+def test_cuda_on_a_machine_without_it_names_the_flag_to_give(capsys: pytest.CaptureFixture[str]) -> None:
+    """(before: "use device='cpu'", Python's form, to a command-line user)"""
+    assert main(["diagnose", "--device", "cuda"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "(on the command line: --device cpu)" in errors[0], errors
 
 
 @pytest.mark.parametrize("flag", [["--voice", "alice"], ["--timeout", "5"]])

@@ -17,7 +17,8 @@ def check_device(device: str) -> torch.device:
         build = "CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda} build"
         raise SourceError(
             f"device={device!r} requested but CUDA is not available (torch {torch.__version__}, "
-            f"{build}); use device='cpu' or run on a machine with an NVIDIA GPU"
+            f"{build}); use device='cpu' (on the command line: --device cpu) or run on a machine with an "
+            "NVIDIA GPU"
         )
     count = torch.cuda.device_count() if dev.type == "cuda" else 0
     # else it fails later, at the first tensor put there

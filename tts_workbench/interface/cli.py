@@ -779,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--read",
         nargs="+",
+        action="extend",  # --read A --read B reads both (the second list replaced the first)
         type=_path,
         metavar="TRACE",
         help="read these trace files instead of profiling (no model; the profiling flags are refused)",
@@ -914,6 +915,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str]) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # argparse would report them from the top parser, whose help lists no command's flags
+        # one of the command's own flags given before it (`tts-workbench --json stream`)
+        before, own = argv[: list(argv).index(args.command)], args.command_parser._option_string_actions
+        if misplaced := [word for word in unknown if word in before and word.split("=")[0] in own]:
+            args.command_parser.error(
+                f"{misplaced[0]} goes after the command: tts-workbench {args.command} {misplaced[0]} ..."
+            )
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.flags_given = _flags_given(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
