@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from chatterbox.tts import ChatterboxTTS
 
@@ -163,6 +165,21 @@ def test_stream_cuts_the_voice_prompt_to_prompt_s(
     report = json.loads(capsys.readouterr().out)
     assert report["config"]["prompt_s"] == 1.0
     assert kept and set(kept) == {25}  # the stream's and the one-shot's calls alike
+
+
+def test_a_converted_reference_is_said_on_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    """Only diagnose's report said a stereo or resampled reference was converted; the other
+    commands converted it silently (docs/index.md said every report does)."""
+    mono, sr = sf.read(reference_wav)
+    stereo = tmp_path / "stereo.wav"
+    sf.write(stereo, np.stack([mono, 0.5 * mono], axis=1), sr)
+    args = ["stream", "--strategy", "naive", "--tokens", "4", "--reference", str(stereo)]
+    assert main([*args, "--out", str(tmp_path / "out"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)  # stdout still the report alone
+    assert f"reference: {stereo}: mixed 2 channels to mono" in err.splitlines()
 
 
 def test_the_model_help_names_every_source() -> None:

@@ -409,7 +409,9 @@ def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = T
         text_tokens(tts, args.text)
     if args.reference:
         with naming_flag("--reference", SourceError):  # a file that is no usable recording
-            prepare_voice(tts, args.reference)
+            info = prepare_voice(tts, args.reference)
+        if info.notes:  # what was done to it (diagnose's report has them; these commands' have none)
+            print(f"reference: {args.reference}: {'; '.join(info.notes)}", file=sys.stderr)
         yield tts
     else:
         with generated_voice(Path(folder) / "reference.wav") as wav:
