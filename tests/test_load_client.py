@@ -630,6 +630,13 @@ def test_an_out_folder_this_user_cannot_write_is_refused_before_any_request() ->
         ("http://127.3.2.1:8000", False),
         ("http://localhost:8000", False),
         ("http://[::1]:8000", False),
+        # what `serve --host 0.0.0.0` prints, a trailing dot, another case, IPv4 mapped to IPv6
+        ("http://0.0.0.0:8000", False),
+        ("http://[::]:8000", False),
+        ("http://localhost.:8000", False),
+        ("http://LOCALHOST:8000", False),
+        ("http://127.0.0.1.:8000", False),
+        ("http://[::ffff:127.0.0.1]:8000", False),
         ("https://tts.example.com", True),
         ("http://10.0.0.7:8000", True),
         ("http://[2001:db8::1]:8000", True),

@@ -76,5 +76,6 @@ def check_folder(path: str | Path) -> None:
     try:  # a file made and dropped at once: os.access says yes to root where nobody writes (/proc)
         with tempfile.TemporaryFile(dir=there):
             pass
-    except OSError as e:  # its error names the file, which the user never gave
-        raise OSError(e.errno, e.strerror, str(path)) from None
+    except OSError as e:  # its error names a file the user never gave, and procfs says ENOENT
+        why = f"no file can be made in {there} ({e.strerror})"
+        raise PermissionError(errno.EACCES, why, str(path)) from None

@@ -110,14 +110,18 @@ def check_url(url: str) -> str:
 
 def trusts_env(url: str) -> bool:
     """Whether the study's client reads the environment (``http_proxy``, ``SSL_CERT_FILE`` and the
-    like) for the server at ``url``: not on this machine's loopback (``localhost``, 127.0.0.0/8,
-    ``::1``), which a proxy elsewhere cannot reach and one here would be measured with the server;
-    yes for another host, which a proxy may be the only way to reach."""
-    host = httpx.URL(url).host
+    like) for the server at ``url``: not on this machine (``localhost``, 127.0.0.0/8, ``::1``, and
+    0.0.0.0 or ``::``, which ``serve --host 0.0.0.0`` prints and reach this machine), which a proxy
+    elsewhere cannot reach and one here would be measured with the server; yes for another host,
+    which a proxy may be the only way to reach."""
+    host = httpx.URL(url).host.rstrip(".")  # a fully qualified name's dot (httpx lowers the case)
     try:
-        return not ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:  # a name, not an address
         return host != "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    return not (address.is_loopback or address.is_unspecified)
 
 
 def proxy_note(url: str) -> str:
