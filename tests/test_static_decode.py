@@ -822,17 +822,28 @@ def test_one_token_reports_no_step_time(tiny_tts: ChatterboxTTS) -> None:
 
 
 def _emulated_compiled_step(
-    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, cudagraphs: bool
-) -> StaticStep:
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, cudagraphs: bool, run: Callable[..., Any]
+) -> tuple[StaticStep, list[int]]:
     """A static step taken for a compiled one (with CUDA graphs or not) on a clock that moves 1 s
-    per reading: the graph-making tests below replace its ``_function`` and ``_run``."""
+    per reading, its graphs stand-ins that ``run`` replaces ``_run`` for; and the spans of the
+    graphs it made (torch.compile called), not found."""
     sampler = Sampler(turbo=False, top_p=TOP_P)
     parts, cpu = T3Parts.of(tiny_tts.t3), torch.device("cpu")
     step = StaticStep(parts, batch=2, max_cache_len=CACHE, dtype=torch.float32, device=cpu, sampler=sampler)
     step.compiled, step.cudagraphs = True, cudagraphs
     clock = iter(range(10_000))
     monkeypatch.setattr(decode_module, "now", lambda device: float(next(clock)))
-    return step
+    graph = lambda *a: None  # noqa: E731 (a stand-in: ``run`` never calls it)
+    made: list[int] = []
+
+    def make() -> Callable[..., Any]:
+        if (step.span, step.sampler) not in step._compiled:
+            made.append(step.span)
+        return step._compiled.setdefault((step.span, step.sampler), graph)
+
+    monkeypatch.setattr(step, "_function", make)
+    monkeypatch.setattr(step, "_run", run)
+    return step, made
 
 
 @pytest.mark.parametrize(("cudagraphs", "timed"), [(False, 1), (True, 3)])
@@ -842,13 +853,10 @@ def test_a_graph_made_mid_generation_is_timed_in_compile_s_while_it_warms_up(
     # A longer span's (or a new sampler's) graph is made on the step that needs it. With CUDA graphs
     # the next call records it: that call was counted as a decode step (only the first was timed in
     # compile_s). Emulated (no GPU): a stand-in graph, and a clock that moves 1 s per reading.
-    step = _emulated_compiled_step(tiny_tts, monkeypatch, cudagraphs)
-    graph = lambda *a: None  # noqa: E731 (a stand-in: _run below never calls it)
-    made = lambda: step._compiled.setdefault((step.span, step.sampler), graph)  # noqa: E731
-    monkeypatch.setattr(step, "_function", made)
-    monkeypatch.setattr(step, "_run", lambda fn, *a: (None, None, None))
+    step, made = _emulated_compiled_step(tiny_tts, monkeypatch, cudagraphs, lambda fn, *a: (None, None, None))
     for _ in range(5):
         step(None, None, None, 1, None)  # type: ignore[arg-type]
+    assert len(made) == 1
     assert step.compile_s == timed  # each warming call one reading apart; the steps after, none
     assert step.compile_calls == timed  # decode_blocks takes them out of the steps step_s divides by
 
@@ -860,15 +868,6 @@ def test_a_graph_whose_compile_was_interrupted_is_timed_in_compile_s_when_made_a
     # Ctrl-C while a graph compiled (emulated: its first call raising KeyboardInterrupt) left it
     # counted as warmed up: the next generation compiled it inside a step timed as decoding
     # (step_s ~15x too high). Emulated as the test above: a stand-in graph, a 1 s per reading clock.
-    step = _emulated_compiled_step(tiny_tts, monkeypatch, cudagraphs)
-    graph = lambda *a: None  # noqa: E731 (a stand-in: _run below never calls it)
-    made: list[int] = []  # graphs made (torch.compile called), not found
-
-    def make() -> Callable[..., Any]:
-        if (step.span, step.sampler) not in step._compiled:
-            made.append(step.span)
-        return step._compiled.setdefault((step.span, step.sampler), graph)
-
     interrupted: list[int] = []
 
     def run(fn: Any, *a: Any) -> tuple[None, None, None]:
@@ -877,8 +876,7 @@ def test_a_graph_whose_compile_was_interrupted_is_timed_in_compile_s_when_made_a
             raise KeyboardInterrupt
         return None, None, None
 
-    monkeypatch.setattr(step, "_function", make)
-    monkeypatch.setattr(step, "_run", run)
+    step, made = _emulated_compiled_step(tiny_tts, monkeypatch, cudagraphs, run)
     with pytest.raises(KeyboardInterrupt):
         step(None, None, None, 1, None)  # type: ignore[arg-type]
     for _ in range(5):  # the next generation
