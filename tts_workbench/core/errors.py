@@ -88,6 +88,15 @@ def as_int(value: object) -> int | None:
         return None
 
 
+def whole_from_one(value: object, refusal: str) -> int:
+    """``value`` as an ``int`` where it is a whole number of at least 1 (``as_int``), else a
+    ``ConfigError`` saying ``refusal``: a count a caller gives (streams, samples per second)."""
+    whole = as_int(value)
+    if whole is None or whole < 1:
+        raise ConfigError(refusal)
+    return whole
+
+
 @contextmanager
 def naming_flag(flag: str, *errors: type[WorkbenchError]) -> Iterator[None]:
     """Raise any of ``errors`` again, of its type, with ``argument FLAG:`` in front, as argparse

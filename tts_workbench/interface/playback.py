@@ -23,7 +23,7 @@ from IPython.display import Audio, DisplayHandle, Image, display
 from matplotlib.figure import Figure
 
 from ..core.constants import SAMPLE_RATE
-from ..core.errors import ConfigError, as_int
+from ..core.errors import ConfigError, whole_from_one
 from ..instruments.latency import ChunkMetrics, StreamReport, underruns
 
 # What every player here takes: a waveform, or ``Pipeline.generate``'s (1, samples) tensor.
@@ -92,12 +92,9 @@ class StreamPlayer:
     latency, audio, underrun marker) with that chunk's audio, and the whole utterance at the end."""
 
     def __init__(self, sample_rate: int = SAMPLE_RATE, title: str = "stream") -> None:
-        rate = as_int(sample_rate)
-        if rate is None or rate < 1:  # a WAV header holds a whole rate: 24000.0 failed at the first add
-            raise ConfigError(
-                f"sample_rate must be a whole number of samples per second, got {sample_rate!r}"
-            )
-        self.sample_rate = rate
+        # a WAV header holds a whole rate: 24000.0 failed at the first add
+        refusal = f"sample_rate must be a whole number of samples per second, got {sample_rate!r}"
+        self.sample_rate = whole_from_one(sample_rate, refusal)
         self.title = title
         self.chunks: list[np.ndarray] = []
         self.metrics: list[ChunkMetrics] = []

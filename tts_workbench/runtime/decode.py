@@ -69,7 +69,7 @@ from transformers.cache_utils import StaticCache, StaticLayer
 from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import SPEECH_VOCAB_SIZE, dtype_name
-from ..core.errors import CacheError, ConfigError, as_int
+from ..core.errors import CacheError, ConfigError, as_int, whole_from_one
 from ..core.families import kv_layout, language_for
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.rng import default_generator
@@ -615,12 +615,8 @@ def checked_stop_check_every(stop_check_every: object) -> int:
     """``stop_check_every`` as a Python int (a numpy integer is taken), or a ConfigError where it is
     not a whole number of at least 1: 0 divided by zero, 2.5 looked for the stop token every 5
     tokens and NaN never (every step up to the cap, past the stop token)."""
-    whole = as_int(stop_check_every)
-    if whole is None or whole < 1:
-        raise ConfigError(
-            f"stop_check_every must be a whole number of tokens, at least 1, got {stop_check_every!r}"
-        )
-    return whole
+    refusal = f"stop_check_every must be a whole number of tokens, at least 1, got {stop_check_every!r}"
+    return whole_from_one(stop_check_every, refusal)
 
 
 def check_new_tokens(t3: T3, max_new_tokens: int) -> None:

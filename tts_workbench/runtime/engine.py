@@ -62,7 +62,7 @@ from transformers.cache_utils import StaticCache
 from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
-from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, as_int
+from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, whole_from_one
 from ..core.families import family_of, kv_layout, language_for
 from ..core.patching import let_go, sharing
 from ..core.rng import StreamRandom, overwritten
@@ -408,11 +408,9 @@ class StreamEngine:
         # A user of the model beside any other engine, from here until close(): a wrapper opened
         # meanwhile would cast T3 (or cast it back) under this KV cache, made in its dtype now.
         with sharing(tts, self, _held_by_wrapper):
-            whole = as_int(max_streams)
             # was an AttributeError (a float's bit_length), a TypeError ("2" < 1)
-            if whole is None or whole < 1:
-                raise ConfigError(f"max_streams must be a whole number from 1, got {max_streams!r}")
-            max_streams = whole
+            refusal = f"max_streams must be a whole number from 1, got {max_streams!r}"
+            max_streams = whole_from_one(max_streams, refusal)
             batches = _sizes(flow_batches, buckets(max_streams), "flow_batches", "windows >= 1")
             streams = f"streams from 1 to max_streams ({max_streams})"
             sizes = _sizes(
