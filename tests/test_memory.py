@@ -1,10 +1,12 @@
-"""The memory window where the kernel's peak resident set cannot be reset: the sampled fallback."""
+"""Memory instruments: the sampled fallback where the kernel's peak resident set cannot be reset, and
+counting tensors' bytes."""
 
 from __future__ import annotations
 
 import time
 
 import pytest
+import torch
 
 from tts_workbench.instruments import memory
 
@@ -36,3 +38,13 @@ def test_a_sampled_window_keeps_the_block_peak_after_it_is_freed(monkeypatch: py
         sampled_twice_more()
     assert "sampled every 10 ms" in w.how
     assert (w.start_bytes, w.peak_bytes, w.growth_bytes) == (500 * MB, 600 * MB, 100 * MB)
+
+
+def test_meta_tensors_hold_no_bytes() -> None:
+    # A meta tensor's storage reports its size but its data pointer is 0 for every one of them,
+    # so two different meta weights were counted as one shared storage of the first one's size.
+    with torch.device("meta"):
+        small, large = torch.nn.Linear(10, 10), torch.nn.Linear(1000, 1000)
+    assert memory.module_bytes([small, large]) == 0
+    real = torch.nn.Linear(10, 10)
+    assert memory.module_bytes([real, large]) == (10 * 10 + 10) * 4

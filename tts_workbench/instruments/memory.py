@@ -226,12 +226,13 @@ def memory_window(device: torch.device | str) -> Iterator[MemoryWindow]:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    """Bytes of the given tensors' own storage (each storage counted once)."""
-    seen: dict[int, int] = {}
+    """Bytes of the given tensors' own storage (each storage counted once; meta tensors hold none)."""
+    seen: dict[tuple[torch.device, int], int] = {}
     for t in tensors:
-        if t is not None:
+        # Meta tensors hold no memory, and every one of them reports data pointer 0.
+        if t is not None and not t.is_meta:
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            seen[(t.device, storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
 
 
