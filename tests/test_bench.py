@@ -9,7 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from matplotlib.figure import Figure
 
@@ -476,3 +478,21 @@ def test_fused_on_turbo_is_refused_before_the_model_loads(
     assert not (tmp_path / "o").exists()
     with pytest.raises(Reached):  # the same flags on another family pass the checks
         run_bench("tiny", configs=("static",), fused=True, outdir=tmp_path / "o")
+
+
+def test_a_converted_reference_is_in_the_report(tmp_path: Path, reference_wav: Path) -> None:
+    """The other commands said a stereo or resampled reference was converted; the bench converted
+    it without a word (docs/index.md said so)."""
+    mono, sr = sf.read(reference_wav)
+    stereo = tmp_path / "stereo.wav"
+    sf.write(stereo, np.stack([mono, 0.5 * mono], axis=1), sr)
+    report = run_bench(
+        "tiny", ("upstream",), tokens=2, repeats=1, reference=str(stereo), outdir=tmp_path / "b"
+    )
+    assert report["reference"]["path"] == str(stereo) and report["reference"]["channels"] == 2
+    assert f"reference {stereo} ({report['reference']['seconds']} s, {sr} Hz): mixed 2 channels to mono" in (
+        bench.format_bench(report).splitlines()
+    )
+    generated = run_bench("tiny", ("upstream",), tokens=2, repeats=1, outdir=tmp_path / "g")
+    assert generated["reference"]["path"] == str(tmp_path / "g" / "reference.wav")  # not a temp name
+    assert generated["reference"]["notes"] == []

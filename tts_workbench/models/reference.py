@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -108,6 +109,13 @@ class ReferenceInfo:
     channels: int
     notes: list[str]
     frames: int
+
+
+def reference_line(ref: dict[str, Any]) -> str:
+    """A report's line for a reference (``ReferenceInfo`` as a dict): its length, rate and what
+    was done to it."""
+    notes = "; ".join(ref["notes"]) or "used as is"
+    return f"{ref['path']} ({ref['seconds']} s, {ref['sample_rate']} Hz): {notes}"
 
 
 def check_reference(path: str | Path) -> ReferenceInfo:

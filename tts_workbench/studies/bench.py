@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, cast
@@ -41,7 +41,7 @@ from ..instruments.latency import snr_db
 from ..instruments.memory import allocated_bytes, graph_pool_bytes, memory_window, module_bytes
 from ..instruments.plots import memory_figure, save
 from ..models.builders import MODELS
-from ..models.reference import generated_voice, make_reference_wav
+from ..models.reference import generated_voice, make_reference_wav, reference_line
 from ..models.sources import load_model, model_summary, source_family
 from ..models.vocode import FlowPlan
 from ..runtime.decode import T3Parts, check_new_tokens, checked_prefill, text_tokens
@@ -256,13 +256,14 @@ def run_bench(
 
     if reference:  # the user's: refused (as --reference) before the folder is made
         with naming_flag("--reference", SourceError):
-            prepare_voice(upstream_model, reference)
+            ref = prepare_voice(upstream_model, reference)
         prefill = prefill_that_fits()
     else:  # kept in outdir once the run is known to fit
         with generated_voice(outdir / "reference.wav") as wav:
-            prepare_voice(upstream_model, str(wav))
+            ref = prepare_voice(upstream_model, str(wav))
             prefill = prefill_that_fits()
         reference = str(outdir / "reference.wav")
+        ref = replace(ref, path=reference)
     outdir.mkdir(parents=True, exist_ok=True)
     upstream = UpstreamTTS(upstream_model)
     dev = torch.device(device)
@@ -345,6 +346,7 @@ def run_bench(
         report: dict[str, Any] = {
             "environment": environment(model, device),
             "note": weights_note(model),
+            "reference": asdict(ref),  # what was done to it (a stereo or resampled file's notes)
             "settings": dict(
                 configs=list(configs),
                 tokens=tokens,
@@ -640,6 +642,7 @@ def format_bench(report: dict[str, Any]) -> str:
     lines = [
         f"model {env['model']} on {env['device']} ({env['processor']}, {env['cpu_count']} CPUs), "
         f"torch {env['torch']}, transformers {env['transformers']}, chatterbox-tts {env['chatterbox-tts']}",
+        f"reference {reference_line(report['reference'])}",
         f"{report['settings']['tokens']} tokens, {report['settings']['repeats']} repeats "
         f"(after {report['settings'].get('warmup', 0)} untimed), "
         f"medians; ratio = median / first config's median. Note: {report['note']}.",

@@ -50,7 +50,7 @@ from ..instruments.dtypes import (
     conditionals_census,
     trace_dtypes,
 )
-from ..models.reference import generated_voice
+from ..models.reference import generated_voice, reference_line
 from ..models.sources import load_model, model_summary, token_cap_note
 from ..runtime.decode import DecodePlan, gpt2_positions, prefill_length, t3_decode, text_tokens
 from ..runtime.generation import generate, prepare_voice
@@ -164,9 +164,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"model source : {report['model']} on {report['device']} (torch {report['torch']})",
         render(components, {"size_mib": ".1f"}),
     ]
-    ref = report["reference"]
-    notes = "; ".join(ref["notes"]) or "used as is"
-    lines.append(f"reference    : {ref['path']} ({ref['seconds']} s, {ref['sample_rate']} Hz): {notes}")
+    lines.append(f"reference    : {reference_line(report['reference'])}")
     ended = f"ended by the {report['stopped_by']}"
     if report["stopped_by"] == "token cap":
         ended += f" of {report['token_cap']}: {token_cap_note(report['model'])}"
