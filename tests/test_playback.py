@@ -72,6 +72,19 @@ def test_stream_player_marks_underruns() -> None:
     assert player.static()["index"].tolist() == [0, 1]  # the static rendering has both rows
 
 
+def test_a_player_at_another_rate_writes_it_in_every_header() -> None:
+    player = StreamPlayer(16000)
+    player.add(np.zeros(16000, np.float32), _metrics(0, 0.5, 1.0))
+    chunk = player.rows.children[0].children[1].value
+    player.finish()
+    whole = player.full.children[1].value
+    played = re.search(r"base64,([^\"]+)", player._static_bundle()["text/html"])
+    assert played is not None
+    for wav in (chunk, whole, base64.b64decode(played.group(1))):
+        assert sf.info(io.BytesIO(wav)).samplerate == 16000
+    assert "whole utterance: 1.00 s of audio" in player._static_bundle()["text/plain"]
+
+
 def test_only_the_chunk_that_came_late_is_marked() -> None:
     # (before: a second chunk arriving at the late one's moment was marked late too)
     player = StreamPlayer(24000)

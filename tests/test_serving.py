@@ -918,6 +918,29 @@ def test_serve_without_a_ray_cluster_names_the_address_not_a_folder(
     assert "--address auto" in error and "ray start --head" in error and "folder" not in error, error
 
 
+def test_a_local_serve_starts_its_own_ray_whatever_ray_address_says(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With RAY_ADDRESS set (or after `ray start --head` on this machine) ray.init without an
+    address joined that cluster, then refused num_cpus: "When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided", arguments the user never gave."""
+    import ray
+
+    given: list[dict[str, object]] = []
+
+    def init(**kwargs: object) -> None:
+        given.append(kwargs)
+        raise KeyboardInterrupt  # stop there: serve says it stopped before serving
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    assert main(["serve", "--port", str(_free_port()), "--out", str(tmp_path)]) == 0
+    assert "stopped before serving" in capfd.readouterr().out
+    [kwargs] = given
+    assert kwargs["address"] == "local" and kwargs["num_cpus"] == 2, kwargs  # Ray's word for "start one"
+
+
 def test_serve_refuses_gpus_ray_cannot_give_each_replica(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -935,9 +958,10 @@ def test_serve_refuses_gpus_ray_cannot_give_each_replica(
     monkeypatch.setattr(ray, "init", no_ray)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    out = ["--out", str(tmp_path)]
+    out = ["--out", str(tmp_path / "out")]
     [error] = _serve_errors(capfd, ["--port", str(_free_port()), "--device", "cuda", "--replicas", "2", *out])
     assert "--replicas 2" in error and "1 GPU" in error, error
+    assert not (tmp_path / "out").exists()  # (before: an empty run folder was left behind)
     for where in (["--port", str(_free_port())], ["--address", "auto"]):
         [error] = _serve_errors(capfd, [*where, "--device", "cuda:1", *out])
         assert "--device cuda:1" in error and "use --device cuda" in error, error

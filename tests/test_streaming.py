@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from matplotlib.figure import Figure
 
-from tts_workbench.core.constants import RANDOM_NO_STOP, SPEECH_VOCAB_SIZE
+from tts_workbench.core.constants import RANDOM_NO_STOP, SAMPLE_RATE, SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError, NoVoiceError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
@@ -522,6 +523,9 @@ def test_stream_cli_writes_wav_and_timeline(
     report = json.loads(capsys.readouterr().out)
     assert report["summary"]["s3gen_calls"] == len(report["chunks"]) >= 1
     assert Path(report["files"]["wav"]).stat().st_size > 1000 and Path(report["files"]["timeline"]).exists()
+    written = sf.info(report["files"]["wav"])  # the whole stream, at the model's rate
+    assert written.samplerate == SAMPLE_RATE
+    assert written.frames == pytest.approx(report["summary"]["audio_s"] * SAMPLE_RATE, abs=SAMPLE_RATE / 100)
     assert report["note"] == f"no stop token within 40 tokens ({RANDOM_NO_STOP})"
     assert report["t3_step_mode"] == "static" and "t3_compile_s" in report
 

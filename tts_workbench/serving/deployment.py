@@ -17,7 +17,6 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 from urllib.parse import urlparse
@@ -26,6 +25,7 @@ import torch
 
 from ..core.devices import check_device
 from ..core.errors import ConfigError, SourceError, naming_flag
+from ..core.files import check_folder
 from ..models.sources import check_source, source_family
 from ..runtime.engine import check_engine_options
 from .service import ServeOptions, SpeechService, check_options, find_voices
@@ -198,7 +198,7 @@ def check_placement(options: ServeOptions, where: Placement) -> None:
         check_source(options.model, options.family)
         family = source_family(options.model, options.family)
         check_engine_options(family, options.step, alignment=options.alignment, fused=options.fused)
-        Path(options.run_dir).mkdir(parents=True, exist_ok=True)  # an OSError names it (--out)
+        check_folder(options.run_dir)  # an OSError names it (--out); made by the replica, once served
     check_gpus(options.device, where.replicas, local=not where.address)
 
 
@@ -216,7 +216,12 @@ def _start_ray(options: ServeOptions, where: Placement) -> None:
             ) from None
     else:
         cpus = max(2, where.replicas * (options.threads or 1))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+        # "local": a Ray of its own even where RAY_ADDRESS is set or `ray start --head` ran here (without
+        # it ray.init joins that cluster, then refuses num_cpus, an argument the user never gave).
+        ray.init(
+            address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+            object_store_memory=256 * 2**20,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
