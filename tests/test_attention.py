@@ -191,6 +191,22 @@ def test_why_not_flash_on_cpu(tiny_tts: ChatterboxTTS) -> None:
     reasons = why_not_flash(tiny_tts)
     assert any("device is cpu" in r for r in reasons) and any("float32" in r for r in reasons)
     assert not any("float32" in r for r in why_not_flash(tiny_tts, dtype=torch.bfloat16))
+    assert any("CPU runs its own fused kernel" in r for r in reasons)
+
+
+def test_where_sdpa_never_runs_no_cpu_kernel_is_said_to(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: "SDPA is never called" stood beside "CPU runs its own fused kernel, ..._for_cpu", a
+    kernel that did not run."""
+    recorded = why_not_flash(tiny_tts, kernels=[EAGER])
+    assert any("SDPA is never called" in r for r in recorded)
+    monkeypatch.setattr(tiny_tts.t3.tfmr.config, "_attn_implementation", "eager")
+    configured = why_not_flash(tiny_tts)
+    assert any("SDPA is never called" in r for r in configured)
+    for reasons in (recorded, configured):
+        assert any("device is cpu" in r for r in reasons)
+        assert not any("fused kernel" in r for r in reasons), reasons
 
 
 def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(

@@ -219,6 +219,28 @@ def test_every_op_under_an_sdpa_call_is_attention() -> None:
     assert share["linear/matmul"] == share["other"] == 0
 
 
+def test_eager_attentions_matmuls_are_attention() -> None:
+    """Eager attention counted its softmax alone: QK^T and the product with V were linear/matmul
+    (28% of a timed attention was attention, where the math fallback's bmm for the same work
+    counted 100%). A relative-position term beside QK^T (S3Gen's conformer) is attention too;
+    a 4-D matmul of other rows, and one in a region with no scores, stays linear/matmul."""
+    q, pos = torch.randn(1, 4, 32, 16), torch.randn(1, 4, 63, 16)
+    other = torch.randn(1, 4, 8, 16)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        with torch.profiler.record_function("t3.decode"):
+            scores = q @ q.transpose(-1, -2) + (q @ pos.transpose(-1, -2))[..., :32]
+            torch.softmax(scores / 4.0, dim=-1) @ q
+            other @ other.transpose(-1, -2)  # not these scores' rows
+        with torch.profiler.record_function("s3gen.flow"):
+            q @ q.transpose(-1, -2)  # no softmax over scores beside it
+    ops = op_frame(prof.events())
+    matmuls = ops[ops["op"] == "aten::matmul"]
+    assert list(matmuls["category"]) == ["attention"] * 3 + ["linear/matmul"] * 2
+    bmm = ops[ops["op"] == "aten::bmm"]  # what each matmul called
+    assert list(bmm["category"]) == ["attention"] * 3 + ["linear/matmul"] * 2
+    assert KernelRecord(ops).by_phase() == {"t3.decode": {EAGER: 1}}
+
+
 def test_an_sdpa_call_under_autocast_is_one_call_of_its_kernel() -> None:
     """Autocast shows as an SDPA op around the real SDPA op (which casts, then runs the kernel):
     the outer op, with no kernel op as its own child, is no math fallback call beside it."""

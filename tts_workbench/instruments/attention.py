@@ -382,9 +382,11 @@ def why_not_flash(
         reasons.append("the decode step's recorded kernels are eager attention: SDPA is never called")
     if q.device.type == "cuda":
         return reasons + _torch_flash_refusals(q, k, v, mask)
+    # the CPU's own fused kernel, where SDPA runs at all (not beside "SDPA is never called")
+    cpu_kernel = " (CPU runs its own fused kernel, _scaled_dot_product_flash_attention_for_cpu)"
     reasons.append(
-        f"device is {q.device.type}: the CUDA Flash kernel needs an NVIDIA GPU "
-        "(CPU runs its own fused kernel, _scaled_dot_product_flash_attention_for_cpu)"
+        f"device is {q.device.type}: the CUDA Flash kernel needs an NVIDIA GPU"
+        + (cpu_kernel if q.device.type == "cpu" and backend == "sdpa" and instead is None else "")
     )
     if q.dtype == torch.float32:
         reasons.append("dtype is float32: CUDA Flash needs float16 or bfloat16")

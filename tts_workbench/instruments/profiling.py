@@ -364,10 +364,38 @@ def _kernel(e: FunctionEvent) -> str:
     return ""
 
 
-def _category(e: FunctionEvent) -> str:
+def _eager_matmuls(events: Sequence[FunctionEvent]) -> set[int]:
+    """The ids of eager attention's matmuls: beside a softmax over 4-D scores (under the same
+    parent op or region), an ``aten::matmul`` whose product has the scores' batch, heads and
+    queries (QK^T, a relative-position term beside it, and scores times V). The scale and mask
+    between them stay ``other``: matched by shape alone, the rotary ops on Q would join them
+    whenever the keys happen to number the head size."""
+    scores: dict[int, set[tuple[int, ...]]] = {}
+    for e in events:
+        if e.name == "aten::softmax" and _scores_softmax(e) and not _in_sdpa(e):
+            scores.setdefault(id(e.cpu_parent), set()).add(tuple(e.input_shapes[0][:3]))
+    found = set()
+    for e in events:
+        shapes: Sequence[Any] = e.input_shapes or []
+        if e.name != "aten::matmul" or len(shapes) < 2 or not len(shapes[0]) == len(shapes[1]) == 4:
+            continue
+        try:  # the product's batch and heads, as matmul broadcasts them
+            rows = (*torch.broadcast_shapes(tuple(shapes[0][:2]), tuple(shapes[1][:2])), shapes[0][2])
+        except RuntimeError:
+            continue
+        if rows in scores.get(id(e.cpu_parent), ()):
+            found.add(id(e))
+    return found
+
+
+def _category(e: FunctionEvent, eager_matmuls: set[int]) -> str:
     """attention, linear/matmul or other; every op under an SDPA op is attention (the math
-    fallback's bmm, mul, where, ... are the attention's time)."""
+    fallback's bmm, mul, where, ... are the attention's time), and so is every op of eager
+    attention's matmuls (``_eager_matmuls``: without them eager attention counted its softmax
+    alone, 28% of its time, where the math fallback counts the same work whole)."""
     if "scaled_dot_product" in e.name or _scores_softmax(e) or _in_sdpa(e):
+        return "attention"
+    if any(id(a) in eager_matmuls for a in (e, *ancestors(e))):
         return "attention"
     return "linear/matmul" if e.name in LINEAR_OPS else "other"
 
@@ -376,13 +404,16 @@ def op_frame(events: Iterable[FunctionEvent]) -> pd.DataFrame:
     """One row per aten op event of a profile taken under ``phase_regions`` (``prof.events()``).
 
     Columns: ``phase`` (innermost phase region, ``other`` outside them), ``op``, ``category``
-    (attention: SDPA ops, the ops under them and softmaxes over 4-D scores; linear/matmul; other),
+    (attention: SDPA ops, the ops under them, softmaxes over 4-D scores and eager attention's
+    matmuls; linear/matmul; other),
     ``kernel`` (the attention kernel of an attention call, else ""), ``dtype`` (torch's name of the
     first input's dtype; "" where that is no tensor or torch does not record it), ``input_shapes``
     (JSON), ``self_ms`` (self CPU time: the op without the ops it called) and ``total_ms``
     (inclusive CPU time: the op and everything it called). Sum ``self_ms`` to add up op time;
     ``total_ms`` of nested ops overlaps.
     """
+    events = list(events)
+    eager_matmuls = _eager_matmuls(events)
     rows = []
     for e in events:
         if not e.name.startswith("aten::"):
@@ -393,7 +424,7 @@ def op_frame(events: Iterable[FunctionEvent]) -> pd.DataFrame:
             (
                 region_of(e),
                 e.name,
-                _category(e),
+                _category(e, eager_matmuls),
                 _kernel(e),
                 _torch_dtype_name(dtypes[0]) if dtypes else "",
                 json.dumps(e.input_shapes or []),
