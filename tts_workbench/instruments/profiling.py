@@ -373,7 +373,8 @@ def _eager_matmuls(events: Sequence[FunctionEvent]) -> set[int]:
     scores: dict[int, set[tuple[int, ...]]] = {}
     for e in events:
         if e.name == "aten::softmax" and _scores_softmax(e) and not _in_sdpa(e):
-            scores.setdefault(id(e.cpu_parent), set()).add(tuple(e.input_shapes[0][:3]))
+            scored: Sequence[Any] = e.input_shapes  # one shape per input (torch annotates ints)
+            scores.setdefault(id(e.cpu_parent), set()).add(tuple(scored[0][:3]))
     found = set()
     for e in events:
         shapes: Sequence[Any] = e.input_shapes or []
