@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import json
 import os
 import re
@@ -12,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import traceback
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -191,6 +194,70 @@ def test_weights_of_another_architecture(tiny_tts: ChatterboxTTS, tmp_path: Path
     save_file(state, str(folder / "t3_cfg.safetensors"))
     with pytest.raises(SourceError, match="do not fit the standard tiny architecture"):
         load_model(str(folder))
+
+
+def test_weights_that_do_not_fit_the_recorded_architecture_say_what_to_do(tmp_path: Path) -> None:
+    folder = save_checkpoint(load_model("tiny"), tmp_path / "tiny")
+    narrow = save_checkpoint(load_model("deep-narrow"), tmp_path / "narrow")
+    for name in ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json"):
+        shutil.copy(narrow / name, folder / name)  # other weights copied over, the metadata kept
+    # before: only torch's size mismatch, no fix
+    advice = (
+        "the weights are not the ones its tts_workbench.json describes: copy in the tts_workbench.json "
+        "saved with them (for upstream's full-size weights, delete it), or save the model again"
+    )
+    with pytest.raises(SourceError, match=r"tiny architecture: size mismatch .*" + re.escape(advice)):
+        load_model(str(folder))
+    shutil.copy(narrow / METADATA_FILE, folder / METADATA_FILE)  # the advice taken: it loads
+    assert load_model(str(folder)).t3.cfg.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("keep_dtype", [True, False])
+@pytest.mark.parametrize("damage", ["misfit", "voice"])
+def test_a_failed_load_keeps_none_of_the_weights_it_read(
+    damage: str, keep_dtype: bool, tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    if damage == "misfit":  # refused while the weights load
+        state = load_file(str(folder / "t3_cfg.safetensors"))
+        state["speech_head.weight"] = torch.zeros(8194, 1024)
+        save_file(state, str(folder / "t3_cfg.safetensors"))
+    else:  # refused once the model is assembled
+        (folder / "conds.pt").write_bytes(b"")
+    read: list[weakref.ref[torch.Tensor]] = []
+    read_state = checkpoints._read_state
+
+    def recorded(path: Path, owned: bool) -> Any:
+        state = read_state(path, owned)
+        read.extend(weakref.ref(v) for v in state.values())
+        return state
+
+    monkeypatch.setattr(checkpoints, "_read_state", recorded)
+    with pytest.raises(SourceError) as failed:
+        load_folder(folder, keep_dtype=keep_dtype)
+    gc.collect()
+    # the error still held, as IPython holds the last one (sys.last_traceback); before: its
+    # frames' locals kept every weight read (and the files, mapped)
+    assert failed.value.__traceback__ is not None and read
+    assert [r for r in read if r() is not None] == []
+
+
+def _fail_holding(value: object) -> None:
+    raise ValueError("the caller's own error")
+
+
+def test_a_failed_load_leaves_the_error_its_caller_was_handling_as_it_was(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    folder = save_checkpoint(tiny_tts, tmp_path / "ckpt")
+    (folder / "conds.pt").write_bytes(b"")  # refused once the model is assembled
+    try:
+        _fail_holding(kept := object())
+    except ValueError as outer:
+        with pytest.raises(SourceError, match="conds.pt"):
+            load_folder(folder)  # its errors' chain leads to `outer`, which is not the load's
+        frames = traceback.walk_tb(outer.__traceback__)
+        assert any(frame.f_locals.get("value") is kept for frame, _ in frames)  # its locals kept
 
 
 def test_tokenizer_ids_beyond_text_vocabulary(tiny_tts: ChatterboxTTS, tmp_path: Path) -> None:
@@ -539,6 +606,21 @@ def test_an_interrupted_tokenizer_cache_write_leaves_no_half_file(
     load_model("tiny")
 
 
+@pytest.mark.parametrize("value", ["", "~/x"])
+def test_an_empty_cache_variable_means_the_default_and_a_tilde_is_the_home_folder(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TTS_WORKBENCH_CACHE", value)
+    monkeypatch.chdir(cwd)
+    cache = home / "x" if value else home / ".cache" / "tts_workbench"
+    assert frontends.default_tokenizer("standard") == cache / "tokenizer.json"
+    assert (cache / "tokenizer.json").exists()
+    assert list(cwd.iterdir()) == []  # before: tokenizer.json here, or a folder named "~"
+
+
 def test_a_damaged_tokenizer_cache_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TTS_WORKBENCH_CACHE", str(tmp_path))
     (tmp_path / "tokenizer.json").write_text('{"version": ')
@@ -691,8 +773,9 @@ def test_a_save_sweeps_what_a_killed_save_left_beside_the_folder(
     partial = tmp_path / f".ckpt.partial.{dead}.1"
     partial.mkdir()
     (partial / "t3_cfg.safetensors").write_bytes(b"half")
-    # saves still running, this process's and another's (this process's is told apart before the
-    # probe of its pid, so it alone would not show a live process taken for a dead one): left alone
+    # saves still running, another process's and this one's (marked as its saves mark what they
+    # write: this process's is told apart before the probe of its pid, so it alone would not show a
+    # live process taken for a dead one): left alone
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         alive = [tmp_path / f".ckpt.partial.{pid}.99" for pid in (os.getpid(), running.pid)]
@@ -701,7 +784,8 @@ def test_a_save_sweeps_what_a_killed_save_left_beside_the_folder(
         other = tmp_path / f".other.partial.{dead}.1"  # another folder's: left alone
         other.mkdir()
         # before: a partial folder left by a killed save stayed there for good
-        save_checkpoint(tiny_tts, tmp_path / "ckpt")
+        with checkpoints._writing(alive[0].resolve()):
+            save_checkpoint(tiny_tts, tmp_path / "ckpt")
     finally:
         running.kill()
         running.wait()
@@ -726,6 +810,25 @@ def test_a_save_puts_back_a_checkpoint_a_killed_save_left_moved_aside(
     (tmp_path / "ckpt" / "NOTES.md").unlink()
     save_checkpoint(tiny_tts, tmp_path / "ckpt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_what_a_killed_save_left_under_this_processs_pid_is_put_back_and_swept(
+    tiny_tts: ChatterboxTTS, tmp_path: Path
+) -> None:
+    # A container's process is PID 1 on every restart: what a save killed in an earlier run left
+    # bears this process's PID, and no save of this process writes it.
+    old = tmp_path / f".ckpt.old.{os.getpid()}.139999"
+    save_checkpoint(tiny_tts, tmp_path / "ckpt").rename(old)  # killed between the two renames
+    (old / "NOTES.md").write_text("mine")
+    (tmp_path / f".ckpt.partial.{os.getpid()}.139999").mkdir()  # killed while it wrote
+    # before: "does not exist", naming no checkpoint left aside; then a save left both there for good
+    hint = re.escape(f"previous checkpoint in {old}: rename it to {tmp_path.resolve() / 'ckpt'}")
+    with pytest.raises(SourceError, match=hint):
+        load_folder(tmp_path / "ckpt")
+    with pytest.raises(SourceError, match="NOTES.md"):  # put back, and its NOTES.md checked
+        save_checkpoint(load_model("tiny", seed=1), tmp_path / "ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert _same_weights(load_folder(tmp_path / "ckpt").t3, tiny_tts.t3)
 
 
 def test_loading_a_missing_folder_names_the_checkpoint_a_killed_save_moved_aside(

@@ -17,7 +17,10 @@ import pickle
 import re
 import shlex
 import shutil
-from collections.abc import Callable, Mapping
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,13 +88,14 @@ def save_checkpoint(tts: TTSModel, folder: str | Path, dtype: torch.dtype | str 
     _check_replaceable(folder, real)
     real.parent.mkdir(parents=True, exist_ok=True)
     partial = beside(real, "partial")
-    try:
-        partial.mkdir()
-        _write_checkpoint(tts, family, partial, cast_to)
-        _check_replaceable(folder, real)  # again: a file may have been added meanwhile
-        _replace_folder(partial, real, folder)
-    finally:
-        remove(partial)  # there only if the save failed
+    with _writing(partial):
+        try:
+            partial.mkdir()
+            _write_checkpoint(tts, family, partial, cast_to)
+            _check_replaceable(folder, real)  # again: a file may have been added meanwhile
+            _replace_folder(partial, real, folder)
+        finally:
+            remove(partial)  # there only if the save failed
     return folder
 
 
@@ -158,11 +162,30 @@ def _check_replaceable(folder: Path, real: Path) -> None:
 
 
 _STALE = re.compile(r"\.(partial|old)\.(\d+)\.\d+")
+# The folders beside a checkpoint that this process's saves are writing now (``_writing``).
+_WRITING: set[Path] = set()
 
 
-def _dead(pid: int) -> bool:
-    """Whether no process ``pid`` runs (only on POSIX, where signal 0 only probes)."""
-    if os.name != "posix" or pid == os.getpid():
+@contextmanager
+def _writing(side: Path) -> Iterator[None]:
+    """Mark ``side``, a folder beside a checkpoint named for this process, as written by a save
+    running now, while the block runs: marked before it is made, unmarked once it is gone (or,
+    after a failure, left for the next save to clear)."""
+    _WRITING.add(side)
+    try:
+        yield
+    finally:
+        _WRITING.discard(side)
+
+
+def _abandoned(side: Path, pid: int) -> bool:
+    """Whether ``side``, a folder beside a checkpoint named for process ``pid``, belongs to no save
+    running now: no process ``pid`` runs (told only on POSIX, where signal 0 only probes), or
+    ``pid`` is this process's and none of its saves writes ``side``, left by an earlier process
+    with the same PID (a container's process is PID 1 on every restart)."""
+    if pid == os.getpid():  # before the probe, which finds this process alive
+        return side not in _WRITING
+    if os.name != "posix":
         return False
     try:
         os.kill(pid, 0)
@@ -174,7 +197,7 @@ def _dead(pid: int) -> bool:
 
 
 def _stale_siblings(real: Path, tag: str) -> list[Path]:
-    """``beside(real, tag)`` folders left by processes no longer running, newest first."""
+    """``beside(real, tag)`` folders left by saves no longer running (``_abandoned``), newest first."""
     prefix = f".{real.name}"
     found = []
     try:
@@ -183,9 +206,12 @@ def _stale_siblings(real: Path, tag: str) -> list[Path]:
         return []
     for p in entries:
         m = _STALE.fullmatch(p.name[len(prefix) :]) if p.name.startswith(prefix) else None
-        if m and m.group(1) == tag and _dead(int(m.group(2))):
-            found.append(p)
-    return sorted(found, key=lambda p: p.lstat().st_mtime, reverse=True)
+        if m and m.group(1) == tag and _abandoned(p, int(m.group(2))):
+            try:
+                found.append((p.lstat().st_mtime, p))
+            except FileNotFoundError:  # a save of this process finished with it meanwhile
+                continue
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def _sweep_stale(real: Path) -> None:
@@ -259,18 +285,19 @@ def _replace_folder(new: Path, folder: Path, given: Path) -> None:
         new.rename(folder)
         return
     old = beside(folder, "old")
-    try:
-        folder.rename(old)
-    except OSError as e:  # a mount point os.path.ismount does not tell (a bind mount of a folder)
-        if e.errno in (errno.EBUSY, errno.EXDEV):
-            raise _mount_point(given) from e
-        raise
-    try:
-        new.rename(folder)
-    except BaseException:
-        old.rename(folder)
-        raise
-    shutil.rmtree(old)
+    with _writing(old):
+        try:
+            folder.rename(old)
+        except OSError as e:  # a mount point os.path.ismount does not tell (a bind mount of a folder)
+            if e.errno in (errno.EBUSY, errno.EXDEV):
+                raise _mount_point(given) from e
+            raise
+        try:
+            new.rename(folder)
+        except BaseException:
+            old.rename(folder)
+            raise
+        shutil.rmtree(old)
 
 
 def _config_of(t3: T3) -> TinyConfig:
@@ -507,6 +534,39 @@ def load_folder(
     folder = Path(folder)
     dev = check_device(device)
     found, layout, meta = folder_family(folder, family)
+    handling = sys.exc_info()[1]  # the caller's error, if it loads in an except block: not the load's
+    try:
+        return _load(folder, dev, found, layout, meta, keep_dtype)
+    except BaseException as e:
+        # A traceback keeps its frames' locals, and IPython keeps the last error's
+        # (sys.last_traceback) until the next one: a failed load would hold every weight it read
+        # (GBs at full size; without keep_dtype, views of the files, mapped). The lines stay.
+        _clear_frames(e, handling)
+        raise
+
+
+def _clear_frames(error: BaseException, outer: BaseException | None) -> None:
+    """Drop the locals of the finished frames in the tracebacks of ``error`` and of the errors
+    it was raised from or while handling (torch's ``load_state_dict`` holds a copy of a state),
+    up to ``outer``, an error handled before."""
+    seen: set[int] = set()
+    chained: BaseException | None = error
+    while chained is not None and chained is not outer and id(chained) not in seen:
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
+
+
+def _load(
+    folder: Path,
+    dev: torch.device,
+    found: Family,
+    layout: tuple[str, ...],
+    meta: dict[str, Any],
+    keep_dtype: bool,
+) -> TTSModel:
+    """``load_folder`` of ``folder``, which ``folder_family`` found holds a ``found`` model in
+    ``layout``, with metadata ``meta``."""
     architecture = meta.get("architecture", "full")
     states = {name: _read_state(folder / name, owned=keep_dtype) for name in layout[:3]}
     cfg = _tiny_config(meta, folder / METADATA_FILE) if architecture == "tiny" else None
@@ -628,7 +688,11 @@ def _misfit(folder: Path, family: str, meta: dict[str, Any], e: RuntimeError) ->
     architecture = meta.get("architecture", "full")
     why = f"weights in {folder} do not fit the {family} {architecture} architecture: {first}"
     if "architecture" in meta:
-        return why
+        return (
+            f"{why}; the weights are not the ones its {METADATA_FILE} describes: copy in the "
+            f"{METADATA_FILE} saved with them (for upstream's full-size weights, delete it), or save the "
+            "model again"
+        )
     return (
         f"{why}; with no {METADATA_FILE} recording its architecture the folder was read as upstream's "
         f"full-size model: copy {METADATA_FILE} in with the weights, or save the model again with "

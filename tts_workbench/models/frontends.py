@@ -205,7 +205,11 @@ def check_tokenizer(tok: Any, vocab: int) -> None:
 
 
 def default_tokenizer(family: str) -> Path:
-    cache = Path(os.environ.get("TTS_WORKBENCH_CACHE", Path.home() / ".cache" / "tts_workbench"))
+    """The cached text front end of ``family``, built on first use under ``$TTS_WORKBENCH_CACHE``
+    (``~`` expanded), or ``~/.cache/tts_workbench`` where it is unset or empty."""
+    # Empty (`TTS_WORKBENCH_CACHE=` in an env file) is unset: before, Path("") was the current folder
+    default = Path.home() / ".cache" / "tts_workbench"
+    cache = Path(os.environ.get("TTS_WORKBENCH_CACHE") or default).expanduser()
     if family == "turbo":
         return built_once(cache / "gpt2_tokenizer", build_gpt2_tokenizer)
     if family == "multilingual":
