@@ -9,7 +9,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
-from tts_workbench.instruments.plots import family_time_figure, load_figure
+from tts_workbench.instruments.plots import family_time_figure, load_figure, memory_figure, time_share_figure
+from tts_workbench.instruments.profiling import OP_COLUMNS
 
 
 def _drawn(fig: Figure) -> FigureCanvasAgg:
@@ -67,3 +68,37 @@ def test_the_family_figures_key_covers_no_bar(families: int) -> None:
     bars = [p.get_window_extent(renderer) for p in ax.patches]
     assert len(bars) == 2 * families and not any(key.overlaps(bar) for bar in bars)
     assert _inside(key, fig.bbox)
+
+
+def test_the_time_share_figures_key_covers_no_bar() -> None:
+    """The key sat in the lower right, over the end of a long bar there (s3gen.flow's in notebook
+    02; here the last row's, time outside every phase: upstream's watermark)."""
+    phases = ["t3.conditioning", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder", "other"]
+    longest = [5.0, 38.0, 130.0, 280.0, 75.0, 250.0]
+    share = pd.DataFrame([
+        {"phase": phase, "category": category, "self_ms": ms * part}
+        for phase, ms in zip(phases, longest, strict=True)
+        for category, part in (("attention", 0.3), ("linear/matmul", 0.3), ("other", 0.4))
+    ]).astype({"phase": OP_COLUMNS["phase"], "category": OP_COLUMNS["category"]})  # fmt: skip
+    fig = time_share_figure(share)
+    renderer = _drawn(fig).get_renderer()
+    ax = fig.axes[0]
+    key = ax.get_legend().get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for p in ax.patches]
+    assert len(bars) == 18 and not any(key.overlaps(bar) for bar in bars)
+    assert _inside(key, fig.bbox) and not key.overlaps(ax.title.get_window_extent(renderer))
+
+
+def test_the_memory_figures_key_is_clear_of_its_title_and_bars() -> None:
+    memory = pd.DataFrame({
+        "config": ["upstream", "optimized", "compiled"], "weights_gib": [1.0, 0.5, 0.5],
+        "kv_cache_gib": [0.0, 0.1, 0.1], "run_growth_gib": [0.3, 0.2, 0.4],
+    })  # fmt: skip
+    memory["total_gib"] = memory[["weights_gib", "kv_cache_gib", "run_growth_gib"]].sum(axis=1)
+    fig = memory_figure(memory)
+    renderer = _drawn(fig).get_renderer()
+    ax = fig.axes[0]
+    key = ax.get_legend().get_window_extent(renderer)
+    drawn = [a.get_window_extent(renderer) for a in (*ax.patches, *ax.texts)]  # bars and totals
+    assert len(drawn) == 12 and not any(key.overlaps(box) for box in drawn)
+    assert _inside(key, fig.bbox) and not key.overlaps(ax.title.get_window_extent(renderer))

@@ -55,8 +55,10 @@ def time_share_figure(share: pd.DataFrame, title: str = "operator self time by p
         colors = {"attention": "tab:red", "linear/matmul": "tab:blue", "other": "tab:gray"}
         ms.plot.barh(stacked=True, ax=ax, color=colors)
         ax.invert_yaxis()
-        ax.legend(loc="lower right")
-    ax.set(xlabel="self_ms (profiled self CPU time)", ylabel="", title=title)  # after pandas' labels
+        # above the bars, under the title: in the lower right it covered the end of a long bar there
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
+    ax.set(xlabel="self_ms (profiled self CPU time)", ylabel="")  # after pandas' labels
+    ax.set_title(title, pad=24 if not share.empty else None)
     fig.tight_layout()
     return fig
 
@@ -134,7 +136,7 @@ def memory_figure(memory: pd.DataFrame, device: str = "cpu") -> Figure:
         ax.annotate(f"{total:.2f}", (total, y), textcoords="offset points", xytext=(4, -3), fontsize=8)
     where = "CUDA allocated" if device == "cuda" else "resident"
     ax.set_xlabel(f"GiB ({where})")
-    ax.set_title("memory per configuration: what each alone would hold", pad=20)
+    ax.set_title("memory per configuration: what each alone would hold", pad=24)
     ax.invert_yaxis()
     # above the bars, under the title: inside them it covered the totals written beside the last bars
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
