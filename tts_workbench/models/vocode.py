@@ -2,9 +2,9 @@
 
 Upstream ``S3Gen.forward`` casts *every* tensor of the reference dict to the model dtype, in
 place, integer token ids included. In bfloat16 only integers up to 256 are exact (float16: 2048),
-so a half-precision S3Gen silently rounds the reference prompt's speech tokens (ids up to 6560)
-and its length (a 10 s prompt has ~250 tokens; bfloat16 turns 267 into 268, and the flow fails
-with a size mismatch). These functions call the same flow and vocoder modules with the ids kept
+so a half-precision S3Gen silently rounds the reference prompt's speech tokens (ids up to 6560;
+bfloat16 turns 267 into 268). Their count survives: upstream cuts the prompt to 10 s, at most
+250 tokens. These functions call the same flow and vocoder modules with the ids kept
 as ``long`` and only the float tensors in the model dtype, and without mutating the caller's
 dict.
 
