@@ -30,6 +30,7 @@ from tts_workbench.instruments.latency import StreamReport, format_report, seam_
 from tts_workbench.interface.cli import main
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
+from tts_workbench.runtime import streaming
 from tts_workbench.runtime.decode import DecodePlan
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
@@ -327,10 +328,93 @@ def test_windows_do_not_depend_on_when_they_are_asked(total: int) -> None:
 
 
 def test_naive_re_vocodes_context(tts: ChatterboxTTS) -> None:
-    wav, state = _run(tts, StreamConfig("naive"), tokens=100)
+    config = StreamConfig("naive")
+    wav, state = _run(tts, config, tokens=100)
     s = state.report.summary()
     assert s["s3gen_calls"] >= 3 and s["context_frames"] > s["new_frames"] / 2
     assert s["prompt_frames"] == s["s3gen_calls"] * state.report.chunks[0].prompt_frames
+    # each chunk runs again the (at most) 50 tokens before it, two mel frames a token, and
+    # counts its own apart (a context one token short, or the two counts swapped, passed above)
+    done, expected = 0, []
+    for chunk in state.report.chunks:
+        expected.append((2 * min(done, config.context_tokens), 2 * chunk.tokens))
+        done += chunk.tokens
+    assert [(c.context_frames, c.new_frames) for c in state.report.chunks] == expected
+
+
+def test_the_snr_leaves_the_crossfades_out() -> None:
+    """quality's SNR is "outside the crossfades" (docs/streaming.md): a stream that differs from
+    its one-shot only inside one is identical to it."""
+    one_shot_wav = np.sin(np.arange(24000) / 10).astype(np.float32)
+    streamed = one_shot_wav.copy()
+    streamed[11520:12480] += 0.3
+    state = StreamState(StreamReport("buffered"))
+    state.seams.append(12000)
+    state.crossfades.append((11520, 12480))
+    q = quality(streamed, one_shot_wav, state)
+    assert q["snr_db"] == math.inf and q["identical_to_one_shot"] is True, q
+    state.crossfades.clear()
+    assert quality(streamed, one_shot_wav, state)["identical_to_one_shot"] is False
+
+
+@pytest.mark.parametrize("strategy", ["buffered", "naive"])
+def test_each_chunk_times_the_flow_and_the_vocoder_apart(
+    tts: ChatterboxTTS, strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clock that moves 1 s inside the flow and 100 s inside HiFT, nowhere else (every other
+    check summed the two, so swapped fields passed)."""
+    clock = [0.0]
+
+    def timed(fn: Any, seconds: float) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            clock[0] += seconds
+            return fn(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(streaming, "now", lambda *_a, **_k: clock[0])
+    monkeypatch.setattr(streaming, "flow_mels", timed(streaming.flow_mels, 1.0))
+    monkeypatch.setattr(streaming, "vocoder", timed(streaming.vocoder, 100.0))
+    config = StreamConfig(strategy, first_window_s=0.6, window_s=1.2)
+    _, state = stream_all(tts, TEXT, config, max_new_tokens=40)
+    assert state.report.chunks
+    assert all((c.flow_s, c.vocoder_s) == (1.0, 100.0) for c in state.report.chunks)
+
+
+def test_carry_source_hands_each_call_the_source_over_its_overlap(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``carry_source=True`` passes HiFT's excitation of the overlap to the next call (no test
+    used it: a cache always None passed)."""
+    caches: list[torch.Tensor | None] = []
+    vocoder = streaming.vocoder
+
+    def recorded(s3gen: Any, mels: torch.Tensor, cache: torch.Tensor | None = None) -> Any:
+        caches.append(cache)
+        return vocoder(s3gen, mels, cache)
+
+    monkeypatch.setattr(streaming, "vocoder", recorded)
+    config = StreamConfig(first_window_s=0.6, window_s=1.2, carry_source=True)
+    stream_all(tts, TEXT, config, max_new_tokens=80)
+    overlap = (config.left_context_tokens + config.lookahead_tokens) * SAMPLES_PER_TOKEN
+    assert len(caches) >= 3 and caches[0] is None
+    assert all(c is not None and c.shape[-1] == overlap for c in caches[1:])
+
+
+def test_a_failed_stream_ends_its_progress_line(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where the caller keeps the error (a notebook keeps the last traceback, and with it the
+    stream's frame), only the stream's own close ends the bar's line."""
+
+    def failing(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("vocoder failed")
+
+    monkeypatch.setattr(streaming, "vocoder", failing)
+    with pytest.raises(RuntimeError, match="vocoder failed") as kept:
+        stream_all(tts, TEXT, StreamConfig(), max_new_tokens=20, progress=True)
+    err = capsys.readouterr().err
+    assert kept.value and err and err.endswith("\n"), err[-200:]
 
 
 def test_a_seeded_naive_stream_draws_its_noise_from_its_own_generator(tts: ChatterboxTTS) -> None:
