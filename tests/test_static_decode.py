@@ -937,3 +937,104 @@ def test_step_s_divides_by_the_steps_it_timed() -> None:
     # built mid-generation warming up): decode_s holds the other 8
     assert DecodeStats(decode_s=8.0, sampled=11, compile_steps=2).step_s == 1.0
     assert math.isnan(DecodeStats(decode_s=0.0, sampled=3, compile_steps=2).step_s)
+
+
+def test_a_static_step_under_autocast_samples_the_eager_loops_tokens(tiny_tts: ChatterboxTTS) -> None:
+    """Under autocast the static step's SpanStaticLayer.update casts to the cache's dtype (keys
+    float32 from the rotary embedding, values bfloat16 from v_proj); no test ran it there."""
+    tok = text_tokens(tiny_tts, TEXT)
+    out: dict[str, Any] = {}
+    for step in ("eager", "static"):
+        plan = DecodePlan.plain(tiny_tts.t3, autocast=torch.bfloat16, step=step)
+        torch.manual_seed(1)
+        out[step] = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, tok, max_new_tokens=20, plan=plan)
+    assert out["static"].step_mode == "static"
+    assert torch.equal(out["eager"].tokens, out["static"].tokens)
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_a_stop_in_a_later_block_leaves_everything_as_upstream(
+    tiny_tts: ChatterboxTTS, steer: Steer, mode: str
+) -> None:
+    """A stop token in a later block (not the first) of a static stream: tokens, steps and the generator
+    state left as upstream's T3 leaves it (docstring of decode_blocks)."""
+    stop = tiny_tts.t3.hp.stop_speech_token
+    cond, tok = tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT)
+    with shadow(tiny_tts.t3.speech_head, "forward", steer({12: stop})):
+        torch.manual_seed(1)
+        upstream = tiny_tts.t3.inference(t3_cond=cond, text_tokens=tok, max_new_tokens=40)
+        after_upstream = torch.get_rng_state()
+    with shadow(tiny_tts.t3.speech_head, "forward", steer({12: stop})):
+        torch.manual_seed(1)
+        plan = DecodePlan.plain(tiny_tts.t3, step=mode)
+        ours = t3_decode(tiny_tts.t3, cond, tok, max_new_tokens=40, plan=plan, stop_check_every=8)
+    assert upstream.size(1) == 12 and upstream[0, -1] == stop
+    assert torch.equal(ours.tokens, upstream)
+    assert ours.stopped and ours.steps == 12 and ours.sampled == 16
+    assert torch.equal(torch.get_rng_state(), after_upstream)
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_a_nan_right_after_the_stop_token_is_not_an_error(
+    tiny_tts: ChatterboxTTS, steer: Steer, mode: str
+) -> None:
+    """The token whose probabilities were not finite: a NaN right after the stop token is never drawn;
+    and the error names the token that was."""
+    stop = tiny_tts.t3.hp.stop_speech_token
+    plan = DecodePlan.plain(tiny_tts.t3, step=mode)
+    tok = text_tokens(tiny_tts, TEXT)
+    with shadow(tiny_tts.t3.speech_head, "forward", steer({3: stop, 4: None})):
+        r = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, tok, max_new_tokens=20, plan=plan)
+    assert r.stopped and r.tokens.size(1) == 3
+    with (
+        shadow(tiny_tts.t3.speech_head, "forward", steer({4: None})),
+        pytest.raises(RuntimeError, match="at token 4"),
+    ):
+        t3_decode(tiny_tts.t3, tiny_tts.conds.t3, tok, max_new_tokens=20, plan=plan)
+
+
+def test_a_span_compiled_mid_generation_is_compile_s_not_decode_s(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A longer span's graph compiled mid-generation is compile time, not decode time
+    (DecodeStats.compile_s / step_s docstrings). A stand-in torch.compile whose graphs take 1000 s (on a
+    clock that jumps) on their first call."""
+    jump = [0.0]
+    monkeypatch.setattr(decode_module, "now", lambda device: time.perf_counter() + jump[0])
+
+    def slow_first_call(fn: Any, **kw: Any) -> Any:
+        first = [True]
+
+        def run(*a: Any) -> Any:
+            if first[0]:
+                first[0] = False
+                jump[0] += 1000.0
+            return fn(*a)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", slow_first_call)
+    plan = DecodePlan.plain(tiny_tts.t3, step="compiled")
+    torch.manual_seed(1)
+    r = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, text_tokens(tiny_tts, TEXT), max_new_tokens=240, plan=plan)
+    step = plan.static_step(2)
+    assert sorted(span for span, _ in step._compiled) == [256, 512]  # a second graph mid-way
+    assert r.compile_steps == 1
+    assert r.compile_s >= 2000  # both graphs' compiles
+    assert r.decode_s < 1000 and r.step_s < 1000 / 200 and r.prefill_s < 1000
+
+
+def test_switching_fused_on_rebuilds_the_step_on_the_fused_copy(tiny_tts: ChatterboxTTS) -> None:
+    """``plan.fused`` switched on after a generation: the next one runs the fused copy
+    (_static_step compares held.parts with plan.step_parts)."""
+    plan = DecodePlan.plain(tiny_tts.t3, step="static")
+    tok = text_tokens(tiny_tts, TEXT)
+    torch.manual_seed(1)
+    plain = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, tok, max_new_tokens=8, plan=plan)
+    plan.fused = True
+    torch.manual_seed(1)
+    fused = t3_decode(tiny_tts.t3, tiny_tts.conds.t3, tok, max_new_tokens=8, plan=plan)
+    step = plan.static_step(2)
+    assert plan.describe().endswith(", fused")
+    assert step.parts is plan.step_parts and step.parts.tfmr is not plan.decode.tfmr
+    assert fused.compile_s > 0 and torch.equal(plain.tokens, fused.tokens)
