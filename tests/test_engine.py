@@ -22,7 +22,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 from torch._dynamo.utils import counters
 
-from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
+from tts_workbench.core.constants import FRAMES_PER_TOKEN, SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, NoVoiceError, SourceError
 from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
@@ -35,6 +35,7 @@ from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, 
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
 from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, decode_plan
+from tts_workbench.runtime.sampling import Sampler
 from tts_workbench.runtime.streaming import StreamConfig, one_shot, stream_all
 
 if TYPE_CHECKING:
@@ -174,21 +175,37 @@ def test_streams_without_guidance_join_others_of_their_settings(tts: ChatterboxT
 def test_a_stream_whose_logits_are_not_finite_fails_alone(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tts_workbench.runtime.sampling import Sampler
-
     real = Sampler.sample
 
     def nan_at_temperature_07(self: Sampler, *a: object, **k: object) -> object:
         tokens, bad = real(self, *a, **k)  # type: ignore[arg-type]
         return tokens, bad | (self.temperature == 0.7)
 
-    monkeypatch.setattr(Sampler, "sample", nan_at_temperature_07)
-    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+    slow = threading.Event()  # set once bad has failed: good's steps then last, so it still runs
+
+    def slowed(forward: Any) -> Any:
+        def step(*a: Any, **k: Any) -> Any:
+            if slow.is_set() and k["inputs_embeds"].size(1) == 1:
+                time.sleep(0.5)
+            return forward(*a, **k)
+
+        return step
+
+    def failing(self: Sampler, *a: Any, **k: Any) -> Any:
+        if self.temperature == 0.7:
+            slow.set()
+        return nan_at_temperature_07(self, *a, **k)
+
+    monkeypatch.setattr(Sampler, "sample", failing)
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine, shadow(tts.t3.tfmr, "forward", slowed):
         with engine.together():
             good = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
             bad = engine.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS, temperature=0.7)
         with pytest.raises(RuntimeError, match="not finite"):
             list(bad)
+        # its rows are free before its reader sees the error (EngineStream._fail): good's alone held
+        assert engine.free_rows() == engine.rows_per_stream
+        slow.clear()
         assert sum(1 for _ in good) > 0 and good.error is None
         assert engine.stats.t3_tokens == len(good.sampled) and bad.sampled == []  # bad sampled nothing
     assert good.tokens == solo(tts, TEXTS[0], 0)[1]
@@ -200,7 +217,6 @@ def test_no_chunk_follows_the_error_of_a_stream_t3_failed_while_s3gen_vocoded_it
     # Before, the window in the vocoder when T3 failed the stream was still emitted: its reader
     # got a chunk after the error, and the report counted audio nobody was given.
     from tts_workbench.runtime import engine as engine_module
-    from tts_workbench.runtime.sampling import Sampler
 
     in_vocoder, engine = threading.Event(), StreamEngine(tts, max_streams=1, config=CONFIG)
     real_vocoder, real_sample, real_vocode = engine_module.vocoder, Sampler.sample, engine._vocode
@@ -1735,3 +1751,76 @@ def test_two_engines_run_on_one_model_at_once(tts: ChatterboxTTS) -> None:
                    second.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS)]  # fmt: skip
         assert all(read_within(h) and h.error is None for h in handles)
     assert [h.tokens for h in handles] == [solo(tts, TEXTS[k], k)[1] for k in range(2)]
+
+
+def test_queue_wait_ends_when_the_prefill_begins(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ChunkMetrics.queued_s is 'from the request to its prefill': causal, no timing."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        prefill, began = engine._prefill, {}
+
+        def timed(handle: Any, request: Any) -> Any:
+            began[handle.index] = time.perf_counter()
+            return prefill(handle, request)
+
+        monkeypatch.setattr(engine, "_prefill", timed)
+        handles = [engine.submit(TEXTS[k], seed=k, max_new_tokens=TOKENS) for k in (0, 2)]  # 2nd queued
+        for h in handles:
+            first = [m for _, m in h][0]
+            assert h.submitted + first.queued_s <= began[h.index], (h.index, first.queued_s)
+
+
+def test_a_queued_streams_chunks_count_their_time_from_the_request(tts: ChatterboxTTS) -> None:
+    """emitted_s counts from the request (queue wait included: ttfa_s, the load study's first
+    audio): a chunk cannot be out before its stream was admitted."""
+    with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
+        alone = [m for _, m in engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)][0].emitted_s
+        hold = 2 * alone + 0.5  # longer than the stream takes from admission to its first chunk
+        with engine.together():
+            h = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+            time.sleep(hold)
+        metrics = [m for _, m in h]
+    assert metrics[0].queued_s >= hold
+    assert all(m.emitted_s >= m.queued_s for m in metrics), [(m.emitted_s, m.queued_s) for m in metrics]
+
+
+def test_a_sampling_error_fails_only_the_streams_sampled_with_it(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/many-streams.md: 'An error while sampling fails the streams sampled in that batch
+    (those with the same settings)'."""
+    real = Sampler.sample
+
+    def broken_at_07(self: Sampler, *a: Any, **k: Any) -> Any:
+        if self.temperature == 0.7:
+            raise RuntimeError("sampler broke, on purpose")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Sampler, "sample", broken_at_07)
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
+        with engine.together():
+            good = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+            bad = engine.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS, temperature=0.7)
+        with pytest.raises(RuntimeError, match="on purpose"):
+            list(bad)
+        assert [c for c, _ in good] and good.error is None and engine.stats.failed == 1
+    assert good.tokens == solo(tts, TEXTS[0], 0)[1]
+
+
+def test_a_padded_compiled_flow_call_gives_each_window_its_own_mels(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three different windows padded to a call of four: window k gets the mels of its own call
+    (the existing test pads three identical windows, so a shifted slice passes it)."""
+    monkeypatch.setattr(vocode, "compile_method", lambda fn, module, *_a, **_k: lambda *a: fn(module, *a))
+    with StreamEngine(
+        tts, max_streams=3, config=CONFIG, flow=FlowPlan("compiled"), flow_batches=[1, 4]
+    ) as engine:
+        gen = engine._voice(tts.conds)
+        regular = CONFIG.padded_tokens(first=True)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, SPEECH_VOCAB_SIZE, (3, regular), generator=g)
+        noise = torch.randn(3, 80, gen["prompt_feat"].size(1) + regular * FRAMES_PER_TOKEN, generator=g)
+        mels, *_ = engine._flow_call(gen, tokens, noise, regular)
+        for k in range(3):
+            one, *_ = engine._flow_call(gen, tokens[k : k + 1], noise[k : k + 1], regular)
+            assert (mels[k] - one[0]).abs().max() <= 1e-4 * one.abs().max(), k
