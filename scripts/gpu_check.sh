@@ -428,6 +428,8 @@ step() {  # step [--plain] NAME COMMAND...: stdout to DIR/NAME.json, stderr to D
     done
     wait $pid
     local rc=$?
+    # its own limit (timeout's 124, or 137 after -k) came after a complete report: stopped after it too
+    [[ -n $done_at && ($rc == 124 || $rc == 137) ]] && stopped=true
     printf '{"rc": %d, "seconds": %d, "limit_s": %d, "stopped_after_report": %s}\n' \
         "$rc" "$((SECONDS - t0))" "$limit" "$stopped" > "$DIR/$name.status"
     echo "   rc $rc in $((SECONDS - t0)) s" >&2
