@@ -496,3 +496,54 @@ def test_a_converted_reference_is_in_the_report(tmp_path: Path, reference_wav: P
     generated = run_bench("tiny", ("upstream",), tokens=2, repeats=1, outdir=tmp_path / "g")
     assert generated["reference"]["path"] == str(tmp_path / "g" / "reference.wav")  # not a temp name
     assert generated["reference"]["notes"] == []
+
+
+def _row(config: str, repeat: int, wall: float, step: float) -> Row:
+    return Row(config, repeat, wall, wall, 2.0, 10, 0.1, step, 1, wall / 4, 0, 0, phases_s=wall)
+
+
+def test_the_summary_is_the_median_and_min_of_the_repeats_not_their_mean() -> None:
+    """docs/bench.md: bench.json's summary holds the min and median of each; one slow repeat of
+    three (a page-fault storm, a neighbour's burst) moves a mean, not a median."""
+    floors = {"upstream": {"floor_s": 0.01}, "optimized": {"floor_s": 0.005}}
+    rows = [_row("upstream", r, w, w / 100) for r, w in enumerate((1.0, 1.0, 10.0))]
+    rows += [_row("optimized", r, w, w / 100) for r, w in enumerate((0.5, 0.5, 0.5))]
+    up, opt = summarize(rows, floors)
+    assert up["wall_s_median"] == pytest.approx(1.0) and up["wall_s_min"] == pytest.approx(1.0)
+    assert up["t3_step_s_median"] == pytest.approx(0.01) and up["t3_step_vs_floor"] == pytest.approx(1.0)
+    assert opt["wall_s_ratio"] == pytest.approx(0.5)  # 0.5 / upstream's median 1.0, not / a mean of 4.0
+
+
+def test_the_table_reads_gb_per_s_in_bytes_and_each_ratio_from_its_own_timing() -> None:
+    # optimized: wall half upstream's, step a quarter; 10**8 bytes a step in 0.01 s = 10 GB/s
+    floors = {
+        "upstream": {"floor_s": 0.002, "t3_bytes": 10**8},
+        "optimized": {"floor_s": 0.001, "t3_bytes": 10**8},
+    }
+    report = {
+        "summary": summarize([_row("upstream", 0, 4.0, 0.04), _row("optimized", 0, 2.0, 0.01)], floors),
+        "floors": floors,
+    }
+    frame = bench_frame(report).set_index("config")
+    assert frame.loc["optimized", "gb_per_s"] == pytest.approx(10.0)
+    assert frame.loc["optimized", "wall_ratio"] == pytest.approx(0.5)
+    assert frame.loc["optimized", "step_ratio"] == pytest.approx(0.25)
+    assert frame.loc["optimized", "x_floor"] == pytest.approx(10.0)
+
+
+def test_the_floor_is_the_step_bytes_read_once_at_the_measured_bandwidth(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/bench.md: floor = T3 bytes per step / read bandwidth (bytes/s, a float32 buffer)."""
+
+    class Fixed:
+        def __init__(self, *_a: Any, **_k: Any) -> None:
+            pass
+
+        def blocked_autorange(self, **_k: Any) -> Any:
+            return type("M", (), {"median": 0.5})()
+
+    monkeypatch.setattr(bench, "Timer", Fixed)
+    bandwidth = bench.read_bandwidth("cpu", mbytes=4)
+    assert bandwidth == pytest.approx(4 * 2**20 / 0.5)  # the buffer's bytes over the time to read them
+    assert bench.step_floor(10**9, 10**9) == pytest.approx(1.0)  # bytes over bytes/s: seconds

@@ -5,6 +5,7 @@ study's argument checks, and ``serve`` stopped before it serves (Ray's calls rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gzip
 import http.server
@@ -13,7 +14,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -547,6 +548,10 @@ def test_poisson_arrivals_are_sent_no_earlier_than_their_offsets() -> None:
     rows = report["levels"][0]["per_stream"]
     assert len({row["arrival_s"] for row in rows}) == 4 and len(reached) == 4  # spread, not a burst
     assert all(reached[row["seed"]] - listed[0] >= row["arrival_s"] for row in rows), (reached, listed, rows)
+    # first audio counts from each request's own send, not from the level's start: the stand-in
+    # answers at once, so the last one sent (0.3 s and more in, seed 0) hears it before its offset
+    late = max(rows, key=lambda row: row["arrival_s"])
+    assert late["arrival_s"] > 0.3 and late["ttfa_s"] < late["arrival_s"], rows
 
 
 def test_levels_run_in_ascending_order() -> None:
@@ -657,8 +662,8 @@ class _Speaker(http.server.BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["content-length"]))
         self._answer(SECOND, "audio/pcm")
 
-    def _answer(self, body: bytes, kind: str) -> None:
-        self.send_response(200)
+    def _answer(self, body: bytes, kind: str, status: int = 200) -> None:
+        self.send_response(status)
         self.send_header("content-type", kind)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -668,19 +673,50 @@ class _Speaker(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_loopback_server_is_measured_whatever_http_proxy_says(behind_a_proxy: None) -> None:
-    """A proxy elsewhere cannot reach this machine's loopback (before: with http_proxy set, the
-    study's requests to 127.0.0.1 went to it, and a running server "did not answer")."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Speaker)
+class _Pair(_Speaker):
+    """A stand-in that answers speech only once a second request has come in (3 s at most)."""
+
+    together = threading.Barrier(2, timeout=3)
+
+    def do_POST(self) -> None:
+        try:
+            self.together.wait()
+        except threading.BrokenBarrierError:
+            self.rfile.read(int(self.headers["content-length"]))
+            self._answer(b'{"error": {"message": "alone"}}', "application/json", 500)
+            return
+        super().do_POST()
+
+
+@contextlib.contextmanager
+def _served(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` serving on a free loopback port while the block runs: its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        report = run_http_load(f"http://127.0.0.1:{server.server_port}", [1], timeout_s=30)
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(30)
+
+
+def test_a_loopback_server_is_measured_whatever_http_proxy_says(behind_a_proxy: None) -> None:
+    """A proxy elsewhere cannot reach this machine's loopback (before: with http_proxy set, the
+    study's requests to 127.0.0.1 went to it, and a running server "did not answer")."""
+    with _served(_Speaker) as url:
+        report = run_http_load(url, [1], timeout_s=30)
     assert report["levels"][0]["summary"]["failed"] == 0 and report["model"] == "stand-in"
+
+
+def test_a_levels_streams_reach_the_server_together() -> None:
+    """A level's streams are sent at once, not queued in the client's connection pool (where
+    the wait would be timed as the server's first audio)."""
+    _Pair.together.reset()  # (broken by an earlier run of this test that failed)
+    with _served(_Pair) as url:
+        report = run_http_load(url, [2], timeout_s=30)
+    assert report["levels"][0]["summary"]["failed"] == 0, report["levels"][0]["per_stream"]
 
 
 def test_a_remote_server_that_does_not_answer_names_the_proxy(
