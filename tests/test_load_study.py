@@ -8,6 +8,8 @@ import argparse
 import json
 import math
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -820,3 +822,82 @@ def test_a_fused_load_runs_one_fused_copy_and_its_solo_tokens(
     assert all(level["summary"]["failed"] == 0 for level in report["levels"])
     assert analyzers.count() == (1 + 1 + 2 if aligned else 0)
     assert same_as_solo(tts, report)["solo_tokens"].all()
+
+
+def _row(arrival_s: float, ttfa_s: float | None, audio_s: float, error: str | None = None) -> dict[str, Any]:
+    return {"arrival_s": arrival_s, "ttfa_s": ttfa_s, "audio_s": audio_s, "underruns": 0,
+            "max_underrun_s": 0.0, "error": error, "sampled_tokens": 25, "kept_tokens": 25}  # fmt: skip
+
+
+def test_poisson_offsets_are_rate_streams_a_second_from_the_seed() -> None:
+    gaps = np.diff(arrival_offsets(("poisson", 4.0), 2001, seed=0))
+    assert gaps.mean() == pytest.approx(0.25, rel=0.1)  # 4 streams/s: a quarter second apart
+    a, b = arrival_offsets(("poisson", 4.0), 5, seed=0), arrival_offsets(("poisson", 4.0), 5, seed=1)
+    assert not np.array_equal(a, b)  # --seed N draws the arrivals too
+    # the 64-bit two's complement, as torch's manual_seed takes a negative seed
+    assert np.array_equal(
+        arrival_offsets(("poisson", 4.0), 5, -1), arrival_offsets(("poisson", 4.0), 5, 2**64 - 1)
+    )
+
+
+def test_a_failed_stream_is_not_silent_and_memory_grows_per_stream_of_the_level() -> None:
+    streams = [_row(0.0, 0.2, 1.0), _row(0.0, None, 0.0, "EmptyTextError: ...")]
+    s = listener_summary(2, 1.0, streams)
+    assert (s["failed"], s["silent"]) == (1, 0)
+    assert real_time_capacity(pd.DataFrame([s]), 0.5)["missed"][2] == "1 failed"
+    engine = {"t3_tokens": 100, "t3_busy_s": 0.5, "s3gen_busy_s": 1.0, "flow_windows": 6, "flow_calls": 4,
+              "flow_s": 0.2}  # fmt: skip
+    memory = {"start_bytes": 0, "peak_bytes": 4 * 2**20}
+    assert load._level_summary(2, 1.0, streams, engine, memory, 2**20)["growth_mib_per_stream"] == 2.0
+
+
+def test_p99_is_its_own_rank_and_real_time_audio_ends_at_the_latest_stream_end() -> None:
+    streams = [_row(0.0, (k + 1) / 100, 1.0) for k in range(100)]  # 0.01 .. 1.00 s
+    s = listener_summary(100, 10.0, streams)
+    assert (s["ttfa_p50_s"], s["ttfa_p95_s"], s["ttfa_p99_s"]) == (0.5, 0.95, 0.99)
+    # the stream arriving last is not the longest: every one played from its arrival ends by 4 s
+    s = listener_summary(2, 5.0, [_row(0.0, 0.2, 4.0), _row(3.0, 0.2, 1.0)])
+    assert s["real_time_audio_per_wall_s"] == pytest.approx(5.0 / 4.0)
+
+
+def test_flow_ms_is_per_call_and_a_t3_only_level_is_limited_by_t3() -> None:
+    engine = {"t3_tokens": 100, "t3_busy_s": 0.5, "s3gen_busy_s": 1.0, "flow_windows": 6, "flow_calls": 4,
+              "flow_s": 0.2}  # fmt: skip
+    memory = {"start_bytes": 0, "peak_bytes": 0}
+    s = load._level_summary(2, 2.0, [_row(0.0, 0.2, 1.0)] * 2, engine, memory, 2**20)
+    assert s["flow_ms_per_call"] == pytest.approx(50.0)  # 200 ms over 4 calls (not 6 windows)
+    # every stream silent: T3 sampled, S3Gen never ran; T3 still limited the level
+    quiet = {**engine, "s3gen_busy_s": 0.0, "flow_windows": 0, "flow_calls": 0, "flow_s": 0.0}
+    silent = [_row(0.0, None, 0.0)] * 2
+    assert load._level_summary(2, 2.0, silent, quiet, memory, 2**20)["limiting_stage"] == "t3"
+
+
+def test_a_levels_poisson_streams_are_sent_at_their_arrival_and_its_wall_leaves_out_the_warm_up(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, stream k is sent offsets[k] after the level starts (each wait runs to that
+    moment: waits of the offsets themselves add up), and the level's wall holds no warm-up."""
+    real_sleep, warmup = time.sleep, StreamEngine.warmup
+    main = threading.current_thread()
+    waits: list[float] = []
+
+    def recorded(seconds: float) -> None:
+        if threading.current_thread() is main:  # the level's own waits, not its players'
+            waits.append(seconds)
+        real_sleep(seconds)
+
+    def slow_warmup(self: StreamEngine) -> float:
+        took = warmup(self)
+        real_sleep(1.0)  # as if its compile took a second more
+        return took + 1.0
+
+    monkeypatch.setattr(StreamEngine, "warmup", slow_warmup)
+    monkeypatch.setattr(load.time, "sleep", recorded)
+    began = time.perf_counter()
+    level = run_level(
+        tiny_tts, 3, ["Hello there."], arrival=("poisson", 4.0), tokens=8, seed=1, config=CONFIG
+    )
+    elapsed = time.perf_counter() - began
+    arrivals = [r["arrival_s"] for r in level["per_stream"]]  # 0, 0.27, 0.35 at seed 1
+    assert len(waits) == 3 and sum(waits) <= max(arrivals) + 1e-9, (waits, arrivals)
+    assert level["wall_s"] < elapsed - 1.0  # the second slept in the warm-up is in no level's wall
