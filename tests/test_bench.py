@@ -493,6 +493,8 @@ def test_a_converted_reference_is_in_the_report(tmp_path: Path, reference_wav: P
     assert f"reference {stereo} ({report['reference']['seconds']} s, {sr} Hz): mixed 2 channels to mono" in (
         bench.format_bench(report).splitlines()
     )
+    del report["reference"]  # a report written before 2026-12-06: its table all the same
+    assert bench.format_bench(report).splitlines()[1].startswith("2 tokens, 1 repeats")
     generated = run_bench("tiny", ("upstream",), tokens=2, repeats=1, outdir=tmp_path / "g")
     assert generated["reference"]["path"] == str(tmp_path / "g" / "reference.wav")  # not a temp name
     assert generated["reference"]["notes"] == []

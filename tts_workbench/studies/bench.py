@@ -642,7 +642,8 @@ def format_bench(report: dict[str, Any]) -> str:
     lines = [
         f"model {env['model']} on {env['device']} ({env['processor']}, {env['cpu_count']} CPUs), "
         f"torch {env['torch']}, transformers {env['transformers']}, chatterbox-tts {env['chatterbox-tts']}",
-        f"reference {reference_line(report['reference'])}",
+        # (reports written before 2026-12-06 have no reference)
+        *([f"reference {reference_line(report['reference'])}"] if "reference" in report else []),
         f"{report['settings']['tokens']} tokens, {report['settings']['repeats']} repeats "
         f"(after {report['settings'].get('warmup', 0)} untimed), "
         f"medians; ratio = median / first config's median. Note: {report['note']}.",
