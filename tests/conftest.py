@@ -9,8 +9,10 @@ hold back the workers' start by its ~7 s.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import sys
 import tempfile
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -150,6 +152,23 @@ def behind_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(urllib.request, "_opener", None)
+
+
+@contextlib.contextmanager
+def loopback_server(
+    handler: type[http.server.BaseHTTPRequestHandler],
+) -> Iterator[http.server.ThreadingHTTPServer]:
+    """``handler`` answering in this process on 127.0.0.1 (its port from the system) while the
+    block runs, stopped and its thread joined on leaving."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(30)
 
 
 @pytest.fixture

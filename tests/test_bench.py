@@ -123,14 +123,16 @@ def test_the_real_time_factor_is_compute_seconds_per_audio_second() -> None:
     assert row(1.0, 0.0).rtf == float("inf")  # no audio: no real-time factor
 
 
+def _row(config: str, repeat: int, wall: float, step: float) -> Row:
+    """A bench row of ``config``: ``wall`` seconds (a quarter of it S3Gen), ``step`` per T3 token."""
+    return Row(config, repeat, wall, wall, 2.0, 10, 0.1, step, 1, wall / 4, 0, 0, phases_s=wall)
+
+
 def test_the_summary_divides_by_the_first_config_and_each_step_by_its_own_weights_floor() -> None:
     # The optimized config reads half the bytes per step (its floor is half upstream's) and runs
     # twice as fast: each step is 4 floors, and each of its medians half upstream's.
-    def row(config: str, wall: float, step: float) -> Row:
-        return Row(config, 0, wall, wall, 2.0, 10, 0.1, step, 1, wall / 4, 0, 0, phases_s=wall)
-
     floors = {"upstream": {"floor_s": 0.01}, "optimized": {"floor_s": 0.005}}
-    up, opt = summarize([row("upstream", 4.0, 0.04), row("optimized", 2.0, 0.02)], floors)
+    up, opt = summarize([_row("upstream", 0, 4.0, 0.04), _row("optimized", 0, 2.0, 0.02)], floors)
     for key in ("ttfa_s", "wall_s", "t3_step_s", "s3gen_s"):
         assert up[f"{key}_ratio"] == pytest.approx(1.0) and opt[f"{key}_ratio"] == pytest.approx(0.5), key
     assert (up["rtf_median"], opt["rtf_median"]) == (pytest.approx(2.0), pytest.approx(1.0))
@@ -498,10 +500,6 @@ def test_a_converted_reference_is_in_the_report(tmp_path: Path, reference_wav: P
     generated = run_bench("tiny", ("upstream",), tokens=2, repeats=1, outdir=tmp_path / "g")
     assert generated["reference"]["path"] == str(tmp_path / "g" / "reference.wav")  # not a temp name
     assert generated["reference"]["notes"] == []
-
-
-def _row(config: str, repeat: int, wall: float, step: float) -> Row:
-    return Row(config, repeat, wall, wall, 2.0, 10, 0.1, step, 1, wall / 4, 0, 0, phases_s=wall)
 
 
 def test_the_summary_is_the_median_and_min_of_the_repeats_not_their_mean() -> None:

@@ -5,7 +5,6 @@ study's argument checks, and ``serve`` stopped before it serves (Ray's calls rep
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import gzip
 import http.server
@@ -14,7 +13,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import loopback_server
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.interface.cli import main
 from tts_workbench.serving.protocol import FORMATS, Limits, RequestError, parse_speech, wav_header
@@ -688,25 +688,11 @@ class _Pair(_Speaker):
         super().do_POST()
 
 
-@contextlib.contextmanager
-def _served(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
-    """``handler`` serving on a free loopback port while the block runs: its URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(30)
-
-
 def test_a_loopback_server_is_measured_whatever_http_proxy_says(behind_a_proxy: None) -> None:
     """A proxy elsewhere cannot reach this machine's loopback (before: with http_proxy set, the
     study's requests to 127.0.0.1 went to it, and a running server "did not answer")."""
-    with _served(_Speaker) as url:
-        report = run_http_load(url, [1], timeout_s=30)
+    with loopback_server(_Speaker) as server:
+        report = run_http_load(f"http://127.0.0.1:{server.server_port}", [1], timeout_s=30)
     assert report["levels"][0]["summary"]["failed"] == 0 and report["model"] == "stand-in"
 
 
@@ -714,8 +700,8 @@ def test_a_levels_streams_reach_the_server_together() -> None:
     """A level's streams are sent at once, not queued in the client's connection pool (where
     the wait would be timed as the server's first audio)."""
     _Pair.together.reset()  # (broken by an earlier run of this test that failed)
-    with _served(_Pair) as url:
-        report = run_http_load(url, [2], timeout_s=30)
+    with loopback_server(_Pair) as server:
+        report = run_http_load(f"http://127.0.0.1:{server.server_port}", [2], timeout_s=30)
     assert report["levels"][0]["summary"]["failed"] == 0, report["levels"][0]["per_stream"]
 
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity
 
+from conftest import loopback_server
 from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import TTSModel, family_of
@@ -344,15 +344,8 @@ def test_tensorboard_serves_the_run(profiled: dict) -> None:
 @pytest.fixture
 def http_server() -> Iterator[http.server.ThreadingHTTPServer]:
     """Another server answering on 127.0.0.1 (its port from the system), for as long as the test runs."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with loopback_server(http.server.SimpleHTTPRequestHandler) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def _no_server_started(monkeypatch: pytest.MonkeyPatch) -> None:
