@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
+from tts_workbench.core.clock import FEW_REPEATS, measurement
 from tts_workbench.core.constants import RANDOM_NO_STOP
 from tts_workbench.core.errors import CacheError, NoVoiceError
 from tts_workbench.core.quiet import upstream_bars_off
@@ -23,8 +24,10 @@ from tts_workbench.studies import diagnose
 from tts_workbench.studies.diagnose import (
     decode_step_kernels,
     diagnose_precision,
+    format_attention,
     format_precision,
     format_report,
+    policy_frame,
     precision_frame,
     run_diagnosis,
 )
@@ -313,11 +316,16 @@ def test_diagnose_names_each_stage_on_stderr_as_it_runs(
     monkeypatch.setattr(diagnose, "load_model", lambda *_a, **_k: tiny_tts)  # built once per session
     args = ["diagnose", "--tokens", "2", "--reference", str(reference_wav), "--out", str(tmp_path)]
     assert main([*args, "--json"]) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     bar = [line for line in re.split(r"[\r\n]", err) if line.startswith("diagnose:")]
     assert bar and "9/9" in bar[-1], err[-2000:]
     shown = [err.find(f", {name}]") for name in DIAGNOSIS_STAGES]  # the bar's postfix, in this order
     assert -1 not in shown and shown == sorted(shown), err[-2000:]
+    # the phases, in seconds as the wall time is, ran inside it (each rounded: a millisecond's slack)
+    report = json.loads(captured.out)
+    phases = ("t3", "s3gen.flow", "s3gen.vocoder")
+    assert sum(report["phase_s"][k] for k in phases) <= report["generation_s"] + 1e-3, report["phase_s"]
     # called from a notebook (upstream's bars off, as notebook_setup has them) it writes nothing:
     # a saved notebook's output stays as it was
     with upstream_bars_off():
@@ -340,5 +348,60 @@ def test_a_model_folder_is_titled_by_its_name(
         return drawn(*args)
 
     monkeypatch.setattr(diagnose.plots, "generation_figure", kept)
+    texts: list[str] = []
+    generated = diagnose.generate
+
+    def heard(tts: ChatterboxTTS, text: str, **kwargs: Any) -> Any:
+        texts.append(text)
+        return generated(tts, text, **kwargs)
+
+    monkeypatch.setattr(diagnose, "generate", heard)
     run_diagnosis(folder, "Hi.", str(reference_wav), tokens=2, outdir=tmp_path)
     assert titles == ["0" * 40 + ": 2 tokens"]
+    # the float32 run and the precision stage's generation both read the text given, not a default
+    assert texts == ["Hi.", "Hi."]
+
+
+def test_the_attention_table_shares_each_phases_whole_op_time() -> None:
+    """Attention's and linear's shares are of all the phase's op time, "other" included; each
+    reason Flash did not run has its row."""
+    record = {
+        "kernels": {"t3.decode": {"flash (CPU)": 4}},
+        "time_share_ms": {"t3.decode": {"attention": 1.0, "linear/matmul": 3.0, "other": 6.0}},
+    }
+    att = {"backend": "sdpa", "output_attentions": {"verdict": "v"}, "forced_backends": []}
+    text = format_attention(record, {**att, "why_not_flash": ["r1", "r2", "r3"]})
+    row = next(line for line in text.splitlines() if line.startswith("t3.decode"))
+    assert row.split()[-2:] == ["10.0", "30.0"], text
+    reasons = [line.split()[-1] for line in text.splitlines() if line.startswith("no Flash")]
+    assert reasons == ["r1", "r2", "r3"], text
+
+
+def test_a_stage_that_raised_without_a_mismatch_is_an_error_not_ok() -> None:
+    """A stage can raise before any module call is flagged: its error is the finding."""
+    raised = {"error": "RuntimeError: boom", "mismatches": [], "calls": 1, "first_mismatch": None}
+    frame = precision_frame({"stages": {"generate": {**raised, "failure": None, "advice": None}}})
+    assert frame.to_dict("records") == [
+        {"stage": "generate", "finding": "error", "detail": "RuntimeError: boom"}
+    ]
+
+
+def test_the_component_table_gives_sizes_in_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(diagnose, "format_attention", lambda *_a: "")  # not what this reads
+    monkeypatch.setattr(diagnose, "format_precision", lambda *_a: "")
+    report = _capped_report("tiny")
+    report["components"] = {"t3": {"parameters": 2**28, "bytes": 2**30, "dtypes": ["float32"]}}
+    row = next(line for line in format_report(report).splitlines() if line.startswith("t3 "))
+    assert row.split()[1:3] == ["268.44", "1024.0"], row  # parameters in millions, bytes in MiB
+
+
+def test_policy_timings_are_in_milliseconds(monkeypatch: pytest.MonkeyPatch, tiny_tts: ChatterboxTTS) -> None:
+    """Read from a measurement known in seconds (the timing itself is tested in test_optimized.py)."""
+    timed = {
+        "prefill_s": measurement([0.05] * FEW_REPEATS, "prefill"),
+        "step_s": measurement([0.001, 0.002, 0.003, 0.004], "step"),  # median 2.5 ms, IQR 1.5 ms
+    }
+    monkeypatch.setattr(diagnose, "measure_policy", lambda *_a, **_k: timed)
+    row = policy_frame(tiny_tts, ["float32"]).iloc[0]
+    assert (row["prefill_ms"], row["prefill_iqr_ms"]) == pytest.approx((50, 0))
+    assert (row["step_ms"], row["step_iqr_ms"], row["repeats"]) == pytest.approx((2.5, 1.5, 4))

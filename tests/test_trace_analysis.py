@@ -41,7 +41,7 @@ from tts_workbench.instruments.trace_analysis import (
 from tts_workbench.interface.cli import main
 from tts_workbench.runtime import decode
 from tts_workbench.studies import trace_report
-from tts_workbench.studies.profile_report import in_trace
+from tts_workbench.studies.profile_report import _device_line, in_trace
 from tts_workbench.studies.trace_report import (
     cut_report,
     decode_trace_report,
@@ -405,6 +405,18 @@ def test_the_text_table_shows_counts_as_integers() -> None:
     end = header.index("launches") + len("launches")  # numbers are right-aligned under their header
     launches = row[:end].split()[-1]
     assert launches == "98", text
+
+
+def test_the_gpu_traces_top_kernels_come_longest_first_and_its_line_reads_its_idle_share() -> None:
+    report = decode_trace_report(read_traces({"a100": GPU_TRACE}), "a100")
+    top = report["top_kernels"]["a100"]
+    sums = [k["sum_us"] for k in top]
+    # the host-to-device copies: 39080 of the 49816 us of device work (test_kernel_times_are_per_call)
+    assert sums == sorted(sums, reverse=True) and top[0]["kernel"] == "Memcpy HtoD (Pageable -> Device)"
+    summary = report["table"][0]
+    line = _device_line(summary)
+    # the device waits most of this trace: idle, not its 0.07 % of compute (test_real_gpu_trace_region)
+    assert round(summary["idle_pct"], 1) == 99.7 and "idle 99.7% of the span" in line, line
 
 
 @pytest.fixture(scope="module")
