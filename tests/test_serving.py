@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 import wave
-from collections.abc import Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -45,7 +45,13 @@ from tts_workbench.serving.protocol import (
     pcm16,
     wav_header,
 )
-from tts_workbench.serving.service import ServeOptions, SpeechService, check_options, find_voices
+from tts_workbench.serving.service import (
+    ServeOptions,
+    SpeechService,
+    SpeechStream,
+    check_options,
+    find_voices,
+)
 from tts_workbench.studies.http_load import _stream
 
 REFUSED = {"replica": "0", "outcome": "refused"}  # the fixture's service is replica "0"
@@ -178,6 +184,23 @@ def test_pcm_and_the_streamed_wav_header() -> None:
     with wave.open(io.BytesIO(header + pcm)) as w:  # a player reads to the end of what came
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
         assert w.readframes(100) == pcm
+
+
+def test_the_seed_and_the_cache_are_refused_at_their_edges() -> None:
+    """The largest seed the message names is taken and the next refused; a prompt that leaves
+    room for exactly one token is told ``max_tokens <= 1``, not to shorten its input."""
+    assert parse_speech({**GOOD, "seed": 2**63 - 1}, LIMITS).seed == 2**63 - 1
+    with pytest.raises(RequestError, match=r"from 0 to 2\*\*63 - 1, got 9223372036854775808") as e:
+        parse_speech({**GOOD, "seed": 2**63}, LIMITS)
+    assert e.value.param == "seed"
+    cache = 1024
+    check_cache(cache, 1, cache)  # the prompt fills the cache: its one token is never fed back
+    with pytest.raises(RequestError, match="send max_tokens <= 1$") as e:
+        check_cache(cache, 2, cache)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(RequestError, match="shorten the input") as e:
+        check_cache(cache + 1, 1, cache)
+    assert e.value.param == "input"
 
 
 @pytest.fixture(scope="module")
@@ -392,6 +415,54 @@ def test_every_metric_names_its_replica(service: SpeechService) -> None:
     assert samples and all(sample.labels.get("replica") == service.replica for sample in samples), samples
 
 
+def test_the_engines_counters_read_its_counts(
+    service: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each of the engine's counters is its own count, set apart here (one stream's windows and
+    flow calls are equal: a series reading the other's count would pass a real run)."""
+    counts = {
+        "tts_t3_tokens_sampled_total": ("t3_tokens", 11),
+        "tts_s3gen_windows_total": ("flow_windows", 7),
+        "tts_s3gen_flow_calls_total": ("flow_calls", 5),
+        "tts_streams_preempted_total": ("preempted", 3),
+    }
+    for field, value in counts.values():
+        monkeypatch.setattr(service.engine.stats, field, value)
+    read = {name: service.registry.get_sample_value(name, {"replica": "0"}) for name in counts}
+    assert read == {name: float(value) for name, (_field, value) in counts.items()}
+
+
+def test_a_completed_streams_rtf_is_its_wall_time_over_its_audio_time(
+    service: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1 s of wall time for 4 s of audio: an RTF of 0.25 (the clock stubbed, the engine's stream
+    a stand-in that ends at once)."""
+    monkeypatch.setattr("tts_workbench.serving.service.time", SimpleNamespace(perf_counter=lambda: 101.0))
+
+    async def ended() -> AsyncIterator[Any]:
+        return
+        yield  # an async generator that yields nothing
+
+    handle = SimpleNamespace(report=SimpleNamespace(audio_s=4.0))
+    stream = SpeechStream(service, handle, ended(), [], t0=100.0)  # type: ignore[arg-type]
+
+    series = [("sum", {}), ("bucket", {"le": "0.1"}), ("bucket", {"le": "0.25"})]
+
+    def rtf() -> list[float]:
+        """The histogram's sum, and its counts at or under 0.1 and 0.25."""
+        get = service.registry.get_sample_value
+        return [get(f"tts_stream_rtf_{name}", {"replica": "0", **le}) or 0.0 for name, le in series]
+
+    before = rtf()
+
+    async def read() -> list[bytes]:
+        return [chunk async for chunk in stream]
+
+    assert asyncio.run(read()) == [] and stream.outcome == "completed"
+    added = [now - then for now, then in zip(rtf(), before, strict=True)]
+    assert added == [pytest.approx(0.25), 0.0, 1.0]
+
+
 def test_the_cache_check_runs_off_the_event_loop(
     service: SpeechService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -579,6 +650,45 @@ def test_a_client_that_leaves_mid_stream_frees_its_stream_and_is_counted_once(
     finally:
         gc.enable()
     assert one_slot.registry.get_sample_value("tts_streams_total", disconnected) == before + 1  # once
+
+
+def test_a_client_that_leaves_while_its_next_chunk_is_awaited_is_counted_disconnected(
+    one_slot: SpeechService,
+) -> None:
+    """Ray Serve's proxy cancels the handler of a client that went away: mid-stream the cancel
+    lands in the read waiting for the engine's next chunk. The stream is counted disconnected,
+    not failed, and its rows freed."""
+    engine = one_slot.engine
+
+    def ended(outcome: str) -> float:
+        labels = {"replica": "0", "outcome": outcome}
+        return one_slot.registry.get_sample_value("tts_streams_total", labels) or 0.0
+
+    before = {outcome: ended(outcome) for outcome in ("disconnected", "failed")}
+    req = parse_speech({**MIDWAY, "max_tokens": 900}, one_slot.limits)  # seconds of decoding
+
+    async def scenario() -> None:
+        stream = await one_slot.speech(req)
+        await anext(stream)  # the first chunk, ready before the engine's next
+        for _ in range(1000):  # bounded: a read whose chunk was ready is read on
+            reading = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)  # the read runs until it waits for the engine
+            if not reading.done():
+                break
+            reading.result()
+        assert not reading.done()
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        for _ in range(100):  # bounded: 5 s (its rows are freed before the engine's next step)
+            if engine.active() == 0:
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    assert engine.active() == 0 and engine.queued() == 0
+    counted = {outcome: ended(outcome) - before[outcome] for outcome in before}
+    assert counted == {"disconnected": 1.0, "failed": 0.0}
 
 
 def test_the_seed_and_max_tokens_sent_are_the_streams(

@@ -86,7 +86,14 @@ class SpeechResponse(StreamingResponse):
 
 def speech_app(service: SpeechService) -> FastAPI:
     """The FastAPI app of ``service``: ``POST /v1/audio/speech``, ``GET /v1/models``,
-    ``GET /health``, ``GET /metrics``."""
+    ``GET /health``, ``GET /metrics``.
+
+    Under a plain ASGI server (uvicorn) nothing watches for the client's leaving before the
+    response starts: a request whose client left before its first chunk (while it was queued,
+    say) is still admitted and decoded up to that chunk, and only then is its stream closed,
+    its rows freed and counted disconnected. Ray Serve's proxy cancels the handler as soon as
+    the client leaves, which ``SpeechService.speech`` handles (rows freed at once, counted
+    disconnected)."""
     app = FastAPI(title="tts-workbench", description="Chatterbox streams behind OpenAI's speech API")
 
     app.add_middleware(NameReplica, replica=service.replica)
