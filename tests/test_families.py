@@ -11,19 +11,23 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+from chatterbox import tts_turbo
 from chatterbox.models.s3gen.const import S3GEN_SIL
 from chatterbox.models.t3.inference.alignment_stream_analyzer import (
     LLAMA_ALIGNED_HEADS,
     AlignmentStreamAnalyzer,
 )
+from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts import ChatterboxTTS
 from chatterbox.tts_turbo import ChatterboxTurboTTS
+from safetensors.torch import save_file
 
 from tts_workbench.core import families
 from tts_workbench.core.errors import ConfigError, SourceError
 from tts_workbench.core.families import FAMILIES, check_language, family_frame, family_of
 from tts_workbench.core.patching import shadow
+from tts_workbench.models import builders
 from tts_workbench.models.checkpoints import load_folder, save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
@@ -91,6 +95,27 @@ def test_each_source_builds_its_upstream_class(
         ids = multilingual.tokenizer.text_to_tokens(text, language_id=language)[0].tolist()
         # every grapheme known (before 2026-12-06 ¿ ¡ « » ° € 。 「 」 read as [UNK])
         assert ids[0] == vocab[f"[{language}]"] and vocab["[UNK]"] not in ids, text
+
+
+def test_turbos_t3_settings_are_those_upstreams_from_local_builds_t3_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # builders._hp copies them (upstream sets them inline in from_local, no T3Config method has
+    # them): a field that drifts from upstream's is caught here, at the T3 from_local builds.
+    class Built(Exception):
+        pass
+
+    seen: list[Any] = []
+
+    def recorded(hp: Any) -> None:
+        seen.append(hp)
+        raise Built
+
+    save_file(VoiceEncoder().state_dict(), str(tmp_path / "ve.safetensors"))  # loaded before T3
+    monkeypatch.setattr(tts_turbo, "T3", recorded)
+    with pytest.raises(Built):
+        ChatterboxTurboTTS.from_local(tmp_path, "cpu")
+    assert vars(seen[0]) == vars(builders._hp("turbo"))
 
 
 def _weights(tts: Any) -> dict[str, torch.Tensor]:

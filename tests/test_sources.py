@@ -25,6 +25,7 @@ import soundfile as sf
 import torch
 from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.t3 import T3
+from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
 from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 from chatterbox.tts import ChatterboxTTS
@@ -37,7 +38,7 @@ from tts_workbench.models import builders, checkpoints, frontends
 from tts_workbench.models.checkpoints import METADATA_FILE, load_folder, save_checkpoint
 from tts_workbench.models.frontends import build_tokenizer_json
 from tts_workbench.models.reference import check_reference, generated_voice, make_reference_wav
-from tts_workbench.models.sources import check_source, load_model
+from tts_workbench.models.sources import check_source, load_model, model_summary
 from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.streaming import SAMPLES_PER_TOKEN, StreamConfig, stream_all
 
@@ -51,12 +52,22 @@ def test_tiny_is_the_upstream_classes() -> None:
     assert isinstance(tts, ChatterboxTTS)
     assert isinstance(tts.t3, T3) and isinstance(tts.s3gen, S3Gen) and isinstance(tts.ve, VoiceEncoder)
     assert tts.t3.cfg.num_hidden_layers == 2 and tts.t3.cfg.hidden_size == 256
+    # upstream's Llama_520M has a key and value head per query head (no grouped-query attention)
+    llama = LLAMA_CONFIGS["Llama_520M"]
+    assert llama["num_key_value_heads"] == llama["num_attention_heads"]
+    assert tts.t3.cfg.num_key_value_heads == tts.t3.cfg.num_attention_heads == 4
     assert sum(p.numel() for p in tts.s3gen.parameters()) < 30e6  # full S3Gen: 264 M
+    summary = model_summary(tts)
+    assert list(summary) == ["ve", "t3", "s3gen"]
+    for part in summary.values():
+        assert part["bytes"] == 4 * part["parameters"] and part["dtypes"] == ["float32"]
+    tts.t3.half()
+    t3 = model_summary(tts)["t3"]
+    assert t3["bytes"] == 2 * t3["parameters"] == 2 * summary["t3"]["parameters"]
+    assert t3["dtypes"] == ["float16"]
 
 
 def test_small_backbones_leave_upstream_llama_configs_unchanged(tmp_path: Path) -> None:
-    from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
-
     before = dict(LLAMA_CONFIGS)
     deep = load_model("deep-narrow")
     assert deep.t3.cfg.num_hidden_layers == 30 and deep.t3.cfg.hidden_size == 64
@@ -142,6 +153,16 @@ def test_too_short_reference_is_refused_before_conditioning(
         prepare_voice(tiny_tts, str(path))
     sf.write(path, 0.1 * np.random.default_rng(0).standard_normal(12000), 24000)  # 0.5 s
     assert any("only 0.50 s long" in note for note in check_reference(path).notes)  # accepted
+
+
+def test_a_loud_clip_too_short_to_measure_is_refused_as_too_short_not_silence(tmp_path: Path) -> None:
+    # Under LEVEL_S's five frames the level read the quietest: 0.02 s of zeros, then 0.08 s of a
+    # loud tone, was "silence" (docs/index.md: files under 0.5 s are refused as too short).
+    t = np.arange(int(0.08 * 24000)) / 24000
+    path = tmp_path / "short_tone.wav"
+    sf.write(path, np.concatenate([np.zeros(480), 0.5 * np.sin(2 * np.pi * 200 * t)]), 24000)
+    with pytest.raises(SourceError, match=r"too short \(0.10 s"):
+        check_reference(path)
 
 
 def test_unknown_source() -> None:
@@ -599,11 +620,27 @@ def test_an_interrupted_tokenizer_cache_write_leaves_no_half_file(
         raise OSError("No space left on device")
 
     monkeypatch.setattr(frontends, "build_tokenizer_json", interrupted)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SourceError, match="No space left.*TTS_WORKBENCH_CACHE"):
         load_model("tiny")
     assert list(tmp_path.iterdir()) == []  # before: the half file, and every later build failed
     monkeypatch.setattr(frontends, "build_tokenizer_json", build)
     load_model("tiny")
+
+
+def test_a_cache_folder_that_cannot_be_made_names_the_variable_not_the_output_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tts_workbench.interface.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("TTS_WORKBENCH_CACHE", str(afile))
+    with pytest.raises(SourceError, match=re.escape(str(afile)) + r" \(File exists\).*TTS_WORKBENCH_CACHE"):
+        frontends.default_tokenizer("standard")
+    # before: a bare OSError, which the CLI blamed on the output folder ("give another folder (--out)")
+    assert main(["stream", "--model", "tiny", "--tokens", "2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "TTS_WORKBENCH_CACHE" in err and "--out" not in err
 
 
 @pytest.mark.parametrize("value", ["", "~/x"])

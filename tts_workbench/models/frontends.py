@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -210,8 +210,17 @@ def default_tokenizer(family: str) -> Path:
     # Empty (`TTS_WORKBENCH_CACHE=` in an env file) is unset: before, Path("") was the current folder
     default = Path.home() / ".cache" / "tts_workbench"
     cache = Path(os.environ.get("TTS_WORKBENCH_CACHE") or default).expanduser()
+    build: Callable[[Path], Path]
     if family == "turbo":
-        return built_once(cache / "gpt2_tokenizer", build_gpt2_tokenizer)
-    if family == "multilingual":
-        return built_once(cache / GRAPHEME_VOCAB, build_grapheme_vocab)
-    return built_once(cache / "tokenizer.json", build_tokenizer_json)
+        name, build = "gpt2_tokenizer", build_gpt2_tokenizer
+    elif family == "multilingual":
+        name, build = GRAPHEME_VOCAB, build_grapheme_vocab
+    else:
+        name, build = "tokenizer.json", build_tokenizer_json
+    try:
+        return built_once(cache / name, build)
+    except OSError as e:  # bare, the CLI's handler blamed the command's output folder (--out)
+        raise SourceError(
+            f"cannot write the tokenizer cache in {cache} ({e.strerror or e}); "
+            "set TTS_WORKBENCH_CACHE to a folder you can write"
+        ) from e

@@ -140,6 +140,14 @@ def check_reference(path: str | Path) -> ReferenceInfo:
             f"reference audio {path} contains NaN or infinite samples; re-export the recording as "
             "16-bit PCM WAV, or remove those samples"
         )
+    seconds = data.shape[0] / sr
+    # Before the level: in a clip shorter than LEVEL_S's five frames _voice_level reads the quietest
+    # frame, and a loud clip was refused as silence.
+    if seconds < MIN_REFERENCE_S:
+        raise SourceError(
+            f"reference audio {path} is too short ({seconds:.2f} s, under {MIN_REFERENCE_S} s); "
+            f"give {SPEECH_ASKED}"
+        )
     level = _voice_level(data, sr)
     if level < MIN_REFERENCE_DBFS:
         if not np.any(data):
@@ -167,12 +175,6 @@ def check_reference(path: str | Path) -> ReferenceInfo:
         notes.append(f"mixed {data.shape[1]} channels to mono")
     if sr != SAMPLE_RATE:
         notes.append(f"resampled {sr} Hz to {SAMPLE_RATE} Hz (S3Gen) and 16000 Hz (tokenizer, voice encoder)")
-    seconds = data.shape[0] / sr
-    if seconds < MIN_REFERENCE_S:
-        raise SourceError(
-            f"reference audio {path} is too short ({seconds:.2f} s, under {MIN_REFERENCE_S} s); "
-            f"give {SPEECH_ASKED}"
-        )
     if seconds < 1.0:
         notes.append(f"only {seconds:.2f} s long: conditioning quality will suffer")
     return ReferenceInfo(str(path), round(seconds, 3), sr, data.shape[1], notes, data.shape[0])
