@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import inspect
 import json
 import math
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +150,16 @@ def test_stream_sizes_its_static_cache_to_the_request(
     assert seen["cache"] >= seen["need"] > DEFAULT_MAX_CACHE_LEN
 
 
+def _strict(text: str) -> Any:
+    """``text`` parsed as strict JSON: the Infinity and NaN that Python's json writes are refused
+    (as a browser's JSON.parse refuses them)."""
+
+    def refused(constant: str) -> None:
+        raise AssertionError(f"{constant} on stdout: not strict JSON")
+
+    return json.loads(text, parse_constant=refused)
+
+
 def test_stream_cuts_the_voice_prompt_to_prompt_s(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
 ) -> None:
@@ -162,7 +175,7 @@ def test_stream_cuts_the_voice_prompt_to_prompt_s(
     monkeypatch.setattr(streaming, "shorten_prompt", counted)
     args = ["stream", "--tokens", "8", "--prompt-s", "1", "--reference", str(reference_wav)]
     assert main([*args, "--out", str(tmp_path), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = _strict(capsys.readouterr().out)  # its snr_db is inf: null, not Infinity
     assert report["config"]["prompt_s"] == 1.0
     assert kept and set(kept) == {25}  # the stream's and the one-shot's calls alike
 
@@ -297,6 +310,96 @@ def test_empty_text_is_refused_on_every_command(command: str, capsys: pytest.Cap
 
 def _built(*_a: object) -> None:
     raise AssertionError("a refused command went on to the model")
+
+
+@contextmanager
+def _no_model(*_a: object, **_k: object) -> Iterator[object]:
+    """Stands in for ``cli._voiced_model`` where the study it feeds is replaced too: no model built."""
+    yield object()
+
+
+def test_diagnose_passes_autocast_on_and_prints_strict_json(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--autocast reaches the precision diagnosis (dropped, it ran without autocast unnoticed);
+    a float of the report that is not finite is printed as null, not as Infinity."""
+    from tts_workbench.studies import diagnose
+
+    seen: list[dict[str, Any]] = []
+
+    def diagnosed(**kwargs: Any) -> dict[str, Any]:
+        seen.append(kwargs)
+        return {"snr_db": math.inf, "rtf": 0.5}
+
+    monkeypatch.setattr(diagnose, "run_diagnosis", diagnosed)
+    for flags in (["--autocast", "bfloat16"], []):
+        assert main(["diagnose", *flags, "--dtype", "float16", "--out", str(tmp_path), "--json"]) == 0
+        assert _strict(capsys.readouterr().out) == {"snr_db": None, "rtf": 0.5}
+    assert [(s["dtype"], s["autocast"]) for s in seen] == [
+        (torch.float16, torch.bfloat16), (torch.float16, None)
+    ]  # fmt: skip
+
+
+def test_profile_memory_reaches_the_profiler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tts_workbench.interface import cli
+    from tts_workbench.studies import profile_report
+
+    memory: list[bool] = []
+
+    def profiled(*args: Any, **_k: Any) -> dict[str, Any]:
+        memory.append(args[6])  # (tts, logdir, run, tokens, text, seed, memory, decode)
+        return {}
+
+    monkeypatch.setattr(cli, "_voiced_model", _no_model)
+    monkeypatch.setattr(profile_report, "profile_generation", profiled)
+    for flags in ([], ["--memory"]):
+        assert main(["profile", *flags, "--logdir", str(tmp_path), "--json"]) == 0
+    assert memory == [False, True]
+
+
+def test_load_speaks_its_texts_file_and_names_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tts_workbench.interface import cli
+    from tts_workbench.studies import load
+
+    seen: dict[str, Any] = {}
+
+    def loaded(_tts: object, _levels: list[int], **kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs)
+        return {}
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("One.\n\nTwo.\n", encoding="utf-8")
+    monkeypatch.setattr(cli, "_voiced_model", _no_model)
+    monkeypatch.setattr(load, "run_load", loaded)
+    args = ["load", "--streams", "1", "--texts", str(texts), "--out", str(tmp_path / "out"), "--json"]
+    assert main(args) == 0
+    assert seen["texts"] == ["One.", "Two."] and seen["texts_from"] == str(texts)  # the report names it
+
+
+def test_the_cli_defaults_are_the_librarys() -> None:
+    """Written out in the parser (which imports no study: it stays light); tied here, as
+    test_load_study ties --first-audio-limit."""
+    from tts_workbench.serving.service import ServeOptions
+    from tts_workbench.studies.bench import run_bench
+
+    parser = build_parser()
+    serve, options = parser.parse_args(["serve"]), ServeOptions()
+    same = [("stall_s", "stall_s"), ("max_input_chars", "max_input_chars"), ("tokens", "default_tokens"),
+            ("max_cache_len", "max_cache_len"), ("max_streams", "max_streams"), ("decode", "step"),
+            ("dtype", "dtype"), ("flow", "flow"), ("model", "model"), ("out", "run_dir")]  # fmt: skip
+    assert [getattr(serve, dest) for dest, _ in same] == [getattr(options, field) for _, field in same]
+    # deliberately not None (torch's default: every core, in each replica): one torch thread, and
+    # one Ray CPU, per replica (docs/serving.md)
+    assert serve.threads == 1
+    stream, config = parser.parse_args(["stream"]), StreamConfig()
+    assert (stream.first_window_s, stream.window_s, stream.crossfade_ms) == (
+        config.first_window_s, config.window_s, config.crossfade_ms
+    )  # fmt: skip
+    assert parser.parse_args(["bench"]).warmup == inspect.signature(run_bench).parameters["warmup"].default
 
 
 @pytest.mark.parametrize("command", ["diagnose", "stream", "profile", "bench", "trace"])
@@ -804,16 +907,20 @@ def test_trace_read_of_json_that_is_no_trace_names_the_read_flag(
 
 
 @pytest.mark.parametrize(
-    ("command", "flag", "value"),
-    [("bench", "--configs", "upstream,,optimized"), ("bench", "--configs", ",optimized"),
-     ("bench", "--configs", "optimized,"), ("trace", "--steps", "eager,,static"),
-     ("trace", "--steps", ",eager"), ("trace", "--steps", "eager,")],
+    ("command", "flag", "value", "says"),
+    [("bench", "--configs", "upstream,,optimized", "an empty item"),
+     ("bench", "--configs", ",optimized", "an empty item"),
+     ("bench", "--configs", "optimized,", "an empty item"),
+     ("trace", "--steps", "eager,,static", "an empty item"), ("trace", "--steps", ",eager", "an empty item"),
+     ("trace", "--steps", "eager,", "an empty item"),
+     ("trace", "--steps", "", "no decode step given"), ("trace", "--steps", " , ", "no decode step given")],
 )  # fmt: skip
 def test_a_comma_list_with_an_empty_item_is_refused(
-    command: str, flag: str, value: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    command: str, flag: str, value: str, says: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """As ``load --streams 1,,2`` is (before: the empty item was dropped and the rest ran)."""
+    """As ``load --streams 1,,2`` is (before: the empty item was dropped and the rest ran); a list
+    with no item at all names what to give."""
     from tts_workbench.interface import cli
     from tts_workbench.studies import bench
 
@@ -821,7 +928,7 @@ def test_a_comma_list_with_an_empty_item_is_refused(
     monkeypatch.setattr(bench, "run_bench", _built)
     assert main([command, flag, value, "--out" if command == "bench" else "--logdir", str(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: argument {flag}: an empty item"), errors
+    assert len(errors) == 1 and errors[0].startswith(f"error: argument {flag}: {says}"), errors
 
 
 def test_a_size_given_twice_is_refused() -> None:
