@@ -168,7 +168,8 @@ class DtypeTrace:
 
     @property
     def first_mismatch(self) -> CallRecord | Failure | None:
-        """The first flagged call, or the failure when the block raised before any was flagged."""
+        """The first flagged call, or the failure where no call was flagged (a flagged call comes
+        first even if a module raised before it and the block caught that: ``failure`` has it)."""
         found = self.mismatches
         return found[0] if found else self.failure
 
