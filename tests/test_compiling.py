@@ -46,6 +46,59 @@ def test_a_backend_error_without_a_message_is_named_by_where_it_was_raised() -> 
     assert reason.endswith(" in failing_backend")
 
 
+def test_compile_method_asks_for_cuda_graphs_or_the_cpp_wrapper_on_a_code_object_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What each path passes torch.compile: static shapes always, CUDA graph trees
+    ("reduce-overhead") with cudagraphs and then no C++ wrapper (a replayed graph has none to run)."""
+    asked: list[tuple[Any, dict[str, Any]]] = []
+
+    def recording(fn: Any, **kwargs: Any) -> Any:
+        asked.append((fn, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording)
+
+    class Owner:
+        def step(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    owner = Owner()
+    for cudagraphs, cpp_wrapper in ((True, False), (True, True), (False, True), (False, False)):
+        compiling.compile_method(Owner.step, owner, cudagraphs=cudagraphs, cpp_wrapper=cpp_wrapper)
+    graphs = {"fullgraph": True, "dynamic": False, "mode": "reduce-overhead"}
+    static = {"fullgraph": True, "dynamic": False}
+    cpp, plain = {**static, "options": {"cpp_wrapper": True}}, {**static, "options": None}
+    assert [kw for _, kw in asked] == [graphs, graphs, cpp, plain]
+    assert all(fn.__self__ is owner and fn.__func__.__code__ is not Owner.step.__code__ for fn, _ in asked)
+
+
+def test_a_cuda_graph_replay_marks_a_step_before_the_call_and_clones_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unmarked, the tree may not reuse its pool; uncloned, the next replay overwrites the outputs."""
+    events: list[str] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
+
+    class PoolOutput:  # an output living in the graph's memory pool
+        def clone(self) -> str:
+            events.append("clone")
+            return "copy"
+
+    def graph(*outputs: PoolOutput) -> Any:
+        events.append("call")
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    assert compiling.replay(graph, PoolOutput(), cudagraphs=True) == "copy"
+    assert events == ["mark", "call", "clone"]
+    events.clear()
+    assert compiling.replay(graph, PoolOutput(), PoolOutput(), cudagraphs=True) == ("copy", "copy")
+    assert events == ["mark", "call", "clone", "clone"]
+    events.clear()
+    out = PoolOutput()
+    assert compiling.replay(graph, out, cudagraphs=False) is out and events == ["call"]  # no graph, no pool
+
+
 def _get_obj_before_torch_2_13(local: Any, attr_name: str) -> Any:
     """``cudagraph_trees.get_obj`` as torch 2.11 (the H200 image's) has it."""
     if hasattr(local, attr_name):

@@ -17,3 +17,12 @@ def test_a_cuda_index_this_machine_does_not_have_is_refused(monkeypatch: pytest.
     assert check_device("cuda") == torch.device("cuda")
     with pytest.raises(SourceError, match=r"cuda:3.*1 GPU.*cuda:0"):
         check_device("cuda:3")
+    with pytest.raises(SourceError, match=r"cuda:1.*1 GPU"):  # the first index past the last GPU
+        check_device("cuda:1")
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_a_device_other_than_cpu_or_cuda_is_refused(device: str) -> None:
+    # torch names them, but no model here runs there: refused now, not at the first kernel
+    with pytest.raises(SourceError, match=f"{device!r} is not supported"):
+        check_device(device)

@@ -10,7 +10,7 @@ from tqdm import auto
 from tqdm.notebook import tqdm as notebook_tqdm
 
 from tts_workbench.core import progress as progress_module
-from tts_workbench.core.progress import KeptBar, progress_bar
+from tts_workbench.core.progress import KeptBar, Stages, progress_bar
 
 
 class _Handle:
@@ -74,3 +74,19 @@ def test_outside_a_kernel_progress_is_the_terminal_bar() -> None:
         assert type(bar) is auto.tqdm and not isinstance(bar, notebook_tqdm)
         bar.update(2)
     assert "2/2" in out.getvalue()  # drawn as text, in the file it was given
+
+
+def test_stages_count_each_finished_stage_and_end_the_bar_whatever_happened() -> None:
+    """A stage is counted once the next starts, the last where the block ends without an error;
+    the bar is closed either way, so the report or the error after it has a line of its own."""
+    with Stages("run", 3, progress=True) as stage:
+        counted = []
+        for name in ("a", "b", "c"):
+            stage(name)
+            counted.append(stage.bar.n)
+    assert counted == [0, 1, 2]  # the running stage is not done yet
+    assert stage.bar.n == 3 and stage.bar.disable  # all three, and closed (tqdm disables a closed bar)
+    with pytest.raises(RuntimeError), Stages("run", 3, progress=True) as failed:
+        failed("a")
+        raise RuntimeError("stage a failed")
+    assert failed.bar.n == 0 and failed.bar.disable  # the failed stage not counted, the bar closed
