@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections import OrderedDict
 from functools import partial
@@ -172,9 +173,13 @@ def test_census_and_conditionals(tiny_tts: ChatterboxTTS) -> None:
     frame = found.to_frame().set_index("module")
     assert frame.at["t3", "params_float32"] == rows["t3"].param_dtypes["float32"]
     assert frame.at["t3", "size_mib"] * 2**20 == rows["t3"].bytes
-    # bytes, not elements (which the check above and the element counts would not tell apart)
-    t3_tensors = [*tiny_tts.t3.parameters(), *tiny_tts.t3.buffers()]
-    assert rows["t3"].bytes == sum(t.numel() * t.element_size() for t in t3_tensors)
+    # bytes, each tensor's own size: not elements, nor 4 per element (which float32 alone would
+    # not tell apart), so on a copy of the model whose T3 is float16
+    half = copy.copy(tiny_tts)
+    half.t3 = copy.deepcopy(tiny_tts.t3).half()
+    half_t3 = next(r for r in census(half).rows if r.path == "t3")
+    t3_tensors = [*half.t3.parameters(), *half.t3.buffers()]
+    assert half_t3.bytes == sum(t.numel() * t.element_size() for t in t3_tensors)
     assert list(frame.columns)[-1] == "size_mib"
     buffers = {(path, f"buffers_{k}"): n for path, r in rows.items() for k, n in r.buffer_dtypes.items()}
     assert buffers and all(frame.at[path, column] == n for (path, column), n in buffers.items())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -40,6 +41,7 @@ from tts_workbench.runtime.optimized import (
     UpstreamTTS,
     choose_policy,
 )
+from tts_workbench.runtime.precision import island_modules
 from tts_workbench.runtime.streaming import StreamConfig, StreamReport, StreamState
 from tts_workbench.studies.diagnose import parameter_frame, policy_frame
 
@@ -756,11 +758,31 @@ def test_half_cast_model_runs(short_ref: Path) -> None:
     tts = load_model("tiny")
     for module in (tts.t3, tts.s3gen, tts.ve):
         module.half()  # what users try first, and what upstream cannot run
-    opt = PerformanceOptimizedTTS.from_model(tts)  # auto: a float16 model keeps float16
-    wav = opt.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=10)
-    assert torch.isfinite(wav).all()
-    assert opt.policy == "keep" and opt.performance_info()["model_dtype"] == "float16"
-    assert next(tts.ve.parameters()).dtype == torch.float32  # an island: float32 even under "keep"
+    with PerformanceOptimizedTTS.from_model(tts) as opt:  # auto: a float16 model keeps float16
+        wav = opt.generate(TEXT, audio_prompt_path=str(short_ref), max_new_tokens=10)
+        assert torch.isfinite(wav).all()
+        assert opt.policy == "keep" and opt.performance_info()["model_dtype"] == "float16"
+        assert next(tts.ve.parameters()).dtype == torch.float32  # an island: float32 even under "keep"
+    # close() gives the islands back in float16: their snapshot is taken before they are cast up
+    # (taken after, it would hold their float32 and put that back)
+    for island in island_modules(tts):
+        assert {p.dtype for p in island.parameters()} == {torch.float16}, island
+
+
+def test_a_build_failing_after_the_islands_gives_the_model_back() -> None:
+    """A "keep" policy is refused on mixed dtypes inside T3 once the islands are cast and shadowed:
+    the constructor closes what it opened. The error is kept (``info``), as a REPL keeps
+    ``sys.last_value``: let go, its frames would close the snapshot's generator and hide a leak."""
+    tts = load_model("tiny")
+    tts.ve.half()
+    first = next(tts.t3.parameters())
+    first.data = first.data.half()
+    with pytest.raises(SourceError, match="mixed parameter dtypes") as info:
+        PerformanceOptimizedTTS(tts, policy="keep")
+    held = [frame.f_locals.get("self") for frame, _ in traceback.walk_tb(info.tb)]
+    assert any(isinstance(o, PerformanceOptimizedTTS) for o in held)  # the half-built wrapper too
+    assert "forward" not in vars(tts.ve)  # no island shadow left
+    assert {p.dtype for p in tts.ve.parameters()} == {torch.float16}
 
 
 def test_performance_info_reports_what_ran(folders: dict[str, Path]) -> None:
@@ -960,8 +982,9 @@ def test_close_gives_the_model_back_exactly(
     with PerformanceOptimizedTTS(tts, policy=policy) as opt:
         opt.generate(TEXT, max_new_tokens=8)
         assert "forward" in vars(tts.ve)  # an island's shadow is installed while open
-        if policy == "bfloat16":
+        if policy == "bfloat16":  # a half policy casts S3Gen's flow with T3
             assert next(tts.t3.parameters()).dtype == torch.bfloat16
+            assert opt.configuration()["component_dtypes"]["s3gen.flow"] == "bfloat16"
         # only what a cast replaced is released: nothing where the weights stay float32
         assert (opt.released_bytes > 0) == (away and policy == "bfloat16")
     after = _state(tts)
