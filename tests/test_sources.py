@@ -156,7 +156,7 @@ def test_too_short_reference_is_refused_before_conditioning(
 
 
 def test_a_loud_clip_too_short_to_measure_is_refused_as_too_short_not_silence(tmp_path: Path) -> None:
-    # Under LEVEL_S's five frames the level read the quietest: 0.02 s of zeros, then 0.08 s of a
+    # In LEVEL_S's five frames or fewer the level read the quietest: 0.02 s of zeros, then 0.08 s of a
     # loud tone, was "silence" (docs/index.md: files under 0.5 s are refused as too short).
     t = np.arange(int(0.08 * 24000)) / 24000
     path = tmp_path / "short_tone.wav"

@@ -141,8 +141,8 @@ def check_reference(path: str | Path) -> ReferenceInfo:
             "16-bit PCM WAV, or remove those samples"
         )
     seconds = data.shape[0] / sr
-    # Before the level: in a clip shorter than LEVEL_S's five frames _voice_level reads the quietest
-    # frame, and a loud clip was refused as silence.
+    # Before the level: in a clip of LEVEL_S's five frames or fewer (0.1 s or less) _voice_level
+    # reads the quietest frame, and a loud clip was refused as silence.
     if seconds < MIN_REFERENCE_S:
         raise SourceError(
             f"reference audio {path} is too short ({seconds:.2f} s, under {MIN_REFERENCE_S} s); "
