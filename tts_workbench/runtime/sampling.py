@@ -97,6 +97,10 @@ def check_sampling(
     # from 1 up); here top-p at 1 is left out, so its check is made here.
     if not turbo and not 0 <= top_p <= 1:
         raise ConfigError(f"top_p must be in [0, 1] (a share of the probability kept), got {top_p}")
+    # inference_turbo builds the warper below 1, which refuses a negative top-p (a plain ValueError
+    # once the processors were built); NaN, which it would leave out, is refused as nonsense
+    if turbo and not top_p >= 0:
+        raise ConfigError(f"top_p must be 0 or above (1 or more: no top-p), got {top_p}")
     # as transformers' RepetitionPenaltyLogitsProcessor, which both upstream loops build
     if not repetition_penalty > 0:
         raise ConfigError(
