@@ -15,20 +15,24 @@ import json
 import statistics
 import sys
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from tts_workbench.core.positions import positions_needed
 from tts_workbench.core.quiet import upstream_silenced
-from tts_workbench.models.builders import build_model
+from tts_workbench.models.builders import MODELS, build_model
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime.decode import prefill_length
 from tts_workbench.runtime.engine import StreamEngine
+from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.studies.bench import engine_step_ms, environment
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 NAMES = ("without", "with")
+# the analyzer is Multilingual T3's: the others' engines refuse alignment=True
+SIZES = [size for size, (family, _) in MODELS.items() if family == "multilingual"]
 
 
 def _levels(text: str) -> list[int]:
@@ -44,7 +48,12 @@ def _levels(text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="multilingual-tiny", help="a Multilingual size the builders know")
+    ap.add_argument(
+        "--model",
+        default="multilingual-tiny",
+        choices=SIZES,
+        help="a Multilingual size (default %(default)s)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--streams", type=_levels, default=[1, 4], help="levels, comma-separated (default 1,4)")
     ap.add_argument("--tokens", type=int, default=100, help="tokens per stream (default 100)")
@@ -58,25 +67,24 @@ def main() -> None:
     # upstream's prints would land in the JSON on stdout; the voice is removed once read
     with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:
         tts = build_model(args.model, device=args.device)
-        tts.prepare_conditionals(str(make_reference_wav(Path(tmp) / "reference.wav")))
+        prepare_voice(tts, str(make_reference_wav(Path(tmp) / "reference.wav")))
     cache = -(-positions_needed(prefill_length(tts, TEXT), args.tokens) // 64) * 64
     results = {}
     for n in levels:
         ms: dict[str, list[float]] = {name: [] for name in NAMES}
-        engines = {
-            name: StreamEngine(tts, max_streams=n, max_cache_len=cache, alignment=name == "with")
-            for name in NAMES
-        }
-        try:
+        with ExitStack() as stack:  # each engine built is closed, should the next fail to start
+            engines = {
+                name: stack.enter_context(
+                    StreamEngine(tts, max_streams=n, max_cache_len=cache, alignment=name == "with")
+                )
+                for name in NAMES
+            }
             for k in range(args.repeats + 1):  # the first round warms up and is not kept
                 for name, engine in engines.items():
                     value = engine_step_ms(engine, TEXT, n, args.tokens)
                     print(f"{n} streams, round {k}, {name} {value:.2f} ms per step", file=sys.stderr)
                     if k:
                         ms[name].append(value)
-        finally:
-            for engine in engines.values():
-                engine.close()
         med = {name: statistics.median(v) for name, v in ms.items()}
         results[f"{n}_streams"] = {
             "ms": ms,

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from tts_workbench.core.policies import POLICIES
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import prepare_voice
@@ -20,7 +21,12 @@ from tts_workbench.studies.bench import compare_streaming, environment, format_s
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--model", default="tiny")
 p.add_argument("--tokens", type=int, default=250)
-p.add_argument("--decode", default="decode-bfloat16", help="T3 dtype policy (same for every strategy)")
+p.add_argument(
+    "--decode",
+    default="decode-bfloat16",
+    choices=[name for name in POLICIES if name != "auto"],  # auto is chosen per device: the wrapper's job
+    help="T3 dtype policy (same for every strategy)",
+)
 p.add_argument("--out", default="runs/bench_streaming.json")
 args = p.parse_args()
 with contextlib.redirect_stdout(sys.stderr):

@@ -6,7 +6,10 @@ Three pipelines on three copies of the same weights, each a one-shot capped gene
 the bench (`bench.run_pipeline`): upstream's `generate` (float32), and the optimized wrapper
 (float32 policy, so the tokens can be compared) with the compiled step, once with each wrapper.
 T3 ms per decode step, medians over the repeats with every value kept; compile seconds apart.
-(Same tokens with either wrapper: tests/test_static_decode.py checks it on the tiny model.)
+(Same tokens with either wrapper: on the tiny model, the C++-wrapper step compiled for real sampled
+the eager step's tokens, checked by hand on 2026-12-06. The suite does not check it, as that compile
+takes ~20 s (tests/test_static_decode.py swaps torch.compile for identity): this script is where a
+C++-wrapper step is compiled and measured.)
 
     .venv/bin/python scripts/cpp_wrapper_study.py [--repeats 5] > run.json
 

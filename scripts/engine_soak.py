@@ -2,6 +2,9 @@
 every cache row is free at the end and resident memory stays flat (issue 19's soak target).
 
     .venv/bin/python scripts/engine_soak.py [--streams 200] [--tokens 8] > results/engine_soak_cpu.json
+
+(The committed results/engine_soak_cpu.json was written by an earlier version of this script: it has
+rss_mb_after_streams where the script now writes rss_mib_after_streams, and no environment.)
 """
 
 from __future__ import annotations

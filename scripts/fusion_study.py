@@ -31,15 +31,18 @@ from typing import Any
 
 import torch
 
-from tts_workbench.core.positions import positions_needed
+from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.policies import POLICIES
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.core.rng import StreamRandom
-from tts_workbench.models.builders import build_model
+from tts_workbench.models.builders import MODELS, SIZES, build_model
 from tts_workbench.models.reference import make_reference_wav
-from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, text_tokens
-from tts_workbench.runtime.engine import StreamEngine
+from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
+from tts_workbench.runtime.engine import StreamEngine, check_engine_options
+from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.studies.bench import engine_step_ms, environment
+from tts_workbench.studies.load import cache_positions
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 TOKENS = 150
@@ -71,8 +74,7 @@ def _engine(
 ) -> dict[str, Callable[[], float]]:
     # One engine per plan for every round (each new engine compiles its step anew), with one
     # bucket of all the streams and a cache just long enough (one span): two compiles in all.
-    need = positions_needed(prefill_length(tts, TEXT), TOKENS)
-    cache = -(-need // 64) * 64
+    cache = cache_positions(tts, [TEXT], TOKENS)
     engines = {
         name: stack.enter_context(
             StreamEngine(
@@ -108,10 +110,13 @@ def _measure(what: str, runs: dict[str, Callable[[], float]], repeats: int) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="deep-narrow", help="a size the builders know (default deep-narrow)")
+    ap.add_argument("--model", default="deep-narrow", choices=SIZES, help="a size (default deep-narrow)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
-        "--policy", default="float32", help="the dtype policy of the decode weights (default float32)"
+        "--policy",
+        default="float32",
+        choices=[p for p in POLICIES if p != "auto"],  # auto is chosen per device: the wrapper's job
+        help="the dtype policy of the decode weights (default float32)",
     )
     ap.add_argument("--streams", type=int, default=4, help="streams in the engine run (default 4)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -119,11 +124,16 @@ def main() -> None:
     for flag, value in (("--repeats", args.repeats), ("--streams", args.streams)):  # a kept round; a stream
         if value < 1:
             ap.error(f"{flag} must be at least 1, got {value}")
+    try:  # as bench refuses --fused on Turbo: its family is known by its name, before the build
+        check_engine_options(MODELS[args.model][0], "compiled", alignment=False, fused=True)
+    except ConfigError as e:  # the study has no --fused to leave out: it is the model to change
+        why = str(e).removeprefix("argument --fused: ").removesuffix(": leave --fused out")
+        ap.error(f"argument --model: {args.model}: {why}: give a Standard or Multilingual size")
     torch.manual_seed(0)
     # upstream's prints would land in the JSON on stdout; the voice is removed once read
     with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:
         tts = build_model(args.model, device=args.device)
-        tts.prepare_conditionals(str(make_reference_wav(Path(tmp) / "reference.wav")))
+        prepare_voice(tts, str(make_reference_wav(Path(tmp) / "reference.wav")))
     plans = _plans(tts, args.policy)
     tokens: dict[str, list[int]] = {}
     one = _measure("one stream", _one_stream(tts, plans, tokens), args.repeats)

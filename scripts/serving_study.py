@@ -5,6 +5,9 @@ engine (OMP_NUM_THREADS=1, --threads 1): two replicas use the two cores of this 
 the load client and Ray's proxy share them too.
 
     .venv/bin/python scripts/serving_study.py [--tokens 100] > results/serving_cpu_tiny.json
+
+(The committed results/serving_cpu_tiny.json was written by an earlier version of this script: it
+has machine and date where the script now writes environment.)
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ The baseline is the behaviour before spans: `decode.MIN_SPAN` at the cache's len
 span, the whole cache. Medians over the repeats, with the spread.
 
     .venv/bin/python scripts/span_study.py [--repeats 5] > results/span_cpu_deep_narrow.json
+
+(The committed results/span_cpu_deep_narrow.json was written by an earlier version of this script:
+it has device and versions where the script now writes environment.)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime import decode
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine
+from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.studies.bench import engine_step_ms, environment
 
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -89,7 +93,7 @@ def main() -> None:
     # upstream's prints would land in the JSON on stdout; the voice is removed once read
     with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:
         tts = build_model("deep-narrow")
-        tts.prepare_conditionals(str(make_reference_wav(Path(tmp) / "reference.wav")))
+        prepare_voice(tts, str(make_reference_wav(Path(tmp) / "reference.wav")))
     out = {
         "environment": environment("deep-narrow (random weights)", "cpu"),
         "model": "deep-narrow (random weights)",

@@ -178,14 +178,91 @@ def test_studies_keep_their_reference_in_a_temporary_folder(
         return Path(path)
 
     monkeypatch.setattr(study, "make_reference_wav", reference)
-    # the model's build (cpp_wrapper_study) or its voice (the others) ends the run
-    monkeypatch.setattr(study, "build_model", lambda name, **_: SimpleNamespace(prepare_conditionals=ran))
+
+    def bypassed(*_: Any, **__: Any) -> None:
+        raise AssertionError("upstream's prepare_conditionals called past prepare_voice")
+
+    # the model's build (cpp_wrapper_study) or its voice (the others) ends the run; the voice is read
+    # by prepare_voice (fusion_study failed on turbo-tiny past it: no float32 loudness fix)
+    monkeypatch.setattr(
+        study, "build_model", lambda name, **_: SimpleNamespace(prepare_conditionals=bypassed)
+    )
+    monkeypatch.setattr(study, "prepare_voice", ran)
     monkeypatch.setattr(study, "UpstreamTTS", ran, raising=False)
     monkeypatch.setattr(sys, "argv", [name])
     with pytest.raises(Ran):
         study.main()
     assert len(written) == 1 and written[0].is_relative_to(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "says"),
+    [
+        # tiny was built, then StreamEngine(alignment=True) refused it, with advice about a flag
+        # the script has not
+        ("alignment_study", "tiny", "multilingual-tiny"),
+        # Turbo has nothing to fuse: it was built, then failed in its voice (float64 loudness)
+        ("fusion_study", "turbo-tiny", "nothing to fuse"),
+    ],
+)
+def test_a_study_refuses_a_model_it_cannot_study_before_building_it(
+    name: str, model: str, says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = script(name)
+    monkeypatch.setattr(study, "build_model", ran)
+    err = refused(study, ["--model", model], monkeypatch, capsys)
+    assert "argument --model" in err and says in err and "--alignment" not in err and "--fused" not in err
+
+
+def test_the_alignment_study_closes_each_engine_it_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the engine without the analyzers was left running (its threads) when the one with them failed
+    study = script("alignment_study")
+    built: list[Any] = []
+
+    class Engine:
+        def __init__(self, tts: Any, *, alignment: bool, **_: Any) -> None:
+            if alignment:
+                raise Ran()
+            self.closed = False
+            built.append(self)
+
+        def close(self) -> None:
+            self.closed = True
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *_: Any) -> None:
+            self.close()
+
+    monkeypatch.setattr(study, "build_model", lambda name, **_: SimpleNamespace())
+    monkeypatch.setattr(study, "prepare_voice", lambda tts, reference: None)
+    monkeypatch.setattr(study, "prefill_length", lambda tts, text: 10)
+    monkeypatch.setattr(study, "StreamEngine", Engine)
+    monkeypatch.setattr(sys, "argv", ["alignment_study", "--streams", "1"])
+    with pytest.raises(Ran):
+        study.main()
+    assert len(built) == 1 and built[0].closed
+
+
+def test_the_studies_refuse_a_policy_they_cannot_decode_with(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "auto" and a misspelt name failed once the model had loaded, "auto" with advice for the API
+    study = script("fusion_study")
+    monkeypatch.setattr(study, "build_model", ran)
+    for policy in ("auto", "bfloat"):
+        err = refused(study, ["--policy", policy], monkeypatch, capsys)
+        assert "argument --policy: invalid choice" in err
+    # bench_streaming runs at import: its model loads from models.sources, stubbed before
+    from tts_workbench.models import sources
+
+    monkeypatch.setattr(sources, "load_model", ran)
+    monkeypatch.setattr(sys, "argv", ["bench_streaming", "--decode", "auto"])
+    with pytest.raises(SystemExit) as e:
+        script("bench_streaming")
+    assert e.value.code == 2 and "argument --decode: invalid choice" in capsys.readouterr().err
 
 
 def test_stop_rate_removes_its_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,6 +309,16 @@ def test_cpp_wrapper_study_counts_the_runs_its_results_hold() -> None:
     assert said is not None
     runs = json.loads((ROOT / "results" / "cpp_wrapper_cpu_deep_narrow.json").read_text())["runs"]
     assert words[said.group(1)] == len(runs)
+
+
+@pytest.mark.parametrize("name", ["engine_soak", "span_study", "serving_study", "cpp_wrapper_study"])
+def test_a_results_file_older_than_its_script_is_said_to_be(name: str) -> None:
+    # the files hold fields the scripts no longer write (rss_mb_, device, machine) and lack environment
+    doc = docstring(name)
+    for path in re.findall(r"results/[\w.-]+\.json", doc):
+        result = json.loads((ROOT / path).read_text())
+        if "environment" not in result and "runs" not in result:  # cpp_wrapper_study's: a list of runs
+            assert "earlier version" in doc, f"{path} predates the script's environment"
 
 
 def test_the_fusion_study_compiles_each_step_once(
