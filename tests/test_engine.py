@@ -392,6 +392,7 @@ def test_a_preempted_stream_failed_by_s3gen_leaves_the_queue_with_its_error(
     # Preempted with its first window cut, which S3Gen (held up meanwhile) then fails to emit: it
     # stayed queued, counted, and close() ended it again, over its error.
     handles: list[StreamHandle] = []
+    release = threading.Event()
     with StreamEngine(tts, max_streams=3, config=CONFIG) as engine:
         emit = engine._emit
 
@@ -402,7 +403,7 @@ def test_a_preempted_stream_failed_by_s3gen_leaves_the_queue_with_its_error(
 
         monkeypatch.setattr(engine, "_emit", failing)
         with engine._lock:  # S3Gen held up until the stream is preempted
-            engine._flow_jobs.append(lambda: time.sleep(2.0))
+            engine._flow_jobs.append(lambda: release.wait(60.0))
             engine._lock.notify_all()
         cut = CONFIG.first_window_tokens + CONFIG.lookahead_tokens  # its first window's tokens
         with fitting_two(engine, OOM, lambda _: len(handles[2].tokens) >= cut):
@@ -411,6 +412,10 @@ def test_a_preempted_stream_failed_by_s3gen_leaves_the_queue_with_its_error(
                 handles += [
                     engine.submit(TEXTS[k], seed=k, max_new_tokens=(100, 100, 40)[k]) for k in range(3)
                 ]
+            try:  # S3Gen lets its windows go only once it is preempted, however slow T3 runs
+                assert wait_until(lambda: engine.stats.preempted == 1, 30.0)
+            finally:
+                release.set()
             # its reader does not read yet (a read would drop it)
             assert wait_until(lambda: handles[2].error is not None, 30.0)
             assert engine.stats.preempted == 1 and engine.counts()[0] == 0 and engine._preempted == {}
@@ -969,7 +974,7 @@ def test_a_close_during_the_warm_up_waits_for_one_build_not_all(tts: ChatterboxT
     def slow(bucket: int, span: int) -> object:
         built.append((bucket, span))
         started.set()
-        time.sleep(0.3)  # a compile under way when close() comes
+        assert wait_until(lambda: engine._stopped, 30.0)  # a compile under way when close() comes
         return build(bucket, span)
 
     engine._step_fn = slow  # type: ignore[method-assign]
@@ -1030,7 +1035,7 @@ def test_a_close_during_admissions_waits_for_one_prefill_not_all(tts: Chatterbox
     def slow(handle: Any, request: Any) -> Any:
         prefilled.append(handle)
         started.set()
-        time.sleep(0.3)
+        assert wait_until(lambda: engine._stopped, 30.0)  # a prefill under way when close() comes
         return prefill(handle, request)
 
     engine._prefill = slow  # type: ignore[method-assign]

@@ -79,7 +79,7 @@ def check_alignments(solos: dict[Any, list[Any]], engines: dict[Any, list[Any]])
 
 
 def test_each_streams_analyzer_reads_its_own_rows(
-    tts: ChatterboxMultilingualTTS, analyzers: Analyzers
+    tts: ChatterboxMultilingualTTS, analyzers: Analyzers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two streams start together and a third joins while they decode: each samples its solo
     eager tokens, and its analyzer's alignment is the solo one's (another stream's rows would
@@ -88,17 +88,28 @@ def test_each_streams_analyzer_reads_its_own_rows(
     solo.cache_clear()
     tokens = [solo(tts, k) for k in range(3)]
     solos = analyzers.take()
+    handles: list[StreamHandle] = []
     with StreamEngine(tts, max_streams=3, config=CONFIG, alignment=True) as engine:
+        step, joined = engine._step, threading.Event()
+
+        def held() -> None:
+            """Once the first stream has 2 tokens, no step runs until the third is queued: it
+            then joins the two mid-way (the second, 19 tokens long, still decoding), however
+            late the poll below comes."""
+            if len(handles[0].tokens) >= 2:
+                joined.wait(60.0)
+            step()
+
+        monkeypatch.setattr(engine, "_step", held)
         with engine.together():
-            handles = [submit(engine, 0), submit(engine, 1)]
+            handles += [submit(engine, 0), submit(engine, 1)]
         deadline = time.monotonic() + 30
-        # the third joins mid-way: early, so that a loaded machine's late poll still finds the
-        # second stream (19 tokens) decoding
         while len(handles[0].tokens) < 2:
             if time.monotonic() > deadline:
                 pytest.fail(f"the first stream had {len(handles[0].tokens)} tokens of 2 after 30 s")
             time.sleep(0.01)
         handles.append(submit(engine, 2))
+        joined.set()
         for h in handles:
             list(h)
         assert model_state(tts)[:2] == ("sdpa", False)  # the last stream out gave it back
