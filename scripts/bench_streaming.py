@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from tts_workbench.core.policies import POLICIES
+from tts_workbench.core.policies import NAMED_POLICIES
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import prepare_voice
@@ -24,7 +24,7 @@ p.add_argument("--tokens", type=int, default=250)
 p.add_argument(
     "--decode",
     default="decode-bfloat16",
-    choices=[name for name in POLICIES if name != "auto"],  # auto is chosen per device: the wrapper's job
+    choices=NAMED_POLICIES,
     help="T3 dtype policy (same for every strategy)",
 )
 p.add_argument("--out", default="runs/bench_streaming.json")

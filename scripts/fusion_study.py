@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from tts_workbench.core.errors import ConfigError
-from tts_workbench.core.policies import POLICIES
+from tts_workbench.core.policies import NAMED_POLICIES
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models.builders import MODELS, SIZES, build_model
@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument(
         "--policy",
         default="float32",
-        choices=[p for p in POLICIES if p != "auto"],  # auto is chosen per device: the wrapper's job
+        choices=NAMED_POLICIES,
         help="the dtype policy of the decode weights (default float32)",
     )
     ap.add_argument("--streams", type=int, default=4, help="streams in the engine run (default 4)")

@@ -14,3 +14,6 @@ POLICIES = {
     "autocast-bfloat16": "float32 weights, T3 and S3Gen run under torch.autocast(bfloat16)",
     "decode-bfloat16": "float32 weights for everything but T3's decode steps, which use a bfloat16 copy",
 }
+# The policies a run is given by name: "auto" is resolved to one of them per device and checkpoint
+# (the wrapper's choose_policy), so a command that applies a policy itself offers these.
+NAMED_POLICIES = [name for name in POLICIES if name != "auto"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..core import strict_json
-from ..core.policies import POLICIES
+from ..core.policies import NAMED_POLICIES, POLICIES
 from ..core.quiet import quiet_libraries, upstream_silenced
 
 TEXT_HELP = "text to speak (default: upstream's example sentence, constants.UPSTREAM_SENTENCE)"
@@ -762,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--dtype",
         default="float32",
-        choices=[p for p in POLICIES if p != "auto"],  # auto measures candidates: the wrapper's job
+        choices=NAMED_POLICIES,
         help="dtype policy of T3's decode (core.policies.POLICIES)",
     )
     tr.add_argument(
