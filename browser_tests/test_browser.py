@@ -123,13 +123,18 @@ def run_all_cells(driver: WebDriver, lab: Lab, name: str) -> int:
     assert not as_text, f"{name}: {len(as_text)} figure(s) shown as text: {as_text[0]['text/plain']}"
     pngs = sum("image/png" in d for d in data)
     # JupyterLab 4 keeps only the cells in view in the page: bring each into view and count the
-    # images its outputs rendered.
+    # images its outputs rendered, waiting (up to 10 s a cell, polled) for as many as its outputs
+    # hold, so a slow page is waited for rather than miscounted.
+    expected = [sum("image/png" in o.get("data", {}) for o in c.get("outputs", [])) for c in cells]
     images = driver.execute_async_script(
-        PANEL + "const done = arguments[arguments.length - 1]; (async () => { let n = 0;"
+        PANEL + "const done = arguments[arguments.length - 1]; const want = arguments[0];"
+        " const shown = i => w.content.widgets[i].node.querySelectorAll('.jp-RenderedImage img').length;"
+        " (async () => { let n = 0;"
         " for (let i = 0; i < w.content.widgets.length; i++) { await w.content.scrollToItem(i, 'center');"
-        " await new Promise(r => setTimeout(r, 100));"
-        " n += w.content.widgets[i].node.querySelectorAll('.jp-RenderedImage img').length; }"
-        " return n; })().then(done, e => done(String(e)));"
+        " for (let t = 0; t < 200 && shown(i) < want[i]; t++) await new Promise(r => setTimeout(r, 50));"
+        " n += shown(i); }"
+        " return n; })().then(done, e => done(String(e)));",
+        expected,
     )
     # (widget outputs, such as the A/B seam figure, render images the cells' outputs do not list)
     assert images >= pngs, f"{name}: {pngs} figures in the outputs but {images} rendered images"
