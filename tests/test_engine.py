@@ -1668,6 +1668,10 @@ def test_steps_run_over_the_buckets_asked_for_and_speak_the_solo_tokens(tts: Cha
             handles = [engine.submit(t, seed=k, max_new_tokens=TOKENS) for k, t in enumerate(TEXTS[:2])]
         waves = [np.concatenate([c for c, _ in h]) for h in handles]
         assert engine.stats.buckets_used == {3}  # two streams, padded to three rows' worth
+        # streams stepped, not the bucket's rows (the load study's streams per step): each stream's
+        # first id comes from its prefill, each later one from a step
+        assert engine.stats.t3_rows == sum(len(h.sampled) - 1 for h in handles) < 3 * engine.stats.t3_steps
+        assert engine.stats.t3_tokens == sum(len(h.sampled) for h in handles)
     for k, h in enumerate(handles):
         wav, tokens = solo(tts, TEXTS[k], k)
         assert h.tokens == tokens and np.allclose(waves[k], wav, atol=1e-5)
