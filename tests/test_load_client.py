@@ -223,6 +223,8 @@ def test_underruns_from_byte_arrival_busy_refusals_and_the_timeout(monkeypatch: 
     summary = report["levels"][0]["summary"]
     assert summary["failed"] == 3 and summary["streams_with_underruns"] == 1
     assert summary["ttfa_p50_s"] == pytest.approx(0.1)
+    # the stream that spoke, not the one cut off with 0.5 s of it: an overloaded level is no faster
+    assert summary["audio_per_wall_s"] == pytest.approx(1.0 / report["levels"][0]["wall_s"])
 
 
 @pytest.mark.parametrize(
@@ -552,6 +554,11 @@ def test_poisson_arrivals_are_sent_no_earlier_than_their_offsets() -> None:
     # answers at once, so the last one sent (0.3 s and more in, seed 0) hears it before its offset
     late = max(rows, key=lambda row: row["arrival_s"])
     assert late["arrival_s"] > 0.3 and late["ttfa_s"] < late["arrival_s"], rows
+    # the level's wall time holds the arrivals' spread, and its audio per wall second is over it
+    level = report["levels"][0]
+    assert level["wall_s"] >= late["arrival_s"]
+    audio = sum(row["audio_s"] for row in rows)
+    assert level["summary"]["audio_per_wall_s"] == pytest.approx(audio / level["wall_s"])
 
 
 def test_levels_run_in_ascending_order() -> None:

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,12 @@ import pandas as pd
 import pytest
 import torch
 from chatterbox.tts import ChatterboxTTS
+from matplotlib.figure import Figure
 
 from conftest import Analyzers, voiced
+from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError
+from tts_workbench.instruments.latency import ChunkMetrics, StreamReport
 from tts_workbench.interface.cli import SERVER_FLAGS, build_parser, main
 from tts_workbench.models import sources, vocode
 from tts_workbench.models.reference import make_reference_wav
@@ -513,6 +517,7 @@ def test_the_capacity_is_the_largest_level_held_and_each_miss_says_why() -> None
     assert got["missed"][4] == "2 underran (worst gap 0.30 s)"
     assert got["missed"][8] == "1 failed; first-audio p95 0.90 s > 0.5 s"
     assert real_time_capacity(levels, first_audio_limit_s=0.3)["streams"] == 1  # 2's p95 is 0.4 s
+    assert real_time_capacity(levels, first_audio_limit_s=0.4)["streams"] == 2  # "p95 <= limit": held
     text = format_real_time(got)
     assert text.startswith("held in real time: 2 streams") and "4 streams missed: 2 underran" in text
     # a level where no stream spoke has no first-audio p95 (NaN in the frame): it missed too
@@ -625,6 +630,43 @@ def test_the_underrun_figures_count_streams_that_underran_and_keep_the_worst_gap
     s = listener_summary(3, 4.0, [row(3, 0.4), row(1, 0.1), row(0, 0.0)])
     # two streams underran (four gaps between them), the longest gap 0.4 s
     assert (s["streams_with_underruns"], s["worst_underrun_s"]) == (2, 0.4)
+
+
+def test_a_streams_row_counts_from_its_own_submit_and_keeps_its_worst_gap() -> None:
+    """A stream sent 1 s into its level, queued 0.05 s, first audio 0.3 s after its submit, then
+    two gaps (0.2 s and 0.5 s): its row's first audio and queue wait are its own (not counted from
+    the level's start), its worst gap is the longer one, not the two summed."""
+
+    def chunk(k: int, emitted_s: float, queued_s: float = 0.0) -> ChunkMetrics:
+        return ChunkMetrics(index=k, emitted_s=emitted_s, tokens=12, invalid_tokens=0, t3_s=0.1, flow_s=0.1,
+                            vocoder_s=0.0, audio_s=0.5, prompt_frames=0, context_frames=0, new_frames=25,
+                            s3gen_calls=1, queued_s=queued_s)  # fmt: skip
+
+    report = StreamReport("buffered", chunks=[chunk(0, 0.3, queued_s=0.05), chunk(1, 1.0), chunk(2, 2.0)])
+    report.wall_s = 2.0
+    handle = SimpleNamespace(report=report, request=SimpleNamespace(text="Hi.", seed=7), tokens=[3, 4],
+                             sampled=[3, 4, SPEECH_VOCAB_SIZE])  # fmt: skip
+    row = load._stream_row(handle, {}, arrival_s=1.0)  # type: ignore[arg-type]
+    assert (row["arrival_s"], row["queued_s"], row["ttfa_s"]) == (1.0, 0.05, 0.3)
+    assert row["underruns"] == 2 and row["underrun_s"] == pytest.approx(0.7)
+    assert row["max_underrun_s"] == pytest.approx(0.5)
+    assert (row["sampled_tokens"], row["kept_tokens"], row["error"]) == (3, 2, None)
+
+
+def test_the_figure_draws_the_first_audio_limit_the_verdict_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn: list[float] = []
+
+    def figure(_levels: pd.DataFrame, limit_s: float) -> Figure:
+        drawn.append(limit_s)
+        return Figure()
+
+    monkeypatch.setattr(load, "load_figure", figure)
+    summary = {"streams": 1, "failed": 0, "ttfa_p95_s": 0.6, "streams_with_underruns": 0, "worst_underrun_s": 0.0}
+    report = load.conclude({"levels": [{"summary": summary}]}, 0.7, tmp_path)
+    assert report["real_time"]["streams"] == 1 and drawn == [0.7]
+    assert Path(report["files"]["figure"]).is_file()
 
 
 def test_a_levels_rates_and_sizes_from_hand_made_figures() -> None:
