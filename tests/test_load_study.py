@@ -663,7 +663,8 @@ def test_the_figure_draws_the_first_audio_limit_the_verdict_used(
         return Figure()
 
     monkeypatch.setattr(load, "load_figure", figure)
-    summary = {"streams": 1, "failed": 0, "ttfa_p95_s": 0.6, "streams_with_underruns": 0, "worst_underrun_s": 0.0}
+    summary = {"streams": 1, "failed": 0, "ttfa_p95_s": 0.6, "streams_with_underruns": 0,
+               "worst_underrun_s": 0.0}  # fmt: skip
     report = load.conclude({"levels": [{"summary": summary}]}, 0.7, tmp_path)
     assert report["real_time"]["streams"] == 1 and drawn == [0.7]
     assert Path(report["files"]["figure"]).is_file()
