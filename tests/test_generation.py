@@ -26,7 +26,14 @@ from tts_workbench.core.rng import StreamRandom
 from tts_workbench.instruments.profiling import t3_phase
 from tts_workbench.models.reference import check_reference, make_reference_wav
 from tts_workbench.models.sources import load_model
-from tts_workbench.runtime.decode import DecodePlan, check_new_tokens, prefill_embeds, t3_decode, text_tokens
+from tts_workbench.runtime.decode import (
+    DecodePlan,
+    check_new_tokens,
+    generated_ids,
+    prefill_embeds,
+    t3_decode,
+    text_tokens,
+)
 from tts_workbench.runtime.generation import ended_by, generate, prepare_voice, timed, token_cap
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 
@@ -219,6 +226,17 @@ def test_the_speech_position_limit_is_llamas_learned_positions_only() -> None:
     check_new_tokens(turbo.t3, 5000)
     with pytest.raises(ValueError, match="beyond the 4096 speech positions"):
         check_new_tokens(load_model("tiny").t3, 4097)
+    check_new_tokens(load_model("tiny").t3, 4096)  # the last learned position is taken
+
+
+def test_a_generation_vocodes_after_its_first_start_id_but_turbo_keeps_all(tiny_tts: ChatterboxTTS) -> None:
+    """What a whole generation vocodes (``generated_ids``): for the standard model what follows
+    the first start-of-speech id sampled (a second one does not cut again); Turbo's head has the
+    start id too, but its upstream vocodes every speech token sampled."""
+    start = tiny_tts.t3.hp.start_speech_token
+    assert generated_ids([1, start, 2, start, 3], tiny_tts.t3) == [2, 3]
+    turbo = load_model("turbo-tiny").t3
+    assert generated_ids([1, turbo.hp.start_speech_token, 2], turbo) == [1, 2]
 
 
 def test_a_request_past_gpt2s_positions_is_refused_before_it_decodes(

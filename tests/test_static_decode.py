@@ -36,6 +36,7 @@ from tts_workbench.runtime.decode import (
     StaticStep,
     T3Parts,
     check_positions,
+    check_room,
     decode_blocks,
     prefill_length,
     spans,
@@ -500,6 +501,28 @@ def test_a_request_beyond_the_cache_is_refused_before_anything_runs(
     # The fix in the message works: that many tokens fit.
     r, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=96), n=room)
     assert r.tokens.size(1) == room
+
+
+def test_a_cache_with_room_for_one_token_says_so() -> None:
+    """A prefill of 10 in a cache of 10 positions has room for one token (it is never fed back):
+    the refusal of two offers it."""
+    with pytest.raises(CacheError, match="lower max_new_tokens to 1 or FIX"):
+        check_room(10, 2, 10, "the plan's static cache holds max_cache_len", "FIX")
+    with pytest.raises(CacheError, match=r"max_cache_len=9: FIX"):  # none fits: only the fix
+        check_room(10, 1, 9, "the plan's static cache holds max_cache_len", "FIX")
+
+
+def test_a_plans_cache_grown_by_hand_is_reallocated_at_the_next_generation(tiny_tts: ChatterboxTTS) -> None:
+    """``DecodePlan.max_cache_len`` set directly (as its docstring allows, not through the
+    wrapper's ``set_max_cache_len``): the next generation gets a cache of the new length, and its
+    tokens are a fresh plan's."""
+    plan = DecodePlan.plain(tiny_tts.t3, step="static", max_cache_len=prefill_length(tiny_tts, TEXT) + 7)
+    _run(tiny_tts, plan, n=8)
+    plan.max_cache_len = CACHE
+    grown, _ = _run(tiny_tts, plan, n=40)
+    fresh, _ = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3, step="static"), n=40)
+    step = plan.static_step(2)
+    assert torch.equal(grown.tokens, fresh.tokens) and step is not None and step.max_cache_len == CACHE
 
 
 def test_a_request_that_exactly_fills_the_cache_runs(tiny_tts: ChatterboxTTS) -> None:
