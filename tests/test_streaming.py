@@ -30,6 +30,7 @@ from tts_workbench.instruments.latency import StreamReport, format_report, seam_
 from tts_workbench.interface.cli import main
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
+from tts_workbench.models.vocode import fade_in
 from tts_workbench.runtime import streaming
 from tts_workbench.runtime.decode import DecodePlan
 from tts_workbench.runtime.generation import generate
@@ -302,7 +303,7 @@ def test_numpy_token_counts_are_kept_as_ints_the_report_can_write(tts: Chatterbo
     )
 
 
-@pytest.mark.parametrize("total", [10, 18, 19, 40, 48, 49])  # around the windows' edges
+@pytest.mark.parametrize("total", [10, 16, 17, 18, 19, 40, 48, 49])  # around the windows' edges
 def test_windows_do_not_depend_on_when_they_are_asked(total: int) -> None:
     # ``stream`` asks for a window as T3's tokens come; the engine's S3Gen stage may first ask
     # once T3 is done. Before, a stream that ended before its first window was asked for got
@@ -320,6 +321,9 @@ def test_windows_do_not_depend_on_when_they_are_asked(total: int) -> None:
         while (w := cutter.next_window(False)) is not None:
             out.append(w)
             cutter.advance(w)
+        # no window runs past the tokens T3 sampled: once T3 has ended, a tail no longer than a
+        # window and its lookahead goes into one last window (one S3Gen call, not two)
+        assert all(w.stop <= total for w in out), [(w.begin, w.end, w.stop) for w in out]
         return [(w.begin, w.end, w.final) for w in out]
 
     alone, late = windows(True), windows(False)
@@ -340,6 +344,32 @@ def test_naive_re_vocodes_context(tts: ChatterboxTTS) -> None:
         expected.append((2 * min(done, config.context_tokens), 2 * chunk.tokens))
         done += chunk.tokens
     assert [(c.context_frames, c.new_frames) for c in state.report.chunks] == expected
+
+
+def test_naive_fades_each_later_chunk_in_over_fade_ms_and_seams_where_chunks_meet(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planted: S3Gen gives a steady 1.0 for every token. The first chunk is upstream's fade-in
+    alone; every later one starts with the fork's ``fade_ms`` ramp and is steady after it; each
+    seam is where one chunk's samples end (the seam metric reads the audio there)."""
+
+    def steady(_tts: Any, _gen: Any, tokens: list[int], *_a: Any, **_k: Any) -> tuple[Any, ...]:
+        return np.ones(len(tokens) * SAMPLES_PER_TOKEN, np.float32), torch.zeros(0), 0.0, 0.0, 0.0
+
+    monkeypatch.setattr(streaming, "_s3gen", steady)
+    # 40 ms: past upstream's own 20 ms of silence, so a fork's fade on the first chunk would show
+    config = StreamConfig("naive", fade_ms=40.0)
+    wav, state = _run(tts, config, tokens=100)
+    lengths = [round(c.audio_s * SAMPLE_RATE) for c in state.report.chunks]
+    ends = np.cumsum(lengths)
+    assert len(lengths) >= 3 and state.seams == ends[:-1].tolist() and ends[-1] == len(wav)
+    upstream = torch.ones(lengths[0])
+    fade_in(tts.s3gen, upstream)
+    assert np.array_equal(wav[: lengths[0]], upstream.numpy())
+    fade = int(config.fade_ms * SAMPLE_RATE / 1000)
+    for seam, length in zip(state.seams, lengths[1:], strict=True):
+        assert np.array_equal(wav[seam : seam + fade], np.linspace(0.0, 1.0, fade, dtype=np.float32))
+        assert np.all(wav[seam + fade : seam + length] == 1.0)
 
 
 def test_the_snr_leaves_the_crossfades_out() -> None:
@@ -625,7 +655,8 @@ def test_the_report_tells_t3_compiling_before_the_first_token_from_that_mid_way(
 
     monkeypatch.setattr(decode, "compile_method", lambda fn, owner, *_a, **_k: types.MethodType(fn, owner))
     plan = DecodePlan.plain(tts.t3, step="compiled")
-    run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=40, plan=plan)  # short spans
+    first = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=40, plan=plan)
+    assert first["t3_compile_before_first_s"] == first["t3_compile_s"] > 0  # one short span, built first
     report = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=300, plan=plan)
     assert report["t3_compile_before_first_s"] == 0.0 < report["t3_compile_s"]  # a longer span, mid-way
     line = next(x for x in format_report(report).splitlines() if x.startswith("T3 decode step"))
@@ -826,6 +857,33 @@ def test_the_crossfade_runs_from_the_previous_window_to_the_next() -> None:
     blend = wav[lo:hi]
     assert blend[0] == 1.0 and blend[-1] == 0.0 and np.all(np.diff(blend) <= 0)
     assert np.all(wav[:lo] == 1.0) and not wav[hi:].any()
+    # Two windows of ones: the two ramps sum to one at every sample, so a steady sound passes the
+    # seam unchanged (the incoming window weighted by the outgoing ramp dipped to 0 and rose to 2).
+    state = StreamState(StreamReport("buffered"))
+    state.tokens.extend(range(40))
+    cutter = BufferedCutter(config, state)
+    chunks = []
+    for _ in range(2):
+        w = cutter.next_window(False)
+        assert w is not None
+        chunks.append(cutter.assemble(w, np.ones((w.stop - w.start) * SAMPLES_PER_TOKEN, np.float32),
+                                      torch.zeros(0), s3gen))  # fmt: skip
+    [(lo, hi)] = state.crossfades
+    assert np.allclose(np.concatenate(chunks)[lo:hi], 1.0, atol=1e-6)
+
+
+def test_an_odd_crossfade_length_loses_no_sample() -> None:
+    """A crossfade of 20.0417 ms is 481 samples: rounded to an even count it splits around each
+    seam, and the stream is exactly its tokens' samples (an odd one lost a sample a seam)."""
+    config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2, crossfade_ms=20.0417)
+    assert config.crossfade_samples % 2 == 0
+    state = StreamState(StreamReport("buffered"))
+    state.tokens.extend(range(100))
+    cutter, s3gen, chunks = BufferedCutter(config, state), types.SimpleNamespace(trim_fade=torch.zeros(0)), []
+    while (w := cutter.next_window(False)) is not None:
+        wav = np.ones((w.stop - w.start) * SAMPLES_PER_TOKEN, np.float32)
+        chunks.append(cutter.assemble(w, wav, torch.zeros(0), s3gen))
+    assert len(chunks) >= 3 and sum(map(len, chunks)) == 100 * SAMPLES_PER_TOKEN
 
 
 @pytest.mark.parametrize("first_window_s", [0.1, 1.0])  # 2 tokens (< the 4 of left context), 25
