@@ -192,6 +192,10 @@ def test_why_not_flash_on_cpu(tiny_tts: ChatterboxTTS) -> None:
     assert any("device is cpu" in r for r in reasons) and any("float32" in r for r in reasons)
     assert not any("float32" in r for r in why_not_flash(tiny_tts, dtype=torch.bfloat16))
     assert any("CPU runs its own fused kernel" in r for r in reasons)
+    # the half dtypes Flash takes give no dtype reason; every other one is named (float64 gave none)
+    assert not any("dtype is" in r for r in why_not_flash(tiny_tts, dtype=torch.float16))
+    wide = why_not_flash(tiny_tts, dtype=torch.float64)
+    assert any("dtype is float64: CUDA Flash needs" in r for r in wide)
 
 
 def test_where_sdpa_never_runs_no_cpu_kernel_is_said_to(
@@ -242,6 +246,8 @@ def test_why_not_flash_on_cuda_names_every_rule_torch_refuses(
     config = tiny_tts.t3.tfmr.config
     before = config.head_dim
     try:
+        config.head_dim = 256  # the widest it takes
+        assert not any("head dim" in r for r in why_not_flash(tiny_tts, dtype=torch.float16))
         config.head_dim = 264
         reasons = why_not_flash(tiny_tts, step="static", dtype=torch.float16)
     finally:
@@ -289,6 +295,25 @@ def test_on_cpu_the_mask_is_said_to_refuse_cuda_flash_only(tiny_tts: ChatterboxT
     assert flash.ok, flash  # tiny_tts is on the CPU whatever the machine has
 
 
+def test_the_backend_probe_passes_the_mask_its_step_passes(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the static step's mask keeps Flash off: a probe without it would say Flash ran."""
+    masks: list[torch.Tensor | None] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, **kw: Any) -> Any:
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    probe_backends(tiny_tts, step="static")
+    assert masks and all(m is not None for m in masks)
+    masks.clear()
+    probe_backends(tiny_tts, step="eager")
+    assert masks and all(m is None for m in masks)
+
+
 def test_forced_backends_report_pass_and_fail(tiny_tts: ChatterboxTTS) -> None:
     # The probe's inputs are on the model's device: tiny_tts's is the CPU whatever the machine has
     # (a guard on torch.cuda.is_available() skipped the fail half on every CUDA machine).
@@ -326,6 +351,10 @@ def test_the_compiled_attention_kernel_is_read_from_inductors_code() -> None:
     cudnn, flash = (f"aten._scaled_dot_product_{k}_attention.default(x)" for k in ("cudnn", "flash"))
     text = f"{cudnn}\n{flash}"
     assert compiled_attention([text, text]) == ["cuDNN (CUDA)", "flash (CUDA)"]
+    assert compiled_attention([f"{flash}\n{cudnn}"]) == ["flash (CUDA)", "cuDNN (CUDA)"]  # not by name
+    # a CUDA graph compiled with the C++ wrapper calls the op through torch's C shim (c_shim_cuda.h)
+    shim = "aoti_torch_cuda__scaled_dot_product_flash_attention(buf0, buf1)"
+    assert compiled_attention([shim]) == ["flash (CUDA)"]
 
 
 def test_a_compile_in_another_thread_stays_out_of_this_calls_code() -> None:
@@ -462,6 +491,8 @@ def test_a_head_dim_torch_flash_takes_is_not_given_as_a_reason(tiny_tts: Chatter
     before = config.head_dim
     try:
         config.head_dim = 36
+        assert not any("head dim" in r for r in why_not_flash(tiny_tts, dtype=torch.float16))
+        config.head_dim = 256  # the widest it takes
         assert not any("head dim" in r for r in why_not_flash(tiny_tts, dtype=torch.float16))
         config.head_dim = 264
         assert any("head dim 264" in r for r in why_not_flash(tiny_tts, dtype=torch.float16))

@@ -34,6 +34,7 @@ from chatterbox.tts import ChatterboxTTS
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
+from ..core.constants import dtype_name
 from ..core.families import kv_layout
 from ..core.patching import capture_hooks_undone, shared
 from .profiling import EAGER, FUSED_KERNELS, activities, op_frame, phase_regions, time_share
@@ -388,8 +389,8 @@ def why_not_flash(
         f"device is {q.device.type}: the CUDA Flash kernel needs an NVIDIA GPU"
         + (cpu_kernel if q.device.type == "cpu" and backend == "sdpa" and instead is None else "")
     )
-    if q.dtype == torch.float32:
-        reasons.append("dtype is float32: CUDA Flash needs float16 or bfloat16")
+    if q.dtype not in (torch.float16, torch.bfloat16):  # (before 2026-12-06: float64 gave no reason)
+        reasons.append(f"dtype is {dtype_name(q.dtype)}: CUDA Flash needs float16 or bfloat16")
     if q.shape[-1] > 256:  # (torch's check_head_dim_size_flash: no multiple of 8 asked for dense inputs)
         reasons.append(f"head dim {q.shape[-1]} is over the 256 CUDA Flash takes")
     if mask is not None:
