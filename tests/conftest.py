@@ -227,12 +227,33 @@ def _engine_threads() -> set[int]:
     return {t.ident or 0 for t in threading.enumerate() if t.name.startswith("engine-")}
 
 
+def _prompt_embedding_is_its_own(tts: ChatterboxTTS) -> bool:
+    """Whether the prompt embedding upstream's T3 cached on ``tts``'s voice (if any) is the one
+    its own T3 makes: another model's, cached through a shared T3Cond, made the session model
+    speak with it in every later test of the worker."""
+    import dataclasses
+
+    import torch
+
+    cond = tts.conds.t3
+    if cond.cond_prompt_speech_emb is None:
+        return True
+    fresh = dataclasses.replace(cond, cond_prompt_speech_emb=None)
+    with torch.inference_mode():
+        tts.t3.prepare_conditioning(fresh)
+    return torch.equal(fresh.cond_prompt_speech_emb, cond.cond_prompt_speech_emb)
+
+
 @pytest.fixture(autouse=True)
-def _leaves_the_process_as_it_found_it() -> Iterator[None]:
-    """Every test leaves torch's process-wide settings and no engine thread behind: a leak would
-    change the tests that run after it in the same worker (and a user's process)."""
+def _leaves_the_process_as_it_found_it(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test leaves torch's process-wide settings, no engine thread and the session model's
+    voice as it found them: a leak would change the tests that run after it in the same worker
+    (and a user's process)."""
     before, engines = _process_state(), _engine_threads()
     yield
     after = _process_state()
     assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
     assert _engine_threads() <= engines, "an engine of this test is still running: close it"
+    if "tiny_tts" in request.fixturenames:
+        tts = request.getfixturevalue("tiny_tts")
+        assert _prompt_embedding_is_its_own(tts), "the session model's voice caches another embedding"
