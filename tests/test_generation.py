@@ -581,3 +581,13 @@ def test_a_generate_that_writes_no_voice_takes_its_turn_too(
         t.join(timeout=120)
     assert sorted(got) == ["A", "B"]
     assert np.array_equal(got["A"], solo)
+
+
+def test_a_prepared_voice_holds_no_autograd_graph(reference_wav: Path) -> None:
+    # Upstream embeds the x-vector with autograd on: the voice kept CAMPPlus's saved activations
+    # alive through the embedding's grad_fn (181 MB per voice), and copy.deepcopy refused it.
+    tts = load_model("tiny", seed=0)
+    prepare_voice(tts, str(reference_wav))
+    tensors = [*vars(tts.conds.t3).values(), *tts.conds.gen.values()]
+    held = [t for t in tensors if torch.is_tensor(t) and (t.requires_grad or t.grad_fn is not None)]
+    assert not held and torch.is_grad_enabled()

@@ -241,7 +241,13 @@ def prepare_voice(
             f"({samples} samples at {SAMPLE_RATE} Hz, as upstream loads it)"
         )
     # In turn: a generate running on this model reads the voice again for S3Gen after T3.
-    with voice_turn(tts), shared(tts, "norm_loudness", _float32_loudness) if turbo else nullcontext():
+    # Without grad: upstream embeds the x-vector with autograd on, and the voice then held
+    # CAMPPlus's saved activations through its grad_fn (181 MB for a 10 s reference, 2026-12-06).
+    with (
+        voice_turn(tts),
+        shared(tts, "norm_loudness", _float32_loudness) if turbo else nullcontext(),
+        torch.no_grad(),
+    ):
         tts.prepare_conditionals(
             reference, exaggeration=exaggeration, **({"norm_loudness": norm_loudness} if turbo else {})
         )
