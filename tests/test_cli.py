@@ -94,7 +94,7 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     ("args", "message"),
     [
         (["diagnose", "--tokens", "-3"], "positive integer"),
-        (["diagnose", "--reference", "/no/such.wav"], "does not exist"),  # refused before the model is built
+        (["diagnose", "--reference", "/no/such.wav"], "does not exist"),  # refused before the heavy imports
         (["frobnicate"], "invalid choice"),
         (["diagnose", "--dtype", "int8"], "invalid choice"),
         (["bench", "--dtype", "bf16"], "invalid choice"),  # refused before the heavy imports
@@ -121,6 +121,22 @@ def test_bad_arguments_give_one_error_line(args: list[str], message: str, tmp_pa
     assert "Traceback" not in p.stderr
     # Library noise is filtered at the entry point (quiet_libraries).
     assert "pkg_resources" not in p.stderr and "LoRACompatibleLinear" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["diagnose", "--reference", "/no/such.wav"], ["stream", "--text", " "], ["bench", "--dtype", "bf16"]],
+)
+def test_a_mistyped_path_text_or_choice_is_refused_before_torch_is_imported(args: list[str]) -> None:
+    """(before 2026-12-06 a missing --reference and an empty --text came after the import of
+    torch and chatterbox, ~7 s on these 2 cores: the constants module the text's default lives in
+    imports them)"""
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "tts_workbench.interface.cli", *args],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = [line for line in p.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.split("|")[-1].strip() for line in lines}
+    assert p.returncode == 2 and "tts_workbench.interface" in imported, p.stderr[-2000:]  # it saw the imports
+    assert not {"torch", "chatterbox"} & imported, sorted({"torch", "chatterbox"} & imported)
 
 
 def test_an_unknown_model_source_gives_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:

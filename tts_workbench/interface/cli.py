@@ -926,7 +926,6 @@ def _main(argv: Sequence[str]) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.flags_given = _flags_given(argv)
     quiet_libraries()  # before the heavy imports (torch, chatterbox), which warn on import
-    from ..core.constants import UPSTREAM_SENTENCE
     from ..core.errors import unicode_problem
 
     text = getattr(args, "text", None)
@@ -941,14 +940,18 @@ def _main(argv: Sequence[str]) -> int:
         print(f"error: argument --text: not valid Unicode text ({problem}): pass the text as UTF-8",
               file=sys.stderr)  # fmt: skip
         return 2
-    args.text = UPSTREAM_SENTENCE if text is None else text
+    # Named before anything is built; not for --url or --read (no model here, and their own
+    # refusal of --reference says what to do: a missing file's advice did not) nor serve's
+    # --address (the cluster's workers may hold the folder this machine lacks).
+    builds = not any(getattr(args, flag, None) for flag in ("url", "read", "address"))
     try:
-        # Named before anything is built; not for --url or --read (no model here, and their own
-        # refusal of --reference says what to do: a missing file's advice did not) nor serve's
-        # --address (the cluster's workers may hold the folder this machine lacks).
-        if not any(getattr(args, flag, None) for flag in ("url", "read", "address")):
-            _check_model(args)
+        if builds:  # a path check, before the heavy imports (torch and chatterbox: ~6 s on 2 cores)
             _check_reference(args)
+        from ..core.constants import UPSTREAM_SENTENCE
+
+        args.text = UPSTREAM_SENTENCE if text is None else text
+        if builds:
+            _check_model(args)
         with upstream_silenced():  # upstream's prints, warnings and bars; the report comes after
             report, fmt = args.run(args)
     except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream
