@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import json
 import math
 import re
 import threading
 import types
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -839,19 +841,30 @@ def test_a_windows_start_noise_is_the_streams_track_at_its_frames() -> None:
         assert torch.equal(noise[:, :, 24:], state.noise[:, :, 2 * w.start : 2 * w.stop])
 
 
+def _planted(
+    config: StreamConfig, tokens: int, levels: Iterable[float]
+) -> tuple[list[np.ndarray], StreamState]:
+    """The chunks a buffered stream of ``tokens`` tokens, all sampled, assembles when S3Gen gives
+    each window a steady wave at the next of ``levels``: as many windows as there are levels, or
+    every window there is, whichever ends first."""
+    state = StreamState(StreamReport("buffered"))
+    state.tokens.extend(range(tokens))
+    cutter, s3gen = BufferedCutter(config, state), types.SimpleNamespace(trim_fade=torch.zeros(0))
+    chunks = []
+    for level in levels:
+        if (w := cutter.next_window(False)) is None:
+            break
+        wav = np.full((w.stop - w.start) * SAMPLES_PER_TOKEN, level, np.float32)
+        chunks.append(cutter.assemble(w, wav, torch.zeros(0), s3gen))
+    return chunks, state
+
+
 def test_the_crossfade_runs_from_the_previous_window_to_the_next() -> None:
     # Planted: a window of ones, then one of zeros. The blend over the seam falls from the first
     # window's level to the second's (sides swapped, it would rise from 0 to 1 and click twice).
     config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
-    state = StreamState(StreamReport("buffered"))
-    state.tokens.extend(range(40))
-    cutter, s3gen = BufferedCutter(config, state), types.SimpleNamespace(trim_fade=torch.zeros(0))
-    chunks = []
-    for level in (1.0, 0.0):
-        w = cutter.next_window(False)
-        assert w is not None
-        wav = np.full((w.stop - w.start) * SAMPLES_PER_TOKEN, level, np.float32)
-        chunks.append(cutter.assemble(w, wav, torch.zeros(0), s3gen))
+    chunks, state = _planted(config, 40, (1.0, 0.0))
+    assert len(chunks) == 2
     wav = np.concatenate(chunks)
     [(lo, hi)] = state.crossfades
     blend = wav[lo:hi]
@@ -859,15 +872,8 @@ def test_the_crossfade_runs_from_the_previous_window_to_the_next() -> None:
     assert np.all(wav[:lo] == 1.0) and not wav[hi:].any()
     # Two windows of ones: the two ramps sum to one at every sample, so a steady sound passes the
     # seam unchanged (the incoming window weighted by the outgoing ramp dipped to 0 and rose to 2).
-    state = StreamState(StreamReport("buffered"))
-    state.tokens.extend(range(40))
-    cutter = BufferedCutter(config, state)
-    chunks = []
-    for _ in range(2):
-        w = cutter.next_window(False)
-        assert w is not None
-        chunks.append(cutter.assemble(w, np.ones((w.stop - w.start) * SAMPLES_PER_TOKEN, np.float32),
-                                      torch.zeros(0), s3gen))  # fmt: skip
+    chunks, state = _planted(config, 40, (1.0, 1.0))
+    assert len(chunks) == 2
     [(lo, hi)] = state.crossfades
     assert np.allclose(np.concatenate(chunks)[lo:hi], 1.0, atol=1e-6)
 
@@ -877,12 +883,7 @@ def test_an_odd_crossfade_length_loses_no_sample() -> None:
     seam, and the stream is exactly its tokens' samples (an odd one lost a sample a seam)."""
     config = StreamConfig("buffered", first_window_s=0.6, window_s=1.2, crossfade_ms=20.0417)
     assert config.crossfade_samples % 2 == 0
-    state = StreamState(StreamReport("buffered"))
-    state.tokens.extend(range(100))
-    cutter, s3gen, chunks = BufferedCutter(config, state), types.SimpleNamespace(trim_fade=torch.zeros(0)), []
-    while (w := cutter.next_window(False)) is not None:
-        wav = np.ones((w.stop - w.start) * SAMPLES_PER_TOKEN, np.float32)
-        chunks.append(cutter.assemble(w, wav, torch.zeros(0), s3gen))
+    chunks, _ = _planted(config, 100, itertools.repeat(1.0))
     assert len(chunks) >= 3 and sum(map(len, chunks)) == 100 * SAMPLES_PER_TOKEN
 
 
