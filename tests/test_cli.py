@@ -98,8 +98,8 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
         (["frobnicate"], "invalid choice"),
         (["diagnose", "--dtype", "int8"], "invalid choice"),
         (["bench", "--dtype", "bf16"], "invalid choice"),  # refused before the heavy imports
-        # refused after chatterbox was imported and the model built: the one case the library
-        # noise could reach (every other case here is refused before it)
+        # refused after chatterbox was imported (before the model is built): the one case the
+        # library noise could reach (every other case here is refused before the import)
         (["diagnose", "--reference", "NOISE", "--tokens", "2"], "argument --reference: reference audio"),
     ],
 )
@@ -137,6 +137,24 @@ def test_a_mistyped_path_text_or_choice_is_refused_before_torch_is_imported(args
     imported = {line.split("|")[-1].strip() for line in lines}
     assert p.returncode == 2 and "tts_workbench.interface" in imported, p.stderr[-2000:]  # it saw the imports
     assert not {"torch", "chatterbox"} & imported, sorted({"torch", "chatterbox"} & imported)
+
+
+def test_a_reference_that_is_no_audio_is_refused_before_the_model_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(before 2026-12-06 the model was built first, and the file was read as the voice was
+    prepared: a full-size build's wait for a typo'd file)"""
+    from tts_workbench.studies import diagnose
+
+    noise = tmp_path / "noise.wav"
+    noise.write_bytes(bytes(range(256)) * 8)  # a .wav name, no audio
+    built: list[Any] = []
+    monkeypatch.setattr(diagnose, "load_model", lambda *a, **_k: built.append(a))
+    out = tmp_path / "out"
+    assert main(["diagnose", "--reference", str(noise), "--tokens", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: argument --reference: reference audio {noise} is not a readable audio file" in err, err
+    assert not built and not out.exists()
 
 
 def test_an_unknown_model_source_gives_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -196,6 +196,17 @@ def _check_reference(args: argparse.Namespace) -> None:
         raise ValueError(f"argument --reference: reference audio {value} {what}: give a WAV of the voice")
 
 
+def _check_reference_audio(args: argparse.Namespace) -> None:
+    """What a ``--reference`` file holds (readable audio, long and loud enough), refused before the
+    model is built; Turbo's longer minimum is checked when the voice is prepared."""
+    from ..core.errors import SourceError, naming_flag
+    from ..models.reference import check_reference
+
+    if getattr(args, "reference", None) is not None:
+        with naming_flag("--reference", SourceError):
+            check_reference(args.reference)
+
+
 def _reference(
     p: argparse.ArgumentParser, what: str = "WAV of the voice (default: a generated 10 s voice-like signal)"
 ) -> None:
@@ -952,6 +963,7 @@ def _main(argv: Sequence[str]) -> int:
         args.text = UPSTREAM_SENTENCE if text is None else text
         if builds:
             _check_model(args)
+            _check_reference_audio(args)
         with upstream_silenced():  # upstream's prints, warnings and bars; the report comes after
             report, fmt = args.run(args)
     except ValueError as e:  # WorkbenchError and the argument checks of torch/upstream
