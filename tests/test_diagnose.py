@@ -326,20 +326,11 @@ def test_diagnose_names_each_stage_on_stderr_as_it_runs(
     report = json.loads(captured.out)
     phases = ("t3", "s3gen.flow", "s3gen.vocoder")
     assert sum(report["phase_s"][k] for k in phases) <= report["generation_s"] + 1e-3, report["phase_s"]
-    # called from a notebook (upstream's bars off, as notebook_setup has them) it writes nothing:
-    # a saved notebook's output stays as it was
-    with upstream_bars_off():
-        run_diagnosis("tiny", "Hi.", str(reference_wav), tokens=2, outdir=tmp_path / "quiet")
-    assert capsys.readouterr().err == ""
-
-
-def test_a_model_folder_is_titled_by_its_name(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_tts: ChatterboxTTS, reference_wav: Path
-) -> None:
-    """A snapshot folder's whole path as the figure's title started left of the figure and ran
-    over the phase chart's title (before 2026-12-06)."""
+    # Called from a notebook (upstream's bars off, as notebook_setup has them) it writes nothing: a
+    # saved notebook's output stays as it was. This run names a model folder (a hub snapshot): a
+    # whole snapshot path as the figure's title started left of the figure and ran over the phase
+    # chart's title (before 2026-12-06), so the title is the folder's name.
     folder = "/home/user/.cache/huggingface/hub/models--ResembleAI--chatterbox/snapshots/" + "0" * 40
-    monkeypatch.setattr(diagnose, "load_model", lambda *_a, **_k: tiny_tts)
     titles: list[str] = []
     drawn = diagnose.plots.generation_figure
 
@@ -356,7 +347,9 @@ def test_a_model_folder_is_titled_by_its_name(
         return generated(tts, text, **kwargs)
 
     monkeypatch.setattr(diagnose, "generate", heard)
-    run_diagnosis(folder, "Hi.", str(reference_wav), tokens=2, outdir=tmp_path)
+    with upstream_bars_off():
+        run_diagnosis(folder, "Hi.", str(reference_wav), tokens=2, outdir=tmp_path / "quiet")
+    assert capsys.readouterr().err == ""
     assert titles == ["0" * 40 + ": 2 tokens"]
     # the float32 run and the precision stage's generation both read the text given, not a default
     assert texts == ["Hi.", "Hi."]

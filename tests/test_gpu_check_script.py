@@ -362,7 +362,8 @@ def test_a_step_that_does_not_exit_after_its_report_is_stopped(tmp_path: Path) -
 def test_a_step_its_limit_stops_after_its_report_says_so(tmp_path: Path) -> None:
     # the step's own time limit came before the watchdog's grace was up: stopped after its
     # report all the same (before: "stopped_after_report": false beside rc 124)
-    limits = {"GPU_CHECK_STEP_LIMIT": "8", "GPU_CHECK_MIN_STEP_S": "1", "GPU_CHECK_EXIT_GRACE": "30"}
+    # 5 s: the stub's report is out at once and the watchdog looks every second
+    limits = {"GPU_CHECK_STEP_LIMIT": "5", "GPU_CHECK_MIN_STEP_S": "1", "GPU_CHECK_EXIT_GRACE": "30"}
     _, result, _ = stubbed_gpu_check(tmp_path, SHIM_SLEEP="40", **limits)
     for step in result["steps"].values():
         assert step["rc"] == 124 and step["stopped_after_report"] is True, result["steps"]

@@ -528,23 +528,6 @@ def test_profile_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], referen
     assert report["device_trace"] == {"device": "cpu only", "note": CPU_ONLY_NOTE}
 
 
-def test_the_profile_report_names_its_region_trace(
-    tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Without HTA (the GPU image) the report said to read the region trace with `trace --read
-    # PATH` but named no path: the cut it wrote was in neither the JSON nor the text.
-    cut = profile_report.analyze_cut
-
-    def without_hta(steps: dict[str, Any], out: Path) -> TraceReport:
-        return TraceReport(cut(steps, out).trace, "NVIDIA H200", note=NO_HTA_NOTE)
-
-    monkeypatch.setattr(profile_report, "analyze_cut", without_hta)
-    report = profile_generation(tiny_tts, tmp_path, "generation", tokens=3, text="Cut me.")
-    region = tmp_path / "generation" / "t3.decode.json.gz"
-    assert report["region_trace"] == str(region) and region.is_file()
-    assert str(region) in format_profile(report)
-
-
 @pytest.mark.parametrize(
     "command, runs",
     [(["profile"], "tts_workbench.studies.profile_report.generate"),
@@ -951,8 +934,19 @@ def test_profile_names_each_stage_on_stderr_as_it_runs(
     assert bar and "6/6" in bar[-1], err[-2000:]
     shown = [err.find(f", {name}]") for name in PROFILE_STAGES]  # the bar's postfix, in this order
     assert -1 not in shown and shown == sorted(shown), err[-2000:]
-    # called from a notebook (upstream's bars off, as notebook_setup has them) it writes nothing:
-    # a saved notebook's output stays as it was
+    # Called from a notebook (upstream's bars off, as notebook_setup has them) it writes nothing: a
+    # saved notebook's output stays as it was. This run has no HTA (as on the GPU image), where the
+    # report said to read the region trace with `trace --read PATH` but named no path: the cut it
+    # wrote was in neither the JSON nor the text.
+    cut = profile_report.analyze_cut
+
+    def without_hta(steps: dict[str, Any], out: Path) -> TraceReport:
+        return TraceReport(cut(steps, out).trace, "NVIDIA H200", note=NO_HTA_NOTE)
+
+    monkeypatch.setattr(profile_report, "analyze_cut", without_hta)
     with upstream_bars_off():
-        profile_generation(tiny_tts, tmp_path, "quiet", tokens=3, text="Hi.")
+        report = profile_generation(tiny_tts, tmp_path, "quiet", tokens=3, text="Hi.")
     assert capsys.readouterr().err == ""
+    region = tmp_path / "quiet" / "t3.decode.json.gz"
+    assert report["region_trace"] == str(region) and region.is_file()
+    assert str(region) in format_profile(report)
