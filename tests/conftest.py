@@ -244,12 +244,54 @@ def _prompt_embedding_is_its_own(tts: ChatterboxTTS) -> bool:
     return torch.equal(fresh.cond_prompt_speech_emb, cond.cond_prompt_speech_emb)
 
 
+_WEIGHTS: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}  # id(model): (fingerprint, values)
+
+
+def _tensors(tts: ChatterboxTTS) -> dict[str, Any]:
+    """Every parameter and buffer of the model's three components, by name."""
+    import itertools
+
+    modules = {name: getattr(tts, name) for name in ("t3", "s3gen", "ve")}
+    return {
+        f"{name}.{key}": t
+        for name, m in modules.items()
+        for key, t in itertools.chain(m.named_parameters(), m.named_buffers())
+    }
+
+
+def _weights_changed(tts: ChatterboxTTS) -> list[str]:
+    """The names of the session model's tensors whose values, dtype or device differ from the
+    first look's. Cheap while no tensor was replaced or written (the same objects at the same
+    versions); values are compared only then."""
+    import torch
+
+    tensors = _tensors(tts)
+    fingerprint = {k: (id(t), t._version) for k, t in tensors.items()}
+    if id(tts) not in _WEIGHTS:
+        _WEIGHTS[id(tts)] = (fingerprint, {k: t.detach().clone() for k, t in tensors.items()})
+        return []
+    seen, values = _WEIGHTS[id(tts)]
+    if fingerprint == seen:
+        return []
+    changed = [k for k, v in values.items()
+               if k not in tensors or tensors[k].dtype != v.dtype or tensors[k].device != v.device
+               or not torch.equal(tensors[k].detach(), v)]  # fmt: skip
+    # other objects with the same values (a model given back by copying them in); after a change,
+    # the changed model is the next test's baseline, so only the test that changed it fails
+    _WEIGHTS[id(tts)] = (fingerprint, values) if not changed else (
+        fingerprint, {k: t.detach().clone() for k, t in tensors.items()}
+    )
+    return changed
+
+
 @pytest.fixture(autouse=True)
 def _leaves_the_process_as_it_found_it(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every test leaves torch's process-wide settings, no engine thread and the session model's
     voice as it found them: a leak would change the tests that run after it in the same worker
     (and a user's process)."""
     before, engines = _process_state(), _engine_threads()
+    if "tiny_tts" in request.fixturenames:  # its first look is the baseline
+        _weights_changed(request.getfixturevalue("tiny_tts"))
     yield
     after = _process_state()
     assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
@@ -257,3 +299,5 @@ def _leaves_the_process_as_it_found_it(request: pytest.FixtureRequest) -> Iterat
     if "tiny_tts" in request.fixturenames:
         tts = request.getfixturevalue("tiny_tts")
         assert _prompt_embedding_is_its_own(tts), "the session model's voice caches another embedding"
+        changed = _weights_changed(tts)
+        assert not changed, f"the session model's weights changed: {changed[:5]} ({len(changed)})"
