@@ -47,6 +47,7 @@ def voiced(model: str, reference: Path | str) -> Any:
 @pytest.fixture(scope="session")
 def tiny_tts(reference_wav: Path) -> ChatterboxTTS:
     tts: ChatterboxTTS = voiced("tiny", reference_wav)
+    _weights_changed(tts)  # the baseline each test's are checked against
     return tts
 
 
@@ -248,25 +249,37 @@ _WEIGHTS: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}  # id(model): (f
 
 
 def _tensors(tts: ChatterboxTTS) -> dict[str, Any]:
-    """Every parameter and buffer of the model's three components, by name."""
+    """Every parameter, buffer and plain tensor attribute (upstream keeps some: S3Gen's ``pe``,
+    ``freqs_cis``, ``stft_window``) of the model's three components, by name."""
     import itertools
 
-    modules = {name: getattr(tts, name) for name in ("t3", "s3gen", "ve")}
-    return {
-        f"{name}.{key}": t
-        for name, m in modules.items()
-        for key, t in itertools.chain(m.named_parameters(), m.named_buffers())
-    }
+    import torch
+
+    found = {}
+    for name in ("t3", "s3gen", "ve"):
+        m = getattr(tts, name)
+        for key, t in itertools.chain(m.named_parameters(), m.named_buffers()):
+            found[f"{name}.{key}"] = t
+        for path, module in m.named_modules():
+            for attr, value in vars(module).items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                    found[f"{name}.{path}.{attr}"] = value
+    return found
 
 
 def _weights_changed(tts: ChatterboxTTS) -> list[str]:
-    """The names of the session model's tensors whose values, dtype or device differ from the
-    first look's. Cheap while no tensor was replaced or written (the same objects at the same
-    versions); values are compared only then."""
+    """The names of the model's tensors (``_tensors``) whose values, dtype or device differ from
+    the last look's; the first look is the baseline. Cheap while every tensor is the same object
+    at the same version, storage, dtype and device; values are compared only otherwise (a write
+    through ``.data`` in place, which moves none of these, is not seen). After a change the
+    changed model is the baseline, so only the test that changed it fails."""
     import torch
 
     tensors = _tensors(tts)
-    fingerprint = {k: (id(t), t._version) for k, t in tensors.items()}
+    fingerprint = {
+        k: (id(t), -1 if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device)
+        for k, t in tensors.items()
+    }
     if id(tts) not in _WEIGHTS:
         _WEIGHTS[id(tts)] = (fingerprint, {k: t.detach().clone() for k, t in tensors.items()})
         return []
@@ -276,22 +289,21 @@ def _weights_changed(tts: ChatterboxTTS) -> list[str]:
     changed = [k for k, v in values.items()
                if k not in tensors or tensors[k].dtype != v.dtype or tensors[k].device != v.device
                or not torch.equal(tensors[k].detach(), v)]  # fmt: skip
-    # other objects with the same values (a model given back by copying them in); after a change,
-    # the changed model is the next test's baseline, so only the test that changed it fails
-    _WEIGHTS[id(tts)] = (fingerprint, values) if not changed else (
-        fingerprint, {k: t.detach().clone() for k, t in tensors.items()}
-    )
+    # unchanged: other objects with the same values (a model given back by copying them in)
+    now = {k: t.detach().clone() for k, t in tensors.items()} if changed else values
+    _WEIGHTS[id(tts)] = (fingerprint, now)
     return changed
 
 
 @pytest.fixture(autouse=True)
 def _leaves_the_process_as_it_found_it(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test leaves torch's process-wide settings, no engine thread and the session model's
-    voice as it found them: a leak would change the tests that run after it in the same worker
-    (and a user's process)."""
+    """Every test leaves torch's process-wide settings, no engine thread, and the session model's
+    weights and its voice's cached prompt embedding as it found them: a leak would change the
+    tests that run after it in the same worker (and a user's process)."""
     before, engines = _process_state(), _engine_threads()
-    if "tiny_tts" in request.fixturenames:  # its first look is the baseline
-        _weights_changed(request.getfixturevalue("tiny_tts"))
+    if "tiny_tts" in request.fixturenames:  # a module fixture's setup, or a test that takes it otherwise
+        changed = _weights_changed(request.getfixturevalue("tiny_tts"))
+        assert not changed, f"the session model's weights changed before this test: {changed[:5]}"
     yield
     after = _process_state()
     assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
