@@ -7,6 +7,7 @@ import gzip
 import inspect
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -137,6 +138,17 @@ def test_a_mistyped_path_text_or_choice_is_refused_before_torch_is_imported(args
     imported = {line.split("|")[-1].strip() for line in lines}
     assert p.returncode == 2 and "tts_workbench.interface" in imported, p.stderr[-2000:]  # it saw the imports
     assert not {"torch", "chatterbox"} & imported, sorted({"torch", "chatterbox"} & imported)
+
+
+def test_a_library_that_fails_to_load_is_no_usage_error(tmp_path: Path) -> None:
+    """A broken install is a traceback and exit code 1, not an ``error:`` line and 2 (with the
+    heavy imports inside the argument handlers, on 2026-12-06, its OSError read as a usage error)."""
+    (tmp_path / "chatterbox").mkdir()
+    (tmp_path / "chatterbox" / "__init__.py").write_text('raise OSError("cannot load library libfake.so")\n')
+    p = subprocess.run([sys.executable, "-m", "tts_workbench.interface.cli", "diagnose", "--tokens", "2"],
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 1 and "Traceback" in p.stderr and "libfake.so" in p.stderr, p.stderr[-2000:]
 
 
 def test_a_reference_that_is_no_audio_is_refused_before_the_model_is_built(

@@ -955,12 +955,17 @@ def _main(argv: Sequence[str]) -> int:
     # refusal of --reference says what to do: a missing file's advice did not) nor serve's
     # --address (the cluster's workers may hold the folder this machine lacks).
     builds = not any(getattr(args, flag, None) for flag in ("url", "read", "address"))
-    try:
-        if builds:  # a path check, before the heavy imports (torch and chatterbox: ~6 s on 2 cores)
+    if builds:  # a path check, before the heavy imports (torch and chatterbox: ~6 s on 2 cores)
+        try:
             _check_reference(args)
-        from ..core.constants import UPSTREAM_SENTENCE
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    # Outside the handlers below: a library that fails to load is no usage error (exit code 2).
+    from ..core.constants import UPSTREAM_SENTENCE
 
-        args.text = UPSTREAM_SENTENCE if text is None else text
+    args.text = UPSTREAM_SENTENCE if text is None else text
+    try:
         if builds:
             _check_model(args)
             _check_reference_audio(args)
