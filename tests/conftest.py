@@ -80,6 +80,23 @@ class Analyzers:
 
 
 @pytest.fixture
+def traced_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` traced by dynamo and run by its ``eager`` backend: guards, graph breaks
+    (``fullgraph``), recompiles and the time they take are all real, Inductor's code generation
+    and C++ compiles are left out (a cold compile of the tiny T3 step is ~30 s of one core, most
+    of it gcc). For tests of what the workbench does around a compile (timing, sharing, reuse,
+    reports); tests of what Inductor makes (its tokens, the attention op in its code) keep it."""
+    import torch
+
+    real = torch.compile
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", traced)
+
+
+@pytest.fixture
 def analyzers(monkeypatch: pytest.MonkeyPatch) -> Analyzers:
     """``Analyzers`` installed for the test."""
     return Analyzers(monkeypatch)

@@ -360,7 +360,7 @@ def test_a_fused_bench_runs_the_copy_and_counts_its_weights(
 
 
 def test_the_footer_names_the_estimator_only_where_a_configuration_compiled_it(
-    tmp_path: Path, reference_wav: Path
+    tmp_path: Path, reference_wav: Path, traced_only: None
 ) -> None:
     """The one-shot configurations run S3Gen eagerly: only compiled-stream compiles its estimator,
     yet the footer said compile_s was "T3's step and S3Gen's estimator" after any bench, and
@@ -411,7 +411,7 @@ def test_the_attention_recording_runs_after_the_timed_runs_and_only_for_a_wrappe
 
 
 def test_a_step_shared_by_two_configurations_shows_its_compile_on_both(
-    tmp_path: Path, reference_wav: Path
+    tmp_path: Path, reference_wav: Path, traced_only: None
 ) -> None:
     """compiled and compiled-stream run one plan's compiled T3 step: the first listed built it and
     was charged for it, the other showed 0 (before: compile_s {'compiled-stream': 20.17,

@@ -1560,14 +1560,10 @@ def test_bfloat16_streams_agree_with_solo_bfloat16_streams(tts: ChatterboxTTS) -
             assert (h.logits[i] - logits[i]).abs().max() <= 0.03 * logits[i].abs().max(), (k, i)
 
 
-def test_a_step_first_needed_while_streams_run_compiles_once(
-    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_step_first_needed_while_streams_run_compiles_once(tts: ChatterboxTTS, traced_only: None) -> None:
     """A shape first needed by a running step was compiled with inference tensors (made inside the
     step's inference mode), and again at its first real call (before 2026-12-04): twice, the
     second time inside the timed step. Dynamo's eager backend: its guards, without Inductor."""
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
     with StreamEngine(tts, max_streams=1, step="compiled", config=CONFIG, max_cache_len=256) as engine:
         graphs = counters["stats"]["unique_graphs"]
         handle = engine.submit(TEXTS[2], seed=2, max_new_tokens=6)  # no warm-up: built by the step

@@ -248,25 +248,6 @@ def test_the_sampling_step_needs_what_the_model_steps_need(tmp_path: Path) -> No
     assert "chatterbox" in result["skipped"]["sampling"]
 
 
-def test_the_trace_heading_says_the_traces_were_cut_not_read(tmp_path: Path) -> None:
-    # the step runs `trace --cut-only`: the report it prints is the cut traces, unread (no HTA there)
-    steps = tmp_path / "steps"
-    steps.mkdir()
-    (steps / "mode").write_text("dry-run\n")
-    cut = {
-        "note": "cut only",
-        "table": [],
-        "traces": {"eager": "decode_eager.json.gz"},
-        "device_events": {"eager": 0},
-    }
-    (steps / "trace.json").write_text(json.dumps(cut))
-    p, result = gpu_check(tmp_path, "--combine")
-    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
-    assert result["trace"] == cut
-    heading = next(line for line in p.stdout.splitlines() if line.startswith("## T3 decode"))
-    assert "HolisticTraceAnalysis" not in heading and "not read" in heading
-
-
 @pytest.mark.parametrize("folder", ["missing", "empty"])
 def test_combine_refuses_a_folder_without_steps(tmp_path: Path, folder: str) -> None:
     # --combine made a missing folder and wrote an empty "complete" results file over the one named:
@@ -281,9 +262,11 @@ def test_combine_refuses_a_folder_without_steps(tmp_path: Path, folder: str) -> 
     assert steps.exists() == (folder == "empty")  # not created
 
 
+@pytest.mark.integration  # a pipeline of processes: two combines, each importing torch and chatterbox
 def test_combine_names_the_kept_traces_relative_to_the_results_file(tmp_path: Path) -> None:
     # a GPU run's cut traces are copied to traces/ beside the results file; the file named them by
-    # the device machine's absolute path, gone once the files come back (figures were relative)
+    # the device machine's absolute path, gone once the files come back (figures were relative).
+    # The step runs `trace --cut-only`: its heading says the traces were cut, not read (no HTA there).
     steps = tmp_path / "steps"
     steps.mkdir()
     (steps / "mode").write_text("gpu\n")
@@ -298,12 +281,15 @@ def test_combine_names_the_kept_traces_relative_to_the_results_file(tmp_path: Pa
     assert kept == "traces/decode_eager.json.gz"
     assert (tmp_path / kept).read_bytes() == b"the cut trace"
     assert f"eager: {tmp_path / kept}" in p.stdout  # shown where it is here
+    heading = next(line for line in p.stdout.splitlines() if line.startswith("## T3 decode"))
+    assert "HolisticTraceAnalysis" not in heading and "not read" in heading
     # combined here from another machine's steps: its path is gone, the copy that came back is kept
     cut.unlink()
     p, result = gpu_check(tmp_path, "--combine")
     assert p.returncode == 0 and result["trace"]["traces"]["eager"] == "traces/decode_eager.json.gz"
 
 
+@pytest.mark.integration  # a pipeline of processes, waiting for the deadline (~6 s)
 def test_the_wheel_install_keeps_to_the_deadline(tmp_path: Path) -> None:
     # The install ran under its own `timeout 300`, which the deadline never cut, and a call killed
     # during it returned no results file. A python3 whose pip outlasts the deadline: the install is
@@ -351,6 +337,7 @@ def test_a_step_the_deadline_leaves_too_little_is_not_started(tmp_path: Path) ->
     assert all("deadline" in why for why in result["skipped"].values()), result["skipped"]
 
 
+@pytest.mark.integration  # a pipeline of processes (the check and its stub steps, ~9 s)
 def test_a_step_that_does_not_exit_after_its_report_is_stopped(tmp_path: Path) -> None:
     # Inductor's exit can wait 300 s for its compile workers after the report is out: the watchdog
     # stops such a step EXIT_GRACE s after its report is complete, long before its 40 s were up
@@ -359,6 +346,7 @@ def test_a_step_that_does_not_exit_after_its_report_is_stopped(tmp_path: Path) -
         assert step["stopped_after_report"] is True and step["seconds"] < 40, result["steps"]
 
 
+@pytest.mark.integration  # a pipeline of processes (the check and its stub steps, ~10 s)
 def test_a_step_its_limit_stops_after_its_report_says_so(tmp_path: Path) -> None:
     # the step's own time limit came before the watchdog's grace was up: stopped after its
     # report all the same (before: "stopped_after_report": false beside rc 124)
@@ -518,6 +506,7 @@ def test_the_fusion_step_compares_the_fused_step_with_the_unfused(
     assert set(engine["median_ms"]) == {"unfused", "fused"} and engine["fused_over_unfused"] > 0
 
 
+@pytest.mark.integration  # a process importing every module (~13 s)
 def test_the_gpu_steps_import_without_the_notebook_packages() -> None:
     # The GPU image has no IPython, ipywidgets or Ray Serve: on 2026-12-04 a top-level IPython
     # import (core.progress) failed every step of a GPU call. Every module but the notebook

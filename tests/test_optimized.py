@@ -1008,7 +1008,9 @@ def test_the_wrapper_does_not_record_kernels_unless_asked(tiny_tts: ChatterboxTT
         assert "t3.decode" in opt.last.kernels
 
 
-def test_wrapper_decode_steps_share_weights_and_reuse_the_compiled_step(tiny_tts: ChatterboxTTS) -> None:
+def test_wrapper_decode_steps_share_weights_and_reuse_the_compiled_step(
+    tiny_tts: ChatterboxTTS, traced_only: None
+) -> None:
     from tts_workbench.core.errors import ConfigError
 
     with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="compiled") as opt:

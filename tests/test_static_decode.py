@@ -451,7 +451,9 @@ def _refusing_stance(*a: object, **k: object) -> object:
     raise RuntimeError("attempted to set_stance in a torch.compile region, on purpose")
 
 
-def test_guards_are_checked_on_the_first_step_of_each_generation(tiny_tts: ChatterboxTTS) -> None:
+def test_guards_are_checked_on_the_first_step_of_each_generation(
+    tiny_tts: ChatterboxTTS, traced_only: None
+) -> None:
     cpu, sampler = torch.device("cpu"), Sampler(turbo=False, top_p=TOP_P)
     step = StaticStep(
         T3Parts.of(tiny_tts.t3), batch=2, max_cache_len=CACHE, dtype=torch.float32, device=cpu, compile=True,
