@@ -43,8 +43,10 @@ demo: venv
 # Two tiers. `make test` (the developer's loop, under 10 minutes from a fresh clone): tests/ but
 # what is marked `integration`, with lint and the docs build. `make integration-test`: the
 # notebooks under nbval, the tests that start servers or pipelines of processes (the Ray
-# Serve server, the GPU check's dry run) and the two coldest compiles (a stream's CFM
-# estimator shapes, the engine's buckets), each a minute or two.
+# Serve server, TensorBoard, the GPU check's dry run and its other process pipelines) and the
+# coldest compiles (a stream's CFM estimator shapes, the engine's buckets, Turbo's and the
+# bfloat16 T3 step), each seconds to a minute or two. Tests of what the workbench does around a
+# compile (timing, reuse, guards) run dynamo with its eager backend (tests/conftest.py, traced_only).
 # `.ci/run` runs both, then `make browser-test` (docs/measurements.md, "Set-up and test times").
 # The tests run in two pytest-xdist workers, one per core, each file (each notebook) whole on one
 # worker, and one OpenMP thread each: most tests here are small-model steps bound by Python

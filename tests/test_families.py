@@ -277,7 +277,8 @@ def turbo_upstream(turbo: ChatterboxTurboTTS) -> tuple[torch.Tensor, torch.Tenso
     return text, turbo.t3.inference_turbo(t3_cond=turbo.conds.t3, text_tokens=text, max_gen_len=N - 1)
 
 
-@pytest.mark.parametrize("step", ["eager", "static", "compiled"])
+# compiled: a cold compile of Turbo's step of its own (~20 s), in the integration tier
+@pytest.mark.parametrize("step", ["eager", "static", pytest.param("compiled", marks=pytest.mark.integration)])
 def test_turbo_decode_samples_exactly_inference_turbo_tokens(
     turbo: ChatterboxTurboTTS, turbo_upstream: tuple[torch.Tensor, torch.Tensor], step: str
 ) -> None:

@@ -221,7 +221,8 @@ def bf16_eager(tiny_tts: ChatterboxTTS) -> dict[str, tuple[DecodeResult, list]]:
     return {k: _run(tiny_tts, _bf16_plan(tiny_tts, k, "eager")) for k in ("decode-bfloat16", "bfloat16")}
 
 
-@pytest.mark.parametrize("mode", ["static", "compiled"])
+# compiled: a cold compile of the bfloat16 step (~14 s), in the integration tier
+@pytest.mark.parametrize("mode", ["static", pytest.param("compiled", marks=pytest.mark.integration)])
 @pytest.mark.parametrize("kind", ["decode-bfloat16", "bfloat16"])
 def test_bfloat16_agrees_with_the_eager_loop(
     tiny_tts: ChatterboxTTS, bf16_eager: dict, kind: str, mode: str
