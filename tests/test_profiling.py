@@ -53,6 +53,7 @@ from tts_workbench.instruments.profiling import (
     ancestors,
     free_port,
     long_run_schedule,
+    op_events,
     op_frame,
     phase_regions,
     profile_run,
@@ -102,6 +103,17 @@ def events(tiny_tts: ChatterboxTTS) -> list[FunctionEvent]:
 @pytest.fixture(scope="module")
 def ops(events: list[FunctionEvent]) -> pd.DataFrame:
     return op_frame(events)
+
+
+def test_the_op_events_give_the_frame_torchs_events_give(tiny_tts: ChatterboxTTS) -> None:
+    """``op_events`` reads the profiler's records without torch's FunctionEvents (3.5x less time
+    for frame and events here): the same rows, phases, categories, kernels and times, for T3's
+    SDPA, S3Gen's eager attention and the ops nested under both."""
+    with torch.profiler.profile(record_shapes=True) as prof, phase_regions(tiny_tts):
+        generate(tiny_tts, "Frame me.", max_new_tokens=3)
+    ours, torchs = op_frame(op_events(prof)), op_frame(prof.events())
+    pd.testing.assert_frame_equal(ours, torchs)
+    assert {"t3.decode", "s3gen.flow"} <= set(ours["phase"]) and {EAGER, "flash (CPU)"} <= set(ours["kernel"])
 
 
 def _aten(events: list[FunctionEvent], phase: str) -> list[FunctionEvent]:

@@ -37,7 +37,7 @@ from torch.profiler import profile
 from ..core.constants import dtype_name
 from ..core.families import kv_layout
 from ..core.patching import capture_hooks_undone, shared
-from .profiling import EAGER, FUSED_KERNELS, activities, op_frame, phase_regions, time_share
+from .profiling import EAGER, FUSED_KERNELS, activities, op_events, op_frame, phase_regions, time_share
 
 
 @dataclass
@@ -96,7 +96,7 @@ def record_kernels(tts: ChatterboxTTS, extra_t3s: Sequence[Any] = ()) -> Iterato
             yield record
     finally:  # also when the block raised: the kernels that ran before the error count
         if ran:
-            record.ops = op_frame(prof.events())
+            record.ops = op_frame(op_events(prof))
 
 
 # ---------------------------------------------------------------- configuration and probes

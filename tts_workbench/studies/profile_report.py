@@ -19,6 +19,7 @@ from ..instruments.profiling import (
     DECODE_CUT,
     EAGER,
     KERNEL_OPS,
+    op_events,
     op_frame,
     profile_run,
     read_trace,
@@ -77,7 +78,7 @@ def profile_generation(
             result = generate(tts, text, max_new_tokens=tokens, seed=seed)
         path = trace_files(Path(logdir) / run)[-1]
         stage("op frame")
-        ops = op_frame(prof.events())
+        ops = op_frame(op_events(prof))
         top = top_ops(ops, by="total_ms")
         recorded = sorted(KernelRecord(ops).kernels("t3.decode"))
         # The trace is parsed once. The kernel check reads the decode steps cut out of it: the op
