@@ -185,8 +185,8 @@ def op_events(prof: torch.profiler.profile) -> list[OpEvent]:
     (its ``_parse_kineto_results`` and ``_build_tree``: the same names filtered out, a runtime
     event moved to the thread of the op it serves, a child in its parent's interval on one
     thread, a parent's only child of the same name merged into it), without the rest of each
-    ``FunctionEvent``. Events that start and end on different threads are left out, as torch
-    leaves them out of its nesting."""
+    ``FunctionEvent``. Events that start and end on different threads are left out (torch
+    keeps them outside its nesting, as rows of no phase; a generation here has none)."""
     result = prof.profiler.kineto_results if prof.profiler else None
     if result is None:
         return []
