@@ -425,7 +425,7 @@ def test_a_server_that_never_answers_shows_its_output(started: list[subprocess.P
     env = {**os.environ, "SAID": "cannot load plugin: missing dependency XYZ"}
     cmd = [sys.executable, "-c", "import os, time; print(os.environ['SAID'], flush=True); time.sleep(60)"]
     with tempfile.TemporaryFile() as log, pytest.raises(TimeoutError, match="XYZ") as raised:
-        start_server(cmd, f"http://127.0.0.1:{free_port()}", log, timeout=2, env=env)
+        start_server(cmd, f"http://127.0.0.1:{free_port()}", log, timeout=5, env=env)
     assert "longer timeout" in str(raised.value)
     assert started[-1].poll() is not None  # stopped, not left running
 

@@ -53,7 +53,8 @@ class KernelRecord:
 
     def by_phase(self, with_dtype: bool = False) -> dict[str, dict[str, int]]:
         """``{phase: {kernel: count}}`` (kernel as ``"flash (CPU) [bfloat16]"`` with dtype, where
-        the profiler records dtypes: not torch 2.11's); decode steps pooled under ``t3.decode``."""
+        the frame has dtypes: not one of torch 2.11's ``prof.events()``); decode steps pooled under
+        ``t3.decode``."""
         calls = self.to_frame()
         labels = calls["kernel"]
         if with_dtype:

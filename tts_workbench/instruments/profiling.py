@@ -481,7 +481,8 @@ def _category(e: Event, eager_matmuls: set[int]) -> str:
 
 def op_frame(events: Iterable[Event]) -> pd.DataFrame:
     """One row per aten op event of a profile taken under ``phase_regions`` (``op_events(prof)``,
-    or torch's ``prof.events()``: the same frame).
+    or torch's ``prof.events()``: the same frame, but that torch 2.11's events, on the GPU image,
+    have no dtypes).
 
     Columns: ``phase`` (innermost phase region, ``other`` outside them), ``op``, ``category``
     (attention: SDPA ops, the ops under them, softmaxes over 4-D scores and eager attention's
@@ -498,7 +499,8 @@ def op_frame(events: Iterable[Event]) -> pd.DataFrame:
     for e in events:
         if not e.name.startswith("aten::"):
             continue
-        # FunctionEvent.input_dtypes is newer than torch 2.11 (the GPU image's).
+        # FunctionEvent.input_dtypes is newer than torch 2.11 (the GPU image's); op_events reads
+        # the profiler's dtypes there too.
         dtypes = getattr(e, "input_dtypes", None)
         rows.append(
             (

@@ -91,11 +91,14 @@ MODELS: dict[str, tuple[str, TinyConfig | None]] = {
 SIZES = tuple(MODELS)
 
 # transformers' no_init_weights swaps torch.nn.init's functions for no-ops in the whole process
-# (restoring, on exit, what it found on entry): a module built in another thread meanwhile would
-# get no init at all. Every construction here holds this lock (which also keeps a build's entry in
-# upstream's LLAMA_CONFIGS its own); reentrant, for the no-init block inside a build. The lock
-# cannot keep other threads' draws off the global generator: a construction takes its own.
-_CONSTRUCTION = threading.RLock()
+# (restoring, on exit, what it found on entry), and a tiny S3Gen's build swaps the part classes
+# upstream's S3Gen module builds with: a model built in another thread meanwhile would get no
+# init, or tiny parts. Every construction of the workbench holds this lock, upstream's
+# from_pretrained too (sources.load_pretrained), which also keeps a build's entry in upstream's
+# LLAMA_CONFIGS its own; reentrant, for the no-init block inside a build. It cannot guard a
+# user's own construction in another thread, nor keep other threads' draws off the global
+# generator: a construction takes its own.
+CONSTRUCTION = threading.RLock()
 
 
 @contextmanager
@@ -104,7 +107,7 @@ def no_init() -> Iterator[None]:
     one thread at a time and never while another thread builds a model."""
     from transformers.initialization import no_init_weights
 
-    with _CONSTRUCTION, no_init_weights():
+    with CONSTRUCTION, no_init_weights():
         yield
 
 
@@ -114,7 +117,7 @@ def own_random_state(seed: int = 0) -> Iterator[None]:
     ``seed``, as after ``torch.manual_seed(seed)``: its weights are the seed's whatever other
     threads draw meanwhile, and the global generator is neither drawn from nor put back (before
     2026-12-05 it was seeded and restored, which rewound other threads' draws)."""
-    with _CONSTRUCTION, StreamRandom(seed).drawing_all():
+    with CONSTRUCTION, StreamRandom(seed).drawing_all():
         yield
 
 
@@ -219,8 +222,8 @@ def _tiny_parts(cfg: TinyConfig) -> dict[str, Callable[..., Any]]:
 
 def _tiny_s3gen(cfg: TinyConfig, meanflow: bool = False) -> S3Gen:
     """Upstream's S3Gen constructor, its large parts built at ``cfg``'s sizes (``_tiny_parts``;
-    its flow and CFM wrappers as upstream's). Inside a build only, which holds the construction
-    lock: another build never sees the small parts."""
+    its flow and CFM wrappers as upstream's). Inside a build only, which holds ``CONSTRUCTION``:
+    no other construction of the workbench sees the small parts."""
     with ExitStack() as stack:
         for name, factory in _tiny_parts(cfg).items():
             stack.enter_context(scoped_item(vars(s3gen_module), name, factory))
