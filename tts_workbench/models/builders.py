@@ -222,9 +222,9 @@ def _tiny_parts(cfg: TinyConfig) -> dict[str, Callable[..., Any]]:
 
 def _tiny_s3gen(cfg: TinyConfig, meanflow: bool = False) -> S3Gen:
     """Upstream's S3Gen constructor, its large parts built at ``cfg``'s sizes (``_tiny_parts``;
-    its flow and CFM wrappers as upstream's). Inside a build only, which holds ``CONSTRUCTION``:
-    no other construction of the workbench sees the small parts."""
-    with ExitStack() as stack:
+    its flow and CFM wrappers as upstream's). It holds ``CONSTRUCTION`` while the parts are
+    swapped: no other construction of the workbench sees the small parts."""
+    with CONSTRUCTION, ExitStack() as stack:
         for name, factory in _tiny_parts(cfg).items():
             stack.enter_context(scoped_item(vars(s3gen_module), name, factory))
         return S3Gen(meanflow=meanflow)
