@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 import wave
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 
 import tts_workbench.runtime.engine as engine_module
 from tts_workbench.core.errors import CacheError, ConfigError, SourceError
@@ -35,7 +35,7 @@ from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.decode import prefill_length
 from tts_workbench.runtime.engine import StreamEngine
-from tts_workbench.serving.api import speech_app
+from tts_workbench.serving.api import speech_app, unless_gone
 from tts_workbench.serving.protocol import (
     Limits,
     RequestError,
@@ -593,6 +593,22 @@ def one_slot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechService
     service.close()
 
 
+def _client_that_leaves(
+    body: bytes,
+) -> tuple[Callable[[], Awaitable[MutableMapping[str, Any]]], asyncio.Event]:
+    """An ASGI ``receive`` that gives ``body`` whole, then says the client left once the event
+    is set (and not before: a server says nothing else meanwhile)."""
+    request, gone = [{"type": "http.request", "body": body, "more_body": False}], asyncio.Event()
+
+    async def receive() -> MutableMapping[str, Any]:
+        if request:
+            return request.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    return receive, gone
+
+
 @pytest.mark.parametrize("leaves", ["send raises OSError", "in a blocked send", "before the body began"])
 def test_a_client_that_leaves_mid_stream_frees_its_stream_and_is_counted_once(
     one_slot: SpeechService, leaves: str
@@ -605,18 +621,11 @@ def test_a_client_that_leaves_mid_stream_frees_its_stream_and_is_counted_once(
     disconnected = {"replica": "0", "outcome": "disconnected"}
     before = one_slot.registry.get_sample_value("tts_streams_total", disconnected) or 0.0
     body = json.dumps({**MIDWAY, "max_tokens": 900}).encode()  # seconds of decoding on the tiny model
-    request = [{"type": "http.request", "body": body, "more_body": False}]
     started: list[int] = []
     oserror = leaves == "send raises OSError"  # ASGI 2.4's way: the server's send raises
 
     async def scenario() -> None:
-        gone = asyncio.Event()
-
-        async def receive() -> MutableMapping[str, Any]:
-            if request:
-                return request.pop(0)
-            await gone.wait()
-            return {"type": "http.disconnect"}
+        receive, gone = _client_that_leaves(body)
 
         async def send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -689,6 +698,80 @@ def test_a_client_that_leaves_while_its_next_chunk_is_awaited_is_counted_disconn
     assert engine.active() == 0 and engine.queued() == 0
     counted = {outcome: ended(outcome) - before[outcome] for outcome in before}
     assert counted == {"disconnected": 1.0, "failed": 0.0}
+
+
+def test_a_client_that_leaves_while_queued_frees_its_place_under_a_plain_asgi_server(
+    one_slot: SpeechService,
+) -> None:
+    """uvicorn says a client left only as an ``http.disconnect`` from ``receive``: the queued
+    request is cancelled then, answered 499 and counted disconnected (before: it stayed in the
+    queue, to be admitted and decoded up to its first chunk for nobody; here, with admission
+    held, the app never answered)."""
+    engine = one_slot.engine
+    disconnected = {"replica": "0", "outcome": "disconnected"}
+    before = one_slot.registry.get_sample_value("tts_streams_total", disconnected) or 0.0
+    body = json.dumps({**GOOD, "max_tokens": 40}).encode()
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def scenario() -> None:
+        receive, left = _client_that_leaves(body)
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        with engine.together():  # admission held: the request waits in the queue
+            app = asyncio.ensure_future(speech_app(one_slot)(_speech_scope(len(body)), receive, send))
+            for _ in range(200):  # bounded: 10 s
+                if engine.queued() == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.queued() == 1 and not app.done()
+            left.set()
+            await asyncio.wait_for(app, 10)
+            assert engine.queued() == 0 and engine.active() == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    [start] = [m for m in sent if m["type"] == "http.response.start"]
+    assert start["status"] == 499 and (b"x-replica", b"0") in start["headers"], start
+    assert one_slot.registry.get_sample_value("tts_streams_total", disconnected) == before + 1
+
+
+@pytest.mark.parametrize("client", ["stays", "leaves", "cannot be heard", "is cancelled by the server"])
+def test_unless_gone_gives_the_stream_only_to_a_client_still_there(client: str) -> None:
+    """The start is cancelled when the client leaves (answered None), a ``receive`` that raises is
+    no sign of leaving (Ray Serve's proxy puts its own failures there: the start is waited for),
+    and the server's own cancel (Ray Serve's proxy, for a client that left) passes through."""
+    stream, started, cancelled = object(), asyncio.Event(), []
+
+    async def start() -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return stream
+
+    async def receive() -> MutableMapping[str, Any]:
+        if client == "cannot be heard":
+            raise RuntimeError("the proxy's fetch failed")
+        if client != "leaves":
+            await asyncio.sleep(60)  # cancelled once the start is done
+        return {"type": "http.disconnect"}
+
+    async def scenario() -> Any:
+        handler = asyncio.ensure_future(unless_gone(Request(_speech_scope(0), receive), start()))
+        if client == "is cancelled by the server":
+            await asyncio.wait_for(started.wait(), 10)
+            handler.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(handler, 10)
+            return "raised"
+        return await asyncio.wait_for(handler, 10)
+
+    got = asyncio.run(scenario())
+    assert got == {"stays": stream, "leaves": None, "cannot be heard": stream}.get(client, "raised")
+    assert cancelled == ([] if client in ("stays", "cannot be heard") else [True])
 
 
 def test_the_seed_and_max_tokens_sent_are_the_streams(

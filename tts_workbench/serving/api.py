@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Coroutine
 from typing import Any
 
 import anyio
@@ -86,14 +87,9 @@ class SpeechResponse(StreamingResponse):
 
 def speech_app(service: SpeechService) -> FastAPI:
     """The FastAPI app of ``service``: ``POST /v1/audio/speech``, ``GET /v1/models``,
-    ``GET /health``, ``GET /metrics``.
-
-    Under a plain ASGI server (uvicorn) nothing watches for the client's leaving before the
-    response starts: a request whose client left before its first chunk (while it was queued,
-    say) is still admitted and decoded up to that chunk, and only then is its stream closed,
-    its rows freed and counted disconnected. Ray Serve's proxy cancels the handler as soon as
-    the client leaves, which ``SpeechService.speech`` handles (rows freed at once, counted
-    disconnected)."""
+    ``GET /health``, ``GET /metrics``. A client that leaves before its first chunk (while its
+    request is queued, say) frees its place at once, under Ray Serve (whose proxy cancels the
+    handler) and under a plain ASGI server such as uvicorn (``unless_gone``) alike."""
     app = FastAPI(title="tts-workbench", description="Chatterbox streams behind OpenAI's speech API")
 
     app.add_middleware(NameReplica, replica=service.replica)
@@ -126,7 +122,9 @@ def speech_app(service: SpeechService) -> FastAPI:
         except asyncio.CancelledError:  # the same, as Ray Serve's proxy says it: it cancels the handler
             service.outcomes["disconnected"].inc()
             raise
-        audio = await service.speech(req)
+        audio = await unless_gone(request, service.speech(req))
+        if audio is None:  # gone while its request waited for its first chunk (rows freed, counted)
+            return Response(status_code=CLIENT_CLOSED)
         return SpeechResponse(audio, media_type=FORMATS[req.response_format])
 
     @app.get("/v1/models")
@@ -149,6 +147,38 @@ def speech_app(service: SpeechService) -> FastAPI:
         return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def unless_gone(request: Request, start: Coroutine[Any, Any, SpeechStream]) -> SpeechStream | None:
+    """``start``'s stream, or None if the client left first. Ray Serve's proxy cancels the
+    handler of a client that left, and ``SpeechService.speech`` frees a cancelled start's rows
+    and counts it disconnected; a plain ASGI server (uvicorn) says so only as an
+    ``http.disconnect`` from ``receive``, which nothing reads before the response starts, so
+    this watches it meanwhile and cancels the handler the same way (before 2026-12-07 a request
+    whose client left while it was queued was admitted and decoded up to its first chunk for
+    nobody)."""
+    handler = asyncio.current_task()
+    assert handler is not None  # (an ASGI app runs in a task)
+    left = False
+
+    async def watch() -> None:
+        """Cancel the handler once the client has left. A receive that raises (Ray Serve's proxy
+        raises its own failures there) ends the watch only; its ``cancel()`` below drops the error."""
+        nonlocal left
+        while (await request.receive())["type"] != "http.disconnect":
+            pass  # the body was read whole already: nothing else comes before the client leaves
+        left = True
+        handler.cancel()
+
+    watching = asyncio.ensure_future(watch())
+    try:
+        return await start  # awaited in the handler's task, so that a cancel always lands inside it
+    except asyncio.CancelledError:
+        if left and handler.uncancel() == 0:  # the watcher's cancel, no one else's
+            return None
+        raise
+    finally:
+        watching.cancel()
 
 
 async def read_speech(request: Request, service: SpeechService) -> SpeechRequest:
