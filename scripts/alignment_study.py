@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from tts_workbench.core.positions import positions_needed
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.models.builders import MODELS, build_model
 from tts_workbench.models.reference import make_reference_wav
-from tts_workbench.runtime.decode import prefill_length
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.studies.bench import engine_step_ms, environment
+from tts_workbench.studies.load import cache_positions
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 NAMES = ("without", "with")
@@ -68,7 +67,7 @@ def main() -> None:
     with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:
         tts = build_model(args.model, device=args.device)
         prepare_voice(tts, str(make_reference_wav(Path(tmp) / "reference.wav")))
-    cache = -(-positions_needed(prefill_length(tts, TEXT), args.tokens) // 64) * 64
+    cache = cache_positions(tts, [TEXT], args.tokens)
     results = {}
     for n in levels:
         ms: dict[str, list[float]] = {name: [] for name in NAMES}

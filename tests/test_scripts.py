@@ -238,7 +238,7 @@ def test_the_alignment_study_closes_each_engine_it_built(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(study, "build_model", lambda name, **_: SimpleNamespace())
     monkeypatch.setattr(study, "prepare_voice", lambda tts, reference: None)
-    monkeypatch.setattr(study, "prefill_length", lambda tts, text: 10)
+    monkeypatch.setattr(study, "cache_positions", lambda tts, texts, tokens: 192)
     monkeypatch.setattr(study, "StreamEngine", Engine)
     monkeypatch.setattr(sys, "argv", ["alignment_study", "--streams", "1"])
     with pytest.raises(Ran):

@@ -145,6 +145,12 @@ def check_sizes(
             )
 
 
+NOTHING_TO_FUSE = (
+    "Turbo's GPT-2 T3 projects q, k and v in one matmul already and its MLP has no gate: there is nothing "
+    "to fuse"
+)
+
+
 def check_engine_options(family: str | None, step: str, *, alignment: bool, fused: bool = False) -> None:
     """A ConfigError, naming the option as the command line does, for what an engine of a model of
     ``family`` (None: not known before the model loads) with ``step`` cannot run: upstream's
@@ -163,10 +169,7 @@ def check_engine_options(family: str | None, step: str, *, alignment: bool, fuse
             "give: use --decode static, or leave --alignment out"
         )
     if fused and family == "turbo":  # fusion.fusable: GPT-2's c_attn is q, k and v in one already
-        raise ConfigError(
-            "argument --fused: Turbo's GPT-2 T3 projects q, k and v in one matmul already and its MLP has "
-            "no gate: there is nothing to fuse: leave --fused out"
-        )
+        raise ConfigError(f"argument --fused: {NOTHING_TO_FUSE}: leave --fused out")
 
 
 def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
