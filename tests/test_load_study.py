@@ -627,8 +627,10 @@ def test_the_underrun_figures_count_streams_that_underran_and_keep_the_worst_gap
         return {"arrival_s": 0.0, "ttfa_s": 0.2, "audio_s": 2.0, "underruns": underruns,
                 "max_underrun_s": max_underrun_s, "error": None}  # fmt: skip
 
-    s = listener_summary(3, 4.0, [row(3, 0.4), row(1, 0.1), row(0, 0.0)])
-    # two streams underran (four gaps between them), the longest gap 0.4 s
+    failed = {**row(2, 0.9), "error": "RuntimeError: boom"}  # it underran, then failed
+    s = listener_summary(4, 4.0, [row(3, 0.4), row(1, 0.1), row(0, 0.0), failed])
+    # two streams underran (four gaps between them), the longest gap 0.4 s; a failed stream's
+    # gaps are not a listener's (it is counted failed)
     assert (s["streams_with_underruns"], s["worst_underrun_s"]) == (2, 0.4)
 
 
@@ -944,3 +946,13 @@ def test_a_levels_poisson_streams_are_sent_at_their_arrival_and_its_wall_leaves_
     arrivals = [r["arrival_s"] for r in level["per_stream"]]  # 0, 0.27, 0.35 at seed 1
     assert len(waits) == 3 and sum(waits) <= max(arrivals) + 1e-9, (waits, arrivals)
     assert level["wall_s"] < elapsed - 1.0  # the second slept in the warm-up is in no level's wall
+
+
+def test_rows_a_level_leaves_held_are_reported(tiny_tts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rows_held_after`` is the level's rows its engine has not freed once every stream ended
+    (a leak the load study would otherwise hide): here an engine made to say none is free."""
+    monkeypatch.setattr(StreamEngine, "free_rows", lambda self: 0)
+    monkeypatch.setattr(StreamEngine, "wait_rows_free", lambda self, timeout: False)
+    level = run_level(tiny_tts, 2, ["Hello."], tokens=4, config=CONFIG)
+    assert level["summary"]["failed"] == 0
+    assert level["rows_held_after"] == 2 * 2  # two streams, two rows each (guidance)

@@ -859,6 +859,16 @@ def _planted(
     return chunks, state
 
 
+def test_the_length_difference_is_the_streams_samples_less_the_one_shots() -> None:
+    """Positive where the stream is longer than the one-shot call, negative where shorter (every
+    stream tested before was as long as its one-shot call, so no test held the sign)."""
+    reference = np.sin(np.arange(960, dtype=np.float32))
+    state = StreamState(StreamReport("buffered"))
+    for extra in (40, -40):
+        wav = np.sin(np.arange(960 + extra, dtype=np.float32))
+        assert quality(wav, reference, state)["length_diff_samples"] == extra
+
+
 def test_the_crossfade_runs_from_the_previous_window_to_the_next() -> None:
     # Planted: a window of ones, then one of zeros. The blend over the seam falls from the first
     # window's level to the second's (sides swapped, it would rise from 0 to 1 and click twice).
