@@ -82,6 +82,22 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
     assert not torch.equal(_params(a.t3)[w], _params(c.t3)[w])
 
 
+def test_every_build_has_its_own_watermarker_with_perths_weights() -> None:
+    """The PerthNet is loaded once a process and copied into each build (a load was a sixth of a
+    tiny build): each model's own network, with the weights upstream's watermarker loads."""
+    import perth
+    from perth.perth_net.perth_net_implicit.perth_watermarker import PerthImplicitWatermarker
+
+    a, b = load_model("tiny"), load_model("turbo-tiny")
+    assert isinstance(a.watermarker, perth.PerthImplicitWatermarker)
+    assert a.watermarker.perth_net is not b.watermarker.perth_net
+    upstream = perth.PerthImplicitWatermarker().perth_net.state_dict()
+    for model in (a, b):
+        own = model.watermarker.perth_net.state_dict()
+        assert own.keys() == upstream.keys() and all(torch.equal(own[k], v) for k, v in upstream.items())
+    assert perth.PerthImplicitWatermarker is PerthImplicitWatermarker  # upstream's name put back
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_checkpoint_round_trip_is_exact_and_keeps_dtype(
     tiny_tts: ChatterboxTTS, tmp_path: Path, dtype: torch.dtype

@@ -15,6 +15,8 @@ Random weights almost never sample T3's stop token: generation must be capped (s
 
 from __future__ import annotations
 
+import copy
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import chatterbox.models.s3gen.s3gen as s3gen_module
+import perth
 import torch
 from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.s3gen.decoder import ConditionalDecoder
@@ -36,6 +39,8 @@ from chatterbox.models.t3.llama_configs import GPT2_MEDIUM_CONFIG, LLAMA_CONFIGS
 from chatterbox.models.t3.modules.perceiver import Perceiver
 from chatterbox.models.t3.modules.t3_config import T3Config
 from chatterbox.models.voice_encoder import VoiceEncoder
+from perth.perth_net.perth_net_implicit.model.perth_net import PerthNet
+from perth.perth_net.perth_net_implicit.perth_watermarker import PerthImplicitWatermarker
 from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
 
 from ..core.constants import SAMPLE_RATE
@@ -237,14 +242,30 @@ def build_s3gen(family: str, cfg: TinyConfig | None) -> S3Gen:
     return S3Gen(meanflow=meanflow) if cfg is None else _tiny_s3gen(cfg, meanflow)
 
 
+@functools.cache
+def _perth_net() -> PerthNet:
+    """The PerthNet upstream's watermarker loads from perth's package files: loaded once."""
+    return PerthImplicitWatermarker().perth_net
+
+
+def _watermarker() -> PerthImplicitWatermarker:
+    """Upstream's watermarker (``perth.PerthImplicitWatermarker()``) with its own copy of the
+    PerthNet loaded once (a load, 0.1-0.2 s, was a sixth of a tiny build). A load drew the
+    network's initialisation from the build's generator after every weight of the model, then
+    overwrote it with the file's: every build's weights stay as they were."""
+    return PerthImplicitWatermarker(run_name=None, perth_net=copy.deepcopy(_perth_net()))
+
+
 def assemble(
     family: str, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: Any, dev: torch.device
 ) -> TTSModel:
+    """The family's upstream model of these parts on ``dev``, as its ``from_local`` assembles them."""
     check_tokenizer(tokenizer, t3.hp.text_tokens_dict_size)
     if family == "turbo" and hasattr(t3.tfmr, "wte"):
         del t3.tfmr.wte  # as upstream from_local: T3 embeds text itself
     cls = FAMILIES[family].model_class
-    model: TTSModel = cls(t3.to(dev).eval(), s3gen.to(dev).eval(), ve.to(dev).eval(), tokenizer, str(dev))
+    with CONSTRUCTION, scoped_item(vars(perth), "PerthImplicitWatermarker", _watermarker):
+        model: TTSModel = cls(t3.to(dev).eval(), s3gen.to(dev).eval(), ve.to(dev).eval(), tokenizer, str(dev))
     return model
 
 
