@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.models.builders import MODELS, build_model
 from tts_workbench.models.reference import make_reference_wav
@@ -67,7 +68,10 @@ def main() -> None:
     with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:
         tts = build_model(args.model, device=args.device)
         prepare_voice(tts, str(make_reference_wav(Path(tmp) / "reference.wav")))
-    cache = cache_positions(tts, [TEXT], args.tokens)
+    try:
+        cache = cache_positions(tts, [TEXT], args.tokens)
+    except ConfigError as e:  # --tokens past the engine's largest cache, and what fits
+        ap.error(str(e))
     results = {}
     for n in levels:
         ms: dict[str, list[float]] = {name: [] for name in NAMES}

@@ -246,6 +246,17 @@ def test_the_alignment_study_closes_each_engine_it_built(monkeypatch: pytest.Mon
     assert len(built) == 1 and built[0].closed
 
 
+def test_the_alignment_study_refuses_more_tokens_than_its_cache_holds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One error line naming --tokens and what fits, once the model has counted the text's
+    positions (before 2026-12-07 it sized its own cache, past the engine's largest)."""
+    study = script("alignment_study")
+    monkeypatch.setattr(study, "StreamEngine", ran)  # not reached
+    err = refused(study, ["--tokens", "5000"], monkeypatch, capsys)
+    assert "error: argument --tokens: 5000 tokens" in err and "use --tokens" in err, err
+
+
 def test_the_studies_refuse_a_policy_they_cannot_decode_with(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -736,12 +736,17 @@ def test_a_client_that_leaves_while_queued_frees_its_place_under_a_plain_asgi_se
     assert one_slot.registry.get_sample_value("tts_streams_total", disconnected) == before + 1
 
 
-@pytest.mark.parametrize("client", ["stays", "leaves", "cannot be heard", "is cancelled by the server"])
+@pytest.mark.parametrize(
+    "client",
+    ["stays", "leaves", "cannot be heard", "is cancelled by the server", "leaves as the server cancels"],
+)
 def test_unless_gone_gives_the_stream_only_to_a_client_still_there(client: str) -> None:
-    """The start is cancelled when the client leaves (answered None), a ``receive`` that raises is
-    no sign of leaving (Ray Serve's proxy puts its own failures there: the start is waited for),
-    and the server's own cancel (Ray Serve's proxy, for a client that left) passes through."""
-    stream, started, cancelled = object(), asyncio.Event(), []
+    """The start is cancelled when the client leaves (answered None, the handler's task left with
+    no cancel pending), a ``receive`` that raises is no sign of leaving (Ray Serve's proxy puts
+    its own failures there: the start is waited for), and the server's own cancel (Ray Serve's
+    proxy, for a client that left) passes through, also when the client's leaving is heard at
+    the same moment."""
+    stream, started, cancelled, handler = object(), asyncio.Event(), [], []
 
     async def start() -> Any:
         started.set()
@@ -755,19 +760,29 @@ def test_unless_gone_gives_the_stream_only_to_a_client_still_there(client: str) 
     async def receive() -> MutableMapping[str, Any]:
         if client == "cannot be heard":
             raise RuntimeError("the proxy's fetch failed")
-        if client != "leaves":
+        if client == "leaves as the server cancels":
+            handler[0].cancel()
+        elif client != "leaves":
             await asyncio.sleep(60)  # cancelled once the start is done
         return {"type": "http.disconnect"}
 
+    async def handle() -> tuple[Any, int]:
+        got = await unless_gone(Request(_speech_scope(0), receive), start())
+        task = asyncio.current_task()
+        return got, task.cancelling() if task else -1
+
     async def scenario() -> Any:
-        handler = asyncio.ensure_future(unless_gone(Request(_speech_scope(0), receive), start()))
+        handler.append(asyncio.ensure_future(handle()))
         if client == "is cancelled by the server":
             await asyncio.wait_for(started.wait(), 10)
-            handler.cancel()
+            handler[0].cancel()
+        if client.endswith("by the server") or client.endswith("server cancels"):
             with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(handler, 10)
+                await asyncio.wait_for(handler[0], 10)
             return "raised"
-        return await asyncio.wait_for(handler, 10)
+        got, pending = await asyncio.wait_for(handler[0], 10)
+        assert pending == 0  # a cancel of the watcher's own is not left counted against the task
+        return got
 
     got = asyncio.run(scenario())
     assert got == {"stays": stream, "leaves": None, "cannot be heard": stream}.get(client, "raised")

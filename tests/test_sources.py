@@ -82,20 +82,32 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
     assert not torch.equal(_params(a.t3)[w], _params(c.t3)[w])
 
 
-def test_every_build_has_its_own_watermarker_with_perths_weights() -> None:
+def test_every_build_has_its_own_watermarker_with_perths_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     """The PerthNet is loaded once a process and copied into each build (a load was a sixth of a
-    tiny build): each model's own network, with the weights upstream's watermarker loads."""
+    tiny build): each model's own network, with the weights upstream's watermarker loads. Only
+    upstream's constructor sees the swap: perth's own name is perth's throughout (a user's
+    watermarker made in another thread meanwhile is perth's)."""
     import perth
     from perth.perth_net.perth_net_implicit.perth_watermarker import PerthImplicitWatermarker
 
+    from tts_workbench.models import builders
+
+    loaded, seen = builders._perth_net, []
+
+    def during_the_build() -> Any:
+        seen.append(perth.PerthImplicitWatermarker)
+        return loaded()
+
+    monkeypatch.setattr(builders, "_perth_net", during_the_build)
     a, b = load_model("tiny"), load_model("turbo-tiny")
+    assert seen == [PerthImplicitWatermarker] * 2
     assert isinstance(a.watermarker, perth.PerthImplicitWatermarker)
     assert a.watermarker.perth_net is not b.watermarker.perth_net
     upstream = perth.PerthImplicitWatermarker().perth_net.state_dict()
     for model in (a, b):
         own = model.watermarker.perth_net.state_dict()
         assert own.keys() == upstream.keys() and all(torch.equal(own[k], v) for k, v in upstream.items())
-    assert perth.PerthImplicitWatermarker is PerthImplicitWatermarker  # upstream's name put back
+    assert all(vars(sys.modules[f.model_class.__module__])["perth"] is perth for f in FAMILIES.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

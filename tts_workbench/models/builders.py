@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import chatterbox.models.s3gen.s3gen as s3gen_module
-import perth
 import torch
 from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.s3gen.decoder import ConditionalDecoder
@@ -256,6 +257,11 @@ def _watermarker() -> PerthImplicitWatermarker:
     return PerthImplicitWatermarker(run_name=None, perth_net=copy.deepcopy(_perth_net()))
 
 
+# ``perth`` as upstream's model constructors see it while ``assemble`` runs one: the only name they
+# read from it is the watermarker's.
+_PERTH_SEEN = SimpleNamespace(PerthImplicitWatermarker=_watermarker)
+
+
 def assemble(
     family: str, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: Any, dev: torch.device
 ) -> TTSModel:
@@ -264,7 +270,8 @@ def assemble(
     if family == "turbo" and hasattr(t3.tfmr, "wte"):
         del t3.tfmr.wte  # as upstream from_local: T3 embeds text itself
     cls = FAMILIES[family].model_class
-    with CONSTRUCTION, scoped_item(vars(perth), "PerthImplicitWatermarker", _watermarker):
+    # Swapped in the constructor's own module only: perth itself, and a user's calls of it, untouched.
+    with CONSTRUCTION, scoped_item(vars(sys.modules[cls.__module__]), "perth", _PERTH_SEEN):
         model: TTSModel = cls(t3.to(dev).eval(), s3gen.to(dev).eval(), ve.to(dev).eval(), tokenizer, str(dev))
     return model
 
