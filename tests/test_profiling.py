@@ -221,7 +221,7 @@ def test_every_op_under_an_sdpa_call_is_attention() -> None:
     with sdpa_kernel([SDPBackend.MATH]), torch.profiler.profile(record_shapes=True) as prof:
         for _ in range(5):
             F.scaled_dot_product_attention(q, q, q)
-    ops = op_frame(prof.events())
+    ops = op_frame(op_events(prof))
     assert {"aten::bmm", "aten::mul"} <= set(ops["op"])  # the fallback's ops, in the frame
     assert set(ops["category"]) == {"attention"}
     # one kernel per call: the fallback's own softmax over the scores is no eager attention call
@@ -245,7 +245,7 @@ def test_eager_attentions_matmuls_are_attention() -> None:
             other @ other.transpose(-1, -2)  # not these scores' rows
         with torch.profiler.record_function("s3gen.flow"):
             q @ q.transpose(-1, -2)  # no softmax over scores beside it
-    ops = op_frame(prof.events())
+    ops = op_frame(op_events(prof))
     matmuls = ops[ops["op"] == "aten::matmul"]
     assert list(matmuls["category"]) == ["attention"] * 3 + ["linear/matmul"] * 2
     bmm = ops[ops["op"] == "aten::bmm"]  # what each matmul called
@@ -259,7 +259,7 @@ def test_an_sdpa_call_under_autocast_is_one_call_of_its_kernel() -> None:
     q = torch.randn(2, 4, 8, 16)
     with torch.profiler.profile(record_shapes=True) as prof, torch.autocast("cpu", torch.bfloat16):
         F.scaled_dot_product_attention(q, q, q)
-    ops = op_frame(prof.events())
+    ops = op_frame(op_events(prof))
     assert (ops["op"] == "aten::scaled_dot_product_attention").sum() == 2  # the wrapper and the call
     assert KernelRecord(ops).by_phase() == {"other": {"flash (CPU)": 1}}
 
@@ -272,7 +272,7 @@ def test_the_dtype_column_has_torchs_dtype_names() -> None:
         for t in tensors:
             t.clone()
         torch.cat(tensors[:2])
-    ops = op_frame(prof.events())
+    ops = op_frame(op_events(prof))
     # The profiler writes C++ types: float, double, c10::Half, c10::BFloat16, long int, ...
     assert list(ops[ops["op"] == "aten::clone"]["dtype"]) == [str(d).removeprefix("torch.") for d in dtypes]
     assert list(ops[ops["op"] == "aten::cat"]["dtype"]) == [""]  # a TensorList, no tensor's dtype
