@@ -61,8 +61,10 @@
 #                                   # voice and length up to the level)
 #   GPU_CHECK_SERVE=1               # also serve one replica (compiled, T3 bfloat16) and send the load
 #                                   # study's levels to it with `load --url` (issue 20's GPU row); needs
-#                                   # ray[serve], which the GPU image lacks and which cannot be carried
-#                                   # (its wheel alone is 79 MB): there it is recorded as skipped
+#                                   # Ray Serve, which the GPU image lacks: carry gpu-serve/
+#                                   # (prepare_gpu_wheels.sh --serve) in a call of its own right after
+#                                   # one that carried gpu-wheels/ (docs/gpu-check.md); without it the
+#                                   # step is recorded as skipped, the missing modules named
 #   GPU_CHECK_FUSION=1              # also run the fused-projection study (step 1d; dry run: tiny, 2 streams)
 #   GPU_CHECK_PORT=8123             # the serve step's port on 127.0.0.1
 #   GPU_CHECK_SERVE_CACHE=320       # the served engine's cache positions per stream (--max-cache-len)
@@ -350,9 +352,15 @@ if [[ $MODE == gpu ]]; then
     # The image's python3 is itself a venv holding CUDA torch: install the carried wheels into a
     # folder that PYTHONPATH puts ahead of it (transformers 5.2.0 then shadows the image's newer one).
     # Under a step's limit: the deadline counts the install (it had its own 300 s before 2026-12-05).
+    # gpu-serve/ (the serve step's, prepare_gpu_wheels.sh --serve) is too large to travel with
+    # gpu-wheels/: a second call carries it to the same warm machine, where gpu-wheels/ is still there.
+    WHEELS=()
+    for d in gpu-wheels gpu-serve; do
+        if compgen -G "$d/*.whl" > /dev/null; then WHEELS+=("$d"/*.whl); else echo "no wheels in $d/ (not carried)" >&2; fi
+    done
     limit=$(step_limit); t0=$SECONDS
     timeout -k 15 "$limit" $PY -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target /tmp/site \
-        gpu-wheels/*.whl > "$TMP/install.log" 2>&1
+        ${WHEELS[@]+"${WHEELS[@]}"} > "$TMP/install.log" 2>&1
     rc=$?
     if ((rc != 0)); then  # its status read back like a step's: a stop at the limit is said so
         cat "$TMP/install.log" >&2; cp "$TMP/install.log" "$DIR/install.err"
@@ -459,18 +467,21 @@ if [[ ${GPU_CHECK_MULTILINGUAL:-0} == 1 ]]; then
         --out "$TMP/multilingual" --configs "$ML_CONFIGS"
 fi
 [[ $MODE == dry-run ]] && LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,2} || LEVELS=${GPU_CHECK_LOAD_LEVELS:-1,8,32,64}
-FLOW_ARGS=(--flow "${GPU_CHECK_LOAD_FLOW:-eager}")
+LARGEST=$(tr ',' '\n' <<<"$LEVELS" | sort -n | tail -1)
+# The engine's settings, the same in process (load) and served (serve): the served figures are
+# compared with the in-process ones, and a second call's server finds the first call's compiles in
+# Inductor's cache on the same machine.
+ENGINE_ARGS=(--decode compiled --dtype bfloat16 --step-buckets "${GPU_CHECK_STEP_BUCKETS:-$LEVELS}"
+    --flow "${GPU_CHECK_LOAD_FLOW:-eager}")
 if [[ -n ${GPU_CHECK_FLOW_BATCHES:-} ]]; then
-    FLOW_ARGS+=(--flow-batches "$GPU_CHECK_FLOW_BATCHES")
+    ENGINE_ARGS+=(--flow-batches "$GPU_CHECK_FLOW_BATCHES")
 elif [[ ${GPU_CHECK_LOAD_FLOW:-eager} == compiled ]]; then  # few shapes: each costs a compile
     # 4 windows a call, or the largest level where that is fewer (load refuses a larger size)
-    LARGEST=$(tr ',' '\n' <<<"$LEVELS" | sort -n | tail -1)
-    FLOW_ARGS+=(--flow-batches $(( LARGEST < 4 ? LARGEST : 4 )))
+    ENGINE_ARGS+=(--flow-batches $(( LARGEST < 4 ? LARGEST : 4 )))
 fi
 if [[ ${GPU_CHECK_LOAD:-0} == 1 ]]; then
     step load $PY -m tts_workbench.interface.cli load --model $MODEL --device $DEVICE --tokens $TOKENS \
-        --streams "$LEVELS" --decode compiled --dtype bfloat16 --out "$TMP/load" "${FLOW_ARGS[@]}" \
-        --step-buckets "${GPU_CHECK_STEP_BUCKETS:-$LEVELS}"
+        --streams "$LEVELS" --out "$TMP/load" "${ENGINE_ARGS[@]}"
 fi
 if [[ ${GPU_CHECK_SERVE:-0} == 1 ]]; then  # the same streams over HTTP (issue 20)
     PORT=${GPU_CHECK_PORT:-8123}
@@ -483,8 +494,8 @@ if [[ ${GPU_CHECK_SERVE:-0} == 1 ]]; then  # the same streams over HTTP (issue 2
     else
         ((DEADLINE > 0)) && WAIT_S=$((WAIT_S - MIN_STEP))  # the load step keeps its minimum
         echo "== serve (one replica on a local Ray; answering within ${WAIT_S} s)" >&2
-        $PY -m tts_workbench.interface.cli serve --model $MODEL --device $DEVICE --port $PORT --decode compiled \
-            --dtype bfloat16 --max-streams 64 --max-cache-len ${GPU_CHECK_SERVE_CACHE:-320} --max-input-chars 200 --tokens $TOKENS \
+        $PY -m tts_workbench.interface.cli serve --model $MODEL --device $DEVICE --port $PORT "${ENGINE_ARGS[@]}" \
+            --max-streams "$LARGEST" --max-cache-len ${GPU_CHECK_SERVE_CACHE:-320} --max-input-chars 200 --tokens $TOKENS \
             --out "$TMP/serve" > "$DIR/serve.out" 2> "$DIR/serve.err" &
         SERVER=$!
         if WAITED=$($PY -c '

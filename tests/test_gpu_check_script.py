@@ -4,11 +4,15 @@ full dry run is in test_profiling."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +179,68 @@ def test_the_checkout_size_quoted_beside_the_wheels_holds() -> None:
 
 def test_wheel_pins_name_only_packages_in_the_lock() -> None:
     # a name that matches nothing in requirements.lock downloads nothing: a stale entry
-    pattern = re.search(r"grep -E '\^\(([^)]*)\)==' requirements.lock", WHEELS.read_text())
-    assert pattern
+    lists = dict(re.findall(r"^\s*download (gpu-[a-z]+) '([^']*)'$", WHEELS.read_text(), re.M))
+    assert set(lists) == {"gpu-wheels", "gpu-serve"}
     locked = {line.split("==")[0].lower() for line in (ROOT / "requirements.lock").read_text().splitlines()}
-    assert [name for name in pattern.group(1).split("|") if name.lower() not in locked] == []
+    assert [name for names in lists.values() for name in names.split("|") if name.lower() not in locked] == []
+
+
+def fake_wheel(folder: Path) -> Path:
+    """A wheel pip installs: a package with an executable, a folder to drop and a file whose name
+    starts as that folder's does, each listed in RECORD with its hash."""
+    files = {
+        "demo/__init__.py": b"",
+        "demo/bin/server": b"#!/bin/sh\necho serving\n",
+        "demo/jars/big.jar": b"x" * 4096,
+        "demo/jarsfile.py": b"KEPT = True\n",
+        "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
+        "demo-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+
+    def digest(data: bytes) -> str:
+        return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+    record = "".join(f"{n},sha256={digest(d)},{len(d)}\n" for n, d in files.items())
+    record += "demo-1.0.dist-info/RECORD,,\n"
+    wheel = folder / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in [*files.items(), ("demo-1.0.dist-info/RECORD", record.encode())]:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFREG | (0o755 if name.endswith("server") else 0o644)) << 16
+            z.writestr(info, data)
+    return wheel
+
+
+def test_a_slimmed_wheel_installs_without_its_dropped_folder(tmp_path: Path) -> None:
+    # Ray's wheel (79.3 MB) travels without its jar and more: what is left must still install as
+    # a wheel (RECORD without the dropped lines) and keep its executables (Ray's raylet)
+    wheel = fake_wheel(tmp_path)
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "slim_wheel.py"), str(wheel), "demo/jars"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert re.fullmatch(r"demo-1\.0-py3-none-any\.whl: [\d.]+ MB -> [\d.]+ MB\n", p.stderr)
+    with zipfile.ZipFile(wheel) as z:
+        assert not [n for n in z.namelist() if n.startswith("demo/jars/")]
+        assert "demo/jars/" not in z.read("demo-1.0.dist-info/RECORD").decode()
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--target",
+                    str(site), str(wheel)], check=True, capture_output=True, timeout=120)  # fmt: skip
+    assert not (site / "demo" / "jars").exists() and (site / "demo" / "jarsfile.py").is_file()
+    server = subprocess.run([site / "demo" / "bin" / "server"], capture_output=True, text=True, timeout=60)
+    assert server.stdout == "serving\n"
+
+
+def test_slimming_refuses_a_folder_the_wheel_does_not_hold(tmp_path: Path) -> None:
+    # a misspelt folder would drop nothing and leave the wheel over the carry limit, unsaid
+    wheel = fake_wheel(tmp_path)
+    before = wheel.read_bytes()
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "slim_wheel.py"), str(wheel), "demo/jars",
+                        "demo/jar"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2
+    assert "error: demo-1.0-py3-none-any.whl has no file under demo/jar/: nothing to drop there" in p.stderr
+    assert wheel.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == [wheel.name]
 
 
 @pytest.mark.parametrize(
@@ -394,6 +456,23 @@ def test_the_load_step_gets_its_flow_settings(tmp_path: Path) -> None:
     load = [c for c in calls if " load " in c]
     assert len(load) == 1 and "--streams 1,2 " in load[0], calls
     assert "--flow compiled --flow-batches 2 " in load[0], load
+
+
+def test_the_served_engine_is_the_load_steps(tmp_path: Path) -> None:
+    # the served figures are compared with the in-process ones: the server ran 64 streams over
+    # the default buckets with the estimator eager, whatever the load step ran
+    p, result, calls = stubbed_gpu_check(
+        tmp_path, GPU_CHECK_LOAD="1", GPU_CHECK_SERVE="1", GPU_CHECK_LOAD_FLOW="compiled",
+        GPU_CHECK_LOAD_LEVELS="1,2",
+    )
+    load = [c for c in calls if " load --model " in c]
+    serve = [c for c in calls if " serve " in c]
+    assert len(load) == 1 and len(serve) == 1, calls
+    engine = "--decode compiled --dtype bfloat16 --step-buckets 1,2 --flow compiled --flow-batches 2 "
+    assert engine in load[0] and engine in serve[0], calls
+    assert "--max-streams 2 " in serve[0]
+    # the stub exits at once: no load is sent to a server that is not there
+    assert "the server exited" in result["errors"]["serve-load"], result["errors"]
 
 
 def test_the_multilingual_bench_runs_the_wrapper_in_bfloat16(tmp_path: Path) -> None:
