@@ -31,6 +31,7 @@ from tts_workbench.models import vocode
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import FlowPlan
+from tts_workbench.runtime import engine as engine_module
 from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
 from tts_workbench.runtime.generation import generate, prepare_voice
@@ -216,7 +217,6 @@ def test_no_chunk_follows_the_error_of_a_stream_t3_failed_while_s3gen_vocoded_it
 ) -> None:
     # Before, the window in the vocoder when T3 failed the stream was still emitted: its reader
     # got a chunk after the error, and the report counted audio nobody was given.
-    from tts_workbench.runtime import engine as engine_module
 
     in_vocoder, engine = threading.Event(), StreamEngine(tts, max_streams=1, config=CONFIG)
     real_vocoder, real_sample, real_vocode = engine_module.vocoder, Sampler.sample, engine._vocode
@@ -252,7 +252,6 @@ def test_a_compile_that_fails_falls_back_to_the_static_step(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As StaticStep does; before, the T3 stage died and every later stream was refused.
-    from tts_workbench.runtime import engine as engine_module
 
     def no_compiler(*a: object, **k: object) -> None:
         raise RuntimeError("no compiler here")
@@ -781,30 +780,90 @@ def test_a_vocoder_failure_fails_its_stream_not_the_others_in_its_flow_call(
     tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Two streams of one text and seed reach every window at the same step: their windows share
-    # each flow call, then the vocoder runs per stream; the second vocoder call fails.
-    from tts_workbench.runtime import engine as engine_module
+    # each flow call and each vocoder call. The vocoder call of both fails, then the second
+    # stream's call of its own fails too: that stream fails alone, the other speaks on.
+    real, own_calls = engine_module.vocoder, []
 
-    real, calls = engine_module.vocoder, []
-
-    def second_fails(*a: Any, **k: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:
+    def fails(s3gen: Any, mels: torch.Tensor, cache: Any = None) -> Any:
+        if mels.size(0) > 1:
+            raise RuntimeError("out of memory, on purpose")
+        own_calls.append(1)
+        if len(own_calls) == 2:  # the second stream's call of its own
             raise RuntimeError("vocoder broke, on purpose")
-        return real(*a, **k)
+        return real(s3gen, mels, cache)
 
-    monkeypatch.setattr(engine_module, "vocoder", second_fails)
+    monkeypatch.setattr(engine_module, "vocoder", fails)
     with StreamEngine(tts, max_streams=2, config=CONFIG) as engine:
         with engine.together():
             kept, lost = (engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS) for _ in "kl")
-        with pytest.raises(RuntimeError, match="on purpose"):
+        with pytest.raises(RuntimeError, match="vocoder broke, on purpose"):
             list(lost)
         wav = np.concatenate([c for c, _ in kept])
-        assert kept.error is None and engine.stats.failed == 1
+        assert kept.error is None and engine.stats.failed == 1 and engine.stats.vocoder_splits == 1
         assert engine.stats.flow_windows == engine.stats.flow_calls + 1  # both in the first call only
         # the failed stream ended for its reader before T3's stage freed its rows: wait for them
         assert engine.wait_rows_free(timeout=10.0) and engine.free_rows() == 2 * engine.rows_per_stream
     alone, tokens = solo(tts, TEXTS[0], 0)
     assert kept.tokens == tokens and np.allclose(wav, alone, atol=1e-5)
+
+
+SEEDS = (7, 8, 9)
+
+
+def speak_together_after_t3(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[StreamHandle], list[np.ndarray], Any]:
+    """SEEDS' streams of one text, S3Gen taking no window until T3 has ended all of them: then
+    every stream's windows are ready at once, and those of one length go through the flow, and
+    the vocoder, together. Their handles, audio and the engine's stats."""
+    with StreamEngine(tts, max_streams=len(SEEDS), config=CONFIG) as engine:
+        window, opened = engine._window, threading.Event()
+
+        def gated(live: Any) -> Any:
+            if len(engine._vocoding) == len(SEEDS) and all(v.t3_done for v in engine._vocoding):
+                opened.set()  # and stays open as streams end
+            return window(live) if opened.is_set() else None
+
+        monkeypatch.setattr(engine, "_window", gated)
+        with engine.together():
+            handles = [engine.submit(TEXTS[0], seed=s, max_new_tokens=TOKENS) for s in SEEDS]
+        waves = [np.concatenate([c for c, _ in h]) for h in handles]
+    return handles, waves, engine.stats
+
+
+def test_streams_of_other_seeds_share_vocoder_calls_and_keep_their_solo_audio(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before 2026-12-07 the vocoder ran a call per window. Now the windows of one flow call whose
+    excitation caches are as long share one call, each stream's rows drawing HiFT's sine phases
+    and noise from its own generator: each still speaks its solo audio."""
+    handles, waves, stats = speak_together_after_t3(tts, monkeypatch)
+    assert stats.vocoder_calls < stats.flow_windows and stats.vocoder_splits == 0, stats
+    for seed, h, w in zip(SEEDS, handles, waves, strict=True):
+        wav, tokens = solo(tts, TEXTS[0], seed)
+        assert h.tokens == tokens and np.allclose(w, wav, atol=1e-5), seed
+    assert not np.allclose(waves[0][: len(waves[1])], waves[1][: len(waves[0])], atol=1e-3)
+
+
+def test_a_failed_batched_vocoder_call_is_run_again_a_window_a_call(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vocoder call of several windows that fails (out of memory, say) after drawing: each
+    window goes again in a call of its own, from where its stream's generator was before the
+    failed call, so every stream still speaks its solo audio."""
+    real = engine_module.vocoder
+
+    def no_batches(s3gen: Any, mels: torch.Tensor, cache: Any = None) -> Any:
+        out = real(s3gen, mels, cache)  # it draws, then fails
+        if mels.size(0) > 1:
+            raise RuntimeError("out of memory, on purpose")
+        return out
+
+    monkeypatch.setattr(engine_module, "vocoder", no_batches)
+    _, waves, stats = speak_together_after_t3(tts, monkeypatch)
+    assert stats.vocoder_splits > 0 and stats.failed == 0
+    for seed, w in zip(SEEDS, waves, strict=True):
+        assert np.allclose(w, solo(tts, TEXTS[0], seed)[0], atol=1e-5), seed
 
 
 def test_a_failed_batched_flow_call_is_run_again_a_window_a_call(
@@ -881,7 +940,6 @@ def test_a_stream_both_stages_fail_is_failed_once(
     # S3Gen's vocoder fails the stream while T3's step over it is in flight, then that step fails
     # too. Before, the stream was counted failed twice and its error replaced by the second one
     # (a second read raised another error than the first).
-    from tts_workbench.runtime import engine as engine_module
 
     vocoding, stepping, failed = threading.Event(), threading.Event(), []
     engine, real_vocoder = StreamEngine(tts, max_streams=1, config=CONFIG), engine_module.vocoder
@@ -1367,7 +1425,6 @@ def test_a_stream_still_being_vocoded_holds_its_place(
     """At most ``max_streams`` streams are active, S3Gen's included: before, a stream whose T3
     had ended let the next one in while S3Gen still had its windows to vocode, so with an S3Gen
     slower than T3 the streams (and their windows) piled up past ``max_streams``."""
-    from tts_workbench.runtime import engine as engine_module
 
     with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
         real_vocoder, prefill, idle = engine_module.vocoder, engine._prefill, engine._idle

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from tts_workbench.core.rng import StreamRandom
+from tts_workbench.core.rng import RowsDrawError, StreamRandom, rows_drawing
 from tts_workbench.models.builders import build_model
 
 
@@ -121,3 +121,47 @@ def test_a_draw_given_its_own_generator_is_left_alone() -> None:
         with mode(StreamRandom(1)):
             drawn = call()
         assert torch.equal(drawn, call()), mode.__name__
+
+
+def test_rows_draw_each_streams_rows_as_it_draws_them_alone() -> None:
+    # the batched vocoder's draws (HiFT's sine phases: torch.rand through Uniform; its noise:
+    # randn_like): each stream's row must be what its own one-row call draws, in the same order
+    seeds = (3, 5, 7)
+    with rows_drawing([StreamRandom(s) for s in seeds]):
+        drawn = [torch.rand((3, 4, 1)), torch.randn_like(torch.zeros(3, 5)),
+                 torch.empty(3, 2).uniform_(-1.0, 1.0), torch.randn(3, 2, dtype=torch.float64),
+                 torch.rand(3, 2)]  # fmt: skip
+    for k, seed in enumerate(seeds):
+        with StreamRandom(seed).drawing():
+            alone = [torch.rand((1, 4, 1)), torch.randn_like(torch.zeros(1, 5)),
+                     torch.empty(1, 2).uniform_(-1.0, 1.0), torch.randn(1, 2, dtype=torch.float64),
+                     torch.rand(1, 2)]  # fmt: skip
+        assert all(torch.equal(d[k : k + 1], a) for d, a in zip(drawn, alone, strict=True)), k
+    assert drawn[3].dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("draw", "said"),
+    [(lambda: torch.rand(2, 4), "rand draws 2 rows in a call of 3 streams' rows"),
+     (lambda: torch.multinomial(torch.ones(3, 4), 1), "multinomial draws in a call of several streams' rows"),
+     (lambda: torch.rand(3, 4, out=torch.empty(3, 4)), "rand draws into out=")],
+)  # fmt: skip
+def test_rows_refuse_a_draw_they_cannot_split(draw: Callable[[], torch.Tensor], said: str) -> None:
+    # a draw of other rows (one row broadcast over the batch, say) would give a stream values its
+    # solo call does not draw: refused, so the engine runs each window alone instead
+    with pytest.raises(RowsDrawError, match=said), rows_drawing([StreamRandom(s) for s in (1, 2, 3)]):
+        draw()
+
+
+def test_a_checkpoint_puts_the_generators_back() -> None:
+    # the engine's vocoder runs a failed batched call's windows again one a call: each stream must
+    # draw what it drew before the failed call, a generator first made in that call included
+    r = StreamRandom(4)
+    back = r.checkpoint()  # before any generator is made
+    first = torch.rand(2, generator=r.generator())
+    back()
+    assert torch.equal(torch.rand(2, generator=r.generator()), first)
+    back = r.checkpoint()
+    after = torch.rand(2, generator=r.generator())
+    back()
+    assert torch.equal(torch.rand(2, generator=r.generator()), after) and not torch.equal(first, after)

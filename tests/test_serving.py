@@ -407,8 +407,8 @@ def test_every_metric_names_its_replica(service: SpeechService) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     families = {f.name: f for f in text_string_to_metric_families(service.metrics_text().decode())}
-    counters = ("tts_t3_tokens_sampled", "tts_s3gen_windows", "tts_s3gen_flow_calls", "tts_streams",
-                "tts_streams_preempted")  # fmt: skip
+    counters = ("tts_t3_tokens_sampled", "tts_s3gen_windows", "tts_s3gen_flow_calls",
+                "tts_s3gen_vocoder_calls", "tts_streams", "tts_streams_preempted")  # fmt: skip
     assert {name: families[name].type for name in counters} == dict.fromkeys(counters, "counter")
     assert "tts_s3gen_windows_per_flow_call" not in families
     samples = [sample for family in families.values() for sample in family.samples]
@@ -424,6 +424,7 @@ def test_the_engines_counters_read_its_counts(
         "tts_t3_tokens_sampled_total": ("t3_tokens", 11),
         "tts_s3gen_windows_total": ("flow_windows", 7),
         "tts_s3gen_flow_calls_total": ("flow_calls", 5),
+        "tts_s3gen_vocoder_calls_total": ("vocoder_calls", 4),
         "tts_streams_preempted_total": ("preempted", 3),
     }
     for field, value in counts.values():

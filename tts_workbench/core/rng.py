@@ -23,6 +23,10 @@ stream's. An operator that draws but takes no generator (CUDA's fused dropout, f
 with dropout) is refused rather than left to draw from the global generator; a construction runs
 none. It costs a Python call per operator: for constructions, not for generation.
 
+Several streams' rows in one call (the stream engine's batched vocoder) draw inside
+``rows_drawing(randoms)``: row k of every draw comes from stream k's generator, drawn as that
+stream alone draws it (one row at a time), so each stream's rows get the values its solo call gets.
+
 A fresh ``torch.Generator(device).manual_seed(s)`` starts where ``torch.manual_seed(s)`` leaves
 that device's default generator, so a stream seeded ``s`` samples the tokens a one-shot upstream
 generation after ``torch.manual_seed(s)`` samples.
@@ -65,6 +69,18 @@ class StreamRandom:
             self._generators[device] = torch.Generator(device).manual_seed(self.seed)
         return self._generators[device]
 
+    def checkpoint(self) -> Callable[[], None]:
+        """A function that puts this stream's generators back where they are now (one made since
+        is dropped: made again on its next use, it starts from the seed, unused)."""
+        states = {device: g.get_state() for device, g in self._generators.items()}
+
+        def back() -> None:
+            self._generators = {d: g for d, g in self._generators.items() if d in states}
+            for device, state in states.items():
+                self._generators[device].set_state(state)
+
+        return back
+
     def drawing(self) -> _Drawing:
         """Inside, random factories called without a generator draw from this stream's."""
         return _Drawing(self.generator)
@@ -73,6 +89,18 @@ class StreamRandom:
         """Inside, every draw of this thread without a generator draws from this stream's, those
         inside other functions (``nn.init``'s) included; one that takes no generator is refused."""
         return _DrawingAll(self.generator)
+
+
+def rows_drawing(randoms: list[StreamRandom]) -> _RowsDrawing:
+    """Inside, a draw without a generator over ``len(randoms)`` rows (its first dimension) draws
+    row k from ``randoms[k]``'s generator, one row at a time, as that stream's own call of one row
+    would (``torch.rand``/``randn``, the ``*_like`` factories and the in-place ``Tensor`` draws);
+    any other draw, or one of another number of rows, is refused (``RowsDrawError``)."""
+    return _RowsDrawing([r.generator for r in randoms])
+
+
+class RowsDrawError(RuntimeError):
+    """A draw inside ``rows_drawing`` that it cannot split into the streams' rows."""
 
 
 def default_generator(device: torch.device) -> torch.Generator:
@@ -179,3 +207,54 @@ class _DrawingAll(TorchDispatchMode):
             f"{func} draws from torch's global generator and takes no other: it cannot draw from "
             "a stream's inside StreamRandom.drawing_all()"
         )
+
+
+_ROW_FACTORIES = {torch.rand, torch.randn}
+_ROW_LIKE = {torch.rand_like, torch.randn_like}
+_ROW_IN_PLACE = {torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.exponential_,
+                 torch.Tensor.cauchy_, torch.Tensor.log_normal_, torch.Tensor.geometric_}  # fmt: skip
+
+
+class _RowsDrawing(TorchFunctionMode):
+    def __init__(self, generators: list[Callable[[torch.device | str], torch.Generator]]) -> None:
+        super().__init__()
+        self.generators = generators
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func not in _RANDOM or _given_generator(args, kwargs):
+            return func(*args, **kwargs)
+        if kwargs.get("out") is not None:
+            raise RowsDrawError(f"{func.__name__} draws into out=: its rows cannot be drawn apart")
+        rows = len(self.generators)
+        if func in _ROW_FACTORIES:  # rand(2, 3), rand((2, 3)) or rand(size=(2, 3))
+            one = len(args) == 1 and not isinstance(args[0], int)  # a size given as one sequence
+            size = kwargs.pop("size", None) or (args[0] if one else args)
+            self._check(func, tuple(size)[:1], rows)
+            device = _made_on(kwargs)
+            return torch.cat([func((1, *size[1:]), **kwargs, generator=g(device)) for g in self.generators])
+        if func in _ROW_LIKE:
+            x, rest = (args[0], args[1:]) if args else (kwargs.pop("input"), ())
+            self._check(func, tuple(x.shape)[:1], rows)
+            return torch.cat([func(x[k : k + 1], *rest, **kwargs, generator=g(x.device))
+                              for k, g in enumerate(self.generators)])  # fmt: skip
+        if func in _ROW_IN_PLACE:
+            x = args[0]
+            self._check(func, tuple(x.shape)[:1], rows)
+            for k, g in enumerate(self.generators):
+                func(x[k : k + 1], *args[1:], **kwargs, generator=g(x.device))
+            return x
+        raise RowsDrawError(
+            f"{func.__name__} draws in a call of several streams' rows: it cannot be split by stream"
+        )
+
+    @staticmethod
+    def _check(func: Any, first: tuple[int, ...], rows: int) -> None:
+        if first != (rows,):
+            drawn = first[0] if first else "no"
+            raise RowsDrawError(
+                f"{func.__name__} draws {drawn} rows in a call of {rows} streams' rows: "
+                "it cannot be split by stream"
+            )

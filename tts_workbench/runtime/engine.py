@@ -19,7 +19,9 @@ stage throughput-bound):
 - **S3Gen**: each stream cuts its tokens into buffered windows (``streaming.BufferedCutter``);
   ready windows of the same voice and the same size go through the flow together, one CFM
   estimator call for several streams. First windows go first (they set time to first audio).
-  The vocoder runs per stream, on that stream's own random generator. With a compiled
+  The vocoder runs once for a flow call's windows whose excitation caches are as long, each
+  stream's rows drawing HiFT's sine phases and noise from its own generator
+  (``core.rng.rows_drawing``), so each gets its solo call's audio. With a compiled
   ``FlowPlan`` (``flow=``) a flow call's shape is fixed too: its estimator frames padded to the
   window kind's regular size (first or later window) and its windows to the next of
   ``flow_batches`` (copies of its last window, dropped after), so the estimator compiles once per
@@ -53,7 +55,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -65,7 +67,7 @@ from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, whole_from_one
 from ..core.families import family_of, kv_layout, language_for
 from ..core.patching import let_go, sharing
-from ..core.rng import StreamRandom, overwritten
+from ..core.rng import StreamRandom, overwritten, rows_drawing
 from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
 from ..models.vocode import FlowPlan, cast_gen, cfm_steps, tail_tokens, vocoder
@@ -330,6 +332,16 @@ class _Live:
     invalid: int = 0
 
 
+class _ToVocode(NamedTuple):
+    """A window whose mel is out of the flow: its stream, the window, the mel (1, 80, frames) and
+    the excitation source the stream's previous window left over its start (None: none)."""
+
+    live: _Live
+    window: Window
+    mel: torch.Tensor
+    cache: torch.Tensor | None
+
+
 @dataclass
 class EngineStats:
     """Totals over the engine's life (seconds are wall time of each stage's thread)."""
@@ -346,6 +358,8 @@ class EngineStats:
     flow_padded: int = 0  # copies of a window a compiled flow call ran to fill its batch size
     flow_s: float = 0.0
     flow_compile_s: float = 0.0  # compiling (and warming up) the flow's new shapes in flow calls
+    vocoder_calls: int = 0
+    vocoder_splits: int = 0  # batched vocoder calls that failed and were run again a window a call
     vocoder_s: float = 0.0
     admitted: int = 0
     failed: int = 0
@@ -1375,7 +1389,7 @@ class StreamEngine:
         """The group's windows in one flow call; if that call fails (out of memory, say, or one
         stream's window), each window again in a call of its own, so only the streams whose own
         call fails end, each with its own error. Nothing was emitted by a call that failed: the
-        flow runs before any stream's vocoder, which fails its stream alone."""
+        flow runs before the vocoder, whose failures are split the same way."""
         try:
             self._vocode(group)
         except Exception as e:
@@ -1387,7 +1401,7 @@ class StreamEngine:
                 self._vocode_or_split([one])
 
     def _vocode(self, group: list[tuple[_Live, Window]]) -> None:
-        """One flow call for the group's windows, then the vocoder per stream; chunks out."""
+        """One flow call for the group's windows, then the vocoder over them; chunks out."""
         s3gen = self.tts.s3gen
         with torch.inference_mode():
             tokens = torch.tensor([live.handle.state.tokens[w.start : w.stop] for live, w in group])
@@ -1400,17 +1414,49 @@ class StreamEngine:
         self.stats.flow_windows += len(group)
         self.stats.flow_padded += rows - len(group)
         self.stats.flow_s += flow_s
+        # One vocoder call for the windows whose excitation caches are as long (a group's first
+        # windows have none; its later ones, each its previous window's overlap).
+        parts: dict[int, list[_ToVocode]] = {}
         for k, (live, w) in enumerate(group):
+            cache = live.cutter.cache(w)
+            length = 0 if cache is None else cache.size(-1)
+            parts.setdefault(length, []).append(_ToVocode(live, w, mels[k : k + 1], cache))
+        for part in parts.values():
+            self._vocoder_or_split(part, flow_s / len(group))
+
+    def _vocoder_or_split(self, part: list[_ToVocode], flow_s: float) -> None:
+        """The vocoder over ``part``'s windows in one call, row k drawing from stream k's own
+        generator as it would alone (``rows_drawing``), then each stream's chunk out. If the call
+        fails, the generators are put back and each window runs in a call of its own, so only a
+        stream whose own call fails ends, and the others still speak their solo audio."""
+        s3gen, randoms = self.tts.s3gen, [one.live.handle.state.rng for one in part]
+        back = [r.checkpoint() for r in randoms]
+        try:
+            t1 = self._now()
+            mels = torch.cat([one.mel for one in part])
+            caches = [one.cache for one in part if one.cache is not None]  # all of them or none
+            cache = torch.cat(caches) if caches else None
+            with rows_drawing(randoms):
+                wav, source = vocoder(s3gen, mels, cache)
+            voc_s = self._now() - t1
+        except Exception as e:
+            if len(part) == 1:
+                self._fail([part[0].live], e)
+                return
+            self.stats.vocoder_splits += 1
+            for restore in back:
+                restore()
+            for one in part:
+                self._vocoder_or_split([one], flow_s)
+            return
+        self.stats.vocoder_calls += 1
+        self.stats.vocoder_s += voc_s
+        for k, one in enumerate(part):
             try:
-                t1 = self._now()
-                with live.handle.state.rng.drawing():
-                    wav, source = vocoder(s3gen, mels[k : k + 1], live.cutter.cache(w))
-                voc_s = self._now() - t1
-                self.stats.vocoder_s += voc_s
-                chunk = live.cutter.assemble(w, wav[0].cpu().numpy(), source, s3gen)
-                self._emit(live, w, chunk, flow_s / len(group), voc_s)
-            except Exception as e:  # the vocoder runs per stream: this one fails alone
-                self._fail([live], e)
+                chunk = one.live.cutter.assemble(one.window, wav[k].cpu().numpy(), source[k : k + 1], s3gen)
+                self._emit(one.live, one.window, chunk, flow_s, voc_s / len(part))
+            except Exception as e:  # a stream's own seam: it fails alone
+                self._fail([one.live], e)
 
     def _flow_call(
         self, gen: dict[str, Any], tokens: torch.Tensor, noise: torch.Tensor, regular: int

@@ -390,6 +390,8 @@ class _EngineMetrics(Collector):
                         stats.flow_windows)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_s3gen_flow_calls", "S3Gen flow calls (batches of windows)",
                         stats.flow_calls)  # fmt: skip
+        yield self._one(CounterMetricFamily, "tts_s3gen_vocoder_calls",
+                        "S3Gen vocoder calls (batches of windows)", stats.vocoder_calls)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_streams_preempted",
                         "streams a T3 step out of memory preempted (requeued, recomputed)",
                         stats.preempted)  # fmt: skip
