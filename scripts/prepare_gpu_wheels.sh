@@ -10,8 +10,9 @@
 # 79.3 MB, over a call's whole limit, so scripts/slim_wheel.py drops what serving one deployment on a
 # local Ray never uses (its Java jar, the dashboard's web client, RLlib, Data, Tune, Train, LLM):
 # ~40 MB; with fastapi, starlette, uvicorn, pydantic, jsonschema, opentelemetry-api and grpcio-reflection
-# (Ray Serve imports it), and grpcio and protobuf at the lock's versions (grpcio-reflection needs them
-# that new; the image's are not known here), the folder is ~51 MB. It cannot
+# (Ray Serve imports it), and grpcio, protobuf, typing_extensions and annotated-doc at the lock's
+# versions (what the others need at least; the image's versions are not known here), the folder is
+# ~51 MB. They go ahead of the image's packages for every step of that call. It cannot
 # travel in the same call as gpu-wheels/: docs/gpu-check.md plans two calls on one warm machine.
 #   scripts/prepare_gpu_wheels.sh                    # download, then check the size (below)
 #   scripts/prepare_gpu_wheels.sh --serve            # the serving wheels into gpu-serve/, then its size
@@ -69,7 +70,7 @@ download() {  # download DEST NAMES_REGEX: the pinned wheels of requirements.loc
     check_size "$1"
 }
 if [[ ${1:-} == --serve ]]; then
-    download gpu-serve 'ray|fastapi|starlette|uvicorn|pydantic|pydantic_core|annotated-types|typing-inspection|jsonschema|jsonschema-specifications|referencing|rpds-py|opentelemetry-api|grpcio|grpcio-reflection|protobuf'
+    download gpu-serve 'ray|fastapi|annotated-doc|typing_extensions|starlette|uvicorn|pydantic|pydantic_core|annotated-types|typing-inspection|jsonschema|jsonschema-specifications|referencing|rpds-py|opentelemetry-api|grpcio|grpcio-reflection|protobuf'
     exit
 fi
 # onnx is left out: the image has its own build of it.

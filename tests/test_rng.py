@@ -130,12 +130,12 @@ def test_rows_draw_each_streams_rows_as_it_draws_them_alone() -> None:
     with rows_drawing([StreamRandom(s) for s in seeds]):
         drawn = [torch.rand((3, 4, 1)), torch.randn_like(torch.zeros(3, 5)),
                  torch.empty(3, 2).uniform_(-1.0, 1.0), torch.randn(3, 2, dtype=torch.float64),
-                 torch.rand(3, 2)]  # fmt: skip
+                 torch.rand(3, 2), torch.rand(size=(3, 2), generator=None)]  # fmt: skip
     for k, seed in enumerate(seeds):
         with StreamRandom(seed).drawing():
             alone = [torch.rand((1, 4, 1)), torch.randn_like(torch.zeros(1, 5)),
                      torch.empty(1, 2).uniform_(-1.0, 1.0), torch.randn(1, 2, dtype=torch.float64),
-                     torch.rand(1, 2)]  # fmt: skip
+                     torch.rand(1, 2), torch.rand(1, 2)]  # fmt: skip
         assert all(torch.equal(d[k : k + 1], a) for d, a in zip(drawn, alone, strict=True)), k
     assert drawn[3].dtype == torch.float64
 
@@ -143,6 +143,7 @@ def test_rows_draw_each_streams_rows_as_it_draws_them_alone() -> None:
 @pytest.mark.parametrize(
     ("draw", "said"),
     [(lambda: torch.rand(2, 4), "rand draws 2 rows in a call of 3 streams' rows"),
+     (lambda: torch.randn_like(torch.zeros(4, 2)), "randn_like draws 4 rows in a call of 3 streams' rows"),
      (lambda: torch.multinomial(torch.ones(3, 4), 1), "multinomial draws in a call of several streams' rows"),
      (lambda: torch.rand(3, 4, out=torch.empty(3, 4)), "rand draws into out=")],
 )  # fmt: skip

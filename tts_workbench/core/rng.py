@@ -228,9 +228,10 @@ class _RowsDrawing(TorchFunctionMode):
             return func(*args, **kwargs)
         if kwargs.get("out") is not None:
             raise RowsDrawError(f"{func.__name__} draws into out=: its rows cannot be drawn apart")
+        kwargs.pop("generator", None)  # given as None
         rows = len(self.generators)
         if func in _ROW_FACTORIES:  # rand(2, 3), rand((2, 3)) or rand(size=(2, 3))
-            one = len(args) == 1 and not isinstance(args[0], int)  # a size given as one sequence
+            one = len(args) == 1 and isinstance(args[0], tuple | list | torch.Size)  # a size in one sequence
             size = kwargs.pop("size", None) or (args[0] if one else args)
             self._check(func, tuple(size)[:1], rows)
             device = _made_on(kwargs)

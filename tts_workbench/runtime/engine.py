@@ -1422,7 +1422,10 @@ class StreamEngine:
             length = 0 if cache is None else cache.size(-1)
             parts.setdefault(length, []).append(_ToVocode(live, w, mels[k : k + 1], cache))
         for part in parts.values():
-            self._vocoder_or_split(part, flow_s / len(group))
+            try:
+                self._vocoder_or_split(part, flow_s / len(group))
+            except Exception as e:  # past the flow call nothing may go back to it (its windows ran)
+                self._fail([one.live for one in part], e)
 
     def _vocoder_or_split(self, part: list[_ToVocode], flow_s: float) -> None:
         """The vocoder over ``part``'s windows in one call, row k drawing from stream k's own
@@ -1436,7 +1439,8 @@ class StreamEngine:
             mels = torch.cat([one.mel for one in part])
             caches = [one.cache for one in part if one.cache is not None]  # all of them or none
             cache = torch.cat(caches) if caches else None
-            with rows_drawing(randoms):
+            # one window draws as streaming.stream's does; several, each from its stream's generator
+            with randoms[0].drawing() if len(part) == 1 else rows_drawing(randoms):
                 wav, source = vocoder(s3gen, mels, cache)
             voc_s = self._now() - t1
         except Exception as e:
@@ -1453,7 +1457,9 @@ class StreamEngine:
         self.stats.vocoder_s += voc_s
         for k, one in enumerate(part):
             try:
-                chunk = one.live.cutter.assemble(one.window, wav[k].cpu().numpy(), source[k : k + 1], s3gen)
+                # its own source: a view would keep the whole batch's alive until its next window
+                source_k = source[k : k + 1].clone() if len(part) > 1 else source
+                chunk = one.live.cutter.assemble(one.window, wav[k].cpu().numpy(), source_k, s3gen)
                 self._emit(one.live, one.window, chunk, flow_s, voc_s / len(part))
             except Exception as e:  # a stream's own seam: it fails alone
                 self._fail([one.live], e)
