@@ -100,6 +100,7 @@ def wheels_checkout(checkout: Path) -> Path:
     (checkout / "scripts").mkdir(parents=True)
     script = checkout / "scripts" / WHEELS.name
     script.write_text(WHEELS.read_text())
+    (checkout / "scripts" / "slim_wheel.py").write_text((ROOT / "scripts" / "slim_wheel.py").read_text())
     (checkout / "requirements.lock").write_text((ROOT / "requirements.lock").read_text())
     subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
     return script
@@ -185,16 +186,23 @@ def test_wheel_pins_name_only_packages_in_the_lock() -> None:
     assert [name for names in lists.values() for name in names.split("|") if name.lower() not in locked] == []
 
 
-def fake_wheel(folder: Path) -> Path:
-    """A wheel pip installs: a package with an executable, a folder to drop and a file whose name
-    starts as that folder's does, each listed in RECORD with its hash."""
-    files = {
+def fake_wheel(
+    folder: Path, name: str = "demo", version: str = "1.0", files: dict[str, bytes] | None = None
+) -> Path:
+    """A wheel pip installs (``name``-``version``, py3-none-any), each file listed in RECORD with its
+    hash. By default a package with an executable, a folder to drop and a file whose name starts
+    as that folder's does."""
+    files = files or {
         "demo/__init__.py": b"",
         "demo/bin/server": b"#!/bin/sh\necho serving\n",
         "demo/jars/big.jar": b"x" * 4096,
         "demo/jarsfile.py": b"KEPT = True\n",
-        "demo-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n",
-        "demo-1.0.dist-info/WHEEL": (
+    }
+    info_dir = f"{name}-{version}.dist-info"
+    files = {
+        **files,
+        f"{info_dir}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info_dir}/WHEEL": (
             b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
     }
@@ -203,12 +211,12 @@ def fake_wheel(folder: Path) -> Path:
         return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
     record = "".join(f"{n},sha256={digest(d)},{len(d)}\n" for n, d in files.items())
-    record += "demo-1.0.dist-info/RECORD,,\n"
-    wheel = folder / "demo-1.0-py3-none-any.whl"
+    record += f"{info_dir}/RECORD,,\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        for name, data in [*files.items(), ("demo-1.0.dist-info/RECORD", record.encode())]:
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFREG | (0o755 if name.endswith("server") else 0o644)) << 16
+        for member, data in [*files.items(), (f"{info_dir}/RECORD", record.encode())]:
+            info = zipfile.ZipInfo(member)
+            info.external_attr = (stat.S_IFREG | (0o755 if member.endswith("server") else 0o644)) << 16
             z.writestr(info, data)
     return wheel
 
@@ -230,6 +238,34 @@ def test_a_slimmed_wheel_installs_without_its_dropped_folder(tmp_path: Path) -> 
     assert not (site / "demo" / "jars").exists() and (site / "demo" / "jarsfile.py").is_file()
     server = subprocess.run([site / "demo" / "bin" / "server"], capture_output=True, text=True, timeout=60)
     assert server.stdout == "serving\n"
+
+
+def test_the_serving_wheels_go_slimmed_into_a_folder_of_their_own(tmp_path: Path) -> None:
+    # --serve: the lock's serving pins downloaded for the image's Python into gpu-serve/ (not
+    # gpu-wheels/, which must travel in another call), Ray's wheel without what serving never
+    # imports, then the size check. A python3 whose pip "downloads" a stand-in Ray wheel.
+    script = wheels_checkout(tmp_path / "checkout")
+    dropped = ["ray/jars/ray_dist.jar", "ray/dashboard/client/build/index.html", "ray/rllib/__init__.py",
+               "ray/data/__init__.py", "ray/tune/__init__.py", "ray/train/__init__.py", "ray/llm/__init__.py"]
+    kept = ["ray/__init__.py", "ray/serve/__init__.py", "ray/dashboard/__init__.py"]
+    (tmp_path / "index").mkdir()
+    ray = fake_wheel(tmp_path / "index", "ray", "2.60.0", dict.fromkeys(dropped + kept, b"x"))
+    asked = tmp_path / "pip.args"
+    pip = f'echo "$*" > {asked}; while (($#)); do [[ $1 == -d ]] && cp {ray} "$2"/; shift; done; exit 0'
+    env = {k: v for k, v in os.environ.items() if k != "GPU_PYTHON_VERSION"}
+    env["PATH"] = fake_python3(tmp_path, pip)
+    p = subprocess.run(["bash", str(script), "--serve"], cwd=script.parents[1], env=env, capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    checkout = script.parents[1]
+    assert sorted(f.name for f in checkout.iterdir()) == [".git", "gpu-serve", "requirements.lock", "scripts"]
+    with zipfile.ZipFile(checkout / "gpu-serve" / ray.name) as z:
+        assert sorted(n for n in z.namelist() if not n.startswith("ray-2.60.0.dist-info/")) == sorted(kept)
+    assert "gpu-serve: 0 MB of wheels" in p.stdout and "ray-2.60.0-py3-none-any.whl: " in p.stderr
+    args = asked.read_text()
+    assert "--python-version 3.12 " in args
+    assert all(f" {pin}==" in args for pin in ("ray", "fastapi", "uvicorn"))
+    assert " torch==" not in args and " chatterbox-tts==" not in args
 
 
 def test_slimming_refuses_a_folder_the_wheel_does_not_hold(tmp_path: Path) -> None:
