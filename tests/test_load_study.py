@@ -679,12 +679,14 @@ def test_a_levels_rates_and_sizes_from_hand_made_figures() -> None:
     row = {"arrival_s": 0.0, "ttfa_s": 0.2, "audio_s": 1.0, "underruns": 0, "max_underrun_s": 0.0,
            "error": None, "sampled_tokens": 25, "kept_tokens": 25}  # fmt: skip
     engine = {"t3_tokens": 100, "t3_busy_s": 0.5, "s3gen_busy_s": 1.0, "flow_windows": 6, "flow_calls": 4,
-              "flow_s": 0.2}  # fmt: skip
+              "flow_s": 0.2, "vocoder_calls": 3, "vocoder_s": 0.09}  # fmt: skip
     memory = {"start_bytes": 10 * 2**20, "peak_bytes": 14 * 2**20}
     s = load._level_summary(2, 2.0, [row, row], engine, memory, 3 * 2**20)
     assert s["t3_tokens_per_s"] == 50.0  # over the level's 2 wall seconds, not T3's 0.5 busy ones
     assert s["t3_tokens_per_busy_s"] == 200.0
     assert s["windows_per_flow_call"] == 1.5
+    assert s["windows_per_vocoder_call"] == 2.0  # 6 windows in 3 vocoder calls
+    assert s["vocoder_ms_per_call"] == pytest.approx(30.0)  # 90 ms over 3 calls (not 6 windows)
     assert s["growth_mib_per_stream"] == 2.0  # 4 MiB over 2 streams
     assert s["kv_mib_per_stream"] == 3.0  # one stream's cache, not the level's
     assert s["limiting_stage"] == "s3gen"  # busy 1.0 s of 2 against T3's 0.5 s
@@ -696,6 +698,7 @@ def test_a_levels_rates_and_sizes_from_hand_made_figures() -> None:
         "s3gen_busy_s": 0.0,
         "flow_windows": 0,
         "flow_calls": 0,
+        "vocoder_calls": 0,
     }
     failed = {**row, "error": "EmptyTextError: ...", "audio_s": 0.0}
     assert load._level_summary(2, 2.0, [failed, failed], idle, memory, 3 * 2**20)["limiting_stage"] is None
@@ -891,7 +894,7 @@ def test_a_failed_stream_is_not_silent_and_memory_grows_per_stream_of_the_level(
     assert (s["failed"], s["silent"]) == (1, 0)
     assert real_time_capacity(pd.DataFrame([s]), 0.5)["missed"][2] == "1 failed"
     engine = {"t3_tokens": 100, "t3_busy_s": 0.5, "s3gen_busy_s": 1.0, "flow_windows": 6, "flow_calls": 4,
-              "flow_s": 0.2}  # fmt: skip
+              "flow_s": 0.2, "vocoder_calls": 6, "vocoder_s": 0.1}  # fmt: skip
     memory = {"start_bytes": 0, "peak_bytes": 4 * 2**20}
     assert load._level_summary(2, 1.0, streams, engine, memory, 2**20)["growth_mib_per_stream"] == 2.0
 
@@ -907,12 +910,13 @@ def test_p99_is_its_own_rank_and_real_time_audio_ends_at_the_latest_stream_end()
 
 def test_flow_ms_is_per_call_and_a_t3_only_level_is_limited_by_t3() -> None:
     engine = {"t3_tokens": 100, "t3_busy_s": 0.5, "s3gen_busy_s": 1.0, "flow_windows": 6, "flow_calls": 4,
-              "flow_s": 0.2}  # fmt: skip
+              "flow_s": 0.2, "vocoder_calls": 6, "vocoder_s": 0.1}  # fmt: skip
     memory = {"start_bytes": 0, "peak_bytes": 0}
     s = load._level_summary(2, 2.0, [_row(0.0, 0.2, 1.0)] * 2, engine, memory, 2**20)
     assert s["flow_ms_per_call"] == pytest.approx(50.0)  # 200 ms over 4 calls (not 6 windows)
     # every stream silent: T3 sampled, S3Gen never ran; T3 still limited the level
-    quiet = {**engine, "s3gen_busy_s": 0.0, "flow_windows": 0, "flow_calls": 0, "flow_s": 0.0}
+    quiet = {**engine, "s3gen_busy_s": 0.0, "flow_windows": 0, "flow_calls": 0, "flow_s": 0.0,
+             "vocoder_calls": 0, "vocoder_s": 0.0}  # fmt: skip
     silent = [_row(0.0, None, 0.0)] * 2
     assert load._level_summary(2, 2.0, silent, quiet, memory, 2**20)["limiting_stage"] == "t3"
 

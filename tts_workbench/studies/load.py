@@ -442,6 +442,9 @@ def _level_summary(
         "t3_tokens_per_s_needed": n * TOKENS_PER_S * _sampled_per_kept(streams),
         "windows_per_flow_call": e["flow_windows"] / e["flow_calls"] if e["flow_calls"] else 0.0,
         "flow_ms_per_call": 1000 * e["flow_s"] / e["flow_calls"] if e["flow_calls"] else 0.0,
+        # the vocoder's batches: a flow call's windows whose excitation caches are as long
+        "windows_per_vocoder_call": e["flow_windows"] / e["vocoder_calls"] if e["vocoder_calls"] else 0.0,
+        "vocoder_ms_per_call": 1000 * e["vocoder_s"] / e["vocoder_calls"] if e["vocoder_calls"] else 0.0,
         "t3_busy_pct": 100 * busy["t3"],
         "s3gen_busy_pct": 100 * busy["s3gen"],
         # none where no stage worked (every stream failed at once): "t3" was a verdict on nothing
@@ -685,7 +688,7 @@ def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
     columns = ["streams", "failed", "silent", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
                "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s", "windows_per_flow_call",
-               "flow_ms_per_call",
+               "flow_ms_per_call", "windows_per_vocoder_call", "vocoder_ms_per_call",
                "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mib", "growth_mib_per_stream",
                "kv_mib_per_stream"]  # fmt: skip
     frame = load_frame(report)
