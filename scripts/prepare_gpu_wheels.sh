@@ -45,7 +45,8 @@ if [[ ${1:-} == --check-size ]]; then
     exit
 fi
 PY=${GPU_PYTHON_VERSION:-3.12}
-download() {  # download DEST NAMES_REGEX: the pinned wheels of requirements.lock whose names match, into DEST
+download() {  # download DEST NAMES_REGEX [THEN]: the pinned wheels of requirements.lock whose names
+    # match, into DEST; THEN (a command) is given the downloaded folder before it replaces DEST
     # Downloaded into a folder beside DEST and swapped in only when every wheel came: a failed
     # download (no network, a pin gone from the index) keeps the wheels there were (before
     # 2026-12-05 gpu-wheels/ was emptied first).
@@ -62,15 +63,18 @@ download() {  # download DEST NAMES_REGEX: the pinned wheels of requirements.loc
     # shellcheck disable=SC2086
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
         "${plats[@]}" -d "$new" $pins
-    [[ $1 != gpu-serve ]] || python3 scripts/slim_wheel.py "$new"/ray-*.whl ray/jars ray/dashboard/client/build \
-        ray/rllib ray/data ray/tune ray/train ray/llm
+    [[ -z ${3:-} ]] || "$3" "$new"
     rm -rf "$1" && mv "$new" "$1"
     trap - EXIT
     ls "$1"
     check_size "$1"
 }
+slim_ray() {  # slim_ray DIR: DIR's Ray wheel without what serving one deployment never imports
+    python3 scripts/slim_wheel.py "$1"/ray-*.whl ray/jars ray/dashboard/client/build \
+        ray/rllib ray/data ray/tune ray/train ray/llm
+}
 if [[ ${1:-} == --serve ]]; then
-    download gpu-serve 'ray|fastapi|annotated-doc|typing_extensions|starlette|uvicorn|pydantic|pydantic_core|annotated-types|typing-inspection|jsonschema|jsonschema-specifications|referencing|rpds-py|opentelemetry-api|grpcio|grpcio-reflection|protobuf'
+    download gpu-serve 'ray|fastapi|annotated-doc|typing_extensions|starlette|uvicorn|pydantic|pydantic_core|annotated-types|typing-inspection|jsonschema|jsonschema-specifications|referencing|rpds-py|opentelemetry-api|grpcio|grpcio-reflection|protobuf' slim_ray
     exit
 fi
 # onnx is left out: the image has its own build of it.

@@ -1433,7 +1433,7 @@ class StreamEngine:
         fails, the generators are put back and each window runs in a call of its own, so only a
         stream whose own call fails ends, and the others still speak their solo audio."""
         s3gen, randoms = self.tts.s3gen, [one.live.handle.state.rng for one in part]
-        back = [r.checkpoint() for r in randoms]
+        back = [r.checkpoint() for r in randoms] if len(part) > 1 else []  # a lone window is not run again
         try:
             t1 = self._now()
             mels = torch.cat([one.mel for one in part])
