@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import ray
 
+from tts_workbench.core.ports import free_port
 from tts_workbench.instruments.profiling import start_server
 from tts_workbench.studies.bench import environment
 
@@ -43,9 +43,7 @@ def _load(args: list[str], out: Path) -> dict[str, Any]:
 
 
 def _served(replicas: int, load_args: list[str], out: Path, cache: int) -> dict[str, Any]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [*CLI, "serve", "--port", str(port), "--replicas", str(replicas), "--threads", "1",
            "--max-cache-len", str(cache), "--max-input-chars", "200", "--out", str(out / "run")]  # fmt: skip

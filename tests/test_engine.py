@@ -12,6 +12,7 @@ import math
 import re
 import threading
 import time
+import traceback
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -343,12 +344,13 @@ def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
         handles = burst(engine, 6)
         assert wait_until(lambda: engine.stats.preempted > 0, 5.0)  # at the first step
         assert engine.counts() == (4, 2)  # the preempted stream queued again, first, not active
+        assert engine.fits == 2  # while it has streams (see the test below)
         with engine._lock:  # the T3 stage takes from the queue
             assert engine._waiting[0] is handles[2]
         admitted = handles[2].admitted  # at its first admission
         assert admitted is not None
         waves = {k: np.concatenate([c for c, _ in h]) for k, h in enumerate(handles)}
-        assert engine.stats.preempted == 1 and engine.stats.failed == 0 and engine.fits == 2
+        assert engine.stats.preempted == 1 and engine.stats.failed == 0
         assert max(engine.stats.buckets_used) == 2  # none of three ran
         assert engine.wait_rows_free(timeout=10.0) and engine.free_rows() == 3 * engine.rows_per_stream
         assert engine.counts() == (0, 0) and engine._preempted == {}
@@ -357,6 +359,91 @@ def test_a_step_out_of_memory_preempts_the_newest_stream_and_loses_none(
         assert handles[k].error is None and handles[k].tokens == tokens and np.allclose(wav, alone, atol=1e-5)
     queued = {m.queued_s for m in handles[2].report.chunks}
     assert handles[2].admitted == admitted and queued == {admitted - handles[2].submitted}
+
+
+def test_an_engine_that_holds_no_stream_forgets_a_step_out_of_memory(tts: ChatterboxTTS) -> None:
+    """After a step out of memory the engine admits only as many streams as that step ran over
+    (``fits``, tested above) while it has streams; once it has none, held or queued, it takes
+    ``max_streams`` again (the memory that step lacked may have been another stage's, S3Gen's on
+    the same device): before, a server that ran out of memory once served fewer streams for the
+    rest of its life."""
+    with StreamEngine(tts, max_streams=3, config=CONFIG) as engine:
+        with fitting_two(engine, OOM):
+            for h in burst(engine, 3):
+                read_within(h)
+            assert engine.stats.preempted == 1 and max(engine.stats.buckets_used) == 2
+        # the T3 stage, woken as the last stream leaves S3Gen, finds the engine empty
+        assert wait_until(lambda: engine.fits == 3, 10.0)
+        handles = burst(engine, 3)
+        for h in handles:
+            read_within(h)
+        assert engine.fits == 3 and engine.stats.preempted == 1 and max(engine.stats.buckets_used) == 3
+    assert [h.tokens for h in handles] == [solo(tts, TEXTS[k], k)[1] for k in range(3)]
+
+
+def test_a_failed_steps_error_raised_by_each_reader_carries_only_its_own_raise(tts: ChatterboxTTS) -> None:
+    """One error ends both streams of a failed step. Each read raises it with the traceback it
+    was raised with, plus that read's own frames: before, every raise of the one object added
+    its reader's frames to what the next reader saw (kept alive, with their locals), so a failed
+    stream read again and again grew its traceback without end."""
+
+    def wrap(forward: Any) -> Any:
+        def step(*a: Any, **k: Any) -> Any:
+            if k["inputs_embeds"].size(1) == 1:  # a decode step, not a prefill
+                raise RuntimeError("the step broke (made on purpose)")
+            return forward(*a, **k)
+
+        return step
+
+    def frames(error: BaseException | None) -> list[str]:
+        assert error is not None
+        return [f.name for f in traceback.extract_tb(error.__traceback__)]
+
+    def reader_a(h: StreamHandle) -> None:
+        with pytest.raises(RuntimeError, match="made on purpose"):
+            list(h)
+
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine, shadow(tts.t3.tfmr, "forward", wrap):
+        a, b = burst(engine, 2)
+        reader = threading.Thread(target=reader_a, args=(a,))
+        reader.start()
+        reader.join(timeout=120)
+        assert not reader.is_alive() and a.error is b.error  # one error, both streams
+        for _ in range(3):  # read again: the error again, each time from where it was raised
+            with pytest.raises(RuntimeError, match="made on purpose"):
+                list(b)
+        seen = frames(b.error)
+    assert "reader_a" not in seen and seen.count("_unwrap") == 1, seen
+    assert "_forward_rows" in seen  # where it was raised is kept
+
+
+def test_rows_move_outside_the_engine_lock(tts: ChatterboxTTS) -> None:
+    """A stream that leaves before the last one frees rows the last one's keys and values move
+    into: ~0.5 GB for a full-size stream at a server's cache length, half a second's copy on a
+    CPU. It runs outside the engine's lock, so the S3Gen stage and the readers (a server's
+    ``/health``, ``counts()``) go on meanwhile: before, under it. The moved stream still speaks
+    its solo tokens."""
+    answered: list[bool] = []
+
+    def wrap(move: Any) -> Any:
+        def moving() -> None:
+            if engine._moves:
+                probe = threading.Thread(target=engine.counts)
+                probe.start()
+                probe.join(timeout=5.0)
+                answered.append(not probe.is_alive())
+            move()
+
+        return moving
+
+    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine, shadow(engine, "_move_rows", wrap):
+        with engine.together():  # the short one has rows 0, the other rows after it
+            short = engine.submit(TEXTS[0], seed=0, max_new_tokens=4)
+            long = engine.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS)
+        read_within(short)
+        read_within(long)
+    assert answered and all(answered), answered
+    assert long.tokens == solo(tts, TEXTS[1], 1)[1]
 
 
 def test_a_preempted_stream_whose_reader_leaves_is_let_go(tts: ChatterboxTTS) -> None:
@@ -1267,16 +1354,17 @@ def test_a_voice_or_sampling_value_no_stream_takes_is_refused_at_submit(tts: Cha
 
     other = mtl_tts.Conditionals(tts.conds.t3, tts.conds.gen)  # the multilingual family's voice
     with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:
-        wrong: list[tuple[dict[str, Any], str]] = [
-            ({"conds": "x.wav"}, r"conds must be a voice prepared by this standard model .*got str: call "
-             r"prepare_voice\(tts, wav\) / prepare_conditionals\(wav\)"),
-            ({"conds": other}, r"got chatterbox\.mtl_tts\.Conditionals: call prepare_voice"),
-            ({"cfg_weight": None}, "cfg_weight must be a number, got None"),
-            ({"temperature": "warm"}, "temperature must be a number, got 'warm'"),
-            ({"language_id": 5}, "language_id must be a str or None, got int 5"),
+        wrong: list[tuple[dict[str, Any], type[Exception], str]] = [
+            ({"conds": "x.wav"}, SourceError, r"conds must be a voice prepared by this standard model .*got "
+             r"str \(no voice\): call prepare_voice\(tts, wav\) / prepare_conditionals\(reference_wav\)"),
+            ({"conds": other}, SourceError, r"got chatterbox\.mtl_tts\.Conditionals \(made by the "
+             r"multilingual family's prepare_conditionals\): call prepare_voice"),
+            ({"cfg_weight": None}, ConfigError, "cfg_weight must be a number, got None"),
+            ({"temperature": "warm"}, ConfigError, "temperature must be a number, got 'warm'"),
+            ({"language_id": 5}, ConfigError, "language_id must be a str or None, got int 5"),
         ]  # fmt: skip
-        for kwargs, message in wrong:
-            with pytest.raises(ConfigError, match=message):
+        for kwargs, kind, message in wrong:
+            with pytest.raises(kind, match=message):
                 engine.submit(TEXTS[2], seed=0, max_new_tokens=6, **kwargs)
         # this family's voice, for another model size: it failed at its turn with torch's "shape
         # '[-1, 256]' is invalid for input of size 7"

@@ -10,7 +10,6 @@ import gzip
 import http.server
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +22,7 @@ import pytest
 
 from conftest import loopback_server
 from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.ports import free_port
 from tts_workbench.interface.cli import main
 from tts_workbench.serving.protocol import FORMATS, Limits, RequestError, parse_speech, wav_header
 from tts_workbench.studies import http_load, load
@@ -30,12 +30,6 @@ from tts_workbench.studies.http_load import EndpointError, check_url, run_http_l
 
 SECOND = np.zeros(24000, dtype="<i2").tobytes()  # one second of pcm: 24 kHz, 16-bit, mono
 STAND_IN = Limits("stand-in", ("default",))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _endpoint(speech: Callable[[dict[str, Any]], httpx.Response]) -> httpx.MockTransport:
@@ -257,7 +251,7 @@ def test_a_url_is_the_servers_root() -> None:
 def test_the_cli_refuses_a_url_with_a_path_before_any_request(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     assert main(["load", "--url", url, "--streams", "1", "--out", str(tmp_path)]) == 2
     [error] = _errors(capfd)
     assert "--url" in error and "root" in error, error
@@ -285,7 +279,7 @@ def test_an_arrival_rate_too_slow_for_the_largest_level_is_refused() -> None:
 def test_the_cli_refuses_a_slow_arrival_before_any_request(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing answers: a later check would say --url
+    url = f"http://127.0.0.1:{free_port()}"  # nothing answers: a later check would say --url
     args = ["load", "--url", url, "--streams", "1,8", "--arrival", "poisson:1e-300", "--out", str(tmp_path)]
     assert main(args) == 2
     [error] = _errors(capfd)
@@ -365,7 +359,7 @@ def test_serve_interrupted_while_starting_says_it_stopped_before_serving(
         for name in ("init", "start", "run", "shutdown"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, call(f"{prefix}.{name}"))
-    assert main(["serve", "--port", str(_free_port()), "--out", str(tmp_path)]) == 0
+    assert main(["serve", "--port", str(free_port()), "--out", str(tmp_path)]) == 0
     out = capfd.readouterr().out
     assert "stopped before serving" in out and "cleanly" not in out, out
     assert calls[-1] == "ray.shutdown", calls  # whatever Ray had started is stopped

@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tts_workbench.core.ports import free_port
 from tts_workbench.interface.cli import main
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
@@ -33,12 +34,6 @@ pytestmark = pytest.mark.integration  # a Ray cluster and two replicas: `make in
 
 TEXT = "One stream over HTTP, one in this process."
 START_S = 240  # replicas build their model, prepare the voice and warm up
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Every request here goes to the server on 127.0.0.1 with trust_env=False: httpx would send it to
@@ -54,7 +49,7 @@ def _health(url: str) -> dict[str, object] | None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(url, model id) of a two-replica server; at the end it must stop cleanly on SIGTERM."""
-    port, run = _free_port(), tmp_path_factory.mktemp("serve")
+    port, run = free_port(), tmp_path_factory.mktemp("serve")
     cmd = [sys.executable, "-m", "tts_workbench.interface.cli", "serve", "--port", str(port),
            "--replicas", "2", "--threads", "1", "--max-streams", "4", "--out", str(run)]  # fmt: skip
     out, err = open(run / "stdout", "w+"), open(run / "stderr", "w+")  # noqa: SIM115

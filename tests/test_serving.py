@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 
 import tts_workbench.runtime.engine as engine_module
 from tts_workbench.core.errors import CacheError, ConfigError, SourceError
+from tts_workbench.core.ports import free_port
 from tts_workbench.interface.cli import main
 from tts_workbench.models import vocode
 from tts_workbench.models.checkpoints import save_checkpoint
@@ -303,7 +304,9 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
             health, waiting = client.get("/health").json(), client.get("/metrics").text
             held.close()
         assert (health["active_streams"], health["queued_streams"]) == (0, 1), health
+        assert health["streams_fit"] == health["max_streams"] == 2, health  # no step ran out of memory
         assert 'tts_active_streams{replica="0"} 0.0' in waiting
+        assert 'tts_streams_fit{replica="0"} 2.0' in waiting
         assert 'tts_queued_streams{replica="0"} 1.0' in waiting
         # An engine that stopped: /health says so with 503 (Ray Serve's own check replaces the
         # replica), and a request gets OpenAI's error body, not a bare 500.
@@ -336,7 +339,7 @@ def test_a_stalled_engine_answers_503_and_fails_rays_health_check(
         asked.append(after_s)
         return "the t3 stage has been on a decode step of 2 stream(s) for 301 s (more than 300 s): it hangs"
 
-    engine = SimpleNamespace(stop_reason=None, stalled=stalled, counts=lambda: (0, 2), max_streams=2)
+    engine = SimpleNamespace(stop_reason=None, stalled=stalled, counts=lambda: (0, 2), max_streams=2, fits=2)
     monkeypatch.setattr(service, "engine", engine)
     with TestClient(speech_app(service)) as client:
         r = client.get("/health")
@@ -1040,12 +1043,6 @@ def _holding_a_port() -> tuple[socket.socket, int]:
     return s, s.getsockname()[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_refuses_bad_flags_before_starting_ray(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1062,25 +1059,25 @@ def test_serve_refuses_bad_flags_before_starting_ray(
     cases = [
         (["--port", str(port)], "--port"),
         (["--port", "0"], "--port"),  # any free port: the URL printed would not be the server's
-        (["--port", str(_free_port()), "--voices", str(tmp_path / "missing")], "--voices"),
-        (["--port", str(_free_port()), "--voices", str(tmp_path / "empty")], "--voices"),
-        (["--port", str(_free_port()), "--voices", str(tmp_path / "bad")], "--voices"),
-        (["--port", str(_free_port()), "--address", f"127.0.0.1:{_free_port()}"], "--address"),
+        (["--port", str(free_port()), "--voices", str(tmp_path / "missing")], "--voices"),
+        (["--port", str(free_port()), "--voices", str(tmp_path / "empty")], "--voices"),
+        (["--port", str(free_port()), "--voices", str(tmp_path / "bad")], "--voices"),
+        (["--port", str(free_port()), "--address", f"127.0.0.1:{free_port()}"], "--address"),
         # joining a cluster, the model is the workers' to find: only the address is refused here
-        (["--address", f"127.0.0.1:{_free_port()}", "--model", "/only/on/the/workers"], "--address"),
-        (["--port", str(_free_port()), "--model", "huge"], "unknown model source 'huge'"),
-        (["--port", str(_free_port()), "--model", str(tmp_path / "no" / "folder")], "does not exist"),
-        (["--port", str(_free_port()), "--device", "cuda"], "--device: device='cuda' requested but CUDA"),
-        (["--port", str(_free_port()), "--device", "foo"], "argument --device: unknown device 'foo'"),
-        (["--port", str(_free_port()), "--tokens", "300", "--max-cache-len", "256"], "--tokens"),
-        (["--port", str(_free_port()), "--max-streams", "4", "--step-buckets", "1,8"], "--step-buckets"),
-        (["--port", str(_free_port()), "--step-buckets", "0,2"], "--step-buckets"),
-        (["--port", str(_free_port()), "--alignment", "--decode", "compiled"], "--alignment"),
-        (["--port", str(_free_port()), "--alignment"], "--alignment"),  # tiny has no analyzer
-        (["--port", str(_free_port()), "--fused", "--model", "turbo-tiny"], "--fused"),  # nothing to fuse
+        (["--address", f"127.0.0.1:{free_port()}", "--model", "/only/on/the/workers"], "--address"),
+        (["--port", str(free_port()), "--model", "huge"], "unknown model source 'huge'"),
+        (["--port", str(free_port()), "--model", str(tmp_path / "no" / "folder")], "does not exist"),
+        (["--port", str(free_port()), "--device", "cuda"], "--device: device='cuda' requested but CUDA"),
+        (["--port", str(free_port()), "--device", "foo"], "argument --device: unknown device 'foo'"),
+        (["--port", str(free_port()), "--tokens", "300", "--max-cache-len", "256"], "--tokens"),
+        (["--port", str(free_port()), "--max-streams", "4", "--step-buckets", "1,8"], "--step-buckets"),
+        (["--port", str(free_port()), "--step-buckets", "0,2"], "--step-buckets"),
+        (["--port", str(free_port()), "--alignment", "--decode", "compiled"], "--alignment"),
+        (["--port", str(free_port()), "--alignment"], "--alignment"),  # tiny has no analyzer
+        (["--port", str(free_port()), "--fused", "--model", "turbo-tiny"], "--fused"),  # nothing to fuse
         (["--host", "999.1.1.1"], "--host"),
-        (["--port", str(_free_port()), "--address", "127.0.0.1:99999"], "--address"),
-        (["--port", str(_free_port()), "--out", str(tmp_path / "bad" / "broken.wav")], "--out"),  # a file
+        (["--port", str(free_port()), "--address", "127.0.0.1:99999"], "--address"),
+        (["--port", str(free_port()), "--out", str(tmp_path / "bad" / "broken.wav")], "--out"),  # a file
     ]
     try:
         for args, flag in cases:
@@ -1103,7 +1100,7 @@ def test_a_host_this_machine_does_not_have_is_named_not_the_port(host: str) -> N
     from tts_workbench.serving.deployment import check_port_free
 
     with pytest.raises(ConfigError, match="argument --host: .* not an address of this machine"):
-        check_port_free(host, _free_port())
+        check_port_free(host, free_port())
 
 
 def _serve_errors(capfd: pytest.CaptureFixture[str], args: list[str]) -> list[str]:
@@ -1144,7 +1141,7 @@ def test_a_local_serve_starts_its_own_ray_whatever_ray_address_says(
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    assert main(["serve", "--port", str(_free_port()), "--out", str(tmp_path)]) == 0
+    assert main(["serve", "--port", str(free_port()), "--out", str(tmp_path)]) == 0
     assert "stopped before serving" in capfd.readouterr().out
     [kwargs] = given
     assert kwargs["address"] == "local" and kwargs["num_cpus"] == 2, kwargs  # Ray's word for "start one"
@@ -1168,13 +1165,13 @@ def test_serve_refuses_gpus_ray_cannot_give_each_replica(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     out = ["--out", str(tmp_path / "out")]
-    [error] = _serve_errors(capfd, ["--port", str(_free_port()), "--device", "cuda", "--replicas", "2", *out])
+    [error] = _serve_errors(capfd, ["--port", str(free_port()), "--device", "cuda", "--replicas", "2", *out])
     assert "--replicas 2" in error and "1 GPU" in error, error
     assert not (tmp_path / "out").exists()  # (before: an empty run folder was left behind)
-    for where in (["--port", str(_free_port())], ["--address", "auto"]):
+    for where in (["--port", str(free_port())], ["--address", "auto"]):
         [error] = _serve_errors(capfd, [*where, "--device", "cuda:1", *out])
         assert "--device cuda:1" in error and "use --device cuda" in error, error
-    check_placement(ServeOptions(device="cuda", run_dir=str(tmp_path)), Placement(port=_free_port()))
+    check_placement(ServeOptions(device="cuda", run_dir=str(tmp_path)), Placement(port=free_port()))
 
 
 def test_serve_hands_the_replicas_absolute_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1304,7 +1301,7 @@ def test_a_replica_that_cannot_start_gives_one_error_line_with_its_reason(
         monkeypatch.setattr(module, name, lambda *a, name=name, **k: stopped.append(name))
     monkeypatch.setattr(serve, "run", failing)
     monkeypatch.setattr(serve, "status", status)
-    assert main(["serve", "--port", str(_free_port()), "--out", str(tmp_path)]) == 2
+    assert main(["serve", "--port", str(free_port()), "--out", str(tmp_path)]) == 2
     errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: the replicas could not start: ConfigError: argument --max-input-chars: an input of "
@@ -1316,7 +1313,7 @@ def test_a_replica_that_cannot_start_gives_one_error_line_with_its_reason(
 def test_load_url_without_a_server_gives_one_error_line(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    for url in (f"http://127.0.0.1:{_free_port()}", "127.0.0.1:8000"):
+    for url in (f"http://127.0.0.1:{free_port()}", "127.0.0.1:8000"):
         assert main(["load", "--url", url, "--streams", "1", "--out", str(tmp_path)]) == 2
         errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "--url" in errors[0], errors

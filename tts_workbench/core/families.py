@@ -50,11 +50,15 @@ class Family:
     ignored: tuple[str, ...] = ()
 
     @property
+    def rows(self) -> int:
+        """T3's batch rows per generation: two with guidance (conditioned and unconditioned), else one."""
+        return 2 if self.guidance else 1
+
+    @property
     def upstream_cap(self) -> int:
         """The most tokens upstream ``generate`` samples: its hard-coded 1000 (``max_new_tokens``;
         Turbo's ``max_gen_len``, after one token from the prefill: 1001)."""
-        turbo = self.t3_inference == "inference_turbo"
-        return UPSTREAM_GENERATE_CAP + 1 if turbo else UPSTREAM_GENERATE_CAP
+        return UPSTREAM_GENERATE_CAP + 1 if self.name == "turbo" else UPSTREAM_GENERATE_CAP
 
     def sampling_with(self, overrides: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         """Upstream generate's sampling defaults under ``overrides``: the guidance weight apart

@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 
 from ..core.constants import dtype_name
-from ..core.families import kv_layout
+from ..core.families import family_of, kv_layout
 from ..core.patching import capture_hooks_undone, shared
 from .profiling import EAGER, FUSED_KERNELS, activities, op_events, op_frame, phase_regions, time_share
 
@@ -302,7 +302,7 @@ def _sdpa_inputs(tts: ChatterboxTTS, keys: int, dtype: torch.dtype | None, devic
     dtype = dtype or p.dtype
     dev = torch.device(device) if device else p.device
     kv_heads, head_dim = kv_layout(cfg)
-    batch = 1 if getattr(tts.t3, "is_gpt", False) else 2  # Turbo has no guidance batch
+    batch = family_of(tts).rows  # Turbo has no guidance batch
     # Zeros, not random: whether a kernel can run does not depend on the values, and drawing
     # them would move the caller's global random state (a later unseeded generate).
     q = torch.zeros(batch, cfg.num_attention_heads, 1, head_dim, dtype=dtype, device=dev)

@@ -15,6 +15,12 @@ from matplotlib.figure import Figure
 from ..core.tables import render
 
 
+def real_time_factor(seconds: float, audio_s: float) -> float:
+    """Real-time factor: seconds spent per second of audio (below 1 is faster than real time);
+    infinite with no audio."""
+    return seconds / audio_s if audio_s else float("inf")
+
+
 @dataclass
 class ChunkMetrics:
     """One emitted chunk. Times are seconds; ``emitted_s`` counts from the start of the stream."""
@@ -41,7 +47,7 @@ class ChunkMetrics:
 
     @property
     def rtf(self) -> float:
-        return self.compute_s / self.audio_s if self.audio_s else float("inf")
+        return real_time_factor(self.compute_s, self.audio_s)
 
 
 @dataclass
@@ -98,7 +104,7 @@ class StreamReport:
             chunk = np.where(nan, 0.0, chunk).astype(np.float32)
         self.chunks.append(m)
         self.wall_s = m.emitted_s
-        m.cumulative_rtf = m.emitted_s / self.audio_s if self.audio_s else float("inf")
+        m.cumulative_rtf = real_time_factor(m.emitted_s, self.audio_s)
         return chunk
 
     @property
@@ -112,7 +118,7 @@ class StreamReport:
 
     @property
     def rtf(self) -> float:
-        return self.wall_s / self.audio_s if self.audio_s else float("inf")
+        return real_time_factor(self.wall_s, self.audio_s)
 
     @property
     def s3gen_calls(self) -> int:

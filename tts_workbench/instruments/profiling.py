@@ -48,6 +48,7 @@ from torch.profiler import ProfilerActivity, tensorboard_trace_handler
 
 from ..core.errors import ConfigError, TraceError
 from ..core.patching import around
+from ..core.ports import bind_error, free_port
 
 PHASES = ("conditioning", "t3.conditioning", "t3.prefill", "t3.decode", "s3gen.flow", "s3gen.vocoder")
 
@@ -587,16 +588,11 @@ def check_port_free(url: str) -> None:
             f"another server already answers on port {port}: stop it or give another port "
             "(start_tensorboard picks a free one when port is None)"
         )
-    with socket.socket() as probe:
-        # As servers bind (TensorBoard's werkzeug, jupyter): a port in TIME_WAIT is free to them.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise ConfigError(
-                f"port {port} on {host} cannot be bound ({e.strerror or e}): give another port "
-                "(start_tensorboard picks a free one when port is None)"
-            ) from None
+    if (error := bind_error(host, port)) is not None:
+        raise ConfigError(
+            f"port {port} on {host} cannot be bound ({error.strerror or error}): give another port "
+            "(start_tensorboard picks a free one when port is None)"
+        )
 
 
 def start_server(
@@ -688,13 +684,6 @@ class TensorBoard(Server):
         from IPython.display import IFrame
 
         return IFrame(f"{self.url}/#pytorch_profiler", width="100%", height=height)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def start_tensorboard(logdir: str | Path, port: int | None = None, timeout: float = 60.0) -> TensorBoard:

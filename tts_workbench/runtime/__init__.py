@@ -1,7 +1,9 @@
 """Runtime: the code paths that generate speech, upstream's and the workbench's fixes.
 
-The T3 decode loop (eager, static cache, compiled step), dtype policies and float32 islands,
-capped upstream generation, naive and buffered streaming, and the two pipelines
-(``UpstreamTTS``, ``PerformanceOptimizedTTS``). May import ``core``, ``models`` and
-``instruments``.
+The T3 decode loop (eager, static cache, compiled step; ``decode``) with its sampling on the
+device (``sampling``) and fused projections (``fusion``), dtype policies and float32 islands,
+capped upstream generation, Multilingual's alignment analyzer per generation (``alignment``),
+naive and buffered streaming, the two pipelines (``UpstreamTTS``, ``PerformanceOptimizedTTS``)
+and the stream engine that runs many streams at once (``engine``). May import ``core``,
+``models`` and ``instruments``.
 """

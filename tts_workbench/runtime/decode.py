@@ -990,10 +990,10 @@ def decode_blocks(
                 same = plan.decode.dtype == plan.prefill.dtype
                 kv_dtype = past.layers[0].keys.dtype if same else plan.decode.dtype
                 t_build = now(device)
-                # Claimed there, or refused before it is ours: `finally` must not free the holder's cache.
                 # the slots its first step attends to, the prefill's and its own (one token alone may
                 # fill the cache with its prefill: no step runs then, and no span holds one more)
                 first = min(prefill_len + 1, max_cache_len)
+                # Claimed there, or refused before it is ours: `finally` must not free the holder's cache.
                 step, new = _static_step(plan, batch, kv_dtype, device, ctx, sampler, max_cache_len, first)
                 if new:
                     stats.compile_s = now(device) - t_build

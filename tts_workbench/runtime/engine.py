@@ -55,6 +55,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -179,7 +180,7 @@ def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
     before the cache is allocated (a caller can refuse a size that cannot fit)."""
     config: Any = plan.decode.tfmr.config
     kv_heads, head_dim = kv_layout(config)
-    rows = 2 if family_of(tts).guidance else 1
+    rows = family_of(tts).rows
     row_bytes = kv_heads * max_cache_len * head_dim * plan.decode.dtype.itemsize
     return 2 * config.num_hidden_layers * rows * row_bytes
 
@@ -216,6 +217,7 @@ class StreamHandle:
         self.submitted = time.perf_counter()
         self.admitted: float | None = None
         self.error: BaseException | None = None
+        self._error_tb: TracebackType | None = None  # where it was raised: each raise here starts from it
         self.closed = False
         self.sampled: list[int] = []  # every id T3 sampled, stop and non-speech ids included
         self.logits: list[torch.Tensor] = []  # (rows, vocab) float32 per sampled id, if the engine keeps them
@@ -260,16 +262,16 @@ class StreamHandle:
 
     def _unwrap(self, item: Any) -> tuple[np.ndarray, ChunkMetrics] | None:
         """A chunk, ``None`` at the end, or the stream's error raised."""
-        if item is _END:
-            # A failed stream's reader that reads again (after the read that raised closed it)
-            # gets its error again, not an end that looks like a stream that spoke nothing.
-            if self.error is not None:
-                raise self.error
+        if item is not _END and not isinstance(item, BaseException):
+            chunk: tuple[np.ndarray, ChunkMetrics] = item  # the chunks before an error are read first
+            return chunk
+        if self.error is None:
             return None
-        if isinstance(item, BaseException):
-            raise item
-        chunk: tuple[np.ndarray, ChunkMetrics] = item
-        return chunk
+        # A failed stream's reader that reads again (after the read that raised closed it) gets
+        # its error again, not an end that looks like a stream that spoke nothing. Raised with
+        # the traceback it was raised with: one error may end several streams (a failed step's),
+        # and each raise of it would add its reader's frames, kept alive, to what the next sees.
+        raise self.error.with_traceback(self._error_tb)
 
     def close(self) -> None:
         """Stop this stream: a queued one leaves the queue now, an admitted one frees its rows
@@ -452,7 +454,8 @@ class StreamEngine:
             self.flow = flow or FlowPlan()
             # Streams a T3 step has room for: lowered by a step out of memory to the streams the
             # step then ran over, so that the queue waits instead of a stream admitted into the
-            # room freed running the step out of memory again.
+            # room freed running the step out of memory again; max_streams again once the
+            # engine has no stream (``_idle``).
             self.fits = max_streams
             # Windows per flow call: at most the largest; a compiled flow pads a call to the next.
             self.flow_batches = batches
@@ -464,7 +467,7 @@ class StreamEngine:
             self.device = tts.t3.speech_head.weight.device
             self.family = family_of(tts)
             self.turbo = is_turbo(tts.t3)
-            self.rows_per_stream = 2 if self.family.guidance else 1
+            self.rows_per_stream = self.family.rows
             self.stats = EngineStats()
             parts: T3Parts = self.plan.decode
             # What each step runs, taken once here, outside the compiled step (the plan makes a fused
@@ -480,6 +483,7 @@ class StreamEngine:
                      torch.zeros(shape, dtype=parts.dtype, device=self.device))
                     for _ in range(config_.num_hidden_layers)
                 ]  # fmt: skip
+            self._moves: list[tuple[int, int]] = []  # rows (from, to) left to copy: ``_leave``
             self.kv_bytes_per_stream = kv_bytes_per_stream(tts, self.plan, max_cache_len)
             self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
             self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
@@ -590,8 +594,8 @@ class StreamEngine:
         alike; only the caller's mistakes are refused here, with a ``ConfigError`` (as upstream
         ``generate``'s TypeError), and nothing is queued: an argument of the wrong type, a seed no
         generator takes, a sampling argument the family does not take or a value it cannot sample
-        with, a language the model does not speak, a ``conds`` that is no voice of this model
-        (``_voice_of``); no voice at all, with a ``NoVoiceError``. The stream
+        with, a language the model does not speak; a ``conds`` that is no voice of this model
+        with a ``SourceError`` (``check_conditionals``); no voice at all, with a ``NoVoiceError``. The stream
         speaks the voice as it is now, its exaggeration included. A ``generate`` on the model in
         another thread is waited for (``voice_turn``): the voice is not read half-way through it."""
         seed, max_new_tokens = self._check_request(text, seed, max_new_tokens, language_id)
@@ -635,29 +639,17 @@ class StreamEngine:
             )
         return checked_seed(seed), checked_cap(max_new_tokens)
 
-    def _voice_of(self, conds: object) -> Any:
+    def _voice_of(self, conds: Any) -> Any:
         """The voice a stream (or the warm-up) given ``conds`` speaks: ``conds``, None for the
-        model's own. Refused: a ``conds`` that is no voice this model's family prepared (a
-        reference's path, another family's ``Conditionals``; at its turn it failed with Python's
-        own AttributeError), one of another model size (a ``SourceError``, ``check_conditionals``)
-        and no voice at all, with a ``NoVoiceError`` naming the engine's fixes
-        (before, the stream failed at its turn asking for an audio_prompt_path, which the engine
-        takes none of, and a voice prepared after its submit did not help it)."""
-        family = self.family
+        model's own. Refused at submit (before, at its turn, with Python's or torch's own error):
+        a ``conds`` that is no voice of this model (``check_conditionals``) and no voice at all,
+        with a ``NoVoiceError`` naming the engine's fixes."""
         if conds is None:
             if self.tts.conds is None:
                 raise NoVoiceError(fix=PASS_CONDS)
             return self.tts.conds
-        if isinstance(conds, family.conditionals):
-            check_conditionals(conds, self.tts)  # one of another model size failed at its turn, in torch
-            return conds
-        kind = type(conds)
-        given = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        raise ConfigError(
-            f"conds must be a voice prepared by this {family.name} model (its tts.conds, a "
-            f"{family.conditionals.__module__}.Conditionals), got {given}: call prepare_voice(tts, wav) / "
-            "prepare_conditionals(wav) with this model and pass its tts.conds"
-        )
+        check_conditionals(conds, self.tts)
+        return conds
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
@@ -734,7 +726,7 @@ class StreamEngine:
         with self._lock:  # the T3 thread, which alone writes it, is gone: its streams hold no rows now
             self._live = []
             self._lock.notify_all()  # a wait for free rows (before, it returned False as close began)
-        self._kv, self._caches, self._steps = [], {}, {}
+        self._kv, self._caches, self._steps, self._moves = [], {}, {}, []
         let_go(self)  # a wrapper may change the model now
 
     def _end_all(self, error: BaseException) -> None:
@@ -783,7 +775,7 @@ class StreamEngine:
         with self._lock:
             for h in handles:
                 h.closed = True
-                h.error = error
+                h.error, h._error_tb = error, error.__traceback__
                 h._put(error)
 
     def _stopped_error(self) -> RuntimeError:
@@ -842,7 +834,12 @@ class StreamEngine:
 
     def _idle(self) -> bool:
         """Nothing for the T3 stage: no stream, no job, none waiting that may join (a stream
-        S3Gen lets go of wakes it)."""
+        S3Gen lets go of wakes it). An engine with no stream at all, held or queued, takes
+        ``max_streams`` again after a step out of memory (``fits``): what that step lacked may
+        have been another stage's (S3Gen's flow call, on the same device), and a server would
+        otherwise serve fewer streams for the rest of its life."""
+        if not (self._live or self._vocoding or self._waiting or self._joining):
+            self.fits = self.max_streams
         return not self._live and not self._jobs and (not self._waiting or not self._room())
 
     def _t3_loop(self) -> None:
@@ -1001,6 +998,7 @@ class StreamEngine:
     def _fill_rows(self, embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Prefill ``embeds`` (rows, positions, dim) into the next free rows of the cache: the
         last position's logits and the first row."""
+        self._move_rows()  # the rows it takes may be a moved stream's old ones
         logits, past = head_logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
         row, n = len(self._live) * self.rows_per_stream, self.rows_per_stream
         for (keys, values), layer in zip(self._kv, past.layers, strict=True):
@@ -1077,17 +1075,27 @@ class StreamEngine:
             index = self._live.index(live)
             last = self._live[-1]
             if last is not live:
-                with torch.inference_mode():
-                    src, dst, n = last.rows, live.rows, self.rows_per_stream
-                    for keys, values in self._kv:
-                        keys[dst : dst + n].copy_(keys[src : src + n])
-                        values[dst : dst + n].copy_(values[src : src + n])
+                # Its keys and values are copied later, outside the lock (``_move_rows``): a
+                # full-size stream's rows are ~0.5 GB, half a second's copy on a CPU, during which
+                # the S3Gen stage and every reader (a server's event loop) would wait on the lock.
+                self._moves.append((last.rows, live.rows))
                 last.rows = live.rows
                 self._live[index] = last
             self._live.pop()
             if live.handle.closed and live in self._vocoding:
                 self._vocoding.remove(live)
             self._lock.notify_all()
+
+    def _move_rows(self) -> None:
+        """Copy the rows ``_leave`` moved, in order, before anything reads or writes the cache
+        again (``_fill_rows``, ``_forward_rows``): the T3 stage's thread alone touches it."""
+        n = self.rows_per_stream
+        with torch.inference_mode():
+            for src, dst in self._moves:
+                for keys, values in self._kv:
+                    keys[dst : dst + n].copy_(keys[src : src + n])
+                    values[dst : dst + n].copy_(values[src : src + n])
+        self._moves.clear()
 
     def _cache(self, bucket: int, span: int) -> StaticCache:
         if (bucket, span) not in self._caches:
@@ -1260,6 +1268,7 @@ class StreamEngine:
         ``t3_s``), and the one run again writes the same cache slots."""
         n = self.rows_per_stream
         while still:
+            self._move_rows()  # of streams that left since the last forward (a preempted one's too)
             bucket = next(b for b in self.step_buckets if b >= len(self._live))
             rows = bucket * n
             token = torch.full((rows, 1), 0, dtype=torch.long, device=self.device)

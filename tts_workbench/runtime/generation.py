@@ -33,6 +33,7 @@ from ..core.errors import (
 from ..core.families import TTSModel, family_of, language_for
 from ..core.patching import around, routed, shared
 from ..core.rng import StreamRandom, not_drawing
+from ..instruments.latency import real_time_factor
 from ..instruments.profiling import t3_phase
 from ..models.reference import ReferenceInfo, check_reference
 from ..models.vocode import tail_tokens
@@ -121,7 +122,7 @@ def token_cap(tts: TTSModel, max_new_tokens: int) -> Iterator[dict[str, Any]]:
     def wrap(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def capped(**kwargs: Any) -> torch.Tensor:
             # The lower of the caller's cap and generate's own.
-            if family.t3_inference == "inference_turbo":  # one token from the prefill, then max_gen_len
+            if family.name == "turbo":  # one token from the prefill, then max_gen_len
                 own = kwargs.get("max_gen_len", UPSTREAM_GENERATE_CAP)
                 kwargs["max_gen_len"] = min(own, max_new_tokens - 1)
                 seen["cap"] = kwargs["max_gen_len"] + 1
@@ -204,8 +205,8 @@ class GenerationResult:
 
     @property
     def rtf(self) -> float:
-        """Real-time factor: compute seconds per second of audio (below 1 is faster than real time)."""
-        return self.wall_s / self.audio_s if self.audio_s else float("inf")
+        """Real-time factor: wall seconds per second of audio (below 1 is faster than real time)."""
+        return real_time_factor(self.wall_s, self.audio_s)
 
 
 def _float32_loudness(original: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
@@ -366,7 +367,7 @@ def generate(
             timed(methods, tts.device) as times,
             t3_timed(tts, times),
             # Multilingual: upstream's analyzer hooks the attention for good; this one is undone.
-            upstream_alignment() if tts.t3.hp.is_multilingual else nullcontext(),
+            upstream_alignment() if family.name == "multilingual" else nullcontext(),
         ):
             wav = tts.generate(text, **sampling)
         wall = now(tts.device) - t0

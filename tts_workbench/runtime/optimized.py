@@ -188,7 +188,7 @@ def measure_policy(
     """Prefill seconds and seconds per decode step of T3 under ``policy`` (tts is not changed),
     each a ``Measurement`` over ``repeats`` synchronised runs after one warm-up."""
     plan = decode_plan(tts, policy)
-    text = torch.full((2 if family_of(tts).guidance else 1, text_len), 1, dtype=torch.long)
+    text = torch.full((family_of(tts).rows, text_len), 1, dtype=torch.long)
     text[:, 0], text[:, -1] = tts.t3.hp.start_text_token, tts.t3.hp.stop_text_token
     # A copy, so the prompt embedding T3 caches on the conditionals is not left behind.
     cond = T3Cond(**{**vars(_probe_cond(tts)), "cond_prompt_speech_emb": None})

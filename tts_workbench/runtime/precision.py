@@ -116,18 +116,17 @@ def compute_dtype(module: nn.Module, skip: Sequence[nn.Module] = ()) -> torch.dt
 
 
 def check_conditionals(conds: Conditionals, tts: ChatterboxTTS) -> None:
-    """Refuse conditionals made for another family or model size, naming what does not fit."""
+    """Refuse conditionals made for another family or model size, or anything that is no voice
+    (a reference's path, say: the voice is what preparing it makes), naming what does not fit."""
     family, kind = family_of(tts), type(conds)
     if kind is not family.conditionals:
         made_for = next((f.name for f in FAMILIES.values() if kind is f.conditionals), None)
-        made = (
-            f"these conditionals were made by the {made_for} family's prepare_conditionals"
-            if made_for
-            else f"a {kind.__name__} is no voice"  # a reference's path, say: the voice is what it makes
-        )
+        given = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        made = f"made by the {made_for} family's prepare_conditionals" if made_for else "no voice"
         raise SourceError(
-            f"{made}, and this is a {family.name} model; call prepare_conditionals(reference_wav) with "
-            "this model instead"
+            f"conds must be a voice prepared by this {family.name} model (its tts.conds, a "
+            f"{family.conditionals.__module__}.Conditionals), got {given} ({made}): call "
+            "prepare_voice(tts, wav) / prepare_conditionals(reference_wav) with this model"
         )
     expect = {
         "t3.speaker_emb": (conds.t3.speaker_emb, tts.t3.cond_enc.spkr_enc.in_features),

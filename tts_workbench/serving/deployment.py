@@ -26,6 +26,7 @@ import torch
 from ..core.devices import check_device
 from ..core.errors import ConfigError, SourceError, naming_flag
 from ..core.files import check_folder
+from ..core.ports import bind_error
 from ..models.sources import check_source, source_family
 from ..runtime.engine import check_engine_options
 from .service import ServeOptions, SpeechService, check_options, find_voices
@@ -93,23 +94,19 @@ def check_port_free(host: str, port: int) -> None:
     """A ConfigError if ``host`` is no address of this machine's (``--host``: not an address, or
     one another machine has), or ``host:port`` cannot be listened on (``--port``: another server
     holds it). IPv4 and IPv6 alike."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as e:
-        raise ConfigError(f"argument --host: {host!r} is not an address to listen on ({e.strerror}): "
-                          "use 127.0.0.1, 0.0.0.0, :: or this machine's name") from None  # fmt: skip
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no holder
-        try:
-            s.bind(address)
-        except OSError as e:
-            if e.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):  # EINVAL: IPv6 link-local without a scope
-                raise ConfigError(
-                    f"argument --host: {host} is not an address of this machine ({e.strerror}): use "
-                    "127.0.0.1, 0.0.0.0, :: or one of this machine's own addresses"
-                ) from None
-            raise ConfigError(f"argument --port: cannot listen on {host}:{port} ({e.strerror}): "
-                              "stop what holds it or pick another --port") from None  # fmt: skip
+    error = bind_error(host, port)
+    if error is None:
+        return
+    if isinstance(error, socket.gaierror):
+        raise ConfigError(f"argument --host: {host!r} is not an address to listen on ({error.strerror}): "
+                          "use 127.0.0.1, 0.0.0.0, :: or this machine's name")  # fmt: skip
+    if error.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):  # EINVAL: IPv6 link-local without a scope
+        raise ConfigError(
+            f"argument --host: {host} is not an address of this machine ({error.strerror}): use "
+            "127.0.0.1, 0.0.0.0, :: or one of this machine's own addresses"
+        )
+    raise ConfigError(f"argument --port: cannot listen on {host}:{port} ({error.strerror}): "
+                      "stop what holds it or pick another --port")  # fmt: skip
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:

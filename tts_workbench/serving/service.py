@@ -256,6 +256,8 @@ class SpeechService:
             "active_streams": active,
             "queued_streams": queued,
             "max_streams": self.engine.max_streams,
+            # lower after a T3 step ran out of memory, until the engine holds no stream
+            "streams_fit": self.engine.fits,
         }
 
     async def speech(self, req: SpeechRequest) -> SpeechStream:
@@ -384,6 +386,9 @@ class _EngineMetrics(Collector):
                         active)  # fmt: skip
         yield self._one(GaugeMetricFamily, "tts_queued_streams", "streams waiting for a free engine slot",
                         queued)  # fmt: skip
+        yield self._one(GaugeMetricFamily, "tts_streams_fit",
+                        "streams the engine admits at once: max_streams, fewer after a T3 step out of memory",
+                        self.engine.fits)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_t3_tokens_sampled", "T3 tokens sampled, all streams",
                         stats.t3_tokens)  # fmt: skip
         yield self._one(CounterMetricFamily, "tts_s3gen_windows", "S3Gen windows through the flow",

@@ -37,7 +37,7 @@ from ..core.positions import positions_needed
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
 from ..core.tables import render
-from ..instruments.latency import snr_db
+from ..instruments.latency import real_time_factor, snr_db
 from ..instruments.memory import allocated_bytes, graph_pool_bytes, memory_window, module_bytes
 from ..instruments.plots import memory_figure, save
 from ..models.builders import MODELS
@@ -98,7 +98,7 @@ class Row:
 
     @property
     def rtf(self) -> float:
-        return self.wall_s / self.audio_s if self.audio_s else float("inf")
+        return real_time_factor(self.wall_s, self.audio_s)
 
     @property
     def t3_tokens_per_s(self) -> float:

@@ -512,8 +512,8 @@ def run_load(
     # before the warm-up: no engine would take them
     check_engine_options(family_of(tts).name, step, alignment=alignment, fused=fused)
     texts = texts or list(DEFAULT_TEXTS)
-    # with ``fused``, one copy of the decode backbone (made by the first engine) serves every level's
     with naming_flag("--dtype", ConfigError):  # a name that is no policy, or "auto": no dtype to report
+        # with ``fused``, one copy of the decode backbone (made by the first engine) serves every level
         plan = dataclasses.replace(decode_plan(tts, policy), fused=fused)
     kind = parse_arrival(arrival, levels[-1])
     max_cache_len = cache_positions(tts, texts, tokens)
