@@ -178,29 +178,13 @@ def environment(model: str, device: str) -> dict[str, Any]:
     return env
 
 
-def run_bench(
-    model: str = "tiny",
-    configs: tuple[str, ...] = ("upstream", "optimized"),
-    tokens: int = 20,
-    repeats: int = 2,
-    seed: int = 0,
-    text: str = UPSTREAM_SENTENCE,
-    reference: str | None = None,
-    device: str = "cpu",
-    dtype: str = "auto",
-    outdir: str | Path = "runs/bench",
-    warmup: int = 0,
-    cpp_wrapper: bool = False,
-    fused: bool = False,
-    family: str | None = None,
-) -> dict[str, Any]:
-    """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors.
-    ``family``: which model to load of a ``model`` folder holding two (as ``load_model`` takes it).
-    ``warmup`` untimed runs of each configuration come first (on CUDA the first call of a path
-    pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth).
-    ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``); on a
-    CPU only (refused on CUDA, whose compiled step runs as CUDA graphs, which have none).
-    ``fused``: the wrapper's static and compiled steps with fused projections (``DecodePlan``)."""
+def check_bench_options(
+    configs: tuple[str, ...], repeats: int, warmup: int, dtype: str, device: str, *,
+    cpp_wrapper: bool, fused: bool,
+) -> None:  # fmt: skip
+    """Refuse, before any model loads, options no bench can run: a dtype that is no policy, no
+    or unknown or repeated configs, repeats below 1 or warmup below 0, and ``cpp_wrapper`` or
+    ``fused`` without a config whose step uses it (``cpp_wrapper`` on CUDA too)."""
     check_policy(dtype)
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be at least 1 and warmup at least 0, got {repeats} and {warmup}")
@@ -225,6 +209,32 @@ def run_bench(
             "argument --cpp-wrapper: the C++ wrapper applies without CUDA graphs only, and on CUDA the "
             "compiled step runs as CUDA graphs: leave --cpp-wrapper out, or bench with --device cpu"
         )
+
+
+def run_bench(
+    model: str = "tiny",
+    configs: tuple[str, ...] = ("upstream", "optimized"),
+    tokens: int = 20,
+    repeats: int = 2,
+    seed: int = 0,
+    text: str = UPSTREAM_SENTENCE,
+    reference: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    outdir: str | Path = "runs/bench",
+    warmup: int = 0,
+    cpp_wrapper: bool = False,
+    fused: bool = False,
+    family: str | None = None,
+) -> dict[str, Any]:
+    """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors.
+    ``family``: which model to load of a ``model`` folder holding two (as ``load_model`` takes it).
+    ``warmup`` untimed runs of each configuration come first (on CUDA the first call of a path
+    pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth).
+    ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``); on a
+    CPU only (refused on CUDA, whose compiled step runs as CUDA graphs, which have none).
+    ``fused``: the wrapper's static and compiled steps with fused projections (``DecodePlan``)."""
+    check_bench_options(configs, repeats, warmup, dtype, device, cpp_wrapper=cpp_wrapper, fused=fused)
     if fused:  # as load and serve refuse it: a name's family, or a folder's, is known before it loads
         with naming_flag("--model", SourceError):  # the step matters to --alignment only, which bench has not
             check_engine_options(source_family(model, family), "static", alignment=False, fused=True)
@@ -343,6 +353,7 @@ def run_bench(
         }
         for f in floors.values():
             f["floor_s"] = step_floor(f["t3_bytes"], bandwidth)
+        configuration = opt.configuration()
         report: dict[str, Any] = {
             "environment": environment(model, device),
             "note": weights_note(model),
@@ -364,10 +375,10 @@ def run_bench(
             },
             "attention_kernels_optimized": kernels,
             "compile_s": compile_s,
-            "compile_fallback": opt.configuration()["compile_fallback"],
+            "compile_fallback": configuration["compile_fallback"],
             # the compiled step's attention op, read from Inductor's code (None: nothing compiled)
-            "compiled_attention": opt.configuration()["compiled_attention"],
-            "flow_compile_fallback": opt.configuration()["flow_compile_fallback"],
+            "compiled_attention": configuration["compiled_attention"],
+            "flow_compile_fallback": configuration["flow_compile_fallback"],
             "read_bandwidth_gb_s": bandwidth / 1e9,
             "floors": floors,
             "rows": [{**asdict(r), "rtf": r.rtf, "t3_tokens_per_s": r.t3_tokens_per_s} for r in rows],
