@@ -404,6 +404,8 @@ def why_not_flash(
 
 @dataclass
 class BackendProbe:
+    """Whether SDPA ran with only ``backend`` allowed, on T3's decode shapes; why not if it did not."""
+
     backend: str
     ok: bool
     reason: str

@@ -52,6 +52,8 @@ class ChunkMetrics:
 
 @dataclass
 class Underrun:
+    """One silence a real-time player met."""
+
     at_s: float  # stream time when the player ran out of audio
     gap_s: float  # silence until the next chunk arrived
 

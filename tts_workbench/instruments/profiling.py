@@ -236,6 +236,7 @@ def region_of(event: Event) -> str:
 
 
 def ancestors(event: Event) -> Iterator[Event]:
+    """The host events ``event`` ran inside, innermost first."""
     e = event.cpu_parent
     while e is not None:
         yield e

@@ -679,6 +679,8 @@ def _stopped(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tts-workbench`` parser: one subcommand per command, each with its flags, its help
+    and the function that runs it (``run``)."""
     parser = _Parser(prog="tts-workbench", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

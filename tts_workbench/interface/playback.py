@@ -74,6 +74,7 @@ def wav_bytes(wav: Waveform, sample_rate: int) -> bytes:
 
 
 def audio_widget(wav: Waveform, sample_rate: int) -> widgets.Audio:
+    """A player of ``wav`` (as a WAV file's bytes: ``wav_bytes``), not started on its own."""
     return widgets.Audio(value=wav_bytes(wav, sample_rate), format="wav", autoplay=False, loop=False)
 
 

@@ -196,6 +196,8 @@ def missing_tokens(family: str, tokenizer: Any) -> str | None:
 
 
 def check_tokenizer(tok: Any, vocab: int) -> None:
+    """Refuse a text front end whose ids reach past T3's text vocabulary of ``vocab`` entries
+    (tokenizer files saved with other weights: T3's embedding would fail on them)."""
     top = max(_vocab(tok).values())
     if top >= vocab:
         raise SourceError(

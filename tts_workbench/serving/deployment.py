@@ -62,6 +62,8 @@ class SpeechDeployment:
 
 @dataclass
 class Placement:
+    """Where the server runs: the address and port it listens on, its replicas, the Ray cluster."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 1

@@ -59,6 +59,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class SpeechRequest:
+    """A ``POST /v1/audio/speech`` body, checked (``parse_speech``)."""
+
     input: str
     voice: str
     response_format: str

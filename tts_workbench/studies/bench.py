@@ -80,6 +80,8 @@ def weights_note(model: str) -> str:
 
 @dataclass
 class Row:
+    """One timed run of one configuration: its times (seconds), tokens, S3Gen calls and memory."""
+
     config: str
     repeat: int
     ttfa_s: float  # time to first audio (the whole generation when not streaming)
@@ -406,6 +408,8 @@ def run_stream(
     amp: Any = None,
     flow: FlowPlan | None = None,
 ) -> dict[str, Any]:
+    """One stream of ``text`` under ``config`` (the decode ``plan``, ``amp``, the estimator as
+    ``flow`` runs it), summarised as a bench row's fields."""
     _, state = stream_all(tts, text, config, max_new_tokens=tokens, seed=seed, plan=plan, amp=amp, flow=flow)
     s = state.report.summary()
     # Compiling (T3's step before the first token, the estimator at a window of a new shape)
