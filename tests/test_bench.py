@@ -25,7 +25,7 @@ from tts_workbench.models.sources import load_model
 from tts_workbench.runtime import optimized
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.studies import bench
-from tts_workbench.studies.bench import Row, bench_frame, run_bench, summarize
+from tts_workbench.studies.bench import Row, bench_frame, busy_machine_line, environment, run_bench, summarize
 
 
 class Reached(Exception):
@@ -547,3 +547,16 @@ def test_the_floor_is_the_step_bytes_read_once_at_the_measured_bandwidth(
     bandwidth = bench.read_bandwidth("cpu", mbytes=4)
     assert bandwidth == pytest.approx(4 * 2**20 / 0.5)  # the buffer's bytes over the time to read them
     assert bench.step_floor(10**9, 10**9) == pytest.approx(1.0)  # bytes over bytes/s: seconds
+
+
+def test_a_bench_on_a_busy_machine_says_its_times_are_inflated() -> None:
+    """A bench run while another job used the 2 cores timed T3's step 25-50 times slower and said
+    nothing (2026-12-07); the report now records the load average and warns past 1.5x the CPUs."""
+    env = environment("tiny", "cpu")
+    assert isinstance(env["load_average_1m"], float) and env["cpu_count"] >= 1
+    assert busy_machine_line({"load_average_1m": 4.2, "cpu_count": 2}) == [
+        "the machine was busy: load average 4.2 on 2 CPUs as the run ended: absolute times are inflated; "
+        "compare the ratios of one run, or run again on an idle machine"
+    ]
+    assert busy_machine_line({"load_average_1m": 3.0, "cpu_count": 2}) == []  # its own 2 threads, one more
+    assert busy_machine_line({"cpu_count": 2}) == []  # a report from before the figure

@@ -140,6 +140,26 @@ def test_a_mistyped_path_text_or_choice_is_refused_before_torch_is_imported(args
     assert not {"torch", "chatterbox"} & imported, sorted({"torch", "chatterbox"} & imported)
 
 
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    """``tts-workbench diagnose | head -1``: the report's print met a closed pipe, a
+    BrokenPipeError traceback and exit code 1 before 2026-12-07. Now no traceback, and the exit
+    code a shell gives a command its pipe's reader left (141). The command's work is stubbed: a
+    long report, as the pipe's buffer holds less."""
+    script = (
+        "import sys\n"
+        "from tts_workbench.interface import cli\n"
+        "cli._diagnose = lambda args: ({}, lambda report: 'a line of the report\\n' * 100_000)\n"
+        "sys.exit(cli.main(['diagnose', '--tokens', '2']))\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=tmp_path)  # fmt: skip
+    assert p.stdout is not None and p.stderr is not None
+    assert p.stdout.readline() == b"a line of the report\n"
+    p.stdout.close()  # the reader leaves, as head does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_a_library_that_fails_to_load_is_no_usage_error(tmp_path: Path) -> None:
     """A broken install is a traceback and exit code 1, not an ``error:`` line and 2 (with the
     heavy imports inside the argument handlers, on 2026-12-06, its OSError read as a usage error)."""
@@ -224,6 +244,35 @@ def test_stream_cuts_the_voice_prompt_to_prompt_s(
     report = _strict(capsys.readouterr().out)  # its snr_db is inf: null, not Infinity
     assert report["config"]["prompt_s"] == 1.0
     assert kept and set(kept) == {25}  # the stream's and the one-shot's calls alike
+
+
+def test_stream_speaks_the_language_given_to_a_multilingual_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+) -> None:
+    """Before 2026-12-07 the command line had no --language: a multilingual model always spoke
+    English (upstream's default), and nothing said so. Now the stream samples what the library's
+    stream samples with that language_id, says the language, and a language the model cannot
+    speak, or a family that speaks English only, is one error line naming the flag."""
+    args = ["stream", "--model", "multilingual-tiny", "--tokens", "12", "--text", "Bonjour à tous.",
+            "--reference", str(reference_wav)]  # fmt: skip
+    assert main([*args, "--language", "fr", "--out", str(tmp_path / "fr"), "--json"]) == 0
+    report = _strict(capsys.readouterr().out)
+    tts = load_model("multilingual-tiny")
+    prepare_voice(tts, str(reference_wav))
+    _, state = streaming.stream_all(tts, "Bonjour à tous.", streaming.StreamConfig("buffered"),
+                                    max_new_tokens=12, seed=0, language_id="fr")  # fmt: skip
+    assert report["language"] == "fr" and report["speech_tokens"] == list(state.tokens)
+    assert main([*args, "--out", str(tmp_path / "en")]) == 0
+    assert "language: en" in capsys.readouterr().out.splitlines()  # the default, said
+    refused = [
+        (["--language", "xx"], "argument --language: unsupported language 'xx'"),
+        (["--language", "ja"], "argument --language: Japanese (ja) text needs the optional package"),
+        (["--model", "tiny", "--language", "fr"], "argument --language: the standard model speaks English"),
+    ]
+    for extra, message in refused:
+        assert main([*args, *extra, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_a_converted_reference_is_said_on_stderr(

@@ -331,6 +331,20 @@ def test_stereo_and_other_rates_are_converted_and_reported(reference_wav: Path, 
     assert wav.size > 0 and np.isfinite(wav).all()
 
 
+def test_a_float_reference_far_past_full_scale_is_said(reference_wav: Path, tmp_path: Path) -> None:
+    """A float WAV peaking at 20 (a recording never scaled) was "used as is", unsaid, before
+    2026-12-07; a resampler's overshoot a little past 1.0 stays unremarked."""
+    mono, sr = sf.read(reference_wav, dtype="float32")
+    loud, over = tmp_path / "loud.wav", tmp_path / "over.wav"
+    sf.write(loud, mono / np.abs(mono).max() * 20, sr, subtype="FLOAT")
+    sf.write(over, mono / np.abs(mono).max() * 1.05, sr, subtype="FLOAT")
+    assert check_reference(loud).notes == [
+        "samples reach 20.0, past full scale (1.0): used as they are, as upstream does; scale the "
+        "recording to full scale if it was not meant so"
+    ]
+    assert check_reference(over).notes == []
+
+
 def test_a_reference_given_to_generate_is_checked_as_prepare_voice_checks_it(
     tiny_tts: ChatterboxTTS, tmp_path: Path
 ) -> None:

@@ -441,6 +441,21 @@ def test_a_server_that_lists_no_model_asks_for_model(status: int, models: dict[s
         run_http_load("http://stand-in", [1], transport=httpx.MockTransport(handle))
 
 
+def test_another_servers_error_page_is_quoted_on_one_line() -> None:
+    """An HTML page as the error (a web server that is no speech server): before 2026-12-07 its
+    text went into the error as it came, ten lines under one ``error:``."""
+    page = "<!DOCTYPE HTML>\n<html lang=\"en\">\n  <head>\n" + "  <p>Not found</p>\n" * 40 + "</html>\n"
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, text=page, headers={"content-type": "text/html"})
+
+    with pytest.raises(EndpointError) as e:
+        run_http_load("http://stand-in", [1], transport=httpx.MockTransport(handle))
+    message = str(e.value)
+    assert "\n" not in message and """answered 404 ('<!DOCTYPE HTML> <html lang="en"> <head>""" in message
+    assert "' ...): " in message and "lists no model" in message, message
+
+
 def test_a_body_that_is_no_model_list_is_told_apart_from_an_empty_list() -> None:
     def handle(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, text="hello")

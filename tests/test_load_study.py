@@ -154,6 +154,9 @@ def test_a_level_that_raises_closes_its_progress_bar(
         def update(self, _n: int) -> None:
             pass
 
+        def set_postfix_str(self, _s: str) -> None:
+            pass
+
     def submit(*_a: Any, **_k: Any) -> None:
         raise RuntimeError("a submit that fails")
 

@@ -33,6 +33,8 @@ LIBRARY_WARNINGS = (
     (UserWarning, "pkg_resources is deprecated"),
     (FutureWarning, "`LoRACompatibleLinear` is deprecated"),
     (FutureWarning, "`torch.backends.cuda.sdp_kernel()` is deprecated"),
+    # torch's, for the FFTs of a float16 S3Gen (HiFT's STFT): the report says what ran in which dtype
+    (UserWarning, "ComplexHalf support is experimental"),
 )
 
 

@@ -232,6 +232,8 @@ def format_report(report: dict[str, Any]) -> str:
             _chunks_text(_frame(report["chunks"]), report["summary"]),
             _quality_text(report["quality_vs_one_shot"], not math.isinf(report["summary"]["ttfa_s"])),
             *_t3_compile_text(report),
+            # a multilingual model's (the others speak English only: None, or absent from older reports)
+            *([f"language: {report['language']}"] if report.get("language") else []),
             report["note"],
             f"wrote {report['files']['wav']} and {report['files']['timeline']}",
         ]

@@ -4,6 +4,7 @@ with one and exit code 130."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -396,7 +397,26 @@ def _check_positions(tts: Any, args: argparse.Namespace) -> int:
     from ..runtime.decode import checked_prefill
 
     with naming_flag("--tokens", CacheError):
-        return checked_prefill(tts, args.text, args.tokens, name="--tokens")
+        return checked_prefill(tts, args.text, args.tokens, name="--tokens",
+                               language_id=getattr(args, "language", None))  # fmt: skip
+
+
+def _language(tts: Any, args: argparse.Namespace) -> str | None:
+    """The language a multilingual model speaks (``--language``, default "en", checked: an
+    unknown one lists the 23, one needing a package not installed names it); refused, naming
+    the flag, for a family that speaks English only (None for them)."""
+    from ..core.errors import ConfigError, naming_flag
+    from ..core.families import family_of, language_for
+
+    given = getattr(args, "language", None)
+    family = family_of(tts).name
+    if given is not None and family != "multilingual":
+        raise ConfigError(
+            f"argument --language: the {family} model speaks English only: leave --language out, or give "
+            "a multilingual model (multilingual-tiny, multilingual-random, ...)"
+        )
+    with naming_flag("--language", ConfigError):
+        return language_for(tts, given)
 
 
 @contextmanager
@@ -405,29 +425,35 @@ def _voiced_model(args: argparse.Namespace, folder: str, *, own_decode: bool = T
     as ``folder``/reference.wav only when the block ends without an error: a refusal inside it
     leaves nothing behind); ``--tokens`` checked first where the command decodes T3 itself
     (``own_decode``: upstream ``generate`` caps a longer run at its own 1000 tokens, as
-    ``diagnose`` reports), then ``--text`` against T3's text positions."""
+    ``diagnose`` reports), then ``--text`` against T3's text positions. Its two stages on a bar
+    (a full-size build takes half a minute on a CPU, before the command's own progress)."""
     from ..core.errors import ConfigError, SourceError, naming_flag
+    from ..core.progress import Stages
     from ..models.reference import generated_voice
     from ..models.sources import load_model
     from ..runtime.decode import text_tokens
     from ..runtime.generation import prepare_voice
 
-    with naming_flag("--model", SourceError):  # a folder whose files cannot be read or do not fit
-        tts = load_model(args.model, args.device, args.seed, family=args.family)
-    if own_decode:
-        _check_tokens(tts, args.tokens)
-    with naming_flag("--text", ConfigError):  # longer than T3's text positions: before a voice is made
-        text_tokens(tts, args.text)
-    if args.reference:
-        with naming_flag("--reference", SourceError):  # a file that is no usable recording
-            info = prepare_voice(tts, args.reference)
-        if info.notes:  # what was done to it (diagnose's report has them; these commands' have none)
+    with contextlib.ExitStack() as voice_kept:  # the generated voice, kept if the command succeeds
+        with Stages("model", 2, progress=True) as stage:
+            stage(f"building {args.model}")
+            with naming_flag("--model", SourceError):  # a folder whose files cannot be read or do not fit
+                tts = load_model(args.model, args.device, args.seed, family=args.family)
+            if own_decode:
+                _check_tokens(tts, args.tokens)
+            language = _language(tts, args)
+            with naming_flag("--text", ConfigError):  # past T3's text positions: before a voice is made
+                text_tokens(tts, args.text, language_id=language)
+            stage("preparing the voice")
+            if args.reference:
+                with naming_flag("--reference", SourceError):  # a file that is no usable recording
+                    info = prepare_voice(tts, args.reference)
+            else:
+                wav = voice_kept.enter_context(generated_voice(Path(folder) / "reference.wav"))
+                prepare_voice(tts, str(wav))
+        if args.reference and info.notes:  # what was done to it (diagnose's report has them)
             print(f"reference: {args.reference}: {'; '.join(info.notes)}", file=sys.stderr)
         yield tts
-    else:
-        with generated_voice(Path(folder) / "reference.wav") as wav:
-            prepare_voice(tts, str(wav))
-            yield tts
 
 
 def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
@@ -463,7 +489,7 @@ def _stream(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[st
             plan.max_cache_len = max(plan.max_cache_len, need)
         report = run_to_files(
             tts, args.text, config, args.out, max_new_tokens=args.tokens, seed=args.seed, plan=plan,
-            progress=True, model=args.model,
+            progress=True, model=args.model, language_id=args.language,
         )  # fmt: skip
     return report, format_report
 
@@ -731,6 +757,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.add_argument("--prompt-s", type=_window, help="keep only the last N s of the reference prompt")
     st.add_argument("--text", help=TEXT_HELP)
+    st.add_argument(
+        "--language",
+        type=_given,
+        help="the language a multilingual model speaks (default: en; one of upstream's 23 codes); the "
+        "other families speak English only",
+    )
     _reference(st)
     st.add_argument(
         "--out", type=_path, default="runs/stream", help="folder for the WAV and the timeline plot"
@@ -983,7 +1015,12 @@ def _main(argv: Sequence[str]) -> int:
         where = f": {e.filename}: give another folder ({' / '.join(own)})" if e.filename else ""
         print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    print(strict_json.dumps(report) if args.json else fmt(report))
+    try:
+        print(strict_json.dumps(report) if args.json else fmt(report), flush=True)
+    except BrokenPipeError:  # the reader left (`| head`): nothing more to tell it, no traceback
+        # stdout pointed elsewhere, so that Python's own flush at exit meets no closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command whose pipe's reader left
     return 0
 
 

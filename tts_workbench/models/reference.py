@@ -177,4 +177,9 @@ def check_reference(path: str | Path) -> ReferenceInfo:
         notes.append(f"resampled {sr} Hz to {SAMPLE_RATE} Hz (S3Gen) and 16000 Hz (tokenizer, voice encoder)")
     if seconds < 1.0:
         notes.append(f"only {seconds:.2f} s long: conditioning quality will suffer")
+    # A float file can hold samples past full scale, which upstream uses as they are (an integer
+    # file cannot); a little past it is a resampler's overshoot, far past it a file never scaled.
+    if (peak := float(np.abs(data).max())) > 2.0:
+        notes.append(f"samples reach {peak:.1f}, past full scale (1.0): used as they are, as upstream "
+                     "does; scale the recording to full scale if it was not meant so")  # fmt: skip
     return ReferenceInfo(str(path), round(seconds, 3), sr, data.shape[1], notes, data.shape[0])

@@ -813,11 +813,13 @@ def check_positions(config: Any, prefill_len: int, max_new_tokens: int, name: st
         check_room(prefill_len, max_new_tokens, positions, holder, "shorten the text", name)
 
 
-def checked_prefill(tts: Any, text: str, max_new_tokens: int, name: str = "max_new_tokens") -> int:
-    """The positions T3's prefill fills for ``text`` with ``tts``'s voice (``prefill_length``),
-    once ``check_positions`` has found room after it for ``max_new_tokens`` (``name``: the
-    caller's word for them, a flag on the command line)."""
-    prefill = prefill_length(tts, text)
+def checked_prefill(
+    tts: Any, text: str, max_new_tokens: int, name: str = "max_new_tokens", language_id: str | None = None
+) -> int:
+    """The positions T3's prefill fills for ``text`` (in ``language_id``, multilingual) with
+    ``tts``'s voice (``prefill_length``), once ``check_positions`` has found room after it for
+    ``max_new_tokens`` (``name``: the caller's word for them, a flag on the command line)."""
+    prefill = prefill_length(tts, text, language_id=language_id)
     check_positions(tts.t3.tfmr.config, prefill, max_new_tokens, name)
     return prefill
 

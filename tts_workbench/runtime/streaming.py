@@ -42,7 +42,7 @@ from ..core.constants import (
     TOKENS_PER_S,
 )
 from ..core.errors import PASS_CONDS, PREPARE_FIRST, ConfigError, NoVoiceError, as_int
-from ..core.families import family_of
+from ..core.families import family_of, language_for
 from ..core.files import written
 from ..core.progress import progress_bar
 from ..core.rng import StreamRandom, overwritten
@@ -741,20 +741,24 @@ def run_to_files(
     plan: DecodePlan | None = None,
     progress: bool = False,
     model: str | Path | None = None,
+    language_id: str | None = None,
 ) -> dict[str, Any]:
-    """Stream ``text``, compare with the one-shot output of the same tokens, and write the WAV
-    and the timeline plot under ``outdir``; returns the summary, the chunk rows and the quality.
-    ``model``: the source ``tts`` was loaded from (None: unnamed), for the note on a capped run."""
+    """Stream ``text`` (multilingual: in ``language_id``, default "en"), compare with the
+    one-shot output of the same tokens, and write the WAV and the timeline plot under
+    ``outdir``; returns the summary, the chunk rows and the quality. ``model``: the source
+    ``tts`` was loaded from (None: unnamed), for the note on a capped run."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     wav, state = stream_all(
-        tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, progress=progress
-    )
+        tts, text, config, max_new_tokens=max_new_tokens, seed=seed, plan=plan, progress=progress,
+        language_id=language_id,
+    )  # fmt: skip
     reference = one_shot(tts, state, config)
     wav_path = written(outdir / f"{config.strategy}.wav", lambda path: sf.write(path, wav, SAMPLE_RATE))
     fig_path = save(timeline_figure(state.report), outdir / f"{config.strategy}_timeline.png")
     return {
         "config": asdict(config),
+        "language": language_for(tts, language_id),  # None: a family that speaks English only
         "summary": state.report.summary(),
         "chunks": state.report.rows(),
         "quality_vs_one_shot": quality(wav, reference, state),

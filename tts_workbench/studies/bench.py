@@ -6,6 +6,7 @@ Random weights make the timing realistic (same shapes, same kernels) and the aud
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -166,6 +167,8 @@ def environment(model: str, device: str) -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": psutil.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # runnable processes, averaged over the last minute: above the CPUs, others shared them
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -178,6 +181,18 @@ def environment(model: str, device: str) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+def busy_machine_line(env: dict[str, Any]) -> list[str]:
+    """A warning where the machine was shared while it ran: a one-minute load average past one
+    and a half times its CPUs (the run alone adds at most its torch threads). On 2 cores a
+    second job made T3's step 25-50 times slower (2026-12-07): ratios from one run still hold,
+    absolute times do not. Nothing for a report without the figure (before 2026-12-07)."""
+    load, cpus = env.get("load_average_1m"), env.get("cpu_count")
+    if load is None or not cpus or load <= 1.5 * cpus:
+        return []
+    return [f"the machine was busy: load average {load:.1f} on {cpus} CPUs as the run ended: absolute "
+            "times are inflated; compare the ratios of one run, or run again on an idle machine"]  # fmt: skip
 
 
 def check_bench_options(
@@ -666,6 +681,7 @@ def format_bench(report: dict[str, Any]) -> str:
         f"({report['optimized_policy']['decode']}); {report['optimized_policy']['reason']}",
         f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s; T3 decode-step floor: "
         + ", ".join(f"{k} {v['floor_s'] * 1e3:.1f} ms ({v['dtype']})" for k, v in report["floors"].items()),
+        *busy_machine_line(env),
         "",
         render(
             bench_frame(report),

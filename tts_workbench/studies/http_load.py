@@ -78,8 +78,9 @@ def _error_message(response: httpx.Response) -> str:
         return f"redirect to {where} not followed: give the final URL (the server's root) as --url"
     try:
         return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200]
+    except (ValueError, KeyError, TypeError):  # another server's page (HTML, say): quoted on one line
+        body = " ".join(response.text.split())
+        return repr(body[:200]) + (" ..." if len(body) > 200 else "")
 
 
 def check_url(url: str) -> str:
