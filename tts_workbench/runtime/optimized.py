@@ -49,7 +49,7 @@ from ..core.clock import measurement, now
 from ..core.constants import HALF_DTYPES, dtype_name
 from ..core.devices import check_device
 from ..core.errors import PREPARE_FIRST, ConfigError, NoVoiceError
-from ..core.families import components, family_of
+from ..core.families import family_of
 from ..core.patching import ModuleSnapshot, holding, let_go
 from ..core.policies import POLICIES
 from ..core.rng import StreamRandom
@@ -57,7 +57,7 @@ from ..instruments.attention import KernelRecord, configured_backend, record_ker
 from ..instruments.latency import ChunkMetrics
 from ..instruments.memory import process_peak_bytes
 from ..models.checkpoints import load_folder
-from ..models.sources import load_pretrained
+from ..models.sources import load_pretrained, model_summary
 from ..models.vocode import FLOW_MODES, FlowPlan, s3gen_inference
 from .decode import (
     DEFAULT_MAX_CACHE_LEN,
@@ -299,10 +299,7 @@ class Pipeline:
                 "s3gen.flow": dtype_name(tts.s3gen.dtype),
                 "s3gen.mel2wav": dtype_name(next(tts.s3gen.mel2wav.parameters()).dtype),
             },
-            "parameter_bytes": {
-                name: sum(p.numel() * p.element_size() for p in m.parameters())
-                for name, m in components(tts).items()
-            },
+            "parameter_bytes": {name: part["bytes"] for name, part in model_summary(tts).items()},
             "kv_cache_bytes": 0,  # held between generations: upstream's cache lives only in one
         }
 
