@@ -247,7 +247,7 @@ def test_stream_cuts_the_voice_prompt_to_prompt_s(
 
 
 def test_stream_speaks_the_language_given_to_a_multilingual_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before 2026-12-07 the command line had no --language: a multilingual model always spoke
     English (upstream's default), and nothing said so. Now the stream samples what the library's
@@ -273,6 +273,10 @@ def test_stream_speaks_the_language_given_to_a_multilingual_model(
         assert main([*args, *extra, "--out", str(tmp_path / "refused")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+    # a family that speaks English only is refused before the model is built
+    monkeypatch.setattr("tts_workbench.models.sources.load_model", lambda *a, **k: pytest.fail("built"))
+    assert main(["stream", "--model", "random", "--language", "fr", "--out", str(tmp_path / "refused")]) == 2
+    assert "argument --language: the standard model speaks English" in capsys.readouterr().err
 
 
 def test_a_converted_reference_is_said_on_stderr(

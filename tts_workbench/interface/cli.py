@@ -363,7 +363,7 @@ def _check_model(args: argparse.Namespace) -> None:
     checks its device with the replicas' GPUs: ``deployment.check_placement``)."""
     from ..core.devices import check_device
     from ..core.errors import FamilyError, SourceError, naming_flag
-    from ..models.sources import check_source, is_named
+    from ..models.sources import check_source, is_named, source_family
 
     family = args.family
     if family is not None and is_named(args.model):  # as load_model refuses family=
@@ -374,6 +374,8 @@ def _check_model(args: argparse.Namespace) -> None:
     # a folder of another family than --family's, or of two with no --family: named --family
     with naming_flag("--model", SourceError), naming_flag("--family", FamilyError):
         check_source(args.model, family)
+        if getattr(args, "language", None) is not None:  # refused before a full-size build
+            _check_multilingual(source_family(args.model, family))
     if args.command != "serve" and getattr(args, "device", None) is not None:
         with naming_flag("--device", SourceError):  # (before 2026-12-04 unnamed, after --out was made)
             check_device(args.device)
@@ -407,16 +409,26 @@ def _language(tts: Any, args: argparse.Namespace) -> str | None:
     the flag, for a family that speaks English only (None for them)."""
     from ..core.errors import ConfigError, naming_flag
     from ..core.families import family_of, language_for
+    from ..runtime.decode import text_tokens
 
     given = getattr(args, "language", None)
-    family = family_of(tts).name
-    if given is not None and family != "multilingual":
+    if given is not None:
+        _check_multilingual(family_of(tts).name)  # a folder's family is known once it loads
+    with naming_flag("--language", ConfigError):
+        language = language_for(tts, given)
+        text_tokens(tts, "a", language_id=language)  # a front end the language needs and lacks (zh)
+    return language
+
+
+def _check_multilingual(family: str) -> None:
+    """``--language`` refused for a family that speaks English only."""
+    from ..core.errors import ConfigError
+
+    if family != "multilingual":
         raise ConfigError(
             f"argument --language: the {family} model speaks English only: leave --language out, or give "
             "a multilingual model (multilingual-tiny, multilingual-random, ...)"
         )
-    with naming_flag("--language", ConfigError):
-        return language_for(tts, given)
 
 
 @contextmanager

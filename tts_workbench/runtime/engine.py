@@ -772,10 +772,11 @@ class StreamEngine:
     def _end(self, handles: list[StreamHandle], error: BaseException) -> None:
         """End streams with ``error``: their readers raise it, ``handle.error`` keeps it. They are
         closed, under the lock: no chunk follows the error (``_emit``)."""
+        tb = error.__traceback__  # read once: a reader of the first handle may raise it meanwhile
         with self._lock:
             for h in handles:
                 h.closed = True
-                h.error, h._error_tb = error, error.__traceback__
+                h.error, h._error_tb = error, tb
                 h._put(error)
 
     def _stopped_error(self) -> RuntimeError:
@@ -1219,8 +1220,13 @@ class StreamEngine:
         stop = self.tts.t3.hp.stop_speech_token
         ending = []
         with self._lock:  # the S3Gen stage sees every stream's token of this step, or none
+            # one _fail per error (a sampling group's is one): each of its streams gets it with
+            # the traceback it was raised with, before any reader can raise it (``_end``)
+            by_error: dict[int, tuple[Exception, list[_Live]]] = {}
             for live, error in failed:
-                self._fail([live], error, free=True)
+                by_error.setdefault(id(error), (error, []))[1].append(live)
+            for error, group in by_error.values():
+                self._fail(group, error, free=True)
             for live, value in zip(lives, values, strict=True):
                 if id(live) in broken:
                     continue

@@ -256,7 +256,7 @@ class SpeechService:
             "active_streams": active,
             "queued_streams": queued,
             "max_streams": self.engine.max_streams,
-            # lower after a T3 step ran out of memory, until the engine holds no stream
+            # lower after a T3 step ran out of memory, until the engine has no stream, held or queued
             "streams_fit": self.engine.fits,
         }
 
