@@ -717,19 +717,26 @@ def _stopped(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``tts-workbench`` parser: one subcommand per command, each with its flags, its help
-    and the function that runs it (``run``)."""
+    """The ``tts-workbench`` parser: one subcommand per command (``_add_<command>``), each with
+    its flags, its help and the function that runs it (``run``)."""
     parser = _Parser(prog="tts-workbench", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_diagnose, _add_stream, _add_profile, _add_trace, _add_bench, _add_load, _add_serve):
+        add(sub)
+    return parser
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        """A subcommand whose own --help starts with what it does; ``main`` reports a flag it
-        lacks through it (``command_parser``)."""
-        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
-        p.set_defaults(command_parser=p)
-        return p
 
-    d = command("diagnose", help="one generation on a model, with a report")
+def _command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose own --help starts with what it does; ``main`` reports a flag it lacks
+    through it (``command_parser``)."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+    p.set_defaults(command_parser=p)
+    return p
+
+
+def _add_diagnose(sub: Any) -> None:
+    """The ``diagnose`` command and its flags."""
+    d = _command(sub, "diagnose", help="one generation on a model, with a report")
     _common(d)
     d.add_argument("--text", help=TEXT_HELP)
     _reference(d, "WAV of the voice to clone (default: a generated voice-like signal)")
@@ -751,7 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.set_defaults(run=_diagnose)
 
-    st = command("stream", help="stream one utterance chunk by chunk: table, WAV, timeline plot")
+
+def _add_stream(sub: Any) -> None:
+    """The ``stream`` command and its flags."""
+    st = _command(sub, "stream", help="stream one utterance chunk by chunk: table, WAV, timeline plot")
     _common(st)
     st.add_argument(
         "--strategy",
@@ -787,7 +797,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.set_defaults(run=_stream, tokens=250)
 
-    pr = command("profile", help="a labelled torch.profiler trace of one generation (TensorBoard, Perfetto)")
+
+def _add_profile(sub: Any) -> None:
+    """The ``profile`` command and its flags."""
+    pr = _command(
+        sub, "profile", help="a labelled torch.profiler trace of one generation (TensorBoard, Perfetto)"
+    )
     _common(pr)
     pr.add_argument(
         "--logdir", type=_path, default="runs/profile", help="TensorBoard log folder; the run is a subfolder"
@@ -806,7 +821,11 @@ def build_parser() -> argparse.ArgumentParser:
     _reference(pr)
     pr.set_defaults(run=_profile, tokens=40)
 
-    tr = command(
+
+def _add_trace(sub: Any) -> None:
+    """The ``trace`` command and its flags."""
+    tr = _command(
+        sub,
         "trace",
         help="T3's decode region per decode step, read from a device trace by HolisticTraceAnalysis",
     )
@@ -845,7 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.set_defaults(run=_trace, tokens=60)
 
-    b = command("bench", help="upstream vs optimized side by side, interleaved, with ratios")
+
+def _add_bench(sub: Any) -> None:
+    """The ``bench`` command and its flags."""
+    b = _command(sub, "bench", help="upstream vs optimized side by side, interleaved, with ratios")
     _common(b)
     b.add_argument(
         "--configs",
@@ -879,7 +901,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=_path, default="runs/bench", help="folder for bench.json and bench.csv")
     b.set_defaults(run=_bench)
 
-    ld = command("load", help="how many real-time streams one device holds: the stream engine under load")
+
+def _add_load(sub: Any) -> None:
+    """The ``load`` command and its flags."""
+    ld = _command(
+        sub, "load", help="how many real-time streams one device holds: the stream engine under load"
+    )
     _common(ld, MODEL_HELP + "; with --url: the model ID each request names (default: the first one the "
             "server's GET /v1/models lists)")  # fmt: skip
     ld.add_argument("--streams", default="1,2,4,8", help="comma list of concurrency levels, e.g. 1,2,4,8")
@@ -916,8 +943,13 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--timeout", type=_seconds, help="with --url: s for each whole request (default 300)")
     ld.set_defaults(run=_load)
 
-    sv = command(
-        "serve", help="the stream engine over HTTP (OpenAI's /v1/audio/speech) on Ray Serve, until Ctrl-C"
+
+def _add_serve(sub: Any) -> None:
+    """The ``serve`` command and its flags."""
+    sv = _command(
+        sub,
+        "serve",
+        help="the stream engine over HTTP (OpenAI's /v1/audio/speech) on Ray Serve, until Ctrl-C",
     )
     sv.add_argument("--model", type=_path, default="tiny", help=MODEL_HELP)
     _family(sv)
@@ -957,7 +989,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--json", action="store_true", help="print the closing report as JSON")
     sv.set_defaults(run=_serve)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
