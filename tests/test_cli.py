@@ -279,6 +279,33 @@ def test_stream_speaks_the_language_given_to_a_multilingual_model(
     assert "argument --language: the standard model speaks English" in capsys.readouterr().err
 
 
+def test_diagnose_speaks_the_language_given_to_a_multilingual_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As ``stream --language``: the generation, the decode-step check and the precision stages
+    each get the language (every T3 prefill of the diagnosis spells the text in it)."""
+    from tts_workbench.runtime import decode
+
+    languages: list[str | None] = []
+    tokens = decode.text_tokens
+
+    def spelled(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> torch.Tensor:
+        if text != "a":  # spoken_language's own trial
+            languages.append(decode.language_for(tts, language_id))
+        return tokens(tts, text, cfg_weight, language_id)
+
+    monkeypatch.setattr(decode, "text_tokens", spelled)
+    for module in ("tts_workbench.studies.diagnose", "tts_workbench.runtime.generation"):
+        monkeypatch.setattr(f"{module}.text_tokens", spelled)
+    args = ["diagnose", "--model", "multilingual-tiny", "--tokens", "4", "--text", "Bonjour."]
+    assert main([*args, "--language", "fr", "--out", str(tmp_path), "--json"]) == 0
+    assert _strict(capsys.readouterr().out)["language"] == "fr"
+    assert languages and set(languages) == {"fr"}, languages
+    assert main(["diagnose", "--model", "tiny", "--language", "fr", "--out", str(tmp_path / "no")]) == 2
+    assert "argument --language: the standard model speaks English only" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
 def test_a_converted_reference_is_said_on_stderr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], reference_wav: Path
 ) -> None:

@@ -205,6 +205,16 @@ def language_for(tts: Any, language_id: str | None) -> str | None:
     return check_language(language_id or "en") if family_of(tts).name == "multilingual" else None
 
 
+def check_speaks_languages(family: str, language_id: str | None) -> None:
+    """Refuse a ``language_id`` given to a family that speaks English only (upstream's standard
+    and Turbo ``generate`` take none), by the family's name: known before a model is built."""
+    if language_id is not None and family != "multilingual":
+        raise ConfigError(
+            f"the {family} model speaks English only: leave the language out, or use a multilingual "
+            "model (multilingual-tiny, multilingual-random, ...)"
+        )
+
+
 def check_language(language_id: str) -> str:
     """``language_id`` lower-cased if the multilingual model speaks it and its text front end can
     run here; otherwise a ConfigError that lists the languages or names the missing package."""

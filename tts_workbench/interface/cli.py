@@ -263,6 +263,16 @@ def _common(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _language_flag(p: argparse.ArgumentParser) -> None:
+    """``--language``: a multilingual model's (``spoken_language``)."""
+    p.add_argument(
+        "--language",
+        type=_given,
+        help="the language a multilingual model speaks (default: en; one of upstream's 23 codes); the "
+        "other families speak English only",
+    )
+
+
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     """The stream engine's T3 step and weights dtype, and its flow (``load`` and ``serve``)."""
     p.add_argument(
@@ -327,6 +337,7 @@ def _diagnose(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[
         decode=args.decode,
         family=args.family,
         progress=True,
+        language_id=args.language,
     )
     return report, format_report
 
@@ -362,7 +373,8 @@ def _check_model(args: argparse.Namespace) -> None:
     """``--model`` (with ``--family``) and ``--device`` before anything is built or written (serve
     checks its device with the replicas' GPUs: ``deployment.check_placement``)."""
     from ..core.devices import check_device
-    from ..core.errors import FamilyError, SourceError, naming_flag
+    from ..core.errors import ConfigError, FamilyError, SourceError, naming_flag
+    from ..core.families import check_speaks_languages
     from ..models.sources import check_source, is_named, source_family
 
     family = args.family
@@ -374,8 +386,9 @@ def _check_model(args: argparse.Namespace) -> None:
     # a folder of another family than --family's, or of two with no --family: named --family
     with naming_flag("--model", SourceError), naming_flag("--family", FamilyError):
         check_source(args.model, family)
-        if getattr(args, "language", None) is not None:  # refused before a full-size build
-            _check_multilingual(source_family(args.model, family))
+        if (language := getattr(args, "language", None)) is not None:
+            with naming_flag("--language", ConfigError):  # before a full-size build
+                check_speaks_languages(source_family(args.model, family), language)
     if args.command != "serve" and getattr(args, "device", None) is not None:
         with naming_flag("--device", SourceError):  # (before 2026-12-04 unnamed, after --out was made)
             check_device(args.device)
@@ -404,31 +417,13 @@ def _check_positions(tts: Any, args: argparse.Namespace) -> int:
 
 
 def _language(tts: Any, args: argparse.Namespace) -> str | None:
-    """The language a multilingual model speaks (``--language``, default "en", checked: an
-    unknown one lists the 23, one needing a package not installed names it); refused, naming
-    the flag, for a family that speaks English only (None for them)."""
+    """The language the model speaks (``--language``, on the commands that have it:
+    ``spoken_language``), a refusal naming the flag."""
     from ..core.errors import ConfigError, naming_flag
-    from ..core.families import family_of, language_for
-    from ..runtime.decode import text_tokens
+    from ..runtime.decode import spoken_language
 
-    given = getattr(args, "language", None)
-    if given is not None:
-        _check_multilingual(family_of(tts).name)  # a folder's family is known once it loads
     with naming_flag("--language", ConfigError):
-        language = language_for(tts, given)
-        text_tokens(tts, "a", language_id=language)  # a front end the language needs and lacks (zh)
-    return language
-
-
-def _check_multilingual(family: str) -> None:
-    """``--language`` refused for a family that speaks English only."""
-    from ..core.errors import ConfigError
-
-    if family != "multilingual":
-        raise ConfigError(
-            f"argument --language: the {family} model speaks English only: leave --language out, or give "
-            "a multilingual model (multilingual-tiny, multilingual-random, ...)"
-        )
+        return spoken_language(tts, getattr(args, "language", None))
 
 
 @contextmanager
@@ -739,6 +734,7 @@ def _add_diagnose(sub: Any) -> None:
     d = _command(sub, "diagnose", help="one generation on a model, with a report")
     _common(d)
     d.add_argument("--text", help=TEXT_HELP)
+    _language_flag(d)
     _reference(d, "WAV of the voice to clone (default: a generated voice-like signal)")
     d.add_argument("--out", type=_path, default="runs/diagnose", help="folder for the WAV and plot")
     d.add_argument(
@@ -779,12 +775,7 @@ def _add_stream(sub: Any) -> None:
     )
     st.add_argument("--prompt-s", type=_window, help="keep only the last N s of the reference prompt")
     st.add_argument("--text", help=TEXT_HELP)
-    st.add_argument(
-        "--language",
-        type=_given,
-        help="the language a multilingual model speaks (default: en; one of upstream's 23 codes); the "
-        "other families speak English only",
-    )
+    _language_flag(st)
     _reference(st)
     st.add_argument(
         "--out", type=_path, default="runs/stream", help="folder for the WAV and the timeline plot"

@@ -70,7 +70,7 @@ from ..core.clock import now
 from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import SPEECH_VOCAB_SIZE, dtype_name
 from ..core.errors import CacheError, ConfigError, as_int, whole_from_one
-from ..core.families import kv_layout, language_for
+from ..core.families import check_speaks_languages, family_of, kv_layout, language_for
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.rng import default_generator
 from ..instruments.attention import compiled_attention, compiled_with_code
@@ -811,6 +811,17 @@ def check_positions(config: Any, prefill_len: int, max_new_tokens: int, name: st
     if positions is not None:
         holder = "T3's GPT-2 backbone has n_positions"
         check_room(prefill_len, max_new_tokens, positions, holder, "shorten the text", name)
+
+
+def spoken_language(tts: Any, language_id: str | None) -> str | None:
+    """The language ``tts`` speaks when asked for ``language_id``: a multilingual model's
+    (default "en"; one it lacks, or one whose front end needs what this machine lacks: a package,
+    upstream's Chinese table, refused by ``check_language`` or ``text_tokens``), None for the
+    English-only families, which refuse one given (``check_speaks_languages``)."""
+    check_speaks_languages(family_of(tts).name, language_id)
+    language = language_for(tts, language_id)
+    text_tokens(tts, "a", language_id=language)  # a front end the language needs and lacks
+    return language
 
 
 def checked_prefill(

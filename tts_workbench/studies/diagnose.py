@@ -52,7 +52,14 @@ from ..instruments.dtypes import (
 )
 from ..models.reference import generated_voice, reference_line
 from ..models.sources import load_model, model_summary, token_cap_note
-from ..runtime.decode import DecodePlan, gpt2_positions, prefill_length, t3_decode, text_tokens
+from ..runtime.decode import (
+    DecodePlan,
+    gpt2_positions,
+    prefill_length,
+    spoken_language,
+    t3_decode,
+    text_tokens,
+)
 from ..runtime.generation import generate, prepare_voice
 from ..runtime.optimized import check_decode, measure_policy
 from ..runtime.precision import restored
@@ -75,6 +82,7 @@ def run_diagnosis(
     decode: str = "eager",
     family: str | None = None,
     progress: bool = False,
+    language_id: str | None = None,
 ) -> dict[str, Any]:
     """Build or load ``model`` (``family``: of a folder holding two, as ``load_model`` takes it),
     condition it on a voice, generate once in float32 (recording attention kernels), name the
@@ -92,8 +100,10 @@ def run_diagnosis(
             tts = load_model(model, device=device, seed=seed, family=family)
         build_s = now(device) - t0
         stage("preparing the voice")
+        with naming_flag("--language", ConfigError):  # a language this model does not speak here
+            language_id = spoken_language(tts, language_id)
         with naming_flag("--text", ConfigError):  # a text past T3's positions, before anything is written
-            text_tokens(tts, text, 0.0)
+            text_tokens(tts, text, 0.0, language_id)
         given = reference is not None  # the user's: refused (as --reference) before the folder is made
         made = outdir / "reference.wav"  # else a generated voice, kept there once the run is known to fit
         with nullcontext(Path(reference or made)) if given else generated_voice(made, seed=seed) as voice:
@@ -103,13 +113,16 @@ def run_diagnosis(
             conditioning_s = now(device) - t0
             # Sized (or refused) before the generation: before 2026-12-04 a text too long for the
             # default static cache was refused after the whole float32 run, naming plan.max_cache_len.
-            step_plan = decode_step_plan(tts, text, decode, tokens)
+            step_plan = decode_step_plan(tts, text, decode, tokens, language_id)
         outdir.mkdir(parents=True, exist_ok=True)
         stage("generating in float32")
+        language = {"language_id": language_id} if language_id else {}  # the others take none
         with record_kernels(tts) as kernels:
-            result = generate(tts, text, max_new_tokens=tokens, seed=seed)
+            result = generate(tts, text, max_new_tokens=tokens, seed=seed, **language)
         stage(f"finding the {step_plan.step} step's kernels")
-        decode_step = decode_step_kernels(tts, text, decode, seed, tokens, plan=step_plan)
+        decode_step = decode_step_kernels(
+            tts, text, decode, seed, tokens, plan=step_plan, language_id=language_id
+        )
         stage("writing the audio and figure")
         wav, sr = result.wav, result.sample_rate
         wav_path = written(outdir / "speech.wav", lambda path: sf.write(str(path), wav, sr))
@@ -121,7 +134,9 @@ def run_diagnosis(
         # asked for the step that ran, with its recorded kernels (a Multilingual model's eager step
         # runs eager attention, its backbone's configuration put back afterwards)
         attention = diagnose_attention(tts, decode_step["step"], decode_step["kernels"])
-        precision = diagnose_precision(tts, ref.path, dtype, autocast, min(tokens, 20), seed, text, stage)
+        precision = diagnose_precision(
+            tts, ref.path, dtype, autocast, min(tokens, 20), seed, text, stage, language_id
+        )
     return {
         "model": model,
         "device": device,
@@ -129,6 +144,7 @@ def run_diagnosis(
         "components": model_summary(tts),
         "reference": asdict(ref),
         "text": text,
+        "language": language_id,  # a multilingual model's; None for the English-only families
         "speech_tokens": len(result.speech_tokens),
         "invalid_speech_tokens": result.invalid_tokens,
         "stopped_by": result.stopped_by,
@@ -165,6 +181,8 @@ def format_report(report: dict[str, Any]) -> str:
         render(components, {"size_mib": ".1f"}),
     ]
     lines.append(f"reference    : {reference_line(report['reference'])}")
+    if report.get("language"):  # a multilingual model's (absent from reports before 2026-12-07)
+        lines.append(f"language     : {report['language']}")
     ended = f"ended by the {report['stopped_by']}"
     if report["stopped_by"] == "token cap":
         ended += f" of {report['token_cap']}: {token_cap_note(report['model'])}"
@@ -197,8 +215,11 @@ def step_tokens(tokens: int) -> int:
     return min(max(tokens, 2), 20)
 
 
-def decode_step_plan(tts: ChatterboxTTS, text: str, step: str, tokens: int = 20) -> DecodePlan:
-    """The plan ``decode_step_kernels`` runs ``step`` with for ``text`` and ``tokens``: a static
+def decode_step_plan(
+    tts: ChatterboxTTS, text: str, step: str, tokens: int = 20, language_id: str | None = None
+) -> DecodePlan:
+    """The plan ``decode_step_kernels`` runs ``step`` with for ``text`` (multilingual: in
+    ``language_id``) and ``tokens``: a static
     or compiled step gets a cache that holds the run (the default one where that does, as the
     bench sizes its own); a run past the positions of a GPT-2 backbone (Turbo's), which no step
     can decode, is refused naming ``--text``. ``tts`` must have a prepared voice."""
@@ -206,7 +227,7 @@ def decode_step_plan(tts: ChatterboxTTS, text: str, step: str, tokens: int = 20)
         raise NoVoiceError("prepare a voice before checking the decode step", fix=PREPARE_FIRST)
     plan = DecodePlan.plain(tts.t3, step=check_decode(step, torch.device(tts.device)))
     tokens = step_tokens(tokens)
-    prefill = prefill_length(tts, text)
+    prefill = prefill_length(tts, text, language_id=language_id)
     need = positions_needed(prefill, tokens)
     positions = gpt2_positions(plan.decode.tfmr.config)
     if positions is not None and need > positions:
@@ -229,6 +250,7 @@ def decode_step_kernels(
     seed: int = 0,
     tokens: int = 20,
     plan: DecodePlan | None = None,
+    language_id: str | None = None,
 ) -> dict[str, Any]:
     """The attention kernels T3's decode steps run with ``step`` ("eager", "static" or
     "compiled") and how they were found: the profiler's op records for the eager and static
@@ -238,10 +260,10 @@ def decode_step_kernels(
     and ``found_by`` gives the failure's reason. ``step_tokens(tokens)``
     are decoded, with ``plan`` (``decode_step_plan(tts, text, step, tokens)``, made here when
     None; given, its step is the one checked)."""
-    plan = plan or decode_step_plan(tts, text, step, tokens)
+    plan = plan or decode_step_plan(tts, text, step, tokens, language_id)
     step, tokens = plan.step, step_tokens(tokens)
     assert tts.conds is not None  # decode_step_plan checked it
-    text_ids = text_tokens(tts, text)
+    text_ids = text_tokens(tts, text, language_id=language_id)
 
     def run() -> None:
         rng = StreamRandom(seed).generator(tts.device)
@@ -303,6 +325,7 @@ def diagnose_precision(
     seed: int = 0,
     text: str = UPSTREAM_SENTENCE,
     stage: Callable[[str], None] = lambda _name: None,
+    language_id: str | None = None,
 ) -> dict[str, Any]:
     """The seed's half-precision failure, reproduced on purpose and traced; the caller's model
     is given back as it was (weights, dtypes, conditionals, T3's hooks and upstream backend).
@@ -319,7 +342,9 @@ def diagnose_precision(
     # transformers answers by hooking it for good, and keeps a new backend on T3 (before
     # 2026-12-06 both stayed on the caller's model).
     with restored(tts) as conds, capture_hooks_undone(tts.t3.tfmr), _upstream_backend_undone(tts.t3):
-        return _precision_stages(tts, conds, reference, dtype, autocast, tokens, seed, text, stage)
+        return _precision_stages(
+            tts, conds, reference, dtype, autocast, tokens, seed, text, stage, language_id
+        )
 
 
 @contextmanager
@@ -349,7 +374,9 @@ def _precision_stages(
     seed: int,
     text: str,
     stage: Callable[[str], None],
+    language_id: str | None,
 ) -> dict[str, Any]:
+    language = {"language_id": language_id} if language_id else {}  # the others take none
     for module in components(tts).values():
         module.to(dtype)
     device = str(tts.device)
@@ -360,7 +387,7 @@ def _precision_stages(
         tts.conds = conds  # keep the float32 conditionals of the seed scenario
         stage(f"precision: {dtype_name(dtype)} generation")
         stages["generate"] = _stage(
-            tts, lambda: generate(tts, text, max_new_tokens=tokens, seed=seed), True, autocast
+            tts, lambda: generate(tts, text, max_new_tokens=tokens, seed=seed, **language), True, autocast
         )
         tts.conds = conds
         valid = torch.randint(
