@@ -253,6 +253,7 @@ def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:
         ["--alignment"],
         ["--fused"],
         ["--family", "standard"],
+        ["--language", "fr"],  # the server's model speaks as it was built (OpenAI's request has none)
     ],
 )
 def test_load_refuses_in_process_flags_with_url(
@@ -963,3 +964,25 @@ def test_rows_a_level_leaves_held_are_reported(tiny_tts: Any, monkeypatch: pytes
     level = run_level(tiny_tts, 2, ["Hello."], tokens=4, config=CONFIG)
     assert level["summary"]["failed"] == 0
     assert level["rows_held_after"] == 2 * 2  # two streams, two rows each (guidance)
+
+
+def test_a_load_of_a_multilingual_model_speaks_the_language_given(
+    reference_wav: Path, tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every stream of the study (the warm one too) is submitted in ``language_id``, and the report
+    and its title say which; an English-only model refuses one (before 2026-12-07 the study had no
+    language: a multilingual model's streams spoke English)."""
+    asked: list[str | None] = []
+    submit = StreamEngine.submit
+
+    def spy(self: StreamEngine, text: str, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("language_id"))
+        return submit(self, text, **kwargs)
+
+    monkeypatch.setattr(StreamEngine, "submit", spy)
+    tts = voiced("multilingual-tiny", reference_wav)
+    report = run_load(tts, [2], texts=["Bonjour à tous."], tokens=8, language_id="fr")
+    assert asked == ["fr"] * 3 and report["language"] == "fr" and " in fr," in report["title"]
+    assert not report["levels"][0]["summary"]["failed"]
+    with pytest.raises(ConfigError, match="argument --language: the standard model speaks English only"):
+        run_load(tiny_tts, [1], tokens=4, language_id="fr")

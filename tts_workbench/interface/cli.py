@@ -590,7 +590,7 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
 # (not --model: with --url it names the model the requests ask for).
 SERVER_FLAGS = (
     "--family", "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches",
-    "--reference", "--first-window-s", "--window-s", "--prompt-s", "--alignment", "--fused",
+    "--reference", "--first-window-s", "--window-s", "--prompt-s", "--alignment", "--fused", "--language",
 )  # fmt: skip
 
 
@@ -676,6 +676,7 @@ def _load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str,
             model=args.model,
             reference=args.reference,
             texts_from=args.texts,
+            language_id=args.language,
         )
     return report, format_load
 
@@ -905,6 +906,7 @@ def _add_load(sub: Any) -> None:
     ld.add_argument(
         "--texts", type=_path, help="file with one text per line (default: four built-in sentences)"
     )
+    _language_flag(ld)
     _engine_flags(ld)
     ld.add_argument("--first-window-s", type=_window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=_window, default=3.5, help="later windows (s of audio)")

@@ -50,7 +50,14 @@ from ..instruments.memory import device_memory_bytes, held_bytes, memory_window
 from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan
-from ..runtime.decode import DEFAULT_MAX_CACHE_LEN, DecodePlan, checked_seed, prefill_length, speech_ids
+from ..runtime.decode import (
+    DEFAULT_MAX_CACHE_LEN,
+    DecodePlan,
+    checked_seed,
+    prefill_length,
+    speech_ids,
+    spoken_language,
+)
 from ..runtime.engine import (
     StreamEngine,
     StreamHandle,
@@ -227,15 +234,15 @@ def shown(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def cache_positions(tts: Any, texts: list[str], tokens: int) -> int:
-    """KV positions one stream needs for the longest text's prefill and ``tokens``
+def cache_positions(tts: Any, texts: list[str], tokens: int, language_id: str | None = None) -> int:
+    """KV positions one stream needs for the longest text's prefill (in ``language_id``) and ``tokens``
     (``positions_needed``), rounded up to 64; past the engine's largest cache a ConfigError
     naming ``--texts`` when the longest text leaves no room for a single token (or is past T3's
     text positions), ``--tokens`` otherwise."""
     prefills = []
     for text in texts:
         try:
-            prefills.append(prefill_length(tts, text))
+            prefills.append(prefill_length(tts, text, language_id=language_id))
         except ConfigError as e:  # more text tokens than T3 has positions for: which line
             raise ConfigError(f"argument --texts: {shown(text)}: {e}") from None
     longest = max(prefills)
@@ -276,6 +283,7 @@ def warm_up(
     plan: DecodePlan,
     max_cache_len: int,
     alignment: bool = False,
+    language_id: str | None = None,
 ) -> dict[str, Any]:
     """One untimed stream of ``text`` through a 1-stream engine of its own, its audio dropped, so
     that S3Gen's first calls (shared by every level's engine) and T3's first steps are paid
@@ -287,7 +295,8 @@ def warm_up(
     with StreamEngine(
         tts, max_streams=1, config=config, plan=plan, max_cache_len=max_cache_len, alignment=alignment
     ) as engine:
-        _play(engine.submit(text, seed=seed, max_new_tokens=tokens), out, lambda: None)
+        handle = engine.submit(text, seed=seed, max_new_tokens=tokens, language_id=language_id)
+        _play(handle, out, lambda: None)
     return {"s": time.perf_counter() - t0, "error": out.get("error")}
 
 
@@ -308,6 +317,7 @@ def run_level(
     flow_batches: Sequence[int] | None = None,
     step_buckets: Sequence[int] | None = None,
     alignment: bool = False,
+    language_id: str | None = None,
 ) -> dict[str, Any]:
     """``n`` streams through a fresh engine sized to ``n``; the level's row and its streams.
     ``flow`` runs S3Gen's estimator (kept by the caller: its compiled shapes serve the next
@@ -343,7 +353,8 @@ def run_level(
                 with engine.together() if burst else contextlib.nullcontext():  # a burst joins at one step
                     for k in range(n):
                         time.sleep(max(0.0, t0 + float(offsets[k]) - time.perf_counter()))
-                        h = engine.submit(texts[k % len(texts)], seed=seed + k, max_new_tokens=tokens)
+                        text = texts[k % len(texts)]
+                        h = engine.submit(text, seed=seed + k, max_new_tokens=tokens, language_id=language_id)
                         player = threading.Thread(target=_play, args=(h, outs[k], done), daemon=True)
                         player.start()
                         handles.append(h)
@@ -488,6 +499,7 @@ def run_load(
     step_buckets: Sequence[int] | None = None,
     alignment: bool = False,
     fused: bool = False,
+    language_id: str | None = None,
 ) -> dict[str, Any]:
     """The load study at each level (``run_level``) and how many streams held in real time
     (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given (made before
@@ -499,7 +511,8 @@ def run_load(
     runs over the ``step_buckets`` up to each level and the level itself (None: 1, 2, 4, ...):
     a compiled step compiles each, so the levels alone (``step_buckets=levels``) compile fewest.
     ``alignment``: Multilingual streams each run upstream's alignment analyzer (the static step;
-    ``StreamEngine``), as upstream's multilingual generate does. ``fused``: T3's step runs a copy
+    ``StreamEngine``), as upstream's multilingual generate does, speaking ``language_id`` (default
+    "en"; ``spoken_language``). ``fused``: T3's step runs a copy
     of the backbone with fused projections (``DecodePlan``; Turbo has none to fuse). The report names what was
     measured: ``model`` (the source ``tts`` was loaded from; None: unnamed), ``reference`` (the
     WAV its voice was prepared from; None: the generated one, ``reference.make_reference_wav``)
@@ -514,12 +527,14 @@ def run_load(
     check_level_buckets(step_buckets, levels, flow_batches)
     # before the warm-up: no engine would take them
     check_engine_options(family_of(tts).name, step, alignment=alignment, fused=fused)
+    with naming_flag("--language", ConfigError):  # a multilingual model's; refused for the others
+        language_id = spoken_language(tts, language_id)
     texts = texts or list(DEFAULT_TEXTS)
     with naming_flag("--dtype", ConfigError):  # a name that is no policy, or "auto": no dtype to report
         # with ``fused``, one copy of the decode backbone (made by the first engine) serves every level
         plan = dataclasses.replace(decode_plan(tts, policy), fused=fused)
     kind = parse_arrival(arrival, levels[-1])
-    max_cache_len = cache_positions(tts, texts, tokens)
+    max_cache_len = cache_positions(tts, texts, tokens, language_id)
     device = tts.t3.speech_head.weight.device
     check_kv_fits(levels[-1], kv_bytes_per_stream(tts, plan, max_cache_len), device)
     config = config or StreamConfig("buffered")
@@ -529,7 +544,7 @@ def run_load(
     with progress_bar(total=1, desc="warm-up", unit="stream", disable=not progress, file=sys.stderr) as bar:
         warm = warm_up(
             tts, texts[0], tokens=tokens, seed=seed, config=config, plan=plan, max_cache_len=max_cache_len,
-            alignment=alignment,
+            alignment=alignment, language_id=language_id,
         )  # fmt: skip
         bar.update()
     runs = [
@@ -549,6 +564,7 @@ def run_load(
             flow_batches=flow_batches,
             step_buckets=step_buckets,
             alignment=alignment,
+            language_id=language_id,
         )
         for n in levels
     ]
@@ -562,6 +578,7 @@ def run_load(
         "device": str(device),
         "step": step,
         "alignment": alignment,  # Multilingual's alignment analyzer per stream
+        "language": language_id,  # a multilingual model's; None for the English-only families
         "fused": fused,  # T3's static or compiled step with fused projections (DecodePlan)
         "t3_dtype": policy,
         "flow": flow,
@@ -578,7 +595,8 @@ def run_load(
         "warmup_error": warm["error"],
         "levels": runs,
         "title": f"load study of {model or 'an unnamed model'} on {device}, voice {voice}{prompt}, "
-        f"texts {source}, T3 {policy} {step} step{', fused' if fused else ''}"
+        f"texts {source}{f' in {language_id}' if language_id else ''}, T3 {policy} {step} step"
+        f"{', fused' if fused else ''}"
         f"{' with alignment analyzers' if alignment else ''}, "
         f"S3Gen estimator {flow}, arrival {arrival}, "
         f"{tokens} tokens per stream",
