@@ -305,7 +305,7 @@ def test_an_unreadable_texts_file_names_texts(
 
 def test_a_text_longer_than_the_cache_names_texts_and_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
     """A text whose prefill alone fills the KV cache is the text's fault, not --tokens'."""
-    monkeypatch.setattr(load, "prefill_length", lambda _tts, text: len(text))  # a position a character
+    monkeypatch.setattr(load, "prefill_length", lambda _tts, text, **_k: len(text))  # a position a character
     cache = load.DEFAULT_MAX_CACHE_LEN
     long = "Once upon a time " + "x" * cache
     with pytest.raises(ConfigError, match=r"^argument --texts: .*'Once upon a time x") as refused:
@@ -319,7 +319,7 @@ def test_a_text_longer_than_the_cache_names_texts_and_the_text(monkeypatch: pyte
 
 
 def test_a_text_past_t3s_text_positions_names_texts_and_the_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    def prefill_length(_tts: object, text: str) -> int:
+    def prefill_length(_tts: object, text: str, **_k: object) -> int:
         if text.startswith("Once"):  # as runtime.decode.text_tokens refuses a text too long for T3
             raise ConfigError("the text is 3000 text tokens, beyond the 2048 T3 has positions for")
         return 100
