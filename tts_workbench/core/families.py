@@ -201,8 +201,20 @@ def family_of(tts: Any) -> Family:
 
 def language_for(tts: Any, language_id: str | None) -> str | None:
     """The language ``tts`` is asked to speak: for the multilingual model ``language_id`` checked
-    (default "en"), for the others None (they have no language argument)."""
-    return check_language(language_id or "en") if family_of(tts).name == "multilingual" else None
+    (default "en"; ``check_language``, and Chinese refused where ``tts``'s tokenizer lacks
+    upstream's Cangjie table), for the others None (they have no language argument)."""
+    if family_of(tts).name != "multilingual":
+        return None
+    language = check_language(language_id or "en")
+    if language == "zh" and not tts.tokenizer.cangjie_converter.word2cj:
+        # MTLTokenizer fetches it from the hub when built and, failing, passes Chinese through
+        # unencoded: other tokens than upstream's, silently.
+        raise ConfigError(
+            "Chinese (zh) text needs upstream's Cangjie table (Cangjie5_TC.json, which MTLTokenizer "
+            "downloads from the hub when the model loads), and this model's tokenizer has none: load "
+            "the model once where the hub is reachable (or with the file in its hub cache)"
+        )
+    return language
 
 
 def check_speaks_languages(family: str, language_id: str | None) -> None:

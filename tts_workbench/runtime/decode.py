@@ -673,14 +673,6 @@ def text_tokens(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str |
     if is_turbo(tts.t3):
         encoded = tts.tokenizer(turbo_punc_norm(text), return_tensors="pt", padding=True, truncation=True)
         return cast(torch.Tensor, encoded.input_ids).to(tts.device)
-    if language_id == "zh" and not tts.tokenizer.cangjie_converter.word2cj:
-        # MTLTokenizer fetches it from the hub when built and, failing, passes Chinese through
-        # unencoded: other tokens than upstream's, silently.
-        raise ConfigError(
-            "Chinese (zh) text needs upstream's Cangjie table (Cangjie5_TC.json, which MTLTokenizer "
-            "downloads from the hub when the model loads), and this model's tokenizer has none: load "
-            "the model once where the hub is reachable (or with the file in its hub cache)"
-        )
     if language_id is not None:
         tokens = tts.tokenizer.text_to_tokens(mtl_punc_norm(text), language_id=language_id)
     else:
@@ -816,12 +808,10 @@ def check_positions(config: Any, prefill_len: int, max_new_tokens: int, name: st
 def spoken_language(tts: Any, language_id: str | None) -> str | None:
     """The language ``tts`` speaks when asked for ``language_id``: a multilingual model's
     (default "en"; one it lacks, or one whose front end needs what this machine lacks: a package,
-    upstream's Chinese table, refused by ``check_language`` or ``text_tokens``), None for the
-    English-only families, which refuse one given (``check_speaks_languages``)."""
+    upstream's Chinese table, refused by ``language_for``), None for the English-only families,
+    which refuse one given (``check_speaks_languages``)."""
     check_speaks_languages(family_of(tts).name, language_id)
-    language = language_for(tts, language_id)
-    text_tokens(tts, "a", language_id=language)  # a front end the language needs and lacks
-    return language
+    return language_for(tts, language_id)
 
 
 def checked_prefill(
