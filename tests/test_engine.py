@@ -32,6 +32,7 @@ from tts_workbench.models import vocode
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import FlowPlan
+from tts_workbench.runtime import batched_step
 from tts_workbench.runtime import engine as engine_module
 from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
@@ -105,7 +106,7 @@ def check_against_solo(tts: ChatterboxTTS, streams: int, join_after: int) -> Non
     rows that a later one moves into), and audio within float32 rounding."""
     texts = [TEXTS[k % len(TEXTS)] for k in range(streams)]
     with StreamEngine(tts, max_streams=streams, config=CONFIG, keep_logits=True) as engine:
-        kv = sum(t[: engine.rows_per_stream].nbytes for layer in engine._kv for t in layer)
+        kv = sum(t[: engine.rows_per_stream].nbytes for layer in engine.batched.kv for t in layer)
         assert engine.kv_bytes_per_stream == kv  # what a caller sizes max_streams by
         with engine.together():  # a burst: they join at one step
             handles = [
@@ -257,7 +258,7 @@ def test_a_compile_that_fails_falls_back_to_the_static_step(
     def no_compiler(*a: object, **k: object) -> None:
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(engine_module, "compile_method", no_compiler)
+    monkeypatch.setattr(batched_step, "compile_method", no_compiler)
     with StreamEngine(tts, max_streams=1, step="compiled", config=CONFIG) as engine:
         with pytest.warns(RuntimeWarning, match="no compiler here"):
             engine.warmup()
@@ -427,7 +428,7 @@ def test_rows_move_outside_the_engine_lock(tts: ChatterboxTTS) -> None:
 
     def wrap(move: Any) -> Any:
         def moving() -> None:
-            if engine._moves:
+            if engine.batched.moves:
                 probe = threading.Thread(target=engine.counts)
                 probe.start()
                 probe.join(timeout=5.0)
@@ -436,7 +437,8 @@ def test_rows_move_outside_the_engine_lock(tts: ChatterboxTTS) -> None:
 
         return moving
 
-    with StreamEngine(tts, max_streams=2, config=CONFIG) as engine, shadow(engine, "_move_rows", wrap):
+    engine = StreamEngine(tts, max_streams=2, config=CONFIG)
+    with engine, shadow(engine.batched, "apply_moves", wrap):
         with engine.together():  # the short one has rows 0, the other rows after it
             short = engine.submit(TEXTS[0], seed=0, max_new_tokens=4)
             long = engine.submit(TEXTS[1], seed=1, max_new_tokens=TOKENS)
@@ -622,14 +624,14 @@ def test_a_stream_speaks_the_voice_of_its_submit_and_the_engine_keeps_none(
         assert all(spoken) and own.state.voice is voice and default.state.voice is model_voice
         # the same text and seed, another voice: not the model's audio (a voice ignored would be)
         assert not np.array_equal(*(np.concatenate(chunks) for chunks in spoken))
-        cache = weakref.ref(engine._kv[0][0])
+        cache = weakref.ref(engine.batched.kv[0][0])
     finally:
         engine.close()
     held = weakref.ref(voice)
     del voice, own
     gc.collect()
     assert held() is None and cache() is None  # the engine (still referenced) holds neither
-    assert not engine._caches and not engine._steps  # nor the views and compiled steps of the cache
+    assert not engine.batched._caches and not engine.batched.steps  # nor the cache's views and steps
 
 
 def test_a_streams_one_shot_yardstick_speaks_the_voice_of_its_submit(
@@ -1873,7 +1875,8 @@ def test_an_engine_is_refused_inside_a_wrappers_block(tts: ChatterboxTTS) -> Non
     with StreamEngine(tts, max_streams=1, config=CONFIG, plan=decode_plan(tts, "bfloat16")) as engine:
         handle = engine.submit(TEXTS[2], seed=2, max_new_tokens=TOKENS)
         assert read_within(handle) and handle.error is None
-        assert engine._kv[0][0].dtype == torch.bfloat16 and next(tts.t3.parameters()).dtype == torch.float32
+        assert engine.batched.kv[0][0].dtype == torch.bfloat16
+        assert next(tts.t3.parameters()).dtype == torch.float32
 
 
 def test_an_engine_and_a_wrapper_on_two_model_objects_around_one_t3_are_refused(tts: ChatterboxTTS) -> None:

@@ -340,7 +340,7 @@ def test_the_fusion_study_compiles_each_step_once(
     """Two plans, one stream and the engine: four compiles however many rounds (before: a new
     engine every round, each compiling anew: ten in the GPU check's three rounds). Compiling is
     counted and left out (the steps run eagerly), so this takes seconds."""
-    from tts_workbench.runtime import decode, engine
+    from tts_workbench.runtime import batched_step, decode
 
     compiled: list[str] = []
 
@@ -352,7 +352,7 @@ def test_the_fusion_study_compiles_each_step_once(
         return compile_method
 
     monkeypatch.setattr(decode, "compile_method", counting("one stream"))
-    monkeypatch.setattr(engine, "compile_method", counting("engine"))
+    monkeypatch.setattr(batched_step, "compile_method", counting("engine"))
     monkeypatch.setattr(sys, "argv", ["fusion_study", "--model", "tiny", "--repeats", "2", "--streams", "2"])
     study = script("fusion_study")
     monkeypatch.setattr(study, "TOKENS", 24)

@@ -279,7 +279,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
         "--decode",
         default="static",
         choices=["static", "compiled"],
-        help="the engine's batched T3 step (runtime/engine.py; it has no eager step)",
+        help="the engine's batched T3 step (runtime/batched_step.py; it has no eager step)",
     )
     p.add_argument(
         "--dtype",

@@ -4,6 +4,6 @@ The T3 decode loop (eager, static cache, compiled step; ``decode``) with its sam
 device (``sampling``) and fused projections (``fusion``), dtype policies and float32 islands,
 capped upstream generation, Multilingual's alignment analyzer per generation (``alignment``),
 naive and buffered streaming, the two pipelines (``UpstreamTTS``, ``PerformanceOptimizedTTS``)
-and the stream engine that runs many streams at once (``engine``). May import ``core``,
-``models`` and ``instruments``.
+and the stream engine that runs many streams at once (``engine``; its KV cache and batched T3
+step: ``batched_step``). May import ``core``, ``models`` and ``instruments``.
 """

@@ -14,8 +14,10 @@ stage throughput-bound):
   runs over a bucket of rows (``step_buckets``: 1, 2, 4, ... streams by default) and attends to
   a span of cache slots (``decode.spans``: the smallest holding every active stream's
   positions); ``"compiled"`` compiles (CUDA graphs on CUDA) once per bucket and span and
-  reuses it. A step out of memory preempts its newest stream (vLLM's scheme): back to the head
-  of the queue, recomputed from its text and sampled tokens when there is room.
+  reuses it. The cache and the steps over it are ``batched_step.BatchedStep``'s; the engine
+  schedules (who joins, who leaves, what is sampled). A step out of memory preempts its newest
+  stream (vLLM's scheme): back to the head of the queue, recomputed from its text and sampled
+  tokens when there is room.
 - **S3Gen**: each stream cuts its tokens into buffered windows (``streaming.BufferedCutter``);
   ready windows of the same voice and the same size go through the flow together, one CFM
   estimator call for several streams. First windows go first (they set time to first audio).
@@ -56,27 +58,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from transformers.cache_utils import StaticCache
 
 from ..core.clock import now
-from ..core.compiling import compile_method, fell_back, replay, warmup_calls
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, whole_from_one
-from ..core.families import family_of, kv_layout, language_for
+from ..core.families import family_of, language_for
 from ..core.patching import let_go, sharing
 from ..core.rng import StreamRandom, overwritten, rows_drawing
-from ..instruments.attention import compiled_attention, compiled_with_code
 from ..instruments.latency import ChunkMetrics, StreamReport
 from ..models.vocode import FlowPlan, cast_gen, cfm_steps, tail_tokens, vocoder
 from .alignment import Alignment, text_columns, watching_rows
 from .alignment import alignment as new_analyzer
+from .batched_step import BatchedStep, kv_bytes_per_stream
 from .decode import (
     DecodePlan,
-    SpanStaticLayer,
     T3Parts,
     check_cache_len,
     check_new_tokens,
@@ -84,7 +83,6 @@ from .decode import (
     check_room,
     checked_cap,
     checked_seed,
-    head_logits,
     invalid_ids,
     is_turbo,
     prefill_embeds,
@@ -173,16 +171,6 @@ def check_engine_options(family: str | None, step: str, *, alignment: bool, fuse
         )
     if fused and family == "turbo":  # fusion.fusable: GPT-2's c_attn is q, k and v in one already
         raise ConfigError(f"argument --fused: {NOTHING_TO_FUSE}: leave --fused out")
-
-
-def kv_bytes_per_stream(tts: Any, plan: DecodePlan, max_cache_len: int) -> int:
-    """Bytes of one stream's rows of the engine's KV cache (keys and values of every layer), known
-    before the cache is allocated (a caller can refuse a size that cannot fit)."""
-    config: Any = plan.decode.tfmr.config
-    kv_heads, head_dim = kv_layout(config)
-    rows = family_of(tts).rows
-    row_bytes = kv_heads * max_cache_len * head_dim * plan.decode.dtype.itemsize
-    return 2 * config.num_hidden_layers * rows * row_bytes
 
 
 @dataclass
@@ -285,30 +273,6 @@ class StreamHandle:
             loop, ready = waker
             with contextlib.suppress(RuntimeError):  # the reader's loop has closed: nobody to wake
                 loop.call_soon_threadsafe(ready.set)
-
-
-class _RowLayer(SpanStaticLayer):
-    """A static cache layer whose rows sit at different positions: row ``r`` writes its new key
-    and value at slot ``cache_position[r]`` (transformers' ``StaticLayer`` writes every row at
-    the same slots) and the step attends to its first ``span`` slots (``SpanStaticLayer``).
-    ``keys``/``values`` are views of the engine's one allocation."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, span: int) -> None:
-        super().__init__(keys.size(2))
-        self.keys, self.values, self.span = keys, values, span
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert cache_kwargs is not None  # the engine's step always passes its slots
-        slots = cache_kwargs["cache_position"]
-        rows = torch.arange(key_states.size(0), device=slots.device)
-        keys, values = cast(torch.Tensor, self.keys), cast(torch.Tensor, self.values)
-        keys[rows, :, slots] = key_states[:, :, 0].to(keys.dtype)
-        values[rows, :, slots] = value_states[:, :, 0].to(values.dtype)
-        return self.attended()
 
 
 @dataclass
@@ -445,7 +409,7 @@ class StreamEngine:
             # attention weights: the step runs eager attention, as upstream's multilingual generate.
             self.alignment = alignment
             self._aligning: dict[int, contextlib.ExitStack] = {}  # by id of handle: what undoes its analyzer
-            self.tts, self.max_streams, self.step_mode = tts, max_streams, step
+            self.tts, self.max_streams = tts, max_streams
             self.keep_logits = keep_logits  # each handle's ``logits``: what every token was sampled from
             self.plan = plan or DecodePlan.plain(tts.t3)
             check_cache_len(max_cache_len, self.plan.decode.tfmr.config)  # the plan's own length is not used
@@ -469,26 +433,17 @@ class StreamEngine:
             self.turbo = is_turbo(tts.t3)
             self.rows_per_stream = self.family.rows
             self.stats = EngineStats()
-            parts: T3Parts = self.plan.decode
-            # What each step runs, taken once here, outside the compiled step (the plan makes a fused
-            # copy under a lock, which dynamo cannot trace).
-            self._parts = self.plan.step_parts
-            config_: Any = parts.tfmr.config
-            self.kv_heads, self.head_dim = kv_layout(config_)
-            rows = max_streams * self.rows_per_stream
-            shape = (rows, self.kv_heads, max_cache_len, self.head_dim)
-            with torch.inference_mode():
-                self._kv = [
-                    (torch.zeros(shape, dtype=parts.dtype, device=self.device),
-                     torch.zeros(shape, dtype=parts.dtype, device=self.device))
-                    for _ in range(config_.num_hidden_layers)
-                ]  # fmt: skip
-            self._moves: list[tuple[int, int]] = []  # rows (from, to) left to copy: ``_leave``
+            # T3's compute: the KV cache, allocated now at its largest shape, and the steps over it
+            self.batched = BatchedStep(
+                self.plan,
+                streams=max_streams,
+                rows_per_stream=self.rows_per_stream,
+                max_cache_len=max_cache_len,
+                mode=step,
+                device=self.device,
+                now=self._now,
+            )
             self.kv_bytes_per_stream = kv_bytes_per_stream(tts, self.plan, max_cache_len)
-            self._caches: dict[tuple[int, int], StaticCache] = {}  # per (bucket, span)
-            self._steps: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
-            self.attention_kernels: list[str] = []  # of the compiled step, from Inductor's code
-            self.fallback_reason: str | None = None  # why the compiled step runs as the static one
             self._waiting: list[StreamHandle] = []
             self._joining: list[StreamHandle] = []  # taken from the queue, being prefilled
             self._preempted: dict[int, _Live] = {}  # by id of its handle (queued again): what it had
@@ -547,6 +502,21 @@ class StreamEngine:
             del self._busy[stage]
             name = f"{stage}_busy_s"
             setattr(self.stats, name, getattr(self.stats, name) + time.monotonic() - t0)
+
+    @property
+    def step_mode(self) -> str:
+        """The step T3 runs: "compiled", or "static" (asked for, or a compile that failed)."""
+        return self.batched.mode
+
+    @property
+    def attention_kernels(self) -> list[str]:
+        """The attention ops the compiled step calls, read from Inductor's code (none if static)."""
+        return self.batched.attention_kernels
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why a compiled engine runs the static step (its compile failed); None if it does not."""
+        return self.batched.fallback_reason
 
     @property
     def stop_reason(self) -> str | None:
@@ -726,7 +696,7 @@ class StreamEngine:
         with self._lock:  # the T3 thread, which alone writes it, is gone: its streams hold no rows now
             self._live = []
             self._lock.notify_all()  # a wait for free rows (before, it returned False as close began)
-        self._kv, self._caches, self._steps, self._moves = [], {}, {}, []
+        self.batched.close()
         let_go(self)  # a wrapper may change the model now
 
     def _end_all(self, error: BaseException) -> None:
@@ -982,7 +952,7 @@ class StreamEngine:
         if not self.alignment:
             return None
         scope = contextlib.ExitStack()
-        tfmrs = [self.plan.prefill.tfmr, self._parts.tfmr]
+        tfmrs = [self.plan.prefill.tfmr, self.batched.parts.tfmr]
         aligned = scope.enter_context(new_analyzer(tfmrs, text, self.tts.t3.hp.stop_speech_token))
         with self._lock:
             self._aligning[id(handle)] = scope
@@ -999,18 +969,8 @@ class StreamEngine:
     def _fill_rows(self, embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Prefill ``embeds`` (rows, positions, dim) into the next free rows of the cache: the
         last position's logits and the first row."""
-        self._move_rows()  # the rows it takes may be a moved stream's old ones
-        logits, past = head_logits(self.plan.prefill, embeds.to(self.plan.prefill.dtype), None)
-        row, n = len(self._live) * self.rows_per_stream, self.rows_per_stream
-        for (keys, values), layer in zip(self._kv, past.layers, strict=True):
-            # The rows' other slots are zeroed: an earlier stream's values there are masked,
-            # but a masked NaN or inf (a stream that overflowed) still poisons the attention
-            # (0 x NaN), and a stream without guidance leaves its second row unwritten.
-            keys[row : row + n].zero_()
-            values[row : row + n].zero_()
-            keys[row : row + embeds.size(0), :, : embeds.size(1)].copy_(layer.keys)
-            values[row : row + embeds.size(0), :, : embeds.size(1)].copy_(layer.values)
-        return logits, row
+        row = len(self._live) * self.rows_per_stream
+        return self.batched.fill(row, embeds), row
 
     def _resume(self, live: _Live) -> _Live:
         """A preempted stream back in the cache: its prefill again, then the tokens it sampled,
@@ -1076,10 +1036,10 @@ class StreamEngine:
             index = self._live.index(live)
             last = self._live[-1]
             if last is not live:
-                # Its keys and values are copied later, outside the lock (``_move_rows``): a
+                # Its keys and values are copied later, outside the lock (``apply_moves``): a
                 # full-size stream's rows are ~0.5 GB, half a second's copy on a CPU, during which
                 # the S3Gen stage and every reader (a server's event loop) would wait on the lock.
-                self._moves.append((last.rows, live.rows))
+                self.batched.move(last.rows, live.rows)
                 last.rows = live.rows
                 self._live[index] = last
             self._live.pop()
@@ -1087,106 +1047,11 @@ class StreamEngine:
                 self._vocoding.remove(live)
             self._lock.notify_all()
 
-    def _move_rows(self) -> None:
-        """Copy the rows ``_leave`` moved, in order, before anything reads or writes the cache
-        again (``_fill_rows``, ``_forward_rows``): the T3 stage's thread alone touches it."""
-        n = self.rows_per_stream
-        with torch.inference_mode():
-            for src, dst in self._moves:
-                for keys, values in self._kv:
-                    keys[dst : dst + n].copy_(keys[src : src + n])
-                    values[dst : dst + n].copy_(values[src : src + n])
-        self._moves.clear()
-
-    def _cache(self, bucket: int, span: int) -> StaticCache:
-        if (bucket, span) not in self._caches:
-            rows = bucket * self.rows_per_stream
-            config: Any = self.plan.decode.tfmr.config
-            cache = StaticCache(config=config, max_cache_len=self.max_cache_len)
-            cache.layers = [_RowLayer(k[:rows], v[:rows], span) for k, v in self._kv]
-            for layer in cache.layers:  # as transformers' StaticLayer does: CUDA graphs may keep them
-                torch._dynamo.mark_static_address(layer.keys)
-                torch._dynamo.mark_static_address(layer.values)
-            self._caches[bucket, span] = cache
-        return self._caches[bucket, span]
-
-    def _forward(
-        self, cache: StaticCache, span: int, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor
-    ) -> torch.Tensor:
-        """One decode step over ``cache``'s rows (a bucket of streams): token, learned speech
-        position and cache slot per row (B, 1), (B, 1), (B,); the logits (B, vocab) float32. Row r
-        attends to its own slots ``[0, slot[r]]`` only, among the first ``span``. The cache is
-        an argument, not looked up in ``_caches``: a compiled graph guards on what it reads, and
-        that dict grows as shapes are added (each addition would recompile the others)."""
-        parts = self._parts
-        embeds = parts.embed(token, position).to(parts.dtype)
-        keep = torch.arange(span, device=slot.device)[None, :] <= slot[:, None]
-        # An additive mask, which sdpa and eager attention both take: while any alignment analyzer
-        # runs on this model (this engine's, another's, an eager multilingual generate's) its
-        # backbone runs eager attention, which adds its mask to the scores, and each layer reads
-        # the setting when it runs, so an analyzer started during a step switches its later layers.
-        # Before 2026-12-06 the kind was chosen once per step: a boolean mask for sdpa, which
-        # the switched layers added as 1 and 0, masking nothing.
-        mask = torch.zeros(keep.shape, dtype=embeds.dtype, device=slot.device)
-        mask = mask.masked_fill(~keep, torch.finfo(embeds.dtype).min)[:, None, None, :]
-        out = parts.tfmr(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=slot[:, None],
-            past_key_values=cache,
-            cache_position=slot,
-            use_cache=True,
-        )
-        return parts.logits(out.last_hidden_state)
-
     def _step_fn(self, bucket: int, span: int) -> Callable[..., torch.Tensor]:
-        """The step for ``bucket`` streams attending to ``span`` slots, compiled on first use
-        when the engine compiles (timed in ``stats.compile_s``, apart from ``t3_s``)."""
-        if (bucket, span) not in self._steps:
-            cache = self._cache(bucket, span)
-            t0 = self._now()
-            step: Callable[..., torch.Tensor] | None = None
-            if self.step_mode == "compiled":
-                try:
-                    step = self._compiled(bucket, cache, span)
-                except Exception as e:
-                    self._give_up(e)
-            self._steps[bucket, span] = step or (lambda *a: self._forward(cache, span, *a))
-            self.stats.compile_s += self._now() - t0
-        return self._steps[bucket, span]
-
-    def _give_up(self, e: Exception) -> None:
-        """A compile failed: every bucket runs the static step from now on, with one warning."""
-        self.fallback_reason = fell_back(e, "the engine's T3 step", "running the static step eagerly")
-        self.step_mode, self.attention_kernels = "static", []
-        self._steps.clear()
-
-    def _compiled(self, bucket: int, cache: StaticCache, span: int) -> Callable[..., torch.Tensor]:
-        cudagraphs = self.device.type == "cuda"
-        compiled = compile_method(StreamEngine._forward, self, cudagraphs)  # one code object per shape
-
-        def run(*a: torch.Tensor) -> torch.Tensor:
-            out: torch.Tensor = replay(compiled, cache, span, *a, cudagraphs=cudagraphs)
-            return out
-
-        rows = bucket * self.rows_per_stream
-        for k in range(warmup_calls(cudagraphs)):
-            # Three tensors made as _step makes them, outside inference mode, also when a step
-            # needs this shape while streams run (inside its plan's context): dynamo guards on
-            # aliasing, strides and inference tensors, and any difference was compiled again at
-            # the first real step (before 2026-12-04, every shape first needed mid-run). They
-            # write the span's last slot of the bucket's rows: a live stream writes a slot in the
-            # same forward that first reads it, so the stale values there are never read.
-            with torch.inference_mode(False):
-                token, position = (torch.zeros((rows, 1), dtype=torch.long, device=self.device) for _ in "tp")
-                slot = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
-            with self.plan.context(self.device):
-                if k == 0:  # the call that compiles: which attention op Inductor's code calls
-                    _, code = compiled_with_code(run, token, position, slot)
-                    self.attention_kernels = compiled_attention(code)
-                else:
-                    run(token, position, slot)
-        return run
+        """The step for ``bucket`` streams attending to ``span`` slots, built (compiled, when the
+        engine compiles) on first use: timed in ``stats.compile_s``, apart from ``t3_s``."""
+        self.stats.compile_s += self.batched.build(bucket, span)
+        return self.batched.steps[bucket, span]
 
     def _step(self) -> None:
         """One batched step: every active stream samples its next token from its logits (its own
@@ -1274,7 +1139,7 @@ class StreamEngine:
         ``t3_s``), and the one run again writes the same cache slots."""
         n = self.rows_per_stream
         while still:
-            self._move_rows()  # of streams that left since the last forward (a preempted one's too)
+            self.batched.apply_moves()  # of streams that left since the last forward (a preempted one's too)
             bucket = next(b for b in self.step_buckets if b >= len(self._live))
             rows = bucket * n
             token = torch.full((rows, 1), 0, dtype=torch.long, device=self.device)

@@ -50,6 +50,7 @@ from ..instruments.memory import device_memory_bytes, held_bytes, memory_window
 from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
 from ..models.vocode import FlowPlan
+from ..runtime.batched_step import kv_bytes_per_stream
 from ..runtime.decode import (
     DEFAULT_MAX_CACHE_LEN,
     DecodePlan,
@@ -58,13 +59,7 @@ from ..runtime.decode import (
     speech_ids,
     spoken_language,
 )
-from ..runtime.engine import (
-    StreamEngine,
-    StreamHandle,
-    check_engine_options,
-    check_sizes,
-    kv_bytes_per_stream,
-)
+from ..runtime.engine import StreamEngine, StreamHandle, check_engine_options, check_sizes
 from ..runtime.optimized import decode_plan
 from ..runtime.streaming import StreamConfig, stream_tokens
 
