@@ -53,7 +53,7 @@ demo: venv
 # dispatch, so two workers use both cores where one process used about one, and two threads per
 # worker would only fight over the cores (docs/measurements.md, "make test").
 # `checks` (lint, then the strict docs build) runs beside them, its log printed after the tests:
-# in a fresh clone mypy alone takes ~35 s of one core, which the tests leave idle part of the time.
+# in a fresh clone mypy alone takes ~28 s of one core, which the tests leave idle part of the time.
 # Either failing fails `make test`.
 # (Through SUBMAKE: a recipe line naming $(MAKE) itself would run even under `make -n`.)
 # Inductor compiles each graph's C++ kernels in one thread (TORCHINDUCTOR_COMPILE_THREADS=1):
@@ -62,7 +62,7 @@ demo: venv
 # (a cold compile of the tiny T3 step: 52 -> 39 CPU-s; docs/measurements.md, "make test").
 # WARM fills, once and beside the checks, two caches that both workers would otherwise fill at
 # the same moment in their first test: numba's JIT of librosa's kernels (~25 s of one core,
-# kept in the venv) and Inductor's one-off probes of the C++ compiler (~10 s, kept in its cache).
+# kept in the venv) and Inductor's one-off probes of the C++ compiler (~15 s, kept in its cache).
 PYTEST := OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 WARM := OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -c \
 	"import librosa.core.audio, librosa.core.pitch, torch; torch.compile(lambda x: x.sin() + 1)(torch.ones(8))"
