@@ -786,6 +786,21 @@ def test_a_streams_report_keeps_the_t3_work_after_its_last_chunk(
         assert s["wall_s"] >= s["t3_s"] > 0
 
 
+def test_capped_tells_a_stream_its_cap_ended_from_one_its_stop_token_ended(
+    tts: ChatterboxTTS, steer: type[Steer]
+) -> None:
+    """A server counts the first (its speech may be cut short); random weights give it always."""
+    stop = tts.t3.hp.stop_speech_token
+    with shadow(tts.t3.speech_head, "forward", steer({4: stop})), StreamEngine(tts, config=CONFIG) as engine:
+        stopped = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        list(stopped)
+    with StreamEngine(tts, config=CONFIG) as engine:
+        capped = engine.submit(TEXTS[0], seed=0, max_new_tokens=TOKENS)
+        list(capped)
+    assert stopped.sampled[-1] == stop and len(stopped.sampled) == 4 and not stopped.capped
+    assert len(capped.sampled) == TOKENS and stop not in capped.sampled and capped.capped
+
+
 def test_a_stage_that_dies_says_why_to_later_callers(tts: ChatterboxTTS) -> None:
     # A fault outside any one stream's work (a failed step only ends its streams: above).
     with StreamEngine(tts, max_streams=1, config=CONFIG) as engine:

@@ -6,6 +6,7 @@ count and time; the server is stopped with SIGTERM, as a person's Ctrl-C would, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -189,3 +190,35 @@ def test_load_url_measures_the_server(
     assert (tmp_path / "load.json").exists() and (tmp_path / "load.png").exists()
     # the study's own request refused (an unknown voice): one error line, exit 2
     assert main([*args[:-1], "--voice", "nobody"]) == 2
+
+
+def test_health_and_metrics_answer_while_the_replicas_hold_many_streams(server: tuple[str, str]) -> None:
+    """More speech requests than the engines run: each replica takes them all (its engine queues
+    what it cannot run) and /health and /metrics still answer. Before 2026-12-07 a replica held
+    16 requests (4 x --max-streams) and Ray Serve queued the rest, probes included, behind the
+    streams: a busy server's probes waited until streams ended. Last in this module: the streams
+    it starts end disconnected, which the counts read above would include."""
+    url, model = server
+    streams = 36  # more than the two replicas' 32 places before
+    body = {"model": model, "input": TEXT, "response_format": "pcm", "seed": 3, "max_tokens": 800}
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+        limits = httpx.Limits(max_connections=streams + 2)
+        async with httpx.AsyncClient(timeout=120, trust_env=False, limits=limits) as client:
+            speech = f"{url}/v1/audio/speech"
+            posts = [asyncio.create_task(client.post(speech, json=body)) for _ in range(streams)]
+            try:
+                await asyncio.sleep(3.0)  # the requests reach the replicas
+                health = await client.get(f"{url}/health", timeout=10)  # ReadTimeout: a probe queued
+                metrics = await client.get(f"{url}/metrics", timeout=10)
+            finally:
+                for post in posts:  # the clients leave: their streams end disconnected, rows freed
+                    post.cancel()
+                await asyncio.gather(*posts, return_exceptions=True)
+        return health, metrics
+
+    health, metrics = asyncio.run(scenario())
+    assert health.status_code == 200 and metrics.status_code == 200
+    # the replica that answered holds more streams than its engine runs (4): queued in the engine
+    assert health.json()["queued_streams"] > 0, health.json()
+    assert f'tts_queued_streams{{replica="{metrics.headers["x-replica"]}"}}' in metrics.text

@@ -439,15 +439,17 @@ def test_the_engines_counters_read_its_counts(
 def test_a_completed_streams_rtf_is_its_wall_time_over_its_audio_time(
     service: SpeechService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """1 s of wall time for 4 s of audio: an RTF of 0.25 (the clock stubbed, the engine's stream
-    a stand-in that ends at once)."""
-    monkeypatch.setattr("tts_workbench.serving.service.time", SimpleNamespace(perf_counter=lambda: 101.0))
+    """1 s of wall time to its last chunk for 4 s of audio: an RTF of 0.25, however long the
+    client then took to read the body (before 2026-12-07 the clock ran to the client's last read:
+    a player reading at its own pace made the server look as slow as playback). The engine's
+    stream is a stand-in that ends at once, submitted 0.25 s after the request's checks began."""
+    monkeypatch.setattr("tts_workbench.serving.service.time", SimpleNamespace(perf_counter=lambda: 110.0))
 
     async def ended() -> AsyncIterator[Any]:
         return
         yield  # an async generator that yields nothing
 
-    handle = SimpleNamespace(report=SimpleNamespace(audio_s=4.0))
+    handle = SimpleNamespace(report=SimpleNamespace(audio_s=4.0, wall_s=0.75), submitted=100.25, capped=False)
     stream = SpeechStream(service, handle, ended(), [], t0=100.0)  # type: ignore[arg-type]
 
     series = [("sum", {}), ("bucket", {"le": "0.1"}), ("bucket", {"le": "0.25"})]
@@ -816,6 +818,36 @@ def test_the_seed_and_max_tokens_sent_are_the_streams(
             spoken.append(r.content)
     assert spoken[0] == spoken[1] != spoken[2]
     assert submitted == sent
+
+
+def test_a_request_without_max_tokens_runs_what_the_cache_holds_after_its_input(
+    one_slot: SpeechService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's default (--tokens) lowered to the room the input leaves, not a 400 naming a
+    max_tokens the client never sent (openai-python has no such field); one sent is still held to
+    the room. Each stream T3 ends at its cap is counted: random weights never stop, so both."""
+    submitted: list[object] = []
+    submit = one_slot.engine.submit
+
+    def spy(text: str, **kwargs: Any) -> Any:
+        submitted.append(kwargs["max_new_tokens"])
+        return submit(text, **kwargs)
+
+    monkeypatch.setattr(one_slot.engine, "submit", spy)
+    cache = one_slot.options.max_cache_len
+    text = one_slot.prefill_positions("default", GOOD["input"]) - one_slot.voice_positions["default"]
+    monkeypatch.setitem(one_slot.voice_positions, "default", cache - text - 11)  # room for 12 tokens
+    capped = {"replica": "0"}
+    before = one_slot.registry.get_sample_value("tts_streams_capped_total", capped) or 0.0
+    with TestClient(speech_app(one_slot)) as client:
+        r = client.post("/v1/audio/speech", json=GOOD)
+        assert r.status_code == 200 and r.content, r.text
+        r = client.post("/v1/audio/speech", json={**GOOD, "max_tokens": 13})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert "max_tokens <= 12" in r.json()["error"]["message"]
+        assert client.post("/v1/audio/speech", json={**GOOD, "max_tokens": 5}).status_code == 200
+    assert one_slot.options.default_tokens > 12 and submitted == [12, 5]
+    assert one_slot.registry.get_sample_value("tts_streams_capped_total", capped) == before + 2
 
 
 def test_the_largest_max_tokens_advertised_can_be_met(service: SpeechService) -> None:

@@ -91,7 +91,7 @@ from .decode import (
     speech_ids,
     text_tokens,
 )
-from .generation import checked_voice, voice_turn
+from .generation import checked_voice, ended_by, voice_turn
 from .precision import check_conditionals
 from .sampling import Sampler, not_finite
 from .streaming import (
@@ -220,6 +220,13 @@ class StreamHandle:
     @property
     def report(self) -> StreamReport:
         return self.state.report
+
+    @property
+    def capped(self) -> bool:
+        """Whether T3 ended this stream at its token cap, not at a stop token (``ended_by``): its
+        speech may be cut short. Random weights almost never sample the stop token."""
+        cap, stop = self.request.max_new_tokens, self.engine.tts.t3.hp.stop_speech_token
+        return ended_by(self.sampled, stop, cap, cap) == "token cap"
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         try:

@@ -33,6 +33,7 @@ from .service import ServeOptions, SpeechService, check_options, find_voices
 
 APP_NAME = "tts-workbench"
 ROUND_ROBIN = "ray.serve.experimental.round_robin_router.RoundRobinRouter"
+ONGOING_REQUESTS = 1024  # requests one replica holds at once, streams and probes (``deployment``)
 
 
 class SpeechDeployment:
@@ -140,9 +141,12 @@ def deployment(options: ServeOptions, replicas: int) -> Any:
     app = serve.deployment(
         name="speech",
         num_replicas=replicas,
-        # The engine queues what it cannot run yet (none is refused for load), so the proxy may
-        # hand a replica many more requests than it has engine slots.
-        max_ongoing_requests=max(16, 4 * options.max_streams),
+        # Every request a replica holds counts against this, a speech stream's until its body
+        # ends, and past it Ray Serve queues the rest in arrival order: /health and /metrics
+        # waited behind every queued stream (minutes) when the server was busiest (before
+        # 2026-12-07: 4 x max_streams). The engine queues the streams it cannot run yet (none is
+        # refused for load), so a replica takes far more requests than it has engine slots.
+        max_ongoing_requests=ONGOING_REQUESTS,
         # Streams are long and alike and come in bursts: the default power-of-two choice reads
         # queue lengths that a burst outruns (4 streams went 3 and 1 to two replicas), so
         # requests take turns instead.

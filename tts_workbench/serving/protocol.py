@@ -66,6 +66,7 @@ class SpeechRequest:
     response_format: str
     seed: int
     max_tokens: int
+    tokens_sent: bool = True  # False: max_tokens is the server's default (--tokens), not the client's
 
 
 def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> SpeechRequest:
@@ -130,7 +131,7 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     if as_int(tokens) is None or not 1 <= tokens <= limits.max_tokens:
         raise RequestError(f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {tokens!r}",
                            "max_tokens")  # fmt: skip
-    return SpeechRequest(text, voice, fmt, seed, tokens)
+    return SpeechRequest(text, voice, fmt, seed, tokens, "max_tokens" in body)
 
 
 def check_cache(prefill: int, max_tokens: int, max_cache_len: int) -> None:

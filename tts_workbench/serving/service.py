@@ -69,7 +69,9 @@ class ServeOptions:
     threads: int | None = None  # torch's intra-op threads in this process (None: torch's default)
     # 800 letters (about a cache position each), the voice's conditioning (~40 positions) and
     # 150 tokens fit 1024 positions: a longest input of plain words sent without max_tokens runs.
-    # Some characters take more positions ("…" about 1.5): such an input is refused (400, "shorten").
+    # Some characters take more positions ("…" about 1.5): a request sent without max_tokens runs
+    # with fewer tokens than default_tokens where the cache has less room after its input, and one
+    # whose input leaves none is refused (400, "shorten").
     max_input_chars: int = 800
     max_cache_len: int = 1024
     default_tokens: int = 150
@@ -232,6 +234,9 @@ class SpeechService:
         streams = Counter("tts_streams", "streams by how they ended", ["replica", "outcome"], registry=r)
         # every outcome from zero, so that a rate over the first of them is not lost
         self.outcomes = {outcome: streams.labels(self.replica, outcome) for outcome in OUTCOMES}
+        capped_help = "completed streams T3 ended at their token cap, not a stop token (speech cut short?)"
+        capped = Counter("tts_streams_capped", capped_help, ["replica"], registry=r)
+        self.capped = capped.labels(self.replica)
 
     def metrics_text(self) -> bytes:
         """The Prometheus text exposition of this replica's metrics."""
@@ -269,9 +274,9 @@ class SpeechService:
         try:
             # Off the event loop: counting tokenizes, and on CUDA copies the tokens to the device,
             # which waits behind the engine's queued GPU work.
-            await asyncio.to_thread(self._check_cache, req)
+            tokens = await asyncio.to_thread(self._check_cache, req)
             handle = self.engine.submit(
-                req.input, seed=req.seed, max_new_tokens=req.max_tokens, conds=self.voices[req.voice]
+                req.input, seed=req.seed, max_new_tokens=tokens, conds=self.voices[req.voice]
             )
             chunks = aiter(handle)
             first = await anext(chunks, None)
@@ -307,14 +312,21 @@ class SpeechService:
         count, from the voice's positions counted at start-up and the text's tokens)."""
         return self.voice_positions[voice] + text_tokens(self.tts, text, 0.0).size(1)
 
-    def _check_cache(self, req: SpeechRequest) -> None:
-        """Refuse a request the engine's KV cache cannot hold, naming the HTTP fields (the
-        engine's own refusal names its arguments and the operator's fix)."""
+    def _check_cache(self, req: SpeechRequest) -> int:
+        """The tokens the request's stream may sample: its ``max_tokens``; the server's default
+        (``default_tokens``) where it sent none, lowered to the room its input leaves in the KV
+        cache (a 400 naming a field the client never sent would be no help). Refuse a request
+        the cache cannot hold, naming the HTTP fields (the engine's own refusal names its
+        arguments and the operator's fix)."""
         try:
             prefill = self.prefill_positions(req.voice, req.input)
         except ConfigError as e:  # text_tokens: more text tokens than T3 has positions for
             raise RequestError(f"input: {e}", "input") from None
-        check_cache(prefill, req.max_tokens, self.engine.max_cache_len)
+        tokens = req.max_tokens
+        if not req.tokens_sent:  # no room at all: check_cache refuses the input
+            tokens = min(tokens, max(1, tokens_that_fit(prefill, self.engine.max_cache_len)))
+        check_cache(prefill, tokens, self.engine.max_cache_len)
+        return tokens
 
     def close(self) -> None:
         self.engine.close()
@@ -365,9 +377,14 @@ class SpeechStream(AsyncIterator[bytes]):
             await self.chunks.aclose()  # type: ignore[attr-defined]  # the handle's: its close frees the rows
         finally:
             self.service.outcomes[outcome].inc()
-            audio_s = self.handle.report.audio_s
-            if outcome == "completed" and audio_s:
-                self.service.rtf.observe((time.perf_counter() - self.t0) / audio_s)
+            report = self.handle.report
+            if outcome == "completed" and report.audio_s:
+                # to its last chunk (the engine's clock, from the submit, plus the checks before
+                # it), not to now: the client's pace of reading the body is not the server's
+                wall_s = self.handle.submitted - self.t0 + report.wall_s
+                self.service.rtf.observe(wall_s / report.audio_s)
+            if outcome == "completed" and self.handle.capped:
+                self.service.capped.inc()
 
 
 class _EngineMetrics(Collector):
