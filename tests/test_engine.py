@@ -1293,7 +1293,14 @@ def test_turbo_streams_speak_their_solo_tokens(tmp_path: Path, steer: type[Steer
     ):
         handle = engine.submit(TEXTS[0], seed=3, max_new_tokens=6)
         assert [m for _, m in handle]
-    assert handle.sampled[0] == stop and len(handle.sampled) == 6
+    assert handle.sampled[0] == stop and len(handle.sampled) == 6 and handle.capped
+    with (  # its only token the stop token it goes on after: the cap ended it, not the stop
+        shadow(turbo.t3.speech_head, "forward", steer({1: stop})),
+        StreamEngine(turbo, max_streams=1, config=CONFIG) as engine,
+    ):
+        one = engine.submit(TEXTS[0], seed=3, max_new_tokens=1)
+        list(one)
+    assert one.sampled == [stop] and one.capped
     with StreamEngine(turbo, max_streams=1, config=CONFIG) as engine:  # what Turbo samples with
         with pytest.raises(ConfigError, match=r"'cfg_weight'.*use .*top_k.*no classifier-free guidance"):
             engine.submit(TEXTS[0], cfg_weight=0.5)

@@ -195,9 +195,10 @@ def test_load_url_measures_the_server(
 def test_health_and_metrics_answer_while_the_replicas_hold_many_streams(server: tuple[str, str]) -> None:
     """More speech requests than the engines run: each replica takes them all (its engine queues
     what it cannot run) and /health and /metrics still answer. Before 2026-12-07 a replica held
-    16 requests (4 x --max-streams) and Ray Serve queued the rest, probes included, behind the
-    streams: a busy server's probes waited until streams ended. Last in this module: the streams
-    it starts end disconnected, which the counts read above would include."""
+    16 requests here (the larger of 16 and 4 x --max-streams) and Ray Serve queued the rest,
+    probes included, behind the streams: a busy server's probes waited until streams ended. Last
+    in this module: the streams it starts end disconnected, which the counts read above would
+    include."""
     url, model = server
     streams = 36  # more than the two replicas' 32 places before
     body = {"model": model, "input": TEXT, "response_format": "pcm", "seed": 3, "max_tokens": 800}

@@ -963,7 +963,12 @@ def _add_serve(sub: Any) -> None:
     sv.add_argument(
         "--max-input-chars", type=_positive, default=800, help="longest input allowed (it must fit the cache)"
     )
-    sv.add_argument("--tokens", type=_positive, default=150, help="max_tokens when a request sends none")
+    sv.add_argument(
+        "--tokens",
+        type=_positive,
+        default=150,
+        help="max_tokens when a request sends none (fewer if its input leaves less room in the cache)",
+    )
     sv.add_argument(
         "--max-cache-len",
         type=_positive,

@@ -66,7 +66,8 @@ class BatchedStep:
     ``mode``: "static" (the step as is) or "compiled" (``torch.compile``, CUDA graphs on CUDA,
     once per bucket and span); a compile that fails runs every shape as the static step from then
     on, with one warning (``fallback_reason``). ``now``: the caller's clock (a stage's, on CUDA).
-    Only one thread (the engine's T3 stage) calls it; ``close()`` lets the cache go."""
+    One thread (the engine's T3 stage) runs it; ``close()``, which lets the cache go, runs once
+    that thread has ended. Its status attributes (``mode``, ...) may be read from any thread."""
 
     def __init__(
         self,

@@ -91,7 +91,7 @@ from .decode import (
     speech_ids,
     text_tokens,
 )
-from .generation import checked_voice, ended_by, voice_turn
+from .generation import checked_voice, voice_turn
 from .precision import check_conditionals
 from .sampling import Sampler, not_finite
 from .streaming import (
@@ -223,10 +223,11 @@ class StreamHandle:
 
     @property
     def capped(self) -> bool:
-        """Whether T3 ended this stream at its token cap, not at a stop token (``ended_by``): its
-        speech may be cut short. Random weights almost never sample the stop token."""
-        cap, stop = self.request.max_new_tokens, self.engine.tts.t3.hp.stop_speech_token
-        return ended_by(self.sampled, stop, cap, cap) == "token cap"
+        """Whether T3 ended this stream at its token cap, not at a stop token: its speech may be
+        cut short. Random weights almost never sample the stop token."""
+        ids, engine = self.sampled, self.engine
+        stopped = bool(ids) and _stops(ids[-1], len(ids), engine.tts.t3.hp.stop_speech_token, engine.turbo)
+        return len(ids) >= self.request.max_new_tokens and not stopped
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
         try:
@@ -1106,9 +1107,7 @@ class StreamEngine:
                 live.handle.sampled.append(value)
                 live.handle.state.tokens.extend(speech_ids([value]))
                 live.invalid += invalid_ids([value], stop)
-                # inference_turbo feeds a first token that is the stop token back and goes on
-                stopped = value == stop and not (self.turbo and live.step == 1)
-                if stopped or live.step == live.ids.size(1) - 1:
+                if _stops(value, live.step, stop, self.turbo) or live.step == live.ids.size(1) - 1:
                     ending.append(live)
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
         # Streams that sampled their last token leave before the forward, which they do not need:
@@ -1431,6 +1430,12 @@ class StreamEngine:
                 **window_metrics(w, chunk),
             )
             h._put((h.report.add(chunk, m), m))
+
+
+def _stops(token: int, step: int, stop: int, turbo: bool) -> bool:
+    """Whether the ``step``-th token sampled (from 1) ends its stream: the stop token, but for a
+    Turbo stream's first, which inference_turbo feeds back and goes on."""
+    return token == stop and not (turbo and step == 1)
 
 
 def _out_of_memory(e: BaseException) -> bool:

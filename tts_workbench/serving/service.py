@@ -95,13 +95,13 @@ def check_options(options: ServeOptions, prompt: int = 1, speech_tokens: int | N
     if speech_tokens is not None and options.default_tokens > speech_tokens:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens is beyond the {speech_tokens} speech "
-            "positions T3 has (a request that sends no max_tokens gets --tokens): use --tokens "
+            "positions T3 has (a request that sends no max_tokens gets up to --tokens): use --tokens "
             f"{speech_tokens} or fewer"
         )
     if positions_needed(prompt, options.default_tokens) > options.max_cache_len:
         raise ConfigError(
             f"argument --tokens: {options.default_tokens} tokens leave no room in --max-cache-len "
-            f"{options.max_cache_len} for an input (a request that sends no max_tokens gets --tokens): "
+            f"{options.max_cache_len} for an input (a request that sends no max_tokens gets up to --tokens): "
             "lower --tokens or raise --max-cache-len"
         )
 
@@ -228,8 +228,8 @@ class SpeechService:
         r.register(_EngineMetrics(self.engine, self.replica))
         ttfa = Histogram("tts_time_to_first_audio_seconds", "a checked request to its first audio chunk",
                          ["replica"], buckets=TTFA_BUCKETS_S, registry=r)  # fmt: skip
-        rtf = Histogram("tts_stream_rtf", "a finished stream's wall time over its audio time", ["replica"],
-                        buckets=RTF_BUCKETS, registry=r)  # fmt: skip
+        rtf = Histogram("tts_stream_rtf", "a completed stream's time to its end over its audio time",
+                        ["replica"], buckets=RTF_BUCKETS, registry=r)  # fmt: skip
         self.ttfa, self.rtf = ttfa.labels(self.replica), rtf.labels(self.replica)
         streams = Counter("tts_streams", "streams by how they ended", ["replica", "outcome"], registry=r)
         # every outcome from zero, so that a rate over the first of them is not lost
@@ -379,8 +379,9 @@ class SpeechStream(AsyncIterator[bytes]):
             self.service.outcomes[outcome].inc()
             report = self.handle.report
             if outcome == "completed" and report.audio_s:
-                # to its last chunk (the engine's clock, from the submit, plus the checks before
-                # it), not to now: the client's pace of reading the body is not the server's
+                # to its end (its last chunk, or T3's end if later; the engine's clock, from the
+                # submit, plus the checks before it), not to now: the client's pace of reading the
+                # body is not the server's
                 wall_s = self.handle.submitted - self.t0 + report.wall_s
                 self.service.rtf.observe(wall_s / report.audio_s)
             if outcome == "completed" and self.handle.capped:
