@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from tts_workbench.instruments.latency import (
     snr_db,
     timeline_figure,
     underruns,
+    vocoding_frame,
 )
 
 
@@ -35,6 +37,18 @@ def test_frame_has_one_row_per_chunk_with_its_rtf() -> None:
     assert len(frame) == 2 and list(frame["index"]) == [0, 1]
     assert list(frame["rtf"]) == pytest.approx([c.rtf for c in report.chunks]) == [1.0, 1.0]
     assert frame["new_frames"].sum() == report.summary()["new_frames"]
+
+
+def test_the_vocoding_frame_says_whether_each_token_was_vocoded_once() -> None:
+    """75 tokens in two chunks: 75 x 960 samples is each once; a window vocoded twice (its 25
+    tokens' samples again) or a token dropped is not."""
+    spoke = SimpleNamespace(report=_report(), tokens=list(range(75)))
+    waves = {"once": np.zeros(75 * 960), "twice": np.zeros(100 * 960), "dropped": np.zeros(74 * 960)}
+    frame = vocoding_frame(dict.fromkeys(waves, spoke), waves)
+    assert frame["vocoded_once"].tolist() == [True, False, False]
+    assert frame.iloc[0].to_dict() == {
+        "stream": "once", "chunks": 2, "s3gen_calls": 2, "tokens": 75, "samples": 72000, "vocoded_once": True
+    }  # fmt: skip
 
 
 def test_redundant_share_is_the_frames_s3gen_ran_that_were_not_new_audio() -> None:

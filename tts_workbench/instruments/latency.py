@@ -4,14 +4,15 @@ player would have run dry waiting for it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from ..core.constants import SAMPLES_PER_TOKEN
 from ..core.tables import render
 
 
@@ -160,6 +161,35 @@ class StreamReport:
     def to_frame(self) -> pd.DataFrame:
         """One row per chunk: every ``ChunkMetrics`` field and its RTF (seconds in ``*_s``)."""
         return _frame(self.rows())
+
+
+class Spoken(Protocol):
+    """A stream that has spoken: ``streaming.StreamState`` or the engine's ``StreamHandle``."""
+
+    @property
+    def tokens(self) -> list[int]: ...
+
+    @property
+    def report(self) -> StreamReport: ...
+
+
+def vocoding_frame(streams: Mapping[Any, Spoken], waves: Mapping[Any, np.ndarray]) -> pd.DataFrame:
+    """One row per stream (``waves``: the audio each played, by the same keys): its chunks, S3Gen
+    calls and samples, and whether every speech token it kept was vocoded exactly once
+    (``SAMPLES_PER_TOKEN`` samples each: a window vocoded twice, or a token dropped, changes
+    the length)."""
+    rows = [
+        {
+            "stream": key,
+            "chunks": len(s.report.chunks),
+            "s3gen_calls": s.report.s3gen_calls,
+            "tokens": len(s.tokens),
+            "samples": len(waves[key]),
+            "vocoded_once": len(waves[key]) == len(s.tokens) * SAMPLES_PER_TOKEN,
+        }
+        for key, s in streams.items()
+    ]
+    return pd.DataFrame(rows)
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
