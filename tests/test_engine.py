@@ -35,10 +35,11 @@ from tts_workbench.models.vocode import FlowPlan
 from tts_workbench.runtime import batched_step
 from tts_workbench.runtime import engine as engine_module
 from tts_workbench.runtime.decode import DecodePlan, prefill_length, t3_decode, text_tokens
-from tts_workbench.runtime.engine import StreamEngine, StreamHandle, as_ready, buckets
+from tts_workbench.runtime.engine import StreamEngine, buckets
 from tts_workbench.runtime.generation import generate, prepare_voice
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, decode_plan
 from tts_workbench.runtime.sampling import Sampler
+from tts_workbench.runtime.stream_handle import StreamHandle, as_ready
 from tts_workbench.runtime.streaming import StreamConfig, one_shot, stream_all
 
 if TYPE_CHECKING:
@@ -82,12 +83,14 @@ def solo_logits(
     return alone.tokens[0].tolist(), logits
 
 
-def check_logits(handle: StreamHandle, text: str, seed: int, tokens: int = TOKENS) -> None:
+def check_logits(
+    tts: ChatterboxTTS, handle: StreamHandle, text: str, seed: int, tokens: int = TOKENS
+) -> None:
     """The stream (of an engine that keeps logits) sampled its solo ids, each from logits within
     float32 rounding of its solo ones: the random tiny model hardly depends on its KV cache, so a
     stream that attends to rows not its own (moved without its guidance row, say) still samples
     the same ids, but not from the same logits."""
-    ids, logits = solo_logits(handle.engine.tts, text, seed, tokens)
+    ids, logits = solo_logits(tts, text, seed, tokens)
     assert handle.sampled == ids, handle.index
     for i, (mine, theirs) in enumerate(zip(handle.logits, logits, strict=True)):
         assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max(), (handle.index, i)
@@ -125,7 +128,7 @@ def check_against_solo(tts: ChatterboxTTS, streams: int, join_after: int) -> Non
         wav, tokens = solo(tts, texts[k], k)
         assert h.tokens == tokens, k
         assert np.allclose(np.concatenate(chunks[k]), wav, atol=1e-5), k
-        check_logits(h, texts[k], k)
+        check_logits(tts, h, texts[k], k)
     assert max(engine.stats.buckets_used) == streams  # all of them in one batched step
 
 
@@ -1226,7 +1229,7 @@ def test_streams_past_the_first_span_sample_their_solo_tokens(tts: ChatterboxTTS
             assert sum(1 for _ in h) > 0
     assert engine.stats.spans_used == {256, 512}
     for k, h in enumerate(handles):
-        check_logits(h, TEXTS[k], k, n)
+        check_logits(tts, h, TEXTS[k], k, n)
 
 
 def test_the_sets_of_buckets_and_spans_used_are_replaced_not_changed(tts: ChatterboxTTS) -> None:

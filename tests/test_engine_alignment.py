@@ -26,7 +26,8 @@ from tts_workbench.core.families import family_of
 from tts_workbench.core.patching import shadow
 from tts_workbench.runtime.alignment import alignment as new_analyzer
 from tts_workbench.runtime.decode import DecodePlan
-from tts_workbench.runtime.engine import StreamEngine, StreamHandle
+from tts_workbench.runtime.engine import StreamEngine
+from tts_workbench.runtime.stream_handle import StreamHandle
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
 
 CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)

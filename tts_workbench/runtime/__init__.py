@@ -5,5 +5,6 @@ device (``sampling``) and fused projections (``fusion``), dtype policies and flo
 capped upstream generation, Multilingual's alignment analyzer per generation (``alignment``),
 naive and buffered streaming, the two pipelines (``UpstreamTTS``, ``PerformanceOptimizedTTS``)
 and the stream engine that runs many streams at once (``engine``; its KV cache and batched T3
-step: ``batched_step``). May import ``core``, ``models`` and ``instruments``.
+step: ``batched_step``; a stream as its reader sees it: ``stream_handle``). May import ``core``,
+``models`` and ``instruments``.
 """

@@ -35,8 +35,8 @@ streams run without upstream's alignment analyzer (as the single-stream static s
 ``alignment=True`` each with its own, fed its rows of the static step's attention weights (as
 the single-stream eager step: upstream's tokens).
 
-Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle``, as a plain or an async iterator.
-At most ``max_streams`` streams are active; more wait in a queue, none is refused for load. A
+Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle`` (``stream_handle``), as a plain or an
+async iterator. At most ``max_streams`` streams are active; more wait in a queue, none is refused for load. A
 stream is active from its prefill to its last chunk: one whose T3 has ended keeps its place
 until S3Gen has vocoded it, so an S3Gen slower than T3 holds new streams in the queue instead of
 piling up windows behind it. A request that cannot run (empty text, longer than the cache) fails
@@ -48,16 +48,13 @@ as upstream ``generate`` refuses an unknown keyword.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import itertools
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -69,7 +66,7 @@ from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, whole_from_one
 from ..core.families import family_of, language_for
 from ..core.patching import let_go, sharing
 from ..core.rng import StreamRandom, overwritten, rows_drawing
-from ..instruments.latency import ChunkMetrics, StreamReport
+from ..instruments.latency import ChunkMetrics
 from ..models.vocode import FlowPlan, cast_gen, cfm_steps, tail_tokens, vocoder
 from .alignment import Alignment, text_columns, watching_rows
 from .alignment import alignment as new_analyzer
@@ -94,10 +91,10 @@ from .decode import (
 from .generation import checked_voice, voice_turn
 from .precision import check_conditionals
 from .sampling import Sampler, not_finite
+from .stream_handle import END, Request, StreamHandle
 from .streaming import (
     BufferedCutter,
     StreamConfig,
-    StreamState,
     Window,
     shorten_prompt,
     window_metrics,
@@ -171,116 +168,6 @@ def check_engine_options(family: str | None, step: str, *, alignment: bool, fuse
         )
     if fused and family == "turbo":  # fusion.fusable: GPT-2's c_attn is q, k and v in one already
         raise ConfigError(f"argument --fused: {NOTHING_TO_FUSE}: leave --fused out")
-
-
-@dataclass
-class Request:
-    """What a client asked for, as ``submit`` checked it. ``conds``: the voice (upstream
-    ``Conditionals``); ``sampler``: how its tokens are drawn (temperature, top_p, ... as the
-    family's upstream generate, made once at the submit); ``t3_cond``: T3's part of the voice as it
-    was at the submit (a copy of ``conds.t3``, which upstream ``generate(exaggeration=...)`` and the
-    optimized wrapper change on the voice itself)."""
-
-    text: str
-    seed: int
-    max_new_tokens: int
-    conds: Any
-    language_id: str | None
-    sampler: Sampler
-    t3_cond: Any
-
-
-_END = object()
-
-
-class StreamHandle:
-    """One stream of the engine: iterate it (plainly or with ``async for``) for its
-    ``(chunk, ChunkMetrics)``; ``close()`` (or leaving the loop early) frees its rows. An iterator
-    dropped or closed before the end closes the stream too, so ``next(iter(handle))`` reads one
-    chunk and cuts the stream short: keep the iterator to read on."""
-
-    def __init__(self, engine: StreamEngine, request: Request, index: int) -> None:
-        self.engine, self.request, self.index = engine, request, index
-        self.state = StreamState(StreamReport("buffered"))
-        self.submitted = time.perf_counter()
-        self.admitted: float | None = None
-        self.error: BaseException | None = None
-        self._error_tb: TracebackType | None = None  # where it was raised: each raise here starts from it
-        self.closed = False
-        self.sampled: list[int] = []  # every id T3 sampled, stop and non-speech ids included
-        self.logits: list[torch.Tensor] = []  # (rows, vocab) float32 per sampled id, if the engine keeps them
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._waker: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # an async reader's
-
-    @property
-    def tokens(self) -> list[int]:
-        """The speech tokens sampled so far (ids S3Gen can vocode, in order)."""
-        return self.state.tokens
-
-    @property
-    def report(self) -> StreamReport:
-        return self.state.report
-
-    @property
-    def capped(self) -> bool:
-        """Whether T3 ended this stream at its token cap, not at a stop token: its speech may be
-        cut short. Random weights almost never sample the stop token."""
-        ids, engine = self.sampled, self.engine
-        stopped = bool(ids) and _stops(ids[-1], len(ids), engine.tts.t3.hp.stop_speech_token, engine.turbo)
-        return len(ids) >= self.request.max_new_tokens and not stopped
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:
-        try:
-            while (item := self._unwrap(self._queue.get())) is not None:
-                yield item
-        finally:
-            self.close()
-
-    async def __aiter__(self) -> AsyncIterator[tuple[np.ndarray, ChunkMetrics]]:
-        # No thread waits per reader (a server reads many streams; the default executor has a
-        # few threads): the engine's put sets this loop's event, and the reader waits on it.
-        loop, ready = asyncio.get_running_loop(), asyncio.Event()
-        self._waker = (loop, ready)
-        try:
-            while True:
-                try:
-                    item = self._unwrap(self._queue.get_nowait())
-                except queue.Empty:
-                    await ready.wait()  # set by a put after the get above found nothing: no lost wake-up
-                    ready.clear()
-                    continue
-                if item is None:
-                    return
-                yield item
-        finally:
-            self._waker = None
-            self.close()
-
-    def _unwrap(self, item: Any) -> tuple[np.ndarray, ChunkMetrics] | None:
-        """A chunk, ``None`` at the end, or the stream's error raised."""
-        if item is not _END and not isinstance(item, BaseException):
-            chunk: tuple[np.ndarray, ChunkMetrics] = item  # the chunks before an error are read first
-            return chunk
-        if self.error is None:
-            return None
-        # A failed stream's reader that reads again (after the read that raised closed it) gets
-        # its error again, not an end that looks like a stream that spoke nothing. Raised with
-        # the traceback it was raised with: one error may end several streams (a failed step's),
-        # and each raise of it would add its reader's frames, kept alive, to what the next sees.
-        raise self.error.with_traceback(self._error_tb)
-
-    def close(self) -> None:
-        """Stop this stream: a queued one leaves the queue now, an admitted one frees its rows
-        before the engine's next step."""
-        self.engine._drop(self)
-        self._put(_END)  # wakes a reader still waiting
-
-    def _put(self, item: Any) -> None:
-        self._queue.put(item)
-        if (waker := self._waker) is not None:
-            loop, ready = waker
-            with contextlib.suppress(RuntimeError):  # the reader's loop has closed: nobody to wake
-                loop.call_soon_threadsafe(ready.set)
 
 
 @dataclass
@@ -594,7 +481,7 @@ class StreamEngine:
             # windows of one voice share a flow call (``_voice``, ``_batch_key``).
             t3_cond = copy.copy(conds.t3)
         request = Request(text, seed, max_new_tokens, conds, language_id, sampler, t3_cond)
-        handle = StreamHandle(self, request, next(self._counter))
+        handle = StreamHandle(request, next(self._counter), self._drop)
         with self._lock:
             if self._stopped:
                 raise self._stopped_error()
@@ -753,9 +640,7 @@ class StreamEngine:
         tb = error.__traceback__  # read once: a reader of the first handle may raise it meanwhile
         with self._lock:
             for h in handles:
-                h.closed = True
-                h.error, h._error_tb = error, tb
-                h._put(error)
+                h.fail(error, tb)
 
     def _stopped_error(self) -> RuntimeError:
         """Why no stream can be taken: a stage's failure (its error as the cause), or ``close()``."""
@@ -1107,7 +992,10 @@ class StreamEngine:
                 live.handle.sampled.append(value)
                 live.handle.state.tokens.extend(speech_ids([value]))
                 live.invalid += invalid_ids([value], stop)
-                if _stops(value, live.step, stop, self.turbo) or live.step == live.ids.size(1) - 1:
+                # inference_turbo feeds a first token that is the stop token back and goes on
+                stopped = value == stop and not (self.turbo and live.step == 1)
+                if stopped or live.step == live.ids.size(1) - 1:
+                    live.handle.capped = not stopped  # before its end reaches the reader
                     ending.append(live)
         self.stats.t3_tokens += len(lives) - len(broken)  # a failed stream sampled nothing
         # Streams that sampled their last token leave before the forward, which they do not need:
@@ -1248,7 +1136,7 @@ class StreamEngine:
                         break
                     self._lock.wait(timeout=1.0)
             for live in finished:
-                live.handle._put(_END)
+                live.handle.put(END)
             if stopping:
                 return
             for job in jobs:  # a warm-up, between flow calls
@@ -1429,13 +1317,7 @@ class StreamEngine:
                 queued_s=(h.admitted or h.submitted) - h.submitted,
                 **window_metrics(w, chunk),
             )
-            h._put((h.report.add(chunk, m), m))
-
-
-def _stops(token: int, step: int, stop: int, turbo: bool) -> bool:
-    """Whether the ``step``-th token sampled (from 1) ends its stream: the stop token, but for a
-    Turbo stream's first, which inference_turbo feeds back and goes on."""
-    return token == stop and not (turbo and step == 1)
+            h.put((h.report.add(chunk, m), m))
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -1444,36 +1326,3 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
     )
-
-
-def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:
-    """``(k, chunk, metrics)`` of several streams in the order their chunks arrive (``k``: the
-    stream's position in ``handles``), e.g. to play two streams side by side from one loop. A
-    stream's error is raised when it comes. Leaving early (a break, an error) closes every
-    stream, which frees their rows."""
-    merged: queue.Queue[Any] = queue.Queue()
-
-    def pump(k: int, handle: StreamHandle) -> None:
-        try:
-            for chunk, m in handle:
-                merged.put((k, chunk, m))
-        except BaseException as e:  # whatever ended it reaches the reader, which must not wait on
-            merged.put(e)
-        finally:
-            merged.put(_END)
-
-    for k, handle in enumerate(handles):
-        threading.Thread(target=pump, args=(k, handle), daemon=True).start()
-    ended = 0
-    try:
-        while ended < len(handles):
-            item = merged.get()
-            if item is _END:
-                ended += 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for handle in handles:  # a no-op for streams that have ended
-            handle.close()

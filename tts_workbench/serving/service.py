@@ -38,9 +38,10 @@ from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
 from ..models.vocode import FlowPlan
 from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
-from ..runtime.engine import StreamEngine, StreamHandle, check_engine_options, check_sizes
+from ..runtime.engine import StreamEngine, check_engine_options, check_sizes
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
+from ..runtime.stream_handle import StreamHandle
 from .protocol import Limits, RequestError, SpeechRequest, check_cache, pcm16, wav_header
 
 TTFA_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)

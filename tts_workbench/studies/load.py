@@ -59,8 +59,9 @@ from ..runtime.decode import (
     speech_ids,
     spoken_language,
 )
-from ..runtime.engine import StreamEngine, StreamHandle, check_engine_options, check_sizes
+from ..runtime.engine import StreamEngine, check_engine_options, check_sizes
 from ..runtime.optimized import decode_plan
+from ..runtime.stream_handle import StreamHandle
 from ..runtime.streaming import StreamConfig, stream_tokens
 
 DEFAULT_TEXTS = (
