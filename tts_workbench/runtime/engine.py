@@ -35,15 +35,15 @@ streams run without upstream's alignment analyzer (as the single-stream static s
 ``alignment=True`` each with its own, fed its rows of the static step's attention weights (as
 the single-stream eager step: upstream's tokens).
 
-Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle`` (``stream_handle``), as a plain or an
-async iterator. At most ``max_streams`` streams are active; more wait in a queue, none is refused for load. A
-stream is active from its prefill to its last chunk: one whose T3 has ended keeps its place
-until S3Gen has vocoded it, so an S3Gen slower than T3 holds new streams in the queue instead of
-piling up windows behind it. A request that cannot run (empty text, longer than the cache) fails
-alone with the same error as ``streaming.stream``; the others go on. An argument of the wrong
-type, a seed no generator takes, a sampling argument the family does not take or a value it cannot
-sample with, a language the model does not speak or no voice at all is refused by ``submit`` itself,
-as upstream ``generate`` refuses an unknown keyword.
+Readers get ``(chunk, ChunkMetrics)`` from a ``StreamHandle`` (``stream_handle``), as a plain or
+an async iterator. At most ``max_streams`` streams are active; more wait in a queue, none is
+refused for load. A stream is active from its prefill to its last chunk: one whose T3 has ended
+keeps its place until S3Gen has vocoded it, so an S3Gen slower than T3 holds new streams in the
+queue instead of piling up windows behind it. A request that cannot run (empty text, longer than
+the cache) fails alone with the same error as ``streaming.stream``; the others go on. An
+argument of the wrong type, a seed no generator takes, a sampling argument the family does not
+take or a value it cannot sample with, a language the model does not speak or no voice at all is
+refused by ``submit`` itself, as upstream ``generate`` refuses an unknown keyword.
 """
 
 from __future__ import annotations

@@ -62,7 +62,9 @@ class StreamHandle:
         self.error: BaseException | None = None
         self._error_tb: TracebackType | None = None  # where it was raised: each raise here starts from it
         self.closed = False
-        self.capped = False  # T3 ended it at its token cap, not at a stop token: speech maybe cut short
+        # T3 ended it at its token cap, not at a stop token: its speech may be cut short (random
+        # weights almost never sample the stop token)
+        self.capped = False
         self.sampled: list[int] = []  # every id T3 sampled, stop and non-speech ids included
         self.logits: list[torch.Tensor] = []  # (rows, vocab) float32 per sampled id, if the engine keeps them
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -126,21 +128,19 @@ class StreamHandle:
     def fail(self, error: BaseException, tb: TracebackType | None) -> None:
         """End the stream with ``error`` (the engine's, under its lock): its reader raises it,
         from ``tb``, where it was raised (read once by the engine: a reader of another stream
-        the same error ended may be raising it meanwhile); ``error`` keeps it."""
+        the same error ended may be raising it meanwhile); ``handle.error`` keeps it."""
         self.closed = True
         self.error, self._error_tb = error, tb
         self.put(error)
 
     def put(self, item: Any) -> None:
-        """Hand the reader ``item`` (the engine's): a ``(chunk, ChunkMetrics)``, ``END`` or an
-        error, waking an async reader."""
+        """Hand the reader ``item``: a ``(chunk, ChunkMetrics)``, ``END`` or an error (the engine
+        puts them; ``close`` puts ``END``), waking an async reader."""
         self._queue.put(item)
         if (waker := self._waker) is not None:
             loop, ready = waker
             with contextlib.suppress(RuntimeError):  # the reader's loop has closed: nobody to wake
                 loop.call_soon_threadsafe(ready.set)
-
-
 
 
 def as_ready(handles: list[StreamHandle]) -> Iterator[tuple[int, np.ndarray, ChunkMetrics]]:
