@@ -144,8 +144,8 @@ def deployment(options: ServeOptions, replicas: int) -> Any:
         # Every request a replica holds counts against this, a speech stream's until its body
         # ends, and past it Ray Serve queues the rest in arrival order: /health and /metrics
         # waited behind every queued stream (minutes) when the server was busiest (before
-        # 2026-12-07: max(16, 4 x max_streams)). The engine queues the streams it cannot run yet (none is
-        # refused for load), so a replica takes far more requests than it has engine slots.
+        # 2026-12-07: max(16, 4 x max_streams)). The engine queues the streams it cannot run yet
+        # (none is refused for load), so a replica takes far more requests than it has slots.
         max_ongoing_requests=ONGOING_REQUESTS,
         # Streams are long and alike and come in bursts: the default power-of-two choice reads
         # queue lengths that a burst outruns (4 streams went 3 and 1 to two replicas), so
