@@ -331,6 +331,8 @@ def test_load_cli_reports_each_level(
         sampled = sum(row["sampled_tokens"] for row in level["per_stream"])
         kept = sum(len(row["speech_tokens"]) for row in level["per_stream"])
         assert sampled == 20 * level["streams"] > kept  # random weights: some ids are not speech
+        # and no stop token: each stream ran to its cap, and the level counts them
+        assert all(row["capped"] for row in level["per_stream"]) and s["capped"] == level["streams"]
         assert s["t3_tokens_per_s_needed"] == pytest.approx(25 * level["streams"] * sampled / kept)
         assert all(row["speech_tokens"] and row["ttfa_s"] > 0 for row in level["per_stream"])
         assert level["rows_held_after"] == 0  # every stream freed its rows
@@ -651,7 +653,7 @@ def test_a_streams_row_counts_from_its_own_submit_and_keeps_its_worst_gap() -> N
     report = StreamReport("buffered", chunks=[chunk(0, 0.3, queued_s=0.05), chunk(1, 1.0), chunk(2, 2.0)])
     report.wall_s = 2.0
     handle = SimpleNamespace(report=report, request=SimpleNamespace(text="Hi.", seed=7), tokens=[3, 4],
-                             sampled=[3, 4, SPEECH_VOCAB_SIZE])  # fmt: skip
+                             sampled=[3, 4, SPEECH_VOCAB_SIZE], capped=True)  # fmt: skip
     row = load._stream_row(handle, {}, arrival_s=1.0)  # type: ignore[arg-type]
     assert (row["arrival_s"], row["queued_s"], row["ttfa_s"]) == (1.0, 0.05, 0.3)
     assert row["underruns"] == 2 and row["underrun_s"] == pytest.approx(0.7)
@@ -681,7 +683,7 @@ def test_a_levels_rates_and_sizes_from_hand_made_figures() -> None:
     inverse, its total or its busy-time rate (a live level of the tiny model may vocode one window a
     call, and its memory may not grow)."""
     row = {"arrival_s": 0.0, "ttfa_s": 0.2, "audio_s": 1.0, "underruns": 0, "max_underrun_s": 0.0,
-           "error": None, "sampled_tokens": 25, "kept_tokens": 25}  # fmt: skip
+           "error": None, "sampled_tokens": 25, "kept_tokens": 25, "capped": True}  # fmt: skip
     engine = {"t3_tokens": 100, "t3_busy_s": 0.5, "s3gen_busy_s": 1.0, "flow_windows": 6, "flow_calls": 4,
               "flow_s": 0.2, "vocoder_calls": 3, "vocoder_s": 0.09}  # fmt: skip
     memory = {"start_bytes": 10 * 2**20, "peak_bytes": 14 * 2**20}
@@ -694,6 +696,7 @@ def test_a_levels_rates_and_sizes_from_hand_made_figures() -> None:
     assert s["growth_mib_per_stream"] == 2.0  # 4 MiB over 2 streams
     assert s["kv_mib_per_stream"] == 3.0  # one stream's cache, not the level's
     assert s["limiting_stage"] == "s3gen"  # busy 1.0 s of 2 against T3's 0.5 s
+    assert s["capped"] == 2  # both streams ended at their cap
     # a level whose streams all failed before any stage worked: no stage limited it ("t3" before)
     idle = {
         **engine,
@@ -878,7 +881,8 @@ def test_a_fused_load_runs_one_fused_copy_and_its_solo_tokens(
 
 def _row(arrival_s: float, ttfa_s: float | None, audio_s: float, error: str | None = None) -> dict[str, Any]:
     return {"arrival_s": arrival_s, "ttfa_s": ttfa_s, "audio_s": audio_s, "underruns": 0,
-            "max_underrun_s": 0.0, "error": error, "sampled_tokens": 25, "kept_tokens": 25}  # fmt: skip
+            "max_underrun_s": 0.0, "error": error, "sampled_tokens": 25, "kept_tokens": 25,
+            "capped": error is None}  # fmt: skip
 
 
 def test_poisson_offsets_are_rate_streams_a_second_from_the_seed() -> None:

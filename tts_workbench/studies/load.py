@@ -401,6 +401,7 @@ def _stream_row(h: StreamHandle, out: dict[str, Any], arrival_s: float) -> dict[
         "speech_tokens": list(h.tokens),  # with Turbo's closing silence, appended once T3 ended
         "sampled_tokens": len(h.sampled),  # invalid ids too (dropped before S3Gen)
         "kept_tokens": len(speech_ids(h.sampled)),  # the speech ids among them
+        "capped": h.capped,  # T3 ended it at --tokens, not a stop token: its speech may be cut short
         "error": out.get("error"),
     }
 
@@ -444,6 +445,7 @@ def _level_summary(
     busy = {stage: e[f"{stage}_busy_s"] / wall for stage in ("t3", "s3gen")}
     return {
         **listener_summary(n, wall, streams),
+        "capped": sum(s["capped"] for s in streams),  # random weights: every stream that did not fail
         "t3_tokens_per_s": e["t3_tokens"] / wall,
         # what the T3 stage does per second it works: its capacity, whatever S3Gen leaves it to do
         "t3_tokens_per_busy_s": e["t3_tokens"] / e["t3_busy_s"] if e["t3_busy_s"] else 0.0,
@@ -705,9 +707,9 @@ def failures(report: dict[str, Any]) -> list[str]:
 
 def format_load(report: dict[str, Any]) -> str:
     """The ``tts-workbench load`` report."""
-    columns = ["streams", "failed", "silent", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s", "worst_underrun_s",
-               "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s", "windows_per_flow_call",
-               "flow_ms_per_call", "windows_per_vocoder_call", "vocoder_ms_per_call",
+    columns = ["streams", "failed", "silent", "capped", "ttfa_p50_s", "ttfa_p95_s", "ttfa_p99_s",
+               "worst_underrun_s", "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s",
+               "windows_per_flow_call", "flow_ms_per_call", "windows_per_vocoder_call", "vocoder_ms_per_call",
                "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mib", "growth_mib_per_stream",
                "kv_mib_per_stream"]  # fmt: skip
     frame = load_frame(report)
