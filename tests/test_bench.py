@@ -502,6 +502,29 @@ def test_a_converted_reference_is_in_the_report(tmp_path: Path, reference_wav: P
     # a generated voice's reference is checked in the attention-recording test's upstream-only run
 
 
+def test_a_bench_without_an_untimed_run_says_its_first_run_was_cold(tmp_path: Path) -> None:
+    """The first configuration's first run is the process's first generation (lazy set-up, first
+    allocations): with no warm-up that lands in the baseline's median and every ratio to it
+    (a full-size CPU run's upstream: 91.6 s then 83.8 s, the optimized runs level)."""
+    report = run_bench("tiny", ("upstream",), tokens=2, repeats=1, outdir=tmp_path / "b")
+    cold = "no untimed run: the first configuration's first run also paid the process's one-time"
+    assert report["settings"]["warmup"] == 0 and cold in bench.format_bench(report)
+    report["settings"]["warmup"] = 1
+    assert cold not in bench.format_bench(report)
+
+
+def test_the_bandwidth_probe_gives_its_buffer_back_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left in CUDA's caching allocator, the probe's 512 MiB served every run's large allocations,
+    and the runs' reserved growth showed only the small pool's (the H200's upstream: 0.02 GiB
+    reserved against 0.15 GiB grown). A CPU buffer stands in for the device's."""
+    emptied: list[bool] = []
+    ones = torch.ones
+    monkeypatch.setattr(bench.torch, "ones", lambda *a, device=None, **k: ones(*a, **k))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    assert bench.read_bandwidth("cuda", mbytes=8) > 0 and emptied == [True]
+    assert bench.read_bandwidth("cpu", mbytes=8) > 0 and emptied == [True]  # nothing to give back
+
+
 def test_the_summary_is_the_median_and_min_of_the_repeats_not_their_mean() -> None:
     """docs/bench.md: bench.json's summary holds the min and median of each; one slow repeat of
     three (a page-fault storm, a neighbour's burst) moves a mean, not a median."""
