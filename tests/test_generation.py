@@ -376,6 +376,13 @@ def test_an_argument_upstream_generate_does_not_take_is_refused_before_the_voice
     assert tiny_tts.conds is conds
 
 
+def test_a_language_id_of_none_is_none_given_for_every_family(tiny_tts: ChatterboxTTS) -> None:
+    """A caller that passes its optional language on (diagnose's ``language_id``, None for the
+    English-only families) needs no branch of its own; a language given is still refused above."""
+    given = generate(tiny_tts, "Hello.", max_new_tokens=4, seed=0, language_id=None)
+    assert given.speech_tokens == generate(tiny_tts, "Hello.", max_new_tokens=4, seed=0).speech_tokens
+
+
 @pytest.mark.parametrize(("samples", "accepted"), [(120010, True), (120000, False)])
 def test_turbos_five_seconds_are_measured_as_upstream_measures_them(
     tmp_path: Path, samples: int, accepted: bool

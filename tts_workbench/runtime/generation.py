@@ -301,7 +301,8 @@ def generate(
 ) -> GenerationResult:
     """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings
     (``t3`` includes its ``t3.prefill`` and ``t3.decode``, see ``t3_timed``). The multilingual
-    model speaks ``language_id`` (default "en", checked by ``families.language_for``).
+    model speaks ``language_id`` (default "en", checked by ``families.language_for``); a
+    ``language_id`` of None is none given, for every family.
 
     With a ``seed`` every draw comes from the call's own generators (``rng.StreamRandom``):
     the tokens and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, and
@@ -318,6 +319,8 @@ def generate(
     reference = sampling.pop("audio_prompt_path", None)
     checked_voice(reference or tts.conds, text)  # a reference to prepare will do
     family = family_of(tts)
+    if sampling.get("language_id", "") is None:  # not given, as language_for takes it (any family)
+        del sampling["language_id"]
     if (language := language_for(tts, sampling.get("language_id"))) is not None:
         sampling["language_id"] = language
     text_tokens(tts, text, 0.0, language)  # a text longer than T3's positions: refused, not an IndexError

@@ -116,9 +116,8 @@ def run_diagnosis(
             step_plan = decode_step_plan(tts, text, decode, tokens, language_id)
         outdir.mkdir(parents=True, exist_ok=True)
         stage("generating in float32")
-        language = {"language_id": language_id} if language_id else {}  # the others take none
         with record_kernels(tts) as kernels:
-            result = generate(tts, text, max_new_tokens=tokens, seed=seed, **language)
+            result = generate(tts, text, max_new_tokens=tokens, seed=seed, language_id=language_id)
         stage(f"finding the {step_plan.step} step's kernels")
         decode_step = decode_step_kernels(
             tts, text, decode, seed, tokens, plan=step_plan, language_id=language_id
@@ -376,7 +375,6 @@ def _precision_stages(
     stage: Callable[[str], None],
     language_id: str | None,
 ) -> dict[str, Any]:
-    language = {"language_id": language_id} if language_id else {}  # the others take none
     for module in components(tts).values():
         module.to(dtype)
     device = str(tts.device)
@@ -387,7 +385,10 @@ def _precision_stages(
         tts.conds = conds  # keep the float32 conditionals of the seed scenario
         stage(f"precision: {dtype_name(dtype)} generation")
         stages["generate"] = _stage(
-            tts, lambda: generate(tts, text, max_new_tokens=tokens, seed=seed, **language), True, autocast
+            tts,
+            lambda: generate(tts, text, max_new_tokens=tokens, seed=seed, language_id=language_id),
+            True,
+            autocast,
         )
         tts.conds = conds
         valid = torch.randint(
