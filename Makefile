@@ -94,11 +94,12 @@ browser-test: venv
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
-	$(BIN)/ruff check browser_tests && $(BIN)/mypy browser_tests
+	$(BIN)/ruff check browser_tests && $(BIN)/ruff format --check browser_tests && $(BIN)/mypy browser_tests
 	SE_OFFLINE=true $(BIN)/python -m pytest -q browser_tests -p no:cacheprovider
 
 lint: venv
-	$(BIN)/ruff check tts_workbench tests conftest.py notebooks scripts
+	$(BIN)/ruff check tts_workbench tests conftest.py notebooks scripts docs/hooks
+	$(BIN)/ruff format --check tts_workbench tests conftest.py notebooks scripts docs/hooks
 	$(BIN)/mypy tts_workbench scripts
 	$(BIN)/lint-imports
 

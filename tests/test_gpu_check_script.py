@@ -245,8 +245,15 @@ def test_the_serving_wheels_go_slimmed_into_a_folder_of_their_own(tmp_path: Path
     # gpu-wheels/, which must travel in another call), Ray's wheel without what serving never
     # imports, then the size check. A python3 whose pip "downloads" a stand-in Ray wheel.
     script = wheels_checkout(tmp_path / "checkout")
-    dropped = ["ray/jars/ray_dist.jar", "ray/dashboard/client/build/index.html", "ray/rllib/__init__.py",
-               "ray/data/__init__.py", "ray/tune/__init__.py", "ray/train/__init__.py", "ray/llm/__init__.py"]
+    dropped = [
+        "ray/jars/ray_dist.jar",
+        "ray/dashboard/client/build/index.html",
+        "ray/rllib/__init__.py",
+        "ray/data/__init__.py",
+        "ray/tune/__init__.py",
+        "ray/train/__init__.py",
+        "ray/llm/__init__.py",
+    ]
     kept = ["ray/__init__.py", "ray/serve/__init__.py", "ray/dashboard/__init__.py"]
     (tmp_path / "index").mkdir()
     ray = fake_wheel(tmp_path / "index", "ray", "2.60.0", dict.fromkeys(dropped + kept, b"x"))
@@ -498,7 +505,10 @@ def test_the_served_engine_is_the_load_steps(tmp_path: Path) -> None:
     # the served figures are compared with the in-process ones: the server ran 64 streams over
     # the default buckets with the estimator eager, whatever the load step ran
     p, result, calls = stubbed_gpu_check(
-        tmp_path, GPU_CHECK_LOAD="1", GPU_CHECK_SERVE="1", GPU_CHECK_LOAD_FLOW="compiled",
+        tmp_path,
+        GPU_CHECK_LOAD="1",
+        GPU_CHECK_SERVE="1",
+        GPU_CHECK_LOAD_FLOW="compiled",
         GPU_CHECK_LOAD_LEVELS="1,2",
     )
     load = [c for c in calls if " load --model " in c]

@@ -444,7 +444,7 @@ def test_a_server_that_lists_no_model_asks_for_model(status: int, models: dict[s
 def test_another_servers_error_page_is_quoted_on_one_line() -> None:
     """An HTML page as the error (a web server that is no speech server): before 2026-12-07 its
     text went into the error as it came, ten lines under one ``error:``."""
-    page = "<!DOCTYPE HTML>\n<html lang=\"en\">\n  <head>\n" + "  <p>Not found</p>\n" * 40 + "</html>\n"
+    page = '<!DOCTYPE HTML>\n<html lang="en">\n  <head>\n' + "  <p>Not found</p>\n" * 40 + "</html>\n"
 
     def handle(request: httpx.Request) -> httpx.Response:
         return httpx.Response(404, text=page, headers={"content-type": "text/html"})

@@ -24,7 +24,9 @@ def _expand(entries: list[Any], docs: Path) -> list[Any]:
     out: list[Any] = []
     for entry in entries:
         if isinstance(entry, str) and entry.endswith("/"):
-            out += [{_title(nb): nb.relative_to(docs).as_posix()} for nb in sorted((docs / entry).glob("*.ipynb"))]
+            out += [
+                {_title(nb): nb.relative_to(docs).as_posix()} for nb in sorted((docs / entry).glob("*.ipynb"))
+            ]
         elif isinstance(entry, dict):
             out.append({k: _expand(v, docs) if isinstance(v, list) else v for k, v in entry.items()})
         else:
