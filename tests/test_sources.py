@@ -1066,6 +1066,23 @@ def test_a_reference_too_short_to_make_is_refused_and_a_failed_write_leaves_noth
     assert [p.name for p in tmp_path.iterdir()] == ["r.wav"]  # before: the hidden partial file too
 
 
+def test_a_generated_voice_is_made_once_a_process_and_kept_read_only(tmp_path: Path) -> None:
+    """Every command without ``--reference`` writes the 10 s voice (0.2 s of arithmetic): its
+    samples are made once a process for each length, rate and seed, the same file each time, and
+    kept read-only so that no caller changes the next one's voice."""
+    from tts_workbench.models import reference
+
+    a, b = (
+        make_reference_wav(tmp_path / "a.wav", seconds=1.0),
+        make_reference_wav(tmp_path / "b.wav", seconds=1.0),
+    )
+    assert a.read_bytes() == b.read_bytes()
+    assert make_reference_wav(tmp_path / "c.wav", seconds=1.0, seed=1).read_bytes() != a.read_bytes()
+    kept = reference._voice_signal(1.0, 24_000, 0)
+    assert kept is reference._voice_signal(1.0, 24_000, 0) and not kept.flags.writeable
+    assert np.allclose(sf.read(a, dtype="float32")[0], kept, rtol=0, atol=1 / 2**15)  # 16-bit PCM
+
+
 def test_a_generated_voice_is_kept_only_when_its_block_ends_without_an_error(tmp_path: Path) -> None:
     out = tmp_path / "out" / "reference.wav"
     with pytest.raises(ConfigError, match="refused"), generated_voice(out) as wav:
