@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from tts_workbench.core.rng import RowsDrawError, StreamRandom, rows_drawing
+from tts_workbench.core.rng import RowsDrawError, StreamRandom, default_generator, drawn_from, rows_drawing
 from tts_workbench.models.builders import build_model
 
 
@@ -106,6 +107,25 @@ def test_a_seeded_build_is_its_seeds_while_another_thread_draws_and_leaves_its_d
     # Only that thread drew from the global generator: its numbers are seed 5's, none twice.
     own = torch.Generator().manual_seed(5)
     assert torch.equal(torch.cat(drawn), torch.cat([torch.rand(1, generator=own) for _ in drawn]))
+
+
+def test_drawn_from_names_the_generator_a_draw_without_one_takes() -> None:
+    """What a build sets past the draws it skips (``builders._skeleton_draws``): torch's default
+    outside ``drawing_all``; inside, the stream's, with another dispatch mode inside it too (it
+    passes the draw on to the stream's mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            return func(*args, **(kwargs or {}))
+
+    cpu, stream = torch.device("cpu"), StreamRandom(3)
+    assert drawn_from(cpu) is default_generator(cpu)
+    with stream.drawing_all(), Passing():
+        named = drawn_from(cpu)
+        before = named.get_state()
+        torch.empty(4).normal_()
+    assert named is stream.generator(cpu) and not torch.equal(named.get_state(), before)
 
 
 def test_a_draw_given_its_own_generator_is_left_alone() -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode_temporarily
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 # Random factories that take a ``generator`` keyword, and how each finds its device.
 _LIKE = {torch.rand_like, torch.randn_like, torch.randint_like}
@@ -113,9 +113,10 @@ def default_generator(device: torch.device) -> torch.Generator:
 
 def drawn_from(device: torch.device) -> torch.Generator:
     """The generator a draw on ``device`` without one takes in this thread now: the innermost
-    ``drawing_all()`` stream's, else torch's default (``default_generator``)."""
-    mode = _get_current_dispatch_mode()
-    return mode.generator(device) if isinstance(mode, _DrawingAll) else default_generator(device)
+    ``drawing_all()`` stream's (another dispatch mode inside it passes the draw on), else torch's
+    default (``default_generator``)."""
+    modes = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, _DrawingAll)]
+    return modes[-1].generator(device) if modes else default_generator(device)
 
 
 def overwritten() -> _Drawing:
