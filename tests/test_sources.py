@@ -87,8 +87,9 @@ def test_a_build_past_the_skeletons_draws_has_the_weights_of_one_that_makes_them
 ) -> None:
     """A tiny build draws what a full-size HiFT's construction draws before its own weights (the
     seeds' weights of the runs before); from a generator state seen before it sets the state
-    those draws leave instead of building the HiFT again (0.2 s of a 0.75 s build): every weight
-    of every part as the build that made them."""
+    those draws leave instead of building the HiFT again (a build 0.53 -> 0.40 s): every weight of
+    every part as the build that made them. Under another default dtype the draws move the
+    generator otherwise: made again, not taken from the float32 build's."""
     skeletons: list[Any] = []
     hift = builders.HiFTGenerator
 
@@ -108,6 +109,14 @@ def test_a_build_past_the_skeletons_draws_has_the_weights_of_one_that_makes_them
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     load_model("tiny", seed=6)  # another state: its own draws
     assert len(skeletons) == 2 and len(builders._AFTER_SKELETON) == 2
+    for dtype in (torch.float32, torch.float64):  # one generator state, two dtypes: two draws
+        torch.set_default_dtype(dtype)
+        try:
+            with builders.own_random_state(0):
+                builders._skeleton_draws()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    assert len(skeletons) == 4 and len(builders._AFTER_SKELETON) == 4
 
 
 def test_every_build_has_its_own_watermarker_with_perths_weights(monkeypatch: pytest.MonkeyPatch) -> None:

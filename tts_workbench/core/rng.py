@@ -112,9 +112,11 @@ def default_generator(device: torch.device) -> torch.Generator:
 
 
 def drawn_from(device: torch.device) -> torch.Generator:
-    """The generator a draw on ``device`` without one takes in this thread now: the innermost
-    ``drawing_all()`` stream's (another dispatch mode inside it passes the draw on), else torch's
-    default (``default_generator``)."""
+    """The generator a draw on ``device`` (CPU or CUDA) without one reaches in this thread's
+    dispatch now: the innermost ``drawing_all()`` stream's (another dispatch mode inside it passes
+    the draw on), else torch's default (``default_generator``). A torch function mode's
+    (``drawing()``) is not looked for: it hands its generator to the call before dispatch, and no
+    construction runs inside one."""
     modes = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, _DrawingAll)]
     return modes[-1].generator(device) if modes else default_generator(device)
 

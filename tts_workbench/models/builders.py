@@ -223,9 +223,10 @@ def _tiny_parts(cfg: TinyConfig) -> dict[str, Callable[..., Any]]:
     }
 
 
-# The generator's state after the skeleton's draws, by its state before (at most a few dozen: one
-# per model size and weight seed a process builds, 10 KB each).
-_AFTER_SKELETON: dict[bytes, torch.Tensor] = {}
+# The generator's state after the skeleton's draws, by the device, the default dtype (how far a
+# draw moves a generator depends on both) and the state before: at most a few dozen a process (one
+# per model size and weight seed it builds), 10 KB each on the CPU.
+_AFTER_SKELETON: dict[tuple[str, torch.dtype, bytes], torch.Tensor] = {}
 
 
 def _skeleton_draws() -> None:
@@ -233,19 +234,23 @@ def _skeleton_draws() -> None:
     The full-size skeleton tiny builds replaced made them (hifigan's ``init_weights`` draws with
     ``Tensor.normal_``, which ``no_init`` leaves alone): each seed's weights stay those of the runs
     before. A build from a state seen before (the same size and seed) sets the state the draws
-    left instead of making them again: 0.2 s of a tiny build's 0.75 (2026-12-07). Under
-    ``CONSTRUCTION``, as every build."""
+    left instead of making them again: a tiny build 0.53 -> 0.40 s (2026-12-07, minimum of 12;
+    docs/measurements.md). Under ``CONSTRUCTION``, as every build."""
     device = torch.get_default_device()  # where the skeleton's weights, and so its draws, are made
+    if device.type not in ("cpu", "cuda"):  # meta draws nothing; another device's generator is not ours
+        with no_init():
+            HiFTGenerator(**_HIFT, f0_predictor=ConvRNNF0Predictor())
+        return
     generator = drawn_from(device)
-    before = generator.get_state().numpy().tobytes()
-    if before not in _AFTER_SKELETON:
+    key = (str(device), torch.get_default_dtype(), generator.get_state().numpy().tobytes())
+    if key not in _AFTER_SKELETON:
         with no_init():
             HiFTGenerator(**_HIFT, f0_predictor=ConvRNNF0Predictor())
         if len(_AFTER_SKELETON) >= 64:
             del _AFTER_SKELETON[next(iter(_AFTER_SKELETON))]
-        _AFTER_SKELETON[before] = generator.get_state()
+        _AFTER_SKELETON[key] = generator.get_state()
     else:
-        generator.set_state(_AFTER_SKELETON[before])
+        generator.set_state(_AFTER_SKELETON[key])
 
 
 def _tiny_s3gen(cfg: TinyConfig, meanflow: bool = False) -> S3Gen:
