@@ -240,11 +240,13 @@ def flow_mels(
     """Mel frames (1, 80, 2·tokens) for speech ``tokens`` after the reference prompt in ``gen``;
     one frame fewer, 2·tokens - 1, where the prompt has one frame more than twice its tokens, as
     upstream ``embed_ref`` leaves a reference under 10 s that is not a multiple of 40 ms
-    (``streaming.shorten_prompt`` drops that frame, so every token gets two).
+    (``streaming.shorten_prompt`` drops that frame, so every token gets two). Several windows of
+    one voice and one length in one call: ``tokens`` (windows, n) give (windows, 80, 2·n), each
+    row computed apart from the others (the stream engine's batched flow calls).
 
     Always finalized, every token's frames made (upstream's ``finalize=False``, which drops the
     last ``pre_lookahead_len`` tokens' frames, fails in its own mask there; before 2026-12-04 it
-    was offered here and failed so). ``noise`` (1, 80, 2·tokens) replaces
+    was offered here and failed so). ``noise`` (windows, 80, frames) replaces
     the flow-matching start noise of the generated frames (upstream draws it afresh every call),
     so windows of one utterance can share one noise track. ``plan`` runs the CFM estimator its
     way, its frames padded to the prompt plus ``pad_to`` tokens (``FlowPlan``). ``n_timesteps``
@@ -257,7 +259,7 @@ def flow_mels(
     with torch.inference_mode(), (plan or FlowPlan()).running(s3gen, frames):
         mels, _ = s3gen.flow.inference(
             token=tokens,
-            token_len=torch.tensor([tokens.size(1)], device=device),
+            token_len=torch.full((tokens.size(0),), tokens.size(1), device=device),
             finalize=True,
             n_timesteps=n_timesteps or cfm_steps(s3gen),
             noised_mels=None if noise is None else noise.to(device=device, dtype=dtype),

@@ -67,7 +67,7 @@ from ..core.families import family_of, language_for
 from ..core.patching import let_go, sharing
 from ..core.rng import StreamRandom, overwritten, rows_drawing
 from ..instruments.latency import ChunkMetrics
-from ..models.vocode import FlowPlan, cast_gen, cfm_steps, tail_tokens, vocoder
+from ..models.vocode import FlowPlan, cast_gen, flow_mels, tail_tokens, vocoder
 from .alignment import Alignment, text_columns, watching_rows
 from .alignment import alignment as new_analyzer
 from .batched_step import BatchedStep, kv_bytes_per_stream
@@ -1247,26 +1247,16 @@ class StreamEngine:
         ``flow_batches`` with copies of the last (each row of the flow is computed apart from the
         others; the copies are dropped), the estimator's frames to the prompt plus ``regular``
         tokens (``FlowPlan``)."""
-        s3gen = self.tts.s3gen
-        device, windows = s3gen.device, tokens.size(0)
-        frames = None
+        windows, pad_to = tokens.size(0), None
         if self.flow.compiled:
             batch = next(b for b in self.flow_batches if b >= windows)
             tokens = torch.cat([tokens, tokens[-1:].expand(batch - windows, -1)])
             noise = torch.cat([noise, noise[-1:].expand(batch - windows, -1, -1)])
-            frames = gen["prompt_feat"].size(1) + regular * FRAMES_PER_TOKEN
+            pad_to = regular
         compiled_before = self.flow.compile_s_here
         t0 = self._now()
-        with torch.inference_mode(), self.flow.running(s3gen, frames), overwritten():  # the noise is ours
-            mels, _ = s3gen.flow.inference(
-                token=tokens.to(device),
-                token_len=torch.full((tokens.size(0),), tokens.size(1), device=device),
-                finalize=True,
-                n_timesteps=cfm_steps(s3gen),
-                noised_mels=noise.to(device=device, dtype=s3gen.dtype),
-                meanflow=s3gen.meanflow,
-                **gen,
-            )
+        with overwritten():  # the noise is ours
+            mels = flow_mels(self.tts.s3gen, tokens, gen, noise=noise, plan=self.flow, pad_to=pad_to)
         compiling = self.flow.compile_s_here - compiled_before
         return mels[:windows], self._now() - t0 - compiling, compiling, tokens.size(0)
 
