@@ -96,6 +96,52 @@ def traced_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "compile", traced)
 
 
+class Meeting:
+    """Where two threads calling one model meet (``wait``) before going on, to run a race at its
+    worst: both voices written before either is read. The model's turn (``generation.voice_turn``)
+    is watched: a thread that finds the other waiting for the turn goes on at once, since the other
+    cannot come before it (until 2026-12-07 a 3 s barrier timeout was waited out instead, in each
+    of seven tests). ``timeout`` bounds the wait either way."""
+
+    def __init__(self, tts: Any, monkeypatch: pytest.MonkeyPatch, timeout: float = 3.0) -> None:
+        from tts_workbench.runtime import generation
+
+        self.timeout, self.arrived, self.turn_waited = timeout, 0, False
+        self.changed = threading.Condition()
+        turn, meeting = threading.RLock(), self
+
+        class Watched:
+            """The model's turn, telling the meeting when a thread has to wait for it."""
+
+            def __enter__(self) -> None:
+                if not turn.acquire(blocking=False):
+                    with meeting.changed:
+                        meeting.turn_waited = True
+                        meeting.changed.notify_all()
+                    turn.acquire()
+
+            def __exit__(self, *_exc: object) -> None:
+                turn.release()
+
+        monkeypatch.setitem(generation._turns, tts.t3, Watched())
+
+    def wait(self) -> None:
+        """Back once the other thread is here too, waits for the turn, or ``timeout`` passed."""
+        with self.changed:
+            self.arrived += 1
+            self.changed.notify_all()
+            self.changed.wait_for(lambda: self.arrived >= 2 or self.turn_waited, self.timeout)
+
+
+MeetingOn = Callable[[Any], Meeting]  # the ``meeting`` fixture: a model's Meeting
+
+
+@pytest.fixture
+def meeting(monkeypatch: pytest.MonkeyPatch) -> MeetingOn:
+    """``meeting(tts)``: a ``Meeting`` of two threads on ``tts``, its turn watched for the test."""
+    return lambda tts: Meeting(tts, monkeypatch)
+
+
 @pytest.fixture
 def analyzers(monkeypatch: pytest.MonkeyPatch) -> Analyzers:
     """``Analyzers`` installed for the test."""
@@ -265,22 +311,34 @@ def _prompt_embedding_is_its_own(tts: ChatterboxTTS) -> bool:
 _WEIGHTS: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}  # id(model): (fingerprint, values)
 
 
+_PLAIN: dict[int, list[tuple[str, str]]] = {}  # id(model): its modules' plain tensor attributes
+
+
 def _tensors(tts: ChatterboxTTS) -> dict[str, Any]:
     """Every parameter, buffer and plain tensor attribute (upstream keeps some: S3Gen's ``pe``,
-    ``freqs_cis``, ``stft_window``) of the model's three components, by name."""
-    import itertools
-
+    ``freqs_cis``, ``stft_window``) of the model's three components, by name. The attributes are
+    found once, on the first look (each module's ~20 attributes scanned took most of a look, and
+    a look runs twice in every test that takes the session model); later looks read those names
+    (an attribute set since is not seen, one gone is)."""
     import torch
 
-    found = {}
+    found, modules = {}, {}
     for name in ("t3", "s3gen", "ve"):
-        m = getattr(tts, name)
-        for key, t in itertools.chain(m.named_parameters(), m.named_buffers()):
-            found[f"{name}.{key}"] = t
-        for path, module in m.named_modules():
-            for attr, value in vars(module).items():
-                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
-                    found[f"{name}.{path}.{attr}"] = value
+        for path, module in getattr(tts, name).named_modules(prefix=name):
+            modules[path] = module
+            for group in (module._parameters, module._buffers):
+                found.update((f"{path}.{key}", t) for key, t in group.items() if t is not None)
+    if id(tts) not in _PLAIN:
+        _PLAIN[id(tts)] = [
+            (path, attr)
+            for path, module in modules.items()
+            for attr, value in vars(module).items()
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)
+        ]
+    for path, attr in _PLAIN[id(tts)]:
+        value = getattr(modules.get(path), attr, None)
+        if isinstance(value, torch.Tensor):
+            found[f"{path}.{attr}"] = value
     return found
 
 

@@ -3,6 +3,7 @@ written whole or not at all."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,26 @@ class Reached(Exception):
 
 def _reached(*_a: object, **_k: object) -> None:
     raise Reached
+
+
+PROBE = bench.read_bandwidth  # the real probe, for the tests of it
+
+
+@pytest.fixture(autouse=True)
+def _no_bandwidth_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bench here without its bandwidth probe (a 512 MiB reduction timed for a second, 1-1.5 s
+    a bench): none reads the figure; `bench --model tiny` in test_profiling.py runs it."""
+    monkeypatch.setattr(bench, "read_bandwidth", lambda device="cpu", mbytes=512: 10e9)
+
+
+class FixedTimer:
+    """``bench.Timer`` whose every measurement takes 0.5 s (the probe's arithmetic, not its timing)."""
+
+    def __init__(self, *_a: Any, **_k: Any) -> None:
+        pass
+
+    def blocked_autorange(self, **_k: Any) -> Any:
+        return SimpleNamespace(median=0.5)
 
 
 def _errors(capsys: pytest.CaptureFixture[str]) -> list[str]:
@@ -158,7 +179,15 @@ def test_a_failed_write_leaves_no_file_and_the_wrapper_closed(
     monkeypatch.setattr(PerformanceOptimizedTTS, "close", counted)
     monkeypatch.setattr(Figure, "savefig", half_written)
     with pytest.raises(OSError, match="No space left"):
-        run_bench("tiny", ("optimized",), tokens=3, repeats=1, reference=str(reference_wav), outdir=tmp_path)
+        run_bench(
+            "tiny",
+            ("optimized",),
+            tokens=3,
+            repeats=1,
+            reference=str(reference_wav),
+            outdir=tmp_path,
+            dtype="float32",
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv"]  # whole; no report, no partial file
     assert len(closed) == 1
 
@@ -244,7 +273,7 @@ def test_the_bandwidth_is_read_on_the_threads_the_decode_steps_run_on(
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        bench.read_bandwidth("cpu", mbytes=4)
+        PROBE("cpu", mbytes=4)
     finally:
         torch.set_num_threads(threads)
     assert seen == {2}
@@ -366,7 +395,13 @@ def test_the_footer_names_the_estimator_only_where_a_configuration_compiled_it(
     yet the footer said compile_s was "T3's step and S3Gen's estimator" after any bench, and
     docs/gpu-check.md quoted an upstream,compiled run's 99.6 s as both."""
     report = run_bench(
-        "tiny", ("upstream", "compiled"), tokens=2, repeats=1, reference=str(reference_wav), outdir=tmp_path
+        "tiny",
+        ("upstream", "compiled"),
+        tokens=2,
+        repeats=1,
+        reference=str(reference_wav),
+        outdir=tmp_path,
+        dtype="float32",
     )
     assert report["compile_s"]["compiled"] > 0
     footer = bench.format_bench(report).splitlines()[-2]  # (the last line lists the files written)
@@ -399,7 +434,7 @@ def test_the_attention_recording_runs_after_the_timed_runs_and_only_for_a_wrappe
 
     monkeypatch.setattr(bench, "run_pipeline", logged)
     report = run_bench("tiny", ("upstream", "optimized"), tokens=2, repeats=1, warmup=0,
-                       reference=str(reference_wav), outdir=tmp_path / "both")  # fmt: skip
+                       reference=str(reference_wav), outdir=tmp_path / "both", dtype="float32")  # fmt: skip
     assert calls == [("upstream", False), ("wrapper", False), ("wrapper", True)]
     assert report["attention_kernels_optimized"]["t3.decode"]  # recorded, after the timed runs
     calls.clear()
@@ -417,7 +452,7 @@ def test_a_step_shared_by_two_configurations_shows_its_compile_on_both(
     was charged for it, the other showed 0 (before: compile_s {'compiled-stream': 20.17,
     'compiled': 0.0}), though docs/bench.md says each row's compile_s covers its T3 step."""
     report = run_bench("tiny", ("compiled-stream", "compiled"), tokens=2, repeats=1,
-                       reference=str(reference_wav), outdir=tmp_path)  # fmt: skip
+                       reference=str(reference_wav), outdir=tmp_path, dtype="float32")  # fmt: skip
     rows = {r["config"]: r for r in report["rows"]}
     step, estimator = rows["compiled-stream"]["t3_compile_s"], rows["compiled-stream"]["s3gen_compile_s"]
     assert rows["compiled"]["t3_compile_s"] == 0  # its runs found the step built
@@ -449,20 +484,34 @@ def test_the_fused_copy_is_made_outside_every_timed_window(
     assert made == [0]
 
 
-def test_an_upstream_only_bench_measures_no_policy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_wav: Path
-) -> None:
-    """With no config running the wrapper, "auto" timed T3's policies for nothing and recorded
-    whichever won that moment (a loaded machine recorded decode-bfloat16, failing the GPU check's
-    dry run): the wrapper now opens in upstream's float32, nothing measured."""
+@pytest.fixture(scope="module")
+def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path) -> dict[str, Any]:
+    """One upstream-only bench (2 tokens, 1 repeat, the default warm-up, a stereo copy of the
+    reference), every policy measurement refused: the report the three tests below read."""
+    folder = tmp_path_factory.mktemp("upstream_bench")
+    mono, sr = sf.read(reference_wav)
+    stereo = folder / "stereo.wav"
+    sf.write(stereo, np.stack([mono, 0.5 * mono], axis=1), sr)
 
     def measured(tts: Any, candidate: str, *a: Any, **k: Any) -> None:
         raise AssertionError(f"policy {candidate} timed for a bench that runs no wrapper")
 
-    monkeypatch.setattr(optimized, "measure_policy", measured)
-    report = run_bench("tiny", ("upstream",), tokens=2, repeats=1, reference=str(reference_wav),
-                       outdir=tmp_path)  # fmt: skip
-    assert report["optimized_policy"]["policy"] == "float32"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optimized, "measure_policy", measured)
+        patch.setattr(
+            bench, "read_bandwidth", lambda device="cpu", mbytes=512: 10e9
+        )  # as _no_bandwidth_probe
+        return run_bench(
+            "tiny", ("upstream",), tokens=2, repeats=1, reference=str(stereo), outdir=folder / "b"
+        )
+
+
+def test_an_upstream_only_bench_measures_no_policy(upstream_bench: dict[str, Any]) -> None:
+    """With no config running the wrapper, "auto" timed T3's policies for nothing and recorded
+    whichever won that moment (a loaded machine recorded decode-bfloat16, failing the GPU check's
+    dry run): the wrapper now opens in upstream's float32, nothing measured (``upstream_bench``
+    refuses every measurement)."""
+    assert upstream_bench["optimized_policy"]["policy"] == "float32"
 
 
 def test_fused_on_turbo_is_refused_before_the_model_loads(
@@ -484,16 +533,12 @@ def test_fused_on_turbo_is_refused_before_the_model_loads(
         run_bench("tiny", configs=("static",), fused=True, outdir=tmp_path / "o")
 
 
-def test_a_converted_reference_is_in_the_report(tmp_path: Path, reference_wav: Path) -> None:
+def test_a_converted_reference_is_in_the_report(upstream_bench: dict[str, Any]) -> None:
     """The other commands said a stereo or resampled reference was converted; the bench converted
     it without a word (docs/index.md said so)."""
-    mono, sr = sf.read(reference_wav)
-    stereo = tmp_path / "stereo.wav"
-    sf.write(stereo, np.stack([mono, 0.5 * mono], axis=1), sr)
-    report = run_bench(
-        "tiny", ("upstream",), tokens=2, repeats=1, reference=str(stereo), outdir=tmp_path / "b"
-    )
-    assert report["reference"]["path"] == str(stereo) and report["reference"]["channels"] == 2
+    report = copy.deepcopy(upstream_bench)
+    stereo, sr = report["reference"]["path"], sf.info(report["reference"]["path"]).samplerate
+    assert stereo.endswith("stereo.wav") and report["reference"]["channels"] == 2
     assert f"reference {stereo} ({report['reference']['seconds']} s, {sr} Hz): mixed 2 channels to mono" in (
         bench.format_bench(report).splitlines()
     )
@@ -502,11 +547,11 @@ def test_a_converted_reference_is_in_the_report(tmp_path: Path, reference_wav: P
     # a generated voice's reference is checked in the attention-recording test's upstream-only run
 
 
-def test_a_bench_without_an_untimed_run_says_its_first_run_was_cold(tmp_path: Path) -> None:
+def test_a_bench_without_an_untimed_run_says_its_first_run_was_cold(upstream_bench: dict[str, Any]) -> None:
     """The first configuration's first run is the process's first generation (lazy set-up, first
     allocations): with no warm-up that lands in the baseline's median and every ratio to it
     (a full-size CPU run's upstream: 91.6 s then 83.8 s, the optimized runs level)."""
-    report = run_bench("tiny", ("upstream",), tokens=2, repeats=1, outdir=tmp_path / "b")
+    report = copy.deepcopy(upstream_bench)
     cold = "no untimed run: the first configuration's first run also paid the process's one-time"
     assert report["settings"]["warmup"] == 0 and cold in bench.format_bench(report)
     report["settings"]["warmup"] = 1
@@ -521,8 +566,9 @@ def test_the_bandwidth_probe_gives_its_buffer_back_on_cuda(monkeypatch: pytest.M
     ones = torch.ones
     monkeypatch.setattr(bench.torch, "ones", lambda *a, device=None, **k: ones(*a, **k))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    assert bench.read_bandwidth("cuda", mbytes=8) > 0 and emptied == [True]
-    assert bench.read_bandwidth("cpu", mbytes=8) > 0 and emptied == [True]  # nothing to give back
+    monkeypatch.setattr(bench, "Timer", FixedTimer)
+    assert PROBE("cuda", mbytes=8) > 0 and emptied == [True]
+    assert PROBE("cpu", mbytes=8) > 0 and emptied == [True]  # nothing to give back
 
 
 def test_the_summary_is_the_median_and_min_of_the_repeats_not_their_mean() -> None:
@@ -558,16 +604,8 @@ def test_the_floor_is_the_step_bytes_read_once_at_the_measured_bandwidth(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """docs/bench.md: floor = T3 bytes per step / read bandwidth (bytes/s, a float32 buffer)."""
-
-    class Fixed:
-        def __init__(self, *_a: Any, **_k: Any) -> None:
-            pass
-
-        def blocked_autorange(self, **_k: Any) -> Any:
-            return type("M", (), {"median": 0.5})()
-
-    monkeypatch.setattr(bench, "Timer", Fixed)
-    bandwidth = bench.read_bandwidth("cpu", mbytes=4)
+    monkeypatch.setattr(bench, "Timer", FixedTimer)
+    bandwidth = PROBE("cpu", mbytes=4)
     assert bandwidth == pytest.approx(4 * 2**20 / 0.5)  # the buffer's bytes over the time to read them
     assert bench.step_floor(10**9, 10**9) == pytest.approx(1.0)  # bytes over bytes/s: seconds
 

@@ -53,7 +53,7 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
             "--model",
             "tiny",
             "--tokens",
-            "20",
+            "6",
             "--json",
             "--out",
             str(tmp_path),
@@ -73,7 +73,7 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     for noise in ("PerthNet", "S3 Token", "Sampling"):
         assert noise not in out + err, noise
     assert "output_attentions" not in err and "sdpa" not in err, err[-2000:]
-    assert report["speech_tokens"] == 20 and report["stopped_by"] == "token cap"
+    assert report["speech_tokens"] == 6 and report["stopped_by"] == "token cap"
     assert set(report["components"]) == {"ve", "t3", "s3gen"}
     assert report["audio_s"] > 0 and report["rtf"] > 0
     # compute seconds per audio second (the three are rounded to the ms)
@@ -280,7 +280,7 @@ def test_stream_speaks_the_language_given_to_a_multilingual_model(
 
 
 def test_diagnose_speaks_the_language_given_to_a_multilingual_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, reference_wav: Path
 ) -> None:
     """As ``stream --language``: the generation, the decode-step check and the precision stages
     each get the language (every T3 prefill of the diagnosis spells the text in it)."""
@@ -298,6 +298,7 @@ def test_diagnose_speaks_the_language_given_to_a_multilingual_model(
     for module in ("tts_workbench.studies.diagnose", "tts_workbench.runtime.generation"):
         monkeypatch.setattr(f"{module}.text_tokens", spelled)
     args = ["diagnose", "--model", "multilingual-tiny", "--tokens", "4", "--text", "Bonjour."]
+    args += ["--reference", str(reference_wav)]  # not the generated 10 s voice: every flow call runs over it
     assert main([*args, "--language", "fr", "--out", str(tmp_path), "--json"]) == 0
     assert _strict(capsys.readouterr().out)["language"] == "fr"
     assert languages and set(languages) == {"fr"}, languages

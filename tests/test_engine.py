@@ -1222,15 +1222,18 @@ def test_streams_past_the_first_span_sample_their_solo_tokens(tts: ChatterboxTTS
     across the change each stream samples what the single-stream static step samples, from
     logits within float32 rounding of its (the random tiny model hardly depends on one key more
     or less: a span one slot short still samples the same tokens, but moves the logits)."""
-    n = 230  # ~45 prefill positions: the last ~20 steps span 512
+    texts = [" ".join([t] * 4) for t in TEXTS[:2]]  # long prefills: the span changes a few dozen steps in
+    prefills = [prefill_length(tts, t) for t in texts]
+    n = 256 - min(prefills) + 30  # (before 2026-12-07 230 tokens after short prefills: 3x the steps)
+    assert max(prefills) < 250, prefills  # both start in the 256 span, and end 30 or more steps past it
     with StreamEngine(tts, max_streams=2, config=CONFIG, max_cache_len=512, keep_logits=True) as engine:
         with engine.together():
-            handles = [engine.submit(t, seed=k, max_new_tokens=n) for k, t in enumerate(TEXTS[:2])]
+            handles = [engine.submit(t, seed=k, max_new_tokens=n) for k, t in enumerate(texts)]
         for h in handles:
             assert sum(1 for _ in h) > 0
     assert engine.stats.spans_used == {256, 512}
     for k, h in enumerate(handles):
-        check_logits(tts, h, TEXTS[k], k, n)
+        check_logits(tts, h, texts[k], k, n)
 
 
 def test_the_sets_of_buckets_and_spans_used_are_replaced_not_changed(tts: ChatterboxTTS) -> None:

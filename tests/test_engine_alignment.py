@@ -30,7 +30,7 @@ from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.stream_handle import StreamHandle
 from tts_workbench.runtime.streaming import StreamConfig, stream_all
 
-CONFIG = StreamConfig("buffered", first_window_s=0.6, window_s=1.2)
+CONFIG = StreamConfig("buffered", first_window_s=1.0, window_s=1.2)  # TOKENS in one window: tokens checked
 TEXTS = [
     "Bonjour à tous, ceci est un essai.",
     "Une deuxième phrase, un peu plus longue que la première, arrive.",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from tts_workbench.runtime.generation import ended_by, generate, prepare_voice, 
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 
 if TYPE_CHECKING:
-    from conftest import Steer
+    from conftest import MeetingOn, Steer
 
 
 def test_same_seed_same_tokens_and_audio(tiny_tts: ChatterboxTTS) -> None:
@@ -488,7 +487,7 @@ def test_a_seeded_generate_leaves_the_callers_own_torch_function_modes_on(tiny_t
 
 @pytest.mark.parametrize("voices", ["audio_prompt_path", "exaggeration"])
 def test_two_threads_giving_one_model_their_own_voices_each_speak_theirs(
-    voices: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    voices: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meeting: MeetingOn
 ) -> None:
     # Before, only multilingual calls took turns: a standard (or Turbo) call's reference, prepared
     # into tts.conds, or standard upstream generate's conds.t3 rebuilt for its exaggeration, was
@@ -520,14 +519,12 @@ def test_two_threads_giving_one_model_their_own_voices_each_speak_theirs(
         assert not np.array_equal(solo[0][0], solo[1][0]) or solo[0][1] != solo[1][1]
 
         # Upstream generate reads tts.conds after punc_norm: there both calls' voices are written
-        # before either is read. A call waiting for its turn never comes: the barrier breaks, the
-        # call in turn goes on (and the other, past the broken barrier, after it).
-        met = threading.Barrier(2, timeout=3)
+        # before either is read (``Meeting``: a call waiting for its turn lets the call in turn go on).
+        met = meeting(tts)
         punc_norm = chatterbox_tts.punc_norm
 
         def norm_once_both_are_here(text: str) -> str:
-            with contextlib.suppress(threading.BrokenBarrierError):
-                met.wait()
+            met.wait()
             return punc_norm(text)
 
         monkeypatch.setattr(chatterbox_tts, "punc_norm", norm_once_both_are_here)
@@ -548,7 +545,7 @@ def test_two_threads_giving_one_model_their_own_voices_each_speak_theirs(
 
 @pytest.mark.parametrize("writer", ["generate", "prepare_voice"])
 def test_a_generate_that_writes_no_voice_takes_its_turn_too(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meeting: MeetingOn, writer: str
 ) -> None:
     """Upstream generate reads the voice twice (T3, then S3Gen). Before 2026-12-05 a call that
     wrote none took no turn, and before 2026-12-06 prepare_voice wrote one without taking it: a
@@ -565,20 +562,18 @@ def test_a_generate_that_writes_no_voice_takes_its_turn_too(
     prepare_voice(tts, refs[0])
     solo = speak()
     assert not np.array_equal(solo, other)
-    a_decoded, met = threading.Event(), threading.Barrier(2, timeout=3)
+    a_decoded, met = threading.Event(), meeting(tts)
     drop, prepare = chatterbox_tts.drop_invalid_tokens, tts.prepare_conditionals
 
     def dropped_then_met(*args: Any, **kwargs: Any) -> Any:
         if threading.current_thread().name == "A":  # T3 done, S3Gen's voice not yet read
             a_decoded.set()
-            with contextlib.suppress(threading.BrokenBarrierError):
-                met.wait()
+            met.wait()
         return drop(*args, **kwargs)
 
     def prepared_then_met(*args: Any, **kwargs: Any) -> None:
         prepare(*args, **kwargs)
-        with contextlib.suppress(threading.BrokenBarrierError):
-            met.wait()
+        met.wait()
 
     monkeypatch.setattr(chatterbox_tts, "drop_invalid_tokens", dropped_then_met)
     monkeypatch.setattr(tts, "prepare_conditionals", prepared_then_met)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import traceback
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from safetensors.torch import load_file, save_file
 
-from conftest import pretend_cuda, voiced
+from conftest import MeetingOn, pretend_cuda, voiced
 from tts_workbench.core import patching
 from tts_workbench.core.clock import FEW_REPEATS
 from tts_workbench.core.constants import SAMPLES_PER_TOKEN
@@ -1421,19 +1420,16 @@ def _two_voices(tmp_path: Path) -> list[str]:
     return [str(make_reference_wav(tmp_path / f"v{i}.wav", seconds=3.0, seed=i)) for i in (1, 2)]
 
 
-def _both_prepared_first(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
+def _both_prepared_first(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch, meeting: MeetingOn) -> None:
     """Upstream ``prepare_conditionals`` on ``tts`` waits, once done, for the other thread's: both
-    voices are written before either call reads one. A call waiting for its turn never comes: the
-    barrier breaks and the call in turn goes on."""
-    import threading
-
-    met = threading.Barrier(2, timeout=3)
+    voices are written before either call reads one (``Meeting``: a call waiting for its turn
+    lets the call in turn go on)."""
+    met = meeting(tts)
     prepare = tts.prepare_conditionals
 
     def prepared_then_met(*args: Any, **kwargs: Any) -> None:
         prepare(*args, **kwargs)
-        with contextlib.suppress(threading.BrokenBarrierError):
-            met.wait()
+        met.wait()
 
     monkeypatch.setattr(tts, "prepare_conditionals", prepared_then_met)
 
@@ -1461,7 +1457,7 @@ def _streamed(chunks: Iterator[tuple[np.ndarray, Any]]) -> np.ndarray:
 
 
 def test_two_generates_in_two_threads_speak_their_own_voices(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meeting: MeetingOn
 ) -> None:
     """Before 2026-12-05 the wrapper's voice write took no turn: with both voices prepared before
     either decoded, both generates spoke the voice prepared last."""
@@ -1474,14 +1470,14 @@ def test_two_generates_in_two_threads_speak_their_own_voices(
 
         solo = [speak(i) for i in (0, 1)]
         assert not np.array_equal(*solo)
-        _both_prepared_first(tts, monkeypatch)
+        _both_prepared_first(tts, monkeypatch, meeting)
         together = _in_two_threads([lambda: speak(0), lambda: speak(1)])
     for i in (0, 1):
         assert np.array_equal(together[i], solo[i]), f"thread {i}"
 
 
 def test_a_stream_and_a_generate_in_two_threads_speak_their_own_voices(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meeting: MeetingOn
 ) -> None:
     """Before 2026-12-05 a generate_stream's voice write and copy took no turn: the stream or the
     generate beside it spoke the other's voice."""
@@ -1496,14 +1492,14 @@ def test_a_stream_and_a_generate_in_two_threads_speak_their_own_voices(
             return opt.generate(TEXT, refs[1], max_new_tokens=8, seed=0).numpy()
 
         solo = [streamed(), spoken()]
-        _both_prepared_first(tts, monkeypatch)
+        _both_prepared_first(tts, monkeypatch, meeting)
         together = _in_two_threads([streamed, spoken])
     for i in (0, 1):
         assert np.array_equal(together[i], solo[i]), f"thread {i}"
 
 
 def test_upstream_stream_beside_upstream_generate_speaks_each_voice(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meeting: MeetingOn
 ) -> None:
     """Before 2026-12-05 UpstreamTTS.generate_stream wrote its voice outside the baseline's turn:
     the generate in turn spoke the stream's voice, or the stream the generate's."""
@@ -1511,7 +1507,7 @@ def test_upstream_stream_beside_upstream_generate_speaks_each_voice(
     up = UpstreamTTS(load_model("tiny"))
     solo = up.generate(TEXT, refs[0], max_new_tokens=8, seed=0).numpy()
     solo_stream = _streamed(up.generate_stream(TEXT, refs[1], max_new_tokens=8, seed=0))
-    _both_prepared_first(up.tts, monkeypatch)
+    _both_prepared_first(up.tts, monkeypatch, meeting)
     together = _in_two_threads(
         [
             lambda: up.generate(TEXT, refs[0], max_new_tokens=8, seed=0).numpy(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import gc
 import io
 import json
@@ -27,6 +28,7 @@ from fastapi.testclient import TestClient
 from starlette.requests import ClientDisconnect, Request
 
 import tts_workbench.runtime.engine as engine_module
+import tts_workbench.serving.service as service_module
 from tts_workbench.core.errors import CacheError, ConfigError, SourceError
 from tts_workbench.core.ports import free_port
 from tts_workbench.interface.cli import main
@@ -204,10 +206,21 @@ def test_the_seed_and_the_cache_are_refused_at_their_edges() -> None:
     assert e.value.param == "input"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _short_default_voice() -> Iterator[None]:
+    """The services here make their default voice 3 s long, not 10 s: every flow call runs over
+    the whole voice prompt."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            service_module, "make_reference_wav", functools.partial(make_reference_wav, seconds=3.0)
+        )
+        yield
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechService]:
     voices = tmp_path_factory.mktemp("voices")
-    make_reference_wav(voices / "alice.wav", seed=1)
+    make_reference_wav(voices / "alice.wav", seconds=3.0, seed=1)
     (voices / "notes.txt").write_text("not a voice")
     options = ServeOptions(voices_dir=str(voices), run_dir=str(tmp_path_factory.mktemp("run")), max_streams=2)
     service = SpeechService(options)
@@ -1242,7 +1255,7 @@ def test_a_compiled_flow_is_built_for_every_voice_before_any_request(
     monkeypatch.setattr(vocode, "compile_method", lambda fn, module, *a, **kw: lambda *x: fn(module, *x))
     voices = tmp_path / "voices"
     voices.mkdir()
-    make_reference_wav(voices / "brief.wav", seconds=6.0, seed=1)  # a shorter prompt than the default's
+    make_reference_wav(voices / "brief.wav", seconds=2.0, seed=1)  # a shorter prompt than the default's
     options = ServeOptions(
         run_dir=str(tmp_path / "run"), voices_dir=str(voices), flow="compiled", flow_batches=(2,)
     )

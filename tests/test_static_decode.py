@@ -387,17 +387,30 @@ def test_spans_double_from_256_up_to_the_cache() -> None:
     assert spans(512) == [256, 512] and spans(384) == [384] and spans(100) == [100]
 
 
+LONG_TEXT = " ".join([TEXT] * 5)  # a prefill of ~200 positions: the first span ends a few dozen steps in
+
+
+@pytest.fixture(scope="module")
+def past_the_first_span(tiny_tts: ChatterboxTTS) -> tuple[int, tuple[DecodeResult, list]]:
+    """Tokens that take ``LONG_TEXT``'s generation 30 steps past the first span (256 slots),
+    and the eager loop's run of them (before 2026-12-07 240 tokens after a short prefill, each
+    of the two modes running the eager loop again)."""
+    prefill = prefill_length(tiny_tts, LONG_TEXT)
+    assert prefill < 250, prefill  # it starts in the first span
+    n = 256 - prefill + 30
+    return n, _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), LONG_TEXT, n=n)
+
+
 @pytest.mark.parametrize("mode", ["static", "compiled"])
 def test_a_generation_past_the_first_span_goes_on_like_the_eager_loop(
-    tiny_tts: ChatterboxTTS, f32_eager: tuple[DecodeResult, list], mode: str
+    tiny_tts: ChatterboxTTS, past_the_first_span: tuple[int, tuple[DecodeResult, list]], mode: str
 ) -> None:
     """Slot 256 is written and read at the step after the first span: the tokens and logits
     go on as the eager loop's, and the second span's graph is compiled then, its time counted
     as compiling, and reused by the next generation."""
-    n = 240  # ~45 prefill positions + 240 tokens: the last ~30 steps attend to span 512
+    n, eager = past_the_first_span
     plan = DecodePlan.plain(tiny_tts.t3, step=mode, max_cache_len=CACHE)
-    eager = _run(tiny_tts, DecodePlan.plain(tiny_tts.t3), n=n)
-    got = _run(tiny_tts, plan, n=n)
+    got = _run(tiny_tts, plan, LONG_TEXT, n=n)
     assert torch.equal(eager[0].tokens, got[0].tokens)
     assert _assert_same_or_close(eager, got, F32_RTOL) == n
     step = plan.static_step(2)
@@ -407,7 +420,7 @@ def test_a_generation_past_the_first_span_goes_on_like_the_eager_loop(
         built = got[0].compile_s
         assert got[0].compile_steps == 1  # the step that compiled span 512: out of step_s
         graphs = counters["stats"]["unique_graphs"]
-        again = _run(tiny_tts, plan, n=n)[0]
+        again = _run(tiny_tts, plan, LONG_TEXT, n=n)[0]
         assert again.compile_s == 0.0 < built and torch.equal(again.tokens, got[0].tokens)
         assert again.compile_steps == 0 and counters["stats"]["unique_graphs"] == graphs
     else:

@@ -23,7 +23,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from matplotlib.figure import Figure
 
-from tts_workbench.core.constants import RANDOM_NO_STOP, SAMPLE_RATE, SPEECH_VOCAB_SIZE
+from tts_workbench.core.constants import RANDOM_NO_STOP, SAMPLE_RATE, SPEECH_VOCAB_SIZE, TOKENS_PER_S
 from tts_workbench.core.errors import ConfigError, NoVoiceError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
@@ -34,7 +34,7 @@ from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import fade_in
 from tts_workbench.runtime import streaming
-from tts_workbench.runtime.decode import DecodePlan
+from tts_workbench.runtime.decode import DecodePlan, prefill_length
 from tts_workbench.runtime.generation import generate
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
 from tts_workbench.runtime.streaming import (
@@ -657,9 +657,13 @@ def test_the_report_tells_t3_compiling_before_the_first_token_from_that_mid_way(
 
     monkeypatch.setattr(decode, "compile_method", lambda fn, owner, *_a, **_k: types.MethodType(fn, owner))
     plan = DecodePlan.plain(tts.t3, step="compiled")
-    first = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=40, plan=plan)
+    text = " ".join([TEXT] * 3)  # a long prefill: its span changes a few dozen tokens in (not 180)
+    prefill, config = prefill_length(tts, text), StreamConfig("buffered")
+    first_chunk = round(config.first_window_s * TOKENS_PER_S)
+    assert prefill + max(40, first_chunk) <= 256, prefill  # the first run and chunk in one span
+    first = run_to_files(tts, text, config, tmp_path, max_new_tokens=40, plan=plan)
     assert first["t3_compile_before_first_s"] == first["t3_compile_s"] > 0  # one short span, built first
-    report = run_to_files(tts, TEXT, StreamConfig("buffered"), tmp_path, max_new_tokens=300, plan=plan)
+    report = run_to_files(tts, text, config, tmp_path, max_new_tokens=256 - prefill + 30, plan=plan)
     assert report["t3_compile_before_first_s"] == 0.0 < report["t3_compile_s"]  # a longer span, mid-way
     line = next(x for x in format_report(report).splitlines() if x.startswith("T3 decode step"))
     before = re.search(r"built in ([0-9.]+) s before the first chunk", line)
