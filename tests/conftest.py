@@ -99,26 +99,32 @@ def traced_only(monkeypatch: pytest.MonkeyPatch) -> None:
 class Meeting:
     """Where two threads calling one model meet (``wait``) before going on, to run a race at its
     worst: both voices written before either is read. The model's turn (``generation.voice_turn``)
-    is watched: a thread that finds the other waiting for the turn goes on at once, since the other
-    cannot come before it (until 2026-12-07 a 3 s barrier timeout was waited out instead, in each
-    of seven tests). ``timeout`` bounds the wait either way."""
+    is watched: a thread holding the turn goes on as soon as the other is waiting for it, since
+    the other cannot come before it (until 2026-12-07 a 3 s barrier timeout was waited out
+    instead, in each of seven tests). A wait for the turn that has ended lets no one go: a turn
+    taken around too little (the other thread waited, then wrote its voice) still meets.
+    ``timeout`` bounds the wait either way."""
 
     def __init__(self, tts: Any, monkeypatch: pytest.MonkeyPatch, timeout: float = 3.0) -> None:
         from tts_workbench.runtime import generation
 
-        self.timeout, self.arrived, self.turn_waited = timeout, 0, False
+        self.timeout, self.arrived, self.blocked = timeout, 0, 0  # blocked: threads waiting for the turn
         self.changed = threading.Condition()
-        turn, meeting = threading.RLock(), self
+        self.turn = turn = threading.RLock()
+        meeting = self
 
         class Watched:
-            """The model's turn, telling the meeting when a thread has to wait for it."""
+            """The model's turn, counting the threads that wait for it."""
 
             def __enter__(self) -> None:
-                if not turn.acquire(blocking=False):
-                    with meeting.changed:
-                        meeting.turn_waited = True
-                        meeting.changed.notify_all()
-                    turn.acquire()
+                if turn.acquire(blocking=False):
+                    return
+                with meeting.changed:
+                    meeting.blocked += 1
+                    meeting.changed.notify_all()
+                turn.acquire()
+                with meeting.changed:
+                    meeting.blocked -= 1
 
             def __exit__(self, *_exc: object) -> None:
                 turn.release()
@@ -126,11 +132,16 @@ class Meeting:
         monkeypatch.setitem(generation._turns, tts.t3, Watched())
 
     def wait(self) -> None:
-        """Back once the other thread is here too, waits for the turn, or ``timeout`` passed."""
+        """Back once the other thread is here too, or is waiting for the turn this thread holds,
+        or ``timeout`` passed."""
+
+        def may_go() -> bool:
+            return self.arrived >= 2 or (self.blocked > 0 and self.turn._is_owned())  # type: ignore[attr-defined]
+
         with self.changed:
             self.arrived += 1
             self.changed.notify_all()
-            self.changed.wait_for(lambda: self.arrived >= 2 or self.turn_waited, self.timeout)
+            self.changed.wait_for(may_go, self.timeout)
 
 
 MeetingOn = Callable[[Any], Meeting]  # the ``meeting`` fixture: a model's Meeting

@@ -485,9 +485,11 @@ def test_the_fused_copy_is_made_outside_every_timed_window(
 
 
 @pytest.fixture(scope="module")
-def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path) -> dict[str, Any]:
+def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path) -> SimpleNamespace:
     """One upstream-only bench (2 tokens, 1 repeat, the default warm-up, a stereo copy of the
-    reference), every policy measurement refused: the report the three tests below read."""
+    reference), every policy measurement refused and no bandwidth probe (as ``_no_bandwidth_probe``,
+    which a module fixture runs before): its ``.report`` and ``.stereo``, read by the three tests
+    below."""
     folder = tmp_path_factory.mktemp("upstream_bench")
     mono, sr = sf.read(reference_wav)
     stereo = folder / "stereo.wav"
@@ -498,20 +500,19 @@ def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(optimized, "measure_policy", measured)
-        patch.setattr(
-            bench, "read_bandwidth", lambda device="cpu", mbytes=512: 10e9
-        )  # as _no_bandwidth_probe
-        return run_bench(
+        patch.setattr(bench, "read_bandwidth", lambda device="cpu", mbytes=512: 10e9)
+        report = run_bench(
             "tiny", ("upstream",), tokens=2, repeats=1, reference=str(stereo), outdir=folder / "b"
         )
+    return SimpleNamespace(report=report, stereo=stereo)
 
 
-def test_an_upstream_only_bench_measures_no_policy(upstream_bench: dict[str, Any]) -> None:
+def test_an_upstream_only_bench_measures_no_policy(upstream_bench: SimpleNamespace) -> None:
     """With no config running the wrapper, "auto" timed T3's policies for nothing and recorded
     whichever won that moment (a loaded machine recorded decode-bfloat16, failing the GPU check's
     dry run): the wrapper now opens in upstream's float32, nothing measured (``upstream_bench``
     refuses every measurement)."""
-    assert upstream_bench["optimized_policy"]["policy"] == "float32"
+    assert upstream_bench.report["optimized_policy"]["policy"] == "float32"
 
 
 def test_fused_on_turbo_is_refused_before_the_model_loads(
@@ -533,12 +534,12 @@ def test_fused_on_turbo_is_refused_before_the_model_loads(
         run_bench("tiny", configs=("static",), fused=True, outdir=tmp_path / "o")
 
 
-def test_a_converted_reference_is_in_the_report(upstream_bench: dict[str, Any]) -> None:
+def test_a_converted_reference_is_in_the_report(upstream_bench: SimpleNamespace) -> None:
     """The other commands said a stereo or resampled reference was converted; the bench converted
     it without a word (docs/index.md said so)."""
-    report = copy.deepcopy(upstream_bench)
-    stereo, sr = report["reference"]["path"], sf.info(report["reference"]["path"]).samplerate
-    assert stereo.endswith("stereo.wav") and report["reference"]["channels"] == 2
+    report, stereo = copy.deepcopy(upstream_bench.report), upstream_bench.stereo
+    sr = sf.info(stereo).samplerate
+    assert report["reference"]["path"] == str(stereo) and report["reference"]["channels"] == 2
     assert f"reference {stereo} ({report['reference']['seconds']} s, {sr} Hz): mixed 2 channels to mono" in (
         bench.format_bench(report).splitlines()
     )
@@ -547,11 +548,11 @@ def test_a_converted_reference_is_in_the_report(upstream_bench: dict[str, Any]) 
     # a generated voice's reference is checked in the attention-recording test's upstream-only run
 
 
-def test_a_bench_without_an_untimed_run_says_its_first_run_was_cold(upstream_bench: dict[str, Any]) -> None:
+def test_a_bench_without_an_untimed_run_says_its_first_run_was_cold(upstream_bench: SimpleNamespace) -> None:
     """The first configuration's first run is the process's first generation (lazy set-up, first
     allocations): with no warm-up that lands in the baseline's median and every ratio to it
     (a full-size CPU run's upstream: 91.6 s then 83.8 s, the optimized runs level)."""
-    report = copy.deepcopy(upstream_bench)
+    report = copy.deepcopy(upstream_bench.report)
     cold = "no untimed run: the first configuration's first run also paid the process's one-time"
     assert report["settings"]["warmup"] == 0 and cold in bench.format_bench(report)
     report["settings"]["warmup"] = 1

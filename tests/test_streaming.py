@@ -23,7 +23,7 @@ import torch
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from matplotlib.figure import Figure
 
-from tts_workbench.core.constants import RANDOM_NO_STOP, SAMPLE_RATE, SPEECH_VOCAB_SIZE, TOKENS_PER_S
+from tts_workbench.core.constants import RANDOM_NO_STOP, SAMPLE_RATE, SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError, NoVoiceError, SourceError
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.rng import StreamRandom
@@ -659,7 +659,10 @@ def test_the_report_tells_t3_compiling_before_the_first_token_from_that_mid_way(
     plan = DecodePlan.plain(tts.t3, step="compiled")
     text = " ".join([TEXT] * 3)  # a long prefill: its span changes a few dozen tokens in (not 180)
     prefill, config = prefill_length(tts, text), StreamConfig("buffered")
-    first_chunk = round(config.first_window_s * TOKENS_PER_S)
+    # the tokens before the first chunk: its window and the flow's lookahead, handed over by T3 in blocks
+    first_chunk = (
+        math.ceil((config.first_window_tokens + config.lookahead_tokens) / config.t3_block) * config.t3_block
+    )
     assert prefill + max(40, first_chunk) <= 256, prefill  # the first run and chunk in one span
     first = run_to_files(tts, text, config, tmp_path, max_new_tokens=40, plan=plan)
     assert first["t3_compile_before_first_s"] == first["t3_compile_s"] > 0  # one short span, built first
