@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 from matplotlib.figure import Figure
 
+from conftest import _process_state
 from tts_workbench.core.constants import UPSTREAM_GENERATE_CAP
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import FAMILIES
@@ -487,9 +488,10 @@ def test_the_fused_copy_is_made_outside_every_timed_window(
 @pytest.fixture(scope="module")
 def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path) -> SimpleNamespace:
     """One upstream-only bench (2 tokens, 1 repeat, the default warm-up, a stereo copy of the
-    reference), every policy measurement refused and no bandwidth probe (as ``_no_bandwidth_probe``,
-    which a module fixture runs before): its ``.report`` and ``.stereo``, read by the three tests
-    below."""
+    reference), every policy measurement refused, without the bandwidth probe, and checked to
+    leave torch's process settings as it found them (a module fixture runs before the per-test
+    fixtures that stub the probe and check the settings): its ``.report`` and ``.stereo``, read
+    by the three tests below."""
     folder = tmp_path_factory.mktemp("upstream_bench")
     mono, sr = sf.read(reference_wav)
     stereo = folder / "stereo.wav"
@@ -498,12 +500,14 @@ def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path
     def measured(tts: Any, candidate: str, *a: Any, **k: Any) -> None:
         raise AssertionError(f"policy {candidate} timed for a bench that runs no wrapper")
 
+    before = _process_state()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(optimized, "measure_policy", measured)
         patch.setattr(bench, "read_bandwidth", lambda device="cpu", mbytes=512: 10e9)
         report = run_bench(
             "tiny", ("upstream",), tokens=2, repeats=1, reference=str(stereo), outdir=folder / "b"
         )
+    assert _process_state() == before
     return SimpleNamespace(report=report, stereo=stereo)
 
 
