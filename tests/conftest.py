@@ -9,6 +9,7 @@ hold back the workers' start by its ~7 s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -25,13 +27,25 @@ if TYPE_CHECKING:
     from chatterbox.tts import ChatterboxTTS
 
 
+# The tests' voices: 3 s, not the CLI's 10 s. S3Gen runs its flow over the whole voice prompt with
+# every call (the default voice's 500 mel frames are most of a tiny window's cost).
+VOICE_S = 3.0
+
+
 @pytest.fixture(scope="session")
 def reference_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tts_workbench.models.reference import make_reference_wav
 
-    # 3 s, not the CLI's 10 s: S3Gen runs its flow over the whole voice prompt with every call
-    # (the default voice's 500 mel frames are most of a tiny window's cost)
-    return make_reference_wav(tmp_path_factory.mktemp("ref") / "reference.wav", seconds=3.0)
+    return make_reference_wav(tmp_path_factory.mktemp("ref") / "reference.wav", seconds=VOICE_S)
+
+
+def with_short_voices(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``module`` (a study script, the service) making the voices it makes itself ``VOICE_S``
+    seconds long by default, not 10 s."""
+    from tts_workbench.models.reference import make_reference_wav
+
+    monkeypatch.setattr(module, "make_reference_wav", functools.partial(make_reference_wav, seconds=VOICE_S))
+    return module
 
 
 def voiced(model: str, reference: Path | str) -> Any:

@@ -41,11 +41,15 @@ def _reached(*_a: object, **_k: object) -> None:
 PROBE = bench.read_bandwidth  # the real probe, for the tests of it
 
 
+def _fixed_bandwidth(device: str = "cpu", mbytes: int = 512) -> float:
+    return 10e9
+
+
 @pytest.fixture(autouse=True)
 def _no_bandwidth_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every bench here without its bandwidth probe (a 512 MiB reduction timed for a second, 1-1.5 s
     a bench): none reads the figure; `bench --model tiny` in test_profiling.py runs it."""
-    monkeypatch.setattr(bench, "read_bandwidth", lambda device="cpu", mbytes=512: 10e9)
+    monkeypatch.setattr(bench, "read_bandwidth", _fixed_bandwidth)
 
 
 class FixedTimer:
@@ -503,7 +507,7 @@ def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path
     before = _process_state()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(optimized, "measure_policy", measured)
-        patch.setattr(bench, "read_bandwidth", lambda device="cpu", mbytes=512: 10e9)
+        patch.setattr(bench, "read_bandwidth", _fixed_bandwidth)
         report = run_bench(
             "tiny", ("upstream",), tokens=2, repeats=1, reference=str(stereo), outdir=folder / "b"
         )

@@ -5,7 +5,6 @@ stubbed (a full run takes minutes)."""
 from __future__ import annotations
 
 import ast
-import functools
 import importlib.util
 import json
 import re
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Analyzers
+from conftest import Analyzers, with_short_voices
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -31,15 +30,6 @@ def script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def with_a_short_voice(study: ModuleType, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """``study`` making its reference 3 s long, not 10 s: every flow call runs over the whole
-    voice prompt (the runs that read no timing here took 6 to 11 s with the 10 s voice)."""
-    from tts_workbench.models.reference import make_reference_wav
-
-    monkeypatch.setattr(study, "make_reference_wav", functools.partial(make_reference_wav, seconds=3.0))
-    return study
 
 
 class Ran(Exception):
@@ -102,7 +92,7 @@ def test_engine_soak_records_its_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # its result had no date, device or versions (studies.bench.environment, recorded with every result)
-    soak = with_a_short_voice(script("engine_soak"), monkeypatch)
+    soak = with_short_voices(script("engine_soak"), monkeypatch)
     monkeypatch.chdir(tmp_path)  # its reference goes to runs/soak/ under the working folder
     monkeypatch.setattr(sys, "argv", ["engine_soak", "--streams", "5", "--tokens", "2"])
     soak.main()
@@ -364,7 +354,7 @@ def test_the_fusion_study_compiles_each_step_once(
     monkeypatch.setattr(decode, "compile_method", counting("one stream"))
     monkeypatch.setattr(batched_step, "compile_method", counting("engine"))
     monkeypatch.setattr(sys, "argv", ["fusion_study", "--model", "tiny", "--repeats", "2", "--streams", "2"])
-    study = with_a_short_voice(script("fusion_study"), monkeypatch)
+    study = with_short_voices(script("fusion_study"), monkeypatch)
     monkeypatch.setattr(study, "TOKENS", 24)
     study.main()
     out = json.loads(capsys.readouterr().out)
@@ -380,7 +370,7 @@ def test_the_alignment_study_runs_the_analyzers_in_one_engine_of_each_pair(
     first; the analyzers step only in the first (one per stream and round)."""
     argv = ["alignment_study", "--streams", "2", "--tokens", "6", "--repeats", "1"]
     monkeypatch.setattr(sys, "argv", argv)
-    study = with_a_short_voice(script("alignment_study"), monkeypatch)
+    study = with_short_voices(script("alignment_study"), monkeypatch)
     study.main()
     level = json.loads(capsys.readouterr().out)["levels"]["2_streams"]
     assert {name: len(ms) for name, ms in level["ms"].items()} == {"without": 1, "with": 1}

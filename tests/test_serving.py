@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import functools
 import gc
 import io
 import json
@@ -29,6 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 
 import tts_workbench.runtime.engine as engine_module
 import tts_workbench.serving.service as service_module
+from conftest import VOICE_S, with_short_voices
 from tts_workbench.core.errors import CacheError, ConfigError, SourceError
 from tts_workbench.core.ports import free_port
 from tts_workbench.interface.cli import main
@@ -208,19 +208,16 @@ def test_the_seed_and_the_cache_are_refused_at_their_edges() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _short_default_voice() -> Iterator[None]:
-    """The services here make their default voice 3 s long, not 10 s: every flow call runs over
-    the whole voice prompt."""
+    """The services here make their default voice ``VOICE_S`` long, not 10 s."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            service_module, "make_reference_wav", functools.partial(make_reference_wav, seconds=3.0)
-        )
+        with_short_voices(service_module, patch)
         yield
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpeechService]:
     voices = tmp_path_factory.mktemp("voices")
-    make_reference_wav(voices / "alice.wav", seconds=3.0, seed=1)
+    make_reference_wav(voices / "alice.wav", seconds=VOICE_S, seed=1)
     (voices / "notes.txt").write_text("not a voice")
     options = ServeOptions(voices_dir=str(voices), run_dir=str(tmp_path_factory.mktemp("run")), max_streams=2)
     service = SpeechService(options)
