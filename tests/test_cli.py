@@ -26,14 +26,9 @@ from tts_workbench.core import strict_json
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import FAMILIES
 from tts_workbench.core.positions import positions_needed
-from tts_workbench.interface.cli import (
-    FAMILY_CHOICES,
-    MODEL_HELP,
-    _batches,
-    _trace_labels,
-    build_parser,
-    main,
-)
+from tts_workbench.interface.cli import build_parser, main
+from tts_workbench.interface.commands import _trace_labels
+from tts_workbench.interface.flags import FAMILY_CHOICES, MODEL_HELP, batches
 from tts_workbench.models.builders import SIZES
 from tts_workbench.models.checkpoints import METADATA_FILE, save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
@@ -147,8 +142,8 @@ def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(tmp_path: Path) 
     long report, as the pipe's buffer holds less."""
     script = (
         "import sys\n"
-        "from tts_workbench.interface import cli\n"
-        "cli._diagnose = lambda args: ({}, lambda report: 'a line of the report\\n' * 100_000)\n"
+        "from tts_workbench.interface import cli, commands\n"
+        "commands.diagnose = lambda args: ({}, lambda report: 'a line of the report\\n' * 100_000)\n"
         "sys.exit(cli.main(['diagnose', '--tokens', '2']))\n"
     )
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -441,7 +436,7 @@ def _built(*_a: object) -> None:
 
 @contextmanager
 def _no_model(*_a: object, **_k: object) -> Iterator[object]:
-    """Stands in for ``cli._voiced_model`` where the study it feeds is replaced too: no model built."""
+    """Stands in for ``commands.voiced_model`` where the study it feeds is replaced too: no model built."""
     yield object()
 
 
@@ -470,7 +465,7 @@ def test_diagnose_passes_autocast_on_and_prints_strict_json(
 def test_profile_memory_reaches_the_profiler(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
     from tts_workbench.studies import profile_report
 
     memory: list[bool] = []
@@ -479,7 +474,7 @@ def test_profile_memory_reaches_the_profiler(
         memory.append(args[6])  # (tts, logdir, run, tokens, text, seed, memory, decode)
         return {}
 
-    monkeypatch.setattr(cli, "_voiced_model", _no_model)
+    monkeypatch.setattr(commands, "voiced_model", _no_model)
     monkeypatch.setattr(profile_report, "profile_generation", profiled)
     for flags in ([], ["--memory"]):
         assert main(["profile", *flags, "--logdir", str(tmp_path), "--json"]) == 0
@@ -489,7 +484,7 @@ def test_profile_memory_reaches_the_profiler(
 def test_load_speaks_its_texts_file_and_names_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
     from tts_workbench.studies import load
 
     seen: dict[str, Any] = {}
@@ -500,7 +495,7 @@ def test_load_speaks_its_texts_file_and_names_it(
 
     texts = tmp_path / "texts.txt"
     texts.write_text("One.\n\nTwo.\n", encoding="utf-8")
-    monkeypatch.setattr(cli, "_voiced_model", _no_model)
+    monkeypatch.setattr(commands, "voiced_model", _no_model)
     monkeypatch.setattr(load, "run_load", loaded)
     args = ["load", "--streams", "1", "--texts", str(texts), "--out", str(tmp_path / "out"), "--json"]
     assert main(args) == 0
@@ -548,9 +543,9 @@ def test_load_windows_no_longer_than_the_crossfade_name_the_window_flags(
 ) -> None:
     """``load`` has no crossfade flag: the fix is wider windows (before: "shorten it or widen
     the windows", after the model was built)."""
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
 
-    monkeypatch.setattr(cli, "_voiced_model", _built)
+    monkeypatch.setattr(commands, "voiced_model", _built)
     args = ["load", "--first-window-s", "0.04", "--window-s", "0.04", "--streams", "1"]
     assert main([*args, "--out", str(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -638,12 +633,12 @@ def test_flag_values_are_checked_before_anything_runs(
 def test_a_reference_that_is_no_file_is_refused_before_the_command_runs(
     args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
 
     def ran(_args: Any) -> None:
         raise AssertionError("the command ran: a model would be built before the refusal")
 
-    monkeypatch.setattr(cli, f"_{args[0]}", ran)  # bound by the parser main builds
+    monkeypatch.setattr(commands, args[0], ran)  # bound by the parser main builds
     assert main(args) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: argument --reference: {message}: give a WAV of the voice"], errors
@@ -717,12 +712,12 @@ def test_an_os_error_without_a_file_gives_no_folder_hint(
     """The folder hint is for an output folder that cannot be made, not for a network error."""
     import errno
 
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
 
     def unreachable(_args: object) -> None:
         raise OSError(errno.ENETUNREACH, "Network is unreachable")
 
-    monkeypatch.setattr(cli, "_load", unreachable)
+    monkeypatch.setattr(commands, "load", unreachable)
     assert main(["load", "--url", "http://10.0.0.1:8000"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == ["error: Network is unreachable"], errors
@@ -804,9 +799,9 @@ def test_trace_refuses_a_step_named_twice(
     steps: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """(before: profiled twice into one decode-STEP folder, the second run's trace replacing the first)"""
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
 
-    monkeypatch.setattr(cli, "_voiced_model", _built)
+    monkeypatch.setattr(commands, "voiced_model", _built)
     assert main(["trace", "--steps", steps, "--logdir", str(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "argument --steps:" in errors[0] and "twice" in errors[0], errors
@@ -821,9 +816,9 @@ def test_naive_streaming_refuses_the_buffered_flags(
     """Naive cuts fixed chunks: a window was ignored, while a crossfade it never uses was checked
     against those windows (before: `--crossfade-ms 1000` refused as longer than a window; the
     parser now refuses over 240 ms whatever the strategy)."""
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
 
-    monkeypatch.setattr(cli, "_voiced_model", _built)
+    monkeypatch.setattr(commands, "voiced_model", _built)
     assert main(["stream", "--strategy", "naive", *flag]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"argument {flag[0]}: " in errors[0] and "buffered" in errors[0], errors
@@ -835,9 +830,9 @@ def test_a_crossfade_past_the_seams_room_names_only_the_crossfade_flag(
 ) -> None:
     """Buffered streaming's seams hold 240 ms of crossfade, which the flag's range says (before: 0 to
     3600000 ms, and 300 was refused with left_context_tokens and lookahead_tokens, which no flag sets)."""
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands, flags
 
-    monkeypatch.setattr(cli, "_voiced_model", _built)
+    monkeypatch.setattr(commands, "voiced_model", _built)
     with pytest.raises(SystemExit) as exit_:
         main(["stream", "--crossfade-ms", "300", "--tokens", "4"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -845,10 +840,10 @@ def test_a_crossfade_past_the_seams_room_names_only_the_crossfade_flag(
     assert errors[0].startswith("error: argument --crossfade-ms: ") and "0 to 240" in errors[0], errors
     assert "left_context_tokens" not in errors[0], errors
     # the range is StreamConfig's with its default context and lookahead: the longest it takes
-    assert cli.MAX_CROSSFADE_MS == 240
-    StreamConfig(crossfade_ms=cli.MAX_CROSSFADE_MS)
+    assert flags.MAX_CROSSFADE_MS == 240
+    StreamConfig(crossfade_ms=flags.MAX_CROSSFADE_MS)
     with pytest.raises(ConfigError, match="half the crossfade"):
-        StreamConfig(crossfade_ms=cli.MAX_CROSSFADE_MS + 1)
+        StreamConfig(crossfade_ms=flags.MAX_CROSSFADE_MS + 1)
 
 
 def test_a_flag_the_command_does_not_have_points_to_the_commands_help(
@@ -870,10 +865,10 @@ def test_profile_refuses_a_run_outside_its_logdir(
 ) -> None:  # fmt: skip
     """(before: `--run ../x` wrote the trace beside --logdir, not in it)"""
     from tts_workbench.core.errors import ConfigError
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
     from tts_workbench.studies.profile_report import profile_generation
 
-    monkeypatch.setattr(cli, "_voiced_model", _built)
+    monkeypatch.setattr(commands, "voiced_model", _built)
     assert main(["profile", "--run", run, "--logdir", str(tmp_path / "logs")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "argument --run:" in errors[0] and "inside --logdir" in errors[0], errors
@@ -1048,10 +1043,10 @@ def test_a_comma_list_with_an_empty_item_is_refused(
 ) -> None:  # fmt: skip
     """As ``load --streams 1,,2`` is (before: the empty item was dropped and the rest ran); a list
     with no item at all names what to give."""
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
     from tts_workbench.studies import bench
 
-    monkeypatch.setattr(cli, "_voiced_model", _built)
+    monkeypatch.setattr(commands, "voiced_model", _built)
     monkeypatch.setattr(bench, "run_bench", _built)
     assert main([command, flag, value, "--out" if command == "bench" else "--logdir", str(tmp_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -1060,9 +1055,9 @@ def test_a_comma_list_with_an_empty_item_is_refused(
 
 def test_a_size_given_twice_is_refused() -> None:
     """As ``--streams 2,2`` is (before: ``--step-buckets 1,1`` was taken as 1)."""
-    assert _batches("4,1") == (1, 4)
+    assert batches("4,1") == (1, 4)
     with pytest.raises(argparse.ArgumentTypeError, match="given twice in '1,1'"):
-        _batches("1,1")
+        batches("1,1")
 
 
 def _two_families(tiny_tts: Any, folder: Path) -> Path:
@@ -1106,9 +1101,9 @@ def test_the_family_flag_with_a_named_model_is_refused(
     command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """As load_model refuses family= with a name: the name says its family."""
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
 
-    monkeypatch.setattr(cli, "_voiced_model", _built)
+    monkeypatch.setattr(commands, "voiced_model", _built)
     assert main([command, "--model", "tiny", "--family", "standard"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: argument --family: "), errors
@@ -1120,12 +1115,12 @@ def test_ctrl_c_ends_a_command_with_one_error_line(
     command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """(before 2026-12-06: a Ctrl-C ended every command in a full traceback, exit code 1)"""
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
 
     def interrupted(_args: argparse.Namespace) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, f"_{command}", interrupted)
+    monkeypatch.setattr(commands, command, interrupted)
     assert main([command]) == 130  # 128 + SIGINT, as a shell reports a Ctrl-C
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines() == ["error: interrupted (Ctrl-C)"], err[-2000:]

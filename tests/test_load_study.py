@@ -25,7 +25,8 @@ from conftest import Analyzers, voiced
 from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.instruments.latency import ChunkMetrics, StreamReport
-from tts_workbench.interface.cli import SERVER_FLAGS, build_parser, main
+from tts_workbench.interface.cli import build_parser, main
+from tts_workbench.interface.commands import SERVER_FLAGS
 from tts_workbench.models import sources, vocode
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime.engine import StreamEngine

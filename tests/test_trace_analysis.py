@@ -733,13 +733,13 @@ def test_trace_names_each_stage_on_stderr_as_it_runs(
     """(before 2026-12-06: nothing on stderr until the report: the command silences upstream's bars)"""
     from contextlib import contextmanager
 
-    from tts_workbench.interface import cli
+    from tts_workbench.interface import commands
 
     @contextmanager
     def voiced(*_a: Any, **_k: Any) -> Any:
         yield tiny_tts  # built and voiced once per session
 
-    monkeypatch.setattr(cli, "_voiced_model", voiced)
+    monkeypatch.setattr(commands, "voiced_model", voiced)
     args = ["trace", "--steps", "eager,static", "--tokens", "3", "--text", "Hi.", "--logdir", str(tmp_path)]
     assert main([*args, "--json"]) == 0
     err = capsys.readouterr().err
