@@ -619,6 +619,19 @@ def test_the_floor_is_the_step_bytes_read_once_at_the_measured_bandwidth(
     assert bench.step_floor(10**9, 10**9) == pytest.approx(1.0)  # bytes over bytes/s: seconds
 
 
+def test_the_environment_names_the_cpu_and_its_half_precision_features() -> None:
+    """The CPU machine has been an AVX2-only one, an AMD EPYC and an Intel Xeon with AMX: bfloat16
+    results differ between them, and the results files did not say which ran them."""
+    env = environment("tiny", "cpu")
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(env["cpu_flags"]) <= set(bench.ISA_FLAGS) and env["cpu"]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux: the flags are the CPU's own
+        flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+        assert env["cpu_flags"] == [f for f in bench.ISA_FLAGS if f in flags]
+        assert env["cpu"] in cpuinfo.read_text()
+
+
 def test_a_bench_on_a_busy_machine_says_its_times_are_inflated() -> None:
     """A bench run while another job used the 2 cores timed T3's step 25-50 times slower and said
     nothing (2026-12-07); the report now records the load average and warns past 1.5x the CPUs."""

@@ -166,12 +166,38 @@ def engine_step_ms(engine: StreamEngine, text: str, streams: int, tokens: int) -
     return (engine.stats.t3_s - t3_s) / (engine.stats.t3_steps - steps) * 1e3
 
 
+# The CPU features half-precision results depend on: an AVX2 CPU has no bfloat16 arithmetic (its
+# matmuls convert on the fly), AVX512-BF16 and AMX do. This project's CPU machine has been each.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_features() -> tuple[str, list[str]]:
+    """The CPU's model name and which of ``ISA_FLAGS`` it has, from Linux's /proc/cpuinfo
+    (elsewhere ``platform.processor()`` and no flags)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    fields = {}  # the last CPU's (every CPU lists the same model and flags)
+    for line in info.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields[key.strip()] = value.strip()
+    have = set(fields.get("flags", "").split())
+    return fields.get("model name", platform.machine()), [f for f in ISA_FLAGS if f in have]
+
+
 def environment(model: str, device: str) -> dict[str, Any]:
-    """Machine and versions, recorded with every result."""
+    """Machine and versions, recorded with every result: the CPU by name, its half-precision
+    features and the instruction set torch's CPU kernels use (``cpu_capability``)."""
+    cpu, flags = cpu_features()
     env = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": psutil.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # runnable processes, averaged over the last minute: above the CPUs, others shared them
@@ -677,7 +703,9 @@ def format_bench(report: dict[str, Any]) -> str:
     (``bench_measurements`` in a ``Compare`` table) and the memory per configuration."""
     env = report["environment"]
     lines = [
-        f"model {env['model']} on {env['device']} ({env['processor']}, {env['cpu_count']} CPUs), "
+        # (reports written before 2026-12-07 name no CPU)
+        f"model {env['model']} on {env['device']} ({env.get('cpu', env['processor'])}"
+        f"{', ' + env['cpu_capability'] if 'cpu_capability' in env else ''}, {env['cpu_count']} CPUs), "
         f"torch {env['torch']}, transformers {env['transformers']}, chatterbox-tts {env['chatterbox-tts']}",
         # (reports written before 2026-12-06 have no reference)
         *([f"reference {reference_line(report['reference'])}"] if "reference" in report else []),
