@@ -44,10 +44,12 @@ class ChunkMetrics:
 
     @property
     def compute_s(self) -> float:
+        """Seconds of work for this chunk: T3, flow and vocoder."""
         return self.t3_s + self.flow_s + self.vocoder_s
 
     @property
     def rtf(self) -> float:
+        """This chunk's work over its audio (under 1: faster than real time)."""
         return real_time_factor(self.compute_s, self.audio_s)
 
 
@@ -117,21 +119,26 @@ class StreamReport:
 
     @property
     def audio_s(self) -> float:
+        """Seconds of audio streamed."""
         return sum(c.audio_s for c in self.chunks)
 
     @property
     def rtf(self) -> float:
+        """Wall seconds over audio seconds for the whole stream."""
         return real_time_factor(self.wall_s, self.audio_s)
 
     @property
     def s3gen_calls(self) -> int:
+        """S3Gen calls over the whole stream."""
         return sum(c.s3gen_calls for c in self.chunks)
 
     @property
     def underruns(self) -> list[Underrun]:
+        """The gaps a player meets that starts at the first audio and plays in real time (``underruns``)."""
         return underruns([c.emitted_s for c in self.chunks], [c.audio_s for c in self.chunks])
 
     def summary(self) -> dict[str, Any]:
+        """The stream's totals (times in ``*_s``, S3Gen's frames by kind, underruns) as one dict."""
         kinds = ("prompt_frames", "context_frames", "new_frames")
         frames = {k: sum(getattr(c, k) for c in self.chunks) for k in kinds}
         ran = sum(frames.values())
@@ -156,6 +163,7 @@ class StreamReport:
         }
 
     def rows(self) -> list[dict[str, Any]]:
+        """One dict per chunk: its ``ChunkMetrics`` fields and its RTF."""
         return [{**asdict(c), "rtf": c.rtf} for c in self.chunks]
 
     def to_frame(self) -> pd.DataFrame:

@@ -88,6 +88,7 @@ class FlowPlan:
 
     @property
     def compiled(self) -> bool:
+        """Whether calls run the compiled estimator: compiled asked for, and nothing made it fall back."""
         return self.mode == "compiled" and self.fallback_reason is None
 
     @property

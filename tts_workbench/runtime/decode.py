@@ -117,10 +117,12 @@ class T3Parts:
 
     @classmethod
     def of(cls, t3: T3) -> T3Parts:
+        """The modules of ``t3`` a decode step runs (its own, not copies)."""
         # Turbo's GPT-2 has no learned speech positions (it adds its own position embedding).
         return cls(t3.tfmr, t3.speech_emb, getattr(t3, "speech_pos_emb", None), t3.speech_head)
 
     def modules(self) -> list[nn.Module]:
+        """The modules these parts hold (no speech positions for Turbo)."""
         return [m for m in vars(self).values() if m is not None]
 
     def to(self, dtype: torch.dtype) -> T3Parts:
@@ -132,10 +134,12 @@ class T3Parts:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the weights (the speech head's)."""
         dtype: torch.dtype = next(self.speech_head.parameters()).dtype
         return dtype
 
     def nbytes(self) -> int:
+        """Bytes of every weight these parts hold."""
         return sum(p.numel() * p.element_size() for m in self.modules() for p in m.parameters())
 
     def step_bytes(self) -> int:
@@ -186,6 +190,7 @@ class FusedCopies:
             return made[1]
 
     def drop(self) -> None:
+        """Forget the fused copies made so far (the next ``of`` makes them again)."""
         with self._lock:
             self._made.clear()
 
@@ -246,10 +251,12 @@ class DecodePlan:
 
     @classmethod
     def plain(cls, t3: T3, **kwargs: Any) -> DecodePlan:
+        """A plan that runs the prefill and the decode steps on ``t3``'s own weights."""
         parts = T3Parts.of(t3)
         return cls(parts, parts, **kwargs)
 
     def describe(self) -> str:
+        """One line for reports: the dtypes each phase runs in and the decode step."""
         if self.autocast is not None:
             what = f"autocast {dtype_name(self.autocast)} over {dtype_name(self.prefill.dtype)} weights"
         elif self.prefill is self.decode:
@@ -310,6 +317,7 @@ class SpanStaticLayer(StaticLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values (in the cache's dtype); the span they attend to."""
         dtype = cast(torch.Tensor, self.keys).dtype
         super().update(key_states.to(dtype), value_states.to(dtype), cache_kwargs)
         return self.attended()
@@ -320,6 +328,7 @@ class SpanStaticLayer(StaticLayer):
         return keys[:, :, : self.span], values[:, :, : self.span]
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        """The mask covers the span, not the whole cache (transformers asks the layer)."""
         return self.span, 0
 
 
@@ -414,6 +423,7 @@ class StaticStep:
     def decode_one_token(
         self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor, q: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of fixed shapes (the class docstring gives them): the compile boundary."""
         p = self.parts
         embeds = p.embed(token, position).to(self.embed_dtype)
         out = p.tfmr(

@@ -233,6 +233,7 @@ class EngineStats:
     spans_used: set[int] = field(default_factory=set)  # cache slots the steps attended to
 
     def to_dict(self) -> dict[str, Any]:
+        """The counters as JSON-friendly values (the sets of buckets and spans as sorted lists)."""
         sets = ("buckets_used", "spans_used")
         return {k: sorted(v) if k in sets else v for k, v in vars(self).items()}
 

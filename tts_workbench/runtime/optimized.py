@@ -162,6 +162,7 @@ class Policy:
 
     @classmethod
     def requested(cls, name: str) -> Policy:
+        """The policy ``name`` as asked for by the caller (not measured)."""
         return cls(check_policy(name), f"requested: {POLICIES[name]}")
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -336,6 +337,7 @@ class Pipeline:
     def prepare_conditionals(
         self, wav_fpath: str, exaggeration: float = 0.5, norm_loudness: bool = True
     ) -> None:
+        """The voice of the WAV at ``wav_fpath`` for the next generations (checked: ``prepare_voice``)."""
         prepare_voice(self.tts, wav_fpath, exaggeration, norm_loudness)
 
     def generate(
@@ -693,6 +695,7 @@ class PerformanceOptimizedTTS(Pipeline):
 
     @property
     def policy(self) -> str:
+        """The dtype policy in force (``core.policies.POLICIES`` names it)."""
         return self.policy_choice.name
 
     def _apply_policy(self) -> None:

@@ -77,6 +77,7 @@ class StreamHandle:
 
     @property
     def report(self) -> StreamReport:
+        """The stream's ``StreamReport`` so far (whole once the stream has ended)."""
         return self.state.report
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, ChunkMetrics]]:

@@ -582,6 +582,7 @@ class Window:
 
     @property
     def first(self) -> bool:
+        """Whether this is the stream's first window (it has no audio before it to crossfade onto)."""
         return self.begin == 0
 
 

@@ -330,6 +330,7 @@ class SpeechService:
         return tokens
 
     def close(self) -> None:
+        """Close the engine: streams still running end with an error, its stages stop, the model is let go."""
         self.engine.close()
 
 
