@@ -1,6 +1,6 @@
 """What each ``tts-workbench`` command runs, given its parsed flags: one function per command
 (``diagnose``, ``stream``, ``profile``, ``trace``, ``bench``, ``load``, ``serve``), each returning
-its report and the function that formats it. The flags themselves are ``cli``'s; the heavy
+its report and the function that formats it. The parser is ``cli``'s, the flags' types ``flags``'; the heavy
 imports happen inside each command."""
 
 from __future__ import annotations

@@ -256,7 +256,7 @@ class DecodePlan:
         return cls(parts, parts, **kwargs)
 
     def describe(self) -> str:
-        """One line for reports: the dtypes each phase runs in and the decode step."""
+        """One line for reports: the dtypes each phase runs in, and the decode step where not eager."""
         if self.autocast is not None:
             what = f"autocast {dtype_name(self.autocast)} over {dtype_name(self.prefill.dtype)} weights"
         elif self.prefill is self.decode:
