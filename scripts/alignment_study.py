@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from tts_workbench.core.errors import ConfigError
+from tts_workbench.core.machine import environment
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.models.builders import MODELS, build_model
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.generation import prepare_voice
-from tts_workbench.studies.bench import engine_step_ms, environment
+from tts_workbench.studies.bench import engine_step_ms
 from tts_workbench.studies.load import cache_positions
 
 TEXT = "The quick brown fox jumps over the lazy dog."

@@ -10,13 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+from tts_workbench.core.machine import environment
 from tts_workbench.core.policies import NAMED_POLICIES
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
 from tts_workbench.runtime.streaming import StreamConfig
-from tts_workbench.studies.bench import compare_streaming, environment, format_streaming
+from tts_workbench.studies.bench import compare_streaming, format_streaming
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--model", default="tiny")

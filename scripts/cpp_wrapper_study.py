@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
+from tts_workbench.core.machine import environment
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.models.builders import build_model
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS, UpstreamTTS
-from tts_workbench.studies.bench import environment, run_pipeline
+from tts_workbench.studies.bench import run_pipeline
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 TOKENS = 150

@@ -19,13 +19,13 @@ from tts_workbench.core.quiet import quiet_libraries, upstream_silenced
 
 quiet_libraries()
 from tts_workbench.core.errors import EmptyTextError  # noqa: E402
+from tts_workbench.core.machine import environment  # noqa: E402
 from tts_workbench.instruments.memory import rss_bytes  # noqa: E402
 from tts_workbench.models.reference import make_reference_wav  # noqa: E402
 from tts_workbench.models.sources import load_model  # noqa: E402
 from tts_workbench.runtime.engine import StreamEngine  # noqa: E402
 from tts_workbench.runtime.generation import prepare_voice  # noqa: E402
 from tts_workbench.runtime.streaming import StreamConfig  # noqa: E402
-from tts_workbench.studies.bench import environment  # noqa: E402
 from tts_workbench.studies.load import DEFAULT_TEXTS  # noqa: E402
 
 

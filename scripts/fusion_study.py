@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from tts_workbench.core.machine import environment
 from tts_workbench.core.policies import NAMED_POLICIES
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.core.rng import StreamRandom
@@ -40,7 +41,7 @@ from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.engine import NOTHING_TO_FUSE, StreamEngine
 from tts_workbench.runtime.generation import prepare_voice
 from tts_workbench.runtime.optimized import decode_plan
-from tts_workbench.studies.bench import engine_step_ms, environment
+from tts_workbench.studies.bench import engine_step_ms
 from tts_workbench.studies.load import cache_positions
 
 TEXT = "The quick brown fox jumps over the lazy dog."

@@ -3,7 +3,7 @@
 # tokens and frames against the eager ones on the same machine). On an offline machine with an
 # NVIDIA GPU and the image's CUDA PyTorch: install the carried wheels (scripts/prepare_gpu_wheels.sh), then
 #   0. record the environment (GPU, driver, CUDA, torch, transformers, chatterbox-tts, date, CPUs:
-#      studies.bench.environment, plus nvidia-smi's query) and the mode (gpu or dry-run);
+#      core.machine.environment, plus nvidia-smi's query) and the mode (gpu or dry-run);
 #   1. bench upstream (float32, as it loads) vs the optimized wrapper with the eager, static-cache
 #      and compiled (CUDA graphs) decode step, one-shot and buffered streaming (eager vs compiled;
 #      upstream's naive streaming only where GPU_CHECK_CONFIGS names upstream-stream), on the
@@ -450,7 +450,7 @@ step() {  # step [--plain] NAME COMMAND...: stdout to DIR/NAME.json, stderr to D
 step --plain environment $PY -c 'import json, sys
 from tts_workbench.core.quiet import quiet_libraries
 quiet_libraries()
-from tts_workbench.studies.bench import environment
+from tts_workbench.core.machine import environment
 json.dump(environment(sys.argv[1], sys.argv[2]), sys.stdout, indent=1)
 print()' "$MODEL" "$DEVICE"
 POLICIES=${GPU_CHECK_POLICIES-bfloat16}

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from tts_workbench.core.errors import CacheError, naming_flag
+from tts_workbench.core.machine import environment
 from tts_workbench.core.positions import positions_needed
 from tts_workbench.core.quiet import quiet_libraries
 from tts_workbench.models.reference import make_reference_wav
@@ -37,7 +38,6 @@ from tts_workbench.runtime.decode import (
     text_tokens,
 )
 from tts_workbench.runtime.generation import prepare_voice
-from tts_workbench.studies.bench import environment
 
 TEXT = "Hello there, this is a test of the compiled decode step on a real device."
 SEED = 7

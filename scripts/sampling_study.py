@@ -26,8 +26,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from tts_workbench.core.machine import environment
 from tts_workbench.runtime.sampling import Sampler, penalize
-from tts_workbench.studies.bench import environment
 
 VOCAB, START, HISTORY = 8194, 6561, 100
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import ray
 
+from tts_workbench.core.machine import environment
 from tts_workbench.core.ports import free_port
 from tts_workbench.instruments.profiling import start_server
-from tts_workbench.studies.bench import environment
 
 CLI = [sys.executable, "-m", "tts_workbench.interface.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

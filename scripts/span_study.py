@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from tts_workbench.core.machine import environment
 from tts_workbench.core.quiet import upstream_silenced
 from tts_workbench.core.rng import StreamRandom
 from tts_workbench.models.builders import build_model
@@ -36,7 +37,7 @@ from tts_workbench.runtime import decode
 from tts_workbench.runtime.decode import DecodePlan, t3_decode, text_tokens
 from tts_workbench.runtime.engine import StreamEngine
 from tts_workbench.runtime.generation import prepare_voice
-from tts_workbench.studies.bench import engine_step_ms, environment
+from tts_workbench.studies.bench import engine_step_ms
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 TOKENS = 150

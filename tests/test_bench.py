@@ -17,9 +17,11 @@ import torch
 from matplotlib.figure import Figure
 
 from conftest import _process_state
+from tts_workbench.core import machine
 from tts_workbench.core.constants import UPSTREAM_GENERATE_CAP
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import FAMILIES
+from tts_workbench.core.machine import busy_machine_line, environment
 from tts_workbench.interface.cli import main
 from tts_workbench.models.builders import MODELS
 from tts_workbench.models.checkpoints import save_checkpoint
@@ -27,7 +29,7 @@ from tts_workbench.models.sources import load_model
 from tts_workbench.runtime import optimized
 from tts_workbench.runtime.optimized import PerformanceOptimizedTTS
 from tts_workbench.studies import bench
-from tts_workbench.studies.bench import Row, bench_frame, busy_machine_line, environment, run_bench, summarize
+from tts_workbench.studies.bench import Row, bench_frame, run_bench, summarize
 
 
 class Reached(Exception):
@@ -624,12 +626,12 @@ def test_the_environment_names_the_cpu_and_its_half_precision_features() -> None
     results differ between them, and the results files did not say which ran them."""
     env = environment("tiny", "cpu")
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert set(env["cpu_flags"]) <= set(bench.ISA_FLAGS) and env["cpu"]
+    assert set(env["cpu_flags"]) <= set(machine.ISA_FLAGS) and env["cpu"]
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     flags = next((line.split() for line in lines if line.startswith("flags")), None)
     if flags is not None:  # x86 Linux: the flags and the model name are the CPU's own
-        assert env["cpu_flags"] == [f for f in bench.ISA_FLAGS if f in flags]
+        assert env["cpu_flags"] == [f for f in machine.ISA_FLAGS if f in flags]
         assert env["cpu"] in cpuinfo.read_text()
 
 

@@ -318,6 +318,11 @@ def test_load_cli_reports_each_level(
     )
     assert (report["config"]["first_window_s"], report["config"]["prompt_s"]) == (0.4, 3.0)
     assert format_load(report).splitlines()[0] == report["title"]
+    # the machine it ran on, as the bench's results record it (before 2026-12-07 none), and the
+    # warning where another job shared the machine
+    assert (report["environment"]["model"], report["environment"]["device"]) == ("tiny", "cpu")
+    busy = {**report, "environment": {**report["environment"], "load_average_1m": 9.0, "cpu_count": 2}}
+    assert format_load(busy).splitlines()[1].startswith("the machine was busy: load average 9.0 on 2 CPUs")
     assert [level["streams"] for level in report["levels"]] == [1, 2]
     for level in report["levels"]:
         s = level["summary"]

@@ -91,7 +91,7 @@ def test_sampling_study_times_with_the_threads_it_records(
 def test_engine_soak_records_its_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # its result had no date, device or versions (studies.bench.environment, recorded with every result)
+    # its result had no date, device or versions (core.machine.environment, recorded with every result)
     soak = with_short_voices(script("engine_soak"), monkeypatch)
     monkeypatch.chdir(tmp_path)  # its reference goes to runs/soak/ under the working folder
     monkeypatch.setattr(sys, "argv", ["engine_soak", "--streams", "5", "--tokens", "2"])

@@ -925,6 +925,10 @@ def test_run_to_files_notes_a_token_cap_only_when_it_ended_the_generation(
     assert len(report["speech_tokens"]) < 30  # it stopped (some of the 29 ids are invalid)
     assert "no stop token" not in report["note"] and "never" not in report["note"]
     assert report["note"] == "ended by the stop token at token 30"
+    assert (report["environment"]["model"], report["environment"]["device"]) == ("unnamed", "cpu")
+    busy = {**report, "environment": {**report["environment"], "load_average_1m": 9.0, "cpu_count": 2}}
+    assert "the machine was busy: load average 9.0" in format_report(busy)
+    assert "the machine was busy" not in format_report({**report, "environment": {}})
     # capped, a trained model's stream is told to raise --tokens, not blamed on random weights
     capped = run_to_files(tts, TEXT, StreamConfig("naive"), tmp_path, max_new_tokens=8, model="pretrained")
     assert (

@@ -13,6 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..core.constants import SAMPLES_PER_TOKEN
+from ..core.machine import busy_machine_line
 from ..core.tables import render
 
 
@@ -270,6 +271,7 @@ def format_report(report: dict[str, Any]) -> str:
             _chunks_text(_frame(report["chunks"]), report["summary"]),
             _quality_text(report["quality_vs_one_shot"], not math.isinf(report["summary"]["ttfa_s"])),
             *_t3_compile_text(report),
+            *busy_machine_line(report.get("environment", {})),  # (no environment before 2026-12-07)
             # a multilingual model's (the others speak English only: None, or absent from older reports)
             *([f"language: {report['language']}"] if report.get("language") else []),
             report["note"],

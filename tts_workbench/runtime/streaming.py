@@ -44,6 +44,7 @@ from ..core.constants import (
 from ..core.errors import PASS_CONDS, PREPARE_FIRST, ConfigError, NoVoiceError, as_int
 from ..core.families import family_of, language_for
 from ..core.files import written
+from ..core.machine import environment
 from ..core.progress import progress_bar
 from ..core.rng import StreamRandom, overwritten
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
@@ -758,6 +759,7 @@ def run_to_files(
     wav_path = written(outdir / f"{config.strategy}.wav", lambda path: sf.write(path, wav, SAMPLE_RATE))
     fig_path = save(timeline_figure(state.report), outdir / f"{config.strategy}_timeline.png")
     return {
+        "environment": environment(str(model or "unnamed"), str(tts.device)),
         "config": asdict(config),
         "language": language_for(tts, language_id),  # None: a family that speaks English only
         "summary": state.report.summary(),

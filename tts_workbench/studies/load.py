@@ -42,6 +42,7 @@ from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError, naming_flag
 from ..core.families import family_of
 from ..core.files import written
+from ..core.machine import busy_machine_line, environment
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
@@ -570,6 +571,7 @@ def run_load(
     prompt = "" if config.prompt_s is None else f" (the last {config.prompt_s:g} s of its prompt)"
     source = texts_source(texts, texts_from)
     report: dict[str, Any] = {
+        "environment": environment(model or "unnamed", str(device)),  # as the levels ended (load average)
         "model": model,
         "reference": voice,
         "texts": source,
@@ -715,6 +717,7 @@ def format_load(report: dict[str, Any]) -> str:
     frame = load_frame(report)
     lines = [
         report["title"],
+        *busy_machine_line(report.get("environment", {})),  # (no environment before 2026-12-07)
         render(frame[[c for c in columns if c in frame]]),
         *failures(report),
         "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
