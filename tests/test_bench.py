@@ -646,3 +646,6 @@ def test_a_bench_on_a_busy_machine_says_its_times_are_inflated() -> None:
     ]
     assert busy_machine_line({"load_average_1m": 3.0, "cpu_count": 2}) == []  # its own 2 threads, one more
     assert busy_machine_line({"cpu_count": 2}) == []  # a report from before the figure
+    # a run with two stages at work (the load study's T3 and S3Gen threads, 2 torch threads each)
+    alone = {"load_average_1m": 4.5, "cpu_count": 2, "torch_threads": 2}
+    assert busy_machine_line(alone, stages=2) == [] and busy_machine_line(alone) != []

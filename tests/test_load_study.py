@@ -321,8 +321,14 @@ def test_load_cli_reports_each_level(
     # the machine it ran on, as the bench's results record it (before 2026-12-07 none), and the
     # warning where another job shared the machine
     assert (report["environment"]["model"], report["environment"]["device"]) == ("tiny", "cpu")
-    busy = {**report, "environment": {**report["environment"], "load_average_1m": 9.0, "cpu_count": 2}}
-    assert format_load(busy).splitlines()[1].startswith("the machine was busy: load average 9.0 on 2 CPUs")
+
+    def at(load: float) -> dict:  # the report as if run on 2 CPUs, 2 torch threads, at that load
+        env = {**report["environment"], "load_average_1m": load, "cpu_count": 2, "torch_threads": 2}
+        return {**report, "environment": env}
+
+    assert format_load(at(9.0)).splitlines()[1].startswith("the machine was busy: load average 9.0 on 2 CPUs")
+    # its two stages' threads alone (T3's and S3Gen's, 2 each) make a load of 4: not a busy machine
+    assert not any(line.startswith("the machine was busy") for line in format_load(at(4.5)).splitlines())
     assert [level["streams"] for level in report["levels"]] == [1, 2]
     for level in report["levels"]:
         s = level["summary"]

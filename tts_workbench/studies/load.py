@@ -717,7 +717,8 @@ def format_load(report: dict[str, Any]) -> str:
     frame = load_frame(report)
     lines = [
         report["title"],
-        *busy_machine_line(report.get("environment", {})),  # (no environment before 2026-12-07)
+        # (no environment before 2026-12-07); the engine's two stages work at once
+        *busy_machine_line(report.get("environment", {}), stages=2),
         render(frame[[c for c in columns if c in frame]]),
         *failures(report),
         "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
