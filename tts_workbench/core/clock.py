@@ -50,6 +50,7 @@ class Stopwatch:
 
     @contextmanager
     def running(self) -> Iterator[None]:
+        """Time the block (the device synchronised at both ends) and add it to ``seconds`` and ``calls``."""
         t0 = now(self.device)
         try:
             yield

@@ -62,6 +62,7 @@ class KernelRecord:
         return {str(p): dict(Counter(k)) for p, k in labels.groupby(calls["phase"], observed=True)}
 
     def kernels(self, phase_prefix: str = "t3") -> set[str]:
+        """The attention kernels seen in the phases whose names start with ``phase_prefix``."""
         calls = self.to_frame()
         return set(calls["kernel"][calls["phase"].astype(str).str.startswith(phase_prefix)])
 

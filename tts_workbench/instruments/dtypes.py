@@ -164,6 +164,7 @@ class DtypeTrace:
 
     @property
     def mismatches(self) -> list[CallRecord]:
+        """The recorded calls flagged with a mismatch: input/weight, upcast or autocast."""
         return [r for r in self.records if r.mismatch]
 
     @property

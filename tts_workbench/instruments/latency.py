@@ -176,10 +176,14 @@ class Spoken(Protocol):
     """A stream that has spoken: ``streaming.StreamState`` or the engine's ``StreamHandle``."""
 
     @property
-    def tokens(self) -> list[int]: ...
+    def tokens(self) -> list[int]:
+        """The speech token ids the stream vocoded, in order."""
+        ...
 
     @property
-    def report(self) -> StreamReport: ...
+    def report(self) -> StreamReport:
+        """The stream's chunks and their metrics."""
+        ...
 
 
 def vocoding_frame(streams: Mapping[Any, Spoken], waves: Mapping[Any, np.ndarray]) -> pd.DataFrame:

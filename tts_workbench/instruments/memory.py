@@ -45,6 +45,7 @@ class MemoryWindow:
 
     @property
     def reserved_growth_bytes(self) -> int:
+        """How far the allocator's reserved bytes rose above their start (never below 0)."""
         return max(0, self.peak_reserved_bytes - self.start_reserved_bytes)
 
 

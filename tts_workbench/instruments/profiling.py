@@ -171,10 +171,12 @@ class OpEvent:
 
     @property
     def cpu_time_total(self) -> float:
+        """Microseconds from the op's start to its end, its children included."""
         return self.end_us - self.start_us
 
     @property
     def self_cpu_time_total(self) -> float:
+        """Microseconds of the op less its children's."""
         return self.cpu_time_total - sum(c.cpu_time_total for c in self.cpu_children)
 
 

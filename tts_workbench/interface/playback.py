@@ -107,6 +107,7 @@ class StreamPlayer:
         self._gaps_seen = 0  # underruns found before the last chunk came
 
     def add(self, chunk: Waveform, metrics: ChunkMetrics) -> None:
+        """Show one more chunk and its metrics, marking it late where a real-time player ran dry before it."""
         chunk = mono(chunk)  # joined by ``finish``: a (1, samples) chunk would not join the others
         self.chunks.append(chunk)
         self.metrics.append(metrics)

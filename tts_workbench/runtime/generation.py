@@ -50,10 +50,12 @@ class PhaseTimes:
 
     @property
     def seconds(self) -> dict[str, float]:
+        """Seconds per phase label, for the phases that ran."""
         return {label: w.seconds for label, w in self.watches.items() if w.calls}
 
     @property
     def calls(self) -> dict[str, int]:
+        """Calls per phase label, for the phases that ran."""
         return {label: w.calls for label, w in self.watches.items() if w.calls}
 
 
@@ -201,6 +203,7 @@ class GenerationResult:
 
     @property
     def audio_s(self) -> float:
+        """Seconds of audio generated."""
         return len(self.wav) / self.sample_rate
 
     @property

@@ -174,10 +174,12 @@ class StreamConfig:
 
     @property
     def first_window_tokens(self) -> int:
+        """The first window in speech tokens (at least one)."""
         return max(1, round(self.first_window_s * TOKENS_PER_S))
 
     @property
     def window_tokens(self) -> int:
+        """A later window in speech tokens (at least one)."""
         return max(1, round(self.window_s * TOKENS_PER_S))
 
     def padded_tokens(self, first: bool) -> int:
@@ -190,6 +192,7 @@ class StreamConfig:
 
     @property
     def crossfade_samples(self) -> int:
+        """The crossfade in samples, even so that half lies on either side of a seam."""
         return 2 * round(self.crossfade_ms * SAMPLES_PER_MS / 2)  # even, so it splits around a seam
 
 

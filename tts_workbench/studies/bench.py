@@ -97,10 +97,12 @@ class Row:
 
     @property
     def rtf(self) -> float:
+        """Wall seconds over audio seconds."""
         return real_time_factor(self.wall_s, self.audio_s)
 
     @property
     def t3_tokens_per_s(self) -> float:
+        """T3 decode steps per second (0 where no step was timed)."""
         return 1.0 / self.t3_step_s if self.t3_step_s else 0.0
 
 
