@@ -178,12 +178,10 @@ class Spoken(Protocol):
     @property
     def tokens(self) -> list[int]:
         """The speech token ids the stream vocoded, in order."""
-        ...
 
     @property
     def report(self) -> StreamReport:
         """The stream's chunks and their metrics."""
-        ...
 
 
 def vocoding_frame(streams: Mapping[Any, Spoken], waves: Mapping[Any, np.ndarray]) -> pd.DataFrame:
