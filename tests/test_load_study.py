@@ -317,7 +317,12 @@ def test_load_cli_reports_each_level(
         f"load study of tiny on cpu, voice {reference_wav} (the last 3 s of its prompt), texts built-in,"
     )
     assert (report["config"]["first_window_s"], report["config"]["prompt_s"]) == (0.4, 3.0)
-    assert format_load(report).splitlines()[0] == report["title"]
+    lines = format_load(report).splitlines()
+    assert lines[0] == report["title"]
+    # a column per level, a line per figure (a line per level was ~330 characters wide)
+    head = next(k for k, line in enumerate(lines) if line.split() == ["1", "stream", "2", "streams"])
+    p95 = next(line.split() for line in lines[head:] if line.startswith("ttfa_p95_s "))
+    assert p95 == ["ttfa_p95_s", *(f"{level['summary']['ttfa_p95_s']:.2f}" for level in report["levels"])]
     # the machine it ran on, as the bench's results record it (before 2026-12-07 none), and the
     # warning where another job shared the machine
     assert (report["environment"]["model"], report["environment"]["device"]) == ("tiny", "cpu")

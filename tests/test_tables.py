@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
-from tts_workbench.core.tables import render
+from tts_workbench.core.tables import render, render_sideways
 
 
 def test_numbers_right_in_their_format_text_left() -> None:
@@ -54,3 +55,19 @@ def test_a_text_column_is_as_wide_as_its_header_and_booleans_are_text() -> None:
         "True   1",
         "False 22",
     ]
+
+
+def test_sideways_a_line_per_column_and_a_right_aligned_column_per_row() -> None:
+    frame = pd.DataFrame(
+        {"streams": [1, 16], "p95_s": [0.914, float("nan")], "stage": ["s3gen", None], "n": [3, 120]}
+    )
+    lines = render_sideways(frame, "streams", lambda n: f"{n} x", {"p95_s": ".1f"}).splitlines()
+    assert lines == [
+        "        1 x 16 x",
+        "p95_s   0.9 None",  # each value in its column's format; a missing one "None", as render's
+        "stage s3gen None",
+        "n         3  120",
+    ]
+    assert render_sideways(frame.iloc[:0], "streams") == "(no rows)"
+    with pytest.raises(ValueError, match="each row's streams must differ"):  # a column would be lost
+        render_sideways(frame, "streams", lambda n: "same")

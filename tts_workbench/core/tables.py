@@ -1,4 +1,5 @@
-"""The one table renderer: every text table of the workbench is a DataFrame printed by ``render``.
+"""The one table renderer: every text table of the workbench is a DataFrame printed by ``render``
+(``render_sideways`` for one of few rows and many columns, turned on its side).
 
 Numbers are right-aligned in their column's format, everything else (names, lists) left-aligned
 under a left-aligned header, so a column reads the same in a terminal, a notebook and a log.
@@ -50,3 +51,39 @@ def render(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, floats
             formatters[headers[col]] = _text(width)
     text = frame.rename(columns=headers).to_string(index=False, formatters=formatters)
     return "\n".join(line.rstrip() for line in text.splitlines())
+
+
+def _cell(value: Any, numeric: bool, spec: str) -> str:
+    """One value as ``render`` prints it in its column: a number in ``spec``, else as text."""
+    return format(value, spec) if numeric and not pd.isna(value) else _shown(value)
+
+
+def render_sideways(
+    frame: pd.DataFrame,
+    key: str,
+    heading: Callable[[Any], str] = str,
+    formats: Mapping[str, str] | None = None,
+    floats: str = ".2f",
+) -> str:
+    """``frame`` turned on its side: a line per column but ``key`` (its name first), a column per
+    row headed ``heading(row[key])``, each value formatted as ``render`` formats its column and
+    right-aligned. For a table of a few rows and many columns (a load study's levels: 21 figures
+    of each made one line of ~330 characters, wrapped past reading in a terminal)."""
+    if frame.empty:
+        return "(no rows)"
+    formats = formats or {}
+    rows: dict[str, list[str]] = {}
+    for col in frame.columns.drop(key):
+        values = frame[col]
+        numeric = is_numeric_dtype(values) and not is_bool_dtype(values)
+        spec = formats.get(col, floats if is_float_dtype(values) else "")
+        rows[str(col)] = [_cell(v, numeric, spec) for v in values]
+    heads = [heading(v) for v in frame[key]]
+    if len(set(heads)) < len(heads):  # a column would replace another
+        raise ValueError(f"rows of one heading in {heads}: each row's {key} must differ")
+    columns = {"": list(rows)}
+    for k, head in enumerate(heads):
+        cells = [row[k] for row in rows.values()]
+        width = max([len(head), *(len(c) for c in cells)])
+        columns[head.rjust(width)] = [c.rjust(width) for c in cells]
+    return render(pd.DataFrame(columns))

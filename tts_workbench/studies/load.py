@@ -46,7 +46,7 @@ from ..core.machine import busy_machine_line, environment
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
-from ..core.tables import render
+from ..core.tables import render_sideways
 from ..instruments.memory import device_memory_bytes, held_bytes, memory_window
 from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
@@ -647,15 +647,18 @@ def real_time_capacity(
     return {"first_audio_limit_s": first_audio_limit_s, "streams": max(held, default=None), "missed": missed}
 
 
+def _streams(n: int | str) -> str:
+    """A level as words, "1 stream" or "8 streams" (``n`` an int, or a key read back from JSON)."""
+    return f"{n} stream{'s' if int(n) != 1 else ''}"
+
+
 def format_real_time(real_time: dict[str, Any]) -> str:
     """How many streams held in real time, then one line per level that missed, saying why."""
     held = real_time["streams"]
-    head = "no level" if held is None else f"{held} stream{'s' if held > 1 else ''}"
+    head = "no level" if held is None else _streams(held)
     limit = real_time["first_audio_limit_s"]
     criteria = f"every stream spoke, none underran after its first audio, first-audio p95 <= {limit:g} s"
-    missed = [
-        f"  {n} stream{'s' if int(n) > 1 else ''} missed: {why}" for n, why in real_time["missed"].items()
-    ]
+    missed = [f"  {_streams(n)} missed: {why}" for n, why in real_time["missed"].items()]
     return "\n".join([f"held in real time: {head} (a level holds where {criteria})", *missed])
 
 
@@ -676,8 +679,7 @@ def fallbacks(report: dict[str, Any]) -> list[str]:
     and one if S3Gen's estimator ran eagerly where compiled was asked for (their compiles failed:
     the report's title names what was asked for, not what ran)."""
     lines = [
-        f"{(n := level['streams'])} stream{'s' if n > 1 else ''}: T3 ran the static step, its compile "
-        f"failed ({why})"
+        f"{_streams(level['streams'])}: T3 ran the static step, its compile failed ({why})"
         for level in report["levels"]
         if (why := level.get("compile_fallback"))
     ]
@@ -701,7 +703,7 @@ def failures(report: dict[str, Any]) -> list[str]:
         for k in failed_positions(streams):
             s = streams[k - 1]
             lines.append(
-                f"  {n} stream{'s' if n > 1 else ''}: stream {k} (seed {s['seed']}, text {shown(s['text'])}) "
+                f"  {_streams(n)}: stream {k} (seed {s['seed']}, text {shown(s['text'])}) "
                 f"failed: {' '.join(s['error'].split())}"
             )
     return lines
@@ -719,7 +721,8 @@ def format_load(report: dict[str, Any]) -> str:
         report["title"],
         # (no environment before 2026-12-07); the engine's two stages work at once
         *busy_machine_line(report.get("environment", {}), stages=2),
-        render(frame[[c for c in columns if c in frame]]),
+        # a column per level: a row per level was ~330 characters wide
+        render_sideways(frame[[c for c in columns if c in frame]], "streams", _streams),
         *failures(report),
         "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
         "real-time stream)" + ("; *_busy_pct: share of the wall time each stage's thread was working"
