@@ -1393,6 +1393,8 @@ def test_a_voice_or_sampling_value_no_stream_takes_is_refused_at_submit(tts: Cha
             ({"cfg_weight": None}, ConfigError, "cfg_weight must be a number, got None"),
             ({"temperature": "warm"}, ConfigError, "temperature must be a number, got 'warm'"),
             ({"language_id": 5}, ConfigError, "language_id must be a str or None, got int 5"),
+            # (before 2026-12-07 taken, and the stream spoke English; "en" is taken, below)
+            ({"language_id": "fr"}, ConfigError, "the standard model speaks English only"),
         ]  # fmt: skip
         for kwargs, kind, message in wrong:
             with pytest.raises(kind, match=message):

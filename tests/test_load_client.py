@@ -478,6 +478,21 @@ def test_a_model_given_is_the_model_each_request_names_and_no_list_is_asked_for(
     assert models == ["tts-1"] * 3 and report["model"] == "tts-1" and "model tts-1" in report["title"]
 
 
+def test_a_language_given_is_each_requests_field_and_in_the_report() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def speech(body: dict[str, Any]) -> httpx.Response:
+        bodies.append(body)
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+
+    report = run_http_load("http://stand-in", [1, 2], language="fr", transport=_endpoint(speech))
+    assert [body["language"] for body in bodies] == ["fr"] * 3
+    assert report["language"] == "fr" and ", language fr," in report["title"]
+    bodies.clear()  # none given: no field (another server may refuse one it does not know)
+    report = run_http_load("http://stand-in", [1], transport=_endpoint(speech))
+    assert "language" not in bodies[0] and report["language"] is None and "language" not in report["title"]
+
+
 def test_the_cli_passes_model_with_url_and_only_when_given(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

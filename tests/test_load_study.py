@@ -254,7 +254,6 @@ def test_the_serving_page_lists_the_flags_load_url_refuses() -> None:
         ["--alignment"],
         ["--fused"],
         ["--family", "standard"],
-        ["--language", "fr"],  # the server's model speaks as it was built (OpenAI's request has none)
     ],
 )
 def test_load_refuses_in_process_flags_with_url(
@@ -289,11 +288,13 @@ def test_load_with_url_takes_its_own_flags_and_leaves_defaults_unrefused(
     monkeypatch.setattr("tts_workbench.studies.http_load.run_http_load", run_http_load)
     args = ["load", "--url", "http://127.0.0.1:9", "--streams", "1,2", "--tokens", "7", "--seed", "3",
             "--arrival", "poisson:2", "--voice", "alice", "--timeout", "9", "--first-audio-limit", "0.7",
-            "--out", str(tmp_path), "--json"]  # fmt: skip
+            "--language", "fr", "--out", str(tmp_path), "--json"]  # fmt: skip
     assert main(args) == 2
     assert errors_in(capsys.readouterr().err) == ["error: stopped here"]
+    # --language: each request's field, the server's model checks it (before 2026-12-07 refused
+    # as the server's, and a multilingual server could be measured in English only)
     want = {"levels": [1, 2], "tokens": 7, "seed": 3, "arrival": "poisson:2", "voice": "alice",
-            "timeout_s": 9.0, "first_audio_limit_s": 0.7}  # fmt: skip
+            "timeout_s": 9.0, "first_audio_limit_s": 0.7, "language": "fr"}  # fmt: skip
     assert {k: got[k] for k in want} == want
 
 

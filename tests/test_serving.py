@@ -68,7 +68,7 @@ NO_FORMAT = {k: v for k, v in GOOD.items() if k != "response_format"}  # as open
 VOICE_FIX = "use one of default, alice"
 FIELDS_FIX = (
     "the fields are model, input, voice, response_format, speed, stream_format, instructions, "
-    "seed, max_tokens"
+    "seed, max_tokens, language"
 )
 
 
@@ -108,6 +108,9 @@ FIELDS_FIX = (
         ({"max_tokens": 301}, "max_tokens", 400, "an integer from 1 to 300"),
         ({"max_tokens": True}, "max_tokens", 400, "an integer from 1 to 300"),
         ({"temperature": 0.5}, "temperature", 400, FIELDS_FIX),  # not a field: the message lists them
+        # whether the model speaks it is the service's check (below): only its type here
+        ({"language": 5}, "language", 400, 'a language code such as "fr", got 5'),
+        ({"language": " "}, "language", 400, 'a language code such as "fr", got'),
     ],
 )
 def test_each_bad_field_is_named_with_its_fix(
@@ -169,9 +172,10 @@ def test_an_unknown_model_is_openais_model_not_found() -> None:
 def test_a_good_request_gets_the_defaults() -> None:
     req = parse_speech({**GOOD, "voice": "alice", "speed": 1.0, "response_format": "wav"}, LIMITS,
                        default_tokens=40)  # fmt: skip
-    assert (req.input, req.voice, req.response_format, req.seed, req.max_tokens) == (
-        "Hello there.", "alice", "wav", 0, 40,
+    assert (req.input, req.voice, req.response_format, req.seed, req.max_tokens, req.language) == (
+        "Hello there.", "alice", "wav", 0, 40, None,
     )  # fmt: skip
+    assert parse_speech({**GOOD, "language": "fr"}, LIMITS).language == "fr"
     with pytest.raises(RequestError, match="JSON object"):
         parse_speech(["not", "an", "object"], LIMITS)
 
@@ -281,6 +285,7 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
             ({**GOOD, "response_format": "opus"}, "response_format", 400),
             (NO_FORMAT, "response_format", 400),
             ({**GOOD, "speed": 2.0}, "speed", 400),
+            ({**GOOD, "language": "fr"}, "language", 400),  # the standard model speaks English only
         ]
         for body, param, status in bad:
             if isinstance(body, bytes):
@@ -489,7 +494,7 @@ def test_the_cache_check_runs_off_the_event_loop(
 
     counted_on: list[int] = []
 
-    def filling(_voice: str, _text: str) -> int:
+    def filling(_voice: str, _text: str, _language: str | None) -> int:
         counted_on.append(threading.get_ident())
         return service.options.max_cache_len + 1  # no room for a token: refused, nothing submitted
 
@@ -803,6 +808,45 @@ def test_unless_gone_gives_the_stream_only_to_a_client_still_there(client: str) 
     got = asyncio.run(scenario())
     assert got == {"stays": stream, "leaves": None, "cannot be heard": stream}.get(client, "raised")
     assert cancelled == ([] if client in ("stays", "cannot be heard") else [True])
+
+
+def test_a_multilingual_server_speaks_the_language_a_request_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(before 2026-12-07 a request had no language field: a multilingual server spoke English
+    only, and ``load --url --language`` was refused)"""
+    service = SpeechService(ServeOptions(model="multilingual-tiny", run_dir=str(tmp_path), max_streams=1))
+    try:
+        asked: list[str | None] = []
+        submit = service.engine.submit
+
+        def spy(text: str, **kwargs: Any) -> Any:
+            asked.append(kwargs["language_id"])
+            return submit(text, **kwargs)
+
+        monkeypatch.setattr(service.engine, "submit", spy)
+        spoken = {}
+        good = {**GOOD, "model": "chatterbox-multilingual-tiny"}
+        with TestClient(speech_app(service)) as client:
+            for language in ("fr", "en", None):
+                body = {**good, "max_tokens": 12, **({} if language is None else {"language": language})}
+                r = client.post("/v1/audio/speech", json=body)
+                assert r.status_code == 200, r.text
+                spoken[language] = r.content
+            r = client.post("/v1/audio/speech", json={**good, "language": "xx"})  # one it lacks
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == "language", r.text
+            assert "unsupported language 'xx'" in error["message"], error["message"]
+        # each stream in the language its request named (the one refused never reached the engine);
+        # the audio cannot tell: the tiny model's random weights sample the same 12 tokens after
+        # "[fr]" as after "[en]", one prompt token apart
+        assert asked == ["fr", "en", None] and all(spoken.values())
+        # the cache is counted in the language asked for, as the stream's prefill fills it
+        text = "Bonjour à tous."
+        want = prefill_length(service.tts, text, 0.0, language_id="fr")
+        assert service.prefill_positions("default", text, "fr") == want
+    finally:
+        service.close()
 
 
 def test_the_seed_and_max_tokens_sent_are_the_streams(

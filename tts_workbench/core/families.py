@@ -218,9 +218,10 @@ def language_for(tts: Any, language_id: str | None) -> str | None:
 
 
 def check_speaks_languages(family: str, language_id: str | None) -> None:
-    """Refuse a ``language_id`` given to a family that speaks English only (upstream's standard
-    and Turbo ``generate`` take none), by the family's name: known before a model is built."""
-    if language_id is not None and family != "multilingual":
+    """Refuse a ``language_id`` other than English ("en") given to a family that speaks English
+    only (upstream's standard and Turbo ``generate`` take none), by the family's name: known
+    before a model is built. English is what such a model speaks: asked for, it is no error."""
+    if language_id is not None and family != "multilingual" and language_id.lower() != "en":
         raise ConfigError(
             f"the {family} model speaks English only: leave the language out, or use a multilingual "
             "model (multilingual-tiny, multilingual-random, ...)"

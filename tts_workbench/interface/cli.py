@@ -286,7 +286,7 @@ def _add_load(sub: Any) -> None:
     ld.add_argument(
         "--texts", type=flags.path, help="file with one text per line (default: four built-in sentences)"
     )
-    flags.language_flag(ld)
+    flags.language_flag(ld, "; with --url: each request's language field (the server's model checks it)")
     flags.engine_flags(ld)
     ld.add_argument("--first-window-s", type=flags.window, default=1.0, help="first window (s of audio)")
     ld.add_argument("--window-s", type=flags.window, default=3.5, help="later windows (s of audio)")

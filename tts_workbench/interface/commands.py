@@ -273,7 +273,7 @@ def _trace_labels(paths: list[Path]) -> dict[str, Path]:
 # (not --model: with --url it names the model the requests ask for).
 SERVER_FLAGS = (
     "--family", "--device", "--decode", "--dtype", "--step-buckets", "--flow", "--flow-batches",
-    "--reference", "--first-window-s", "--window-s", "--prompt-s", "--alignment", "--fused", "--language",
+    "--reference", "--first-window-s", "--window-s", "--prompt-s", "--alignment", "--fused",
 )  # fmt: skip
 
 
@@ -308,7 +308,7 @@ def load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, 
             "voice): leave it out, or leave --url out to measure an engine in this process",
         )
         # None: not given, run_http_load's default (--model's own default, tiny, is no served model)
-        given = {"voice": args.voice, "timeout_s": args.timeout,
+        given = {"voice": args.voice, "timeout_s": args.timeout, "language": args.language,
                  "model": args.model if "--model" in args.flags_given else None}  # fmt: skip
         report = run_http_load(
             args.url, levels, texts=texts, arrival=args.arrival, tokens=args.tokens, seed=args.seed,

@@ -226,13 +226,13 @@ def common(p: argparse.ArgumentParser, model_help: str = MODEL_HELP) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def language_flag(p: argparse.ArgumentParser) -> None:
-    """``--language``: a multilingual model's (``spoken_language``)."""
+def language_flag(p: argparse.ArgumentParser, also: str = "") -> None:
+    """``--language``: a multilingual model's (``spoken_language``); ``also``: the end of its help."""
     p.add_argument(
         "--language",
         type=given,
         help="the language a multilingual model speaks (default: en; one of upstream's 23 codes); the "
-        "other families speak English only",
+        "other families speak English only" + also,
     )
 
 

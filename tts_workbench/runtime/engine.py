@@ -63,7 +63,7 @@ import torch
 from ..core.clock import now
 from ..core.constants import FRAMES_PER_TOKEN
 from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, whole_from_one
-from ..core.families import family_of, language_for
+from ..core.families import family_of
 from ..core.patching import let_go, sharing
 from ..core.rng import StreamRandom, overwritten, rows_drawing
 from ..instruments.latency import ChunkMetrics
@@ -86,6 +86,7 @@ from .decode import (
     span_for,
     spans,
     speech_ids,
+    spoken_language,
     text_tokens,
 )
 from .generation import checked_voice, voice_turn
@@ -472,7 +473,9 @@ class StreamEngine:
         # (cfg_weight=None) or one no sampling takes (temperature=0), a language the model lacks
         cfg_weight, settings = self.family.sampling_with(sampling)
         sampler = Sampler(self.turbo, cfg_weight, **settings)
-        language_for(self.tts, language_id)
+        # a language given to an English-only model is refused, as upstream's generate refuses the
+        # keyword (before 2026-12-07 it was dropped, and the stream spoke English)
+        spoken_language(self.tts, language_id)
         with voice_turn(self.tts):
             # The model's voice as it is now: one prepared while this stream waits is not its own.
             conds = self._voice_of(conds)

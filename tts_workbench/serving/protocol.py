@@ -19,9 +19,10 @@ from ..core.errors import as_int, unicode_problem
 from ..core.positions import positions_needed, tokens_that_fit
 
 FORMATS = {"pcm": "audio/pcm", "wav": "audio/wav"}
-# The fields a request may carry: OpenAI's, and two of this server's own (seed, max_tokens).
+# The fields a request may carry: OpenAI's, and three of this server's own (seed, max_tokens, and
+# language: what a multilingual model speaks; OpenAI's API has none, and reads the input's).
 FIELDS = ("model", "input", "voice", "response_format", "speed", "stream_format", "instructions",
-          "seed", "max_tokens")  # fmt: skip
+          "seed", "max_tokens", "language")  # fmt: skip
 
 
 class RequestError(ValueError):
@@ -67,6 +68,7 @@ class SpeechRequest:
     seed: int
     max_tokens: int
     tokens_sent: bool = True  # False: max_tokens is the server's default (--tokens), not the client's
+    language: str | None = None  # None: the model's default ("en" for a multilingual one)
 
 
 def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> SpeechRequest:
@@ -131,7 +133,11 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     if as_int(tokens) is None or not 1 <= tokens <= limits.max_tokens:
         raise RequestError(f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {tokens!r}",
                            "max_tokens")  # fmt: skip
-    return SpeechRequest(text, voice, fmt, seed, tokens, "max_tokens" in body)
+    # Whether the model speaks it is the service's to say (it knows the model): only the type here.
+    language = body.get("language")
+    if language is not None and (not isinstance(language, str) or not language.strip()):
+        raise RequestError(f'language must be a language code such as "fr", got {language!r}', "language")
+    return SpeechRequest(text, voice, fmt, seed, tokens, "max_tokens" in body, language)
 
 
 def check_cache(prefill: int, max_tokens: int, max_cache_len: int) -> None:

@@ -37,7 +37,7 @@ from ..core.positions import positions_needed, tokens_that_fit
 from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
 from ..models.vocode import FlowPlan
-from ..runtime.decode import prefill_length, speech_token_limit, text_tokens
+from ..runtime.decode import prefill_length, speech_token_limit, spoken_language, text_tokens
 from ..runtime.engine import StreamEngine, check_engine_options, check_sizes
 from ..runtime.generation import prepare_voice
 from ..runtime.optimized import decode_plan
@@ -277,8 +277,9 @@ class SpeechService:
             # which waits behind the engine's queued GPU work.
             tokens = await asyncio.to_thread(self._check_cache, req)
             handle = self.engine.submit(
-                req.input, seed=req.seed, max_new_tokens=tokens, conds=self.voices[req.voice]
-            )
+                req.input, seed=req.seed, max_new_tokens=tokens, conds=self.voices[req.voice],
+                language_id=req.language,
+            )  # fmt: skip
             chunks = aiter(handle)
             first = await anext(chunks, None)
         except asyncio.CancelledError:  # the client left before its first chunk (rows freed)
@@ -308,10 +309,22 @@ class SpeechService:
             head.append(pcm16(first[0]))
         return SpeechStream(self, handle, chunks, head, t0)
 
-    def prefill_positions(self, voice: str, text: str) -> int:
-        """KV cache positions the prefill of ``text`` in ``voice`` fills (``prefill_length``'s
-        count, from the voice's positions counted at start-up and the text's tokens)."""
-        return self.voice_positions[voice] + text_tokens(self.tts, text, 0.0).size(1)
+    def prefill_positions(self, voice: str, text: str, language: str | None = None) -> int:
+        """KV cache positions the prefill of ``text`` in ``voice`` (and ``language``, a multilingual
+        model's) fills (``prefill_length``'s count, from the voice's positions counted at start-up
+        and the text's tokens)."""
+        return self.voice_positions[voice] + text_tokens(self.tts, text, 0.0, language).size(1)
+
+    def _check_language(self, language: str | None) -> None:
+        """Refuse a ``language`` this model does not speak, naming the field (``spoken_language``:
+        any on an English-only family; on a multilingual one, one upstream's model lacks or whose
+        text front end cannot run here). The engine refuses it too, with its own ConfigError."""
+        if language is None:
+            return
+        try:
+            spoken_language(self.tts, language)
+        except ConfigError as e:
+            raise RequestError(f"language: {e}", "language") from None
 
     def _check_cache(self, req: SpeechRequest) -> int:
         """The tokens the request's stream may sample: its ``max_tokens``; the server's default
@@ -319,8 +332,9 @@ class SpeechService:
         cache (a 400 naming a field the client never sent would be no help). Refuse a request
         the cache cannot hold, naming the HTTP fields (the engine's own refusal names its
         arguments and the operator's fix)."""
+        self._check_language(req.language)  # before the count, which tokenizes in that language
         try:
-            prefill = self.prefill_positions(req.voice, req.input)
+            prefill = self.prefill_positions(req.voice, req.input, req.language)
         except ConfigError as e:  # text_tokens: more text tokens than T3 has positions for
             raise RequestError(f"input: {e}", "input") from None
         tokens = req.max_tokens

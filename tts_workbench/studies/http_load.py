@@ -1,8 +1,8 @@
 """The load study as a client: the same streams sent to an OpenAI-style speech endpoint
-(``POST /v1/audio/speech``: this workbench's ``serve``, or another server that takes its two
-fields of its own, ``seed`` and ``max_tokens``), measured from the bytes' arrival as a
-listener's player would feel them. The model is the one given (``--model``), else the first one
-``GET /v1/models`` lists; the requests carry no API key.
+(``POST /v1/audio/speech``: this workbench's ``serve``, or another server that takes its
+fields of its own, ``seed`` and ``max_tokens``, and ``language`` where one is given), measured
+from the bytes' arrival as a listener's player would feel them. The model is the one given
+(``--model``), else the first one ``GET /v1/models`` lists; the requests carry no API key.
 
 Per stream: HTTP status, time to the first audio byte, RTF (last byte over audio seconds),
 underruns of a real-time player that starts at the first byte, and the replica that answered
@@ -269,14 +269,14 @@ async def _stream(
 
 
 async def _level(
-    client: httpx.AsyncClient, url: str, model: str, n: int, texts: list[str], *, voice: str,
+    client: httpx.AsyncClient, url: str, model: str, n: int, texts: list[str], *, fields: dict[str, str],
     arrival: tuple[str, float], tokens: int, seed: int, timeout_s: float, bar: Any, first: bool,
 ) -> dict[str, Any]:  # fmt: skip
     offsets = arrival_offsets(arrival, n, seed)
     t0 = time.perf_counter()
 
     async def one(k: int) -> tuple[dict[str, Any], bool]:
-        body = {"model": model, "input": texts[k % len(texts)], "voice": voice, "response_format": "pcm",
+        body = {"model": model, "input": texts[k % len(texts)], **fields, "response_format": "pcm",
                 "seed": seed + k, "max_tokens": tokens}  # fmt: skip
         row, refused = await _stream(client, url, body, t0 + float(offsets[k]), timeout_s)
         row["arrival_s"] = float(offsets[k])  # sent this long after the level began
@@ -310,9 +310,9 @@ async def _level(
     }
 
 
-async def _run(url: str, levels: list[int], texts: list[str], *, voice: str, arrival: tuple[str, float],
-               tokens: int, seed: int, timeout_s: float, progress: bool, model: str | None,
-               transport: httpx.AsyncBaseTransport | None) -> dict[str, Any]:  # fmt: skip
+async def _run(url: str, levels: list[int], texts: list[str], *, fields: dict[str, str],
+               arrival: tuple[str, float], tokens: int, seed: int, timeout_s: float, progress: bool,
+               model: str | None, transport: httpx.AsyncBaseTransport | None) -> dict[str, Any]:  # fmt: skip
     limits = httpx.Limits(max_connections=max(levels) + 4)
     timeout = httpx.Timeout(timeout_s, connect=5.0)
     async with httpx.AsyncClient(
@@ -325,7 +325,7 @@ async def _run(url: str, levels: list[int], texts: list[str], *, voice: str, arr
             with progress_bar(
                 total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr
             ) as bar:
-                runs.append(await _level(client, url, model, n, texts, voice=voice, arrival=arrival,
+                runs.append(await _level(client, url, model, n, texts, fields=fields, arrival=arrival,
                                          tokens=tokens, seed=seed, timeout_s=timeout_s, bar=bar,
                                          first=not runs))  # fmt: skip
     return {"model": model, "levels": runs}
@@ -347,6 +347,7 @@ def run_http_load(
     transport: httpx.AsyncBaseTransport | None = None,
     texts_from: str | None = None,
     model: str | None = None,
+    language: str | None = None,
 ) -> dict[str, Any]:
     """Each level's streams sent to ``url`` (``http://HOST:PORT``) and how many held in real
     time (``load.conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given.
@@ -354,7 +355,9 @@ def run_http_load(
     tests (through ``httpx.ASGITransport`` an app failing mid-stream raises its own error here,
     where over TCP the server drops the connection and the stream is a failed row). ``texts_from``:
     the texts' file, for the report (``load.texts_source``). ``model``: the model each request
-    names (``--model``); None: the first ``GET /v1/models`` lists. A ``seed`` one of the largest
+    names (``--model``); None: the first ``GET /v1/models`` lists. ``language``: each request's
+    ``language`` field (``--language``: what a multilingual model speaks; this workbench's server
+    refuses it for an English-only model); None: no such field. A ``seed`` one of the largest
     level's streams could not send (``checked_request_seed``) is a ConfigError before any request."""
     url = check_url(url)
     levels = checked_levels(levels, repr(levels))
@@ -363,7 +366,9 @@ def run_http_load(
     kind = parse_arrival(arrival, levels[-1])
     if outdir is not None:  # an unusable --out found now, not once every level has been measured
         check_folder(outdir)
-    got = asyncio.run(_run(url, levels, texts, voice=voice, arrival=kind, tokens=tokens, seed=seed,
+    # the voice every request names, and the language where one was given (a field of this server's)
+    fields = {"voice": voice, **({"language": language} if language is not None else {})}
+    got = asyncio.run(_run(url, levels, texts, fields=fields, arrival=kind, tokens=tokens, seed=seed,
                            timeout_s=timeout_s, progress=progress, model=model,
                            transport=transport))  # fmt: skip
     rows = [s for level in got["levels"] for s in level["per_stream"]]
@@ -376,12 +381,14 @@ def run_http_load(
         "server": ", ".join(servers) or "unnamed",
         "replicas_seen": replicas,
         "voice": voice,
+        "language": language,
         "texts": source,
         "arrival": arrival,
         "tokens": tokens,
         "levels": got["levels"],
         "title": f"load study of {url} (model {got['model']}, server {', '.join(servers) or 'unnamed'}, "
-        f"{len(replicas) or 'unnamed'} replica(s) answered), voice {voice}, texts {source}, "
+        f"{len(replicas) or 'unnamed'} replica(s) answered), voice {voice}"
+        f"{'' if language is None else ', language ' + language}, texts {source}, "
         f"arrival {arrival}, max_tokens {tokens} per stream, measured from the bytes' arrival",
         "note": f"each stream ends where the server ends it, at max_tokens={tokens} at most "
         f"({token_cap_note(None)})",
