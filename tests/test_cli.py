@@ -95,8 +95,13 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
         (["diagnose", "--dtype", "int8"], "invalid choice"),
         (["bench", "--dtype", "bf16"], "invalid choice"),  # refused before the heavy imports
         # refused after chatterbox was imported (before the model is built): the one case the
-        # library noise could reach (every other case here is refused before the import)
-        (["diagnose", "--reference", "NOISE", "--tokens", "2"], "argument --reference: reference audio"),
+        # library noise could reach (every other case here is refused before the import); a
+        # fresh interpreter's import of torch and chatterbox, ~10 s: the end-to-end tier's
+        pytest.param(
+            ["diagnose", "--reference", "NOISE", "--tokens", "2"],
+            "argument --reference: reference audio",
+            marks=pytest.mark.integration,
+        ),
     ],
 )
 def test_bad_arguments_give_one_error_line(args: list[str], message: str, tmp_path: Path) -> None:
@@ -135,6 +140,7 @@ def test_a_mistyped_path_text_or_choice_is_refused_before_torch_is_imported(args
     assert not {"torch", "chatterbox"} & imported, sorted({"torch", "chatterbox"} & imported)
 
 
+@pytest.mark.integration  # a pipe between two processes, the child importing torch and chatterbox (~11 s)
 def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
     """``tts-workbench diagnose | head -1``: the report's print met a closed pipe, a
     BrokenPipeError traceback and exit code 1 before 2026-12-07. Now no traceback, and the exit
