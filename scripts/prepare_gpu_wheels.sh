@@ -4,7 +4,7 @@
 # huggingface-hub, tokenizers, matplotlib, psutil, tqdm, tensorboard; these are the rest of what
 # chatterbox-tts needs, pinned as in requirements.lock, for the image's Python (3.12): 54.3 MB
 # (2026-12), under the device tool's 64 MiB (67.1 MB) with the checkout's under 11 MB of tracked
-# files (10.04 MB on 2026-12-07; --check-size counts them).
+# files (10.13 MB on 2026-12-07; --check-size counts them).
 # What GPU_CHECK_SERVE=1 needs beyond the image (which has httpx, prometheus_client, aiohttp and the
 # rest of Ray's core needs) goes apart, into gpu-serve/ (--serve): ray 2.60.0's wheel alone is
 # 79.3 MB, over a call's whole limit, so scripts/slim_wheel.py drops what serving one deployment on a
