@@ -20,7 +20,7 @@ from ..core.positions import positions_needed, tokens_that_fit
 
 FORMATS = {"pcm": "audio/pcm", "wav": "audio/wav"}
 # The fields a request may carry: OpenAI's, and three of this server's own (seed, max_tokens, and
-# language: what a multilingual model speaks; OpenAI's API has none, and reads the input's).
+# language: what a multilingual model speaks, a field OpenAI's speech API does not have).
 FIELDS = ("model", "input", "voice", "response_format", "speed", "stream_format", "instructions",
           "seed", "max_tokens", "language")  # fmt: skip
 
