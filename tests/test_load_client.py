@@ -491,6 +491,9 @@ def test_a_language_given_is_each_requests_field_and_in_the_report() -> None:
     bodies.clear()  # none given: no field (another server may refuse one it does not know)
     report = run_http_load("http://stand-in", [1], transport=_endpoint(speech))
     assert "language" not in bodies[0] and report["language"] is None and "language" not in report["title"]
+    with pytest.raises(ConfigError, match="argument --language: a language code"):  # before any request
+        run_http_load("http://stand-in", [1], language=" ", transport=_endpoint(speech))
+    assert len(bodies) == 1
 
 
 def test_the_cli_passes_model_with_url_and_only_when_given(

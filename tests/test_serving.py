@@ -810,6 +810,13 @@ def test_unless_gone_gives_the_stream_only_to_a_client_still_there(client: str) 
     assert cancelled == ([] if client in ("stays", "cannot be heard") else [True])
 
 
+def test_a_standard_server_takes_english_asked_for_in_any_case(one_slot: SpeechService) -> None:
+    # English is what it speaks: no refusal (another language is, in the test of bad requests)
+    with TestClient(speech_app(one_slot)) as client:
+        r = client.post("/v1/audio/speech", json={**GOOD, "language": "EN", "max_tokens": 4})
+        assert r.status_code == 200 and r.content, r.text
+
+
 def test_a_multilingual_server_speaks_the_language_a_request_names(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -818,17 +825,23 @@ def test_a_multilingual_server_speaks_the_language_a_request_names(
     service = SpeechService(ServeOptions(model="multilingual-tiny", run_dir=str(tmp_path), max_streams=1))
     try:
         asked: list[str | None] = []
-        submit = service.engine.submit
+        counted: list[str | None] = []  # the language the cache check tokenizes in
+        submit, tokens = service.engine.submit, service_module.text_tokens
 
         def spy(text: str, **kwargs: Any) -> Any:
             asked.append(kwargs["language_id"])
             return submit(text, **kwargs)
 
+        def spelled(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> Any:
+            counted.append(language_id)
+            return tokens(tts, text, cfg_weight, language_id)
+
         monkeypatch.setattr(service.engine, "submit", spy)
+        monkeypatch.setattr(service_module, "text_tokens", spelled)
         spoken = {}
         good = {**GOOD, "model": "chatterbox-multilingual-tiny"}
         with TestClient(speech_app(service)) as client:
-            for language in ("fr", None):
+            for language in (" fr ", None):  # (spaces around a code are dropped)
                 body = {**good, "max_tokens": 12, **({} if language is None else {"language": language})}
                 r = client.post("/v1/audio/speech", json=body)
                 assert r.status_code == 200, r.text
@@ -841,10 +854,7 @@ def test_a_multilingual_server_speaks_the_language_a_request_names(
         # the audio cannot tell: the tiny model's random weights sample the same 12 tokens after
         # "[fr]" as after "[en]", one prompt token apart
         assert asked == ["fr", None] and all(spoken.values())
-        # the cache is counted in the language asked for, as the stream's prefill fills it
-        text = "Bonjour à tous."
-        want = prefill_length(service.tts, text, 0.0, language_id="fr")
-        assert service.prefill_positions("default", text, "fr") == want
+        assert counted == ["fr", None]  # the cache counted in the language the stream speaks
     finally:
         service.close()
 

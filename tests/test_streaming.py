@@ -247,6 +247,13 @@ def test_shorten_prompt_keeps_frames_2i_and_2i_plus_1_with_token_i() -> None:
     assert shorten_prompt(aligned, None) is aligned  # an aligned prompt is passed on as it is
 
 
+def test_an_english_only_model_refuses_another_language_and_speaks_english(tts: ChatterboxTTS) -> None:
+    """(before 2026-12-07 a ``language_id`` was ignored there: a stream asked for French spoke English)"""
+    with pytest.raises(ConfigError, match="the standard model speaks English only"):
+        next(iter(stream(tts, "Bonjour.", max_new_tokens=4, language_id="fr")))
+    assert next(iter(stream(tts, "Hello.", max_new_tokens=30, language_id="EN", seed=0)))[0].size > 0
+
+
 def test_a_stream_state_that_holds_a_stream_is_refused(tts: ChatterboxTTS) -> None:
     # Before, the second stream vocoded the first utterance's tokens again, then its own, and the
     # report added both streams' chunks up.

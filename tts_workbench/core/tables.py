@@ -54,7 +54,7 @@ def render(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, floats
 
 
 def _cell(value: Any, numeric: bool, spec: str) -> str:
-    """One value as ``render`` prints it in its column: a number in ``spec``, else as text."""
+    """One value of a column: a number in ``spec``, else as text ("None" where missing)."""
     return format(value, spec) if numeric and not pd.isna(value) else _shown(value)
 
 
@@ -66,9 +66,10 @@ def render_sideways(
     floats: str = ".2f",
 ) -> str:
     """``frame`` turned on its side: a line per column but ``key`` (its name first), a column per
-    row headed ``heading(row[key])``, each value formatted as ``render`` formats its column and
-    right-aligned. For a table of a few rows and many columns (a load study's levels: 21 figures
-    of each made one line of ~330 characters, wrapped past reading in a terminal)."""
+    row headed ``heading(row[key])``, each value in its column's format as ``render``'s (a missing
+    one "None", numbers' too) and right-aligned. For a table of a few rows and many columns (a
+    load study's levels: 21 figures of each made one line of ~330 characters, wrapped past reading
+    in a terminal)."""
     if frame.empty:
         return "(no rows)"
     formats = formats or {}

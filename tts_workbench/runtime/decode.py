@@ -819,7 +819,7 @@ def spoken_language(tts: Any, language_id: str | None) -> str | None:
     """The language ``tts`` speaks when asked for ``language_id``: a multilingual model's
     (default "en"; one it lacks, or one whose front end needs what this machine lacks: a package,
     upstream's Chinese table, refused by ``language_for``), None for the English-only families,
-    which refuse one given (``check_speaks_languages``)."""
+    which refuse any but English (``check_speaks_languages``)."""
     check_speaks_languages(family_of(tts).name, language_id)
     return language_for(tts, language_id)
 

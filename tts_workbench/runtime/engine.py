@@ -473,8 +473,8 @@ class StreamEngine:
         # (cfg_weight=None) or one no sampling takes (temperature=0), a language the model lacks
         cfg_weight, settings = self.family.sampling_with(sampling)
         sampler = Sampler(self.turbo, cfg_weight, **settings)
-        # a language given to an English-only model is refused, as upstream's generate refuses the
-        # keyword (before 2026-12-07 it was dropped, and the stream spoke English)
+        # a language other than English given to an English-only model is refused (before
+        # 2026-12-07 it was dropped, and the stream spoke English)
         spoken_language(self.tts, language_id)
         with voice_turn(self.tts):
             # The model's voice as it is now: one prepared while this stream waits is not its own.

@@ -60,6 +60,7 @@ from .decode import (
     decode_blocks,
     invalid_ids,
     speech_ids,
+    spoken_language,
     text_tokens,
 )
 from .generation import checked_voice
@@ -372,12 +373,12 @@ def stream(
     a fresh one for every stream (one that holds a stream already is refused with ConfigError).
     Stopping the iteration early stops T3 too (nothing runs in the background). ``progress``
     shows tokens sampled and S3Gen calls done on stderr. The multilingual model speaks
-    ``language_id`` (default "en"); the others ignore it. ``sampling`` (temperature, top_p,
-    ...; ``cfg_weight``) defaults as the family's upstream ``generate`` does, so a stream speaks
-    the tokens of a one-shot generation with the same seed (but after a start-of-speech id T3
-    sampled mid-way: one-shot vocodes only what follows it). A chunk's record counts the T3
-    seconds and invalid ids since the previous chunk; T3's blocks after the last chunk (only
-    invalid ids, or the stop token) are kept in the report's ``t3_after_s`` and
+    ``language_id`` (default "en"); the others speak English only and refuse any other.
+    ``sampling`` (temperature, top_p, ...; ``cfg_weight``) defaults as the family's upstream
+    ``generate`` does, so a stream speaks the tokens of a one-shot generation with the same seed
+    (but after a start-of-speech id T3 sampled mid-way: one-shot vocodes only what follows it).
+    A chunk's record counts the T3 seconds and invalid ids since the previous chunk; T3's blocks
+    after the last chunk (only invalid ids, or the stop token) are kept in the report's ``t3_after_s`` and
     ``invalid_after`` when T3 has ended, so its totals are the whole generation's, and its
     ``wall_s`` runs to the end of T3 where that came after the last chunk. Two streams with the
     same seed whose tokens agree have the same audio whatever their ``max_new_tokens``, up to
@@ -389,6 +390,8 @@ def stream(
     seed, max_new_tokens = checked_seed(seed), checked_cap(max_new_tokens)
     voice = _voice(tts, conds, text)
     check_new_tokens(tts.t3, max_new_tokens)  # before the noise track, sized by it, is drawn
+    # an English-only model asked for another language refuses it (before 2026-12-07 ignored)
+    spoken_language(tts, language_id)
     if state is not None and state.used:
         # Its tokens, seams and chunks would be taken for this utterance's: the windows would
         # vocode the previous utterance again and the report would add the two up.

@@ -133,11 +133,12 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     if as_int(tokens) is None or not 1 <= tokens <= limits.max_tokens:
         raise RequestError(f"max_tokens must be an integer from 1 to {limits.max_tokens}, got {tokens!r}",
                            "max_tokens")  # fmt: skip
-    # Whether the model speaks it is the service's to say (it knows the model): only the type here.
+    # Whether the model speaks it is the service's to say (it knows the model): only the type here;
+    # null is no language, as a field left out (the model's default)
     language = body.get("language")
     if language is not None and (not isinstance(language, str) or not language.strip()):
         raise RequestError(f'language must be a language code such as "fr", got {language!r}', "language")
-    return SpeechRequest(text, voice, fmt, seed, tokens, "max_tokens" in body, language)
+    return SpeechRequest(text, voice, fmt, seed, tokens, "max_tokens" in body, language and language.strip())
 
 
 def check_cache(prefill: int, max_tokens: int, max_cache_len: int) -> None:

@@ -317,8 +317,9 @@ class SpeechService:
 
     def _check_language(self, language: str | None) -> None:
         """Refuse a ``language`` this model does not speak, naming the field (``spoken_language``:
-        any on an English-only family; on a multilingual one, one upstream's model lacks or whose
-        text front end cannot run here). The engine refuses it too, with its own ConfigError."""
+        any but English on an English-only family; on a multilingual one, one upstream's model
+        lacks or whose text front end cannot run here). The engine refuses it too, with its own
+        ConfigError."""
         if language is None:
             return
         try:

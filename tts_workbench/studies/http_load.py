@@ -357,9 +357,12 @@ def run_http_load(
     the texts' file, for the report (``load.texts_source``). ``model``: the model each request
     names (``--model``); None: the first ``GET /v1/models`` lists. ``language``: each request's
     ``language`` field (``--language``: what a multilingual model speaks; this workbench's server
-    refuses it for an English-only model); None: no such field. A ``seed`` one of the largest
-    level's streams could not send (``checked_request_seed``) is a ConfigError before any request."""
+    refuses any but English for an English-only model); None: no such field. A ``seed`` one of the
+    largest level's streams could not send (``checked_request_seed``), or a ``language`` that is no
+    text, is a ConfigError before any request."""
     url = check_url(url)
+    if language is not None and (not isinstance(language, str) or not language.strip()):
+        raise ConfigError(f'argument --language: a language code such as "fr", got {language!r}')
     levels = checked_levels(levels, repr(levels))
     seed = checked_request_seed(seed, levels[-1])
     texts = texts or list(DEFAULT_TEXTS)

@@ -526,7 +526,7 @@ def run_load(
     check_level_buckets(step_buckets, levels, flow_batches)
     # before the warm-up: no engine would take them
     check_engine_options(family_of(tts).name, step, alignment=alignment, fused=fused)
-    with naming_flag("--language", ConfigError):  # a multilingual model's; refused for the others
+    with naming_flag("--language", ConfigError):  # a multilingual model's; the others speak English only
         language_id = spoken_language(tts, language_id)
     texts = texts or list(DEFAULT_TEXTS)
     with naming_flag("--dtype", ConfigError):  # a name that is no policy, or "auto": no dtype to report
