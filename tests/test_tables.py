@@ -64,7 +64,7 @@ def test_sideways_a_line_per_column_and_a_right_aligned_column_per_row() -> None
     lines = render_sideways(frame, "streams", lambda n: f"{n} x", {"p95_s": ".1f"}).splitlines()
     assert lines == [
         "        1 x 16 x",
-        "p95_s   0.9 None",  # each value in its column's format; a missing one "None", as render's
+        "p95_s   0.9 None",  # each value in its column's format; a missing one "None" (render: "NaN")
         "stage s3gen None",
         "n         3  120",
     ]

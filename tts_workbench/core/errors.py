@@ -88,6 +88,13 @@ def as_int(value: object) -> int | None:
         return None
 
 
+def as_code(value: object) -> str | None:
+    """``value`` without the spaces around it when it is a ``str`` holding more than spaces (a
+    language code, say), else None: the one test behind the server's ``language`` field and the
+    load client's ``--language``."""
+    return value.strip() or None if isinstance(value, str) else None
+
+
 def whole_from_one(value: object, refusal: str) -> int:
     """``value`` as an ``int`` where it is a whole number of at least 1 (``as_int``), else a
     ``ConfigError`` saying ``refusal``: a count a caller gives (streams, samples per second)."""

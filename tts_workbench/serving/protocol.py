@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.constants import REQUEST_SEEDS, SAMPLE_RATE
-from ..core.errors import as_int, unicode_problem
+from ..core.errors import as_code, as_int, unicode_problem
 from ..core.positions import positions_needed, tokens_that_fit
 
 FORMATS = {"pcm": "audio/pcm", "wav": "audio/wav"}
@@ -136,9 +136,9 @@ def parse_speech(body: Any, limits: Limits, default_tokens: int = 150) -> Speech
     # Whether the model speaks it is the service's to say (it knows the model): only the type here;
     # null is no language, as a field left out (the model's default)
     language = body.get("language")
-    if language is not None and (not isinstance(language, str) or not language.strip()):
+    if language is not None and as_code(language) is None:
         raise RequestError(f'language must be a language code such as "fr", got {language!r}', "language")
-    return SpeechRequest(text, voice, fmt, seed, tokens, "max_tokens" in body, language and language.strip())
+    return SpeechRequest(text, voice, fmt, seed, tokens, "max_tokens" in body, as_code(language))
 
 
 def check_cache(prefill: int, max_tokens: int, max_cache_len: int) -> None:

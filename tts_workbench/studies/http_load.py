@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from ..core.constants import REQUEST_SEEDS, SAMPLE_RATE
-from ..core.errors import ConfigError, as_int, naming_flag
+from ..core.errors import ConfigError, as_code, as_int, naming_flag
 from ..core.files import check_folder
 from ..core.progress import progress_bar
 from ..instruments.latency import gap_summary, underruns
@@ -361,7 +361,7 @@ def run_http_load(
     largest level's streams could not send (``checked_request_seed``), or a ``language`` that is no
     text, is a ConfigError before any request."""
     url = check_url(url)
-    if language is not None and (not isinstance(language, str) or not language.strip()):
+    if language is not None and as_code(language) is None:
         raise ConfigError(f'argument --language: a language code such as "fr", got {language!r}')
     levels = checked_levels(levels, repr(levels))
     seed = checked_request_seed(seed, levels[-1])
