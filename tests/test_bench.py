@@ -21,7 +21,7 @@ from tts_workbench.core import machine
 from tts_workbench.core.constants import UPSTREAM_GENERATE_CAP
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import FAMILIES
-from tts_workbench.core.machine import busy_machine_line, environment
+from tts_workbench.core.machine import busy_machine_line, environment, slow_spell_line
 from tts_workbench.interface.cli import main
 from tts_workbench.models.builders import MODELS
 from tts_workbench.models.checkpoints import save_checkpoint
@@ -40,10 +40,10 @@ def _reached(*_a: object, **_k: object) -> None:
     raise Reached
 
 
-PROBE = bench.read_bandwidth  # the real probe, for the tests of it
+PROBE = machine.read_bandwidth  # the real probe, for the tests of it
 
 
-def _fixed_bandwidth(device: str = "cpu", mbytes: int = 512) -> float:
+def _fixed_bandwidth(device: str = "cpu", mbytes: int = 512, min_run_time_s: float = 1.0) -> float:
     return 10e9
 
 
@@ -55,7 +55,7 @@ def _no_bandwidth_probe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FixedTimer:
-    """``bench.Timer`` whose every measurement takes 0.5 s (the probe's arithmetic, not its timing)."""
+    """``machine.Timer`` whose every measurement takes 0.5 s (the probe's arithmetic, not its timing)."""
 
     def __init__(self, *_a: Any, **_k: Any) -> None:
         pass
@@ -269,14 +269,14 @@ def test_the_bandwidth_is_read_on_the_threads_the_decode_steps_run_on(
     """Timer runs its statement on one thread unless told otherwise: the CPU bandwidth was a
     single-core figure beside steps on every thread, its floor too high and x_floor too low."""
     seen: set[int] = set()
-    timer = bench.Timer
+    timer = machine.Timer
 
     def recording(stmt: str, globals: dict[str, Any], **options: Any) -> Any:
         """The bench's Timer, whose statement also notes the threads it runs on."""
         names = {**globals, "seen": seen, "torch": torch}
         return timer(f"{stmt}; seen.add(torch.get_num_threads())", globals=names, **options)
 
-    monkeypatch.setattr(bench, "Timer", recording)
+    monkeypatch.setattr(machine, "Timer", recording)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -575,9 +575,9 @@ def test_the_bandwidth_probe_gives_its_buffer_back_on_cuda(monkeypatch: pytest.M
     reserved against 0.15 GiB grown). A CPU buffer stands in for the device's."""
     emptied: list[bool] = []
     ones = torch.ones
-    monkeypatch.setattr(bench.torch, "ones", lambda *a, device=None, **k: ones(*a, **k))
+    monkeypatch.setattr(machine.torch, "ones", lambda *a, device=None, **k: ones(*a, **k))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
-    monkeypatch.setattr(bench, "Timer", FixedTimer)
+    monkeypatch.setattr(machine, "Timer", FixedTimer)
     assert PROBE("cuda", mbytes=8) > 0 and emptied == [True]
     assert PROBE("cpu", mbytes=8) > 0 and emptied == [True]  # nothing to give back
 
@@ -615,7 +615,7 @@ def test_the_floor_is_the_step_bytes_read_once_at_the_measured_bandwidth(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """docs/bench.md: floor = T3 bytes per step / read bandwidth (bytes/s, a float32 buffer)."""
-    monkeypatch.setattr(bench, "Timer", FixedTimer)
+    monkeypatch.setattr(machine, "Timer", FixedTimer)
     bandwidth = PROBE("cpu", mbytes=4)
     assert bandwidth == pytest.approx(4 * 2**20 / 0.5)  # the buffer's bytes over the time to read them
     assert bench.step_floor(10**9, 10**9) == pytest.approx(1.0)  # bytes over bytes/s: seconds
@@ -649,3 +649,26 @@ def test_a_bench_on_a_busy_machine_says_its_times_are_inflated() -> None:
     # a run with two stages at work (the load study's T3 and S3Gen threads, 2 torch threads each)
     alone = {"load_average_1m": 4.5, "cpu_count": 2, "torch_threads": 2}
     assert busy_machine_line(alone, stages=2) == [] and busy_machine_line(alone) != []
+
+
+def test_a_probe_below_the_runs_best_bandwidth_says_the_machine_ran_slower(
+    upstream_bench: SimpleNamespace,
+) -> None:
+    """A slow spell of the host (2026-12-07: T3's step 4x slower for minutes) left the load average
+    as it was; the bandwidth probe read 7.5 GB/s against 18.6-20.0. The bench probes before and
+    after its runs, the load study before each level: a probe under 0.7x the best is named."""
+    assert slow_spell_line([("before the runs", 19.0), ("after them", 7.5)]) == [
+        "the machine ran slower during the run: memory read bandwidth 7.5 GB/s after them, against "
+        "19.0 GB/s before the runs (a slow spell of the host; the load average does not show one): what "
+        "ran then is slower for that alone; run again"
+    ]
+    assert slow_spell_line([("a", 20.0), ("b", 14.0), ("c", 18.0)]) == []  # 0.7x the best: not below
+    assert "13.9 GB/s b" in slow_spell_line([("a", 20.0), ("b", 13.9)])[0]
+    assert slow_spell_line([("a", 20.0)]) == [] and slow_spell_line([("a", 20.0), ("b", None)]) == []
+    report = copy.deepcopy(upstream_bench.report)
+    assert report["read_bandwidth_after_gb_s"] == 10.0  # (the fixed probe's) both probes kept
+    assert "ran slower" not in bench.format_bench(report)
+    report["read_bandwidth_after_gb_s"] = 3.0
+    assert "memory read bandwidth 3.0 GB/s after them, against 10.0 GB/s" in bench.format_bench(report)
+    del report["read_bandwidth_after_gb_s"]  # a report from before the second probe
+    assert "ran slower" not in bench.format_bench(report)

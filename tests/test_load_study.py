@@ -56,6 +56,13 @@ def errors_in(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error:")]
 
 
+@pytest.fixture(autouse=True)
+def _no_bandwidth_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every level here without its bandwidth probe (a 512 MiB reduction read for a quarter second,
+    ~0.45 s a level); test_bench.py tests the probe, the first test below when a level takes it."""
+    monkeypatch.setattr(load, "read_bandwidth", lambda *_a, **_k: 10e9)
+
+
 def test_run_load_makes_its_out_folder_before_any_engine(
     tiny_tts: ChatterboxTTS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -174,14 +181,21 @@ def test_the_largest_level_allowed_is_the_kv_checks_to_refuse() -> None:
         checked_levels([1, MAX_LEVEL + 1], "given")
 
 
-def test_an_untimed_stream_runs_before_the_first_level_and_counts_in_none(
+def test_an_untimed_stream_runs_before_the_first_level_and_each_level_probes_the_machine(
     tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """S3Gen is shared by every level's engine: its first calls cost more than later ones (the
     flow and vocoder ran at half the time after the first stream), which the first level, the
-    1-stream baseline, paid alone. (before: the first engine made was the first level's)"""
+    1-stream baseline, paid alone. (before: the first engine made was the first level's)
+    Each level reads the machine's bandwidth once warm, before its first stream: a level that
+    fell in a slow spell of the host is named in the report."""
     events: list[tuple[str, int]] = []
     engines: list[Counted] = []
+    speeds = iter([20e9, 5e9])
+
+    def probe(device: str, mbytes: int = 512, min_run_time_s: float = 1.0) -> float:
+        events.append(("probe", len(engines) - 1))
+        return next(speeds)
 
     class Counted(StreamEngine):
         def __init__(self, *a: Any, **k: Any) -> None:
@@ -198,9 +212,23 @@ def test_an_untimed_stream_runs_before_the_first_level_and_counts_in_none(
             events.append(("close", engines.index(self)))
 
     monkeypatch.setattr("tts_workbench.studies.load.StreamEngine", Counted)
+    monkeypatch.setattr(load, "read_bandwidth", probe)
     report = run_load(tiny_tts, [1, 2], tokens=20, config=CONFIG)
     # the warm stream's engine: one stream, through S3Gen, ended before the first level's engine
     assert events[:3] == [("engine", 1), ("submit", 0), ("close", 0)], events
+    # the warm stream takes no probe; each level one, before its streams
+    assert [e for e in events if e[0] in ("probe", "submit")] == [
+        ("submit", 0),
+        ("probe", 1),
+        ("submit", 1),
+        ("probe", 2),
+        ("submit", 2),
+        ("submit", 2),
+    ]
+    assert [level["summary"]["read_bandwidth_gb_s"] for level in report["levels"]] == [20.0, 5.0]
+    text = format_load(report)
+    assert re.search(r"read_bandwidth_gb_s +20\.00 +5\.00", text), text
+    assert "memory read bandwidth 5.0 GB/s before 2 streams, against 20.0 GB/s before 1 stream" in text
     warm = engines[0]
     assert warm.stats.flow_calls >= 1 and warm.stats.vocoder_s > 0
     assert [e.max_streams for e in engines[1:]] == [1, 2]

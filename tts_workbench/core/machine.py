@@ -1,17 +1,23 @@
-"""The machine and versions a result ran on (``environment``), recorded with every result, and
-the warning a report gives where the machine was shared while it ran."""
+"""The machine and versions a result ran on (``environment``), recorded with every result, its
+memory read bandwidth (``read_bandwidth``), and the warnings a report gives where the machine was
+shared or ran slower while it ran."""
 
 from __future__ import annotations
 
 import os
 import platform
 import time
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+from torch.utils.benchmark import Timer
+
+# Below this share of a run's best read bandwidth, a probe says the machine ran slower (a slow spell).
+SLOW_SPELL = 0.7
 
 # The CPU features half-precision results depend on: an AVX2 CPU has no bfloat16 arithmetic (its
 # matmuls convert on the fly), AVX512-BF16 and AMX do. This project's CPU machine has been each.
@@ -75,3 +81,37 @@ def busy_machine_line(env: dict[str, Any], stages: int = 1) -> list[str]:
         return []
     return [f"the machine was busy: load average {load:.1f} on {cpus} CPUs as the run ended: absolute "
             "times are inflated; compare the ratios of one run, or run again on an idle machine"]  # fmt: skip
+
+
+def read_bandwidth(device: str = "cpu", mbytes: int = 512, min_run_time_s: float = 1.0) -> float:
+    """Memory read bandwidth in bytes/s, measured with a reduction over a buffer larger than cache."""
+    x = torch.ones(mbytes * 2**20 // 4, device=device)
+    # On the threads the decode steps run on: Timer's default is one, on a CPU one core's bandwidth.
+    timer = Timer("x.sum()", globals={"x": x}, num_threads=torch.get_num_threads())
+    t = timer.blocked_autorange(min_run_time=min_run_time_s)
+    read = x.numel() * 4 / t.median
+    del x, timer
+    if torch.device(device).type == "cuda":
+        # The buffer back to the device: left in the caching allocator, every run's large
+        # allocations were carved from it and its reserved growth showed only the small pool's
+        # (before 2026-12-07; the H200's upstream run: 0.02 GiB reserved against 0.15 GiB grown).
+        torch.cuda.empty_cache()
+    return read
+
+
+def slow_spell_line(probes: Sequence[tuple[str, float | None]]) -> list[str]:
+    """A warning where one of a run's bandwidth probes (``read_bandwidth``: when it was taken, GB/s)
+    fell below ``SLOW_SPELL`` of the run's best. On 2026-12-07 the whole host ran ~4 times slower
+    for minutes (T3's step 23 ms, not 5.5) while the load average showed nothing, and the probe read
+    7.5-9.6 GB/s against 18.6-20.0: what was measured then is slower for that alone. Nothing with
+    fewer than two probes, or with a missing one (reports before late 2026-12-07)."""
+    known = [(at, gb_s) for at, gb_s in probes if gb_s is not None]
+    if len(known) < max(2, len(probes)):
+        return []
+    best_at, best = max(known, key=lambda p: p[1])
+    slow = [f"{gb_s:.1f} GB/s {at}" for at, gb_s in known if gb_s < SLOW_SPELL * best]
+    if not slow:
+        return []
+    return [f"the machine ran slower during the run: memory read bandwidth {', '.join(slow)}, against "
+            f"{best:.1f} GB/s {best_at} (a slow spell of the host; the load average does not show one): "
+            "what ran then is slower for that alone; run again"]  # fmt: skip

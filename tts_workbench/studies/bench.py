@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from chatterbox.tts import ChatterboxTTS
-from torch.utils.benchmark import Compare, Measurement, Timer
+from torch.utils.benchmark import Compare, Measurement
 
 from ..core.clock import FEW_REPEATS, measurement, now
 from ..core.constants import (
@@ -29,7 +29,7 @@ from ..core.constants import (
 from ..core.errors import CacheError, ConfigError, SourceError, naming_flag
 from ..core.families import family_of
 from ..core.files import written
-from ..core.machine import busy_machine_line, environment
+from ..core.machine import busy_machine_line, environment, read_bandwidth, slow_spell_line
 from ..core.positions import positions_needed
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
@@ -104,22 +104,6 @@ class Row:
     def t3_tokens_per_s(self) -> float:
         """T3 decode steps per second (0 where no step was timed)."""
         return 1.0 / self.t3_step_s if self.t3_step_s else 0.0
-
-
-def read_bandwidth(device: str = "cpu", mbytes: int = 512) -> float:
-    """Memory read bandwidth in bytes/s, measured with a reduction over a buffer larger than cache."""
-    x = torch.ones(mbytes * 2**20 // 4, device=device)
-    # On the threads the decode steps run on: Timer's default is one, on a CPU one core's bandwidth.
-    timer = Timer("x.sum()", globals={"x": x}, num_threads=torch.get_num_threads())
-    t = timer.blocked_autorange(min_run_time=1.0)
-    read = x.numel() * 4 / t.median
-    del x, timer
-    if torch.device(device).type == "cuda":
-        # The buffer back to the device: left in the caching allocator, every run's large
-        # allocations were carved from it and its reserved growth showed only the small pool's
-        # (before 2026-12-07; the H200's upstream run: 0.02 GiB reserved against 0.15 GiB grown).
-        torch.cuda.empty_cache()
-    return read
 
 
 def step_floor(t3_bytes: int, bandwidth: float) -> float:
@@ -321,6 +305,8 @@ def run_bench(
                     grown = {"memory_growth_bytes": memory.growth_bytes,
                              "reserved_growth_bytes": memory.reserved_growth_bytes}  # fmt: skip
                     rows.append(Row(config=c, repeat=r, **grown, **out))
+        # Again after the runs: a slow spell of the host between the two shows (``slow_spell_line``).
+        bandwidth_after = read_bandwidth(device)
         compile_s = {c: step_compile[PLAN_OF.get(c, c)] + estimator_compile[c] for c in configs}
         # One recorded (not timed) optimized run: which attention kernel ran, in which dtype. After
         # the timed runs, so it warms none of them (--warmup says what did); none without a wrapper config.
@@ -365,7 +351,8 @@ def run_bench(
             # the compiled step's attention op, read from Inductor's code (None: nothing compiled)
             "compiled_attention": configuration["compiled_attention"],
             "flow_compile_fallback": configuration["flow_compile_fallback"],
-            "read_bandwidth_gb_s": bandwidth / 1e9,
+            "read_bandwidth_gb_s": bandwidth / 1e9,  # before the runs (the floors')
+            "read_bandwidth_after_gb_s": bandwidth_after / 1e9,
             "floors": floors,
             "rows": [{**asdict(r), "rtf": r.rtf, "t3_tokens_per_s": r.t3_tokens_per_s} for r in rows],
             "summary": summarize(rows, floors),
@@ -653,6 +640,13 @@ def format_bench(report: dict[str, Any]) -> str:
         f"read bandwidth {report['read_bandwidth_gb_s']:.1f} GB/s; T3 decode-step floor: "
         + ", ".join(f"{k} {v['floor_s'] * 1e3:.1f} ms ({v['dtype']})" for k, v in report["floors"].items()),
         *busy_machine_line(env),
+        # (none in reports before late 2026-12-07)
+        *slow_spell_line(
+            [
+                ("before the runs", report["read_bandwidth_gb_s"]),
+                ("after them", report.get("read_bandwidth_after_gb_s")),
+            ]
+        ),
         "",
         render(
             bench_frame(report),

@@ -42,7 +42,7 @@ from ..core.constants import TOKENS_PER_S, UPSTREAM_SENTENCE
 from ..core.errors import ConfigError, naming_flag
 from ..core.families import family_of
 from ..core.files import written
-from ..core.machine import busy_machine_line, environment
+from ..core.machine import busy_machine_line, environment, read_bandwidth, slow_spell_line
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
@@ -80,6 +80,9 @@ MAX_LEVEL = 10**9
 # The longest the largest level's Poisson arrivals may take on average: past it the rate is a
 # typo (poisson:1e-300 overflows a sleep in process, and waits for ever over HTTP).
 MAX_ARRIVAL_SPAN_S = 3600.0
+# How long each level's bandwidth probe reads (``read_bandwidth``): the bench's second took 1.2 s
+# here, a quarter of one 0.45 s, and read within 2% of it (three pairs, 2026-12-07).
+PROBE_S = 0.25
 
 
 def parse_levels(value: str) -> list[int]:
@@ -334,6 +337,9 @@ def run_level(
             bar.set_postfix_str("engine warm-up")
             compile_s = engine.warmup()
             bar.set_postfix_str("")
+            # The machine's speed as the level starts: a slow spell of the host, which the load
+            # average does not show, slows every stage of the levels it falls on (``slow_spell_line``).
+            bandwidth = read_bandwidth(str(engine.device), min_run_time_s=PROBE_S)
             offsets = arrival_offsets(arrival, n, seed)
             lock = threading.Lock()
 
@@ -367,7 +373,8 @@ def run_level(
     delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float)}
     streams = [_stream_row(h, out, float(at)) for h, out, at in zip(handles, outs, offsets, strict=True)]
     mem = {"start_bytes": memory.start_bytes, "peak_bytes": memory.peak_bytes}
-    summary = _level_summary(n, wall, streams, delta, mem, engine.kv_bytes_per_stream)
+    summary = {**_level_summary(n, wall, streams, delta, mem, engine.kv_bytes_per_stream),
+               "read_bandwidth_gb_s": bandwidth / 1e9}  # fmt: skip
     if progress:  # each level's figures as it ends: a run stopped before the report keeps them
         line = {**summary, "failed_streams": failed_positions(streams)}
         print(f"level {n}: {json_dumps(line, indent=None)}", file=sys.stderr, flush=True)
@@ -715,12 +722,15 @@ def format_load(report: dict[str, Any]) -> str:
                "worst_underrun_s", "audio_per_wall_s", "t3_tokens_per_s", "t3_tokens_per_busy_s",
                "windows_per_flow_call", "flow_ms_per_call", "windows_per_vocoder_call", "vocoder_ms_per_call",
                "t3_busy_pct", "s3gen_busy_pct", "limiting_stage", "peak_mib", "growth_mib_per_stream",
-               "kv_mib_per_stream"]  # fmt: skip
+               "kv_mib_per_stream", "read_bandwidth_gb_s"]  # fmt: skip
     frame = load_frame(report)
     lines = [
         report["title"],
         # (no environment before 2026-12-07); the engine's two stages work at once
         *busy_machine_line(report.get("environment", {}), stages=2),
+        # (none in reports before late 2026-12-07)
+        *slow_spell_line([(f"before {_streams(lv['streams'])}", lv["summary"].get("read_bandwidth_gb_s"))
+                          for lv in report["levels"]]),  # fmt: skip
         # a column per level: a row per level was ~330 characters wide
         render_sideways(frame[[c for c in columns if c in frame]], "streams", _streams),
         *failures(report),
