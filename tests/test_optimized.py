@@ -611,6 +611,18 @@ def test_recording_the_kernels_runs_the_eager_step(tiny_tts: ChatterboxTTS) -> N
         assert "t3.decode" in opt.last.kernels
 
 
+def test_the_wrapper_on_an_english_only_model_refuses_another_language(tiny_tts: ChatterboxTTS) -> None:
+    """Before 2026-12-07 the wrapper took ``language_id="fr"`` on the standard model and spoke
+    English (its text tokens ignored the language); English itself is what it speaks."""
+    with PerformanceOptimizedTTS(tiny_tts, policy="float32") as opt:
+        with pytest.raises(ConfigError, match="the standard model speaks English only"):
+            opt.generate(TEXT, max_new_tokens=4, seed=0, language_id="fr")
+        seeded = [torch.Generator().manual_seed(0) for _ in range(2)]
+        spoken = [opt.speech_tokens(TEXT, 4, language_id=lang, generator=g).tokens
+                  for lang, g in zip((None, "en"), seeded, strict=True)]  # fmt: skip
+        assert torch.equal(*spoken)
+
+
 def test_a_request_too_long_for_the_wrappers_cache_names_the_wrappers_fix(tiny_tts: ChatterboxTTS) -> None:
     with PerformanceOptimizedTTS(tiny_tts, policy="float32", decode="static", max_cache_len=128) as opt:
         with pytest.raises(CacheError, match=r"set_max_cache_len\(\d+\) \(or decode='eager'\)"):

@@ -676,10 +676,12 @@ def invalid_ids(ids: list[int], stop_token: int) -> int:
 def text_tokens(tts: Any, text: str, cfg_weight: float = 0.5, language_id: str | None = None) -> torch.Tensor:
     """T3's text input, exactly as each family's upstream ``generate`` builds it: its punctuation
     normalisation and tokenizer (multilingual: with ``language_id``, "en" when None, as every
-    generation here defaults it, so a cache sized from these tokens fits the generation's); for
-    the guided families a second copy for classifier-free guidance and start and stop text tokens
-    (Turbo: neither)."""
-    language_id = language_for(tts, language_id)
+    generation here defaults it, so a cache sized from these tokens fits the generation's; the
+    English-only families refuse any other, ``spoken_language``); for the guided families a second
+    copy for classifier-free guidance and start and stop text tokens (Turbo: neither)."""
+    # (before 2026-12-07 an English-only model spoke English when asked for French: the wrapper's
+    # generate and speech_tokens took any language_id and ignored it)
+    language_id = spoken_language(tts, language_id)
     if is_turbo(tts.t3):
         encoded = tts.tokenizer(turbo_punc_norm(text), return_tensors="pt", padding=True, truncation=True)
         return cast(torch.Tensor, encoded.input_ids).to(tts.device)

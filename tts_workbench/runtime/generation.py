@@ -30,7 +30,7 @@ from ..core.errors import (
     NoVoiceError,
     SourceError,
 )
-from ..core.families import TTSModel, family_of, language_for
+from ..core.families import TTSModel, family_of
 from ..core.patching import around, routed, shared
 from ..core.rng import StreamRandom, not_drawing
 from ..instruments.latency import real_time_factor
@@ -38,7 +38,15 @@ from ..instruments.profiling import t3_phase
 from ..models.reference import ReferenceInfo, check_reference
 from ..models.vocode import tail_tokens
 from .alignment import upstream_alignment
-from .decode import checked_cap, checked_seed, generated_ids, invalid_ids, is_turbo, text_tokens
+from .decode import (
+    checked_cap,
+    checked_seed,
+    generated_ids,
+    invalid_ids,
+    is_turbo,
+    spoken_language,
+    text_tokens,
+)
 from .sampling import check_sampling
 
 
@@ -304,8 +312,9 @@ def generate(
 ) -> GenerationResult:
     """Upstream ``tts.generate(text, **sampling)`` with a token cap, a seed and phase timings
     (``t3`` includes its ``t3.prefill`` and ``t3.decode``, see ``t3_timed``). The multilingual
-    model speaks ``language_id`` (default "en", checked by ``families.language_for``); a
-    ``language_id`` of None is none given, for every family.
+    model speaks ``language_id`` (default "en", checked by ``decode.spoken_language``: the
+    English-only models take "en" and refuse any other); a ``language_id`` of None is none given,
+    for every family.
 
     With a ``seed`` every draw comes from the call's own generators (``rng.StreamRandom``):
     the tokens and audio of upstream ``generate`` after ``torch.manual_seed(seed)``, and
@@ -322,9 +331,9 @@ def generate(
     reference = sampling.pop("audio_prompt_path", None)
     checked_voice(reference or tts.conds, text)  # a reference to prepare will do
     family = family_of(tts)
-    if sampling.get("language_id", "") is None:  # not given, as language_for takes it (any family)
-        del sampling["language_id"]
-    if (language := language_for(tts, sampling.get("language_id"))) is not None:
+    # None is none given, for every family; English asked of an English-only model is what it
+    # speaks, and not handed to its upstream generate (which takes no language); another, refused.
+    if (language := spoken_language(tts, sampling.pop("language_id", None))) is not None:
         sampling["language_id"] = language
     text_tokens(tts, text, 0.0, language)  # a text longer than T3's positions: refused, not an IndexError
     # Upstream checks none of these: a temperature of 0 failed inside torch's multinomial, one
