@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from tts_workbench.core import families
 from tts_workbench.core.errors import ConfigError, SourceError
-from tts_workbench.core.families import FAMILIES, check_language, family_frame, family_of
+from tts_workbench.core.families import FAMILIES, check_language, family_frame, family_of, spoken_languages
 from tts_workbench.core.patching import shadow
 from tts_workbench.models import builders
 from tts_workbench.models.checkpoints import load_folder, save_checkpoint
@@ -261,6 +261,20 @@ def test_chinese_without_upstreams_cangjie_table_is_refused(
     assert not multilingual.tokenizer.cangjie_converter.word2cj  # offline here: not loaded
     with pytest.raises(ConfigError, match="Chinese \\(zh\\) text needs upstream's Cangjie table"):
         text_tokens(multilingual, "你好。", language_id="zh")
+
+
+def test_the_languages_a_model_speaks_here_leave_out_what_this_machine_lacks(
+    multilingual: ChatterboxMultilingualTTS, turbo: ChatterboxTurboTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a server lists in GET /v1/models: the English-only families speak English; the
+    multilingual model each language whose front end runs here (none of the four optional packages
+    is installed in this lock, and Chinese needs upstream's table, offline here)."""
+    assert spoken_languages(turbo) == ["en"]
+    spoken = spoken_languages(multilingual)
+    assert spoken == [c for c in families.SUPPORTED_LANGUAGES if c not in families.LANGUAGE_PACKAGES]
+    assert len(spoken) == 19 and {"en", "fr", "de"} <= set(spoken)
+    monkeypatch.setattr(families, "LANGUAGE_PACKAGES", {})  # as if every package were installed
+    assert "ja" in spoken_languages(multilingual) and "zh" not in spoken_languages(multilingual)
 
 
 def test_turbo_refuses_a_short_reference(turbo: ChatterboxTurboTTS, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import tts_workbench.runtime.engine as engine_module
 import tts_workbench.serving.service as service_module
 from conftest import VOICE_S, with_short_voices
 from tts_workbench.core.errors import CacheError, ConfigError, SourceError
+from tts_workbench.core.families import spoken_languages
 from tts_workbench.core.ports import free_port
 from tts_workbench.interface.cli import main
 from tts_workbench.models import vocode
@@ -270,7 +271,9 @@ def test_the_app_refuses_bad_requests_and_goes_on_serving(service: SpeechService
     disconnected = {"replica": "0", "outcome": "disconnected"}
     left = service.registry.get_sample_value("tts_streams_total", disconnected)
     with TestClient(speech_app(service)) as client:
-        assert client.get("/v1/models").json()["data"][0]["id"] == "chatterbox-tiny"
+        (entry,) = client.get("/v1/models").json()["data"]
+        assert entry["id"] == "chatterbox-tiny" and entry["languages"] == ["en"]
+        assert entry["voices"] == list(service.voices) and "default" in entry["voices"]
         bad = [
             (b"{not json", None, 400),
             (b"[" * 20_000 + b"]" * 20_000, None, 400),  # nested deeper than the stack
@@ -841,6 +844,10 @@ def test_a_multilingual_server_speaks_the_language_a_request_names(
         spoken = {}
         good = {**GOOD, "model": "chatterbox-multilingual-tiny"}
         with TestClient(speech_app(service)) as client:
+            # the languages a request may name: those this machine's front ends speak (a client
+            # could not tell before 2026-12-07)
+            listed = client.get("/v1/models").json()["data"][0]["languages"]
+            assert listed == spoken_languages(service.tts) and {"en", "fr"} <= set(listed)
             for language in (" fr ", None):  # (spaces around a code are dropped)
                 body = {**good, "max_tokens": 12, **({} if language is None else {"language": language})}
                 r = client.post("/v1/audio/speech", json=body)

@@ -217,6 +217,22 @@ def language_for(tts: Any, language_id: str | None) -> str | None:
     return language
 
 
+def spoken_languages(tts: Any) -> list[str]:
+    """The language codes ``tts`` speaks on this machine: ``["en"]`` for the English-only
+    families; for the multilingual model each of upstream's 23 that ``language_for`` takes (those
+    whose front end needs a package not installed here, or Chinese without its table, left out)."""
+    if family_of(tts).name != "multilingual":
+        return ["en"]
+    spoken = []
+    for code in SUPPORTED_LANGUAGES:
+        try:
+            language_for(tts, code)
+        except ConfigError:
+            continue
+        spoken.append(code)
+    return spoken
+
+
 def check_speaks_languages(family: str, language_id: str | None) -> None:
     """Refuse a ``language_id`` other than English ("en") given to a family that speaks English
     only (upstream's standard and Turbo ``generate`` take none), by the family's name: known

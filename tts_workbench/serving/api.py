@@ -134,6 +134,9 @@ def speech_app(service: SpeechService) -> FastAPI:
             "object": "model",
             "created": service.created,
             "owned_by": "tts-workbench",
+            # this server's own: what a request may send in ``voice`` and ``language``
+            "voices": list(service.voices),
+            "languages": service.languages,
         }
         return {"object": "list", "data": [entry]}
 

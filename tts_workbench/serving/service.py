@@ -32,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..core.errors import CacheError, ConfigError, SourceError, WorkbenchError
-from ..core.families import family_of
+from ..core.families import family_of, spoken_languages
 from ..core.positions import positions_needed, tokens_that_fit
 from ..models.reference import check_reference, make_reference_wav
 from ..models.sources import load_model
@@ -188,6 +188,7 @@ class SpeechService:
             self.voice_positions[name] = prefill_length(tts, "a", 0.0) - text_tokens(tts, "a", 0.0).size(1)
         tts.conds = self.voices["default"]
         self.tts = tts
+        self.languages = spoken_languages(tts)  # what a request's ``language`` may name (GET /v1/models)
         # before the engine allocates its cache and warms up
         try:
             longest = self.prefill_positions("default", "a" * options.max_input_chars)
