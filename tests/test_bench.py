@@ -458,7 +458,7 @@ def test_a_step_shared_by_two_configurations_shows_its_compile_on_both(
     """compiled and compiled-stream run one plan's compiled T3 step: the first listed built it and
     was charged for it, the other showed 0 (before: compile_s {'compiled-stream': 20.17,
     'compiled': 0.0}), though docs/bench.md says each row's compile_s covers its T3 step."""
-    report = run_bench("tiny", ("compiled-stream", "compiled"), tokens=2, repeats=1,
+    report = run_bench("tiny", ("compiled-stream", "compiled"), tokens=2, repeats=1, warmup=0,
                        reference=str(reference_wav), outdir=tmp_path, dtype="float32")  # fmt: skip
     rows = {r["config"]: r for r in report["rows"]}
     step, estimator = rows["compiled-stream"]["t3_compile_s"], rows["compiled-stream"]["s3gen_compile_s"]
@@ -486,14 +486,14 @@ def test_the_fused_copy_is_made_outside_every_timed_window(
 
     opts = _kept_wrappers(monkeypatch)
     monkeypatch.setattr(bench, "memory_window", watched)
-    run_bench("tiny", ("static",), tokens=2, repeats=1, reference=str(reference_wav), outdir=tmp_path,
-              fused=True, dtype="float32")  # fmt: skip
-    assert made == [0]
+    run_bench("tiny", ("static",), tokens=2, repeats=1, warmup=0, reference=str(reference_wav),
+              outdir=tmp_path, fused=True, dtype="float32")  # fmt: skip
+    assert made == [0]  # (the one timed run, which built the step: no untimed run before it)
 
 
 @pytest.fixture(scope="module")
 def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path) -> SimpleNamespace:
-    """One upstream-only bench (2 tokens, 1 repeat, the default warm-up, a stereo copy of the
+    """One upstream-only bench (2 tokens, 1 repeat, no warm-up, a stereo copy of the
     reference), every policy measurement refused, without the bandwidth probe, and checked to
     leave torch's process settings as it found them (a module fixture runs before the per-test
     fixtures that stub the probe and check the settings): its ``.report`` and ``.stereo``, read
@@ -510,8 +510,8 @@ def upstream_bench(tmp_path_factory: pytest.TempPathFactory, reference_wav: Path
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(optimized, "measure_policy", measured)
         patch.setattr(bench, "read_bandwidth", _fixed_bandwidth)
-        report = run_bench(
-            "tiny", ("upstream",), tokens=2, repeats=1, reference=str(stereo), outdir=folder / "b"
+        report = run_bench(  # (no untimed run: the cold-run test reads this report)
+            "tiny", ("upstream",), tokens=2, repeats=1, warmup=0, reference=str(stereo), outdir=folder / "b"
         )
     assert _process_state() == before
     return SimpleNamespace(report=report, stereo=stereo)
@@ -554,7 +554,7 @@ def test_a_converted_reference_is_in_the_report(upstream_bench: SimpleNamespace)
         bench.format_bench(report).splitlines()
     )
     del report["reference"]  # a report written before 2026-12-06: its table all the same
-    assert bench.format_bench(report).splitlines()[1].startswith("2 tokens, 1 repeats")
+    assert bench.format_bench(report).splitlines()[1].startswith("2 tokens, 1 timed run (after 0 untimed)")
     # a generated voice's reference is checked in the attention-recording test's upstream-only run
 
 

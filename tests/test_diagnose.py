@@ -160,6 +160,16 @@ def _capped_report(model: str) -> dict[str, Any]:
     }
 
 
+def test_a_phases_parts_are_in_brackets_after_it_so_the_listed_seconds_add_up() -> None:
+    """Before 2026-12-07: "t3 0.61s, s3gen.flow 0.42s, ..., t3.prefill 0.01s, t3.decode 0.59s",
+    t3's parts beside it, the listed seconds more than the wall time. (s3gen.flow has no s3gen
+    phase above it: listed on its own.)"""
+    seconds = {"t3": 0.61, "s3gen.flow": 0.42, "watermark": 0.04, "t3.prefill": 0.01, "t3.decode": 0.59}
+    assert diagnose.phase_line(seconds) == (
+        "t3 0.61 s (prefill 0.01 s, decode 0.59 s), s3gen.flow 0.42 s, watermark 0.04 s"
+    )
+
+
 @pytest.mark.parametrize("model", ["pretrained", "turbo-pretrained", "/checkpoints/trained"])
 def test_a_trained_model_at_the_token_cap_is_told_to_raise_tokens(
     monkeypatch: pytest.MonkeyPatch, model: str
@@ -173,7 +183,7 @@ def test_a_trained_model_at_the_token_cap_is_told_to_raise_tokens(
     assert "random weights" not in line and "--tokens" in line and "token cap of 150" in line
     # the timing lines read their own fields: 6 s of audio in 9 s of wall time, an RTF of 1.5
     assert "audio        : 6.00 s" in lines
-    assert "wall time    : 9.00 s, profiled (t3 5.00s)" in lines
+    assert "wall time    : 9.00 s, profiled (t3 5.00 s)" in lines
     assert any(x.startswith("RTF          : 1.50, profiled") for x in lines)
     random_line = next(
         x for x in format_report(_capped_report("tiny")).splitlines() if x.startswith("speech tokens")

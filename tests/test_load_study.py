@@ -5,6 +5,8 @@ level runs (bad flags, an unusable --out, a level no device holds, in-process fl
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import re
@@ -596,8 +598,31 @@ def test_a_stream_that_ended_without_audio_is_silent_not_failed() -> None:
 
 @pytest.fixture(scope="module")
 def one_failed(tiny_tts: ChatterboxTTS) -> dict[str, Any]:
-    """A 2-stream level whose second stream fails on its own request (an empty text)."""
-    return run_load(tiny_tts, [2], texts=["Hello there, how are you.", ""], tokens=20, config=CONFIG)
+    """A 2-stream level whose second stream fails on its own request (an empty text), run as the
+    command line runs it (progress on; what it wrote to stderr in ``"stderr"``)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        report = run_load(
+            tiny_tts, [2], texts=["Hello there, how are you.", ""], tokens=20, config=CONFIG, progress=True
+        )
+    return {**report, "stderr": err.getvalue()}
+
+
+def test_each_level_ends_with_a_line_a_person_reads(one_failed: dict[str, Any]) -> None:
+    """(before 2026-12-07 the command line printed each level's whole summary as JSON, ~800
+    characters, also without --json; with it, it still does: test_load_cli_reports_each_level)"""
+    summary = one_failed["levels"][0]["summary"]
+    (line,) = [x for x in one_failed["stderr"].splitlines() if "done:" in x]
+    assert line == (
+        f"2 streams done: first audio p95 {summary['ttfa_p95_s']:.2f} s, {summary['audio_per_wall_s']:.2f} s "
+        f"of audio a wall second, limiting stage {summary['limiting_stage']}, stream 2 failed"
+    )
+    assert "{" not in one_failed["stderr"]
+    none = {**summary, "ttfa_p95_s": None, "limiting_stage": None, "streams_with_underruns": 2}
+    assert load.level_line(none, [1, 2]) == (
+        f"2 streams done: none spoke, {summary['audio_per_wall_s']:.2f} s of audio a wall second, "
+        "limiting stage none, 2 underran, streams 1, 2 failed"
+    )
 
 
 def test_the_solo_check_skips_the_streams_that_failed_and_counts_them(

@@ -250,8 +250,8 @@ def _add_bench(sub: Any) -> None:
     b.add_argument(
         "--warmup",
         type=flags.non_negative,
-        default=0,
-        help="untimed runs of each config first (use 1 on CUDA)",
+        default=1,
+        help="untimed runs of each config first (the first run pays the process's one-time costs)",
     )
     b.add_argument(
         "--dtype", default="auto", choices=list(POLICIES), help="dtype policy of the optimized path"

@@ -361,6 +361,7 @@ def load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, 
             reference=args.reference,
             texts_from=args.texts,
             language_id=args.language,
+            level_json=args.json,  # each level's every figure, for a log a program reads
         )
     return report, format_load
 

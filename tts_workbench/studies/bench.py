@@ -192,15 +192,17 @@ def run_bench(
     device: str = "cpu",
     dtype: str = "auto",
     outdir: str | Path = "runs/bench",
-    warmup: int = 0,
+    warmup: int = 1,
     cpp_wrapper: bool = False,
     fused: bool = False,
     family: str | None = None,
 ) -> dict[str, Any]:
     """Run every configuration ``repeats`` times, interleaved; return rows, summary and floors.
     ``family``: which model to load of a ``model`` folder holding two (as ``load_model`` takes it).
-    ``warmup`` untimed runs of each configuration come first (on CUDA the first call of a path
-    pays for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth).
+    ``warmup`` untimed runs of each configuration come first (the process's first generation pays
+    its one-time costs, lazy set-up and first allocations; on CUDA the first call of a path pays
+    for kernel loading, cuBLAS/cuDNN handles and the caching allocator's first growth; before
+    2026-12-07 none by default, and the report warned of its own default).
     ``cpp_wrapper``: the wrapper's compiled step with Inductor's C++ wrapper (``DecodePlan``); on a
     CPU only (refused on CUDA, whose compiled step runs as CUDA graphs, which have none).
     ``fused``: the wrapper's static and compiled steps with fused projections (``DecodePlan``)."""
@@ -621,6 +623,11 @@ def bench_measurements(report: dict[str, Any]) -> list[Measurement]:
     ]
 
 
+def _runs(n: int, kind: str) -> str:
+    """``n`` runs as words: "1 timed run", "3 timed runs"."""
+    return f"{n} {kind} run{'s' if n != 1 else ''}"
+
+
 def format_bench(report: dict[str, Any]) -> str:
     """The terminal report: what ran where, ``bench_frame`` rendered, the repeats' spread
     (``bench_measurements`` in a ``Compare`` table) and the memory per configuration."""
@@ -632,7 +639,7 @@ def format_bench(report: dict[str, Any]) -> str:
         f"torch {env['torch']}, transformers {env['transformers']}, chatterbox-tts {env['chatterbox-tts']}",
         # (reports written before 2026-12-06 have no reference)
         *([f"reference {reference_line(report['reference'])}"] if "reference" in report else []),
-        f"{report['settings']['tokens']} tokens, {report['settings']['repeats']} repeats "
+        f"{report['settings']['tokens']} tokens, {_runs(report['settings']['repeats'], 'timed')} "
         f"(after {report['settings'].get('warmup', 0)} untimed), "
         f"medians; ratio = median / first config's median. Note: {report['note']}.",
         f"optimized policy: {report['optimized_policy']['policy']} "

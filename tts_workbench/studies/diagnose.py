@@ -164,6 +164,22 @@ def run_diagnosis(
     }
 
 
+def phase_line(seconds: dict[str, float]) -> str:
+    """Each phase's seconds, a phase's parts in brackets after it: ``t3 0.61 s (prefill 0.01 s,
+    decode 0.59 s)``, so the figures listed side by side add up (before 2026-12-07 t3's parts were
+    listed beside it, counted twice)."""
+    parts: dict[str, list[str]] = {}
+    for name, s in seconds.items():
+        parent, _, part = name.rpartition(".")
+        if parent in seconds:
+            parts.setdefault(parent, []).append(f"{part} {s:.2f} s")
+    return ", ".join(
+        f"{name} {s:.2f} s" + (f" ({', '.join(parts[name])})" if name in parts else "")
+        for name, s in seconds.items()
+        if name.rpartition(".")[0] not in seconds
+    )
+
+
 def format_report(report: dict[str, Any]) -> str:
     """Human-readable text for a ``run_diagnosis`` report."""
     components = pd.DataFrame(
@@ -191,7 +207,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{'':15}{report['invalid_speech_tokens']} ids >= {SPEECH_VOCAB_SIZE} dropped before S3Gen, "
             "as upstream does"
         )
-    phases = ", ".join(f"{k} {v:.2f}s" for k, v in report["phase_s"].items())
+    phases = phase_line(report["phase_s"])
     lines.append(f"audio        : {report['audio_s']:.2f} s")
     # The kernel recorder's profiler ran around this generation: `bench` times it without one.
     lines.append(f"wall time    : {report['generation_s']:.2f} s, profiled ({phases})")

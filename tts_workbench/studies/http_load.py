@@ -40,6 +40,7 @@ from .load import (
     listener_summary,
     parse_arrival,
     shown,
+    streams_label,
     texts_source,
 )
 
@@ -323,7 +324,7 @@ async def _run(url: str, levels: list[int], texts: list[str], *, fields: dict[st
         runs: list[dict[str, Any]] = []
         for n in levels:
             with progress_bar(
-                total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr
+                total=n, desc=streams_label(n), unit="stream", disable=not progress, file=sys.stderr
             ) as bar:
                 runs.append(await _level(client, url, model, n, texts, fields=fields, arrival=arrival,
                                          tokens=tokens, seed=seed, timeout_s=timeout_s, bar=bar,

@@ -80,6 +80,14 @@ MAX_LEVEL = 10**9
 # The longest the largest level's Poisson arrivals may take on average: past it the rate is a
 # typo (poisson:1e-300 overflows a sleep in process, and waits for ever over HTTP).
 MAX_ARRIVAL_SPAN_S = 3600.0
+# What the report's less obvious figures mean: a line under its table for each column it has.
+LEGEND = {
+    "audio_per_wall_s": "seconds of audio delivered per wall second, all streams together "
+    "(1.0 = one real-time stream)",
+    "t3_busy_pct": "(and s3gen_busy_pct) share of the wall time each stage's thread was working",
+    "read_bandwidth_gb_s": "the machine's memory read bandwidth as the level started "
+    "(a slow host reads less)",
+}
 # How long each level's bandwidth probe reads (``read_bandwidth``): the bench's second took 1.2 s
 # here, a quarter of one 0.45 s, and read within 2% of it (three pairs, 2026-12-07).
 PROBE_S = 0.25
@@ -318,11 +326,14 @@ def run_level(
     step_buckets: Sequence[int] | None = None,
     alignment: bool = False,
     language_id: str | None = None,
+    level_json: bool = False,
 ) -> dict[str, Any]:
     """``n`` streams through a fresh engine sized to ``n``; the level's row and its streams.
     ``flow`` runs S3Gen's estimator (kept by the caller: its compiled shapes serve the next
     level too), at most the largest of ``flow_batches`` windows a call; T3 steps over the
-    ``step_buckets`` up to ``n`` and ``n`` itself (None: 1, 2, 4, ... and ``n``)."""
+    ``step_buckets`` up to ``n`` and ``n`` itself (None: 1, 2, 4, ... and ``n``). With
+    ``progress``, a line on stderr as the level ends: ``level_line``'s, or with ``level_json``
+    every figure of its summary as JSON."""
     sizes = None if step_buckets is None else [b for b in step_buckets if b <= n]
     engine = StreamEngine(
         tts, max_streams=n, step=step, config=config, plan=plan, max_cache_len=max_cache_len,
@@ -331,7 +342,7 @@ def run_level(
     try:
         # closed when the level ends, also when it raises (its line left on stderr otherwise)
         with progress_bar(
-            total=n, desc=f"{n} streams", unit="stream", disable=not progress, file=sys.stderr
+            total=n, desc=streams_label(n), unit="stream", disable=not progress, file=sys.stderr
         ) as bar:
             # its warm-up compiles the level's new shapes: minutes on a cold cache, said meanwhile
             bar.set_postfix_str("engine warm-up")
@@ -376,8 +387,12 @@ def run_level(
     summary = {**_level_summary(n, wall, streams, delta, mem, engine.kv_bytes_per_stream),
                "read_bandwidth_gb_s": bandwidth / 1e9}  # fmt: skip
     if progress:  # each level's figures as it ends: a run stopped before the report keeps them
-        line = {**summary, "failed_streams": failed_positions(streams)}
-        print(f"level {n}: {json_dumps(line, indent=None)}", file=sys.stderr, flush=True)
+        failed = failed_positions(streams)
+        if level_json:  # all of them, for a log a program reads (the GPU check's): ~800 characters
+            line = {**summary, "failed_streams": failed}
+            print(f"level {n}: {json_dumps(line, indent=None)}", file=sys.stderr, flush=True)
+        else:
+            print(level_line(summary, failed), file=sys.stderr, flush=True)
     return {
         "streams": n,
         "wall_s": wall,
@@ -392,6 +407,20 @@ def run_level(
         "per_stream": streams,
         "summary": summary,
     }
+
+
+def level_line(summary: dict[str, Any], failed: list[int]) -> str:
+    """A level's headline figures as it ends, for a person watching the run (the report has them
+    all): first-audio p95, audio per wall second, the limiting stage, and which streams failed."""
+    p95, n = summary["ttfa_p95_s"], summary["streams"]
+    parts = ["none spoke" if p95 is None else f"first audio p95 {p95:.2f} s",
+             f"{summary['audio_per_wall_s']:.2f} s of audio a wall second",
+             f"limiting stage {summary['limiting_stage'] or 'none'}"]  # fmt: skip
+    if summary["streams_with_underruns"]:
+        parts.append(f"{summary['streams_with_underruns']} underran")
+    if failed:
+        parts.append(f"stream{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} failed")
+    return f"{streams_label(n)} done: " + ", ".join(parts)
 
 
 def _stream_row(h: StreamHandle, out: dict[str, Any], arrival_s: float) -> dict[str, Any]:
@@ -506,6 +535,7 @@ def run_load(
     alignment: bool = False,
     fused: bool = False,
     language_id: str | None = None,
+    level_json: bool = False,
 ) -> dict[str, Any]:
     """The load study at each level (``run_level``) and how many streams held in real time
     (``conclude``); writes ``load.json`` and ``load.png`` to ``outdir`` when given (made before
@@ -519,7 +549,8 @@ def run_load(
     ``alignment``: Multilingual streams each run upstream's alignment analyzer (the static step;
     ``StreamEngine``), as upstream's multilingual generate does, speaking ``language_id`` (default
     "en"; ``spoken_language``). ``fused``: T3's step runs a copy
-    of the backbone with fused projections (``DecodePlan``; Turbo has none to fuse). The report names what was
+    of the backbone with fused projections (``DecodePlan``; Turbo has none to fuse). ``progress``:
+    bars and a line per level on stderr (``run_level``; ``level_json``: as JSON). The report names what was
     measured: ``model`` (the source ``tts`` was loaded from; None: unnamed), ``reference`` (the
     WAV its voice was prepared from; None: the generated one, ``reference.make_reference_wav``)
     and ``texts_from`` (the texts' file, ``texts_source``).
@@ -571,6 +602,7 @@ def run_load(
             step_buckets=step_buckets,
             alignment=alignment,
             language_id=language_id,
+            level_json=level_json,
         )
         for n in levels
     ]
@@ -654,7 +686,7 @@ def real_time_capacity(
     return {"first_audio_limit_s": first_audio_limit_s, "streams": max(held, default=None), "missed": missed}
 
 
-def _streams(n: int | str) -> str:
+def streams_label(n: int | str) -> str:
     """A level as words, "1 stream" or "8 streams" (``n`` an int, or a key read back from JSON)."""
     return f"{n} stream{'s' if int(n) != 1 else ''}"
 
@@ -662,10 +694,10 @@ def _streams(n: int | str) -> str:
 def format_real_time(real_time: dict[str, Any]) -> str:
     """How many streams held in real time, then one line per level that missed, saying why."""
     held = real_time["streams"]
-    head = "no level" if held is None else _streams(held)
+    head = "no level" if held is None else streams_label(held)
     limit = real_time["first_audio_limit_s"]
     criteria = f"every stream spoke, none underran after its first audio, first-audio p95 <= {limit:g} s"
-    missed = [f"  {_streams(n)} missed: {why}" for n, why in real_time["missed"].items()]
+    missed = [f"  {streams_label(n)} missed: {why}" for n, why in real_time["missed"].items()]
     return "\n".join([f"held in real time: {head} (a level holds where {criteria})", *missed])
 
 
@@ -686,7 +718,7 @@ def fallbacks(report: dict[str, Any]) -> list[str]:
     and one if S3Gen's estimator ran eagerly where compiled was asked for (their compiles failed:
     the report's title names what was asked for, not what ran)."""
     lines = [
-        f"{_streams(level['streams'])}: T3 ran the static step, its compile failed ({why})"
+        f"{streams_label(level['streams'])}: T3 ran the static step, its compile failed ({why})"
         for level in report["levels"]
         if (why := level.get("compile_fallback"))
     ]
@@ -710,7 +742,7 @@ def failures(report: dict[str, Any]) -> list[str]:
         for k in failed_positions(streams):
             s = streams[k - 1]
             lines.append(
-                f"  {_streams(n)}: stream {k} (seed {s['seed']}, text {shown(s['text'])}) "
+                f"  {streams_label(n)}: stream {k} (seed {s['seed']}, text {shown(s['text'])}) "
                 f"failed: {' '.join(s['error'].split())}"
             )
     return lines
@@ -729,14 +761,12 @@ def format_load(report: dict[str, Any]) -> str:
         # (no environment before 2026-12-07); the engine's two stages work at once
         *busy_machine_line(report.get("environment", {}), stages=2),
         # (none in reports before late 2026-12-07)
-        *slow_spell_line([(f"before {_streams(lv['streams'])}", lv["summary"].get("read_bandwidth_gb_s"))
+        *slow_spell_line([(f"before {streams_label(lv['streams'])}", lv["summary"].get("read_bandwidth_gb_s"))
                           for lv in report["levels"]]),  # fmt: skip
         # a column per level: a row per level was ~330 characters wide
-        render_sideways(frame[[c for c in columns if c in frame]], "streams", _streams),
+        render_sideways(frame[[c for c in columns if c in frame]], "streams", streams_label),
         *failures(report),
-        "audio_per_wall_s: seconds of audio delivered per wall second, all streams together (1.0 = one "
-        "real-time stream)" + ("; *_busy_pct: share of the wall time each stage's thread was working"
-                               if "t3_busy_pct" in frame else ""),
+        *[f"{column}: {meaning}" for column, meaning in LEGEND.items() if column in frame],
         format_real_time(report["real_time"]),
         *fallbacks(report),
         report["note"],
