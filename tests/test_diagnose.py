@@ -210,6 +210,22 @@ def test_a_multilingual_diagnosis_names_the_alignment_analyzers_eager_switch(
     assert any(r.startswith("no Flash") and "alignment analyzer" in r for r in rows)
 
 
+def test_a_long_finding_is_wrapped_under_its_column() -> None:
+    """The float16 fixes ran to 256-310 characters on one line (2026-12-07); the frame keeps each
+    whole (notebooks read it), the terminal text wraps it."""
+    advice = "keep all of HiFT (s3gen.mel2wav) in float32 and cast the mel it gets to float32: " * 3
+    stage = {"error": "RuntimeError: dtypes differ", "mismatches": [], "first_mismatch": None,
+             "failure": None, "advice": advice.strip(), "calls": 9}  # fmt: skip
+    prec = {"dtype": "float16", "autocast": None, "stages": {"s3gen": stage}}
+    assert precision_frame(prec)["detail"].tolist() == ["RuntimeError: dtypes differ", advice.strip()]
+    lines = format_precision(prec, width=60).splitlines()[2:]  # (after the title and the header)
+    assert lines[0].split() == ["s3gen", "error", "RuntimeError:", "dtypes", "differ"]
+    assert lines[1].split()[:2] == ["s3gen", "fix"] and all(not x.startswith("s3gen") for x in lines[2:])
+    column = lines[1].index("keep")
+    assert all(len(x) <= column + 60 and x[:column].strip() == "" for x in lines[2:])
+    assert " ".join(x[column:] for x in lines[1:]).split() == advice.split()
+
+
 def test_autocast_doing_its_work_gets_no_fix_but_its_failures_do(
     tiny_tts: ChatterboxTTS, reference_wav: Path
 ) -> None:

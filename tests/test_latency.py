@@ -142,7 +142,7 @@ def test_an_empty_stream_is_measured_without_numpy_warnings_and_printed_as_no_au
         "files": {"wav": "a.wav", "timeline": "a.png"},
     }
     lines = format_report(doc).splitlines()
-    assert lines[:3] == [
+    assert lines[:3] == [  # (no title: a report without its environment, as before 2026-12-07; no legend)
         "(no rows)",
         "buffered: no audio (T3 kept no speech token), 1 invalid tokens dropped",
         "seams: none (no audio); nothing to compare with one-shot",
@@ -164,7 +164,7 @@ def test_a_stream_with_audio_but_no_sample_outside_the_crossfades_prints_snr_n_a
         "note": "ended by the stop token at token 75",
         "files": {"wav": "a.wav", "timeline": "a.png"},
     }
-    quality = format_report(doc).splitlines()[4]  # was a TypeError formatting None
+    quality = next(x for x in format_report(doc).splitlines() if x.startswith("seams:"))  # a TypeError before
     assert quality.startswith("seams: largest jump 2.00x") and "SNR vs one-shot n/a" in quality
 
 
@@ -204,6 +204,23 @@ def test_a_stream_whose_chunks_have_no_audio_says_no_audio_not_inf() -> None:
     text = format_report(doc)
     assert "after inf" not in text and "RTF inf" not in text and "one chunk" not in text
     assert "buffered: no audio in its 2 chunks" in text and "seams: none (no audio)" in text
+
+
+def test_the_stream_report_names_what_ran_and_explains_its_columns() -> None:
+    """(before 2026-12-07 it named neither the model nor the device, and its 13 columns had no legend)"""
+    report = _report()
+    doc = {"summary": report.summary(), "chunks": report.rows(), "note": "n",
+           "quality_vs_one_shot": {"seam_max_over_median": None, "ordinary_max_over_median": 0.0,
+                                   "snr_db": 20.0, "length_diff_samples": 0},
+           "environment": {"model": "tiny", "device": "cpu"}, "config": {"strategy": "buffered"},
+           "t3_step_mode": "static", "files": {"wav": "a.wav", "timeline": "a.png"}}  # fmt: skip
+    lines = format_report(doc).splitlines()
+    assert lines[0] == "stream of tiny on cpu: buffered strategy, T3 static step"
+    start = lines.index(next(x for x in lines if x.startswith("emitted_s:")))
+    legend = lines[start : start + 4]
+    shown = lines[1].split()  # the table's header: every column it shows is explained
+    assert all(f"{c}:" in " ".join(legend) or f"{c}," in " ".join(legend) for c in shown if c != "index")
+    assert max(len(x) for x in legend) <= 120
 
 
 @pytest.mark.parametrize("chunks", [1, 2])

@@ -265,12 +265,25 @@ def _t3_compile_text(report: dict[str, Any]) -> list[str]:
     return [line]
 
 
+# The chunk table's columns, under it: seconds of each stage's work and the mel frames S3Gen made.
+CHUNK_LEGEND = (
+    "emitted_s: when the chunk was ready, from the request; tokens: the speech tokens it vocoded; audio_s:",
+    "its audio; t3_s, flow_s, vocoder_s: each stage's work for it; queued_s: waiting in an engine's queue;",
+    "prompt_frames, context_frames, new_frames: S3Gen's mel frames of the voice prompt, of earlier chunks",
+    "made again (redundant work) and new; rtf: the chunk's work over its audio (cumulative_rtf: all so far)",
+)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The ``tts-workbench stream`` output: chunk table, summary, quality against one-shot,
     printed from the report's own rows and totals (those count what came after the last chunk)."""
+    env = report.get("environment")  # (none before 2026-12-07)
+    ran = f"{report['config']['strategy']} strategy, T3 {report['t3_step_mode']} step" if env else ""
     return "\n".join(
         [
+            *([f"stream of {env['model']} on {env['device']}: {ran}"] if env else []),
             _chunks_text(_frame(report["chunks"]), report["summary"]),
+            *(CHUNK_LEGEND if report["chunks"] else ()),
             _quality_text(report["quality_vs_one_shot"], not math.isinf(report["summary"]["ttfa_s"])),
             *_t3_compile_text(report),
             *busy_machine_line(report.get("environment", {})),  # (no environment before 2026-12-07)

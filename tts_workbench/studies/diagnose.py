@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, replace
@@ -551,11 +552,17 @@ def parameter_frame(models: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def format_precision(prec: dict[str, Any]) -> str:
-    """The precision scenario, then its findings per stage (``precision_frame``)."""
+def format_precision(prec: dict[str, Any], width: int = 90) -> str:
+    """The precision scenario, then its findings per stage (``precision_frame``), each detail
+    wrapped at ``width`` characters under its column (a fix ran to 310 in one line)."""
     title = (
         f"precision {prec['dtype']}"
         + (f" under autocast {prec['autocast']}" if prec["autocast"] else "")
         + " (components cast, conditionals left float32, as in the seed):"
     )
-    return "\n".join([title, render(precision_frame(prec))])
+    rows = [
+        (stage if i == 0 else "", finding if i == 0 else "", part)
+        for stage, finding, detail in precision_frame(prec).itertuples(index=False)
+        for i, part in enumerate(textwrap.wrap(detail, width) or [""])
+    ]
+    return "\n".join([title, render(pd.DataFrame(rows, columns=["stage", "finding", "detail"]))])
