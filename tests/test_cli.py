@@ -23,12 +23,13 @@ import torch
 from chatterbox.tts import ChatterboxTTS
 
 from tts_workbench.core import strict_json
+from tts_workbench.core.constants import UPSTREAM_SENTENCE
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.families import FAMILIES
 from tts_workbench.core.positions import positions_needed
 from tts_workbench.interface.cli import build_parser, main
 from tts_workbench.interface.commands import _trace_labels
-from tts_workbench.interface.flags import FAMILY_CHOICES, MODEL_HELP, batches
+from tts_workbench.interface.flags import FAMILY_CHOICES, MODEL_HELP, TEXT_HELP, batches
 from tts_workbench.models.builders import SIZES
 from tts_workbench.models.checkpoints import METADATA_FILE, save_checkpoint
 from tts_workbench.models.reference import make_reference_wav
@@ -325,6 +326,20 @@ def test_a_converted_reference_is_said_on_stderr(
 
 def test_the_model_help_names_every_source() -> None:
     assert set(re.findall(r"[\w-]+", MODEL_HELP)) >= {*SIZES, *PRETRAINED}  # whole names
+
+
+def test_the_help_speaks_of_what_a_user_sees_not_of_module_names() -> None:
+    """(before 2026-12-07 it said "(bench.CONFIGS)", "(decode.py)", "(core.policies.POLICIES)" and
+    gave the default text as "constants.UPSTREAM_SENTENCE"; the text's start is shown now, kept
+    the sentence's own here)"""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        named = re.findall(r"\b[a-z_/]+\.(?:py|[A-Z_]{3,})\b", text)  # a file, or a module's constant
+        assert not named, (name, named)
+    shown = re.search(r"'([^']+) \.\.\.'", TEXT_HELP)
+    assert shown and UPSTREAM_SENTENCE.startswith(shown.group(1)), TEXT_HELP
 
 
 def shows_no_default(action: argparse.Action) -> bool:

@@ -152,7 +152,8 @@ def _add_stream(sub: Any) -> None:
         "--decode",
         default="eager",
         choices=["eager", "static", "compiled"],
-        help="T3 decode step (decode.py)",
+        help="T3 decode step: eager (upstream's, its cache growing), static (one cache allocated at its "
+        "largest) or compiled (the static step through torch.compile)",
     )
     st.set_defaults(run=commands.stream, tokens=250)
 
@@ -205,7 +206,7 @@ def _add_trace(sub: Any) -> None:
         "--dtype",
         default="float32",
         choices=NAMED_POLICIES,
-        help="dtype policy of T3's decode (core.policies.POLICIES)",
+        help="dtype policy of T3's decode",
     )
     tr.add_argument(
         "--keep", type=flags.positive, help="keep the first KEEP decode steps of each trace (a smaller file)"
@@ -242,7 +243,7 @@ def _add_bench(sub: Any) -> None:
         "--configs",
         default="upstream,optimized",
         help="comma list of upstream, optimized, static, compiled, upstream-stream, optimized-stream, "
-        "compiled-stream (bench.CONFIGS)",
+        "compiled-stream",
     )
     b.add_argument(
         "--repeats", type=flags.positive, default=2, help="timed runs of each config (medians reported)"

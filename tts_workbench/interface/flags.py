@@ -9,7 +9,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-TEXT_HELP = "text to speak (default: upstream's example sentence, constants.UPSTREAM_SENTENCE)"
+# (constants.UPSTREAM_SENTENCE's start: this module is read before torch is imported, constants after)
+TEXT_HELP = "text to speak (default: upstream's English example, 'Ezreal and Jinx teamed up with ...')"
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -242,7 +243,8 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
         "--decode",
         default="static",
         choices=["static", "compiled"],
-        help="the engine's batched T3 step (runtime/batched_step.py; it has no eager step)",
+        help="the engine's batched T3 step: static (one cache allocated at its largest) or compiled "
+        "(through torch.compile); it has no eager step",
     )
     p.add_argument(
         "--dtype",
@@ -272,8 +274,7 @@ def engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fused",
         action="store_true",
-        help="T3's step with q, k, v and gate, up each one matmul (a copy of the backbone; "
-        "runtime/fusion.py)",
+        help="T3's step with q, k, v and gate, up each one matmul (a copy of the backbone)",
     )
     p.add_argument(
         "--alignment",
