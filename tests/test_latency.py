@@ -10,6 +10,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from tts_workbench.instruments.latency import (
+    CHUNK_LEGEND,
     ChunkMetrics,
     StreamReport,
     format_chunks,
@@ -144,7 +145,7 @@ def test_an_empty_stream_is_measured_without_numpy_warnings_and_printed_as_no_au
     lines = format_report(doc).splitlines()
     assert lines[:3] == [  # (no title: a report without its environment, as before 2026-12-07; no legend)
         "(no rows)",
-        "buffered: no audio (T3 kept no speech token), 1 invalid tokens dropped",
+        "buffered: no audio (T3 kept no speech token), 1 invalid token dropped",
         "seams: none (no audio); nothing to compare with one-shot",
     ]
     assert "inf" not in format_report(doc)
@@ -217,7 +218,7 @@ def test_the_stream_report_names_what_ran_and_explains_its_columns() -> None:
     lines = format_report(doc).splitlines()
     assert lines[0] == "stream of tiny on cpu: buffered strategy, T3 static step"
     start = lines.index(next(x for x in lines if x.startswith("emitted_s:")))
-    legend = lines[start : start + 4]
+    legend = lines[start : start + len(CHUNK_LEGEND)]
     shown = lines[1].split()  # the table's header: every column it shows is explained
     assert all(f"{c}:" in " ".join(legend) or f"{c}," in " ".join(legend) for c in shown if c != "index")
     assert max(len(x) for x in legend) <= 120

@@ -213,7 +213,7 @@ def format_chunks(report: StreamReport) -> str:
 
 
 def _chunks_text(table: pd.DataFrame, s: dict[str, Any]) -> str:
-    invalid = f"{s['invalid_tokens']} invalid tokens dropped"
+    invalid = f"{s['invalid_tokens']} invalid token{'s' if s['invalid_tokens'] != 1 else ''} dropped"
     if math.isinf(s["ttfa_s"]):  # no first audio (no chunk, or none with audio), no RTF: not inf
         why = f"in its {s['chunks']} chunks" if s["chunks"] else "(T3 kept no speech token)"
         return "\n".join([render(table), f"{s['strategy']}: no audio {why}, {invalid}"])
@@ -270,7 +270,8 @@ CHUNK_LEGEND = (
     "emitted_s: when the chunk was ready, from the request; tokens: the speech tokens it vocoded; audio_s:",
     "its audio; t3_s, flow_s, vocoder_s: each stage's work for it; queued_s: waiting in an engine's queue;",
     "prompt_frames, context_frames, new_frames: S3Gen's mel frames of the voice prompt, of earlier chunks",
-    "made again (redundant work) and new; rtf: the chunk's work over its audio (cumulative_rtf: all so far)",
+    "made again (redundant work) and new; rtf: the chunk's work over its audio; cumulative_rtf: emitted_s",
+    "over all audio so far",
 )
 
 
