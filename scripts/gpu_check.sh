@@ -197,7 +197,8 @@ def bench_run(name, r):  # what the results file keeps of one bench
             "compile_s": r.get("compile_s"), "compile_fallback": r.get("compile_fallback"),
             "flow_compile_fallback": r.get("flow_compile_fallback"),
             "compiled_attention": r.get("compiled_attention"), "memory": r.get("memory"),
-            "read_bandwidth_gb_s": r["read_bandwidth_gb_s"], "floors": r["floors"],
+            "read_bandwidth_gb_s": r["read_bandwidth_gb_s"],
+            "read_bandwidth_after_gb_s": r.get("read_bandwidth_after_gb_s"), "floors": r["floors"],
             "settings": r["settings"], "summary": r["summary"], "figure": figure, "table": table(name, r)}
 
 load("install")  # an install that failed (GPU run) leaves install.err

@@ -49,8 +49,9 @@ def _fixed_bandwidth(device: str = "cpu", mbytes: int = 512, min_run_time_s: flo
 
 @pytest.fixture(autouse=True)
 def _no_bandwidth_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every bench here without its bandwidth probe (a 512 MiB reduction timed for a second, 1-1.5 s
-    a bench): none reads the figure; `bench --model tiny` in test_profiling.py runs it."""
+    """Every bench here without its bandwidth probes (a 512 MiB reduction timed for a second, before
+    and after the runs: 2-3 s a bench), each read as 10 GB/s; `bench --model tiny` in
+    test_profiling.py runs them."""
     monkeypatch.setattr(bench, "read_bandwidth", _fixed_bandwidth)
 
 

@@ -1392,7 +1392,7 @@ def test_a_voice_or_sampling_value_no_stream_takes_is_refused_at_submit(tts: Cha
              r"multilingual family's prepare_conditionals\): call prepare_voice"),
             ({"cfg_weight": None}, ConfigError, "cfg_weight must be a number, got None"),
             ({"temperature": "warm"}, ConfigError, "temperature must be a number, got 'warm'"),
-            ({"language_id": 5}, ConfigError, "language_id must be a str or None, got int 5"),
+            ({"language_id": 5}, ConfigError, "language_id must be a language code such as 'fr', or None"),
             # (before 2026-12-07 taken, and the stream spoke English; "en" is taken, below)
             ({"language_id": "fr"}, ConfigError, "the standard model speaks English only"),
         ]  # fmt: skip

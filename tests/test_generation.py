@@ -362,6 +362,8 @@ def test_a_reference_given_to_generate_is_checked_as_prepare_voice_checks_it(
         ({"temprature": 0.5}, "upstream's standard generate got an unexpected keyword argument 'temprature'"),
         # before 2026-12-07 upstream's TypeError, for "en" too (the engine and stream took it)
         ({"language_id": "fr"}, "the standard model speaks English only"),
+        ({"language_id": 5}, "language_id must be a language code such as 'fr', or None"),  # AttributeError
+        ({"language_id": " "}, "language_id must be a language code"),  # (Multilingual read a blank as en)
     ],
 )
 def test_an_argument_upstream_generate_does_not_take_is_refused_before_the_voice_is_prepared(

@@ -205,6 +205,7 @@ def test_a_stream_whose_chunks_have_no_audio_says_no_audio_not_inf() -> None:
     text = format_report(doc)
     assert "after inf" not in text and "RTF inf" not in text and "one chunk" not in text
     assert "buffered: no audio in its 2 chunks" in text and "seams: none (no audio)" in text
+    assert "emitted_s:" not in text  # the legend is for the table of a stream with audio
 
 
 def test_the_stream_report_names_what_ran_and_explains_its_columns() -> None:

@@ -265,7 +265,8 @@ def _t3_compile_text(report: dict[str, Any]) -> list[str]:
     return [line]
 
 
-# The chunk table's columns, under it: seconds of each stage's work and the mel frames S3Gen made.
+# The chunk table's columns, under its summary line: seconds of each stage's work and the mel frames
+# S3Gen made (a table without audio, its columns of invalid ids, calls and NaN samples kept, has none).
 CHUNK_LEGEND = (
     "emitted_s: when the chunk was ready, from the request; tokens: the speech tokens it vocoded; audio_s:",
     "its audio; t3_s, flow_s, vocoder_s: each stage's work for it; queued_s: waiting in an engine's queue;",
@@ -284,7 +285,7 @@ def format_report(report: dict[str, Any]) -> str:
         [
             *([f"stream of {env['model']} on {env['device']}: {ran}"] if env else []),
             _chunks_text(_frame(report["chunks"]), report["summary"]),
-            *(CHUNK_LEGEND if report["chunks"] else ()),
+            *(CHUNK_LEGEND if not math.isinf(report["summary"]["ttfa_s"]) else ()),
             _quality_text(report["quality_vs_one_shot"], not math.isinf(report["summary"]["ttfa_s"])),
             *_t3_compile_text(report),
             *busy_machine_line(report.get("environment", {})),  # (no environment before 2026-12-07)

@@ -817,11 +817,18 @@ def check_positions(config: Any, prefill_len: int, max_new_tokens: int, name: st
         check_room(prefill_len, max_new_tokens, positions, holder, "shorten the text", name)
 
 
-def spoken_language(tts: Any, language_id: str | None) -> str | None:
+def spoken_language(tts: Any, language_id: object) -> str | None:
     """The language ``tts`` speaks when asked for ``language_id``: a multilingual model's
     (default "en"; one it lacks, or one whose front end needs what this machine lacks: a package,
     upstream's Chinese table, refused by ``language_for``), None for the English-only families,
-    which refuse any but English (``check_speaks_languages``)."""
+    which refuse any but English (``check_speaks_languages``). One that is no text, or blank, is
+    refused on every family (before 2026-12-07: an AttributeError, or a blank read as English by
+    the multilingual model and refused by the others)."""
+    if language_id is not None and (not isinstance(language_id, str) or not language_id.strip()):
+        raise ConfigError(
+            "language_id must be a language code such as 'fr', or None (the model's default), got "
+            f"{type(language_id).__name__} {language_id!r}"
+        )
     check_speaks_languages(family_of(tts).name, language_id)
     return language_for(tts, language_id)
 

@@ -465,7 +465,7 @@ class StreamEngine:
         with a ``SourceError`` (``check_conditionals``); no voice at all, with a ``NoVoiceError``. The stream
         speaks the voice as it is now, its exaggeration included. A ``generate`` on the model in
         another thread is waited for (``voice_turn``): the voice is not read half-way through it."""
-        seed, max_new_tokens = self._check_request(text, seed, max_new_tokens, language_id)
+        seed, max_new_tokens = self._check_request(text, seed, max_new_tokens)
         # a misspelled argument would otherwise be dropped and the stream run with the default;
         # those upstream Turbo takes and ignores are refused too (a caller would expect them to work)
         self.family.check_sampling_keys(sampling, ignored=False)
@@ -494,18 +494,12 @@ class StreamEngine:
         return handle
 
     @staticmethod
-    def _check_request(
-        text: object, seed: object, max_new_tokens: object, language_id: object
-    ) -> tuple[int, int]:
+    def _check_request(text: object, seed: object, max_new_tokens: object) -> tuple[int, int]:
         """Refuse arguments no stream could run with before they are queued: they would fail only
         at the stream's turn, after the streams ahead of it, with torch's or Python's own error.
         The seed and token cap as Python ints (a numpy integer is taken)."""
         if not isinstance(text, str):
             raise ConfigError(f"text must be a str, got {type(text).__name__} {text!r}")
-        if language_id is not None and not isinstance(language_id, str):
-            raise ConfigError(
-                f"language_id must be a str or None, got {type(language_id).__name__} {language_id!r}"
-            )
         return checked_seed(seed), checked_cap(max_new_tokens)
 
     def _voice_of(self, conds: Any) -> Any:

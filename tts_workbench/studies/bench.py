@@ -307,7 +307,8 @@ def run_bench(
                     grown = {"memory_growth_bytes": memory.growth_bytes,
                              "reserved_growth_bytes": memory.reserved_growth_bytes}  # fmt: skip
                     rows.append(Row(config=c, repeat=r, **grown, **out))
-        # Again after the runs: a slow spell of the host between the two shows (``slow_spell_line``).
+        # Again after the runs: a slow spell of the host still on at one of the two probes shows
+        # (``slow_spell_line``; one that began and ended between them, only in the repeats' spread).
         bandwidth_after = read_bandwidth(device)
         compile_s = {c: step_compile[PLAN_OF.get(c, c)] + estimator_compile[c] for c in configs}
         # One recorded (not timed) optimized run: which attention kernel ran, in which dtype. After
@@ -475,7 +476,7 @@ def memory_per_config(
     """Each configuration's own memory: the weights it runs (from their tensors), the static KV
     cache it keeps, and the most one of its timed runs rose above what the process held before
     it (activations and whatever the run allocated). A run that built its static step (the
-    first, without ``warmup``) also holds what building and compiling allocated for a while: the
+    first, with ``warmup=0``) also holds what building and compiling allocated for a while: the
     runs that did not build are taken where there are any (``growth_run_built`` False); where
     every run built, the cache is taken off their growth, as it is counted once, in
     ``kv_cache_gib``, and ``growth_run_built`` says the compile's memory is in it. CUDA's
