@@ -23,6 +23,7 @@ import torch
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.core.machine import environment
 from tts_workbench.core.quiet import upstream_silenced
+from tts_workbench.interface import flags
 from tts_workbench.models.builders import MODELS, build_model
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.runtime.engine import StreamEngine
@@ -36,17 +37,6 @@ NAMES = ("without", "with")
 SIZES = [size for size, (family, _) in MODELS.items() if family == "multilingual"]
 
 
-def _levels(text: str) -> list[int]:
-    """``--streams``: whole numbers of streams, at least 1 each."""
-    try:
-        levels = [int(s) for s in text.split(",")]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"give whole numbers of streams such as 1,4, not {text!r}")
-    return levels
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -56,14 +46,14 @@ def main() -> None:
         help="a Multilingual size (default %(default)s)",
     )
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--streams", type=_levels, default=[1, 4], help="levels, comma-separated (default 1,4)")
+    ap.add_argument("--streams", type=flags.levels, default="1,4", help="levels, comma list (default 1,4)")
     ap.add_argument("--tokens", type=int, default=100, help="tokens per stream (default 100)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     for flag, value in (("--repeats", args.repeats), ("--tokens", args.tokens)):
         if value < 1:
             ap.error(f"{flag} must be at least 1, got {value}")
-    levels: list[int] = args.streams
+    levels: list[int] = list(args.streams)
     torch.manual_seed(0)
     # upstream's prints would land in the JSON on stdout; the voice is removed once read
     with upstream_silenced(), tempfile.TemporaryDirectory() as tmp:

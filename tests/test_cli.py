@@ -95,6 +95,11 @@ def test_diagnose_json_report(tmp_path: Path, capfd: pytest.CaptureFixture[str],
         (["frobnicate"], "invalid choice"),
         (["diagnose", "--dtype", "int8"], "invalid choice"),
         (["bench", "--dtype", "bf16"], "invalid choice"),  # refused before the heavy imports
+        # (before 2026-12-07 refused once torch was imported, ~8 s)
+        (
+            ["load", "--streams", "0,2"],
+            "argument --streams: must be a list of positive integers such as 1,2,4,8",
+        ),
         # refused after chatterbox was imported (before the model is built): the one case the
         # library noise could reach (every other case here is refused before the import); a
         # fresh interpreter's import of torch and chatterbox, ~10 s: the end-to-end tier's

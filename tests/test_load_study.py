@@ -10,6 +10,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from conftest import Analyzers, voiced
 from tts_workbench.core.constants import SPEECH_VOCAB_SIZE
 from tts_workbench.core.errors import ConfigError
 from tts_workbench.instruments.latency import ChunkMetrics, StreamReport
+from tts_workbench.interface import flags
 from tts_workbench.interface.cli import build_parser, main
 from tts_workbench.interface.commands import SERVER_FLAGS
 from tts_workbench.models import sources, vocode
@@ -43,7 +46,6 @@ from tts_workbench.studies.load import (
     format_load,
     format_real_time,
     listener_summary,
-    parse_levels,
     real_time_capacity,
     run_level,
     run_load,
@@ -434,8 +436,22 @@ def test_load_studies_side_by_side_keep_each_ones_label_and_levels() -> None:
     assert both.values.tolist() == [["10 s", 1, 1.0], ["10 s", 2, 2.0], ["2 s", 1, 0.5], ["2 s", 2, 0.7]]
 
 
-def test_levels_run_in_ascending_order() -> None:
-    assert parse_levels("4,1,2") == [1, 2, 4]  # the figure's lines and the verdict read them so
+def test_levels_run_in_ascending_order_and_are_refused_before_torch_is_imported() -> None:
+    assert flags.levels("4,1,2") == (1, 2, 4)  # the figure's lines and the verdict read them so
+    for bad, says in (
+        ("0", "positive integers"),
+        ("1,,2", "positive integers"),
+        ("2,1,2", "a level is given twice"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            flags.levels(bad)
+    # the command line's parser and type, in an interpreter that has not imported torch
+    probe = (
+        "import sys; from tts_workbench.interface import cli; "
+        "print(cli.build_parser().parse_args(['load', '--streams', '2,1']).streams, 'torch' in sys.modules)"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert ran.stdout.strip() == "(1, 2) False", ran.stderr
 
 
 def test_run_load_refuses_no_level_or_a_repeated_one_before_touching_the_model() -> None:

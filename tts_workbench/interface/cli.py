@@ -282,7 +282,7 @@ def _add_load(sub: Any) -> None:
     )
     flags.common(ld, flags.MODEL_HELP + "; with --url: the model ID each request names (default: the first "
                  "one the server's GET /v1/models lists)")  # fmt: skip
-    ld.add_argument("--streams", default="1,2,4,8", help="comma list of concurrency levels, e.g. 1,2,4,8")
+    ld.add_argument("--streams", type=flags.levels, default="1,2,4,8", help="concurrency levels, comma list")
     ld.add_argument("--arrival", default="burst", help="burst (all at once) or poisson:RATE (streams/s)")
     ld.add_argument(
         "--texts", type=flags.path, help="file with one text per line (default: four built-in sentences)"

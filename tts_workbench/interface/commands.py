@@ -287,15 +287,15 @@ def load(args: argparse.Namespace) -> tuple[dict[str, Any], Callable[[dict[str, 
     from ..runtime.streaming import StreamConfig
     from ..studies.load import (
         check_level_buckets,
+        checked_levels,
         format_load,
         parse_arrival,
-        parse_levels,
         read_texts,
         run_load,
     )
 
     # Bad flags fail before the model loads (or the first request).
-    levels, texts = parse_levels(args.streams), read_texts(args.texts)
+    levels, texts = checked_levels(args.streams, ",".join(map(str, args.streams))), read_texts(args.texts)
     parse_arrival(args.arrival, max(levels))
     if args.url is not None:
         from ..studies.http_load import run_http_load

@@ -93,20 +93,9 @@ LEGEND = {
 PROBE_S = 0.25
 
 
-def parse_levels(value: str) -> list[int]:
-    """``"1,2,4,8"`` → ``[1, 2, 4, 8]``: positive integers, each once, run in ascending order
-    (the figure's lines and the real-time verdict read them so)."""
-    try:
-        levels = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f"argument --streams: {value!r} is not a list of integers such as 1,2,4,8"
-        ) from None
-    return checked_levels(levels, repr(value))
-
-
 def checked_levels(levels: Sequence[int], given: str) -> list[int]:
-    """``levels`` as a study runs them, ascending (``parse_levels``'s rules); a ConfigError
+    """``levels`` as a study runs them, ascending (the command line's ``--streams`` rules,
+    ``flags.levels``); a ConfigError
     naming ``--streams`` when there is none, one is not a positive integer, one is more than
     ``MAX_LEVEL`` or one is given twice. ``given``: the levels as the caller wrote them, for the
     message."""
