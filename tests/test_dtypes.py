@@ -834,5 +834,5 @@ def test_following_the_conditionals_advice_gets_a_float16_t3_past_its_cond_enc(r
     assert failing_module(cond) is None
     ensured = copy_conditionals(tts.conds)
     assert ensured is not None
-    ensure_conditionals_dtype(ensured, torch.float16, torch.float32, tts.device)  # or all three at once
+    ensured = ensure_conditionals_dtype(ensured, torch.float16, torch.float32, tts.device)  # or all three
     assert failing_module(ensured.t3) is None

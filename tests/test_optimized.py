@@ -22,6 +22,7 @@ from tts_workbench.core import patching
 from tts_workbench.core.clock import FEW_REPEATS
 from tts_workbench.core.constants import SAMPLES_PER_TOKEN
 from tts_workbench.core.errors import CacheError, ConfigError, EmptyTextError, SourceError
+from tts_workbench.core.families import components
 from tts_workbench.core.patching import shadow
 from tts_workbench.core.positions import positions_needed
 from tts_workbench.instruments.attention import record_kernels
@@ -40,7 +41,7 @@ from tts_workbench.runtime.optimized import (
     UpstreamTTS,
     choose_policy,
 )
-from tts_workbench.runtime.precision import island_modules
+from tts_workbench.runtime.precision import copy_conditionals, island_modules
 from tts_workbench.runtime.streaming import StreamConfig, StreamReport, StreamState
 from tts_workbench.studies.diagnose import parameter_frame, policy_frame
 
@@ -299,6 +300,48 @@ def test_saving_a_model_an_open_wrapper_holds_is_refused(tiny_tts: ChatterboxTTS
     assert not (tmp_path / "ckpt").exists()
     back = load_folder(save_checkpoint(tiny_tts, tmp_path / "ckpt"))  # closed: the model as it was
     assert all(torch.equal(ref[k], v) for k, v in back.t3.state_dict().items())
+
+
+def test_a_voice_set_on_the_wrapped_model_is_the_callers_unchanged_after(tiny_tts: ChatterboxTTS) -> None:
+    """Before 2026-12-07 the wrapper cast the voice a caller set on the wrapped model in place (its
+    T3Cond, its S3Gen dict), and a new exaggeration was written into the caller's T3Cond: the voice
+    stayed bfloat16 after close(), failing on the float32 model."""
+    voice = copy_conditionals(tiny_tts.conds)
+    assert voice is not None
+    t3, gen, fields = voice.t3, voice.gen, dict(vars(voice.t3))
+    tensors = dict(gen)
+    with PerformanceOptimizedTTS(tiny_tts, policy="bfloat16") as opt:
+        tiny_tts.conds = voice
+        opt.generate(TEXT, max_new_tokens=4, seed=0, exaggeration=0.7)
+        assert tiny_tts.conds is not voice and tiny_tts.conds.t3.speaker_emb.dtype == torch.bfloat16
+    assert voice.t3 is t3 and voice.gen is gen and dict(gen) == tensors
+    assert all(vars(t3)[k] is v for k, v in fields.items())  # the same tensors: float32, emotion 0.5
+
+
+def test_a_close_that_fails_putting_a_weight_back_tries_again_at_the_next(
+    tiny_tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allocation failing (or an interrupt) while the weights were copied back left the model
+    cast, and the next close() found nothing left to undo and said it was given back."""
+    restore = patching.ModuleSnapshot.restore
+    calls: list[bool] = []
+
+    def failing_once(snap: patching.ModuleSnapshot) -> None:
+        calls.append(snap.module is tiny_tts.t3)
+        if calls == [False, True]:  # T3's, the first time (VE's comes before it)
+            raise KeyboardInterrupt
+        restore(snap)
+
+    opt = PerformanceOptimizedTTS(tiny_tts, policy="bfloat16")
+    monkeypatch.setattr(patching.ModuleSnapshot, "restore", failing_once)
+    with pytest.raises(KeyboardInterrupt):
+        opt.close()
+    assert not opt.closed and calls == [False, True, False]  # every component tried (ve, t3, s3gen)
+    assert {p.dtype for p in tiny_tts.t3.parameters()} == {torch.bfloat16}  # the one that failed
+    assert {p.dtype for p in tiny_tts.s3gen.parameters()} == {torch.float32}
+    opt.close()
+    assert opt.closed
+    assert {p.dtype for m in components(tiny_tts).values() for p in m.parameters()} == {torch.float32}
 
 
 def test_a_model_object_sharing_a_wrapped_models_components_is_refused(
@@ -698,9 +741,10 @@ def test_an_exaggeration_asked_again_keeps_the_voice_as_it_is(tiny_tts: Chatterb
         t3_cond = opt.tts.conds.t3
         before = t3_cond.emotion_adv
         opt._voice("Hi.", None, 0.7)
-        once = t3_cond.emotion_adv
+        once = opt.tts.conds.t3.emotion_adv
         opt._voice("Hi.", None, 0.7)
-        assert once is not before and t3_cond.emotion_adv is once
+        assert once is not before and opt.tts.conds.t3.emotion_adv is once
+        assert t3_cond.emotion_adv is before  # new conditionals, the earlier ones as they were
 
 
 def test_a_sampled_start_token_cuts_the_audio_as_upstreams_generate_does(

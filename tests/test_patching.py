@@ -391,6 +391,45 @@ def test_a_clean_copy_leaves_the_sources_shadows_behind() -> None:
     assert calls == ["copy"] and dup[0] is not model[0]
 
 
+def test_a_copy_made_inside_a_dtype_trace_keeps_none_of_its_hooks() -> None:
+    """A decode copy made inside ``trace_dtypes`` (a decode-bfloat16 wrapper, the fused copy) kept
+    the trace's hooks for good: 62 on the tiny T3's copy, recording every later step into a trace
+    long ended. Hooks of the model's own (not transient) are copied as deepcopy copies them."""
+    from tts_workbench.instruments.dtypes import trace_dtypes
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    own: list[str] = []
+    model[0].register_forward_hook(lambda *_: own.append("own"))
+    with trace_dtypes(model) as trace:
+        dup = patching.clean_copy(model)
+        model(torch.ones(1, 2))
+    recorded = len(trace.records)
+    assert recorded > 0 and len(own) == 1
+    dup(torch.ones(1, 2))  # no trace hook: nothing recorded, nothing raised
+    assert len(trace.records) == recorded and len(own) == 2  # the model's own hook, copied with it
+    for m in dup.modules():
+        assert not m._forward_pre_hooks and not m._forward_pre_hooks_with_kwargs
+        assert not m._forward_hooks_always_called and not m._forward_hooks_with_kwargs
+    assert sum(len(m._forward_hooks) for m in dup.modules()) == 1
+
+
+def test_a_restore_that_fails_still_puts_back_every_other_module() -> None:
+    """An allocation failing while T3's weights were copied back left S3Gen cast too: each
+    snapshot is put back, then the first error is raised."""
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    weights = [first.weight.data, second.weight.data]
+    with pytest.raises(MemoryError, match="copying back"):
+        with patching.preserved(first, second) as snapshots:
+            first.half(), second.half()
+
+            def failing() -> None:
+                raise MemoryError("copying back")
+
+            snapshots[0].restore = failing  # type: ignore[method-assign]
+    assert first.weight.dtype == torch.float16  # the one that failed
+    assert second.weight.data_ptr() == weights[1].data_ptr() and second.weight.dtype == torch.float32
+
+
 def test_a_scoped_item_overlapping_in_threads_stays_until_the_last_leaves() -> None:
     """Each put back what it saw on entry: the first out took the item from the second, still
     inside, and the second out put the first's back for good."""

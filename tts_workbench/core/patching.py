@@ -70,6 +70,7 @@ _MISSING = object()
 
 Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
 M = TypeVar("M", bound=nn.Module)
+F = TypeVar("F", bound=Callable[..., Any])
 
 # The open wrapper of each model (runtime.optimized's PerformanceOptimizedTTS), by the id of each of
 # the model's components (``_keys``): the wrapper holds the model, hence its components, so no id
@@ -247,6 +248,7 @@ _under: dict[tuple[int, str], list[Any]] = {}
 # Models whose capture hooks are taken off by their last user: id -> [users, flag set before the first]
 _capturing: dict[int, list[Any]] = {}
 _CAPTURE_FLAG = "_output_capturing_hooks_installed"  # transformers': its hooks are on the model
+_TRANSIENT = "_tts_workbench_transient"  # on a hook registered for a while (``transient``)
 
 
 def _module_slots(obj: object) -> tuple[Mapping[str, Any], ...]:
@@ -542,8 +544,16 @@ def preserved(*modules: nn.Module) -> Iterator[list[ModuleSnapshot]]:
     try:
         yield snapshots
     finally:
+        # each tried, whatever one before raised (an allocation failing copying T3's weights back
+        # left S3Gen cast too); the first error raised once all were tried
+        errors = []
         for snap in snapshots:
-            snap.restore()
+            try:
+                snap.restore()
+            except BaseException as e:  # noqa: PERF203 (each restore on its own)
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
 
 @contextmanager
@@ -565,12 +575,20 @@ def working_copy(obj: object, name: str, copier: Callable[[Any], Any] = copy.dee
             setattr(obj, name, before)
 
 
+def transient(hook: F) -> F:
+    """``hook`` marked as registered for a while (an instrument's): ``clean_copy`` leaves it off a
+    copy, whose modules would otherwise keep it for good once the source's handle removes it."""
+    setattr(hook, _TRANSIENT, True)
+    return hook
+
+
 def clean_copy(module: M) -> M:
     """A deep copy of ``module`` without what is set on it for a while: where a shadow sits on
     anything it copies (a submodule), the copy has what was there before the shadows (a copied
     wrapper would call the source's method: a bfloat16 copy made inside a profiler's shadows
-    ran the float32 source), and transformers' capture hooks that ``capture_hooks_undone`` will
-    take off the source are not on the copy."""
+    ran the float32 source), transformers' capture hooks that ``capture_hooks_undone`` will
+    take off the source are not on the copy, nor hooks marked ``transient`` (before 2026-12-07 a
+    decode copy made inside a dtype trace kept its 62 hooks, recording every later step)."""
     with _held_lock:  # no shadow comes or goes between the copy and its clean-up
         memo: dict[int, Any] = {}  # id of each object copied -> its copy
         dup = copy.deepcopy(module, memo)
@@ -582,6 +600,13 @@ def clean_copy(module: M) -> M:
         for model, (_, had_hooks) in _capturing.items():
             if model in memo and not had_hooks:
                 _drop_capture_hooks(memo[model])
+    for m in dup.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, hook in hooks.items() if getattr(hook, _TRANSIENT, False)]:
+                del hooks[key]
+                for extra in (m._forward_pre_hooks_with_kwargs, m._forward_hooks_with_kwargs,
+                              m._forward_hooks_always_called):  # fmt: skip
+                    extra.pop(key, None)
     return dup
 
 

@@ -33,6 +33,7 @@ from ..core.compiling import forcing_eager
 from ..core.constants import dtype_name
 from ..core.errors import ConfigError, error_line
 from ..core.families import components
+from ..core.patching import transient
 from ..core.tables import render
 
 
@@ -414,8 +415,10 @@ def trace_dtypes(target: nn.Module | ChatterboxTTS) -> Iterator[DtypeTrace]:
                 continue
             # prepend: run ahead of the module's own pre-hooks, so one of them raising still
             # finds our entry on the stack for the always_call post-hook to pop.
-            handles.append(module.register_forward_pre_hook(pre(paths), prepend=True, with_kwargs=True))
-            handles.append(module.register_forward_hook(post(), with_kwargs=True, always_call=True))
+            # transient: a copy made in the block (a decode copy, a fused one) does not keep them
+            before, after = transient(pre(paths)), transient(post())
+            handles.append(module.register_forward_pre_hook(before, prepend=True, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True, always_call=True))
         # Dynamo ignores module hooks added after compiling (skip_nnmodule_hook_guards): compiled
         # code called in the block would run past them, unrecorded.
         with forcing_eager():

@@ -330,9 +330,11 @@ class Pipeline:
         if audio_prompt_path:
             self.prepare_conditionals(audio_prompt_path, exaggeration, norm_loudness)
         conds = self.tts.conds
-        # As upstream: compared in the tensor's dtype (float32 0.7 is not the float 0.7)
+        # As upstream: compared in the tensor's dtype (float32 0.7 is not the float 0.7), and in new
+        # conditionals (before 2026-12-07 set on the caller's own T3Cond)
         if bool(exaggeration != conds.t3.emotion_adv.flatten()[0]):
-            conds.t3.emotion_adv = exaggeration * torch.ones(1, 1, 1, device=conds.t3.speaker_emb.device)
+            emotion = exaggeration * torch.ones(1, 1, 1, device=conds.t3.speaker_emb.device)
+            self.tts.conds = type(conds)(dataclasses.replace(conds.t3, emotion_adv=emotion), conds.gen)
 
     def prepare_conditionals(
         self, wav_fpath: str, exaggeration: float = 0.5, norm_loudness: bool = True
@@ -549,8 +551,10 @@ class PerformanceOptimizedTTS(Pipeline):
             # Everything changed below is undone by close(): tensors, shadows, conditionals. If a
             # step fails (a "keep" policy on mixed dtypes, say), the model is given back at once.
             self._stack = ExitStack()
+            self._snapshots: list[ModuleSnapshot] = []  # every component's tensors as they were
+            self._unrestored = False  # a close() failed putting them back: the next tries again
             try:
-                snapshots: list[ModuleSnapshot] = []
+                snapshots = self._snapshots
                 self._stack.enter_context(restored(tts, snapshots))
                 self.islands: list[Island] = install_islands(tts, self._stack)
                 self._apply_policy()
@@ -648,20 +652,38 @@ class PerformanceOptimizedTTS(Pipeline):
             for chunks in made:
                 self._end(chunks)
             try:
-                self._final = self.configuration()
+                if not self._unrestored:  # (a close() again: its report was made the first time)
+                    self._final = self.configuration()
             finally:  # the model goes back even if the report fails
-                self._stack.close()
-                let_go(self)
+                # The decode copies, static caches and compiled flows freed first: on a GPU the
+                # weights copied back need their memory (before 2026-12-07 freed after).
                 for plan in self.plans.values():
                     plan.drop_static()
                 self.plans.clear()
                 for flow in self.flows.values():
                     flow.drop()
+                self._give_back()
+                let_go(self)
                 self.closed = True
         finally:
             with self._made:
                 self._in_close = False
                 self._made.notify_all()
+
+    def _give_back(self) -> None:
+        """Undo everything the wrapper changed on the model (its ``ExitStack``). Where putting a
+        weight back failed (an allocation, an interrupt), the error is raised and the next
+        ``close()`` tries every weight again: before 2026-12-07 it found nothing left to undo and
+        reported the model given back, still cast."""
+        if self._unrestored:
+            for snap in self._snapshots:
+                snap.restore()
+        try:
+            self._stack.close()  # (empty after a first try: every callback runs once)
+        except BaseException:
+            self._unrestored = True
+            raise
+        self._unrestored = False
 
     def _end(self, chunks: Generator[Any, None, None]) -> None:
         """Close the stream ``chunks``, one thread at a time (``_ending``)."""
@@ -776,7 +798,7 @@ class PerformanceOptimizedTTS(Pipeline):
             raise NoVoiceError()
         check_conditionals(conds, self.tts)
         t3_dtype = torch.float32 if self.amp else compute_dtype(self.tts.t3)
-        ensure_conditionals_dtype(conds, t3_dtype, self.tts.s3gen.dtype, self.device)
+        self.tts.conds = ensure_conditionals_dtype(conds, t3_dtype, self.tts.s3gen.dtype, self.device)
 
     def prepare_conditionals(
         self, wav_fpath: str, exaggeration: float = 0.5, norm_loudness: bool = True

@@ -12,6 +12,7 @@ edited.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -176,13 +177,15 @@ def restored(
 def ensure_conditionals_dtype(
     conds: Conditionals, t3_dtype: torch.dtype, s3_dtype: torch.dtype, device: torch.device | str
 ) -> Conditionals:
-    """Float conditionals to each consumer's dtype, token prompts to ``long``, all on ``device``.
+    """Float conditionals to each consumer's dtype, token prompts to ``long``, all on ``device``:
+    new conditionals, ``conds`` left as it was (before 2026-12-07 cast in place: a voice the user
+    had set on the wrapped model stayed bfloat16 after the wrapper closed).
 
     T3's speaker embedding and emotion scalar go to T3's compute dtype (a float32 embedding into a
     float16 ``spkr_enc`` is the "FloatTensor and HalfTensor" error); S3Gen's prompt mel and
     x-vector to S3Gen's. The cached prompt embedding is dropped so T3 recomputes it in its dtype.
     """
-    t3 = conds.t3
+    t3 = copy.copy(conds.t3)
     for name in ("speaker_emb", "emotion_adv", "clap_emb"):
         value = getattr(t3, name, None)
         if torch.is_tensor(value):
@@ -190,5 +193,4 @@ def ensure_conditionals_dtype(
     if t3.cond_prompt_speech_tokens is not None:
         t3.cond_prompt_speech_tokens = t3.cond_prompt_speech_tokens.to(device=device, dtype=torch.long)
     t3.cond_prompt_speech_emb = None
-    conds.gen = cast_gen(conds.gen, s3_dtype, device)
-    return conds
+    return type(conds)(t3, cast_gen(conds.gen, s3_dtype, device))
