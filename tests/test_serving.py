@@ -418,6 +418,20 @@ def test_a_cache_refusal_the_check_did_not_foresee_names_the_input(
     assert (e.value.status, e.value.param) == (400, "input"), str(e.value)
     assert str(e.value).startswith("the engine refused this request: the request needs 1100"), str(e.value)
     assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 1
+    # the same error from an engine that has stopped (a stage that died with it fails every
+    # stream): the replica's failure, a 503 as /health answers, not this request's 400
+    failed = (
+        service.registry.get_sample_value("tts_streams_total", {"replica": "0", "outcome": "failed"}) or 0.0
+    )
+    monkeypatch.setattr(engine, "running", False)
+    with pytest.raises(RequestError) as e:
+        asyncio.run(service.speech(parse_speech(GOOD, service.limits)))
+    assert e.value.status == 503 and "/health answers 503" in str(e.value), str(e.value)
+    assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 1
+    assert (
+        service.registry.get_sample_value("tts_streams_total", {"replica": "0", "outcome": "failed"})
+        == failed + 1
+    )
 
 
 def test_every_metric_names_its_replica(service: SpeechService) -> None:
@@ -544,6 +558,8 @@ def test_every_refused_speech_request_is_counted(service: SpeechService) -> None
         for change in ({"voice": "bob"}, {"model": "tts-1"}, {"response_format": "mp3"}, {"max_tokens": 0}):
             assert client.post("/v1/audio/speech", json={**GOOD, **change}).status_code in (400, 404)
         assert client.post("/v1/audio/speeches", json=GOOD).status_code == 404
+        # FastAPI's own pages are not served (docs/serving.md lists four routes; they loaded a CDN)
+        assert [client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404] * 3
     assert service.registry.get_sample_value("tts_streams_total", REFUSED) == refused + 6
 
 

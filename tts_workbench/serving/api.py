@@ -90,7 +90,15 @@ def speech_app(service: SpeechService) -> FastAPI:
     ``GET /health``, ``GET /metrics``. A client that leaves before its first chunk (while its
     request is queued, say) frees its place at once, under Ray Serve (whose proxy cancels the
     handler) and under a plain ASGI server such as uvicorn (``unless_gone``) alike."""
-    app = FastAPI(title="tts-workbench", description="Chatterbox streams behind OpenAI's speech API")
+    # No /docs, /redoc or /openapi.json: the four routes below are the server (FastAPI's pages
+    # loaded their scripts from a CDN, which an offline machine cannot reach)
+    app = FastAPI(
+        title="tts-workbench",
+        description="Chatterbox streams behind OpenAI's speech API",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
 
     app.add_middleware(NameReplica, replica=service.replica)
 

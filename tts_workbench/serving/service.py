@@ -290,6 +290,10 @@ class SpeechService:
             self.outcomes["refused"].inc()
             raise
         except WorkbenchError as e:  # a refusal _check_cache did not foresee
+            if not self.engine.running:  # a stage that died with one fails every stream: not this one's
+                self.outcomes["failed"].inc()
+                raise RequestError(f"the engine stopped: {e}: this replica's /health answers 503 and Ray "
+                                   "Serve replaces it; retry the request", status=503) from e  # fmt: skip
             self.outcomes["refused"].inc()
             param = "input" if isinstance(e, CacheError) else None
             raise RequestError(f"the engine refused this request: {e}", param) from e
