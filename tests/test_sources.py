@@ -411,6 +411,20 @@ def test_pretrained_offline_fails_at_once_and_says_what_to_do(
     assert "never downloads" in str(e.value)
 
 
+def test_a_pretrained_load_out_of_memory_is_not_blamed_on_the_downloads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(before 2026-12-07 any failure, an allocation too, said "download ... copy them into a folder",
+    which cannot help where the files are cached and whole)"""
+
+    def full(*_a: object, **_k: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ChatterboxTTS, "from_pretrained", full)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        load_model("pretrained")
+
+
 def test_building_a_model_leaves_the_callers_random_state_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -1146,8 +1160,16 @@ def test_another_familys_s3gen_is_refused_where_upstream_loads_s3gen_strictly(
         r"multilingual.*copy in the turbo model's own s3gen_meanflow.safetensors",
     ):
         load_folder(turbo)
-    # upstream's standard from_local loads S3Gen with strict=False: Turbo's file is accepted there
+    # upstream's standard from_local loads S3Gen with strict=False and takes Turbo's file, which then
+    # runs 10 CFM steps without its time embedding mixer (before 2026-12-07 taken here too); spare
+    # tensors of another kind are still taken, as upstream takes them
+    own = load_file(str(standard / "s3gen.safetensors"))
     save_file(meanflow, str(standard / "s3gen.safetensors"))
+    with pytest.raises(
+        SourceError, match=r"s3gen.safetensors in .* not this family's S3Gen: .*time_embed_mixer"
+    ):
+        load_folder(standard)
+    save_file({**own, "spare.buffer": torch.zeros(1)}, str(standard / "s3gen.safetensors"))
     assert type(load_folder(standard)) is ChatterboxTTS
 
 

@@ -649,7 +649,12 @@ def _load_weights(
         except RuntimeError as e:
             raise SourceError(_misfit(folder, family, meta, e)) from e
     unexpected = sorted(loaded[2].unexpected_keys)
-    if unexpected and family not in S3GEN_EXTRA_TENSORS_ALLOWED:
+    # Even where extra tensors are allowed, Turbo's meanflow ones are no spare buffers: its S3Gen
+    # loaded into the standard one ran 10 steps with what a one-step meanflow learned (before
+    # 2026-12-07, silently).
+    if unexpected and (
+        family not in S3GEN_EXTRA_TENSORS_ALLOWED or any(k.startswith(MEANFLOW_ONLY) for k in unexpected)
+    ):
         raise SourceError(
             f"{layout[2]} in {folder} is not this family's S3Gen: {len(unexpected)} of its tensors are "
             f"not in the {family} S3Gen ({_first_three(unexpected)}), as in another family's; copy "

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..core.constants import RANDOM_NO_STOP, dtype_name
 from ..core.devices import check_device
 from ..core.errors import SourceError, error_line
@@ -39,6 +41,8 @@ def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
             cls: Any = fam.model_class
             model: TTSModel = cls.from_pretrained(device)
             return model
+    except (torch.OutOfMemoryError, MemoryError):  # the files are there: no download helps
+        raise
     except Exception as e:
         raise SourceError(
             f"pretrained Chatterbox {family} weights could not be loaded ({_hub_failure(e, constants)}). "
