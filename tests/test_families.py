@@ -29,6 +29,7 @@ from tts_workbench.core.families import FAMILIES, check_language, family_frame, 
 from tts_workbench.core.patching import shadow
 from tts_workbench.models import builders
 from tts_workbench.models.checkpoints import load_folder, save_checkpoint
+from tts_workbench.models.frontends import CANGJIE_FILE
 from tts_workbench.models.reference import make_reference_wav
 from tts_workbench.models.sources import load_model
 from tts_workbench.models.vocode import s3gen_inference, tail_tokens
@@ -261,6 +262,37 @@ def test_chinese_without_upstreams_cangjie_table_is_refused(
     assert not multilingual.tokenizer.cangjie_converter.word2cj  # offline here: not loaded
     with pytest.raises(ConfigError, match="Chinese \\(zh\\) text needs upstream's Cangjie table"):
         text_tokens(multilingual, "你好。", language_id="zh")
+
+
+def test_a_chinese_table_beside_the_vocabulary_is_read(tmp_path: Path) -> None:
+    """Upstream's MTLTokenizer looks for Cangjie5_TC.json only in a hub cache laid out inside the
+    tokenizer's folder (``hf_hub_download(cache_dir=...)``): a table beside the vocabulary, in a
+    model folder or the snapshot from_pretrained filled, was never read offline, and Chinese
+    was refused with real weights. Two entries in upstream's format ("word<TAB>code")."""
+    folder = save_checkpoint(load_model("multilingual-tiny"), tmp_path / "ml")
+    (folder / CANGJIE_FILE).write_text(json.dumps(["你\tonf", "好\tvnd", "妳\tonf"]), encoding="utf-8")
+    converter = load_folder(folder).tokenizer.cangjie_converter
+    assert converter.word2cj == {"你": "onf", "好": "vnd", "妳": "onf"}
+    assert converter.cj2word == {"onf": ["你", "妳"], "vnd": ["好"]}
+    # multilingual-pretrained: the table in the hub cache's snapshot, where from_pretrained put it
+    import huggingface_hub
+
+    asked: list[tuple[str, str]] = []
+
+    def cached(repo: str, name: str) -> str:
+        asked.append((repo, name))
+        return str(folder / CANGJIE_FILE)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            ChatterboxMultilingualTTS, "from_pretrained", lambda _device: load_model("multilingual-tiny")
+        )
+        patch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+        tts = load_model("multilingual-pretrained")
+    assert (
+        asked == [("ResembleAI/chatterbox", CANGJIE_FILE)]
+        and tts.tokenizer.cangjie_converter.word2cj["好"] == "vnd"
+    )
 
 
 def test_the_languages_a_model_speaks_here_leave_out_what_this_machine_lacks(

@@ -210,9 +210,10 @@ def language_for(tts: Any, language_id: str | None) -> str | None:
         # MTLTokenizer fetches it from the hub when built and, failing, passes Chinese through
         # unencoded: other tokens than upstream's, silently.
         raise ConfigError(
-            "Chinese (zh) text needs upstream's Cangjie table (Cangjie5_TC.json, which MTLTokenizer "
-            "downloads from the hub when the model loads), and this model's tokenizer has none: load "
-            "the model once where the hub is reachable (or with the file in its hub cache)"
+            "Chinese (zh) text needs upstream's Cangjie table (Cangjie5_TC.json, in the hub repository "
+            "ResembleAI/chatterbox), and this model's tokenizer has none: put the file beside the model "
+            "folder's grapheme_mtl_merged_expanded_v1.json (for multilingual-pretrained: in the hub's "
+            "cache, as from_pretrained downloads it)"
         )
     return language
 

@@ -121,6 +121,10 @@ def save_gpt2_tokenizer(tok: Any, folder: Path) -> Path:
     return folder
 
 
+# Upstream's Chinese table: in the multilingual hub repository, beside the grapheme vocabulary.
+CANGJIE_FILE = "Cangjie5_TC.json"
+
+
 def read_tokenizer(family: str, path: Path) -> Any:
     """The family's upstream text front end, read from ``path`` (a file, or Turbo's folder)."""
     if family == "turbo":
@@ -140,8 +144,25 @@ def read_tokenizer(family: str, path: Path) -> Any:
             _errors_only(logging.getLogger("chatterbox.models.tokenizers.tokenizer")),
             offline_hub(constants),
         ):
-            return MTLTokenizer(str(path))
+            tokenizer = MTLTokenizer(str(path))
+        read_cangjie(tokenizer, path.parent / CANGJIE_FILE)
+        return tokenizer
     return EnTokenizer(str(path))
+
+
+def read_cangjie(tokenizer: Any, path: Path) -> None:
+    """Fill a multilingual tokenizer's Chinese (Cangjie) table from ``path``, read as upstream's
+    converter reads it, where that converter found none: it looks only in a hub cache laid out
+    inside the tokenizer's own folder (``hf_hub_download(cache_dir=...)``), so offline the table
+    beside the vocabulary, in a model folder or the hub snapshot from_pretrained filled, was
+    never read (before 2026-12-07: Chinese refused with real weights)."""
+    converter = tokenizer.cangjie_converter
+    if converter.word2cj or not path.is_file():
+        return
+    for entry in json.loads(path.read_text(encoding="utf-8")):
+        word, code = entry.split("\t")[:2]
+        converter.word2cj[word] = code
+        converter.cj2word.setdefault(code, []).append(word)
 
 
 def offline_hub(constants: Any) -> AbstractContextManager[None]:

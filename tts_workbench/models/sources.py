@@ -21,7 +21,7 @@ from ..core.errors import SourceError, error_line
 from ..core.families import FAMILIES, TTSModel, components
 from .builders import CONSTRUCTION, MODELS, SIZES, build_model
 from .checkpoints import check_left_aside, folder_family, hub_files, load_folder
-from .frontends import offline_hub
+from .frontends import CANGJIE_FILE, offline_hub, read_cangjie
 
 PRETRAINED = {
     "pretrained": "standard",
@@ -31,8 +31,9 @@ PRETRAINED = {
 
 
 def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
-    """Upstream ``from_pretrained`` of ``family``, offline (files already in the hub's cache)."""
-    from huggingface_hub import constants
+    """Upstream ``from_pretrained`` of ``family``, offline (files already in the hub's cache);
+    a multilingual model's Chinese table read from the cached snapshot (``read_cangjie``)."""
+    from huggingface_hub import constants, try_to_load_from_cache
 
     check_device(device)
     fam = FAMILIES[family]
@@ -40,16 +41,21 @@ def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
         with offline_hub(constants), CONSTRUCTION:  # no tiny build's parts meanwhile
             cls: Any = fam.model_class
             model: TTSModel = cls.from_pretrained(device)
-            return model
     except (torch.OutOfMemoryError, MemoryError):  # the files are there: no download helps
         raise
     except Exception as e:
+        chinese = f" ({CANGJIE_FILE} too, for Chinese)" if family == "multilingual" else ""
         raise SourceError(
             f"pretrained Chatterbox {family} weights could not be loaded ({_hub_failure(e, constants)}). "
-            f"The workbench never downloads: download {', '.join(hub_files(fam))} and conds.pt from "
-            f"{fam.repo} on a connected machine, copy them into a folder and use "
+            f"The workbench never downloads: download {', '.join(hub_files(fam))} and conds.pt{chinese} "
+            f"from {fam.repo} on a connected machine, copy them into a folder and use "
             "load_model('/path/to/folder') (on the command line: --model /path/to/folder)"
         ) from e
+    if family == "multilingual":  # its tokenizer reads no Chinese table offline: the snapshot's
+        cached = try_to_load_from_cache(fam.repo, CANGJIE_FILE)
+        if isinstance(cached, str):
+            read_cangjie(model.tokenizer, Path(cached))
+    return model
 
 
 def _hub_failure(e: Exception, constants: Any) -> str:
