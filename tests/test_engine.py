@@ -1408,6 +1408,15 @@ def test_a_voice_or_sampling_value_no_stream_takes_is_refused_at_submit(tts: Cha
             SourceError, match=r"do not fit this model: t3\.speaker_emb is width 7, .* expects"
         ):
             engine.submit(TEXTS[2], seed=0, max_new_tokens=6, conds=narrow)
+        # a Turbo voice's speech prompt (375 tokens) in this family's class, as a folder's conds.pt
+        # of another family loads: ran unrefused before 2026-12-07
+        longer = copy.copy(tts.conds)
+        longer.t3 = copy.copy(tts.conds.t3)
+        longer.t3.cond_prompt_speech_tokens = torch.zeros(1, 375, dtype=torch.long)
+        with pytest.raises(
+            SourceError, match=r"speech prompt is 375 tokens, the standard model's at most 150"
+        ):
+            engine.submit(TEXTS[2], seed=0, max_new_tokens=6, conds=longer)
         assert engine.queued() == 0 and engine.active() == 0  # nothing was queued
         assert engine.free_rows() == engine.max_streams * engine.rows_per_stream
         assert engine.stats.admitted == 0 and engine.stats.failed == 0

@@ -142,6 +142,16 @@ def check_conditionals(conds: Conditionals, tts: ChatterboxTTS) -> None:
                 "They were made for another model size; call prepare_conditionals(reference_wav) "
                 "with this model instead"
             )
+    # Of one class for every family where loaded from a folder's conds.pt (the folder's family's):
+    # a Turbo voice, its speech prompt 375 tokens, ran on a standard model's 150 unrefused (before
+    # 2026-12-07). A standard voice on a Turbo model cannot be told so: 150 fits Turbo's too.
+    prompt, longest = conds.t3.cond_prompt_speech_tokens, tts.t3.hp.speech_cond_prompt_len
+    if prompt is not None and prompt.size(-1) > longest:
+        raise SourceError(
+            f"conditionals do not fit this model: their speech prompt is {prompt.size(-1)} tokens, the "
+            f"{family.name} model's at most {longest} (its prepare_conditionals cuts it there): they were "
+            "made by another family's model; call prepare_conditionals(reference_wav) with this model instead"
+        )
 
 
 def copy_conditionals(conds: Conditionals | None) -> Conditionals | None:
