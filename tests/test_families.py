@@ -293,6 +293,11 @@ def test_a_chinese_table_beside_the_vocabulary_is_read(tmp_path: Path) -> None:
         asked == [("ResembleAI/chatterbox", CANGJIE_FILE)]
         and tts.tokenizer.cangjie_converter.word2cj["好"] == "vnd"
     )
+    # a damaged table is named (not half read, not a raw error blamed on the vocabulary)
+    for damaged in (b'["\xe4\xbd', b'["no tab here"]', b"[5]"):
+        (folder / CANGJIE_FILE).write_bytes(damaged)
+        with pytest.raises(SourceError, match=r"Cangjie5_TC.json is not upstream's Cangjie table"):
+            load_folder(folder)
 
 
 def test_the_languages_a_model_speaks_here_leave_out_what_this_machine_lacks(

@@ -122,10 +122,31 @@ def test_gpu_identity_sizes_its_cache_for_the_tokens_asked(tiny_tts: Any) -> Non
 def test_serving_study_names_a_server_that_exits(monkeypatch: pytest.MonkeyPatch) -> None:
     serving = script("serving_study")
     monkeypatch.setattr(serving, "CLI", ["false"])  # a "server" that exits at once, code 1
-    monkeypatch.setattr(serving, "_load", lambda args, out: {"max_cache_len": 64})
+    monkeypatch.setattr(serving, "_load", lambda args, out: {"max_cache_len": 64, "levels": []})
     monkeypatch.setattr(sys, "argv", ["serving_study"])
     with pytest.raises(RuntimeError, match="exited with code 1"):
         serving.main()
+
+
+def test_serving_study_runs_each_level_on_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its default, three single streams then four at once, went to `load --streams 1,1,1,4`, which
+    refuses a level given twice (since 2026-12-03): the study could not run. Each level is a run."""
+    serving = script("serving_study")
+    runs: list[list[str]] = []
+
+    def load(args: list[str], out: Path) -> dict[str, Any]:
+        runs.append(args)
+        n = int(args[1])
+        return {"max_cache_len": 64, "levels": [{"streams": n}], "replicas_seen": [str(len(runs) % 2)]}
+
+    monkeypatch.setattr(serving, "_load", load)
+    report = serving._loads([1, 1, 1, 4], ["--tokens", "100", "--url", "http://127.0.0.1:1"], tmp_path)
+    assert [args[:2] for args in runs] == [["--streams", "1"]] * 3 + [["--streams", "4"]]
+    assert all(args[2:] == ["--tokens", "100", "--url", "http://127.0.0.1:1"] for args in runs)
+    assert [lv["streams"] for lv in report["levels"]] == [1, 1, 1, 4] and report["replicas_seen"] == [
+        "0",
+        "1",
+    ]
 
 
 def test_serving_study_shows_why_load_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

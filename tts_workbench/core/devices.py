@@ -1,4 +1,4 @@
-"""Which device a model may run on here."""
+"""Which device a model may run on here, and whether an error is its memory running out."""
 
 from __future__ import annotations
 
@@ -30,3 +30,11 @@ def check_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise SourceError(f"device {device!r} is not supported: use 'cpu' or 'cuda'")
     return dev
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation that failed: CUDA's (``torch.OutOfMemoryError``), the CPU
+    allocator's (a plain RuntimeError) or Python's (``MemoryError``)."""
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+    )

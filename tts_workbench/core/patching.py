@@ -544,16 +544,20 @@ def preserved(*modules: nn.Module) -> Iterator[list[ModuleSnapshot]]:
     try:
         yield snapshots
     finally:
-        # each tried, whatever one before raised (an allocation failing copying T3's weights back
-        # left S3Gen cast too); the first error raised once all were tried
-        errors = []
-        for snap in snapshots:
-            try:
-                snap.restore()
-            except BaseException as e:  # noqa: PERF203 (each restore on its own)
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        restore_all(snapshots)
+
+
+def restore_all(snapshots: list[ModuleSnapshot]) -> None:
+    """Every snapshot put back, each tried whatever one before raised (an allocation failing while
+    T3's weights were copied back left S3Gen cast too); then the first error raised."""
+    errors = []
+    for snap in snapshots:
+        try:
+            snap.restore()
+        except BaseException as e:  # noqa: PERF203 (each restore on its own)
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 @contextmanager

@@ -466,7 +466,7 @@ ADVICE = [
         "cond_enc",
         "cast the conditionals' speaker_emb and emotion_adv to T3's dtype and set their "
         "cond_prompt_speech_emb to None (a cache of an earlier generation's dtype, remade in T3's); "
-        "runtime.precision.ensure_conditionals_dtype does all three",
+        "tts.conds = runtime.precision.ensure_conditionals_dtype(...) does all three",
     ),
     (
         "m_source",

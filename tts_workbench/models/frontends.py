@@ -19,7 +19,7 @@ from typing import Any
 from chatterbox.models.tokenizers import EnTokenizer, MTLTokenizer
 from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
 
-from ..core.errors import SourceError
+from ..core.errors import SourceError, error_line
 from ..core.files import built_once
 from ..core.patching import scoped_item
 
@@ -156,11 +156,17 @@ def read_cangjie(tokenizer: Any, path: Path) -> None:
     inside the tokenizer's own folder (``hf_hub_download(cache_dir=...)``), so offline the table
     beside the vocabulary, in a model folder or the hub snapshot from_pretrained filled, was
     never read (before 2026-12-07: Chinese refused with real weights)."""
-    converter = tokenizer.cangjie_converter
-    if converter.word2cj or not path.is_file():
+    if not path.is_file() or (converter := tokenizer.cangjie_converter).word2cj:
         return
-    for entry in json.loads(path.read_text(encoding="utf-8")):
-        word, code = entry.split("\t")[:2]
+    try:  # whole or not at all: a damaged file is named, not half read
+        table = [(word, code) for word, code, *_ in (e.split("\t") for e in json.loads(path.read_bytes()))]
+    except (ValueError, TypeError, AttributeError) as e:  # (JSON's and UTF-8's errors are ValueErrors)
+        raise SourceError(
+            f'{path} is not upstream\'s Cangjie table ({error_line(e)}): a JSON list of "word<TAB>code" '
+            "entries; copy it again from the hub repository ResembleAI/chatterbox, or remove it (Chinese "
+            "is then refused, the other languages spoken)"
+        ) from e
+    for word, code in table:
         converter.word2cj[word] = code
         converter.cj2word.setdefault(code, []).append(word)
 

@@ -13,10 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..core.constants import RANDOM_NO_STOP, dtype_name
-from ..core.devices import check_device
+from ..core.devices import check_device, out_of_memory
 from ..core.errors import SourceError, error_line
 from ..core.families import FAMILIES, TTSModel, components
 from .builders import CONSTRUCTION, MODELS, SIZES, build_model
@@ -41,9 +39,9 @@ def load_pretrained(device: str = "cpu", family: str = "standard") -> TTSModel:
         with offline_hub(constants), CONSTRUCTION:  # no tiny build's parts meanwhile
             cls: Any = fam.model_class
             model: TTSModel = cls.from_pretrained(device)
-    except (torch.OutOfMemoryError, MemoryError):  # the files are there: no download helps
-        raise
     except Exception as e:
+        if out_of_memory(e):  # the files are there: no download helps
+            raise
         chinese = f" ({CANGJIE_FILE} too, for Chinese)" if family == "multilingual" else ""
         raise SourceError(
             f"pretrained Chatterbox {family} weights could not be loaded ({_hub_failure(e, constants)}). "

@@ -62,6 +62,7 @@ import torch
 
 from ..core.clock import now
 from ..core.constants import FRAMES_PER_TOKEN
+from ..core.devices import out_of_memory
 from ..core.errors import PASS_CONDS, ConfigError, NoVoiceError, whole_from_one
 from ..core.families import family_of
 from ..core.patching import let_go, sharing
@@ -887,7 +888,7 @@ class StreamEngine:
         try:
             return self._resume(live)
         except Exception as e:
-            if not _out_of_memory(e):
+            if not out_of_memory(e):
                 raise
             error = torch.OutOfMemoryError(
                 "out of memory recomputing this stream, preempted by a T3 step out of memory: hold "
@@ -1047,7 +1048,7 @@ class StreamEngine:
                 with self.plan.context(self.device), self._watching([(s.aligned, s.rows) for s in still]):
                     logits = self._step_fn(bucket, span)(token, position, slot)
             except Exception as e:
-                if not _out_of_memory(e) or len(still) == 1:
+                if not out_of_memory(e) or len(still) == 1:
                     self._fail(still, e, free=True)
                     return
                 newest = max(still, key=lambda live: live.handle.index)
@@ -1306,11 +1307,3 @@ class StreamEngine:
                 **window_metrics(w, chunk),
             )
             h.put((h.report.add(chunk, m), m))
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Whether ``e`` is an allocation that failed: CUDA's (``torch.OutOfMemoryError``) or the
-    CPU allocator's (a plain RuntimeError)."""
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
-    )
