@@ -339,8 +339,9 @@ def test_a_close_that_fails_putting_a_weight_back_tries_again_at_the_next(
     assert not opt.closed and calls == [False, True, False]  # every component tried (ve, t3, s3gen)
     assert {p.dtype for p in tiny_tts.t3.parameters()} == {torch.bfloat16}  # the one that failed
     assert {p.dtype for p in tiny_tts.s3gen.parameters()} == {torch.float32}
+    assert opt.configuration()["policy"] == "bfloat16"  # it still reports (its plans are gone: a KeyError)
     opt.close()
-    assert opt.closed
+    assert opt.closed and not opt._snapshots  # the originals a cast replaced, let go
     assert {p.dtype for m in components(tiny_tts).values() for p in m.parameters()} == {torch.float32}
 
 
