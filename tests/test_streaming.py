@@ -9,6 +9,7 @@ import json
 import math
 import re
 import threading
+import time
 import types
 import warnings
 from collections.abc import Iterable
@@ -252,6 +253,39 @@ def test_an_english_only_model_refuses_another_language_and_speaks_english(tts: 
     with pytest.raises(ConfigError, match="the standard model speaks English only"):
         next(iter(stream(tts, "Bonjour.", max_new_tokens=4, language_id="fr")))
     assert next(iter(stream(tts, "Hello.", max_new_tokens=30, language_id="EN", seed=0)))[0].size > 0
+
+
+def test_first_audio_counts_the_text_front_end(tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream's clock started after its text was tokenized (a one-shot generation's includes
+    that time; a multilingual front end's first call loads a model): 0.3 s of it went unseen."""
+    tokens = streaming.text_tokens
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.3)
+        return tokens(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "text_tokens", slow)
+    _, first = next(iter(stream(tts, "Hello.", max_new_tokens=30, seed=0)))
+    # in the wait for the chunk, beside the stages' own work (T3's seconds count its steps only)
+    assert first.emitted_s - first.compute_s >= 0.3
+
+
+def test_a_one_shot_reference_has_its_nan_samples_zeroed_as_the_stream_has(
+    tts: ChatterboxTTS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(before 2026-12-07 the stream's NaN samples were zeroed and the reference's kept: the SNR was NaN)"""
+    state = StreamState(StreamReport("buffered"))
+    list(stream(tts, "Hello.", max_new_tokens=30, seed=0, state=state))
+    s3gen = streaming._s3gen
+
+    def with_nan(*args: Any, **kwargs: Any) -> Any:
+        wav, *rest = s3gen(*args, **kwargs)
+        wav[:10] = np.nan
+        return (wav, *rest)
+
+    monkeypatch.setattr(streaming, "_s3gen", with_nan)
+    reference = streaming.one_shot(tts, state, StreamConfig())
+    assert reference.size and not np.isnan(reference).any() and not reference[:10].any()
 
 
 def test_a_stream_state_that_holds_a_stream_is_refused(tts: ChatterboxTTS) -> None:
@@ -519,6 +553,8 @@ def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
         ({"crossfade_ms": 20, "lookahead_tokens": 0}, r"give crossfade_ms \(--crossfade-ms\) of 0 \(none\)"),
         # whole tokens: 2.5 passed, then failed after T3 ran (t3_block=2.5 checked every 5 tokens)
         ({"strategy": "naive", "context_tokens": 2.5}, "context_tokens must be a whole number of tokens"),
+        # every call's first token is faded in from silence: without context, 20 ms of it per chunk
+        ({"strategy": "naive", "context_tokens": 0}, "context_tokens must be 1 or more for the naive"),
         (
             {"left_context_tokens": 4.5},
             r"left_context_tokens must be a whole number of tokens \(an int\), got 4.5",

@@ -129,6 +129,13 @@ class StreamConfig:
         for name, value in nonnegative.items():
             if not 0 <= value < math.inf:
                 raise ConfigError(f"{name} must be zero or positive and finite, got {value}")
+        if self.strategy == "naive" and self.context_tokens < 1:
+            # Upstream fades every S3Gen call in over its first token (20 ms of zeros, then a 20 ms
+            # ramp), which the context absorbs: with none, each chunk began with 20 ms of silence.
+            raise ConfigError(
+                f"context_tokens must be 1 or more for the naive strategy (every call's first token is "
+                f"faded in from silence, inside the context), got {self.context_tokens}"
+            )
         if self.prompt_s is not None and not 0 < self.prompt_s < math.inf:
             raise ConfigError(
                 f"prompt_s must be positive (or None for the whole prompt), got {self.prompt_s}"
@@ -413,6 +420,10 @@ def stream(
     # HiFT's source, the flow's start noise. Another stream in another thread changes none of them.
     # T3 and S3Gen draw from separate ones, so the tokens do not depend on when S3Gen ran: they are
     # the tokens of a one-shot generation with this seed.
+    # The stream's clock starts before its text front end runs (before 2026-12-07 after: the
+    # first audio left out the tokenizer's time, which a one-shot generation's includes).
+    device = tts.device
+    t_start = now(device)
     state.draw_from(seed, max_new_tokens + len(tail_tokens(tts.s3gen)), prompt_tokens)  # Turbo's silence too
     stats = state.t3
     blocks = _t3_blocks(
@@ -423,8 +434,6 @@ def stream(
         cutter = _naive
     else:
         cutter = functools.partial(_buffered, flow=flow)
-    device = tts.device
-    t_start = now(device)
     t3_seen = [0.0]
     t3_done = [0.0]  # stream time when T3 ended
     invalid = [0]
@@ -722,7 +731,8 @@ def one_shot(tts: ChatterboxTTS, state: StreamState, config: StreamConfig) -> np
     noise = torch.cat([prompt, state.noise[:, :, : len(state.tokens) * FRAMES_PER_TOKEN]], dim=2)
     wav, *_ = _s3gen(tts, gen, state.tokens, noise, None, StreamRandom(state.rng.seed))
     fade_in(tts.s3gen, torch.from_numpy(wav))
-    return wav
+    # zeroed as the stream's chunks are (``StreamReport.add``): a NaN left here made the SNR NaN
+    return np.where(np.isnan(wav), 0.0, wav).astype(np.float32)
 
 
 def quality(wav: np.ndarray, reference: np.ndarray, state: StreamState) -> dict[str, float | bool | None]:
