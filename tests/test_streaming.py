@@ -574,6 +574,10 @@ def test_a_window_larger_than_the_utterance(tts: ChatterboxTTS) -> None:
         ({"window_s": 1e308}, "window_s of 1e[+]308 s is longer than an hour"),
         ({"prompt_s": 1e308}, "prompt_s of 1e[+]308 s is longer than an hour"),
         ({"crossfade_ms": 1e308}, "crossfade_ms of 1e[+]308 ms is longer than an hour"),
+        # token counts too: unbounded before 2026-12-07 (a window padded to them ran out of memory)
+        ({"left_context_tokens": 10**6}, "left_context_tokens of 1e[+]06 tokens is longer than an hour"),
+        ({"lookahead_tokens": 90_001}, "lookahead_tokens of 90001 tokens is longer than an hour"),
+        ({"strategy": "naive", "context_tokens": 10**9}, "context_tokens of 1e[+]09 tokens is longer"),
     ],
 )
 def test_bad_sizes_are_refused(kwargs: dict, message: str) -> None:

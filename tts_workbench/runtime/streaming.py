@@ -72,6 +72,10 @@ STRATEGIES = ("naive", "buffered")
 MAX_SPAN_S = 3600.0
 
 
+# StreamConfig's sizes in whole tokens (an hour of audio at most each, as its spans in seconds)
+TOKEN_COUNTS = ("chunk_tokens", "context_tokens", "left_context_tokens", "lookahead_tokens")
+
+
 @dataclass(frozen=True)
 class StreamConfig:
     """How to cut the token stream into S3Gen calls. Sizes are in tokens or seconds of audio."""
@@ -146,6 +150,9 @@ class StreamConfig:
             "prompt_s": (self.prompt_s or 0.0, "s", 1.0),
             "fade_ms": (self.fade_ms, "ms", 1e-3),
             "crossfade_ms": (self.crossfade_ms, "ms", 1e-3),
+            # token counts too (before 2026-12-07 unbounded: a window padded to 10**6 tokens of
+            # context ran out of memory in its first flow call)
+            **{name: (getattr(self, name), "tokens", 1 / TOKENS_PER_S) for name in TOKEN_COUNTS},
         }
         for name, (value, unit, scale) in spans.items():
             if value * scale > MAX_SPAN_S:
