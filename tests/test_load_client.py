@@ -478,6 +478,24 @@ def test_a_model_given_is_the_model_each_request_names_and_no_list_is_asked_for(
     assert models == ["tts-1"] * 3 and report["model"] == "tts-1" and "model tts-1" in report["title"]
 
 
+def test_a_server_on_this_machine_has_the_hosts_bandwidth_read_before_each_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the in-process study reads it (a slow spell of the host, which no load average shows, is
+    named in the report); a server elsewhere runs on another machine's speed: none read."""
+    speeds = iter([20e9, 6e9])
+    monkeypatch.setattr(http_load, "read_bandwidth", lambda device, min_run_time_s: next(speeds))
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=httpx.ByteStream(SECOND), headers={"content-type": "audio/pcm"})
+
+    local = run_http_load("http://127.0.0.1:1", [1, 2], model="m", transport=httpx.MockTransport(handle))
+    assert [lv["summary"]["read_bandwidth_gb_s"] for lv in local["levels"]] == [20.0, 6.0]
+    assert "memory read bandwidth 6.0 GB/s before 2 streams" in load.format_load(local)
+    remote = run_http_load("http://stand-in", [1], model="m", transport=httpx.MockTransport(handle))
+    assert "read_bandwidth_gb_s" not in remote["levels"][0]["summary"]  # (the iterator is spent: not read)
+
+
 def test_a_language_given_is_each_requests_field_and_in_the_report() -> None:
     bodies: list[dict[str, Any]] = []
 

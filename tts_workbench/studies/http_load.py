@@ -27,12 +27,14 @@ import httpx
 from ..core.constants import REQUEST_SEEDS, SAMPLE_RATE
 from ..core.errors import ConfigError, as_code, as_int, naming_flag
 from ..core.files import check_folder
+from ..core.machine import read_bandwidth
 from ..core.progress import progress_bar
 from ..instruments.latency import gap_summary, underruns
 from ..models.sources import token_cap_note
 from .load import (
     DEFAULT_TEXTS,
     FIRST_AUDIO_LIMIT_S,
+    PROBE_S,
     arrival_offsets,
     checked_level_seed,
     checked_levels,
@@ -322,13 +324,21 @@ async def _run(url: str, levels: list[int], texts: list[str], *, fields: dict[st
         if model is None:
             model = await served_model(client, url, timeout_s)
         runs: list[dict[str, Any]] = []
+        here = not trusts_env(url)  # a server on this machine: its speed is this host's
         for n in levels:
+            # as the in-process study does (``load.run_level``): a slow spell of the host named
+            bandwidth = (
+                await asyncio.to_thread(read_bandwidth, "cpu", min_run_time_s=PROBE_S) if here else None
+            )
             with progress_bar(
                 total=n, desc=streams_label(n), unit="stream", disable=not progress, file=sys.stderr
             ) as bar:
-                runs.append(await _level(client, url, model, n, texts, fields=fields, arrival=arrival,
-                                         tokens=tokens, seed=seed, timeout_s=timeout_s, bar=bar,
-                                         first=not runs))  # fmt: skip
+                level = await _level(client, url, model, n, texts, fields=fields, arrival=arrival,
+                                     tokens=tokens, seed=seed, timeout_s=timeout_s, bar=bar,
+                                     first=not runs)  # fmt: skip
+            if bandwidth is not None:
+                level["summary"]["read_bandwidth_gb_s"] = bandwidth / 1e9
+            runs.append(level)
     return {"model": model, "levels": runs}
 
 
