@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tts_workbench.core.tables import render, render_sideways
+from tts_workbench.core.tables import counted, render, render_sideways
 
 
 def test_numbers_right_in_their_format_text_left() -> None:
@@ -71,3 +71,9 @@ def test_sideways_a_line_per_column_and_a_right_aligned_column_per_row() -> None
     assert render_sideways(frame.iloc[:0], "streams") == "(no rows)"
     with pytest.raises(ValueError, match="each row's streams must differ"):  # a column would be lost
         render_sideways(frame, "streams", lambda n: "same")
+
+
+def test_a_count_says_its_noun_plural_but_for_one() -> None:
+    """The one pluraliser of the reports and messages (five wrote their own before 2026-12-08)."""
+    assert [counted(n, "stream") for n in (0, 1, 8)] == ["0 streams", "1 stream", "8 streams"]
+    assert counted(1, "invalid token") == "1 invalid token" and counted(2, "timed run") == "2 timed runs"

@@ -604,21 +604,25 @@ def clean_copy(module: M) -> M:
         for model, (_, had_hooks) in _capturing.items():
             if model in memo and not had_hooks:
                 _drop_capture_hooks(memo[model])
-    for m in dup.modules():
+    _drop_hooks(dup, lambda hook: getattr(hook, _TRANSIENT, False))
+    return dup
+
+
+def _drop_hooks(model: nn.Module, which: Callable[[Any], bool]) -> None:
+    """Take the forward hooks (pre- and post-) ``which`` picks off ``model``'s modules, with what
+    torch keeps of each beside it (its kwargs and always-call flags)."""
+    for m in model.modules():
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            for key in [k for k, hook in hooks.items() if getattr(hook, _TRANSIENT, False)]:
+            for key in [k for k, hook in hooks.items() if which(hook)]:
                 del hooks[key]
                 for extra in (m._forward_pre_hooks_with_kwargs, m._forward_hooks_with_kwargs,
                               m._forward_hooks_always_called):  # fmt: skip
                     extra.pop(key, None)
-    return dup
 
 
 def _drop_capture_hooks(model: nn.Module) -> None:
     """Take transformers' capture hooks off ``model``'s modules, and its flag that they are on."""
-    for m in model.modules():
-        for key in [k for k, hook in m._forward_hooks.items() if _is_capture_hook(hook)]:
-            del m._forward_hooks[key]
+    _drop_hooks(model, _is_capture_hook)
     vars(model).pop(_CAPTURE_FLAG, None)
 
 

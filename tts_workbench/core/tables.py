@@ -1,5 +1,6 @@
 """The one table renderer: every text table of the workbench is a DataFrame printed by ``render``
-(``render_sideways`` for one of few rows and many columns, turned on its side).
+(``render_sideways`` for one of few rows and many columns, turned on its side); and ``counted``,
+a count with its noun as the reports and messages beside the tables print it.
 
 Numbers are right-aligned in their column's format, everything else (names, lists) left-aligned
 under a left-aligned header, so a column reads the same in a terminal, a notebook and a log.
@@ -12,6 +13,11 @@ from typing import Any
 
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_float_dtype, is_numeric_dtype, is_scalar
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural but for one: "1 stream", "8 streams", "0 invalid tokens"."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def _number(spec: str) -> Callable[[Any], str]:

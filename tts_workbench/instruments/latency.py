@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from ..core.constants import SAMPLES_PER_TOKEN
 from ..core.machine import busy_machine_line
-from ..core.tables import render
+from ..core.tables import counted, render
 
 
 def real_time_factor(seconds: float, audio_s: float) -> float:
@@ -213,7 +213,7 @@ def format_chunks(report: StreamReport) -> str:
 
 
 def _chunks_text(table: pd.DataFrame, s: dict[str, Any]) -> str:
-    invalid = f"{s['invalid_tokens']} invalid token{'s' if s['invalid_tokens'] != 1 else ''} dropped"
+    invalid = f"{counted(s['invalid_tokens'], 'invalid token')} dropped"
     if math.isinf(s["ttfa_s"]):  # no first audio (no chunk, or none with audio), no RTF: not inf
         why = f"in its {s['chunks']} chunks" if s["chunks"] else "(T3 kept no speech token)"
         return "\n".join([render(table), f"{s['strategy']}: no audio {why}, {invalid}"])
@@ -281,12 +281,13 @@ def format_report(report: dict[str, Any]) -> str:
     printed from the report's own rows and totals (those count what came after the last chunk)."""
     env = report.get("environment")  # (none before 2026-12-07)
     ran = f"{report['config']['strategy']} strategy, T3 {report['t3_step_mode']} step" if env else ""
+    audio = not math.isinf(report["summary"]["ttfa_s"])  # some chunk had audio
     return "\n".join(
         [
             *([f"stream of {env['model']} on {env['device']}: {ran}"] if env else []),
             _chunks_text(_frame(report["chunks"]), report["summary"]),
-            *(CHUNK_LEGEND if not math.isinf(report["summary"]["ttfa_s"]) else ()),
-            _quality_text(report["quality_vs_one_shot"], not math.isinf(report["summary"]["ttfa_s"])),
+            *(CHUNK_LEGEND if audio else ()),
+            _quality_text(report["quality_vs_one_shot"], audio),
             *_t3_compile_text(report),
             *busy_machine_line(report.get("environment", {})),  # (no environment before 2026-12-07)
             # a multilingual model's (the others speak English only: None, or absent from older reports)

@@ -47,6 +47,7 @@ from ..core.files import written
 from ..core.machine import environment
 from ..core.progress import progress_bar
 from ..core.rng import StreamRandom, overwritten
+from ..core.tables import counted
 from ..instruments.latency import ChunkMetrics, StreamReport, seam_metric, snr_db, timeline_figure
 from ..instruments.plots import save
 from ..models.sources import token_cap_note
@@ -171,8 +172,8 @@ class StreamConfig:
             whole = self.crossfade_samples / SAMPLES_PER_MS
             rounded = f" ({whole:g} ms in whole samples)" if whole != self.crossfade_ms else ""
             raise ConfigError(
-                f"crossfade of {self.crossfade_ms:g} ms{rounded} is not shorter than a window ({shortest} "
-                f"token{'s' if shortest != 1 else ''} of {ms} ms = {shortest * ms} ms): "
+                f"crossfade of {self.crossfade_ms:g} ms{rounded} is not shorter than a window "
+                f"({counted(shortest, 'token')} of {ms} ms = {shortest * ms} ms): "
                 "shorten it or widen the windows"
             )
         room = min(self.left_context_tokens, self.lookahead_tokens)
@@ -182,7 +183,7 @@ class StreamConfig:
             most = f"of {2 * room * ms} ms or less" if room else "of 0 (none)"
             raise ConfigError(
                 f"half the crossfade ({self.crossfade_samples / 2 / SAMPLES_PER_MS:g} ms) must fit in "
-                f"the left context and the lookahead (the shorter: {room} token{'s' if room != 1 else ''} "
+                f"the left context and the lookahead (the shorter: {counted(room, 'token')} "
                 f"of {ms} ms = {room * ms} ms): give crossfade_ms (--crossfade-ms) {most}, "
                 "or raise left_context_tokens and lookahead_tokens"
             )

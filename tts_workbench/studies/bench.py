@@ -33,7 +33,7 @@ from ..core.machine import busy_machine_line, environment, read_bandwidth, slow_
 from ..core.positions import positions_needed
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
-from ..core.tables import render
+from ..core.tables import counted, render
 from ..instruments.latency import real_time_factor, snr_db
 from ..instruments.memory import allocated_bytes, graph_pool_bytes, memory_window, module_bytes
 from ..instruments.plots import memory_figure, save
@@ -624,11 +624,6 @@ def bench_measurements(report: dict[str, Any]) -> list[Measurement]:
     ]
 
 
-def _runs(n: int, kind: str) -> str:
-    """``n`` runs as words: "1 timed run", "3 timed runs"."""
-    return f"{n} {kind} run{'s' if n != 1 else ''}"
-
-
 def format_bench(report: dict[str, Any]) -> str:
     """The terminal report: what ran where, ``bench_frame`` rendered, the repeats' spread
     (``bench_measurements`` in a ``Compare`` table) and the memory per configuration."""
@@ -640,7 +635,7 @@ def format_bench(report: dict[str, Any]) -> str:
         f"torch {env['torch']}, transformers {env['transformers']}, chatterbox-tts {env['chatterbox-tts']}",
         # (reports written before 2026-12-06 have no reference)
         *([f"reference {reference_line(report['reference'])}"] if "reference" in report else []),
-        f"{report['settings']['tokens']} tokens, {_runs(report['settings']['repeats'], 'timed')} "
+        f"{report['settings']['tokens']} tokens, {counted(report['settings']['repeats'], 'timed run')} "
         f"(after {report['settings'].get('warmup', 0)} untimed), "
         f"medians; ratio = median / first config's median. Note: {report['note']}.",
         f"optimized policy: {report['optimized_policy']['policy']} "

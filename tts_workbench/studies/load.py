@@ -46,7 +46,7 @@ from ..core.machine import busy_machine_line, environment, read_bandwidth, slow_
 from ..core.positions import positions_needed, tokens_that_fit
 from ..core.progress import progress_bar
 from ..core.strict_json import dumps as json_dumps
-from ..core.tables import render_sideways
+from ..core.tables import counted, render_sideways
 from ..instruments.memory import device_memory_bytes, held_bytes, memory_window
 from ..instruments.plots import load_figure, save
 from ..models.sources import token_cap_note
@@ -679,7 +679,7 @@ def real_time_capacity(
 
 def streams_label(n: int | str) -> str:
     """A level as words, "1 stream" or "8 streams" (``n`` an int, or a key read back from JSON)."""
-    return f"{n} stream{'s' if int(n) != 1 else ''}"
+    return counted(int(n), "stream")
 
 
 def format_real_time(real_time: dict[str, Any]) -> str:
